@@ -1,0 +1,51 @@
+#!/bin/bash
+# Install everything extlock needs on Debian 12 (bookworm): build tools,
+# libraries, the NFS test server and QEMU's build dependencies, and enable
+# deb-src so that Debian's qemu source package can be fetched.
+# Idempotent: packages already present are not reinstalled.
+set -euo pipefail
+
+PKGS=(
+    # extlock itself
+    build-essential meson ninja-build pkg-config ccache
+    libglib2.0-dev libjson-c-dev libcmocka-dev libnfs-dev
+    # QEMU 7.2 build dependencies (x86_64-softmmu + tools + libnfs)
+    dpkg-dev libpixman-1-dev libslirp-dev flex bison libfdt-dev zlib1g-dev
+    python3 python3-venv
+    # runtime: firmware for qemu-system, NFS server, tools used by tests
+    seabios qemu-system-data ipxe-qemu
+    nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils
+    iproute2 procps psmisc socat
+)
+
+SRC=/etc/apt/sources.list.d/extlock-deb-src.sources
+if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null &&
+   ! grep -qs '^deb-src ' /etc/apt/sources.list 2>/dev/null; then
+    cat > "$SRC" <<'EOT'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOT
+    NEED_UPDATE=1
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ -n "${NEED_UPDATE:-}" ] || [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
