@@ -25,7 +25,7 @@
 /* Limits (documented in docs/protocol.rst) */
 #define EXTLOCK_MAX_LINE        (64 * 1024) /* one message incl. '\n' */
 #define EXTLOCK_MAX_NAME        256         /* client-id, lock-space, session */
-#define EXTLOCK_MAX_ID          ((UINT64_C(1) << 53) - 1) /* ids, tokens fit a double */
+#define EXTLOCK_MAX_ID          INT64_MAX   /* ids and tokens are < 2^63 */
 #define EXTLOCK_MIN_LEASE_MS    100
 #define EXTLOCK_MAX_LEASE_MS    (3600 * 1000)
 
