@@ -1,0 +1,74 @@
+/*
+ * extlock: HMP "info extent-locks"
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "qapi/error.h"
+#include "qapi/qmp/qdict.h"
+#include "qapi/qapi-commands-block-extlock.h"
+#include "monitor/hmp.h"
+#include "monitor/monitor.h"
+
+void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
+{
+    const char *node = qdict_get_try_str(qdict, "node");
+    Error *err = NULL;
+    ExtentLockNodeInfoList *list, *l;
+
+    list = qmp_query_extent_locks(!!node, node, &err);
+    if (hmp_handle_error(mon, err)) {
+        return;
+    }
+    if (!list) {
+        monitor_printf(mon, "No extlock nodes\n");
+    }
+    for (l = list; l; l = l->next) {
+        ExtentLockNodeInfo *n = l->value;
+        ExtentLockHeldList *h;
+        ExtentLockWaiterList *w;
+
+        monitor_printf(mon, "%s: lock-space %s, client-id %s\n",
+                       n->node_name, n->lock_space, n->client_id);
+        monitor_printf(mon, "  coordinator %s: %s", n->coordinator,
+                       n->connected ? "connected" : "DISCONNECTED");
+        if (n->has_session) {
+            monitor_printf(mon, ", session %s, epoch %" PRIu64,
+                           n->session, n->epoch);
+        }
+        monitor_printf(mon, ", lease %" PRIu32 " ms, %" PRId64
+                       " ms left\n", n->lease_time, n->lease_remaining);
+        monitor_printf(mon, "  granularity %" PRIu32 ", requests %" PRIu64
+                       ", grants %" PRIu64 ", waits %" PRIu64
+                       ", wait time %" PRIu64 " us, errors %" PRIu64 "\n",
+                       n->granularity, n->counters->requests,
+                       n->counters->grants, n->counters->waits,
+                       n->counters->total_wait_us, n->counters->errors);
+        for (h = n->held; h; h = h->next) {
+            monitor_printf(mon, "  held    %-9s [%" PRIu64 ", +%" PRIu64
+                           ") token 0x%" PRIx64 " for %" PRId64 " ms\n",
+                           ExtentLockMode_str(h->value->mode),
+                           h->value->offset, h->value->length,
+                           h->value->token, h->value->held_ms);
+        }
+        for (w = n->waiting; w; w = w->next) {
+            strList *b;
+            monitor_printf(mon, "  waiting %-9s [%" PRIu64 ", +%" PRIu64
+                           ") for %" PRId64 " ms, blocked by",
+                           ExtentLockMode_str(w->value->mode),
+                           w->value->offset, w->value->length,
+                           w->value->waited_ms);
+            if (!w->value->blocked_by) {
+                monitor_printf(mon, " (not known yet)");
+            }
+            for (b = w->value->blocked_by; b; b = b->next) {
+                monitor_printf(mon, " %s", b->value);
+            }
+            monitor_printf(mon, "\n");
+        }
+    }
+    qapi_free_ExtentLockNodeInfoList(list);
+}

@@ -1,0 +1,25 @@
+/*
+ * extlock: state shared by the filter driver and its QMP/HMP commands
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+#ifndef BLOCK_EXTLOCK_INT_H
+#define BLOCK_EXTLOCK_INT_H
+
+#include "block/block_int.h"
+#include "extlock-client.h"
+
+typedef struct BDRVExtlockState {
+    SocketAddress *coordinator;
+    char *lock_space;
+    char *client_id;
+    uint32_t granularity;
+    uint32_t lease_ms;          /* requested; 0 = coordinator's default */
+    ExtlockClient *client;
+} BDRVExtlockState;
+
+extern BlockDriver bdrv_extlock;
+
+#endif /* BLOCK_EXTLOCK_INT_H */

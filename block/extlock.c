@@ -1,0 +1,424 @@
+/*
+ * extlock: block filter that holds coordinator extent locks around I/O
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Every read holds a shared lock and every write, write-zeroes and discard
+ * an exclusive lock on the range it touches (rounded out to the node's
+ * granularity) while the request runs in the child.  Locks come from
+ * extlockd, which grants conflicting requests in timestamp order, so
+ * several processes on several hosts can share one image.
+ */
+
+#include "qemu/osdep.h"
+#include "qapi/error.h"
+#include "qapi/qmp/qdict.h"
+#include "qapi/qmp/qerror.h"
+#include "qapi/qobject-input-visitor.h"
+#include "qapi/qapi-visit-sockets.h"
+#include "qemu/cutils.h"
+#include "qemu/module.h"
+#include "qemu/option.h"
+#include "block/block_int.h"
+#include "extlock-int.h"
+#include "trace.h"
+
+#define EXTLOCK_OPT_LOCK_SPACE  "lock-space"
+#define EXTLOCK_OPT_CLIENT_ID   "client-id"
+#define EXTLOCK_OPT_GRANULARITY "granularity"
+#define EXTLOCK_OPT_LEASE_TIME  "lease-time"
+
+#define EXTLOCK_GRANULARITY_MIN     512
+#define EXTLOCK_GRANULARITY_MAX     (1U << 30)
+#define EXTLOCK_GRANULARITY_DEFAULT 4096
+
+static QemuOptsList extlock_runtime_opts = {
+    .name = "extlock",
+    .head = QTAILQ_HEAD_INITIALIZER(extlock_runtime_opts.head),
+    .desc = {
+        {
+            .name = EXTLOCK_OPT_LOCK_SPACE,
+            .type = QEMU_OPT_STRING,
+            .help = "name of the shared image in the coordinator",
+        },
+        {
+            .name = EXTLOCK_OPT_CLIENT_ID,
+            .type = QEMU_OPT_STRING,
+            .help = "this client's name (default: <host name>/<node name>)",
+        },
+        {
+            .name = EXTLOCK_OPT_GRANULARITY,
+            .type = QEMU_OPT_SIZE,
+            .help = "lock alignment in bytes (default: 4096)",
+        },
+        {
+            .name = EXTLOCK_OPT_LEASE_TIME,
+            .type = QEMU_OPT_NUMBER,
+            .help = "session lease in milliseconds (default: coordinator's)",
+        },
+        { /* end of list */ }
+    },
+};
+
+/* Options that may not change on reopen */
+static const char *const extlock_strong_runtime_opts[] = {
+    EXTLOCK_OPT_LOCK_SPACE,
+    EXTLOCK_OPT_CLIENT_ID,
+    EXTLOCK_OPT_GRANULARITY,
+    EXTLOCK_OPT_LEASE_TIME,
+    "coordinator.",
+    NULL
+};
+
+static SocketAddress *extlock_parse_coordinator(QDict *options,
+                                                Error **errp)
+{
+    SocketAddress *saddr = NULL;
+    QDict *addr = NULL;
+    Visitor *v;
+
+    qdict_extract_subqdict(options, &addr, "coordinator.");
+    if (!qdict_size(addr)) {
+        error_setg(errp, QERR_MISSING_PARAMETER, "coordinator");
+        goto out;
+    }
+    v = qobject_input_visitor_new_flat_confused(addr, errp);
+    if (!v) {
+        goto out;
+    }
+    if (!visit_type_SocketAddress(v, NULL, &saddr, errp)) {
+        error_prepend(errp, "Invalid coordinator address: ");
+    }
+    visit_free(v);
+out:
+    qobject_unref(addr);
+    return saddr;
+}
+
+/* Validate the scalar options into @s; nothing to undo on failure */
+static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
+                                  QemuOpts *opts, Error **errp)
+{
+    const char *lock_space = qemu_opt_get(opts, EXTLOCK_OPT_LOCK_SPACE);
+    const char *client_id = qemu_opt_get(opts, EXTLOCK_OPT_CLIENT_ID);
+    uint64_t granularity = qemu_opt_get_size(opts, EXTLOCK_OPT_GRANULARITY,
+                                             EXTLOCK_GRANULARITY_DEFAULT);
+    uint64_t lease = qemu_opt_get_number(opts, EXTLOCK_OPT_LEASE_TIME, 0);
+
+    if (!lock_space) {
+        error_setg(errp, QERR_MISSING_PARAMETER, EXTLOCK_OPT_LOCK_SPACE);
+        return false;
+    }
+    if (!*lock_space) {
+        error_setg(errp, "lock-space must not be empty");
+        return false;
+    }
+    if (strlen(lock_space) > EXTLOCK_MAX_NAME) {
+        error_setg(errp, "lock-space must be at most %d bytes long",
+                   EXTLOCK_MAX_NAME);
+        return false;
+    }
+    if (client_id && !*client_id) {
+        error_setg(errp, "client-id must not be empty");
+        return false;
+    }
+    if (client_id && strlen(client_id) > EXTLOCK_MAX_NAME) {
+        error_setg(errp, "client-id must be at most %d bytes long",
+                   EXTLOCK_MAX_NAME);
+        return false;
+    }
+    if (granularity < EXTLOCK_GRANULARITY_MIN ||
+        granularity > EXTLOCK_GRANULARITY_MAX || !is_power_of_2(granularity)) {
+        error_setg(errp, "granularity must be a power of two between %d "
+                   "and %u", EXTLOCK_GRANULARITY_MIN,
+                   EXTLOCK_GRANULARITY_MAX);
+        return false;
+    }
+    if (qemu_opt_find(opts, EXTLOCK_OPT_LEASE_TIME) &&
+        (lease < EXTLOCK_MIN_LEASE_MS || lease > EXTLOCK_MAX_LEASE_MS)) {
+        error_setg(errp, "lease-time must be between %d and %d ms",
+                   EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS);
+        return false;
+    }
+
+    s->lock_space = g_strdup(lock_space);
+    if (client_id) {
+        s->client_id = g_strdup(client_id);
+    } else {
+        g_autofree char *host = g_strdup(g_get_host_name());
+        s->client_id = g_strdup_printf("%s/%s", host, bdrv_get_node_name(bs));
+    }
+    s->granularity = granularity;
+    s->lease_ms = lease;
+    return true;
+}
+
+static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
+                        Error **errp)
+{
+    BDRVExtlockState *s = bs->opaque;
+    QemuOpts *opts;
+    int ret;
+
+    opts = qemu_opts_create(&extlock_runtime_opts, NULL, 0, &error_abort);
+    if (!qemu_opts_absorb_qdict(opts, options, errp)) {
+        ret = -EINVAL;
+        goto out;
+    }
+    if (!extlock_parse_options(bs, s, opts, errp)) {
+        ret = -EINVAL;
+        goto out;
+    }
+    s->coordinator = extlock_parse_coordinator(options, errp);
+    if (!s->coordinator) {
+        ret = -EINVAL;
+        goto out;
+    }
+
+    ret = bdrv_open_file_child(NULL, options, "file", bs, errp);
+    if (ret < 0) {
+        goto out;
+    }
+    bs->supported_write_flags = BDRV_REQ_WRITE_UNCHANGED |
+        (BDRV_REQ_FUA & bs->file->bs->supported_write_flags);
+    bs->supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED |
+        ((BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK) &
+         bs->file->bs->supported_zero_flags);
+
+    s->client = extlock_client_new(s->coordinator, s->client_id,
+                                   s->lock_space, s->lease_ms,
+                                   bdrv_get_node_name(bs),
+                                   bdrv_get_aio_context(bs), errp);
+    if (!s->client) {
+        ret = -EIO;
+        goto out;
+    }
+    trace_extlock_open(bdrv_get_node_name(bs), s->lock_space, s->client_id,
+                       s->granularity);
+    ret = 0;
+
+out:
+    qemu_opts_del(opts);
+    if (ret < 0) {
+        qapi_free_SocketAddress(s->coordinator);
+        s->coordinator = NULL;
+        g_free(s->lock_space);
+        g_free(s->client_id);
+        s->lock_space = s->client_id = NULL;
+    }
+    return ret;
+}
+
+static void extlock_close(BlockDriverState *bs)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    extlock_client_free(s->client);
+    s->client = NULL;
+    qapi_free_SocketAddress(s->coordinator);
+    g_free(s->lock_space);
+    g_free(s->client_id);
+}
+
+/*
+ * Run @fn on the child while holding a lock in @mode over the range the
+ * request touches, rounded out to the granularity.
+ */
+typedef int coroutine_fn ExtlockIOFn(BlockDriverState *bs, int64_t offset,
+                                     int64_t bytes, QEMUIOVector *qiov,
+                                     BdrvRequestFlags flags);
+
+static int coroutine_fn extlock_co_locked(BlockDriverState *bs,
+                                          const char *op, ExtlockMode mode,
+                                          int64_t offset, int64_t bytes,
+                                          QEMUIOVector *qiov,
+                                          BdrvRequestFlags flags,
+                                          ExtlockIOFn *fn)
+{
+    BDRVExtlockState *s = bs->opaque;
+    ExtlockRequest req = { .mode = mode };
+    uint64_t start, end;
+    int ret;
+
+    if (bytes <= 0) {
+        return fn(bs, offset, bytes, qiov, flags);
+    }
+    start = QEMU_ALIGN_DOWN((uint64_t)offset, s->granularity);
+    end = QEMU_ALIGN_UP((uint64_t)offset + bytes, s->granularity);
+    req.offset = start;
+    req.length = end - start;
+    trace_extlock_request(bdrv_get_node_name(bs), op, offset, bytes,
+                          req.offset, req.length);
+
+    ret = extlock_client_lock(s->client, &req);
+    if (ret < 0) {
+        trace_extlock_request_failed(bdrv_get_node_name(bs), op, offset,
+                                     bytes, ret);
+        return ret;
+    }
+    ret = fn(bs, offset, bytes, qiov, flags);
+    extlock_client_unlock(s->client, &req);
+    return ret;
+}
+
+static int coroutine_fn extlock_child_preadv(BlockDriverState *bs,
+                                             int64_t offset, int64_t bytes,
+                                             QEMUIOVector *qiov,
+                                             BdrvRequestFlags flags)
+{
+    return bdrv_co_preadv(bs->file, offset, bytes, qiov, flags);
+}
+
+static int coroutine_fn extlock_child_pwritev(BlockDriverState *bs,
+                                              int64_t offset, int64_t bytes,
+                                              QEMUIOVector *qiov,
+                                              BdrvRequestFlags flags)
+{
+    return bdrv_co_pwritev(bs->file, offset, bytes, qiov, flags);
+}
+
+static int coroutine_fn extlock_child_pwrite_zeroes(BlockDriverState *bs,
+                                                    int64_t offset,
+                                                    int64_t bytes,
+                                                    QEMUIOVector *qiov,
+                                                    BdrvRequestFlags flags)
+{
+    return bdrv_co_pwrite_zeroes(bs->file, offset, bytes, flags);
+}
+
+static int coroutine_fn extlock_child_pdiscard(BlockDriverState *bs,
+                                               int64_t offset, int64_t bytes,
+                                               QEMUIOVector *qiov,
+                                               BdrvRequestFlags flags)
+{
+    return bdrv_co_pdiscard(bs->file, offset, bytes);
+}
+
+static int coroutine_fn extlock_co_preadv(BlockDriverState *bs,
+                                          int64_t offset, int64_t bytes,
+                                          QEMUIOVector *qiov,
+                                          BdrvRequestFlags flags)
+{
+    return extlock_co_locked(bs, "read", EXTLOCK_MODE_SHARED, offset, bytes,
+                             qiov, flags, extlock_child_preadv);
+}
+
+static int coroutine_fn extlock_co_pwritev(BlockDriverState *bs,
+                                           int64_t offset, int64_t bytes,
+                                           QEMUIOVector *qiov,
+                                           BdrvRequestFlags flags)
+{
+    return extlock_co_locked(bs, "write", EXTLOCK_MODE_EXCLUSIVE, offset,
+                             bytes, qiov, flags, extlock_child_pwritev);
+}
+
+static int coroutine_fn extlock_co_pwrite_zeroes(BlockDriverState *bs,
+                                                 int64_t offset,
+                                                 int64_t bytes,
+                                                 BdrvRequestFlags flags)
+{
+    return extlock_co_locked(bs, "write-zeroes", EXTLOCK_MODE_EXCLUSIVE,
+                             offset, bytes, NULL, flags,
+                             extlock_child_pwrite_zeroes);
+}
+
+static int coroutine_fn extlock_co_pdiscard(BlockDriverState *bs,
+                                            int64_t offset, int64_t bytes)
+{
+    return extlock_co_locked(bs, "discard", EXTLOCK_MODE_EXCLUSIVE, offset,
+                             bytes, NULL, 0, extlock_child_pdiscard);
+}
+
+static int coroutine_fn extlock_co_flush(BlockDriverState *bs)
+{
+    /* A flush orders nothing between hosts: no lock needed */
+    return bdrv_co_flush(bs->file->bs);
+}
+
+static int64_t extlock_getlength(BlockDriverState *bs)
+{
+    return bdrv_getlength(bs->file->bs);
+}
+
+static void extlock_refresh_limits(BlockDriverState *bs, Error **errp)
+{
+    /*
+     * The child's limits are inherited by the generic code; a request
+     * larger than the coordinator could lock does not exist (2^63).
+     */
+}
+
+static void extlock_child_perm(BlockDriverState *bs, BdrvChild *c,
+                               BdrvChildRole role,
+                               BlockReopenQueue *reopen_queue,
+                               uint64_t perm, uint64_t shared,
+                               uint64_t *nperm, uint64_t *nshared)
+{
+    bdrv_default_perms(bs, c, role, reopen_queue, perm, shared,
+                       nperm, nshared);
+    /*
+     * Writers on other nodes and hosts are exactly what we coordinate:
+     * let them write (and read consistently) through their own extlock
+     * nodes.  Resizing stays exclusive.
+     */
+    *nshared |= BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED |
+                BLK_PERM_CONSISTENT_READ;
+}
+
+static void extlock_detach_aio_context(BlockDriverState *bs)
+{
+    BDRVExtlockState *s = bs->opaque;
+    extlock_client_detach_aio_context(s->client);
+}
+
+static void extlock_attach_aio_context(BlockDriverState *bs,
+                                       AioContext *new_context)
+{
+    BDRVExtlockState *s = bs->opaque;
+    extlock_client_attach_aio_context(s->client, new_context);
+}
+
+static int extlock_reopen_prepare(BDRVReopenState *reopen_state,
+                                  BlockReopenQueue *queue, Error **errp)
+{
+    /*
+     * Every option is a strong runtime option, so the generic code has
+     * already refused changes; only read-only flags may change.
+     */
+    return 0;
+}
+
+BlockDriver bdrv_extlock = {
+    .format_name                = "extlock",
+    .instance_size              = sizeof(BDRVExtlockState),
+    .is_filter                  = true,
+
+    .bdrv_open                  = extlock_open,
+    .bdrv_close                 = extlock_close,
+    .bdrv_child_perm            = extlock_child_perm,
+
+    .bdrv_getlength             = extlock_getlength,
+    .bdrv_refresh_limits        = extlock_refresh_limits,
+
+    .bdrv_co_preadv             = extlock_co_preadv,
+    .bdrv_co_pwritev            = extlock_co_pwritev,
+    .bdrv_co_pwrite_zeroes      = extlock_co_pwrite_zeroes,
+    .bdrv_co_pdiscard           = extlock_co_pdiscard,
+    .bdrv_co_flush              = extlock_co_flush,
+
+    .bdrv_attach_aio_context    = extlock_attach_aio_context,
+    .bdrv_detach_aio_context    = extlock_detach_aio_context,
+
+    .bdrv_reopen_prepare        = extlock_reopen_prepare,
+
+    .strong_runtime_opts        = extlock_strong_runtime_opts,
+};
+
+static void bdrv_extlock_init(void)
+{
+    bdrv_register(&bdrv_extlock);
+}
+
+block_init(bdrv_extlock_init);

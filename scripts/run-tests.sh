@@ -1,0 +1,67 @@
+#!/bin/bash
+# extlock's test command: installs what it needs, builds, runs every test.
+#
+#   scripts/run-tests.sh [--no-qemu]
+#
+#  1. scripts/install-deps.sh            (apt-get; idempotent)
+#  2. meson build of extlockd, tools and tests in build/
+#  3. meson test: cmocka unit tests (lock table, interval tree, protocol)
+#     and integration tests against the real extlockd
+#  4. scripts/build-qemu.sh              (patched QEMU 7.2, incremental)
+#  5. pytest tests/qemu: real qemu-io / qemu-img / qemu-storage-daemon /
+#     qemu-system-x86_64 with the extlock driver, a real extlockd and a
+#     real NFS server (nfs-ganesha on 127.0.0.1)
+# The last line is a summary: "N passed, N failed".
+set -uo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+WITH_QEMU=1
+[ "${1:-}" = "--no-qemu" ] && WITH_QEMU=0
+
+passed=0
+failed=0
+step() { echo; echo "=== $* ==="; }
+
+step "installing dependencies"
+bash scripts/install-deps.sh || { echo "dependency installation failed"; echo "0 passed, 1 failed"; exit 1; }
+
+step "building extlockd, tools and tests"
+if [ ! -f build/build.ninja ]; then
+    meson setup build || { echo "0 passed, 1 failed"; exit 1; }
+fi
+ninja -C build || { echo "0 passed, 1 failed"; exit 1; }
+
+step "unit and coordinator integration tests (meson test)"
+meson test -C build --print-errorlogs --num-processes 2 | tee build/meson-test.out
+rc=${PIPESTATUS[0]}
+ok=$(sed -n 's/^Ok:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
+bad=$(sed -n 's/^Fail:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
+to=$(sed -n 's/^Timeout:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
+passed=$((passed + ${ok:-0}))
+failed=$((failed + ${bad:-0} + ${to:-0}))
+[ "$rc" -ne 0 ] && [ "${bad:-0}" -eq 0 ] && [ "${to:-0}" -eq 0 ] && failed=$((failed + 1))
+
+if [ "$WITH_QEMU" = 1 ]; then
+    step "building QEMU 7.2 with the extlock driver"
+    if bash scripts/build-qemu.sh; then
+        step "QEMU-level tests (pytest tests/qemu)"
+        /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/qemu \
+            | tee build/pytest.out
+        rc=${PIPESTATUS[0]}
+        line=$(grep -E '^=+ .*(passed|failed|error).* in [0-9.]+s' build/pytest.out | tail -n1)
+        p=$(echo "$line" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
+        f=$(echo "$line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
+        e=$(echo "$line" | sed -n 's/.* \([0-9]*\) error.*/\1/p')
+        passed=$((passed + ${p:-0}))
+        failed=$((failed + ${f:-0} + ${e:-0}))
+        [ "$rc" -ne 0 ] && [ -z "$f$e" ] && failed=$((failed + 1))
+    else
+        echo "QEMU build failed"
+        failed=$((failed + 1))
+    fi
+fi
+
+echo
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
