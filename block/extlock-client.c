@@ -348,7 +348,7 @@ static bool extlock_client_recv_sync(ExtlockClient *c, ExtlockMsg *msg,
         size_t len;
         ExtlockProtoError err;
         ExtlockLineResult r = extlock_linebuf_next(&c->in, &line, &len);
-        struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+        GPollFD pfd = { .fd = c->fd, .events = G_IO_IN };
         char buf[4096];
         int64_t left;
         ssize_t n;
@@ -371,7 +371,7 @@ static bool extlock_client_recv_sync(ExtlockClient *c, ExtlockMsg *msg,
                        timeout_ms);
             return false;
         }
-        if (poll(&pfd, 1, left) < 0 && errno != EINTR) {
+        if (g_poll(&pfd, 1, left) < 0 && errno != EINTR) {
             error_setg_errno(errp, errno, "poll");
             return false;
         }
@@ -516,7 +516,7 @@ void extlock_client_free(ExtlockClient *c)
          * locks now instead of after the lease.  Best effort, bounded.
          */
         ExtlockMsg bye;
-        struct pollfd pfd = { .fd = c->fd, .events = POLLOUT };
+        GPollFD pfd = { .fd = c->fd, .events = G_IO_OUT };
         int64_t deadline = g_get_monotonic_time() +
                            EXTLOCK_BYE_TIMEOUT_MS * 1000LL;
 
@@ -532,7 +532,7 @@ void extlock_client_free(ExtlockClient *c)
             if (n > 0) {
                 c->out_done += n;
             } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-                poll(&pfd, 1, 10);
+                g_poll(&pfd, 1, 10);
             } else {
                 break;
             }

@@ -113,6 +113,6 @@ if [ ! -f "$BUILD/build.ninja" ]; then
         --enable-trace-backends=log)
 fi
 log "building"
-ninja -C "$BUILD" -j "$JOBS" qemu-img qemu-io storage-daemon/qemu-storage-daemon \
+ninja -C "$BUILD" -j "$JOBS" ${NINJA_ARGS:-} qemu-img qemu-io storage-daemon/qemu-storage-daemon \
     qemu-system-x86_64
 log "done: $BUILD/{qemu-img,qemu-io,storage-daemon/qemu-storage-daemon,qemu-system-x86_64}"
