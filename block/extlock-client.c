@@ -22,6 +22,11 @@
 
 static void extlock_client_set_handlers(ExtlockClient *c);
 static void extlock_client_fail(ExtlockClient *c, const char *why);
+static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
+                                   ExtlockMsg *msg);
+static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg);
+static void extlock_cache_timer_cb(void *opaque);
+static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l);
 
 static char *extlock_address_str(const SocketAddress *addr)
 {
@@ -116,16 +121,7 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
         if (!req) {
             break;
         }
-        req->granted = true;
-        req->lock_id = msg->lock;
-        req->token = msg->token;
-        req->grant_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-        c->stats.grants++;
-        if (req->queued) {
-            c->stats.total_wait_us += (req->grant_ns - req->start_ns) / 1000;
-        }
-        trace_extlock_client_granted(c->node_name, req->id, msg->lock,
-                                     msg->token);
+        extlock_handle_granted(c, req, msg);
         g_hash_table_remove(c->pending, &req->id);
         extlock_request_finish(req, 0);
         g_ptr_array_add(wake, req);
@@ -160,13 +156,14 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
         }
         return;
     case EXTLOCK_MSG_UNLOCKED:
+    case EXTLOCK_MSG_DOWNGRADED:
         return;
     case EXTLOCK_MSG_SESSION_EXPIRED:
         extlock_client_fail(c, msg->message ? msg->message
                                             : "session expired");
         return;
     case EXTLOCK_MSG_REVOKE:
-        /* Locks are held only while requests run; nothing is cached yet */
+        extlock_handle_revoke(c, msg);
         return;
     default:
         break;
@@ -280,6 +277,22 @@ static void extlock_client_fail(ExtlockClient *c, const char *why)
     qio_channel_close(QIO_CHANNEL(c->sioc), NULL);
     if (c->renew_timer) {
         timer_del(c->renew_timer);
+    }
+
+    /*
+     * Cached locks are worthless now: drop the idle ones; active ones take
+     * no new users and are forgotten when their requests are done.
+     */
+    while (!QTAILQ_EMPTY(&c->idle)) {
+        ExtlockCachedLock *l = QTAILQ_FIRST(&c->idle);
+        extlock_cache_drop(c, l);
+    }
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        ((ExtlockCachedLock *)value)->revoking = true;
+    }
+    if (c->cache_timer) {
+        timer_del(c->cache_timer);
     }
 
     g_hash_table_iter_init(&it, c->pending);
@@ -454,6 +467,7 @@ static bool extlock_client_hello(ExtlockClient *c, uint32_t lease_ms,
 ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   const char *client_id,
                                   const char *lock_space, uint32_t lease_ms,
+                                  const ExtlockClientOptions *opts,
                                   const char *node_name, AioContext *ctx,
                                   Error **errp)
 {
@@ -468,8 +482,12 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
     c->next_id = 1;
     c->out = g_string_sized_new(4096);
     c->pending = g_hash_table_new(g_int64_hash, g_int64_equal);
+    c->lock_ids = g_hash_table_new(g_int64_hash, g_int64_equal);
+    c->opts = *opts;
     extlock_linebuf_init(&c->in);
-    QLIST_INIT(&c->requests);
+    QLIST_INIT(&c->waiting);
+    QTAILQ_INIT(&c->idle);
+    qemu_co_queue_init(&c->grant_queue);
 
     c->sioc = qio_channel_socket_new();
     qio_channel_set_name(QIO_CHANNEL(c->sioc), "extlock-coordinator");
@@ -509,7 +527,7 @@ void extlock_client_free(ExtlockClient *c)
         return;
     }
     extlock_client_detach_aio_context(c);
-    assert(QLIST_EMPTY(&c->requests));
+    assert(QLIST_EMPTY(&c->waiting));
     if (c->fd >= 0) {
         /*
          * Tell the coordinator we stopped I/O, so that it releases our
@@ -543,9 +561,17 @@ void extlock_client_free(ExtlockClient *c)
         qio_channel_close(QIO_CHANNEL(c->sioc), NULL);
         object_unref(OBJECT(c->sioc));
     }
+    /* bye released every lock; nothing may use them any more */
+    while (extlock_itree_first(&c->locks)) {
+        ExtlockCachedLock *l = container_of(extlock_itree_first(&c->locks),
+                                            ExtlockCachedLock, node);
+        assert(l->users == 0);
+        extlock_cache_drop(c, l);
+    }
     extlock_linebuf_destroy(&c->in);
     g_string_free(c->out, true);
     g_hash_table_destroy(c->pending);
+    g_hash_table_destroy(c->lock_ids);
     g_free(c->session);
     g_free(c->address);
     g_free(c->client_id);
@@ -566,6 +592,10 @@ void extlock_client_detach_aio_context(ExtlockClient *c)
         timer_free(c->renew_timer);
         c->renew_timer = NULL;
     }
+    if (c->cache_timer) {
+        timer_free(c->cache_timer);
+        c->cache_timer = NULL;
+    }
     c->ctx = NULL;
 }
 
@@ -574,6 +604,10 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
     c->ctx = ctx;
+    c->cache_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                   extlock_cache_timer_cb, c);
+    /* Catch up on revocations and ageing that were due while detached */
+    timer_mod(c->cache_timer, now);
     if (c->fd < 0) {
         return;
     }
@@ -586,26 +620,373 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
 }
 
 /* ------------------------------------------------------------------------
- * Locks
+ * The lock cache
+ *
+ * Every lock granted to this node is an ExtlockCachedLock in c->locks
+ * (by extent) and c->lock_ids (by id).  A lock with users > 0 is active;
+ * with users == 0 it is idle and sits in the c->idle LRU (cache=on), or
+ * has been given back already (cache=off).  A revoked lock takes no new
+ * users; when its last user is done (and its minimum hold time is over)
+ * it is given back in whole or in part, or downgraded.
  */
+
+static ExtlockExtent extlock_ext(uint64_t offset, uint64_t length)
+{
+    return (ExtlockExtent) { .start = offset, .end = offset + length };
+}
+
+static bool extlock_ext_contains(ExtlockExtent outer, ExtlockExtent inner)
+{
+    return outer.start <= inner.start && inner.end <= outer.end;
+}
+
+static void extlock_cache_idle_add(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    assert(!l->in_lru);
+    QTAILQ_INSERT_TAIL(&c->idle, l, lru);
+    l->in_lru = true;
+    c->n_idle++;
+}
+
+static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    if (l->in_lru) {
+        QTAILQ_REMOVE(&c->idle, l, lru);
+        l->in_lru = false;
+        c->n_idle--;
+    }
+}
+
+static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    extlock_cache_idle_del(c, l);
+    extlock_itree_remove(&c->locks, &l->node);
+    g_hash_table_remove(c->lock_ids, &l->lock_id);
+    g_free(l);
+}
+
+/* Send "unlock" for @part of @l and forget that part locally */
+static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
+                                   ExtlockExtent part)
+{
+    ExtlockExtent ext = l->node.ext;
+    ExtlockMsg msg;
+
+    assert(l->users == 0);
+    extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
+    msg.has_id = true;
+    msg.id = c->next_id++;
+    msg.lock = l->lock_id;
+    if (part.start != ext.start || part.end != ext.end) {
+        /* Only ever a head or a tail: the rest stays one extent */
+        assert(part.start == ext.start || part.end == ext.end);
+        msg.has_extent = true;
+        msg.offset = part.start;
+        msg.length = part.end - part.start;
+    }
+    trace_extlock_client_unlock(c->node_name, l->lock_id, part.start,
+                                part.end - part.start);
+    extlock_client_send(c, &msg);
+    extlock_msg_clear(&msg);
+
+    if (!msg.has_extent) {
+        extlock_cache_drop(c, l);
+        return;
+    }
+    extlock_itree_remove(&c->locks, &l->node);
+    if (part.start == ext.start) {
+        l->node.ext.start = part.end;
+    } else {
+        l->node.ext.end = part.start;
+    }
+    extlock_itree_insert(&c->locks, &l->node);
+}
+
+/*
+ * Which part of a revoked lock to give back: the part the waiting request
+ * wants, widened to the end of the lock on the side this node has not used
+ * since the lock was granted.  So two hosts working on disjoint ranges
+ * split a grown lock between them once and then stop talking.  If the
+ * used span touches the wanted part or lies on both sides, the whole lock.
+ */
+static ExtlockExtent extlock_revoke_part(ExtlockCachedLock *l)
+{
+    ExtlockExtent ext = l->node.ext;
+    ExtlockExtent want = l->revoke_ext;
+    ExtlockExtent used = l->used;
+
+    if (want.start < ext.start) {
+        want.start = ext.start;
+    }
+    if (want.end > ext.end) {
+        want.end = ext.end;
+    }
+    if (want.start >= want.end || used.start >= used.end) {
+        return ext;
+    }
+    if (used.end <= want.start && want.start > ext.start) {
+        return (ExtlockExtent) { .start = want.start, .end = ext.end };
+    }
+    if (used.start >= want.end && want.end < ext.end) {
+        return (ExtlockExtent) { .start = ext.start, .end = want.end };
+    }
+    return ext;
+}
+
+static void extlock_cache_arm_timer(ExtlockClient *c, int64_t when)
+{
+    if (c->cache_timer &&
+        (!timer_pending(c->cache_timer) ||
+         timer_expire_time_ns(c->cache_timer) > when)) {
+        timer_mod(c->cache_timer, when);
+    }
+}
+
+/* Give a revoked lock back if nobody uses it and it was held long enough */
+static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int64_t hold_until = l->granted_ns + (int64_t)c->opts.min_hold_us * 1000;
+    int64_t latency_us;
+
+    if (!l->revoking || l->users > 0) {
+        return;
+    }
+    if (c->fd < 0) {
+        extlock_lock_give_back(c, l, l->node.ext);  /* just forgets it */
+        return;
+    }
+    if (now < hold_until) {
+        extlock_cache_arm_timer(c, hold_until);
+        return;
+    }
+
+    latency_us = (now - l->revoke_ns) / 1000;
+    c->stats.revocations++;
+    c->stats.revocation_us += latency_us;
+    c->stats.revocation_max_us = MAX(c->stats.revocation_max_us, latency_us);
+
+    if (c->opts.cache && l->revoke_mode == EXTLOCK_MODE_SHARED &&
+        l->mode == EXTLOCK_MODE_EXCLUSIVE) {
+        /* A reader wants in: keep reading under a shared lock */
+        ExtlockMsg msg;
+
+        extlock_msg_init(&msg, EXTLOCK_MSG_DOWNGRADE);
+        msg.has_id = true;
+        msg.id = c->next_id++;
+        msg.lock = l->lock_id;
+        trace_extlock_client_downgrade(c->node_name, l->lock_id);
+        extlock_client_send(c, &msg);
+        extlock_msg_clear(&msg);
+        c->stats.downgrades++;
+        l->mode = EXTLOCK_MODE_SHARED;
+        l->revoking = false;
+        extlock_cache_idle_add(c, l);
+        return;
+    }
+
+    extlock_lock_give_back(c, l, c->opts.cache ? extlock_revoke_part(l)
+                                               : l->node.ext);
+    if (g_hash_table_contains(c->lock_ids, &l->lock_id)) {
+        /* The rest of the lock stays cached */
+        l->revoking = false;
+        extlock_cache_idle_add(c, l);
+    }
+}
+
+static void extlock_cache_evict(ExtlockClient *c)
+{
+    while (c->n_idle > c->opts.cache_size) {
+        ExtlockCachedLock *l = QTAILQ_FIRST(&c->idle);
+        c->stats.cache_evictions++;
+        extlock_cache_idle_del(c, l);
+        extlock_lock_give_back(c, l, l->node.ext);
+    }
+}
+
+/* Timer: minimum hold times that ran out, idle locks that aged out */
+static void extlock_cache_timer_cb(void *opaque)
+{
+    ExtlockClient *c = opaque;
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int64_t idle_ns = (int64_t)c->opts.cache_idle_ms * SCALE_MS;
+    g_autoptr(GPtrArray) revoking = g_ptr_array_new();
+    GHashTableIter it;
+    gpointer value;
+    ExtlockCachedLock *l;
+
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        l = value;
+        if (l->revoking && l->users == 0) {
+            g_ptr_array_add(revoking, l);
+        }
+    }
+    for (guint i = 0; i < revoking->len; i++) {
+        extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
+    }
+
+    while ((l = QTAILQ_FIRST(&c->idle)) && l->last_used_ns + idle_ns <= now) {
+        c->stats.cache_evictions++;
+        extlock_cache_idle_del(c, l);
+        extlock_lock_give_back(c, l, l->node.ext);
+    }
+    l = QTAILQ_FIRST(&c->idle);
+    if (l) {
+        extlock_cache_arm_timer(c, l->last_used_ns + idle_ns);
+    }
+}
+
+typedef struct ExtlockFind {
+    ExtlockExtent ext;
+    ExtlockMode mode;
+    ExtlockCachedLock *found;
+} ExtlockFind;
+
+static bool extlock_cache_find_cb(ExtlockITNode *node, void *opaque)
+{
+    ExtlockFind *f = opaque;
+    ExtlockCachedLock *l = container_of(node, ExtlockCachedLock, node);
+
+    if (!l->revoking && extlock_ext_contains(node->ext, f->ext) &&
+        (l->mode == EXTLOCK_MODE_EXCLUSIVE || f->mode == EXTLOCK_MODE_SHARED)) {
+        f->found = l;
+        return false;
+    }
+    return true;
+}
+
+static ExtlockCachedLock *extlock_cache_find(ExtlockClient *c,
+                                             ExtlockExtent ext,
+                                             ExtlockMode mode)
+{
+    ExtlockFind f = { .ext = ext, .mode = mode };
+
+    extlock_itree_foreach_overlap(&c->locks, ext, extlock_cache_find_cb, &f);
+    return f.found;
+}
+
+static void extlock_lock_use(ExtlockClient *c, ExtlockCachedLock *l,
+                             ExtlockExtent ext)
+{
+    extlock_cache_idle_del(c, l);
+    l->users++;
+    if (l->used.start >= l->used.end) {
+        l->used = ext;
+    } else {
+        l->used.start = MIN(l->used.start, ext.start);
+        l->used.end = MAX(l->used.end, ext.end);
+    }
+}
+
+static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
+                                   ExtlockMsg *msg)
+{
+    ExtlockCachedLock *l = g_new0(ExtlockCachedLock, 1);
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+
+    l->node.ext = extlock_ext(msg->offset, msg->length);
+    l->lock_id = msg->lock;
+    l->token = msg->token;
+    l->mode = msg->mode;
+    l->granted_ns = l->last_used_ns = now;
+    extlock_itree_insert(&c->locks, &l->node);
+    g_hash_table_insert(c->lock_ids, &l->lock_id, l);
+    extlock_lock_use(c, l, extlock_ext(req->offset, req->length));
+
+    req->lock = l;
+    req->token = msg->token;
+    c->stats.grants++;
+    if (req->queued) {
+        c->stats.total_wait_us += (now - req->start_ns) / 1000;
+    }
+    trace_extlock_client_granted(c->node_name, req->id, msg->lock,
+                                 msg->offset, msg->length, msg->token);
+}
+
+static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
+{
+    ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &msg->lock);
+    ExtlockExtent want = extlock_ext(msg->offset, msg->length);
+
+    trace_extlock_client_revoke(c->node_name, msg->lock, msg->offset,
+                                msg->length, extlock_mode_name(msg->mode),
+                                l ? l->users : 0);
+    if (!l) {
+        return;     /* already given back */
+    }
+    if (!l->revoking) {
+        l->revoking = true;
+        l->revoke_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+        l->revoke_mode = msg->mode;
+        l->revoke_ext = want;
+        extlock_cache_idle_del(c, l);
+    } else {
+        if (msg->mode == EXTLOCK_MODE_EXCLUSIVE) {
+            l->revoke_mode = EXTLOCK_MODE_EXCLUSIVE;
+        }
+        l->revoke_ext.start = MIN(l->revoke_ext.start, want.start);
+        l->revoke_ext.end = MAX(l->revoke_ext.end, want.end);
+    }
+    extlock_lock_try_revoke(c, l);
+}
+
+/* ------------------------------------------------------------------------
+ * Requests
+ */
+
+/* Is a request of ours on its way that will likely cover @mode too? */
+static bool extlock_grant_in_flight(ExtlockClient *c, ExtlockMode mode)
+{
+    ExtlockRequest *r;
+
+    QLIST_FOREACH(r, &c->waiting, next) {
+        if (!r->queued && (r->mode == EXTLOCK_MODE_EXCLUSIVE ||
+                           mode == EXTLOCK_MODE_SHARED)) {
+            return true;
+        }
+    }
+    return false;
+}
 
 int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
 {
+    ExtlockExtent ext = extlock_ext(req->offset, req->length);
     ExtlockMsg msg;
+
+    req->lock = NULL;
+    if (c->opts.cache) {
+        for (;;) {
+            ExtlockCachedLock *l = extlock_cache_find(c, ext, req->mode);
+            if (l) {
+                extlock_lock_use(c, l, ext);
+                c->stats.cache_hits++;
+                req->lock = l;
+                return 0;
+            }
+            /*
+             * A grant on its way will probably have grown over our range:
+             * wait for it rather than queueing behind it at the
+             * coordinator.  Not once it waits there: no head-of-line
+             * blocking behind other hosts.
+             */
+            if (c->fd < 0 || !extlock_grant_in_flight(c, req->mode)) {
+                break;
+            }
+            qemu_co_queue_wait(&c->grant_queue, NULL);
+        }
+    }
 
     req->id = c->next_id++;
     req->co = qemu_coroutine_self();
-    req->queued = req->done = req->granted = false;
+    req->queued = req->done = false;
     req->ret = 0;
     req->token = 0;
     req->start_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-    req->blocked_by = g_ptr_array_new_with_free_func(g_free);
     c->stats.requests++;
 
     if (c->fd < 0) {
         c->stats.errors++;
-        g_ptr_array_free(req->blocked_by, true);
-        req->blocked_by = NULL;
         return -EIO;
     }
     if (req->start_ns >= c->lease_deadline_ns) {
@@ -613,12 +994,11 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
         error_report_once("extlock: node '%s': lease expired, failing I/O",
                           c->node_name);
         c->stats.errors++;
-        g_ptr_array_free(req->blocked_by, true);
-        req->blocked_by = NULL;
         return -EIO;
     }
 
-    QLIST_INSERT_HEAD(&c->requests, req, next);
+    req->blocked_by = g_ptr_array_new_with_free_func(g_free);
+    QLIST_INSERT_HEAD(&c->waiting, req, next);
     g_hash_table_insert(c->pending, &req->id, req);
 
     extlock_msg_init(&msg, EXTLOCK_MSG_LOCK);
@@ -629,6 +1009,11 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
     msg.length = req->length;
     msg.mode = req->mode;
     msg.wait = true;
+    if (c->opts.cache && c->opts.grow_limit) {
+        msg.has_limit = true;
+        msg.limit_offset = 0;
+        msg.limit_length = MAX(c->opts.grow_limit, ext.end);
+    }
     trace_extlock_client_lock(c->node_name, req->id, req->offset,
                               req->length, extlock_mode_name(req->mode));
     extlock_client_send(c, &msg);
@@ -638,28 +1023,45 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
         qemu_coroutine_yield();
     }
     req->co = NULL;
-    if (req->ret < 0) {
-        QLIST_REMOVE(req, next);
-        g_ptr_array_free(req->blocked_by, true);
-        req->blocked_by = NULL;
-    }
+    QLIST_REMOVE(req, next);
+    g_ptr_array_free(req->blocked_by, true);
+    req->blocked_by = NULL;
+    /* Others may be waiting to see whether this grant covers them */
+    qemu_co_queue_restart_all(&c->grant_queue);
     return req->ret;
 }
 
 void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
 {
-    ExtlockMsg msg;
+    ExtlockCachedLock *l = req->lock;
 
-    assert(req->granted);
-    QLIST_REMOVE(req, next);
-    g_ptr_array_free(req->blocked_by, true);
-    req->blocked_by = NULL;
+    assert(l && l->users > 0);
+    req->lock = NULL;
+    l->users--;
+    l->last_used_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    if (l->users > 0) {
+        return;
+    }
+    if (!c->opts.cache || c->fd < 0) {
+        extlock_lock_give_back(c, l, l->node.ext);
+    } else if (l->revoking) {
+        extlock_lock_try_revoke(c, l);
+    } else {
+        extlock_cache_idle_add(c, l);
+        extlock_cache_evict(c);
+        extlock_cache_arm_timer(c, l->last_used_ns +
+                                (int64_t)c->opts.cache_idle_ms * SCALE_MS);
+    }
+}
 
-    extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
-    msg.has_id = true;
-    msg.id = c->next_id++;
-    msg.lock = req->lock_id;
-    trace_extlock_client_unlock(c->node_name, req->lock_id);
-    extlock_client_send(c, &msg);
-    extlock_msg_clear(&msg);
+/* For QMP: every lock this node holds */
+void extlock_client_foreach_lock(ExtlockClient *c,
+                                 void (*fn)(ExtlockCachedLock *l, void *),
+                                 void *opaque)
+{
+    ExtlockITNode *n;
+
+    for (n = extlock_itree_first(&c->locks); n; n = extlock_itree_next(n)) {
+        fn(container_of(n, ExtlockCachedLock, node), opaque);
+    }
 }

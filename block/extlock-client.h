@@ -21,6 +21,29 @@
 #include "qemu/timer.h"
 #include "block/aio.h"
 #include "extlock/protocol.h"
+#include "extlock/interval-tree.h"
+
+/*
+ * A lock granted by the coordinator.  While requests use it, it is active;
+ * afterwards it stays cached (with cache=on) until the coordinator revokes
+ * it, it ages out, or the cache is full.
+ */
+typedef struct ExtlockCachedLock {
+    ExtlockITNode node;         /* node.ext: the granted extent */
+    uint64_t lock_id;
+    uint64_t token;
+    ExtlockMode mode;
+    unsigned users;             /* requests in flight under this lock */
+    bool revoking;              /* coordinator asked for it back */
+    ExtlockMode revoke_mode;    /* mode the other request wants */
+    ExtlockExtent revoke_ext;   /* extent the other request wants */
+    int64_t revoke_ns;          /* when the first revoke arrived */
+    ExtlockExtent used;         /* span requests used; empty if start==end */
+    int64_t granted_ns;
+    int64_t last_used_ns;
+    QTAILQ_ENTRY(ExtlockCachedLock) lru; /* idle locks, oldest first */
+    bool in_lru;
+} ExtlockCachedLock;
 
 typedef struct ExtlockRequest {
     /* set by the caller */
@@ -28,28 +51,42 @@ typedef struct ExtlockRequest {
     uint64_t length;
     ExtlockMode mode;
 
+    /* set on success: the lock the request runs under */
+    ExtlockCachedLock *lock;
+
     /* private to the client */
     uint64_t id;                /* protocol request id */
     Coroutine *co;
     bool queued;                /* the coordinator answered "waiting" */
     bool done;                  /* final reply received */
-    bool granted;
     int ret;
-    uint64_t lock_id;
     uint64_t token;
     int64_t start_ns;           /* QEMU_CLOCK_REALTIME */
-    int64_t grant_ns;
     GPtrArray *blocked_by;      /* client ids (char *) from "waiting" */
     QLIST_ENTRY(ExtlockRequest) next;
 } ExtlockRequest;
 
 typedef struct ExtlockClientStats {
-    uint64_t requests;
+    uint64_t requests;          /* lock requests sent to the coordinator */
     uint64_t grants;
     uint64_t waits;
     uint64_t total_wait_us;
     uint64_t errors;
+    uint64_t cache_hits;        /* requests served by a cached lock */
+    uint64_t revocations;       /* revoke messages acted on */
+    uint64_t revocation_us;     /* revoke received -> lock given back */
+    uint64_t revocation_max_us;
+    uint64_t downgrades;
+    uint64_t cache_evictions;   /* idle locks dropped for age or space */
 } ExtlockClientStats;
+
+typedef struct ExtlockClientOptions {
+    bool cache;                 /* keep locks after requests complete */
+    uint32_t cache_size;        /* max idle cached locks */
+    uint32_t cache_idle_ms;     /* drop idle locks unused this long */
+    uint32_t min_hold_us;       /* keep a new lock at least this long */
+    uint64_t grow_limit;        /* end of the range locks may grow into */
+} ExtlockClientOptions;
 
 typedef struct ExtlockClient {
     AioContext *ctx;
@@ -57,6 +94,7 @@ typedef struct ExtlockClient {
     char *client_id;
     char *lock_space;
     const char *node_name;      /* for trace/error messages */
+    ExtlockClientOptions opts;
 
     int fd;                     /* -1 once the connection is gone */
     QIOChannelSocket *sioc;
@@ -70,12 +108,19 @@ typedef struct ExtlockClient {
 
     uint64_t next_id;
     GHashTable *pending;        /* id -> ExtlockRequest awaiting a reply */
-    QLIST_HEAD(, ExtlockRequest) requests; /* waiting or holding */
+    QLIST_HEAD(, ExtlockRequest) waiting; /* requests not granted yet */
+
+    ExtlockITree locks;         /* ExtlockCachedLock by extent */
+    GHashTable *lock_ids;       /* lock id -> ExtlockCachedLock */
+    QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
+    unsigned n_idle;
+    CoQueue grant_queue;        /* requests waiting for our own grants */
 
     QEMUTimer *renew_timer;
     uint64_t renew_id;          /* outstanding renew, 0 if none */
     int64_t renew_sent_ns;
     int64_t lease_deadline_ns;  /* QEMU_CLOCK_REALTIME */
+    QEMUTimer *cache_timer;     /* min hold time and idle ageing */
 
     ExtlockClientStats stats;
 } ExtlockClient;
@@ -87,9 +132,10 @@ typedef struct ExtlockClient {
 ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   const char *client_id,
                                   const char *lock_space, uint32_t lease_ms,
+                                  const ExtlockClientOptions *opts,
                                   const char *node_name, AioContext *ctx,
                                   Error **errp);
-/* Say bye (releases the session's locks at once) and free. No I/O in flight. */
+/* Say bye (releases the session's locks at once) and free; no I/O in flight */
 void extlock_client_free(ExtlockClient *c);
 
 void extlock_client_detach_aio_context(ExtlockClient *c);
@@ -100,12 +146,18 @@ bool extlock_client_connected(ExtlockClient *c);
 int64_t extlock_client_lease_remaining_ms(ExtlockClient *c);
 
 /*
- * Take the lock described by req->offset/length/mode, waiting as long as
- * the coordinator queues it.  Returns 0 (then extlock_client_unlock() must
- * follow) or -EIO if the coordinator refused or is unreachable, or the
- * lease has expired.
+ * Get a lock covering req->offset/length in req->mode (or stronger): a
+ * cached one if possible, else from the coordinator, waiting as long as it
+ * queues the request.  Returns 0 with req->lock set (then
+ * extlock_client_unlock() must follow), or -EIO if the coordinator refused
+ * or is unreachable, or the lease has expired.
  */
 int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req);
 void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req);
+
+/* Call @fn for every lock the node holds (active or cached) */
+void extlock_client_foreach_lock(ExtlockClient *c,
+                                 void (*fn)(ExtlockCachedLock *l, void *),
+                                 void *opaque);
 
 #endif /* BLOCK_EXTLOCK_CLIENT_H */

@@ -41,23 +41,36 @@ void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
         }
         monitor_printf(mon, ", lease %" PRIu32 " ms, %" PRId64
                        " ms left\n", n->lease_time, n->lease_remaining);
-        monitor_printf(mon, "  granularity %" PRIu32 ", requests %" PRIu64
+        monitor_printf(mon, "  granularity %" PRIu32 ", lock cache %s\n",
+                       n->granularity, n->lock_cache ? "on" : "off");
+        monitor_printf(mon, "  requests %" PRIu64 ", cache hits %" PRIu64
                        ", grants %" PRIu64 ", waits %" PRIu64
                        ", wait time %" PRIu64 " us, errors %" PRIu64 "\n",
-                       n->granularity, n->counters->requests,
+                       n->counters->requests, n->counters->cache_hits,
                        n->counters->grants, n->counters->waits,
                        n->counters->total_wait_us, n->counters->errors);
+        monitor_printf(mon, "  revocations %" PRIu64 " (%" PRIu64
+                       " us total, %" PRIu64 " us max), downgrades %" PRIu64
+                       ", evictions %" PRIu64 "\n",
+                       n->counters->revocations,
+                       n->counters->revocation_wait_us,
+                       n->counters->revocation_max_us,
+                       n->counters->downgrades,
+                       n->counters->cache_evictions);
         for (h = n->held; h; h = h->next) {
-            monitor_printf(mon, "  held    %-9s [%" PRIu64 ", +%" PRIu64
-                           ") token 0x%" PRIx64 " for %" PRId64 " ms\n",
+            monitor_printf(mon, "  %-8s %-9s [%" PRIu64 ", +%" PRIu64
+                           ") token 0x%" PRIx64 " for %" PRId64 " ms, %"
+                           PRIu32 " in flight\n",
+                           ExtentLockState_str(h->value->state),
                            ExtentLockMode_str(h->value->mode),
                            h->value->offset, h->value->length,
-                           h->value->token, h->value->held_ms);
+                           h->value->token, h->value->held_ms,
+                           h->value->in_flight);
         }
         for (w = n->waiting; w; w = w->next) {
             strList *b;
-            monitor_printf(mon, "  waiting %-9s [%" PRIu64 ", +%" PRIu64
-                           ") for %" PRId64 " ms, blocked by",
+            monitor_printf(mon, "  %-8s %-9s [%" PRIu64 ", +%" PRIu64
+                           ") for %" PRId64 " ms, blocked by", "waiting",
                            ExtentLockMode_str(w->value->mode),
                            w->value->offset, w->value->length,
                            w->value->waited_ms);

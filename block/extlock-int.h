@@ -17,6 +17,7 @@ typedef struct BDRVExtlockState {
     char *client_id;
     uint32_t granularity;
     uint32_t lease_ms;          /* requested; 0 = coordinator's default */
+    ExtlockClientOptions cache_opts;
     ExtlockClient *client;
 } BDRVExtlockState;
 

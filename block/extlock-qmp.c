@@ -17,6 +17,23 @@ static ExtentLockMode extlock_qapi_mode(ExtlockMode mode)
                                           : EXTENT_LOCK_MODE_SHARED;
 }
 
+static void extlock_held_info(ExtlockCachedLock *l, void *opaque)
+{
+    ExtentLockHeldList ***tail = opaque;
+    ExtentLockHeld *h = g_new0(ExtentLockHeld, 1);
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+
+    h->offset = l->node.ext.start;
+    h->length = l->node.ext.end - l->node.ext.start;
+    h->mode = extlock_qapi_mode(l->mode);
+    h->token = l->token;
+    h->held_ms = (now - l->granted_ns) / SCALE_MS;
+    h->state = l->revoking ? EXTENT_LOCK_STATE_REVOKING :
+               l->users ? EXTENT_LOCK_STATE_ACTIVE : EXTENT_LOCK_STATE_CACHED;
+    h->in_flight = l->users;
+    QAPI_LIST_APPEND(*tail, h);
+}
+
 /* Called with the node's AioContext acquired */
 static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
 {
@@ -40,34 +57,27 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     info->has_epoch = true;
     info->epoch = c->epoch;
     info->granularity = s->granularity;
+    info->lock_cache = c->opts.cache;
     info->lease_time = c->lease_ms;
     info->lease_remaining = extlock_client_lease_remaining_ms(c);
 
-    QLIST_FOREACH(req, &c->requests, next) {
-        if (req->granted) {
-            ExtentLockHeld *h = g_new0(ExtentLockHeld, 1);
-            h->offset = req->offset;
-            h->length = req->length;
-            h->mode = extlock_qapi_mode(req->mode);
-            h->token = req->token;
-            h->held_ms = (now - req->grant_ns) / SCALE_MS;
-            QAPI_LIST_APPEND(held_tail, h);
-        } else {
-            ExtentLockWaiter *w = g_new0(ExtentLockWaiter, 1);
-            strList **bt = &w->blocked_by;
-            w->offset = req->offset;
-            w->length = req->length;
-            w->mode = extlock_qapi_mode(req->mode);
-            w->has_token = req->queued;
-            w->token = req->token;
-            w->waited_ms = (now - req->start_ns) / SCALE_MS;
-            for (guint i = 0; req->blocked_by && i < req->blocked_by->len;
-                 i++) {
-                QAPI_LIST_APPEND(bt,
-                    g_strdup(g_ptr_array_index(req->blocked_by, i)));
-            }
-            QAPI_LIST_APPEND(wait_tail, w);
+    extlock_client_foreach_lock(c, extlock_held_info, &held_tail);
+
+    QLIST_FOREACH(req, &c->waiting, next) {
+        ExtentLockWaiter *w = g_new0(ExtentLockWaiter, 1);
+        strList **bt = &w->blocked_by;
+
+        w->offset = req->offset;
+        w->length = req->length;
+        w->mode = extlock_qapi_mode(req->mode);
+        w->has_token = req->queued;
+        w->token = req->token;
+        w->waited_ms = (now - req->start_ns) / SCALE_MS;
+        for (guint i = 0; req->blocked_by && i < req->blocked_by->len; i++) {
+            QAPI_LIST_APPEND(bt,
+                             g_strdup(g_ptr_array_index(req->blocked_by, i)));
         }
+        QAPI_LIST_APPEND(wait_tail, w);
     }
 
     info->counters = g_new0(ExtentLockCounters, 1);
@@ -76,6 +86,12 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     info->counters->waits = c->stats.waits;
     info->counters->total_wait_us = c->stats.total_wait_us;
     info->counters->errors = c->stats.errors;
+    info->counters->cache_hits = c->stats.cache_hits;
+    info->counters->revocations = c->stats.revocations;
+    info->counters->revocation_wait_us = c->stats.revocation_us;
+    info->counters->revocation_max_us = c->stats.revocation_max_us;
+    info->counters->downgrades = c->stats.downgrades;
+    info->counters->cache_evictions = c->stats.cache_evictions;
     return info;
 }
 

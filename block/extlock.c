@@ -30,10 +30,17 @@
 #define EXTLOCK_OPT_CLIENT_ID   "client-id"
 #define EXTLOCK_OPT_GRANULARITY "granularity"
 #define EXTLOCK_OPT_LEASE_TIME  "lease-time"
+#define EXTLOCK_OPT_CACHE       "lock-cache"
+#define EXTLOCK_OPT_CACHE_SIZE  "lock-cache-size"
+#define EXTLOCK_OPT_CACHE_IDLE  "lock-cache-idle-time"
+#define EXTLOCK_OPT_MIN_HOLD    "min-hold-time"
 
 #define EXTLOCK_GRANULARITY_MIN     512
 #define EXTLOCK_GRANULARITY_MAX     (1U << 30)
 #define EXTLOCK_GRANULARITY_DEFAULT 4096
+#define EXTLOCK_CACHE_SIZE_DEFAULT  1024
+#define EXTLOCK_CACHE_IDLE_DEFAULT  60000
+#define EXTLOCK_MIN_HOLD_MAX        (10 * 1000 * 1000)
 
 static QemuOptsList extlock_runtime_opts = {
     .name = "extlock",
@@ -59,6 +66,26 @@ static QemuOptsList extlock_runtime_opts = {
             .type = QEMU_OPT_NUMBER,
             .help = "session lease in milliseconds (default: coordinator's)",
         },
+        {
+            .name = EXTLOCK_OPT_CACHE,
+            .type = QEMU_OPT_BOOL,
+            .help = "keep locks after requests complete (default: on)",
+        },
+        {
+            .name = EXTLOCK_OPT_CACHE_SIZE,
+            .type = QEMU_OPT_NUMBER,
+            .help = "most idle cached locks (default: 1024)",
+        },
+        {
+            .name = EXTLOCK_OPT_CACHE_IDLE,
+            .type = QEMU_OPT_NUMBER,
+            .help = "give back locks idle this many ms (default: 60000)",
+        },
+        {
+            .name = EXTLOCK_OPT_MIN_HOLD,
+            .type = QEMU_OPT_NUMBER,
+            .help = "keep a lock at least this many us (default: 0)",
+        },
         { /* end of list */ }
     },
 };
@@ -69,6 +96,10 @@ static const char *const extlock_strong_runtime_opts[] = {
     EXTLOCK_OPT_CLIENT_ID,
     EXTLOCK_OPT_GRANULARITY,
     EXTLOCK_OPT_LEASE_TIME,
+    EXTLOCK_OPT_CACHE,
+    EXTLOCK_OPT_CACHE_SIZE,
+    EXTLOCK_OPT_CACHE_IDLE,
+    EXTLOCK_OPT_MIN_HOLD,
     "coordinator.",
     NULL
 };
@@ -107,6 +138,11 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
     uint64_t granularity = qemu_opt_get_size(opts, EXTLOCK_OPT_GRANULARITY,
                                              EXTLOCK_GRANULARITY_DEFAULT);
     uint64_t lease = qemu_opt_get_number(opts, EXTLOCK_OPT_LEASE_TIME, 0);
+    uint64_t cache_size = qemu_opt_get_number(opts, EXTLOCK_OPT_CACHE_SIZE,
+                                              EXTLOCK_CACHE_SIZE_DEFAULT);
+    uint64_t cache_idle = qemu_opt_get_number(opts, EXTLOCK_OPT_CACHE_IDLE,
+                                              EXTLOCK_CACHE_IDLE_DEFAULT);
+    uint64_t min_hold = qemu_opt_get_number(opts, EXTLOCK_OPT_MIN_HOLD, 0);
 
     if (!lock_space) {
         error_setg(errp, QERR_MISSING_PARAMETER, EXTLOCK_OPT_LOCK_SPACE);
@@ -144,6 +180,25 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
         return false;
     }
 
+    if (cache_size < 1 || cache_size > 1000000) {
+        error_setg(errp, "lock-cache-size must be between 1 and 1000000");
+        return false;
+    }
+    if (cache_idle < 1 || cache_idle > UINT32_MAX) {
+        error_setg(errp, "lock-cache-idle-time must be between 1 and %u ms",
+                   UINT32_MAX);
+        return false;
+    }
+    if (min_hold > EXTLOCK_MIN_HOLD_MAX) {
+        error_setg(errp, "min-hold-time must be at most %d us",
+                   EXTLOCK_MIN_HOLD_MAX);
+        return false;
+    }
+
+    s->cache_opts.cache = qemu_opt_get_bool(opts, EXTLOCK_OPT_CACHE, true);
+    s->cache_opts.cache_size = cache_size;
+    s->cache_opts.cache_idle_ms = cache_idle;
+    s->cache_opts.min_hold_us = min_hold;
     s->lock_space = g_strdup(lock_space);
     if (client_id) {
         s->client_id = g_strdup(client_id);
@@ -161,6 +216,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
 {
     BDRVExtlockState *s = bs->opaque;
     QemuOpts *opts;
+    int64_t len;
     int ret;
 
     opts = qemu_opts_create(&extlock_runtime_opts, NULL, 0, &error_abort);
@@ -188,9 +244,18 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
         ((BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK) &
          bs->file->bs->supported_zero_flags);
 
+    /* Granted extents may grow up to the end of the image */
+    len = bdrv_getlength(bs->file->bs);
+    if (len < 0) {
+        error_setg_errno(errp, -len, "Could not get the image length");
+        ret = len;
+        goto out;
+    }
+    s->cache_opts.grow_limit = QEMU_ALIGN_UP((uint64_t)len, s->granularity);
+
     s->client = extlock_client_new(s->coordinator, s->client_id,
                                    s->lock_space, s->lease_ms,
-                                   bdrv_get_node_name(bs),
+                                   &s->cache_opts, bdrv_get_node_name(bs),
                                    bdrv_get_aio_context(bs), errp);
     if (!s->client) {
         ret = -EIO;

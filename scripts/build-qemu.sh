@@ -89,6 +89,7 @@ for f in "$REPO"/block/*; do
     install_file "$f" "$SRC/block/extlock/$(basename "$f")"
 done
 install_file "$REPO/util/extent.c" "$SRC/block/extlock/extent.c"
+install_file "$REPO/util/interval-tree.c" "$SRC/block/extlock/interval-tree.c"
 install_file "$REPO/util/extlock-protocol.c" "$SRC/block/extlock/protocol.c"
 for f in "$REPO"/include/extlock/*.h; do
     install_file "$f" "$SRC/include/extlock/$(basename "$f")"

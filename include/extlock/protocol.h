@@ -39,7 +39,9 @@ typedef enum ExtlockMsgType {
     EXTLOCK_MSG_RENEW,
     EXTLOCK_MSG_BYE,
     EXTLOCK_MSG_STATUS,
-    EXTLOCK_MSG_RECLAIM,        /* reserved: lock reclaim after restart */
+    EXTLOCK_MSG_RECLAIM,        /* lock reclaim after a restart */
+    EXTLOCK_MSG_DOWNGRADE,      /* exclusive -> shared */
+    EXTLOCK_MSG_RECLAIM_DONE,
     /* server -> client replies (carry the request's id) */
     EXTLOCK_MSG_WELCOME,
     EXTLOCK_MSG_WAITING,        /* interim reply to "lock" */
@@ -49,6 +51,8 @@ typedef enum ExtlockMsgType {
     EXTLOCK_MSG_RENEWED,
     EXTLOCK_MSG_GOODBYE,
     EXTLOCK_MSG_STATUS_REPLY,
+    EXTLOCK_MSG_DOWNGRADED,
+    EXTLOCK_MSG_RECLAIM_COMPLETE,
     EXTLOCK_MSG_ERROR,
     /* server -> client notifications (no id) */
     EXTLOCK_MSG_REVOKE,         /* reserved: "please release this extent" */
@@ -92,6 +96,15 @@ typedef struct ExtlockBlocker {
     bool waiting;               /* an earlier waiter, not a holder */
 } ExtlockBlocker;
 
+/* A lock of a resumed session, listed in "welcome" */
+typedef struct ExtlockLockInfo {
+    uint64_t lock;
+    uint64_t offset;
+    uint64_t length;
+    ExtlockMode mode;
+    uint64_t token;
+} ExtlockLockInfo;
+
 /*
  * A decoded message.  Which fields are meaningful depends on @type (see
  * docs/protocol.rst); the codec validates exactly those.
@@ -122,6 +135,7 @@ typedef struct ExtlockMsg {
 
     GArray *pieces;             /* unlocked: ExtlockPiece, may be NULL */
     GArray *blockers;           /* waiting: ExtlockBlocker, may be NULL */
+    GArray *locks;              /* welcome: ExtlockLockInfo, may be NULL */
 
     /* error */
     ExtlockErrorCode error;
@@ -129,7 +143,21 @@ typedef struct ExtlockMsg {
 
     /* status reply: the whole object, owned (json_object *) */
     void *body;
+
+    /* lock: optional range the granted extent may grow into */
+    bool has_limit;
+    uint64_t limit_offset;
+    uint64_t limit_length;
+
+    /* welcome after hello with "session" (see docs/protocol.rst) */
+    bool resumed;               /* same session, locks intact */
+    bool reclaim;               /* coordinator restarted: reclaim locks */
+    uint64_t grace_remaining_ms;
+    /* welcome "locks": see the "locks" member above */
 } ExtlockMsg;
+
+/* A lock listed in "welcome" when a session is resumed */
+typedef ExtlockLockInfo ExtlockHeldLock;
 
 typedef struct ExtlockProtoError {
     ExtlockErrorCode code;
@@ -174,7 +202,7 @@ typedef struct ExtlockLineBuf {
 
 typedef enum ExtlockLineResult {
     EXTLOCK_LINE_NONE,          /* no complete line buffered */
-    EXTLOCK_LINE_OK,            /* *line/*len is a line (without '\n') */
+    EXTLOCK_LINE_OK,            /* *line, *len is a line (without '\n') */
     EXTLOCK_LINE_TOO_LONG,      /* a line over EXTLOCK_MAX_LINE was dropped */
 } ExtlockLineResult;
 
