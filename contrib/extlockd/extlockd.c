@@ -1,1 +1,256 @@
-/* placeholder: to be written */
+/*
+ * extlockd: extent lock coordinator daemon (options, logging, signals)
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <glib.h>
+#include <glib-unix.h>
+
+#include "extlock/protocol.h"
+#include "server.h"
+#include "state-file.h"
+
+#define EXIT_USAGE 2
+
+static bool opt_verbose;
+
+static const char *level_name(GLogLevelFlags level)
+{
+    if (level & G_LOG_LEVEL_ERROR) {
+        return "error";
+    }
+    if (level & G_LOG_LEVEL_CRITICAL) {
+        return "critical";
+    }
+    if (level & G_LOG_LEVEL_WARNING) {
+        return "warning";
+    }
+    if (level & G_LOG_LEVEL_MESSAGE) {
+        return "notice";
+    }
+    if (level & G_LOG_LEVEL_INFO) {
+        return "info";
+    }
+    return "debug";
+}
+
+/* One line per message on stderr: "DATE TIME.ms extlockd[PID]: LEVEL: text" */
+static GLogWriterOutput log_writer(GLogLevelFlags level,
+                                   const GLogField *fields, gsize n_fields,
+                                   gpointer opaque)
+{
+    g_autoptr(GDateTime) now = g_date_time_new_now_local();
+    g_autofree char *stamp = NULL;
+    const char *message = "";
+
+    if ((level & G_LOG_LEVEL_DEBUG) && !opt_verbose) {
+        return G_LOG_WRITER_HANDLED;
+    }
+    for (gsize i = 0; i < n_fields; i++) {
+        if (strcmp(fields[i].key, "MESSAGE") == 0 && fields[i].length < 0) {
+            message = fields[i].value;
+        }
+    }
+    stamp = g_date_time_format(now, "%Y-%m-%d %H:%M:%S");
+    fprintf(stderr, "%s.%03d extlockd[%ld]: %s: %s\n", stamp,
+            g_date_time_get_microsecond(now) / 1000, (long)getpid(),
+            level_name(level), message);
+    fflush(stderr);
+    return G_LOG_WRITER_HANDLED;
+}
+
+static gboolean on_signal(gpointer opaque)
+{
+    GMainLoop *loop = opaque;
+
+    g_message("received a termination signal, shutting down");
+    g_main_loop_quit(loop);
+    return G_SOURCE_CONTINUE;
+}
+
+static bool check_range(const char *name, int64_t value, int64_t min,
+                        int64_t max)
+{
+    if (value < min || value > max) {
+        fprintf(stderr, "extlockd: %s must be in [%" PRId64 ", %" PRId64
+                "], not %" PRId64 "\n", name, min, max, value);
+        return false;
+    }
+    return true;
+}
+
+static bool env_flag(const char *name)
+{
+    const char *v = g_getenv(name);
+
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+int main(int argc, char **argv)
+{
+    g_auto(GStrv) listen_addrs = NULL;
+    g_autofree char *state_file = NULL;
+    gint64 lease_ms = EXTLOCKD_DEFAULT_LEASE_MS;
+    gint64 fence_ms = EXTLOCKD_DEFAULT_FENCE_MS;
+    gint64 max_locks = EXTLOCKD_DEFAULT_MAX_LOCKS;
+    gint64 max_sessions = EXTLOCKD_DEFAULT_MAX_SESS;
+    gboolean debug_checks = FALSE, verbose = FALSE, version = FALSE;
+    GOptionEntry entries[] = {
+        { "listen", 'l', 0, G_OPTION_ARG_STRING_ARRAY, &listen_addrs,
+          "Listen on ADDR: unix:PATH or tcp:HOST:PORT (repeatable; "
+          "default " EXTLOCKD_DEFAULT_LISTEN ")", "ADDR" },
+        { "state-file", 's', 0, G_OPTION_ARG_FILENAME, &state_file,
+          "Keep the token epoch in PATH (default "
+          EXTLOCKD_DEFAULT_STATE_FILE ")", "PATH" },
+        { "lease-ms", 0, 0, G_OPTION_ARG_INT64, &lease_ms,
+          "Lease for clients that do not ask for one (default 10000; "
+          "clients may ask for 100..3600000)", "N" },
+        { "fence-margin-ms", 0, 0, G_OPTION_ARG_INT64, &fence_ms,
+          "Extra delay after a lease lapses before its locks are "
+          "granted to others (default 1000)", "N" },
+        { "max-locks-per-session", 0, 0, G_OPTION_ARG_INT64, &max_locks,
+          "Held plus waiting locks per session (default 16384)", "N" },
+        { "max-sessions", 0, 0, G_OPTION_ARG_INT64, &max_sessions,
+          "Sessions in all lock-spaces (default 4096)", "N" },
+        { "debug-checks", 0, 0, G_OPTION_ARG_NONE, &debug_checks,
+          "Check the lock table invariants after every change (also "
+          "EXTLOCKD_DEBUG_CHECKS=1)", NULL },
+        { "verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose,
+          "Log connections and requests", NULL },
+        { "version", 'V', 0, G_OPTION_ARG_NONE, &version,
+          "Print the version and exit", NULL },
+        { NULL }
+    };
+    g_autoptr(GOptionContext) ctx = NULL;
+    g_autoptr(GError) err = NULL;
+    g_autoptr(GMainLoop) loop = NULL;
+    ExtlockdConfig cfg = { 0 };
+    ExtlockdServer *server;
+    const char *default_listen[] = { EXTLOCKD_DEFAULT_LISTEN, NULL };
+    const char *const *addrs;
+    const char *first_counter;
+    uint64_t epoch;
+    int lock_fd;
+
+    signal(SIGPIPE, SIG_IGN);
+
+    ctx = g_option_context_new("- extent lock coordinator");
+    g_option_context_set_summary(ctx,
+        "Grants byte-range locks, in strict timestamp order, to QEMU\n"
+        "processes sharing disk images.  See docs/extlockd.rst.");
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    if (!g_option_context_parse(ctx, &argc, &argv, &err)) {
+        fprintf(stderr, "extlockd: %s\nTry 'extlockd --help'.\n",
+                err->message);
+        return EXIT_USAGE;
+    }
+    if (version) {
+        printf("%s\n", EXTLOCKD_SERVER_NAME);
+        return 0;
+    }
+    if (argc > 1) {
+        fprintf(stderr, "extlockd: unexpected argument '%s'\n"
+                "Try 'extlockd --help'.\n", argv[1]);
+        return EXIT_USAGE;
+    }
+    if (!check_range("--lease-ms", lease_ms, EXTLOCK_MIN_LEASE_MS,
+                     EXTLOCK_MAX_LEASE_MS) ||
+        !check_range("--fence-margin-ms", fence_ms, 0,
+                     EXTLOCKD_MAX_FENCE_MS) ||
+        !check_range("--max-locks-per-session", max_locks, 1, G_MAXUINT32) ||
+        !check_range("--max-sessions", max_sessions, 1, G_MAXUINT32)) {
+        return EXIT_USAGE;
+    }
+    if (state_file && !state_file[0]) {
+        fprintf(stderr, "extlockd: --state-file must not be empty\n");
+        return EXIT_USAGE;
+    }
+    addrs = listen_addrs ? (const char *const *)listen_addrs
+                         : default_listen;
+    for (int i = 0; addrs[i]; i++) {
+        if (!g_str_has_prefix(addrs[i], "unix:") &&
+            !g_str_has_prefix(addrs[i], "tcp:") && addrs[i][0] != '/') {
+            fprintf(stderr, "extlockd: --listen %s: expected unix:PATH or "
+                    "tcp:HOST:PORT\n", addrs[i]);
+            return EXIT_USAGE;
+        }
+    }
+
+    opt_verbose = verbose;
+    g_log_set_writer_func(log_writer, NULL, NULL);
+
+    cfg.state_file = state_file ? state_file : EXTLOCKD_DEFAULT_STATE_FILE;
+    cfg.lease_ms = lease_ms;
+    cfg.fence_margin_ms = fence_ms;
+    cfg.max_locks_per_session = max_locks;
+    cfg.max_sessions = max_sessions;
+    cfg.debug_checks = debug_checks || env_flag("EXTLOCKD_DEBUG_CHECKS");
+    cfg.verbose = verbose;
+    first_counter = g_getenv("EXTLOCKD_TEST_FIRST_COUNTER");
+    if (first_counter) {
+        guint64 v;
+
+        if (!g_ascii_string_to_unsigned(first_counter, 10, 1,
+                                        EXTLOCKD_COUNTER_LIMIT - 1, &v,
+                                        NULL)) {
+            fprintf(stderr, "extlockd: bad EXTLOCKD_TEST_FIRST_COUNTER\n");
+            return EXIT_USAGE;
+        }
+        cfg.first_counter = v;
+    }
+
+    /*
+     * Catch termination signals from now on: one that arrives during
+     * start-up makes the main loop quit as soon as it runs, so the
+     * sockets are still cleaned up.
+     */
+    loop = g_main_loop_new(NULL, FALSE);
+    g_unix_signal_add(SIGTERM, on_signal, loop);
+    g_unix_signal_add(SIGINT, on_signal, loop);
+
+    /* The epoch is durable before anybody can connect */
+    lock_fd = extlockd_state_lock(cfg.state_file, &err);
+    if (lock_fd < 0) {
+        g_critical("%s", err->message);
+        return 1;
+    }
+    if (!extlockd_state_load(cfg.state_file, &epoch, &err)) {
+        g_critical("%s", err->message);
+        return 1;
+    }
+    epoch++;
+    if (!extlockd_state_save(cfg.state_file, epoch, &err)) {
+        g_critical("%s", err->message);
+        return 1;
+    }
+    g_message("%s starting: epoch %" PRIu64 " (state file %s), lease %u ms, "
+              "fence margin %u ms%s", EXTLOCKD_SERVER_NAME, epoch,
+              cfg.state_file, cfg.lease_ms, cfg.fence_margin_ms,
+              cfg.debug_checks ? ", debug checks on" : "");
+
+    server = extlockd_server_new(&cfg, epoch);
+    for (int i = 0; addrs[i]; i++) {
+        if (!extlockd_server_listen(server, addrs[i], &err)) {
+            g_critical("%s", err->message);
+            extlockd_server_free(server);
+            return 1;
+        }
+    }
+
+    g_main_loop_run(loop);
+
+    extlockd_server_stop_listening(server);
+    extlockd_server_free(server);
+    close(lock_fd);
+    g_message("stopped");
+    return 0;
+}

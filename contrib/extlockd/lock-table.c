@@ -16,6 +16,12 @@
  * extlock_table_foreach() and extlock_table_free().  Besides the lock
  * itself the hot path allocates nothing: the candidate list used when
  * waking waiters is a scratch array owned by the table.
+ *
+ * Extent growth is computed when a lock is granted, from two more overlap
+ * queries per conflicting tree, one on each side of the requested extent
+ * and restricted to the (capped) limit.  Downgrade moves a lock from the
+ * exclusive to the shared held tree and wakes the shared waiters it
+ * overlaps.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -151,12 +157,14 @@ static bool waiter_grantable(ExtlockTable *table, ExtlockLock *w)
 }
 
 static ExtlockLock *lock_new(ExtlockTable *table, ExtlockExtent ext,
-                             ExtlockMode mode, uint64_t token, void *owner,
-                             uint64_t user_tag)
+                             ExtlockExtent limit, ExtlockMode mode,
+                             uint64_t token, void *owner, uint64_t user_tag)
 {
     ExtlockLock *lock = g_new0(ExtlockLock, 1);
 
     lock->node.ext = ext;
+    lock->requested = ext;
+    lock->limit = limit;
     lock->id = table->next_id++;
     lock->token = token;
     lock->mode = mode;
@@ -177,20 +185,131 @@ static void lock_insert(ExtlockTable *table, ExtlockLock *lock)
     }
 }
 
-ExtlockLock *extlock_table_request(ExtlockTable *table, ExtlockExtent ext,
-                                   ExtlockMode mode, uint64_t token,
-                                   void *owner, uint64_t user_tag)
+/*
+ * Extent growth.  One walk per side of the requested extent and per
+ * conflicting tree, each restricted to what is still open on that side:
+ * on the left the obstacle ending nearest to the request (ends clipped to
+ * the request's start) and on the right the one starting nearest to it.
+ */
+typedef struct GrowWalk {
+    const ExtlockLock *self;
+    uint64_t edge;               /* requested start (left) / end (right) */
+    uint64_t bound;              /* a (left) / b (right) found so far */
+} GrowWalk;
+
+static bool grow_left_visit(ExtlockITNode *node, void *opaque)
+{
+    GrowWalk *g = opaque;
+
+    if (lock_of(node) == g->self) {
+        return true;
+    }
+    /*
+     * Ends are not sorted, and the walk's query is the window open when
+     * it started: keep the largest clipped end, and go on unless nothing
+     * is left to grow into.
+     */
+    g->bound = MAX(g->bound, MIN(node->ext.end, g->edge));
+    return g->bound < g->edge;
+}
+
+static bool grow_right_visit(ExtlockITNode *node, void *opaque)
+{
+    GrowWalk *g = opaque;
+
+    if (lock_of(node) == g->self) {
+        return true;
+    }
+    /* Visited in ascending start order: the first one is the nearest */
+    g->bound = MAX(node->ext.start, g->edge);
+    return false;
+}
+
+/*
+ * The extent @lock (in no tree at the moment) gets when it is granted
+ * while the table holds @nlocks locks, this one included.
+ */
+static ExtlockExtent grow_extent(ExtlockTable *table, const ExtlockLock *lock,
+                                 uint64_t nlocks)
+{
+    ExtlockExtent req = lock->requested;
+    ExtlockExtent lim = lock->limit;
+    ExtlockITree *trees[4];
+    ExtlockExtent grown;
+    GrowWalk g = { .self = lock };
+    size_t i, n = 0;
+
+    if (nlocks > EXTLOCK_TABLE_GROW_CAP_LOCKS) {
+        uint64_t lo = req.start & ~(EXTLOCK_TABLE_GROW_CAP_BYTES - 1);
+        uint64_t hi = (req.end + EXTLOCK_TABLE_GROW_CAP_BYTES - 1) &
+                      ~(EXTLOCK_TABLE_GROW_CAP_BYTES - 1);
+
+        lim.start = MAX(lim.start, lo);
+        lim.end = MIN(lim.end, hi);
+    }
+
+    trees[n++] = &table->held[EXTLOCK_MODE_EXCLUSIVE];
+    trees[n++] = &table->waiting[EXTLOCK_MODE_EXCLUSIVE];
+    if (lock->mode == EXTLOCK_MODE_EXCLUSIVE) {
+        trees[n++] = &table->held[EXTLOCK_MODE_SHARED];
+        trees[n++] = &table->waiting[EXTLOCK_MODE_SHARED];
+    }
+
+    g.edge = req.start;
+    g.bound = lim.start;
+    for (i = 0; i < n && g.bound < g.edge; i++) {
+        ExtlockExtent q = { g.bound, g.edge };
+
+        extlock_itree_foreach_overlap(trees[i], q, grow_left_visit, &g);
+    }
+    grown.start = g.bound;
+
+    g.edge = req.end;
+    g.bound = lim.end;
+    for (i = 0; i < n && g.edge < g.bound; i++) {
+        ExtlockExtent q = { g.edge, g.bound };
+
+        extlock_itree_foreach_overlap(trees[i], q, grow_right_visit, &g);
+    }
+    grown.end = g.bound;
+    return grown;
+}
+
+/*
+ * @lock, which is in no tree, is being granted: let it grow.  @extra is 1
+ * if it is not counted in the held/waiting counters yet.
+ */
+static void lock_grow(ExtlockTable *table, ExtlockLock *lock, uint64_t extra)
+{
+    ExtlockExtent req = lock->requested;
+
+    if (lock->limit.start == req.start && lock->limit.end == req.end) {
+        return;
+    }
+    lock->node.ext = grow_extent(table, lock, table->stats.held +
+                                 table->stats.waiting + extra);
+    if (lock->node.ext.start != req.start || lock->node.ext.end != req.end) {
+        table->stats.grown_grants++;
+    }
+}
+
+static ExtlockLock *table_request(ExtlockTable *table, ExtlockExtent ext,
+                                  ExtlockExtent limit, ExtlockMode mode,
+                                  uint64_t token, void *owner,
+                                  uint64_t user_tag)
 {
     ExtlockLock *lock;
 
     g_return_val_if_fail(ext.start < ext.end &&
                          ext.end <= EXTLOCK_EXTENT_END_MAX, NULL);
+    g_return_val_if_fail(limit.start <= ext.start && ext.end <= limit.end &&
+                         limit.end <= EXTLOCK_EXTENT_END_MAX, NULL);
     g_return_val_if_fail(!table->have_token || token > table->last_token,
                          NULL);
     table->have_token = true;
     table->last_token = token;
 
-    lock = lock_new(table, ext, mode, token, owner, user_tag);
+    lock = lock_new(table, ext, limit, mode, token, owner, user_tag);
     table->stats.requests++;
 
     /*
@@ -202,6 +321,7 @@ ExtlockLock *extlock_table_request(ExtlockTable *table, ExtlockExtent ext,
         lock->state = EXTLOCK_LOCK_GRANTED;
         lock->granted_us = lock->queued_us;
         table->stats.immediate_grants++;
+        lock_grow(table, lock, 1);
     } else {
         lock->state = EXTLOCK_LOCK_WAITING;
         table->stats.waits++;
@@ -209,6 +329,22 @@ ExtlockLock *extlock_table_request(ExtlockTable *table, ExtlockExtent ext,
     lock_insert(table, lock);
     table_debug_check(table, "request");
     return lock;
+}
+
+ExtlockLock *extlock_table_request(ExtlockTable *table, ExtlockExtent ext,
+                                   ExtlockMode mode, uint64_t token,
+                                   void *owner, uint64_t user_tag)
+{
+    return table_request(table, ext, ext, mode, token, owner, user_tag);
+}
+
+ExtlockLock *extlock_table_request_grow(ExtlockTable *table,
+                                        ExtlockExtent ext,
+                                        ExtlockExtent limit,
+                                        ExtlockMode mode, uint64_t token,
+                                        void *owner, uint64_t user_tag)
+{
+    return table_request(table, ext, limit, mode, token, owner, user_tag);
 }
 
 ExtlockLock *extlock_table_reclaim(ExtlockTable *table, ExtlockExtent ext,
@@ -224,7 +360,7 @@ ExtlockLock *extlock_table_reclaim(ExtlockTable *table, ExtlockExtent ext,
         find_conflict(table->waiting, ext, mode, NULL, false, 0)) {
         return NULL;
     }
-    lock = lock_new(table, ext, mode, token, owner, user_tag);
+    lock = lock_new(table, ext, ext, mode, token, owner, user_tag);
     lock->state = EXTLOCK_LOCK_GRANTED;
     lock->granted_us = lock->queued_us;
     lock_insert(table, lock);
@@ -250,8 +386,11 @@ static gint cmp_token(gconstpointer a, gconstpointer b)
 }
 
 /*
- * A lock (held or waiting) in @mode covering @freed has just been removed;
- * grant, in token order, every waiter that this made grantable.
+ * A lock (held or waiting) covering @freed has just been removed, or
+ * downgraded; grant, in token order, every waiter that this made
+ * grantable.  Only waiters that conflicted with the lock's old mode (and
+ * no longer conflict with its new one) are candidates: exclusive waiters
+ * if @excl, shared waiters if @shared.
  *
  * Why one pass over the waiters overlapping @freed suffices: a waiter W is
  * blocked by the set of overlapping conflicting holders and earlier
@@ -268,18 +407,26 @@ static gint cmp_token(gconstpointer a, gconstpointer b)
  * order also makes each decision see the final state of all earlier
  * candidates, so compatible shared waiters are granted together while a
  * later waiter behind a still-waiting conflicting one stays queued.
+ *
+ * Growth does not change this: a grantee grows only over ranges that no
+ * conflicting lock, held or waiting, overlaps, so the grown part blocks
+ * no existing waiter, and the candidates after it are judged on the final
+ * extents of the earlier ones (growth is first come, first served).
  */
-static void table_wake(ExtlockTable *table, ExtlockExtent freed,
-                       ExtlockMode mode)
+static void table_wake(ExtlockTable *table, ExtlockExtent freed, bool excl,
+                       bool shared)
 {
     GPtrArray *cand = table->scratch;
     guint i, ngranted = 0;
     int64_t now;
 
     g_ptr_array_set_size(cand, 0);
-    extlock_itree_foreach_overlap(&table->waiting[EXTLOCK_MODE_EXCLUSIVE],
-                                  freed, collect_visit, cand);
-    if (mode == EXTLOCK_MODE_EXCLUSIVE) {
+    if (excl) {
+        extlock_itree_foreach_overlap(
+            &table->waiting[EXTLOCK_MODE_EXCLUSIVE], freed, collect_visit,
+            cand);
+    }
+    if (shared) {
         extlock_itree_foreach_overlap(&table->waiting[EXTLOCK_MODE_SHARED],
                                       freed, collect_visit, cand);
     }
@@ -300,6 +447,7 @@ static void table_wake(ExtlockTable *table, ExtlockExtent freed,
         extlock_itree_remove(&table->waiting[w->mode], &w->node);
         w->state = EXTLOCK_LOCK_GRANTED;
         w->granted_us = now > w->queued_us ? now : w->queued_us;
+        lock_grow(table, w, 0);
         extlock_itree_insert(&table->held[w->mode], &w->node);
         table->stats.waiting--;
         table->stats.held++;
@@ -334,7 +482,7 @@ static void table_remove(ExtlockTable *table, ExtlockLock *lock)
         table->stats.cancels++;
     }
     g_free(lock);
-    table_wake(table, ext, mode);
+    table_wake(table, ext, true, mode == EXTLOCK_MODE_EXCLUSIVE);
 }
 
 void extlock_table_release(ExtlockTable *table, ExtlockLock *lock)
@@ -385,7 +533,7 @@ int extlock_table_release_part(ExtlockTable *table, ExtlockLock *lock,
             }
         }
         extlock_itree_insert(tree, &lock->node);
-        table_wake(table, part, lock->mode);
+        table_wake(table, part, true, lock->mode == EXTLOCK_MODE_EXCLUSIVE);
     }
 
     if (lock_out) {
@@ -395,6 +543,27 @@ int extlock_table_release_part(ExtlockTable *table, ExtlockLock *lock,
         *split_out = split;
     }
     table_debug_check(table, "release_part");
+    return 0;
+}
+
+/*
+ * Only shared waiters overlapping the lock can be unblocked: exclusive
+ * ones still conflict with it, and nobody else's blockers changed.
+ */
+int extlock_table_downgrade(ExtlockTable *table, ExtlockLock *lock)
+{
+    if (!lock || lock->state != EXTLOCK_LOCK_GRANTED) {
+        return -EINVAL;
+    }
+    if (lock->mode == EXTLOCK_MODE_SHARED) {
+        return 0;
+    }
+    extlock_itree_remove(&table->held[EXTLOCK_MODE_EXCLUSIVE], &lock->node);
+    lock->mode = EXTLOCK_MODE_SHARED;
+    extlock_itree_insert(&table->held[EXTLOCK_MODE_SHARED], &lock->node);
+    table->stats.downgrades++;
+    table_wake(table, lock->node.ext, false, true);
+    table_debug_check(table, "downgrade");
     return 0;
 }
 
@@ -446,6 +615,23 @@ void extlock_table_foreach_blocker(ExtlockTable *table, ExtlockLock *lock,
         extlock_itree_foreach_overlap(&table->held[EXTLOCK_MODE_EXCLUSIVE],
                                       lock->node.ext, blocker_visit, &b);
         b.earlier_only = true;
+        extlock_itree_foreach_overlap(
+            &table->waiting[EXTLOCK_MODE_EXCLUSIVE], lock->node.ext,
+            blocker_visit, &b);
+    }
+}
+
+void extlock_table_foreach_conflict(ExtlockTable *table, ExtlockLock *lock,
+                                    ExtlockLockFn fn, void *opaque)
+{
+    BlockerWalk b = { lock, false, fn, opaque };
+
+    if (lock->mode == EXTLOCK_MODE_EXCLUSIVE) {
+        foreach_conflicting(table->held, &b);
+        foreach_conflicting(table->waiting, &b);
+    } else {
+        extlock_itree_foreach_overlap(&table->held[EXTLOCK_MODE_EXCLUSIVE],
+                                      lock->node.ext, blocker_visit, &b);
         extlock_itree_foreach_overlap(
             &table->waiting[EXTLOCK_MODE_EXCLUSIVE], lock->node.ext,
             blocker_visit, &b);
@@ -558,6 +744,11 @@ static char *describe(const ExtlockLock *lock)
                            lock->token);
 }
 
+static bool extent_inside(ExtlockExtent inner, ExtlockExtent outer)
+{
+    return outer.start <= inner.start && inner.end <= outer.end;
+}
+
 static bool check_fail(char **errmsg, const char *what,
                        const ExtlockLock *a, const ExtlockLock *b)
 {
@@ -663,6 +854,35 @@ bool extlock_table_check(ExtlockTable *table, char **errmsg)
             }
             if (waiter_grantable(table, w)) {
                 return check_fail(errmsg, "waiter is grantable", w, NULL);
+            }
+        }
+    }
+
+    /*
+     * Growth bookkeeping.  Checked last, so that a broken extent is
+     * reported as the conflict it causes, if any.
+     */
+    for (i = 0; i < 4; i++) {
+        ExtlockITree *tree = i < 2 ? &table->held[modes[i]]
+                                   : &table->waiting[modes[i - 2]];
+
+        for (n = extlock_itree_first(tree); n; n = extlock_itree_next(n)) {
+            ExtlockLock *lock = lock_of(n);
+
+            if (lock->requested.start >= lock->requested.end ||
+                !extent_inside(lock->requested, lock->limit)) {
+                return check_fail(errmsg, "request outside its limit",
+                                  lock, NULL);
+            }
+            if (!extent_inside(n->ext, lock->limit)) {
+                return check_fail(errmsg, "extent outside its limit",
+                                  lock, NULL);
+            }
+            if (lock->state == EXTLOCK_LOCK_WAITING &&
+                (n->ext.start != lock->requested.start ||
+                 n->ext.end != lock->requested.end)) {
+                return check_fail(errmsg, "waiting extent differs from "
+                                  "its request", lock, NULL);
             }
         }
     }

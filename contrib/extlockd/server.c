@@ -1,1 +1,1800 @@
-/* placeholder: to be written */
+/*
+ * extlockd: listeners, connections, sessions, leases and request dispatch
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Data model:
+ *   ExtlockdServer   listeners, all connections, all sessions, lock-spaces
+ *   ExtlockdConn     one client socket: line buffer in, GString out
+ *   ExtlockdSession  created by "hello", bound to one lock-space, attached
+ *                    to at most one connection; owns the locks it holds and
+ *                    the requests it has waiting (both live in the table)
+ *   ExtlockdSpace    one ExtlockTable per lock-space name
+ *
+ * The hot path (lock/unlock) parses with the codec, touches the table and
+ * two small hash tables, and formats the reply straight into the output
+ * buffer.  Output produced while handling one read (including grants sent
+ * to other connections) is written out once, at the end of the callback.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <glib.h>
+#include <glib-unix.h>
+#include <gio/gio.h>
+#include <json-c/json.h>
+
+#include "extlock/lock-table.h"
+#include "extlock/protocol.h"
+#include "server.h"
+#include "state-file.h"
+
+#define READ_CHUNK          (64 * 1024)
+#define READ_ROUNDS         4           /* reads per callback at most */
+#define BACKPRESSURE_OUTPUT (1024 * 1024) /* stop reading above this */
+#define CLOSE_TIMEOUT_US    (5 * G_USEC_PER_SEC)
+#define MAX_BLOCKERS        64          /* listed in a "waiting" reply */
+#define LISTEN_PAUSE_MS     100         /* after EMFILE and friends */
+
+#define VERBOSE(s, ...) \
+    do { \
+        if ((s)->cfg.verbose) { \
+            g_debug(__VA_ARGS__); \
+        } \
+    } while (0)
+
+typedef struct ExtlockdSpace ExtlockdSpace;
+typedef struct ExtlockdSession ExtlockdSession;
+typedef struct ExtlockdConn ExtlockdConn;
+typedef struct ExtlockdListener ExtlockdListener;
+
+typedef enum ExtlockdSessionState {
+    SESSION_ACTIVE,              /* attached to a connection */
+    SESSION_DISCONNECTED,        /* connection dropped, may be resumed */
+    SESSION_EXPIRED,             /* lease lapsed; locks kept until fence */
+} ExtlockdSessionState;
+
+static const char *const session_state_names[] = {
+    [SESSION_ACTIVE] = "active",
+    [SESSION_DISCONNECTED] = "disconnected",
+    [SESSION_EXPIRED] = "expired",
+};
+
+struct ExtlockdSpace {
+    ExtlockdServer *server;
+    char *name;
+    ExtlockTable *table;
+    unsigned nsessions;          /* sessions bound to it, in any state */
+    /*
+     * "wait": false requests granted through extlock_table_reclaim(),
+     * which the table does not count as requests or immediate grants
+     */
+    uint64_t nowait_grants;
+};
+
+struct ExtlockdSession {
+    ExtlockdServer *server;
+    GList link;                  /* in server->session_list */
+    char id[33];
+    char *client_id;
+    ExtlockdSpace *space;
+    ExtlockdConn *conn;          /* NULL unless SESSION_ACTIVE */
+    ExtlockdSessionState state;
+    uint32_t lease_ms;
+    int64_t deadline_us;         /* last renewal + lease */
+    GHashTable *held;            /* set of granted ExtlockLock * */
+    GHashTable *waiting;         /* set of waiting ExtlockLock *, keyed by
+                                  * their user_tag (the request id) */
+    bool releasing;              /* mass release in progress */
+};
+
+struct ExtlockdConn {
+    ExtlockdServer *server;
+    GList link;                  /* in server->conns */
+    GList dirty_link;            /* in server->dirty while dirty */
+    bool dirty;
+    uint64_t serial;
+    char *peer;
+    int fd;
+    GSource *source;
+    gpointer tag;
+    GIOCondition events;
+    ExtlockLineBuf lb;
+    GString *out;
+    size_t out_pos;              /* bytes of out already sent */
+    size_t out_allowance;        /* big replies in out (status) */
+    ExtlockdSession *session;
+    bool closing;                /* close once out is flushed */
+    int64_t closing_since_us;
+};
+
+typedef struct ConnSource {
+    GSource source;
+    ExtlockdConn *conn;
+} ConnSource;
+
+struct ExtlockdListener {
+    ExtlockdServer *server;
+    char *address;
+    int fd;
+    bool is_tcp;
+    guint watch;
+    guint resume_timer;
+    char *unix_path;             /* unlinked at exit if still ours */
+    dev_t dev;
+    ino_t ino;
+};
+
+struct ExtlockdServer {
+    ExtlockdConfig cfg;
+    uint64_t epoch;
+    uint64_t counter;            /* next token counter value */
+    int64_t start_us;
+    GPtrArray *listeners;
+    GHashTable *spaces;          /* name -> ExtlockdSpace */
+    GHashTable *sessions;        /* id -> ExtlockdSession */
+    GQueue session_list;         /* creation order */
+    GQueue conns;
+    GQueue dirty;                /* connections with output to flush */
+    guint timer;
+    int64_t timer_due_us;
+    uint64_t next_serial;
+    uint64_t nmessages;
+    uint64_t nerrors;
+    bool shutting_down;
+    char *rbuf;
+    /* scratch arrays for formatting replies */
+    GArray *pieces;
+    GArray *blockers;
+    GArray *locks;
+};
+
+static void conn_destroy(ExtlockdConn *c);
+static void conn_close_after_flush(ExtlockdConn *c);
+static void server_schedule(ExtlockdServer *s, int64_t when_us);
+
+/* ------------------------------------------------------------------ */
+/* Tokens                                                              */
+
+static bool next_token(ExtlockdServer *s, uint64_t *token)
+{
+    if (s->counter >= EXTLOCKD_COUNTER_LIMIT) {
+        g_autoptr(GError) err = NULL;
+        uint64_t epoch = s->epoch + 1;
+
+        if (!extlockd_state_save(s->cfg.state_file, epoch, &err)) {
+            g_warning("token counter of epoch %" PRIu64 " is exhausted and "
+                      "the new epoch cannot be persisted: %s",
+                      s->epoch, err->message);
+            return false;
+        }
+        g_message("token counter of epoch %" PRIu64 " exhausted; "
+                  "now in epoch %" PRIu64, s->epoch, epoch);
+        s->epoch = epoch;
+        s->counter = 1;
+    }
+    *token = (s->epoch << EXTLOCKD_COUNTER_BITS) | s->counter++;
+    return true;
+}
+
+/* ------------------------------------------------------------------ */
+/* Output                                                              */
+
+static GString *conn_out(ExtlockdConn *c)
+{
+    if (!c->dirty) {
+        c->dirty = true;
+        g_queue_push_tail_link(&c->server->dirty, &c->dirty_link);
+    }
+    return c->out;
+}
+
+static void send_msg(ExtlockdConn *c, const ExtlockMsg *msg)
+{
+    extlock_msg_format(msg, conn_out(c));
+}
+
+static void G_GNUC_PRINTF(5, 6)
+send_error(ExtlockdConn *c, bool has_id, uint64_t id, ExtlockErrorCode code,
+           const char *fmt, ...)
+{
+    g_autofree char *text = NULL;
+    va_list ap;
+
+    va_start(ap, fmt);
+    text = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    c->server->nerrors++;
+    VERBOSE(c->server, "%s: error %s: %s", c->peer,
+            extlock_error_code_name(code), text);
+    extlock_format_error(conn_out(c), has_id, id, code, "%s", text);
+}
+
+static void conn_set_events(ExtlockdConn *c, GIOCondition events)
+{
+    if (c->events != events) {
+        c->events = events;
+        g_source_modify_unix_fd(c->source, c->tag, events);
+    }
+}
+
+/* Returns false if the connection was destroyed */
+static bool conn_flush(ExtlockdConn *c)
+{
+    size_t pending;
+    GIOCondition events;
+
+    while (c->out_pos < c->out->len) {
+        ssize_t n = send(c->fd, c->out->str + c->out_pos,
+                         c->out->len - c->out_pos, MSG_NOSIGNAL);
+        if (n > 0) {
+            c->out_pos += n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        }
+        VERBOSE(c->server, "%s: write failed: %s", c->peer,
+                n < 0 ? g_strerror(errno) : "no progress");
+        conn_destroy(c);
+        return false;
+    }
+
+    if (c->out_pos == c->out->len) {
+        g_string_truncate(c->out, 0);
+        c->out_pos = 0;
+        c->out_allowance = 0;
+        if (c->closing) {
+            conn_destroy(c);
+            return false;
+        }
+        conn_set_events(c, G_IO_IN);
+        return true;
+    }
+
+    pending = c->out->len - c->out_pos;
+    if (pending > EXTLOCKD_MAX_OUTPUT + c->out_allowance) {
+        g_warning("disconnecting %s: it does not read its replies "
+                  "(%zu bytes pending)", c->peer, pending);
+        conn_destroy(c);
+        return false;
+    }
+    if (c->out_pos >= READ_CHUNK && c->out_pos >= c->out->len / 2) {
+        g_string_erase(c->out, 0, c->out_pos);
+        c->out_pos = 0;
+    }
+    events = G_IO_OUT;
+    if (!c->closing && pending < BACKPRESSURE_OUTPUT) {
+        events |= G_IO_IN;
+    }
+    conn_set_events(c, events);
+    return true;
+}
+
+static void flush_all(ExtlockdServer *s)
+{
+    GList *link;
+
+    while ((link = g_queue_pop_head_link(&s->dirty)) != NULL) {
+        ExtlockdConn *c = link->data;
+
+        c->dirty = false;
+        conn_flush(c);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Lock-spaces                                                         */
+
+static guint waiting_hash(gconstpointer p)
+{
+    uint64_t tag = ((const ExtlockLock *)p)->user_tag;
+
+    return (guint)(tag ^ (tag >> 32));
+}
+
+static gboolean waiting_equal(gconstpointer a, gconstpointer b)
+{
+    return ((const ExtlockLock *)a)->user_tag ==
+           ((const ExtlockLock *)b)->user_tag;
+}
+
+static ExtlockLock *session_find_waiting(ExtlockdSession *S, uint64_t req)
+{
+    ExtlockLock key;
+
+    if (g_hash_table_size(S->waiting) == 0) {
+        return NULL;
+    }
+    key.user_tag = req;
+    return g_hash_table_lookup(S->waiting, &key);
+}
+
+static void format_granted(ExtlockdConn *c, ExtlockLock *lock)
+{
+    ExtlockMsg r;
+
+    extlock_msg_init(&r, EXTLOCK_MSG_GRANTED);
+    r.has_id = true;
+    r.id = lock->user_tag;
+    r.lock = lock->id;
+    r.token = lock->token;
+    r.offset = lock->node.ext.start;
+    r.length = lock->node.ext.end - lock->node.ext.start;
+    r.mode = lock->mode;
+    send_msg(c, &r);
+}
+
+/* The table granted a request that had been waiting */
+static void space_grant_cb(ExtlockTable *table, ExtlockLock *lock,
+                           void *opaque)
+{
+    ExtlockdSession *S = lock->owner;
+
+    if (S->releasing) {
+        /* The session is tearing down; this lock is released next */
+        return;
+    }
+    g_hash_table_remove(S->waiting, lock);
+    g_hash_table_add(S->held, lock);
+    if (S->conn) {
+        format_granted(S->conn, lock);
+    }
+}
+
+static ExtlockdSpace *space_get(ExtlockdServer *s, const char *name)
+{
+    ExtlockdSpace *space = g_hash_table_lookup(s->spaces, name);
+
+    if (!space) {
+        space = g_new0(ExtlockdSpace, 1);
+        space->server = s;
+        space->name = g_strdup(name);
+        space->table = extlock_table_new(name, space_grant_cb, space);
+        extlock_table_set_debug_checks(space->table, s->cfg.debug_checks);
+        g_hash_table_insert(s->spaces, space->name, space);
+        VERBOSE(s, "lock-space %s created", name);
+    }
+    return space;
+}
+
+static void space_free(ExtlockdSpace *space)
+{
+    extlock_table_free(space->table);
+    g_free(space->name);
+    g_free(space);
+}
+
+static void space_unref(ExtlockdSpace *space)
+{
+    ExtlockdServer *s = space->server;
+
+    g_assert(space->nsessions > 0);
+    if (--space->nsessions == 0 && !s->shutting_down) {
+        const ExtlockTableStats *st = extlock_table_stats(space->table);
+
+        /* Every session releases everything before it goes away */
+        g_assert(st->held == 0 && st->waiting == 0);
+        VERBOSE(s, "lock-space %s is unused, freeing it", space->name);
+        g_hash_table_remove(s->spaces, space->name);
+        space_free(space);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Sessions                                                            */
+
+static void make_session_id(ExtlockdServer *s, char id[33])
+{
+    static const char hex[] = "0123456789abcdef";
+    uint8_t raw[16];
+
+    do {
+        if (getrandom(raw, sizeof(raw), 0) != sizeof(raw)) {
+            for (size_t i = 0; i < sizeof(raw); i += 4) {
+                guint32 v = g_random_int();
+                memcpy(raw + i, &v, 4);
+            }
+        }
+        for (size_t i = 0; i < sizeof(raw); i++) {
+            id[2 * i] = hex[raw[i] >> 4];
+            id[2 * i + 1] = hex[raw[i] & 15];
+        }
+        id[32] = '\0';
+    } while (g_hash_table_contains(s->sessions, id));
+}
+
+static ExtlockdSession *session_new(ExtlockdServer *s, ExtlockdConn *c,
+                                    const char *client_id,
+                                    const char *space_name,
+                                    uint32_t lease_ms, int64_t now)
+{
+    ExtlockdSession *S = g_new0(ExtlockdSession, 1);
+
+    S->server = s;
+    make_session_id(s, S->id);
+    S->client_id = g_strdup(client_id);
+    S->space = space_get(s, space_name);
+    S->space->nsessions++;
+    S->held = g_hash_table_new(g_direct_hash, g_direct_equal);
+    S->waiting = g_hash_table_new(waiting_hash, waiting_equal);
+    S->state = SESSION_ACTIVE;
+    S->lease_ms = lease_ms;
+    S->deadline_us = now + (int64_t)lease_ms * 1000;
+    S->conn = c;
+    c->session = S;
+    S->link.data = S;
+    g_queue_push_tail_link(&s->session_list, &S->link);
+    g_hash_table_insert(s->sessions, S->id, S);
+    server_schedule(s, S->deadline_us);
+    return S;
+}
+
+static void session_free(ExtlockdSession *S)
+{
+    g_hash_table_destroy(S->held);
+    g_hash_table_destroy(S->waiting);
+    g_free(S->client_id);
+    g_free(S);
+}
+
+/* The session must not hold or wait for anything any more */
+static void session_destroy(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+
+    g_assert(g_hash_table_size(S->held) == 0);
+    g_assert(g_hash_table_size(S->waiting) == 0);
+    if (S->conn) {
+        S->conn->session = NULL;
+        S->conn = NULL;
+    }
+    g_hash_table_remove(s->sessions, S->id);
+    g_queue_unlink(&s->session_list, &S->link);
+    space_unref(S->space);
+    session_free(S);
+}
+
+static GPtrArray *take_all(GHashTable *set, GPtrArray *into)
+{
+    GHashTableIter iter;
+    gpointer key;
+
+    g_hash_table_iter_init(&iter, set);
+    while (g_hash_table_iter_next(&iter, &key, NULL)) {
+        g_ptr_array_add(into, key);
+    }
+    g_hash_table_remove_all(set);
+    return into;
+}
+
+/*
+ * Cancel every waiting request of @S and, if @held too, release every lock
+ * it holds.  Releases may grant other sessions' requests (grant_cb); while
+ * @S is releasing, grants of its own requests are ignored, and such locks
+ * are released later in the same loop because they are in the array.
+ * Returns the number of granted locks released.
+ */
+static unsigned session_release(ExtlockdSession *S, bool held)
+{
+    ExtlockTable *table = S->space->table;
+    g_autoptr(GPtrArray) waiters = g_ptr_array_new();
+    g_autoptr(GPtrArray) locks = g_ptr_array_new();
+
+    take_all(S->waiting, waiters);
+    if (held) {
+        take_all(S->held, locks);
+    }
+    if (waiters->len == 0 && locks->len == 0) {
+        return 0;
+    }
+    S->releasing = true;
+    for (guint i = 0; i < waiters->len; i++) {
+        extlock_table_release(table, waiters->pdata[i]);
+    }
+    for (guint i = 0; i < locks->len; i++) {
+        extlock_table_release(table, locks->pdata[i]);
+    }
+    S->releasing = false;
+    return locks->len;
+}
+
+/* The session's connection dropped without "bye" */
+static void session_detach(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+    int64_t now = g_get_monotonic_time();
+    int64_t release_us = S->deadline_us + s->cfg.fence_margin_ms * 1000LL;
+
+    g_assert(S->state == SESSION_ACTIVE);
+    session_release(S, false);
+    S->conn->session = NULL;
+    S->conn = NULL;
+    S->state = SESSION_DISCONNECTED;
+    g_message("session %s (%s, lock-space %s) lost its connection; "
+              "%u locks kept, released in %" PRId64 " ms unless resumed",
+              S->id, S->client_id, S->space->name,
+              g_hash_table_size(S->held),
+              MAX(release_us - now, 0) / 1000);
+    server_schedule(s, S->deadline_us);
+}
+
+/* The lease lapsed (now >= deadline) */
+static void session_expire(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+    ExtlockdConn *c = S->conn;
+
+    if (S->state == SESSION_ACTIVE) {
+        ExtlockMsg r;
+
+        g_warning("session %s (%s, lock-space %s) expired: no renewal "
+                  "within %u ms; its %u locks are released after the "
+                  "%u ms fence margin", S->id, S->client_id,
+                  S->space->name, S->lease_ms, g_hash_table_size(S->held),
+                  s->cfg.fence_margin_ms);
+        extlock_msg_init(&r, EXTLOCK_MSG_SESSION_EXPIRED);
+        r.session = S->id;
+        r.message = (char *)"lease expired without renewal";
+        send_msg(c, &r);
+        session_release(S, false);
+        c->session = NULL;
+        S->conn = NULL;
+        conn_close_after_flush(c);
+    } else {
+        VERBOSE(s, "session %s: lease of disconnected session lapsed",
+                S->id);
+    }
+    S->state = SESSION_EXPIRED;
+}
+
+/* The fence margin after the deadline has passed: let the locks go */
+static void session_reap(ExtlockdSession *S)
+{
+    unsigned n = session_release(S, true);
+
+    g_message("session %s (%s, lock-space %s) ended: lease lapsed, "
+              "released %u locks", S->id, S->client_id, S->space->name, n);
+    session_destroy(S);
+}
+
+/* ------------------------------------------------------------------ */
+/* Lease timer                                                         */
+
+static void check_deadlines(ExtlockdServer *s)
+{
+    int64_t now = g_get_monotonic_time();
+    int64_t margin_us = s->cfg.fence_margin_ms * 1000LL;
+    int64_t next = INT64_MAX;
+    GList *l, *lnext;
+
+    for (l = s->session_list.head; l; l = lnext) {
+        ExtlockdSession *S = l->data;
+
+        lnext = l->next;
+        if (S->state != SESSION_EXPIRED && now >= S->deadline_us) {
+            session_expire(S);
+        }
+        if (S->state == SESSION_EXPIRED) {
+            if (now >= S->deadline_us + margin_us) {
+                session_reap(S);
+                continue;
+            }
+            next = MIN(next, S->deadline_us + margin_us);
+        } else {
+            next = MIN(next, S->deadline_us);
+        }
+    }
+    for (l = s->conns.head; l; l = lnext) {
+        ExtlockdConn *c = l->data;
+
+        lnext = l->next;
+        if (!c->closing) {
+            continue;
+        }
+        if (now - c->closing_since_us >= CLOSE_TIMEOUT_US) {
+            VERBOSE(s, "%s: closing without flushing", c->peer);
+            conn_destroy(c);
+            continue;
+        }
+        next = MIN(next, c->closing_since_us + CLOSE_TIMEOUT_US);
+    }
+    if (next != INT64_MAX) {
+        server_schedule(s, next);
+    }
+}
+
+static gboolean on_timer(gpointer opaque)
+{
+    ExtlockdServer *s = opaque;
+
+    s->timer = 0;
+    check_deadlines(s);
+    flush_all(s);
+    return G_SOURCE_REMOVE;
+}
+
+/* Make sure the timer runs no later than @when_us */
+static void server_schedule(ExtlockdServer *s, int64_t when_us)
+{
+    int64_t now, delay_ms;
+
+    if (s->timer && s->timer_due_us <= when_us) {
+        return;
+    }
+    if (s->timer) {
+        g_source_remove(s->timer);
+    }
+    now = g_get_monotonic_time();
+    delay_ms = when_us > now ? (when_us - now + 999) / 1000 : 0;
+    s->timer = g_timeout_add((guint)MIN(delay_ms, (int64_t)G_MAXUINT),
+                             on_timer, s);
+    s->timer_due_us = when_us;
+}
+
+/* ------------------------------------------------------------------ */
+/* Status                                                              */
+
+typedef struct StatusCtx {
+    ExtlockdSpace *space;
+    int64_t now;
+    json_object *held;
+    json_object *waiting;
+    json_object *blocked_by;
+    GHashTable *seen;
+} StatusCtx;
+
+static void json_add_int(json_object *obj, const char *key, int64_t v)
+{
+    json_object_object_add(obj, key, json_object_new_int64(v));
+}
+
+static void json_add_str(json_object *obj, const char *key, const char *v)
+{
+    json_object_object_add(obj, key, json_object_new_string(v));
+}
+
+static void status_blocker_cb(ExtlockLock *blocker, void *opaque)
+{
+    StatusCtx *ctx = opaque;
+    ExtlockdSession *S = blocker->owner;
+
+    if (g_hash_table_add(ctx->seen, S->client_id)) {
+        json_object_array_add(ctx->blocked_by,
+                              json_object_new_string(S->client_id));
+    }
+}
+
+static void status_lock_cb(ExtlockLock *lock, void *opaque)
+{
+    StatusCtx *ctx = opaque;
+    ExtlockdSession *S = lock->owner;
+    json_object *o = json_object_new_object();
+
+    if (lock->state == EXTLOCK_LOCK_GRANTED) {
+        json_add_int(o, "lock", lock->id);
+    } else {
+        json_add_int(o, "request", lock->user_tag);
+    }
+    json_add_str(o, "session", S->id);
+    json_add_str(o, "client-id", S->client_id);
+    json_add_int(o, "offset", lock->node.ext.start);
+    json_add_int(o, "length", lock->node.ext.end - lock->node.ext.start);
+    json_add_str(o, "mode", extlock_mode_name(lock->mode));
+    json_add_int(o, "token", lock->token);
+    if (lock->state == EXTLOCK_LOCK_GRANTED) {
+        json_add_int(o, "held-ms", (ctx->now - lock->granted_us) / 1000);
+        json_object_array_add(ctx->held, o);
+    } else {
+        json_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
+        ctx->blocked_by = json_object_new_array();
+        ctx->seen = g_hash_table_new(g_str_hash, g_str_equal);
+        extlock_table_foreach_blocker(ctx->space->table, lock,
+                                      status_blocker_cb, ctx);
+        g_hash_table_destroy(ctx->seen);
+        json_object_object_add(o, "blocked-by", ctx->blocked_by);
+        json_object_array_add(ctx->waiting, o);
+    }
+}
+
+static int compare_strings(gconstpointer a, gconstpointer b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static json_object *space_status(ExtlockdSpace *space, int64_t now)
+{
+    const ExtlockTableStats *st = extlock_table_stats(space->table);
+    json_object *o = json_object_new_object();
+    json_object *counters = json_object_new_object();
+    StatusCtx ctx = {
+        .space = space,
+        .now = now,
+        .held = json_object_new_array(),
+        .waiting = json_object_new_array(),
+    };
+
+    json_add_str(o, "name", space->name);
+    json_add_int(counters, "requests", st->requests + space->nowait_grants);
+    json_add_int(counters, "immediate-grants",
+                 st->immediate_grants + space->nowait_grants);
+    json_add_int(counters, "waits", st->waits);
+    json_add_int(counters, "deferred-grants", st->deferred_grants);
+    json_add_int(counters, "releases", st->releases);
+    json_add_int(counters, "partial-releases", st->partial_releases);
+    json_add_int(counters, "cancels", st->cancels);
+    json_add_int(counters, "total-wait-us", st->total_wait_us);
+    json_object_object_add(o, "counters", counters);
+    extlock_table_foreach(space->table, status_lock_cb, &ctx);
+    json_object_object_add(o, "held", ctx.held);
+    json_object_object_add(o, "waiting", ctx.waiting);
+    return o;
+}
+
+static json_object *session_status(ExtlockdSession *S, int64_t now)
+{
+    json_object *o = json_object_new_object();
+    int64_t remaining = 0;
+
+    if (S->state != SESSION_EXPIRED && S->deadline_us > now) {
+        remaining = (S->deadline_us - now) / 1000;
+    }
+    json_add_str(o, "session", S->id);
+    json_add_str(o, "client-id", S->client_id);
+    json_add_str(o, "lock-space", S->space->name);
+    json_add_str(o, "state", session_state_names[S->state]);
+    json_add_int(o, "lease-remaining-ms", remaining);
+    json_add_int(o, "locks-held", g_hash_table_size(S->held));
+    json_add_int(o, "requests-waiting", g_hash_table_size(S->waiting));
+    return o;
+}
+
+static json_object *server_status(ExtlockdServer *s)
+{
+    int64_t now = g_get_monotonic_time();
+    json_object *root = json_object_new_object();
+    json_object *counters = json_object_new_object();
+    json_object *spaces = json_object_new_array();
+    json_object *sessions = json_object_new_array();
+    g_autoptr(GPtrArray) names = g_ptr_array_new();
+    GHashTableIter iter;
+    gpointer key;
+
+    json_add_str(root, "server", EXTLOCKD_SERVER_NAME);
+    json_add_int(root, "epoch", s->epoch);
+    json_add_int(root, "uptime-ms", (now - s->start_us) / 1000);
+    json_add_int(root, "lease-ms", s->cfg.lease_ms);
+    json_add_int(root, "fence-margin-ms", s->cfg.fence_margin_ms);
+    json_add_int(counters, "connections", s->conns.length);
+    json_add_int(counters, "sessions", g_hash_table_size(s->sessions));
+    json_add_int(counters, "messages", s->nmessages);
+    json_add_int(counters, "errors", s->nerrors);
+    json_object_object_add(root, "counters", counters);
+
+    g_hash_table_iter_init(&iter, s->spaces);
+    while (g_hash_table_iter_next(&iter, &key, NULL)) {
+        g_ptr_array_add(names, key);
+    }
+    g_ptr_array_sort(names, compare_strings);
+    for (guint i = 0; i < names->len; i++) {
+        ExtlockdSpace *space = g_hash_table_lookup(s->spaces,
+                                                   names->pdata[i]);
+        json_object_array_add(spaces, space_status(space, now));
+    }
+    json_object_object_add(root, "lock-spaces", spaces);
+
+    for (GList *l = s->session_list.head; l; l = l->next) {
+        json_object_array_add(sessions, session_status(l->data, now));
+    }
+    json_object_object_add(root, "sessions", sessions);
+    return root;
+}
+
+/* ------------------------------------------------------------------ */
+/* Requests                                                            */
+
+static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
+{
+    ExtlockMsg r;
+    size_t before;
+
+    extlock_msg_init(&r, EXTLOCK_MSG_STATUS_REPLY);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.body = server_status(c->server);
+    before = c->out->len;
+    send_msg(c, &r);
+    json_object_put(r.body);
+    /* A big status is not a sign of a client that does not read */
+    c->out_allowance += c->out->len - before;
+}
+
+static int compare_lock_info(gconstpointer a, gconstpointer b)
+{
+    const ExtlockLockInfo *x = a, *y = b;
+
+    if (x->offset != y->offset) {
+        return x->offset < y->offset ? -1 : 1;
+    }
+    return x->lock < y->lock ? -1 : x->lock > y->lock;
+}
+
+static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
+                         bool resumed)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockMsg r;
+
+    extlock_msg_init(&r, EXTLOCK_MSG_WELCOME);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.version = EXTLOCK_PROTOCOL_VERSION;
+    r.session = S->id;
+    r.lease_ms = S->lease_ms;
+    r.epoch = s->epoch;
+    r.server = (char *)EXTLOCKD_SERVER_NAME;
+    if (resumed) {
+        GHashTableIter iter;
+        gpointer key;
+
+        g_array_set_size(s->locks, 0);
+        g_hash_table_iter_init(&iter, S->held);
+        while (g_hash_table_iter_next(&iter, &key, NULL)) {
+            ExtlockLock *lock = key;
+            ExtlockLockInfo info = {
+                .lock = lock->id,
+                .offset = lock->node.ext.start,
+                .length = lock->node.ext.end - lock->node.ext.start,
+                .mode = lock->mode,
+                .token = lock->token,
+            };
+            g_array_append_val(s->locks, info);
+        }
+        g_array_sort(s->locks, compare_lock_info);
+        r.locks = s->locks;
+    }
+    send_msg(c, &r);
+}
+
+static void handle_resume(ExtlockdConn *c, ExtlockMsg *m, uint32_t lease_ms)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockdSession *S = g_hash_table_lookup(s->sessions, m->session);
+    int64_t now = g_get_monotonic_time();
+
+    if (!S || S->state == SESSION_EXPIRED || now >= S->deadline_us) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                   "session %s is unknown or its lease has expired",
+                   m->session);
+        return;
+    }
+    if (strcmp(S->client_id, m->client_id) != 0 ||
+        strcmp(S->space->name, m->lock_space) != 0) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                   "session %s does not belong to client-id %s in "
+                   "lock-space %s", m->session, m->client_id,
+                   m->lock_space);
+        return;
+    }
+    if (S->conn) {
+        /*
+         * The old connection may be dead without us having noticed yet
+         * (e.g. TCP after a network failure).  The client has proven it
+         * owns the session, so move the session to the new connection.
+         * Requests still waiting on the old connection are cancelled,
+         * exactly as if it had dropped.
+         */
+        ExtlockdConn *old = S->conn;
+
+        g_message("session %s (%s) taken over by a new connection; "
+                  "closing the old one", S->id, S->client_id);
+        session_release(S, false);
+        old->session = NULL;
+        S->conn = NULL;
+        conn_close_after_flush(old);
+    }
+    S->conn = c;
+    c->session = S;
+    S->state = SESSION_ACTIVE;
+    S->lease_ms = lease_ms;
+    S->deadline_us = now + (int64_t)lease_ms * 1000;
+    server_schedule(s, S->deadline_us);
+    g_message("session %s (%s, lock-space %s) resumed on %s with %u locks",
+              S->id, S->client_id, S->space->name, c->peer,
+              g_hash_table_size(S->held));
+    send_welcome(c, m, S, true);
+}
+
+static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockdSession *S;
+    uint32_t lease_ms;
+
+    if (c->session) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                   "this connection already has session %s",
+                   c->session->id);
+        return;
+    }
+    if (m->version != EXTLOCK_PROTOCOL_VERSION) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_VERSION,
+                   "protocol version %u is not supported (this server "
+                   "speaks version %d)", m->version,
+                   EXTLOCK_PROTOCOL_VERSION);
+        return;
+    }
+    if (!m->client_id || !m->lock_space) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                   "hello needs \"client-id\" and \"lock-space\"");
+        return;
+    }
+    lease_ms = m->lease_ms ? m->lease_ms : s->cfg.lease_ms;
+    if (lease_ms < EXTLOCK_MIN_LEASE_MS || lease_ms > EXTLOCK_MAX_LEASE_MS) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                   "lease-ms %u is outside [%d, %d]", lease_ms,
+                   EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS);
+        return;
+    }
+    if (m->session) {
+        handle_resume(c, m, lease_ms);
+        return;
+    }
+    if (g_hash_table_size(s->sessions) >= s->cfg.max_sessions) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                   "too many sessions (limit %u)", s->cfg.max_sessions);
+        return;
+    }
+    S = session_new(s, c, m->client_id, m->lock_space, lease_ms,
+                    g_get_monotonic_time());
+    g_message("session %s (%s, lock-space %s) started on %s, lease %u ms",
+              S->id, S->client_id, S->space->name, c->peer, lease_ms);
+    send_welcome(c, m, S, false);
+}
+
+static void waiting_blocker_cb(ExtlockLock *blocker, void *opaque)
+{
+    GArray *blockers = opaque;
+    ExtlockdSession *S = blocker->owner;
+    ExtlockBlocker b;
+
+    if (blockers->len >= MAX_BLOCKERS) {
+        return;
+    }
+    b.client_id = S->client_id;
+    b.offset = blocker->node.ext.start;
+    b.length = blocker->node.ext.end - blocker->node.ext.start;
+    b.mode = blocker->mode;
+    b.token = blocker->token;
+    b.waiting = blocker->state == EXTLOCK_LOCK_WAITING;
+    g_array_append_val(blockers, b);
+}
+
+static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockTable *table = S->space->table;
+    ExtlockExtent ext;
+    ExtlockLock *lock;
+    uint64_t token;
+    unsigned count;
+
+    if (!extlock_extent_valid(m->offset, m->length)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                   "invalid extent offset %" PRIu64 " length %" PRIu64,
+                   m->offset, m->length);
+        return;
+    }
+    count = g_hash_table_size(S->held) + g_hash_table_size(S->waiting);
+    if (count >= s->cfg.max_locks_per_session) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                   "session has %u locks and waiting requests (limit %u)",
+                   count, s->cfg.max_locks_per_session);
+        return;
+    }
+    if (session_find_waiting(S, m->id)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                   "request %" PRIu64 " is already waiting", m->id);
+        return;
+    }
+    if (!next_token(s, &token)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                   "cannot persist a new token epoch");
+        return;
+    }
+    ext.start = m->offset;
+    ext.end = m->offset + m->length;
+    if (!m->wait) {
+        /*
+         * A request is granted at once exactly when nothing held or
+         * waiting conflicts with it, which is what reclaim checks; on a
+         * conflict it changes nothing.
+         */
+        lock = extlock_table_reclaim(table, ext, m->mode, token, S, m->id);
+        if (!lock) {
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_WOULD_BLOCK,
+                       "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with "
+                       "a held or waiting lock", m->offset, m->length,
+                       extlock_mode_name(m->mode));
+            return;
+        }
+        S->space->nowait_grants++;
+    } else {
+        lock = extlock_table_request(table, ext, m->mode, token, S, m->id);
+    }
+
+    if (lock->state == EXTLOCK_LOCK_GRANTED) {
+        g_hash_table_add(S->held, lock);
+        format_granted(c, lock);
+    } else {
+        ExtlockMsg r;
+
+        g_hash_table_add(S->waiting, lock);
+        g_array_set_size(s->blockers, 0);
+        extlock_table_foreach_blocker(table, lock, waiting_blocker_cb,
+                                      s->blockers);
+        extlock_msg_init(&r, EXTLOCK_MSG_WAITING);
+        r.has_id = true;
+        r.id = m->id;
+        r.token = token;
+        r.blockers = s->blockers;
+        send_msg(c, &r);
+    }
+}
+
+static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
+                          ExtlockMsg *m)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockTable *table = S->space->table;
+    ExtlockLock *lock = extlock_table_lookup(table, m->lock);
+    ExtlockMsg r;
+
+    if (!lock || lock->owner != S || lock->state != EXTLOCK_LOCK_GRANTED) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                   "lock %" PRIu64 " is not held by this session",
+                   m->lock);
+        return;
+    }
+    g_array_set_size(s->pieces, 0);
+    if (m->has_extent) {
+        ExtlockExtent ext = lock->node.ext;
+        ExtlockExtent part;
+
+        if (!extlock_extent_valid(m->offset, m->length)) {
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                       "invalid extent offset %" PRIu64 " length %" PRIu64,
+                       m->offset, m->length);
+            return;
+        }
+        part.start = m->offset;
+        part.end = m->offset + m->length;
+        if (part.start < ext.start || part.end > ext.end) {
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                       "[%" PRIu64 ", %" PRIu64 ") is not inside lock %"
+                       PRIu64 " [%" PRIu64 ", %" PRIu64 ")", part.start,
+                       part.end, lock->id, ext.start, ext.end);
+            return;
+        }
+        if (part.start != ext.start || part.end != ext.end) {
+            ExtlockLock *rest = NULL, *split = NULL;
+            int ret;
+
+            ret = extlock_table_release_part(table, lock, part, &rest,
+                                             &split);
+            if (ret < 0) {
+                send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                           "partial release failed: %s", g_strerror(-ret));
+                return;
+            }
+            if (rest) {
+                ExtlockPiece p = {
+                    .lock = rest->id,
+                    .offset = rest->node.ext.start,
+                    .length = rest->node.ext.end - rest->node.ext.start,
+                };
+                g_array_append_val(s->pieces, p);
+            }
+            if (split) {
+                ExtlockPiece p = {
+                    .lock = split->id,
+                    .offset = split->node.ext.start,
+                    .length = split->node.ext.end - split->node.ext.start,
+                };
+                g_hash_table_add(S->held, split);
+                g_array_append_val(s->pieces, p);
+            }
+            goto reply;
+        }
+    }
+    g_hash_table_remove(S->held, lock);
+    extlock_table_release(table, lock);
+
+reply:
+    extlock_msg_init(&r, EXTLOCK_MSG_UNLOCKED);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.lock = m->lock;
+    r.pieces = s->pieces;
+    send_msg(c, &r);
+}
+
+static void handle_cancel(ExtlockdConn *c, ExtlockdSession *S,
+                          ExtlockMsg *m)
+{
+    ExtlockLock *lock = session_find_waiting(S, m->request);
+    ExtlockMsg r;
+
+    if (!lock) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                   "request %" PRIu64 " is not waiting", m->request);
+        return;
+    }
+    g_hash_table_remove(S->waiting, lock);
+    extlock_table_release(S->space->table, lock);
+
+    extlock_msg_init(&r, EXTLOCK_MSG_CANCELLED);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.request = m->request;
+    send_msg(c, &r);
+    extlock_format_error(conn_out(c), true, m->request,
+                         EXTLOCK_ERR_CANCELLED,
+                         "lock request cancelled by request %" PRIu64,
+                         m->id);
+}
+
+static void handle_renew(ExtlockdConn *c, ExtlockdSession *S,
+                         ExtlockMsg *m)
+{
+    ExtlockMsg r;
+
+    S->deadline_us = g_get_monotonic_time() + (int64_t)S->lease_ms * 1000;
+    extlock_msg_init(&r, EXTLOCK_MSG_RENEWED);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.lease_ms = S->lease_ms;
+    send_msg(c, &r);
+}
+
+static void handle_bye(ExtlockdConn *c, ExtlockMsg *m)
+{
+    ExtlockdSession *S = c->session;
+    ExtlockMsg r;
+
+    if (S) {
+        unsigned n = session_release(S, true);
+
+        g_message("session %s (%s, lock-space %s) said bye, released %u "
+                  "locks", S->id, S->client_id, S->space->name, n);
+        session_destroy(S);
+    }
+    extlock_msg_init(&r, EXTLOCK_MSG_GOODBYE);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    send_msg(c, &r);
+    conn_close_after_flush(c);
+}
+
+static void handle_line(ExtlockdConn *c, const char *line, size_t len)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockdSession *S = c->session;
+    ExtlockProtoError err;
+    ExtlockMsg m;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+    if (!extlock_msg_parse(line, len, &m, &err)) {
+        send_error(c, m.has_id, m.id, err.code, "%s", err.message);
+        return;
+    }
+    VERBOSE(s, "%s: %s request %" PRIu64, c->peer,
+            extlock_msg_type_name(m.type), m.id);
+
+    switch (m.type) {
+    case EXTLOCK_MSG_HELLO:
+        handle_hello(c, &m);
+        break;
+    case EXTLOCK_MSG_STATUS:
+        handle_status(c, &m);
+        break;
+    case EXTLOCK_MSG_BYE:
+        handle_bye(c, &m);
+        break;
+    case EXTLOCK_MSG_LOCK:
+    case EXTLOCK_MSG_UNLOCK:
+    case EXTLOCK_MSG_CANCEL:
+    case EXTLOCK_MSG_RENEW:
+        if (!S) {
+            send_error(c, m.has_id, m.id, EXTLOCK_ERR_STATE,
+                       "%s before hello", extlock_msg_type_name(m.type));
+        } else if (m.type == EXTLOCK_MSG_LOCK) {
+            handle_lock(c, S, &m);
+        } else if (m.type == EXTLOCK_MSG_UNLOCK) {
+            handle_unlock(c, S, &m);
+        } else if (m.type == EXTLOCK_MSG_CANCEL) {
+            handle_cancel(c, S, &m);
+        } else {
+            handle_renew(c, S, &m);
+        }
+        break;
+    case EXTLOCK_MSG_RECLAIM:
+        send_error(c, m.has_id, m.id, EXTLOCK_ERR_STATE,
+                   "lock reclaim is not supported: this coordinator has "
+                   "no grace period");
+        break;
+    default:
+        send_error(c, m.has_id, m.id, EXTLOCK_ERR_UNKNOWN_TYPE,
+                   "\"%s\" is not a request", extlock_msg_type_name(m.type));
+        break;
+    }
+    extlock_msg_clear(&m);
+}
+
+/* ------------------------------------------------------------------ */
+/* Connections                                                         */
+
+static void conn_close_after_flush(ExtlockdConn *c)
+{
+    if (c->closing) {
+        return;
+    }
+    c->closing = true;
+    c->closing_since_us = g_get_monotonic_time();
+    conn_out(c);        /* the flush closes it once the output is out */
+    server_schedule(c->server, c->closing_since_us + CLOSE_TIMEOUT_US);
+}
+
+static void conn_process_lines(ExtlockdConn *c)
+{
+    ExtlockdServer *s = c->server;
+    const char *line;
+    size_t len;
+
+    while (!c->closing) {
+        ExtlockLineResult r = extlock_linebuf_next(&c->lb, &line, &len);
+
+        if (r == EXTLOCK_LINE_NONE) {
+            break;
+        }
+        s->nmessages++;
+        if (r == EXTLOCK_LINE_TOO_LONG) {
+            send_error(c, false, 0, EXTLOCK_ERR_LINE_TOO_LONG,
+                       "message longer than %d bytes dropped",
+                       EXTLOCK_MAX_LINE);
+            continue;
+        }
+        handle_line(c, line, len);
+    }
+}
+
+/* Returns false if the connection was destroyed */
+static bool conn_read(ExtlockdConn *c)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockdSession *S = c->session;
+
+    if (S && g_get_monotonic_time() >= S->deadline_us) {
+        /* Too late: nothing it sends now may extend the lease */
+        session_expire(S);
+        return true;
+    }
+    for (int round = 0; round < READ_ROUNDS && !c->closing; round++) {
+        ssize_t n = recv(c->fd, s->rbuf, READ_CHUNK, 0);
+
+        if (n > 0) {
+            extlock_linebuf_append(&c->lb, s->rbuf, n);
+            conn_process_lines(c);
+            if (n < READ_CHUNK) {
+                break;
+            }
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            round--;
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        }
+        VERBOSE(s, "%s: %s", c->peer,
+                n == 0 ? "end of input" : g_strerror(errno));
+        /* Try to deliver what is pending (e.g. replies before EOF) */
+        if (c->dirty) {
+            g_queue_unlink(&s->dirty, &c->dirty_link);
+            c->dirty = false;
+            if (!conn_flush(c)) {
+                return false;
+            }
+        }
+        conn_destroy(c);
+        return false;
+    }
+    /* conn_flush() stops reading while much output is pending */
+    return true;
+}
+
+static gboolean conn_dispatch(GSource *source, GSourceFunc cb,
+                              gpointer data)
+{
+    ConnSource *cs = (ConnSource *)source;
+    ExtlockdConn *c = cs->conn;
+    ExtlockdServer *s = c->server;
+    GIOCondition rev = g_source_query_unix_fd(source, c->tag);
+
+    if (rev & G_IO_OUT) {
+        conn_out(c);
+    }
+    if ((rev & (G_IO_IN | G_IO_HUP | G_IO_ERR)) && (c->events & G_IO_IN)) {
+        conn_read(c);
+    } else if ((rev & (G_IO_HUP | G_IO_ERR)) && !(rev & G_IO_OUT)) {
+        conn_destroy(c);
+    }
+    flush_all(s);
+    return G_SOURCE_CONTINUE;
+}
+
+static GSourceFuncs conn_source_funcs = {
+    .dispatch = conn_dispatch,
+};
+
+static void conn_new(ExtlockdServer *s, int fd, const char *peer)
+{
+    ExtlockdConn *c = g_new0(ExtlockdConn, 1);
+    ConnSource *cs;
+
+    c->server = s;
+    c->serial = ++s->next_serial;
+    c->peer = g_strdup_printf("#%" PRIu64 " (%s)", c->serial, peer);
+    c->fd = fd;
+    c->out = g_string_sized_new(4096);
+    extlock_linebuf_init(&c->lb);
+    c->link.data = c;
+    c->dirty_link.data = c;
+    g_queue_push_tail_link(&s->conns, &c->link);
+
+    c->source = g_source_new(&conn_source_funcs, sizeof(ConnSource));
+    cs = (ConnSource *)c->source;
+    cs->conn = c;
+    c->events = G_IO_IN;
+    c->tag = g_source_add_unix_fd(c->source, fd, c->events);
+    g_source_attach(c->source, NULL);
+    VERBOSE(s, "connection %s accepted", c->peer);
+}
+
+static void conn_destroy(ExtlockdConn *c)
+{
+    ExtlockdServer *s = c->server;
+
+    VERBOSE(s, "connection %s closed", c->peer);
+    if (c->session) {
+        if (s->shutting_down) {
+            c->session->conn = NULL;
+            c->session = NULL;
+        } else {
+            session_detach(c->session);
+        }
+    }
+    if (c->dirty) {
+        g_queue_unlink(&s->dirty, &c->dirty_link);
+        c->dirty = false;
+    }
+    g_queue_unlink(&s->conns, &c->link);
+    g_source_destroy(c->source);
+    g_source_unref(c->source);
+    close(c->fd);
+    extlock_linebuf_destroy(&c->lb);
+    g_string_free(c->out, TRUE);
+    g_free(c->peer);
+    g_free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* Listeners                                                           */
+
+static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque);
+
+static gboolean listener_resume(gpointer opaque)
+{
+    ExtlockdListener *l = opaque;
+
+    l->resume_timer = 0;
+    l->watch = g_unix_fd_add(l->fd, G_IO_IN, listener_accept, l);
+    return G_SOURCE_REMOVE;
+}
+
+static void describe_peer(ExtlockdListener *l, struct sockaddr *sa,
+                          socklen_t len, char *buf, size_t size)
+{
+    char host[NI_MAXHOST], serv[NI_MAXSERV];
+
+    if (!l->is_tcp ||
+        getnameinfo(sa, len, host, sizeof(host), serv, sizeof(serv),
+                    NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
+        g_strlcpy(buf, l->address, size);
+        return;
+    }
+    if (sa->sa_family == AF_INET6) {
+        g_snprintf(buf, size, "[%s]:%s", host, serv);
+    } else {
+        g_snprintf(buf, size, "%s:%s", host, serv);
+    }
+}
+
+static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
+{
+    ExtlockdListener *l = opaque;
+    ExtlockdServer *s = l->server;
+
+    for (int i = 0; i < 64; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        char peer[NI_MAXHOST + NI_MAXSERV + 8];
+        int cfd;
+
+        cfd = accept4(fd, (struct sockaddr *)&ss, &len,
+                      SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cfd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) {
+                continue;
+            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                break;
+            }
+            g_warning("accept on %s failed: %s; pausing for %d ms",
+                      l->address, g_strerror(errno), LISTEN_PAUSE_MS);
+            l->watch = 0;
+            l->resume_timer = g_timeout_add(LISTEN_PAUSE_MS,
+                                            listener_resume, l);
+            return G_SOURCE_REMOVE;
+        }
+        if (l->is_tcp) {
+            int one = 1;
+            setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        }
+        describe_peer(l, (struct sockaddr *)&ss, len, peer, sizeof(peer));
+        conn_new(s, cfd, peer);
+    }
+    return G_SOURCE_CONTINUE;
+}
+
+static void listener_close(ExtlockdListener *l)
+{
+    if (l->watch) {
+        g_source_remove(l->watch);
+        l->watch = 0;
+    }
+    if (l->resume_timer) {
+        g_source_remove(l->resume_timer);
+        l->resume_timer = 0;
+    }
+    if (l->fd >= 0) {
+        close(l->fd);
+        l->fd = -1;
+    }
+    if (l->unix_path) {
+        struct stat st;
+
+        /* Only remove the socket if it is still the one we created */
+        if (lstat(l->unix_path, &st) == 0 && st.st_dev == l->dev &&
+            st.st_ino == l->ino) {
+            unlink(l->unix_path);
+        }
+        g_free(l->unix_path);
+        l->unix_path = NULL;
+    }
+}
+
+static void listener_free(gpointer p)
+{
+    ExtlockdListener *l = p;
+
+    listener_close(l);
+    g_free(l->address);
+    g_free(l);
+}
+
+static void add_listener(ExtlockdServer *s, const char *address, int fd,
+                         bool is_tcp, const char *unix_path)
+{
+    ExtlockdListener *l = g_new0(ExtlockdListener, 1);
+
+    l->server = s;
+    l->address = g_strdup(address);
+    l->fd = fd;
+    l->is_tcp = is_tcp;
+    if (unix_path) {
+        struct stat st;
+
+        l->unix_path = g_strdup(unix_path);
+        if (lstat(unix_path, &st) == 0) {
+            l->dev = st.st_dev;
+            l->ino = st.st_ino;
+        }
+    }
+    l->watch = g_unix_fd_add(fd, G_IO_IN, listener_accept, l);
+    g_ptr_array_add(s->listeners, l);
+}
+
+static bool remove_stale_socket(const char *path, GError **errp)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    struct stat st;
+    int fd, ret, err;
+
+    if (lstat(path, &st) < 0) {
+        if (errno == ENOENT) {
+            return true;
+        }
+        err = errno;
+        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(err),
+                    "cannot stat %s: %s", path, g_strerror(err));
+        return false;
+    }
+    if (!S_ISSOCK(st.st_mode)) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_EXISTS,
+                    "%s exists and is not a socket", path);
+        return false;
+    }
+    g_strlcpy(sun.sun_path, path, sizeof(sun.sun_path));
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        err = errno;
+        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(err),
+                    "socket: %s", g_strerror(err));
+        return false;
+    }
+    ret = connect(fd, (struct sockaddr *)&sun, sizeof(sun));
+    err = errno;
+    close(fd);
+    if (ret == 0) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_ADDRESS_IN_USE,
+                    "another server is listening on %s", path);
+        return false;
+    }
+    if (err != ECONNREFUSED && err != ENOENT) {
+        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(err),
+                    "cannot probe %s: %s", path, g_strerror(err));
+        return false;
+    }
+    g_message("removing stale socket %s", path);
+    if (unlink(path) < 0 && errno != ENOENT) {
+        err = errno;
+        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(err),
+                    "cannot remove stale socket %s: %s", path,
+                    g_strerror(err));
+        return false;
+    }
+    return true;
+}
+
+static bool listen_unix(ExtlockdServer *s, const char *address,
+                        const char *path, GError **errp)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    g_autofree char *dir = NULL;
+    int fd, err;
+
+    if (!path[0]) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "%s: empty socket path", address);
+        return false;
+    }
+    if (strlen(path) >= sizeof(sun.sun_path)) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "%s: socket path longer than %zu bytes", address,
+                    sizeof(sun.sun_path) - 1);
+        return false;
+    }
+    dir = g_path_get_dirname(path);
+    if (g_mkdir_with_parents(dir, 0755) < 0) {
+        err = errno;
+        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(err),
+                    "cannot create directory %s: %s", dir, g_strerror(err));
+        return false;
+    }
+    if (!remove_stale_socket(path, errp)) {
+        return false;
+    }
+    memcpy(sun.sun_path, path, strlen(path) + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0 ||
+        bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 ||
+        listen(fd, SOMAXCONN) < 0) {
+        err = errno;
+        if (fd >= 0) {
+            close(fd);
+        }
+        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(err),
+                    "cannot listen on %s: %s", address, g_strerror(err));
+        return false;
+    }
+    add_listener(s, address, fd, false, path);
+    g_message("listening on unix:%s", path);
+    return true;
+}
+
+static bool listen_tcp(ExtlockdServer *s, const char *address,
+                       const char *hostport, GError **errp)
+{
+    const char *colon = strrchr(hostport, ':');
+    g_autofree char *host = NULL;
+    struct addrinfo hints = {
+        .ai_flags = AI_PASSIVE | AI_NUMERICSERV,
+        .ai_socktype = SOCK_STREAM,
+    };
+    struct addrinfo *res, *ai;
+    int ret, err = 0, count = 0;
+
+    if (!colon || !colon[1]) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "%s: expected tcp:HOST:PORT", address);
+        return false;
+    }
+    host = g_strndup(hostport, colon - hostport);
+    if (host[0] == '[' && host[strlen(host) - 1] == ']') {
+        memmove(host, host + 1, strlen(host) - 2);
+        host[strlen(host) - 2] = '\0';
+    }
+    ret = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res);
+    if (ret != 0) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "%s: %s", address, gai_strerror(ret));
+        return false;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        char desc[NI_MAXHOST], serv[NI_MAXSERV];
+        struct sockaddr_storage bound;
+        socklen_t bound_len;
+        int one = 1;
+        int fd = socket(ai->ai_family,
+                        ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                        ai->ai_protocol);
+
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (ai->ai_family == AF_INET6) {
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+        }
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 ||
+            listen(fd, SOMAXCONN) < 0) {
+            err = errno;
+            close(fd);
+            continue;
+        }
+        add_listener(s, address, fd, true, NULL);
+        bound_len = sizeof(bound);
+        if (getsockname(fd, (struct sockaddr *)&bound, &bound_len) < 0 ||
+            getnameinfo((struct sockaddr *)&bound, bound_len, desc,
+                        NI_MAXHOST, serv, sizeof(serv),
+                        NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
+            g_strlcpy(desc, "?", sizeof(desc));
+            g_strlcpy(serv, colon + 1, sizeof(serv));
+        }
+        g_message("listening on tcp:%s%s%s:%s",
+                  ai->ai_family == AF_INET6 ? "[" : "", desc,
+                  ai->ai_family == AF_INET6 ? "]" : "", serv);
+        count++;
+    }
+    freeaddrinfo(res);
+    if (count == 0) {
+        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(err),
+                    "cannot listen on %s: %s", address, g_strerror(err));
+        return false;
+    }
+    return true;
+}
+
+bool extlockd_server_listen(ExtlockdServer *s, const char *address,
+                            GError **errp)
+{
+    if (g_str_has_prefix(address, "unix:")) {
+        return listen_unix(s, address, address + 5, errp);
+    }
+    if (address[0] == '/') {
+        return listen_unix(s, address, address, errp);
+    }
+    if (g_str_has_prefix(address, "tcp:")) {
+        return listen_tcp(s, address, address + 4, errp);
+    }
+    g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                "unsupported address %s (use unix:PATH or tcp:HOST:PORT)",
+                address);
+    return false;
+}
+
+void extlockd_server_stop_listening(ExtlockdServer *s)
+{
+    for (guint i = 0; i < s->listeners->len; i++) {
+        listener_close(s->listeners->pdata[i]);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Server                                                              */
+
+ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
+                                    uint64_t epoch)
+{
+    ExtlockdServer *s = g_new0(ExtlockdServer, 1);
+
+    s->cfg = *cfg;
+    s->cfg.state_file = g_strdup(cfg->state_file);
+    s->epoch = epoch;
+    s->counter = cfg->first_counter ? cfg->first_counter : 1;
+    s->start_us = g_get_monotonic_time();
+    s->listeners = g_ptr_array_new_with_free_func(listener_free);
+    s->spaces = g_hash_table_new(g_str_hash, g_str_equal);
+    s->sessions = g_hash_table_new(g_str_hash, g_str_equal);
+    g_queue_init(&s->session_list);
+    g_queue_init(&s->conns);
+    g_queue_init(&s->dirty);
+    s->rbuf = g_malloc(READ_CHUNK);
+    s->pieces = g_array_new(FALSE, FALSE, sizeof(ExtlockPiece));
+    s->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
+    s->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
+    return s;
+}
+
+void extlockd_server_free(ExtlockdServer *s)
+{
+    GHashTableIter iter;
+    gpointer value;
+    GList *l;
+
+    s->shutting_down = true;
+    extlockd_server_stop_listening(s);
+    g_ptr_array_free(s->listeners, TRUE);
+
+    while ((l = s->conns.head) != NULL) {
+        ExtlockdConn *c = l->data;
+
+        /* Best effort: deliver replies already produced */
+        if (c->out->len > c->out_pos) {
+            ssize_t n = send(c->fd, c->out->str + c->out_pos,
+                             c->out->len - c->out_pos,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            (void)n;
+        }
+        conn_destroy(c);
+    }
+    while ((l = g_queue_pop_head_link(&s->session_list)) != NULL) {
+        ExtlockdSession *S = l->data;
+
+        /* The tables are freed with all their locks below */
+        session_free(S);
+    }
+    g_hash_table_iter_init(&iter, s->spaces);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        space_free(value);
+    }
+    g_hash_table_destroy(s->spaces);
+    g_hash_table_destroy(s->sessions);
+    if (s->timer) {
+        g_source_remove(s->timer);
+    }
+    g_array_free(s->pieces, TRUE);
+    g_array_free(s->blockers, TRUE);
+    g_array_free(s->locks, TRUE);
+    g_free(s->rbuf);
+    g_free(s->cfg.state_file);
+    g_free(s);
+}

@@ -1,0 +1,47 @@
+/*
+ * extlockd: persistent state (the token epoch) in a small JSON file
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The file holds {"version":1,"epoch":N}.  The daemon bumps the epoch on
+ * every start and whenever the 40-bit token counter wraps, and writes it
+ * back atomically (temporary file, fsync, rename, fsync of the directory)
+ * before it hands out a single token of the new epoch.
+ */
+#ifndef EXTLOCKD_STATE_FILE_H
+#define EXTLOCKD_STATE_FILE_H
+
+#include <glib.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define EXTLOCKD_STATE_VERSION  1
+
+/* token = (epoch << 40) | counter; tokens must stay below 2^63 */
+#define EXTLOCKD_COUNTER_BITS   40
+#define EXTLOCKD_COUNTER_LIMIT  (UINT64_C(1) << EXTLOCKD_COUNTER_BITS)
+#define EXTLOCKD_EPOCH_LIMIT    (UINT64_C(1) << 23)
+
+/*
+ * Take an exclusive advisory lock (flock) on "@path.lock" so that two
+ * daemons never share one state file.  Creates the directory of @path if
+ * needed.  Returns the lock file descriptor (keep it open for the life of
+ * the process), or -1 with @errp set.
+ */
+int extlockd_state_lock(const char *path, GError **errp);
+
+/*
+ * Read the epoch from @path.  A missing file yields epoch 0.  A file that
+ * cannot be read or does not hold a valid state object fails with @errp set.
+ */
+bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp);
+
+/*
+ * Atomically replace @path with a state object holding @epoch and make it
+ * durable.  Creates the directory if needed.
+ */
+bool extlockd_state_save(const char *path, uint64_t epoch, GError **errp);
+
+#endif /* EXTLOCKD_STATE_FILE_H */
