@@ -1,32 +1,44 @@
 /*
- * extlock: non-blocking coordinator client for the extlock block filter
+ * extlock: coordinator connection, session, lease and reconnection
  *
  * Copyright (c) 2026 The extlock authors
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Lease arithmetic (docs/design.rst): the client's lease deadline is the
+ * time it SENT the last acknowledged renewal (or hello) plus the lease,
+ * minus a safety margin.  The coordinator received that message later, and
+ * re-grants a lapsed session's locks only after its own deadline plus its
+ * fence margin, so the node has stopped starting I/O well before anyone
+ * else can be granted its extents.
  */
 
 #include "qemu/osdep.h"
 #include "qapi/error.h"
+#include "qapi/clone-visitor.h"
+#include "qapi/qapi-visit-sockets.h"
+#include "qapi/qapi-events-block-extlock.h"
 #include "qemu/error-report.h"
 #include "qemu/sockets.h"
 #include "qemu/main-loop.h"
+#include "block/aio-wait.h"
+#include "block/thread-pool.h"
 #include "io/channel-socket.h"
 #include "extlock-client.h"
 #include "trace.h"
 
-/* How long open waits for the coordinator's welcome */
-#define EXTLOCK_HELLO_TIMEOUT_MS 10000
+/* How long connecting waits for each coordinator answer */
+#define EXTLOCK_ANSWER_TIMEOUT_MS 10000
 /* How long close waits to hand "bye" to the kernel */
-#define EXTLOCK_BYE_TIMEOUT_MS   1000
+#define EXTLOCK_BYE_TIMEOUT_MS    1000
+/* Lease, slow request and queue timeout checks */
+#define EXTLOCK_TICK_MS           50
+/* Reconnection backoff */
+#define EXTLOCK_RECONNECT_MIN_MS  50
+#define EXTLOCK_RECONNECT_MAX_MS  2000
 
 static void extlock_client_set_handlers(ExtlockClient *c);
-static void extlock_client_fail(ExtlockClient *c, const char *why);
-static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
-                                   ExtlockMsg *msg);
-static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg);
-static void extlock_cache_timer_cb(void *opaque);
-static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l);
+static void extlock_client_disconnect(ExtlockClient *c, const char *why);
 
 static char *extlock_address_str(const SocketAddress *addr)
 {
@@ -46,10 +58,39 @@ static char *extlock_address_str(const SocketAddress *addr)
     }
 }
 
-static void extlock_request_finish(ExtlockRequest *req, int ret)
+/* The client-side safety margin: a tenth of the lease, at most 1 s */
+static int64_t extlock_lease_margin_ns(uint32_t lease_ms)
 {
-    req->done = true;
-    req->ret = ret;
+    return MIN((int64_t)lease_ms * SCALE_MS / 10, 1000 * SCALE_MS);
+}
+
+static int64_t extlock_deadline(uint32_t lease_ms, int64_t sent_ns)
+{
+    return sent_ns + (int64_t)lease_ms * SCALE_MS -
+           extlock_lease_margin_ns(lease_ms);
+}
+
+uint64_t extlock_client_new_id(ExtlockClient *c)
+{
+    return c->next_id++;
+}
+
+bool extlock_client_connected(ExtlockClient *c)
+{
+    return c->fd >= 0;
+}
+
+int64_t extlock_client_lease_remaining_ms(ExtlockClient *c)
+{
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    return (c->lease_deadline_ns - now) / SCALE_MS;
+}
+
+bool extlock_client_lease_valid(ExtlockClient *c)
+{
+    return c->state != EXTLOCK_SESSION_LEASE_LOST &&
+           c->state != EXTLOCK_SESSION_RECLAIMING &&
+           qemu_clock_get_ns(QEMU_CLOCK_REALTIME) < c->lease_deadline_ns;
 }
 
 /* ------------------------------------------------------------------------
@@ -68,7 +109,7 @@ static void extlock_client_flush(ExtlockClient *c)
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 break;
             }
-            extlock_client_fail(c, strerror(errno));
+            extlock_client_disconnect(c, strerror(errno));
             return;
         }
         c->out_done += n;
@@ -80,7 +121,7 @@ static void extlock_client_flush(ExtlockClient *c)
     extlock_client_set_handlers(c);
 }
 
-static void extlock_client_send(ExtlockClient *c, const ExtlockMsg *msg)
+void extlock_client_send(ExtlockClient *c, const ExtlockMsg *msg)
 {
     if (c->fd < 0) {
         return;
@@ -103,53 +144,10 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
     }
 
     switch (msg->type) {
-    case EXTLOCK_MSG_WAITING:
-        if (req && !req->queued) {
-            req->queued = true;
-            req->token = msg->token;
-            c->stats.waits++;
-            for (guint i = 0; msg->blockers && i < msg->blockers->len; i++) {
-                ExtlockBlocker *b = &g_array_index(msg->blockers,
-                                                   ExtlockBlocker, i);
-                g_ptr_array_add(req->blocked_by, g_strdup(b->client_id));
-            }
-            trace_extlock_client_waiting(c->node_name, req->id, req->offset,
-                                         req->length, req->blocked_by->len);
-        }
-        return;
-    case EXTLOCK_MSG_GRANTED:
-        if (!req) {
-            break;
-        }
-        extlock_handle_granted(c, req, msg);
-        g_hash_table_remove(c->pending, &req->id);
-        extlock_request_finish(req, 0);
-        g_ptr_array_add(wake, req);
-        return;
-    case EXTLOCK_MSG_ERROR:
-        if (!req) {
-            /* error to an unlock or renew: the session is in trouble */
-            error_report("extlock: node '%s': coordinator %s: %s (%s)",
-                         c->node_name, c->address, msg->message,
-                         extlock_error_code_name(msg->error));
-            if (msg->has_id && msg->id == c->renew_id) {
-                c->renew_id = 0;
-            }
-            return;
-        }
-        error_report("extlock: node '%s': coordinator %s refused lock "
-                     "[%" PRIu64 ", +%" PRIu64 "): %s (%s)", c->node_name,
-                     c->address, req->offset, req->length, msg->message,
-                     extlock_error_code_name(msg->error));
-        c->stats.errors++;
-        g_hash_table_remove(c->pending, &req->id);
-        extlock_request_finish(req, -EIO);
-        g_ptr_array_add(wake, req);
-        return;
     case EXTLOCK_MSG_RENEWED:
         if (msg->has_id && msg->id == c->renew_id) {
-            c->lease_deadline_ns = c->renew_sent_ns +
-                                   (int64_t)c->lease_ms * SCALE_MS;
+            c->lease_deadline_ns = extlock_deadline(c->lease_ms,
+                                                    c->renew_sent_ns);
             c->renew_id = 0;
             trace_extlock_client_renewed(c->node_name,
                                          extlock_client_lease_remaining_ms(c));
@@ -159,17 +157,32 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
     case EXTLOCK_MSG_DOWNGRADED:
         return;
     case EXTLOCK_MSG_SESSION_EXPIRED:
-        extlock_client_fail(c, msg->message ? msg->message
-                                            : "session expired");
+        extlock_client_disconnect(c, msg->message ? msg->message
+                                                  : "session expired");
         return;
-    case EXTLOCK_MSG_REVOKE:
-        extlock_handle_revoke(c, msg);
-        return;
-    default:
+    case EXTLOCK_MSG_ERROR:
+        if (!req) {
+            /* An error to an unlock, downgrade or renew */
+            error_report("extlock: node '%s': coordinator %s: %s (%s)",
+                         c->node_name, c->address,
+                         msg->message ? msg->message : "",
+                         extlock_error_code_name(msg->error));
+            if (msg->has_id && msg->id == c->renew_id) {
+                c->renew_id = 0;
+            }
+            return;
+        }
         break;
+    case EXTLOCK_MSG_WAITING:
+    case EXTLOCK_MSG_GRANTED:
+    case EXTLOCK_MSG_REVOKE:
+        break;
+    default:
+        trace_extlock_client_unexpected(c->node_name,
+                                        extlock_msg_type_name(msg->type));
+        return;
     }
-    trace_extlock_client_unexpected(c->node_name,
-                                    extlock_msg_type_name(msg->type));
+    extlock_locks_handle(c, req, msg, wake);
 }
 
 static void extlock_client_read(void *opaque)
@@ -187,8 +200,9 @@ static void extlock_client_read(void *opaque)
             break;
         }
         if (n <= 0) {
-            extlock_client_fail(c, n == 0 ? "connection closed by coordinator"
-                                          : strerror(errno));
+            extlock_client_disconnect(c, n == 0 ?
+                                      "connection closed by coordinator" :
+                                      strerror(errno));
             break;
         }
         extlock_linebuf_append(&c->in, buf, n);
@@ -203,7 +217,8 @@ static void extlock_client_read(void *opaque)
                 break;
             }
             if (r == EXTLOCK_LINE_TOO_LONG) {
-                extlock_client_fail(c, "oversized message from coordinator");
+                extlock_client_disconnect(c, "oversized message from "
+                                          "coordinator");
                 break;
             }
             extlock_msg_init(&msg, EXTLOCK_MSG_INVALID);
@@ -212,7 +227,7 @@ static void extlock_client_read(void *opaque)
                     g_strdup_printf("bad message from coordinator: %s",
                                     err.message);
                 extlock_msg_clear(&msg);
-                extlock_client_fail(c, why);
+                extlock_client_disconnect(c, why);
                 break;
             }
             extlock_client_handle(c, &msg, wake);
@@ -227,14 +242,18 @@ static void extlock_client_read(void *opaque)
     }
 
     /*
-     * Wake the requests only now, so that what they do (send, unlock,
-     * even fail the connection) cannot disturb the parsing above.
+     * Wake requests only now, so that what they do (send, unlock, even
+     * lose the connection) cannot disturb the parsing above.
      */
     for (guint i = 0; i < wake->len; i++) {
         ExtlockRequest *req = g_ptr_array_index(wake, i);
         if (req->co) {
             aio_co_wake(req->co);
         }
+    }
+    /* A grant or a "waiting" may let requests waiting for ours go ahead */
+    if (!qemu_co_queue_empty(&c->grant_queue)) {
+        qemu_co_enter_all(&c->grant_queue, NULL);
     }
 }
 
@@ -253,65 +272,251 @@ static void extlock_client_set_handlers(ExtlockClient *c)
                        NULL, NULL, c);
 }
 
-/*
- * The connection is unusable: fail every pending request and stop.
- * Requests that hold locks keep running: the coordinator keeps their
- * locks until our lease lapses.
+/* ------------------------------------------------------------------------
+ * Connecting: blocking, with timeouts; at open, or in a worker thread
  */
-static void extlock_client_fail(ExtlockClient *c, const char *why)
+
+typedef struct ExtlockConnJob {
+    /* in */
+    SocketAddress *addr;
+    char *client_id;
+    char *lock_space;
+    char *old_session;          /* resume or reclaim this session */
+    uint32_t lease_ms;
+    GArray *reclaims;           /* ExtlockReclaim: what we hold */
+    uint64_t next_id;
+
+    /* out */
+    QIOChannelSocket *sioc;
+    ExtlockLineBuf in;          /* bytes that came after the answers */
+    char *session;
+    uint64_t epoch;
+    uint32_t granted_lease_ms;
+    bool resumed;
+    bool reclaim;
+    GArray *server_locks;       /* ExtlockHeldLock, when resumed */
+    int64_t hello_sent_ns;
+    Error *err;
+} ExtlockConnJob;
+
+static ExtlockConnJob *extlock_conn_job_new(ExtlockClient *c)
 {
-    GHashTableIter it;
-    gpointer value;
+    ExtlockConnJob *job = g_new0(ExtlockConnJob, 1);
 
-    if (c->fd < 0) {
-        return;
-    }
-    error_report("extlock: node '%s': lost coordinator %s: %s",
-                 c->node_name, c->address, why);
-    trace_extlock_client_disconnected(c->node_name, why);
-    if (c->ctx) {
-        aio_set_fd_handler(c->ctx, c->fd, false, NULL, NULL, NULL, NULL,
-                           NULL);
-    }
-    c->fd = -1;
-    qio_channel_close(QIO_CHANNEL(c->sioc), NULL);
-    if (c->renew_timer) {
-        timer_del(c->renew_timer);
-    }
+    job->addr = QAPI_CLONE(SocketAddress, c->addr);
+    job->client_id = g_strdup(c->client_id);
+    job->lock_space = g_strdup(c->lock_space);
+    job->lease_ms = c->lease_ms_wanted;
+    job->next_id = c->next_id;
+    extlock_linebuf_init(&job->in);
+    return job;
+}
 
-    /*
-     * Cached locks are worthless now: drop the idle ones; active ones take
-     * no new users and are forgotten when their requests are done.
-     */
-    while (!QTAILQ_EMPTY(&c->idle)) {
-        ExtlockCachedLock *l = QTAILQ_FIRST(&c->idle);
-        extlock_cache_drop(c, l);
+static void extlock_conn_job_free(ExtlockConnJob *job)
+{
+    qapi_free_SocketAddress(job->addr);
+    g_free(job->client_id);
+    g_free(job->lock_space);
+    g_free(job->old_session);
+    if (job->reclaims) {
+        g_array_unref(job->reclaims);
     }
-    g_hash_table_iter_init(&it, c->lock_ids);
-    while (g_hash_table_iter_next(&it, NULL, &value)) {
-        ((ExtlockCachedLock *)value)->revoking = true;
+    if (job->sioc) {
+        object_unref(OBJECT(job->sioc));
     }
-    if (c->cache_timer) {
-        timer_del(c->cache_timer);
+    extlock_linebuf_destroy(&job->in);
+    g_free(job->session);
+    if (job->server_locks) {
+        g_array_unref(job->server_locks);
     }
+    error_free(job->err);
+    g_free(job);
+}
 
-    g_hash_table_iter_init(&it, c->pending);
-    while (g_hash_table_iter_next(&it, NULL, &value)) {
-        ExtlockRequest *req = value;
-        c->stats.errors++;
-        extlock_request_finish(req, -EIO);
-        /* The request that is failing us right now just sees req->done */
-        if (req->co &&
-            !(qemu_in_coroutine() && req->co == qemu_coroutine_self())) {
-            aio_co_schedule(c->ctx ? c->ctx : qemu_get_aio_context(),
-                            req->co);
+static bool extlock_conn_send(ExtlockConnJob *job, ExtlockMsg *msg,
+                              Error **errp)
+{
+    g_autoptr(GString) out = g_string_new(NULL);
+
+    msg->has_id = true;
+    msg->id = job->next_id++;
+    extlock_msg_format(msg, out);
+    if (qio_channel_write_all(QIO_CHANNEL(job->sioc), out->str, out->len,
+                              errp) < 0) {
+        error_prepend(errp, "write to coordinator: ");
+        return false;
+    }
+    return true;
+}
+
+/* Read the final answer to request @id (skipping anything else) */
+static bool extlock_conn_answer(ExtlockConnJob *job, uint64_t id,
+                                ExtlockMsg *msg, Error **errp)
+{
+    int64_t deadline = g_get_monotonic_time() +
+                       EXTLOCK_ANSWER_TIMEOUT_MS * 1000LL;
+    int fd = job->sioc->fd;
+
+    for (;;) {
+        const char *line;
+        size_t len;
+        ExtlockProtoError err;
+        ExtlockLineResult r = extlock_linebuf_next(&job->in, &line, &len);
+        GPollFD pfd = { .fd = fd, .events = G_IO_IN };
+        char buf[4096];
+        int64_t left;
+        ssize_t n;
+
+        if (r == EXTLOCK_LINE_OK) {
+            extlock_msg_clear(msg);
+            if (!extlock_msg_parse(line, len, msg, &err)) {
+                error_setg(errp, "bad message from coordinator: %s",
+                           err.message);
+                return false;
+            }
+            if (msg->has_id && msg->id == id &&
+                msg->type != EXTLOCK_MSG_WAITING) {
+                return true;
+            }
+            continue;
         }
-        g_hash_table_iter_remove(&it);
+        if (r == EXTLOCK_LINE_TOO_LONG) {
+            error_setg(errp, "oversized message from coordinator");
+            return false;
+        }
+        left = (deadline - g_get_monotonic_time()) / 1000;
+        if (left <= 0) {
+            error_setg(errp, "coordinator did not answer within %d ms",
+                       EXTLOCK_ANSWER_TIMEOUT_MS);
+            return false;
+        }
+        if (g_poll(&pfd, 1, left) < 0 && errno != EINTR) {
+            error_setg_errno(errp, errno, "poll");
+            return false;
+        }
+        n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n == 0) {
+            error_setg(errp, "coordinator closed the connection");
+            return false;
+        }
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+                continue;
+            }
+            error_setg_errno(errp, errno, "read from coordinator");
+            return false;
+        }
+        extlock_linebuf_append(&job->in, buf, n);
     }
 }
 
+static bool extlock_conn_hello(ExtlockConnJob *job, Error **errp)
+{
+    ExtlockMsg hello, reply;
+    bool ok = false;
+
+    extlock_msg_init(&hello, EXTLOCK_MSG_HELLO);
+    hello.version = EXTLOCK_PROTOCOL_VERSION;
+    hello.client_id = g_strdup(job->client_id);
+    hello.lock_space = g_strdup(job->lock_space);
+    hello.lease_ms = job->lease_ms;
+    hello.session = g_strdup(job->old_session);
+    job->hello_sent_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
+    if (!extlock_conn_send(job, &hello, errp) ||
+        !extlock_conn_answer(job, hello.id, &reply, errp)) {
+        goto out;
+    }
+    if (reply.type == EXTLOCK_MSG_ERROR) {
+        error_setg(errp, "coordinator refused the session: %s (%s)",
+                   reply.message ? reply.message : "",
+                   extlock_error_code_name(reply.error));
+        goto out;
+    }
+    if (reply.type != EXTLOCK_MSG_WELCOME ||
+        reply.version != EXTLOCK_PROTOCOL_VERSION || !reply.session) {
+        error_setg(errp, "unexpected answer to hello from coordinator: %s",
+                   extlock_msg_type_name(reply.type));
+        goto out;
+    }
+    job->session = g_strdup(reply.session);
+    job->epoch = reply.epoch;
+    job->granted_lease_ms = reply.lease_ms;
+    job->resumed = reply.resumed;
+    job->reclaim = reply.reclaim;
+    if (reply.locks) {
+        job->server_locks = g_array_ref(reply.locks);
+    }
+    ok = true;
+out:
+    extlock_msg_clear(&hello);
+    extlock_msg_clear(&reply);
+    return ok;
+}
+
+/* Re-assert our locks with their tokens after a coordinator restart */
+static bool extlock_conn_reclaim(ExtlockConnJob *job, Error **errp)
+{
+    ExtlockMsg msg, reply;
+    bool ok = false;
+
+    extlock_msg_init(&msg, EXTLOCK_MSG_INVALID);
+    extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
+    for (guint i = 0; job->reclaims && i < job->reclaims->len; i++) {
+        ExtlockReclaim *r = &g_array_index(job->reclaims, ExtlockReclaim, i);
+
+        extlock_msg_init(&msg, EXTLOCK_MSG_RECLAIM);
+        msg.has_extent = true;
+        msg.offset = r->offset;
+        msg.length = r->length;
+        msg.mode = r->mode;
+        msg.token = r->token;
+        if (!extlock_conn_send(job, &msg, errp) ||
+            !extlock_conn_answer(job, msg.id, &reply, errp)) {
+            goto out;
+        }
+        r->ok = reply.type == EXTLOCK_MSG_GRANTED;
+        r->new_id = reply.lock;
+        extlock_msg_clear(&msg);
+    }
+    extlock_msg_init(&msg, EXTLOCK_MSG_RECLAIM_DONE);
+    if (!extlock_conn_send(job, &msg, errp) ||
+        !extlock_conn_answer(job, msg.id, &reply, errp)) {
+        goto out;
+    }
+    ok = true;
+out:
+    extlock_msg_clear(&msg);
+    extlock_msg_clear(&reply);
+    return ok;
+}
+
+static int extlock_conn_run(void *opaque)
+{
+    ExtlockConnJob *job = opaque;
+    g_autofree char *address = extlock_address_str(job->addr);
+    Error **errp = &job->err;
+
+    job->sioc = qio_channel_socket_new();
+    qio_channel_set_name(QIO_CHANNEL(job->sioc), "extlock-coordinator");
+    if (qio_channel_socket_connect_sync(job->sioc, job->addr, errp) < 0) {
+        error_prepend(errp, "Failed to connect to extlock coordinator at "
+                      "%s: ", address);
+        return -1;
+    }
+    if (job->addr->type == SOCKET_ADDRESS_TYPE_INET) {
+        socket_set_nodelay(job->sioc->fd);
+    }
+    if (!extlock_conn_hello(job, errp) ||
+        (job->reclaim && !extlock_conn_reclaim(job, errp))) {
+        error_prepend(errp, "extlock coordinator at %s: ", address);
+        return -1;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------
- * Lease
+ * Session state
  */
 
 static void extlock_client_renew(void *opaque)
@@ -326,143 +531,205 @@ static void extlock_client_renew(void *opaque)
         ExtlockMsg msg;
         extlock_msg_init(&msg, EXTLOCK_MSG_RENEW);
         msg.has_id = true;
-        msg.id = c->renew_id = c->next_id++;
+        msg.id = c->renew_id = extlock_client_new_id(c);
         c->renew_sent_ns = now;
         extlock_client_send(c, &msg);
         extlock_msg_clear(&msg);
     }
-    /* Three renewals per lease: one lost reply does not lose the lease */
-    timer_mod(c->renew_timer, now + (int64_t)c->lease_ms * SCALE_MS / 3);
+    /* Three renewals per lease: one slow reply does not lose the lease */
+    if (c->renew_timer) {
+        timer_mod(c->renew_timer, now + (int64_t)c->lease_ms * SCALE_MS / 3);
+    }
 }
 
-bool extlock_client_connected(ExtlockClient *c)
+static void extlock_client_lease_lost(ExtlockClient *c, const char *reason)
 {
-    return c->fd >= 0;
+    if (c->state == EXTLOCK_SESSION_LEASE_LOST) {
+        return;
+    }
+    error_report("extlock: node '%s': lease lost: %s; no I/O until the "
+                 "session is back", c->node_name, reason);
+    trace_extlock_client_lease_lost(c->node_name, reason);
+    c->state = EXTLOCK_SESSION_LEASE_LOST;
+    c->stats.lease_losses++;
+    qapi_event_send_extent_lock_lease_lost(c->node_name, reason);
+    extlock_locks_lease_lost(c);
+    extlock_locks_wake_usable(c);
+    if (c->fd >= 0) {
+        /* The coordinator stopped answering: start a fresh session */
+        extlock_client_disconnect(c, "lease expired");
+    }
 }
 
-int64_t extlock_client_lease_remaining_ms(ExtlockClient *c)
+/* Tick: lease deadline, slow requests, queued requests' timeouts */
+static void extlock_client_tick(void *opaque)
 {
+    ExtlockClient *c = opaque;
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-    return (c->lease_deadline_ns - now) / SCALE_MS;
+
+    if (c->state != EXTLOCK_SESSION_LEASE_LOST &&
+        now >= c->lease_deadline_ns) {
+        extlock_client_lease_lost(c, c->fd >= 0 ?
+                                  "no lease renewal acknowledged in time" :
+                                  "coordinator unreachable for the lease");
+    }
+    extlock_locks_check_waiters(c, now);
+    if (!qemu_co_queue_empty(&c->usable_queue)) {
+        qemu_co_enter_all(&c->usable_queue, NULL);
+    }
+    if (c->tick_timer) {
+        timer_mod(c->tick_timer, now + EXTLOCK_TICK_MS * SCALE_MS);
+    }
+}
+
+static void coroutine_fn extlock_reconnect_co(void *opaque);
+
+static void extlock_client_disconnect(ExtlockClient *c, const char *why)
+{
+    if (c->fd < 0) {
+        return;
+    }
+    error_report("extlock: node '%s': lost coordinator %s: %s",
+                 c->node_name, c->address, why);
+    trace_extlock_client_disconnected(c->node_name, why);
+    qapi_event_send_extent_lock_coordinator_lost(c->node_name, c->address,
+                                                 why);
+    if (c->ctx) {
+        aio_set_fd_handler(c->ctx, c->fd, false, NULL, NULL, NULL, NULL,
+                           NULL);
+    }
+    c->fd = -1;
+    qio_channel_close(QIO_CHANNEL(c->sioc), NULL);
+    object_unref(OBJECT(c->sioc));
+    c->sioc = NULL;
+    g_string_truncate(c->out, 0);
+    c->out_done = 0;
+    extlock_linebuf_destroy(&c->in);
+    extlock_linebuf_init(&c->in);
+    if (c->renew_timer) {
+        timer_del(c->renew_timer);
+    }
+    c->renew_id = 0;
+    if (c->state != EXTLOCK_SESSION_LEASE_LOST) {
+        c->state = EXTLOCK_SESSION_RECONNECTING;
+    }
+    /* Requests waiting at the coordinator ask again once reconnected */
+    extlock_locks_disconnected(c);
+
+    if (!c->closing && c->ctx && !c->reconnect_co) {
+        c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
+        aio_co_schedule(c->ctx, c->reconnect_co);
+    }
+}
+
+/* Take over the connection a job has established */
+static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
+{
+    bool was_lost = c->state == EXTLOCK_SESSION_LEASE_LOST;
+    bool first = !c->session;
+    bool same_session = c->session && !strcmp(c->session, job->session);
+    uint64_t reclaimed = 0, lost = 0;
+
+    c->sioc = job->sioc;
+    job->sioc = NULL;
+    c->fd = c->sioc->fd;
+    extlock_linebuf_destroy(&c->in);
+    c->in = job->in;
+    extlock_linebuf_init(&job->in);
+    g_free(c->session);
+    c->session = g_strdup(job->session);
+    c->epoch = job->epoch;
+    c->lease_ms = job->granted_lease_ms;
+    c->next_id = MAX(c->next_id, job->next_id);
+    c->lease_deadline_ns = extlock_deadline(c->lease_ms, job->hello_sent_ns);
+    c->state = EXTLOCK_SESSION_ACTIVE;
+    qemu_socket_set_nonblock(c->fd);
+
+    if (!first) {
+        if (job->resumed && same_session) {
+            extlock_locks_resumed(c, job->server_locks);
+        } else if (job->reclaim && same_session) {
+            for (guint i = 0; job->reclaims && i < job->reclaims->len; i++) {
+                reclaimed += g_array_index(job->reclaims, ExtlockReclaim,
+                                           i).ok;
+            }
+            extlock_locks_reclaimed(c, job->reclaims);
+        } else {
+            lost = extlock_locks_forget_all(c);
+        }
+    }
+    trace_extlock_client_connected(c->node_name, c->address, c->session,
+                                   c->epoch, c->lease_ms, job->resumed,
+                                   reclaimed, lost);
+    if (!first) {
+        c->stats.reconnects++;
+        error_report("extlock: node '%s': reconnected to coordinator %s, "
+                     "session %s%s, %" PRIu64 " locks reclaimed, %" PRIu64
+                     " lost", c->node_name, c->address, c->session,
+                     job->resumed ? " (resumed)" : "", reclaimed, lost);
+        qapi_event_send_extent_lock_coordinator_restored(
+            c->node_name, c->address, c->session, job->resumed && same_session,
+            reclaimed, lost);
+        if (was_lost) {
+            qapi_event_send_extent_lock_lease_restored(c->node_name,
+                                                       c->session);
+        }
+    }
+    if (c->ctx) {
+        extlock_client_set_handlers(c);
+        timer_mod(c->renew_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
+                  (int64_t)c->lease_ms * SCALE_MS / 3);
+        extlock_locks_wake_usable(c);
+        /* Replies may already be buffered */
+        extlock_client_read(c);
+    }
+}
+
+static void coroutine_fn extlock_reconnect_co(void *opaque)
+{
+    ExtlockClient *c = opaque;
+    int64_t backoff_ms = EXTLOCK_RECONNECT_MIN_MS;
+    g_autofree char *last_error = NULL;
+
+    while (!c->closing) {
+        ExtlockConnJob *job = extlock_conn_job_new(c);
+        int ret;
+
+        job->old_session = g_strdup(c->session);
+        job->reclaims = extlock_locks_snapshot(c);
+        ret = thread_pool_submit_co(aio_get_thread_pool(c->ctx),
+                                    extlock_conn_run, job);
+        if (ret == 0 && !c->closing) {
+            extlock_client_adopt(c, job);
+            extlock_conn_job_free(job);
+            break;
+        }
+        if (job->err) {
+            const char *msg = error_get_pretty(job->err);
+            trace_extlock_client_reconnect_failed(c->node_name, msg);
+            if (!last_error || strcmp(last_error, msg)) {
+                /* Say it once, not every backoff step */
+                error_report("extlock: node '%s': reconnecting: %s",
+                             c->node_name, msg);
+                g_free(last_error);
+                last_error = g_strdup(msg);
+            }
+        }
+        extlock_conn_job_free(job);
+        if (c->closing) {
+            break;
+        }
+        qemu_co_sleep_ns_wakeable(&c->reconnect_sleep, QEMU_CLOCK_REALTIME,
+                                  backoff_ms * SCALE_MS);
+        backoff_ms = MIN(backoff_ms * 2, EXTLOCK_RECONNECT_MAX_MS);
+    }
+    c->reconnect_co = NULL;
+    aio_wait_kick();
 }
 
 /* ------------------------------------------------------------------------
- * Connection set-up and teardown
+ * Life cycle
  */
-
-/* Blocking read of one message with a deadline; used during open only */
-static bool extlock_client_recv_sync(ExtlockClient *c, ExtlockMsg *msg,
-                                     int timeout_ms, Error **errp)
-{
-    int64_t deadline = g_get_monotonic_time() + timeout_ms * 1000LL;
-
-    for (;;) {
-        const char *line;
-        size_t len;
-        ExtlockProtoError err;
-        ExtlockLineResult r = extlock_linebuf_next(&c->in, &line, &len);
-        GPollFD pfd = { .fd = c->fd, .events = G_IO_IN };
-        char buf[4096];
-        int64_t left;
-        ssize_t n;
-
-        if (r == EXTLOCK_LINE_OK) {
-            if (!extlock_msg_parse(line, len, msg, &err)) {
-                error_setg(errp, "bad message from coordinator: %s",
-                           err.message);
-                return false;
-            }
-            return true;
-        }
-        if (r == EXTLOCK_LINE_TOO_LONG) {
-            error_setg(errp, "oversized message from coordinator");
-            return false;
-        }
-        left = (deadline - g_get_monotonic_time()) / 1000;
-        if (left <= 0) {
-            error_setg(errp, "coordinator did not answer within %d ms",
-                       timeout_ms);
-            return false;
-        }
-        if (g_poll(&pfd, 1, left) < 0 && errno != EINTR) {
-            error_setg_errno(errp, errno, "poll");
-            return false;
-        }
-        n = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
-        if (n == 0) {
-            error_setg(errp, "coordinator closed the connection");
-            return false;
-        }
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
-                continue;
-            }
-            error_setg_errno(errp, errno, "read from coordinator");
-            return false;
-        }
-        extlock_linebuf_append(&c->in, buf, n);
-    }
-}
-
-static bool extlock_client_send_sync(ExtlockClient *c, const ExtlockMsg *msg,
-                                     Error **errp)
-{
-    g_autoptr(GString) out = g_string_new(NULL);
-
-    extlock_msg_format(msg, out);
-    if (qio_channel_write_all(QIO_CHANNEL(c->sioc), out->str, out->len,
-                              errp) < 0) {
-        error_prepend(errp, "write to coordinator: ");
-        return false;
-    }
-    return true;
-}
-
-static bool extlock_client_hello(ExtlockClient *c, uint32_t lease_ms,
-                                 Error **errp)
-{
-    ExtlockMsg hello, reply;
-    bool ok;
-
-    extlock_msg_init(&hello, EXTLOCK_MSG_HELLO);
-    hello.has_id = true;
-    hello.id = c->next_id++;
-    hello.version = EXTLOCK_PROTOCOL_VERSION;
-    hello.client_id = g_strdup(c->client_id);
-    hello.lock_space = g_strdup(c->lock_space);
-    hello.lease_ms = lease_ms;
-    ok = extlock_client_send_sync(c, &hello, errp);
-    extlock_msg_clear(&hello);
-    if (!ok) {
-        return false;
-    }
-
-    extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
-    if (!extlock_client_recv_sync(c, &reply, EXTLOCK_HELLO_TIMEOUT_MS,
-                                  errp)) {
-        extlock_msg_clear(&reply);
-        return false;
-    }
-    if (reply.type == EXTLOCK_MSG_ERROR) {
-        error_setg(errp, "coordinator refused the session: %s (%s)",
-                   reply.message ? reply.message : "",
-                   extlock_error_code_name(reply.error));
-        extlock_msg_clear(&reply);
-        return false;
-    }
-    if (reply.type != EXTLOCK_MSG_WELCOME || reply.version !=
-        EXTLOCK_PROTOCOL_VERSION || !reply.session) {
-        error_setg(errp, "unexpected answer to hello from coordinator: %s",
-                   extlock_msg_type_name(reply.type));
-        extlock_msg_clear(&reply);
-        return false;
-    }
-    c->session = g_strdup(reply.session);
-    c->epoch = reply.epoch;
-    c->lease_ms = reply.lease_ms;
-    extlock_msg_clear(&reply);
-    return true;
-}
 
 ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   const char *client_id,
@@ -472,53 +739,60 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   Error **errp)
 {
     ExtlockClient *c = g_new0(ExtlockClient, 1);
-    int64_t sent_ns;
+    ExtlockConnJob *job;
 
+    c->addr = QAPI_CLONE(SocketAddress, addr);
     c->address = extlock_address_str(addr);
     c->client_id = g_strdup(client_id);
     c->lock_space = g_strdup(lock_space);
-    c->node_name = node_name;
+    c->node_name = g_strdup(node_name);
+    c->lease_ms_wanted = lease_ms;
+    c->opts = *opts;
     c->fd = -1;
     c->next_id = 1;
     c->out = g_string_sized_new(4096);
     c->pending = g_hash_table_new(g_int64_hash, g_int64_equal);
-    c->lock_ids = g_hash_table_new(g_int64_hash, g_int64_equal);
-    c->opts = *opts;
     extlock_linebuf_init(&c->in);
-    QLIST_INIT(&c->waiting);
-    QTAILQ_INIT(&c->idle);
-    qemu_co_queue_init(&c->grant_queue);
+    extlock_locks_init(c);
 
-    c->sioc = qio_channel_socket_new();
-    qio_channel_set_name(QIO_CHANNEL(c->sioc), "extlock-coordinator");
-    if (qio_channel_socket_connect_sync(c->sioc, (SocketAddress *)addr,
-                                        errp) < 0) {
-        error_prepend(errp, "Failed to connect to extlock coordinator at "
-                      "%s: ", c->address);
-        goto fail;
+    job = extlock_conn_job_new(c);
+    if (extlock_conn_run(job) < 0) {
+        error_propagate(errp, job->err);
+        job->err = NULL;
+        extlock_conn_job_free(job);
+        extlock_client_free(c);
+        return NULL;
     }
-    c->fd = c->sioc->fd;
-    if (addr->type == SOCKET_ADDRESS_TYPE_INET) {
-        socket_set_nodelay(c->fd);
-    }
-
-    sent_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-    if (!extlock_client_hello(c, lease_ms, errp)) {
-        error_prepend(errp, "extlock coordinator at %s: ", c->address);
-        goto fail;
-    }
-    c->lease_deadline_ns = sent_ns + (int64_t)c->lease_ms * SCALE_MS;
-    trace_extlock_client_connected(node_name, c->address, c->session,
-                                   c->epoch, c->lease_ms);
-
-    qemu_socket_set_nonblock(c->fd);
+    extlock_client_adopt(c, job);
+    extlock_conn_job_free(job);
     extlock_client_attach_aio_context(c, ctx);
     return c;
+}
 
-fail:
-    c->fd = -1;
-    extlock_client_free(c);
-    return NULL;
+static void extlock_client_say_bye(ExtlockClient *c)
+{
+    ExtlockMsg bye;
+    GPollFD pfd = { .fd = c->fd, .events = G_IO_OUT };
+    int64_t deadline = g_get_monotonic_time() +
+                       EXTLOCK_BYE_TIMEOUT_MS * 1000LL;
+
+    extlock_msg_init(&bye, EXTLOCK_MSG_BYE);
+    bye.has_id = true;
+    bye.id = extlock_client_new_id(c);
+    extlock_msg_format(&bye, c->out);
+    extlock_msg_clear(&bye);
+    while (c->out_done < c->out->len && g_get_monotonic_time() < deadline) {
+        ssize_t n = send(c->fd, c->out->str + c->out_done,
+                         c->out->len - c->out_done, MSG_NOSIGNAL);
+        if (n > 0) {
+            c->out_done += n;
+        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            g_poll(&pfd, 1, 10);
+        } else {
+            break;
+        }
+    }
+    trace_extlock_client_bye(c->node_name);
 }
 
 void extlock_client_free(ExtlockClient *c)
@@ -526,56 +800,33 @@ void extlock_client_free(ExtlockClient *c)
     if (!c) {
         return;
     }
+    c->closing = true;
+    if (c->reconnect_co) {
+        qemu_co_sleep_wake(&c->reconnect_sleep);
+        AIO_WAIT_WHILE(c->ctx, c->reconnect_co != NULL);
+    }
     extlock_client_detach_aio_context(c);
-    assert(QLIST_EMPTY(&c->waiting));
     if (c->fd >= 0) {
         /*
          * Tell the coordinator we stopped I/O, so that it releases our
          * locks now instead of after the lease.  Best effort, bounded.
          */
-        ExtlockMsg bye;
-        GPollFD pfd = { .fd = c->fd, .events = G_IO_OUT };
-        int64_t deadline = g_get_monotonic_time() +
-                           EXTLOCK_BYE_TIMEOUT_MS * 1000LL;
-
-        extlock_msg_init(&bye, EXTLOCK_MSG_BYE);
-        bye.has_id = true;
-        bye.id = c->next_id++;
-        extlock_msg_format(&bye, c->out);
-        extlock_msg_clear(&bye);
-        while (c->out_done < c->out->len &&
-               g_get_monotonic_time() < deadline) {
-            ssize_t n = send(c->fd, c->out->str + c->out_done,
-                             c->out->len - c->out_done, MSG_NOSIGNAL);
-            if (n > 0) {
-                c->out_done += n;
-            } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-                g_poll(&pfd, 1, 10);
-            } else {
-                break;
-            }
-        }
-        trace_extlock_client_bye(c->node_name);
+        extlock_client_say_bye(c);
     }
     if (c->sioc) {
         qio_channel_close(QIO_CHANNEL(c->sioc), NULL);
         object_unref(OBJECT(c->sioc));
     }
-    /* bye released every lock; nothing may use them any more */
-    while (extlock_itree_first(&c->locks)) {
-        ExtlockCachedLock *l = container_of(extlock_itree_first(&c->locks),
-                                            ExtlockCachedLock, node);
-        assert(l->users == 0);
-        extlock_cache_drop(c, l);
-    }
+    extlock_locks_destroy(c);
     extlock_linebuf_destroy(&c->in);
     g_string_free(c->out, true);
     g_hash_table_destroy(c->pending);
-    g_hash_table_destroy(c->lock_ids);
+    qapi_free_SocketAddress(c->addr);
     g_free(c->session);
     g_free(c->address);
     g_free(c->client_id);
     g_free(c->lock_space);
+    g_free(c->node_name);
     g_free(c);
 }
 
@@ -588,14 +839,11 @@ void extlock_client_detach_aio_context(ExtlockClient *c)
         aio_set_fd_handler(c->ctx, c->fd, false, NULL, NULL, NULL, NULL,
                            NULL);
     }
-    if (c->renew_timer) {
-        timer_free(c->renew_timer);
-        c->renew_timer = NULL;
-    }
-    if (c->cache_timer) {
-        timer_free(c->cache_timer);
-        c->cache_timer = NULL;
-    }
+    timer_free(c->renew_timer);
+    c->renew_timer = NULL;
+    timer_free(c->tick_timer);
+    c->tick_timer = NULL;
+    extlock_locks_detach(c);
     c->ctx = NULL;
 }
 
@@ -604,464 +852,19 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
     c->ctx = ctx;
-    c->cache_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
-                                   extlock_cache_timer_cb, c);
-    /* Catch up on revocations and ageing that were due while detached */
-    timer_mod(c->cache_timer, now);
-    if (c->fd < 0) {
-        return;
-    }
     c->renew_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
                                    extlock_client_renew, c);
-    timer_mod(c->renew_timer, now + (int64_t)c->lease_ms * SCALE_MS / 3);
-    extlock_client_set_handlers(c);
-    /* Replies may have arrived while detached */
-    extlock_client_read(c);
-}
-
-/* ------------------------------------------------------------------------
- * The lock cache
- *
- * Every lock granted to this node is an ExtlockCachedLock in c->locks
- * (by extent) and c->lock_ids (by id).  A lock with users > 0 is active;
- * with users == 0 it is idle and sits in the c->idle LRU (cache=on), or
- * has been given back already (cache=off).  A revoked lock takes no new
- * users; when its last user is done (and its minimum hold time is over)
- * it is given back in whole or in part, or downgraded.
- */
-
-static ExtlockExtent extlock_ext(uint64_t offset, uint64_t length)
-{
-    return (ExtlockExtent) { .start = offset, .end = offset + length };
-}
-
-static bool extlock_ext_contains(ExtlockExtent outer, ExtlockExtent inner)
-{
-    return outer.start <= inner.start && inner.end <= outer.end;
-}
-
-static void extlock_cache_idle_add(ExtlockClient *c, ExtlockCachedLock *l)
-{
-    assert(!l->in_lru);
-    QTAILQ_INSERT_TAIL(&c->idle, l, lru);
-    l->in_lru = true;
-    c->n_idle++;
-}
-
-static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
-{
-    if (l->in_lru) {
-        QTAILQ_REMOVE(&c->idle, l, lru);
-        l->in_lru = false;
-        c->n_idle--;
-    }
-}
-
-static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
-{
-    extlock_cache_idle_del(c, l);
-    extlock_itree_remove(&c->locks, &l->node);
-    g_hash_table_remove(c->lock_ids, &l->lock_id);
-    g_free(l);
-}
-
-/* Send "unlock" for @part of @l and forget that part locally */
-static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
-                                   ExtlockExtent part)
-{
-    ExtlockExtent ext = l->node.ext;
-    ExtlockMsg msg;
-
-    assert(l->users == 0);
-    extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
-    msg.has_id = true;
-    msg.id = c->next_id++;
-    msg.lock = l->lock_id;
-    if (part.start != ext.start || part.end != ext.end) {
-        /* Only ever a head or a tail: the rest stays one extent */
-        assert(part.start == ext.start || part.end == ext.end);
-        msg.has_extent = true;
-        msg.offset = part.start;
-        msg.length = part.end - part.start;
-    }
-    trace_extlock_client_unlock(c->node_name, l->lock_id, part.start,
-                                part.end - part.start);
-    extlock_client_send(c, &msg);
-    extlock_msg_clear(&msg);
-
-    if (!msg.has_extent) {
-        extlock_cache_drop(c, l);
-        return;
-    }
-    extlock_itree_remove(&c->locks, &l->node);
-    if (part.start == ext.start) {
-        l->node.ext.start = part.end;
-    } else {
-        l->node.ext.end = part.start;
-    }
-    extlock_itree_insert(&c->locks, &l->node);
-}
-
-/*
- * Which part of a revoked lock to give back: the part the waiting request
- * wants, widened to the end of the lock on the side this node has not used
- * since the lock was granted.  So two hosts working on disjoint ranges
- * split a grown lock between them once and then stop talking.  If the
- * used span touches the wanted part or lies on both sides, the whole lock.
- */
-static ExtlockExtent extlock_revoke_part(ExtlockCachedLock *l)
-{
-    ExtlockExtent ext = l->node.ext;
-    ExtlockExtent want = l->revoke_ext;
-    ExtlockExtent used = l->used;
-
-    if (want.start < ext.start) {
-        want.start = ext.start;
-    }
-    if (want.end > ext.end) {
-        want.end = ext.end;
-    }
-    if (want.start >= want.end || used.start >= used.end) {
-        return ext;
-    }
-    if (used.end <= want.start && want.start > ext.start) {
-        return (ExtlockExtent) { .start = want.start, .end = ext.end };
-    }
-    if (used.start >= want.end && want.end < ext.end) {
-        return (ExtlockExtent) { .start = ext.start, .end = want.end };
-    }
-    return ext;
-}
-
-static void extlock_cache_arm_timer(ExtlockClient *c, int64_t when)
-{
-    if (c->cache_timer &&
-        (!timer_pending(c->cache_timer) ||
-         timer_expire_time_ns(c->cache_timer) > when)) {
-        timer_mod(c->cache_timer, when);
-    }
-}
-
-/* Give a revoked lock back if nobody uses it and it was held long enough */
-static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
-{
-    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-    int64_t hold_until = l->granted_ns + (int64_t)c->opts.min_hold_us * 1000;
-    int64_t latency_us;
-
-    if (!l->revoking || l->users > 0) {
-        return;
-    }
-    if (c->fd < 0) {
-        extlock_lock_give_back(c, l, l->node.ext);  /* just forgets it */
-        return;
-    }
-    if (now < hold_until) {
-        extlock_cache_arm_timer(c, hold_until);
-        return;
-    }
-
-    latency_us = (now - l->revoke_ns) / 1000;
-    c->stats.revocations++;
-    c->stats.revocation_us += latency_us;
-    c->stats.revocation_max_us = MAX(c->stats.revocation_max_us, latency_us);
-
-    if (c->opts.cache && l->revoke_mode == EXTLOCK_MODE_SHARED &&
-        l->mode == EXTLOCK_MODE_EXCLUSIVE) {
-        /* A reader wants in: keep reading under a shared lock */
-        ExtlockMsg msg;
-
-        extlock_msg_init(&msg, EXTLOCK_MSG_DOWNGRADE);
-        msg.has_id = true;
-        msg.id = c->next_id++;
-        msg.lock = l->lock_id;
-        trace_extlock_client_downgrade(c->node_name, l->lock_id);
-        extlock_client_send(c, &msg);
-        extlock_msg_clear(&msg);
-        c->stats.downgrades++;
-        l->mode = EXTLOCK_MODE_SHARED;
-        l->revoking = false;
-        extlock_cache_idle_add(c, l);
-        return;
-    }
-
-    extlock_lock_give_back(c, l, c->opts.cache ? extlock_revoke_part(l)
-                                               : l->node.ext);
-    if (g_hash_table_contains(c->lock_ids, &l->lock_id)) {
-        /* The rest of the lock stays cached */
-        l->revoking = false;
-        extlock_cache_idle_add(c, l);
-    }
-}
-
-static void extlock_cache_evict(ExtlockClient *c)
-{
-    while (c->n_idle > c->opts.cache_size) {
-        ExtlockCachedLock *l = QTAILQ_FIRST(&c->idle);
-        c->stats.cache_evictions++;
-        extlock_cache_idle_del(c, l);
-        extlock_lock_give_back(c, l, l->node.ext);
-    }
-}
-
-/* Timer: minimum hold times that ran out, idle locks that aged out */
-static void extlock_cache_timer_cb(void *opaque)
-{
-    ExtlockClient *c = opaque;
-    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-    int64_t idle_ns = (int64_t)c->opts.cache_idle_ms * SCALE_MS;
-    g_autoptr(GPtrArray) revoking = g_ptr_array_new();
-    GHashTableIter it;
-    gpointer value;
-    ExtlockCachedLock *l;
-
-    g_hash_table_iter_init(&it, c->lock_ids);
-    while (g_hash_table_iter_next(&it, NULL, &value)) {
-        l = value;
-        if (l->revoking && l->users == 0) {
-            g_ptr_array_add(revoking, l);
-        }
-    }
-    for (guint i = 0; i < revoking->len; i++) {
-        extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
-    }
-
-    while ((l = QTAILQ_FIRST(&c->idle)) && l->last_used_ns + idle_ns <= now) {
-        c->stats.cache_evictions++;
-        extlock_cache_idle_del(c, l);
-        extlock_lock_give_back(c, l, l->node.ext);
-    }
-    l = QTAILQ_FIRST(&c->idle);
-    if (l) {
-        extlock_cache_arm_timer(c, l->last_used_ns + idle_ns);
-    }
-}
-
-typedef struct ExtlockFind {
-    ExtlockExtent ext;
-    ExtlockMode mode;
-    ExtlockCachedLock *found;
-} ExtlockFind;
-
-static bool extlock_cache_find_cb(ExtlockITNode *node, void *opaque)
-{
-    ExtlockFind *f = opaque;
-    ExtlockCachedLock *l = container_of(node, ExtlockCachedLock, node);
-
-    if (!l->revoking && extlock_ext_contains(node->ext, f->ext) &&
-        (l->mode == EXTLOCK_MODE_EXCLUSIVE || f->mode == EXTLOCK_MODE_SHARED)) {
-        f->found = l;
-        return false;
-    }
-    return true;
-}
-
-static ExtlockCachedLock *extlock_cache_find(ExtlockClient *c,
-                                             ExtlockExtent ext,
-                                             ExtlockMode mode)
-{
-    ExtlockFind f = { .ext = ext, .mode = mode };
-
-    extlock_itree_foreach_overlap(&c->locks, ext, extlock_cache_find_cb, &f);
-    return f.found;
-}
-
-static void extlock_lock_use(ExtlockClient *c, ExtlockCachedLock *l,
-                             ExtlockExtent ext)
-{
-    extlock_cache_idle_del(c, l);
-    l->users++;
-    if (l->used.start >= l->used.end) {
-        l->used = ext;
-    } else {
-        l->used.start = MIN(l->used.start, ext.start);
-        l->used.end = MAX(l->used.end, ext.end);
-    }
-}
-
-static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
-                                   ExtlockMsg *msg)
-{
-    ExtlockCachedLock *l = g_new0(ExtlockCachedLock, 1);
-    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-
-    l->node.ext = extlock_ext(msg->offset, msg->length);
-    l->lock_id = msg->lock;
-    l->token = msg->token;
-    l->mode = msg->mode;
-    l->granted_ns = l->last_used_ns = now;
-    extlock_itree_insert(&c->locks, &l->node);
-    g_hash_table_insert(c->lock_ids, &l->lock_id, l);
-    extlock_lock_use(c, l, extlock_ext(req->offset, req->length));
-
-    req->lock = l;
-    req->token = msg->token;
-    c->stats.grants++;
-    if (req->queued) {
-        c->stats.total_wait_us += (now - req->start_ns) / 1000;
-    }
-    trace_extlock_client_granted(c->node_name, req->id, msg->lock,
-                                 msg->offset, msg->length, msg->token);
-}
-
-static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
-{
-    ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &msg->lock);
-    ExtlockExtent want = extlock_ext(msg->offset, msg->length);
-
-    trace_extlock_client_revoke(c->node_name, msg->lock, msg->offset,
-                                msg->length, extlock_mode_name(msg->mode),
-                                l ? l->users : 0);
-    if (!l) {
-        return;     /* already given back */
-    }
-    if (!l->revoking) {
-        l->revoking = true;
-        l->revoke_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-        l->revoke_mode = msg->mode;
-        l->revoke_ext = want;
-        extlock_cache_idle_del(c, l);
-    } else {
-        if (msg->mode == EXTLOCK_MODE_EXCLUSIVE) {
-            l->revoke_mode = EXTLOCK_MODE_EXCLUSIVE;
-        }
-        l->revoke_ext.start = MIN(l->revoke_ext.start, want.start);
-        l->revoke_ext.end = MAX(l->revoke_ext.end, want.end);
-    }
-    extlock_lock_try_revoke(c, l);
-}
-
-/* ------------------------------------------------------------------------
- * Requests
- */
-
-/* Is a request of ours on its way that will likely cover @mode too? */
-static bool extlock_grant_in_flight(ExtlockClient *c, ExtlockMode mode)
-{
-    ExtlockRequest *r;
-
-    QLIST_FOREACH(r, &c->waiting, next) {
-        if (!r->queued && (r->mode == EXTLOCK_MODE_EXCLUSIVE ||
-                           mode == EXTLOCK_MODE_SHARED)) {
-            return true;
-        }
-    }
-    return false;
-}
-
-int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
-{
-    ExtlockExtent ext = extlock_ext(req->offset, req->length);
-    ExtlockMsg msg;
-
-    req->lock = NULL;
-    if (c->opts.cache) {
-        for (;;) {
-            ExtlockCachedLock *l = extlock_cache_find(c, ext, req->mode);
-            if (l) {
-                extlock_lock_use(c, l, ext);
-                c->stats.cache_hits++;
-                req->lock = l;
-                return 0;
-            }
-            /*
-             * A grant on its way will probably have grown over our range:
-             * wait for it rather than queueing behind it at the
-             * coordinator.  Not once it waits there: no head-of-line
-             * blocking behind other hosts.
-             */
-            if (c->fd < 0 || !extlock_grant_in_flight(c, req->mode)) {
-                break;
-            }
-            qemu_co_queue_wait(&c->grant_queue, NULL);
-        }
-    }
-
-    req->id = c->next_id++;
-    req->co = qemu_coroutine_self();
-    req->queued = req->done = false;
-    req->ret = 0;
-    req->token = 0;
-    req->start_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-    c->stats.requests++;
-
-    if (c->fd < 0) {
-        c->stats.errors++;
-        return -EIO;
-    }
-    if (req->start_ns >= c->lease_deadline_ns) {
-        /* Fencing: past our lease, somebody else may own our locks */
-        error_report_once("extlock: node '%s': lease expired, failing I/O",
-                          c->node_name);
-        c->stats.errors++;
-        return -EIO;
-    }
-
-    req->blocked_by = g_ptr_array_new_with_free_func(g_free);
-    QLIST_INSERT_HEAD(&c->waiting, req, next);
-    g_hash_table_insert(c->pending, &req->id, req);
-
-    extlock_msg_init(&msg, EXTLOCK_MSG_LOCK);
-    msg.has_id = true;
-    msg.id = req->id;
-    msg.has_extent = true;
-    msg.offset = req->offset;
-    msg.length = req->length;
-    msg.mode = req->mode;
-    msg.wait = true;
-    if (c->opts.cache && c->opts.grow_limit) {
-        msg.has_limit = true;
-        msg.limit_offset = 0;
-        msg.limit_length = MAX(c->opts.grow_limit, ext.end);
-    }
-    trace_extlock_client_lock(c->node_name, req->id, req->offset,
-                              req->length, extlock_mode_name(req->mode));
-    extlock_client_send(c, &msg);
-    extlock_msg_clear(&msg);
-
-    while (!req->done) {
-        qemu_coroutine_yield();
-    }
-    req->co = NULL;
-    QLIST_REMOVE(req, next);
-    g_ptr_array_free(req->blocked_by, true);
-    req->blocked_by = NULL;
-    /* Others may be waiting to see whether this grant covers them */
-    qemu_co_queue_restart_all(&c->grant_queue);
-    return req->ret;
-}
-
-void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
-{
-    ExtlockCachedLock *l = req->lock;
-
-    assert(l && l->users > 0);
-    req->lock = NULL;
-    l->users--;
-    l->last_used_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-    if (l->users > 0) {
-        return;
-    }
-    if (!c->opts.cache || c->fd < 0) {
-        extlock_lock_give_back(c, l, l->node.ext);
-    } else if (l->revoking) {
-        extlock_lock_try_revoke(c, l);
-    } else {
-        extlock_cache_idle_add(c, l);
-        extlock_cache_evict(c);
-        extlock_cache_arm_timer(c, l->last_used_ns +
-                                (int64_t)c->opts.cache_idle_ms * SCALE_MS);
-    }
-}
-
-/* For QMP: every lock this node holds */
-void extlock_client_foreach_lock(ExtlockClient *c,
-                                 void (*fn)(ExtlockCachedLock *l, void *),
-                                 void *opaque)
-{
-    ExtlockITNode *n;
-
-    for (n = extlock_itree_first(&c->locks); n; n = extlock_itree_next(n)) {
-        fn(container_of(n, ExtlockCachedLock, node), opaque);
+    c->tick_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                  extlock_client_tick, c);
+    timer_mod(c->tick_timer, now + EXTLOCK_TICK_MS * SCALE_MS);
+    extlock_locks_attach(c);
+    if (c->fd >= 0) {
+        timer_mod(c->renew_timer, now + (int64_t)c->lease_ms * SCALE_MS / 3);
+        extlock_client_set_handlers(c);
+        /* Replies may have arrived while detached */
+        extlock_client_read(c);
+    } else if (!c->closing && !c->reconnect_co) {
+        c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
+        aio_co_schedule(ctx, c->reconnect_co);
     }
 }

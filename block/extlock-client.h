@@ -1,5 +1,5 @@
 /*
- * extlock: non-blocking coordinator client for the extlock block filter
+ * extlock: the coordinator client of an extlock block node
  *
  * Copyright (c) 2026 The extlock authors
  *
@@ -7,9 +7,13 @@
  *
  * One client (one coordinator connection and session) per extlock node.
  * Everything runs in the node's AioContext: the socket is served by an
- * AioContext fd handler, requests wait in coroutines, and the lease is
- * renewed by an AioContext timer.  Nothing here blocks the I/O thread,
- * except connecting and the handshake at open time.
+ * AioContext fd handler, requests wait in coroutines, timers renew the
+ * lease and age the lock cache.  Reconnecting (connect, hello, lock
+ * reclaim) runs in a thread pool worker, so nothing blocks the I/O thread
+ * except connecting at open time.
+ *
+ * extlock-client.c: connection, session, lease, reconnection, events.
+ * extlock-locks.c:  the lock cache, revocation and the request API.
  */
 #ifndef BLOCK_EXTLOCK_CLIENT_H
 #define BLOCK_EXTLOCK_CLIENT_H
@@ -25,8 +29,8 @@
 
 /*
  * A lock granted by the coordinator.  While requests use it, it is active;
- * afterwards it stays cached (with cache=on) until the coordinator revokes
- * it, it ages out, or the cache is full.
+ * afterwards it stays cached (with lock-cache=on) until the coordinator
+ * revokes it, it ages out, or the cache is full.
  */
 typedef struct ExtlockCachedLock {
     ExtlockITNode node;         /* node.ext: the granted extent */
@@ -35,6 +39,7 @@ typedef struct ExtlockCachedLock {
     ExtlockMode mode;
     unsigned users;             /* requests in flight under this lock */
     bool revoking;              /* coordinator asked for it back */
+    bool stale;                 /* lease lost: never use it again */
     ExtlockMode revoke_mode;    /* mode the other request wants */
     ExtlockExtent revoke_ext;   /* extent the other request wants */
     int64_t revoke_ns;          /* when the first revoke arrived */
@@ -58,6 +63,7 @@ typedef struct ExtlockRequest {
     uint64_t id;                /* protocol request id */
     Coroutine *co;
     bool queued;                /* the coordinator answered "waiting" */
+    bool warned;                /* EXTENT_LOCK_WAIT_TIMEOUT sent */
     bool done;                  /* final reply received */
     int ret;
     uint64_t token;
@@ -78,7 +84,16 @@ typedef struct ExtlockClientStats {
     uint64_t revocation_max_us;
     uint64_t downgrades;
     uint64_t cache_evictions;   /* idle locks dropped for age or space */
+    uint64_t reconnects;
+    uint64_t lease_losses;
 } ExtlockClientStats;
+
+typedef enum ExtlockSessionState {
+    EXTLOCK_SESSION_ACTIVE,
+    EXTLOCK_SESSION_RECONNECTING,
+    EXTLOCK_SESSION_RECLAIMING,
+    EXTLOCK_SESSION_LEASE_LOST,
+} ExtlockSessionState;
 
 typedef struct ExtlockClientOptions {
     bool cache;                 /* keep locks after requests complete */
@@ -86,40 +101,54 @@ typedef struct ExtlockClientOptions {
     uint32_t cache_idle_ms;     /* drop idle locks unused this long */
     uint32_t min_hold_us;       /* keep a new lock at least this long */
     uint64_t grow_limit;        /* end of the range locks may grow into */
+    bool lease_loss_error;      /* on-lease-loss=error (else queue) */
+    uint32_t lease_loss_timeout_ms;
+    uint32_t wait_warning_ms;   /* 0: no EXTENT_LOCK_WAIT_TIMEOUT */
 } ExtlockClientOptions;
 
 typedef struct ExtlockClient {
     AioContext *ctx;
+    SocketAddress *addr;
     char *address;              /* for messages: "unix:/path" */
     char *client_id;
     char *lock_space;
-    const char *node_name;      /* for trace/error messages */
+    char *node_name;            /* for events and messages */
+    uint32_t lease_ms_wanted;   /* 0: the coordinator's default */
     ExtlockClientOptions opts;
 
-    int fd;                     /* -1 once the connection is gone */
+    /* session */
+    ExtlockSessionState state;
+    int fd;                     /* -1 while disconnected */
     QIOChannelSocket *sioc;
     char *session;
     uint64_t epoch;
     uint32_t lease_ms;
+    int64_t lease_deadline_ns;  /* QEMU_CLOCK_REALTIME, margin included */
+    bool closing;
 
+    /* wire */
     ExtlockLineBuf in;
     GString *out;
     size_t out_done;            /* bytes of @out already written */
-
     uint64_t next_id;
     GHashTable *pending;        /* id -> ExtlockRequest awaiting a reply */
-    QLIST_HEAD(, ExtlockRequest) waiting; /* requests not granted yet */
 
+    /* timers and background work */
+    QEMUTimer *renew_timer;
+    uint64_t renew_id;          /* outstanding renew, 0 if none */
+    int64_t renew_sent_ns;
+    QEMUTimer *tick_timer;      /* lease deadline, slow waiters */
+    Coroutine *reconnect_co;
+    QemuCoSleep reconnect_sleep;
+
+    /* requests and locks (extlock-locks.c) */
+    QLIST_HEAD(, ExtlockRequest) waiting; /* requests not granted yet */
+    CoQueue grant_queue;        /* requests waiting for our own grants */
+    CoQueue usable_queue;       /* requests waiting for lease/connection */
     ExtlockITree locks;         /* ExtlockCachedLock by extent */
     GHashTable *lock_ids;       /* lock id -> ExtlockCachedLock */
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
     unsigned n_idle;
-    CoQueue grant_queue;        /* requests waiting for our own grants */
-
-    QEMUTimer *renew_timer;
-    uint64_t renew_id;          /* outstanding renew, 0 if none */
-    int64_t renew_sent_ns;
-    int64_t lease_deadline_ns;  /* QEMU_CLOCK_REALTIME */
     QEMUTimer *cache_timer;     /* min hold time and idle ageing */
 
     ExtlockClientStats stats;
@@ -144,13 +173,15 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx);
 bool extlock_client_connected(ExtlockClient *c);
 /* Milliseconds until the lease deadline (negative once past) */
 int64_t extlock_client_lease_remaining_ms(ExtlockClient *c);
+/* May the node touch the image now (lease valid, not reclaiming)? */
+bool extlock_client_lease_valid(ExtlockClient *c);
 
 /*
  * Get a lock covering req->offset/length in req->mode (or stronger): a
  * cached one if possible, else from the coordinator, waiting as long as it
  * queues the request.  Returns 0 with req->lock set (then
  * extlock_client_unlock() must follow), or -EIO if the coordinator refused
- * or is unreachable, or the lease has expired.
+ * the request, or the lease is lost (per the on-lease-loss policy).
  */
 int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req);
 void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req);
@@ -159,5 +190,46 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req);
 void extlock_client_foreach_lock(ExtlockClient *c,
                                  void (*fn)(ExtlockCachedLock *l, void *),
                                  void *opaque);
+
+/*
+ * Internal interface between extlock-client.c and extlock-locks.c
+ */
+void extlock_client_send(ExtlockClient *c, const ExtlockMsg *msg);
+uint64_t extlock_client_new_id(ExtlockClient *c);
+
+void extlock_locks_init(ExtlockClient *c);
+void extlock_locks_destroy(ExtlockClient *c);
+void extlock_locks_attach(ExtlockClient *c);
+void extlock_locks_detach(ExtlockClient *c);
+/* Messages for requests and locks; adds requests to wake to @wake */
+void extlock_locks_handle(ExtlockClient *c, ExtlockRequest *req,
+                          ExtlockMsg *msg, GPtrArray *wake);
+/* The connection is gone: requests waiting at the coordinator retry */
+void extlock_locks_disconnected(ExtlockClient *c);
+/* The lease is lost: no cached lock may be used again */
+void extlock_locks_lease_lost(ExtlockClient *c);
+/* Session or connection state changed: let queued requests look again */
+void extlock_locks_wake_usable(ExtlockClient *c);
+/* Periodic: emit EXTENT_LOCK_WAIT_TIMEOUT for slow requests */
+void extlock_locks_check_waiters(ExtlockClient *c, int64_t now);
+
+/* Reconnection: what the node holds, to resume or reclaim */
+typedef struct ExtlockReclaim {
+    uint64_t old_id;
+    uint64_t offset;
+    uint64_t length;
+    ExtlockMode mode;
+    uint64_t token;
+    uint64_t new_id;            /* set by the reclaim */
+    bool ok;
+} ExtlockReclaim;
+
+GArray *extlock_locks_snapshot(ExtlockClient *c);
+/* Resumed session: keep what the coordinator still lists, drop the rest */
+void extlock_locks_resumed(ExtlockClient *c, GArray *server_locks);
+/* Restarted coordinator: adopt the new ids of reclaimed locks */
+void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims);
+/* New session: every lock is gone; returns how many */
+uint64_t extlock_locks_forget_all(ExtlockClient *c);
 
 #endif /* BLOCK_EXTLOCK_CLIENT_H */

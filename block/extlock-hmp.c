@@ -33,10 +33,12 @@ void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
 
         monitor_printf(mon, "%s: lock-space %s, client-id %s\n",
                        n->node_name, n->lock_space, n->client_id);
-        monitor_printf(mon, "  coordinator %s: %s", n->coordinator,
-                       n->connected ? "connected" : "DISCONNECTED");
+        monitor_printf(mon, "  coordinator %s: %s, session %s",
+                       n->coordinator,
+                       n->connected ? "connected" : "DISCONNECTED",
+                       ExtentLockSessionState_str(n->state));
         if (n->has_session) {
-            monitor_printf(mon, ", session %s, epoch %" PRIu64,
+            monitor_printf(mon, " %s, epoch %" PRIu64,
                            n->session, n->epoch);
         }
         monitor_printf(mon, ", lease %" PRIu32 " ms, %" PRId64
@@ -57,6 +59,9 @@ void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
                        n->counters->revocation_max_us,
                        n->counters->downgrades,
                        n->counters->cache_evictions);
+        monitor_printf(mon, "  reconnects %" PRIu64 ", lease losses %"
+                       PRIu64 "\n", n->counters->reconnects,
+                       n->counters->lease_losses);
         for (h = n->held; h; h = h->next) {
             monitor_printf(mon, "  %-8s %-9s [%" PRIu64 ", +%" PRIu64
                            ") token 0x%" PRIx64 " for %" PRId64 " ms, %"

@@ -50,6 +50,20 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     info->client_id = g_strdup(s->client_id);
     info->coordinator = g_strdup(c->address);
     info->connected = extlock_client_connected(c);
+    switch (c->state) {
+    case EXTLOCK_SESSION_ACTIVE:
+        info->state = EXTENT_LOCK_SESSION_STATE_ACTIVE;
+        break;
+    case EXTLOCK_SESSION_RECONNECTING:
+        info->state = EXTENT_LOCK_SESSION_STATE_RECONNECTING;
+        break;
+    case EXTLOCK_SESSION_RECLAIMING:
+        info->state = EXTENT_LOCK_SESSION_STATE_RECLAIMING;
+        break;
+    default:
+        info->state = EXTENT_LOCK_SESSION_STATE_LEASE_LOST;
+        break;
+    }
     if (info->connected) {
         info->has_session = true;
         info->session = g_strdup(c->session);
@@ -92,6 +106,8 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     info->counters->revocation_max_us = c->stats.revocation_max_us;
     info->counters->downgrades = c->stats.downgrades;
     info->counters->cache_evictions = c->stats.cache_evictions;
+    info->counters->reconnects = c->stats.reconnects;
+    info->counters->lease_losses = c->stats.lease_losses;
     return info;
 }
 

@@ -20,6 +20,8 @@
 #include "qapi/qobject-input-visitor.h"
 #include "qapi/qapi-visit-sockets.h"
 #include "qemu/cutils.h"
+#include "qapi/util.h"
+#include "qapi/qapi-types-block-core.h"
 #include "qemu/module.h"
 #include "qemu/option.h"
 #include "block/block_int.h"
@@ -34,6 +36,9 @@
 #define EXTLOCK_OPT_CACHE_SIZE  "lock-cache-size"
 #define EXTLOCK_OPT_CACHE_IDLE  "lock-cache-idle-time"
 #define EXTLOCK_OPT_MIN_HOLD    "min-hold-time"
+#define EXTLOCK_OPT_ON_LOSS     "on-lease-loss"
+#define EXTLOCK_OPT_LOSS_TIME   "lease-loss-timeout"
+#define EXTLOCK_OPT_WAIT_WARN   "wait-warning-time"
 
 #define EXTLOCK_GRANULARITY_MIN     512
 #define EXTLOCK_GRANULARITY_MAX     (1U << 30)
@@ -86,6 +91,21 @@ static QemuOptsList extlock_runtime_opts = {
             .type = QEMU_OPT_NUMBER,
             .help = "keep a lock at least this many us (default: 0)",
         },
+        {
+            .name = EXTLOCK_OPT_ON_LOSS,
+            .type = QEMU_OPT_STRING,
+            .help = "without a lease: queue or error (default: queue)",
+        },
+        {
+            .name = EXTLOCK_OPT_LOSS_TIME,
+            .type = QEMU_OPT_NUMBER,
+            .help = "fail queued requests after this many ms (default: 60000)",
+        },
+        {
+            .name = EXTLOCK_OPT_WAIT_WARN,
+            .type = QEMU_OPT_NUMBER,
+            .help = "event when a request waits this many ms (default: 10000)",
+        },
         { /* end of list */ }
     },
 };
@@ -100,6 +120,9 @@ static const char *const extlock_strong_runtime_opts[] = {
     EXTLOCK_OPT_CACHE_SIZE,
     EXTLOCK_OPT_CACHE_IDLE,
     EXTLOCK_OPT_MIN_HOLD,
+    EXTLOCK_OPT_ON_LOSS,
+    EXTLOCK_OPT_LOSS_TIME,
+    EXTLOCK_OPT_WAIT_WARN,
     "coordinator.",
     NULL
 };
@@ -143,6 +166,11 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
     uint64_t cache_idle = qemu_opt_get_number(opts, EXTLOCK_OPT_CACHE_IDLE,
                                               EXTLOCK_CACHE_IDLE_DEFAULT);
     uint64_t min_hold = qemu_opt_get_number(opts, EXTLOCK_OPT_MIN_HOLD, 0);
+    uint64_t loss_timeout = qemu_opt_get_number(opts, EXTLOCK_OPT_LOSS_TIME,
+                                                60000);
+    uint64_t wait_warn = qemu_opt_get_number(opts, EXTLOCK_OPT_WAIT_WARN,
+                                             10000);
+    int policy;
 
     if (!lock_space) {
         error_setg(errp, QERR_MISSING_PARAMETER, EXTLOCK_OPT_LOCK_SPACE);
@@ -195,6 +223,27 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
         return false;
     }
 
+    policy = qapi_enum_parse(&ExtlockLeaseLossPolicy_lookup,
+                             qemu_opt_get(opts, EXTLOCK_OPT_ON_LOSS),
+                             EXTLOCK_LEASE_LOSS_POLICY_QUEUE, errp);
+    if (policy < 0) {
+        error_prepend(errp, "on-lease-loss: ");
+        return false;
+    }
+    if (loss_timeout > UINT32_MAX) {
+        error_setg(errp, "lease-loss-timeout must be at most %u ms",
+                   UINT32_MAX);
+        return false;
+    }
+    if (wait_warn > UINT32_MAX) {
+        error_setg(errp, "wait-warning-time must be at most %u ms",
+                   UINT32_MAX);
+        return false;
+    }
+
+    s->cache_opts.lease_loss_error = policy == EXTLOCK_LEASE_LOSS_POLICY_ERROR;
+    s->cache_opts.lease_loss_timeout_ms = loss_timeout;
+    s->cache_opts.wait_warning_ms = wait_warn;
     s->cache_opts.cache = qemu_opt_get_bool(opts, EXTLOCK_OPT_CACHE, true);
     s->cache_opts.cache_size = cache_size;
     s->cache_opts.cache_idle_ms = cache_idle;

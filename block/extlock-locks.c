@@ -1,0 +1,813 @@
+/*
+ * extlock: the lock cache, revocation and the request API
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/error-report.h"
+#include "qemu/main-loop.h"
+#include "qapi/qapi-events-block-extlock.h"
+#include "extlock-client.h"
+#include "trace.h"
+
+static void extlock_cache_timer_cb(void *opaque);
+
+/* ------------------------------------------------------------------------
+ * The lock cache
+ *
+ * Every lock granted to this node is an ExtlockCachedLock in c->locks
+ * (by extent) and c->lock_ids (by id).  A lock with users > 0 is active;
+ * with users == 0 it is idle and sits in the c->idle LRU (cache=on), or
+ * has been given back already (cache=off).  A revoked lock takes no new
+ * users; when its last user is done (and its minimum hold time is over)
+ * it is given back in whole or in part, or downgraded.
+ */
+
+static ExtlockExtent extlock_ext(uint64_t offset, uint64_t length)
+{
+    return (ExtlockExtent) { .start = offset, .end = offset + length };
+}
+
+static bool extlock_ext_contains(ExtlockExtent outer, ExtlockExtent inner)
+{
+    return outer.start <= inner.start && inner.end <= outer.end;
+}
+
+static void extlock_cache_idle_add(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    assert(!l->in_lru);
+    QTAILQ_INSERT_TAIL(&c->idle, l, lru);
+    l->in_lru = true;
+    c->n_idle++;
+}
+
+static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    if (l->in_lru) {
+        QTAILQ_REMOVE(&c->idle, l, lru);
+        l->in_lru = false;
+        c->n_idle--;
+    }
+}
+
+static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    extlock_cache_idle_del(c, l);
+    extlock_itree_remove(&c->locks, &l->node);
+    g_hash_table_remove(c->lock_ids, &l->lock_id);
+    g_free(l);
+}
+
+/* Send "unlock" for @part of @l and forget that part locally */
+static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
+                                   ExtlockExtent part)
+{
+    ExtlockExtent ext = l->node.ext;
+    ExtlockMsg msg;
+
+    assert(l->users == 0 && c->fd >= 0);
+    extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
+    msg.has_id = true;
+    msg.id = extlock_client_new_id(c);
+    msg.lock = l->lock_id;
+    if (part.start != ext.start || part.end != ext.end) {
+        /* Only ever a head or a tail: the rest stays one extent */
+        assert(part.start == ext.start || part.end == ext.end);
+        msg.has_extent = true;
+        msg.offset = part.start;
+        msg.length = part.end - part.start;
+    }
+    trace_extlock_client_unlock(c->node_name, l->lock_id, part.start,
+                                part.end - part.start);
+    extlock_client_send(c, &msg);
+    extlock_msg_clear(&msg);
+
+    if (!msg.has_extent) {
+        extlock_cache_drop(c, l);
+        return;
+    }
+    extlock_itree_remove(&c->locks, &l->node);
+    if (part.start == ext.start) {
+        l->node.ext.start = part.end;
+    } else {
+        l->node.ext.end = part.start;
+    }
+    extlock_itree_insert(&c->locks, &l->node);
+}
+
+/*
+ * Which part of a revoked lock to give back: the part the waiting request
+ * wants, widened to the end of the lock on the side this node has not used
+ * since the lock was granted.  So two hosts working on disjoint ranges
+ * split a grown lock between them once and then stop talking.  If the
+ * used span touches the wanted part or lies on both sides, the whole lock.
+ */
+static ExtlockExtent extlock_revoke_part(ExtlockCachedLock *l)
+{
+    ExtlockExtent ext = l->node.ext;
+    ExtlockExtent want = l->revoke_ext;
+    ExtlockExtent used = l->used;
+
+    if (want.start < ext.start) {
+        want.start = ext.start;
+    }
+    if (want.end > ext.end) {
+        want.end = ext.end;
+    }
+    if (want.start >= want.end || used.start >= used.end) {
+        return ext;
+    }
+    if (used.end <= want.start && want.start > ext.start) {
+        return (ExtlockExtent) { .start = want.start, .end = ext.end };
+    }
+    if (used.start >= want.end && want.end < ext.end) {
+        return (ExtlockExtent) { .start = ext.start, .end = want.end };
+    }
+    return ext;
+}
+
+static void extlock_cache_arm_timer(ExtlockClient *c, int64_t when)
+{
+    if (c->cache_timer &&
+        (!timer_pending(c->cache_timer) ||
+         timer_expire_time_ns(c->cache_timer) > when)) {
+        timer_mod(c->cache_timer, when);
+    }
+}
+
+/* Give a revoked lock back if nobody uses it and it was held long enough */
+static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int64_t hold_until = l->granted_ns + (int64_t)c->opts.min_hold_us * 1000;
+    int64_t latency_us;
+
+    if (!l->revoking || l->users > 0) {
+        return;
+    }
+    if (l->stale) {
+        extlock_cache_drop(c, l);
+        return;
+    }
+    if (c->fd < 0) {
+        /* Give it back once reconnected (the revoke is re-sent then) */
+        return;
+    }
+    if (now < hold_until) {
+        extlock_cache_arm_timer(c, hold_until);
+        return;
+    }
+
+    latency_us = (now - l->revoke_ns) / 1000;
+    c->stats.revocations++;
+    c->stats.revocation_us += latency_us;
+    c->stats.revocation_max_us = MAX(c->stats.revocation_max_us, latency_us);
+
+    if (c->opts.cache && l->revoke_mode == EXTLOCK_MODE_SHARED &&
+        l->mode == EXTLOCK_MODE_EXCLUSIVE) {
+        /* A reader wants in: keep reading under a shared lock */
+        ExtlockMsg msg;
+
+        extlock_msg_init(&msg, EXTLOCK_MSG_DOWNGRADE);
+        msg.has_id = true;
+        msg.id = extlock_client_new_id(c);
+        msg.lock = l->lock_id;
+        trace_extlock_client_downgrade(c->node_name, l->lock_id);
+        extlock_client_send(c, &msg);
+        extlock_msg_clear(&msg);
+        c->stats.downgrades++;
+        l->mode = EXTLOCK_MODE_SHARED;
+        l->revoking = false;
+        extlock_cache_idle_add(c, l);
+        return;
+    }
+
+    extlock_lock_give_back(c, l, c->opts.cache ? extlock_revoke_part(l)
+                                               : l->node.ext);
+    if (g_hash_table_contains(c->lock_ids, &l->lock_id)) {
+        /* The rest of the lock stays cached */
+        l->revoking = false;
+        extlock_cache_idle_add(c, l);
+    }
+}
+
+static void extlock_cache_evict(ExtlockClient *c)
+{
+    while (c->fd >= 0 && c->n_idle > c->opts.cache_size) {
+        ExtlockCachedLock *l = QTAILQ_FIRST(&c->idle);
+        c->stats.cache_evictions++;
+        extlock_cache_idle_del(c, l);
+        extlock_lock_give_back(c, l, l->node.ext);
+    }
+}
+
+/* Timer: minimum hold times that ran out, idle locks that aged out */
+static void extlock_cache_timer_cb(void *opaque)
+{
+    ExtlockClient *c = opaque;
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int64_t idle_ns = (int64_t)c->opts.cache_idle_ms * SCALE_MS;
+    g_autoptr(GPtrArray) revoking = g_ptr_array_new();
+    GHashTableIter it;
+    gpointer value;
+    ExtlockCachedLock *l;
+
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        l = value;
+        if (l->revoking && l->users == 0) {
+            g_ptr_array_add(revoking, l);
+        }
+    }
+    for (guint i = 0; i < revoking->len; i++) {
+        extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
+    }
+
+    while (c->fd >= 0 && (l = QTAILQ_FIRST(&c->idle)) &&
+           l->last_used_ns + idle_ns <= now) {
+        c->stats.cache_evictions++;
+        extlock_cache_idle_del(c, l);
+        extlock_lock_give_back(c, l, l->node.ext);
+    }
+    l = QTAILQ_FIRST(&c->idle);
+    if (l) {
+        extlock_cache_arm_timer(c, l->last_used_ns + idle_ns);
+    }
+}
+
+typedef struct ExtlockFind {
+    ExtlockExtent ext;
+    ExtlockMode mode;
+    ExtlockCachedLock *found;
+} ExtlockFind;
+
+static bool extlock_cache_find_cb(ExtlockITNode *node, void *opaque)
+{
+    ExtlockFind *f = opaque;
+    ExtlockCachedLock *l = container_of(node, ExtlockCachedLock, node);
+
+    if (!l->revoking && extlock_ext_contains(node->ext, f->ext) &&
+        (l->mode == EXTLOCK_MODE_EXCLUSIVE || f->mode == EXTLOCK_MODE_SHARED)) {
+        f->found = l;
+        return false;
+    }
+    return true;
+}
+
+static ExtlockCachedLock *extlock_cache_find(ExtlockClient *c,
+                                             ExtlockExtent ext,
+                                             ExtlockMode mode)
+{
+    ExtlockFind f = { .ext = ext, .mode = mode };
+
+    extlock_itree_foreach_overlap(&c->locks, ext, extlock_cache_find_cb, &f);
+    return f.found;
+}
+
+static void extlock_lock_use(ExtlockClient *c, ExtlockCachedLock *l,
+                             ExtlockExtent ext)
+{
+    extlock_cache_idle_del(c, l);
+    l->users++;
+    if (l->used.start >= l->used.end) {
+        l->used = ext;
+    } else {
+        l->used.start = MIN(l->used.start, ext.start);
+        l->used.end = MAX(l->used.end, ext.end);
+    }
+}
+
+static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
+                                   ExtlockMsg *msg)
+{
+    ExtlockCachedLock *l = g_new0(ExtlockCachedLock, 1);
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+
+    l->node.ext = extlock_ext(msg->offset, msg->length);
+    l->lock_id = msg->lock;
+    l->token = msg->token;
+    l->mode = msg->mode;
+    l->granted_ns = l->last_used_ns = now;
+    extlock_itree_insert(&c->locks, &l->node);
+    g_hash_table_insert(c->lock_ids, &l->lock_id, l);
+    extlock_lock_use(c, l, extlock_ext(req->offset, req->length));
+
+    req->lock = l;
+    req->token = msg->token;
+    c->stats.grants++;
+    if (req->queued) {
+        c->stats.total_wait_us += (now - req->start_ns) / 1000;
+    }
+    trace_extlock_client_granted(c->node_name, req->id, msg->lock,
+                                 msg->offset, msg->length, msg->token);
+}
+
+static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
+{
+    ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &msg->lock);
+    ExtlockExtent want = extlock_ext(msg->offset, msg->length);
+
+    trace_extlock_client_revoke(c->node_name, msg->lock, msg->offset,
+                                msg->length, extlock_mode_name(msg->mode),
+                                l ? l->users : 0);
+    if (!l) {
+        return;     /* already given back */
+    }
+    if (!l->revoking) {
+        l->revoking = true;
+        l->revoke_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+        l->revoke_mode = msg->mode;
+        l->revoke_ext = want;
+        extlock_cache_idle_del(c, l);
+    } else {
+        if (msg->mode == EXTLOCK_MODE_EXCLUSIVE) {
+            l->revoke_mode = EXTLOCK_MODE_EXCLUSIVE;
+        }
+        l->revoke_ext.start = MIN(l->revoke_ext.start, want.start);
+        l->revoke_ext.end = MAX(l->revoke_ext.end, want.end);
+    }
+    extlock_lock_try_revoke(c, l);
+}
+
+/* ------------------------------------------------------------------------
+ * Requests
+ */
+
+/* Is a request of ours on its way that will likely cover @mode too? */
+static bool extlock_grant_in_flight(ExtlockClient *c, ExtlockMode mode)
+{
+    ExtlockRequest *r;
+
+    QLIST_FOREACH(r, &c->waiting, next) {
+        if (!r->queued && (r->mode == EXTLOCK_MODE_EXCLUSIVE ||
+                           mode == EXTLOCK_MODE_SHARED)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Send the lock request and wait for its final reply */
+static int coroutine_fn extlock_request_send(ExtlockClient *c,
+                                             ExtlockRequest *req)
+{
+    ExtlockExtent ext = extlock_ext(req->offset, req->length);
+    ExtlockMsg msg;
+
+    req->id = extlock_client_new_id(c);
+    req->co = qemu_coroutine_self();
+    req->queued = req->done = req->warned = false;
+    req->ret = 0;
+    req->token = 0;
+    req->blocked_by = g_ptr_array_new_with_free_func(g_free);
+    c->stats.requests++;
+    QLIST_INSERT_HEAD(&c->waiting, req, next);
+    g_hash_table_insert(c->pending, &req->id, req);
+
+    extlock_msg_init(&msg, EXTLOCK_MSG_LOCK);
+    msg.has_id = true;
+    msg.id = req->id;
+    msg.has_extent = true;
+    msg.offset = req->offset;
+    msg.length = req->length;
+    msg.mode = req->mode;
+    msg.wait = true;
+    if (c->opts.cache && c->opts.grow_limit) {
+        msg.has_limit = true;
+        msg.limit_offset = 0;
+        msg.limit_length = MAX(c->opts.grow_limit, ext.end);
+    }
+    trace_extlock_client_lock(c->node_name, req->id, req->offset,
+                              req->length, extlock_mode_name(req->mode));
+    extlock_client_send(c, &msg);
+    extlock_msg_clear(&msg);
+
+    while (!req->done) {
+        qemu_coroutine_yield();
+    }
+    req->co = NULL;
+    QLIST_REMOVE(req, next);
+    g_ptr_array_free(req->blocked_by, true);
+    req->blocked_by = NULL;
+    /* Others may be waiting to see whether this grant covers them */
+    qemu_co_queue_restart_all(&c->grant_queue);
+    return req->ret;
+}
+
+int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
+{
+    ExtlockExtent ext = extlock_ext(req->offset, req->length);
+    int64_t start_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int ret;
+
+    req->lock = NULL;
+    req->start_ns = start_ns;
+    for (;;) {
+        int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+        ExtlockCachedLock *l;
+
+        if (c->closing) {
+            return -EIO;
+        }
+        /*
+         * Fencing: without a valid lease other hosts may own our extents,
+         * so we touch nothing; queue or fail as the policy says.
+         */
+        if (!extlock_client_lease_valid(c)) {
+            if (c->opts.lease_loss_error ||
+                now - start_ns >=
+                (int64_t)c->opts.lease_loss_timeout_ms * SCALE_MS) {
+                error_report_once("extlock: node '%s': no valid lease, "
+                                  "failing I/O", c->node_name);
+                c->stats.errors++;
+                return -EIO;
+            }
+            qemu_co_queue_wait(&c->usable_queue, NULL);
+            continue;
+        }
+
+        if (c->opts.cache) {
+            l = extlock_cache_find(c, ext, req->mode);
+            if (l) {
+                extlock_lock_use(c, l, ext);
+                c->stats.cache_hits++;
+                req->lock = l;
+                return 0;
+            }
+            /*
+             * A grant on its way will probably have grown over our range:
+             * wait for it rather than queueing behind it at the
+             * coordinator.  Not once it waits there: no head-of-line
+             * blocking behind other hosts.
+             */
+            if (c->fd >= 0 && extlock_grant_in_flight(c, req->mode)) {
+                qemu_co_queue_wait(&c->grant_queue, NULL);
+                continue;
+            }
+        }
+        if (c->fd < 0 || c->state != EXTLOCK_SESSION_ACTIVE) {
+            /* Reconnecting: woken when connected or the lease is lost */
+            qemu_co_queue_wait(&c->usable_queue, NULL);
+            continue;
+        }
+
+        ret = extlock_request_send(c, req);
+        if (ret == -EAGAIN) {
+            /* The connection dropped before the grant: ask again */
+            continue;
+        }
+        return ret;
+    }
+}
+
+void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
+{
+    ExtlockCachedLock *l = req->lock;
+
+    assert(l && l->users > 0);
+    req->lock = NULL;
+    l->users--;
+    l->last_used_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    if (l->users > 0) {
+        return;
+    }
+    if (l->stale) {
+        extlock_cache_drop(c, l);
+    } else if (!c->opts.cache && c->fd >= 0) {
+        extlock_lock_give_back(c, l, l->node.ext);
+    } else if (l->revoking) {
+        extlock_lock_try_revoke(c, l);
+    } else {
+        extlock_cache_idle_add(c, l);
+        extlock_cache_evict(c);
+        extlock_cache_arm_timer(c, l->last_used_ns +
+                                (int64_t)c->opts.cache_idle_ms * SCALE_MS);
+    }
+}
+
+/* For QMP: every lock this node holds */
+void extlock_client_foreach_lock(ExtlockClient *c,
+                                 void (*fn)(ExtlockCachedLock *l, void *),
+                                 void *opaque)
+{
+    ExtlockITNode *n;
+
+    for (n = extlock_itree_first(&c->locks); n; n = extlock_itree_next(n)) {
+        fn(container_of(n, ExtlockCachedLock, node), opaque);
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Interface to the connection (extlock-client.c)
+ */
+
+static void extlock_request_finish(ExtlockRequest *req, int ret)
+{
+    req->done = true;
+    req->ret = ret;
+}
+
+void extlock_locks_handle(ExtlockClient *c, ExtlockRequest *req,
+                          ExtlockMsg *msg, GPtrArray *wake)
+{
+    switch (msg->type) {
+    case EXTLOCK_MSG_WAITING:
+        if (req && !req->queued) {
+            req->queued = true;
+            req->token = msg->token;
+            c->stats.waits++;
+            for (guint i = 0; msg->blockers && i < msg->blockers->len; i++) {
+                ExtlockBlocker *b = &g_array_index(msg->blockers,
+                                                   ExtlockBlocker, i);
+                g_ptr_array_add(req->blocked_by, g_strdup(b->client_id));
+            }
+            trace_extlock_client_waiting(c->node_name, req->id, req->offset,
+                                         req->length, req->blocked_by->len);
+        }
+        break;
+    case EXTLOCK_MSG_GRANTED:
+        if (req) {
+            extlock_handle_granted(c, req, msg);
+            g_hash_table_remove(c->pending, &req->id);
+            extlock_request_finish(req, 0);
+            g_ptr_array_add(wake, req);
+        }
+        break;
+    case EXTLOCK_MSG_ERROR:
+        if (req) {
+            error_report("extlock: node '%s': coordinator %s refused lock "
+                         "[%" PRIu64 ", +%" PRIu64 "): %s (%s)",
+                         c->node_name, c->address, req->offset, req->length,
+                         msg->message ? msg->message : "",
+                         extlock_error_code_name(msg->error));
+            c->stats.errors++;
+            g_hash_table_remove(c->pending, &req->id);
+            extlock_request_finish(req, -EIO);
+            g_ptr_array_add(wake, req);
+        }
+        break;
+    case EXTLOCK_MSG_REVOKE:
+        extlock_handle_revoke(c, msg);
+        break;
+    default:
+        break;
+    }
+}
+
+void extlock_locks_disconnected(ExtlockClient *c)
+{
+    GHashTableIter it;
+    gpointer value;
+
+    g_hash_table_iter_init(&it, c->pending);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        ExtlockRequest *req = value;
+        if (!req->co) {
+            continue;   /* not a lock request (renew, unlock, ...) */
+        }
+        extlock_request_finish(req, -EAGAIN);
+        /* The request that is failing us right now just sees req->done */
+        if (!(qemu_in_coroutine() && req->co == qemu_coroutine_self())) {
+            aio_co_schedule(c->ctx ? c->ctx : qemu_get_aio_context(),
+                            req->co);
+        }
+        g_hash_table_iter_remove(&it);
+    }
+}
+
+void extlock_locks_lease_lost(ExtlockClient *c)
+{
+    GHashTableIter it;
+    gpointer value;
+    g_autoptr(GPtrArray) drop = g_ptr_array_new();
+
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        ExtlockCachedLock *l = value;
+        l->stale = true;
+        if (l->users == 0) {
+            g_ptr_array_add(drop, l);
+        }
+    }
+    for (guint i = 0; i < drop->len; i++) {
+        extlock_cache_drop(c, g_ptr_array_index(drop, i));
+    }
+}
+
+void extlock_locks_wake_usable(ExtlockClient *c)
+{
+    qemu_co_enter_all(&c->usable_queue, NULL);
+    qemu_co_enter_all(&c->grant_queue, NULL);
+}
+
+void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
+{
+    ExtlockRequest *req;
+    int64_t limit = (int64_t)c->opts.wait_warning_ms * SCALE_MS;
+
+    if (!c->opts.wait_warning_ms) {
+        return;
+    }
+    QLIST_FOREACH(req, &c->waiting, next) {
+        if (!req->warned && now - req->start_ns >= limit) {
+            strList *blockers = NULL, **tail = &blockers;
+
+            req->warned = true;
+            for (guint i = 0; i < req->blocked_by->len; i++) {
+                QAPI_LIST_APPEND(tail,
+                    g_strdup(g_ptr_array_index(req->blocked_by, i)));
+            }
+            qapi_event_send_extent_lock_wait_timeout(
+                c->node_name, req->offset, req->length,
+                req->mode == EXTLOCK_MODE_EXCLUSIVE ?
+                    EXTENT_LOCK_MODE_EXCLUSIVE : EXTENT_LOCK_MODE_SHARED,
+                (now - req->start_ns) / SCALE_MS, blockers);
+            qapi_free_strList(blockers);
+        }
+    }
+}
+
+GArray *extlock_locks_snapshot(ExtlockClient *c)
+{
+    GArray *a = g_array_new(false, true, sizeof(ExtlockReclaim));
+    ExtlockITNode *n;
+
+    for (n = extlock_itree_first(&c->locks); n; n = extlock_itree_next(n)) {
+        ExtlockCachedLock *l = container_of(n, ExtlockCachedLock, node);
+        ExtlockReclaim r = {
+            .old_id = l->lock_id,
+            .offset = n->ext.start,
+            .length = n->ext.end - n->ext.start,
+            .mode = l->mode,
+            .token = l->token,
+        };
+        if (!l->stale) {
+            g_array_append_val(a, r);
+        }
+    }
+    return a;
+}
+
+/* The lock is gone at the coordinator: never use it again */
+static void extlock_lock_lost(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    if (l->users) {
+        error_report("extlock: node '%s': lock [%" PRIu64 ", +%" PRIu64
+                     ") was lost while %u requests used it", c->node_name,
+                     l->node.ext.start, l->node.ext.end - l->node.ext.start,
+                     l->users);
+        l->stale = true;
+    } else {
+        extlock_cache_drop(c, l);
+    }
+}
+
+static void extlock_lock_renumber(ExtlockClient *c, ExtlockCachedLock *l,
+                                  uint64_t new_id)
+{
+    g_hash_table_remove(c->lock_ids, &l->lock_id);
+    l->lock_id = new_id;
+    g_hash_table_insert(c->lock_ids, &l->lock_id, l);
+}
+
+/* A lock the coordinator says we hold but we do not know: give it back */
+static void extlock_unlock_unknown(ExtlockClient *c, uint64_t lock_id)
+{
+    ExtlockMsg msg;
+
+    extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
+    msg.has_id = true;
+    msg.id = extlock_client_new_id(c);
+    msg.lock = lock_id;
+    extlock_client_send(c, &msg);
+    extlock_msg_clear(&msg);
+}
+
+/* After reconnecting: honour revocations that were pending */
+static void extlock_locks_retry_revokes(ExtlockClient *c)
+{
+    g_autoptr(GPtrArray) revoking = g_ptr_array_new();
+    GHashTableIter it;
+    gpointer value;
+
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        ExtlockCachedLock *l = value;
+        if (l->revoking && !l->users) {
+            g_ptr_array_add(revoking, l);
+        }
+    }
+    for (guint i = 0; i < revoking->len; i++) {
+        extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
+    }
+}
+
+void extlock_locks_resumed(ExtlockClient *c, GArray *server_locks)
+{
+    g_autoptr(GHashTable) listed = g_hash_table_new(g_int64_hash,
+                                                    g_int64_equal);
+    g_autoptr(GPtrArray) lost = g_ptr_array_new();
+    GHashTableIter it;
+    gpointer value;
+
+    for (guint i = 0; server_locks && i < server_locks->len; i++) {
+        ExtlockHeldLock *h = &g_array_index(server_locks, ExtlockHeldLock, i);
+        ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &h->lock);
+
+        if (!l || l->stale) {
+            extlock_unlock_unknown(c, h->lock);
+        } else {
+            g_hash_table_add(listed, &l->lock_id);
+        }
+    }
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        ExtlockCachedLock *l = value;
+        if (!g_hash_table_contains(listed, &l->lock_id)) {
+            g_ptr_array_add(lost, l);
+        }
+    }
+    for (guint i = 0; i < lost->len; i++) {
+        extlock_lock_lost(c, g_ptr_array_index(lost, i));
+    }
+    extlock_locks_retry_revokes(c);
+}
+
+void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims)
+{
+    for (guint i = 0; i < reclaims->len; i++) {
+        ExtlockReclaim *r = &g_array_index(reclaims, ExtlockReclaim, i);
+        ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &r->old_id);
+
+        if (!r->ok) {
+            if (l) {
+                extlock_lock_lost(c, l);
+            }
+        } else if (!l || l->stale) {
+            /* Given up locally while we were reclaiming */
+            extlock_unlock_unknown(c, r->new_id);
+        } else {
+            extlock_lock_renumber(c, l, r->new_id);
+        }
+    }
+    extlock_locks_retry_revokes(c);
+}
+
+uint64_t extlock_locks_forget_all(ExtlockClient *c)
+{
+    g_autoptr(GPtrArray) all = g_ptr_array_new();
+    GHashTableIter it;
+    gpointer value;
+
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        if (!((ExtlockCachedLock *)value)->stale) {
+            g_ptr_array_add(all, value);
+        }
+    }
+    for (guint i = 0; i < all->len; i++) {
+        extlock_lock_lost(c, g_ptr_array_index(all, i));
+    }
+    return all->len;
+}
+
+void extlock_locks_init(ExtlockClient *c)
+{
+    c->lock_ids = g_hash_table_new(g_int64_hash, g_int64_equal);
+    QLIST_INIT(&c->waiting);
+    QTAILQ_INIT(&c->idle);
+    qemu_co_queue_init(&c->grant_queue);
+    qemu_co_queue_init(&c->usable_queue);
+}
+
+void extlock_locks_destroy(ExtlockClient *c)
+{
+    ExtlockITNode *n;
+
+    assert(QLIST_EMPTY(&c->waiting));
+    while ((n = extlock_itree_first(&c->locks))) {
+        ExtlockCachedLock *l = container_of(n, ExtlockCachedLock, node);
+        assert(l->users == 0);
+        extlock_cache_drop(c, l);
+    }
+    g_hash_table_destroy(c->lock_ids);
+}
+
+void extlock_locks_attach(ExtlockClient *c)
+{
+    c->cache_timer = aio_timer_new(c->ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                   extlock_cache_timer_cb, c);
+    /* Catch up on revocations and ageing that were due while detached */
+    timer_mod(c->cache_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+}
+
+void extlock_locks_detach(ExtlockClient *c)
+{
+    if (c->cache_timer) {
+        timer_free(c->cache_timer);
+        c->cache_timer = NULL;
+    }
+}
