@@ -16,6 +16,26 @@
  * granted as a whole.
  *
  * Locks of the same owner conflict with each other like anybody else's.
+ *
+ * Extent growth (lock caching): extlock_table_request_grow() takes, besides
+ * the requested extent, a @limit the lock may grow into.  When the request
+ * is granted (at once or later, when it is woken) its extent becomes the
+ * largest [a, b) with limit.start <= a <= start and end <= b <= limit.end
+ * such that no other conflicting lock, held or waiting and whatever its
+ * token, overlaps the added pieces [a, start) and [end, b).  So growth
+ * never covers what a conflicting waiter wants nor overlaps a conflicting
+ * holder; the requested extent itself is granted by the ordering rule
+ * above, even if later conflicting waiters overlap it.  While the table
+ * holds more than EXTLOCK_TABLE_GROW_CAP_LOCKS locks (held + waiting,
+ * counting the one being granted), the grown extent is also clipped to
+ * the requested extent rounded outwards to EXTLOCK_TABLE_GROW_CAP_BYTES
+ * boundaries.  Growth happens only at grant time; a granted lock never
+ * grows or shrinks by itself afterwards.
+ *
+ * Downgrade: a granted exclusive lock can become shared in place (same
+ * id, token and extent); shared waiters that this unblocks are granted
+ * as after a release.  Together with extlock_table_foreach_conflict() this
+ * is what the coordinator needs to revoke cached locks.
  */
 #ifndef EXTLOCK_LOCK_TABLE_H
 #define EXTLOCK_LOCK_TABLE_H
@@ -41,6 +61,15 @@ typedef struct ExtlockLock {
     uint64_t user_tag;           /* opaque to the table (e.g. request id) */
     int64_t queued_us;           /* g_get_monotonic_time() at request */
     int64_t granted_us;          /* ... at grant, 0 while waiting */
+    /*
+     * The extent asked for and the range it may grow into (limit ==
+     * requested: no growth).  Set at request time and never updated, not
+     * even by extlock_table_release_part() (pieces split off inherit
+     * them).  Invariants: requested lies inside limit, and so does the
+     * current extent; a waiting lock's extent is exactly requested.
+     */
+    ExtlockExtent requested;
+    ExtlockExtent limit;
 } ExtlockLock;
 
 typedef struct ExtlockTableStats {
@@ -54,7 +83,14 @@ typedef struct ExtlockTableStats {
     uint64_t total_wait_us;      /* sum of queued->granted for waiters */
     uint64_t held;               /* current number of granted locks */
     uint64_t waiting;            /* current number of waiting requests */
+    uint64_t grown_grants;       /* grants (immediate or deferred) whose
+                                  * extent grew beyond the request */
+    uint64_t downgrades;         /* exclusive locks downgraded to shared */
 } ExtlockTableStats;
+
+/* Growth cap: see the comment at the top of this file */
+#define EXTLOCK_TABLE_GROW_CAP_LOCKS 32
+#define EXTLOCK_TABLE_GROW_CAP_BYTES (UINT64_C(32) << 20)
 
 /*
  * Called when a waiting request becomes granted as a consequence of
@@ -87,6 +123,27 @@ ExtlockLock *extlock_table_request(ExtlockTable *table, ExtlockExtent ext,
                                    void *owner, uint64_t user_tag);
 
 /*
+ * Like extlock_table_request(), but the lock may grow into @limit, which
+ * must contain @ext, when it is granted (see "Extent growth" above): at
+ * grant time its extent becomes [a, b) where
+ *   a = max(limit.start, max of min(X.end, ext.start) over every other
+ *           conflicting lock X, held or waiting, with X.start < ext.start)
+ *   b = min(limit.end, min of max(X.start, ext.end) over every other
+ *           conflicting lock X, held or waiting, with X.end > ext.end)
+ * and [a, b) is then intersected with [ALIGN_DOWN(ext.start, CAP_BYTES),
+ * ALIGN_UP(ext.end, CAP_BYTES)) if the table holds more than CAP_LOCKS
+ * locks, this one included.  lock->requested is @ext and lock->limit is
+ * @limit; lock->node.ext is the granted extent once GRANTED (and @ext
+ * while WAITING).  Costs O(log n + k), k being the number of conflicting
+ * locks overlapping the (capped) limit.
+ */
+ExtlockLock *extlock_table_request_grow(ExtlockTable *table,
+                                        ExtlockExtent ext,
+                                        ExtlockExtent limit,
+                                        ExtlockMode mode, uint64_t token,
+                                        void *owner, uint64_t user_tag);
+
+/*
  * Insert an already-granted lock with an old token (lock reclaim after a
  * coordinator restart).  Fails, returning NULL and changing nothing, if it
  * conflicts with a lock that is held or waiting.
@@ -115,6 +172,15 @@ int extlock_table_release_part(ExtlockTable *table, ExtlockLock *lock,
                                ExtlockExtent part, ExtlockLock **lock_out,
                                ExtlockLock **split_out);
 
+/*
+ * Downgrade the GRANTED exclusive @lock to shared, keeping its id, token,
+ * extent, owner and user_tag.  Waiters that become grantable are granted
+ * (grant_cb) in token order, as after a release.  Returns 0 (also, with
+ * no change, if @lock is shared already), or -EINVAL with no change if
+ * @lock is NULL or not granted.
+ */
+int extlock_table_downgrade(ExtlockTable *table, ExtlockLock *lock);
+
 ExtlockLock *extlock_table_lookup(ExtlockTable *table, uint64_t lock_id);
 
 /*
@@ -125,6 +191,18 @@ typedef void (*ExtlockLockFn)(ExtlockLock *lock, void *opaque);
 void extlock_table_foreach_blocker(ExtlockTable *table, ExtlockLock *lock,
                                    ExtlockLockFn fn, void *opaque);
 
+/*
+ * Call @fn for every lock other than @lock, granted or waiting and
+ * whatever its token, whose extent overlaps @lock's and whose mode
+ * conflicts with @lock's: first all the granted ones, then all the
+ * waiting ones.  @lock itself may be granted or waiting.  @fn must not
+ * modify the table.  Used to find the holders of cached locks that need
+ * a revoke: the conflicting holders when a request is queued, and the
+ * later conflicting waiters when a waiting lock is granted.
+ */
+void extlock_table_foreach_conflict(ExtlockTable *table, ExtlockLock *lock,
+                                    ExtlockLockFn fn, void *opaque);
+
 /* Every lock, granted ones first, each group in ascending offset order */
 void extlock_table_foreach(ExtlockTable *table, ExtlockLockFn fn,
                            void *opaque);
@@ -134,7 +212,9 @@ const ExtlockTableStats *extlock_table_stats(ExtlockTable *table);
 /*
  * Verify the table's invariants: no two overlapping conflicting grants;
  * no granted lock overtook an earlier conflicting waiter; no waiter is
- * grantable (nobody waits needlessly); tree and counters consistent.
+ * grantable (nobody waits needlessly); tree and counters consistent;
+ * every extent inside its lock's limit, and a waiting lock's extent equal
+ * to its request.
  * Returns true if all hold, otherwise false and a message in *@errmsg
  * (g_free it) if @errmsg is not NULL.
  */

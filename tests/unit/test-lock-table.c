@@ -95,6 +95,10 @@ static ExtlockLock *req_owner(Fixture *f, uint64_t start, uint64_t end,
     assert_int_equal(l->mode, mode);
     assert_int_equal(l->node.ext.start, start);
     assert_int_equal(l->node.ext.end, end);
+    assert_int_equal(l->requested.start, start);
+    assert_int_equal(l->requested.end, end);
+    assert_int_equal(l->limit.start, start);
+    assert_int_equal(l->limit.end, end);
     assert_ptr_equal(extlock_table_lookup(f->table, l->id), l);
     return l;
 }
@@ -104,6 +108,36 @@ static ExtlockLock *req(Fixture *f, uint64_t start, uint64_t end,
 {
     return req_owner(f, start, end, mode, f);
 }
+
+/* A request that may grow into [lstart, lend) */
+static ExtlockLock *req_grow(Fixture *f, uint64_t start, uint64_t end,
+                             uint64_t lstart, uint64_t lend, ExtlockMode mode)
+{
+    uint64_t token = ++f->token;
+    ExtlockLock *l = extlock_table_request_grow(f->table, ext(start, end),
+                                                ext(lstart, lend), mode,
+                                                token, f, token * 10);
+
+    assert_non_null(l);
+    assert_int_equal(l->token, token);
+    assert_int_equal(l->user_tag, token * 10);
+    assert_int_equal(l->mode, mode);
+    assert_int_equal(l->requested.start, start);
+    assert_int_equal(l->requested.end, end);
+    assert_int_equal(l->limit.start, lstart);
+    assert_int_equal(l->limit.end, lend);
+    if (l->state == EXTLOCK_LOCK_WAITING) {
+        assert_int_equal(l->node.ext.start, start);
+        assert_int_equal(l->node.ext.end, end);
+    }
+    assert_ptr_equal(extlock_table_lookup(f->table, l->id), l);
+    return l;
+}
+
+#define assert_extent(l, s, e) do { \
+        assert_int_equal((l)->node.ext.start, (s)); \
+        assert_int_equal((l)->node.ext.end, (e)); \
+    } while (0)
 
 static void assert_table_ok(ExtlockTable *table)
 {
@@ -233,8 +267,12 @@ static void snap_one(ExtlockLock *l, void *opaque)
 {
     g_string_append_printf(opaque, "%" G_GUINT64_FORMAT ":%d:%d:%"
                            G_GUINT64_FORMAT "-%" G_GUINT64_FORMAT ":%"
+                           G_GUINT64_FORMAT ":%" G_GUINT64_FORMAT "-%"
+                           G_GUINT64_FORMAT ":%" G_GUINT64_FORMAT "-%"
                            G_GUINT64_FORMAT ";", l->id, l->state, l->mode,
-                           l->node.ext.start, l->node.ext.end, l->token);
+                           l->node.ext.start, l->node.ext.end, l->token,
+                           l->requested.start, l->requested.end,
+                           l->limit.start, l->limit.end);
 }
 
 static char *snapshot(ExtlockTable *t)
@@ -247,11 +285,12 @@ static char *snapshot(ExtlockTable *t)
                            ",%" G_GUINT64_FORMAT ",%" G_GUINT64_FORMAT
                            ",%" G_GUINT64_FORMAT ",%" G_GUINT64_FORMAT
                            ",%" G_GUINT64_FORMAT ",%" G_GUINT64_FORMAT
+                           ",%" G_GUINT64_FORMAT ",%" G_GUINT64_FORMAT
                            ",%" G_GUINT64_FORMAT, st->requests,
                            st->immediate_grants, st->waits,
                            st->deferred_grants, st->releases,
                            st->partial_releases, st->cancels, st->held,
-                           st->waiting);
+                           st->waiting, st->grown_grants, st->downgrades);
     return g_string_free(s, FALSE);
 }
 
@@ -567,6 +606,9 @@ static void test_stats(void **state)
     assert_int_equal(st->waiting, 0);
     assert_true(st->total_wait_us >= 2 * 3000);
     assert_int_equal(st->total_wait_us, f->wait_us_sum);
+    /* Plain requests never grow */
+    assert_int_equal(st->grown_grants, 0);
+    assert_int_equal(st->downgrades, 0);
 }
 
 /*
@@ -749,6 +791,429 @@ static void test_debug_checks_abort(void **state)
 
 /* ------------------------------------------------------------------ */
 /*
+ * Extent growth, downgrade, conflicts for revocation
+ */
+
+#define MiB (UINT64_C(1) << 20)
+#define END EXTLOCK_EXTENT_END_MAX
+
+static void test_grow_alone(void **state)
+{
+    Fixture *f = *state;
+    const ExtlockTableStats *st = extlock_table_stats(f->table);
+    ExtlockLock *a, *b;
+
+    /* Alone: the whole limit, whatever the mode */
+    a = req_grow(f, 100, 200, 0, 1000, EX);
+    assert_true(GRANTED(a));
+    assert_extent(a, 0, 1000);
+    assert_int_equal(a->granted_us, a->queued_us);
+    assert_int_equal(st->grown_grants, 1);
+    assert_int_equal(st->immediate_grants, 1);
+    extlock_table_release(f->table, a);
+
+    a = req_grow(f, 4096, 8192, 0, END, SH);
+    assert_true(GRANTED(a));
+    assert_extent(a, 0, END);
+    assert_int_equal(st->grown_grants, 2);
+    extlock_table_release(f->table, a);
+
+    /* One-sided limits */
+    a = req_grow(f, 10, 20, 10, 30, EX);
+    assert_extent(a, 10, 30);
+    b = req_grow(f, 40, 50, 35, 50, EX);
+    assert_extent(b, 35, 50);
+    assert_int_equal(st->grown_grants, 4);
+    extlock_table_release(f->table, a);
+    extlock_table_release(f->table, b);
+
+    /* limit == ext: no growth, not counted */
+    a = req_grow(f, 10, 20, 10, 20, EX);
+    assert_true(GRANTED(a));
+    assert_extent(a, 10, 20);
+    assert_int_equal(st->grown_grants, 4);
+    extlock_table_release(f->table, a);
+
+    /* The whole release of a grown lock frees the grown extent */
+    a = req_grow(f, 100, 200, 0, 1000, EX);
+    b = req(f, 900, 950, SH);
+    assert_false(GRANTED(b));
+    assert_int_equal(extlock_table_release_part(f->table, a, ext(0, 200),
+                                                &a, NULL), 0);
+    expect_log(f, 0);
+    assert_extent(a, 200, 1000);
+    /* requested/limit keep describing the request */
+    assert_int_equal(a->requested.start, 100);
+    assert_int_equal(a->limit.end, 1000);
+    extlock_table_release(f->table, a);
+    expect_log(f, 1, b);
+    assert_extent(b, 900, 950);
+    assert_int_equal(st->grown_grants, 5);
+}
+
+static void test_grow_stops(void **state)
+{
+    Fixture *f = *state;
+    const ExtlockTableStats *st = extlock_table_stats(f->table);
+    ExtlockLock *h1, *h2, *w1, *w2, *g, *hl, *wl, *hr, *wr, *s1, *s2, *x1;
+    ExtlockLock *sw, *sg, *xg;
+
+    /* Nearest on the left a waiter, on the right a holder */
+    h1 = req(f, 100, 200, SH);
+    h2 = req(f, 800, 900, EX);
+    w1 = req(f, 850, 950, SH);           /* waits behind h2 */
+    w2 = req(f, 150, 250, EX);           /* waits behind h1 */
+    assert_true(GRANTED(h1) && GRANTED(h2));
+    assert_false(GRANTED(w1) || GRANTED(w2));
+    g = req_grow(f, 400, 500, 0, 2000, EX);
+    assert_true(GRANTED(g));
+    assert_extent(g, 250, 800);
+
+    /* Mirrored: on the left a holder, on the right a waiter */
+    hl = req(f, 20000, 20300, EX);
+    wl = req(f, 20100, 20200, SH);       /* behind hl, ends before it */
+    hr = req(f, 20800, 20900, SH);
+    wr = req(f, 20600, 20850, EX);       /* behind hr, starts before it */
+    assert_true(GRANTED(hl) && GRANTED(hr));
+    assert_false(GRANTED(wl) || GRANTED(wr));
+    g = req_grow(f, 20400, 20500, 19000, 22000, EX);
+    assert_true(GRANTED(g));
+    assert_extent(g, 20300, 20600);
+
+    /* Obstacle flush with the request: no growth on that side */
+    g = req_grow(f, 20900, 21000, 20000, 21500, EX);
+    assert_true(GRANTED(g));
+    assert_extent(g, 20900, 21500);
+
+    /* Shared next to shared (held or waiting) is no obstacle */
+    s1 = req(f, 10100, 10200, SH);
+    s2 = req(f, 10600, 10700, SH);
+    x1 = req(f, 10900, 11000, EX);
+    sw = req(f, 10950, 11100, SH);       /* waits behind x1 */
+    assert_true(GRANTED(s1) && GRANTED(s2) && GRANTED(x1));
+    assert_false(GRANTED(sw));
+    sg = req_grow(f, 10400, 10500, 10000, 12000, SH);
+    assert_true(GRANTED(sg));
+    assert_extent(sg, 10000, 10900);
+    /* ... but a shared lock is one for an exclusive request */
+    xg = req_grow(f, 11200, 11300, 11050, 11400, EX);
+    assert_true(GRANTED(xg));
+    assert_extent(xg, 11100, 11400);
+
+    /* Nearest is the largest end, not the last start */
+    s1 = req(f, 40000, 40300, SH);
+    s2 = req(f, 40100, 40200, SH);
+    x1 = req(f, 40250, 40260, SH);
+    g = req_grow(f, 40400, 40500, 39000, 41000, EX);
+    assert_true(GRANTED(g));
+    assert_extent(g, 40300, 41000);
+
+    /* Obstacles outside the limit do not matter */
+    g = req_grow(f, 30000, 30010, 29990, 30020, EX);
+    assert_extent(g, 29990, 30020);
+
+    /* A limit with nothing to gain on either side is not counted */
+    assert_int_equal(st->grown_grants, 7);
+    g = req_grow(f, 30020, 30030, 30010, 30030, SH);
+    assert_true(GRANTED(g));
+    assert_extent(g, 30020, 30030);
+    assert_int_equal(st->grown_grants, 7);
+    assert_table_ok(f->table);
+}
+
+static void test_grow_deferred(void **state)
+{
+    Fixture *f = *state;
+    const ExtlockTableStats *st = extlock_table_stats(f->table);
+    ExtlockLock *h, *y, *x, *g, *wleft, *wl;
+
+    h = req(f, 1000, 2000, EX);
+    y = req(f, 300, 400, SH);            /* no obstacle to g, one to wleft */
+    x = req(f, 5000, 6000, EX);
+    assert_true(GRANTED(h) && GRANTED(y) && GRANTED(x));
+    g = req_grow(f, 1500, 1600, 0, 10000, SH);
+    assert_false(GRANTED(g));
+    assert_extent(g, 1500, 1600);
+    /* Later waiters: one left of g, one overlapping g itself */
+    wleft = req_grow(f, 800, 1200, 0, 1500, EX);
+    wl = req(f, 1550, 1700, EX);
+    assert_false(GRANTED(wleft) || GRANTED(wl));
+    assert_int_equal(st->grown_grants, 0);
+
+    extlock_table_release(f->table, h);
+    /* Token order: g first, it stops at wleft; wleft then stops at g */
+    expect_log(f, 2, g, wleft);
+    assert_extent(g, 1200, 1600);
+    assert_extent(wleft, 400, 1200);
+    assert_false(GRANTED(wl));
+    assert_int_equal(st->grown_grants, 2);
+    assert_int_equal(st->deferred_grants, 2);
+
+    /* wl overlaps g (it is later): g keeps its extent, wl waits */
+    extlock_table_release(f->table, g);
+    expect_log(f, 1, wl);
+    assert_extent(wl, 1550, 1700);
+    assert_int_equal(st->grown_grants, 2);
+}
+
+/* Fill the table with @n shared locks far away from everything else */
+static void fill(Fixture *f, GPtrArray *arr, guint n)
+{
+    guint i;
+
+    for (i = 0; i < n; i++) {
+        uint64_t s = 1000 * MiB + arr->len * 4096;
+
+        g_ptr_array_add(arr, req(f, s, s + 4096, SH));
+    }
+}
+
+static void test_grow_cap(void **state)
+{
+    Fixture *f = *state;
+    g_autoptr(GPtrArray) fillers = g_ptr_array_new();
+    ExtlockLock *a, *h, *g, *ob;
+
+    /* 31 others + this one = 32 locks: not capped */
+    fill(f, fillers, 31);
+    a = req_grow(f, 40 * MiB + 100, 40 * MiB + 200, 0, 900 * MiB, EX);
+    assert_extent(a, 0, 900 * MiB);
+    extlock_table_release(f->table, a);
+
+    /* 33 locks: clipped to the aligned 32 MiB window */
+    fill(f, fillers, 1);
+    a = req_grow(f, 40 * MiB + 100, 40 * MiB + 200, 0, 900 * MiB, EX);
+    assert_extent(a, 32 * MiB, 64 * MiB);
+    extlock_table_release(f->table, a);
+
+    /* Aligned request: exactly its window (so it did not grow) */
+    a = req_grow(f, 64 * MiB, 96 * MiB, 0, 900 * MiB, SH);
+    assert_extent(a, 64 * MiB, 96 * MiB);
+    assert_int_equal(extlock_table_stats(f->table)->grown_grants, 2);
+    extlock_table_release(f->table, a);
+
+    /* Across a boundary: both windows */
+    a = req_grow(f, 64 * MiB - 10, 64 * MiB + 10, 0, 900 * MiB, EX);
+    assert_extent(a, 32 * MiB, 96 * MiB);
+    extlock_table_release(f->table, a);
+
+    /* Larger than the window: never shorter than the request */
+    a = req_grow(f, 10, 100 * MiB, 0, 900 * MiB, EX);
+    assert_extent(a, 0, 128 * MiB);
+    extlock_table_release(f->table, a);
+
+    /* The limit still applies inside the window, and obstacles too */
+    ob = req(f, 50 * MiB, 51 * MiB, SH);
+    a = req_grow(f, 40 * MiB, 41 * MiB, 35 * MiB, 900 * MiB, EX);
+    assert_extent(a, 35 * MiB, 50 * MiB);
+    extlock_table_release(f->table, a);
+    extlock_table_release(f->table, ob);
+
+    /* Counted at grant time: 31 fillers + h + g = 33, capped ... */
+    extlock_table_release(f->table, g_ptr_array_steal_index(fillers, 0));
+    h = req(f, 40 * MiB, 41 * MiB, SH);
+    g = req_grow(f, 40 * MiB, 41 * MiB, 0, 900 * MiB, EX);
+    assert_false(GRANTED(g));
+    /* ... but at the grant, h is gone: 32 locks, not capped */
+    extlock_table_release(f->table, h);
+    expect_log(f, 1, g);
+    assert_extent(g, 0, 900 * MiB);
+    extlock_table_release(f->table, g);
+
+    /* One more filler: 33 at the grant, capped */
+    fill(f, fillers, 1);
+    h = req(f, 40 * MiB, 41 * MiB, SH);
+    g = req_grow(f, 40 * MiB, 41 * MiB, 0, 900 * MiB, EX);
+    assert_false(GRANTED(g));
+    extlock_table_release(f->table, h);
+    expect_log(f, 1, g);
+    assert_extent(g, 32 * MiB, 64 * MiB);
+    assert_int_equal(extlock_table_stats(f->table)->grown_grants, 7);
+}
+
+static void test_downgrade(void **state)
+{
+    Fixture *f = *state;
+    const ExtlockTableStats *st = extlock_table_stats(f->table);
+    ExtlockLock *x, *s1, *w, *s2, *s3, *g, *gs;
+    uint64_t id, token;
+
+    x = req(f, 0, 100, EX);
+    s1 = req(f, 10, 20, SH);
+    w = req(f, 50, 60, EX);
+    s2 = req(f, 55, 58, SH);             /* behind w */
+    s3 = req(f, 90, 200, SH);
+    assert_true(GRANTED(x));
+    assert_false(GRANTED(s1) || GRANTED(w) || GRANTED(s2) || GRANTED(s3));
+
+    id = x->id;
+    token = x->token;
+    assert_int_equal(extlock_table_downgrade(f->table, x), 0);
+    expect_log(f, 2, s1, s3);            /* readers, not the writer */
+    assert_int_equal(x->mode, SH);
+    assert_true(GRANTED(x));
+    assert_int_equal(x->id, id);
+    assert_int_equal(x->token, token);
+    assert_extent(x, 0, 100);
+    assert_ptr_equal(extlock_table_lookup(f->table, id), x);
+    assert_false(GRANTED(w) || GRANTED(s2));
+    assert_true(blockers_are(f, w, 1, x));
+    assert_int_equal(st->downgrades, 1);
+    assert_int_equal(st->deferred_grants, 2);
+
+    /* Shared already: success, nothing changes */
+    {
+        g_autofree char *before = snapshot(f->table);
+        g_autofree char *after1 = NULL;
+        g_autofree char *after2 = NULL;
+        g_autofree char *after3 = NULL;
+
+        assert_int_equal(extlock_table_downgrade(f->table, x), 0);
+        after1 = snapshot(f->table);
+        assert_string_equal(before, after1);
+        /* Not granted / no lock: -EINVAL, nothing changes */
+        assert_int_equal(extlock_table_downgrade(f->table, w), -EINVAL);
+        after2 = snapshot(f->table);
+        assert_string_equal(before, after2);
+        assert_int_equal(w->mode, EX);
+        assert_int_equal(extlock_table_downgrade(f->table, NULL), -EINVAL);
+        after3 = snapshot(f->table);
+        assert_string_equal(before, after3);
+        expect_log(f, 0);
+    }
+
+    extlock_table_release(f->table, x);
+    expect_log(f, 1, w);
+    assert_false(GRANTED(s2));
+    /* Downgrading w lets s2, which waited behind it, in */
+    assert_int_equal(extlock_table_downgrade(f->table, w), 0);
+    expect_log(f, 1, s2);
+    assert_int_equal(st->downgrades, 2);
+    assert_int_equal(st->waiting, 0);
+
+    /* A grown lock keeps its grown extent; waiters it covers get in */
+    g = req_grow(f, 1000, 1100, 500, 3000, EX);
+    assert_extent(g, 500, 3000);
+    gs = req_grow(f, 2000, 2100, 0, 5000, SH);
+    assert_false(GRANTED(gs));
+    assert_int_equal(extlock_table_downgrade(f->table, g), 0);
+    expect_log(f, 1, gs);
+    assert_extent(g, 500, 3000);
+    /* No exclusive lock is left: gs grows over everything */
+    assert_extent(gs, 0, 5000);
+    assert_int_equal(st->grown_grants, 2);
+    assert_int_equal(st->downgrades, 3);
+}
+
+typedef struct ConflictList {
+    ExtlockLock *l[32];
+    size_t n;
+} ConflictList;
+
+static void conflict_cb(ExtlockLock *lock, void *opaque)
+{
+    ConflictList *c = opaque;
+
+    assert_true(c->n < G_N_ELEMENTS(c->l));
+    c->l[c->n++] = lock;
+}
+
+/* Conflicts of @l are exactly the @n given locks, granted ones first */
+static void expect_conflicts(Fixture *f, ExtlockLock *l, size_t n, ...)
+{
+    ConflictList c = { .n = 0 };
+    va_list ap;
+    size_t i, j;
+
+    extlock_table_foreach_conflict(f->table, l, conflict_cb, &c);
+    assert_int_equal(c.n, n);
+    va_start(ap, n);
+    for (i = 0; i < n; i++) {
+        ExtlockLock *want = va_arg(ap, ExtlockLock *);
+        size_t found = 0;
+
+        for (j = 0; j < c.n; j++) {
+            found += c.l[j] == want;
+        }
+        assert_int_equal(found, 1);
+    }
+    va_end(ap);
+    for (i = 1; i < c.n; i++) {
+        assert_false(GRANTED(c.l[i]) && !GRANTED(c.l[i - 1]));
+    }
+}
+
+static void test_foreach_conflict(void **state)
+{
+    Fixture *f = *state;
+    ExtlockLock *a, *b, *c, *x, *d, *e, *fl, *g;
+
+    a = req(f, 0, 100, SH);
+    b = req(f, 50, 150, SH);
+    c = req(f, 200, 300, EX);
+    x = req(f, 60, 250, EX);             /* waits for a, b, c */
+    d = req(f, 240, 260, SH);            /* waits for c, x */
+    e = req(f, 0, 10, SH);
+    fl = req(f, 140, 145, EX);           /* waits for b, x */
+    g = req(f, 1000, 1100, EX);
+    assert_true(GRANTED(a) && GRANTED(b) && GRANTED(c) && GRANTED(e) &&
+                GRANTED(g));
+    assert_false(GRANTED(x) || GRANTED(d) || GRANTED(fl));
+
+    expect_conflicts(f, x, 5, a, b, c, d, fl);
+    expect_conflicts(f, d, 2, c, x);
+    expect_conflicts(f, fl, 2, b, x);
+    /* Granted locks: later conflicting waiters */
+    expect_conflicts(f, a, 1, x);
+    expect_conflicts(f, b, 2, x, fl);
+    expect_conflicts(f, c, 2, x, d);
+    expect_conflicts(f, e, 0);
+    expect_conflicts(f, g, 0);
+
+    /* After a deferred grant: the waiters behind the new holder */
+    extlock_table_release(f->table, a);
+    extlock_table_release(f->table, b);
+    extlock_table_release(f->table, e);
+    expect_log(f, 0);
+    extlock_table_release(f->table, c);
+    expect_log(f, 1, x);
+    expect_conflicts(f, x, 2, d, fl);
+    expect_conflicts(f, d, 1, x);
+    assert_int_equal(extlock_table_downgrade(f->table, x), 0);
+    expect_log(f, 1, d);
+    expect_conflicts(f, x, 1, fl);
+    expect_conflicts(f, d, 0);
+    expect_conflicts(f, fl, 1, x);
+}
+
+/* extlock_table_check() must notice broken growth bookkeeping */
+static void test_check_detects_growth(void **state)
+{
+    Fixture *f = *state;
+    ExtlockLock *a, *w;
+
+    extlock_table_set_debug_checks(f->table, false);
+    a = req_grow(f, 100, 200, 0, 1000, EX);
+    w = req_grow(f, 150, 160, 100, 300, SH);
+    assert_extent(a, 0, 1000);
+    assert_table_ok(f->table);
+
+    a->limit = ext(0, 999);
+    expect_check_fails(f->table, "extent outside its limit");
+    a->limit = ext(0, 1000);
+    a->requested = ext(0, 1001);
+    expect_check_fails(f->table, "request outside its limit");
+    a->requested = ext(100, 200);
+    assert_table_ok(f->table);
+
+    w->requested = ext(150, 170);
+    expect_check_fails(f->table, "differs from its request");
+    w->requested = ext(150, 160);
+    assert_table_ok(f->table);
+}
+
+/* ------------------------------------------------------------------ */
+/*
  * Randomized workloads against a brute-force model of the ordering rule.
  */
 
@@ -756,6 +1221,8 @@ typedef struct MLock {
     uint64_t id;
     uint64_t token;
     ExtlockExtent ext;
+    ExtlockExtent requested;
+    ExtlockExtent limit;
     ExtlockMode mode;
     bool granted;
     void *owner;
@@ -803,43 +1270,75 @@ static bool m_grantable(Model *m, const MLock *w)
     return true;
 }
 
-static gint m_cmp_token(gconstpointer a, gconstpointer b)
+/*
+ * The extent @w gets when granted while the model holds @nlocks locks:
+ * the formula of extlock_table_request_grow(), over every lock.
+ */
+static ExtlockExtent m_grow(Model *m, const MLock *w, guint nlocks)
 {
-    uint64_t x = ((const MGrant *)a)->token, y = ((const MGrant *)b)->token;
+    const uint64_t cap = EXTLOCK_TABLE_GROW_CAP_BYTES;
+    ExtlockExtent r = w->requested, g = w->limit;
+    guint i;
 
-    return x < y ? -1 : x > y;
+    for (i = 0; i < m->locks->len; i++) {
+        const MLock *o = m->locks->pdata[i];
+
+        if (o == w || !extlock_modes_conflict(o->mode, w->mode)) {
+            continue;
+        }
+        if (o->ext.start < r.start) {
+            g.start = MAX(g.start, MIN(o->ext.end, r.start));
+        }
+        if (o->ext.end > r.end) {
+            g.end = MIN(g.end, MAX(o->ext.start, r.end));
+        }
+    }
+    if (nlocks > EXTLOCK_TABLE_GROW_CAP_LOCKS) {
+        g.start = MAX(g.start, r.start / cap * cap);
+        g.end = MIN(g.end, (r.end + cap - 1) / cap * cap);
+    }
+    if (g.start != r.start || g.end != r.end) {
+        m->st.grown_grants++;
+    }
+    return g;
 }
 
 /*
- * Grant waiters until nothing is grantable any more.  Whatever order this
- * uses, the result is the same fixed point; what was granted is recorded
- * in m->newly, sorted by token.
+ * Grant waiters until nothing is grantable any more, always the grantable
+ * one with the smallest token first (growth is first come, first served).
+ * What was granted is recorded in m->newly, in grant order.
  */
 static void m_settle(Model *m)
 {
-    bool changed = true;
     guint i;
 
     g_array_set_size(m->newly, 0);
-    while (changed) {
-        changed = false;
+    for (;;) {
+        MLock *best = NULL;
+
         for (i = 0; i < m->locks->len; i++) {
             MLock *w = m->locks->pdata[i];
 
-            if (!w->granted && m_grantable(m, w)) {
-                w->granted = true;
-                changed = true;
-                MGrant g = { w->token, w->id };
-
-                g_array_append_val(m->newly, g);
-                add_id(m->ever_granted, w->id);
-                m->st.deferred_grants++;
-                m->st.waiting--;
-                m->st.held++;
+            if (!w->granted && (!best || w->token < best->token) &&
+                m_grantable(m, w)) {
+                best = w;
             }
         }
+        if (!best) {
+            break;
+        }
+        best->granted = true;
+        best->ext = m_grow(m, best, m->locks->len);
+        {
+            MGrant g = { best->token, best->id };
+
+            g_array_append_val(m->newly, g);
+        }
+        add_id(m->ever_granted, best->id);
+        m->st.deferred_grants++;
+        m->st.waiting--;
+        m->st.held++;
     }
-    g_array_sort(m->newly, m_cmp_token);
 }
 
 static void m_remove(Model *m, MLock *ml)
@@ -854,6 +1353,35 @@ static void m_remove(Model *m, MLock *ml)
         add_id(m->cancelled, ml->id);
     }
     g_free(ml);
+}
+
+static void m_conflict_cb(ExtlockLock *lock, void *opaque)
+{
+    g_ptr_array_add(opaque, lock);
+}
+
+/* foreach_conflict() on @ml against the brute-force answer */
+static void compare_conflicts(Fixture *f, Model *m, MLock *ml)
+{
+    g_autoptr(GPtrArray) got = g_ptr_array_new();
+    guint i, j, want = 0;
+
+    extlock_table_foreach_conflict(f->table, ml->lock, m_conflict_cb, got);
+    for (i = 0; i < m->locks->len; i++) {
+        MLock *o = m->locks->pdata[i];
+        guint found = 0;
+
+        for (j = 0; j < got->len; j++) {
+            found += got->pdata[j] == o->lock;
+        }
+        assert_int_equal(found, m_conflict(o, ml));
+        want += found;
+    }
+    assert_int_equal(got->len, want);
+    for (j = 1; j < got->len; j++) {
+        assert_false(GRANTED((ExtlockLock *)got->pdata[j]) &&
+                     !GRANTED((ExtlockLock *)got->pdata[j - 1]));
+    }
 }
 
 static void compare(Fixture *f, Model *m)
@@ -880,6 +1408,10 @@ static void compare(Fixture *f, Model *m)
         assert_int_equal(l->mode, ml->mode);
         assert_int_equal(l->node.ext.start, ml->ext.start);
         assert_int_equal(l->node.ext.end, ml->ext.end);
+        assert_int_equal(l->requested.start, ml->requested.start);
+        assert_int_equal(l->requested.end, ml->requested.end);
+        assert_int_equal(l->limit.start, ml->limit.start);
+        assert_int_equal(l->limit.end, ml->limit.end);
         assert_int_equal(GRANTED(l), ml->granted);
         assert_ptr_equal(l->owner, ml->owner);
         assert_int_equal(l->user_tag, ml->user_tag);
@@ -893,6 +1425,8 @@ static void compare(Fixture *f, Model *m)
     assert_int_equal(st->cancels, m->st.cancels);
     assert_int_equal(st->held, m->st.held);
     assert_int_equal(st->waiting, m->st.waiting);
+    assert_int_equal(st->grown_grants, m->st.grown_grants);
+    assert_int_equal(st->downgrades, m->st.downgrades);
     assert_int_equal(st->total_wait_us, f->wait_us_sum);
 }
 
@@ -925,7 +1459,42 @@ typedef struct Workload {
     uint64_t max_len;
     uint64_t unit;
     int excl_pct;
+    int grow_pct;                /* requests with a limit beyond the ext */
 } Workload;
+
+/* A random limit around @e: aligned to units or not, up to everything */
+static ExtlockExtent pick_limit(GRand *r, const Workload *wl, ExtlockExtent e)
+{
+    uint64_t top = wl->range * wl->unit;
+    ExtlockExtent l = e;
+
+    switch (g_rand_int_range(r, 0, 5)) {
+    case 0:
+        l = ext(0, EXTLOCK_EXTENT_END_MAX);
+        break;
+    case 1:
+        /* Unit boundaries */
+        l.start -= (uint64_t)g_rand_int_range(
+            r, 0, (gint32)(e.start / wl->unit) + 1) * wl->unit;
+        l.end += (uint64_t)g_rand_int_range(
+            r, 0, (gint32)((top - e.end) / wl->unit) + 1) * wl->unit;
+        break;
+    case 2:
+        /* Any byte */
+        l.start -= (uint64_t)g_rand_double_range(r, 0, e.start + 1.0);
+        l.end += (uint64_t)g_rand_double_range(r, 0, top - e.end + 1.0);
+        l.start = MIN(l.start, e.start);
+        l.end = MIN(MAX(l.end, e.end), top);
+        break;
+    case 3:
+        l.start = 0;
+        break;
+    default:
+        l.end = EXTLOCK_EXTENT_END_MAX;
+        break;
+    }
+    return l;
+}
 
 static void op_request(Fixture *f, Model *m, GRand *r, const Workload *wl)
 {
@@ -938,6 +1507,10 @@ static void op_request(Fixture *f, Model *m, GRand *r, const Workload *wl)
         len = wl->range - s;
     }
     ml->ext = ext(s * wl->unit, (s + len) * wl->unit);
+    ml->requested = ml->limit = ml->ext;
+    if (g_rand_int_range(r, 0, 100) < wl->grow_pct) {
+        ml->limit = pick_limit(r, wl, ml->ext);
+    }
     ml->mode = g_rand_int_range(r, 0, 100) < wl->excl_pct ? EX : SH;
     ml->token = ++f->token;
     ml->owner = &owners[g_rand_int_range(r, 0, 4)];
@@ -954,8 +1527,18 @@ static void op_request(Fixture *f, Model *m, GRand *r, const Workload *wl)
             }
         }
     }
-    ml->lock = extlock_table_request(f->table, ml->ext, ml->mode, ml->token,
-                                     ml->owner, ml->user_tag);
+    if (ml->granted) {
+        ml->ext = m_grow(m, ml, m->locks->len + 1);
+    }
+    if (ml->limit.start == ml->requested.start &&
+        ml->limit.end == ml->requested.end && g_rand_boolean(r)) {
+        ml->lock = extlock_table_request(f->table, ml->requested, ml->mode,
+                                         ml->token, ml->owner, ml->user_tag);
+    } else {
+        ml->lock = extlock_table_request_grow(f->table, ml->requested,
+                                              ml->limit, ml->mode, ml->token,
+                                              ml->owner, ml->user_tag);
+    }
     assert_non_null(ml->lock);
     g_ptr_array_add(m->locks, ml);
     m->st.requests++;
@@ -969,11 +1552,29 @@ static void op_request(Fixture *f, Model *m, GRand *r, const Workload *wl)
     }
 }
 
+static void op_downgrade(Fixture *f, Model *m, MLock *ml)
+{
+    assert_int_equal(extlock_table_downgrade(f->table, ml->lock), 0);
+    if (ml->mode == EX) {
+        ml->mode = SH;
+        m->st.downgrades++;
+    }
+    m_settle(m);
+}
+
 static void op_release(Fixture *f, Model *m, MLock *ml)
 {
     extlock_table_release(f->table, ml->lock);
     m_remove(m, ml);
     m_settle(m);
+}
+
+/* Uniform enough in [0, n) for any n >= 1 (grown extents reach 2^63) */
+static uint64_t rand_below(GRand *r, uint64_t n)
+{
+    uint64_t x = (uint64_t)g_rand_int(r) << 32 | g_rand_int(r);
+
+    return x % n;
 }
 
 static void op_release_part(Fixture *f, Model *m, GRand *r, MLock *ml,
@@ -995,7 +1596,7 @@ static void op_release_part(Fixture *f, Model *m, GRand *r, MLock *ml,
             pe = e + 1 + (uint64_t)g_rand_int_range(r, 0, 4);
             break;
         default:
-            ps = pe = s + (uint64_t)g_rand_int_range(r, 0, (gint32)(e - s));
+            ps = pe = s + rand_below(r, e - s);
             break;
         }
         ret = extlock_table_release_part(f->table, ml->lock, ext(ps, pe),
@@ -1006,13 +1607,12 @@ static void op_release_part(Fixture *f, Model *m, GRand *r, MLock *ml,
 
     /* Valid, biased towards unit boundaries to hit every shape */
     if (g_rand_boolean(r)) {
-        ps = s + (uint64_t)g_rand_int_range(r, 0, (gint32)(e - s));
-        pe = ps + 1 + (uint64_t)g_rand_int_range(r, 0, (gint32)(e - ps));
+        ps = s + rand_below(r, e - s);
+        pe = ps + 1 + rand_below(r, e - ps);
     } else if ((e - s) / wl->unit > 0) {
         uint64_t units = (e - s) / wl->unit;
-        uint64_t a = (uint64_t)g_rand_int_range(r, 0, (gint32)units);
-        uint64_t b = a + 1 + (uint64_t)g_rand_int_range(r, 0,
-                                                       (gint32)(units - a));
+        uint64_t a = rand_below(r, units);
+        uint64_t b = a + 1 + rand_below(r, units - a);
 
         ps = s + a * wl->unit;
         pe = s + b * wl->unit;
@@ -1076,21 +1676,37 @@ static void run_workload(const Workload *wl)
 
         if (dice < 45 && m.locks->len < wl->max_live) {
             op_request(f, &m, r, wl);
-        } else if (dice < 75 && (ml = m_pick(&m, r, true))) {
+        } else if (dice < 70 && (ml = m_pick(&m, r, true))) {
             op_release(f, &m, ml);
-        } else if (dice < 90 && (ml = m_pick(&m, r, true))) {
+        } else if (dice < 82 && (ml = m_pick(&m, r, true))) {
             op_release_part(f, &m, r, ml, wl);
+        } else if (dice < 90 && (ml = m_pick(&m, r, true))) {
+            op_downgrade(f, &m, ml);
         } else if ((ml = m_pick(&m, r, false))) {
-            if (g_rand_int_range(r, 0, 4) == 0) {
+            switch (g_rand_int_range(r, 0, 8)) {
+            case 0:
+            case 1:
                 /* A waiting lock cannot be partially released */
                 assert_int_equal(extlock_table_release_part(
                                      f->table, ml->lock, ml->ext,
                                      NULL, NULL), -EINVAL);
-            } else {
+                break;
+            case 2:
+                /* ... nor downgraded */
+                assert_int_equal(extlock_table_downgrade(f->table,
+                                                         ml->lock),
+                                 -EINVAL);
+                break;
+            default:
                 op_release(f, &m, ml);   /* cancel */
+                break;
             }
         }
         compare(f, &m);
+        if (m.locks->len > 0) {
+            compare_conflicts(f, &m, m.locks->pdata[
+                g_rand_int_range(r, 0, (gint32)m.locks->len)]);
+        }
     }
 
     /*
@@ -1134,6 +1750,7 @@ static void test_random_small(void **state)
         wl.seed = seed;
         wl.excl_pct = (int)(seed % 5) * 20 + 10;   /* 10% .. 90% */
         wl.max_len = seed % 3 == 0 ? 32 : 8;
+        wl.grow_pct = (int)(seed % 4) * 25;        /* 0% .. 75% */
         run_workload(&wl);
     }
 }
@@ -1142,7 +1759,7 @@ static void test_random_large(void **state)
 {
     Workload wl = {
         .ops = 3000, .max_live = 120, .range = 2048, .max_len = 64,
-        .unit = 512, .excl_pct = 30,
+        .unit = 512, .excl_pct = 30, .grow_pct = 20,
     };
     guint32 seed;
 
@@ -1157,11 +1774,30 @@ static void test_random_sparse(void **state)
 {
     Workload wl = {
         .ops = 2000, .max_live = 48, .range = 256, .max_len = 16,
-        .unit = 1, .excl_pct = 50,
+        .unit = 1, .excl_pct = 50, .grow_pct = 30,
     };
     guint32 seed;
 
     for (seed = 2000; seed < 2050; seed++) {
+        wl.seed = seed;
+        run_workload(&wl);
+    }
+}
+
+/*
+ * Units of a few MiB, not aligned to the cap's 32 MiB, and often more
+ * than 32 locks: growth is capped about half of the time.
+ */
+static void test_random_cap(void **state)
+{
+    Workload wl = {
+        .ops = 2000, .max_live = 64, .range = 160, .max_len = 12,
+        .unit = 3 * (UINT64_C(1) << 20) + 4096, .excl_pct = 40,
+        .grow_pct = 70,
+    };
+    guint32 seed;
+
+    for (seed = 3000; seed < 3020; seed++) {
         wl.seed = seed;
         run_workload(&wl);
     }
@@ -1186,9 +1822,20 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_check_detects, setup, teardown),
         cmocka_unit_test_setup_teardown(test_debug_checks_abort, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_grow_alone, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_grow_stops, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_grow_deferred, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_grow_cap, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_downgrade, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_foreach_conflict, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_check_detects_growth, setup,
+                                        teardown),
         cmocka_unit_test(test_random_small),
         cmocka_unit_test(test_random_sparse),
         cmocka_unit_test(test_random_large),
+        cmocka_unit_test(test_random_cap),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
