@@ -252,9 +252,7 @@ static void extlock_client_read(void *opaque)
         }
     }
     /* A grant or a "waiting" may let requests waiting for ours go ahead */
-    if (!qemu_co_queue_empty(&c->grant_queue)) {
-        qemu_co_enter_all(&c->grant_queue, NULL);
-    }
+    extlock_locks_wake_grant_waiters(c);
 }
 
 static void extlock_client_write(void *opaque)
@@ -296,6 +294,7 @@ typedef struct ExtlockConnJob {
     bool reclaim;
     GArray *server_locks;       /* ExtlockHeldLock, when resumed */
     int64_t hello_sent_ns;
+    ExtlockErrorCode refused;   /* the coordinator's error to hello */
     Error *err;
 } ExtlockConnJob;
 
@@ -428,6 +427,7 @@ static bool extlock_conn_hello(ExtlockConnJob *job, Error **errp)
         goto out;
     }
     if (reply.type == EXTLOCK_MSG_ERROR) {
+        job->refused = reply.error;
         error_setg(errp, "coordinator refused the session: %s (%s)",
                    reply.message ? reply.message : "",
                    extlock_error_code_name(reply.error));
@@ -507,8 +507,17 @@ static int extlock_conn_run(void *opaque)
     if (job->addr->type == SOCKET_ADDRESS_TYPE_INET) {
         socket_set_nodelay(job->sioc->fd);
     }
-    if (!extlock_conn_hello(job, errp) ||
-        (job->reclaim && !extlock_conn_reclaim(job, errp))) {
+    if (!extlock_conn_hello(job, errp) && job->old_session &&
+        job->refused == EXTLOCK_ERR_NOT_FOUND) {
+        /* The old session is gone for good: start a new one */
+        error_free(job->err);
+        job->err = NULL;
+        g_free(job->old_session);
+        job->old_session = NULL;
+        job->refused = EXTLOCK_ERR_NONE;
+        extlock_conn_hello(job, errp);
+    }
+    if (job->err || (job->reclaim && !extlock_conn_reclaim(job, errp))) {
         error_prepend(errp, "extlock coordinator at %s: ", address);
         return -1;
     }
@@ -574,9 +583,8 @@ static void extlock_client_tick(void *opaque)
                                   "coordinator unreachable for the lease");
     }
     extlock_locks_check_waiters(c, now);
-    if (!qemu_co_queue_empty(&c->usable_queue)) {
-        qemu_co_enter_all(&c->usable_queue, NULL);
-    }
+    /* Queued requests check their lease-loss timeout */
+    extlock_locks_wake_usable(c);
     if (c->tick_timer) {
         timer_mod(c->tick_timer, now + EXTLOCK_TICK_MS * SCALE_MS);
     }

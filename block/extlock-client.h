@@ -143,8 +143,8 @@ typedef struct ExtlockClient {
 
     /* requests and locks (extlock-locks.c) */
     QLIST_HEAD(, ExtlockRequest) waiting; /* requests not granted yet */
-    CoQueue grant_queue;        /* requests waiting for our own grants */
-    CoQueue usable_queue;       /* requests waiting for lease/connection */
+    GPtrArray *grant_waiters;   /* coroutines waiting for our own grants */
+    GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     ExtlockITree locks;         /* ExtlockCachedLock by extent */
     GHashTable *lock_ids;       /* lock id -> ExtlockCachedLock */
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
@@ -210,6 +210,8 @@ void extlock_locks_disconnected(ExtlockClient *c);
 void extlock_locks_lease_lost(ExtlockClient *c);
 /* Session or connection state changed: let queued requests look again */
 void extlock_locks_wake_usable(ExtlockClient *c);
+/* A grant or "waiting" arrived: requests waiting for ours look again */
+void extlock_locks_wake_grant_waiters(ExtlockClient *c);
 /* Periodic: emit EXTENT_LOCK_WAIT_TIMEOUT for slow requests */
 void extlock_locks_check_waiters(ExtlockClient *c, int64_t now);
 

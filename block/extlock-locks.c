@@ -15,6 +15,31 @@
 
 static void extlock_cache_timer_cb(void *opaque);
 
+/*
+ * Wait lists.  A woken coroutine that has to wait again adds itself to a
+ * fresh list, so waking a list never loops (unlike entering a CoQueue
+ * from outside a coroutine while its waiters re-queue themselves).
+ */
+static void coroutine_fn extlock_wait_on(GPtrArray **list)
+{
+    g_ptr_array_add(*list, qemu_coroutine_self());
+    qemu_coroutine_yield();
+}
+
+static void extlock_wake_all(GPtrArray **list)
+{
+    GPtrArray *woken = *list;
+
+    if (!woken->len) {
+        return;
+    }
+    *list = g_ptr_array_new();
+    for (guint i = 0; i < woken->len; i++) {
+        aio_co_wake(g_ptr_array_index(woken, i));
+    }
+    g_ptr_array_free(woken, true);
+}
+
 /* ------------------------------------------------------------------------
  * The lock cache
  *
@@ -393,7 +418,7 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
     g_ptr_array_free(req->blocked_by, true);
     req->blocked_by = NULL;
     /* Others may be waiting to see whether this grant covers them */
-    qemu_co_queue_restart_all(&c->grant_queue);
+    extlock_wake_all(&c->grant_waiters);
     return req->ret;
 }
 
@@ -425,7 +450,7 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
                 c->stats.errors++;
                 return -EIO;
             }
-            qemu_co_queue_wait(&c->usable_queue, NULL);
+            extlock_wait_on(&c->usable_waiters);
             continue;
         }
 
@@ -444,13 +469,13 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
              * blocking behind other hosts.
              */
             if (c->fd >= 0 && extlock_grant_in_flight(c, req->mode)) {
-                qemu_co_queue_wait(&c->grant_queue, NULL);
+                extlock_wait_on(&c->grant_waiters);
                 continue;
             }
         }
         if (c->fd < 0 || c->state != EXTLOCK_SESSION_ACTIVE) {
             /* Reconnecting: woken when connected or the lease is lost */
-            qemu_co_queue_wait(&c->usable_queue, NULL);
+            extlock_wait_on(&c->usable_waiters);
             continue;
         }
 
@@ -599,8 +624,13 @@ void extlock_locks_lease_lost(ExtlockClient *c)
 
 void extlock_locks_wake_usable(ExtlockClient *c)
 {
-    qemu_co_enter_all(&c->usable_queue, NULL);
-    qemu_co_enter_all(&c->grant_queue, NULL);
+    extlock_wake_all(&c->usable_waiters);
+    extlock_wake_all(&c->grant_waiters);
+}
+
+void extlock_locks_wake_grant_waiters(ExtlockClient *c)
+{
+    extlock_wake_all(&c->grant_waiters);
 }
 
 void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
@@ -779,8 +809,8 @@ void extlock_locks_init(ExtlockClient *c)
     c->lock_ids = g_hash_table_new(g_int64_hash, g_int64_equal);
     QLIST_INIT(&c->waiting);
     QTAILQ_INIT(&c->idle);
-    qemu_co_queue_init(&c->grant_queue);
-    qemu_co_queue_init(&c->usable_queue);
+    c->grant_waiters = g_ptr_array_new();
+    c->usable_waiters = g_ptr_array_new();
 }
 
 void extlock_locks_destroy(ExtlockClient *c)
@@ -794,6 +824,9 @@ void extlock_locks_destroy(ExtlockClient *c)
         extlock_cache_drop(c, l);
     }
     g_hash_table_destroy(c->lock_ids);
+    assert(!c->grant_waiters->len && !c->usable_waiters->len);
+    g_ptr_array_free(c->grant_waiters, true);
+    g_ptr_array_free(c->usable_waiters, true);
 }
 
 void extlock_locks_attach(ExtlockClient *c)

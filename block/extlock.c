@@ -20,6 +20,7 @@
 #include "qapi/qobject-input-visitor.h"
 #include "qapi/qapi-visit-sockets.h"
 #include "qemu/cutils.h"
+#include "qemu/units.h"
 #include "qapi/util.h"
 #include "qapi/qapi-types-block-core.h"
 #include "qemu/module.h"
@@ -170,6 +171,7 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
                                                 60000);
     uint64_t wait_warn = qemu_opt_get_number(opts, EXTLOCK_OPT_WAIT_WARN,
                                              10000);
+    Error *local_err = NULL;
     int policy;
 
     if (!lock_space) {
@@ -225,9 +227,10 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
 
     policy = qapi_enum_parse(&ExtlockLeaseLossPolicy_lookup,
                              qemu_opt_get(opts, EXTLOCK_OPT_ON_LOSS),
-                             EXTLOCK_LEASE_LOSS_POLICY_QUEUE, errp);
-    if (policy < 0) {
-        error_prepend(errp, "on-lease-loss: ");
+                             EXTLOCK_LEASE_LOSS_POLICY_QUEUE, &local_err);
+    if (local_err) {
+        error_propagate_prepend(errp, local_err,
+                                "on-lease-loss must be 'queue' or 'error': ");
         return false;
     }
     if (loss_timeout > UINT32_MAX) {
@@ -338,77 +341,36 @@ static void extlock_close(BlockDriverState *bs)
 }
 
 /*
- * Run @fn on the child while holding a lock in @mode over the range the
- * request touches, rounded out to the granularity.
+ * Lock the range a request touches, rounded out to the granularity, in
+ * @mode.  Returns 0 (then extlock_unlock_range() must follow) or -errno.
  */
-typedef int coroutine_fn ExtlockIOFn(BlockDriverState *bs, int64_t offset,
-                                     int64_t bytes, QEMUIOVector *qiov,
-                                     BdrvRequestFlags flags);
-
-static int coroutine_fn extlock_co_locked(BlockDriverState *bs,
-                                          const char *op, ExtlockMode mode,
-                                          int64_t offset, int64_t bytes,
-                                          QEMUIOVector *qiov,
-                                          BdrvRequestFlags flags,
-                                          ExtlockIOFn *fn)
+static int coroutine_fn extlock_lock_range(BlockDriverState *bs,
+                                           const char *op, ExtlockMode mode,
+                                           int64_t offset, int64_t bytes,
+                                           ExtlockRequest *req)
 {
     BDRVExtlockState *s = bs->opaque;
-    ExtlockRequest req = { .mode = mode };
-    uint64_t start, end;
+    uint64_t start = QEMU_ALIGN_DOWN((uint64_t)offset, s->granularity);
+    uint64_t end = QEMU_ALIGN_UP((uint64_t)offset + bytes, s->granularity);
     int ret;
 
-    if (bytes <= 0) {
-        return fn(bs, offset, bytes, qiov, flags);
-    }
-    start = QEMU_ALIGN_DOWN((uint64_t)offset, s->granularity);
-    end = QEMU_ALIGN_UP((uint64_t)offset + bytes, s->granularity);
-    req.offset = start;
-    req.length = end - start;
+    req->mode = mode;
+    req->offset = start;
+    req->length = end - start;
     trace_extlock_request(bdrv_get_node_name(bs), op, offset, bytes,
-                          req.offset, req.length);
-
-    ret = extlock_client_lock(s->client, &req);
+                          req->offset, req->length);
+    ret = extlock_client_lock(s->client, req);
     if (ret < 0) {
         trace_extlock_request_failed(bdrv_get_node_name(bs), op, offset,
                                      bytes, ret);
-        return ret;
     }
-    ret = fn(bs, offset, bytes, qiov, flags);
-    extlock_client_unlock(s->client, &req);
     return ret;
 }
 
-static int coroutine_fn extlock_child_preadv(BlockDriverState *bs,
-                                             int64_t offset, int64_t bytes,
-                                             QEMUIOVector *qiov,
-                                             BdrvRequestFlags flags)
+static void extlock_unlock_range(BlockDriverState *bs, ExtlockRequest *req)
 {
-    return bdrv_co_preadv(bs->file, offset, bytes, qiov, flags);
-}
-
-static int coroutine_fn extlock_child_pwritev(BlockDriverState *bs,
-                                              int64_t offset, int64_t bytes,
-                                              QEMUIOVector *qiov,
-                                              BdrvRequestFlags flags)
-{
-    return bdrv_co_pwritev(bs->file, offset, bytes, qiov, flags);
-}
-
-static int coroutine_fn extlock_child_pwrite_zeroes(BlockDriverState *bs,
-                                                    int64_t offset,
-                                                    int64_t bytes,
-                                                    QEMUIOVector *qiov,
-                                                    BdrvRequestFlags flags)
-{
-    return bdrv_co_pwrite_zeroes(bs->file, offset, bytes, flags);
-}
-
-static int coroutine_fn extlock_child_pdiscard(BlockDriverState *bs,
-                                               int64_t offset, int64_t bytes,
-                                               QEMUIOVector *qiov,
-                                               BdrvRequestFlags flags)
-{
-    return bdrv_co_pdiscard(bs->file, offset, bytes);
+    BDRVExtlockState *s = bs->opaque;
+    extlock_client_unlock(s->client, req);
 }
 
 static int coroutine_fn extlock_co_preadv(BlockDriverState *bs,
@@ -416,8 +378,17 @@ static int coroutine_fn extlock_co_preadv(BlockDriverState *bs,
                                           QEMUIOVector *qiov,
                                           BdrvRequestFlags flags)
 {
-    return extlock_co_locked(bs, "read", EXTLOCK_MODE_SHARED, offset, bytes,
-                             qiov, flags, extlock_child_preadv);
+    ExtlockRequest req = {};
+    int ret;
+
+    ret = extlock_lock_range(bs, "read", EXTLOCK_MODE_SHARED, offset, bytes,
+                             &req);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = bdrv_co_preadv(bs->file, offset, bytes, qiov, flags);
+    extlock_unlock_range(bs, &req);
+    return ret;
 }
 
 static int coroutine_fn extlock_co_pwritev(BlockDriverState *bs,
@@ -425,8 +396,17 @@ static int coroutine_fn extlock_co_pwritev(BlockDriverState *bs,
                                            QEMUIOVector *qiov,
                                            BdrvRequestFlags flags)
 {
-    return extlock_co_locked(bs, "write", EXTLOCK_MODE_EXCLUSIVE, offset,
-                             bytes, qiov, flags, extlock_child_pwritev);
+    ExtlockRequest req = {};
+    int ret;
+
+    ret = extlock_lock_range(bs, "write", EXTLOCK_MODE_EXCLUSIVE, offset,
+                             bytes, &req);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = bdrv_co_pwritev(bs->file, offset, bytes, qiov, flags);
+    extlock_unlock_range(bs, &req);
+    return ret;
 }
 
 static int coroutine_fn extlock_co_pwrite_zeroes(BlockDriverState *bs,
@@ -434,16 +414,65 @@ static int coroutine_fn extlock_co_pwrite_zeroes(BlockDriverState *bs,
                                                  int64_t bytes,
                                                  BdrvRequestFlags flags)
 {
-    return extlock_co_locked(bs, "write-zeroes", EXTLOCK_MODE_EXCLUSIVE,
-                             offset, bytes, NULL, flags,
-                             extlock_child_pwrite_zeroes);
+    ExtlockRequest req = {};
+    int ret;
+
+    ret = extlock_lock_range(bs, "write-zeroes", EXTLOCK_MODE_EXCLUSIVE,
+                             offset, bytes, &req);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = bdrv_co_pwrite_zeroes(bs->file, offset, bytes, flags);
+    extlock_unlock_range(bs, &req);
+    return ret;
 }
 
 static int coroutine_fn extlock_co_pdiscard(BlockDriverState *bs,
                                             int64_t offset, int64_t bytes)
 {
-    return extlock_co_locked(bs, "discard", EXTLOCK_MODE_EXCLUSIVE, offset,
-                             bytes, NULL, 0, extlock_child_pdiscard);
+    ExtlockRequest req = {};
+    int ret;
+
+    ret = extlock_lock_range(bs, "discard", EXTLOCK_MODE_EXCLUSIVE, offset,
+                             bytes, &req);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = bdrv_co_pdiscard(bs->file, offset, bytes);
+    extlock_unlock_range(bs, &req);
+    return ret;
+}
+
+/*
+ * Block status is data too: NBD exports serve holes from it without a
+ * read, so ask the child under a shared lock.  At most this much per call
+ * (a caller asking about the whole image would otherwise lock it all).
+ */
+#define EXTLOCK_BLOCK_STATUS_MAX (1 * MiB)
+
+static int coroutine_fn extlock_co_block_status(BlockDriverState *bs,
+                                                bool want_zero,
+                                                int64_t offset,
+                                                int64_t bytes,
+                                                int64_t *pnum,
+                                                int64_t *map,
+                                                BlockDriverState **file)
+{
+    int64_t end = MIN(offset + bytes,
+                      QEMU_ALIGN_DOWN(offset, EXTLOCK_BLOCK_STATUS_MAX) +
+                      EXTLOCK_BLOCK_STATUS_MAX);
+    ExtlockRequest req = {};
+    int ret;
+
+    ret = extlock_lock_range(bs, "block-status", EXTLOCK_MODE_SHARED,
+                             offset, end - offset, &req);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = bdrv_block_status(bs->file->bs, offset, end - offset, pnum, map,
+                            file);
+    extlock_unlock_range(bs, &req);
+    return ret;
 }
 
 static int coroutine_fn extlock_co_flush(BlockDriverState *bs)
@@ -522,6 +551,7 @@ BlockDriver bdrv_extlock = {
     .bdrv_co_pwrite_zeroes      = extlock_co_pwrite_zeroes,
     .bdrv_co_pdiscard           = extlock_co_pdiscard,
     .bdrv_co_flush              = extlock_co_flush,
+    .bdrv_co_block_status       = extlock_co_block_status,
 
     .bdrv_attach_aio_context    = extlock_attach_aio_context,
     .bdrv_detach_aio_context    = extlock_detach_aio_context,
