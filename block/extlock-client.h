@@ -144,6 +144,7 @@ typedef struct ExtlockClient {
     /* requests and locks (extlock-locks.c) */
     QLIST_HEAD(, ExtlockRequest) waiting; /* requests not granted yet */
     GPtrArray *grant_waiters;   /* coroutines waiting for our own grants */
+    bool grants_grow;           /* the last grant was larger than asked */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     ExtlockITree locks;         /* ExtlockCachedLock by extent */
     GHashTable *lock_ids;       /* lock id -> ExtlockCachedLock */

@@ -322,6 +322,7 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
 
     req->lock = l;
     req->token = msg->token;
+    c->grants_grow = msg->length > req->length;
     c->stats.grants++;
     if (req->queued) {
         c->stats.total_wait_us += (now - req->start_ns) / 1000;
@@ -465,10 +466,12 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
             /*
              * A grant on its way will probably have grown over our range:
              * wait for it rather than queueing behind it at the
-             * coordinator.  Not once it waits there: no head-of-line
-             * blocking behind other hosts.
+             * coordinator.  Not once it waits there (no head-of-line
+             * blocking behind other hosts), and not while grants do not
+             * grow (a busy lock-space: requests would go one at a time).
              */
-            if (c->fd >= 0 && extlock_grant_in_flight(c, req->mode)) {
+            if (c->fd >= 0 && c->grants_grow &&
+                extlock_grant_in_flight(c, req->mode)) {
                 extlock_wait_on(&c->grant_waiters);
                 continue;
             }
@@ -810,6 +813,7 @@ void extlock_locks_init(ExtlockClient *c)
     QLIST_INIT(&c->waiting);
     QTAILQ_INIT(&c->idle);
     c->grant_waiters = g_ptr_array_new();
+    c->grants_grow = true;      /* until a grant shows otherwise */
     c->usable_waiters = g_ptr_array_new();
 }
 
