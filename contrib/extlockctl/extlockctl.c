@@ -1,1 +1,578 @@
-/* placeholder: to be written */
+/*
+ * extlockctl: show the state of an extlock coordinator (extlockd)
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Sends one "status" request (allowed without hello) and prints the reply
+ * as aligned tables, or as JSON with --json.  Exit status: 0 on success,
+ * 1 if the coordinator cannot be reached or answers with an error, 2 for
+ * bad usage.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <json-c/json.h>
+#include "extlock/client-sync.h"
+
+#define DEFAULT_ADDRESS "unix:/run/extlock/extlockd.sock"
+#define STATUS_TIMEOUT_MS (10 * 1000)
+
+/*
+ * Aligned text tables
+ */
+typedef struct Table {
+    guint ncols;
+    const char *const *headers;
+    const char *align;          /* per column: 'l' or 'r' */
+    GPtrArray *rows;            /* of char ** (ncols strings each) */
+} Table;
+
+static Table *table_new(const char *const *headers, const char *align)
+{
+    Table *t = g_new0(Table, 1);
+
+    t->headers = headers;
+    t->align = align;
+    t->ncols = strlen(align);
+    t->rows = g_ptr_array_new_with_free_func((GDestroyNotify)g_strfreev);
+    return t;
+}
+
+/* Add a row of t->ncols strings; takes ownership of them */
+static void table_add(Table *t, ...)
+{
+    char **row = g_new0(char *, t->ncols + 1);
+    va_list ap;
+    guint i;
+
+    va_start(ap, t);
+    for (i = 0; i < t->ncols; i++) {
+        row[i] = va_arg(ap, char *);
+    }
+    va_end(ap);
+    g_ptr_array_add(t->rows, row);
+}
+
+static void print_cell(const char *s, size_t width, char align, bool last)
+{
+    size_t len = g_utf8_strlen(s, -1);
+    size_t pad = width > len ? width - len : 0;
+
+    if (align == 'r') {
+        printf("%*s%s", (int)pad, "", s);
+    } else if (last) {
+        printf("%s", s);
+    } else {
+        printf("%s%*s", s, (int)pad, "");
+    }
+}
+
+static void table_print(Table *t, const char *title)
+{
+    size_t *width = g_new0(size_t, t->ncols);
+    guint i, c;
+
+    for (c = 0; c < t->ncols; c++) {
+        width[c] = strlen(t->headers[c]);
+    }
+    for (i = 0; i < t->rows->len; i++) {
+        char **row = g_ptr_array_index(t->rows, i);
+
+        for (c = 0; c < t->ncols; c++) {
+            width[c] = MAX(width[c], (size_t)g_utf8_strlen(row[c], -1));
+        }
+    }
+
+    printf("%s (%u)\n", title, t->rows->len);
+    if (t->rows->len == 0) {
+        printf("  (none)\n");
+        g_free(width);
+        return;
+    }
+    printf("  ");
+    for (c = 0; c < t->ncols; c++) {
+        if (c) {
+            printf("  ");
+        }
+        print_cell(t->headers[c], width[c], t->align[c], c == t->ncols - 1);
+    }
+    printf("\n");
+    for (i = 0; i < t->rows->len; i++) {
+        char **row = g_ptr_array_index(t->rows, i);
+
+        printf("  ");
+        for (c = 0; c < t->ncols; c++) {
+            if (c) {
+                printf("  ");
+            }
+            print_cell(row[c], width[c], t->align[c], c == t->ncols - 1);
+        }
+        printf("\n");
+    }
+    g_free(width);
+}
+
+static void table_free(Table *t)
+{
+    g_ptr_array_free(t->rows, true);
+    g_free(t);
+}
+
+/*
+ * Reading the status object; missing members read as 0 / "-" so that
+ * newer or older servers still give useful output.
+ */
+static json_object *get(json_object *obj, const char *key)
+{
+    json_object *v = NULL;
+
+    if (!obj || !json_object_object_get_ex(obj, key, &v)) {
+        return NULL;
+    }
+    return v;
+}
+
+static int64_t get_int(json_object *obj, const char *key)
+{
+    json_object *v = get(obj, key);
+
+    return v ? json_object_get_int64(v) : 0;
+}
+
+static char *fmt_int(json_object *obj, const char *key)
+{
+    json_object *v = get(obj, key);
+
+    if (!v) {
+        return g_strdup("-");
+    }
+    return g_strdup_printf("%" PRId64, json_object_get_int64(v));
+}
+
+static char *fmt_str(json_object *obj, const char *key)
+{
+    json_object *v = get(obj, key);
+
+    if (!v || !json_object_is_type(v, json_type_string)) {
+        return g_strdup("-");
+    }
+    return g_strdup(json_object_get_string(v));
+}
+
+static size_t array_len(json_object *obj, const char *key)
+{
+    json_object *v = get(obj, key);
+
+    return json_object_is_type(v, json_type_array) ?
+           json_object_array_length(v) : 0;
+}
+
+static json_object *array_at(json_object *obj, const char *key, size_t i)
+{
+    return json_object_array_get_idx(get(obj, key), i);
+}
+
+static char *fmt_duration(int64_t ms)
+{
+    int64_t s = ms / 1000;
+
+    if (s < 60) {
+        return g_strdup_printf("%" PRId64 ".%03" PRId64 "s", s, ms % 1000);
+    }
+    if (s < 3600) {
+        return g_strdup_printf("%" PRId64 "m%02" PRId64 "s", s / 60, s % 60);
+    }
+    if (s < 86400) {
+        return g_strdup_printf("%" PRId64 "h%02" PRId64 "m%02" PRId64 "s",
+                               s / 3600, s / 60 % 60, s % 60);
+    }
+    return g_strdup_printf("%" PRId64 "d%02" PRId64 "h%02" PRId64 "m",
+                           s / 86400, s / 3600 % 24, s / 60 % 60);
+}
+
+/* "blocked-by": ["a", "b"] -> "a, b" */
+static char *fmt_list(json_object *obj, const char *key)
+{
+    json_object *arr = get(obj, key);
+    GString *s = g_string_new(NULL);
+    size_t i, n;
+
+    n = json_object_is_type(arr, json_type_array) ?
+        json_object_array_length(arr) : 0;
+    for (i = 0; i < n; i++) {
+        if (i) {
+            g_string_append(s, ", ");
+        }
+        g_string_append(s, json_object_get_string(
+                               json_object_array_get_idx(arr, i)));
+    }
+    if (!n) {
+        g_string_append(s, "-");
+    }
+    return g_string_free(s, false);
+}
+
+static void print_header(json_object *st)
+{
+    json_object *c = get(st, "counters");
+    g_autofree char *server = fmt_str(st, "server");
+    g_autofree char *up = fmt_duration(get_int(st, "uptime-ms"));
+
+    printf("Coordinator  %s, epoch %" PRId64 ", up %s\n", server,
+           get_int(st, "epoch"), up);
+    printf("Leases       default %" PRId64 " ms, fence margin %" PRId64
+           " ms\n", get_int(st, "lease-ms"), get_int(st, "fence-margin-ms"));
+    printf("Totals       %" PRId64 " connections, %" PRId64 " sessions, %"
+           PRId64 " messages, %" PRId64 " errors\n",
+           get_int(c, "connections"), get_int(c, "sessions"),
+           get_int(c, "messages"), get_int(c, "errors"));
+}
+
+static void print_sessions(json_object *st)
+{
+    static const char *const hdr[] = {
+        "SESSION", "CLIENT-ID", "LOCK-SPACE", "STATE", "LEASE-LEFT-MS",
+        "LOCKS", "WAITING",
+    };
+    Table *t = table_new(hdr, "llllrrr");
+    size_t i, n = array_len(st, "sessions");
+
+    for (i = 0; i < n; i++) {
+        json_object *s = array_at(st, "sessions", i);
+
+        table_add(t, fmt_str(s, "session"), fmt_str(s, "client-id"),
+                  fmt_str(s, "lock-space"), fmt_str(s, "state"),
+                  fmt_int(s, "lease-remaining-ms"), fmt_int(s, "locks-held"),
+                  fmt_int(s, "requests-waiting"));
+    }
+    table_print(t, "Sessions");
+    table_free(t);
+}
+
+static void print_spaces(json_object *st)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "HELD", "WAITING", "REQUESTS", "IMMEDIATE", "WAITS",
+        "DEFERRED", "RELEASES", "PARTIAL", "CANCELS", "AVG-WAIT-US",
+    };
+    Table *t = table_new(hdr, "lrrrrrrrrrr");
+    size_t i, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        json_object *c = get(sp, "counters");
+        int64_t deferred = get_int(c, "deferred-grants");
+
+        table_add(t, fmt_str(sp, "name"),
+                  g_strdup_printf("%zu", array_len(sp, "held")),
+                  g_strdup_printf("%zu", array_len(sp, "waiting")),
+                  fmt_int(c, "requests"), fmt_int(c, "immediate-grants"),
+                  fmt_int(c, "waits"), fmt_int(c, "deferred-grants"),
+                  fmt_int(c, "releases"), fmt_int(c, "partial-releases"),
+                  fmt_int(c, "cancels"),
+                  deferred ? g_strdup_printf("%" PRId64,
+                                             get_int(c, "total-wait-us") /
+                                             deferred)
+                           : g_strdup("-"));
+    }
+    table_print(t, "Lock spaces");
+    table_free(t);
+}
+
+static void print_locks(json_object *st)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "LOCK", "CLIENT-ID", "MODE", "OFFSET", "LENGTH",
+        "TOKEN", "HELD-MS",
+    };
+    Table *t = table_new(hdr, "lrllrrrr");
+    size_t i, j, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        size_t m = array_len(sp, "held");
+
+        for (j = 0; j < m; j++) {
+            json_object *l = array_at(sp, "held", j);
+
+            table_add(t, fmt_str(sp, "name"), fmt_int(l, "lock"),
+                      fmt_str(l, "client-id"), fmt_str(l, "mode"),
+                      fmt_int(l, "offset"), fmt_int(l, "length"),
+                      fmt_int(l, "token"), fmt_int(l, "held-ms"));
+        }
+    }
+    table_print(t, "Held locks");
+    table_free(t);
+}
+
+static void print_waiters(json_object *st)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "REQUEST", "CLIENT-ID", "MODE", "OFFSET", "LENGTH",
+        "TOKEN", "WAITED-MS", "BLOCKED-BY",
+    };
+    Table *t = table_new(hdr, "lrllrrrrl");
+    size_t i, j, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        size_t m = array_len(sp, "waiting");
+
+        for (j = 0; j < m; j++) {
+            json_object *w = array_at(sp, "waiting", j);
+
+            table_add(t, fmt_str(sp, "name"), fmt_int(w, "request"),
+                      fmt_str(w, "client-id"), fmt_str(w, "mode"),
+                      fmt_int(w, "offset"), fmt_int(w, "length"),
+                      fmt_int(w, "token"), fmt_int(w, "waited-ms"),
+                      fmt_list(w, "blocked-by"));
+        }
+    }
+    table_print(t, "Waiting requests");
+    table_free(t);
+}
+
+static void print_counters(json_object *st)
+{
+    static const char *const hdr[] = { "SCOPE", "COUNTER", "VALUE" };
+    Table *t = table_new(hdr, "llr");
+    json_object *sc = get(st, "counters");
+    size_t i, n = array_len(st, "lock-spaces");
+
+    if (json_object_is_type(sc, json_type_object)) {
+        json_object_object_foreach(sc, k, v) {
+            table_add(t, g_strdup("server"), g_strdup(k),
+                      g_strdup(json_object_get_string(v)));
+        }
+    }
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        json_object *c = get(sp, "counters");
+
+        if (!json_object_is_type(c, json_type_object)) {
+            continue;
+        }
+        json_object_object_foreach(c, k2, v2) {
+            table_add(t, fmt_str(sp, "name"), g_strdup(k2),
+                      g_strdup(json_object_get_string(v2)));
+        }
+    }
+    table_print(t, "Counters");
+    table_free(t);
+}
+
+/*
+ * --json: the relevant part of the status object
+ */
+static json_object *json_flatten(json_object *st, const char *member)
+{
+    json_object *out = json_object_new_array();
+    size_t i, j, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        size_t m = array_len(sp, member);
+
+        for (j = 0; j < m; j++) {
+            json_object *copy = NULL;
+
+            if (json_object_deep_copy(array_at(sp, member, j), &copy,
+                                      NULL) < 0 ||
+                !json_object_is_type(copy, json_type_object)) {
+                json_object_put(copy);
+                continue;
+            }
+            json_object_object_add(copy, "lock-space",
+                                   json_object_get(get(sp, "name")));
+            json_object_array_add(out, copy);
+        }
+    }
+    return out;
+}
+
+static json_object *json_counters(json_object *st)
+{
+    json_object *out = json_object_new_object();
+    json_object *spaces = json_object_new_object();
+    size_t i, n = array_len(st, "lock-spaces");
+
+    json_object_object_add(out, "server",
+                           json_object_get(get(st, "counters")));
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        g_autofree char *name = fmt_str(sp, "name");
+
+        json_object_object_add(spaces, name,
+                               json_object_get(get(sp, "counters")));
+    }
+    json_object_object_add(out, "lock-spaces", spaces);
+    return out;
+}
+
+static void print_json(json_object *st, const char *command)
+{
+    json_object *out;
+
+    if (g_str_equal(command, "status")) {
+        out = json_object_get(st);
+    } else if (g_str_equal(command, "sessions")) {
+        out = json_object_get(get(st, "sessions"));
+    } else if (g_str_equal(command, "spaces")) {
+        out = json_object_get(get(st, "lock-spaces"));
+    } else if (g_str_equal(command, "locks")) {
+        out = json_flatten(st, "held");
+    } else if (g_str_equal(command, "waiters")) {
+        out = json_flatten(st, "waiting");
+    } else {
+        out = json_counters(st);
+    }
+    printf("%s\n", json_object_to_json_string_ext(
+               out, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
+                    JSON_C_TO_STRING_NOSLASHESCAPE));
+    json_object_put(out);
+}
+
+static void print_text(json_object *st, const char *command)
+{
+    if (g_str_equal(command, "status")) {
+        print_header(st);
+        printf("\n");
+        print_spaces(st);
+        printf("\n");
+        print_sessions(st);
+        printf("\n");
+        print_locks(st);
+        printf("\n");
+        print_waiters(st);
+    } else if (g_str_equal(command, "sessions")) {
+        print_sessions(st);
+    } else if (g_str_equal(command, "spaces")) {
+        print_spaces(st);
+    } else if (g_str_equal(command, "locks")) {
+        print_locks(st);
+    } else if (g_str_equal(command, "waiters")) {
+        print_waiters(st);
+    } else {
+        print_counters(st);
+    }
+}
+
+static const char *const commands[] = {
+    "status", "spaces", "sessions", "locks", "waiters", "counters", NULL,
+};
+
+static const char usage_text[] =
+    "Usage: extlockctl [-c|--connect ADDR] [--json] [COMMAND]\n"
+    "\n"
+    "Show the state of an extlock coordinator (extlockd).\n"
+    "\n"
+    "Commands:\n"
+    "  status     everything below (default)\n"
+    "  spaces     lock-spaces with their counters\n"
+    "  sessions   client sessions and their remaining lease\n"
+    "  locks      held locks: holder, mode, extent, token, age\n"
+    "  waiters    waiting lock requests and who blocks them\n"
+    "  counters   server and per lock-space counters\n"
+    "\n"
+    "Options:\n"
+    "  -c, --connect ADDR  coordinator address: unix:PATH, tcp:HOST:PORT\n"
+    "                      or a socket path (default: $EXTLOCK_COORDINATOR,\n"
+    "                      else " DEFAULT_ADDRESS ")\n"
+    "  -j, --json          print the status (or the selected part) as JSON\n"
+    "  -h, --help          show this help\n"
+    "\n"
+    "Exit status: 0 success, 1 coordinator unreachable or error, "
+    "2 bad usage.\n";
+
+static int usage_error(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "extlockctl: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\nTry 'extlockctl --help' for more information.\n");
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    const char *address = NULL;
+    const char *command = NULL;
+    bool json = false;
+    g_autoptr(GError) err = NULL;
+    ExtlockConn *conn;
+    ExtlockMsg req, reply;
+    int i, ret = 1;
+
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i];
+
+        if (g_str_equal(a, "-h") || g_str_equal(a, "--help")) {
+            fputs(usage_text, stdout);
+            return 0;
+        } else if (g_str_equal(a, "-j") || g_str_equal(a, "--json")) {
+            json = true;
+        } else if (g_str_equal(a, "-c") || g_str_equal(a, "--connect")) {
+            if (i + 1 >= argc) {
+                return usage_error("option '%s' needs an address", a);
+            }
+            address = argv[++i];
+        } else if (g_str_has_prefix(a, "--connect=")) {
+            address = a + strlen("--connect=");
+        } else if (a[0] == '-' && a[1]) {
+            return usage_error("unknown option '%s'", a);
+        } else if (command) {
+            return usage_error("unexpected argument '%s'", a);
+        } else if (!g_strv_contains(commands, a)) {
+            return usage_error("unknown command '%s'", a);
+        } else {
+            command = a;
+        }
+    }
+    if (!command) {
+        command = "status";
+    }
+    if (!address) {
+        address = g_getenv("EXTLOCK_COORDINATOR");
+    }
+    if (!address || !address[0]) {
+        address = DEFAULT_ADDRESS;
+    }
+
+    conn = extlock_conn_connect(address, &err);
+    if (!conn) {
+        fprintf(stderr, "extlockctl: %s\n", err->message);
+        return 1;
+    }
+
+    extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
+    extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
+    if (!extlock_conn_call(conn, &req, &reply, STATUS_TIMEOUT_MS, &err)) {
+        fprintf(stderr, "extlockctl: no status from %s: %s\n", address,
+                err->message);
+        goto out;
+    }
+    if (reply.type == EXTLOCK_MSG_ERROR) {
+        fprintf(stderr, "extlockctl: %s refused the status request: %s: %s\n",
+                address, extlock_error_code_name(reply.error),
+                reply.message ? reply.message : "");
+        goto out;
+    }
+    if (reply.type != EXTLOCK_MSG_STATUS_REPLY || !reply.body) {
+        fprintf(stderr, "extlockctl: unexpected reply \"%s\" from %s\n",
+                extlock_msg_type_name(reply.type), address);
+        goto out;
+    }
+
+    if (json) {
+        print_json(reply.body, command);
+    } else {
+        print_text(reply.body, command);
+    }
+    ret = fflush(stdout) == 0 ? 0 : 1;
+
+out:
+    extlock_msg_clear(&reply);
+    extlock_conn_close(conn);
+    return ret;
+}
