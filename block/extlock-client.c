@@ -307,7 +307,7 @@ static ExtlockConnJob *extlock_conn_job_new(ExtlockClient *c)
     job->lock_space = g_strdup(c->lock_space);
     job->lease_ms = c->lease_ms_wanted;
     job->next_id = c->next_id;
-    extlock_linebuf_init(&job->in);
+    extlock_linebuf_init_max(&job->in, EXTLOCK_MAX_REPLY_LINE);
     return job;
 }
 
@@ -613,7 +613,7 @@ static void extlock_client_disconnect(ExtlockClient *c, const char *why)
     g_string_truncate(c->out, 0);
     c->out_done = 0;
     extlock_linebuf_destroy(&c->in);
-    extlock_linebuf_init(&c->in);
+    extlock_linebuf_init_max(&c->in, EXTLOCK_MAX_REPLY_LINE);
     if (c->renew_timer) {
         timer_del(c->renew_timer);
     }
@@ -643,7 +643,7 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
     c->fd = c->sioc->fd;
     extlock_linebuf_destroy(&c->in);
     c->in = job->in;
-    extlock_linebuf_init(&job->in);
+    extlock_linebuf_init_max(&job->in, EXTLOCK_MAX_REPLY_LINE);
     g_free(c->session);
     c->session = g_strdup(job->session);
     c->epoch = job->epoch;
@@ -760,7 +760,7 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
     c->next_id = 1;
     c->out = g_string_sized_new(4096);
     c->pending = g_hash_table_new(g_int64_hash, g_int64_equal);
-    extlock_linebuf_init(&c->in);
+    extlock_linebuf_init_max(&c->in, EXTLOCK_MAX_REPLY_LINE);
     extlock_locks_init(c);
 
     job = extlock_conn_job_new(c);

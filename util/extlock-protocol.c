@@ -1604,7 +1604,8 @@ void extlock_format_error(GString *out, bool has_id, uint64_t id,
  * Line buffer
  *
  * Invariant: an unterminated line at the end of the buffer is stored with
- * at most EXTLOCK_MAX_LINE bytes.  A stored partial line of that size can
+ * at most lb->max_line bytes (EXTLOCK_MAX_LINE unless initialised with
+ * extlock_linebuf_init_max()).  A stored partial line of that size can
  * only be part of an oversized line (its '\n' would make it longer than
  * the limit), so the rest of it is not stored; extlock_linebuf_next()
  * reports it once and then discards input up to and including its '\n'.
@@ -1612,9 +1613,15 @@ void extlock_format_error(GString *out, bool has_id, uint64_t id,
 
 void extlock_linebuf_init(ExtlockLineBuf *lb)
 {
+    extlock_linebuf_init_max(lb, EXTLOCK_MAX_LINE);
+}
+
+void extlock_linebuf_init_max(ExtlockLineBuf *lb, size_t max_line)
+{
     lb->buf = g_byte_array_new();
     lb->pos = 0;
     lb->discarding = false;
+    lb->max_line = max_line;
 }
 
 void extlock_linebuf_destroy(ExtlockLineBuf *lb)
@@ -1669,7 +1676,7 @@ void extlock_linebuf_append(ExtlockLineBuf *lb, const void *data, size_t len)
     }
 
     tail = linebuf_tail(lb);
-    if (tail >= EXTLOCK_MAX_LINE) {
+    if (tail >= lb->max_line) {
         /* The stored partial line is already oversized: skip to its end */
         const char *nl = memchr(p, '\n', len);
 
@@ -1690,7 +1697,7 @@ void extlock_linebuf_append(ExtlockLineBuf *lb, const void *data, size_t len)
         len -= head;
         tail = 0;
     }
-    keep = MIN(len, EXTLOCK_MAX_LINE - tail);
+    keep = MIN(len, lb->max_line - tail);
     if (keep) {
         g_byte_array_append(lb->buf, (const guint8 *)p, keep);
     }
@@ -1709,7 +1716,7 @@ ExtlockLineResult extlock_linebuf_next(ExtlockLineBuf *lb, const char **line,
     }
     nl = memchr(start, '\n', avail);
     if (!nl) {
-        if (avail >= EXTLOCK_MAX_LINE) {
+        if (avail >= lb->max_line) {
             /* Can only grow beyond the limit: report now, drop the rest */
             g_byte_array_set_size(lb->buf, lb->pos);
             lb->discarding = true;
@@ -1719,7 +1726,7 @@ ExtlockLineResult extlock_linebuf_next(ExtlockLineBuf *lb, const char **line,
     }
     n = nl - start;
     lb->pos += n + 1;
-    if (n + 1 > EXTLOCK_MAX_LINE) {
+    if (n + 1 > lb->max_line) {
         return EXTLOCK_LINE_TOO_LONG;
     }
     if (n && start[n - 1] == '\r') {

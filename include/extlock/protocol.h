@@ -24,6 +24,7 @@
 
 /* Limits (documented in docs/protocol.rst) */
 #define EXTLOCK_MAX_LINE        (64 * 1024) /* one message incl. '\n' */
+#define EXTLOCK_MAX_REPLY_LINE  (16 * 1024 * 1024) /* ... sent to a client */
 #define EXTLOCK_MAX_NAME        256         /* client-id, lock-space, session */
 #define EXTLOCK_MAX_ID          INT64_MAX   /* ids and tokens are < 2^63 */
 #define EXTLOCK_MIN_LEASE_MS    100
@@ -198,15 +199,22 @@ typedef struct ExtlockLineBuf {
     GByteArray *buf;
     size_t pos;                 /* start of the unconsumed data */
     bool discarding;            /* skipping the rest of an oversized line */
+    size_t max_line;            /* longest line accepted, incl. '\n' */
 } ExtlockLineBuf;
 
 typedef enum ExtlockLineResult {
     EXTLOCK_LINE_NONE,          /* no complete line buffered */
     EXTLOCK_LINE_OK,            /* *line, *len is a line (without '\n') */
-    EXTLOCK_LINE_TOO_LONG,      /* a line over EXTLOCK_MAX_LINE was dropped */
+    EXTLOCK_LINE_TOO_LONG,      /* a line over the limit was dropped */
 } ExtlockLineResult;
 
+/* Lines up to EXTLOCK_MAX_LINE: what the coordinator accepts */
 void extlock_linebuf_init(ExtlockLineBuf *lb);
+/*
+ * Lines up to @max_line bytes: clients reading the coordinator's replies
+ * use EXTLOCK_MAX_REPLY_LINE (a resumed session's welcome lists its locks)
+ */
+void extlock_linebuf_init_max(ExtlockLineBuf *lb, size_t max_line);
 void extlock_linebuf_destroy(ExtlockLineBuf *lb);
 void extlock_linebuf_append(ExtlockLineBuf *lb, const void *data, size_t len);
 /* The returned line stays valid until the next append */

@@ -1102,6 +1102,37 @@ static void expect_result(ExtlockLineBuf *lb, ExtlockLineResult expect)
     g_free(got);
 }
 
+/* Clients read longer replies: the limit is per buffer */
+static void test_linebuf_max(void **state)
+{
+    ExtlockLineBuf lb;
+    size_t big = EXTLOCK_MAX_LINE * 2;
+    g_autofree char *line = g_malloc(big + 1);
+
+    memset(line, 'x', big);
+    line[big] = '\n';
+
+    extlock_linebuf_init_max(&lb, big + 1);
+    extlock_linebuf_append(&lb, line, big + 1);
+    {
+        const char *got;
+        size_t len;
+
+        assert_int_equal(extlock_linebuf_next(&lb, &got, &len),
+                         EXTLOCK_LINE_OK);
+        assert_int_equal(len, big);
+    }
+    expect_result(&lb, EXTLOCK_LINE_NONE);
+    extlock_linebuf_destroy(&lb);
+
+    extlock_linebuf_init_max(&lb, big);
+    extlock_linebuf_append(&lb, line, big + 1);
+    expect_result(&lb, EXTLOCK_LINE_TOO_LONG);
+    extlock_linebuf_append(&lb, "ok\n", 3);
+    expect_line(&lb, "ok");
+    extlock_linebuf_destroy(&lb);
+}
+
 static void test_linebuf_split(void **state)
 {
     ExtlockLineBuf lb;
@@ -1658,6 +1689,7 @@ int main(void)
         cmocka_unit_test(test_linebuf_split),
         cmocka_unit_test(test_linebuf_limit_exact),
         cmocka_unit_test(test_linebuf_oversized),
+        cmocka_unit_test(test_linebuf_max),
         cmocka_unit_test(test_linebuf_bounded),
         cmocka_unit_test(test_client_call),
         cmocka_unit_test(test_client_recv_errors),
