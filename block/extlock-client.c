@@ -185,13 +185,49 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
     extlock_locks_handle(c, req, msg, wake);
 }
 
+/* Handle every complete line buffered; false if the connection broke */
+static bool extlock_client_parse(ExtlockClient *c, GPtrArray *wake)
+{
+    for (;;) {
+        const char *line;
+        size_t len;
+        ExtlockMsg msg;
+        ExtlockProtoError err;
+        ExtlockLineResult r = extlock_linebuf_next(&c->in, &line, &len);
+
+        if (r == EXTLOCK_LINE_NONE) {
+            return true;
+        }
+        if (r == EXTLOCK_LINE_TOO_LONG) {
+            extlock_client_disconnect(c, "oversized message from "
+                                      "coordinator");
+            return false;
+        }
+        extlock_msg_init(&msg, EXTLOCK_MSG_INVALID);
+        if (!extlock_msg_parse(line, len, &msg, &err)) {
+            g_autofree char *why =
+                g_strdup_printf("bad message from coordinator: %s",
+                                err.message);
+            extlock_msg_clear(&msg);
+            extlock_client_disconnect(c, why);
+            return false;
+        }
+        extlock_client_handle(c, &msg, wake);
+        extlock_msg_clear(&msg);
+        if (c->fd < 0) {
+            return false;
+        }
+    }
+}
+
 static void extlock_client_read(void *opaque)
 {
     ExtlockClient *c = opaque;
     g_autoptr(GPtrArray) wake = g_ptr_array_new();
     char buf[16384];
 
-    while (c->fd >= 0) {
+    /* Lines may be buffered already (read during the handshake) */
+    while (c->fd >= 0 && extlock_client_parse(c, wake)) {
         ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
         if (n < 0 && errno == EINTR) {
             continue;
@@ -206,37 +242,9 @@ static void extlock_client_read(void *opaque)
             break;
         }
         extlock_linebuf_append(&c->in, buf, n);
-        for (;;) {
-            const char *line;
-            size_t len;
-            ExtlockMsg msg;
-            ExtlockProtoError err;
-            ExtlockLineResult r = extlock_linebuf_next(&c->in, &line, &len);
-
-            if (r == EXTLOCK_LINE_NONE) {
-                break;
-            }
-            if (r == EXTLOCK_LINE_TOO_LONG) {
-                extlock_client_disconnect(c, "oversized message from "
-                                          "coordinator");
-                break;
-            }
-            extlock_msg_init(&msg, EXTLOCK_MSG_INVALID);
-            if (!extlock_msg_parse(line, len, &msg, &err)) {
-                g_autofree char *why =
-                    g_strdup_printf("bad message from coordinator: %s",
-                                    err.message);
-                extlock_msg_clear(&msg);
-                extlock_client_disconnect(c, why);
-                break;
-            }
-            extlock_client_handle(c, &msg, wake);
-            extlock_msg_clear(&msg);
-            if (c->fd < 0) {
-                break;
-            }
-        }
         if ((size_t)n < sizeof(buf)) {
+            /* The socket is drained: save a recv() that says EAGAIN */
+            extlock_client_parse(c, wake);
             break;
         }
     }

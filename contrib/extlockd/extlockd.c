@@ -103,6 +103,7 @@ int main(int argc, char **argv)
     gint64 fence_ms = EXTLOCKD_DEFAULT_FENCE_MS;
     gint64 max_locks = EXTLOCKD_DEFAULT_MAX_LOCKS;
     gint64 max_sessions = EXTLOCKD_DEFAULT_MAX_SESS;
+    gint64 grace_ms = -1;
     gboolean debug_checks = FALSE, verbose = FALSE, version = FALSE;
     GOptionEntry entries[] = {
         { "listen", 'l', 0, G_OPTION_ARG_STRING_ARRAY, &listen_addrs,
@@ -117,6 +118,10 @@ int main(int argc, char **argv)
         { "fence-margin-ms", 0, 0, G_OPTION_ARG_INT64, &fence_ms,
           "Extra delay after a lease lapses before its locks are "
           "granted to others (default 1000)", "N" },
+        { "grace-ms", 0, 0, G_OPTION_ARG_INT64, &grace_ms,
+          "After a restart, how long the sessions of the previous run may "
+          "reclaim their locks before new requests are served (default "
+          "lease-ms + fence-margin-ms; 0: no grace period)", "N" },
         { "max-locks-per-session", 0, 0, G_OPTION_ARG_INT64, &max_locks,
           "Held plus waiting locks per session (default 16384)", "N" },
         { "max-sessions", 0, 0, G_OPTION_ARG_INT64, &max_sessions,
@@ -135,6 +140,7 @@ int main(int argc, char **argv)
     g_autoptr(GMainLoop) loop = NULL;
     ExtlockdConfig cfg = { 0 };
     ExtlockdServer *server;
+    g_autoptr(GPtrArray) sessions = NULL;
     const char *default_listen[] = { EXTLOCKD_DEFAULT_LISTEN, NULL };
     const char *const *addrs;
     const char *first_counter;
@@ -167,8 +173,13 @@ int main(int argc, char **argv)
         !check_range("--fence-margin-ms", fence_ms, 0,
                      EXTLOCKD_MAX_FENCE_MS) ||
         !check_range("--max-locks-per-session", max_locks, 1, G_MAXUINT32) ||
-        !check_range("--max-sessions", max_sessions, 1, G_MAXUINT32)) {
+        !check_range("--max-sessions", max_sessions, 1, G_MAXUINT32) ||
+        (grace_ms != -1 &&
+         !check_range("--grace-ms", grace_ms, 0, EXTLOCKD_MAX_GRACE_MS))) {
         return EXIT_USAGE;
+    }
+    if (grace_ms == -1) {
+        grace_ms = lease_ms + fence_ms;
     }
     if (state_file && !state_file[0]) {
         fprintf(stderr, "extlockd: --state-file must not be empty\n");
@@ -193,6 +204,7 @@ int main(int argc, char **argv)
     cfg.fence_margin_ms = fence_ms;
     cfg.max_locks_per_session = max_locks;
     cfg.max_sessions = max_sessions;
+    cfg.grace_ms = grace_ms;
     cfg.debug_checks = debug_checks || env_flag("EXTLOCKD_DEBUG_CHECKS");
     cfg.verbose = verbose;
     first_counter = g_getenv("EXTLOCKD_TEST_FIRST_COUNTER");
@@ -217,27 +229,34 @@ int main(int argc, char **argv)
     g_unix_signal_add(SIGTERM, on_signal, loop);
     g_unix_signal_add(SIGINT, on_signal, loop);
 
-    /* The epoch is durable before anybody can connect */
+    /*
+     * The epoch, and the sessions that may reclaim their locks, are
+     * durable before anybody can connect
+     */
     lock_fd = extlockd_state_lock(cfg.state_file, &err);
     if (lock_fd < 0) {
         g_critical("%s", err->message);
         return 1;
     }
-    if (!extlockd_state_load(cfg.state_file, &epoch, &err)) {
+    if (!extlockd_state_load_sessions(cfg.state_file, &epoch, &sessions,
+                                      &err)) {
         g_critical("%s", err->message);
         return 1;
     }
     epoch++;
-    if (!extlockd_state_save(cfg.state_file, epoch, &err)) {
+    server = extlockd_server_new(&cfg, epoch);
+    extlockd_server_restore(server, sessions);
+    if (!extlockd_server_save_state(server, &err)) {
         g_critical("%s", err->message);
+        extlockd_server_free(server);
         return 1;
     }
     g_message("%s starting: epoch %" PRIu64 " (state file %s), lease %u ms, "
-              "fence margin %u ms%s", EXTLOCKD_SERVER_NAME, epoch,
-              cfg.state_file, cfg.lease_ms, cfg.fence_margin_ms,
+              "fence margin %u ms, grace period %u ms%s",
+              EXTLOCKD_SERVER_NAME, epoch, cfg.state_file, cfg.lease_ms,
+              cfg.fence_margin_ms, cfg.grace_ms,
               cfg.debug_checks ? ", debug checks on" : "");
 
-    server = extlockd_server_new(&cfg, epoch);
     for (int i = 0; addrs[i]; i++) {
         if (!extlockd_server_listen(server, addrs[i], &err)) {
             g_critical("%s", err->message);

@@ -17,6 +17,20 @@
  * two small hash tables, and formats the reply straight into the output
  * buffer.  Output produced while handling one read (including grants sent
  * to other connections) is written out once, at the end of the callback.
+ *
+ * Lock caching: a lock requested with a "limit" may be granted grown
+ * (extlock_table_request_grow).  Sessions that cache locks (they used
+ * "limit", "reclaim" or "downgrade") get a "revoke" notification for each
+ * pair (held lock, conflicting waiting request): when the request is
+ * queued behind the lock, or when the lock is granted while the request
+ * waits.  No per-lock state is needed for that, and sessions that never
+ * cache (nrevocable == 0 in their lock-space) cost nothing.
+ *
+ * Recovery: the state file lists the sessions.  After a restart they are
+ * recreated as "restored" sessions that may reconnect and reclaim their
+ * locks during a grace period; lock-spaces with such sessions are in
+ * grace, and new lock requests there are deferred (DeferredReq, outside
+ * the table) until the grace period of the lock-space ends.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -77,12 +91,31 @@ struct ExtlockdSpace {
     char *name;
     ExtlockTable *table;
     unsigned nsessions;          /* sessions bound to it, in any state */
+    unsigned nrevocable;         /* ... of which get revoke notifications */
     /*
      * "wait": false requests granted through extlock_table_reclaim(),
      * which the table does not count as requests or immediate grants
      */
     uint64_t nowait_grants;
+    uint64_t revokes_sent;
+    uint64_t reclaims;           /* locks reclaimed after a restart */
+    /* Restart grace period */
+    bool in_grace;
+    GList grace_link;            /* in server->grace_spaces */
+    GQueue reclaimers;           /* sessions still reclaiming */
+    GQueue deferred;             /* DeferredReq, in token order */
 };
+
+/*
+ * A lock request that arrived during the grace period of its lock-space.
+ * It is in its session's waiting set (like a waiting lock, found by its
+ * request id) but not in the table: lock.id is 0, which the table never
+ * uses.  It enters the table when the grace period ends.
+ */
+typedef struct DeferredReq {
+    ExtlockLock lock;
+    GList link;                  /* in space->deferred */
+} DeferredReq;
 
 struct ExtlockdSession {
     ExtlockdServer *server;
@@ -98,6 +131,16 @@ struct ExtlockdSession {
     GHashTable *waiting;         /* set of waiting ExtlockLock *, keyed by
                                   * their user_tag (the request id) */
     bool releasing;              /* mass release in progress */
+    bool revocable;              /* caches locks: send it revokes */
+    /*
+     * Listed in the state file at start-up: may reclaim its locks until it
+     * sends reclaim-done or the grace period ends (then in
+     * space->reclaimers).  @restored: its client has not come back yet.
+     */
+    bool reclaiming;
+    bool restored;
+    bool resend_revokes;         /* grace ended while it was reclaiming */
+    GList reclaim_link;
 };
 
 struct ExtlockdConn {
@@ -140,6 +183,10 @@ struct ExtlockdListener {
 struct ExtlockdServer {
     ExtlockdConfig cfg;
     uint64_t epoch;
+    uint64_t boot_epoch;         /* epoch at start: reclaimed tokens are
+                                  * from earlier ones */
+    int64_t grace_end_us;
+    GQueue grace_spaces;         /* lock-spaces in their grace period */
     uint64_t counter;            /* next token counter value */
     int64_t start_us;
     GPtrArray *listeners;
@@ -164,6 +211,8 @@ struct ExtlockdServer {
 static void conn_destroy(ExtlockdConn *c);
 static void conn_close_after_flush(ExtlockdConn *c);
 static void server_schedule(ExtlockdServer *s, int64_t when_us);
+static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp);
+static void space_end_grace(ExtlockdSpace *space, bool timeout);
 
 /* ------------------------------------------------------------------ */
 /* Tokens                                                              */
@@ -174,7 +223,7 @@ static bool next_token(ExtlockdServer *s, uint64_t *token)
         g_autoptr(GError) err = NULL;
         uint64_t epoch = s->epoch + 1;
 
-        if (!extlockd_state_save(s->cfg.state_file, epoch, &err)) {
+        if (!save_state(s, epoch, &err)) {
             g_warning("token counter of epoch %" PRIu64 " is exhausted and "
                       "the new epoch cannot be persisted: %s",
                       s->epoch, err->message);
@@ -340,7 +389,94 @@ static void format_granted(ExtlockdConn *c, ExtlockLock *lock)
     send_msg(c, &r);
 }
 
-/* The table granted a request that had been waiting */
+/*
+ * Revocation
+ *
+ * Every (held lock, conflicting waiting request) pair gets one revoke,
+ * sent by whichever of the two events comes second: the request is
+ * queued while the lock is held (revoke_holder_cb), or the lock is
+ * granted while the request waits (revoke_waiter_cb).  A lock split off
+ * by a partial unlock counts as newly granted; a resumed session gets
+ * the revokes for its locks again, as they may have been lost with its
+ * old connection.
+ */
+
+static bool session_wants_revokes(ExtlockdSession *S)
+{
+    return S->revocable && S->conn && !S->releasing;
+}
+
+static void session_set_revocable(ExtlockdSession *S)
+{
+    if (!S->revocable) {
+        S->revocable = true;
+        S->space->nrevocable++;
+    }
+}
+
+/* Tell the holder of @held that @waiter waits for it */
+static void send_revoke(ExtlockLock *held, ExtlockLock *waiter)
+{
+    ExtlockdSession *S = held->owner;
+    ExtlockMsg r;
+
+    extlock_msg_init(&r, EXTLOCK_MSG_REVOKE);
+    r.lock = held->id;
+    r.offset = MAX(held->node.ext.start, waiter->node.ext.start);
+    r.length = MIN(held->node.ext.end, waiter->node.ext.end) - r.offset;
+    r.mode = waiter->mode;
+    r.token = waiter->token;
+    send_msg(S->conn, &r);
+    S->space->revokes_sent++;
+}
+
+/* foreach_conflict of a newly queued request @opaque */
+static void revoke_holder_cb(ExtlockLock *other, void *opaque)
+{
+    if (other->state == EXTLOCK_LOCK_GRANTED &&
+        session_wants_revokes(other->owner)) {
+        send_revoke(other, opaque);
+    }
+}
+
+/* foreach_conflict of a newly granted lock @opaque */
+static void revoke_waiter_cb(ExtlockLock *other, void *opaque)
+{
+    ExtlockLock *held = opaque;
+
+    if (other->state == EXTLOCK_LOCK_WAITING && other->token > held->token) {
+        send_revoke(held, other);
+    }
+}
+
+/* @lock was just granted (or split off): revoke it for later waiters */
+static void revoke_new_lock(ExtlockTable *table, ExtlockLock *lock)
+{
+    if (session_wants_revokes(lock->owner)) {
+        extlock_table_foreach_conflict(table, lock, revoke_waiter_cb, lock);
+    }
+}
+
+/* Send again the revokes for every lock @S holds */
+static void session_resend_revokes(ExtlockdSession *S)
+{
+    GHashTableIter iter;
+    gpointer key;
+
+    if (!session_wants_revokes(S)) {
+        return;
+    }
+    g_hash_table_iter_init(&iter, S->held);
+    while (g_hash_table_iter_next(&iter, &key, NULL)) {
+        extlock_table_foreach_conflict(S->space->table, key,
+                                       revoke_waiter_cb, key);
+    }
+}
+
+/*
+ * The table granted a request that had been waiting.  The table is
+ * consistent again when this is called, and foreach_conflict only reads.
+ */
 static void space_grant_cb(ExtlockTable *table, ExtlockLock *lock,
                            void *opaque)
 {
@@ -354,6 +490,7 @@ static void space_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     g_hash_table_add(S->held, lock);
     if (S->conn) {
         format_granted(S->conn, lock);
+        revoke_new_lock(table, lock);
     }
 }
 
@@ -375,6 +512,11 @@ static ExtlockdSpace *space_get(ExtlockdServer *s, const char *name)
 
 static void space_free(ExtlockdSpace *space)
 {
+    GList *l;
+
+    while ((l = g_queue_pop_head_link(&space->deferred)) != NULL) {
+        g_free(l->data);
+    }
     extlock_table_free(space->table);
     g_free(space->name);
     g_free(space);
@@ -390,6 +532,7 @@ static void space_unref(ExtlockdSpace *space)
 
         /* Every session releases everything before it goes away */
         g_assert(st->held == 0 && st->waiting == 0);
+        g_assert(space->deferred.length == 0 && !space->in_grace);
         VERBOSE(s, "lock-space %s is unused, freeing it", space->name);
         g_hash_table_remove(s->spaces, space->name);
         space_free(space);
@@ -419,30 +562,46 @@ static void make_session_id(ExtlockdServer *s, char id[33])
     } while (g_hash_table_contains(s->sessions, id));
 }
 
-static ExtlockdSession *session_new(ExtlockdServer *s, ExtlockdConn *c,
-                                    const char *client_id,
-                                    const char *space_name,
-                                    uint32_t lease_ms, int64_t now)
+/* A session with id @id (NULL: a new random one), attached to nothing */
+static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
+                                      const char *client_id,
+                                      const char *space_name,
+                                      uint32_t lease_ms, int64_t now)
 {
     ExtlockdSession *S = g_new0(ExtlockdSession, 1);
 
     S->server = s;
-    make_session_id(s, S->id);
+    if (id) {
+        g_strlcpy(S->id, id, sizeof(S->id));
+    } else {
+        make_session_id(s, S->id);
+    }
     S->client_id = g_strdup(client_id);
     S->space = space_get(s, space_name);
     S->space->nsessions++;
     S->held = g_hash_table_new(g_direct_hash, g_direct_equal);
     S->waiting = g_hash_table_new(waiting_hash, waiting_equal);
-    S->state = SESSION_ACTIVE;
+    S->state = SESSION_DISCONNECTED;
     S->lease_ms = lease_ms;
     S->deadline_us = now + (int64_t)lease_ms * 1000;
-    S->conn = c;
-    c->session = S;
     S->link.data = S;
+    S->reclaim_link.data = S;
     g_queue_push_tail_link(&s->session_list, &S->link);
     g_hash_table_insert(s->sessions, S->id, S);
-    server_schedule(s, S->deadline_us);
     return S;
+}
+
+/* Attach @S to @c with a fresh lease of @lease_ms */
+static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
+                           uint32_t lease_ms, int64_t now)
+{
+    S->conn = c;
+    c->session = S;
+    S->state = SESSION_ACTIVE;
+    S->restored = false;
+    S->lease_ms = lease_ms;
+    S->deadline_us = now + (int64_t)lease_ms * 1000;
+    server_schedule(S->server, S->deadline_us);
 }
 
 static void session_free(ExtlockdSession *S)
@@ -453,21 +612,64 @@ static void session_free(ExtlockdSession *S)
     g_free(S);
 }
 
-/* The session must not hold or wait for anything any more */
-static void session_destroy(ExtlockdSession *S)
+/*
+ * @S will not reclaim any more (reclaim-done, bye, lease lapsed); the
+ * grace period of its lock-space ends when nobody reclaims any more
+ */
+static void session_end_reclaim(ExtlockdSession *S)
+{
+    ExtlockdSpace *space = S->space;
+
+    if (!S->reclaiming) {
+        return;
+    }
+    S->reclaiming = false;
+    g_queue_unlink(&space->reclaimers, &S->reclaim_link);
+    if (space->in_grace && space->reclaimers.length == 0) {
+        space_end_grace(space, false);
+    }
+}
+
+/*
+ * The session must not hold or wait for anything any more.  Does not
+ * rewrite the state file: see session_destroy().
+ */
+static void session_destroy_nosave(ExtlockdSession *S)
 {
     ExtlockdServer *s = S->server;
 
     g_assert(g_hash_table_size(S->held) == 0);
     g_assert(g_hash_table_size(S->waiting) == 0);
+    session_end_reclaim(S);
     if (S->conn) {
         S->conn->session = NULL;
         S->conn = NULL;
+    }
+    if (S->revocable) {
+        S->space->nrevocable--;
     }
     g_hash_table_remove(s->sessions, S->id);
     g_queue_unlink(&s->session_list, &S->link);
     space_unref(S->space);
     session_free(S);
+}
+
+/* Record the current sessions in the state file, or complain */
+static void save_state_or_warn(ExtlockdServer *s)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (!save_state(s, s->epoch, &err)) {
+        g_warning("cannot update the state file: %s", err->message);
+    }
+}
+
+static void session_destroy(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+
+    session_destroy_nosave(S);
+    save_state_or_warn(s);
 }
 
 static GPtrArray *take_all(GHashTable *set, GPtrArray *into)
@@ -481,6 +683,24 @@ static GPtrArray *take_all(GHashTable *set, GPtrArray *into)
     }
     g_hash_table_remove_all(set);
     return into;
+}
+
+static bool lock_is_deferred(const ExtlockLock *lock)
+{
+    return lock->id == 0;
+}
+
+/* Cancel a waiting request (in the table or deferred) */
+static void waiter_cancel(ExtlockdSpace *space, ExtlockLock *lock)
+{
+    if (lock_is_deferred(lock)) {
+        DeferredReq *d = (DeferredReq *)lock;
+
+        g_queue_unlink(&space->deferred, &d->link);
+        g_free(d);
+    } else {
+        extlock_table_release(space->table, lock);
+    }
 }
 
 /*
@@ -505,7 +725,7 @@ static unsigned session_release(ExtlockdSession *S, bool held)
     }
     S->releasing = true;
     for (guint i = 0; i < waiters->len; i++) {
-        extlock_table_release(table, waiters->pdata[i]);
+        waiter_cancel(S->space, waiters->pdata[i]);
     }
     for (guint i = 0; i < locks->len; i++) {
         extlock_table_release(table, locks->pdata[i]);
@@ -561,6 +781,8 @@ static void session_expire(ExtlockdSession *S)
                 S->id);
     }
     S->state = SESSION_EXPIRED;
+    /* It cannot come back to finish reclaiming */
+    session_end_reclaim(S);
 }
 
 /* The fence margin after the deadline has passed: let the locks go */
@@ -574,6 +796,214 @@ static void session_reap(ExtlockdSession *S)
 }
 
 /* ------------------------------------------------------------------ */
+/* Lock requests and the grace period                                  */
+
+static void waiting_blocker_cb(ExtlockLock *blocker, void *opaque)
+{
+    GArray *blockers = opaque;
+    ExtlockdSession *S = blocker->owner;
+    ExtlockBlocker b;
+
+    if (blockers->len >= MAX_BLOCKERS) {
+        return;
+    }
+    b.client_id = S->client_id;
+    b.offset = blocker->node.ext.start;
+    b.length = blocker->node.ext.end - blocker->node.ext.start;
+    b.mode = blocker->mode;
+    b.token = blocker->token;
+    b.waiting = blocker->state == EXTLOCK_LOCK_WAITING;
+    g_array_append_val(blockers, b);
+}
+
+static void send_waiting(ExtlockdConn *c, uint64_t id, uint64_t token,
+                         GArray *blockers)
+{
+    ExtlockMsg r;
+
+    extlock_msg_init(&r, EXTLOCK_MSG_WAITING);
+    r.has_id = true;
+    r.id = id;
+    r.token = token;
+    r.blockers = blockers;
+    send_msg(c, &r);
+}
+
+/*
+ * Put the lock request @req (extent, limit, mode, token, request id in
+ * user_tag; not in any table or set) of @S into the table and answer it
+ * on @c: "granted", or "waiting" if @say_waiting (a deferred request was
+ * told so already).  The holders it waits for get a revoke.
+ */
+static void space_submit(ExtlockdSpace *space, ExtlockdSession *S,
+                         ExtlockdConn *c, const ExtlockLock *req,
+                         bool say_waiting)
+{
+    ExtlockdServer *s = space->server;
+    ExtlockTable *table = space->table;
+    ExtlockLock *lock;
+
+    lock = extlock_table_request_grow(table, req->requested, req->limit,
+                                      req->mode, req->token, S,
+                                      req->user_tag);
+    if (lock->state == EXTLOCK_LOCK_GRANTED) {
+        g_hash_table_add(S->held, lock);
+        if (c) {
+            format_granted(c, lock);
+        }
+        return;
+    }
+    g_hash_table_add(S->waiting, lock);
+    if (c && say_waiting) {
+        g_array_set_size(s->blockers, 0);
+        extlock_table_foreach_blocker(table, lock, waiting_blocker_cb,
+                                      s->blockers);
+        send_waiting(c, lock->user_tag, lock->token, s->blockers);
+    }
+    if (space->nrevocable) {
+        extlock_table_foreach_conflict(table, lock, revoke_holder_cb, lock);
+    }
+}
+
+/* A lock request during the grace period: queue it outside the table */
+static void space_defer(ExtlockdSpace *space, ExtlockdSession *S,
+                        ExtlockdConn *c, const ExtlockLock *req)
+{
+    DeferredReq *d = g_new0(DeferredReq, 1);
+
+    d->lock = *req;
+    d->lock.id = 0;
+    d->lock.node.ext = req->requested;
+    d->lock.state = EXTLOCK_LOCK_WAITING;
+    d->lock.owner = S;
+    d->lock.queued_us = g_get_monotonic_time();
+    d->link.data = d;
+    g_queue_push_tail_link(&space->deferred, &d->link);
+    g_hash_table_add(S->waiting, &d->lock);
+    g_array_set_size(space->server->blockers, 0);
+    send_waiting(c, req->user_tag, req->token, space->server->blockers);
+}
+
+static int64_t grace_remaining_ms(ExtlockdSpace *space, int64_t now)
+{
+    int64_t end = space->server->grace_end_us;
+
+    if (!space->in_grace || end <= now) {
+        return 0;
+    }
+    return (end - now + 999) / 1000;
+}
+
+/*
+ * The grace period of @space ends, because every listed session is done
+ * reclaiming or (@timeout) because its time is up.  Sessions still
+ * reclaiming stop doing so; those whose client never came back are
+ * dropped (they hold nothing).  Then the deferred requests enter the
+ * table in token order, as if they were arriving now.
+ */
+static void space_end_grace(ExtlockdSpace *space, bool timeout)
+{
+    ExtlockdServer *s = space->server;
+    g_autoptr(GPtrArray) drop = g_ptr_array_new();
+    unsigned nlate = 0, ndeferred = space->deferred.length;
+    GList *l;
+
+    g_assert(space->in_grace);
+    space->in_grace = false;
+    g_queue_unlink(&s->grace_spaces, &space->grace_link);
+    space->nsessions++;         /* keep @space while sessions go away */
+
+    while ((l = g_queue_pop_head_link(&space->reclaimers)) != NULL) {
+        ExtlockdSession *S = l->data;
+
+        S->reclaiming = false;
+        if (S->restored) {
+            g_ptr_array_add(drop, S);
+        } else {
+            /* Its client may still be busy reclaiming: see reclaim-done */
+            S->resend_revokes = true;
+            nlate++;
+        }
+    }
+
+    while ((l = g_queue_pop_head_link(&space->deferred)) != NULL) {
+        DeferredReq *d = l->data;
+        ExtlockdSession *S = d->lock.owner;
+
+        g_hash_table_remove(S->waiting, &d->lock);
+        space_submit(space, S, S->conn, &d->lock, false);
+        g_free(d);
+    }
+
+    g_message("grace period of lock-space %s ended%s: %u session(s) that "
+              "did not come back dropped, %u still reclaiming, %u deferred "
+              "request(s) queued", space->name,
+              timeout ? " (timeout)" : ", every session reclaimed",
+              drop->len, nlate, ndeferred);
+    for (guint i = 0; i < drop->len; i++) {
+        ExtlockdSession *S = drop->pdata[i];
+
+        g_message("session %s (%s, lock-space %s) dropped: it did not "
+                  "come back during the grace period", S->id,
+                  S->client_id, S->space->name);
+        session_destroy_nosave(S);
+    }
+    if (drop->len) {
+        save_state_or_warn(s);
+    }
+    space_unref(space);
+}
+
+/* The grace period timer ran out (called from the lease timer) */
+static void server_end_grace(ExtlockdServer *s)
+{
+    GList *l;
+
+    while ((l = s->grace_spaces.head) != NULL) {
+        space_end_grace(l->data, true);
+    }
+}
+
+void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
+{
+    int64_t now = g_get_monotonic_time();
+
+    if (!sessions || sessions->len == 0) {
+        return;
+    }
+    if (s->cfg.grace_ms == 0) {
+        g_message("no grace period: the %u session(s) of the previous run "
+                  "are dropped", sessions->len);
+        return;
+    }
+    s->grace_end_us = now + (int64_t)s->cfg.grace_ms * 1000;
+    for (guint i = 0; i < sessions->len; i++) {
+        const ExtlockdStateSession *ss = sessions->pdata[i];
+        ExtlockdSession *S;
+
+        if (g_hash_table_contains(s->sessions, ss->session)) {
+            continue;
+        }
+        S = session_alloc(s, ss->session, ss->client_id, ss->lock_space,
+                          s->cfg.lease_ms, now);
+        /* It ends with the grace period unless its client comes back */
+        S->deadline_us = s->grace_end_us;
+        S->restored = true;
+        S->reclaiming = true;
+        g_queue_push_tail_link(&S->space->reclaimers, &S->reclaim_link);
+        if (!S->space->in_grace) {
+            S->space->in_grace = true;
+            S->space->grace_link.data = S->space;
+            g_queue_push_tail_link(&s->grace_spaces, &S->space->grace_link);
+        }
+    }
+    g_message("grace period of %u ms: %u session(s) in %u lock-space(s) "
+              "may reclaim their locks", s->cfg.grace_ms, sessions->len,
+              s->grace_spaces.length);
+    server_schedule(s, s->grace_end_us);
+}
+
+/* ------------------------------------------------------------------ */
 /* Lease timer                                                         */
 
 static void check_deadlines(ExtlockdServer *s)
@@ -583,6 +1013,13 @@ static void check_deadlines(ExtlockdServer *s)
     int64_t next = INT64_MAX;
     GList *l, *lnext;
 
+    if (s->grace_spaces.length) {
+        if (now >= s->grace_end_us) {
+            server_end_grace(s);
+        } else {
+            next = s->grace_end_us;
+        }
+    }
     for (l = s->session_list.head; l; l = lnext) {
         ExtlockdSession *S = l->data;
 
@@ -697,8 +1134,21 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
     json_add_int(o, "length", lock->node.ext.end - lock->node.ext.start);
     json_add_str(o, "mode", extlock_mode_name(lock->mode));
     json_add_int(o, "token", lock->token);
-    if (lock->state == EXTLOCK_LOCK_GRANTED) {
+    if (lock_is_deferred(lock)) {
+        /* Queued outside the table until the grace period ends */
+        json_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
+        json_object_object_add(o, "blocked-by", json_object_new_array());
+        json_object_object_add(o, "deferred", json_object_new_boolean(1));
+        json_object_array_add(ctx->waiting, o);
+    } else if (lock->state == EXTLOCK_LOCK_GRANTED) {
         json_add_int(o, "held-ms", (ctx->now - lock->granted_us) / 1000);
+        if (lock->limit.start != lock->requested.start ||
+            lock->limit.end != lock->requested.end) {
+            /* It may have grown: what was asked for */
+            json_add_int(o, "requested-offset", lock->requested.start);
+            json_add_int(o, "requested-length",
+                         lock->requested.end - lock->requested.start);
+        }
         json_object_array_add(ctx->held, o);
     } else {
         json_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
@@ -739,8 +1189,16 @@ static json_object *space_status(ExtlockdSpace *space, int64_t now)
     json_add_int(counters, "partial-releases", st->partial_releases);
     json_add_int(counters, "cancels", st->cancels);
     json_add_int(counters, "total-wait-us", st->total_wait_us);
+    json_add_int(counters, "grown-grants", st->grown_grants);
+    json_add_int(counters, "revokes-sent", space->revokes_sent);
+    json_add_int(counters, "downgrades", st->downgrades);
+    json_add_int(counters, "reclaims", space->reclaims);
     json_object_object_add(o, "counters", counters);
+    json_add_int(o, "grace-remaining-ms", grace_remaining_ms(space, now));
     extlock_table_foreach(space->table, status_lock_cb, &ctx);
+    for (GList *l = space->deferred.head; l; l = l->next) {
+        status_lock_cb(&((DeferredReq *)l->data)->lock, &ctx);
+    }
     json_object_object_add(o, "held", ctx.held);
     json_object_object_add(o, "waiting", ctx.waiting);
     return o;
@@ -761,6 +1219,8 @@ static json_object *session_status(ExtlockdSession *S, int64_t now)
     json_add_int(o, "lease-remaining-ms", remaining);
     json_add_int(o, "locks-held", g_hash_table_size(S->held));
     json_add_int(o, "requests-waiting", g_hash_table_size(S->waiting));
+    json_object_object_add(o, "reclaiming",
+                           json_object_new_boolean(S->reclaiming));
     return o;
 }
 
@@ -780,6 +1240,10 @@ static json_object *server_status(ExtlockdServer *s)
     json_add_int(root, "uptime-ms", (now - s->start_us) / 1000);
     json_add_int(root, "lease-ms", s->cfg.lease_ms);
     json_add_int(root, "fence-margin-ms", s->cfg.fence_margin_ms);
+    json_add_int(root, "grace-ms", s->cfg.grace_ms);
+    json_add_int(root, "grace-remaining-ms",
+                 s->grace_spaces.length && s->grace_end_us > now ?
+                 (s->grace_end_us - now + 999) / 1000 : 0);
     json_add_int(counters, "connections", s->conns.length);
     json_add_int(counters, "sessions", g_hash_table_size(s->sessions));
     json_add_int(counters, "messages", s->nmessages);
@@ -834,8 +1298,14 @@ static int compare_lock_info(gconstpointer a, gconstpointer b)
     return x->lock < y->lock ? -1 : x->lock > y->lock;
 }
 
+typedef enum WelcomeKind {
+    WELCOME_NEW,
+    WELCOME_RESUMED,            /* "resumed": true and the held locks */
+    WELCOME_RECLAIM,            /* "reclaim": true */
+} WelcomeKind;
+
 static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
-                         bool resumed)
+                         WelcomeKind kind)
 {
     ExtlockdServer *s = c->server;
     ExtlockMsg r;
@@ -848,7 +1318,11 @@ static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
     r.lease_ms = S->lease_ms;
     r.epoch = s->epoch;
     r.server = (char *)EXTLOCKD_SERVER_NAME;
-    if (resumed) {
+    r.grace_remaining_ms = grace_remaining_ms(S->space,
+                                              g_get_monotonic_time());
+    r.reclaim = kind == WELCOME_RECLAIM;
+    r.resumed = kind == WELCOME_RESUMED;
+    if (kind == WELCOME_RESUMED) {
         GHashTableIter iter;
         gpointer key;
 
@@ -871,59 +1345,72 @@ static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
     send_msg(c, &r);
 }
 
-static void handle_resume(ExtlockdConn *c, ExtlockMsg *m, uint32_t lease_ms)
+/*
+ * @S is taken over by @c: the old connection may be dead without us
+ * having noticed yet (e.g. TCP after a network failure).  The client has
+ * proven it owns the session, so the session moves to the new
+ * connection.  Requests still waiting on the old connection are
+ * cancelled, exactly as if it had dropped.
+ */
+static void session_take_over(ExtlockdSession *S)
 {
-    ExtlockdServer *s = c->server;
-    ExtlockdSession *S = g_hash_table_lookup(s->sessions, m->session);
-    int64_t now = g_get_monotonic_time();
+    ExtlockdConn *old = S->conn;
 
-    if (!S || S->state == SESSION_EXPIRED || now >= S->deadline_us) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
-                   "session %s is unknown or its lease has expired",
-                   m->session);
-        return;
-    }
-    if (strcmp(S->client_id, m->client_id) != 0 ||
-        strcmp(S->space->name, m->lock_space) != 0) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
-                   "session %s does not belong to client-id %s in "
-                   "lock-space %s", m->session, m->client_id,
-                   m->lock_space);
-        return;
-    }
+    g_message("session %s (%s) taken over by a new connection; "
+              "closing the old one", S->id, S->client_id);
+    session_release(S, false);
+    old->session = NULL;
+    S->conn = NULL;
+    conn_close_after_flush(old);
+}
+
+/* hello with "session" of a live session */
+static void handle_resume(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
+                          uint32_t lease_ms, int64_t now)
+{
     if (S->conn) {
-        /*
-         * The old connection may be dead without us having noticed yet
-         * (e.g. TCP after a network failure).  The client has proven it
-         * owns the session, so move the session to the new connection.
-         * Requests still waiting on the old connection are cancelled,
-         * exactly as if it had dropped.
-         */
-        ExtlockdConn *old = S->conn;
-
-        g_message("session %s (%s) taken over by a new connection; "
-                  "closing the old one", S->id, S->client_id);
-        session_release(S, false);
-        old->session = NULL;
-        S->conn = NULL;
-        conn_close_after_flush(old);
+        session_take_over(S);
     }
-    S->conn = c;
-    c->session = S;
-    S->state = SESSION_ACTIVE;
-    S->lease_ms = lease_ms;
-    S->deadline_us = now + (int64_t)lease_ms * 1000;
-    server_schedule(s, S->deadline_us);
+    session_attach(S, c, lease_ms, now);
     g_message("session %s (%s, lock-space %s) resumed on %s with %u locks",
               S->id, S->client_id, S->space->name, c->peer,
               g_hash_table_size(S->held));
-    send_welcome(c, m, S, true);
+    send_welcome(c, m, S, WELCOME_RESUMED);
+    /* Revokes sent while it was away are lost: send them again */
+    session_resend_revokes(S);
+}
+
+/* hello with "session" of a session listed in the state file, in grace */
+static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
+                                 ExtlockdSession *S, uint32_t lease_ms,
+                                 int64_t now)
+{
+    unsigned n;
+
+    if (S->conn) {
+        session_take_over(S);
+    }
+    /*
+     * It came back before, reclaimed some locks and lost its connection
+     * again: it reclaims everything anew.  Nothing waits in the table of
+     * a lock-space in grace, so releasing grants nothing.
+     */
+    n = session_release(S, true);
+    session_attach(S, c, lease_ms, now);
+    g_message("session %s (%s, lock-space %s) is back on %s after the "
+              "restart and may reclaim its locks for %" PRId64 " ms%s",
+              S->id, S->client_id, S->space->name, c->peer,
+              grace_remaining_ms(S->space, now),
+              n ? " (locks it had reclaimed already were dropped)" : "");
+    send_welcome(c, m, S, WELCOME_RECLAIM);
 }
 
 static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
 {
     ExtlockdServer *s = c->server;
     ExtlockdSession *S;
+    g_autoptr(GError) err = NULL;
+    int64_t now = g_get_monotonic_time();
     uint32_t lease_ms;
 
     if (c->session) {
@@ -952,44 +1439,59 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     if (m->session) {
-        handle_resume(c, m, lease_ms);
-        return;
+        S = g_hash_table_lookup(s->sessions, m->session);
+        if (S && (strcmp(S->client_id, m->client_id) != 0 ||
+                  strcmp(S->space->name, m->lock_space) != 0)) {
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                       "session %s does not belong to client-id %s in "
+                       "lock-space %s", m->session, m->client_id,
+                       m->lock_space);
+            return;
+        }
+        if (S && S->reclaiming) {
+            handle_reclaim_hello(c, m, S, lease_ms, now);
+            return;
+        }
+        if (S && S->state != SESSION_EXPIRED && now < S->deadline_us) {
+            handle_resume(c, m, S, lease_ms, now);
+            return;
+        }
+        /* Unknown or expired: its locks are gone, start afresh */
     }
     if (g_hash_table_size(s->sessions) >= s->cfg.max_sessions) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
                    "too many sessions (limit %u)", s->cfg.max_sessions);
         return;
     }
-    S = session_new(s, c, m->client_id, m->lock_space, lease_ms,
-                    g_get_monotonic_time());
-    g_message("session %s (%s, lock-space %s) started on %s, lease %u ms",
-              S->id, S->client_id, S->space->name, c->peer, lease_ms);
-    send_welcome(c, m, S, false);
-}
-
-static void waiting_blocker_cb(ExtlockLock *blocker, void *opaque)
-{
-    GArray *blockers = opaque;
-    ExtlockdSession *S = blocker->owner;
-    ExtlockBlocker b;
-
-    if (blockers->len >= MAX_BLOCKERS) {
+    S = session_alloc(s, NULL, m->client_id, m->lock_space, lease_ms, now);
+    session_attach(S, c, lease_ms, now);
+    /* The session is durable before the client learns about it */
+    if (!save_state(s, s->epoch, &err)) {
+        g_warning("cannot record a new session of %s in the state file: "
+                  "%s", m->client_id, err->message);
+        session_destroy_nosave(S);
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                   "cannot record the session in the state file");
         return;
     }
-    b.client_id = S->client_id;
-    b.offset = blocker->node.ext.start;
-    b.length = blocker->node.ext.end - blocker->node.ext.start;
-    b.mode = blocker->mode;
-    b.token = blocker->token;
-    b.waiting = blocker->state == EXTLOCK_LOCK_WAITING;
-    g_array_append_val(blockers, b);
+    if (m->session) {
+        g_message("session %s (%s, lock-space %s) started on %s, lease %u "
+                  "ms, replacing session %s, which is unknown or expired",
+                  S->id, S->client_id, S->space->name, c->peer, lease_ms,
+                  m->session);
+    } else {
+        g_message("session %s (%s, lock-space %s) started on %s, lease %u "
+                  "ms", S->id, S->client_id, S->space->name, c->peer,
+                  lease_ms);
+    }
+    send_welcome(c, m, S, WELCOME_NEW);
 }
 
 static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
 {
     ExtlockdServer *s = c->server;
-    ExtlockTable *table = S->space->table;
-    ExtlockExtent ext;
+    ExtlockdSpace *space = S->space;
+    ExtlockLock req;
     ExtlockLock *lock;
     uint64_t token;
     unsigned count;
@@ -999,6 +1501,23 @@ static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
                    "invalid extent offset %" PRIu64 " length %" PRIu64,
                    m->offset, m->length);
         return;
+    }
+    memset(&req, 0, sizeof(req));
+    req.requested.start = m->offset;
+    req.requested.end = m->offset + m->length;
+    req.limit = req.requested;
+    if (m->has_limit) {
+        if (!extlock_extent_valid(m->limit_offset, m->limit_length) ||
+            m->limit_offset > m->offset ||
+            m->limit_offset + m->limit_length < m->offset + m->length) {
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                       "limit [%" PRIu64 ", +%" PRIu64 ") does not contain "
+                       "the requested extent", m->limit_offset,
+                       m->limit_length);
+            return;
+        }
+        req.limit.start = m->limit_offset;
+        req.limit.end = m->limit_offset + m->limit_length;
     }
     count = g_hash_table_size(S->held) + g_hash_table_size(S->waiting);
     if (count >= s->cfg.max_locks_per_session) {
@@ -1012,49 +1531,54 @@ static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
                    "request %" PRIu64 " is already waiting", m->id);
         return;
     }
+    if (G_UNLIKELY(space->in_grace) && !m->wait) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_GRACE,
+                   "lock-space %s is in its restart grace period for "
+                   "another %" PRId64 " ms", space->name,
+                   grace_remaining_ms(space, g_get_monotonic_time()));
+        return;
+    }
     if (!next_token(s, &token)) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
                    "cannot persist a new token epoch");
         return;
     }
-    ext.start = m->offset;
-    ext.end = m->offset + m->length;
-    if (!m->wait) {
-        /*
-         * A request is granted at once exactly when nothing held or
-         * waiting conflicts with it, which is what reclaim checks; on a
-         * conflict it changes nothing.
-         */
-        lock = extlock_table_reclaim(table, ext, m->mode, token, S, m->id);
-        if (!lock) {
-            send_error(c, m->has_id, m->id, EXTLOCK_ERR_WOULD_BLOCK,
-                       "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with "
-                       "a held or waiting lock", m->offset, m->length,
-                       extlock_mode_name(m->mode));
-            return;
+    req.mode = m->mode;
+    req.token = token;
+    req.user_tag = m->id;
+
+    if (m->wait) {
+        if (m->has_limit) {
+            /* It caches locks: it wants to know when to give them back */
+            session_set_revocable(S);
         }
-        S->space->nowait_grants++;
-    } else {
-        lock = extlock_table_request(table, ext, m->mode, token, S, m->id);
+        if (G_UNLIKELY(space->in_grace)) {
+            space_defer(space, S, c, &req);
+        } else {
+            space_submit(space, S, c, &req, true);
+        }
+        return;
     }
-
-    if (lock->state == EXTLOCK_LOCK_GRANTED) {
-        g_hash_table_add(S->held, lock);
-        format_granted(c, lock);
-    } else {
-        ExtlockMsg r;
-
-        g_hash_table_add(S->waiting, lock);
-        g_array_set_size(s->blockers, 0);
-        extlock_table_foreach_blocker(table, lock, waiting_blocker_cb,
-                                      s->blockers);
-        extlock_msg_init(&r, EXTLOCK_MSG_WAITING);
-        r.has_id = true;
-        r.id = m->id;
-        r.token = token;
-        r.blockers = s->blockers;
-        send_msg(c, &r);
+    /*
+     * A request is granted at once exactly when nothing held or waiting
+     * conflicts with it, which is what reclaim checks; on a conflict it
+     * changes nothing.  Such a lock does not grow.
+     */
+    lock = extlock_table_reclaim(space->table, req.requested, m->mode, token,
+                                 S, m->id);
+    if (!lock) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_WOULD_BLOCK,
+                   "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with "
+                   "a held or waiting lock", m->offset, m->length,
+                   extlock_mode_name(m->mode));
+        return;
     }
+    space->nowait_grants++;
+    if (m->has_limit) {
+        session_set_revocable(S);
+    }
+    g_hash_table_add(S->held, lock);
+    format_granted(c, lock);
 }
 
 static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
@@ -1063,6 +1587,7 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
     ExtlockdServer *s = c->server;
     ExtlockTable *table = S->space->table;
     ExtlockLock *lock = extlock_table_lookup(table, m->lock);
+    ExtlockLock *split = NULL;
     ExtlockMsg r;
 
     if (!lock || lock->owner != S || lock->state != EXTLOCK_LOCK_GRANTED) {
@@ -1092,7 +1617,7 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
             return;
         }
         if (part.start != ext.start || part.end != ext.end) {
-            ExtlockLock *rest = NULL, *split = NULL;
+            ExtlockLock *rest = NULL;
             int ret;
 
             ret = extlock_table_release_part(table, lock, part, &rest,
@@ -1132,6 +1657,10 @@ reply:
     r.lock = m->lock;
     r.pieces = s->pieces;
     send_msg(c, &r);
+    if (split) {
+        /* A new lock id, which the client knows only from the reply */
+        revoke_new_lock(table, split);
+    }
 }
 
 static void handle_cancel(ExtlockdConn *c, ExtlockdSession *S,
@@ -1146,7 +1675,7 @@ static void handle_cancel(ExtlockdConn *c, ExtlockdSession *S,
         return;
     }
     g_hash_table_remove(S->waiting, lock);
-    extlock_table_release(S->space->table, lock);
+    waiter_cancel(S->space, lock);
 
     extlock_msg_init(&r, EXTLOCK_MSG_CANCELLED);
     r.has_id = m->has_id;
@@ -1170,6 +1699,112 @@ static void handle_renew(ExtlockdConn *c, ExtlockdSession *S,
     r.id = m->id;
     r.lease_ms = S->lease_ms;
     send_msg(c, &r);
+}
+
+static void handle_downgrade(ExtlockdConn *c, ExtlockdSession *S,
+                             ExtlockMsg *m)
+{
+    ExtlockTable *table = S->space->table;
+    ExtlockLock *lock = extlock_table_lookup(table, m->lock);
+    ExtlockMsg r;
+
+    if (!lock || lock->owner != S || lock->state != EXTLOCK_LOCK_GRANTED) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                   "lock %" PRIu64 " is not held by this session",
+                   m->lock);
+        return;
+    }
+    session_set_revocable(S);
+    /* Shared waiters it unblocks are granted (space_grant_cb) */
+    extlock_table_downgrade(table, lock);
+    extlock_msg_init(&r, EXTLOCK_MSG_DOWNGRADED);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.lock = lock->id;
+    r.mode = lock->mode;
+    send_msg(c, &r);
+}
+
+/* Re-assert a lock held before the restart, with its original token */
+static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
+                           ExtlockMsg *m)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockdSpace *space = S->space;
+    uint64_t epoch = m->token >> EXTLOCKD_COUNTER_BITS;
+    ExtlockExtent ext;
+    ExtlockLock *lock;
+    unsigned count;
+
+    if (!S->reclaiming) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                   "session %s cannot reclaim locks: %s", S->id,
+                   space->in_grace ? "it is not listed in the state file "
+                   "or has sent reclaim-done"
+                   : "its lock-space has no restart grace period");
+        return;
+    }
+    if (!extlock_extent_valid(m->offset, m->length)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                   "invalid extent offset %" PRIu64 " length %" PRIu64,
+                   m->offset, m->length);
+        return;
+    }
+    if (epoch == 0 || epoch >= s->boot_epoch ||
+        (m->token & (EXTLOCKD_COUNTER_LIMIT - 1)) == 0) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                   "token %" PRIu64 " (epoch %" PRIu64 ") was not handed "
+                   "out before this coordinator started in epoch %" PRIu64,
+                   m->token, epoch, s->boot_epoch);
+        return;
+    }
+    count = g_hash_table_size(S->held) + g_hash_table_size(S->waiting);
+    if (count >= s->cfg.max_locks_per_session) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                   "session has %u locks and waiting requests (limit %u)",
+                   count, s->cfg.max_locks_per_session);
+        return;
+    }
+    ext.start = m->offset;
+    ext.end = m->offset + m->length;
+    lock = extlock_table_reclaim(space->table, ext, m->mode, m->token, S,
+                                 m->id);
+    if (!lock) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                   "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a lock "
+                   "reclaimed by another session", m->offset, m->length,
+                   extlock_mode_name(m->mode));
+        return;
+    }
+    session_set_revocable(S);
+    space->reclaims++;
+    g_hash_table_add(S->held, lock);
+    format_granted(c, lock);
+}
+
+static void handle_reclaim_done(ExtlockdConn *c, ExtlockdSession *S,
+                                ExtlockMsg *m)
+{
+    ExtlockMsg r;
+
+    /*
+     * The reply goes first: the client reads nothing else until it has
+     * it, and the end of the grace period may send it revokes
+     */
+    extlock_msg_init(&r, EXTLOCK_MSG_RECLAIM_COMPLETE);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    send_msg(c, &r);
+    if (S->reclaiming) {
+        g_message("session %s (%s, lock-space %s) reclaimed %u locks",
+                  S->id, S->client_id, S->space->name,
+                  g_hash_table_size(S->held));
+        session_end_reclaim(S);
+    }
+    if (S->resend_revokes) {
+        S->resend_revokes = false;
+        session_resend_revokes(S);
+    }
 }
 
 static void handle_bye(ExtlockdConn *c, ExtlockMsg *m)
@@ -1220,6 +1855,9 @@ static void handle_line(ExtlockdConn *c, const char *line, size_t len)
     case EXTLOCK_MSG_UNLOCK:
     case EXTLOCK_MSG_CANCEL:
     case EXTLOCK_MSG_RENEW:
+    case EXTLOCK_MSG_DOWNGRADE:
+    case EXTLOCK_MSG_RECLAIM:
+    case EXTLOCK_MSG_RECLAIM_DONE:
         if (!S) {
             send_error(c, m.has_id, m.id, EXTLOCK_ERR_STATE,
                        "%s before hello", extlock_msg_type_name(m.type));
@@ -1229,14 +1867,15 @@ static void handle_line(ExtlockdConn *c, const char *line, size_t len)
             handle_unlock(c, S, &m);
         } else if (m.type == EXTLOCK_MSG_CANCEL) {
             handle_cancel(c, S, &m);
-        } else {
+        } else if (m.type == EXTLOCK_MSG_RENEW) {
             handle_renew(c, S, &m);
+        } else if (m.type == EXTLOCK_MSG_DOWNGRADE) {
+            handle_downgrade(c, S, &m);
+        } else if (m.type == EXTLOCK_MSG_RECLAIM) {
+            handle_reclaim(c, S, &m);
+        } else {
+            handle_reclaim_done(c, S, &m);
         }
-        break;
-    case EXTLOCK_MSG_RECLAIM:
-        send_error(c, m.has_id, m.id, EXTLOCK_ERR_STATE,
-                   "lock reclaim is not supported: this coordinator has "
-                   "no grace period");
         break;
     default:
         send_error(c, m.has_id, m.id, EXTLOCK_ERR_UNKNOWN_TYPE,
@@ -1731,6 +2370,33 @@ void extlockd_server_stop_listening(ExtlockdServer *s)
 /* ------------------------------------------------------------------ */
 /* Server                                                              */
 
+/* Write @epoch and every session to the state file */
+static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
+{
+    g_autoptr(GArray) list = g_array_sized_new(FALSE, FALSE,
+                                               sizeof(ExtlockdStateSession),
+                                               s->session_list.length);
+
+    for (GList *l = s->session_list.head; l; l = l->next) {
+        ExtlockdSession *S = l->data;
+        ExtlockdStateSession ss = {
+            .session = S->id,
+            .client_id = S->client_id,
+            .lock_space = S->space->name,
+        };
+
+        g_array_append_val(list, ss);
+    }
+    return extlockd_state_save_sessions(s->cfg.state_file, epoch,
+                                        (ExtlockdStateSession *)list->data,
+                                        list->len, errp);
+}
+
+bool extlockd_server_save_state(ExtlockdServer *s, GError **errp)
+{
+    return save_state(s, s->epoch, errp);
+}
+
 ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
                                     uint64_t epoch)
 {
@@ -1739,12 +2405,14 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->cfg = *cfg;
     s->cfg.state_file = g_strdup(cfg->state_file);
     s->epoch = epoch;
+    s->boot_epoch = epoch;
     s->counter = cfg->first_counter ? cfg->first_counter : 1;
     s->start_us = g_get_monotonic_time();
     s->listeners = g_ptr_array_new_with_free_func(listener_free);
     s->spaces = g_hash_table_new(g_str_hash, g_str_equal);
     s->sessions = g_hash_table_new(g_str_hash, g_str_equal);
     g_queue_init(&s->session_list);
+    g_queue_init(&s->grace_spaces);
     g_queue_init(&s->conns);
     g_queue_init(&s->dirty);
     s->rbuf = g_malloc(READ_CHUNK);

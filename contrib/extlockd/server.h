@@ -28,6 +28,7 @@
 #define EXTLOCKD_DEFAULT_MAX_LOCKS  16384
 #define EXTLOCKD_DEFAULT_MAX_SESS   4096
 #define EXTLOCKD_MAX_FENCE_MS       (3600 * 1000)
+#define EXTLOCKD_MAX_GRACE_MS       (EXTLOCKD_MAX_FENCE_MS + 3600 * 1000)
 
 /* A connection whose unsent output exceeds this is disconnected */
 #define EXTLOCKD_MAX_OUTPUT         (16 * 1024 * 1024)
@@ -38,6 +39,12 @@ typedef struct ExtlockdConfig {
     uint32_t fence_margin_ms;    /* extra delay before re-granting */
     uint32_t max_locks_per_session;  /* held + waiting */
     uint32_t max_sessions;
+    /*
+     * Restart grace period: how long sessions listed in the state file may
+     * reclaim their locks before new requests are considered (0: no grace
+     * period, listed sessions are dropped)
+     */
+    uint32_t grace_ms;
     bool debug_checks;           /* lock table invariants after each change */
     bool verbose;                /* per-connection and per-request logging */
     /*
@@ -55,6 +62,21 @@ typedef struct ExtlockdServer ExtlockdServer;
  */
 ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
                                     uint64_t epoch);
+
+/*
+ * Recreate the sessions listed in the state file (GPtrArray of
+ * ExtlockdStateSession, see state-file.h) and start the grace period in
+ * which they may reclaim their locks.  Call once, before listening.  With
+ * cfg->grace_ms == 0 (or no sessions) nothing is recreated.
+ */
+void extlockd_server_restore(ExtlockdServer *server, GPtrArray *sessions);
+
+/*
+ * Write the state file: the current epoch and every session.  The daemon
+ * calls this before it listens, and it is done again whenever a session
+ * is created or destroyed and when the epoch changes.
+ */
+bool extlockd_server_save_state(ExtlockdServer *server, GError **errp);
 
 /*
  * Start listening on @address ("unix:PATH", "tcp:HOST:PORT" or an

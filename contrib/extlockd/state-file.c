@@ -19,8 +19,24 @@
 
 #include "state-file.h"
 
-/* A valid state file is tiny; anything bigger is certainly corrupt */
-#define STATE_FILE_MAX_SIZE 4096
+/*
+ * A state file lists at most a few thousand sessions of a few hundred
+ * bytes each; anything much bigger is certainly corrupt
+ */
+#define STATE_FILE_MAX_SIZE (64 * 1024 * 1024)
+#define STATE_MAX_NAME      256
+
+void extlockd_state_session_free(gpointer p)
+{
+    ExtlockdStateSession *ss = p;
+
+    if (ss) {
+        g_free(ss->session);
+        g_free(ss->client_id);
+        g_free(ss->lock_space);
+        g_free(ss);
+    }
+}
 
 static bool make_parent_dir(const char *path, GError **errp)
 {
@@ -70,8 +86,9 @@ static bool corrupt(GError **errp, const char *path, const char *why)
 {
     g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                 "state file %s is corrupt: %s (expected "
-                "{\"version\":%d,\"epoch\":N}; refusing to start, because "
-                "guessing the epoch could reuse fencing tokens)",
+                "{\"version\":%d,\"epoch\":N,\"sessions\":[...]}; refusing "
+                "to start, because guessing the epoch could reuse fencing "
+                "tokens)",
                 path, why, EXTLOCKD_STATE_VERSION);
     return false;
 }
@@ -91,13 +108,104 @@ static bool get_int_member(json_object *obj, const char *key,
     return errno == 0;
 }
 
-bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp)
+static bool name_ok(const char *s, size_t len)
+{
+    if (len == 0 || len > STATE_MAX_NAME) {
+        return false;
+    }
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = s[i];
+
+        if (c < 0x20 || c == 0x7f) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool session_id_ok(const char *s, size_t len)
+{
+    if (len != 32) {
+        return false;
+    }
+    for (size_t i = 0; i < len; i++) {
+        if (!g_ascii_isdigit(s[i]) && !(s[i] >= 'a' && s[i] <= 'f')) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static char *get_str_member(json_object *obj, const char *key, bool is_id)
+{
+    json_object *member;
+    const char *s;
+    size_t len;
+
+    if (!json_object_object_get_ex(obj, key, &member) ||
+        !json_object_is_type(member, json_type_string)) {
+        return NULL;
+    }
+    s = json_object_get_string(member);
+    len = json_object_get_string_len(member);
+    if (strlen(s) != len ||
+        !(is_id ? session_id_ok(s, len) : name_ok(s, len))) {
+        return NULL;
+    }
+    return g_strndup(s, len);
+}
+
+/* "sessions": an array of {"session","client-id","lock-space"} objects */
+static const char *parse_sessions(json_object *obj, GPtrArray *out)
+{
+    g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
+    json_object *arr;
+    size_t n;
+
+    if (!json_object_object_get_ex(obj, "sessions", &arr)) {
+        return NULL;        /* a file from before sessions were recorded */
+    }
+    if (!json_object_is_type(arr, json_type_array)) {
+        return "\"sessions\" is not an array";
+    }
+    n = json_object_array_length(arr);
+    for (size_t i = 0; i < n; i++) {
+        json_object *e = json_object_array_get_idx(arr, i);
+        ExtlockdStateSession *ss;
+
+        if (!json_object_is_type(e, json_type_object)) {
+            return "an element of \"sessions\" is not an object";
+        }
+        ss = g_new0(ExtlockdStateSession, 1);
+        g_ptr_array_add(out, ss);
+        ss->session = get_str_member(e, "session", true);
+        ss->client_id = get_str_member(e, "client-id", false);
+        ss->lock_space = get_str_member(e, "lock-space", false);
+        if (!ss->session) {
+            return "a session has a missing or malformed \"session\"";
+        }
+        if (!ss->client_id || !ss->lock_space) {
+            return "a session has a missing or malformed \"client-id\" "
+                   "or \"lock-space\"";
+        }
+        if (!g_hash_table_add(seen, ss->session)) {
+            return "a session is listed twice";
+        }
+    }
+    return NULL;
+}
+
+bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
+                                  GPtrArray **sessions, GError **errp)
 {
     g_autofree char *data = NULL;
     g_autoptr(GError) local_err = NULL;
+    g_autoptr(GPtrArray) list =
+        g_ptr_array_new_with_free_func(extlockd_state_session_free);
     json_tokener *tok;
     json_object *obj;
     enum json_tokener_error jerr;
+    const char *why;
     gsize len;
     size_t used;
     int64_t version, value;
@@ -106,6 +214,7 @@ bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp)
     if (!g_file_get_contents(path, &data, &len, &local_err)) {
         if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
             *epoch = 0;
+            *sessions = g_steal_pointer(&list);
             return true;
         }
         g_set_error(errp, G_FILE_ERROR, local_err->code,
@@ -162,12 +271,29 @@ bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp)
         corrupt(errp, path, "\"epoch\" out of range");
         goto out;
     }
+    why = parse_sessions(obj, list);
+    if (why) {
+        corrupt(errp, path, why);
+        goto out;
+    }
     *epoch = (uint64_t)value;
+    *sessions = g_steal_pointer(&list);
     ok = true;
 
 out:
     json_object_put(obj);
     return ok;
+}
+
+bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp)
+{
+    GPtrArray *sessions = NULL;
+
+    if (!extlockd_state_load_sessions(path, epoch, &sessions, errp)) {
+        return false;
+    }
+    g_ptr_array_unref(sessions);
+    return true;
 }
 
 static bool write_all(int fd, const char *buf, size_t len)
@@ -186,7 +312,60 @@ static bool write_all(int fd, const char *buf, size_t len)
     return true;
 }
 
+/* Append @s as a JSON string (names never contain control characters) */
+static void append_json_str(GString *out, const char *s)
+{
+    g_string_append_c(out, '"');
+    for (; *s; s++) {
+        unsigned char c = *s;
+
+        if (c == '"' || c == '\\') {
+            g_string_append_c(out, '\\');
+            g_string_append_c(out, c);
+        } else if (c < 0x20 || c == 0x7f) {
+            g_string_append_printf(out, "\\u%04x", c);
+        } else {
+            g_string_append_c(out, c);
+        }
+    }
+    g_string_append_c(out, '"');
+}
+
+static char *state_text(uint64_t epoch, const ExtlockdStateSession *sessions,
+                        size_t n)
+{
+    GString *out = g_string_sized_new(64 + n * 128);
+
+    g_string_append_printf(out, "{\"version\":%d,\"epoch\":%" PRIu64,
+                           EXTLOCKD_STATE_VERSION, epoch);
+    if (n) {
+        g_string_append(out, ",\"sessions\":[");
+        for (size_t i = 0; i < n; i++) {
+            if (i) {
+                g_string_append_c(out, ',');
+            }
+            g_string_append(out, "{\"session\":");
+            append_json_str(out, sessions[i].session);
+            g_string_append(out, ",\"client-id\":");
+            append_json_str(out, sessions[i].client_id);
+            g_string_append(out, ",\"lock-space\":");
+            append_json_str(out, sessions[i].lock_space);
+            g_string_append_c(out, '}');
+        }
+        g_string_append_c(out, ']');
+    }
+    g_string_append(out, "}\n");
+    return g_string_free(out, FALSE);
+}
+
 bool extlockd_state_save(const char *path, uint64_t epoch, GError **errp)
+{
+    return extlockd_state_save_sessions(path, epoch, NULL, 0, errp);
+}
+
+bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
+                                  const ExtlockdStateSession *sessions,
+                                  size_t n, GError **errp)
 {
     g_autofree char *dir = g_path_get_dirname(path);
     g_autofree char *tmp = g_strdup_printf("%s.tmp.%ld", path,
@@ -205,8 +384,7 @@ bool extlockd_state_save(const char *path, uint64_t epoch, GError **errp)
     if (!make_parent_dir(path, errp)) {
         return false;
     }
-    text = g_strdup_printf("{\"version\":%d,\"epoch\":%" PRIu64 "}\n",
-                           EXTLOCKD_STATE_VERSION, epoch);
+    text = state_text(epoch, sessions, n);
 
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {

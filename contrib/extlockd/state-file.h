@@ -5,10 +5,15 @@
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
- * The file holds {"version":1,"epoch":N}.  The daemon bumps the epoch on
- * every start and whenever the 40-bit token counter wraps, and writes it
- * back atomically (temporary file, fsync, rename, fsync of the directory)
- * before it hands out a single token of the new epoch.
+ * The file holds {"version":1,"epoch":N,"sessions":[...]}.  The daemon
+ * bumps the epoch on every start and whenever the 40-bit token counter
+ * wraps, and writes it back atomically (temporary file, fsync, rename,
+ * fsync of the directory) before it hands out a single token of the new
+ * epoch.  "sessions" lists the sessions that existed when the file was
+ * last written (it is rewritten whenever a session is created or
+ * destroyed), so that after a crash their clients can reclaim their locks
+ * during a grace period.  It is left out when there are none; files
+ * written before sessions were recorded have no "sessions" member.
  */
 #ifndef EXTLOCKD_STATE_FILE_H
 #define EXTLOCKD_STATE_FILE_H
@@ -24,6 +29,16 @@
 #define EXTLOCKD_COUNTER_LIMIT  (UINT64_C(1) << EXTLOCKD_COUNTER_BITS)
 #define EXTLOCKD_EPOCH_LIMIT    (UINT64_C(1) << 23)
 
+/* A session recorded in the state file */
+typedef struct ExtlockdStateSession {
+    char *session;               /* 32 lowercase hex digits */
+    char *client_id;
+    char *lock_space;
+} ExtlockdStateSession;
+
+/* Frees the strings and the struct (a GDestroyNotify) */
+void extlockd_state_session_free(gpointer p);
+
 /*
  * Take an exclusive advisory lock (flock) on "@path.lock" so that two
  * daemons never share one state file.  Creates the directory of @path if
@@ -35,13 +50,31 @@ int extlockd_state_lock(const char *path, GError **errp);
 /*
  * Read the epoch from @path.  A missing file yields epoch 0.  A file that
  * cannot be read or does not hold a valid state object fails with @errp set.
+ * Any sessions listed are validated but not returned.
  */
 bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp);
 
 /*
- * Atomically replace @path with a state object holding @epoch and make it
- * durable.  Creates the directory if needed.
+ * Like extlockd_state_load(), and also return the sessions listed in the
+ * file in *@sessions (a new GPtrArray of ExtlockdStateSession that frees
+ * its elements; empty if the file lists none or is missing).  Session ids
+ * must be 32 lowercase hex digits and unique, names 1..256 bytes without
+ * control characters; anything else makes the file corrupt.
+ */
+bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
+                                  GPtrArray **sessions, GError **errp);
+
+/*
+ * Atomically replace @path with a state object holding @epoch and no
+ * sessions, and make it durable.  Creates the directory if needed.
  */
 bool extlockd_state_save(const char *path, uint64_t epoch, GError **errp);
+
+/*
+ * The same with the @n sessions in @sessions (may be NULL if @n is 0).
+ */
+bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
+                                  const ExtlockdStateSession *sessions,
+                                  size_t n, GError **errp);
 
 #endif /* EXTLOCKD_STATE_FILE_H */

@@ -7,11 +7,11 @@
  *
  * Every test starts its own daemon(s) in a fresh temporary directory
  * (binary from $EXTLOCKD, with --debug-checks and short leases) and talks
- * to it over UNIX and TCP sockets with the blocking client library.
- * The teardown kills whatever a test left running, even after a failure.
+ * to it over UNIX and TCP sockets with the blocking client library; see
+ * extlockd-harness.h.  The teardown kills whatever a test left running,
+ * even after a failure.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -20,8 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <setjmp.h>
-#include <netinet/in.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -33,707 +31,7 @@
 #include <gio/gio.h>
 #include <json-c/json.h>
 
-#include "extlock/client-sync.h"
-#include "extlock/protocol.h"
-
-#define LEASE_MS        400     /* daemon default lease in these tests */
-#define MARGIN_MS       300     /* fence margin in these tests */
-#define LONG_LEASE_MS   30000   /* for clients that must not expire */
-#define RECV_MS         3000    /* generous wait for an expected message */
-#define QUIET_MS        150     /* how long "nothing arrives" is checked */
-#define SLACK_MS        800     /* allowed lateness of lease actions */
-
-typedef struct Daemon {
-    pid_t pid;                  /* 0 once reaped */
-    int status;                 /* wait status once reaped */
-    char *sock;
-    char *unix_addr;
-    char *tcp_addr;
-    char *state;
-    char *log;
-} Daemon;
-
-typedef struct Fixture {
-    char *dir;
-    GPtrArray *daemons;
-    GPtrArray *conns;
-    unsigned ndaemons;
-} Fixture;
-
-static const char *extlockd_bin;
-static const char *extlockctl_bin;
-static Fixture fx;
-
-/* ------------------------------------------------------------------ */
-/* Daemons                                                             */
-
-static void remove_tree(const char *path)
-{
-    GDir *dir = g_dir_open(path, 0, NULL);
-    const char *name;
-
-    if (dir) {
-        while ((name = g_dir_read_name(dir)) != NULL) {
-            g_autofree char *child = g_build_filename(path, name, NULL);
-
-            if (g_file_test(child, G_FILE_TEST_IS_DIR) &&
-                !g_file_test(child, G_FILE_TEST_IS_SYMLINK)) {
-                remove_tree(child);
-            } else {
-                g_unlink(child);
-            }
-        }
-        g_dir_close(dir);
-    }
-    g_rmdir(path);
-}
-
-static int free_tcp_port(void)
-{
-    struct sockaddr_in sin = { .sin_family = AF_INET };
-    socklen_t len = sizeof(sin);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    int port;
-
-    assert_true(fd >= 0);
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&sin, &len), 0);
-    port = ntohs(sin.sin_port);
-    close(fd);
-    return port;
-}
-
-static void dump_log(Daemon *d)
-{
-    g_autofree char *text = NULL;
-
-    if (g_file_get_contents(d->log, &text, NULL, NULL)) {
-        fprintf(stderr, "---- %s ----\n%s---- end ----\n", d->log, text);
-    }
-}
-
-/* Reap @d if it has exited; true if it is gone */
-static bool daemon_reap(Daemon *d, bool block)
-{
-    pid_t r;
-
-    if (!d->pid) {
-        return true;
-    }
-    do {
-        r = waitpid(d->pid, &d->status, block ? 0 : WNOHANG);
-    } while (r < 0 && errno == EINTR);
-    if (r == d->pid) {
-        d->pid = 0;
-        return true;
-    }
-    return false;
-}
-
-/* Wait up to @ms for @d to exit; returns false on timeout */
-static bool daemon_wait_exit(Daemon *d, int ms)
-{
-    int64_t deadline = g_get_monotonic_time() + ms * 1000LL;
-
-    while (!daemon_reap(d, false)) {
-        if (g_get_monotonic_time() > deadline) {
-            return false;
-        }
-        g_usleep(5000);
-    }
-    return true;
-}
-
-/*
- * Spawn extlockd with the test defaults plus @extra (NULL-terminated) and
- * the environment variables in @env ("NAME=VALUE", NULL-terminated).
- * Does not wait for it to be ready.
- */
-static Daemon *daemon_spawn(const char *state, const char *const *extra,
-                            const char *const *env)
-{
-    Daemon *d = g_new0(Daemon, 1);
-    g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
-    unsigned n = ++fx.ndaemons;
-    int port = free_tcp_port();
-
-    d->sock = g_strdup_printf("%s/extlockd-%u.sock", fx.dir, n);
-    d->unix_addr = g_strdup_printf("unix:%s", d->sock);
-    d->tcp_addr = g_strdup_printf("tcp:127.0.0.1:%d", port);
-    d->state = state ? g_strdup(state)
-                     : g_strdup_printf("%s/state-%u/extlockd.state",
-                                       fx.dir, n);
-    d->log = g_strdup_printf("%s/extlockd-%u.log", fx.dir, n);
-
-    g_ptr_array_add(argv, g_strdup(extlockd_bin));
-    g_ptr_array_add(argv, g_strdup("--listen"));
-    g_ptr_array_add(argv, g_strdup(d->unix_addr));
-    g_ptr_array_add(argv, g_strdup("--listen"));
-    g_ptr_array_add(argv, g_strdup(d->tcp_addr));
-    g_ptr_array_add(argv, g_strdup("--state-file"));
-    g_ptr_array_add(argv, g_strdup(d->state));
-    g_ptr_array_add(argv, g_strdup_printf("--lease-ms=%d", LEASE_MS));
-    g_ptr_array_add(argv, g_strdup_printf("--fence-margin-ms=%d",
-                                          MARGIN_MS));
-    g_ptr_array_add(argv, g_strdup("--debug-checks"));
-    for (int i = 0; extra && extra[i]; i++) {
-        g_ptr_array_add(argv, g_strdup(extra[i]));
-    }
-    g_ptr_array_add(argv, NULL);
-
-    d->pid = fork();
-    assert_true(d->pid >= 0);
-    if (d->pid == 0) {
-        int fd = open(d->log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-
-        /* Never outlive the test, even if it crashes */
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (fd >= 0) {
-            dup2(fd, STDOUT_FILENO);
-            dup2(fd, STDERR_FILENO);
-        }
-        for (int i = 0; env && env[i]; i++) {
-            putenv((char *)env[i]);
-        }
-        execv(extlockd_bin, (char **)argv->pdata);
-        _exit(127);
-    }
-    g_ptr_array_add(fx.daemons, d);
-    return d;
-}
-
-/* Wait until @address accepts connections from the daemon @d */
-static void daemon_wait_address(Daemon *d, const char *address)
-{
-    int64_t deadline = g_get_monotonic_time() + 10 * G_USEC_PER_SEC;
-
-    for (;;) {
-        ExtlockConn *c = extlock_conn_connect(address, NULL);
-
-        if (c) {
-            extlock_conn_close(c);
-            return;
-        }
-        if (daemon_reap(d, false)) {
-            dump_log(d);
-            fail_msg("extlockd exited during start-up (status 0x%x)",
-                     d->status);
-        }
-        if (g_get_monotonic_time() > deadline) {
-            dump_log(d);
-            fail_msg("extlockd did not start listening");
-        }
-        g_usleep(2000);
-    }
-}
-
-/* Spawn and wait until the daemon accepts connections everywhere */
-static Daemon *daemon_start(const char *state, const char *const *extra,
-                            const char *const *env)
-{
-    Daemon *d = daemon_spawn(state, extra, env);
-
-    daemon_wait_address(d, d->unix_addr);
-    daemon_wait_address(d, d->tcp_addr);
-    for (int i = 0; extra && extra[i]; i++) {
-        if (strcmp(extra[i], "--listen") == 0 && extra[i + 1]) {
-            daemon_wait_address(d, extra[i + 1]);
-        }
-    }
-    return d;
-}
-
-/* The daemon must exit with status 0 and remove its socket */
-static void daemon_stop_with(Daemon *d, int sig)
-{
-    assert_int_not_equal(d->pid, 0);
-    assert_int_equal(kill(d->pid, sig), 0);
-    if (!daemon_wait_exit(d, 5000)) {
-        dump_log(d);
-        fail_msg("extlockd did not exit after signal %d", sig);
-    }
-    if (!WIFEXITED(d->status) || WEXITSTATUS(d->status) != 0) {
-        dump_log(d);
-        fail_msg("extlockd exit status 0x%x after signal %d", d->status,
-                 sig);
-    }
-    assert_false(g_file_test(d->sock, G_FILE_TEST_EXISTS));
-}
-
-static void daemon_stop(Daemon *d)
-{
-    daemon_stop_with(d, SIGTERM);
-}
-
-static void daemon_free(gpointer p)
-{
-    Daemon *d = p;
-
-    if (d->pid) {
-        kill(d->pid, SIGKILL);
-        daemon_reap(d, true);
-    }
-    g_free(d->sock);
-    g_free(d->unix_addr);
-    g_free(d->tcp_addr);
-    g_free(d->state);
-    g_free(d->log);
-    g_free(d);
-}
-
-static int setup(void **state)
-{
-    GError *err = NULL;
-
-    fx.dir = g_dir_make_tmp("extlockd-test-XXXXXX", &err);
-    if (!fx.dir) {
-        fprintf(stderr, "cannot create temp dir: %s\n", err->message);
-        g_error_free(err);
-        return -1;
-    }
-    fx.daemons = g_ptr_array_new_with_free_func(daemon_free);
-    fx.conns = g_ptr_array_new();
-    fx.ndaemons = 0;
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    for (guint i = 0; i < fx.conns->len; i++) {
-        extlock_conn_close(fx.conns->pdata[i]);
-    }
-    g_ptr_array_free(fx.conns, TRUE);
-    g_ptr_array_free(fx.daemons, TRUE);     /* kills leftovers */
-    if (!g_getenv("EXTLOCKD_TEST_KEEP")) {
-        remove_tree(fx.dir);
-    } else {
-        fprintf(stderr, "kept %s\n", fx.dir);
-    }
-    g_free(fx.dir);
-    fx.dir = NULL;
-    return 0;
-}
-
-/* ------------------------------------------------------------------ */
-/* Client helpers                                                      */
-
-static ExtlockConn *conn_open(const char *address)
-{
-    GError *err = NULL;
-    ExtlockConn *c = extlock_conn_connect(address, &err);
-
-    if (!c) {
-        fail_msg("connect %s: %s", address, err->message);
-    }
-    g_ptr_array_add(fx.conns, c);
-    return c;
-}
-
-static void conn_drop(ExtlockConn *c)
-{
-    assert_true(g_ptr_array_remove(fx.conns, c));
-    extlock_conn_close(c);
-}
-
-static void send_msg(ExtlockConn *c, ExtlockMsg *m)
-{
-    GError *err = NULL;
-
-    if (!extlock_conn_send(c, m, &err)) {
-        fail_msg("send: %s", err->message);
-    }
-}
-
-static void send_raw(ExtlockConn *c, const char *text)
-{
-    GError *err = NULL;
-
-    if (!extlock_conn_send_raw(c, text, strlen(text), &err)) {
-        fail_msg("send: %s", err->message);
-    }
-}
-
-/* Receive one message (fails the test on timeout, EOF or garbage) */
-static void recv_msg(ExtlockConn *c, ExtlockMsg *m, int timeout_ms)
-{
-    GError *err = NULL;
-
-    if (!extlock_conn_recv(c, m, timeout_ms, &err)) {
-        fail_msg("recv: %s", err->message);
-    }
-}
-
-/* Receive one message of @type for request @id */
-static void expect_msg(ExtlockConn *c, ExtlockMsg *m, ExtlockMsgType type,
-                       uint64_t id)
-{
-    recv_msg(c, m, RECV_MS);
-    if (m->type != type) {
-        fail_msg("expected %s for request %" PRIu64 ", got %s (%s: %s)",
-                 extlock_msg_type_name(type), id,
-                 extlock_msg_type_name(m->type),
-                 extlock_error_code_name(m->error),
-                 m->message ? m->message : "");
-    }
-    assert_true(m->has_id);
-    assert_int_equal(m->id, id);
-}
-
-/* The next message is an error with @code (and @id if has_id) */
-static void expect_error(ExtlockConn *c, bool has_id, uint64_t id,
-                         ExtlockErrorCode code)
-{
-    ExtlockMsg m;
-
-    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
-    recv_msg(c, &m, RECV_MS);
-    if (m.type != EXTLOCK_MSG_ERROR) {
-        fail_msg("expected error %s, got %s",
-                 extlock_error_code_name(code),
-                 extlock_msg_type_name(m.type));
-    }
-    if (m.error != code) {
-        fail_msg("expected error %s, got %s (%s)",
-                 extlock_error_code_name(code),
-                 extlock_error_code_name(m.error),
-                 m.message ? m.message : "");
-    }
-    assert_int_equal(m.has_id, has_id);
-    if (has_id) {
-        assert_int_equal(m.id, id);
-    }
-    assert_non_null(m.message);
-    extlock_msg_clear(&m);
-}
-
-/* Nothing arrives within @ms */
-static void expect_quiet(ExtlockConn *c, int ms)
-{
-    GError *err = NULL;
-    ExtlockMsg m;
-    bool got;
-
-    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
-    got = extlock_conn_recv(c, &m, ms, &err);
-    if (got) {
-        fail_msg("unexpected %s message (id %" PRIu64 ")",
-                 extlock_msg_type_name(m.type), m.id);
-    }
-    assert_true(g_error_matches(err, G_IO_ERROR, G_IO_ERROR_TIMED_OUT));
-    g_error_free(err);
-}
-
-/* The server closes the connection (after any messages in @skip_ok) */
-static void expect_eof(ExtlockConn *c)
-{
-    GError *err = NULL;
-    ExtlockMsg m;
-
-    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
-    if (extlock_conn_recv(c, &m, RECV_MS, &err)) {
-        fail_msg("expected EOF, got %s", extlock_msg_type_name(m.type));
-    }
-    assert_true(g_error_matches(err, G_IO_ERROR, G_IO_ERROR_CLOSED));
-    g_error_free(err);
-}
-
-/* hello; returns the session id (g_free it) and the epoch */
-static char *hello_full(ExtlockConn *c, const char *client,
-                        const char *space, uint32_t lease_ms,
-                        uint64_t *epoch)
-{
-    GError *err = NULL;
-    ExtlockMsg w;
-    char *session;
-
-    extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
-    if (!extlock_conn_hello(c, client, space, lease_ms, &w, &err)) {
-        fail_msg("hello: %s", err->message);
-    }
-    assert_int_equal(w.type, EXTLOCK_MSG_WELCOME);
-    assert_int_equal(w.version, 1);
-    assert_non_null(w.session);
-    assert_int_equal(strlen(w.session), 32);
-    assert_int_equal(w.lease_ms, lease_ms ? lease_ms : LEASE_MS);
-    assert_null(w.locks);
-    if (epoch) {
-        *epoch = w.epoch;
-    }
-    session = g_strdup(w.session);
-    extlock_msg_clear(&w);
-    return session;
-}
-
-static ExtlockConn *client(const char *address, const char *client_id,
-                           uint32_t lease_ms)
-{
-    ExtlockConn *c = conn_open(address);
-
-    g_free(hello_full(c, client_id, "disk", lease_ms, NULL));
-    return c;
-}
-
-static uint64_t send_lock(ExtlockConn *c, uint64_t offset, uint64_t length,
-                          ExtlockMode mode, bool wait)
-{
-    ExtlockMsg m;
-
-    extlock_msg_init(&m, EXTLOCK_MSG_LOCK);
-    m.offset = offset;
-    m.length = length;
-    m.mode = mode;
-    m.wait = wait;
-    send_msg(c, &m);
-    return m.id;
-}
-
-typedef struct Grant {
-    uint64_t id;                /* request id */
-    uint64_t lock;
-    uint64_t token;
-} Grant;
-
-/* The next message grants request @id over [offset, +length) */
-static Grant expect_granted(ExtlockConn *c, uint64_t id, uint64_t offset,
-                            uint64_t length, ExtlockMode mode)
-{
-    ExtlockMsg m;
-    Grant g = { .id = id };
-
-    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
-    expect_msg(c, &m, EXTLOCK_MSG_GRANTED, id);
-    assert_int_equal(m.offset, offset);
-    assert_int_equal(m.length, length);
-    assert_int_equal(m.mode, mode);
-    assert_true(m.token > 0);
-    g.lock = m.lock;
-    g.token = m.token;
-    extlock_msg_clear(&m);
-    return g;
-}
-
-static Grant lock_now(ExtlockConn *c, uint64_t offset, uint64_t length,
-                      ExtlockMode mode)
-{
-    uint64_t id = send_lock(c, offset, length, mode, true);
-
-    return expect_granted(c, id, offset, length, mode);
-}
-
-/* Send a lock that must wait; returns its "waiting" message */
-static uint64_t lock_waits(ExtlockConn *c, uint64_t offset, uint64_t length,
-                           ExtlockMode mode, ExtlockMsg *waiting)
-{
-    uint64_t id = send_lock(c, offset, length, mode, true);
-
-    expect_msg(c, waiting, EXTLOCK_MSG_WAITING, id);
-    assert_true(waiting->token > 0);
-    assert_non_null(waiting->blockers);
-    assert_true(waiting->blockers->len > 0);
-    return id;
-}
-
-static const ExtlockBlocker *find_blocker(ExtlockMsg *waiting,
-                                          const char *client_id)
-{
-    for (guint i = 0; i < waiting->blockers->len; i++) {
-        ExtlockBlocker *b = &g_array_index(waiting->blockers,
-                                           ExtlockBlocker, i);
-        if (strcmp(b->client_id, client_id) == 0) {
-            return b;
-        }
-    }
-    return NULL;
-}
-
-/* unlock (whole if length == 0); returns the "unlocked" reply */
-static void unlock_part(ExtlockConn *c, uint64_t lock, uint64_t offset,
-                        uint64_t length, ExtlockMsg *reply)
-{
-    ExtlockMsg m;
-
-    extlock_msg_init(&m, EXTLOCK_MSG_UNLOCK);
-    m.lock = lock;
-    if (length) {
-        m.has_extent = true;
-        m.offset = offset;
-        m.length = length;
-    }
-    send_msg(c, &m);
-    expect_msg(c, reply, EXTLOCK_MSG_UNLOCKED, m.id);
-    assert_int_equal(reply->lock, lock);
-    assert_non_null(reply->pieces);
-}
-
-static void unlock_all(ExtlockConn *c, uint64_t lock)
-{
-    ExtlockMsg r;
-
-    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
-    unlock_part(c, lock, 0, 0, &r);
-    assert_int_equal(r.pieces->len, 0);
-    extlock_msg_clear(&r);
-}
-
-static uint64_t send_simple(ExtlockConn *c, ExtlockMsgType type)
-{
-    ExtlockMsg m;
-
-    extlock_msg_init(&m, type);
-    send_msg(c, &m);
-    return m.id;
-}
-
-static void renew(ExtlockConn *c)
-{
-    uint64_t id = send_simple(c, EXTLOCK_MSG_RENEW);
-    ExtlockMsg r;
-
-    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
-    expect_msg(c, &r, EXTLOCK_MSG_RENEWED, id);
-    assert_true(r.lease_ms >= EXTLOCK_MIN_LEASE_MS);
-    extlock_msg_clear(&r);
-}
-
-static void bye(ExtlockConn *c)
-{
-    uint64_t id = send_simple(c, EXTLOCK_MSG_BYE);
-    ExtlockMsg r;
-
-    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
-    expect_msg(c, &r, EXTLOCK_MSG_GOODBYE, id);
-    extlock_msg_clear(&r);
-    expect_eof(c);
-}
-
-static int64_t now_ms(void)
-{
-    return g_get_monotonic_time() / 1000;
-}
-
-/* ------------------------------------------------------------------ */
-/* Status helpers                                                      */
-
-static json_object *status_get(ExtlockConn *c)
-{
-    GError *err = NULL;
-    ExtlockMsg req, reply;
-    json_object *body;
-
-    extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
-    extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
-    if (!extlock_conn_call(c, &req, &reply, RECV_MS, &err)) {
-        fail_msg("status: %s", err->message);
-    }
-    assert_int_equal(reply.type, EXTLOCK_MSG_STATUS_REPLY);
-    assert_non_null(reply.body);
-    body = json_object_get(reply.body);
-    extlock_msg_clear(&reply);
-    return body;
-}
-
-static json_object *jget(json_object *obj, const char *key)
-{
-    json_object *v = NULL;
-
-    if (!json_object_object_get_ex(obj, key, &v)) {
-        fail_msg("status has no member \"%s\"", key);
-    }
-    return v;
-}
-
-static int64_t jint(json_object *obj, const char *key)
-{
-    json_object *v = jget(obj, key);
-
-    assert_true(json_object_is_type(v, json_type_int));
-    return json_object_get_int64(v);
-}
-
-static const char *jstr(json_object *obj, const char *key)
-{
-    json_object *v = jget(obj, key);
-
-    assert_true(json_object_is_type(v, json_type_string));
-    return json_object_get_string(v);
-}
-
-static void del_each(json_object *arr, const char *key)
-{
-    for (size_t i = 0; i < json_object_array_length(arr); i++) {
-        json_object_object_del(json_object_array_get_idx(arr, i), key);
-    }
-}
-
-/* The status without members that change by themselves or per message */
-static char *status_stable(ExtlockConn *c, int64_t *errors)
-{
-    json_object *st = status_get(c);
-    json_object *spaces = jget(st, "lock-spaces");
-    char *text;
-
-    if (errors) {
-        *errors = jint(jget(st, "counters"), "errors");
-    }
-    json_object_object_del(st, "uptime-ms");
-    json_object_object_del(jget(st, "counters"), "messages");
-    json_object_object_del(jget(st, "counters"), "errors");
-    for (size_t i = 0; i < json_object_array_length(spaces); i++) {
-        json_object *sp = json_object_array_get_idx(spaces, i);
-
-        del_each(jget(sp, "held"), "held-ms");
-        del_each(jget(sp, "waiting"), "waited-ms");
-    }
-    del_each(jget(st, "sessions"), "lease-remaining-ms");
-    text = g_strdup(json_object_to_json_string_ext(st,
-                                                   JSON_C_TO_STRING_PLAIN));
-    json_object_put(st);
-    return text;
-}
-
-static json_object *find_session(json_object *st, const char *id)
-{
-    json_object *sessions = jget(st, "sessions");
-
-    for (size_t i = 0; i < json_object_array_length(sessions); i++) {
-        json_object *s = json_object_array_get_idx(sessions, i);
-
-        if (strcmp(jstr(s, "session"), id) == 0) {
-            return s;
-        }
-    }
-    return NULL;
-}
-
-static json_object *first_space(json_object *st)
-{
-    json_object *spaces = jget(st, "lock-spaces");
-
-    assert_int_equal(json_object_array_length(spaces), 1);
-    return json_object_array_get_idx(spaces, 0);
-}
-
-/* Poll the status until session @id is in @state (or fail after 2 s) */
-static json_object *wait_session_state(ExtlockConn *mon, const char *id,
-                                       const char *state)
-{
-    int64_t deadline = now_ms() + 2000;
-
-    for (;;) {
-        json_object *st = status_get(mon);
-        json_object *s = find_session(st, id);
-
-        if (s && strcmp(jstr(s, "state"), state) == 0) {
-            return st;
-        }
-        json_object_put(st);
-        if (now_ms() > deadline) {
-            fail_msg("session %s never became %s", id, state);
-        }
-        g_usleep(5000);
-    }
-}
+#include "extlockd-harness.h"
 
 /* ------------------------------------------------------------------ */
 /* Tests                                                               */
@@ -1203,6 +501,7 @@ static void test_resume(void **state)
     ExtlockConn *b = client(d->tcp_addr, "B", LONG_LEASE_MS);
     ExtlockConn *x;
     g_autofree char *sa = hello_full(a, "A", "disk", 600, NULL);
+    static const char unknown[] = "0123456789abcdef0123456789abcdef";
     ExtlockMsg w;
     ExtlockLockInfo *li;
     uint64_t id, rb;
@@ -1214,19 +513,33 @@ static void test_resume(void **state)
     rb = lock_waits(b, 0, 10, EXTLOCK_MODE_SHARED, &w);
     conn_drop(a);
 
-    /* Wrong client-id, unknown session: not-found, nothing changes */
+    /* Wrong client-id: not-found, nothing changes */
     x = conn_open(d->unix_addr);
     send_resume(x, "intruder", sa, &id);
     expect_error(x, true, id, EXTLOCK_ERR_NOT_FOUND);
-    send_resume(x, "A", "0123456789abcdef0123456789abcdef", &id);
-    expect_error(x, true, id, EXTLOCK_ERR_NOT_FOUND);
+
+    /* An unknown session: a new one, which has no locks */
+    x = conn_open(d->unix_addr);
+    send_resume(x, "A", unknown, &id);
+    extlock_msg_clear(&w);
+    expect_msg(x, &w, EXTLOCK_MSG_WELCOME, id);
+    assert_int_equal(strlen(w.session), 32);
+    assert_string_not_equal(w.session, unknown);
+    assert_string_not_equal(w.session, sa);
+    assert_false(w.resumed);
+    assert_false(w.reclaim);
+    assert_null(w.locks);
+    bye(x);
 
     /* The right client resumes and finds its locks */
+    x = conn_open(d->unix_addr);
     send_resume(x, "A", sa, &id);
     extlock_msg_clear(&w);
     expect_msg(x, &w, EXTLOCK_MSG_WELCOME, id);
     assert_string_equal(w.session, sa);
     assert_int_equal(w.lease_ms, 600);
+    assert_true(w.resumed);
+    assert_false(w.reclaim);
     assert_non_null(w.locks);
     assert_int_equal(w.locks->len, 2);
     li = &g_array_index(w.locks, ExtlockLockInfo, 0);
@@ -1253,12 +566,17 @@ static void test_resume(void **state)
     expect_granted(b, rb, 0, 10, EXTLOCK_MODE_SHARED);
     unlock_all(x, g2.lock);
 
-    /* A session whose lease ran out cannot be resumed */
+    /* A session whose lease ran out cannot be resumed: a new one */
     conn_drop(x);
     g_usleep(700 * 1000);
     x = conn_open(d->tcp_addr);
     send_resume(x, "A", sa, &id);
-    expect_error(x, true, id, EXTLOCK_ERR_NOT_FOUND);
+    expect_msg(x, &w, EXTLOCK_MSG_WELCOME, id);
+    assert_string_not_equal(w.session, sa);
+    assert_false(w.resumed);
+    assert_false(w.reclaim);
+    assert_null(w.locks);
+    extlock_msg_clear(&w);
     daemon_stop(d);
 }
 
@@ -1279,18 +597,30 @@ static void test_epoch_restart(void **state)
     const char *env[] = { counter, NULL };
     Daemon *d;
     ExtlockConn *a;
+    g_autofree char *sa = NULL;
     uint64_t e1, e2, e3;
     Grant g1, g2, g3, g4, g5;
 
+    /*
+     * The state file lists the live sessions (so that they can reclaim
+     * their locks after a crash); a session that says bye is removed.
+     */
     d = daemon_start(path, NULL, NULL);
     a = conn_open(d->unix_addr);
-    g_free(hello_full(a, "A", "disk", LONG_LEASE_MS, &e1));
+    sa = hello_full(a, "A", "disk", LONG_LEASE_MS, &e1);
     assert_int_equal(e1, 1);
+    text = read_state(path);
+    expect = g_strdup_printf("{\"version\":1,\"epoch\":1,\"sessions\":"
+                             "[{\"session\":\"%s\",\"client-id\":\"A\","
+                             "\"lock-space\":\"disk\"}]}", sa);
+    assert_string_equal(text, expect);
     g1 = lock_now(a, 0, 10, EXTLOCK_MODE_SHARED);
     assert_int_equal(g1.token, (e1 << 40) | 1);
     g2 = lock_now(a, 0, 10, EXTLOCK_MODE_SHARED);
     assert_int_equal(g2.token, g1.token + 1);
+    bye(a);
     daemon_stop(d);
+    g_free(text);
     text = read_state(path);
     assert_string_equal(text, "{\"version\":1,\"epoch\":1}");
 
@@ -1301,12 +631,14 @@ static void test_epoch_restart(void **state)
     g3 = lock_now(a, 0, 10, EXTLOCK_MODE_EXCLUSIVE);
     assert_true(g3.token > g2.token);
     assert_int_equal(g3.token >> 40, e2);
+    bye(a);
     daemon_stop(d);
 
     /* The 40-bit counter wraps into a new, persisted epoch */
     d = daemon_start(path, NULL, env);
     a = conn_open(d->unix_addr);
-    g_free(hello_full(a, "A", "disk", LONG_LEASE_MS, &e3));
+    g_free(sa);
+    sa = hello_full(a, "A", "disk", LONG_LEASE_MS, &e3);
     assert_int_equal(e3, e2 + 1);
     g3 = lock_now(a, 0, 10, EXTLOCK_MODE_SHARED);
     assert_int_equal(g3.token, (e3 << 40) | ((UINT64_C(1) << 40) - 2));
@@ -1316,9 +648,13 @@ static void test_epoch_restart(void **state)
     assert_int_equal(g5.token, ((e3 + 1) << 40) | 1);
     g_free(text);
     text = read_state(path);
-    expect = g_strdup_printf("{\"version\":1,\"epoch\":%" PRIu64 "}",
-                             e3 + 1);
+    g_free(expect);
+    expect = g_strdup_printf("{\"version\":1,\"epoch\":%" PRIu64
+                             ",\"sessions\":[{\"session\":\"%s\","
+                             "\"client-id\":\"A\",\"lock-space\":"
+                             "\"disk\"}]}", e3 + 1, sa);
     assert_string_equal(text, expect);
+    bye(a);
     daemon_stop(d);
 
     d = daemon_start(path, NULL, NULL);
