@@ -49,7 +49,8 @@ sys.path.insert(0, str(REPO / "tests" / "qemu"))
 
 from harness import procs                       # noqa: E402
 from harness.ganesha import NfsServer           # noqa: E402
-from harness.coordinator import coordinator_status  # noqa: E402
+from harness.coordinator import (CoordinatorClient,  # noqa: E402
+                                 coordinator_status)
 
 STEP = 4096 * 7919          # prime number of blocks: scattered offsets
 
@@ -156,11 +157,14 @@ def handoff(workdir, coordinator, writes, period_ms):
             lat += write_latencies(out)[1:]     # the first is a cold start
         return lat
 
-    before = revokes(coordinator, "handoff")
-    alone = run(["alone"])
-    mid = revokes(coordinator, "handoff")
-    both = run(["host-a", "host-b"])
-    after = revokes(coordinator, "handoff")
+    # An idle session keeps the lock-space, and so its counters, alive
+    with CoordinatorClient(f"unix:{coordinator}") as observer:
+        observer.hello("bench-observer", "handoff")
+        before = revokes(coordinator, "handoff")
+        alone = run(["alone"])
+        mid = revokes(coordinator, "handoff")
+        both = run(["host-a", "host-b"])
+        after = revokes(coordinator, "handoff")
     base = statistics.median(alone)
     hand = sorted(max(0.0, x - base) for x in both)
     return {
@@ -178,7 +182,8 @@ def revokes(coordinator, space):
     st = coordinator_status(f"unix:{coordinator}")
     total = 0
     for ls in st.get("lock-spaces", []):
-        total += ls.get("counters", {}).get("revokes-sent", 0)
+        if ls.get("name") == space:
+            total += ls.get("counters", {}).get("revokes-sent", 0)
     return total
 
 
