@@ -86,11 +86,17 @@ int64_t extlock_client_lease_remaining_ms(ExtlockClient *c)
     return (c->lease_deadline_ns - now) / SCALE_MS;
 }
 
-bool extlock_client_lease_valid(ExtlockClient *c)
+bool extlock_client_lease_valid_at(ExtlockClient *c, int64_t now)
 {
     return c->state != EXTLOCK_SESSION_LEASE_LOST &&
            c->state != EXTLOCK_SESSION_RECLAIMING &&
-           qemu_clock_get_ns(QEMU_CLOCK_REALTIME) < c->lease_deadline_ns;
+           now < c->lease_deadline_ns;
+}
+
+bool extlock_client_lease_valid(ExtlockClient *c)
+{
+    return extlock_client_lease_valid_at(c,
+               qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
 }
 
 /* ------------------------------------------------------------------------

@@ -151,6 +151,8 @@ typedef struct ExtlockClient {
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
     unsigned n_idle;
     QEMUTimer *cache_timer;     /* min hold time and idle ageing */
+    int64_t last_now_ns;        /* clock at the last request: one clock
+                                   read per cache hit is enough */
 
     ExtlockClientStats stats;
 } ExtlockClient;
@@ -176,6 +178,7 @@ bool extlock_client_connected(ExtlockClient *c);
 int64_t extlock_client_lease_remaining_ms(ExtlockClient *c);
 /* May the node touch the image now (lease valid, not reclaiming)? */
 bool extlock_client_lease_valid(ExtlockClient *c);
+bool extlock_client_lease_valid_at(ExtlockClient *c, int64_t now);
 
 /*
  * Get a lock covering req->offset/length in req->mode (or stronger): a

@@ -427,13 +427,15 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
 {
     ExtlockExtent ext = extlock_ext(req->offset, req->length);
     int64_t start_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int64_t now = start_ns;
     int ret;
 
     req->lock = NULL;
     req->start_ns = start_ns;
-    for (;;) {
-        int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    for (;; now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME)) {
         ExtlockCachedLock *l;
+
+        c->last_now_ns = now;
 
         if (c->closing) {
             return -EIO;
@@ -442,7 +444,7 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
          * Fencing: without a valid lease other hosts may own our extents,
          * so we touch nothing; queue or fail as the policy says.
          */
-        if (!extlock_client_lease_valid(c)) {
+        if (!extlock_client_lease_valid_at(c, now)) {
             if (c->opts.lease_loss_error ||
                 now - start_ns >=
                 (int64_t)c->opts.lease_loss_timeout_ms * SCALE_MS) {
@@ -498,7 +500,8 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
     assert(l && l->users > 0);
     req->lock = NULL;
     l->users--;
-    l->last_used_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    /* When the request started is close enough for LRU ageing */
+    l->last_used_ns = c->last_now_ns;
     if (l->users > 0) {
         return;
     }
