@@ -39,6 +39,10 @@ done
 
 log() { echo "build-qemu: $*"; }
 
+# ccache: relative paths, so a fresh clone elsewhere still hits the cache
+export CCACHE_BASEDIR=$REPO
+export CCACHE_NOHASHDIR=true
+
 # --- 1. pristine source from Debian ------------------------------------------
 pristine=$CACHE/src/qemu-$DEB_VERSION
 if [ -z "$SRC" ] && [ ! -f "$pristine/.extlock-pristine" ]; then
