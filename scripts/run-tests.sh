@@ -35,12 +35,17 @@ ninja -C build || { echo "0 passed, 1 failed"; exit 1; }
 step "unit and coordinator integration tests (meson test)"
 meson test -C build --print-errorlogs --num-processes 2 | tee build/meson-test.out
 rc=${PIPESTATUS[0]}
-ok=$(sed -n 's/^Ok:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
-bad=$(sed -n 's/^Fail:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
+# Count cmocka test cases, not binaries: each binary prints its summary
+log=build/meson-logs/testlog.txt
+ok=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test(s)\./\1/p' "$log" | awk '{s += $1} END {print s + 0}')
+bad=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test(s), listed below:/\1/p' "$log" | awk '{s += $1} END {print s + 0}')
 to=$(sed -n 's/^Timeout:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
+crashed=$(sed -n 's/^Fail:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
 passed=$((passed + ${ok:-0}))
 failed=$((failed + ${bad:-0} + ${to:-0}))
-[ "$rc" -ne 0 ] && [ "${bad:-0}" -eq 0 ] && [ "${to:-0}" -eq 0 ] && failed=$((failed + 1))
+# a test binary that failed without a cmocka summary (crash) counts too
+[ "$rc" -ne 0 ] && [ "${bad:-0}" -eq 0 ] && failed=$((failed + ${crashed:-1}))
+echo "cmocka: ${ok:-0} passed, ${bad:-0} failed"
 
 if [ "$WITH_QEMU" = 1 ]; then
     step "building QEMU 7.2 with the extlock driver"
