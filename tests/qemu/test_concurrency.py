@@ -1,0 +1,282 @@
+"""Two QEMU processes writing the same extents at the same time.
+
+SPDX-License-Identifier: GPL-2.0-or-later
+Copyright (c) 2026 The extlock authors
+
+Each writer (a qemu-io process with its own extlock node) writes the same
+set of whole extents, each writer with its own byte pattern, many times
+over and with many requests in flight (aio_write), while the other does
+the same in another order.  With extlock each write holds an exclusive lock
+on its range for as long as it runs in the child, so
+
+* afterwards every extent is uniformly one writer's pattern (whichever
+  came last), never half one writer's and half the other's;
+* a third client that follows the protocol (shared lock, read, unlock)
+  never sees an extent half written while the writers run.
+
+Without extlock both do go wrong on this machine (local files opened with
+O_DIRECT; large writes split into several NFS WRITE RPCs):
+tests/qemu/control_no_extlock.py runs the same workloads without the
+extlock nodes and counts the damage - see docs/testing.rst.
+"""
+
+import os
+import time
+
+import pytest
+
+from harness.coordinator import CoordinatorClient, coordinator_status
+from harness.patterns import check_uniform_extents, extent_summary, fill
+from harness.procs import extlock_node, run_qemu_io, start_qemu_io
+
+MiB = 1024 * 1024
+PATTERNS = (0xa1, 0xb2)
+
+LAYOUTS = {
+    # 24 extents of 1 MiB, each written 6 times by each writer
+    "aligned-1M": dict(extents=24, extent_size=MiB, rounds=6),
+    # 4 MiB writes: several NFS WRITE RPCs per request
+    "aligned-4M": dict(extents=8, extent_size=4 * MiB, rounds=4),
+    # few extents, each written several times at once per round: more overlap
+    "aligned-8M-deep": dict(extents=2, extent_size=8 * MiB, rounds=10, depth=4),
+    "aligned-2M-deep": dict(extents=8, extent_size=2 * MiB, rounds=8, depth=8),
+    # ranges not aligned to the lock granularity (locks get rounded out)
+    "unaligned": dict(extents=12, extent_size=MiB + 4096 * 3 + 777, rounds=5,
+                      offset=12345),
+}
+
+
+# ---------------------------------------------------------------------------
+# workload helpers (also used by control_no_extlock.py)
+
+def writer_commands(pattern, extents, extent_size, rounds, reverse, offset=0,
+                    depth=1):
+    """qemu-io commands: `rounds` rounds; in each, every extent is written
+    `depth` times (all in flight at once), then aio_flush."""
+    cmds = []
+    order = list(range(extents))
+    for r in range(rounds):
+        # vary the order per round and per writer so that the two collide
+        seq = order[::-1] if (r % 2 == 0) == reverse else order
+        for i in seq:
+            cmds += [f"aio_write -q -P {pattern:#x} {offset + i * extent_size} "
+                     f"{extent_size}"] * depth
+        cmds.append("aio_flush")
+    return cmds
+
+
+def writer_child(image):
+    """The image's blockdev options for the writers.  Local files are
+    opened with O_DIRECT: buffered writes to one file are serialised by the
+    kernel anyway, direct overwrites are not."""
+    if image.kind == "local":
+        return dict(image.child, cache={"direct": True})
+    return image.child
+
+
+def start_writers(image, workdir, layout, coordinator=None, lock_space=None,
+                  granularity=None, lock_cache=None):
+    """Start one qemu-io writer per pattern at (almost) the same time; with
+    an extlock node each if `coordinator` is given, else on the bare image."""
+    procs = []
+    for n, pattern in enumerate(PATTERNS):
+        node = writer_child(image)
+        if coordinator is not None:
+            node = extlock_node(node, coordinator, lock_space,
+                                client_id=f"writer-{n}", granularity=granularity,
+                                lock_cache=lock_cache)
+        cmds = writer_commands(pattern, reverse=bool(n), **layout)
+        procs.append(start_qemu_io(node, cmds, workdir / f"w{n}.out",
+                                   workdir / f"w{n}.err"))
+    return procs
+
+
+STALL_MS = 15000     # normal contention waits are milliseconds
+
+
+def stalled_request(address, lock_space):
+    """A description of a lock request in `lock_space` that has waited
+    longer than STALL_MS at the coordinator (the writers are deadlocked),
+    or None."""
+    try:
+        status = coordinator_status(address, timeout=5)
+    except (OSError, TimeoutError) as e:
+        return f"coordinator status failed: {e}"
+    for space in status["lock-spaces"]:
+        if space["name"] != lock_space:
+            continue
+        for w in space["waiting"]:
+            if w["waited-ms"] > STALL_MS:
+                return (f"{w['client-id']}'s {w['mode']} lock request on "
+                        f"[{w['offset']}, +{w['length']}) has waited "
+                        f"{w['waited-ms']} ms, blocked by {w['blocked-by']}")
+    return None
+
+
+def wait_writers(procs, workdir, timeout=90, extlockd=None, lock_space=None):
+    """Wait for the writers; [(exit status, stdout, stderr)].
+
+    A writer still running at the deadline, or after one has reported a
+    lost lease, or (given the coordinator) while a lock request of theirs
+    has been waiting longer than STALL_MS - the writers deadlocked - is
+    killed and reported with exit status None; the others are killed too,
+    so nothing outlives the test."""
+    deadline = time.monotonic() + timeout
+    errs = [workdir / f"w{n}.err" for n in range(len(procs))]
+    stuck = None
+    next_check = time.monotonic() + 1
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                stuck = f"still running after {timeout} s"
+                break
+            if any("lease lost" in e.read_text(errors="replace") for e in errs):
+                stuck = "a writer lost its lease"
+                break
+            if extlockd is not None and time.monotonic() > next_check:
+                next_check = time.monotonic() + 1
+                stuck = stalled_request(extlockd.address, lock_space)
+                if stuck:
+                    break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for n, p in enumerate(procs):
+        err = errs[n].read_text(errors="replace")
+        if stuck:
+            err = f"[killed by the test: {stuck}]\n{err}"
+        results.append((None if stuck else p.returncode,
+                        (workdir / f"w{n}.out").read_text(errors="replace"), err))
+    return results
+
+
+def read_while_writing(writers, path, extents, size, allowed, lock=None,
+                       timeout=120):
+    """Read every extent of a local file over and over until the writers
+    have exited (plus one last pass), each read under a shared lock from
+    the CoordinatorClient `lock` if given.  Returns a dict: reads,
+    reads_during (while writers ran), torn (descriptions of extents that
+    were not uniformly one allowed pattern), seen (byte values seen)."""
+    stats = {"reads": 0, "reads_during": 0, "torn": [], "seen": set()}
+    deadline = time.monotonic() + timeout
+    running = True
+    with open(path, "rb") as f:
+        while running and time.monotonic() < deadline:
+            running = any(p.poll() is None for p in writers)
+            for i in range(extents):
+                grant = lock.lock(i * size, size, "shared") if lock else None
+                data = os.pread(f.fileno(), size, i * size)
+                if grant:
+                    lock.unlock(grant["lock"])
+                stats["reads"] += 1
+                stats["reads_during"] += running
+                summary = extent_summary(data)
+                if len(summary) > 1 or not set(summary) <= allowed:
+                    stats["torn"].append(
+                        f"read {stats['reads']}, extent {i}: " + ", ".join(
+                            f"{b:#04x} x {n}" for b, n in summary.items()))
+                stats["seen"] |= set(summary)
+    return stats
+
+
+def assert_writers_ok(results):
+    for n, (rc, out, err) in enumerate(results):
+        assert rc == 0, f"writer {n} failed: {out}\n{err}"
+        assert "error" not in (out + err).lower(), f"writer {n}: {out}\n{err}"
+
+
+# ---------------------------------------------------------------------------
+# tests
+
+LOCK_CACHE = pytest.mark.parametrize("lock_cache", [False, True],
+                                     ids=["nocache", "cache"])
+
+
+@LOCK_CACHE
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_overlapping_writers_leave_uniform_extents(layout, lock_cache, image,
+                                                   extlockd, lock_space, workdir,
+                                                   binaries):
+    binaries("qemu-io")
+    spec = LAYOUTS[layout]
+    writers = start_writers(image, workdir, spec, extlockd.coordinator(), lock_space,
+                            lock_cache=lock_cache)
+    assert_writers_ok(wait_writers(writers, workdir, extlockd=extlockd,
+                                   lock_space=lock_space))
+
+    start = spec.get("offset", 0)
+    found, problems = check_uniform_extents(
+        image.path, spec["extent_size"], spec["extents"], set(PATTERNS), offset=start)
+    assert not problems, "torn writes:\n" + "\n".join(problems)
+
+    # the bytes around the written ranges are untouched
+    data = image.path.read_bytes()
+    end = start + spec["extents"] * spec["extent_size"]
+    assert data[:start] == bytes(start)
+    assert data[end:end + MiB] == bytes(min(MiB, len(data) - end))
+
+    # and a third extlock process reads exactly what is in the file
+    check = extlock_node(image.child, extlockd.coordinator(), lock_space,
+                         client_id="checker")
+    cmds = [f"read -q -P {p:#x} {start + i * spec['extent_size']} {spec['extent_size']}"
+            for i, p in enumerate(found)]
+    r = run_qemu_io(check, cmds)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@LOCK_CACHE
+def test_overlapping_writers_coarse_granularity(lock_cache, nfs_image, extlockd,
+                                                lock_space, workdir, binaries):
+    """Same with a 1 MiB lock granularity and 256 KiB writes: writes of the
+    two processes into the same granule exclude each other too."""
+    binaries("qemu-io")
+    spec = dict(extents=64, extent_size=256 * 1024, rounds=4)
+    writers = start_writers(nfs_image, workdir, spec, extlockd.coordinator(),
+                            lock_space, granularity=MiB, lock_cache=lock_cache)
+    assert_writers_ok(wait_writers(writers, workdir, extlockd=extlockd,
+                                   lock_space=lock_space))
+    _, problems = check_uniform_extents(nfs_image.path, spec["extent_size"],
+                                        spec["extents"], set(PATTERNS))
+    assert not problems, "torn writes:\n" + "\n".join(problems)
+
+
+@LOCK_CACHE
+@pytest.mark.parametrize("layout", ["aligned-1M", "aligned-4M"])
+def test_locked_reader_never_sees_a_write_in_progress(layout, lock_cache, image,
+                                                      extlockd, lock_space,
+                                                      workdir, binaries):
+    """While the two QEMU writers run, a third client that follows the
+    protocol (this test: shared lock on an extent, read it from the file
+    the NFS server writes to, unlock) must never see an extent half
+    written.  That holds only if every QEMU write keeps its exclusive lock
+    until the write has completed in the child."""
+    binaries("qemu-io")
+    spec = dict(LAYOUTS[layout], rounds=LAYOUTS[layout]["rounds"] * 3)
+    size, extents = spec["extent_size"], spec["extents"]
+    fill(image.path, 0, size * extents, 0x01)        # before QEMU opens it
+    writers = start_writers(image, workdir, spec, extlockd.coordinator(), lock_space,
+                            lock_cache=lock_cache)
+    try:
+        with CoordinatorClient(extlockd.address, timeout=20) as reader:
+            # a lease longer than any wait: this client does not renew
+            reader.hello("python-reader", lock_space, lease_ms=60000)
+            try:
+                stats = read_while_writing(writers, image.path, extents, size,
+                                           {0x01, *PATTERNS}, lock=reader)
+            except TimeoutError:
+                pytest.fail("the reader's shared lock was not granted within 20 s: "
+                            + str(stalled_request(extlockd.address, lock_space)),
+                            pytrace=False)
+            reader.bye()
+    finally:
+        results = wait_writers(writers, workdir, extlockd=extlockd,
+                               lock_space=lock_space)
+    assert_writers_ok(results)
+    assert not stats["torn"], ("the reader saw writes in progress:\n"
+                               + "\n".join(stats["torn"][:20]))
+    assert stats["reads_during"] >= extents, "the reader did not overlap the writers"
+    assert stats["seen"] & set(PATTERNS), "the reader never saw the writers' data"
