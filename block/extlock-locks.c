@@ -91,6 +91,7 @@ static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
                                    ExtlockExtent part)
 {
     ExtlockExtent ext = l->node.ext;
+    bool whole = part.start == ext.start && part.end == ext.end;
     ExtlockMsg msg;
 
     assert(l->users == 0 && c->fd >= 0);
@@ -98,7 +99,7 @@ static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
     msg.has_id = true;
     msg.id = extlock_client_new_id(c);
     msg.lock = l->lock_id;
-    if (part.start != ext.start || part.end != ext.end) {
+    if (!whole) {
         /* Only ever a head or a tail: the rest stays one extent */
         assert(part.start == ext.start || part.end == ext.end);
         msg.has_extent = true;
@@ -110,7 +111,7 @@ static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
     extlock_client_send(c, &msg);
     extlock_msg_clear(&msg);
 
-    if (!msg.has_extent) {
+    if (whole) {
         extlock_cache_drop(c, l);
         return;
     }
@@ -170,6 +171,8 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
     int64_t hold_until = l->granted_ns + (int64_t)c->opts.min_hold_us * 1000;
     int64_t latency_us;
 
+    trace_extlock_client_try_revoke(c->node_name, l->lock_id, l->revoking,
+                                    l->users, l->stale, now < hold_until);
     if (!l->revoking || l->users > 0) {
         return;
     }
