@@ -51,6 +51,9 @@ typedef struct ExtlockCachedLock {
 } ExtlockCachedLock;
 
 typedef struct ExtlockRequest {
+    ExtlockITNode local;        /* in ExtlockClient.active: local order */
+    uint64_t seq;               /* arrival order in this node */
+
     /* set by the caller */
     uint64_t offset;
     uint64_t length;
@@ -144,6 +147,9 @@ typedef struct ExtlockClient {
     /* requests and locks (extlock-locks.c) */
     QLIST_HEAD(, ExtlockRequest) waiting; /* requests not granted yet */
     GPtrArray *grant_waiters;   /* coroutines waiting for our own grants */
+    ExtlockITree active;        /* requests between lock and unlock */
+    uint64_t next_seq;
+    GPtrArray *local_waiters;   /* ... waiting for an earlier local one */
     bool grants_grow;           /* the last grant was larger than asked */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     ExtlockITree locks;         /* ExtlockCachedLock by extent */

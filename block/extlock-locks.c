@@ -426,7 +426,68 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
     return req->ret;
 }
 
+/*
+ * Local order.  A cached lock serves every request of this node inside
+ * it, so the node itself must keep its conflicting requests apart: a
+ * request waits for the earlier requests of this node that overlap it in
+ * a conflicting mode (as the coordinator does between nodes, and as it
+ * did within the node when every request had a lock of its own).
+ */
+typedef struct ExtlockLocalConflict {
+    ExtlockRequest *req;
+    bool found;
+} ExtlockLocalConflict;
+
+static bool extlock_local_conflict_cb(ExtlockITNode *node, void *opaque)
+{
+    ExtlockLocalConflict *f = opaque;
+    ExtlockRequest *other = container_of(node, ExtlockRequest, local);
+
+    if (other->seq < f->req->seq &&
+        extlock_modes_conflict(other->mode, f->req->mode)) {
+        f->found = true;
+        return false;
+    }
+    return true;
+}
+
+static bool extlock_local_conflict(ExtlockClient *c, ExtlockRequest *req)
+{
+    ExtlockLocalConflict f = { .req = req };
+
+    extlock_itree_foreach_overlap(&c->active, req->local.ext,
+                                  extlock_local_conflict_cb, &f);
+    return f.found;
+}
+
+static void extlock_local_done(ExtlockClient *c, ExtlockRequest *req)
+{
+    extlock_itree_remove(&c->active, &req->local);
+    extlock_wake_all(&c->local_waiters);
+}
+
+static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
+                                                   ExtlockRequest *req);
+
 int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
+{
+    int ret;
+
+    req->seq = c->next_seq++;
+    req->local.ext = extlock_ext(req->offset, req->length);
+    extlock_itree_insert(&c->active, &req->local);
+    while (extlock_local_conflict(c, req)) {
+        extlock_wait_on(&c->local_waiters);
+    }
+    ret = extlock_client_lock_cached(c, req);
+    if (ret < 0) {
+        extlock_local_done(c, req);
+    }
+    return ret;
+}
+
+static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
+                                                   ExtlockRequest *req)
 {
     ExtlockExtent ext = extlock_ext(req->offset, req->length);
     int64_t start_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
@@ -502,6 +563,7 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
 
     assert(l && l->users > 0);
     req->lock = NULL;
+    extlock_local_done(c, req);
     l->users--;
     /* When the request started is close enough for LRU ageing */
     l->last_used_ns = c->last_now_ns;
@@ -819,6 +881,7 @@ void extlock_locks_init(ExtlockClient *c)
     QLIST_INIT(&c->waiting);
     QTAILQ_INIT(&c->idle);
     c->grant_waiters = g_ptr_array_new();
+    c->local_waiters = g_ptr_array_new();
     c->grants_grow = true;      /* until a grant shows otherwise */
     c->usable_waiters = g_ptr_array_new();
 }
@@ -837,6 +900,8 @@ void extlock_locks_destroy(ExtlockClient *c)
     assert(!c->grant_waiters->len && !c->usable_waiters->len);
     g_ptr_array_free(c->grant_waiters, true);
     g_ptr_array_free(c->usable_waiters, true);
+    assert(!c->local_waiters->len && !c->active.count);
+    g_ptr_array_free(c->local_waiters, true);
 }
 
 void extlock_locks_attach(ExtlockClient *c)
