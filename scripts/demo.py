@@ -269,11 +269,8 @@ class Demo:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # Off by default for now: with the lock cache on, the two writers of
-    # scene 5 currently deadlock (see tests/qemu/test_concurrency.py, the
-    # "cache" variants).
-    parser.add_argument("--lock-cache", choices=("on", "off"), default="off",
-                        help="the extlock nodes' lock-cache option (default: off)")
+    parser.add_argument("--lock-cache", choices=("on", "off"), default="on",
+                        help="the extlock nodes' lock-cache option (default: on)")
     args = parser.parse_args()
     demo = Demo(lock_cache=args.lock_cache == "on")
     ok = False

@@ -11,6 +11,9 @@
 #  5. pytest tests/qemu: real qemu-io / qemu-img / qemu-storage-daemon /
 #     qemu-system-x86_64 with the extlock driver, a real extlockd and a
 #     real NFS server (nfs-ganesha on 127.0.0.1)
+#  6. tests/e2e/run-guests.py: two tiny Debian guests write and read one
+#     raw image on NFS through extlock (checker: no torn or mixed extents),
+#     and the same workload without extlock for comparison
 # The last line is a summary: "N passed, N failed".
 set -uo pipefail
 
@@ -61,6 +64,14 @@ if [ "$WITH_QEMU" = 1 ]; then
         passed=$((passed + ${p:-0}))
         failed=$((failed + ${f:-0} + ${e:-0}))
         [ "$rc" -ne 0 ] && [ -z "$f$e" ] && failed=$((failed + 1))
+
+        step "end-to-end: two guests share one disk on NFS (short run)"
+        if /usr/bin/python3 tests/e2e/run-guests.py --seconds 10; then
+            passed=$((passed + 1))
+        else
+            echo "end-to-end run FAILED"
+            failed=$((failed + 1))
+        fi
     else
         echo "QEMU build failed"
         failed=$((failed + 1))
