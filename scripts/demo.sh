@@ -25,5 +25,5 @@ ninja -C build
 bash scripts/build-qemu.sh
 /usr/bin/python3 scripts/demo.py "${args[@]}"
 if [ "$guests" = 1 ]; then
-    /usr/bin/python3 tests/e2e/run-guests.py --seconds 20
+    /usr/bin/python3 tests/e2e/run-guests.py --seconds 20 --live
 fi

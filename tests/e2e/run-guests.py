@@ -332,6 +332,31 @@ def start_guest(g, qemu, accel, args, kernel, initrd, blockdevs, top, append):
         " ".join(argv) + "\n")
 
 
+def show_live(guests, daemon):
+    """--live: what each guest's query-extent-locks and extlockctl say."""
+    for g in guests:
+        for node in g.lock_info or []:
+            c = node["counters"]
+            states = {}
+            for h in node["held"]:
+                states[h["state"]] = states.get(h["state"], 0) + 1
+            print(f"  live guest {g.index} [{node['state']}]: held "
+                  f"{states or 0}, waiting {len(node['waiting'])}, "
+                  f"requests {c['requests']}, cache hits {c['cache-hits']}, "
+                  f"waits {c['waits']}, revocations {c['revocations']}",
+                  flush=True)
+            for w in node["waiting"][:2]:
+                print(f"    waits {w['mode']} [{w['offset']}, +{w['length']})"
+                      f" {w['waited-ms']} ms, blocked by "
+                      f"{', '.join(w['blocked-by']) or '-'}", flush=True)
+    try:
+        out = daemon.ctl("waiters", timeout=5.0).stdout.strip().splitlines()
+        for line in out[:4]:
+            print(f"  extlockctl: {line}", flush=True)
+    except Exception as e:          # the status is a nicety here
+        print(f"  extlockctl: unavailable ({e})", flush=True)
+
+
 def poll_lock_info(g):
     """Keep the last query-extent-locks answer of a running guest."""
     if not g.alive():
@@ -460,6 +485,7 @@ def run_mode(mode, nfs, qemu, accel, args, kernel, initrd, workdir):
         boot_deadline = time.monotonic() + args.boot_timeout
         deadline = boot_deadline + args.seconds + args.finish_timeout
         last_qmp = 0.0
+        last_live = 0.0
         while any(g.alive() for g in guests):
             now = time.monotonic()
             for g in guests:
@@ -488,6 +514,10 @@ def run_mode(mode, nfs, qemu, accel, args, kernel, initrd, workdir):
                 for g in guests:
                     poll_lock_info(g)
                 last_qmp = now
+                if args.live and daemon is not None and \
+                        now - last_live >= 3.0:
+                    show_live(guests, daemon)
+                    last_live = now
             time.sleep(0.2)
         for g in guests:
             if g.exited_after is None:
@@ -712,6 +742,9 @@ def main(argv=None):
                    help="extra option of the extlock nodes, e.g. "
                         "lock-cache=off or granularity=65536 (repeatable)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--live", action="store_true",
+                   help="print the guests' query-extent-locks and extlockctl "
+                        "every 3 s while they run (the demo does)")
     p.add_argument("--cpu", default=None, help="-cpu model (QEMU's default)")
     p.add_argument("--smp", type=int, default=1)
     p.add_argument("--memory", type=int, default=192, help="MiB per guest")
