@@ -766,14 +766,6 @@ static void extlock_lock_lost(ExtlockClient *c, ExtlockCachedLock *l)
     }
 }
 
-static void extlock_lock_renumber(ExtlockClient *c, ExtlockCachedLock *l,
-                                  uint64_t new_id)
-{
-    g_hash_table_remove(c->lock_ids, &l->lock_id);
-    l->lock_id = new_id;
-    g_hash_table_insert(c->lock_ids, &l->lock_id, l);
-}
-
 /* A lock the coordinator says we hold but we do not know: give it back */
 static void extlock_unlock_unknown(ExtlockClient *c, uint64_t lock_id)
 {
@@ -839,6 +831,13 @@ void extlock_locks_resumed(ExtlockClient *c, GArray *server_locks)
 
 void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims)
 {
+    g_autoptr(GPtrArray) renumbered = g_ptr_array_new();
+
+    /*
+     * Two passes: a lock's new id may be the old id of another lock that
+     * is still to be looked up, so take every renumbered lock out of the
+     * table first and put them back under their new ids afterwards.
+     */
     for (guint i = 0; i < reclaims->len; i++) {
         ExtlockReclaim *r = &g_array_index(reclaims, ExtlockReclaim, i);
         ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &r->old_id);
@@ -851,8 +850,14 @@ void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims)
             /* Given up locally while we were reclaiming */
             extlock_unlock_unknown(c, r->new_id);
         } else {
-            extlock_lock_renumber(c, l, r->new_id);
+            g_hash_table_remove(c->lock_ids, &l->lock_id);
+            l->lock_id = r->new_id;
+            g_ptr_array_add(renumbered, l);
         }
+    }
+    for (guint i = 0; i < renumbered->len; i++) {
+        ExtlockCachedLock *l = g_ptr_array_index(renumbered, i);
+        g_hash_table_insert(c->lock_ids, &l->lock_id, l);
     }
     extlock_locks_retry_revokes(c);
 }
