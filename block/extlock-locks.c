@@ -86,8 +86,11 @@ static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
     g_free(l);
 }
 
-/* Send "unlock" for @part of @l and forget that part locally */
-static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
+/*
+ * Send "unlock" for @part of @l and forget that part locally.  Returns
+ * false if that was all of it: then @l has been freed.
+ */
+static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
                                    ExtlockExtent part)
 {
     ExtlockExtent ext = l->node.ext;
@@ -113,7 +116,7 @@ static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
 
     if (whole) {
         extlock_cache_drop(c, l);
-        return;
+        return false;
     }
     extlock_itree_remove(&c->locks, &l->node);
     if (part.start == ext.start) {
@@ -122,6 +125,7 @@ static void extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
         l->node.ext.end = part.start;
     }
     extlock_itree_insert(&c->locks, &l->node);
+    return true;
 }
 
 /*
@@ -213,9 +217,8 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
         return;
     }
 
-    extlock_lock_give_back(c, l, c->opts.cache ? extlock_revoke_part(l)
-                                               : l->node.ext);
-    if (g_hash_table_contains(c->lock_ids, &l->lock_id)) {
+    if (extlock_lock_give_back(c, l, c->opts.cache ? extlock_revoke_part(l)
+                                                   : l->node.ext)) {
         /* The rest of the lock stays cached */
         l->revoking = false;
         extlock_cache_idle_add(c, l);
