@@ -442,8 +442,10 @@ ExtlockConn *client(const char *address, const char *client_id,
     return c;
 }
 
-uint64_t send_lock(ExtlockConn *c, uint64_t offset, uint64_t length,
-                   ExtlockMode mode, bool wait)
+static uint64_t send_lock_msg(ExtlockConn *c, uint64_t offset,
+                              uint64_t length, ExtlockMode mode, bool wait,
+                              bool has_limit, uint64_t limit_offset,
+                              uint64_t limit_length)
 {
     ExtlockMsg m;
 
@@ -452,8 +454,25 @@ uint64_t send_lock(ExtlockConn *c, uint64_t offset, uint64_t length,
     m.length = length;
     m.mode = mode;
     m.wait = wait;
+    m.has_limit = has_limit;
+    m.limit_offset = limit_offset;
+    m.limit_length = limit_length;
     send_msg(c, &m);
     return m.id;
+}
+
+uint64_t send_lock(ExtlockConn *c, uint64_t offset, uint64_t length,
+                   ExtlockMode mode, bool wait)
+{
+    return send_lock_msg(c, offset, length, mode, wait, false, 0, 0);
+}
+
+uint64_t send_lock_limit(ExtlockConn *c, uint64_t offset, uint64_t length,
+                         ExtlockMode mode, uint64_t limit_offset,
+                         uint64_t limit_length)
+{
+    return send_lock_msg(c, offset, length, mode, true, true, limit_offset,
+                         limit_length);
 }
 
 /* The next message grants request @id over [offset, +length) */

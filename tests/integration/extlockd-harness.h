@@ -106,6 +106,10 @@ ExtlockConn *client(const char *address, const char *client_id,
                     uint32_t lease_ms);
 uint64_t send_lock(ExtlockConn *c, uint64_t offset, uint64_t length,
                    ExtlockMode mode, bool wait);
+/* lock that may grow within [limit_offset, +limit_length); waits */
+uint64_t send_lock_limit(ExtlockConn *c, uint64_t offset, uint64_t length,
+                         ExtlockMode mode, uint64_t limit_offset,
+                         uint64_t limit_length);
 Grant expect_granted(ExtlockConn *c, uint64_t id, uint64_t offset,
                      uint64_t length, ExtlockMode mode);
 Grant lock_now(ExtlockConn *c, uint64_t offset, uint64_t length,

@@ -36,24 +36,6 @@
 /* ------------------------------------------------------------------ */
 /* Helpers                                                             */
 
-/* lock with a growth limit; returns the request id */
-static uint64_t send_lock_limit(ExtlockConn *c, uint64_t offset,
-                                uint64_t length, ExtlockMode mode,
-                                uint64_t limit_offset, uint64_t limit_length)
-{
-    ExtlockMsg m;
-
-    extlock_msg_init(&m, EXTLOCK_MSG_LOCK);
-    m.offset = offset;
-    m.length = length;
-    m.mode = mode;
-    m.has_limit = true;
-    m.limit_offset = limit_offset;
-    m.limit_length = limit_length;
-    send_msg(c, &m);
-    return m.id;
-}
-
 /* The next message is "waiting" for @id; returns its token */
 static uint64_t expect_waiting(ExtlockConn *c, uint64_t id,
                                guint nblockers)
