@@ -612,7 +612,8 @@ static void test_epoch_restart(void **state)
     text = read_state(path);
     expect = g_strdup_printf("{\"version\":1,\"epoch\":1,\"sessions\":"
                              "[{\"session\":\"%s\",\"client-id\":\"A\","
-                             "\"lock-space\":\"disk\"}]}", sa);
+                             "\"lock-space\":\"disk\",\"lease-ms\":%d}]}", sa,
+                             LONG_LEASE_MS);
     assert_string_equal(text, expect);
     g1 = lock_now(a, 0, 10, EXTLOCK_MODE_SHARED);
     assert_int_equal(g1.token, (e1 << 40) | 1);
@@ -652,7 +653,8 @@ static void test_epoch_restart(void **state)
     expect = g_strdup_printf("{\"version\":1,\"epoch\":%" PRIu64
                              ",\"sessions\":[{\"session\":\"%s\","
                              "\"client-id\":\"A\",\"lock-space\":"
-                             "\"disk\"}]}", e3 + 1, sa);
+                             "\"disk\",\"lease-ms\":%d}]}", e3 + 1, sa,
+                             LONG_LEASE_MS);
     assert_string_equal(text, expect);
     bye(a);
     daemon_stop(d);
