@@ -794,7 +794,8 @@ static void test_state_file(void **state)
     extlock_msg_clear(&w);
     t0 = now_ms();
     lock_now(a, 0, 10, EXTLOCK_MODE_EXCLUSIVE);
-    assert_true(now_ms() - t0 < LEASE_MS);
+    /* Not deferred: a grace period lasts >= lease + fence margin */
+    assert_true(now_ms() - t0 < LEASE_MS + MARGIN_MS);
     bye(a);
     daemon_stop(d);
     text = NULL;
@@ -826,7 +827,8 @@ static void test_state_file(void **state)
     a = client(d->unix_addr, "A", LONG_LEASE_MS);
     t0 = now_ms();
     lock_now(a, 0, 10, EXTLOCK_MODE_EXCLUSIVE);
-    assert_true(now_ms() - t0 < LEASE_MS);
+    /* Not deferred: a grace period lasts >= lease + fence margin */
+    assert_true(now_ms() - t0 < LEASE_MS + MARGIN_MS);
     daemon_stop(d);
 
     for (size_t i = 0; i < G_N_ELEMENTS(bad); i++) {
