@@ -284,9 +284,10 @@ static void on_agent_exit(GPid pid, gint status, gpointer opaque)
         return;
     }
     if (!g_spawn_check_wait_status(status, &err)) {
-        fence_failed(f, g_strdup_printf("agent %s failed after %" G_GINT64_FORMAT
-                                        " ms: %s (output: %s)", f->fr->agent,
-                                        ms, err->message, out));
+        fence_failed(f, g_strdup_printf("agent %s failed after %"
+                                        G_GINT64_FORMAT " ms: %s (output: %s)",
+                                        f->fr->agent, ms, err->message,
+                                        out));
         return;
     }
     g_free(f->message);

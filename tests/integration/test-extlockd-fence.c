@@ -256,7 +256,7 @@ static char *expect_fence(ExtlockConn *c, const char *client,
     if (m.fence_result != result) {
         fail_msg("fence-status %s (%s), expected %s",
                  extlock_fence_result_name(m.fence_result),
-                 m.message ? m.message : "", 
+                 m.message ? m.message : "",
                  extlock_fence_result_name(result));
     }
     text = g_strdup(m.message ? m.message : "");
@@ -484,7 +484,8 @@ static void test_fence_failure_then_success(void **state)
     g_free(expect_fence(c, "B", EXTLOCK_FENCE_STARTED,
                         LEASE_MS + SLACK_MS + RECV_MS));
     msg = expect_fence(c, "B", EXTLOCK_FENCE_FAILED, RECV_MS);
-    if (!strstr(msg, "storage switch busy") || !strstr(msg, "exited with code 1")) {
+    if (!strstr(msg, "storage switch busy") ||
+        !strstr(msg, "exited with code 1")) {
         fail_msg("fence-status failed without the reason: %s", msg);
     }
     mon = conn_open(d->unix_addr);
@@ -686,6 +687,81 @@ static void test_fence_dummy(void **state)
     daemon_stop(d);
 }
 
+/* Run the agent with --key=value arguments; returns its exit status */
+static int run_agent(const char *const *args, char **out)
+{
+    g_autoptr(GPtrArray) argv = g_ptr_array_new();
+    g_autofree char *err = NULL;
+    int status;
+
+    g_ptr_array_add(argv, (char *)agent_bin);
+    for (int i = 0; args[i]; i++) {
+        g_ptr_array_add(argv, (char *)args[i]);
+    }
+    g_ptr_array_add(argv, NULL);
+    assert_true(g_spawn_sync(NULL, (char **)argv->pdata, NULL,
+                             G_SPAWN_DEFAULT, NULL, NULL, out, &err,
+                             &status, NULL));
+    if (err && *err) {
+        char *both = g_strconcat(*out, err, NULL);
+
+        g_free(*out);
+        *out = both;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/*
+ * The test agent's other actions and errors, against a fault point
+ * (extlockd only ever uses "off", through stdin)
+ */
+static void test_agent_actions(void **state)
+{
+    g_autofree char *dir = g_strdup_printf("--ctl-dir=%s", fx.dir);
+    FaultPoint *fp = fp_new(fx.dir, "hostA", "on", 0);
+    const char *status[] = { "--action=status", "--plug=hostA", dir, NULL };
+    const char *on[] = { "--action=on", "--port=hostA", dir, NULL };
+    const char *monitor[] = { "--action=monitor", dir, NULL };
+    const char *meta[] = { "--action=metadata", NULL };
+    const char *reboot[] = { "--action=reboot", "--plug=hostA", dir, NULL };
+    const char *other[] = { "--action=off", "--plug=hostB", dir, NULL };
+    const char *slash[] = { "--action=off", "--plug=a/b", dir, NULL };
+    const char *nodir[] = { "--action=off", "--plug=hostA", NULL };
+    char *out = NULL;
+
+    assert_int_equal(run_agent(status, &out), 0);
+    assert_non_null(strstr(out, "Status: ON"));
+    g_free(out);
+    fp_set(fp, "off", 0);
+    assert_int_equal(run_agent(status, &out), 2);
+    assert_non_null(strstr(out, "Status: OFF"));
+    g_free(out);
+    fp_set(fp, "ok", 0);
+    assert_int_equal(run_agent(on, &out), 0);
+    assert_int_equal(fp_count(fp, "on"), 1);
+    assert_int_equal(fp_count(fp, "status"), 2);
+    g_free(out);
+    assert_int_equal(run_agent(monitor, &out), 0);
+    g_free(out);
+    assert_int_equal(run_agent(meta, &out), 0);
+    assert_non_null(strstr(out, "<resource-agent name=\"fence_extlock_cut\""));
+    g_free(out);
+    assert_int_equal(run_agent(reboot, &out), 1);
+    assert_non_null(strstr(out, "unsupported action"));
+    g_free(out);
+    assert_int_equal(run_agent(other, &out), 1);
+    assert_non_null(strstr(out, "hostB.ctl"));
+    g_free(out);
+    assert_int_equal(run_agent(slash, &out), 1);
+    assert_non_null(strstr(out, "cannot name a control socket"));
+    g_free(out);
+    assert_int_equal(run_agent(nodir, &out), 1);
+    assert_non_null(strstr(out, "ctl-dir is required"));
+    g_free(out);
+    assert_int_equal(fp_count(fp, "off"), 0);
+    fp_free(fp);
+}
+
 /* Bad options: refused at start with a clear message, nothing listens */
 static void test_fence_options(void **state)
 {
@@ -813,6 +889,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fence_timeout_force_release,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_fence_dummy, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_agent_actions, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_fence_options, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_event_log, setup, teardown),
