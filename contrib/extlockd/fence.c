@@ -223,11 +223,14 @@ static void kill_agent(ExtlockdFence *f)
     }
 }
 
-/* The agent's output as one line: newlines become " | " */
+/*
+ * The agent's output as one line of valid UTF-8 (it ends up in JSON):
+ * newlines become " | ", other control characters spaces
+ */
 static char *output_summary(ExtlockdFence *f)
 {
-    g_autofree char *text = g_strstrip(g_strdup(f->output ?
-                                                f->output->str : ""));
+    g_autofree char *text = g_strstrip(g_utf8_make_valid(
+        f->output ? f->output->str : "", f->output ? f->output->len : 0));
     g_auto(GStrv) lines = NULL;
 
     if (!*text) {
