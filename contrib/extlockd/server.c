@@ -104,6 +104,14 @@ struct ExtlockdSpace {
     /* Restart grace period */
     bool in_grace;
     GList grace_link;            /* in server->grace_spaces */
+    bool grace_linked;           /* grace_link is in server->grace_spaces */
+    /*
+     * With a fence agent, the grace period ends only once the listed
+     * sessions whose client never came back are fenced: their extents are
+     * unknown, so nothing may be granted before (see space_end_grace)
+     */
+    GQueue grace_fenced;         /* such sessions, via their reclaim_link */
+    unsigned grace_fence_pending;    /* ... not fenced yet */
     GQueue reclaimers;           /* sessions still reclaiming */
     GQueue deferred;             /* DeferredReq, in token order */
 };
@@ -149,6 +157,7 @@ struct ExtlockdSession {
      */
     ExtlockdFence *fence;
     bool fence_ok;
+    bool grace_fenced;           /* in space->grace_fenced */
 };
 
 struct ExtlockdConn {
@@ -841,6 +850,16 @@ static void fence_notify(ExtlockdSession *S, ExtlockFenceResult result,
         extlock_table_foreach_conflict(S->space->table, key,
                                        fence_waiter_cb, waiters);
     }
+    if (S->grace_fenced) {
+        /* Its extents are unknown: everybody deferred waits for it */
+        for (GList *l = S->space->deferred.head; l; l = l->next) {
+            ExtlockdSession *W = ((DeferredReq *)l->data)->lock.owner;
+
+            if (W->conn) {
+                g_hash_table_add(waiters, W);
+            }
+        }
+    }
     g_hash_table_remove(waiters, S);
     extlock_msg_init(&r, EXTLOCK_MSG_FENCE_STATUS);
     r.lock_space = S->space->name;
@@ -878,6 +897,14 @@ static void session_fence_cb(ExtlockdFence *f, ExtlockdFenceState state,
         S->fence_ok = true;
         log_session(S, "fence-ok", message);
         fence_notify(S, EXTLOCK_FENCE_SUCCEEDED, message);
+        if (S->grace_fenced) {
+            ExtlockdSpace *space = S->space;
+
+            /* The last one fenced ends the grace period, freeing @f */
+            if (--space->grace_fence_pending == 0) {
+                space_end_grace(space, true);
+            }
+        }
         /* May release the locks now, which frees @f */
         check_deadlines(s);
         break;
@@ -1062,6 +1089,46 @@ static int64_t grace_remaining_ms(ExtlockdSpace *space, int64_t now)
  * dropped (they hold nothing).  Then the deferred requests enter the
  * table in token order, as if they were arriving now.
  */
+/*
+ * The grace period of @space timed out with a fence agent configured:
+ * fence the listed sessions whose client never came back (they become
+ * expired sessions without locks, fenced like any other, and the grace
+ * period waits for them).  Returns true if there are any.
+ */
+static bool space_fence_absent(ExtlockdSpace *space)
+{
+    ExtlockdServer *s = space->server;
+    int64_t margin_us = s->cfg.fence_margin_ms * 1000LL;
+    GList *l, *next;
+
+    for (l = space->reclaimers.head; l; l = next) {
+        ExtlockdSession *S = l->data;
+
+        next = l->next;
+        if (!S->restored) {
+            continue;
+        }
+        g_queue_unlink(&space->reclaimers, &S->reclaim_link);
+        S->reclaiming = false;
+        S->state = SESSION_EXPIRED;
+        /* Its lease (<= the grace period) ended before the timeout */
+        S->deadline_us = s->grace_end_us - margin_us;
+        S->grace_fenced = true;
+        g_queue_push_tail_link(&space->grace_fenced, &S->reclaim_link);
+        space->grace_fence_pending++;
+        g_message("session %s (%s, lock-space %s) did not come back during "
+                  "the grace period: fencing it before the grace period "
+                  "ends", S->id, S->client_id, space->name);
+        log_session(S, "expire", NULL);
+        session_fence_start(S);
+    }
+    if (space->grace_linked) {
+        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        space->grace_linked = false;
+    }
+    return space->grace_fence_pending > 0;
+}
+
 static void space_end_grace(ExtlockdSpace *space, bool timeout)
 {
     ExtlockdServer *s = space->server;
@@ -1070,9 +1137,23 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
     GList *l;
 
     g_assert(space->in_grace);
+    if (space->grace_fence_pending ||
+        (timeout && s->fencer && space_fence_absent(space))) {
+        /* Waits for the fence agent: session_fence_cb comes back */
+        return;
+    }
     space->in_grace = false;
-    g_queue_unlink(&s->grace_spaces, &space->grace_link);
+    if (space->grace_linked) {
+        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        space->grace_linked = false;
+    }
     space->nsessions++;         /* keep @space while sessions go away */
+    while ((l = g_queue_pop_head_link(&space->grace_fenced)) != NULL) {
+        ExtlockdSession *S = l->data;
+
+        S->grace_fenced = false;
+        g_ptr_array_add(drop, S);
+    }
 
     while ((l = g_queue_pop_head_link(&space->reclaimers)) != NULL) {
         ExtlockdSession *S = l->data;
@@ -1158,6 +1239,7 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
             S->space->in_grace = true;
             S->space->grace_link.data = S->space;
             g_queue_push_tail_link(&s->grace_spaces, &S->space->grace_link);
+            S->space->grace_linked = true;
         }
     }
     g_message("grace period of %u ms: %u session(s) in %u lock-space(s) "
@@ -1189,6 +1271,10 @@ static void check_deadlines(ExtlockdServer *s)
         lnext = l->next;
         if (S->state != SESSION_EXPIRED && now >= S->deadline_us) {
             session_expire(S);
+        }
+        if (S->grace_fenced) {
+            /* Dropped when the grace period of its lock-space ends */
+            continue;
         }
         if (S->state == SESSION_EXPIRED) {
             if (S->fence && !S->fence_ok) {
@@ -2088,7 +2174,23 @@ static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
     extlockd_fence_cancel(S->fence);
     S->fence = NULL;
     n = session_release(S, true);
-    session_destroy(S);
+    if (S->grace_fenced) {
+        ExtlockdSpace *space = S->space;
+
+        g_queue_unlink(&space->grace_fenced, &S->reclaim_link);
+        S->grace_fenced = false;
+        if (!S->fence_ok) {
+            space->grace_fence_pending--;
+        }
+        space->nsessions++;     /* keep @space until its grace ends */
+        session_destroy(S);
+        if (space->in_grace && space->grace_fence_pending == 0) {
+            space_end_grace(space, true);
+        }
+        space_unref(space);
+    } else {
+        session_destroy(S);
+    }
 
     extlock_msg_init(&r, EXTLOCK_MSG_SESSION_RELEASED);
     r.has_id = m->has_id;

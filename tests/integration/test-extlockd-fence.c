@@ -651,6 +651,92 @@ static void test_fence_timeout_force_release(void **state)
     fp_free(fp);
 }
 
+/*
+ * A client of the previous run that does not come back after a crash:
+ * with a fence agent, the grace period ends only once it is fenced (its
+ * extents are unknown, so every deferred request waits); a failed agent
+ * keeps the grace period going, and the deferred waiters hear about it.
+ * Before, the deferred requests were granted at the grace timeout.
+ */
+static void test_fence_after_restart(void **state)
+{
+    g_autofree char *path = g_build_filename(fx.dir, "state", NULL);
+    g_autofree char *evlog = g_build_filename(fx.dir, "events", NULL);
+    g_autofree const char **opts = fence_opts(fx.dir, 10000, evlog);
+    FaultPoint *fp = fp_new(fx.dir, "B", "error not yet", 0);
+    ExtlockConn *b, *c, *mon;
+    g_autofree char *sb = NULL, *msg = NULL;
+    json_object *st, *s, *events, *ev_grant, *ev_ok;
+    ExtlockMsg m;
+    Daemon *d;
+    Grant gc;
+    uint64_t rc;
+    int64_t deadline;
+    bool succeeded = false;
+
+    d = daemon_start(path, opts, NULL);
+    b = conn_open(d->unix_addr);
+    sb = hello_full(b, "B", "disk", LEASE_MS, NULL);
+    lock_now(b, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+
+    d = daemon_start(path, opts, NULL);
+    c = client(d->tcp_addr, "C", LONG_LEASE_MS);
+    rc = send_lock(c, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE, true);
+    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+    expect_msg(c, &m, EXTLOCK_MSG_WAITING, rc);
+    extlock_msg_clear(&m);
+
+    /* The grace period times out: B is fenced, which fails */
+    g_free(expect_fence(c, "B", EXTLOCK_FENCE_STARTED,
+                        LEASE_MS + MARGIN_MS + SLACK_MS + RECV_MS));
+    msg = expect_fence(c, "B", EXTLOCK_FENCE_FAILED, RECV_MS);
+    assert_non_null(strstr(msg, "not yet"));
+    mon = conn_open(d->unix_addr);
+    st = status_get(mon);
+    s = session_of(st, "B");
+    assert_non_null(s);
+    assert_string_equal(jstr(s, "session"), sb);
+    assert_string_equal(jstr(s, "fence"), "failed");
+    assert_false(json_object_get_boolean(jget(s, "reclaiming")));
+    json_object_put(st);
+
+    /* It works at a retry: the grace period ends, C is granted */
+    fp_set(fp, "ok", 0);
+    deadline = now_ms() + 4 * EXTLOCKD_RETRY_MS + RECV_MS;
+    for (;;) {
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        recv_msg(c, &m, (int)MAX(deadline - now_ms(), 1));
+        if (m.type == EXTLOCK_MSG_GRANTED) {
+            assert_true(succeeded);
+            assert_int_equal(m.id, rc);
+            gc.token = m.token;
+            extlock_msg_clear(&m);
+            break;
+        }
+        assert_int_equal(m.type, EXTLOCK_MSG_FENCE_STATUS);
+        assert_false(succeeded);
+        succeeded = m.fence_result == EXTLOCK_FENCE_SUCCEEDED;
+        extlock_msg_clear(&m);
+    }
+    ev_grant = event_wait(evlog, "grant", "C", gc.token, RECV_MS, &events);
+    ev_ok = event_find(events, "fence-ok", "B", -1);
+    assert_non_null(ev_ok);
+    assert_true(jint(ev_ok, "ts") < jint(ev_grant, "ts"));
+    json_object_put(ev_grant);
+    json_object_put(events);
+    st = status_get(mon);
+    assert_null(session_of(st, "B"));
+    assert_int_equal(jint(st, "grace-remaining-ms"), 0);
+    json_object_put(st);
+    daemon_stop(d);
+    for (int i = 0; opts[i]; i++) {
+        g_free((char *)opts[i]);
+    }
+    fp_free(fp);
+}
+
 /* The real fence_dummy of fence-agents, with its status file */
 static void test_fence_dummy(void **state)
 {
@@ -888,6 +974,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_fence_timeout_force_release,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fence_after_restart, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_fence_dummy, setup, teardown),
         cmocka_unit_test_setup_teardown(test_agent_actions, setup,
                                         teardown),
