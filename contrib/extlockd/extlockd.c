@@ -16,6 +16,8 @@
 #include <glib-unix.h>
 
 #include "extlock/protocol.h"
+#include "event-log.h"
+#include "fence.h"
 #include "server.h"
 #include "state-file.h"
 
@@ -104,6 +106,13 @@ int main(int argc, char **argv)
     gint64 max_locks = EXTLOCKD_DEFAULT_MAX_LOCKS;
     gint64 max_sessions = EXTLOCKD_DEFAULT_MAX_SESS;
     gint64 grace_ms = -1;
+    gint64 fence_timeout_ms = EXTLOCKD_DEFAULT_FENCE_TIMEOUT_MS;
+    g_autofree char *fence_agent = NULL;
+    g_auto(GStrv) fence_args = NULL;
+    g_autofree char *event_log_path = NULL;
+    ExtlockdEventLog *event_log = NULL;
+    uint32_t longest_lease = 0;
+    unsigned unknown_leases = 0;
     gboolean debug_checks = FALSE, verbose = FALSE, version = FALSE;
     GOptionEntry entries[] = {
         { "listen", 'l', 0, G_OPTION_ARG_STRING_ARRAY, &listen_addrs,
@@ -121,7 +130,20 @@ int main(int argc, char **argv)
         { "grace-ms", 0, 0, G_OPTION_ARG_INT64, &grace_ms,
           "After a restart, how long the sessions of the previous run may "
           "reclaim their locks before new requests are served (default "
-          "lease-ms + fence-margin-ms; 0: no grace period)", "N" },
+          "and minimum: the longest lease of those sessions + "
+          "fence-margin-ms)", "N" },
+        { "fence-agent", 0, 0, G_OPTION_ARG_FILENAME, &fence_agent,
+          "Run PATH (fence-agents stdin interface) to cut an expired "
+          "client off the storage before its locks are released", "PATH" },
+        { "fence-timeout-ms", 0, 0, G_OPTION_ARG_INT64, &fence_timeout_ms,
+          "Kill the fence agent and count it as failed after N ms "
+          "(default 30000)", "N" },
+        { "fence-arg", 0, 0, G_OPTION_ARG_STRING_ARRAY, &fence_args,
+          "Pass KEY=VALUE to the fence agent on its stdin (repeatable)",
+          "KEY=VALUE" },
+        { "event-log", 0, 0, G_OPTION_ARG_FILENAME, &event_log_path,
+          "Append a JSON line to FILE for every grant, release, expiry "
+          "and fencing step", "FILE" },
         { "max-locks-per-session", 0, 0, G_OPTION_ARG_INT64, &max_locks,
           "Held plus waiting locks per session (default 16384)", "N" },
         { "max-sessions", 0, 0, G_OPTION_ARG_INT64, &max_sessions,
@@ -170,16 +192,59 @@ int main(int argc, char **argv)
     }
     if (!check_range("--lease-ms", lease_ms, EXTLOCK_MIN_LEASE_MS,
                      EXTLOCK_MAX_LEASE_MS) ||
-        !check_range("--fence-margin-ms", fence_ms, 0,
+        !check_range("--fence-margin-ms", fence_ms, EXTLOCKD_MIN_FENCE_MS,
                      EXTLOCKD_MAX_FENCE_MS) ||
+        !check_range("--fence-timeout-ms", fence_timeout_ms, 1,
+                     EXTLOCKD_MAX_FENCE_TIMEOUT_MS) ||
         !check_range("--max-locks-per-session", max_locks, 1, G_MAXUINT32) ||
         !check_range("--max-sessions", max_sessions, 1, G_MAXUINT32) ||
         (grace_ms != -1 &&
          !check_range("--grace-ms", grace_ms, 0, EXTLOCKD_MAX_GRACE_MS))) {
         return EXIT_USAGE;
     }
-    if (grace_ms == -1) {
-        grace_ms = lease_ms + fence_ms;
+    if (grace_ms != -1 && grace_ms < lease_ms + fence_ms) {
+        fprintf(stderr, "extlockd: --grace-ms %" PRId64 " is unsafe: after "
+                "a restart, a client of the previous run may still use its "
+                "locks for its whole lease plus the fence margin, so the "
+                "grace period must be at least --lease-ms + "
+                "--fence-margin-ms = %" PRId64 " (and at least the longest "
+                "lease of the sessions in the state file + "
+                "--fence-margin-ms)\n", grace_ms, lease_ms + fence_ms);
+        return EXIT_USAGE;
+    }
+    if (fence_agent) {
+        if (!fence_agent[0] || !g_path_is_absolute(fence_agent)) {
+            fprintf(stderr, "extlockd: --fence-agent '%s' must be an "
+                    "absolute path\n", fence_agent);
+            return EXIT_USAGE;
+        }
+        if (!g_file_test(fence_agent, G_FILE_TEST_IS_REGULAR) ||
+            access(fence_agent, X_OK) != 0) {
+            fprintf(stderr, "extlockd: --fence-agent %s is not an "
+                    "executable file\n", fence_agent);
+            return EXIT_USAGE;
+        }
+    }
+    if (fence_args) {
+        if (!fence_agent) {
+            fprintf(stderr, "extlockd: --fence-arg needs --fence-agent\n");
+            return EXIT_USAGE;
+        }
+        if (g_strv_length(fence_args) > EXTLOCKD_FENCE_MAX_ARGS) {
+            fprintf(stderr, "extlockd: more than %d --fence-arg\n",
+                    EXTLOCKD_FENCE_MAX_ARGS);
+            return EXIT_USAGE;
+        }
+        for (int i = 0; fence_args[i]; i++) {
+            if (!extlockd_fence_arg_check(fence_args[i], &err)) {
+                fprintf(stderr, "extlockd: %s\n", err->message);
+                return EXIT_USAGE;
+            }
+        }
+    }
+    if (event_log_path && !event_log_path[0]) {
+        fprintf(stderr, "extlockd: --event-log must not be empty\n");
+        return EXIT_USAGE;
     }
     if (state_file && !state_file[0]) {
         fprintf(stderr, "extlockd: --state-file must not be empty\n");
@@ -204,7 +269,6 @@ int main(int argc, char **argv)
     cfg.fence_margin_ms = fence_ms;
     cfg.max_locks_per_session = max_locks;
     cfg.max_sessions = max_sessions;
-    cfg.grace_ms = grace_ms;
     cfg.debug_checks = debug_checks || env_flag("EXTLOCKD_DEBUG_CHECKS");
     cfg.verbose = verbose;
     first_counter = g_getenv("EXTLOCKD_TEST_FIRST_COUNTER");
@@ -243,8 +307,55 @@ int main(int argc, char **argv)
         g_critical("%s", err->message);
         return 1;
     }
+    /*
+     * The grace period must outlast every listed session's lease (plus
+     * the fence margin): until then its client may still use its locks.
+     * A file from before leases were recorded: assume the longest lease.
+     */
+    for (guint i = 0; i < sessions->len; i++) {
+        const ExtlockdStateSession *ss = sessions->pdata[i];
+
+        if (!ss->lease_ms) {
+            unknown_leases++;
+        }
+        longest_lease = MAX(longest_lease, ss->lease_ms ? ss->lease_ms
+                                                        : EXTLOCK_MAX_LEASE_MS);
+    }
+    if (grace_ms == -1) {
+        grace_ms = (int64_t)MAX((uint32_t)lease_ms, longest_lease) + fence_ms;
+    } else if (grace_ms < (int64_t)longest_lease + fence_ms) {
+        g_critical("--grace-ms %" PRId64 " is unsafe: the state file %s "
+                   "lists %u session(s) whose longest lease is %u ms%s, so "
+                   "the grace period must be at least %" PRId64 " ms "
+                   "(that lease + --fence-margin-ms); leave --grace-ms out "
+                   "to get it", grace_ms, cfg.state_file, sessions->len,
+                   longest_lease, unknown_leases ?
+                   " (sessions without a recorded lease count as the "
+                   "longest lease a client may ask for)" : "",
+                   (int64_t)longest_lease + fence_ms);
+        return EXIT_USAGE;
+    }
+    cfg.grace_ms = grace_ms;
+    if (unknown_leases) {
+        g_message("%u session(s) in the state file have no recorded lease "
+                  "(written by an older extlockd): assuming %d ms",
+                  unknown_leases, EXTLOCK_MAX_LEASE_MS);
+    }
+    if (event_log_path) {
+        event_log = extlockd_event_log_open(event_log_path, &err);
+        if (!event_log) {
+            g_critical("%s", err->message);
+            return 1;
+        }
+    }
     epoch++;
     server = extlockd_server_new(&cfg, epoch);
+    extlockd_server_set_event_log(server, event_log);
+    if (fence_agent) {
+        extlockd_server_set_fencer(server,
+            extlockd_fencer_new(fence_agent, fence_timeout_ms,
+                                (const char *const *)fence_args));
+    }
     extlockd_server_restore(server, sessions);
     if (!extlockd_server_save_state(server, &err)) {
         g_critical("%s", err->message);
@@ -252,10 +363,14 @@ int main(int argc, char **argv)
         return 1;
     }
     g_message("%s starting: epoch %" PRIu64 " (state file %s), lease %u ms, "
-              "fence margin %u ms, grace period %u ms%s",
+              "fence margin %u ms, grace period %u ms%s%s%s%s%s",
               EXTLOCKD_SERVER_NAME, epoch, cfg.state_file, cfg.lease_ms,
               cfg.fence_margin_ms, cfg.grace_ms,
-              cfg.debug_checks ? ", debug checks on" : "");
+              cfg.debug_checks ? ", debug checks on" : "",
+              fence_agent ? ", fence agent " : ", no fence agent",
+              fence_agent ? fence_agent : "",
+              event_log_path ? ", event log " : "",
+              event_log_path ? event_log_path : "");
 
     for (int i = 0; addrs[i]; i++) {
         if (!extlockd_server_listen(server, addrs[i], &err)) {

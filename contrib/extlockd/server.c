@@ -52,6 +52,8 @@
 
 #include "extlock/lock-table.h"
 #include "extlock/protocol.h"
+#include "event-log.h"
+#include "fence.h"
 #include "server.h"
 #include "state-file.h"
 
@@ -102,6 +104,14 @@ struct ExtlockdSpace {
     /* Restart grace period */
     bool in_grace;
     GList grace_link;            /* in server->grace_spaces */
+    bool grace_linked;           /* grace_link is in server->grace_spaces */
+    /*
+     * With a fence agent, the grace period ends only once the listed
+     * sessions whose client never came back are fenced: their extents are
+     * unknown, so nothing may be granted before (see space_end_grace)
+     */
+    GQueue grace_fenced;         /* such sessions, via their reclaim_link */
+    unsigned grace_fence_pending;    /* ... not fenced yet */
     GQueue reclaimers;           /* sessions still reclaiming */
     GQueue deferred;             /* DeferredReq, in token order */
 };
@@ -141,6 +151,13 @@ struct ExtlockdSession {
     bool restored;
     bool resend_revokes;         /* grace ended while it was reclaiming */
     GList reclaim_link;
+    /*
+     * Expired holding locks with a fence agent configured: the agent
+     * run(s) (fence.h); the locks go only once @fence_ok
+     */
+    ExtlockdFence *fence;
+    bool fence_ok;
+    bool grace_fenced;           /* in space->grace_fenced */
 };
 
 struct ExtlockdConn {
@@ -202,6 +219,8 @@ struct ExtlockdServer {
     uint64_t nerrors;
     bool shutting_down;
     char *rbuf;
+    ExtlockdEventLog *event_log;  /* --event-log, or NULL */
+    ExtlockdFencer *fencer;       /* --fence-agent, or NULL */
     /* scratch arrays for formatting replies */
     GArray *pieces;
     GArray *blockers;
@@ -236,6 +255,49 @@ static bool next_token(ExtlockdServer *s, uint64_t *token)
     }
     *token = (s->epoch << EXTLOCKD_COUNTER_BITS) | s->counter++;
     return true;
+}
+
+/* ------------------------------------------------------------------ */
+/* Event log (event-log.h)                                             */
+
+/* @event for @lock of its owner; @part: the released part, or NULL */
+static void log_lock(ExtlockdServer *s, const char *event, ExtlockLock *lock,
+                     const ExtlockExtent *part)
+{
+    ExtlockdSession *S = lock->owner;
+    ExtlockdEvent ev = {
+        .event = event,
+        .lock_space = S->space->name,
+        .client_id = S->client_id,
+        .session = S->id,
+        .has_lock = true,
+        .lock = lock->id,
+        .token = lock->token,
+        .offset = part ? part->start : lock->node.ext.start,
+        .length = part ? part->end - part->start
+                       : lock->node.ext.end - lock->node.ext.start,
+        .mode = lock->mode,
+    };
+
+    if (s->event_log) {
+        extlockd_event_log_write(s->event_log, &ev);
+    }
+}
+
+static void log_session(ExtlockdSession *S, const char *event,
+                        const char *message)
+{
+    ExtlockdEvent ev = {
+        .event = event,
+        .lock_space = S->space->name,
+        .client_id = S->client_id,
+        .session = S->id,
+        .message = message,
+    };
+
+    if (S->server->event_log) {
+        extlockd_event_log_write(S->server->event_log, &ev);
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -488,6 +550,7 @@ static void space_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     }
     g_hash_table_remove(S->waiting, lock);
     g_hash_table_add(S->held, lock);
+    log_lock(S->server, "grant", lock, NULL);
     if (S->conn) {
         format_granted(S->conn, lock);
         revoke_new_lock(table, lock);
@@ -641,6 +704,8 @@ static void session_destroy_nosave(ExtlockdSession *S)
     g_assert(g_hash_table_size(S->held) == 0);
     g_assert(g_hash_table_size(S->waiting) == 0);
     session_end_reclaim(S);
+    extlockd_fence_cancel(S->fence);
+    S->fence = NULL;
     if (S->conn) {
         S->conn->session = NULL;
         S->conn = NULL;
@@ -728,6 +793,7 @@ static unsigned session_release(ExtlockdSession *S, bool held)
         waiter_cancel(S->space, waiters->pdata[i]);
     }
     for (guint i = 0; i < locks->len; i++) {
+        log_lock(S->server, "release", locks->pdata[i], NULL);
         extlock_table_release(table, locks->pdata[i]);
     }
     S->releasing = false;
@@ -752,6 +818,123 @@ static void session_detach(ExtlockdSession *S)
               g_hash_table_size(S->held),
               MAX(release_us - now, 0) / 1000);
     server_schedule(s, S->deadline_us);
+}
+
+/* ------------------------------------------------------------------ */
+/* Fencing an expired session (fence.h)                                */
+
+static void fence_waiter_cb(ExtlockLock *other, void *opaque)
+{
+    GHashTable *set = opaque;
+    ExtlockdSession *W = other->owner;
+
+    if (other->state == EXTLOCK_LOCK_WAITING && W->conn) {
+        g_hash_table_add(set, W);
+    }
+}
+
+/*
+ * Tell every session with a request waiting behind a lock of the expired
+ * session @S how its fencing goes (fence-status)
+ */
+static void fence_notify(ExtlockdSession *S, ExtlockFenceResult result,
+                         const char *message)
+{
+    g_autoptr(GHashTable) waiters = g_hash_table_new(NULL, NULL);
+    GHashTableIter iter;
+    gpointer key;
+    ExtlockMsg r;
+
+    g_hash_table_iter_init(&iter, S->held);
+    while (g_hash_table_iter_next(&iter, &key, NULL)) {
+        extlock_table_foreach_conflict(S->space->table, key,
+                                       fence_waiter_cb, waiters);
+    }
+    if (S->grace_fenced) {
+        /* Its extents are unknown: everybody deferred waits for it */
+        for (GList *l = S->space->deferred.head; l; l = l->next) {
+            ExtlockdSession *W = ((DeferredReq *)l->data)->lock.owner;
+
+            if (W->conn) {
+                g_hash_table_add(waiters, W);
+            }
+        }
+    }
+    g_hash_table_remove(waiters, S);
+    extlock_msg_init(&r, EXTLOCK_MSG_FENCE_STATUS);
+    r.lock_space = S->space->name;
+    r.client_id = S->client_id;
+    r.session_client = S->client_id;
+    r.session = S->id;
+    r.fence_result = result;
+    r.message = (char *)message;
+    g_hash_table_iter_init(&iter, waiters);
+    while (g_hash_table_iter_next(&iter, &key, NULL)) {
+        send_msg(((ExtlockdSession *)key)->conn, &r);
+    }
+}
+
+static void check_deadlines(ExtlockdServer *s);
+
+static void session_fence_cb(ExtlockdFence *f, ExtlockdFenceState state,
+                             const char *message, void *opaque)
+{
+    ExtlockdSession *S = opaque;
+    ExtlockdServer *s = S->server;
+    const char *agent = extlockd_fencer_agent(s->fencer);
+
+    switch (state) {
+    case EXTLOCKD_FENCE_RUNNING:
+        g_message("fence agent %s started again for session %s (%s, "
+                  "lock-space %s), attempt %u", agent, S->id, S->client_id,
+                  S->space->name, extlockd_fence_attempts(f));
+        log_session(S, "fence-start", NULL);
+        fence_notify(S, EXTLOCK_FENCE_STARTED, NULL);
+        break;
+    case EXTLOCKD_FENCE_OK:
+        g_message("session %s (%s, lock-space %s) fenced: %s", S->id,
+                  S->client_id, S->space->name, message);
+        S->fence_ok = true;
+        log_session(S, "fence-ok", message);
+        fence_notify(S, EXTLOCK_FENCE_SUCCEEDED, message);
+        if (S->grace_fenced) {
+            ExtlockdSpace *space = S->space;
+
+            /* The last one fenced ends the grace period, freeing @f */
+            if (--space->grace_fence_pending == 0) {
+                space_end_grace(space, true);
+            }
+        }
+        /* May release the locks now, which frees @f */
+        check_deadlines(s);
+        break;
+    case EXTLOCKD_FENCE_FAILED:
+        g_warning("FENCING FAILED for client %s (session %s, lock-space "
+                  "%s), attempt %u: %s; its %u locks stay held, retrying "
+                  "in %u ms (extlockctl release-session %s forces the "
+                  "release)", S->client_id, S->id, S->space->name,
+                  extlockd_fence_attempts(f), message,
+                  g_hash_table_size(S->held), extlockd_fence_retry_ms(f),
+                  S->id);
+        log_session(S, "fence-failed", message);
+        fence_notify(S, EXTLOCK_FENCE_FAILED, message);
+        break;
+    }
+    flush_all(s);
+}
+
+static void session_fence_start(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+
+    g_message("running fence agent %s for client %s (session %s, "
+              "lock-space %s, %u locks held)",
+              extlockd_fencer_agent(s->fencer), S->client_id, S->id,
+              S->space->name, g_hash_table_size(S->held));
+    S->fence = extlockd_fence_start(s->fencer, S->client_id,
+                                    session_fence_cb, S);
+    log_session(S, "fence-start", NULL);
+    fence_notify(S, EXTLOCK_FENCE_STARTED, NULL);
 }
 
 /* The lease lapsed (now >= deadline) */
@@ -781,8 +964,12 @@ static void session_expire(ExtlockdSession *S)
                 S->id);
     }
     S->state = SESSION_EXPIRED;
+    log_session(S, "expire", NULL);
     /* It cannot come back to finish reclaiming */
     session_end_reclaim(S);
+    if (s->fencer && g_hash_table_size(S->held) > 0) {
+        session_fence_start(S);
+    }
 }
 
 /* The fence margin after the deadline has passed: let the locks go */
@@ -848,6 +1035,7 @@ static void space_submit(ExtlockdSpace *space, ExtlockdSession *S,
                                       req->user_tag);
     if (lock->state == EXTLOCK_LOCK_GRANTED) {
         g_hash_table_add(S->held, lock);
+        log_lock(s, "grant", lock, NULL);
         if (c) {
             format_granted(c, lock);
         }
@@ -901,6 +1089,46 @@ static int64_t grace_remaining_ms(ExtlockdSpace *space, int64_t now)
  * dropped (they hold nothing).  Then the deferred requests enter the
  * table in token order, as if they were arriving now.
  */
+/*
+ * The grace period of @space timed out with a fence agent configured:
+ * fence the listed sessions whose client never came back (they become
+ * expired sessions without locks, fenced like any other, and the grace
+ * period waits for them).  Returns true if there are any.
+ */
+static bool space_fence_absent(ExtlockdSpace *space)
+{
+    ExtlockdServer *s = space->server;
+    int64_t margin_us = s->cfg.fence_margin_ms * 1000LL;
+    GList *l, *next;
+
+    for (l = space->reclaimers.head; l; l = next) {
+        ExtlockdSession *S = l->data;
+
+        next = l->next;
+        if (!S->restored) {
+            continue;
+        }
+        g_queue_unlink(&space->reclaimers, &S->reclaim_link);
+        S->reclaiming = false;
+        S->state = SESSION_EXPIRED;
+        /* Its lease (<= the grace period) ended before the timeout */
+        S->deadline_us = s->grace_end_us - margin_us;
+        S->grace_fenced = true;
+        g_queue_push_tail_link(&space->grace_fenced, &S->reclaim_link);
+        space->grace_fence_pending++;
+        g_message("session %s (%s, lock-space %s) did not come back during "
+                  "the grace period: fencing it before the grace period "
+                  "ends", S->id, S->client_id, space->name);
+        log_session(S, "expire", NULL);
+        session_fence_start(S);
+    }
+    if (space->grace_linked) {
+        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        space->grace_linked = false;
+    }
+    return space->grace_fence_pending > 0;
+}
+
 static void space_end_grace(ExtlockdSpace *space, bool timeout)
 {
     ExtlockdServer *s = space->server;
@@ -909,9 +1137,23 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
     GList *l;
 
     g_assert(space->in_grace);
+    if (space->grace_fence_pending ||
+        (timeout && s->fencer && space_fence_absent(space))) {
+        /* Waits for the fence agent: session_fence_cb comes back */
+        return;
+    }
     space->in_grace = false;
-    g_queue_unlink(&s->grace_spaces, &space->grace_link);
+    if (space->grace_linked) {
+        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        space->grace_linked = false;
+    }
     space->nsessions++;         /* keep @space while sessions go away */
+    while ((l = g_queue_pop_head_link(&space->grace_fenced)) != NULL) {
+        ExtlockdSession *S = l->data;
+
+        S->grace_fenced = false;
+        g_ptr_array_add(drop, S);
+    }
 
     while ((l = g_queue_pop_head_link(&space->reclaimers)) != NULL) {
         ExtlockdSession *S = l->data;
@@ -984,8 +1226,10 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
         if (g_hash_table_contains(s->sessions, ss->session)) {
             continue;
         }
+        /* Unknown (old file): the longest a client may have had */
         S = session_alloc(s, ss->session, ss->client_id, ss->lock_space,
-                          s->cfg.lease_ms, now);
+                          ss->lease_ms ? ss->lease_ms : EXTLOCK_MAX_LEASE_MS,
+                          now);
         /* It ends with the grace period unless its client comes back */
         S->deadline_us = s->grace_end_us;
         S->restored = true;
@@ -995,6 +1239,7 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
             S->space->in_grace = true;
             S->space->grace_link.data = S->space;
             g_queue_push_tail_link(&s->grace_spaces, &S->space->grace_link);
+            S->space->grace_linked = true;
         }
     }
     g_message("grace period of %u ms: %u session(s) in %u lock-space(s) "
@@ -1027,7 +1272,15 @@ static void check_deadlines(ExtlockdServer *s)
         if (S->state != SESSION_EXPIRED && now >= S->deadline_us) {
             session_expire(S);
         }
+        if (S->grace_fenced) {
+            /* Dropped when the grace period of its lock-space ends */
+            continue;
+        }
         if (S->state == SESSION_EXPIRED) {
+            if (S->fence && !S->fence_ok) {
+                /* Waits for the agent: session_fence_cb comes back */
+                continue;
+            }
             if (now >= S->deadline_us + margin_us) {
                 session_reap(S);
                 continue;
@@ -1221,6 +1474,21 @@ static json_object *session_status(ExtlockdSession *S, int64_t now)
     json_add_int(o, "requests-waiting", g_hash_table_size(S->waiting));
     json_object_object_add(o, "reclaiming",
                            json_object_new_boolean(S->reclaiming));
+    if (S->fence) {
+        static const char *const names[] = {
+            [EXTLOCKD_FENCE_RUNNING] = "running",
+            [EXTLOCKD_FENCE_OK] = "succeeded",
+            [EXTLOCKD_FENCE_FAILED] = "failed",
+        };
+        const char *msg = extlockd_fence_message(S->fence);
+
+        json_add_str(o, "fence", names[extlockd_fence_state(S->fence)]);
+        json_add_int(o, "fence-attempts",
+                     extlockd_fence_attempts(S->fence));
+        if (msg) {
+            json_add_str(o, "fence-message", msg);
+        }
+    }
     return o;
 }
 
@@ -1241,6 +1509,12 @@ static json_object *server_status(ExtlockdServer *s)
     json_add_int(root, "lease-ms", s->cfg.lease_ms);
     json_add_int(root, "fence-margin-ms", s->cfg.fence_margin_ms);
     json_add_int(root, "grace-ms", s->cfg.grace_ms);
+    json_add_int(root, "start-ns", s->start_us * 1000);
+    if (s->fencer) {
+        json_add_str(root, "fence-agent", extlockd_fencer_agent(s->fencer));
+        json_add_int(root, "fence-timeout-ms",
+                     extlockd_fencer_timeout_ms(s->fencer));
+    }
     json_add_int(root, "grace-remaining-ms",
                  s->grace_spaces.length && s->grace_end_us > now ?
                  (s->grace_end_us - now + 999) / 1000 : 0);
@@ -1322,6 +1596,8 @@ static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
                                               g_get_monotonic_time());
     r.reclaim = kind == WELCOME_RECLAIM;
     r.resumed = kind == WELCOME_RESUMED;
+    r.has_fence_margin = true;
+    r.fence_margin_ms = s->cfg.fence_margin_ms;
     if (kind == WELCOME_RESUMED) {
         GHashTableIter iter;
         gpointer key;
@@ -1447,6 +1723,25 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                        "lock-space %s", m->session, m->client_id,
                        m->lock_space);
             return;
+        }
+        if (S && (S->reclaiming ||
+                  (S->state != SESSION_EXPIRED && now < S->deadline_us)) &&
+            lease_ms > S->lease_ms) {
+            /*
+             * A longer lease must be in the state file before it is in
+             * force: a restarted coordinator's grace period covers it
+             */
+            uint32_t old = S->lease_ms;
+
+            S->lease_ms = lease_ms;
+            if (!save_state(s, s->epoch, &err)) {
+                S->lease_ms = old;
+                g_warning("cannot record the longer lease of session %s in "
+                          "the state file: %s", S->id, err->message);
+                send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                           "cannot record the lease in the state file");
+                return;
+            }
         }
         if (S && S->reclaiming) {
             handle_reclaim_hello(c, m, S, lease_ms, now);
@@ -1578,6 +1873,7 @@ static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
         session_set_revocable(S);
     }
     g_hash_table_add(S->held, lock);
+    log_lock(s, "grant", lock, NULL);
     format_granted(c, lock);
 }
 
@@ -1620,6 +1916,8 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
             ExtlockLock *rest = NULL;
             int ret;
 
+            /* Logged first: the release may grant the part to others */
+            log_lock(s, "release", lock, &part);
             ret = extlock_table_release_part(table, lock, part, &rest,
                                              &split);
             if (ret < 0) {
@@ -1648,6 +1946,7 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
         }
     }
     g_hash_table_remove(S->held, lock);
+    log_lock(s, "release", lock, NULL);
     extlock_table_release(table, lock);
 
 reply:
@@ -1715,6 +2014,12 @@ static void handle_downgrade(ExtlockdConn *c, ExtlockdSession *S,
         return;
     }
     session_set_revocable(S);
+    if (lock->mode == EXTLOCK_MODE_EXCLUSIVE) {
+        ExtlockLock shared = *lock;
+
+        shared.mode = EXTLOCK_MODE_SHARED;
+        log_lock(c->server, "downgrade", &shared, NULL);
+    }
     /* Shared waiters it unblocks are granted (space_grant_cb) */
     extlock_table_downgrade(table, lock);
     extlock_msg_init(&r, EXTLOCK_MSG_DOWNGRADED);
@@ -1779,6 +2084,7 @@ static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
     session_set_revocable(S);
     space->reclaims++;
     g_hash_table_add(S->held, lock);
+    log_lock(s, "reclaim", lock, NULL);
     format_granted(c, lock);
 }
 
@@ -1826,6 +2132,74 @@ static void handle_bye(ExtlockdConn *c, ExtlockMsg *m)
     conn_close_after_flush(c);
 }
 
+/*
+ * Admin: release the locks of an expired session now, without waiting
+ * for its fence agent (dangerous: see docs/extlockd.rst)
+ */
+static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockdSession *S = g_hash_table_lookup(s->sessions, m->session);
+    g_autofree char *fence = NULL;
+    ExtlockMsg r;
+    unsigned n;
+
+    if (!S) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                   "no session %s", m->session);
+        return;
+    }
+    if (S->state != SESSION_EXPIRED) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                   "session %s (%s) is %s, not expired: its lease still "
+                   "runs", S->id, S->client_id,
+                   session_state_names[S->state]);
+        return;
+    }
+    if (S->fence) {
+        fence = g_strdup_printf("fence agent: %s after %u attempt(s)%s%s",
+                                extlockd_fence_state(S->fence) ==
+                                EXTLOCKD_FENCE_OK ? "succeeded" :
+                                extlockd_fence_state(S->fence) ==
+                                EXTLOCKD_FENCE_FAILED ? "failed" : "running",
+                                extlockd_fence_attempts(S->fence),
+                                extlockd_fence_message(S->fence) ? ": " : "",
+                                extlockd_fence_message(S->fence) ?: "");
+    }
+    g_warning("session %s (%s, lock-space %s) FORCE-RELEASED by an "
+              "administrator on %s (reason: %s; %s): %u locks released "
+              "without waiting for fencing", S->id, S->client_id,
+              S->space->name, c->peer, m->message ? m->message : "none given",
+              fence ? fence : "no fence agent", g_hash_table_size(S->held));
+    extlockd_fence_cancel(S->fence);
+    S->fence = NULL;
+    n = session_release(S, true);
+    if (S->grace_fenced) {
+        ExtlockdSpace *space = S->space;
+
+        g_queue_unlink(&space->grace_fenced, &S->reclaim_link);
+        S->grace_fenced = false;
+        if (!S->fence_ok) {
+            space->grace_fence_pending--;
+        }
+        space->nsessions++;     /* keep @space until its grace ends */
+        session_destroy(S);
+        if (space->in_grace && space->grace_fence_pending == 0) {
+            space_end_grace(space, true);
+        }
+        space_unref(space);
+    } else {
+        session_destroy(S);
+    }
+
+    extlock_msg_init(&r, EXTLOCK_MSG_SESSION_RELEASED);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.session = m->session;
+    r.released = n;
+    send_msg(c, &r);
+}
+
 static void handle_line(ExtlockdConn *c, const char *line, size_t len)
 {
     ExtlockdServer *s = c->server;
@@ -1850,6 +2224,9 @@ static void handle_line(ExtlockdConn *c, const char *line, size_t len)
         break;
     case EXTLOCK_MSG_BYE:
         handle_bye(c, &m);
+        break;
+    case EXTLOCK_MSG_RELEASE_SESSION:
+        handle_release_session(c, &m);
         break;
     case EXTLOCK_MSG_LOCK:
     case EXTLOCK_MSG_UNLOCK:
@@ -2383,6 +2760,7 @@ static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
             .session = S->id,
             .client_id = S->client_id,
             .lock_space = S->space->name,
+            .lease_ms = S->lease_ms,
         };
 
         g_array_append_val(list, ss);
@@ -2390,6 +2768,18 @@ static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
     return extlockd_state_save_sessions(s->cfg.state_file, epoch,
                                         (ExtlockdStateSession *)list->data,
                                         list->len, errp);
+}
+
+void extlockd_server_set_event_log(ExtlockdServer *s, ExtlockdEventLog *log)
+{
+    extlockd_event_log_close(s->event_log);
+    s->event_log = log;
+}
+
+void extlockd_server_set_fencer(ExtlockdServer *s, ExtlockdFencer *fencer)
+{
+    extlockd_fencer_free(s->fencer);
+    s->fencer = fencer;
 }
 
 bool extlockd_server_save_state(ExtlockdServer *s, GError **errp)
@@ -2448,6 +2838,7 @@ void extlockd_server_free(ExtlockdServer *s)
         ExtlockdSession *S = l->data;
 
         /* The tables are freed with all their locks below */
+        extlockd_fence_cancel(S->fence);
         session_free(S);
     }
     g_hash_table_iter_init(&iter, s->spaces);
@@ -2464,5 +2855,7 @@ void extlockd_server_free(ExtlockdServer *s)
     g_array_free(s->locks, TRUE);
     g_free(s->rbuf);
     g_free(s->cfg.state_file);
+    extlockd_event_log_close(s->event_log);
+    extlockd_fencer_free(s->fencer);
     g_free(s);
 }

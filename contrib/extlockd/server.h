@@ -25,6 +25,7 @@
 #define EXTLOCKD_DEFAULT_STATE_FILE "/var/lib/extlock/extlockd.state"
 #define EXTLOCKD_DEFAULT_LEASE_MS   10000
 #define EXTLOCKD_DEFAULT_FENCE_MS   1000
+#define EXTLOCKD_MIN_FENCE_MS       100
 #define EXTLOCKD_DEFAULT_MAX_LOCKS  16384
 #define EXTLOCKD_DEFAULT_MAX_SESS   4096
 #define EXTLOCKD_MAX_FENCE_MS       (3600 * 1000)
@@ -55,6 +56,8 @@ typedef struct ExtlockdConfig {
 } ExtlockdConfig;
 
 typedef struct ExtlockdServer ExtlockdServer;
+typedef struct ExtlockdEventLog ExtlockdEventLog;
+typedef struct ExtlockdFencer ExtlockdFencer;
 
 /*
  * Create a server handing out tokens in @epoch, which the caller has
@@ -70,6 +73,15 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
  * cfg->grace_ms == 0 (or no sessions) nothing is recreated.
  */
 void extlockd_server_restore(ExtlockdServer *server, GPtrArray *sessions);
+
+/*
+ * Hand the server an event log (event-log.h) and a fencer (fence.h); it
+ * owns and frees them.  Call before extlockd_server_restore().
+ */
+void extlockd_server_set_event_log(ExtlockdServer *server,
+                                   ExtlockdEventLog *log);
+void extlockd_server_set_fencer(ExtlockdServer *server,
+                                ExtlockdFencer *fencer);
 
 /*
  * Write the state file: the current epoch and every session.  The daemon

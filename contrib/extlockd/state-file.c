@@ -17,6 +17,7 @@
 #include <glib/gstdio.h>
 #include <json-c/json.h>
 
+#include "extlock/protocol.h"
 #include "state-file.h"
 
 /*
@@ -155,7 +156,10 @@ static char *get_str_member(json_object *obj, const char *key, bool is_id)
     return g_strndup(s, len);
 }
 
-/* "sessions": an array of {"session","client-id","lock-space"} objects */
+/*
+ * "sessions": an array of {"session","client-id","lock-space","lease-ms"}
+ * objects ("lease-ms" is absent in files of older versions)
+ */
 static const char *parse_sessions(json_object *obj, GPtrArray *out)
 {
     g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
@@ -190,6 +194,15 @@ static const char *parse_sessions(json_object *obj, GPtrArray *out)
         }
         if (!g_hash_table_add(seen, ss->session)) {
             return "a session is listed twice";
+        }
+        if (json_object_object_get_ex(e, "lease-ms", NULL)) {
+            int64_t lease;
+
+            if (!get_int_member(e, "lease-ms", &lease) ||
+                lease < EXTLOCK_MIN_LEASE_MS || lease > EXTLOCK_MAX_LEASE_MS) {
+                return "a session has a malformed \"lease-ms\"";
+            }
+            ss->lease_ms = lease;
         }
     }
     return NULL;
@@ -350,6 +363,10 @@ static char *state_text(uint64_t epoch, const ExtlockdStateSession *sessions,
             append_json_str(out, sessions[i].client_id);
             g_string_append(out, ",\"lock-space\":");
             append_json_str(out, sessions[i].lock_space);
+            if (sessions[i].lease_ms) {
+                g_string_append_printf(out, ",\"lease-ms\":%u",
+                                       sessions[i].lease_ms);
+            }
             g_string_append_c(out, '}');
         }
         g_string_append_c(out, ']');

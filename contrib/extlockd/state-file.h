@@ -14,6 +14,8 @@
  * destroyed), so that after a crash their clients can reclaim their locks
  * during a grace period.  It is left out when there are none; files
  * written before sessions were recorded have no "sessions" member.
+ * Each session records its "lease-ms" (the grace period must cover the
+ * longest of them); files written before that lack it.
  */
 #ifndef EXTLOCKD_STATE_FILE_H
 #define EXTLOCKD_STATE_FILE_H
@@ -34,6 +36,12 @@ typedef struct ExtlockdStateSession {
     char *session;               /* 32 lowercase hex digits */
     char *client_id;
     char *lock_space;
+    /*
+     * The session's lease.  0 when the file does not record it (written
+     * by an extlockd from before leases were recorded): the reader must
+     * then assume the longest lease a client may ask for.
+     */
+    uint32_t lease_ms;
 } ExtlockdStateSession;
 
 /* Frees the strings and the struct (a GDestroyNotify) */
@@ -59,7 +67,9 @@ bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp);
  * file in *@sessions (a new GPtrArray of ExtlockdStateSession that frees
  * its elements; empty if the file lists none or is missing).  Session ids
  * must be 32 lowercase hex digits and unique, names 1..256 bytes without
- * control characters; anything else makes the file corrupt.
+ * control characters, "lease-ms" (optional) an integer in
+ * [EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS]; anything else makes the
+ * file corrupt.
  */
 bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
                                   GPtrArray **sessions, GError **errp);

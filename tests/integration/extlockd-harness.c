@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include <glib/gstdio.h>
@@ -711,6 +712,117 @@ json_object *wait_session_state(ExtlockConn *mon, const char *id,
         json_object_put(st);
         if (now_ms() > deadline) {
             fail_msg("session %s never became %s", id, state);
+        }
+        g_usleep(5000);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Refused starts and the event log                                    */
+
+void daemon_refused(const char *state_path, const char *const *extra,
+                    int status, const char *log_needle)
+{
+    Daemon *d = daemon_spawn(state_path, extra, NULL);
+    g_autofree char *log = NULL;
+
+    if (!daemon_wait_exit(d, 5000)) {
+        dump_log(d);
+        fail_msg("extlockd did not refuse to start");
+    }
+    assert_true(WIFEXITED(d->status));
+    if (WEXITSTATUS(d->status) != status) {
+        dump_log(d);
+        fail_msg("exit status %d, expected %d", WEXITSTATUS(d->status),
+                 status);
+    }
+    assert_false(g_file_test(d->sock, G_FILE_TEST_EXISTS));
+    assert_true(g_file_get_contents(d->log, &log, NULL, NULL));
+    if (!strstr(log, log_needle)) {
+        dump_log(d);
+        fail_msg("log does not mention \"%s\"", log_needle);
+    }
+}
+
+int64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+json_object *event_log_read(const char *path)
+{
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    json_object *arr = json_object_new_array();
+
+    if (!g_file_get_contents(path, &text, NULL, NULL)) {
+        return arr;
+    }
+    /* Every line is complete: the daemon writes each with one write() */
+    assert_true(text[0] == '\0' || g_str_has_suffix(text, "\n"));
+    lines = g_strsplit(text, "\n", -1);
+    for (int i = 0; lines[i] && lines[i][0]; i++) {
+        json_object *ev = json_tokener_parse(lines[i]);
+
+        if (!ev || !json_object_is_type(ev, json_type_object)) {
+            fail_msg("event log line %d is not a JSON object: %s", i + 1,
+                     lines[i]);
+        }
+        assert_true(jint(ev, "ts") > 0);
+        jstr(ev, "event");
+        json_object_array_add(arr, ev);
+    }
+    return arr;
+}
+
+json_object *event_find(json_object *events, const char *event,
+                        const char *client_id, int64_t token)
+{
+    for (size_t i = 0; i < json_object_array_length(events); i++) {
+        json_object *ev = json_object_array_get_idx(events, i);
+        json_object *v;
+
+        if (strcmp(jstr(ev, "event"), event) != 0) {
+            continue;
+        }
+        if (client_id && strcmp(jstr(ev, "client-id"), client_id) != 0) {
+            continue;
+        }
+        if (token >= 0 && (!json_object_object_get_ex(ev, "token", &v) ||
+                           json_object_get_int64(v) != token)) {
+            continue;
+        }
+        return ev;
+    }
+    return NULL;
+}
+
+json_object *event_wait(const char *path, const char *event,
+                        const char *client_id, int64_t token, int ms,
+                        json_object **all)
+{
+    int64_t deadline = now_ms() + ms;
+
+    for (;;) {
+        json_object *events = event_log_read(path);
+        json_object *ev = event_find(events, event, client_id, token);
+
+        if (ev) {
+            json_object_get(ev);
+            if (all) {
+                *all = events;
+            } else {
+                json_object_put(events);
+            }
+            return ev;
+        }
+        json_object_put(events);
+        if (now_ms() > deadline) {
+            fail_msg("no \"%s\" event of %s in %s within %d ms", event,
+                     client_id ? client_id : "anyone", path, ms);
         }
         g_usleep(5000);
     }
