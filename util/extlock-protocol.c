@@ -73,6 +73,15 @@ static const char *const msg_type_names[EXTLOCK_MSG__MAX] = {
     [EXTLOCK_MSG_ERROR] = "error",
     [EXTLOCK_MSG_REVOKE] = "revoke",
     [EXTLOCK_MSG_SESSION_EXPIRED] = "session-expired",
+    [EXTLOCK_MSG_RELEASE_SESSION] = "release-session",
+    [EXTLOCK_MSG_SESSION_RELEASED] = "session-released",
+    [EXTLOCK_MSG_FENCE_STATUS] = "fence-status",
+};
+
+static const char *const fence_result_names[EXTLOCK_FENCE__MAX] = {
+    [EXTLOCK_FENCE_STARTED] = "started",
+    [EXTLOCK_FENCE_SUCCEEDED] = "succeeded",
+    [EXTLOCK_FENCE_FAILED] = "failed",
 };
 
 static const char *const error_code_names[EXTLOCK_ERR__MAX] = {
@@ -99,6 +108,14 @@ const char *extlock_msg_type_name(ExtlockMsgType type)
         return "invalid";
     }
     return msg_type_names[type];
+}
+
+const char *extlock_fence_result_name(ExtlockFenceResult result)
+{
+    if ((unsigned)result >= EXTLOCK_FENCE__MAX) {
+        return "failed";
+    }
+    return fence_result_names[result];
 }
 
 const char *extlock_error_code_name(ExtlockErrorCode code)
@@ -141,7 +158,9 @@ static ExtlockMsgType msg_type_from_name(const char *name, size_t len)
 
 static bool msg_type_is_notification(ExtlockMsgType type)
 {
-    return type == EXTLOCK_MSG_REVOKE || type == EXTLOCK_MSG_SESSION_EXPIRED;
+    return type == EXTLOCK_MSG_REVOKE ||
+           type == EXTLOCK_MSG_SESSION_EXPIRED ||
+           type == EXTLOCK_MSG_FENCE_STATUS;
 }
 
 /* Copying a constant compiles to a few vector stores, unlike memset */
@@ -165,6 +184,7 @@ void extlock_msg_clear(ExtlockMsg *msg)
     g_free(msg->session);
     g_free(msg->server);
     g_free(msg->message);
+    g_free(msg->session_client);
     if (msg->pieces) {
         g_array_free(msg->pieces, true);
     }
@@ -668,6 +688,41 @@ static bool parse_error_reply(json_object *obj, ExtlockMsg *msg,
     return get_text(obj, "message", &msg->message, err);
 }
 
+static bool get_fence_result(json_object *obj, ExtlockFenceResult *out,
+                             ExtlockProtoError *err)
+{
+    json_object *v = member(obj, "result");
+    int i;
+
+    if (!v) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "missing member \"result\"");
+    }
+    if (json_object_is_type(v, json_type_string)) {
+        for (i = 0; i < EXTLOCK_FENCE__MAX; i++) {
+            if (strcmp(json_object_get_string(v),
+                       fence_result_names[i]) == 0) {
+                *out = i;
+                return true;
+            }
+        }
+    }
+    return set_error(err, EXTLOCK_ERR_INVALID,
+                     "\"result\" must be \"started\", \"succeeded\" or "
+                     "\"failed\"");
+}
+
+/* welcome "fence-margin-ms": optional, an integer in [0, 2^32) */
+static bool get_fence_margin(json_object *obj, ExtlockMsg *msg,
+                             ExtlockProtoError *err)
+{
+    if (!member(obj, "fence-margin-ms")) {
+        return true;
+    }
+    msg->has_fence_margin = true;
+    return get_u32(obj, "fence-margin-ms", &msg->fence_margin_ms, err);
+}
+
 /* Validate and decode the members that @msg->type requires */
 static bool parse_members(json_object *obj, ExtlockMsg *msg,
                           ExtlockProtoError *err)
@@ -691,6 +746,7 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_bool(obj, "reclaim", false, &msg->reclaim, err) &&
                get_u63(obj, "grace-remaining-ms", false,
                        &msg->grace_remaining_ms, err) &&
+               get_fence_margin(obj, msg, err) &&
                parse_locks(obj, msg, err);
     case EXTLOCK_MSG_LOCK:
         msg->has_extent = true;
@@ -764,6 +820,20 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_u63(obj, "token", true, &msg->token, err);
     case EXTLOCK_MSG_SESSION_EXPIRED:
         return get_name(obj, "session", true, &msg->session, err) &&
+               get_text(obj, "message", &msg->message, err);
+    case EXTLOCK_MSG_RELEASE_SESSION:
+        return get_name(obj, "session", true, &msg->session, err) &&
+               get_text(obj, "message", &msg->message, err);
+    case EXTLOCK_MSG_SESSION_RELEASED:
+        return get_name(obj, "session", true, &msg->session, err) &&
+               get_u63(obj, "released", true, &msg->released, err);
+    case EXTLOCK_MSG_FENCE_STATUS:
+        return get_name(obj, "lock-space", true, &msg->lock_space, err) &&
+               get_name(obj, "client-id", true, &msg->client_id, err) &&
+               get_name(obj, "session-client", false, &msg->session_client,
+                        err) &&
+               get_name(obj, "session", false, &msg->session, err) &&
+               get_fence_result(obj, &msg->fence_result, err) &&
                get_text(obj, "message", &msg->message, err);
     default:
         return set_error(err, EXTLOCK_ERR_INTERNAL, "unhandled type");
@@ -1499,6 +1569,9 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         if (msg->grace_remaining_ms) {
             PUT_U64(out, ",\"grace-remaining-ms\":", msg->grace_remaining_ms);
         }
+        if (msg->has_fence_margin) {
+            PUT_U64(out, ",\"fence-margin-ms\":", msg->fence_margin_ms);
+        }
         if (msg->locks) {
             put_locks(out, msg->locks);
         }
@@ -1572,7 +1645,28 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         PUT_U64(out, ",\"token\":", msg->token);
         break;
     case EXTLOCK_MSG_SESSION_EXPIRED:
+    case EXTLOCK_MSG_RELEASE_SESSION:
         PUT_STR(out, ",\"session\":", msg->session);
+        if (msg->message) {
+            PUT_STR(out, ",\"message\":", msg->message);
+        }
+        break;
+    case EXTLOCK_MSG_SESSION_RELEASED:
+        PUT_STR(out, ",\"session\":", msg->session);
+        PUT_U64(out, ",\"released\":", msg->released);
+        break;
+    case EXTLOCK_MSG_FENCE_STATUS:
+        PUT_STR(out, ",\"lock-space\":", msg->lock_space);
+        PUT_STR(out, ",\"client-id\":", msg->client_id);
+        if (msg->session_client) {
+            PUT_STR(out, ",\"session-client\":", msg->session_client);
+        }
+        if (msg->session) {
+            PUT_STR(out, ",\"session\":", msg->session);
+        }
+        APPEND_LIT(out, ",\"result\":\"");
+        g_string_append(out, extlock_fence_result_name(msg->fence_result));
+        out_putc(out, '"');
         if (msg->message) {
             PUT_STR(out, ",\"message\":", msg->message);
         }

@@ -58,6 +58,10 @@ typedef enum ExtlockMsgType {
     /* server -> client notifications (no id) */
     EXTLOCK_MSG_REVOKE,         /* reserved: "please release this extent" */
     EXTLOCK_MSG_SESSION_EXPIRED,
+    /* fencing (docs/protocol.rst, "Fencing") */
+    EXTLOCK_MSG_RELEASE_SESSION,    /* admin request: force release */
+    EXTLOCK_MSG_SESSION_RELEASED,   /* its reply */
+    EXTLOCK_MSG_FENCE_STATUS,       /* notification to waiters */
     EXTLOCK_MSG__MAX,
 } ExtlockMsgType;
 
@@ -79,6 +83,14 @@ typedef enum ExtlockErrorCode {
     EXTLOCK_ERR_INTERNAL,       /* "internal-error" */
     EXTLOCK_ERR__MAX,
 } ExtlockErrorCode;
+
+/* "result" of a fence-status notification */
+typedef enum ExtlockFenceResult {
+    EXTLOCK_FENCE_STARTED,
+    EXTLOCK_FENCE_SUCCEEDED,
+    EXTLOCK_FENCE_FAILED,
+    EXTLOCK_FENCE__MAX,
+} ExtlockFenceResult;
 
 /* One remaining piece after a partial unlock */
 typedef struct ExtlockPiece {
@@ -155,6 +167,25 @@ typedef struct ExtlockMsg {
     bool reclaim;               /* coordinator restarted: reclaim locks */
     uint64_t grace_remaining_ms;
     /* welcome "locks": see the "locks" member above */
+
+    /*
+     * welcome: the coordinator's fence margin; old coordinators omit it
+     * (has_fence_margin false, and a client then assumes 0)
+     */
+    bool has_fence_margin;
+    uint32_t fence_margin_ms;
+
+    /*
+     * fence-status: "lock-space", "client-id" (the expired session's
+     * client), "session-client" (the same client, optional), "session"
+     * (its id, optional), "result", "message" (optional)
+     */
+    char *session_client;
+    ExtlockFenceResult fence_result;
+
+    /* release-session: "session" (and optional "message" as the reason);
+     * session-released: "session" and "released" (locks released) */
+    uint64_t released;
 } ExtlockMsg;
 
 /* A lock listed in "welcome" when a session is resumed */
@@ -166,6 +197,7 @@ typedef struct ExtlockProtoError {
 } ExtlockProtoError;
 
 const char *extlock_msg_type_name(ExtlockMsgType type);
+const char *extlock_fence_result_name(ExtlockFenceResult result);
 const char *extlock_error_code_name(ExtlockErrorCode code);
 ExtlockErrorCode extlock_error_code_from_name(const char *name);
 

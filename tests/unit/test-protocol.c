@@ -119,6 +119,14 @@ static const char *const canonical[] = {
     "\"mode\":\"shared\",\"token\":3298534883340}",
     "{\"type\":\"reclaim\",\"id\":9,\"offset\":0,\"length\":4096,"
     "\"mode\":\"shared\",\"token\":3298534883329}",
+    "{\"type\":\"release-session\",\"id\":12,"
+    "\"session\":\"0123456789abcdef0123456789abcdef\"}",
+    "{\"type\":\"session-released\",\"id\":12,"
+    "\"session\":\"0123456789abcdef0123456789abcdef\",\"released\":3}",
+    "{\"type\":\"fence-status\",\"lock-space\":\"d\","
+    "\"client-id\":\"hostB/d0\",\"session-client\":\"hostB/d0\","
+    "\"session\":\"0123456789abcdef0123456789abcdef\","
+    "\"result\":\"failed\",\"message\":\"agent exited with status 1\"}",
 };
 
 static void test_roundtrip_all_types(void **state)
