@@ -1637,10 +1637,14 @@ void extlock_linebuf_destroy(ExtlockLineBuf *lb)
 /* Length of the unterminated line at the end of the buffered data */
 static size_t linebuf_tail(ExtlockLineBuf *lb)
 {
-    const guint8 *start = lb->buf->data + lb->pos;
     size_t n = lb->buf->len - lb->pos;
-    const guint8 *nl = n ? memrchr(start, '\n', n) : NULL;
+    const guint8 *start, *nl;
 
+    if (!n) {
+        return 0;       /* buf->data may be NULL: no arithmetic on it */
+    }
+    start = lb->buf->data + lb->pos;
+    nl = memrchr(start, '\n', n);
     return nl ? (size_t)(start + n - (nl + 1)) : n;
 }
 
@@ -1706,14 +1710,14 @@ void extlock_linebuf_append(ExtlockLineBuf *lb, const void *data, size_t len)
 ExtlockLineResult extlock_linebuf_next(ExtlockLineBuf *lb, const char **line,
                                        size_t *len)
 {
-    const char *start = (const char *)lb->buf->data + lb->pos;
     size_t avail = lb->buf->len - lb->pos;
-    const char *nl;
+    const char *start, *nl;
     size_t n;
 
     if (!avail) {
-        return EXTLOCK_LINE_NONE;
+        return EXTLOCK_LINE_NONE;   /* buf->data may be NULL */
     }
+    start = (const char *)lb->buf->data + lb->pos;
     nl = memchr(start, '\n', avail);
     if (!nl) {
         if (avail >= lb->max_line) {
