@@ -1176,13 +1176,22 @@ bool extlock_msg_parse(const char *line, size_t len, ExtlockMsg *msg,
     obj = json_tokener_parse_ex(tok, line, len);
     if (!obj) {
         enum json_tokener_error jerr = json_tokener_get_error(tok);
+        size_t jend = json_tokener_get_parse_end(tok);
+
+        /*
+         * json_tokener_reset() does not clear everything: a line that
+         * ends inside a \uXXXX surrogate pair left the high surrogate
+         * pending, and the next line decoded by this thread (any
+         * connection's) got U+FFFD before its first \u escape.  Start
+         * the next parse with a new tokener.
+         */
+        g_private_replace(&tokener_key, NULL);
 
         if (jerr == json_tokener_continue || jerr == json_tokener_success) {
             return set_error(err, EXTLOCK_ERR_PARSE, "incomplete JSON");
         }
         return set_error(err, EXTLOCK_ERR_PARSE, "invalid JSON: %s at %zu",
-                         json_tokener_error_desc(jerr),
-                         json_tokener_get_parse_end(tok));
+                         json_tokener_error_desc(jerr), jend);
     }
     for (end = json_tokener_get_parse_end(tok); end < len; end++) {
         if (!is_json_space(line[end])) {

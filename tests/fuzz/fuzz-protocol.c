@@ -9,7 +9,9 @@
  *
  * 1. The whole input is decoded as one line.  A rejected line must come
  *    with an error code and leave nothing allocated in the message (the
- *    leak checker sees it otherwise).  An accepted message is encoded,
+ *    leak checker sees it otherwise).  An accepted line must decode the
+ *    same way a second time (nothing carries over from the lines decoded
+ *    before it).  An accepted message is encoded,
  *    and the encoding must be one line that decodes again to a message
  *    that encodes to the same bytes (the round trip is stable).
  * 2. The accepted line is decoded once more through json-c (the reference
@@ -105,6 +107,18 @@ static void check_line(const char *line, size_t len)
     enc = g_string_new(NULL);
     extlock_msg_format(&m, enc);
     check_encoding(enc);
+    /* Decoding depends on the line alone (no state from earlier lines) */
+    if (!extlock_msg_parse(line, len, &m2, &err)) {
+        FAIL("line rejected the second time (%s)", err.message);
+    }
+    enc2 = g_string_new(NULL);
+    extlock_msg_format(&m2, enc2);
+    if (!g_string_equal(enc, enc2)) {
+        FAIL("one line decoded twice, differently:\n  %s  %s", enc->str,
+             enc2->str);
+    }
+    extlock_msg_clear(&m2);
+    g_string_free(enc2, TRUE);
     if (!extlock_msg_parse(enc->str, enc->len - 1, &m2, &err)) {
         FAIL("own encoding rejected (%s): %s", err.message, enc->str);
     }
