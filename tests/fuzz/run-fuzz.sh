@@ -1,13 +1,14 @@
 #!/bin/bash
 # Build the libFuzzer harnesses (tests/fuzz) and run each for a while.
 #
-#   tests/fuzz/run-fuzz.sh [--seconds N | --runs N] [--work-dir DIR]
+#   tests/fuzz/run-fuzz.sh [--seconds N] [--runs N] [--work-dir DIR]
 #                          [--build DIR] [HARNESS...]
 #
 # HARNESS: fuzz-protocol, fuzz-dispatch (default: both).  Each runs from a
 # copy of its seed corpus (tests/fuzz/corpus/<harness>) in a work
 # directory (default: a fresh one under /tmp, kept), for N seconds
-# (default 25) or N executions each.  A crash, leak or sanitizer report
+# (default 25) or until N executions, whichever comes first.  An existing
+# work directory is reused: its corpus grows from run to run.  A crash, leak or sanitizer report
 # leaves the input as <workdir>/<harness>/crash-* and makes the script
 # fail; reproduce with  <build>/tests/fuzz/<harness> <that file>.
 # The last line is a summary: "fuzz: N harnesses, E executions, C crashes".
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --work-dir) WORK=$2; shift 2 ;;
     --build) BUILD=$2; shift 2 ;;
     fuzz-*) HARNESSES+=("$1"); shift ;;
-    *) echo "usage: $0 [--seconds N | --runs N] [--work-dir DIR]" \
+    *) echo "usage: $0 [--seconds N] [--runs N] [--work-dir DIR]" \
             "[--build DIR] [fuzz-protocol] [fuzz-dispatch]" >&2; exit 2 ;;
     esac
 done
@@ -52,8 +53,8 @@ for h in "${HARNESSES[@]}"; do
     dir=$WORK/$h
     mkdir -p "$dir/corpus"
     cp -n "$REPO/tests/fuzz/corpus/$h/"* "$dir/corpus/"
-    if [ -n "$RUNS" ]; then limit=(-runs="$RUNS"); else
-        limit=(-max_total_time="$SECONDS_EACH"); fi
+    limit=(-max_total_time="$SECONDS_EACH")
+    [ -n "$RUNS" ] && limit+=(-runs="$RUNS")
     start=$(date +%s)
     (cd "$dir" && "$BUILD/tests/fuzz/$h" "${limit[@]}" -print_final_stats=1 \
         -dict="$REPO/tests/fuzz/extlock.dict" -artifact_prefix="$dir/" \
