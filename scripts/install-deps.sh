@@ -16,6 +16,8 @@ PKGS=(
     seabios qemu-system-data ipxe-qemu
     nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils
     iproute2 procps psmisc socat
+    # ASan/UBSan test build and libFuzzer harnesses (tests/fuzz)
+    clang libfuzzer-14-dev
 )
 
 SRC=/etc/apt/sources.list.d/extlock-deb-src.sources

@@ -1246,13 +1246,22 @@ bool extlock_msg_parse(const char *line, size_t len, ExtlockMsg *msg,
     obj = json_tokener_parse_ex(tok, line, len);
     if (!obj) {
         enum json_tokener_error jerr = json_tokener_get_error(tok);
+        size_t jend = json_tokener_get_parse_end(tok);
+
+        /*
+         * json_tokener_reset() does not clear everything: a line that
+         * ends inside a \uXXXX surrogate pair left the high surrogate
+         * pending, and the next line decoded by this thread (any
+         * connection's) got U+FFFD before its first \u escape.  Start
+         * the next parse with a new tokener.
+         */
+        g_private_replace(&tokener_key, NULL);
 
         if (jerr == json_tokener_continue || jerr == json_tokener_success) {
             return set_error(err, EXTLOCK_ERR_PARSE, "incomplete JSON");
         }
         return set_error(err, EXTLOCK_ERR_PARSE, "invalid JSON: %s at %zu",
-                         json_tokener_error_desc(jerr),
-                         json_tokener_get_parse_end(tok));
+                         json_tokener_error_desc(jerr), jend);
     }
     for (end = json_tokener_get_parse_end(tok); end < len; end++) {
         if (!is_json_space(line[end])) {
@@ -1731,10 +1740,14 @@ void extlock_linebuf_destroy(ExtlockLineBuf *lb)
 /* Length of the unterminated line at the end of the buffered data */
 static size_t linebuf_tail(ExtlockLineBuf *lb)
 {
-    const guint8 *start = lb->buf->data + lb->pos;
     size_t n = lb->buf->len - lb->pos;
-    const guint8 *nl = n ? memrchr(start, '\n', n) : NULL;
+    const guint8 *start, *nl;
 
+    if (!n) {
+        return 0;       /* buf->data may be NULL: no arithmetic on it */
+    }
+    start = lb->buf->data + lb->pos;
+    nl = memrchr(start, '\n', n);
     return nl ? (size_t)(start + n - (nl + 1)) : n;
 }
 
@@ -1800,14 +1813,14 @@ void extlock_linebuf_append(ExtlockLineBuf *lb, const void *data, size_t len)
 ExtlockLineResult extlock_linebuf_next(ExtlockLineBuf *lb, const char **line,
                                        size_t *len)
 {
-    const char *start = (const char *)lb->buf->data + lb->pos;
     size_t avail = lb->buf->len - lb->pos;
-    const char *nl;
+    const char *start, *nl;
     size_t n;
 
     if (!avail) {
-        return EXTLOCK_LINE_NONE;
+        return EXTLOCK_LINE_NONE;   /* buf->data may be NULL */
     }
+    start = (const char *)lb->buf->data + lb->pos;
     nl = memchr(start, '\n', avail);
     if (!nl) {
         if (avail >= lb->max_line) {

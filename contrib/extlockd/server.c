@@ -2859,3 +2859,41 @@ void extlockd_server_free(ExtlockdServer *s)
     extlockd_fencer_free(s->fencer);
     g_free(s);
 }
+
+/* ------------------------------------------------------------------ */
+/* Testing seam (tests/fuzz)                                           */
+
+void extlockd_server_add_connection(ExtlockdServer *s, int fd,
+                                    const char *peer)
+{
+    conn_new(s, fd, peer);
+}
+
+void extlockd_server_run_timer(ExtlockdServer *s)
+{
+    if (s->timer) {
+        g_source_remove(s->timer);
+    }
+    on_timer(s);
+}
+
+bool extlockd_server_check(ExtlockdServer *s, unsigned *nsessions,
+                           char **errmsg)
+{
+    GHashTableIter iter;
+    gpointer value;
+
+    g_hash_table_iter_init(&iter, s->spaces);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        ExtlockdSpace *space = value;
+        g_autofree char *msg = NULL;
+
+        if (!extlock_table_check(space->table, &msg)) {
+            *errmsg = g_strdup_printf("lock-space '%s': %s", space->name,
+                                      msg);
+            return false;
+        }
+    }
+    *nsessions = g_hash_table_size(s->sessions);
+    return true;
+}

@@ -107,4 +107,19 @@ void extlockd_server_stop_listening(ExtlockdServer *server);
  */
 void extlockd_server_free(ExtlockdServer *server);
 
+/*
+ * Testing seam for tests/fuzz (not used by the daemon):
+ * extlockd_server_add_connection() serves a connected socket @fd as if it
+ * had been accepted (the server owns and closes it);
+ * extlockd_server_run_timer() runs the lease/grace/close timer now, as if
+ * it had fired (the harness controls the clock);
+ * extlockd_server_check() runs the lock table invariant checker on every
+ * lock-space and returns the number of sessions.
+ */
+void extlockd_server_add_connection(ExtlockdServer *server, int fd,
+                                    const char *peer);
+void extlockd_server_run_timer(ExtlockdServer *server);
+bool extlockd_server_check(ExtlockdServer *server, unsigned *nsessions,
+                           char **errmsg);
+
 #endif /* EXTLOCKD_SERVER_H */
