@@ -188,6 +188,11 @@ int extlock_conn_fd(ExtlockConn *conn)
     return conn->fd;
 }
 
+const char *extlock_conn_address(ExtlockConn *conn)
+{
+    return conn->address;
+}
+
 uint64_t extlock_conn_next_id(ExtlockConn *conn)
 {
     return conn->next_id;

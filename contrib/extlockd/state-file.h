@@ -14,6 +14,8 @@
  * destroyed), so that after a crash their clients can reclaim their locks
  * during a grace period.  It is left out when there are none; files
  * written before sessions were recorded have no "sessions" member.
+ * Each session also records its owner identity and a hash of its resume
+ * secret (never the secret itself); the file is created with mode 0600.
  */
 #ifndef EXTLOCKD_STATE_FILE_H
 #define EXTLOCKD_STATE_FILE_H
@@ -34,6 +36,15 @@ typedef struct ExtlockdStateSession {
     char *session;               /* 32 lowercase hex digits */
     char *client_id;
     char *lock_space;
+    /*
+     * The identity that owns the session (see policy.h) and the SHA-256
+     * of its resume secret (64 hex digits).  Only such a session may be
+     * reclaimed after a restart, and only by that identity presenting the
+     * secret.  Both are NULL for sessions of files written before owners
+     * were recorded.
+     */
+    char *owner;
+    char *secret_sha256;
 } ExtlockdStateSession;
 
 /* Frees the strings and the struct (a GDestroyNotify) */

@@ -22,6 +22,8 @@ typedef struct ExtlockConn ExtlockConn;
 ExtlockConn *extlock_conn_connect(const char *address, GError **errp);
 void extlock_conn_close(ExtlockConn *conn);
 int extlock_conn_fd(ExtlockConn *conn);
+/* The address it was connected to */
+const char *extlock_conn_address(ExtlockConn *conn);
 
 /* Next request id this connection would use (ids start at 1) */
 uint64_t extlock_conn_next_id(ExtlockConn *conn);
