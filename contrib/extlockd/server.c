@@ -1468,7 +1468,9 @@ static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
                    "connection is %s)", c->identity);
         return;
     }
-    if (!status_rate_ok(c)) {
+    /* Root and the daemon's uid on the UNIX socket are not limited */
+    if (!(admin && g_str_has_prefix(c->identity, "uid:")) &&
+        !status_rate_ok(c)) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
                    "too many status requests (limit %u per second, "
                    "--status-rate)", s->cfg.status_rate);
@@ -2244,8 +2246,10 @@ static bool conn_tls_handshake(ExtlockdConn *c)
     c->handshaking = false;
     c->identity = g_strdup(extlockd_tls_identity(c->tls));
     g_message("%s: TLS identity %s", c->peer, c->identity);
+    if (extlockd_policy_is_admin(s->policy, c->identity)) {
+        conn_unauth_done(c);
+    }
     conn_set_events(c, G_IO_IN);
-    (void)s;
     return true;
 }
 
@@ -2356,15 +2360,22 @@ static void conn_new(ExtlockdServer *s, int fd, const char *peer,
     c->status_tokens = s->cfg.status_rate;
     c->status_refill_us = c->accepted_us +
                           G_USEC_PER_SEC / s->cfg.status_rate;
-    c->unauth = true;
-    c->unauth_link.data = c;
-    g_queue_push_tail_link(&s->unauth, &c->unauth_link);
-    g_hash_table_insert(s->unauth_per_peer, g_strdup(key),
-                        GUINT_TO_POINTER(GPOINTER_TO_UINT(
-                            g_hash_table_lookup(s->unauth_per_peer, key)) +
-                            1));
-    server_schedule(s, c->accepted_us + s->cfg.hello_timeout_ms * 1000LL);
     c->server = s;
+    /*
+     * Admin identities on the UNIX socket (extlockctl) are authenticated
+     * by the kernel and need no hello; all others are limited until hello
+     */
+    if (!identity || !extlockd_policy_is_admin(s->policy, identity)) {
+        c->unauth = true;
+        c->unauth_link.data = c;
+        g_queue_push_tail_link(&s->unauth, &c->unauth_link);
+        g_hash_table_insert(s->unauth_per_peer, g_strdup(key),
+                            GUINT_TO_POINTER(GPOINTER_TO_UINT(
+                                g_hash_table_lookup(s->unauth_per_peer,
+                                                    key)) + 1));
+        server_schedule(s, c->accepted_us +
+                        s->cfg.hello_timeout_ms * 1000LL);
+    }
     c->serial = ++s->next_serial;
     c->peer = g_strdup_printf("#%" PRIu64 " (%s)", c->serial, peer);
     c->fd = fd;
@@ -2521,7 +2532,8 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
             close(cfd);
             continue;
         }
-        if (!conn_admit(s, key, peer)) {
+        if (!(identity[0] && extlockd_policy_is_admin(s->policy, identity)) &&
+            !conn_admit(s, key, peer)) {
             close(cfd);
             continue;
         }
