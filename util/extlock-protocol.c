@@ -100,6 +100,7 @@ static const char *const error_code_names[EXTLOCK_ERR__MAX] = {
     [EXTLOCK_ERR_EXPIRED] = "session-expired",
     [EXTLOCK_ERR_GRACE] = "in-grace",
     [EXTLOCK_ERR_INTERNAL] = "internal-error",
+    [EXTLOCK_ERR_DENIED] = "permission-denied",
 };
 
 const char *extlock_msg_type_name(ExtlockMsgType type)
@@ -182,6 +183,8 @@ void extlock_msg_clear(ExtlockMsg *msg)
     g_free(msg->client_id);
     g_free(msg->lock_space);
     g_free(msg->session);
+    g_free(msg->resume_secret);
+    g_free(msg->identity);
     g_free(msg->server);
     g_free(msg->message);
     g_free(msg->session_client);
@@ -499,6 +502,42 @@ static bool get_name(json_object *obj, const char *key, bool required,
     return true;
 }
 
+/*
+ * Version 2 "resume-secret": EXTLOCK_SECRET_LEN lowercase hex digits.
+ * A hello that resumes a session must carry it, hence @required.
+ */
+static bool get_secret(json_object *obj, bool required, char **out,
+                       ExtlockProtoError *err)
+{
+    json_object *v = member(obj, "resume-secret");
+    const char *s;
+
+    if (!v) {
+        if (required) {
+            return set_error(err, EXTLOCK_ERR_INVALID,
+                             "\"session\" needs \"resume-secret\" (the "
+                             "secret from that session's welcome)");
+        }
+        return true;
+    }
+    if (!json_object_is_type(v, json_type_string) ||
+        json_object_get_string_len(v) != EXTLOCK_SECRET_LEN) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "\"resume-secret\" must be a string of %d hex "
+                         "digits", EXTLOCK_SECRET_LEN);
+    }
+    s = json_object_get_string(v);
+    for (int i = 0; i < EXTLOCK_SECRET_LEN; i++) {
+        if (!g_ascii_isxdigit(s[i]) || g_ascii_isupper(s[i])) {
+            return set_error(err, EXTLOCK_ERR_INVALID,
+                             "\"resume-secret\" must be a string of %d "
+                             "lowercase hex digits", EXTLOCK_SECRET_LEN);
+        }
+    }
+    *out = g_strndup(s, EXTLOCK_SECRET_LEN);
+    return true;
+}
+
 /* A free-form optional string (messages, server name) */
 static bool get_text(json_object *obj, const char *key, char **out,
                      ExtlockProtoError *err)
@@ -735,7 +774,8 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_name(obj, "client-id", true, &msg->client_id, err) &&
                get_name(obj, "lock-space", true, &msg->lock_space, err) &&
                get_lease(obj, false, true, &msg->lease_ms, err) &&
-               get_name(obj, "session", false, &msg->session, err);
+               get_name(obj, "session", false, &msg->session, err) &&
+               get_secret(obj, false, &msg->resume_secret, err);
     case EXTLOCK_MSG_WELCOME:
         return get_u32(obj, "version", &msg->version, err) &&
                get_name(obj, "session", true, &msg->session, err) &&
@@ -747,6 +787,8 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_u63(obj, "grace-remaining-ms", false,
                        &msg->grace_remaining_ms, err) &&
                get_fence_margin(obj, msg, err) &&
+               get_secret(obj, false, &msg->resume_secret, err) &&
+               get_text(obj, "identity", &msg->identity, err) &&
                parse_locks(obj, msg, err);
     case EXTLOCK_MSG_LOCK:
         msg->has_extent = true;
@@ -1560,6 +1602,9 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         if (msg->session) {
             PUT_STR(out, ",\"session\":", msg->session);
         }
+        if (msg->resume_secret) {
+            PUT_STR(out, ",\"resume-secret\":", msg->resume_secret);
+        }
         break;
     case EXTLOCK_MSG_WELCOME:
         PUT_U64(out, ",\"version\":", msg->version);
@@ -1580,6 +1625,12 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         }
         if (msg->has_fence_margin) {
             PUT_U64(out, ",\"fence-margin-ms\":", msg->fence_margin_ms);
+        }
+        if (msg->resume_secret) {
+            PUT_STR(out, ",\"resume-secret\":", msg->resume_secret);
+        }
+        if (msg->identity) {
+            PUT_STR(out, ",\"identity\":", msg->identity);
         }
         if (msg->locks) {
             put_locks(out, msg->locks);

@@ -492,7 +492,17 @@ static const char usage_text[] =
     "                      or a socket path (default: $EXTLOCK_COORDINATOR,\n"
     "                      else " DEFAULT_ADDRESS ")\n"
     "  -j, --json          print the status (or the selected part) as JSON\n"
+    "  --tls-creds-dir DIR TLS to a tcp: address, credentials in DIR like\n"
+    "                      QEMU's: ca-cert.pem, client-cert.pem,\n"
+    "                      client-key.pem (or keys.psk with --tls-psk-user)\n"
+    "  --tls-psk-user NAME use the pre-shared key of NAME from keys.psk\n"
+    "  --tls-hostname NAME name expected in the server certificate\n"
+    "                      (default: the host of the address)\n"
+    "  --tls-verify-peer yes|no  verify the server certificate (default yes)\n"
     "  -h, --help          show this help\n"
+    "\n"
+    "Before hello the coordinator answers status only to admin identities\n"
+    "(root or its own uid on the UNIX socket, admins of the --policy).\n"
     "\n"
     "Exit status: 0 success, 1 coordinator unreachable or error, "
     "2 bad usage.\n";
@@ -543,6 +553,7 @@ int main(int argc, char **argv)
     const char *command = NULL;
     const char *session = NULL, *reason = NULL;
     bool json = false, force = false;
+    ExtlockTlsOptions tls = { 0 };
     g_autoptr(GError) err = NULL;
     ExtlockConn *conn;
     ExtlockMsg req, reply;
@@ -570,6 +581,37 @@ int main(int argc, char **argv)
                 return usage_error("option '%s' needs a text", a);
             }
             reason = argv[++i];
+        } else if (g_str_has_prefix(a, "--tls-")) {
+            static const char *const names[] = {
+                "--tls-creds-dir", "--tls-psk-user", "--tls-hostname",
+                "--tls-verify-peer", NULL,
+            };
+            const char *eq = strchr(a, '=');
+            g_autofree char *name = eq ? g_strndup(a, eq - a) : g_strdup(a);
+            const char *val;
+
+            if (!g_strv_contains(names, name)) {
+                return usage_error("unknown option '%s'", a);
+            }
+            if (eq) {
+                val = eq + 1;
+            } else if (i + 1 < argc) {
+                val = argv[++i];
+            } else {
+                return usage_error("option '%s' needs a value", a);
+            }
+            if (g_str_equal(name, "--tls-creds-dir")) {
+                tls.creds_dir = val;
+            } else if (g_str_equal(name, "--tls-psk-user")) {
+                tls.psk_username = val;
+            } else if (g_str_equal(name, "--tls-hostname")) {
+                tls.hostname = val;
+            } else if (g_str_equal(val, "yes") || g_str_equal(val, "no")) {
+                tls.no_verify_peer = g_str_equal(val, "no");
+            } else {
+                return usage_error("--tls-verify-peer takes yes or no, "
+                                   "not '%s'", val);
+            }
         } else if (a[0] == '-' && a[1]) {
             return usage_error("unknown option '%s'", a);
         } else if (command && g_str_equal(command, "release-session") &&
@@ -609,7 +651,11 @@ int main(int argc, char **argv)
         address = DEFAULT_ADDRESS;
     }
 
-    conn = extlock_conn_connect(address, &err);
+    if ((tls.psk_username || tls.hostname || tls.no_verify_peer) &&
+        !tls.creds_dir) {
+        return usage_error("%s", "the --tls-* options need --tls-creds-dir");
+    }
+    conn = extlock_conn_connect_tls(address, &tls, &err);
     if (!conn) {
         fprintf(stderr, "extlockctl: %s\n", err->message);
         return 1;

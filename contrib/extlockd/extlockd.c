@@ -18,8 +18,10 @@
 #include "extlock/protocol.h"
 #include "event-log.h"
 #include "fence.h"
+#include "policy.h"
 #include "server.h"
 #include "state-file.h"
+#include "tls.h"
 
 #define EXIT_USAGE 2
 
@@ -70,6 +72,34 @@ static GLogWriterOutput log_writer(GLogLevelFlags level,
     return G_LOG_WRITER_HANDLED;
 }
 
+typedef struct ReloadCtx {
+    ExtlockdServer *server;
+    const char *policy_file;
+} ReloadCtx;
+
+/* SIGHUP: read the policy file again; a bad one leaves the old in force */
+static gboolean on_sighup(gpointer opaque)
+{
+    ReloadCtx *r = opaque;
+    g_autoptr(GError) err = NULL;
+    ExtlockdPolicy *p;
+
+    if (!r->policy_file) {
+        g_message("SIGHUP: no --policy file to reload");
+        return G_SOURCE_CONTINUE;
+    }
+    p = extlockd_policy_load(r->policy_file, &err);
+    if (!p) {
+        g_warning("SIGHUP: policy not reloaded, the previous one stays in "
+                  "force: %s", err->message);
+        return G_SOURCE_CONTINUE;
+    }
+    g_message("SIGHUP: policy reloaded from %s (%u identities)",
+              r->policy_file, extlockd_policy_size(p));
+    extlockd_server_set_policy(r->server, p);
+    return G_SOURCE_CONTINUE;
+}
+
 static gboolean on_signal(gpointer opaque)
 {
     GMainLoop *loop = opaque;
@@ -114,6 +144,16 @@ int main(int argc, char **argv)
     uint32_t longest_lease = 0;
     unsigned unknown_leases = 0;
     gboolean debug_checks = FALSE, verbose = FALSE, version = FALSE;
+    g_autofree char *tls_dir = NULL, *tls_verify = NULL, *policy_file = NULL;
+    gboolean insecure = FALSE;
+    gint64 hello_timeout = EXTLOCKD_DEFAULT_HELLO_TIMEOUT_MS;
+    gint64 max_unauth = EXTLOCKD_DEFAULT_MAX_UNAUTH;
+    gint64 max_unauth_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
+    gint64 status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
+    ExtlockdPolicy *policy = NULL;
+    ExtlockdTlsCreds *tls = NULL;
+    ReloadCtx reload = { 0 };
+    bool has_tcp = false;
     GOptionEntry entries[] = {
         { "listen", 'l', 0, G_OPTION_ARG_STRING_ARRAY, &listen_addrs,
           "Listen on ADDR: unix:PATH or tcp:HOST:PORT (repeatable; "
@@ -148,6 +188,29 @@ int main(int argc, char **argv)
           "Held plus waiting locks per session (default 16384)", "N" },
         { "max-sessions", 0, 0, G_OPTION_ARG_INT64, &max_sessions,
           "Sessions in all lock-spaces (default 4096)", "N" },
+        { "tls-creds-dir", 0, 0, G_OPTION_ARG_FILENAME, &tls_dir,
+          "TLS on TCP listeners, with the credentials in DIR (QEMU's "
+          "layout: ca-cert.pem, server-cert.pem, server-key.pem and/or "
+          "keys.psk)", "DIR" },
+        { "tls-verify-peer", 0, 0, G_OPTION_ARG_STRING, &tls_verify,
+          "Require x509 clients to present a certificate signed by "
+          "ca-cert.pem (default yes)", "yes|no" },
+        { "insecure", 0, 0, G_OPTION_ARG_NONE, &insecure,
+          "Allow TCP listeners without TLS: anybody who reaches the port "
+          "can take locks (testing only)", NULL },
+        { "policy", 0, 0, G_OPTION_ARG_FILENAME, &policy_file,
+          "Authorization policy (identities, lock-spaces, client-ids, "
+          "admins); reloaded on SIGHUP", "FILE" },
+        { "hello-timeout-ms", 0, 0, G_OPTION_ARG_INT64, &hello_timeout,
+          "Close connections that have not said hello after N ms "
+          "(default 10000)", "N" },
+        { "max-unauth", 0, 0, G_OPTION_ARG_INT64, &max_unauth,
+          "Connections without hello, in total (default 256)", "N" },
+        { "max-unauth-per-peer", 0, 0, G_OPTION_ARG_INT64, &max_unauth_peer,
+          "Connections without hello per IP address or uid (default 32)",
+          "N" },
+        { "status-rate", 0, 0, G_OPTION_ARG_INT64, &status_rate,
+          "status requests per second and connection (default 10)", "N" },
         { "debug-checks", 0, 0, G_OPTION_ARG_NONE, &debug_checks,
           "Check the lock table invariants after every change (also "
           "EXTLOCKD_DEBUG_CHECKS=1)", NULL },
@@ -199,7 +262,24 @@ int main(int argc, char **argv)
         !check_range("--max-locks-per-session", max_locks, 1, G_MAXUINT32) ||
         !check_range("--max-sessions", max_sessions, 1, G_MAXUINT32) ||
         (grace_ms != -1 &&
-         !check_range("--grace-ms", grace_ms, 0, EXTLOCKD_MAX_GRACE_MS))) {
+         !check_range("--grace-ms", grace_ms, 0, EXTLOCKD_MAX_GRACE_MS)) ||
+        !check_range("--hello-timeout-ms", hello_timeout, 100,
+                     EXTLOCK_MAX_LEASE_MS) ||
+        !check_range("--max-unauth", max_unauth, 1, 1000000) ||
+        !check_range("--max-unauth-per-peer", max_unauth_peer, 1,
+                     1000000) ||
+        !check_range("--status-rate", status_rate, 1, 1000000)) {
+        return EXIT_USAGE;
+    }
+    if (tls_verify && strcmp(tls_verify, "yes") != 0 &&
+        strcmp(tls_verify, "no") != 0) {
+        fprintf(stderr, "extlockd: --tls-verify-peer must be yes or no, "
+                "not '%s'\n", tls_verify);
+        return EXIT_USAGE;
+    }
+    if (tls_verify && !tls_dir) {
+        fprintf(stderr, "extlockd: --tls-verify-peer needs "
+                "--tls-creds-dir\n");
         return EXIT_USAGE;
     }
     if (grace_ms != -1 && grace_ms < lease_ms + fence_ms) {
@@ -259,6 +339,14 @@ int main(int argc, char **argv)
                     "tcp:HOST:PORT\n", addrs[i]);
             return EXIT_USAGE;
         }
+        has_tcp |= g_str_has_prefix(addrs[i], "tcp:");
+    }
+    if (has_tcp && !tls_dir && !insecure) {
+        fprintf(stderr, "extlockd: a TCP listener without TLS lets anybody "
+                "who can reach the port take and release locks.\n"
+                "Give --tls-creds-dir DIR (see docs/extlockd.rst), or "
+                "--insecure if that is really what you want.\n");
+        return EXIT_USAGE;
     }
 
     opt_verbose = verbose;
@@ -271,6 +359,11 @@ int main(int argc, char **argv)
     cfg.max_sessions = max_sessions;
     cfg.debug_checks = debug_checks || env_flag("EXTLOCKD_DEBUG_CHECKS");
     cfg.verbose = verbose;
+    cfg.insecure = insecure;
+    cfg.hello_timeout_ms = hello_timeout;
+    cfg.max_unauth = max_unauth;
+    cfg.max_unauth_per_peer = max_unauth_peer;
+    cfg.status_rate = status_rate;
     first_counter = g_getenv("EXTLOCKD_TEST_FIRST_COUNTER");
     if (first_counter) {
         guint64 v;
@@ -297,6 +390,22 @@ int main(int argc, char **argv)
      * The epoch, and the sessions that may reclaim their locks, are
      * durable before anybody can connect
      */
+    policy = extlockd_policy_load(policy_file, &err);
+    if (!policy) {
+        g_critical("%s", err->message);
+        return 1;
+    }
+    if (tls_dir) {
+        tls = extlockd_tls_creds_load(tls_dir,
+                                      !tls_verify ||
+                                      strcmp(tls_verify, "yes") == 0, &err);
+        if (!tls) {
+            g_critical("%s", err->message);
+            extlockd_policy_free(policy);
+            return 1;
+        }
+    }
+
     lock_fd = extlockd_state_lock(cfg.state_file, &err);
     if (lock_fd < 0) {
         g_critical("%s", err->message);
@@ -355,6 +464,24 @@ int main(int argc, char **argv)
         extlockd_server_set_fencer(server,
             extlockd_fencer_new(fence_agent, fence_timeout_ms,
                                 (const char *const *)fence_args));
+    }
+    extlockd_server_set_policy(server, policy);
+    extlockd_server_set_tls(server, tls);
+    reload.server = server;
+    reload.policy_file = policy_file;
+    g_unix_signal_add(SIGHUP, on_sighup, &reload);
+    if (policy_file) {
+        g_message("policy %s: %u identities", policy_file,
+                  extlockd_policy_size(policy));
+    } else {
+        g_message("no --policy: every identity may use every lock-space "
+                  "and client-id; admins: uid:0 and uid:%u on the UNIX "
+                  "socket", (unsigned)getuid());
+    }
+    if (has_tcp && !tls_dir) {
+        g_warning("INSECURE: TCP listeners without TLS (--insecure): "
+                  "anybody who can reach them can take and release locks "
+                  "of the lock-spaces the policy allows \"anonymous\"");
     }
     extlockd_server_restore(server, sessions);
     if (!extlockd_server_save_state(server, &err)) {

@@ -48,14 +48,18 @@
 #include <glib.h>
 #include <glib-unix.h>
 #include <gio/gio.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/crypto.h>
 #include <json-c/json.h>
 
 #include "extlock/lock-table.h"
 #include "extlock/protocol.h"
 #include "event-log.h"
 #include "fence.h"
+#include "policy.h"
 #include "server.h"
 #include "state-file.h"
+#include "tls.h"
 
 #define READ_CHUNK          (64 * 1024)
 #define READ_ROUNDS         4           /* reads per callback at most */
@@ -158,6 +162,15 @@ struct ExtlockdSession {
     ExtlockdFence *fence;
     bool fence_ok;
     bool grace_fenced;           /* in space->grace_fenced */
+
+    /*
+     * The identity that created it, and the SHA-256 (hex) of the resume
+     * secret given in its welcome: resuming or reclaiming it needs both.
+     * NULL owner: restored from an old state file, cannot be reclaimed.
+     */
+    char *owner;
+    char secret_sha256[65];
+    char secret[EXTLOCK_SECRET_LEN + 1];    /* "" after a restart */
 };
 
 struct ExtlockdConn {
@@ -178,6 +191,18 @@ struct ExtlockdConn {
     ExtlockdSession *session;
     bool closing;                /* close once out is flushed */
     int64_t closing_since_us;
+    /* Who it is (policy.h); NULL during the TLS handshake */
+    char *identity;
+    ExtlockdTls *tls;            /* TLS listener: the TLS session */
+    bool handshaking;
+    /* Before hello: counted per peer (IP address or uid) and in total */
+    char *peer_key;
+    bool unauth;
+    GList unauth_link;           /* in server->unauth, accept order */
+    int64_t accepted_us;
+    /* status rate limit: tokens, refilled every STATUS_INTERVAL */
+    unsigned status_tokens;
+    int64_t status_refill_us;
 };
 
 typedef struct ConnSource {
@@ -195,6 +220,7 @@ struct ExtlockdListener {
     char *unix_path;             /* unlinked at exit if still ours */
     dev_t dev;
     ino_t ino;
+    bool tls;                    /* TCP with TLS */
 };
 
 struct ExtlockdServer {
@@ -225,6 +251,14 @@ struct ExtlockdServer {
     GArray *pieces;
     GArray *blockers;
     GArray *locks;
+    /* Security */
+    ExtlockdPolicy *policy;
+    ExtlockdTlsCreds *tls;
+    GQueue unauth;               /* connections without hello */
+    GHashTable *unauth_per_peer; /* peer key -> count (GUINT_TO_POINTER) */
+    uint64_t refused;            /* connections refused by the caps */
+    int64_t refused_logged_us;
+    uint64_t refused_logged;
 };
 
 static void conn_destroy(ExtlockdConn *c);
@@ -341,6 +375,35 @@ static void conn_set_events(ExtlockdConn *c, GIOCondition events)
     }
 }
 
+/* Plain or TLS I/O on the connection's non-blocking socket */
+static ssize_t conn_sys_send(ExtlockdConn *c, const void *buf, size_t len)
+{
+    if (c->tls) {
+        return extlockd_tls_send(c->tls, buf, len);
+    }
+    return send(c->fd, buf, len, MSG_NOSIGNAL);
+}
+
+static ssize_t conn_sys_recv(ExtlockdConn *c, void *buf, size_t len)
+{
+    if (c->tls) {
+        return extlockd_tls_recv(c->tls, buf, len);
+    }
+    return recv(c->fd, buf, len, 0);
+}
+
+/*
+ * Records GnuTLS has decrypted already are invisible to poll(): make the
+ * source dispatch again if the connection wants input
+ */
+static void conn_kick_tls(ExtlockdConn *c)
+{
+    if (c->tls && !c->handshaking && (c->events & G_IO_IN) &&
+        extlockd_tls_pending(c->tls)) {
+        g_source_set_ready_time(c->source, 0);
+    }
+}
+
 /* Returns false if the connection was destroyed */
 static bool conn_flush(ExtlockdConn *c)
 {
@@ -348,8 +411,8 @@ static bool conn_flush(ExtlockdConn *c)
     GIOCondition events;
 
     while (c->out_pos < c->out->len) {
-        ssize_t n = send(c->fd, c->out->str + c->out_pos,
-                         c->out->len - c->out_pos, MSG_NOSIGNAL);
+        ssize_t n = conn_sys_send(c, c->out->str + c->out_pos,
+                                  c->out->len - c->out_pos);
         if (n > 0) {
             c->out_pos += n;
             continue;
@@ -361,7 +424,8 @@ static bool conn_flush(ExtlockdConn *c)
             break;
         }
         VERBOSE(c->server, "%s: write failed: %s", c->peer,
-                n < 0 ? g_strerror(errno) : "no progress");
+                n < 0 ? (c->tls ? extlockd_tls_error(c->tls) :
+                         g_strerror(errno)) : "no progress");
         conn_destroy(c);
         return false;
     }
@@ -374,7 +438,10 @@ static bool conn_flush(ExtlockdConn *c)
             conn_destroy(c);
             return false;
         }
-        conn_set_events(c, G_IO_IN);
+        if (!c->handshaking) {
+            conn_set_events(c, G_IO_IN);
+            conn_kick_tls(c);
+        }
         return true;
     }
 
@@ -394,6 +461,7 @@ static bool conn_flush(ExtlockdConn *c)
         events |= G_IO_IN;
     }
     conn_set_events(c, events);
+    conn_kick_tls(c);
     return true;
 }
 
@@ -625,6 +693,46 @@ static void make_session_id(ExtlockdServer *s, char id[33])
     } while (g_hash_table_contains(s->sessions, id));
 }
 
+/*
+ * A new resume secret for @S: 256 bits from GnuTLS's key-grade generator,
+ * in hex; only its SHA-256 is ever written to the state file
+ */
+static bool session_new_secret(ExtlockdSession *S)
+{
+    static const char hex[] = "0123456789abcdef";
+    uint8_t raw[EXTLOCK_SECRET_LEN / 2];
+    g_autofree char *sum = NULL;
+
+    if (gnutls_rnd(GNUTLS_RND_KEY, raw, sizeof(raw)) < 0) {
+        return false;
+    }
+    for (size_t i = 0; i < sizeof(raw); i++) {
+        S->secret[2 * i] = hex[raw[i] >> 4];
+        S->secret[2 * i + 1] = hex[raw[i] & 15];
+    }
+    S->secret[EXTLOCK_SECRET_LEN] = '\0';
+    explicit_bzero(raw, sizeof(raw));
+    sum = g_compute_checksum_for_string(G_CHECKSUM_SHA256, S->secret, -1);
+    g_strlcpy(S->secret_sha256, sum, sizeof(S->secret_sha256));
+    return true;
+}
+
+/* Does @secret (may be NULL) match @S's?  Compares hashes in constant time */
+static bool session_secret_ok(ExtlockdSession *S, const char *secret)
+{
+    g_autofree char *sum = NULL;
+    unsigned diff = 0;
+
+    if (!secret || !S->secret_sha256[0]) {
+        return false;
+    }
+    sum = g_compute_checksum_for_string(G_CHECKSUM_SHA256, secret, -1);
+    for (size_t i = 0; i < 64; i++) {
+        diff |= (unsigned char)sum[i] ^ (unsigned char)S->secret_sha256[i];
+    }
+    return diff == 0;
+}
+
 /* A session with id @id (NULL: a new random one), attached to nothing */
 static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
                                       const char *client_id,
@@ -655,9 +763,12 @@ static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
 }
 
 /* Attach @S to @c with a fresh lease of @lease_ms */
+static void conn_unauth_done(ExtlockdConn *c);
+
 static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
                            uint32_t lease_ms, int64_t now)
 {
+    conn_unauth_done(c);
     S->conn = c;
     c->session = S;
     S->state = SESSION_ACTIVE;
@@ -671,6 +782,8 @@ static void session_free(ExtlockdSession *S)
 {
     g_hash_table_destroy(S->held);
     g_hash_table_destroy(S->waiting);
+    g_free(S->owner);
+    explicit_bzero(S->secret, sizeof(S->secret));
     g_free(S->client_id);
     g_free(S);
 }
@@ -1230,6 +1343,11 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
         S = session_alloc(s, ss->session, ss->client_id, ss->lock_space,
                           ss->lease_ms ? ss->lease_ms : EXTLOCK_MAX_LEASE_MS,
                           now);
+        S->owner = g_strdup(ss->owner);
+        if (ss->secret_sha256) {
+            g_strlcpy(S->secret_sha256, ss->secret_sha256,
+                      sizeof(S->secret_sha256));
+        }
         /* It ends with the grace period unless its client comes back */
         S->deadline_us = s->grace_end_us;
         S->restored = true;
@@ -1290,6 +1408,20 @@ static void check_deadlines(ExtlockdServer *s)
             next = MIN(next, S->deadline_us);
         }
     }
+    /* Connections that never said hello, oldest first */
+    while ((l = s->unauth.head) != NULL) {
+        ExtlockdConn *c = l->data;
+        int64_t due = c->accepted_us + s->cfg.hello_timeout_ms * 1000LL;
+
+        if (now < due) {
+            next = MIN(next, due);
+            break;
+        }
+        g_message("%s: closed: no hello within %u ms%s", c->peer,
+                  s->cfg.hello_timeout_ms,
+                  c->handshaking ? " (TLS handshake unfinished)" : "");
+        conn_destroy(c);
+    }
     for (l = s->conns.head; l; l = lnext) {
         ExtlockdConn *c = l->data;
 
@@ -1342,6 +1474,7 @@ static void server_schedule(ExtlockdServer *s, int64_t when_us)
 
 typedef struct StatusCtx {
     ExtlockdSpace *space;
+    ExtlockdSession *self;       /* non-admin viewer: only it is named */
     int64_t now;
     json_object *held;
     json_object *waiting;
@@ -1363,10 +1496,13 @@ static void status_blocker_cb(ExtlockLock *blocker, void *opaque)
 {
     StatusCtx *ctx = opaque;
     ExtlockdSession *S = blocker->owner;
+    char *name = S->client_id;
 
-    if (g_hash_table_add(ctx->seen, S->client_id)) {
-        json_object_array_add(ctx->blocked_by,
-                              json_object_new_string(S->client_id));
+    if (ctx->self && S != ctx->self) {
+        name = (char *)"(other client)";
+    }
+    if (g_hash_table_add(ctx->seen, name)) {
+        json_object_array_add(ctx->blocked_by, json_object_new_string(name));
     }
 }
 
@@ -1381,8 +1517,10 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
     } else {
         json_add_int(o, "request", lock->user_tag);
     }
-    json_add_str(o, "session", S->id);
-    json_add_str(o, "client-id", S->client_id);
+    if (!ctx->self || S == ctx->self) {
+        json_add_str(o, "session", S->id);
+        json_add_str(o, "client-id", S->client_id);
+    }
     json_add_int(o, "offset", lock->node.ext.start);
     json_add_int(o, "length", lock->node.ext.end - lock->node.ext.start);
     json_add_str(o, "mode", extlock_mode_name(lock->mode));
@@ -1420,13 +1558,15 @@ static int compare_strings(gconstpointer a, gconstpointer b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static json_object *space_status(ExtlockdSpace *space, int64_t now)
+static json_object *space_status(ExtlockdSpace *space, int64_t now,
+                                 ExtlockdSession *self)
 {
     const ExtlockTableStats *st = extlock_table_stats(space->table);
     json_object *o = json_object_new_object();
     json_object *counters = json_object_new_object();
     StatusCtx ctx = {
         .space = space,
+        .self = self,
         .now = now,
         .held = json_object_new_array(),
         .waiting = json_object_new_array(),
@@ -1468,6 +1608,7 @@ static json_object *session_status(ExtlockdSession *S, int64_t now)
     json_add_str(o, "session", S->id);
     json_add_str(o, "client-id", S->client_id);
     json_add_str(o, "lock-space", S->space->name);
+    json_add_str(o, "owner", S->owner ? S->owner : "(unknown)");
     json_add_str(o, "state", session_state_names[S->state]);
     json_add_int(o, "lease-remaining-ms", remaining);
     json_add_int(o, "locks-held", g_hash_table_size(S->held));
@@ -1492,8 +1633,15 @@ static json_object *session_status(ExtlockdSession *S, int64_t now)
     return o;
 }
 
-static json_object *server_status(ExtlockdServer *s)
+/*
+ * The status as seen by @viewer: admins see everything; others see the
+ * counters, their own session and their own lock-space, where the locks of
+ * other clients are listed without session or client-id.  Resume secrets
+ * are never shown.
+ */
+static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer)
 {
+    ExtlockdSession *self = NULL;
     int64_t now = g_get_monotonic_time();
     json_object *root = json_object_new_object();
     json_object *counters = json_object_new_object();
@@ -1522,7 +1670,20 @@ static json_object *server_status(ExtlockdServer *s)
     json_add_int(counters, "sessions", g_hash_table_size(s->sessions));
     json_add_int(counters, "messages", s->nmessages);
     json_add_int(counters, "errors", s->nerrors);
+    json_add_int(counters, "refused-connections", s->refused);
     json_object_object_add(root, "counters", counters);
+    if (viewer->identity) {
+        json_add_str(root, "identity", viewer->identity);
+    }
+    if (!extlockd_policy_is_admin(s->policy, viewer->identity)) {
+        self = viewer->session;
+        g_assert(self);
+        json_object_array_add(spaces, space_status(self->space, now, self));
+        json_object_object_add(root, "lock-spaces", spaces);
+        json_object_array_add(sessions, session_status(self, now));
+        json_object_object_add(root, "sessions", sessions);
+        return root;
+    }
 
     g_hash_table_iter_init(&iter, s->spaces);
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
@@ -1532,7 +1693,7 @@ static json_object *server_status(ExtlockdServer *s)
     for (guint i = 0; i < names->len; i++) {
         ExtlockdSpace *space = g_hash_table_lookup(s->spaces,
                                                    names->pdata[i]);
-        json_object_array_add(spaces, space_status(space, now));
+        json_object_array_add(spaces, space_status(space, now, NULL));
     }
     json_object_object_add(root, "lock-spaces", spaces);
 
@@ -1546,20 +1707,65 @@ static json_object *server_status(ExtlockdServer *s)
 /* ------------------------------------------------------------------ */
 /* Requests                                                            */
 
+/* A token bucket: status_rate per second, as many at once */
+static bool status_rate_ok(ExtlockdConn *c)
+{
+    uint32_t rate = c->server->cfg.status_rate;
+    int64_t now = g_get_monotonic_time();
+    int64_t interval = G_USEC_PER_SEC / rate;
+
+    if (now >= c->status_refill_us) {
+        int64_t n = (now - c->status_refill_us) / interval + 1;
+
+        c->status_tokens = MIN(c->status_tokens + n, rate);
+        c->status_refill_us += n * interval;
+    }
+    if (c->status_tokens == 0) {
+        return false;
+    }
+    c->status_tokens--;
+    return true;
+}
+
 static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
 {
+    ExtlockdServer *s = c->server;
+    bool admin = extlockd_policy_is_admin(s->policy, c->identity);
+    bool idle = c->out_pos == c->out->len;
     ExtlockMsg r;
     size_t before;
 
+    if (!c->session && !admin) {
+        g_warning("%s: status refused: identity %s is not an admin and "
+                  "has not said hello", c->peer, c->identity);
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                   "status before hello needs an admin identity (this "
+                   "connection is %s)", c->identity);
+        return;
+    }
+    /* Root and the daemon's uid on the UNIX socket are not limited */
+    if (!(admin && g_str_has_prefix(c->identity, "uid:")) &&
+        !status_rate_ok(c)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                   "too many status requests (limit %u per second, "
+                   "--status-rate)", s->cfg.status_rate);
+        return;
+    }
     extlock_msg_init(&r, EXTLOCK_MSG_STATUS_REPLY);
     r.has_id = m->has_id;
     r.id = m->id;
-    r.body = server_status(c->server);
+    r.body = server_status(s, c);
     before = c->out->len;
     send_msg(c, &r);
     json_object_put(r.body);
-    /* A big status is not a sign of a client that does not read */
-    c->out_allowance += c->out->len - before;
+    /*
+     * A status bigger than the output limit is not a sign of a client
+     * that does not read, but only when it had read everything before:
+     * statuses piling up unread count against the limit
+     */
+    if (idle) {
+        c->out_allowance += c->out->len - before;
+    }
 }
 
 static int compare_lock_info(gconstpointer a, gconstpointer b)
@@ -1598,6 +1804,9 @@ static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
     r.resumed = kind == WELCOME_RESUMED;
     r.has_fence_margin = true;
     r.fence_margin_ms = s->cfg.fence_margin_ms;
+    /* Only ever sent to the owner, on its own connection */
+    r.resume_secret = S->secret;
+    r.identity = c->identity;
     if (kind == WELCOME_RESUMED) {
         GHashTableIter iter;
         gpointer key;
@@ -1661,8 +1870,23 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
                                  ExtlockdSession *S, uint32_t lease_ms,
                                  int64_t now)
 {
+    char old_sha256[sizeof(S->secret_sha256)];
     unsigned n;
 
+    /*
+     * Only the hash of the old secret survived the restart: hand out a
+     * new one, durable before the client learns it
+     */
+    memcpy(old_sha256, S->secret_sha256, sizeof(old_sha256));
+    if (!session_new_secret(S) ||
+        !save_state(c->server, c->server->epoch, NULL)) {
+        memcpy(S->secret_sha256, old_sha256, sizeof(old_sha256));
+        S->secret[0] = '\0';
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                   "cannot record a new resume secret for session %s",
+                   S->id);
+        return;
+    }
     if (S->conn) {
         session_take_over(S);
     }
@@ -1687,6 +1911,7 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
     ExtlockdSession *S;
     g_autoptr(GError) err = NULL;
     int64_t now = g_get_monotonic_time();
+    g_autofree char *why = NULL;
     uint32_t lease_ms;
 
     if (c->session) {
@@ -1696,10 +1921,14 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     if (m->version != EXTLOCK_PROTOCOL_VERSION) {
+        g_warning("%s: hello with protocol version %u refused (this server "
+                  "speaks version %d)", c->peer, m->version,
+                  EXTLOCK_PROTOCOL_VERSION);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_VERSION,
-                   "protocol version %u is not supported (this server "
-                   "speaks version %d)", m->version,
-                   EXTLOCK_PROTOCOL_VERSION);
+                   "protocol version %u is not supported: this server "
+                   "speaks version %d only (version 2 sessions are resumed "
+                   "with the resume-secret of their welcome); upgrade the "
+                   "client", m->version, EXTLOCK_PROTOCOL_VERSION);
         return;
     }
     if (!m->client_id || !m->lock_space) {
@@ -1714,8 +1943,29 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                    EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS);
         return;
     }
+    if (!extlockd_policy_allows(s->policy, c->identity, m->lock_space,
+                                m->client_id, &why)) {
+        g_warning("%s: hello refused: %s", c->peer, why);
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED, "%s", why);
+        return;
+    }
     if (m->session) {
         S = g_hash_table_lookup(s->sessions, m->session);
+        if (S && (!S->owner || strcmp(S->owner, c->identity) != 0 ||
+                  !session_secret_ok(S, m->resume_secret))) {
+            /* Nothing changes for the owner: no take-over, no reclaim */
+            g_warning("%s: identity %s may not resume session %s (%s): %s",
+                      c->peer, c->identity, S->id, S->client_id,
+                      !S->owner ? "it has no recorded owner" :
+                      strcmp(S->owner, c->identity) != 0 ?
+                      "it belongs to another identity" :
+                      "wrong or missing resume-secret");
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                       "session %s cannot be resumed by this identity (%s) "
+                       "with %s resume-secret", m->session, c->identity,
+                       m->resume_secret ? "this" : "no");
+            return;
+        }
         if (S && (strcmp(S->client_id, m->client_id) != 0 ||
                   strcmp(S->space->name, m->lock_space) != 0)) {
             send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
@@ -1759,6 +2009,13 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     S = session_alloc(s, NULL, m->client_id, m->lock_space, lease_ms, now);
+    S->owner = g_strdup(c->identity);
+    if (!session_new_secret(S)) {
+        session_destroy_nosave(S);
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                   "cannot generate a resume secret");
+        return;
+    }
     session_attach(S, c, lease_ms, now);
     /* The session is durable before the client learns about it */
     if (!save_state(s, s->epoch, &err)) {
@@ -1775,9 +2032,9 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                   S->id, S->client_id, S->space->name, c->peer, lease_ms,
                   m->session);
     } else {
-        g_message("session %s (%s, lock-space %s) started on %s, lease %u "
-                  "ms", S->id, S->client_id, S->space->name, c->peer,
-                  lease_ms);
+        g_message("session %s (%s, lock-space %s) started on %s by %s, "
+                  "lease %u ms", S->id, S->client_id, S->space->name,
+                  c->peer, c->identity, lease_ms);
     }
     send_welcome(c, m, S, WELCOME_NEW);
 }
@@ -2311,12 +2568,13 @@ static bool conn_read(ExtlockdConn *c)
         return true;
     }
     for (int round = 0; round < READ_ROUNDS && !c->closing; round++) {
-        ssize_t n = recv(c->fd, s->rbuf, READ_CHUNK, 0);
+        ssize_t n = conn_sys_recv(c, s->rbuf, READ_CHUNK);
 
         if (n > 0) {
             extlock_linebuf_append(&c->lb, s->rbuf, n);
             conn_process_lines(c);
-            if (n < READ_CHUNK) {
+            if (n < READ_CHUNK &&
+                !(c->tls && extlockd_tls_pending(c->tls))) {
                 break;
             }
             continue;
@@ -2329,7 +2587,8 @@ static bool conn_read(ExtlockdConn *c)
             break;
         }
         VERBOSE(s, "%s: %s", c->peer,
-                n == 0 ? "end of input" : g_strerror(errno));
+                n == 0 ? "end of input" :
+                c->tls ? extlockd_tls_error(c->tls) : g_strerror(errno));
         /* Try to deliver what is pending (e.g. replies before EOF) */
         if (c->dirty) {
             g_queue_unlink(&s->dirty, &c->dirty_link);
@@ -2342,6 +2601,33 @@ static bool conn_read(ExtlockdConn *c)
         return false;
     }
     /* conn_flush() stops reading while much output is pending */
+    conn_kick_tls(c);
+    return true;
+}
+
+/* Returns false if the connection was destroyed or is still shaking hands */
+static bool conn_tls_handshake(ExtlockdConn *c)
+{
+    ExtlockdServer *s = c->server;
+    g_autoptr(GError) err = NULL;
+    int r = extlockd_tls_handshake(c->tls, &err);
+
+    if (r < 0) {
+        g_warning("%s: connection refused: %s", c->peer, err->message);
+        conn_destroy(c);
+        return false;
+    }
+    if (r == 0) {
+        conn_set_events(c, extlockd_tls_events(c->tls));
+        return false;
+    }
+    c->handshaking = false;
+    c->identity = g_strdup(extlockd_tls_identity(c->tls));
+    g_message("%s: TLS identity %s", c->peer, c->identity);
+    if (extlockd_policy_is_admin(s->policy, c->identity)) {
+        conn_unauth_done(c);
+    }
+    conn_set_events(c, G_IO_IN);
     return true;
 }
 
@@ -2353,6 +2639,16 @@ static gboolean conn_dispatch(GSource *source, GSourceFunc cb,
     ExtlockdServer *s = c->server;
     GIOCondition rev = g_source_query_unix_fd(source, c->tag);
 
+    g_source_set_ready_time(source, -1);
+    if (c->handshaking) {
+        if (!conn_tls_handshake(c)) {
+            flush_all(s);
+            return G_SOURCE_CONTINUE;
+        }
+        rev |= G_IO_IN;         /* application data may be buffered */
+    } else if (c->tls && extlockd_tls_pending(c->tls)) {
+        rev |= G_IO_IN;
+    }
     if (rev & G_IO_OUT) {
         conn_out(c);
     }
@@ -2369,12 +2665,95 @@ static GSourceFuncs conn_source_funcs = {
     .dispatch = conn_dispatch,
 };
 
-static void conn_new(ExtlockdServer *s, int fd, const char *peer)
+/*
+ * Connections without hello: in server->unauth (accept order, hence
+ * deadline order) and counted per peer, until they say hello or close
+ */
+static void conn_unauth_done(ExtlockdConn *c)
+{
+    ExtlockdServer *s = c->server;
+    guint n;
+
+    if (!c->unauth) {
+        return;
+    }
+    c->unauth = false;
+    g_queue_unlink(&s->unauth, &c->unauth_link);
+    n = GPOINTER_TO_UINT(g_hash_table_lookup(s->unauth_per_peer,
+                                             c->peer_key));
+    if (n <= 1) {
+        g_hash_table_remove(s->unauth_per_peer, c->peer_key);
+    } else {
+        g_hash_table_insert(s->unauth_per_peer, g_strdup(c->peer_key),
+                            GUINT_TO_POINTER(n - 1));
+    }
+}
+
+/* May one more connection without hello come from @key? */
+static bool conn_admit(ExtlockdServer *s, const char *key, const char *peer)
+{
+    guint n = GPOINTER_TO_UINT(g_hash_table_lookup(s->unauth_per_peer, key));
+    int64_t now;
+
+    if (s->unauth.length < s->cfg.max_unauth &&
+        n < s->cfg.max_unauth_per_peer) {
+        return true;
+    }
+    s->refused++;
+    now = g_get_monotonic_time();
+    /* One line per second at most: the refusals are a flood themselves */
+    if (now - s->refused_logged_us >= G_USEC_PER_SEC) {
+        g_warning("refusing connection from %s: %u connections without "
+                  "hello from it, %u in total (limits %u per peer, %u in "
+                  "total; --max-unauth-per-peer, --max-unauth); %" PRIu64
+                  " refused since the last report", peer, n,
+                  s->unauth.length, s->cfg.max_unauth_per_peer,
+                  s->cfg.max_unauth, s->refused - s->refused_logged);
+        s->refused_logged_us = now;
+        s->refused_logged = s->refused;
+    }
+    return false;
+}
+
+static void conn_new(ExtlockdServer *s, int fd, const char *peer,
+                     const char *key, const char *identity, bool tls)
 {
     ExtlockdConn *c = g_new0(ExtlockdConn, 1);
+    g_autoptr(GError) err = NULL;
     ConnSource *cs;
 
+    if (tls) {
+        c->tls = extlockd_tls_new(s->tls, fd, &err);
+        if (!c->tls) {
+            g_warning("%s: %s", peer, err->message);
+            close(fd);
+            g_free(c);
+            return;
+        }
+        c->handshaking = true;
+    }
+    c->identity = g_strdup(identity);
+    c->peer_key = g_strdup(key);
+    c->accepted_us = g_get_monotonic_time();
+    c->status_tokens = s->cfg.status_rate;
+    c->status_refill_us = c->accepted_us +
+                          G_USEC_PER_SEC / s->cfg.status_rate;
     c->server = s;
+    /*
+     * Admin identities on the UNIX socket (extlockctl) are authenticated
+     * by the kernel and need no hello; all others are limited until hello
+     */
+    if (!identity || !extlockd_policy_is_admin(s->policy, identity)) {
+        c->unauth = true;
+        c->unauth_link.data = c;
+        g_queue_push_tail_link(&s->unauth, &c->unauth_link);
+        g_hash_table_insert(s->unauth_per_peer, g_strdup(key),
+                            GUINT_TO_POINTER(GPOINTER_TO_UINT(
+                                g_hash_table_lookup(s->unauth_per_peer,
+                                                    key)) + 1));
+        server_schedule(s, c->accepted_us +
+                        s->cfg.hello_timeout_ms * 1000LL);
+    }
     c->serial = ++s->next_serial;
     c->peer = g_strdup_printf("#%" PRIu64 " (%s)", c->serial, peer);
     c->fd = fd;
@@ -2398,6 +2777,7 @@ static void conn_destroy(ExtlockdConn *c)
     ExtlockdServer *s = c->server;
 
     VERBOSE(s, "connection %s closed", c->peer);
+    conn_unauth_done(c);
     if (c->session) {
         if (s->shutting_down) {
             c->session->conn = NULL;
@@ -2413,9 +2793,12 @@ static void conn_destroy(ExtlockdConn *c)
     g_queue_unlink(&s->conns, &c->link);
     g_source_destroy(c->source);
     g_source_unref(c->source);
+    extlockd_tls_free(c->tls);
     close(c->fd);
     extlock_linebuf_destroy(&c->lb);
     g_string_free(c->out, TRUE);
+    g_free(c->identity);
+    g_free(c->peer_key);
     g_free(c->peer);
     g_free(c);
 }
@@ -2452,6 +2835,42 @@ static void describe_peer(ExtlockdListener *l, struct sockaddr *sa,
     }
 }
 
+/*
+ * Who is @fd?  UNIX: "uid:N" from SO_PEERCRED (and the pid, in @peer);
+ * TCP with TLS: known after the handshake; TCP without: "anonymous".
+ * @key: what the per-peer cap counts (the uid, or the IP address).
+ */
+static bool conn_identify(ExtlockdListener *l, int fd, struct sockaddr *sa,
+                          socklen_t len, char *peer, size_t peer_size,
+                          char *key, size_t key_size, char *identity,
+                          size_t identity_size)
+{
+    identity[0] = '\0';
+    if (!l->is_tcp) {
+        struct ucred cred;
+        socklen_t clen = sizeof(cred);
+        size_t used = strlen(peer);
+
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0) {
+            g_warning("%s: cannot get the peer's credentials: %s; closing",
+                      l->address, g_strerror(errno));
+            return false;
+        }
+        g_snprintf(peer + used, peer_size - used, " uid %u pid %ld",
+                   (unsigned)cred.uid, (long)cred.pid);
+        g_snprintf(identity, identity_size, "uid:%u", (unsigned)cred.uid);
+        g_strlcpy(key, identity, key_size);
+        return true;
+    }
+    if (getnameinfo(sa, len, key, key_size, NULL, 0, NI_NUMERICHOST) != 0) {
+        g_strlcpy(key, "?", key_size);
+    }
+    if (!l->tls) {
+        g_strlcpy(identity, EXTLOCKD_IDENTITY_ANONYMOUS, identity_size);
+    }
+    return true;
+}
+
 static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
 {
     ExtlockdListener *l = opaque;
@@ -2460,7 +2879,8 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
     for (int i = 0; i < 64; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
-        char peer[NI_MAXHOST + NI_MAXSERV + 8];
+        char peer[NI_MAXHOST + NI_MAXSERV + 64];
+        char key[NI_MAXHOST + 8], identity[32];
         int cfd;
 
         cfd = accept4(fd, (struct sockaddr *)&ss, &len,
@@ -2484,7 +2904,18 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
             setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         }
         describe_peer(l, (struct sockaddr *)&ss, len, peer, sizeof(peer));
-        conn_new(s, cfd, peer);
+        if (!conn_identify(l, cfd, (struct sockaddr *)&ss, len, peer,
+                           sizeof(peer), key, sizeof(key), identity,
+                           sizeof(identity))) {
+            close(cfd);
+            continue;
+        }
+        if (!(identity[0] && extlockd_policy_is_admin(s->policy, identity)) &&
+            !conn_admit(s, key, peer)) {
+            close(cfd);
+            continue;
+        }
+        conn_new(s, cfd, peer, key, identity[0] ? identity : NULL, l->tls);
     }
     return G_SOURCE_CONTINUE;
 }
@@ -2530,6 +2961,7 @@ static void add_listener(ExtlockdServer *s, const char *address, int fd,
 {
     ExtlockdListener *l = g_new0(ExtlockdListener, 1);
 
+    l->tls = is_tcp && s->tls;
     l->server = s;
     l->address = g_strdup(address);
     l->fd = fd;
@@ -2662,6 +3094,13 @@ static bool listen_tcp(ExtlockdServer *s, const char *address,
                     "%s: expected tcp:HOST:PORT", address);
         return false;
     }
+    if (!s->tls && !s->cfg.insecure) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED,
+                    "%s: TCP without TLS lets anybody who can reach the "
+                    "port take locks; give --tls-creds-dir DIR (or "
+                    "--insecure to accept that)", address);
+        return false;
+    }
     host = g_strndup(hostport, colon - hostport);
     if (host[0] == '[' && host[strlen(host) - 1] == ']') {
         memmove(host, host + 1, strlen(host) - 2);
@@ -2705,9 +3144,11 @@ static bool listen_tcp(ExtlockdServer *s, const char *address,
             g_strlcpy(desc, "?", sizeof(desc));
             g_strlcpy(serv, colon + 1, sizeof(serv));
         }
-        g_message("listening on tcp:%s%s%s:%s",
+        g_message("listening on tcp:%s%s%s:%s (%s)",
                   ai->ai_family == AF_INET6 ? "[" : "", desc,
-                  ai->ai_family == AF_INET6 ? "]" : "", serv);
+                  ai->ai_family == AF_INET6 ? "]" : "", serv,
+                  s->tls ? extlockd_tls_creds_kinds(s->tls) :
+                  "NO TLS, NO AUTHENTICATION");
         count++;
     }
     freeaddrinfo(res);
@@ -2761,6 +3202,8 @@ static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
             .client_id = S->client_id,
             .lock_space = S->space->name,
             .lease_ms = S->lease_ms,
+            .owner = S->owner,
+            .secret_sha256 = S->secret_sha256[0] ? S->secret_sha256 : NULL,
         };
 
         g_array_append_val(list, ss);
@@ -2809,7 +3252,35 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->pieces = g_array_new(FALSE, FALSE, sizeof(ExtlockPiece));
     s->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
     s->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
+    s->policy = extlockd_policy_load(NULL, NULL);
+    g_queue_init(&s->unauth);
+    s->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                               g_free, NULL);
+    if (!s->cfg.hello_timeout_ms) {
+        s->cfg.hello_timeout_ms = EXTLOCKD_DEFAULT_HELLO_TIMEOUT_MS;
+    }
+    if (!s->cfg.max_unauth) {
+        s->cfg.max_unauth = EXTLOCKD_DEFAULT_MAX_UNAUTH;
+    }
+    if (!s->cfg.status_rate) {
+        s->cfg.status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
+    }
+    if (!s->cfg.max_unauth_per_peer) {
+        s->cfg.max_unauth_per_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
+    }
     return s;
+}
+
+void extlockd_server_set_policy(ExtlockdServer *s, ExtlockdPolicy *policy)
+{
+    extlockd_policy_free(s->policy);
+    s->policy = policy;
+}
+
+void extlockd_server_set_tls(ExtlockdServer *s, ExtlockdTlsCreds *creds)
+{
+    extlockd_tls_creds_free(s->tls);
+    s->tls = creds;
 }
 
 void extlockd_server_free(ExtlockdServer *s)
@@ -2827,9 +3298,9 @@ void extlockd_server_free(ExtlockdServer *s)
 
         /* Best effort: deliver replies already produced */
         if (c->out->len > c->out_pos) {
-            ssize_t n = send(c->fd, c->out->str + c->out_pos,
-                             c->out->len - c->out_pos,
-                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            ssize_t n = c->handshaking ? 0 :
+                        conn_sys_send(c, c->out->str + c->out_pos,
+                                      c->out->len - c->out_pos);
             (void)n;
         }
         conn_destroy(c);
@@ -2857,6 +3328,9 @@ void extlockd_server_free(ExtlockdServer *s)
     g_free(s->cfg.state_file);
     extlockd_event_log_close(s->event_log);
     extlockd_fencer_free(s->fencer);
+    extlockd_policy_free(s->policy);
+    extlockd_tls_creds_free(s->tls);
+    g_hash_table_destroy(s->unauth_per_peer);
     g_free(s);
 }
 
@@ -2866,7 +3340,8 @@ void extlockd_server_free(ExtlockdServer *s)
 void extlockd_server_add_connection(ExtlockdServer *s, int fd,
                                     const char *peer)
 {
-    conn_new(s, fd, peer);
+    /* An admin on the UNIX socket: every request type is reachable */
+    conn_new(s, fd, peer, peer, "uid:0", false);
 }
 
 void extlockd_server_run_timer(ExtlockdServer *s)

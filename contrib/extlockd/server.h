@@ -34,6 +34,13 @@
 /* A connection whose unsent output exceeds this is disconnected */
 #define EXTLOCKD_MAX_OUTPUT         (16 * 1024 * 1024)
 
+/* Connections that have not said hello yet (see docs/extlockd.rst) */
+#define EXTLOCKD_DEFAULT_HELLO_TIMEOUT_MS   10000
+#define EXTLOCKD_DEFAULT_MAX_UNAUTH         256
+#define EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER    32
+/* "status" requests per connection and second (also the burst) */
+#define EXTLOCKD_DEFAULT_STATUS_RATE        10
+
 typedef struct ExtlockdConfig {
     char *state_file;            /* path, for epoch bumps at runtime */
     uint32_t lease_ms;           /* default lease (client may ask another) */
@@ -53,11 +60,19 @@ typedef struct ExtlockdConfig {
      * the wrap of the 40-bit counter into a new epoch can be exercised.
      */
     uint64_t first_counter;
+    /* Security (docs/extlockd.rst "TLS and access control") */
+    bool insecure;               /* TCP listeners without TLS allowed */
+    uint32_t hello_timeout_ms;   /* close connections without hello */
+    uint32_t max_unauth;         /* connections without hello, in total */
+    uint32_t max_unauth_per_peer;    /* ... per IP address or uid */
+    uint32_t status_rate;        /* status requests per second and conn */
 } ExtlockdConfig;
 
 typedef struct ExtlockdServer ExtlockdServer;
 typedef struct ExtlockdEventLog ExtlockdEventLog;
 typedef struct ExtlockdFencer ExtlockdFencer;
+typedef struct ExtlockdPolicy ExtlockdPolicy;
+typedef struct ExtlockdTlsCreds ExtlockdTlsCreds;
 
 /*
  * Create a server handing out tokens in @epoch, which the caller has
@@ -97,6 +112,20 @@ bool extlockd_server_save_state(ExtlockdServer *server, GError **errp);
  */
 bool extlockd_server_listen(ExtlockdServer *server, const char *address,
                             GError **errp);
+
+/*
+ * Use @policy from now on (the server owns it and frees the previous one);
+ * sessions already open are not re-checked.  Call once before listening
+ * and again on SIGHUP.
+ */
+void extlockd_server_set_policy(ExtlockdServer *server,
+                                ExtlockdPolicy *policy);
+
+/*
+ * TCP listeners opened after this speak TLS with @creds (owned by the
+ * server).  Without it, TCP listeners need cfg->insecure.
+ */
+void extlockd_server_set_tls(ExtlockdServer *server, ExtlockdTlsCreds *creds);
 
 /* Stop accepting new connections (listening sockets are closed) */
 void extlockd_server_stop_listening(ExtlockdServer *server);

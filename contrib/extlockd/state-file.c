@@ -35,6 +35,8 @@ void extlockd_state_session_free(gpointer p)
         g_free(ss->session);
         g_free(ss->client_id);
         g_free(ss->lock_space);
+        g_free(ss->owner);
+        g_free(ss->secret_sha256);
         g_free(ss);
     }
 }
@@ -137,6 +139,49 @@ static bool session_id_ok(const char *s, size_t len)
     return true;
 }
 
+/* An owner identity: 1..1024 bytes without control characters */
+static char *get_owner_member(json_object *obj)
+{
+    json_object *member;
+    const char *s;
+    size_t len;
+
+    if (!json_object_object_get_ex(obj, "owner", &member) ||
+        !json_object_is_type(member, json_type_string)) {
+        return NULL;
+    }
+    s = json_object_get_string(member);
+    len = json_object_get_string_len(member);
+    if (len == 0 || len > 1024 || strlen(s) != len) {
+        return NULL;
+    }
+    for (size_t i = 0; i < len; i++) {
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) {
+            return NULL;
+        }
+    }
+    return g_strndup(s, len);
+}
+
+static char *get_hash_member(json_object *obj)
+{
+    json_object *member;
+    const char *s;
+
+    if (!json_object_object_get_ex(obj, "secret-sha256", &member) ||
+        !json_object_is_type(member, json_type_string) ||
+        json_object_get_string_len(member) != 64) {
+        return NULL;
+    }
+    s = json_object_get_string(member);
+    for (size_t i = 0; i < 64; i++) {
+        if (!g_ascii_isdigit(s[i]) && !(s[i] >= 'a' && s[i] <= 'f')) {
+            return NULL;
+        }
+    }
+    return g_strndup(s, 64);
+}
+
 static char *get_str_member(json_object *obj, const char *key, bool is_id)
 {
     json_object *member;
@@ -191,6 +236,16 @@ static const char *parse_sessions(json_object *obj, GPtrArray *out)
         if (!ss->client_id || !ss->lock_space) {
             return "a session has a missing or malformed \"client-id\" "
                    "or \"lock-space\"";
+        }
+        /* Optional (older files): such sessions cannot be reclaimed */
+        if (json_object_object_get_ex(e, "owner", NULL) ||
+            json_object_object_get_ex(e, "secret-sha256", NULL)) {
+            ss->owner = get_owner_member(e);
+            ss->secret_sha256 = get_hash_member(e);
+            if (!ss->owner || !ss->secret_sha256) {
+                return "a session has a malformed \"owner\" or "
+                       "\"secret-sha256\"";
+            }
         }
         if (!g_hash_table_add(seen, ss->session)) {
             return "a session is listed twice";
@@ -367,6 +422,12 @@ static char *state_text(uint64_t epoch, const ExtlockdStateSession *sessions,
                 g_string_append_printf(out, ",\"lease-ms\":%u",
                                        sessions[i].lease_ms);
             }
+            if (sessions[i].owner && sessions[i].secret_sha256) {
+                g_string_append(out, ",\"owner\":");
+                append_json_str(out, sessions[i].owner);
+                g_string_append(out, ",\"secret-sha256\":");
+                append_json_str(out, sessions[i].secret_sha256);
+            }
             g_string_append_c(out, '}');
         }
         g_string_append_c(out, ']');
@@ -403,7 +464,7 @@ bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
     }
     text = state_text(epoch, sessions, n);
 
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) {
         err = errno;
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),

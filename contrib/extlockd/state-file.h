@@ -16,6 +16,8 @@
  * written before sessions were recorded have no "sessions" member.
  * Each session records its "lease-ms" (the grace period must cover the
  * longest of them); files written before that lack it.
+ * Each session also records its owner identity and a hash of its resume
+ * secret (never the secret itself); the file is created with mode 0600.
  */
 #ifndef EXTLOCKD_STATE_FILE_H
 #define EXTLOCKD_STATE_FILE_H
@@ -42,6 +44,16 @@ typedef struct ExtlockdStateSession {
      * then assume the longest lease a client may ask for.
      */
     uint32_t lease_ms;
+
+    /*
+     * The identity that owns the session (see policy.h) and the SHA-256
+     * of its resume secret (64 hex digits).  Only such a session may be
+     * reclaimed after a restart, and only by that identity presenting the
+     * secret.  Both are NULL for sessions of files written before owners
+     * were recorded.
+     */
+    char *owner;
+    char *secret_sha256;
 } ExtlockdStateSession;
 
 /* Frees the strings and the struct (a GDestroyNotify) */

@@ -20,8 +20,29 @@ typedef struct ExtlockConn ExtlockConn;
 
 /* Connect (blocking); NULL and @errp set on failure */
 ExtlockConn *extlock_conn_connect(const char *address, GError **errp);
+
+/*
+ * TLS to a TCP coordinator (docs/extlockd.rst).  @creds_dir is laid out
+ * like QEMU's client tls-creds: ca-cert.pem (verifies the server),
+ * client-cert.pem + client-key.pem (optional, our identity), or keys.psk
+ * with @psk_username's "username:hexkey" line for PSK.
+ */
+typedef struct ExtlockTlsOptions {
+    const char *creds_dir;
+    const char *psk_username;   /* NULL: x509 */
+    const char *hostname;       /* checked in the server's certificate;
+                                 * NULL: the host of the address */
+    bool no_verify_peer;        /* do not verify the server (testing) */
+} ExtlockTlsOptions;
+
+/* extlock_conn_connect(), then the TLS handshake if @tls is not NULL */
+ExtlockConn *extlock_conn_connect_tls(const char *address,
+                                      const ExtlockTlsOptions *tls,
+                                      GError **errp);
 void extlock_conn_close(ExtlockConn *conn);
 int extlock_conn_fd(ExtlockConn *conn);
+/* The address it was connected to */
+const char *extlock_conn_address(ExtlockConn *conn);
 
 /* Next request id this connection would use (ids start at 1) */
 uint64_t extlock_conn_next_id(ExtlockConn *conn);

@@ -20,7 +20,12 @@
 #include <glib.h>
 #include "extlock/extent.h"
 
-#define EXTLOCK_PROTOCOL_VERSION 1
+/*
+ * Version 2: "welcome" hands out a "resume-secret" that "hello" must
+ * present to resume a session; sessions belong to the authenticated
+ * identity of the connection that created them (docs/protocol.rst)
+ */
+#define EXTLOCK_PROTOCOL_VERSION 2
 
 /* Limits (documented in docs/protocol.rst) */
 #define EXTLOCK_MAX_LINE        (64 * 1024) /* one message incl. '\n' */
@@ -29,6 +34,7 @@
 #define EXTLOCK_MAX_ID          INT64_MAX   /* ids and tokens are < 2^63 */
 #define EXTLOCK_MIN_LEASE_MS    100
 #define EXTLOCK_MAX_LEASE_MS    (3600 * 1000)
+#define EXTLOCK_SECRET_LEN      64          /* resume secret: hex digits */
 
 typedef enum ExtlockMsgType {
     EXTLOCK_MSG_INVALID = 0,
@@ -81,6 +87,7 @@ typedef enum ExtlockErrorCode {
     EXTLOCK_ERR_EXPIRED,        /* "session-expired" */
     EXTLOCK_ERR_GRACE,          /* "in-grace": reserved for restart grace */
     EXTLOCK_ERR_INTERNAL,       /* "internal-error" */
+    EXTLOCK_ERR_DENIED,         /* "permission-denied": identity/policy */
     EXTLOCK_ERR__MAX,
 } ExtlockErrorCode;
 
@@ -186,6 +193,14 @@ typedef struct ExtlockMsg {
     /* release-session: "session" (and optional "message" as the reason);
      * session-released: "session" and "released" (locks released) */
     uint64_t released;
+
+    /*
+     * Version 2.  welcome: the session's resume secret (EXTLOCK_SECRET_LEN
+     * hex digits) and the identity the coordinator authenticated; hello
+     * with "session": the secret from that session's welcome.
+     */
+    char *resume_secret;
+    char *identity;
 } ExtlockMsg;
 
 /* A lock listed in "welcome" when a session is resumed */

@@ -119,6 +119,16 @@ bool daemon_wait_exit(Daemon *d, int ms)
  * the environment variables in @env ("NAME=VALUE", NULL-terminated).
  * Does not wait for it to be ready.
  */
+static bool strv_has_prefix(const char *const *v, const char *prefix)
+{
+    for (int i = 0; v && v[i]; i++) {
+        if (g_str_has_prefix(v[i], prefix)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 Daemon *daemon_spawn(const char *state, const char *const *extra,
                      const char *const *env)
 {
@@ -146,6 +156,12 @@ Daemon *daemon_spawn(const char *state, const char *const *extra,
     g_ptr_array_add(argv, g_strdup_printf("--fence-margin-ms=%d",
                                           MARGIN_MS));
     g_ptr_array_add(argv, g_strdup("--debug-checks"));
+    /* The tests poll status in loops; test_status_flood checks the limit */
+    g_ptr_array_add(argv, g_strdup("--status-rate=100000"));
+    /* Plain TCP unless the test sets up TLS */
+    if (!strv_has_prefix(extra, "--tls-creds-dir")) {
+        g_ptr_array_add(argv, g_strdup("--insecure"));
+    }
     for (int i = 0; extra && extra[i]; i++) {
         g_ptr_array_add(argv, g_strdup(extra[i]));
     }
@@ -334,6 +350,53 @@ void recv_msg(ExtlockConn *c, ExtlockMsg *m, int timeout_ms)
 }
 
 /* Receive one message of @type for request @id */
+/* Resume secrets of the sessions seen in welcomes: session id -> secret */
+static GHashTable *secrets;
+/* ... and whether they were made over TCP: session id -> "tcp"/"unix" */
+static GHashTable *transports;
+
+static void transport_remember(const char *session, ExtlockConn *c)
+{
+    if (!transports) {
+        transports = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
+                                           NULL);
+    }
+    g_hash_table_insert(transports, g_strdup(session),
+                        g_str_has_prefix(extlock_conn_address(c), "tcp:") ?
+                        "tcp" : "unix");
+}
+
+const char *session_home(Daemon *d, const char *session)
+{
+    const char *t = transports ? g_hash_table_lookup(transports, session)
+                               : NULL;
+
+    return t && strcmp(t, "tcp") == 0 ? d->tcp_addr : d->unix_addr;
+}
+
+void secret_remember(const char *session, const char *secret)
+{
+    if (!secrets) {
+        secrets = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
+                                        g_free);
+    }
+    g_hash_table_insert(secrets, g_strdup(session), g_strdup(secret));
+}
+
+char *secret_of(const char *session)
+{
+    return secrets ? g_hash_table_lookup(secrets, session) : NULL;
+}
+
+/* What the state file records of @session's secret (g_free it) */
+char *secret_sha256(const char *session)
+{
+    const char *secret = secret_of(session);
+
+    assert_non_null(secret);
+    return g_compute_checksum_for_string(G_CHECKSUM_SHA256, secret, -1);
+}
+
 void expect_msg(ExtlockConn *c, ExtlockMsg *m, ExtlockMsgType type,
                 uint64_t id)
 {
@@ -347,6 +410,12 @@ void expect_msg(ExtlockConn *c, ExtlockMsg *m, ExtlockMsgType type,
     }
     assert_true(m->has_id);
     assert_int_equal(m->id, id);
+    if (type == EXTLOCK_MSG_WELCOME) {
+        assert_non_null(m->resume_secret);
+        assert_int_equal(strlen(m->resume_secret), EXTLOCK_SECRET_LEN);
+        secret_remember(m->session, m->resume_secret);
+        transport_remember(m->session, c);
+    }
 }
 
 /* The next message is an error with @code (and @id if has_id) */
@@ -421,7 +490,11 @@ char *hello_full(ExtlockConn *c, const char *client,
         fail_msg("hello: %s", err->message);
     }
     assert_int_equal(w.type, EXTLOCK_MSG_WELCOME);
-    assert_int_equal(w.version, 1);
+    assert_int_equal(w.version, EXTLOCK_PROTOCOL_VERSION);
+    assert_non_null(w.resume_secret);
+    assert_int_equal(strlen(w.resume_secret), EXTLOCK_SECRET_LEN);
+    secret_remember(w.session, w.resume_secret);
+    transport_remember(w.session, c);
     assert_non_null(w.session);
     assert_int_equal(strlen(w.session), 32);
     assert_int_equal(w.lease_ms, lease_ms ? lease_ms : LEASE_MS);

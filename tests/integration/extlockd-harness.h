@@ -126,6 +126,17 @@ void renew(ExtlockConn *c);
 void bye(ExtlockConn *c);
 int64_t now_ms(void);
 
+/* Resume secrets from the welcomes the helpers saw (NULL: none) */
+void secret_remember(const char *session, const char *secret);
+char *secret_of(const char *session);
+char *secret_sha256(const char *session);
+/*
+ * The address of @d on the transport @session was created on: sessions
+ * belong to the identity that made them ("uid:N" on UNIX, "anonymous" on
+ * plain TCP), so they are resumed on the same transport
+ */
+const char *session_home(Daemon *d, const char *session);
+
 /* Status helpers */
 json_object *status_get(ExtlockConn *c);
 json_object *jget(json_object *obj, const char *key);

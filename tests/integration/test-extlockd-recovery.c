@@ -83,6 +83,7 @@ static void hello_session(ExtlockConn *c, const char *client_id,
     m.client_id = (char *)client_id;
     m.lock_space = (char *)"disk";
     m.session = (char *)session;
+    m.resume_secret = secret_of(session);
     m.lease_ms = LONG_LEASE_MS;
     send_msg(c, &m);
     extlock_msg_init(w, EXTLOCK_MSG_INVALID);
@@ -94,7 +95,7 @@ static void hello_session(ExtlockConn *c, const char *client_id,
 static ExtlockConn *reclaimer(Daemon *d, const char *client_id,
                               const char *session, uint64_t epoch)
 {
-    ExtlockConn *c = conn_open(d->unix_addr);
+    ExtlockConn *c = conn_open(session_home(d, session));
     ExtlockMsg w;
 
     hello_session(c, client_id, session, &w);
@@ -599,7 +600,7 @@ static void test_revoke_opt_in_and_resume(void **state)
     json_object_put(st);
 
     /* A resumes: its lock is listed, and the revokes come again */
-    a = conn_open(d->tcp_addr);
+    a = conn_open(session_home(d, sa));
     hello_session(a, "A", sa, &w);
     assert_string_equal(w.session, sa);
     assert_true(w.resumed);
@@ -637,7 +638,7 @@ static void test_unknown_session(void **state)
     static const char unknown[] = "ffffffffffffffffffffffffffffffff";
     Daemon *d = daemon_start(NULL, NULL, NULL);
     ExtlockConn *a = conn_open(d->unix_addr);
-    ExtlockConn *x = conn_open(d->tcp_addr);
+    ExtlockConn *x = conn_open(d->unix_addr);
     ExtlockConn *mon = conn_open(d->unix_addr);
     g_autofree char *sa = hello_full(a, "A", "disk", LONG_LEASE_MS, NULL);
     g_autofree char *before = NULL, *after = NULL;
@@ -651,12 +652,14 @@ static void test_unknown_session(void **state)
     m.client_id = (char *)"A";
     m.lock_space = (char *)"elsewhere";
     m.session = sa;
+    m.resume_secret = secret_of(sa);
     send_msg(x, &m);
     expect_error(x, true, m.id, EXTLOCK_ERR_NOT_FOUND);
     extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
     m.client_id = (char *)"X";
     m.lock_space = (char *)"disk";
     m.session = sa;
+    m.resume_secret = secret_of(sa);
     send_msg(x, &m);
     expect_error(x, true, m.id, EXTLOCK_ERR_NOT_FOUND);
     after = status_stable(mon, NULL);
@@ -810,13 +813,24 @@ static void test_state_file(void **state)
     st = status_get(mon);
     assert_int_equal(jint(st, "grace-ms"), 3600000 + MARGIN_MS);
     json_object_put(st);
-    a = reclaimer(d, "A", "0123456789abcdef0123456789abcdef", 10);
-    bye(a);
+    /*
+     * It records no owner identity and no resume secret: nobody can
+     * reclaim it (security), yet its locks stay protected for the grace
+     */
+    a = conn_open(d->unix_addr);
+    {
+        ExtlockMsg m;
+
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = (char *)"A";
+        m.lock_space = (char *)"disk";
+        m.session = (char *)"0123456789abcdef0123456789abcdef";
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(a, &m);
+        expect_error(a, true, m.id, EXTLOCK_ERR_DENIED);
+    }
+    conn_drop(a);
     daemon_stop(d);
-    g_free(text);
-    text = NULL;
-    assert_true(g_file_get_contents(path, &text, NULL, NULL));
-    assert_string_equal(text, "{\"version\":1,\"epoch\":10}\n");
 
     /* An old file without sessions: no grace period */
     g_free(text);

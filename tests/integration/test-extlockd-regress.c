@@ -35,7 +35,7 @@ static void test_broken_line_does_not_change_next_client(void **state)
     send_raw(x, "{\"type\":\"status\",\"id\":1,\"x\":\"\\ud800\n");
     expect_error(x, false, 0, EXTLOCK_ERR_PARSE);
 
-    send_raw(y, "{\"type\":\"hello\",\"id\":1,\"version\":1,"
+    send_raw(y, "{\"type\":\"hello\",\"id\":1,\"version\":2,"
                 "\"client-id\":\"Y\",\"lock-space\":\"\\u0064isk\","
                 "\"lease-ms\":30000}\n");
     expect_msg(y, &m, EXTLOCK_MSG_WELCOME, 1);
