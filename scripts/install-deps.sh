@@ -11,7 +11,7 @@ PKGS=(
     libglib2.0-dev libjson-c-dev libcmocka-dev libnfs-dev
     # QEMU 7.2 build dependencies (x86_64-softmmu + tools + libnfs)
     dpkg-dev libpixman-1-dev libslirp-dev flex bison libfdt-dev zlib1g-dev
-    python3 python3-venv python3-pytest
+    python3 python3-venv python3-pytest python3-pytest-timeout
     # runtime: firmware for qemu-system, NFS server, tools used by tests
     seabios qemu-system-data ipxe-qemu
     nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils

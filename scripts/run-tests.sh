@@ -17,8 +17,15 @@
 #     real NFS server (nfs-ganesha on 127.0.0.1)
 #  6. tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
-#     and the same workload without extlock for comparison
-# The last line is a summary: "N passed, N failed".
+#     and the same workload without extlock, which must be caught tearing
+#
+# Every run has a time limit (per pytest test: pytest-timeout; per suite:
+# timeout(1)), so a hang is a counted failure, not a stuck CI job.  Counts:
+# cmocka test cases (a test binary that crashed or timed out without its
+# cmocka summary counts as one failure), pytest tests (xfail counts as
+# skipped; a pytest run that crashed, was interrupted or timed out counts
+# one failure more), the end-to-end run as one test.
+# The last line is the summary, exactly: "N passed, N failed, N skipped".
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,33 +33,64 @@ cd "$REPO"
 WITH_QEMU=1
 [ "${1:-}" = "--no-qemu" ] && WITH_QEMU=0
 
+# time limits (seconds); see docs/testing.rst for the measured durations
+PYTEST_TEST_TIMEOUT=${EXTLOCK_PYTEST_TEST_TIMEOUT:-300}
+PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
+E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
+MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
+
 passed=0
 failed=0
+skipped=0
 step() { echo; echo "=== $* ==="; }
+summary() { echo; echo "$passed passed, $failed failed, $skipped skipped"; }
+give_up() { echo "$*"; failed=$((failed + 1)); summary; exit 1; }
 
 step "installing dependencies"
-bash scripts/install-deps.sh || { echo "dependency installation failed"; echo "0 passed, 1 failed"; exit 1; }
+bash scripts/install-deps.sh || give_up "dependency installation failed"
 
 step "building extlockd, tools and tests"
 if [ ! -f build/build.ninja ]; then
-    meson setup build || { echo "0 passed, 1 failed"; exit 1; }
+    meson setup build || give_up "meson setup failed"
 fi
-ninja -C build || { echo "0 passed, 1 failed"; exit 1; }
+ninja -C build || give_up "build failed"
 
 step "unit and coordinator integration tests (meson test)"
-meson test -C build --print-errorlogs --num-processes 2 | tee build/meson-test.out
+# never count a previous run's results
+rm -f build/meson-logs/testlog.txt build/meson-logs/testlog.json build/meson-test.out
+timeout -k 30 "$MESON_TIMEOUT" meson test -C build --print-errorlogs --num-processes 2 \
+    | tee build/meson-test.out
 rc=${PIPESTATUS[0]}
-# Count cmocka test cases, not binaries: each binary prints its summary
 log=build/meson-logs/testlog.txt
-ok=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test(s)\./\1/p' "$log" | awk '{s += $1} END {print s + 0}')
-bad=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test(s), listed below:/\1/p' "$log" | awk '{s += $1} END {print s + 0}')
-to=$(sed -n 's/^Timeout:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
-crashed=$(sed -n 's/^Fail:[[:space:]]*\([0-9]*\).*/\1/p' build/meson-test.out | tail -n1)
-passed=$((passed + ${ok:-0}))
-failed=$((failed + ${bad:-0} + ${to:-0}))
-# a test binary that failed without a cmocka summary (crash) counts too
-[ "$rc" -ne 0 ] && [ "${bad:-0}" -eq 0 ] && failed=$((failed + ${crashed:-1}))
-echo "cmocka: ${ok:-0} passed, ${bad:-0} failed"
+if [ -f "$log" ]; then
+    # one block per test binary: cmocka's own counts, or the binary's
+    # meson result when it has no cmocka summary (crash, timeout, not cmocka)
+    read -r ok bad skp <<<"$(awk '
+        function flush() {
+            if (!inblk) return
+            if (res ~ /SKIP|skipped/) { s += 1 }
+            else if (havesum) {
+                p += np; f += nf; s += ns
+                if (res !~ /exit status 0/ && nf == 0) f += 1
+            } else if (res ~ /exit status 0/) { p += 1 }
+            else { f += 1 }
+        }
+        /^=+ [0-9]+\/[0-9]+ =+$/ { flush(); inblk = 1; res = ""; havesum = 0; np = nf = ns = 0; next }
+        /^result:/ { res = $0 }
+        /^\[  PASSED  \] [0-9]+ test/ { np += $4; havesum = 1 }
+        /^\[  FAILED  \] [0-9]+ test/ { nf += $4; havesum = 1 }
+        /^\[  SKIPPED \] [0-9]+ test/ { ns += $4; havesum = 1 }
+        END { flush(); print p + 0, f + 0, s + 0 }' "$log")"
+    passed=$((passed + ok)); failed=$((failed + bad)); skipped=$((skipped + skp))
+    echo "meson test: $ok passed, $bad failed, $skp skipped"
+    if [ "$rc" -ne 0 ] && [ "$bad" -eq 0 ]; then
+        echo "meson test exited with $rc but no test failed: counted as one failure"
+        failed=$((failed + 1))
+    fi
+else
+    echo "meson test wrote no log (exit status $rc): counted as one failure"
+    failed=$((failed + 1))
+fi
 
 step "unit and integration tests under ASan+UBSan (build-asan, clang)"
 # Every binary (extlockd started by the integration tests too) writes
@@ -103,22 +141,36 @@ if [ "$WITH_QEMU" = 1 ]; then
     step "building QEMU 7.2 with the extlock driver"
     if bash scripts/build-qemu.sh; then
         step "QEMU-level tests (pytest tests/qemu)"
-        /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/qemu \
-            | tee build/pytest.out
+        rm -f build/pytest.out
+        # --timeout-method=signal: the test fails with an exception, so its
+        # fixtures still stop the processes it started
+        timeout -k 60 "$PYTEST_SUITE_TIMEOUT" /usr/bin/python3 -m pytest -v -rfEsxX \
+            -p no:cacheprovider --timeout="$PYTEST_TEST_TIMEOUT" \
+            --timeout-method=signal tests/qemu | tee build/pytest.out
         rc=${PIPESTATUS[0]}
-        line=$(grep -E '^=+ .*(passed|failed|error).* in [0-9.]+s' build/pytest.out | tail -n1)
-        p=$(echo "$line" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
-        f=$(echo "$line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
-        e=$(echo "$line" | sed -n 's/.* \([0-9]*\) error.*/\1/p')
+        line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
+               build/pytest.out | tail -n1)
+        count() { echo "$line" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
+        p=$(count passed); f=$(count failed); e=$(count error)
+        s=$(count skipped); xf=$(count xfailed); xp=$(count xpassed)
         passed=$((passed + ${p:-0}))
-        failed=$((failed + ${f:-0} + ${e:-0}))
-        [ "$rc" -ne 0 ] && [ -z "$f$e" ] && failed=$((failed + 1))
+        failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
+        skipped=$((skipped + ${s:-0} + ${xf:-0}))
+        echo "pytest: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
+        # 0: all passed; 1: some tests failed (counted above); anything else
+        # (interrupted, internal error, timeout, killed) is one more failure
+        if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
+            echo "pytest did not finish normally (exit status $rc): counted as one failure"
+            failed=$((failed + 1))
+        fi
 
         step "end-to-end: two guests share one disk on NFS (short run)"
-        if /usr/bin/python3 tests/e2e/run-guests.py --seconds 10; then
+        timeout -k 30 "$E2E_TIMEOUT" /usr/bin/python3 tests/e2e/run-guests.py --seconds 10
+        rc=$?
+        if [ "$rc" -eq 0 ]; then
             passed=$((passed + 1))
         else
-            echo "end-to-end run FAILED"
+            echo "end-to-end run FAILED (exit status $rc)"
             failed=$((failed + 1))
         fi
     else
@@ -127,6 +179,5 @@ if [ "$WITH_QEMU" = 1 ]; then
     fi
 fi
 
-echo
-echo "$passed passed, $failed failed"
+summary
 [ "$failed" -eq 0 ]
