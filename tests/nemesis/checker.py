@@ -1,0 +1,336 @@
+"""History and final-image checker of the nemesis run.
+
+SPDX-License-Identifier: GPL-2.0-or-later
+Copyright (c) 2026 The extlock authors
+
+Input (all times CLOCK_MONOTONIC ns):
+  ops        the client history (workload.py): writes and reads with start,
+             end and status; reads carry what each sector showed
+  final      the decoded sectors of the image region after the run
+  failures   per host: times after which a host could no longer complete
+             I/O (its process was killed or its NFS path fenced)
+  storage    the NFS fault points' logs: every READ/WRITE RPC with the time
+             it was handed to the server and the reply time, connections,
+             fence events (nfs_relay.py)
+  incarnations  per host: [(generation, start, death)] of its processes
+  events     extlockd's --event-log (grant/release/expire/fence-*), if any
+
+Violations (each a dict with "kind" and a description):
+
+garbage          a sector that is neither zero nor a valid stamp, or a stamp
+                 of a write that never existed / does not cover the sector
+future-read      a read saw a write that started after the read ended
+stale-read       a read (or the final image) shows an older value although an
+                 acknowledged write of that sector finished before the read
+                 started and after the shown write had finished (also: shows
+                 zero although such a write exists) - an acknowledged write
+                 lost or a read of stale data
+torn-read        a read saw part of a write but not all of it, while that
+                 write could still complete (atomicity), or the writes it saw
+                 cannot be put in any order (a cycle)
+mixed-extent     the same for the final image: an acknowledged write only
+                 partly visible, or a cycle between the writes visible in one
+                 extent
+stale-storage-write  the storage received a WRITE from a host process after
+                 that process had died (a delayed write landing late)
+lock-violation   (with the coordinator event log) a READ/WRITE RPC was at the
+                 storage while another client held a conflicting lock, or a
+                 WRITE at the storage outside an exclusive lock of its client
+
+Writes that did not complete (status lost/error) may have reached the
+storage partially; once the host had failed (killed, fenced, error reply)
+partial visibility of such a write is not counted as a violation.
+"""
+
+import bisect
+import json
+from collections import defaultdict
+
+from workload import GARBAGE, SECTOR
+
+INF = float("inf")
+
+
+class History:
+    def __init__(self, ops, failures=None):
+        self.ops = ops
+        self.writes = {}
+        for op in ops:
+            if op["op"] == "write":
+                self.writes[(op["writer"], op["seq"])] = op
+        self.failures = failures or {}          # host -> sorted [t]
+        # per sector: acked writes sorted by end, with prefix max of start
+        by_sector = defaultdict(list)
+        for w in self.writes.values():
+            if w["status"] == "ok":
+                for s in range(w["first"], w["first"] + w["n"]):
+                    by_sector[s].append((w["end"], w["start"], w))
+        self.sector_acked = {}
+        for s, lst in by_sector.items():
+            lst.sort(key=lambda x: x[0])
+            ends = [e for e, _, _ in lst]
+            pmax, best = [], None
+            for e, st, w in lst:
+                if best is None or st > best[0]:
+                    best = (st, w)
+                pmax.append(best)
+            self.sector_acked[s] = (ends, pmax)
+
+    def fail_time(self, w):
+        """When the write's outcome was settled without success: its error
+        reply, or the first failure of its host (kill, fence) after it
+        started; INF for acknowledged or still-running writes."""
+        if w["status"] == "ok":
+            return INF
+        t = w["end"] if w.get("end") is not None else INF
+        for f in self.failures.get(w["host"], ()):
+            if f >= w["start"]:
+                t = min(t, f)
+                break
+        return t
+
+    def latest_acked_between(self, s, after, before):
+        """An acknowledged write of sector s that started after `after` and
+        ended before `before`, or None."""
+        entry = self.sector_acked.get(s)
+        if not entry:
+            return None
+        ends, pmax = entry
+        i = bisect.bisect_left(ends, before)
+        if i == 0:
+            return None
+        st, w = pmax[i - 1]
+        return w if st > after else None
+
+
+def check_observation(hist, sectors, first, seen, r_start, r_end, what, kind_torn):
+    """Check one read (or the final image): sectors first..first+len(seen)."""
+    out = []
+    by_write = {}
+    for i, v in enumerate(seen):
+        s = first + i
+        if v == GARBAGE:
+            out.append({"kind": "garbage", "what": what, "sector": s})
+            continue
+        if v == 0:
+            w_y = hist.latest_acked_between(s, -INF, r_start)
+            if w_y is not None:
+                out.append({"kind": "stale-read", "what": what, "sector": s,
+                            "shown": None, "lost": [w_y["writer"], w_y["seq"]]})
+            continue
+        writer, seq, ext, idx = v
+        w = hist.writes.get((writer, seq))
+        if w is None or w["ext"] != ext or w["first"] + idx != s:
+            out.append({"kind": "garbage", "what": what, "sector": s,
+                        "stamp": list(v)})
+            continue
+        by_write.setdefault((writer, seq), []).append(s)
+        if w["start"] > r_end:
+            out.append({"kind": "future-read", "what": what, "sector": s,
+                        "shown": [writer, seq]})
+            continue
+        # when the shown write was last able to reach the storage: its
+        # acknowledgement, or the failure of its host (kill, fence) or its
+        # error reply; a write shown over a newer acknowledged one that ran
+        # entirely after that moment landed late (stale)
+        w_end = w["end"] if w["status"] == "ok" else hist.fail_time(w)
+        w_y = None if w_end == INF else hist.latest_acked_between(s, w_end, r_start)
+        if w_y is not None and w_y is not w:
+            out.append({"kind": "stale-read", "what": what, "sector": s,
+                        "shown": [writer, seq], "lost": [w_y["writer"], w_y["seq"]]})
+    # atomicity: each write seen must be wholly visible in the observed
+    # range, except where a later write covers it; writes seen must be
+    # orderable (no cycle)
+    lo, hi = first, first + len(seen)
+    shown = {first + i: (v[0], v[1]) if isinstance(v, tuple) else v
+             for i, v in enumerate(seen)}
+    edges = defaultdict(set)
+    torn = []
+    for key, secs in by_write.items():
+        w = hist.writes[key]
+        partial_ok = hist.fail_time(w) < r_start
+        for s in range(max(lo, w["first"]), min(hi, w["first"] + w["n"])):
+            v = shown[s]
+            if v == key:
+                continue
+            if v == 0 or v == GARBAGE or v not in hist.writes:
+                if not partial_ok:
+                    torn.append((key, s, v))
+                continue
+            if not partial_ok:
+                edges[key].add(v)               # v overwrote w at s
+        # the writes covering a sector that shows `key` came before it
+        for s in secs:
+            for other in by_write:
+                if other == key:
+                    continue
+                o = hist.writes[other]
+                if o["first"] <= s < o["first"] + o["n"] and \
+                        hist.fail_time(o) >= r_start:
+                    edges[other].add(key)
+    for key, s, v in torn:
+        out.append({"kind": kind_torn, "what": what, "sector": s,
+                    "write": list(key), "shown": v if v in (0, GARBAGE) else list(v)})
+    cyc = find_cycle(edges)
+    if cyc:
+        out.append({"kind": kind_torn, "what": what, "cycle": [list(k) for k in cyc]})
+    return out
+
+
+def find_cycle(edges):
+    """One cycle of the directed graph, or None (iterative DFS)."""
+    color = {}
+    for root in list(edges):
+        if color.get(root):
+            continue
+        stack = [(root, iter(edges.get(root, ())))]
+        color[root] = 1
+        path = [root]
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                color[node] = 2
+                stack.pop()
+                path.pop()
+                continue
+            c = color.get(nxt)
+            if c == 1:
+                return path[path.index(nxt):]
+            if c is None:
+                color[nxt] = 1
+                path.append(nxt)
+                stack.append((nxt, iter(edges.get(nxt, ()))))
+    return None
+
+
+def check_storage(storage, incarnations):
+    """WRITE RPCs that reached the server after their host process died."""
+    out = []
+    # connection -> incarnation by accept time
+    for host, log in storage.items():
+        incs = incarnations.get(host, [])
+        conn_inc = {}
+        for e in log:
+            if e.get("event") == "connect":
+                for gen, start, death in incs:
+                    if start <= e["ts"] and (death is None or e["ts"] <= death):
+                        conn_inc[e["conn"]] = (gen, death)
+        for e in log:
+            if e.get("event") != "write" or e.get("fwd") is None:
+                continue
+            gen, death = conn_inc.get(e["conn"], (None, None))
+            if death is not None and e["fwd"] > death:
+                out.append({"kind": "stale-storage-write", "host": host, "gen": gen,
+                            "offset": e["offset"], "count": e["count"],
+                            "late-ms": (e["fwd"] - death) / 1e6})
+    return out
+
+
+def check_locks(storage, events, granularity):
+    """Storage I/O against the coordinator's grant/release log."""
+    if not events:
+        return []
+    # lock intervals: (client, lock id) -> [grant ts, release ts, offset, len, mode]
+    held = {}
+    intervals = []
+    for e in sorted(events, key=lambda e: e["ts"]):
+        ev = e.get("event")
+        key = (e.get("client-id"), e.get("lock"))
+        if ev == "grant":
+            held[key] = [e["ts"], None, e["offset"], e["length"], e["mode"],
+                         e.get("client-id")]
+            intervals.append(held[key])
+        elif ev == "downgrade" and key in held:
+            old = held[key]
+            old[1] = e["ts"]
+            held[key] = [e["ts"], None, old[2], old[3], "shared", old[5]]
+            intervals.append(held[key])
+        elif ev == "release" and key in held:
+            cur = held[key]
+            off, ln = e.get("offset", cur[2]), e.get("length", cur[3])
+            if off <= cur[2] and off + ln >= cur[2] + cur[3]:
+                cur[1] = e["ts"]
+                del held[key]
+            else:
+                # a part given back: split the interval
+                cur[1] = e["ts"]
+                rest = []
+                if off > cur[2]:
+                    rest.append((cur[2], off - cur[2]))
+                if off + ln < cur[2] + cur[3]:
+                    rest.append((off + ln, cur[2] + cur[3] - off - ln))
+                del held[key]
+                for i, (o, l) in enumerate(rest):
+                    iv = [e["ts"], None, o, l, cur[4], cur[5]]
+                    intervals.append(iv)
+                    held[(key, i)] = iv
+    out = []
+    for host, log in storage.items():
+        for e in log:
+            if e.get("event") not in ("read", "write") or e.get("fwd") is None:
+                continue
+            t0, t1 = e["fwd"], e.get("reply") or INF
+            o0 = e["offset"] // granularity * granularity
+            o1 = e["offset"] + e["count"]
+            for g, r, off, ln, mode, client in intervals:
+                if client == host:
+                    continue
+                if off >= o1 or off + ln <= o0:
+                    continue
+                if e["event"] == "read" and mode == "shared":
+                    continue
+                if g < t1 and (r is None or r > t0):
+                    out.append({"kind": "lock-violation", "host": host,
+                                "io": e["event"], "offset": e["offset"],
+                                "count": e["count"], "holder": client,
+                                "lock": [off, ln, mode],
+                                "overlap-ms": (min(t1, r or INF) - max(t0, g)) / 1e6})
+                    break
+    return out
+
+
+def check_all(ops, final_seen, region_first, failures, storage, incarnations,
+              events=None, granularity=4096):
+    hist = History(ops, failures)
+    violations = []
+    for op in ops:
+        if op["op"] == "read" and op["status"] == "ok":
+            violations += check_observation(
+                hist, None, op["first"], op["seen"], op["start"], op["end"],
+                f"read by {op['writer']} of extent {op['ext']}", "torn-read")
+    # the final image, extent by extent (each extent as one observation)
+    extents = sorted({(op["ext"], op["first"], op["n"]) for op in ops})
+    for ext, first, n in extents:
+        seen = final_seen[first - region_first:first - region_first + n]
+        violations += check_observation(hist, None, first, seen, INF, INF,
+                                         f"final image, extent {ext}", "mixed-extent")
+    violations += check_storage(storage, incarnations)
+    violations += check_locks(storage, events or [], granularity)
+    return violations
+
+
+def summarize(violations):
+    counts = defaultdict(int)
+    for v in violations:
+        counts[v["kind"]] += 1
+    return dict(sorted(counts.items()))
+
+
+def load_jsonl(path):
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+    except FileNotFoundError:
+        pass
+    return out
+
+
+__all__ = ["check_all", "summarize", "load_jsonl", "SECTOR"]
