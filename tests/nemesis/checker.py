@@ -31,8 +31,10 @@ torn-read        a read saw part of a write but not all of it, while that
 mixed-extent     the same for the final image: an acknowledged write only
                  partly visible, or a cycle between the writes visible in one
                  extent
-stale-storage-write  the storage received a WRITE from a host process after
-                 that process had died (a delayed write landing late)
+stale-storage-write  the storage received a WRITE from a host process
+                 later than late_ns after that process had died (with extlock:
+                 lease + fence margin, after which the coordinator may have
+                 granted the host's locks to others)
 lock-violation   (with the coordinator event log) a READ/WRITE RPC was at the
                  storage while another client held a conflicting lock, or a
                  WRITE at the storage outside an exclusive lock of its client
@@ -204,8 +206,9 @@ def find_cycle(edges):
     return None
 
 
-def check_storage(storage, incarnations):
-    """WRITE RPCs that reached the server after their host process died."""
+def check_storage(storage, incarnations, late_ns=0):
+    """WRITE RPCs that reached the server more than late_ns after their host
+    process died."""
     out = []
     # connection -> incarnation by accept time
     for host, log in storage.items():
@@ -220,7 +223,7 @@ def check_storage(storage, incarnations):
             if e.get("event") != "write" or e.get("fwd") is None:
                 continue
             gen, death = conn_inc.get(e["conn"], (None, None))
-            if death is not None and e["fwd"] > death:
+            if death is not None and e["fwd"] > death + late_ns:
                 out.append({"kind": "stale-storage-write", "host": host, "gen": gen,
                             "offset": e["offset"], "count": e["count"],
                             "late-ms": (e["fwd"] - death) / 1e6})
@@ -291,7 +294,7 @@ def check_locks(storage, events, granularity):
 
 
 def check_all(ops, final_seen, region_first, failures, storage, incarnations,
-              events=None, granularity=4096):
+              events=None, granularity=4096, late_ns=0):
     hist = History(ops, failures)
     violations = []
     for op in ops:
@@ -305,7 +308,7 @@ def check_all(ops, final_seen, region_first, failures, storage, incarnations,
         seen = final_seen[first - region_first:first - region_first + n]
         violations += check_observation(hist, None, first, seen, INF, INF,
                                          f"final image, extent {ext}", "mixed-extent")
-    violations += check_storage(storage, incarnations)
+    violations += check_storage(storage, incarnations, late_ns)
     violations += check_locks(storage, events or [], granularity)
     return violations
 
