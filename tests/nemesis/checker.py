@@ -230,66 +230,102 @@ def check_storage(storage, incarnations, late_ns=0):
     return out
 
 
+def lock_intervals(events):
+    """[(grant ts, end ts or None, offset, length, mode, client)] from the
+    coordinator's event log.  A lock is tracked per (session, lock id) as
+    segments; a release or downgrade of a part ends the affected segments
+    and continues the rest (and the downgraded part, shared) from then."""
+    live = defaultdict(list)        # (session, lock) -> [[start, off, len, mode, client]]
+    done = []
+
+    def close(seg, ts):
+        done.append((seg[0], ts, seg[1], seg[2], seg[3], seg[4]))
+
+    for e in sorted(events, key=lambda e: e["ts"]):
+        ev = e.get("event")
+        key = (e.get("session"), e.get("client-id"), e.get("lock"))
+        ts = e["ts"]
+        if ev == "grant":
+            live[key].append([ts, e["offset"], e["length"], e["mode"], e.get("client-id")])
+            continue
+        if ev not in ("release", "downgrade") or key not in live:
+            continue
+        segs = live.pop(key)
+        lo = e.get("offset")
+        hi = lo + e["length"] if lo is not None and "length" in e else None
+        keep = []
+        for seg in segs:
+            s0, s1 = seg[1], seg[1] + seg[2]
+            if lo is None:
+                a, b = s0, s1
+            else:
+                a, b = max(s0, lo), min(s1, hi)
+            if a >= b or (ev == "downgrade" and seg[3] == "shared"):
+                keep.append(seg)
+                continue
+            close(seg, ts)
+            if s0 < a:
+                keep.append([ts, s0, a - s0, seg[3], seg[4]])
+            if b < s1:
+                keep.append([ts, b, s1 - b, seg[3], seg[4]])
+            if ev == "downgrade":
+                keep.append([ts, a, b - a, "shared", seg[4]])
+        if keep:
+            live[key] = keep
+    for segs in live.values():
+        for seg in segs:
+            close(seg, None)
+    return done
+
+
 def check_locks(storage, events, granularity):
     """Storage I/O against the coordinator's grant/release log."""
     if not events:
         return []
-    # lock intervals: (client, lock id) -> [grant ts, release ts, offset, len, mode]
-    held = {}
-    intervals = []
-    for e in sorted(events, key=lambda e: e["ts"]):
-        ev = e.get("event")
-        key = (e.get("client-id"), e.get("lock"))
-        if ev == "grant":
-            held[key] = [e["ts"], None, e["offset"], e["length"], e["mode"],
-                         e.get("client-id")]
-            intervals.append(held[key])
-        elif ev == "downgrade" and key in held:
-            old = held[key]
-            old[1] = e["ts"]
-            held[key] = [e["ts"], None, old[2], old[3], "shared", old[5]]
-            intervals.append(held[key])
-        elif ev == "release" and key in held:
-            cur = held[key]
-            off, ln = e.get("offset", cur[2]), e.get("length", cur[3])
-            if off <= cur[2] and off + ln >= cur[2] + cur[3]:
-                cur[1] = e["ts"]
-                del held[key]
-            else:
-                # a part given back: split the interval
-                cur[1] = e["ts"]
-                rest = []
-                if off > cur[2]:
-                    rest.append((cur[2], off - cur[2]))
-                if off + ln < cur[2] + cur[3]:
-                    rest.append((off + ln, cur[2] + cur[3] - off - ln))
-                del held[key]
-                for i, (o, l) in enumerate(rest):
-                    iv = [e["ts"], None, o, l, cur[4], cur[5]]
-                    intervals.append(iv)
-                    held[(key, i)] = iv
+    intervals = lock_intervals(events)
+    # index the intervals by time bucket (1 s) so that each I/O looks only
+    # at the locks that existed around it
+    bucket_ns = 10**9
+    last = max([e["ts"] for e in events] +
+               [e.get("reply") or e.get("fwd") or 0 for log in storage.values()
+                for e in log])
+    buckets = defaultdict(list)
+    for iv in intervals:
+        g, r = iv[0], iv[1] if iv[1] is not None else last + 1
+        for b in range(g // bucket_ns, r // bucket_ns + 1):
+            buckets[b].append(iv)
     out = []
     for host, log in storage.items():
         for e in log:
             if e.get("event") not in ("read", "write") or e.get("fwd") is None:
                 continue
             t0, t1 = e["fwd"], e.get("reply") or INF
-            o0 = e["offset"] // granularity * granularity
-            o1 = e["offset"] + e["count"]
-            for g, r, off, ln, mode, client in intervals:
-                if client == host:
-                    continue
-                if off >= o1 or off + ln <= o0:
-                    continue
-                if e["event"] == "read" and mode == "shared":
-                    continue
-                if g < t1 and (r is None or r > t0):
-                    out.append({"kind": "lock-violation", "host": host,
-                                "io": e["event"], "offset": e["offset"],
-                                "count": e["count"], "holder": client,
-                                "lock": [off, ln, mode],
-                                "overlap-ms": (min(t1, r or INF) - max(t0, g)) / 1e6})
+            o0, o1 = e["offset"], e["offset"] + e["count"]
+            b1 = (t1 if t1 != INF else last) // bucket_ns
+            seen = set()
+            found = None
+            for b in range(t0 // bucket_ns, b1 + 1):
+                for iv in buckets.get(b, ()):
+                    if id(iv) in seen:
+                        continue
+                    seen.add(id(iv))
+                    g, r, off, ln, mode, client = iv
+                    if client == host or off >= o1 or off + ln <= o0:
+                        continue
+                    if e["event"] == "read" and mode == "shared":
+                        continue
+                    if g < t1 and (r is None or r > t0):
+                        found = iv
+                        break
+                if found:
                     break
+            if found:
+                g, r, off, ln, mode, client = found
+                out.append({"kind": "lock-violation", "host": host,
+                            "io": e["event"], "offset": o0, "count": e["count"],
+                            "fwd": t0, "reply": e.get("reply"), "holder": client,
+                            "lock": [off, ln, mode], "granted": g, "released": r,
+                            "overlap-ms": (min(t1, r or INF) - max(t0, g)) / 1e6})
     return out
 
 

@@ -4,8 +4,10 @@
 SPDX-License-Identifier: GPL-2.0-or-later
 Copyright (c) 2026 The extlock authors
 
-extlockd --fence-agent=tests/nemesis/fence_agent.py --fence-arg=ctl_dir=DIR
-runs it with "action=off\nplug=<client-id>\nctl_dir=DIR\n" on stdin.  It
+A stand-in for contrib/fence-agents/fence_extlock_cut (same contract, used
+when that is not in the tree): extlockd --fence-agent=tests/nemesis/
+fence_agent.py --fence-arg=ctl-dir=DIR runs it with
+"action=off\nplug=<client-id>\nctl-dir=DIR\n" on stdin.  It
 connects to DIR/<plug>.ctl (served by nfs_relay.NfsFaultPoint), writes the
 action, reads one line and exits 0 when the port is in the requested state
 (off/on: "ok"; status: "on"/"off" - exit 0 for on, 2 for off, as the
@@ -26,9 +28,9 @@ def main():
         args[k.strip()] = v.strip()
     action = args.get("action", args.get("option", ""))
     plug = args.get("plug", args.get("port", ""))
-    ctl_dir = args.get("ctl_dir", "")
+    ctl_dir = args.get("ctl-dir", args.get("ctl_dir", ""))
     if action not in ("off", "on", "status", "monitor") or not plug or not ctl_dir:
-        print(f"fence_agent: need action=off|on|status, plug=, ctl_dir= "
+        print(f"fence_agent: need action=off|on|status, plug=, ctl-dir= "
               f"(got {args})", file=sys.stderr)
         return 1
     if action == "monitor":

@@ -52,15 +52,39 @@ sys.path.insert(0, str(HERE.parent / "qemu"))
 
 from harness import procs as P                         # noqa: E402
 from harness.faults import NbdClient, TcpPartition     # noqa: E402
-from harness.ganesha import NfsServer                  # noqa: E402
+from harness.coordinator import coordinator_status     # noqa: E402
+from harness import ganesha as ganesha_mod            # noqa: E402
+from harness.ganesha import (NfsServer, NfsServerError,  # noqa: E402
+                             tcp_port_open)
 from nfs_relay import NfsFaultPoint, portmap_ports     # noqa: E402
 import checker                                         # noqa: E402
 import workload                                        # noqa: E402
 
 IMAGE_SIZE = 4 * 1024 * 1024
 FENCE_ONLY = ["nfs-delay-crash", "nfs-delay-partition"]
+FENCE_AGENT = P.REPO_ROOT / "contrib" / "fence-agents" / "fence_extlock_cut"
 REGION_SECTORS = 512            # the workload uses the first 256 KiB
 LOCK_SPACE = "nemesis"
+
+
+class IsolatedNfsServer(NfsServer):
+    """The harness's ganesha, checking only its own network namespace for a
+    server already there: scripts/isolate.sh gives us a private loopback,
+    but /proc still shows the ganesha processes of other namespaces."""
+
+    def _check_no_other_server(self):
+        if tcp_port_open("127.0.0.1", 2049):
+            raise NfsServerError("something already listens on 127.0.0.1:2049 "
+                                 "in this network namespace")
+
+    def _ensure_rpcbind(self):
+        # the same, without the look at other namespaces' rpcbind processes
+        saved = ganesha_mod.find_processes
+        ganesha_mod.find_processes = lambda name: []
+        try:
+            super()._ensure_rpcbind()
+        finally:
+            ganesha_mod.find_processes = saved
 
 
 def log(msg):
@@ -205,10 +229,12 @@ class Run:
         self.fencing = False
         self.event_log = None
         self.excluded = []
+        self.fence_agent = None
+        self.coordinator_status = None
 
     # ---- setup ----------------------------------------------------------
     def setup(self):
-        self.nfs = NfsServer(workdir=self.out / "nfs", max_io=8192)
+        self.nfs = IsolatedNfsServer(workdir=self.out / "nfs", max_io=8192)
         self.nfs.start()
         ports = portmap_ports()
         self.nfs_ports = sorted({ports["nfs"], ports["mountd"]})
@@ -220,8 +246,12 @@ class Run:
                      "--lease-ms", str(self.lease_ms)]
             if extlockd_supports("--fence-agent") and not self.args.no_fence:
                 self.fencing = True
-                extra += ["--fence-agent", str(HERE / "fence_agent.py"),
-                          "--fence-arg", f"ctl_dir={self.ctl_dir}",
+                agent = self.args.fence_agent or FENCE_AGENT
+                if not os.access(agent, os.X_OK):
+                    agent = HERE / "fence_agent.py"
+                self.fence_agent = str(agent)
+                extra += ["--fence-agent", str(agent),
+                          "--fence-arg", f"ctl-dir={self.ctl_dir}",
                           "--fence-timeout-ms", "10000"]
             if extlockd_supports("--event-log"):
                 self.event_log = self.out / "events.jsonl"
@@ -371,6 +401,11 @@ class Run:
         for c in self.clients:
             c.join(timeout=150)
         stuck = [c.name for c in self.clients if c.is_alive()]
+        if self.extlockd is not None:
+            try:
+                self.coordinator_status = coordinator_status(self.extlockd.address)
+            except Exception as e:                      # noqa: BLE001
+                self.coordinator_status = {"error": repr(e)}
         for h in self.hosts:
             h.stop()
         return stuck
@@ -403,6 +438,9 @@ def main(argv=None):
                     help="control: hosts open the image directly")
     ap.add_argument("--no-fence", action="store_true",
                     help="do not give extlockd the fence agent")
+    ap.add_argument("--fence-agent", help="fence agent for extlockd (default "
+                    "contrib/fence-agents/fence_extlock_cut, else "
+                    "tests/nemesis/fence_agent.py)")
     ap.add_argument("--faults", help="comma-separated fault kinds to use")
     ap.add_argument("--lease-ms", type=int, default=2000)
     ap.add_argument("--fence-margin-ms", type=int, default=500)
@@ -452,6 +490,8 @@ def main(argv=None):
         "seed": args.seed, "seconds": round(time.monotonic() - t0, 1),
         "extlock": not args.no_extlock, "fencing": run.fencing,
         "event-log": bool(run.event_log), "driver-options": run.driver_opts,
+        "fence-agent": run.fence_agent,
+        "coordinator-events": len(events),
         "ops": len(ops),
         "writes": sum(o["op"] == "write" for o in ops),
         "reads": sum(o["op"] == "read" for o in ops),
@@ -480,6 +520,8 @@ def main(argv=None):
     with open(run.out / "faults.json", "w") as f:
         json.dump({"faults": run.faults, "self-exits": run.self_exits,
                    "incarnations": incarnations}, f)
+    with open(run.out / "coordinator-status.json", "w") as f:
+        json.dump(run.coordinator_status, f, indent=1)
     with open(run.out / "violations.json", "w") as f:
         json.dump(violations, f)
     with open(run.out / "result.json", "w") as f:
