@@ -29,9 +29,9 @@ if [ "${1:-}" = "--suite" ]; then
     echo "--- nemesis checker self-tests"
     "$PY" -m pytest -q -p no:cacheprovider tests/nemesis/test_checker.py || rc=1
     echo "--- nemesis run with extlock (seed $seed): must be clean"
-    run 400 --seed "$seed" --seconds 100 --expect clean || rc=1
+    run 400 --seed "$seed" --seconds 90 --op-timeout 60 --expect clean || rc=1
     echo "--- nemesis control without extlock (seed $seed): violations must be found"
-    run 300 --seed "$seed" --seconds 40 --no-extlock --expect violations || rc=1
+    run 300 --seed "$seed" --seconds 30 --op-timeout 60 --no-extlock --expect violations || rc=1
     exit $rc
 fi
 

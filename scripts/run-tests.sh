@@ -14,6 +14,9 @@
 #  6. tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
 #     and the same workload without extlock for comparison
+#  7. scripts/nemesis.sh --suite: three hosts, randomized faults (partitions,
+#     NFS delays, SIGSTOP, kill -9, coordinator restarts), history checker;
+#     and the same without extlock, where violations must be reported
 # The last line is a summary: "N passed, N failed".
 set -uo pipefail
 
@@ -70,6 +73,14 @@ if [ "$WITH_QEMU" = 1 ]; then
             passed=$((passed + 1))
         else
             echo "end-to-end run FAILED"
+            failed=$((failed + 1))
+        fi
+
+        step "nemesis: randomized faults against three hosts (seeded run + control)"
+        if bash scripts/nemesis.sh --suite; then
+            passed=$((passed + 1))
+        else
+            echo "nemesis run FAILED"
             failed=$((failed + 1))
         fi
     else

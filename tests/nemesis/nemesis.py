@@ -273,7 +273,8 @@ class Run:
             for t in range(self.args.clients_per_host):
                 wid = h.index * 16 + t
                 c = workload.Client(h, wid, self.extents, self.history,
-                                    self.seed * 1000 + wid, self.stop_clients)
+                                    self.seed * 1000 + wid, self.stop_clients,
+                                    op_timeout=self.args.op_timeout)
                 self.clients.append(c)
 
     # ---- faults ---------------------------------------------------------
@@ -399,7 +400,7 @@ class Run:
         self.recover()
         self.stop_clients.set()
         for c in self.clients:
-            c.join(timeout=150)
+            c.join(timeout=self.args.op_timeout + 30)
         stuck = [c.name for c in self.clients if c.is_alive()]
         if self.extlockd is not None:
             try:
@@ -446,6 +447,9 @@ def main(argv=None):
     ap.add_argument("--fence-margin-ms", type=int, default=500)
     ap.add_argument("--extents", type=int, default=24)
     ap.add_argument("--clients-per-host", type=int, default=2)
+    ap.add_argument("--op-timeout", type=float, default=120,
+                    help="seconds an NBD request may take before it counts as "
+                    "hung (default 120)")
     ap.add_argument("--out", help="directory for logs and results")
     ap.add_argument("--expect", choices=("clean", "violations", "any"), default="any",
                     help="exit status: clean = no violation, no stuck client; "
@@ -498,6 +502,7 @@ def main(argv=None):
         "acked": sum(o["status"] == "ok" for o in ops),
         "client-errors": sum(o["status"] == "error" for o in ops),
         "lost-with-host": sum(o["status"] == "lost" for o in ops),
+        "client-timeouts": sum(o["status"] == "timeout" for o in ops),
         "faults": len(run.faults),
         "excluded-faults": run.excluded,
         "faults-by-kind": {k: sum(f["kind"] == k for f in run.faults)
@@ -531,7 +536,8 @@ def main(argv=None):
         print("extlockd: invariant broken", file=sys.stderr)
         return 1
     if args.expect == "clean":
-        ok = not violations and not stuck and not summary["client-failures"]
+        ok = not violations and not stuck and not summary["client-failures"] \
+            and not summary["client-timeouts"]
     elif args.expect == "violations":
         ok = bool(violations)
     else:

@@ -19,6 +19,7 @@ extlockd use) and its outcome:
   ok      the request was acknowledged (a write: NBD reply without error)
   error   the server replied with an error (counted as a client error)
   lost    the connection broke (host killed): the outcome is unknown
+  timeout no reply within the operation timeout (a hang; outcome unknown)
 """
 
 import random
@@ -123,10 +124,7 @@ class Client(threading.Thread):
                     if err:
                         op["errno"] = err
                 except Exception as e:          # noqa: BLE001 - connection lost
-                    op["end"] = None
-                    op["status"] = "lost"
-                    op["why"] = repr(e)[:200]
-                    self._drop()
+                    self._failed(op, e)
             else:
                 op = {"op": "read", "host": self.host.name, "writer": self.writer,
                       "ext": ext, "first": first, "n": n, "gen": self.conn_gen}
@@ -144,13 +142,16 @@ class Client(threading.Thread):
                         op["seen"] = [decode(data[i * SECTOR:(i + 1) * SECTOR])
                                       for i in range(n)]
                 except Exception as e:          # noqa: BLE001
-                    op["end"] = None
-                    op["status"] = "lost"
-                    op["why"] = repr(e)[:200]
-                    self._drop()
+                    self._failed(op, e)
             self.history.append(op)
             if self.pace:
                 self.stop_event.wait(self.rnd.uniform(0, self.pace))
+
+    def _failed(self, op, exc):
+        op["end"] = None
+        op["status"] = "timeout" if isinstance(exc, TimeoutError) else "lost"
+        op["why"] = repr(exc)[:200]
+        self._drop()
 
     def _drop(self):
         try:
