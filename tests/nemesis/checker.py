@@ -45,6 +45,7 @@ partial visibility of such a write is not counted as a violation.
 """
 
 import bisect
+import re
 import json
 from collections import defaultdict
 
@@ -373,3 +374,86 @@ def load_jsonl(path):
 
 
 __all__ = ["check_all", "summarize", "load_jsonl", "SECTOR"]
+
+
+# ---------------------------------------------------------------------------
+# driver trace events (extlock_io_start / extlock_io_done, log backend)
+
+TRACE_RE = re.compile(
+    r"extlock_io_(start|done) node (\S+) (\S+) offset (\d+) bytes (\d+)"
+    r"(?: lock (\d+))? token 0x([0-9a-fA-F]+)(?: ret (-?\d+))? ts (-?\d+)")
+WRITE_KINDS = ("write", "zero", "discard")
+
+
+def parse_trace(lines):
+    """[(kind, offset, bytes, token, start ns, done ns or None, ret)] of one
+    process's trace log: each done is paired with the oldest open start of
+    the same kind, range and token."""
+    open_ = defaultdict(list)
+    out = []
+    for line in lines:
+        m = TRACE_RE.search(line)
+        if not m:
+            continue
+        phase, _node, kind, off, nbytes, _lock, token, ret, ts = m.groups()
+        key = (kind, int(off), int(nbytes), int(token, 16))
+        if phase == "start":
+            rec = [kind, int(off), int(nbytes), int(token, 16), int(ts), None, None]
+            open_[key].append(rec)
+            out.append(rec)
+        elif open_[key]:
+            rec = open_[key].pop(0)
+            rec[5] = int(ts)
+            rec[6] = int(ret)
+    return [tuple(r) for r in out]
+
+
+def check_trace(traces, events=None, death=None):
+    """traces: {(host, gen): [io]} from parse_trace; death: {(host, gen): ns}.
+
+    trace-overlap: two hosts' requests on overlapping bytes, at least one a
+    write, were both forwarded to the storage at the same time (an I/O with
+    no done event lasts until its process died).  trace-token (with the
+    event log): a request ran under a token the coordinator never granted
+    to that client, or outside [grant, last release] of that token."""
+    out = []
+    death = death or {}
+    ios = []
+    for (host, gen), lst in traces.items():
+        for kind, off, n, token, t0, t1, ret in lst:
+            if kind == "flush" or n == 0:
+                continue
+            end = t1 if t1 is not None else death.get((host, gen), INF)
+            ios.append((t0, end, host, gen, kind, off, n, token))
+    ios.sort()
+    active = []
+    for io in ios:
+        t0, end, host, gen, kind, off, n, token = io
+        active = [a for a in active if a[1] > t0]
+        for a in active:
+            if a[2] == host:
+                continue
+            if a[5] >= off + n or a[5] + a[6] <= off:
+                continue
+            if kind not in WRITE_KINDS and a[4] not in WRITE_KINDS:
+                continue
+            out.append({"kind": "trace-overlap", "a": [a[2], a[4], a[5], a[6], hex(a[7])],
+                        "b": [host, kind, off, n, hex(token)],
+                        "overlap-ms": (min(end, a[1]) - t0) / 1e6})
+        active.append(io)
+    if events:
+        grants = {}
+        for e in events:
+            if e.get("event") in ("grant", "reclaim") and "token" in e:
+                g = grants.setdefault(e["token"], [e.get("client-id"), e["ts"], None])
+                g[1] = min(g[1], e["ts"])
+            elif e.get("event") == "release" and "token" in e and e["token"] in grants:
+                g = grants[e["token"]]
+                g[2] = max(g[2] or 0, e["ts"])
+        for t0, end, host, gen, kind, off, n, token in ios:
+            g = grants.get(token)
+            if g is None or g[0] != host or t0 < g[1] or (g[2] is not None and end > g[2]):
+                out.append({"kind": "trace-token", "host": host, "io": kind,
+                            "offset": off, "bytes": n, "token": hex(token),
+                            "grant": g})
+    return out

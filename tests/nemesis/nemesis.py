@@ -143,8 +143,13 @@ class Host:
     def start(self):
         gen = self.generation + 1
         wd = self.run.out / self.name / f"gen{gen}"
+        extra = []
+        if self.run.trace_io:
+            wd.mkdir(parents=True, exist_ok=True)
+            extra = ["--trace", f"enable=extlock_io_*,file={wd / 'trace.log'}"]
         qsd = P.StorageDaemon(wd, blockdevs=[self.blockdev()],
-                              exports=[("exp", "xl", True)], start_timeout=60)
+                              exports=[("exp", "xl", True)], start_timeout=60,
+                              extra_args=extra)
         t = time.monotonic_ns()
         qsd.start()
         self.qsd = qsd
@@ -231,6 +236,7 @@ class Run:
         self.excluded = []
         self.fence_agent = None
         self.coordinator_status = None
+        self.trace_io = False
 
     # ---- setup ----------------------------------------------------------
     def setup(self):
@@ -262,6 +268,7 @@ class Run:
             qsd_bin = P.binary("qemu-storage-daemon")
             if binary_supports(qsd_bin, "on-stuck-io"):
                 self.driver_opts["on-stuck-io"] = "exit"
+            self.trace_io = binary_supports(qsd_bin, "extlock_io_start")
         self.hosts = [Host(i, self) for i in (1, 2, 3)]
         for h in self.hosts:
             h.start()
@@ -469,7 +476,7 @@ def main(argv=None):
     try:
         run.setup()
         log(f"fencing: {run.fencing}, event log: {bool(run.event_log)}, "
-            f"driver options: {run.driver_opts}")
+            f"I/O trace events: {run.trace_io}, driver options: {run.driver_opts}")
         stuck = run.execute()
         final = run.final_image()
     finally:
@@ -489,6 +496,20 @@ def main(argv=None):
     violations = checker.check_all(run.history, final, 0, failures, storage,
                                    incarnations, events, run.granularity,
                                    late_ns=late_ns)
+    traced = 0
+    if run.trace_io:
+        traces, death = {}, {}
+        for h in run.hosts:
+            for gen, _start, end in h.incarnations:
+                path = run.out / h.name / f"gen{gen}" / "trace.log"
+                try:
+                    with open(path, errors="replace") as f:
+                        traces[(h.name, gen)] = checker.parse_trace(f)
+                except OSError:
+                    continue
+                death[(h.name, gen)] = end
+        traced = sum(len(v) for v in traces.values())
+        violations += checker.check_trace(traces, events, death)
     ops = run.history
     summary = {
         "seed": args.seed, "seconds": round(time.monotonic() - t0, 1),
@@ -496,6 +517,7 @@ def main(argv=None):
         "event-log": bool(run.event_log), "driver-options": run.driver_opts,
         "fence-agent": run.fence_agent,
         "coordinator-events": len(events),
+        "traced-requests": traced,
         "ops": len(ops),
         "writes": sum(o["op"] == "write" for o in ops),
         "reads": sum(o["op"] == "read" for o in ops),
@@ -545,7 +567,7 @@ def main(argv=None):
     log(f"{'PASS' if ok else 'FAIL'}: {len(violations)} violations "
         f"{summary['violations-by-kind']}, {summary['ops']} ops, "
         f"{summary['faults']} faults (expected {args.expect})")
-    if ok and not args.out and not args.no_extlock and args.expect != "any":
+    if ok and not args.out and args.expect != "any":
         shutil.rmtree(run.out, ignore_errors=True)
     return 0 if ok else 1
 

@@ -130,3 +130,29 @@ def test_lock_violation_from_event_log():
     events[0]["ts"] = 170
     v = checker.check_all([], [0] * 8, 0, {}, storage, {}, events, 4096)
     assert v == []
+
+
+TRACE = """\
+123@1.000:extlock_io_start node xl write offset 0 bytes 4096 lock 1 token 0x10000000001 ts 100
+123@1.000:extlock_io_done node xl write offset 0 bytes 4096 token 0x10000000001 ret 0 ts 200
+"""
+
+
+def test_trace_overlap_and_tokens():
+    a = checker.parse_trace(TRACE.splitlines())
+    b = checker.parse_trace(TRACE.replace("ts 100", "ts 150").replace("ts 200", "ts 250")
+                            .replace("0x10000000001", "0x10000000002").splitlines())
+    assert a == [("write", 0, 4096, 0x10000000001, 100, 200, 0)]
+    got = checker.check_trace({("h1", 1): a, ("h2", 1): b})
+    assert [v["kind"] for v in got] == ["trace-overlap"]
+    later = [(k, o, n, t, s + 200, e + 200, r) for k, o, n, t, s, e, r in b]
+    assert checker.check_trace({("h1", 1): a, ("h2", 1): later}) == []
+    events = [{"ts": 90, "event": "grant", "client-id": "h1", "token": 0x10000000001},
+              {"ts": 210, "event": "release", "client-id": "h1", "token": 0x10000000001},
+              {"ts": 300, "event": "grant", "client-id": "h2", "token": 0x10000000002}]
+    got = checker.check_trace({("h1", 1): a, ("h2", 1): later}, events)
+    # h2's request started at 350 > 300: fine; h1's ran within [90, 210]
+    assert got == []
+    events[1]["ts"] = 150                   # released while in flight
+    got = checker.check_trace({("h1", 1): a, ("h2", 1): later}, events)
+    assert [v["kind"] for v in got] == ["trace-token"]
