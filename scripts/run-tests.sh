@@ -18,6 +18,9 @@
 #  6. tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
 #     and the same workload without extlock, which must be caught tearing
+#  7. scripts/nemesis.sh --suite: three hosts, randomized faults (partitions,
+#     NFS delays, SIGSTOP, kill -9, coordinator restarts), history checker;
+#     and the same without extlock, where violations must be reported
 #
 # Every run has a time limit (per pytest test: pytest-timeout; per suite:
 # timeout(1)), so a hang is a counted failure, not a stuck CI job.  Counts:
@@ -37,6 +40,7 @@ WITH_QEMU=1
 PYTEST_TEST_TIMEOUT=${EXTLOCK_PYTEST_TEST_TIMEOUT:-300}
 PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
 E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
+NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
 MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
 
 passed=0
@@ -171,6 +175,14 @@ if [ "$WITH_QEMU" = 1 ]; then
             passed=$((passed + 1))
         else
             echo "end-to-end run FAILED (exit status $rc)"
+            failed=$((failed + 1))
+        fi
+
+        step "nemesis: randomized faults against three hosts (seeded run + control)"
+        if timeout -k 30 "$NEMESIS_TIMEOUT" bash scripts/nemesis.sh --suite; then
+            passed=$((passed + 1))
+        else
+            echo "nemesis run FAILED"
             failed=$((failed + 1))
         fi
     else
