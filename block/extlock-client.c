@@ -396,6 +396,7 @@ typedef struct ExtlockConnJob {
     char *client_id;
     char *lock_space;
     char *old_session;          /* resume or reclaim this session */
+    char *old_secret;           /* ... proving it is ours */
     uint32_t lease_ms;
     GArray *reclaims;           /* ExtlockReclaim: what we hold */
     uint64_t next_id;
@@ -404,6 +405,7 @@ typedef struct ExtlockConnJob {
     QIOChannelSocket *sioc;
     ExtlockLineBuf in;          /* bytes that came after the answers */
     char *session;
+    char *resume_secret;        /* NULL: keep the one we had */
     uint64_t epoch;
     uint32_t granted_lease_ms;
     uint32_t fence_margin_ms;
@@ -434,6 +436,7 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
     g_free(job->client_id);
     g_free(job->lock_space);
     g_free(job->old_session);
+    g_free(job->old_secret);
     if (job->reclaims) {
         g_array_unref(job->reclaims);
     }
@@ -442,6 +445,7 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
     }
     extlock_linebuf_destroy(&job->in);
     g_free(job->session);
+    g_free(job->resume_secret);
     if (job->server_locks) {
         g_array_unref(job->server_locks);
     }
@@ -537,6 +541,8 @@ static bool extlock_conn_hello(ExtlockConnJob *job, Error **errp)
     hello.lock_space = g_strdup(job->lock_space);
     hello.lease_ms = job->lease_ms;
     hello.session = g_strdup(job->old_session);
+    hello.resume_secret = job->old_session ? g_strdup(job->old_secret)
+                                           : NULL;
     job->hello_sent_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
     if (!extlock_conn_send(job, &hello, errp) ||
@@ -557,6 +563,10 @@ static bool extlock_conn_hello(ExtlockConnJob *job, Error **errp)
         goto out;
     }
     job->session = g_strdup(reply.session);
+    /* Only the owner's welcome carries it; after a restart it is empty */
+    if (reply.resume_secret && reply.resume_secret[0]) {
+        job->resume_secret = g_strdup(reply.resume_secret);
+    }
     job->epoch = reply.epoch;
     job->granted_lease_ms = reply.lease_ms;
     /* Old coordinators do not say: assume none */
@@ -638,6 +648,8 @@ static int extlock_conn_run(void *opaque)
         job->err = NULL;
         g_free(job->old_session);
         job->old_session = NULL;
+        g_free(job->old_secret);
+        job->old_secret = NULL;
         job->refused = EXTLOCK_ERR_NONE;
         extlock_conn_hello(job, errp);
     }
@@ -770,6 +782,13 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
     extlock_linebuf_init_max(&job->in, EXTLOCK_MAX_REPLY_LINE);
     g_free(c->session);
     c->session = g_strdup(job->session);
+    if (job->resume_secret) {
+        g_free(c->resume_secret);
+        c->resume_secret = g_strdup(job->resume_secret);
+    } else if (!same_session) {
+        g_free(c->resume_secret);
+        c->resume_secret = NULL;
+    }
     c->epoch = job->epoch;
     c->lease_ms = job->granted_lease_ms;
     c->fence_margin_ms = job->fence_margin_ms;
@@ -829,6 +848,7 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
         int ret;
 
         job->old_session = g_strdup(c->session);
+        job->old_secret = g_strdup(c->resume_secret);
         job->reclaims = extlock_locks_snapshot(c);
         ret = thread_pool_submit_co(aio_get_thread_pool(c->ctx),
                                     extlock_conn_run, job);
@@ -956,6 +976,7 @@ void extlock_client_free(ExtlockClient *c)
     g_hash_table_destroy(c->pending);
     qapi_free_SocketAddress(c->addr);
     g_free(c->session);
+    g_free(c->resume_secret);
     g_free(c->address);
     g_free(c->client_id);
     g_free(c->lock_space);

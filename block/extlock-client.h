@@ -132,6 +132,7 @@ typedef struct ExtlockClient {
     int fd;                     /* -1 while disconnected */
     QIOChannelSocket *sioc;
     char *session;
+    char *resume_secret;        /* from our welcome; resumes need it */
     uint64_t epoch;
     uint32_t lease_ms;
     int64_t lease_deadline_ns;  /* QEMU_CLOCK_REALTIME, margin included */
