@@ -57,6 +57,7 @@
 #include "policy.h"
 #include "server.h"
 #include "state-file.h"
+#include "state-writer.h"
 #include "tls.h"
 
 #define READ_CHUNK          (64 * 1024)
@@ -182,6 +183,8 @@ struct ExtlockdConn {
     bool unauth;
     GList unauth_link;           /* in server->unauth, accept order */
     int64_t accepted_us;
+    /* hello: input paused until the new session is in the state file */
+    bool awaiting_state;
     /* status rate limit: tokens, refilled every STATUS_INTERVAL */
     unsigned status_tokens;
     int64_t status_refill_us;
@@ -239,7 +242,19 @@ struct ExtlockdServer {
     uint64_t refused;            /* connections refused by the caps */
     int64_t refused_logged_us;
     uint64_t refused_logged;
+    /* State file writes (state-writer.h) and the welcomes waiting on them */
+    ExtlockdStateWriter *writer;
+    GQueue welcomes;             /* DeferredWelcome, in generation order */
 };
+
+/* A new session's welcome, sent once the state file has it */
+typedef struct DeferredWelcome {
+    uint64_t gen;
+    uint64_t conn_serial;
+    char session[33];
+    bool has_id;
+    uint64_t id;
+} DeferredWelcome;
 
 static void conn_destroy(ExtlockdConn *c);
 static void conn_close_after_flush(ExtlockdConn *c);
@@ -376,7 +391,7 @@ static bool conn_flush(ExtlockdConn *c)
             return false;
         }
         if (!c->handshaking) {
-            conn_set_events(c, G_IO_IN);
+            conn_set_events(c, c->awaiting_state ? 0 : G_IO_IN);
             conn_kick_tls(c);
         }
         return true;
@@ -394,7 +409,8 @@ static bool conn_flush(ExtlockdConn *c)
         c->out_pos = 0;
     }
     events = G_IO_OUT;
-    if (!c->closing && pending < BACKPRESSURE_OUTPUT) {
+    if (!c->closing && !c->awaiting_state &&
+        pending < BACKPRESSURE_OUTPUT) {
         events |= G_IO_IN;
     }
     conn_set_events(c, events);
@@ -767,13 +783,12 @@ static void session_destroy_nosave(ExtlockdSession *S)
 }
 
 /* Record the current sessions in the state file, or complain */
+static uint64_t save_state_async(ExtlockdServer *s);
+
 static void save_state_or_warn(ExtlockdServer *s)
 {
-    g_autoptr(GError) err = NULL;
-
-    if (!save_state(s, s->epoch, &err)) {
-        g_warning("cannot update the state file: %s", err->message);
-    }
+    /* A session gone from the file only matters after a crash */
+    save_state_async(s);
 }
 
 static void session_destroy(ExtlockdSession *S)
@@ -1632,7 +1647,6 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
 {
     ExtlockdServer *s = c->server;
     ExtlockdSession *S;
-    g_autoptr(GError) err = NULL;
     int64_t now = g_get_monotonic_time();
     g_autofree char *why = NULL;
     uint32_t lease_ms;
@@ -1721,14 +1735,22 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     session_attach(S, c, lease_ms, now);
-    /* The session is durable before the client learns about it */
-    if (!save_state(s, s->epoch, &err)) {
-        g_warning("cannot record a new session of %s in the state file: "
-                  "%s", m->client_id, err->message);
-        session_destroy_nosave(S);
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                   "cannot record the session in the state file");
-        return;
+    /*
+     * The session is durable before the client learns about it: the
+     * welcome waits for the state writer, and so does the connection's
+     * input (requests after hello need the welcome first)
+     */
+    {
+        DeferredWelcome *dw = g_new0(DeferredWelcome, 1);
+
+        dw->gen = save_state_async(s);
+        dw->conn_serial = c->serial;
+        g_strlcpy(dw->session, S->id, sizeof(dw->session));
+        dw->has_id = m->has_id;
+        dw->id = m->id;
+        g_queue_push_tail(&s->welcomes, dw);
+        c->awaiting_state = true;
+        conn_set_events(c, c->events & ~G_IO_IN);
     }
     if (m->session) {
         g_message("session %s (%s, lock-space %s) started on %s, lease %u "
@@ -1740,7 +1762,6 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                   "lease %u ms", S->id, S->client_id, S->space->name,
                   c->peer, c->identity, lease_ms);
     }
-    send_welcome(c, m, S, WELCOME_NEW);
 }
 
 static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
@@ -2161,7 +2182,7 @@ static void conn_process_lines(ExtlockdConn *c)
     const char *line;
     size_t len;
 
-    while (!c->closing) {
+    while (!c->closing && !c->awaiting_state) {
         ExtlockLineResult r = extlock_linebuf_next(&c->lb, &line, &len);
 
         if (r == EXTLOCK_LINE_NONE) {
@@ -2810,8 +2831,8 @@ void extlockd_server_stop_listening(ExtlockdServer *s)
 /* ------------------------------------------------------------------ */
 /* Server                                                              */
 
-/* Write @epoch and every session to the state file */
-static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
+/* The state file text for @epoch and every session */
+static char *state_snapshot(ExtlockdServer *s, uint64_t epoch, GError **errp)
 {
     g_autoptr(GArray) list = g_array_sized_new(FALSE, FALSE,
                                                sizeof(ExtlockdStateSession),
@@ -2829,9 +2850,69 @@ static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
 
         g_array_append_val(list, ss);
     }
-    return extlockd_state_save_sessions(s->cfg.state_file, epoch,
-                                        (ExtlockdStateSession *)list->data,
-                                        list->len, errp);
+    return extlockd_state_format(epoch, (ExtlockdStateSession *)list->data,
+                                 list->len, errp);
+}
+
+/* Write @epoch and every session to the state file, now */
+static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
+{
+    char *text = state_snapshot(s, epoch, errp);
+
+    return text && extlockd_state_writer_write_now(s->writer, text, errp);
+}
+
+/* Queue the current state for the writer thread; its generation */
+static uint64_t save_state_async(ExtlockdServer *s)
+{
+    g_autoptr(GError) err = NULL;
+    char *text = state_snapshot(s, s->epoch, &err);
+
+    if (!text) {
+        g_warning("cannot update the state file: %s", err->message);
+        return 0;
+    }
+    return extlockd_state_writer_submit(s->writer, text);
+}
+
+/* The writer is done with generation @gen: send the waiting welcomes */
+static void state_written(uint64_t gen, bool ok, const char *error,
+                          void *opaque)
+{
+    ExtlockdServer *s = opaque;
+    DeferredWelcome *dw;
+
+    if (!ok) {
+        g_warning("cannot update the state file: %s", error);
+    }
+    while ((dw = g_queue_peek_head(&s->welcomes)) && dw->gen <= gen) {
+        ExtlockdSession *S = g_hash_table_lookup(s->sessions, dw->session);
+        ExtlockdConn *c = S ? S->conn : NULL;
+        ExtlockMsg m;
+
+        g_queue_pop_head(&s->welcomes);
+        if (!c || c->serial != dw->conn_serial) {
+            g_free(dw);         /* gone meanwhile: it never learnt of it */
+            continue;
+        }
+        c->awaiting_state = false;
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.has_id = dw->has_id;
+        m.id = dw->id;
+        if (ok) {
+            send_welcome(c, &m, S, WELCOME_NEW);
+        } else {
+            g_warning("session %s of %s dropped: it is not in the state "
+                      "file", S->id, S->client_id);
+            session_destroy_nosave(S);
+            send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
+                       "cannot record the session in the state file");
+        }
+        g_free(dw);
+        /* Requests that arrived after hello */
+        conn_process_lines(c);
+    }
+    flush_all(s);
 }
 
 bool extlockd_server_save_state(ExtlockdServer *s, GError **errp)
@@ -2862,6 +2943,9 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
     s->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
     s->policy = extlockd_policy_load(NULL, NULL);
+    s->writer = extlockd_state_writer_new(s->cfg.state_file, state_written,
+                                          s);
+    g_queue_init(&s->welcomes);
     g_queue_init(&s->unauth);
     s->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,
                                                g_free, NULL);
@@ -2936,6 +3020,8 @@ void extlockd_server_free(ExtlockdServer *s)
     g_free(s->cfg.state_file);
     extlockd_policy_free(s->policy);
     extlockd_tls_creds_free(s->tls);
+    extlockd_state_writer_free(s->writer);
+    g_queue_clear_full(&s->welcomes, g_free);
     g_hash_table_destroy(s->unauth_per_peer);
     g_free(s);
 }

@@ -966,6 +966,82 @@ static void test_floods(void **state)
     daemon_stop(d);
 }
 
+/*
+ * A hello storm on a slow disk (every state file write takes
+ * STATE_DELAY_MS): 100 new sessions at once.  The writes are coalesced
+ * off the event loop, so the victim's renewals are not delayed, every
+ * welcome arrives, and the state file lists every session.
+ */
+#define STATE_DELAY_MS 50
+#define STORM 100
+
+static void test_hello_storm(void **state)
+{
+    g_autofree char *delay = g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d",
+                                             STATE_DELAY_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *victim = conn_open(d->unix_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *c[STORM];
+    uint64_t ids[STORM];
+    g_autofree char *sv = NULL, *text = NULL;
+    int64_t worst = 0, t0;
+    Grant g;
+
+    {
+        ExtlockMsg w;
+        GError *err = NULL;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        assert_true(extlock_conn_hello(victim, "victim/d0", "disk",
+                                       VICTIM_LEASE_MS, &w, &err));
+        sv = g_strdup(w.session);
+        extlock_msg_clear(&w);
+    }
+    g = lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+
+    t0 = now_ms();
+    for (int i = 0; i < STORM; i++) {
+        g_autofree char *cid = g_strdup_printf("storm/%d", i);
+        ExtlockMsg m;
+
+        c[i] = conn_open(d->unix_addr);
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = cid;
+        m.lock_space = (char *)"storm";
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(c[i], &m);
+        ids[i] = m.id;
+        if (i % 10 == 9) {
+            worst = MAX(worst, timed_renew(victim));
+        }
+    }
+    for (int i = 0; i < STORM; i++) {
+        ExtlockMsg w;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        expect_msg(c[i], &w, EXTLOCK_MSG_WELCOME, ids[i]);
+        extlock_msg_clear(&w);
+        if (i % 10 == 9) {
+            worst = MAX(worst, timed_renew(victim));
+        }
+    }
+    g_test_message("hello storm: %d welcomes in %" PRId64 " ms (a write "
+                   "takes %d ms), worst renewal %" PRId64 " ms", STORM,
+                   now_ms() - t0, STATE_DELAY_MS, worst);
+    assert_true(worst < VICTIM_LEASE_MS / 4);
+    /* Every session is in the file (it was, before its welcome) */
+    assert_true(g_file_get_contents(d->state, &text, NULL, NULL));
+    for (int i = 0; i < STORM; i++) {
+        g_autofree char *cid = g_strdup_printf("\"storm/%d\"", i);
+
+        assert_non_null(strstr(text, cid));
+    }
+    check_victim(mon, sv, g);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -978,6 +1054,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unix_identity_and_insecure,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_floods, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hello_storm, setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
