@@ -11,6 +11,7 @@
  * its own buffer with a much larger limit instead of ExtlockLineBuf.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <string.h>
@@ -229,7 +230,13 @@ bool extlock_conn_send_raw(ExtlockConn *conn, const void *data, size_t len,
 
         if (conn->tls) {
             n = gnutls_record_send(conn->tls, p, len);
-            if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+            if (n == GNUTLS_E_AGAIN) {
+                struct pollfd pfd = { .fd = conn->fd, .events = POLLOUT };
+
+                poll(&pfd, 1, -1);
+                continue;
+            }
+            if (n == GNUTLS_E_INTERRUPTED) {
                 continue;
             }
             if (n < 0) {
@@ -342,10 +349,20 @@ static int read_some_tls(ExtlockConn *conn, int flags, size_t old,
         }
     }
     g_byte_array_set_size(conn->in, old + CLIENT_READ_SIZE);
-    do {
+    for (;;) {
         n = gnutls_record_recv(conn->tls, conn->in->data + old,
                                CLIENT_READ_SIZE);
-    } while (n == GNUTLS_E_INTERRUPTED || n == GNUTLS_E_AGAIN);
+        if (n == GNUTLS_E_AGAIN) {
+            /* a non-blocking socket in the middle of a record */
+            struct pollfd pfd = { .fd = conn->fd, .events = POLLIN };
+
+            poll(&pfd, 1, -1);
+            continue;
+        }
+        if (n != GNUTLS_E_INTERRUPTED) {
+            break;
+        }
+    }
     g_byte_array_set_size(conn->in, old + MAX(n, 0));
     if (n > 0) {
         return 1;
@@ -710,4 +727,43 @@ ExtlockConn *extlock_conn_connect_tls(const char *address,
         return NULL;
     }
     return conn;
+}
+
+void extlock_conn_set_nonblocking(ExtlockConn *conn)
+{
+    fcntl(conn->fd, F_SETFL, fcntl(conn->fd, F_GETFL) | O_NONBLOCK);
+}
+
+static ssize_t tls_result(ssize_t n)
+{
+    if (n >= 0) {
+        return n;
+    }
+    if (n == GNUTLS_E_PREMATURE_TERMINATION) {
+        return 0;
+    }
+    errno = n == GNUTLS_E_AGAIN ? EAGAIN :
+            n == GNUTLS_E_INTERRUPTED ? EINTR : EPROTO;
+    return -1;
+}
+
+ssize_t extlock_conn_recv_nb(ExtlockConn *conn, void *buf, size_t len)
+{
+    if (conn->tls) {
+        return tls_result(gnutls_record_recv(conn->tls, buf, len));
+    }
+    return recv(conn->fd, buf, len, MSG_DONTWAIT);
+}
+
+ssize_t extlock_conn_send_nb(ExtlockConn *conn, const void *buf, size_t len)
+{
+    if (conn->tls) {
+        return tls_result(gnutls_record_send(conn->tls, buf, len));
+    }
+    return send(conn->fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+bool extlock_conn_tls_pending(ExtlockConn *conn)
+{
+    return conn->tls && gnutls_record_check_pending(conn->tls) > 0;
 }
