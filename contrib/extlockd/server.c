@@ -1181,7 +1181,15 @@ static void check_deadlines(ExtlockdServer *s)
         g_message("%s: closed: no hello within %u ms%s", c->peer,
                   s->cfg.hello_timeout_ms,
                   c->handshaking ? " (TLS handshake unfinished)" : "");
-        conn_destroy(c);
+        conn_unauth_done(c);
+        if (c->handshaking) {
+            conn_destroy(c);
+            continue;
+        }
+        send_error(c, false, 0, EXTLOCK_ERR_STATE,
+                   "no hello within %u ms: closing", s->cfg.hello_timeout_ms);
+        conn_close_after_flush(c);
+        next = MIN(next, c->closing_since_us + CLOSE_TIMEOUT_US);
     }
     for (l = s->conns.head; l; l = lnext) {
         ExtlockdConn *c = l->data;
@@ -2555,6 +2563,16 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
         }
         if (!(identity[0] && extlockd_policy_is_admin(s->policy, identity)) &&
             !conn_admit(s, key, peer)) {
+            if (!l->tls) {
+                /* Best effort: say why (TLS peers get no plaintext) */
+                static const char why[] =
+                    "{\"type\":\"error\",\"code\":\"limit-exceeded\","
+                    "\"message\":\"too many connections without hello; "
+                    "try again later\"}\n";
+                ssize_t n = send(cfd, why, sizeof(why) - 1,
+                                 MSG_DONTWAIT | MSG_NOSIGNAL);
+                (void)n;
+            }
             close(cfd);
             continue;
         }

@@ -26,6 +26,7 @@
 #include <setjmp.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -484,6 +485,50 @@ static void test_tls_refusals(void **state)
 }
 
 /*
+ * Many TLS records at once: the daemon must also handle records that
+ * GnuTLS has buffered (poll() does not see them), and big replies that
+ * take many records and several writes.  2000 lock requests, each in a
+ * record of its own, sent before reading any reply; then a status of all
+ * of them from an admin over TLS.
+ */
+#define PIPELINED 2000
+
+static void test_tls_pipelining(void **state)
+{
+    Pki p = { 0 };
+    Daemon *d;
+    ExtlockConn *a, *adm;
+    g_autofree char *sa = NULL, *text = NULL;
+    uint64_t first_id;
+
+    make_pki(&p);
+    d = tls_daemon(&p, NULL, true);
+    a = tls_open(d->tcp_addr, p.host_a);
+    sa = hello_ok(a, "host-a/d0", "space-a", "x509:host-a");
+    first_id = extlock_conn_next_id(a);
+    for (int i = 0; i < PIPELINED; i++) {
+        ExtlockMsg m;
+
+        extlock_msg_init(&m, EXTLOCK_MSG_LOCK);
+        m.offset = (uint64_t)i * 4096;
+        m.length = 4096;
+        m.mode = EXTLOCK_MODE_SHARED;
+        send_msg(a, &m);
+    }
+    for (int i = 0; i < PIPELINED; i++) {
+        expect_granted(a, first_id + i, (uint64_t)i * 4096, 4096,
+                       EXTLOCK_MODE_SHARED);
+    }
+    adm = tls_open(d->tcp_addr, p.admin);
+    text = status_text(adm);
+    assert_true(strlen(text) > PIPELINED * 100);
+    assert_non_null(strstr(text, "\"offset\":8187904"));  /* the last */
+    renew(a);
+    daemon_stop(d);
+    pki_free(&p);
+}
+
+/*
  * With a policy: host-a may not use host-b's lock-space or client-ids,
  * cannot resume host-b's session even with its secret, cannot unlock its
  * locks; status shows no secrets and, to non-admins, nobody else.  The
@@ -791,6 +836,30 @@ static int64_t timed_renew(ExtlockConn *c)
     return now_ms() - t0;
 }
 
+/* What the daemon sent on @fd before closing it (bounded wait) */
+static char *read_all(int fd)
+{
+    GString *got = g_string_new(NULL);
+    int64_t deadline = now_ms() + RECV_MS;
+    char buf[4096];
+
+    for (;;) {
+        struct pollfd pfd = { .fd = fd, .events = POLLIN };
+        ssize_t n;
+
+        assert_true(now_ms() < deadline);
+        if (poll(&pfd, 1, 100) <= 0) {
+            continue;
+        }
+        n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n <= 0) {
+            break;
+        }
+        g_string_append_len(got, buf, n);
+    }
+    return g_string_free(got, FALSE);
+}
+
 static int raw_tcp(const char *src_ip, int port)
 {
     struct sockaddr_in src = { .sin_family = AF_INET };
@@ -905,6 +974,15 @@ static void test_floods(void **state)
         g_usleep(50 * 1000);
     }
     assert_true(log_count(d, "no hello within") >= 1);
+    /* Both kinds of refusal say why before closing */
+    {
+        g_autofree char *first = read_all(g_array_index(fds, int, 0));
+        g_autofree char *last = read_all(g_array_index(fds, int,
+                                                       fds->len - 1));
+
+        assert_non_null(strstr(first, "no hello within"));
+        assert_non_null(strstr(last, "limit-exceeded"));
+    }
     for (guint i = 0; i < fds->len; i++) {
         close(g_array_index(fds, int, i));
     }
@@ -1046,6 +1124,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_tls_refusals, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_pipelining, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_identity_isolation, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_reclaim_identity, setup,
