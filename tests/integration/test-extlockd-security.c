@@ -1122,6 +1122,78 @@ static void test_hello_storm(void **state)
     daemon_stop(d);
 }
 
+/* Run extlockd with @args; its exit status, stderr in *@err_text */
+static int run_daemon(const char *const *args, char **err_text)
+{
+    g_autoptr(GPtrArray) argv = g_ptr_array_new();
+    g_autofree char *state_path = g_build_filename(fx.dir, "opt.state",
+                                                   NULL);
+    g_autofree char *sock = g_build_filename(fx.dir, "opt.sock", NULL);
+    g_autofree char *listen = g_strdup_printf("unix:%s", sock);
+    GError *err = NULL;
+    int status;
+
+    g_ptr_array_add(argv, (char *)extlockd_bin);
+    g_ptr_array_add(argv, (char *)"--state-file");
+    g_ptr_array_add(argv, state_path);
+    g_ptr_array_add(argv, (char *)"--listen");
+    g_ptr_array_add(argv, listen);
+    for (int i = 0; args[i]; i++) {
+        g_ptr_array_add(argv, (char *)args[i]);
+    }
+    g_ptr_array_add(argv, NULL);
+    if (!g_spawn_sync(NULL, (char **)argv->pdata, NULL, G_SPAWN_DEFAULT,
+                      NULL, NULL, NULL, err_text, &status, &err)) {
+        fail_msg("cannot run extlockd: %s", err->message);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+/* Bad security options and files: a clear message, no daemon */
+static void test_bad_security_options(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "bad.conf", NULL);
+    g_autofree char *empty = g_build_filename(fx.dir, "empty", NULL);
+    static const struct {
+        const char *args[4];
+        int status;
+        const char *says;
+    } cases[] = {
+        { { "--tls-verify-peer=maybe", NULL }, 2, "yes or no" },
+        { { "--tls-verify-peer=no", NULL }, 2, "--tls-creds-dir" },
+        { { "--hello-timeout-ms=0", NULL }, 2, "--hello-timeout-ms" },
+        { { "--max-unauth=0", NULL }, 2, "--max-unauth" },
+        { { "--max-unauth-per-peer=0", NULL }, 2, "--max-unauth-per-peer" },
+        { { "--status-rate=0", NULL }, 2, "--status-rate" },
+        { { "--tls-creds-dir", "/nonexistent/tls", NULL }, 1,
+          "does not exist" },
+        { { "--tls-creds-dir", "EMPTY", NULL }, 1, "neither" },
+        { { "--policy", "/nonexistent/policy.conf", NULL }, 1,
+          "policy file" },
+        { { "--policy", "POLICY", NULL }, 1, "unknown group" },
+    };
+
+    assert_true(g_file_set_contents(policy, "[somebody]\nadmin=true\n", -1,
+                                    NULL));
+    assert_int_equal(g_mkdir_with_parents(empty, 0700), 0);
+    for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+        const char *args[4];
+        g_autofree char *err_text = NULL;
+
+        for (int j = 0; j < 4; j++) {
+            const char *a = cases[i].args[j];
+
+            args[j] = a && strcmp(a, "EMPTY") == 0 ? empty :
+                      a && strcmp(a, "POLICY") == 0 ? policy : a;
+        }
+        assert_int_equal(run_daemon(args, &err_text), cases[i].status);
+        if (!strstr(err_text, cases[i].says)) {
+            fail_msg("case %zu: \"%s\" not in: %s", i, cases[i].says,
+                     err_text);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1137,6 +1209,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_floods, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hello_storm, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_security_options, setup,
+                                        teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
