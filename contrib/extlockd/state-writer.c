@@ -100,7 +100,8 @@ static gpointer writer_thread(gpointer opaque)
             g_free(d->error);
             g_free(d);
         } else {
-            g_idle_add(done_in_main, d);
+            /* Not idle priority: a busy loop must not starve welcomes */
+            g_idle_add_full(G_PRIORITY_DEFAULT, done_in_main, d, NULL);
         }
     }
     g_mutex_unlock(&w->lock);
