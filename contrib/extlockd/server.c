@@ -247,13 +247,18 @@ struct ExtlockdServer {
     GQueue welcomes;             /* DeferredWelcome, in generation order */
 };
 
-/* A new session's welcome, sent once the state file has it */
+/*
+ * A welcome sent once the state file has what it promises: a new session,
+ * or (reclaim after a restart) a session's new resume secret
+ */
 typedef struct DeferredWelcome {
     uint64_t gen;
     uint64_t conn_serial;
     char session[33];
     bool has_id;
     uint64_t id;
+    bool reclaim;
+    char old_sha256[65];         /* reclaim: restored if the write fails */
 } DeferredWelcome;
 
 static void conn_destroy(ExtlockdConn *c);
@@ -261,6 +266,7 @@ static void conn_close_after_flush(ExtlockdConn *c);
 static void server_schedule(ExtlockdServer *s, int64_t when_us);
 static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp);
 static void space_end_grace(ExtlockdSpace *space, bool timeout);
+static uint64_t save_state_async(ExtlockdServer *s);
 
 /* ------------------------------------------------------------------ */
 /* Tokens                                                              */
@@ -783,8 +789,6 @@ static void session_destroy_nosave(ExtlockdSession *S)
 }
 
 /* Record the current sessions in the state file, or complain */
-static uint64_t save_state_async(ExtlockdServer *s);
-
 static void save_state_or_warn(ExtlockdServer *s)
 {
     /* A session gone from the file only matters after a crash */
@@ -1611,6 +1615,32 @@ static void handle_resume(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
     session_resend_revokes(S);
 }
 
+/*
+ * Send the welcome for @S once the state writer has written what it says
+ * (@old_sha256: a reclaim, with the previous secret's hash).  Until then
+ * the connection's input waits too: requests after hello need the welcome
+ * first.
+ */
+static void defer_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
+                          const char *old_sha256)
+{
+    ExtlockdServer *s = c->server;
+    DeferredWelcome *dw = g_new0(DeferredWelcome, 1);
+
+    dw->gen = save_state_async(s);
+    dw->conn_serial = c->serial;
+    g_strlcpy(dw->session, S->id, sizeof(dw->session));
+    dw->has_id = m->has_id;
+    dw->id = m->id;
+    if (old_sha256) {
+        dw->reclaim = true;
+        g_strlcpy(dw->old_sha256, old_sha256, sizeof(dw->old_sha256));
+    }
+    g_queue_push_tail(&s->welcomes, dw);
+    c->awaiting_state = true;
+    conn_set_events(c, c->events & ~G_IO_IN);
+}
+
 /* hello with "session" of a session listed in the state file, in grace */
 static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
                                  ExtlockdSession *S, uint32_t lease_ms,
@@ -1621,16 +1651,13 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
 
     /*
      * Only the hash of the old secret survived the restart: hand out a
-     * new one, durable before the client learns it
+     * new one, durable before the client learns it (the welcome waits for
+     * the state writer)
      */
     memcpy(old_sha256, S->secret_sha256, sizeof(old_sha256));
-    if (!session_new_secret(S) ||
-        !save_state(c->server, c->server->epoch, NULL)) {
-        memcpy(S->secret_sha256, old_sha256, sizeof(old_sha256));
-        S->secret[0] = '\0';
+    if (!session_new_secret(S)) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                   "cannot record a new resume secret for session %s",
-                   S->id);
+                   "cannot generate a resume secret");
         return;
     }
     if (S->conn) {
@@ -1648,7 +1675,7 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
               S->id, S->client_id, S->space->name, c->peer,
               grace_remaining_ms(S->space, now),
               n ? " (locks it had reclaimed already were dropped)" : "");
-    send_welcome(c, m, S, WELCOME_RECLAIM);
+    defer_welcome(c, m, S, old_sha256);
 }
 
 static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
@@ -1743,23 +1770,8 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     session_attach(S, c, lease_ms, now);
-    /*
-     * The session is durable before the client learns about it: the
-     * welcome waits for the state writer, and so does the connection's
-     * input (requests after hello need the welcome first)
-     */
-    {
-        DeferredWelcome *dw = g_new0(DeferredWelcome, 1);
-
-        dw->gen = save_state_async(s);
-        dw->conn_serial = c->serial;
-        g_strlcpy(dw->session, S->id, sizeof(dw->session));
-        dw->has_id = m->has_id;
-        dw->id = m->id;
-        g_queue_push_tail(&s->welcomes, dw);
-        c->awaiting_state = true;
-        conn_set_events(c, c->events & ~G_IO_IN);
-    }
+    /* The session is durable before the client learns about it */
+    defer_welcome(c, m, S, NULL);
     if (m->session) {
         g_message("session %s (%s, lock-space %s) started on %s, lease %u "
                   "ms, replacing session %s, which is unknown or expired",
@@ -2918,7 +2930,20 @@ static void state_written(uint64_t gen, bool ok, const char *error,
         m.has_id = dw->has_id;
         m.id = dw->id;
         if (ok) {
-            send_welcome(c, &m, S, WELCOME_NEW);
+            send_welcome(c, &m, S, dw->reclaim ? WELCOME_RECLAIM
+                                               : WELCOME_NEW);
+        } else if (dw->reclaim) {
+            /* It may come back and try again with its old secret */
+            g_warning("session %s of %s cannot reclaim now: its new "
+                      "resume secret is not in the state file", S->id,
+                      S->client_id);
+            memcpy(S->secret_sha256, dw->old_sha256,
+                   sizeof(S->secret_sha256));
+            S->secret[0] = '\0';
+            send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
+                       "cannot record a new resume secret for session %s",
+                       S->id);
+            conn_close_after_flush(c);
         } else {
             g_warning("session %s of %s dropped: it is not in the state "
                       "file", S->id, S->client_id);
