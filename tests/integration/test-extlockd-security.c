@@ -1122,6 +1122,89 @@ static void test_hello_storm(void **state)
     daemon_stop(d);
 }
 
+/*
+ * After a crash, every client comes back at once (on a slow disk): each
+ * reclaim welcome carries a new resume secret that must be durable first.
+ * The writes are coalesced, so the client that came back first renews
+ * undisturbed, and every other one is told to reclaim.
+ */
+#define RECLAIMERS 30
+
+static void test_reclaim_storm(void **state)
+{
+    g_autofree char *delay = g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d",
+                                             STATE_DELAY_MS);
+    g_autofree char *path = g_build_filename(fx.dir, "storm.state", NULL);
+    const char *env[] = { delay, NULL };
+    const char *grace[] = { "--grace-ms=20000", NULL };
+    g_autofree char *sess[RECLAIMERS] = { NULL };
+    char *secrets[RECLAIMERS];
+    ExtlockConn *c[RECLAIMERS];
+    uint64_t ids[RECLAIMERS];
+    int64_t worst = 0;
+    Daemon *d = daemon_start(path, NULL, NULL);
+
+    for (int i = 0; i < RECLAIMERS; i++) {
+        g_autofree char *cid = g_strdup_printf("r/%d", i);
+
+        c[i] = conn_open(d->unix_addr);
+        sess[i] = hello_ok(c[i], cid, "disk", NULL);
+        secrets[i] = secret_of(sess[i]);
+        lock_now(c[i], (uint64_t)i * 4096, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    }
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+    d = daemon_start(path, grace, env);
+
+    /* The first one back renews while the others come back */
+    c[0] = conn_open(d->unix_addr);
+    {
+        ExtlockMsg w;
+
+        hello_reply(c[0], "r/0", "disk", sess[0], secrets[0], &w);
+        assert_int_equal(w.type, EXTLOCK_MSG_WELCOME);
+        assert_true(w.reclaim);
+        extlock_msg_clear(&w);
+    }
+    for (int i = 1; i < RECLAIMERS; i++) {
+        g_autofree char *cid = g_strdup_printf("r/%d", i);
+        ExtlockMsg m;
+
+        c[i] = conn_open(d->unix_addr);
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = cid;
+        m.lock_space = (char *)"disk";
+        m.session = sess[i];
+        m.resume_secret = secrets[i];
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(c[i], &m);
+        ids[i] = m.id;
+        if (i % 10 == 0) {
+            /* Written one by one, these 10 would take 10 writes */
+            worst = MAX(worst, timed_renew(c[0]));
+        }
+    }
+    for (int i = 1; i < RECLAIMERS; i++) {
+        ExtlockMsg w;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        expect_msg(c[i], &w, EXTLOCK_MSG_WELCOME, ids[i]);
+        assert_true(w.reclaim);
+        assert_string_equal(w.session, sess[i]);
+        extlock_msg_clear(&w);
+        if (i % 5 == 0) {
+            worst = MAX(worst, timed_renew(c[0]));
+        }
+    }
+    g_test_message("reclaim storm: worst renewal %" PRId64 " ms (a write "
+                   "takes %d ms, %d clients)", worst, STATE_DELAY_MS,
+                   RECLAIMERS);
+    assert_true(worst < LONG_LEASE_MS / 4);
+    /* Half of the 10 writes one by one would cost */
+    assert_true(worst < 5 * STATE_DELAY_MS);
+    daemon_stop(d);
+}
+
 /* Run extlockd with @args; its exit status, stderr in *@err_text */
 static int run_daemon(const char *const *args, char **err_text)
 {
@@ -1209,6 +1292,7 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_floods, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hello_storm, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reclaim_storm, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_security_options, setup,
                                         teardown),
     };
