@@ -43,6 +43,18 @@ struct ExtlockConn {
     char *host;                 /* for the server certificate check */
 };
 
+/* gnutls_strerror(), plus the alert the coordinator sent, if any */
+static const char *tls_why(ExtlockConn *conn, int ret, char *buf, size_t size)
+{
+    if (ret == GNUTLS_E_FATAL_ALERT_RECEIVED ||
+        ret == GNUTLS_E_WARNING_ALERT_RECEIVED) {
+        g_snprintf(buf, size, "the coordinator refused us: %s",
+                   gnutls_alert_get_name(gnutls_alert_get(conn->tls)));
+        return buf;
+    }
+    return gnutls_strerror(ret);
+}
+
 static int connect_unix(const char *path, GError **errp,
                         const char *address)
 {
@@ -240,9 +252,21 @@ bool extlock_conn_send_raw(ExtlockConn *conn, const void *data, size_t len,
                 continue;
             }
             if (n < 0) {
+                struct pollfd pfd = { .fd = conn->fd, .events = POLLIN };
+                char why[128], byte;
+
+                /* The coordinator may have said why it hung up */
+                if (n != GNUTLS_E_FATAL_ALERT_RECEIVED &&
+                    poll(&pfd, 1, 100) > 0) {
+                    int r = gnutls_record_recv(conn->tls, &byte, 1);
+
+                    if (r == GNUTLS_E_FATAL_ALERT_RECEIVED) {
+                        n = r;
+                    }
+                }
                 g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
                             "TLS send to %s failed: %s", conn->address,
-                            gnutls_strerror(n));
+                            tls_why(conn, n, why, sizeof(why)));
                 return false;
             }
             p += n;
@@ -371,9 +395,11 @@ static int read_some_tls(ExtlockConn *conn, int flags, size_t old,
         g_set_error(errp, G_IO_ERROR, G_IO_ERROR_CLOSED,
                     "connection to %s closed", conn->address);
     } else {
+        char why[128];
+
         g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
                     "TLS receive from %s failed: %s", conn->address,
-                    gnutls_strerror(n));
+                    tls_why(conn, n, why, sizeof(why)));
     }
     return -1;
 }
@@ -691,9 +717,11 @@ static bool tls_setup(ExtlockConn *conn, const ExtlockTlsOptions *o,
             gnutls_free(text.data);
             return false;
         }
+        char why[128];
+
         g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
                     "TLS handshake with %s failed: %s%s", conn->address,
-                    gnutls_strerror(ret),
+                    tls_why(conn, ret, why, sizeof(why)),
                     ret == GNUTLS_E_PREMATURE_TERMINATION ||
                     ret == GNUTLS_E_PULL_ERROR ?
                     " (the coordinator refused us: see its log)" : "");
