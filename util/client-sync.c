@@ -11,6 +11,7 @@
  * its own buffer with a much larger limit instead of ExtlockLineBuf.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <string.h>
@@ -41,6 +42,18 @@ struct ExtlockConn {
     gnutls_psk_client_credentials_t psk;
     char *host;                 /* for the server certificate check */
 };
+
+/* gnutls_strerror(), plus the alert the coordinator sent, if any */
+static const char *tls_why(ExtlockConn *conn, int ret, char *buf, size_t size)
+{
+    if (ret == GNUTLS_E_FATAL_ALERT_RECEIVED ||
+        ret == GNUTLS_E_WARNING_ALERT_RECEIVED) {
+        g_snprintf(buf, size, "the coordinator refused us: %s",
+                   gnutls_alert_get_name(gnutls_alert_get(conn->tls)));
+        return buf;
+    }
+    return gnutls_strerror(ret);
+}
 
 static int connect_unix(const char *path, GError **errp,
                         const char *address)
@@ -229,13 +242,31 @@ bool extlock_conn_send_raw(ExtlockConn *conn, const void *data, size_t len,
 
         if (conn->tls) {
             n = gnutls_record_send(conn->tls, p, len);
-            if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+            if (n == GNUTLS_E_AGAIN) {
+                struct pollfd pfd = { .fd = conn->fd, .events = POLLOUT };
+
+                poll(&pfd, 1, -1);
+                continue;
+            }
+            if (n == GNUTLS_E_INTERRUPTED) {
                 continue;
             }
             if (n < 0) {
+                struct pollfd pfd = { .fd = conn->fd, .events = POLLIN };
+                char why[128], byte;
+
+                /* The coordinator may have said why it hung up */
+                if (n != GNUTLS_E_FATAL_ALERT_RECEIVED &&
+                    poll(&pfd, 1, 100) > 0) {
+                    int r = gnutls_record_recv(conn->tls, &byte, 1);
+
+                    if (r == GNUTLS_E_FATAL_ALERT_RECEIVED) {
+                        n = r;
+                    }
+                }
                 g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
                             "TLS send to %s failed: %s", conn->address,
-                            gnutls_strerror(n));
+                            tls_why(conn, n, why, sizeof(why)));
                 return false;
             }
             p += n;
@@ -342,10 +373,20 @@ static int read_some_tls(ExtlockConn *conn, int flags, size_t old,
         }
     }
     g_byte_array_set_size(conn->in, old + CLIENT_READ_SIZE);
-    do {
+    for (;;) {
         n = gnutls_record_recv(conn->tls, conn->in->data + old,
                                CLIENT_READ_SIZE);
-    } while (n == GNUTLS_E_INTERRUPTED || n == GNUTLS_E_AGAIN);
+        if (n == GNUTLS_E_AGAIN) {
+            /* a non-blocking socket in the middle of a record */
+            struct pollfd pfd = { .fd = conn->fd, .events = POLLIN };
+
+            poll(&pfd, 1, -1);
+            continue;
+        }
+        if (n != GNUTLS_E_INTERRUPTED) {
+            break;
+        }
+    }
     g_byte_array_set_size(conn->in, old + MAX(n, 0));
     if (n > 0) {
         return 1;
@@ -354,9 +395,11 @@ static int read_some_tls(ExtlockConn *conn, int flags, size_t old,
         g_set_error(errp, G_IO_ERROR, G_IO_ERROR_CLOSED,
                     "connection to %s closed", conn->address);
     } else {
+        char why[128];
+
         g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
                     "TLS receive from %s failed: %s", conn->address,
-                    gnutls_strerror(n));
+                    tls_why(conn, n, why, sizeof(why)));
     }
     return -1;
 }
@@ -674,9 +717,11 @@ static bool tls_setup(ExtlockConn *conn, const ExtlockTlsOptions *o,
             gnutls_free(text.data);
             return false;
         }
+        char why[128];
+
         g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
                     "TLS handshake with %s failed: %s%s", conn->address,
-                    gnutls_strerror(ret),
+                    tls_why(conn, ret, why, sizeof(why)),
                     ret == GNUTLS_E_PREMATURE_TERMINATION ||
                     ret == GNUTLS_E_PULL_ERROR ?
                     " (the coordinator refused us: see its log)" : "");
@@ -710,4 +755,43 @@ ExtlockConn *extlock_conn_connect_tls(const char *address,
         return NULL;
     }
     return conn;
+}
+
+void extlock_conn_set_nonblocking(ExtlockConn *conn)
+{
+    fcntl(conn->fd, F_SETFL, fcntl(conn->fd, F_GETFL) | O_NONBLOCK);
+}
+
+static ssize_t tls_result(ssize_t n)
+{
+    if (n >= 0) {
+        return n;
+    }
+    if (n == GNUTLS_E_PREMATURE_TERMINATION) {
+        return 0;
+    }
+    errno = n == GNUTLS_E_AGAIN ? EAGAIN :
+            n == GNUTLS_E_INTERRUPTED ? EINTR : EPROTO;
+    return -1;
+}
+
+ssize_t extlock_conn_recv_nb(ExtlockConn *conn, void *buf, size_t len)
+{
+    if (conn->tls) {
+        return tls_result(gnutls_record_recv(conn->tls, buf, len));
+    }
+    return recv(conn->fd, buf, len, MSG_DONTWAIT);
+}
+
+ssize_t extlock_conn_send_nb(ExtlockConn *conn, const void *buf, size_t len)
+{
+    if (conn->tls) {
+        return tls_result(gnutls_record_send(conn->tls, buf, len));
+    }
+    return send(conn->fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+bool extlock_conn_tls_pending(ExtlockConn *conn)
+{
+    return conn->tls && gnutls_record_check_pending(conn->tls) > 0;
 }

@@ -59,6 +59,7 @@
 #include "policy.h"
 #include "server.h"
 #include "state-file.h"
+#include "state-writer.h"
 #include "tls.h"
 
 #define READ_CHUNK          (64 * 1024)
@@ -200,6 +201,8 @@ struct ExtlockdConn {
     bool unauth;
     GList unauth_link;           /* in server->unauth, accept order */
     int64_t accepted_us;
+    /* hello: input paused until the new session is in the state file */
+    bool awaiting_state;
     /* status rate limit: tokens, refilled every STATUS_INTERVAL */
     unsigned status_tokens;
     int64_t status_refill_us;
@@ -259,13 +262,31 @@ struct ExtlockdServer {
     uint64_t refused;            /* connections refused by the caps */
     int64_t refused_logged_us;
     uint64_t refused_logged;
+    /* State file writes (state-writer.h) and the welcomes waiting on them */
+    ExtlockdStateWriter *writer;
+    GQueue welcomes;             /* DeferredWelcome, in generation order */
 };
+
+/*
+ * A welcome sent once the state file has what it promises: a new session,
+ * or (reclaim after a restart) a session's new resume secret
+ */
+typedef struct DeferredWelcome {
+    uint64_t gen;
+    uint64_t conn_serial;
+    char session[33];
+    bool has_id;
+    uint64_t id;
+    bool reclaim;
+    char old_sha256[65];         /* reclaim: restored if the write fails */
+} DeferredWelcome;
 
 static void conn_destroy(ExtlockdConn *c);
 static void conn_close_after_flush(ExtlockdConn *c);
 static void server_schedule(ExtlockdServer *s, int64_t when_us);
 static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp);
 static void space_end_grace(ExtlockdSpace *space, bool timeout);
+static uint64_t save_state_async(ExtlockdServer *s);
 
 /* ------------------------------------------------------------------ */
 /* Tokens                                                              */
@@ -439,7 +460,7 @@ static bool conn_flush(ExtlockdConn *c)
             return false;
         }
         if (!c->handshaking) {
-            conn_set_events(c, G_IO_IN);
+            conn_set_events(c, c->awaiting_state ? 0 : G_IO_IN);
             conn_kick_tls(c);
         }
         return true;
@@ -457,7 +478,8 @@ static bool conn_flush(ExtlockdConn *c)
         c->out_pos = 0;
     }
     events = G_IO_OUT;
-    if (!c->closing && pending < BACKPRESSURE_OUTPUT) {
+    if (!c->closing && !c->awaiting_state &&
+        pending < BACKPRESSURE_OUTPUT) {
         events |= G_IO_IN;
     }
     conn_set_events(c, events);
@@ -835,11 +857,8 @@ static void session_destroy_nosave(ExtlockdSession *S)
 /* Record the current sessions in the state file, or complain */
 static void save_state_or_warn(ExtlockdServer *s)
 {
-    g_autoptr(GError) err = NULL;
-
-    if (!save_state(s, s->epoch, &err)) {
-        g_warning("cannot update the state file: %s", err->message);
-    }
+    /* A session gone from the file only matters after a crash */
+    save_state_async(s);
 }
 
 static void session_destroy(ExtlockdSession *S)
@@ -1420,7 +1439,15 @@ static void check_deadlines(ExtlockdServer *s)
         g_message("%s: closed: no hello within %u ms%s", c->peer,
                   s->cfg.hello_timeout_ms,
                   c->handshaking ? " (TLS handshake unfinished)" : "");
-        conn_destroy(c);
+        conn_unauth_done(c);
+        if (c->handshaking) {
+            conn_destroy(c);
+            continue;
+        }
+        send_error(c, false, 0, EXTLOCK_ERR_STATE,
+                   "no hello within %u ms: closing", s->cfg.hello_timeout_ms);
+        conn_close_after_flush(c);
+        next = MIN(next, c->closing_since_us + CLOSE_TIMEOUT_US);
     }
     for (l = s->conns.head; l; l = lnext) {
         ExtlockdConn *c = l->data;
@@ -1865,6 +1892,32 @@ static void handle_resume(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
     session_resend_revokes(S);
 }
 
+/*
+ * Send the welcome for @S once the state writer has written what it says
+ * (@old_sha256: a reclaim, with the previous secret's hash).  Until then
+ * the connection's input waits too: requests after hello need the welcome
+ * first.
+ */
+static void defer_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
+                          const char *old_sha256)
+{
+    ExtlockdServer *s = c->server;
+    DeferredWelcome *dw = g_new0(DeferredWelcome, 1);
+
+    dw->gen = save_state_async(s);
+    dw->conn_serial = c->serial;
+    g_strlcpy(dw->session, S->id, sizeof(dw->session));
+    dw->has_id = m->has_id;
+    dw->id = m->id;
+    if (old_sha256) {
+        dw->reclaim = true;
+        g_strlcpy(dw->old_sha256, old_sha256, sizeof(dw->old_sha256));
+    }
+    g_queue_push_tail(&s->welcomes, dw);
+    c->awaiting_state = true;
+    conn_set_events(c, c->events & ~G_IO_IN);
+}
+
 /* hello with "session" of a session listed in the state file, in grace */
 static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
                                  ExtlockdSession *S, uint32_t lease_ms,
@@ -1875,16 +1928,13 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
 
     /*
      * Only the hash of the old secret survived the restart: hand out a
-     * new one, durable before the client learns it
+     * new one, durable before the client learns it (the welcome waits for
+     * the state writer)
      */
     memcpy(old_sha256, S->secret_sha256, sizeof(old_sha256));
-    if (!session_new_secret(S) ||
-        !save_state(c->server, c->server->epoch, NULL)) {
-        memcpy(S->secret_sha256, old_sha256, sizeof(old_sha256));
-        S->secret[0] = '\0';
+    if (!session_new_secret(S)) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                   "cannot record a new resume secret for session %s",
-                   S->id);
+                   "cannot generate a resume secret");
         return;
     }
     if (S->conn) {
@@ -1902,14 +1952,13 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
               S->id, S->client_id, S->space->name, c->peer,
               grace_remaining_ms(S->space, now),
               n ? " (locks it had reclaimed already were dropped)" : "");
-    send_welcome(c, m, S, WELCOME_RECLAIM);
+    defer_welcome(c, m, S, old_sha256);
 }
 
 static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
 {
     ExtlockdServer *s = c->server;
     ExtlockdSession *S;
-    g_autoptr(GError) err = NULL;
     int64_t now = g_get_monotonic_time();
     g_autofree char *why = NULL;
     uint32_t lease_ms;
@@ -1981,6 +2030,7 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
              * A longer lease must be in the state file before it is in
              * force: a restarted coordinator's grace period covers it
              */
+            g_autoptr(GError) err = NULL;
             uint32_t old = S->lease_ms;
 
             S->lease_ms = lease_ms;
@@ -2018,14 +2068,7 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
     }
     session_attach(S, c, lease_ms, now);
     /* The session is durable before the client learns about it */
-    if (!save_state(s, s->epoch, &err)) {
-        g_warning("cannot record a new session of %s in the state file: "
-                  "%s", m->client_id, err->message);
-        session_destroy_nosave(S);
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                   "cannot record the session in the state file");
-        return;
-    }
+    defer_welcome(c, m, S, NULL);
     if (m->session) {
         g_message("session %s (%s, lock-space %s) started on %s, lease %u "
                   "ms, replacing session %s, which is unknown or expired",
@@ -2036,7 +2079,6 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                   "lease %u ms", S->id, S->client_id, S->space->name,
                   c->peer, c->identity, lease_ms);
     }
-    send_welcome(c, m, S, WELCOME_NEW);
 }
 
 static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
@@ -2401,6 +2443,15 @@ static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
     ExtlockMsg r;
     unsigned n;
 
+    /* Forcing a release can hand out locks still in use: admins only */
+    if (!c->identity || !extlockd_policy_is_admin(s->policy, c->identity)) {
+        g_warning("%s: release-session refused: identity %s is not an "
+                  "admin", c->peer, c->identity ? c->identity : "(none)");
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                   "release-session needs an admin identity; %s is not "
+                   "one", c->identity ? c->identity : "this connection");
+        return;
+    }
     if (!S) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
                    "no session %s", m->session);
@@ -2539,7 +2590,7 @@ static void conn_process_lines(ExtlockdConn *c)
     const char *line;
     size_t len;
 
-    while (!c->closing) {
+    while (!c->closing && !c->awaiting_state) {
         ExtlockLineResult r = extlock_linebuf_next(&c->lb, &line, &len);
 
         if (r == EXTLOCK_LINE_NONE) {
@@ -2912,6 +2963,16 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
         }
         if (!(identity[0] && extlockd_policy_is_admin(s->policy, identity)) &&
             !conn_admit(s, key, peer)) {
+            if (!l->tls) {
+                /* Best effort: say why (TLS peers get no plaintext) */
+                static const char why[] =
+                    "{\"type\":\"error\",\"code\":\"limit-exceeded\","
+                    "\"message\":\"too many connections without hello; "
+                    "try again later\"}\n";
+                ssize_t n = send(cfd, why, sizeof(why) - 1,
+                                 MSG_DONTWAIT | MSG_NOSIGNAL);
+                (void)n;
+            }
             close(cfd);
             continue;
         }
@@ -3188,8 +3249,8 @@ void extlockd_server_stop_listening(ExtlockdServer *s)
 /* ------------------------------------------------------------------ */
 /* Server                                                              */
 
-/* Write @epoch and every session to the state file */
-static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
+/* The state file text for @epoch and every session */
+static char *state_snapshot(ExtlockdServer *s, uint64_t epoch, GError **errp)
 {
     g_autoptr(GArray) list = g_array_sized_new(FALSE, FALSE,
                                                sizeof(ExtlockdStateSession),
@@ -3208,9 +3269,82 @@ static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
 
         g_array_append_val(list, ss);
     }
-    return extlockd_state_save_sessions(s->cfg.state_file, epoch,
-                                        (ExtlockdStateSession *)list->data,
-                                        list->len, errp);
+    return extlockd_state_format(epoch, (ExtlockdStateSession *)list->data,
+                                 list->len, errp);
+}
+
+/* Write @epoch and every session to the state file, now */
+static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
+{
+    char *text = state_snapshot(s, epoch, errp);
+
+    return text && extlockd_state_writer_write_now(s->writer, text, errp);
+}
+
+/* Queue the current state for the writer thread; its generation */
+static uint64_t save_state_async(ExtlockdServer *s)
+{
+    g_autoptr(GError) err = NULL;
+    char *text = state_snapshot(s, s->epoch, &err);
+
+    if (!text) {
+        g_warning("cannot update the state file: %s", err->message);
+        return 0;
+    }
+    return extlockd_state_writer_submit(s->writer, text);
+}
+
+/* The writer is done with generation @gen: send the waiting welcomes */
+static void state_written(uint64_t gen, bool ok, const char *error,
+                          void *opaque)
+{
+    ExtlockdServer *s = opaque;
+    DeferredWelcome *dw;
+
+    if (!ok) {
+        g_warning("cannot update the state file: %s", error);
+    }
+    while ((dw = g_queue_peek_head(&s->welcomes)) && dw->gen <= gen) {
+        ExtlockdSession *S = g_hash_table_lookup(s->sessions, dw->session);
+        ExtlockdConn *c = S ? S->conn : NULL;
+        ExtlockMsg m;
+
+        g_queue_pop_head(&s->welcomes);
+        if (!c || c->serial != dw->conn_serial) {
+            g_free(dw);         /* gone meanwhile: it never learnt of it */
+            continue;
+        }
+        c->awaiting_state = false;
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.has_id = dw->has_id;
+        m.id = dw->id;
+        if (ok) {
+            send_welcome(c, &m, S, dw->reclaim ? WELCOME_RECLAIM
+                                               : WELCOME_NEW);
+        } else if (dw->reclaim) {
+            /* It may come back and try again with its old secret */
+            g_warning("session %s of %s cannot reclaim now: its new "
+                      "resume secret is not in the state file", S->id,
+                      S->client_id);
+            memcpy(S->secret_sha256, dw->old_sha256,
+                   sizeof(S->secret_sha256));
+            S->secret[0] = '\0';
+            send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
+                       "cannot record a new resume secret for session %s",
+                       S->id);
+            conn_close_after_flush(c);
+        } else {
+            g_warning("session %s of %s dropped: it is not in the state "
+                      "file", S->id, S->client_id);
+            session_destroy_nosave(S);
+            send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
+                       "cannot record the session in the state file");
+        }
+        g_free(dw);
+        /* Requests that arrived after hello */
+        conn_process_lines(c);
+    }
+    flush_all(s);
 }
 
 void extlockd_server_set_event_log(ExtlockdServer *s, ExtlockdEventLog *log)
@@ -3253,6 +3387,9 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
     s->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
     s->policy = extlockd_policy_load(NULL, NULL);
+    s->writer = extlockd_state_writer_new(s->cfg.state_file, state_written,
+                                          s);
+    g_queue_init(&s->welcomes);
     g_queue_init(&s->unauth);
     s->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,
                                                g_free, NULL);
@@ -3330,6 +3467,8 @@ void extlockd_server_free(ExtlockdServer *s)
     extlockd_fencer_free(s->fencer);
     extlockd_policy_free(s->policy);
     extlockd_tls_creds_free(s->tls);
+    extlockd_state_writer_free(s->writer);
+    g_queue_clear_full(&s->welcomes, g_free);
     g_hash_table_destroy(s->unauth_per_peer);
     g_free(s);
 }

@@ -441,28 +441,41 @@ bool extlockd_state_save(const char *path, uint64_t epoch, GError **errp)
     return extlockd_state_save_sessions(path, epoch, NULL, 0, errp);
 }
 
-bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
-                                  const ExtlockdStateSession *sessions,
-                                  size_t n, GError **errp)
+char *extlockd_state_format(uint64_t epoch,
+                            const ExtlockdStateSession *sessions, size_t n,
+                            GError **errp)
 {
-    g_autofree char *dir = g_path_get_dirname(path);
-    g_autofree char *tmp = g_strdup_printf("%s.tmp.%ld", path,
-                                           (long)getpid());
-    g_autofree char *text = NULL;
-    const char *what;
-    int fd, dfd, err;
-
     if (epoch >= EXTLOCKD_EPOCH_LIMIT) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "epoch %" PRIu64 " exceeds the maximum %" PRIu64
                     "; the token space of this state file is exhausted",
                     epoch, EXTLOCKD_EPOCH_LIMIT - 1);
-        return false;
+        return NULL;
     }
+    return state_text(epoch, sessions, n);
+}
+
+bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
+                                  const ExtlockdStateSession *sessions,
+                                  size_t n, GError **errp)
+{
+    g_autofree char *text = extlockd_state_format(epoch, sessions, n, errp);
+
+    return text && extlockd_state_write_text(path, text, errp);
+}
+
+bool extlockd_state_write_text(const char *path, const char *text,
+                               GError **errp)
+{
+    g_autofree char *dir = g_path_get_dirname(path);
+    g_autofree char *tmp = g_strdup_printf("%s.tmp.%ld", path,
+                                           (long)getpid());
+    const char *what;
+    int fd, dfd, err;
+
     if (!make_parent_dir(path, errp)) {
         return false;
     }
-    text = state_text(epoch, sessions, n);
 
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) {

@@ -99,4 +99,15 @@ bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
                                   const ExtlockdStateSession *sessions,
                                   size_t n, GError **errp);
 
+/*
+ * The two halves of extlockd_state_save_sessions(): the text of a state
+ * object (NULL with @errp set if @epoch is out of range), and the atomic,
+ * durable replacement of @path with @text (see state-writer.h)
+ */
+char *extlockd_state_format(uint64_t epoch,
+                            const ExtlockdStateSession *sessions, size_t n,
+                            GError **errp);
+bool extlockd_state_write_text(const char *path, const char *text,
+                               GError **errp);
+
 #endif /* EXTLOCKD_STATE_FILE_H */

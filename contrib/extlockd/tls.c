@@ -314,6 +314,8 @@ int extlockd_tls_handshake(ExtlockdTls *t, GError **errp)
         return 0;
     }
     if (ret < 0) {
+        /* Best effort: tell the client why (an alert), then we close */
+        gnutls_alert_send_appropriate(t->session, ret);
         if (ret == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR ||
             ret == GNUTLS_E_CERTIFICATE_ERROR ||
             ret == GNUTLS_E_NO_CERTIFICATE_FOUND ||

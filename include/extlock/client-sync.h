@@ -39,6 +39,20 @@ typedef struct ExtlockTlsOptions {
 ExtlockConn *extlock_conn_connect_tls(const char *address,
                                       const ExtlockTlsOptions *tls,
                                       GError **errp);
+
+/*
+ * For event-driven users (extlock-bench) that poll extlock_conn_fd():
+ * recv()/send() with MSG_DONTWAIT semantics, through TLS if the
+ * connection has it (-1 with errno EAGAIN: nothing now; after a TLS send
+ * returned EAGAIN, pass the same bytes again, more may follow them).
+ * Data TLS has decrypted already is invisible to poll():
+ * extlock_conn_tls_pending() says so.  Call extlock_conn_set_nonblocking()
+ * first; the blocking calls above keep working afterwards.
+ */
+void extlock_conn_set_nonblocking(ExtlockConn *conn);
+ssize_t extlock_conn_recv_nb(ExtlockConn *conn, void *buf, size_t len);
+ssize_t extlock_conn_send_nb(ExtlockConn *conn, const void *buf, size_t len);
+bool extlock_conn_tls_pending(ExtlockConn *conn);
 void extlock_conn_close(ExtlockConn *conn);
 int extlock_conn_fd(ExtlockConn *conn);
 /* The address it was connected to */

@@ -26,6 +26,7 @@
 #include <setjmp.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -484,6 +485,52 @@ static void test_tls_refusals(void **state)
 }
 
 /*
+ * Many TLS records at once, and big replies that take many records and
+ * several non-blocking writes (GNUTLS_E_AGAIN): 2000 lock requests, each
+ * in a record of its own, sent before reading any reply; then a status of
+ * all of them from an admin over TLS.  (The daemon's handling of data
+ * GnuTLS has buffered is defensive: GnuTLS reads the socket record by
+ * record and the daemon reads 64 KiB, more than a record, so this test
+ * passes without it too.)
+ */
+#define PIPELINED 2000
+
+static void test_tls_pipelining(void **state)
+{
+    Pki p = { 0 };
+    Daemon *d;
+    ExtlockConn *a, *adm;
+    g_autofree char *sa = NULL, *text = NULL;
+    uint64_t first_id;
+
+    make_pki(&p);
+    d = tls_daemon(&p, NULL, true);
+    a = tls_open(d->tcp_addr, p.host_a);
+    sa = hello_ok(a, "host-a/d0", "space-a", "x509:host-a");
+    first_id = extlock_conn_next_id(a);
+    for (int i = 0; i < PIPELINED; i++) {
+        ExtlockMsg m;
+
+        extlock_msg_init(&m, EXTLOCK_MSG_LOCK);
+        m.offset = (uint64_t)i * 4096;
+        m.length = 4096;
+        m.mode = EXTLOCK_MODE_SHARED;
+        send_msg(a, &m);
+    }
+    for (int i = 0; i < PIPELINED; i++) {
+        expect_granted(a, first_id + i, (uint64_t)i * 4096, 4096,
+                       EXTLOCK_MODE_SHARED);
+    }
+    adm = tls_open(d->tcp_addr, p.admin);
+    text = status_text(adm);
+    assert_true(strlen(text) > PIPELINED * 100);
+    assert_non_null(strstr(text, "\"offset\":8187904"));  /* the last */
+    renew(a);
+    daemon_stop(d);
+    pki_free(&p);
+}
+
+/*
  * With a policy: host-a may not use host-b's lock-space or client-ids,
  * cannot resume host-b's session even with its secret, cannot unlock its
  * locks; status shows no secrets and, to non-admins, nobody else.  The
@@ -753,6 +800,25 @@ static void test_unix_identity_and_insecure(void **state)
     assert_non_null(strstr(r.message, "anonymous"));
     extlock_msg_clear(&r);
     g_free(hello_ok(t, "remote/d0", "disk", "anonymous"));
+
+    /*
+     * Forcing a session's release is for admins only: "anonymous" is
+     * refused (and learns nothing about the session), uid 0 on the UNIX
+     * socket is told that the session is not expired
+     */
+    {
+        ExtlockMsg m;
+
+        extlock_msg_init(&m, EXTLOCK_MSG_RELEASE_SESSION);
+        m.session = (char *)"0123456789abcdef0123456789abcdef";
+        send_msg(t, &m);
+        expect_error(t, true, m.id, EXTLOCK_ERR_DENIED);
+        wait_log(d, "release-session refused", 0);
+        extlock_msg_init(&m, EXTLOCK_MSG_RELEASE_SESSION);
+        m.session = (char *)"0123456789abcdef0123456789abcdef";
+        send_msg(u, &m);
+        expect_error(u, true, m.id, EXTLOCK_ERR_NOT_FOUND);
+    }
     daemon_stop(d);
 
     /* No TLS, no --insecure: refused at start, with the way out */
@@ -789,6 +855,30 @@ static int64_t timed_renew(ExtlockConn *c)
 
     renew(c);
     return now_ms() - t0;
+}
+
+/* What the daemon sent on @fd before closing it (bounded wait) */
+static char *read_all(int fd)
+{
+    GString *got = g_string_new(NULL);
+    int64_t deadline = now_ms() + RECV_MS;
+    char buf[4096];
+
+    for (;;) {
+        struct pollfd pfd = { .fd = fd, .events = POLLIN };
+        ssize_t n;
+
+        assert_true(now_ms() < deadline);
+        if (poll(&pfd, 1, 100) <= 0) {
+            continue;
+        }
+        n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n <= 0) {
+            break;
+        }
+        g_string_append_len(got, buf, n);
+    }
+    return g_string_free(got, FALSE);
 }
 
 static int raw_tcp(const char *src_ip, int port)
@@ -905,6 +995,15 @@ static void test_floods(void **state)
         g_usleep(50 * 1000);
     }
     assert_true(log_count(d, "no hello within") >= 1);
+    /* Both kinds of refusal say why before closing */
+    {
+        g_autofree char *first = read_all(g_array_index(fds, int, 0));
+        g_autofree char *last = read_all(g_array_index(fds, int,
+                                                       fds->len - 1));
+
+        assert_non_null(strstr(first, "no hello within"));
+        assert_non_null(strstr(last, "limit-exceeded"));
+    }
     for (guint i = 0; i < fds->len; i++) {
         close(g_array_index(fds, int, i));
     }
@@ -966,10 +1065,243 @@ static void test_floods(void **state)
     daemon_stop(d);
 }
 
+/*
+ * A hello storm on a slow disk (every state file write takes
+ * STATE_DELAY_MS): 100 new sessions at once.  The writes are coalesced
+ * off the event loop, so the victim's renewals are not delayed, every
+ * welcome arrives, and the state file lists every session.
+ */
+#define STATE_DELAY_MS 50
+#define STORM 100
+
+static void test_hello_storm(void **state)
+{
+    g_autofree char *delay = g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d",
+                                             STATE_DELAY_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *victim = conn_open(d->unix_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *c[STORM];
+    uint64_t ids[STORM];
+    g_autofree char *sv = NULL, *text = NULL;
+    int64_t worst = 0, t0;
+    Grant g;
+
+    {
+        ExtlockMsg w;
+        GError *err = NULL;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        assert_true(extlock_conn_hello(victim, "victim/d0", "disk",
+                                       VICTIM_LEASE_MS, &w, &err));
+        sv = g_strdup(w.session);
+        extlock_msg_clear(&w);
+    }
+    g = lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+
+    t0 = now_ms();
+    for (int i = 0; i < STORM; i++) {
+        g_autofree char *cid = g_strdup_printf("storm/%d", i);
+        ExtlockMsg m;
+
+        c[i] = conn_open(d->unix_addr);
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = cid;
+        m.lock_space = (char *)"storm";
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(c[i], &m);
+        ids[i] = m.id;
+        if (i % 10 == 9) {
+            worst = MAX(worst, timed_renew(victim));
+        }
+    }
+    for (int i = 0; i < STORM; i++) {
+        ExtlockMsg w;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        expect_msg(c[i], &w, EXTLOCK_MSG_WELCOME, ids[i]);
+        extlock_msg_clear(&w);
+        if (i % 10 == 9) {
+            worst = MAX(worst, timed_renew(victim));
+        }
+    }
+    g_test_message("hello storm: %d welcomes in %" PRId64 " ms (a write "
+                   "takes %d ms), worst renewal %" PRId64 " ms", STORM,
+                   now_ms() - t0, STATE_DELAY_MS, worst);
+    assert_true(worst < VICTIM_LEASE_MS / 4);
+    /* Every session is in the file (it was, before its welcome) */
+    assert_true(g_file_get_contents(d->state, &text, NULL, NULL));
+    for (int i = 0; i < STORM; i++) {
+        g_autofree char *cid = g_strdup_printf("\"storm/%d\"", i);
+
+        assert_non_null(strstr(text, cid));
+    }
+    check_victim(mon, sv, g);
+    daemon_stop(d);
+}
+
+/*
+ * After a crash, every client comes back at once (on a slow disk): each
+ * reclaim welcome carries a new resume secret that must be durable first.
+ * The writes are coalesced, so the client that came back first renews
+ * undisturbed, and every other one is told to reclaim.
+ */
+#define RECLAIMERS 30
+
+static void test_reclaim_storm(void **state)
+{
+    g_autofree char *delay = g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d",
+                                             STATE_DELAY_MS);
+    g_autofree char *path = g_build_filename(fx.dir, "storm.state", NULL);
+    const char *env[] = { delay, NULL };
+    const char *grace[] = { "--grace-ms=40000", NULL };
+    g_autofree char *sess[RECLAIMERS] = { NULL };
+    char *secrets[RECLAIMERS];
+    ExtlockConn *c[RECLAIMERS];
+    uint64_t ids[RECLAIMERS];
+    int64_t worst = 0;
+    Daemon *d = daemon_start(path, NULL, NULL);
+
+    for (int i = 0; i < RECLAIMERS; i++) {
+        g_autofree char *cid = g_strdup_printf("r/%d", i);
+
+        c[i] = conn_open(d->unix_addr);
+        sess[i] = hello_ok(c[i], cid, "disk", NULL);
+        secrets[i] = secret_of(sess[i]);
+        lock_now(c[i], (uint64_t)i * 4096, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    }
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+    d = daemon_start(path, grace, env);
+
+    /* The first one back renews while the others come back */
+    c[0] = conn_open(d->unix_addr);
+    {
+        ExtlockMsg w;
+
+        hello_reply(c[0], "r/0", "disk", sess[0], secrets[0], &w);
+        assert_int_equal(w.type, EXTLOCK_MSG_WELCOME);
+        assert_true(w.reclaim);
+        extlock_msg_clear(&w);
+    }
+    for (int i = 1; i < RECLAIMERS; i++) {
+        g_autofree char *cid = g_strdup_printf("r/%d", i);
+        ExtlockMsg m;
+
+        c[i] = conn_open(d->unix_addr);
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = cid;
+        m.lock_space = (char *)"disk";
+        m.session = sess[i];
+        m.resume_secret = secrets[i];
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(c[i], &m);
+        ids[i] = m.id;
+        if (i % 10 == 0) {
+            /* Written one by one, these 10 would take 10 writes */
+            worst = MAX(worst, timed_renew(c[0]));
+        }
+    }
+    for (int i = 1; i < RECLAIMERS; i++) {
+        ExtlockMsg w;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        expect_msg(c[i], &w, EXTLOCK_MSG_WELCOME, ids[i]);
+        assert_true(w.reclaim);
+        assert_string_equal(w.session, sess[i]);
+        extlock_msg_clear(&w);
+        if (i % 5 == 0) {
+            worst = MAX(worst, timed_renew(c[0]));
+        }
+    }
+    g_test_message("reclaim storm: worst renewal %" PRId64 " ms (a write "
+                   "takes %d ms, %d clients)", worst, STATE_DELAY_MS,
+                   RECLAIMERS);
+    assert_true(worst < LONG_LEASE_MS / 4);
+    /* Half of the 10 writes one by one would cost */
+    assert_true(worst < 5 * STATE_DELAY_MS);
+    daemon_stop(d);
+}
+
+/* Run extlockd with @args; its exit status, stderr in *@err_text */
+static int run_daemon(const char *const *args, char **err_text)
+{
+    g_autoptr(GPtrArray) argv = g_ptr_array_new();
+    g_autofree char *state_path = g_build_filename(fx.dir, "opt.state",
+                                                   NULL);
+    g_autofree char *sock = g_build_filename(fx.dir, "opt.sock", NULL);
+    g_autofree char *listen = g_strdup_printf("unix:%s", sock);
+    GError *err = NULL;
+    int status;
+
+    g_ptr_array_add(argv, (char *)extlockd_bin);
+    g_ptr_array_add(argv, (char *)"--state-file");
+    g_ptr_array_add(argv, state_path);
+    g_ptr_array_add(argv, (char *)"--listen");
+    g_ptr_array_add(argv, listen);
+    for (int i = 0; args[i]; i++) {
+        g_ptr_array_add(argv, (char *)args[i]);
+    }
+    g_ptr_array_add(argv, NULL);
+    if (!g_spawn_sync(NULL, (char **)argv->pdata, NULL, G_SPAWN_DEFAULT,
+                      NULL, NULL, NULL, err_text, &status, &err)) {
+        fail_msg("cannot run extlockd: %s", err->message);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+/* Bad security options and files: a clear message, no daemon */
+static void test_bad_security_options(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "bad.conf", NULL);
+    g_autofree char *empty = g_build_filename(fx.dir, "empty", NULL);
+    static const struct {
+        const char *args[4];
+        int status;
+        const char *says;
+    } cases[] = {
+        { { "--tls-verify-peer=maybe", NULL }, 2, "yes or no" },
+        { { "--tls-verify-peer=no", NULL }, 2, "--tls-creds-dir" },
+        { { "--hello-timeout-ms=0", NULL }, 2, "--hello-timeout-ms" },
+        { { "--max-unauth=0", NULL }, 2, "--max-unauth" },
+        { { "--max-unauth-per-peer=0", NULL }, 2, "--max-unauth-per-peer" },
+        { { "--status-rate=0", NULL }, 2, "--status-rate" },
+        { { "--tls-creds-dir", "/nonexistent/tls", NULL }, 1,
+          "does not exist" },
+        { { "--tls-creds-dir", "EMPTY", NULL }, 1, "neither" },
+        { { "--policy", "/nonexistent/policy.conf", NULL }, 1,
+          "policy file" },
+        { { "--policy", "POLICY", NULL }, 1, "unknown group" },
+    };
+
+    assert_true(g_file_set_contents(policy, "[somebody]\nadmin=true\n", -1,
+                                    NULL));
+    assert_int_equal(g_mkdir_with_parents(empty, 0700), 0);
+    for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+        const char *args[4];
+        g_autofree char *err_text = NULL;
+
+        for (int j = 0; j < 4; j++) {
+            const char *a = cases[i].args[j];
+
+            args[j] = a && strcmp(a, "EMPTY") == 0 ? empty :
+                      a && strcmp(a, "POLICY") == 0 ? policy : a;
+        }
+        assert_int_equal(run_daemon(args, &err_text), cases[i].status);
+        if (!strstr(err_text, cases[i].says)) {
+            fail_msg("case %zu: \"%s\" not in: %s", i, cases[i].says,
+                     err_text);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_tls_refusals, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_pipelining, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_identity_isolation, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_reclaim_identity, setup,
@@ -978,6 +1310,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unix_identity_and_insecure,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_floods, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hello_storm, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reclaim_storm, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_security_options, setup,
+                                        teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
