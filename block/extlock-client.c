@@ -24,6 +24,8 @@
 #include "block/aio-wait.h"
 #include "block/thread-pool.h"
 #include "io/channel-socket.h"
+#include "io/channel-tls.h"
+#include "crypto/tlssession.h"
 #include "extlock-client.h"
 #include "trace.h"
 
@@ -176,16 +178,15 @@ bool extlock_client_lease_valid(ExtlockClient *c)
 static void extlock_client_flush(ExtlockClient *c)
 {
     while (c->fd >= 0 && c->out_done < c->out->len) {
-        ssize_t n = send(c->fd, c->out->str + c->out_done,
-                         c->out->len - c->out_done, MSG_NOSIGNAL);
+        Error *err = NULL;
+        ssize_t n = qio_channel_write(c->ioc, c->out->str + c->out_done,
+                                      c->out->len - c->out_done, &err);
+        if (n == QIO_CHANNEL_ERR_BLOCK) {
+            break;
+        }
         if (n < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                break;
-            }
-            extlock_client_disconnect(c, strerror(errno));
+            extlock_client_disconnect(c, error_get_pretty(err));
+            error_free(err);
             return;
         }
         c->out_done += n;
@@ -334,24 +335,28 @@ static void extlock_client_read(void *opaque)
     g_autoptr(GPtrArray) wake = g_ptr_array_new();
     char buf[16384];
 
-    /* Lines may be buffered already (read during the handshake) */
+    /*
+     * Lines may be buffered already (read during the handshake).  With TLS,
+     * GnuTLS hands out one record per read and may hold more records than
+     * the socket shows as readable: read until the channel would block.
+     */
     while (c->fd >= 0 && extlock_client_parse(c, wake)) {
-        ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        Error *err = NULL;
+        ssize_t n = qio_channel_read(c->ioc, buf, sizeof(buf), &err);
+
+        if (n == QIO_CHANNEL_ERR_BLOCK) {
             break;
         }
         if (n <= 0) {
             extlock_client_disconnect(c, n == 0 ?
                                       "connection closed by coordinator" :
-                                      strerror(errno));
+                                      error_get_pretty(err));
+            error_free(err);
             break;
         }
         extlock_linebuf_append(&c->in, buf, n);
-        if ((size_t)n < sizeof(buf)) {
-            /* The socket is drained: save a recv() that says EAGAIN */
+        if (!c->tls_creds && (size_t)n < sizeof(buf)) {
+            /* The socket is drained: save a read that would block */
             extlock_client_parse(c, wake);
             break;
         }
@@ -400,9 +405,13 @@ typedef struct ExtlockConnJob {
     uint32_t lease_ms;
     GArray *reclaims;           /* ExtlockReclaim: what we hold */
     uint64_t next_id;
+    QCryptoTLSCreds *tls_creds;
+    char *tls_hostname;
 
     /* out */
     QIOChannelSocket *sioc;
+    QIOChannel *ioc;            /* TLS over @sioc, or @sioc */
+    bool got_bytes;             /* anything read from the coordinator */
     ExtlockLineBuf in;          /* bytes that came after the answers */
     char *session;
     char *resume_secret;        /* NULL: keep the one we had */
@@ -426,6 +435,11 @@ static ExtlockConnJob *extlock_conn_job_new(ExtlockClient *c)
     job->lock_space = g_strdup(c->lock_space);
     job->lease_ms = c->lease_ms_wanted;
     job->next_id = c->next_id;
+    if (c->tls_creds) {
+        job->tls_creds = c->tls_creds;
+        object_ref(OBJECT(job->tls_creds));
+        job->tls_hostname = g_strdup(c->tls_hostname);
+    }
     extlock_linebuf_init_max(&job->in, EXTLOCK_MAX_REPLY_LINE);
     return job;
 }
@@ -440,9 +454,16 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
     if (job->reclaims) {
         g_array_unref(job->reclaims);
     }
+    if (job->ioc) {
+        object_unref(OBJECT(job->ioc));
+    }
     if (job->sioc) {
         object_unref(OBJECT(job->sioc));
     }
+    if (job->tls_creds) {
+        object_unref(OBJECT(job->tls_creds));
+    }
+    g_free(job->tls_hostname);
     extlock_linebuf_destroy(&job->in);
     g_free(job->session);
     g_free(job->resume_secret);
@@ -453,6 +474,54 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
     g_free(job);
 }
 
+/*
+ * The job's socket is non-blocking, so that every wait has a deadline:
+ * wait until it is ready for @cond.  False (with @errp set) on timeout.
+ */
+static bool extlock_conn_wait(ExtlockConnJob *job, GIOCondition cond,
+                              int64_t deadline, const char *what,
+                              Error **errp)
+{
+    GPollFD pfd = { .fd = job->sioc->fd, .events = cond };
+    int64_t left = (deadline - g_get_monotonic_time()) / 1000;
+
+    if (left <= 0) {
+        error_setg(errp, "%s: no answer from the coordinator within %d ms",
+                   what, EXTLOCK_ANSWER_TIMEOUT_MS);
+        return false;
+    }
+    if (g_poll(&pfd, 1, left) < 0 && errno != EINTR) {
+        error_setg_errno(errp, errno, "poll");
+        return false;
+    }
+    return true;
+}
+
+static bool extlock_conn_write_all(ExtlockConnJob *job, const char *buf,
+                                   size_t len, Error **errp)
+{
+    int64_t deadline = g_get_monotonic_time() +
+                       EXTLOCK_ANSWER_TIMEOUT_MS * 1000LL;
+
+    while (len) {
+        ssize_t n = qio_channel_write(job->ioc, buf, len, errp);
+
+        if (n == QIO_CHANNEL_ERR_BLOCK) {
+            if (!extlock_conn_wait(job, G_IO_OUT, deadline, "write",
+                                   errp)) {
+                return false;
+            }
+            continue;
+        }
+        if (n < 0) {
+            return false;
+        }
+        buf += n;
+        len -= n;
+    }
+    return true;
+}
+
 static bool extlock_conn_send(ExtlockConnJob *job, ExtlockMsg *msg,
                               Error **errp)
 {
@@ -461,8 +530,7 @@ static bool extlock_conn_send(ExtlockConnJob *job, ExtlockMsg *msg,
     msg->has_id = true;
     msg->id = job->next_id++;
     extlock_msg_format(msg, out);
-    if (qio_channel_write_all(QIO_CHANNEL(job->sioc), out->str, out->len,
-                              errp) < 0) {
+    if (!extlock_conn_write_all(job, out->str, out->len, errp)) {
         error_prepend(errp, "write to coordinator: ");
         return false;
     }
@@ -475,16 +543,13 @@ static bool extlock_conn_answer(ExtlockConnJob *job, uint64_t id,
 {
     int64_t deadline = g_get_monotonic_time() +
                        EXTLOCK_ANSWER_TIMEOUT_MS * 1000LL;
-    int fd = job->sioc->fd;
 
     for (;;) {
         const char *line;
         size_t len;
         ExtlockProtoError err;
         ExtlockLineResult r = extlock_linebuf_next(&job->in, &line, &len);
-        GPollFD pfd = { .fd = fd, .events = G_IO_IN };
         char buf[4096];
-        int64_t left;
         ssize_t n;
 
         if (r == EXTLOCK_LINE_OK) {
@@ -504,28 +569,30 @@ static bool extlock_conn_answer(ExtlockConnJob *job, uint64_t id,
             error_setg(errp, "oversized message from coordinator");
             return false;
         }
-        left = (deadline - g_get_monotonic_time()) / 1000;
-        if (left <= 0) {
-            error_setg(errp, "coordinator did not answer within %d ms",
-                       EXTLOCK_ANSWER_TIMEOUT_MS);
-            return false;
+        /* Read first: GnuTLS may hold records the socket does not show */
+        n = qio_channel_read(job->ioc, buf, sizeof(buf), errp);
+        if (n == QIO_CHANNEL_ERR_BLOCK) {
+            if (!extlock_conn_wait(job, G_IO_IN, deadline, "read", errp)) {
+                return false;
+            }
+            continue;
         }
-        if (g_poll(&pfd, 1, left) < 0 && errno != EINTR) {
-            error_setg_errno(errp, errno, "poll");
-            return false;
-        }
-        n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
         if (n == 0) {
             error_setg(errp, "coordinator closed the connection");
             return false;
         }
         if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
-                continue;
-            }
-            error_setg_errno(errp, errno, "read from coordinator");
+            error_prepend(errp, "read from coordinator: ");
             return false;
         }
+        if (!job->got_bytes && !job->tls_creds &&
+            (buf[0] == 0x15 || buf[0] == 0x16)) {
+            /* A TLS alert or handshake record, not a JSON line */
+            error_setg(errp, "the coordinator speaks TLS; this node has no "
+                       "tls-creds");
+            return false;
+        }
+        job->got_bytes = true;
         extlock_linebuf_append(&job->in, buf, n);
     }
 }
@@ -625,6 +692,46 @@ out:
     return ok;
 }
 
+/*
+ * TLS client handshake on the job's non-blocking socket, bounded like the
+ * answers.  Driven here rather than by qio_channel_tls_handshake(), which
+ * would wait for a slow coordinator in a GMainContext watch.
+ */
+static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
+{
+    int64_t deadline = g_get_monotonic_time() +
+                       EXTLOCK_ANSWER_TIMEOUT_MS * 1000LL;
+    QIOChannelTLS *tioc;
+
+    tioc = qio_channel_tls_new_client(QIO_CHANNEL(job->sioc), job->tls_creds,
+                                      job->tls_hostname, errp);
+    if (!tioc) {
+        return false;
+    }
+    qio_channel_set_name(QIO_CHANNEL(tioc), "extlock-coordinator-tls");
+    object_unref(OBJECT(job->ioc));
+    job->ioc = QIO_CHANNEL(tioc);
+
+    for (;;) {
+        QCryptoTLSSessionHandshakeStatus status;
+
+        if (qcrypto_tls_session_handshake(tioc->session, errp) < 0) {
+            return false;
+        }
+        status = qcrypto_tls_session_get_handshake_status(tioc->session);
+        if (status == QCRYPTO_TLS_HANDSHAKE_COMPLETE) {
+            break;
+        }
+        if (!extlock_conn_wait(job, status == QCRYPTO_TLS_HANDSHAKE_SENDING ?
+                               G_IO_OUT : G_IO_IN, deadline, "TLS handshake",
+                               errp)) {
+            return false;
+        }
+    }
+    /* The CA, validity, and the name if there is one (or the PSK user) */
+    return qcrypto_tls_session_check_credentials(tioc->session, errp) == 0;
+}
+
 static int extlock_conn_run(void *opaque)
 {
     ExtlockConnJob *job = opaque;
@@ -640,6 +747,15 @@ static int extlock_conn_run(void *opaque)
     }
     if (job->addr->type == SOCKET_ADDRESS_TYPE_INET) {
         socket_set_nodelay(job->sioc->fd);
+    }
+    if (qio_channel_set_blocking(QIO_CHANNEL(job->sioc), false, errp) < 0) {
+        return -1;
+    }
+    job->ioc = QIO_CHANNEL(job->sioc);
+    object_ref(OBJECT(job->ioc));
+    if (job->tls_creds && !extlock_conn_tls(job, errp)) {
+        error_prepend(errp, "extlock coordinator at %s: TLS: ", address);
+        return -1;
     }
     if (!extlock_conn_hello(job, errp) && job->old_session &&
         job->refused == EXTLOCK_ERR_NOT_FOUND) {
@@ -743,7 +859,9 @@ static void extlock_client_disconnect(ExtlockClient *c, const char *why)
                            NULL);
     }
     c->fd = -1;
-    qio_channel_close(QIO_CHANNEL(c->sioc), NULL);
+    qio_channel_close(c->ioc, NULL);
+    object_unref(OBJECT(c->ioc));
+    c->ioc = NULL;
     object_unref(OBJECT(c->sioc));
     c->sioc = NULL;
     g_string_truncate(c->out, 0);
@@ -776,6 +894,8 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
 
     c->sioc = job->sioc;
     job->sioc = NULL;
+    c->ioc = job->ioc;
+    job->ioc = NULL;
     c->fd = c->sioc->fd;
     extlock_linebuf_destroy(&c->in);
     c->in = job->in;
@@ -795,7 +915,6 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
     c->next_id = MAX(c->next_id, job->next_id);
     c->lease_deadline_ns = extlock_deadline(c->lease_ms, job->hello_sent_ns);
     c->state = EXTLOCK_SESSION_ACTIVE;
-    qemu_socket_set_nonblock(c->fd);
 
     if (!first) {
         if (job->resumed && same_session) {
@@ -888,17 +1007,34 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   const char *client_id,
                                   const char *lock_space, uint32_t lease_ms,
                                   const ExtlockClientOptions *opts,
+                                  QCryptoTLSCreds *tls_creds,
+                                  const char *tls_hostname,
                                   const char *node_name, AioContext *ctx,
                                   Error **errp)
 {
     ExtlockClient *c = g_new0(ExtlockClient, 1);
     ExtlockConnJob *job;
+    struct sigaction sa;
+
+    /*
+     * A write to a connection the coordinator closed must fail with EPIPE,
+     * not kill the process: QIOChannel's sendmsg() has no MSG_NOSIGNAL,
+     * and qemu-img and qemu-storage-daemon keep SIGPIPE's default.
+     */
+    if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
+        signal(SIGPIPE, SIG_IGN);
+    }
 
     c->addr = QAPI_CLONE(SocketAddress, addr);
     c->address = extlock_address_str(addr);
     c->client_id = g_strdup(client_id);
     c->lock_space = g_strdup(lock_space);
     c->node_name = g_strdup(node_name);
+    if (tls_creds) {
+        c->tls_creds = tls_creds;
+        object_ref(OBJECT(tls_creds));
+        c->tls_hostname = g_strdup(tls_hostname);
+    }
     c->lease_ms_wanted = lease_ms;
     c->opts = *opts;
     c->fd = -1;
@@ -935,11 +1071,11 @@ static void extlock_client_say_bye(ExtlockClient *c)
     extlock_msg_format(&bye, c->out);
     extlock_msg_clear(&bye);
     while (c->out_done < c->out->len && g_get_monotonic_time() < deadline) {
-        ssize_t n = send(c->fd, c->out->str + c->out_done,
-                         c->out->len - c->out_done, MSG_NOSIGNAL);
+        ssize_t n = qio_channel_write(c->ioc, c->out->str + c->out_done,
+                                      c->out->len - c->out_done, NULL);
         if (n > 0) {
             c->out_done += n;
-        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        } else if (n == QIO_CHANNEL_ERR_BLOCK) {
             g_poll(&pfd, 1, 10);
         } else {
             break;
@@ -966,10 +1102,17 @@ void extlock_client_free(ExtlockClient *c)
          */
         extlock_client_say_bye(c);
     }
+    if (c->ioc) {
+        qio_channel_close(c->ioc, NULL);
+        object_unref(OBJECT(c->ioc));
+    }
     if (c->sioc) {
-        qio_channel_close(QIO_CHANNEL(c->sioc), NULL);
         object_unref(OBJECT(c->sioc));
     }
+    if (c->tls_creds) {
+        object_unref(OBJECT(c->tls_creds));
+    }
+    g_free(c->tls_hostname);
     extlock_locks_destroy(c);
     extlock_linebuf_destroy(&c->in);
     g_string_free(c->out, true);

@@ -20,6 +20,7 @@
 
 #include "qapi/qapi-types-sockets.h"
 #include "io/channel-socket.h"
+#include "crypto/tlscreds.h"
 #include "qemu/coroutine.h"
 #include "qemu/queue.h"
 #include "qemu/timer.h"
@@ -124,13 +125,16 @@ typedef struct ExtlockClient {
     char *client_id;
     char *lock_space;
     char *node_name;            /* for events and messages */
+    QCryptoTLSCreds *tls_creds; /* NULL: plain connection */
+    char *tls_hostname;         /* name to verify; NULL: CA only */
     uint32_t lease_ms_wanted;   /* 0: the coordinator's default */
     ExtlockClientOptions opts;
 
     /* session */
     ExtlockSessionState state;
     int fd;                     /* -1 while disconnected */
-    QIOChannelSocket *sioc;
+    QIOChannelSocket *sioc;     /* the socket, for its fd */
+    QIOChannel *ioc;            /* all I/O: the TLS channel or @sioc */
     char *session;
     char *resume_secret;        /* from our welcome; resumes need it */
     uint64_t epoch;
@@ -182,12 +186,17 @@ typedef struct ExtlockClient {
 
 /*
  * Connect to @addr, say hello and start the session.  @lease_ms == 0 asks
- * for the coordinator's default lease.  Blocks (bounded) during open only.
+ * for the coordinator's default lease.  With @tls_creds (client endpoint;
+ * the client takes a reference) every connection is TLS, the coordinator's
+ * certificate checked against @tls_hostname if not NULL.  Blocks (bounded)
+ * during open only.
  */
 ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   const char *client_id,
                                   const char *lock_space, uint32_t lease_ms,
                                   const ExtlockClientOptions *opts,
+                                  QCryptoTLSCreds *tls_creds,
+                                  const char *tls_hostname,
                                   const char *node_name, AioContext *ctx,
                                   Error **errp);
 /* Say bye (releases the session's locks at once) and free; no I/O in flight */

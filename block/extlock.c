@@ -26,6 +26,7 @@
 #include "qemu/module.h"
 #include "qemu/option.h"
 #include "block/block_int.h"
+#include "crypto/tlscredsx509.h"
 #include "extlock-int.h"
 #include "trace.h"
 
@@ -41,6 +42,8 @@
 #define EXTLOCK_OPT_LOSS_TIME   "lease-loss-timeout"
 #define EXTLOCK_OPT_WAIT_WARN   "wait-warning-time"
 #define EXTLOCK_OPT_ON_STUCK_IO "on-stuck-io"
+#define EXTLOCK_OPT_TLS_CREDS   "tls-creds"
+#define EXTLOCK_OPT_TLS_HOST    "tls-hostname"
 
 #define EXTLOCK_GRANULARITY_MIN     512
 #define EXTLOCK_GRANULARITY_MAX     (1U << 30)
@@ -114,6 +117,17 @@ static QemuOptsList extlock_runtime_opts = {
             .help = "request running past the lease: exit or report "
                     "(default: exit)",
         },
+        {
+            .name = EXTLOCK_OPT_TLS_CREDS,
+            .type = QEMU_OPT_STRING,
+            .help = "id of the TLS credentials object (default: no TLS)",
+        },
+        {
+            .name = EXTLOCK_OPT_TLS_HOST,
+            .type = QEMU_OPT_STRING,
+            .help = "name in the coordinator's certificate "
+                    "(default: the inet host)",
+        },
         { /* end of list */ }
     },
 };
@@ -132,6 +146,8 @@ static const char *const extlock_strong_runtime_opts[] = {
     EXTLOCK_OPT_LOSS_TIME,
     EXTLOCK_OPT_WAIT_WARN,
     EXTLOCK_OPT_ON_STUCK_IO,
+    EXTLOCK_OPT_TLS_CREDS,
+    EXTLOCK_OPT_TLS_HOST,
     "coordinator.",
     NULL
 };
@@ -280,11 +296,39 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
     return true;
 }
 
+/* The credentials object @id, which must be a TLS client's; not referenced */
+static QCryptoTLSCreds *extlock_get_tls_creds(const char *id, Error **errp)
+{
+    Object *obj = object_resolve_path_component(object_get_objects_root(),
+                                                id);
+    QCryptoTLSCreds *creds;
+
+    if (!obj) {
+        error_setg(errp, "No TLS credentials with id '%s'", id);
+        return NULL;
+    }
+    creds = (QCryptoTLSCreds *)object_dynamic_cast(obj,
+                                                   TYPE_QCRYPTO_TLS_CREDS);
+    if (!creds) {
+        error_setg(errp, "Object with id '%s' is not TLS credentials", id);
+        return NULL;
+    }
+    if (!qcrypto_tls_creds_check_endpoint(creds,
+                                          QCRYPTO_TLS_CREDS_ENDPOINT_CLIENT,
+                                          errp)) {
+        error_prepend(errp, "TLS credentials '%s': ", id);
+        return NULL;
+    }
+    return creds;
+}
+
 static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
                         Error **errp)
 {
     BDRVExtlockState *s = bs->opaque;
     QemuOpts *opts;
+    QCryptoTLSCreds *tls_creds = NULL;
+    const char *tls_creds_id, *tls_hostname;
     int64_t len;
     int ret;
 
@@ -299,6 +343,33 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     }
     s->coordinator = extlock_parse_coordinator(options, errp);
     if (!s->coordinator) {
+        ret = -EINVAL;
+        goto out;
+    }
+    tls_creds_id = qemu_opt_get(opts, EXTLOCK_OPT_TLS_CREDS);
+    tls_hostname = qemu_opt_get(opts, EXTLOCK_OPT_TLS_HOST);
+    if (tls_creds_id) {
+        tls_creds = extlock_get_tls_creds(tls_creds_id, errp);
+        if (!tls_creds) {
+            ret = -EINVAL;
+            goto out;
+        }
+        /* As nbd: an inet coordinator's host is the name to verify */
+        if (!tls_hostname &&
+            s->coordinator->type == SOCKET_ADDRESS_TYPE_INET) {
+            tls_hostname = s->coordinator->u.inet.host;
+        }
+        /* QEMU's x509 client checks the name; say so now, not at connect */
+        if (!tls_hostname && object_dynamic_cast(OBJECT(tls_creds),
+                                                 TYPE_QCRYPTO_TLS_CREDS_X509)) {
+            error_setg(errp, "x509 credentials need '" EXTLOCK_OPT_TLS_HOST
+                       "' with a coordinator that is not inet");
+            ret = -EINVAL;
+            goto out;
+        }
+    } else if (tls_hostname) {
+        error_setg(errp, "'" EXTLOCK_OPT_TLS_HOST "' needs '"
+                   EXTLOCK_OPT_TLS_CREDS "'");
         ret = -EINVAL;
         goto out;
     }
@@ -324,7 +395,8 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
 
     s->client = extlock_client_new(s->coordinator, s->client_id,
                                    s->lock_space, s->lease_ms,
-                                   &s->cache_opts, bdrv_get_node_name(bs),
+                                   &s->cache_opts, tls_creds, tls_hostname,
+                                   bdrv_get_node_name(bs),
                                    bdrv_get_aio_context(bs), errp);
     if (!s->client) {
         ret = -EIO;

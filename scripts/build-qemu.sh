@@ -114,8 +114,14 @@ if [ ! -f "$BUILD/build.ninja" ]; then
         --enable-tools --enable-libnfs --enable-kvm --enable-tcg \
         --enable-slirp --enable-fdt=system \
         --disable-docs --disable-user --disable-werror \
-        --without-default-features \
+        --without-default-features --enable-gnutls \
         --enable-trace-backends=log)
+fi
+# The extlock driver's tls-creds needs QEMU's TLS code (GnuTLS); trees
+# configured before that was added are switched over once
+if ! grep -q '^#define CONFIG_GNUTLS 1' "$BUILD/config-host.h" 2>/dev/null; then
+    log "enabling gnutls in $BUILD"
+    (cd "$BUILD" && meson configure -Dgnutls=enabled)
 fi
 log "building"
 ninja -C "$BUILD" -j "$JOBS" ${NINJA_ARGS:-} qemu-img qemu-io storage-daemon/qemu-storage-daemon \

@@ -259,7 +259,7 @@ class Extlockd(_Managed):
     what = "extlockd"
 
     def __init__(self, workdir, tcp=False, lease_ms=None, debug_checks=True,
-                 extra_args=(), start_timeout=10.0):
+                 extra_args=(), start_timeout=10.0, tls_creds_dir=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket_path = self.workdir / "extlockd.sock"
@@ -270,6 +270,10 @@ class Extlockd(_Managed):
         self.debug_checks = debug_checks
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
+        # With a credential directory (QEMU's layout: ca-cert.pem,
+        # server-cert.pem, server-key.pem, keys.psk) the TCP listener
+        # speaks TLS; without, it is plain TCP (--insecure)
+        self.tls_creds_dir = tls_creds_dir
 
     @property
     def address(self):
@@ -290,10 +294,12 @@ class Extlockd(_Managed):
         argv = [binary("extlockd"), "--listen", f"unix:{self.socket_path}",
                 "--state-file", str(self.state_file)]
         if self.tcp_port:
-            # Loopback only, and the driver has no TLS yet: plain TCP must
-            # be asked for explicitly
-            argv += ["--listen", f"tcp:127.0.0.1:{self.tcp_port}",
-                     "--insecure"]
+            argv += ["--listen", f"tcp:127.0.0.1:{self.tcp_port}"]
+            if self.tls_creds_dir:
+                argv += ["--tls-creds-dir", str(self.tls_creds_dir)]
+            else:
+                # Loopback only: plain TCP must be asked for explicitly
+                argv.append("--insecure")
         if self.lease_ms:
             argv += ["--lease-ms", str(self.lease_ms)]
         if self.debug_checks:
