@@ -699,6 +699,7 @@ out:
  */
 static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
 {
+    ERRP_GUARD();
     int64_t deadline = g_get_monotonic_time() +
                        EXTLOCK_ANSWER_TIMEOUT_MS * 1000LL;
     QIOChannelTLS *tioc;
@@ -706,6 +707,7 @@ static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
     tioc = qio_channel_tls_new_client(QIO_CHANNEL(job->sioc), job->tls_creds,
                                       job->tls_hostname, errp);
     if (!tioc) {
+        error_prepend(errp, "TLS: ");
         return false;
     }
     qio_channel_set_name(QIO_CHANNEL(tioc), "extlock-coordinator-tls");
@@ -716,6 +718,9 @@ static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
         QCryptoTLSSessionHandshakeStatus status;
 
         if (qcrypto_tls_session_handshake(tioc->session, errp) < 0) {
+            /* GnuTLS does not say which alert: name the usual causes */
+            error_append_hint(errp, "The coordinator may refuse these "
+                              "credentials, or not speak TLS there.\n");
             return false;
         }
         status = qcrypto_tls_session_get_handshake_status(tioc->session);
@@ -728,8 +733,12 @@ static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
             return false;
         }
     }
-    /* The CA, validity, and the name if there is one (or the PSK user) */
-    return qcrypto_tls_session_check_credentials(tioc->session, errp) == 0;
+    /* x509: the CA, validity, and the name */
+    if (qcrypto_tls_session_check_credentials(tioc->session, errp) < 0) {
+        error_prepend(errp, "TLS: the coordinator's certificate: ");
+        return false;
+    }
+    return true;
 }
 
 static int extlock_conn_run(void *opaque)
@@ -754,7 +763,7 @@ static int extlock_conn_run(void *opaque)
     job->ioc = QIO_CHANNEL(job->sioc);
     object_ref(OBJECT(job->ioc));
     if (job->tls_creds && !extlock_conn_tls(job, errp)) {
-        error_prepend(errp, "extlock coordinator at %s: TLS: ", address);
+        error_prepend(errp, "extlock coordinator at %s: ", address);
         return -1;
     }
     if (!extlock_conn_hello(job, errp) && job->old_session &&

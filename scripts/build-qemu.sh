@@ -119,7 +119,7 @@ if [ ! -f "$BUILD/build.ninja" ]; then
 fi
 # The extlock driver's tls-creds needs QEMU's TLS code (GnuTLS); trees
 # configured before that was added are switched over once
-if ! grep -q '^#define CONFIG_GNUTLS 1' "$BUILD/config-host.h" 2>/dev/null; then
+if ! grep -qE '^#define CONFIG_GNUTLS( |$)' "$BUILD/config-host.h" 2>/dev/null; then
     log "enabling gnutls in $BUILD"
     (cd "$BUILD" && meson configure -Dgnutls=enabled)
 fi

@@ -351,7 +351,7 @@ class StorageDaemon(_Managed):
     what = "qemu-storage-daemon"
 
     def __init__(self, workdir, blockdevs=(), exports=(), extra_args=(),
-                 start_timeout=20.0, expect_failure=False):
+                 start_timeout=20.0, expect_failure=False, objects=()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.qmp_path = self.workdir / "qmp.sock"
@@ -360,6 +360,7 @@ class StorageDaemon(_Managed):
         self.blockdevs = list(blockdevs)
         self.exports = list(exports)
         self.extra_args = list(extra_args)
+        self.objects = list(objects)    # --object, before the blockdevs
         self.start_timeout = start_timeout
         self.expect_failure = expect_failure
         self.qmp = None
@@ -368,6 +369,8 @@ class StorageDaemon(_Managed):
         argv = [binary("qemu-storage-daemon"),
                 "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
                 "--monitor", "chardev=qmp0"]
+        for obj in self.objects:
+            argv += ["--object", obj]
         for bd in self.blockdevs:
             argv += ["--blockdev", json.dumps(bd)]
         if self.exports:
