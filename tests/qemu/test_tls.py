@@ -22,7 +22,7 @@ from harness import procs as hp
 from harness.coordinator import coordinator_status
 from harness.faults import (NbdClient, TcpPartition, check_event, events_named,
                             node_info)
-from harness.procs import extlock_node, inet_coordinator, run_qemu_io, wait_until
+from harness.procs import extlock_node, run_qemu_io, wait_until
 
 MiB = 1024 * 1024
 RESTORED = "EXTENT_LOCK_COORDINATOR_RESTORED"
@@ -55,10 +55,10 @@ cert() { # CA NAME KIND DIR
 ca ca; ca rogue
 cert ca localhost server server
 cert ca host-a client host-a
-# A client of another CA: it cannot verify the real coordinator (QEMU
-# checks its own certificate against its ca-cert.pem, so both are the
-# rogue CA's)
-cert rogue host-a client wrong-ca
+# An impostor coordinator: a certificate for the same name from another
+# CA; it accepts the real CA's clients
+cert rogue localhost server impostor
+cp ca-cert.pem impostor/ca-cert.pem
 """
 
 
@@ -192,8 +192,12 @@ def test_refused_at_open(case, local_image, tls_extlockd, extlockd, lock_space,
 
     obj = x509_object(pki)
     node = tls_node(local_image, tls_extlockd, lock_space, "host-a/intruder")
+    other = None
     if case == "wrong-ca":
-        obj = x509_object(pki, "wrong-ca")
+        # the node must not talk to a coordinator its CA did not certify
+        other = procs.extlockd(name="impostor", tcp=True,
+                               tls_creds_dir=pki / "impostor")
+        node["coordinator"] = other.coordinator(inet=True)
         expect = "The certificate hasn't got a known issuer"
     elif case == "wrong-hostname":
         node["tls-hostname"] = "coord.example.com"
@@ -206,7 +210,8 @@ def test_refused_at_open(case, local_image, tls_extlockd, extlockd, lock_space,
         expect = "the coordinator speaks TLS; this node has no tls-creds"
     else:
         # the plain (--insecure) TCP listener of the conftest coordinator
-        node["coordinator"] = inet_coordinator(extlockd.tcp_port)
+        other = extlockd
+        node["coordinator"] = other.coordinator(inet=True)
         expect = "TLS handshake failed"
     r = qemu_io_tls(node, ["write -P 0x66 0 64k"], obj)
     out = r.stdout + r.stderr
@@ -216,8 +221,8 @@ def test_refused_at_open(case, local_image, tls_extlockd, extlockd, lock_space,
     assert expect in out, out
     assert f"inet:127.0.0.1:" in out, out          # names the coordinator
     assert space(tls_extlockd, lock_space) == before
-    if case == "tls-to-plain":
-        assert not space(extlockd, lock_space)[0]
+    if other is not None:
+        assert space(other, lock_space) == ([], [])
     # the holder's data was not overwritten
     assert local_image.path.read_bytes()[:64 * 1024] == b"\x11" * (64 * 1024)
     holder.quit()
