@@ -1,0 +1,313 @@
+/*
+ * extlock: adversarial tests against the real extlockd (findings of the
+ * review of the coordinator: admin requests, fence agents that misbehave,
+ * log floods from unauthenticated peers)
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The daemon runs as the test's uid, so the UNIX socket is an admin
+ * identity; the plain TCP listener (--insecure) is "anonymous", which is
+ * not an admin.  Fence agents are small shell scripts written by each
+ * test.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <setjmp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+#include <glib.h>
+#include <json-c/json.h>
+
+#include "extlockd-harness.h"
+
+#define KiB             (UINT64_C(1) << 10)
+
+/* An executable shell script @name in the test directory (g_free) */
+static char *write_agent(const char *name, const char *body)
+{
+    char *path = g_build_filename(fx.dir, name, NULL);
+    g_autofree char *text = g_strdup_printf("#!/bin/sh\n%s", body);
+
+    assert_true(g_file_set_contents(path, text, -1, NULL));
+    assert_int_equal(chmod(path, 0755), 0);
+    return path;
+}
+
+static json_object *session_of(json_object *st, const char *client)
+{
+    json_object *arr = jget(st, "sessions");
+
+    for (size_t i = 0; i < json_object_array_length(arr); i++) {
+        json_object *s = json_object_array_get_idx(arr, i);
+
+        if (strcmp(jstr(s, "client-id"), client) == 0) {
+            return s;
+        }
+    }
+    return NULL;
+}
+
+/* How often @needle occurs in the daemon's log */
+static unsigned log_count(Daemon *d, const char *needle)
+{
+    g_autofree char *text = NULL;
+    unsigned n = 0;
+
+    if (!g_file_get_contents(d->log, &text, NULL, NULL)) {
+        return 0;
+    }
+    for (const char *p = text; (p = strstr(p, needle)) != NULL; p++) {
+        n++;
+    }
+    return n;
+}
+
+/* Poll status on @mon until @client's session shows fence @state */
+static void wait_fence_state(ExtlockConn *mon, const char *client,
+                             const char *state, int ms)
+{
+    int64_t deadline = now_ms() + ms;
+
+    for (;;) {
+        json_object *st = status_get(mon);
+        json_object *s = session_of(st, client);
+        bool done = s && json_object_object_get_ex(s, "fence", NULL) &&
+                    strcmp(jstr(s, "fence"), state) == 0;
+
+        json_object_put(st);
+        if (done) {
+            return;
+        }
+        if (now_ms() > deadline) {
+            fail_msg("session of %s never showed fence %s", client, state);
+        }
+        g_usleep(10 * 1000);
+    }
+}
+
+/* The reply to a release-session request for @session sent on @c */
+static void release_reply(ExtlockConn *c, const char *session,
+                          ExtlockMsg *r)
+{
+    ExtlockMsg m;
+    GError *err = NULL;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_RELEASE_SESSION);
+    m.session = (char *)session;
+    m.message = (char *)"not my session";
+    extlock_msg_init(r, EXTLOCK_MSG_INVALID);
+    if (!extlock_conn_call(c, &m, r, RECV_MS, &err)) {
+        fail_msg("release-session: %s", err->message);
+    }
+}
+
+static int64_t timed_renew(ExtlockConn *c)
+{
+    int64_t t0 = now_ms();
+
+    renew(c);
+    return now_ms() - t0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Tests                                                               */
+
+/*
+ * release-session (extlockctl release-session --force) is an admin
+ * request: it gives up the fencing guarantee.  A client that is not an
+ * admin - before hello, or with a session of its own - must be refused
+ * with permission-denied, and nothing may change: the expired session
+ * keeps its locks while its fence agent keeps failing, and the waiter is
+ * not granted.  The admin (the daemon's uid on the UNIX socket) still
+ * can.  Before the fix, any connection could release any expired
+ * session, and the waiter was granted at once.
+ */
+static void test_release_session_admin_only(void **state)
+{
+    g_autofree char *agent = write_agent("agent-fail",
+                                         "cat >/dev/null\n"
+                                         "echo 'switch unreachable'\n"
+                                         "exit 1\n");
+    g_autofree char *agent_opt = g_strdup_printf("--fence-agent=%s", agent);
+    const char *extra[] = { agent_opt, "--fence-timeout-ms=2000", NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
+    ExtlockConn *b, *c, *anon, *mon;
+    g_autofree char *sb = NULL;
+    json_object *st, *s;
+    ExtlockMsg m, r;
+    uint64_t rc;
+
+    b = conn_open(d->unix_addr);
+    sb = hello_full(b, "B", "disk", LEASE_MS, NULL);
+    lock_now(b, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
+    /* C: anonymous (plain TCP), waits for B's lock */
+    c = client(d->tcp_addr, "C", LONG_LEASE_MS);
+    rc = send_lock(c, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE, true);
+    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+    expect_msg(c, &m, EXTLOCK_MSG_WAITING, rc);
+    extlock_msg_clear(&m);
+
+    /* B stops renewing: it expires, its agent fails (and is retried) */
+    mon = conn_open(d->unix_addr);
+    wait_fence_state(mon, "B", "failed", LEASE_MS + SLACK_MS + RECV_MS);
+    /* Drain C's fence-status notifications so far */
+    for (;;) {
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        if (!extlock_conn_recv(c, &m, QUIET_MS, NULL)) {
+            break;
+        }
+        assert_int_equal(m.type, EXTLOCK_MSG_FENCE_STATUS);
+        extlock_msg_clear(&m);
+    }
+
+    /* 1. An anonymous connection that never said hello */
+    anon = conn_open(d->tcp_addr);
+    release_reply(anon, sb, &r);
+    if (r.type != EXTLOCK_MSG_ERROR || r.error != EXTLOCK_ERR_DENIED) {
+        fail_msg("release-session before hello by anonymous: %s %s",
+                 extlock_msg_type_name(r.type),
+                 r.message ? r.message : "");
+    }
+    extlock_msg_clear(&r);
+
+    /* 2. The waiter itself, an anonymous session */
+    release_reply(c, sb, &r);
+    while (r.type == EXTLOCK_MSG_FENCE_STATUS) {
+        extlock_msg_clear(&r);
+        extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+        recv_msg(c, &r, RECV_MS);
+    }
+    if (r.type != EXTLOCK_MSG_ERROR || r.error != EXTLOCK_ERR_DENIED) {
+        fail_msg("release-session by the anonymous waiter: %s %s",
+                 extlock_msg_type_name(r.type),
+                 r.message ? r.message : "");
+    }
+    extlock_msg_clear(&r);
+
+    /* Nothing changed: B still holds its lock, C still waits */
+    st = status_get(mon);
+    s = session_of(st, "B");
+    assert_non_null(s);
+    assert_string_equal(jstr(s, "state"), "expired");
+    assert_int_equal(jint(s, "locks-held"), 1);
+    s = session_of(st, "C");
+    assert_int_equal(jint(s, "requests-waiting"), 1);
+    json_object_put(st);
+    assert_int_equal(log_count(d, "FORCE-RELEASED"), 0);
+
+    /* 3. The admin may */
+    release_reply(mon, sb, &r);
+    assert_int_equal(r.type, EXTLOCK_MSG_SESSION_RELEASED);
+    assert_int_equal(r.released, 1);
+    extlock_msg_clear(&r);
+    for (;;) {
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        recv_msg(c, &m, RECV_MS);
+        if (m.type != EXTLOCK_MSG_FENCE_STATUS) {
+            break;
+        }
+        extlock_msg_clear(&m);
+    }
+    assert_int_equal(m.type, EXTLOCK_MSG_GRANTED);
+    assert_int_equal(m.id, rc);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
+/*
+ * Requests refused before hello are not logged one line each: an
+ * unauthenticated peer could otherwise fill the log (and spend the
+ * daemon's time on it) at the rate it can send lines.  The refusals are
+ * logged at most a few times a second, with a count of those left out,
+ * like refused connections.  Before the fix, 20000 "status" lines gave
+ * 20000 warnings.
+ */
+static void test_refusal_log_flood(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim", LONG_LEASE_MS);
+    ExtlockConn *anon = conn_open(d->tcp_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    GString *burst = g_string_new(NULL);
+    int64_t deadline, errors0, worst = 0;
+    json_object *st;
+    const unsigned total = 20000;
+    unsigned logged;
+
+    st = status_get(mon);
+    errors0 = jint(jget(st, "counters"), "errors");
+    json_object_put(st);
+    for (unsigned i = 0; i < 1000; i++) {
+        g_string_append_printf(burst, "{\"type\":\"status\",\"id\":%u}\n", i);
+    }
+    /* Blocking writes: the daemon reads while its replies are read */
+    for (unsigned sent = 0; sent < total; sent += 1000) {
+        GError *err = NULL;
+        ExtlockMsg r;
+
+        send_raw(anon, burst->str);
+        /* Read the 1000 replies so that the daemon does not throttle us */
+        for (unsigned i = 0; i < 1000; i++) {
+            extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+            if (!extlock_conn_recv(anon, &r, RECV_MS, &err)) {
+                fail_msg("reply %u: %s", sent + i, err->message);
+            }
+            assert_int_equal(r.type, EXTLOCK_MSG_ERROR);
+            assert_int_equal(r.error, EXTLOCK_ERR_DENIED);
+            extlock_msg_clear(&r);
+        }
+        worst = MAX(worst, timed_renew(victim));
+    }
+    g_string_free(burst, TRUE);
+    deadline = now_ms() + RECV_MS;
+    for (;;) {
+        st = status_get(mon);
+        if (jint(jget(st, "counters"), "errors") - errors0 >= total) {
+            json_object_put(st);
+            break;
+        }
+        json_object_put(st);
+        assert_true(now_ms() < deadline);
+        g_usleep(10 * 1000);
+    }
+    logged = log_count(d, "status refused");
+    g_test_message("%u refusals, %u logged, worst renewal %" PRId64 " ms",
+                   total, logged, worst);
+    assert_true(logged >= 1);
+    /* The flood took a few seconds at most: a few lines a second */
+    assert_true(logged <= 100);
+    daemon_stop(d);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_release_session_admin_only,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_refusal_log_flood, setup,
+                                        teardown),
+    };
+
+    extlockd_bin = g_getenv("EXTLOCKD");
+    extlockctl_bin = g_getenv("EXTLOCKCTL");
+    if (!extlockd_bin || !extlockctl_bin) {
+        fprintf(stderr, "set EXTLOCKD and EXTLOCKCTL\n");
+        return 1;
+    }
+    if (g_getenv("EXTLOCKD_TEST_FILTER")) {
+        cmocka_set_test_filter(g_getenv("EXTLOCKD_TEST_FILTER"));
+    }
+    signal(SIGPIPE, SIG_IGN);
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
