@@ -2401,6 +2401,21 @@ static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
     ExtlockMsg r;
     unsigned n;
 
+    /*
+     * It gives up the fencing guarantee for somebody else's locks: only
+     * admins may, and the refusal changes nothing (the session is not
+     * even looked up, so its existence is not revealed either)
+     */
+    if (!c->identity || !extlockd_policy_is_admin(s->policy, c->identity)) {
+        g_warning("%s: release-session of %s refused: identity %s is "
+                  "not an admin", c->peer, m->session,
+                  c->identity ? c->identity : "(none)");
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                   "release-session needs an admin identity (this "
+                   "connection is %s)",
+                   c->identity ? c->identity : "unidentified");
+        return;
+    }
     if (!S) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
                    "no session %s", m->session);
