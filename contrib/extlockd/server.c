@@ -67,6 +67,7 @@
 #define CLOSE_TIMEOUT_US    (5 * G_USEC_PER_SEC)
 #define MAX_BLOCKERS        64          /* listed in a "waiting" reply */
 #define LISTEN_PAUSE_MS     100         /* after EMFILE and friends */
+#define REFUSAL_LOG_BURST   20          /* log_refusal() lines a second */
 
 #define VERBOSE(s, ...) \
     do { \
@@ -259,6 +260,10 @@ struct ExtlockdServer {
     uint64_t refused;            /* connections refused by the caps */
     int64_t refused_logged_us;
     uint64_t refused_logged;
+    /* log_refusal(): lines in the current second, and those left out */
+    int64_t refusal_window_us;
+    unsigned refusal_lines;
+    uint64_t refusals_unlogged;
 };
 
 static void conn_destroy(ExtlockdConn *c);
@@ -365,6 +370,40 @@ send_error(ExtlockdConn *c, bool has_id, uint64_t id, ExtlockErrorCode code,
     VERBOSE(c->server, "%s: error %s: %s", c->peer,
             extlock_error_code_name(code), text);
     extlock_format_error(conn_out(c), has_id, id, code, "%s", text);
+}
+
+/*
+ * A warning about a request or connection refused for who sent it: at
+ * most REFUSAL_LOG_BURST lines a second, so that a peer cannot fill the
+ * log (and spend the daemon's time on it) at the rate it sends lines; the
+ * next line logged says how many were left out
+ */
+static void G_GNUC_PRINTF(2, 3)
+log_refusal(ExtlockdServer *s, const char *fmt, ...)
+{
+    int64_t now = g_get_monotonic_time();
+    g_autofree char *text = NULL;
+    va_list ap;
+
+    if (now - s->refusal_window_us >= G_USEC_PER_SEC) {
+        s->refusal_window_us = now;
+        s->refusal_lines = 0;
+    }
+    if (s->refusal_lines >= REFUSAL_LOG_BURST) {
+        s->refusals_unlogged++;
+        return;
+    }
+    s->refusal_lines++;
+    va_start(ap, fmt);
+    text = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    if (s->refusals_unlogged) {
+        g_warning("%s (%" PRIu64 " similar refusals not logged before "
+                  "this one)", text, s->refusals_unlogged);
+        s->refusals_unlogged = 0;
+    } else {
+        g_warning("%s", text);
+    }
 }
 
 static void conn_set_events(ExtlockdConn *c, GIOCondition events)
@@ -1736,8 +1775,8 @@ static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
     size_t before;
 
     if (!c->session && !admin) {
-        g_warning("%s: status refused: identity %s is not an admin and "
-                  "has not said hello", c->peer, c->identity);
+        log_refusal(s, "%s: status refused: identity %s is not an admin "
+                    "and has not said hello", c->peer, c->identity);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
                    "status before hello needs an admin identity (this "
                    "connection is %s)", c->identity);
@@ -1921,9 +1960,9 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     if (m->version != EXTLOCK_PROTOCOL_VERSION) {
-        g_warning("%s: hello with protocol version %u refused (this server "
-                  "speaks version %d)", c->peer, m->version,
-                  EXTLOCK_PROTOCOL_VERSION);
+        log_refusal(s, "%s: hello with protocol version %u refused (this "
+                    "server speaks version %d)", c->peer, m->version,
+                    EXTLOCK_PROTOCOL_VERSION);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_VERSION,
                    "protocol version %u is not supported: this server "
                    "speaks version %d only (version 2 sessions are resumed "
@@ -1945,7 +1984,7 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
     }
     if (!extlockd_policy_allows(s->policy, c->identity, m->lock_space,
                                 m->client_id, &why)) {
-        g_warning("%s: hello refused: %s", c->peer, why);
+        log_refusal(s, "%s: hello refused: %s", c->peer, why);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED, "%s", why);
         return;
     }
@@ -1954,12 +1993,13 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         if (S && (!S->owner || strcmp(S->owner, c->identity) != 0 ||
                   !session_secret_ok(S, m->resume_secret))) {
             /* Nothing changes for the owner: no take-over, no reclaim */
-            g_warning("%s: identity %s may not resume session %s (%s): %s",
-                      c->peer, c->identity, S->id, S->client_id,
-                      !S->owner ? "it has no recorded owner" :
-                      strcmp(S->owner, c->identity) != 0 ?
-                      "it belongs to another identity" :
-                      "wrong or missing resume-secret");
+            log_refusal(s, "%s: identity %s may not resume session %s "
+                        "(%s): %s", c->peer, c->identity, S->id,
+                        S->client_id,
+                        !S->owner ? "it has no recorded owner" :
+                        strcmp(S->owner, c->identity) != 0 ?
+                        "it belongs to another identity" :
+                        "wrong or missing resume-secret");
             send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
                        "session %s cannot be resumed by this identity (%s) "
                        "with %s resume-secret", m->session, c->identity,
@@ -2407,9 +2447,9 @@ static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
      * even looked up, so its existence is not revealed either)
      */
     if (!c->identity || !extlockd_policy_is_admin(s->policy, c->identity)) {
-        g_warning("%s: release-session of %s refused: identity %s is "
-                  "not an admin", c->peer, m->session,
-                  c->identity ? c->identity : "(none)");
+        log_refusal(s, "%s: release-session of %s refused: identity %s "
+                    "is not an admin", c->peer, m->session,
+                    c->identity ? c->identity : "(none)");
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
                    "release-session needs an admin identity (this "
                    "connection is %s)",
@@ -2628,7 +2668,8 @@ static bool conn_tls_handshake(ExtlockdConn *c)
     int r = extlockd_tls_handshake(c->tls, &err);
 
     if (r < 0) {
-        g_warning("%s: connection refused: %s", c->peer, err->message);
+        log_refusal(s, "%s: connection refused: %s", c->peer,
+                    err->message);
         conn_destroy(c);
         return false;
     }
