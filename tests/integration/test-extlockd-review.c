@@ -293,6 +293,56 @@ static void test_refusal_log_flood(void **state)
     daemon_stop(d);
 }
 
+/*
+ * The restart grace period must cover the fence margin the clients of
+ * the previous run were told (welcome "fence-margin-ms"): a client's
+ * driver lets its in-flight I/O finish until about its last renewal +
+ * lease + that margin.  A daemon restarted with a smaller
+ * --fence-margin-ms must not grant the extents of a client that did not
+ * come back before then.  Before the fix, the grace period was the
+ * listed lease + the NEW margin: 400 + 300 ms instead of 400 + 3000 ms.
+ */
+static void test_restart_smaller_fence_margin(void **state)
+{
+    g_autofree char *path = g_build_filename(fx.dir, "state", NULL);
+    const char *big[] = { "--fence-margin-ms=3000", NULL };
+    Daemon *d = daemon_start(path, big, NULL);
+    ExtlockConn *b, *c;
+    GError *err = NULL;
+    int64_t t_kill, t_grant;
+    ExtlockMsg w, m;
+    uint64_t rc;
+
+    b = conn_open(d->unix_addr);
+    extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+    assert_true(extlock_conn_hello(b, "B", "disk", LEASE_MS, &w, &err));
+    assert_true(w.has_fence_margin);
+    assert_int_equal(w.fence_margin_ms, 3000);
+    extlock_msg_clear(&w);
+    lock_now(b, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
+    t_kill = now_ms();
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+
+    /* Restarted with the test default margin (MARGIN_MS) */
+    d = daemon_start(path, NULL, NULL);
+    c = client(d->tcp_addr, "C", LONG_LEASE_MS);
+    rc = send_lock(c, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE, true);
+    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+    expect_msg(c, &m, EXTLOCK_MSG_WAITING, rc);
+    extlock_msg_clear(&m);
+    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+    recv_msg(c, &m, LEASE_MS + 3000 + SLACK_MS + RECV_MS);
+    t_grant = now_ms();
+    assert_int_equal(m.type, EXTLOCK_MSG_GRANTED);
+    extlock_msg_clear(&m);
+    g_test_message("C granted %" PRId64 " ms after the crash (B: lease %d "
+                   "ms, told fence margin 3000 ms)", t_grant - t_kill,
+                   LEASE_MS);
+    assert_true(t_grant - t_kill >= LEASE_MS + 3000);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -300,6 +350,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_refusal_log_flood, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_restart_smaller_fence_margin,
+                                        setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
