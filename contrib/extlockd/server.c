@@ -141,6 +141,13 @@ struct ExtlockdSession {
     ExtlockdConn *conn;          /* NULL unless SESSION_ACTIVE */
     ExtlockdSessionState state;
     uint32_t lease_ms;
+    /*
+     * The largest fence margin its client was told in a welcome (its
+     * driver's I/O deadline depends on it): recorded in the state file so
+     * that the grace period after a restart with a smaller
+     * --fence-margin-ms still covers it
+     */
+    uint32_t fence_margin_ms;
     int64_t deadline_us;         /* last renewal + lease */
     GHashTable *held;            /* set of granted ExtlockLock * */
     GHashTable *waiting;         /* set of waiting ExtlockLock *, keyed by
@@ -793,6 +800,7 @@ static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
     S->waiting = g_hash_table_new(waiting_hash, waiting_equal);
     S->state = SESSION_DISCONNECTED;
     S->lease_ms = lease_ms;
+    S->fence_margin_ms = s->cfg.fence_margin_ms;
     S->deadline_us = now + (int64_t)lease_ms * 1000;
     S->link.data = S;
     S->reclaim_link.data = S;
@@ -1383,6 +1391,9 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
                           ss->lease_ms ? ss->lease_ms : EXTLOCK_MAX_LEASE_MS,
                           now);
         S->owner = g_strdup(ss->owner);
+        if (ss->fence_margin_ms) {
+            S->fence_margin_ms = ss->fence_margin_ms;
+        }
         if (ss->secret_sha256) {
             g_strlcpy(S->secret_sha256, ss->secret_sha256,
                       sizeof(S->secret_sha256));
@@ -1910,16 +1921,21 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
                                  int64_t now)
 {
     char old_sha256[sizeof(S->secret_sha256)];
+    uint32_t old_margin = S->fence_margin_ms;
     unsigned n;
 
     /*
      * Only the hash of the old secret survived the restart: hand out a
-     * new one, durable before the client learns it
+     * new one, durable before the client learns it, and with it this
+     * run's fence margin if it is larger than the one recorded
      */
     memcpy(old_sha256, S->secret_sha256, sizeof(old_sha256));
+    S->fence_margin_ms = MAX(S->fence_margin_ms,
+                             c->server->cfg.fence_margin_ms);
     if (!session_new_secret(S) ||
         !save_state(c->server, c->server->epoch, NULL)) {
         memcpy(S->secret_sha256, old_sha256, sizeof(old_sha256));
+        S->fence_margin_ms = old_margin;
         S->secret[0] = '\0';
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
                    "cannot record a new resume secret for session %s",
@@ -3258,6 +3274,7 @@ static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
             .client_id = S->client_id,
             .lock_space = S->space->name,
             .lease_ms = S->lease_ms,
+            .fence_margin_ms = S->fence_margin_ms,
             .owner = S->owner,
             .secret_sha256 = S->secret_sha256[0] ? S->secret_sha256 : NULL,
         };
