@@ -22,6 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <setjmp.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -34,6 +37,9 @@
 #define KiB             (UINT64_C(1) << 10)
 /* server.c REFUSAL_LOG_BURST: refusals logged a second at most */
 #define REFUSAL_BURST   20
+/* test_tls_handshake_stall */
+#define STALL_HELLO_MS  1000
+#define STALL_PER_PEER  8
 
 /* An executable shell script @name in the test directory (g_free) */
 static char *write_agent(const char *name, const char *body)
@@ -343,6 +349,119 @@ static void test_restart_smaller_fence_margin(void **state)
     daemon_stop(d);
 }
 
+/* A plain TCP connection to 127.0.0.1:@port from @src_ip */
+static int raw_tcp(const char *src_ip, int port)
+{
+    struct sockaddr_in src = { .sin_family = AF_INET };
+    struct sockaddr_in dst = { .sin_family = AF_INET };
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+    assert_true(fd >= 0);
+    inet_pton(AF_INET, src_ip, &src.sin_addr);
+    inet_pton(AF_INET, "127.0.0.1", &dst.sin_addr);
+    dst.sin_port = htons(port);
+    assert_int_equal(bind(fd, (struct sockaddr *)&src, sizeof(src)), 0);
+    assert_int_equal(connect(fd, (struct sockaddr *)&dst, sizeof(dst)), 0);
+    return fd;
+}
+
+/* Wait (bounded by @ms) until the daemon closes @fd */
+static void expect_closed(int fd, int ms)
+{
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    char buf[256];
+
+    for (;;) {
+        int r = poll(&p, 1, ms);
+        ssize_t n;
+
+        assert_true(r == 1);
+        n = recv(fd, buf, sizeof(buf), 0);
+        if (n == 0 || (n < 0 && errno == ECONNRESET)) {
+            return;
+        }
+        /* A TLS alert or handshake bytes may come first */
+        assert_true(n > 0);
+    }
+}
+
+/*
+ * TLS clients that stall the handshake - connect and send nothing, or
+ * half a ClientHello - are connections without hello: they count against
+ * --max-unauth-per-peer, and they are closed after --hello-timeout-ms,
+ * handshake or not.  A client that finishes the handshake but never says
+ * hello is closed too.  A victim session's renewals go on meanwhile.
+ */
+static void test_tls_handshake_stall(void **state)
+{
+    g_autofree char *dir = g_build_filename(fx.dir, "psk", NULL);
+    g_autofree char *keys = g_build_filename(dir, "keys.psk", NULL);
+    g_autofree char *hello_to = g_strdup_printf("--hello-timeout-ms=%d",
+                                                STALL_HELLO_MS);
+    g_autofree char *per_peer = g_strdup_printf("--max-unauth-per-peer=%d",
+                                                STALL_PER_PEER);
+    const char *extra[] = { "--tls-creds-dir", dir, hello_to, per_peer,
+                            NULL };
+    /* A TLS record header announcing a ClientHello that never comes */
+    static const unsigned char partial[] = { 0x16, 0x03, 0x01, 0x02, 0x00,
+                                             0x01, 0x00, 0x01, 0xfc };
+    ExtlockTlsOptions o = { .psk_username = "alice" };
+    ExtlockConn *victim, *mon, *tls;
+    GError *err = NULL;
+    Daemon *d;
+    int fds[STALL_PER_PEER], extra_fd, port;
+    int64_t t0, worst = 0;
+    json_object *st;
+
+    assert_int_equal(g_mkdir_with_parents(dir, 0700), 0);
+    assert_true(g_file_set_contents(keys,
+        "alice:00112233445566778899aabbccddeeff00112233445566778899aabb"
+        "ccddeeff\n", -1, NULL));
+    d = daemon_start(NULL, extra, NULL);
+    port = atoi(strrchr(d->tcp_addr, ':') + 1);
+    victim = client(d->unix_addr, "victim", LONG_LEASE_MS);
+    mon = conn_open(d->unix_addr);
+
+    t0 = now_ms();
+    for (int i = 0; i < STALL_PER_PEER; i++) {
+        fds[i] = raw_tcp("127.0.0.7", port);
+        if (i % 2) {
+            assert_int_equal(send(fds[i], partial, sizeof(partial),
+                                  MSG_NOSIGNAL), (ssize_t)sizeof(partial));
+        }
+    }
+    /* One more from that address is refused at once */
+    extra_fd = raw_tcp("127.0.0.7", port);
+    expect_closed(extra_fd, RECV_MS);
+    close(extra_fd);
+    /* ... but a client that completes the handshake is served */
+    o.creds_dir = dir;
+    tls = extlock_conn_connect_tls(d->tcp_addr, &o, &err);
+    if (!tls) {
+        fail_msg("PSK connection: %s", err->message);
+    }
+    g_ptr_array_add(fx.conns, tls);
+    st = status_get(mon);
+    assert_true(jint(jget(st, "counters"), "refused-connections") >= 1);
+    json_object_put(st);
+
+    /* The stalled ones (and the silent TLS client) go at the timeout */
+    for (int i = 0; i < STALL_PER_PEER; i++) {
+        worst = MAX(worst, timed_renew(victim));
+        expect_closed(fds[i], STALL_HELLO_MS + SLACK_MS + RECV_MS);
+        close(fds[i]);
+    }
+    assert_true(now_ms() - t0 >= STALL_HELLO_MS);
+    expect_closed(extlock_conn_fd(tls), STALL_HELLO_MS + SLACK_MS + RECV_MS);
+    assert_true(log_count(d, "TLS handshake unfinished") >= 1);
+    st = status_get(mon);
+    assert_int_equal(jint(jget(st, "counters"), "connections"), 2);
+    json_object_put(st);
+    g_test_message("worst renewal %" PRId64 " ms", worst);
+    assert_true(worst < 200);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -352,6 +471,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_restart_smaller_fence_margin,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_handshake_stall, setup,
+                                        teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
