@@ -462,6 +462,49 @@ static void test_tls_handshake_stall(void **state)
     daemon_stop(d);
 }
 
+/*
+ * A hello that fails because the state file cannot be written leaves the
+ * connection without a session: it is still a connection without hello,
+ * closed after --hello-timeout-ms and counted against --max-unauth.
+ * Before the fix it had left the unauthenticated set for good (the session
+ * had been attached before the write), so a peer could keep any number of
+ * such connections open while the state file could not be written.
+ */
+static void test_hello_save_failure_stays_unauth(void **state)
+{
+    g_autofree char *hello_to = g_strdup_printf("--hello-timeout-ms=%d",
+                                                STALL_HELLO_MS);
+    const char *extra[] = { hello_to, NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
+    g_autofree char *blocker = g_build_filename(d->state, "x", NULL);
+    ExtlockConn *c, *mon;
+    GError *err = NULL;
+    ExtlockMsg w;
+    json_object *st;
+
+    mon = conn_open(d->unix_addr);
+    /* The state file becomes a non-empty directory: rename() over it fails */
+    assert_int_equal(unlink(d->state), 0);
+    assert_int_equal(mkdir(d->state, 0700), 0);
+    assert_true(g_file_set_contents(blocker, "", 0, NULL));
+
+    c = conn_open(d->tcp_addr);
+    extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+    assert_false(extlock_conn_hello(c, "C", "disk", LONG_LEASE_MS, &w,
+                                    &err));
+    g_test_message("hello: %s", err->message);
+    g_clear_error(&err);
+    extlock_msg_clear(&w);
+    st = status_get(mon);
+    assert_int_equal(jint(jget(st, "counters"), "sessions"), 0);
+    json_object_put(st);
+    /* Closed at the hello timeout like any connection without hello */
+    expect_closed(extlock_conn_fd(c), STALL_HELLO_MS + SLACK_MS + RECV_MS);
+    assert_int_equal(unlink(blocker), 0);
+    assert_int_equal(rmdir(d->state), 0);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -473,6 +516,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_handshake_stall, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_hello_save_failure_stays_unauth,
+                                        setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
