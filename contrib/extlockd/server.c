@@ -2072,8 +2072,11 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                    "cannot generate a resume secret");
         return;
     }
-    session_attach(S, c, lease_ms, now);
-    /* The session is durable before the client learns about it */
+    /*
+     * The session is durable before the client learns about it, and
+     * attached only then: a connection whose hello failed is still one
+     * without hello (hello timeout, --max-unauth)
+     */
     if (!save_state(s, s->epoch, &err)) {
         g_warning("cannot record a new session of %s in the state file: "
                   "%s", m->client_id, err->message);
@@ -2082,6 +2085,7 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                    "cannot record the session in the state file");
         return;
     }
+    session_attach(S, c, lease_ms, now);
     if (m->session) {
         g_message("session %s (%s, lock-space %s) started on %s, lease %u "
                   "ms, replacing session %s, which is unknown or expired",
