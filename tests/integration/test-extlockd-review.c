@@ -505,6 +505,57 @@ static void test_hello_save_failure_stays_unauth(void **state)
     daemon_stop(d);
 }
 
+/*
+ * The fence agent cuts off plug=<client-id>, a name the client chose.
+ * Without a policy binding client-ids to identities, any client can take
+ * a lock under another host's client-id and let its lease lapse: that
+ * host is fenced.  This test shows it (an anonymous TCP client gets the
+ * live "hostV" fenced) and checks that extlockd warns at start about a
+ * fence agent without --policy, and does not with one.
+ */
+static void test_fence_plug_impersonation_warned(void **state)
+{
+    g_autofree char *plugs = g_build_filename(fx.dir, "plugs", NULL);
+    g_autofree char *body = g_strdup_printf(
+        "sed -n 's/^plug=//p' >> %s\nexit 0\n", plugs);
+    g_autofree char *agent = write_agent("agent-record", body);
+    g_autofree char *agent_opt = g_strdup_printf("--fence-agent=%s", agent);
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    g_autofree char *policy_opt = g_strdup_printf("--policy=%s", policy);
+    const char *extra[] = { agent_opt, NULL };
+    const char *with_policy[] = { agent_opt, policy_opt, NULL };
+    g_autofree char *text = NULL;
+    ExtlockConn *v, *att;
+    int64_t deadline;
+    Daemon *d;
+
+    d = daemon_start(NULL, extra, NULL);
+    assert_true(log_count(d, "--fence-agent without --policy") >= 1);
+    v = client(d->unix_addr, "hostV", LONG_LEASE_MS);
+    lock_now(v, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
+    att = conn_open(d->tcp_addr);
+    g_free(hello_full(att, "hostV", "other", LEASE_MS, NULL));
+    lock_now(att, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
+    /* att stops renewing: hostV, which did nothing wrong, is fenced */
+    deadline = now_ms() + LEASE_MS + SLACK_MS + RECV_MS;
+    while (!g_file_get_contents(plugs, &text, NULL, NULL) ||
+           !strstr(text, "hostV")) {
+        g_clear_pointer(&text, g_free);
+        assert_true(now_ms() < deadline);
+        renew(v);
+        g_usleep(20 * 1000);
+    }
+    g_test_message("fenced plugs: %s", text);
+    daemon_stop(d);
+
+    assert_true(g_file_set_contents(policy,
+        "[identity anonymous]\nlock-spaces=*\nclient-ids=anon/*\n", -1,
+        NULL));
+    d = daemon_start(NULL, with_policy, NULL);
+    assert_int_equal(log_count(d, "--fence-agent without --policy"), 0);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -517,6 +568,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_tls_handshake_stall, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_hello_save_failure_stays_unauth,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fence_plug_impersonation_warned,
                                         setup, teardown),
     };
 
