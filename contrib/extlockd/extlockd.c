@@ -489,6 +489,14 @@ int main(int argc, char **argv)
         g_message("no --policy: every identity may use every lock-space "
                   "and client-id; admins: uid:0 and uid:%u on the UNIX "
                   "socket", (unsigned)getuid());
+        if (fence_agent) {
+            /* The agent fences the plug named by a client-chosen name */
+            g_warning("--fence-agent without --policy: any client may use "
+                      "any client-id, so it can get another host fenced "
+                      "(plug=<client-id>) by taking a lock under that host's "
+                      "client-id and letting its lease lapse; bind the "
+                      "client-ids to identities with --policy");
+        }
     }
     if (has_tcp && !tls_dir) {
         g_warning("INSECURE: TCP listeners without TLS (--insecure): "
