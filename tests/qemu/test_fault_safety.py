@@ -35,7 +35,7 @@ import time
 import pytest
 
 from harness import procs as hp
-from harness.coordinator import coordinator_status
+from harness.coordinator import CoordinatorClient, coordinator_status
 from harness.faults import (NbdClient, TcpPartition, check_coordinator,
                             check_event, counters, diagnose, fresh_lease, node_info,
                             start_coordinator)
@@ -584,3 +584,46 @@ def test_stuck_request_past_lease(policy, local_image, coord, lock_space, procs)
             assert local_image.path.read_bytes()[:64 * KiB] == pattern(0xbb, 64 * KiB)
     finally:
         link.close()
+
+
+# ---------------------------------------------------------------------------
+# fence-status notifications become EXTENT_LOCK_FENCE (needs an extlockd
+# with --fence-agent, from the daemon work of the same issue)
+
+FENCE = "EXTENT_LOCK_FENCE"
+
+
+@pytest.mark.parametrize("agent_ok", [True, False])
+def test_fence_status_event(agent_ok, local_image, coord, lock_space, procs, workdir):
+    """A protocol client holds an exclusive lock and disappears without
+    "bye"; B's write waits behind it.  When the session expires the
+    coordinator runs its fence agent and tells B how it goes: B's node
+    emits EXTENT_LOCK_FENCE (started, then succeeded or failed, with the
+    expired client's id).  A successful agent releases the lock: B's
+    write completes; a failing one keeps it held."""
+    agent = workdir / "agent.sh"
+    agent.write_text("#!/bin/sh\ncat > /dev/null\n" +
+                     ("exit 0\n" if agent_ok else "echo no power switch >&2\nexit 1\n"))
+    agent.chmod(0o755)
+    d = coord(fence_margin_ms=200,
+              extra_args=["--fence-agent", str(agent), "--fence-timeout-ms", "5000"])
+    holder = CoordinatorClient(d.address)
+    holder.hello("python-holder", lock_space, lease_ms=1000)
+    holder.lock(0, 64 * KiB, "exclusive")
+    b = qsd(procs, "b", local_image.child, d.coordinator(), lock_space, "host-b")
+    with NbdClient(b.nbd_path, "disk") as nb:
+        h = nb.send_write(0, pattern(0xbb, 64 * KiB))
+        wait_until(lambda: queued(b.qmp), timeout=10, what="B's write to queue")
+        holder.close()                      # gone without bye
+        ev = b.qmp.wait_event(FENCE, timeout=15)
+        check_event(ev, FENCE, node_name="xl0", client_id="python-holder",
+                    result="started")
+        ev = b.qmp.wait_event(FENCE, timeout=15)
+        data = check_event(ev, FENCE, node_name="xl0", client_id="python-holder",
+                           result="succeeded" if agent_ok else "failed")
+        if agent_ok:
+            err, _ = nb.wait(h, timeout=10)
+            assert err == 0
+        else:
+            assert data.get("message"), ev
+            assert not nb.replied(h, timeout=0.5), "granted although fencing failed"
