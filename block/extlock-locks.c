@@ -893,28 +893,33 @@ void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims)
     g_autoptr(GPtrArray) stale = g_ptr_array_new();
     ExtlockCachedLock *s;
 
-    /* Stale locks too: look them all up before renumbering any */
+    /*
+     * Stale locks: look them all up before renumbering any.  A lock may
+     * also have become stale (lease lost) while we were reclaiming it.
+     */
     for (guint i = 0; i < reclaims->len; i++) {
         ExtlockReclaim *r = &g_array_index(reclaims, ExtlockReclaim, i);
-        g_ptr_array_add(stale, r->stale ? extlock_stale_find(c, r->old_id)
-                                        : NULL);
+
+        s = NULL;
+        if (r->stale || !g_hash_table_lookup(c->lock_ids, &r->old_id)) {
+            s = extlock_stale_find(c, r->old_id);
+        }
+        g_ptr_array_add(stale, s);
     }
     for (guint i = 0; i < reclaims->len; i++) {
         ExtlockReclaim *r = &g_array_index(reclaims, ExtlockReclaim, i);
         ExtlockCachedLock *l;
 
-        if (r->stale) {
-            s = g_ptr_array_index(stale, i);
-            if (s && r->ok) {
+        s = g_ptr_array_index(stale, i);
+        if (s) {
+            if (r->ok) {
                 /* Still in use: given back when its last user is done */
                 g_hash_table_add(stale_kept, s);
                 s->lock_id = r->new_id;
-            } else if (r->ok) {
-                extlock_unlock_unknown(c, r->new_id);
             }
             continue;
         }
-        l = g_hash_table_lookup(c->lock_ids, &r->old_id);
+        l = r->stale ? NULL : g_hash_table_lookup(c->lock_ids, &r->old_id);
         if (!r->ok) {
             if (l) {
                 extlock_lock_lost(c, l);

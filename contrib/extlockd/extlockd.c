@@ -142,6 +142,7 @@ int main(int argc, char **argv)
     g_autofree char *event_log_path = NULL;
     ExtlockdEventLog *event_log = NULL;
     uint32_t longest_lease = 0;
+    int64_t longest_cover = 0;
     unsigned unknown_leases = 0;
     gboolean debug_checks = FALSE, verbose = FALSE, version = FALSE;
     g_autofree char *tls_dir = NULL, *tls_verify = NULL, *policy_file = NULL;
@@ -429,19 +430,30 @@ int main(int argc, char **argv)
         }
         longest_lease = MAX(longest_lease, ss->lease_ms ? ss->lease_ms
                                                         : EXTLOCK_MAX_LEASE_MS);
+        /*
+         * Its client's I/O deadline uses the fence margin it was told,
+         * which may be larger than ours if we were restarted with a
+         * smaller one (not recorded by older versions: ours)
+         */
+        longest_cover = MAX(longest_cover,
+                            (int64_t)(ss->lease_ms ? ss->lease_ms
+                                                   : EXTLOCK_MAX_LEASE_MS) +
+                            MAX((int64_t)ss->fence_margin_ms, fence_ms));
     }
     if (grace_ms == -1) {
-        grace_ms = (int64_t)MAX((uint32_t)lease_ms, longest_lease) + fence_ms;
-    } else if (grace_ms < (int64_t)longest_lease + fence_ms) {
+        grace_ms = MAX(lease_ms + fence_ms, longest_cover);
+    } else if (grace_ms < longest_cover) {
         g_critical("--grace-ms %" PRId64 " is unsafe: the state file %s "
                    "lists %u session(s) whose longest lease is %u ms%s, so "
                    "the grace period must be at least %" PRId64 " ms "
-                   "(that lease + --fence-margin-ms); leave --grace-ms out "
-                   "to get it", grace_ms, cfg.state_file, sessions->len,
+                   "(the longest lease + fence margin of a listed session, "
+                   "with the larger of --fence-margin-ms and the margin "
+                   "its client was told); leave --grace-ms out to get it",
+                   grace_ms, cfg.state_file, sessions->len,
                    longest_lease, unknown_leases ?
                    " (sessions without a recorded lease count as the "
                    "longest lease a client may ask for)" : "",
-                   (int64_t)longest_lease + fence_ms);
+                   longest_cover);
         return EXIT_USAGE;
     }
     cfg.grace_ms = grace_ms;
@@ -477,6 +489,14 @@ int main(int argc, char **argv)
         g_message("no --policy: every identity may use every lock-space "
                   "and client-id; admins: uid:0 and uid:%u on the UNIX "
                   "socket", (unsigned)getuid());
+        if (fence_agent) {
+            /* The agent fences the plug named by a client-chosen name */
+            g_warning("--fence-agent without --policy: any client may use "
+                      "any client-id, so it can get another host fenced "
+                      "(plug=<client-id>) by taking a lock under that host's "
+                      "client-id and letting its lease lapse; bind the "
+                      "client-ids to identities with --policy");
+        }
     }
     if (has_tcp && !tls_dir) {
         g_warning("INSECURE: TCP listeners without TLS (--insecure): "

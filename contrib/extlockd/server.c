@@ -68,6 +68,7 @@
 #define CLOSE_TIMEOUT_US    (5 * G_USEC_PER_SEC)
 #define MAX_BLOCKERS        64          /* listed in a "waiting" reply */
 #define LISTEN_PAUSE_MS     100         /* after EMFILE and friends */
+#define REFUSAL_LOG_BURST   20          /* log_refusal() lines a second */
 
 #define VERBOSE(s, ...) \
     do { \
@@ -141,6 +142,13 @@ struct ExtlockdSession {
     ExtlockdConn *conn;          /* NULL unless SESSION_ACTIVE */
     ExtlockdSessionState state;
     uint32_t lease_ms;
+    /*
+     * The largest fence margin its client was told in a welcome (its
+     * driver's I/O deadline depends on it): recorded in the state file so
+     * that the grace period after a restart with a smaller
+     * --fence-margin-ms still covers it
+     */
+    uint32_t fence_margin_ms;
     int64_t deadline_us;         /* last renewal + lease */
     GHashTable *held;            /* set of granted ExtlockLock * */
     GHashTable *waiting;         /* set of waiting ExtlockLock *, keyed by
@@ -265,6 +273,10 @@ struct ExtlockdServer {
     /* State file writes (state-writer.h) and the welcomes waiting on them */
     ExtlockdStateWriter *writer;
     GQueue welcomes;             /* DeferredWelcome, in generation order */
+    /* log_refusal(): lines in the current second, and those left out */
+    int64_t refusal_window_us;
+    unsigned refusal_lines;
+    uint64_t refusals_unlogged;
 };
 
 /*
@@ -386,6 +398,40 @@ send_error(ExtlockdConn *c, bool has_id, uint64_t id, ExtlockErrorCode code,
     VERBOSE(c->server, "%s: error %s: %s", c->peer,
             extlock_error_code_name(code), text);
     extlock_format_error(conn_out(c), has_id, id, code, "%s", text);
+}
+
+/*
+ * A warning about a request or connection refused for who sent it: at
+ * most REFUSAL_LOG_BURST lines a second, so that a peer cannot fill the
+ * log (and spend the daemon's time on it) at the rate it sends lines; the
+ * next line logged says how many were left out
+ */
+static void G_GNUC_PRINTF(2, 3)
+log_refusal(ExtlockdServer *s, const char *fmt, ...)
+{
+    int64_t now = g_get_monotonic_time();
+    g_autofree char *text = NULL;
+    va_list ap;
+
+    if (now - s->refusal_window_us >= G_USEC_PER_SEC) {
+        s->refusal_window_us = now;
+        s->refusal_lines = 0;
+    }
+    if (s->refusal_lines >= REFUSAL_LOG_BURST) {
+        s->refusals_unlogged++;
+        return;
+    }
+    s->refusal_lines++;
+    va_start(ap, fmt);
+    text = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    if (s->refusals_unlogged) {
+        g_warning("%s (%" PRIu64 " similar refusals not logged before "
+                  "this one)", text, s->refusals_unlogged);
+        s->refusals_unlogged = 0;
+    } else {
+        g_warning("%s", text);
+    }
 }
 
 static void conn_set_events(ExtlockdConn *c, GIOCondition events)
@@ -776,6 +822,7 @@ static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
     S->waiting = g_hash_table_new(waiting_hash, waiting_equal);
     S->state = SESSION_DISCONNECTED;
     S->lease_ms = lease_ms;
+    S->fence_margin_ms = s->cfg.fence_margin_ms;
     S->deadline_us = now + (int64_t)lease_ms * 1000;
     S->link.data = S;
     S->reclaim_link.data = S;
@@ -1363,6 +1410,9 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
                           ss->lease_ms ? ss->lease_ms : EXTLOCK_MAX_LEASE_MS,
                           now);
         S->owner = g_strdup(ss->owner);
+        if (ss->fence_margin_ms) {
+            S->fence_margin_ms = ss->fence_margin_ms;
+        }
         if (ss->secret_sha256) {
             g_strlcpy(S->secret_sha256, ss->secret_sha256,
                       sizeof(S->secret_sha256));
@@ -1763,8 +1813,8 @@ static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
     size_t before;
 
     if (!c->session && !admin) {
-        g_warning("%s: status refused: identity %s is not an admin and "
-                  "has not said hello", c->peer, c->identity);
+        log_refusal(s, "%s: status refused: identity %s is not an admin "
+                    "and has not said hello", c->peer, c->identity);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
                    "status before hello needs an admin identity (this "
                    "connection is %s)", c->identity);
@@ -1929,9 +1979,12 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
     /*
      * Only the hash of the old secret survived the restart: hand out a
      * new one, durable before the client learns it (the welcome waits for
-     * the state writer)
+     * the state writer), and with it this run's fence margin if it is
+     * larger than the one recorded
      */
     memcpy(old_sha256, S->secret_sha256, sizeof(old_sha256));
+    S->fence_margin_ms = MAX(S->fence_margin_ms,
+                             c->server->cfg.fence_margin_ms);
     if (!session_new_secret(S)) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
                    "cannot generate a resume secret");
@@ -1970,9 +2023,9 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     if (m->version != EXTLOCK_PROTOCOL_VERSION) {
-        g_warning("%s: hello with protocol version %u refused (this server "
-                  "speaks version %d)", c->peer, m->version,
-                  EXTLOCK_PROTOCOL_VERSION);
+        log_refusal(s, "%s: hello with protocol version %u refused (this "
+                    "server speaks version %d)", c->peer, m->version,
+                    EXTLOCK_PROTOCOL_VERSION);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_VERSION,
                    "protocol version %u is not supported: this server "
                    "speaks version %d only (version 2 sessions are resumed "
@@ -1994,7 +2047,7 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
     }
     if (!extlockd_policy_allows(s->policy, c->identity, m->lock_space,
                                 m->client_id, &why)) {
-        g_warning("%s: hello refused: %s", c->peer, why);
+        log_refusal(s, "%s: hello refused: %s", c->peer, why);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED, "%s", why);
         return;
     }
@@ -2003,12 +2056,13 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         if (S && (!S->owner || strcmp(S->owner, c->identity) != 0 ||
                   !session_secret_ok(S, m->resume_secret))) {
             /* Nothing changes for the owner: no take-over, no reclaim */
-            g_warning("%s: identity %s may not resume session %s (%s): %s",
-                      c->peer, c->identity, S->id, S->client_id,
-                      !S->owner ? "it has no recorded owner" :
-                      strcmp(S->owner, c->identity) != 0 ?
-                      "it belongs to another identity" :
-                      "wrong or missing resume-secret");
+            log_refusal(s, "%s: identity %s may not resume session %s "
+                        "(%s): %s", c->peer, c->identity, S->id,
+                        S->client_id,
+                        !S->owner ? "it has no recorded owner" :
+                        strcmp(S->owner, c->identity) != 0 ?
+                        "it belongs to another identity" :
+                        "wrong or missing resume-secret");
             send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
                        "session %s cannot be resumed by this identity (%s) "
                        "with %s resume-secret", m->session, c->identity,
@@ -2443,13 +2497,19 @@ static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
     ExtlockMsg r;
     unsigned n;
 
-    /* Forcing a release can hand out locks still in use: admins only */
+    /*
+     * It gives up the fencing guarantee for somebody else's locks: only
+     * admins may, and the refusal changes nothing (the session is not
+     * even looked up, so its existence is not revealed either)
+     */
     if (!c->identity || !extlockd_policy_is_admin(s->policy, c->identity)) {
-        g_warning("%s: release-session refused: identity %s is not an "
-                  "admin", c->peer, c->identity ? c->identity : "(none)");
+        log_refusal(s, "%s: release-session of %s refused: identity %s "
+                    "is not an admin", c->peer, m->session,
+                    c->identity ? c->identity : "(none)");
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
-                   "release-session needs an admin identity; %s is not "
-                   "one", c->identity ? c->identity : "this connection");
+                   "release-session needs an admin identity (this "
+                   "connection is %s)",
+                   c->identity ? c->identity : "unidentified");
         return;
     }
     if (!S) {
@@ -2664,7 +2724,8 @@ static bool conn_tls_handshake(ExtlockdConn *c)
     int r = extlockd_tls_handshake(c->tls, &err);
 
     if (r < 0) {
-        g_warning("%s: connection refused: %s", c->peer, err->message);
+        log_refusal(s, "%s: connection refused: %s", c->peer,
+                    err->message);
         conn_destroy(c);
         return false;
     }
@@ -3263,6 +3324,7 @@ static char *state_snapshot(ExtlockdServer *s, uint64_t epoch, GError **errp)
             .client_id = S->client_id,
             .lock_space = S->space->name,
             .lease_ms = S->lease_ms,
+            .fence_margin_ms = S->fence_margin_ms,
             .owner = S->owner,
             .secret_sha256 = S->secret_sha256[0] ? S->secret_sha256 : NULL,
         };
@@ -3339,6 +3401,11 @@ static void state_written(uint64_t gen, bool ok, const char *error,
             session_destroy_nosave(S);
             send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
                        "cannot record the session in the state file");
+            /*
+             * It was attached, so no longer counted as without hello:
+             * close it rather than leave it outside --max-unauth
+             */
+            conn_close_after_flush(c);
         }
         g_free(dw);
         /* Requests that arrived after hello */

@@ -26,6 +26,8 @@
  */
 #define STATE_FILE_MAX_SIZE (64 * 1024 * 1024)
 #define STATE_MAX_NAME      256
+/* The largest --fence-margin-ms (EXTLOCKD_MAX_FENCE_MS in server.h) */
+#define STATE_MAX_FENCE_MS  (3600 * 1000)
 
 void extlockd_state_session_free(gpointer p)
 {
@@ -259,6 +261,15 @@ static const char *parse_sessions(json_object *obj, GPtrArray *out)
             }
             ss->lease_ms = lease;
         }
+        if (json_object_object_get_ex(e, "fence-margin-ms", NULL)) {
+            int64_t margin;
+
+            if (!get_int_member(e, "fence-margin-ms", &margin) ||
+                margin < 1 || margin > STATE_MAX_FENCE_MS) {
+                return "a session has a malformed \"fence-margin-ms\"";
+            }
+            ss->fence_margin_ms = margin;
+        }
     }
     return NULL;
 }
@@ -421,6 +432,10 @@ static char *state_text(uint64_t epoch, const ExtlockdStateSession *sessions,
             if (sessions[i].lease_ms) {
                 g_string_append_printf(out, ",\"lease-ms\":%u",
                                        sessions[i].lease_ms);
+            }
+            if (sessions[i].fence_margin_ms) {
+                g_string_append_printf(out, ",\"fence-margin-ms\":%u",
+                                       sessions[i].fence_margin_ms);
             }
             if (sessions[i].owner && sessions[i].secret_sha256) {
                 g_string_append(out, ",\"owner\":");

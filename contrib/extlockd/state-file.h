@@ -44,6 +44,13 @@ typedef struct ExtlockdStateSession {
      * then assume the longest lease a client may ask for.
      */
     uint32_t lease_ms;
+    /*
+     * The largest fence margin its client was told (welcome
+     * "fence-margin-ms"), which its driver's I/O deadline depends on; 0
+     * when the file does not record it (older extlockd): the reader then
+     * assumes its own --fence-margin-ms.
+     */
+    uint32_t fence_margin_ms;
 
     /*
      * The identity that owns the session (see policy.h) and the SHA-256

@@ -724,6 +724,10 @@ static void test_state_file(void **state)
         "{\"version\":1,\"epoch\":3,\"sessions\":[{\"session\":"
         "\"0123456789abcdef0123456789abcdef\",\"client-id\":\"A\","
         "\"lock-space\":\"disk\",\"lease-ms\":3600001}]}",
+        "{\"version\":1,\"epoch\":3,\"sessions\":[{\"session\":"
+        "\"0123456789abcdef0123456789abcdef\",\"client-id\":\"A\","
+        "\"lock-space\":\"disk\",\"lease-ms\":1000,"
+        "\"fence-margin-ms\":0}]}",
     };
     static const char old_listed[] =
         "{\"version\":1,\"epoch\":9,\"sessions\":[{\"session\":"

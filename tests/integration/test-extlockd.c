@@ -627,8 +627,9 @@ static void test_epoch_restart(void **state)
     expect = g_strdup_printf("{\"version\":1,\"epoch\":1,\"sessions\":"
                              "[{\"session\":\"%s\",\"client-id\":\"A\","
                              "\"lock-space\":\"disk\",\"lease-ms\":%d,"
+                             "\"fence-margin-ms\":%d,"
                              "\"owner\":\"uid:%u\",\"secret-sha256\":\"%s\"}]}",
-                             sa, LONG_LEASE_MS, (unsigned)getuid(),
+                             sa, LONG_LEASE_MS, MARGIN_MS, (unsigned)getuid(),
                              secret_sha256(sa));
     assert_string_equal(text, expect);
     g1 = lock_now(a, 0, 10, EXTLOCK_MODE_SHARED);
@@ -669,9 +670,10 @@ static void test_epoch_restart(void **state)
     expect = g_strdup_printf("{\"version\":1,\"epoch\":%" PRIu64
                              ",\"sessions\":[{\"session\":\"%s\","
                              "\"client-id\":\"A\",\"lock-space\":"
-                             "\"disk\",\"lease-ms\":%d,\"owner\":\"uid:%u\","
+                             "\"disk\",\"lease-ms\":%d,"
+                             "\"fence-margin-ms\":%d,\"owner\":\"uid:%u\","
                              "\"secret-sha256\":\"%s\"}]}", e3 + 1, sa,
-                             LONG_LEASE_MS, (unsigned)getuid(),
+                             LONG_LEASE_MS, MARGIN_MS, (unsigned)getuid(),
                              secret_sha256(sa));
     assert_string_equal(text, expect);
     bye(a);

@@ -35,7 +35,7 @@ import time
 import pytest
 
 from harness import procs as hp
-from harness.coordinator import coordinator_status
+from harness.coordinator import CoordinatorClient, coordinator_status
 from harness.faults import (NbdClient, TcpPartition, check_coordinator,
                             check_event, counters, diagnose, fresh_lease, node_info,
                             start_coordinator)
@@ -409,6 +409,57 @@ def test_zero_length_requests(lock_cache, local_image, coord, lock_space, procs)
 
 
 # ---------------------------------------------------------------------------
+# trace events around every forwarded request (INTERFACES.md)
+
+def test_io_trace_events(local_image, coord, lock_space):
+    """extlock_io_start/extlock_io_done surround every request forwarded to
+    the child, with its kind, range and the token of the lock it runs
+    under (the token granted by the coordinator; 0 for flushes and
+    zero-length requests), and CLOCK_MONOTONIC timestamps."""
+    d = coord()
+    node = extlock_node(local_image.child, d.coordinator(), lock_space,
+                        node_name="xl0", client_id="host-a", lock_cache=False)
+    cmds = ["write -P 0x11 0 64k", "read -P 0x11 0 64k", "write -z 64k 64k",
+            "discard 128k 64k", "flush", "write 1M 0"]
+    t0 = time.monotonic_ns()
+    r = hp.run_qemu_io(node, cmds, timeout=60,
+                       extra_args=["-d", "unmap", "-T", "extlock_io_*",
+                                   "-T", "extlock_client_granted"])
+    t1 = time.monotonic_ns()
+    assert r.returncode == 0, r.stdout + r.stderr
+    starts, dones, granted = [], [], []
+    for line in r.stderr.splitlines():
+        f = line.split()
+        if "extlock_io_start" in line:
+            i = f.index("node")
+            starts.append((f[i + 2], int(f[i + 4]), int(f[i + 6]), int(f[i + 8]),
+                           int(f[i + 10], 16), int(f[i + 12])))
+        elif "extlock_io_done" in line:
+            i = f.index("node")
+            dones.append((f[i + 2], int(f[i + 4]), int(f[i + 6]), int(f[i + 8], 16),
+                          int(f[i + 10]), int(f[i + 12])))
+        elif "extlock_client_granted" in line:
+            granted.append(int(f[-1], 16))
+    kinds = [s[0] for s in starts]
+    # (qemu-io also flushes after each command and at the end)
+    assert [k for k in kinds if k != "flush"] == \
+        ["write", "read", "zero", "discard", "write"], r.stderr
+    assert "flush" in kinds, r.stderr
+    assert len(dones) == len(starts), r.stderr
+    # lock-cache=off: one grant per request with data, in order
+    assert len(granted) == 4 and all(granted), granted
+    expect = iter(granted)
+    for s, dn in zip(starts, dones):
+        kind, off, nbytes, lock_id, token, ts = s
+        tok = next(expect) if kind != "flush" and nbytes else 0
+        assert (dn[0], dn[1], dn[2], dn[3]) == (kind, off, nbytes, token), (s, dn)
+        assert dn[4] == 0, dn
+        assert token == tok, (s, granted)
+        assert (lock_id != 0) == (token != 0), s
+        assert t0 <= ts <= dn[5] <= t1, (t0, s, dn, t1)
+
+
+# ---------------------------------------------------------------------------
 # 7. a read through an NBD export is atomic
 
 @pytest.mark.parametrize("replies", ["structured", "simple"])
@@ -428,7 +479,7 @@ def test_nbd_read_is_atomic(replies, local_image, coord, lock_space, procs, work
     b.qmp.execute("nbd-server-start",
                   addr={"type": "unix", "data": {"path": str(nbd_path)}})
     b.qmp.execute("block-export-add", type="nbd", id="disk", args={
-        "node-name": b.node, "name": "disk", "writable": False})
+        "node-name": b.node, "name": "disk", "writable": True})
     a = qsd(procs, "a", local_image.child, d.coordinator(), lock_space, "host-a")
 
     b.io("break read_aio r")
@@ -443,7 +494,10 @@ def test_nbd_read_is_atomic(replies, local_image, coord, lock_space, procs, work
         simple = NbdClient(nbd_path, "disk")
         hr = simple.send_read(0, 2 * MiB)
     try:
-        b.io("wait_break r")
+        # not HMP wait_break: it polls only B's block AioContext, and the NBD
+        # server accepts connections from the main loop
+        wait_until(lambda: "Suspended request 'r'" in b.vm.stderr(), timeout=20,
+                   what="B's read to reach the breakpoint")
         with NbdClient(a.nbd_path, "disk") as na:
             ha = na.send_write(0, pattern(0xbb, 2 * MiB))
             wait_until(lambda: queued(a.qmp), timeout=10, what="A's write to queue")
@@ -530,3 +584,46 @@ def test_stuck_request_past_lease(policy, local_image, coord, lock_space, procs)
             assert local_image.path.read_bytes()[:64 * KiB] == pattern(0xbb, 64 * KiB)
     finally:
         link.close()
+
+
+# ---------------------------------------------------------------------------
+# fence-status notifications become EXTENT_LOCK_FENCE (needs an extlockd
+# with --fence-agent, from the daemon work of the same issue)
+
+FENCE = "EXTENT_LOCK_FENCE"
+
+
+@pytest.mark.parametrize("agent_ok", [True, False])
+def test_fence_status_event(agent_ok, local_image, coord, lock_space, procs, workdir):
+    """A protocol client holds an exclusive lock and disappears without
+    "bye"; B's write waits behind it.  When the session expires the
+    coordinator runs its fence agent and tells B how it goes: B's node
+    emits EXTENT_LOCK_FENCE (started, then succeeded or failed, with the
+    expired client's id).  A successful agent releases the lock: B's
+    write completes; a failing one keeps it held."""
+    agent = workdir / "agent.sh"
+    agent.write_text("#!/bin/sh\ncat > /dev/null\n" +
+                     ("exit 0\n" if agent_ok else "echo no power switch >&2\nexit 1\n"))
+    agent.chmod(0o755)
+    d = coord(fence_margin_ms=200,
+              extra_args=["--fence-agent", str(agent), "--fence-timeout-ms", "5000"])
+    holder = CoordinatorClient(d.address)
+    holder.hello("python-holder", lock_space, lease_ms=1000)
+    holder.lock(0, 64 * KiB, "exclusive")
+    b = qsd(procs, "b", local_image.child, d.coordinator(), lock_space, "host-b")
+    with NbdClient(b.nbd_path, "disk") as nb:
+        h = nb.send_write(0, pattern(0xbb, 64 * KiB))
+        wait_until(lambda: queued(b.qmp), timeout=10, what="B's write to queue")
+        holder.close()                      # gone without bye
+        ev = b.qmp.wait_event(FENCE, timeout=15)
+        check_event(ev, FENCE, node_name="xl0", client_id="python-holder",
+                    result="started")
+        ev = b.qmp.wait_event(FENCE, timeout=15)
+        data = check_event(ev, FENCE, node_name="xl0", client_id="python-holder",
+                           result="succeeded" if agent_ok else "failed")
+        if agent_ok:
+            err, _ = nb.wait(h, timeout=10)
+            assert err == 0
+        else:
+            assert data.get("message"), ev
+            assert not nb.replied(h, timeout=0.5), "granted although fencing failed"
