@@ -476,7 +476,8 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
 
 /*
  * The job's socket is non-blocking, so that every wait has a deadline:
- * wait until it is ready for @cond.  False (with @errp set) on timeout.
+ * wait until it is ready for @cond.  False (with @errp set) on timeout;
+ * @what says what the coordinator did not do in time.
  */
 static bool extlock_conn_wait(ExtlockConnJob *job, GIOCondition cond,
                               int64_t deadline, const char *what,
@@ -486,8 +487,8 @@ static bool extlock_conn_wait(ExtlockConnJob *job, GIOCondition cond,
     int64_t left = (deadline - g_get_monotonic_time()) / 1000;
 
     if (left <= 0) {
-        error_setg(errp, "%s: no answer from the coordinator within %d ms",
-                   what, EXTLOCK_ANSWER_TIMEOUT_MS);
+        error_setg(errp, "coordinator did not %s within %d ms", what,
+                   EXTLOCK_ANSWER_TIMEOUT_MS);
         return false;
     }
     if (g_poll(&pfd, 1, left) < 0 && errno != EINTR) {
@@ -507,8 +508,8 @@ static bool extlock_conn_write_all(ExtlockConnJob *job, const char *buf,
         ssize_t n = qio_channel_write(job->ioc, buf, len, errp);
 
         if (n == QIO_CHANNEL_ERR_BLOCK) {
-            if (!extlock_conn_wait(job, G_IO_OUT, deadline, "write",
-                                   errp)) {
+            if (!extlock_conn_wait(job, G_IO_OUT, deadline,
+                                   "take our message", errp)) {
                 return false;
             }
             continue;
@@ -572,7 +573,7 @@ static bool extlock_conn_answer(ExtlockConnJob *job, uint64_t id,
         /* Read first: GnuTLS may hold records the socket does not show */
         n = qio_channel_read(job->ioc, buf, sizeof(buf), errp);
         if (n == QIO_CHANNEL_ERR_BLOCK) {
-            if (!extlock_conn_wait(job, G_IO_IN, deadline, "read", errp)) {
+            if (!extlock_conn_wait(job, G_IO_IN, deadline, "answer", errp)) {
                 return false;
             }
             continue;
@@ -728,8 +729,8 @@ static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
             break;
         }
         if (!extlock_conn_wait(job, status == QCRYPTO_TLS_HANDSHAKE_SENDING ?
-                               G_IO_OUT : G_IO_IN, deadline, "TLS handshake",
-                               errp)) {
+                               G_IO_OUT : G_IO_IN, deadline,
+                               "complete the TLS handshake", errp)) {
             return false;
         }
     }

@@ -228,6 +228,26 @@ def test_refused_at_open(case, local_image, tls_extlockd, extlockd, lock_space,
     holder.quit()
 
 
+def test_silent_coordinator_handshake_is_bounded(local_image, lock_space, pki,
+                                                binaries):
+    """A TCP listener that never answers (the kernel accepts the connection,
+    nobody reads): the TLS handshake gives up after the 10 s answer timeout
+    with a clear message instead of blocking open for ever."""
+    binaries("qemu-io")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        node = extlock_node(local_image.child,
+                            {"type": "inet", "host": "127.0.0.1",
+                             "port": str(silent.getsockname()[1])},
+                            lock_space, client_id="host-a/silent", tls_creds="tls0")
+        r = run_qemu_io(node, ["read 0 4k"], timeout=60,
+                        extra_args=["--object", x509_object(pki)])
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "can't open" in out, out
+    assert "coordinator did not complete the TLS handshake within 10000 ms" in out, out
+
+
 @pytest.mark.parametrize("case", ["unknown-id", "not-creds", "server-endpoint",
                                   "hostname-without-creds", "unix-x509-no-hostname"])
 def test_bad_tls_options(case, local_image, tls_extlockd, lock_space, pki):
