@@ -148,3 +148,24 @@ def coordinator_status(address, timeout=10.0):
     """The "status" object of the coordinator at `address`."""
     with CoordinatorClient(address, timeout) as c:
         return c.status()
+
+
+def earliest_release(address, client_id, timeout=10.0):
+    """The coordinator's own earliest time (time.monotonic(), CLOCK_MONOTONIC
+    like extlockd's clock) at which it may hand a lapsed session's locks to
+    someone else: its lease deadline for that session plus its fence margin.
+
+    Call it once the session can no longer renew (its process killed, its
+    link cut): the session's "lease-remaining-ms" in the status is then
+    final.  The deadline is computed from a status taken at t0 (before the
+    request): deadline >= t0 + remaining, so the value returned is a lower
+    bound of the true release time, off by at most the status round trip,
+    which is returned too (the caller can bound it)."""
+    t0 = time.monotonic()
+    st = coordinator_status(address, timeout=timeout)
+    t1 = time.monotonic()
+    sess = [s for s in st["sessions"] if s["client-id"] == client_id]
+    if len(sess) != 1:
+        raise AssertionError(f"expected one session of {client_id}: {st['sessions']}")
+    return (t0 + sess[0]["lease-remaining-ms"] / 1000 + st["fence-margin-ms"] / 1000,
+            t1 - t0)
