@@ -20,7 +20,10 @@ Afterwards contrib/guest/verify-image.py checks the image on the host:
 every extent must hold exactly one complete write.
 
 The same workload then runs without the extlock node (nfs -> raw ->
-virtio-blk), and its counts are reported as they are measured.
+virtio-blk): the control.  There the same checkers must find damage - torn
+or corrupt reads in the guests, and mixed or corrupt extents in the final
+image - or the run fails: a checker that finds nothing without extlock
+would prove nothing with it.
 
     tests/e2e/run-guests.py [--guests 2] [--seconds 30] [--mode both]
     tests/e2e/run-guests.py --seconds 10          # the test suite's variant
@@ -30,8 +33,8 @@ virtio-blk), and its counts are reported as they are measured.
 Exit status: 0 if every run passed; 1 if a guest failed to boot, to finish,
 or reported I/O errors, or if a run with extlock saw any torn read, corrupt
 read, mixed or corrupt extent, or no sharing at all; 2 on setup errors.
-The run without extlock fails only on boot or I/O failures: its tearing
-counts are what it is about.  See docs/e2e.rst.
+The run without extlock fails on boot or I/O failures, and if its
+checkers found no torn read or no mixed extent (the control failed).  See docs/e2e.rst.
 
 Needs root (the NFS server), the extlock build (extlockd) and the QEMU
 build (qemu-system-x86_64), see docs/testing.rst for where they are looked
@@ -625,6 +628,18 @@ def run_mode(mode, nfs, qemu, accel, args, kernel, initrd, workdir):
             report["failures"].append(
                 "no guest ever read another guest's write: the disk was not "
                 "really shared")
+    if mode == "no-extlock" and not report["failures"]:
+        # the control: a checker that sees nothing without extlock proves
+        # nothing with it.  Both checkers must catch real damage here.
+        if not totals["torn_reads"] + totals["corrupt_reads"]:
+            report["failures"].append(
+                "control: without extlock no guest read was torn or corrupt - "
+                "the read checker was not shown to catch anything")
+        if not (totals.get("mixed_extents") or totals.get("corrupt_extents")):
+            report["failures"].append(
+                "control: without extlock the final image has no mixed or "
+                "corrupt extent - the image checker was not shown to catch "
+                "real interleaved writes")
     report["ok"] = not report["failures"]
     (mdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
