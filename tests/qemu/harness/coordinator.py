@@ -150,22 +150,33 @@ def coordinator_status(address, timeout=10.0):
         return c.status()
 
 
-def earliest_release(address, client_id, timeout=10.0):
-    """The coordinator's own earliest time (time.monotonic(), CLOCK_MONOTONIC
-    like extlockd's clock) at which it may hand a lapsed session's locks to
-    someone else: its lease deadline for that session plus its fence margin.
+def release_after_fresh_renewal(address, client_id, lease_ms, timeout=None):
+    """Wait until the coordinator has just renewed `client_id`'s lease (its
+    status shows "lease-remaining-ms" within a few percent of the lease),
+    and return the coordinator's own earliest time (time.monotonic(),
+    CLOCK_MONOTONIC like extlockd's clock) at which it may hand that
+    session's locks to someone else if the session renews no more: its
+    lease deadline plus its "fence-margin-ms".
 
-    Call it once the session can no longer renew (its process killed, its
-    link cut): the session's "lease-remaining-ms" in the status is then
-    final.  The deadline is computed from a status taken at t0 (before the
-    request): deadline >= t0 + remaining, so the value returned is a lower
-    bound of the true release time, off by at most the status round trip,
-    which is returned too (the caller can bound it)."""
-    t0 = time.monotonic()
-    st = coordinator_status(address, timeout=timeout)
-    t1 = time.monotonic()
-    sess = [s for s in st["sessions"] if s["client-id"] == client_id]
-    if len(sess) != 1:
-        raise AssertionError(f"expected one session of {client_id}: {st['sessions']}")
-    return (t0 + sess[0]["lease-remaining-ms"] / 1000 + st["fence-margin-ms"] / 1000,
-            t1 - t0)
+    Act right after this returns (kill the client, cut its link): the next
+    renewal is a third of a lease away, so none is on its way and the
+    deadline read here is final.  The deadline is at least t0 + remaining
+    (t0 taken before the status request, whose round trip is kept below
+    20 ms), so the value returned is the true earliest release minus at
+    most that round trip and the truncation to whole ms."""
+    deadline = time.monotonic() + (timeout or lease_ms / 1000 + 5)
+    tolerance = max(50, lease_ms / 20)
+    last = None
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        st = coordinator_status(address)
+        t1 = time.monotonic()
+        sess = [s for s in st["sessions"]
+                if s["client-id"] == client_id and s["state"] == "active"]
+        if len(sess) == 1:
+            last = sess[0]["lease-remaining-ms"]
+            if last >= lease_ms - tolerance and t1 - t0 < 0.02:
+                return t0 + last / 1000 + st["fence-margin-ms"] / 1000
+        time.sleep(0.003)
+    raise TimeoutError(f"no fresh renewal of {client_id} seen at the coordinator "
+                       f"(last remaining: {last} ms)")
