@@ -304,19 +304,25 @@ def test_overlapping_writers_leave_uniform_extents(layout, lock_cache, image,
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# 384 KiB writes (two NFS RPCs each) at 128 KiB + n * 384 KiB: under a
+# 1 MiB lock granularity most of them share a granule with a neighbour and
+# many straddle two granules
+COARSE = dict(extents=40, extent_size=384 * 1024, rounds=4, offset=128 * 1024)
+
+
 @LOCK_CACHE
 def test_overlapping_writers_coarse_granularity(lock_cache, nfs_image, extlockd,
-                                                lock_space, workdir, binaries):
-    """Same with a 1 MiB lock granularity and 256 KiB writes: writes of the
-    two processes into the same granule exclude each other too."""
+                                                lock_space, procs, binaries):
+    """Same with a 1 MiB lock granularity and 384 KiB writes not aligned to
+    it: writes of the two processes into the same granule exclude each
+    other too, including writes that straddle two granules."""
     binaries("qemu-io")
-    spec = dict(extents=64, extent_size=256 * 1024, rounds=4)
-    writers = start_writers(nfs_image, workdir, spec, extlockd.coordinator(),
-                            lock_space, granularity=MiB, lock_cache=lock_cache)
-    assert_writers_ok(wait_writers(writers, workdir, extlockd=extlockd,
-                                   lock_space=lock_space))
-    _, problems = check_uniform_extents(nfs_image.path, spec["extent_size"],
-                                        spec["extents"], set(PATTERNS))
+    assert_outputs_ok(run_lockstep(procs, nfs_image, COARSE, extlockd.coordinator(),
+                                   lock_space, granularity=MiB, lock_cache=lock_cache,
+                                   extlockd=extlockd))
+    _, problems = check_uniform_extents(nfs_image.path, COARSE["extent_size"],
+                                        COARSE["extents"], all_patterns(COARSE),
+                                        offset=COARSE["offset"])
     assert not problems, "torn writes:\n" + "\n".join(problems)
 
 
@@ -413,3 +419,18 @@ def test_control_unlocked_reader_sees_writes_in_progress(layout, image, workdir,
             return
     pytest.fail(f"without extlock no unlocked read of {layout} on {image.kind} was torn "
                 f"in {CONTROL_ATTEMPTS} runs: the check cannot detect tearing here")
+
+
+def test_control_coarse_layout_tears_without_extlock(nfs_image, procs, binaries):
+    """The control of test_overlapping_writers_coarse_granularity."""
+    binaries("qemu-io")
+    for attempt in range(CONTROL_ATTEMPTS):
+        assert_outputs_ok(run_lockstep(procs, nfs_image, COARSE))
+        _, problems = check_uniform_extents(nfs_image.path, COARSE["extent_size"],
+                                            COARSE["extents"], all_patterns(COARSE),
+                                            offset=COARSE["offset"])
+        if problems:
+            print(f"\ncoarse/nfs: torn in run {attempt + 1}: {problems[0]}")
+            return
+    pytest.fail(f"without extlock the coarse layout left every extent uniform in "
+                f"{CONTROL_ATTEMPTS} runs: the check cannot detect tearing here")
