@@ -20,10 +20,11 @@ Afterwards contrib/guest/verify-image.py checks the image on the host:
 every extent must hold exactly one complete write.
 
 The same workload then runs without the extlock node (nfs -> raw ->
-virtio-blk): the control.  There the same checkers must find damage - torn
-or corrupt reads in the guests, and mixed or corrupt extents in the final
-image - or the run fails: a checker that finds nothing without extlock
-would prove nothing with it.
+virtio-blk): the control.  There the guests' read checker must find torn
+or corrupt reads, or the run fails: a checker that finds nothing without
+extlock would prove nothing with it.  Mixed extents in the final image are
+reported (they need the very last writes of an extent to interleave, which
+happens in some runs only).
 
     tests/e2e/run-guests.py [--guests 2] [--seconds 30] [--mode both]
     tests/e2e/run-guests.py --seconds 10          # the test suite's variant
@@ -34,7 +35,7 @@ Exit status: 0 if every run passed; 1 if a guest failed to boot, to finish,
 or reported I/O errors, or if a run with extlock saw any torn read, corrupt
 read, mixed or corrupt extent, or no sharing at all; 2 on setup errors.
 The run without extlock fails on boot or I/O failures, and if its
-checkers found no torn read or no mixed extent (the control failed).  See docs/e2e.rst.
+read checker found no torn or corrupt read (the control failed).  See docs/e2e.rst.
 
 Needs root (the NFS server), the extlock build (extlockd) and the QEMU
 build (qemu-system-x86_64), see docs/testing.rst for where they are looked
@@ -635,11 +636,11 @@ def run_mode(mode, nfs, qemu, accel, args, kernel, initrd, workdir):
             report["failures"].append(
                 "control: without extlock no guest read was torn or corrupt - "
                 "the read checker was not shown to catch anything")
-        if not (totals.get("mixed_extents") or totals.get("corrupt_extents")):
-            report["failures"].append(
-                "control: without extlock the final image has no mixed or "
-                "corrupt extent - the image checker was not shown to catch "
-                "real interleaved writes")
+        # Mixed extents in the final image need the very last writes of an
+        # extent to interleave: seen in some runs (5 of 16 extents), not in
+        # others, so they are reported, not required; the image checker is
+        # shown catching real mixed extents deterministically by
+        # tests/qemu/test_atomicity.py::test_image_checker_catches_real_mixed_extent.
     report["ok"] = not report["failures"]
     (mdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
