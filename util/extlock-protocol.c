@@ -1347,7 +1347,17 @@ bool extlock_msg_parse(const char *line, size_t len, ExtlockMsg *msg,
         goto out;
     }
 
-    if (id_bad && !msg_type_is_notification(msg->type)) {
+    if (msg_type_is_notification(msg->type)) {
+        /*
+         * Notifications carry no id: one that is there is ignored, so
+         * that it cannot be mistaken for a reply (and the message encodes
+         * back to what it decoded to)
+         */
+        msg->has_id = false;
+        msg->id = 0;
+        id_bad = false;
+    }
+    if (id_bad) {
         ok = set_error(err, EXTLOCK_ERR_INVALID,
                        "\"id\" must be an integer in [0, 2^63)");
         goto out;
