@@ -268,6 +268,9 @@ struct ExtlockdServer {
     GQueue unauth;               /* connections without hello */
     GHashTable *unauth_per_peer; /* peer key -> count (GUINT_TO_POINTER) */
     uint64_t refused;            /* connections refused by the caps */
+    /* server-wide status budget: entries, refilled continuously */
+    uint64_t status_budget;
+    int64_t status_budget_us;
     int64_t refused_logged_us;
     uint64_t refused_logged;
     /* State file writes (state-writer.h) and the welcomes waiting on them */
@@ -1557,6 +1560,9 @@ typedef struct StatusCtx {
     json_object *waiting;
     json_object *blocked_by;
     GHashTable *seen;
+    uint64_t limit;              /* entries this reply may still list */
+    uint64_t listed;
+    uint64_t truncated;          /* left out: over the limit */
 } StatusCtx;
 
 static void json_add_int(json_object *obj, const char *key, int64_t v)
@@ -1587,8 +1593,14 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
 {
     StatusCtx *ctx = opaque;
     ExtlockdSession *S = lock->owner;
-    json_object *o = json_object_new_object();
+    json_object *o;
 
+    if (ctx->listed >= ctx->limit) {
+        ctx->truncated++;
+        return;
+    }
+    ctx->listed++;
+    o = json_object_new_object();
     if (lock->state == EXTLOCK_LOCK_GRANTED) {
         json_add_int(o, "lock", lock->id);
     } else {
@@ -1635,8 +1647,12 @@ static int compare_strings(gconstpointer a, gconstpointer b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/*
+ * The status of @space; it lists at most *@limit locks and requests and
+ * takes those it lists off *@limit
+ */
 static json_object *space_status(ExtlockdSpace *space, int64_t now,
-                                 ExtlockdSession *self)
+                                 ExtlockdSession *self, uint64_t *limit)
 {
     const ExtlockTableStats *st = extlock_table_stats(space->table);
     json_object *o = json_object_new_object();
@@ -1647,6 +1663,7 @@ static json_object *space_status(ExtlockdSpace *space, int64_t now,
         .now = now,
         .held = json_object_new_array(),
         .waiting = json_object_new_array(),
+        .limit = *limit,
     };
 
     json_add_str(o, "name", space->name);
@@ -1671,6 +1688,10 @@ static json_object *space_status(ExtlockdSpace *space, int64_t now,
     }
     json_object_object_add(o, "held", ctx.held);
     json_object_object_add(o, "waiting", ctx.waiting);
+    if (ctx.truncated) {
+        json_add_int(o, "truncated", ctx.truncated);
+    }
+    *limit -= ctx.listed;
     return o;
 }
 
@@ -1716,7 +1737,8 @@ static json_object *session_status(ExtlockdSession *S, int64_t now)
  * other clients are listed without session or client-id.  Resume secrets
  * are never shown.
  */
-static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer)
+static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer,
+                                  uint64_t *limit)
 {
     ExtlockdSession *self = NULL;
     int64_t now = g_get_monotonic_time();
@@ -1755,7 +1777,8 @@ static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer)
     if (!extlockd_policy_is_admin(s->policy, viewer->identity)) {
         self = viewer->session;
         g_assert(self);
-        json_object_array_add(spaces, space_status(self->space, now, self));
+        json_object_array_add(spaces, space_status(self->space, now, self,
+                                                       limit));
         json_object_object_add(root, "lock-spaces", spaces);
         json_object_array_add(sessions, session_status(self, now));
         json_object_object_add(root, "sessions", sessions);
@@ -1770,7 +1793,7 @@ static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer)
     for (guint i = 0; i < names->len; i++) {
         ExtlockdSpace *space = g_hash_table_lookup(s->spaces,
                                                    names->pdata[i]);
-        json_object_array_add(spaces, space_status(space, now, NULL));
+        json_object_array_add(spaces, space_status(space, now, NULL, limit));
     }
     json_object_object_add(root, "lock-spaces", spaces);
 
@@ -1804,6 +1827,26 @@ static bool status_rate_ok(ExtlockdConn *c)
     return true;
 }
 
+/*
+ * How many locks and requests a status for @admin may list now: the
+ * per-reply cap, or less when the server-wide budget is low
+ */
+static uint64_t status_budget_take(ExtlockdServer *s, bool admin)
+{
+    int64_t now = g_get_monotonic_time();
+    uint64_t refill;
+
+    refill = (uint64_t)(now - s->status_budget_us) *
+             EXTLOCKD_STATUS_ENTRIES_PER_SEC / G_USEC_PER_SEC;
+    if (refill) {
+        s->status_budget = MIN(s->status_budget + refill,
+                               EXTLOCKD_STATUS_ENTRIES_PER_SEC);
+        s->status_budget_us = now;
+    }
+    return MIN(s->status_budget, admin ? EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN
+                                       : EXTLOCKD_STATUS_MAX_ENTRIES);
+}
+
 static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
 {
     ExtlockdServer *s = c->server;
@@ -1811,6 +1854,7 @@ static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
     bool idle = c->out_pos == c->out->len;
     ExtlockMsg r;
     size_t before;
+    uint64_t limit, granted;
 
     if (!c->session && !admin) {
         log_refusal(s, "%s: status refused: identity %s is not an admin "
@@ -1831,7 +1875,9 @@ static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
     extlock_msg_init(&r, EXTLOCK_MSG_STATUS_REPLY);
     r.has_id = m->has_id;
     r.id = m->id;
-    r.body = server_status(s, c);
+    limit = granted = status_budget_take(s, admin);
+    r.body = server_status(s, c, &limit);
+    s->status_budget -= granted - limit;
     before = c->out->len;
     send_msg(c, &r);
     json_object_put(r.body);
@@ -3442,6 +3488,8 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->boot_epoch = epoch;
     s->counter = cfg->first_counter ? cfg->first_counter : 1;
     s->start_us = g_get_monotonic_time();
+    s->status_budget = EXTLOCKD_STATUS_ENTRIES_PER_SEC;
+    s->status_budget_us = s->start_us;
     s->listeners = g_ptr_array_new_with_free_func(listener_free);
     s->spaces = g_hash_table_new(g_str_hash, g_str_equal);
     s->sessions = g_hash_table_new(g_str_hash, g_str_equal);

@@ -40,6 +40,15 @@
 #define EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER    32
 /* "status" requests per connection and second (also the burst) */
 #define EXTLOCKD_DEFAULT_STATUS_RATE        10
+/*
+ * Locks and requests one status reply lists at most (the rest is counted
+ * in "truncated"): for non-admins, for admins, and server-wide per second
+ * (a token bucket of one second's worth), so that building status replies
+ * never keeps the daemon from answering renewals (docs/protocol.rst)
+ */
+#define EXTLOCKD_STATUS_MAX_ENTRIES         1024
+#define EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN   16384
+#define EXTLOCKD_STATUS_ENTRIES_PER_SEC     32768
 
 typedef struct ExtlockdConfig {
     char *state_file;            /* path, for epoch bumps at runtime */
