@@ -120,6 +120,16 @@ struct ExtlockdSpace {
     unsigned grace_fence_pending;    /* ... not fenced yet */
     GQueue reclaimers;           /* sessions still reclaiming */
     GQueue deferred;             /* DeferredReq, in token order */
+    /*
+     * Extents that two sessions reclaimed in conflict (ExtlockExtent):
+     * nobody may reclaim them, and the grace period (so every grant in
+     * the lock-space) lasts until @dispute_until_us, when both claimants
+     * have had their lease and fence margin to stop writing
+     */
+    GArray *disputed;
+    int64_t dispute_until_us;
+    guint dispute_timer;         /* holds a reference (nsessions) */
+    bool grace_timed_out;        /* the grace end waiting for it timed out */
 };
 
 /*
@@ -719,6 +729,12 @@ static void space_free(ExtlockdSpace *space)
     while ((l = g_queue_pop_head_link(&space->deferred)) != NULL) {
         g_free(l->data);
     }
+    if (space->dispute_timer) {
+        g_source_remove(space->dispute_timer);
+    }
+    if (space->disputed) {
+        g_array_free(space->disputed, TRUE);
+    }
     extlock_table_free(space->table);
     g_free(space->name);
     g_free(space);
@@ -1311,6 +1327,45 @@ static bool space_fence_absent(ExtlockdSpace *space)
     return space->grace_fence_pending > 0;
 }
 
+static gboolean space_dispute_cb(gpointer opaque)
+{
+    ExtlockdSpace *space = opaque;
+
+    space->dispute_timer = 0;
+    if (space->in_grace) {
+        space_end_grace(space, space->grace_timed_out);
+    }
+    space_unref(space);
+    return G_SOURCE_REMOVE;
+}
+
+/*
+ * A reclaim conflict is pending in @space: the grace period may not end
+ * before it is over.  Returns true if the end was postponed (a timer
+ * comes back).
+ */
+static bool space_dispute_postpone(ExtlockdSpace *space, bool timeout)
+{
+    ExtlockdServer *s = space->server;
+    int64_t now = g_get_monotonic_time();
+
+    if (space->dispute_until_us <= now) {
+        return false;
+    }
+    space->grace_timed_out |= timeout;
+    if (space->grace_linked) {
+        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        space->grace_linked = false;
+    }
+    if (!space->dispute_timer) {
+        space->nsessions++;
+        space->dispute_timer = g_timeout_add(
+            (guint)((space->dispute_until_us - now + 999) / 1000),
+            space_dispute_cb, space);
+    }
+    return true;
+}
+
 static void space_end_grace(ExtlockdSpace *space, bool timeout)
 {
     ExtlockdServer *s = space->server;
@@ -1319,6 +1374,9 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
     GList *l;
 
     g_assert(space->in_grace);
+    if (space_dispute_postpone(space, timeout)) {
+        return;
+    }
     if (space->grace_fence_pending ||
         (timeout && s->fencer && space_fence_absent(space))) {
         /* Waits for the fence agent: session_fence_cb comes back */
@@ -1328,6 +1386,9 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
     if (space->grace_linked) {
         g_queue_unlink(&s->grace_spaces, &space->grace_link);
         space->grace_linked = false;
+    }
+    if (space->disputed) {
+        g_array_set_size(space->disputed, 0);
     }
     space->nsessions++;         /* keep @space while sessions go away */
     while ((l = g_queue_pop_head_link(&space->grace_fenced)) != NULL) {
@@ -2429,6 +2490,86 @@ static void handle_downgrade(ExtlockdConn *c, ExtlockdSession *S,
     send_msg(c, &r);
 }
 
+static void reclaim_conflict_cb(ExtlockLock *lock, void *opaque)
+{
+    g_ptr_array_add(opaque, lock);
+}
+
+static bool extent_disputed(ExtlockdSpace *space, ExtlockExtent ext)
+{
+    for (guint i = 0; space->disputed && i < space->disputed->len; i++) {
+        ExtlockExtent *d = &g_array_index(space->disputed, ExtlockExtent, i);
+
+        if (d->start < ext.end && ext.start < d->end) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void space_add_dispute(ExtlockdSpace *space, ExtlockExtent ext,
+                              ExtlockdSession *S, int64_t now)
+{
+    int64_t until = now + ((int64_t)S->lease_ms + S->fence_margin_ms) * 1000;
+
+    if (!space->disputed) {
+        space->disputed = g_array_new(FALSE, FALSE, sizeof(ExtlockExtent));
+    }
+    g_array_append_val(space->disputed, ext);
+    space->dispute_until_us = MAX(space->dispute_until_us, until);
+}
+
+/*
+ * Session @S reclaims @ext in @mode, which conflicts with locks that
+ * other sessions reclaimed before (@others).  The coordinator cannot tell
+ * which claim is true (locks are not persisted), so nobody gets the
+ * extent: the earlier reclaims are dropped and their sessions told, the
+ * extent is disputed (no more reclaims of it) and nothing in the
+ * lock-space is granted before every claimant has had its lease and fence
+ * margin to stop writing (the grace period is extended).
+ */
+static void reclaim_dispute(ExtlockdSession *S, ExtlockExtent ext,
+                            ExtlockMode mode, GPtrArray *others)
+{
+    ExtlockdServer *s = S->server;
+    ExtlockdSpace *space = S->space;
+    int64_t now = g_get_monotonic_time();
+
+    space_add_dispute(space, ext, S, now);
+    for (guint i = 0; i < others->len; i++) {
+        ExtlockLock *lock = others->pdata[i];
+        ExtlockdSession *S2 = lock->owner;
+        ExtlockExtent e = lock->node.ext;
+
+        g_warning("RECLAIM CONFLICT in lock-space %s: session %s (%s, "
+                  "identity %s) reclaims [%" PRIu64 ", +%" PRIu64 ") %s, "
+                  "which session %s (%s, identity %s) reclaimed as lock %"
+                  PRIu64 " [%" PRIu64 ", +%" PRIu64 ") %s: at most one "
+                  "of them held it before the restart; neither keeps it, "
+                  "and nothing is granted in the lock-space for the next "
+                  "%" PRId64 " ms", space->name, S->id, S->client_id,
+                  S->owner ? S->owner : "(unknown)", ext.start,
+                  ext.end - ext.start, extlock_mode_name(mode), S2->id,
+                  S2->client_id, S2->owner ? S2->owner : "(unknown)",
+                  lock->id, e.start, e.end - e.start,
+                  extlock_mode_name(lock->mode),
+                  (MAX(space->dispute_until_us,
+                       now + ((int64_t)S2->lease_ms + S2->fence_margin_ms) *
+                       1000) - now) / 1000);
+        space_add_dispute(space, e, S2, now);
+        if (S2->conn) {
+            send_error(S2->conn, false, 0, EXTLOCK_ERR_RECLAIM_CONFLICT,
+                       "lock %" PRIu64 " [%" PRIu64 ", +%" PRIu64 ") that "
+                       "you reclaimed is dropped: session %s (%s) "
+                       "reclaimed a conflicting lock", lock->id, e.start,
+                       e.end - e.start, S->id, S->client_id);
+        }
+        g_hash_table_remove(S2->held, lock);
+        log_lock(s, "release", lock, NULL);
+        extlock_table_release(space->table, lock);
+    }
+}
+
 /* Re-assert a lock held before the restart, with its original token */
 static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
                            ExtlockMsg *m)
@@ -2471,12 +2612,41 @@ static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
     }
     ext.start = m->offset;
     ext.end = m->offset + m->length;
+    if (extent_disputed(space, ext)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_RECLAIM_CONFLICT,
+                   "[%" PRIu64 ", +%" PRIu64 ") is disputed: two sessions "
+                   "reclaimed it in conflict; request it anew after the "
+                   "grace period", m->offset, m->length);
+        return;
+    }
     lock = extlock_table_reclaim(space->table, ext, m->mode, m->token, S,
                                  m->id);
     if (!lock) {
+        g_autoptr(GPtrArray) others = g_ptr_array_new();
+        g_autoptr(GPtrArray) all = g_ptr_array_new();
+        ExtlockLock probe = { .mode = m->mode, .token = m->token };
+
+        probe.node.ext = ext;
+        extlock_table_foreach_conflict(space->table, &probe,
+                                       reclaim_conflict_cb, all);
+        for (guint i = 0; i < all->len; i++) {
+            if (((ExtlockLock *)all->pdata[i])->owner != S) {
+                g_ptr_array_add(others, all->pdata[i]);
+            }
+        }
+        if (others->len) {
+            reclaim_dispute(S, ext, m->mode, others);
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RECLAIM_CONFLICT,
+                       "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a "
+                       "lock reclaimed by another session: the extent is "
+                       "disputed, neither session keeps it; request it "
+                       "anew after the grace period", m->offset,
+                       m->length, extlock_mode_name(m->mode));
+            return;
+        }
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
                    "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a lock "
-                   "reclaimed by another session", m->offset, m->length,
+                   "this session reclaimed", m->offset, m->length,
                    extlock_mode_name(m->mode));
         return;
     }
