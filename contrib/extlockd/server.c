@@ -850,7 +850,11 @@ static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
     return S;
 }
 
-/* Attach @S to @c with a fresh lease of @lease_ms */
+/*
+ * Attach @S to @c with a fresh lease of @lease_ms.  A session that comes
+ * back with a shorter lease than it had keeps its later deadline: its
+ * client may still be writing under the lease it was given before.
+ */
 static void conn_unauth_done(ExtlockdConn *c);
 
 static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
@@ -862,7 +866,7 @@ static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
     S->state = SESSION_ACTIVE;
     S->restored = false;
     S->lease_ms = lease_ms;
-    S->deadline_us = now + (int64_t)lease_ms * 1000;
+    S->deadline_us = MAX(S->deadline_us, now + (int64_t)lease_ms * 1000);
     server_schedule(S->server, S->deadline_us);
 }
 

@@ -556,6 +556,53 @@ static void test_fence_plug_impersonation_warned(void **state)
     daemon_stop(d);
 }
 
+/*
+ * A client that resumes its session with a shorter lease than it had
+ * may still be writing under the lease it had: the daemon keeps the later
+ * of the two deadlines.  Before the fix the deadline became resume time +
+ * the new lease, seconds before the one the client had been given.
+ */
+static void test_resume_shorter_lease_keeps_deadline(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a, *mon;
+    g_autofree char *sid = NULL;
+    json_object *st;
+    ExtlockMsg m, w;
+    int64_t t_renew, left;
+
+    mon = conn_open(d->unix_addr);
+    a = conn_open(d->unix_addr);
+    sid = hello_full(a, "A", "disk", 10000, NULL);
+    lock_now(a, 0, 1, EXTLOCK_MODE_EXCLUSIVE);
+    t_renew = now_ms();
+    renew(a);                   /* deadline >= t_renew + 10 s */
+    conn_drop(a);
+
+    a = conn_open(d->unix_addr);
+    extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+    m.client_id = (char *)"A";
+    m.lock_space = (char *)"disk";
+    m.session = sid;
+    m.resume_secret = secret_of(sid);
+    m.lease_ms = 1000;
+    send_msg(a, &m);
+    extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+    expect_msg(a, &w, EXTLOCK_MSG_WELCOME, m.id);
+    assert_true(w.resumed);
+    extlock_msg_clear(&w);
+
+    st = status_get(mon);
+    left = jint(find_session(st, sid), "lease-remaining-ms");
+    json_object_put(st);
+    g_test_message("lease remaining after the resume: %" PRId64 " ms",
+                   left);
+    /* The old deadline, as seen from now (1 s of slack for the rounding) */
+    assert_true(left >= 10000 - (now_ms() - t_renew) - 1000);
+    assert_true(left > 1000 + SLACK_MS);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -569,6 +616,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_hello_save_failure_stays_unauth,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(
+            test_resume_shorter_lease_keeps_deadline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fence_plug_impersonation_warned,
                                         setup, teardown),
     };
