@@ -603,6 +603,34 @@ static void test_resume_shorter_lease_keeps_deadline(void **state)
     daemon_stop(d);
 }
 
+/*
+ * The state file is written to a temporary file next to it, then renamed.
+ * A symlink planted at the temporary file's name (anybody who can write
+ * the state directory) must not make extlockd write through it: the stale
+ * name is removed and the file created with O_EXCL | O_NOFOLLOW.  Before
+ * the fix the open followed the link and truncated its target.
+ */
+static void test_state_tmp_symlink_not_followed(void **state)
+{
+    g_autofree char *path = g_build_filename(fx.dir, "st", "state", NULL);
+    g_autofree char *victim = g_build_filename(fx.dir, "victim", NULL);
+    g_autofree char *tmp = NULL, *text = NULL;
+    Daemon *d = daemon_start(path, NULL, NULL);
+    ExtlockConn *a;
+
+    assert_true(g_file_set_contents(victim, "precious\n", -1, NULL));
+    tmp = g_strdup_printf("%s.tmp.%ld", path, (long)d->pid);
+    assert_int_equal(symlink(victim, tmp), 0);
+    /* A new session is written to the state file before its welcome */
+    a = conn_open(d->unix_addr);
+    g_free(hello_full(a, "A", "disk", LONG_LEASE_MS, NULL));
+    assert_true(g_file_get_contents(victim, &text, NULL, NULL));
+    assert_string_equal(text, "precious\n");
+    assert_false(g_file_test(tmp, G_FILE_TEST_EXISTS |
+                             G_FILE_TEST_IS_SYMLINK));
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -618,6 +646,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(
             test_resume_shorter_lease_keeps_deadline, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_state_tmp_symlink_not_followed,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_fence_plug_impersonation_warned,
                                         setup, teardown),
     };
