@@ -278,6 +278,8 @@ struct ExtlockdServer {
     GQueue unauth;               /* connections without hello */
     GHashTable *unauth_per_peer; /* peer key -> count (GUINT_TO_POINTER) */
     uint64_t refused;            /* connections refused by the caps */
+    /* sessions per owner identity (char * -> count), for the limit */
+    GHashTable *identity_sessions;
     /* server-wide status budget: entries, refilled continuously */
     uint64_t status_budget;
     int64_t status_budget_us;
@@ -870,6 +872,45 @@ static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
     server_schedule(S->server, S->deadline_us);
 }
 
+/* Sessions of @identity now (--max-sessions-per-identity) */
+static unsigned identity_sessions(ExtlockdServer *s, const char *identity)
+{
+    return GPOINTER_TO_UINT(g_hash_table_lookup(s->identity_sessions,
+                                                identity));
+}
+
+/* @S has its owner: count it */
+static void identity_session_add(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+    unsigned n;
+
+    if (!S->owner) {
+        return;
+    }
+    n = identity_sessions(s, S->owner);
+    g_hash_table_insert(s->identity_sessions, g_strdup(S->owner),
+                        GUINT_TO_POINTER(n + 1));
+}
+
+static void identity_session_remove(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+    unsigned n;
+
+    if (!S->owner) {
+        return;
+    }
+    n = identity_sessions(s, S->owner);
+    g_assert(n > 0);
+    if (n == 1) {
+        g_hash_table_remove(s->identity_sessions, S->owner);
+    } else {
+        g_hash_table_insert(s->identity_sessions, g_strdup(S->owner),
+                            GUINT_TO_POINTER(n - 1));
+    }
+}
+
 static void session_free(ExtlockdSession *S)
 {
     g_hash_table_destroy(S->held);
@@ -919,6 +960,7 @@ static void session_destroy_nosave(ExtlockdSession *S)
         S->space->nrevocable--;
     }
     g_hash_table_remove(s->sessions, S->id);
+    identity_session_remove(S);
     g_queue_unlink(&s->session_list, &S->link);
     space_unref(S->space);
     session_free(S);
@@ -1478,6 +1520,7 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
                           ss->lease_ms ? ss->lease_ms : EXTLOCK_MAX_LEASE_MS,
                           now);
         S->owner = g_strdup(ss->owner);
+        identity_session_add(S);
         if (ss->fence_margin_ms) {
             S->fence_margin_ms = ss->fence_margin_ms;
         }
@@ -2223,8 +2266,21 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                    "too many sessions (limit %u)", s->cfg.max_sessions);
         return;
     }
+    if (identity_sessions(s, c->identity) >=
+        s->cfg.max_sessions_per_identity) {
+        log_refusal(s, "%s: hello refused: identity %s has %u sessions "
+                    "(--max-sessions-per-identity)", c->peer, c->identity,
+                    identity_sessions(s, c->identity));
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                   "too many sessions of identity %s (limit %u per "
+                   "identity, --max-sessions-per-identity): end some with "
+                   "bye, or let them expire", c->identity,
+                   s->cfg.max_sessions_per_identity);
+        return;
+    }
     S = session_alloc(s, NULL, m->client_id, m->lock_space, lease_ms, now);
     S->owner = g_strdup(c->identity);
+    identity_session_add(S);
     if (!session_new_secret(S)) {
         session_destroy_nosave(S);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
@@ -3667,6 +3723,12 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->listeners = g_ptr_array_new_with_free_func(listener_free);
     s->spaces = g_hash_table_new(g_str_hash, g_str_equal);
     s->sessions = g_hash_table_new(g_str_hash, g_str_equal);
+    s->identity_sessions = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                                 g_free, NULL);
+    if (!s->cfg.max_sessions_per_identity) {
+        s->cfg.max_sessions_per_identity =
+            EXTLOCKD_DEFAULT_MAX_SESS_PER_IDENTITY;
+    }
     g_queue_init(&s->session_list);
     g_queue_init(&s->grace_spaces);
     g_queue_init(&s->conns);
@@ -3744,6 +3806,7 @@ void extlockd_server_free(ExtlockdServer *s)
     }
     g_hash_table_destroy(s->spaces);
     g_hash_table_destroy(s->sessions);
+    g_hash_table_destroy(s->identity_sessions);
     if (s->timer) {
         g_source_remove(s->timer);
     }

@@ -28,6 +28,7 @@
 #define EXTLOCKD_MIN_FENCE_MS       100
 #define EXTLOCKD_DEFAULT_MAX_LOCKS  16384
 #define EXTLOCKD_DEFAULT_MAX_SESS   4096
+#define EXTLOCKD_DEFAULT_MAX_SESS_PER_IDENTITY  256
 #define EXTLOCKD_MAX_FENCE_MS       (3600 * 1000)
 #define EXTLOCKD_MAX_GRACE_MS       (EXTLOCKD_MAX_FENCE_MS + 3600 * 1000)
 
@@ -56,6 +57,7 @@ typedef struct ExtlockdConfig {
     uint32_t fence_margin_ms;    /* extra delay before re-granting */
     uint32_t max_locks_per_session;  /* held + waiting */
     uint32_t max_sessions;
+    uint32_t max_sessions_per_identity;  /* 0: the default */
     /*
      * Restart grace period: how long sessions listed in the state file may
      * reclaim their locks before new requests are considered (0: no grace

@@ -631,6 +631,50 @@ static void test_state_tmp_symlink_not_followed(void **state)
     daemon_stop(d);
 }
 
+/*
+ * --max-sessions-per-identity: one identity cannot take all of
+ * --max-sessions.  Before the limit, every anonymous hello got a session
+ * until --max-sessions was reached.
+ */
+static void test_max_sessions_per_identity(void **state)
+{
+    static const char *const bad[] = { "--max-sessions-per-identity=0",
+                                       NULL };
+    static const char *const extra[] = { "--max-sessions-per-identity=2",
+                                         NULL };
+    Daemon *d;
+    ExtlockConn *x1, *x2, *x3, *u;
+    ExtlockMsg m, r;
+    GError *err = NULL;
+
+    daemon_refused(NULL, bad, 2, "--max-sessions-per-identity");
+    d = daemon_start(NULL, extra, NULL);
+    x1 = client(d->tcp_addr, "X1", LONG_LEASE_MS);      /* anonymous */
+    x2 = client(d->tcp_addr, "X2", LONG_LEASE_MS);
+    x3 = conn_open(d->tcp_addr);
+    extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+    m.client_id = (char *)"X3";
+    m.lock_space = (char *)"disk";
+    m.lease_ms = LONG_LEASE_MS;
+    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+    assert_true(extlock_conn_call(x3, &m, &r, RECV_MS, &err));
+    assert_int_equal(r.type, EXTLOCK_MSG_ERROR);
+    assert_int_equal(r.error, EXTLOCK_ERR_LIMIT);
+    assert_non_null(strstr(r.message, "--max-sessions-per-identity"));
+    extlock_msg_clear(&r);
+    /* Another identity is not affected */
+    u = client(d->unix_addr, "U", LONG_LEASE_MS);
+    renew(u);
+    /* Once one of the anonymous sessions is gone, a new one may start */
+    bye(x1);
+    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+    assert_true(extlock_conn_call(x3, &m, &r, RECV_MS, &err));
+    assert_int_equal(r.type, EXTLOCK_MSG_WELCOME);
+    extlock_msg_clear(&r);
+    renew(x2);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -647,6 +691,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(
             test_resume_shorter_lease_keeps_deadline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_state_tmp_symlink_not_followed,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_max_sessions_per_identity,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_fence_plug_impersonation_warned,
                                         setup, teardown),
