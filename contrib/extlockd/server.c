@@ -67,6 +67,8 @@
 #define BACKPRESSURE_OUTPUT (1024 * 1024) /* stop reading above this */
 #define CLOSE_TIMEOUT_US    (5 * G_USEC_PER_SEC)
 #define MAX_BLOCKERS        64          /* listed in a "waiting" reply */
+/* overlapping locks looked at per waiter for "blocked-by" in status */
+#define STATUS_BLOCKER_VISITS   256
 #define LISTEN_PAUSE_MS     100         /* after EMFILE and friends */
 #define REFUSAL_LOG_BURST   20          /* log_refusal() lines a second */
 
@@ -1742,8 +1744,10 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
         json_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
         ctx->blocked_by = json_object_new_array();
         ctx->seen = g_hash_table_new(g_str_hash, g_str_equal);
-        extlock_table_foreach_blocker(ctx->space->table, lock,
-                                      status_blocker_cb, ctx);
+        /* Cheap however many locks overlap: some may be left out */
+        extlock_table_foreach_blocker_max(ctx->space->table, lock,
+                                          STATUS_BLOCKER_VISITS,
+                                          status_blocker_cb, ctx);
         g_hash_table_destroy(ctx->seen);
         json_object_object_add(o, "blocked-by", ctx->blocked_by);
         json_object_array_add(ctx->waiting, o);
