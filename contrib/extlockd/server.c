@@ -1320,7 +1320,8 @@ static void space_defer(ExtlockdSpace *space, ExtlockdSession *S,
 
 static int64_t grace_remaining_ms(ExtlockdSpace *space, int64_t now)
 {
-    int64_t end = space->server->grace_end_us;
+    /* A reclaim conflict may make it last longer */
+    int64_t end = MAX(space->server->grace_end_us, space->dispute_until_us);
 
     if (!space->in_grace || end <= now) {
         return 0;
@@ -1380,7 +1381,12 @@ static gboolean space_dispute_cb(gpointer opaque)
     ExtlockdSpace *space = opaque;
 
     space->dispute_timer = 0;
-    if (space->in_grace) {
+    /*
+     * Only if the grace period would have ended by now: else it ends as
+     * usual, when every session is done reclaiming or at its timeout
+     */
+    if (space->in_grace &&
+        (space->grace_timed_out || space->reclaimers.length == 0)) {
         space_end_grace(space, space->grace_timed_out);
     }
     space_unref(space);
@@ -1401,7 +1407,8 @@ static bool space_dispute_postpone(ExtlockdSpace *space, bool timeout)
         return false;
     }
     space->grace_timed_out |= timeout;
-    if (space->grace_linked) {
+    if (timeout && space->grace_linked) {
+        /* server_end_grace() would come back to it at once */
         g_queue_unlink(&s->grace_spaces, &space->grace_link);
         space->grace_linked = false;
     }

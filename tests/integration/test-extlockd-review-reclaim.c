@@ -92,7 +92,8 @@ static void test_reclaim_foreign_extent(void **state)
 {
     g_autofree char *path = g_build_filename(fx.dir, "state", NULL);
     g_autofree char *sa = NULL, *sb = NULL;
-    ExtlockConn *a, *b, *c;
+    ExtlockConn *a, *b, *c, *mon;
+    json_object *st;
     ExtlockErrorCode code;
     int64_t t0, waited;
     bool granted = false;
@@ -142,6 +143,12 @@ static void test_reclaim_foreign_extent(void **state)
     /* Every listed session is done: the grace period would end now */
     reclaim_done(a);
     reclaim_done(b);
+    /* ... but the dispute keeps it going, and status says so */
+    mon = conn_open(d->unix_addr);
+    st = status_get(mon);
+    assert_true(jint(first_space(st), "grace-remaining-ms") >
+                CLAIM_LEASE_MS / 2);
+    json_object_put(st);
     /*
      * A new client's request for the extent is granted only once both
      * claimants' lease (CLAIM_LEASE_MS) and fence margin are over
