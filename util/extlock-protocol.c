@@ -101,6 +101,7 @@ static const char *const error_code_names[EXTLOCK_ERR__MAX] = {
     [EXTLOCK_ERR_GRACE] = "in-grace",
     [EXTLOCK_ERR_INTERNAL] = "internal-error",
     [EXTLOCK_ERR_DENIED] = "permission-denied",
+    [EXTLOCK_ERR_RECLAIM_CONFLICT] = "reclaim-conflict",
 };
 
 const char *extlock_msg_type_name(ExtlockMsgType type)
