@@ -70,6 +70,76 @@ static int64_t extlock_deadline(uint32_t lease_ms, int64_t sent_ns)
            extlock_lease_margin_ns(lease_ms);
 }
 
+/*
+ * The in-flight bound: the coordinator may re-grant this node's locks at
+ * its receipt of our last renewal + lease + fence margin, which is no
+ * earlier than our deadline D + client margin + fence margin.  A request
+ * still in the child by then could land after another host's write, so
+ * the node must have given up before: at D + 90 % of (client margin +
+ * fence margin), leaving a tenth of that for exiting.
+ */
+static int64_t extlock_stuck_bound(ExtlockClient *c)
+{
+    int64_t margins = extlock_lease_margin_ns(c->lease_ms) +
+                      (int64_t)c->fence_margin_ms * SCALE_MS;
+
+    return c->lease_deadline_ns + margins - margins / 10;
+}
+
+static void extlock_client_stuck_cb(void *opaque)
+{
+    ExtlockClient *c = opaque;
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int64_t bound = extlock_stuck_bound(c);
+
+    if (!c->io_in_flight) {
+        return;
+    }
+    if (now < bound) {
+        /* The lease was renewed meanwhile */
+        timer_mod(c->stuck_timer, bound);
+        return;
+    }
+    if (c->opts.stuck_io_exit) {
+        error_report("extlock: node '%s': %" PRIu64 " requests still in "
+                     "flight %" PRId64 " ms after the lease deadline, and "
+                     "the coordinator may re-grant their locks from %"
+                     PRId64 " ms after it (monotonic %" PRId64 " ns): "
+                     "exiting (on-stuck-io=exit)", c->node_name,
+                     c->io_in_flight, (now - c->lease_deadline_ns) / SCALE_MS,
+                     (extlock_lease_margin_ns(c->lease_ms) +
+                      (int64_t)c->fence_margin_ms * SCALE_MS) / SCALE_MS,
+                     now);
+        _exit(1);
+    }
+    if (!c->stuck_reported) {
+        c->stuck_reported = true;
+        error_report("extlock: node '%s': %" PRIu64 " requests still in "
+                     "flight %" PRId64 " ms after the lease deadline: other "
+                     "hosts may be granted their extents while they run "
+                     "(on-stuck-io=report)", c->node_name, c->io_in_flight,
+                     (now - c->lease_deadline_ns) / SCALE_MS);
+    }
+}
+
+void extlock_client_io_start(ExtlockClient *c)
+{
+    c->io_in_flight++;
+    if (c->stuck_timer && !c->stuck_reported &&
+        !timer_pending(c->stuck_timer)) {
+        timer_mod(c->stuck_timer, extlock_stuck_bound(c));
+    }
+}
+
+void extlock_client_io_done(ExtlockClient *c)
+{
+    assert(c->io_in_flight > 0);
+    if (!--c->io_in_flight) {
+        /* The timer may stay armed: it finds nothing in flight */
+        c->stuck_reported = false;
+    }
+}
+
 uint64_t extlock_client_new_id(ExtlockClient *c)
 {
     return c->next_id++;
@@ -140,6 +210,35 @@ void extlock_client_send(ExtlockClient *c, const ExtlockMsg *msg)
  * Input
  */
 
+/* The coordinator fences a session that our requests wait behind */
+static void extlock_client_fence_status(ExtlockClient *c, ExtlockMsg *msg)
+{
+    ExtentLockFenceResult result;
+
+    if (msg->lock_space && strcmp(msg->lock_space, c->lock_space)) {
+        return;
+    }
+    switch (msg->fence_result) {
+    case EXTLOCK_FENCE_STARTED:
+        result = EXTENT_LOCK_FENCE_RESULT_STARTED;
+        break;
+    case EXTLOCK_FENCE_SUCCEEDED:
+        result = EXTENT_LOCK_FENCE_RESULT_SUCCEEDED;
+        break;
+    default:
+        result = EXTENT_LOCK_FENCE_RESULT_FAILED;
+        break;
+    }
+    trace_extlock_client_fence_status(c->node_name,
+                                      msg->client_id ? msg->client_id : "",
+                                      extlock_fence_result_name(
+                                          msg->fence_result));
+    qapi_event_send_extent_lock_fence(c->node_name,
+                                      msg->client_id ? msg->client_id : "",
+                                      result, msg->message != NULL,
+                                      msg->message);
+}
+
 static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
                                   GPtrArray *wake)
 {
@@ -183,6 +282,9 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
     case EXTLOCK_MSG_GRANTED:
     case EXTLOCK_MSG_REVOKE:
         break;
+    case EXTLOCK_MSG_FENCE_STATUS:
+        extlock_client_fence_status(c, msg);
+        return;
     default:
         trace_extlock_client_unexpected(c->node_name,
                                         extlock_msg_type_name(msg->type));
@@ -294,6 +396,7 @@ typedef struct ExtlockConnJob {
     char *client_id;
     char *lock_space;
     char *old_session;          /* resume or reclaim this session */
+    char *old_secret;           /* ... proving it is ours */
     uint32_t lease_ms;
     GArray *reclaims;           /* ExtlockReclaim: what we hold */
     uint64_t next_id;
@@ -302,8 +405,10 @@ typedef struct ExtlockConnJob {
     QIOChannelSocket *sioc;
     ExtlockLineBuf in;          /* bytes that came after the answers */
     char *session;
+    char *resume_secret;        /* NULL: keep the one we had */
     uint64_t epoch;
     uint32_t granted_lease_ms;
+    uint32_t fence_margin_ms;
     bool resumed;
     bool reclaim;
     GArray *server_locks;       /* ExtlockHeldLock, when resumed */
@@ -331,6 +436,7 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
     g_free(job->client_id);
     g_free(job->lock_space);
     g_free(job->old_session);
+    g_free(job->old_secret);
     if (job->reclaims) {
         g_array_unref(job->reclaims);
     }
@@ -339,6 +445,7 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
     }
     extlock_linebuf_destroy(&job->in);
     g_free(job->session);
+    g_free(job->resume_secret);
     if (job->server_locks) {
         g_array_unref(job->server_locks);
     }
@@ -434,6 +541,8 @@ static bool extlock_conn_hello(ExtlockConnJob *job, Error **errp)
     hello.lock_space = g_strdup(job->lock_space);
     hello.lease_ms = job->lease_ms;
     hello.session = g_strdup(job->old_session);
+    hello.resume_secret = job->old_session ? g_strdup(job->old_secret)
+                                           : NULL;
     job->hello_sent_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
     if (!extlock_conn_send(job, &hello, errp) ||
@@ -454,13 +563,24 @@ static bool extlock_conn_hello(ExtlockConnJob *job, Error **errp)
         goto out;
     }
     job->session = g_strdup(reply.session);
+    /* Only the owner's welcome carries it; after a restart it is empty */
+    if (reply.resume_secret && reply.resume_secret[0]) {
+        job->resume_secret = g_strdup(reply.resume_secret);
+    }
     job->epoch = reply.epoch;
     job->granted_lease_ms = reply.lease_ms;
+    /* Old coordinators do not say: assume none */
+    job->fence_margin_ms = reply.has_fence_margin ? reply.fence_margin_ms : 0;
     job->resumed = reply.resumed;
     job->reclaim = reply.reclaim;
-    if (reply.locks) {
-        job->server_locks = g_array_ref(reply.locks);
-    }
+    /*
+     * Take the array over: extlock_msg_clear() uses g_array_free(), which
+     * on an array with another reference empties it (a g_array_ref()
+     * here used to make every resumed session look as if it held none of
+     * its locks, so they were dropped without being given back).
+     */
+    job->server_locks = reply.locks;
+    reply.locks = NULL;
     ok = true;
 out:
     extlock_msg_clear(&hello);
@@ -528,6 +648,8 @@ static int extlock_conn_run(void *opaque)
         job->err = NULL;
         g_free(job->old_session);
         job->old_session = NULL;
+        g_free(job->old_secret);
+        job->old_secret = NULL;
         job->refused = EXTLOCK_ERR_NONE;
         extlock_conn_hello(job, errp);
     }
@@ -660,8 +782,16 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
     extlock_linebuf_init_max(&job->in, EXTLOCK_MAX_REPLY_LINE);
     g_free(c->session);
     c->session = g_strdup(job->session);
+    if (job->resume_secret) {
+        g_free(c->resume_secret);
+        c->resume_secret = g_strdup(job->resume_secret);
+    } else if (!same_session) {
+        g_free(c->resume_secret);
+        c->resume_secret = NULL;
+    }
     c->epoch = job->epoch;
     c->lease_ms = job->granted_lease_ms;
+    c->fence_margin_ms = job->fence_margin_ms;
     c->next_id = MAX(c->next_id, job->next_id);
     c->lease_deadline_ns = extlock_deadline(c->lease_ms, job->hello_sent_ns);
     c->state = EXTLOCK_SESSION_ACTIVE;
@@ -718,6 +848,7 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
         int ret;
 
         job->old_session = g_strdup(c->session);
+        job->old_secret = g_strdup(c->resume_secret);
         job->reclaims = extlock_locks_snapshot(c);
         ret = thread_pool_submit_co(aio_get_thread_pool(c->ctx),
                                     extlock_conn_run, job);
@@ -845,6 +976,7 @@ void extlock_client_free(ExtlockClient *c)
     g_hash_table_destroy(c->pending);
     qapi_free_SocketAddress(c->addr);
     g_free(c->session);
+    g_free(c->resume_secret);
     g_free(c->address);
     g_free(c->client_id);
     g_free(c->lock_space);
@@ -865,6 +997,8 @@ void extlock_client_detach_aio_context(ExtlockClient *c)
     c->renew_timer = NULL;
     timer_free(c->tick_timer);
     c->tick_timer = NULL;
+    timer_free(c->stuck_timer);
+    c->stuck_timer = NULL;
     extlock_locks_detach(c);
     c->ctx = NULL;
 }
@@ -879,6 +1013,11 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
     c->tick_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
                                   extlock_client_tick, c);
     timer_mod(c->tick_timer, now + EXTLOCK_TICK_MS * SCALE_MS);
+    c->stuck_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                   extlock_client_stuck_cb, c);
+    if (c->io_in_flight) {
+        timer_mod(c->stuck_timer, extlock_stuck_bound(c));
+    }
     extlock_locks_attach(c);
     if (c->fd >= 0) {
         timer_mod(c->renew_timer, now + (int64_t)c->lease_ms * SCALE_MS / 3);

@@ -26,20 +26,28 @@
 #include "block/aio.h"
 #include "extlock/protocol.h"
 #include "extlock/interval-tree.h"
+#include "extlock-cache.h"
 
 /*
  * A lock granted by the coordinator.  While requests use it, it is active;
  * afterwards it stays cached (with lock-cache=on) until the coordinator
  * revokes it, it ages out, or the cache is full.
+ *
+ * A lock that becomes invalid (lease lost, or the coordinator no longer
+ * lists it) while requests still use it is stale: it leaves c->locks and
+ * c->lock_ids for the list c->stale, so that no new request can find it
+ * and its id cannot clash with the ids of a new session.  When its last
+ * user is done it is freed, and given back first if the coordinator may
+ * still hold it for this session (@give_back).
  */
 typedef struct ExtlockCachedLock {
-    ExtlockITNode node;         /* node.ext: the granted extent */
+    ExtlockCacheEntry ce;       /* extent, mode, revoking, stale */
     uint64_t lock_id;
     uint64_t token;
-    ExtlockMode mode;
     unsigned users;             /* requests in flight under this lock */
-    bool revoking;              /* coordinator asked for it back */
-    bool stale;                 /* lease lost: never use it again */
+    bool give_back;             /* stale: unlock when the last user is done */
+    uint64_t session_gen;       /* ExtlockClient.session_gen at the grant */
+    QLIST_ENTRY(ExtlockCachedLock) stale_next;
     ExtlockMode revoke_mode;    /* mode the other request wants */
     ExtlockExtent revoke_ext;   /* extent the other request wants */
     int64_t revoke_ns;          /* when the first revoke arrived */
@@ -51,8 +59,7 @@ typedef struct ExtlockCachedLock {
 } ExtlockCachedLock;
 
 typedef struct ExtlockRequest {
-    ExtlockITNode local;        /* in ExtlockClient.active: local order */
-    uint64_t seq;               /* arrival order in this node */
+    ExtlockLocalReq local;      /* in ExtlockClient.active: local order */
 
     /* set by the caller */
     uint64_t offset;
@@ -105,6 +112,7 @@ typedef struct ExtlockClientOptions {
     uint32_t min_hold_us;       /* keep a new lock at least this long */
     uint64_t grow_limit;        /* end of the range locks may grow into */
     bool lease_loss_error;      /* on-lease-loss=error (else queue) */
+    bool stuck_io_exit;         /* on-stuck-io=exit (else report) */
     uint32_t lease_loss_timeout_ms;
     uint32_t wait_warning_ms;   /* 0: no EXTENT_LOCK_WAIT_TIMEOUT */
 } ExtlockClientOptions;
@@ -124,9 +132,12 @@ typedef struct ExtlockClient {
     int fd;                     /* -1 while disconnected */
     QIOChannelSocket *sioc;
     char *session;
+    char *resume_secret;        /* from our welcome; resumes need it */
     uint64_t epoch;
     uint32_t lease_ms;
     int64_t lease_deadline_ns;  /* QEMU_CLOCK_REALTIME, margin included */
+    uint32_t fence_margin_ms;   /* the coordinator's, from "welcome" */
+    uint64_t session_gen;       /* bumped whenever a new session starts */
     bool closing;
 
     /* wire */
@@ -144,6 +155,11 @@ typedef struct ExtlockClient {
     Coroutine *reconnect_co;
     QemuCoSleep reconnect_sleep;
 
+    /* requests forwarded to the child (in-flight bound, on-stuck-io) */
+    uint64_t io_in_flight;
+    QEMUTimer *stuck_timer;     /* one-shot, at the in-flight bound */
+    bool stuck_reported;
+
     /* requests and locks (extlock-locks.c) */
     QLIST_HEAD(, ExtlockRequest) waiting; /* requests not granted yet */
     GPtrArray *grant_waiters;   /* coroutines waiting for our own grants */
@@ -154,6 +170,7 @@ typedef struct ExtlockClient {
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     ExtlockITree locks;         /* ExtlockCachedLock by extent */
     GHashTable *lock_ids;       /* lock id -> ExtlockCachedLock */
+    QLIST_HEAD(, ExtlockCachedLock) stale; /* stale locks still in use */
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
     unsigned n_idle;
     QEMUTimer *cache_timer;     /* min hold time and idle ageing */
@@ -196,7 +213,16 @@ bool extlock_client_lease_valid_at(ExtlockClient *c, int64_t now);
 int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req);
 void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req);
 
-/* Call @fn for every lock the node holds (active or cached) */
+/*
+ * Requests forwarded to the child: call io_start before and io_done after.
+ * A request still in flight when the coordinator may re-grant its locks
+ * (lease deadline + client margin + fence margin, less 10 %) makes the
+ * process exit (on-stuck-io=exit) or is reported (report).
+ */
+void extlock_client_io_start(ExtlockClient *c);
+void extlock_client_io_done(ExtlockClient *c);
+
+/* Call @fn for every lock the node holds (active, cached or stale) */
 void extlock_client_foreach_lock(ExtlockClient *c,
                                  void (*fn)(ExtlockCachedLock *l, void *),
                                  void *opaque);
@@ -234,6 +260,7 @@ typedef struct ExtlockReclaim {
     uint64_t token;
     uint64_t new_id;            /* set by the reclaim */
     bool ok;
+    bool stale;                 /* a stale lock still in use */
 } ExtlockReclaim;
 
 GArray *extlock_locks_snapshot(ExtlockClient *c);

@@ -43,10 +43,12 @@ static void extlock_wake_all(GPtrArray **list)
 /* ------------------------------------------------------------------------
  * The lock cache
  *
- * Every lock granted to this node is an ExtlockCachedLock in c->locks
- * (by extent) and c->lock_ids (by id).  A lock with users > 0 is active;
- * with users == 0 it is idle and sits in the c->idle LRU (cache=on), or
- * has been given back already (cache=off).  A revoked lock takes no new
+ * Every valid lock granted to this node is an ExtlockCachedLock in
+ * c->locks (by extent) and c->lock_ids (by id).  A lock with users > 0 is
+ * active; with users == 0 it is idle and sits in the c->idle LRU
+ * (cache=on), or has been given back already (cache=off; if disconnected,
+ * right after reconnecting).  Invalid locks that requests still use are
+ * only on c->stale (see ExtlockCachedLock).  A revoked lock takes no new
  * users; when its last user is done (and its minimum hold time is over)
  * it is given back in whole or in part, or downgraded.
  */
@@ -54,11 +56,6 @@ static void extlock_wake_all(GPtrArray **list)
 static ExtlockExtent extlock_ext(uint64_t offset, uint64_t length)
 {
     return (ExtlockExtent) { .start = offset, .end = offset + length };
-}
-
-static bool extlock_ext_contains(ExtlockExtent outer, ExtlockExtent inner)
-{
-    return outer.start <= inner.start && inner.end <= outer.end;
 }
 
 static void extlock_cache_idle_add(ExtlockClient *c, ExtlockCachedLock *l)
@@ -80,10 +77,76 @@ static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
 
 static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
 {
+    assert(!l->ce.stale);
     extlock_cache_idle_del(c, l);
-    extlock_itree_remove(&c->locks, &l->node);
+    extlock_itree_remove(&c->locks, &l->ce.node);
     g_hash_table_remove(c->lock_ids, &l->lock_id);
     g_free(l);
+}
+
+/* Send "unlock" for the whole of lock @lock_id */
+static void extlock_send_unlock(ExtlockClient *c, uint64_t lock_id)
+{
+    ExtlockMsg msg;
+
+    extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
+    msg.has_id = true;
+    msg.id = extlock_client_new_id(c);
+    msg.lock = lock_id;
+    extlock_client_send(c, &msg);
+    extlock_msg_clear(&msg);
+}
+
+/*
+ * @l may not be used again, but requests still run under it: take it out
+ * of the cache and the id table (a new session numbers its locks afresh)
+ * and keep it on c->stale until its last user is done.  @give_back: the
+ * coordinator may still hold it for this session, so unlock it then.
+ */
+static void extlock_lock_make_stale(ExtlockClient *c, ExtlockCachedLock *l,
+                                    bool give_back)
+{
+    assert(l->users > 0 && !l->ce.stale);
+    extlock_cache_idle_del(c, l);
+    extlock_itree_remove(&c->locks, &l->ce.node);
+    g_hash_table_remove(c->lock_ids, &l->lock_id);
+    l->ce.stale = true;
+    l->ce.revoking = false;
+    l->give_back = give_back;
+    QLIST_INSERT_HEAD(&c->stale, l, stale_next);
+}
+
+/* The last user of stale lock @l is done */
+static void extlock_stale_done(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    assert(l->ce.stale && l->users == 0);
+    QLIST_REMOVE(l, stale_next);
+    if (l->give_back && c->fd >= 0 && l->session_gen == c->session_gen) {
+        trace_extlock_client_unlock(c->node_name, l->lock_id,
+                                    l->ce.node.ext.start,
+                                    l->ce.node.ext.end - l->ce.node.ext.start);
+        extlock_send_unlock(c, l->lock_id);
+    }
+    /*
+     * Disconnected: the session's next welcome lists the lock if the
+     * coordinator still holds it, and then it is unlocked as unknown.
+     */
+    g_free(l);
+}
+
+/* The stale lock of this session that the coordinator knows as @lock_id */
+static ExtlockCachedLock *extlock_stale_find(ExtlockClient *c,
+                                             uint64_t lock_id)
+{
+    ExtlockCachedLock *l;
+
+    QLIST_FOREACH(l, &c->stale, stale_next) {
+        if (l->give_back && l->session_gen == c->session_gen &&
+            l->lock_id == lock_id) {
+            return l;
+        }
+    }
+    return NULL;
 }
 
 /*
@@ -93,7 +156,7 @@ static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
 static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
                                    ExtlockExtent part)
 {
-    ExtlockExtent ext = l->node.ext;
+    ExtlockExtent ext = l->ce.node.ext;
     bool whole = part.start == ext.start && part.end == ext.end;
     ExtlockMsg msg;
 
@@ -118,13 +181,13 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
         extlock_cache_drop(c, l);
         return false;
     }
-    extlock_itree_remove(&c->locks, &l->node);
+    extlock_itree_remove(&c->locks, &l->ce.node);
     if (part.start == ext.start) {
-        l->node.ext.start = part.end;
+        l->ce.node.ext.start = part.end;
     } else {
-        l->node.ext.end = part.start;
+        l->ce.node.ext.end = part.start;
     }
-    extlock_itree_insert(&c->locks, &l->node);
+    extlock_itree_insert(&c->locks, &l->ce.node);
     return true;
 }
 
@@ -137,26 +200,7 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
  */
 static ExtlockExtent extlock_revoke_part(ExtlockCachedLock *l)
 {
-    ExtlockExtent ext = l->node.ext;
-    ExtlockExtent want = l->revoke_ext;
-    ExtlockExtent used = l->used;
-
-    if (want.start < ext.start) {
-        want.start = ext.start;
-    }
-    if (want.end > ext.end) {
-        want.end = ext.end;
-    }
-    if (want.start >= want.end || used.start >= used.end) {
-        return ext;
-    }
-    if (used.end <= want.start && want.start > ext.start) {
-        return (ExtlockExtent) { .start = want.start, .end = ext.end };
-    }
-    if (used.start >= want.end && want.end < ext.end) {
-        return (ExtlockExtent) { .start = ext.start, .end = want.end };
-    }
-    return ext;
+    return extlock_cache_revoke_part(l->ce.node.ext, l->revoke_ext, l->used);
 }
 
 static void extlock_cache_arm_timer(ExtlockClient *c, int64_t when)
@@ -175,15 +219,12 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
     int64_t hold_until = l->granted_ns + (int64_t)c->opts.min_hold_us * 1000;
     int64_t latency_us;
 
-    trace_extlock_client_try_revoke(c->node_name, l->lock_id, l->revoking,
-                                    l->users, l->stale, now < hold_until);
-    if (!l->revoking || l->users > 0) {
+    trace_extlock_client_try_revoke(c->node_name, l->lock_id, l->ce.revoking,
+                                    l->users, l->ce.stale, now < hold_until);
+    if (!l->ce.revoking || l->users > 0) {
         return;
     }
-    if (l->stale) {
-        extlock_cache_drop(c, l);
-        return;
-    }
+    assert(!l->ce.stale);
     if (c->fd < 0) {
         /* Give it back once reconnected (the revoke is re-sent then) */
         return;
@@ -199,7 +240,7 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
     c->stats.revocation_max_us = MAX(c->stats.revocation_max_us, latency_us);
 
     if (c->opts.cache && l->revoke_mode == EXTLOCK_MODE_SHARED &&
-        l->mode == EXTLOCK_MODE_EXCLUSIVE) {
+        l->ce.mode == EXTLOCK_MODE_EXCLUSIVE) {
         /* A reader wants in: keep reading under a shared lock */
         ExtlockMsg msg;
 
@@ -211,16 +252,16 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
         extlock_client_send(c, &msg);
         extlock_msg_clear(&msg);
         c->stats.downgrades++;
-        l->mode = EXTLOCK_MODE_SHARED;
-        l->revoking = false;
+        l->ce.mode = EXTLOCK_MODE_SHARED;
+        l->ce.revoking = false;
         extlock_cache_idle_add(c, l);
         return;
     }
 
     if (extlock_lock_give_back(c, l, c->opts.cache ? extlock_revoke_part(l)
-                                                   : l->node.ext)) {
+                                                   : l->ce.node.ext)) {
         /* The rest of the lock stays cached */
-        l->revoking = false;
+        l->ce.revoking = false;
         extlock_cache_idle_add(c, l);
     }
 }
@@ -231,7 +272,7 @@ static void extlock_cache_evict(ExtlockClient *c)
         ExtlockCachedLock *l = QTAILQ_FIRST(&c->idle);
         c->stats.cache_evictions++;
         extlock_cache_idle_del(c, l);
-        extlock_lock_give_back(c, l, l->node.ext);
+        extlock_lock_give_back(c, l, l->ce.node.ext);
     }
 }
 
@@ -249,7 +290,7 @@ static void extlock_cache_timer_cb(void *opaque)
     g_hash_table_iter_init(&it, c->lock_ids);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
         l = value;
-        if (l->revoking && l->users == 0) {
+        if (l->ce.revoking && l->users == 0) {
             g_ptr_array_add(revoking, l);
         }
     }
@@ -261,7 +302,7 @@ static void extlock_cache_timer_cb(void *opaque)
            l->last_used_ns + idle_ns <= now) {
         c->stats.cache_evictions++;
         extlock_cache_idle_del(c, l);
-        extlock_lock_give_back(c, l, l->node.ext);
+        extlock_lock_give_back(c, l, l->ce.node.ext);
     }
     l = QTAILQ_FIRST(&c->idle);
     if (l) {
@@ -269,33 +310,14 @@ static void extlock_cache_timer_cb(void *opaque)
     }
 }
 
-typedef struct ExtlockFind {
-    ExtlockExtent ext;
-    ExtlockMode mode;
-    ExtlockCachedLock *found;
-} ExtlockFind;
-
-static bool extlock_cache_find_cb(ExtlockITNode *node, void *opaque)
-{
-    ExtlockFind *f = opaque;
-    ExtlockCachedLock *l = container_of(node, ExtlockCachedLock, node);
-
-    if (!l->revoking && extlock_ext_contains(node->ext, f->ext) &&
-        (l->mode == EXTLOCK_MODE_EXCLUSIVE || f->mode == EXTLOCK_MODE_SHARED)) {
-        f->found = l;
-        return false;
-    }
-    return true;
-}
-
+/* A cached lock that serves @ext in @mode (never a revoked or stale one) */
 static ExtlockCachedLock *extlock_cache_find(ExtlockClient *c,
                                              ExtlockExtent ext,
                                              ExtlockMode mode)
 {
-    ExtlockFind f = { .ext = ext, .mode = mode };
+    ExtlockCacheEntry *e = extlock_cache_lookup(&c->locks, ext, mode);
 
-    extlock_itree_foreach_overlap(&c->locks, ext, extlock_cache_find_cb, &f);
-    return f.found;
+    return e ? container_of(e, ExtlockCachedLock, ce) : NULL;
 }
 
 static void extlock_lock_use(ExtlockClient *c, ExtlockCachedLock *l,
@@ -317,12 +339,13 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
     ExtlockCachedLock *l = g_new0(ExtlockCachedLock, 1);
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
-    l->node.ext = extlock_ext(msg->offset, msg->length);
+    l->ce.node.ext = extlock_ext(msg->offset, msg->length);
     l->lock_id = msg->lock;
     l->token = msg->token;
-    l->mode = msg->mode;
+    l->ce.mode = msg->mode;
     l->granted_ns = l->last_used_ns = now;
-    extlock_itree_insert(&c->locks, &l->node);
+    l->session_gen = c->session_gen;
+    extlock_itree_insert(&c->locks, &l->ce.node);
     g_hash_table_insert(c->lock_ids, &l->lock_id, l);
     extlock_lock_use(c, l, extlock_ext(req->offset, req->length));
 
@@ -348,8 +371,8 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
     if (!l) {
         return;     /* already given back */
     }
-    if (!l->revoking) {
-        l->revoking = true;
+    if (!l->ce.revoking) {
+        l->ce.revoking = true;
         l->revoke_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
         l->revoke_mode = msg->mode;
         l->revoke_ext = want;
@@ -436,36 +459,9 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
  * a conflicting mode (as the coordinator does between nodes, and as it
  * did within the node when every request had a lock of its own).
  */
-typedef struct ExtlockLocalConflict {
-    ExtlockRequest *req;
-    bool found;
-} ExtlockLocalConflict;
-
-static bool extlock_local_conflict_cb(ExtlockITNode *node, void *opaque)
-{
-    ExtlockLocalConflict *f = opaque;
-    ExtlockRequest *other = container_of(node, ExtlockRequest, local);
-
-    if (other->seq < f->req->seq &&
-        extlock_modes_conflict(other->mode, f->req->mode)) {
-        f->found = true;
-        return false;
-    }
-    return true;
-}
-
-static bool extlock_local_conflict(ExtlockClient *c, ExtlockRequest *req)
-{
-    ExtlockLocalConflict f = { .req = req };
-
-    extlock_itree_foreach_overlap(&c->active, req->local.ext,
-                                  extlock_local_conflict_cb, &f);
-    return f.found;
-}
-
 static void extlock_local_done(ExtlockClient *c, ExtlockRequest *req)
 {
-    extlock_itree_remove(&c->active, &req->local);
+    extlock_itree_remove(&c->active, &req->local.node);
     extlock_wake_all(&c->local_waiters);
 }
 
@@ -476,10 +472,11 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
 {
     int ret;
 
-    req->seq = c->next_seq++;
-    req->local.ext = extlock_ext(req->offset, req->length);
-    extlock_itree_insert(&c->active, &req->local);
-    while (extlock_local_conflict(c, req)) {
+    req->local.seq = c->next_seq++;
+    req->local.mode = req->mode;
+    req->local.node.ext = extlock_ext(req->offset, req->length);
+    extlock_itree_insert(&c->active, &req->local.node);
+    while (extlock_local_must_wait(&c->active, &req->local)) {
         extlock_wait_on(&c->local_waiters);
     }
     ret = extlock_client_lock_cached(c, req);
@@ -573,11 +570,19 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
     if (l->users > 0) {
         return;
     }
-    if (l->stale) {
-        extlock_cache_drop(c, l);
-    } else if (!c->opts.cache && c->fd >= 0) {
-        extlock_lock_give_back(c, l, l->node.ext);
-    } else if (l->revoking) {
+    if (l->ce.stale) {
+        extlock_stale_done(c, l);
+    } else if (!c->opts.cache) {
+        /*
+         * No caching: give it back now, or right after reconnecting
+         * (extlock_locks_retry_revokes()).  Never park it in the idle
+         * list: the coordinator sends no revocations to a node that does
+         * not cache, so others would wait for lock-cache-idle-time.
+         */
+        if (c->fd >= 0) {
+            extlock_lock_give_back(c, l, l->ce.node.ext);
+        }
+    } else if (l->ce.revoking) {
         extlock_lock_try_revoke(c, l);
     } else {
         extlock_cache_idle_add(c, l);
@@ -593,9 +598,13 @@ void extlock_client_foreach_lock(ExtlockClient *c,
                                  void *opaque)
 {
     ExtlockITNode *n;
+    ExtlockCachedLock *l;
 
     for (n = extlock_itree_first(&c->locks); n; n = extlock_itree_next(n)) {
-        fn(container_of(n, ExtlockCachedLock, node), opaque);
+        fn(container_of(n, ExtlockCachedLock, ce.node), opaque);
+    }
+    QLIST_FOREACH(l, &c->stale, stale_next) {
+        fn(l, opaque);
     }
 }
 
@@ -685,14 +694,17 @@ void extlock_locks_lease_lost(ExtlockClient *c)
 
     g_hash_table_iter_init(&it, c->lock_ids);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
-        ExtlockCachedLock *l = value;
-        l->stale = true;
-        if (l->users == 0) {
-            g_ptr_array_add(drop, l);
-        }
+        g_ptr_array_add(drop, value);
     }
     for (guint i = 0; i < drop->len; i++) {
-        extlock_cache_drop(c, g_ptr_array_index(drop, i));
+        ExtlockCachedLock *l = g_ptr_array_index(drop, i);
+
+        if (l->users) {
+            /* The session may yet be resumed with this lock in it */
+            extlock_lock_make_stale(c, l, true);
+        } else {
+            extlock_cache_drop(c, l);
+        }
     }
 }
 
@@ -738,17 +750,34 @@ GArray *extlock_locks_snapshot(ExtlockClient *c)
 {
     GArray *a = g_array_new(false, true, sizeof(ExtlockReclaim));
     ExtlockITNode *n;
+    ExtlockCachedLock *l;
 
     for (n = extlock_itree_first(&c->locks); n; n = extlock_itree_next(n)) {
-        ExtlockCachedLock *l = container_of(n, ExtlockCachedLock, node);
+        l = container_of(n, ExtlockCachedLock, ce.node);
         ExtlockReclaim r = {
             .old_id = l->lock_id,
             .offset = n->ext.start,
             .length = n->ext.end - n->ext.start,
-            .mode = l->mode,
+            .mode = l->ce.mode,
             .token = l->token,
         };
-        if (!l->stale) {
+        g_array_append_val(a, r);
+    }
+    /*
+     * Stale locks that requests still use are reclaimed too, so that
+     * nobody else is granted their extents before those requests are
+     * done; they are given back then.
+     */
+    QLIST_FOREACH(l, &c->stale, stale_next) {
+        if (l->give_back && l->session_gen == c->session_gen) {
+            ExtlockReclaim r = {
+                .old_id = l->lock_id,
+                .offset = l->ce.node.ext.start,
+                .length = l->ce.node.ext.end - l->ce.node.ext.start,
+                .mode = l->ce.mode,
+                .token = l->token,
+                .stale = true,
+            };
             g_array_append_val(a, r);
         }
     }
@@ -761,9 +790,10 @@ static void extlock_lock_lost(ExtlockClient *c, ExtlockCachedLock *l)
     if (l->users) {
         error_report("extlock: node '%s': lock [%" PRIu64 ", +%" PRIu64
                      ") was lost while %u requests used it", c->node_name,
-                     l->node.ext.start, l->node.ext.end - l->node.ext.start,
+                     l->ce.node.ext.start,
+                     l->ce.node.ext.end - l->ce.node.ext.start,
                      l->users);
-        l->stale = true;
+        extlock_lock_make_stale(c, l, false);
     } else {
         extlock_cache_drop(c, l);
     }
@@ -772,32 +802,38 @@ static void extlock_lock_lost(ExtlockClient *c, ExtlockCachedLock *l)
 /* A lock the coordinator says we hold but we do not know: give it back */
 static void extlock_unlock_unknown(ExtlockClient *c, uint64_t lock_id)
 {
-    ExtlockMsg msg;
-
-    extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
-    msg.has_id = true;
-    msg.id = extlock_client_new_id(c);
-    msg.lock = lock_id;
-    extlock_client_send(c, &msg);
-    extlock_msg_clear(&msg);
+    extlock_send_unlock(c, lock_id);
 }
 
-/* After reconnecting: honour revocations that were pending */
+/*
+ * After reconnecting: honour revocations that were pending, and give back
+ * what lock-cache=off kept only because the connection was down.
+ */
 static void extlock_locks_retry_revokes(ExtlockClient *c)
 {
     g_autoptr(GPtrArray) revoking = g_ptr_array_new();
+    g_autoptr(GPtrArray) release = g_ptr_array_new();
     GHashTableIter it;
     gpointer value;
 
     g_hash_table_iter_init(&it, c->lock_ids);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
         ExtlockCachedLock *l = value;
-        if (l->revoking && !l->users) {
+        if (l->users) {
+            continue;
+        }
+        if (l->ce.revoking) {
             g_ptr_array_add(revoking, l);
+        } else if (!c->opts.cache) {
+            g_ptr_array_add(release, l);
         }
     }
     for (guint i = 0; i < revoking->len; i++) {
         extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
+    }
+    for (guint i = 0; i < release->len && c->fd >= 0; i++) {
+        ExtlockCachedLock *l = g_ptr_array_index(release, i);
+        extlock_lock_give_back(c, l, l->ce.node.ext);
     }
 }
 
@@ -809,14 +845,26 @@ void extlock_locks_resumed(ExtlockClient *c, GArray *server_locks)
     GHashTableIter it;
     gpointer value;
 
+    g_autoptr(GHashTable) stale_listed = g_hash_table_new(NULL, NULL);
+    ExtlockCachedLock *s;
+
     for (guint i = 0; server_locks && i < server_locks->len; i++) {
         ExtlockHeldLock *h = &g_array_index(server_locks, ExtlockHeldLock, i);
         ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &h->lock);
 
-        if (!l || l->stale) {
-            extlock_unlock_unknown(c, h->lock);
-        } else {
+        s = l ? NULL : extlock_stale_find(c, h->lock);
+        if (l) {
             g_hash_table_add(listed, &l->lock_id);
+        } else if (s) {
+            /* Still in use: given back when its last user is done */
+            g_hash_table_add(stale_listed, s);
+        } else {
+            extlock_unlock_unknown(c, h->lock);
+        }
+    }
+    QLIST_FOREACH(s, &c->stale, stale_next) {
+        if (!g_hash_table_contains(stale_listed, s)) {
+            s->give_back = false;
         }
     }
     g_hash_table_iter_init(&it, c->lock_ids);
@@ -841,15 +889,42 @@ void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims)
      * is still to be looked up, so take every renumbered lock out of the
      * table first and put them back under their new ids afterwards.
      */
+    g_autoptr(GHashTable) stale_kept = g_hash_table_new(NULL, NULL);
+    g_autoptr(GPtrArray) stale = g_ptr_array_new();
+    ExtlockCachedLock *s;
+
+    /*
+     * Stale locks: look them all up before renumbering any.  A lock may
+     * also have become stale (lease lost) while we were reclaiming it.
+     */
     for (guint i = 0; i < reclaims->len; i++) {
         ExtlockReclaim *r = &g_array_index(reclaims, ExtlockReclaim, i);
-        ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &r->old_id);
 
+        s = NULL;
+        if (r->stale || !g_hash_table_lookup(c->lock_ids, &r->old_id)) {
+            s = extlock_stale_find(c, r->old_id);
+        }
+        g_ptr_array_add(stale, s);
+    }
+    for (guint i = 0; i < reclaims->len; i++) {
+        ExtlockReclaim *r = &g_array_index(reclaims, ExtlockReclaim, i);
+        ExtlockCachedLock *l;
+
+        s = g_ptr_array_index(stale, i);
+        if (s) {
+            if (r->ok) {
+                /* Still in use: given back when its last user is done */
+                g_hash_table_add(stale_kept, s);
+                s->lock_id = r->new_id;
+            }
+            continue;
+        }
+        l = r->stale ? NULL : g_hash_table_lookup(c->lock_ids, &r->old_id);
         if (!r->ok) {
             if (l) {
                 extlock_lock_lost(c, l);
             }
-        } else if (!l || l->stale) {
+        } else if (!l) {
             /* Given up locally while we were reclaiming */
             extlock_unlock_unknown(c, r->new_id);
         } else {
@@ -862,6 +937,11 @@ void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims)
         ExtlockCachedLock *l = g_ptr_array_index(renumbered, i);
         g_hash_table_insert(c->lock_ids, &l->lock_id, l);
     }
+    QLIST_FOREACH(s, &c->stale, stale_next) {
+        if (!g_hash_table_contains(stale_kept, s)) {
+            s->give_back = false;
+        }
+    }
     extlock_locks_retry_revokes(c);
 }
 
@@ -871,15 +951,20 @@ uint64_t extlock_locks_forget_all(ExtlockClient *c)
     GHashTableIter it;
     gpointer value;
 
+    ExtlockCachedLock *s;
+
     g_hash_table_iter_init(&it, c->lock_ids);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
-        if (!((ExtlockCachedLock *)value)->stale) {
-            g_ptr_array_add(all, value);
-        }
+        g_ptr_array_add(all, value);
     }
     for (guint i = 0; i < all->len; i++) {
         extlock_lock_lost(c, g_ptr_array_index(all, i));
     }
+    /* The old session and its locks are gone for good */
+    QLIST_FOREACH(s, &c->stale, stale_next) {
+        s->give_back = false;
+    }
+    c->session_gen++;
     return all->len;
 }
 
@@ -888,6 +973,7 @@ void extlock_locks_init(ExtlockClient *c)
     c->lock_ids = g_hash_table_new(g_int64_hash, g_int64_equal);
     QLIST_INIT(&c->waiting);
     QTAILQ_INIT(&c->idle);
+    QLIST_INIT(&c->stale);
     c->grant_waiters = g_ptr_array_new();
     c->local_waiters = g_ptr_array_new();
     c->grants_grow = true;      /* until a grant shows otherwise */
@@ -900,10 +986,11 @@ void extlock_locks_destroy(ExtlockClient *c)
 
     assert(QLIST_EMPTY(&c->waiting));
     while ((n = extlock_itree_first(&c->locks))) {
-        ExtlockCachedLock *l = container_of(n, ExtlockCachedLock, node);
+        ExtlockCachedLock *l = container_of(n, ExtlockCachedLock, ce.node);
         assert(l->users == 0);
         extlock_cache_drop(c, l);
     }
+    assert(QLIST_EMPTY(&c->stale));
     g_hash_table_destroy(c->lock_ids);
     assert(!c->grant_waiters->len && !c->usable_waiters->len);
     g_ptr_array_free(c->grant_waiters, true);

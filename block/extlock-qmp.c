@@ -23,12 +23,13 @@ static void extlock_held_info(ExtlockCachedLock *l, void *opaque)
     ExtentLockHeld *h = g_new0(ExtentLockHeld, 1);
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
-    h->offset = l->node.ext.start;
-    h->length = l->node.ext.end - l->node.ext.start;
-    h->mode = extlock_qapi_mode(l->mode);
+    h->offset = l->ce.node.ext.start;
+    h->length = l->ce.node.ext.end - l->ce.node.ext.start;
+    h->mode = extlock_qapi_mode(l->ce.mode);
     h->token = l->token;
     h->held_ms = (now - l->granted_ns) / SCALE_MS;
-    h->state = l->revoking ? EXTENT_LOCK_STATE_REVOKING :
+    h->state = l->ce.stale ? EXTENT_LOCK_STATE_STALE :
+               l->ce.revoking ? EXTENT_LOCK_STATE_REVOKING :
                l->users ? EXTENT_LOCK_STATE_ACTIVE : EXTENT_LOCK_STATE_CACHED;
     h->in_flight = l->users;
     QAPI_LIST_APPEND(*tail, h);

@@ -40,6 +40,7 @@
 #define EXTLOCK_OPT_ON_LOSS     "on-lease-loss"
 #define EXTLOCK_OPT_LOSS_TIME   "lease-loss-timeout"
 #define EXTLOCK_OPT_WAIT_WARN   "wait-warning-time"
+#define EXTLOCK_OPT_ON_STUCK_IO "on-stuck-io"
 
 #define EXTLOCK_GRANULARITY_MIN     512
 #define EXTLOCK_GRANULARITY_MAX     (1U << 30)
@@ -107,6 +108,12 @@ static QemuOptsList extlock_runtime_opts = {
             .type = QEMU_OPT_NUMBER,
             .help = "event when a request waits this many ms (default: 10000)",
         },
+        {
+            .name = EXTLOCK_OPT_ON_STUCK_IO,
+            .type = QEMU_OPT_STRING,
+            .help = "request running past the lease: exit or report "
+                    "(default: exit)",
+        },
         { /* end of list */ }
     },
 };
@@ -124,6 +131,7 @@ static const char *const extlock_strong_runtime_opts[] = {
     EXTLOCK_OPT_ON_LOSS,
     EXTLOCK_OPT_LOSS_TIME,
     EXTLOCK_OPT_WAIT_WARN,
+    EXTLOCK_OPT_ON_STUCK_IO,
     "coordinator.",
     NULL
 };
@@ -172,7 +180,7 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
     uint64_t wait_warn = qemu_opt_get_number(opts, EXTLOCK_OPT_WAIT_WARN,
                                              10000);
     Error *local_err = NULL;
-    int policy;
+    int policy, stuck_policy;
 
     if (!lock_space) {
         error_setg(errp, QERR_MISSING_PARAMETER, EXTLOCK_OPT_LOCK_SPACE);
@@ -233,6 +241,14 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
                                 "on-lease-loss must be 'queue' or 'error': ");
         return false;
     }
+    stuck_policy = qapi_enum_parse(&ExtlockStuckIoPolicy_lookup,
+                                   qemu_opt_get(opts, EXTLOCK_OPT_ON_STUCK_IO),
+                                   EXTLOCK_STUCK_IO_POLICY_EXIT, &local_err);
+    if (local_err) {
+        error_propagate_prepend(errp, local_err,
+                                "on-stuck-io must be 'exit' or 'report': ");
+        return false;
+    }
     if (loss_timeout > UINT32_MAX) {
         error_setg(errp, "lease-loss-timeout must be at most %u ms",
                    UINT32_MAX);
@@ -245,6 +261,7 @@ static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
     }
 
     s->cache_opts.lease_loss_error = policy == EXTLOCK_LEASE_LOSS_POLICY_ERROR;
+    s->cache_opts.stuck_io_exit = stuck_policy == EXTLOCK_STUCK_IO_POLICY_EXIT;
     s->cache_opts.lease_loss_timeout_ms = loss_timeout;
     s->cache_opts.wait_warning_ms = wait_warn;
     s->cache_opts.cache = qemu_opt_get_bool(opts, EXTLOCK_OPT_CACHE, true);
@@ -340,37 +357,105 @@ static void extlock_close(BlockDriverState *bs)
     g_free(s->client_id);
 }
 
+typedef enum ExtlockIoKind {
+    EXTLOCK_IO_READ,
+    EXTLOCK_IO_WRITE,
+    EXTLOCK_IO_ZERO,
+    EXTLOCK_IO_DISCARD,
+    EXTLOCK_IO_FLUSH,
+} ExtlockIoKind;
+
+static const char *const extlock_io_kind_names[] = {
+    [EXTLOCK_IO_READ] = "read",
+    [EXTLOCK_IO_WRITE] = "write",
+    [EXTLOCK_IO_ZERO] = "zero",
+    [EXTLOCK_IO_DISCARD] = "discard",
+    [EXTLOCK_IO_FLUSH] = "flush",
+};
+
 /*
- * Lock the range a request touches, rounded out to the granularity, in
- * @mode.  Returns 0 (then extlock_unlock_range() must follow) or -errno.
+ * Forward one request to the child: under @req's lock, or with @req NULL
+ * under none (flush, zero-length requests).  Counted for the in-flight
+ * bound and traced with the token it runs under.
  */
-static int coroutine_fn extlock_lock_range(BlockDriverState *bs,
-                                           const char *op, ExtlockMode mode,
-                                           int64_t offset, int64_t bytes,
-                                           ExtlockRequest *req)
+static int coroutine_fn extlock_forward(BlockDriverState *bs,
+                                        ExtlockIoKind kind, int64_t offset,
+                                        int64_t bytes, QEMUIOVector *qiov,
+                                        BdrvRequestFlags flags,
+                                        ExtlockRequest *req)
 {
     BDRVExtlockState *s = bs->opaque;
-    uint64_t start = QEMU_ALIGN_DOWN((uint64_t)offset, s->granularity);
-    uint64_t end = QEMU_ALIGN_UP((uint64_t)offset + bytes, s->granularity);
+    uint64_t token = req ? req->lock->token : 0;
     int ret;
 
-    req->mode = mode;
-    req->offset = start;
-    req->length = end - start;
-    trace_extlock_request(bdrv_get_node_name(bs), op, offset, bytes,
-                          req->offset, req->length);
-    ret = extlock_client_lock(s->client, req);
-    if (ret < 0) {
-        trace_extlock_request_failed(bdrv_get_node_name(bs), op, offset,
-                                     bytes, ret);
+    if (trace_event_get_state_backends(TRACE_EXTLOCK_IO_START)) {
+        trace_extlock_io_start(bdrv_get_node_name(bs),
+                               extlock_io_kind_names[kind], offset, bytes,
+                               req ? req->lock->lock_id : 0, token,
+                               qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+    }
+    extlock_client_io_start(s->client);
+    switch (kind) {
+    case EXTLOCK_IO_READ:
+        ret = bdrv_co_preadv(bs->file, offset, bytes, qiov, flags);
+        break;
+    case EXTLOCK_IO_WRITE:
+        ret = bdrv_co_pwritev(bs->file, offset, bytes, qiov, flags);
+        break;
+    case EXTLOCK_IO_ZERO:
+        ret = bdrv_co_pwrite_zeroes(bs->file, offset, bytes, flags);
+        break;
+    case EXTLOCK_IO_DISCARD:
+        ret = bdrv_co_pdiscard(bs->file, offset, bytes);
+        break;
+    default:
+        ret = bdrv_co_flush(bs->file->bs);
+        break;
+    }
+    extlock_client_io_done(s->client);
+    if (trace_event_get_state_backends(TRACE_EXTLOCK_IO_DONE)) {
+        trace_extlock_io_done(bdrv_get_node_name(bs),
+                              extlock_io_kind_names[kind], offset, bytes,
+                              token, ret,
+                              qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
     }
     return ret;
 }
 
-static void extlock_unlock_range(BlockDriverState *bs, ExtlockRequest *req)
+/*
+ * Run a request under a lock on the range it touches, rounded out to the
+ * granularity, in @mode.  A zero-length request touches nothing and
+ * needs no lock (the coordinator has no empty locks).
+ */
+static int coroutine_fn extlock_locked_io(BlockDriverState *bs,
+                                          ExtlockIoKind kind,
+                                          ExtlockMode mode, int64_t offset,
+                                          int64_t bytes, QEMUIOVector *qiov,
+                                          BdrvRequestFlags flags)
 {
     BDRVExtlockState *s = bs->opaque;
-    extlock_client_unlock(s->client, req);
+    const char *op = extlock_io_kind_names[kind];
+    ExtlockRequest req = {};
+    int ret;
+
+    if (bytes == 0) {
+        return extlock_forward(bs, kind, offset, bytes, qiov, flags, NULL);
+    }
+    req.mode = mode;
+    req.offset = QEMU_ALIGN_DOWN((uint64_t)offset, s->granularity);
+    req.length = QEMU_ALIGN_UP((uint64_t)offset + bytes, s->granularity) -
+                 req.offset;
+    trace_extlock_request(bdrv_get_node_name(bs), op, offset, bytes,
+                          req.offset, req.length);
+    ret = extlock_client_lock(s->client, &req);
+    if (ret < 0) {
+        trace_extlock_request_failed(bdrv_get_node_name(bs), op, offset,
+                                     bytes, ret);
+        return ret;
+    }
+    ret = extlock_forward(bs, kind, offset, bytes, qiov, flags, &req);
+    extlock_client_unlock(s->client, &req);
+    return ret;
 }
 
 static int coroutine_fn extlock_co_preadv(BlockDriverState *bs,
@@ -378,17 +463,8 @@ static int coroutine_fn extlock_co_preadv(BlockDriverState *bs,
                                           QEMUIOVector *qiov,
                                           BdrvRequestFlags flags)
 {
-    ExtlockRequest req = {};
-    int ret;
-
-    ret = extlock_lock_range(bs, "read", EXTLOCK_MODE_SHARED, offset, bytes,
-                             &req);
-    if (ret < 0) {
-        return ret;
-    }
-    ret = bdrv_co_preadv(bs->file, offset, bytes, qiov, flags);
-    extlock_unlock_range(bs, &req);
-    return ret;
+    return extlock_locked_io(bs, EXTLOCK_IO_READ, EXTLOCK_MODE_SHARED,
+                             offset, bytes, qiov, flags);
 }
 
 static int coroutine_fn extlock_co_pwritev(BlockDriverState *bs,
@@ -396,17 +472,8 @@ static int coroutine_fn extlock_co_pwritev(BlockDriverState *bs,
                                            QEMUIOVector *qiov,
                                            BdrvRequestFlags flags)
 {
-    ExtlockRequest req = {};
-    int ret;
-
-    ret = extlock_lock_range(bs, "write", EXTLOCK_MODE_EXCLUSIVE, offset,
-                             bytes, &req);
-    if (ret < 0) {
-        return ret;
-    }
-    ret = bdrv_co_pwritev(bs->file, offset, bytes, qiov, flags);
-    extlock_unlock_range(bs, &req);
-    return ret;
+    return extlock_locked_io(bs, EXTLOCK_IO_WRITE, EXTLOCK_MODE_EXCLUSIVE,
+                             offset, bytes, qiov, flags);
 }
 
 static int coroutine_fn extlock_co_pwrite_zeroes(BlockDriverState *bs,
@@ -414,42 +481,32 @@ static int coroutine_fn extlock_co_pwrite_zeroes(BlockDriverState *bs,
                                                  int64_t bytes,
                                                  BdrvRequestFlags flags)
 {
-    ExtlockRequest req = {};
-    int ret;
-
-    ret = extlock_lock_range(bs, "write-zeroes", EXTLOCK_MODE_EXCLUSIVE,
-                             offset, bytes, &req);
-    if (ret < 0) {
-        return ret;
-    }
-    ret = bdrv_co_pwrite_zeroes(bs->file, offset, bytes, flags);
-    extlock_unlock_range(bs, &req);
-    return ret;
+    return extlock_locked_io(bs, EXTLOCK_IO_ZERO, EXTLOCK_MODE_EXCLUSIVE,
+                             offset, bytes, NULL, flags);
 }
 
 static int coroutine_fn extlock_co_pdiscard(BlockDriverState *bs,
                                             int64_t offset, int64_t bytes)
 {
-    ExtlockRequest req = {};
-    int ret;
-
-    ret = extlock_lock_range(bs, "discard", EXTLOCK_MODE_EXCLUSIVE, offset,
-                             bytes, &req);
-    if (ret < 0) {
-        return ret;
-    }
-    ret = bdrv_co_pdiscard(bs->file, offset, bytes);
-    extlock_unlock_range(bs, &req);
-    return ret;
+    return extlock_locked_io(bs, EXTLOCK_IO_DISCARD, EXTLOCK_MODE_EXCLUSIVE,
+                             offset, bytes, NULL, 0);
 }
 
 /*
- * Block status is data too: NBD exports serve holes from it without a
- * read, so ask the child under a shared lock.  At most this much per call
- * (a caller asking about the whole image would otherwise lock it all).
+ * Block status: everything is data, in one answer for the whole range.
+ *
+ * The status of a range is the image's content too, and it changes under
+ * other hosts' writes.  An NBD server with structured replies (libnbd's
+ * and QEMU's client default) serves a read by asking block status first
+ * and then reads each data piece and sends each zero piece as a hole,
+ * piece by piece (nbd_co_send_sparse_read() in nbd/server.c): anything
+ * but one answer covering the whole request would split the read into
+ * several requests, each under its own lock, and another host's write
+ * could land between them.  "Data" (never "zero") makes the server read
+ * the whole range in one request under one shared lock, and is always a
+ * correct answer; what it costs is sparseness (qemu-img map, sparse
+ * copies).  No lock: the answer does not depend on the image.
  */
-#define EXTLOCK_BLOCK_STATUS_MAX (1 * MiB)
-
 static int coroutine_fn extlock_co_block_status(BlockDriverState *bs,
                                                 bool want_zero,
                                                 int64_t offset,
@@ -458,27 +515,16 @@ static int coroutine_fn extlock_co_block_status(BlockDriverState *bs,
                                                 int64_t *map,
                                                 BlockDriverState **file)
 {
-    int64_t end = MIN(offset + bytes,
-                      QEMU_ALIGN_DOWN(offset, EXTLOCK_BLOCK_STATUS_MAX) +
-                      EXTLOCK_BLOCK_STATUS_MAX);
-    ExtlockRequest req = {};
-    int ret;
-
-    ret = extlock_lock_range(bs, "block-status", EXTLOCK_MODE_SHARED,
-                             offset, end - offset, &req);
-    if (ret < 0) {
-        return ret;
-    }
-    ret = bdrv_block_status(bs->file->bs, offset, end - offset, pnum, map,
-                            file);
-    extlock_unlock_range(bs, &req);
-    return ret;
+    *pnum = bytes;
+    *map = offset;
+    *file = bs->file->bs;
+    return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID;
 }
 
 static int coroutine_fn extlock_co_flush(BlockDriverState *bs)
 {
     /* A flush orders nothing between hosts: no lock needed */
-    return bdrv_co_flush(bs->file->bs);
+    return extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, NULL);
 }
 
 static int64_t extlock_getlength(BlockDriverState *bs)

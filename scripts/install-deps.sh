@@ -9,6 +9,8 @@ PKGS=(
     # extlock itself
     build-essential meson ninja-build pkg-config ccache
     libglib2.0-dev libjson-c-dev libcmocka-dev libnfs-dev
+    # TLS for extlockd and its tools; certtool for the security tests
+    libgnutls28-dev gnutls-bin
     # QEMU 7.2 build dependencies (x86_64-softmmu + tools + libnfs)
     dpkg-dev libpixman-1-dev libslirp-dev flex bison libfdt-dev zlib1g-dev
     python3 python3-venv python3-pytest python3-pytest-timeout
@@ -16,6 +18,8 @@ PKGS=(
     seabios qemu-system-data ipxe-qemu
     nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils
     iproute2 procps psmisc socat
+    # ASan/UBSan test build and libFuzzer harnesses (tests/fuzz)
+    clang libfuzzer-14-dev
 )
 
 SRC=/etc/apt/sources.list.d/extlock-deb-src.sources

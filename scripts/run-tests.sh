@@ -7,6 +7,10 @@
 #  2. meson build of extlockd, tools and tests in build/
 #  3. meson test: cmocka unit tests (lock table, interval tree, protocol)
 #     and integration tests against the real extlockd
+#  3a. the same meson tests built with clang, ASan and UBSan (build-asan/);
+#     any sanitizer report fails the step
+#  3b. fuzz smoke run: each libFuzzer harness of tests/fuzz for 25 s
+#     (build-fuzz/, tests/fuzz/run-fuzz.sh)
 #  4. scripts/build-qemu.sh              (patched QEMU 7.2, incremental)
 #  5. pytest tests/qemu: real qemu-io / qemu-img / qemu-storage-daemon /
 #     qemu-system-x86_64 with the extlock driver, a real extlockd and a
@@ -14,6 +18,9 @@
 #  6. tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
 #     and the same workload without extlock, which must be caught tearing
+#  7. scripts/nemesis.sh --suite: three hosts, randomized faults (partitions,
+#     NFS delays, SIGSTOP, kill -9, coordinator restarts), history checker;
+#     and the same without extlock, where violations must be reported
 #
 # Every run has a time limit (per pytest test: pytest-timeout; per suite:
 # timeout(1)), so a hang is a counted failure, not a stuck CI job.  Counts:
@@ -33,6 +40,7 @@ WITH_QEMU=1
 PYTEST_TEST_TIMEOUT=${EXTLOCK_PYTEST_TEST_TIMEOUT:-300}
 PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
 E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
+NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
 MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
 
 passed=0
@@ -88,6 +96,51 @@ else
     failed=$((failed + 1))
 fi
 
+step "unit and integration tests under ASan+UBSan (build-asan, clang)"
+# Every binary (extlockd started by the integration tests too) writes
+# sanitizer reports to build-asan/sanitizer/; any report fails the step.
+san_dir=$REPO/build-asan/sanitizer
+if { [ -f build-asan/build.ninja ] ||
+     CC=clang meson setup build-asan -Db_sanitize=address,undefined \
+         -Db_lundef=false >/dev/null; } && ninja -C build-asan >/dev/null; then
+    rm -rf "$san_dir"; mkdir -p "$san_dir"
+    ASAN_OPTIONS=halt_on_error=1:abort_on_error=1:detect_leaks=1:log_path=$san_dir/asan \
+    UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1:log_path=$san_dir/ubsan \
+        meson test -C build-asan --print-errorlogs --num-processes 2 \
+        > build-asan/meson-test.out 2>&1
+    rc=$?
+    sok=$(sed -n 's/^Ok:[[:space:]]*\([0-9]*\).*/\1/p' build-asan/meson-test.out | tail -n1)
+    sbad=$(sed -n 's/^\(Fail\|Timeout\):[[:space:]]*\([0-9]*\).*/\2/p' build-asan/meson-test.out |
+           awk '{s += $1} END {print s + 0}')
+    reports=$(find "$san_dir" -type f | wc -l)
+    [ "$rc" -ne 0 ] && [ "${sbad:-0}" -eq 0 ] && sbad=1
+    [ "$reports" -gt 0 ] && [ "${sbad:-0}" -eq 0 ] && sbad=1
+    grep -E '^ *[0-9]+/[0-9]+ ' build-asan/meson-test.out
+    for f in $(find "$san_dir" -type f | head -n 5); do
+        echo "--- $f"; head -n 20 "$f"
+    done
+    echo "asan/ubsan: ${sok:-0} test binaries passed, ${sbad:-0} failed, $reports sanitizer report(s)"
+    passed=$((passed + ${sok:-0}))
+    failed=$((failed + ${sbad:-0}))
+else
+    echo "ASan+UBSan build failed"
+    failed=$((failed + 1))
+fi
+
+step "fuzz smoke run (tests/fuzz, 25 s per harness)"
+fz_out=$(mktemp)
+rm -rf build-fuzz/smoke
+bash tests/fuzz/run-fuzz.sh --seconds 25 --work-dir "$REPO/build-fuzz/smoke" |
+    tee "$fz_out"
+fz=$(sed -n 's/^fuzz: \(fuzz-[a-z]*\): .*executions.* \([0-9]*\) crashes.*/\1 \2/p' "$fz_out")
+if [ -z "$fz" ]; then
+    failed=$((failed + 1))
+else
+    passed=$((passed + $(echo "$fz" | awk '$2 == 0' | wc -l)))
+    failed=$((failed + $(echo "$fz" | awk '$2 != 0' | wc -l)))
+fi
+rm -f "$fz_out"
+
 if [ "$WITH_QEMU" = 1 ]; then
     step "building QEMU 7.2 with the extlock driver"
     if bash scripts/build-qemu.sh; then
@@ -122,6 +175,14 @@ if [ "$WITH_QEMU" = 1 ]; then
             passed=$((passed + 1))
         else
             echo "end-to-end run FAILED (exit status $rc)"
+            failed=$((failed + 1))
+        fi
+
+        step "nemesis: randomized faults against three hosts (seeded run + control)"
+        if timeout -k 30 "$NEMESIS_TIMEOUT" bash scripts/nemesis.sh --suite; then
+            passed=$((passed + 1))
+        else
+            echo "nemesis run FAILED"
             failed=$((failed + 1))
         fi
     else

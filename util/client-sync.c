@@ -11,6 +11,7 @@
  * its own buffer with a much larger limit instead of ExtlockLineBuf.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <string.h>
@@ -20,6 +21,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <gio/gio.h>
+#include <gnutls/gnutls.h>
 #include "extlock/client-sync.h"
 
 /* Longest reply line accepted from the server */
@@ -34,7 +36,24 @@ struct ExtlockConn {
     size_t in_pos;              /* start of unconsumed data */
     size_t scanned;             /* bytes after in_pos known to have no '\n' */
     GString *out;
+    /* TLS (blocking socket) */
+    gnutls_session_t tls;
+    gnutls_certificate_credentials_t x509;
+    gnutls_psk_client_credentials_t psk;
+    char *host;                 /* for the server certificate check */
 };
+
+/* gnutls_strerror(), plus the alert the coordinator sent, if any */
+static const char *tls_why(ExtlockConn *conn, int ret, char *buf, size_t size)
+{
+    if (ret == GNUTLS_E_FATAL_ALERT_RECEIVED ||
+        ret == GNUTLS_E_WARNING_ALERT_RECEIVED) {
+        g_snprintf(buf, size, "the coordinator refused us: %s",
+                   gnutls_alert_get_name(gnutls_alert_get(conn->tls)));
+        return buf;
+    }
+    return gnutls_strerror(ret);
+}
 
 static int connect_unix(const char *path, GError **errp,
                         const char *address)
@@ -70,7 +89,7 @@ static int connect_unix(const char *path, GError **errp,
 }
 
 static int connect_tcp(const char *hostport, GError **errp,
-                       const char *address)
+                       const char *address, char **host_out)
 {
     g_autofree char *host = NULL;
     const char *colon, *port;
@@ -99,6 +118,9 @@ static int connect_tcp(const char *hostport, GError **errp,
     }
     if (!host[0] || !port[0]) {
         goto bad;
+    }
+    if (host_out) {
+        *host_out = g_strdup(host);
     }
 
     r = getaddrinfo(host, port, &hints, &res);
@@ -142,6 +164,7 @@ bad:
 ExtlockConn *extlock_conn_connect(const char *address, GError **errp)
 {
     ExtlockConn *conn;
+    char *host = NULL;
     int fd;
 
     if (!address || !address[0]) {
@@ -152,7 +175,7 @@ ExtlockConn *extlock_conn_connect(const char *address, GError **errp)
     if (g_str_has_prefix(address, "unix:")) {
         fd = connect_unix(address + 5, errp, address);
     } else if (g_str_has_prefix(address, "tcp:")) {
-        fd = connect_tcp(address + 4, errp, address);
+        fd = connect_tcp(address + 4, errp, address, &host);
     } else {
         fd = connect_unix(address, errp, address);
     }
@@ -161,6 +184,7 @@ ExtlockConn *extlock_conn_connect(const char *address, GError **errp)
     }
 
     conn = g_new0(ExtlockConn, 1);
+    conn->host = host;
     conn->fd = fd;
     conn->address = g_strdup(address);
     conn->next_id = 1;
@@ -174,6 +198,16 @@ void extlock_conn_close(ExtlockConn *conn)
     if (!conn) {
         return;
     }
+    if (conn->tls) {
+        gnutls_deinit(conn->tls);
+    }
+    if (conn->x509) {
+        gnutls_certificate_free_credentials(conn->x509);
+    }
+    if (conn->psk) {
+        gnutls_psk_free_client_credentials(conn->psk);
+    }
+    g_free(conn->host);
     if (conn->fd >= 0) {
         close(conn->fd);
     }
@@ -188,6 +222,11 @@ int extlock_conn_fd(ExtlockConn *conn)
     return conn->fd;
 }
 
+const char *extlock_conn_address(ExtlockConn *conn)
+{
+    return conn->address;
+}
+
 uint64_t extlock_conn_next_id(ExtlockConn *conn)
 {
     return conn->next_id;
@@ -199,7 +238,42 @@ bool extlock_conn_send_raw(ExtlockConn *conn, const void *data, size_t len,
     const char *p = data;
 
     while (len) {
-        ssize_t n = send(conn->fd, p, len, MSG_NOSIGNAL);
+        ssize_t n;
+
+        if (conn->tls) {
+            n = gnutls_record_send(conn->tls, p, len);
+            if (n == GNUTLS_E_AGAIN) {
+                struct pollfd pfd = { .fd = conn->fd, .events = POLLOUT };
+
+                poll(&pfd, 1, -1);
+                continue;
+            }
+            if (n == GNUTLS_E_INTERRUPTED) {
+                continue;
+            }
+            if (n < 0) {
+                struct pollfd pfd = { .fd = conn->fd, .events = POLLIN };
+                char why[128], byte;
+
+                /* The coordinator may have said why it hung up */
+                if (n != GNUTLS_E_FATAL_ALERT_RECEIVED &&
+                    poll(&pfd, 1, 100) > 0) {
+                    int r = gnutls_record_recv(conn->tls, &byte, 1);
+
+                    if (r == GNUTLS_E_FATAL_ALERT_RECEIVED) {
+                        n = r;
+                    }
+                }
+                g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
+                            "TLS send to %s failed: %s", conn->address,
+                            tls_why(conn, n, why, sizeof(why)));
+                return false;
+            }
+            p += n;
+            len -= n;
+            continue;
+        }
+        n = send(conn->fd, p, len, MSG_NOSIGNAL);
 
         if (n < 0) {
             int e = errno;
@@ -281,6 +355,55 @@ bool extlock_conn_has_buffered(ExtlockConn *conn)
     return find_line(conn) >= 0;
 }
 
+/*
+ * read_some() over TLS.  The socket is blocking: with MSG_DONTWAIT, only
+ * read if GnuTLS has buffered data or poll() says the socket is readable
+ * (a record that has begun to arrive is then read to its end).
+ */
+static int read_some_tls(ExtlockConn *conn, int flags, size_t old,
+                         GError **errp)
+{
+    ssize_t n;
+
+    if ((flags & MSG_DONTWAIT) && !gnutls_record_check_pending(conn->tls)) {
+        struct pollfd pfd = { .fd = conn->fd, .events = POLLIN };
+
+        if (poll(&pfd, 1, 0) <= 0) {
+            return 0;
+        }
+    }
+    g_byte_array_set_size(conn->in, old + CLIENT_READ_SIZE);
+    for (;;) {
+        n = gnutls_record_recv(conn->tls, conn->in->data + old,
+                               CLIENT_READ_SIZE);
+        if (n == GNUTLS_E_AGAIN) {
+            /* a non-blocking socket in the middle of a record */
+            struct pollfd pfd = { .fd = conn->fd, .events = POLLIN };
+
+            poll(&pfd, 1, -1);
+            continue;
+        }
+        if (n != GNUTLS_E_INTERRUPTED) {
+            break;
+        }
+    }
+    g_byte_array_set_size(conn->in, old + MAX(n, 0));
+    if (n > 0) {
+        return 1;
+    }
+    if (n == 0 || n == GNUTLS_E_PREMATURE_TERMINATION) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_CLOSED,
+                    "connection to %s closed", conn->address);
+    } else {
+        char why[128];
+
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
+                    "TLS receive from %s failed: %s", conn->address,
+                    tls_why(conn, n, why, sizeof(why)));
+    }
+    return -1;
+}
+
 /* One recv() into the buffer: 1 data, 0 would block, -1 EOF or error */
 static int read_some(ExtlockConn *conn, int flags, GError **errp)
 {
@@ -295,6 +418,9 @@ static int read_some(ExtlockConn *conn, int flags, GError **errp)
         conn->in_pos = 0;
     }
     old = conn->in->len;
+    if (conn->tls) {
+        return read_some_tls(conn, flags, old, errp);
+    }
     g_byte_array_set_size(conn->in, old + CLIENT_READ_SIZE);
     do {
         n = recv(conn->fd, conn->in->data + old, CLIENT_READ_SIZE, flags);
@@ -352,7 +478,13 @@ bool extlock_conn_recv(ExtlockConn *conn, ExtlockMsg *msg, int timeout_ms,
 
             wait_ms = left <= 0 ? 0 : (int)MIN((left + 999) / 1000, G_MAXINT);
         }
+        if (conn->tls && gnutls_record_check_pending(conn->tls)) {
+            wait_ms = 0;        /* decrypted data poll() cannot see */
+        }
         r = poll(&pfd, 1, wait_ms);
+        if (r == 0 && conn->tls && gnutls_record_check_pending(conn->tls)) {
+            r = 1;
+        }
         if (r < 0) {
             int e = errno;
 
@@ -458,4 +590,208 @@ bool extlock_conn_hello(ExtlockConn *conn, const char *client_id,
 out:
     extlock_msg_clear(&reply);
     return ok;
+}
+
+/* The key of @user in @path ("user:hexkey" lines, QEMU's keys.psk) */
+static char *psk_key_of(const char *path, const char *user, GError **errp)
+{
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    size_t ulen = strlen(user);
+
+    if (!g_file_get_contents(path, &text, NULL, errp)) {
+        return NULL;
+    }
+    lines = g_strsplit(text, "\n", -1);
+    for (char **l = lines; *l; l++) {
+        if (strncmp(*l, user, ulen) == 0 && (*l)[ulen] == ':') {
+            return g_strstrip(g_strdup(*l + ulen + 1));
+        }
+    }
+    g_set_error(errp, G_IO_ERROR, G_IO_ERROR_NOT_FOUND,
+                "%s has no key for PSK username %s", path, user);
+    return NULL;
+}
+
+static bool tls_setup(ExtlockConn *conn, const ExtlockTlsOptions *o,
+                      GError **errp)
+{
+    g_autofree char *ca = g_build_filename(o->creds_dir, "ca-cert.pem", NULL);
+    g_autofree char *cert = g_build_filename(o->creds_dir, "client-cert.pem",
+                                             NULL);
+    g_autofree char *key = g_build_filename(o->creds_dir, "client-key.pem",
+                                            NULL);
+    const char *hostname = o->hostname ? o->hostname : conn->host;
+    int ret;
+
+    ret = gnutls_init(&conn->tls, GNUTLS_CLIENT);
+    if (ret < 0) {
+        goto fail;
+    }
+    if (o->psk_username) {
+        g_autofree char *psk_path = g_build_filename(o->creds_dir,
+                                                     "keys.psk", NULL);
+        g_autofree char *hex = psk_key_of(psk_path, o->psk_username, errp);
+        gnutls_datum_t datum;
+
+        if (!hex) {
+            return false;
+        }
+        datum.data = (unsigned char *)hex;
+        datum.size = strlen(hex);
+        ret = gnutls_psk_allocate_client_credentials(&conn->psk);
+        if (ret >= 0) {
+            ret = gnutls_psk_set_client_credentials(conn->psk,
+                                                    o->psk_username, &datum,
+                                                    GNUTLS_PSK_KEY_HEX);
+        }
+        if (ret >= 0) {
+            ret = gnutls_credentials_set(conn->tls, GNUTLS_CRD_PSK,
+                                         conn->psk);
+        }
+        if (ret >= 0) {
+            ret = gnutls_priority_set_direct(conn->tls,
+                                             "NORMAL:+ECDHE-PSK:+DHE-PSK:"
+                                             "+PSK", NULL);
+        }
+        if (ret < 0) {
+            goto fail;
+        }
+    } else {
+        ret = gnutls_certificate_allocate_credentials(&conn->x509);
+        if (ret < 0) {
+            goto fail;
+        }
+        if (!o->no_verify_peer) {
+            ret = gnutls_certificate_set_x509_trust_file(conn->x509, ca,
+                                                         GNUTLS_X509_FMT_PEM);
+            if (ret <= 0) {
+                g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
+                            "TLS: cannot load CA certificate %s: %s", ca,
+                            ret < 0 ? gnutls_strerror(ret) : "empty");
+                return false;
+            }
+        }
+        if (g_file_test(cert, G_FILE_TEST_EXISTS)) {
+            ret = gnutls_certificate_set_x509_key_file(conn->x509, cert, key,
+                                                       GNUTLS_X509_FMT_PEM);
+            if (ret < 0) {
+                g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
+                            "TLS: cannot load %s / %s: %s", cert, key,
+                            gnutls_strerror(ret));
+                return false;
+            }
+        }
+        ret = gnutls_credentials_set(conn->tls, GNUTLS_CRD_CERTIFICATE,
+                                     conn->x509);
+        if (ret >= 0) {
+            ret = gnutls_set_default_priority(conn->tls);
+        }
+        if (ret < 0) {
+            goto fail;
+        }
+        if (!o->no_verify_peer) {
+            /* The handshake fails unless the chain and name verify */
+            gnutls_session_set_verify_cert(conn->tls, hostname, 0);
+        }
+        if (hostname && !g_hostname_is_ip_address(hostname)) {
+            gnutls_server_name_set(conn->tls, GNUTLS_NAME_DNS, hostname,
+                                   strlen(hostname));
+        }
+    }
+    gnutls_transport_set_int(conn->tls, conn->fd);
+    gnutls_handshake_set_timeout(conn->tls, 30 * 1000);
+    do {
+        ret = gnutls_handshake(conn->tls);
+    } while (ret < 0 && !gnutls_error_is_fatal(ret));
+    if (ret < 0) {
+        unsigned status = gnutls_session_get_verify_cert_status(conn->tls);
+        gnutls_datum_t text = { 0 };
+
+        if (ret == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR && status &&
+            gnutls_certificate_verification_status_print(
+                status, GNUTLS_CRT_X509, &text, 0) == 0) {
+            g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
+                        "TLS handshake with %s failed: server certificate "
+                        "rejected: %s", conn->address, text.data);
+            gnutls_free(text.data);
+            return false;
+        }
+        char why[128];
+
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
+                    "TLS handshake with %s failed: %s%s", conn->address,
+                    tls_why(conn, ret, why, sizeof(why)),
+                    ret == GNUTLS_E_PREMATURE_TERMINATION ||
+                    ret == GNUTLS_E_PULL_ERROR ?
+                    " (the coordinator refused us: see its log)" : "");
+        return false;
+    }
+    return true;
+
+fail:
+    g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED, "TLS setup for %s: %s",
+                conn->address, gnutls_strerror(ret));
+    return false;
+}
+
+ExtlockConn *extlock_conn_connect_tls(const char *address,
+                                      const ExtlockTlsOptions *tls,
+                                      GError **errp)
+{
+    ExtlockConn *conn;
+
+    if (tls && tls->creds_dir && !g_str_has_prefix(address, "tcp:")) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "TLS needs a tcp:HOST:PORT address, not %s", address);
+        return NULL;
+    }
+    conn = extlock_conn_connect(address, errp);
+    if (!conn || !tls || !tls->creds_dir) {
+        return conn;
+    }
+    if (!tls_setup(conn, tls, errp)) {
+        extlock_conn_close(conn);
+        return NULL;
+    }
+    return conn;
+}
+
+void extlock_conn_set_nonblocking(ExtlockConn *conn)
+{
+    fcntl(conn->fd, F_SETFL, fcntl(conn->fd, F_GETFL) | O_NONBLOCK);
+}
+
+static ssize_t tls_result(ssize_t n)
+{
+    if (n >= 0) {
+        return n;
+    }
+    if (n == GNUTLS_E_PREMATURE_TERMINATION) {
+        return 0;
+    }
+    errno = n == GNUTLS_E_AGAIN ? EAGAIN :
+            n == GNUTLS_E_INTERRUPTED ? EINTR : EPROTO;
+    return -1;
+}
+
+ssize_t extlock_conn_recv_nb(ExtlockConn *conn, void *buf, size_t len)
+{
+    if (conn->tls) {
+        return tls_result(gnutls_record_recv(conn->tls, buf, len));
+    }
+    return recv(conn->fd, buf, len, MSG_DONTWAIT);
+}
+
+ssize_t extlock_conn_send_nb(ExtlockConn *conn, const void *buf, size_t len)
+{
+    if (conn->tls) {
+        return tls_result(gnutls_record_send(conn->tls, buf, len));
+    }
+    return send(conn->fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+bool extlock_conn_tls_pending(ExtlockConn *conn)
+{
+    return conn->tls && gnutls_record_check_pending(conn->tls) > 0;
 }

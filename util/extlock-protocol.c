@@ -73,6 +73,15 @@ static const char *const msg_type_names[EXTLOCK_MSG__MAX] = {
     [EXTLOCK_MSG_ERROR] = "error",
     [EXTLOCK_MSG_REVOKE] = "revoke",
     [EXTLOCK_MSG_SESSION_EXPIRED] = "session-expired",
+    [EXTLOCK_MSG_RELEASE_SESSION] = "release-session",
+    [EXTLOCK_MSG_SESSION_RELEASED] = "session-released",
+    [EXTLOCK_MSG_FENCE_STATUS] = "fence-status",
+};
+
+static const char *const fence_result_names[EXTLOCK_FENCE__MAX] = {
+    [EXTLOCK_FENCE_STARTED] = "started",
+    [EXTLOCK_FENCE_SUCCEEDED] = "succeeded",
+    [EXTLOCK_FENCE_FAILED] = "failed",
 };
 
 static const char *const error_code_names[EXTLOCK_ERR__MAX] = {
@@ -91,6 +100,7 @@ static const char *const error_code_names[EXTLOCK_ERR__MAX] = {
     [EXTLOCK_ERR_EXPIRED] = "session-expired",
     [EXTLOCK_ERR_GRACE] = "in-grace",
     [EXTLOCK_ERR_INTERNAL] = "internal-error",
+    [EXTLOCK_ERR_DENIED] = "permission-denied",
 };
 
 const char *extlock_msg_type_name(ExtlockMsgType type)
@@ -99,6 +109,14 @@ const char *extlock_msg_type_name(ExtlockMsgType type)
         return "invalid";
     }
     return msg_type_names[type];
+}
+
+const char *extlock_fence_result_name(ExtlockFenceResult result)
+{
+    if ((unsigned)result >= EXTLOCK_FENCE__MAX) {
+        return "failed";
+    }
+    return fence_result_names[result];
 }
 
 const char *extlock_error_code_name(ExtlockErrorCode code)
@@ -141,7 +159,9 @@ static ExtlockMsgType msg_type_from_name(const char *name, size_t len)
 
 static bool msg_type_is_notification(ExtlockMsgType type)
 {
-    return type == EXTLOCK_MSG_REVOKE || type == EXTLOCK_MSG_SESSION_EXPIRED;
+    return type == EXTLOCK_MSG_REVOKE ||
+           type == EXTLOCK_MSG_SESSION_EXPIRED ||
+           type == EXTLOCK_MSG_FENCE_STATUS;
 }
 
 /* Copying a constant compiles to a few vector stores, unlike memset */
@@ -163,8 +183,11 @@ void extlock_msg_clear(ExtlockMsg *msg)
     g_free(msg->client_id);
     g_free(msg->lock_space);
     g_free(msg->session);
+    g_free(msg->resume_secret);
+    g_free(msg->identity);
     g_free(msg->server);
     g_free(msg->message);
+    g_free(msg->session_client);
     if (msg->pieces) {
         g_array_free(msg->pieces, true);
     }
@@ -479,6 +502,42 @@ static bool get_name(json_object *obj, const char *key, bool required,
     return true;
 }
 
+/*
+ * Version 2 "resume-secret": EXTLOCK_SECRET_LEN lowercase hex digits.
+ * A hello that resumes a session must carry it, hence @required.
+ */
+static bool get_secret(json_object *obj, bool required, char **out,
+                       ExtlockProtoError *err)
+{
+    json_object *v = member(obj, "resume-secret");
+    const char *s;
+
+    if (!v) {
+        if (required) {
+            return set_error(err, EXTLOCK_ERR_INVALID,
+                             "\"session\" needs \"resume-secret\" (the "
+                             "secret from that session's welcome)");
+        }
+        return true;
+    }
+    if (!json_object_is_type(v, json_type_string) ||
+        json_object_get_string_len(v) != EXTLOCK_SECRET_LEN) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "\"resume-secret\" must be a string of %d hex "
+                         "digits", EXTLOCK_SECRET_LEN);
+    }
+    s = json_object_get_string(v);
+    for (int i = 0; i < EXTLOCK_SECRET_LEN; i++) {
+        if (!g_ascii_isxdigit(s[i]) || g_ascii_isupper(s[i])) {
+            return set_error(err, EXTLOCK_ERR_INVALID,
+                             "\"resume-secret\" must be a string of %d "
+                             "lowercase hex digits", EXTLOCK_SECRET_LEN);
+        }
+    }
+    *out = g_strndup(s, EXTLOCK_SECRET_LEN);
+    return true;
+}
+
 /* A free-form optional string (messages, server name) */
 static bool get_text(json_object *obj, const char *key, char **out,
                      ExtlockProtoError *err)
@@ -668,6 +727,41 @@ static bool parse_error_reply(json_object *obj, ExtlockMsg *msg,
     return get_text(obj, "message", &msg->message, err);
 }
 
+static bool get_fence_result(json_object *obj, ExtlockFenceResult *out,
+                             ExtlockProtoError *err)
+{
+    json_object *v = member(obj, "result");
+    int i;
+
+    if (!v) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "missing member \"result\"");
+    }
+    if (json_object_is_type(v, json_type_string)) {
+        for (i = 0; i < EXTLOCK_FENCE__MAX; i++) {
+            if (strcmp(json_object_get_string(v),
+                       fence_result_names[i]) == 0) {
+                *out = i;
+                return true;
+            }
+        }
+    }
+    return set_error(err, EXTLOCK_ERR_INVALID,
+                     "\"result\" must be \"started\", \"succeeded\" or "
+                     "\"failed\"");
+}
+
+/* welcome "fence-margin-ms": optional, an integer in [0, 2^32) */
+static bool get_fence_margin(json_object *obj, ExtlockMsg *msg,
+                             ExtlockProtoError *err)
+{
+    if (!member(obj, "fence-margin-ms")) {
+        return true;
+    }
+    msg->has_fence_margin = true;
+    return get_u32(obj, "fence-margin-ms", &msg->fence_margin_ms, err);
+}
+
 /* Validate and decode the members that @msg->type requires */
 static bool parse_members(json_object *obj, ExtlockMsg *msg,
                           ExtlockProtoError *err)
@@ -680,7 +774,8 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_name(obj, "client-id", true, &msg->client_id, err) &&
                get_name(obj, "lock-space", true, &msg->lock_space, err) &&
                get_lease(obj, false, true, &msg->lease_ms, err) &&
-               get_name(obj, "session", false, &msg->session, err);
+               get_name(obj, "session", false, &msg->session, err) &&
+               get_secret(obj, false, &msg->resume_secret, err);
     case EXTLOCK_MSG_WELCOME:
         return get_u32(obj, "version", &msg->version, err) &&
                get_name(obj, "session", true, &msg->session, err) &&
@@ -691,6 +786,9 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_bool(obj, "reclaim", false, &msg->reclaim, err) &&
                get_u63(obj, "grace-remaining-ms", false,
                        &msg->grace_remaining_ms, err) &&
+               get_fence_margin(obj, msg, err) &&
+               get_secret(obj, false, &msg->resume_secret, err) &&
+               get_text(obj, "identity", &msg->identity, err) &&
                parse_locks(obj, msg, err);
     case EXTLOCK_MSG_LOCK:
         msg->has_extent = true;
@@ -764,6 +862,20 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_u63(obj, "token", true, &msg->token, err);
     case EXTLOCK_MSG_SESSION_EXPIRED:
         return get_name(obj, "session", true, &msg->session, err) &&
+               get_text(obj, "message", &msg->message, err);
+    case EXTLOCK_MSG_RELEASE_SESSION:
+        return get_name(obj, "session", true, &msg->session, err) &&
+               get_text(obj, "message", &msg->message, err);
+    case EXTLOCK_MSG_SESSION_RELEASED:
+        return get_name(obj, "session", true, &msg->session, err) &&
+               get_u63(obj, "released", true, &msg->released, err);
+    case EXTLOCK_MSG_FENCE_STATUS:
+        return get_name(obj, "lock-space", true, &msg->lock_space, err) &&
+               get_name(obj, "client-id", true, &msg->client_id, err) &&
+               get_name(obj, "session-client", false, &msg->session_client,
+                        err) &&
+               get_name(obj, "session", false, &msg->session, err) &&
+               get_fence_result(obj, &msg->fence_result, err) &&
                get_text(obj, "message", &msg->message, err);
     default:
         return set_error(err, EXTLOCK_ERR_INTERNAL, "unhandled type");
@@ -1176,13 +1288,22 @@ bool extlock_msg_parse(const char *line, size_t len, ExtlockMsg *msg,
     obj = json_tokener_parse_ex(tok, line, len);
     if (!obj) {
         enum json_tokener_error jerr = json_tokener_get_error(tok);
+        size_t jend = json_tokener_get_parse_end(tok);
+
+        /*
+         * json_tokener_reset() does not clear everything: a line that
+         * ends inside a \uXXXX surrogate pair left the high surrogate
+         * pending, and the next line decoded by this thread (any
+         * connection's) got U+FFFD before its first \u escape.  Start
+         * the next parse with a new tokener.
+         */
+        g_private_replace(&tokener_key, NULL);
 
         if (jerr == json_tokener_continue || jerr == json_tokener_success) {
             return set_error(err, EXTLOCK_ERR_PARSE, "incomplete JSON");
         }
         return set_error(err, EXTLOCK_ERR_PARSE, "invalid JSON: %s at %zu",
-                         json_tokener_error_desc(jerr),
-                         json_tokener_get_parse_end(tok));
+                         json_tokener_error_desc(jerr), jend);
     }
     for (end = json_tokener_get_parse_end(tok); end < len; end++) {
         if (!is_json_space(line[end])) {
@@ -1481,6 +1602,9 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         if (msg->session) {
             PUT_STR(out, ",\"session\":", msg->session);
         }
+        if (msg->resume_secret) {
+            PUT_STR(out, ",\"resume-secret\":", msg->resume_secret);
+        }
         break;
     case EXTLOCK_MSG_WELCOME:
         PUT_U64(out, ",\"version\":", msg->version);
@@ -1498,6 +1622,15 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         }
         if (msg->grace_remaining_ms) {
             PUT_U64(out, ",\"grace-remaining-ms\":", msg->grace_remaining_ms);
+        }
+        if (msg->has_fence_margin) {
+            PUT_U64(out, ",\"fence-margin-ms\":", msg->fence_margin_ms);
+        }
+        if (msg->resume_secret) {
+            PUT_STR(out, ",\"resume-secret\":", msg->resume_secret);
+        }
+        if (msg->identity) {
+            PUT_STR(out, ",\"identity\":", msg->identity);
         }
         if (msg->locks) {
             put_locks(out, msg->locks);
@@ -1572,7 +1705,28 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         PUT_U64(out, ",\"token\":", msg->token);
         break;
     case EXTLOCK_MSG_SESSION_EXPIRED:
+    case EXTLOCK_MSG_RELEASE_SESSION:
         PUT_STR(out, ",\"session\":", msg->session);
+        if (msg->message) {
+            PUT_STR(out, ",\"message\":", msg->message);
+        }
+        break;
+    case EXTLOCK_MSG_SESSION_RELEASED:
+        PUT_STR(out, ",\"session\":", msg->session);
+        PUT_U64(out, ",\"released\":", msg->released);
+        break;
+    case EXTLOCK_MSG_FENCE_STATUS:
+        PUT_STR(out, ",\"lock-space\":", msg->lock_space);
+        PUT_STR(out, ",\"client-id\":", msg->client_id);
+        if (msg->session_client) {
+            PUT_STR(out, ",\"session-client\":", msg->session_client);
+        }
+        if (msg->session) {
+            PUT_STR(out, ",\"session\":", msg->session);
+        }
+        APPEND_LIT(out, ",\"result\":\"");
+        g_string_append(out, extlock_fence_result_name(msg->fence_result));
+        out_putc(out, '"');
         if (msg->message) {
             PUT_STR(out, ",\"message\":", msg->message);
         }
@@ -1637,10 +1791,14 @@ void extlock_linebuf_destroy(ExtlockLineBuf *lb)
 /* Length of the unterminated line at the end of the buffered data */
 static size_t linebuf_tail(ExtlockLineBuf *lb)
 {
-    const guint8 *start = lb->buf->data + lb->pos;
     size_t n = lb->buf->len - lb->pos;
-    const guint8 *nl = n ? memrchr(start, '\n', n) : NULL;
+    const guint8 *start, *nl;
 
+    if (!n) {
+        return 0;       /* buf->data may be NULL: no arithmetic on it */
+    }
+    start = lb->buf->data + lb->pos;
+    nl = memrchr(start, '\n', n);
     return nl ? (size_t)(start + n - (nl + 1)) : n;
 }
 
@@ -1706,14 +1864,14 @@ void extlock_linebuf_append(ExtlockLineBuf *lb, const void *data, size_t len)
 ExtlockLineResult extlock_linebuf_next(ExtlockLineBuf *lb, const char **line,
                                        size_t *len)
 {
-    const char *start = (const char *)lb->buf->data + lb->pos;
     size_t avail = lb->buf->len - lb->pos;
-    const char *nl;
+    const char *start, *nl;
     size_t n;
 
     if (!avail) {
-        return EXTLOCK_LINE_NONE;
+        return EXTLOCK_LINE_NONE;   /* buf->data may be NULL */
     }
+    start = (const char *)lb->buf->data + lb->pos;
     nl = memchr(start, '\n', avail);
     if (!nl) {
         if (avail >= lb->max_line) {

@@ -60,6 +60,7 @@ typedef struct BenchOpts {
     uint32_t lease_ms;
     bool json;
     bool verbose;
+    ExtlockTlsOptions tls;
 } BenchOpts;
 
 /*
@@ -399,7 +400,7 @@ static bool conn_read(BenchConn *bc, char *buf)
     size_t len;
     ExtlockLineResult r;
 
-    n = recv(bc->fd, buf, READ_SIZE, MSG_DONTWAIT);
+    n = extlock_conn_recv_nb(bc->conn, buf, READ_SIZE);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
             return true;
@@ -451,8 +452,8 @@ static bool conn_flush(BenchConn *bc, int64_t t)
     maybe_renew(bc, t);
 
     if (bc->out_pos < bc->out->len) {
-        n = send(bc->fd, bc->out->str + bc->out_pos,
-                 bc->out->len - bc->out_pos, MSG_DONTWAIT | MSG_NOSIGNAL);
+        n = extlock_conn_send_nb(bc->conn, bc->out->str + bc->out_pos,
+                                 bc->out->len - bc->out_pos);
         if (n < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
                 fprintf(stderr, "extlock-bench: client %d: send failed: "
@@ -488,6 +489,7 @@ static gpointer worker_run(gpointer opaque)
     Worker *w = opaque;
     struct pollfd *pfd = g_new0(struct pollfd, w->nconns);
     char *buf = g_malloc(READ_SIZE);
+    bool tls_ready;
     int i, active;
 
     for (i = 0; i < w->nconns; i++) {
@@ -508,6 +510,7 @@ static gpointer worker_run(gpointer opaque)
         int64_t t;
 
         active = 0;
+        tls_ready = false;
         for (i = 0; i < w->nconns; i++) {
             BenchConn *bc = w->conns[i];
 
@@ -518,18 +521,21 @@ static gpointer worker_run(gpointer opaque)
             }
             pfd[i].revents = 0;
             active += bc->outstanding > 0;
+            tls_ready |= extlock_conn_tls_pending(bc->conn);
         }
         if (!active) {
             break;
         }
-        if (poll(pfd, w->nconns, 100) < 0 && errno != EINTR) {
+        if (poll(pfd, w->nconns, tls_ready ? 0 : 100) < 0 &&
+            errno != EINTR) {
             fprintf(stderr, "extlock-bench: poll: %s\n", g_strerror(errno));
             w->failed = true;
             break;
         }
         w->rounds++;
         for (i = 0; i < w->nconns; i++) {
-            if (pfd[i].revents & (POLLIN | POLLHUP | POLLERR)) {
+            if ((pfd[i].revents & (POLLIN | POLLHUP | POLLERR)) ||
+                extlock_conn_tls_pending(w->conns[i]->conn)) {
                 if (!conn_read(w->conns[i], buf)) {
                     w->failed = true;
                     goto out;
@@ -569,6 +575,12 @@ static void usage(FILE *f)
         "  -c, --connect ADDR        coordinator (default: "
         "$EXTLOCK_COORDINATOR,\n"
         "                            else " DEFAULT_ADDRESS ")\n"
+        "  --tls-creds-dir DIR       TLS to a tcp: coordinator (QEMU's client\n"
+        "                            layout: ca-cert.pem, client-cert.pem,\n"
+        "                            client-key.pem, or keys.psk)\n"
+        "  --tls-psk-user NAME       use NAME's key from DIR/keys.psk\n"
+        "  --tls-hostname NAME       name in the coordinator's certificate\n"
+        "  --tls-verify-peer yes|no  check the coordinator's certificate\n"
         "  -n, --clients N           client connections (default 16)\n"
         "  -w, --window W            outstanding lock requests per client\n"
         "                            (default 4, at most %d)\n"
@@ -655,6 +667,18 @@ static int parse_args(int argc, char **argv, BenchOpts *o)
 
         if (OPT("-c", "--connect")) {
             o->address = v;
+        } else if (OPT("--tls-creds-dir", "--tls-creds-dir")) {
+            o->tls.creds_dir = v;
+        } else if (OPT("--tls-psk-user", "--tls-psk-user")) {
+            o->tls.psk_username = v;
+        } else if (OPT("--tls-hostname", "--tls-hostname")) {
+            o->tls.hostname = v;
+        } else if (OPT("--tls-verify-peer", "--tls-verify-peer")) {
+            if (strcmp(v, "yes") != 0 && strcmp(v, "no") != 0) {
+                return bad_usage("--tls-verify-peer takes yes or no, not "
+                                 "'%s'", v);
+            }
+            o->tls.no_verify_peer = strcmp(v, "no") == 0;
         } else if (OPT("-n", "--clients")) {
             if (!parse_u64(v, &u) || u < 1 || u > 100000) {
                 return bad_usage("bad number of clients '%s'", v);
@@ -784,7 +808,7 @@ int main(int argc, char **argv)
 
         extlock_msg_init(&welcome, EXTLOCK_MSG_INVALID);
         bc->index = i;
-        bc->conn = extlock_conn_connect(o.address, &err);
+        bc->conn = extlock_conn_connect_tls(o.address, &o.tls, &err);
         if (!bc->conn ||
             !extlock_conn_hello(bc->conn, cid, o.lock_space, o.lease_ms,
                                 &welcome, &err)) {
@@ -796,6 +820,7 @@ int main(int argc, char **argv)
         bc->next_renew_ns = now_ns() + bc->renew_interval_ns;
         extlock_msg_clear(&welcome);
         bc->fd = extlock_conn_fd(bc->conn);
+        extlock_conn_set_nonblocking(bc->conn);
         extlock_linebuf_init(&bc->lb);
         bc->out = g_string_sized_new(4096);
         bc->slots = g_new0(Slot, o.window);

@@ -8,7 +8,8 @@
  * Sends one "status" request (allowed without hello) and prints the reply
  * as aligned tables, or as JSON with --json.  Exit status: 0 on success,
  * 1 if the coordinator cannot be reached or answers with an error, 2 for
- * bad usage.
+ * bad usage.  "release-session --force SESSION" sends the admin request
+ * of that name instead (dangerous: see docs/extlockd.rst).
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -234,9 +235,9 @@ static void print_sessions(json_object *st)
 {
     static const char *const hdr[] = {
         "SESSION", "CLIENT-ID", "LOCK-SPACE", "STATE", "LEASE-LEFT-MS",
-        "LOCKS", "WAITING",
+        "LOCKS", "WAITING", "FENCE",
     };
-    Table *t = table_new(hdr, "llllrrr");
+    Table *t = table_new(hdr, "llllrrrl");
     size_t i, n = array_len(st, "sessions");
 
     for (i = 0; i < n; i++) {
@@ -245,7 +246,12 @@ static void print_sessions(json_object *st)
         table_add(t, fmt_str(s, "session"), fmt_str(s, "client-id"),
                   fmt_str(s, "lock-space"), fmt_str(s, "state"),
                   fmt_int(s, "lease-remaining-ms"), fmt_int(s, "locks-held"),
-                  fmt_int(s, "requests-waiting"));
+                  fmt_int(s, "requests-waiting"),
+                  json_object_object_get_ex(s, "fence", NULL) ?
+                  g_strdup_printf("%s (%" PRId64 ")", json_object_get_string(
+                                  get(s, "fence")),
+                                  get_int(s, "fence-attempts")) :
+                  g_strdup("-"));
     }
     table_print(t, "Sessions");
     table_free(t);
@@ -475,16 +481,63 @@ static const char usage_text[] =
     "  locks      held locks: holder, mode, extent, token, age\n"
     "  waiters    waiting lock requests and who blocks them\n"
     "  counters   server and per lock-space counters\n"
+    "  release-session --force SESSION [--reason TEXT]\n"
+    "             DANGEROUS: release every lock of the expired SESSION now,\n"
+    "             without waiting for its fence agent.  If its client is in\n"
+    "             fact still writing, the data under those locks can be\n"
+    "             corrupted.  Only for a host known to be dead or cut off.\n"
     "\n"
     "Options:\n"
     "  -c, --connect ADDR  coordinator address: unix:PATH, tcp:HOST:PORT\n"
     "                      or a socket path (default: $EXTLOCK_COORDINATOR,\n"
     "                      else " DEFAULT_ADDRESS ")\n"
     "  -j, --json          print the status (or the selected part) as JSON\n"
+    "  --tls-creds-dir DIR TLS to a tcp: address, credentials in DIR like\n"
+    "                      QEMU's: ca-cert.pem, client-cert.pem,\n"
+    "                      client-key.pem (or keys.psk with --tls-psk-user)\n"
+    "  --tls-psk-user NAME use the pre-shared key of NAME from keys.psk\n"
+    "  --tls-hostname NAME name expected in the server certificate\n"
+    "                      (default: the host of the address)\n"
+    "  --tls-verify-peer yes|no  verify the server certificate (default yes)\n"
     "  -h, --help          show this help\n"
+    "\n"
+    "Before hello the coordinator answers status only to admin identities\n"
+    "(root or its own uid on the UNIX socket, admins of the --policy).\n"
     "\n"
     "Exit status: 0 success, 1 coordinator unreachable or error, "
     "2 bad usage.\n";
+
+/* The admin request release-session; returns the exit status */
+static int release_session(ExtlockConn *conn, const char *address,
+                           const char *session, const char *reason)
+{
+    g_autoptr(GError) err = NULL;
+    ExtlockMsg req, reply;
+    int ret = 1;
+
+    extlock_msg_init(&req, EXTLOCK_MSG_RELEASE_SESSION);
+    req.session = (char *)session;
+    req.message = (char *)reason;
+    extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
+    if (!extlock_conn_call(conn, &req, &reply, STATUS_TIMEOUT_MS, &err)) {
+        fprintf(stderr, "extlockctl: no answer from %s: %s\n", address,
+                err->message);
+    } else if (reply.type == EXTLOCK_MSG_ERROR) {
+        fprintf(stderr, "extlockctl: %s refused to release session %s: "
+                "%s: %s\n", address, session,
+                extlock_error_code_name(reply.error),
+                reply.message ? reply.message : "");
+    } else if (reply.type != EXTLOCK_MSG_SESSION_RELEASED) {
+        fprintf(stderr, "extlockctl: unexpected reply \"%s\" from %s\n",
+                extlock_msg_type_name(reply.type), address);
+    } else {
+        printf("session %s released: %" PRIu64 " locks\n", session,
+               reply.released);
+        ret = fflush(stdout) == 0 ? 0 : 1;
+    }
+    extlock_msg_clear(&reply);
+    return ret;
+}
 
 static int usage_error(const char *fmt, const char *arg)
 {
@@ -498,7 +551,9 @@ int main(int argc, char **argv)
 {
     const char *address = NULL;
     const char *command = NULL;
-    bool json = false;
+    const char *session = NULL, *reason = NULL;
+    bool json = false, force = false;
+    ExtlockTlsOptions tls = { 0 };
     g_autoptr(GError) err = NULL;
     ExtlockConn *conn;
     ExtlockMsg req, reply;
@@ -519,8 +574,51 @@ int main(int argc, char **argv)
             address = argv[++i];
         } else if (g_str_has_prefix(a, "--connect=")) {
             address = a + strlen("--connect=");
+        } else if (g_str_equal(a, "--force")) {
+            force = true;
+        } else if (g_str_equal(a, "--reason")) {
+            if (i + 1 >= argc) {
+                return usage_error("option '%s' needs a text", a);
+            }
+            reason = argv[++i];
+        } else if (g_str_has_prefix(a, "--tls-")) {
+            static const char *const names[] = {
+                "--tls-creds-dir", "--tls-psk-user", "--tls-hostname",
+                "--tls-verify-peer", NULL,
+            };
+            const char *eq = strchr(a, '=');
+            g_autofree char *name = eq ? g_strndup(a, eq - a) : g_strdup(a);
+            const char *val;
+
+            if (!g_strv_contains(names, name)) {
+                return usage_error("unknown option '%s'", a);
+            }
+            if (eq) {
+                val = eq + 1;
+            } else if (i + 1 < argc) {
+                val = argv[++i];
+            } else {
+                return usage_error("option '%s' needs a value", a);
+            }
+            if (g_str_equal(name, "--tls-creds-dir")) {
+                tls.creds_dir = val;
+            } else if (g_str_equal(name, "--tls-psk-user")) {
+                tls.psk_username = val;
+            } else if (g_str_equal(name, "--tls-hostname")) {
+                tls.hostname = val;
+            } else if (g_str_equal(val, "yes") || g_str_equal(val, "no")) {
+                tls.no_verify_peer = g_str_equal(val, "no");
+            } else {
+                return usage_error("--tls-verify-peer takes yes or no, "
+                                   "not '%s'", val);
+            }
         } else if (a[0] == '-' && a[1]) {
             return usage_error("unknown option '%s'", a);
+        } else if (command && g_str_equal(command, "release-session") &&
+                   !session) {
+            session = a;
+        } else if (!command && g_str_equal(a, "release-session")) {
+            command = a;
         } else if (command) {
             return usage_error("unexpected argument '%s'", a);
         } else if (!g_strv_contains(commands, a)) {
@@ -532,6 +630,20 @@ int main(int argc, char **argv)
     if (!command) {
         command = "status";
     }
+    if (g_str_equal(command, "release-session")) {
+        if (!session) {
+            return usage_error("%s needs a session id", command);
+        }
+        if (!force) {
+            return usage_error("%s is dangerous: if the session's client is "
+                               "still writing, data can be corrupted; add "
+                               "--force if its host is known to be dead or "
+                               "cut off from the storage", command);
+        }
+    } else if (force || reason) {
+        return usage_error("--force and --reason only go with "
+                           "release-session%s", "");
+    }
     if (!address) {
         address = g_getenv("EXTLOCK_COORDINATOR");
     }
@@ -539,10 +651,20 @@ int main(int argc, char **argv)
         address = DEFAULT_ADDRESS;
     }
 
-    conn = extlock_conn_connect(address, &err);
+    if ((tls.psk_username || tls.hostname || tls.no_verify_peer) &&
+        !tls.creds_dir) {
+        return usage_error("%s", "the --tls-* options need --tls-creds-dir");
+    }
+    conn = extlock_conn_connect_tls(address, &tls, &err);
     if (!conn) {
         fprintf(stderr, "extlockctl: %s\n", err->message);
         return 1;
+    }
+
+    if (session) {
+        ret = release_session(conn, address, session, reason);
+        extlock_conn_close(conn);
+        return ret;
     }
 
     extlock_msg_init(&req, EXTLOCK_MSG_STATUS);

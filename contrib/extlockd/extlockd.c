@@ -16,8 +16,12 @@
 #include <glib-unix.h>
 
 #include "extlock/protocol.h"
+#include "event-log.h"
+#include "fence.h"
+#include "policy.h"
 #include "server.h"
 #include "state-file.h"
+#include "tls.h"
 
 #define EXIT_USAGE 2
 
@@ -68,6 +72,34 @@ static GLogWriterOutput log_writer(GLogLevelFlags level,
     return G_LOG_WRITER_HANDLED;
 }
 
+typedef struct ReloadCtx {
+    ExtlockdServer *server;
+    const char *policy_file;
+} ReloadCtx;
+
+/* SIGHUP: read the policy file again; a bad one leaves the old in force */
+static gboolean on_sighup(gpointer opaque)
+{
+    ReloadCtx *r = opaque;
+    g_autoptr(GError) err = NULL;
+    ExtlockdPolicy *p;
+
+    if (!r->policy_file) {
+        g_message("SIGHUP: no --policy file to reload");
+        return G_SOURCE_CONTINUE;
+    }
+    p = extlockd_policy_load(r->policy_file, &err);
+    if (!p) {
+        g_warning("SIGHUP: policy not reloaded, the previous one stays in "
+                  "force: %s", err->message);
+        return G_SOURCE_CONTINUE;
+    }
+    g_message("SIGHUP: policy reloaded from %s (%u identities)",
+              r->policy_file, extlockd_policy_size(p));
+    extlockd_server_set_policy(r->server, p);
+    return G_SOURCE_CONTINUE;
+}
+
 static gboolean on_signal(gpointer opaque)
 {
     GMainLoop *loop = opaque;
@@ -104,7 +136,25 @@ int main(int argc, char **argv)
     gint64 max_locks = EXTLOCKD_DEFAULT_MAX_LOCKS;
     gint64 max_sessions = EXTLOCKD_DEFAULT_MAX_SESS;
     gint64 grace_ms = -1;
+    gint64 fence_timeout_ms = EXTLOCKD_DEFAULT_FENCE_TIMEOUT_MS;
+    g_autofree char *fence_agent = NULL;
+    g_auto(GStrv) fence_args = NULL;
+    g_autofree char *event_log_path = NULL;
+    ExtlockdEventLog *event_log = NULL;
+    uint32_t longest_lease = 0;
+    int64_t longest_cover = 0;
+    unsigned unknown_leases = 0;
     gboolean debug_checks = FALSE, verbose = FALSE, version = FALSE;
+    g_autofree char *tls_dir = NULL, *tls_verify = NULL, *policy_file = NULL;
+    gboolean insecure = FALSE;
+    gint64 hello_timeout = EXTLOCKD_DEFAULT_HELLO_TIMEOUT_MS;
+    gint64 max_unauth = EXTLOCKD_DEFAULT_MAX_UNAUTH;
+    gint64 max_unauth_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
+    gint64 status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
+    ExtlockdPolicy *policy = NULL;
+    ExtlockdTlsCreds *tls = NULL;
+    ReloadCtx reload = { 0 };
+    bool has_tcp = false;
     GOptionEntry entries[] = {
         { "listen", 'l', 0, G_OPTION_ARG_STRING_ARRAY, &listen_addrs,
           "Listen on ADDR: unix:PATH or tcp:HOST:PORT (repeatable; "
@@ -121,11 +171,47 @@ int main(int argc, char **argv)
         { "grace-ms", 0, 0, G_OPTION_ARG_INT64, &grace_ms,
           "After a restart, how long the sessions of the previous run may "
           "reclaim their locks before new requests are served (default "
-          "lease-ms + fence-margin-ms; 0: no grace period)", "N" },
+          "and minimum: the longest lease of those sessions + "
+          "fence-margin-ms)", "N" },
+        { "fence-agent", 0, 0, G_OPTION_ARG_FILENAME, &fence_agent,
+          "Run PATH (fence-agents stdin interface) to cut an expired "
+          "client off the storage before its locks are released", "PATH" },
+        { "fence-timeout-ms", 0, 0, G_OPTION_ARG_INT64, &fence_timeout_ms,
+          "Kill the fence agent and count it as failed after N ms "
+          "(default 30000)", "N" },
+        { "fence-arg", 0, 0, G_OPTION_ARG_STRING_ARRAY, &fence_args,
+          "Pass KEY=VALUE to the fence agent on its stdin (repeatable)",
+          "KEY=VALUE" },
+        { "event-log", 0, 0, G_OPTION_ARG_FILENAME, &event_log_path,
+          "Append a JSON line to FILE for every grant, release, expiry "
+          "and fencing step", "FILE" },
         { "max-locks-per-session", 0, 0, G_OPTION_ARG_INT64, &max_locks,
           "Held plus waiting locks per session (default 16384)", "N" },
         { "max-sessions", 0, 0, G_OPTION_ARG_INT64, &max_sessions,
           "Sessions in all lock-spaces (default 4096)", "N" },
+        { "tls-creds-dir", 0, 0, G_OPTION_ARG_FILENAME, &tls_dir,
+          "TLS on TCP listeners, with the credentials in DIR (QEMU's "
+          "layout: ca-cert.pem, server-cert.pem, server-key.pem and/or "
+          "keys.psk)", "DIR" },
+        { "tls-verify-peer", 0, 0, G_OPTION_ARG_STRING, &tls_verify,
+          "Require x509 clients to present a certificate signed by "
+          "ca-cert.pem (default yes)", "yes|no" },
+        { "insecure", 0, 0, G_OPTION_ARG_NONE, &insecure,
+          "Allow TCP listeners without TLS: anybody who reaches the port "
+          "can take locks (testing only)", NULL },
+        { "policy", 0, 0, G_OPTION_ARG_FILENAME, &policy_file,
+          "Authorization policy (identities, lock-spaces, client-ids, "
+          "admins); reloaded on SIGHUP", "FILE" },
+        { "hello-timeout-ms", 0, 0, G_OPTION_ARG_INT64, &hello_timeout,
+          "Close connections that have not said hello after N ms "
+          "(default 10000)", "N" },
+        { "max-unauth", 0, 0, G_OPTION_ARG_INT64, &max_unauth,
+          "Connections without hello, in total (default 256)", "N" },
+        { "max-unauth-per-peer", 0, 0, G_OPTION_ARG_INT64, &max_unauth_peer,
+          "Connections without hello per IP address or uid (default 32)",
+          "N" },
+        { "status-rate", 0, 0, G_OPTION_ARG_INT64, &status_rate,
+          "status requests per second and connection (default 10)", "N" },
         { "debug-checks", 0, 0, G_OPTION_ARG_NONE, &debug_checks,
           "Check the lock table invariants after every change (also "
           "EXTLOCKD_DEBUG_CHECKS=1)", NULL },
@@ -170,16 +256,76 @@ int main(int argc, char **argv)
     }
     if (!check_range("--lease-ms", lease_ms, EXTLOCK_MIN_LEASE_MS,
                      EXTLOCK_MAX_LEASE_MS) ||
-        !check_range("--fence-margin-ms", fence_ms, 0,
+        !check_range("--fence-margin-ms", fence_ms, EXTLOCKD_MIN_FENCE_MS,
                      EXTLOCKD_MAX_FENCE_MS) ||
+        !check_range("--fence-timeout-ms", fence_timeout_ms, 1,
+                     EXTLOCKD_MAX_FENCE_TIMEOUT_MS) ||
         !check_range("--max-locks-per-session", max_locks, 1, G_MAXUINT32) ||
         !check_range("--max-sessions", max_sessions, 1, G_MAXUINT32) ||
         (grace_ms != -1 &&
-         !check_range("--grace-ms", grace_ms, 0, EXTLOCKD_MAX_GRACE_MS))) {
+         !check_range("--grace-ms", grace_ms, 0, EXTLOCKD_MAX_GRACE_MS)) ||
+        !check_range("--hello-timeout-ms", hello_timeout, 100,
+                     EXTLOCK_MAX_LEASE_MS) ||
+        !check_range("--max-unauth", max_unauth, 1, 1000000) ||
+        !check_range("--max-unauth-per-peer", max_unauth_peer, 1,
+                     1000000) ||
+        !check_range("--status-rate", status_rate, 1, 1000000)) {
         return EXIT_USAGE;
     }
-    if (grace_ms == -1) {
-        grace_ms = lease_ms + fence_ms;
+    if (tls_verify && strcmp(tls_verify, "yes") != 0 &&
+        strcmp(tls_verify, "no") != 0) {
+        fprintf(stderr, "extlockd: --tls-verify-peer must be yes or no, "
+                "not '%s'\n", tls_verify);
+        return EXIT_USAGE;
+    }
+    if (tls_verify && !tls_dir) {
+        fprintf(stderr, "extlockd: --tls-verify-peer needs "
+                "--tls-creds-dir\n");
+        return EXIT_USAGE;
+    }
+    if (grace_ms != -1 && grace_ms < lease_ms + fence_ms) {
+        fprintf(stderr, "extlockd: --grace-ms %" PRId64 " is unsafe: after "
+                "a restart, a client of the previous run may still use its "
+                "locks for its whole lease plus the fence margin, so the "
+                "grace period must be at least --lease-ms + "
+                "--fence-margin-ms = %" PRId64 " (and at least the longest "
+                "lease of the sessions in the state file + "
+                "--fence-margin-ms)\n", grace_ms, lease_ms + fence_ms);
+        return EXIT_USAGE;
+    }
+    if (fence_agent) {
+        if (!fence_agent[0] || !g_path_is_absolute(fence_agent)) {
+            fprintf(stderr, "extlockd: --fence-agent '%s' must be an "
+                    "absolute path\n", fence_agent);
+            return EXIT_USAGE;
+        }
+        if (!g_file_test(fence_agent, G_FILE_TEST_IS_REGULAR) ||
+            access(fence_agent, X_OK) != 0) {
+            fprintf(stderr, "extlockd: --fence-agent %s is not an "
+                    "executable file\n", fence_agent);
+            return EXIT_USAGE;
+        }
+    }
+    if (fence_args) {
+        if (!fence_agent) {
+            fprintf(stderr, "extlockd: --fence-arg needs --fence-agent\n");
+            return EXIT_USAGE;
+        }
+        if (g_strv_length(fence_args) > EXTLOCKD_FENCE_MAX_ARGS) {
+            fprintf(stderr, "extlockd: more than %d --fence-arg\n",
+                    EXTLOCKD_FENCE_MAX_ARGS);
+            return EXIT_USAGE;
+        }
+        for (int i = 0; fence_args[i]; i++) {
+            if (!extlockd_fence_arg_check(fence_args[i], &err)) {
+                fprintf(stderr, "extlockd: %s\n", err->message);
+                return EXIT_USAGE;
+            }
+        }
+    }
+    if (event_log_path && !event_log_path[0]) {
+        fprintf(stderr, "extlockd: --event-log must not be empty\n");
+        return EXIT_USAGE;
     }
     if (state_file && !state_file[0]) {
         fprintf(stderr, "extlockd: --state-file must not be empty\n");
@@ -194,6 +340,14 @@ int main(int argc, char **argv)
                     "tcp:HOST:PORT\n", addrs[i]);
             return EXIT_USAGE;
         }
+        has_tcp |= g_str_has_prefix(addrs[i], "tcp:");
+    }
+    if (has_tcp && !tls_dir && !insecure) {
+        fprintf(stderr, "extlockd: a TCP listener without TLS lets anybody "
+                "who can reach the port take and release locks.\n"
+                "Give --tls-creds-dir DIR (see docs/extlockd.rst), or "
+                "--insecure if that is really what you want.\n");
+        return EXIT_USAGE;
     }
 
     opt_verbose = verbose;
@@ -204,9 +358,13 @@ int main(int argc, char **argv)
     cfg.fence_margin_ms = fence_ms;
     cfg.max_locks_per_session = max_locks;
     cfg.max_sessions = max_sessions;
-    cfg.grace_ms = grace_ms;
     cfg.debug_checks = debug_checks || env_flag("EXTLOCKD_DEBUG_CHECKS");
     cfg.verbose = verbose;
+    cfg.insecure = insecure;
+    cfg.hello_timeout_ms = hello_timeout;
+    cfg.max_unauth = max_unauth;
+    cfg.max_unauth_per_peer = max_unauth_peer;
+    cfg.status_rate = status_rate;
     first_counter = g_getenv("EXTLOCKD_TEST_FIRST_COUNTER");
     if (first_counter) {
         guint64 v;
@@ -233,6 +391,22 @@ int main(int argc, char **argv)
      * The epoch, and the sessions that may reclaim their locks, are
      * durable before anybody can connect
      */
+    policy = extlockd_policy_load(policy_file, &err);
+    if (!policy) {
+        g_critical("%s", err->message);
+        return 1;
+    }
+    if (tls_dir) {
+        tls = extlockd_tls_creds_load(tls_dir,
+                                      !tls_verify ||
+                                      strcmp(tls_verify, "yes") == 0, &err);
+        if (!tls) {
+            g_critical("%s", err->message);
+            extlockd_policy_free(policy);
+            return 1;
+        }
+    }
+
     lock_fd = extlockd_state_lock(cfg.state_file, &err);
     if (lock_fd < 0) {
         g_critical("%s", err->message);
@@ -243,8 +417,92 @@ int main(int argc, char **argv)
         g_critical("%s", err->message);
         return 1;
     }
+    /*
+     * The grace period must outlast every listed session's lease (plus
+     * the fence margin): until then its client may still use its locks.
+     * A file from before leases were recorded: assume the longest lease.
+     */
+    for (guint i = 0; i < sessions->len; i++) {
+        const ExtlockdStateSession *ss = sessions->pdata[i];
+
+        if (!ss->lease_ms) {
+            unknown_leases++;
+        }
+        longest_lease = MAX(longest_lease, ss->lease_ms ? ss->lease_ms
+                                                        : EXTLOCK_MAX_LEASE_MS);
+        /*
+         * Its client's I/O deadline uses the fence margin it was told,
+         * which may be larger than ours if we were restarted with a
+         * smaller one (not recorded by older versions: ours)
+         */
+        longest_cover = MAX(longest_cover,
+                            (int64_t)(ss->lease_ms ? ss->lease_ms
+                                                   : EXTLOCK_MAX_LEASE_MS) +
+                            MAX((int64_t)ss->fence_margin_ms, fence_ms));
+    }
+    if (grace_ms == -1) {
+        grace_ms = MAX(lease_ms + fence_ms, longest_cover);
+    } else if (grace_ms < longest_cover) {
+        g_critical("--grace-ms %" PRId64 " is unsafe: the state file %s "
+                   "lists %u session(s) whose longest lease is %u ms%s, so "
+                   "the grace period must be at least %" PRId64 " ms "
+                   "(the longest lease + fence margin of a listed session, "
+                   "with the larger of --fence-margin-ms and the margin "
+                   "its client was told); leave --grace-ms out to get it",
+                   grace_ms, cfg.state_file, sessions->len,
+                   longest_lease, unknown_leases ?
+                   " (sessions without a recorded lease count as the "
+                   "longest lease a client may ask for)" : "",
+                   longest_cover);
+        return EXIT_USAGE;
+    }
+    cfg.grace_ms = grace_ms;
+    if (unknown_leases) {
+        g_message("%u session(s) in the state file have no recorded lease "
+                  "(written by an older extlockd): assuming %d ms",
+                  unknown_leases, EXTLOCK_MAX_LEASE_MS);
+    }
+    if (event_log_path) {
+        event_log = extlockd_event_log_open(event_log_path, &err);
+        if (!event_log) {
+            g_critical("%s", err->message);
+            return 1;
+        }
+    }
     epoch++;
     server = extlockd_server_new(&cfg, epoch);
+    extlockd_server_set_event_log(server, event_log);
+    if (fence_agent) {
+        extlockd_server_set_fencer(server,
+            extlockd_fencer_new(fence_agent, fence_timeout_ms,
+                                (const char *const *)fence_args));
+    }
+    extlockd_server_set_policy(server, policy);
+    extlockd_server_set_tls(server, tls);
+    reload.server = server;
+    reload.policy_file = policy_file;
+    g_unix_signal_add(SIGHUP, on_sighup, &reload);
+    if (policy_file) {
+        g_message("policy %s: %u identities", policy_file,
+                  extlockd_policy_size(policy));
+    } else {
+        g_message("no --policy: every identity may use every lock-space "
+                  "and client-id; admins: uid:0 and uid:%u on the UNIX "
+                  "socket", (unsigned)getuid());
+        if (fence_agent) {
+            /* The agent fences the plug named by a client-chosen name */
+            g_warning("--fence-agent without --policy: any client may use "
+                      "any client-id, so it can get another host fenced "
+                      "(plug=<client-id>) by taking a lock under that host's "
+                      "client-id and letting its lease lapse; bind the "
+                      "client-ids to identities with --policy");
+        }
+    }
+    if (has_tcp && !tls_dir) {
+        g_warning("INSECURE: TCP listeners without TLS (--insecure): "
+                  "anybody who can reach them can take and release locks "
+                  "of the lock-spaces the policy allows \"anonymous\"");
+    }
     extlockd_server_restore(server, sessions);
     if (!extlockd_server_save_state(server, &err)) {
         g_critical("%s", err->message);
@@ -252,10 +510,14 @@ int main(int argc, char **argv)
         return 1;
     }
     g_message("%s starting: epoch %" PRIu64 " (state file %s), lease %u ms, "
-              "fence margin %u ms, grace period %u ms%s",
+              "fence margin %u ms, grace period %u ms%s%s%s%s%s",
               EXTLOCKD_SERVER_NAME, epoch, cfg.state_file, cfg.lease_ms,
               cfg.fence_margin_ms, cfg.grace_ms,
-              cfg.debug_checks ? ", debug checks on" : "");
+              cfg.debug_checks ? ", debug checks on" : "",
+              fence_agent ? ", fence agent " : ", no fence agent",
+              fence_agent ? fence_agent : "",
+              event_log_path ? ", event log " : "",
+              event_log_path ? event_log_path : "");
 
     for (int i = 0; addrs[i]; i++) {
         if (!extlockd_server_listen(server, addrs[i], &err)) {

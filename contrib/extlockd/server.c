@@ -48,12 +48,19 @@
 #include <glib.h>
 #include <glib-unix.h>
 #include <gio/gio.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/crypto.h>
 #include <json-c/json.h>
 
 #include "extlock/lock-table.h"
 #include "extlock/protocol.h"
+#include "event-log.h"
+#include "fence.h"
+#include "policy.h"
 #include "server.h"
 #include "state-file.h"
+#include "state-writer.h"
+#include "tls.h"
 
 #define READ_CHUNK          (64 * 1024)
 #define READ_ROUNDS         4           /* reads per callback at most */
@@ -61,6 +68,7 @@
 #define CLOSE_TIMEOUT_US    (5 * G_USEC_PER_SEC)
 #define MAX_BLOCKERS        64          /* listed in a "waiting" reply */
 #define LISTEN_PAUSE_MS     100         /* after EMFILE and friends */
+#define REFUSAL_LOG_BURST   20          /* log_refusal() lines a second */
 
 #define VERBOSE(s, ...) \
     do { \
@@ -102,6 +110,14 @@ struct ExtlockdSpace {
     /* Restart grace period */
     bool in_grace;
     GList grace_link;            /* in server->grace_spaces */
+    bool grace_linked;           /* grace_link is in server->grace_spaces */
+    /*
+     * With a fence agent, the grace period ends only once the listed
+     * sessions whose client never came back are fenced: their extents are
+     * unknown, so nothing may be granted before (see space_end_grace)
+     */
+    GQueue grace_fenced;         /* such sessions, via their reclaim_link */
+    unsigned grace_fence_pending;    /* ... not fenced yet */
     GQueue reclaimers;           /* sessions still reclaiming */
     GQueue deferred;             /* DeferredReq, in token order */
 };
@@ -126,6 +142,13 @@ struct ExtlockdSession {
     ExtlockdConn *conn;          /* NULL unless SESSION_ACTIVE */
     ExtlockdSessionState state;
     uint32_t lease_ms;
+    /*
+     * The largest fence margin its client was told in a welcome (its
+     * driver's I/O deadline depends on it): recorded in the state file so
+     * that the grace period after a restart with a smaller
+     * --fence-margin-ms still covers it
+     */
+    uint32_t fence_margin_ms;
     int64_t deadline_us;         /* last renewal + lease */
     GHashTable *held;            /* set of granted ExtlockLock * */
     GHashTable *waiting;         /* set of waiting ExtlockLock *, keyed by
@@ -141,6 +164,22 @@ struct ExtlockdSession {
     bool restored;
     bool resend_revokes;         /* grace ended while it was reclaiming */
     GList reclaim_link;
+    /*
+     * Expired holding locks with a fence agent configured: the agent
+     * run(s) (fence.h); the locks go only once @fence_ok
+     */
+    ExtlockdFence *fence;
+    bool fence_ok;
+    bool grace_fenced;           /* in space->grace_fenced */
+
+    /*
+     * The identity that created it, and the SHA-256 (hex) of the resume
+     * secret given in its welcome: resuming or reclaiming it needs both.
+     * NULL owner: restored from an old state file, cannot be reclaimed.
+     */
+    char *owner;
+    char secret_sha256[65];
+    char secret[EXTLOCK_SECRET_LEN + 1];    /* "" after a restart */
 };
 
 struct ExtlockdConn {
@@ -161,6 +200,20 @@ struct ExtlockdConn {
     ExtlockdSession *session;
     bool closing;                /* close once out is flushed */
     int64_t closing_since_us;
+    /* Who it is (policy.h); NULL during the TLS handshake */
+    char *identity;
+    ExtlockdTls *tls;            /* TLS listener: the TLS session */
+    bool handshaking;
+    /* Before hello: counted per peer (IP address or uid) and in total */
+    char *peer_key;
+    bool unauth;
+    GList unauth_link;           /* in server->unauth, accept order */
+    int64_t accepted_us;
+    /* hello: input paused until the new session is in the state file */
+    bool awaiting_state;
+    /* status rate limit: tokens, refilled every STATUS_INTERVAL */
+    unsigned status_tokens;
+    int64_t status_refill_us;
 };
 
 typedef struct ConnSource {
@@ -178,6 +231,7 @@ struct ExtlockdListener {
     char *unix_path;             /* unlinked at exit if still ours */
     dev_t dev;
     ino_t ino;
+    bool tls;                    /* TCP with TLS */
 };
 
 struct ExtlockdServer {
@@ -202,17 +256,49 @@ struct ExtlockdServer {
     uint64_t nerrors;
     bool shutting_down;
     char *rbuf;
+    ExtlockdEventLog *event_log;  /* --event-log, or NULL */
+    ExtlockdFencer *fencer;       /* --fence-agent, or NULL */
     /* scratch arrays for formatting replies */
     GArray *pieces;
     GArray *blockers;
     GArray *locks;
+    /* Security */
+    ExtlockdPolicy *policy;
+    ExtlockdTlsCreds *tls;
+    GQueue unauth;               /* connections without hello */
+    GHashTable *unauth_per_peer; /* peer key -> count (GUINT_TO_POINTER) */
+    uint64_t refused;            /* connections refused by the caps */
+    int64_t refused_logged_us;
+    uint64_t refused_logged;
+    /* State file writes (state-writer.h) and the welcomes waiting on them */
+    ExtlockdStateWriter *writer;
+    GQueue welcomes;             /* DeferredWelcome, in generation order */
+    /* log_refusal(): lines in the current second, and those left out */
+    int64_t refusal_window_us;
+    unsigned refusal_lines;
+    uint64_t refusals_unlogged;
 };
+
+/*
+ * A welcome sent once the state file has what it promises: a new session,
+ * or (reclaim after a restart) a session's new resume secret
+ */
+typedef struct DeferredWelcome {
+    uint64_t gen;
+    uint64_t conn_serial;
+    char session[33];
+    bool has_id;
+    uint64_t id;
+    bool reclaim;
+    char old_sha256[65];         /* reclaim: restored if the write fails */
+} DeferredWelcome;
 
 static void conn_destroy(ExtlockdConn *c);
 static void conn_close_after_flush(ExtlockdConn *c);
 static void server_schedule(ExtlockdServer *s, int64_t when_us);
 static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp);
 static void space_end_grace(ExtlockdSpace *space, bool timeout);
+static uint64_t save_state_async(ExtlockdServer *s);
 
 /* ------------------------------------------------------------------ */
 /* Tokens                                                              */
@@ -236,6 +322,49 @@ static bool next_token(ExtlockdServer *s, uint64_t *token)
     }
     *token = (s->epoch << EXTLOCKD_COUNTER_BITS) | s->counter++;
     return true;
+}
+
+/* ------------------------------------------------------------------ */
+/* Event log (event-log.h)                                             */
+
+/* @event for @lock of its owner; @part: the released part, or NULL */
+static void log_lock(ExtlockdServer *s, const char *event, ExtlockLock *lock,
+                     const ExtlockExtent *part)
+{
+    ExtlockdSession *S = lock->owner;
+    ExtlockdEvent ev = {
+        .event = event,
+        .lock_space = S->space->name,
+        .client_id = S->client_id,
+        .session = S->id,
+        .has_lock = true,
+        .lock = lock->id,
+        .token = lock->token,
+        .offset = part ? part->start : lock->node.ext.start,
+        .length = part ? part->end - part->start
+                       : lock->node.ext.end - lock->node.ext.start,
+        .mode = lock->mode,
+    };
+
+    if (s->event_log) {
+        extlockd_event_log_write(s->event_log, &ev);
+    }
+}
+
+static void log_session(ExtlockdSession *S, const char *event,
+                        const char *message)
+{
+    ExtlockdEvent ev = {
+        .event = event,
+        .lock_space = S->space->name,
+        .client_id = S->client_id,
+        .session = S->id,
+        .message = message,
+    };
+
+    if (S->server->event_log) {
+        extlockd_event_log_write(S->server->event_log, &ev);
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -271,11 +400,74 @@ send_error(ExtlockdConn *c, bool has_id, uint64_t id, ExtlockErrorCode code,
     extlock_format_error(conn_out(c), has_id, id, code, "%s", text);
 }
 
+/*
+ * A warning about a request or connection refused for who sent it: at
+ * most REFUSAL_LOG_BURST lines a second, so that a peer cannot fill the
+ * log (and spend the daemon's time on it) at the rate it sends lines; the
+ * next line logged says how many were left out
+ */
+static void G_GNUC_PRINTF(2, 3)
+log_refusal(ExtlockdServer *s, const char *fmt, ...)
+{
+    int64_t now = g_get_monotonic_time();
+    g_autofree char *text = NULL;
+    va_list ap;
+
+    if (now - s->refusal_window_us >= G_USEC_PER_SEC) {
+        s->refusal_window_us = now;
+        s->refusal_lines = 0;
+    }
+    if (s->refusal_lines >= REFUSAL_LOG_BURST) {
+        s->refusals_unlogged++;
+        return;
+    }
+    s->refusal_lines++;
+    va_start(ap, fmt);
+    text = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    if (s->refusals_unlogged) {
+        g_warning("%s (%" PRIu64 " similar refusals not logged before "
+                  "this one)", text, s->refusals_unlogged);
+        s->refusals_unlogged = 0;
+    } else {
+        g_warning("%s", text);
+    }
+}
+
 static void conn_set_events(ExtlockdConn *c, GIOCondition events)
 {
     if (c->events != events) {
         c->events = events;
         g_source_modify_unix_fd(c->source, c->tag, events);
+    }
+}
+
+/* Plain or TLS I/O on the connection's non-blocking socket */
+static ssize_t conn_sys_send(ExtlockdConn *c, const void *buf, size_t len)
+{
+    if (c->tls) {
+        return extlockd_tls_send(c->tls, buf, len);
+    }
+    return send(c->fd, buf, len, MSG_NOSIGNAL);
+}
+
+static ssize_t conn_sys_recv(ExtlockdConn *c, void *buf, size_t len)
+{
+    if (c->tls) {
+        return extlockd_tls_recv(c->tls, buf, len);
+    }
+    return recv(c->fd, buf, len, 0);
+}
+
+/*
+ * Records GnuTLS has decrypted already are invisible to poll(): make the
+ * source dispatch again if the connection wants input
+ */
+static void conn_kick_tls(ExtlockdConn *c)
+{
+    if (c->tls && !c->handshaking && (c->events & G_IO_IN) &&
+        extlockd_tls_pending(c->tls)) {
+        g_source_set_ready_time(c->source, 0);
     }
 }
 
@@ -286,8 +478,8 @@ static bool conn_flush(ExtlockdConn *c)
     GIOCondition events;
 
     while (c->out_pos < c->out->len) {
-        ssize_t n = send(c->fd, c->out->str + c->out_pos,
-                         c->out->len - c->out_pos, MSG_NOSIGNAL);
+        ssize_t n = conn_sys_send(c, c->out->str + c->out_pos,
+                                  c->out->len - c->out_pos);
         if (n > 0) {
             c->out_pos += n;
             continue;
@@ -299,7 +491,8 @@ static bool conn_flush(ExtlockdConn *c)
             break;
         }
         VERBOSE(c->server, "%s: write failed: %s", c->peer,
-                n < 0 ? g_strerror(errno) : "no progress");
+                n < 0 ? (c->tls ? extlockd_tls_error(c->tls) :
+                         g_strerror(errno)) : "no progress");
         conn_destroy(c);
         return false;
     }
@@ -312,7 +505,10 @@ static bool conn_flush(ExtlockdConn *c)
             conn_destroy(c);
             return false;
         }
-        conn_set_events(c, G_IO_IN);
+        if (!c->handshaking) {
+            conn_set_events(c, c->awaiting_state ? 0 : G_IO_IN);
+            conn_kick_tls(c);
+        }
         return true;
     }
 
@@ -328,10 +524,12 @@ static bool conn_flush(ExtlockdConn *c)
         c->out_pos = 0;
     }
     events = G_IO_OUT;
-    if (!c->closing && pending < BACKPRESSURE_OUTPUT) {
+    if (!c->closing && !c->awaiting_state &&
+        pending < BACKPRESSURE_OUTPUT) {
         events |= G_IO_IN;
     }
     conn_set_events(c, events);
+    conn_kick_tls(c);
     return true;
 }
 
@@ -488,6 +686,7 @@ static void space_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     }
     g_hash_table_remove(S->waiting, lock);
     g_hash_table_add(S->held, lock);
+    log_lock(S->server, "grant", lock, NULL);
     if (S->conn) {
         format_granted(S->conn, lock);
         revoke_new_lock(table, lock);
@@ -562,6 +761,46 @@ static void make_session_id(ExtlockdServer *s, char id[33])
     } while (g_hash_table_contains(s->sessions, id));
 }
 
+/*
+ * A new resume secret for @S: 256 bits from GnuTLS's key-grade generator,
+ * in hex; only its SHA-256 is ever written to the state file
+ */
+static bool session_new_secret(ExtlockdSession *S)
+{
+    static const char hex[] = "0123456789abcdef";
+    uint8_t raw[EXTLOCK_SECRET_LEN / 2];
+    g_autofree char *sum = NULL;
+
+    if (gnutls_rnd(GNUTLS_RND_KEY, raw, sizeof(raw)) < 0) {
+        return false;
+    }
+    for (size_t i = 0; i < sizeof(raw); i++) {
+        S->secret[2 * i] = hex[raw[i] >> 4];
+        S->secret[2 * i + 1] = hex[raw[i] & 15];
+    }
+    S->secret[EXTLOCK_SECRET_LEN] = '\0';
+    explicit_bzero(raw, sizeof(raw));
+    sum = g_compute_checksum_for_string(G_CHECKSUM_SHA256, S->secret, -1);
+    g_strlcpy(S->secret_sha256, sum, sizeof(S->secret_sha256));
+    return true;
+}
+
+/* Does @secret (may be NULL) match @S's?  Compares hashes in constant time */
+static bool session_secret_ok(ExtlockdSession *S, const char *secret)
+{
+    g_autofree char *sum = NULL;
+    unsigned diff = 0;
+
+    if (!secret || !S->secret_sha256[0]) {
+        return false;
+    }
+    sum = g_compute_checksum_for_string(G_CHECKSUM_SHA256, secret, -1);
+    for (size_t i = 0; i < 64; i++) {
+        diff |= (unsigned char)sum[i] ^ (unsigned char)S->secret_sha256[i];
+    }
+    return diff == 0;
+}
+
 /* A session with id @id (NULL: a new random one), attached to nothing */
 static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
                                       const char *client_id,
@@ -583,6 +822,7 @@ static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
     S->waiting = g_hash_table_new(waiting_hash, waiting_equal);
     S->state = SESSION_DISCONNECTED;
     S->lease_ms = lease_ms;
+    S->fence_margin_ms = s->cfg.fence_margin_ms;
     S->deadline_us = now + (int64_t)lease_ms * 1000;
     S->link.data = S;
     S->reclaim_link.data = S;
@@ -592,9 +832,12 @@ static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
 }
 
 /* Attach @S to @c with a fresh lease of @lease_ms */
+static void conn_unauth_done(ExtlockdConn *c);
+
 static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
                            uint32_t lease_ms, int64_t now)
 {
+    conn_unauth_done(c);
     S->conn = c;
     c->session = S;
     S->state = SESSION_ACTIVE;
@@ -608,6 +851,8 @@ static void session_free(ExtlockdSession *S)
 {
     g_hash_table_destroy(S->held);
     g_hash_table_destroy(S->waiting);
+    g_free(S->owner);
+    explicit_bzero(S->secret, sizeof(S->secret));
     g_free(S->client_id);
     g_free(S);
 }
@@ -641,6 +886,8 @@ static void session_destroy_nosave(ExtlockdSession *S)
     g_assert(g_hash_table_size(S->held) == 0);
     g_assert(g_hash_table_size(S->waiting) == 0);
     session_end_reclaim(S);
+    extlockd_fence_cancel(S->fence);
+    S->fence = NULL;
     if (S->conn) {
         S->conn->session = NULL;
         S->conn = NULL;
@@ -657,11 +904,8 @@ static void session_destroy_nosave(ExtlockdSession *S)
 /* Record the current sessions in the state file, or complain */
 static void save_state_or_warn(ExtlockdServer *s)
 {
-    g_autoptr(GError) err = NULL;
-
-    if (!save_state(s, s->epoch, &err)) {
-        g_warning("cannot update the state file: %s", err->message);
-    }
+    /* A session gone from the file only matters after a crash */
+    save_state_async(s);
 }
 
 static void session_destroy(ExtlockdSession *S)
@@ -728,6 +972,7 @@ static unsigned session_release(ExtlockdSession *S, bool held)
         waiter_cancel(S->space, waiters->pdata[i]);
     }
     for (guint i = 0; i < locks->len; i++) {
+        log_lock(S->server, "release", locks->pdata[i], NULL);
         extlock_table_release(table, locks->pdata[i]);
     }
     S->releasing = false;
@@ -752,6 +997,123 @@ static void session_detach(ExtlockdSession *S)
               g_hash_table_size(S->held),
               MAX(release_us - now, 0) / 1000);
     server_schedule(s, S->deadline_us);
+}
+
+/* ------------------------------------------------------------------ */
+/* Fencing an expired session (fence.h)                                */
+
+static void fence_waiter_cb(ExtlockLock *other, void *opaque)
+{
+    GHashTable *set = opaque;
+    ExtlockdSession *W = other->owner;
+
+    if (other->state == EXTLOCK_LOCK_WAITING && W->conn) {
+        g_hash_table_add(set, W);
+    }
+}
+
+/*
+ * Tell every session with a request waiting behind a lock of the expired
+ * session @S how its fencing goes (fence-status)
+ */
+static void fence_notify(ExtlockdSession *S, ExtlockFenceResult result,
+                         const char *message)
+{
+    g_autoptr(GHashTable) waiters = g_hash_table_new(NULL, NULL);
+    GHashTableIter iter;
+    gpointer key;
+    ExtlockMsg r;
+
+    g_hash_table_iter_init(&iter, S->held);
+    while (g_hash_table_iter_next(&iter, &key, NULL)) {
+        extlock_table_foreach_conflict(S->space->table, key,
+                                       fence_waiter_cb, waiters);
+    }
+    if (S->grace_fenced) {
+        /* Its extents are unknown: everybody deferred waits for it */
+        for (GList *l = S->space->deferred.head; l; l = l->next) {
+            ExtlockdSession *W = ((DeferredReq *)l->data)->lock.owner;
+
+            if (W->conn) {
+                g_hash_table_add(waiters, W);
+            }
+        }
+    }
+    g_hash_table_remove(waiters, S);
+    extlock_msg_init(&r, EXTLOCK_MSG_FENCE_STATUS);
+    r.lock_space = S->space->name;
+    r.client_id = S->client_id;
+    r.session_client = S->client_id;
+    r.session = S->id;
+    r.fence_result = result;
+    r.message = (char *)message;
+    g_hash_table_iter_init(&iter, waiters);
+    while (g_hash_table_iter_next(&iter, &key, NULL)) {
+        send_msg(((ExtlockdSession *)key)->conn, &r);
+    }
+}
+
+static void check_deadlines(ExtlockdServer *s);
+
+static void session_fence_cb(ExtlockdFence *f, ExtlockdFenceState state,
+                             const char *message, void *opaque)
+{
+    ExtlockdSession *S = opaque;
+    ExtlockdServer *s = S->server;
+    const char *agent = extlockd_fencer_agent(s->fencer);
+
+    switch (state) {
+    case EXTLOCKD_FENCE_RUNNING:
+        g_message("fence agent %s started again for session %s (%s, "
+                  "lock-space %s), attempt %u", agent, S->id, S->client_id,
+                  S->space->name, extlockd_fence_attempts(f));
+        log_session(S, "fence-start", NULL);
+        fence_notify(S, EXTLOCK_FENCE_STARTED, NULL);
+        break;
+    case EXTLOCKD_FENCE_OK:
+        g_message("session %s (%s, lock-space %s) fenced: %s", S->id,
+                  S->client_id, S->space->name, message);
+        S->fence_ok = true;
+        log_session(S, "fence-ok", message);
+        fence_notify(S, EXTLOCK_FENCE_SUCCEEDED, message);
+        if (S->grace_fenced) {
+            ExtlockdSpace *space = S->space;
+
+            /* The last one fenced ends the grace period, freeing @f */
+            if (--space->grace_fence_pending == 0) {
+                space_end_grace(space, true);
+            }
+        }
+        /* May release the locks now, which frees @f */
+        check_deadlines(s);
+        break;
+    case EXTLOCKD_FENCE_FAILED:
+        g_warning("FENCING FAILED for client %s (session %s, lock-space "
+                  "%s), attempt %u: %s; its %u locks stay held, retrying "
+                  "in %u ms (extlockctl release-session %s forces the "
+                  "release)", S->client_id, S->id, S->space->name,
+                  extlockd_fence_attempts(f), message,
+                  g_hash_table_size(S->held), extlockd_fence_retry_ms(f),
+                  S->id);
+        log_session(S, "fence-failed", message);
+        fence_notify(S, EXTLOCK_FENCE_FAILED, message);
+        break;
+    }
+    flush_all(s);
+}
+
+static void session_fence_start(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+
+    g_message("running fence agent %s for client %s (session %s, "
+              "lock-space %s, %u locks held)",
+              extlockd_fencer_agent(s->fencer), S->client_id, S->id,
+              S->space->name, g_hash_table_size(S->held));
+    S->fence = extlockd_fence_start(s->fencer, S->client_id,
+                                    session_fence_cb, S);
+    log_session(S, "fence-start", NULL);
+    fence_notify(S, EXTLOCK_FENCE_STARTED, NULL);
 }
 
 /* The lease lapsed (now >= deadline) */
@@ -781,8 +1143,12 @@ static void session_expire(ExtlockdSession *S)
                 S->id);
     }
     S->state = SESSION_EXPIRED;
+    log_session(S, "expire", NULL);
     /* It cannot come back to finish reclaiming */
     session_end_reclaim(S);
+    if (s->fencer && g_hash_table_size(S->held) > 0) {
+        session_fence_start(S);
+    }
 }
 
 /* The fence margin after the deadline has passed: let the locks go */
@@ -848,6 +1214,7 @@ static void space_submit(ExtlockdSpace *space, ExtlockdSession *S,
                                       req->user_tag);
     if (lock->state == EXTLOCK_LOCK_GRANTED) {
         g_hash_table_add(S->held, lock);
+        log_lock(s, "grant", lock, NULL);
         if (c) {
             format_granted(c, lock);
         }
@@ -901,6 +1268,46 @@ static int64_t grace_remaining_ms(ExtlockdSpace *space, int64_t now)
  * dropped (they hold nothing).  Then the deferred requests enter the
  * table in token order, as if they were arriving now.
  */
+/*
+ * The grace period of @space timed out with a fence agent configured:
+ * fence the listed sessions whose client never came back (they become
+ * expired sessions without locks, fenced like any other, and the grace
+ * period waits for them).  Returns true if there are any.
+ */
+static bool space_fence_absent(ExtlockdSpace *space)
+{
+    ExtlockdServer *s = space->server;
+    int64_t margin_us = s->cfg.fence_margin_ms * 1000LL;
+    GList *l, *next;
+
+    for (l = space->reclaimers.head; l; l = next) {
+        ExtlockdSession *S = l->data;
+
+        next = l->next;
+        if (!S->restored) {
+            continue;
+        }
+        g_queue_unlink(&space->reclaimers, &S->reclaim_link);
+        S->reclaiming = false;
+        S->state = SESSION_EXPIRED;
+        /* Its lease (<= the grace period) ended before the timeout */
+        S->deadline_us = s->grace_end_us - margin_us;
+        S->grace_fenced = true;
+        g_queue_push_tail_link(&space->grace_fenced, &S->reclaim_link);
+        space->grace_fence_pending++;
+        g_message("session %s (%s, lock-space %s) did not come back during "
+                  "the grace period: fencing it before the grace period "
+                  "ends", S->id, S->client_id, space->name);
+        log_session(S, "expire", NULL);
+        session_fence_start(S);
+    }
+    if (space->grace_linked) {
+        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        space->grace_linked = false;
+    }
+    return space->grace_fence_pending > 0;
+}
+
 static void space_end_grace(ExtlockdSpace *space, bool timeout)
 {
     ExtlockdServer *s = space->server;
@@ -909,9 +1316,23 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
     GList *l;
 
     g_assert(space->in_grace);
+    if (space->grace_fence_pending ||
+        (timeout && s->fencer && space_fence_absent(space))) {
+        /* Waits for the fence agent: session_fence_cb comes back */
+        return;
+    }
     space->in_grace = false;
-    g_queue_unlink(&s->grace_spaces, &space->grace_link);
+    if (space->grace_linked) {
+        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        space->grace_linked = false;
+    }
     space->nsessions++;         /* keep @space while sessions go away */
+    while ((l = g_queue_pop_head_link(&space->grace_fenced)) != NULL) {
+        ExtlockdSession *S = l->data;
+
+        S->grace_fenced = false;
+        g_ptr_array_add(drop, S);
+    }
 
     while ((l = g_queue_pop_head_link(&space->reclaimers)) != NULL) {
         ExtlockdSession *S = l->data;
@@ -984,8 +1405,18 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
         if (g_hash_table_contains(s->sessions, ss->session)) {
             continue;
         }
+        /* Unknown (old file): the longest a client may have had */
         S = session_alloc(s, ss->session, ss->client_id, ss->lock_space,
-                          s->cfg.lease_ms, now);
+                          ss->lease_ms ? ss->lease_ms : EXTLOCK_MAX_LEASE_MS,
+                          now);
+        S->owner = g_strdup(ss->owner);
+        if (ss->fence_margin_ms) {
+            S->fence_margin_ms = ss->fence_margin_ms;
+        }
+        if (ss->secret_sha256) {
+            g_strlcpy(S->secret_sha256, ss->secret_sha256,
+                      sizeof(S->secret_sha256));
+        }
         /* It ends with the grace period unless its client comes back */
         S->deadline_us = s->grace_end_us;
         S->restored = true;
@@ -995,6 +1426,7 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
             S->space->in_grace = true;
             S->space->grace_link.data = S->space;
             g_queue_push_tail_link(&s->grace_spaces, &S->space->grace_link);
+            S->space->grace_linked = true;
         }
     }
     g_message("grace period of %u ms: %u session(s) in %u lock-space(s) "
@@ -1027,7 +1459,15 @@ static void check_deadlines(ExtlockdServer *s)
         if (S->state != SESSION_EXPIRED && now >= S->deadline_us) {
             session_expire(S);
         }
+        if (S->grace_fenced) {
+            /* Dropped when the grace period of its lock-space ends */
+            continue;
+        }
         if (S->state == SESSION_EXPIRED) {
+            if (S->fence && !S->fence_ok) {
+                /* Waits for the agent: session_fence_cb comes back */
+                continue;
+            }
             if (now >= S->deadline_us + margin_us) {
                 session_reap(S);
                 continue;
@@ -1036,6 +1476,28 @@ static void check_deadlines(ExtlockdServer *s)
         } else {
             next = MIN(next, S->deadline_us);
         }
+    }
+    /* Connections that never said hello, oldest first */
+    while ((l = s->unauth.head) != NULL) {
+        ExtlockdConn *c = l->data;
+        int64_t due = c->accepted_us + s->cfg.hello_timeout_ms * 1000LL;
+
+        if (now < due) {
+            next = MIN(next, due);
+            break;
+        }
+        g_message("%s: closed: no hello within %u ms%s", c->peer,
+                  s->cfg.hello_timeout_ms,
+                  c->handshaking ? " (TLS handshake unfinished)" : "");
+        conn_unauth_done(c);
+        if (c->handshaking) {
+            conn_destroy(c);
+            continue;
+        }
+        send_error(c, false, 0, EXTLOCK_ERR_STATE,
+                   "no hello within %u ms: closing", s->cfg.hello_timeout_ms);
+        conn_close_after_flush(c);
+        next = MIN(next, c->closing_since_us + CLOSE_TIMEOUT_US);
     }
     for (l = s->conns.head; l; l = lnext) {
         ExtlockdConn *c = l->data;
@@ -1089,6 +1551,7 @@ static void server_schedule(ExtlockdServer *s, int64_t when_us)
 
 typedef struct StatusCtx {
     ExtlockdSpace *space;
+    ExtlockdSession *self;       /* non-admin viewer: only it is named */
     int64_t now;
     json_object *held;
     json_object *waiting;
@@ -1110,10 +1573,13 @@ static void status_blocker_cb(ExtlockLock *blocker, void *opaque)
 {
     StatusCtx *ctx = opaque;
     ExtlockdSession *S = blocker->owner;
+    char *name = S->client_id;
 
-    if (g_hash_table_add(ctx->seen, S->client_id)) {
-        json_object_array_add(ctx->blocked_by,
-                              json_object_new_string(S->client_id));
+    if (ctx->self && S != ctx->self) {
+        name = (char *)"(other client)";
+    }
+    if (g_hash_table_add(ctx->seen, name)) {
+        json_object_array_add(ctx->blocked_by, json_object_new_string(name));
     }
 }
 
@@ -1128,8 +1594,10 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
     } else {
         json_add_int(o, "request", lock->user_tag);
     }
-    json_add_str(o, "session", S->id);
-    json_add_str(o, "client-id", S->client_id);
+    if (!ctx->self || S == ctx->self) {
+        json_add_str(o, "session", S->id);
+        json_add_str(o, "client-id", S->client_id);
+    }
     json_add_int(o, "offset", lock->node.ext.start);
     json_add_int(o, "length", lock->node.ext.end - lock->node.ext.start);
     json_add_str(o, "mode", extlock_mode_name(lock->mode));
@@ -1167,13 +1635,15 @@ static int compare_strings(gconstpointer a, gconstpointer b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static json_object *space_status(ExtlockdSpace *space, int64_t now)
+static json_object *space_status(ExtlockdSpace *space, int64_t now,
+                                 ExtlockdSession *self)
 {
     const ExtlockTableStats *st = extlock_table_stats(space->table);
     json_object *o = json_object_new_object();
     json_object *counters = json_object_new_object();
     StatusCtx ctx = {
         .space = space,
+        .self = self,
         .now = now,
         .held = json_object_new_array(),
         .waiting = json_object_new_array(),
@@ -1215,17 +1685,40 @@ static json_object *session_status(ExtlockdSession *S, int64_t now)
     json_add_str(o, "session", S->id);
     json_add_str(o, "client-id", S->client_id);
     json_add_str(o, "lock-space", S->space->name);
+    json_add_str(o, "owner", S->owner ? S->owner : "(unknown)");
     json_add_str(o, "state", session_state_names[S->state]);
     json_add_int(o, "lease-remaining-ms", remaining);
     json_add_int(o, "locks-held", g_hash_table_size(S->held));
     json_add_int(o, "requests-waiting", g_hash_table_size(S->waiting));
     json_object_object_add(o, "reclaiming",
                            json_object_new_boolean(S->reclaiming));
+    if (S->fence) {
+        static const char *const names[] = {
+            [EXTLOCKD_FENCE_RUNNING] = "running",
+            [EXTLOCKD_FENCE_OK] = "succeeded",
+            [EXTLOCKD_FENCE_FAILED] = "failed",
+        };
+        const char *msg = extlockd_fence_message(S->fence);
+
+        json_add_str(o, "fence", names[extlockd_fence_state(S->fence)]);
+        json_add_int(o, "fence-attempts",
+                     extlockd_fence_attempts(S->fence));
+        if (msg) {
+            json_add_str(o, "fence-message", msg);
+        }
+    }
     return o;
 }
 
-static json_object *server_status(ExtlockdServer *s)
+/*
+ * The status as seen by @viewer: admins see everything; others see the
+ * counters, their own session and their own lock-space, where the locks of
+ * other clients are listed without session or client-id.  Resume secrets
+ * are never shown.
+ */
+static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer)
 {
+    ExtlockdSession *self = NULL;
     int64_t now = g_get_monotonic_time();
     json_object *root = json_object_new_object();
     json_object *counters = json_object_new_object();
@@ -1241,6 +1734,12 @@ static json_object *server_status(ExtlockdServer *s)
     json_add_int(root, "lease-ms", s->cfg.lease_ms);
     json_add_int(root, "fence-margin-ms", s->cfg.fence_margin_ms);
     json_add_int(root, "grace-ms", s->cfg.grace_ms);
+    json_add_int(root, "start-ns", s->start_us * 1000);
+    if (s->fencer) {
+        json_add_str(root, "fence-agent", extlockd_fencer_agent(s->fencer));
+        json_add_int(root, "fence-timeout-ms",
+                     extlockd_fencer_timeout_ms(s->fencer));
+    }
     json_add_int(root, "grace-remaining-ms",
                  s->grace_spaces.length && s->grace_end_us > now ?
                  (s->grace_end_us - now + 999) / 1000 : 0);
@@ -1248,7 +1747,20 @@ static json_object *server_status(ExtlockdServer *s)
     json_add_int(counters, "sessions", g_hash_table_size(s->sessions));
     json_add_int(counters, "messages", s->nmessages);
     json_add_int(counters, "errors", s->nerrors);
+    json_add_int(counters, "refused-connections", s->refused);
     json_object_object_add(root, "counters", counters);
+    if (viewer->identity) {
+        json_add_str(root, "identity", viewer->identity);
+    }
+    if (!extlockd_policy_is_admin(s->policy, viewer->identity)) {
+        self = viewer->session;
+        g_assert(self);
+        json_object_array_add(spaces, space_status(self->space, now, self));
+        json_object_object_add(root, "lock-spaces", spaces);
+        json_object_array_add(sessions, session_status(self, now));
+        json_object_object_add(root, "sessions", sessions);
+        return root;
+    }
 
     g_hash_table_iter_init(&iter, s->spaces);
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
@@ -1258,7 +1770,7 @@ static json_object *server_status(ExtlockdServer *s)
     for (guint i = 0; i < names->len; i++) {
         ExtlockdSpace *space = g_hash_table_lookup(s->spaces,
                                                    names->pdata[i]);
-        json_object_array_add(spaces, space_status(space, now));
+        json_object_array_add(spaces, space_status(space, now, NULL));
     }
     json_object_object_add(root, "lock-spaces", spaces);
 
@@ -1272,20 +1784,65 @@ static json_object *server_status(ExtlockdServer *s)
 /* ------------------------------------------------------------------ */
 /* Requests                                                            */
 
+/* A token bucket: status_rate per second, as many at once */
+static bool status_rate_ok(ExtlockdConn *c)
+{
+    uint32_t rate = c->server->cfg.status_rate;
+    int64_t now = g_get_monotonic_time();
+    int64_t interval = G_USEC_PER_SEC / rate;
+
+    if (now >= c->status_refill_us) {
+        int64_t n = (now - c->status_refill_us) / interval + 1;
+
+        c->status_tokens = MIN(c->status_tokens + n, rate);
+        c->status_refill_us += n * interval;
+    }
+    if (c->status_tokens == 0) {
+        return false;
+    }
+    c->status_tokens--;
+    return true;
+}
+
 static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
 {
+    ExtlockdServer *s = c->server;
+    bool admin = extlockd_policy_is_admin(s->policy, c->identity);
+    bool idle = c->out_pos == c->out->len;
     ExtlockMsg r;
     size_t before;
 
+    if (!c->session && !admin) {
+        log_refusal(s, "%s: status refused: identity %s is not an admin "
+                    "and has not said hello", c->peer, c->identity);
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                   "status before hello needs an admin identity (this "
+                   "connection is %s)", c->identity);
+        return;
+    }
+    /* Root and the daemon's uid on the UNIX socket are not limited */
+    if (!(admin && g_str_has_prefix(c->identity, "uid:")) &&
+        !status_rate_ok(c)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                   "too many status requests (limit %u per second, "
+                   "--status-rate)", s->cfg.status_rate);
+        return;
+    }
     extlock_msg_init(&r, EXTLOCK_MSG_STATUS_REPLY);
     r.has_id = m->has_id;
     r.id = m->id;
-    r.body = server_status(c->server);
+    r.body = server_status(s, c);
     before = c->out->len;
     send_msg(c, &r);
     json_object_put(r.body);
-    /* A big status is not a sign of a client that does not read */
-    c->out_allowance += c->out->len - before;
+    /*
+     * A status bigger than the output limit is not a sign of a client
+     * that does not read, but only when it had read everything before:
+     * statuses piling up unread count against the limit
+     */
+    if (idle) {
+        c->out_allowance += c->out->len - before;
+    }
 }
 
 static int compare_lock_info(gconstpointer a, gconstpointer b)
@@ -1322,6 +1879,11 @@ static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
                                               g_get_monotonic_time());
     r.reclaim = kind == WELCOME_RECLAIM;
     r.resumed = kind == WELCOME_RESUMED;
+    r.has_fence_margin = true;
+    r.fence_margin_ms = s->cfg.fence_margin_ms;
+    /* Only ever sent to the owner, on its own connection */
+    r.resume_secret = S->secret;
+    r.identity = c->identity;
     if (kind == WELCOME_RESUMED) {
         GHashTableIter iter;
         gpointer key;
@@ -1380,13 +1942,54 @@ static void handle_resume(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
     session_resend_revokes(S);
 }
 
+/*
+ * Send the welcome for @S once the state writer has written what it says
+ * (@old_sha256: a reclaim, with the previous secret's hash).  Until then
+ * the connection's input waits too: requests after hello need the welcome
+ * first.
+ */
+static void defer_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
+                          const char *old_sha256)
+{
+    ExtlockdServer *s = c->server;
+    DeferredWelcome *dw = g_new0(DeferredWelcome, 1);
+
+    dw->gen = save_state_async(s);
+    dw->conn_serial = c->serial;
+    g_strlcpy(dw->session, S->id, sizeof(dw->session));
+    dw->has_id = m->has_id;
+    dw->id = m->id;
+    if (old_sha256) {
+        dw->reclaim = true;
+        g_strlcpy(dw->old_sha256, old_sha256, sizeof(dw->old_sha256));
+    }
+    g_queue_push_tail(&s->welcomes, dw);
+    c->awaiting_state = true;
+    conn_set_events(c, c->events & ~G_IO_IN);
+}
+
 /* hello with "session" of a session listed in the state file, in grace */
 static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
                                  ExtlockdSession *S, uint32_t lease_ms,
                                  int64_t now)
 {
+    char old_sha256[sizeof(S->secret_sha256)];
     unsigned n;
 
+    /*
+     * Only the hash of the old secret survived the restart: hand out a
+     * new one, durable before the client learns it (the welcome waits for
+     * the state writer), and with it this run's fence margin if it is
+     * larger than the one recorded
+     */
+    memcpy(old_sha256, S->secret_sha256, sizeof(old_sha256));
+    S->fence_margin_ms = MAX(S->fence_margin_ms,
+                             c->server->cfg.fence_margin_ms);
+    if (!session_new_secret(S)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                   "cannot generate a resume secret");
+        return;
+    }
     if (S->conn) {
         session_take_over(S);
     }
@@ -1402,15 +2005,15 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
               S->id, S->client_id, S->space->name, c->peer,
               grace_remaining_ms(S->space, now),
               n ? " (locks it had reclaimed already were dropped)" : "");
-    send_welcome(c, m, S, WELCOME_RECLAIM);
+    defer_welcome(c, m, S, old_sha256);
 }
 
 static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
 {
     ExtlockdServer *s = c->server;
     ExtlockdSession *S;
-    g_autoptr(GError) err = NULL;
     int64_t now = g_get_monotonic_time();
+    g_autofree char *why = NULL;
     uint32_t lease_ms;
 
     if (c->session) {
@@ -1420,10 +2023,14 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     if (m->version != EXTLOCK_PROTOCOL_VERSION) {
+        log_refusal(s, "%s: hello with protocol version %u refused (this "
+                    "server speaks version %d)", c->peer, m->version,
+                    EXTLOCK_PROTOCOL_VERSION);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_VERSION,
-                   "protocol version %u is not supported (this server "
-                   "speaks version %d)", m->version,
-                   EXTLOCK_PROTOCOL_VERSION);
+                   "protocol version %u is not supported: this server "
+                   "speaks version %d only (version 2 sessions are resumed "
+                   "with the resume-secret of their welcome); upgrade the "
+                   "client", m->version, EXTLOCK_PROTOCOL_VERSION);
         return;
     }
     if (!m->client_id || !m->lock_space) {
@@ -1438,8 +2045,30 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                    EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS);
         return;
     }
+    if (!extlockd_policy_allows(s->policy, c->identity, m->lock_space,
+                                m->client_id, &why)) {
+        log_refusal(s, "%s: hello refused: %s", c->peer, why);
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED, "%s", why);
+        return;
+    }
     if (m->session) {
         S = g_hash_table_lookup(s->sessions, m->session);
+        if (S && (!S->owner || strcmp(S->owner, c->identity) != 0 ||
+                  !session_secret_ok(S, m->resume_secret))) {
+            /* Nothing changes for the owner: no take-over, no reclaim */
+            log_refusal(s, "%s: identity %s may not resume session %s "
+                        "(%s): %s", c->peer, c->identity, S->id,
+                        S->client_id,
+                        !S->owner ? "it has no recorded owner" :
+                        strcmp(S->owner, c->identity) != 0 ?
+                        "it belongs to another identity" :
+                        "wrong or missing resume-secret");
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                       "session %s cannot be resumed by this identity (%s) "
+                       "with %s resume-secret", m->session, c->identity,
+                       m->resume_secret ? "this" : "no");
+            return;
+        }
         if (S && (strcmp(S->client_id, m->client_id) != 0 ||
                   strcmp(S->space->name, m->lock_space) != 0)) {
             send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
@@ -1447,6 +2076,26 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                        "lock-space %s", m->session, m->client_id,
                        m->lock_space);
             return;
+        }
+        if (S && (S->reclaiming ||
+                  (S->state != SESSION_EXPIRED && now < S->deadline_us)) &&
+            lease_ms > S->lease_ms) {
+            /*
+             * A longer lease must be in the state file before it is in
+             * force: a restarted coordinator's grace period covers it
+             */
+            g_autoptr(GError) err = NULL;
+            uint32_t old = S->lease_ms;
+
+            S->lease_ms = lease_ms;
+            if (!save_state(s, s->epoch, &err)) {
+                S->lease_ms = old;
+                g_warning("cannot record the longer lease of session %s in "
+                          "the state file: %s", S->id, err->message);
+                send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                           "cannot record the lease in the state file");
+                return;
+            }
         }
         if (S && S->reclaiming) {
             handle_reclaim_hello(c, m, S, lease_ms, now);
@@ -1464,27 +2113,26 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
         return;
     }
     S = session_alloc(s, NULL, m->client_id, m->lock_space, lease_ms, now);
-    session_attach(S, c, lease_ms, now);
-    /* The session is durable before the client learns about it */
-    if (!save_state(s, s->epoch, &err)) {
-        g_warning("cannot record a new session of %s in the state file: "
-                  "%s", m->client_id, err->message);
+    S->owner = g_strdup(c->identity);
+    if (!session_new_secret(S)) {
         session_destroy_nosave(S);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                   "cannot record the session in the state file");
+                   "cannot generate a resume secret");
         return;
     }
+    session_attach(S, c, lease_ms, now);
+    /* The session is durable before the client learns about it */
+    defer_welcome(c, m, S, NULL);
     if (m->session) {
         g_message("session %s (%s, lock-space %s) started on %s, lease %u "
                   "ms, replacing session %s, which is unknown or expired",
                   S->id, S->client_id, S->space->name, c->peer, lease_ms,
                   m->session);
     } else {
-        g_message("session %s (%s, lock-space %s) started on %s, lease %u "
-                  "ms", S->id, S->client_id, S->space->name, c->peer,
-                  lease_ms);
+        g_message("session %s (%s, lock-space %s) started on %s by %s, "
+                  "lease %u ms", S->id, S->client_id, S->space->name,
+                  c->peer, c->identity, lease_ms);
     }
-    send_welcome(c, m, S, WELCOME_NEW);
 }
 
 static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
@@ -1578,6 +2226,7 @@ static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
         session_set_revocable(S);
     }
     g_hash_table_add(S->held, lock);
+    log_lock(s, "grant", lock, NULL);
     format_granted(c, lock);
 }
 
@@ -1620,6 +2269,8 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
             ExtlockLock *rest = NULL;
             int ret;
 
+            /* Logged first: the release may grant the part to others */
+            log_lock(s, "release", lock, &part);
             ret = extlock_table_release_part(table, lock, part, &rest,
                                              &split);
             if (ret < 0) {
@@ -1648,6 +2299,7 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
         }
     }
     g_hash_table_remove(S->held, lock);
+    log_lock(s, "release", lock, NULL);
     extlock_table_release(table, lock);
 
 reply:
@@ -1715,6 +2367,12 @@ static void handle_downgrade(ExtlockdConn *c, ExtlockdSession *S,
         return;
     }
     session_set_revocable(S);
+    if (lock->mode == EXTLOCK_MODE_EXCLUSIVE) {
+        ExtlockLock shared = *lock;
+
+        shared.mode = EXTLOCK_MODE_SHARED;
+        log_lock(c->server, "downgrade", &shared, NULL);
+    }
     /* Shared waiters it unblocks are granted (space_grant_cb) */
     extlock_table_downgrade(table, lock);
     extlock_msg_init(&r, EXTLOCK_MSG_DOWNGRADED);
@@ -1779,6 +2437,7 @@ static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
     session_set_revocable(S);
     space->reclaims++;
     g_hash_table_add(S->held, lock);
+    log_lock(s, "reclaim", lock, NULL);
     format_granted(c, lock);
 }
 
@@ -1826,6 +2485,89 @@ static void handle_bye(ExtlockdConn *c, ExtlockMsg *m)
     conn_close_after_flush(c);
 }
 
+/*
+ * Admin: release the locks of an expired session now, without waiting
+ * for its fence agent (dangerous: see docs/extlockd.rst)
+ */
+static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
+{
+    ExtlockdServer *s = c->server;
+    ExtlockdSession *S = g_hash_table_lookup(s->sessions, m->session);
+    g_autofree char *fence = NULL;
+    ExtlockMsg r;
+    unsigned n;
+
+    /*
+     * It gives up the fencing guarantee for somebody else's locks: only
+     * admins may, and the refusal changes nothing (the session is not
+     * even looked up, so its existence is not revealed either)
+     */
+    if (!c->identity || !extlockd_policy_is_admin(s->policy, c->identity)) {
+        log_refusal(s, "%s: release-session of %s refused: identity %s "
+                    "is not an admin", c->peer, m->session,
+                    c->identity ? c->identity : "(none)");
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                   "release-session needs an admin identity (this "
+                   "connection is %s)",
+                   c->identity ? c->identity : "unidentified");
+        return;
+    }
+    if (!S) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                   "no session %s", m->session);
+        return;
+    }
+    if (S->state != SESSION_EXPIRED) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                   "session %s (%s) is %s, not expired: its lease still "
+                   "runs", S->id, S->client_id,
+                   session_state_names[S->state]);
+        return;
+    }
+    if (S->fence) {
+        fence = g_strdup_printf("fence agent: %s after %u attempt(s)%s%s",
+                                extlockd_fence_state(S->fence) ==
+                                EXTLOCKD_FENCE_OK ? "succeeded" :
+                                extlockd_fence_state(S->fence) ==
+                                EXTLOCKD_FENCE_FAILED ? "failed" : "running",
+                                extlockd_fence_attempts(S->fence),
+                                extlockd_fence_message(S->fence) ? ": " : "",
+                                extlockd_fence_message(S->fence) ?: "");
+    }
+    g_warning("session %s (%s, lock-space %s) FORCE-RELEASED by an "
+              "administrator on %s (reason: %s; %s): %u locks released "
+              "without waiting for fencing", S->id, S->client_id,
+              S->space->name, c->peer, m->message ? m->message : "none given",
+              fence ? fence : "no fence agent", g_hash_table_size(S->held));
+    extlockd_fence_cancel(S->fence);
+    S->fence = NULL;
+    n = session_release(S, true);
+    if (S->grace_fenced) {
+        ExtlockdSpace *space = S->space;
+
+        g_queue_unlink(&space->grace_fenced, &S->reclaim_link);
+        S->grace_fenced = false;
+        if (!S->fence_ok) {
+            space->grace_fence_pending--;
+        }
+        space->nsessions++;     /* keep @space until its grace ends */
+        session_destroy(S);
+        if (space->in_grace && space->grace_fence_pending == 0) {
+            space_end_grace(space, true);
+        }
+        space_unref(space);
+    } else {
+        session_destroy(S);
+    }
+
+    extlock_msg_init(&r, EXTLOCK_MSG_SESSION_RELEASED);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.session = m->session;
+    r.released = n;
+    send_msg(c, &r);
+}
+
 static void handle_line(ExtlockdConn *c, const char *line, size_t len)
 {
     ExtlockdServer *s = c->server;
@@ -1850,6 +2592,9 @@ static void handle_line(ExtlockdConn *c, const char *line, size_t len)
         break;
     case EXTLOCK_MSG_BYE:
         handle_bye(c, &m);
+        break;
+    case EXTLOCK_MSG_RELEASE_SESSION:
+        handle_release_session(c, &m);
         break;
     case EXTLOCK_MSG_LOCK:
     case EXTLOCK_MSG_UNLOCK:
@@ -1905,7 +2650,7 @@ static void conn_process_lines(ExtlockdConn *c)
     const char *line;
     size_t len;
 
-    while (!c->closing) {
+    while (!c->closing && !c->awaiting_state) {
         ExtlockLineResult r = extlock_linebuf_next(&c->lb, &line, &len);
 
         if (r == EXTLOCK_LINE_NONE) {
@@ -1934,12 +2679,13 @@ static bool conn_read(ExtlockdConn *c)
         return true;
     }
     for (int round = 0; round < READ_ROUNDS && !c->closing; round++) {
-        ssize_t n = recv(c->fd, s->rbuf, READ_CHUNK, 0);
+        ssize_t n = conn_sys_recv(c, s->rbuf, READ_CHUNK);
 
         if (n > 0) {
             extlock_linebuf_append(&c->lb, s->rbuf, n);
             conn_process_lines(c);
-            if (n < READ_CHUNK) {
+            if (n < READ_CHUNK &&
+                !(c->tls && extlockd_tls_pending(c->tls))) {
                 break;
             }
             continue;
@@ -1952,7 +2698,8 @@ static bool conn_read(ExtlockdConn *c)
             break;
         }
         VERBOSE(s, "%s: %s", c->peer,
-                n == 0 ? "end of input" : g_strerror(errno));
+                n == 0 ? "end of input" :
+                c->tls ? extlockd_tls_error(c->tls) : g_strerror(errno));
         /* Try to deliver what is pending (e.g. replies before EOF) */
         if (c->dirty) {
             g_queue_unlink(&s->dirty, &c->dirty_link);
@@ -1965,6 +2712,34 @@ static bool conn_read(ExtlockdConn *c)
         return false;
     }
     /* conn_flush() stops reading while much output is pending */
+    conn_kick_tls(c);
+    return true;
+}
+
+/* Returns false if the connection was destroyed or is still shaking hands */
+static bool conn_tls_handshake(ExtlockdConn *c)
+{
+    ExtlockdServer *s = c->server;
+    g_autoptr(GError) err = NULL;
+    int r = extlockd_tls_handshake(c->tls, &err);
+
+    if (r < 0) {
+        log_refusal(s, "%s: connection refused: %s", c->peer,
+                    err->message);
+        conn_destroy(c);
+        return false;
+    }
+    if (r == 0) {
+        conn_set_events(c, extlockd_tls_events(c->tls));
+        return false;
+    }
+    c->handshaking = false;
+    c->identity = g_strdup(extlockd_tls_identity(c->tls));
+    g_message("%s: TLS identity %s", c->peer, c->identity);
+    if (extlockd_policy_is_admin(s->policy, c->identity)) {
+        conn_unauth_done(c);
+    }
+    conn_set_events(c, G_IO_IN);
     return true;
 }
 
@@ -1976,6 +2751,16 @@ static gboolean conn_dispatch(GSource *source, GSourceFunc cb,
     ExtlockdServer *s = c->server;
     GIOCondition rev = g_source_query_unix_fd(source, c->tag);
 
+    g_source_set_ready_time(source, -1);
+    if (c->handshaking) {
+        if (!conn_tls_handshake(c)) {
+            flush_all(s);
+            return G_SOURCE_CONTINUE;
+        }
+        rev |= G_IO_IN;         /* application data may be buffered */
+    } else if (c->tls && extlockd_tls_pending(c->tls)) {
+        rev |= G_IO_IN;
+    }
     if (rev & G_IO_OUT) {
         conn_out(c);
     }
@@ -1992,12 +2777,95 @@ static GSourceFuncs conn_source_funcs = {
     .dispatch = conn_dispatch,
 };
 
-static void conn_new(ExtlockdServer *s, int fd, const char *peer)
+/*
+ * Connections without hello: in server->unauth (accept order, hence
+ * deadline order) and counted per peer, until they say hello or close
+ */
+static void conn_unauth_done(ExtlockdConn *c)
+{
+    ExtlockdServer *s = c->server;
+    guint n;
+
+    if (!c->unauth) {
+        return;
+    }
+    c->unauth = false;
+    g_queue_unlink(&s->unauth, &c->unauth_link);
+    n = GPOINTER_TO_UINT(g_hash_table_lookup(s->unauth_per_peer,
+                                             c->peer_key));
+    if (n <= 1) {
+        g_hash_table_remove(s->unauth_per_peer, c->peer_key);
+    } else {
+        g_hash_table_insert(s->unauth_per_peer, g_strdup(c->peer_key),
+                            GUINT_TO_POINTER(n - 1));
+    }
+}
+
+/* May one more connection without hello come from @key? */
+static bool conn_admit(ExtlockdServer *s, const char *key, const char *peer)
+{
+    guint n = GPOINTER_TO_UINT(g_hash_table_lookup(s->unauth_per_peer, key));
+    int64_t now;
+
+    if (s->unauth.length < s->cfg.max_unauth &&
+        n < s->cfg.max_unauth_per_peer) {
+        return true;
+    }
+    s->refused++;
+    now = g_get_monotonic_time();
+    /* One line per second at most: the refusals are a flood themselves */
+    if (now - s->refused_logged_us >= G_USEC_PER_SEC) {
+        g_warning("refusing connection from %s: %u connections without "
+                  "hello from it, %u in total (limits %u per peer, %u in "
+                  "total; --max-unauth-per-peer, --max-unauth); %" PRIu64
+                  " refused since the last report", peer, n,
+                  s->unauth.length, s->cfg.max_unauth_per_peer,
+                  s->cfg.max_unauth, s->refused - s->refused_logged);
+        s->refused_logged_us = now;
+        s->refused_logged = s->refused;
+    }
+    return false;
+}
+
+static void conn_new(ExtlockdServer *s, int fd, const char *peer,
+                     const char *key, const char *identity, bool tls)
 {
     ExtlockdConn *c = g_new0(ExtlockdConn, 1);
+    g_autoptr(GError) err = NULL;
     ConnSource *cs;
 
+    if (tls) {
+        c->tls = extlockd_tls_new(s->tls, fd, &err);
+        if (!c->tls) {
+            g_warning("%s: %s", peer, err->message);
+            close(fd);
+            g_free(c);
+            return;
+        }
+        c->handshaking = true;
+    }
+    c->identity = g_strdup(identity);
+    c->peer_key = g_strdup(key);
+    c->accepted_us = g_get_monotonic_time();
+    c->status_tokens = s->cfg.status_rate;
+    c->status_refill_us = c->accepted_us +
+                          G_USEC_PER_SEC / s->cfg.status_rate;
     c->server = s;
+    /*
+     * Admin identities on the UNIX socket (extlockctl) are authenticated
+     * by the kernel and need no hello; all others are limited until hello
+     */
+    if (!identity || !extlockd_policy_is_admin(s->policy, identity)) {
+        c->unauth = true;
+        c->unauth_link.data = c;
+        g_queue_push_tail_link(&s->unauth, &c->unauth_link);
+        g_hash_table_insert(s->unauth_per_peer, g_strdup(key),
+                            GUINT_TO_POINTER(GPOINTER_TO_UINT(
+                                g_hash_table_lookup(s->unauth_per_peer,
+                                                    key)) + 1));
+        server_schedule(s, c->accepted_us +
+                        s->cfg.hello_timeout_ms * 1000LL);
+    }
     c->serial = ++s->next_serial;
     c->peer = g_strdup_printf("#%" PRIu64 " (%s)", c->serial, peer);
     c->fd = fd;
@@ -2021,6 +2889,7 @@ static void conn_destroy(ExtlockdConn *c)
     ExtlockdServer *s = c->server;
 
     VERBOSE(s, "connection %s closed", c->peer);
+    conn_unauth_done(c);
     if (c->session) {
         if (s->shutting_down) {
             c->session->conn = NULL;
@@ -2036,9 +2905,12 @@ static void conn_destroy(ExtlockdConn *c)
     g_queue_unlink(&s->conns, &c->link);
     g_source_destroy(c->source);
     g_source_unref(c->source);
+    extlockd_tls_free(c->tls);
     close(c->fd);
     extlock_linebuf_destroy(&c->lb);
     g_string_free(c->out, TRUE);
+    g_free(c->identity);
+    g_free(c->peer_key);
     g_free(c->peer);
     g_free(c);
 }
@@ -2075,6 +2947,42 @@ static void describe_peer(ExtlockdListener *l, struct sockaddr *sa,
     }
 }
 
+/*
+ * Who is @fd?  UNIX: "uid:N" from SO_PEERCRED (and the pid, in @peer);
+ * TCP with TLS: known after the handshake; TCP without: "anonymous".
+ * @key: what the per-peer cap counts (the uid, or the IP address).
+ */
+static bool conn_identify(ExtlockdListener *l, int fd, struct sockaddr *sa,
+                          socklen_t len, char *peer, size_t peer_size,
+                          char *key, size_t key_size, char *identity,
+                          size_t identity_size)
+{
+    identity[0] = '\0';
+    if (!l->is_tcp) {
+        struct ucred cred;
+        socklen_t clen = sizeof(cred);
+        size_t used = strlen(peer);
+
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0) {
+            g_warning("%s: cannot get the peer's credentials: %s; closing",
+                      l->address, g_strerror(errno));
+            return false;
+        }
+        g_snprintf(peer + used, peer_size - used, " uid %u pid %ld",
+                   (unsigned)cred.uid, (long)cred.pid);
+        g_snprintf(identity, identity_size, "uid:%u", (unsigned)cred.uid);
+        g_strlcpy(key, identity, key_size);
+        return true;
+    }
+    if (getnameinfo(sa, len, key, key_size, NULL, 0, NI_NUMERICHOST) != 0) {
+        g_strlcpy(key, "?", key_size);
+    }
+    if (!l->tls) {
+        g_strlcpy(identity, EXTLOCKD_IDENTITY_ANONYMOUS, identity_size);
+    }
+    return true;
+}
+
 static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
 {
     ExtlockdListener *l = opaque;
@@ -2083,7 +2991,8 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
     for (int i = 0; i < 64; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
-        char peer[NI_MAXHOST + NI_MAXSERV + 8];
+        char peer[NI_MAXHOST + NI_MAXSERV + 64];
+        char key[NI_MAXHOST + 8], identity[32];
         int cfd;
 
         cfd = accept4(fd, (struct sockaddr *)&ss, &len,
@@ -2107,7 +3016,28 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
             setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         }
         describe_peer(l, (struct sockaddr *)&ss, len, peer, sizeof(peer));
-        conn_new(s, cfd, peer);
+        if (!conn_identify(l, cfd, (struct sockaddr *)&ss, len, peer,
+                           sizeof(peer), key, sizeof(key), identity,
+                           sizeof(identity))) {
+            close(cfd);
+            continue;
+        }
+        if (!(identity[0] && extlockd_policy_is_admin(s->policy, identity)) &&
+            !conn_admit(s, key, peer)) {
+            if (!l->tls) {
+                /* Best effort: say why (TLS peers get no plaintext) */
+                static const char why[] =
+                    "{\"type\":\"error\",\"code\":\"limit-exceeded\","
+                    "\"message\":\"too many connections without hello; "
+                    "try again later\"}\n";
+                ssize_t n = send(cfd, why, sizeof(why) - 1,
+                                 MSG_DONTWAIT | MSG_NOSIGNAL);
+                (void)n;
+            }
+            close(cfd);
+            continue;
+        }
+        conn_new(s, cfd, peer, key, identity[0] ? identity : NULL, l->tls);
     }
     return G_SOURCE_CONTINUE;
 }
@@ -2153,6 +3083,7 @@ static void add_listener(ExtlockdServer *s, const char *address, int fd,
 {
     ExtlockdListener *l = g_new0(ExtlockdListener, 1);
 
+    l->tls = is_tcp && s->tls;
     l->server = s;
     l->address = g_strdup(address);
     l->fd = fd;
@@ -2285,6 +3216,13 @@ static bool listen_tcp(ExtlockdServer *s, const char *address,
                     "%s: expected tcp:HOST:PORT", address);
         return false;
     }
+    if (!s->tls && !s->cfg.insecure) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED,
+                    "%s: TCP without TLS lets anybody who can reach the "
+                    "port take locks; give --tls-creds-dir DIR (or "
+                    "--insecure to accept that)", address);
+        return false;
+    }
     host = g_strndup(hostport, colon - hostport);
     if (host[0] == '[' && host[strlen(host) - 1] == ']') {
         memmove(host, host + 1, strlen(host) - 2);
@@ -2328,9 +3266,11 @@ static bool listen_tcp(ExtlockdServer *s, const char *address,
             g_strlcpy(desc, "?", sizeof(desc));
             g_strlcpy(serv, colon + 1, sizeof(serv));
         }
-        g_message("listening on tcp:%s%s%s:%s",
+        g_message("listening on tcp:%s%s%s:%s (%s)",
                   ai->ai_family == AF_INET6 ? "[" : "", desc,
-                  ai->ai_family == AF_INET6 ? "]" : "", serv);
+                  ai->ai_family == AF_INET6 ? "]" : "", serv,
+                  s->tls ? extlockd_tls_creds_kinds(s->tls) :
+                  "NO TLS, NO AUTHENTICATION");
         count++;
     }
     freeaddrinfo(res);
@@ -2370,8 +3310,8 @@ void extlockd_server_stop_listening(ExtlockdServer *s)
 /* ------------------------------------------------------------------ */
 /* Server                                                              */
 
-/* Write @epoch and every session to the state file */
-static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
+/* The state file text for @epoch and every session */
+static char *state_snapshot(ExtlockdServer *s, uint64_t epoch, GError **errp)
 {
     g_autoptr(GArray) list = g_array_sized_new(FALSE, FALSE,
                                                sizeof(ExtlockdStateSession),
@@ -2383,13 +3323,107 @@ static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
             .session = S->id,
             .client_id = S->client_id,
             .lock_space = S->space->name,
+            .lease_ms = S->lease_ms,
+            .fence_margin_ms = S->fence_margin_ms,
+            .owner = S->owner,
+            .secret_sha256 = S->secret_sha256[0] ? S->secret_sha256 : NULL,
         };
 
         g_array_append_val(list, ss);
     }
-    return extlockd_state_save_sessions(s->cfg.state_file, epoch,
-                                        (ExtlockdStateSession *)list->data,
-                                        list->len, errp);
+    return extlockd_state_format(epoch, (ExtlockdStateSession *)list->data,
+                                 list->len, errp);
+}
+
+/* Write @epoch and every session to the state file, now */
+static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
+{
+    char *text = state_snapshot(s, epoch, errp);
+
+    return text && extlockd_state_writer_write_now(s->writer, text, errp);
+}
+
+/* Queue the current state for the writer thread; its generation */
+static uint64_t save_state_async(ExtlockdServer *s)
+{
+    g_autoptr(GError) err = NULL;
+    char *text = state_snapshot(s, s->epoch, &err);
+
+    if (!text) {
+        g_warning("cannot update the state file: %s", err->message);
+        return 0;
+    }
+    return extlockd_state_writer_submit(s->writer, text);
+}
+
+/* The writer is done with generation @gen: send the waiting welcomes */
+static void state_written(uint64_t gen, bool ok, const char *error,
+                          void *opaque)
+{
+    ExtlockdServer *s = opaque;
+    DeferredWelcome *dw;
+
+    if (!ok) {
+        g_warning("cannot update the state file: %s", error);
+    }
+    while ((dw = g_queue_peek_head(&s->welcomes)) && dw->gen <= gen) {
+        ExtlockdSession *S = g_hash_table_lookup(s->sessions, dw->session);
+        ExtlockdConn *c = S ? S->conn : NULL;
+        ExtlockMsg m;
+
+        g_queue_pop_head(&s->welcomes);
+        if (!c || c->serial != dw->conn_serial) {
+            g_free(dw);         /* gone meanwhile: it never learnt of it */
+            continue;
+        }
+        c->awaiting_state = false;
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.has_id = dw->has_id;
+        m.id = dw->id;
+        if (ok) {
+            send_welcome(c, &m, S, dw->reclaim ? WELCOME_RECLAIM
+                                               : WELCOME_NEW);
+        } else if (dw->reclaim) {
+            /* It may come back and try again with its old secret */
+            g_warning("session %s of %s cannot reclaim now: its new "
+                      "resume secret is not in the state file", S->id,
+                      S->client_id);
+            memcpy(S->secret_sha256, dw->old_sha256,
+                   sizeof(S->secret_sha256));
+            S->secret[0] = '\0';
+            send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
+                       "cannot record a new resume secret for session %s",
+                       S->id);
+            conn_close_after_flush(c);
+        } else {
+            g_warning("session %s of %s dropped: it is not in the state "
+                      "file", S->id, S->client_id);
+            session_destroy_nosave(S);
+            send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
+                       "cannot record the session in the state file");
+            /*
+             * It was attached, so no longer counted as without hello:
+             * close it rather than leave it outside --max-unauth
+             */
+            conn_close_after_flush(c);
+        }
+        g_free(dw);
+        /* Requests that arrived after hello */
+        conn_process_lines(c);
+    }
+    flush_all(s);
+}
+
+void extlockd_server_set_event_log(ExtlockdServer *s, ExtlockdEventLog *log)
+{
+    extlockd_event_log_close(s->event_log);
+    s->event_log = log;
+}
+
+void extlockd_server_set_fencer(ExtlockdServer *s, ExtlockdFencer *fencer)
+{
+    extlockd_fencer_free(s->fencer);
+    s->fencer = fencer;
 }
 
 bool extlockd_server_save_state(ExtlockdServer *s, GError **errp)
@@ -2419,7 +3453,38 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->pieces = g_array_new(FALSE, FALSE, sizeof(ExtlockPiece));
     s->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
     s->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
+    s->policy = extlockd_policy_load(NULL, NULL);
+    s->writer = extlockd_state_writer_new(s->cfg.state_file, state_written,
+                                          s);
+    g_queue_init(&s->welcomes);
+    g_queue_init(&s->unauth);
+    s->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                               g_free, NULL);
+    if (!s->cfg.hello_timeout_ms) {
+        s->cfg.hello_timeout_ms = EXTLOCKD_DEFAULT_HELLO_TIMEOUT_MS;
+    }
+    if (!s->cfg.max_unauth) {
+        s->cfg.max_unauth = EXTLOCKD_DEFAULT_MAX_UNAUTH;
+    }
+    if (!s->cfg.status_rate) {
+        s->cfg.status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
+    }
+    if (!s->cfg.max_unauth_per_peer) {
+        s->cfg.max_unauth_per_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
+    }
     return s;
+}
+
+void extlockd_server_set_policy(ExtlockdServer *s, ExtlockdPolicy *policy)
+{
+    extlockd_policy_free(s->policy);
+    s->policy = policy;
+}
+
+void extlockd_server_set_tls(ExtlockdServer *s, ExtlockdTlsCreds *creds)
+{
+    extlockd_tls_creds_free(s->tls);
+    s->tls = creds;
 }
 
 void extlockd_server_free(ExtlockdServer *s)
@@ -2437,9 +3502,9 @@ void extlockd_server_free(ExtlockdServer *s)
 
         /* Best effort: deliver replies already produced */
         if (c->out->len > c->out_pos) {
-            ssize_t n = send(c->fd, c->out->str + c->out_pos,
-                             c->out->len - c->out_pos,
-                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            ssize_t n = c->handshaking ? 0 :
+                        conn_sys_send(c, c->out->str + c->out_pos,
+                                      c->out->len - c->out_pos);
             (void)n;
         }
         conn_destroy(c);
@@ -2448,6 +3513,7 @@ void extlockd_server_free(ExtlockdServer *s)
         ExtlockdSession *S = l->data;
 
         /* The tables are freed with all their locks below */
+        extlockd_fence_cancel(S->fence);
         session_free(S);
     }
     g_hash_table_iter_init(&iter, s->spaces);
@@ -2464,5 +3530,51 @@ void extlockd_server_free(ExtlockdServer *s)
     g_array_free(s->locks, TRUE);
     g_free(s->rbuf);
     g_free(s->cfg.state_file);
+    extlockd_event_log_close(s->event_log);
+    extlockd_fencer_free(s->fencer);
+    extlockd_policy_free(s->policy);
+    extlockd_tls_creds_free(s->tls);
+    extlockd_state_writer_free(s->writer);
+    g_queue_clear_full(&s->welcomes, g_free);
+    g_hash_table_destroy(s->unauth_per_peer);
     g_free(s);
+}
+
+/* ------------------------------------------------------------------ */
+/* Testing seam (tests/fuzz)                                           */
+
+void extlockd_server_add_connection(ExtlockdServer *s, int fd,
+                                    const char *peer)
+{
+    /* An admin on the UNIX socket: every request type is reachable */
+    conn_new(s, fd, peer, peer, "uid:0", false);
+}
+
+void extlockd_server_run_timer(ExtlockdServer *s)
+{
+    if (s->timer) {
+        g_source_remove(s->timer);
+    }
+    on_timer(s);
+}
+
+bool extlockd_server_check(ExtlockdServer *s, unsigned *nsessions,
+                           char **errmsg)
+{
+    GHashTableIter iter;
+    gpointer value;
+
+    g_hash_table_iter_init(&iter, s->spaces);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        ExtlockdSpace *space = value;
+        g_autofree char *msg = NULL;
+
+        if (!extlock_table_check(space->table, &msg)) {
+            *errmsg = g_strdup_printf("lock-space '%s': %s", space->name,
+                                      msg);
+            return false;
+        }
+    }
+    *nsessions = g_hash_table_size(s->sessions);
+    return true;
 }

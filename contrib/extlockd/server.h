@@ -25,6 +25,7 @@
 #define EXTLOCKD_DEFAULT_STATE_FILE "/var/lib/extlock/extlockd.state"
 #define EXTLOCKD_DEFAULT_LEASE_MS   10000
 #define EXTLOCKD_DEFAULT_FENCE_MS   1000
+#define EXTLOCKD_MIN_FENCE_MS       100
 #define EXTLOCKD_DEFAULT_MAX_LOCKS  16384
 #define EXTLOCKD_DEFAULT_MAX_SESS   4096
 #define EXTLOCKD_MAX_FENCE_MS       (3600 * 1000)
@@ -32,6 +33,13 @@
 
 /* A connection whose unsent output exceeds this is disconnected */
 #define EXTLOCKD_MAX_OUTPUT         (16 * 1024 * 1024)
+
+/* Connections that have not said hello yet (see docs/extlockd.rst) */
+#define EXTLOCKD_DEFAULT_HELLO_TIMEOUT_MS   10000
+#define EXTLOCKD_DEFAULT_MAX_UNAUTH         256
+#define EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER    32
+/* "status" requests per connection and second (also the burst) */
+#define EXTLOCKD_DEFAULT_STATUS_RATE        10
 
 typedef struct ExtlockdConfig {
     char *state_file;            /* path, for epoch bumps at runtime */
@@ -52,9 +60,19 @@ typedef struct ExtlockdConfig {
      * the wrap of the 40-bit counter into a new epoch can be exercised.
      */
     uint64_t first_counter;
+    /* Security (docs/extlockd.rst "TLS and access control") */
+    bool insecure;               /* TCP listeners without TLS allowed */
+    uint32_t hello_timeout_ms;   /* close connections without hello */
+    uint32_t max_unauth;         /* connections without hello, in total */
+    uint32_t max_unauth_per_peer;    /* ... per IP address or uid */
+    uint32_t status_rate;        /* status requests per second and conn */
 } ExtlockdConfig;
 
 typedef struct ExtlockdServer ExtlockdServer;
+typedef struct ExtlockdEventLog ExtlockdEventLog;
+typedef struct ExtlockdFencer ExtlockdFencer;
+typedef struct ExtlockdPolicy ExtlockdPolicy;
+typedef struct ExtlockdTlsCreds ExtlockdTlsCreds;
 
 /*
  * Create a server handing out tokens in @epoch, which the caller has
@@ -72,6 +90,15 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
 void extlockd_server_restore(ExtlockdServer *server, GPtrArray *sessions);
 
 /*
+ * Hand the server an event log (event-log.h) and a fencer (fence.h); it
+ * owns and frees them.  Call before extlockd_server_restore().
+ */
+void extlockd_server_set_event_log(ExtlockdServer *server,
+                                   ExtlockdEventLog *log);
+void extlockd_server_set_fencer(ExtlockdServer *server,
+                                ExtlockdFencer *fencer);
+
+/*
  * Write the state file: the current epoch and every session.  The daemon
  * calls this before it listens, and it is done again whenever a session
  * is created or destroyed and when the epoch changes.
@@ -86,6 +113,20 @@ bool extlockd_server_save_state(ExtlockdServer *server, GError **errp);
 bool extlockd_server_listen(ExtlockdServer *server, const char *address,
                             GError **errp);
 
+/*
+ * Use @policy from now on (the server owns it and frees the previous one);
+ * sessions already open are not re-checked.  Call once before listening
+ * and again on SIGHUP.
+ */
+void extlockd_server_set_policy(ExtlockdServer *server,
+                                ExtlockdPolicy *policy);
+
+/*
+ * TCP listeners opened after this speak TLS with @creds (owned by the
+ * server).  Without it, TCP listeners need cfg->insecure.
+ */
+void extlockd_server_set_tls(ExtlockdServer *server, ExtlockdTlsCreds *creds);
+
 /* Stop accepting new connections (listening sockets are closed) */
 void extlockd_server_stop_listening(ExtlockdServer *server);
 
@@ -94,5 +135,20 @@ void extlockd_server_stop_listening(ExtlockdServer *server);
  * created, and free everything.
  */
 void extlockd_server_free(ExtlockdServer *server);
+
+/*
+ * Testing seam for tests/fuzz (not used by the daemon):
+ * extlockd_server_add_connection() serves a connected socket @fd as if it
+ * had been accepted (the server owns and closes it);
+ * extlockd_server_run_timer() runs the lease/grace/close timer now, as if
+ * it had fired (the harness controls the clock);
+ * extlockd_server_check() runs the lock table invariant checker on every
+ * lock-space and returns the number of sessions.
+ */
+void extlockd_server_add_connection(ExtlockdServer *server, int fd,
+                                    const char *peer);
+void extlockd_server_run_timer(ExtlockdServer *server);
+bool extlockd_server_check(ExtlockdServer *server, unsigned *nsessions,
+                           char **errmsg);
 
 #endif /* EXTLOCKD_SERVER_H */

@@ -17,6 +17,7 @@
 #include <glib/gstdio.h>
 #include <json-c/json.h>
 
+#include "extlock/protocol.h"
 #include "state-file.h"
 
 /*
@@ -25,6 +26,8 @@
  */
 #define STATE_FILE_MAX_SIZE (64 * 1024 * 1024)
 #define STATE_MAX_NAME      256
+/* The largest --fence-margin-ms (EXTLOCKD_MAX_FENCE_MS in server.h) */
+#define STATE_MAX_FENCE_MS  (3600 * 1000)
 
 void extlockd_state_session_free(gpointer p)
 {
@@ -34,6 +37,8 @@ void extlockd_state_session_free(gpointer p)
         g_free(ss->session);
         g_free(ss->client_id);
         g_free(ss->lock_space);
+        g_free(ss->owner);
+        g_free(ss->secret_sha256);
         g_free(ss);
     }
 }
@@ -136,6 +141,49 @@ static bool session_id_ok(const char *s, size_t len)
     return true;
 }
 
+/* An owner identity: 1..1024 bytes without control characters */
+static char *get_owner_member(json_object *obj)
+{
+    json_object *member;
+    const char *s;
+    size_t len;
+
+    if (!json_object_object_get_ex(obj, "owner", &member) ||
+        !json_object_is_type(member, json_type_string)) {
+        return NULL;
+    }
+    s = json_object_get_string(member);
+    len = json_object_get_string_len(member);
+    if (len == 0 || len > 1024 || strlen(s) != len) {
+        return NULL;
+    }
+    for (size_t i = 0; i < len; i++) {
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) {
+            return NULL;
+        }
+    }
+    return g_strndup(s, len);
+}
+
+static char *get_hash_member(json_object *obj)
+{
+    json_object *member;
+    const char *s;
+
+    if (!json_object_object_get_ex(obj, "secret-sha256", &member) ||
+        !json_object_is_type(member, json_type_string) ||
+        json_object_get_string_len(member) != 64) {
+        return NULL;
+    }
+    s = json_object_get_string(member);
+    for (size_t i = 0; i < 64; i++) {
+        if (!g_ascii_isdigit(s[i]) && !(s[i] >= 'a' && s[i] <= 'f')) {
+            return NULL;
+        }
+    }
+    return g_strndup(s, 64);
+}
+
 static char *get_str_member(json_object *obj, const char *key, bool is_id)
 {
     json_object *member;
@@ -155,7 +203,10 @@ static char *get_str_member(json_object *obj, const char *key, bool is_id)
     return g_strndup(s, len);
 }
 
-/* "sessions": an array of {"session","client-id","lock-space"} objects */
+/*
+ * "sessions": an array of {"session","client-id","lock-space","lease-ms"}
+ * objects ("lease-ms" is absent in files of older versions)
+ */
 static const char *parse_sessions(json_object *obj, GPtrArray *out)
 {
     g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
@@ -188,8 +239,36 @@ static const char *parse_sessions(json_object *obj, GPtrArray *out)
             return "a session has a missing or malformed \"client-id\" "
                    "or \"lock-space\"";
         }
+        /* Optional (older files): such sessions cannot be reclaimed */
+        if (json_object_object_get_ex(e, "owner", NULL) ||
+            json_object_object_get_ex(e, "secret-sha256", NULL)) {
+            ss->owner = get_owner_member(e);
+            ss->secret_sha256 = get_hash_member(e);
+            if (!ss->owner || !ss->secret_sha256) {
+                return "a session has a malformed \"owner\" or "
+                       "\"secret-sha256\"";
+            }
+        }
         if (!g_hash_table_add(seen, ss->session)) {
             return "a session is listed twice";
+        }
+        if (json_object_object_get_ex(e, "lease-ms", NULL)) {
+            int64_t lease;
+
+            if (!get_int_member(e, "lease-ms", &lease) ||
+                lease < EXTLOCK_MIN_LEASE_MS || lease > EXTLOCK_MAX_LEASE_MS) {
+                return "a session has a malformed \"lease-ms\"";
+            }
+            ss->lease_ms = lease;
+        }
+        if (json_object_object_get_ex(e, "fence-margin-ms", NULL)) {
+            int64_t margin;
+
+            if (!get_int_member(e, "fence-margin-ms", &margin) ||
+                margin < 1 || margin > STATE_MAX_FENCE_MS) {
+                return "a session has a malformed \"fence-margin-ms\"";
+            }
+            ss->fence_margin_ms = margin;
         }
     }
     return NULL;
@@ -350,6 +429,20 @@ static char *state_text(uint64_t epoch, const ExtlockdStateSession *sessions,
             append_json_str(out, sessions[i].client_id);
             g_string_append(out, ",\"lock-space\":");
             append_json_str(out, sessions[i].lock_space);
+            if (sessions[i].lease_ms) {
+                g_string_append_printf(out, ",\"lease-ms\":%u",
+                                       sessions[i].lease_ms);
+            }
+            if (sessions[i].fence_margin_ms) {
+                g_string_append_printf(out, ",\"fence-margin-ms\":%u",
+                                       sessions[i].fence_margin_ms);
+            }
+            if (sessions[i].owner && sessions[i].secret_sha256) {
+                g_string_append(out, ",\"owner\":");
+                append_json_str(out, sessions[i].owner);
+                g_string_append(out, ",\"secret-sha256\":");
+                append_json_str(out, sessions[i].secret_sha256);
+            }
             g_string_append_c(out, '}');
         }
         g_string_append_c(out, ']');
@@ -363,30 +456,43 @@ bool extlockd_state_save(const char *path, uint64_t epoch, GError **errp)
     return extlockd_state_save_sessions(path, epoch, NULL, 0, errp);
 }
 
-bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
-                                  const ExtlockdStateSession *sessions,
-                                  size_t n, GError **errp)
+char *extlockd_state_format(uint64_t epoch,
+                            const ExtlockdStateSession *sessions, size_t n,
+                            GError **errp)
 {
-    g_autofree char *dir = g_path_get_dirname(path);
-    g_autofree char *tmp = g_strdup_printf("%s.tmp.%ld", path,
-                                           (long)getpid());
-    g_autofree char *text = NULL;
-    const char *what;
-    int fd, dfd, err;
-
     if (epoch >= EXTLOCKD_EPOCH_LIMIT) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "epoch %" PRIu64 " exceeds the maximum %" PRIu64
                     "; the token space of this state file is exhausted",
                     epoch, EXTLOCKD_EPOCH_LIMIT - 1);
-        return false;
+        return NULL;
     }
+    return state_text(epoch, sessions, n);
+}
+
+bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
+                                  const ExtlockdStateSession *sessions,
+                                  size_t n, GError **errp)
+{
+    g_autofree char *text = extlockd_state_format(epoch, sessions, n, errp);
+
+    return text && extlockd_state_write_text(path, text, errp);
+}
+
+bool extlockd_state_write_text(const char *path, const char *text,
+                               GError **errp)
+{
+    g_autofree char *dir = g_path_get_dirname(path);
+    g_autofree char *tmp = g_strdup_printf("%s.tmp.%ld", path,
+                                           (long)getpid());
+    const char *what;
+    int fd, dfd, err;
+
     if (!make_parent_dir(path, errp)) {
         return false;
     }
-    text = state_text(epoch, sessions, n);
 
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) {
         err = errno;
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),

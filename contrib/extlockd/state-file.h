@@ -14,6 +14,10 @@
  * destroyed), so that after a crash their clients can reclaim their locks
  * during a grace period.  It is left out when there are none; files
  * written before sessions were recorded have no "sessions" member.
+ * Each session records its "lease-ms" (the grace period must cover the
+ * longest of them); files written before that lack it.
+ * Each session also records its owner identity and a hash of its resume
+ * secret (never the secret itself); the file is created with mode 0600.
  */
 #ifndef EXTLOCKD_STATE_FILE_H
 #define EXTLOCKD_STATE_FILE_H
@@ -34,6 +38,29 @@ typedef struct ExtlockdStateSession {
     char *session;               /* 32 lowercase hex digits */
     char *client_id;
     char *lock_space;
+    /*
+     * The session's lease.  0 when the file does not record it (written
+     * by an extlockd from before leases were recorded): the reader must
+     * then assume the longest lease a client may ask for.
+     */
+    uint32_t lease_ms;
+    /*
+     * The largest fence margin its client was told (welcome
+     * "fence-margin-ms"), which its driver's I/O deadline depends on; 0
+     * when the file does not record it (older extlockd): the reader then
+     * assumes its own --fence-margin-ms.
+     */
+    uint32_t fence_margin_ms;
+
+    /*
+     * The identity that owns the session (see policy.h) and the SHA-256
+     * of its resume secret (64 hex digits).  Only such a session may be
+     * reclaimed after a restart, and only by that identity presenting the
+     * secret.  Both are NULL for sessions of files written before owners
+     * were recorded.
+     */
+    char *owner;
+    char *secret_sha256;
 } ExtlockdStateSession;
 
 /* Frees the strings and the struct (a GDestroyNotify) */
@@ -59,7 +86,9 @@ bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp);
  * file in *@sessions (a new GPtrArray of ExtlockdStateSession that frees
  * its elements; empty if the file lists none or is missing).  Session ids
  * must be 32 lowercase hex digits and unique, names 1..256 bytes without
- * control characters; anything else makes the file corrupt.
+ * control characters, "lease-ms" (optional) an integer in
+ * [EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS]; anything else makes the
+ * file corrupt.
  */
 bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
                                   GPtrArray **sessions, GError **errp);
@@ -76,5 +105,16 @@ bool extlockd_state_save(const char *path, uint64_t epoch, GError **errp);
 bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
                                   const ExtlockdStateSession *sessions,
                                   size_t n, GError **errp);
+
+/*
+ * The two halves of extlockd_state_save_sessions(): the text of a state
+ * object (NULL with @errp set if @epoch is out of range), and the atomic,
+ * durable replacement of @path with @text (see state-writer.h)
+ */
+char *extlockd_state_format(uint64_t epoch,
+                            const ExtlockdStateSession *sessions, size_t n,
+                            GError **errp);
+bool extlockd_state_write_text(const char *path, const char *text,
+                               GError **errp);
 
 #endif /* EXTLOCKD_STATE_FILE_H */

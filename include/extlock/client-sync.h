@@ -20,8 +20,43 @@ typedef struct ExtlockConn ExtlockConn;
 
 /* Connect (blocking); NULL and @errp set on failure */
 ExtlockConn *extlock_conn_connect(const char *address, GError **errp);
+
+/*
+ * TLS to a TCP coordinator (docs/extlockd.rst).  @creds_dir is laid out
+ * like QEMU's client tls-creds: ca-cert.pem (verifies the server),
+ * client-cert.pem + client-key.pem (optional, our identity), or keys.psk
+ * with @psk_username's "username:hexkey" line for PSK.
+ */
+typedef struct ExtlockTlsOptions {
+    const char *creds_dir;
+    const char *psk_username;   /* NULL: x509 */
+    const char *hostname;       /* checked in the server's certificate;
+                                 * NULL: the host of the address */
+    bool no_verify_peer;        /* do not verify the server (testing) */
+} ExtlockTlsOptions;
+
+/* extlock_conn_connect(), then the TLS handshake if @tls is not NULL */
+ExtlockConn *extlock_conn_connect_tls(const char *address,
+                                      const ExtlockTlsOptions *tls,
+                                      GError **errp);
+
+/*
+ * For event-driven users (extlock-bench) that poll extlock_conn_fd():
+ * recv()/send() with MSG_DONTWAIT semantics, through TLS if the
+ * connection has it (-1 with errno EAGAIN: nothing now; after a TLS send
+ * returned EAGAIN, pass the same bytes again, more may follow them).
+ * Data TLS has decrypted already is invisible to poll():
+ * extlock_conn_tls_pending() says so.  Call extlock_conn_set_nonblocking()
+ * first; the blocking calls above keep working afterwards.
+ */
+void extlock_conn_set_nonblocking(ExtlockConn *conn);
+ssize_t extlock_conn_recv_nb(ExtlockConn *conn, void *buf, size_t len);
+ssize_t extlock_conn_send_nb(ExtlockConn *conn, const void *buf, size_t len);
+bool extlock_conn_tls_pending(ExtlockConn *conn);
 void extlock_conn_close(ExtlockConn *conn);
 int extlock_conn_fd(ExtlockConn *conn);
+/* The address it was connected to */
+const char *extlock_conn_address(ExtlockConn *conn);
 
 /* Next request id this connection would use (ids start at 1) */
 uint64_t extlock_conn_next_id(ExtlockConn *conn);

@@ -20,7 +20,12 @@
 #include <glib.h>
 #include "extlock/extent.h"
 
-#define EXTLOCK_PROTOCOL_VERSION 1
+/*
+ * Version 2: "welcome" hands out a "resume-secret" that "hello" must
+ * present to resume a session; sessions belong to the authenticated
+ * identity of the connection that created them (docs/protocol.rst)
+ */
+#define EXTLOCK_PROTOCOL_VERSION 2
 
 /* Limits (documented in docs/protocol.rst) */
 #define EXTLOCK_MAX_LINE        (64 * 1024) /* one message incl. '\n' */
@@ -29,6 +34,7 @@
 #define EXTLOCK_MAX_ID          INT64_MAX   /* ids and tokens are < 2^63 */
 #define EXTLOCK_MIN_LEASE_MS    100
 #define EXTLOCK_MAX_LEASE_MS    (3600 * 1000)
+#define EXTLOCK_SECRET_LEN      64          /* resume secret: hex digits */
 
 typedef enum ExtlockMsgType {
     EXTLOCK_MSG_INVALID = 0,
@@ -58,6 +64,10 @@ typedef enum ExtlockMsgType {
     /* server -> client notifications (no id) */
     EXTLOCK_MSG_REVOKE,         /* reserved: "please release this extent" */
     EXTLOCK_MSG_SESSION_EXPIRED,
+    /* fencing (docs/protocol.rst, "Fencing") */
+    EXTLOCK_MSG_RELEASE_SESSION,    /* admin request: force release */
+    EXTLOCK_MSG_SESSION_RELEASED,   /* its reply */
+    EXTLOCK_MSG_FENCE_STATUS,       /* notification to waiters */
     EXTLOCK_MSG__MAX,
 } ExtlockMsgType;
 
@@ -77,8 +87,17 @@ typedef enum ExtlockErrorCode {
     EXTLOCK_ERR_EXPIRED,        /* "session-expired" */
     EXTLOCK_ERR_GRACE,          /* "in-grace": reserved for restart grace */
     EXTLOCK_ERR_INTERNAL,       /* "internal-error" */
+    EXTLOCK_ERR_DENIED,         /* "permission-denied": identity/policy */
     EXTLOCK_ERR__MAX,
 } ExtlockErrorCode;
+
+/* "result" of a fence-status notification */
+typedef enum ExtlockFenceResult {
+    EXTLOCK_FENCE_STARTED,
+    EXTLOCK_FENCE_SUCCEEDED,
+    EXTLOCK_FENCE_FAILED,
+    EXTLOCK_FENCE__MAX,
+} ExtlockFenceResult;
 
 /* One remaining piece after a partial unlock */
 typedef struct ExtlockPiece {
@@ -155,6 +174,33 @@ typedef struct ExtlockMsg {
     bool reclaim;               /* coordinator restarted: reclaim locks */
     uint64_t grace_remaining_ms;
     /* welcome "locks": see the "locks" member above */
+
+    /*
+     * welcome: the coordinator's fence margin; old coordinators omit it
+     * (has_fence_margin false, and a client then assumes 0)
+     */
+    bool has_fence_margin;
+    uint32_t fence_margin_ms;
+
+    /*
+     * fence-status: "lock-space", "client-id" (the expired session's
+     * client), "session-client" (the same client, optional), "session"
+     * (its id, optional), "result", "message" (optional)
+     */
+    char *session_client;
+    ExtlockFenceResult fence_result;
+
+    /* release-session: "session" (and optional "message" as the reason);
+     * session-released: "session" and "released" (locks released) */
+    uint64_t released;
+
+    /*
+     * Version 2.  welcome: the session's resume secret (EXTLOCK_SECRET_LEN
+     * hex digits) and the identity the coordinator authenticated; hello
+     * with "session": the secret from that session's welcome.
+     */
+    char *resume_secret;
+    char *identity;
 } ExtlockMsg;
 
 /* A lock listed in "welcome" when a session is resumed */
@@ -166,6 +212,7 @@ typedef struct ExtlockProtoError {
 } ExtlockProtoError;
 
 const char *extlock_msg_type_name(ExtlockMsgType type);
+const char *extlock_fence_result_name(ExtlockFenceResult result);
 const char *extlock_error_code_name(ExtlockErrorCode code);
 ExtlockErrorCode extlock_error_code_from_name(const char *name);
 

@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include <glib/gstdio.h>
@@ -118,6 +119,16 @@ bool daemon_wait_exit(Daemon *d, int ms)
  * the environment variables in @env ("NAME=VALUE", NULL-terminated).
  * Does not wait for it to be ready.
  */
+static bool strv_has_prefix(const char *const *v, const char *prefix)
+{
+    for (int i = 0; v && v[i]; i++) {
+        if (g_str_has_prefix(v[i], prefix)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 Daemon *daemon_spawn(const char *state, const char *const *extra,
                      const char *const *env)
 {
@@ -144,9 +155,20 @@ Daemon *daemon_spawn(const char *state, const char *const *extra,
     g_ptr_array_add(argv, g_strdup_printf("--lease-ms=%d", LEASE_MS));
     g_ptr_array_add(argv, g_strdup_printf("--fence-margin-ms=%d",
                                           MARGIN_MS));
-    g_ptr_array_add(argv, g_strdup("--debug-checks"));
+    /* "--no-debug-checks" in @extra (not passed on): timing tests */
+    if (!strv_has_prefix(extra, "--no-debug-checks")) {
+        g_ptr_array_add(argv, g_strdup("--debug-checks"));
+    }
+    /* The tests poll status in loops; test_status_flood checks the limit */
+    g_ptr_array_add(argv, g_strdup("--status-rate=100000"));
+    /* Plain TCP unless the test sets up TLS */
+    if (!strv_has_prefix(extra, "--tls-creds-dir")) {
+        g_ptr_array_add(argv, g_strdup("--insecure"));
+    }
     for (int i = 0; extra && extra[i]; i++) {
-        g_ptr_array_add(argv, g_strdup(extra[i]));
+        if (strcmp(extra[i], "--no-debug-checks") != 0) {
+            g_ptr_array_add(argv, g_strdup(extra[i]));
+        }
     }
     g_ptr_array_add(argv, NULL);
 
@@ -333,6 +355,53 @@ void recv_msg(ExtlockConn *c, ExtlockMsg *m, int timeout_ms)
 }
 
 /* Receive one message of @type for request @id */
+/* Resume secrets of the sessions seen in welcomes: session id -> secret */
+static GHashTable *secrets;
+/* ... and whether they were made over TCP: session id -> "tcp"/"unix" */
+static GHashTable *transports;
+
+static void transport_remember(const char *session, ExtlockConn *c)
+{
+    if (!transports) {
+        transports = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
+                                           NULL);
+    }
+    g_hash_table_insert(transports, g_strdup(session),
+                        g_str_has_prefix(extlock_conn_address(c), "tcp:") ?
+                        "tcp" : "unix");
+}
+
+const char *session_home(Daemon *d, const char *session)
+{
+    const char *t = transports ? g_hash_table_lookup(transports, session)
+                               : NULL;
+
+    return t && strcmp(t, "tcp") == 0 ? d->tcp_addr : d->unix_addr;
+}
+
+void secret_remember(const char *session, const char *secret)
+{
+    if (!secrets) {
+        secrets = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
+                                        g_free);
+    }
+    g_hash_table_insert(secrets, g_strdup(session), g_strdup(secret));
+}
+
+char *secret_of(const char *session)
+{
+    return secrets ? g_hash_table_lookup(secrets, session) : NULL;
+}
+
+/* What the state file records of @session's secret (g_free it) */
+char *secret_sha256(const char *session)
+{
+    const char *secret = secret_of(session);
+
+    assert_non_null(secret);
+    return g_compute_checksum_for_string(G_CHECKSUM_SHA256, secret, -1);
+}
+
 void expect_msg(ExtlockConn *c, ExtlockMsg *m, ExtlockMsgType type,
                 uint64_t id)
 {
@@ -346,6 +415,12 @@ void expect_msg(ExtlockConn *c, ExtlockMsg *m, ExtlockMsgType type,
     }
     assert_true(m->has_id);
     assert_int_equal(m->id, id);
+    if (type == EXTLOCK_MSG_WELCOME) {
+        assert_non_null(m->resume_secret);
+        assert_int_equal(strlen(m->resume_secret), EXTLOCK_SECRET_LEN);
+        secret_remember(m->session, m->resume_secret);
+        transport_remember(m->session, c);
+    }
 }
 
 /* The next message is an error with @code (and @id if has_id) */
@@ -420,7 +495,11 @@ char *hello_full(ExtlockConn *c, const char *client,
         fail_msg("hello: %s", err->message);
     }
     assert_int_equal(w.type, EXTLOCK_MSG_WELCOME);
-    assert_int_equal(w.version, 1);
+    assert_int_equal(w.version, EXTLOCK_PROTOCOL_VERSION);
+    assert_non_null(w.resume_secret);
+    assert_int_equal(strlen(w.resume_secret), EXTLOCK_SECRET_LEN);
+    secret_remember(w.session, w.resume_secret);
+    transport_remember(w.session, c);
     assert_non_null(w.session);
     assert_int_equal(strlen(w.session), 32);
     assert_int_equal(w.lease_ms, lease_ms ? lease_ms : LEASE_MS);
@@ -711,6 +790,117 @@ json_object *wait_session_state(ExtlockConn *mon, const char *id,
         json_object_put(st);
         if (now_ms() > deadline) {
             fail_msg("session %s never became %s", id, state);
+        }
+        g_usleep(5000);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Refused starts and the event log                                    */
+
+void daemon_refused(const char *state_path, const char *const *extra,
+                    int status, const char *log_needle)
+{
+    Daemon *d = daemon_spawn(state_path, extra, NULL);
+    g_autofree char *log = NULL;
+
+    if (!daemon_wait_exit(d, 5000)) {
+        dump_log(d);
+        fail_msg("extlockd did not refuse to start");
+    }
+    assert_true(WIFEXITED(d->status));
+    if (WEXITSTATUS(d->status) != status) {
+        dump_log(d);
+        fail_msg("exit status %d, expected %d", WEXITSTATUS(d->status),
+                 status);
+    }
+    assert_false(g_file_test(d->sock, G_FILE_TEST_EXISTS));
+    assert_true(g_file_get_contents(d->log, &log, NULL, NULL));
+    if (!strstr(log, log_needle)) {
+        dump_log(d);
+        fail_msg("log does not mention \"%s\"", log_needle);
+    }
+}
+
+int64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+json_object *event_log_read(const char *path)
+{
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    json_object *arr = json_object_new_array();
+
+    if (!g_file_get_contents(path, &text, NULL, NULL)) {
+        return arr;
+    }
+    /* Every line is complete: the daemon writes each with one write() */
+    assert_true(text[0] == '\0' || g_str_has_suffix(text, "\n"));
+    lines = g_strsplit(text, "\n", -1);
+    for (int i = 0; lines[i] && lines[i][0]; i++) {
+        json_object *ev = json_tokener_parse(lines[i]);
+
+        if (!ev || !json_object_is_type(ev, json_type_object)) {
+            fail_msg("event log line %d is not a JSON object: %s", i + 1,
+                     lines[i]);
+        }
+        assert_true(jint(ev, "ts") > 0);
+        jstr(ev, "event");
+        json_object_array_add(arr, ev);
+    }
+    return arr;
+}
+
+json_object *event_find(json_object *events, const char *event,
+                        const char *client_id, int64_t token)
+{
+    for (size_t i = 0; i < json_object_array_length(events); i++) {
+        json_object *ev = json_object_array_get_idx(events, i);
+        json_object *v;
+
+        if (strcmp(jstr(ev, "event"), event) != 0) {
+            continue;
+        }
+        if (client_id && strcmp(jstr(ev, "client-id"), client_id) != 0) {
+            continue;
+        }
+        if (token >= 0 && (!json_object_object_get_ex(ev, "token", &v) ||
+                           json_object_get_int64(v) != token)) {
+            continue;
+        }
+        return ev;
+    }
+    return NULL;
+}
+
+json_object *event_wait(const char *path, const char *event,
+                        const char *client_id, int64_t token, int ms,
+                        json_object **all)
+{
+    int64_t deadline = now_ms() + ms;
+
+    for (;;) {
+        json_object *events = event_log_read(path);
+        json_object *ev = event_find(events, event, client_id, token);
+
+        if (ev) {
+            json_object_get(ev);
+            if (all) {
+                *all = events;
+            } else {
+                json_object_put(events);
+            }
+            return ev;
+        }
+        json_object_put(events);
+        if (now_ms() > deadline) {
+            fail_msg("no \"%s\" event of %s in %s within %d ms", event,
+                     client_id ? client_id : "anyone", path, ms);
         }
         g_usleep(5000);
     }

@@ -126,6 +126,17 @@ void renew(ExtlockConn *c);
 void bye(ExtlockConn *c);
 int64_t now_ms(void);
 
+/* Resume secrets from the welcomes the helpers saw (NULL: none) */
+void secret_remember(const char *session, const char *secret);
+char *secret_of(const char *session);
+char *secret_sha256(const char *session);
+/*
+ * The address of @d on the transport @session was created on: sessions
+ * belong to the identity that made them ("uid:N" on UNIX, "anonymous" on
+ * plain TCP), so they are resumed on the same transport
+ */
+const char *session_home(Daemon *d, const char *session);
+
 /* Status helpers */
 json_object *status_get(ExtlockConn *c);
 json_object *jget(json_object *obj, const char *key);
@@ -137,5 +148,30 @@ json_object *find_session(json_object *st, const char *id);
 json_object *first_space(json_object *st);
 json_object *wait_session_state(ExtlockConn *mon, const char *id,
                                 const char *state);
+
+/*
+ * extlockd must refuse to start with @extra: exit @status, nothing
+ * listening, @log_needle in its log
+ */
+void daemon_refused(const char *state_path, const char *const *extra,
+                    int status, const char *log_needle);
+
+/* CLOCK_MONOTONIC in ns, the clock of the event log's "ts" */
+int64_t now_ns(void);
+/* The event log (--event-log) as an array of objects (new reference) */
+json_object *event_log_read(const char *path);
+/*
+ * The first event named @event of @client_id (NULL: anyone) with @token
+ * (-1: any), borrowed from @events, or NULL
+ */
+json_object *event_find(json_object *events, const char *event,
+                        const char *client_id, int64_t token);
+/*
+ * Poll the log until such an event is there (fails the test after @ms);
+ * returns it (new reference) and, if @all, every event read (new ref.)
+ */
+json_object *event_wait(const char *path, const char *event,
+                        const char *client_id, int64_t token, int ms,
+                        json_object **all);
 
 #endif /* EXTLOCKD_HARNESS_H */

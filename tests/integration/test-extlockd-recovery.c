@@ -83,6 +83,7 @@ static void hello_session(ExtlockConn *c, const char *client_id,
     m.client_id = (char *)client_id;
     m.lock_space = (char *)"disk";
     m.session = (char *)session;
+    m.resume_secret = secret_of(session);
     m.lease_ms = LONG_LEASE_MS;
     send_msg(c, &m);
     extlock_msg_init(w, EXTLOCK_MSG_INVALID);
@@ -94,7 +95,7 @@ static void hello_session(ExtlockConn *c, const char *client_id,
 static ExtlockConn *reclaimer(Daemon *d, const char *client_id,
                               const char *session, uint64_t epoch)
 {
-    ExtlockConn *c = conn_open(d->unix_addr);
+    ExtlockConn *c = conn_open(session_home(d, session));
     ExtlockMsg w;
 
     hello_session(c, client_id, session, &w);
@@ -599,7 +600,7 @@ static void test_revoke_opt_in_and_resume(void **state)
     json_object_put(st);
 
     /* A resumes: its lock is listed, and the revokes come again */
-    a = conn_open(d->tcp_addr);
+    a = conn_open(session_home(d, sa));
     hello_session(a, "A", sa, &w);
     assert_string_equal(w.session, sa);
     assert_true(w.resumed);
@@ -637,7 +638,7 @@ static void test_unknown_session(void **state)
     static const char unknown[] = "ffffffffffffffffffffffffffffffff";
     Daemon *d = daemon_start(NULL, NULL, NULL);
     ExtlockConn *a = conn_open(d->unix_addr);
-    ExtlockConn *x = conn_open(d->tcp_addr);
+    ExtlockConn *x = conn_open(d->unix_addr);
     ExtlockConn *mon = conn_open(d->unix_addr);
     g_autofree char *sa = hello_full(a, "A", "disk", LONG_LEASE_MS, NULL);
     g_autofree char *before = NULL, *after = NULL;
@@ -651,12 +652,14 @@ static void test_unknown_session(void **state)
     m.client_id = (char *)"A";
     m.lock_space = (char *)"elsewhere";
     m.session = sa;
+    m.resume_secret = secret_of(sa);
     send_msg(x, &m);
     expect_error(x, true, m.id, EXTLOCK_ERR_NOT_FOUND);
     extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
     m.client_id = (char *)"X";
     m.lock_space = (char *)"disk";
     m.session = sa;
+    m.resume_secret = secret_of(sa);
     send_msg(x, &m);
     expect_error(x, true, m.id, EXTLOCK_ERR_NOT_FOUND);
     after = status_stable(mon, NULL);
@@ -685,7 +688,12 @@ static void test_unknown_session(void **state)
 /*
  * The state file lists the sessions while they exist; bye removes them.
  * Files without "sessions" load; malformed sessions are refused.
- * --grace-ms=0 drops the sessions of the previous run at once.
+ * Each session's lease is recorded, and the default grace period covers
+ * the longest; --grace-ms=0 (which used to drop the sessions of the
+ * previous run at once, while their clients could still use their
+ * locks) is refused, and so is any grace period shorter than a listed
+ * lease + fence margin, also for sessions of old files, which have no
+ * recorded lease (the longest lease a client may ask for is assumed).
  */
 static void test_state_file(void **state)
 {
@@ -707,7 +715,25 @@ static void test_state_file(void **state)
         "\"lock-space\":\"disk\"},{\"session\":"
         "\"0123456789abcdef0123456789abcdef\",\"client-id\":\"B\","
         "\"lock-space\":\"disk\"}]}",
+        "{\"version\":1,\"epoch\":3,\"sessions\":[{\"session\":"
+        "\"0123456789abcdef0123456789abcdef\",\"client-id\":\"A\","
+        "\"lock-space\":\"disk\",\"lease-ms\":99}]}",
+        "{\"version\":1,\"epoch\":3,\"sessions\":[{\"session\":"
+        "\"0123456789abcdef0123456789abcdef\",\"client-id\":\"A\","
+        "\"lock-space\":\"disk\",\"lease-ms\":\"1000\"}]}",
+        "{\"version\":1,\"epoch\":3,\"sessions\":[{\"session\":"
+        "\"0123456789abcdef0123456789abcdef\",\"client-id\":\"A\","
+        "\"lock-space\":\"disk\",\"lease-ms\":3600001}]}",
+        "{\"version\":1,\"epoch\":3,\"sessions\":[{\"session\":"
+        "\"0123456789abcdef0123456789abcdef\",\"client-id\":\"A\","
+        "\"lock-space\":\"disk\",\"lease-ms\":1000,"
+        "\"fence-margin-ms\":0}]}",
     };
+    static const char old_listed[] =
+        "{\"version\":1,\"epoch\":9,\"sessions\":[{\"session\":"
+        "\"0123456789abcdef0123456789abcdef\",\"client-id\":\"A\","
+        "\"lock-space\":\"disk\"}]}";
+    static const char *const grace_5s[] = { "--grace-ms=5000", NULL };
     static const char *const no_grace[] = { "--grace-ms=0", NULL };
     g_autofree char *path = g_build_filename(fx.dir, "st", "state", NULL);
     g_autofree char *list = NULL, *expect = NULL, *text = NULL;
@@ -731,9 +757,14 @@ static void test_state_file(void **state)
     bye(b);
     g_free(list);
     g_free(expect);
-    list = state_sessions(path, NULL);
+    /* Removals are written in the background (state-writer.h) */
     expect = g_strdup_printf("A=%s", sa);
-    assert_string_equal(list, expect);
+    t0 = now_ms();
+    while (list = state_sessions(path, NULL), strcmp(list, expect) != 0) {
+        assert_true(now_ms() - t0 < RECV_MS);
+        g_free(list);
+        g_usleep(10 * 1000);
+    }
 
     /* A clean stop keeps the sessions: they may reclaim after a restart */
     lock_now(a, 0, 10, EXTLOCK_MODE_EXCLUSIVE);
@@ -743,14 +774,35 @@ static void test_state_file(void **state)
     assert_string_equal(list, expect);
     assert_int_equal(epoch, 1);
 
-    /* Without a grace period, the old sessions are simply gone */
-    t0 = now_ms();
-    d = daemon_start(path, no_grace, NULL);
+    /* No grace period at all is unsafe: refused, the file is unchanged */
+    daemon_refused(path, no_grace, 2, "--grace-ms 0 is unsafe");
     g_free(list);
     list = state_sessions(path, &epoch);
+    assert_string_equal(list, expect);
+    assert_int_equal(epoch, 1);
+
+    /* The default grace period covers A's recorded lease */
+    d = daemon_start(path, NULL, NULL);
+    mon = conn_open(d->unix_addr);
+    st = status_get(mon);
+    assert_int_equal(jint(st, "grace-ms"), LONG_LEASE_MS + MARGIN_MS);
+    assert_true(jint(st, "grace-remaining-ms") > 0);
+    json_object_put(st);
+    a = reclaimer(d, "A", sa, 2);
+    /* bye instead of reclaiming ends the session and the grace period */
+    bye(a);
+    /* Removals are written in the background (state-writer.h) */
+    t0 = now_ms();
+    for (;;) {
+        g_free(list);
+        list = state_sessions(path, &epoch);
+        if (!list[0] || now_ms() - t0 >= RECV_MS) {
+            break;
+        }
+        g_usleep(10 * 1000);
+    }
     assert_string_equal(list, "");
     assert_int_equal(epoch, 2);
-    mon = conn_open(d->unix_addr);
     st = status_get(mon);
     assert_int_equal(jint(st, "grace-remaining-ms"), 0);
     assert_int_equal(json_object_array_length(jget(st, "sessions")), 0);
@@ -760,13 +812,42 @@ static void test_state_file(void **state)
     assert_string_not_equal(w.session, sa);
     assert_false(w.reclaim);
     extlock_msg_clear(&w);
+    t0 = now_ms();
     lock_now(a, 0, 10, EXTLOCK_MODE_EXCLUSIVE);
+    /* Not deferred: a grace period lasts >= lease + fence margin */
     assert_true(now_ms() - t0 < LEASE_MS + MARGIN_MS);
     bye(a);
     daemon_stop(d);
     text = NULL;
     assert_true(g_file_get_contents(path, &text, NULL, NULL));
     assert_string_equal(text, "{\"version\":1,\"epoch\":2}\n");
+
+    /* A session of an old file, without a recorded lease */
+    assert_true(g_file_set_contents(path, old_listed, -1, NULL));
+    daemon_refused(path, grace_5s, 2, "longest lease is 3600000 ms");
+    d = daemon_start(path, NULL, NULL);
+    mon = conn_open(d->unix_addr);
+    st = status_get(mon);
+    assert_int_equal(jint(st, "grace-ms"), 3600000 + MARGIN_MS);
+    json_object_put(st);
+    /*
+     * It records no owner identity and no resume secret: nobody can
+     * reclaim it (security), yet its locks stay protected for the grace
+     */
+    a = conn_open(d->unix_addr);
+    {
+        ExtlockMsg m;
+
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = (char *)"A";
+        m.lock_space = (char *)"disk";
+        m.session = (char *)"0123456789abcdef0123456789abcdef";
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(a, &m);
+        expect_error(a, true, m.id, EXTLOCK_ERR_DENIED);
+    }
+    conn_drop(a);
+    daemon_stop(d);
 
     /* An old file without sessions: no grace period */
     g_free(text);
@@ -777,7 +858,8 @@ static void test_state_file(void **state)
     a = client(d->unix_addr, "A", LONG_LEASE_MS);
     t0 = now_ms();
     lock_now(a, 0, 10, EXTLOCK_MODE_EXCLUSIVE);
-    assert_true(now_ms() - t0 < LEASE_MS);
+    /* Not deferred: a grace period lasts >= lease + fence margin */
+    assert_true(now_ms() - t0 < LEASE_MS + MARGIN_MS);
     daemon_stop(d);
 
     for (size_t i = 0; i < G_N_ELEMENTS(bad); i++) {
@@ -814,7 +896,7 @@ static void test_state_file(void **state)
  */
 static void test_crash_reclaim(void **state)
 {
-    static const char *const grace[] = { "--grace-ms=20000", NULL };
+    static const char *const grace[] = { "--grace-ms=40000", NULL };
     g_autofree char *path = g_build_filename(fx.dir, "st", "state", NULL);
     g_autofree char *sa = NULL, *sb = NULL, *list = NULL, *expect = NULL;
     g_autofree char *before = NULL, *after = NULL;
@@ -864,7 +946,7 @@ static void test_crash_reclaim(void **state)
 
     st = status_get(mon);
     assert_true(jint(st, "grace-remaining-ms") > 0);
-    assert_true(jint(st, "grace-remaining-ms") <= 20000);
+    assert_true(jint(st, "grace-remaining-ms") <= 40000);
     s = find_session(st, sa);
     assert_non_null(s);
     assert_true(jbool(s, "reclaiming"));
@@ -953,32 +1035,70 @@ static void test_crash_reclaim(void **state)
  * granted only then; a request conflicting with the lock reclaimed by
  * the other client keeps waiting for it.  The absent client, back after
  * the grace period, gets a new session and cannot reclaim.
+ *
+ * Safety (issue "no lock is ever used after it may have been
+ * re-granted", defect 3): the absent client B may still be using its
+ * lock until its own lease (B_LEASE_MS, longer than the daemon's default
+ * lease) runs out, so the grace period must cover B's lease plus the
+ * fence margin.  A --grace-ms shorter than that is refused, and with the
+ * default, C is granted B's extent no earlier than the coordinator's
+ * start + B's lease + fence margin (the coordinator's own timestamps:
+ * "start-ns" in status and "ts" of the grant in the event log), which is
+ * also after B's last renewal + B's lease + fence margin.
+ * Before the fix the grace period was --lease-ms + --fence-margin-ms
+ * (700 ms here) whatever the clients' leases, --grace-ms=1000 was
+ * accepted, and C got B's extent about 2.6 s too early.
  */
+#define A_LEASE_MS 2000
+#define B_LEASE_MS 3000
+
 static void test_grace_timeout(void **state)
 {
-    static const char *const grace[] = { "--grace-ms=1000", NULL };
+    static const char *const short_grace[] = { "--grace-ms=1000", NULL };
     g_autofree char *path = g_build_filename(fx.dir, "st", "state", NULL);
+    g_autofree char *evlog = g_build_filename(fx.dir, "events", NULL);
+    g_autofree char *evopt = g_strdup_printf("--event-log=%s", evlog);
+    g_autofree char *almost = g_strdup_printf("--grace-ms=%d",
+                                              B_LEASE_MS + MARGIN_MS - 1);
+    const char *const almost_grace[] = { almost, NULL };
+    const char *const with_log[] = { evopt, NULL };
     g_autofree char *sa = NULL, *sb = NULL, *list = NULL;
+    g_autofree char *before = NULL, *after = NULL;
     ExtlockConn *a, *b, *c, *mon;
-    json_object *st;
+    json_object *st, *ev;
     Daemon *d;
     ExtlockMsg w;
     uint64_t e1, e2, rc, rc2, tc, tc2, id;
     Grant ga, gb, na, gc;
-    int64_t t0, t1;
+    int64_t t_renewed, t_granted, start_ns, t0;
 
     d = daemon_start(path, NULL, NULL);
     a = conn_open(d->unix_addr);
     b = conn_open(d->tcp_addr);
-    sa = hello_full(a, "A", "disk", LONG_LEASE_MS, &e1);
-    sb = hello_full(b, "B", "disk", LONG_LEASE_MS, NULL);
+    sa = hello_full(a, "A", "disk", A_LEASE_MS, &e1);
+    sb = hello_full(b, "B", "disk", B_LEASE_MS, NULL);
     ga = lock_now(a, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
     gb = lock_now(b, 1 * MiB, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
+    renew(b);
+    /* The daemon received B's last renewal before this */
+    t_renewed = now_ms();
     crash(d);
 
-    t0 = now_ms();
-    d = daemon_start(path, grace, NULL);
+    /* The state file records B's lease: a short grace period is refused */
+    list = state_sessions(path, NULL);
+    assert_true(g_file_get_contents(path, &before, NULL, NULL));
+    assert_non_null(strstr(before, "\"lease-ms\":3000"));
+    daemon_refused(path, short_grace, 2, "--grace-ms 1000 is unsafe");
+    daemon_refused(path, almost_grace, 2, "longest lease is 3000 ms");
+    assert_true(g_file_get_contents(path, &after, NULL, NULL));
+    assert_string_equal(before, after);
+
+    d = daemon_start(path, with_log, NULL);
     mon = conn_open(d->unix_addr);
+    st = status_get(mon);
+    assert_int_equal(jint(st, "grace-ms"), B_LEASE_MS + MARGIN_MS);
+    start_ns = jint(st, "start-ns");
+    json_object_put(st);
     a = reclaimer(d, "A", sa, e1 + 1);
     e2 = e1 + 1;
     na = reclaim_ok(a, 0, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE, ga.token);
@@ -993,17 +1113,35 @@ static void test_grace_timeout(void **state)
     assert_int_equal(tc >> 40, e2);
 
     /* Still in grace: B's old extent is protected */
-    expect_quiet(c, 300);
     st = status_get(mon);
     assert_true(jint(st, "grace-remaining-ms") > 0);
     assert_true(jbool(find_session(st, sb), "reclaiming"));
     json_object_put(st);
 
-    gc = expect_granted(c, rc, 1 * MiB, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
-    t1 = now_ms();
+    /* Granted only when the grace period covering B's lease is over */
+    extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+    recv_msg(c, &w, B_LEASE_MS + MARGIN_MS + SLACK_MS + RECV_MS);
+    assert_int_equal(w.type, EXTLOCK_MSG_GRANTED);
+    assert_int_equal(w.id, rc);
+    assert_int_equal(w.offset, 1 * MiB);
+    assert_int_equal(w.length, 4 * KiB);
+    gc.lock = w.lock;
+    gc.token = w.token;
+    extlock_msg_clear(&w);
+    t_granted = now_ms();
     assert_int_equal(gc.token, tc);
-    assert_true(t1 - t0 >= 1000);
-    assert_true(t1 - t0 <= 1000 + SLACK_MS + 1000);
+    assert_true(t_granted - t_renewed >= B_LEASE_MS + MARGIN_MS);
+    ev = event_wait(evlog, "grant", "C", tc, RECV_MS, NULL);
+    if (jint(ev, "ts") < start_ns + (int64_t)(B_LEASE_MS + MARGIN_MS) *
+                                   1000000) {
+        fail_msg("C granted B's extent %" PRId64 " ms after the start, "
+                 "before B's lease + fence margin (%d ms)",
+                 (jint(ev, "ts") - start_ns) / 1000000,
+                 B_LEASE_MS + MARGIN_MS);
+    }
+    assert_int_equal(jint(ev, "offset"), 1 * MiB);
+    assert_string_equal(jstr(ev, "mode"), "exclusive");
+    json_object_put(ev);
     /* The reader waits for A, which is asked to give way */
     expect_revoke(a, na.lock, 0, 1, EXTLOCK_MODE_SHARED, tc2);
     expect_quiet(c, 10);
@@ -1013,8 +1151,13 @@ static void test_grace_timeout(void **state)
     assert_int_equal(jint(st, "grace-remaining-ms"), 0);
     assert_null(find_session(st, sb));
     json_object_put(st);
-    list = state_sessions(path, NULL);
-    assert_null(strstr(list, sb));
+    /* Removals are written in the background (state-writer.h) */
+    t0 = now_ms();
+    while (list = state_sessions(path, NULL), strstr(list, sb) != NULL) {
+        assert_true(now_ms() - t0 < RECV_MS);
+        g_free(list);
+        g_usleep(10 * 1000);
+    }
     assert_non_null(strstr(list, sa));
 
     /* B is back too late: a new session, and nothing to reclaim */
@@ -1023,6 +1166,8 @@ static void test_grace_timeout(void **state)
     assert_string_not_equal(w.session, sb);
     assert_false(w.reclaim);
     assert_false(w.resumed);
+    assert_true(w.has_fence_margin);
+    assert_int_equal(w.fence_margin_ms, MARGIN_MS);
     extlock_msg_clear(&w);
     reclaim_fails(b, 1 * MiB, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE, gb.token,
                   EXTLOCK_ERR_STATE);
@@ -1045,7 +1190,7 @@ static void test_grace_timeout(void **state)
  */
 static void test_reclaim_again(void **state)
 {
-    static const char *const grace[] = { "--grace-ms=20000", NULL };
+    static const char *const grace[] = { "--grace-ms=40000", NULL };
     g_autofree char *path = g_build_filename(fx.dir, "st", "state", NULL);
     g_autofree char *sa = NULL, *sb = NULL, *list = NULL, *expect = NULL;
     ExtlockConn *a, *b, *c, *mon;
@@ -1128,7 +1273,7 @@ static void test_reclaim_again(void **state)
  */
 static void test_grace_per_space(void **state)
 {
-    static const char *const grace[] = { "--grace-ms=20000", NULL };
+    static const char *const grace[] = { "--grace-ms=40000", NULL };
     g_autofree char *path = g_build_filename(fx.dir, "st", "state", NULL);
     g_autofree char *sa = NULL;
     ExtlockConn *a, *c, *o, *mon;

@@ -298,7 +298,7 @@ static void test_would_block(void **state)
     ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
     ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
     ExtlockConn *c = client(d->tcp_addr, "C", LONG_LEASE_MS);
-    ExtlockConn *mon = conn_open(d->tcp_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
     g_autofree char *before = NULL, *after = NULL;
     ExtlockMsg w;
     uint64_t id, rc;
@@ -408,7 +408,12 @@ static void test_bye_releases(void **state)
     t0 = now_ms();
     bye(a);
     expect_granted(b, rb, 100, 10, EXTLOCK_MODE_EXCLUSIVE);
-    assert_true(now_ms() - t0 < LEASE_MS);
+    /*
+     * At once: through expiry, A's locks would go only after its lease
+     * plus the fence margin (LONG_LEASE_MS + MARGIN_MS)
+     */
+    assert_true(now_ms() - t0 < RECV_MS);
+    assert_true(RECV_MS < LONG_LEASE_MS + MARGIN_MS);
 
     st = status_get(b);
     assert_int_equal(jint(jget(st, "counters"), "sessions"), 2);
@@ -437,7 +442,7 @@ static void test_lease_expiry(void **state)
     Daemon *d = daemon_start(NULL, NULL, NULL);
     ExtlockConn *a = conn_open(d->unix_addr);
     ExtlockConn *b = client(d->tcp_addr, "B", LONG_LEASE_MS);
-    ExtlockConn *mon = conn_open(d->tcp_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
     g_autofree char *sa = NULL;
     ExtlockMsg m;
     json_object *st;
@@ -489,6 +494,7 @@ static void send_resume(ExtlockConn *c, const char *client_id,
     m.client_id = (char *)client_id;
     m.lock_space = (char *)"disk";
     m.session = (char *)session;
+    m.resume_secret = secret_of(session);
     m.lease_ms = 600;
     send_msg(c, &m);
     *id = m.id;
@@ -501,6 +507,8 @@ static void test_resume(void **state)
     ExtlockConn *b = client(d->tcp_addr, "B", LONG_LEASE_MS);
     ExtlockConn *x;
     g_autofree char *sa = hello_full(a, "A", "disk", 600, NULL);
+    /* A's first deadline is no later than this + 600 ms */
+    int64_t t_welcome = now_ms(), target;
     static const char unknown[] = "0123456789abcdef0123456789abcdef";
     ExtlockMsg w;
     ExtlockLockInfo *li;
@@ -557,9 +565,12 @@ static void test_resume(void **state)
      * Past the deadline and fence margin of the original hello: the
      * resumed (and renewed) session still holds its locks.
      */
-    g_usleep(400 * 1000);
-    renew(x);
-    g_usleep((600 + MARGIN_MS - 400 + 50) * 1000);
+    target = t_welcome + 600 + MARGIN_MS + QUIET_MS;
+    while (now_ms() < target) {
+        /* every third of the lease, like the driver */
+        renew(x);
+        g_usleep(MAX(MIN(200, target - now_ms()), 1) * 1000);
+    }
     renew(x);
     expect_quiet(b, 10);
     unlock_all(x, g1.lock);
@@ -568,8 +579,11 @@ static void test_resume(void **state)
 
     /* A session whose lease ran out cannot be resumed: a new one */
     conn_drop(x);
-    g_usleep(700 * 1000);
-    x = conn_open(d->tcp_addr);
+    /* (status shows other clients' sessions to admins: the UNIX socket) */
+    x = conn_open(d->unix_addr);
+    json_object_put(wait_session_state(x, sa, "expired"));
+    conn_drop(x);
+    x = conn_open(d->unix_addr);
     send_resume(x, "A", sa, &id);
     expect_msg(x, &w, EXTLOCK_MSG_WELCOME, id);
     assert_string_not_equal(w.session, sa);
@@ -612,7 +626,11 @@ static void test_epoch_restart(void **state)
     text = read_state(path);
     expect = g_strdup_printf("{\"version\":1,\"epoch\":1,\"sessions\":"
                              "[{\"session\":\"%s\",\"client-id\":\"A\","
-                             "\"lock-space\":\"disk\"}]}", sa);
+                             "\"lock-space\":\"disk\",\"lease-ms\":%d,"
+                             "\"fence-margin-ms\":%d,"
+                             "\"owner\":\"uid:%u\",\"secret-sha256\":\"%s\"}]}",
+                             sa, LONG_LEASE_MS, MARGIN_MS, (unsigned)getuid(),
+                             secret_sha256(sa));
     assert_string_equal(text, expect);
     g1 = lock_now(a, 0, 10, EXTLOCK_MODE_SHARED);
     assert_int_equal(g1.token, (e1 << 40) | 1);
@@ -652,7 +670,11 @@ static void test_epoch_restart(void **state)
     expect = g_strdup_printf("{\"version\":1,\"epoch\":%" PRIu64
                              ",\"sessions\":[{\"session\":\"%s\","
                              "\"client-id\":\"A\",\"lock-space\":"
-                             "\"disk\"}]}", e3 + 1, sa);
+                             "\"disk\",\"lease-ms\":%d,"
+                             "\"fence-margin-ms\":%d,\"owner\":\"uid:%u\","
+                             "\"secret-sha256\":\"%s\"}]}", e3 + 1, sa,
+                             LONG_LEASE_MS, MARGIN_MS, (unsigned)getuid(),
+                             secret_sha256(sa));
     assert_string_equal(text, expect);
     bye(a);
     daemon_stop(d);
@@ -819,7 +841,7 @@ static void test_bad_input(void **state)
         { "\n", false, 0, EXTLOCK_ERR_PARSE },
         { "{\"type\":\"frobnicate\",\"id\":11}\n", true, 11,
           EXTLOCK_ERR_UNKNOWN_TYPE },
-        { "{\"type\":\"welcome\",\"id\":12,\"version\":1,\"session\":\"x\","
+        { "{\"type\":\"welcome\",\"id\":12,\"version\":2,\"session\":\"x\","
           "\"lease-ms\":1000,\"epoch\":1}\n", true, 12,
           EXTLOCK_ERR_UNKNOWN_TYPE },
         { "{\"id\":13}\n", true, 13, EXTLOCK_ERR_INVALID },
@@ -858,7 +880,7 @@ static void test_bad_input(void **state)
           true, 28, EXTLOCK_ERR_RANGE },
         { "{\"type\":\"unlock\",\"id\":29,\"lock\":1,\"offset\":5,"
           "\"length\":0}\n", true, 29, EXTLOCK_ERR_RANGE },
-        { "{\"type\":\"hello\",\"id\":30,\"version\":1,\"client-id\":\"A\","
+        { "{\"type\":\"hello\",\"id\":30,\"version\":2,\"client-id\":\"A\","
           "\"lock-space\":\"disk\"}\n", true, 30, EXTLOCK_ERR_STATE },
         { "{\"type\":\"unlock\",\"id\":31,\"lock\":987654}\n", true, 31,
           EXTLOCK_ERR_NOT_FOUND },
@@ -872,7 +894,7 @@ static void test_bad_input(void **state)
     ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
     ExtlockConn *b = client(d->tcp_addr, "B", LONG_LEASE_MS);
     ExtlockConn *n = conn_open(d->unix_addr);
-    ExtlockConn *mon = conn_open(d->tcp_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
     g_autofree char *line = NULL, *huge = NULL;
     ExtlockMsg w;
     uint64_t rb;
@@ -919,19 +941,22 @@ static void test_bad_input(void **state)
               true, 3, EXTLOCK_ERR_STATE);
     check_bad(n, b, mon, "{\"type\":\"renew\",\"id\":4}\n", true, 4,
               EXTLOCK_ERR_STATE);
-    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":5,\"version\":2,"
+    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":5,\"version\":3,"
               "\"client-id\":\"N\",\"lock-space\":\"disk\"}\n", true, 5,
               EXTLOCK_ERR_VERSION);
-    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":6,\"version\":1,"
+    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":10,\"version\":1,"
+              "\"client-id\":\"N\",\"lock-space\":\"disk\"}\n", true, 10,
+              EXTLOCK_ERR_VERSION);
+    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":6,\"version\":2,"
               "\"client-id\":\"N\",\"lock-space\":\"disk\","
               "\"lease-ms\":50}\n", true, 6, EXTLOCK_ERR_INVALID);
-    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":7,\"version\":1,"
+    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":7,\"version\":2,"
               "\"client-id\":\"N\\u0001\",\"lock-space\":\"disk\"}\n",
               true, 7, EXTLOCK_ERR_INVALID);
-    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":8,\"version\":1,"
+    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":8,\"version\":2,"
               "\"client-id\":\"\",\"lock-space\":\"disk\"}\n", true, 8,
               EXTLOCK_ERR_INVALID);
-    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":9,\"version\":1,"
+    check_bad(n, b, mon, "{\"type\":\"hello\",\"id\":9,\"version\":2,"
               "\"lock-space\":\"disk\"}\n", true, 9, EXTLOCK_ERR_INVALID);
     /* ... which can still say hello properly afterwards */
     g_free(hello_full(n, "N", "disk", LONG_LEASE_MS, NULL));
@@ -981,7 +1006,7 @@ static void test_limits(void **state)
     /* Sessions: A, B and C fit, a fourth does not */
     c = client(d->unix_addr, "C", LONG_LEASE_MS);
     x = conn_open(d->tcp_addr);
-    check_bad(x, b, mon, "{\"type\":\"hello\",\"id\":1,\"version\":1,"
+    check_bad(x, b, mon, "{\"type\":\"hello\",\"id\":1,\"version\":2,"
               "\"client-id\":\"X\",\"lock-space\":\"other\"}\n", true, 1,
               EXTLOCK_ERR_LIMIT);
     bye(c);
@@ -1143,9 +1168,12 @@ static void test_extlockctl(void **state)
     assert_non_null(strstr(out, "cluster-disk"));
     g_free(out);
 
-    assert_true(run_ctl(d->tcp_addr, a_sessions, &out));
+    assert_true(run_ctl(d->unix_addr, a_sessions, &out));
     assert_non_null(strstr(out, sa));
     assert_non_null(strstr(out, sb));
+    g_free(out);
+    /* Not an admin identity ("anonymous" over plain TCP): refused */
+    assert_false(run_ctl(d->tcp_addr, a_sessions, &out));
     g_free(out);
 
     tok = g_strdup_printf("%" PRIu64, ga.token);

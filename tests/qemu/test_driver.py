@@ -290,6 +290,9 @@ BAD_OPTIONS = [
      # the driver's message (qemu-io) / QAPI's enum check (blockdev-add)
      ("on-lease-loss must be 'queue' or 'error'",
       "Parameter 'on-lease-loss' does not accept value 'bogus'")),
+    ("on-stuck-io-bogus", {"on-stuck-io": "bogus"},
+     ("on-stuck-io must be 'exit' or 'report'",
+      "Parameter 'on-stuck-io' does not accept value 'bogus'")),
 ]
 
 

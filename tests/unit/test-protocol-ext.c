@@ -85,6 +85,22 @@ static const char *const canonical[] = {
     SESSION_ID "\",\"lease-ms\":500,\"epoch\":2,\"grace-remaining-ms\":1}",
     "{\"type\":\"error\",\"id\":7,\"code\":\"in-grace\","
     "\"message\":\"wait\"}",
+    /* fencing */
+    "{\"type\":\"welcome\",\"id\":1,\"version\":1,\"session\":\""
+    SESSION_ID "\",\"lease-ms\":500,\"epoch\":2,\"fence-margin-ms\":0}",
+    "{\"type\":\"welcome\",\"id\":1,\"version\":1,\"session\":\""
+    SESSION_ID "\",\"lease-ms\":500,\"epoch\":2,\"server\":\"x\","
+    "\"reclaim\":true,\"grace-remaining-ms\":9,"
+    "\"fence-margin-ms\":4294967295}",
+    "{\"type\":\"fence-status\",\"lock-space\":\"d\",\"client-id\":\"B\","
+    "\"result\":\"started\"}",
+    "{\"type\":\"fence-status\",\"lock-space\":\"d\",\"client-id\":\"B\","
+    "\"session-client\":\"B\",\"session\":\"" SESSION_ID "\","
+    "\"result\":\"succeeded\",\"message\":\"ok\"}",
+    "{\"type\":\"release-session\",\"id\":3,\"session\":\"" SESSION_ID
+    "\",\"message\":\"host B is powered off\"}",
+    "{\"type\":\"session-released\",\"id\":3,\"session\":\"" SESSION_ID
+    "\",\"released\":0}",
 };
 
 static void test_canonical(void **state)
@@ -530,7 +546,86 @@ static const BadCase bad_cases[] = {
       SESSION_ID "\",\"lease-ms\":100,\"epoch\":1,\"locks\":[{\"lock\":1,"
       "\"offset\":0,\"length\":1,\"mode\":\"both\",\"token\":1}]}",
       EXTLOCK_ERR_INVALID, true },
+    /* fencing */
+    { "{\"type\":\"welcome\",\"id\":1,\"version\":1,\"session\":\""
+      SESSION_ID "\",\"lease-ms\":100,\"epoch\":1,"
+      "\"fence-margin-ms\":-1}", EXTLOCK_ERR_INVALID, true },
+    { "{\"type\":\"welcome\",\"id\":1,\"version\":1,\"session\":\""
+      SESSION_ID "\",\"lease-ms\":100,\"epoch\":1,"
+      "\"fence-margin-ms\":4294967296}", EXTLOCK_ERR_INVALID, true },
+    { "{\"type\":\"welcome\",\"id\":1,\"version\":1,\"session\":\""
+      SESSION_ID "\",\"lease-ms\":100,\"epoch\":1,"
+      "\"fence-margin-ms\":\"1000\"}", EXTLOCK_ERR_INVALID, true },
+    { "{\"type\":\"fence-status\",\"lock-space\":\"d\",\"client-id\":\"B\","
+      "\"result\":\"ok\"}", EXTLOCK_ERR_INVALID, false },
+    { "{\"type\":\"fence-status\",\"lock-space\":\"d\",\"client-id\":\"B\"}",
+      EXTLOCK_ERR_INVALID, false },
+    { "{\"type\":\"fence-status\",\"client-id\":\"B\","
+      "\"result\":\"failed\"}", EXTLOCK_ERR_INVALID, false },
+    { "{\"type\":\"fence-status\",\"lock-space\":\"d\","
+      "\"result\":\"failed\"}", EXTLOCK_ERR_INVALID, false },
+    { "{\"type\":\"fence-status\",\"lock-space\":\"d\",\"client-id\":\"B\","
+      "\"result\":1}", EXTLOCK_ERR_INVALID, false },
+    { "{\"type\":\"release-session\",\"id\":1}", EXTLOCK_ERR_INVALID,
+      true },
+    { "{\"type\":\"release-session\",\"session\":\"" SESSION_ID "\"}",
+      EXTLOCK_ERR_INVALID, false },
+    { "{\"type\":\"release-session\",\"id\":1,\"session\":\"\"}",
+      EXTLOCK_ERR_INVALID, true },
+    { "{\"type\":\"session-released\",\"id\":1,\"session\":\""
+      SESSION_ID "\"}", EXTLOCK_ERR_INVALID, true },
 };
+
+/* welcome with and without the fence margin; fence-status fields */
+static void test_fence_messages(void **state)
+{
+    g_autofree char *line = NULL;
+    ExtlockMsg m, b;
+
+    parse_ok("{\"type\":\"welcome\",\"id\":1,\"version\":1,\"session\":\""
+             SESSION_ID "\",\"lease-ms\":100,\"epoch\":1}", &m);
+    assert_false(m.has_fence_margin);
+    assert_int_equal(m.fence_margin_ms, 0);
+    extlock_msg_clear(&m);
+
+    extlock_msg_init(&m, EXTLOCK_MSG_FENCE_STATUS);
+    m.has_id = true;            /* a notification: never carries one */
+    m.id = 5;
+    m.lock_space = (char *)"disk";
+    m.client_id = (char *)"hostB";
+    m.session_client = (char *)"hostB";
+    m.fence_result = EXTLOCK_FENCE_FAILED;
+    m.message = (char *)"timed out\n";
+    line = reparse(&m, &b);
+    assert_null(strstr(line, "\"id\""));
+    assert_int_equal(b.type, EXTLOCK_MSG_FENCE_STATUS);
+    assert_false(b.has_id);
+    assert_string_equal(b.lock_space, "disk");
+    assert_string_equal(b.client_id, "hostB");
+    assert_string_equal(b.session_client, "hostB");
+    assert_null(b.session);
+    assert_int_equal(b.fence_result, EXTLOCK_FENCE_FAILED);
+    assert_string_equal(b.message, "timed out\n");
+    extlock_msg_clear(&b);
+
+    for (int i = 0; i < EXTLOCK_FENCE__MAX; i++) {
+        g_autofree char *text = g_strdup_printf(
+            "{\"type\":\"fence-status\",\"lock-space\":\"d\","
+            "\"client-id\":\"B\",\"result\":\"%s\"}",
+            extlock_fence_result_name(i));
+
+        parse_ok(text, &b);
+        assert_int_equal(b.fence_result, i);
+        assert_null(b.session_client);
+        extlock_msg_clear(&b);
+    }
+    assert_string_equal(extlock_fence_result_name(EXTLOCK_FENCE__MAX),
+                        "failed");
+    parse_ok("{\"type\":\"session-released\",\"id\":2,\"session\":\""
+             SESSION_ID "\",\"released\":9223372036854775807}", &b);
+    assert_int_equal(b.released, INT64_MAX);
+    extlock_msg_clear(&b);
+}
 
 static void test_bad_input(void **state)
 {
@@ -598,6 +693,7 @@ int main(void)
         cmocka_unit_test(test_reclaim),
         cmocka_unit_test(test_welcome),
         cmocka_unit_test(test_limit_paths_agree),
+        cmocka_unit_test(test_fence_messages),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_forward_compat),
     };

@@ -46,6 +46,16 @@ static char *format_msg(const ExtlockMsg *msg)
  * format(parse(x)) == x for canonical lines of every message type
  */
 static const char *const canonical[] = {
+    /* version 2: resume secret and identity */
+    "{\"type\":\"hello\",\"id\":1,\"version\":2,\"client-id\":\"hostA/disk0\","
+    "\"lock-space\":\"cluster-disk\","
+    "\"session\":\"0123456789abcdef0123456789abcdef\",\"resume-secret\":"
+    "\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"}",
+    "{\"type\":\"welcome\",\"id\":1,\"version\":2,"
+    "\"session\":\"0123456789abcdef0123456789abcdef\",\"lease-ms\":10000,"
+    "\"epoch\":3,\"server\":\"extlockd 0.2.0\",\"resume-secret\":"
+    "\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\","
+    "\"identity\":\"x509:host-a\"}",
     "{\"type\":\"hello\",\"id\":1,\"version\":1,\"client-id\":\"hostA/disk0\","
     "\"lock-space\":\"cluster-disk\"}",
     "{\"type\":\"hello\",\"id\":1,\"version\":1,\"client-id\":\"hostA/disk0\","
@@ -119,6 +129,14 @@ static const char *const canonical[] = {
     "\"mode\":\"shared\",\"token\":3298534883340}",
     "{\"type\":\"reclaim\",\"id\":9,\"offset\":0,\"length\":4096,"
     "\"mode\":\"shared\",\"token\":3298534883329}",
+    "{\"type\":\"release-session\",\"id\":12,"
+    "\"session\":\"0123456789abcdef0123456789abcdef\"}",
+    "{\"type\":\"session-released\",\"id\":12,"
+    "\"session\":\"0123456789abcdef0123456789abcdef\",\"released\":3}",
+    "{\"type\":\"fence-status\",\"lock-space\":\"d\","
+    "\"client-id\":\"hostB/d0\",\"session-client\":\"hostB/d0\","
+    "\"session\":\"0123456789abcdef0123456789abcdef\","
+    "\"result\":\"failed\",\"message\":\"agent exited with status 1\"}",
 };
 
 static void test_roundtrip_all_types(void **state)
@@ -370,6 +388,17 @@ typedef struct BadCase {
 #define HELLO_PFX "{\"type\":\"hello\",\"id\":1,\"version\":1,"
 
 static const BadCase bad_cases[] = {
+    /* resume-secret: 64 lowercase hex digits */
+    { "{\"type\":\"hello\",\"id\":1,\"version\":2,\"client-id\":\"a\","
+      "\"lock-space\":\"s\",\"session\":\"0123456789abcdef0123456789abcdef\","
+      "\"resume-secret\":\"0011\"}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"hello\",\"id\":1,\"version\":2,\"client-id\":\"a\","
+      "\"lock-space\":\"s\",\"resume-secret\":"
+      "\"00112233445566778899AABBCCDDEEFF00112233445566778899aabbccddeeff\"}",
+      EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"hello\",\"id\":1,\"version\":2,\"client-id\":\"a\","
+      "\"lock-space\":\"s\",\"resume-secret\":7}", EXTLOCK_ERR_INVALID,
+      true, 1 },
     /* parse-error */
     { "", EXTLOCK_ERR_PARSE },
     { "   ", EXTLOCK_ERR_PARSE },
@@ -1592,7 +1621,7 @@ static void test_client_hello(void **state)
     assert_non_null(strstr(err->message, "nope"));
     g_clear_error(&err);
     sent = fake_read(&fs);
-    assert_string_equal(sent, "{\"type\":\"hello\",\"id\":1,\"version\":1,"
+    assert_string_equal(sent, "{\"type\":\"hello\",\"id\":1,\"version\":2,"
                         "\"client-id\":\"c\",\"lock-space\":\"s\"}\n");
 
     fake_write(&fs, "{\"type\":\"welcome\",\"id\":2,\"version\":1,"

@@ -121,7 +121,7 @@ class CoordinatorClient:
 
     # ---- protocol verbs ------------------------------------------------------
     def hello(self, client_id, lock_space, lease_ms=None):
-        msg = {"type": "hello", "version": 1, "client-id": client_id,
+        msg = {"type": "hello", "version": 2, "client-id": client_id,
                "lock-space": lock_space}
         if lease_ms:
             msg["lease-ms"] = lease_ms

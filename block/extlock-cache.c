@@ -1,0 +1,104 @@
+/*
+ * extlock: the lock cache's decisions, without QEMU
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * No QEMU headers: this file is also built into tests/unit.
+ */
+#include <stddef.h>
+#include "extlock-cache.h"
+
+#define EXTLOCK_CACHE_CONTAINER(ptr, type, member) \
+    ((type *)((char *)(ptr) - offsetof(type, member)))
+
+static bool extlock_cache_contains(ExtlockExtent outer, ExtlockExtent inner)
+{
+    return outer.start <= inner.start && inner.end <= outer.end;
+}
+
+bool extlock_cache_entry_serves(const ExtlockCacheEntry *e, ExtlockExtent ext,
+                                ExtlockMode mode)
+{
+    return !e->revoking && !e->stale &&
+           extlock_cache_contains(e->node.ext, ext) &&
+           (e->mode == EXTLOCK_MODE_EXCLUSIVE || mode == EXTLOCK_MODE_SHARED);
+}
+
+typedef struct ExtlockCacheFind {
+    ExtlockExtent ext;
+    ExtlockMode mode;
+    ExtlockCacheEntry *found;
+} ExtlockCacheFind;
+
+static bool extlock_cache_find_cb(ExtlockITNode *node, void *opaque)
+{
+    ExtlockCacheFind *f = opaque;
+    ExtlockCacheEntry *e = EXTLOCK_CACHE_CONTAINER(node, ExtlockCacheEntry,
+                                                   node);
+
+    if (extlock_cache_entry_serves(e, f->ext, f->mode)) {
+        f->found = e;
+        return false;
+    }
+    return true;
+}
+
+ExtlockCacheEntry *extlock_cache_lookup(ExtlockITree *locks, ExtlockExtent ext,
+                                        ExtlockMode mode)
+{
+    ExtlockCacheFind f = { .ext = ext, .mode = mode };
+
+    extlock_itree_foreach_overlap(locks, ext, extlock_cache_find_cb, &f);
+    return f.found;
+}
+
+ExtlockExtent extlock_cache_revoke_part(ExtlockExtent ext, ExtlockExtent want,
+                                        ExtlockExtent used)
+{
+    if (want.start < ext.start) {
+        want.start = ext.start;
+    }
+    if (want.end > ext.end) {
+        want.end = ext.end;
+    }
+    if (want.start >= want.end || used.start >= used.end) {
+        return ext;
+    }
+    if (used.end <= want.start && want.start > ext.start) {
+        return (ExtlockExtent) { .start = want.start, .end = ext.end };
+    }
+    if (used.start >= want.end && want.end < ext.end) {
+        return (ExtlockExtent) { .start = ext.start, .end = want.end };
+    }
+    return ext;
+}
+
+typedef struct ExtlockLocalFind {
+    const ExtlockLocalReq *req;
+    bool found;
+} ExtlockLocalFind;
+
+static bool extlock_local_conflict_cb(ExtlockITNode *node, void *opaque)
+{
+    ExtlockLocalFind *f = opaque;
+    ExtlockLocalReq *other = EXTLOCK_CACHE_CONTAINER(node, ExtlockLocalReq,
+                                                     node);
+
+    if (other->seq < f->req->seq &&
+        extlock_modes_conflict(other->mode, f->req->mode)) {
+        f->found = true;
+        return false;
+    }
+    return true;
+}
+
+bool extlock_local_must_wait(ExtlockITree *active, const ExtlockLocalReq *req)
+{
+    ExtlockLocalFind f = { .req = req };
+
+    extlock_itree_foreach_overlap(active, req->node.ext,
+                                  extlock_local_conflict_cb, &f);
+    return f.found;
+}

@@ -1,0 +1,65 @@
+/*
+ * extlock: the lock cache's decisions, without QEMU
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Pure functions over the node's locks and requests (interval trees of
+ * extents), shared by the driver (extlock-locks.c) and the unit tests
+ * (tests/unit/test-lock-cache.c): which cached lock serves a new request,
+ * which part of a revoked lock to give back, and whether a request must
+ * wait for an earlier conflicting request of the same node.
+ */
+#ifndef BLOCK_EXTLOCK_CACHE_H
+#define BLOCK_EXTLOCK_CACHE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include "extlock/extent.h"
+#include "extlock/interval-tree.h"
+
+/* What the lookup needs to know of a lock granted to the node */
+typedef struct ExtlockCacheEntry {
+    ExtlockITNode node;         /* node.ext: the granted extent */
+    ExtlockMode mode;
+    bool revoking;              /* the coordinator asked for it back */
+    bool stale;                 /* lost while in use: never use it again */
+} ExtlockCacheEntry;
+
+/* May @e serve a new request for @ext in @mode? */
+bool extlock_cache_entry_serves(const ExtlockCacheEntry *e, ExtlockExtent ext,
+                                ExtlockMode mode);
+
+/*
+ * A lock in @locks (a tree of ExtlockCacheEntry.node) that serves a new
+ * request for @ext in @mode, or NULL: then the request asks the
+ * coordinator.  Revoked and stale locks serve nobody.
+ */
+ExtlockCacheEntry *extlock_cache_lookup(ExtlockITree *locks, ExtlockExtent ext,
+                                        ExtlockMode mode);
+
+/*
+ * Which part of a revoked lock @ext to give back: the part @want the
+ * waiting request wants, widened to the end of the lock on the side the
+ * node has not used (@used: the span its requests used, empty if
+ * start >= end).  The whole lock if the used span touches the wanted part
+ * or lies on both sides of it.  Always a head, a tail or all of @ext.
+ */
+ExtlockExtent extlock_cache_revoke_part(ExtlockExtent ext, ExtlockExtent want,
+                                        ExtlockExtent used);
+
+/* A request of the node between lock and unlock, for local order */
+typedef struct ExtlockLocalReq {
+    ExtlockITNode node;         /* node.ext: the locked range */
+    uint64_t seq;               /* arrival order in the node */
+    ExtlockMode mode;
+} ExtlockLocalReq;
+
+/*
+ * Must @req wait for an earlier request of the node in @active (a tree of
+ * ExtlockLocalReq.node) that overlaps it in a conflicting mode?
+ */
+bool extlock_local_must_wait(ExtlockITree *active, const ExtlockLocalReq *req);
+
+#endif /* BLOCK_EXTLOCK_CACHE_H */

@@ -1,0 +1,183 @@
+/*
+ * extlockd: state file writes off the event loop (see state-writer.h)
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+#include <inttypes.h>
+#include <stdlib.h>
+#include <glib.h>
+
+#include "state-file.h"
+#include "state-writer.h"
+
+struct ExtlockdStateWriter {
+    char *path;
+    ExtlockdStateDone *done;
+    void *opaque;
+    GThread *thread;
+    GMutex lock;                 /* protects everything below */
+    GCond cond;
+    char *pending;               /* newest snapshot not written yet */
+    uint64_t pending_gen;
+    uint64_t next_gen;
+    uint64_t written_gen;        /* newest generation on disk */
+    bool writing;                /* the file is being replaced */
+    bool quit;
+    /* Testing hook: EXTLOCKD_TEST_STATE_DELAY_MS, a slow disk */
+    unsigned delay_ms;
+};
+
+typedef struct DoneCall {
+    ExtlockdStateWriter *w;
+    uint64_t gen;
+    bool ok;
+    char *error;
+} DoneCall;
+
+static gboolean done_in_main(gpointer opaque)
+{
+    DoneCall *d = opaque;
+
+    d->w->done(d->gen, d->ok, d->error, d->w->opaque);
+    g_free(d->error);
+    g_free(d);
+    return G_SOURCE_REMOVE;
+}
+
+/* With w->lock held and w->writing set: write @text without the lock */
+static bool write_unlocked(ExtlockdStateWriter *w, const char *text,
+                           GError **errp)
+{
+    bool ok;
+
+    g_mutex_unlock(&w->lock);
+    if (w->delay_ms) {
+        g_usleep(w->delay_ms * 1000);
+    }
+    ok = extlockd_state_write_text(w->path, text, errp);
+    g_mutex_lock(&w->lock);
+    return ok;
+}
+
+static gpointer writer_thread(gpointer opaque)
+{
+    ExtlockdStateWriter *w = opaque;
+
+    g_mutex_lock(&w->lock);
+    for (;;) {
+        g_autoptr(GError) err = NULL;
+        g_autofree char *text = NULL;
+        uint64_t gen;
+        DoneCall *d;
+
+        while ((!w->pending && !w->quit) || w->writing) {
+            g_cond_wait(&w->cond, &w->lock);
+        }
+        if (!w->pending) {
+            break;
+        }
+        text = w->pending;
+        gen = w->pending_gen;
+        w->pending = NULL;
+        if (gen <= w->written_gen) {
+            continue;           /* a synchronous write was newer */
+        }
+        w->writing = true;
+        d = g_new0(DoneCall, 1);
+        d->w = w;
+        d->gen = gen;
+        d->ok = write_unlocked(w, text, &err);
+        w->writing = false;
+        if (d->ok) {
+            w->written_gen = MAX(w->written_gen, gen);
+        } else {
+            d->error = g_strdup(err->message);
+        }
+        g_cond_broadcast(&w->cond);
+        if (w->quit) {
+            g_free(d->error);
+            g_free(d);
+        } else {
+            /* Not idle priority: a busy loop must not starve welcomes */
+            g_idle_add_full(G_PRIORITY_DEFAULT, done_in_main, d, NULL);
+        }
+    }
+    g_mutex_unlock(&w->lock);
+    return NULL;
+}
+
+ExtlockdStateWriter *extlockd_state_writer_new(const char *path,
+                                               ExtlockdStateDone *done,
+                                               void *opaque)
+{
+    ExtlockdStateWriter *w = g_new0(ExtlockdStateWriter, 1);
+    const char *delay = g_getenv("EXTLOCKD_TEST_STATE_DELAY_MS");
+
+    w->path = g_strdup(path);
+    w->done = done;
+    w->opaque = opaque;
+    w->next_gen = 1;
+    if (delay) {
+        w->delay_ms = (unsigned)strtoul(delay, NULL, 10);
+    }
+    g_mutex_init(&w->lock);
+    g_cond_init(&w->cond);
+    w->thread = g_thread_new("extlockd-state", writer_thread, w);
+    return w;
+}
+
+uint64_t extlockd_state_writer_submit(ExtlockdStateWriter *w, char *text)
+{
+    uint64_t gen;
+
+    g_mutex_lock(&w->lock);
+    gen = w->next_gen++;
+    g_free(w->pending);         /* never written: this one is newer */
+    w->pending = text;
+    w->pending_gen = gen;
+    g_cond_broadcast(&w->cond);
+    g_mutex_unlock(&w->lock);
+    return gen;
+}
+
+bool extlockd_state_writer_write_now(ExtlockdStateWriter *w, char *text,
+                                     GError **errp)
+{
+    uint64_t gen;
+    bool ok;
+
+    g_mutex_lock(&w->lock);
+    gen = w->next_gen++;
+    while (w->writing) {
+        g_cond_wait(&w->cond, &w->lock);
+    }
+    w->writing = true;
+    ok = write_unlocked(w, text, errp);
+    w->writing = false;
+    if (ok) {
+        w->written_gen = MAX(w->written_gen, gen);
+    }
+    g_cond_broadcast(&w->cond);
+    g_mutex_unlock(&w->lock);
+    g_free(text);
+    return ok;
+}
+
+void extlockd_state_writer_free(ExtlockdStateWriter *w)
+{
+    if (!w) {
+        return;
+    }
+    g_mutex_lock(&w->lock);
+    w->quit = true;
+    g_cond_broadcast(&w->cond);
+    g_mutex_unlock(&w->lock);
+    g_thread_join(w->thread);
+    g_free(w->pending);
+    g_mutex_clear(&w->lock);
+    g_cond_clear(&w->cond);
+    g_free(w->path);
+    g_free(w);
+}

@@ -1,0 +1,1330 @@
+/*
+ * extlock: security tests against the real extlockd (TLS, identities,
+ * policy, resume secrets, limits against floods)
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Certificates are made in each test with certtool (gnutls-bin), as
+ * QEMU's documentation does: one CA, a server certificate for 127.0.0.1,
+ * client certificates with the common names host-a, host-b and admin, and
+ * a second ("rogue") CA with a client certificate of its own.  Every
+ * refusal is checked three ways: the client gets a clear error, the
+ * daemon logs it, and nothing anybody else holds changes (a victim
+ * session keeps its lock and its lease).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <setjmp.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+#include <glib.h>
+#include <gio/gio.h>
+#include <json-c/json.h>
+
+#include "extlockd-harness.h"
+
+/* The daemon's resident set must stay below this through every flood */
+#define RSS_BOUND_KIB   (64 * 1024)
+/* extlockd's default --max-unauth */
+#define EXTLOCKD_TEST_MAX_UNAUTH 256
+
+static const char policy_text[] =
+    "# test policy\n"
+    "[identity x509:host-a]\n"
+    "lock-spaces=space-a*\n"
+    "client-ids=host-a/*\n"
+    "\n"
+    "[identity x509:host-b]\n"
+    "lock-spaces=shared\n"
+    "client-ids=host-b/*\n"
+    "\n"
+    "[identity x509:admin]\n"
+    "lock-spaces=*\n"
+    "client-ids=*\n"
+    "admin=true\n"
+    "\n"
+    "[identity psk:alice]\n"
+    "lock-spaces=shared\n"
+    "client-ids=alice/*\n";
+
+typedef struct Pki {
+    char *server;               /* --tls-creds-dir of the daemon */
+    char *host_a, *host_b, *admin;  /* client credential directories */
+    char *rogue;                /* client cert from another CA */
+    char *nocert;               /* only the CA: no client certificate */
+    char *policy;
+} Pki;
+
+static void run_sh(const char *script)
+{
+    const char *argv[] = { "/bin/sh", "-ec", script, NULL };
+    g_autofree char *out = NULL, *err_text = NULL;
+    GError *err = NULL;
+    int status;
+
+    if (!g_spawn_sync(fx.dir, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL,
+                      NULL, &out, &err_text, &status, &err)) {
+        fail_msg("cannot run sh: %s", err->message);
+    }
+    if (!g_spawn_check_wait_status(status, NULL)) {
+        fail_msg("script failed:\n%s\n%s%s", script, out, err_text);
+    }
+}
+
+/*
+ * The layout of QEMU's tls-creds-x509 directories: ca-cert.pem, and
+ * server-cert.pem/server-key.pem or client-cert.pem/client-key.pem
+ */
+static void make_pki(Pki *p)
+{
+    static const char script[] =
+        "command -v certtool >/dev/null || "
+        "  { echo 'certtool missing: apt-get install gnutls-bin'; exit 1; }\n"
+        "mkdir -p pki && cd pki\n"
+        "key() { certtool --generate-privkey --key-type=ecdsa "
+        "  --outfile \"$1\" 2>/dev/null; }\n"
+        "ca() { key $1-key.pem\n"
+        "  printf 'cn = %s\\nca\\ncert_signing_key\\nexpiration_days = 2\\n' "
+        "    \"$1\" > $1.info\n"
+        "  certtool --generate-self-signed --load-privkey $1-key.pem "
+        "    --template $1.info --outfile $1-cert.pem 2>/dev/null; }\n"
+        "cert() { # CA NAME KIND DIR\n"
+        "  mkdir -p $4; cp $1-cert.pem $4/ca-cert.pem\n"
+        "  key $4/$3-key.pem\n"
+        "  if [ $3 = server ]; then\n"
+        "    printf 'cn = %s\\nip_address = 127.0.0.1\\ndns_name = localhost\\n"
+        "tls_www_server\\nsigning_key\\nexpiration_days = 2\\n' $2 > $4.info\n"
+        "  else\n"
+        "    printf 'cn = %s\\ntls_www_client\\nsigning_key\\n"
+        "expiration_days = 2\\n' $2 > $4.info\n"
+        "  fi\n"
+        "  certtool --generate-certificate --load-ca-certificate $1-cert.pem "
+        "    --load-ca-privkey $1-key.pem --load-privkey $4/$3-key.pem "
+        "    --template $4.info --outfile $4/$3-cert.pem 2>/dev/null; }\n"
+        "ca ca; ca rogue\n"
+        "cert ca localhost server server\n"
+        "cert ca host-a client host-a\n"
+        "cert ca host-b client host-b\n"
+        "cert ca admin client admin\n"
+        "cert rogue host-a client rogue\n"
+        "cp ca-cert.pem rogue/ca-cert.pem   # it trusts the real server\n"
+        "mkdir -p nocert; cp ca-cert.pem nocert/\n";
+
+    run_sh(script);
+    p->server = g_build_filename(fx.dir, "pki", "server", NULL);
+    p->host_a = g_build_filename(fx.dir, "pki", "host-a", NULL);
+    p->host_b = g_build_filename(fx.dir, "pki", "host-b", NULL);
+    p->admin = g_build_filename(fx.dir, "pki", "admin", NULL);
+    p->rogue = g_build_filename(fx.dir, "pki", "rogue", NULL);
+    p->nocert = g_build_filename(fx.dir, "pki", "nocert", NULL);
+    p->policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    assert_true(g_file_set_contents(p->policy, policy_text, -1, NULL));
+}
+
+static void pki_free(Pki *p)
+{
+    g_free(p->server);
+    g_free(p->host_a);
+    g_free(p->host_b);
+    g_free(p->admin);
+    g_free(p->rogue);
+    g_free(p->nocert);
+    g_free(p->policy);
+}
+
+/* A TLS connection with the credentials in @dir (NULL on failure) */
+static ExtlockConn *tls_try(const char *address, const char *dir,
+                            const char *psk_user, GError **errp)
+{
+    ExtlockTlsOptions o = {
+        .creds_dir = dir,
+        .psk_username = psk_user,
+    };
+    ExtlockConn *c = extlock_conn_connect_tls(address, &o, errp);
+
+    if (c) {
+        g_ptr_array_add(fx.conns, c);
+    }
+    return c;
+}
+
+static ExtlockConn *tls_open(const char *address, const char *dir)
+{
+    GError *err = NULL;
+    ExtlockConn *c = tls_try(address, dir, NULL, &err);
+
+    if (!c) {
+        fail_msg("TLS connect %s with %s: %s", address, dir, err->message);
+    }
+    return c;
+}
+
+/*
+ * Send hello (with @session and @secret if not NULL); return the reply
+ * (a welcome or an error) in @r
+ */
+static void hello_reply(ExtlockConn *c, const char *client_id,
+                        const char *space, const char *session,
+                        const char *secret, ExtlockMsg *r)
+{
+    ExtlockMsg m;
+    GError *err = NULL;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+    m.client_id = (char *)client_id;
+    m.lock_space = (char *)space;
+    m.session = (char *)session;
+    m.resume_secret = (char *)secret;
+    m.lease_ms = LONG_LEASE_MS;
+    extlock_msg_init(r, EXTLOCK_MSG_INVALID);
+    if (!extlock_conn_call(c, &m, r, RECV_MS, &err)) {
+        fail_msg("hello: %s", err->message);
+    }
+    if (r->type == EXTLOCK_MSG_WELCOME) {
+        secret_remember(r->session, r->resume_secret);
+    }
+}
+
+/* hello must be refused with permission-denied */
+static void hello_denied(ExtlockConn *c, const char *client_id,
+                         const char *space, const char *session,
+                         const char *secret)
+{
+    ExtlockMsg r;
+
+    hello_reply(c, client_id, space, session, secret, &r);
+    if (r.type != EXTLOCK_MSG_ERROR || r.error != EXTLOCK_ERR_DENIED) {
+        fail_msg("hello of %s in %s (session %s) was not denied: %s %s",
+                 client_id, space, session ? session : "-",
+                 extlock_msg_type_name(r.type),
+                 r.message ? r.message : "");
+    }
+    assert_non_null(r.message);
+    assert_true(strlen(r.message) > 10);
+    extlock_msg_clear(&r);
+}
+
+/* hello must succeed; returns the session id (g_free) */
+static char *hello_ok(ExtlockConn *c, const char *client_id,
+                      const char *space, const char *identity)
+{
+    ExtlockMsg r;
+    char *session;
+
+    hello_reply(c, client_id, space, NULL, NULL, &r);
+    if (r.type != EXTLOCK_MSG_WELCOME) {
+        fail_msg("hello of %s in %s refused: %s: %s", client_id, space,
+                 extlock_error_code_name(r.error),
+                 r.message ? r.message : "");
+    }
+    assert_int_equal(r.version, EXTLOCK_PROTOCOL_VERSION);
+    assert_non_null(r.resume_secret);
+    assert_int_equal(strlen(r.resume_secret), EXTLOCK_SECRET_LEN);
+    if (identity) {
+        assert_non_null(r.identity);
+        assert_string_equal(r.identity, identity);
+    }
+    session = g_strdup(r.session);
+    extlock_msg_clear(&r);
+    return session;
+}
+
+/* The reply to one "status" request (a status reply or an error) */
+static void status_reply(ExtlockConn *c, ExtlockMsg *r)
+{
+    ExtlockMsg m;
+    GError *err = NULL;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_STATUS);
+    extlock_msg_init(r, EXTLOCK_MSG_INVALID);
+    if (!extlock_conn_call(c, &m, r, RECV_MS, &err)) {
+        fail_msg("status: %s", err->message);
+    }
+}
+
+/* Who holds and waits for what (status without counters and timers) */
+static char *holdings(ExtlockConn *mon)
+{
+    g_autofree char *text = status_stable(mon, NULL);
+    json_object *st = json_tokener_parse(text);
+    json_object *spaces = jget(st, "lock-spaces");
+    char *out;
+
+    for (size_t i = 0; i < json_object_array_length(spaces); i++) {
+        json_object_object_del(json_object_array_get_idx(spaces, i),
+                               "counters");
+    }
+    out = g_strdup_printf("%s %s", json_object_to_json_string(spaces),
+                          json_object_to_json_string(jget(st, "sessions")));
+    json_object_put(st);
+    return out;
+}
+
+static char *status_text(ExtlockConn *c)
+{
+    json_object *st = status_get(c);
+    char *text = g_strdup(json_object_to_json_string_ext(
+        st, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+
+    json_object_put(st);
+    return text;
+}
+
+/* How often @needle occurs in the daemon's log */
+static unsigned log_count(Daemon *d, const char *needle)
+{
+    g_autofree char *text = NULL;
+    unsigned n = 0;
+
+    if (!g_file_get_contents(d->log, &text, NULL, NULL)) {
+        return 0;
+    }
+    for (const char *p = text; (p = strstr(p, needle)) != NULL; p++) {
+        n++;
+    }
+    return n;
+}
+
+/* Wait (bounded) until the log has more than @before lines with @needle */
+static void wait_log(Daemon *d, const char *needle, unsigned before)
+{
+    int64_t deadline = now_ms() + RECV_MS;
+
+    while (log_count(d, needle) <= before) {
+        if (now_ms() > deadline) {
+            dump_log(d);
+            fail_msg("the daemon did not log \"%s\"", needle);
+        }
+        g_usleep(10 * 1000);
+    }
+}
+
+static int run_ctl(const char *const *args, char **out, char **err_text)
+{
+    g_autoptr(GPtrArray) argv = g_ptr_array_new();
+    GError *err = NULL;
+    int status;
+
+    g_ptr_array_add(argv, (char *)extlockctl_bin);
+    for (int i = 0; args[i]; i++) {
+        g_ptr_array_add(argv, (char *)args[i]);
+    }
+    g_ptr_array_add(argv, NULL);
+    if (!g_spawn_sync(NULL, (char **)argv->pdata, NULL, G_SPAWN_DEFAULT,
+                      NULL, NULL, out, err_text, &status, &err)) {
+        fail_msg("cannot run extlockctl: %s", err->message);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+/* The victim's lock must still be held by it, with the same token */
+static void check_victim(ExtlockConn *mon, const char *session, Grant g)
+{
+    json_object *st = status_get(mon);
+    json_object *s = find_session(st, session);
+    json_object *spaces = jget(st, "lock-spaces");
+    bool found = false;
+
+    assert_non_null(s);
+    assert_string_equal(jstr(s, "state"), "active");
+    assert_int_equal(jint(s, "locks-held"), 1);
+    for (size_t i = 0; i < json_object_array_length(spaces); i++) {
+        json_object *held = jget(json_object_array_get_idx(spaces, i),
+                                 "held");
+
+        for (size_t j = 0; j < json_object_array_length(held); j++) {
+            json_object *l = json_object_array_get_idx(held, j);
+
+            if (jint(l, "lock") == (int64_t)g.lock &&
+                jint(l, "token") == (int64_t)g.token &&
+                strcmp(jstr(l, "session"), session) == 0) {
+                found = true;
+            }
+        }
+    }
+    assert_true(found);
+    json_object_put(st);
+}
+
+static long rss_kib(pid_t pid)
+{
+    g_autofree char *path = g_strdup_printf("/proc/%d/status", (int)pid);
+    g_autofree char *text = NULL;
+    const char *p;
+
+    assert_true(g_file_get_contents(path, &text, NULL, NULL));
+    p = strstr(text, "VmRSS:");
+    assert_non_null(p);
+    return strtol(p + 6, NULL, 10);
+}
+
+static Daemon *tls_daemon(Pki *p, const char *state, bool policy)
+{
+    const char *extra[] = {
+        "--tls-creds-dir", p->server, policy ? "--policy" : NULL,
+        p->policy, NULL,
+    };
+
+    return daemon_start(state, extra, NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* Tests                                                               */
+
+/*
+ * TLS listener: clients without TLS, with a certificate of another CA or
+ * without a certificate are refused (clear error for the client, a log
+ * line in the daemon); a client that checks the server's name refuses a
+ * certificate for another name.  A victim session is untouched.
+ */
+static void test_tls_refusals(void **state)
+{
+    Pki p = { 0 };
+    Daemon *d;
+    ExtlockConn *victim, *mon, *c;
+    GError *err = NULL;
+    ExtlockMsg r;
+    g_autofree char *sv = NULL, *out = NULL, *errs = NULL;
+    Grant g;
+    unsigned n;
+
+    make_pki(&p);
+    d = tls_daemon(&p, NULL, true);
+    victim = tls_open(d->tcp_addr, p.host_b);
+    sv = hello_ok(victim, "host-b/d0", "shared", "x509:host-b");
+    g = lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    mon = conn_open(d->unix_addr);
+
+    /* Plain TCP to the TLS port: the hello never gets an answer */
+    n = log_count(d, "TLS handshake failed");
+    c = conn_open(d->tcp_addr);
+    send_raw(c, "{\"type\":\"hello\",\"id\":1,\"version\":2,\"client-id\":"
+                "\"host-b/d0\",\"lock-space\":\"shared\"}\n");
+    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+    assert_false(extlock_conn_recv(c, &r, RECV_MS, &err));
+    g_clear_error(&err);
+    wait_log(d, "TLS handshake failed", n);
+
+    /* A client certificate from another CA */
+    n = log_count(d, "connection refused");
+    c = tls_try(d->tcp_addr, p.rogue, NULL, &err);
+    if (c) {
+        /* TLS 1.3: the server's verdict arrives after the handshake */
+        extlock_msg_init(&r, EXTLOCK_MSG_HELLO);
+        r.client_id = g_strdup("host-a/d0");
+        r.lock_space = g_strdup("space-a");
+        assert_false(extlock_conn_call(c, &r, &r, RECV_MS, &err));
+    }
+    assert_non_null(err);
+    g_test_message("rogue client: %s", err->message);
+    g_clear_error(&err);
+    wait_log(d, "connection refused", n);
+    assert_true(log_count(d, "rejected") + log_count(d, "certificate") > 0);
+
+    /* No client certificate at all */
+    n = log_count(d, "connection refused");
+    c = tls_try(d->tcp_addr, p.nocert, NULL, &err);
+    if (c) {
+        extlock_msg_init(&r, EXTLOCK_MSG_STATUS);
+        assert_false(extlock_conn_call(c, &r, &r, RECV_MS, &err));
+    }
+    assert_non_null(err);
+    g_clear_error(&err);
+    wait_log(d, "connection refused", n);
+
+    /* The client checks the server's name */
+    {
+        ExtlockTlsOptions o = { .creds_dir = p.host_a,
+                                .hostname = "coordinator.example" };
+
+        c = extlock_conn_connect_tls(d->tcp_addr, &o, &err);
+        assert_null(c);
+        assert_non_null(strstr(err->message, "server certificate rejected"));
+        g_clear_error(&err);
+    }
+
+    /* extlockctl: admin over TLS yes; a non-admin or no TLS: refused */
+    {
+        const char *admin_args[] = { "-c", d->tcp_addr, "--tls-creds-dir",
+                                     p.admin, "sessions", NULL };
+        const char *user_args[] = { "-c", d->tcp_addr, "--tls-creds-dir",
+                                    p.host_a, "sessions", NULL };
+        const char *plain_args[] = { "-c", d->tcp_addr, "sessions", NULL };
+
+        assert_int_equal(run_ctl(admin_args, &out, &errs), 0);
+        assert_non_null(strstr(out, sv));
+        g_clear_pointer(&out, g_free);
+        g_clear_pointer(&errs, g_free);
+        assert_int_equal(run_ctl(user_args, &out, &errs), 1);
+        assert_non_null(strstr(errs, "permission-denied"));
+        assert_non_null(strstr(errs, "admin"));
+        g_clear_pointer(&out, g_free);
+        g_clear_pointer(&errs, g_free);
+        assert_int_equal(run_ctl(plain_args, &out, &errs), 1);
+        assert_non_null(strstr(errs, "extlockctl:"));
+    }
+
+    renew(victim);
+    check_victim(mon, sv, g);
+    daemon_stop(d);
+    pki_free(&p);
+}
+
+/*
+ * Many TLS records at once, and big replies that take many records and
+ * several non-blocking writes (GNUTLS_E_AGAIN): 2000 lock requests, each
+ * in a record of its own, sent before reading any reply; then a status of
+ * all of them from an admin over TLS.  (The daemon's handling of data
+ * GnuTLS has buffered is defensive: GnuTLS reads the socket record by
+ * record and the daemon reads 64 KiB, more than a record, so this test
+ * passes without it too.)
+ */
+#define PIPELINED 2000
+
+static void test_tls_pipelining(void **state)
+{
+    Pki p = { 0 };
+    Daemon *d;
+    ExtlockConn *a, *adm;
+    g_autofree char *sa = NULL, *text = NULL;
+    uint64_t first_id;
+
+    make_pki(&p);
+    d = tls_daemon(&p, NULL, true);
+    a = tls_open(d->tcp_addr, p.host_a);
+    sa = hello_ok(a, "host-a/d0", "space-a", "x509:host-a");
+    first_id = extlock_conn_next_id(a);
+    for (int i = 0; i < PIPELINED; i++) {
+        ExtlockMsg m;
+
+        extlock_msg_init(&m, EXTLOCK_MSG_LOCK);
+        m.offset = (uint64_t)i * 4096;
+        m.length = 4096;
+        m.mode = EXTLOCK_MODE_SHARED;
+        send_msg(a, &m);
+    }
+    for (int i = 0; i < PIPELINED; i++) {
+        expect_granted(a, first_id + i, (uint64_t)i * 4096, 4096,
+                       EXTLOCK_MODE_SHARED);
+    }
+    adm = tls_open(d->tcp_addr, p.admin);
+    text = status_text(adm);
+    assert_true(strlen(text) > PIPELINED * 100);
+    assert_non_null(strstr(text, "\"offset\":8187904"));  /* the last */
+    renew(a);
+    daemon_stop(d);
+    pki_free(&p);
+}
+
+/*
+ * With a policy: host-a may not use host-b's lock-space or client-ids,
+ * cannot resume host-b's session even with its secret, cannot unlock its
+ * locks; status shows no secrets and, to non-admins, nobody else.  The
+ * policy is reloaded on SIGHUP; a bad file is refused and the old one
+ * stays.
+ */
+static void test_identity_isolation(void **state)
+{
+    Pki p = { 0 };
+    Daemon *d;
+    ExtlockConn *b, *a, *a2, *b2, *adm, *mon;
+    g_autofree char *sb = NULL, *sa = NULL, *text = NULL, *before = NULL;
+    char *secret_b;
+    ExtlockMsg r, m;
+    Grant gb;
+    unsigned n;
+
+    make_pki(&p);
+    d = tls_daemon(&p, NULL, true);
+    mon = conn_open(d->unix_addr);
+    b = tls_open(d->tcp_addr, p.host_b);
+    sb = hello_ok(b, "host-b/d0", "shared", "x509:host-b");
+    secret_b = g_strdup(secret_of(sb));
+    gb = lock_now(b, 0, 65536, EXTLOCK_MODE_EXCLUSIVE);
+    before = holdings(mon);
+
+    /* Lock-space and client-id outside host-a's policy */
+    a = tls_open(d->tcp_addr, p.host_a);
+    n = log_count(d, "hello refused");
+    hello_denied(a, "host-a/d0", "shared", NULL, NULL);
+    hello_denied(a, "host-b/d0", "space-a1", NULL, NULL);
+    wait_log(d, "hello refused", n + 1);
+    assert_true(log_count(d, "may not use lock-space shared") >= 1);
+    assert_true(log_count(d, "may not use client-id host-b/d0") >= 1);
+
+    /* Resuming host-b's session: not even with the leaked secret */
+    a2 = tls_open(d->tcp_addr, p.host_a);
+    n = log_count(d, "may not resume session");
+    hello_denied(a2, "host-b/d0", "shared", sb, secret_b);
+    adm = tls_open(d->tcp_addr, p.admin);
+    hello_denied(adm, "host-b/d0", "shared", sb, secret_b);
+    /* ... nor by host-b itself without the right secret */
+    b2 = tls_open(d->tcp_addr, p.host_b);
+    hello_denied(b2, "host-b/d0", "shared", sb, NULL);
+    hello_denied(b2, "host-b/d0", "shared", sb,
+                 "0000000000000000000000000000000000000000000000000000000000000000");
+    wait_log(d, "may not resume session", n + 2);
+    /* host-a was stopped by the policy already, the admin by ownership */
+    assert_true(log_count(d, "belongs to another identity") >= 1);
+    assert_true(log_count(d, "wrong or missing resume-secret") >= 2);
+
+    /* B still owns its connection (no take-over) and its lock */
+    renew(b);
+    text = holdings(mon);
+    assert_string_equal(text, before);
+    g_clear_pointer(&text, g_free);
+
+    /* host-a in its own lock-space cannot touch B's lock */
+    sa = hello_ok(a, "host-a/d0", "space-a1", "x509:host-a");
+    extlock_msg_init(&m, EXTLOCK_MSG_UNLOCK);
+    m.lock = gb.lock;
+    send_msg(a, &m);
+    expect_error(a, true, m.id, EXTLOCK_ERR_NOT_FOUND);
+
+    /* Status: non-admins only before hello for admins; never a secret */
+    status_reply(a2, &r);
+    assert_int_equal(r.type, EXTLOCK_MSG_ERROR);
+    assert_int_equal(r.error, EXTLOCK_ERR_DENIED);
+    extlock_msg_clear(&r);
+    text = status_text(a);
+    assert_null(strstr(text, "host-b"));
+    assert_null(strstr(text, sb));
+    assert_null(strstr(text, secret_b));
+    assert_null(strstr(text, secret_of(sa)));
+    assert_null(strstr(text, "resume-secret"));
+    assert_non_null(strstr(text, sa));
+    g_clear_pointer(&text, g_free);
+    text = status_text(adm);            /* an admin, before hello */
+    assert_non_null(strstr(text, "host-b/d0"));
+    assert_non_null(strstr(text, sb));
+    assert_non_null(strstr(text, "x509:host-b"));
+    assert_null(strstr(text, secret_b));
+    assert_null(strstr(text, secret_of(sa)));
+    assert_null(strstr(text, "resume-secret"));
+    g_clear_pointer(&text, g_free);
+
+    /* SIGHUP with a broken policy: refused, the old one stays */
+    n = log_count(d, "policy not reloaded");
+    assert_true(g_file_set_contents(p.policy, "[identity x509:host-a]\n"
+                                    "lock-spaces=*\nbogus=1\n", -1, NULL));
+    assert_int_equal(kill(d->pid, SIGHUP), 0);
+    wait_log(d, "policy not reloaded", n);
+    a2 = tls_open(d->tcp_addr, p.host_a);
+    hello_denied(a2, "host-a/d1", "shared", NULL, NULL);
+    g_free(hello_ok(a2, "host-a/d1", "space-a2", NULL));
+
+    /* A good one that lets host-a into "shared" */
+    n = log_count(d, "policy reloaded");
+    assert_true(g_file_set_contents(p.policy, "[identity x509:host-a]\n"
+                                    "lock-spaces=shared\n"
+                                    "client-ids=host-a/*\n", -1, NULL));
+    assert_int_equal(kill(d->pid, SIGHUP), 0);
+    wait_log(d, "policy reloaded", n);
+    a2 = tls_open(d->tcp_addr, p.host_a);
+    g_free(hello_ok(a2, "host-a/d2", "shared", "x509:host-a"));
+    extlock_msg_init(&m, EXTLOCK_MSG_LOCK);
+    m.offset = 0;
+    m.length = 1;
+    m.mode = EXTLOCK_MODE_SHARED;
+    m.wait = false;
+    send_msg(a2, &m);
+    expect_error(a2, true, m.id, EXTLOCK_ERR_WOULD_BLOCK);
+
+    renew(b);
+    check_victim(mon, sb, gb);
+    g_free(secret_b);
+    daemon_stop(d);
+    pki_free(&p);
+}
+
+/*
+ * After a restart, only the identity that owned a session may reclaim it
+ * (the owner is in the state file, the secret only as a hash)
+ */
+static void test_reclaim_identity(void **state)
+{
+    Pki p = { 0 };
+    Daemon *d;
+    ExtlockConn *b, *adm;
+    g_autofree char *sb = NULL, *text = NULL, *path = NULL;
+    g_autofree char *old_secret = NULL, *hash = NULL;
+    ExtlockMsg r, m;
+    Grant gb;
+    struct stat st;
+
+    make_pki(&p);
+    path = g_build_filename(fx.dir, "reclaim.state", NULL);
+    d = tls_daemon(&p, path, true);
+    b = tls_open(d->tcp_addr, p.host_b);
+    sb = hello_ok(b, "host-b/d0", "shared", "x509:host-b");
+    old_secret = g_strdup(secret_of(sb));
+    gb = lock_now(b, 4096, 4096, EXTLOCK_MODE_EXCLUSIVE);
+
+    assert_true(g_file_get_contents(path, &text, NULL, NULL));
+    assert_non_null(strstr(text, "\"owner\":\"x509:host-b\""));
+    hash = g_compute_checksum_for_string(G_CHECKSUM_SHA256, old_secret, -1);
+    assert_non_null(strstr(text, hash));
+    assert_null(strstr(text, old_secret));
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_mode & 077, 0);
+
+    /* Crash and restart */
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+    d = tls_daemon(&p, path, true);
+
+    /* The admin identity, with B's secret, may not reclaim it */
+    adm = tls_open(d->tcp_addr, p.admin);
+    hello_denied(adm, "host-b/d0", "shared", sb, old_secret);
+    assert_true(log_count(d, "belongs to another identity") >= 1);
+
+    /* host-b with its secret reclaims, and gets a new secret */
+    b = tls_open(d->tcp_addr, p.host_b);
+    hello_reply(b, "host-b/d0", "shared", sb, old_secret, &r);
+    assert_int_equal(r.type, EXTLOCK_MSG_WELCOME);
+    assert_true(r.reclaim);
+    assert_string_equal(r.session, sb);
+    assert_non_null(r.resume_secret);
+    assert_string_not_equal(r.resume_secret, old_secret);
+    extlock_msg_clear(&r);
+    extlock_msg_init(&m, EXTLOCK_MSG_RECLAIM);
+    m.offset = 4096;
+    m.length = 4096;
+    m.mode = EXTLOCK_MODE_EXCLUSIVE;
+    m.token = gb.token;
+    send_msg(b, &m);
+    expect_msg(b, &r, EXTLOCK_MSG_GRANTED, m.id);
+    assert_int_equal(r.token, gb.token);
+    extlock_msg_clear(&r);
+    /* The old secret is void now */
+    b = tls_open(d->tcp_addr, p.host_b);
+    hello_denied(b, "host-b/d0", "shared", sb, old_secret);
+    daemon_stop(d);
+    pki_free(&p);
+}
+
+/* PSK in QEMU's keys.psk format: the identity is psk:NAME */
+static void test_psk(void **state)
+{
+    g_autofree char *dir = g_build_filename(fx.dir, "psk", NULL);
+    g_autofree char *bad = g_build_filename(fx.dir, "psk-bad", NULL);
+    g_autofree char *keys = g_build_filename(dir, "keys.psk", NULL);
+    g_autofree char *bad_keys = g_build_filename(bad, "keys.psk", NULL);
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    g_autofree char *s = NULL, *out = NULL, *errs = NULL;
+    const char *extra[] = { "--tls-creds-dir", dir, "--policy", policy,
+                            NULL };
+    Daemon *d;
+    ExtlockConn *c;
+    GError *err = NULL;
+    ExtlockMsg r;
+    unsigned n;
+
+    assert_int_equal(g_mkdir_with_parents(dir, 0700), 0);
+    assert_int_equal(g_mkdir_with_parents(bad, 0700), 0);
+    assert_true(g_file_set_contents(keys,
+        "alice:00112233445566778899aabbccddeeff00112233445566778899aabb"
+        "ccddeeff\n", -1, NULL));
+    assert_true(g_file_set_contents(bad_keys,
+        "alice:ffeeddccbbaa99887766554433221100ffeeddccbbaa998877665544"
+        "33221100\n", -1, NULL));
+    assert_true(g_file_set_contents(policy, policy_text, -1, NULL));
+    d = daemon_start(NULL, extra, NULL);
+
+    c = tls_try(d->tcp_addr, dir, "alice", &err);
+    assert_non_null(c);
+    s = hello_ok(c, "alice/vm1", "shared", "psk:alice");
+    lock_now(c, 0, 1, EXTLOCK_MODE_SHARED);
+
+    /* The wrong key: the handshake fails on both sides */
+    n = log_count(d, "connection refused");
+    c = tls_try(d->tcp_addr, bad, "alice", &err);
+    if (c) {
+        extlock_msg_init(&r, EXTLOCK_MSG_STATUS);
+        assert_false(extlock_conn_call(c, &r, &r, RECV_MS, &err));
+    }
+    assert_non_null(err);
+    g_clear_error(&err);
+    wait_log(d, "connection refused", n);
+
+    /* alice is no admin: extlockctl gets a clear refusal */
+    {
+        const char *args[] = { "-c", d->tcp_addr, "--tls-creds-dir", dir,
+                               "--tls-psk-user", "alice", NULL };
+
+        assert_int_equal(run_ctl(args, &out, &errs), 1);
+        assert_non_null(strstr(errs, "permission-denied"));
+    }
+    daemon_stop(d);
+}
+
+/*
+ * UNIX peers are uid:N (logged with their pid); TCP without TLS needs
+ * --insecure, and its clients are "anonymous" (not admins)
+ */
+static void test_unix_identity_and_insecure(void **state)
+{
+    g_autofree char *me = g_strdup_printf("uid:%u", (unsigned)getuid());
+    g_autofree char *logged = g_strdup_printf("uid %u pid %d",
+                                              (unsigned)getuid(),
+                                              (int)getpid());
+    g_autofree char *out = NULL, *errs = NULL, *tcp = NULL, *sock = NULL;
+    g_autofree char *state_path = NULL;
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *u = conn_open(d->unix_addr);
+    ExtlockConn *t = conn_open(d->tcp_addr);
+    ExtlockMsg r;
+    GError *err = NULL;
+    int status;
+
+    g_free(hello_ok(u, "local/d0", "disk", me));
+    wait_log(d, logged, 0);
+    assert_true(log_count(d, "INSECURE") >= 1);
+    status_reply(t, &r);
+    assert_int_equal(r.type, EXTLOCK_MSG_ERROR);
+    assert_int_equal(r.error, EXTLOCK_ERR_DENIED);
+    assert_non_null(strstr(r.message, "anonymous"));
+    extlock_msg_clear(&r);
+    g_free(hello_ok(t, "remote/d0", "disk", "anonymous"));
+
+    /*
+     * Forcing a session's release is for admins only: "anonymous" is
+     * refused (and learns nothing about the session), uid 0 on the UNIX
+     * socket is told that the session is not expired
+     */
+    {
+        ExtlockMsg m;
+
+        extlock_msg_init(&m, EXTLOCK_MSG_RELEASE_SESSION);
+        m.session = (char *)"0123456789abcdef0123456789abcdef";
+        send_msg(t, &m);
+        expect_error(t, true, m.id, EXTLOCK_ERR_DENIED);
+        wait_log(d, "release-session of", 0);
+        extlock_msg_init(&m, EXTLOCK_MSG_RELEASE_SESSION);
+        m.session = (char *)"0123456789abcdef0123456789abcdef";
+        send_msg(u, &m);
+        expect_error(u, true, m.id, EXTLOCK_ERR_NOT_FOUND);
+    }
+    daemon_stop(d);
+
+    /* No TLS, no --insecure: refused at start, with the way out */
+    tcp = g_strdup_printf("tcp:127.0.0.1:%d", free_tcp_port());
+    sock = g_build_filename(fx.dir, "x.sock", NULL);
+    state_path = g_build_filename(fx.dir, "x.state", NULL);
+    {
+        const char *argv[] = { extlockd_bin, "--listen", tcp,
+                               "--state-file", state_path, NULL };
+
+        assert_true(g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT,
+                                 NULL, NULL, &out, &errs, &status, &err));
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 2);
+        assert_non_null(strstr(errs, "--tls-creds-dir"));
+        assert_non_null(strstr(errs, "--insecure"));
+    }
+}
+
+/*
+ * Floods: 2000 idle connections (from 20 loopback addresses), a status
+ * flood from a client that never reads, 3000 malformed lines.  Meanwhile
+ * a victim renews its lease and keeps its lock, every renewal is answered
+ * within a quarter of its lease, and the daemon's RSS stays below
+ * RSS_BOUND_KIB.  Defaults for every limit except the hello timeout,
+ * which is short so that the test can wait for it.
+ */
+#define VICTIM_LEASE_MS 2000
+#define HELLO_TIMEOUT_MS 1500
+
+static int64_t timed_renew(ExtlockConn *c)
+{
+    int64_t t0 = now_ms();
+
+    renew(c);
+    return now_ms() - t0;
+}
+
+/* What the daemon sent on @fd before closing it (bounded wait) */
+static char *read_all(int fd)
+{
+    GString *got = g_string_new(NULL);
+    int64_t deadline = now_ms() + RECV_MS;
+    char buf[4096];
+
+    for (;;) {
+        struct pollfd pfd = { .fd = fd, .events = POLLIN };
+        ssize_t n;
+
+        assert_true(now_ms() < deadline);
+        if (poll(&pfd, 1, 100) <= 0) {
+            continue;
+        }
+        n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n <= 0) {
+            break;
+        }
+        g_string_append_len(got, buf, n);
+    }
+    return g_string_free(got, FALSE);
+}
+
+static int raw_tcp(const char *src_ip, int port)
+{
+    struct sockaddr_in src = { .sin_family = AF_INET };
+    struct sockaddr_in dst = { .sin_family = AF_INET };
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+    assert_true(fd >= 0);
+    inet_pton(AF_INET, src_ip, &src.sin_addr);
+    inet_pton(AF_INET, "127.0.0.1", &dst.sin_addr);
+    dst.sin_port = htons(port);
+    assert_int_equal(bind(fd, (struct sockaddr *)&src, sizeof(src)), 0);
+    assert_int_equal(connect(fd, (struct sockaddr *)&dst, sizeof(dst)), 0);
+    return fd;
+}
+
+/* Write as much of @line, repeated up to @count times, as fits; no reads */
+static unsigned blast(int fd, const char *line, unsigned count)
+{
+    size_t len = strlen(line);
+    unsigned sent = 0;
+    g_autoptr(GString) buf = g_string_new(NULL);
+
+    for (unsigned i = 0; i < 100; i++) {
+        g_string_append(buf, line);
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    while (sent < count) {
+        unsigned n = MIN(100, count - sent);
+        ssize_t w = send(fd, buf->str, n * len, MSG_NOSIGNAL);
+
+        if (w < (ssize_t)(n * len)) {
+            /* Full (the daemon pushes back) or closed: stop here */
+            sent += w > 0 ? w / len : 0;
+            break;
+        }
+        sent += n;
+    }
+    return sent;
+}
+
+static void test_floods(void **state)
+{
+    g_autofree char *hello_to = g_strdup_printf("--hello-timeout-ms=%d",
+                                                HELLO_TIMEOUT_MS);
+    const char *extra[] = { "--status-rate=10", hello_to, NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
+    int port = atoi(strrchr(d->tcp_addr, ':') + 1);
+    ExtlockConn *victim = conn_open(d->unix_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *flooder;
+    g_autofree char *sv = NULL;
+    GArray *fds = g_array_new(FALSE, FALSE, sizeof(int));
+    int64_t worst = 0, deadline;
+    long rss, max_rss = 0;
+    json_object *st;
+    int64_t errors0, refused, sent;
+    Grant g;
+
+    {
+        ExtlockMsg w;
+        GError *err = NULL;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        assert_true(extlock_conn_hello(victim, "victim/d0", "disk",
+                                       VICTIM_LEASE_MS, &w, &err));
+        sv = g_strdup(w.session);
+        extlock_msg_clear(&w);
+    }
+    g = lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+
+    /* 1. 2000 idle connections, 100 from each of 20 addresses */
+    for (int i = 0; i < 2000; i++) {
+        char ip[32];
+        int fd;
+
+        g_snprintf(ip, sizeof(ip), "127.0.0.%d", 10 + i / 100);
+        fd = raw_tcp(ip, port);
+        g_array_append_val(fds, fd);
+        if (i % 100 == 99) {
+            worst = MAX(worst, timed_renew(victim));
+            max_rss = MAX(max_rss, rss_kib(d->pid));
+        }
+    }
+    st = status_get(mon);
+    refused = jint(jget(st, "counters"), "refused-connections");
+    g_test_message("idle flood: %" PRId64 " refused, %" PRId64
+                   " connections, worst renewal %" PRId64 " ms, RSS %ld KiB",
+                   refused, jint(jget(st, "counters"), "connections"),
+                   worst, max_rss);
+    /* At most 32 per address and 256 in total were let in */
+    assert_true(refused >= 2000 - EXTLOCKD_TEST_MAX_UNAUTH);
+    assert_true(jint(jget(st, "counters"), "connections") <=
+                EXTLOCKD_TEST_MAX_UNAUTH + 2);
+    json_object_put(st);
+    assert_true(log_count(d, "refusing connection from") >= 1);
+    /* The refusals are logged once a second at most, not 1744 times */
+    assert_true(log_count(d, "refusing connection from") <= 10);
+
+    /* ... and those let in are closed after the hello timeout */
+    deadline = now_ms() + HELLO_TIMEOUT_MS + SLACK_MS * 2;
+    for (;;) {
+        int64_t conns;
+
+        worst = MAX(worst, timed_renew(victim));
+        st = status_get(mon);
+        conns = jint(jget(st, "counters"), "connections");
+        json_object_put(st);
+        if (conns <= 2) {
+            break;
+        }
+        assert_true(now_ms() < deadline);
+        g_usleep(50 * 1000);
+    }
+    assert_true(log_count(d, "no hello within") >= 1);
+    /* Both kinds of refusal say why before closing */
+    {
+        g_autofree char *first = read_all(g_array_index(fds, int, 0));
+        g_autofree char *last = read_all(g_array_index(fds, int,
+                                                       fds->len - 1));
+
+        assert_non_null(strstr(first, "no hello within"));
+        assert_non_null(strstr(last, "limit-exceeded"));
+    }
+    for (guint i = 0; i < fds->len; i++) {
+        close(g_array_index(fds, int, i));
+    }
+    g_array_set_size(fds, 0);
+
+    /* 2. A status flood from a client that never reads */
+    flooder = conn_open(d->tcp_addr);
+    g_free(hello_ok(flooder, "flooder/d0", "other", "anonymous"));
+    st = status_get(mon);
+    errors0 = jint(jget(st, "counters"), "errors");
+    json_object_put(st);
+    sent = blast(extlock_conn_fd(flooder),
+                 "{\"type\":\"status\",\"id\":7}\n", 200000);
+    worst = MAX(worst, timed_renew(victim));
+    max_rss = MAX(max_rss, rss_kib(d->pid));
+    st = status_get(mon);
+    g_test_message("status flood: %" PRId64 " sent, %" PRId64 " errors "
+                   "(rate limit), RSS %ld KiB", sent,
+                   jint(jget(st, "counters"), "errors") - errors0, max_rss);
+    /* Most were refused by the rate limit, not answered with a status */
+    assert_true(jint(jget(st, "counters"), "errors") - errors0 > 1000);
+    json_object_put(st);
+
+    /* 3. 3000 malformed lines, no reads */
+    {
+        int fd = raw_tcp("127.0.0.5", port);
+
+        st = status_get(mon);
+        errors0 = jint(jget(st, "counters"), "errors");
+        json_object_put(st);
+        assert_int_equal(blast(fd, "this is { not json\n", 3000), 3000);
+        deadline = now_ms() + RECV_MS;
+        for (;;) {
+            int64_t e;
+
+            worst = MAX(worst, timed_renew(victim));
+            max_rss = MAX(max_rss, rss_kib(d->pid));
+            st = status_get(mon);
+            e = jint(jget(st, "counters"), "errors") - errors0;
+            json_object_put(st);
+            if (e >= 3000) {
+                break;
+            }
+            assert_true(now_ms() < deadline);
+            g_usleep(20 * 1000);
+        }
+        close(fd);
+    }
+
+    rss = rss_kib(d->pid);
+    max_rss = MAX(max_rss, rss);
+    g_test_message("worst renewal %" PRId64 " ms, max RSS %ld KiB", worst,
+                   max_rss);
+    assert_true(worst < VICTIM_LEASE_MS / 4);
+    assert_true(max_rss < RSS_BOUND_KIB);
+    renew(victim);
+    check_victim(mon, sv, g);
+    g_array_free(fds, TRUE);
+    daemon_stop(d);
+}
+
+/*
+ * A hello storm on a slow disk (every state file write takes
+ * STATE_DELAY_MS): 100 new sessions at once.  The writes are coalesced
+ * off the event loop, so the victim's renewals are not delayed, every
+ * welcome arrives, and the state file lists every session.
+ */
+#define STATE_DELAY_MS 50
+#define STORM 100
+
+static void test_hello_storm(void **state)
+{
+    g_autofree char *delay = g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d",
+                                             STATE_DELAY_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *victim = conn_open(d->unix_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *c[STORM];
+    uint64_t ids[STORM];
+    g_autofree char *sv = NULL, *text = NULL;
+    int64_t worst = 0, t0;
+    Grant g;
+
+    {
+        ExtlockMsg w;
+        GError *err = NULL;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        assert_true(extlock_conn_hello(victim, "victim/d0", "disk",
+                                       VICTIM_LEASE_MS, &w, &err));
+        sv = g_strdup(w.session);
+        extlock_msg_clear(&w);
+    }
+    g = lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+
+    t0 = now_ms();
+    for (int i = 0; i < STORM; i++) {
+        g_autofree char *cid = g_strdup_printf("storm/%d", i);
+        ExtlockMsg m;
+
+        c[i] = conn_open(d->unix_addr);
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = cid;
+        m.lock_space = (char *)"storm";
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(c[i], &m);
+        ids[i] = m.id;
+        if (i % 10 == 9) {
+            worst = MAX(worst, timed_renew(victim));
+        }
+    }
+    for (int i = 0; i < STORM; i++) {
+        ExtlockMsg w;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        expect_msg(c[i], &w, EXTLOCK_MSG_WELCOME, ids[i]);
+        extlock_msg_clear(&w);
+        if (i % 10 == 9) {
+            worst = MAX(worst, timed_renew(victim));
+        }
+    }
+    g_test_message("hello storm: %d welcomes in %" PRId64 " ms (a write "
+                   "takes %d ms), worst renewal %" PRId64 " ms", STORM,
+                   now_ms() - t0, STATE_DELAY_MS, worst);
+    assert_true(worst < VICTIM_LEASE_MS / 4);
+    /* Every session is in the file (it was, before its welcome) */
+    assert_true(g_file_get_contents(d->state, &text, NULL, NULL));
+    for (int i = 0; i < STORM; i++) {
+        g_autofree char *cid = g_strdup_printf("\"storm/%d\"", i);
+
+        assert_non_null(strstr(text, cid));
+    }
+    check_victim(mon, sv, g);
+    daemon_stop(d);
+}
+
+/*
+ * After a crash, every client comes back at once (on a slow disk): each
+ * reclaim welcome carries a new resume secret that must be durable first.
+ * The writes are coalesced, so the client that came back first renews
+ * undisturbed, and every other one is told to reclaim.
+ */
+#define RECLAIMERS 30
+
+static void test_reclaim_storm(void **state)
+{
+    g_autofree char *delay = g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d",
+                                             STATE_DELAY_MS);
+    g_autofree char *path = g_build_filename(fx.dir, "storm.state", NULL);
+    const char *env[] = { delay, NULL };
+    const char *grace[] = { "--grace-ms=40000", NULL };
+    g_autofree char *sess[RECLAIMERS] = { NULL };
+    char *secrets[RECLAIMERS];
+    ExtlockConn *c[RECLAIMERS];
+    uint64_t ids[RECLAIMERS];
+    int64_t worst = 0;
+    Daemon *d = daemon_start(path, NULL, NULL);
+
+    for (int i = 0; i < RECLAIMERS; i++) {
+        g_autofree char *cid = g_strdup_printf("r/%d", i);
+
+        c[i] = conn_open(d->unix_addr);
+        sess[i] = hello_ok(c[i], cid, "disk", NULL);
+        secrets[i] = secret_of(sess[i]);
+        lock_now(c[i], (uint64_t)i * 4096, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    }
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+    d = daemon_start(path, grace, env);
+
+    /* The first one back renews while the others come back */
+    c[0] = conn_open(d->unix_addr);
+    {
+        ExtlockMsg w;
+
+        hello_reply(c[0], "r/0", "disk", sess[0], secrets[0], &w);
+        assert_int_equal(w.type, EXTLOCK_MSG_WELCOME);
+        assert_true(w.reclaim);
+        extlock_msg_clear(&w);
+    }
+    for (int i = 1; i < RECLAIMERS; i++) {
+        g_autofree char *cid = g_strdup_printf("r/%d", i);
+        ExtlockMsg m;
+
+        c[i] = conn_open(d->unix_addr);
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = cid;
+        m.lock_space = (char *)"disk";
+        m.session = sess[i];
+        m.resume_secret = secrets[i];
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(c[i], &m);
+        ids[i] = m.id;
+        if (i % 10 == 0) {
+            /* Written one by one, these 10 would take 10 writes */
+            worst = MAX(worst, timed_renew(c[0]));
+        }
+    }
+    for (int i = 1; i < RECLAIMERS; i++) {
+        ExtlockMsg w;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        expect_msg(c[i], &w, EXTLOCK_MSG_WELCOME, ids[i]);
+        assert_true(w.reclaim);
+        assert_string_equal(w.session, sess[i]);
+        extlock_msg_clear(&w);
+        if (i % 5 == 0) {
+            worst = MAX(worst, timed_renew(c[0]));
+        }
+    }
+    g_test_message("reclaim storm: worst renewal %" PRId64 " ms (a write "
+                   "takes %d ms, %d clients)", worst, STATE_DELAY_MS,
+                   RECLAIMERS);
+    assert_true(worst < LONG_LEASE_MS / 4);
+    /* Half of the 10 writes one by one would cost */
+    assert_true(worst < 5 * STATE_DELAY_MS);
+    daemon_stop(d);
+}
+
+/* Run extlockd with @args; its exit status, stderr in *@err_text */
+static int run_daemon(const char *const *args, char **err_text)
+{
+    g_autoptr(GPtrArray) argv = g_ptr_array_new();
+    g_autofree char *state_path = g_build_filename(fx.dir, "opt.state",
+                                                   NULL);
+    g_autofree char *sock = g_build_filename(fx.dir, "opt.sock", NULL);
+    g_autofree char *listen = g_strdup_printf("unix:%s", sock);
+    GError *err = NULL;
+    int status;
+
+    g_ptr_array_add(argv, (char *)extlockd_bin);
+    g_ptr_array_add(argv, (char *)"--state-file");
+    g_ptr_array_add(argv, state_path);
+    g_ptr_array_add(argv, (char *)"--listen");
+    g_ptr_array_add(argv, listen);
+    for (int i = 0; args[i]; i++) {
+        g_ptr_array_add(argv, (char *)args[i]);
+    }
+    g_ptr_array_add(argv, NULL);
+    if (!g_spawn_sync(NULL, (char **)argv->pdata, NULL, G_SPAWN_DEFAULT,
+                      NULL, NULL, NULL, err_text, &status, &err)) {
+        fail_msg("cannot run extlockd: %s", err->message);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+/* Bad security options and files: a clear message, no daemon */
+static void test_bad_security_options(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "bad.conf", NULL);
+    g_autofree char *empty = g_build_filename(fx.dir, "empty", NULL);
+    static const struct {
+        const char *args[4];
+        int status;
+        const char *says;
+    } cases[] = {
+        { { "--tls-verify-peer=maybe", NULL }, 2, "yes or no" },
+        { { "--tls-verify-peer=no", NULL }, 2, "--tls-creds-dir" },
+        { { "--hello-timeout-ms=0", NULL }, 2, "--hello-timeout-ms" },
+        { { "--max-unauth=0", NULL }, 2, "--max-unauth" },
+        { { "--max-unauth-per-peer=0", NULL }, 2, "--max-unauth-per-peer" },
+        { { "--status-rate=0", NULL }, 2, "--status-rate" },
+        { { "--tls-creds-dir", "/nonexistent/tls", NULL }, 1,
+          "does not exist" },
+        { { "--tls-creds-dir", "EMPTY", NULL }, 1, "neither" },
+        { { "--policy", "/nonexistent/policy.conf", NULL }, 1,
+          "policy file" },
+        { { "--policy", "POLICY", NULL }, 1, "unknown group" },
+    };
+
+    assert_true(g_file_set_contents(policy, "[somebody]\nadmin=true\n", -1,
+                                    NULL));
+    assert_int_equal(g_mkdir_with_parents(empty, 0700), 0);
+    for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+        const char *args[4];
+        g_autofree char *err_text = NULL;
+
+        for (int j = 0; j < 4; j++) {
+            const char *a = cases[i].args[j];
+
+            args[j] = a && strcmp(a, "EMPTY") == 0 ? empty :
+                      a && strcmp(a, "POLICY") == 0 ? policy : a;
+        }
+        assert_int_equal(run_daemon(args, &err_text), cases[i].status);
+        if (!strstr(err_text, cases[i].says)) {
+            fail_msg("case %zu: \"%s\" not in: %s", i, cases[i].says,
+                     err_text);
+        }
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_tls_refusals, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_pipelining, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_identity_isolation, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_reclaim_identity, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_psk, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unix_identity_and_insecure,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_floods, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hello_storm, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reclaim_storm, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_security_options, setup,
+                                        teardown),
+    };
+
+    extlockd_bin = g_getenv("EXTLOCKD");
+    extlockctl_bin = g_getenv("EXTLOCKCTL");
+    if (!extlockd_bin || !extlockctl_bin) {
+        fprintf(stderr, "set EXTLOCKD and EXTLOCKCTL\n");
+        return 1;
+    }
+    if (g_getenv("EXTLOCKD_TEST_FILTER")) {
+        cmocka_set_test_filter(g_getenv("EXTLOCKD_TEST_FILTER"));
+    }
+    signal(SIGPIPE, SIG_IGN);
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

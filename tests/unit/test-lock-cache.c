@@ -1,0 +1,229 @@
+/*
+ * Unit tests for the driver's lock-cache decisions (block/extlock-cache.c)
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <setjmp.h>
+#include <cmocka.h>
+#include <glib.h>
+#include "extlock-cache.h"
+
+#define KiB 1024ULL
+#define MiB (1024 * KiB)
+
+static ExtlockExtent ext(uint64_t start, uint64_t end)
+{
+    return (ExtlockExtent) { .start = start, .end = end };
+}
+
+static ExtlockCacheEntry *entry(ExtlockITree *t, uint64_t start, uint64_t end,
+                                ExtlockMode mode)
+{
+    ExtlockCacheEntry *e = g_new0(ExtlockCacheEntry, 1);
+
+    e->node.ext = ext(start, end);
+    e->mode = mode;
+    extlock_itree_insert(t, &e->node);
+    return e;
+}
+
+static void free_tree(ExtlockITree *t)
+{
+    ExtlockITNode *n;
+
+    while ((n = extlock_itree_first(t))) {
+        extlock_itree_remove(t, n);
+        g_free(n);          /* node is the first member */
+    }
+}
+
+static void test_lookup_modes(void **state)
+{
+    ExtlockITree t = { 0 };
+    ExtlockCacheEntry *x = entry(&t, 0, 1 * MiB, EXTLOCK_MODE_EXCLUSIVE);
+    ExtlockCacheEntry *s = entry(&t, 2 * MiB, 4 * MiB, EXTLOCK_MODE_SHARED);
+
+    (void)state;
+    /* exclusive serves reads and writes inside it */
+    assert_ptr_equal(extlock_cache_lookup(&t, ext(0, 4 * KiB),
+                                          EXTLOCK_MODE_EXCLUSIVE), x);
+    assert_ptr_equal(extlock_cache_lookup(&t, ext(1 * MiB - 4 * KiB, 1 * MiB),
+                                          EXTLOCK_MODE_SHARED), x);
+    /* shared serves reads only */
+    assert_ptr_equal(extlock_cache_lookup(&t, ext(2 * MiB, 3 * MiB),
+                                          EXTLOCK_MODE_SHARED), s);
+    assert_null(extlock_cache_lookup(&t, ext(2 * MiB, 3 * MiB),
+                                     EXTLOCK_MODE_EXCLUSIVE));
+    /* not across the end of a lock, nor in a gap */
+    assert_null(extlock_cache_lookup(&t, ext(1 * MiB - 4 * KiB, 1 * MiB + 4 * KiB),
+                                     EXTLOCK_MODE_SHARED));
+    assert_null(extlock_cache_lookup(&t, ext(1 * MiB, 2 * MiB),
+                                     EXTLOCK_MODE_SHARED));
+    free_tree(&t);
+}
+
+/* A stale lock never serves, even where it is the only one */
+static void test_lookup_skips_stale(void **state)
+{
+    ExtlockITree t = { 0 };
+    ExtlockCacheEntry *old = entry(&t, 0, 64 * MiB, EXTLOCK_MODE_EXCLUSIVE);
+    ExtlockCacheEntry *fresh;
+
+    (void)state;
+    old->stale = true;
+    assert_false(extlock_cache_entry_serves(old, ext(0, 4 * KiB),
+                                            EXTLOCK_MODE_SHARED));
+    assert_null(extlock_cache_lookup(&t, ext(16 * MiB, 16 * MiB + 64 * KiB),
+                                     EXTLOCK_MODE_SHARED));
+    /* a valid lock granted later over the same range is found */
+    fresh = entry(&t, 16 * MiB, 32 * MiB, EXTLOCK_MODE_SHARED);
+    assert_ptr_equal(extlock_cache_lookup(&t, ext(16 * MiB, 16 * MiB + 64 * KiB),
+                                          EXTLOCK_MODE_SHARED), fresh);
+    assert_null(extlock_cache_lookup(&t, ext(16 * MiB, 16 * MiB + 64 * KiB),
+                                     EXTLOCK_MODE_EXCLUSIVE));
+    free_tree(&t);
+}
+
+/*
+ * A new local request racing a revoke: request A runs under a cached
+ * exclusive lock when the revoke arrives; request B, which arrived after
+ * A and overlaps it, must first wait for A (local order), and then may not
+ * use the revoked lock but must ask the coordinator, where it queues
+ * behind the request that caused the revoke.  A request that arrived
+ * before the revoke and does not conflict with A was served already.
+ */
+static void test_new_request_racing_revoke(void **state)
+{
+    ExtlockITree locks = { 0 }, active = { 0 };
+    ExtlockCacheEntry *l = entry(&locks, 0, 64 * MiB, EXTLOCK_MODE_EXCLUSIVE);
+    ExtlockLocalReq a = { .node.ext = ext(0, 64 * KiB), .seq = 1,
+                          .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq b = { .node.ext = ext(32 * KiB, 96 * KiB), .seq = 2,
+                          .mode = EXTLOCK_MODE_SHARED };
+    ExtlockLocalReq c = { .node.ext = ext(1 * MiB, 1 * MiB + 4 * KiB),
+                          .seq = 3, .mode = EXTLOCK_MODE_EXCLUSIVE };
+
+    (void)state;
+    /* A is served by the cached lock */
+    extlock_itree_insert(&active, &a.node);
+    assert_false(extlock_local_must_wait(&active, &a));
+    assert_ptr_equal(extlock_cache_lookup(&locks, a.node.ext, a.mode), l);
+
+    /* C (no overlap with A) is served before the revoke arrives */
+    extlock_itree_insert(&active, &c.node);
+    assert_false(extlock_local_must_wait(&active, &c));
+    assert_ptr_equal(extlock_cache_lookup(&locks, c.node.ext, c.mode), l);
+
+    /* the revoke arrives; then B */
+    l->revoking = true;
+    extlock_itree_insert(&active, &b.node);
+    assert_true(extlock_local_must_wait(&active, &b));
+    assert_null(extlock_cache_lookup(&locks, b.node.ext, b.mode));
+
+    /* A is done: B no longer waits locally, but still asks the coordinator */
+    extlock_itree_remove(&active, &a.node);
+    assert_false(extlock_local_must_wait(&active, &b));
+    assert_null(extlock_cache_lookup(&locks, b.node.ext, b.mode));
+    assert_null(extlock_cache_lookup(&locks, c.node.ext, c.mode));
+
+    extlock_itree_remove(&active, &b.node);
+    extlock_itree_remove(&active, &c.node);
+    free_tree(&locks);
+}
+
+static void test_local_order(void **state)
+{
+    ExtlockITree active = { 0 };
+    ExtlockLocalReq r1 = { .node.ext = ext(0, 8 * KiB), .seq = 10,
+                           .mode = EXTLOCK_MODE_SHARED };
+    ExtlockLocalReq r2 = { .node.ext = ext(4 * KiB, 12 * KiB), .seq = 11,
+                           .mode = EXTLOCK_MODE_SHARED };
+    ExtlockLocalReq w3 = { .node.ext = ext(8 * KiB, 16 * KiB), .seq = 12,
+                           .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq w4 = { .node.ext = ext(16 * KiB, 20 * KiB), .seq = 13,
+                           .mode = EXTLOCK_MODE_EXCLUSIVE };
+
+    (void)state;
+    extlock_itree_insert(&active, &r1.node);
+    extlock_itree_insert(&active, &r2.node);
+    extlock_itree_insert(&active, &w3.node);
+    extlock_itree_insert(&active, &w4.node);
+    assert_false(extlock_local_must_wait(&active, &r1));
+    assert_false(extlock_local_must_wait(&active, &r2));  /* readers share */
+    assert_true(extlock_local_must_wait(&active, &w3));   /* behind r2 */
+    assert_false(extlock_local_must_wait(&active, &w4));  /* adjacent only */
+    extlock_itree_remove(&active, &r2.node);
+    assert_false(extlock_local_must_wait(&active, &w3));
+    /* a later request never holds up an earlier one */
+    assert_false(extlock_local_must_wait(&active, &r1));
+    extlock_itree_remove(&active, &r1.node);
+    extlock_itree_remove(&active, &w3.node);
+    extlock_itree_remove(&active, &w4.node);
+}
+
+static void test_revoke_part(void **state)
+{
+    static const struct {
+        ExtlockExtent lock, want, used, part;
+    } cases[] = {
+        /* used on the left of the wanted part: give back want.start.. */
+        { { 0, 64 * MiB }, { 32 * MiB, 33 * MiB }, { 0, 1 * MiB },
+          { 32 * MiB, 64 * MiB } },
+        /* used on the right: give back ..want.end */
+        { { 0, 64 * MiB }, { 1 * MiB, 2 * MiB }, { 40 * MiB, 41 * MiB },
+          { 0, 2 * MiB } },
+        /* used touches the wanted part: all of it */
+        { { 0, 64 * MiB }, { 1 * MiB, 2 * MiB }, { 1 * MiB, 3 * MiB },
+          { 0, 64 * MiB } },
+        /* used on both sides: all of it */
+        { { 0, 64 * MiB }, { 8 * MiB, 9 * MiB }, { 0, 16 * MiB },
+          { 0, 64 * MiB } },
+        /* nothing used: all of it */
+        { { 0, 64 * MiB }, { 8 * MiB, 9 * MiB }, { 0, 0 },
+          { 0, 64 * MiB } },
+        /* wanted part reaches beyond the lock: clipped */
+        { { 4 * MiB, 8 * MiB }, { 6 * MiB, 12 * MiB }, { 4 * MiB, 5 * MiB },
+          { 6 * MiB, 8 * MiB } },
+        /* wanted part starts at the lock's start: no head to keep */
+        { { 4 * MiB, 8 * MiB }, { 0, 5 * MiB }, { 7 * MiB, 8 * MiB },
+          { 4 * MiB, 5 * MiB } },
+        /* wanted part outside the lock (stale revoke): all of it */
+        { { 4 * MiB, 8 * MiB }, { 9 * MiB, 10 * MiB }, { 4 * MiB, 5 * MiB },
+          { 4 * MiB, 8 * MiB } },
+    };
+
+    (void)state;
+    for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+        ExtlockExtent p = extlock_cache_revoke_part(cases[i].lock,
+                                                    cases[i].want,
+                                                    cases[i].used);
+        if (p.start != cases[i].part.start || p.end != cases[i].part.end) {
+            fail_msg("case %zu: got [%" PRIu64 ", %" PRIu64 ")", i, p.start,
+                     p.end);
+        }
+        /* always a head, a tail or all: the rest stays one extent */
+        assert_true(p.start == cases[i].lock.start ||
+                    p.end == cases[i].lock.end);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_lookup_modes),
+        cmocka_unit_test(test_lookup_skips_stale),
+        cmocka_unit_test(test_new_request_racing_revoke),
+        cmocka_unit_test(test_local_order),
+        cmocka_unit_test(test_revoke_part),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
