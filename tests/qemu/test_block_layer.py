@@ -314,10 +314,6 @@ def test_move_between_aio_contexts(local_image, extlockd, lock_space, procs, bin
 # ---------------------------------------------------------------------------
 # resize
 
-@pytest.mark.xfail(strict=True, reason="driver bug, not fixed yet (reported to the "
-                   "lead): block_resize goes through the extlock node to the image "
-                   "uncoordinated (generic filter truncate); other hosts' nodes keep "
-                   "the old size, and a shrink drops data others may hold locks on")
 def test_block_resize_refused(local_image, extlockd, lock_space, procs, binaries):
     """Other hosts cannot learn of a new size through the coordinator, so a
     resize through an extlock node must not silently change the image
@@ -430,17 +426,8 @@ def test_request_beyond_eof(cmd, local_image, extlockd, lock_space, binaries):
     assert local_image.path.read_bytes()[-8 * KiB:] == bytes(8 * KiB)
 
 
-ZERO_LEN_XFAIL = pytest.mark.xfail(
-    strict=True, reason="fixed on h-driver: zero-length read/write requests reach "
-    "the driver, which fails them (errors counter) instead of completing them")
-
-
-@pytest.mark.parametrize("cmd", [
-    pytest.param("read 0 0", marks=ZERO_LEN_XFAIL),
-    pytest.param("write -P 0x11 0 0", marks=ZERO_LEN_XFAIL),
-    "write -z 0 0", "discard 0 0",
-    pytest.param("read 64M 0", marks=ZERO_LEN_XFAIL),
-    pytest.param("write -P 0x11 64M 0", marks=ZERO_LEN_XFAIL)])
+@pytest.mark.parametrize("cmd", ["read 0 0", "write -P 0x11 0 0", "write -z 0 0",
+                                 "discard 0 0", "read 64M 0", "write -P 0x11 64M 0"])
 def test_zero_length_request(cmd, local_image, extlockd, lock_space, procs, binaries):
     """A zero-length request succeeds at once, changes nothing and needs
     no lock (the coordinator has no such thing as an empty extent)."""
