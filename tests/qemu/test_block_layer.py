@@ -426,12 +426,8 @@ def test_request_beyond_eof(cmd, local_image, extlockd, lock_space, binaries):
     assert local_image.path.read_bytes()[-8 * KiB:] == bytes(8 * KiB)
 
 
-@pytest.mark.parametrize("cmd", [
-    "read 0 0",
-    "write -P 0x11 0 0",
-    "write -z 0 0", "discard 0 0",
-    "read 64M 0",
-    "write -P 0x11 64M 0"])
+@pytest.mark.parametrize("cmd", ["read 0 0", "write -P 0x11 0 0", "write -z 0 0",
+                                 "discard 0 0", "read 64M 0", "write -P 0x11 64M 0"])
 def test_zero_length_request(cmd, local_image, extlockd, lock_space, procs, binaries):
     """A zero-length request succeeds at once, changes nothing and needs
     no lock (the coordinator has no such thing as an empty extent)."""
