@@ -725,7 +725,9 @@ static bool parse_error_reply(json_object *obj, ExtlockMsg *msg,
         /* A code from a newer server: treat it as an internal error */
         msg->error = EXTLOCK_ERR_INTERNAL;
     }
-    return get_text(obj, "message", &msg->message, err);
+    /* "lock": the lock a notification (no "id") is about, e.g. dropped */
+    return get_u63(obj, "lock", false, &msg->lock, err) &&
+           get_text(obj, "message", &msg->message, err);
 }
 
 static bool get_fence_result(json_object *obj, ExtlockFenceResult *out,
@@ -1700,6 +1702,9 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         APPEND_LIT(out, ",\"code\":\"");
         g_string_append(out, extlock_error_code_name(msg->error));
         out_putc(out, '"');
+        if (msg->lock) {
+            PUT_U64(out, ",\"lock\":", msg->lock);
+        }
         if (msg->message) {
             PUT_STR(out, ",\"message\":", msg->message);
         }

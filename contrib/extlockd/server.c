@@ -2629,11 +2629,21 @@ static void reclaim_dispute(ExtlockdSession *S, ExtlockExtent ext,
                        1000) - now) / 1000);
         space_add_dispute(space, e, S2, now);
         if (S2->conn) {
-            send_error(S2->conn, false, 0, EXTLOCK_ERR_RECLAIM_CONFLICT,
-                       "lock %" PRIu64 " [%" PRIu64 ", +%" PRIu64 ") that "
-                       "you reclaimed is dropped: session %s (%s) "
-                       "reclaimed a conflicting lock", lock->id, e.start,
-                       e.end - e.start, S->id, S->client_id);
+            ExtlockMsg n;
+
+            /* A notification naming the lock, so the client drops it */
+            extlock_msg_init(&n, EXTLOCK_MSG_ERROR);
+            n.error = EXTLOCK_ERR_RECLAIM_CONFLICT;
+            n.lock = lock->id;
+            n.message = g_strdup_printf("lock %" PRIu64 " [%" PRIu64 ", +%"
+                                        PRIu64 ") that you reclaimed is "
+                                        "dropped: session %s (%s) reclaimed "
+                                        "a conflicting lock", lock->id,
+                                        e.start, e.end - e.start, S->id,
+                                        S->client_id);
+            s->nerrors++;
+            extlock_msg_format(&n, conn_out(S2->conn));
+            extlock_msg_clear(&n);
         }
         g_hash_table_remove(S2->held, lock);
         log_lock(s, "release", lock, NULL);

@@ -399,6 +399,52 @@ def test_reclaimed_locks_keep_their_identity(local_image, coord, lock_space, pro
         pattern(0xa2, 64 * KiB)
 
 
+def test_reclaim_conflict_drops_the_lock(local_image, coord, lock_space, procs,
+                                        binaries):
+    """After a coordinator restart, another session reclaims (forged, or
+    buggy) an extent that conflicts with a lock A has reclaimed.  The
+    coordinator drops A's lock and tells A (an id-less "reclaim-conflict"
+    error naming the lock): A must stop using it at once.  Without the
+    driver's handling A kept the lock cached and kept writing under it
+    after the coordinator had dropped it (its next write was a cache hit)."""
+    lease = 4000
+    d = coord(lease_ms=lease, grace_ms=8000)
+    a = qsd(procs, "a", local_image.child, d.coordinator(), lock_space, "host-a",
+            lease_time=lease)
+    with NbdClient(a.nbd_path, "disk") as na:
+        na.write(0, pattern(0xa1, 64 * KiB))
+        assert any(h["offset"] == 0 for h in node_info(a.qmp)["held"])
+        with CoordinatorClient(d.address) as b:
+            w = b.hello("py-b", lock_space, lease_ms=lease)
+            session, secret, epoch = w["session"], w["resume-secret"], w["epoch"]
+            d.kill()
+        d.start()
+        ev = a.qmp.wait_event(RESTORED, timeout=20)
+        check_event(ev, RESTORED, node_name="xl0", resumed=False)
+        assert any(h["offset"] == 0 for h in node_info(a.qmp)["held"])
+        with CoordinatorClient(d.address) as b:
+            w = b.call({"type": "hello", "version": 2, "client-id": "py-b",
+                        "lock-space": lock_space, "lease-ms": lease,
+                        "session": session, "resume-secret": secret})
+            assert w.get("reclaim") is True, w
+            rid = b.request({"type": "reclaim", "offset": 0, "length": 4 * KiB,
+                             "mode": "exclusive", "token": (epoch << 40) | 999})
+            try:
+                r = b.reply(rid)
+            except Exception as e:          # CoordinatorError
+                r = getattr(e, "reply", {"error": str(e)})
+            assert r.get("code") == "reclaim-conflict", r
+        # A was told: the lock is gone from its cache (stale while in use)
+        wait_until(lambda: not any(h["offset"] == 0 and h.get("state") != "stale"
+                                   for h in node_info(a.qmp)["held"]),
+                   timeout=10, what="A to drop the disputed lock")
+        req = counters(a.qmp)["requests"]
+        na.write(0, pattern(0xa2, 4 * KiB), timeout=30)
+        assert counters(a.qmp)["requests"] > req, \
+            "A's write was served by the dropped lock"
+    assert local_image.path.read_bytes()[:4 * KiB] == pattern(0xa2, 4 * KiB)
+
+
 # ---------------------------------------------------------------------------
 # a QEMU process dies while holding an exclusive lock
 
