@@ -267,6 +267,14 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
                                                   : "session expired");
         return;
     case EXTLOCK_MSG_ERROR:
+        if (!req && !msg->has_id &&
+            msg->error == EXTLOCK_ERR_RECLAIM_CONFLICT && msg->lock) {
+            error_report("extlock: node '%s': coordinator %s dropped lock "
+                         "%" PRIu64 ": %s", c->node_name, c->address,
+                         msg->lock, msg->message ? msg->message : "");
+            extlock_locks_dropped(c, msg->lock);
+            return;
+        }
         if (!req) {
             /* An error to an unlock, downgrade or renew */
             error_report("extlock: node '%s': coordinator %s: %s (%s)",

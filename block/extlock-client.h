@@ -277,6 +277,12 @@ GArray *extlock_locks_snapshot(ExtlockClient *c);
 void extlock_locks_resumed(ExtlockClient *c, GArray *server_locks);
 /* Restarted coordinator: adopt the new ids of reclaimed locks */
 void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims);
+/*
+ * The coordinator dropped @lock_id (a reclaim of another session disputed
+ * it): never use it again (requests in flight under it finish, bounded by
+ * on-stuck-io)
+ */
+void extlock_locks_dropped(ExtlockClient *c, uint64_t lock_id);
 /* New session: every lock is gone; returns how many */
 uint64_t extlock_locks_forget_all(ExtlockClient *c);
 

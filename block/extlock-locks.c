@@ -799,6 +799,17 @@ static void extlock_lock_lost(ExtlockClient *c, ExtlockCachedLock *l)
     }
 }
 
+void extlock_locks_dropped(ExtlockClient *c, uint64_t lock_id)
+{
+    ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &lock_id);
+
+    if (l) {
+        extlock_lock_lost(c, l);
+        /* Requests that wait for a lock of ours may ask again */
+        extlock_locks_wake_usable(c);
+    }
+}
+
 /* A lock the coordinator says we hold but we do not know: give it back */
 static void extlock_unlock_unknown(ExtlockClient *c, uint64_t lock_id)
 {

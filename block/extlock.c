@@ -599,6 +599,24 @@ static int coroutine_fn extlock_co_flush(BlockDriverState *bs)
     return extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, NULL);
 }
 
+/*
+ * Other hosts' nodes would keep the old size (nothing tells them), and a
+ * shrink would drop data they may hold locks on: refuse, rather than let
+ * the generic filter code pass the resize to the image.
+ */
+static int coroutine_fn extlock_co_truncate(BlockDriverState *bs,
+                                            int64_t offset, bool exact,
+                                            PreallocMode prealloc,
+                                            BdrvRequestFlags flags,
+                                            Error **errp)
+{
+    error_setg(errp, "extlock: cannot resize the shared image through node "
+               "'%s': the other hosts sharing it would not see the new "
+               "size; stop every host using it, then resize the image",
+               bdrv_get_node_name(bs));
+    return -ENOTSUP;
+}
+
 static int64_t extlock_getlength(BlockDriverState *bs)
 {
     return bdrv_getlength(bs->file->bs);
@@ -662,6 +680,7 @@ BlockDriver bdrv_extlock = {
     .bdrv_child_perm            = extlock_child_perm,
 
     .bdrv_getlength             = extlock_getlength,
+    .bdrv_co_truncate           = extlock_co_truncate,
     .bdrv_refresh_limits        = extlock_refresh_limits,
 
     .bdrv_co_preadv             = extlock_co_preadv,

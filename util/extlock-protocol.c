@@ -101,6 +101,7 @@ static const char *const error_code_names[EXTLOCK_ERR__MAX] = {
     [EXTLOCK_ERR_GRACE] = "in-grace",
     [EXTLOCK_ERR_INTERNAL] = "internal-error",
     [EXTLOCK_ERR_DENIED] = "permission-denied",
+    [EXTLOCK_ERR_RECLAIM_CONFLICT] = "reclaim-conflict",
 };
 
 const char *extlock_msg_type_name(ExtlockMsgType type)
@@ -724,7 +725,9 @@ static bool parse_error_reply(json_object *obj, ExtlockMsg *msg,
         /* A code from a newer server: treat it as an internal error */
         msg->error = EXTLOCK_ERR_INTERNAL;
     }
-    return get_text(obj, "message", &msg->message, err);
+    /* "lock": the lock a notification (no "id") is about, e.g. dropped */
+    return get_u63(obj, "lock", false, &msg->lock, err) &&
+           get_text(obj, "message", &msg->message, err);
 }
 
 static bool get_fence_result(json_object *obj, ExtlockFenceResult *out,
@@ -1347,7 +1350,17 @@ bool extlock_msg_parse(const char *line, size_t len, ExtlockMsg *msg,
         goto out;
     }
 
-    if (id_bad && !msg_type_is_notification(msg->type)) {
+    if (msg_type_is_notification(msg->type)) {
+        /*
+         * Notifications carry no id: one that is there is ignored, so
+         * that it cannot be mistaken for a reply (and the message encodes
+         * back to what it decoded to)
+         */
+        msg->has_id = false;
+        msg->id = 0;
+        id_bad = false;
+    }
+    if (id_bad) {
         ok = set_error(err, EXTLOCK_ERR_INVALID,
                        "\"id\" must be an integer in [0, 2^63)");
         goto out;
@@ -1689,6 +1702,9 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         APPEND_LIT(out, ",\"code\":\"");
         g_string_append(out, extlock_error_code_name(msg->error));
         out_putc(out, '"');
+        if (msg->lock) {
+            PUT_U64(out, ",\"lock\":", msg->lock);
+        }
         if (msg->message) {
             PUT_STR(out, ",\"message\":", msg->message);
         }

@@ -135,6 +135,7 @@ int main(int argc, char **argv)
     gint64 fence_ms = EXTLOCKD_DEFAULT_FENCE_MS;
     gint64 max_locks = EXTLOCKD_DEFAULT_MAX_LOCKS;
     gint64 max_sessions = EXTLOCKD_DEFAULT_MAX_SESS;
+    gint64 max_sessions_per_id = EXTLOCKD_DEFAULT_MAX_SESS_PER_IDENTITY;
     gint64 grace_ms = -1;
     gint64 fence_timeout_ms = EXTLOCKD_DEFAULT_FENCE_TIMEOUT_MS;
     g_autofree char *fence_agent = NULL;
@@ -189,6 +190,9 @@ int main(int argc, char **argv)
           "Held plus waiting locks per session (default 16384)", "N" },
         { "max-sessions", 0, 0, G_OPTION_ARG_INT64, &max_sessions,
           "Sessions in all lock-spaces (default 4096)", "N" },
+        { "max-sessions-per-identity", 0, 0, G_OPTION_ARG_INT64,
+          &max_sessions_per_id,
+          "Sessions one identity may create (default 256)", "N" },
         { "tls-creds-dir", 0, 0, G_OPTION_ARG_FILENAME, &tls_dir,
           "TLS on TCP listeners, with the credentials in DIR (QEMU's "
           "layout: ca-cert.pem, server-cert.pem, server-key.pem and/or "
@@ -262,6 +266,8 @@ int main(int argc, char **argv)
                      EXTLOCKD_MAX_FENCE_TIMEOUT_MS) ||
         !check_range("--max-locks-per-session", max_locks, 1, G_MAXUINT32) ||
         !check_range("--max-sessions", max_sessions, 1, G_MAXUINT32) ||
+        !check_range("--max-sessions-per-identity", max_sessions_per_id, 1,
+                     G_MAXUINT32) ||
         (grace_ms != -1 &&
          !check_range("--grace-ms", grace_ms, 0, EXTLOCKD_MAX_GRACE_MS)) ||
         !check_range("--hello-timeout-ms", hello_timeout, 100,
@@ -358,6 +364,7 @@ int main(int argc, char **argv)
     cfg.fence_margin_ms = fence_ms;
     cfg.max_locks_per_session = max_locks;
     cfg.max_sessions = max_sessions;
+    cfg.max_sessions_per_identity = max_sessions_per_id;
     cfg.debug_checks = debug_checks || env_flag("EXTLOCKD_DEBUG_CHECKS");
     cfg.verbose = verbose;
     cfg.insecure = insecure;

@@ -162,11 +162,18 @@ static void reap_only(GPid pid, gint status, gpointer opaque)
     g_spawn_close_pid(pid);
 }
 
+/*
+ * What is left in the pipe after the agent's exit: at most
+ * FENCE_DRAIN_READS reads, because a grandchild that inherited the pipe
+ * may keep writing; the caller closes the pipe then
+ */
+#define FENCE_DRAIN_READS   64
+
 static void read_output(ExtlockdFence *f)
 {
     char buf[1024];
 
-    for (;;) {
+    for (unsigned reads = 0; reads < FENCE_DRAIN_READS; reads++) {
         ssize_t n = read(f->out_fd, buf, sizeof(buf));
 
         if (n > 0) {

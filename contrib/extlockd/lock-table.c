@@ -577,6 +577,8 @@ typedef struct BlockerWalk {
     bool earlier_only;
     ExtlockLockFn fn;
     void *opaque;
+    bool limited;               /* at most @left more visits */
+    unsigned left;
 } BlockerWalk;
 
 static bool blocker_visit(ExtlockITNode *node, void *opaque)
@@ -584,6 +586,12 @@ static bool blocker_visit(ExtlockITNode *node, void *opaque)
     BlockerWalk *b = opaque;
     ExtlockLock *lock = lock_of(node);
 
+    if (b->limited) {
+        if (b->left == 0) {
+            return false;
+        }
+        b->left--;
+    }
     if (lock != b->self &&
         (!b->earlier_only || lock->token < b->self->token)) {
         b->fn(lock, b->opaque);
@@ -599,11 +607,9 @@ static void foreach_conflicting(ExtlockITree *trees, BlockerWalk *b)
                                   b->self->node.ext, blocker_visit, b);
 }
 
-void extlock_table_foreach_blocker(ExtlockTable *table, ExtlockLock *lock,
-                                   ExtlockLockFn fn, void *opaque)
+static void foreach_blocker(ExtlockTable *table, ExtlockLock *lock,
+                            BlockerWalk b)
 {
-    BlockerWalk b = { lock, false, fn, opaque };
-
     if (lock->state != EXTLOCK_LOCK_WAITING) {
         return;
     }
@@ -619,6 +625,24 @@ void extlock_table_foreach_blocker(ExtlockTable *table, ExtlockLock *lock,
             &table->waiting[EXTLOCK_MODE_EXCLUSIVE], lock->node.ext,
             blocker_visit, &b);
     }
+}
+
+void extlock_table_foreach_blocker(ExtlockTable *table, ExtlockLock *lock,
+                                   ExtlockLockFn fn, void *opaque)
+{
+    BlockerWalk b = { lock, false, fn, opaque, false, 0 };
+
+    foreach_blocker(table, lock, b);
+}
+
+void extlock_table_foreach_blocker_max(ExtlockTable *table,
+                                       ExtlockLock *lock,
+                                       unsigned max_visits,
+                                       ExtlockLockFn fn, void *opaque)
+{
+    BlockerWalk b = { lock, false, fn, opaque, true, max_visits };
+
+    foreach_blocker(table, lock, b);
 }
 
 void extlock_table_foreach_conflict(ExtlockTable *table, ExtlockLock *lock,

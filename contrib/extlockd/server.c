@@ -67,6 +67,8 @@
 #define BACKPRESSURE_OUTPUT (1024 * 1024) /* stop reading above this */
 #define CLOSE_TIMEOUT_US    (5 * G_USEC_PER_SEC)
 #define MAX_BLOCKERS        64          /* listed in a "waiting" reply */
+/* overlapping locks looked at per waiter for "blocked-by" in status */
+#define STATUS_BLOCKER_VISITS   256
 #define LISTEN_PAUSE_MS     100         /* after EMFILE and friends */
 #define REFUSAL_LOG_BURST   20          /* log_refusal() lines a second */
 
@@ -120,6 +122,16 @@ struct ExtlockdSpace {
     unsigned grace_fence_pending;    /* ... not fenced yet */
     GQueue reclaimers;           /* sessions still reclaiming */
     GQueue deferred;             /* DeferredReq, in token order */
+    /*
+     * Extents that two sessions reclaimed in conflict (ExtlockExtent):
+     * nobody may reclaim them, and the grace period (so every grant in
+     * the lock-space) lasts until @dispute_until_us, when both claimants
+     * have had their lease and fence margin to stop writing
+     */
+    GArray *disputed;
+    int64_t dispute_until_us;
+    guint dispute_timer;         /* holds a reference (nsessions) */
+    bool grace_timed_out;        /* the grace end waiting for it timed out */
 };
 
 /*
@@ -268,6 +280,11 @@ struct ExtlockdServer {
     GQueue unauth;               /* connections without hello */
     GHashTable *unauth_per_peer; /* peer key -> count (GUINT_TO_POINTER) */
     uint64_t refused;            /* connections refused by the caps */
+    /* sessions per owner identity (char * -> count), for the limit */
+    GHashTable *identity_sessions;
+    /* server-wide status budget: entries, refilled continuously */
+    uint64_t status_budget;
+    int64_t status_budget_us;
     int64_t refused_logged_us;
     uint64_t refused_logged;
     /* State file writes (state-writer.h) and the welcomes waiting on them */
@@ -716,6 +733,12 @@ static void space_free(ExtlockdSpace *space)
     while ((l = g_queue_pop_head_link(&space->deferred)) != NULL) {
         g_free(l->data);
     }
+    if (space->dispute_timer) {
+        g_source_remove(space->dispute_timer);
+    }
+    if (space->disputed) {
+        g_array_free(space->disputed, TRUE);
+    }
     extlock_table_free(space->table);
     g_free(space->name);
     g_free(space);
@@ -831,7 +854,11 @@ static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
     return S;
 }
 
-/* Attach @S to @c with a fresh lease of @lease_ms */
+/*
+ * Attach @S to @c with a fresh lease of @lease_ms.  A session that comes
+ * back with a shorter lease than it had keeps its later deadline: its
+ * client may still be writing under the lease it was given before.
+ */
 static void conn_unauth_done(ExtlockdConn *c);
 
 static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
@@ -843,8 +870,47 @@ static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
     S->state = SESSION_ACTIVE;
     S->restored = false;
     S->lease_ms = lease_ms;
-    S->deadline_us = now + (int64_t)lease_ms * 1000;
+    S->deadline_us = MAX(S->deadline_us, now + (int64_t)lease_ms * 1000);
     server_schedule(S->server, S->deadline_us);
+}
+
+/* Sessions of @identity now (--max-sessions-per-identity) */
+static unsigned identity_sessions(ExtlockdServer *s, const char *identity)
+{
+    return GPOINTER_TO_UINT(g_hash_table_lookup(s->identity_sessions,
+                                                identity));
+}
+
+/* @S has its owner: count it */
+static void identity_session_add(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+    unsigned n;
+
+    if (!S->owner) {
+        return;
+    }
+    n = identity_sessions(s, S->owner);
+    g_hash_table_insert(s->identity_sessions, g_strdup(S->owner),
+                        GUINT_TO_POINTER(n + 1));
+}
+
+static void identity_session_remove(ExtlockdSession *S)
+{
+    ExtlockdServer *s = S->server;
+    unsigned n;
+
+    if (!S->owner) {
+        return;
+    }
+    n = identity_sessions(s, S->owner);
+    g_assert(n > 0);
+    if (n == 1) {
+        g_hash_table_remove(s->identity_sessions, S->owner);
+    } else {
+        g_hash_table_insert(s->identity_sessions, g_strdup(S->owner),
+                            GUINT_TO_POINTER(n - 1));
+    }
 }
 
 static void session_free(ExtlockdSession *S)
@@ -896,6 +962,7 @@ static void session_destroy_nosave(ExtlockdSession *S)
         S->space->nrevocable--;
     }
     g_hash_table_remove(s->sessions, S->id);
+    identity_session_remove(S);
     g_queue_unlink(&s->session_list, &S->link);
     space_unref(S->space);
     session_free(S);
@@ -1253,7 +1320,8 @@ static void space_defer(ExtlockdSpace *space, ExtlockdSession *S,
 
 static int64_t grace_remaining_ms(ExtlockdSpace *space, int64_t now)
 {
-    int64_t end = space->server->grace_end_us;
+    /* A reclaim conflict may make it last longer */
+    int64_t end = MAX(space->server->grace_end_us, space->dispute_until_us);
 
     if (!space->in_grace || end <= now) {
         return 0;
@@ -1308,6 +1376,51 @@ static bool space_fence_absent(ExtlockdSpace *space)
     return space->grace_fence_pending > 0;
 }
 
+static gboolean space_dispute_cb(gpointer opaque)
+{
+    ExtlockdSpace *space = opaque;
+
+    space->dispute_timer = 0;
+    /*
+     * Only if the grace period would have ended by now: else it ends as
+     * usual, when every session is done reclaiming or at its timeout
+     */
+    if (space->in_grace &&
+        (space->grace_timed_out || space->reclaimers.length == 0)) {
+        space_end_grace(space, space->grace_timed_out);
+    }
+    space_unref(space);
+    return G_SOURCE_REMOVE;
+}
+
+/*
+ * A reclaim conflict is pending in @space: the grace period may not end
+ * before it is over.  Returns true if the end was postponed (a timer
+ * comes back).
+ */
+static bool space_dispute_postpone(ExtlockdSpace *space, bool timeout)
+{
+    ExtlockdServer *s = space->server;
+    int64_t now = g_get_monotonic_time();
+
+    if (space->dispute_until_us <= now) {
+        return false;
+    }
+    space->grace_timed_out |= timeout;
+    if (timeout && space->grace_linked) {
+        /* server_end_grace() would come back to it at once */
+        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        space->grace_linked = false;
+    }
+    if (!space->dispute_timer) {
+        space->nsessions++;
+        space->dispute_timer = g_timeout_add(
+            (guint)((space->dispute_until_us - now + 999) / 1000),
+            space_dispute_cb, space);
+    }
+    return true;
+}
+
 static void space_end_grace(ExtlockdSpace *space, bool timeout)
 {
     ExtlockdServer *s = space->server;
@@ -1316,6 +1429,9 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
     GList *l;
 
     g_assert(space->in_grace);
+    if (space_dispute_postpone(space, timeout)) {
+        return;
+    }
     if (space->grace_fence_pending ||
         (timeout && s->fencer && space_fence_absent(space))) {
         /* Waits for the fence agent: session_fence_cb comes back */
@@ -1325,6 +1441,9 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
     if (space->grace_linked) {
         g_queue_unlink(&s->grace_spaces, &space->grace_link);
         space->grace_linked = false;
+    }
+    if (space->disputed) {
+        g_array_set_size(space->disputed, 0);
     }
     space->nsessions++;         /* keep @space while sessions go away */
     while ((l = g_queue_pop_head_link(&space->grace_fenced)) != NULL) {
@@ -1410,6 +1529,7 @@ void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
                           ss->lease_ms ? ss->lease_ms : EXTLOCK_MAX_LEASE_MS,
                           now);
         S->owner = g_strdup(ss->owner);
+        identity_session_add(S);
         if (ss->fence_margin_ms) {
             S->fence_margin_ms = ss->fence_margin_ms;
         }
@@ -1557,6 +1677,9 @@ typedef struct StatusCtx {
     json_object *waiting;
     json_object *blocked_by;
     GHashTable *seen;
+    uint64_t limit;              /* entries this reply may still list */
+    uint64_t listed;
+    uint64_t truncated;          /* left out: over the limit */
 } StatusCtx;
 
 static void json_add_int(json_object *obj, const char *key, int64_t v)
@@ -1587,8 +1710,14 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
 {
     StatusCtx *ctx = opaque;
     ExtlockdSession *S = lock->owner;
-    json_object *o = json_object_new_object();
+    json_object *o;
 
+    if (ctx->listed >= ctx->limit) {
+        ctx->truncated++;
+        return;
+    }
+    ctx->listed++;
+    o = json_object_new_object();
     if (lock->state == EXTLOCK_LOCK_GRANTED) {
         json_add_int(o, "lock", lock->id);
     } else {
@@ -1622,8 +1751,10 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
         json_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
         ctx->blocked_by = json_object_new_array();
         ctx->seen = g_hash_table_new(g_str_hash, g_str_equal);
-        extlock_table_foreach_blocker(ctx->space->table, lock,
-                                      status_blocker_cb, ctx);
+        /* Cheap however many locks overlap: some may be left out */
+        extlock_table_foreach_blocker_max(ctx->space->table, lock,
+                                          STATUS_BLOCKER_VISITS,
+                                          status_blocker_cb, ctx);
         g_hash_table_destroy(ctx->seen);
         json_object_object_add(o, "blocked-by", ctx->blocked_by);
         json_object_array_add(ctx->waiting, o);
@@ -1635,8 +1766,12 @@ static int compare_strings(gconstpointer a, gconstpointer b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/*
+ * The status of @space; it lists at most *@limit locks and requests and
+ * takes those it lists off *@limit
+ */
 static json_object *space_status(ExtlockdSpace *space, int64_t now,
-                                 ExtlockdSession *self)
+                                 ExtlockdSession *self, uint64_t *limit)
 {
     const ExtlockTableStats *st = extlock_table_stats(space->table);
     json_object *o = json_object_new_object();
@@ -1647,6 +1782,7 @@ static json_object *space_status(ExtlockdSpace *space, int64_t now,
         .now = now,
         .held = json_object_new_array(),
         .waiting = json_object_new_array(),
+        .limit = *limit,
     };
 
     json_add_str(o, "name", space->name);
@@ -1671,6 +1807,10 @@ static json_object *space_status(ExtlockdSpace *space, int64_t now,
     }
     json_object_object_add(o, "held", ctx.held);
     json_object_object_add(o, "waiting", ctx.waiting);
+    if (ctx.truncated) {
+        json_add_int(o, "truncated", ctx.truncated);
+    }
+    *limit -= ctx.listed;
     return o;
 }
 
@@ -1716,7 +1856,8 @@ static json_object *session_status(ExtlockdSession *S, int64_t now)
  * other clients are listed without session or client-id.  Resume secrets
  * are never shown.
  */
-static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer)
+static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer,
+                                  uint64_t *limit)
 {
     ExtlockdSession *self = NULL;
     int64_t now = g_get_monotonic_time();
@@ -1755,7 +1896,8 @@ static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer)
     if (!extlockd_policy_is_admin(s->policy, viewer->identity)) {
         self = viewer->session;
         g_assert(self);
-        json_object_array_add(spaces, space_status(self->space, now, self));
+        json_object_array_add(spaces, space_status(self->space, now, self,
+                                                       limit));
         json_object_object_add(root, "lock-spaces", spaces);
         json_object_array_add(sessions, session_status(self, now));
         json_object_object_add(root, "sessions", sessions);
@@ -1770,7 +1912,7 @@ static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer)
     for (guint i = 0; i < names->len; i++) {
         ExtlockdSpace *space = g_hash_table_lookup(s->spaces,
                                                    names->pdata[i]);
-        json_object_array_add(spaces, space_status(space, now, NULL));
+        json_object_array_add(spaces, space_status(space, now, NULL, limit));
     }
     json_object_object_add(root, "lock-spaces", spaces);
 
@@ -1804,6 +1946,26 @@ static bool status_rate_ok(ExtlockdConn *c)
     return true;
 }
 
+/*
+ * How many locks and requests a status for @admin may list now: the
+ * per-reply cap, or less when the server-wide budget is low
+ */
+static uint64_t status_budget_take(ExtlockdServer *s, bool admin)
+{
+    int64_t now = g_get_monotonic_time();
+    uint64_t refill;
+
+    refill = (uint64_t)(now - s->status_budget_us) *
+             EXTLOCKD_STATUS_ENTRIES_PER_SEC / G_USEC_PER_SEC;
+    if (refill) {
+        s->status_budget = MIN(s->status_budget + refill,
+                               EXTLOCKD_STATUS_ENTRIES_PER_SEC);
+        s->status_budget_us = now;
+    }
+    return MIN(s->status_budget, admin ? EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN
+                                       : EXTLOCKD_STATUS_MAX_ENTRIES);
+}
+
 static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
 {
     ExtlockdServer *s = c->server;
@@ -1811,6 +1973,7 @@ static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
     bool idle = c->out_pos == c->out->len;
     ExtlockMsg r;
     size_t before;
+    uint64_t limit, granted;
 
     if (!c->session && !admin) {
         log_refusal(s, "%s: status refused: identity %s is not an admin "
@@ -1831,7 +1994,9 @@ static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
     extlock_msg_init(&r, EXTLOCK_MSG_STATUS_REPLY);
     r.has_id = m->has_id;
     r.id = m->id;
-    r.body = server_status(s, c);
+    limit = granted = status_budget_take(s, admin);
+    r.body = server_status(s, c, &limit);
+    s->status_budget -= granted - limit;
     before = c->out->len;
     send_msg(c, &r);
     json_object_put(r.body);
@@ -2112,8 +2277,21 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
                    "too many sessions (limit %u)", s->cfg.max_sessions);
         return;
     }
+    if (identity_sessions(s, c->identity) >=
+        s->cfg.max_sessions_per_identity) {
+        log_refusal(s, "%s: hello refused: identity %s has %u sessions "
+                    "(--max-sessions-per-identity)", c->peer, c->identity,
+                    identity_sessions(s, c->identity));
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                   "too many sessions of identity %s (limit %u per "
+                   "identity, --max-sessions-per-identity): end some with "
+                   "bye, or let them expire", c->identity,
+                   s->cfg.max_sessions_per_identity);
+        return;
+    }
     S = session_alloc(s, NULL, m->client_id, m->lock_space, lease_ms, now);
     S->owner = g_strdup(c->identity);
+    identity_session_add(S);
     if (!session_new_secret(S)) {
         session_destroy_nosave(S);
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
@@ -2383,6 +2561,96 @@ static void handle_downgrade(ExtlockdConn *c, ExtlockdSession *S,
     send_msg(c, &r);
 }
 
+static void reclaim_conflict_cb(ExtlockLock *lock, void *opaque)
+{
+    g_ptr_array_add(opaque, lock);
+}
+
+static bool extent_disputed(ExtlockdSpace *space, ExtlockExtent ext)
+{
+    for (guint i = 0; space->disputed && i < space->disputed->len; i++) {
+        ExtlockExtent *d = &g_array_index(space->disputed, ExtlockExtent, i);
+
+        if (d->start < ext.end && ext.start < d->end) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void space_add_dispute(ExtlockdSpace *space, ExtlockExtent ext,
+                              ExtlockdSession *S, int64_t now)
+{
+    int64_t until = now + ((int64_t)S->lease_ms + S->fence_margin_ms) * 1000;
+
+    if (!space->disputed) {
+        space->disputed = g_array_new(FALSE, FALSE, sizeof(ExtlockExtent));
+    }
+    g_array_append_val(space->disputed, ext);
+    space->dispute_until_us = MAX(space->dispute_until_us, until);
+}
+
+/*
+ * Session @S reclaims @ext in @mode, which conflicts with locks that
+ * other sessions reclaimed before (@others).  The coordinator cannot tell
+ * which claim is true (locks are not persisted), so nobody gets the
+ * extent: the earlier reclaims are dropped and their sessions told, the
+ * extent is disputed (no more reclaims of it) and nothing in the
+ * lock-space is granted before every claimant has had its lease and fence
+ * margin to stop writing (the grace period is extended).
+ */
+static void reclaim_dispute(ExtlockdSession *S, ExtlockExtent ext,
+                            ExtlockMode mode, GPtrArray *others)
+{
+    ExtlockdServer *s = S->server;
+    ExtlockdSpace *space = S->space;
+    int64_t now = g_get_monotonic_time();
+
+    space_add_dispute(space, ext, S, now);
+    for (guint i = 0; i < others->len; i++) {
+        ExtlockLock *lock = others->pdata[i];
+        ExtlockdSession *S2 = lock->owner;
+        ExtlockExtent e = lock->node.ext;
+
+        g_warning("RECLAIM CONFLICT in lock-space %s: session %s (%s, "
+                  "identity %s) reclaims [%" PRIu64 ", +%" PRIu64 ") %s, "
+                  "which session %s (%s, identity %s) reclaimed as lock %"
+                  PRIu64 " [%" PRIu64 ", +%" PRIu64 ") %s: at most one "
+                  "of them held it before the restart; neither keeps it, "
+                  "and nothing is granted in the lock-space for the next "
+                  "%" PRId64 " ms", space->name, S->id, S->client_id,
+                  S->owner ? S->owner : "(unknown)", ext.start,
+                  ext.end - ext.start, extlock_mode_name(mode), S2->id,
+                  S2->client_id, S2->owner ? S2->owner : "(unknown)",
+                  lock->id, e.start, e.end - e.start,
+                  extlock_mode_name(lock->mode),
+                  (MAX(space->dispute_until_us,
+                       now + ((int64_t)S2->lease_ms + S2->fence_margin_ms) *
+                       1000) - now) / 1000);
+        space_add_dispute(space, e, S2, now);
+        if (S2->conn) {
+            ExtlockMsg n;
+
+            /* A notification naming the lock, so the client drops it */
+            extlock_msg_init(&n, EXTLOCK_MSG_ERROR);
+            n.error = EXTLOCK_ERR_RECLAIM_CONFLICT;
+            n.lock = lock->id;
+            n.message = g_strdup_printf("lock %" PRIu64 " [%" PRIu64 ", +%"
+                                        PRIu64 ") that you reclaimed is "
+                                        "dropped: session %s (%s) reclaimed "
+                                        "a conflicting lock", lock->id,
+                                        e.start, e.end - e.start, S->id,
+                                        S->client_id);
+            s->nerrors++;
+            extlock_msg_format(&n, conn_out(S2->conn));
+            extlock_msg_clear(&n);
+        }
+        g_hash_table_remove(S2->held, lock);
+        log_lock(s, "release", lock, NULL);
+        extlock_table_release(space->table, lock);
+    }
+}
+
 /* Re-assert a lock held before the restart, with its original token */
 static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
                            ExtlockMsg *m)
@@ -2425,12 +2693,41 @@ static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
     }
     ext.start = m->offset;
     ext.end = m->offset + m->length;
+    if (extent_disputed(space, ext)) {
+        send_error(c, m->has_id, m->id, EXTLOCK_ERR_RECLAIM_CONFLICT,
+                   "[%" PRIu64 ", +%" PRIu64 ") is disputed: two sessions "
+                   "reclaimed it in conflict; request it anew after the "
+                   "grace period", m->offset, m->length);
+        return;
+    }
     lock = extlock_table_reclaim(space->table, ext, m->mode, m->token, S,
                                  m->id);
     if (!lock) {
+        g_autoptr(GPtrArray) others = g_ptr_array_new();
+        g_autoptr(GPtrArray) all = g_ptr_array_new();
+        ExtlockLock probe = { .mode = m->mode, .token = m->token };
+
+        probe.node.ext = ext;
+        extlock_table_foreach_conflict(space->table, &probe,
+                                       reclaim_conflict_cb, all);
+        for (guint i = 0; i < all->len; i++) {
+            if (((ExtlockLock *)all->pdata[i])->owner != S) {
+                g_ptr_array_add(others, all->pdata[i]);
+            }
+        }
+        if (others->len) {
+            reclaim_dispute(S, ext, m->mode, others);
+            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RECLAIM_CONFLICT,
+                       "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a "
+                       "lock reclaimed by another session: the extent is "
+                       "disputed, neither session keeps it; request it "
+                       "anew after the grace period", m->offset,
+                       m->length, extlock_mode_name(m->mode));
+            return;
+        }
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
                    "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a lock "
-                   "reclaimed by another session", m->offset, m->length,
+                   "this session reclaimed", m->offset, m->length,
                    extlock_mode_name(m->mode));
         return;
     }
@@ -3442,9 +3739,17 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->boot_epoch = epoch;
     s->counter = cfg->first_counter ? cfg->first_counter : 1;
     s->start_us = g_get_monotonic_time();
+    s->status_budget = EXTLOCKD_STATUS_ENTRIES_PER_SEC;
+    s->status_budget_us = s->start_us;
     s->listeners = g_ptr_array_new_with_free_func(listener_free);
     s->spaces = g_hash_table_new(g_str_hash, g_str_equal);
     s->sessions = g_hash_table_new(g_str_hash, g_str_equal);
+    s->identity_sessions = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                                 g_free, NULL);
+    if (!s->cfg.max_sessions_per_identity) {
+        s->cfg.max_sessions_per_identity =
+            EXTLOCKD_DEFAULT_MAX_SESS_PER_IDENTITY;
+    }
     g_queue_init(&s->session_list);
     g_queue_init(&s->grace_spaces);
     g_queue_init(&s->conns);
@@ -3522,6 +3827,7 @@ void extlockd_server_free(ExtlockdServer *s)
     }
     g_hash_table_destroy(s->spaces);
     g_hash_table_destroy(s->sessions);
+    g_hash_table_destroy(s->identity_sessions);
     if (s->timer) {
         g_source_remove(s->timer);
     }

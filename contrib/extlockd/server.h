@@ -28,6 +28,7 @@
 #define EXTLOCKD_MIN_FENCE_MS       100
 #define EXTLOCKD_DEFAULT_MAX_LOCKS  16384
 #define EXTLOCKD_DEFAULT_MAX_SESS   4096
+#define EXTLOCKD_DEFAULT_MAX_SESS_PER_IDENTITY  256
 #define EXTLOCKD_MAX_FENCE_MS       (3600 * 1000)
 #define EXTLOCKD_MAX_GRACE_MS       (EXTLOCKD_MAX_FENCE_MS + 3600 * 1000)
 
@@ -40,6 +41,15 @@
 #define EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER    32
 /* "status" requests per connection and second (also the burst) */
 #define EXTLOCKD_DEFAULT_STATUS_RATE        10
+/*
+ * Locks and requests one status reply lists at most (the rest is counted
+ * in "truncated"): for non-admins, for admins, and server-wide per second
+ * (a token bucket of one second's worth), so that building status replies
+ * never keeps the daemon from answering renewals (docs/protocol.rst)
+ */
+#define EXTLOCKD_STATUS_MAX_ENTRIES         1024
+#define EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN   16384
+#define EXTLOCKD_STATUS_ENTRIES_PER_SEC     32768
 
 typedef struct ExtlockdConfig {
     char *state_file;            /* path, for epoch bumps at runtime */
@@ -47,6 +57,7 @@ typedef struct ExtlockdConfig {
     uint32_t fence_margin_ms;    /* extra delay before re-granting */
     uint32_t max_locks_per_session;  /* held + waiting */
     uint32_t max_sessions;
+    uint32_t max_sessions_per_identity;  /* 0: the default */
     /*
      * Restart grace period: how long sessions listed in the state file may
      * reclaim their locks before new requests are considered (0: no grace

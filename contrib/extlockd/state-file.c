@@ -492,7 +492,19 @@ bool extlockd_state_write_text(const char *path, const char *text,
         return false;
     }
 
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    /*
+     * A stale temporary file (a crash between create and rename) or
+     * anything planted at its name is removed, and the file is created
+     * anew: never opened through a symlink, never shared
+     */
+    if (unlink(tmp) < 0 && errno != ENOENT) {
+        err = errno;
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
+                    "cannot remove stale %s: %s", tmp, g_strerror(err));
+        return false;
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+              0600);
     if (fd < 0) {
         err = errno;
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),

@@ -452,15 +452,22 @@ static void do_read(Worker *w)
 
 /*
  * The final round: every writer of every guest writes every extent once,
- * all in the same order, started together by a barrier.  So the last
- * writes of each extent come from several writers at about the same time,
- * and the final image shows whether they were serialised.
+ * all in the same order, started together by a barrier.  Before each
+ * extent the writers of this guest wait for each other (final_barrier), so
+ * that their writes of that extent are issued together and are in flight
+ * at the same time (with one vCPU: the first writer blocks in its pwrite,
+ * the next one issues its own).  So the last writes of each extent come
+ * from several writers at the same time, and the final image shows whether
+ * they were serialised.
  */
+static pthread_barrier_t final_barrier;
+
 static void *final_round_main(void *opaque)
 {
     Worker *w = opaque;
 
     for (uint32_t e = 0; e < cfg.extents; e++) {
+        pthread_barrier_wait(&final_barrier);
         write_extent(w, e);
     }
     return NULL;
@@ -878,6 +885,7 @@ int main(int argc, char **argv)
         if (!barrier(2, cfg.barrier_timeout)) {
             return 1;
         }
+        pthread_barrier_init(&final_barrier, NULL, cfg.writers);
         for (unsigned i = 0; i < cfg.writers; i++) {
             int err = pthread_create(&workers[i].thread, NULL,
                                      final_round_main, &workers[i]);
@@ -889,6 +897,7 @@ int main(int argc, char **argv)
         for (unsigned i = 0; i < cfg.writers; i++) {
             pthread_join(workers[i].thread, NULL);
         }
+        pthread_barrier_destroy(&final_barrier);
     }
 
     for (unsigned i = 0; i < nworkers; i++) {

@@ -190,6 +190,15 @@ ExtlockLock *extlock_table_lookup(ExtlockTable *table, uint64_t lock_id);
 typedef void (*ExtlockLockFn)(ExtlockLock *lock, void *opaque);
 void extlock_table_foreach_blocker(ExtlockTable *table, ExtlockLock *lock,
                                    ExtlockLockFn fn, void *opaque);
+/*
+ * The same, but looking at no more than @max_visits overlapping locks
+ * (blockers or not), so that a listing stays cheap however many locks
+ * overlap: some blockers may be left out
+ */
+void extlock_table_foreach_blocker_max(ExtlockTable *table,
+                                       ExtlockLock *lock,
+                                       unsigned max_visits,
+                                       ExtlockLockFn fn, void *opaque);
 
 /*
  * Call @fn for every lock other than @lock, granted or waiting and

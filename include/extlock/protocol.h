@@ -88,6 +88,7 @@ typedef enum ExtlockErrorCode {
     EXTLOCK_ERR_GRACE,          /* "in-grace": reserved for restart grace */
     EXTLOCK_ERR_INTERNAL,       /* "internal-error" */
     EXTLOCK_ERR_DENIED,         /* "permission-denied": identity/policy */
+    EXTLOCK_ERR_RECLAIM_CONFLICT,   /* "reclaim-conflict": disputed extent */
     EXTLOCK_ERR__MAX,
 } ExtlockErrorCode;
 

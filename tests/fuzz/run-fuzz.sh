@@ -1,8 +1,8 @@
 #!/bin/bash
 # Build the libFuzzer harnesses (tests/fuzz) and run each for a while.
 #
-#   tests/fuzz/run-fuzz.sh [--seconds N] [--runs N] [--work-dir DIR]
-#                          [--build DIR] [HARNESS...]
+#   tests/fuzz/run-fuzz.sh [--seconds N] [--runs N] [--max-len BYTES]
+#                          [--work-dir DIR] [--build DIR] [HARNESS...]
 #
 # HARNESS: fuzz-protocol, fuzz-dispatch (default: both).  Each runs from a
 # copy of its seed corpus (tests/fuzz/corpus/<harness>) in a work
@@ -18,16 +18,18 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD=$REPO/build-fuzz
 SECONDS_EACH=25
 RUNS=
+MAX_LEN=
 WORK=
 HARNESSES=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --seconds) SECONDS_EACH=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
+    --max-len) MAX_LEN=$2; shift 2 ;;
     --work-dir) WORK=$2; shift 2 ;;
     --build) BUILD=$2; shift 2 ;;
     fuzz-*) HARNESSES+=("$1"); shift ;;
-    *) echo "usage: $0 [--seconds N] [--runs N] [--work-dir DIR]" \
+    *) echo "usage: $0 [--seconds N] [--runs N] [--max-len BYTES] [--work-dir DIR]" \
             "[--build DIR] [fuzz-protocol] [fuzz-dispatch]" >&2; exit 2 ;;
     esac
 done
@@ -55,6 +57,7 @@ for h in "${HARNESSES[@]}"; do
     cp -n "$REPO/tests/fuzz/corpus/$h/"* "$dir/corpus/"
     limit=(-max_total_time="$SECONDS_EACH")
     [ -n "$RUNS" ] && limit+=(-runs="$RUNS")
+    [ -n "$MAX_LEN" ] && limit+=(-max_len="$MAX_LEN")
     start=$(date +%s)
     (cd "$dir" && "$BUILD/tests/fuzz/$h" "${limit[@]}" -print_final_stats=1 \
         -dict="$REPO/tests/fuzz/extlock.dict" -artifact_prefix="$dir/" \

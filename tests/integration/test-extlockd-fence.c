@@ -30,6 +30,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include <glib.h>
@@ -773,6 +774,46 @@ static void test_fence_dummy(void **state)
     daemon_stop(d);
 }
 
+/*
+ * An agent that leaves grandchildren writing to its output forever: the
+ * daemon reads what is left after the agent's exit in bounded reads, then
+ * closes the pipe, so the fence completes and the daemon stays responsive.
+ * Without the bound, extlockd read the pipe until it was empty, i.e.
+ * forever: no fence-status "succeeded", no renewals answered.
+ */
+static void test_fence_agent_output_flood(void **state)
+{
+    g_autofree char *agent = g_build_filename(fx.dir, "flood-agent", NULL);
+    g_autofree char *a1 = g_strdup_printf("--fence-agent=%s", agent);
+    const char *const opts[] = { a1, NULL };
+    ExtlockConn *b, *c;
+    ExtlockMsg m;
+    Daemon *d;
+    uint64_t rc;
+
+    assert_true(g_file_set_contents(agent,
+                                    "#!/bin/sh\n"
+                                    "for i in 1 2 3 4 5 6 7 8; do\n"
+                                    "    yes flood-from-a-grandchild &\n"
+                                    "done\n"
+                                    "exit 0\n", -1, NULL));
+    assert_int_equal(chmod(agent, 0755), 0);
+    d = daemon_start(NULL, opts, NULL);
+    b = client(d->unix_addr, "B", LEASE_MS);
+    lock_now(b, 0, 1, EXTLOCK_MODE_EXCLUSIVE);
+    c = client(d->tcp_addr, "C", LONG_LEASE_MS);
+    rc = send_lock(c, 0, 1, EXTLOCK_MODE_SHARED, true);
+    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+    expect_msg(c, &m, EXTLOCK_MSG_WAITING, rc);
+    extlock_msg_clear(&m);
+    g_free(expect_fence(c, "B", EXTLOCK_FENCE_STARTED,
+                        LEASE_MS + SLACK_MS + RECV_MS));
+    g_free(expect_fence(c, "B", EXTLOCK_FENCE_SUCCEEDED, RECV_MS));
+    expect_granted(c, rc, 0, 1, EXTLOCK_MODE_SHARED);
+    renew(c);
+    daemon_stop(d);
+}
+
 /* Run the agent with --key=value arguments; returns its exit status */
 static int run_agent(const char *const *args, char **out)
 {
@@ -977,6 +1018,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fence_after_restart, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_fence_dummy, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fence_agent_output_flood, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_agent_actions, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_fence_options, setup,

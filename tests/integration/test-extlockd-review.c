@@ -556,6 +556,125 @@ static void test_fence_plug_impersonation_warned(void **state)
     daemon_stop(d);
 }
 
+/*
+ * A client that resumes its session with a shorter lease than it had
+ * may still be writing under the lease it had: the daemon keeps the later
+ * of the two deadlines.  Before the fix the deadline became resume time +
+ * the new lease, seconds before the one the client had been given.
+ */
+static void test_resume_shorter_lease_keeps_deadline(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a, *mon;
+    g_autofree char *sid = NULL;
+    json_object *st;
+    ExtlockMsg m, w;
+    int64_t t_renew, left;
+
+    mon = conn_open(d->unix_addr);
+    a = conn_open(d->unix_addr);
+    sid = hello_full(a, "A", "disk", 10000, NULL);
+    lock_now(a, 0, 1, EXTLOCK_MODE_EXCLUSIVE);
+    t_renew = now_ms();
+    renew(a);                   /* deadline >= t_renew + 10 s */
+    conn_drop(a);
+
+    a = conn_open(d->unix_addr);
+    extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+    m.client_id = (char *)"A";
+    m.lock_space = (char *)"disk";
+    m.session = sid;
+    m.resume_secret = secret_of(sid);
+    m.lease_ms = 1000;
+    send_msg(a, &m);
+    extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+    expect_msg(a, &w, EXTLOCK_MSG_WELCOME, m.id);
+    assert_true(w.resumed);
+    extlock_msg_clear(&w);
+
+    st = status_get(mon);
+    left = jint(find_session(st, sid), "lease-remaining-ms");
+    json_object_put(st);
+    g_test_message("lease remaining after the resume: %" PRId64 " ms",
+                   left);
+    /* The old deadline, as seen from now (1 s of slack for the rounding) */
+    assert_true(left >= 10000 - (now_ms() - t_renew) - 1000);
+    assert_true(left > 1000 + SLACK_MS);
+    daemon_stop(d);
+}
+
+/*
+ * The state file is written to a temporary file next to it, then renamed.
+ * A symlink planted at the temporary file's name (anybody who can write
+ * the state directory) must not make extlockd write through it: the stale
+ * name is removed and the file created with O_EXCL | O_NOFOLLOW.  Before
+ * the fix the open followed the link and truncated its target.
+ */
+static void test_state_tmp_symlink_not_followed(void **state)
+{
+    g_autofree char *path = g_build_filename(fx.dir, "st", "state", NULL);
+    g_autofree char *victim = g_build_filename(fx.dir, "victim", NULL);
+    g_autofree char *tmp = NULL, *text = NULL;
+    Daemon *d = daemon_start(path, NULL, NULL);
+    ExtlockConn *a;
+
+    assert_true(g_file_set_contents(victim, "precious\n", -1, NULL));
+    tmp = g_strdup_printf("%s.tmp.%ld", path, (long)d->pid);
+    assert_int_equal(symlink(victim, tmp), 0);
+    /* A new session is written to the state file before its welcome */
+    a = conn_open(d->unix_addr);
+    g_free(hello_full(a, "A", "disk", LONG_LEASE_MS, NULL));
+    assert_true(g_file_get_contents(victim, &text, NULL, NULL));
+    assert_string_equal(text, "precious\n");
+    assert_false(g_file_test(tmp, G_FILE_TEST_EXISTS |
+                             G_FILE_TEST_IS_SYMLINK));
+    daemon_stop(d);
+}
+
+/*
+ * --max-sessions-per-identity: one identity cannot take all of
+ * --max-sessions.  Before the limit, every anonymous hello got a session
+ * until --max-sessions was reached.
+ */
+static void test_max_sessions_per_identity(void **state)
+{
+    static const char *const bad[] = { "--max-sessions-per-identity=0",
+                                       NULL };
+    static const char *const extra[] = { "--max-sessions-per-identity=2",
+                                         NULL };
+    Daemon *d;
+    ExtlockConn *x1, *x2, *x3, *u;
+    ExtlockMsg m, r;
+    GError *err = NULL;
+
+    daemon_refused(NULL, bad, 2, "--max-sessions-per-identity");
+    d = daemon_start(NULL, extra, NULL);
+    x1 = client(d->tcp_addr, "X1", LONG_LEASE_MS);      /* anonymous */
+    x2 = client(d->tcp_addr, "X2", LONG_LEASE_MS);
+    x3 = conn_open(d->tcp_addr);
+    extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+    m.client_id = (char *)"X3";
+    m.lock_space = (char *)"disk";
+    m.lease_ms = LONG_LEASE_MS;
+    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+    assert_true(extlock_conn_call(x3, &m, &r, RECV_MS, &err));
+    assert_int_equal(r.type, EXTLOCK_MSG_ERROR);
+    assert_int_equal(r.error, EXTLOCK_ERR_LIMIT);
+    assert_non_null(strstr(r.message, "--max-sessions-per-identity"));
+    extlock_msg_clear(&r);
+    /* Another identity is not affected */
+    u = client(d->unix_addr, "U", LONG_LEASE_MS);
+    renew(u);
+    /* Once one of the anonymous sessions is gone, a new one may start */
+    bye(x1);
+    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+    assert_true(extlock_conn_call(x3, &m, &r, RECV_MS, &err));
+    assert_int_equal(r.type, EXTLOCK_MSG_WELCOME);
+    extlock_msg_clear(&r);
+    renew(x2);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -568,6 +687,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_tls_handshake_stall, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_hello_save_failure_stays_unauth,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(
+            test_resume_shorter_lease_keeps_deadline, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_state_tmp_symlink_not_followed,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_max_sessions_per_identity,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_fence_plug_impersonation_warned,
                                         setup, teardown),

@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "qemu"))
 
 from harness import procs as P                         # noqa: E402
-from harness.faults import NbdClient, TcpPartition     # noqa: E402
+from harness.faults import NbdClient                   # noqa: E402
 from harness.coordinator import coordinator_status     # noqa: E402
 from harness import ganesha as ganesha_mod            # noqa: E402
 from harness.ganesha import (NfsServer, NfsServerError,  # noqa: E402
@@ -122,8 +122,12 @@ class Host:
         self.relay = NfsFaultPoint(self.name, self.addr, run.nfs_ports,
                                    ctl_dir=run.ctl_dir,
                                    log_path=run.out / f"storage-{self.name}.jsonl")
-        self.partition = (TcpPartition(run.extlockd.tcp_port)
-                          if run.extlockd is not None else None)
+        # the coordinator link: the same kind of relay, without RPC parsing
+        # (one thread for all its connections); hold() is a partition
+        self.partition = None
+        if run.extlockd is not None:
+            self.partition = NfsFaultPoint(f"{self.name}-coord", self.addr,
+                                           [run.extlockd.tcp_port], observe=False)
 
     def blockdev(self):
         child = {"driver": "nfs", "server": {"type": "inet", "host": self.addr},
@@ -131,7 +135,9 @@ class Host:
         if self.run.no_extlock:
             child["node-name"] = "xl"
             return child
-        opts = P.extlock_node(child, self.partition.coordinator(), LOCK_SPACE,
+        coord = {"type": "inet", "host": self.addr,
+                 "port": str(self.run.extlockd.tcp_port)}
+        opts = P.extlock_node(child, coord, LOCK_SPACE,
                               node_name="xl", client_id=self.name,
                               granularity=self.run.granularity,
                               lease_time=self.run.lease_ms,
@@ -140,8 +146,23 @@ class Host:
         opts.update(self.run.driver_opts)
         return opts
 
-    def start(self):
-        gen = self.generation + 1
+    def start(self, attempts=3):
+        """Start a new process; a failed start is recorded and retried."""
+        for attempt in range(attempts):
+            try:
+                return self._start()
+            except RuntimeError as e:
+                self.run.start_failures.append({"host": self.name,
+                                                "ts": time.monotonic_ns(),
+                                                "error": str(e)[-400:]})
+                log(f"{self.name}: start failed ({str(e)[-200:]})")
+                if attempt == attempts - 1:
+                    raise
+        return None
+
+    def _start(self):
+        gen = len(self.incarnations) + len(
+            [f for f in self.run.start_failures if f["host"] == self.name]) + 1
         wd = self.run.out / self.name / f"gen{gen}"
         extra = []
         if self.run.trace_io:
@@ -237,6 +258,7 @@ class Run:
         self.fence_agent = None
         self.coordinator_status = None
         self.trace_io = False
+        self.start_failures = []
 
     # ---- setup ----------------------------------------------------------
     def setup(self):
@@ -312,13 +334,13 @@ class Run:
         h = self.rnd.choice(self.hosts)
         rec = {"kind": kind, "host": h.name, "start": time.monotonic_ns()}
         if kind == "partition-short":
-            h.partition.cut()
+            h.partition.hold()
             time.sleep(self.L(0.2, 0.5))
-            h.partition.heal()
+            h.partition.release()
         elif kind == "partition-long":
-            h.partition.cut()
+            h.partition.hold()
             time.sleep(self.beyond())
-            h.partition.heal()
+            h.partition.release()
         elif kind == "nfs-delay":
             h.relay.hold()
             time.sleep(self.beyond())
@@ -336,10 +358,10 @@ class Run:
             # while writes are in flight
             h.relay.hold()
             if h.partition:
-                h.partition.cut()
+                h.partition.hold()
             time.sleep(self.beyond())
             if h.partition:
-                h.partition.heal()
+                h.partition.release()
             h.relay.release()
         elif kind == "pause":
             if h.alive():
@@ -532,6 +554,7 @@ def main(argv=None):
         "fence-offs": sum(1 for h in run.hosts for e in h.relay.log
                           if e.get("event") == "fence-off"),
         "reboots": run.reboots, "self-exits": len(run.self_exits),
+        "host-start-failures": len(run.start_failures),
         "storage-writes": sum(1 for h in run.hosts for e in h.relay.log
                               if e.get("event") == "write"),
         "stuck-clients": stuck,
@@ -546,6 +569,7 @@ def main(argv=None):
             f.write(json.dumps(o) + "\n")
     with open(run.out / "faults.json", "w") as f:
         json.dump({"faults": run.faults, "self-exits": run.self_exits,
+                   "start-failures": run.start_failures,
                    "incarnations": incarnations}, f)
     with open(run.out / "coordinator-status.json", "w") as f:
         json.dump(run.coordinator_status, f, indent=1)

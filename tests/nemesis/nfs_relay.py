@@ -123,11 +123,12 @@ class NfsFaultPoint:
     """The NFS path of one host (see the module documentation)."""
 
     def __init__(self, name, listen_host, ports, target_host="127.0.0.1",
-                 ctl_dir=None, log_path=None):
+                 ctl_dir=None, log_path=None, observe=True):
         self.name = name
         self.listen_host = listen_host
         self.target_host = target_host
         self.state = "on"
+        self.observe = observe              # parse ONC RPC (False: any TCP)
         self.log = []                       # storage-side I/O and fence events
         self.log_path = log_path
         self._log_file = open(log_path, "a", encoding="utf-8") if log_path else None
@@ -306,6 +307,9 @@ class NfsFaultPoint:
         return out
 
     def _from_host(self, c, data):
+        if not self.observe:
+            c.out[c.b] += data
+            return
         c.buf[c.a] += data
         for raw, payload in self._records(c, c.a):
             call = parse_call(payload)
@@ -322,6 +326,9 @@ class NfsFaultPoint:
                 entry["_pending"] = len(c.out[c.b])
 
     def _from_server(self, c, data):
+        if not self.observe:
+            c.out[c.a] += data
+            return
         c.buf[c.b] += data
         now = mono_ns()
         for raw, payload in self._records(c, c.b):

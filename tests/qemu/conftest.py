@@ -54,10 +54,18 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + rep.when, rep)
 
 
+# The export's largest READ/WRITE (ganesha's MaxRead/MaxWrite; its default
+# is 1 MiB).  libnfs splits larger requests into several RPCs that ganesha
+# runs in parallel: with 256 KiB, every 1 MiB extent of the concurrency
+# tests is four RPCs, so without extlock those writes can and do
+# interleave (their controls assert it).
+NFS_MAX_IO = 256 * 1024
+
+
 @pytest.fixture(scope="session")
 def nfs():
     """The loopback NFS export, started once per test session."""
-    srv = NfsServer()
+    srv = NfsServer(max_io=NFS_MAX_IO)
     try:
         srv.start()
     except NfsServerError as e:

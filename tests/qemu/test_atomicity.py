@@ -33,7 +33,9 @@ file is opened with locking=off for the same reason (QEMU's image locking
 would refuse a second writer of a qcow2 file).
 """
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,16 +49,16 @@ CLUSTER = 64 * KiB
 OLD, A_DATA, B_DATA = 0x11, 0xaa, 0xbb
 
 
-def fragmented_qcow2(path):
+def fragmented_qcow2(path, old=OLD, size="64M"):
     """A qcow2 image (64 KiB clusters) whose guest clusters 0 and 1 are
-    allocated in reverse order in the file, filled with OLD.  Returns the
+    allocated in reverse order in the file, filled with `old`.  Returns the
     host offsets (cluster 0, cluster 1)."""
     r = hp.run_qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}",
-                        str(path), "64M")
+                        str(path), size)
     assert r.returncode == 0, r.stderr
     r = hp.run_qemu_io({"driver": "qcow2", "file": hp.file_child(path)},
-                       [f"write -q -P {OLD:#x} {CLUSTER} {CLUSTER}",
-                        f"write -q -P {OLD:#x} 0 {CLUSTER}"])
+                       [f"write -q -P {old:#x} {CLUSTER} {CLUSTER}",
+                        f"write -q -P {old:#x} 0 {CLUSTER}"])
     assert r.returncode == 0, r.stdout + r.stderr
     r = hp.run_qemu_img("map", "--output=json", "-f", "qcow2", str(path))
     assert r.returncode == 0, r.stderr
@@ -196,3 +198,65 @@ def test_read_racing_half_landed_write(protected, extlockd, lock_space, procs, w
     else:
         assert problem is not None, "without extlock the read should be torn"
         assert data == bytes([OLD]) * CLUSTER + bytes([A_DATA]) * CLUSTER
+
+
+def load_verify_image():
+    """contrib/guest/verify-image.py, the end-to-end test's image checker."""
+    path = Path(__file__).resolve().parents[2] / "contrib" / "guest" / "verify-image.py"
+    spec = importlib.util.spec_from_file_location("verify_image", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_image_checker_catches_real_mixed_extent(procs, workdir, binaries):
+    """The end-to-end test's image checker (contrib/guest/verify-image.py)
+    on an extent that two real QEMU processes wrote, without extlock,
+    interleaved: the same scene as above (A's write of the extent half
+    landed and half held by a breakpoint, B's write of it in between), with
+    the data of extlock-stress's stamped writes (guest 1 write 1, guest 2
+    write 1).  The checker must call the extent mixed - its self-test only
+    shows it on synthetic images."""
+    binaries("qemu-system-x86_64", "qemu-storage-daemon", "qemu-img", "qemu-io")
+    vi = load_verify_image()
+    layout = vi.Layout(run_id=0x5eed, guests=2, extent_size=2 * CLUSTER, extents=1,
+                       data_offset=0, control_offset=1024 * KiB, max_seq={1: 1, 2: 1})
+
+    def stamped(guest):
+        return b"".join(vi.make_sector(layout, guest, 1, 0, i)
+                        for i in range(layout.nsectors))
+    path = workdir / "stamped.qcow2"
+    hosts = fragmented_qcow2(path, old=0, size="4M")
+
+    # A: qemu-system, blkdebug below qcow2, written through an NBD export
+    a_node = dict(qcow2_node(path, blkdebug=True), **{"node-name": "xla"})
+    vm = procs.qemu_system(name="a", extra_args=["-drive", "if=none,id=drva,"
+                                                 + hp.dotted(a_node)])
+    a_sock = workdir / "a-nbd.sock"
+    vm.qmp.execute("nbd-server-start", {"addr": {"type": "unix",
+                                                 "data": {"path": str(a_sock)}}})
+    vm.qmp.execute("block-export-add", {"type": "nbd", "id": "a", "name": "a",
+                                        "node-name": "xla", "writable": True})
+    assert "error" not in vm.qmp.hmp('qemu-io drva "break write_aio hold"').lower()
+    b = procs.storage_daemon(name="b",
+                             blockdevs=[dict(qcow2_node(path), **{"node-name": "xlb"})],
+                             exports=[("disk", "xlb", True)])
+    with NbdClient(a_sock, "a") as na, NbdClient(b.nbd_path, "disk") as nb:
+        ha = na.send_write(0, stamped(1))
+        out = vm.qmp.hmp('qemu-io drva "wait_break hold"', timeout=20)
+        assert "error" not in out.lower(), out
+        wait_until(lambda: guest_view(path, hosts)[CLUSTER:] == stamped(1)[CLUSTER:],
+                   timeout=20, what="the unheld half of A's write to land")
+        nb.write(0, stamped(2), timeout=20)               # no extlock: at once
+        vm.qmp.hmp('qemu-io drva "resume hold"')
+        err, _ = na.wait(ha, timeout=20)
+        assert err == 0
+    raw = workdir / "stamped.raw"
+    r = hp.run_qemu_img("convert", "-f", "qcow2", "-O", "raw", str(path), str(raw))
+    assert r.returncode == 0, r.stderr
+    result = vi.verify(raw, layout)
+    assert result["mixed"] == 1 and not result["ok"], result
+    detail = result["details"][0]
+    assert detail["kind"] == "mixed", detail
+    assert detail["stamps"] == {"1:1": layout.nsectors // 2, "2:1": layout.nsectors // 2}, \
+        detail

@@ -335,7 +335,14 @@ def test_revocation_waits_for_request_in_flight(local_image, coord, lock_space,
             timeout=10, what="A's lock to be revoked")
         assert [(x["offset"], x["length"], x["mode"], x["in-flight"]) for x in revoking] == \
             [(0, IMAGE, "exclusive", 1)]
-        time.sleep(0.5)
+        # B stays queued while A's write is suspended: watch B's own wait
+        # clock pass 500 ms (observable state, not a sleep)
+        def waited_500ms():
+            assert not nb.replied(h), "B's write completed while A's write held the lock"
+            q = [x for x in node_info(b.qmp)["waiting"] if "token" in x]
+            assert q, "B's write left the queue while A's write held the lock"
+            return q[0]["waited-ms"] >= 500
+        wait_until(waited_500ms, timeout=15, what="B's wait to reach 500 ms")
         assert not nb.replied(h), "B's write completed while A's write held the lock"
         assert node_info(vm.qmp)["held"][0]["state"] == "revoking"
         assert local_image.path.read_bytes()[:96 * KiB] == bytes(96 * KiB)

@@ -15,9 +15,16 @@ on its range for as long as it runs in the child, so
   never sees an extent half written while the writers run.
 
 Without extlock both do go wrong on this machine (local files opened with
-O_DIRECT; large writes split into several NFS WRITE RPCs):
-tests/qemu/control_no_extlock.py runs the same workloads without the
-extlock nodes and counts the damage - see docs/testing.rst.
+O_DIRECT; large writes split into several NFS WRITE RPCs, see NFS_MAX_IO in
+conftest.py), and the controls at the end of this file assert it: the same
+workloads without the extlock nodes, checked by the same checkers, must
+show the damage (docs/testing.rst).
+
+The final-state tests drive both writers in lock step (run_lockstep): the
+test submits the two writers' requests for the same extent right after
+each other, so that they are in flight together; with each writer in its
+own background qemu-io the two would mostly write different extents at any
+moment, and the final state would tear only by luck.
 """
 
 import os
@@ -27,7 +34,7 @@ import pytest
 
 from harness.coordinator import CoordinatorClient, coordinator_status
 from harness.patterns import check_uniform_extents, extent_summary, fill
-from harness.procs import extlock_node, run_qemu_io, start_qemu_io
+from harness.procs import QemuIOError, extlock_node, run_qemu_io, start_qemu_io
 
 MiB = 1024 * 1024
 PATTERNS = (0xa1, 0xb2)
@@ -37,8 +44,8 @@ LAYOUTS = {
     "aligned-1M": dict(extents=24, extent_size=MiB, rounds=6),
     # 4 MiB writes: several NFS WRITE RPCs per request
     "aligned-4M": dict(extents=8, extent_size=4 * MiB, rounds=4),
-    # few extents, each written several times at once per round: more overlap
-    "aligned-8M-deep": dict(extents=2, extent_size=8 * MiB, rounds=10, depth=4),
+    # few large extents, each written twice at once per round by each writer
+    "aligned-8M-deep": dict(extents=4, extent_size=8 * MiB, rounds=4, depth=2),
     "aligned-2M-deep": dict(extents=8, extent_size=2 * MiB, rounds=8, depth=8),
     # ranges not aligned to the lock granularity (locks get rounded out)
     "unaligned": dict(extents=12, extent_size=MiB + 4096 * 3 + 777, rounds=5,
@@ -47,20 +54,32 @@ LAYOUTS = {
 
 
 # ---------------------------------------------------------------------------
-# workload helpers (also used by control_no_extlock.py)
+# workload helpers
+
+def copy_pattern(pattern, k):
+    """The pattern of a writer's k-th concurrent copy of an extent: every
+    write in flight at the same time has its own, so that even two copies
+    of one writer interleaving show up as a mixed extent."""
+    return pattern + k
+
+
+def all_patterns(layout):
+    return {copy_pattern(p, k) for p in PATTERNS for k in range(layout.get("depth", 1))}
+
 
 def writer_commands(pattern, extents, extent_size, rounds, reverse, offset=0,
                     depth=1):
     """qemu-io commands: `rounds` rounds; in each, every extent is written
-    `depth` times (all in flight at once), then aio_flush."""
+    `depth` times (all in flight at once, each copy with its own pattern),
+    then aio_flush."""
     cmds = []
     order = list(range(extents))
     for r in range(rounds):
         # vary the order per round and per writer so that the two collide
         seq = order[::-1] if (r % 2 == 0) == reverse else order
         for i in seq:
-            cmds += [f"aio_write -q -P {pattern:#x} {offset + i * extent_size} "
-                     f"{extent_size}"] * depth
+            cmds += [f"aio_write -q -P {copy_pattern(pattern, k):#x} "
+                     f"{offset + i * extent_size} {extent_size}" for k in range(depth)]
         cmds.append("aio_flush")
     return cmds
 
@@ -89,6 +108,57 @@ def start_writers(image, workdir, layout, coordinator=None, lock_space=None,
         procs.append(start_qemu_io(node, cmds, workdir / f"w{n}.out",
                                    workdir / f"w{n}.err"))
     return procs
+
+
+def lockstep_commands(pattern, extents, extent_size, rounds, offset=0, depth=1,
+                      reverse=False):
+    """Per round: every extent `depth` times (each copy its own pattern),
+    in the same order for every writer (forward in even rounds, backward in
+    odd ones), then aio_flush.  Returned as a list of rounds."""
+    out = []
+    for r in range(rounds):
+        seq = range(extents) if r % 2 == 0 else reversed(range(extents))
+        out.append([f"aio_write -q -P {copy_pattern(pattern, k):#x} "
+                    f"{offset + i * extent_size} {extent_size}"
+                    for i in seq for k in range(depth)])
+    return out
+
+
+def run_lockstep(procs, image, layout, coordinator=None, lock_space=None,
+                 granularity=None, lock_cache=None, extlockd=None):
+    """The writers' workload, driven in lock step: one interactive qemu-io
+    per writer (with an extlock node each if `coordinator` is given, else
+    on the bare image); the test submits the writers' requests for the same
+    extent right after each other (aio_write returns as soon as the request
+    is in flight), so that those writes really are in flight at the same
+    time - without extlock they interleave, with it they must not.  Each
+    round ends with aio_flush in every writer.  Returns each writer's
+    output (asserted free of errors by the caller)."""
+    writers = []
+    for n, pattern in enumerate(PATTERNS):
+        node = writer_child(image)
+        if coordinator is not None:
+            node = extlock_node(node, coordinator, lock_space,
+                                client_id=f"writer-{n}", granularity=granularity,
+                                lock_cache=lock_cache)
+        writers.append(procs.qemu_io(node, name=f"w{n}"))
+    plans = [lockstep_commands(p, **layout) for p in PATTERNS]
+    outs = ["" for _ in writers]
+    for r in range(len(plans[0])):
+        for i in range(len(plans[0][r])):
+            for n, w in enumerate(writers):
+                outs[n] += w.cmd(plans[n][r][i])
+        for n, w in enumerate(writers):
+            try:
+                outs[n] += w.cmd("aio_flush", timeout=STALL_MS / 1000 * 4)
+            except QemuIOError as e:
+                why = stalled_request(extlockd.address, lock_space) if extlockd else None
+                pytest.fail(f"writer {n} did not finish round {r}: {e}; {why}",
+                            pytrace=False)
+    for n, w in enumerate(writers):
+        assert w.quit() == 0, w.stderr()
+        outs[n] += w.stderr()
+    return outs
 
 
 STALL_MS = 15000     # normal contention waits are milliseconds
@@ -183,6 +253,13 @@ def read_while_writing(writers, path, extents, size, allowed, lock=None,
     return stats
 
 
+def assert_outputs_ok(outs):
+    for n, out in enumerate(outs):
+        low = out.lower()
+        assert "error" not in low and "failed" not in low and "lease lost" not in low, \
+            f"writer {n}: {out}"
+
+
 def assert_writers_ok(results):
     for n, (rc, out, err) in enumerate(results):
         assert rc == 0, f"writer {n} failed: {out}\n{err}"
@@ -199,18 +276,17 @@ LOCK_CACHE = pytest.mark.parametrize("lock_cache", [False, True],
 @LOCK_CACHE
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 def test_overlapping_writers_leave_uniform_extents(layout, lock_cache, image,
-                                                   extlockd, lock_space, workdir,
+                                                   extlockd, lock_space, procs,
                                                    binaries):
     binaries("qemu-io")
     spec = LAYOUTS[layout]
-    writers = start_writers(image, workdir, spec, extlockd.coordinator(), lock_space,
-                            lock_cache=lock_cache)
-    assert_writers_ok(wait_writers(writers, workdir, extlockd=extlockd,
-                                   lock_space=lock_space))
+    outs = run_lockstep(procs, image, spec, extlockd.coordinator(), lock_space,
+                        lock_cache=lock_cache, extlockd=extlockd)
+    assert_outputs_ok(outs)
 
     start = spec.get("offset", 0)
     found, problems = check_uniform_extents(
-        image.path, spec["extent_size"], spec["extents"], set(PATTERNS), offset=start)
+        image.path, spec["extent_size"], spec["extents"], all_patterns(spec), offset=start)
     assert not problems, "torn writes:\n" + "\n".join(problems)
 
     # the bytes around the written ranges are untouched
@@ -228,19 +304,25 @@ def test_overlapping_writers_leave_uniform_extents(layout, lock_cache, image,
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# 384 KiB writes (two NFS RPCs each) at 128 KiB + n * 384 KiB: under a
+# 1 MiB lock granularity most of them share a granule with a neighbour and
+# many straddle two granules
+COARSE = dict(extents=40, extent_size=384 * 1024, rounds=4, offset=128 * 1024)
+
+
 @LOCK_CACHE
 def test_overlapping_writers_coarse_granularity(lock_cache, nfs_image, extlockd,
-                                                lock_space, workdir, binaries):
-    """Same with a 1 MiB lock granularity and 256 KiB writes: writes of the
-    two processes into the same granule exclude each other too."""
+                                                lock_space, procs, binaries):
+    """Same with a 1 MiB lock granularity and 384 KiB writes not aligned to
+    it: writes of the two processes into the same granule exclude each
+    other too, including writes that straddle two granules."""
     binaries("qemu-io")
-    spec = dict(extents=64, extent_size=256 * 1024, rounds=4)
-    writers = start_writers(nfs_image, workdir, spec, extlockd.coordinator(),
-                            lock_space, granularity=MiB, lock_cache=lock_cache)
-    assert_writers_ok(wait_writers(writers, workdir, extlockd=extlockd,
-                                   lock_space=lock_space))
-    _, problems = check_uniform_extents(nfs_image.path, spec["extent_size"],
-                                        spec["extents"], set(PATTERNS))
+    assert_outputs_ok(run_lockstep(procs, nfs_image, COARSE, extlockd.coordinator(),
+                                   lock_space, granularity=MiB, lock_cache=lock_cache,
+                                   extlockd=extlockd))
+    _, problems = check_uniform_extents(nfs_image.path, COARSE["extent_size"],
+                                        COARSE["extents"], all_patterns(COARSE),
+                                        offset=COARSE["offset"])
     assert not problems, "torn writes:\n" + "\n".join(problems)
 
 
@@ -266,7 +348,7 @@ def test_locked_reader_never_sees_a_write_in_progress(layout, lock_cache, image,
             reader.hello("python-reader", lock_space, lease_ms=60000)
             try:
                 stats = read_while_writing(writers, image.path, extents, size,
-                                           {0x01, *PATTERNS}, lock=reader)
+                                           {0x01, *all_patterns(spec)}, lock=reader)
             except TimeoutError:
                 pytest.fail("the reader's shared lock was not granted within 20 s: "
                             + str(stalled_request(extlockd.address, lock_space)),
@@ -279,4 +361,80 @@ def test_locked_reader_never_sees_a_write_in_progress(layout, lock_cache, image,
     assert not stats["torn"], ("the reader saw writes in progress:\n"
                                + "\n".join(stats["torn"][:20]))
     assert stats["reads_during"] >= extents, "the reader did not overlap the writers"
-    assert stats["seen"] & set(PATTERNS), "the reader never saw the writers' data"
+    assert stats["seen"] & all_patterns(spec), "the reader never saw the writers' data"
+
+
+# ---------------------------------------------------------------------------
+# controls: the same workloads without extlock must be caught tearing
+
+# A race is not certain in one run; a control tries up to this many runs
+# and fails if none of them shows the damage.  Measured tearing rates of
+# every layout are in docs/testing.rst (each control tore in its first run
+# in the large majority of measurements).
+CONTROL_ATTEMPTS = 5
+# aligned-8M-deep has only 4 extents, i.e. 4 chances per run: measured, it
+# tore in run 1-5 (8 measurements), so it gets more runs
+CONTROL_ATTEMPTS_FOR = {"aligned-8M-deep": 12}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_control_overlapping_writers_tear_without_extlock(layout, image, procs,
+                                                          binaries):
+    """The control of test_overlapping_writers_leave_uniform_extents: the
+    same writers on the bare image (no extlock node) leave mixed extents,
+    and the same checker reports them."""
+    binaries("qemu-io")
+    spec = LAYOUTS[layout]
+    attempts = CONTROL_ATTEMPTS_FOR.get(layout, CONTROL_ATTEMPTS)
+    for attempt in range(attempts):
+        assert_outputs_ok(run_lockstep(procs, image, spec))
+        _, problems = check_uniform_extents(
+            image.path, spec["extent_size"], spec["extents"], all_patterns(spec),
+            offset=spec.get("offset", 0))
+        if problems:
+            print(f"\n{layout}/{image.kind}: torn in run {attempt + 1}: {problems[0]}")
+            return
+    pytest.fail(f"without extlock, {layout} on {image.kind} left every extent uniform "
+                f"in {attempts} runs: the check cannot detect tearing here")
+
+
+@pytest.mark.parametrize("layout", ["aligned-1M", "aligned-4M"])
+def test_control_unlocked_reader_sees_writes_in_progress(layout, image, workdir, binaries):
+    """The control of test_locked_reader_never_sees_a_write_in_progress:
+    without extlock and without the reader's shared locks, the same reader
+    sees extents half written."""
+    binaries("qemu-io")
+    spec = dict(LAYOUTS[layout], rounds=LAYOUTS[layout]["rounds"] * 3)
+    size, extents = spec["extent_size"], spec["extents"]
+    fill(image.path, 0, size * extents, 0x01)
+    for attempt in range(CONTROL_ATTEMPTS):
+        wd = workdir / f"run{attempt}"
+        wd.mkdir()
+        writers = start_writers(image, wd, spec)
+        try:
+            stats = read_while_writing(writers, image.path, extents, size,
+                                       {0x01, *all_patterns(spec)})
+        finally:
+            results = wait_writers(writers, wd)
+        assert_writers_ok(results)
+        if stats["torn"]:
+            print(f"\n{layout}/{image.kind}: {len(stats['torn'])} of {stats['reads']} "
+                  f"unlocked reads torn in run {attempt + 1}")
+            return
+    pytest.fail(f"without extlock no unlocked read of {layout} on {image.kind} was torn "
+                f"in {CONTROL_ATTEMPTS} runs: the check cannot detect tearing here")
+
+
+def test_control_coarse_layout_tears_without_extlock(nfs_image, procs, binaries):
+    """The control of test_overlapping_writers_coarse_granularity."""
+    binaries("qemu-io")
+    for attempt in range(CONTROL_ATTEMPTS):
+        assert_outputs_ok(run_lockstep(procs, nfs_image, COARSE))
+        _, problems = check_uniform_extents(nfs_image.path, COARSE["extent_size"],
+                                            COARSE["extents"], all_patterns(COARSE),
+                                            offset=COARSE["offset"])
+        if problems:
+            print(f"\ncoarse/nfs: torn in run {attempt + 1}: {problems[0]}")
+            return
+    pytest.fail(f"without extlock the coarse layout left every extent uniform in "
+                f"{CONTROL_ATTEMPTS} runs: the check cannot detect tearing here")

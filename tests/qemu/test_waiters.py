@@ -20,7 +20,8 @@ import time
 import pytest
 
 from harness import procs as hp
-from harness.coordinator import CoordinatorClient, coordinator_status
+from harness.coordinator import (CoordinatorClient, coordinator_status,
+                                 release_after_fresh_renewal)
 from harness.patterns import fill
 from harness.procs import extlock_node as _extlock_node
 from harness.procs import wait_until
@@ -136,10 +137,17 @@ def test_waiter_visible_storage_daemon(image, extlockd, lock_space, procs,
         info = wait_for_waiter(qsd.qmp, reader, "B's read")
         check_waiter(info)
         check_coordinator_view(extlockd, lock_space, "host-b")
-        time.sleep(0.3)
+        # B keeps waiting as long as A holds the lock: watch B's own clock
+        # (waited-ms) advance by 300 ms while the read stays unanswered
+        first = info["waiting"][0]["waited-ms"]
+
+        def waited_longer():
+            assert reader.poll() is None, "B's read finished while A held the lock"
+            w = qsd.qmp.execute("query-extent-locks")[0]["waiting"]
+            assert len(w) == 1, f"B's request left the wait queue: {w}"
+            return w[0]["waited-ms"] >= first + 300
+        wait_until(waited_longer, timeout=15, what="B's wait to reach +300 ms")
         assert reader.poll() is None, "B's read finished while A held the lock"
-        info2 = qsd.qmp.execute("query-extent-locks")[0]
-        assert info2["waiting"][0]["waited-ms"] >= info["waiting"][0]["waited-ms"] + 200
 
         a.cmd("resume hold")
         a.cmd("aio_flush", timeout=30)
@@ -179,7 +187,9 @@ def test_nbd_read_of_hole_waits_for_writer(local_image, extlockd, lock_space,
     reader = hp.start_qemu_io(qsd.nbd_opts("disk"), ["read -P 0xaa 0 64k"],
                               workdir / "reader.out", workdir / "reader.err")
     try:
-        time.sleep(0.5)
+        # B's NBD read must end up waiting for A's lock (fails at once if
+        # the read completes instead)
+        wait_for_waiter(qsd.qmp, reader, "B's NBD read of the hole")
         early = reader.poll() is not None
         a.cmd("resume hold")
         a.cmd("aio_flush", timeout=30)
@@ -302,17 +312,20 @@ def test_holder_crash_releases_after_lease(local_image, extlockd, lock_space, pr
                               workdir / "reader.out", workdir / "reader.err")
     try:
         wait_for_waiter(qsd.qmp, reader, "B's read")
-        killed_at = time.monotonic()
+        # right after the coordinator renewed A's lease: its own earliest
+        # release of A's locks is then known exactly
+        release = release_after_fresh_renewal(extlockd.address, "host-a", lease)
         a.kill()                                  # SIGKILL: no bye
         assert reader.wait(timeout=lease / 1000 + 20) == 0, \
             (workdir / "reader.out").read_text() + (workdir / "reader.err").read_text()
-        waited = time.monotonic() - killed_at
+        done = time.monotonic()
     finally:
         if reader.poll() is None:
             reader.kill()
             reader.wait()
-    # the lock outlived the connection for about one lease
-    assert waited >= lease / 1000 * 0.4, f"lock released after only {waited:.2f} s"
+    # the lock outlived the connection until the coordinator's own lease
+    # deadline for A plus its fence margin (B's reply comes after the grant)
+    assert done >= release, f"B read {release - done:.3f} s before A's lease + margin"
     assert "Pattern verification failed" not in (workdir / "reader.out").read_text()
     sessions = coordinator_status(extlockd.address)["sessions"]
     assert all(s["client-id"] != "host-a" or s["state"] != "active" for s in sessions)
@@ -428,14 +441,19 @@ def test_coordinator_restart_within_lease(local_image, extlockd, lock_space, pro
         blockdevs=[plain_node(local_image.child, extlockd.coordinator(),
                               lock_space, node_name="xlb", client_id="host-b",
                               lease_time=5000)],
-        exports=[("disk", "xlb", True)])
+        exports=[("disk", "xlb", True)],
+        extra_args=["--trace", "extlock_request"])
     extlockd.kill()
     qsd.qmp.wait_event("EXTENT_LOCK_COORDINATOR_LOST", timeout=10)
     writer = hp.start_qemu_io(qsd.nbd_opts("disk"), ["write -P 0x34 0 64k"],
                               workdir / "w.out", workdir / "w.err")
     try:
-        time.sleep(0.5)
+        # the write has reached the node (its trace event says so) and
+        # waits there: it cannot get a lock
+        wait_until(lambda: "extlock_request node xlb write offset 0 " in qsd.stderr(),
+                   timeout=15, what="the write to reach the node (trace event)")
         assert writer.poll() is None, "the write completed without a coordinator"
+        assert node_info_state(qsd.qmp) != "active"
         assert local_image.path.read_bytes()[:64 * KiB] == bytes(64 * KiB)
         extlockd.start()
         assert writer.wait(timeout=30) == 0, (workdir / "w.out").read_text()
@@ -448,6 +466,10 @@ def test_coordinator_restart_within_lease(local_image, extlockd, lock_space, pro
     info = qsd.qmp.execute("query-extent-locks")[0]
     assert info["state"] == "active" and info["counters"]["reconnects"] >= 1
     assert info["counters"]["lease-losses"] == 0
+
+
+def node_info_state(qmp):
+    return qmp.execute("query-extent-locks")[0]["state"]
 
 
 def test_hmp_info_without_nodes(procs, binaries):

@@ -148,3 +148,35 @@ def coordinator_status(address, timeout=10.0):
     """The "status" object of the coordinator at `address`."""
     with CoordinatorClient(address, timeout) as c:
         return c.status()
+
+
+def release_after_fresh_renewal(address, client_id, lease_ms, timeout=None):
+    """Wait until the coordinator has just renewed `client_id`'s lease (its
+    status shows "lease-remaining-ms" within a few percent of the lease),
+    and return the coordinator's own earliest time (time.monotonic(),
+    CLOCK_MONOTONIC like extlockd's clock) at which it may hand that
+    session's locks to someone else if the session renews no more: its
+    lease deadline plus its "fence-margin-ms".
+
+    Act right after this returns (kill the client, cut its link): the next
+    renewal is a third of a lease away, so none is on its way and the
+    deadline read here is final.  The deadline is at least t0 + remaining
+    (t0 taken before the status request, whose round trip is kept below
+    20 ms), so the value returned is the true earliest release minus at
+    most that round trip and the truncation to whole ms."""
+    deadline = time.monotonic() + (timeout or lease_ms / 1000 + 5)
+    tolerance = max(50, lease_ms / 20)
+    last = None
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        st = coordinator_status(address)
+        t1 = time.monotonic()
+        sess = [s for s in st["sessions"]
+                if s["client-id"] == client_id and s["state"] == "active"]
+        if len(sess) == 1:
+            last = sess[0]["lease-remaining-ms"]
+            if last >= lease_ms - tolerance and t1 - t0 < 0.02:
+                return t0 + last / 1000 + st["fence-margin-ms"] / 1000
+        time.sleep(0.003)
+    raise TimeoutError(f"no fresh renewal of {client_id} seen at the coordinator "
+                       f"(last remaining: {last} ms)")

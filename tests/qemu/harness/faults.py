@@ -239,6 +239,7 @@ NBD_OPT_EXPORT_NAME = 1
 NBD_FLAG_C_FIXED_NEWSTYLE = 1
 NBD_FLAG_C_NO_ZEROES = 2
 NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC = 0, 1, 2
+NBD_CMD_FLUSH, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES = 3, 4, 6
 
 
 class NbdError(Exception):
@@ -302,6 +303,16 @@ class NbdClient:
 
     def send_read(self, offset, length):
         return self.send(NBD_CMD_READ, offset, length)
+
+    def send_trim(self, offset, length):
+        """A discard (NBD_CMD_TRIM)."""
+        return self.send(NBD_CMD_TRIM, offset, length)
+
+    def send_write_zeroes(self, offset, length):
+        return self.send(NBD_CMD_WRITE_ZEROES, offset, length)
+
+    def send_flush(self):
+        return self.send(NBD_CMD_FLUSH, 0, 0)
 
     def wait(self, handle, timeout=None):
         """Wait for the reply to `handle`; returns (errno, data)."""

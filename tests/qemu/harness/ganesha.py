@@ -104,14 +104,25 @@ def pid_cmdline(pid):
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def _netns(pid="self"):
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
 def find_processes(name):
-    """Pids of running processes whose executable base name is `name`."""
+    """Pids of running processes whose executable base name is `name`, in
+    our network namespace (servers in other namespaces, e.g. other runs
+    under scripts/isolate.sh, bind their own 127.0.0.1 and do not clash)."""
     found = []
+    ours = _netns()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         argv = pid_cmdline(int(entry))
-        if argv and os.path.basename(argv[0]) == name and pid_alive(int(entry)):
+        if argv and os.path.basename(argv[0]) == name and pid_alive(int(entry)) \
+                and _netns(entry) == ours:
             found.append(int(entry))
     return sorted(found)
 
