@@ -104,7 +104,9 @@ if { [ -f build-asan/build.ninja ] ||
      CC=clang meson setup build-asan -Db_sanitize=address,undefined \
          -Db_lundef=false >/dev/null; } && ninja -C build-asan >/dev/null; then
     rm -rf "$san_dir"; mkdir -p "$san_dir"
-    ASAN_OPTIONS=halt_on_error=1:abort_on_error=1:detect_leaks=1:log_path=$san_dir/asan \
+    ASAN_OPTIONS=halt_on_error=1:abort_on_error=1:detect_leaks=1:fast_unwind_on_malloc=0:log_path=$san_dir/asan \
+    LSAN_OPTIONS=suppressions=$REPO/tests/lsan-fixtures.supp \
+    EXTLOCK_UNDER_SANITIZER=1 \
     UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1:log_path=$san_dir/ubsan \
         meson test -C build-asan --print-errorlogs --num-processes 2 \
         > build-asan/meson-test.out 2>&1

@@ -180,6 +180,7 @@ ExtlockConn *extlock_conn_connect(const char *address, GError **errp)
         fd = connect_unix(address, errp, address);
     }
     if (fd < 0) {
+        g_free(host);
         return NULL;
     }
 

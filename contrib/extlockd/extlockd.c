@@ -152,7 +152,8 @@ int main(int argc, char **argv)
     gint64 max_unauth = EXTLOCKD_DEFAULT_MAX_UNAUTH;
     gint64 max_unauth_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
     gint64 status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
-    ExtlockdPolicy *policy = NULL;
+    g_autoptr(ExtlockdPolicy) policy = NULL;
+    unsigned policy_size;
     ExtlockdTlsCreds *tls = NULL;
     ReloadCtx reload = { 0 };
     bool has_tcp = false;
@@ -409,7 +410,6 @@ int main(int argc, char **argv)
                                       strcmp(tls_verify, "yes") == 0, &err);
         if (!tls) {
             g_critical("%s", err->message);
-            extlockd_policy_free(policy);
             return 1;
         }
     }
@@ -484,14 +484,15 @@ int main(int argc, char **argv)
             extlockd_fencer_new(fence_agent, fence_timeout_ms,
                                 (const char *const *)fence_args));
     }
-    extlockd_server_set_policy(server, policy);
+    policy_size = extlockd_policy_size(policy);
+    extlockd_server_set_policy(server, g_steal_pointer(&policy));
     extlockd_server_set_tls(server, tls);
     reload.server = server;
     reload.policy_file = policy_file;
     g_unix_signal_add(SIGHUP, on_sighup, &reload);
     if (policy_file) {
         g_message("policy %s: %u identities", policy_file,
-                  extlockd_policy_size(policy));
+                  policy_size);
     } else {
         g_message("no --policy: every identity may use every lock-space "
                   "and client-id; admins: uid:0 and uid:%u on the UNIX "

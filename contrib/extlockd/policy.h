@@ -54,6 +54,7 @@ typedef struct ExtlockdPolicy ExtlockdPolicy;
  */
 ExtlockdPolicy *extlockd_policy_load(const char *path, GError **errp);
 void extlockd_policy_free(ExtlockdPolicy *p);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(ExtlockdPolicy, extlockd_policy_free)
 
 /* The file it was loaded from, or NULL for the default policy */
 const char *extlockd_policy_path(const ExtlockdPolicy *p);

@@ -1086,6 +1086,7 @@ static void test_grace_timeout(void **state)
     crash(d);
 
     /* The state file records B's lease: a short grace period is refused */
+    g_free(list);
     list = state_sessions(path, NULL);
     assert_true(g_file_get_contents(path, &before, NULL, NULL));
     assert_non_null(strstr(before, "\"lease-ms\":3000"));
@@ -1154,6 +1155,7 @@ static void test_grace_timeout(void **state)
     json_object_put(st);
     /* Removals are written in the background (state-writer.h) */
     t0 = now_ms();
+    g_free(list);
     while (list = state_sessions(path, NULL), strstr(list, sb) != NULL) {
         assert_true(now_ms() - t0 < RECV_MS);
         g_free(list);

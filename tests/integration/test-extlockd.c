@@ -604,6 +604,7 @@ static char *read_state(const char *path)
 
 static void test_epoch_restart(void **state)
 {
+    g_autofree char *sha_sa = NULL;
     g_autofree char *path = g_build_filename(fx.dir, "var", "st", NULL);
     g_autofree char *text = NULL, *expect = NULL;
     g_autofree char *counter = g_strdup_printf(
@@ -622,6 +623,7 @@ static void test_epoch_restart(void **state)
     d = daemon_start(path, NULL, NULL);
     a = conn_open(d->unix_addr);
     sa = hello_full(a, "A", "disk", LONG_LEASE_MS, &e1);
+    sha_sa = secret_sha256(sa);
     assert_int_equal(e1, 1);
     text = read_state(path);
     expect = g_strdup_printf("{\"version\":1,\"epoch\":1,\"sessions\":"
@@ -630,7 +632,7 @@ static void test_epoch_restart(void **state)
                              "\"fence-margin-ms\":%d,"
                              "\"owner\":\"uid:%u\",\"secret-sha256\":\"%s\"}]}",
                              sa, LONG_LEASE_MS, MARGIN_MS, (unsigned)getuid(),
-                             secret_sha256(sa));
+                             sha_sa);
     assert_string_equal(text, expect);
     g1 = lock_now(a, 0, 10, EXTLOCK_MODE_SHARED);
     assert_int_equal(g1.token, (e1 << 40) | 1);
@@ -657,6 +659,8 @@ static void test_epoch_restart(void **state)
     a = conn_open(d->unix_addr);
     g_free(sa);
     sa = hello_full(a, "A", "disk", LONG_LEASE_MS, &e3);
+    g_free(sha_sa);
+    sha_sa = secret_sha256(sa);
     assert_int_equal(e3, e2 + 1);
     g3 = lock_now(a, 0, 10, EXTLOCK_MODE_SHARED);
     assert_int_equal(g3.token, (e3 << 40) | ((UINT64_C(1) << 40) - 2));
@@ -674,7 +678,7 @@ static void test_epoch_restart(void **state)
                              "\"fence-margin-ms\":%d,\"owner\":\"uid:%u\","
                              "\"secret-sha256\":\"%s\"}]}", e3 + 1, sa,
                              LONG_LEASE_MS, MARGIN_MS, (unsigned)getuid(),
-                             secret_sha256(sa));
+                             sha_sa);
     assert_string_equal(text, expect);
     bye(a);
     daemon_stop(d);

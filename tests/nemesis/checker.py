@@ -246,8 +246,15 @@ def lock_intervals(events):
         ev = e.get("event")
         key = (e.get("session"), e.get("client-id"), e.get("lock"))
         ts = e["ts"]
-        if ev == "grant":
+        if ev in ("grant", "reclaim"):
             live[key].append([ts, e["offset"], e["length"], e["mode"], e.get("client-id")])
+            continue
+        if ev == "coordinator-killed":
+            # every lock ends with the coordinator; reclaims open new ones
+            for segs in live.values():
+                for seg in segs:
+                    close(seg, ts)
+            live.clear()
             continue
         if ev not in ("release", "downgrade") or key not in live:
             continue
@@ -300,6 +307,8 @@ def check_locks(storage, events, granularity):
         for e in log:
             if e.get("event") not in ("read", "write") or e.get("fwd") is None:
                 continue
+            if e["event"] == "read" and e.get("reply") is None:
+                continue        # its data never reached the host: no harm
             t0, t1 = e["fwd"], e.get("reply") or INF
             o0, o1 = e["offset"], e["offset"] + e["count"]
             b1 = (t1 if t1 != INF else last) // bucket_ns
@@ -408,22 +417,29 @@ def parse_trace(lines):
     return [tuple(r) for r in out]
 
 
-def check_trace(traces, events=None, death=None):
+def check_trace(traces, events=None, death=None, fenced=None):
     """traces: {(host, gen): [io]} from parse_trace; death: {(host, gen): ns}.
 
     trace-overlap: two hosts' requests on overlapping bytes, at least one a
     write, were both forwarded to the storage at the same time (an I/O with
     no done event lasts until its process died).  trace-token (with the
     event log): a request ran under a token the coordinator never granted
-    to that client, or outside [grant, last release] of that token."""
+    to that client, or outside [grant, last release] of that token.
+    fenced: {host: [ns]} when the host's storage path was cut (fence-off):
+    nothing of it reaches the storage after that, so a request in flight
+    then ends there (the storage-level checks see what really landed)."""
     out = []
     death = death or {}
+    fenced = fenced or {}
     ios = []
     for (host, gen), lst in traces.items():
         for kind, off, n, token, t0, t1, ret in lst:
             if kind == "flush" or n == 0:
                 continue
             end = t1 if t1 is not None else death.get((host, gen), INF)
+            cut = [f for f in fenced.get(host, ()) if t0 <= f < end]
+            if cut:
+                end = min(cut)
             ios.append((t0, end, host, gen, kind, off, n, token))
     ios.sort()
     active = []

@@ -253,6 +253,7 @@ class Run:
         self.extlockd = None
         self.driver_opts = {}
         self.fencing = False
+        self.coordinator_kills = []    # monotonic ns of each kill -9
         self.event_log = None
         self.excluded = []
         self.fence_agent = None
@@ -378,12 +379,14 @@ class Run:
             self.reboots += 1
         elif kind in ("kill-extlockd", "restart-in-grace"):
             rec.pop("host")
+            self.coordinator_kills.append(time.monotonic_ns())
             self.extlockd.kill()
             time.sleep(self.L(0.1, 0.5))
             self.extlockd.start()
             if kind == "restart-in-grace":
                 grace = (self.lease_ms + self.fence_margin_ms) / 1000
                 time.sleep(self.rnd.uniform(0.1, 0.5) * grace)
+                self.coordinator_kills.append(time.monotonic_ns())
                 self.extlockd.kill()
                 time.sleep(self.L(0.1, 0.3))
                 self.extlockd.start()
@@ -511,6 +514,11 @@ def main(argv=None):
         failures[h.name] = sorted(ts)
     incarnations = {h.name: [tuple(i) for i in h.incarnations] for h in run.hosts}
     events = checker.load_jsonl(run.event_log) if run.event_log else []
+    # A killed coordinator's locks end with it (the next one knows only
+    # what its clients reclaim, logged as "reclaim"): the log cannot say so
+    if events:
+        events += [{"ts": t, "event": "coordinator-killed"}
+                   for t in run.coordinator_kills]
     # a write that reaches the storage later than death + lease + fence
     # margin certainly arrived after the coordinator was free to grant its
     # locks to others (the host's last renewal was before its death)
@@ -531,7 +539,10 @@ def main(argv=None):
                     continue
                 death[(h.name, gen)] = end
         traced = sum(len(v) for v in traces.values())
-        violations += checker.check_trace(traces, events, death)
+        fenced = {h.name: sorted(e["ts"] for e in h.relay.log
+                                 if e.get("event") == "fence-off")
+                  for h in run.hosts}
+        violations += checker.check_trace(traces, events, death, fenced)
     ops = run.history
     summary = {
         "seed": args.seed, "seconds": round(time.monotonic() - t0, 1),
