@@ -302,6 +302,13 @@ def check_locks(storage, events, granularity):
         g, r = iv[0], iv[1] if iv[1] is not None else last + 1
         for b in range(g // bucket_ns, r // bucket_ns + 1):
             buckets[b].append(iv)
+    # A request the server got but whose answer never came back (its host
+    # was killed or its path cut right after) was executed like the others:
+    # within ten times the slowest answer seen in the run, at least 1 s
+    answered = [e["reply"] - e["fwd"] for log in storage.values() for e in log
+                if e.get("event") in ("read", "write") and e.get("fwd") is not None
+                and e.get("reply") is not None]
+    unanswered_ns = max([10**9] + [10 * t for t in answered])
     out = []
     for host, log in storage.items():
         for e in log:
@@ -309,7 +316,7 @@ def check_locks(storage, events, granularity):
                 continue
             if e["event"] == "read" and e.get("reply") is None:
                 continue        # its data never reached the host: no harm
-            t0, t1 = e["fwd"], e.get("reply") or INF
+            t0, t1 = e["fwd"], e.get("reply") or e["fwd"] + unanswered_ns
             o0, o1 = e["offset"], e["offset"] + e["count"]
             b1 = (t1 if t1 != INF else last) // bucket_ns
             seen = set()
@@ -425,9 +432,12 @@ def check_trace(traces, events=None, death=None, fenced=None):
     no done event lasts until its process died).  trace-token (with the
     event log): a request ran under a token the coordinator never granted
     to that client, or outside [grant, last release] of that token.
-    fenced: {host: [ns]} when the host's storage path was cut (fence-off):
-    nothing of it reaches the storage after that, so a request in flight
-    then ends there (the storage-level checks see what really landed)."""
+    fenced: {host: [(off ns, on ns)]} while the host's storage path was cut
+    (fence-off .. fence-on): nothing of it reaches the storage then, so a
+    request in flight at the cut ends there, and one started while cut
+    (a process stopped between its lease check and the request, then
+    continued) is not I/O at all; the storage-level checks see what really
+    landed."""
     out = []
     death = death or {}
     fenced = fenced or {}
@@ -437,7 +447,10 @@ def check_trace(traces, events=None, death=None, fenced=None):
             if kind == "flush" or n == 0:
                 continue
             end = t1 if t1 is not None else death.get((host, gen), INF)
-            cut = [f for f in fenced.get(host, ()) if t0 <= f < end]
+            cuts = fenced.get(host, ())
+            if any(off <= t0 < on for off, on in cuts):
+                continue
+            cut = [off for off, on in cuts if t0 <= off < end]
             if cut:
                 end = min(cut)
             ios.append((t0, end, host, gen, kind, off, n, token))

@@ -539,9 +539,21 @@ def main(argv=None):
                     continue
                 death[(h.name, gen)] = end
         traced = sum(len(v) for v in traces.values())
-        fenced = {h.name: sorted(e["ts"] for e in h.relay.log
-                                 if e.get("event") == "fence-off")
-                  for h in run.hosts}
+        # (off, on) intervals of each host's storage path being cut
+        fenced = {}
+        for h in run.hosts:
+            cuts, off = [], None
+            for e in sorted((e for e in h.relay.log
+                             if e.get("event") in ("fence-off", "fence-on")),
+                            key=lambda e: e["ts"]):
+                if e["event"] == "fence-off" and off is None:
+                    off = e["ts"]
+                elif e["event"] == "fence-on" and off is not None:
+                    cuts.append((off, e["ts"]))
+                    off = None
+            if off is not None:
+                cuts.append((off, checker.INF))
+            fenced[h.name] = cuts
         violations += checker.check_trace(traces, events, death, fenced)
     ops = run.history
     summary = {

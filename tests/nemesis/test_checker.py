@@ -156,3 +156,23 @@ def test_trace_overlap_and_tokens():
     events[1]["ts"] = 150                   # released while in flight
     got = checker.check_trace({("h1", 1): a, ("h2", 1): later}, events)
     assert [v["kind"] for v in got] == ["trace-token"]
+
+
+def test_trace_fenced_host():
+    """A request of a host whose storage path was cut (fence-off) ends at
+    the cut; one started while the path was cut is no I/O at all.  Without
+    the cut both are overlaps."""
+    a = [("write", 0, 4096, 0x10000000001, 100, None, None)]   # never done
+    b = [("write", 0, 4096, 0x10000000002, 300, 400, 0)]
+    death = {("h1", 1): 1000}
+    got = checker.check_trace({("h1", 1): a, ("h2", 1): b}, death=death)
+    assert [v["kind"] for v in got] == ["trace-overlap"]
+    got = checker.check_trace({("h1", 1): a, ("h2", 1): b}, death=death,
+                              fenced={"h1": [(200, 900)]})
+    assert got == []
+    late = [("write", 0, 4096, 0x10000000001, 350, 380, -5)]  # while cut
+    got = checker.check_trace({("h1", 1): late, ("h2", 1): b})
+    assert [v["kind"] for v in got] == ["trace-overlap"]
+    got = checker.check_trace({("h1", 1): late, ("h2", 1): b},
+                              fenced={"h1": [(200, 900)]})
+    assert got == []
