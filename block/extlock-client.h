@@ -178,8 +178,8 @@ typedef struct ExtlockClient {
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
     unsigned n_idle;
     QEMUTimer *cache_timer;     /* min hold time and idle ageing */
-    int64_t last_now_ns;        /* clock at the last request: one clock
-                                   read per cache hit is enough */
+    /* clock at the last request: one clock read per cache hit is enough */
+    int64_t last_now_ns;
 
     ExtlockClientStats stats;
 } ExtlockClient;

@@ -40,7 +40,8 @@ static void extlock_wake_all(GPtrArray **list)
     g_ptr_array_free(woken, true);
 }
 
-/* ------------------------------------------------------------------------
+/*
+ * ----------------------------------------------------------------------
  * The lock cache
  *
  * Every valid lock granted to this node is an ExtlockCachedLock in
@@ -387,7 +388,8 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
     extlock_lock_try_revoke(c, l);
 }
 
-/* ------------------------------------------------------------------------
+/*
+ * ----------------------------------------------------------------------
  * Requests
  */
 
@@ -608,7 +610,8 @@ void extlock_client_foreach_lock(ExtlockClient *c,
     }
 }
 
-/* ------------------------------------------------------------------------
+/*
+ * ----------------------------------------------------------------------
  * Interface to the connection (extlock-client.c)
  */
 
