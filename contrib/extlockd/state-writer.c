@@ -25,24 +25,37 @@ struct ExtlockdStateWriter {
     uint64_t written_gen;        /* newest generation on disk */
     bool writing;                /* the file is being replaced */
     bool quit;
+    GList *calls;                /* DoneCall not dispatched yet */
     /* Testing hook: EXTLOCKD_TEST_STATE_DELAY_MS, a slow disk */
     unsigned delay_ms;
 };
 
 typedef struct DoneCall {
     ExtlockdStateWriter *w;
+    GSource *source;             /* our reference: freeing the writer
+                                    destroys sources not dispatched yet */
     uint64_t gen;
     bool ok;
     char *error;
 } DoneCall;
 
+static void done_call_free(DoneCall *d)
+{
+    g_source_unref(d->source);
+    g_free(d->error);
+    g_free(d);
+}
+
 static gboolean done_in_main(gpointer opaque)
 {
     DoneCall *d = opaque;
+    ExtlockdStateWriter *w = d->w;
 
-    d->w->done(d->gen, d->ok, d->error, d->w->opaque);
-    g_free(d->error);
-    g_free(d);
+    g_mutex_lock(&w->lock);
+    w->calls = g_list_remove(w->calls, d);
+    g_mutex_unlock(&w->lock);
+    w->done(d->gen, d->ok, d->error, w->opaque);
+    done_call_free(d);
     return G_SOURCE_REMOVE;
 }
 
@@ -101,7 +114,11 @@ static gpointer writer_thread(gpointer opaque)
             g_free(d);
         } else {
             /* Not idle priority: a busy loop must not starve welcomes */
-            g_idle_add_full(G_PRIORITY_DEFAULT, done_in_main, d, NULL);
+            d->source = g_idle_source_new();
+            g_source_set_priority(d->source, G_PRIORITY_DEFAULT);
+            g_source_set_callback(d->source, done_in_main, d, NULL);
+            w->calls = g_list_prepend(w->calls, d);
+            g_source_attach(d->source, NULL);
         }
     }
     g_mutex_unlock(&w->lock);
@@ -175,6 +192,18 @@ void extlockd_state_writer_free(ExtlockdStateWriter *w)
     g_cond_broadcast(&w->cond);
     g_mutex_unlock(&w->lock);
     g_thread_join(w->thread);
+    /*
+     * Completions not dispatched yet would run after we are gone (found by
+     * fuzz-dispatch, which frees a server per input): cancel them.  Both
+     * this and their dispatch run in the main thread.
+     */
+    while (w->calls) {
+        DoneCall *d = w->calls->data;
+
+        w->calls = g_list_delete_link(w->calls, w->calls);
+        g_source_destroy(d->source);
+        done_call_free(d);
+    }
     g_free(w->pending);
     g_mutex_clear(&w->lock);
     g_cond_clear(&w->cond);

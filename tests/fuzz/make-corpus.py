@@ -30,7 +30,7 @@ for line in lines:
     write('fuzz-protocol', 'doc-%02d' % n, line)
     n += 1
 extra = [
-    '{"type":"hello","id":1,"version":1,"client-id":"hostA/disk0",'
+    '{"type":"hello","id":1,"version":2,"client-id":"hostA/disk0",'
     '"lock-space":"disk","lease-ms":10000,"session":'
     '"0123456789abcdef0123456789abcdef"}',
     '{"type":"lock","id":7,"offset":4096,"length":4096,"mode":"exclusive",'
@@ -39,7 +39,7 @@ extra = [
     '"token":5497558138881}',
     '{"type":"reclaim-done","id":4}',
     '{"type":"downgrade","id":5,"lock":2}',
-    '{"type":"welcome","id":1,"version":1,"session":'
+    '{"type":"welcome","id":1,"version":2,"session":'
     '"0123456789abcdef0123456789abcdef","lease-ms":1000,"epoch":6,'
     '"server":"extlockd 0.1.0","reclaim":true,"grace-remaining-ms":900,'
     '"locks":[{"lock":1,"offset":0,"length":4096,"mode":"exclusive",'
@@ -64,7 +64,7 @@ for i, line in enumerate(extra):
     write('fuzz-protocol', 'extra-%02d' % i, line)
 
 # --- fuzz-dispatch: scripted sessions --------------------------------------
-HELLO = ('{"type":"hello","id":1,"version":1,"client-id":"%s",'
+HELLO = ('{"type":"hello","id":1,"version":2,"client-id":"%s",'
          '"lock-space":"%s"%s}')
 
 
@@ -188,7 +188,7 @@ sessions = {
         '0:{"type":"welcome","id":3}',
         '0:{"type":"frobnicate","id":4}',
         '0:' + hello('hostA/disk0', 'disk', ',"version":2'),
-        '0+{"type":"hello","id":5,"version":1,',
+        '0+{"type":"hello","id":5,"version":2,',
         '0:"client-id":"a","lock-space":"disk"}',
         '0:' + lock(6, 18446744073709551615, 1, 'shared'),
         '0:{"type":"unlock","id":7,"lock":99}',
