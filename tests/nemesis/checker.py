@@ -106,7 +106,8 @@ class History:
         return w if st > after else None
 
 
-def check_observation(hist, sectors, first, seen, r_start, r_end, what, kind_torn):
+def check_observation(hist, sectors, first, seen, r_start, r_end, what, kind_torn,
+                      r_exec=None):
     """Check one read (or the final image): sectors first..first+len(seen)."""
     out = []
     by_write = {}
@@ -151,7 +152,11 @@ def check_observation(hist, sectors, first, seen, r_start, r_end, what, kind_tor
     torn = []
     for key, secs in by_write.items():
         w = hist.writes[key]
-        partial_ok = hist.fail_time(w) < r_start
+        # a write of a host that failed (died or was fenced) before the read
+        # reached the storage may be partly there: storage is not atomic
+        # across a crash.  r_exec: when the read's first READ reached the
+        # storage (it may have waited long for its lock), else its start.
+        partial_ok = hist.fail_time(w) < (r_exec if r_exec is not None else r_start)
         for s in range(max(lo, w["first"]), min(hi, w["first"] + w["n"])):
             v = shown[s]
             if v == key:
@@ -169,7 +174,7 @@ def check_observation(hist, sectors, first, seen, r_start, r_end, what, kind_tor
                     continue
                 o = hist.writes[other]
                 if o["first"] <= s < o["first"] + o["n"] and \
-                        hist.fail_time(o) >= r_start:
+                        hist.fail_time(o) >= (r_exec if r_exec is not None else r_start):
                     edges[other].add(key)
     for key, s, v in torn:
         out.append({"kind": kind_torn, "what": what, "sector": s,
@@ -350,11 +355,30 @@ def check_all(ops, final_seen, region_first, failures, storage, incarnations,
               events=None, granularity=4096, late_ns=0):
     hist = History(ops, failures)
     violations = []
+    # READ RPCs of each host by the time they reached the storage
+    reads_at = {}
+    for host, log in (storage or {}).items():
+        rs = sorted((e["fwd"], e["offset"], e["count"]) for e in log
+                    if e.get("event") == "read" and e.get("fwd") is not None)
+        reads_at[host] = ([r[0] for r in rs], rs)
+
+    def reached_storage(op):
+        keys, rs = reads_at.get(op.get("host"), ([], []))
+        lo, hi = op["first"] * 512, (op["first"] + op["n"]) * 512
+        for i in range(bisect.bisect_left(keys, op["start"]), len(rs)):
+            fwd, off, cnt = rs[i]
+            if fwd > op["end"]:
+                break
+            if off < hi and off + cnt > lo:
+                return fwd
+        return None
+
     for op in ops:
         if op["op"] == "read" and op["status"] == "ok":
             violations += check_observation(
                 hist, None, op["first"], op["seen"], op["start"], op["end"],
-                f"read by {op['writer']} of extent {op['ext']}", "torn-read")
+                f"read by {op['writer']} of extent {op['ext']}", "torn-read",
+                r_exec=reached_storage(op))
     # the final image, extent by extent (each extent as one observation)
     extents = sorted({(op["ext"], op["first"], op["n"]) for op in ops})
     for ext, first, n in extents:
