@@ -70,16 +70,16 @@
 /* overlapping locks looked at per waiter for "blocked-by" in status */
 #define STATUS_BLOCKER_VISITS   256
 #define LISTEN_PAUSE_MS     100         /* after EMFILE and friends */
-#define REFUSAL_LOG_BURST   20          /* log_refusal() lines a second */
+#define REFUSAL_LOG_BURST   20  /* server_log_refusal() lines a second */
 
-#define VERBOSE(s, ...) \
+#define VERBOSE(server, ...) \
     do { \
-        if ((s)->cfg.verbose) { \
+        if ((server)->cfg.verbose) { \
             g_debug(__VA_ARGS__); \
         } \
     } while (0)
 
-typedef struct ExtlockdSpace ExtlockdSpace;
+typedef struct ExtlockdLockSpace ExtlockdLockSpace;
 typedef struct ExtlockdSession ExtlockdSession;
 typedef struct ExtlockdConn ExtlockdConn;
 typedef struct ExtlockdListener ExtlockdListener;
@@ -96,7 +96,7 @@ static const char *const session_state_names[] = {
     [SESSION_EXPIRED] = "expired",
 };
 
-struct ExtlockdSpace {
+struct ExtlockdLockSpace {
     ExtlockdServer *server;
     char *name;
     ExtlockTable *table;
@@ -116,7 +116,7 @@ struct ExtlockdSpace {
     /*
      * With a fence agent, the grace period ends only once the listed
      * sessions whose client never came back are fenced: their extents are
-     * unknown, so nothing may be granted before (see space_end_grace)
+     * unknown, so nothing may be granted before (see lockspace_end_grace)
      */
     GQueue grace_fenced;         /* such sessions, via their reclaim_link */
     unsigned grace_fence_pending;    /* ... not fenced yet */
@@ -150,7 +150,7 @@ struct ExtlockdSession {
     GList link;                  /* in server->session_list */
     char id[33];
     char *client_id;
-    ExtlockdSpace *space;
+    ExtlockdLockSpace *space;
     ExtlockdConn *conn;          /* NULL unless SESSION_ACTIVE */
     ExtlockdSessionState state;
     uint32_t lease_ms;
@@ -290,7 +290,7 @@ struct ExtlockdServer {
     /* State file writes (state-writer.h) and the welcomes waiting on them */
     ExtlockdStateWriter *writer;
     GQueue welcomes;             /* DeferredWelcome, in generation order */
-    /* log_refusal(): lines in the current second, and those left out */
+    /* server_log_refusal(): lines in the current second, and those left out */
     int64_t refusal_window_us;
     unsigned refusal_lines;
     uint64_t refusals_unlogged;
@@ -310,34 +310,35 @@ typedef struct DeferredWelcome {
     char old_sha256[65];         /* reclaim: restored if the write fails */
 } DeferredWelcome;
 
-static void conn_destroy(ExtlockdConn *c);
-static void conn_close_after_flush(ExtlockdConn *c);
-static void server_schedule(ExtlockdServer *s, int64_t when_us);
-static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp);
-static void space_end_grace(ExtlockdSpace *space, bool timeout);
-static uint64_t save_state_async(ExtlockdServer *s);
+static void conn_destroy(ExtlockdConn *conn);
+static void conn_close_after_flush(ExtlockdConn *conn);
+static void server_schedule(ExtlockdServer *server, int64_t when_us);
+static bool server_save_state(ExtlockdServer *server, uint64_t epoch,
+                              GError **errp);
+static void lockspace_end_grace(ExtlockdLockSpace *space, bool timeout);
+static uint64_t server_save_state_async(ExtlockdServer *server);
 
 /* ------------------------------------------------------------------ */
 /* Tokens                                                              */
 
-static bool next_token(ExtlockdServer *s, uint64_t *token)
+static bool server_next_token(ExtlockdServer *server, uint64_t *token)
 {
-    if (s->counter >= EXTLOCKD_COUNTER_LIMIT) {
+    if (server->counter >= EXTLOCKD_COUNTER_LIMIT) {
         g_autoptr(GError) err = NULL;
-        uint64_t epoch = s->epoch + 1;
+        uint64_t epoch = server->epoch + 1;
 
-        if (!save_state(s, epoch, &err)) {
+        if (!server_save_state(server, epoch, &err)) {
             g_warning("token counter of epoch %" PRIu64 " is exhausted and "
                       "the new epoch cannot be persisted: %s",
-                      s->epoch, err->message);
+                      server->epoch, err->message);
             return false;
         }
         g_message("token counter of epoch %" PRIu64 " exhausted; "
-                  "now in epoch %" PRIu64, s->epoch, epoch);
-        s->epoch = epoch;
-        s->counter = 1;
+                  "now in epoch %" PRIu64, server->epoch, epoch);
+        server->epoch = epoch;
+        server->counter = 1;
     }
-    *token = (s->epoch << EXTLOCKD_COUNTER_BITS) | s->counter++;
+    *token = (server->epoch << EXTLOCKD_COUNTER_BITS) | server->counter++;
     return true;
 }
 
@@ -345,15 +346,16 @@ static bool next_token(ExtlockdServer *s, uint64_t *token)
 /* Event log (event-log.h)                                             */
 
 /* @event for @lock of its owner; @part: the released part, or NULL */
-static void log_lock(ExtlockdServer *s, const char *event, ExtlockLock *lock,
-                     const ExtlockExtent *part)
+static void lockspace_log_lock(ExtlockdServer *server, const char *event,
+                               ExtlockLock *lock,
+                               const ExtlockExtent *part)
 {
-    ExtlockdSession *S = lock->owner;
+    ExtlockdSession *session = lock->owner;
     ExtlockdEvent ev = {
         .event = event,
-        .lock_space = S->space->name,
-        .client_id = S->client_id,
-        .session = S->id,
+        .lock_space = session->space->name,
+        .client_id = session->client_id,
+        .session = session->id,
         .has_lock = true,
         .lock = lock->id,
         .token = lock->token,
@@ -363,47 +365,48 @@ static void log_lock(ExtlockdServer *s, const char *event, ExtlockLock *lock,
         .mode = lock->mode,
     };
 
-    if (s->event_log) {
-        extlockd_event_log_write(s->event_log, &ev);
+    if (server->event_log) {
+        extlockd_event_log_write(server->event_log, &ev);
     }
 }
 
-static void log_session(ExtlockdSession *S, const char *event,
-                        const char *message)
+static void session_log_event(ExtlockdSession *session, const char *event,
+                              const char *message)
 {
     ExtlockdEvent ev = {
         .event = event,
-        .lock_space = S->space->name,
-        .client_id = S->client_id,
-        .session = S->id,
+        .lock_space = session->space->name,
+        .client_id = session->client_id,
+        .session = session->id,
         .message = message,
     };
 
-    if (S->server->event_log) {
-        extlockd_event_log_write(S->server->event_log, &ev);
+    if (session->server->event_log) {
+        extlockd_event_log_write(session->server->event_log, &ev);
     }
 }
 
 /* ------------------------------------------------------------------ */
 /* Output                                                              */
 
-static GString *conn_out(ExtlockdConn *c)
+static GString *conn_out(ExtlockdConn *conn)
 {
-    if (!c->dirty) {
-        c->dirty = true;
-        g_queue_push_tail_link(&c->server->dirty, &c->dirty_link);
+    if (!conn->dirty) {
+        conn->dirty = true;
+        g_queue_push_tail_link(&conn->server->dirty, &conn->dirty_link);
     }
-    return c->out;
+    return conn->out;
 }
 
-static void send_msg(ExtlockdConn *c, const ExtlockMsg *msg)
+static void conn_send_msg(ExtlockdConn *conn, const ExtlockMsg *msg)
 {
-    extlock_msg_format(msg, conn_out(c));
+    extlock_msg_format(msg, conn_out(conn));
 }
 
 static void G_GNUC_PRINTF(5, 6)
-send_error(ExtlockdConn *c, bool has_id, uint64_t id, ExtlockErrorCode code,
-           const char *fmt, ...)
+conn_send_error(ExtlockdConn *conn, bool has_id, uint64_t id,
+                ExtlockErrorCode code,
+                const char *fmt, ...)
 {
     g_autofree char *text = NULL;
     va_list ap;
@@ -411,10 +414,10 @@ send_error(ExtlockdConn *c, bool has_id, uint64_t id, ExtlockErrorCode code,
     va_start(ap, fmt);
     text = g_strdup_vprintf(fmt, ap);
     va_end(ap);
-    c->server->nerrors++;
-    VERBOSE(c->server, "%s: error %s: %s", c->peer,
+    conn->server->nerrors++;
+    VERBOSE(conn->server, "%s: error %s: %s", conn->peer,
             extlock_error_code_name(code), text);
-    extlock_format_error(conn_out(c), has_id, id, code, "%s", text);
+    extlock_format_error(conn_out(conn), has_id, id, code, "%s", text);
 }
 
 /*
@@ -424,81 +427,81 @@ send_error(ExtlockdConn *c, bool has_id, uint64_t id, ExtlockErrorCode code,
  * next line logged says how many were left out
  */
 static void G_GNUC_PRINTF(2, 3)
-log_refusal(ExtlockdServer *s, const char *fmt, ...)
+server_log_refusal(ExtlockdServer *server, const char *fmt, ...)
 {
     int64_t now = g_get_monotonic_time();
     g_autofree char *text = NULL;
     va_list ap;
 
-    if (now - s->refusal_window_us >= G_USEC_PER_SEC) {
-        s->refusal_window_us = now;
-        s->refusal_lines = 0;
+    if (now - server->refusal_window_us >= G_USEC_PER_SEC) {
+        server->refusal_window_us = now;
+        server->refusal_lines = 0;
     }
-    if (s->refusal_lines >= REFUSAL_LOG_BURST) {
-        s->refusals_unlogged++;
+    if (server->refusal_lines >= REFUSAL_LOG_BURST) {
+        server->refusals_unlogged++;
         return;
     }
-    s->refusal_lines++;
+    server->refusal_lines++;
     va_start(ap, fmt);
     text = g_strdup_vprintf(fmt, ap);
     va_end(ap);
-    if (s->refusals_unlogged) {
+    if (server->refusals_unlogged) {
         g_warning("%s (%" PRIu64 " similar refusals not logged before "
-                  "this one)", text, s->refusals_unlogged);
-        s->refusals_unlogged = 0;
+                  "this one)", text, server->refusals_unlogged);
+        server->refusals_unlogged = 0;
     } else {
         g_warning("%s", text);
     }
 }
 
-static void conn_set_events(ExtlockdConn *c, GIOCondition events)
+static void conn_set_events(ExtlockdConn *conn, GIOCondition events)
 {
-    if (c->events != events) {
-        c->events = events;
-        g_source_modify_unix_fd(c->source, c->tag, events);
+    if (conn->events != events) {
+        conn->events = events;
+        g_source_modify_unix_fd(conn->source, conn->tag, events);
     }
 }
 
 /* Plain or TLS I/O on the connection's non-blocking socket */
-static ssize_t conn_sys_send(ExtlockdConn *c, const void *buf, size_t len)
+static ssize_t conn_sys_send(ExtlockdConn *conn, const void *buf, size_t len)
 {
-    if (c->tls) {
-        return extlockd_tls_send(c->tls, buf, len);
+    if (conn->tls) {
+        return extlockd_tls_send(conn->tls, buf, len);
     }
-    return send(c->fd, buf, len, MSG_NOSIGNAL);
+    return send(conn->fd, buf, len, MSG_NOSIGNAL);
 }
 
-static ssize_t conn_sys_recv(ExtlockdConn *c, void *buf, size_t len)
+static ssize_t conn_sys_recv(ExtlockdConn *conn, void *buf, size_t len)
 {
-    if (c->tls) {
-        return extlockd_tls_recv(c->tls, buf, len);
+    if (conn->tls) {
+        return extlockd_tls_recv(conn->tls, buf, len);
     }
-    return recv(c->fd, buf, len, 0);
+    return recv(conn->fd, buf, len, 0);
 }
 
 /*
  * Records GnuTLS has decrypted already are invisible to poll(): make the
  * source dispatch again if the connection wants input
  */
-static void conn_kick_tls(ExtlockdConn *c)
+static void conn_kick_tls(ExtlockdConn *conn)
 {
-    if (c->tls && !c->handshaking && (c->events & G_IO_IN) &&
-        extlockd_tls_pending(c->tls)) {
-        g_source_set_ready_time(c->source, 0);
+    if (conn->tls && !conn->handshaking && (conn->events & G_IO_IN) &&
+        extlockd_tls_pending(conn->tls)) {
+        g_source_set_ready_time(conn->source, 0);
     }
 }
 
 /* Returns false if the connection was destroyed */
-static bool conn_flush(ExtlockdConn *c)
+static bool conn_flush(ExtlockdConn *conn)
 {
     size_t pending;
     GIOCondition events;
 
-    while (c->out_pos < c->out->len) {
-        ssize_t n = conn_sys_send(c, c->out->str + c->out_pos,
-                                  c->out->len - c->out_pos);
+    while (conn->out_pos < conn->out->len) {
+        ssize_t n = conn_sys_send(conn, conn->out->str + conn->out_pos,
+                                  conn->out->len - conn->out_pos);
         if (n > 0) {
-            c->out_pos += n;
+            conn->out_pos += n;
             continue;
         }
         if (n < 0 && errno == EINTR) {
@@ -507,89 +510,89 @@ static bool conn_flush(ExtlockdConn *c)
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             break;
         }
-        VERBOSE(c->server, "%s: write failed: %s", c->peer,
-                n < 0 ? (c->tls ? extlockd_tls_error(c->tls) :
+        VERBOSE(conn->server, "%s: write failed: %s", conn->peer,
+                n < 0 ? (conn->tls ? extlockd_tls_error(conn->tls) :
                          g_strerror(errno)) : "no progress");
-        conn_destroy(c);
+        conn_destroy(conn);
         return false;
     }
 
-    if (c->out_pos == c->out->len) {
-        g_string_truncate(c->out, 0);
-        c->out_pos = 0;
-        c->out_allowance = 0;
-        if (c->closing) {
-            conn_destroy(c);
+    if (conn->out_pos == conn->out->len) {
+        g_string_truncate(conn->out, 0);
+        conn->out_pos = 0;
+        conn->out_allowance = 0;
+        if (conn->closing) {
+            conn_destroy(conn);
             return false;
         }
-        if (!c->handshaking) {
-            conn_set_events(c, c->awaiting_state ? 0 : G_IO_IN);
-            conn_kick_tls(c);
+        if (!conn->handshaking) {
+            conn_set_events(conn, conn->awaiting_state ? 0 : G_IO_IN);
+            conn_kick_tls(conn);
         }
         return true;
     }
 
-    pending = c->out->len - c->out_pos;
-    if (pending > EXTLOCKD_MAX_OUTPUT + c->out_allowance) {
+    pending = conn->out->len - conn->out_pos;
+    if (pending > EXTLOCKD_MAX_OUTPUT + conn->out_allowance) {
         g_warning("disconnecting %s: it does not read its replies "
-                  "(%zu bytes pending)", c->peer, pending);
-        conn_destroy(c);
+                  "(%zu bytes pending)", conn->peer, pending);
+        conn_destroy(conn);
         return false;
     }
-    if (c->out_pos >= READ_CHUNK && c->out_pos >= c->out->len / 2) {
-        g_string_erase(c->out, 0, c->out_pos);
-        c->out_pos = 0;
+    if (conn->out_pos >= READ_CHUNK && conn->out_pos >= conn->out->len / 2) {
+        g_string_erase(conn->out, 0, conn->out_pos);
+        conn->out_pos = 0;
     }
     events = G_IO_OUT;
-    if (!c->closing && !c->awaiting_state &&
+    if (!conn->closing && !conn->awaiting_state &&
         pending < BACKPRESSURE_OUTPUT) {
         events |= G_IO_IN;
     }
-    conn_set_events(c, events);
-    conn_kick_tls(c);
+    conn_set_events(conn, events);
+    conn_kick_tls(conn);
     return true;
 }
 
-static void flush_all(ExtlockdServer *s)
+static void conn_flush_all(ExtlockdServer *server)
 {
     GList *link;
 
-    while ((link = g_queue_pop_head_link(&s->dirty)) != NULL) {
-        ExtlockdConn *c = link->data;
+    while ((link = g_queue_pop_head_link(&server->dirty)) != NULL) {
+        ExtlockdConn *conn = link->data;
 
-        c->dirty = false;
-        conn_flush(c);
+        conn->dirty = false;
+        conn_flush(conn);
     }
 }
 
 /* ------------------------------------------------------------------ */
 /* Lock-spaces                                                         */
 
-static guint waiting_hash(gconstpointer p)
+static guint session_waiting_hash(gconstpointer p)
 {
     uint64_t tag = ((const ExtlockLock *)p)->user_tag;
 
     return (guint)(tag ^ (tag >> 32));
 }
 
-static gboolean waiting_equal(gconstpointer a, gconstpointer b)
+static gboolean session_waiting_equal(gconstpointer a, gconstpointer b)
 {
     return ((const ExtlockLock *)a)->user_tag ==
            ((const ExtlockLock *)b)->user_tag;
 }
 
-static ExtlockLock *session_find_waiting(ExtlockdSession *S, uint64_t req)
+static ExtlockLock *session_find_waiting(ExtlockdSession *session, uint64_t req)
 {
     ExtlockLock key;
 
-    if (g_hash_table_size(S->waiting) == 0) {
+    if (g_hash_table_size(session->waiting) == 0) {
         return NULL;
     }
     key.user_tag = req;
-    return g_hash_table_lookup(S->waiting, &key);
+    return g_hash_table_lookup(session->waiting, &key);
 }
 
-static void format_granted(ExtlockdConn *c, ExtlockLock *lock)
+static void lockspace_send_granted(ExtlockdConn *conn, ExtlockLock *lock)
 {
     ExtlockMsg r;
 
@@ -601,7 +604,7 @@ static void format_granted(ExtlockdConn *c, ExtlockLock *lock)
     r.offset = lock->node.ext.start;
     r.length = lock->node.ext.end - lock->node.ext.start;
     r.mode = lock->mode;
-    send_msg(c, &r);
+    conn_send_msg(conn, &r);
 }
 
 /*
@@ -609,30 +612,30 @@ static void format_granted(ExtlockdConn *c, ExtlockLock *lock)
  *
  * Every (held lock, conflicting waiting request) pair gets one revoke,
  * sent by whichever of the two events comes second: the request is
- * queued while the lock is held (revoke_holder_cb), or the lock is
- * granted while the request waits (revoke_waiter_cb).  A lock split off
- * by a partial unlock counts as newly granted; a resumed session gets
- * the revokes for its locks again, as they may have been lost with its
- * old connection.
+ * queued while the lock is held (lockspace_revoke_holder_cb), or the
+ * lock is granted while the request waits (lockspace_revoke_waiter_cb).
+ * A lock split off by a partial unlock counts as newly granted; a resumed
+ * session gets the revokes for its locks again, as they may have been
+ * lost with its old connection.
  */
 
-static bool session_wants_revokes(ExtlockdSession *S)
+static bool session_wants_revokes(ExtlockdSession *session)
 {
-    return S->revocable && S->conn && !S->releasing;
+    return session->revocable && session->conn && !session->releasing;
 }
 
-static void session_set_revocable(ExtlockdSession *S)
+static void session_set_revocable(ExtlockdSession *session)
 {
-    if (!S->revocable) {
-        S->revocable = true;
-        S->space->nrevocable++;
+    if (!session->revocable) {
+        session->revocable = true;
+        session->space->nrevocable++;
     }
 }
 
 /* Tell the holder of @held that @waiter waits for it */
-static void send_revoke(ExtlockLock *held, ExtlockLock *waiter)
+static void lockspace_send_revoke(ExtlockLock *held, ExtlockLock *waiter)
 {
-    ExtlockdSession *S = held->owner;
+    ExtlockdSession *session = held->owner;
     ExtlockMsg r;
 
     extlock_msg_init(&r, EXTLOCK_MSG_REVOKE);
@@ -641,50 +644,51 @@ static void send_revoke(ExtlockLock *held, ExtlockLock *waiter)
     r.length = MIN(held->node.ext.end, waiter->node.ext.end) - r.offset;
     r.mode = waiter->mode;
     r.token = waiter->token;
-    send_msg(S->conn, &r);
-    S->space->revokes_sent++;
+    conn_send_msg(session->conn, &r);
+    session->space->revokes_sent++;
 }
 
 /* foreach_conflict of a newly queued request @opaque */
-static void revoke_holder_cb(ExtlockLock *other, void *opaque)
+static void lockspace_revoke_holder_cb(ExtlockLock *other, void *opaque)
 {
     if (other->state == EXTLOCK_LOCK_GRANTED &&
         session_wants_revokes(other->owner)) {
-        send_revoke(other, opaque);
+        lockspace_send_revoke(other, opaque);
     }
 }
 
 /* foreach_conflict of a newly granted lock @opaque */
-static void revoke_waiter_cb(ExtlockLock *other, void *opaque)
+static void lockspace_revoke_waiter_cb(ExtlockLock *other, void *opaque)
 {
     ExtlockLock *held = opaque;
 
     if (other->state == EXTLOCK_LOCK_WAITING && other->token > held->token) {
-        send_revoke(held, other);
+        lockspace_send_revoke(held, other);
     }
 }
 
 /* @lock was just granted (or split off): revoke it for later waiters */
-static void revoke_new_lock(ExtlockTable *table, ExtlockLock *lock)
+static void lockspace_revoke_new_lock(ExtlockTable *table, ExtlockLock *lock)
 {
     if (session_wants_revokes(lock->owner)) {
-        extlock_table_foreach_conflict(table, lock, revoke_waiter_cb, lock);
+        extlock_table_foreach_conflict(table, lock, lockspace_revoke_waiter_cb,
+                                       lock);
     }
 }
 
-/* Send again the revokes for every lock @S holds */
-static void session_resend_revokes(ExtlockdSession *S)
+/* Send again the revokes for every lock @session holds */
+static void lockspace_resend_revokes(ExtlockdSession *session)
 {
     GHashTableIter iter;
     gpointer key;
 
-    if (!session_wants_revokes(S)) {
+    if (!session_wants_revokes(session)) {
         return;
     }
-    g_hash_table_iter_init(&iter, S->held);
+    g_hash_table_iter_init(&iter, session->held);
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
-        extlock_table_foreach_conflict(S->space->table, key,
-                                       revoke_waiter_cb, key);
+        extlock_table_foreach_conflict(session->space->table, key,
+                                       lockspace_revoke_waiter_cb, key);
     }
 }
 
@@ -692,41 +696,42 @@ static void session_resend_revokes(ExtlockdSession *S)
  * The table granted a request that had been waiting.  The table is
  * consistent again when this is called, and foreach_conflict only reads.
  */
-static void space_grant_cb(ExtlockTable *table, ExtlockLock *lock,
-                           void *opaque)
+static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
+                               void *opaque)
 {
-    ExtlockdSession *S = lock->owner;
+    ExtlockdSession *session = lock->owner;
 
-    if (S->releasing) {
+    if (session->releasing) {
         /* The session is tearing down; this lock is released next */
         return;
     }
-    g_hash_table_remove(S->waiting, lock);
-    g_hash_table_add(S->held, lock);
-    log_lock(S->server, "grant", lock, NULL);
-    if (S->conn) {
-        format_granted(S->conn, lock);
-        revoke_new_lock(table, lock);
+    g_hash_table_remove(session->waiting, lock);
+    g_hash_table_add(session->held, lock);
+    lockspace_log_lock(session->server, "grant", lock, NULL);
+    if (session->conn) {
+        lockspace_send_granted(session->conn, lock);
+        lockspace_revoke_new_lock(table, lock);
     }
 }
 
-static ExtlockdSpace *space_get(ExtlockdServer *s, const char *name)
+static ExtlockdLockSpace *lockspace_get(ExtlockdServer *server,
+                                        const char *name)
 {
-    ExtlockdSpace *space = g_hash_table_lookup(s->spaces, name);
+    ExtlockdLockSpace *space = g_hash_table_lookup(server->spaces, name);
 
     if (!space) {
-        space = g_new0(ExtlockdSpace, 1);
-        space->server = s;
+        space = g_new0(ExtlockdLockSpace, 1);
+        space->server = server;
         space->name = g_strdup(name);
-        space->table = extlock_table_new(name, space_grant_cb, space);
-        extlock_table_set_debug_checks(space->table, s->cfg.debug_checks);
-        g_hash_table_insert(s->spaces, space->name, space);
-        VERBOSE(s, "lock-space %s created", name);
+        space->table = extlock_table_new(name, lockspace_grant_cb, space);
+        extlock_table_set_debug_checks(space->table, server->cfg.debug_checks);
+        g_hash_table_insert(server->spaces, space->name, space);
+        VERBOSE(server, "lock-space %s created", name);
     }
     return space;
 }
 
-static void space_free(ExtlockdSpace *space)
+static void lockspace_free(ExtlockdLockSpace *space)
 {
     GList *l;
 
@@ -744,27 +749,27 @@ static void space_free(ExtlockdSpace *space)
     g_free(space);
 }
 
-static void space_unref(ExtlockdSpace *space)
+static void lockspace_unref(ExtlockdLockSpace *space)
 {
-    ExtlockdServer *s = space->server;
+    ExtlockdServer *server = space->server;
 
     g_assert(space->nsessions > 0);
-    if (--space->nsessions == 0 && !s->shutting_down) {
+    if (--space->nsessions == 0 && !server->shutting_down) {
         const ExtlockTableStats *st = extlock_table_stats(space->table);
 
         /* Every session releases everything before it goes away */
         g_assert(st->held == 0 && st->waiting == 0);
         g_assert(space->deferred.length == 0 && !space->in_grace);
-        VERBOSE(s, "lock-space %s is unused, freeing it", space->name);
-        g_hash_table_remove(s->spaces, space->name);
-        space_free(space);
+        VERBOSE(server, "lock-space %s is unused, freeing it", space->name);
+        g_hash_table_remove(server->spaces, space->name);
+        lockspace_free(space);
     }
 }
 
 /* ------------------------------------------------------------------ */
 /* Sessions                                                            */
 
-static void make_session_id(ExtlockdServer *s, char id[33])
+static void session_make_id(ExtlockdServer *server, char id[33])
 {
     static const char hex[] = "0123456789abcdef";
     uint8_t raw[16];
@@ -781,14 +786,14 @@ static void make_session_id(ExtlockdServer *s, char id[33])
             id[2 * i + 1] = hex[raw[i] & 15];
         }
         id[32] = '\0';
-    } while (g_hash_table_contains(s->sessions, id));
+    } while (g_hash_table_contains(server->sessions, id));
 }
 
 /*
- * A new resume secret for @S: 256 bits from GnuTLS's key-grade generator,
+ * A new resume secret for @session: 256 bits from GnuTLS's key-grade generator,
  * in hex; only its SHA-256 is ever written to the state file
  */
-static bool session_new_secret(ExtlockdSession *S)
+static bool session_new_secret(ExtlockdSession *session)
 {
     static const char hex[] = "0123456789abcdef";
     uint8_t raw[EXTLOCK_SECRET_LEN / 2];
@@ -798,146 +803,153 @@ static bool session_new_secret(ExtlockdSession *S)
         return false;
     }
     for (size_t i = 0; i < sizeof(raw); i++) {
-        S->secret[2 * i] = hex[raw[i] >> 4];
-        S->secret[2 * i + 1] = hex[raw[i] & 15];
+        session->secret[2 * i] = hex[raw[i] >> 4];
+        session->secret[2 * i + 1] = hex[raw[i] & 15];
     }
-    S->secret[EXTLOCK_SECRET_LEN] = '\0';
+    session->secret[EXTLOCK_SECRET_LEN] = '\0';
     explicit_bzero(raw, sizeof(raw));
-    sum = g_compute_checksum_for_string(G_CHECKSUM_SHA256, S->secret, -1);
-    g_strlcpy(S->secret_sha256, sum, sizeof(S->secret_sha256));
+    sum = g_compute_checksum_for_string(G_CHECKSUM_SHA256, session->secret, -1);
+    g_strlcpy(session->secret_sha256, sum, sizeof(session->secret_sha256));
     return true;
 }
 
-/* Does @secret (may be NULL) match @S's?  Compares hashes in constant time */
-static bool session_secret_ok(ExtlockdSession *S, const char *secret)
+/*
+ * Does @secret (may be NULL) match @session's?  Compares hashes in constant
+ * time
+ */
+static bool session_secret_ok(ExtlockdSession *session, const char *secret)
 {
     g_autofree char *sum = NULL;
     unsigned diff = 0;
 
-    if (!secret || !S->secret_sha256[0]) {
+    if (!secret || !session->secret_sha256[0]) {
         return false;
     }
     sum = g_compute_checksum_for_string(G_CHECKSUM_SHA256, secret, -1);
     for (size_t i = 0; i < 64; i++) {
-        diff |= (unsigned char)sum[i] ^ (unsigned char)S->secret_sha256[i];
+        diff |= (unsigned char)sum[i] ^
+                (unsigned char)session->secret_sha256[i];
     }
     return diff == 0;
 }
 
 /* A session with id @id (NULL: a new random one), attached to nothing */
-static ExtlockdSession *session_alloc(ExtlockdServer *s, const char *id,
+static ExtlockdSession *session_alloc(ExtlockdServer *server, const char *id,
                                       const char *client_id,
                                       const char *space_name,
                                       uint32_t lease_ms, int64_t now)
 {
-    ExtlockdSession *S = g_new0(ExtlockdSession, 1);
+    ExtlockdSession *session = g_new0(ExtlockdSession, 1);
 
-    S->server = s;
+    session->server = server;
     if (id) {
-        g_strlcpy(S->id, id, sizeof(S->id));
+        g_strlcpy(session->id, id, sizeof(session->id));
     } else {
-        make_session_id(s, S->id);
+        session_make_id(server, session->id);
     }
-    S->client_id = g_strdup(client_id);
-    S->space = space_get(s, space_name);
-    S->space->nsessions++;
-    S->held = g_hash_table_new(g_direct_hash, g_direct_equal);
-    S->waiting = g_hash_table_new(waiting_hash, waiting_equal);
-    S->state = SESSION_DISCONNECTED;
-    S->lease_ms = lease_ms;
-    S->fence_margin_ms = s->cfg.fence_margin_ms;
-    S->deadline_us = now + (int64_t)lease_ms * 1000;
-    S->link.data = S;
-    S->reclaim_link.data = S;
-    g_queue_push_tail_link(&s->session_list, &S->link);
-    g_hash_table_insert(s->sessions, S->id, S);
-    return S;
+    session->client_id = g_strdup(client_id);
+    session->space = lockspace_get(server, space_name);
+    session->space->nsessions++;
+    session->held = g_hash_table_new(g_direct_hash, g_direct_equal);
+    session->waiting = g_hash_table_new(session_waiting_hash,
+                                        session_waiting_equal);
+    session->state = SESSION_DISCONNECTED;
+    session->lease_ms = lease_ms;
+    session->fence_margin_ms = server->cfg.fence_margin_ms;
+    session->deadline_us = now + (int64_t)lease_ms * 1000;
+    session->link.data = session;
+    session->reclaim_link.data = session;
+    g_queue_push_tail_link(&server->session_list, &session->link);
+    g_hash_table_insert(server->sessions, session->id, session);
+    return session;
 }
 
 /*
- * Attach @S to @c with a fresh lease of @lease_ms.  A session that comes
- * back with a shorter lease than it had keeps its later deadline: its
+ * Attach @session to @conn with a fresh lease of @lease_ms.  A session that
+ * comes back with a shorter lease than it had keeps its later deadline: its
  * client may still be writing under the lease it was given before.
  */
-static void conn_unauth_done(ExtlockdConn *c);
+static void conn_unauth_done(ExtlockdConn *conn);
 
-static void session_attach(ExtlockdSession *S, ExtlockdConn *c,
+static void session_attach(ExtlockdSession *session, ExtlockdConn *conn,
                            uint32_t lease_ms, int64_t now)
 {
-    conn_unauth_done(c);
-    S->conn = c;
-    c->session = S;
-    S->state = SESSION_ACTIVE;
-    S->restored = false;
-    S->lease_ms = lease_ms;
-    S->deadline_us = MAX(S->deadline_us, now + (int64_t)lease_ms * 1000);
-    server_schedule(S->server, S->deadline_us);
+    conn_unauth_done(conn);
+    session->conn = conn;
+    conn->session = session;
+    session->state = SESSION_ACTIVE;
+    session->restored = false;
+    session->lease_ms = lease_ms;
+    session->deadline_us = MAX(session->deadline_us,
+                               now + (int64_t)lease_ms * 1000);
+    server_schedule(session->server, session->deadline_us);
 }
 
 /* Sessions of @identity now (--max-sessions-per-identity) */
-static unsigned identity_sessions(ExtlockdServer *s, const char *identity)
+static unsigned session_count_identity(ExtlockdServer *server,
+                                       const char *identity)
 {
-    return GPOINTER_TO_UINT(g_hash_table_lookup(s->identity_sessions,
+    return GPOINTER_TO_UINT(g_hash_table_lookup(server->identity_sessions,
                                                 identity));
 }
 
-/* @S has its owner: count it */
-static void identity_session_add(ExtlockdSession *S)
+/* @session has its owner: count it */
+static void session_identity_add(ExtlockdSession *session)
 {
-    ExtlockdServer *s = S->server;
+    ExtlockdServer *server = session->server;
     unsigned n;
 
-    if (!S->owner) {
+    if (!session->owner) {
         return;
     }
-    n = identity_sessions(s, S->owner);
-    g_hash_table_insert(s->identity_sessions, g_strdup(S->owner),
+    n = session_count_identity(server, session->owner);
+    g_hash_table_insert(server->identity_sessions, g_strdup(session->owner),
                         GUINT_TO_POINTER(n + 1));
 }
 
-static void identity_session_remove(ExtlockdSession *S)
+static void session_identity_remove(ExtlockdSession *session)
 {
-    ExtlockdServer *s = S->server;
+    ExtlockdServer *server = session->server;
     unsigned n;
 
-    if (!S->owner) {
+    if (!session->owner) {
         return;
     }
-    n = identity_sessions(s, S->owner);
+    n = session_count_identity(server, session->owner);
     g_assert(n > 0);
     if (n == 1) {
-        g_hash_table_remove(s->identity_sessions, S->owner);
+        g_hash_table_remove(server->identity_sessions, session->owner);
     } else {
-        g_hash_table_insert(s->identity_sessions, g_strdup(S->owner),
+        g_hash_table_insert(server->identity_sessions, g_strdup(session->owner),
                             GUINT_TO_POINTER(n - 1));
     }
 }
 
-static void session_free(ExtlockdSession *S)
+static void session_free(ExtlockdSession *session)
 {
-    g_hash_table_destroy(S->held);
-    g_hash_table_destroy(S->waiting);
-    g_free(S->owner);
-    explicit_bzero(S->secret, sizeof(S->secret));
-    g_free(S->client_id);
-    g_free(S);
+    g_hash_table_destroy(session->held);
+    g_hash_table_destroy(session->waiting);
+    g_free(session->owner);
+    explicit_bzero(session->secret, sizeof(session->secret));
+    g_free(session->client_id);
+    g_free(session);
 }
 
 /*
- * @S will not reclaim any more (reclaim-done, bye, lease lapsed); the
+ * @session will not reclaim any more (reclaim-done, bye, lease lapsed); the
  * grace period of its lock-space ends when nobody reclaims any more
  */
-static void session_end_reclaim(ExtlockdSession *S)
+static void session_end_reclaim(ExtlockdSession *session)
 {
-    ExtlockdSpace *space = S->space;
+    ExtlockdLockSpace *space = session->space;
 
-    if (!S->reclaiming) {
+    if (!session->reclaiming) {
         return;
     }
-    S->reclaiming = false;
-    g_queue_unlink(&space->reclaimers, &S->reclaim_link);
+    session->reclaiming = false;
+    g_queue_unlink(&space->reclaimers, &session->reclaim_link);
     if (space->in_grace && space->reclaimers.length == 0) {
-        space_end_grace(space, false);
+        lockspace_end_grace(space, false);
     }
 }
 
@@ -945,45 +957,45 @@ static void session_end_reclaim(ExtlockdSession *S)
  * The session must not hold or wait for anything any more.  Does not
  * rewrite the state file: see session_destroy().
  */
-static void session_destroy_nosave(ExtlockdSession *S)
+static void session_destroy_nosave(ExtlockdSession *session)
 {
-    ExtlockdServer *s = S->server;
+    ExtlockdServer *server = session->server;
 
-    g_assert(g_hash_table_size(S->held) == 0);
-    g_assert(g_hash_table_size(S->waiting) == 0);
-    session_end_reclaim(S);
-    extlockd_fence_cancel(S->fence);
-    S->fence = NULL;
-    if (S->conn) {
-        S->conn->session = NULL;
-        S->conn = NULL;
+    g_assert(g_hash_table_size(session->held) == 0);
+    g_assert(g_hash_table_size(session->waiting) == 0);
+    session_end_reclaim(session);
+    extlockd_fence_cancel(session->fence);
+    session->fence = NULL;
+    if (session->conn) {
+        session->conn->session = NULL;
+        session->conn = NULL;
     }
-    if (S->revocable) {
-        S->space->nrevocable--;
+    if (session->revocable) {
+        session->space->nrevocable--;
     }
-    g_hash_table_remove(s->sessions, S->id);
-    identity_session_remove(S);
-    g_queue_unlink(&s->session_list, &S->link);
-    space_unref(S->space);
-    session_free(S);
+    g_hash_table_remove(server->sessions, session->id);
+    session_identity_remove(session);
+    g_queue_unlink(&server->session_list, &session->link);
+    lockspace_unref(session->space);
+    session_free(session);
 }
 
 /* Record the current sessions in the state file, or complain */
-static void save_state_or_warn(ExtlockdServer *s)
+static void server_save_state_or_warn(ExtlockdServer *server)
 {
     /* A session gone from the file only matters after a crash */
-    save_state_async(s);
+    server_save_state_async(server);
 }
 
-static void session_destroy(ExtlockdSession *S)
+static void session_destroy(ExtlockdSession *session)
 {
-    ExtlockdServer *s = S->server;
+    ExtlockdServer *server = session->server;
 
-    session_destroy_nosave(S);
-    save_state_or_warn(s);
+    session_destroy_nosave(session);
+    server_save_state_or_warn(server);
 }
 
-static GPtrArray *take_all(GHashTable *set, GPtrArray *into)
+static GPtrArray *session_take_all(GHashTable *set, GPtrArray *into)
 {
     GHashTableIter iter;
     gpointer key;
@@ -996,15 +1008,15 @@ static GPtrArray *take_all(GHashTable *set, GPtrArray *into)
     return into;
 }
 
-static bool lock_is_deferred(const ExtlockLock *lock)
+static bool lockspace_lock_is_deferred(const ExtlockLock *lock)
 {
     return lock->id == 0;
 }
 
 /* Cancel a waiting request (in the table or deferred) */
-static void waiter_cancel(ExtlockdSpace *space, ExtlockLock *lock)
+static void lockspace_cancel_waiter(ExtlockdLockSpace *space, ExtlockLock *lock)
 {
-    if (lock_is_deferred(lock)) {
+    if (lockspace_lock_is_deferred(lock)) {
         DeferredReq *d = (DeferredReq *)lock;
 
         g_queue_unlink(&space->deferred, &d->link);
@@ -1015,232 +1027,239 @@ static void waiter_cancel(ExtlockdSpace *space, ExtlockLock *lock)
 }
 
 /*
- * Cancel every waiting request of @S and, if @held too, release every lock
- * it holds.  Releases may grant other sessions' requests (grant_cb); while
- * @S is releasing, grants of its own requests are ignored, and such locks
- * are released later in the same loop because they are in the array.
- * Returns the number of granted locks released.
+ * Cancel every waiting request of @session and, if @held too, release every
+ * lock it holds.  Releases may grant other sessions' requests (grant_cb);
+ * while @session is releasing, grants of its own requests are ignored, and
+ * such locks are released later in the same loop because they are in the
+ * array. Returns the number of granted locks released.
  */
-static unsigned session_release(ExtlockdSession *S, bool held)
+static unsigned session_release(ExtlockdSession *session, bool held)
 {
-    ExtlockTable *table = S->space->table;
+    ExtlockTable *table = session->space->table;
     g_autoptr(GPtrArray) waiters = g_ptr_array_new();
     g_autoptr(GPtrArray) locks = g_ptr_array_new();
 
-    take_all(S->waiting, waiters);
+    session_take_all(session->waiting, waiters);
     if (held) {
-        take_all(S->held, locks);
+        session_take_all(session->held, locks);
     }
     if (waiters->len == 0 && locks->len == 0) {
         return 0;
     }
-    S->releasing = true;
+    session->releasing = true;
     for (guint i = 0; i < waiters->len; i++) {
-        waiter_cancel(S->space, waiters->pdata[i]);
+        lockspace_cancel_waiter(session->space, waiters->pdata[i]);
     }
     for (guint i = 0; i < locks->len; i++) {
-        log_lock(S->server, "release", locks->pdata[i], NULL);
+        lockspace_log_lock(session->server, "release", locks->pdata[i], NULL);
         extlock_table_release(table, locks->pdata[i]);
     }
-    S->releasing = false;
+    session->releasing = false;
     return locks->len;
 }
 
 /* The session's connection dropped without "bye" */
-static void session_detach(ExtlockdSession *S)
+static void session_detach(ExtlockdSession *session)
 {
-    ExtlockdServer *s = S->server;
+    ExtlockdServer *server = session->server;
     int64_t now = g_get_monotonic_time();
-    int64_t release_us = S->deadline_us + s->cfg.fence_margin_ms * 1000LL;
+    int64_t release_us = session->deadline_us +
+                         server->cfg.fence_margin_ms * 1000LL;
 
-    g_assert(S->state == SESSION_ACTIVE);
-    session_release(S, false);
-    S->conn->session = NULL;
-    S->conn = NULL;
-    S->state = SESSION_DISCONNECTED;
+    g_assert(session->state == SESSION_ACTIVE);
+    session_release(session, false);
+    session->conn->session = NULL;
+    session->conn = NULL;
+    session->state = SESSION_DISCONNECTED;
     g_message("session %s (%s, lock-space %s) lost its connection; "
               "%u locks kept, released in %" PRId64 " ms unless resumed",
-              S->id, S->client_id, S->space->name,
-              g_hash_table_size(S->held),
+              session->id, session->client_id, session->space->name,
+              g_hash_table_size(session->held),
               MAX(release_us - now, 0) / 1000);
-    server_schedule(s, S->deadline_us);
+    server_schedule(server, session->deadline_us);
 }
 
 /* ------------------------------------------------------------------ */
 /* Fencing an expired session (fence.h)                                */
 
-static void fence_waiter_cb(ExtlockLock *other, void *opaque)
+static void session_fence_waiter_cb(ExtlockLock *other, void *opaque)
 {
     GHashTable *set = opaque;
-    ExtlockdSession *W = other->owner;
+    ExtlockdSession *waiter = other->owner;
 
-    if (other->state == EXTLOCK_LOCK_WAITING && W->conn) {
-        g_hash_table_add(set, W);
+    if (other->state == EXTLOCK_LOCK_WAITING && waiter->conn) {
+        g_hash_table_add(set, waiter);
     }
 }
 
 /*
  * Tell every session with a request waiting behind a lock of the expired
- * session @S how its fencing goes (fence-status)
+ * session @session how its fencing goes (fence-status)
  */
-static void fence_notify(ExtlockdSession *S, ExtlockFenceResult result,
-                         const char *message)
+static void session_fence_notify(ExtlockdSession *session,
+                                 ExtlockFenceResult result,
+                                 const char *message)
 {
     g_autoptr(GHashTable) waiters = g_hash_table_new(NULL, NULL);
     GHashTableIter iter;
     gpointer key;
     ExtlockMsg r;
 
-    g_hash_table_iter_init(&iter, S->held);
+    g_hash_table_iter_init(&iter, session->held);
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
-        extlock_table_foreach_conflict(S->space->table, key,
-                                       fence_waiter_cb, waiters);
+        extlock_table_foreach_conflict(session->space->table, key,
+                                       session_fence_waiter_cb, waiters);
     }
-    if (S->grace_fenced) {
+    if (session->grace_fenced) {
         /* Its extents are unknown: everybody deferred waits for it */
-        for (GList *l = S->space->deferred.head; l; l = l->next) {
-            ExtlockdSession *W = ((DeferredReq *)l->data)->lock.owner;
+        for (GList *l = session->space->deferred.head; l; l = l->next) {
+            ExtlockdSession *waiter = ((DeferredReq *)l->data)->lock.owner;
 
-            if (W->conn) {
-                g_hash_table_add(waiters, W);
+            if (waiter->conn) {
+                g_hash_table_add(waiters, waiter);
             }
         }
     }
-    g_hash_table_remove(waiters, S);
+    g_hash_table_remove(waiters, session);
     extlock_msg_init(&r, EXTLOCK_MSG_FENCE_STATUS);
-    r.lock_space = S->space->name;
-    r.client_id = S->client_id;
-    r.session_client = S->client_id;
-    r.session = S->id;
+    r.lock_space = session->space->name;
+    r.client_id = session->client_id;
+    r.session_client = session->client_id;
+    r.session = session->id;
     r.fence_result = result;
     r.message = (char *)message;
     g_hash_table_iter_init(&iter, waiters);
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
-        send_msg(((ExtlockdSession *)key)->conn, &r);
+        conn_send_msg(((ExtlockdSession *)key)->conn, &r);
     }
 }
 
-static void check_deadlines(ExtlockdServer *s);
+static void server_check_deadlines(ExtlockdServer *server);
 
 static void session_fence_cb(ExtlockdFence *f, ExtlockdFenceState state,
                              const char *message, void *opaque)
 {
-    ExtlockdSession *S = opaque;
-    ExtlockdServer *s = S->server;
-    const char *agent = extlockd_fencer_agent(s->fencer);
+    ExtlockdSession *session = opaque;
+    ExtlockdServer *server = session->server;
+    const char *agent = extlockd_fencer_agent(server->fencer);
 
     switch (state) {
     case EXTLOCKD_FENCE_RUNNING:
         g_message("fence agent %s started again for session %s (%s, "
-                  "lock-space %s), attempt %u", agent, S->id, S->client_id,
-                  S->space->name, extlockd_fence_attempts(f));
-        log_session(S, "fence-start", NULL);
-        fence_notify(S, EXTLOCK_FENCE_STARTED, NULL);
+                  "lock-space %s), attempt %u", agent, session->id,
+                  session->client_id,
+                  session->space->name, extlockd_fence_attempts(f));
+        session_log_event(session, "fence-start", NULL);
+        session_fence_notify(session, EXTLOCK_FENCE_STARTED, NULL);
         break;
     case EXTLOCKD_FENCE_OK:
-        g_message("session %s (%s, lock-space %s) fenced: %s", S->id,
-                  S->client_id, S->space->name, message);
-        S->fence_ok = true;
-        log_session(S, "fence-ok", message);
-        fence_notify(S, EXTLOCK_FENCE_SUCCEEDED, message);
-        if (S->grace_fenced) {
-            ExtlockdSpace *space = S->space;
+        g_message("session %s (%s, lock-space %s) fenced: %s", session->id,
+                  session->client_id, session->space->name, message);
+        session->fence_ok = true;
+        session_log_event(session, "fence-ok", message);
+        session_fence_notify(session, EXTLOCK_FENCE_SUCCEEDED, message);
+        if (session->grace_fenced) {
+            ExtlockdLockSpace *space = session->space;
 
             /* The last one fenced ends the grace period, freeing @f */
             if (--space->grace_fence_pending == 0) {
-                space_end_grace(space, true);
+                lockspace_end_grace(space, true);
             }
         }
         /* May release the locks now, which frees @f */
-        check_deadlines(s);
+        server_check_deadlines(server);
         break;
     case EXTLOCKD_FENCE_FAILED:
         g_warning("FENCING FAILED for client %s (session %s, lock-space "
                   "%s), attempt %u: %s; its %u locks stay held, retrying "
                   "in %u ms (extlockctl release-session %s forces the "
-                  "release)", S->client_id, S->id, S->space->name,
+                  "release)", session->client_id, session->id,
+                  session->space->name,
                   extlockd_fence_attempts(f), message,
-                  g_hash_table_size(S->held), extlockd_fence_retry_ms(f),
-                  S->id);
-        log_session(S, "fence-failed", message);
-        fence_notify(S, EXTLOCK_FENCE_FAILED, message);
+                  g_hash_table_size(session->held), extlockd_fence_retry_ms(f),
+                  session->id);
+        session_log_event(session, "fence-failed", message);
+        session_fence_notify(session, EXTLOCK_FENCE_FAILED, message);
         break;
     }
-    flush_all(s);
+    conn_flush_all(server);
 }
 
-static void session_fence_start(ExtlockdSession *S)
+static void session_fence_start(ExtlockdSession *session)
 {
-    ExtlockdServer *s = S->server;
+    ExtlockdServer *server = session->server;
 
     g_message("running fence agent %s for client %s (session %s, "
               "lock-space %s, %u locks held)",
-              extlockd_fencer_agent(s->fencer), S->client_id, S->id,
-              S->space->name, g_hash_table_size(S->held));
-    S->fence = extlockd_fence_start(s->fencer, S->client_id,
-                                    session_fence_cb, S);
-    log_session(S, "fence-start", NULL);
-    fence_notify(S, EXTLOCK_FENCE_STARTED, NULL);
+              extlockd_fencer_agent(server->fencer), session->client_id,
+              session->id,
+              session->space->name, g_hash_table_size(session->held));
+    session->fence = extlockd_fence_start(server->fencer, session->client_id,
+                                          session_fence_cb, session);
+    session_log_event(session, "fence-start", NULL);
+    session_fence_notify(session, EXTLOCK_FENCE_STARTED, NULL);
 }
 
 /* The lease lapsed (now >= deadline) */
-static void session_expire(ExtlockdSession *S)
+static void session_expire(ExtlockdSession *session)
 {
-    ExtlockdServer *s = S->server;
-    ExtlockdConn *c = S->conn;
+    ExtlockdServer *server = session->server;
+    ExtlockdConn *conn = session->conn;
 
-    if (S->state == SESSION_ACTIVE) {
+    if (session->state == SESSION_ACTIVE) {
         ExtlockMsg r;
 
         g_warning("session %s (%s, lock-space %s) expired: no renewal "
                   "within %u ms; its %u locks are released after the "
-                  "%u ms fence margin", S->id, S->client_id,
-                  S->space->name, S->lease_ms, g_hash_table_size(S->held),
-                  s->cfg.fence_margin_ms);
+                  "%u ms fence margin", session->id, session->client_id,
+                  session->space->name, session->lease_ms,
+                  g_hash_table_size(session->held),
+                  server->cfg.fence_margin_ms);
         extlock_msg_init(&r, EXTLOCK_MSG_SESSION_EXPIRED);
-        r.session = S->id;
+        r.session = session->id;
         r.message = (char *)"lease expired without renewal";
-        send_msg(c, &r);
-        session_release(S, false);
-        c->session = NULL;
-        S->conn = NULL;
-        conn_close_after_flush(c);
+        conn_send_msg(conn, &r);
+        session_release(session, false);
+        conn->session = NULL;
+        session->conn = NULL;
+        conn_close_after_flush(conn);
     } else {
-        VERBOSE(s, "session %s: lease of disconnected session lapsed",
-                S->id);
+        VERBOSE(server, "session %s: lease of disconnected session lapsed",
+                session->id);
     }
-    S->state = SESSION_EXPIRED;
-    log_session(S, "expire", NULL);
+    session->state = SESSION_EXPIRED;
+    session_log_event(session, "expire", NULL);
     /* It cannot come back to finish reclaiming */
-    session_end_reclaim(S);
-    if (s->fencer && g_hash_table_size(S->held) > 0) {
-        session_fence_start(S);
+    session_end_reclaim(session);
+    if (server->fencer && g_hash_table_size(session->held) > 0) {
+        session_fence_start(session);
     }
 }
 
 /* The fence margin after the deadline has passed: let the locks go */
-static void session_reap(ExtlockdSession *S)
+static void session_reap(ExtlockdSession *session)
 {
-    unsigned n = session_release(S, true);
+    unsigned n = session_release(session, true);
 
     g_message("session %s (%s, lock-space %s) ended: lease lapsed, "
-              "released %u locks", S->id, S->client_id, S->space->name, n);
-    session_destroy(S);
+              "released %u locks", session->id, session->client_id,
+              session->space->name, n);
+    session_destroy(session);
 }
 
 /* ------------------------------------------------------------------ */
 /* Lock requests and the grace period                                  */
 
-static void waiting_blocker_cb(ExtlockLock *blocker, void *opaque)
+static void lockspace_waiting_blocker_cb(ExtlockLock *blocker, void *opaque)
 {
     GArray *blockers = opaque;
-    ExtlockdSession *S = blocker->owner;
+    ExtlockdSession *session = blocker->owner;
     ExtlockBlocker b;
 
     if (blockers->len >= MAX_BLOCKERS) {
         return;
     }
-    b.client_id = S->client_id;
+    b.client_id = session->client_id;
     b.offset = blocker->node.ext.start;
     b.length = blocker->node.ext.end - blocker->node.ext.start;
     b.mode = blocker->mode;
@@ -1249,8 +1268,9 @@ static void waiting_blocker_cb(ExtlockLock *blocker, void *opaque)
     g_array_append_val(blockers, b);
 }
 
-static void send_waiting(ExtlockdConn *c, uint64_t id, uint64_t token,
-                         GArray *blockers)
+static void lockspace_send_waiting(ExtlockdConn *conn, uint64_t id,
+                                   uint64_t token,
+                                   GArray *blockers)
 {
     ExtlockMsg r;
 
@@ -1259,49 +1279,51 @@ static void send_waiting(ExtlockdConn *c, uint64_t id, uint64_t token,
     r.id = id;
     r.token = token;
     r.blockers = blockers;
-    send_msg(c, &r);
+    conn_send_msg(conn, &r);
 }
 
 /*
  * Put the lock request @req (extent, limit, mode, token, request id in
- * user_tag; not in any table or set) of @S into the table and answer it
- * on @c: "granted", or "waiting" if @say_waiting (a deferred request was
+ * user_tag; not in any table or set) of @session into the table and answer it
+ * on @conn: "granted", or "waiting" if @say_waiting (a deferred request was
  * told so already).  The holders it waits for get a revoke.
  */
-static void space_submit(ExtlockdSpace *space, ExtlockdSession *S,
-                         ExtlockdConn *c, const ExtlockLock *req,
-                         bool say_waiting)
+static void lockspace_submit(ExtlockdLockSpace *space, ExtlockdSession *session,
+                             ExtlockdConn *conn, const ExtlockLock *req,
+                             bool say_waiting)
 {
-    ExtlockdServer *s = space->server;
+    ExtlockdServer *server = space->server;
     ExtlockTable *table = space->table;
     ExtlockLock *lock;
 
     lock = extlock_table_request_grow(table, req->requested, req->limit,
-                                      req->mode, req->token, S,
+                                      req->mode, req->token, session,
                                       req->user_tag);
     if (lock->state == EXTLOCK_LOCK_GRANTED) {
-        g_hash_table_add(S->held, lock);
-        log_lock(s, "grant", lock, NULL);
-        if (c) {
-            format_granted(c, lock);
+        g_hash_table_add(session->held, lock);
+        lockspace_log_lock(server, "grant", lock, NULL);
+        if (conn) {
+            lockspace_send_granted(conn, lock);
         }
         return;
     }
-    g_hash_table_add(S->waiting, lock);
-    if (c && say_waiting) {
-        g_array_set_size(s->blockers, 0);
-        extlock_table_foreach_blocker(table, lock, waiting_blocker_cb,
-                                      s->blockers);
-        send_waiting(c, lock->user_tag, lock->token, s->blockers);
+    g_hash_table_add(session->waiting, lock);
+    if (conn && say_waiting) {
+        g_array_set_size(server->blockers, 0);
+        extlock_table_foreach_blocker(table, lock, lockspace_waiting_blocker_cb,
+                                      server->blockers);
+        lockspace_send_waiting(conn, lock->user_tag, lock->token,
+                               server->blockers);
     }
     if (space->nrevocable) {
-        extlock_table_foreach_conflict(table, lock, revoke_holder_cb, lock);
+        extlock_table_foreach_conflict(table, lock, lockspace_revoke_holder_cb,
+                                       lock);
     }
 }
 
 /* A lock request during the grace period: queue it outside the table */
-static void space_defer(ExtlockdSpace *space, ExtlockdSession *S,
-                        ExtlockdConn *c, const ExtlockLock *req)
+static void lockspace_defer(ExtlockdLockSpace *space, ExtlockdSession *session,
+                            ExtlockdConn *conn, const ExtlockLock *req)
 {
     DeferredReq *d = g_new0(DeferredReq, 1);
 
@@ -1309,16 +1331,18 @@ static void space_defer(ExtlockdSpace *space, ExtlockdSession *S,
     d->lock.id = 0;
     d->lock.node.ext = req->requested;
     d->lock.state = EXTLOCK_LOCK_WAITING;
-    d->lock.owner = S;
+    d->lock.owner = session;
     d->lock.queued_us = g_get_monotonic_time();
     d->link.data = d;
     g_queue_push_tail_link(&space->deferred, &d->link);
-    g_hash_table_add(S->waiting, &d->lock);
+    g_hash_table_add(session->waiting, &d->lock);
     g_array_set_size(space->server->blockers, 0);
-    send_waiting(c, req->user_tag, req->token, space->server->blockers);
+    lockspace_send_waiting(conn, req->user_tag, req->token,
+                           space->server->blockers);
 }
 
-static int64_t grace_remaining_ms(ExtlockdSpace *space, int64_t now)
+static int64_t lockspace_grace_remaining_ms(ExtlockdLockSpace *space,
+                                            int64_t now)
 {
     /* A reclaim conflict may make it last longer */
     int64_t end = MAX(space->server->grace_end_us, space->dispute_until_us);
@@ -1342,43 +1366,43 @@ static int64_t grace_remaining_ms(ExtlockdSpace *space, int64_t now)
  * expired sessions without locks, fenced like any other, and the grace
  * period waits for them).  Returns true if there are any.
  */
-static bool space_fence_absent(ExtlockdSpace *space)
+static bool lockspace_fence_absent(ExtlockdLockSpace *space)
 {
-    ExtlockdServer *s = space->server;
-    int64_t margin_us = s->cfg.fence_margin_ms * 1000LL;
+    ExtlockdServer *server = space->server;
+    int64_t margin_us = server->cfg.fence_margin_ms * 1000LL;
     GList *l, *next;
 
     for (l = space->reclaimers.head; l; l = next) {
-        ExtlockdSession *S = l->data;
+        ExtlockdSession *session = l->data;
 
         next = l->next;
-        if (!S->restored) {
+        if (!session->restored) {
             continue;
         }
-        g_queue_unlink(&space->reclaimers, &S->reclaim_link);
-        S->reclaiming = false;
-        S->state = SESSION_EXPIRED;
+        g_queue_unlink(&space->reclaimers, &session->reclaim_link);
+        session->reclaiming = false;
+        session->state = SESSION_EXPIRED;
         /* Its lease (<= the grace period) ended before the timeout */
-        S->deadline_us = s->grace_end_us - margin_us;
-        S->grace_fenced = true;
-        g_queue_push_tail_link(&space->grace_fenced, &S->reclaim_link);
+        session->deadline_us = server->grace_end_us - margin_us;
+        session->grace_fenced = true;
+        g_queue_push_tail_link(&space->grace_fenced, &session->reclaim_link);
         space->grace_fence_pending++;
         g_message("session %s (%s, lock-space %s) did not come back during "
                   "the grace period: fencing it before the grace period "
-                  "ends", S->id, S->client_id, space->name);
-        log_session(S, "expire", NULL);
-        session_fence_start(S);
+                  "ends", session->id, session->client_id, space->name);
+        session_log_event(session, "expire", NULL);
+        session_fence_start(session);
     }
     if (space->grace_linked) {
-        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        g_queue_unlink(&server->grace_spaces, &space->grace_link);
         space->grace_linked = false;
     }
     return space->grace_fence_pending > 0;
 }
 
-static gboolean space_dispute_cb(gpointer opaque)
+static gboolean lockspace_dispute_cb(gpointer opaque)
 {
-    ExtlockdSpace *space = opaque;
+    ExtlockdLockSpace *space = opaque;
 
     space->dispute_timer = 0;
     /*
@@ -1387,9 +1411,9 @@ static gboolean space_dispute_cb(gpointer opaque)
      */
     if (space->in_grace &&
         (space->grace_timed_out || space->reclaimers.length == 0)) {
-        space_end_grace(space, space->grace_timed_out);
+        lockspace_end_grace(space, space->grace_timed_out);
     }
-    space_unref(space);
+    lockspace_unref(space);
     return G_SOURCE_REMOVE;
 }
 
@@ -1398,9 +1422,9 @@ static gboolean space_dispute_cb(gpointer opaque)
  * before it is over.  Returns true if the end was postponed (a timer
  * comes back).
  */
-static bool space_dispute_postpone(ExtlockdSpace *space, bool timeout)
+static bool lockspace_dispute_postpone(ExtlockdLockSpace *space, bool timeout)
 {
-    ExtlockdServer *s = space->server;
+    ExtlockdServer *server = space->server;
     int64_t now = g_get_monotonic_time();
 
     if (space->dispute_until_us <= now) {
@@ -1408,38 +1432,38 @@ static bool space_dispute_postpone(ExtlockdSpace *space, bool timeout)
     }
     space->grace_timed_out |= timeout;
     if (timeout && space->grace_linked) {
-        /* server_end_grace() would come back to it at once */
-        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        /* lockspace_end_grace_all() would come back to it at once */
+        g_queue_unlink(&server->grace_spaces, &space->grace_link);
         space->grace_linked = false;
     }
     if (!space->dispute_timer) {
         space->nsessions++;
         space->dispute_timer = g_timeout_add(
             (guint)((space->dispute_until_us - now + 999) / 1000),
-            space_dispute_cb, space);
+            lockspace_dispute_cb, space);
     }
     return true;
 }
 
-static void space_end_grace(ExtlockdSpace *space, bool timeout)
+static void lockspace_end_grace(ExtlockdLockSpace *space, bool timeout)
 {
-    ExtlockdServer *s = space->server;
+    ExtlockdServer *server = space->server;
     g_autoptr(GPtrArray) drop = g_ptr_array_new();
     unsigned nlate = 0, ndeferred = space->deferred.length;
     GList *l;
 
     g_assert(space->in_grace);
-    if (space_dispute_postpone(space, timeout)) {
+    if (lockspace_dispute_postpone(space, timeout)) {
         return;
     }
     if (space->grace_fence_pending ||
-        (timeout && s->fencer && space_fence_absent(space))) {
+        (timeout && server->fencer && lockspace_fence_absent(space))) {
         /* Waits for the fence agent: session_fence_cb comes back */
         return;
     }
     space->in_grace = false;
     if (space->grace_linked) {
-        g_queue_unlink(&s->grace_spaces, &space->grace_link);
+        g_queue_unlink(&server->grace_spaces, &space->grace_link);
         space->grace_linked = false;
     }
     if (space->disputed) {
@@ -1447,31 +1471,31 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
     }
     space->nsessions++;         /* keep @space while sessions go away */
     while ((l = g_queue_pop_head_link(&space->grace_fenced)) != NULL) {
-        ExtlockdSession *S = l->data;
+        ExtlockdSession *session = l->data;
 
-        S->grace_fenced = false;
-        g_ptr_array_add(drop, S);
+        session->grace_fenced = false;
+        g_ptr_array_add(drop, session);
     }
 
     while ((l = g_queue_pop_head_link(&space->reclaimers)) != NULL) {
-        ExtlockdSession *S = l->data;
+        ExtlockdSession *session = l->data;
 
-        S->reclaiming = false;
-        if (S->restored) {
-            g_ptr_array_add(drop, S);
+        session->reclaiming = false;
+        if (session->restored) {
+            g_ptr_array_add(drop, session);
         } else {
             /* Its client may still be busy reclaiming: see reclaim-done */
-            S->resend_revokes = true;
+            session->resend_revokes = true;
             nlate++;
         }
     }
 
     while ((l = g_queue_pop_head_link(&space->deferred)) != NULL) {
         DeferredReq *d = l->data;
-        ExtlockdSession *S = d->lock.owner;
+        ExtlockdSession *session = d->lock.owner;
 
-        g_hash_table_remove(S->waiting, &d->lock);
-        space_submit(space, S, S->conn, &d->lock, false);
+        g_hash_table_remove(session->waiting, &d->lock);
+        lockspace_submit(space, session, session->conn, &d->lock, false);
         g_free(d);
     }
 
@@ -1481,196 +1505,201 @@ static void space_end_grace(ExtlockdSpace *space, bool timeout)
               timeout ? " (timeout)" : ", every session reclaimed",
               drop->len, nlate, ndeferred);
     for (guint i = 0; i < drop->len; i++) {
-        ExtlockdSession *S = drop->pdata[i];
+        ExtlockdSession *session = drop->pdata[i];
 
         g_message("session %s (%s, lock-space %s) dropped: it did not "
-                  "come back during the grace period", S->id,
-                  S->client_id, S->space->name);
-        session_destroy_nosave(S);
+                  "come back during the grace period", session->id,
+                  session->client_id, session->space->name);
+        session_destroy_nosave(session);
     }
     if (drop->len) {
-        save_state_or_warn(s);
+        server_save_state_or_warn(server);
     }
-    space_unref(space);
+    lockspace_unref(space);
 }
 
 /* The grace period timer ran out (called from the lease timer) */
-static void server_end_grace(ExtlockdServer *s)
+static void lockspace_end_grace_all(ExtlockdServer *server)
 {
     GList *l;
 
-    while ((l = s->grace_spaces.head) != NULL) {
-        space_end_grace(l->data, true);
+    while ((l = server->grace_spaces.head) != NULL) {
+        lockspace_end_grace(l->data, true);
     }
 }
 
-void extlockd_server_restore(ExtlockdServer *s, GPtrArray *sessions)
+void extlockd_server_restore(ExtlockdServer *server, GPtrArray *sessions)
 {
     int64_t now = g_get_monotonic_time();
 
     if (!sessions || sessions->len == 0) {
         return;
     }
-    if (s->cfg.grace_ms == 0) {
+    if (server->cfg.grace_ms == 0) {
         g_message("no grace period: the %u session(s) of the previous run "
                   "are dropped", sessions->len);
         return;
     }
-    s->grace_end_us = now + (int64_t)s->cfg.grace_ms * 1000;
+    server->grace_end_us = now + (int64_t)server->cfg.grace_ms * 1000;
     for (guint i = 0; i < sessions->len; i++) {
         const ExtlockdStateSession *ss = sessions->pdata[i];
-        ExtlockdSession *S;
+        ExtlockdSession *session;
 
-        if (g_hash_table_contains(s->sessions, ss->session)) {
+        if (g_hash_table_contains(server->sessions, ss->session)) {
             continue;
         }
         /* Unknown (old file): the longest a client may have had */
-        S = session_alloc(s, ss->session, ss->client_id, ss->lock_space,
-                          ss->lease_ms ? ss->lease_ms : EXTLOCK_MAX_LEASE_MS,
-                          now);
-        S->owner = g_strdup(ss->owner);
-        identity_session_add(S);
+        session = session_alloc(server, ss->session, ss->client_id,
+                                ss->lock_space,
+                                ss->lease_ms ? ss->lease_ms
+                                             : EXTLOCK_MAX_LEASE_MS,
+                                now);
+        session->owner = g_strdup(ss->owner);
+        session_identity_add(session);
         if (ss->fence_margin_ms) {
-            S->fence_margin_ms = ss->fence_margin_ms;
+            session->fence_margin_ms = ss->fence_margin_ms;
         }
         if (ss->secret_sha256) {
-            g_strlcpy(S->secret_sha256, ss->secret_sha256,
-                      sizeof(S->secret_sha256));
+            g_strlcpy(session->secret_sha256, ss->secret_sha256,
+                      sizeof(session->secret_sha256));
         }
         /* It ends with the grace period unless its client comes back */
-        S->deadline_us = s->grace_end_us;
-        S->restored = true;
-        S->reclaiming = true;
-        g_queue_push_tail_link(&S->space->reclaimers, &S->reclaim_link);
-        if (!S->space->in_grace) {
-            S->space->in_grace = true;
-            S->space->grace_link.data = S->space;
-            g_queue_push_tail_link(&s->grace_spaces, &S->space->grace_link);
-            S->space->grace_linked = true;
+        session->deadline_us = server->grace_end_us;
+        session->restored = true;
+        session->reclaiming = true;
+        g_queue_push_tail_link(&session->space->reclaimers,
+                               &session->reclaim_link);
+        if (!session->space->in_grace) {
+            session->space->in_grace = true;
+            session->space->grace_link.data = session->space;
+            g_queue_push_tail_link(&server->grace_spaces,
+                                   &session->space->grace_link);
+            session->space->grace_linked = true;
         }
     }
     g_message("grace period of %u ms: %u session(s) in %u lock-space(s) "
-              "may reclaim their locks", s->cfg.grace_ms, sessions->len,
-              s->grace_spaces.length);
-    server_schedule(s, s->grace_end_us);
+              "may reclaim their locks", server->cfg.grace_ms, sessions->len,
+              server->grace_spaces.length);
+    server_schedule(server, server->grace_end_us);
 }
 
 /* ------------------------------------------------------------------ */
 /* Lease timer                                                         */
 
-static void check_deadlines(ExtlockdServer *s)
+static void server_check_deadlines(ExtlockdServer *server)
 {
     int64_t now = g_get_monotonic_time();
-    int64_t margin_us = s->cfg.fence_margin_ms * 1000LL;
+    int64_t margin_us = server->cfg.fence_margin_ms * 1000LL;
     int64_t next = INT64_MAX;
     GList *l, *lnext;
 
-    if (s->grace_spaces.length) {
-        if (now >= s->grace_end_us) {
-            server_end_grace(s);
+    if (server->grace_spaces.length) {
+        if (now >= server->grace_end_us) {
+            lockspace_end_grace_all(server);
         } else {
-            next = s->grace_end_us;
+            next = server->grace_end_us;
         }
     }
-    for (l = s->session_list.head; l; l = lnext) {
-        ExtlockdSession *S = l->data;
+    for (l = server->session_list.head; l; l = lnext) {
+        ExtlockdSession *session = l->data;
 
         lnext = l->next;
-        if (S->state != SESSION_EXPIRED && now >= S->deadline_us) {
-            session_expire(S);
+        if (session->state != SESSION_EXPIRED && now >= session->deadline_us) {
+            session_expire(session);
         }
-        if (S->grace_fenced) {
+        if (session->grace_fenced) {
             /* Dropped when the grace period of its lock-space ends */
             continue;
         }
-        if (S->state == SESSION_EXPIRED) {
-            if (S->fence && !S->fence_ok) {
+        if (session->state == SESSION_EXPIRED) {
+            if (session->fence && !session->fence_ok) {
                 /* Waits for the agent: session_fence_cb comes back */
                 continue;
             }
-            if (now >= S->deadline_us + margin_us) {
-                session_reap(S);
+            if (now >= session->deadline_us + margin_us) {
+                session_reap(session);
                 continue;
             }
-            next = MIN(next, S->deadline_us + margin_us);
+            next = MIN(next, session->deadline_us + margin_us);
         } else {
-            next = MIN(next, S->deadline_us);
+            next = MIN(next, session->deadline_us);
         }
     }
     /* Connections that never said hello, oldest first */
-    while ((l = s->unauth.head) != NULL) {
-        ExtlockdConn *c = l->data;
-        int64_t due = c->accepted_us + s->cfg.hello_timeout_ms * 1000LL;
+    while ((l = server->unauth.head) != NULL) {
+        ExtlockdConn *conn = l->data;
+        int64_t due = conn->accepted_us + server->cfg.hello_timeout_ms * 1000LL;
 
         if (now < due) {
             next = MIN(next, due);
             break;
         }
-        g_message("%s: closed: no hello within %u ms%s", c->peer,
-                  s->cfg.hello_timeout_ms,
-                  c->handshaking ? " (TLS handshake unfinished)" : "");
-        conn_unauth_done(c);
-        if (c->handshaking) {
-            conn_destroy(c);
+        g_message("%s: closed: no hello within %u ms%s", conn->peer,
+                  server->cfg.hello_timeout_ms,
+                  conn->handshaking ? " (TLS handshake unfinished)" : "");
+        conn_unauth_done(conn);
+        if (conn->handshaking) {
+            conn_destroy(conn);
             continue;
         }
-        send_error(c, false, 0, EXTLOCK_ERR_STATE,
-                   "no hello within %u ms: closing", s->cfg.hello_timeout_ms);
-        conn_close_after_flush(c);
-        next = MIN(next, c->closing_since_us + CLOSE_TIMEOUT_US);
+        conn_send_error(conn, false, 0, EXTLOCK_ERR_STATE,
+                        "no hello within %u ms: closing",
+                        server->cfg.hello_timeout_ms);
+        conn_close_after_flush(conn);
+        next = MIN(next, conn->closing_since_us + CLOSE_TIMEOUT_US);
     }
-    for (l = s->conns.head; l; l = lnext) {
-        ExtlockdConn *c = l->data;
+    for (l = server->conns.head; l; l = lnext) {
+        ExtlockdConn *conn = l->data;
 
         lnext = l->next;
-        if (!c->closing) {
+        if (!conn->closing) {
             continue;
         }
-        if (now - c->closing_since_us >= CLOSE_TIMEOUT_US) {
-            VERBOSE(s, "%s: closing without flushing", c->peer);
-            conn_destroy(c);
+        if (now - conn->closing_since_us >= CLOSE_TIMEOUT_US) {
+            VERBOSE(server, "%s: closing without flushing", conn->peer);
+            conn_destroy(conn);
             continue;
         }
-        next = MIN(next, c->closing_since_us + CLOSE_TIMEOUT_US);
+        next = MIN(next, conn->closing_since_us + CLOSE_TIMEOUT_US);
     }
     if (next != INT64_MAX) {
-        server_schedule(s, next);
+        server_schedule(server, next);
     }
 }
 
-static gboolean on_timer(gpointer opaque)
+static gboolean server_on_timer(gpointer opaque)
 {
-    ExtlockdServer *s = opaque;
+    ExtlockdServer *server = opaque;
 
-    s->timer = 0;
-    check_deadlines(s);
-    flush_all(s);
+    server->timer = 0;
+    server_check_deadlines(server);
+    conn_flush_all(server);
     return G_SOURCE_REMOVE;
 }
 
 /* Make sure the timer runs no later than @when_us */
-static void server_schedule(ExtlockdServer *s, int64_t when_us)
+static void server_schedule(ExtlockdServer *server, int64_t when_us)
 {
     int64_t now, delay_ms;
 
-    if (s->timer && s->timer_due_us <= when_us) {
+    if (server->timer && server->timer_due_us <= when_us) {
         return;
     }
-    if (s->timer) {
-        g_source_remove(s->timer);
+    if (server->timer) {
+        g_source_remove(server->timer);
     }
     now = g_get_monotonic_time();
     delay_ms = when_us > now ? (when_us - now + 999) / 1000 : 0;
-    s->timer = g_timeout_add((guint)MIN(delay_ms, (int64_t)G_MAXUINT),
-                             on_timer, s);
-    s->timer_due_us = when_us;
+    server->timer = g_timeout_add((guint)MIN(delay_ms, (int64_t)G_MAXUINT),
+                                  server_on_timer, server);
+    server->timer_due_us = when_us;
 }
 
 /* ------------------------------------------------------------------ */
 /* Status                                                              */
 
 typedef struct StatusCtx {
-    ExtlockdSpace *space;
+    ExtlockdLockSpace *space;
     ExtlockdSession *self;       /* non-admin viewer: only it is named */
     int64_t now;
     json_object *held;
@@ -1682,12 +1711,12 @@ typedef struct StatusCtx {
     uint64_t truncated;          /* left out: over the limit */
 } StatusCtx;
 
-static void json_add_int(json_object *obj, const char *key, int64_t v)
+static void status_add_int(json_object *obj, const char *key, int64_t v)
 {
     json_object_object_add(obj, key, json_object_new_int64(v));
 }
 
-static void json_add_str(json_object *obj, const char *key, const char *v)
+static void status_add_str(json_object *obj, const char *key, const char *v)
 {
     json_object_object_add(obj, key, json_object_new_string(v));
 }
@@ -1695,10 +1724,10 @@ static void json_add_str(json_object *obj, const char *key, const char *v)
 static void status_blocker_cb(ExtlockLock *blocker, void *opaque)
 {
     StatusCtx *ctx = opaque;
-    ExtlockdSession *S = blocker->owner;
-    char *name = S->client_id;
+    ExtlockdSession *session = blocker->owner;
+    char *name = session->client_id;
 
-    if (ctx->self && S != ctx->self) {
+    if (ctx->self && session != ctx->self) {
         name = (char *)"(other client)";
     }
     if (g_hash_table_add(ctx->seen, name)) {
@@ -1709,7 +1738,7 @@ static void status_blocker_cb(ExtlockLock *blocker, void *opaque)
 static void status_lock_cb(ExtlockLock *lock, void *opaque)
 {
     StatusCtx *ctx = opaque;
-    ExtlockdSession *S = lock->owner;
+    ExtlockdSession *session = lock->owner;
     json_object *o;
 
     if (ctx->listed >= ctx->limit) {
@@ -1719,36 +1748,36 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
     ctx->listed++;
     o = json_object_new_object();
     if (lock->state == EXTLOCK_LOCK_GRANTED) {
-        json_add_int(o, "lock", lock->id);
+        status_add_int(o, "lock", lock->id);
     } else {
-        json_add_int(o, "request", lock->user_tag);
+        status_add_int(o, "request", lock->user_tag);
     }
-    if (!ctx->self || S == ctx->self) {
-        json_add_str(o, "session", S->id);
-        json_add_str(o, "client-id", S->client_id);
+    if (!ctx->self || session == ctx->self) {
+        status_add_str(o, "session", session->id);
+        status_add_str(o, "client-id", session->client_id);
     }
-    json_add_int(o, "offset", lock->node.ext.start);
-    json_add_int(o, "length", lock->node.ext.end - lock->node.ext.start);
-    json_add_str(o, "mode", extlock_mode_name(lock->mode));
-    json_add_int(o, "token", lock->token);
-    if (lock_is_deferred(lock)) {
+    status_add_int(o, "offset", lock->node.ext.start);
+    status_add_int(o, "length", lock->node.ext.end - lock->node.ext.start);
+    status_add_str(o, "mode", extlock_mode_name(lock->mode));
+    status_add_int(o, "token", lock->token);
+    if (lockspace_lock_is_deferred(lock)) {
         /* Queued outside the table until the grace period ends */
-        json_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
+        status_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
         json_object_object_add(o, "blocked-by", json_object_new_array());
         json_object_object_add(o, "deferred", json_object_new_boolean(1));
         json_object_array_add(ctx->waiting, o);
     } else if (lock->state == EXTLOCK_LOCK_GRANTED) {
-        json_add_int(o, "held-ms", (ctx->now - lock->granted_us) / 1000);
+        status_add_int(o, "held-ms", (ctx->now - lock->granted_us) / 1000);
         if (lock->limit.start != lock->requested.start ||
             lock->limit.end != lock->requested.end) {
             /* It may have grown: what was asked for */
-            json_add_int(o, "requested-offset", lock->requested.start);
-            json_add_int(o, "requested-length",
-                         lock->requested.end - lock->requested.start);
+            status_add_int(o, "requested-offset", lock->requested.start);
+            status_add_int(o, "requested-length",
+                           lock->requested.end - lock->requested.start);
         }
         json_object_array_add(ctx->held, o);
     } else {
-        json_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
+        status_add_int(o, "waited-ms", (ctx->now - lock->queued_us) / 1000);
         ctx->blocked_by = json_object_new_array();
         ctx->seen = g_hash_table_new(g_str_hash, g_str_equal);
         /* Cheap however many locks overlap: some may be left out */
@@ -1761,7 +1790,7 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
     }
 }
 
-static int compare_strings(gconstpointer a, gconstpointer b)
+static int status_compare_names(gconstpointer a, gconstpointer b)
 {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -1770,8 +1799,8 @@ static int compare_strings(gconstpointer a, gconstpointer b)
  * The status of @space; it lists at most *@limit locks and requests and
  * takes those it lists off *@limit
  */
-static json_object *space_status(ExtlockdSpace *space, int64_t now,
-                                 ExtlockdSession *self, uint64_t *limit)
+static json_object *status_lockspace(ExtlockdLockSpace *space, int64_t now,
+                                     ExtlockdSession *self, uint64_t *limit)
 {
     const ExtlockTableStats *st = extlock_table_stats(space->table);
     json_object *o = json_object_new_object();
@@ -1785,22 +1814,23 @@ static json_object *space_status(ExtlockdSpace *space, int64_t now,
         .limit = *limit,
     };
 
-    json_add_str(o, "name", space->name);
-    json_add_int(counters, "requests", st->requests + space->nowait_grants);
-    json_add_int(counters, "immediate-grants",
-                 st->immediate_grants + space->nowait_grants);
-    json_add_int(counters, "waits", st->waits);
-    json_add_int(counters, "deferred-grants", st->deferred_grants);
-    json_add_int(counters, "releases", st->releases);
-    json_add_int(counters, "partial-releases", st->partial_releases);
-    json_add_int(counters, "cancels", st->cancels);
-    json_add_int(counters, "total-wait-us", st->total_wait_us);
-    json_add_int(counters, "grown-grants", st->grown_grants);
-    json_add_int(counters, "revokes-sent", space->revokes_sent);
-    json_add_int(counters, "downgrades", st->downgrades);
-    json_add_int(counters, "reclaims", space->reclaims);
+    status_add_str(o, "name", space->name);
+    status_add_int(counters, "requests", st->requests + space->nowait_grants);
+    status_add_int(counters, "immediate-grants",
+                   st->immediate_grants + space->nowait_grants);
+    status_add_int(counters, "waits", st->waits);
+    status_add_int(counters, "deferred-grants", st->deferred_grants);
+    status_add_int(counters, "releases", st->releases);
+    status_add_int(counters, "partial-releases", st->partial_releases);
+    status_add_int(counters, "cancels", st->cancels);
+    status_add_int(counters, "total-wait-us", st->total_wait_us);
+    status_add_int(counters, "grown-grants", st->grown_grants);
+    status_add_int(counters, "revokes-sent", space->revokes_sent);
+    status_add_int(counters, "downgrades", st->downgrades);
+    status_add_int(counters, "reclaims", space->reclaims);
     json_object_object_add(o, "counters", counters);
-    json_add_int(o, "grace-remaining-ms", grace_remaining_ms(space, now));
+    status_add_int(o, "grace-remaining-ms", lockspace_grace_remaining_ms(space,
+                                                                         now));
     extlock_table_foreach(space->table, status_lock_cb, &ctx);
     for (GList *l = space->deferred.head; l; l = l->next) {
         status_lock_cb(&((DeferredReq *)l->data)->lock, &ctx);
@@ -1808,43 +1838,43 @@ static json_object *space_status(ExtlockdSpace *space, int64_t now,
     json_object_object_add(o, "held", ctx.held);
     json_object_object_add(o, "waiting", ctx.waiting);
     if (ctx.truncated) {
-        json_add_int(o, "truncated", ctx.truncated);
+        status_add_int(o, "truncated", ctx.truncated);
     }
     *limit -= ctx.listed;
     return o;
 }
 
-static json_object *session_status(ExtlockdSession *S, int64_t now)
+static json_object *status_session(ExtlockdSession *session, int64_t now)
 {
     json_object *o = json_object_new_object();
     int64_t remaining = 0;
 
-    if (S->state != SESSION_EXPIRED && S->deadline_us > now) {
-        remaining = (S->deadline_us - now) / 1000;
+    if (session->state != SESSION_EXPIRED && session->deadline_us > now) {
+        remaining = (session->deadline_us - now) / 1000;
     }
-    json_add_str(o, "session", S->id);
-    json_add_str(o, "client-id", S->client_id);
-    json_add_str(o, "lock-space", S->space->name);
-    json_add_str(o, "owner", S->owner ? S->owner : "(unknown)");
-    json_add_str(o, "state", session_state_names[S->state]);
-    json_add_int(o, "lease-remaining-ms", remaining);
-    json_add_int(o, "locks-held", g_hash_table_size(S->held));
-    json_add_int(o, "requests-waiting", g_hash_table_size(S->waiting));
+    status_add_str(o, "session", session->id);
+    status_add_str(o, "client-id", session->client_id);
+    status_add_str(o, "lock-space", session->space->name);
+    status_add_str(o, "owner", session->owner ? session->owner : "(unknown)");
+    status_add_str(o, "state", session_state_names[session->state]);
+    status_add_int(o, "lease-remaining-ms", remaining);
+    status_add_int(o, "locks-held", g_hash_table_size(session->held));
+    status_add_int(o, "requests-waiting", g_hash_table_size(session->waiting));
     json_object_object_add(o, "reclaiming",
-                           json_object_new_boolean(S->reclaiming));
-    if (S->fence) {
+                           json_object_new_boolean(session->reclaiming));
+    if (session->fence) {
         static const char *const names[] = {
             [EXTLOCKD_FENCE_RUNNING] = "running",
             [EXTLOCKD_FENCE_OK] = "succeeded",
             [EXTLOCKD_FENCE_FAILED] = "failed",
         };
-        const char *msg = extlockd_fence_message(S->fence);
+        const char *msg = extlockd_fence_message(session->fence);
 
-        json_add_str(o, "fence", names[extlockd_fence_state(S->fence)]);
-        json_add_int(o, "fence-attempts",
-                     extlockd_fence_attempts(S->fence));
+        status_add_str(o, "fence", names[extlockd_fence_state(session->fence)]);
+        status_add_int(o, "fence-attempts",
+                       extlockd_fence_attempts(session->fence));
         if (msg) {
-            json_add_str(o, "fence-message", msg);
+            status_add_str(o, "fence-message", msg);
         }
     }
     return o;
@@ -1856,7 +1886,7 @@ static json_object *session_status(ExtlockdSession *S, int64_t now)
  * other clients are listed without session or client-id.  Resume secrets
  * are never shown.
  */
-static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer,
+static json_object *status_server(ExtlockdServer *server, ExtlockdConn *viewer,
                                   uint64_t *limit)
 {
     ExtlockdSession *self = NULL;
@@ -1869,55 +1899,57 @@ static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer,
     GHashTableIter iter;
     gpointer key;
 
-    json_add_str(root, "server", EXTLOCKD_SERVER_NAME);
-    json_add_int(root, "epoch", s->epoch);
-    json_add_int(root, "uptime-ms", (now - s->start_us) / 1000);
-    json_add_int(root, "lease-ms", s->cfg.lease_ms);
-    json_add_int(root, "fence-margin-ms", s->cfg.fence_margin_ms);
-    json_add_int(root, "grace-ms", s->cfg.grace_ms);
-    json_add_int(root, "start-ns", s->start_us * 1000);
-    if (s->fencer) {
-        json_add_str(root, "fence-agent", extlockd_fencer_agent(s->fencer));
-        json_add_int(root, "fence-timeout-ms",
-                     extlockd_fencer_timeout_ms(s->fencer));
+    status_add_str(root, "server", EXTLOCKD_SERVER_NAME);
+    status_add_int(root, "epoch", server->epoch);
+    status_add_int(root, "uptime-ms", (now - server->start_us) / 1000);
+    status_add_int(root, "lease-ms", server->cfg.lease_ms);
+    status_add_int(root, "fence-margin-ms", server->cfg.fence_margin_ms);
+    status_add_int(root, "grace-ms", server->cfg.grace_ms);
+    status_add_int(root, "start-ns", server->start_us * 1000);
+    if (server->fencer) {
+        status_add_str(root, "fence-agent",
+                       extlockd_fencer_agent(server->fencer));
+        status_add_int(root, "fence-timeout-ms",
+                       extlockd_fencer_timeout_ms(server->fencer));
     }
-    json_add_int(root, "grace-remaining-ms",
-                 s->grace_spaces.length && s->grace_end_us > now ?
-                 (s->grace_end_us - now + 999) / 1000 : 0);
-    json_add_int(counters, "connections", s->conns.length);
-    json_add_int(counters, "sessions", g_hash_table_size(s->sessions));
-    json_add_int(counters, "messages", s->nmessages);
-    json_add_int(counters, "errors", s->nerrors);
-    json_add_int(counters, "refused-connections", s->refused);
+    status_add_int(root, "grace-remaining-ms",
+                   server->grace_spaces.length && server->grace_end_us > now ?
+                   (server->grace_end_us - now + 999) / 1000 : 0);
+    status_add_int(counters, "connections", server->conns.length);
+    status_add_int(counters, "sessions", g_hash_table_size(server->sessions));
+    status_add_int(counters, "messages", server->nmessages);
+    status_add_int(counters, "errors", server->nerrors);
+    status_add_int(counters, "refused-connections", server->refused);
     json_object_object_add(root, "counters", counters);
     if (viewer->identity) {
-        json_add_str(root, "identity", viewer->identity);
+        status_add_str(root, "identity", viewer->identity);
     }
-    if (!extlockd_policy_is_admin(s->policy, viewer->identity)) {
+    if (!extlockd_policy_is_admin(server->policy, viewer->identity)) {
         self = viewer->session;
         g_assert(self);
-        json_object_array_add(spaces, space_status(self->space, now, self,
+        json_object_array_add(spaces, status_lockspace(self->space, now, self,
                                                        limit));
         json_object_object_add(root, "lock-spaces", spaces);
-        json_object_array_add(sessions, session_status(self, now));
+        json_object_array_add(sessions, status_session(self, now));
         json_object_object_add(root, "sessions", sessions);
         return root;
     }
 
-    g_hash_table_iter_init(&iter, s->spaces);
+    g_hash_table_iter_init(&iter, server->spaces);
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
         g_ptr_array_add(names, key);
     }
-    g_ptr_array_sort(names, compare_strings);
+    g_ptr_array_sort(names, status_compare_names);
     for (guint i = 0; i < names->len; i++) {
-        ExtlockdSpace *space = g_hash_table_lookup(s->spaces,
-                                                   names->pdata[i]);
-        json_object_array_add(spaces, space_status(space, now, NULL, limit));
+        ExtlockdLockSpace *space = g_hash_table_lookup(server->spaces,
+                                                       names->pdata[i]);
+        json_object_array_add(spaces, status_lockspace(space, now, NULL,
+                                                       limit));
     }
     json_object_object_add(root, "lock-spaces", spaces);
 
-    for (GList *l = s->session_list.head; l; l = l->next) {
-        json_object_array_add(sessions, session_status(l->data, now));
+    for (GList *l = server->session_list.head; l; l = l->next) {
+        json_object_array_add(sessions, status_session(l->data, now));
     }
     json_object_object_add(root, "sessions", sessions);
     return root;
@@ -1927,22 +1959,22 @@ static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer,
 /* Requests                                                            */
 
 /* A token bucket: status_rate per second, as many at once */
-static bool status_rate_ok(ExtlockdConn *c)
+static bool status_rate_ok(ExtlockdConn *conn)
 {
-    uint32_t rate = c->server->cfg.status_rate;
+    uint32_t rate = conn->server->cfg.status_rate;
     int64_t now = g_get_monotonic_time();
     int64_t interval = G_USEC_PER_SEC / rate;
 
-    if (now >= c->status_refill_us) {
-        int64_t n = (now - c->status_refill_us) / interval + 1;
+    if (now >= conn->status_refill_us) {
+        int64_t n = (now - conn->status_refill_us) / interval + 1;
 
-        c->status_tokens = MIN(c->status_tokens + n, rate);
-        c->status_refill_us += n * interval;
+        conn->status_tokens = MIN(conn->status_tokens + n, rate);
+        conn->status_refill_us += n * interval;
     }
-    if (c->status_tokens == 0) {
+    if (conn->status_tokens == 0) {
         return false;
     }
-    c->status_tokens--;
+    conn->status_tokens--;
     return true;
 }
 
@@ -1950,55 +1982,57 @@ static bool status_rate_ok(ExtlockdConn *c)
  * How many locks and requests a status for @admin may list now: the
  * per-reply cap, or less when the server-wide budget is low
  */
-static uint64_t status_budget_take(ExtlockdServer *s, bool admin)
+static uint64_t status_budget_take(ExtlockdServer *server, bool admin)
 {
     int64_t now = g_get_monotonic_time();
     uint64_t refill;
 
-    refill = (uint64_t)(now - s->status_budget_us) *
+    refill = (uint64_t)(now - server->status_budget_us) *
              EXTLOCKD_STATUS_ENTRIES_PER_SEC / G_USEC_PER_SEC;
     if (refill) {
-        s->status_budget = MIN(s->status_budget + refill,
-                               EXTLOCKD_STATUS_ENTRIES_PER_SEC);
-        s->status_budget_us = now;
+        server->status_budget = MIN(server->status_budget + refill,
+                                    EXTLOCKD_STATUS_ENTRIES_PER_SEC);
+        server->status_budget_us = now;
     }
-    return MIN(s->status_budget, admin ? EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN
+    return MIN(server->status_budget, admin ? EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN
                                        : EXTLOCKD_STATUS_MAX_ENTRIES);
 }
 
-static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
+static void status_handle(ExtlockdConn *conn, ExtlockMsg *m)
 {
-    ExtlockdServer *s = c->server;
-    bool admin = extlockd_policy_is_admin(s->policy, c->identity);
-    bool idle = c->out_pos == c->out->len;
+    ExtlockdServer *server = conn->server;
+    bool admin = extlockd_policy_is_admin(server->policy, conn->identity);
+    bool idle = conn->out_pos == conn->out->len;
     ExtlockMsg r;
     size_t before;
     uint64_t limit, granted;
 
-    if (!c->session && !admin) {
-        log_refusal(s, "%s: status refused: identity %s is not an admin "
-                    "and has not said hello", c->peer, c->identity);
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
-                   "status before hello needs an admin identity (this "
-                   "connection is %s)", c->identity);
+    if (!conn->session && !admin) {
+        server_log_refusal(server,
+                           "%s: status refused: identity %s is not an admin "
+                           "and has not said hello", conn->peer,
+                           conn->identity);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                        "status before hello needs an admin identity (this "
+                        "connection is %s)", conn->identity);
         return;
     }
     /* Root and the daemon's uid on the UNIX socket are not limited */
-    if (!(admin && g_str_has_prefix(c->identity, "uid:")) &&
-        !status_rate_ok(c)) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
-                   "too many status requests (limit %u per second, "
-                   "--status-rate)", s->cfg.status_rate);
+    if (!(admin && g_str_has_prefix(conn->identity, "uid:")) &&
+        !status_rate_ok(conn)) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                        "too many status requests (limit %u per second, "
+                        "--status-rate)", server->cfg.status_rate);
         return;
     }
     extlock_msg_init(&r, EXTLOCK_MSG_STATUS_REPLY);
     r.has_id = m->has_id;
     r.id = m->id;
-    limit = granted = status_budget_take(s, admin);
-    r.body = server_status(s, c, &limit);
-    s->status_budget -= granted - limit;
-    before = c->out->len;
-    send_msg(c, &r);
+    limit = granted = status_budget_take(server, admin);
+    r.body = status_server(server, conn, &limit);
+    server->status_budget -= granted - limit;
+    before = conn->out->len;
+    conn_send_msg(conn, &r);
     json_object_put(r.body);
     /*
      * A status bigger than the output limit is not a sign of a client
@@ -2006,11 +2040,11 @@ static void handle_status(ExtlockdConn *c, ExtlockMsg *m)
      * statuses piling up unread count against the limit
      */
     if (idle) {
-        c->out_allowance += c->out->len - before;
+        conn->out_allowance += conn->out->len - before;
     }
 }
 
-static int compare_lock_info(gconstpointer a, gconstpointer b)
+static int session_compare_lock_info(gconstpointer a, gconstpointer b)
 {
     const ExtlockLockInfo *x = a, *y = b;
 
@@ -2026,35 +2060,36 @@ typedef enum WelcomeKind {
     WELCOME_RECLAIM,            /* "reclaim": true */
 } WelcomeKind;
 
-static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
-                         WelcomeKind kind)
+static void session_send_welcome(ExtlockdConn *conn, ExtlockMsg *m,
+                                 ExtlockdSession *session,
+                                 WelcomeKind kind)
 {
-    ExtlockdServer *s = c->server;
+    ExtlockdServer *server = conn->server;
     ExtlockMsg r;
 
     extlock_msg_init(&r, EXTLOCK_MSG_WELCOME);
     r.has_id = m->has_id;
     r.id = m->id;
     r.version = EXTLOCK_PROTOCOL_VERSION;
-    r.session = S->id;
-    r.lease_ms = S->lease_ms;
-    r.epoch = s->epoch;
+    r.session = session->id;
+    r.lease_ms = session->lease_ms;
+    r.epoch = server->epoch;
     r.server = (char *)EXTLOCKD_SERVER_NAME;
-    r.grace_remaining_ms = grace_remaining_ms(S->space,
-                                              g_get_monotonic_time());
+    r.grace_remaining_ms = lockspace_grace_remaining_ms(session->space,
+                                                        g_get_monotonic_time());
     r.reclaim = kind == WELCOME_RECLAIM;
     r.resumed = kind == WELCOME_RESUMED;
     r.has_fence_margin = true;
-    r.fence_margin_ms = s->cfg.fence_margin_ms;
+    r.fence_margin_ms = server->cfg.fence_margin_ms;
     /* Only ever sent to the owner, on its own connection */
-    r.resume_secret = S->secret;
-    r.identity = c->identity;
+    r.resume_secret = session->secret;
+    r.identity = conn->identity;
     if (kind == WELCOME_RESUMED) {
         GHashTableIter iter;
         gpointer key;
 
-        g_array_set_size(s->locks, 0);
-        g_hash_table_iter_init(&iter, S->held);
+        g_array_set_size(server->locks, 0);
+        g_hash_table_iter_init(&iter, session->held);
         while (g_hash_table_iter_next(&iter, &key, NULL)) {
             ExtlockLock *lock = key;
             ExtlockLockInfo info = {
@@ -2064,81 +2099,84 @@ static void send_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
                 .mode = lock->mode,
                 .token = lock->token,
             };
-            g_array_append_val(s->locks, info);
+            g_array_append_val(server->locks, info);
         }
-        g_array_sort(s->locks, compare_lock_info);
-        r.locks = s->locks;
+        g_array_sort(server->locks, session_compare_lock_info);
+        r.locks = server->locks;
     }
-    send_msg(c, &r);
+    conn_send_msg(conn, &r);
 }
 
 /*
- * @S is taken over by @c: the old connection may be dead without us
+ * @session is taken over by @conn: the old connection may be dead without us
  * having noticed yet (e.g. TCP after a network failure).  The client has
  * proven it owns the session, so the session moves to the new
  * connection.  Requests still waiting on the old connection are
  * cancelled, exactly as if it had dropped.
  */
-static void session_take_over(ExtlockdSession *S)
+static void session_take_over(ExtlockdSession *session)
 {
-    ExtlockdConn *old = S->conn;
+    ExtlockdConn *old = session->conn;
 
     g_message("session %s (%s) taken over by a new connection; "
-              "closing the old one", S->id, S->client_id);
-    session_release(S, false);
+              "closing the old one", session->id, session->client_id);
+    session_release(session, false);
     old->session = NULL;
-    S->conn = NULL;
+    session->conn = NULL;
     conn_close_after_flush(old);
 }
 
 /* hello with "session" of a live session */
-static void handle_resume(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
-                          uint32_t lease_ms, int64_t now)
+static void session_handle_resume(ExtlockdConn *conn, ExtlockMsg *m,
+                                  ExtlockdSession *session,
+                                  uint32_t lease_ms, int64_t now)
 {
-    if (S->conn) {
-        session_take_over(S);
+    if (session->conn) {
+        session_take_over(session);
     }
-    session_attach(S, c, lease_ms, now);
+    session_attach(session, conn, lease_ms, now);
     g_message("session %s (%s, lock-space %s) resumed on %s with %u locks",
-              S->id, S->client_id, S->space->name, c->peer,
-              g_hash_table_size(S->held));
-    send_welcome(c, m, S, WELCOME_RESUMED);
+              session->id, session->client_id, session->space->name, conn->peer,
+              g_hash_table_size(session->held));
+    session_send_welcome(conn, m, session, WELCOME_RESUMED);
     /* Revokes sent while it was away are lost: send them again */
-    session_resend_revokes(S);
+    lockspace_resend_revokes(session);
 }
 
 /*
- * Send the welcome for @S once the state writer has written what it says
+ * Send the welcome for @session once the state writer has written what it says
  * (@old_sha256: a reclaim, with the previous secret's hash).  Until then
  * the connection's input waits too: requests after hello need the welcome
  * first.
  */
-static void defer_welcome(ExtlockdConn *c, ExtlockMsg *m, ExtlockdSession *S,
-                          const char *old_sha256)
+static void session_defer_welcome(ExtlockdConn *conn, ExtlockMsg *m,
+                                  ExtlockdSession *session,
+                                  const char *old_sha256)
 {
-    ExtlockdServer *s = c->server;
+    ExtlockdServer *server = conn->server;
     DeferredWelcome *dw = g_new0(DeferredWelcome, 1);
 
-    dw->gen = save_state_async(s);
-    dw->conn_serial = c->serial;
-    g_strlcpy(dw->session, S->id, sizeof(dw->session));
+    dw->gen = server_save_state_async(server);
+    dw->conn_serial = conn->serial;
+    g_strlcpy(dw->session, session->id, sizeof(dw->session));
     dw->has_id = m->has_id;
     dw->id = m->id;
     if (old_sha256) {
         dw->reclaim = true;
         g_strlcpy(dw->old_sha256, old_sha256, sizeof(dw->old_sha256));
     }
-    g_queue_push_tail(&s->welcomes, dw);
-    c->awaiting_state = true;
-    conn_set_events(c, c->events & ~G_IO_IN);
+    g_queue_push_tail(&server->welcomes, dw);
+    conn->awaiting_state = true;
+    conn_set_events(conn, conn->events & ~G_IO_IN);
 }
 
 /* hello with "session" of a session listed in the state file, in grace */
-static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
-                                 ExtlockdSession *S, uint32_t lease_ms,
-                                 int64_t now)
+static void session_handle_reclaim_hello(ExtlockdConn *conn, ExtlockMsg *m,
+                                         ExtlockdSession *session,
+                                         uint32_t lease_ms,
+                                         int64_t now)
 {
-    char old_sha256[sizeof(S->secret_sha256)];
+    char old_sha256[sizeof(session->secret_sha256)];
     unsigned n;
 
     /*
@@ -2147,185 +2185,199 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
      * the state writer), and with it this run's fence margin if it is
      * larger than the one recorded
      */
-    memcpy(old_sha256, S->secret_sha256, sizeof(old_sha256));
-    S->fence_margin_ms = MAX(S->fence_margin_ms,
-                             c->server->cfg.fence_margin_ms);
-    if (!session_new_secret(S)) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                   "cannot generate a resume secret");
+    memcpy(old_sha256, session->secret_sha256, sizeof(old_sha256));
+    session->fence_margin_ms = MAX(session->fence_margin_ms,
+                                   conn->server->cfg.fence_margin_ms);
+    if (!session_new_secret(session)) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                        "cannot generate a resume secret");
         return;
     }
-    if (S->conn) {
-        session_take_over(S);
+    if (session->conn) {
+        session_take_over(session);
     }
     /*
      * It came back before, reclaimed some locks and lost its connection
      * again: it reclaims everything anew.  Nothing waits in the table of
      * a lock-space in grace, so releasing grants nothing.
      */
-    n = session_release(S, true);
-    session_attach(S, c, lease_ms, now);
+    n = session_release(session, true);
+    session_attach(session, conn, lease_ms, now);
     g_message("session %s (%s, lock-space %s) is back on %s after the "
               "restart and may reclaim its locks for %" PRId64 " ms%s",
-              S->id, S->client_id, S->space->name, c->peer,
-              grace_remaining_ms(S->space, now),
+              session->id, session->client_id, session->space->name, conn->peer,
+              lockspace_grace_remaining_ms(session->space, now),
               n ? " (locks it had reclaimed already were dropped)" : "");
-    defer_welcome(c, m, S, old_sha256);
+    session_defer_welcome(conn, m, session, old_sha256);
 }
 
-static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
+static void session_handle_hello(ExtlockdConn *conn, ExtlockMsg *m)
 {
-    ExtlockdServer *s = c->server;
-    ExtlockdSession *S;
+    ExtlockdServer *server = conn->server;
+    ExtlockdSession *session;
     int64_t now = g_get_monotonic_time();
     g_autofree char *why = NULL;
     uint32_t lease_ms;
 
-    if (c->session) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
-                   "this connection already has session %s",
-                   c->session->id);
+    if (conn->session) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                        "this connection already has session %s",
+                        conn->session->id);
         return;
     }
     if (m->version != EXTLOCK_PROTOCOL_VERSION) {
-        log_refusal(s, "%s: hello with protocol version %u refused (this "
-                    "server speaks version %d)", c->peer, m->version,
-                    EXTLOCK_PROTOCOL_VERSION);
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_VERSION,
-                   "protocol version %u is not supported: this server "
-                   "speaks version %d only (version 2 sessions are resumed "
-                   "with the resume-secret of their welcome); upgrade the "
-                   "client", m->version, EXTLOCK_PROTOCOL_VERSION);
+        server_log_refusal(server,
+                           "%s: hello with protocol version %u refused (this "
+                           "server speaks version %d)", conn->peer, m->version,
+                           EXTLOCK_PROTOCOL_VERSION);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_VERSION,
+                        "protocol version %u is not supported: this "
+                        "server speaks version %d only (version 2 sessions "
+                        "are resumed with the resume-secret of their "
+                        "welcome); upgrade the client", m->version,
+                        EXTLOCK_PROTOCOL_VERSION);
         return;
     }
     if (!m->client_id || !m->lock_space) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
-                   "hello needs \"client-id\" and \"lock-space\"");
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                        "hello needs \"client-id\" and \"lock-space\"");
         return;
     }
-    lease_ms = m->lease_ms ? m->lease_ms : s->cfg.lease_ms;
+    lease_ms = m->lease_ms ? m->lease_ms : server->cfg.lease_ms;
     if (lease_ms < EXTLOCK_MIN_LEASE_MS || lease_ms > EXTLOCK_MAX_LEASE_MS) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
-                   "lease-ms %u is outside [%d, %d]", lease_ms,
-                   EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                        "lease-ms %u is outside [%d, %d]", lease_ms,
+                        EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS);
         return;
     }
-    if (!extlockd_policy_allows(s->policy, c->identity, m->lock_space,
+    if (!extlockd_policy_allows(server->policy, conn->identity, m->lock_space,
                                 m->client_id, &why)) {
-        log_refusal(s, "%s: hello refused: %s", c->peer, why);
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED, "%s", why);
+        server_log_refusal(server, "%s: hello refused: %s", conn->peer, why);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_DENIED, "%s", why);
         return;
     }
     if (m->session) {
-        S = g_hash_table_lookup(s->sessions, m->session);
-        if (S && (!S->owner || strcmp(S->owner, c->identity) != 0 ||
-                  !session_secret_ok(S, m->resume_secret))) {
+        session = g_hash_table_lookup(server->sessions, m->session);
+        if (session && (!session->owner || strcmp(session->owner,
+                                                  conn->identity) != 0 ||
+                        !session_secret_ok(session, m->resume_secret))) {
             /* Nothing changes for the owner: no take-over, no reclaim */
-            log_refusal(s, "%s: identity %s may not resume session %s "
-                        "(%s): %s", c->peer, c->identity, S->id,
-                        S->client_id,
-                        !S->owner ? "it has no recorded owner" :
-                        strcmp(S->owner, c->identity) != 0 ?
-                        "it belongs to another identity" :
-                        "wrong or missing resume-secret");
-            send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
-                       "session %s cannot be resumed by this identity (%s) "
-                       "with %s resume-secret", m->session, c->identity,
-                       m->resume_secret ? "this" : "no");
+            server_log_refusal(server,
+                               "%s: identity %s may not resume session %s "
+                               "(%s): %s", conn->peer, conn->identity,
+                               session->id,
+                               session->client_id,
+                               !session->owner ? "it has no recorded owner" :
+                               strcmp(session->owner, conn->identity) != 0 ?
+                               "it belongs to another identity" :
+                               "wrong or missing resume-secret");
+            conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                            "session %s cannot be resumed by this identity "
+                            "(%s) with %s resume-secret", m->session,
+                            conn->identity, m->resume_secret ? "this" : "no");
             return;
         }
-        if (S && (strcmp(S->client_id, m->client_id) != 0 ||
-                  strcmp(S->space->name, m->lock_space) != 0)) {
-            send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
-                       "session %s does not belong to client-id %s in "
-                       "lock-space %s", m->session, m->client_id,
-                       m->lock_space);
+        if (session && (strcmp(session->client_id, m->client_id) != 0 ||
+                        strcmp(session->space->name, m->lock_space) != 0)) {
+            conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                            "session %s does not belong to client-id %s in "
+                            "lock-space %s", m->session, m->client_id,
+                            m->lock_space);
             return;
         }
-        if (S && (S->reclaiming ||
-                  (S->state != SESSION_EXPIRED && now < S->deadline_us)) &&
-            lease_ms > S->lease_ms) {
+        if (session && (session->reclaiming ||
+                        (session->state != SESSION_EXPIRED &&
+                         now < session->deadline_us)) &&
+            lease_ms > session->lease_ms) {
             /*
              * A longer lease must be in the state file before it is in
              * force: a restarted coordinator's grace period covers it
              */
             g_autoptr(GError) err = NULL;
-            uint32_t old = S->lease_ms;
+            uint32_t old = session->lease_ms;
 
-            S->lease_ms = lease_ms;
-            if (!save_state(s, s->epoch, &err)) {
-                S->lease_ms = old;
+            session->lease_ms = lease_ms;
+            if (!server_save_state(server, server->epoch, &err)) {
+                session->lease_ms = old;
                 g_warning("cannot record the longer lease of session %s in "
-                          "the state file: %s", S->id, err->message);
-                send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                           "cannot record the lease in the state file");
+                          "the state file: %s", session->id, err->message);
+                conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                                "cannot record the lease in the state file");
                 return;
             }
         }
-        if (S && S->reclaiming) {
-            handle_reclaim_hello(c, m, S, lease_ms, now);
+        if (session && session->reclaiming) {
+            session_handle_reclaim_hello(conn, m, session, lease_ms, now);
             return;
         }
-        if (S && S->state != SESSION_EXPIRED && now < S->deadline_us) {
-            handle_resume(c, m, S, lease_ms, now);
+        if (session && session->state != SESSION_EXPIRED &&
+            now < session->deadline_us) {
+            session_handle_resume(conn, m, session, lease_ms, now);
             return;
         }
         /* Unknown or expired: its locks are gone, start afresh */
     }
-    if (g_hash_table_size(s->sessions) >= s->cfg.max_sessions) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
-                   "too many sessions (limit %u)", s->cfg.max_sessions);
+    if (g_hash_table_size(server->sessions) >= server->cfg.max_sessions) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                        "too many sessions (limit %u)",
+                        server->cfg.max_sessions);
         return;
     }
-    if (identity_sessions(s, c->identity) >=
-        s->cfg.max_sessions_per_identity) {
-        log_refusal(s, "%s: hello refused: identity %s has %u sessions "
-                    "(--max-sessions-per-identity)", c->peer, c->identity,
-                    identity_sessions(s, c->identity));
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
-                   "too many sessions of identity %s (limit %u per "
-                   "identity, --max-sessions-per-identity): end some with "
-                   "bye, or let them expire", c->identity,
-                   s->cfg.max_sessions_per_identity);
+    if (session_count_identity(server, conn->identity) >=
+        server->cfg.max_sessions_per_identity) {
+        server_log_refusal(server,
+                           "%s: hello refused: identity %s has %u sessions "
+                           "(--max-sessions-per-identity)", conn->peer,
+                           conn->identity,
+                           session_count_identity(server, conn->identity));
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                        "too many sessions of identity %s (limit %u per "
+                        "identity, --max-sessions-per-identity): end some with "
+                        "bye, or let them expire", conn->identity,
+                        server->cfg.max_sessions_per_identity);
         return;
     }
-    S = session_alloc(s, NULL, m->client_id, m->lock_space, lease_ms, now);
-    S->owner = g_strdup(c->identity);
-    identity_session_add(S);
-    if (!session_new_secret(S)) {
-        session_destroy_nosave(S);
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                   "cannot generate a resume secret");
+    session = session_alloc(server, NULL, m->client_id, m->lock_space, lease_ms,
+                            now);
+    session->owner = g_strdup(conn->identity);
+    session_identity_add(session);
+    if (!session_new_secret(session)) {
+        session_destroy_nosave(session);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                        "cannot generate a resume secret");
         return;
     }
-    session_attach(S, c, lease_ms, now);
+    session_attach(session, conn, lease_ms, now);
     /* The session is durable before the client learns about it */
-    defer_welcome(c, m, S, NULL);
+    session_defer_welcome(conn, m, session, NULL);
     if (m->session) {
         g_message("session %s (%s, lock-space %s) started on %s, lease %u "
                   "ms, replacing session %s, which is unknown or expired",
-                  S->id, S->client_id, S->space->name, c->peer, lease_ms,
+                  session->id, session->client_id, session->space->name,
+                  conn->peer, lease_ms,
                   m->session);
     } else {
         g_message("session %s (%s, lock-space %s) started on %s by %s, "
-                  "lease %u ms", S->id, S->client_id, S->space->name,
-                  c->peer, c->identity, lease_ms);
+                  "lease %u ms", session->id, session->client_id,
+                  session->space->name,
+                  conn->peer, conn->identity, lease_ms);
     }
 }
 
-static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
+static void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
+                                  ExtlockMsg *m)
 {
-    ExtlockdServer *s = c->server;
-    ExtlockdSpace *space = S->space;
+    ExtlockdServer *server = conn->server;
+    ExtlockdLockSpace *space = session->space;
     ExtlockLock req;
     ExtlockLock *lock;
     uint64_t token;
     unsigned count;
 
     if (!extlock_extent_valid(m->offset, m->length)) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
-                   "invalid extent offset %" PRIu64 " length %" PRIu64,
-                   m->offset, m->length);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                        "invalid extent offset %" PRIu64 " length %" PRIu64,
+                        m->offset, m->length);
         return;
     }
     memset(&req, 0, sizeof(req));
@@ -2336,37 +2388,39 @@ static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
         if (!extlock_extent_valid(m->limit_offset, m->limit_length) ||
             m->limit_offset > m->offset ||
             m->limit_offset + m->limit_length < m->offset + m->length) {
-            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
-                       "limit [%" PRIu64 ", +%" PRIu64 ") does not contain "
-                       "the requested extent", m->limit_offset,
-                       m->limit_length);
+            conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                            "limit [%" PRIu64 ", +%" PRIu64 ") does not "
+                            "contain the requested extent", m->limit_offset,
+                            m->limit_length);
             return;
         }
         req.limit.start = m->limit_offset;
         req.limit.end = m->limit_offset + m->limit_length;
     }
-    count = g_hash_table_size(S->held) + g_hash_table_size(S->waiting);
-    if (count >= s->cfg.max_locks_per_session) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
-                   "session has %u locks and waiting requests (limit %u)",
-                   count, s->cfg.max_locks_per_session);
+    count = g_hash_table_size(session->held) +
+            g_hash_table_size(session->waiting);
+    if (count >= server->cfg.max_locks_per_session) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                        "session has %u locks and waiting requests (limit %u)",
+                        count, server->cfg.max_locks_per_session);
         return;
     }
-    if (session_find_waiting(S, m->id)) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
-                   "request %" PRIu64 " is already waiting", m->id);
+    if (session_find_waiting(session, m->id)) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                        "request %" PRIu64 " is already waiting", m->id);
         return;
     }
     if (G_UNLIKELY(space->in_grace) && !m->wait) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_GRACE,
-                   "lock-space %s is in its restart grace period for "
-                   "another %" PRId64 " ms", space->name,
-                   grace_remaining_ms(space, g_get_monotonic_time()));
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_GRACE,
+                        "lock-space %s is in its restart grace period for "
+                        "another %" PRId64 " ms", space->name,
+                        lockspace_grace_remaining_ms(space,
+                                                     g_get_monotonic_time()));
         return;
     }
-    if (!next_token(s, &token)) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                   "cannot persist a new token epoch");
+    if (!server_next_token(server, &token)) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                        "cannot persist a new token epoch");
         return;
     }
     req.mode = m->mode;
@@ -2376,12 +2430,12 @@ static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
     if (m->wait) {
         if (m->has_limit) {
             /* It caches locks: it wants to know when to give them back */
-            session_set_revocable(S);
+            session_set_revocable(session);
         }
         if (G_UNLIKELY(space->in_grace)) {
-            space_defer(space, S, c, &req);
+            lockspace_defer(space, session, conn, &req);
         } else {
-            space_submit(space, S, c, &req, true);
+            lockspace_submit(space, session, conn, &req, true);
         }
         return;
     }
@@ -2391,56 +2445,58 @@ static void handle_lock(ExtlockdConn *c, ExtlockdSession *S, ExtlockMsg *m)
      * changes nothing.  Such a lock does not grow.
      */
     lock = extlock_table_reclaim(space->table, req.requested, m->mode, token,
-                                 S, m->id);
+                                 session, m->id);
     if (!lock) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_WOULD_BLOCK,
-                   "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with "
-                   "a held or waiting lock", m->offset, m->length,
-                   extlock_mode_name(m->mode));
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_WOULD_BLOCK,
+                        "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with "
+                        "a held or waiting lock", m->offset, m->length,
+                        extlock_mode_name(m->mode));
         return;
     }
     space->nowait_grants++;
     if (m->has_limit) {
-        session_set_revocable(S);
+        session_set_revocable(session);
     }
-    g_hash_table_add(S->held, lock);
-    log_lock(s, "grant", lock, NULL);
-    format_granted(c, lock);
+    g_hash_table_add(session->held, lock);
+    lockspace_log_lock(server, "grant", lock, NULL);
+    lockspace_send_granted(conn, lock);
 }
 
-static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
-                          ExtlockMsg *m)
+static void lockspace_handle_unlock(ExtlockdConn *conn,
+                                    ExtlockdSession *session,
+                                    ExtlockMsg *m)
 {
-    ExtlockdServer *s = c->server;
-    ExtlockTable *table = S->space->table;
+    ExtlockdServer *server = conn->server;
+    ExtlockTable *table = session->space->table;
     ExtlockLock *lock = extlock_table_lookup(table, m->lock);
     ExtlockLock *split = NULL;
     ExtlockMsg r;
 
-    if (!lock || lock->owner != S || lock->state != EXTLOCK_LOCK_GRANTED) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
-                   "lock %" PRIu64 " is not held by this session",
-                   m->lock);
+    if (!lock || lock->owner != session ||
+        lock->state != EXTLOCK_LOCK_GRANTED) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                        "lock %" PRIu64 " is not held by this session",
+                        m->lock);
         return;
     }
-    g_array_set_size(s->pieces, 0);
+    g_array_set_size(server->pieces, 0);
     if (m->has_extent) {
         ExtlockExtent ext = lock->node.ext;
         ExtlockExtent part;
 
         if (!extlock_extent_valid(m->offset, m->length)) {
-            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
-                       "invalid extent offset %" PRIu64 " length %" PRIu64,
-                       m->offset, m->length);
+            conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                            "invalid extent offset %" PRIu64 " length %" PRIu64,
+                            m->offset, m->length);
             return;
         }
         part.start = m->offset;
         part.end = m->offset + m->length;
         if (part.start < ext.start || part.end > ext.end) {
-            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
-                       "[%" PRIu64 ", %" PRIu64 ") is not inside lock %"
-                       PRIu64 " [%" PRIu64 ", %" PRIu64 ")", part.start,
-                       part.end, lock->id, ext.start, ext.end);
+            conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                            "[%" PRIu64 ", %" PRIu64 ") is not inside lock %"
+                            PRIu64 " [%" PRIu64 ", %" PRIu64 ")", part.start,
+                            part.end, lock->id, ext.start, ext.end);
             return;
         }
         if (part.start != ext.start || part.end != ext.end) {
@@ -2448,12 +2504,12 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
             int ret;
 
             /* Logged first: the release may grant the part to others */
-            log_lock(s, "release", lock, &part);
+            lockspace_log_lock(server, "release", lock, &part);
             ret = extlock_table_release_part(table, lock, part, &rest,
                                              &split);
             if (ret < 0) {
-                send_error(c, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                           "partial release failed: %s", g_strerror(-ret));
+                conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                                "partial release failed: %s", g_strerror(-ret));
                 return;
             }
             if (rest) {
@@ -2462,7 +2518,7 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
                     .offset = rest->node.ext.start,
                     .length = rest->node.ext.end - rest->node.ext.start,
                 };
-                g_array_append_val(s->pieces, p);
+                g_array_append_val(server->pieces, p);
             }
             if (split) {
                 ExtlockPiece p = {
@@ -2470,14 +2526,14 @@ static void handle_unlock(ExtlockdConn *c, ExtlockdSession *S,
                     .offset = split->node.ext.start,
                     .length = split->node.ext.end - split->node.ext.start,
                 };
-                g_hash_table_add(S->held, split);
-                g_array_append_val(s->pieces, p);
+                g_hash_table_add(session->held, split);
+                g_array_append_val(server->pieces, p);
             }
             goto reply;
         }
     }
-    g_hash_table_remove(S->held, lock);
-    log_lock(s, "release", lock, NULL);
+    g_hash_table_remove(session->held, lock);
+    lockspace_log_lock(server, "release", lock, NULL);
     extlock_table_release(table, lock);
 
 reply:
@@ -2485,88 +2541,93 @@ reply:
     r.has_id = m->has_id;
     r.id = m->id;
     r.lock = m->lock;
-    r.pieces = s->pieces;
-    send_msg(c, &r);
+    r.pieces = server->pieces;
+    conn_send_msg(conn, &r);
     if (split) {
         /* A new lock id, which the client knows only from the reply */
-        revoke_new_lock(table, split);
+        lockspace_revoke_new_lock(table, split);
     }
 }
 
-static void handle_cancel(ExtlockdConn *c, ExtlockdSession *S,
-                          ExtlockMsg *m)
+static void lockspace_handle_cancel(ExtlockdConn *conn,
+                                    ExtlockdSession *session,
+                                    ExtlockMsg *m)
 {
-    ExtlockLock *lock = session_find_waiting(S, m->request);
+    ExtlockLock *lock = session_find_waiting(session, m->request);
     ExtlockMsg r;
 
     if (!lock) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
-                   "request %" PRIu64 " is not waiting", m->request);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                        "request %" PRIu64 " is not waiting", m->request);
         return;
     }
-    g_hash_table_remove(S->waiting, lock);
-    waiter_cancel(S->space, lock);
+    g_hash_table_remove(session->waiting, lock);
+    lockspace_cancel_waiter(session->space, lock);
 
     extlock_msg_init(&r, EXTLOCK_MSG_CANCELLED);
     r.has_id = m->has_id;
     r.id = m->id;
     r.request = m->request;
-    send_msg(c, &r);
-    extlock_format_error(conn_out(c), true, m->request,
+    conn_send_msg(conn, &r);
+    extlock_format_error(conn_out(conn), true, m->request,
                          EXTLOCK_ERR_CANCELLED,
                          "lock request cancelled by request %" PRIu64,
                          m->id);
 }
 
-static void handle_renew(ExtlockdConn *c, ExtlockdSession *S,
-                         ExtlockMsg *m)
+static void session_handle_renew(ExtlockdConn *conn, ExtlockdSession *session,
+                                 ExtlockMsg *m)
 {
     ExtlockMsg r;
 
-    S->deadline_us = g_get_monotonic_time() + (int64_t)S->lease_ms * 1000;
+    session->deadline_us = g_get_monotonic_time() +
+                           (int64_t)session->lease_ms * 1000;
     extlock_msg_init(&r, EXTLOCK_MSG_RENEWED);
     r.has_id = m->has_id;
     r.id = m->id;
-    r.lease_ms = S->lease_ms;
-    send_msg(c, &r);
+    r.lease_ms = session->lease_ms;
+    conn_send_msg(conn, &r);
 }
 
-static void handle_downgrade(ExtlockdConn *c, ExtlockdSession *S,
-                             ExtlockMsg *m)
+static void lockspace_handle_downgrade(ExtlockdConn *conn,
+                                       ExtlockdSession *session,
+                                       ExtlockMsg *m)
 {
-    ExtlockTable *table = S->space->table;
+    ExtlockTable *table = session->space->table;
     ExtlockLock *lock = extlock_table_lookup(table, m->lock);
     ExtlockMsg r;
 
-    if (!lock || lock->owner != S || lock->state != EXTLOCK_LOCK_GRANTED) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
-                   "lock %" PRIu64 " is not held by this session",
-                   m->lock);
+    if (!lock || lock->owner != session ||
+        lock->state != EXTLOCK_LOCK_GRANTED) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                        "lock %" PRIu64 " is not held by this session",
+                        m->lock);
         return;
     }
-    session_set_revocable(S);
+    session_set_revocable(session);
     if (lock->mode == EXTLOCK_MODE_EXCLUSIVE) {
         ExtlockLock shared = *lock;
 
         shared.mode = EXTLOCK_MODE_SHARED;
-        log_lock(c->server, "downgrade", &shared, NULL);
+        lockspace_log_lock(conn->server, "downgrade", &shared, NULL);
     }
-    /* Shared waiters it unblocks are granted (space_grant_cb) */
+    /* Shared waiters it unblocks are granted (lockspace_grant_cb) */
     extlock_table_downgrade(table, lock);
     extlock_msg_init(&r, EXTLOCK_MSG_DOWNGRADED);
     r.has_id = m->has_id;
     r.id = m->id;
     r.lock = lock->id;
     r.mode = lock->mode;
-    send_msg(c, &r);
+    conn_send_msg(conn, &r);
 }
 
-static void reclaim_conflict_cb(ExtlockLock *lock, void *opaque)
+static void lockspace_reclaim_conflict_cb(ExtlockLock *lock, void *opaque)
 {
     g_ptr_array_add(opaque, lock);
 }
 
-static bool extent_disputed(ExtlockdSpace *space, ExtlockExtent ext)
+static bool lockspace_extent_disputed(ExtlockdLockSpace *space,
+                                      ExtlockExtent ext)
 {
     for (guint i = 0; space->disputed && i < space->disputed->len; i++) {
         ExtlockExtent *d = &g_array_index(space->disputed, ExtlockExtent, i);
@@ -2578,10 +2639,11 @@ static bool extent_disputed(ExtlockdSpace *space, ExtlockExtent ext)
     return false;
 }
 
-static void space_add_dispute(ExtlockdSpace *space, ExtlockExtent ext,
-                              ExtlockdSession *S, int64_t now)
+static void lockspace_add_dispute(ExtlockdLockSpace *space, ExtlockExtent ext,
+                                  ExtlockdSession *session, int64_t now)
 {
-    int64_t until = now + ((int64_t)S->lease_ms + S->fence_margin_ms) * 1000;
+    int64_t until = now + ((int64_t)session->lease_ms +
+                           session->fence_margin_ms) * 1000;
 
     if (!space->disputed) {
         space->disputed = g_array_new(FALSE, FALSE, sizeof(ExtlockExtent));
@@ -2591,7 +2653,7 @@ static void space_add_dispute(ExtlockdSpace *space, ExtlockExtent ext,
 }
 
 /*
- * Session @S reclaims @ext in @mode, which conflicts with locks that
+ * Session @session reclaims @ext in @mode, which conflicts with locks that
  * other sessions reclaimed before (@others).  The coordinator cannot tell
  * which claim is true (locks are not persisted), so nobody gets the
  * extent: the earlier reclaims are dropped and their sessions told, the
@@ -2599,17 +2661,18 @@ static void space_add_dispute(ExtlockdSpace *space, ExtlockExtent ext,
  * lock-space is granted before every claimant has had its lease and fence
  * margin to stop writing (the grace period is extended).
  */
-static void reclaim_dispute(ExtlockdSession *S, ExtlockExtent ext,
-                            ExtlockMode mode, GPtrArray *others)
+static void lockspace_reclaim_dispute(ExtlockdSession *session,
+                                      ExtlockExtent ext,
+                                      ExtlockMode mode, GPtrArray *others)
 {
-    ExtlockdServer *s = S->server;
-    ExtlockdSpace *space = S->space;
+    ExtlockdServer *server = session->server;
+    ExtlockdLockSpace *space = session->space;
     int64_t now = g_get_monotonic_time();
 
-    space_add_dispute(space, ext, S, now);
+    lockspace_add_dispute(space, ext, session, now);
     for (guint i = 0; i < others->len; i++) {
         ExtlockLock *lock = others->pdata[i];
-        ExtlockdSession *S2 = lock->owner;
+        ExtlockdSession *other = lock->owner;
         ExtlockExtent e = lock->node.ext;
 
         g_warning("RECLAIM CONFLICT in lock-space %s: session %s (%s, "
@@ -2618,17 +2681,18 @@ static void reclaim_dispute(ExtlockdSession *S, ExtlockExtent ext,
                   PRIu64 " [%" PRIu64 ", +%" PRIu64 ") %s: at most one "
                   "of them held it before the restart; neither keeps it, "
                   "and nothing is granted in the lock-space for the next "
-                  "%" PRId64 " ms", space->name, S->id, S->client_id,
-                  S->owner ? S->owner : "(unknown)", ext.start,
-                  ext.end - ext.start, extlock_mode_name(mode), S2->id,
-                  S2->client_id, S2->owner ? S2->owner : "(unknown)",
+                  "%" PRId64 " ms", space->name, session->id,
+                  session->client_id,
+                  session->owner ? session->owner : "(unknown)", ext.start,
+                  ext.end - ext.start, extlock_mode_name(mode), other->id,
+                  other->client_id, other->owner ? other->owner : "(unknown)",
                   lock->id, e.start, e.end - e.start,
                   extlock_mode_name(lock->mode),
                   (MAX(space->dispute_until_us,
-                       now + ((int64_t)S2->lease_ms + S2->fence_margin_ms) *
-                       1000) - now) / 1000);
-        space_add_dispute(space, e, S2, now);
-        if (S2->conn) {
+                       now + ((int64_t)other->lease_ms +
+                              other->fence_margin_ms) * 1000) - now) / 1000);
+        lockspace_add_dispute(space, e, other, now);
+        if (other->conn) {
             ExtlockMsg n;
 
             /* A notification naming the lock, so the client drops it */
@@ -2639,68 +2703,70 @@ static void reclaim_dispute(ExtlockdSession *S, ExtlockExtent ext,
                                         PRIu64 ") that you reclaimed is "
                                         "dropped: session %s (%s) reclaimed "
                                         "a conflicting lock", lock->id,
-                                        e.start, e.end - e.start, S->id,
-                                        S->client_id);
-            s->nerrors++;
-            extlock_msg_format(&n, conn_out(S2->conn));
+                                        e.start, e.end - e.start, session->id,
+                                        session->client_id);
+            server->nerrors++;
+            extlock_msg_format(&n, conn_out(other->conn));
             extlock_msg_clear(&n);
         }
-        g_hash_table_remove(S2->held, lock);
-        log_lock(s, "release", lock, NULL);
+        g_hash_table_remove(other->held, lock);
+        lockspace_log_lock(server, "release", lock, NULL);
         extlock_table_release(space->table, lock);
     }
 }
 
 /* Re-assert a lock held before the restart, with its original token */
-static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
-                           ExtlockMsg *m)
+static void lockspace_handle_reclaim(ExtlockdConn *conn,
+                                     ExtlockdSession *session,
+                                     ExtlockMsg *m)
 {
-    ExtlockdServer *s = c->server;
-    ExtlockdSpace *space = S->space;
+    ExtlockdServer *server = conn->server;
+    ExtlockdLockSpace *space = session->space;
     uint64_t epoch = m->token >> EXTLOCKD_COUNTER_BITS;
     ExtlockExtent ext;
     ExtlockLock *lock;
     unsigned count;
 
-    if (!S->reclaiming) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
-                   "session %s cannot reclaim locks: %s", S->id,
-                   space->in_grace ? "it is not listed in the state file "
-                   "or has sent reclaim-done"
-                   : "its lock-space has no restart grace period");
+    if (!session->reclaiming) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                        "session %s cannot reclaim locks: %s", session->id,
+                        space->in_grace ? "it is not listed in the state file "
+                        "or has sent reclaim-done"
+                        : "its lock-space has no restart grace period");
         return;
     }
     if (!extlock_extent_valid(m->offset, m->length)) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_RANGE,
-                   "invalid extent offset %" PRIu64 " length %" PRIu64,
-                   m->offset, m->length);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_RANGE,
+                        "invalid extent offset %" PRIu64 " length %" PRIu64,
+                        m->offset, m->length);
         return;
     }
-    if (epoch == 0 || epoch >= s->boot_epoch ||
+    if (epoch == 0 || epoch >= server->boot_epoch ||
         (m->token & (EXTLOCKD_COUNTER_LIMIT - 1)) == 0) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
-                   "token %" PRIu64 " (epoch %" PRIu64 ") was not handed "
-                   "out before this coordinator started in epoch %" PRIu64,
-                   m->token, epoch, s->boot_epoch);
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                        "token %" PRIu64 " (epoch %" PRIu64 ") was not handed "
+                        "out before this coordinator started in epoch %" PRIu64,
+                        m->token, epoch, server->boot_epoch);
         return;
     }
-    count = g_hash_table_size(S->held) + g_hash_table_size(S->waiting);
-    if (count >= s->cfg.max_locks_per_session) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
-                   "session has %u locks and waiting requests (limit %u)",
-                   count, s->cfg.max_locks_per_session);
+    count = g_hash_table_size(session->held) +
+            g_hash_table_size(session->waiting);
+    if (count >= server->cfg.max_locks_per_session) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                        "session has %u locks and waiting requests (limit %u)",
+                        count, server->cfg.max_locks_per_session);
         return;
     }
     ext.start = m->offset;
     ext.end = m->offset + m->length;
-    if (extent_disputed(space, ext)) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_RECLAIM_CONFLICT,
-                   "[%" PRIu64 ", +%" PRIu64 ") is disputed: two sessions "
-                   "reclaimed it in conflict; request it anew after the "
-                   "grace period", m->offset, m->length);
+    if (lockspace_extent_disputed(space, ext)) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_RECLAIM_CONFLICT,
+                        "[%" PRIu64 ", +%" PRIu64 ") is disputed: two sessions "
+                        "reclaimed it in conflict; request it anew after the "
+                        "grace period", m->offset, m->length);
         return;
     }
-    lock = extlock_table_reclaim(space->table, ext, m->mode, m->token, S,
+    lock = extlock_table_reclaim(space->table, ext, m->mode, m->token, session,
                                  m->id);
     if (!lock) {
         g_autoptr(GPtrArray) others = g_ptr_array_new();
@@ -2709,37 +2775,39 @@ static void handle_reclaim(ExtlockdConn *c, ExtlockdSession *S,
 
         probe.node.ext = ext;
         extlock_table_foreach_conflict(space->table, &probe,
-                                       reclaim_conflict_cb, all);
+                                       lockspace_reclaim_conflict_cb, all);
         for (guint i = 0; i < all->len; i++) {
-            if (((ExtlockLock *)all->pdata[i])->owner != S) {
+            if (((ExtlockLock *)all->pdata[i])->owner != session) {
                 g_ptr_array_add(others, all->pdata[i]);
             }
         }
         if (others->len) {
-            reclaim_dispute(S, ext, m->mode, others);
-            send_error(c, m->has_id, m->id, EXTLOCK_ERR_RECLAIM_CONFLICT,
-                       "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a "
-                       "lock reclaimed by another session: the extent is "
-                       "disputed, neither session keeps it; request it "
-                       "anew after the grace period", m->offset,
-                       m->length, extlock_mode_name(m->mode));
+            lockspace_reclaim_dispute(session, ext, m->mode, others);
+            conn_send_error(conn, m->has_id, m->id,
+                            EXTLOCK_ERR_RECLAIM_CONFLICT,
+                            "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a "
+                            "lock reclaimed by another session: the extent is "
+                            "disputed, neither session keeps it; request it "
+                            "anew after the grace period", m->offset,
+                            m->length, extlock_mode_name(m->mode));
             return;
         }
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
-                   "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a lock "
-                   "this session reclaimed", m->offset, m->length,
-                   extlock_mode_name(m->mode));
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                        "[%" PRIu64 ", +%" PRIu64 ") %s conflicts with a lock "
+                        "this session reclaimed", m->offset, m->length,
+                        extlock_mode_name(m->mode));
         return;
     }
-    session_set_revocable(S);
+    session_set_revocable(session);
     space->reclaims++;
-    g_hash_table_add(S->held, lock);
-    log_lock(s, "reclaim", lock, NULL);
-    format_granted(c, lock);
+    g_hash_table_add(session->held, lock);
+    lockspace_log_lock(server, "reclaim", lock, NULL);
+    lockspace_send_granted(conn, lock);
 }
 
-static void handle_reclaim_done(ExtlockdConn *c, ExtlockdSession *S,
-                                ExtlockMsg *m)
+static void lockspace_handle_reclaim_done(ExtlockdConn *conn,
+                                          ExtlockdSession *session,
+                                          ExtlockMsg *m)
 {
     ExtlockMsg r;
 
@@ -2750,46 +2818,48 @@ static void handle_reclaim_done(ExtlockdConn *c, ExtlockdSession *S,
     extlock_msg_init(&r, EXTLOCK_MSG_RECLAIM_COMPLETE);
     r.has_id = m->has_id;
     r.id = m->id;
-    send_msg(c, &r);
-    if (S->reclaiming) {
+    conn_send_msg(conn, &r);
+    if (session->reclaiming) {
         g_message("session %s (%s, lock-space %s) reclaimed %u locks",
-                  S->id, S->client_id, S->space->name,
-                  g_hash_table_size(S->held));
-        session_end_reclaim(S);
+                  session->id, session->client_id, session->space->name,
+                  g_hash_table_size(session->held));
+        session_end_reclaim(session);
     }
-    if (S->resend_revokes) {
-        S->resend_revokes = false;
-        session_resend_revokes(S);
+    if (session->resend_revokes) {
+        session->resend_revokes = false;
+        lockspace_resend_revokes(session);
     }
 }
 
-static void handle_bye(ExtlockdConn *c, ExtlockMsg *m)
+static void session_handle_bye(ExtlockdConn *conn, ExtlockMsg *m)
 {
-    ExtlockdSession *S = c->session;
+    ExtlockdSession *session = conn->session;
     ExtlockMsg r;
 
-    if (S) {
-        unsigned n = session_release(S, true);
+    if (session) {
+        unsigned n = session_release(session, true);
 
         g_message("session %s (%s, lock-space %s) said bye, released %u "
-                  "locks", S->id, S->client_id, S->space->name, n);
-        session_destroy(S);
+                  "locks", session->id, session->client_id,
+                  session->space->name, n);
+        session_destroy(session);
     }
     extlock_msg_init(&r, EXTLOCK_MSG_GOODBYE);
     r.has_id = m->has_id;
     r.id = m->id;
-    send_msg(c, &r);
-    conn_close_after_flush(c);
+    conn_send_msg(conn, &r);
+    conn_close_after_flush(conn);
 }
 
 /*
  * Admin: release the locks of an expired session now, without waiting
  * for its fence agent (dangerous: see docs/extlockd.rst)
  */
-static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
+static void session_handle_release(ExtlockdConn *conn, ExtlockMsg *m)
 {
-    ExtlockdServer *s = c->server;
-    ExtlockdSession *S = g_hash_table_lookup(s->sessions, m->session);
+    ExtlockdServer *server = conn->server;
+    ExtlockdSession *session = g_hash_table_lookup(server->sessions,
+                                                   m->session);
     g_autofree char *fence = NULL;
     ExtlockMsg r;
     unsigned n;
@@ -2799,62 +2869,67 @@ static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
      * admins may, and the refusal changes nothing (the session is not
      * even looked up, so its existence is not revealed either)
      */
-    if (!c->identity || !extlockd_policy_is_admin(s->policy, c->identity)) {
-        log_refusal(s, "%s: release-session of %s refused: identity %s "
-                    "is not an admin", c->peer, m->session,
-                    c->identity ? c->identity : "(none)");
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_DENIED,
-                   "release-session needs an admin identity (this "
-                   "connection is %s)",
-                   c->identity ? c->identity : "unidentified");
+    if (!conn->identity || !extlockd_policy_is_admin(server->policy,
+                                                     conn->identity)) {
+        server_log_refusal(server,
+                           "%s: release-session of %s refused: identity %s "
+                           "is not an admin", conn->peer, m->session,
+                           conn->identity ? conn->identity : "(none)");
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_DENIED,
+                        "release-session needs an admin identity (this "
+                        "connection is %s)",
+                        conn->identity ? conn->identity : "unidentified");
         return;
     }
-    if (!S) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
-                   "no session %s", m->session);
+    if (!session) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
+                        "no session %s", m->session);
         return;
     }
-    if (S->state != SESSION_EXPIRED) {
-        send_error(c, m->has_id, m->id, EXTLOCK_ERR_STATE,
-                   "session %s (%s) is %s, not expired: its lease still "
-                   "runs", S->id, S->client_id,
-                   session_state_names[S->state]);
+    if (session->state != SESSION_EXPIRED) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_STATE,
+                        "session %s (%s) is %s, not expired: its lease still "
+                        "runs", session->id, session->client_id,
+                        session_state_names[session->state]);
         return;
     }
-    if (S->fence) {
+    if (session->fence) {
         fence = g_strdup_printf("fence agent: %s after %u attempt(s)%s%s",
-                                extlockd_fence_state(S->fence) ==
+                                extlockd_fence_state(session->fence) ==
                                 EXTLOCKD_FENCE_OK ? "succeeded" :
-                                extlockd_fence_state(S->fence) ==
+                                extlockd_fence_state(session->fence) ==
                                 EXTLOCKD_FENCE_FAILED ? "failed" : "running",
-                                extlockd_fence_attempts(S->fence),
-                                extlockd_fence_message(S->fence) ? ": " : "",
-                                extlockd_fence_message(S->fence) ?: "");
+                                extlockd_fence_attempts(session->fence),
+                                extlockd_fence_message(session->fence) ?
+                                ": " : "",
+                                extlockd_fence_message(session->fence) ?: "");
     }
     g_warning("session %s (%s, lock-space %s) FORCE-RELEASED by an "
               "administrator on %s (reason: %s; %s): %u locks released "
-              "without waiting for fencing", S->id, S->client_id,
-              S->space->name, c->peer, m->message ? m->message : "none given",
-              fence ? fence : "no fence agent", g_hash_table_size(S->held));
-    extlockd_fence_cancel(S->fence);
-    S->fence = NULL;
-    n = session_release(S, true);
-    if (S->grace_fenced) {
-        ExtlockdSpace *space = S->space;
+              "without waiting for fencing", session->id, session->client_id,
+              session->space->name, conn->peer,
+              m->message ? m->message : "none given",
+              fence ? fence : "no fence agent",
+              g_hash_table_size(session->held));
+    extlockd_fence_cancel(session->fence);
+    session->fence = NULL;
+    n = session_release(session, true);
+    if (session->grace_fenced) {
+        ExtlockdLockSpace *space = session->space;
 
-        g_queue_unlink(&space->grace_fenced, &S->reclaim_link);
-        S->grace_fenced = false;
-        if (!S->fence_ok) {
+        g_queue_unlink(&space->grace_fenced, &session->reclaim_link);
+        session->grace_fenced = false;
+        if (!session->fence_ok) {
             space->grace_fence_pending--;
         }
         space->nsessions++;     /* keep @space until its grace ends */
-        session_destroy(S);
+        session_destroy(session);
         if (space->in_grace && space->grace_fence_pending == 0) {
-            space_end_grace(space, true);
+            lockspace_end_grace(space, true);
         }
-        space_unref(space);
+        lockspace_unref(space);
     } else {
-        session_destroy(S);
+        session_destroy(session);
     }
 
     extlock_msg_init(&r, EXTLOCK_MSG_SESSION_RELEASED);
@@ -2862,36 +2937,36 @@ static void handle_release_session(ExtlockdConn *c, ExtlockMsg *m)
     r.id = m->id;
     r.session = m->session;
     r.released = n;
-    send_msg(c, &r);
+    conn_send_msg(conn, &r);
 }
 
-static void handle_line(ExtlockdConn *c, const char *line, size_t len)
+static void dispatch_line(ExtlockdConn *conn, const char *line, size_t len)
 {
-    ExtlockdServer *s = c->server;
-    ExtlockdSession *S = c->session;
+    ExtlockdServer *server = conn->server;
+    ExtlockdSession *session = conn->session;
     ExtlockProtoError err;
     ExtlockMsg m;
 
     extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
     if (!extlock_msg_parse(line, len, &m, &err)) {
-        send_error(c, m.has_id, m.id, err.code, "%s", err.message);
+        conn_send_error(conn, m.has_id, m.id, err.code, "%s", err.message);
         return;
     }
-    VERBOSE(s, "%s: %s request %" PRIu64, c->peer,
+    VERBOSE(server, "%s: %s request %" PRIu64, conn->peer,
             extlock_msg_type_name(m.type), m.id);
 
     switch (m.type) {
     case EXTLOCK_MSG_HELLO:
-        handle_hello(c, &m);
+        session_handle_hello(conn, &m);
         break;
     case EXTLOCK_MSG_STATUS:
-        handle_status(c, &m);
+        status_handle(conn, &m);
         break;
     case EXTLOCK_MSG_BYE:
-        handle_bye(c, &m);
+        session_handle_bye(conn, &m);
         break;
     case EXTLOCK_MSG_RELEASE_SESSION:
-        handle_release_session(c, &m);
+        session_handle_release(conn, &m);
         break;
     case EXTLOCK_MSG_LOCK:
     case EXTLOCK_MSG_UNLOCK:
@@ -2900,28 +2975,29 @@ static void handle_line(ExtlockdConn *c, const char *line, size_t len)
     case EXTLOCK_MSG_DOWNGRADE:
     case EXTLOCK_MSG_RECLAIM:
     case EXTLOCK_MSG_RECLAIM_DONE:
-        if (!S) {
-            send_error(c, m.has_id, m.id, EXTLOCK_ERR_STATE,
-                       "%s before hello", extlock_msg_type_name(m.type));
+        if (!session) {
+            conn_send_error(conn, m.has_id, m.id, EXTLOCK_ERR_STATE,
+                            "%s before hello", extlock_msg_type_name(m.type));
         } else if (m.type == EXTLOCK_MSG_LOCK) {
-            handle_lock(c, S, &m);
+            lockspace_handle_lock(conn, session, &m);
         } else if (m.type == EXTLOCK_MSG_UNLOCK) {
-            handle_unlock(c, S, &m);
+            lockspace_handle_unlock(conn, session, &m);
         } else if (m.type == EXTLOCK_MSG_CANCEL) {
-            handle_cancel(c, S, &m);
+            lockspace_handle_cancel(conn, session, &m);
         } else if (m.type == EXTLOCK_MSG_RENEW) {
-            handle_renew(c, S, &m);
+            session_handle_renew(conn, session, &m);
         } else if (m.type == EXTLOCK_MSG_DOWNGRADE) {
-            handle_downgrade(c, S, &m);
+            lockspace_handle_downgrade(conn, session, &m);
         } else if (m.type == EXTLOCK_MSG_RECLAIM) {
-            handle_reclaim(c, S, &m);
+            lockspace_handle_reclaim(conn, session, &m);
         } else {
-            handle_reclaim_done(c, S, &m);
+            lockspace_handle_reclaim_done(conn, session, &m);
         }
         break;
     default:
-        send_error(c, m.has_id, m.id, EXTLOCK_ERR_UNKNOWN_TYPE,
-                   "\"%s\" is not a request", extlock_msg_type_name(m.type));
+        conn_send_error(conn, m.has_id, m.id, EXTLOCK_ERR_UNKNOWN_TYPE,
+                        "\"%s\" is not a request",
+                        extlock_msg_type_name(m.type));
         break;
     }
     extlock_msg_clear(&m);
@@ -2930,59 +3006,59 @@ static void handle_line(ExtlockdConn *c, const char *line, size_t len)
 /* ------------------------------------------------------------------ */
 /* Connections                                                         */
 
-static void conn_close_after_flush(ExtlockdConn *c)
+static void conn_close_after_flush(ExtlockdConn *conn)
 {
-    if (c->closing) {
+    if (conn->closing) {
         return;
     }
-    c->closing = true;
-    c->closing_since_us = g_get_monotonic_time();
-    conn_out(c);        /* the flush closes it once the output is out */
-    server_schedule(c->server, c->closing_since_us + CLOSE_TIMEOUT_US);
+    conn->closing = true;
+    conn->closing_since_us = g_get_monotonic_time();
+    conn_out(conn);        /* the flush closes it once the output is out */
+    server_schedule(conn->server, conn->closing_since_us + CLOSE_TIMEOUT_US);
 }
 
-static void conn_process_lines(ExtlockdConn *c)
+static void conn_process_lines(ExtlockdConn *conn)
 {
-    ExtlockdServer *s = c->server;
+    ExtlockdServer *server = conn->server;
     const char *line;
     size_t len;
 
-    while (!c->closing && !c->awaiting_state) {
-        ExtlockLineResult r = extlock_linebuf_next(&c->lb, &line, &len);
+    while (!conn->closing && !conn->awaiting_state) {
+        ExtlockLineResult r = extlock_linebuf_next(&conn->lb, &line, &len);
 
         if (r == EXTLOCK_LINE_NONE) {
             break;
         }
-        s->nmessages++;
+        server->nmessages++;
         if (r == EXTLOCK_LINE_TOO_LONG) {
-            send_error(c, false, 0, EXTLOCK_ERR_LINE_TOO_LONG,
-                       "message longer than %d bytes dropped",
-                       EXTLOCK_MAX_LINE);
+            conn_send_error(conn, false, 0, EXTLOCK_ERR_LINE_TOO_LONG,
+                            "message longer than %d bytes dropped",
+                            EXTLOCK_MAX_LINE);
             continue;
         }
-        handle_line(c, line, len);
+        dispatch_line(conn, line, len);
     }
 }
 
 /* Returns false if the connection was destroyed */
-static bool conn_read(ExtlockdConn *c)
+static bool conn_read(ExtlockdConn *conn)
 {
-    ExtlockdServer *s = c->server;
-    ExtlockdSession *S = c->session;
+    ExtlockdServer *server = conn->server;
+    ExtlockdSession *session = conn->session;
 
-    if (S && g_get_monotonic_time() >= S->deadline_us) {
+    if (session && g_get_monotonic_time() >= session->deadline_us) {
         /* Too late: nothing it sends now may extend the lease */
-        session_expire(S);
+        session_expire(session);
         return true;
     }
-    for (int round = 0; round < READ_ROUNDS && !c->closing; round++) {
-        ssize_t n = conn_sys_recv(c, s->rbuf, READ_CHUNK);
+    for (int round = 0; round < READ_ROUNDS && !conn->closing; round++) {
+        ssize_t n = conn_sys_recv(conn, server->rbuf, READ_CHUNK);
 
         if (n > 0) {
-            extlock_linebuf_append(&c->lb, s->rbuf, n);
-            conn_process_lines(c);
+            extlock_linebuf_append(&conn->lb, server->rbuf, n);
+            conn_process_lines(conn);
             if (n < READ_CHUNK &&
-                !(c->tls && extlockd_tls_pending(c->tls))) {
+                !(conn->tls && extlockd_tls_pending(conn->tls))) {
                 break;
             }
             continue;
@@ -2994,222 +3070,225 @@ static bool conn_read(ExtlockdConn *c)
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             break;
         }
-        VERBOSE(s, "%s: %s", c->peer,
+        VERBOSE(server, "%s: %s", conn->peer,
                 n == 0 ? "end of input" :
-                c->tls ? extlockd_tls_error(c->tls) : g_strerror(errno));
+                conn->tls ? extlockd_tls_error(conn->tls) : g_strerror(errno));
         /* Try to deliver what is pending (e.g. replies before EOF) */
-        if (c->dirty) {
-            g_queue_unlink(&s->dirty, &c->dirty_link);
-            c->dirty = false;
-            if (!conn_flush(c)) {
+        if (conn->dirty) {
+            g_queue_unlink(&server->dirty, &conn->dirty_link);
+            conn->dirty = false;
+            if (!conn_flush(conn)) {
                 return false;
             }
         }
-        conn_destroy(c);
+        conn_destroy(conn);
         return false;
     }
     /* conn_flush() stops reading while much output is pending */
-    conn_kick_tls(c);
+    conn_kick_tls(conn);
     return true;
 }
 
 /* Returns false if the connection was destroyed or is still shaking hands */
-static bool conn_tls_handshake(ExtlockdConn *c)
+static bool conn_tls_handshake(ExtlockdConn *conn)
 {
-    ExtlockdServer *s = c->server;
+    ExtlockdServer *server = conn->server;
     g_autoptr(GError) err = NULL;
-    int r = extlockd_tls_handshake(c->tls, &err);
+    int r = extlockd_tls_handshake(conn->tls, &err);
 
     if (r < 0) {
-        log_refusal(s, "%s: connection refused: %s", c->peer,
-                    err->message);
-        conn_destroy(c);
+        server_log_refusal(server, "%s: connection refused: %s", conn->peer,
+                           err->message);
+        conn_destroy(conn);
         return false;
     }
     if (r == 0) {
-        conn_set_events(c, extlockd_tls_events(c->tls));
+        conn_set_events(conn, extlockd_tls_events(conn->tls));
         return false;
     }
-    c->handshaking = false;
-    c->identity = g_strdup(extlockd_tls_identity(c->tls));
-    g_message("%s: TLS identity %s", c->peer, c->identity);
-    if (extlockd_policy_is_admin(s->policy, c->identity)) {
-        conn_unauth_done(c);
+    conn->handshaking = false;
+    conn->identity = g_strdup(extlockd_tls_identity(conn->tls));
+    g_message("%s: TLS identity %s", conn->peer, conn->identity);
+    if (extlockd_policy_is_admin(server->policy, conn->identity)) {
+        conn_unauth_done(conn);
     }
-    conn_set_events(c, G_IO_IN);
+    conn_set_events(conn, G_IO_IN);
     return true;
 }
 
-static gboolean conn_dispatch(GSource *source, GSourceFunc cb,
-                              gpointer data)
+static gboolean conn_source_dispatch(GSource *source, GSourceFunc cb,
+                                     gpointer data)
 {
     ConnSource *cs = (ConnSource *)source;
-    ExtlockdConn *c = cs->conn;
-    ExtlockdServer *s = c->server;
-    GIOCondition rev = g_source_query_unix_fd(source, c->tag);
+    ExtlockdConn *conn = cs->conn;
+    ExtlockdServer *server = conn->server;
+    GIOCondition rev = g_source_query_unix_fd(source, conn->tag);
 
     g_source_set_ready_time(source, -1);
-    if (c->handshaking) {
-        if (!conn_tls_handshake(c)) {
-            flush_all(s);
+    if (conn->handshaking) {
+        if (!conn_tls_handshake(conn)) {
+            conn_flush_all(server);
             return G_SOURCE_CONTINUE;
         }
         rev |= G_IO_IN;         /* application data may be buffered */
-    } else if (c->tls && extlockd_tls_pending(c->tls)) {
+    } else if (conn->tls && extlockd_tls_pending(conn->tls)) {
         rev |= G_IO_IN;
     }
     if (rev & G_IO_OUT) {
-        conn_out(c);
+        conn_out(conn);
     }
-    if ((rev & (G_IO_IN | G_IO_HUP | G_IO_ERR)) && (c->events & G_IO_IN)) {
-        conn_read(c);
+    if ((rev & (G_IO_IN | G_IO_HUP | G_IO_ERR)) && (conn->events & G_IO_IN)) {
+        conn_read(conn);
     } else if ((rev & (G_IO_HUP | G_IO_ERR)) && !(rev & G_IO_OUT)) {
-        conn_destroy(c);
+        conn_destroy(conn);
     }
-    flush_all(s);
+    conn_flush_all(server);
     return G_SOURCE_CONTINUE;
 }
 
 static GSourceFuncs conn_source_funcs = {
-    .dispatch = conn_dispatch,
+    .dispatch = conn_source_dispatch,
 };
 
 /*
  * Connections without hello: in server->unauth (accept order, hence
  * deadline order) and counted per peer, until they say hello or close
  */
-static void conn_unauth_done(ExtlockdConn *c)
+static void conn_unauth_done(ExtlockdConn *conn)
 {
-    ExtlockdServer *s = c->server;
+    ExtlockdServer *server = conn->server;
     guint n;
 
-    if (!c->unauth) {
+    if (!conn->unauth) {
         return;
     }
-    c->unauth = false;
-    g_queue_unlink(&s->unauth, &c->unauth_link);
-    n = GPOINTER_TO_UINT(g_hash_table_lookup(s->unauth_per_peer,
-                                             c->peer_key));
+    conn->unauth = false;
+    g_queue_unlink(&server->unauth, &conn->unauth_link);
+    n = GPOINTER_TO_UINT(g_hash_table_lookup(server->unauth_per_peer,
+                                             conn->peer_key));
     if (n <= 1) {
-        g_hash_table_remove(s->unauth_per_peer, c->peer_key);
+        g_hash_table_remove(server->unauth_per_peer, conn->peer_key);
     } else {
-        g_hash_table_insert(s->unauth_per_peer, g_strdup(c->peer_key),
+        g_hash_table_insert(server->unauth_per_peer, g_strdup(conn->peer_key),
                             GUINT_TO_POINTER(n - 1));
     }
 }
 
 /* May one more connection without hello come from @key? */
-static bool conn_admit(ExtlockdServer *s, const char *key, const char *peer)
+static bool conn_admit(ExtlockdServer *server, const char *key,
+                       const char *peer)
 {
-    guint n = GPOINTER_TO_UINT(g_hash_table_lookup(s->unauth_per_peer, key));
+    guint n = GPOINTER_TO_UINT(g_hash_table_lookup(server->unauth_per_peer,
+                                                   key));
     int64_t now;
 
-    if (s->unauth.length < s->cfg.max_unauth &&
-        n < s->cfg.max_unauth_per_peer) {
+    if (server->unauth.length < server->cfg.max_unauth &&
+        n < server->cfg.max_unauth_per_peer) {
         return true;
     }
-    s->refused++;
+    server->refused++;
     now = g_get_monotonic_time();
     /* One line per second at most: the refusals are a flood themselves */
-    if (now - s->refused_logged_us >= G_USEC_PER_SEC) {
+    if (now - server->refused_logged_us >= G_USEC_PER_SEC) {
         g_warning("refusing connection from %s: %u connections without "
                   "hello from it, %u in total (limits %u per peer, %u in "
                   "total; --max-unauth-per-peer, --max-unauth); %" PRIu64
                   " refused since the last report", peer, n,
-                  s->unauth.length, s->cfg.max_unauth_per_peer,
-                  s->cfg.max_unauth, s->refused - s->refused_logged);
-        s->refused_logged_us = now;
-        s->refused_logged = s->refused;
+                  server->unauth.length, server->cfg.max_unauth_per_peer,
+                  server->cfg.max_unauth,
+                  server->refused - server->refused_logged);
+        server->refused_logged_us = now;
+        server->refused_logged = server->refused;
     }
     return false;
 }
 
-static void conn_new(ExtlockdServer *s, int fd, const char *peer,
+static void conn_new(ExtlockdServer *server, int fd, const char *peer,
                      const char *key, const char *identity, bool tls)
 {
-    ExtlockdConn *c = g_new0(ExtlockdConn, 1);
+    ExtlockdConn *conn = g_new0(ExtlockdConn, 1);
     g_autoptr(GError) err = NULL;
     ConnSource *cs;
 
     if (tls) {
-        c->tls = extlockd_tls_new(s->tls, fd, &err);
-        if (!c->tls) {
+        conn->tls = extlockd_tls_new(server->tls, fd, &err);
+        if (!conn->tls) {
             g_warning("%s: %s", peer, err->message);
             close(fd);
-            g_free(c);
+            g_free(conn);
             return;
         }
-        c->handshaking = true;
+        conn->handshaking = true;
     }
-    c->identity = g_strdup(identity);
-    c->peer_key = g_strdup(key);
-    c->accepted_us = g_get_monotonic_time();
-    c->status_tokens = s->cfg.status_rate;
-    c->status_refill_us = c->accepted_us +
-                          G_USEC_PER_SEC / s->cfg.status_rate;
-    c->server = s;
+    conn->identity = g_strdup(identity);
+    conn->peer_key = g_strdup(key);
+    conn->accepted_us = g_get_monotonic_time();
+    conn->status_tokens = server->cfg.status_rate;
+    conn->status_refill_us = conn->accepted_us +
+                          G_USEC_PER_SEC / server->cfg.status_rate;
+    conn->server = server;
     /*
      * Admin identities on the UNIX socket (extlockctl) are authenticated
      * by the kernel and need no hello; all others are limited until hello
      */
-    if (!identity || !extlockd_policy_is_admin(s->policy, identity)) {
-        c->unauth = true;
-        c->unauth_link.data = c;
-        g_queue_push_tail_link(&s->unauth, &c->unauth_link);
-        g_hash_table_insert(s->unauth_per_peer, g_strdup(key),
+    if (!identity || !extlockd_policy_is_admin(server->policy, identity)) {
+        conn->unauth = true;
+        conn->unauth_link.data = conn;
+        g_queue_push_tail_link(&server->unauth, &conn->unauth_link);
+        g_hash_table_insert(server->unauth_per_peer, g_strdup(key),
                             GUINT_TO_POINTER(GPOINTER_TO_UINT(
-                                g_hash_table_lookup(s->unauth_per_peer,
+                                g_hash_table_lookup(server->unauth_per_peer,
                                                     key)) + 1));
-        server_schedule(s, c->accepted_us +
-                        s->cfg.hello_timeout_ms * 1000LL);
+        server_schedule(server, conn->accepted_us +
+                        server->cfg.hello_timeout_ms * 1000LL);
     }
-    c->serial = ++s->next_serial;
-    c->peer = g_strdup_printf("#%" PRIu64 " (%s)", c->serial, peer);
-    c->fd = fd;
-    c->out = g_string_sized_new(4096);
-    extlock_linebuf_init(&c->lb);
-    c->link.data = c;
-    c->dirty_link.data = c;
-    g_queue_push_tail_link(&s->conns, &c->link);
+    conn->serial = ++server->next_serial;
+    conn->peer = g_strdup_printf("#%" PRIu64 " (%s)", conn->serial, peer);
+    conn->fd = fd;
+    conn->out = g_string_sized_new(4096);
+    extlock_linebuf_init(&conn->lb);
+    conn->link.data = conn;
+    conn->dirty_link.data = conn;
+    g_queue_push_tail_link(&server->conns, &conn->link);
 
-    c->source = g_source_new(&conn_source_funcs, sizeof(ConnSource));
-    cs = (ConnSource *)c->source;
-    cs->conn = c;
-    c->events = G_IO_IN;
-    c->tag = g_source_add_unix_fd(c->source, fd, c->events);
-    g_source_attach(c->source, NULL);
-    VERBOSE(s, "connection %s accepted", c->peer);
+    conn->source = g_source_new(&conn_source_funcs, sizeof(ConnSource));
+    cs = (ConnSource *)conn->source;
+    cs->conn = conn;
+    conn->events = G_IO_IN;
+    conn->tag = g_source_add_unix_fd(conn->source, fd, conn->events);
+    g_source_attach(conn->source, NULL);
+    VERBOSE(server, "connection %s accepted", conn->peer);
 }
 
-static void conn_destroy(ExtlockdConn *c)
+static void conn_destroy(ExtlockdConn *conn)
 {
-    ExtlockdServer *s = c->server;
+    ExtlockdServer *server = conn->server;
 
-    VERBOSE(s, "connection %s closed", c->peer);
-    conn_unauth_done(c);
-    if (c->session) {
-        if (s->shutting_down) {
-            c->session->conn = NULL;
-            c->session = NULL;
+    VERBOSE(server, "connection %s closed", conn->peer);
+    conn_unauth_done(conn);
+    if (conn->session) {
+        if (server->shutting_down) {
+            conn->session->conn = NULL;
+            conn->session = NULL;
         } else {
-            session_detach(c->session);
+            session_detach(conn->session);
         }
     }
-    if (c->dirty) {
-        g_queue_unlink(&s->dirty, &c->dirty_link);
-        c->dirty = false;
+    if (conn->dirty) {
+        g_queue_unlink(&server->dirty, &conn->dirty_link);
+        conn->dirty = false;
     }
-    g_queue_unlink(&s->conns, &c->link);
-    g_source_destroy(c->source);
-    g_source_unref(c->source);
-    extlockd_tls_free(c->tls);
-    close(c->fd);
-    extlock_linebuf_destroy(&c->lb);
-    g_string_free(c->out, TRUE);
-    g_free(c->identity);
-    g_free(c->peer_key);
-    g_free(c->peer);
-    g_free(c);
+    g_queue_unlink(&server->conns, &conn->link);
+    g_source_destroy(conn->source);
+    g_source_unref(conn->source);
+    extlockd_tls_free(conn->tls);
+    close(conn->fd);
+    extlock_linebuf_destroy(&conn->lb);
+    g_string_free(conn->out, TRUE);
+    g_free(conn->identity);
+    g_free(conn->peer_key);
+    g_free(conn->peer);
+    g_free(conn);
 }
 
 /* ------------------------------------------------------------------ */
@@ -3219,22 +3298,24 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque);
 
 static gboolean listener_resume(gpointer opaque)
 {
-    ExtlockdListener *l = opaque;
+    ExtlockdListener *listener = opaque;
 
-    l->resume_timer = 0;
-    l->watch = g_unix_fd_add(l->fd, G_IO_IN, listener_accept, l);
+    listener->resume_timer = 0;
+    listener->watch = g_unix_fd_add(listener->fd, G_IO_IN, listener_accept,
+                                    listener);
     return G_SOURCE_REMOVE;
 }
 
-static void describe_peer(ExtlockdListener *l, struct sockaddr *sa,
-                          socklen_t len, char *buf, size_t size)
+static void listener_describe_peer(ExtlockdListener *listener,
+                                   struct sockaddr *sa,
+                                   socklen_t len, char *buf, size_t size)
 {
     char host[NI_MAXHOST], serv[NI_MAXSERV];
 
-    if (!l->is_tcp ||
+    if (!listener->is_tcp ||
         getnameinfo(sa, len, host, sizeof(host), serv, sizeof(serv),
                     NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
-        g_strlcpy(buf, l->address, size);
+        g_strlcpy(buf, listener->address, size);
         return;
     }
     if (sa->sa_family == AF_INET6) {
@@ -3249,20 +3330,21 @@ static void describe_peer(ExtlockdListener *l, struct sockaddr *sa,
  * TCP with TLS: known after the handshake; TCP without: "anonymous".
  * @key: what the per-peer cap counts (the uid, or the IP address).
  */
-static bool conn_identify(ExtlockdListener *l, int fd, struct sockaddr *sa,
-                          socklen_t len, char *peer, size_t peer_size,
-                          char *key, size_t key_size, char *identity,
-                          size_t identity_size)
+static bool listener_identify_peer(ExtlockdListener *listener, int fd,
+                                   struct sockaddr *sa,
+                                   socklen_t len, char *peer, size_t peer_size,
+                                   char *key, size_t key_size, char *identity,
+                                   size_t identity_size)
 {
     identity[0] = '\0';
-    if (!l->is_tcp) {
+    if (!listener->is_tcp) {
         struct ucred cred;
         socklen_t clen = sizeof(cred);
         size_t used = strlen(peer);
 
         if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0) {
             g_warning("%s: cannot get the peer's credentials: %s; closing",
-                      l->address, g_strerror(errno));
+                      listener->address, g_strerror(errno));
             return false;
         }
         g_snprintf(peer + used, peer_size - used, " uid %u pid %ld",
@@ -3274,7 +3356,7 @@ static bool conn_identify(ExtlockdListener *l, int fd, struct sockaddr *sa,
     if (getnameinfo(sa, len, key, key_size, NULL, 0, NI_NUMERICHOST) != 0) {
         g_strlcpy(key, "?", key_size);
     }
-    if (!l->tls) {
+    if (!listener->tls) {
         g_strlcpy(identity, EXTLOCKD_IDENTITY_ANONYMOUS, identity_size);
     }
     return true;
@@ -3282,8 +3364,8 @@ static bool conn_identify(ExtlockdListener *l, int fd, struct sockaddr *sa,
 
 static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
 {
-    ExtlockdListener *l = opaque;
-    ExtlockdServer *s = l->server;
+    ExtlockdListener *listener = opaque;
+    ExtlockdServer *server = listener->server;
 
     for (int i = 0; i < 64; i++) {
         struct sockaddr_storage ss;
@@ -3302,26 +3384,29 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
                 break;
             }
             g_warning("accept on %s failed: %s; pausing for %d ms",
-                      l->address, g_strerror(errno), LISTEN_PAUSE_MS);
-            l->watch = 0;
-            l->resume_timer = g_timeout_add(LISTEN_PAUSE_MS,
-                                            listener_resume, l);
+                      listener->address, g_strerror(errno), LISTEN_PAUSE_MS);
+            listener->watch = 0;
+            listener->resume_timer = g_timeout_add(LISTEN_PAUSE_MS,
+                                                   listener_resume, listener);
             return G_SOURCE_REMOVE;
         }
-        if (l->is_tcp) {
+        if (listener->is_tcp) {
             int one = 1;
             setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         }
-        describe_peer(l, (struct sockaddr *)&ss, len, peer, sizeof(peer));
-        if (!conn_identify(l, cfd, (struct sockaddr *)&ss, len, peer,
-                           sizeof(peer), key, sizeof(key), identity,
-                           sizeof(identity))) {
+        listener_describe_peer(listener, (struct sockaddr *)&ss, len, peer,
+                               sizeof(peer));
+        if (!listener_identify_peer(listener, cfd, (struct sockaddr *)&ss, len,
+                                    peer,
+                                    sizeof(peer), key, sizeof(key), identity,
+                                    sizeof(identity))) {
             close(cfd);
             continue;
         }
-        if (!(identity[0] && extlockd_policy_is_admin(s->policy, identity)) &&
-            !conn_admit(s, key, peer)) {
-            if (!l->tls) {
+        if (!(identity[0] && extlockd_policy_is_admin(server->policy,
+                                                      identity)) &&
+            !conn_admit(server, key, peer)) {
+            if (!listener->tls) {
                 /* Best effort: say why (TLS peers get no plaintext) */
                 static const char why[] =
                     "{\"type\":\"error\",\"code\":\"limit-exceeded\","
@@ -3334,71 +3419,73 @@ static gboolean listener_accept(int fd, GIOCondition cond, gpointer opaque)
             close(cfd);
             continue;
         }
-        conn_new(s, cfd, peer, key, identity[0] ? identity : NULL, l->tls);
+        conn_new(server, cfd, peer, key, identity[0] ? identity : NULL,
+                 listener->tls);
     }
     return G_SOURCE_CONTINUE;
 }
 
-static void listener_close(ExtlockdListener *l)
+static void listener_close(ExtlockdListener *listener)
 {
-    if (l->watch) {
-        g_source_remove(l->watch);
-        l->watch = 0;
+    if (listener->watch) {
+        g_source_remove(listener->watch);
+        listener->watch = 0;
     }
-    if (l->resume_timer) {
-        g_source_remove(l->resume_timer);
-        l->resume_timer = 0;
+    if (listener->resume_timer) {
+        g_source_remove(listener->resume_timer);
+        listener->resume_timer = 0;
     }
-    if (l->fd >= 0) {
-        close(l->fd);
-        l->fd = -1;
+    if (listener->fd >= 0) {
+        close(listener->fd);
+        listener->fd = -1;
     }
-    if (l->unix_path) {
+    if (listener->unix_path) {
         struct stat st;
 
         /* Only remove the socket if it is still the one we created */
-        if (lstat(l->unix_path, &st) == 0 && st.st_dev == l->dev &&
-            st.st_ino == l->ino) {
-            unlink(l->unix_path);
+        if (lstat(listener->unix_path,
+                  &st) == 0 && st.st_dev == listener->dev &&
+            st.st_ino == listener->ino) {
+            unlink(listener->unix_path);
         }
-        g_free(l->unix_path);
-        l->unix_path = NULL;
+        g_free(listener->unix_path);
+        listener->unix_path = NULL;
     }
 }
 
 static void listener_free(gpointer p)
 {
-    ExtlockdListener *l = p;
+    ExtlockdListener *listener = p;
 
-    listener_close(l);
-    g_free(l->address);
-    g_free(l);
+    listener_close(listener);
+    g_free(listener->address);
+    g_free(listener);
 }
 
-static void add_listener(ExtlockdServer *s, const char *address, int fd,
+static void listener_add(ExtlockdServer *server, const char *address, int fd,
                          bool is_tcp, const char *unix_path)
 {
-    ExtlockdListener *l = g_new0(ExtlockdListener, 1);
+    ExtlockdListener *listener = g_new0(ExtlockdListener, 1);
 
-    l->tls = is_tcp && s->tls;
-    l->server = s;
-    l->address = g_strdup(address);
-    l->fd = fd;
-    l->is_tcp = is_tcp;
+    listener->tls = is_tcp && server->tls;
+    listener->server = server;
+    listener->address = g_strdup(address);
+    listener->fd = fd;
+    listener->is_tcp = is_tcp;
     if (unix_path) {
         struct stat st;
 
-        l->unix_path = g_strdup(unix_path);
+        listener->unix_path = g_strdup(unix_path);
         if (lstat(unix_path, &st) == 0) {
-            l->dev = st.st_dev;
-            l->ino = st.st_ino;
+            listener->dev = st.st_dev;
+            listener->ino = st.st_ino;
         }
     }
-    l->watch = g_unix_fd_add(fd, G_IO_IN, listener_accept, l);
-    g_ptr_array_add(s->listeners, l);
+    listener->watch = g_unix_fd_add(fd, G_IO_IN, listener_accept, listener);
+    g_ptr_array_add(server->listeners, listener);
 }
 
-static bool remove_stale_socket(const char *path, GError **errp)
+static bool listener_remove_stale_socket(const char *path, GError **errp)
 {
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
     struct stat st;
@@ -3450,8 +3537,8 @@ static bool remove_stale_socket(const char *path, GError **errp)
     return true;
 }
 
-static bool listen_unix(ExtlockdServer *s, const char *address,
-                        const char *path, GError **errp)
+static bool listener_open_unix(ExtlockdServer *server, const char *address,
+                               const char *path, GError **errp)
 {
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
     g_autofree char *dir = NULL;
@@ -3475,7 +3562,7 @@ static bool listen_unix(ExtlockdServer *s, const char *address,
                     "cannot create directory %s: %s", dir, g_strerror(err));
         return false;
     }
-    if (!remove_stale_socket(path, errp)) {
+    if (!listener_remove_stale_socket(path, errp)) {
         return false;
     }
     memcpy(sun.sun_path, path, strlen(path) + 1);
@@ -3491,13 +3578,13 @@ static bool listen_unix(ExtlockdServer *s, const char *address,
                     "cannot listen on %s: %s", address, g_strerror(err));
         return false;
     }
-    add_listener(s, address, fd, false, path);
+    listener_add(server, address, fd, false, path);
     g_message("listening on unix:%s", path);
     return true;
 }
 
-static bool listen_tcp(ExtlockdServer *s, const char *address,
-                       const char *hostport, GError **errp)
+static bool listener_open_tcp(ExtlockdServer *server, const char *address,
+                              const char *hostport, GError **errp)
 {
     const char *colon = strrchr(hostport, ':');
     g_autofree char *host = NULL;
@@ -3513,7 +3600,7 @@ static bool listen_tcp(ExtlockdServer *s, const char *address,
                     "%s: expected tcp:HOST:PORT", address);
         return false;
     }
-    if (!s->tls && !s->cfg.insecure) {
+    if (!server->tls && !server->cfg.insecure) {
         g_set_error(errp, G_IO_ERROR, G_IO_ERROR_PERMISSION_DENIED,
                     "%s: TCP without TLS lets anybody who can reach the "
                     "port take locks; give --tls-creds-dir DIR (or "
@@ -3554,7 +3641,7 @@ static bool listen_tcp(ExtlockdServer *s, const char *address,
             close(fd);
             continue;
         }
-        add_listener(s, address, fd, true, NULL);
+        listener_add(server, address, fd, true, NULL);
         bound_len = sizeof(bound);
         if (getsockname(fd, (struct sockaddr *)&bound, &bound_len) < 0 ||
             getnameinfo((struct sockaddr *)&bound, bound_len, desc,
@@ -3566,7 +3653,7 @@ static bool listen_tcp(ExtlockdServer *s, const char *address,
         g_message("listening on tcp:%s%s%s:%s (%s)",
                   ai->ai_family == AF_INET6 ? "[" : "", desc,
                   ai->ai_family == AF_INET6 ? "]" : "", serv,
-                  s->tls ? extlockd_tls_creds_kinds(s->tls) :
+                  server->tls ? extlockd_tls_creds_kinds(server->tls) :
                   "NO TLS, NO AUTHENTICATION");
         count++;
     }
@@ -3579,17 +3666,17 @@ static bool listen_tcp(ExtlockdServer *s, const char *address,
     return true;
 }
 
-bool extlockd_server_listen(ExtlockdServer *s, const char *address,
+bool extlockd_server_listen(ExtlockdServer *server, const char *address,
                             GError **errp)
 {
     if (g_str_has_prefix(address, "unix:")) {
-        return listen_unix(s, address, address + 5, errp);
+        return listener_open_unix(server, address, address + 5, errp);
     }
     if (address[0] == '/') {
-        return listen_unix(s, address, address, errp);
+        return listener_open_unix(server, address, address, errp);
     }
     if (g_str_has_prefix(address, "tcp:")) {
-        return listen_tcp(s, address, address + 4, errp);
+        return listener_open_tcp(server, address, address + 4, errp);
     }
     g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
                 "unsupported address %s (use unix:PATH or tcp:HOST:PORT)",
@@ -3597,10 +3684,10 @@ bool extlockd_server_listen(ExtlockdServer *s, const char *address,
     return false;
 }
 
-void extlockd_server_stop_listening(ExtlockdServer *s)
+void extlockd_server_stop_listening(ExtlockdServer *server)
 {
-    for (guint i = 0; i < s->listeners->len; i++) {
-        listener_close(s->listeners->pdata[i]);
+    for (guint i = 0; i < server->listeners->len; i++) {
+        listener_close(server->listeners->pdata[i]);
     }
 }
 
@@ -3608,22 +3695,24 @@ void extlockd_server_stop_listening(ExtlockdServer *s)
 /* Server                                                              */
 
 /* The state file text for @epoch and every session */
-static char *state_snapshot(ExtlockdServer *s, uint64_t epoch, GError **errp)
+static char *server_state_snapshot(ExtlockdServer *server, uint64_t epoch,
+                                   GError **errp)
 {
     g_autoptr(GArray) list = g_array_sized_new(FALSE, FALSE,
                                                sizeof(ExtlockdStateSession),
-                                               s->session_list.length);
+                                               server->session_list.length);
 
-    for (GList *l = s->session_list.head; l; l = l->next) {
-        ExtlockdSession *S = l->data;
+    for (GList *l = server->session_list.head; l; l = l->next) {
+        ExtlockdSession *session = l->data;
         ExtlockdStateSession ss = {
-            .session = S->id,
-            .client_id = S->client_id,
-            .lock_space = S->space->name,
-            .lease_ms = S->lease_ms,
-            .fence_margin_ms = S->fence_margin_ms,
-            .owner = S->owner,
-            .secret_sha256 = S->secret_sha256[0] ? S->secret_sha256 : NULL,
+            .session = session->id,
+            .client_id = session->client_id,
+            .lock_space = session->space->name,
+            .lease_ms = session->lease_ms,
+            .fence_margin_ms = session->fence_margin_ms,
+            .owner = session->owner,
+            .secret_sha256 = session->secret_sha256[0] ?
+                             session->secret_sha256 : NULL,
         };
 
         g_array_append_val(list, ss);
@@ -3633,246 +3722,251 @@ static char *state_snapshot(ExtlockdServer *s, uint64_t epoch, GError **errp)
 }
 
 /* Write @epoch and every session to the state file, now */
-static bool save_state(ExtlockdServer *s, uint64_t epoch, GError **errp)
+static bool server_save_state(ExtlockdServer *server, uint64_t epoch,
+                              GError **errp)
 {
-    char *text = state_snapshot(s, epoch, errp);
+    char *text = server_state_snapshot(server, epoch, errp);
 
-    return text && extlockd_state_writer_write_now(s->writer, text, errp);
+    return text && extlockd_state_writer_write_now(server->writer, text, errp);
 }
 
 /* Queue the current state for the writer thread; its generation */
-static uint64_t save_state_async(ExtlockdServer *s)
+static uint64_t server_save_state_async(ExtlockdServer *server)
 {
     g_autoptr(GError) err = NULL;
-    char *text = state_snapshot(s, s->epoch, &err);
+    char *text = server_state_snapshot(server, server->epoch, &err);
 
     if (!text) {
         g_warning("cannot update the state file: %s", err->message);
         return 0;
     }
-    return extlockd_state_writer_submit(s->writer, text);
+    return extlockd_state_writer_submit(server->writer, text);
 }
 
 /* The writer is done with generation @gen: send the waiting welcomes */
-static void state_written(uint64_t gen, bool ok, const char *error,
-                          void *opaque)
+static void session_state_written(uint64_t gen, bool ok, const char *error,
+                                  void *opaque)
 {
-    ExtlockdServer *s = opaque;
+    ExtlockdServer *server = opaque;
     DeferredWelcome *dw;
 
     if (!ok) {
         g_warning("cannot update the state file: %s", error);
     }
-    while ((dw = g_queue_peek_head(&s->welcomes)) && dw->gen <= gen) {
-        ExtlockdSession *S = g_hash_table_lookup(s->sessions, dw->session);
-        ExtlockdConn *c = S ? S->conn : NULL;
+    while ((dw = g_queue_peek_head(&server->welcomes)) && dw->gen <= gen) {
+        ExtlockdSession *session = g_hash_table_lookup(server->sessions,
+                                                       dw->session);
+        ExtlockdConn *conn = session ? session->conn : NULL;
         ExtlockMsg m;
 
-        g_queue_pop_head(&s->welcomes);
-        if (!c || c->serial != dw->conn_serial) {
+        g_queue_pop_head(&server->welcomes);
+        if (!conn || conn->serial != dw->conn_serial) {
             g_free(dw);         /* gone meanwhile: it never learnt of it */
             continue;
         }
-        c->awaiting_state = false;
+        conn->awaiting_state = false;
         extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
         m.has_id = dw->has_id;
         m.id = dw->id;
         if (ok) {
-            send_welcome(c, &m, S, dw->reclaim ? WELCOME_RECLAIM
+            session_send_welcome(conn, &m, session,
+                                 dw->reclaim ? WELCOME_RECLAIM
                                                : WELCOME_NEW);
         } else if (dw->reclaim) {
             /* It may come back and try again with its old secret */
             g_warning("session %s of %s cannot reclaim now: its new "
-                      "resume secret is not in the state file", S->id,
-                      S->client_id);
-            memcpy(S->secret_sha256, dw->old_sha256,
-                   sizeof(S->secret_sha256));
-            S->secret[0] = '\0';
-            send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
-                       "cannot record a new resume secret for session %s",
-                       S->id);
-            conn_close_after_flush(c);
+                      "resume secret is not in the state file", session->id,
+                      session->client_id);
+            memcpy(session->secret_sha256, dw->old_sha256,
+                   sizeof(session->secret_sha256));
+            session->secret[0] = '\0';
+            conn_send_error(conn, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
+                            "cannot record a new resume secret for session %s",
+                            session->id);
+            conn_close_after_flush(conn);
         } else {
             g_warning("session %s of %s dropped: it is not in the state "
-                      "file", S->id, S->client_id);
-            session_destroy_nosave(S);
-            send_error(c, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
-                       "cannot record the session in the state file");
+                      "file", session->id, session->client_id);
+            session_destroy_nosave(session);
+            conn_send_error(conn, m.has_id, m.id, EXTLOCK_ERR_INTERNAL,
+                            "cannot record the session in the state file");
             /*
              * It was attached, so no longer counted as without hello:
              * close it rather than leave it outside --max-unauth
              */
-            conn_close_after_flush(c);
+            conn_close_after_flush(conn);
         }
         g_free(dw);
         /* Requests that arrived after hello */
-        conn_process_lines(c);
+        conn_process_lines(conn);
     }
-    flush_all(s);
+    conn_flush_all(server);
 }
 
-void extlockd_server_set_event_log(ExtlockdServer *s, ExtlockdEventLog *log)
+void extlockd_server_set_event_log(ExtlockdServer *server,
+                                   ExtlockdEventLog *log)
 {
-    extlockd_event_log_close(s->event_log);
-    s->event_log = log;
+    extlockd_event_log_close(server->event_log);
+    server->event_log = log;
 }
 
-void extlockd_server_set_fencer(ExtlockdServer *s, ExtlockdFencer *fencer)
+void extlockd_server_set_fencer(ExtlockdServer *server, ExtlockdFencer *fencer)
 {
-    extlockd_fencer_free(s->fencer);
-    s->fencer = fencer;
+    extlockd_fencer_free(server->fencer);
+    server->fencer = fencer;
 }
 
-bool extlockd_server_save_state(ExtlockdServer *s, GError **errp)
+bool extlockd_server_save_state(ExtlockdServer *server, GError **errp)
 {
-    return save_state(s, s->epoch, errp);
+    return server_save_state(server, server->epoch, errp);
 }
 
 ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
                                     uint64_t epoch)
 {
-    ExtlockdServer *s = g_new0(ExtlockdServer, 1);
+    ExtlockdServer *server = g_new0(ExtlockdServer, 1);
 
-    s->cfg = *cfg;
-    s->cfg.state_file = g_strdup(cfg->state_file);
-    s->epoch = epoch;
-    s->boot_epoch = epoch;
-    s->counter = cfg->first_counter ? cfg->first_counter : 1;
-    s->start_us = g_get_monotonic_time();
-    s->status_budget = EXTLOCKD_STATUS_ENTRIES_PER_SEC;
-    s->status_budget_us = s->start_us;
-    s->listeners = g_ptr_array_new_with_free_func(listener_free);
-    s->spaces = g_hash_table_new(g_str_hash, g_str_equal);
-    s->sessions = g_hash_table_new(g_str_hash, g_str_equal);
-    s->identity_sessions = g_hash_table_new_full(g_str_hash, g_str_equal,
-                                                 g_free, NULL);
-    if (!s->cfg.max_sessions_per_identity) {
-        s->cfg.max_sessions_per_identity =
+    server->cfg = *cfg;
+    server->cfg.state_file = g_strdup(cfg->state_file);
+    server->epoch = epoch;
+    server->boot_epoch = epoch;
+    server->counter = cfg->first_counter ? cfg->first_counter : 1;
+    server->start_us = g_get_monotonic_time();
+    server->status_budget = EXTLOCKD_STATUS_ENTRIES_PER_SEC;
+    server->status_budget_us = server->start_us;
+    server->listeners = g_ptr_array_new_with_free_func(listener_free);
+    server->spaces = g_hash_table_new(g_str_hash, g_str_equal);
+    server->sessions = g_hash_table_new(g_str_hash, g_str_equal);
+    server->identity_sessions = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                                      g_free, NULL);
+    if (!server->cfg.max_sessions_per_identity) {
+        server->cfg.max_sessions_per_identity =
             EXTLOCKD_DEFAULT_MAX_SESS_PER_IDENTITY;
     }
-    g_queue_init(&s->session_list);
-    g_queue_init(&s->grace_spaces);
-    g_queue_init(&s->conns);
-    g_queue_init(&s->dirty);
-    s->rbuf = g_malloc(READ_CHUNK);
-    s->pieces = g_array_new(FALSE, FALSE, sizeof(ExtlockPiece));
-    s->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
-    s->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
-    s->policy = extlockd_policy_load(NULL, NULL);
-    s->writer = extlockd_state_writer_new(s->cfg.state_file, state_written,
-                                          s);
-    g_queue_init(&s->welcomes);
-    g_queue_init(&s->unauth);
-    s->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,
-                                               g_free, NULL);
-    if (!s->cfg.hello_timeout_ms) {
-        s->cfg.hello_timeout_ms = EXTLOCKD_DEFAULT_HELLO_TIMEOUT_MS;
+    g_queue_init(&server->session_list);
+    g_queue_init(&server->grace_spaces);
+    g_queue_init(&server->conns);
+    g_queue_init(&server->dirty);
+    server->rbuf = g_malloc(READ_CHUNK);
+    server->pieces = g_array_new(FALSE, FALSE, sizeof(ExtlockPiece));
+    server->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
+    server->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
+    server->policy = extlockd_policy_load(NULL, NULL);
+    server->writer = extlockd_state_writer_new(server->cfg.state_file,
+                                               session_state_written,
+                                               server);
+    g_queue_init(&server->welcomes);
+    g_queue_init(&server->unauth);
+    server->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                                    g_free, NULL);
+    if (!server->cfg.hello_timeout_ms) {
+        server->cfg.hello_timeout_ms = EXTLOCKD_DEFAULT_HELLO_TIMEOUT_MS;
     }
-    if (!s->cfg.max_unauth) {
-        s->cfg.max_unauth = EXTLOCKD_DEFAULT_MAX_UNAUTH;
+    if (!server->cfg.max_unauth) {
+        server->cfg.max_unauth = EXTLOCKD_DEFAULT_MAX_UNAUTH;
     }
-    if (!s->cfg.status_rate) {
-        s->cfg.status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
+    if (!server->cfg.status_rate) {
+        server->cfg.status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
     }
-    if (!s->cfg.max_unauth_per_peer) {
-        s->cfg.max_unauth_per_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
+    if (!server->cfg.max_unauth_per_peer) {
+        server->cfg.max_unauth_per_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
     }
-    return s;
+    return server;
 }
 
-void extlockd_server_set_policy(ExtlockdServer *s, ExtlockdPolicy *policy)
+void extlockd_server_set_policy(ExtlockdServer *server, ExtlockdPolicy *policy)
 {
-    extlockd_policy_free(s->policy);
-    s->policy = policy;
+    extlockd_policy_free(server->policy);
+    server->policy = policy;
 }
 
-void extlockd_server_set_tls(ExtlockdServer *s, ExtlockdTlsCreds *creds)
+void extlockd_server_set_tls(ExtlockdServer *server, ExtlockdTlsCreds *creds)
 {
-    extlockd_tls_creds_free(s->tls);
-    s->tls = creds;
+    extlockd_tls_creds_free(server->tls);
+    server->tls = creds;
 }
 
-void extlockd_server_free(ExtlockdServer *s)
+void extlockd_server_free(ExtlockdServer *server)
 {
     GHashTableIter iter;
     gpointer value;
     GList *l;
 
-    s->shutting_down = true;
-    extlockd_server_stop_listening(s);
-    g_ptr_array_free(s->listeners, TRUE);
+    server->shutting_down = true;
+    extlockd_server_stop_listening(server);
+    g_ptr_array_free(server->listeners, TRUE);
 
-    while ((l = s->conns.head) != NULL) {
-        ExtlockdConn *c = l->data;
+    while ((l = server->conns.head) != NULL) {
+        ExtlockdConn *conn = l->data;
 
         /* Best effort: deliver replies already produced */
-        if (c->out->len > c->out_pos) {
-            ssize_t n = c->handshaking ? 0 :
-                        conn_sys_send(c, c->out->str + c->out_pos,
-                                      c->out->len - c->out_pos);
+        if (conn->out->len > conn->out_pos) {
+            ssize_t n = conn->handshaking ? 0 :
+                        conn_sys_send(conn, conn->out->str + conn->out_pos,
+                                      conn->out->len - conn->out_pos);
             (void)n;
         }
-        conn_destroy(c);
+        conn_destroy(conn);
     }
-    while ((l = g_queue_pop_head_link(&s->session_list)) != NULL) {
-        ExtlockdSession *S = l->data;
+    while ((l = g_queue_pop_head_link(&server->session_list)) != NULL) {
+        ExtlockdSession *session = l->data;
 
         /* The tables are freed with all their locks below */
-        extlockd_fence_cancel(S->fence);
-        session_free(S);
+        extlockd_fence_cancel(session->fence);
+        session_free(session);
     }
-    g_hash_table_iter_init(&iter, s->spaces);
+    g_hash_table_iter_init(&iter, server->spaces);
     while (g_hash_table_iter_next(&iter, NULL, &value)) {
-        space_free(value);
+        lockspace_free(value);
     }
-    g_hash_table_destroy(s->spaces);
-    g_hash_table_destroy(s->sessions);
-    g_hash_table_destroy(s->identity_sessions);
-    if (s->timer) {
-        g_source_remove(s->timer);
+    g_hash_table_destroy(server->spaces);
+    g_hash_table_destroy(server->sessions);
+    g_hash_table_destroy(server->identity_sessions);
+    if (server->timer) {
+        g_source_remove(server->timer);
     }
-    g_array_free(s->pieces, TRUE);
-    g_array_free(s->blockers, TRUE);
-    g_array_free(s->locks, TRUE);
-    g_free(s->rbuf);
-    g_free(s->cfg.state_file);
-    extlockd_event_log_close(s->event_log);
-    extlockd_fencer_free(s->fencer);
-    extlockd_policy_free(s->policy);
-    extlockd_tls_creds_free(s->tls);
-    extlockd_state_writer_free(s->writer);
-    g_queue_clear_full(&s->welcomes, g_free);
-    g_hash_table_destroy(s->unauth_per_peer);
-    g_free(s);
+    g_array_free(server->pieces, TRUE);
+    g_array_free(server->blockers, TRUE);
+    g_array_free(server->locks, TRUE);
+    g_free(server->rbuf);
+    g_free(server->cfg.state_file);
+    extlockd_event_log_close(server->event_log);
+    extlockd_fencer_free(server->fencer);
+    extlockd_policy_free(server->policy);
+    extlockd_tls_creds_free(server->tls);
+    extlockd_state_writer_free(server->writer);
+    g_queue_clear_full(&server->welcomes, g_free);
+    g_hash_table_destroy(server->unauth_per_peer);
+    g_free(server);
 }
 
 /* ------------------------------------------------------------------ */
 /* Testing seam (tests/fuzz)                                           */
 
-void extlockd_server_add_connection(ExtlockdServer *s, int fd,
+void extlockd_server_add_connection(ExtlockdServer *server, int fd,
                                     const char *peer)
 {
     /* An admin on the UNIX socket: every request type is reachable */
-    conn_new(s, fd, peer, peer, "uid:0", false);
+    conn_new(server, fd, peer, peer, "uid:0", false);
 }
 
-void extlockd_server_run_timer(ExtlockdServer *s)
+void extlockd_server_run_timer(ExtlockdServer *server)
 {
-    if (s->timer) {
-        g_source_remove(s->timer);
+    if (server->timer) {
+        g_source_remove(server->timer);
     }
-    on_timer(s);
+    server_on_timer(server);
 }
 
-bool extlockd_server_check(ExtlockdServer *s, unsigned *nsessions,
+bool extlockd_server_check(ExtlockdServer *server, unsigned *nsessions,
                            char **errmsg)
 {
     GHashTableIter iter;
     gpointer value;
 
-    g_hash_table_iter_init(&iter, s->spaces);
+    g_hash_table_iter_init(&iter, server->spaces);
     while (g_hash_table_iter_next(&iter, NULL, &value)) {
-        ExtlockdSpace *space = value;
+        ExtlockdLockSpace *space = value;
         g_autofree char *msg = NULL;
 
         if (!extlock_table_check(space->table, &msg)) {
@@ -3881,6 +3975,6 @@ bool extlockd_server_check(ExtlockdServer *s, unsigned *nsessions,
             return false;
         }
     }
-    *nsessions = g_hash_table_size(s->sessions);
+    *nsessions = g_hash_table_size(server->sessions);
     return true;
 }
