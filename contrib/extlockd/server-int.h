@@ -357,11 +357,14 @@ void dispatch_line(ExtlockdConn *conn, const char *line, size_t len);
 /* session.c                                                          */
 
 /* Requests: "hello", "renew", "bye" and (admins) "release-session" */
-void session_handle_hello(ExtlockdConn *conn, ExtlockMsg *m);
+void session_handle_hello(ExtlockdConn *conn, ExtlockdSession *attached,
+                          ExtlockMsg *m);
 void session_handle_renew(ExtlockdConn *conn, ExtlockdSession *session,
                           ExtlockMsg *m);
-void session_handle_bye(ExtlockdConn *conn, ExtlockMsg *m);
-void session_handle_release(ExtlockdConn *conn, ExtlockMsg *m);
+void session_handle_bye(ExtlockdConn *conn, ExtlockdSession *session,
+                        ExtlockMsg *m);
+void session_handle_release(ExtlockdConn *conn, ExtlockdSession *attached,
+                            ExtlockMsg *m);
 
 /* The connection of @session dropped without "bye" */
 void session_detach(ExtlockdSession *session);
@@ -476,6 +479,7 @@ int64_t lockspace_check_grace(ExtlockdServer *server, int64_t now);
 /* status.c                                                           */
 
 /* Request: "status" */
-void status_handle(ExtlockdConn *conn, ExtlockMsg *m);
+void status_handle(ExtlockdConn *conn, ExtlockdSession *session,
+                   ExtlockMsg *m);
 
 #endif /* EXTLOCKD_SERVER_INT_H */

@@ -802,7 +802,8 @@ static void session_handle_reclaim_hello(ExtlockdConn *conn, ExtlockMsg *m,
     session_defer_welcome(conn, m, session, old_sha256);
 }
 
-void session_handle_hello(ExtlockdConn *conn, ExtlockMsg *m)
+void session_handle_hello(ExtlockdConn *conn, ExtlockdSession *attached,
+                          ExtlockMsg *m)
 {
     ExtlockdServer *server = conn->server;
     ExtlockdSession *session;
@@ -810,10 +811,10 @@ void session_handle_hello(ExtlockdConn *conn, ExtlockMsg *m)
     g_autofree char *why = NULL;
     uint32_t lease_ms;
 
-    if (conn->session) {
+    if (attached) {
         conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_STATE,
                         "this connection already has session %s",
-                        conn->session->id);
+                        attached->id);
         return;
     }
     if (m->version != EXTLOCK_PROTOCOL_VERSION) {
@@ -969,9 +970,9 @@ void session_handle_renew(ExtlockdConn *conn, ExtlockdSession *session,
     conn_send_msg(conn, &r);
 }
 
-void session_handle_bye(ExtlockdConn *conn, ExtlockMsg *m)
+void session_handle_bye(ExtlockdConn *conn, ExtlockdSession *session,
+                        ExtlockMsg *m)
 {
-    ExtlockdSession *session = conn->session;
     ExtlockMsg r;
 
     if (session) {
@@ -993,7 +994,8 @@ void session_handle_bye(ExtlockdConn *conn, ExtlockMsg *m)
  * Admin: release the locks of an expired session now, without waiting
  * for its fence agent (dangerous: see docs/extlockd.rst)
  */
-void session_handle_release(ExtlockdConn *conn, ExtlockMsg *m)
+void session_handle_release(ExtlockdConn *conn, ExtlockdSession *attached,
+                            ExtlockMsg *m)
 {
     ExtlockdServer *server = conn->server;
     ExtlockdSession *session = g_hash_table_lookup(server->sessions,
@@ -1002,23 +1004,7 @@ void session_handle_release(ExtlockdConn *conn, ExtlockMsg *m)
     ExtlockMsg r;
     unsigned n;
 
-    /*
-     * It gives up the fencing guarantee for somebody else's locks: only
-     * admins may, and the refusal changes nothing (the session is not
-     * even looked up, so its existence is not revealed either)
-     */
-    if (!conn->identity || !extlockd_policy_is_admin(server->policy,
-                                                     conn->identity)) {
-        server_log_refusal(server,
-                           "%s: release-session of %s refused: identity %s "
-                           "is not an admin", conn->peer, m->session,
-                           conn->identity ? conn->identity : "(none)");
-        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_DENIED,
-                        "release-session needs an admin identity (this "
-                        "connection is %s)",
-                        conn->identity ? conn->identity : "unidentified");
-        return;
-    }
+    /* Only admins get here (dispatch.c) */
     if (!session) {
         conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_NOT_FOUND,
                         "no session %s", m->session);

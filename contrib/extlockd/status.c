@@ -316,7 +316,8 @@ static uint64_t status_budget_take(ExtlockdServer *server, bool admin)
                                        : EXTLOCKD_STATUS_MAX_ENTRIES);
 }
 
-void status_handle(ExtlockdConn *conn, ExtlockMsg *m)
+void status_handle(ExtlockdConn *conn, ExtlockdSession *session,
+                   ExtlockMsg *m)
 {
     ExtlockdServer *server = conn->server;
     bool admin = extlockd_policy_is_admin(server->policy, conn->identity);
@@ -325,16 +326,7 @@ void status_handle(ExtlockdConn *conn, ExtlockMsg *m)
     size_t before;
     uint64_t limit, granted;
 
-    if (!conn->session && !admin) {
-        server_log_refusal(server,
-                           "%s: status refused: identity %s is not an admin "
-                           "and has not said hello", conn->peer,
-                           conn->identity);
-        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_DENIED,
-                        "status before hello needs an admin identity (this "
-                        "connection is %s)", conn->identity);
-        return;
-    }
+    /* dispatch.c: @session is not NULL unless @conn is an admin's */
     /* Root and the daemon's uid on the UNIX socket are not limited */
     if (!(admin && g_str_has_prefix(conn->identity, "uid:")) &&
         !status_rate_ok(conn)) {
