@@ -1012,7 +1012,6 @@ static void test_limits(void **state)
     ExtlockConn *b = client(d->tcp_addr, "B", LONG_LEASE_MS);
     ExtlockConn *mon = conn_open(d->unix_addr);
     ExtlockConn *c, *x;
-    g_autofree char *line = NULL;
     ExtlockMsg w;
     uint64_t ra, id;
     Grant g1, gb;
