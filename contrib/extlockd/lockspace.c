@@ -125,8 +125,9 @@ static void lockspace_revoke_waiter_cb(ExtlockLock *other, void *opaque)
 static void lockspace_revoke_new_lock(ExtlockTable *table, ExtlockLock *lock)
 {
     if (session_wants_revokes(lock->owner)) {
-        extlock_table_foreach_conflict(table, lock, lockspace_revoke_waiter_cb,
-                                       lock);
+        extlock_table_foreach_conflict_state(table, lock,
+                                             EXTLOCK_LOCK_WAITING,
+                                             lockspace_revoke_waiter_cb, lock);
     }
 }
 
@@ -141,8 +142,9 @@ void lockspace_resend_revokes(ExtlockdSession *session)
     }
     g_hash_table_iter_init(&iter, session->held);
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
-        extlock_table_foreach_conflict(session->space->table, key,
-                                       lockspace_revoke_waiter_cb, key);
+        extlock_table_foreach_conflict_state(session->space->table, key,
+                                             EXTLOCK_LOCK_WAITING,
+                                             lockspace_revoke_waiter_cb, key);
     }
 }
 
@@ -301,14 +303,18 @@ static void lockspace_submit(ExtlockdLockSpace *space, ExtlockdSession *session,
     g_hash_table_add(session->waiting, lock);
     if (conn && say_waiting) {
         g_array_set_size(server->blockers, 0);
-        extlock_table_foreach_blocker(table, lock, lockspace_waiting_blocker_cb,
-                                      server->blockers);
+        /* The first MAX_BLOCKERS only: cheap however many there are */
+        extlock_table_foreach_blocker_first(table, lock, MAX_BLOCKERS,
+                                            lockspace_waiting_blocker_cb,
+                                            server->blockers);
         lockspace_send_waiting(conn, lock->user_tag, lock->token,
                                server->blockers);
     }
     if (space->nrevocable) {
-        extlock_table_foreach_conflict(table, lock, lockspace_revoke_holder_cb,
-                                       lock);
+        /* Only the holders: not every request waiting for the extent */
+        extlock_table_foreach_conflict_state(table, lock,
+                                             EXTLOCK_LOCK_GRANTED,
+                                             lockspace_revoke_holder_cb, lock);
     }
 }
 

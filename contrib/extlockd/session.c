@@ -403,8 +403,10 @@ static void session_fence_notify(ExtlockdSession *session,
 
     g_hash_table_iter_init(&iter, session->held);
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
-        extlock_table_foreach_conflict(session->space->table, key,
-                                       session_fence_waiter_cb, waiters);
+        extlock_table_foreach_conflict_state(session->space->table, key,
+                                             EXTLOCK_LOCK_WAITING,
+                                             session_fence_waiter_cb,
+                                             waiters);
     }
     if (session->grace_fenced) {
         /* Its extents are unknown: everybody deferred waits for it */
