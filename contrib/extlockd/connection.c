@@ -342,8 +342,7 @@ void conn_unauth_done(ExtlockdConn *conn)
 }
 
 /* May one more connection without hello come from @key? */
-bool conn_admit(ExtlockdServer *server, const char *key,
-                const char *peer)
+bool conn_admit(ExtlockdServer *server, const char *key, const char *peer)
 {
     guint n = GPOINTER_TO_UINT(g_hash_table_lookup(server->unauth_per_peer,
                                                    key));

@@ -36,8 +36,7 @@
 
 /* @event for @lock of its owner; @part: the released part, or NULL */
 void lockspace_log_lock(ExtlockdServer *server, const char *event,
-                        ExtlockLock *lock,
-                        const ExtlockExtent *part)
+                        ExtlockLock *lock, const ExtlockExtent *part)
 {
     ExtlockdSession *session = lock->owner;
     ExtlockdEvent ev = {
@@ -125,8 +124,7 @@ static void lockspace_revoke_waiter_cb(ExtlockLock *other, void *opaque)
 static void lockspace_revoke_new_lock(ExtlockTable *table, ExtlockLock *lock)
 {
     if (session_wants_revokes(lock->owner)) {
-        extlock_table_foreach_conflict_state(table, lock,
-                                             EXTLOCK_LOCK_WAITING,
+        extlock_table_foreach_conflict_state(table, lock, EXTLOCK_LOCK_WAITING,
                                              lockspace_revoke_waiter_cb, lock);
     }
 }
@@ -170,8 +168,7 @@ static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     }
 }
 
-ExtlockdLockSpace *lockspace_get(ExtlockdServer *server,
-                                 const char *name)
+ExtlockdLockSpace *lockspace_get(ExtlockdServer *server, const char *name)
 {
     ExtlockdLockSpace *space = g_hash_table_lookup(server->spaces, name);
 
@@ -262,8 +259,7 @@ static void lockspace_waiting_blocker_cb(ExtlockLock *blocker, void *opaque)
 }
 
 static void lockspace_send_waiting(ExtlockdConn *conn, uint64_t id,
-                                   uint64_t token,
-                                   GArray *blockers)
+                                   uint64_t token, GArray *blockers)
 {
     ExtlockMsg r;
 
@@ -312,8 +308,7 @@ static void lockspace_submit(ExtlockdLockSpace *space, ExtlockdSession *session,
     }
     if (space->nrevocable) {
         /* Only the holders: not every request waiting for the extent */
-        extlock_table_foreach_conflict_state(table, lock,
-                                             EXTLOCK_LOCK_GRANTED,
+        extlock_table_foreach_conflict_state(table, lock, EXTLOCK_LOCK_GRANTED,
                                              lockspace_revoke_holder_cb, lock);
     }
 }
@@ -338,8 +333,7 @@ static void lockspace_defer(ExtlockdLockSpace *space, ExtlockdSession *session,
                            space->server->blockers);
 }
 
-int64_t lockspace_grace_remaining_ms(ExtlockdLockSpace *space,
-                                     int64_t now)
+int64_t lockspace_grace_remaining_ms(ExtlockdLockSpace *space, int64_t now)
 {
     /* A reclaim conflict may make it last longer */
     int64_t end = MAX(space->server->grace_end_us, space->dispute_until_us);
@@ -641,8 +635,7 @@ void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
     lockspace_send_granted(conn, lock);
 }
 
-void lockspace_handle_unlock(ExtlockdConn *conn,
-                             ExtlockdSession *session,
+void lockspace_handle_unlock(ExtlockdConn *conn, ExtlockdSession *session,
                              ExtlockMsg *m)
 {
     ExtlockdServer *server = conn->server;
@@ -684,8 +677,7 @@ void lockspace_handle_unlock(ExtlockdConn *conn,
 
             /* Logged first: the release may grant the part to others */
             lockspace_log_lock(server, "release", lock, &part);
-            ret = extlock_table_release_part(table, lock, part, &rest,
-                                             &split);
+            ret = extlock_table_release_part(table, lock, part, &rest, &split);
             if (ret < 0) {
                 conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
                                 "partial release failed: %s", g_strerror(-ret));
@@ -728,8 +720,7 @@ reply:
     }
 }
 
-void lockspace_handle_cancel(ExtlockdConn *conn,
-                             ExtlockdSession *session,
+void lockspace_handle_cancel(ExtlockdConn *conn, ExtlockdSession *session,
                              ExtlockMsg *m)
 {
     ExtlockLock *lock = session_find_waiting(session, m->request);
@@ -754,8 +745,7 @@ void lockspace_handle_cancel(ExtlockdConn *conn,
                          m->id);
 }
 
-void lockspace_handle_downgrade(ExtlockdConn *conn,
-                                ExtlockdSession *session,
+void lockspace_handle_downgrade(ExtlockdConn *conn, ExtlockdSession *session,
                                 ExtlockMsg *m)
 {
     ExtlockTable *table = session->space->table;
@@ -881,8 +871,7 @@ static void lockspace_reclaim_dispute(ExtlockdSession *session,
 }
 
 /* Re-assert a lock held before the restart, with its original token */
-void lockspace_handle_reclaim(ExtlockdConn *conn,
-                              ExtlockdSession *session,
+void lockspace_handle_reclaim(ExtlockdConn *conn, ExtlockdSession *session,
                               ExtlockMsg *m)
 {
     ExtlockdServer *server = conn->server;
@@ -970,8 +959,7 @@ void lockspace_handle_reclaim(ExtlockdConn *conn,
     lockspace_send_granted(conn, lock);
 }
 
-void lockspace_handle_reclaim_done(ExtlockdConn *conn,
-                                   ExtlockdSession *session,
+void lockspace_handle_reclaim_done(ExtlockdConn *conn, ExtlockdSession *session,
                                    ExtlockMsg *m)
 {
     ExtlockMsg r;

@@ -273,8 +273,7 @@ void G_GNUC_PRINTF(2, 3)
 server_log_refusal(ExtlockdServer *server, const char *fmt, ...);
 
 /* Write @epoch and every session to the state file, now */
-bool server_save_state(ExtlockdServer *server, uint64_t epoch,
-                       GError **errp);
+bool server_save_state(ExtlockdServer *server, uint64_t epoch, GError **errp);
 
 /* Queue the current state for the writer thread; its generation */
 uint64_t server_save_state_async(ExtlockdServer *server);
@@ -305,8 +304,7 @@ void conn_new(ExtlockdServer *server, int fd, const char *peer,
               const char *key, const char *identity, bool tls);
 
 /* May one more connection without hello come from @key? */
-bool conn_admit(ExtlockdServer *server, const char *key,
-                const char *peer);
+bool conn_admit(ExtlockdServer *server, const char *key, const char *peer);
 
 /* Close and free @conn now; its session, if any, is detached */
 void conn_destroy(ExtlockdConn *conn);
@@ -419,25 +417,19 @@ int64_t session_check_leases(ExtlockdServer *server, int64_t now);
  */
 void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
                            ExtlockMsg *m);
-void lockspace_handle_unlock(ExtlockdConn *conn,
-                             ExtlockdSession *session,
+void lockspace_handle_unlock(ExtlockdConn *conn, ExtlockdSession *session,
                              ExtlockMsg *m);
-void lockspace_handle_cancel(ExtlockdConn *conn,
-                             ExtlockdSession *session,
+void lockspace_handle_cancel(ExtlockdConn *conn, ExtlockdSession *session,
                              ExtlockMsg *m);
-void lockspace_handle_downgrade(ExtlockdConn *conn,
-                                ExtlockdSession *session,
+void lockspace_handle_downgrade(ExtlockdConn *conn, ExtlockdSession *session,
                                 ExtlockMsg *m);
-void lockspace_handle_reclaim(ExtlockdConn *conn,
-                              ExtlockdSession *session,
+void lockspace_handle_reclaim(ExtlockdConn *conn, ExtlockdSession *session,
                               ExtlockMsg *m);
-void lockspace_handle_reclaim_done(ExtlockdConn *conn,
-                                   ExtlockdSession *session,
+void lockspace_handle_reclaim_done(ExtlockdConn *conn, ExtlockdSession *session,
                                    ExtlockMsg *m);
 
 /* The lock-space @name, created if needed */
-ExtlockdLockSpace *lockspace_get(ExtlockdServer *server,
-                                 const char *name);
+ExtlockdLockSpace *lockspace_get(ExtlockdServer *server, const char *name);
 
 /* A session of @space went away: the last one frees it */
 void lockspace_unref(ExtlockdLockSpace *space);
@@ -455,8 +447,7 @@ void lockspace_cancel_waiter(ExtlockdLockSpace *space, ExtlockLock *lock);
 void lockspace_resend_revokes(ExtlockdSession *session);
 
 /* How long the grace period of @space still lasts (0: over) */
-int64_t lockspace_grace_remaining_ms(ExtlockdLockSpace *space,
-                                     int64_t now);
+int64_t lockspace_grace_remaining_ms(ExtlockdLockSpace *space, int64_t now);
 
 /* End the grace period of @space, or postpone the end */
 void lockspace_end_grace(ExtlockdLockSpace *space, bool timeout);
@@ -469,8 +460,7 @@ void lockspace_end_grace_all(ExtlockdServer *server);
  * event log, if any
  */
 void lockspace_log_lock(ExtlockdServer *server, const char *event,
-                        ExtlockLock *lock,
-                        const ExtlockExtent *part);
+                        ExtlockLock *lock, const ExtlockExtent *part);
 
 /* The lease timer: the end of the grace period */
 int64_t lockspace_check_grace(ExtlockdServer *server, int64_t now);
@@ -479,7 +469,6 @@ int64_t lockspace_check_grace(ExtlockdServer *server, int64_t now);
 /* status.c                                                           */
 
 /* Request: "status" */
-void status_handle(ExtlockdConn *conn, ExtlockdSession *session,
-                   ExtlockMsg *m);
+void status_handle(ExtlockdConn *conn, ExtlockdSession *session, ExtlockMsg *m);
 
 #endif /* EXTLOCKD_SERVER_INT_H */

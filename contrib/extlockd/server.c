@@ -159,8 +159,7 @@ static char *server_state_snapshot(ExtlockdServer *server, uint64_t epoch,
 }
 
 /* Write @epoch and every session to the state file, now */
-bool server_save_state(ExtlockdServer *server, uint64_t epoch,
-                       GError **errp)
+bool server_save_state(ExtlockdServer *server, uint64_t epoch, GError **errp)
 {
     char *text = server_state_snapshot(server, epoch, errp);
 
@@ -198,8 +197,7 @@ bool extlockd_server_save_state(ExtlockdServer *server, GError **errp)
     return server_save_state(server, server->epoch, errp);
 }
 
-ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
-                                    uint64_t epoch)
+ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg, uint64_t epoch)
 {
     ExtlockdServer *server = g_new0(ExtlockdServer, 1);
 
@@ -230,8 +228,7 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     server->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
     server->policy = extlockd_policy_load(NULL, NULL);
     server->writer = extlockd_state_writer_new(server->cfg.state_file,
-                                               session_state_written,
-                                               server);
+                                               session_state_written, server);
     g_queue_init(&server->welcomes);
     g_queue_init(&server->unauth);
     server->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,

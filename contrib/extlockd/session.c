@@ -393,8 +393,7 @@ static void session_fence_waiter_cb(ExtlockLock *other, void *opaque)
  * session @session how its fencing goes (fence-status)
  */
 static void session_fence_notify(ExtlockdSession *session,
-                                 ExtlockFenceResult result,
-                                 const char *message)
+                                 ExtlockFenceResult result, const char *message)
 {
     g_autoptr(GHashTable) waiters = g_hash_table_new(NULL, NULL);
     GHashTableIter iter;
@@ -405,8 +404,7 @@ static void session_fence_notify(ExtlockdSession *session,
     while (g_hash_table_iter_next(&iter, &key, NULL)) {
         extlock_table_foreach_conflict_state(session->space->table, key,
                                              EXTLOCK_LOCK_WAITING,
-                                             session_fence_waiter_cb,
-                                             waiters);
+                                             session_fence_waiter_cb, waiters);
     }
     if (session->grace_fenced) {
         /* Its extents are unknown: everybody deferred waits for it */
@@ -470,8 +468,7 @@ static void session_fence_cb(ExtlockdFence *f, ExtlockdFenceState state,
                   "%s), attempt %u: %s; its %u locks stay held, retrying "
                   "in %u ms (extlockctl release-session %s forces the "
                   "release)", session->client_id, session->id,
-                  session->space->name,
-                  extlockd_fence_attempts(f), message,
+                  session->space->name, extlockd_fence_attempts(f), message,
                   g_hash_table_size(session->held), extlockd_fence_retry_ms(f),
                   session->id);
         session_log_event(session, "fence-failed", message);
@@ -654,8 +651,7 @@ typedef enum WelcomeKind {
 } WelcomeKind;
 
 static void session_send_welcome(ExtlockdConn *conn, ExtlockMsg *m,
-                                 ExtlockdSession *session,
-                                 WelcomeKind kind)
+                                 ExtlockdSession *session, WelcomeKind kind)
 {
     ExtlockdServer *server = conn->server;
     ExtlockMsg r;
@@ -766,8 +762,7 @@ static void session_defer_welcome(ExtlockdConn *conn, ExtlockMsg *m,
 /* hello with "session" of a session listed in the state file, in grace */
 static void session_handle_reclaim_hello(ExtlockdConn *conn, ExtlockMsg *m,
                                          ExtlockdSession *session,
-                                         uint32_t lease_ms,
-                                         int64_t now)
+                                         uint32_t lease_ms, int64_t now)
 {
     char old_sha256[sizeof(session->secret_sha256)];
     unsigned n;
@@ -859,8 +854,7 @@ void session_handle_hello(ExtlockdConn *conn, ExtlockdSession *attached,
             server_log_refusal(server,
                                "%s: identity %s may not resume session %s "
                                "(%s): %s", conn->peer, conn->identity,
-                               session->id,
-                               session->client_id,
+                               session->id, session->client_id,
                                !session->owner ? "it has no recorded owner" :
                                strcmp(session->owner, conn->identity) != 0 ?
                                "it belongs to another identity" :
@@ -948,13 +942,11 @@ void session_handle_hello(ExtlockdConn *conn, ExtlockdSession *attached,
         g_message("session %s (%s, lock-space %s) started on %s, lease %u "
                   "ms, replacing session %s, which is unknown or expired",
                   session->id, session->client_id, session->space->name,
-                  conn->peer, lease_ms,
-                  m->session);
+                  conn->peer, lease_ms, m->session);
     } else {
         g_message("session %s (%s, lock-space %s) started on %s by %s, "
                   "lease %u ms", session->id, session->client_id,
-                  session->space->name,
-                  conn->peer, conn->identity, lease_ms);
+                  session->space->name, conn->peer, conn->identity, lease_ms);
     }
 }
 
@@ -1094,7 +1086,7 @@ void session_state_written(uint64_t gen, bool ok, const char *error,
         if (ok) {
             session_send_welcome(conn, &m, session,
                                  dw->reclaim ? WELCOME_RECLAIM
-                                               : WELCOME_NEW);
+                                             : WELCOME_NEW);
         } else if (dw->reclaim) {
             /* It may come back and try again with its old secret */
             g_warning("session %s of %s cannot reclaim now: its new "

@@ -312,12 +312,12 @@ static uint64_t status_budget_take(ExtlockdServer *server, bool admin)
                                     EXTLOCKD_STATUS_ENTRIES_PER_SEC);
         server->status_budget_us = now;
     }
-    return MIN(server->status_budget, admin ? EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN
-                                       : EXTLOCKD_STATUS_MAX_ENTRIES);
+    return MIN(server->status_budget,
+               admin ? EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN
+                     : EXTLOCKD_STATUS_MAX_ENTRIES);
 }
 
-void status_handle(ExtlockdConn *conn, ExtlockdSession *session,
-                   ExtlockMsg *m)
+void status_handle(ExtlockdConn *conn, ExtlockdSession *session, ExtlockMsg *m)
 {
     ExtlockdServer *server = conn->server;
     bool admin = extlockd_policy_is_admin(server->policy, conn->identity);
