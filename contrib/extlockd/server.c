@@ -56,6 +56,7 @@
 #include "extlock/protocol.h"
 #include "event-log.h"
 #include "fence.h"
+#include "ha.h"
 #include "policy.h"
 #include "server.h"
 #include "state-file.h"
@@ -287,6 +288,9 @@ struct ExtlockdServer {
     int64_t status_budget_us;
     int64_t refused_logged_us;
     uint64_t refused_logged;
+    /* HA mode (ha.h): followers refuse hello; NULL in single mode */
+    ExtlockdHa *ha;
+    bool leading;                /* HA: elected, epoch durable in etcd */
     /* State file writes (state-writer.h) and the welcomes waiting on them */
     ExtlockdStateWriter *writer;
     GQueue welcomes;             /* DeferredWelcome, in generation order */
@@ -398,6 +402,10 @@ static GString *conn_out(ExtlockdConn *c)
 
 static void send_msg(ExtlockdConn *c, const ExtlockMsg *msg)
 {
+    /* HA: nothing leaves a leader that cannot prove its etcd lease */
+    if (c->server->ha) {
+        extlockd_ha_assert_lease(c->server->ha);
+    }
     extlock_msg_format(msg, conn_out(c));
 }
 
@@ -411,6 +419,9 @@ send_error(ExtlockdConn *c, bool has_id, uint64_t id, ExtlockErrorCode code,
     va_start(ap, fmt);
     text = g_strdup_vprintf(fmt, ap);
     va_end(ap);
+    if (c->server->ha) {
+        extlockd_ha_assert_lease(c->server->ha);
+    }
     c->server->nerrors++;
     VERBOSE(c->server, "%s: error %s: %s", c->peer,
             extlock_error_code_name(code), text);
@@ -1890,6 +1901,9 @@ static json_object *server_status(ExtlockdServer *s, ExtlockdConn *viewer,
     json_add_int(counters, "errors", s->nerrors);
     json_add_int(counters, "refused-connections", s->refused);
     json_object_object_add(root, "counters", counters);
+    if (s->ha) {
+        json_object_object_add(root, "cluster", extlockd_ha_status(s->ha));
+    }
     if (viewer->identity) {
         json_add_str(root, "identity", viewer->identity);
     }
@@ -2173,6 +2187,28 @@ static void handle_reclaim_hello(ExtlockdConn *c, ExtlockMsg *m,
     defer_welcome(c, m, S, old_sha256);
 }
 
+/* HA follower (or a leader still taking office): name the leader */
+static void send_not_leader(ExtlockdConn *c, ExtlockMsg *m)
+{
+    g_autofree char *leader = extlockd_ha_leader_address(c->server->ha);
+    ExtlockMsg r;
+
+    c->server->nerrors++;
+    extlock_msg_init(&r, EXTLOCK_MSG_ERROR);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.error = EXTLOCK_ERR_NOT_LEADER;
+    r.leader = leader && !extlockd_ha_leading(c->server->ha) ? leader : NULL;
+    r.message = r.leader ? g_strdup_printf("this coordinator is not the "
+                                           "leader; the leader is at %s",
+                                           r.leader)
+                         : g_strdup("this coordinator is not the leader, "
+                                    "and no leader is known yet: try the "
+                                    "others, or again");
+    send_msg(c, &r);
+    g_free(r.message);
+}
+
 static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
 {
     ExtlockdServer *s = c->server;
@@ -2201,6 +2237,10 @@ static void handle_hello(ExtlockdConn *c, ExtlockMsg *m)
     if (!m->client_id || !m->lock_space) {
         send_error(c, m->has_id, m->id, EXTLOCK_ERR_INVALID,
                    "hello needs \"client-id\" and \"lock-space\"");
+        return;
+    }
+    if (s->ha && !s->leading) {
+        send_not_leader(c, m);
         return;
     }
     lease_ms = m->lease_ms ? m->lease_ms : s->cfg.lease_ms;
@@ -3717,6 +3757,23 @@ void extlockd_server_set_event_log(ExtlockdServer *s, ExtlockdEventLog *log)
     s->event_log = log;
 }
 
+void extlockd_server_set_ha(ExtlockdServer *s, ExtlockdHa *ha)
+{
+    s->ha = ha;
+}
+
+void extlockd_server_lead(ExtlockdServer *s, uint64_t epoch,
+                          GPtrArray *sessions, uint32_t grace_ms)
+{
+    g_assert(s->ha && !s->leading && !g_hash_table_size(s->sessions));
+    s->epoch = epoch;
+    s->boot_epoch = epoch;
+    s->counter = s->cfg.first_counter ? s->cfg.first_counter : 1;
+    s->cfg.grace_ms = grace_ms;
+    extlockd_server_restore(s, sessions);
+    s->leading = true;
+}
+
 void extlockd_server_set_fencer(ExtlockdServer *s, ExtlockdFencer *fencer)
 {
     extlockd_fencer_free(s->fencer);
@@ -3759,7 +3816,11 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg,
     s->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
     s->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
     s->policy = extlockd_policy_load(NULL, NULL);
-    s->writer = extlockd_state_writer_new(s->cfg.state_file, state_written,
+    s->writer = cfg->state_write ?
+                extlockd_state_writer_new_fn(cfg->state_write,
+                                             cfg->state_write_opaque,
+                                             state_written, s) :
+                extlockd_state_writer_new(s->cfg.state_file, state_written,
                                           s);
     g_queue_init(&s->welcomes);
     g_queue_init(&s->unauth);
