@@ -555,8 +555,8 @@ static const char usage_text[] =
     "Options:\n"
     "  -c, --connect ADDR  coordinator address: unix:PATH, tcp:HOST:PORT\n"
     "                      or a comma-separated list of them (HA: the\n"
-    "                      first that answers; a follower's view is\n"
-    "                      replaced by the leader's)\n"
+    "                      first that answers; with a list, a\n"
+    "                      follower's view is replaced by the leader's)\n"
     "                      or a socket path (default: $EXTLOCK_COORDINATOR,\n"
     "                      else " DEFAULT_ADDRESS ")\n"
     "  -j, --json          print the status (or the selected part) as JSON\n"
@@ -773,7 +773,8 @@ int main(int argc, char **argv)
                     errors->str);
             return 1;
         }
-        if (follow_leader(&conn, &tls)) {
+        /* One address: that replica's own view (followers included) */
+        if (list[0] && list[1] && follow_leader(&conn, &tls)) {
             address = extlock_conn_address(conn);
         }
     }

@@ -62,6 +62,12 @@ struct ExtlockdHa {
     _Atomic bool leading;
     _Atomic int64_t deadline_us; /* the leader's lease is alive until then */
     _Atomic int stepping_down;
+    /*
+     * Testing hook, UNSAFE: EXTLOCKD_TEST_HA_NO_STEP_DOWN=1 keeps a leader
+     * serving after its etcd lease lapsed, so that tests/ha can show that
+     * they catch exactly that
+     */
+    bool no_step_down;
 };
 
 typedef struct Elected {
@@ -122,7 +128,7 @@ static void G_GNUC_NORETURN ha_step_down(ExtlockdHa *ha, const char *why)
 
 void extlockd_ha_assert_lease(ExtlockdHa *ha)
 {
-    if (atomic_load(&ha->leading) &&
+    if (!ha->no_step_down && atomic_load(&ha->leading) &&
         g_get_monotonic_time() >= atomic_load(&ha->deadline_us)) {
         ha_step_down(ha, "the etcd lease cannot be proven alive");
     }
@@ -231,6 +237,11 @@ ExtlockdHa *extlockd_ha_new(const ExtlockdHaConfig *cfg, GError **errp)
                                        &ha->tls, 1000);
     g_mutex_init(&ha->lock);
     g_cond_init(&ha->cond);
+    if (g_getenv("EXTLOCKD_TEST_HA_NO_STEP_DOWN")) {
+        ha->no_step_down = true;
+        g_warning("EXTLOCKD_TEST_HA_NO_STEP_DOWN: this leader keeps serving "
+                  "after its etcd lease lapsed (UNSAFE, testing only)");
+    }
     return ha;
 }
 
@@ -558,7 +569,7 @@ static gpointer ha_thread(gpointer opaque)
                         g_message("etcd lease keep-alive works again");
                         warned = false;
                     }
-                } else if (atomic_load(&ha->leading)) {
+                } else if (atomic_load(&ha->leading) && !ha->no_step_down) {
                     ha_step_down(ha, "etcd says our lease has expired");
                 } else {
                     g_warning("our etcd lease expired: joining again");
@@ -577,12 +588,12 @@ static gpointer ha_thread(gpointer opaque)
                 next_ka = g_get_monotonic_time() + 50000;
             }
         }
-        if (atomic_load(&ha->leading) &&
+        if (atomic_load(&ha->leading) && !ha->no_step_down &&
             g_get_monotonic_time() >= atomic_load(&ha->deadline_us)) {
             ha_step_down(ha, "the etcd lease cannot be proven alive");
         }
         wake = next_ka;
-        if (atomic_load(&ha->leading)) {
+        if (atomic_load(&ha->leading) && !ha->no_step_down) {
             wake = MIN(wake, atomic_load(&ha->deadline_us));
         } else {
             wake = MIN(wake, next_poll);
