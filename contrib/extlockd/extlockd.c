@@ -192,6 +192,7 @@ int main(int argc, char **argv)
     gint64 etcd_ttl_ms = EXTLOCKD_HA_DEFAULT_TTL_MS;
     gint64 etcd_wait_ms = 5000;
     gboolean create_cluster = FALSE;
+    g_autofree char *create_from = NULL;
     ExtlockdHa *ha = NULL;
     HaCtx ha_ctx = { 0 };
     g_auto(GStrv) saved_argv = g_strdupv(argv);
@@ -274,6 +275,9 @@ int main(int argc, char **argv)
         { "create-cluster", 0, 0, G_OPTION_ARG_NONE, &create_cluster,
           "HA: create the cluster in etcd if it does not exist (once)",
           NULL },
+        { "create-cluster-from", 0, 0, G_OPTION_ARG_FILENAME, &create_from,
+          "HA: like --create-cluster, with the epoch and sessions of a "
+          "single coordinator's state file (stopped)", "STATEFILE" },
         { "etcd-cacert", 0, 0, G_OPTION_ARG_FILENAME, &etcd_cacert,
           "HA: verify etcd's https endpoints with this CA", "FILE" },
         { "etcd-cert", 0, 0, G_OPTION_ARG_FILENAME, &etcd_cert,
@@ -408,10 +412,11 @@ int main(int argc, char **argv)
         return EXIT_USAGE;
     }
     if (!etcd_endpoints && (cluster || member_id || advertise ||
-                            create_cluster || etcd_cacert || etcd_cert ||
-                            etcd_key)) {
+                            create_cluster || create_from || etcd_cacert ||
+                            etcd_cert || etcd_key)) {
         fprintf(stderr, "extlockd: --cluster, --member-id, --advertise, "
-                "--create-cluster and --etcd-* need --etcd-endpoints\n");
+                "--create-cluster(-from) and --etcd-* need "
+                "--etcd-endpoints\n");
         return EXIT_USAGE;
     }
     if (etcd_endpoints && !cluster) {
@@ -513,6 +518,8 @@ int main(int argc, char **argv)
             .argv = saved_argv,
         };
         bool restarted = env_flag(EXTLOCKD_HA_RESTART_ENV);
+        g_autoptr(GPtrArray) old_sessions = NULL;
+        uint64_t old_epoch = 0;
 
         if (etcd_ttl_ms < 0 || etcd_ttl_ms > G_MAXUINT32) {
             hc.ttl_ms = 1;
@@ -529,8 +536,21 @@ int main(int argc, char **argv)
          * endpoint or cluster name is an error
          */
         g_unsetenv(EXTLOCKD_HA_RESTART_ENV);
-        if (!restarted && !extlockd_ha_check(ha, create_cluster, 0,
-                                             etcd_wait_ms, &err)) {
+        if (create_from && !restarted) {
+            /* The single coordinator must be stopped: take its lock */
+            lock_fd = extlockd_state_lock(create_from, &err);
+            if (lock_fd < 0 ||
+                !extlockd_state_load_sessions(create_from, &old_epoch,
+                                              &old_sessions, &err)) {
+                g_critical("--create-cluster-from: %s", err->message);
+                extlockd_ha_free(ha);
+                return 1;
+            }
+            close(lock_fd);
+        }
+        if (!restarted &&
+            !extlockd_ha_check(ha, create_cluster || create_from, old_epoch,
+                               old_sessions, etcd_wait_ms, &err)) {
             g_critical("%s", err->message);
             extlockd_ha_free(ha);
             return 1;

@@ -246,7 +246,8 @@ ExtlockdHa *extlockd_ha_new(const ExtlockdHaConfig *cfg, GError **errp)
 }
 
 bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
-                       unsigned timeout_ms, GError **errp)
+                       GPtrArray *create_sessions, unsigned timeout_ms,
+                       GError **errp)
 {
     int64_t deadline = g_get_monotonic_time() + timeout_ms * 1000LL;
     g_autoptr(GError) err = NULL;
@@ -267,10 +268,19 @@ bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
         g_usleep(100000);
     }
     if (!kv && create) {
-        g_autofree char *text = extlockd_state_format(create_epoch, NULL, 0,
-                                                      errp);
+        g_autoptr(GArray) list = g_array_new(FALSE, FALSE,
+                                             sizeof(ExtlockdStateSession));
+        g_autofree char *text = NULL;
         g_autoptr(EtcdTxn) t = etcd_txn_new();
         bool ok;
+
+        for (guint i = 0; create_sessions && i < create_sessions->len; i++) {
+            g_array_append_val(list, *(ExtlockdStateSession *)
+                               create_sessions->pdata[i]);
+        }
+        text = extlockd_state_format(create_epoch,
+                                     (ExtlockdStateSession *)list->data,
+                                     list->len, errp);
 
         if (!text) {
             return false;

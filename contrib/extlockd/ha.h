@@ -66,11 +66,13 @@ ExtlockdHa *extlockd_ha_new(const ExtlockdHaConfig *cfg, GError **errp);
 
 /*
  * At start: wait at most @timeout_ms for etcd to answer and check that the
- * cluster exists (create it with epoch @create_epoch if @create).  Fails
+ * cluster exists (create it with epoch @create_epoch and the
+ * ExtlockdStateSession list @create_sessions, may be NULL, if @create).  Fails
  * with a message that says what is wrong.
  */
 bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
-                       unsigned timeout_ms, GError **errp);
+                       GPtrArray *create_sessions, unsigned timeout_ms,
+                       GError **errp);
 
 /* Start the HA threads; @elected runs in the main context */
 void extlockd_ha_start(ExtlockdHa *ha, ExtlockdHaElected *elected,

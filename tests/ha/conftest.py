@@ -222,7 +222,8 @@ class Relay:
 
 
 class Replica:
-    def __init__(self, cluster, name, extra_args=(), env=None):
+    def __init__(self, cluster, name, extra_args=(), env=None, lean=False):
+        self.lean = lean            # no event log, no debug checks
         self.cl = cluster
         self.name = name
         self.sock = str(cluster.dir / ("%s.sock" % name))
@@ -238,11 +239,13 @@ class Replica:
         return ",".join("http://127.0.0.1:%d" % r.port for r in self.relays)
 
     def args(self):
-        return [str(EXTLOCKD), "--etcd-endpoints=" + self.endpoints(),
-                "--cluster", self.cl.name, "--member-id", self.name,
-                "--listen", self.address, "--event-log", str(self.event_log),
-                "--etcd-lease-ttl-ms", "1000", "--fence-margin-ms", "200",
-                "--debug-checks"] + self.extra_args
+        a = [str(EXTLOCKD), "--etcd-endpoints=" + self.endpoints(),
+             "--cluster", self.cl.name, "--member-id", self.name,
+             "--listen", self.address, "--etcd-lease-ttl-ms", "1000",
+             "--fence-margin-ms", "200"]
+        if not self.lean:
+            a += ["--event-log", str(self.event_log), "--debug-checks"]
+        return a + self.extra_args
 
     def start(self):
         env = dict(os.environ)

@@ -299,3 +299,18 @@ def test_bad_configuration(ha, etcd, tmp_path):
                       "x", "--listen", sock, "--etcd-wait-ms", "700")
     assert r.returncode == 1 and "did not answer within 700 ms" in r.stderr
     assert took < 5
+
+
+def test_create_cluster_from_state_file(ha, tmp_path):
+    """A single coordinator's state moves into etcd: the first leader's
+    epoch follows the file's, so tokens keep increasing."""
+    state = tmp_path / "single.state"
+    state.write_text('{"version":1,"epoch":41}\n')
+    r = ha.add("x0", extra_args=["--create-cluster-from", str(state)])
+    r.start()
+    leader = ha.wait_leader()
+    assert leader.status()["epoch"] == 42
+    c = HaClient([r.address], "h", "ls")
+    c.connect(timeout=5)
+    assert c.lock(0, 4096, "exclusive")["token"] >> 40 == 42
+    c.bye()
