@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import EXTLOCKD, EXTLOCKCTL, wait_for
+from conftest import BUILD, EXTLOCKD, EXTLOCKCTL, wait_for
 from haclient import HaClient, Worker, overlaps
 
 TTL_S = 1.0
@@ -314,3 +314,16 @@ def test_create_cluster_from_state_file(ha, tmp_path):
     c.connect(timeout=5)
     assert c.lock(0, 4096, "exclusive")["token"] >> 40 == 42
     c.bye()
+
+
+def test_etcd_client_against_real_etcd(etcd):
+    """contrib/extlockd/etcd-client.c on its own (cmocka, C): put/get with
+    bytes that need base64, txn create-if-absent and CAS on mod_revision
+    and value, leases (keep-alive, revoke takes the key, TTL 0 after),
+    prefix range, endpoint status of every member, failover past a dead
+    endpoint, a bounded error when none answers."""
+    r = subprocess.run([str(BUILD / "tests/ha/test-etcd-client")],
+                       env={"ETCD_ENDPOINTS": ",".join(etcd.urls)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[  PASSED  ] 5 test(s)." in r.stdout + r.stderr, r.stdout
