@@ -25,6 +25,13 @@
 #include "ha.h"
 #include "state-file.h"
 
+/*
+ * Keep-alives every TTL / 6: the leader's proof then never is older than
+ * TTL / 6 when things work, which leaves TTL - margin - TTL / 6 (733 ms
+ * with a 1 s TTL) to ride out an etcd leader election (etcd's election
+ * timeout, 250 ms in tests/ha, plus the vote) without stepping down
+ */
+#define HA_KEEPALIVE_DIVISOR 6
 /* How often a follower looks for a vacant leader key: TTL / 5 */
 #define HA_POLL_DIVISOR     5
 /* Health and members refresh for status */
@@ -549,7 +556,7 @@ static gpointer ha_thread(gpointer opaque)
     /* The lease was just granted: it lives at least this long */
     atomic_store(&ha->deadline_us, g_get_monotonic_time() +
                  (int64_t)(ha->ttl_ms - ha->margin_ms) * 1000);
-    next_ka = g_get_monotonic_time() + ha->ttl_ms * 1000LL / 3;
+    next_ka = g_get_monotonic_time() + ha->ttl_ms * 1000LL / HA_KEEPALIVE_DIVISOR;
     while (!ha_quit(ha)) {
         int64_t now = g_get_monotonic_time();
         int64_t wake;
@@ -574,7 +581,7 @@ static gpointer ha_thread(gpointer opaque)
                     int64_t d = sent + (ttl_s * 1000 - ha->margin_ms) * 1000;
 
                     atomic_store(&ha->deadline_us, d);
-                    next_ka = sent + ttl_s * 1000000 / 3;
+                    next_ka = sent + ttl_s * 1000000 / HA_KEEPALIVE_DIVISOR;
                     if (warned) {
                         g_message("etcd lease keep-alive works again");
                         warned = false;
@@ -586,7 +593,7 @@ static gpointer ha_thread(gpointer opaque)
                     if (!ha_join(ha)) {
                         break;
                     }
-                    next_ka = g_get_monotonic_time() + ha->ttl_ms * 1000LL / 3;
+                    next_ka = g_get_monotonic_time() + ha->ttl_ms * 1000LL / HA_KEEPALIVE_DIVISOR;
                 }
             } else {
                 if (!warned) {
