@@ -40,7 +40,11 @@ def bench(address, seconds, clients):
                        capture_output=True, text=True, timeout=seconds + 60)
     if r.returncode != 0:
         raise RuntimeError("extlock-bench: " + r.stderr)
-    return json.loads(r.stdout)
+    j = json.loads(r.stdout)
+    if r.stderr.strip():
+        print("extlock-bench (%s): %s" % (address, r.stderr.strip()[-500:]),
+              flush=True)
+    return j
 
 
 def main():
@@ -49,10 +53,12 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ttl-ms", type=int, default=1000,
+                    help="etcd lease TTL of the replicas (default 1000)")
     o = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bha-"))
-    etcd = Etcd(tmp / "etcd")
+    etcd = Etcd(tmp / "etcd", ttl_ms=o.ttl_ms)
     (tmp / "etcd").mkdir()
     ha = HaCluster(etcd, tmp, "bench")
     single = None
@@ -68,6 +74,8 @@ def main():
         first_grant, resumed = [], []
         for n in range(o.failovers):
             leader = ha.wait_leader(timeout=30)
+            wait_for(lambda: all(w.grants for w in ws), 30, "traffic")
+            old_epoch = leader.status()["epoch"]
             t0 = leader.kill9()
             others = [r for r in ha.replicas if r is not leader]
 
@@ -76,9 +84,15 @@ def main():
                       if e["ts"] > t0]
                 return min(ts) if ts else None
             g = wait_for(new_grant, 30, "a grant by a new leader")
-            wait_for(lambda: all(any(x[0] > t0 for x in w.grants)
-                                 for w in ws), 60, "every client resumed")
-            r = max(min(x[0] for x in w.grants if x[0] > t0) for w in ws)
+            # grants of the new epoch: a grant the dead leader sent just
+            # before the kill may still arrive after it
+
+            def resumed_at(w):
+                ts = [x[0] for x in list(w.grants) if x[1] >> 40 > old_epoch]
+                return min(ts) if ts else None
+            wait_for(lambda: all(resumed_at(w) for w in ws), 60,
+                     "every client resumed")
+            r = max(resumed_at(w) for w in ws)
             first_grant.append((g - t0) / 1e6)
             resumed.append((r - t0) / 1e6)
             print("failover %d: first new grant %.0f ms, all clients "
@@ -126,6 +140,8 @@ def main():
             "ha-pairs-per-sec": ha_rate,
             "ha-over-single": (statistics.median(ha_rate) /
                                statistics.median(single_rate)),
+            "step-downs-during-throughput": sum(
+                r.log().count("stepping down") for r in ha.replicas),
             "overlapping-holds": len(bad),
             "client-errors": errors,
         }

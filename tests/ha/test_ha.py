@@ -3,8 +3,9 @@
 SPDX-License-Identifier: GPL-2.0-or-later
 Copyright (c) 2026 The extlock authors
 
-Timing: etcd lease TTL 1 s (the leader proves it alive until the send time
-of its last keep-alive + 0.9 s), client leases 2 s, fence margin 200 ms.
+Timing: etcd lease TTL T = HA_TTL_MS (2 s unless EXTLOCK_HA_TTL_MS says
+otherwise; the leader proves it alive until the send time of its last
+keep-alive + 0.9 T), client leases 2 s, fence margin 200 ms.
 Every wait is bounded and derived from these; see docs/design.rst "High
 availability" for the argument and docs/testing.rst for the list.
 """
@@ -14,10 +15,10 @@ import time
 
 import pytest
 
-from conftest import BUILD, EXTLOCKD, EXTLOCKCTL, wait_for
+from conftest import BUILD, EXTLOCKD, EXTLOCKCTL, HA_TTL_MS, wait_for
 from haclient import HaClient, Worker, overlaps
 
-TTL_S = 1.0
+TTL_S = HA_TTL_MS / 1000
 LEASE_MS = 2000
 
 
@@ -186,9 +187,10 @@ def test_partition_leader_from_etcd(ha, protected):
 @pytest.mark.parametrize("member", ["follower", "leader"])
 def test_etcd_member_loss_changes_nothing(ha, etcd, member):
     """One etcd member of three dies: etcd's leader (etcd elects another,
-    within 250-500 ms here) or a follower.  The coordinator's leader keeps
-    its lease proven throughout (keep-alives every TTL/6 leave 733 ms of
-    slack), so nothing changes for the clients."""
+    within 1-2 election timeouts of TTL/4) or a follower.  The
+    coordinator's leader keeps its lease proven throughout (keep-alives
+    every TTL/6 leave 0.73 TTL of slack), so nothing changes for the
+    clients."""
     leader = ha.start(3)
     ws = run_workers(ha.addresses(), "ls", n=2)
     wait_progress(ws, 10)
