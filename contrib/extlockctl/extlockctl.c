@@ -432,7 +432,8 @@ static void print_cluster(json_object *st)
     leader = json_object_get_string(get(cl, "leader"));
     printf("Cluster      %s, epoch %" PRId64 "\n",
            json_object_get_string(get(cl, "cluster")),
-           get_int(cl, "epoch") ? get_int(cl, "epoch") : get_int(st, "epoch"));
+           get_int(cl, "epoch") ? get_int(cl, "epoch") :
+           get_int(cl, "cluster-epoch"));
     printf("Leader       %s%s%s\n", leader ? leader : "(none)",
            get(cl, "leader-address") ? " at " : "",
            get(cl, "leader-address") ?

@@ -682,6 +682,25 @@ static gpointer ha_monitor(gpointer opaque)
                 json_object_array_add(members, o);
             }
         }
+        /* The epoch as etcd has it (a follower's status shows it) */
+        {
+            EtcdKv *kv = NULL;
+
+            if (etcd_get(ha->monitor_etcd, ha->state_key, &kv,
+                         deadline + 500000, NULL) && kv) {
+                g_autoptr(GPtrArray) ss = NULL;
+                uint64_t epoch;
+
+                if (extlockd_state_parse(ha->state_key, kv->value,
+                                         kv->value_len, &epoch, &ss, NULL)) {
+                    json_object_object_add(h, "cluster-epoch",
+                                           json_object_new_int64(epoch));
+                    json_object_object_add(h, "cluster-sessions",
+                                           json_object_new_int64(ss->len));
+                }
+            }
+            etcd_kv_free(kv);
+        }
         /* A quorum answers reads; "leader" set on the members we reach */
         json_object_object_add(h, "endpoints", eps);
         json_object_object_add(h, "quorum", json_object_new_boolean(

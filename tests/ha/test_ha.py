@@ -88,6 +88,8 @@ def test_election_and_not_leader(ha):
         [str(EXTLOCKCTL), "-c", followers[1].address, "--json", "cluster"],
         capture_output=True, text=True, timeout=10).stdout)
     assert st["role"] == "follower" and st["leader"] == leader.name
+    wait_for(lambda: followers[0].status()["cluster"].get("cluster-epoch")
+             == leader.status()["epoch"], 5, "the epoch in a follower's view")
     # with a list, extlockctl shows the leader's view
     st = json.loads(subprocess.run(
         [str(EXTLOCKCTL), "-c", ",".join(f.address for f in followers),
