@@ -579,6 +579,8 @@ typedef struct BlockerWalk {
     void *opaque;
     bool limited;               /* at most @left more visits */
     unsigned left;
+    bool calls_limited;         /* at most @calls_left more calls of @fn */
+    unsigned calls_left;
 } BlockerWalk;
 
 static bool blocker_visit(ExtlockITNode *node, void *opaque)
@@ -592,9 +594,15 @@ static bool blocker_visit(ExtlockITNode *node, void *opaque)
         }
         b->left--;
     }
+    if (b->calls_limited && b->calls_left == 0) {
+        return false;
+    }
     if (lock != b->self &&
         (!b->earlier_only || lock->token < b->self->token)) {
         b->fn(lock, b->opaque);
+        if (b->calls_limited) {
+            b->calls_left--;
+        }
     }
     return true;
 }
@@ -645,21 +653,46 @@ void extlock_table_foreach_blocker_max(ExtlockTable *table,
     foreach_blocker(table, lock, b);
 }
 
+void extlock_table_foreach_blocker_first(ExtlockTable *table,
+                                         ExtlockLock *lock, unsigned max,
+                                         ExtlockLockFn fn, void *opaque)
+{
+    BlockerWalk b = { lock, false, fn, opaque, false, 0, true, max };
+
+    foreach_blocker(table, lock, b);
+}
+
+/* The conflicting locks of @lock in the trees @trees (held or waiting) */
+static void foreach_conflict_in(ExtlockITree *trees, ExtlockLock *lock,
+                                BlockerWalk *b)
+{
+    if (lock->mode == EXTLOCK_MODE_EXCLUSIVE) {
+        foreach_conflicting(trees, b);
+    } else {
+        extlock_itree_foreach_overlap(&trees[EXTLOCK_MODE_EXCLUSIVE],
+                                      lock->node.ext, blocker_visit, b);
+    }
+}
+
 void extlock_table_foreach_conflict(ExtlockTable *table, ExtlockLock *lock,
                                     ExtlockLockFn fn, void *opaque)
 {
     BlockerWalk b = { lock, false, fn, opaque };
 
-    if (lock->mode == EXTLOCK_MODE_EXCLUSIVE) {
-        foreach_conflicting(table->held, &b);
-        foreach_conflicting(table->waiting, &b);
-    } else {
-        extlock_itree_foreach_overlap(&table->held[EXTLOCK_MODE_EXCLUSIVE],
-                                      lock->node.ext, blocker_visit, &b);
-        extlock_itree_foreach_overlap(
-            &table->waiting[EXTLOCK_MODE_EXCLUSIVE], lock->node.ext,
-            blocker_visit, &b);
-    }
+    foreach_conflict_in(table->held, lock, &b);
+    foreach_conflict_in(table->waiting, lock, &b);
+}
+
+void extlock_table_foreach_conflict_state(ExtlockTable *table,
+                                          ExtlockLock *lock,
+                                          ExtlockLockState state,
+                                          ExtlockLockFn fn, void *opaque)
+{
+    BlockerWalk b = { lock, false, fn, opaque };
+
+    foreach_conflict_in(state == EXTLOCK_LOCK_GRANTED ? table->held
+                                                      : table->waiting,
+                        lock, &b);
 }
 
 /* Append the locks of two trees, merged in ascending (offset, id) order */

@@ -199,6 +199,15 @@ void extlock_table_foreach_blocker_max(ExtlockTable *table,
                                        ExtlockLock *lock,
                                        unsigned max_visits,
                                        ExtlockLockFn fn, void *opaque);
+/*
+ * The first @max blockers that extlock_table_foreach_blocker() would
+ * report, in the same order; the walk stops there, so it costs
+ * O(log n + @max + the overlapping locks that are not blockers, e.g.
+ * later waiters) instead of visiting every blocker
+ */
+void extlock_table_foreach_blocker_first(ExtlockTable *table,
+                                         ExtlockLock *lock, unsigned max,
+                                         ExtlockLockFn fn, void *opaque);
 
 /*
  * Call @fn for every lock other than @lock, granted or waiting and
@@ -211,6 +220,16 @@ void extlock_table_foreach_blocker_max(ExtlockTable *table,
  */
 void extlock_table_foreach_conflict(ExtlockTable *table, ExtlockLock *lock,
                                     ExtlockLockFn fn, void *opaque);
+/*
+ * The part of extlock_table_foreach_conflict() in @state only (granted
+ * or waiting locks), in the same order, without looking at the others:
+ * finding the holders to revoke for a new request does not walk every
+ * request waiting for the same extent
+ */
+void extlock_table_foreach_conflict_state(ExtlockTable *table,
+                                          ExtlockLock *lock,
+                                          ExtlockLockState state,
+                                          ExtlockLockFn fn, void *opaque);
 
 /* Every lock, granted ones first, each group in ascending offset order */
 void extlock_table_foreach(ExtlockTable *table, ExtlockLockFn fn,

@@ -431,6 +431,35 @@ static void test_bye_releases(void **state)
     assert_int_equal(json_object_array_length(jget(st, "lock-spaces")), 0);
     assert_int_equal(json_object_array_length(jget(st, "sessions")), 0);
     json_object_put(st);
+    /* Requests the dispatcher refuses before hello, word for word */
+    {
+        static const struct {
+            const char *line;
+            ExtlockErrorCode code;
+            const char *message;
+        } refusals[] = {
+            { "{\"type\":\"renew\",\"id\":5}\n", EXTLOCK_ERR_STATE,
+              "renew before hello" },
+            { "{\"type\":\"reclaim-done\",\"id\":6}\n",
+              EXTLOCK_ERR_STATE, "reclaim-done before hello" },
+            { "{\"type\":\"welcome\",\"id\":7,\"version\":2,"
+              "\"session\":\"x\",\"lease-ms\":1000,\"epoch\":1}\n",
+              EXTLOCK_ERR_UNKNOWN_TYPE, "\"welcome\" is not a request" },
+        };
+
+        for (size_t i = 0; i < G_N_ELEMENTS(refusals); i++) {
+            ExtlockMsg r;
+
+            send_raw(c, refusals[i].line);
+            extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+            recv_msg(c, &r, 5000);
+            assert_int_equal(r.type, EXTLOCK_MSG_ERROR);
+            assert_int_equal(r.error, refusals[i].code);
+            assert_int_equal(r.id, 5 + i);
+            assert_string_equal(r.message, refusals[i].message);
+            extlock_msg_clear(&r);
+        }
+    }
     /* bye before hello just says goodbye */
     bye(c);
     daemon_stop(d);
@@ -983,7 +1012,6 @@ static void test_limits(void **state)
     ExtlockConn *b = client(d->tcp_addr, "B", LONG_LEASE_MS);
     ExtlockConn *mon = conn_open(d->unix_addr);
     ExtlockConn *c, *x;
-    g_autofree char *line = NULL;
     ExtlockMsg w;
     uint64_t ra, id;
     Grant g1, gb;

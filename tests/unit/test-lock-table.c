@@ -1360,6 +1360,49 @@ static void m_conflict_cb(ExtlockLock *lock, void *opaque)
     g_ptr_array_add(opaque, lock);
 }
 
+/*
+ * foreach_conflict_state() gives the granted part and the waiting part of
+ * foreach_conflict()'s answer @all, in the same order; and
+ * foreach_blocker_first() a prefix of foreach_blocker()'s
+ */
+static void compare_conflict_parts(Fixture *f, ExtlockLock *lock,
+                                   GPtrArray *all)
+{
+    g_autoptr(GPtrArray) held = g_ptr_array_new();
+    g_autoptr(GPtrArray) waiting = g_ptr_array_new();
+    g_autoptr(GPtrArray) blockers = g_ptr_array_new();
+    const guint maxes[] = { 0, 1, 2, 3, 64 };
+    guint j;
+
+    extlock_table_foreach_conflict_state(f->table, lock,
+                                         EXTLOCK_LOCK_GRANTED,
+                                         m_conflict_cb, held);
+    extlock_table_foreach_conflict_state(f->table, lock,
+                                         EXTLOCK_LOCK_WAITING,
+                                         m_conflict_cb, waiting);
+    assert_int_equal(held->len + waiting->len, all->len);
+    for (j = 0; j < all->len; j++) {
+        assert_ptr_equal(all->pdata[j],
+                         j < held->len ? held->pdata[j]
+                                       : waiting->pdata[j - held->len]);
+    }
+    for (j = 0; j < held->len; j++) {
+        assert_true(GRANTED((ExtlockLock *)held->pdata[j]));
+    }
+
+    extlock_table_foreach_blocker(f->table, lock, m_conflict_cb, blockers);
+    for (guint k = 0; k < G_N_ELEMENTS(maxes); k++) {
+        g_autoptr(GPtrArray) first = g_ptr_array_new();
+
+        extlock_table_foreach_blocker_first(f->table, lock, maxes[k],
+                                            m_conflict_cb, first);
+        assert_int_equal(first->len, MIN(maxes[k], blockers->len));
+        for (j = 0; j < first->len; j++) {
+            assert_ptr_equal(first->pdata[j], blockers->pdata[j]);
+        }
+    }
+}
+
 /* foreach_conflict() on @ml against the brute-force answer */
 static void compare_conflicts(Fixture *f, Model *m, MLock *ml)
 {
@@ -1382,6 +1425,45 @@ static void compare_conflicts(Fixture *f, Model *m, MLock *ml)
         assert_false(GRANTED((ExtlockLock *)got->pdata[j]) &&
                      !GRANTED((ExtlockLock *)got->pdata[j - 1]));
     }
+    compare_conflict_parts(f, ml->lock, got);
+}
+
+/*
+ * Many requests wait for one extent: the partial walks give what the
+ * full ones give, cut where they should be (the daemon lists the first 64
+ * blockers of a new request, and revokes only for holders)
+ */
+static void test_conflict_parts_many(void **state)
+{
+    Fixture *f = *state;
+    g_autoptr(GPtrArray) all = g_ptr_array_new();
+    g_autoptr(GPtrArray) first = g_ptr_array_new();
+    ExtlockLock *held, *last = NULL, *shared;
+
+    held = req(f, 0, 100, EX);
+    for (int i = 0; i < 200; i++) {
+        last = req(f, i % 50, 100, EX);
+    }
+    shared = req(f, 10, 20, SH);
+    assert_true(GRANTED(held));
+    assert_false(GRANTED(last) || GRANTED(shared));
+
+    extlock_table_foreach_conflict(f->table, last, m_conflict_cb, all);
+    assert_int_equal(all->len, 200);       /* @shared does not overlap */
+    compare_conflict_parts(f, last, all);
+    g_ptr_array_set_size(all, 0);
+    extlock_table_foreach_conflict(f->table, shared, m_conflict_cb, all);
+    compare_conflict_parts(f, shared, all);
+    g_ptr_array_set_size(all, 0);
+    extlock_table_foreach_conflict(f->table, held, m_conflict_cb, all);
+    assert_int_equal(all->len, 201);
+    compare_conflict_parts(f, held, all);
+
+    /* 200 blockers (the holder first), 64 of them asked for */
+    extlock_table_foreach_blocker_first(f->table, last, 64, m_conflict_cb,
+                                        first);
+    assert_int_equal(first->len, 64);
+    assert_ptr_equal(first->pdata[0], held);
 }
 
 static void compare(Fixture *f, Model *m)
@@ -1828,6 +1910,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_grow_cap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_downgrade, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_conflict_parts_many, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_foreach_conflict, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_check_detects_growth, setup,
