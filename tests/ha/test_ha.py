@@ -397,7 +397,8 @@ def test_tls_to_etcd(ha, tmp_path):
                 "--etcd-cacert", str(d / "ca-cert.pem"),
                 "--etcd-wait-ms", "10000"]
         # no client certificate: refused by etcd, a clear error
-        r, took = run_bad(*args[1:-2], "--etcd-wait-ms", "1500")
+        r, took = run_bad(*args[1:-2], "--etcd-wait-ms", "1500",
+                          timeout=30)
         assert r.returncode == 1 and "did not answer within 1500 ms" in \
             r.stderr, r.stderr
         p = subprocess.Popen(args + ["--etcd-cert", str(d / "client-cert.pem"),
@@ -411,7 +412,7 @@ def test_tls_to_etcd(ha, tmp_path):
             c.bye()
         finally:
             p.terminate()
-            out = p.communicate(timeout=10)[0]
+            out = p.communicate(timeout=30)[0]
         assert "leads cluster" in out, out
     finally:
         e.kill()
