@@ -20,6 +20,9 @@ PKGS=(
     iproute2 procps psmisc socat
     # ASan/UBSan test build and libFuzzer harnesses (tests/fuzz)
     clang libfuzzer-14-dev
+    # HA coordinator (docs/design.rst "High availability"): etcd v3 through
+    # its HTTP/JSON gateway with libcurl; etcd itself for tests/ha
+    libcurl4-gnutls-dev etcd-server etcd-client
 )
 
 SRC=/etc/apt/sources.list.d/extlock-deb-src.sources

@@ -11,6 +11,9 @@
 #     any sanitizer report fails the step
 #  3b. fuzz smoke run: each libFuzzer harness of tests/fuzz for 25 s
 #     (build-fuzz/, tests/fuzz/run-fuzz.sh)
+#  3c. pytest tests/ha: the HA coordinator on a real 3-member etcd cluster
+#     (3 extlockd replicas; kill -9, partition from etcd, etcd member and
+#     quorum loss, rolling restart, bad configuration)
 #  4. scripts/build-qemu.sh              (patched QEMU 7.2, incremental)
 #  5. pytest tests/qemu: real qemu-io / qemu-img / qemu-storage-daemon /
 #     qemu-system-x86_64 with the extlock driver, a real extlockd and a
@@ -42,6 +45,7 @@ PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
 E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
 NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
 MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
+HA_TIMEOUT=${EXTLOCK_HA_TIMEOUT:-600}
 
 passed=0
 failed=0
@@ -142,6 +146,27 @@ else
     failed=$((failed + $(echo "$fz" | awk '$2 != 0' | wc -l)))
 fi
 rm -f "$fz_out"
+
+step "HA coordinator on etcd (pytest tests/ha: 3 etcd members, 3 replicas)"
+# counted like the QEMU-level pytest run below
+rm -f build/pytest-ha.out
+timeout -k 30 "$HA_TIMEOUT" /usr/bin/python3 -m pytest -v -rfEsxX \
+    -p no:cacheprovider --timeout=120 --timeout-method=signal tests/ha \
+    | tee build/pytest-ha.out
+rc=${PIPESTATUS[0]}
+line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
+       build/pytest-ha.out | tail -n1)
+hcount() { echo "$line" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
+p=$(hcount passed); f=$(hcount failed); e=$(hcount error)
+s=$(hcount skipped); xf=$(hcount xfailed); xp=$(hcount xpassed)
+passed=$((passed + ${p:-0}))
+failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
+skipped=$((skipped + ${s:-0} + ${xf:-0}))
+echo "pytest tests/ha: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
+    echo "pytest tests/ha did not finish normally (exit status $rc): counted as one failure"
+    failed=$((failed + 1))
+fi
 
 if [ "$WITH_QEMU" = 1 ]; then
     step "building QEMU 7.2 with the extlock driver"

@@ -796,3 +796,96 @@ bool extlock_conn_tls_pending(ExtlockConn *conn)
 {
     return conn->tls && gnutls_record_check_pending(conn->tls) > 0;
 }
+
+/* ------------------------------------------------------------------ */
+/* Several coordinators (HA)                                           */
+
+ExtlockConn *extlock_conn_connect_leader(const char *addresses,
+                                         const ExtlockTlsOptions *tls,
+                                         const char *client_id,
+                                         const char *lock_space,
+                                         uint32_t lease_ms,
+                                         ExtlockMsg *welcome, int timeout_ms,
+                                         GError **errp)
+{
+    g_auto(GStrv) list = g_strsplit(addresses, ",", -1);
+    guint n = g_strv_length(list);
+    int64_t deadline = g_get_monotonic_time() + timeout_ms * 1000LL;
+    g_autofree char *next = NULL;      /* named by a follower */
+    g_autoptr(GString) why = g_string_new(NULL);
+    guint i = 0;
+    int backoff_ms = 20;
+
+    if (n == 0) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT,
+                    "no coordinator address");
+        return NULL;
+    }
+    while (g_get_monotonic_time() < deadline) {
+        g_autofree char *addr = next ? g_steal_pointer(&next)
+                                     : g_strdup(list[i++ % n]);
+        g_autoptr(GError) err = NULL;
+        ExtlockConn *conn;
+        ExtlockMsg req, reply;
+
+        conn = tls ? extlock_conn_connect_tls(addr, tls, &err)
+                   : extlock_conn_connect(addr, &err);
+        if (!conn) {
+            g_string_printf(why, "%s", err->message);
+            goto retry;
+        }
+        extlock_msg_init(&req, EXTLOCK_MSG_HELLO);
+        extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
+        req.client_id = (char *)client_id;
+        req.lock_space = (char *)lock_space;
+        req.lease_ms = lease_ms;
+        if (!extlock_conn_call(conn, &req, &reply,
+                               MAX(1, (deadline - g_get_monotonic_time()) /
+                                      1000), &err)) {
+            g_string_printf(why, "%s: %s", addr, err->message);
+            extlock_conn_close(conn);
+            extlock_msg_clear(&reply);
+            goto retry;
+        }
+        if (reply.type == EXTLOCK_MSG_WELCOME) {
+            if (welcome) {
+                extlock_msg_clear(welcome);
+                *welcome = reply;
+            } else {
+                extlock_msg_clear(&reply);
+            }
+            return conn;
+        }
+        extlock_conn_close(conn);
+        if (reply.type == EXTLOCK_MSG_ERROR &&
+            reply.error == EXTLOCK_ERR_NOT_LEADER) {
+            g_string_printf(why, "%s: not-leader: %s", addr,
+                            reply.message ? reply.message : "");
+            if (reply.leader && strcmp(reply.leader, addr) != 0) {
+                next = g_strdup(reply.leader);
+                extlock_msg_clear(&reply);
+                continue;           /* follow it at once */
+            }
+            extlock_msg_clear(&reply);
+            goto retry;
+        }
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_FAILED,
+                    "hello refused by %s: %s: %s", addr,
+                    reply.type == EXTLOCK_MSG_ERROR ?
+                    extlock_error_code_name(reply.error) :
+                    extlock_msg_type_name(reply.type),
+                    reply.message ? reply.message : "");
+        extlock_msg_clear(&reply);
+        return NULL;
+retry:
+        /* A round over every address without success: wait a little */
+        if (i % n == 0) {
+            g_usleep(backoff_ms * 1000);
+            backoff_ms = MIN(backoff_ms * 2, 500);
+        }
+    }
+    g_set_error(errp, G_IO_ERROR, G_IO_ERROR_TIMED_OUT,
+                "no leader among %s within %d ms (last: %s)", addresses,
+                timeout_ms, why->str);
+    return NULL;
+}

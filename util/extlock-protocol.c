@@ -102,6 +102,7 @@ static const char *const error_code_names[EXTLOCK_ERR__MAX] = {
     [EXTLOCK_ERR_INTERNAL] = "internal-error",
     [EXTLOCK_ERR_DENIED] = "permission-denied",
     [EXTLOCK_ERR_RECLAIM_CONFLICT] = "reclaim-conflict",
+    [EXTLOCK_ERR_NOT_LEADER] = "not-leader",
 };
 
 const char *extlock_msg_type_name(ExtlockMsgType type)
@@ -186,6 +187,7 @@ void extlock_msg_clear(ExtlockMsg *msg)
     g_free(msg->session);
     g_free(msg->resume_secret);
     g_free(msg->identity);
+    g_free(msg->leader);
     g_free(msg->server);
     g_free(msg->message);
     g_free(msg->session_client);
@@ -727,7 +729,8 @@ static bool parse_error_reply(json_object *obj, ExtlockMsg *msg,
     }
     /* "lock": the lock a notification (no "id") is about, e.g. dropped */
     return get_u63(obj, "lock", false, &msg->lock, err) &&
-           get_text(obj, "message", &msg->message, err);
+           get_text(obj, "message", &msg->message, err) &&
+           get_text(obj, "leader", &msg->leader, err);
 }
 
 static bool get_fence_result(json_object *obj, ExtlockFenceResult *out,
@@ -1707,6 +1710,9 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         }
         if (msg->message) {
             PUT_STR(out, ",\"message\":", msg->message);
+        }
+        if (msg->leader) {
+            PUT_STR(out, ",\"leader\":", msg->leader);
         }
         break;
     case EXTLOCK_MSG_REVOKE:

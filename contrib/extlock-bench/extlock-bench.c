@@ -574,7 +574,9 @@ static void usage(FILE *f)
         "\n"
         "  -c, --connect ADDR        coordinator (default: "
         "$EXTLOCK_COORDINATOR,\n"
-        "                            else " DEFAULT_ADDRESS ")\n"
+        "                            else " DEFAULT_ADDRESS "); a\n"
+        "                            comma-separated list: HA coordinators,\n"
+        "                            not-leader answers are followed\n"
         "  --tls-creds-dir DIR       TLS to a tcp: coordinator (QEMU's client\n"
         "                            layout: ca-cert.pem, client-cert.pem,\n"
         "                            client-key.pem, or keys.psk)\n"
@@ -808,10 +810,11 @@ int main(int argc, char **argv)
 
         extlock_msg_init(&welcome, EXTLOCK_MSG_INVALID);
         bc->index = i;
-        bc->conn = extlock_conn_connect_tls(o.address, &o.tls, &err);
-        if (!bc->conn ||
-            !extlock_conn_hello(bc->conn, cid, o.lock_space, o.lease_ms,
-                                &welcome, &err)) {
+        /* A list of HA coordinators: the leader, following not-leader */
+        bc->conn = extlock_conn_connect_leader(o.address, &o.tls, cid,
+                                               o.lock_space, o.lease_ms,
+                                               &welcome, 30 * 1000, &err);
+        if (!bc->conn) {
             fprintf(stderr, "extlock-bench: client %d: %s\n", i,
                     err->message);
             return 1;

@@ -417,6 +417,65 @@ static json_object *json_counters(json_object *st)
     return out;
 }
 
+/* HA (docs/extlockd.rst "High availability"): the "cluster" member */
+static void print_cluster(json_object *st)
+{
+    json_object *cl = get(st, "cluster");
+    const char *leader;
+    Table *t;
+
+    if (!cl) {
+        printf("Not an HA coordinator (no --etcd-endpoints): a single "
+               "coordinator, epoch %" PRId64 "\n", get_int(st, "epoch"));
+        return;
+    }
+    leader = json_object_get_string(get(cl, "leader"));
+    printf("Cluster      %s, epoch %" PRId64 "\n",
+           json_object_get_string(get(cl, "cluster")),
+           get_int(cl, "epoch") ? get_int(cl, "epoch") :
+           get_int(cl, "cluster-epoch"));
+    printf("Leader       %s%s%s\n", leader ? leader : "(none)",
+           get(cl, "leader-address") ? " at " : "",
+           get(cl, "leader-address") ?
+           json_object_get_string(get(cl, "leader-address")) : "");
+    printf("Answered by  %s (%s), etcd lease %" PRId64 " ms\n",
+           json_object_get_string(get(cl, "member-id")),
+           json_object_get_string(get(cl, "role")),
+           get_int(cl, "etcd-lease-ttl-ms"));
+    printf("etcd quorum  %s\n\n",
+           !get(cl, "quorum") ? "unknown yet" :
+           json_object_get_boolean(get(cl, "quorum")) ? "yes" :
+           "NO: no leader can be elected, the leader steps down");
+    t = table_new((const char *const[]){ "MEMBER", "ADDRESS", "ROLE",
+                                          NULL }, "lll");
+    for (size_t i = 0; i < array_len(cl, "members"); i++) {
+        json_object *m = array_at(cl, "members", i);
+        const char *id = json_object_get_string(get(m, "member-id"));
+
+        table_add(t, g_strdup(id), fmt_str(m, "address"),
+                  g_strdup(leader && g_strcmp0(id, leader) == 0 ? "leader"
+                                                                : "follower"));
+    }
+    table_print(t, "Members");
+    table_free(t);
+    printf("\n");
+    t = table_new((const char *const[]){ "ENDPOINT", "HEALTHY", "VERSION",
+                                          "LEADER", "TERM", "ERROR", NULL },
+                  "llllrl");
+    for (size_t i = 0; i < array_len(cl, "endpoints"); i++) {
+        json_object *e = array_at(cl, "endpoints", i);
+
+        table_add(t, fmt_str(e, "endpoint"),
+                  g_strdup(json_object_get_boolean(get(e, "healthy")) ?
+                           "yes" : "no"),
+                  fmt_str(e, "version"), fmt_str(e, "leader"),
+                  get(e, "raft-term") ? fmt_int(e, "raft-term") : g_strdup(""),
+                  fmt_str(e, "error"));
+    }
+    table_print(t, "etcd endpoints");
+    table_free(t);
+}
+
 static void print_json(json_object *st, const char *command)
 {
     json_object *out;
@@ -431,6 +490,9 @@ static void print_json(json_object *st, const char *command)
         out = json_flatten(st, "held");
     } else if (g_str_equal(command, "waiters")) {
         out = json_flatten(st, "waiting");
+    } else if (g_str_equal(command, "cluster")) {
+        out = get(st, "cluster") ? json_object_get(get(st, "cluster"))
+                                 : json_object_new_object();
     } else {
         out = json_counters(st);
     }
@@ -460,13 +522,16 @@ static void print_text(json_object *st, const char *command)
         print_locks(st);
     } else if (g_str_equal(command, "waiters")) {
         print_waiters(st);
+    } else if (g_str_equal(command, "cluster")) {
+        print_cluster(st);
     } else {
         print_counters(st);
     }
 }
 
 static const char *const commands[] = {
-    "status", "spaces", "sessions", "locks", "waiters", "counters", NULL,
+    "status", "spaces", "sessions", "locks", "waiters", "counters",
+    "cluster", NULL,
 };
 
 static const char usage_text[] =
@@ -481,6 +546,7 @@ static const char usage_text[] =
     "  locks      held locks: holder, mode, extent, token, age\n"
     "  waiters    waiting lock requests and who blocks them\n"
     "  counters   server and per lock-space counters\n"
+    "  cluster    HA: members, leader, epoch and etcd health\n"
     "  release-session --force SESSION [--reason TEXT]\n"
     "             DANGEROUS: release every lock of the expired SESSION now,\n"
     "             without waiting for its fence agent.  If its client is in\n"
@@ -489,6 +555,9 @@ static const char usage_text[] =
     "\n"
     "Options:\n"
     "  -c, --connect ADDR  coordinator address: unix:PATH, tcp:HOST:PORT\n"
+    "                      or a comma-separated list of them (HA: the\n"
+    "                      first that answers; with a list, a\n"
+    "                      follower's view is replaced by the leader's)\n"
     "                      or a socket path (default: $EXTLOCK_COORDINATOR,\n"
     "                      else " DEFAULT_ADDRESS ")\n"
     "  -j, --json          print the status (or the selected part) as JSON\n"
@@ -537,6 +606,36 @@ static int release_session(ExtlockConn *conn, const char *address,
     }
     extlock_msg_clear(&reply);
     return ret;
+}
+
+/*
+ * An HA follower knows no sessions or locks: if *@conn is one and names
+ * a leader, replace *@conn by a connection to the leader.  True if it did.
+ */
+static bool follow_leader(ExtlockConn **conn, const ExtlockTlsOptions *tls)
+{
+    ExtlockMsg req, reply;
+    ExtlockConn *leader = NULL;
+    json_object *cl;
+    const char *addr = NULL;
+
+    extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
+    extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
+    if (extlock_conn_call(*conn, &req, &reply, STATUS_TIMEOUT_MS, NULL) &&
+        reply.type == EXTLOCK_MSG_STATUS_REPLY && reply.body &&
+        (cl = get(reply.body, "cluster")) &&
+        g_strcmp0(json_object_get_string(get(cl, "role")), "leader") != 0 &&
+        get(cl, "leader-address")) {
+        addr = json_object_get_string(get(cl, "leader-address"));
+        leader = extlock_conn_connect_tls(addr, tls, NULL);
+    }
+    extlock_msg_clear(&reply);
+    if (!leader) {
+        return false;
+    }
+    extlock_conn_close(*conn);
+    *conn = leader;
+    return true;
 }
 
 static int usage_error(const char *fmt, const char *arg)
@@ -655,10 +754,30 @@ int main(int argc, char **argv)
         !tls.creds_dir) {
         return usage_error("%s", "the --tls-* options need --tls-creds-dir");
     }
-    conn = extlock_conn_connect_tls(address, &tls, &err);
-    if (!conn) {
-        fprintf(stderr, "extlockctl: %s\n", err->message);
-        return 1;
+    {
+        /* HA: the first address that answers, then the leader it names */
+        g_auto(GStrv) list = g_strsplit(address, ",", -1);
+        g_autoptr(GString) errors = g_string_new(NULL);
+
+        conn = NULL;
+        for (int i = 0; list[i] && !conn; i++) {
+            g_clear_error(&err);
+            conn = extlock_conn_connect_tls(list[i], &tls, &err);
+            if (!conn) {
+                g_string_append_printf(errors, "\n  %s", err->message);
+            } else {
+                address = extlock_conn_address(conn);
+            }
+        }
+        if (!conn) {
+            fprintf(stderr, "extlockctl: no coordinator answered:%s\n",
+                    errors->str);
+            return 1;
+        }
+        /* One address: that replica's own view (followers included) */
+        if (list[0] && list[1] && follow_leader(&conn, &tls)) {
+            address = extlock_conn_address(conn);
+        }
     }
 
     if (session) {

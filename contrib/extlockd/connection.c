@@ -20,6 +20,7 @@
 #include <unistd.h>
 #include <glib.h>
 
+#include "ha.h"
 #include "server-int.h"
 
 #define READ_ROUNDS         4           /* reads per callback at most */
@@ -43,6 +44,10 @@ GString *conn_out(ExtlockdConn *conn)
 
 void conn_send_msg(ExtlockdConn *conn, const ExtlockMsg *msg)
 {
+    /* HA: nothing leaves a leader that cannot prove its etcd lease */
+    if (conn->server->ha) {
+        extlockd_ha_assert_lease(conn->server->ha);
+    }
     extlock_msg_format(msg, conn_out(conn));
 }
 
@@ -56,6 +61,9 @@ conn_send_error(ExtlockdConn *conn, bool has_id, uint64_t id,
     va_start(ap, fmt);
     text = g_strdup_vprintf(fmt, ap);
     va_end(ap);
+    if (conn->server->ha) {
+        extlockd_ha_assert_lease(conn->server->ha);
+    }
     conn->server->nerrors++;
     VERBOSE(conn->server, "%s: error %s: %s", conn->peer,
             extlock_error_code_name(code), text);

@@ -17,7 +17,9 @@
 
 #include "extlock/protocol.h"
 #include "event-log.h"
+#include "etcd-client.h"
 #include "fence.h"
+#include "ha.h"
 #include "policy.h"
 #include "server.h"
 #include "state-file.h"
@@ -109,6 +111,33 @@ static gboolean on_signal(gpointer opaque)
     return G_SOURCE_CONTINUE;
 }
 
+/* HA: elected (ha.h); the grace period covers the sessions' leases */
+typedef struct HaCtx {
+    ExtlockdServer *server;
+    uint32_t lease_ms;
+    uint32_t fence_ms;
+    int64_t grace_ms;            /* --grace-ms, or -1 */
+} HaCtx;
+
+static void on_elected(uint64_t epoch, GPtrArray *sessions, void *opaque)
+{
+    HaCtx *h = opaque;
+    int64_t cover = (int64_t)h->lease_ms + h->fence_ms;
+
+    for (guint i = 0; i < sessions->len; i++) {
+        const ExtlockdStateSession *ss = sessions->pdata[i];
+
+        cover = MAX(cover, (int64_t)(ss->lease_ms ? ss->lease_ms
+                                                  : EXTLOCK_MAX_LEASE_MS) +
+                    MAX((int64_t)ss->fence_margin_ms, (int64_t)h->fence_ms));
+    }
+    cover = MAX(cover, h->grace_ms);
+    g_message("elected: epoch %" PRIu64 ", %u session(s) of earlier leaders "
+              "may reclaim for %" PRId64 " ms", epoch, sessions->len, cover);
+    extlockd_server_lead(h->server, epoch, sessions, cover);
+    g_ptr_array_unref(sessions);
+}
+
 static bool check_range(const char *name, int64_t value, int64_t min,
                         int64_t max)
 {
@@ -157,6 +186,16 @@ int main(int argc, char **argv)
     ExtlockdTlsCreds *tls = NULL;
     ReloadCtx reload = { 0 };
     bool has_tcp = false;
+    g_autofree char *etcd_endpoints = NULL, *cluster = NULL;
+    g_autofree char *member_id = NULL, *advertise = NULL;
+    g_autofree char *etcd_cacert = NULL, *etcd_cert = NULL, *etcd_key = NULL;
+    gint64 etcd_ttl_ms = EXTLOCKD_HA_DEFAULT_TTL_MS;
+    gint64 etcd_wait_ms = 5000;
+    gboolean create_cluster = FALSE;
+    g_autofree char *create_from = NULL;
+    ExtlockdHa *ha = NULL;
+    HaCtx ha_ctx = { 0 };
+    g_auto(GStrv) saved_argv = g_strdupv(argv);
     GOptionEntry entries[] = {
         { "listen", 'l', 0, G_OPTION_ARG_STRING_ARRAY, &listen_addrs,
           "Listen on ADDR: unix:PATH or tcp:HOST:PORT (repeatable; "
@@ -217,6 +256,34 @@ int main(int argc, char **argv)
           "N" },
         { "status-rate", 0, 0, G_OPTION_ARG_INT64, &status_rate,
           "status requests per second and connection (default 10)", "N" },
+        { "etcd-endpoints", 0, 0, G_OPTION_ARG_STRING, &etcd_endpoints,
+          "HA mode: elect a leader and keep the state in etcd at "
+          "URL[,URL...] (http(s)://HOST:PORT) instead of --state-file",
+          "URLS" },
+        { "cluster", 0, 0, G_OPTION_ARG_STRING, &cluster,
+          "HA: the cluster's name (keys /extlock/NAME/...)", "NAME" },
+        { "member-id", 0, 0, G_OPTION_ARG_STRING, &member_id,
+          "HA: this replica's name (default: the host name)", "ID" },
+        { "advertise", 0, 0, G_OPTION_ARG_STRING, &advertise,
+          "HA: the address followers give clients for this replica when "
+          "it leads (default: the first --listen)", "ADDR" },
+        { "etcd-lease-ttl-ms", 0, 0, G_OPTION_ARG_INT64, &etcd_ttl_ms,
+          "HA: the leader's etcd lease, whole seconds (default 1000)", "N" },
+        { "etcd-wait-ms", 0, 0, G_OPTION_ARG_INT64, &etcd_wait_ms,
+          "HA: at start, fail if etcd does not answer within N ms "
+          "(default 5000)", "N" },
+        { "create-cluster", 0, 0, G_OPTION_ARG_NONE, &create_cluster,
+          "HA: create the cluster in etcd if it does not exist (once)",
+          NULL },
+        { "create-cluster-from", 0, 0, G_OPTION_ARG_FILENAME, &create_from,
+          "HA: like --create-cluster, with the epoch and sessions of a "
+          "single coordinator's state file (stopped)", "STATEFILE" },
+        { "etcd-cacert", 0, 0, G_OPTION_ARG_FILENAME, &etcd_cacert,
+          "HA: verify etcd's https endpoints with this CA", "FILE" },
+        { "etcd-cert", 0, 0, G_OPTION_ARG_FILENAME, &etcd_cert,
+          "HA: client certificate for etcd", "FILE" },
+        { "etcd-key", 0, 0, G_OPTION_ARG_FILENAME, &etcd_key,
+          "HA: key of --etcd-cert", "FILE" },
         { "debug-checks", 0, 0, G_OPTION_ARG_NONE, &debug_checks,
           "Check the lock table invariants after every change (also "
           "EXTLOCKD_DEBUG_CHECKS=1)", NULL },
@@ -338,6 +405,28 @@ int main(int argc, char **argv)
         fprintf(stderr, "extlockd: --state-file must not be empty\n");
         return EXIT_USAGE;
     }
+    if (etcd_endpoints && state_file) {
+        fprintf(stderr, "extlockd: --state-file (single coordinator) and "
+                "--etcd-endpoints (HA: the state is in etcd) exclude each "
+                "other; give one of them\n");
+        return EXIT_USAGE;
+    }
+    if (!etcd_endpoints && (cluster || member_id || advertise ||
+                            create_cluster || create_from || etcd_cacert ||
+                            etcd_cert || etcd_key)) {
+        fprintf(stderr, "extlockd: --cluster, --member-id, --advertise, "
+                "--create-cluster(-from) and --etcd-* need "
+                "--etcd-endpoints\n");
+        return EXIT_USAGE;
+    }
+    if (etcd_endpoints && !cluster) {
+        fprintf(stderr, "extlockd: --etcd-endpoints needs --cluster NAME\n");
+        return EXIT_USAGE;
+    }
+    if (etcd_endpoints &&
+        !check_range("--etcd-wait-ms", etcd_wait_ms, 100, 600000)) {
+        return EXIT_USAGE;
+    }
     addrs = listen_addrs ? (const char *const *)listen_addrs
                          : default_listen;
     for (int i = 0; addrs[i]; i++) {
@@ -412,6 +501,109 @@ int main(int argc, char **argv)
             g_critical("%s", err->message);
             return 1;
         }
+    }
+
+    if (etcd_endpoints) {
+        g_auto(GStrv) eps = g_strsplit(etcd_endpoints, ",", -1);
+        ExtlockdHaConfig hc = {
+            .endpoints = eps,
+            .cluster = cluster,
+            .member_id = member_id ? member_id : g_get_host_name(),
+            .advertise = advertise ? advertise : addrs[0],
+            .ttl_ms = etcd_ttl_ms,
+            .cacert = etcd_cacert,
+            .cert = etcd_cert,
+            .key = etcd_key,
+            .event_log = event_log_path,
+            .argv = saved_argv,
+        };
+        bool restarted = env_flag(EXTLOCKD_HA_RESTART_ENV);
+        g_autoptr(GPtrArray) old_sessions = NULL;
+        uint64_t old_epoch = 0;
+
+        if (etcd_ttl_ms < 0 || etcd_ttl_ms > G_MAXUINT32) {
+            hc.ttl_ms = 1;
+        }
+        etcd_global_init();
+        ha = extlockd_ha_new(&hc, &err);
+        if (!ha) {
+            fprintf(stderr, "extlockd: %s\n", err->message);
+            return EXIT_USAGE;
+        }
+        /*
+         * After a step-down the process waits for etcd as long as it
+         * takes (the HA thread retries); at a first start, a wrong
+         * endpoint or cluster name is an error
+         */
+        g_unsetenv(EXTLOCKD_HA_RESTART_ENV);
+        if (create_from && !restarted) {
+            /* The single coordinator must be stopped: take its lock */
+            lock_fd = extlockd_state_lock(create_from, &err);
+            if (lock_fd < 0 ||
+                !extlockd_state_load_sessions(create_from, &old_epoch,
+                                              &old_sessions, &err)) {
+                g_critical("--create-cluster-from: %s", err->message);
+                extlockd_ha_free(ha);
+                return 1;
+            }
+            close(lock_fd);
+        }
+        if (!restarted &&
+            !extlockd_ha_check(ha, create_cluster || create_from, old_epoch,
+                               old_sessions, etcd_wait_ms, &err)) {
+            g_critical("%s", err->message);
+            extlockd_ha_free(ha);
+            return 1;
+        }
+        if (event_log_path) {
+            event_log = extlockd_event_log_open(event_log_path, &err);
+            if (!event_log) {
+                g_critical("%s", err->message);
+                return 1;
+            }
+        }
+        cfg.state_file = (char *)"(etcd)";
+        cfg.state_write = extlockd_ha_write_state;
+        cfg.state_write_opaque = ha;
+        cfg.grace_ms = 0;
+        server = extlockd_server_new(&cfg, 0);
+        extlockd_server_set_ha(server, ha);
+        extlockd_server_set_event_log(server, event_log);
+        if (fence_agent) {
+            extlockd_server_set_fencer(server,
+                extlockd_fencer_new(fence_agent, fence_timeout_ms,
+                                    (const char *const *)fence_args));
+        }
+        extlockd_server_set_policy(server, g_steal_pointer(&policy));
+        extlockd_server_set_tls(server, tls);
+        reload.server = server;
+        reload.policy_file = policy_file;
+        g_unix_signal_add(SIGHUP, on_sighup, &reload);
+        for (int i = 0; addrs[i]; i++) {
+            if (!extlockd_server_listen(server, addrs[i], &err)) {
+                g_critical("%s", err->message);
+                extlockd_server_free(server);
+                extlockd_ha_free(ha);
+                return 1;
+            }
+        }
+        ha_ctx.server = server;
+        ha_ctx.lease_ms = lease_ms;
+        ha_ctx.fence_ms = fence_ms;
+        ha_ctx.grace_ms = grace_ms;
+        g_message("%s starting in HA mode: cluster %s, member %s (clients "
+                  "use %s), etcd %s, etcd lease %" PRId64 " ms, lease %u "
+                  "ms, fence margin %u ms%s", EXTLOCKD_SERVER_NAME, cluster,
+                  hc.member_id, hc.advertise, etcd_endpoints, etcd_ttl_ms,
+                  cfg.lease_ms, cfg.fence_margin_ms,
+                  restarted ? " (after stepping down)" : "");
+        extlockd_ha_start(ha, on_elected, &ha_ctx);
+        g_main_loop_run(loop);
+        extlockd_server_stop_listening(server);
+        extlockd_server_free(server);
+        extlockd_ha_free(ha);
+        g_message("stopped");
+        return 0;
     }
 
     lock_fd = extlockd_state_lock(cfg.state_file, &err);

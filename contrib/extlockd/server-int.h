@@ -250,6 +250,9 @@ struct ExtlockdServer {
     int64_t status_budget_us;
     int64_t refused_logged_us;
     uint64_t refused_logged;
+    /* HA mode (ha.h): followers refuse hello; NULL in single mode */
+    ExtlockdHa *ha;
+    bool leading;                /* HA: elected, epoch durable in etcd */
     /* State file writes (state-writer.h) and the welcomes waiting on them */
     ExtlockdStateWriter *writer;
     GQueue welcomes;             /* DeferredWelcome, in generation order */

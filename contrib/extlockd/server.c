@@ -186,6 +186,25 @@ void extlockd_server_set_event_log(ExtlockdServer *server,
     server->event_log = log;
 }
 
+void extlockd_server_set_ha(ExtlockdServer *server, ExtlockdHa *ha)
+{
+    server->ha = ha;
+}
+
+void extlockd_server_lead(ExtlockdServer *server, uint64_t epoch,
+                          GPtrArray *sessions, uint32_t grace_ms)
+{
+    g_assert(server->ha && !server->leading &&
+             !g_hash_table_size(server->sessions));
+    server->epoch = epoch;
+    server->boot_epoch = epoch;
+    server->counter = server->cfg.first_counter ? server->cfg.first_counter
+                                                : 1;
+    server->cfg.grace_ms = grace_ms;
+    extlockd_server_restore(server, sessions);
+    server->leading = true;
+}
+
 void extlockd_server_set_fencer(ExtlockdServer *server, ExtlockdFencer *fencer)
 {
     extlockd_fencer_free(server->fencer);
@@ -227,8 +246,12 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg, uint64_t epoch)
     server->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
     server->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
     server->policy = extlockd_policy_load(NULL, NULL);
-    server->writer = extlockd_state_writer_new(server->cfg.state_file,
-                                               session_state_written, server);
+    server->writer = cfg->state_write ?
+        extlockd_state_writer_new_fn(cfg->state_write,
+                                     cfg->state_write_opaque,
+                                     session_state_written, server) :
+        extlockd_state_writer_new(server->cfg.state_file,
+                                  session_state_written, server);
     g_queue_init(&server->welcomes);
     g_queue_init(&server->unauth);
     server->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,

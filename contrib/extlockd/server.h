@@ -56,8 +56,20 @@
 #define EXTLOCKD_STATUS_MAX_ENTRIES_ADMIN   16384
 #define EXTLOCKD_STATUS_ENTRIES_PER_SEC     32768
 
+#ifndef EXTLOCKD_STATE_WRITE_FN_DEFINED
+#define EXTLOCKD_STATE_WRITE_FN_DEFINED
+typedef bool ExtlockdStateWriteFn(const char *text, void *opaque,
+                                  GError **errp);
+#endif
+
 typedef struct ExtlockdConfig {
     char *state_file;            /* path, for epoch bumps at runtime */
+    /*
+     * HA mode: the state goes through this function (ha.h) instead of
+     * the file (NULL: the file)
+     */
+    ExtlockdStateWriteFn *state_write;
+    void *state_write_opaque;
     uint32_t lease_ms;           /* default lease (client may ask another) */
     uint32_t fence_margin_ms;    /* extra delay before re-granting */
     uint32_t max_locks_per_session;  /* held + waiting */
@@ -89,6 +101,7 @@ typedef struct ExtlockdEventLog ExtlockdEventLog;
 typedef struct ExtlockdFencer ExtlockdFencer;
 typedef struct ExtlockdPolicy ExtlockdPolicy;
 typedef struct ExtlockdTlsCreds ExtlockdTlsCreds;
+typedef struct ExtlockdHa ExtlockdHa;
 
 /*
  * Create a server handing out tokens in @epoch, which the caller has
@@ -113,6 +126,18 @@ void extlockd_server_set_event_log(ExtlockdServer *server,
                                    ExtlockdEventLog *log);
 void extlockd_server_set_fencer(ExtlockdServer *server,
                                 ExtlockdFencer *fencer);
+
+/*
+ * HA mode (ha.h, not owned): until extlockd_server_lead(), every hello is
+ * answered with "not-leader" naming the leader, and every message the
+ * server sends first checks that a leader's etcd lease is provably alive
+ * (stepping down otherwise).  extlockd_server_lead(): elected, @epoch is
+ * durable in etcd; restore @sessions (as extlockd_server_restore()) with
+ * a grace period of @grace_ms, then serve.
+ */
+void extlockd_server_set_ha(ExtlockdServer *server, ExtlockdHa *ha);
+void extlockd_server_lead(ExtlockdServer *server, uint64_t epoch,
+                          GPtrArray *sessions, uint32_t grace_ms);
 
 /*
  * Write the state file: the current epoch and every session.  The daemon

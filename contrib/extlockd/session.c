@@ -21,6 +21,7 @@
 #include <gnutls/gnutls.h>
 #include <gnutls/crypto.h>
 
+#include "ha.h"
 #include "server-int.h"
 #include "state-file.h"
 
@@ -799,6 +800,29 @@ static void session_handle_reclaim_hello(ExtlockdConn *conn, ExtlockMsg *m,
     session_defer_welcome(conn, m, session, old_sha256);
 }
 
+/* HA follower (or a leader still taking office): name the leader */
+static void session_send_not_leader(ExtlockdConn *conn, ExtlockMsg *m)
+{
+    g_autofree char *leader = extlockd_ha_leader_address(conn->server->ha);
+    ExtlockMsg r;
+
+    conn->server->nerrors++;
+    extlock_msg_init(&r, EXTLOCK_MSG_ERROR);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.error = EXTLOCK_ERR_NOT_LEADER;
+    r.leader = leader && !extlockd_ha_leading(conn->server->ha) ? leader
+                                                                : NULL;
+    r.message = r.leader ? g_strdup_printf("this coordinator is not the "
+                                           "leader; the leader is at %s",
+                                           r.leader)
+                         : g_strdup("this coordinator is not the leader, "
+                                    "and no leader is known yet: try the "
+                                    "others, or again");
+    conn_send_msg(conn, &r);
+    g_free(r.message);
+}
+
 void session_handle_hello(ExtlockdConn *conn, ExtlockdSession *attached,
                           ExtlockMsg *m)
 {
@@ -830,6 +854,10 @@ void session_handle_hello(ExtlockdConn *conn, ExtlockdSession *attached,
     if (!m->client_id || !m->lock_space) {
         conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INVALID,
                         "hello needs \"client-id\" and \"lock-space\"");
+        return;
+    }
+    if (server->ha && !server->leading) {
+        session_send_not_leader(conn, m);
         return;
     }
     lease_ms = m->lease_ms ? m->lease_ms : server->cfg.lease_ms;

@@ -274,32 +274,20 @@ static const char *parse_sessions(json_object *obj, GPtrArray *out)
     return NULL;
 }
 
-bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
-                                  GPtrArray **sessions, GError **errp)
+bool extlockd_state_parse(const char *path, const char *data, size_t len,
+                          uint64_t *epoch, GPtrArray **sessions,
+                          GError **errp)
 {
-    g_autofree char *data = NULL;
-    g_autoptr(GError) local_err = NULL;
     g_autoptr(GPtrArray) list =
         g_ptr_array_new_with_free_func(extlockd_state_session_free);
     json_tokener *tok;
     json_object *obj;
     enum json_tokener_error jerr;
     const char *why;
-    gsize len;
     size_t used;
     int64_t version, value;
     bool ok = false;
 
-    if (!g_file_get_contents(path, &data, &len, &local_err)) {
-        if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
-            *epoch = 0;
-            *sessions = g_steal_pointer(&list);
-            return true;
-        }
-        g_set_error(errp, G_FILE_ERROR, local_err->code,
-                    "cannot read state file: %s", local_err->message);
-        return false;
-    }
     if (len == 0) {
         return corrupt(errp, path, "the file is empty");
     }
@@ -362,6 +350,27 @@ bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
 out:
     json_object_put(obj);
     return ok;
+}
+
+bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
+                                  GPtrArray **sessions, GError **errp)
+{
+    g_autofree char *data = NULL;
+    g_autoptr(GError) local_err = NULL;
+    gsize len;
+
+    if (!g_file_get_contents(path, &data, &len, &local_err)) {
+        if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+            *epoch = 0;
+            *sessions = g_ptr_array_new_with_free_func(
+                extlockd_state_session_free);
+            return true;
+        }
+        g_set_error(errp, G_FILE_ERROR, local_err->code,
+                    "cannot read state file: %s", local_err->message);
+        return false;
+    }
+    return extlockd_state_parse(path, data, len, epoch, sessions, errp);
 }
 
 bool extlockd_state_load(const char *path, uint64_t *epoch, GError **errp)

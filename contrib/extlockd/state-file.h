@@ -94,6 +94,14 @@ bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
                                   GPtrArray **sessions, GError **errp);
 
 /*
+ * The same on the text @data (@len bytes) of a state object; @path names
+ * it in error messages (the HA coordinator keeps the text in etcd)
+ */
+bool extlockd_state_parse(const char *path, const char *data, size_t len,
+                          uint64_t *epoch, GPtrArray **sessions,
+                          GError **errp);
+
+/*
  * Atomically replace @path with a state object holding @epoch and no
  * sessions, and make it durable.  Creates the directory if needed.
  */

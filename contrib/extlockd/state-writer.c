@@ -14,6 +14,8 @@
 
 struct ExtlockdStateWriter {
     char *path;
+    ExtlockdStateWriteFn *write_fn;  /* instead of the file, or NULL */
+    void *write_opaque;
     ExtlockdStateDone *done;
     void *opaque;
     GThread *thread;
@@ -69,7 +71,8 @@ static bool write_unlocked(ExtlockdStateWriter *w, const char *text,
     if (w->delay_ms) {
         g_usleep(w->delay_ms * 1000);
     }
-    ok = extlockd_state_write_text(w->path, text, errp);
+    ok = w->write_fn ? w->write_fn(text, w->write_opaque, errp)
+                     : extlockd_state_write_text(w->path, text, errp);
     g_mutex_lock(&w->lock);
     return ok;
 }
@@ -142,6 +145,22 @@ ExtlockdStateWriter *extlockd_state_writer_new(const char *path,
     g_mutex_init(&w->lock);
     g_cond_init(&w->cond);
     w->thread = g_thread_new("extlockd-state", writer_thread, w);
+    return w;
+}
+
+ExtlockdStateWriter *extlockd_state_writer_new_fn(ExtlockdStateWriteFn *fn,
+                                                  void *fn_opaque,
+                                                  ExtlockdStateDone *done,
+                                                  void *opaque)
+{
+    ExtlockdStateWriter *w;
+
+    /* The thread starts in _new(), but reads write_fn only under w->lock */
+    w = extlockd_state_writer_new("(etcd)", done, opaque);
+    g_mutex_lock(&w->lock);
+    w->write_fn = fn;
+    w->write_opaque = fn_opaque;
+    g_mutex_unlock(&w->lock);
     return w;
 }
 

@@ -38,6 +38,19 @@ typedef void ExtlockdStateDone(uint64_t gen, bool ok, const char *error,
 ExtlockdStateWriter *extlockd_state_writer_new(const char *path,
                                                ExtlockdStateDone *done,
                                                void *opaque);
+/*
+ * A writer that hands each text to @write_fn (in the writer thread)
+ * instead of writing a file: the HA coordinator stores it in etcd (ha.h)
+ */
+#ifndef EXTLOCKD_STATE_WRITE_FN_DEFINED
+#define EXTLOCKD_STATE_WRITE_FN_DEFINED
+typedef bool ExtlockdStateWriteFn(const char *text, void *opaque,
+                                  GError **errp);
+#endif
+ExtlockdStateWriter *extlockd_state_writer_new_fn(ExtlockdStateWriteFn *fn,
+                                                  void *fn_opaque,
+                                                  ExtlockdStateDone *done,
+                                                  void *opaque);
 /* Queue @text (taken over) for writing; returns its generation */
 uint64_t extlockd_state_writer_submit(ExtlockdStateWriter *w, char *text);
 /* Write @text (taken over) now, waiting for a write in flight first */

@@ -14,6 +14,7 @@
 #include <glib.h>
 #include <json-c/json.h>
 
+#include "ha.h"
 #include "server-int.h"
 
 /* overlapping locks looked at per waiter for "blocked-by" in status */
@@ -242,6 +243,9 @@ static json_object *status_server(ExtlockdServer *server, ExtlockdConn *viewer,
     status_add_int(counters, "errors", server->nerrors);
     status_add_int(counters, "refused-connections", server->refused);
     json_object_object_add(root, "counters", counters);
+    if (server->ha) {
+        json_object_object_add(root, "cluster", extlockd_ha_status(server->ha));
+    }
     if (viewer->identity) {
         status_add_str(root, "identity", viewer->identity);
     }

@@ -93,4 +93,20 @@ bool extlock_conn_hello(ExtlockConn *conn, const char *client_id,
                         const char *lock_space, uint32_t lease_ms,
                         ExtlockMsg *welcome, GError **errp);
 
+/*
+ * HA coordinators (docs/extlockd.rst "High availability"): @addresses is
+ * a comma-separated list.  Connect and say hello to each in turn; a
+ * follower's "not-leader" error that names the leader is followed at
+ * once, one that does not (no leader yet) makes us try the next address,
+ * with a short back-off after each round.  Gives up after @timeout_ms.
+ * @tls may be NULL.  Other hello errors fail at once.
+ */
+ExtlockConn *extlock_conn_connect_leader(const char *addresses,
+                                         const ExtlockTlsOptions *tls,
+                                         const char *client_id,
+                                         const char *lock_space,
+                                         uint32_t lease_ms,
+                                         ExtlockMsg *welcome, int timeout_ms,
+                                         GError **errp);
+
 #endif /* EXTLOCK_CLIENT_SYNC_H */

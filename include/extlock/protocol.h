@@ -89,6 +89,7 @@ typedef enum ExtlockErrorCode {
     EXTLOCK_ERR_INTERNAL,       /* "internal-error" */
     EXTLOCK_ERR_DENIED,         /* "permission-denied": identity/policy */
     EXTLOCK_ERR_RECLAIM_CONFLICT,   /* "reclaim-conflict": disputed extent */
+    EXTLOCK_ERR_NOT_LEADER,     /* "not-leader": HA follower, see "leader" */
     EXTLOCK_ERR__MAX,
 } ExtlockErrorCode;
 
@@ -202,6 +203,9 @@ typedef struct ExtlockMsg {
      */
     char *resume_secret;
     char *identity;
+
+    /* error "not-leader": the leader's client address, optional */
+    char *leader;
 } ExtlockMsg;
 
 /* A lock listed in "welcome" when a session is resumed */

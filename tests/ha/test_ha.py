@@ -1,0 +1,427 @@
+"""HA coordinator: 3 extlockd replicas on a real 3-member etcd cluster.
+
+SPDX-License-Identifier: GPL-2.0-or-later
+Copyright (c) 2026 The extlock authors
+
+Timing: etcd lease TTL T = HA_TTL_MS (2 s unless EXTLOCK_HA_TTL_MS says
+otherwise; the leader proves it alive until the send time of its last
+keep-alive + 0.9 T), client leases 2 s, fence margin 200 ms.
+Every wait is bounded and derived from these; see docs/design.rst "High
+availability" for the argument and docs/testing.rst for the list.
+"""
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import BUILD, EXTLOCKD, EXTLOCKCTL, HA_TTL_MS, wait_for
+from haclient import HaClient, Worker, overlaps
+
+TTL_S = HA_TTL_MS / 1000
+LEASE_MS = 2000
+
+
+def grants(replica):
+    return [e for e in replica.events() if e["event"] in ("grant",)]
+
+
+def run_workers(addresses, space, n=3, lease_ms=LEASE_MS, **kw):
+    ws = [Worker(addresses, "host%d" % i, space, lease_ms=lease_ms, seed=i,
+                 **kw) for i in range(n)]
+    for w in ws:
+        w.start()
+    return ws
+
+
+def wait_progress(ws, timeout, after_ns=None):
+    """Every worker got a grant (after after_ns, if given)."""
+    def ok():
+        return all(any(g[0] > (after_ns or 0) for g in w.grants) for w in ws)
+    wait_for(ok, timeout, "lock traffic from every client")
+
+
+def stop_all(ws):
+    for w in ws:
+        w.stop()
+    for w in ws:
+        assert not w.errors, w.errors
+
+
+def check_safe(ws):
+    bad = overlaps(ws)
+    assert not bad, "conflicting holds overlapped: %s" % bad[:3]
+    for w in ws:
+        toks = [g[1] for g in w.grants]
+        assert toks == sorted(toks) and len(set(toks)) == len(toks), \
+            "tokens of %s not increasing" % w.c.client_id
+
+
+def test_election_and_not_leader(ha):
+    leader = ha.start(3)
+    followers = [r for r in ha.replicas if r is not leader]
+    roles = sorted(r.role() for r in ha.replicas)
+    assert roles == ["follower", "follower", "leader"]
+    # a follower answers hello with not-leader naming the leader
+    c = HaClient([followers[0].address], "probe", "ls", follow=False)
+    with pytest.raises(TimeoutError):
+        c.connect(timeout=0.5)
+    sent, r = c._hello(followers[0].address)
+    assert r["type"] == "error" and r["code"] == "not-leader", r
+    assert r["leader"] == leader.address, r
+    c.close()
+    # a client given only the followers' addresses follows it
+    c = HaClient([f.address for f in followers], "probe", "ls")
+    assert c.connect(timeout=5) == leader.address
+    h = c.lock(0, 4096, "exclusive")
+    assert h["token"] >> 40 == c.epoch
+    c.bye()
+    # extlockctl cluster through a follower shows the cluster
+    out = subprocess.run([str(EXTLOCKCTL), "-c", followers[1].address,
+                          "cluster"], capture_output=True, text=True,
+                         timeout=10)
+    assert out.returncode == 0, out.stderr
+    assert "Leader       %s at %s" % (leader.name, leader.address) in out.stdout
+    for r in ha.replicas:
+        assert r.name in out.stdout
+    st = json.loads(subprocess.run(
+        [str(EXTLOCKCTL), "-c", followers[1].address, "--json", "cluster"],
+        capture_output=True, text=True, timeout=10).stdout)
+    assert st["role"] == "follower" and st["leader"] == leader.name
+    wait_for(lambda: followers[0].status()["cluster"].get("cluster-epoch")
+             == leader.status()["epoch"], 5, "the epoch in a follower's view")
+    # with a list, extlockctl shows the leader's view
+    st = json.loads(subprocess.run(
+        [str(EXTLOCKCTL), "-c", ",".join(f.address for f in followers),
+         "--json", "cluster"], capture_output=True, text=True,
+        timeout=10).stdout)
+    assert st["role"] == "leader" and st["member-id"] == leader.name
+    wait_for(lambda: leader.status()["cluster"].get("quorum") is True and
+             len(leader.status()["cluster"]["members"]) == 3, 5,
+             "etcd health and members in the leader's status (refreshed "
+             "every second)")
+    st = leader.status()["cluster"]
+    assert st["role"] == "leader" and st["epoch"] >= 1
+    assert len(st["endpoints"]) == 3 and all(e["healthy"]
+                                             for e in st["endpoints"])
+    assert sorted(m["member-id"] for m in st["members"]) == \
+        sorted(r.name for r in ha.replicas)
+
+
+def test_kill9_leader_under_traffic(ha):
+    leader = ha.start(3)
+    ws = run_workers(ha.addresses(), "ls", n=3)
+    wait_progress(ws, 10)
+    epoch0 = leader.status()["epoch"]
+    killed = leader.kill9()
+    new = ha.wait_leader(timeout=10, not_=leader)
+    # every client is served by the new leader, after a pause
+    wait_progress(ws, 20, after_ns=killed)
+    time.sleep(0.5)
+    stop_all(ws)
+    check_safe(ws)
+    assert new.status()["epoch"] > epoch0
+    first = min(e["ts"] for e in grants(new))
+    # the new leader grants only after the old lease could have lapsed
+    assert first - killed > 0
+    for w in ws:
+        assert w.c.sessions_started == 1, "a client lost its session"
+        assert w.outages, "%s saw no failover" % w.c.client_id
+    print("kill -> first new grant: %.0f ms" % ((first - killed) / 1e6))
+
+
+@pytest.mark.parametrize("protected", [True, False],
+                         ids=["step-down", "no-step-down"])
+def test_partition_leader_from_etcd(ha, protected):
+    """The leader loses etcd but keeps its clients: it stops granting
+    before the new leader grants.  Without step-down (testing hook) the
+    test must catch two leaders granting at once."""
+    env = {} if protected else {"EXTLOCKD_TEST_HA_NO_STEP_DOWN": "1"}
+    leader = None
+    for i in range(3):
+        ha.add("x%d" % i, env=env)
+    ha.replicas[0].extra_args.append("--create-cluster")
+    for r in ha.replicas:
+        r.start()
+    leader = ha.wait_leader()
+    others = [r for r in ha.replicas if r is not leader]
+    # a: only the old leader's address; c: only the others', no following
+    a = run_workers([leader.address], "ls", n=1)[0]
+    c = Worker([o.address for o in others], "hostc", "ls2",
+               lease_ms=LEASE_MS, follow=False)
+    c.start()
+    wait_progress([a], 10)
+    cut = leader.partition()
+    new = ha.wait_leader(timeout=10, not_=leader) if protected else \
+        wait_for(lambda: next((o for o in others
+                               if o.events("elected")), None), 10,
+                 "a new leader elected")
+    wait_for(lambda: grants(new), 15, "a grant by the new leader")
+    # the control's old leader goes on granting to a meanwhile
+    wait_for(lambda: protected or grants(leader)[-1]["ts"] >
+             grants(new)[0]["ts"], 5, "old leader still granting")
+    a.stop_ev.set()
+    c.stop_ev.set()
+    elected = min(e["ts"] for e in new.events("elected") if e["ts"] > cut)
+    first_new = min(e["ts"] for e in grants(new))
+    last_old = max(e["ts"] for e in grants(leader))
+    steps = [e["ts"] for e in leader.events("step-down") if e["ts"] > cut]
+    print("cut %d, old last grant +%.0f ms, step-down %s, elected +%.0f ms, "
+          "new first grant +%.0f ms" % (
+              cut, (last_old - cut) / 1e6,
+              ["+%.0f ms" % ((s - cut) / 1e6) for s in steps],
+              (elected - cut) / 1e6, (first_new - cut) / 1e6))
+    if not protected:
+        # the control: without step-down both leaders grant at once, and
+        # the checks below would catch it
+        assert not steps and last_old > first_new, \
+            "the control did not show two leaders granting at once"
+        return
+    assert steps, "the partitioned leader never stepped down"
+    assert steps[0] < elected, "stepped down only after a new election"
+    assert last_old < first_new, \
+        "the old leader granted %.0f ms after the new leader's first grant" \
+        % ((last_old - first_new) / 1e6)
+    # and it stepped down within its lease TTL of the cut
+    assert steps[0] - cut <= TTL_S * 1e9 + 0.2e9
+
+
+@pytest.mark.parametrize("member", ["follower", "leader"])
+def test_etcd_member_loss_changes_nothing(ha, etcd, member):
+    """One etcd member of three dies: etcd's leader (etcd elects another,
+    within 1-2 election timeouts of TTL/4) or a follower.  The
+    coordinator's leader keeps its lease proven throughout (keep-alives
+    every TTL/6 leave 0.73 TTL of slack), so nothing changes for the
+    clients."""
+    leader = ha.start(3)
+    ws = run_workers(ha.addresses(), "ls", n=2)
+    wait_progress(ws, 10)
+    epoch0 = leader.status()["epoch"]
+    lost = etcd.leader_index() if member == "leader" else \
+        next(i for i in range(3) if i != etcd.leader_index())
+    t = time.monotonic_ns()
+    etcd.kill(lost)
+    try:
+        # lock traffic goes on for several lease TTLs
+        wait_for(lambda: all(len([g for g in w.grants if g[0] > t]) > 50
+                             for w in ws), 10, "traffic without the member")
+        time.sleep(3 * TTL_S)
+        st = leader.status()
+        assert st["cluster"]["role"] == "leader" and st["epoch"] == epoch0
+        assert not [e for r in ha.replicas for e in r.events("step-down")]
+        for w in ws:
+            assert not w.outages, "%s lost its connection" % w.c.client_id
+        wait_for(lambda: any(not e["healthy"] for e in
+                             leader.status()["cluster"]["endpoints"]), 5,
+                 "the lost member reported")
+    finally:
+        etcd.start(lost, state="existing")
+        wait_for(etcd.healthy, 30, "etcd member back")
+    stop_all(ws)
+    check_safe(ws)
+
+
+def test_quorum_loss_stops_grants(ha, etcd):
+    leader = ha.start(3)
+    ws = run_workers(ha.addresses(), "ls", n=2)
+    wait_progress(ws, 10)
+    keep = etcd.leader_index()
+    lost = [i for i in range(3) if i != keep]
+    t = time.monotonic_ns()
+    for i in lost:
+        etcd.kill(i)
+    try:
+        step = wait_for(lambda: [e for e in leader.events("step-down")
+                                 if e["ts"] > t], 2 * TTL_S + 5,
+                        "the leader steps down")[0]["ts"]
+        # nobody grants while there is no quorum
+        time.sleep(3 * TTL_S)
+        late = [e for r in ha.replicas for e in grants(r) if e["ts"] > step]
+        assert not late, "grants without an etcd quorum: %s" % late[:3]
+        # the surviving etcd member renews leases until it notices it lost
+        # the quorum (raft check-quorum: up to 2 election timeouts, T/4
+        # each here), then the proof lapses within T
+        assert step - t <= (TTL_S * 1.5 + 0.3) * 1e9
+        st = wait_for(lambda: (lambda s: s if s and s["cluster"].get("quorum")
+                               is False else None)(ha.replicas[0].status()),
+                      5, "no quorum reported")
+        assert st["cluster"]["role"] == "follower"
+        out = subprocess.run([str(EXTLOCKCTL), "-c", ha.replicas[1].address,
+                              "cluster"], capture_output=True, text=True,
+                             timeout=10).stdout
+        assert "etcd quorum  NO" in out, out
+    finally:
+        for i in lost:
+            etcd.start(i, state="existing")
+        wait_for(etcd.healthy, 30, "etcd quorum back")
+    back = time.monotonic_ns()
+    ha.wait_leader(timeout=15)
+    wait_progress(ws, 30, after_ns=back)
+    stop_all(ws)
+    check_safe(ws)
+
+
+def test_rolling_restart_loses_nothing(ha):
+    ha.start(3)
+    ws = run_workers(ha.addresses(), "ls", n=3)
+    wait_progress(ws, 10)
+    for r in list(ha.replicas):
+        t = time.monotonic_ns()
+        r.stop()
+        r.start()
+        ha.wait_leader(timeout=15)
+        wait_progress(ws, 30, after_ns=t)
+    stop_all(ws)
+    check_safe(ws)
+    for w in ws:
+        assert w.c.sessions_started == 1, \
+            "%s had to start a new session" % w.c.client_id
+
+
+def run_bad(*args, timeout=15):
+    t = time.monotonic()
+    r = subprocess.run([str(EXTLOCKD)] + list(args), capture_output=True,
+                       text=True, timeout=timeout)
+    return r, time.monotonic() - t
+
+
+def test_bad_configuration(ha, etcd, tmp_path):
+    sock = "unix:" + str(ha.dir / "bad.sock")
+    ep = "--etcd-endpoints=" + ",".join(etcd.urls)
+    r, _ = run_bad(ep, "--state-file", str(tmp_path / "s"), "--cluster", "x",
+                   "--listen", sock)
+    assert r.returncode == 2 and "exclude each other" in r.stderr
+    r, _ = run_bad(ep, "--listen", sock)
+    assert r.returncode == 2 and "needs --cluster" in r.stderr
+    r, _ = run_bad("--cluster", "x", "--listen", sock)
+    assert r.returncode == 2 and "need --etcd-endpoints" in r.stderr
+    r, _ = run_bad(ep, "--cluster", "bad/name", "--listen", sock)
+    assert r.returncode == 2 and "--cluster" in r.stderr
+    r, _ = run_bad(ep, "--cluster", "x", "--etcd-lease-ttl-ms", "1500",
+                   "--listen", sock)
+    assert r.returncode == 2 and "multiple of 1000" in r.stderr
+    r, _ = run_bad("--etcd-endpoints=127.0.0.1:1", "--cluster", "x",
+                   "--listen", sock)
+    assert r.returncode == 2 and "http(s)://" in r.stderr
+    # a cluster that was never created: a typo must not start epoch 1 again
+    r, _ = run_bad(ep, "--cluster", ha.name + "-typo", "--listen", sock)
+    assert r.returncode == 1 and "does not exist in etcd" in r.stderr
+    assert "--create-cluster" in r.stderr
+    # unreachable etcd: bounded by --etcd-wait-ms
+    r, took = run_bad("--etcd-endpoints=http://127.0.0.1:9", "--cluster",
+                      "x", "--listen", sock, "--etcd-wait-ms", "700")
+    assert r.returncode == 1 and "did not answer within 700 ms" in r.stderr
+    assert took < 5
+
+
+def test_create_cluster_from_state_file(ha, tmp_path):
+    """A single coordinator's state moves into etcd: the first leader's
+    epoch follows the file's, so tokens keep increasing."""
+    state = tmp_path / "single.state"
+    state.write_text('{"version":1,"epoch":41}\n')
+    r = ha.add("x0", extra_args=["--create-cluster-from", str(state)])
+    r.start()
+    leader = ha.wait_leader()
+    assert leader.status()["epoch"] == 42
+    c = HaClient([r.address], "h", "ls")
+    c.connect(timeout=5)
+    assert c.lock(0, 4096, "exclusive")["token"] >> 40 == 42
+    c.bye()
+
+
+def test_etcd_client_against_real_etcd(etcd):
+    """contrib/extlockd/etcd-client.c on its own (cmocka, C): put/get with
+    bytes that need base64, txn create-if-absent and CAS on mod_revision
+    and value, leases (keep-alive, revoke takes the key, TTL 0 after),
+    prefix range, endpoint status of every member, failover past a dead
+    endpoint, a bounded error when none answers."""
+    r = subprocess.run([str(BUILD / "tests/ha/test-etcd-client")],
+                       env={"ETCD_ENDPOINTS": ",".join(etcd.urls)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[  PASSED  ] 5 test(s)." in r.stdout + r.stderr, r.stdout
+
+
+CERTS = r"""
+set -e
+key() { certtool --generate-privkey --key-type=ecdsa --outfile "$1" 2>/dev/null; }
+key ca-key.pem
+printf 'cn = etcd-ca\nca\ncert_signing_key\nexpiration_days = 2\n' > ca.info
+certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info \
+  --outfile ca-cert.pem 2>/dev/null
+sign() {
+  key $1-key.pem
+  printf 'cn = %s\nip_address = 127.0.0.1\n%b\nsigning_key\nexpiration_days = 2\n' \
+    $1 "$2" > $1.info
+  certtool --generate-certificate --load-ca-certificate ca-cert.pem \
+    --load-ca-privkey ca-key.pem --load-privkey $1-key.pem \
+    --template $1.info --outfile $1-cert.pem 2>/dev/null
+}
+# etcd's own gateway connects to it with the server certificate
+sign server 'tls_www_server\ntls_www_client'
+sign client tls_www_client
+"""
+
+
+def test_tls_to_etcd(ha, tmp_path):
+    """https endpoints with client certificates (etcd
+    --client-cert-auth): a replica with --etcd-cacert/-cert/-key is
+    elected; one without a client certificate fails at start with a clear
+    error, within --etcd-wait-ms."""
+    import shutil as sh
+    if not sh.which("certtool"):
+        pytest.skip("certtool missing (gnutls-bin)")
+    d = tmp_path / "pki"
+    d.mkdir()
+    subprocess.run(["bash", "-c", CERTS], cwd=d, check=True, timeout=60)
+    from conftest import free_ports
+    cport, pport = free_ports(2)
+    url = "https://127.0.0.1:%d" % cport
+    log = open(tmp_path / "etcd-tls.log", "w")
+    e = subprocess.Popen(
+        ["etcd", "--name", "tls", "--data-dir", str(tmp_path / "data"),
+         "--listen-client-urls", url, "--advertise-client-urls", url,
+         "--listen-peer-urls", "http://127.0.0.1:%d" % pport,
+         "--initial-advertise-peer-urls", "http://127.0.0.1:%d" % pport,
+         "--initial-cluster", "tls=http://127.0.0.1:%d" % pport,
+         "--cert-file", str(d / "server-cert.pem"),
+         "--key-file", str(d / "server-key.pem"),
+         "--trusted-ca-file", str(d / "ca-cert.pem"),
+         "--client-cert-auth",
+         "--heartbeat-interval", "25", "--election-timeout", "250"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        sock = "unix:" + str(ha.dir / "tls.sock")
+        args = [str(EXTLOCKD), "--etcd-endpoints=" + url, "--cluster",
+                ha.name, "--create-cluster", "--listen", sock,
+                "--etcd-cacert", str(d / "ca-cert.pem"),
+                "--etcd-wait-ms", "10000"]
+        # no client certificate: refused by etcd, a clear error
+        r, took = run_bad(*args[1:-2], "--etcd-wait-ms", "1500",
+                          timeout=30)
+        assert r.returncode == 1 and "did not answer within 1500 ms" in \
+            r.stderr, r.stderr
+        p = subprocess.Popen(args + ["--etcd-cert", str(d / "client-cert.pem"),
+                                     "--etcd-key", str(d / "client-key.pem")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        try:
+            c = HaClient([sock], "h", "ls")
+            wait_for(lambda: _try_connect(c), 15, "a TLS-to-etcd leader")
+            assert c.lock(0, 4096, "exclusive")["token"] >> 40 == 1
+            c.bye()
+        finally:
+            p.terminate()
+            out = p.communicate(timeout=30)[0]
+        assert "leads cluster" in out, out
+    finally:
+        e.kill()
+        e.wait()
+
+
+def _try_connect(c):
+    try:
+        c.connect(timeout=0.5)
+        return True
+    except Exception:
+        return False
