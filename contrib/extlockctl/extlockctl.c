@@ -370,6 +370,288 @@ static void print_counters(json_object *st)
 }
 
 /*
+ * metrics: the "metrics" member (admins): per lock-space histograms of
+ * wait and hold times, per-client counts
+ */
+
+/* The upper bound (us) of the bucket holding quantile @q of @h, or -1 */
+static int64_t hist_quantile(json_object *h, double q)
+{
+    json_object *b = get(h, "buckets");
+    int64_t count = get_int(h, "count"), seen = 0;
+    size_t i, n;
+
+    if (!count || !json_object_is_type(b, json_type_array)) {
+        return -1;
+    }
+    n = json_object_array_length(b);
+    for (i = 0; i < n; i++) {
+        json_object *pair = json_object_array_get_idx(b, i);
+
+        seen += json_object_get_int64(json_object_array_get_idx(pair, 1));
+        if (seen >= q * count) {
+            return json_object_get_int64(json_object_array_get_idx(pair, 0));
+        }
+    }
+    return -1;
+}
+
+static char *fmt_quantile(json_object *h, double q)
+{
+    int64_t us = hist_quantile(h, q);
+
+    if (us < 0) {
+        return g_strdup(get_int(h, "count") ? ">2147s" : "-");
+    }
+    return g_strdup_printf("<=%" PRId64, us);
+}
+
+static void print_metrics(json_object *st)
+{
+    static const char *const shdr[] = {
+        "LOCK-SPACE", "GRANTS", "WAITS", "REVOKES", "LONG-WAITS",
+        "LONG-HOLDS", "WAIT-P50-US", "WAIT-P99-US", "HOLD-P50-US",
+        "HOLD-P99-US",
+    };
+    static const char *const chdr[] = {
+        "CLIENT-ID", "GRANTS", "WAITS", "REVOKES",
+    };
+    json_object *m = get(st, "metrics");
+    Table *t;
+
+    if (!json_object_is_type(m, json_type_object)) {
+        printf("Metrics: not shown (needs an admin identity, or a newer "
+               "extlockd)\n");
+        return;
+    }
+    t = table_new(shdr, "lrrrrrrrrr");
+    if (json_object_is_type(get(m, "lock-spaces"), json_type_object)) {
+        json_object_object_foreach(get(m, "lock-spaces"), name, sp) {
+            json_object *w = get(sp, "wait-us"), *h = get(sp, "hold-us");
+
+            table_add(t, g_strdup(name), fmt_int(sp, "grants"),
+                      fmt_int(sp, "waits"), fmt_int(sp, "revokes"),
+                      fmt_int(sp, "long-waits"), fmt_int(sp, "long-holds"),
+                      fmt_quantile(w, 0.5), fmt_quantile(w, 0.99),
+                      fmt_quantile(h, 0.5), fmt_quantile(h, 0.99));
+        }
+    }
+    table_print(t, "Lock-space metrics (log2 buckets: quantiles are "
+                "bucket upper bounds)");
+    table_free(t);
+    printf("\n");
+    t = table_new(chdr, "lrrr");
+    if (json_object_is_type(get(m, "clients"), json_type_object)) {
+        json_object_object_foreach(get(m, "clients"), name, c) {
+            table_add(t, g_strdup(name), fmt_int(c, "grants"),
+                      fmt_int(c, "waits"), fmt_int(c, "revokes"));
+        }
+    }
+    table_print(t, "Client metrics");
+    table_free(t);
+    printf("\nLease expiries %" PRId64 ", fence runs %" PRId64 " (ok %" PRId64
+           ", failed %" PRId64 "); long-wait threshold %" PRId64 " ms, "
+           "long-hold threshold %" PRId64 " ms (0: off)\n",
+           get_int(m, "lease-expiries"), get_int(m, "fence-started"),
+           get_int(m, "fence-ok"), get_int(m, "fence-failed"),
+           get_int(m, "long-wait-ms"), get_int(m, "long-hold-ms"));
+}
+
+/*
+ * blockers: the longest holders and waiters, and for the longest waiters
+ * the chain of clients that blocks them: A waits for B, which waits for
+ * C, which holds.  Built from "blocked-by" (client ids) of each waiting
+ * request; the first blocker is followed, a client seen twice ends the
+ * chain.
+ */
+#define BLOCKERS_TOP 10
+
+typedef struct Entry {
+    json_object *obj;
+    const char *space;
+    int64_t ms;
+} Entry;
+
+static int entry_compare(gconstpointer a, gconstpointer b)
+{
+    const Entry *x = a, *y = b;
+
+    return x->ms < y->ms ? 1 : x->ms > y->ms ? -1 : 0;
+}
+
+/* Every held lock (@member "held") or waiting request, longest first */
+static GArray *collect(json_object *st, const char *member, const char *age)
+{
+    GArray *out = g_array_new(false, false, sizeof(Entry));
+    size_t i, j, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        size_t m = array_len(sp, member);
+
+        for (j = 0; j < m; j++) {
+            Entry e = {
+                .obj = array_at(sp, member, j),
+                .space = json_object_get_string(get(sp, "name")),
+            };
+
+            e.ms = get_int(e.obj, age);
+            g_array_append_val(out, e);
+        }
+    }
+    g_array_sort(out, entry_compare);
+    return out;
+}
+
+/* The chain from @client: next hops from @waits (client -> its entry) */
+static json_object *blocker_chain(GHashTable *waits, const char *client)
+{
+    json_object *chain = json_object_new_array();
+    g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
+
+    while (client && g_hash_table_add(seen, (gpointer)client)) {
+        Entry *e = g_hash_table_lookup(waits, client);
+        json_object *hop = json_object_new_object();
+
+        json_object_object_add(hop, "client-id",
+                               json_object_new_string(client));
+        if (e) {
+            json_object *by = get(e->obj, "blocked-by");
+
+            json_object_object_add(hop, "waited-ms",
+                                   json_object_new_int64(e->ms));
+            json_object_object_add(hop, "lock-space",
+                                   json_object_new_string(e->space));
+            client = json_object_is_type(by, json_type_array) &&
+                     json_object_array_length(by) ?
+                     json_object_get_string(json_object_array_get_idx(by, 0)) :
+                     NULL;
+        } else {
+            client = NULL;
+        }
+        json_object_array_add(chain, hop);
+    }
+    if (client) {
+        /* back to a client already in the chain */
+        json_object *hop = json_object_new_object();
+
+        json_object_object_add(hop, "client-id",
+                               json_object_new_string(client));
+        json_object_object_add(hop, "cycle", json_object_new_boolean(1));
+        json_object_array_add(chain, hop);
+    }
+    return chain;
+}
+
+static json_object *json_blockers(json_object *st)
+{
+    json_object *out = json_object_new_object();
+    json_object *holders = json_object_new_array();
+    json_object *waiters = json_object_new_array();
+    json_object *chains = json_object_new_array();
+    g_autoptr(GArray) held = collect(st, "held", "held-ms");
+    g_autoptr(GArray) waiting = collect(st, "waiting", "waited-ms");
+    /* client id -> its longest waiting request (waiting is sorted) */
+    g_autoptr(GHashTable) waits = g_hash_table_new(g_str_hash, g_str_equal);
+    g_autoptr(GHashTable) done = g_hash_table_new(g_str_hash, g_str_equal);
+    guint i;
+
+    for (i = 0; i < held->len && i < BLOCKERS_TOP; i++) {
+        Entry *e = &g_array_index(held, Entry, i);
+        json_object *copy = NULL;
+
+        json_object_deep_copy(e->obj, &copy, NULL);
+        json_object_object_add(copy, "lock-space",
+                               json_object_new_string(e->space));
+        json_object_array_add(holders, copy);
+    }
+    for (i = 0; i < waiting->len; i++) {
+        Entry *e = &g_array_index(waiting, Entry, i);
+        const char *client = json_object_get_string(get(e->obj, "client-id"));
+
+        if (i < BLOCKERS_TOP) {
+            json_object *copy = NULL;
+
+            json_object_deep_copy(e->obj, &copy, NULL);
+            json_object_object_add(copy, "lock-space",
+                                   json_object_new_string(e->space));
+            json_object_array_add(waiters, copy);
+        }
+        if (client && !g_hash_table_contains(waits, client)) {
+            g_hash_table_insert(waits, (gpointer)client, e);
+        }
+    }
+    for (i = 0; i < waiting->len &&
+         json_object_array_length(chains) < BLOCKERS_TOP; i++) {
+        Entry *e = &g_array_index(waiting, Entry, i);
+        const char *client = json_object_get_string(get(e->obj, "client-id"));
+
+        if (client && g_hash_table_add(done, (gpointer)client)) {
+            json_object_array_add(chains, blocker_chain(waits, client));
+        }
+    }
+    json_object_object_add(out, "holders", holders);
+    json_object_object_add(out, "waiters", waiters);
+    json_object_object_add(out, "chains", chains);
+    return out;
+}
+
+static void print_blockers(json_object *st)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "CLIENT-ID", "MODE", "OFFSET", "LENGTH", "MS",
+    };
+    json_object *b = json_blockers(st);
+    const char *titles[] = { "Longest holders (HELD MS)",
+                             "Longest waiters (WAITED MS)" };
+    const char *members[] = { "holders", "waiters" };
+    const char *ages[] = { "held-ms", "waited-ms" };
+    size_t i, k, n;
+
+    for (k = 0; k < 2; k++) {
+        Table *t = table_new(hdr, "lllrrr");
+
+        n = array_len(b, members[k]);
+        for (i = 0; i < n; i++) {
+            json_object *e = array_at(b, members[k], i);
+
+            table_add(t, fmt_str(e, "lock-space"), fmt_str(e, "client-id"),
+                      fmt_str(e, "mode"), fmt_int(e, "offset"),
+                      fmt_int(e, "length"), fmt_int(e, ages[k]));
+        }
+        table_print(t, titles[k]);
+        table_free(t);
+        printf("\n");
+    }
+    printf("Who blocks whom (waiter -> what it waits for -> ...):\n");
+    n = array_len(b, "chains");
+    if (!n) {
+        printf("  (nobody waits)\n");
+    }
+    for (i = 0; i < n; i++) {
+        json_object *chain = array_at(b, "chains", i);
+        size_t j, m = json_object_array_length(chain);
+
+        printf(" ");
+        for (j = 0; j < m; j++) {
+            json_object *hop = json_object_array_get_idx(chain, j);
+
+            printf("%s %s", j ? " ->" : "",
+                   json_object_get_string(get(hop, "client-id")));
+            if (get(hop, "cycle")) {
+                printf(" (again)");
+            } else if (get(hop, "waited-ms")) {
+                printf(" (waits %" PRId64 " ms)", get_int(hop, "waited-ms"));
+            } else {
+                printf(" (holds)");
+            }
+        }
+        printf("\n");
+    }
+    json_object_put(b);
+}
+
+/*
  * --json: the relevant part of the status object
  */
 static json_object *json_flatten(json_object *st, const char *member)
@@ -431,6 +713,10 @@ static void print_json(json_object *st, const char *command)
         out = json_flatten(st, "held");
     } else if (g_str_equal(command, "waiters")) {
         out = json_flatten(st, "waiting");
+    } else if (g_str_equal(command, "metrics")) {
+        out = json_object_get(get(st, "metrics"));
+    } else if (g_str_equal(command, "blockers")) {
+        out = json_blockers(st);
     } else {
         out = json_counters(st);
     }
@@ -452,6 +738,10 @@ static void print_text(json_object *st, const char *command)
         print_locks(st);
         printf("\n");
         print_waiters(st);
+        if (get(st, "metrics")) {
+            printf("\n");
+            print_metrics(st);
+        }
     } else if (g_str_equal(command, "sessions")) {
         print_sessions(st);
     } else if (g_str_equal(command, "spaces")) {
@@ -460,13 +750,18 @@ static void print_text(json_object *st, const char *command)
         print_locks(st);
     } else if (g_str_equal(command, "waiters")) {
         print_waiters(st);
+    } else if (g_str_equal(command, "metrics")) {
+        print_metrics(st);
+    } else if (g_str_equal(command, "blockers")) {
+        print_blockers(st);
     } else {
         print_counters(st);
     }
 }
 
 static const char *const commands[] = {
-    "status", "spaces", "sessions", "locks", "waiters", "counters", NULL,
+    "status", "spaces", "sessions", "locks", "waiters", "counters",
+    "metrics", "blockers", NULL,
 };
 
 static const char usage_text[] =
@@ -481,6 +776,10 @@ static const char usage_text[] =
     "  locks      held locks: holder, mode, extent, token, age\n"
     "  waiters    waiting lock requests and who blocks them\n"
     "  counters   server and per lock-space counters\n"
+    "  metrics    wait/hold-time histograms per lock-space, per-client\n"
+    "             counts, lease expiries, fence runs (admins)\n"
+    "  blockers   the longest holders and waiters, and who blocks whom\n"
+    "             as chains (waiter -> blocker -> ... -> holder)\n"
     "  release-session --force SESSION [--reason TEXT]\n"
     "             DANGEROUS: release every lock of the expired SESSION now,\n"
     "             without waiting for its fence agent.  If its client is in\n"

@@ -273,6 +273,8 @@ static json_object *status_server(ExtlockdServer *server, ExtlockdConn *viewer,
         json_object_array_add(sessions, status_session(l->data, now));
     }
     json_object_object_add(root, "sessions", sessions);
+    /* Histograms and per-client counts (metrics.c): admins only */
+    json_object_object_add(root, "metrics", metrics_status_json(server));
     return root;
 }
 
