@@ -462,7 +462,9 @@ static void print_metrics(json_object *st)
  * the chain of clients that blocks them: A waits for B, which waits for
  * C, which holds.  Built from "blocked-by" (client ids) of each waiting
  * request; the first blocker is followed, a client seen twice ends the
- * chain.
+ * chain.  Clients that wait in a cycle only (each waits for the next: not
+ * possible for one request each, as grants follow timestamp order, but
+ * possible with several requests per client) are not listed.
  */
 #define BLOCKERS_TOP 10
 
@@ -579,6 +581,20 @@ static json_object *json_blockers(json_object *st)
         }
         if (client && !g_hash_table_contains(waits, client)) {
             g_hash_table_insert(waits, (gpointer)client, e);
+        }
+    }
+    /*
+     * A chain starts at a waiter nobody waits for (its chain is not part
+     * of a longer one); @done starts with the clients others wait for
+     */
+    for (i = 0; i < waiting->len; i++) {
+        json_object *by = get(g_array_index(waiting, Entry, i).obj,
+                              "blocked-by");
+
+        if (json_object_is_type(by, json_type_array) &&
+            json_object_array_length(by)) {
+            g_hash_table_add(done, (gpointer)json_object_get_string(
+                                 json_object_array_get_idx(by, 0)));
         }
     }
     for (i = 0; i < waiting->len &&

@@ -1,0 +1,123 @@
+# extlockd's lock metrics, long holder/waiter detection and extlockctl
+# metrics/blockers, against a real extlockd.
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Copyright (c) 2026 The extlock authors
+import json
+import subprocess
+
+from conftest import EXTLOCKCTL, wait_for
+
+BLK = 4096
+
+
+def request_waiting(c, offset, length, mode="exclusive"):
+    """Send a lock request that must wait; return its id once the
+    coordinator said "waiting"."""
+    rid = c.request({"type": "lock", "offset": offset, "length": length,
+                     "mode": mode, "wait": True})
+    r = c.reply(rid, accept_waiting=True)
+    assert r["type"] == "waiting", r
+    return rid
+
+
+def ctl(d, *args):
+    p = subprocess.run([str(EXTLOCKCTL), "-c", d.address, *args],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_histograms_and_client_counts(extlockd):
+    """A wait and two holds land in the right lock-space histograms and
+    per-client counts, in status and in extlockctl."""
+    d = extlockd()
+    a, b = d.client("mon-a"), d.client("mon-b")
+    ga = a.lock(0, BLK)
+    rid = request_waiting(b, 0, BLK)
+    # b waited at least as long as this status shows
+    waited = wait_for(lambda: [w for s in d.status()["lock-spaces"]
+                               for w in s["waiting"]
+                               if w.get("waited-ms", 0) >= 20],
+                      10, "b's wait to reach 20 ms")
+    a.unlock(ga["lock"])
+    gb = b.reply(rid)
+    assert gb["type"] == "granted"
+    b.unlock(gb["lock"])
+
+    m = d.status()["metrics"]
+    sp = m["lock-spaces"]["mon"]
+    assert sp["grants"] == 2 and sp["waits"] == 1
+    for h in (sp["wait-us"], sp["hold-us"]):
+        assert h["count"] == 2
+        assert sum(n for _, n in h["buckets"]) == 2
+    # b's wait (>= 20 ms) is in a bucket whose bound is >= 20000 us, and
+    # the sum covers it
+    assert max(ub for ub, _ in sp["wait-us"]["buckets"]) >= 20000
+    assert sp["wait-us"]["sum-us"] >= 20000
+    # log2 bounds: every bucket bound is a power of two
+    assert all(ub & (ub - 1) == 0 for ub, _ in sp["wait-us"]["buckets"])
+    assert m["clients"]["mon-a"] == {"grants": 1, "waits": 0, "revokes": 0}
+    assert m["clients"]["mon-b"] == {"grants": 1, "waits": 1, "revokes": 0}
+
+    out = ctl(d, "metrics")
+    assert "mon-a" in out and "mon-b" in out and "Lock-space metrics" in out
+    j = json.loads(ctl(d, "--json", "metrics"))
+    assert j["lock-spaces"]["mon"]["grants"] == 2
+    assert "Client metrics" in ctl(d, "status")
+    a.close()
+    b.close()
+
+
+def test_long_wait_and_hold_logged_and_blocker_chain(extlockd):
+    """--long-wait-ms/--long-hold-ms: a log line naming waiter, holder,
+    extent and durations, event-log entries, counters; extlockctl blockers
+    shows the chain c -> b -> a."""
+    d = extlockd("--long-wait-ms", "300", "--long-hold-ms", "600")
+    a, b, c = d.client("hold-a"), d.client("mid-b"), d.client("wait-c")
+    a.lock(0, BLK)
+    b.lock(8 * BLK, BLK)
+    request_waiting(b, 0, BLK)              # b waits for a
+    request_waiting(c, 8 * BLK, BLK)        # c waits for b
+
+    wait_for(lambda: "long wait in lock-space mon: wait-c" in d.log.read_text(),
+             10, "the long-wait line of wait-c")
+    log = d.log.read_text()
+    line = [x for x in log.splitlines()
+            if "long wait in lock-space mon: wait-c" in x][0]
+    assert f"[{8 * BLK}, +{BLK}) exclusive" in line
+    assert "held by mid-b" in line and " ms" in line
+    line = [x for x in log.splitlines()
+            if "long wait in lock-space mon: mid-b" in x][0]
+    assert f"[0, +{BLK}) exclusive" in line and "held by hold-a" in line
+    wait_for(lambda: "long hold in lock-space mon: hold-a" in d.log.read_text(),
+             10, "the long-hold line of hold-a")
+    # two more checks (one a second) after the crossing: no repeats
+    wait_for(lambda: [w for sp in d.status()["lock-spaces"]
+                      for w in sp["waiting"]
+                      if w.get("client-id") == "wait-c" and
+                      w.get("waited-ms", 0) >= 300 + 2200],
+             10, "wait-c's wait to pass 2.5 s")
+    events = [json.loads(x) for x in d.event_log.read_text().splitlines()]
+    kinds = [(e["event"], e.get("client-id")) for e in events]
+    assert ("long-wait", "wait-c") in kinds and ("long-wait", "mid-b") in kinds
+    assert ("long-hold", "hold-a") in kinds
+    # each crossing is reported once
+    assert kinds.count(("long-wait", "wait-c")) == 1
+    sp = d.status()["metrics"]["lock-spaces"]["mon"]
+    assert sp["long-waits"] == 2 and sp["long-holds"] >= 1
+
+    j = json.loads(ctl(d, "--json", "blockers"))
+    chain = [h["client-id"] for h in j["chains"][0]]
+    assert chain == ["wait-c", "mid-b", "hold-a"], j["chains"]
+    assert "waited-ms" not in j["chains"][0][-1]       # the holder
+    assert j["holders"][0]["client-id"] == "hold-a"     # held longest
+    out = ctl(d, "blockers")
+    assert "wait-c (waits" in out and "-> mid-b (waits" in out
+    assert "-> hold-a (holds)" in out
+    for x in (a, b, c):
+        x.close()
+
+
+def test_blockers_nobody_waits(extlockd):
+    d = extlockd()
+    assert "(nobody waits)" in ctl(d, "blockers")
