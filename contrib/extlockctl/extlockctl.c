@@ -16,6 +16,7 @@
 #include <string.h>
 #include <json-c/json.h>
 #include "extlock/client-sync.h"
+#include "freeze.h"
 
 #define DEFAULT_ADDRESS "unix:/run/extlock/extlockd.sock"
 #define STATUS_TIMEOUT_MS (10 * 1000)
@@ -796,6 +797,13 @@ static const char usage_text[] =
     "             counts, lease expiries, fence runs (admins)\n"
     "  blockers   the longest holders and waiters, and who blocks whom\n"
     "             as chains (waiter -> blocker -> ... -> holder)\n"
+    "  freeze LOCK-SPACE [--timeout S] [--client-id ID] [--lease-ms MS]\n"
+    "         [--offset N --length N] [--allow-unused] -- COMMAND [ARG]...\n"
+    "             consistent cut: take a shared lock on the whole\n"
+    "             lock-space in timestamp order, run COMMAND with\n"
+    "             EXTLOCK_CUT_TOKEN, EXTLOCK_CUT_EPOCH, EXTLOCK_CUT_TIME and\n"
+    "             EXTLOCK_CUT_LOCK_SPACE set, release the lock.  Exit 124:\n"
+    "             timed out (COMMAND killed); 1: error or COMMAND failed\n"
     "  release-session --force SESSION [--reason TEXT]\n"
     "             DANGEROUS: release every lock of the expired SESSION now,\n"
     "             without waiting for its fence agent.  If its client is in\n"
@@ -873,6 +881,8 @@ int main(int argc, char **argv)
     ExtlockConn *conn;
     ExtlockMsg req, reply;
     int i, ret = 1;
+    int freeze_argc = 0;
+    char **freeze_argv = NULL;
 
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -929,6 +939,12 @@ int main(int argc, char **argv)
             }
         } else if (a[0] == '-' && a[1]) {
             return usage_error("unknown option '%s'", a);
+        } else if (!command && g_str_equal(a, "freeze")) {
+            /* The rest is freeze's (freeze.c), COMMAND included */
+            freeze_argc = argc - i - 1;
+            freeze_argv = argv + i + 1;
+            command = a;
+            break;
         } else if (command && g_str_equal(command, "release-session") &&
                    !session) {
             session = a;
@@ -969,6 +985,12 @@ int main(int argc, char **argv)
     if ((tls.psk_username || tls.hostname || tls.no_verify_peer) &&
         !tls.creds_dir) {
         return usage_error("%s", "the --tls-* options need --tls-creds-dir");
+    }
+    if (freeze_argv) {
+        if (json) {
+            return usage_error("%s", "--json does not go with freeze");
+        }
+        return freeze_main(address, &tls, freeze_argc, freeze_argv);
     }
     conn = extlock_conn_connect_tls(address, &tls, &err);
     if (!conn) {

@@ -136,6 +136,7 @@ static json_object *status_lockspace(ExtlockdLockSpace *space, int64_t now,
     };
 
     status_add_str(o, "name", space->name);
+    status_add_int(o, "sessions", space->nsessions);
     status_add_int(counters, "requests", st->requests + space->nowait_grants);
     status_add_int(counters, "immediate-grants",
                    st->immediate_grants + space->nowait_grants);
