@@ -107,8 +107,9 @@ def extlockd(tmp_path):
     daemons = []
 
     def start(*args):
-        d = Daemon(tmp_path / f"d{len(daemons)}", list(args)) \
-            if (tmp_path / f"d{len(daemons)}").mkdir() is None else None
+        workdir = tmp_path / f"d{len(daemons)}"
+        workdir.mkdir()
+        d = Daemon(workdir, list(args))
         daemons.append(d)
         return d
 
