@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import BENCH, EXTLOCKD, free_port, wait_for
+from conftest import BENCH, EXTLOCKD, REPO, free_port, wait_for
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -109,6 +109,24 @@ scrape_configs:
                      interval=0.5)
         assert s["metric"]["job"] == "extlockd"
         assert float(s["value"][1]) >= 500
+
+        # Every query of the Grafana dashboard is valid PromQL and names
+        # metrics extlockd serves
+        dash = json.loads((REPO / "contrib/grafana/extlock.json").read_text())
+        served = set(re.findall(r"^# TYPE (\w+) ", d.scrape(), re.M))
+        exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+        assert len(exprs) >= 15
+        for e in exprs:
+            names = set(re.findall(r"\b(extlock_\w+)", e))
+            assert names, e
+            for n in names:
+                assert re.sub(r"_(bucket|sum|count)$", "", n) in served, n
+            q = (e.replace("$job", ".*").replace("$lock_space", ".*")
+                 .replace("$__rate_interval", "1m"))
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/v1/query?" +
+                    urllib.parse.urlencode({"query": q}), timeout=10) as r:
+                assert json.load(r)["status"] == "success", q
     finally:
         prom.send_signal(signal.SIGTERM)
         try:
