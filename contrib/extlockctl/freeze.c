@@ -21,7 +21,9 @@
  * COMMAND): past it, the request is cancelled or COMMAND is killed (its
  * process group: SIGTERM, SIGKILL 5 s later), and the lock released.  If
  * the session is lost while COMMAND runs (connection closed, lease
- * expired), COMMAND is killed too: the cut is no longer guaranteed.
+ * expired), COMMAND is killed too: the cut is no longer guaranteed.  If
+ * extlockctl itself dies, COMMAND gets SIGKILL (PR_SET_PDEATHSIG) and the
+ * coordinator releases the lock when the session's lease runs out.
  *
  * Exit status: 0 COMMAND succeeded; 1 an error (coordinator, permission,
  * unknown lock-space, COMMAND failed or was killed, session lost);
@@ -35,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <gio/gio.h>
@@ -206,6 +209,14 @@ static pid_t freeze_spawn(Freeze *f, char **argv, const char *cut_time)
     pid_t pid = fork();
 
     if (pid == 0) {
+        /*
+         * If extlockctl dies, its session and then the lock go: COMMAND
+         * must not go on copying a thawed image as if it were a cut
+         */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() == 1) {
+            _exit(127);
+        }
         setpgid(0, 0);
         setenv("EXTLOCK_CUT_TOKEN", token, 1);
         setenv("EXTLOCK_CUT_EPOCH", epoch, 1);

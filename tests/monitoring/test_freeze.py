@@ -235,3 +235,39 @@ def test_freeze_bad_usage(extlockd):
         p = run_freeze(d, *args)
         assert p.returncode == 2, (args, p.stderr)
         assert msg in p.stderr, (args, p.stderr)
+
+
+def test_freeze_killed_releases_with_the_lease(extlockd, tmp_path):
+    """extlockctl killed during the freeze (its host dies): COMMAND dies
+    with it, and the coordinator releases the freeze lock when the lease
+    runs out; then writers get their locks."""
+    import signal
+    d = extlockd("--fence-margin-ms", "100")
+    h = holder(d)
+    pidfile = tmp_path / "pid"
+    p = subprocess.Popen([str(EXTLOCKCTL), "-c", d.address, "freeze", "fz",
+                          "--lease-ms", "1000", "--", "sh", "-c",
+                          f"echo $$ > {pidfile}; exec sleep 60"],
+                         stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
+             "COMMAND to start")
+    cmd_pid = int(pidfile.read_text())
+    held, _ = space_locks(d, "fz")
+    assert [x["mode"] for x in held] == ["shared"]
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+
+    def gone(pid):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    wait_for(lambda: gone(cmd_pid), 10, "COMMAND to die with extlockctl")
+    # lease 1000 ms + fence margin 100 ms, with slack
+    wait_for(lambda: space_locks(d, "fz")[0] == [], 10,
+             "the freeze lock to go with the lease")
+    g = h.lock(0, BLK, "exclusive", timeout=10)
+    assert g["type"] == "granted"
+    assert d.status()["metrics"]["lease-expiries"] == 1
+    h.close()
