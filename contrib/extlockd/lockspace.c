@@ -351,13 +351,6 @@ int64_t lockspace_grace_remaining_ms(ExtlockdLockSpace *space, int64_t now)
 }
 
 /*
- * The grace period of @space ends, because every listed session is done
- * reclaiming or (@timeout) because its time is up.  Sessions still
- * reclaiming stop doing so; those whose client never came back are
- * dropped (they hold nothing).  Then the deferred requests enter the
- * table in token order, as if they were arriving now.
- */
-/*
  * The grace period of @space timed out with a fence agent configured:
  * fence the listed sessions whose client never came back (they become
  * expired sessions without locks, fenced like any other, and the grace
@@ -442,6 +435,17 @@ static bool lockspace_dispute_postpone(ExtlockdLockSpace *space, bool timeout)
     return true;
 }
 
+/*
+ * The grace period of @space ends, because every listed session is done
+ * reclaiming or (@timeout) because its time is up.  Sessions still
+ * reclaiming stop doing so; those whose client never came back are
+ * dropped (they hold nothing).  Then the deferred requests enter the
+ * table in token order, as if they were arriving now.
+ *
+ * The end waits while a reclaim dispute lasts (lockspace_dispute_postpone)
+ * and, with a fence agent, until the absent sessions are fenced
+ * (lockspace_fence_absent).
+ */
 void lockspace_end_grace(ExtlockdLockSpace *space, bool timeout)
 {
     ExtlockdServer *server = space->server;

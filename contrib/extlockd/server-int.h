@@ -264,99 +264,282 @@ struct ExtlockdServer {
 /* ------------------------------------------------------------------ */
 /* server.c                                                           */
 
-/* The next fencing token; false if a new epoch cannot be persisted */
+/**
+ * server_next_token:
+ * @server: the server
+ * @token: where to put the token
+ *
+ * Hand out the next fencing token of the current epoch.  When the 40-bit
+ * counter is exhausted, the next epoch is written to the state file
+ * first (synchronously) and counting starts again at 1.
+ *
+ * Returns: true, or false if the new epoch cannot be persisted (no
+ * token is handed out then).
+ */
 bool server_next_token(ExtlockdServer *server, uint64_t *token);
 
-/*
- * Log a refused request or connection, at most REFUSAL_LOG_BURST lines
- * a second
+/**
+ * server_log_refusal:
+ * @server: the server
+ * @fmt: printf-style format of the warning
+ *
+ * Log a request or connection that was refused for who sent it, at most
+ * REFUSAL_LOG_BURST lines a second; the next line logged says how many
+ * were left out.  A peer cannot fill the log at the rate it sends lines.
  */
 void G_GNUC_PRINTF(2, 3)
 server_log_refusal(ExtlockdServer *server, const char *fmt, ...);
 
-/* Write @epoch and every session to the state file, now */
+/**
+ * server_save_state:
+ * @server: the server
+ * @epoch: the epoch to record (the current one, or the next)
+ * @errp: where to put an error
+ *
+ * Write @epoch and every session to the state file now, in the calling
+ * thread, and wait until it is durable.
+ *
+ * Returns: true on success, false with @errp set otherwise.
+ */
 bool server_save_state(ExtlockdServer *server, uint64_t epoch, GError **errp);
 
-/* Queue the current state for the writer thread; its generation */
+/**
+ * server_save_state_async:
+ * @server: the server
+ *
+ * Hand a snapshot of the current epoch and sessions to the state writer
+ * thread (state-writer.h).  session_state_written() is called when it is
+ * written.
+ *
+ * Returns: the generation of the snapshot, or 0 if no snapshot could be
+ * made (a warning is logged).
+ */
 uint64_t server_save_state_async(ExtlockdServer *server);
 
-/* The same, when nothing waits for the write */
+/**
+ * server_save_state_or_warn:
+ * @server: the server
+ *
+ * The same, for changes nobody waits for (a session gone from the file
+ * matters only after a crash).
+ */
 void server_save_state_or_warn(ExtlockdServer *server);
 
-/* Make sure the timer runs no later than @when_us */
+/**
+ * server_schedule:
+ * @server: the server
+ * @when_us: a g_get_monotonic_time() value
+ *
+ * Make sure the one server timer runs no later than @when_us; it calls
+ * server_check_deadlines().
+ */
 void server_schedule(ExtlockdServer *server, int64_t when_us);
 
-/* Act on every deadline that has passed, and set the timer */
+/**
+ * server_check_deadlines:
+ * @server: the server
+ *
+ * Act on every deadline that has passed, in this order: the grace period
+ * (lockspace_check_grace()), leases and fence margins
+ * (session_check_leases()), connections without hello and connections
+ * closing (conn_check_timeouts()); then set the timer for the earliest
+ * deadline left.
+ */
 void server_check_deadlines(ExtlockdServer *server);
 
 /* ------------------------------------------------------------------ */
 /* listener.c                                                         */
 
-/* Close and free a listener (GDestroyNotify of server->listeners) */
+/**
+ * listener_free:
+ * @p: an ExtlockdListener
+ *
+ * Stop listening, unlink the UNIX socket if it is still the one this
+ * listener created, and free it.  The GDestroyNotify of
+ * server->listeners.
+ */
 void listener_free(gpointer p);
 
 /* ------------------------------------------------------------------ */
 /* connection.c                                                       */
 
-/*
- * Serve the accepted socket @fd (the connection owns it).  @key: what the
- * per-peer cap counts; @identity: NULL until a TLS handshake tells it
+/**
+ * conn_new:
+ * @server: the server
+ * @fd: a connected, non-blocking socket, owned by the connection from now
+ * @peer: how to name the peer in log lines
+ * @key: what the per-peer limit of connections without hello counts (the
+ *       uid, or the IP address)
+ * @identity: the peer's identity (policy.h), or NULL until the TLS
+ *            handshake tells it
+ * @tls: speak TLS with the server's credentials
+ *
+ * Serve @fd.  Unless @identity is an admin's, the connection counts as
+ * one without hello (conn_admit()) until it says hello or closes.
  */
 void conn_new(ExtlockdServer *server, int fd, const char *peer,
               const char *key, const char *identity, bool tls);
 
-/* May one more connection without hello come from @key? */
+/**
+ * conn_admit:
+ * @server: the server
+ * @key: the per-peer key of the new connection (see conn_new())
+ * @peer: how to name the peer in the log
+ *
+ * Returns: whether one more connection without hello may come from @key
+ * (--max-unauth-per-peer, --max-unauth); refusals are counted and logged
+ * once a second at most.
+ */
 bool conn_admit(ExtlockdServer *server, const char *key, const char *peer);
 
-/* Close and free @conn now; its session, if any, is detached */
+/**
+ * conn_destroy:
+ * @conn: the connection
+ *
+ * Close and free @conn now, without sending what is pending.  Its
+ * session, if any, is detached (session_detach()), unless the server is
+ * shutting down.
+ */
 void conn_destroy(ExtlockdConn *conn);
 
-/* Close @conn once its output is out (at most CLOSE_TIMEOUT_US) */
+/**
+ * conn_close_after_flush:
+ * @conn: the connection
+ *
+ * Stop reading from @conn and close it once its output is sent, or after
+ * CLOSE_TIMEOUT_US at most (conn_check_timeouts()).
+ */
 void conn_close_after_flush(ExtlockdConn *conn);
 
-/* @conn is no longer counted as a connection without hello */
+/**
+ * conn_unauth_done:
+ * @conn: the connection
+ *
+ * @conn no longer counts as a connection without hello (it said hello,
+ * it is an admin's, or it closes).  Does nothing if it did not count.
+ */
 void conn_unauth_done(ExtlockdConn *conn);
 
-/* Watch @conn for @events */
+/**
+ * conn_set_events:
+ * @conn: the connection
+ * @events: G_IO_IN, G_IO_OUT, both or none
+ *
+ * Watch the socket of @conn for @events (the main loop source is changed
+ * only if they differ from the current ones).
+ */
 void conn_set_events(ExtlockdConn *conn, GIOCondition events);
 
-/*
- * The output buffer of @conn; marks it for conn_flush_all() at the end
- * of the callback
+/**
+ * conn_out:
+ * @conn: the connection
+ *
+ * Returns: the output buffer of @conn, to append to; the connection is
+ * queued for conn_flush_all() at the end of the main loop callback.
  */
 GString *conn_out(ExtlockdConn *conn);
 
-/* Queue @msg on @conn */
+/**
+ * conn_send_msg:
+ * @conn: the connection
+ * @msg: a reply or notification
+ *
+ * Format @msg onto the output of @conn.
+ */
 void conn_send_msg(ExtlockdConn *conn, const ExtlockMsg *msg);
 
-/* Queue an error reply on @conn (counted in "errors") */
+/**
+ * conn_send_error:
+ * @conn: the connection
+ * @has_id: whether the error answers a request with an id
+ * @id: that id
+ * @code: the error code
+ * @fmt: printf-style format of the message
+ *
+ * Queue an error reply on @conn; it counts in the "errors" counter of
+ * the status.
+ */
 void G_GNUC_PRINTF(5, 6)
 conn_send_error(ExtlockdConn *conn, bool has_id, uint64_t id,
-         ExtlockErrorCode code,
-         const char *fmt, ...);
+                ExtlockErrorCode code, const char *fmt, ...);
 
-/* Plain or TLS send on the non-blocking socket */
+/**
+ * conn_sys_send:
+ * @conn: the connection
+ * @buf: the bytes
+ * @len: how many
+ *
+ * Send on the non-blocking socket of @conn, through TLS if it speaks TLS.
+ *
+ * Returns: as send(2): the bytes sent, or -1 with errno set.
+ */
 ssize_t conn_sys_send(ExtlockdConn *conn, const void *buf, size_t len);
 
-/* Handle the complete lines received, unless input is paused */
+/**
+ * conn_process_lines:
+ * @conn: the connection
+ *
+ * Hand every complete line received on @conn to dispatch_line(), until
+ * none is left or input is paused (closing, or waiting for the state
+ * file after hello).
+ */
 void conn_process_lines(ExtlockdConn *conn);
 
-/* Write out the output of every connection that has some */
+/**
+ * conn_flush_all:
+ * @server: the server
+ *
+ * Write out the output of every connection that has some (as much as
+ * the sockets take; the rest when they become writable).  Called at the
+ * end of every main loop callback.  May destroy connections.
+ */
 void conn_flush_all(ExtlockdServer *server);
 
-/* The lease timer: hello timeouts and closing connections */
+/**
+ * conn_check_timeouts:
+ * @server: the server
+ * @now: the current g_get_monotonic_time()
+ *
+ * For the server timer: close the connections that said no hello within
+ * --hello-timeout-ms, and those that have been closing for
+ * CLOSE_TIMEOUT_US.
+ *
+ * Returns: the next such deadline, or INT64_MAX if there is none.
+ */
 int64_t conn_check_timeouts(ExtlockdServer *server, int64_t now);
 
 /* ------------------------------------------------------------------ */
 /* dispatch.c                                                         */
 
-/* Handle one request line received on @conn */
+/**
+ * dispatch_line:
+ * @conn: the connection
+ * @line: the request, without its newline
+ * @len: its length
+ *
+ * Parse one request line, check that @conn may send it (dispatch_table
+ * in dispatch.c), and call its handler.  Bad lines and refused requests
+ * get an error reply and change nothing.
+ */
 void dispatch_line(ExtlockdConn *conn, const char *line, size_t len);
 
 /* ------------------------------------------------------------------ */
 /* session.c                                                          */
 
-/* Requests: "hello", "renew", "bye" and (admins) "release-session" */
+/*
+ * Request handlers (dispatch_table): @conn sent @m; @session (or
+ * @attached) is the session of @conn, NULL before hello.  Each answers
+ * on @conn, an error included.
+ *
+ * session_handle_hello: a new session, or the resume of a live one (with
+ * its resume secret), or the reclaim of one listed in the state file
+ * after a restart.  Input on @conn pauses until the state file has the
+ * session (the welcome waits for session_state_written()).
+ * session_handle_renew: a fresh lease.
+ * session_handle_bye: release everything, end the session, close.
+ * session_handle_release: (admins) release the locks of an expired
+ * session now, without waiting for its fence agent.
+ */
 void session_handle_hello(ExtlockdConn *conn, ExtlockdSession *attached,
                           ExtlockMsg *m);
 void session_handle_renew(ExtlockdConn *conn, ExtlockdSession *session,
@@ -366,56 +549,148 @@ void session_handle_bye(ExtlockdConn *conn, ExtlockdSession *session,
 void session_handle_release(ExtlockdConn *conn, ExtlockdSession *attached,
                             ExtlockMsg *m);
 
-/* The connection of @session dropped without "bye" */
+/**
+ * session_detach:
+ * @session: an active session
+ *
+ * Its connection dropped without "bye": cancel its waiting requests and
+ * keep its locks until the lease and the fence margin have passed,
+ * unless it is resumed before.
+ */
 void session_detach(ExtlockdSession *session);
 
-/* The lease of @session lapsed */
+/**
+ * session_expire:
+ * @session: a session whose lease has lapsed
+ *
+ * Tell its client (if connected, which is then closed), cancel its
+ * waiting requests, stop its reclaiming, and run the fence agent if one
+ * is configured and it holds locks.  Its locks go when
+ * session_check_leases() sees the fence margin pass (and the agent
+ * succeed).
+ */
 void session_expire(ExtlockdSession *session);
 
-/* Run the fence agent for the expired @session */
+/**
+ * session_fence_start:
+ * @session: an expired session
+ *
+ * Run the fence agent (fence.h) for its client and tell the sessions
+ * waiting behind its locks (fence-status).
+ */
 void session_fence_start(ExtlockdSession *session);
 
-/* @session will not reclaim any more */
+/**
+ * session_end_reclaim:
+ * @session: the session
+ *
+ * @session will not reclaim any more (reclaim-done, bye, lease lapsed);
+ * the grace period of its lock-space ends when nobody reclaims any more.
+ * Does nothing if it was not reclaiming.
+ */
 void session_end_reclaim(ExtlockdSession *session);
 
-/*
- * End @session, which holds and waits for nothing, without rewriting the
- * state file
+/**
+ * session_destroy_nosave:
+ * @session: a session that holds and waits for nothing
+ *
+ * End and free @session, without rewriting the state file (the caller
+ * does, or the session was never in it).
  */
 void session_destroy_nosave(ExtlockdSession *session);
 
-/* Free @session (server teardown) */
+/**
+ * session_free:
+ * @session: the session
+ *
+ * Free @session only: for the server teardown, which frees the tables
+ * with their locks.
+ */
 void session_free(ExtlockdSession *session);
 
-/* The waiting request @req of @session, or NULL */
+/**
+ * session_find_waiting:
+ * @session: the session
+ * @req: a request id
+ *
+ * Returns: the waiting lock request @req of @session (in the table or
+ * deferred), or NULL.
+ */
 ExtlockLock *session_find_waiting(ExtlockdSession *session, uint64_t req);
 
-/* Does @session cache locks, and can it be told to give them back? */
+/**
+ * session_wants_revokes:
+ * @session: the session
+ *
+ * Returns: whether @session caches locks and can be told now to give
+ * them back (it is connected and not releasing everything).
+ */
 bool session_wants_revokes(ExtlockdSession *session);
 
-/* @session caches locks: send it revokes from now on */
+/**
+ * session_set_revocable:
+ * @session: the session
+ *
+ * @session caches locks ("limit", "reclaim" or "downgrade"): send it
+ * revokes from now on.
+ */
 void session_set_revocable(ExtlockdSession *session);
 
-/* Write @event about @session to the event log, if any */
+/**
+ * session_log_event:
+ * @session: the session
+ * @event: the event name (event-log.h)
+ * @message: a message, or NULL
+ *
+ * Write @event about @session to the event log, if there is one.
+ */
 void session_log_event(ExtlockdSession *session, const char *event,
                        const char *message);
 
-/*
- * The state writer is done with a generation: send the welcomes that
- * waited for it
+/**
+ * session_state_written:
+ * @gen: the generation written (or not)
+ * @ok: whether it was written
+ * @error: why not
+ * @opaque: the server
+ *
+ * The state writer's callback: send the welcomes that waited for
+ * generation @gen or earlier, or refuse those sessions (and close their
+ * connections) if the write failed; then handle the requests that
+ * arrived after their hello.
  */
 void session_state_written(uint64_t gen, bool ok, const char *error,
                            void *opaque);
 
-/* The lease timer: expiry and fence margins */
+/**
+ * session_check_leases:
+ * @server: the server
+ * @now: the current g_get_monotonic_time()
+ *
+ * For the server timer: expire the sessions whose lease lapsed
+ * (session_expire()), and end those whose fence margin has passed too
+ * (and whose fence agent, if any, succeeded), releasing their locks.
+ *
+ * Returns: the next such deadline, or INT64_MAX if there is none.
+ */
 int64_t session_check_leases(ExtlockdServer *server, int64_t now);
 
 /* ------------------------------------------------------------------ */
 /* lockspace.c                                                        */
 
 /*
- * Requests: "lock", "unlock", "cancel", "downgrade", "reclaim" and
- * "reclaim-done" (all need a session)
+ * Request handlers (dispatch_table), all after hello: @conn sent @m for
+ * its @session.  Each answers on @conn, an error included; grants and
+ * revokes for other sessions go to their connections.
+ *
+ * lockspace_handle_lock: granted at once, waiting, or deferred until the
+ * grace period ends ("wait": false: granted at once or refused).
+ * lockspace_handle_unlock: release a lock, or a part of it.
+ * lockspace_handle_cancel: cancel a waiting request.
+ * lockspace_handle_downgrade: make an exclusive lock shared.
+ * lockspace_handle_reclaim: re-assert a lock held before a restart, with
+ * its original token, during the grace period.
+ * lockspace_handle_reclaim_done: the session has reclaimed everything.
  */
 void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
                            ExtlockMsg *m);
@@ -427,50 +702,136 @@ void lockspace_handle_downgrade(ExtlockdConn *conn, ExtlockdSession *session,
                                 ExtlockMsg *m);
 void lockspace_handle_reclaim(ExtlockdConn *conn, ExtlockdSession *session,
                               ExtlockMsg *m);
-void lockspace_handle_reclaim_done(ExtlockdConn *conn, ExtlockdSession *session,
-                                   ExtlockMsg *m);
+void lockspace_handle_reclaim_done(ExtlockdConn *conn,
+                                   ExtlockdSession *session, ExtlockMsg *m);
 
-/* The lock-space @name, created if needed */
+/**
+ * lockspace_get:
+ * @server: the server
+ * @name: a lock-space name
+ *
+ * Returns: the lock-space @name, created (with an empty table) if it
+ * does not exist.  The caller counts its session in space->nsessions.
+ */
 ExtlockdLockSpace *lockspace_get(ExtlockdServer *server, const char *name);
 
-/* A session of @space went away: the last one frees it */
+/**
+ * lockspace_unref:
+ * @space: the lock-space
+ *
+ * A session of @space (or another reference) went away; the last one
+ * frees it, which must by then hold and queue nothing.
+ */
 void lockspace_unref(ExtlockdLockSpace *space);
 
-/* Free @space and every lock in it (server teardown) */
+/**
+ * lockspace_free:
+ * @space: the lock-space
+ *
+ * Free @space with every lock and deferred request in it, without
+ * callbacks (server teardown).
+ */
 void lockspace_free(ExtlockdLockSpace *space);
 
-/* Is @lock a request deferred until the grace period ends? */
+/**
+ * lockspace_lock_is_deferred:
+ * @lock: a waiting request of a session
+ *
+ * Returns: whether @lock is a request deferred until the grace period
+ * ends (a DeferredReq, not in the table).
+ */
 bool lockspace_lock_is_deferred(const ExtlockLock *lock);
 
-/* Cancel a waiting request (in the table or deferred) */
+/**
+ * lockspace_cancel_waiter:
+ * @space: its lock-space
+ * @lock: a waiting request (in the table or deferred), already removed
+ *        from its session's waiting set
+ *
+ * Cancel and free the request; requests it held back may be granted.
+ */
 void lockspace_cancel_waiter(ExtlockdLockSpace *space, ExtlockLock *lock);
 
-/* Send again the revokes for every lock @session holds */
+/**
+ * lockspace_resend_revokes:
+ * @session: the session
+ *
+ * Send again a revoke for every (lock @session holds, later conflicting
+ * waiter) pair: revokes sent while it was away or reclaiming may be lost.
+ */
 void lockspace_resend_revokes(ExtlockdSession *session);
 
-/* How long the grace period of @space still lasts (0: over) */
+/**
+ * lockspace_grace_remaining_ms:
+ * @space: the lock-space
+ * @now: the current g_get_monotonic_time()
+ *
+ * Returns: how long the grace period of @space still lasts at most (a
+ * reclaim dispute may extend it), in ms, or 0 if it is not in grace.
+ */
 int64_t lockspace_grace_remaining_ms(ExtlockdLockSpace *space, int64_t now);
 
-/* End the grace period of @space, or postpone the end */
+/**
+ * lockspace_end_grace:
+ * @space: a lock-space in its grace period
+ * @timeout: whether the grace period timed out (else every listed
+ *           session is done reclaiming)
+ *
+ * End the grace period of @space: drop the listed sessions whose client
+ * never came back and queue the deferred requests in token order.  The
+ * end is postponed while a reclaim dispute lasts and, with a fence agent,
+ * until those absent sessions are fenced.
+ */
 void lockspace_end_grace(ExtlockdLockSpace *space, bool timeout);
 
-/* The grace period timed out: end it everywhere */
+/**
+ * lockspace_end_grace_all:
+ * @server: the server
+ *
+ * The grace period timed out: end it (lockspace_end_grace()) in every
+ * lock-space still in it.
+ */
 void lockspace_end_grace_all(ExtlockdServer *server);
 
-/*
- * Write @event about @lock (@part: the part released, or NULL) to the
- * event log, if any
+/**
+ * lockspace_log_lock:
+ * @server: the server
+ * @event: the event name (event-log.h)
+ * @lock: the lock
+ * @part: the part released, or NULL for the whole lock
+ *
+ * Write @event about @lock and its owner to the event log, if there is
+ * one.
  */
 void lockspace_log_lock(ExtlockdServer *server, const char *event,
                         ExtlockLock *lock, const ExtlockExtent *part);
 
-/* The lease timer: the end of the grace period */
+/**
+ * lockspace_check_grace:
+ * @server: the server
+ * @now: the current g_get_monotonic_time()
+ *
+ * For the server timer: end the grace period if its time is up.
+ *
+ * Returns: when it ends otherwise, or INT64_MAX if no lock-space is in
+ * its grace period.
+ */
 int64_t lockspace_check_grace(ExtlockdServer *server, int64_t now);
 
 /* ------------------------------------------------------------------ */
 /* status.c                                                           */
 
-/* Request: "status" */
-void status_handle(ExtlockdConn *conn, ExtlockdSession *session, ExtlockMsg *m);
+/**
+ * status_handle:
+ * @conn: the connection
+ * @session: its session, or NULL (then @conn is an admin's)
+ * @m: the request
+ *
+ * The "status" request handler (dispatch_table): the status as @conn
+ * may see it (admins everything, others their own session and
+ * lock-space), within the per-connection rate and the entry budgets.
+ */
+void status_handle(ExtlockdConn *conn, ExtlockdSession *session,
+                   ExtlockMsg *m);
 
 #endif /* EXTLOCKD_SERVER_INT_H */

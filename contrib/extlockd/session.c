@@ -531,7 +531,7 @@ void session_expire(ExtlockdSession *session)
 }
 
 /* The fence margin after the deadline has passed: let the locks go */
-void session_reap(ExtlockdSession *session)
+static void session_reap(ExtlockdSession *session)
 {
     unsigned n = session_release(session, true);
 
