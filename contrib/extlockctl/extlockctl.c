@@ -14,6 +14,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 #include <json-c/json.h>
 #include "extlock/client-sync.h"
 #include "freeze.h"
@@ -669,6 +670,80 @@ static void print_blockers(json_object *st)
 }
 
 /*
+ * top: a live view, one frame per status (every --interval seconds):
+ * lock-spaces with their rates since the previous frame, then the
+ * blockers view.  @prev: "space/member" -> last counter value.
+ */
+typedef struct TopState {
+    GHashTable *prev;
+    int64_t prev_us;
+} TopState;
+
+static char *top_rate(TopState *ts, const char *space, const char *member,
+                      int64_t value, double dt)
+{
+    g_autofree char *key = g_strdup_printf("%s/%s", space, member);
+    gpointer old;
+    bool had = g_hash_table_lookup_extended(ts->prev, key, NULL, &old);
+    char *out;
+
+    out = had && dt > 0 ?
+          g_strdup_printf("%.1f", (value - GPOINTER_TO_SIZE(old)) / dt) :
+          g_strdup("-");
+    g_hash_table_replace(ts->prev, g_steal_pointer(&key),
+                         GSIZE_TO_POINTER((gsize)value));
+    return out;
+}
+
+static void print_top(json_object *st, TopState *ts, bool tty)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "SESSIONS", "HELD", "WAITING", "GRANTS/S", "WAITS/S",
+        "REVOKES/S", "WAIT-P99-US", "HOLD-P99-US", "LONG-WAITS",
+    };
+    json_object *c = get(st, "counters");
+    json_object *ms = get(get(st, "metrics"), "lock-spaces");
+    int64_t now = g_get_monotonic_time();
+    double dt = ts->prev_us ? (now - ts->prev_us) / 1e6 : 0;
+    g_autoptr(GDateTime) t = g_date_time_new_now_local();
+    g_autofree char *clock = g_date_time_format(t, "%H:%M:%S");
+    g_autofree char *server = fmt_str(st, "server");
+    g_autofree char *up = fmt_duration(get_int(st, "uptime-ms"));
+    Table *tab = table_new(hdr, "lrrrrrrrrr");
+    size_t i, n = array_len(st, "lock-spaces");
+
+    if (tty) {
+        printf("\033[H\033[2J");
+    }
+    printf("%s  %s, epoch %" PRId64 ", up %s; %" PRId64 " connections, %"
+           PRId64 " sessions\n\n", clock, server, get_int(st, "epoch"), up,
+           get_int(c, "connections"), get_int(c, "sessions"));
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        const char *name = json_object_get_string(get(sp, "name"));
+        json_object *m = get(ms, name);
+
+        table_add(tab, g_strdup(name), fmt_int(sp, "sessions"),
+                  g_strdup_printf("%zu", array_len(sp, "held")),
+                  g_strdup_printf("%zu", array_len(sp, "waiting")),
+                  m ? top_rate(ts, name, "grants", get_int(m, "grants"), dt)
+                    : g_strdup("-"),
+                  m ? top_rate(ts, name, "waits", get_int(m, "waits"), dt)
+                    : g_strdup("-"),
+                  m ? top_rate(ts, name, "revokes", get_int(m, "revokes"), dt)
+                    : g_strdup("-"),
+                  m ? fmt_quantile(get(m, "wait-us"), 0.99) : g_strdup("-"),
+                  m ? fmt_quantile(get(m, "hold-us"), 0.99) : g_strdup("-"),
+                  m ? fmt_int(m, "long-waits") : g_strdup("-"));
+    }
+    table_print(tab, "Lock-spaces (rates since the last frame)");
+    table_free(tab);
+    printf("\n");
+    print_blockers(st);
+    ts->prev_us = now;
+}
+
+/*
  * --json: the relevant part of the status object
  */
 static json_object *json_flatten(json_object *st, const char *member)
@@ -778,7 +853,7 @@ static void print_text(json_object *st, const char *command)
 
 static const char *const commands[] = {
     "status", "spaces", "sessions", "locks", "waiters", "counters",
-    "metrics", "blockers", NULL,
+    "metrics", "blockers", "top", NULL,
 };
 
 static const char usage_text[] =
@@ -797,6 +872,10 @@ static const char usage_text[] =
     "             counts, lease expiries, fence runs (admins)\n"
     "  blockers   the longest holders and waiters, and who blocks whom\n"
     "             as chains (waiter -> blocker -> ... -> holder)\n"
+    "  top [--interval S] [--iterations N]\n"
+    "             live view, refreshed every S seconds (default 1): lock-\n"
+    "             spaces with rates, holders, waiters, chains; N frames\n"
+    "             (default 0: until interrupted)\n"
     "  freeze LOCK-SPACE [--timeout S] [--client-id ID] [--lease-ms MS]\n"
     "         [--offset N --length N] [--allow-unused] -- COMMAND [ARG]...\n"
     "             consistent cut: take a shared lock on the whole\n"
@@ -876,6 +955,9 @@ int main(int argc, char **argv)
     const char *command = NULL;
     const char *session = NULL, *reason = NULL;
     bool json = false, force = false;
+    uint64_t interval_s = 1, iterations = 0, frame;
+    bool top_opts = false;
+    TopState top = { 0 };
     ExtlockTlsOptions tls = { 0 };
     g_autoptr(GError) err = NULL;
     ExtlockConn *conn;
@@ -899,6 +981,24 @@ int main(int argc, char **argv)
             address = argv[++i];
         } else if (g_str_has_prefix(a, "--connect=")) {
             address = a + strlen("--connect=");
+        } else if (g_str_equal(a, "--interval") ||
+                   g_str_equal(a, "--iterations")) {
+            char *end;
+            uint64_t v;
+
+            if (i + 1 >= argc) {
+                return usage_error("option '%s' needs a value", a);
+            }
+            v = g_ascii_strtoull(argv[++i], &end, 10);
+            if (!g_ascii_isdigit(argv[i][0]) || *end ||
+                (g_str_equal(a, "--interval") ? v < 1 || v > 3600
+                                              : v > 1000000)) {
+                return usage_error("bad value '%s' (--interval: 1..3600 "
+                                   "seconds, --iterations: 0..1000000)",
+                                   argv[i]);
+            }
+            *(g_str_equal(a, "--interval") ? &interval_s : &iterations) = v;
+            top_opts = true;
         } else if (g_str_equal(a, "--force")) {
             force = true;
         } else if (g_str_equal(a, "--reason")) {
@@ -971,6 +1071,8 @@ int main(int argc, char **argv)
                                "--force if its host is known to be dead or "
                                "cut off from the storage", command);
         }
+    } else if (top_opts && !g_str_equal(command, "top")) {
+        return usage_error("%s", "--interval and --iterations go with top");
     } else if (force || reason) {
         return usage_error("--force and --reason only go with "
                            "release-session%s", "");
@@ -985,6 +1087,9 @@ int main(int argc, char **argv)
     if ((tls.psk_username || tls.hostname || tls.no_verify_peer) &&
         !tls.creds_dir) {
         return usage_error("%s", "the --tls-* options need --tls-creds-dir");
+    }
+    if (json && g_str_equal(command, "top")) {
+        return usage_error("%s", "--json does not go with top");
     }
     if (freeze_argv) {
         if (json) {
@@ -1004,33 +1109,47 @@ int main(int argc, char **argv)
         return ret;
     }
 
-    extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
+    top.prev = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
     extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
-    if (!extlock_conn_call(conn, &req, &reply, STATUS_TIMEOUT_MS, &err)) {
-        fprintf(stderr, "extlockctl: no status from %s: %s\n", address,
-                err->message);
-        goto out;
-    }
-    if (reply.type == EXTLOCK_MSG_ERROR) {
-        fprintf(stderr, "extlockctl: %s refused the status request: %s: %s\n",
-                address, extlock_error_code_name(reply.error),
-                reply.message ? reply.message : "");
-        goto out;
-    }
-    if (reply.type != EXTLOCK_MSG_STATUS_REPLY || !reply.body) {
-        fprintf(stderr, "extlockctl: unexpected reply \"%s\" from %s\n",
-                extlock_msg_type_name(reply.type), address);
-        goto out;
-    }
+    for (frame = 1; ; frame++) {
+        extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
+        extlock_msg_clear(&reply);
+        if (!extlock_conn_call(conn, &req, &reply, STATUS_TIMEOUT_MS, &err)) {
+            fprintf(stderr, "extlockctl: no status from %s: %s\n", address,
+                    err->message);
+            goto out;
+        }
+        if (reply.type == EXTLOCK_MSG_ERROR) {
+            fprintf(stderr, "extlockctl: %s refused the status request: "
+                    "%s: %s\n", address, extlock_error_code_name(reply.error),
+                    reply.message ? reply.message : "");
+            goto out;
+        }
+        if (reply.type != EXTLOCK_MSG_STATUS_REPLY || !reply.body) {
+            fprintf(stderr, "extlockctl: unexpected reply \"%s\" from %s\n",
+                    extlock_msg_type_name(reply.type), address);
+            goto out;
+        }
 
-    if (json) {
-        print_json(reply.body, command);
-    } else {
-        print_text(reply.body, command);
+        if (g_str_equal(command, "top")) {
+            print_top(reply.body, &top, isatty(STDOUT_FILENO));
+        } else if (json) {
+            print_json(reply.body, command);
+        } else {
+            print_text(reply.body, command);
+        }
+        ret = fflush(stdout) == 0 ? 0 : 1;
+        if (ret || !g_str_equal(command, "top") ||
+            (iterations && frame >= iterations)) {
+            break;
+        }
+        g_usleep(interval_s * G_USEC_PER_SEC);      /* the refresh rate */
     }
-    ret = fflush(stdout) == 0 ? 0 : 1;
 
 out:
+    if (top.prev) {
+        g_hash_table_destroy(top.prev);
+    }
     extlock_msg_clear(&reply);
     extlock_conn_close(conn);
     return ret;

@@ -121,3 +121,43 @@ def test_long_wait_and_hold_logged_and_blocker_chain(extlockd):
 def test_blockers_nobody_waits(extlockd):
     d = extlockd()
     assert "(nobody waits)" in ctl(d, "blockers")
+
+
+def test_top_frames_and_rates(extlockd):
+    """extlockctl top: one frame per interval; the second shows the grant
+    rate of the traffic between the frames, and the waiter's chain."""
+    import threading
+    d = extlockd()
+    a, b = d.client("top-a"), d.client("top-b")
+    a.lock(0, BLK)
+    request_waiting(b, 0, BLK)
+    c = d.client("top-c")
+    stop = threading.Event()
+
+    def traffic():
+        for _ in range(100000):                     # bounded
+            if stop.is_set():
+                break
+            g = c.lock(BLK * 4, BLK)
+            c.unlock(g["lock"])
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    try:
+        out = ctl(d, "top", "--interval", "1", "--iterations", "2")
+    finally:
+        stop.set()
+        t.join(30)
+    frames = out.split("Lock-spaces (rates since the last frame)")
+    assert len(frames) == 3, out
+    first = [x for x in frames[1].splitlines() if x.strip().startswith("mon ")]
+    second = [x for x in frames[2].splitlines() if x.strip().startswith("mon ")]
+    assert first[0].split()[4] == "-"               # no rate in frame 1
+    assert float(second[0].split()[4]) > 0, second  # GRANTS/S
+    assert "top-b (waits" in frames[2] and "-> top-a (holds)" in frames[2]
+    for args in (["top", "--interval", "0"], ["top", "--iterations", "x"],
+                 ["status", "--interval", "2"], ["--json", "top"]):
+        p = subprocess.run([str(EXTLOCKCTL), "-c", d.address, *args],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2, (args, p.stderr)
+    for x in (a, b, c):
+        x.close()
