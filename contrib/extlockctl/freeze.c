@@ -450,6 +450,7 @@ int freeze_main(const char *address, const ExtlockTlsOptions *tls,
         int64_t now = now_ms();
         int wait_ms = (int)MIN(next_renew - now, 1000);
         struct pollfd p[2];
+        bool buffered;
         int n = 0;
 
         if (deadline && now >= deadline) {
@@ -474,8 +475,9 @@ int freeze_main(const char *address, const ExtlockTlsOptions *tls,
         if (deadline) {
             wait_ms = (int)MIN(wait_ms, deadline - now);
         }
-        if (extlock_conn_has_buffered(f.conn) ||
-            extlock_conn_tls_pending(f.conn)) {
+        buffered = extlock_conn_has_buffered(f.conn) ||
+                   extlock_conn_tls_pending(f.conn);
+        if (buffered) {
             wait_ms = 0;
         }
         p[n++] = (struct pollfd) { .fd = extlock_conn_fd(f.conn),
@@ -485,9 +487,10 @@ int freeze_main(const char *address, const ExtlockTlsOptions *tls,
         } else {
             wait_ms = MIN(wait_ms, 50);      /* no pidfd: look again soon */
         }
-        if (poll(p, n, MAX(wait_ms, 0)) > 0 && (p[0].revents || !wait_ms) &&
-            !freeze_read(&f, 0)) {
-            goto lost;
+        if ((poll(p, n, MAX(wait_ms, 0)) > 0 && p[0].revents) || buffered) {
+            if (!freeze_read(&f, 0)) {
+                goto lost;
+            }
         }
     }
     if (WIFEXITED(f.status) && WEXITSTATUS(f.status) == 0) {

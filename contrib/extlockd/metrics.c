@@ -481,7 +481,7 @@ static void metrics_hist_text(GString *out, const char *name,
         g_string_append_printf(out, "%s_bucket{lock_space=\"", name);
         metrics_append_label(out, space);
         if (k < METRICS_BUCKETS) {
-            g_string_append_printf(out, "\",le=\"%.9g\"} %" PRIu64 "\n",
+            g_string_append_printf(out, "\",le=\"%.12g\"} %" PRIu64 "\n",
                                    (double)((uint64_t)1 << k) / 1e6, cum);
         } else {
             g_string_append_printf(out, "\",le=\"+Inf\"} %" PRIu64 "\n", cum);
@@ -542,22 +542,15 @@ GString *metrics_render(ExtlockdServer *server)
 
     g_hash_table_iter_init(&iter, server->spaces);
     while (g_hash_table_iter_next(&iter, NULL, &value)) {
-        ExtlockdLockSpace *space = value;
-
-        grace += space->in_grace;
-        waiting += space->deferred.length;
+        grace += ((ExtlockdLockSpace *)value)->in_grace;
     }
+    /* Deferred requests (grace period) are in the waiting sets too */
     g_hash_table_iter_init(&iter, server->sessions);
     while (g_hash_table_iter_next(&iter, NULL, &value)) {
         ExtlockdSession *session = value;
 
         held += g_hash_table_size(session->held);
         waiting += g_hash_table_size(session->waiting);
-    }
-    /* deferred requests are in their session's waiting set as well */
-    g_hash_table_iter_init(&iter, server->spaces);
-    while (g_hash_table_iter_next(&iter, NULL, &value)) {
-        waiting -= ((ExtlockdLockSpace *)value)->deferred.length;
     }
 
     metrics_header(out, "extlock_lock_wait_seconds", "histogram",
