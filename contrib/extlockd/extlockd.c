@@ -343,6 +343,11 @@ int main(int argc, char **argv)
             }
         }
     }
+    if (metrics_listen &&
+        !extlockd_metrics_listen_check(metrics_listen, &err)) {
+        fprintf(stderr, "extlockd: %s\n", err->message);
+        return EXIT_USAGE;
+    }
     if (event_log_path && !event_log_path[0]) {
         fprintf(stderr, "extlockd: --event-log must not be empty\n");
         return EXIT_USAGE;

@@ -135,6 +135,13 @@ bad:
     return false;
 }
 
+bool metrics_http_check(const char *addr, GError **errp)
+{
+    struct sockaddr_storage ss;
+
+    return http_parse_addr(addr, &ss, errp);
+}
+
 ExtlockdHttp *metrics_http_start(ExtlockdMetrics *m, const char *addr,
                                  GError **errp)
 {
@@ -175,6 +182,14 @@ void metrics_http_stop(ExtlockdHttp *http)
 }
 
 #else /* !HAVE_MICROHTTPD */
+
+bool metrics_http_check(const char *addr, GError **errp)
+{
+    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_NOSYS,
+                "--metrics-listen: extlockd was built without libmicrohttpd "
+                "(install libmicrohttpd-dev and rebuild)");
+    return false;
+}
 
 ExtlockdHttp *metrics_http_start(ExtlockdMetrics *m, const char *addr,
                                  GError **errp)

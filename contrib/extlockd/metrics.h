@@ -112,6 +112,12 @@ GString *metrics_render(ExtlockdServer *server);
  */
 void metrics_start(ExtlockdServer *server);
 
+/*
+ * metrics-http.c: is @addr a valid --metrics-listen value (and is there
+ * libmicrohttpd)?  Checked before anything else happens at start-up.
+ */
+bool metrics_http_check(const char *addr, GError **errp);
+
 /* metrics-http.c: serve m->text at http://@addr/metrics */
 ExtlockdHttp *metrics_http_start(ExtlockdMetrics *m, const char *addr,
                                  GError **errp);

@@ -318,6 +318,11 @@ void extlockd_server_free(ExtlockdServer *server)
     g_free(server);
 }
 
+bool extlockd_metrics_listen_check(const char *addr, GError **errp)
+{
+    return metrics_http_check(addr, errp);
+}
+
 bool extlockd_server_metrics_listen(ExtlockdServer *server, const char *addr,
                                     GError **errp)
 {

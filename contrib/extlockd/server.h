@@ -149,6 +149,9 @@ void extlockd_server_set_tls(ExtlockdServer *server, ExtlockdTlsCreds *creds);
 bool extlockd_server_metrics_listen(ExtlockdServer *server, const char *addr,
                                     GError **errp);
 
+/* Is @addr valid for extlockd_server_metrics_listen()? (option checking) */
+bool extlockd_metrics_listen_check(const char *addr, GError **errp);
+
 /* Stop accepting new connections (listening sockets are closed) */
 void extlockd_server_stop_listening(ExtlockdServer *server);
 

@@ -227,7 +227,9 @@ def test_bad_options(tmp_path, args, message):
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert message in p.stderr, p.stderr
-    assert not (tmp_path / "s").exists() or True
+    # refused before anything happened: no socket, no state file
+    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "state").exists()
 
 
 def test_metrics_port_in_use(tmp_path):
