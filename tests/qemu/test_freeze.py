@@ -4,7 +4,8 @@
 SPDX-License-Identifier: GPL-2.0-or-later
 Copyright (c) 2026 The extlock authors
 
-Two qemu-storage-daemons open the same raw image through extlock nodes
+Two qemu-storage-daemons open the same raw image (on the loopback NFS
+export, and as a local file) through extlock nodes
 (lock cache on: the freeze's request makes the coordinator revoke their
 cached exclusive locks) and export it over NBD; two writer threads stamp
 4 KiB blocks through them, each write recorded with the CLOCK_MONOTONIC
@@ -85,11 +86,11 @@ def check_backup(data, writes, t_freeze, t_cmd):
     return problems
 
 
-def freeze_backup(local_image, extlockd, lock_space, procs, workdir,
+def freeze_backup(image, extlockd, lock_space, procs, workdir,
                   freeze_args):
     daemons = [procs.storage_daemon(
         name=f"qsd{i}",
-        blockdevs=[extlock_node(local_image.child, extlockd.coordinator(),
+        blockdevs=[extlock_node(image.child, extlockd.coordinator(),
                                 lock_space, node_name="xl",
                                 client_id=f"host-{i}")],
         exports=[("disk", "xl", True)]) for i in range(2)]
@@ -103,7 +104,7 @@ def freeze_backup(local_image, extlockd, lock_space, procs, workdir,
     script = (f"{sys.executable} -c 'import time; print(time.monotonic())' "
               f"> {tcmd} && {sys.executable} -c 'import time; time.sleep(0.5)'"
               f" && {hp.binary('qemu-img')} convert -U -f raw -O raw "
-              f"{local_image.path} {backup}")
+              f"{image.path} {backup}")
     t_freeze = time.monotonic()
     p = subprocess.run([hp.binary("extlockctl"), "-c", extlockd.address,
                         "freeze", lock_space, "--timeout", "60", *freeze_args,
@@ -127,23 +128,23 @@ def freeze_backup(local_image, extlockd, lock_space, procs, workdir,
     return p, check_backup(backup.read_bytes()[:size], writes, t_freeze, t_cmd)
 
 
-def test_backup_during_freeze_is_a_consistent_cut(local_image, extlockd,
+def test_backup_during_freeze_is_a_consistent_cut(image, extlockd,
                                                   lock_space, procs, workdir,
                                                   binaries):
     binaries("qemu-storage-daemon", "qemu-img", "extlockctl")
-    p, problems = freeze_backup(local_image, extlockd, lock_space, procs,
+    p, problems = freeze_backup(image, extlockd, lock_space, procs,
                                 workdir, [])
     assert problems == [], problems
     assert "cut token" in p.stderr and "COMMAND succeeded" in p.stderr
 
 
-def test_backup_without_freeze_lock_is_caught(local_image, extlockd,
+def test_backup_without_freeze_lock_is_caught(image, extlockd,
                                               lock_space, procs, workdir,
                                               binaries):
     """Control: the freeze lock far from the written blocks stops nothing,
     and the checker finds writes sent after the cut in the copy."""
     binaries("qemu-storage-daemon", "qemu-img", "extlockctl")
-    _, problems = freeze_backup(local_image, extlockd, lock_space, procs,
+    _, problems = freeze_backup(image, extlockd, lock_space, procs,
                                 workdir, ["--offset", str(1 << 40),
                                           "--length", str(BLK)])
     assert any("sent after the cut" in x for x in problems), problems
