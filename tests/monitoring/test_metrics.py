@@ -161,3 +161,35 @@ def test_top_frames_and_rates(extlockd):
         assert p.returncode == 2, (args, p.stderr)
     for x in (a, b, c):
         x.close()
+
+
+def test_long_wait_log_is_rate_limited(extlockd):
+    """25 requests crossing --long-wait-ms within a few ms (in one check,
+    or two if a check falls in between): at most 10 log lines per check
+    and a summary of the rest; all 25 in the event log and the counter."""
+    d = extlockd("--long-wait-ms", "200")
+    a = d.client("rl-holder")
+    a.lock(0, BLK)
+    waiters = [d.client(f"rl-w{i}") for i in range(25)]
+    for w in waiters:
+        w.request({"type": "lock", "offset": 0, "length": BLK,
+                   "mode": "exclusive", "wait": True})
+    wait_for(lambda: "more long waits/holds not logged" in d.log.read_text(),
+             10, "the summary line")
+    lines = [x for x in d.log.read_text().splitlines()
+             if "long wait in lock-space mon:" in x]
+    wait_for(lambda: sum('"long-wait"' in x for x in
+                         d.event_log.read_text().splitlines()) == 25,
+             10, "25 long-wait events")
+    lines = [x for x in d.log.read_text().splitlines()
+             if "long wait in lock-space mon:" in x]
+    assert 10 <= len(lines) <= 20, lines
+    summary = [x for x in d.log.read_text().splitlines()
+               if "more long waits/holds not logged" in x]
+    assert sum(int(x.split(": ", 2)[-1].split()[0]) for x in summary) + \
+        len(lines) == 25, summary
+    events = [json.loads(x) for x in d.event_log.read_text().splitlines()]
+    assert sum(e["event"] == "long-wait" for e in events) == 25
+    assert d.status()["metrics"]["lock-spaces"]["mon"]["long-waits"] == 25
+    for x in [a, *waiters]:
+        x.close()
