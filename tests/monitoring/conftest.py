@@ -61,13 +61,23 @@ class Daemon:
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "w"))
-        wait_for(lambda: self.sock.exists() or self.proc.poll() is not None,
-                 10, "extlockd's socket")
+        # the socket file exists from bind(), before listen(): wait until
+        # a connection is accepted
+        wait_for(lambda: self._accepts() or self.proc.poll() is not None,
+                 10, "extlockd to accept connections")
         assert self.proc.poll() is None, self.log.read_text()
         if self.metrics_port:
             wait_for(lambda: "metrics at http" in self.log.read_text() or
                      self.proc.poll() is not None, 10, "metrics endpoint")
             assert self.proc.poll() is None, self.log.read_text()
+
+    def _accepts(self):
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(self.sock))
+            return True
+        except OSError:
+            return False
 
     def alive(self):
         return self.proc.poll() is None
