@@ -145,8 +145,8 @@ struct ExtlockdSession {
     uint32_t fence_margin_ms;
     int64_t deadline_us;         /* last renewal + lease */
     GHashTable *held;            /* set of granted ExtlockLock * */
-    GHashTable *waiting;         /* set of waiting ExtlockLock *, keyed by
-                                  * their user_tag (the request id) */
+    /* set of waiting ExtlockLock *, keyed by their user_tag (request id) */
+    GHashTable *waiting;
     bool releasing;              /* mass release in progress */
     bool revocable;              /* caches locks: send it revokes */
     /*
@@ -213,8 +213,8 @@ struct ExtlockdConn {
 struct ExtlockdServer {
     ExtlockdConfig cfg;
     uint64_t epoch;
-    uint64_t boot_epoch;         /* epoch at start: reclaimed tokens are
-                                  * from earlier ones */
+    /* the epoch at start: reclaimed tokens are from earlier ones */
+    uint64_t boot_epoch;
     int64_t grace_end_us;
     GQueue grace_spaces;         /* lock-spaces in their grace period */
     uint64_t counter;            /* next token counter value */

@@ -8,6 +8,11 @@
  * The server runs entirely in the thread that runs the default GMainContext:
  * every socket is non-blocking and watched by the main loop, and one timer
  * handles lease deadlines.
+ *
+ * This is the server's public API, used by extlockd.c, the tests and the
+ * fuzzers.  The implementation is one file per job (server.c, listener.c,
+ * connection.c, dispatch.c, session.c, lockspace.c, status.c), which share
+ * server-int.h.
  */
 #ifndef EXTLOCKD_SERVER_H
 #define EXTLOCKD_SERVER_H

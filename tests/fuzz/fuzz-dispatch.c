@@ -5,10 +5,11 @@
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
- * Every input runs a real extlockd server object (server.c, lock-table.c,
- * state-file.c with a state file in /dev/shm) with up to four client
- * connections, each a socketpair whose server end is served exactly as an
- * accepted socket is: the default GMainContext dispatches it.  The input
+ * Every input runs a real extlockd server object (server.c and its
+ * modules, lock-table.c, state-file.c with a state file in /dev/shm) with
+ * up to four client connections, each a socketpair whose server end is
+ * served exactly as an accepted socket is: the default GMainContext
+ * dispatches it.  The input
  * is a script, one command per line:
  *
  *   N:TEXT   client N (0-3) sends TEXT and '\n' (connects first if needed)

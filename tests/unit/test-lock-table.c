@@ -1371,7 +1371,8 @@ static void compare_conflict_parts(Fixture *f, ExtlockLock *lock,
     g_autoptr(GPtrArray) held = g_ptr_array_new();
     g_autoptr(GPtrArray) waiting = g_ptr_array_new();
     g_autoptr(GPtrArray) blockers = g_ptr_array_new();
-    const guint maxes[] = { 0, 1, 2, 3, 64 };
+    g_autoptr(GPtrArray) first = g_ptr_array_new();
+    guint maxes[3];
     guint j;
 
     extlock_table_foreach_conflict_state(f->table, lock,
@@ -1391,9 +1392,12 @@ static void compare_conflict_parts(Fixture *f, ExtlockLock *lock,
     }
 
     extlock_table_foreach_blocker(f->table, lock, m_conflict_cb, blockers);
+    /* None, a cut in the middle, all of them */
+    maxes[0] = 0;
+    maxes[1] = blockers->len / 2 + 1;
+    maxes[2] = blockers->len + 1;
     for (guint k = 0; k < G_N_ELEMENTS(maxes); k++) {
-        g_autoptr(GPtrArray) first = g_ptr_array_new();
-
+        g_ptr_array_set_size(first, 0);
         extlock_table_foreach_blocker_first(f->table, lock, maxes[k],
                                             m_conflict_cb, first);
         assert_int_equal(first->len, MIN(maxes[k], blockers->len));
@@ -1425,7 +1429,10 @@ static void compare_conflicts(Fixture *f, Model *m, MLock *ml)
         assert_false(GRANTED((ExtlockLock *)got->pdata[j]) &&
                      !GRANTED((ExtlockLock *)got->pdata[j - 1]));
     }
-    compare_conflict_parts(f, ml->lock, got);
+    /* Every fourth lock: they cost as much again as the above */
+    if (ml->id % 4 == 0) {
+        compare_conflict_parts(f, ml->lock, got);
+    }
 }
 
 /*
