@@ -90,15 +90,15 @@ static bool http_parse_addr(const char *addr, struct sockaddr_storage *ss,
     g_autofree char *host = NULL;
     const char *colon = strrchr(addr, ':');
     char *end;
-    unsigned long port;
+    guint64 port;
 
     memset(ss, 0, sizeof(*ss));
     if (!colon || colon == addr || !colon[1]) {
         goto bad;
     }
     errno = 0;
-    port = strtoul(colon + 1, &end, 10);
-    if (*end || errno || port > 65535 || colon[1] == '-' || colon[1] == '+') {
+    port = g_ascii_strtoull(colon + 1, &end, 10);
+    if (*end || errno || port > 65535 || !g_ascii_isdigit(colon[1])) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "--metrics-listen '%s': bad port '%s' (0-65535)", addr,
                     colon + 1);

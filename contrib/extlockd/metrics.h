@@ -62,8 +62,8 @@ typedef struct MetricsClient {
 } MetricsClient;
 
 struct ExtlockdMetrics {
-    GHashTable *spaces;          /* name -> MetricsSpace, kept after the
-                                  * lock-space goes (counters never reset) */
+    /* name -> MetricsSpace, kept after the lock-space goes (no resets) */
+    GHashTable *spaces;
     GHashTable *clients;         /* client id -> MetricsClient */
     uint64_t lease_expiries;
     uint64_t fence_started;
