@@ -11,6 +11,9 @@ PKGS=(
     libglib2.0-dev libjson-c-dev libcmocka-dev libnfs-dev
     # TLS for extlockd and its tools; certtool for the security tests
     libgnutls28-dev gnutls-bin
+    # extlockd --metrics-listen (optional), and promtool/prometheus for
+    # tests/monitoring
+    libmicrohttpd-dev prometheus
     # QEMU 7.2 build dependencies (x86_64-softmmu + tools + libnfs)
     dpkg-dev libpixman-1-dev libslirp-dev flex bison libfdt-dev zlib1g-dev
     python3 python3-venv python3-pytest python3-pytest-timeout

@@ -9,9 +9,11 @@
 #     and integration tests against the real extlockd
 #  3a. the same meson tests built with clang, ASan and UBSan (build-asan/);
 #     any sanitizer report fails the step
-#  3b. fuzz smoke run: each libFuzzer harness of tests/fuzz for 25 s
+#  3b. pytest tests/monitoring: extlockd metrics, Prometheus endpoint
+#     (promtool, a real Prometheus), extlockctl blockers/freeze
+#  3c. fuzz smoke run: each libFuzzer harness of tests/fuzz for 25 s
 #     (build-fuzz/, tests/fuzz/run-fuzz.sh)
-#  3c. pytest tests/ha: the HA coordinator on a real 3-member etcd cluster
+#  3d. pytest tests/ha: the HA coordinator on a real 3-member etcd cluster
 #     (3 extlockd replicas; kill -9, partition from etcd, etcd member and
 #     quorum loss, rolling restart, bad configuration)
 #  4. scripts/build-qemu.sh              (patched QEMU 7.2, incremental)
@@ -46,6 +48,7 @@ E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
 NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
 MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
 HA_TIMEOUT=${EXTLOCK_HA_TIMEOUT:-600}
+MONITORING_TIMEOUT=${EXTLOCK_MONITORING_TIMEOUT:-600}
 
 passed=0
 failed=0
@@ -130,6 +133,25 @@ if { [ -f build-asan/build.ninja ] ||
     failed=$((failed + ${sbad:-0}))
 else
     echo "ASan+UBSan build failed"
+    failed=$((failed + 1))
+fi
+
+step "monitoring tests (pytest tests/monitoring: metrics, Prometheus, freeze)"
+timeout -k 30 "$MONITORING_TIMEOUT" /usr/bin/python3 -m pytest -v -rfEsxX \
+    -p no:cacheprovider --timeout="$PYTEST_TEST_TIMEOUT" \
+    --timeout-method=signal tests/monitoring | tee build/pytest-monitoring.out
+rc=${PIPESTATUS[0]}
+mline=$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' \
+        build/pytest-monitoring.out | tail -n1)
+mcount() { echo "$mline" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
+mp=$(mcount passed); mf=$(mcount failed); me=$(mcount error)
+ms=$(mcount skipped); mxf=$(mcount xfailed); mxp=$(mcount xpassed)
+passed=$((passed + ${mp:-0}))
+failed=$((failed + ${mf:-0} + ${me:-0} + ${mxp:-0}))
+skipped=$((skipped + ${ms:-0} + ${mxf:-0}))
+echo "monitoring: ${mp:-0} passed, $(( ${mf:-0} + ${me:-0} + ${mxp:-0} )) failed, $(( ${ms:-0} + ${mxf:-0} )) skipped (exit status $rc)"
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
+    echo "monitoring pytest did not finish normally (exit status $rc): counted as one failure"
     failed=$((failed + 1))
 fi
 

@@ -14,8 +14,10 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 #include <json-c/json.h>
 #include "extlock/client-sync.h"
+#include "freeze.h"
 
 #define DEFAULT_ADDRESS "unix:/run/extlock/extlockd.sock"
 #define STATUS_TIMEOUT_MS (10 * 1000)
@@ -370,6 +372,378 @@ static void print_counters(json_object *st)
 }
 
 /*
+ * metrics: the "metrics" member (admins): per lock-space histograms of
+ * wait and hold times, per-client counts
+ */
+
+/* The upper bound (us) of the bucket holding quantile @q of @h, or -1 */
+static int64_t hist_quantile(json_object *h, double q)
+{
+    json_object *b = get(h, "buckets");
+    int64_t count = get_int(h, "count"), seen = 0;
+    size_t i, n;
+
+    if (!count || !json_object_is_type(b, json_type_array)) {
+        return -1;
+    }
+    n = json_object_array_length(b);
+    for (i = 0; i < n; i++) {
+        json_object *pair = json_object_array_get_idx(b, i);
+
+        seen += json_object_get_int64(json_object_array_get_idx(pair, 1));
+        if (seen >= q * count) {
+            return json_object_get_int64(json_object_array_get_idx(pair, 0));
+        }
+    }
+    return -1;
+}
+
+static char *fmt_quantile(json_object *h, double q)
+{
+    int64_t us = hist_quantile(h, q);
+
+    if (us < 0) {
+        return g_strdup(get_int(h, "count") ? ">2147s" : "-");
+    }
+    return g_strdup_printf("<=%" PRId64, us);
+}
+
+static void print_metrics(json_object *st)
+{
+    static const char *const shdr[] = {
+        "LOCK-SPACE", "GRANTS", "WAITS", "REVOKES", "LONG-WAITS",
+        "LONG-HOLDS", "WAIT-P50-US", "WAIT-P99-US", "HOLD-P50-US",
+        "HOLD-P99-US",
+    };
+    static const char *const chdr[] = {
+        "CLIENT-ID", "GRANTS", "WAITS", "REVOKES",
+    };
+    json_object *m = get(st, "metrics");
+    Table *t;
+
+    if (!json_object_is_type(m, json_type_object)) {
+        printf("Metrics: not shown (needs an admin identity, or a newer "
+               "extlockd)\n");
+        return;
+    }
+    t = table_new(shdr, "lrrrrrrrrr");
+    if (json_object_is_type(get(m, "lock-spaces"), json_type_object)) {
+        json_object_object_foreach(get(m, "lock-spaces"), name, sp) {
+            json_object *w = get(sp, "wait-us"), *h = get(sp, "hold-us");
+
+            table_add(t, g_strdup(name), fmt_int(sp, "grants"),
+                      fmt_int(sp, "waits"), fmt_int(sp, "revokes"),
+                      fmt_int(sp, "long-waits"), fmt_int(sp, "long-holds"),
+                      fmt_quantile(w, 0.5), fmt_quantile(w, 0.99),
+                      fmt_quantile(h, 0.5), fmt_quantile(h, 0.99));
+        }
+    }
+    table_print(t, "Lock-space metrics (log2 buckets: quantiles are "
+                "bucket upper bounds)");
+    table_free(t);
+    printf("\n");
+    t = table_new(chdr, "lrrr");
+    if (json_object_is_type(get(m, "clients"), json_type_object)) {
+        json_object_object_foreach(get(m, "clients"), name, c) {
+            table_add(t, g_strdup(name), fmt_int(c, "grants"),
+                      fmt_int(c, "waits"), fmt_int(c, "revokes"));
+        }
+    }
+    table_print(t, "Client metrics");
+    table_free(t);
+    printf("\nLease expiries %" PRId64 ", fence runs %" PRId64 " (ok %" PRId64
+           ", failed %" PRId64 "); long-wait threshold %" PRId64 " ms, "
+           "long-hold threshold %" PRId64 " ms (0: off)\n",
+           get_int(m, "lease-expiries"), get_int(m, "fence-started"),
+           get_int(m, "fence-ok"), get_int(m, "fence-failed"),
+           get_int(m, "long-wait-ms"), get_int(m, "long-hold-ms"));
+}
+
+/*
+ * blockers: the longest holders and waiters, and for the longest waiters
+ * the chain of clients that blocks them: A waits for B, which waits for
+ * C, which holds.  Built from "blocked-by" (client ids) of each waiting
+ * request; the first blocker is followed, a client seen twice ends the
+ * chain.  Clients that wait in a cycle only (each waits for the next: not
+ * possible for one request each, as grants follow timestamp order, but
+ * possible with several requests per client) are not listed.
+ */
+#define BLOCKERS_TOP 10
+
+typedef struct Entry {
+    json_object *obj;
+    const char *space;
+    int64_t ms;
+} Entry;
+
+static int entry_compare(gconstpointer a, gconstpointer b)
+{
+    const Entry *x = a, *y = b;
+
+    return x->ms < y->ms ? 1 : x->ms > y->ms ? -1 : 0;
+}
+
+/* Every held lock (@member "held") or waiting request, longest first */
+static GArray *collect(json_object *st, const char *member, const char *age)
+{
+    GArray *out = g_array_new(false, false, sizeof(Entry));
+    size_t i, j, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        size_t m = array_len(sp, member);
+
+        for (j = 0; j < m; j++) {
+            Entry e = {
+                .obj = array_at(sp, member, j),
+                .space = json_object_get_string(get(sp, "name")),
+            };
+
+            e.ms = get_int(e.obj, age);
+            g_array_append_val(out, e);
+        }
+    }
+    g_array_sort(out, entry_compare);
+    return out;
+}
+
+/* The chain from @client: next hops from @waits (client -> its entry) */
+static json_object *blocker_chain(GHashTable *waits, const char *client)
+{
+    json_object *chain = json_object_new_array();
+    g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
+
+    while (client && g_hash_table_add(seen, (gpointer)client)) {
+        Entry *e = g_hash_table_lookup(waits, client);
+        json_object *hop = json_object_new_object();
+
+        json_object_object_add(hop, "client-id",
+                               json_object_new_string(client));
+        if (e) {
+            json_object *by = get(e->obj, "blocked-by");
+
+            json_object_object_add(hop, "waited-ms",
+                                   json_object_new_int64(e->ms));
+            json_object_object_add(hop, "lock-space",
+                                   json_object_new_string(e->space));
+            client = json_object_is_type(by, json_type_array) &&
+                     json_object_array_length(by) ?
+                     json_object_get_string(json_object_array_get_idx(by, 0)) :
+                     NULL;
+        } else {
+            client = NULL;
+        }
+        json_object_array_add(chain, hop);
+    }
+    if (client) {
+        /* back to a client already in the chain */
+        json_object *hop = json_object_new_object();
+
+        json_object_object_add(hop, "client-id",
+                               json_object_new_string(client));
+        json_object_object_add(hop, "cycle", json_object_new_boolean(1));
+        json_object_array_add(chain, hop);
+    }
+    return chain;
+}
+
+static json_object *json_blockers(json_object *st)
+{
+    json_object *out = json_object_new_object();
+    json_object *holders = json_object_new_array();
+    json_object *waiters = json_object_new_array();
+    json_object *chains = json_object_new_array();
+    g_autoptr(GArray) held = collect(st, "held", "held-ms");
+    g_autoptr(GArray) waiting = collect(st, "waiting", "waited-ms");
+    /* client id -> its longest waiting request (waiting is sorted) */
+    g_autoptr(GHashTable) waits = g_hash_table_new(g_str_hash, g_str_equal);
+    g_autoptr(GHashTable) done = g_hash_table_new(g_str_hash, g_str_equal);
+    guint i;
+
+    for (i = 0; i < held->len && i < BLOCKERS_TOP; i++) {
+        Entry *e = &g_array_index(held, Entry, i);
+        json_object *copy = NULL;
+
+        json_object_deep_copy(e->obj, &copy, NULL);
+        json_object_object_add(copy, "lock-space",
+                               json_object_new_string(e->space));
+        json_object_array_add(holders, copy);
+    }
+    for (i = 0; i < waiting->len; i++) {
+        Entry *e = &g_array_index(waiting, Entry, i);
+        const char *client = json_object_get_string(get(e->obj, "client-id"));
+
+        if (i < BLOCKERS_TOP) {
+            json_object *copy = NULL;
+
+            json_object_deep_copy(e->obj, &copy, NULL);
+            json_object_object_add(copy, "lock-space",
+                                   json_object_new_string(e->space));
+            json_object_array_add(waiters, copy);
+        }
+        if (client && !g_hash_table_contains(waits, client)) {
+            g_hash_table_insert(waits, (gpointer)client, e);
+        }
+    }
+    /*
+     * A chain starts at a waiter nobody waits for (its chain is not part
+     * of a longer one); @done starts with the clients others wait for
+     */
+    for (i = 0; i < waiting->len; i++) {
+        json_object *by = get(g_array_index(waiting, Entry, i).obj,
+                              "blocked-by");
+
+        if (json_object_is_type(by, json_type_array) &&
+            json_object_array_length(by)) {
+            g_hash_table_add(done, (gpointer)json_object_get_string(
+                                 json_object_array_get_idx(by, 0)));
+        }
+    }
+    for (i = 0; i < waiting->len &&
+         json_object_array_length(chains) < BLOCKERS_TOP; i++) {
+        Entry *e = &g_array_index(waiting, Entry, i);
+        const char *client = json_object_get_string(get(e->obj, "client-id"));
+
+        if (client && g_hash_table_add(done, (gpointer)client)) {
+            json_object_array_add(chains, blocker_chain(waits, client));
+        }
+    }
+    json_object_object_add(out, "holders", holders);
+    json_object_object_add(out, "waiters", waiters);
+    json_object_object_add(out, "chains", chains);
+    return out;
+}
+
+static void print_blockers(json_object *st)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "CLIENT-ID", "MODE", "OFFSET", "LENGTH", "MS",
+    };
+    json_object *b = json_blockers(st);
+    const char *titles[] = { "Longest holders (HELD MS)",
+                             "Longest waiters (WAITED MS)" };
+    const char *members[] = { "holders", "waiters" };
+    const char *ages[] = { "held-ms", "waited-ms" };
+    size_t i, k, n;
+
+    for (k = 0; k < 2; k++) {
+        Table *t = table_new(hdr, "lllrrr");
+
+        n = array_len(b, members[k]);
+        for (i = 0; i < n; i++) {
+            json_object *e = array_at(b, members[k], i);
+
+            table_add(t, fmt_str(e, "lock-space"), fmt_str(e, "client-id"),
+                      fmt_str(e, "mode"), fmt_int(e, "offset"),
+                      fmt_int(e, "length"), fmt_int(e, ages[k]));
+        }
+        table_print(t, titles[k]);
+        table_free(t);
+        printf("\n");
+    }
+    printf("Who blocks whom (waiter -> what it waits for -> ...):\n");
+    n = array_len(b, "chains");
+    if (!n) {
+        printf("  (nobody waits)\n");
+    }
+    for (i = 0; i < n; i++) {
+        json_object *chain = array_at(b, "chains", i);
+        size_t j, m = json_object_array_length(chain);
+
+        printf(" ");
+        for (j = 0; j < m; j++) {
+            json_object *hop = json_object_array_get_idx(chain, j);
+
+            printf("%s %s", j ? " ->" : "",
+                   json_object_get_string(get(hop, "client-id")));
+            if (get(hop, "cycle")) {
+                printf(" (again)");
+            } else if (get(hop, "waited-ms")) {
+                printf(" (waits %" PRId64 " ms)", get_int(hop, "waited-ms"));
+            } else {
+                printf(" (holds)");
+            }
+        }
+        printf("\n");
+    }
+    json_object_put(b);
+}
+
+/*
+ * top: a live view, one frame per status (every --interval seconds):
+ * lock-spaces with their rates since the previous frame, then the
+ * blockers view.  @prev: "space/member" -> last counter value.
+ */
+typedef struct TopState {
+    GHashTable *prev;
+    int64_t prev_us;
+} TopState;
+
+static char *top_rate(TopState *ts, const char *space, const char *member,
+                      int64_t value, double dt)
+{
+    g_autofree char *key = g_strdup_printf("%s/%s", space, member);
+    gpointer old;
+    bool had = g_hash_table_lookup_extended(ts->prev, key, NULL, &old);
+    char *out;
+
+    out = had && dt > 0 ?
+          g_strdup_printf("%.1f", (value - GPOINTER_TO_SIZE(old)) / dt) :
+          g_strdup("-");
+    g_hash_table_replace(ts->prev, g_steal_pointer(&key),
+                         GSIZE_TO_POINTER((gsize)value));
+    return out;
+}
+
+static void print_top(json_object *st, TopState *ts, bool tty)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "SESSIONS", "HELD", "WAITING", "GRANTS/S", "WAITS/S",
+        "REVOKES/S", "WAIT-P99-US", "HOLD-P99-US", "LONG-WAITS",
+    };
+    json_object *c = get(st, "counters");
+    json_object *ms = get(get(st, "metrics"), "lock-spaces");
+    int64_t now = g_get_monotonic_time();
+    double dt = ts->prev_us ? (now - ts->prev_us) / 1e6 : 0;
+    g_autoptr(GDateTime) t = g_date_time_new_now_local();
+    g_autofree char *clock = g_date_time_format(t, "%H:%M:%S");
+    g_autofree char *server = fmt_str(st, "server");
+    g_autofree char *up = fmt_duration(get_int(st, "uptime-ms"));
+    Table *tab = table_new(hdr, "lrrrrrrrrr");
+    size_t i, n = array_len(st, "lock-spaces");
+
+    if (tty) {
+        printf("\033[H\033[2J");
+    }
+    printf("%s  %s, epoch %" PRId64 ", up %s; %" PRId64 " connections, %"
+           PRId64 " sessions\n\n", clock, server, get_int(st, "epoch"), up,
+           get_int(c, "connections"), get_int(c, "sessions"));
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        const char *name = json_object_get_string(get(sp, "name"));
+        json_object *m = get(ms, name);
+
+        table_add(tab, g_strdup(name), fmt_int(sp, "sessions"),
+                  g_strdup_printf("%zu", array_len(sp, "held")),
+                  g_strdup_printf("%zu", array_len(sp, "waiting")),
+                  m ? top_rate(ts, name, "grants", get_int(m, "grants"), dt)
+                    : g_strdup("-"),
+                  m ? top_rate(ts, name, "waits", get_int(m, "waits"), dt)
+                    : g_strdup("-"),
+                  m ? top_rate(ts, name, "revokes", get_int(m, "revokes"), dt)
+                    : g_strdup("-"),
+                  m ? fmt_quantile(get(m, "wait-us"), 0.99) : g_strdup("-"),
+                  m ? fmt_quantile(get(m, "hold-us"), 0.99) : g_strdup("-"),
+                  m ? fmt_int(m, "long-waits") : g_strdup("-"));
+    }
+    table_print(tab, "Lock-spaces (rates since the last frame)");
+    table_free(tab);
+    printf("\n");
+    print_blockers(st);
+    ts->prev_us = now;
+}
+
+/*
  * --json: the relevant part of the status object
  */
 static json_object *json_flatten(json_object *st, const char *member)
@@ -493,6 +867,10 @@ static void print_json(json_object *st, const char *command)
     } else if (g_str_equal(command, "cluster")) {
         out = get(st, "cluster") ? json_object_get(get(st, "cluster"))
                                  : json_object_new_object();
+    } else if (g_str_equal(command, "metrics")) {
+        out = json_object_get(get(st, "metrics"));
+    } else if (g_str_equal(command, "blockers")) {
+        out = json_blockers(st);
     } else {
         out = json_counters(st);
     }
@@ -514,6 +892,10 @@ static void print_text(json_object *st, const char *command)
         print_locks(st);
         printf("\n");
         print_waiters(st);
+        if (get(st, "metrics")) {
+            printf("\n");
+            print_metrics(st);
+        }
     } else if (g_str_equal(command, "sessions")) {
         print_sessions(st);
     } else if (g_str_equal(command, "spaces")) {
@@ -524,6 +906,10 @@ static void print_text(json_object *st, const char *command)
         print_waiters(st);
     } else if (g_str_equal(command, "cluster")) {
         print_cluster(st);
+    } else if (g_str_equal(command, "metrics")) {
+        print_metrics(st);
+    } else if (g_str_equal(command, "blockers")) {
+        print_blockers(st);
     } else {
         print_counters(st);
     }
@@ -531,7 +917,8 @@ static void print_text(json_object *st, const char *command)
 
 static const char *const commands[] = {
     "status", "spaces", "sessions", "locks", "waiters", "counters",
-    "cluster", NULL,
+    "cluster",
+    "metrics", "blockers", "top", NULL,
 };
 
 static const char usage_text[] =
@@ -547,6 +934,21 @@ static const char usage_text[] =
     "  waiters    waiting lock requests and who blocks them\n"
     "  counters   server and per lock-space counters\n"
     "  cluster    HA: members, leader, epoch and etcd health\n"
+    "  metrics    wait/hold-time histograms per lock-space, per-client\n"
+    "             counts, lease expiries, fence runs (admins)\n"
+    "  blockers   the longest holders and waiters, and who blocks whom\n"
+    "             as chains (waiter -> blocker -> ... -> holder)\n"
+    "  top [--interval S] [--iterations N]\n"
+    "             live view, refreshed every S seconds (default 1): lock-\n"
+    "             spaces with rates, holders, waiters, chains; N frames\n"
+    "             (default 0: until interrupted)\n"
+    "  freeze LOCK-SPACE [--timeout S] [--client-id ID] [--lease-ms MS]\n"
+    "         [--offset N --length N] [--allow-unused] -- COMMAND [ARG]...\n"
+    "             consistent cut: take a shared lock on the whole\n"
+    "             lock-space in timestamp order, run COMMAND with\n"
+    "             EXTLOCK_CUT_TOKEN, EXTLOCK_CUT_EPOCH, EXTLOCK_CUT_TIME and\n"
+    "             EXTLOCK_CUT_LOCK_SPACE set, release the lock.  Exit 124:\n"
+    "             timed out (COMMAND killed); 1: error or COMMAND failed\n"
     "  release-session --force SESSION [--reason TEXT]\n"
     "             DANGEROUS: release every lock of the expired SESSION now,\n"
     "             without waiting for its fence agent.  If its client is in\n"
@@ -652,11 +1054,16 @@ int main(int argc, char **argv)
     const char *command = NULL;
     const char *session = NULL, *reason = NULL;
     bool json = false, force = false;
+    uint64_t interval_s = 1, iterations = 0, frame;
+    bool top_opts = false;
+    TopState top = { 0 };
     ExtlockTlsOptions tls = { 0 };
     g_autoptr(GError) err = NULL;
     ExtlockConn *conn;
     ExtlockMsg req, reply;
     int i, ret = 1;
+    int freeze_argc = 0;
+    char **freeze_argv = NULL;
 
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -673,6 +1080,24 @@ int main(int argc, char **argv)
             address = argv[++i];
         } else if (g_str_has_prefix(a, "--connect=")) {
             address = a + strlen("--connect=");
+        } else if (g_str_equal(a, "--interval") ||
+                   g_str_equal(a, "--iterations")) {
+            char *end;
+            uint64_t v;
+
+            if (i + 1 >= argc) {
+                return usage_error("option '%s' needs a value", a);
+            }
+            v = g_ascii_strtoull(argv[++i], &end, 10);
+            if (!g_ascii_isdigit(argv[i][0]) || *end ||
+                (g_str_equal(a, "--interval") ? v < 1 || v > 3600
+                                              : v > 1000000)) {
+                return usage_error("bad value '%s' (--interval: 1..3600 "
+                                   "seconds, --iterations: 0..1000000)",
+                                   argv[i]);
+            }
+            *(g_str_equal(a, "--interval") ? &interval_s : &iterations) = v;
+            top_opts = true;
         } else if (g_str_equal(a, "--force")) {
             force = true;
         } else if (g_str_equal(a, "--reason")) {
@@ -713,6 +1138,12 @@ int main(int argc, char **argv)
             }
         } else if (a[0] == '-' && a[1]) {
             return usage_error("unknown option '%s'", a);
+        } else if (!command && g_str_equal(a, "freeze")) {
+            /* The rest is freeze's (freeze.c), COMMAND included */
+            freeze_argc = argc - i - 1;
+            freeze_argv = argv + i + 1;
+            command = a;
+            break;
         } else if (command && g_str_equal(command, "release-session") &&
                    !session) {
             session = a;
@@ -739,6 +1170,8 @@ int main(int argc, char **argv)
                                "--force if its host is known to be dead or "
                                "cut off from the storage", command);
         }
+    } else if (top_opts && !g_str_equal(command, "top")) {
+        return usage_error("%s", "--interval and --iterations go with top");
     } else if (force || reason) {
         return usage_error("--force and --reason only go with "
                            "release-session%s", "");
@@ -753,6 +1186,15 @@ int main(int argc, char **argv)
     if ((tls.psk_username || tls.hostname || tls.no_verify_peer) &&
         !tls.creds_dir) {
         return usage_error("%s", "the --tls-* options need --tls-creds-dir");
+    }
+    if (json && g_str_equal(command, "top")) {
+        return usage_error("%s", "--json does not go with top");
+    }
+    if (freeze_argv) {
+        if (json) {
+            return usage_error("%s", "--json does not go with freeze");
+        }
+        return freeze_main(address, &tls, freeze_argc, freeze_argv);
     }
     {
         /* HA: the first address that answers, then the leader it names */
@@ -786,33 +1228,47 @@ int main(int argc, char **argv)
         return ret;
     }
 
-    extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
+    top.prev = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
     extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
-    if (!extlock_conn_call(conn, &req, &reply, STATUS_TIMEOUT_MS, &err)) {
-        fprintf(stderr, "extlockctl: no status from %s: %s\n", address,
-                err->message);
-        goto out;
-    }
-    if (reply.type == EXTLOCK_MSG_ERROR) {
-        fprintf(stderr, "extlockctl: %s refused the status request: %s: %s\n",
-                address, extlock_error_code_name(reply.error),
-                reply.message ? reply.message : "");
-        goto out;
-    }
-    if (reply.type != EXTLOCK_MSG_STATUS_REPLY || !reply.body) {
-        fprintf(stderr, "extlockctl: unexpected reply \"%s\" from %s\n",
-                extlock_msg_type_name(reply.type), address);
-        goto out;
-    }
+    for (frame = 1; ; frame++) {
+        extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
+        extlock_msg_clear(&reply);
+        if (!extlock_conn_call(conn, &req, &reply, STATUS_TIMEOUT_MS, &err)) {
+            fprintf(stderr, "extlockctl: no status from %s: %s\n", address,
+                    err->message);
+            goto out;
+        }
+        if (reply.type == EXTLOCK_MSG_ERROR) {
+            fprintf(stderr, "extlockctl: %s refused the status request: "
+                    "%s: %s\n", address, extlock_error_code_name(reply.error),
+                    reply.message ? reply.message : "");
+            goto out;
+        }
+        if (reply.type != EXTLOCK_MSG_STATUS_REPLY || !reply.body) {
+            fprintf(stderr, "extlockctl: unexpected reply \"%s\" from %s\n",
+                    extlock_msg_type_name(reply.type), address);
+            goto out;
+        }
 
-    if (json) {
-        print_json(reply.body, command);
-    } else {
-        print_text(reply.body, command);
+        if (g_str_equal(command, "top")) {
+            print_top(reply.body, &top, isatty(STDOUT_FILENO));
+        } else if (json) {
+            print_json(reply.body, command);
+        } else {
+            print_text(reply.body, command);
+        }
+        ret = fflush(stdout) == 0 ? 0 : 1;
+        if (ret || !g_str_equal(command, "top") ||
+            (iterations && frame >= iterations)) {
+            break;
+        }
+        g_usleep(interval_s * G_USEC_PER_SEC);      /* the refresh rate */
     }
-    ret = fflush(stdout) == 0 ? 0 : 1;
 
 out:
+    if (top.prev) {
+        g_hash_table_destroy(top.prev);
+    }
     extlock_msg_clear(&reply);
     extlock_conn_close(conn);
     return ret;

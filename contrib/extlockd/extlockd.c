@@ -181,6 +181,8 @@ int main(int argc, char **argv)
     gint64 max_unauth = EXTLOCKD_DEFAULT_MAX_UNAUTH;
     gint64 max_unauth_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
     gint64 status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
+    gint64 long_wait_ms = 0, long_hold_ms = 0;
+    g_autofree char *metrics_listen = NULL;
     g_autoptr(ExtlockdPolicy) policy = NULL;
     unsigned policy_size;
     ExtlockdTlsCreds *tls = NULL;
@@ -284,6 +286,15 @@ int main(int argc, char **argv)
           "HA: client certificate for etcd", "FILE" },
         { "etcd-key", 0, 0, G_OPTION_ARG_FILENAME, &etcd_key,
           "HA: key of --etcd-cert", "FILE" },
+        { "long-wait-ms", 0, 0, G_OPTION_ARG_INT64, &long_wait_ms,
+          "Log (and event-log) lock requests waiting longer than MS "
+          "(default 0: off)", "MS" },
+        { "long-hold-ms", 0, 0, G_OPTION_ARG_INT64, &long_hold_ms,
+          "Log (and event-log) locks held longer than MS (default 0: off)",
+          "MS" },
+        { "metrics-listen", 0, 0, G_OPTION_ARG_STRING, &metrics_listen,
+          "Serve Prometheus metrics at http://ADDR:PORT/metrics (IPv4 or "
+          "[IPv6] address)", "ADDR:PORT" },
         { "debug-checks", 0, 0, G_OPTION_ARG_NONE, &debug_checks,
           "Check the lock table invariants after every change (also "
           "EXTLOCKD_DEBUG_CHECKS=1)", NULL },
@@ -343,7 +354,9 @@ int main(int argc, char **argv)
         !check_range("--max-unauth", max_unauth, 1, 1000000) ||
         !check_range("--max-unauth-per-peer", max_unauth_peer, 1,
                      1000000) ||
-        !check_range("--status-rate", status_rate, 1, 1000000)) {
+        !check_range("--status-rate", status_rate, 1, 1000000) ||
+        !check_range("--long-wait-ms", long_wait_ms, 0, 24 * 3600 * 1000) ||
+        !check_range("--long-hold-ms", long_hold_ms, 0, 24 * 3600 * 1000)) {
         return EXIT_USAGE;
     }
     if (tls_verify && strcmp(tls_verify, "yes") != 0 &&
@@ -396,6 +409,11 @@ int main(int argc, char **argv)
                 return EXIT_USAGE;
             }
         }
+    }
+    if (metrics_listen &&
+        !extlockd_metrics_listen_check(metrics_listen, &err)) {
+        fprintf(stderr, "extlockd: %s\n", err->message);
+        return EXIT_USAGE;
     }
     if (event_log_path && !event_log_path[0]) {
         fprintf(stderr, "extlockd: --event-log must not be empty\n");
@@ -462,6 +480,8 @@ int main(int argc, char **argv)
     cfg.max_unauth = max_unauth;
     cfg.max_unauth_per_peer = max_unauth_peer;
     cfg.status_rate = status_rate;
+    cfg.long_wait_ms = long_wait_ms;
+    cfg.long_hold_ms = long_hold_ms;
     first_counter = g_getenv("EXTLOCKD_TEST_FIRST_COUNTER");
     if (first_counter) {
         guint64 v;
@@ -725,6 +745,16 @@ int main(int argc, char **argv)
             extlockd_server_free(server);
             return 1;
         }
+    }
+    if (metrics_listen) {
+        if (!extlockd_server_metrics_listen(server, metrics_listen, &err)) {
+            bool usage = err->code != G_FILE_ERROR_FAILED;
+
+            g_critical("%s", err->message);
+            extlockd_server_free(server);
+            return usage ? EXIT_USAGE : 1;
+        }
+        g_message("metrics at http://%s/metrics", metrics_listen);
     }
 
     g_main_loop_run(loop);

@@ -53,6 +53,7 @@ void lockspace_log_lock(ExtlockdServer *server, const char *event,
         .mode = lock->mode,
     };
 
+    metrics_lock_event(server, event, lock, part);
     if (server->event_log) {
         extlockd_event_log_write(server->event_log, &ev);
     }
@@ -99,6 +100,7 @@ static void lockspace_send_revoke(ExtlockLock *held, ExtlockLock *waiter)
     r.token = waiter->token;
     conn_send_msg(session->conn, &r);
     session->space->revokes_sent++;
+    metrics_revoke(session->server, held);
 }
 
 /* foreach_conflict of a newly queued request @opaque */
@@ -297,6 +299,9 @@ static void lockspace_submit(ExtlockdLockSpace *space, ExtlockdSession *session,
         return;
     }
     g_hash_table_add(session->waiting, lock);
+    if (say_waiting) {
+        metrics_wait(server, lock);
+    }
     if (conn && say_waiting) {
         g_array_set_size(server->blockers, 0);
         /* The first MAX_BLOCKERS only: cheap however many there are */
@@ -328,6 +333,7 @@ static void lockspace_defer(ExtlockdLockSpace *space, ExtlockdSession *session,
     d->link.data = d;
     g_queue_push_tail_link(&space->deferred, &d->link);
     g_hash_table_add(session->waiting, &d->lock);
+    metrics_wait(space->server, &d->lock);
     g_array_set_size(space->server->blockers, 0);
     lockspace_send_waiting(conn, req->user_tag, req->token,
                            space->server->blockers);

@@ -49,6 +49,7 @@
 #include "extlock/protocol.h"
 #include "event-log.h"
 #include "fence.h"
+#include "metrics.h"
 #include "policy.h"
 #include "server.h"
 #include "state-writer.h"
@@ -260,6 +261,7 @@ struct ExtlockdServer {
     int64_t refusal_window_us;
     unsigned refusal_lines;
     uint64_t refusals_unlogged;
+    ExtlockdMetrics *metrics;    /* metrics.h */
 };
 
 /* ------------------------------------------------------------------ */

@@ -242,6 +242,8 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg, uint64_t epoch)
     g_queue_init(&server->conns);
     g_queue_init(&server->dirty);
     server->rbuf = g_malloc(READ_CHUNK);
+    server->metrics = metrics_new();
+    metrics_start(server);
     server->pieces = g_array_new(FALSE, FALSE, sizeof(ExtlockPiece));
     server->blockers = g_array_new(FALSE, FALSE, sizeof(ExtlockBlocker));
     server->locks = g_array_new(FALSE, FALSE, sizeof(ExtlockLockInfo));
@@ -290,6 +292,8 @@ void extlockd_server_free(ExtlockdServer *server)
     GList *l;
 
     server->shutting_down = true;
+    metrics_free(server->metrics);
+    server->metrics = NULL;
     extlockd_server_stop_listening(server);
     g_ptr_array_free(server->listeners, TRUE);
 
@@ -335,6 +339,25 @@ void extlockd_server_free(ExtlockdServer *server)
     g_queue_clear_full(&server->welcomes, g_free);
     g_hash_table_destroy(server->unauth_per_peer);
     g_free(server);
+}
+
+bool extlockd_metrics_listen_check(const char *addr, GError **errp)
+{
+    return metrics_http_check(addr, errp);
+}
+
+bool extlockd_server_metrics_listen(ExtlockdServer *server, const char *addr,
+                                    GError **errp)
+{
+    ExtlockdMetrics *m = server->metrics;
+
+    g_return_val_if_fail(!m->http, false);
+    m->http = metrics_http_start(m, addr, errp);
+    if (!m->http) {
+        return false;
+    }
+    metrics_start(server);
+    return true;
 }
 
 /* ------------------------------------------------------------------ */

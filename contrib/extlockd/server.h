@@ -94,6 +94,9 @@ typedef struct ExtlockdConfig {
     uint32_t max_unauth;         /* connections without hello, in total */
     uint32_t max_unauth_per_peer;    /* ... per IP address or uid */
     uint32_t status_rate;        /* status requests per second and conn */
+    /* Log waits and holds longer than these (ms; 0: off), metrics.h */
+    uint32_t long_wait_ms;
+    uint32_t long_hold_ms;
 } ExtlockdConfig;
 
 typedef struct ExtlockdServer ExtlockdServer;
@@ -167,6 +170,17 @@ void extlockd_server_set_policy(ExtlockdServer *server,
  * server).  Without it, TCP listeners need cfg->insecure.
  */
 void extlockd_server_set_tls(ExtlockdServer *server, ExtlockdTlsCreds *creds);
+
+/*
+ * Serve Prometheus metrics at http://@addr/metrics (--metrics-listen,
+ * "IPv4:PORT" or "[IPv6]:PORT"); false with @errp set if it cannot, also
+ * when built without libmicrohttpd
+ */
+bool extlockd_server_metrics_listen(ExtlockdServer *server, const char *addr,
+                                    GError **errp);
+
+/* Is @addr valid for extlockd_server_metrics_listen()? (option checking) */
+bool extlockd_metrics_listen_check(const char *addr, GError **errp);
 
 /* Stop accepting new connections (listening sockets are closed) */
 void extlockd_server_stop_listening(ExtlockdServer *server);

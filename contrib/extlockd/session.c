@@ -56,6 +56,7 @@ void session_log_event(ExtlockdSession *session, const char *event,
         .message = message,
     };
 
+    metrics_session_event(session->server, event);
     if (session->server->event_log) {
         extlockd_event_log_write(session->server->event_log, &ev);
     }

@@ -137,6 +137,7 @@ static json_object *status_lockspace(ExtlockdLockSpace *space, int64_t now,
     };
 
     status_add_str(o, "name", space->name);
+    status_add_int(o, "sessions", space->nsessions);
     status_add_int(counters, "requests", st->requests + space->nowait_grants);
     status_add_int(counters, "immediate-grants",
                    st->immediate_grants + space->nowait_grants);
@@ -277,6 +278,8 @@ static json_object *status_server(ExtlockdServer *server, ExtlockdConn *viewer,
         json_object_array_add(sessions, status_session(l->data, now));
     }
     json_object_object_add(root, "sessions", sessions);
+    /* Histograms and per-client counts (metrics.c): admins only */
+    json_object_object_add(root, "metrics", metrics_status_json(server));
     return root;
 }
 
