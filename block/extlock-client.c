@@ -22,7 +22,8 @@
 #include "qemu/sockets.h"
 #include "qemu/main-loop.h"
 #include "block/aio-wait.h"
-#include "block/thread-pool.h"
+#include "block/block_int-io.h"
+#include "qemu/thread.h"
 #include "io/channel-socket.h"
 #include "io/channel-tls.h"
 #include "crypto/tlssession.h"
@@ -33,8 +34,6 @@
 #define EXTLOCK_ANSWER_TIMEOUT_MS 10000
 /* How long close waits to hand "bye" to the kernel */
 #define EXTLOCK_BYE_TIMEOUT_MS    1000
-/* Lease, slow request and queue timeout checks */
-#define EXTLOCK_TICK_MS           50
 /* Reconnection backoff */
 #define EXTLOCK_RECONNECT_MIN_MS  50
 #define EXTLOCK_RECONNECT_MAX_MS  2000
@@ -264,6 +263,9 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
     case EXTLOCK_MSG_UNLOCKED:
     case EXTLOCK_MSG_DOWNGRADED:
         return;
+    case EXTLOCK_MSG_CANCELLED:
+        extlock_locks_cancel_reply(c, msg);
+        return;
     case EXTLOCK_MSG_SESSION_EXPIRED:
         extlock_client_disconnect(c, msg->message ? msg->message
                                                   : "session expired");
@@ -275,6 +277,9 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
                          "%" PRIu64 ": %s", c->node_name, c->address,
                          msg->lock, msg->message ? msg->message : "");
             extlock_locks_dropped(c, msg->lock);
+            return;
+        }
+        if (!req && extlock_locks_cancel_reply(c, msg)) {
             return;
         }
         if (!req) {
@@ -435,6 +440,13 @@ typedef struct ExtlockConnJob {
     int64_t hello_sent_ns;
     ExtlockErrorCode refused;   /* the coordinator's error to hello */
     Error *err;
+
+    /* handoff between the connect thread and the waiting coroutine */
+    QemuMutex lock;
+    bool running;               /* the thread has not finished */
+    bool abandoned;             /* nobody waits: the thread frees the job */
+    Coroutine *wait_co;         /* woken when the thread finishes */
+    int ret;
 } ExtlockConnJob;
 
 static ExtlockConnJob *extlock_conn_job_new(ExtlockClient *c)
@@ -452,6 +464,7 @@ static ExtlockConnJob *extlock_conn_job_new(ExtlockClient *c)
         job->tls_hostname = g_strdup(c->tls_hostname);
     }
     extlock_linebuf_init_max(&job->in, EXTLOCK_MAX_REPLY_LINE);
+    qemu_mutex_init(&job->lock);
     return job;
 }
 
@@ -482,6 +495,7 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
         g_array_unref(job->server_locks);
     }
     error_free(job->err);
+    qemu_mutex_destroy(&job->lock);
     g_free(job);
 }
 
@@ -844,23 +858,28 @@ static void extlock_client_lease_lost(ExtlockClient *c, const char *reason)
     }
 }
 
-/* Tick: lease deadline, slow requests, queued requests' timeouts */
-static void extlock_client_tick(void *opaque)
+/* One-shot at the lease deadline; a renewal moves the deadline on */
+static void extlock_client_lease_timer_cb(void *opaque)
 {
     ExtlockClient *c = opaque;
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
-    if (c->state != EXTLOCK_SESSION_LEASE_LOST &&
-        now >= c->lease_deadline_ns) {
-        extlock_client_lease_lost(c, c->fd >= 0 ?
-                                  "no lease renewal acknowledged in time" :
-                                  "coordinator unreachable for the lease");
+    if (c->state == EXTLOCK_SESSION_LEASE_LOST) {
+        return;
     }
-    extlock_locks_check_waiters(c, now);
-    /* Queued requests check their lease-loss timeout */
-    extlock_locks_wake_usable(c);
-    if (c->tick_timer) {
-        timer_mod(c->tick_timer, now + EXTLOCK_TICK_MS * SCALE_MS);
+    if (now < c->lease_deadline_ns) {
+        timer_mod(c->lease_timer, c->lease_deadline_ns);
+        return;
+    }
+    extlock_client_lease_lost(c, c->fd >= 0 ?
+                              "no lease renewal acknowledged in time" :
+                              "coordinator unreachable for the lease");
+}
+
+static void extlock_client_arm_lease_timer(ExtlockClient *c)
+{
+    if (c->lease_timer && c->state != EXTLOCK_SESSION_LEASE_LOST) {
+        timer_mod(c->lease_timer, c->lease_deadline_ns);
     }
 }
 
@@ -899,11 +918,7 @@ static void extlock_client_disconnect(ExtlockClient *c, const char *why)
     }
     /* Requests waiting at the coordinator ask again once reconnected */
     extlock_locks_disconnected(c);
-
-    if (!c->closing && c->ctx && !c->reconnect_co) {
-        c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
-        aio_co_schedule(c->ctx, c->reconnect_co);
-    }
+    extlock_client_reconnect_resume(c);
 }
 
 /* Take over the connection a job has established */
@@ -937,6 +952,7 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
     c->next_id = MAX(c->next_id, job->next_id);
     c->lease_deadline_ns = extlock_deadline(c->lease_ms, job->hello_sent_ns);
     c->state = EXTLOCK_SESSION_ACTIVE;
+    g_hash_table_remove_all(c->cancel_ids);
 
     if (!first) {
         if (job->resumed && same_session) {
@@ -972,27 +988,100 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
         extlock_client_set_handlers(c);
         timer_mod(c->renew_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
                   (int64_t)c->lease_ms * SCALE_MS / 3);
+        extlock_client_arm_lease_timer(c);
         extlock_locks_wake_usable(c);
         /* Replies may already be buffered */
         extlock_client_read(c);
     }
 }
 
+/*
+ * The connect thread.  Detached: nobody joins it.  If the coroutine that
+ * started it gave up waiting (drain, close, detach), the thread frees the
+ * job itself, so neither close nor a drain ever waits for a connect.
+ */
+static void *extlock_conn_thread(void *opaque)
+{
+    ExtlockConnJob *job = opaque;
+    int ret = extlock_conn_run(job);
+    Coroutine *co;
+    bool abandoned;
+
+    qemu_mutex_lock(&job->lock);
+    job->ret = ret;
+    job->running = false;
+    abandoned = job->abandoned;
+    co = job->wait_co;
+    job->wait_co = NULL;
+    qemu_mutex_unlock(&job->lock);
+    if (abandoned) {
+        extlock_conn_job_free(job);
+    } else if (co) {
+        aio_co_wake(co);
+    }
+    return NULL;
+}
+
+/*
+ * Run @job in a detached thread and wait for it.  -ECANCELED if the wait
+ * was cut (extlock_client_reconnect_pause()): then the job belongs to the
+ * thread, which frees it.
+ */
+static int coroutine_fn extlock_conn_run_co(ExtlockClient *c,
+                                            ExtlockConnJob *job)
+{
+    QemuThread thread;
+    bool abandoned = false;
+
+    job->running = true;
+    qemu_thread_create(&thread, "extlock-connect", extlock_conn_thread, job,
+                       QEMU_THREAD_DETACHED);
+    qemu_mutex_lock(&job->lock);
+    if (job->running) {
+        job->wait_co = qemu_coroutine_self();
+        c->connect_job = job;
+        qemu_mutex_unlock(&job->lock);
+        qemu_coroutine_yield();
+        qemu_mutex_lock(&job->lock);
+        c->connect_job = NULL;
+        if (job->running) {
+            job->abandoned = abandoned = true;
+        }
+    }
+    qemu_mutex_unlock(&job->lock);
+    return abandoned ? -ECANCELED : job->ret;
+}
+
+/* Should the reconnection stop (close) or pause (drain, detach)? */
+static bool extlock_reconnect_stop(ExtlockClient *c)
+{
+    return c->closing || c->drained || !c->ctx;
+}
+
+/*
+ * Reconnection, counted in flight of the node so that drains and
+ * AioContext changes wait for it, and cut short by them: a drain wakes it
+ * from its backoff sleep or from waiting for a connect (which it leaves
+ * to its thread), and it ends.  The end of the drain starts it again.
+ */
 static void coroutine_fn extlock_reconnect_co(void *opaque)
 {
     ExtlockClient *c = opaque;
     int64_t backoff_ms = EXTLOCK_RECONNECT_MIN_MS;
     g_autofree char *last_error = NULL;
 
-    while (!c->closing) {
+    while (!extlock_reconnect_stop(c) && c->fd < 0) {
         ExtlockConnJob *job = extlock_conn_job_new(c);
         int ret;
 
         job->old_session = g_strdup(c->session);
         job->old_secret = g_strdup(c->resume_secret);
         job->reclaims = extlock_locks_snapshot(c);
-        ret = thread_pool_submit_co(aio_get_thread_pool(c->ctx),
-                                    extlock_conn_run, job);
+        ret = extlock_conn_run_co(c, job);
+        if (ret == -ECANCELED) {
+            trace_extlock_client_reconnect_paused(c->node_name);
+            break;
+        }
         if (ret == 0 && !c->closing) {
             extlock_client_adopt(c, job);
             extlock_conn_job_free(job);
@@ -1010,7 +1099,7 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
             }
         }
         extlock_conn_job_free(job);
-        if (c->closing) {
+        if (extlock_reconnect_stop(c)) {
             break;
         }
         qemu_co_sleep_ns_wakeable(&c->reconnect_sleep, QEMU_CLOCK_REALTIME,
@@ -1018,7 +1107,47 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
         backoff_ms = MIN(backoff_ms * 2, EXTLOCK_RECONNECT_MAX_MS);
     }
     c->reconnect_co = NULL;
+    if (c->bs) {
+        bdrv_dec_in_flight(c->bs);
+    }
     aio_wait_kick();
+}
+
+/* Start reconnecting if the connection is down and nothing stops it */
+void extlock_client_reconnect_resume(ExtlockClient *c)
+{
+    if (c->fd >= 0 || c->reconnect_co || extlock_reconnect_stop(c)) {
+        return;
+    }
+    if (c->bs) {
+        bdrv_inc_in_flight(c->bs);
+    }
+    c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
+    aio_co_schedule(c->ctx, c->reconnect_co);
+}
+
+/*
+ * Cut the reconnection's waits (backoff, connect); it sees
+ * extlock_reconnect_stop() and ends.  Callers set what stops it first.
+ */
+void extlock_client_reconnect_pause(ExtlockClient *c)
+{
+    ExtlockConnJob *job = c->connect_job;
+    Coroutine *co = NULL;
+
+    if (!c->reconnect_co) {
+        return;
+    }
+    qemu_co_sleep_wake(&c->reconnect_sleep);
+    if (job) {
+        qemu_mutex_lock(&job->lock);
+        co = job->wait_co;
+        job->wait_co = NULL;
+        qemu_mutex_unlock(&job->lock);
+        if (co) {
+            aio_co_wake(co);
+        }
+    }
 }
 
 /*
@@ -1032,7 +1161,8 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   const ExtlockClientOptions *opts,
                                   QCryptoTLSCreds *tls_creds,
                                   const char *tls_hostname,
-                                  const char *node_name, AioContext *ctx,
+                                  const char *node_name,
+                                  BlockDriverState *bs, AioContext *ctx,
                                   Error **errp)
 {
     ExtlockClient *c = g_new0(ExtlockClient, 1);
@@ -1053,6 +1183,7 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
     c->client_id = g_strdup(client_id);
     c->lock_space = g_strdup(lock_space);
     c->node_name = g_strdup(node_name);
+    c->bs = bs;
     if (tls_creds) {
         c->tls_creds = tls_creds;
         object_ref(OBJECT(tls_creds));
@@ -1064,6 +1195,8 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
     c->next_id = 1;
     c->out = g_string_sized_new(4096);
     c->pending = g_hash_table_new(g_int64_hash, g_int64_equal);
+    c->cancel_ids = g_hash_table_new_full(g_int64_hash, g_int64_equal,
+                                          g_free, NULL);
     extlock_linebuf_init_max(&c->in, EXTLOCK_MAX_REPLY_LINE);
     extlock_locks_init(c);
 
@@ -1114,7 +1247,8 @@ void extlock_client_free(ExtlockClient *c)
     }
     c->closing = true;
     if (c->reconnect_co) {
-        qemu_co_sleep_wake(&c->reconnect_sleep);
+        /* Only outside a drain (a failed open); never waits for a connect */
+        extlock_client_reconnect_pause(c);
         AIO_WAIT_WHILE(c->ctx, c->reconnect_co != NULL);
     }
     extlock_client_detach_aio_context(c);
@@ -1140,6 +1274,7 @@ void extlock_client_free(ExtlockClient *c)
     extlock_linebuf_destroy(&c->in);
     g_string_free(c->out, true);
     g_hash_table_destroy(c->pending);
+    g_hash_table_destroy(c->cancel_ids);
     qapi_free_SocketAddress(c->addr);
     g_free(c->session);
     g_free(c->resume_secret);
@@ -1155,14 +1290,21 @@ void extlock_client_detach_aio_context(ExtlockClient *c)
     if (!c->ctx) {
         return;
     }
+    /*
+     * The node is drained: no request is in flight (waiting for a lock or
+     * in the child), and the reconnection paused.  Only the fd handler and
+     * the timers are left to move.
+     */
+    assert(!c->reconnect_co && !c->connect_job);
+    assert(!c->io_in_flight);
     if (c->fd >= 0) {
         aio_set_fd_handler(c->ctx, c->fd, false, NULL, NULL, NULL, NULL,
                            NULL);
     }
     timer_free(c->renew_timer);
     c->renew_timer = NULL;
-    timer_free(c->tick_timer);
-    c->tick_timer = NULL;
+    timer_free(c->lease_timer);
+    c->lease_timer = NULL;
     timer_free(c->stuck_timer);
     c->stuck_timer = NULL;
     extlock_locks_detach(c);
@@ -1176,22 +1318,20 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
     c->ctx = ctx;
     c->renew_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
                                    extlock_client_renew, c);
-    c->tick_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
-                                  extlock_client_tick, c);
-    timer_mod(c->tick_timer, now + EXTLOCK_TICK_MS * SCALE_MS);
+    c->lease_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                   extlock_client_lease_timer_cb, c);
+    /* Past the deadline already: it fires at once */
+    extlock_client_arm_lease_timer(c);
     c->stuck_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
                                    extlock_client_stuck_cb, c);
-    if (c->io_in_flight) {
-        timer_mod(c->stuck_timer, extlock_stuck_bound(c));
-    }
     extlock_locks_attach(c);
     if (c->fd >= 0) {
         timer_mod(c->renew_timer, now + (int64_t)c->lease_ms * SCALE_MS / 3);
         extlock_client_set_handlers(c);
         /* Replies may have arrived while detached */
         extlock_client_read(c);
-    } else if (!c->closing && !c->reconnect_co) {
-        c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
-        aio_co_schedule(ctx, c->reconnect_co);
+    } else {
+        /* Not while drained: the end of the drain starts it */
+        extlock_client_reconnect_resume(c);
     }
 }

@@ -76,6 +76,8 @@ typedef struct ExtlockRequest {
     bool queued;                /* the coordinator answered "waiting" */
     bool warned;                /* EXTENT_LOCK_WAIT_TIMEOUT sent */
     bool done;                  /* final reply received */
+    bool cancel_sent;           /* "cancel" sent for it (drain, cancel) */
+    uint64_t cancel_gen;        /* ExtlockClient.cancel_gen at the start */
     int ret;
     uint64_t token;
     int64_t start_ns;           /* QEMU_CLOCK_REALTIME */
@@ -118,8 +120,11 @@ typedef struct ExtlockClientOptions {
     uint32_t wait_warning_ms;   /* 0: no EXTENT_LOCK_WAIT_TIMEOUT */
 } ExtlockClientOptions;
 
+struct ExtlockConnJob;
+
 typedef struct ExtlockClient {
     AioContext *ctx;
+    BlockDriverState *bs;       /* counts the reconnection in flight */
     SocketAddress *addr;
     char *address;              /* for messages: "unix:/path" */
     char *client_id;
@@ -155,9 +160,15 @@ typedef struct ExtlockClient {
     QEMUTimer *renew_timer;
     uint64_t renew_id;          /* outstanding renew, 0 if none */
     int64_t renew_sent_ns;
-    QEMUTimer *tick_timer;      /* lease deadline, slow waiters */
-    Coroutine *reconnect_co;
+    QEMUTimer *lease_timer;     /* one-shot, at the lease deadline */
+    Coroutine *reconnect_co;    /* counted in flight of @bs */
     QemuCoSleep reconnect_sleep;
+    struct ExtlockConnJob *connect_job; /* the connect @reconnect_co awaits */
+
+    /* drain and cancel: no wait for other hosts, the connection, the lease */
+    unsigned drained;           /* drained sections the node is in */
+    uint64_t cancel_gen;        /* bumped by extlock_client_cancel_waits() */
+    GHashTable *cancel_ids;     /* ids of "cancel" messages in flight */
 
     /* requests forwarded to the child (in-flight bound, on-stuck-io) */
     uint64_t io_in_flight;
@@ -178,6 +189,7 @@ typedef struct ExtlockClient {
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
     unsigned n_idle;
     QEMUTimer *cache_timer;     /* min hold time and idle ageing */
+    QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
     /* clock at the last request: one clock read per cache hit is enough */
     int64_t last_now_ns;
 
@@ -197,13 +209,30 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   const ExtlockClientOptions *opts,
                                   QCryptoTLSCreds *tls_creds,
                                   const char *tls_hostname,
-                                  const char *node_name, AioContext *ctx,
+                                  const char *node_name,
+                                  BlockDriverState *bs, AioContext *ctx,
                                   Error **errp);
 /* Say bye (releases the session's locks at once) and free; no I/O in flight */
 void extlock_client_free(ExtlockClient *c);
 
+/*
+ * Detach only in a drained section: asserts that no request, no
+ * reconnection and no request to the child is in flight.
+ */
 void extlock_client_detach_aio_context(ExtlockClient *c);
 void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx);
+
+/*
+ * Drained sections (docs/qemu-driver.rst, "Drain"): while the node is
+ * drained, no request waits for another host, the connection or the lease:
+ * requests queued at the coordinator are cancelled there and fail with
+ * -EIO, as do new ones that would wait; the reconnection pauses.  A request
+ * that waits for nobody still runs.
+ */
+void coroutine_fn extlock_client_drain_begin(ExtlockClient *c);
+void coroutine_fn extlock_client_drain_end(ExtlockClient *c);
+/* Fail every request that waits now (as a drain would), without a drain */
+void extlock_client_cancel_waits(ExtlockClient *c);
 
 bool extlock_client_connected(ExtlockClient *c);
 /* Milliseconds until the lease deadline (negative once past) */
@@ -257,8 +286,11 @@ void extlock_locks_lease_lost(ExtlockClient *c);
 void extlock_locks_wake_usable(ExtlockClient *c);
 /* A grant or "waiting" arrived: requests waiting for ours look again */
 void extlock_locks_wake_grant_waiters(ExtlockClient *c);
-/* Periodic: emit EXTENT_LOCK_WAIT_TIMEOUT for slow requests */
-void extlock_locks_check_waiters(ExtlockClient *c, int64_t now);
+/* Messages about our "cancel" requests; true if @msg was one */
+bool extlock_locks_cancel_reply(ExtlockClient *c, ExtlockMsg *msg);
+/* Stop or resume the reconnection (drained sections) */
+void extlock_client_reconnect_pause(ExtlockClient *c);
+void extlock_client_reconnect_resume(ExtlockClient *c);
 
 /* Reconnection: what the node holds, to resume or reclaim */
 typedef struct ExtlockReclaim {

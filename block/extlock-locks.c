@@ -14,6 +14,7 @@
 #include "trace.h"
 
 static void extlock_cache_timer_cb(void *opaque);
+static void extlock_wait_timer_arm(ExtlockClient *c, int64_t when);
 
 /*
  * Wait lists.  A woken coroutine that has to wait again adds itself to a
@@ -420,9 +421,14 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
     req->ret = 0;
     req->token = 0;
     req->blocked_by = g_ptr_array_new_with_free_func(g_free);
+    req->cancel_sent = false;
     c->stats.requests++;
     QLIST_INSERT_HEAD(&c->waiting, req, next);
     g_hash_table_insert(c->pending, &req->id, req);
+    if (c->opts.wait_warning_ms) {
+        extlock_wait_timer_arm(c, req->start_ns +
+                               (int64_t)c->opts.wait_warning_ms * SCALE_MS);
+    }
 
     extlock_msg_init(&msg, EXTLOCK_MSG_LOCK);
     msg.has_id = true;
@@ -470,10 +476,53 @@ static void extlock_local_done(ExtlockClient *c, ExtlockRequest *req)
 static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
                                                    ExtlockRequest *req);
 
+/*
+ * May @req no longer wait for anybody: the node is drained, or
+ * extlock_client_cancel_waits() ran since it started?
+ */
+static bool extlock_req_cut(ExtlockClient *c, ExtlockRequest *req)
+{
+    return c->drained || req->cancel_gen != c->cancel_gen;
+}
+
+/*
+ * @req was given no lock, so it touched nothing and may fail: the caller
+ * sees an I/O error (with werror/rerror=stop a guest's device stops and
+ * retries it when resumed).
+ */
+static int extlock_req_fail_cut(ExtlockClient *c, ExtlockRequest *req)
+{
+    c->stats.errors++;
+    trace_extlock_client_wait_cut(c->node_name, req->offset, req->length,
+                                  c->drained > 0);
+    return -EIO;
+}
+
+/* Ask the coordinator to give up queued request @req */
+static void extlock_send_cancel(ExtlockClient *c, ExtlockRequest *req)
+{
+    ExtlockMsg msg;
+
+    if (req->cancel_sent || c->fd < 0) {
+        return;
+    }
+    req->cancel_sent = true;
+    extlock_msg_init(&msg, EXTLOCK_MSG_CANCEL);
+    msg.has_id = true;
+    msg.id = extlock_client_new_id(c);
+    msg.request = req->id;
+    g_hash_table_add(c->cancel_ids, g_memdup2(&msg.id, sizeof(msg.id)));
+    trace_extlock_client_cancel(c->node_name, req->id, req->offset,
+                                req->length);
+    extlock_client_send(c, &msg);
+    extlock_msg_clear(&msg);
+}
+
 int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
 {
     int ret;
 
+    req->cancel_gen = c->cancel_gen;
     req->local.seq = c->next_seq++;
     req->local.mode = req->mode;
     req->local.node.ext = extlock_ext(req->offset, req->length);
@@ -506,6 +555,7 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
         if (c->closing) {
             return -EIO;
         }
+
         /*
          * Fencing: without a valid lease other hosts may own our extents,
          * so we touch nothing; queue or fail as the policy says.
@@ -519,6 +569,12 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
                 c->stats.errors++;
                 return -EIO;
             }
+            if (extlock_req_cut(c, req)) {
+                return extlock_req_fail_cut(c, req);
+            }
+            extlock_wait_timer_arm(c, start_ns +
+                                   (int64_t)c->opts.lease_loss_timeout_ms *
+                                   SCALE_MS);
             extlock_wait_on(&c->usable_waiters);
             continue;
         }
@@ -538,13 +594,16 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
              * blocking behind other hosts), and not while grants do not
              * grow (a busy lock-space: requests would go one at a time).
              */
-            if (c->fd >= 0 && c->grants_grow &&
+            if (c->fd >= 0 && c->grants_grow && !extlock_req_cut(c, req) &&
                 extlock_grant_in_flight(c, req->mode)) {
                 extlock_wait_on(&c->grant_waiters);
                 continue;
             }
         }
         if (c->fd < 0 || c->state != EXTLOCK_SESSION_ACTIVE) {
+            if (extlock_req_cut(c, req)) {
+                return extlock_req_fail_cut(c, req);
+            }
             /* Reconnecting: woken when connected or the lease is lost */
             extlock_wait_on(&c->usable_waiters);
             continue;
@@ -554,6 +613,10 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
         if (ret == -EAGAIN) {
             /* The connection dropped before the grant: ask again */
             continue;
+        }
+        if (ret == 0) {
+            /* Ours, whatever a drain may have asked meanwhile */
+            return 0;
         }
         return ret;
     }
@@ -637,6 +700,9 @@ void extlock_locks_handle(ExtlockClient *c, ExtlockRequest *req,
             }
             trace_extlock_client_waiting(c->node_name, req->id, req->offset,
                                          req->length, req->blocked_by->len);
+            if (extlock_req_cut(c, req)) {
+                extlock_send_cancel(c, req);
+            }
         }
         break;
     case EXTLOCK_MSG_GRANTED:
@@ -649,11 +715,16 @@ void extlock_locks_handle(ExtlockClient *c, ExtlockRequest *req,
         break;
     case EXTLOCK_MSG_ERROR:
         if (req) {
-            error_report("extlock: node '%s': coordinator %s refused lock "
-                         "[%" PRIu64 ", +%" PRIu64 "): %s (%s)",
-                         c->node_name, c->address, req->offset, req->length,
-                         msg->message ? msg->message : "",
-                         extlock_error_code_name(msg->error));
+            if (msg->error == EXTLOCK_ERR_CANCELLED && req->cancel_sent) {
+                trace_extlock_client_wait_cut(c->node_name, req->offset,
+                                              req->length, c->drained > 0);
+            } else {
+                error_report("extlock: node '%s': coordinator %s refused "
+                             "lock [%" PRIu64 ", +%" PRIu64 "): %s (%s)",
+                             c->node_name, c->address, req->offset,
+                             req->length, msg->message ? msg->message : "",
+                             extlock_error_code_name(msg->error));
+            }
             c->stats.errors++;
             g_hash_table_remove(c->pending, &req->id);
             extlock_request_finish(req, -EIO);
@@ -722,7 +793,8 @@ void extlock_locks_wake_grant_waiters(ExtlockClient *c)
     extlock_wake_all(&c->grant_waiters);
 }
 
-void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
+/* EXTENT_LOCK_WAIT_TIMEOUT for slow requests; arm for the next one */
+static void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
 {
     ExtlockRequest *req;
     int64_t limit = (int64_t)c->opts.wait_warning_ms * SCALE_MS;
@@ -731,7 +803,9 @@ void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
         return;
     }
     QLIST_FOREACH(req, &c->waiting, next) {
-        if (!req->warned && now - req->start_ns >= limit) {
+        if (!req->warned && now - req->start_ns < limit) {
+            extlock_wait_timer_arm(c, req->start_ns + limit);
+        } else if (!req->warned) {
             strList *blockers = NULL, **tail = &blockers;
 
             req->warned = true;
@@ -746,6 +820,77 @@ void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
                 (now - req->start_ns) / SCALE_MS, blockers);
             qapi_free_strList(blockers);
         }
+    }
+}
+
+static void extlock_wait_timer_arm(ExtlockClient *c, int64_t when)
+{
+    if (c->wait_timer &&
+        (!timer_pending(c->wait_timer) ||
+         timer_expire_time_ns(c->wait_timer) > when)) {
+        timer_mod(c->wait_timer, when);
+    }
+}
+
+/*
+ * One-shot, at the earliest wait warning or lease-loss timeout due: the
+ * waiters look again, and those still waiting arm it for their own time.
+ */
+static void extlock_wait_timer_cb(void *opaque)
+{
+    ExtlockClient *c = opaque;
+
+    extlock_locks_check_waiters(c, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+    extlock_wake_all(&c->usable_waiters);
+}
+
+bool extlock_locks_cancel_reply(ExtlockClient *c, ExtlockMsg *msg)
+{
+    /*
+     * "cancelled", or "not-found" when the grant crossed the cancel (the
+     * request then runs under its lock).
+     */
+    return msg->has_id && g_hash_table_remove(c->cancel_ids, &msg->id);
+}
+
+void extlock_client_cancel_waits(ExtlockClient *c)
+{
+    ExtlockRequest *req;
+
+    if (!c) {
+        return;
+    }
+    c->cancel_gen++;
+    QLIST_FOREACH(req, &c->waiting, next) {
+        if (req->queued) {
+            extlock_send_cancel(c, req);
+        }
+    }
+    /* Those waiting for the connection, the lease or our grants */
+    extlock_locks_wake_usable(c);
+}
+
+void coroutine_fn extlock_client_drain_begin(ExtlockClient *c)
+{
+    if (!c) {
+        return;
+    }
+    trace_extlock_client_drain(c->node_name, true, c->drained);
+    if (c->drained++ == 0) {
+        extlock_client_cancel_waits(c);
+        extlock_client_reconnect_pause(c);
+    }
+}
+
+void coroutine_fn extlock_client_drain_end(ExtlockClient *c)
+{
+    if (!c) {
+        return;
+    }
+    assert(c->drained > 0);
+    trace_extlock_client_drain(c->node_name, false, c->drained);
+    if (--c->drained == 0) {
+        extlock_client_reconnect_resume(c);
     }
 }
 
@@ -1017,12 +1162,22 @@ void extlock_locks_attach(ExtlockClient *c)
 {
     c->cache_timer = aio_timer_new(c->ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
                                    extlock_cache_timer_cb, c);
+    c->wait_timer = aio_timer_new(c->ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                  extlock_wait_timer_cb, c);
     /* Catch up on revocations and ageing that were due while detached */
     timer_mod(c->cache_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
 }
 
 void extlock_locks_detach(ExtlockClient *c)
 {
+    /* Drained: nobody waits for a lock, nobody holds one */
+    assert(QLIST_EMPTY(&c->waiting) && !c->active.count);
+    assert(!c->usable_waiters->len && !c->local_waiters->len &&
+           !c->grant_waiters->len);
+    if (c->wait_timer) {
+        timer_free(c->wait_timer);
+        c->wait_timer = NULL;
+    }
     if (c->cache_timer) {
         timer_free(c->cache_timer);
         c->cache_timer = NULL;
