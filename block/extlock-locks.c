@@ -998,7 +998,7 @@ static void extlock_drain_timer_cb(void *opaque)
     extlock_drain_cut(opaque);
 }
 
-void coroutine_fn extlock_client_drain_begin(ExtlockClient *c)
+void extlock_client_drain_begin(ExtlockClient *c)
 {
     if (!c) {
         return;
@@ -1018,7 +1018,7 @@ void coroutine_fn extlock_client_drain_begin(ExtlockClient *c)
     }
 }
 
-void coroutine_fn extlock_client_drain_end(ExtlockClient *c)
+void extlock_client_drain_end(ExtlockClient *c)
 {
     if (!c) {
         return;

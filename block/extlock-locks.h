@@ -193,10 +193,11 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx);
  * the connection or the lease any more: requests queued at the coordinator
  * are cancelled there and fail with -EIO, as do new ones that would wait;
  * the reconnection pauses (at once if no request waits for it).  A request
- * that waits for nobody still runs.
+ * that waits for nobody still runs.  Not coroutine_fn: QEMU 7.2 calls the
+ * drain callbacks in a coroutine, later QEMUs outside.
  */
-void coroutine_fn extlock_client_drain_begin(ExtlockClient *c);
-void coroutine_fn extlock_client_drain_end(ExtlockClient *c);
+void extlock_client_drain_begin(ExtlockClient *c);
+void extlock_client_drain_end(ExtlockClient *c);
 /* Fail every request that waits now (as a drain would), without a drain */
 void extlock_client_cancel_waits(ExtlockClient *c);
 

@@ -421,6 +421,33 @@ def test_move_while_connect_hangs(local_image, extlockd, lock_space, procs, bina
     assert "Assertion" not in vm.stderr(), vm.stderr()
 
 
+def test_blockdev_del_while_connect_hangs(local_image, extlockd, lock_space, procs,
+                                         binaries):
+    """Closing the node never waits for a connect: while its reconnection
+    waits for a coordinator that accepted the connection and never
+    answers, blockdev-del returns at once (the connect is left to its
+    detached thread, which frees itself when it gives up), and the daemon
+    stays healthy."""
+    binaries("qemu-storage-daemon")
+    q = procs.storage_daemon(blockdevs=[node_opts(local_image, extlockd, lock_space)])
+    extlockd.kill()
+    q.qmp.wait_event("EXTENT_LOCK_COORDINATOR_LOST", timeout=10)
+    silent = SilentCoordinator(extlockd.socket_path)
+    try:
+        wait_until(lambda: silent.accepted(0.2) > 0, timeout=15,
+                   what="the node to connect to the silent coordinator")
+        t0 = time.monotonic()
+        q.qmp.execute("blockdev-del", {"node-name": "xl0"}, timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert took < MOVE_BOUND, f"deleting the node waited {took:.1f} s for a connect"
+    assert q.alive()
+    assert q.qmp.execute("query-extent-locks") == []
+    nodes = q.qmp.execute("query-named-block-nodes", {"flat": True})
+    assert "xl0" not in [n["node-name"] for n in nodes], nodes
+
+
 # ---------------------------------------------------------------------------
 # resize
 
