@@ -23,7 +23,7 @@ static void extlock_cache_timer_cb(void *opaque);
 /* Connected to the coordinator (messages sent now reach it)? */
 static bool extlock_online(ExtlockClient *c)
 {
-    return extlock_conn_connected(c->conn);
+    return c->conn && extlock_conn_connected(c->conn);
 }
 static void extlock_wait_timer_arm(ExtlockClient *c, int64_t when);
 
@@ -851,7 +851,13 @@ static void extlock_locks_wake_usable(ExtlockClient *c)
 /* The connection or the lease changed: requests waiting for it look again */
 static void extlock_locks_state_changed(void *opaque)
 {
-    extlock_locks_wake_usable(opaque);
+    ExtlockClient *c = opaque;
+
+    if (extlock_conn_state(c->conn) == EXTLOCK_CONN_ACTIVE) {
+        /* A new connection: no reply comes to the old one's cancels */
+        g_hash_table_remove_all(c->cancel_ids);
+    }
+    extlock_locks_wake_usable(c);
 }
 
 /* A read is handled: wake the requests it completed */
