@@ -243,6 +243,42 @@ def test_drain_while_waiting_for_remote_holder(local_image, extlockd, lock_space
     assert local_image.path.read_bytes()[:4096] == b"\x78" * 4096
 
 
+def test_drain_lets_a_released_wait_complete(local_image, extlockd, lock_space, procs,
+                                            binaries):
+    """Drains are also QEMU's "wait until all I/O is done" (VM stop,
+    qemu-io aio_flush): a request waiting for a lock that its holder gives
+    back while the node is drained, within the drain's grace, completes
+    instead of failing.  The holder lets go as soon as the node's drain
+    has begun (its extlock_client_drain trace event)."""
+    binaries("qemu-storage-daemon")
+    opts = node_opts(local_image, extlockd, lock_space)
+    q = procs.storage_daemon(blockdevs=[opts], exports=[("disk", "xl0", True)],
+                             extra_args=["--trace", "extlock_client_drain*"])
+    with CoordinatorClient(extlockd.address) as holder, NbdClient(q.nbd_path, "disk") as n:
+        holder.hello("py-holder", lock_space, lease_ms=60000)
+        g = holder.lock(0, 64 * KiB, "exclusive")
+        h = n.send_write(0, b"\x79" * 4096)
+        wait_until(lambda: waiting(q.qmp, "xl0"), timeout=10,
+                   what="the write to wait for the holder")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            ret=q.qmp.execute("blockdev-reopen", {"options": [opts]}, timeout=30)))
+        t.start()
+        try:
+            wait_until(lambda: "extlock_client_drain node xl0 begin 1" in q.stderr(),
+                       timeout=10, what="the node's drain to begin")
+            holder.unlock(g["lock"])
+        finally:
+            t.join(timeout=30)
+        assert "ret" in result, "blockdev-reopen did not return"
+        err, _ = n.wait(h, timeout=10)
+        assert err == 0, "a write whose holder let go within the drain's grace failed"
+        holder.bye()
+    assert "extlock_client_drain_cut" not in q.stderr()
+    assert local_image.path.read_bytes()[:4096] == b"\x79" * 4096
+    assert node_info(q.qmp, "xl0")["counters"]["errors"] == 0
+
+
 # ---------------------------------------------------------------------------
 # iothreads
 
