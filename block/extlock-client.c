@@ -834,6 +834,7 @@ static void extlock_client_lease_lost(ExtlockClient *c, const char *reason)
                  "session is back", c->node_name, reason);
     trace_extlock_client_lease_lost(c->node_name, reason);
     c->state = EXTLOCK_SESSION_LEASE_LOST;
+    c->no_lease_io_reported = false;
     c->stats.lease_losses++;
     qapi_event_send_extent_lock_lease_lost(c->node_name, reason);
     extlock_locks_lease_lost(c);
@@ -871,7 +872,7 @@ static void extlock_client_disconnect(ExtlockClient *c, const char *why)
     if (c->fd < 0) {
         return;
     }
-    error_report("extlock: node '%s': lost coordinator %s: %s",
+    warn_report("extlock: node '%s': lost coordinator %s: %s",
                  c->node_name, c->address, why);
     trace_extlock_client_disconnected(c->node_name, why);
     qapi_event_send_extent_lock_coordinator_lost(c->node_name, c->address,
@@ -956,7 +957,7 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
                                    reclaimed, lost);
     if (!first) {
         c->stats.reconnects++;
-        error_report("extlock: node '%s': reconnected to coordinator %s, "
+        info_report("extlock: node '%s': reconnected to coordinator %s, "
                      "session %s%s, %" PRIu64 " locks reclaimed, %" PRIu64
                      " lost", c->node_name, c->address, c->session,
                      job->resumed ? " (resumed)" : "", reclaimed, lost);
@@ -1003,7 +1004,7 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
             trace_extlock_client_reconnect_failed(c->node_name, msg);
             if (!last_error || strcmp(last_error, msg)) {
                 /* Say it once, not every backoff step */
-                error_report("extlock: node '%s': reconnecting: %s",
+                warn_report("extlock: node '%s': reconnecting: %s",
                              c->node_name, msg);
                 g_free(last_error);
                 last_error = g_strdup(msg);
@@ -1194,4 +1195,10 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
         c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
         aio_co_schedule(ctx, c->reconnect_co);
     }
+}
+
+void extlock_client_set_options(ExtlockClient *c,
+                                const ExtlockClientOptions *opts)
+{
+    c->opts = *opts;
 }

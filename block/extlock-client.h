@@ -163,6 +163,7 @@ typedef struct ExtlockClient {
     uint64_t io_in_flight;
     QEMUTimer *stuck_timer;     /* one-shot, at the in-flight bound */
     bool stuck_reported;
+    bool no_lease_io_reported;  /* "failing I/O" said since the lease loss */
 
     /* requests and locks (extlock-locks.c) */
     QLIST_HEAD(, ExtlockRequest) waiting; /* requests not granted yet */
@@ -201,6 +202,10 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   Error **errp);
 /* Say bye (releases the session's locks at once) and free; no I/O in flight */
 void extlock_client_free(ExtlockClient *c);
+
+/* New tuning options (reopen); used from the next time each is needed */
+void extlock_client_set_options(ExtlockClient *c,
+                                const ExtlockClientOptions *opts);
 
 void extlock_client_detach_aio_context(ExtlockClient *c);
 void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx);

@@ -514,8 +514,12 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
             if (c->opts.lease_loss_error ||
                 now - start_ns >=
                 (int64_t)c->opts.lease_loss_timeout_ms * SCALE_MS) {
-                error_report_once("extlock: node '%s': no valid lease, "
-                                  "failing I/O", c->node_name);
+                /* Once per node and lease loss, not once per process */
+                if (!c->no_lease_io_reported) {
+                    c->no_lease_io_reported = true;
+                    error_report("extlock: node '%s': no valid lease, "
+                                 "failing I/O", c->node_name);
+                }
                 c->stats.errors++;
                 return -EIO;
             }

@@ -96,19 +96,7 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     }
 
     info->counters = g_new0(ExtentLockCounters, 1);
-    info->counters->requests = c->stats.requests;
-    info->counters->grants = c->stats.grants;
-    info->counters->waits = c->stats.waits;
-    info->counters->total_wait_us = c->stats.total_wait_us;
-    info->counters->errors = c->stats.errors;
-    info->counters->cache_hits = c->stats.cache_hits;
-    info->counters->revocations = c->stats.revocations;
-    info->counters->revocation_wait_us = c->stats.revocation_us;
-    info->counters->revocation_max_us = c->stats.revocation_max_us;
-    info->counters->downgrades = c->stats.downgrades;
-    info->counters->cache_evictions = c->stats.cache_evictions;
-    info->counters->reconnects = c->stats.reconnects;
-    info->counters->lease_losses = c->stats.lease_losses;
+    extlock_get_counters(c, info->counters);
     return info;
 }
 
