@@ -5,8 +5,11 @@
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
- * No QEMU headers: this file is also built into tests/unit.
+ * No QEMU headers but osdep: this file is also built into tests/unit.
  */
+#ifdef EXTLOCK_IN_QEMU
+#include "qemu/osdep.h"   /* first, as every QEMU file (block/meson.build) */
+#endif
 #include "extlock-lease.h"
 
 #define EXTLOCK_NS_PER_MS 1000000LL

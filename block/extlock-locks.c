@@ -571,8 +571,12 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
             if (c->opts.lease_loss_error ||
                 now - start_ns >=
                 (int64_t)c->opts.lease_loss_timeout_ms * SCALE_MS) {
-                error_report_once("extlock: node '%s': no valid lease, "
-                                  "failing I/O", c->node_name);
+                /* Once per node and lease loss, not once per process */
+                if (!c->no_lease_io_reported) {
+                    c->no_lease_io_reported = true;
+                    error_report("extlock: node '%s': no valid lease, "
+                                 "failing I/O", c->node_name);
+                }
                 c->stats.errors++;
                 return -EIO;
             }
@@ -821,10 +825,12 @@ static void extlock_locks_request_lost(void *opaque, void *request)
 static void extlock_locks_lease_lost(void *opaque)
 {
     ExtlockClient *c = opaque;
-
     GHashTableIter it;
     gpointer value;
     g_autoptr(GPtrArray) drop = g_ptr_array_new();
+
+    /* "failing I/O" is said once per node and lease loss */
+    c->no_lease_io_reported = false;
 
     g_hash_table_iter_init(&it, c->lock_ids);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
@@ -1438,6 +1444,13 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
 {
     extlock_locks_attach(c, ctx);
     extlock_conn_attach_aio_context(c->conn, ctx);
+}
+
+void extlock_client_set_options(ExtlockClient *c,
+                                const ExtlockClientOptions *opts)
+{
+    c->opts = *opts;
+    extlock_conn_set_stuck_io_exit(c->conn, opts->stuck_io_exit);
 }
 
 void extlock_client_io_start(ExtlockClient *c)
