@@ -20,6 +20,10 @@ PKGS=(
     iproute2 procps psmisc socat
     # ASan/UBSan test build and libFuzzer harnesses (tests/fuzz)
     clang libfuzzer-14-dev
+    # extlock-virt and the libvirt tests (tests/libvirt): libvirtd with the
+    # QEMU driver and virtlockd, virsh; not libvirt-daemon-system, which
+    # would pull in systemd and start services (the tests start their own)
+    libxml2-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 )
 
 SRC=/etc/apt/sources.list.d/extlock-deb-src.sources
@@ -52,4 +56,11 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# libvirt 9.0 resolves its default QEMU user before reading qemu.conf;
+# libvirt-daemon-system would create it, we do not install that
+if ! getent passwd libvirt-qemu >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt \
+        --shell /usr/sbin/nologin libvirt-qemu
 fi

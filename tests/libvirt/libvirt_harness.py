@@ -162,8 +162,11 @@ class Libvirtd:
 
     def cleanup_domains(self):
         for name in self.domains():
+            t0 = time.monotonic()
             self.virsh("destroy", name, check=False)
             self.virsh("undefine", "--managed-save", name, check=False)
+            print(f"libvirt_harness: {name} destroyed and undefined in "
+                  f"{time.monotonic() - t0:.1f} s", flush=True)
 
     def stop(self):
         if self.proc is None:
@@ -177,9 +180,12 @@ class Libvirtd:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        t0 = time.monotonic()
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        print(f"libvirt_harness: libvirtd stopped in {time.monotonic() - t0:.1f} s",
+              flush=True)
         self.proc = None
