@@ -43,7 +43,8 @@ WITH_QEMU=1
 PYTEST_TEST_TIMEOUT=${EXTLOCK_PYTEST_TEST_TIMEOUT:-300}
 PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
 E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
-LIBVIRT_TIMEOUT=${EXTLOCK_LIBVIRT_TIMEOUT:-900}
+LIBVIRT_TIMEOUT=${EXTLOCK_LIBVIRT_TIMEOUT:-1500}
+LIBVIRT_TEST_TIMEOUT=${EXTLOCK_LIBVIRT_TEST_TIMEOUT:-600}
 NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
 MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
 
@@ -187,7 +188,7 @@ if [ "$WITH_QEMU" = 1 ]; then
         step "libvirt: domains with extlock disks under a real libvirtd (tests/libvirt)"
         rm -f build/pytest-libvirt.out
         timeout -k 60 "$LIBVIRT_TIMEOUT" scripts/isolate.sh /usr/bin/python3 -m pytest -v -rfEsxX \
-            -p no:cacheprovider --timeout="$PYTEST_TEST_TIMEOUT" \
+            -p no:cacheprovider --timeout="$LIBVIRT_TEST_TIMEOUT" \
             --timeout-method=signal tests/libvirt/test_libvirt.py | tee build/pytest-libvirt.out
         rc=${PIPESTATUS[0]}
         line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \

@@ -18,6 +18,7 @@ With lock_manager="lockd", virtlockd runs in the same namespace.
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,33 @@ lock_manager = "{lock_manager}"
 QEMU_LOCKD_CONF = """\
 auto_disk_leases = 1
 require_lease_for_disks = 1
+"""
+
+
+# libvirtd daemonizes QEMU (double fork): QEMU's parent becomes the
+# nearest "child subreaper" or PID 1.  Inside scripts/isolate.sh PID 1 is
+# the test itself, which never reaps strangers, and libvirt waits for a
+# zombie QEMU to vanish on destroy (in vain, for 30 s and then fails).  So
+# libvirtd runs below this small reaper: it marks itself a subreaper,
+# runs the command and reaps every child until none is left; SIGTERM goes
+# to the command (the process group), not to the reaper.
+REAPER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.execvp(sys.argv[1], sys.argv[1:])
+status = 1
+while True:
+    try:
+        p, st = os.wait()
+    except ChildProcessError:
+        break
+    if p == pid:
+        status = os.waitstatus_to_exitcode(st)
+sys.exit(status)
 """
 
 
@@ -109,8 +137,8 @@ class Libvirtd:
         script = f"set -e; {mounts}; {daemons}"
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private",
-                 "bash", "-c", script],
+                [sys.executable, "-c", REAPER, "unshare", "--mount",
+                 "--propagation", "private", "bash", "-c", script],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 start_new_session=True)
         deadline = time.monotonic() + timeout

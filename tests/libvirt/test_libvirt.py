@@ -296,7 +296,7 @@ def test_two_domains_share_one_disk(libvirtd, extlock_virt, extlockd, nfs,
     kernel, initrd = guest
     image = new_image(nfs, "libvirt-shared.raw")
     run_id = random.getrandbits(62) | 1
-    seconds = 20
+    seconds = 10
     lock_space = f"libvirt-{run_id:x}"
     doms = []
     for g, name in ((1, "xla"), (2, "xlb")):
