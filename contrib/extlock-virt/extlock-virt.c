@@ -64,6 +64,11 @@ typedef struct Options {
 
 static const char *prog = "extlock-virt";
 
+/* the options and the document live until exit (also on the error paths,
+ * which exit from where they are) */
+static Options opts;
+static xmlDoc *doc;
+
 static void G_GNUC_PRINTF(1, 2) fail(const char *fmt, ...)
 {
     va_list ap;
@@ -325,7 +330,7 @@ static json_object *coordinator_json(const char *addr)
             }
             for (const char *p = colon + 1; *p; p++) {
                 if (!g_ascii_isdigit(*p)) {
-                    host = NULL;
+                    g_clear_pointer(&host, g_free);
                     break;
                 }
             }
@@ -737,9 +742,10 @@ static void check_options(GOptionContext *ctx, Options *o, int argc)
     }
 }
 
+#define o opts
+
 int main(int argc, char **argv)
 {
-    Options o = { 0 };
     GOptionEntry entries[] = {
         { "disk", 'd', 0, G_OPTION_ARG_STRING, &o.disk,
           "The shared disk's target (required)", "vdb" },
@@ -775,7 +781,6 @@ int main(int argc, char **argv)
     GOptionContext *ctx = g_option_context_new("[DOMAIN.xml|-]");
     g_autoptr(GError) err = NULL;
     const char *input;
-    xmlDoc *doc;
     xmlChar *out = NULL;
     int outlen = 0;
     FILE *f;
@@ -829,5 +834,16 @@ int main(int argc, char **argv)
     }
     xmlFree(out);
     g_option_context_free(ctx);
+    g_free(o.disk);
+    g_free(o.lock_space);
+    g_strfreev(o.coordinators);
+    g_free(o.client_id);
+    g_free(o.tls_creds_dir);
+    g_free(o.tls_psk_user);
+    g_free(o.tls_hostname);
+    g_free(o.on_lease_loss);
+    g_strfreev(o.extra);
+    g_free(o.node);
+    g_free(o.output);
     return 0;
 }
