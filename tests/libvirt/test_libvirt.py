@@ -98,7 +98,7 @@ def base_xml(name, kernel, initrd, append, console, disks):
   <devices>
     <emulator>{qemu_binary()}</emulator>
     {disks}
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
   <qemu:commandline>{fw}</qemu:commandline>
@@ -458,10 +458,16 @@ def test_destroy_crash_restart(libvirtd, extlock_virt, extlockd, nfs, workdir,
         dom.wait_booted()
 
     def requests(dom):
-        return dom.locks()["counters"]["requests"]
+        counters = dom.locks()["counters"]
+        return counters["requests"] + counters["cache-hits"]
 
     def c_holds():
         return held_by(extlockd, "xlc/vdb", 0)
+
+    # both workloads past their start barrier (which waits for the other)
+    for dom in doms:
+        wait_for(f"{dom.name}'s workload to start",
+                 lambda: "EXTLOCK-STRESS-START" in dom.console(), BOOT_TIMEOUT)
 
     # 1. virsh destroy: QEMU gets SIGTERM, the node says bye, the locks
     # go at once - at the latest at lease + fence margin
@@ -478,7 +484,7 @@ def test_destroy_crash_restart(libvirtd, extlock_virt, extlockd, nfs, workdir,
 
     # 2. start it again: a new session, the workload goes on
     c.virsh("start", "xlc")
-    c.wait_booted(count=1)
+    c.wait_booted(count=2)
     wait_for("xlc to hold locks again", c_holds, 90)
 
     # 3. a host crash: kill -9 of QEMU.  Its locks stay until its lease
@@ -524,7 +530,7 @@ def test_destroy_crash_restart(libvirtd, extlock_virt, extlockd, nfs, workdir,
 
     # 4. restart after the crash
     c.virsh("start", "xlc")
-    c.wait_booted(count=2)
+    c.wait_booted(count=3)
     wait_for("xlc's node to be active after the restart",
              lambda: c.locks()["state"] == "active", 30)
 
