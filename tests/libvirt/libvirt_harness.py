@@ -97,9 +97,12 @@ class LibvirtError(Exception):
 
 
 class Libvirtd:
-    def __init__(self, workdir, lock_manager="lockd"):
+    def __init__(self, workdir, lock_manager="lockd", host_uuid=None):
         self.root = Path(workdir).resolve()
         self.lock_manager = lock_manager
+        # two libvirtds on one machine migrate between each other only
+        # with different host UUIDs (libvirt refuses "the same host")
+        self.host_uuid = host_uuid
         self.proc = None
         self.log_path = self.root / "libvirtd.out"
 
@@ -122,7 +125,10 @@ class Libvirtd:
         for key in PRIVATE_DIRS:
             (self.root / key).mkdir(parents=True, exist_ok=True)
         etc = self.root / "etc"
-        (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF)
+        conf = LIBVIRTD_CONF
+        if self.host_uuid:
+            conf += f'host_uuid = "{self.host_uuid}"\n'
+        (etc / "libvirtd.conf").write_text(conf)
         (etc / "qemu.conf").write_text(
             QEMU_CONF.format(lock_manager=self.lock_manager))
         (etc / "qemu-lockd.conf").write_text(QEMU_LOCKD_CONF)

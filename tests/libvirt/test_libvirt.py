@@ -575,3 +575,95 @@ def test_virtlockd_coexistence(libvirtd, extlock_virt, extlockd, workdir,
     assert e.state() == "paused" and f.state() == "paused"
     for dom in (e, f):
         assert dom.locks()["state"] == "active"
+
+
+# ---------------------------------------------------------------------------
+# live migration to a second libvirtd, while the other domain works on
+
+def test_live_migration(libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
+                        clean_domains):
+    """Two libvirtds on this machine (different host UUIDs) stand for two
+    hosts.  xlb migrates live from the first to the second in the middle
+    of the workload that it shares with xla: the source inactivates its
+    image, the destination's extlock node opens its own session and takes
+    the locks when its guest asks; the checker must still see nothing
+    torn."""
+    import shutil
+    import tempfile
+    import uuid
+    from libvirt_harness import Libvirtd
+
+    kernel, initrd = guest
+    image = new_image(nfs, "libvirt-migrate.raw")
+    run_id = random.getrandbits(62) | 1
+    seconds = 20
+    lock_space = f"libvirt-mig-{run_id:x}"
+    root2 = Path(tempfile.mkdtemp(prefix="xlv-libvirt2-", dir="/tmp"))
+    dest = Libvirtd(root2, host_uuid=str(uuid.uuid4()))
+    dest.start()
+    try:
+        doms = []
+        for g, name in ((1, "xla"), (2, "xlb")):
+            xml = base_xml(name, kernel, initrd,
+                           workload_append(run_id, g, 2, seconds),
+                           workdir / f"console-{name}.log",
+                           nfs_disk(nfs, image.name))
+            doms.append(define(libvirtd, extlock_virt, workdir, name, xml,
+                               *convert_args(extlockd, lock_space,
+                                             f"{name}/vdb")))
+        a, b = doms
+        for d in doms:
+            d.virsh("start", d.name)
+        for d in doms:
+            d.wait_booted()
+        for d in doms:
+            wait_for(f"{d.name}'s workload to start",
+                     lambda: "EXTLOCK-STRESS-START" in d.console(), BOOT_TIMEOUT)
+        t_mig = time.monotonic_ns()
+        res = libvirtd.virsh("migrate", "--live", "--verbose", "xlb", dest.uri,
+                             "--migrateuri", "tcp://127.0.0.1", check=False,
+                             timeout=300)
+        log(f"virsh migrate: rc {res.returncode} {res.stdout.strip()[-200:]} "
+            f"{res.stderr.strip()}")
+        assert res.returncode == 0, res.stderr
+        # the source keeps the (persistent) definition, shut off
+        assert libvirtd.state("xlb") == "shut off"
+        assert dest.state("xlb") == "running"
+        b2 = Domain(dest, "xlb", workdir)
+        wait_for("xlb's extlock node on the destination to be active",
+                 lambda: b2.locks()["state"] == "active", 30)
+        # the source's session ended (bye) after the destination's began
+        evs = [ev for ev in events(extlockd) if ev.get("client-id") == "xlb/vdb"
+               and ev["ts"] >= t_mig]
+        log(f"xlb events after the migration started: "
+            f"{sorted(set(ev['event'] for ev in evs))}")
+        wait_for("xla to power off", lambda: a.state() == "shut off",
+                 seconds + 300, interval=0.5)
+        wait_for("xlb to power off on the destination",
+                 lambda: "xlb" not in dest.domains() or
+                 dest.state("xlb") == "shut off", seconds + 300, interval=0.5)
+    finally:
+        dest.stop()
+        shutil.rmtree(root2, ignore_errors=True)
+
+    max_seq = {}
+    for g, d in enumerate(doms, 1):
+        c = run_guests.parse_console(d.console())
+        assert c["result"], f"{d.name}: no result:\n{d.console()[-3000:]}"
+        assert not c["errors"], c["errors"]
+        assert not c["io_error_lines"], c["io_error_lines"]
+        r = c["result"]
+        for key in ("torn_reads", "corrupt_reads", "final_mixed", "final_corrupt",
+                    "write_errors", "read_errors"):
+            assert r.get(key, 0) == 0, (d.name, key, r)
+        max_seq[g] = r["max_seq"]
+    res = subprocess.run(
+        [sys.executable, str(VERIFY_IMAGE), str(image), f"--run-id={run_id}",
+         "--guests=2", f"--extent-size={EXTENT}", f"--extents={EXTENTS}",
+         f"--data-offset={DATA_OFFSET}", "--json"] +
+        [f"--max-seq={g}={s}" for g, s in max_seq.items()],
+        capture_output=True, text=True)
+    verdict = json.loads(res.stdout)
+    assert res.returncode == 0, verdict
+    print(f"\nCHECKER libvirt-migration torn_reads=0 mixed_extents="
+          f"{verdict['mixed']} complete={verdict['complete']}")
