@@ -26,6 +26,10 @@ PKGS=(
     # HA coordinator (docs/design.rst "High availability"): etcd v3 through
     # its HTTP/JSON gateway with libcurl; etcd itself for tests/ha
     libcurl4-gnutls-dev etcd-server etcd-client
+    # extlock-virt and the libvirt tests (tests/libvirt): libvirtd with the
+    # QEMU driver and virtlockd, virsh; not libvirt-daemon-system, which
+    # would pull in systemd and start services (the tests start their own)
+    libxml2-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 )
 
 SRC=/etc/apt/sources.list.d/extlock-deb-src.sources
@@ -58,4 +62,11 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# libvirt 9.0 resolves its default QEMU user before reading qemu.conf;
+# libvirt-daemon-system would create it, we do not install that
+if ! getent passwd libvirt-qemu >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt \
+        --shell /usr/sbin/nologin libvirt-qemu
 fi

@@ -23,6 +23,9 @@
 #  6. tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
 #     and the same workload without extlock, which must be caught tearing
+#  6a. pytest tests/libvirt: a private libvirtd 9.0 (with virtlockd) runs
+#     two domains defined from extlock-virt's XML on one NFS disk, inside
+#     scripts/isolate.sh (own network and mount namespaces)
 #  7. scripts/nemesis.sh --suite: three hosts, randomized faults (partitions,
 #     NFS delays, SIGSTOP, kill -9, coordinator restarts), history checker;
 #     and the same without extlock, where violations must be reported
@@ -45,6 +48,8 @@ WITH_QEMU=1
 PYTEST_TEST_TIMEOUT=${EXTLOCK_PYTEST_TEST_TIMEOUT:-300}
 PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
 E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
+LIBVIRT_TIMEOUT=${EXTLOCK_LIBVIRT_TIMEOUT:-1500}
+LIBVIRT_TEST_TIMEOUT=${EXTLOCK_LIBVIRT_TEST_TIMEOUT:-600}
 NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
 MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
 HA_TIMEOUT=${EXTLOCK_HA_TIMEOUT:-600}
@@ -224,6 +229,25 @@ if [ "$WITH_QEMU" = 1 ]; then
             passed=$((passed + 1))
         else
             echo "end-to-end run FAILED (exit status $rc)"
+            failed=$((failed + 1))
+        fi
+
+        step "libvirt: domains with extlock disks under a real libvirtd (tests/libvirt)"
+        rm -f build/pytest-libvirt.out
+        timeout -k 60 "$LIBVIRT_TIMEOUT" scripts/isolate.sh /usr/bin/python3 -m pytest -v -rfEsxX \
+            -p no:cacheprovider --timeout="$LIBVIRT_TEST_TIMEOUT" \
+            --timeout-method=signal tests/libvirt/test_libvirt.py | tee build/pytest-libvirt.out
+        rc=${PIPESTATUS[0]}
+        line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
+               build/pytest-libvirt.out | tail -n1)
+        p=$(count passed); f=$(count failed); e=$(count error)
+        s=$(count skipped); xf=$(count xfailed); xp=$(count xpassed)
+        passed=$((passed + ${p:-0}))
+        failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
+        skipped=$((skipped + ${s:-0} + ${xf:-0}))
+        echo "libvirt tests: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
+        if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
+            echo "the libvirt tests did not finish normally (exit status $rc): counted as one failure"
             failed=$((failed + 1))
         fi
 

@@ -1,0 +1,225 @@
+"""A private libvirtd for extlock's libvirt tests.
+
+SPDX-License-Identifier: GPL-2.0-or-later
+Copyright (c) 2026 The extlock authors
+
+Debian's libvirt 9.0 (packages libvirt-daemon, libvirt-daemon-driver-qemu,
+libvirt-clients, installed by scripts/install-deps.sh) runs in system mode
+as root, but in a mount namespace of its own: /etc/libvirt, /run/libvirt,
+/var/lib/libvirt, /var/cache/libvirt and /var/log/libvirt are bind mounts
+of directories under the test's work directory.  So the test writes its
+own libvirtd.conf and qemu.conf, and nothing of it stays on the machine
+(no domain, no capability cache, no lock).  virsh reaches the daemon
+through the socket in the work directory (qemu:///system?socket=...).
+
+With lock_manager="lockd", virtlockd runs in the same namespace.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LIBVIRTD = "/usr/sbin/libvirtd"
+VIRTLOCKD = "/usr/sbin/virtlockd"
+VIRSH = "/usr/bin/virsh"
+
+# the directories libvirtd uses in system mode, and where they go
+PRIVATE_DIRS = {
+    "etc": "/etc/libvirt",
+    "run": "/run/libvirt",
+    "lib": "/var/lib/libvirt",
+    "cache": "/var/cache/libvirt",
+    "log": "/var/log/libvirt",
+}
+
+LIBVIRTD_CONF = """\
+# written by tests/libvirt: root only, no polkit
+unix_sock_group = "root"
+unix_sock_ro_perms = "0700"
+unix_sock_rw_perms = "0700"
+auth_unix_ro = "none"
+auth_unix_rw = "none"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+"""
+
+# What an operator sets for the patched QEMU (docs/libvirt.rst): QEMU runs
+# as root here because the test's files (kernel, consoles, extlockd's
+# socket) are root's; dynamic_ownership off so libvirt does not chown the
+# shared image; no security driver (no AppArmor/SELinux on this kernel);
+# stdio to files (no virtlogd).
+QEMU_CONF = """\
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+stdio_handler = "file"
+lock_manager = "{lock_manager}"
+"""
+
+QEMU_LOCKD_CONF = """\
+auto_disk_leases = 1
+require_lease_for_disks = 1
+"""
+
+
+# libvirtd daemonizes QEMU (double fork): QEMU's parent becomes the
+# nearest "child subreaper" or PID 1.  Inside scripts/isolate.sh PID 1 is
+# the test itself, which never reaps strangers, and libvirt waits for a
+# zombie QEMU to vanish on destroy (in vain, for 30 s and then fails).  So
+# libvirtd runs below this small reaper: it marks itself a subreaper,
+# runs the command and reaps every child until none is left; SIGTERM goes
+# to the command (the process group), not to the reaper.
+REAPER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.execvp(sys.argv[1], sys.argv[1:])
+status = 1
+while True:
+    try:
+        p, st = os.wait()
+    except ChildProcessError:
+        break
+    if p == pid:
+        status = os.waitstatus_to_exitcode(st)
+sys.exit(status)
+"""
+
+
+class LibvirtError(Exception):
+    pass
+
+
+class Libvirtd:
+    def __init__(self, workdir, lock_manager="lockd", host_uuid=None):
+        self.root = Path(workdir).resolve()
+        self.lock_manager = lock_manager
+        # two libvirtds on one machine migrate between each other only
+        # with different host UUIDs (libvirt refuses "the same host")
+        self.host_uuid = host_uuid
+        self.proc = None
+        self.log_path = self.root / "libvirtd.out"
+
+    @property
+    def socket(self):
+        return self.root / "run" / "libvirt-sock"
+
+    @property
+    def uri(self):
+        return f"qemu:///system?socket={self.socket}"
+
+    def path(self, system_path):
+        """Where a libvirt system path lies in the work directory."""
+        for key, target in PRIVATE_DIRS.items():
+            if system_path == target or system_path.startswith(target + "/"):
+                return self.root / key / system_path[len(target) + 1:]
+        raise ValueError(system_path)
+
+    def start(self, timeout=60.0):
+        for key in PRIVATE_DIRS:
+            (self.root / key).mkdir(parents=True, exist_ok=True)
+        etc = self.root / "etc"
+        conf = LIBVIRTD_CONF
+        if self.host_uuid:
+            conf += f'host_uuid = "{self.host_uuid}"\n'
+        (etc / "libvirtd.conf").write_text(conf)
+        (etc / "qemu.conf").write_text(
+            QEMU_CONF.format(lock_manager=self.lock_manager))
+        (etc / "qemu-lockd.conf").write_text(QEMU_LOCKD_CONF)
+        mounts = " && ".join(
+            f"mkdir -p {target} && mount --bind {self.root / key} {target}"
+            for key, target in PRIVATE_DIRS.items())
+        # both stay in this process group (no --daemon), so stop() ends them
+        daemons = f"exec {LIBVIRTD} --pid-file /run/libvirt/libvirtd.pid"
+        if self.lock_manager == "lockd":
+            daemons = (f"{VIRTLOCKD} --pid-file /run/libvirt/virtlockd.pid & "
+                       f"{daemons}")
+        script = f"set -e; {mounts}; {daemons}"
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", REAPER, "unshare", "--mount",
+                 "--propagation", "private", "bash", "-c", script],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise LibvirtError(f"libvirtd exited with {self.proc.returncode}: "
+                                   f"{self.log()}")
+            if self.socket.exists():
+                res = self.virsh("uri", check=False, timeout=10)
+                if res.returncode == 0:
+                    return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LibvirtError(f"libvirtd did not answer within {timeout} s:"
+                                   f" {self.log()}")
+            time.sleep(0.2)
+
+    def log(self):
+        text = ""
+        for p in (self.log_path, self.root / "log" / "libvirtd.log"):
+            try:
+                text += p.read_text(errors="replace")[-3000:]
+            except OSError:
+                pass
+        return text
+
+    def virsh(self, *args, check=True, timeout=120):
+        res = subprocess.run([VIRSH, "-q", "-c", self.uri, *args],
+                             capture_output=True, text=True, timeout=timeout,
+                             stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise LibvirtError(f"virsh {' '.join(args)}: {res.stderr.strip()}")
+        return res
+
+    def virsh_popen(self, *args):
+        return subprocess.Popen([VIRSH, "-q", "-c", self.uri, *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+
+    def domains(self):
+        res = self.virsh("list", "--all", "--name", check=False)
+        return [n.strip() for n in res.stdout.splitlines() if n.strip()]
+
+    def state(self, name):
+        return self.virsh("domstate", name).stdout.strip()
+
+    def qemu_pid(self, name):
+        return int(self.path(f"/run/libvirt/qemu/{name}.pid").read_text())
+
+    def cleanup_domains(self):
+        for name in self.domains():
+            t0 = time.monotonic()
+            self.virsh("destroy", name, check=False)
+            self.virsh("undefine", "--managed-save", name, check=False)
+            print(f"libvirt_harness: {name} destroyed and undefined in "
+                  f"{time.monotonic() - t0:.1f} s", flush=True)
+
+    def stop(self):
+        if self.proc is None:
+            return
+        try:
+            self.cleanup_domains()
+        except Exception:
+            pass
+        # libvirtd and virtlockd are the session started above
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        t0 = time.monotonic()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        print(f"libvirt_harness: libvirtd stopped in {time.monotonic() - t0:.1f} s",
+              flush=True)
+        self.proc = None
