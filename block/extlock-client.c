@@ -27,6 +27,7 @@
 #include "io/channel-tls.h"
 #include "crypto/tlssession.h"
 #include "extlock-client.h"
+#include "extlock-compat.h"
 #include "trace.h"
 
 /* How long connecting waits for each coordinator answer */
@@ -238,8 +239,8 @@ static void extlock_client_fence_status(ExtlockClient *c, ExtlockMsg *msg)
                                           msg->fence_result));
     qapi_event_send_extent_lock_fence(c->node_name,
                                       msg->client_id ? msg->client_id : "",
-                                      result, msg->message != NULL,
-                                      msg->message);
+                                      result,
+                                      EXTLOCK_QAPI_OPT_ARG(msg->message));
 }
 
 static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
@@ -396,9 +397,9 @@ static void extlock_client_set_handlers(ExtlockClient *c)
     if (c->fd < 0 || !c->ctx) {
         return;
     }
-    aio_set_fd_handler(c->ctx, c->fd, false, extlock_client_read,
-                       c->out->len > c->out_done ? extlock_client_write : NULL,
-                       NULL, NULL, c);
+    extlock_set_fd_handler(c->ctx, c->fd, extlock_client_read,
+                           c->out->len > c->out_done ?
+                           extlock_client_write : NULL, c);
 }
 
 /*
@@ -877,8 +878,7 @@ static void extlock_client_disconnect(ExtlockClient *c, const char *why)
     qapi_event_send_extent_lock_coordinator_lost(c->node_name, c->address,
                                                  why);
     if (c->ctx) {
-        aio_set_fd_handler(c->ctx, c->fd, false, NULL, NULL, NULL, NULL,
-                           NULL);
+        extlock_set_fd_handler(c->ctx, c->fd, NULL, NULL, NULL);
     }
     c->fd = -1;
     qio_channel_close(c->ioc, NULL);
@@ -991,8 +991,7 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
         job->old_session = g_strdup(c->session);
         job->old_secret = g_strdup(c->resume_secret);
         job->reclaims = extlock_locks_snapshot(c);
-        ret = thread_pool_submit_co(aio_get_thread_pool(c->ctx),
-                                    extlock_conn_run, job);
+        ret = extlock_thread_pool_submit_co(c->ctx, extlock_conn_run, job);
         if (ret == 0 && !c->closing) {
             extlock_client_adopt(c, job);
             extlock_conn_job_free(job);
@@ -1156,8 +1155,7 @@ void extlock_client_detach_aio_context(ExtlockClient *c)
         return;
     }
     if (c->fd >= 0) {
-        aio_set_fd_handler(c->ctx, c->fd, false, NULL, NULL, NULL, NULL,
-                           NULL);
+        extlock_set_fd_handler(c->ctx, c->fd, NULL, NULL, NULL);
     }
     timer_free(c->renew_timer);
     c->renew_timer = NULL;

@@ -14,7 +14,8 @@
 
 #include "qemu/osdep.h"
 #include "qapi/error.h"
-#include "qapi/qmp/qdict.h"
+#include "extlock-compat.h"
+#include EXTLOCK_QDICT_H
 #include "block/qdict.h"
 #include "qapi/qmp/qerror.h"
 #include "qapi/qobject-input-visitor.h"
@@ -378,6 +379,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     if (ret < 0) {
         goto out;
     }
+    bdrv_graph_rdlock_main_loop();
     bs->supported_write_flags = BDRV_REQ_WRITE_UNCHANGED |
         (BDRV_REQ_FUA & bs->file->bs->supported_write_flags);
     bs->supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED |
@@ -386,6 +388,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
 
     /* Granted extents may grow up to the end of the image */
     len = bdrv_getlength(bs->file->bs);
+    bdrv_graph_rdunlock_main_loop();
     if (len < 0) {
         error_setg_errno(errp, -len, "Could not get the image length");
         ret = len;
@@ -450,11 +453,10 @@ static const char *const extlock_io_kind_names[] = {
  * under none (flush, zero-length requests).  Counted for the in-flight
  * bound and traced with the token it runs under.
  */
-static int coroutine_fn extlock_forward(BlockDriverState *bs,
-                                        ExtlockIoKind kind, int64_t offset,
-                                        int64_t bytes, QEMUIOVector *qiov,
-                                        BdrvRequestFlags flags,
-                                        ExtlockRequest *req)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
+                int64_t bytes, QEMUIOVector *qiov, BdrvRequestFlags flags,
+                ExtlockRequest *req)
 {
     BDRVExtlockState *s = bs->opaque;
     uint64_t token = req ? req->lock->token : 0;
@@ -499,11 +501,10 @@ static int coroutine_fn extlock_forward(BlockDriverState *bs,
  * granularity, in @mode.  A zero-length request touches nothing and
  * needs no lock (the coordinator has no empty locks).
  */
-static int coroutine_fn extlock_locked_io(BlockDriverState *bs,
-                                          ExtlockIoKind kind,
-                                          ExtlockMode mode, int64_t offset,
-                                          int64_t bytes, QEMUIOVector *qiov,
-                                          BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
+                  int64_t offset, int64_t bytes, QEMUIOVector *qiov,
+                  BdrvRequestFlags flags)
 {
     BDRVExtlockState *s = bs->opaque;
     const char *op = extlock_io_kind_names[kind];
@@ -530,35 +531,32 @@ static int coroutine_fn extlock_locked_io(BlockDriverState *bs,
     return ret;
 }
 
-static int coroutine_fn extlock_co_preadv(BlockDriverState *bs,
-                                          int64_t offset, int64_t bytes,
-                                          QEMUIOVector *qiov,
-                                          BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_preadv(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                  QEMUIOVector *qiov, BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_READ, EXTLOCK_MODE_SHARED,
                              offset, bytes, qiov, flags);
 }
 
-static int coroutine_fn extlock_co_pwritev(BlockDriverState *bs,
-                                           int64_t offset, int64_t bytes,
-                                           QEMUIOVector *qiov,
-                                           BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pwritev(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                   QEMUIOVector *qiov, BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_WRITE, EXTLOCK_MODE_EXCLUSIVE,
                              offset, bytes, qiov, flags);
 }
 
-static int coroutine_fn extlock_co_pwrite_zeroes(BlockDriverState *bs,
-                                                 int64_t offset,
-                                                 int64_t bytes,
-                                                 BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                         BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_ZERO, EXTLOCK_MODE_EXCLUSIVE,
                              offset, bytes, NULL, flags);
 }
 
-static int coroutine_fn extlock_co_pdiscard(BlockDriverState *bs,
-                                            int64_t offset, int64_t bytes)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_DISCARD, EXTLOCK_MODE_EXCLUSIVE,
                              offset, bytes, NULL, 0);
@@ -579,13 +577,10 @@ static int coroutine_fn extlock_co_pdiscard(BlockDriverState *bs,
  * correct answer; what it costs is sparseness (qemu-img map, sparse
  * copies).  No lock: the answer does not depend on the image.
  */
-static int coroutine_fn extlock_co_block_status(BlockDriverState *bs,
-                                                bool want_zero,
-                                                int64_t offset,
-                                                int64_t bytes,
-                                                int64_t *pnum,
-                                                int64_t *map,
-                                                BlockDriverState **file)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
+                        int64_t bytes, int64_t *pnum, int64_t *map,
+                        BlockDriverState **file)
 {
     *pnum = bytes;
     *map = offset;
@@ -593,7 +588,8 @@ static int coroutine_fn extlock_co_block_status(BlockDriverState *bs,
     return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID;
 }
 
-static int coroutine_fn extlock_co_flush(BlockDriverState *bs)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_flush(BlockDriverState *bs)
 {
     /* A flush orders nothing between hosts: no lock needed */
     return extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, NULL);
@@ -604,11 +600,10 @@ static int coroutine_fn extlock_co_flush(BlockDriverState *bs)
  * shrink would drop data they may hold locks on: refuse, rather than let
  * the generic filter code pass the resize to the image.
  */
-static int coroutine_fn extlock_co_truncate(BlockDriverState *bs,
-                                            int64_t offset, bool exact,
-                                            PreallocMode prealloc,
-                                            BdrvRequestFlags flags,
-                                            Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
+                    PreallocMode prealloc, BdrvRequestFlags flags,
+                    Error **errp)
 {
     error_setg(errp, "extlock: cannot resize the shared image through node "
                "'%s': the other hosts sharing it would not see the new "
@@ -617,12 +612,14 @@ static int coroutine_fn extlock_co_truncate(BlockDriverState *bs,
     return -ENOTSUP;
 }
 
-static int64_t extlock_getlength(BlockDriverState *bs)
+static int64_t coroutine_fn GRAPH_RDLOCK
+extlock_co_getlength(BlockDriverState *bs)
 {
-    return bdrv_getlength(bs->file->bs);
+    return extlock_co_child_getlength(bs->file->bs);
 }
 
-static void extlock_refresh_limits(BlockDriverState *bs, Error **errp)
+static void GRAPH_RDLOCK
+extlock_refresh_limits(BlockDriverState *bs, Error **errp)
 {
     /*
      * The child's limits are inherited by the generic code; a request
@@ -630,11 +627,10 @@ static void extlock_refresh_limits(BlockDriverState *bs, Error **errp)
      */
 }
 
-static void extlock_child_perm(BlockDriverState *bs, BdrvChild *c,
-                               BdrvChildRole role,
-                               BlockReopenQueue *reopen_queue,
-                               uint64_t perm, uint64_t shared,
-                               uint64_t *nperm, uint64_t *nshared)
+static void GRAPH_RDLOCK
+extlock_child_perm(BlockDriverState *bs, BdrvChild *c, BdrvChildRole role,
+                   BlockReopenQueue *reopen_queue, uint64_t perm,
+                   uint64_t shared, uint64_t *nperm, uint64_t *nshared)
 {
     bdrv_default_perms(bs, c, role, reopen_queue, perm, shared,
                        nperm, nshared);
@@ -679,7 +675,7 @@ BlockDriver bdrv_extlock = {
     .bdrv_close                 = extlock_close,
     .bdrv_child_perm            = extlock_child_perm,
 
-    .bdrv_getlength             = extlock_getlength,
+    EXTLOCK_DRV_GETLENGTH(extlock_co_getlength),
     .bdrv_co_truncate           = extlock_co_truncate,
     .bdrv_refresh_limits        = extlock_refresh_limits,
 

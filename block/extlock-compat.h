@@ -1,0 +1,154 @@
+/*
+ * extlock: one driver source for QEMU 7.2 and QEMU 10.0
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The driver is written against QEMU 10.0's block layer.  This header
+ * supplies what 10.0 has and 7.2 lacks, and wraps the few calls whose
+ * signature changed between the two, so that no .c file needs a version
+ * test.  QEMU_VERSION_MAJOR comes from config-host.h, which qemu/osdep.h
+ * includes first in every QEMU source file; the QEMU patches need no
+ * define of their own.  Dropping 7.2 means deleting the 7.2 branches here.
+ *
+ * What changed between 7.2 and 10.0, and how the driver copes:
+ *
+ * - Graph locking (8.0): callbacks that touch the node's children are
+ *   GRAPH_RDLOCK and the main-loop code that reads bs->file outside a
+ *   callback takes bdrv_graph_rdlock_main_loop().  The annotations are
+ *   clang thread-safety attributes (empty with gcc); on 7.2 they and the
+ *   main-loop lock are empty.
+ * - .bdrv_getlength became the coroutine callback .bdrv_co_getlength
+ *   (8.0): EXTLOCK_DRV_GETLENGTH() names the right member,
+ *   extlock_co_child_getlength() the right call.  On 7.2 the callback is
+ *   also called outside coroutines, like every 7.2 .bdrv_getlength.
+ * - The AioContext lock is gone (9.0): code in the main loop that reads a
+ *   node's state owned by the node's AioContext runs it there with
+ *   extlock_run_in_aio_context(); on 7.2 it holds the AioContext lock.
+ * - aio_set_fd_handler() lost is_external (8.1) and the thread pool is
+ *   the current AioContext's (8.1): extlock_set_fd_handler(),
+ *   extlock_thread_pool_submit_co().
+ * - QAPI dropped the has_ flag of optional pointer members (8.0); absent
+ *   means NULL on both.  Test such members by their pointer; declare,
+ *   pass and set them with EXTLOCK_QAPI_OPT_PARAM(),
+ *   EXTLOCK_QAPI_OPT_ARG() and EXTLOCK_QAPI_SET_HAS().  Scalars keep
+ *   their has_ flag on both.
+ * - include/qapi/qmp/ moved to include/qobject/ (10.0): include
+ *   EXTLOCK_QDICT_H.
+ */
+
+#ifndef BLOCK_EXTLOCK_COMPAT_H
+#define BLOCK_EXTLOCK_COMPAT_H
+
+#include "block/aio.h"
+#include "block/aio-wait.h"
+#include "block/block_int.h"
+#include "block/thread-pool.h"
+
+#if QEMU_VERSION_MAJOR >= 10
+
+#define EXTLOCK_QEMU_10 1
+#include "block/graph-lock.h"
+
+#define EXTLOCK_QDICT_H "qobject/qdict.h"
+
+#define EXTLOCK_DRV_GETLENGTH(fn) .bdrv_co_getlength = (fn)
+
+static inline int64_t coroutine_fn GRAPH_RDLOCK
+extlock_co_child_getlength(BlockDriverState *bs)
+{
+    return bdrv_co_getlength(bs);
+}
+
+static inline void extlock_set_fd_handler(AioContext *ctx, int fd,
+                                          IOHandler *io_read,
+                                          IOHandler *io_write,
+                                          void *opaque)
+{
+    aio_set_fd_handler(ctx, fd, io_read, io_write, NULL, NULL, opaque);
+}
+
+/* 10.0 submits to the pool of the AioContext the coroutine runs in */
+static inline int coroutine_fn
+extlock_thread_pool_submit_co(AioContext *ctx, ThreadPoolFunc *func,
+                              void *arg)
+{
+    return thread_pool_submit_co(func, arg);
+}
+
+/*
+ * Run @fn(@opaque) in @ctx's thread and wait for it (from the main loop,
+ * outside coroutines): nothing else runs in @ctx meanwhile.
+ */
+static inline void extlock_run_in_aio_context(AioContext *ctx,
+                                              void (*fn)(void *opaque),
+                                              void *opaque)
+{
+    if (ctx == qemu_get_current_aio_context()) {
+        fn(opaque);
+    } else {
+        aio_wait_bh_oneshot(ctx, fn, opaque);
+    }
+}
+
+#define EXTLOCK_QAPI_OPT_PARAM(type, name) type name
+#define EXTLOCK_QAPI_OPT_ARG(ptr) (ptr)
+#define EXTLOCK_QAPI_SET_HAS(obj, member) ((void)0)
+
+#elif QEMU_VERSION_MAJOR == 7
+
+#define EXTLOCK_QDICT_H "qapi/qmp/qdict.h"
+
+#define GRAPH_RDLOCK
+#define GRAPH_UNLOCKED
+
+static inline void bdrv_graph_rdlock_main_loop(void)
+{
+}
+
+static inline void bdrv_graph_rdunlock_main_loop(void)
+{
+}
+
+#define EXTLOCK_DRV_GETLENGTH(fn) .bdrv_getlength = (fn)
+
+static inline int64_t extlock_co_child_getlength(BlockDriverState *bs)
+{
+    return bdrv_getlength(bs);
+}
+
+static inline void extlock_set_fd_handler(AioContext *ctx, int fd,
+                                          IOHandler *io_read,
+                                          IOHandler *io_write,
+                                          void *opaque)
+{
+    aio_set_fd_handler(ctx, fd, false, io_read, io_write, NULL, NULL,
+                       opaque);
+}
+
+static inline int coroutine_fn
+extlock_thread_pool_submit_co(AioContext *ctx, ThreadPoolFunc *func,
+                              void *arg)
+{
+    return thread_pool_submit_co(aio_get_thread_pool(ctx), func, arg);
+}
+
+static inline void extlock_run_in_aio_context(AioContext *ctx,
+                                              void (*fn)(void *opaque),
+                                              void *opaque)
+{
+    aio_context_acquire(ctx);
+    fn(opaque);
+    aio_context_release(ctx);
+}
+
+#define EXTLOCK_QAPI_OPT_PARAM(type, name) bool has_##name, type name
+#define EXTLOCK_QAPI_OPT_ARG(ptr) (ptr) != NULL, (ptr)
+#define EXTLOCK_QAPI_SET_HAS(obj, member) ((obj)->has_##member = true)
+
+#else
+#error "extlock builds into QEMU 7.2 and QEMU 10.0 only"
+#endif
+
+#endif /* BLOCK_EXTLOCK_COMPAT_H */
