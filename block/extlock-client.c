@@ -728,15 +728,14 @@ static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
     job->ioc = QIO_CHANNEL(tioc);
 
     for (;;) {
-        QCryptoTLSSessionHandshakeStatus status;
+        int status = extlock_tls_handshake_step(tioc->session, errp);
 
-        if (qcrypto_tls_session_handshake(tioc->session, errp) < 0) {
+        if (status < 0) {
             /* GnuTLS does not say which alert: name the usual causes */
             error_append_hint(errp, "The coordinator may refuse these "
                               "credentials, or not speak TLS there.\n");
             return false;
         }
-        status = qcrypto_tls_session_get_handshake_status(tioc->session);
         if (status == QCRYPTO_TLS_HANDSHAKE_COMPLETE) {
             break;
         }

@@ -36,6 +36,8 @@
  *   their has_ flag on both.
  * - include/qapi/qmp/ moved to include/qobject/ (10.0): include
  *   EXTLOCK_QDICT_H.
+ * - qcrypto_tls_session_handshake() returns the handshake status (9.2):
+ *   extlock_tls_handshake_step().
  */
 
 #ifndef BLOCK_EXTLOCK_COMPAT_H
@@ -43,8 +45,10 @@
 
 #include "block/aio.h"
 #include "block/aio-wait.h"
+#include "block/block-io.h"
 #include "block/block_int.h"
 #include "block/thread-pool.h"
+#include "crypto/tlssession.h"
 
 #if QEMU_VERSION_MAJOR >= 10
 
@@ -96,6 +100,16 @@ static inline void extlock_run_in_aio_context(AioContext *ctx,
 #define EXTLOCK_QAPI_OPT_ARG(ptr) (ptr)
 #define EXTLOCK_QAPI_SET_HAS(obj, member) ((void)0)
 
+/*
+ * One step of a TLS handshake on a non-blocking channel: -1 with @errp
+ * set, or a QCryptoTLSSessionHandshakeStatus
+ */
+static inline int extlock_tls_handshake_step(QCryptoTLSSession *sess,
+                                             Error **errp)
+{
+    return qcrypto_tls_session_handshake(sess, errp);
+}
+
 #elif QEMU_VERSION_MAJOR == 7
 
 #define EXTLOCK_QDICT_H "qapi/qmp/qdict.h"
@@ -146,6 +160,15 @@ static inline void extlock_run_in_aio_context(AioContext *ctx,
 #define EXTLOCK_QAPI_OPT_PARAM(type, name) bool has_##name, type name
 #define EXTLOCK_QAPI_OPT_ARG(ptr) (ptr) != NULL, (ptr)
 #define EXTLOCK_QAPI_SET_HAS(obj, member) ((obj)->has_##member = true)
+
+static inline int extlock_tls_handshake_step(QCryptoTLSSession *sess,
+                                             Error **errp)
+{
+    if (qcrypto_tls_session_handshake(sess, errp) < 0) {
+        return -1;
+    }
+    return qcrypto_tls_session_get_handshake_status(sess);
+}
 
 #else
 #error "extlock builds into QEMU 7.2 and QEMU 10.0 only"
