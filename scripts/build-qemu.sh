@@ -172,15 +172,26 @@ if [ ! -f "$BUILD/build.ninja" ]; then
     mkdir -p "$BUILD"
     cc="cc"
     command -v ccache >/dev/null && cc="ccache cc"
-    # Debian's interpreter: the private meson is unpacked for it
+    # 10.0: Debian's interpreter, for which the private meson is unpacked
+    # (7.2's configure takes --python only with its embedded meson)
+    pyopt=()
+    [ "$QEMU_SERIES" = 10.0 ] && pyopt=(--python=/usr/bin/python3)
     (cd "$BUILD" && "$SRC/configure" \
-        --cc="$cc" --python=/usr/bin/python3 \
+        --cc="$cc" ${pyopt[@]+"${pyopt[@]}"} \
         --target-list=x86_64-softmmu \
         --enable-tools --enable-libnfs --enable-kvm --enable-tcg \
         --enable-slirp --enable-fdt=system \
         --disable-docs --disable-user --disable-werror --disable-install-blobs \
         --without-default-features --enable-gnutls \
         --enable-trace-backends=log)
+fi
+# 10.0: the build's pyvenv finds the private meson also when ninja
+# re-runs meson by itself (outside this script, without PYTHONPATH)
+if [ -n "$TOOLS" ]; then
+    for site in "$BUILD"/pyvenv/lib/python3*/site-packages; do
+        [ -d "$site" ] &&
+            echo "$TOOLS/root/usr/lib/python3/dist-packages" > "$site/extlock-meson.pth"
+    done
 fi
 # The extlock driver's tls-creds needs QEMU's TLS code (GnuTLS); trees
 # configured before that was added are switched over once

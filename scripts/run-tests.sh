@@ -11,11 +11,15 @@
 #     any sanitizer report fails the step
 #  3b. fuzz smoke run: each libFuzzer harness of tests/fuzz for 25 s
 #     (build-fuzz/, tests/fuzz/run-fuzz.sh)
-#  4. scripts/build-qemu.sh              (patched QEMU 7.2, incremental)
-#  5. pytest tests/qemu: real qemu-io / qemu-img / qemu-storage-daemon /
-#     qemu-system-x86_64 with the extlock driver, a real extlockd and a
-#     real NFS server (nfs-ganesha on 127.0.0.1)
-#  6. tests/e2e/run-guests.py: two tiny Debian guests write and read one
+#  4. scripts/build-qemu.sh --qemu 10.0 and --qemu 7.2 (patched QEMUs,
+#     incremental, one ccache); scripts/check-graph-lock.py: the driver's
+#     graph-lock annotations under clang -Wthread-safety (one test)
+#  5. pytest tests/qemu, the whole suite against QEMU 10.0 and again
+#     against 7.2 (each counted on its own): real qemu-io / qemu-img /
+#     qemu-storage-daemon / qemu-system-x86_64 with the extlock driver, a
+#     real extlockd and a real NFS server (nfs-ganesha on 127.0.0.1)
+#  6. (6 and 7 on QEMU 10.0)
+#     tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
 #     and the same workload without extlock, which must be caught tearing
 #  7. scripts/nemesis.sh --suite: three hosts, randomized faults (partitions,
@@ -143,34 +147,68 @@ else
 fi
 rm -f "$fz_out"
 
-if [ "$WITH_QEMU" = 1 ]; then
-    step "building QEMU 7.2 with the extlock driver"
-    if bash scripts/build-qemu.sh; then
-        step "QEMU-level tests (pytest tests/qemu)"
-        rm -f build/pytest.out
-        # --timeout-method=signal: the test fails with an exception, so its
-        # fixtures still stop the processes it started
+# pytest tests/qemu against one QEMU build; adds its counts to the totals.
+#   run_qemu_suite LABEL BUILD_DIR OUT [PYTEST ARGS...]
+run_qemu_suite() {
+    local label=$1 qbuild=$2 out=$3 rc line p f e s xf xp
+    shift 3
+    step "QEMU-level tests on QEMU $label (pytest tests/qemu, $qbuild)"
+    rm -f "$out"
+    # --timeout-method=signal: the test fails with an exception, so its
+    # fixtures still stop the processes it started
+    EXTLOCK_QEMU_BUILD=$REPO/$qbuild \
         timeout -k 60 "$PYTEST_SUITE_TIMEOUT" /usr/bin/python3 -m pytest -v -rfEsxX \
-            -p no:cacheprovider --timeout="$PYTEST_TEST_TIMEOUT" \
-            --timeout-method=signal tests/qemu | tee build/pytest.out
-        rc=${PIPESTATUS[0]}
-        line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
-               build/pytest.out | tail -n1)
-        count() { echo "$line" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
-        p=$(count passed); f=$(count failed); e=$(count error)
-        s=$(count skipped); xf=$(count xfailed); xp=$(count xpassed)
-        passed=$((passed + ${p:-0}))
-        failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
-        skipped=$((skipped + ${s:-0} + ${xf:-0}))
-        echo "pytest: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
-        # 0: all passed; 1: some tests failed (counted above); anything else
-        # (interrupted, internal error, timeout, killed) is one more failure
-        if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
-            echo "pytest did not finish normally (exit status $rc): counted as one failure"
+        -p no:cacheprovider --timeout="$PYTEST_TEST_TIMEOUT" \
+        --timeout-method=signal "$@" | tee "$out"
+    rc=${PIPESTATUS[0]}
+    line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
+           "$out" | tail -n1)
+    count() { echo "$line" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
+    p=$(count passed); f=$(count failed); e=$(count error)
+    s=$(count skipped); xf=$(count xfailed); xp=$(count xpassed)
+    passed=$((passed + ${p:-0}))
+    failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
+    skipped=$((skipped + ${s:-0} + ${xf:-0}))
+    echo "pytest on QEMU $label: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
+    # 0: all passed; 1: some tests failed (counted above); anything else
+    # (interrupted, internal error, timeout, killed) is one more failure
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
+        echo "pytest did not finish normally (exit status $rc): counted as one failure"
+        failed=$((failed + 1))
+    fi
+}
+
+if [ "$WITH_QEMU" = 1 ]; then
+    step "building QEMU 10.0 with the extlock driver"
+    qemu10=0
+    if bash scripts/build-qemu.sh --qemu 10.0; then
+        qemu10=1
+        step "graph-lock annotations: clang -Wthread-safety on block/ (QEMU 10.0)"
+        if /usr/bin/python3 scripts/check-graph-lock.py build/qemu-10.0; then
+            passed=$((passed + 1))
+        else
             failed=$((failed + 1))
         fi
+    else
+        echo "QEMU 10.0 build failed"
+        failed=$((failed + 1))
+    fi
+    step "building QEMU 7.2 with the extlock driver"
+    qemu72=0
+    if bash scripts/build-qemu.sh --qemu 7.2; then
+        qemu72=1
+    else
+        echo "QEMU 7.2 build failed"
+        failed=$((failed + 1))
+    fi
 
-        step "end-to-end: two guests share one disk on NFS (short run)"
+    # The whole suite on both versions (docs/testing.rst: what runs where)
+    [ "$qemu10" = 1 ] && run_qemu_suite 10.0 build/qemu-10.0 build/pytest-qemu-10.0.out tests/qemu
+    [ "$qemu72" = 1 ] && run_qemu_suite 7.2 build/qemu build/pytest-qemu-7.2.out tests/qemu
+
+    # The end-to-end runs use the default QEMU, 10.0
+    if [ "$qemu10" = 1 ]; then
+        step "end-to-end: two guests share one disk on NFS (short run, QEMU 10.0)"
         timeout -k 30 "$E2E_TIMEOUT" /usr/bin/python3 tests/e2e/run-guests.py --seconds 10
         rc=$?
         if [ "$rc" -eq 0 ]; then
@@ -180,16 +218,13 @@ if [ "$WITH_QEMU" = 1 ]; then
             failed=$((failed + 1))
         fi
 
-        step "nemesis: randomized faults against three hosts (seeded run + control)"
+        step "nemesis: randomized faults against three hosts (seeded run + control, QEMU 10.0)"
         if timeout -k 30 "$NEMESIS_TIMEOUT" bash scripts/nemesis.sh --suite; then
             passed=$((passed + 1))
         else
             echo "nemesis run FAILED"
             failed=$((failed + 1))
         fi
-    else
-        echo "QEMU build failed"
-        failed=$((failed + 1))
     fi
 fi
 
