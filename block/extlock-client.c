@@ -237,10 +237,9 @@ static void extlock_client_fence_status(ExtlockClient *c, ExtlockMsg *msg)
                                       msg->client_id ? msg->client_id : "",
                                       extlock_fence_result_name(
                                           msg->fence_result));
-    qapi_event_send_extent_lock_fence(c->node_name,
-                                      msg->client_id ? msg->client_id : "",
-                                      result,
-                                      EXTLOCK_QAPI_OPT_ARG(msg->message));
+    extlock_event_send_fence(c->node_name,
+                             msg->client_id ? msg->client_id : "", result,
+                             msg->message);
 }
 
 static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,

@@ -30,10 +30,11 @@
  *   the current AioContext's (8.1): extlock_set_fd_handler(),
  *   extlock_thread_pool_submit_co().
  * - QAPI dropped the has_ flag of optional pointer members (8.0); absent
- *   means NULL on both.  Test such members by their pointer; declare,
- *   pass and set them with EXTLOCK_QAPI_OPT_PARAM(),
- *   EXTLOCK_QAPI_OPT_ARG() and EXTLOCK_QAPI_SET_HAS().  Scalars keep
- *   their has_ flag on both.
+ *   means NULL on both.  Test such members by their pointer; declare and
+ *   set them with EXTLOCK_QAPI_OPT_PARAM() and EXTLOCK_QAPI_SET_HAS();
+ *   call the two generated functions with one by
+ *   extlock_query_extent_locks() and extlock_event_send_fence().  Scalars
+ *   keep their has_ flag on both.
  * - include/qapi/qmp/ moved to include/qobject/ (10.0): include
  *   EXTLOCK_QDICT_H.
  * - qcrypto_tls_session_handshake() returns the handshake status (9.2):
@@ -97,7 +98,10 @@ static inline void extlock_run_in_aio_context(AioContext *ctx,
 }
 
 #define EXTLOCK_QAPI_OPT_PARAM(type, name) type name
-#define EXTLOCK_QAPI_OPT_ARG(ptr) (ptr)
+#define extlock_query_extent_locks(node_name, errp) \
+    qmp_query_extent_locks(node_name, errp)
+#define extlock_event_send_fence(node_name, client_id, result, message) \
+    qapi_event_send_extent_lock_fence(node_name, client_id, result, message)
 #define EXTLOCK_QAPI_SET_HAS(obj, member) ((void)0)
 
 /*
@@ -158,7 +162,11 @@ static inline void extlock_run_in_aio_context(AioContext *ctx,
 }
 
 #define EXTLOCK_QAPI_OPT_PARAM(type, name) bool has_##name, type name
-#define EXTLOCK_QAPI_OPT_ARG(ptr) (ptr) != NULL, (ptr)
+#define extlock_query_extent_locks(node_name, errp) \
+    qmp_query_extent_locks((node_name) != NULL, node_name, errp)
+#define extlock_event_send_fence(node_name, client_id, result, message) \
+    qapi_event_send_extent_lock_fence(node_name, client_id, result, \
+                                      (message) != NULL, message)
 #define EXTLOCK_QAPI_SET_HAS(obj, member) ((obj)->has_##member = true)
 
 static inline int extlock_tls_handshake_step(QCryptoTLSSession *sess,

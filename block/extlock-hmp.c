@@ -20,7 +20,7 @@ void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
     Error *err = NULL;
     ExtentLockNodeInfoList *list, *l;
 
-    list = qmp_query_extent_locks(EXTLOCK_QAPI_OPT_ARG(node), &err);
+    list = extlock_query_extent_locks(node, &err);
     if (hmp_handle_error(mon, err)) {
         return;
     }
