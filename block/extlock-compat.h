@@ -46,8 +46,8 @@
 
 #include "block/aio.h"
 #include "block/aio-wait.h"
-#include "block/block-io.h"
 #include "block/block_int.h"
+#include "block/block-io.h"     /* 10.0's block_int.h lacks it */
 #include "block/thread-pool.h"
 #include "crypto/tlssession.h"
 
