@@ -26,9 +26,11 @@
  * - The AioContext lock is gone (9.0): code in the main loop that reads a
  *   node's state owned by the node's AioContext runs it there with
  *   extlock_run_in_aio_context(); on 7.2 it holds the AioContext lock.
- * - aio_set_fd_handler() lost is_external (8.1) and the thread pool is
- *   the current AioContext's (8.1): extlock_set_fd_handler(),
- *   extlock_thread_pool_submit_co().
+ * - the drain callbacks are no longer coroutines (8.0): .bdrv_drain_begin
+ *   and .bdrv_drain_end (EXTLOCK_DRV_DRAIN_BEGIN/END); the driver's do
+ *   not yield, so one function serves both, coroutine_fn on 7.2 only
+ *   (EXTLOCK_DRAIN_FN).
+ * - aio_set_fd_handler() lost is_external (8.1): extlock_set_fd_handler().
  * - QAPI dropped the has_ flag of optional pointer members (8.0); absent
  *   means NULL on both.  Test such members by their pointer; declare and
  *   set them with EXTLOCK_QAPI_OPT_PARAM() and EXTLOCK_QAPI_SET_HAS();
@@ -48,7 +50,6 @@
 #include "block/aio-wait.h"
 #include "block/block_int.h"
 #include "block/block-io.h"     /* 10.0's block_int.h lacks it */
-#include "block/thread-pool.h"
 #include "crypto/tlssession.h"
 
 #if QEMU_VERSION_MAJOR >= 10
@@ -59,6 +60,10 @@
 #define EXTLOCK_QDICT_H "qobject/qdict.h"
 
 #define EXTLOCK_DRV_GETLENGTH(fn) .bdrv_co_getlength = (fn)
+
+#define EXTLOCK_DRAIN_FN
+#define EXTLOCK_DRV_DRAIN_BEGIN(fn) .bdrv_drain_begin = (fn)
+#define EXTLOCK_DRV_DRAIN_END(fn) .bdrv_drain_end = (fn)
 
 static inline int64_t coroutine_fn GRAPH_RDLOCK
 extlock_co_child_getlength(BlockDriverState *bs)
@@ -72,14 +77,6 @@ static inline void extlock_set_fd_handler(AioContext *ctx, int fd,
                                           void *opaque)
 {
     aio_set_fd_handler(ctx, fd, io_read, io_write, NULL, NULL, opaque);
-}
-
-/* 10.0 submits to the pool of the AioContext the coroutine runs in */
-static inline int coroutine_fn
-extlock_thread_pool_submit_co(AioContext *ctx, ThreadPoolFunc *func,
-                              void *arg)
-{
-    return thread_pool_submit_co(func, arg);
 }
 
 /*
@@ -131,6 +128,10 @@ static inline void bdrv_graph_rdunlock_main_loop(void)
 
 #define EXTLOCK_DRV_GETLENGTH(fn) .bdrv_getlength = (fn)
 
+#define EXTLOCK_DRAIN_FN coroutine_fn
+#define EXTLOCK_DRV_DRAIN_BEGIN(fn) .bdrv_co_drain_begin = (fn)
+#define EXTLOCK_DRV_DRAIN_END(fn) .bdrv_co_drain_end = (fn)
+
 static inline int64_t extlock_co_child_getlength(BlockDriverState *bs)
 {
     return bdrv_getlength(bs);
@@ -143,13 +144,6 @@ static inline void extlock_set_fd_handler(AioContext *ctx, int fd,
 {
     aio_set_fd_handler(ctx, fd, false, io_read, io_write, NULL, NULL,
                        opaque);
-}
-
-static inline int coroutine_fn
-extlock_thread_pool_submit_co(AioContext *ctx, ThreadPoolFunc *func,
-                              void *arg)
-{
-    return thread_pool_submit_co(aio_get_thread_pool(ctx), func, arg);
 }
 
 static inline void extlock_run_in_aio_context(AioContext *ctx,

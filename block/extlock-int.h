@@ -9,7 +9,7 @@
 #define BLOCK_EXTLOCK_INT_H
 
 #include "block/block_int.h"
-#include "extlock-client.h"
+#include "extlock-locks.h"
 
 typedef struct BDRVExtlockState {
     SocketAddress *coordinator;

@@ -4,16 +4,29 @@
  * Copyright (c) 2026 The extlock authors
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * On top of the connection (extlock-connection.h): this file calls it only
+ * through its functions, and it calls back through extlock_conn_ops.
  */
 
 #include "qemu/osdep.h"
 #include "qemu/error-report.h"
 #include "qemu/main-loop.h"
 #include "qapi/qapi-events-block-extlock.h"
-#include "extlock-client.h"
+#include "qapi/error.h"
+#include "qemu/sockets.h"
+#include "extlock-locks.h"
+#include "extlock-compat.h"
 #include "trace.h"
 
 static void extlock_cache_timer_cb(void *opaque);
+
+/* Connected to the coordinator (messages sent now reach it)? */
+static bool extlock_online(ExtlockClient *c)
+{
+    return c->conn && extlock_conn_connected(c->conn);
+}
+static void extlock_wait_timer_arm(ExtlockClient *c, int64_t when);
 
 /*
  * Wait lists.  A woken coroutine that has to wait again adds itself to a
@@ -91,10 +104,8 @@ static void extlock_send_unlock(ExtlockClient *c, uint64_t lock_id)
     ExtlockMsg msg;
 
     extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
-    msg.has_id = true;
-    msg.id = extlock_client_new_id(c);
     msg.lock = lock_id;
-    extlock_client_send(c, &msg);
+    extlock_conn_send(c->conn, &msg);
     extlock_msg_clear(&msg);
 }
 
@@ -122,7 +133,7 @@ static void extlock_stale_done(ExtlockClient *c, ExtlockCachedLock *l)
 {
     assert(l->ce.stale && l->users == 0);
     QLIST_REMOVE(l, stale_next);
-    if (l->give_back && c->fd >= 0 && l->session_gen == c->session_gen) {
+    if (l->give_back && extlock_online(c) && l->session_gen == c->session_gen) {
         trace_extlock_client_unlock(c->node_name, l->lock_id,
                                     l->ce.node.ext.start,
                                     l->ce.node.ext.end - l->ce.node.ext.start);
@@ -161,10 +172,8 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
     bool whole = part.start == ext.start && part.end == ext.end;
     ExtlockMsg msg;
 
-    assert(l->users == 0 && c->fd >= 0);
+    assert(l->users == 0 && extlock_online(c));
     extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
-    msg.has_id = true;
-    msg.id = extlock_client_new_id(c);
     msg.lock = l->lock_id;
     if (!whole) {
         /* Only ever a head or a tail: the rest stays one extent */
@@ -175,7 +184,7 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
     }
     trace_extlock_client_unlock(c->node_name, l->lock_id, part.start,
                                 part.end - part.start);
-    extlock_client_send(c, &msg);
+    extlock_conn_send(c->conn, &msg);
     extlock_msg_clear(&msg);
 
     if (whole) {
@@ -226,7 +235,7 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
         return;
     }
     assert(!l->ce.stale);
-    if (c->fd < 0) {
+    if (!extlock_online(c)) {
         /* Give it back once reconnected (the revoke is re-sent then) */
         return;
     }
@@ -246,11 +255,9 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
         ExtlockMsg msg;
 
         extlock_msg_init(&msg, EXTLOCK_MSG_DOWNGRADE);
-        msg.has_id = true;
-        msg.id = extlock_client_new_id(c);
         msg.lock = l->lock_id;
         trace_extlock_client_downgrade(c->node_name, l->lock_id);
-        extlock_client_send(c, &msg);
+        extlock_conn_send(c->conn, &msg);
         extlock_msg_clear(&msg);
         c->stats.downgrades++;
         l->ce.mode = EXTLOCK_MODE_SHARED;
@@ -269,7 +276,7 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
 
 static void extlock_cache_evict(ExtlockClient *c)
 {
-    while (c->fd >= 0 && c->n_idle > c->opts.cache_size) {
+    while (extlock_online(c) && c->n_idle > c->opts.cache_size) {
         ExtlockCachedLock *l = QTAILQ_FIRST(&c->idle);
         c->stats.cache_evictions++;
         extlock_cache_idle_del(c, l);
@@ -299,7 +306,7 @@ static void extlock_cache_timer_cb(void *opaque)
         extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
     }
 
-    while (c->fd >= 0 && (l = QTAILQ_FIRST(&c->idle)) &&
+    while (extlock_online(c) && (l = QTAILQ_FIRST(&c->idle)) &&
            l->last_used_ns + idle_ns <= now) {
         c->stats.cache_evictions++;
         extlock_cache_idle_del(c, l);
@@ -414,15 +421,18 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
     ExtlockExtent ext = extlock_ext(req->offset, req->length);
     ExtlockMsg msg;
 
-    req->id = extlock_client_new_id(c);
     req->co = qemu_coroutine_self();
     req->queued = req->done = req->warned = false;
     req->ret = 0;
     req->token = 0;
     req->blocked_by = g_ptr_array_new_with_free_func(g_free);
+    req->cancel_sent = false;
     c->stats.requests++;
     QLIST_INSERT_HEAD(&c->waiting, req, next);
-    g_hash_table_insert(c->pending, &req->id, req);
+    if (c->opts.wait_warning_ms) {
+        extlock_wait_timer_arm(c, req->start_ns +
+                               (int64_t)c->opts.wait_warning_ms * SCALE_MS);
+    }
 
     extlock_msg_init(&msg, EXTLOCK_MSG_LOCK);
     msg.has_id = true;
@@ -437,10 +447,15 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
         msg.limit_offset = 0;
         msg.limit_length = MAX(c->opts.grow_limit, ext.end);
     }
+    req->id = extlock_conn_request(c->conn, &msg, req);
+    extlock_msg_clear(&msg);
     trace_extlock_client_lock(c->node_name, req->id, req->offset,
                               req->length, extlock_mode_name(req->mode));
-    extlock_client_send(c, &msg);
-    extlock_msg_clear(&msg);
+    if (!req->id) {
+        /* Disconnected meanwhile: ask again */
+        req->done = true;
+        req->ret = -EAGAIN;
+    }
 
     while (!req->done) {
         qemu_coroutine_yield();
@@ -470,10 +485,52 @@ static void extlock_local_done(ExtlockClient *c, ExtlockRequest *req)
 static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
                                                    ExtlockRequest *req);
 
+/*
+ * May @req no longer wait for anybody: the node is drained, or
+ * extlock_client_cancel_waits() ran since it started?
+ */
+static bool extlock_req_cut(ExtlockClient *c, ExtlockRequest *req)
+{
+    return c->drain_cut || req->cancel_gen != c->cancel_gen;
+}
+
+/*
+ * @req was given no lock, so it touched nothing and may fail: the caller
+ * sees an I/O error (with werror/rerror=stop a guest's device stops and
+ * retries it when resumed).
+ */
+static int extlock_req_fail_cut(ExtlockClient *c, ExtlockRequest *req)
+{
+    c->stats.errors++;
+    trace_extlock_client_wait_cut(c->node_name, req->offset, req->length,
+                                  c->drain_cut);
+    return -EIO;
+}
+
+/* Ask the coordinator to give up queued request @req */
+static void extlock_send_cancel(ExtlockClient *c, ExtlockRequest *req)
+{
+    ExtlockMsg msg;
+
+    if (req->cancel_sent || !extlock_online(c)) {
+        return;
+    }
+    req->cancel_sent = true;
+    extlock_msg_init(&msg, EXTLOCK_MSG_CANCEL);
+    msg.request = req->id;
+    trace_extlock_client_cancel(c->node_name, req->id, req->offset,
+                                req->length);
+    if (extlock_conn_send(c->conn, &msg)) {
+        g_hash_table_add(c->cancel_ids, g_memdup2(&msg.id, sizeof(msg.id)));
+    }
+    extlock_msg_clear(&msg);
+}
+
 int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
 {
     int ret;
 
+    req->cancel_gen = c->cancel_gen;
     req->local.seq = c->next_seq++;
     req->local.mode = req->mode;
     req->local.node.ext = extlock_ext(req->offset, req->length);
@@ -506,11 +563,12 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
         if (c->closing) {
             return -EIO;
         }
+
         /*
          * Fencing: without a valid lease other hosts may own our extents,
          * so we touch nothing; queue or fail as the policy says.
          */
-        if (!extlock_client_lease_valid_at(c, now)) {
+        if (!extlock_conn_lease_valid_at(c->conn, now)) {
             if (c->opts.lease_loss_error ||
                 now - start_ns >=
                 (int64_t)c->opts.lease_loss_timeout_ms * SCALE_MS) {
@@ -519,6 +577,12 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
                 c->stats.errors++;
                 return -EIO;
             }
+            if (extlock_req_cut(c, req)) {
+                return extlock_req_fail_cut(c, req);
+            }
+            extlock_wait_timer_arm(c, start_ns +
+                                   (int64_t)c->opts.lease_loss_timeout_ms *
+                                   SCALE_MS);
             extlock_wait_on(&c->usable_waiters);
             continue;
         }
@@ -538,13 +602,18 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
              * blocking behind other hosts), and not while grants do not
              * grow (a busy lock-space: requests would go one at a time).
              */
-            if (c->fd >= 0 && c->grants_grow &&
+            if (extlock_online(c) && c->grants_grow &&
+                !extlock_req_cut(c, req) &&
                 extlock_grant_in_flight(c, req->mode)) {
                 extlock_wait_on(&c->grant_waiters);
                 continue;
             }
         }
-        if (c->fd < 0 || c->state != EXTLOCK_SESSION_ACTIVE) {
+        if (!extlock_online(c) ||
+            extlock_conn_state(c->conn) != EXTLOCK_CONN_ACTIVE) {
+            if (extlock_req_cut(c, req)) {
+                return extlock_req_fail_cut(c, req);
+            }
             /* Reconnecting: woken when connected or the lease is lost */
             extlock_wait_on(&c->usable_waiters);
             continue;
@@ -554,6 +623,10 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
         if (ret == -EAGAIN) {
             /* The connection dropped before the grant: ask again */
             continue;
+        }
+        if (ret == 0) {
+            /* Ours, whatever a drain may have asked meanwhile */
+            return 0;
         }
         return ret;
     }
@@ -581,7 +654,7 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
          * list: the coordinator sends no revocations to a node that does
          * not cache, so others would wait for lock-cache-idle-time.
          */
-        if (c->fd >= 0) {
+        if (extlock_online(c)) {
             extlock_lock_give_back(c, l, l->ce.node.ext);
         }
     } else if (l->ce.revoking) {
@@ -594,25 +667,77 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
     }
 }
 
-/* For QMP: every lock this node holds */
+static void extlock_lock_info(ExtlockClient *c, ExtlockCachedLock *l,
+                              int64_t now, ExtlockHeldInfo *info)
+{
+    info->offset = l->ce.node.ext.start;
+    info->length = l->ce.node.ext.end - l->ce.node.ext.start;
+    info->mode = l->ce.mode;
+    info->token = l->token;
+    info->held_ms = (now - l->granted_ns) / SCALE_MS;
+    info->state = l->ce.stale ? EXTLOCK_LOCK_STALE :
+                  l->ce.revoking ? EXTLOCK_LOCK_REVOKING :
+                  l->users ? EXTLOCK_LOCK_ACTIVE : EXTLOCK_LOCK_CACHED;
+    info->users = l->users;
+}
+
+/* For the monitor: every lock this node holds */
 void extlock_client_foreach_lock(ExtlockClient *c,
-                                 void (*fn)(ExtlockCachedLock *l, void *),
+                                 void (*fn)(const ExtlockHeldInfo *, void *),
                                  void *opaque)
 {
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    ExtlockHeldInfo info;
     ExtlockITNode *n;
     ExtlockCachedLock *l;
 
     for (n = extlock_itree_first(&c->locks); n; n = extlock_itree_next(n)) {
-        fn(container_of(n, ExtlockCachedLock, ce.node), opaque);
+        extlock_lock_info(c, container_of(n, ExtlockCachedLock, ce.node),
+                          now, &info);
+        fn(&info, opaque);
     }
     QLIST_FOREACH(l, &c->stale, stale_next) {
-        fn(l, opaque);
+        extlock_lock_info(c, l, now, &info);
+        fn(&info, opaque);
     }
+}
+
+/* For the monitor: every request waiting for the coordinator */
+void extlock_client_foreach_waiter(ExtlockClient *c,
+                                   void (*fn)(const ExtlockWaiterInfo *,
+                                              void *),
+                                   void *opaque)
+{
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    ExtlockRequest *req;
+
+    QLIST_FOREACH(req, &c->waiting, next) {
+        ExtlockWaiterInfo info = {
+            .offset = req->offset,
+            .length = req->length,
+            .mode = req->mode,
+            .queued = req->queued,
+            .token = req->token,
+            .waited_ms = (now - req->start_ns) / SCALE_MS,
+            .blocked_by = req->blocked_by,
+        };
+        fn(&info, opaque);
+    }
+}
+
+const ExtlockClientStats *extlock_client_stats(ExtlockClient *c)
+{
+    return &c->stats;
+}
+
+ExtlockConnection *extlock_client_conn(ExtlockClient *c)
+{
+    return c->conn;
 }
 
 /*
  * ----------------------------------------------------------------------
- * Interface to the connection (extlock-client.c)
+ * What the connection tells us (ExtlockConnOps)
  */
 
 static void extlock_request_finish(ExtlockRequest *req, int ret)
@@ -621,9 +746,12 @@ static void extlock_request_finish(ExtlockRequest *req, int ret)
     req->ret = ret;
 }
 
-void extlock_locks_handle(ExtlockClient *c, ExtlockRequest *req,
-                          ExtlockMsg *msg, GPtrArray *wake)
+static void extlock_locks_request_reply(void *opaque, void *request,
+                                        ExtlockMsg *msg)
 {
+    ExtlockClient *c = opaque;
+    ExtlockRequest *req = request;
+
     switch (msg->type) {
     case EXTLOCK_MSG_WAITING:
         if (req && !req->queued) {
@@ -637,60 +765,64 @@ void extlock_locks_handle(ExtlockClient *c, ExtlockRequest *req,
             }
             trace_extlock_client_waiting(c->node_name, req->id, req->offset,
                                          req->length, req->blocked_by->len);
+            if (extlock_req_cut(c, req)) {
+                extlock_send_cancel(c, req);
+            }
         }
         break;
     case EXTLOCK_MSG_GRANTED:
         if (req) {
             extlock_handle_granted(c, req, msg);
-            g_hash_table_remove(c->pending, &req->id);
             extlock_request_finish(req, 0);
-            g_ptr_array_add(wake, req);
+            g_ptr_array_add(c->wake, req);
         }
         break;
     case EXTLOCK_MSG_ERROR:
         if (req) {
-            error_report("extlock: node '%s': coordinator %s refused lock "
-                         "[%" PRIu64 ", +%" PRIu64 "): %s (%s)",
-                         c->node_name, c->address, req->offset, req->length,
-                         msg->message ? msg->message : "",
-                         extlock_error_code_name(msg->error));
+            if (msg->error == EXTLOCK_ERR_CANCELLED && req->cancel_sent) {
+                trace_extlock_client_wait_cut(c->node_name, req->offset,
+                                              req->length, c->drain_cut);
+            } else {
+                error_report("extlock: node '%s': coordinator %s refused "
+                             "lock [%" PRIu64 ", +%" PRIu64 "): %s (%s)",
+                             c->node_name, extlock_conn_address(c->conn),
+                             req->offset, req->length,
+                             msg->message ? msg->message : "",
+                             extlock_error_code_name(msg->error));
+            }
             c->stats.errors++;
-            g_hash_table_remove(c->pending, &req->id);
             extlock_request_finish(req, -EIO);
-            g_ptr_array_add(wake, req);
+            g_ptr_array_add(c->wake, req);
         }
-        break;
-    case EXTLOCK_MSG_REVOKE:
-        extlock_handle_revoke(c, msg);
         break;
     default:
         break;
     }
 }
 
-void extlock_locks_disconnected(ExtlockClient *c)
+static void extlock_locks_revoke(void *opaque, ExtlockMsg *msg)
 {
-    GHashTableIter it;
-    gpointer value;
+    extlock_handle_revoke(opaque, msg);
+}
 
-    g_hash_table_iter_init(&it, c->pending);
-    while (g_hash_table_iter_next(&it, NULL, &value)) {
-        ExtlockRequest *req = value;
-        if (!req->co) {
-            continue;   /* not a lock request (renew, unlock, ...) */
-        }
-        extlock_request_finish(req, -EAGAIN);
-        /* The request that is failing us right now just sees req->done */
-        if (!(qemu_in_coroutine() && req->co == qemu_coroutine_self())) {
-            aio_co_schedule(c->ctx ? c->ctx : qemu_get_aio_context(),
-                            req->co);
-        }
-        g_hash_table_iter_remove(&it);
+/* The connection is gone: the request asks again once reconnected */
+static void extlock_locks_request_lost(void *opaque, void *request)
+{
+    ExtlockClient *c = opaque;
+    ExtlockRequest *req = request;
+
+    extlock_request_finish(req, -EAGAIN);
+    /* The request that is failing us right now just sees req->done */
+    if (!(qemu_in_coroutine() && req->co == qemu_coroutine_self())) {
+        aio_co_schedule(c->ctx ? c->ctx : qemu_get_aio_context(), req->co);
     }
 }
 
-void extlock_locks_lease_lost(ExtlockClient *c)
+/* The lease is lost: no cached lock may be used again */
+static void extlock_locks_lease_lost(void *opaque)
 {
+    ExtlockClient *c = opaque;
+
     GHashTableIter it;
     gpointer value;
     g_autoptr(GPtrArray) drop = g_ptr_array_new();
@@ -711,18 +843,65 @@ void extlock_locks_lease_lost(ExtlockClient *c)
     }
 }
 
-void extlock_locks_wake_usable(ExtlockClient *c)
+static void extlock_locks_wake_usable(ExtlockClient *c)
 {
     extlock_wake_all(&c->usable_waiters);
     extlock_wake_all(&c->grant_waiters);
 }
 
-void extlock_locks_wake_grant_waiters(ExtlockClient *c)
+/* The connection or the lease changed: requests waiting for it look again */
+static void extlock_locks_state_changed(void *opaque)
 {
+    ExtlockClient *c = opaque;
+
+    if (extlock_conn_state(c->conn) == EXTLOCK_CONN_ACTIVE) {
+        /* A new connection: no reply comes to the old one's cancels */
+        g_hash_table_remove_all(c->cancel_ids);
+    }
+    extlock_locks_wake_usable(c);
+}
+
+/* A read is handled: wake the requests it completed */
+static void extlock_locks_read_done(void *opaque)
+{
+    ExtlockClient *c = opaque;
+    g_autoptr(GPtrArray) wake = c->wake;
+
+    c->wake = g_ptr_array_new();
+    for (guint i = 0; i < wake->len; i++) {
+        ExtlockRequest *req = g_ptr_array_index(wake, i);
+        if (req->co) {
+            aio_co_wake(req->co);
+        }
+    }
+    /* A grant or a "waiting" may let requests waiting for ours go ahead */
     extlock_wake_all(&c->grant_waiters);
 }
 
-void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
+/* The coordinator fences a session that our requests wait behind */
+static void extlock_locks_fence_status(void *opaque, ExtlockMsg *msg)
+{
+    ExtlockClient *c = opaque;
+    ExtentLockFenceResult result;
+
+    switch (msg->fence_result) {
+    case EXTLOCK_FENCE_STARTED:
+        result = EXTENT_LOCK_FENCE_RESULT_STARTED;
+        break;
+    case EXTLOCK_FENCE_SUCCEEDED:
+        result = EXTENT_LOCK_FENCE_RESULT_SUCCEEDED;
+        break;
+    default:
+        result = EXTENT_LOCK_FENCE_RESULT_FAILED;
+        break;
+    }
+    extlock_event_send_fence(c->node_name,
+                             msg->client_id ? msg->client_id : "", result,
+                             msg->message);
+}
+
+/* EXTENT_LOCK_WAIT_TIMEOUT for slow requests; arm for the next one */
+static void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
 {
     ExtlockRequest *req;
     int64_t limit = (int64_t)c->opts.wait_warning_ms * SCALE_MS;
@@ -731,7 +910,9 @@ void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
         return;
     }
     QLIST_FOREACH(req, &c->waiting, next) {
-        if (!req->warned && now - req->start_ns >= limit) {
+        if (!req->warned && now - req->start_ns < limit) {
+            extlock_wait_timer_arm(c, req->start_ns + limit);
+        } else if (!req->warned) {
             strList *blockers = NULL, **tail = &blockers;
 
             req->warned = true;
@@ -749,8 +930,124 @@ void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
     }
 }
 
-GArray *extlock_locks_snapshot(ExtlockClient *c)
+static void extlock_wait_timer_arm(ExtlockClient *c, int64_t when)
 {
+    if (c->wait_timer &&
+        (!timer_pending(c->wait_timer) ||
+         timer_expire_time_ns(c->wait_timer) > when)) {
+        timer_mod(c->wait_timer, when);
+    }
+}
+
+/*
+ * One-shot, at the earliest wait warning or lease-loss timeout due: the
+ * waiters look again, and those still waiting arm it for their own time.
+ */
+static void extlock_wait_timer_cb(void *opaque)
+{
+    ExtlockClient *c = opaque;
+
+    extlock_locks_check_waiters(c, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+    extlock_wake_all(&c->usable_waiters);
+}
+
+static bool extlock_locks_reply(void *opaque, ExtlockMsg *msg)
+{
+    ExtlockClient *c = opaque;
+
+    /*
+     * "cancelled", or "not-found" when the grant crossed the cancel (the
+     * request then runs under its lock).
+     */
+    return msg->has_id && g_hash_table_remove(c->cancel_ids, &msg->id);
+}
+
+void extlock_client_cancel_waits(ExtlockClient *c)
+{
+    ExtlockRequest *req;
+
+    if (!c) {
+        return;
+    }
+    c->cancel_gen++;
+    QLIST_FOREACH(req, &c->waiting, next) {
+        if (req->queued) {
+            extlock_send_cancel(c, req);
+        }
+    }
+    /* Those waiting for the connection, the lease or our grants */
+    extlock_locks_wake_usable(c);
+}
+
+static void extlock_pause_reconnect(ExtlockClient *c)
+{
+    if (!c->conn_paused) {
+        c->conn_paused = true;
+        extlock_conn_pause(c->conn);
+    }
+}
+
+/* The drain's grace is over: cut every wait, stop reconnecting */
+static void extlock_drain_cut(ExtlockClient *c)
+{
+    if (!c->drained || c->drain_cut) {
+        return;
+    }
+    trace_extlock_client_drain_cut(c->node_name);
+    c->drain_cut = true;
+    extlock_client_cancel_waits(c);
+    extlock_pause_reconnect(c);
+}
+
+static void extlock_drain_timer_cb(void *opaque)
+{
+    extlock_drain_cut(opaque);
+}
+
+void extlock_client_drain_begin(ExtlockClient *c)
+{
+    if (!c) {
+        return;
+    }
+    trace_extlock_client_drain(c->node_name, true, c->drained);
+    if (c->drained++ > 0) {
+        return;
+    }
+    c->drain_deadline_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
+                           EXTLOCK_DRAIN_GRACE_MS * SCALE_MS;
+    if (c->drain_timer) {
+        timer_mod(c->drain_timer, c->drain_deadline_ns);
+    }
+    if (!c->usable_waiters->len) {
+        /* Nobody waits for the connection: stop reconnecting at once */
+        extlock_pause_reconnect(c);
+    }
+}
+
+void extlock_client_drain_end(ExtlockClient *c)
+{
+    if (!c) {
+        return;
+    }
+    assert(c->drained > 0);
+    trace_extlock_client_drain(c->node_name, false, c->drained);
+    if (--c->drained > 0) {
+        return;
+    }
+    if (c->drain_timer) {
+        timer_del(c->drain_timer);
+    }
+    c->drain_cut = false;
+    if (c->conn_paused) {
+        c->conn_paused = false;
+        extlock_conn_resume(c->conn);
+    }
+}
+
+/* Reconnecting: what the node holds, to resume or reclaim */
+static GArray *extlock_locks_held(void *opaque)
+{
+    ExtlockClient *c = opaque;
     GArray *a = g_array_new(false, true, sizeof(ExtlockReclaim));
     ExtlockITNode *n;
     ExtlockCachedLock *l;
@@ -802,8 +1099,15 @@ static void extlock_lock_lost(ExtlockClient *c, ExtlockCachedLock *l)
     }
 }
 
-void extlock_locks_dropped(ExtlockClient *c, uint64_t lock_id)
+/*
+ * The coordinator dropped @lock_id (a reclaim of another session disputed
+ * it): never use it again (requests in flight under it finish, bounded by
+ * on-stuck-io)
+ */
+static void extlock_locks_dropped(void *opaque, uint64_t lock_id)
 {
+    ExtlockClient *c = opaque;
+
     ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &lock_id);
 
     if (l) {
@@ -845,14 +1149,17 @@ static void extlock_locks_retry_revokes(ExtlockClient *c)
     for (guint i = 0; i < revoking->len; i++) {
         extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
     }
-    for (guint i = 0; i < release->len && c->fd >= 0; i++) {
+    for (guint i = 0; i < release->len && extlock_online(c); i++) {
         ExtlockCachedLock *l = g_ptr_array_index(release, i);
         extlock_lock_give_back(c, l, l->ce.node.ext);
     }
 }
 
-void extlock_locks_resumed(ExtlockClient *c, GArray *server_locks)
+/* Resumed session: keep what the coordinator still lists, drop the rest */
+static void extlock_locks_resumed(void *opaque, GArray *server_locks)
 {
+    ExtlockClient *c = opaque;
+
     g_autoptr(GHashTable) listed = g_hash_table_new(g_int64_hash,
                                                     g_int64_equal);
     g_autoptr(GPtrArray) lost = g_ptr_array_new();
@@ -894,8 +1201,11 @@ void extlock_locks_resumed(ExtlockClient *c, GArray *server_locks)
     extlock_locks_retry_revokes(c);
 }
 
-void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims)
+/* Restarted coordinator: adopt the new ids of reclaimed locks */
+static void extlock_locks_reclaimed(void *opaque, GArray *reclaims)
 {
+    ExtlockClient *c = opaque;
+
     g_autoptr(GPtrArray) renumbered = g_ptr_array_new();
 
     /*
@@ -959,8 +1269,11 @@ void extlock_locks_reclaimed(ExtlockClient *c, GArray *reclaims)
     extlock_locks_retry_revokes(c);
 }
 
-uint64_t extlock_locks_forget_all(ExtlockClient *c)
+/* New session: every lock is gone; returns how many */
+static uint64_t extlock_locks_forget_all(void *opaque)
 {
+    ExtlockClient *c = opaque;
+
     g_autoptr(GPtrArray) all = g_ptr_array_new();
     GHashTableIter it;
     gpointer value;
@@ -982,22 +1295,119 @@ uint64_t extlock_locks_forget_all(ExtlockClient *c)
     return all->len;
 }
 
-void extlock_locks_init(ExtlockClient *c)
+static const ExtlockConnOps extlock_conn_ops = {
+    .request_reply      = extlock_locks_request_reply,
+    .request_lost       = extlock_locks_request_lost,
+    .read_done          = extlock_locks_read_done,
+    .revoke             = extlock_locks_revoke,
+    .reply              = extlock_locks_reply,
+    .lock_dropped       = extlock_locks_dropped,
+    .fence_status       = extlock_locks_fence_status,
+    .lease_lost         = extlock_locks_lease_lost,
+    .state_changed      = extlock_locks_state_changed,
+    .held_locks         = extlock_locks_held,
+    .session_resumed    = extlock_locks_resumed,
+    .session_reclaimed  = extlock_locks_reclaimed,
+    .session_new        = extlock_locks_forget_all,
+};
+
+/*
+ * ----------------------------------------------------------------------
+ * Life cycle
+ */
+
+static void extlock_locks_attach(ExtlockClient *c, AioContext *ctx)
 {
+    c->ctx = ctx;
+    c->cache_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                   extlock_cache_timer_cb, c);
+    c->wait_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                  extlock_wait_timer_cb, c);
+    c->drain_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                   extlock_drain_timer_cb, c);
+    if (c->drained && !c->drain_cut) {
+        timer_mod(c->drain_timer, c->drain_deadline_ns);
+    }
+    /* Catch up on revocations and ageing that were due while detached */
+    timer_mod(c->cache_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+}
+
+static void extlock_locks_detach(ExtlockClient *c)
+{
+    if (!c->ctx) {
+        return;
+    }
+    /* Drained: nobody waits for a lock, nobody holds one */
+    assert(QLIST_EMPTY(&c->waiting) && !c->active.count);
+    assert(!c->usable_waiters->len && !c->local_waiters->len &&
+           !c->grant_waiters->len && !c->wake->len);
+    timer_free(c->wait_timer);
+    c->wait_timer = NULL;
+    timer_free(c->drain_timer);
+    c->drain_timer = NULL;
+    timer_free(c->cache_timer);
+    c->cache_timer = NULL;
+    c->ctx = NULL;
+}
+
+ExtlockClient *extlock_client_new(const SocketAddress *addr,
+                                  const char *client_id,
+                                  const char *lock_space, uint32_t lease_ms,
+                                  const ExtlockClientOptions *opts,
+                                  QCryptoTLSCreds *tls_creds,
+                                  const char *tls_hostname,
+                                  const char *node_name,
+                                  BlockDriverState *bs, AioContext *ctx,
+                                  Error **errp)
+{
+    ExtlockClient *c = g_new0(ExtlockClient, 1);
+    ExtlockConnConfig cfg = {
+        .addr = addr,
+        .client_id = client_id,
+        .lock_space = lock_space,
+        .lease_ms = lease_ms,
+        .tls_creds = tls_creds,
+        .tls_hostname = tls_hostname,
+        .node_name = node_name,
+        .stuck_io_exit = opts->stuck_io_exit,
+        .bs = bs,
+    };
+
+    c->node_name = g_strdup(node_name);
+    c->lock_space = g_strdup(lock_space);
+    c->opts = *opts;
+    c->cancel_ids = g_hash_table_new_full(g_int64_hash, g_int64_equal,
+                                          g_free, NULL);
     c->lock_ids = g_hash_table_new(g_int64_hash, g_int64_equal);
     QLIST_INIT(&c->waiting);
     QTAILQ_INIT(&c->idle);
     QLIST_INIT(&c->stale);
+    c->wake = g_ptr_array_new();
     c->grant_waiters = g_ptr_array_new();
     c->local_waiters = g_ptr_array_new();
     c->grants_grow = true;      /* until a grant shows otherwise */
     c->usable_waiters = g_ptr_array_new();
+    extlock_locks_attach(c, ctx);
+
+    c->conn = extlock_conn_new(&cfg, &extlock_conn_ops, c, ctx, errp);
+    if (!c->conn) {
+        extlock_client_free(c);
+        return NULL;
+    }
+    return c;
 }
 
-void extlock_locks_destroy(ExtlockClient *c)
+void extlock_client_free(ExtlockClient *c)
 {
     ExtlockITNode *n;
 
+    if (!c) {
+        return;
+    }
+    c->closing = true;
+    extlock_locks_detach(c);
+    /* Says bye: the coordinator drops our locks */
+    extlock_conn_free(c->conn);
     assert(QLIST_EMPTY(&c->waiting));
     while ((n = extlock_itree_first(&c->locks))) {
         ExtlockCachedLock *l = container_of(n, ExtlockCachedLock, ce.node);
@@ -1006,25 +1416,36 @@ void extlock_locks_destroy(ExtlockClient *c)
     }
     assert(QLIST_EMPTY(&c->stale));
     g_hash_table_destroy(c->lock_ids);
+    g_hash_table_destroy(c->cancel_ids);
     assert(!c->grant_waiters->len && !c->usable_waiters->len);
     g_ptr_array_free(c->grant_waiters, true);
     g_ptr_array_free(c->usable_waiters, true);
     assert(!c->local_waiters->len && !c->active.count);
     g_ptr_array_free(c->local_waiters, true);
+    g_ptr_array_free(c->wake, true);
+    g_free(c->node_name);
+    g_free(c->lock_space);
+    g_free(c);
 }
 
-void extlock_locks_attach(ExtlockClient *c)
+void extlock_client_detach_aio_context(ExtlockClient *c)
 {
-    c->cache_timer = aio_timer_new(c->ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
-                                   extlock_cache_timer_cb, c);
-    /* Catch up on revocations and ageing that were due while detached */
-    timer_mod(c->cache_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+    extlock_locks_detach(c);
+    extlock_conn_detach_aio_context(c->conn);
 }
 
-void extlock_locks_detach(ExtlockClient *c)
+void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
 {
-    if (c->cache_timer) {
-        timer_free(c->cache_timer);
-        c->cache_timer = NULL;
-    }
+    extlock_locks_attach(c, ctx);
+    extlock_conn_attach_aio_context(c->conn, ctx);
+}
+
+void extlock_client_io_start(ExtlockClient *c)
+{
+    extlock_conn_io_start(c->conn);
+}
+
+void extlock_client_io_done(ExtlockClient *c)
+{
+    extlock_conn_io_done(c->conn);
 }

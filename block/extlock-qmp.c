@@ -18,22 +18,50 @@ static ExtentLockMode extlock_qapi_mode(ExtlockMode mode)
                                           : EXTENT_LOCK_MODE_SHARED;
 }
 
-static void extlock_held_info(ExtlockCachedLock *l, void *opaque)
+static void extlock_held_info(const ExtlockHeldInfo *l, void *opaque)
 {
     ExtentLockHeldList ***tail = opaque;
     ExtentLockHeld *h = g_new0(ExtentLockHeld, 1);
-    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
-    h->offset = l->ce.node.ext.start;
-    h->length = l->ce.node.ext.end - l->ce.node.ext.start;
-    h->mode = extlock_qapi_mode(l->ce.mode);
+    h->offset = l->offset;
+    h->length = l->length;
+    h->mode = extlock_qapi_mode(l->mode);
     h->token = l->token;
-    h->held_ms = (now - l->granted_ns) / SCALE_MS;
-    h->state = l->ce.stale ? EXTENT_LOCK_STATE_STALE :
-               l->ce.revoking ? EXTENT_LOCK_STATE_REVOKING :
-               l->users ? EXTENT_LOCK_STATE_ACTIVE : EXTENT_LOCK_STATE_CACHED;
+    h->held_ms = l->held_ms;
+    switch (l->state) {
+    case EXTLOCK_LOCK_STALE:
+        h->state = EXTENT_LOCK_STATE_STALE;
+        break;
+    case EXTLOCK_LOCK_REVOKING:
+        h->state = EXTENT_LOCK_STATE_REVOKING;
+        break;
+    case EXTLOCK_LOCK_ACTIVE:
+        h->state = EXTENT_LOCK_STATE_ACTIVE;
+        break;
+    default:
+        h->state = EXTENT_LOCK_STATE_CACHED;
+        break;
+    }
     h->in_flight = l->users;
     QAPI_LIST_APPEND(*tail, h);
+}
+
+static void extlock_waiter_info(const ExtlockWaiterInfo *req, void *opaque)
+{
+    ExtentLockWaiterList ***tail = opaque;
+    ExtentLockWaiter *w = g_new0(ExtentLockWaiter, 1);
+    strList **bt = &w->blocked_by;
+
+    w->offset = req->offset;
+    w->length = req->length;
+    w->mode = extlock_qapi_mode(req->mode);
+    w->has_token = req->queued;
+    w->token = req->token;
+    w->waited_ms = req->waited_ms;
+    for (guint i = 0; req->blocked_by && i < req->blocked_by->len; i++) {
+        QAPI_LIST_APPEND(bt, g_strdup(g_ptr_array_index(req->blocked_by, i)));
+    }
+    QAPI_LIST_APPEND(*tail, w);
 }
 
 /* Runs in the node's AioContext (7.2: with it acquired) */
@@ -41,75 +69,57 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
     ExtlockClient *c = s->client;
+    const ExtlockClientStats *stats = extlock_client_stats(c);
     ExtentLockNodeInfo *info = g_new0(ExtentLockNodeInfo, 1);
-    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     ExtentLockHeldList **held_tail = &info->held;
     ExtentLockWaiterList **wait_tail = &info->waiting;
-    ExtlockRequest *req;
+    ExtlockConnInfo conn;
 
+    extlock_conn_get_info(extlock_client_conn(c), &conn);
     info->node_name = g_strdup(bdrv_get_node_name(bs));
     info->lock_space = g_strdup(s->lock_space);
     info->client_id = g_strdup(s->client_id);
-    info->coordinator = g_strdup(c->address);
-    info->connected = extlock_client_connected(c);
-    switch (c->state) {
-    case EXTLOCK_SESSION_ACTIVE:
+    info->coordinator = g_strdup(conn.address);
+    info->connected = conn.connected;
+    switch (conn.state) {
+    case EXTLOCK_CONN_ACTIVE:
         info->state = EXTENT_LOCK_SESSION_STATE_ACTIVE;
         break;
-    case EXTLOCK_SESSION_RECONNECTING:
+    case EXTLOCK_CONN_RECONNECTING:
         info->state = EXTENT_LOCK_SESSION_STATE_RECONNECTING;
-        break;
-    case EXTLOCK_SESSION_RECLAIMING:
-        info->state = EXTENT_LOCK_SESSION_STATE_RECLAIMING;
         break;
     default:
         info->state = EXTENT_LOCK_SESSION_STATE_LEASE_LOST;
         break;
     }
-    if (info->connected) {
+    if (conn.connected) {
         EXTLOCK_QAPI_SET_HAS(info, session);
-        info->session = g_strdup(c->session);
+        info->session = g_strdup(conn.session);
     }
     info->has_epoch = true;
-    info->epoch = c->epoch;
+    info->epoch = conn.epoch;
     info->granularity = s->granularity;
-    info->lock_cache = c->opts.cache;
-    info->lease_time = c->lease_ms;
-    info->lease_remaining = extlock_client_lease_remaining_ms(c);
+    info->lock_cache = s->cache_opts.cache;
+    info->lease_time = conn.lease_ms;
+    info->lease_remaining = conn.lease_remaining_ms;
 
     extlock_client_foreach_lock(c, extlock_held_info, &held_tail);
-
-    QLIST_FOREACH(req, &c->waiting, next) {
-        ExtentLockWaiter *w = g_new0(ExtentLockWaiter, 1);
-        strList **bt = &w->blocked_by;
-
-        w->offset = req->offset;
-        w->length = req->length;
-        w->mode = extlock_qapi_mode(req->mode);
-        w->has_token = req->queued;
-        w->token = req->token;
-        w->waited_ms = (now - req->start_ns) / SCALE_MS;
-        for (guint i = 0; req->blocked_by && i < req->blocked_by->len; i++) {
-            QAPI_LIST_APPEND(bt,
-                             g_strdup(g_ptr_array_index(req->blocked_by, i)));
-        }
-        QAPI_LIST_APPEND(wait_tail, w);
-    }
+    extlock_client_foreach_waiter(c, extlock_waiter_info, &wait_tail);
 
     info->counters = g_new0(ExtentLockCounters, 1);
-    info->counters->requests = c->stats.requests;
-    info->counters->grants = c->stats.grants;
-    info->counters->waits = c->stats.waits;
-    info->counters->total_wait_us = c->stats.total_wait_us;
-    info->counters->errors = c->stats.errors;
-    info->counters->cache_hits = c->stats.cache_hits;
-    info->counters->revocations = c->stats.revocations;
-    info->counters->revocation_wait_us = c->stats.revocation_us;
-    info->counters->revocation_max_us = c->stats.revocation_max_us;
-    info->counters->downgrades = c->stats.downgrades;
-    info->counters->cache_evictions = c->stats.cache_evictions;
-    info->counters->reconnects = c->stats.reconnects;
-    info->counters->lease_losses = c->stats.lease_losses;
+    info->counters->requests = stats->requests;
+    info->counters->grants = stats->grants;
+    info->counters->waits = stats->waits;
+    info->counters->total_wait_us = stats->total_wait_us;
+    info->counters->errors = stats->errors;
+    info->counters->cache_hits = stats->cache_hits;
+    info->counters->revocations = stats->revocations;
+    info->counters->revocation_wait_us = stats->revocation_us;
+    info->counters->revocation_max_us = stats->revocation_max_us;
+    info->counters->downgrades = stats->downgrades;
+    info->counters->cache_evictions = stats->cache_evictions;
+    info->counters->reconnects = conn.reconnects;
+    info->counters->lease_losses = conn.lease_losses;
     return info;
 }
 

@@ -399,7 +399,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     s->client = extlock_client_new(s->coordinator, s->client_id,
                                    s->lock_space, s->lease_ms,
                                    &s->cache_opts, tls_creds, tls_hostname,
-                                   bdrv_get_node_name(bs),
+                                   bdrv_get_node_name(bs), bs,
                                    bdrv_get_aio_context(bs), errp);
     if (!s->client) {
         ret = -EIO;
@@ -656,6 +656,26 @@ static void extlock_attach_aio_context(BlockDriverState *bs,
     extlock_client_attach_aio_context(s->client, new_context);
 }
 
+/* Drain: see extlock_client_drain_begin() and docs/qemu-driver.rst */
+static void EXTLOCK_DRAIN_FN extlock_co_drain_begin(BlockDriverState *bs)
+{
+    BDRVExtlockState *s = bs->opaque;
+    extlock_client_drain_begin(s->client);
+}
+
+static void EXTLOCK_DRAIN_FN extlock_co_drain_end(BlockDriverState *bs)
+{
+    BDRVExtlockState *s = bs->opaque;
+    extlock_client_drain_end(s->client);
+}
+
+/* Requests waiting for another host, the connection or the lease fail */
+static void extlock_cancel_in_flight(BlockDriverState *bs)
+{
+    BDRVExtlockState *s = bs->opaque;
+    extlock_client_cancel_waits(s->client);
+}
+
 static int extlock_reopen_prepare(BDRVReopenState *reopen_state,
                                   BlockReopenQueue *queue, Error **errp)
 {
@@ -688,6 +708,9 @@ BlockDriver bdrv_extlock = {
 
     .bdrv_attach_aio_context    = extlock_attach_aio_context,
     .bdrv_detach_aio_context    = extlock_detach_aio_context,
+    EXTLOCK_DRV_DRAIN_BEGIN(extlock_co_drain_begin),
+    EXTLOCK_DRV_DRAIN_END(extlock_co_drain_end),
+    .bdrv_cancel_in_flight      = extlock_cancel_in_flight,
 
     .bdrv_reopen_prepare        = extlock_reopen_prepare,
 

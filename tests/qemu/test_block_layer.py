@@ -126,21 +126,32 @@ def test_reopen_read_only_and_back(local_image, extlockd, lock_space, procs, bin
 # the node's own round trips plus scheduling slack, far below HOLD.
 HOLD = 12
 BOUND = 6
-DRAIN_XFAIL = pytest.mark.xfail(
-    strict=True, reason="driver bug, not fixed yet (reported to the lead): a drain "
-    "waits for requests queued behind another host's lock (no drain_begin / "
-    "cancel_in_flight), so the monitor hangs for as long as that host holds it")
 
-@DRAIN_XFAIL
+
+def host_a_left_nothing(extlockd, lock_space):
+    """host-a neither holds nor waits for anything at the coordinator."""
+    sp = space(extlockd, lock_space)
+    return [h for h in sp["held"] if h["client-id"] == "host-a"] == [] and \
+        [w for w in sp["waiting"] if w["client-id"] == "host-a"] == []
+
+
 def test_blockdev_del_while_waiting_for_remote_holder(local_image, extlockd, lock_space,
-                                                      procs, binaries):
-    """A write through an NBD export waits for a lock a third client holds.
-    Deleting the export and the node must not hang the monitor until that
-    client lets go: the waiting request is failed, blockdev-del returns, the
-    coordinator ends the session and keeps no request or lock of it."""
+                                                      procs, workdir, binaries):
+    """A backup job copies into the extlock node; its write to the first
+    cluster waits for a lock a third client holds.  Cancelling the job
+    cuts that wait (.bdrv_cancel_in_flight: the queued lock request is
+    cancelled at the coordinator and fails), so the job ends and
+    blockdev-del deletes the node long before the holder lets go; the
+    coordinator ends the session and keeps no request or lock of it, and
+    nothing was written under the holder's lock."""
     binaries("qemu-storage-daemon")
-    q = procs.storage_daemon(blockdevs=[node_opts(local_image, extlockd, lock_space)],
-                             exports=[("disk", "xl0", True)])
+    src = workdir / "src.raw"
+    with open(src, "wb") as f:
+        f.truncate(IMAGE)
+    fill(src, 0, MiB, 0x77)
+    q = procs.storage_daemon(blockdevs=[
+        node_opts(local_image, extlockd, lock_space),
+        {"driver": "file", "filename": str(src), "node-name": "src"}])
     with CoordinatorClient(extlockd.address) as holder:
         holder.hello("py-holder", lock_space, lease_ms=60000)
         g = holder.lock(0, 64 * KiB, "exclusive")
@@ -152,22 +163,22 @@ def test_blockdev_del_while_waiting_for_remote_holder(local_image, extlockd, loc
             holder.unlock(g["lock"])
             fired.set()
         let_go = threading.Timer(HOLD, give_up)
-        n = NbdClient(q.nbd_path, "disk")
         try:
-            n.send_write(0, b"\x77" * 4096)
-            wait_until(lambda: waiting(q.qmp, "xl0"), timeout=10,
-                       what="the write to wait for the holder")
+            q.qmp.execute("blockdev-backup", {"job-id": "bk", "device": "src",
+                                              "target": "xl0", "sync": "full"})
+            wait_until(lambda: coordinator_waiter(extlockd, lock_space, "host-a"),
+                       timeout=10, what="the backup's write to wait for the holder")
             let_go.start()
             t0 = time.monotonic()
-            q.qmp.execute("block-export-del", {"id": "disk", "mode": "hard"},
-                          timeout=HOLD + 20)
-            q.qmp.wait_event("BLOCK_EXPORT_DELETED", timeout=HOLD + 20)
+            q.qmp.execute("job-cancel", {"id": "bk"}, timeout=HOLD + 20)
+            q.qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=HOLD + 20)
+            wait_until(lambda: q.qmp.execute("query-jobs") == [], timeout=HOLD + 20,
+                       what="the job to go away")
             q.qmp.execute("blockdev-del", {"node-name": "xl0"}, timeout=HOLD + 20)
             took = time.monotonic() - t0
         finally:
             let_go.cancel()
             let_go.join()
-            n.close()
         assert took < BOUND, f"deleting the node waited {took:.1f} s for the remote holder"
         # the holder still holds its lock, nothing of host-a is left
         wait_until(lambda: not [s for s in sessions_of(extlockd, "host-a")
@@ -175,45 +186,97 @@ def test_blockdev_del_while_waiting_for_remote_holder(local_image, extlockd, loc
                    timeout=10, what="host-a's session to end")
         sp = space(extlockd, lock_space)
         assert [h["client-id"] for h in sp["held"]] == ["py-holder"], sp
-        assert [w for w in sp["waiting"] if w["client-id"] == "host-a"] == [], sp
-        if not fired.is_set():
-            holder.unlock(g["lock"])
+        assert host_a_left_nothing(extlockd, lock_space), sp
+        assert not fired.is_set(), "the holder let go before the node was deleted"
+        holder.unlock(g["lock"])
         holder.bye()
-    assert local_image.path.read_bytes()[:4096] == bytes(4096)
+    assert local_image.path.read_bytes()[:64 * KiB] == bytes(64 * KiB)
     assert q.alive()
     assert q.qmp.execute("query-extent-locks") == []
 
 
-@DRAIN_XFAIL
 def test_drain_while_waiting_for_remote_holder(local_image, extlockd, lock_space, procs,
                                                binaries):
     """blockdev-reopen drains the node.  A drain while a request waits for
     a lock another host holds must not keep the monitor (and the whole main
-    loop) hanging for as long as that host keeps its lock: the reopen
-    returns within a bounded time (the holder here would keep the lock for
-    30 s) and the node keeps working."""
+    loop) hanging for as long as that host keeps its lock: the drain
+    cancels the queued request at the coordinator and fails it (it had
+    touched nothing), the reopen returns within a bounded time, and the
+    node keeps its session and works again once the holder is gone."""
     binaries("qemu-storage-daemon")
     opts = node_opts(local_image, extlockd, lock_space)
     q = procs.storage_daemon(blockdevs=[opts], exports=[("disk", "xl0", True)])
-    with CoordinatorClient(extlockd.address) as holder:
+    session = node_info(q.qmp, "xl0")["session"]
+    with CoordinatorClient(extlockd.address) as holder, NbdClient(q.nbd_path, "disk") as n:
         holder.hello("py-holder", lock_space, lease_ms=60000)
         g = holder.lock(0, 64 * KiB, "exclusive")
-        release = threading.Timer(HOLD, holder.unlock, args=(g["lock"],))
-        n = NbdClient(q.nbd_path, "disk")
+        fired = threading.Event()
+
+        def give_up():
+            holder.unlock(g["lock"])
+            fired.set()
+        let_go = threading.Timer(HOLD, give_up)
         try:
-            n.send_write(0, b"\x77" * 4096)
+            h = n.send_write(0, b"\x77" * 4096)
             wait_until(lambda: waiting(q.qmp, "xl0"), timeout=10,
                        what="the write to wait for the holder")
-            release.start()
+            let_go.start()
             t0 = time.monotonic()
             q.qmp.execute("blockdev-reopen", {"options": [opts]}, timeout=HOLD + 20)
             took = time.monotonic() - t0
+            err, _ = n.wait(h, timeout=HOLD + 20)
         finally:
-            release.cancel()
-            release.join()
-            n.close()
-    assert took < BOUND, f"the drain waited {took:.1f} s for the remote holder"
-    assert node_info(q.qmp, "xl0")["state"] == "active"
+            let_go.cancel()
+            let_go.join()
+        assert took < BOUND, f"the drain waited {took:.1f} s for the remote holder"
+        assert err != 0, "the write waiting through the drain did not fail"
+        assert not fired.is_set(), "the holder let go before the drain ended"
+        wait_until(lambda: host_a_left_nothing(extlockd, lock_space), timeout=10,
+                   what="the cancelled request to leave the coordinator's queue")
+        assert local_image.path.read_bytes()[:4096] == bytes(4096)
+        holder.unlock(g["lock"])
+        holder.bye()
+        err, _ = n.wait(n.send_write(0, b"\x78" * 4096), timeout=10)
+        assert err == 0
+    info = node_info(q.qmp, "xl0")
+    assert info["state"] == "active" and info["session"] == session, info
+    assert local_image.path.read_bytes()[:4096] == b"\x78" * 4096
+
+
+def test_drain_lets_a_released_wait_complete(local_image, extlockd, lock_space, procs,
+                                            binaries):
+    """Drains are also QEMU's "wait until all I/O is done" (VM stop,
+    qemu-io aio_flush): a request waiting for a lock that its holder gives
+    back while the node is drained, within the drain's grace, completes
+    instead of failing.  The holder lets go as soon as the node's drain
+    has begun (its extlock_client_drain trace event)."""
+    binaries("qemu-storage-daemon")
+    opts = node_opts(local_image, extlockd, lock_space)
+    q = procs.storage_daemon(blockdevs=[opts], exports=[("disk", "xl0", True)],
+                             extra_args=["--trace", "extlock_client_drain*"])
+    with CoordinatorClient(extlockd.address) as holder, NbdClient(q.nbd_path, "disk") as n:
+        holder.hello("py-holder", lock_space, lease_ms=60000)
+        g = holder.lock(0, 64 * KiB, "exclusive")
+        h = n.send_write(0, b"\x79" * 4096)
+        wait_until(lambda: waiting(q.qmp, "xl0"), timeout=10,
+                   what="the write to wait for the holder")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            ret=q.qmp.execute("blockdev-reopen", {"options": [opts]}, timeout=30)))
+        t.start()
+        try:
+            wait_until(lambda: "extlock_client_drain node xl0 begin 1" in q.stderr(),
+                       timeout=10, what="the node's drain to begin")
+            holder.unlock(g["lock"])
+        finally:
+            t.join(timeout=30)
+        assert "ret" in result, "blockdev-reopen did not return"
+        err, _ = n.wait(h, timeout=10)
+        assert err == 0, "a write whose holder let go within the drain's grace failed"
+        holder.bye()
+    assert "extlock_client_drain_cut" not in q.stderr()
+    assert local_image.path.read_bytes()[:4096] == b"\x79" * 4096
+    assert node_info(q.qmp, "xl0")["counters"]["errors"] == 0
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +372,116 @@ def test_move_between_aio_contexts(local_image, extlockd, lock_space, procs, bin
     assert info["counters"]["errors"] == 0 and info["counters"]["lease-losses"] == 0
     data = local_image.path.read_bytes()[:5 * 4096]
     assert data == b"".join(bytes([p]) * 4096 for p in range(1, 6))
+
+
+class SilentCoordinator:
+    """Listens where the coordinator did, accepts connections and never
+    answers: a node's connect then waits for the hello's answer (up to its
+    10 s answer timeout) in its connect thread."""
+
+    def __init__(self, path):
+        import socket
+        self.path = path
+        path.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(16)
+        self.conns = []
+
+    def accepted(self, timeout):
+        import select
+        r, _, _ = select.select([self.listener], [], [], timeout)
+        if r:
+            self.conns.append(self.listener.accept()[0])
+        return len(self.conns)
+
+    def close(self):
+        for c in self.conns:
+            c.close()
+        self.listener.close()
+        self.path.unlink(missing_ok=True)
+
+
+# A move drains the node: it must cut a pending connect, not wait for the
+# coordinator's answer (10 s).  Bound: a few scheduling rounds.
+MOVE_BOUND = 3
+
+
+def test_move_while_connect_hangs(local_image, extlockd, lock_space, procs, binaries):
+    """The coordinator is gone and something that never answers listens in
+    its place: the node's reconnection waits for a hello answer in its
+    connect thread.  Moving the node between AioContexts (each move drains
+    it and detaches/attaches it) cuts that wait at once, leaving the
+    connect to its detached thread, and the reconnection goes on in the
+    new context: when the real coordinator is back the node reconnects
+    there, and I/O works in the iothread.  Without the pause the detach
+    finds the reconnection in flight and asserts."""
+    binaries("qemu-system-x86_64")
+    vm = procs.qemu_system(
+        blockdevs=[node_opts(local_image, extlockd, lock_space, lock_cache=True,
+                             lease_time=60000)],
+        extra_args=["-object", "iothread,id=io0", "-object", "iothread,id=io1"])
+
+    def move(iothread):
+        vm.qmp.execute("x-blockdev-set-iothread",
+                       {"node-name": "xl0", "iothread": iothread}, timeout=30)
+
+    hmp_io(vm, "xl0", "write -P 0x01 0 4k")
+    extlockd.kill()
+    vm.qmp.wait_event("EXTENT_LOCK_COORDINATOR_LOST", timeout=10)
+    silent = SilentCoordinator(extlockd.socket_path)
+    try:
+        for target in ("io0", "io1", None, "io0"):
+            # the node is (again) waiting in a connect that gets no answer
+            n = len(silent.conns)
+            wait_until(lambda: silent.accepted(0.2) > n, timeout=15,
+                       what="the node to connect to the silent coordinator")
+            t0 = time.monotonic()
+            move(target)
+            took = time.monotonic() - t0
+            assert took < MOVE_BOUND, f"moving the node waited {took:.1f} s for a connect"
+            assert vm.alive()
+    finally:
+        silent.close()
+    extlockd.start()
+    vm.qmp.wait_event("EXTENT_LOCK_COORDINATOR_RESTORED", timeout=30)
+    hmp_io(vm, "xl0", "write -P 0x02 4k 4k")
+    hmp_io(vm, "xl0", "read -P 0x01 0 4k")
+    info = node_info(vm.qmp, "xl0")
+    assert info["state"] == "active" and info["connected"], info
+    assert info["counters"]["lease-losses"] == 0, info["counters"]
+    data = local_image.path.read_bytes()[:8192]
+    assert data == b"\x01" * 4096 + b"\x02" * 4096
+    vm.qmp.execute("x-blockdev-set-iothread", {"node-name": "xl0", "iothread": None})
+    vm.stop()
+    assert "Assertion" not in vm.stderr(), vm.stderr()
+
+
+def test_blockdev_del_while_connect_hangs(local_image, extlockd, lock_space, procs,
+                                         binaries):
+    """Closing the node never waits for a connect: while its reconnection
+    waits for a coordinator that accepted the connection and never
+    answers, blockdev-del returns at once (the connect is left to its
+    detached thread, which frees itself when it gives up), and the daemon
+    stays healthy."""
+    binaries("qemu-storage-daemon")
+    q = procs.storage_daemon(blockdevs=[node_opts(local_image, extlockd, lock_space)])
+    extlockd.kill()
+    q.qmp.wait_event("EXTENT_LOCK_COORDINATOR_LOST", timeout=10)
+    silent = SilentCoordinator(extlockd.socket_path)
+    try:
+        wait_until(lambda: silent.accepted(0.2) > 0, timeout=15,
+                   what="the node to connect to the silent coordinator")
+        t0 = time.monotonic()
+        q.qmp.execute("blockdev-del", {"node-name": "xl0"}, timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert took < MOVE_BOUND, f"deleting the node waited {took:.1f} s for a connect"
+    assert q.alive()
+    assert q.qmp.execute("query-extent-locks") == []
+    nodes = q.qmp.execute("query-named-block-nodes", {"flat": True})
+    assert "xl0" not in [n["node-name"] for n in nodes], nodes
 
 
 # ---------------------------------------------------------------------------

@@ -761,7 +761,7 @@ def test_partition_beyond_lease_fences_before_regrant(local_image, coord, lock_s
             assert info["state"] == "lease-lost" and info["held"] == [], info
             ev = a.qmp.wait_event(LOST, timeout=5)
             check_event(ev, LOST, node_name="xla",
-                        coordinator=f"inet:127.0.0.1:{link.port}")
+                        coordinator=f"tcp:127.0.0.1:{link.port}")
 
             err, _ = nb.wait(h, timeout=(lease + fence) / 1000 + 10)
             t_b = time.monotonic()

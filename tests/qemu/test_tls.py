@@ -219,7 +219,7 @@ def test_refused_at_open(case, local_image, tls_extlockd, extlockd, lock_space,
     assert r.returncode != 0, out
     assert "can't open" in out, out
     assert expect in out, out
-    assert f"inet:127.0.0.1:" in out, out          # names the coordinator
+    assert f"tcp:127.0.0.1:" in out, out           # names the coordinator
     assert space(tls_extlockd, lock_space) == before
     if other is not None:
         assert space(other, lock_space) == ([], [])

@@ -1,5 +1,5 @@
 /*
- * extlock: coordinator connection, session, lease and reconnection
+ * extlock: the coordinator connection: socket, session, lease, reconnection
  *
  * Copyright (c) 2026 The extlock authors
  *
@@ -22,11 +22,13 @@
 #include "qemu/sockets.h"
 #include "qemu/main-loop.h"
 #include "block/aio-wait.h"
-#include "block/thread-pool.h"
+#include "block/block_int-io.h"
+#include "qemu/thread.h"
 #include "io/channel-socket.h"
 #include "io/channel-tls.h"
 #include "crypto/tlssession.h"
-#include "extlock-client.h"
+#include "extlock-connection.h"
+#include "extlock-lease.h"
 #include "extlock-compat.h"
 #include "trace.h"
 
@@ -34,64 +36,78 @@
 #define EXTLOCK_ANSWER_TIMEOUT_MS 10000
 /* How long close waits to hand "bye" to the kernel */
 #define EXTLOCK_BYE_TIMEOUT_MS    1000
-/* Lease, slow request and queue timeout checks */
-#define EXTLOCK_TICK_MS           50
 /* Reconnection backoff */
 #define EXTLOCK_RECONNECT_MIN_MS  50
 #define EXTLOCK_RECONNECT_MAX_MS  2000
 
-static void extlock_client_set_handlers(ExtlockClient *c);
-static void extlock_client_disconnect(ExtlockClient *c, const char *why);
+struct ExtlockConnection {
+    AioContext *ctx;
+    BlockDriverState *bs;       /* counts the reconnection in flight */
+    const ExtlockConnOps *ops;
+    void *opaque;
+    SocketAddress *addr;
+    char *address;              /* socket_uri(), for messages and QMP */
+    char *client_id;
+    char *lock_space;
+    char *node_name;            /* for events and messages */
+    QCryptoTLSCreds *tls_creds; /* NULL: plain connection */
+    char *tls_hostname;         /* name to verify; NULL: CA only */
+    uint32_t lease_ms_wanted;   /* 0: the coordinator's default */
+    bool stuck_io_exit;
 
-static char *extlock_address_str(const SocketAddress *addr)
+    /* session */
+    ExtlockConnState state;
+    int fd;                     /* -1 while disconnected */
+    QIOChannelSocket *sioc;     /* the socket, for its fd */
+    QIOChannel *ioc;            /* all I/O: the TLS channel or @sioc */
+    char *session;
+    char *resume_secret;        /* from our welcome; resumes need it */
+    uint64_t epoch;
+    uint32_t lease_ms;
+    int64_t lease_deadline_ns;  /* QEMU_CLOCK_REALTIME, margin included */
+    uint32_t fence_margin_ms;   /* the coordinator's, from "welcome" */
+    bool closing;
+    uint64_t reconnects;
+    uint64_t lease_losses;
+
+    /* wire */
+    ExtlockLineBuf in;
+    GString *out;
+    size_t out_done;            /* bytes of @out already written */
+    uint64_t next_id;
+    GHashTable *pending;        /* id -> lock request awaiting its reply */
+
+    /* one-shot timers */
+    QEMUTimer *renew_timer;
+    uint64_t renew_id;          /* outstanding renew, 0 if none */
+    int64_t renew_sent_ns;
+    QEMUTimer *lease_timer;     /* at the lease deadline */
+
+    /* reconnection */
+    Coroutine *reconnect_co;    /* counted in flight of @bs */
+    QemuCoSleep reconnect_sleep;
+    struct ExtlockConnJob *connect_job; /* the connect @reconnect_co awaits */
+    unsigned paused;            /* drained sections: no reconnection */
+
+    /* requests forwarded to the child (in-flight bound, on-stuck-io) */
+    uint64_t io_in_flight;
+    QEMUTimer *stuck_timer;     /* one-shot, at the in-flight bound */
+    bool stuck_reported;
+};
+
+static void extlock_conn_set_handlers(ExtlockConnection *c);
+static void extlock_conn_disconnect(ExtlockConnection *c, const char *why);
+
+/* The in-flight bound (extlock_lease_stuck_bound()) of the lease now */
+static int64_t extlock_stuck_bound(ExtlockConnection *c)
 {
-    switch (addr->type) {
-    case SOCKET_ADDRESS_TYPE_UNIX:
-        return g_strdup_printf("unix:%s", addr->u.q_unix.path);
-    case SOCKET_ADDRESS_TYPE_INET:
-        return g_strdup_printf("inet:%s:%s", addr->u.inet.host,
-                               addr->u.inet.port);
-    case SOCKET_ADDRESS_TYPE_VSOCK:
-        return g_strdup_printf("vsock:%s:%s", addr->u.vsock.cid,
-                               addr->u.vsock.port);
-    case SOCKET_ADDRESS_TYPE_FD:
-        return g_strdup_printf("fd:%s", addr->u.fd.str);
-    default:
-        return g_strdup("unknown");
-    }
+    return extlock_lease_stuck_bound(c->lease_deadline_ns, c->lease_ms,
+                                     c->fence_margin_ms);
 }
 
-/* The client-side safety margin: a tenth of the lease, at most 1 s */
-static int64_t extlock_lease_margin_ns(uint32_t lease_ms)
+static void extlock_conn_stuck_cb(void *opaque)
 {
-    return MIN((int64_t)lease_ms * SCALE_MS / 10, 1000 * SCALE_MS);
-}
-
-static int64_t extlock_deadline(uint32_t lease_ms, int64_t sent_ns)
-{
-    return sent_ns + (int64_t)lease_ms * SCALE_MS -
-           extlock_lease_margin_ns(lease_ms);
-}
-
-/*
- * The in-flight bound: the coordinator may re-grant this node's locks at
- * its receipt of our last renewal + lease + fence margin, which is no
- * earlier than our deadline D + client margin + fence margin.  A request
- * still in the child by then could land after another host's write, so
- * the node must have given up before: at D + 90 % of (client margin +
- * fence margin), leaving a tenth of that for exiting.
- */
-static int64_t extlock_stuck_bound(ExtlockClient *c)
-{
-    int64_t margins = extlock_lease_margin_ns(c->lease_ms) +
-                      (int64_t)c->fence_margin_ms * SCALE_MS;
-
-    return c->lease_deadline_ns + margins - margins / 10;
-}
-
-static void extlock_client_stuck_cb(void *opaque)
-{
-    ExtlockClient *c = opaque;
+    ExtlockConnection *c = opaque;
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     int64_t bound = extlock_stuck_bound(c);
 
@@ -103,7 +119,7 @@ static void extlock_client_stuck_cb(void *opaque)
         timer_mod(c->stuck_timer, bound);
         return;
     }
-    if (c->opts.stuck_io_exit) {
+    if (c->stuck_io_exit) {
         error_report("extlock: node '%s': %" PRIu64 " requests still in "
                      "flight %" PRId64 " ms after the lease deadline, and "
                      "the coordinator may re-grant their locks from %"
@@ -125,7 +141,7 @@ static void extlock_client_stuck_cb(void *opaque)
     }
 }
 
-void extlock_client_io_start(ExtlockClient *c)
+void extlock_conn_io_start(ExtlockConnection *c)
 {
     c->io_in_flight++;
     if (c->stuck_timer && !c->stuck_reported &&
@@ -134,7 +150,7 @@ void extlock_client_io_start(ExtlockClient *c)
     }
 }
 
-void extlock_client_io_done(ExtlockClient *c)
+void extlock_conn_io_done(ExtlockConnection *c)
 {
     assert(c->io_in_flight > 0);
     if (!--c->io_in_flight) {
@@ -143,33 +159,48 @@ void extlock_client_io_done(ExtlockClient *c)
     }
 }
 
-uint64_t extlock_client_new_id(ExtlockClient *c)
+static uint64_t extlock_conn_new_id(ExtlockConnection *c)
 {
     return c->next_id++;
 }
 
-bool extlock_client_connected(ExtlockClient *c)
+bool extlock_conn_connected(ExtlockConnection *c)
 {
     return c->fd >= 0;
 }
 
-int64_t extlock_client_lease_remaining_ms(ExtlockClient *c)
+ExtlockConnState extlock_conn_state(ExtlockConnection *c)
+{
+    return c->state;
+}
+
+const char *extlock_conn_address(ExtlockConnection *c)
+{
+    return c->address;
+}
+
+static int64_t extlock_conn_lease_remaining_ms(ExtlockConnection *c)
 {
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     return (c->lease_deadline_ns - now) / SCALE_MS;
 }
 
-bool extlock_client_lease_valid_at(ExtlockClient *c, int64_t now)
+bool extlock_conn_lease_valid_at(ExtlockConnection *c, int64_t now)
 {
-    return c->state != EXTLOCK_SESSION_LEASE_LOST &&
-           c->state != EXTLOCK_SESSION_RECLAIMING &&
-           now < c->lease_deadline_ns;
+    return c->state != EXTLOCK_CONN_LEASE_LOST && now < c->lease_deadline_ns;
 }
 
-bool extlock_client_lease_valid(ExtlockClient *c)
+void extlock_conn_get_info(ExtlockConnection *c, ExtlockConnInfo *info)
 {
-    return extlock_client_lease_valid_at(c,
-               qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+    info->address = c->address;
+    info->connected = c->fd >= 0;
+    info->state = c->state;
+    info->session = c->session;
+    info->epoch = c->epoch;
+    info->lease_ms = c->lease_ms;
+    info->lease_remaining_ms = extlock_conn_lease_remaining_ms(c);
+    info->reconnects = c->reconnects;
+    info->lease_losses = c->lease_losses;
 }
 
 /*
@@ -177,7 +208,7 @@ bool extlock_client_lease_valid(ExtlockClient *c)
  * Output
  */
 
-static void extlock_client_flush(ExtlockClient *c)
+static void extlock_conn_flush(ExtlockConnection *c)
 {
     while (c->fd >= 0 && c->out_done < c->out->len) {
         Error *err = NULL;
@@ -187,7 +218,7 @@ static void extlock_client_flush(ExtlockClient *c)
             break;
         }
         if (n < 0) {
-            extlock_client_disconnect(c, error_get_pretty(err));
+            extlock_conn_disconnect(c, error_get_pretty(err));
             error_free(err);
             return;
         }
@@ -197,16 +228,43 @@ static void extlock_client_flush(ExtlockClient *c)
         g_string_truncate(c->out, 0);
         c->out_done = 0;
     }
-    extlock_client_set_handlers(c);
+    extlock_conn_set_handlers(c);
 }
 
-void extlock_client_send(ExtlockClient *c, const ExtlockMsg *msg)
+static void extlock_conn_write_msg(ExtlockConnection *c, const ExtlockMsg *msg)
 {
     if (c->fd < 0) {
         return;
     }
     extlock_msg_format(msg, c->out);
-    extlock_client_flush(c);
+    extlock_conn_flush(c);
+}
+
+uint64_t extlock_conn_send(ExtlockConnection *c, ExtlockMsg *msg)
+{
+    if (c->fd < 0) {
+        return 0;
+    }
+    msg->has_id = true;
+    msg->id = extlock_conn_new_id(c);
+    extlock_conn_write_msg(c, msg);
+    return msg->id;
+}
+
+uint64_t extlock_conn_request(ExtlockConnection *c, ExtlockMsg *msg, void *req)
+{
+    uint64_t *key;
+
+    if (c->fd < 0) {
+        return 0;
+    }
+    msg->has_id = true;
+    msg->id = extlock_conn_new_id(c);
+    key = g_new(uint64_t, 1);
+    *key = msg->id;
+    g_hash_table_insert(c->pending, key, req);
+    extlock_conn_write_msg(c, msg);
+    return msg->id;
 }
 
 /*
@@ -214,38 +272,9 @@ void extlock_client_send(ExtlockClient *c, const ExtlockMsg *msg)
  * Input
  */
 
-/* The coordinator fences a session that our requests wait behind */
-static void extlock_client_fence_status(ExtlockClient *c, ExtlockMsg *msg)
+static void extlock_conn_handle(ExtlockConnection *c, ExtlockMsg *msg)
 {
-    ExtentLockFenceResult result;
-
-    if (msg->lock_space && strcmp(msg->lock_space, c->lock_space)) {
-        return;
-    }
-    switch (msg->fence_result) {
-    case EXTLOCK_FENCE_STARTED:
-        result = EXTENT_LOCK_FENCE_RESULT_STARTED;
-        break;
-    case EXTLOCK_FENCE_SUCCEEDED:
-        result = EXTENT_LOCK_FENCE_RESULT_SUCCEEDED;
-        break;
-    default:
-        result = EXTENT_LOCK_FENCE_RESULT_FAILED;
-        break;
-    }
-    trace_extlock_client_fence_status(c->node_name,
-                                      msg->client_id ? msg->client_id : "",
-                                      extlock_fence_result_name(
-                                          msg->fence_result));
-    extlock_event_send_fence(c->node_name,
-                             msg->client_id ? msg->client_id : "", result,
-                             msg->message);
-}
-
-static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
-                                  GPtrArray *wake)
-{
-    ExtlockRequest *req = NULL;
+    void *req = NULL;
 
     if (msg->has_id) {
         req = g_hash_table_lookup(c->pending, &msg->id);
@@ -254,18 +283,21 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
     switch (msg->type) {
     case EXTLOCK_MSG_RENEWED:
         if (msg->has_id && msg->id == c->renew_id) {
-            c->lease_deadline_ns = extlock_deadline(c->lease_ms,
+            c->lease_deadline_ns = extlock_lease_deadline(c->lease_ms,
                                                     c->renew_sent_ns);
             c->renew_id = 0;
             trace_extlock_client_renewed(c->node_name,
-                                         extlock_client_lease_remaining_ms(c));
+                                         extlock_conn_lease_remaining_ms(c));
         }
         return;
     case EXTLOCK_MSG_UNLOCKED:
     case EXTLOCK_MSG_DOWNGRADED:
         return;
+    case EXTLOCK_MSG_CANCELLED:
+        c->ops->reply(c->opaque, msg);
+        return;
     case EXTLOCK_MSG_SESSION_EXPIRED:
-        extlock_client_disconnect(c, msg->message ? msg->message
+        extlock_conn_disconnect(c, msg->message ? msg->message
                                                   : "session expired");
         return;
     case EXTLOCK_MSG_ERROR:
@@ -274,7 +306,10 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
             error_report("extlock: node '%s': coordinator %s dropped lock "
                          "%" PRIu64 ": %s", c->node_name, c->address,
                          msg->lock, msg->message ? msg->message : "");
-            extlock_locks_dropped(c, msg->lock);
+            c->ops->lock_dropped(c->opaque, msg->lock);
+            return;
+        }
+        if (!req && c->ops->reply(c->opaque, msg)) {
             return;
         }
         if (!req) {
@@ -291,21 +326,35 @@ static void extlock_client_handle(ExtlockClient *c, ExtlockMsg *msg,
         break;
     case EXTLOCK_MSG_WAITING:
     case EXTLOCK_MSG_GRANTED:
-    case EXTLOCK_MSG_REVOKE:
         break;
+    case EXTLOCK_MSG_REVOKE:
+        c->ops->revoke(c->opaque, msg);
+        return;
     case EXTLOCK_MSG_FENCE_STATUS:
-        extlock_client_fence_status(c, msg);
+        if (!msg->lock_space || !strcmp(msg->lock_space, c->lock_space)) {
+            trace_extlock_client_fence_status(c->node_name,
+                msg->client_id ? msg->client_id : "",
+                extlock_fence_result_name(msg->fence_result));
+            c->ops->fence_status(c->opaque, msg);
+        }
         return;
     default:
         trace_extlock_client_unexpected(c->node_name,
                                         extlock_msg_type_name(msg->type));
         return;
     }
-    extlock_locks_handle(c, req, msg, wake);
+    if (!req) {
+        return;                 /* a request we forgot (disconnected) */
+    }
+    if (msg->type != EXTLOCK_MSG_WAITING) {
+        /* The final reply */
+        g_hash_table_remove(c->pending, &msg->id);
+    }
+    c->ops->request_reply(c->opaque, req, msg);
 }
 
 /* Handle every complete line buffered; false if the connection broke */
-static bool extlock_client_parse(ExtlockClient *c, GPtrArray *wake)
+static bool extlock_conn_parse(ExtlockConnection *c)
 {
     for (;;) {
         const char *line;
@@ -318,7 +367,7 @@ static bool extlock_client_parse(ExtlockClient *c, GPtrArray *wake)
             return true;
         }
         if (r == EXTLOCK_LINE_TOO_LONG) {
-            extlock_client_disconnect(c, "oversized message from "
+            extlock_conn_disconnect(c, "oversized message from "
                                       "coordinator");
             return false;
         }
@@ -328,10 +377,10 @@ static bool extlock_client_parse(ExtlockClient *c, GPtrArray *wake)
                 g_strdup_printf("bad message from coordinator: %s",
                                 err.message);
             extlock_msg_clear(&msg);
-            extlock_client_disconnect(c, why);
+            extlock_conn_disconnect(c, why);
             return false;
         }
-        extlock_client_handle(c, &msg, wake);
+        extlock_conn_handle(c, &msg);
         extlock_msg_clear(&msg);
         if (c->fd < 0) {
             return false;
@@ -339,10 +388,9 @@ static bool extlock_client_parse(ExtlockClient *c, GPtrArray *wake)
     }
 }
 
-static void extlock_client_read(void *opaque)
+static void extlock_conn_read(void *opaque)
 {
-    ExtlockClient *c = opaque;
-    g_autoptr(GPtrArray) wake = g_ptr_array_new();
+    ExtlockConnection *c = opaque;
     char buf[16384];
 
     /*
@@ -350,7 +398,7 @@ static void extlock_client_read(void *opaque)
      * GnuTLS hands out one record per read and may hold more records than
      * the socket shows as readable: read until the channel would block.
      */
-    while (c->fd >= 0 && extlock_client_parse(c, wake)) {
+    while (c->fd >= 0 && extlock_conn_parse(c)) {
         Error *err = NULL;
         ssize_t n = qio_channel_read(c->ioc, buf, sizeof(buf), &err);
 
@@ -358,7 +406,7 @@ static void extlock_client_read(void *opaque)
             break;
         }
         if (n <= 0) {
-            extlock_client_disconnect(c, n == 0 ?
+            extlock_conn_disconnect(c, n == 0 ?
                                       "connection closed by coordinator" :
                                       error_get_pretty(err));
             error_free(err);
@@ -367,38 +415,31 @@ static void extlock_client_read(void *opaque)
         extlock_linebuf_append(&c->in, buf, n);
         if (!c->tls_creds && (size_t)n < sizeof(buf)) {
             /* The socket is drained: save a read that would block */
-            extlock_client_parse(c, wake);
+            extlock_conn_parse(c);
             break;
         }
     }
 
     /*
-     * Wake requests only now, so that what they do (send, unlock, even
-     * lose the connection) cannot disturb the parsing above.
+     * Requests are woken only now, so that what they do (send, unlock,
+     * even lose the connection) cannot disturb the parsing above.
      */
-    for (guint i = 0; i < wake->len; i++) {
-        ExtlockRequest *req = g_ptr_array_index(wake, i);
-        if (req->co) {
-            aio_co_wake(req->co);
-        }
-    }
-    /* A grant or a "waiting" may let requests waiting for ours go ahead */
-    extlock_locks_wake_grant_waiters(c);
+    c->ops->read_done(c->opaque);
 }
 
-static void extlock_client_write(void *opaque)
+static void extlock_conn_write(void *opaque)
 {
-    extlock_client_flush(opaque);
+    extlock_conn_flush(opaque);
 }
 
-static void extlock_client_set_handlers(ExtlockClient *c)
+static void extlock_conn_set_handlers(ExtlockConnection *c)
 {
     if (c->fd < 0 || !c->ctx) {
         return;
     }
-    extlock_set_fd_handler(c->ctx, c->fd, extlock_client_read,
+    extlock_set_fd_handler(c->ctx, c->fd, extlock_conn_read,
                            c->out->len > c->out_done ?
-                           extlock_client_write : NULL, c);
+                           extlock_conn_write : NULL, c);
 }
 
 /*
@@ -435,9 +476,16 @@ typedef struct ExtlockConnJob {
     int64_t hello_sent_ns;
     ExtlockErrorCode refused;   /* the coordinator's error to hello */
     Error *err;
+
+    /* handoff between the connect thread and the waiting coroutine */
+    QemuMutex lock;
+    bool running;               /* the thread has not finished */
+    bool abandoned;             /* nobody waits: the thread frees the job */
+    Coroutine *wait_co;         /* woken when the thread finishes */
+    int ret;
 } ExtlockConnJob;
 
-static ExtlockConnJob *extlock_conn_job_new(ExtlockClient *c)
+static ExtlockConnJob *extlock_job_new(ExtlockConnection *c)
 {
     ExtlockConnJob *job = g_new0(ExtlockConnJob, 1);
 
@@ -452,10 +500,11 @@ static ExtlockConnJob *extlock_conn_job_new(ExtlockClient *c)
         job->tls_hostname = g_strdup(c->tls_hostname);
     }
     extlock_linebuf_init_max(&job->in, EXTLOCK_MAX_REPLY_LINE);
+    qemu_mutex_init(&job->lock);
     return job;
 }
 
-static void extlock_conn_job_free(ExtlockConnJob *job)
+static void extlock_job_free(ExtlockConnJob *job)
 {
     qapi_free_SocketAddress(job->addr);
     g_free(job->client_id);
@@ -482,6 +531,7 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
         g_array_unref(job->server_locks);
     }
     error_free(job->err);
+    qemu_mutex_destroy(&job->lock);
     g_free(job);
 }
 
@@ -490,7 +540,7 @@ static void extlock_conn_job_free(ExtlockConnJob *job)
  * wait until it is ready for @cond.  False (with @errp set) on timeout;
  * @what says what the coordinator did not do in time.
  */
-static bool extlock_conn_wait(ExtlockConnJob *job, GIOCondition cond,
+static bool extlock_job_wait(ExtlockConnJob *job, GIOCondition cond,
                               int64_t deadline, const char *what,
                               Error **errp)
 {
@@ -509,7 +559,7 @@ static bool extlock_conn_wait(ExtlockConnJob *job, GIOCondition cond,
     return true;
 }
 
-static bool extlock_conn_write_all(ExtlockConnJob *job, const char *buf,
+static bool extlock_job_write_all(ExtlockConnJob *job, const char *buf,
                                    size_t len, Error **errp)
 {
     int64_t deadline = g_get_monotonic_time() +
@@ -519,7 +569,7 @@ static bool extlock_conn_write_all(ExtlockConnJob *job, const char *buf,
         ssize_t n = qio_channel_write(job->ioc, buf, len, errp);
 
         if (n == QIO_CHANNEL_ERR_BLOCK) {
-            if (!extlock_conn_wait(job, G_IO_OUT, deadline,
+            if (!extlock_job_wait(job, G_IO_OUT, deadline,
                                    "take our message", errp)) {
                 return false;
             }
@@ -534,7 +584,7 @@ static bool extlock_conn_write_all(ExtlockConnJob *job, const char *buf,
     return true;
 }
 
-static bool extlock_conn_send(ExtlockConnJob *job, ExtlockMsg *msg,
+static bool extlock_job_send(ExtlockConnJob *job, ExtlockMsg *msg,
                               Error **errp)
 {
     g_autoptr(GString) out = g_string_new(NULL);
@@ -542,7 +592,7 @@ static bool extlock_conn_send(ExtlockConnJob *job, ExtlockMsg *msg,
     msg->has_id = true;
     msg->id = job->next_id++;
     extlock_msg_format(msg, out);
-    if (!extlock_conn_write_all(job, out->str, out->len, errp)) {
+    if (!extlock_job_write_all(job, out->str, out->len, errp)) {
         error_prepend(errp, "write to coordinator: ");
         return false;
     }
@@ -550,7 +600,7 @@ static bool extlock_conn_send(ExtlockConnJob *job, ExtlockMsg *msg,
 }
 
 /* Read the final answer to request @id (skipping anything else) */
-static bool extlock_conn_answer(ExtlockConnJob *job, uint64_t id,
+static bool extlock_job_answer(ExtlockConnJob *job, uint64_t id,
                                 ExtlockMsg *msg, Error **errp)
 {
     int64_t deadline = g_get_monotonic_time() +
@@ -584,7 +634,7 @@ static bool extlock_conn_answer(ExtlockConnJob *job, uint64_t id,
         /* Read first: GnuTLS may hold records the socket does not show */
         n = qio_channel_read(job->ioc, buf, sizeof(buf), errp);
         if (n == QIO_CHANNEL_ERR_BLOCK) {
-            if (!extlock_conn_wait(job, G_IO_IN, deadline, "answer", errp)) {
+            if (!extlock_job_wait(job, G_IO_IN, deadline, "answer", errp)) {
                 return false;
             }
             continue;
@@ -609,7 +659,7 @@ static bool extlock_conn_answer(ExtlockConnJob *job, uint64_t id,
     }
 }
 
-static bool extlock_conn_hello(ExtlockConnJob *job, Error **errp)
+static bool extlock_job_hello(ExtlockConnJob *job, Error **errp)
 {
     ExtlockMsg hello, reply;
     bool ok = false;
@@ -624,8 +674,8 @@ static bool extlock_conn_hello(ExtlockConnJob *job, Error **errp)
                                            : NULL;
     job->hello_sent_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
-    if (!extlock_conn_send(job, &hello, errp) ||
-        !extlock_conn_answer(job, hello.id, &reply, errp)) {
+    if (!extlock_job_send(job, &hello, errp) ||
+        !extlock_job_answer(job, hello.id, &reply, errp)) {
         goto out;
     }
     if (reply.type == EXTLOCK_MSG_ERROR) {
@@ -668,7 +718,7 @@ out:
 }
 
 /* Re-assert our locks with their tokens after a coordinator restart */
-static bool extlock_conn_reclaim(ExtlockConnJob *job, Error **errp)
+static bool extlock_job_reclaim(ExtlockConnJob *job, Error **errp)
 {
     ExtlockMsg msg, reply;
     bool ok = false;
@@ -684,8 +734,8 @@ static bool extlock_conn_reclaim(ExtlockConnJob *job, Error **errp)
         msg.length = r->length;
         msg.mode = r->mode;
         msg.token = r->token;
-        if (!extlock_conn_send(job, &msg, errp) ||
-            !extlock_conn_answer(job, msg.id, &reply, errp)) {
+        if (!extlock_job_send(job, &msg, errp) ||
+            !extlock_job_answer(job, msg.id, &reply, errp)) {
             goto out;
         }
         r->ok = reply.type == EXTLOCK_MSG_GRANTED;
@@ -693,8 +743,8 @@ static bool extlock_conn_reclaim(ExtlockConnJob *job, Error **errp)
         extlock_msg_clear(&msg);
     }
     extlock_msg_init(&msg, EXTLOCK_MSG_RECLAIM_DONE);
-    if (!extlock_conn_send(job, &msg, errp) ||
-        !extlock_conn_answer(job, msg.id, &reply, errp)) {
+    if (!extlock_job_send(job, &msg, errp) ||
+        !extlock_job_answer(job, msg.id, &reply, errp)) {
         goto out;
     }
     ok = true;
@@ -709,7 +759,7 @@ out:
  * answers.  Driven here rather than by qio_channel_tls_handshake(), which
  * would wait for a slow coordinator in a GMainContext watch.
  */
-static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
+static bool extlock_job_tls(ExtlockConnJob *job, Error **errp)
 {
     ERRP_GUARD();
     int64_t deadline = g_get_monotonic_time() +
@@ -738,7 +788,7 @@ static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
         if (status == QCRYPTO_TLS_HANDSHAKE_COMPLETE) {
             break;
         }
-        if (!extlock_conn_wait(job, status == QCRYPTO_TLS_HANDSHAKE_SENDING ?
+        if (!extlock_job_wait(job, status == QCRYPTO_TLS_HANDSHAKE_SENDING ?
                                G_IO_OUT : G_IO_IN, deadline,
                                "complete the TLS handshake", errp)) {
             return false;
@@ -752,10 +802,10 @@ static bool extlock_conn_tls(ExtlockConnJob *job, Error **errp)
     return true;
 }
 
-static int extlock_conn_run(void *opaque)
+static int extlock_job_run(void *opaque)
 {
     ExtlockConnJob *job = opaque;
-    g_autofree char *address = extlock_address_str(job->addr);
+    g_autofree char *address = socket_uri(job->addr);
     Error **errp = &job->err;
 
     job->sioc = qio_channel_socket_new();
@@ -773,11 +823,11 @@ static int extlock_conn_run(void *opaque)
     }
     job->ioc = QIO_CHANNEL(job->sioc);
     object_ref(OBJECT(job->ioc));
-    if (job->tls_creds && !extlock_conn_tls(job, errp)) {
+    if (job->tls_creds && !extlock_job_tls(job, errp)) {
         error_prepend(errp, "extlock coordinator at %s: ", address);
         return -1;
     }
-    if (!extlock_conn_hello(job, errp) && job->old_session &&
+    if (!extlock_job_hello(job, errp) && job->old_session &&
         job->refused == EXTLOCK_ERR_NOT_FOUND) {
         /* The old session is gone for good: start a new one */
         error_free(job->err);
@@ -787,9 +837,9 @@ static int extlock_conn_run(void *opaque)
         g_free(job->old_secret);
         job->old_secret = NULL;
         job->refused = EXTLOCK_ERR_NONE;
-        extlock_conn_hello(job, errp);
+        extlock_job_hello(job, errp);
     }
-    if (job->err || (job->reclaim && !extlock_conn_reclaim(job, errp))) {
+    if (job->err || (job->reclaim && !extlock_job_reclaim(job, errp))) {
         error_prepend(errp, "extlock coordinator at %s: ", address);
         return -1;
     }
@@ -801,9 +851,9 @@ static int extlock_conn_run(void *opaque)
  * Session state
  */
 
-static void extlock_client_renew(void *opaque)
+static void extlock_conn_renew(void *opaque)
 {
-    ExtlockClient *c = opaque;
+    ExtlockConnection *c = opaque;
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
     if (c->fd < 0) {
@@ -813,59 +863,80 @@ static void extlock_client_renew(void *opaque)
         ExtlockMsg msg;
         extlock_msg_init(&msg, EXTLOCK_MSG_RENEW);
         msg.has_id = true;
-        msg.id = c->renew_id = extlock_client_new_id(c);
+        msg.id = c->renew_id = extlock_conn_new_id(c);
         c->renew_sent_ns = now;
-        extlock_client_send(c, &msg);
+        extlock_conn_write_msg(c, &msg);
         extlock_msg_clear(&msg);
     }
     /* Three renewals per lease: one slow reply does not lose the lease */
     if (c->renew_timer) {
-        timer_mod(c->renew_timer, now + (int64_t)c->lease_ms * SCALE_MS / 3);
+        timer_mod(c->renew_timer, extlock_lease_renew_at(c->lease_ms, now));
     }
 }
 
-static void extlock_client_lease_lost(ExtlockClient *c, const char *reason)
+static void extlock_conn_lease_lost(ExtlockConnection *c, const char *reason)
 {
-    if (c->state == EXTLOCK_SESSION_LEASE_LOST) {
+    if (c->state == EXTLOCK_CONN_LEASE_LOST) {
         return;
     }
     error_report("extlock: node '%s': lease lost: %s; no I/O until the "
                  "session is back", c->node_name, reason);
     trace_extlock_client_lease_lost(c->node_name, reason);
-    c->state = EXTLOCK_SESSION_LEASE_LOST;
-    c->stats.lease_losses++;
+    c->state = EXTLOCK_CONN_LEASE_LOST;
+    c->lease_losses++;
     qapi_event_send_extent_lock_lease_lost(c->node_name, reason);
-    extlock_locks_lease_lost(c);
-    extlock_locks_wake_usable(c);
+    c->ops->lease_lost(c->opaque);
+    c->ops->state_changed(c->opaque);
     if (c->fd >= 0) {
         /* The coordinator stopped answering: start a fresh session */
-        extlock_client_disconnect(c, "lease expired");
+        extlock_conn_disconnect(c, "lease expired");
     }
 }
 
-/* Tick: lease deadline, slow requests, queued requests' timeouts */
-static void extlock_client_tick(void *opaque)
+/* One-shot at the lease deadline; a renewal moves the deadline on */
+static void extlock_conn_lease_timer_cb(void *opaque)
 {
-    ExtlockClient *c = opaque;
+    ExtlockConnection *c = opaque;
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
-    if (c->state != EXTLOCK_SESSION_LEASE_LOST &&
-        now >= c->lease_deadline_ns) {
-        extlock_client_lease_lost(c, c->fd >= 0 ?
-                                  "no lease renewal acknowledged in time" :
-                                  "coordinator unreachable for the lease");
+    if (c->state == EXTLOCK_CONN_LEASE_LOST) {
+        return;
     }
-    extlock_locks_check_waiters(c, now);
-    /* Queued requests check their lease-loss timeout */
-    extlock_locks_wake_usable(c);
-    if (c->tick_timer) {
-        timer_mod(c->tick_timer, now + EXTLOCK_TICK_MS * SCALE_MS);
+    if (now < c->lease_deadline_ns) {
+        timer_mod(c->lease_timer, c->lease_deadline_ns);
+        return;
+    }
+    extlock_conn_lease_lost(c, c->fd >= 0 ?
+                              "no lease renewal acknowledged in time" :
+                              "coordinator unreachable for the lease");
+}
+
+static void extlock_conn_arm_lease_timer(ExtlockConnection *c)
+{
+    if (c->lease_timer && c->state != EXTLOCK_CONN_LEASE_LOST) {
+        timer_mod(c->lease_timer, c->lease_deadline_ns);
     }
 }
 
 static void coroutine_fn extlock_reconnect_co(void *opaque);
+static void extlock_conn_reconnect_start(ExtlockConnection *c);
 
-static void extlock_client_disconnect(ExtlockClient *c, const char *why)
+/* The connection broke: no reply will come to the requests pending */
+static void extlock_conn_fail_pending(ExtlockConnection *c)
+{
+    g_autoptr(GHashTable) pending = c->pending;
+    GHashTableIter it;
+    gpointer value;
+
+    c->pending = g_hash_table_new_full(g_int64_hash, g_int64_equal,
+                                       g_free, NULL);
+    g_hash_table_iter_init(&it, pending);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        c->ops->request_lost(c->opaque, value);
+    }
+}
+
+static void extlock_conn_disconnect(ExtlockConnection *c, const char *why)
 {
     if (c->fd < 0) {
         return;
@@ -892,22 +963,18 @@ static void extlock_client_disconnect(ExtlockClient *c, const char *why)
         timer_del(c->renew_timer);
     }
     c->renew_id = 0;
-    if (c->state != EXTLOCK_SESSION_LEASE_LOST) {
-        c->state = EXTLOCK_SESSION_RECONNECTING;
+    if (c->state != EXTLOCK_CONN_LEASE_LOST) {
+        c->state = EXTLOCK_CONN_RECONNECTING;
     }
     /* Requests waiting at the coordinator ask again once reconnected */
-    extlock_locks_disconnected(c);
-
-    if (!c->closing && c->ctx && !c->reconnect_co) {
-        c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
-        aio_co_schedule(c->ctx, c->reconnect_co);
-    }
+    extlock_conn_fail_pending(c);
+    extlock_conn_reconnect_start(c);
 }
 
 /* Take over the connection a job has established */
-static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
+static void extlock_conn_adopt(ExtlockConnection *c, ExtlockConnJob *job)
 {
-    bool was_lost = c->state == EXTLOCK_SESSION_LEASE_LOST;
+    bool was_lost = c->state == EXTLOCK_CONN_LEASE_LOST;
     bool first = !c->session;
     bool same_session = c->session && !strcmp(c->session, job->session);
     uint64_t reclaimed = 0, lost = 0;
@@ -933,27 +1000,28 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
     c->lease_ms = job->granted_lease_ms;
     c->fence_margin_ms = job->fence_margin_ms;
     c->next_id = MAX(c->next_id, job->next_id);
-    c->lease_deadline_ns = extlock_deadline(c->lease_ms, job->hello_sent_ns);
-    c->state = EXTLOCK_SESSION_ACTIVE;
+    c->lease_deadline_ns = extlock_lease_deadline(c->lease_ms,
+                                                  job->hello_sent_ns);
+    c->state = EXTLOCK_CONN_ACTIVE;
 
     if (!first) {
         if (job->resumed && same_session) {
-            extlock_locks_resumed(c, job->server_locks);
+            c->ops->session_resumed(c->opaque, job->server_locks);
         } else if (job->reclaim && same_session) {
             for (guint i = 0; job->reclaims && i < job->reclaims->len; i++) {
                 reclaimed += g_array_index(job->reclaims, ExtlockReclaim,
                                            i).ok;
             }
-            extlock_locks_reclaimed(c, job->reclaims);
+            c->ops->session_reclaimed(c->opaque, job->reclaims);
         } else {
-            lost = extlock_locks_forget_all(c);
+            lost = c->ops->session_new(c->opaque);
         }
     }
     trace_extlock_client_connected(c->node_name, c->address, c->session,
                                    c->epoch, c->lease_ms, job->resumed,
                                    reclaimed, lost);
     if (!first) {
-        c->stats.reconnects++;
+        c->reconnects++;
         error_report("extlock: node '%s': reconnected to coordinator %s, "
                      "session %s%s, %" PRIu64 " locks reclaimed, %" PRIu64
                      " lost", c->node_name, c->address, c->session,
@@ -967,32 +1035,107 @@ static void extlock_client_adopt(ExtlockClient *c, ExtlockConnJob *job)
         }
     }
     if (c->ctx) {
-        extlock_client_set_handlers(c);
-        timer_mod(c->renew_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
-                  (int64_t)c->lease_ms * SCALE_MS / 3);
-        extlock_locks_wake_usable(c);
+        extlock_conn_set_handlers(c);
+        timer_mod(c->renew_timer,
+                  extlock_lease_renew_at(c->lease_ms,
+                      qemu_clock_get_ns(QEMU_CLOCK_REALTIME)));
+        extlock_conn_arm_lease_timer(c);
+        c->ops->state_changed(c->opaque);
         /* Replies may already be buffered */
-        extlock_client_read(c);
+        extlock_conn_read(c);
     }
 }
 
+/*
+ * The connect thread.  Detached: nobody joins it.  If the coroutine that
+ * started it gave up waiting (drain, close, detach), the thread frees the
+ * job itself, so neither close nor a drain ever waits for a connect.
+ */
+static void *extlock_job_thread(void *opaque)
+{
+    ExtlockConnJob *job = opaque;
+    int ret = extlock_job_run(job);
+    Coroutine *co;
+    bool abandoned;
+
+    qemu_mutex_lock(&job->lock);
+    job->ret = ret;
+    job->running = false;
+    abandoned = job->abandoned;
+    co = job->wait_co;
+    job->wait_co = NULL;
+    qemu_mutex_unlock(&job->lock);
+    if (abandoned) {
+        extlock_job_free(job);
+    } else if (co) {
+        aio_co_wake(co);
+    }
+    return NULL;
+}
+
+/*
+ * Run @job in a detached thread and wait for it.  -ECANCELED if the wait
+ * was cut (extlock_conn_pause()): then the job belongs to the
+ * thread, which frees it.
+ */
+static int coroutine_fn extlock_job_run_co(ExtlockConnection *c,
+                                            ExtlockConnJob *job)
+{
+    QemuThread thread;
+    bool abandoned = false;
+
+    job->running = true;
+    qemu_thread_create(&thread, "extlock-connect", extlock_job_thread, job,
+                       QEMU_THREAD_DETACHED);
+    qemu_mutex_lock(&job->lock);
+    if (job->running) {
+        job->wait_co = qemu_coroutine_self();
+        c->connect_job = job;
+        qemu_mutex_unlock(&job->lock);
+        qemu_coroutine_yield();
+        qemu_mutex_lock(&job->lock);
+        c->connect_job = NULL;
+        if (job->running) {
+            job->abandoned = abandoned = true;
+        }
+    }
+    qemu_mutex_unlock(&job->lock);
+    return abandoned ? -ECANCELED : job->ret;
+}
+
+/* Should the reconnection stop (close) or pause (drain, detach)? */
+static bool extlock_reconnect_stop(ExtlockConnection *c)
+{
+    return c->closing || c->paused || !c->ctx;
+}
+
+/*
+ * Reconnection, counted in flight of the node so that drains and
+ * AioContext changes wait for it, and cut short by them: a drain wakes it
+ * from its backoff sleep or from waiting for a connect (which it leaves
+ * to its thread), and it ends.  The end of the drain starts it again.
+ */
 static void coroutine_fn extlock_reconnect_co(void *opaque)
 {
-    ExtlockClient *c = opaque;
+    ExtlockConnection *c = opaque;
     int64_t backoff_ms = EXTLOCK_RECONNECT_MIN_MS;
     g_autofree char *last_error = NULL;
 
-    while (!c->closing) {
-        ExtlockConnJob *job = extlock_conn_job_new(c);
+    while (!extlock_reconnect_stop(c) && c->fd < 0) {
+        ExtlockConnJob *job = extlock_job_new(c);
         int ret;
 
         job->old_session = g_strdup(c->session);
         job->old_secret = g_strdup(c->resume_secret);
-        job->reclaims = extlock_locks_snapshot(c);
-        ret = extlock_thread_pool_submit_co(c->ctx, extlock_conn_run, job);
+        job->reclaims = c->ops->held_locks(c->opaque);
+        ret = extlock_job_run_co(c, job);
+        if (ret == -ECANCELED) {
+            trace_extlock_client_reconnect_paused(c->node_name);
+            break;
+        }
         if (ret == 0 && !c->closing) {
-            extlock_client_adopt(c, job);
-            extlock_conn_job_free(job);
+            extlock_conn_adopt(c, job);
+            extlock_job_free(job);
             break;
         }
         if (job->err) {
@@ -1006,16 +1149,58 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
                 last_error = g_strdup(msg);
             }
         }
-        extlock_conn_job_free(job);
-        if (c->closing) {
+        extlock_job_free(job);
+        if (extlock_reconnect_stop(c)) {
             break;
         }
         qemu_co_sleep_ns_wakeable(&c->reconnect_sleep, QEMU_CLOCK_REALTIME,
                                   backoff_ms * SCALE_MS);
-        backoff_ms = MIN(backoff_ms * 2, EXTLOCK_RECONNECT_MAX_MS);
+        backoff_ms = extlock_backoff_next_ms(backoff_ms,
+                                             EXTLOCK_RECONNECT_MIN_MS,
+                                             EXTLOCK_RECONNECT_MAX_MS);
     }
     c->reconnect_co = NULL;
+    if (c->bs) {
+        bdrv_dec_in_flight(c->bs);
+    }
     aio_wait_kick();
+}
+
+/* Start reconnecting if the connection is down and nothing stops it */
+static void extlock_conn_reconnect_start(ExtlockConnection *c)
+{
+    if (c->fd >= 0 || c->reconnect_co || extlock_reconnect_stop(c)) {
+        return;
+    }
+    if (c->bs) {
+        bdrv_inc_in_flight(c->bs);
+    }
+    c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
+    aio_co_schedule(c->ctx, c->reconnect_co);
+}
+
+/*
+ * Cut the reconnection's waits (backoff, connect); it sees
+ * extlock_reconnect_stop() and ends.  Callers set what stops it first.
+ */
+static void extlock_conn_reconnect_cut(ExtlockConnection *c)
+{
+    ExtlockConnJob *job = c->connect_job;
+    Coroutine *co = NULL;
+
+    if (!c->reconnect_co) {
+        return;
+    }
+    qemu_co_sleep_wake(&c->reconnect_sleep);
+    if (job) {
+        qemu_mutex_lock(&job->lock);
+        co = job->wait_co;
+        job->wait_co = NULL;
+        qemu_mutex_unlock(&job->lock);
+        if (co) {
+            aio_co_wake(co);
+        }
+    }
 }
 
 /*
@@ -1023,16 +1208,11 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
  * Life cycle
  */
 
-ExtlockClient *extlock_client_new(const SocketAddress *addr,
-                                  const char *client_id,
-                                  const char *lock_space, uint32_t lease_ms,
-                                  const ExtlockClientOptions *opts,
-                                  QCryptoTLSCreds *tls_creds,
-                                  const char *tls_hostname,
-                                  const char *node_name, AioContext *ctx,
-                                  Error **errp)
+ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
+                                    const ExtlockConnOps *ops, void *opaque,
+                                    AioContext *ctx, Error **errp)
 {
-    ExtlockClient *c = g_new0(ExtlockClient, 1);
+    ExtlockConnection *c = g_new0(ExtlockConnection, 1);
     ExtlockConnJob *job;
     struct sigaction sa;
 
@@ -1045,40 +1225,43 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
         signal(SIGPIPE, SIG_IGN);
     }
 
-    c->addr = QAPI_CLONE(SocketAddress, addr);
-    c->address = extlock_address_str(addr);
-    c->client_id = g_strdup(client_id);
-    c->lock_space = g_strdup(lock_space);
-    c->node_name = g_strdup(node_name);
-    if (tls_creds) {
-        c->tls_creds = tls_creds;
-        object_ref(OBJECT(tls_creds));
-        c->tls_hostname = g_strdup(tls_hostname);
+    c->ops = ops;
+    c->opaque = opaque;
+    c->addr = QAPI_CLONE(SocketAddress, cfg->addr);
+    c->address = socket_uri(c->addr);
+    c->client_id = g_strdup(cfg->client_id);
+    c->lock_space = g_strdup(cfg->lock_space);
+    c->node_name = g_strdup(cfg->node_name);
+    c->bs = cfg->bs;
+    if (cfg->tls_creds) {
+        c->tls_creds = cfg->tls_creds;
+        object_ref(OBJECT(c->tls_creds));
+        c->tls_hostname = g_strdup(cfg->tls_hostname);
     }
-    c->lease_ms_wanted = lease_ms;
-    c->opts = *opts;
+    c->lease_ms_wanted = cfg->lease_ms;
+    c->stuck_io_exit = cfg->stuck_io_exit;
     c->fd = -1;
     c->next_id = 1;
     c->out = g_string_sized_new(4096);
-    c->pending = g_hash_table_new(g_int64_hash, g_int64_equal);
+    c->pending = g_hash_table_new_full(g_int64_hash, g_int64_equal,
+                                       g_free, NULL);
     extlock_linebuf_init_max(&c->in, EXTLOCK_MAX_REPLY_LINE);
-    extlock_locks_init(c);
 
-    job = extlock_conn_job_new(c);
-    if (extlock_conn_run(job) < 0) {
+    job = extlock_job_new(c);
+    if (extlock_job_run(job) < 0) {
         error_propagate(errp, job->err);
         job->err = NULL;
-        extlock_conn_job_free(job);
-        extlock_client_free(c);
+        extlock_job_free(job);
+        extlock_conn_free(c);
         return NULL;
     }
-    extlock_client_adopt(c, job);
-    extlock_conn_job_free(job);
-    extlock_client_attach_aio_context(c, ctx);
+    extlock_conn_adopt(c, job);
+    extlock_job_free(job);
+    extlock_conn_attach_aio_context(c, ctx);
     return c;
 }
 
-static void extlock_client_say_bye(ExtlockClient *c)
+static void extlock_conn_say_bye(ExtlockConnection *c)
 {
     ExtlockMsg bye;
     GPollFD pfd = { .fd = c->fd, .events = G_IO_OUT };
@@ -1087,7 +1270,7 @@ static void extlock_client_say_bye(ExtlockClient *c)
 
     extlock_msg_init(&bye, EXTLOCK_MSG_BYE);
     bye.has_id = true;
-    bye.id = extlock_client_new_id(c);
+    bye.id = extlock_conn_new_id(c);
     extlock_msg_format(&bye, c->out);
     extlock_msg_clear(&bye);
     while (c->out_done < c->out->len && g_get_monotonic_time() < deadline) {
@@ -1104,23 +1287,24 @@ static void extlock_client_say_bye(ExtlockClient *c)
     trace_extlock_client_bye(c->node_name);
 }
 
-void extlock_client_free(ExtlockClient *c)
+void extlock_conn_free(ExtlockConnection *c)
 {
     if (!c) {
         return;
     }
     c->closing = true;
     if (c->reconnect_co) {
-        qemu_co_sleep_wake(&c->reconnect_sleep);
+        /* Only outside a drain (a failed open); never waits for a connect */
+        extlock_conn_reconnect_cut(c);
         AIO_WAIT_WHILE(c->ctx, c->reconnect_co != NULL);
     }
-    extlock_client_detach_aio_context(c);
+    extlock_conn_detach_aio_context(c);
     if (c->fd >= 0) {
         /*
          * Tell the coordinator we stopped I/O, so that it releases our
          * locks now instead of after the lease.  Best effort, bounded.
          */
-        extlock_client_say_bye(c);
+        extlock_conn_say_bye(c);
     }
     if (c->ioc) {
         qio_channel_close(c->ioc, NULL);
@@ -1133,7 +1317,7 @@ void extlock_client_free(ExtlockClient *c)
         object_unref(OBJECT(c->tls_creds));
     }
     g_free(c->tls_hostname);
-    extlock_locks_destroy(c);
+    assert(!g_hash_table_size(c->pending));
     extlock_linebuf_destroy(&c->in);
     g_string_free(c->out, true);
     g_hash_table_destroy(c->pending);
@@ -1147,47 +1331,65 @@ void extlock_client_free(ExtlockClient *c)
     g_free(c);
 }
 
-void extlock_client_detach_aio_context(ExtlockClient *c)
+void extlock_conn_detach_aio_context(ExtlockConnection *c)
 {
     if (!c->ctx) {
         return;
     }
+    /*
+     * The node is drained: no request is in flight (waiting for a lock or
+     * in the child), and the reconnection paused.  Only the fd handler and
+     * the timers are left to move.
+     */
+    assert(!c->reconnect_co && !c->connect_job);
+    assert(!c->io_in_flight && !g_hash_table_size(c->pending));
     if (c->fd >= 0) {
         extlock_set_fd_handler(c->ctx, c->fd, NULL, NULL, NULL);
     }
     timer_free(c->renew_timer);
     c->renew_timer = NULL;
-    timer_free(c->tick_timer);
-    c->tick_timer = NULL;
+    timer_free(c->lease_timer);
+    c->lease_timer = NULL;
     timer_free(c->stuck_timer);
     c->stuck_timer = NULL;
-    extlock_locks_detach(c);
     c->ctx = NULL;
 }
 
-void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
+void extlock_conn_attach_aio_context(ExtlockConnection *c, AioContext *ctx)
 {
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
     c->ctx = ctx;
     c->renew_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
-                                   extlock_client_renew, c);
-    c->tick_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
-                                  extlock_client_tick, c);
-    timer_mod(c->tick_timer, now + EXTLOCK_TICK_MS * SCALE_MS);
+                                   extlock_conn_renew, c);
+    c->lease_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
+                                   extlock_conn_lease_timer_cb, c);
+    /* Past the deadline already: it fires at once */
+    extlock_conn_arm_lease_timer(c);
     c->stuck_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
-                                   extlock_client_stuck_cb, c);
-    if (c->io_in_flight) {
-        timer_mod(c->stuck_timer, extlock_stuck_bound(c));
-    }
-    extlock_locks_attach(c);
+                                   extlock_conn_stuck_cb, c);
     if (c->fd >= 0) {
-        timer_mod(c->renew_timer, now + (int64_t)c->lease_ms * SCALE_MS / 3);
-        extlock_client_set_handlers(c);
+        timer_mod(c->renew_timer, extlock_lease_renew_at(c->lease_ms, now));
+        extlock_conn_set_handlers(c);
         /* Replies may have arrived while detached */
-        extlock_client_read(c);
-    } else if (!c->closing && !c->reconnect_co) {
-        c->reconnect_co = qemu_coroutine_create(extlock_reconnect_co, c);
-        aio_co_schedule(ctx, c->reconnect_co);
+        extlock_conn_read(c);
+    } else {
+        /* Not while drained: the end of the drain starts it */
+        extlock_conn_reconnect_start(c);
+    }
+}
+
+void extlock_conn_pause(ExtlockConnection *c)
+{
+    if (c->paused++ == 0) {
+        extlock_conn_reconnect_cut(c);
+    }
+}
+
+void extlock_conn_resume(ExtlockConnection *c)
+{
+    assert(c->paused > 0);
+    if (--c->paused == 0) {
+        extlock_conn_reconnect_start(c);
     }
 }
