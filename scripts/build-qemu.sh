@@ -4,7 +4,10 @@
 # same driver source serves both (block/extlock-compat.h).
 #
 #   scripts/build-qemu.sh [--qemu 10.0|7.2] [--qemu-src DIR] [--build-dir DIR]
-#                         [--jobs N]
+#                         [--jobs N] [--tools]
+#
+# --tools builds qemu-img, qemu-io and qemu-storage-daemon only (no
+# qemu-system-x86_64), which most tests need.
 #
 # Steps (each skipped when already done, so reruns are incremental):
 #  1. obtain Debian's qemu source package (apt-get source; the deb-src
@@ -35,6 +38,7 @@ SRC=""
 BUILD=""
 JOBS=$(nproc)
 QEMU_SERIES=10.0
+TOOLS_ONLY=0
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -42,7 +46,8 @@ while [ $# -gt 0 ]; do
         --qemu-src) SRC=$2; shift 2 ;;
         --build-dir) BUILD=$2; shift 2 ;;
         --jobs) JOBS=$2; shift 2 ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        --tools) TOOLS_ONLY=1; shift ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "build-qemu.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -156,6 +161,13 @@ install_file() { # src dst: rewrite only when the content differs
 for f in "$REPO"/block/*; do
     install_file "$f" "$SRC/block/extlock/$(basename "$f")"
 done
+# files since removed or renamed in block/ must not linger in the tree
+for f in "$SRC"/block/extlock/*; do
+    case "$(basename "$f")" in
+        extent.c|interval-tree.c|protocol.c) ;;
+        *) [ -e "$REPO/block/$(basename "$f")" ] || rm -f "$f" ;;
+    esac
+done
 install_file "$REPO/util/extent.c" "$SRC/block/extlock/extent.c"
 install_file "$REPO/util/interval-tree.c" "$SRC/block/extlock/interval-tree.c"
 install_file "$REPO/util/extlock-protocol.c" "$SRC/block/extlock/protocol.c"
@@ -200,6 +212,7 @@ if ! grep -qE '^#define CONFIG_GNUTLS( |$)' "$BUILD/config-host.h" 2>/dev/null; 
     (cd "$BUILD" && meson configure -Dgnutls=enabled)
 fi
 log "building"
-ninja -C "$BUILD" -j "$JOBS" ${NINJA_ARGS:-} qemu-img qemu-io storage-daemon/qemu-storage-daemon \
-    qemu-system-x86_64
+targets=(qemu-img qemu-io storage-daemon/qemu-storage-daemon)
+[ "$TOOLS_ONLY" = 1 ] || targets+=(qemu-system-x86_64)
+ninja -C "$BUILD" -j "$JOBS" ${NINJA_ARGS:-} "${targets[@]}"
 log "done: $BUILD/{qemu-img,qemu-io,storage-daemon/qemu-storage-daemon,qemu-system-x86_64}"
