@@ -941,7 +941,7 @@ static void extlock_conn_disconnect(ExtlockConnection *c, const char *why)
     if (c->fd < 0) {
         return;
     }
-    error_report("extlock: node '%s': lost coordinator %s: %s",
+    warn_report("extlock: node '%s': lost coordinator %s: %s",
                  c->node_name, c->address, why);
     trace_extlock_client_disconnected(c->node_name, why);
     qapi_event_send_extent_lock_coordinator_lost(c->node_name, c->address,
@@ -1022,7 +1022,7 @@ static void extlock_conn_adopt(ExtlockConnection *c, ExtlockConnJob *job)
                                    reclaimed, lost);
     if (!first) {
         c->reconnects++;
-        error_report("extlock: node '%s': reconnected to coordinator %s, "
+        info_report("extlock: node '%s': reconnected to coordinator %s, "
                      "session %s%s, %" PRIu64 " locks reclaimed, %" PRIu64
                      " lost", c->node_name, c->address, c->session,
                      job->resumed ? " (resumed)" : "", reclaimed, lost);
@@ -1143,7 +1143,7 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
             trace_extlock_client_reconnect_failed(c->node_name, msg);
             if (!last_error || strcmp(last_error, msg)) {
                 /* Say it once, not every backoff step */
-                error_report("extlock: node '%s': reconnecting: %s",
+                warn_report("extlock: node '%s': reconnecting: %s",
                              c->node_name, msg);
                 g_free(last_error);
                 last_error = g_strdup(msg);
@@ -1392,4 +1392,9 @@ void extlock_conn_resume(ExtlockConnection *c)
     if (--c->paused == 0) {
         extlock_conn_reconnect_start(c);
     }
+}
+
+void extlock_conn_set_stuck_io_exit(ExtlockConnection *c, bool exit)
+{
+    c->stuck_io_exit = exit;
 }

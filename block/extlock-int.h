@@ -9,18 +9,24 @@
 #define BLOCK_EXTLOCK_INT_H
 
 #include "block/block_int.h"
+#include "qapi/qapi-types-block-core.h"
 #include "extlock-locks.h"
 
 typedef struct BDRVExtlockState {
     SocketAddress *coordinator;
     char *lock_space;
     char *client_id;
-    uint32_t granularity;
+    uint32_t granularity;       /* the option */
+    /* Locks are rounded out to this: granularity or the child's alignment */
+    uint32_t lock_alignment;
     uint32_t lease_ms;          /* requested; 0 = coordinator's default */
     ExtlockClientOptions cache_opts;
     ExtlockClient *client;
 } BDRVExtlockState;
 
 extern BlockDriver bdrv_extlock;
+
+/* @c's counters, for query-blockstats and query-extent-locks */
+void extlock_get_counters(ExtlockClient *c, ExtentLockCounters *out);
 
 #endif /* BLOCK_EXTLOCK_INT_H */

@@ -572,8 +572,12 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
             if (c->opts.lease_loss_error ||
                 now - start_ns >=
                 (int64_t)c->opts.lease_loss_timeout_ms * SCALE_MS) {
-                error_report_once("extlock: node '%s': no valid lease, "
-                                  "failing I/O", c->node_name);
+                /* Once per node and lease loss, not once per process */
+                if (!c->no_lease_io_reported) {
+                    c->no_lease_io_reported = true;
+                    error_report("extlock: node '%s': no valid lease, "
+                                 "failing I/O", c->node_name);
+                }
                 c->stats.errors++;
                 return -EIO;
             }
@@ -728,6 +732,13 @@ void extlock_client_foreach_waiter(ExtlockClient *c,
 const ExtlockClientStats *extlock_client_stats(ExtlockClient *c)
 {
     return &c->stats;
+}
+
+void extlock_client_set_options(ExtlockClient *c,
+                                const ExtlockClientOptions *opts)
+{
+    c->opts = *opts;
+    extlock_conn_set_stuck_io_exit(c->conn, opts->stuck_io_exit);
 }
 
 ExtlockConnection *extlock_client_conn(ExtlockClient *c)

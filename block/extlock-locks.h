@@ -128,6 +128,7 @@ typedef struct ExtlockClient {
     /* requests */
     QLIST_HEAD(, ExtlockRequest) waiting; /* sent, not granted yet */
     GPtrArray *wake;            /* requests a read completed */
+    bool no_lease_io_reported;  /* "failing I/O" said since the lease loss */
     GPtrArray *grant_waiters;   /* coroutines waiting for our own grants */
     ExtlockITree active;        /* requests between lock and unlock */
     uint64_t next_seq;
@@ -169,6 +170,10 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   Error **errp);
 /* Say bye (releases the session's locks at once) and free; no I/O in flight */
 void extlock_client_free(ExtlockClient *c);
+
+/* New tuning options (reopen); used from the next time each is needed */
+void extlock_client_set_options(ExtlockClient *c,
+                                const ExtlockClientOptions *opts);
 
 /*
  * Detach only in a drained section: asserts that no request and no

@@ -69,7 +69,6 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
     ExtlockClient *c = s->client;
-    const ExtlockClientStats *stats = extlock_client_stats(c);
     ExtentLockNodeInfo *info = g_new0(ExtentLockNodeInfo, 1);
     ExtentLockHeldList **held_tail = &info->held;
     ExtentLockWaiterList **wait_tail = &info->waiting;
@@ -107,19 +106,7 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     extlock_client_foreach_waiter(c, extlock_waiter_info, &wait_tail);
 
     info->counters = g_new0(ExtentLockCounters, 1);
-    info->counters->requests = stats->requests;
-    info->counters->grants = stats->grants;
-    info->counters->waits = stats->waits;
-    info->counters->total_wait_us = stats->total_wait_us;
-    info->counters->errors = stats->errors;
-    info->counters->cache_hits = stats->cache_hits;
-    info->counters->revocations = stats->revocations;
-    info->counters->revocation_wait_us = stats->revocation_us;
-    info->counters->revocation_max_us = stats->revocation_max_us;
-    info->counters->downgrades = stats->downgrades;
-    info->counters->cache_evictions = stats->cache_evictions;
-    info->counters->reconnects = conn.reconnects;
-    info->counters->lease_losses = conn.lease_losses;
+    extlock_get_counters(c, info->counters);
     return info;
 }
 

@@ -5,11 +5,15 @@
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
- * Every read holds a shared lock and every write, write-zeroes and discard
- * an exclusive lock on the range it touches (rounded out to the node's
- * granularity) while the request runs in the child.  Locks come from
- * extlockd, which grants conflicting requests in timestamp order, so
- * several processes on several hosts can share one image.
+ * Every read holds a shared lock and every write (also compressed),
+ * write-zeroes and discard an exclusive lock on the range it touches
+ * (rounded out to the node's lock alignment) while the request runs in the
+ * child.  Locks come from extlockd, which grants conflicting requests in
+ * timestamp order, so several processes on several hosts can share one
+ * image.
+ *
+ * The file reads top-down: options, open and close, the request path, the
+ * other callbacks, reopen, then the BlockDriver table.
  */
 
 #include "qemu/osdep.h"
@@ -17,284 +21,236 @@
 #include "extlock-compat.h"
 #include EXTLOCK_QDICT_H
 #include "block/qdict.h"
-#include "qapi/qmp/qerror.h"
+#include "qapi/clone-visitor.h"
 #include "qapi/qobject-input-visitor.h"
+#include "qapi/qapi-visit-block-core.h"
 #include "qapi/qapi-visit-sockets.h"
 #include "qemu/cutils.h"
-#include "qemu/units.h"
-#include "qapi/util.h"
-#include "qapi/qapi-types-block-core.h"
 #include "qemu/module.h"
-#include "qemu/option.h"
 #include "block/block_int.h"
 #include "crypto/tlscredsx509.h"
 #include "extlock-int.h"
 #include "trace.h"
 
-#define EXTLOCK_OPT_LOCK_SPACE  "lock-space"
-#define EXTLOCK_OPT_CLIENT_ID   "client-id"
-#define EXTLOCK_OPT_GRANULARITY "granularity"
-#define EXTLOCK_OPT_LEASE_TIME  "lease-time"
-#define EXTLOCK_OPT_CACHE       "lock-cache"
-#define EXTLOCK_OPT_CACHE_SIZE  "lock-cache-size"
-#define EXTLOCK_OPT_CACHE_IDLE  "lock-cache-idle-time"
-#define EXTLOCK_OPT_MIN_HOLD    "min-hold-time"
-#define EXTLOCK_OPT_ON_LOSS     "on-lease-loss"
-#define EXTLOCK_OPT_LOSS_TIME   "lease-loss-timeout"
-#define EXTLOCK_OPT_WAIT_WARN   "wait-warning-time"
-#define EXTLOCK_OPT_ON_STUCK_IO "on-stuck-io"
-#define EXTLOCK_OPT_TLS_CREDS   "tls-creds"
+/* Option names the code needs by name: the schema holds the rest */
 #define EXTLOCK_OPT_TLS_HOST    "tls-hostname"
+#define EXTLOCK_OPT_TLS_CREDS   "tls-creds"
 
+/* Ranges the schema cannot say (the types give the other bounds) */
 #define EXTLOCK_GRANULARITY_MIN     512
 #define EXTLOCK_GRANULARITY_MAX     (1U << 30)
+#define EXTLOCK_CACHE_SIZE_MAX      1000000
+#define EXTLOCK_MIN_HOLD_MAX        (10 * 1000 * 1000)
+
+/* Defaults, as documented in BlockdevOptionsExtlock */
 #define EXTLOCK_GRANULARITY_DEFAULT 4096
 #define EXTLOCK_CACHE_SIZE_DEFAULT  1024
 #define EXTLOCK_CACHE_IDLE_DEFAULT  60000
-#define EXTLOCK_MIN_HOLD_MAX        (10 * 1000 * 1000)
+#define EXTLOCK_LOSS_TIME_DEFAULT   60000
+#define EXTLOCK_WAIT_WARN_DEFAULT   10000
 
-static QemuOptsList extlock_runtime_opts = {
-    .name = "extlock",
-    .head = QTAILQ_HEAD_INITIALIZER(extlock_runtime_opts.head),
-    .desc = {
-        {
-            .name = EXTLOCK_OPT_LOCK_SPACE,
-            .type = QEMU_OPT_STRING,
-            .help = "name of the shared image in the coordinator",
-        },
-        {
-            .name = EXTLOCK_OPT_CLIENT_ID,
-            .type = QEMU_OPT_STRING,
-            .help = "this client's name (default: <host name>/<node name>)",
-        },
-        {
-            .name = EXTLOCK_OPT_GRANULARITY,
-            .type = QEMU_OPT_SIZE,
-            .help = "lock alignment in bytes (default: 4096)",
-        },
-        {
-            .name = EXTLOCK_OPT_LEASE_TIME,
-            .type = QEMU_OPT_NUMBER,
-            .help = "session lease in milliseconds (default: coordinator's)",
-        },
-        {
-            .name = EXTLOCK_OPT_CACHE,
-            .type = QEMU_OPT_BOOL,
-            .help = "keep locks after requests complete (default: on)",
-        },
-        {
-            .name = EXTLOCK_OPT_CACHE_SIZE,
-            .type = QEMU_OPT_NUMBER,
-            .help = "most idle cached locks (default: 1024)",
-        },
-        {
-            .name = EXTLOCK_OPT_CACHE_IDLE,
-            .type = QEMU_OPT_NUMBER,
-            .help = "give back locks idle this many ms (default: 60000)",
-        },
-        {
-            .name = EXTLOCK_OPT_MIN_HOLD,
-            .type = QEMU_OPT_NUMBER,
-            .help = "keep a lock at least this many us (default: 0)",
-        },
-        {
-            .name = EXTLOCK_OPT_ON_LOSS,
-            .type = QEMU_OPT_STRING,
-            .help = "without a lease: queue or error (default: queue)",
-        },
-        {
-            .name = EXTLOCK_OPT_LOSS_TIME,
-            .type = QEMU_OPT_NUMBER,
-            .help = "fail queued requests after this many ms (default: 60000)",
-        },
-        {
-            .name = EXTLOCK_OPT_WAIT_WARN,
-            .type = QEMU_OPT_NUMBER,
-            .help = "event when a request waits this many ms (default: 10000)",
-        },
-        {
-            .name = EXTLOCK_OPT_ON_STUCK_IO,
-            .type = QEMU_OPT_STRING,
-            .help = "request running past the lease: exit or report "
-                    "(default: exit)",
-        },
-        {
-            .name = EXTLOCK_OPT_TLS_CREDS,
-            .type = QEMU_OPT_STRING,
-            .help = "id of the TLS credentials object (default: no TLS)",
-        },
-        {
-            .name = EXTLOCK_OPT_TLS_HOST,
-            .type = QEMU_OPT_STRING,
-            .help = "name in the coordinator's certificate "
-                    "(default: the inet host)",
-        },
-        { /* end of list */ }
-    },
-};
-
-/* Options that may not change on reopen */
+/*
+ * Strong options change the node's data: which image (lock-space) under
+ * which coordinator.  Everything else only tunes how locks are taken.
+ */
 static const char *const extlock_strong_runtime_opts[] = {
-    EXTLOCK_OPT_LOCK_SPACE,
-    EXTLOCK_OPT_CLIENT_ID,
-    EXTLOCK_OPT_GRANULARITY,
-    EXTLOCK_OPT_LEASE_TIME,
-    EXTLOCK_OPT_CACHE,
-    EXTLOCK_OPT_CACHE_SIZE,
-    EXTLOCK_OPT_CACHE_IDLE,
-    EXTLOCK_OPT_MIN_HOLD,
-    EXTLOCK_OPT_ON_LOSS,
-    EXTLOCK_OPT_LOSS_TIME,
-    EXTLOCK_OPT_WAIT_WARN,
-    EXTLOCK_OPT_ON_STUCK_IO,
-    EXTLOCK_OPT_TLS_CREDS,
-    EXTLOCK_OPT_TLS_HOST,
+    "lock-space",
     "coordinator.",
     NULL
 };
 
-static SocketAddress *extlock_parse_coordinator(QDict *options,
-                                                Error **errp)
-{
-    SocketAddress *saddr = NULL;
-    QDict *addr = NULL;
-    Visitor *v;
+/*
+ * Options that blockdev-reopen may change, and reset to their default
+ * when they are left out: the lock cache's tuning and the policies, all
+ * of which are read afresh whenever they are used (see
+ * extlock_reopen_prepare()).
+ */
+static const char *const extlock_mutable_opts[] = {
+    "lock-cache-size",
+    "lock-cache-idle-time",
+    "min-hold-time",
+    "on-lease-loss",
+    "lease-loss-timeout",
+    "wait-warning-time",
+    "on-stuck-io",
+    NULL
+};
 
-    qdict_extract_subqdict(options, &addr, "coordinator.");
+/*
+ * The visitor names a bad member of a union inside a struct without its
+ * path ("Parameter 'type' ..."): say which option it is
+ */
+static bool extlock_check_coordinator(QDict *options, Error **errp)
+{
+    g_autoptr(QDict) copy = qdict_clone_shallow(options);
+    g_autoptr(QDict) addr = NULL;
+    SocketAddress *saddr = NULL;
+    Visitor *v;
+    bool ok;
+
+    qdict_extract_subqdict(copy, &addr, "coordinator.");
     if (!qdict_size(addr)) {
-        error_setg(errp, QERR_MISSING_PARAMETER, "coordinator");
-        goto out;
+        return true;    /* missing: the schema says so */
     }
     v = qobject_input_visitor_new_flat_confused(addr, errp);
     if (!v) {
-        goto out;
+        return false;
     }
-    if (!visit_type_SocketAddress(v, NULL, &saddr, errp)) {
+    ok = visit_type_SocketAddress(v, NULL, &saddr, errp);
+    if (!ok) {
         error_prepend(errp, "Invalid coordinator address: ");
     }
     visit_free(v);
-out:
-    qobject_unref(addr);
-    return saddr;
+    qapi_free_SocketAddress(saddr);
+    return ok;
 }
 
-/* Validate the scalar options into @s; nothing to undo on failure */
-static bool extlock_parse_options(BlockDriverState *bs, BDRVExtlockState *s,
-                                  QemuOpts *opts, Error **errp)
+/*
+ * Parse @options into the QAPI-generated BlockdevOptions, as
+ * copy-before-write does: the schema (BlockdevOptionsExtlock) checks
+ * names, types, enums and mandatory members.  @options is not changed.
+ * The child is not ours to parse (bdrv_open_file_child() opens it, and on
+ * reopen the block layer has taken "file.*" away already), so it is
+ * visited as an empty reference.  Nor are the generic options, which are
+ * in @options on reopen only, and which the block layer has checked in
+ * its own (legacy) syntax.
+ */
+static BlockdevOptions *extlock_parse_options(QDict *options, Error **errp)
 {
-    const char *lock_space = qemu_opt_get(opts, EXTLOCK_OPT_LOCK_SPACE);
-    const char *client_id = qemu_opt_get(opts, EXTLOCK_OPT_CLIENT_ID);
-    uint64_t granularity = qemu_opt_get_size(opts, EXTLOCK_OPT_GRANULARITY,
-                                             EXTLOCK_GRANULARITY_DEFAULT);
-    uint64_t lease = qemu_opt_get_number(opts, EXTLOCK_OPT_LEASE_TIME, 0);
-    uint64_t cache_size = qemu_opt_get_number(opts, EXTLOCK_OPT_CACHE_SIZE,
-                                              EXTLOCK_CACHE_SIZE_DEFAULT);
-    uint64_t cache_idle = qemu_opt_get_number(opts, EXTLOCK_OPT_CACHE_IDLE,
-                                              EXTLOCK_CACHE_IDLE_DEFAULT);
-    uint64_t min_hold = qemu_opt_get_number(opts, EXTLOCK_OPT_MIN_HOLD, 0);
-    uint64_t loss_timeout = qemu_opt_get_number(opts, EXTLOCK_OPT_LOSS_TIME,
-                                                60000);
-    uint64_t wait_warn = qemu_opt_get_number(opts, EXTLOCK_OPT_WAIT_WARN,
-                                             10000);
-    Error *local_err = NULL;
-    int policy, stuck_policy;
+    static const char *const generic_opts[] = {
+        "node-name", "read-only", "auto-read-only", "force-share",
+        "detect-zeroes", "discard", NULL
+    };
+    g_autoptr(QDict) copy = qdict_clone_shallow(options);
+    BlockdevOptions *opts = NULL;
+    Visitor *v;
+    int i;
 
-    if (!lock_space) {
-        error_setg(errp, QERR_MISSING_PARAMETER, EXTLOCK_OPT_LOCK_SPACE);
+    qdict_extract_subqdict(copy, NULL, "file.");
+    qdict_extract_subqdict(copy, NULL, "cache.");
+    for (i = 0; generic_opts[i]; i++) {
+        qdict_del(copy, generic_opts[i]);
+    }
+    qdict_put_str(copy, "file", "");
+    qdict_put_str(copy, "driver", "extlock");
+    if (!extlock_check_coordinator(copy, errp)) {
+        return NULL;
+    }
+    v = qobject_input_visitor_new_flat_confused(copy, errp);
+    if (!v) {
+        return NULL;
+    }
+    visit_type_BlockdevOptions(v, NULL, &opts, errp);
+    visit_free(v);
+    return opts;
+}
+
+static bool extlock_check_name(const char *what, const char *name,
+                               Error **errp)
+{
+    if (!*name) {
+        error_setg(errp, "%s must not be empty", what);
         return false;
     }
-    if (!*lock_space) {
-        error_setg(errp, "lock-space must not be empty");
-        return false;
-    }
-    if (strlen(lock_space) > EXTLOCK_MAX_NAME) {
-        error_setg(errp, "lock-space must be at most %d bytes long",
+    if (strlen(name) > EXTLOCK_MAX_NAME) {
+        error_setg(errp, "%s must be at most %d bytes long", what,
                    EXTLOCK_MAX_NAME);
         return false;
     }
-    if (client_id && !*client_id) {
-        error_setg(errp, "client-id must not be empty");
+    return true;
+}
+
+static bool extlock_check_range(const char *what, uint64_t value,
+                                uint64_t min, uint64_t max, const char *unit,
+                                Error **errp)
+{
+    if (value >= min && value <= max) {
+        return true;
+    }
+    if (min == 0) {
+        error_setg(errp, "%s must be at most %" PRIu64 "%s", what, max, unit);
+    } else {
+        error_setg(errp, "%s must be between %" PRIu64 " and %" PRIu64 "%s",
+                   what, min, max, unit);
+    }
+    return false;
+}
+
+/* What the schema cannot check: ranges, names, options that go together */
+static bool extlock_check_options(BlockdevOptionsExtlock *o, Error **errp)
+{
+    if (!extlock_check_name("lock-space", o->lock_space, errp) ||
+        (o->client_id && !extlock_check_name("client-id", o->client_id,
+                                             errp))) {
         return false;
     }
-    if (client_id && strlen(client_id) > EXTLOCK_MAX_NAME) {
-        error_setg(errp, "client-id must be at most %d bytes long",
-                   EXTLOCK_MAX_NAME);
-        return false;
-    }
-    if (granularity < EXTLOCK_GRANULARITY_MIN ||
-        granularity > EXTLOCK_GRANULARITY_MAX || !is_power_of_2(granularity)) {
+    if (o->has_granularity &&
+        (o->granularity < EXTLOCK_GRANULARITY_MIN ||
+         o->granularity > EXTLOCK_GRANULARITY_MAX ||
+         !is_power_of_2(o->granularity))) {
         error_setg(errp, "granularity must be a power of two between %d "
                    "and %u", EXTLOCK_GRANULARITY_MIN,
                    EXTLOCK_GRANULARITY_MAX);
         return false;
     }
-    if (qemu_opt_find(opts, EXTLOCK_OPT_LEASE_TIME) &&
-        (lease < EXTLOCK_MIN_LEASE_MS || lease > EXTLOCK_MAX_LEASE_MS)) {
-        error_setg(errp, "lease-time must be between %d and %d ms",
-                   EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS);
+    if ((o->has_lease_time &&
+         !extlock_check_range("lease-time", o->lease_time,
+                              EXTLOCK_MIN_LEASE_MS, EXTLOCK_MAX_LEASE_MS,
+                              " ms", errp)) ||
+        (o->has_lock_cache_size &&
+         !extlock_check_range("lock-cache-size", o->lock_cache_size, 1,
+                              EXTLOCK_CACHE_SIZE_MAX, "", errp)) ||
+        (o->has_lock_cache_idle_time &&
+         !extlock_check_range("lock-cache-idle-time",
+                              o->lock_cache_idle_time, 1, UINT32_MAX, " ms",
+                              errp)) ||
+        (o->has_min_hold_time &&
+         !extlock_check_range("min-hold-time", o->min_hold_time, 0,
+                              EXTLOCK_MIN_HOLD_MAX, " us", errp))) {
         return false;
     }
-
-    if (cache_size < 1 || cache_size > 1000000) {
-        error_setg(errp, "lock-cache-size must be between 1 and 1000000");
+    if (o->tls_hostname && !o->tls_creds) {
+        error_setg(errp, "'" EXTLOCK_OPT_TLS_HOST "' needs '"
+                   EXTLOCK_OPT_TLS_CREDS "'");
         return false;
     }
-    if (cache_idle < 1 || cache_idle > UINT32_MAX) {
-        error_setg(errp, "lock-cache-idle-time must be between 1 and %u ms",
-                   UINT32_MAX);
-        return false;
-    }
-    if (min_hold > EXTLOCK_MIN_HOLD_MAX) {
-        error_setg(errp, "min-hold-time must be at most %d us",
-                   EXTLOCK_MIN_HOLD_MAX);
-        return false;
-    }
-
-    policy = qapi_enum_parse(&ExtlockLeaseLossPolicy_lookup,
-                             qemu_opt_get(opts, EXTLOCK_OPT_ON_LOSS),
-                             EXTLOCK_LEASE_LOSS_POLICY_QUEUE, &local_err);
-    if (local_err) {
-        error_propagate_prepend(errp, local_err,
-                                "on-lease-loss must be 'queue' or 'error': ");
-        return false;
-    }
-    stuck_policy = qapi_enum_parse(&ExtlockStuckIoPolicy_lookup,
-                                   qemu_opt_get(opts, EXTLOCK_OPT_ON_STUCK_IO),
-                                   EXTLOCK_STUCK_IO_POLICY_EXIT, &local_err);
-    if (local_err) {
-        error_propagate_prepend(errp, local_err,
-                                "on-stuck-io must be 'exit' or 'report': ");
-        return false;
-    }
-    if (loss_timeout > UINT32_MAX) {
-        error_setg(errp, "lease-loss-timeout must be at most %u ms",
-                   UINT32_MAX);
-        return false;
-    }
-    if (wait_warn > UINT32_MAX) {
-        error_setg(errp, "wait-warning-time must be at most %u ms",
-                   UINT32_MAX);
-        return false;
-    }
-
-    s->cache_opts.lease_loss_error = policy == EXTLOCK_LEASE_LOSS_POLICY_ERROR;
-    s->cache_opts.stuck_io_exit = stuck_policy == EXTLOCK_STUCK_IO_POLICY_EXIT;
-    s->cache_opts.lease_loss_timeout_ms = loss_timeout;
-    s->cache_opts.wait_warning_ms = wait_warn;
-    s->cache_opts.cache = qemu_opt_get_bool(opts, EXTLOCK_OPT_CACHE, true);
-    s->cache_opts.cache_size = cache_size;
-    s->cache_opts.cache_idle_ms = cache_idle;
-    s->cache_opts.min_hold_us = min_hold;
-    s->lock_space = g_strdup(lock_space);
-    if (client_id) {
-        s->client_id = g_strdup(client_id);
-    } else {
-        g_autofree char *host = g_strdup(g_get_host_name());
-        s->client_id = g_strdup_printf("%s/%s", host, bdrv_get_node_name(bs));
-    }
-    s->granularity = granularity;
-    s->lease_ms = lease;
     return true;
+}
+
+/* The tuning and policy options, with their defaults */
+static void extlock_tuning_options(BlockdevOptionsExtlock *o,
+                                   ExtlockClientOptions *co)
+{
+    co->cache_size = o->has_lock_cache_size ? o->lock_cache_size
+                                            : EXTLOCK_CACHE_SIZE_DEFAULT;
+    co->cache_idle_ms = o->has_lock_cache_idle_time
+                        ? o->lock_cache_idle_time : EXTLOCK_CACHE_IDLE_DEFAULT;
+    co->min_hold_us = o->has_min_hold_time ? o->min_hold_time : 0;
+    co->lease_loss_error = o->has_on_lease_loss &&
+        o->on_lease_loss == EXTENT_LOCK_LEASE_LOSS_POLICY_ERROR;
+    co->lease_loss_timeout_ms = o->has_lease_loss_timeout
+                                ? o->lease_loss_timeout
+                                : EXTLOCK_LOSS_TIME_DEFAULT;
+    co->wait_warning_ms = o->has_wait_warning_time ? o->wait_warning_time
+                                                   : EXTLOCK_WAIT_WARN_DEFAULT;
+    co->stuck_io_exit = !o->has_on_stuck_io ||
+        o->on_stuck_io == EXTENT_LOCK_STUCK_IO_POLICY_EXIT;
+}
+
+/*
+ * Remove from @options every option of ours (all but the child's), so
+ * that the generic code does not report them as unsupported.
+ */
+static void extlock_consume_options(QDict *options)
+{
+    const QDictEntry *e, *next;
+
+    for (e = qdict_first(options); e; e = next) {
+        next = qdict_next(options, e);
+        if (strcmp(e->key, "file") && !strstart(e->key, "file.", NULL)) {
+            qdict_del(options, e->key);
+        }
+    }
 }
 
 /* The credentials object @id, which must be a TLS client's; not referenced */
@@ -327,57 +283,46 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
                         Error **errp)
 {
     BDRVExtlockState *s = bs->opaque;
-    QemuOpts *opts;
+    g_autoptr(BlockdevOptions) full_opts = NULL;
+    BlockdevOptionsExtlock *o;
     QCryptoTLSCreds *tls_creds = NULL;
-    const char *tls_creds_id, *tls_hostname;
+    const char *tls_hostname;
     int64_t len;
     int ret;
 
-    opts = qemu_opts_create(&extlock_runtime_opts, NULL, 0, &error_abort);
-    if (!qemu_opts_absorb_qdict(opts, options, errp)) {
-        ret = -EINVAL;
-        goto out;
+    full_opts = extlock_parse_options(options, errp);
+    if (!full_opts) {
+        return -EINVAL;
     }
-    if (!extlock_parse_options(bs, s, opts, errp)) {
-        ret = -EINVAL;
-        goto out;
+    assert(full_opts->driver == BLOCKDEV_DRIVER_EXTLOCK);
+    o = &full_opts->u.extlock;
+    if (!extlock_check_options(o, errp)) {
+        return -EINVAL;
     }
-    s->coordinator = extlock_parse_coordinator(options, errp);
-    if (!s->coordinator) {
-        ret = -EINVAL;
-        goto out;
-    }
-    tls_creds_id = qemu_opt_get(opts, EXTLOCK_OPT_TLS_CREDS);
-    tls_hostname = qemu_opt_get(opts, EXTLOCK_OPT_TLS_HOST);
-    if (tls_creds_id) {
-        tls_creds = extlock_get_tls_creds(tls_creds_id, errp);
+    extlock_consume_options(options);
+
+    tls_hostname = o->tls_hostname;
+    if (o->tls_creds) {
+        tls_creds = extlock_get_tls_creds(o->tls_creds, errp);
         if (!tls_creds) {
-            ret = -EINVAL;
-            goto out;
+            return -EINVAL;
         }
         /* As nbd: an inet coordinator's host is the name to verify */
-        if (!tls_hostname &&
-            s->coordinator->type == SOCKET_ADDRESS_TYPE_INET) {
-            tls_hostname = s->coordinator->u.inet.host;
+        if (!tls_hostname && o->coordinator->type == SOCKET_ADDRESS_TYPE_INET) {
+            tls_hostname = o->coordinator->u.inet.host;
         }
         /* QEMU's x509 client checks the name; say so now, not at connect */
         if (!tls_hostname && object_dynamic_cast(OBJECT(tls_creds),
                                                  TYPE_QCRYPTO_TLS_CREDS_X509)) {
             error_setg(errp, "x509 credentials need '" EXTLOCK_OPT_TLS_HOST
                        "' with a coordinator that is not inet");
-            ret = -EINVAL;
-            goto out;
+            return -EINVAL;
         }
-    } else if (tls_hostname) {
-        error_setg(errp, "'" EXTLOCK_OPT_TLS_HOST "' needs '"
-                   EXTLOCK_OPT_TLS_CREDS "'");
-        ret = -EINVAL;
-        goto out;
     }
 
     ret = bdrv_open_file_child(NULL, options, "file", bs, errp);
     if (ret < 0) {
-        goto out;
+        return ret;
     }
     bdrv_graph_rdlock_main_loop();
     bs->supported_write_flags = BDRV_REQ_WRITE_UNCHANGED |
@@ -386,16 +331,30 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
         ((BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK) &
          bs->file->bs->supported_zero_flags);
 
+    s->lock_space = g_strdup(o->lock_space);
+    if (o->client_id) {
+        s->client_id = g_strdup(o->client_id);
+    } else {
+        g_autofree char *host = g_strdup(g_get_host_name());
+        s->client_id = g_strdup_printf("%s/%s", host, bdrv_get_node_name(bs));
+    }
+    s->granularity = o->has_granularity ? o->granularity
+                                        : EXTLOCK_GRANULARITY_DEFAULT;
+    s->lease_ms = o->has_lease_time ? o->lease_time : 0;
+    s->cache_opts.cache = !o->has_lock_cache || o->lock_cache;
+    extlock_tuning_options(o, &s->cache_opts);
+
     /* Granted extents may grow up to the end of the image */
     len = bdrv_getlength(bs->file->bs);
     bdrv_graph_rdunlock_main_loop();
     if (len < 0) {
         error_setg_errno(errp, -len, "Could not get the image length");
         ret = len;
-        goto out;
+        goto fail;
     }
     s->cache_opts.grow_limit = QEMU_ALIGN_UP((uint64_t)len, s->granularity);
 
+    s->coordinator = QAPI_CLONE(SocketAddress, o->coordinator);
     s->client = extlock_client_new(s->coordinator, s->client_id,
                                    s->lock_space, s->lease_ms,
                                    &s->cache_opts, tls_creds, tls_hostname,
@@ -403,21 +362,18 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
                                    bdrv_get_aio_context(bs), errp);
     if (!s->client) {
         ret = -EIO;
-        goto out;
+        goto fail;
     }
     trace_extlock_open(bdrv_get_node_name(bs), s->lock_space, s->client_id,
                        s->granularity);
-    ret = 0;
+    return 0;
 
-out:
-    qemu_opts_del(opts);
-    if (ret < 0) {
-        qapi_free_SocketAddress(s->coordinator);
-        s->coordinator = NULL;
-        g_free(s->lock_space);
-        g_free(s->client_id);
-        s->lock_space = s->client_id = NULL;
-    }
+fail:
+    qapi_free_SocketAddress(s->coordinator);
+    s->coordinator = NULL;
+    g_free(s->lock_space);
+    g_free(s->client_id);
+    s->lock_space = s->client_id = NULL;
     return ret;
 }
 
@@ -435,6 +391,7 @@ static void extlock_close(BlockDriverState *bs)
 typedef enum ExtlockIoKind {
     EXTLOCK_IO_READ,
     EXTLOCK_IO_WRITE,
+    EXTLOCK_IO_WRITE_COMPRESSED,
     EXTLOCK_IO_ZERO,
     EXTLOCK_IO_DISCARD,
     EXTLOCK_IO_FLUSH,
@@ -443,6 +400,7 @@ typedef enum ExtlockIoKind {
 static const char *const extlock_io_kind_names[] = {
     [EXTLOCK_IO_READ] = "read",
     [EXTLOCK_IO_WRITE] = "write",
+    [EXTLOCK_IO_WRITE_COMPRESSED] = "write-compressed",
     [EXTLOCK_IO_ZERO] = "zero",
     [EXTLOCK_IO_DISCARD] = "discard",
     [EXTLOCK_IO_FLUSH] = "flush",
@@ -455,8 +413,8 @@ static const char *const extlock_io_kind_names[] = {
  */
 static int coroutine_fn GRAPH_RDLOCK
 extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
-                int64_t bytes, QEMUIOVector *qiov, BdrvRequestFlags flags,
-                ExtlockRequest *req)
+                int64_t bytes, QEMUIOVector *qiov, size_t qiov_offset,
+                BdrvRequestFlags flags, ExtlockRequest *req)
 {
     BDRVExtlockState *s = bs->opaque;
     uint64_t token = req ? req->lock->token : 0;
@@ -471,10 +429,17 @@ extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
     extlock_client_io_start(s->client);
     switch (kind) {
     case EXTLOCK_IO_READ:
-        ret = bdrv_co_preadv(bs->file, offset, bytes, qiov, flags);
+        ret = bdrv_co_preadv_part(bs->file, offset, bytes, qiov, qiov_offset,
+                                  flags);
         break;
     case EXTLOCK_IO_WRITE:
-        ret = bdrv_co_pwritev(bs->file, offset, bytes, qiov, flags);
+        ret = bdrv_co_pwritev_part(bs->file, offset, bytes, qiov,
+                                   qiov_offset, flags);
+        break;
+    case EXTLOCK_IO_WRITE_COMPRESSED:
+        ret = bdrv_co_pwritev_part(bs->file, offset, bytes, qiov,
+                                   qiov_offset,
+                                   flags | BDRV_REQ_WRITE_COMPRESSED);
         break;
     case EXTLOCK_IO_ZERO:
         ret = bdrv_co_pwrite_zeroes(bs->file, offset, bytes, flags);
@@ -497,14 +462,15 @@ extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
 }
 
 /*
- * Run a request under a lock on the range it touches, rounded out to the
- * granularity, in @mode.  A zero-length request touches nothing and
- * needs no lock (the coordinator has no empty locks).
+ * Run a request under a lock on the range it touches, rounded out to
+ * s->lock_alignment (see extlock_refresh_limits()), in @mode.  A
+ * zero-length request touches nothing and needs no lock (the coordinator
+ * has no empty locks).
  */
 static int coroutine_fn GRAPH_RDLOCK
 extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
                   int64_t offset, int64_t bytes, QEMUIOVector *qiov,
-                  BdrvRequestFlags flags)
+                  size_t qiov_offset, BdrvRequestFlags flags)
 {
     BDRVExtlockState *s = bs->opaque;
     const char *op = extlock_io_kind_names[kind];
@@ -512,11 +478,12 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
     int ret;
 
     if (bytes == 0) {
-        return extlock_forward(bs, kind, offset, bytes, qiov, flags, NULL);
+        return extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
+                               flags, NULL);
     }
     req.mode = mode;
-    req.offset = QEMU_ALIGN_DOWN((uint64_t)offset, s->granularity);
-    req.length = QEMU_ALIGN_UP((uint64_t)offset + bytes, s->granularity) -
+    req.offset = QEMU_ALIGN_DOWN((uint64_t)offset, s->lock_alignment);
+    req.length = QEMU_ALIGN_UP((uint64_t)offset + bytes, s->lock_alignment) -
                  req.offset;
     trace_extlock_request(bdrv_get_node_name(bs), op, offset, bytes,
                           req.offset, req.length);
@@ -526,25 +493,43 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
                                      bytes, ret);
         return ret;
     }
-    ret = extlock_forward(bs, kind, offset, bytes, qiov, flags, &req);
+    ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset, flags,
+                          &req);
     extlock_client_unlock(s->client, &req);
     return ret;
 }
 
 static int coroutine_fn GRAPH_RDLOCK
-extlock_co_preadv(BlockDriverState *bs, int64_t offset, int64_t bytes,
-                  QEMUIOVector *qiov, BdrvRequestFlags flags)
+extlock_co_preadv_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                       QEMUIOVector *qiov, size_t qiov_offset,
+                       BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_READ, EXTLOCK_MODE_SHARED,
-                             offset, bytes, qiov, flags);
+                             offset, bytes, qiov, qiov_offset, flags);
 }
 
 static int coroutine_fn GRAPH_RDLOCK
-extlock_co_pwritev(BlockDriverState *bs, int64_t offset, int64_t bytes,
-                   QEMUIOVector *qiov, BdrvRequestFlags flags)
+extlock_co_pwritev_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                        QEMUIOVector *qiov, size_t qiov_offset,
+                        BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_WRITE, EXTLOCK_MODE_EXCLUSIVE,
-                             offset, bytes, qiov, flags);
+                             offset, bytes, qiov, qiov_offset, flags);
+}
+
+/*
+ * A compressed write is a write (the format node below compresses it),
+ * so it is as safe as one under the same exclusive lock.  The block layer
+ * offers compressed writes through a filter only if the node below
+ * supports them (bdrv_supports_compressed_writes()).
+ */
+static int coroutine_fn GRAPH_RDLOCK extlock_co_pwritev_compressed_part(
+    BlockDriverState *bs, int64_t offset, int64_t bytes, QEMUIOVector *qiov,
+    size_t qiov_offset)
+{
+    return extlock_locked_io(bs, EXTLOCK_IO_WRITE_COMPRESSED,
+                             EXTLOCK_MODE_EXCLUSIVE, offset, bytes, qiov,
+                             qiov_offset, 0);
 }
 
 static int coroutine_fn GRAPH_RDLOCK
@@ -552,30 +537,39 @@ extlock_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
                          BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_ZERO, EXTLOCK_MODE_EXCLUSIVE,
-                             offset, bytes, NULL, flags);
+                             offset, bytes, NULL, 0, flags);
 }
 
 static int coroutine_fn GRAPH_RDLOCK
 extlock_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_DISCARD, EXTLOCK_MODE_EXCLUSIVE,
-                             offset, bytes, NULL, 0);
+                             offset, bytes, NULL, 0, 0);
 }
 
 /*
- * Block status: everything is data, in one answer for the whole range.
+ * Block status.
  *
- * The status of a range is the image's content too, and it changes under
- * other hosts' writes.  An NBD server with structured replies (libnbd's
- * and QEMU's client default) serves a read by asking block status first
- * and then reads each data piece and sends each zero piece as a hole,
- * piece by piece (nbd_co_send_sparse_read() in nbd/server.c): anything
- * but one answer covering the whole request would split the read into
- * several requests, each under its own lock, and another host's write
- * could land between them.  "Data" (never "zero") makes the server read
- * the whole range in one request under one shared lock, and is always a
- * correct answer; what it costs is sparseness (qemu-img map, sparse
- * copies).  No lock: the answer does not depend on the image.
+ * With @want_zero, the caller wants to know which parts read as zeroes,
+ * and may act on the answer piece by piece.  An NBD server with
+ * structured replies (libnbd's and QEMU's client default) does so for
+ * every read: it asks block status first, then reads each data piece and
+ * sends each zero piece as a hole (nbd_co_send_sparse_read() in
+ * nbd/server.c).  Anything but one answer covering the whole request
+ * would split the read into several requests, each under its own lock,
+ * and another host's write could land between them.  So the answer is
+ * "data" for the whole range, which is always correct: the server reads
+ * the range in one request under one shared lock.  What it costs is
+ * sparseness (qemu-img map, sparse copies).
+ *
+ * Without @want_zero, the caller only asks what is allocated where
+ * (bdrv_is_allocated(): block jobs, copy-on-read, qemu-io map, NBD's
+ * qemu:allocation-depth) and reads nothing on the strength of the answer,
+ * so the child answers, as for any filter.  (qemu-img map skips filters
+ * altogether.)
+ *
+ * No lock either way: neither answer reads the image under us (the
+ * child's allocation is as racy as any block status of a shared image).
  */
 static int coroutine_fn GRAPH_RDLOCK
 extlock_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
@@ -585,6 +579,9 @@ extlock_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
     *pnum = bytes;
     *map = offset;
     *file = bs->file->bs;
+    if (!want_zero) {
+        return BDRV_BLOCK_RAW | BDRV_BLOCK_OFFSET_VALID;
+    }
     return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID;
 }
 
@@ -592,7 +589,7 @@ static int coroutine_fn GRAPH_RDLOCK
 extlock_co_flush(BlockDriverState *bs)
 {
     /* A flush orders nothing between hosts: no lock needed */
-    return extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, NULL);
+    return extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, 0, NULL);
 }
 
 /*
@@ -618,13 +615,43 @@ extlock_co_getlength(BlockDriverState *bs)
     return extlock_co_child_getlength(bs->file->bs);
 }
 
+/*
+ * Limits.  The generic code starts from the child's (all but its request
+ * alignment); every limit that would make the block layer split or pad a
+ * request *above* us is taken away, so that the whole request reaches us
+ * and runs under one lock, and the child splits or pads it under that
+ * lock instead:
+ *
+ * - no max_transfer, max_pwrite_zeroes or max_pdiscard, and no zero or
+ *   discard alignment: split above us, one guest request would take
+ *   several locks, and another host's request could land between the
+ *   pieces;
+ * - request_alignment 1 (the generic default for us, said explicitly):
+ *   padding an unaligned write above us would be a read under a shared
+ *   lock, then a write under an exclusive one, and another host could
+ *   write the padding in between (a lost update).
+ *
+ * The child pads an unaligned request to its own request_alignment with a
+ * read-modify-write, under our lock: so locks are rounded out to at least
+ * that alignment (s->lock_alignment), or the padding would be unlocked.
+ *
+ * Called by the generic code with the node drained (open, reopen, child
+ * changes), so no request runs while s->lock_alignment changes.
+ */
 static void GRAPH_RDLOCK
 extlock_refresh_limits(BlockDriverState *bs, Error **errp)
 {
-    /*
-     * The child's limits are inherited by the generic code; a request
-     * larger than the coordinator could lock does not exist (2^63).
-     */
+    BDRVExtlockState *s = bs->opaque;
+
+    s->lock_alignment = MAX(s->granularity,
+                            bs->file->bs->bl.request_alignment);
+    bs->bl.request_alignment = 1;
+    bs->bl.max_transfer = 0;
+    bs->bl.pwrite_zeroes_alignment = 0;
+    bs->bl.max_pwrite_zeroes = 0;
+    bs->bl.pdiscard_alignment = 0;
+    bs->bl.max_pdiscard = 0;
+    trace_extlock_refresh_limits(bdrv_get_node_name(bs), s->lock_alignment);
 }
 
 static void GRAPH_RDLOCK
@@ -676,14 +703,105 @@ static void extlock_cancel_in_flight(BlockDriverState *bs)
     extlock_client_cancel_waits(s->client);
 }
 
+/*
+ * Reopen.
+ *
+ * What may change is the lock cache's tuning and the policies
+ * (extlock_mutable_opts): the lock code reads them from the client's
+ * options whenever it uses them, so new values take effect from the next
+ * request, revocation or timer armed (a timer already armed keeps its
+ * deadline).  Nothing has to be undone, so prepare only parses and
+ * checks, commit copies the values in, and abort drops them.
+ *
+ * Everything else stays, and the generic code refuses a change ("Cannot
+ * change the option") because prepare leaves those options in
+ * reopen_state->options for it to compare:
+ * - lock-space and coordinator name the data (strong options);
+ * - client-id, lease-time, tls-creds and tls-hostname belong to the
+ *   coordinator session: changing them means a new session, which drops
+ *   every lock the node holds (blockdev-del and blockdev-add do that);
+ * - lock-cache: turning it off would have to give back every cached lock,
+ *   coordinator I/O that commit, which may not fail, cannot do;
+ * - granularity: held locks are aligned to it, and nothing needs to change
+ *   it on a live node.
+ * read-only may change: the locks do not depend on it.
+ */
 static int extlock_reopen_prepare(BDRVReopenState *reopen_state,
                                   BlockReopenQueue *queue, Error **errp)
 {
-    /*
-     * Every option is a strong runtime option, so the generic code has
-     * already refused changes; only read-only flags may change.
-     */
+    BDRVExtlockState *s = reopen_state->bs->opaque;
+    g_autoptr(BlockdevOptions) full_opts = NULL;
+    ExtlockClientOptions *opts;
+    int i;
+
+    full_opts = extlock_parse_options(reopen_state->options, errp);
+    if (!full_opts) {
+        return -EINVAL;
+    }
+    if (!extlock_check_options(&full_opts->u.extlock, errp)) {
+        return -EINVAL;
+    }
+    opts = g_new(ExtlockClientOptions, 1);
+    *opts = s->cache_opts;
+    extlock_tuning_options(&full_opts->u.extlock, opts);
+    reopen_state->opaque = opts;
+
+    /* These are ours now; the rest is compared with the old values */
+    for (i = 0; extlock_mutable_opts[i]; i++) {
+        qdict_del(reopen_state->options, extlock_mutable_opts[i]);
+    }
     return 0;
+}
+
+static void extlock_reopen_commit(BDRVReopenState *reopen_state)
+{
+    BDRVExtlockState *s = reopen_state->bs->opaque;
+    ExtlockClientOptions *opts = reopen_state->opaque;
+
+    s->cache_opts = *opts;
+    extlock_client_set_options(s->client, opts);
+    trace_extlock_reopen(bdrv_get_node_name(reopen_state->bs));
+    g_free(opts);
+    reopen_state->opaque = NULL;
+}
+
+static void extlock_reopen_abort(BDRVReopenState *reopen_state)
+{
+    g_free(reopen_state->opaque);
+    reopen_state->opaque = NULL;
+}
+
+void extlock_get_counters(ExtlockClient *c, ExtentLockCounters *out)
+{
+    ExtlockConnInfo conn;
+
+    extlock_conn_get_info(extlock_client_conn(c), &conn);
+    *out = (ExtentLockCounters) {
+        .requests = c->stats.requests,
+        .cache_hits = c->stats.cache_hits,
+        .grants = c->stats.grants,
+        .waits = c->stats.waits,
+        .total_wait_us = c->stats.total_wait_us,
+        .errors = c->stats.errors,
+        .revocations = c->stats.revocations,
+        .revocation_wait_us = c->stats.revocation_us,
+        .revocation_max_us = c->stats.revocation_max_us,
+        .downgrades = c->stats.downgrades,
+        .cache_evictions = c->stats.cache_evictions,
+        .reconnects = conn.reconnects,
+        .lease_losses = conn.lease_losses,
+    };
+}
+
+/* The node's counters: query-blockstats' driver-specific part */
+static BlockStatsSpecific *extlock_get_specific_stats(BlockDriverState *bs)
+{
+    BDRVExtlockState *s = bs->opaque;
+    BlockStatsSpecific *stats = g_new0(BlockStatsSpecific, 1);
+
+    stats->driver = BLOCKDEV_DRIVER_EXTLOCK;
+    extlock_get_counters(s->client, &stats->u.extlock);
+    return stats;
 }
 
 BlockDriver bdrv_extlock = {
@@ -699,8 +817,9 @@ BlockDriver bdrv_extlock = {
     .bdrv_co_truncate           = extlock_co_truncate,
     .bdrv_refresh_limits        = extlock_refresh_limits,
 
-    .bdrv_co_preadv             = extlock_co_preadv,
-    .bdrv_co_pwritev            = extlock_co_pwritev,
+    .bdrv_co_preadv_part        = extlock_co_preadv_part,
+    .bdrv_co_pwritev_part       = extlock_co_pwritev_part,
+    .bdrv_co_pwritev_compressed_part = extlock_co_pwritev_compressed_part,
     .bdrv_co_pwrite_zeroes      = extlock_co_pwrite_zeroes,
     .bdrv_co_pdiscard           = extlock_co_pdiscard,
     .bdrv_co_flush              = extlock_co_flush,
@@ -713,8 +832,13 @@ BlockDriver bdrv_extlock = {
     .bdrv_cancel_in_flight      = extlock_cancel_in_flight,
 
     .bdrv_reopen_prepare        = extlock_reopen_prepare,
+    .bdrv_reopen_commit         = extlock_reopen_commit,
+    .bdrv_reopen_abort          = extlock_reopen_abort,
+
+    .bdrv_get_specific_stats    = extlock_get_specific_stats,
 
     .strong_runtime_opts        = extlock_strong_runtime_opts,
+    .mutable_opts               = extlock_mutable_opts,
 };
 
 static void bdrv_extlock_init(void)

@@ -194,7 +194,7 @@ if [ ! -f "$BUILD/build.ninja" ]; then
         --enable-tools --enable-libnfs --enable-kvm --enable-tcg \
         --enable-slirp --enable-fdt=system \
         --disable-docs --disable-user --disable-werror --disable-install-blobs \
-        --without-default-features --enable-gnutls \
+        --without-default-features --enable-gnutls --enable-extlock \
         --enable-trace-backends=log)
 fi
 # 10.0: the build's pyvenv finds the private meson also when ninja
@@ -210,6 +210,13 @@ fi
 if ! grep -qE '^#define CONFIG_GNUTLS( |$)' "$BUILD/config-host.h" 2>/dev/null; then
     log "enabling gnutls in $BUILD"
     (cd "$BUILD" && meson configure -Dgnutls=enabled)
+fi
+# The driver is a configure option (-Dextlock, on when json-c is found);
+# --without-default-features turns it off, so ask for it (also in trees
+# configured before the option existed)
+if ! grep -qE '^#define CONFIG_EXTLOCK( |$)' "$BUILD/config-host.h" 2>/dev/null; then
+    log "enabling extlock in $BUILD"
+    (cd "$BUILD" && meson configure -Dextlock=enabled)
 fi
 log "building"
 targets=(qemu-img qemu-io storage-daemon/qemu-storage-daemon)

@@ -5,6 +5,9 @@
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  */
+#ifdef EXTLOCK_IN_QEMU
+#include "qemu/osdep.h"   /* first, as every QEMU file (block/meson.build) */
+#endif
 #include <string.h>
 #include "extlock/extent.h"
 

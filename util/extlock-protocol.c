@@ -14,6 +14,9 @@
  * The code keeps no mutable global state apart from the thread-private
  * tokener, so it may be used from any number of threads.
  */
+#ifdef EXTLOCK_IN_QEMU
+#include "qemu/osdep.h"   /* first, as every QEMU file (block/meson.build) */
+#endif
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>

@@ -17,6 +17,9 @@
  * those two (the subtree of the new top has the same node set as the old
  * top had, so it takes over the old value).
  */
+#ifdef EXTLOCK_IN_QEMU
+#include "qemu/osdep.h"   /* first, as every QEMU file (block/meson.build) */
+#endif
 #include <stdint.h>
 #include "extlock/interval-tree.h"
 

@@ -6,9 +6,10 @@ Copyright (c) 2026 The extlock authors
 Real binaries only (qemu-storage-daemon, qemu-system-x86_64, qemu-io,
 qemu-img) against a real extlockd:
 
-* reopen (blockdev-reopen): the changes the driver allows (read-only)
-  take effect, the ones it refuses (lock-space, client-id, granularity,
-  coordinator) fail with a message and change nothing;
+* reopen (blockdev-reopen): the changes the driver allows (read-only, the
+  cache tuning) take effect, the ones it refuses (lock-space, client-id,
+  granularity, coordinator, ..., or leaving a fixed option out) fail with
+  a message and change nothing;
 * drain and blockdev-del while a request waits for a lock another host
   holds: the monitor stays responsive, the request is failed, no lock is
   left behind at the coordinator;
@@ -68,6 +69,8 @@ def waiting(qmp, node=None):
     ("granularity", 65536),
     ("lease-time", 7000),
     ("lock-cache", False),
+    ("coordinator", {"type": "unix", "path": "/nonexistent/extlockd.sock"}),
+    ("tls-hostname", "coordinator.example"),
 ])
 def test_reopen_refuses_option_change(change, value, local_image, extlockd, lock_space,
                                       procs, binaries):
@@ -89,6 +92,58 @@ def test_reopen_refuses_option_change(change, value, local_image, extlockd, lock
     with NbdClient(q.nbd_path, "disk") as n:
         n.write(4096, b"\x43" * 4096)
         assert n.read(0, 8192) == b"\x42" * 4096 + b"\x43" * 4096
+
+
+def test_reopen_refuses_resetting_fixed_option(local_image, extlockd, lock_space,
+                                               procs, binaries):
+    """Leaving a fixed option out of blockdev-reopen would reset it to its
+    default: refused, naming it; the node keeps its session."""
+    binaries("qemu-storage-daemon")
+    opts = node_opts(local_image, extlockd, lock_space, granularity=65536)
+    q = procs.storage_daemon(blockdevs=[opts])
+    session = node_info(q.qmp, "xl0")["session"]
+    for key in ("client-id", "granularity"):
+        e = q.qmp.execute_error("blockdev-reopen", {"options": [
+            {k: v for k, v in opts.items() if k != key}]})
+        assert f"Option '{key}' cannot be reset to its default value" in e.desc, e.desc
+    info = node_info(q.qmp, "xl0")
+    assert info["session"] == session and info["granularity"] == 65536
+    assert info["client-id"] == "host-a"
+
+
+def test_reopen_changes_cache_tuning(local_image, extlockd, lock_space, procs,
+                                     binaries):
+    """blockdev-reopen may change the cache tuning (here
+    lock-cache-idle-time): the session and the cached locks stay, and the
+    new value governs from the next time it is used: a lock that goes idle
+    after the reopen is given back after the new, short idle time."""
+    binaries("qemu-storage-daemon")
+    idle_ms = 300
+    opts = node_opts(local_image, extlockd, lock_space, lock_cache=True,
+                     lock_cache_idle_time=600000, wait_warning_time=5000)
+    q = procs.storage_daemon(blockdevs=[opts], exports=[("disk", "xl0", True)])
+    with NbdClient(q.nbd_path, "disk") as n:
+        n.write(0, b"\x42" * 4096)
+    before = node_info(q.qmp, "xl0")
+    assert before["held"], before
+    # omitted wait-warning-time goes back to its default: allowed, too
+    new = dict(opts, **{"lock-cache-idle-time": idle_ms})
+    del new["wait-warning-time"]
+    q.qmp.execute("blockdev-reopen", {"options": [new]})
+    after = node_info(q.qmp, "xl0")
+    assert after["session"] == before["session"] and after["state"] == "active"
+    assert [h["token"] for h in after["held"]] == [h["token"] for h in before["held"]]
+    with NbdClient(q.nbd_path, "disk") as n:
+        n.write(8 * 1024 * 1024, b"\x43" * 4096)
+    # the idle timer is armed with the new idle time when the lock goes
+    # idle: bound = idle time + the coordinator round trip + slack
+    wait_until(lambda: not node_info(q.qmp, "xl0")["held"], idle_ms / 1000 + 5,
+               what="cached locks given back after the new idle time")
+    wait_until(lambda: not space(extlockd, lock_space)["held"], 5,
+               what="coordinator sees the locks given back")
+    with NbdClient(q.nbd_path, "disk") as n:
+        assert n.read(0, 4096) == b"\x42" * 4096
+        assert n.read(8 * 1024 * 1024, 4096) == b"\x43" * 4096
 
 
 def test_reopen_read_only_and_back(local_image, extlockd, lock_space, procs, binaries):
