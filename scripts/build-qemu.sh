@@ -54,6 +54,10 @@ done
 
 log() { echo "build-qemu: $*"; }
 
+# the steps below change directory: make the given paths absolute
+[ -n "$SRC" ] && SRC=$(realpath -m "$SRC")
+[ -n "$BUILD" ] && BUILD=$(realpath -m "$BUILD")
+
 case "$QEMU_SERIES" in
     7.2)
         # dpkg-source's directory name; the cache layout predates 10.0
