@@ -29,6 +29,7 @@
 #include "crypto/tlssession.h"
 #include "extlock-connection.h"
 #include "extlock-lease.h"
+#include "extlock-compat.h"
 #include "trace.h"
 
 /* How long connecting waits for each coordinator answer */
@@ -436,9 +437,9 @@ static void extlock_conn_set_handlers(ExtlockConnection *c)
     if (c->fd < 0 || !c->ctx) {
         return;
     }
-    aio_set_fd_handler(c->ctx, c->fd, false, extlock_conn_read,
-                       c->out->len > c->out_done ? extlock_conn_write : NULL,
-                       NULL, NULL, c);
+    extlock_set_fd_handler(c->ctx, c->fd, extlock_conn_read,
+                           c->out->len > c->out_done ?
+                           extlock_conn_write : NULL, c);
 }
 
 /*
@@ -776,15 +777,14 @@ static bool extlock_job_tls(ExtlockConnJob *job, Error **errp)
     job->ioc = QIO_CHANNEL(tioc);
 
     for (;;) {
-        QCryptoTLSSessionHandshakeStatus status;
+        int status = extlock_tls_handshake_step(tioc->session, errp);
 
-        if (qcrypto_tls_session_handshake(tioc->session, errp) < 0) {
+        if (status < 0) {
             /* GnuTLS does not say which alert: name the usual causes */
             error_append_hint(errp, "The coordinator may refuse these "
                               "credentials, or not speak TLS there.\n");
             return false;
         }
-        status = qcrypto_tls_session_get_handshake_status(tioc->session);
         if (status == QCRYPTO_TLS_HANDSHAKE_COMPLETE) {
             break;
         }
@@ -947,8 +947,7 @@ static void extlock_conn_disconnect(ExtlockConnection *c, const char *why)
     qapi_event_send_extent_lock_coordinator_lost(c->node_name, c->address,
                                                  why);
     if (c->ctx) {
-        aio_set_fd_handler(c->ctx, c->fd, false, NULL, NULL, NULL, NULL,
-                           NULL);
+        extlock_set_fd_handler(c->ctx, c->fd, NULL, NULL, NULL);
     }
     c->fd = -1;
     qio_channel_close(c->ioc, NULL);
@@ -1345,8 +1344,7 @@ void extlock_conn_detach_aio_context(ExtlockConnection *c)
     assert(!c->reconnect_co && !c->connect_job);
     assert(!c->io_in_flight && !g_hash_table_size(c->pending));
     if (c->fd >= 0) {
-        aio_set_fd_handler(c->ctx, c->fd, false, NULL, NULL, NULL, NULL,
-                           NULL);
+        extlock_set_fd_handler(c->ctx, c->fd, NULL, NULL, NULL);
     }
     timer_free(c->renew_timer);
     c->renew_timer = NULL;

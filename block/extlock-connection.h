@@ -135,6 +135,9 @@ void extlock_conn_attach_aio_context(ExtlockConnection *conn,
 void extlock_conn_pause(ExtlockConnection *conn);
 void extlock_conn_resume(ExtlockConnection *conn);
 
+/* on-stuck-io changed (reopen): used from the next stuck request on */
+void extlock_conn_set_stuck_io_exit(ExtlockConnection *conn, bool exit);
+
 bool extlock_conn_connected(ExtlockConnection *conn);
 ExtlockConnState extlock_conn_state(ExtlockConnection *conn);
 /* May the node touch the image at @now (lease valid)? */

@@ -8,7 +8,8 @@
 
 #include "qemu/osdep.h"
 #include "qapi/error.h"
-#include "qapi/qmp/qdict.h"
+#include "extlock-compat.h"
+#include EXTLOCK_QDICT_H
 #include "qapi/qapi-commands-block-extlock.h"
 #include "monitor/hmp.h"
 #include "monitor/monitor.h"
@@ -19,7 +20,7 @@ void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
     Error *err = NULL;
     ExtentLockNodeInfoList *list, *l;
 
-    list = qmp_query_extent_locks(!!node, node, &err);
+    list = extlock_query_extent_locks(node, &err);
     if (hmp_handle_error(mon, err)) {
         return;
     }
@@ -37,7 +38,7 @@ void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
                        n->coordinator,
                        n->connected ? "connected" : "DISCONNECTED",
                        ExtentLockSessionState_str(n->state));
-        if (n->has_session) {
+        if (n->session) {
             monitor_printf(mon, " %s, epoch %" PRIu64,
                            n->session, n->epoch);
         }

@@ -16,6 +16,7 @@
 #include "qapi/error.h"
 #include "qemu/sockets.h"
 #include "extlock-locks.h"
+#include "extlock-compat.h"
 #include "trace.h"
 
 static void extlock_cache_timer_cb(void *opaque);
@@ -733,6 +734,13 @@ const ExtlockClientStats *extlock_client_stats(ExtlockClient *c)
     return &c->stats;
 }
 
+void extlock_client_set_options(ExtlockClient *c,
+                                const ExtlockClientOptions *opts)
+{
+    c->opts = *opts;
+    extlock_conn_set_stuck_io_exit(c->conn, opts->stuck_io_exit);
+}
+
 ExtlockConnection *extlock_client_conn(ExtlockClient *c)
 {
     return c->conn;
@@ -900,10 +908,9 @@ static void extlock_locks_fence_status(void *opaque, ExtlockMsg *msg)
         result = EXTENT_LOCK_FENCE_RESULT_FAILED;
         break;
     }
-    qapi_event_send_extent_lock_fence(c->node_name,
-                                      msg->client_id ? msg->client_id : "",
-                                      result, msg->message != NULL,
-                                      msg->message);
+    extlock_event_send_fence(c->node_name,
+                             msg->client_id ? msg->client_id : "", result,
+                             msg->message);
 }
 
 /* EXTENT_LOCK_WAIT_TIMEOUT for slow requests; arm for the next one */

@@ -10,6 +10,7 @@
 #include "qapi/error.h"
 #include "qapi/qapi-commands-block-extlock.h"
 #include "extlock-int.h"
+#include "extlock-compat.h"
 
 static ExtentLockMode extlock_qapi_mode(ExtlockMode mode)
 {
@@ -63,7 +64,7 @@ static void extlock_waiter_info(const ExtlockWaiterInfo *req, void *opaque)
     QAPI_LIST_APPEND(*tail, w);
 }
 
-/* Called with the node's AioContext acquired */
+/* Runs in the node's AioContext (7.2: with it acquired) */
 static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
@@ -91,7 +92,7 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
         break;
     }
     if (conn.connected) {
-        info->has_session = true;
+        EXTLOCK_QAPI_SET_HAS(info, session);
         info->session = g_strdup(conn.session);
     }
     info->has_epoch = true;
@@ -109,14 +110,27 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     return info;
 }
 
-ExtentLockNodeInfoList *qmp_query_extent_locks(bool has_node_name,
-                                               const char *node_name,
+typedef struct ExtlockNodeInfoJob {
+    BlockDriverState *bs;
+    ExtentLockNodeInfo *info;
+} ExtlockNodeInfoJob;
+
+static void extlock_node_info_job(void *opaque)
+{
+    ExtlockNodeInfoJob *job = opaque;
+
+    job->info = extlock_node_info(job->bs);
+}
+
+ExtentLockNodeInfoList *qmp_query_extent_locks(EXTLOCK_QAPI_OPT_PARAM(
+                                                   const char *, node_name),
                                                Error **errp)
 {
     ExtentLockNodeInfoList *head = NULL, **tail = &head;
     BlockDriverState *bs;
+    GSList *nodes = NULL, *l;
 
-    if (has_node_name) {
+    if (node_name) {
         bs = bdrv_find_node(node_name);
         if (!bs) {
             error_setg(errp, "Cannot find node '%s'", node_name);
@@ -129,19 +143,26 @@ ExtentLockNodeInfoList *qmp_query_extent_locks(bool has_node_name,
     }
 
     for (bs = bdrv_next_all_states(NULL); bs; bs = bdrv_next_all_states(bs)) {
-        AioContext *ctx;
-
         if (bs->drv != &bdrv_extlock || !bs->opaque ||
             !((BDRVExtlockState *)bs->opaque)->client) {
             continue;
         }
-        if (has_node_name && strcmp(bdrv_get_node_name(bs), node_name)) {
+        if (node_name && strcmp(bdrv_get_node_name(bs), node_name)) {
             continue;
         }
-        ctx = bdrv_get_aio_context(bs);
-        aio_context_acquire(ctx);
-        QAPI_LIST_APPEND(tail, extlock_node_info(bs));
-        aio_context_release(ctx);
+        /* Referenced: 10.0 polls the main loop while a node answers */
+        bdrv_ref(bs);
+        nodes = g_slist_prepend(nodes, bs);
     }
+    nodes = g_slist_reverse(nodes);
+    for (l = nodes; l; l = l->next) {
+        ExtlockNodeInfoJob job = { .bs = l->data };
+
+        extlock_run_in_aio_context(bdrv_get_aio_context(job.bs),
+                                   extlock_node_info_job, &job);
+        QAPI_LIST_APPEND(tail, job.info);
+        bdrv_unref(job.bs);
+    }
+    g_slist_free(nodes);
     return head;
 }

@@ -18,7 +18,8 @@
 
 #include "qemu/osdep.h"
 #include "qapi/error.h"
-#include "qapi/qmp/qdict.h"
+#include "extlock-compat.h"
+#include EXTLOCK_QDICT_H
 #include "block/qdict.h"
 #include "qapi/clone-visitor.h"
 #include "qapi/qobject-input-visitor.h"
@@ -323,6 +324,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     if (ret < 0) {
         return ret;
     }
+    bdrv_graph_rdlock_main_loop();
     bs->supported_write_flags = BDRV_REQ_WRITE_UNCHANGED |
         (BDRV_REQ_FUA & bs->file->bs->supported_write_flags);
     bs->supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED |
@@ -344,6 +346,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
 
     /* Granted extents may grow up to the end of the image */
     len = bdrv_getlength(bs->file->bs);
+    bdrv_graph_rdunlock_main_loop();
     if (len < 0) {
         error_setg_errno(errp, -len, "Could not get the image length");
         ret = len;
@@ -408,12 +411,10 @@ static const char *const extlock_io_kind_names[] = {
  * under none (flush, zero-length requests).  Counted for the in-flight
  * bound and traced with the token it runs under.
  */
-static int coroutine_fn extlock_forward(BlockDriverState *bs,
-                                        ExtlockIoKind kind, int64_t offset,
-                                        int64_t bytes, QEMUIOVector *qiov,
-                                        size_t qiov_offset,
-                                        BdrvRequestFlags flags,
-                                        ExtlockRequest *req)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
+                int64_t bytes, QEMUIOVector *qiov, size_t qiov_offset,
+                BdrvRequestFlags flags, ExtlockRequest *req)
 {
     BDRVExtlockState *s = bs->opaque;
     uint64_t token = req ? req->lock->token : 0;
@@ -466,12 +467,10 @@ static int coroutine_fn extlock_forward(BlockDriverState *bs,
  * zero-length request touches nothing and needs no lock (the coordinator
  * has no empty locks).
  */
-static int coroutine_fn extlock_locked_io(BlockDriverState *bs,
-                                          ExtlockIoKind kind,
-                                          ExtlockMode mode, int64_t offset,
-                                          int64_t bytes, QEMUIOVector *qiov,
-                                          size_t qiov_offset,
-                                          BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
+                  int64_t offset, int64_t bytes, QEMUIOVector *qiov,
+                  size_t qiov_offset, BdrvRequestFlags flags)
 {
     BDRVExtlockState *s = bs->opaque;
     const char *op = extlock_io_kind_names[kind];
@@ -500,21 +499,19 @@ static int coroutine_fn extlock_locked_io(BlockDriverState *bs,
     return ret;
 }
 
-static int coroutine_fn extlock_co_preadv_part(BlockDriverState *bs,
-                                               int64_t offset, int64_t bytes,
-                                               QEMUIOVector *qiov,
-                                               size_t qiov_offset,
-                                               BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_preadv_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                       QEMUIOVector *qiov, size_t qiov_offset,
+                       BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_READ, EXTLOCK_MODE_SHARED,
                              offset, bytes, qiov, qiov_offset, flags);
 }
 
-static int coroutine_fn extlock_co_pwritev_part(BlockDriverState *bs,
-                                                int64_t offset, int64_t bytes,
-                                                QEMUIOVector *qiov,
-                                                size_t qiov_offset,
-                                                BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pwritev_part(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                        QEMUIOVector *qiov, size_t qiov_offset,
+                        BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_WRITE, EXTLOCK_MODE_EXCLUSIVE,
                              offset, bytes, qiov, qiov_offset, flags);
@@ -526,7 +523,7 @@ static int coroutine_fn extlock_co_pwritev_part(BlockDriverState *bs,
  * offers compressed writes through a filter only if the node below
  * supports them (bdrv_supports_compressed_writes()).
  */
-static int coroutine_fn extlock_co_pwritev_compressed_part(
+static int coroutine_fn GRAPH_RDLOCK extlock_co_pwritev_compressed_part(
     BlockDriverState *bs, int64_t offset, int64_t bytes, QEMUIOVector *qiov,
     size_t qiov_offset)
 {
@@ -535,17 +532,16 @@ static int coroutine_fn extlock_co_pwritev_compressed_part(
                              qiov_offset, 0);
 }
 
-static int coroutine_fn extlock_co_pwrite_zeroes(BlockDriverState *bs,
-                                                 int64_t offset,
-                                                 int64_t bytes,
-                                                 BdrvRequestFlags flags)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
+                         BdrvRequestFlags flags)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_ZERO, EXTLOCK_MODE_EXCLUSIVE,
                              offset, bytes, NULL, 0, flags);
 }
 
-static int coroutine_fn extlock_co_pdiscard(BlockDriverState *bs,
-                                            int64_t offset, int64_t bytes)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
     return extlock_locked_io(bs, EXTLOCK_IO_DISCARD, EXTLOCK_MODE_EXCLUSIVE,
                              offset, bytes, NULL, 0, 0);
@@ -575,13 +571,10 @@ static int coroutine_fn extlock_co_pdiscard(BlockDriverState *bs,
  * No lock either way: neither answer reads the image under us (the
  * child's allocation is as racy as any block status of a shared image).
  */
-static int coroutine_fn extlock_co_block_status(BlockDriverState *bs,
-                                                bool want_zero,
-                                                int64_t offset,
-                                                int64_t bytes,
-                                                int64_t *pnum,
-                                                int64_t *map,
-                                                BlockDriverState **file)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
+                        int64_t bytes, int64_t *pnum, int64_t *map,
+                        BlockDriverState **file)
 {
     *pnum = bytes;
     *map = offset;
@@ -592,7 +585,8 @@ static int coroutine_fn extlock_co_block_status(BlockDriverState *bs,
     return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID;
 }
 
-static int coroutine_fn extlock_co_flush(BlockDriverState *bs)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_flush(BlockDriverState *bs)
 {
     /* A flush orders nothing between hosts: no lock needed */
     return extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, 0, NULL);
@@ -603,11 +597,10 @@ static int coroutine_fn extlock_co_flush(BlockDriverState *bs)
  * shrink would drop data they may hold locks on: refuse, rather than let
  * the generic filter code pass the resize to the image.
  */
-static int coroutine_fn extlock_co_truncate(BlockDriverState *bs,
-                                            int64_t offset, bool exact,
-                                            PreallocMode prealloc,
-                                            BdrvRequestFlags flags,
-                                            Error **errp)
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
+                    PreallocMode prealloc, BdrvRequestFlags flags,
+                    Error **errp)
 {
     error_setg(errp, "extlock: cannot resize the shared image through node "
                "'%s': the other hosts sharing it would not see the new "
@@ -616,9 +609,10 @@ static int coroutine_fn extlock_co_truncate(BlockDriverState *bs,
     return -ENOTSUP;
 }
 
-static int64_t extlock_getlength(BlockDriverState *bs)
+static int64_t coroutine_fn GRAPH_RDLOCK
+extlock_co_getlength(BlockDriverState *bs)
 {
-    return bdrv_getlength(bs->file->bs);
+    return extlock_co_child_getlength(bs->file->bs);
 }
 
 /*
@@ -644,7 +638,8 @@ static int64_t extlock_getlength(BlockDriverState *bs)
  * Called by the generic code with the node drained (open, reopen, child
  * changes), so no request runs while s->lock_alignment changes.
  */
-static void extlock_refresh_limits(BlockDriverState *bs, Error **errp)
+static void GRAPH_RDLOCK
+extlock_refresh_limits(BlockDriverState *bs, Error **errp)
 {
     BDRVExtlockState *s = bs->opaque;
 
@@ -659,11 +654,10 @@ static void extlock_refresh_limits(BlockDriverState *bs, Error **errp)
     trace_extlock_refresh_limits(bdrv_get_node_name(bs), s->lock_alignment);
 }
 
-static void extlock_child_perm(BlockDriverState *bs, BdrvChild *c,
-                               BdrvChildRole role,
-                               BlockReopenQueue *reopen_queue,
-                               uint64_t perm, uint64_t shared,
-                               uint64_t *nperm, uint64_t *nshared)
+static void GRAPH_RDLOCK
+extlock_child_perm(BlockDriverState *bs, BdrvChild *c, BdrvChildRole role,
+                   BlockReopenQueue *reopen_queue, uint64_t perm,
+                   uint64_t shared, uint64_t *nperm, uint64_t *nshared)
 {
     bdrv_default_perms(bs, c, role, reopen_queue, perm, shared,
                        nperm, nshared);
@@ -690,13 +684,13 @@ static void extlock_attach_aio_context(BlockDriverState *bs,
 }
 
 /* Drain: see extlock_client_drain_begin() and docs/qemu-driver.rst */
-static void coroutine_fn extlock_co_drain_begin(BlockDriverState *bs)
+static void EXTLOCK_DRAIN_FN extlock_co_drain_begin(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
     extlock_client_drain_begin(s->client);
 }
 
-static void coroutine_fn extlock_co_drain_end(BlockDriverState *bs)
+static void EXTLOCK_DRAIN_FN extlock_co_drain_end(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
     extlock_client_drain_end(s->client);
@@ -820,7 +814,7 @@ BlockDriver bdrv_extlock = {
     .bdrv_close                 = extlock_close,
     .bdrv_child_perm            = extlock_child_perm,
 
-    .bdrv_getlength             = extlock_getlength,
+    EXTLOCK_DRV_GETLENGTH(extlock_co_getlength),
     .bdrv_co_truncate           = extlock_co_truncate,
     .bdrv_refresh_limits        = extlock_refresh_limits,
 
@@ -834,8 +828,8 @@ BlockDriver bdrv_extlock = {
 
     .bdrv_attach_aio_context    = extlock_attach_aio_context,
     .bdrv_detach_aio_context    = extlock_detach_aio_context,
-    .bdrv_co_drain_begin        = extlock_co_drain_begin,
-    .bdrv_co_drain_end          = extlock_co_drain_end,
+    EXTLOCK_DRV_DRAIN_BEGIN(extlock_co_drain_begin),
+    EXTLOCK_DRV_DRAIN_END(extlock_co_drain_end),
     .bdrv_cancel_in_flight      = extlock_cancel_in_flight,
 
     .bdrv_reopen_prepare        = extlock_reopen_prepare,

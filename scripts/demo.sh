@@ -5,7 +5,9 @@
 # qemu-io) is stopped again at the end.  See scripts/demo.py.
 #
 # Run as root on Debian 12.  It first installs what is missing (apt-get),
-# builds extlockd and the tools (build/) and the patched QEMU (build/qemu);
+# builds extlockd and the tools (build/) and the patched QEMU 10.0
+# (build/qemu-10.0; EXTLOCK_QEMU_BUILD=build/qemu with a QEMU 7.2 built by
+# scripts/build-qemu.sh --qemu 7.2 runs it on 7.2 instead);
 # both builds are incremental.  Then two scenes:
 #  1. scripts/demo.py: two qemu-storage-daemon processes ("hosts") share one
 #     raw image on NFS; overlapping I/O, live query-extent-locks and

@@ -51,6 +51,45 @@ EOT
     NEED_UPDATE=1
 fi
 
+# QEMU 10.0 (scripts/build-qemu.sh --qemu 10.0): trixie's qemu source
+# package through a deb-src-only entry (no binary package can come from
+# trixie), and bookworm-backports for meson 1.7 and python3-pycotap, which
+# build-qemu.sh only downloads and unpacks into a private directory
+# (`apt-get download` + `dpkg -x`), so the system meson 1.0 used for QEMU 7.2
+# stays.  Both suites are pinned low so that nothing installed on the
+# machine is ever upgraded from them.
+SRC10=/etc/apt/sources.list.d/extlock-qemu10.sources
+PIN10=/etc/apt/preferences.d/extlock-qemu10.pref
+if [ ! -f "$SRC10" ]; then
+    cat > "$SRC10" <<'EOT'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOT
+    NEED_UPDATE=1
+fi
+if [ ! -f "$PIN10" ]; then
+    cat > "$PIN10" <<'EOT'
+# extlock: never upgrade anything from these suites; build-qemu.sh fetches
+# exact versions from them explicitly
+Package: *
+Pin: release n=trixie
+Pin-Priority: 1
+
+Package: *
+Pin: release n=bookworm-backports
+Pin-Priority: 1
+EOT
+fi
+
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -16,11 +16,16 @@
 #  3d. pytest tests/ha: the HA coordinator on a real 3-member etcd cluster
 #     (3 extlockd replicas; kill -9, partition from etcd, etcd member and
 #     quorum loss, rolling restart, bad configuration)
-#  4. scripts/build-qemu.sh              (patched QEMU 7.2, incremental)
-#  5. pytest tests/qemu: real qemu-io / qemu-img / qemu-storage-daemon /
+#  4. scripts/build-qemu.sh --qemu 10.0 and --qemu 7.2 (patched QEMUs,
+#     incremental, one ccache); scripts/check-graph-lock.py: the driver's
+#     graph-lock annotations under clang -Wthread-safety (one test)
+#  5. pytest tests/qemu against QEMU 10.0 (the whole suite) and against 7.2
+#     (EXTLOCK_QEMU72_TESTS, default: the whole suite too), each counted on
+#     its own: real qemu-io / qemu-img / qemu-storage-daemon /
 #     qemu-system-x86_64 with the extlock driver, a real extlockd and a
 #     real NFS server (nfs-ganesha on 127.0.0.1)
-#  6. tests/e2e/run-guests.py: two tiny Debian guests write and read one
+#  6. (6, 6a and 7 on QEMU 10.0)
+#     tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
 #     and the same workload without extlock, which must be caught tearing
 #  6a. pytest tests/libvirt: a private libvirtd 9.0 (with virtlockd) runs
@@ -54,6 +59,8 @@ NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
 MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
 HA_TIMEOUT=${EXTLOCK_HA_TIMEOUT:-600}
 MONITORING_TIMEOUT=${EXTLOCK_MONITORING_TIMEOUT:-600}
+# the QEMU 7.2 run: pytest arguments (docs/testing.rst, "What runs where")
+QEMU72_TESTS=${EXTLOCK_QEMU72_TESTS:-tests/qemu}
 
 passed=0
 failed=0
@@ -61,6 +68,40 @@ skipped=0
 step() { echo; echo "=== $* ==="; }
 summary() { echo; echo "$passed passed, $failed failed, $skipped skipped"; }
 give_up() { echo "$*"; failed=$((failed + 1)); summary; exit 1; }
+
+# One pytest run, counted: xfail as skipped, xpass as failed, and a run
+# that did not finish normally (crash, interrupt, timeout) as one failure
+# more.  Never counts an older run's output.
+#   run_pytest LABEL OUT SUITE_TIMEOUT TEST_TIMEOUT [WRAPPER...] -- ARGS...
+run_pytest() {
+    local label=$1 out=$2 suite_to=$3 test_to=$4 rc line p f e s xf xp
+    local wrapper=()
+    shift 4
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do wrapper+=("$1"); shift; done
+    shift
+    rm -f "$out"
+    # --timeout-method=signal: the test fails with an exception, so its
+    # fixtures still stop the processes it started
+    timeout -k 60 "$suite_to" "${wrapper[@]}" /usr/bin/python3 -m pytest -v -rfEsxX \
+        -p no:cacheprovider --timeout="$test_to" \
+        --timeout-method=signal "$@" | tee "$out"
+    rc=${PIPESTATUS[0]}
+    line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
+           "$out" | tail -n1)
+    count() { echo "$line" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
+    p=$(count passed); f=$(count failed); e=$(count error)
+    s=$(count skipped); xf=$(count xfailed); xp=$(count xpassed)
+    passed=$((passed + ${p:-0}))
+    failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
+    skipped=$((skipped + ${s:-0} + ${xf:-0}))
+    echo "$label: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
+    # 0: all passed; 1: some tests failed (counted above); anything else
+    # (interrupted, internal error, timeout, killed) is one more failure
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
+        echo "$label did not finish normally (exit status $rc): counted as one failure"
+        failed=$((failed + 1))
+    fi
+}
 
 step "installing dependencies"
 bash scripts/install-deps.sh || give_up "dependency installation failed"
@@ -142,23 +183,8 @@ else
 fi
 
 step "monitoring tests (pytest tests/monitoring: metrics, Prometheus, freeze)"
-timeout -k 30 "$MONITORING_TIMEOUT" /usr/bin/python3 -m pytest -v -rfEsxX \
-    -p no:cacheprovider --timeout="$PYTEST_TEST_TIMEOUT" \
-    --timeout-method=signal tests/monitoring | tee build/pytest-monitoring.out
-rc=${PIPESTATUS[0]}
-mline=$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' \
-        build/pytest-monitoring.out | tail -n1)
-mcount() { echo "$mline" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
-mp=$(mcount passed); mf=$(mcount failed); me=$(mcount error)
-ms=$(mcount skipped); mxf=$(mcount xfailed); mxp=$(mcount xpassed)
-passed=$((passed + ${mp:-0}))
-failed=$((failed + ${mf:-0} + ${me:-0} + ${mxp:-0}))
-skipped=$((skipped + ${ms:-0} + ${mxf:-0}))
-echo "monitoring: ${mp:-0} passed, $(( ${mf:-0} + ${me:-0} + ${mxp:-0} )) failed, $(( ${ms:-0} + ${mxf:-0} )) skipped (exit status $rc)"
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
-    echo "monitoring pytest did not finish normally (exit status $rc): counted as one failure"
-    failed=$((failed + 1))
-fi
+run_pytest "pytest tests/monitoring" build/pytest-monitoring.out \
+    "$MONITORING_TIMEOUT" "$PYTEST_TEST_TIMEOUT" -- tests/monitoring
 
 step "fuzz smoke run (tests/fuzz, 25 s per harness)"
 fz_out=$(mktemp)
@@ -175,54 +201,49 @@ fi
 rm -f "$fz_out"
 
 step "HA coordinator on etcd (pytest tests/ha: 3 etcd members, 3 replicas)"
-# counted like the QEMU-level pytest run below
-rm -f build/pytest-ha.out
-timeout -k 30 "$HA_TIMEOUT" /usr/bin/python3 -m pytest -v -rfEsxX \
-    -p no:cacheprovider --timeout=120 --timeout-method=signal tests/ha \
-    | tee build/pytest-ha.out
-rc=${PIPESTATUS[0]}
-line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
-       build/pytest-ha.out | tail -n1)
-hcount() { echo "$line" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
-p=$(hcount passed); f=$(hcount failed); e=$(hcount error)
-s=$(hcount skipped); xf=$(hcount xfailed); xp=$(hcount xpassed)
-passed=$((passed + ${p:-0}))
-failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
-skipped=$((skipped + ${s:-0} + ${xf:-0}))
-echo "pytest tests/ha: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
-    echo "pytest tests/ha did not finish normally (exit status $rc): counted as one failure"
-    failed=$((failed + 1))
-fi
+run_pytest "pytest tests/ha" build/pytest-ha.out "$HA_TIMEOUT" 120 -- tests/ha
 
 if [ "$WITH_QEMU" = 1 ]; then
-    step "building QEMU 7.2 with the extlock driver"
-    if bash scripts/build-qemu.sh; then
-        step "QEMU-level tests (pytest tests/qemu)"
-        rm -f build/pytest.out
-        # --timeout-method=signal: the test fails with an exception, so its
-        # fixtures still stop the processes it started
-        timeout -k 60 "$PYTEST_SUITE_TIMEOUT" /usr/bin/python3 -m pytest -v -rfEsxX \
-            -p no:cacheprovider --timeout="$PYTEST_TEST_TIMEOUT" \
-            --timeout-method=signal tests/qemu | tee build/pytest.out
-        rc=${PIPESTATUS[0]}
-        line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
-               build/pytest.out | tail -n1)
-        count() { echo "$line" | sed -n "s/.*[ =]\([0-9][0-9]*\) $1.*/\1/p"; }
-        p=$(count passed); f=$(count failed); e=$(count error)
-        s=$(count skipped); xf=$(count xfailed); xp=$(count xpassed)
-        passed=$((passed + ${p:-0}))
-        failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
-        skipped=$((skipped + ${s:-0} + ${xf:-0}))
-        echo "pytest: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
-        # 0: all passed; 1: some tests failed (counted above); anything else
-        # (interrupted, internal error, timeout, killed) is one more failure
-        if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
-            echo "pytest did not finish normally (exit status $rc): counted as one failure"
+    step "building QEMU 10.0 with the extlock driver"
+    qemu10=0
+    if bash scripts/build-qemu.sh --qemu 10.0; then
+        qemu10=1
+        step "graph-lock annotations: clang -Wthread-safety on block/ (QEMU 10.0)"
+        if /usr/bin/python3 scripts/check-graph-lock.py build/qemu-10.0; then
+            passed=$((passed + 1))
+        else
             failed=$((failed + 1))
         fi
+    else
+        echo "QEMU 10.0 build failed"
+        failed=$((failed + 1))
+    fi
+    step "building QEMU 7.2 with the extlock driver"
+    qemu72=0
+    if bash scripts/build-qemu.sh --qemu 7.2; then
+        qemu72=1
+    else
+        echo "QEMU 7.2 build failed"
+        failed=$((failed + 1))
+    fi
 
-        step "end-to-end: two guests share one disk on NFS (short run)"
+    if [ "$qemu10" = 1 ]; then
+        step "QEMU-level tests on QEMU 10.0 (pytest tests/qemu, build/qemu-10.0)"
+        run_pytest "pytest tests/qemu on QEMU 10.0" build/pytest-qemu-10.0.out \
+            "$PYTEST_SUITE_TIMEOUT" "$PYTEST_TEST_TIMEOUT" \
+            env EXTLOCK_QEMU_BUILD="$REPO/build/qemu-10.0" -- tests/qemu
+    fi
+    if [ "$qemu72" = 1 ]; then
+        step "QEMU-level tests on QEMU 7.2 (pytest $QEMU72_TESTS, build/qemu)"
+        # shellcheck disable=SC2086 # a list of files / pytest arguments
+        run_pytest "pytest tests/qemu on QEMU 7.2" build/pytest-qemu-7.2.out \
+            "$PYTEST_SUITE_TIMEOUT" "$PYTEST_TEST_TIMEOUT" \
+            env EXTLOCK_QEMU_BUILD="$REPO/build/qemu" -- $QEMU72_TESTS
+    fi
+
+    # The end-to-end runs use the default QEMU, 10.0
+    if [ "$qemu10" = 1 ]; then
+        step "end-to-end: two guests share one disk on NFS (short run, QEMU 10.0)"
         timeout -k 30 "$E2E_TIMEOUT" /usr/bin/python3 tests/e2e/run-guests.py --seconds 10
         rc=$?
         if [ "$rc" -eq 0 ]; then
@@ -233,34 +254,17 @@ if [ "$WITH_QEMU" = 1 ]; then
         fi
 
         step "libvirt: domains with extlock disks under a real libvirtd (tests/libvirt)"
-        rm -f build/pytest-libvirt.out
-        timeout -k 60 "$LIBVIRT_TIMEOUT" scripts/isolate.sh /usr/bin/python3 -m pytest -v -rfEsxX \
-            -p no:cacheprovider --timeout="$LIBVIRT_TEST_TIMEOUT" \
-            --timeout-method=signal tests/libvirt/test_libvirt.py | tee build/pytest-libvirt.out
-        rc=${PIPESTATUS[0]}
-        line=$(grep -E '^=+ .*(passed|failed|error|skipped|xfailed|xpassed|no tests ran).* in [0-9.]+s' \
-               build/pytest-libvirt.out | tail -n1)
-        p=$(count passed); f=$(count failed); e=$(count error)
-        s=$(count skipped); xf=$(count xfailed); xp=$(count xpassed)
-        passed=$((passed + ${p:-0}))
-        failed=$((failed + ${f:-0} + ${e:-0} + ${xp:-0}))
-        skipped=$((skipped + ${s:-0} + ${xf:-0}))
-        echo "libvirt tests: ${p:-0} passed, $(( ${f:-0} + ${e:-0} + ${xp:-0} )) failed, $(( ${s:-0} + ${xf:-0} )) skipped (exit status $rc)"
-        if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
-            echo "the libvirt tests did not finish normally (exit status $rc): counted as one failure"
-            failed=$((failed + 1))
-        fi
+        run_pytest "pytest tests/libvirt" build/pytest-libvirt.out \
+            "$LIBVIRT_TIMEOUT" "$LIBVIRT_TEST_TIMEOUT" scripts/isolate.sh \
+            -- tests/libvirt/test_libvirt.py
 
-        step "nemesis: randomized faults against three hosts (seeded run + control)"
+        step "nemesis: randomized faults against three hosts (seeded run + control, QEMU 10.0)"
         if timeout -k 30 "$NEMESIS_TIMEOUT" bash scripts/nemesis.sh --suite; then
             passed=$((passed + 1))
         else
             echo "nemesis run FAILED"
             failed=$((failed + 1))
         fi
-    else
-        echo "QEMU build failed"
-        failed=$((failed + 1))
     fi
 fi
 

@@ -14,8 +14,8 @@ Copyright (c) 2026 The extlock authors
   lock_space   a lock-space name unique to the test
 
 Run from the repository root:  /usr/bin/python3 -m pytest -v tests/qemu
-The builds must exist (build/ for extlockd, build/qemu for QEMU); see
-docs/testing.rst.
+The builds must exist (build/ for extlockd, build/qemu-10.0 for QEMU, or
+EXTLOCK_QEMU_BUILD=build/qemu for QEMU 7.2); see docs/testing.rst.
 """
 
 import shutil

@@ -431,3 +431,16 @@ def test_options_table_matches_schema():
     r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_granularity_is_a_size(local_image, extlockd, lock_space, binaries):
+    """granularity is a QAPI 'size': a suffix works on the command line,
+    and the lock of an unaligned write is rounded out to it."""
+    binaries("qemu-io")
+    node = extlock_node(local_image.child, extlockd.coordinator(), lock_space,
+                        node_name="xl0", granularity="64K", lock_cache=False)
+    r = run_qemu_io(node, ["write -P 0x2a 70000 1000"],
+                    extra_args=["-T", "extlock_open", "-T", "extlock_request"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "granularity 65536" in r.stderr, r.stderr
+    assert "lock [65536, +65536)" in r.stderr, r.stderr

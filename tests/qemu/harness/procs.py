@@ -5,7 +5,8 @@ Copyright (c) 2026 The extlock authors
 
 Binaries come from the build trees:
   EXTLOCK_BUILD       meson build of extlockd/extlockctl  (default <repo>/build)
-  EXTLOCK_QEMU_BUILD  QEMU build with the extlock driver (default <repo>/build/qemu)
+  EXTLOCK_QEMU_BUILD  QEMU build with the extlock driver (default
+                      <repo>/build/qemu-10.0; QEMU 7.2's is <repo>/build/qemu)
 
 Every long-running process started here (extlockd, qemu-storage-daemon,
 qemu-system-x86_64, interactive qemu-io) is registered in a ProcessGroup;
@@ -41,7 +42,8 @@ def build_dir():
 
 
 def qemu_build_dir():
-    return Path(os.environ.get("EXTLOCK_QEMU_BUILD", REPO_ROOT / "build" / "qemu"))
+    return Path(os.environ.get("EXTLOCK_QEMU_BUILD",
+                               REPO_ROOT / "build" / "qemu-10.0"))
 
 
 _BINARIES = {
@@ -64,7 +66,8 @@ def binary(name):
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     hint = ("meson setup build && ninja -C build" if base_fn is build_dir
-            else "scripts/build-qemu.sh")
+            else "scripts/build-qemu.sh (QEMU 10.0; --qemu 7.2 for "
+            "build/qemu)")
     raise MissingBinary(f"{name} not found under {base} (looked for "
                         f"{', '.join(candidates)}); build it first: {hint}")
 
