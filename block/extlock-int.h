@@ -10,6 +10,7 @@
 
 #include "block/block_int.h"
 #include "extlock-client.h"
+#include "extlock-stack.h"
 
 typedef struct BDRVExtlockState {
     SocketAddress *coordinator;
@@ -19,6 +20,7 @@ typedef struct BDRVExtlockState {
     uint32_t lease_ms;          /* requested; 0 = coordinator's default */
     ExtlockClientOptions cache_opts;
     ExtlockClient *client;
+    ExtlockStack stack;         /* what is below, see extlock-stack.h */
 } BDRVExtlockState;
 
 extern BlockDriver bdrv_extlock;

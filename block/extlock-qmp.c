@@ -109,6 +109,7 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     info->counters->cache_evictions = c->stats.cache_evictions;
     info->counters->reconnects = c->stats.reconnects;
     info->counters->lease_losses = c->stats.lease_losses;
+    info->stack = extlock_stack_info(&s->stack);
     return info;
 }
 

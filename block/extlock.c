@@ -44,6 +44,7 @@
 #define EXTLOCK_OPT_ON_STUCK_IO "on-stuck-io"
 #define EXTLOCK_OPT_TLS_CREDS   "tls-creds"
 #define EXTLOCK_OPT_TLS_HOST    "tls-hostname"
+#define EXTLOCK_OPT_ALLOC_CHECK "allocation-check"
 
 #define EXTLOCK_GRANULARITY_MIN     512
 #define EXTLOCK_GRANULARITY_MAX     (1U << 30)
@@ -128,6 +129,12 @@ static QemuOptsList extlock_runtime_opts = {
             .help = "name in the coordinator's certificate "
                     "(default: the inet host)",
         },
+        {
+            .name = EXTLOCK_OPT_ALLOC_CHECK,
+            .type = QEMU_OPT_BOOL,
+            .help = "check that a qcow2 image below is fully allocated "
+                    "(default: on; off is unsafe)",
+        },
         { /* end of list */ }
     },
 };
@@ -148,6 +155,7 @@ static const char *const extlock_strong_runtime_opts[] = {
     EXTLOCK_OPT_ON_STUCK_IO,
     EXTLOCK_OPT_TLS_CREDS,
     EXTLOCK_OPT_TLS_HOST,
+    EXTLOCK_OPT_ALLOC_CHECK,
     "coordinator.",
     NULL
 };
@@ -378,11 +386,23 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     if (ret < 0) {
         goto out;
     }
+    if (!extlock_stack_check(bs->file->bs,
+                             qemu_opt_get_bool(opts, EXTLOCK_OPT_ALLOC_CHECK,
+                                               true),
+                             &s->stack, errp)) {
+        ret = -EINVAL;
+        goto out;
+    }
     bs->supported_write_flags = BDRV_REQ_WRITE_UNCHANGED |
         (BDRV_REQ_FUA & bs->file->bs->supported_write_flags);
     bs->supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED |
         ((BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK) &
          bs->file->bs->supported_zero_flags);
+    if (s->stack.metadata_frozen) {
+        /* Zeroes are written as data: never unmapped, never fast */
+        bs->supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED |
+            (BDRV_REQ_FUA & bs->file->bs->supported_write_flags);
+    }
 
     /* Granted extents may grow up to the end of the image */
     len = bdrv_getlength(bs->file->bs);
@@ -475,6 +495,12 @@ static int coroutine_fn extlock_forward(BlockDriverState *bs,
         ret = bdrv_co_pwritev(bs->file, offset, bytes, qiov, flags);
         break;
     case EXTLOCK_IO_ZERO:
+        if (s->stack.metadata_frozen) {
+            s->stack.zero_writes_as_data++;
+            ret = extlock_stack_co_zero_as_data(bs->file, offset, bytes,
+                                                flags);
+            break;
+        }
         ret = bdrv_co_pwrite_zeroes(bs->file, offset, bytes, flags);
         break;
     case EXTLOCK_IO_DISCARD:
@@ -560,6 +586,13 @@ static int coroutine_fn extlock_co_pwrite_zeroes(BlockDriverState *bs,
 static int coroutine_fn extlock_co_pdiscard(BlockDriverState *bs,
                                             int64_t offset, int64_t bytes)
 {
+    BDRVExtlockState *s = bs->opaque;
+
+    if (s->stack.metadata_frozen) {
+        /* qcow2 would free clusters: a discard is only a hint, drop it */
+        s->stack.discards_ignored++;
+        return 0;
+    }
     return extlock_locked_io(bs, EXTLOCK_IO_DISCARD, EXTLOCK_MODE_EXCLUSIVE,
                              offset, bytes, NULL, 0);
 }
