@@ -290,6 +290,29 @@ def test_local_file_without_direct_accepted(extlockd, lock_space, workdir, binar
     accepted(open_through_extlock(extlockd, lock_space, qcow2_child(hp.file_child(img))))
 
 
+def test_zeroes_written_as_data(extlockd, lock_space, workdir, binaries):
+    """Metadata-frozen write-zeroes: a fast-only zero (NO_FALLBACK, qemu-io
+    write -z -n) fails with ENOTSUP and changes nothing; a plain one is
+    written as data (reads back as zeroes); no zero cluster appears and the
+    metadata is byte-identical."""
+    binaries("qemu-img", "qemu-io")
+    img = create_qcow2(workdir / "p.qcow2", 4 * MiB, "metadata")
+    qcow2_io(img, f"write -P 0x55 0 {4 * MiB}")
+    ranges = data_ranges(img)
+    before = metadata_digest(img, ranges)
+    node = extlock_node(qcow2_child(hp.file_child(img)), extlockd.coordinator(),
+                        lock_space)
+    r = hp.run_qemu_io(node, [f"write -z -n 0 {CLUSTER}"])
+    assert "Operation not supported" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = hp.run_qemu_io(node, [f"write -z {CLUSTER} {2 * CLUSTER}",
+                              f"read -q -P 0x55 0 {CLUSTER}",
+                              f"read -q -P 0 {CLUSTER} {2 * CLUSTER}",
+                              f"read -q -P 0x55 {3 * CLUSTER} {CLUSTER}"])
+    accepted(r)
+    assert "Pattern verification failed" not in r.stdout, r.stdout
+    assert metadata_digest(img, ranges) == before     # no zero flag set
+
+
 # ---------------------------------------------------------------------------
 # three hosts on NFS
 
