@@ -43,6 +43,7 @@
 #include "qapi/error.h"
 #include "qapi/qmp/qbool.h"
 #include "qapi/qmp/qdict.h"
+#include "qapi/qmp/qnum.h"
 #include "qapi/qmp/qstring.h"
 #include "qapi/util.h"
 #include "qemu/cutils.h"
@@ -81,6 +82,26 @@ static bool extlock_stack_bool_opt(BlockDriverState *bs, const char *key,
     }
     /* qcow2 has parsed it already, so this is not reached; be safe */
     return true;
+}
+
+/* Whether option @key of @bs is given with a value other than 0 */
+static bool extlock_stack_opt_nonzero(BlockDriverState *bs, const char *key)
+{
+    QObject *obj = bs->options ? qdict_get(bs->options, key) : NULL;
+    QString *str;
+    QNum *num;
+    uint64_t val;
+
+    if (!obj) {
+        return false;
+    }
+    num = qobject_to(QNum, obj);
+    if (num) {
+        return !qnum_get_try_uint(num, &val) || val != 0;
+    }
+    str = qobject_to(QString, obj);
+    return !str || qemu_strtou64(qstring_get_str(str), NULL, 0, &val) ||
+           val != 0;
 }
 
 /*
@@ -272,6 +293,15 @@ static bool extlock_stack_walk(BlockDriverState *bs, ExtlockStack *st,
             if (!extlock_stack_check_posix(bs, errp)) {
                 return false;
             }
+        }
+        if (!strcmp(drv, "nfs") &&
+            (extlock_stack_opt_nonzero(bs, "readahead-size") ||
+             extlock_stack_opt_nonzero(bs, "page-cache-size"))) {
+            error_setg(errp, "nfs node '%s' uses libnfs's readahead or page "
+                       "cache, which is local to this host: leave "
+                       "readahead-size and page-cache-size unset to share "
+                       "the image", bdrv_get_node_name(bs));
+            return false;
         }
     } else if (bs->drv->is_filter) {
         if (!strcmp(drv, "compress") || !strcmp(drv, "preallocate")) {

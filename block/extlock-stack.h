@@ -35,7 +35,8 @@ typedef struct ExtlockStack {
  * bitmaps, lazy refcounts, encryption or a dirty or corrupt flag; a
  * format with allocation metadata other than qcow2; a filter that changes
  * allocation; detect-zeroes above a qcow2 node; a file or block device on
- * a network or cluster file system without cache.direct=on.  Main loop,
+ * a network or cluster file system without cache.direct=on; an nfs node
+ * with libnfs's readahead or page cache.  Main loop,
  * at open.
  */
 bool extlock_stack_check(BlockDriverState *child, bool allocation_check,

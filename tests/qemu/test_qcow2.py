@@ -313,6 +313,18 @@ def test_zeroes_written_as_data(extlockd, lock_space, workdir, binaries):
     assert metadata_digest(img, ranges) == before     # no zero flag set
 
 
+@pytest.mark.parametrize("option", ["readahead-size", "page-cache-size"])
+def test_libnfs_cache_refused(option, nfs_image, extlockd, lock_space, binaries):
+    """libnfs's readahead and page cache are per host, like the kernel's:
+    refused on the nfs node below extlock (raw here: not only qcow2)."""
+    binaries("qemu-io")
+    child = dict(nfs_image.child, **{option: 1048576 if option == "readahead-size"
+                                     else 16, "node-name": "nfs0"})
+    r = open_through_extlock(extlockd, lock_space, {"driver": "raw", "file": child})
+    refused(r, "nfs node 'nfs0' uses libnfs's readahead or page cache")
+    accepted(open_through_extlock(extlockd, lock_space, nfs_image.child))
+
+
 # ---------------------------------------------------------------------------
 # three hosts on NFS
 
