@@ -205,7 +205,7 @@ static bool extlock_stack_check_qcow2(BlockDriverState *bs, ExtlockStack *st,
                    "lazy-refcounts=off)", name);
         return false;
     }
-    if (q->has_bitmaps && q->bitmaps) {
+    if (q->bitmaps) {
         error_setg(errp, "qcow2 image '%s' has persistent dirty bitmaps: "
                    "QEMU marks them in use when it opens the image "
                    "read-write and stores them when it closes it; remove "
@@ -213,7 +213,7 @@ static bool extlock_stack_check_qcow2(BlockDriverState *bs, ExtlockStack *st,
                    name);
         return false;
     }
-    if (q->has_encrypt) {
+    if (q->encrypt) {
         error_setg(errp, "qcow2 image '%s' is encrypted, which extlock "
                    "cannot check for full allocation: use a luks image "
                    "(or luks on raw) instead", name);
