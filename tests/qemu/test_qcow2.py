@@ -461,8 +461,8 @@ def test_discard_and_write_zeroes_keep_metadata(protected, nfs, extlockd, lock_s
 
 def open_close_kill_cycles(procs, nodes_for, cycles):
     """`cycles` times: three hosts open the image (qemu-storage-daemon),
-    each writes through NBD, then one is killed with SIGKILL and the
-    others quit; plus one qemu-io open and close per cycle."""
+    each writes through NBD; then one of them sends 16 more writes and is
+    killed with SIGKILL while they are in flight, and the others quit."""
     for c in range(cycles):
         hosts = [procs.storage_daemon(name=f"c{c}h{n}", blockdevs=[nodes_for(n)],
                                       exports=[("disk", "xl0", True)])
@@ -470,7 +470,12 @@ def open_close_kill_cycles(procs, nodes_for, cycles):
         for n, h in enumerate(hosts):
             with NbdClient(h.nbd_path, "disk") as nb:
                 nb.write((n * 4 + c % 4) * CLUSTER, bytes([0x30 + c]) * CLUSTER)
-        hosts[c % 3].kill()
+        victim = hosts[c % 3]
+        nb = NbdClient(victim.nbd_path, "disk")
+        for i in range(16):
+            nb.send_write(((c + i) % 64) * CLUSTER, bytes([0x60 + i]) * CLUSTER)
+        victim.kill()
+        nb.sock.close()
         for h in hosts:
             if h.alive():
                 assert h.stop() == 0, h.stderr()
@@ -479,8 +484,9 @@ def open_close_kill_cycles(procs, nodes_for, cycles):
 def test_metadata_unchanged_by_opens_closes_and_kills(nfs, extlockd, lock_space, procs,
                                                      binaries):
     """8 cycles of three hosts opening the shared qcow2 read-write,
-    writing, one of them killed -9 and the others closing it: the header
-    and every other metadata byte stay identical, qemu-img check is clean."""
+    writing, one of them killed -9 with writes in flight and the others
+    closing it, then one qemu-io open, write and close: the header and
+    every other metadata byte stay identical, qemu-img check is clean."""
     binaries("qemu-img", "qemu-io", "qemu-storage-daemon")
     path = nfs_qcow2(nfs, "metadata", 8 * MiB)
     ranges = data_ranges(path)
