@@ -11,6 +11,7 @@
 #include "block/block_int.h"
 #include "qapi/qapi-types-block-core.h"
 #include "extlock-locks.h"
+#include "extlock-stack.h"
 
 typedef struct BDRVExtlockState {
     SocketAddress *coordinator;
@@ -22,6 +23,7 @@ typedef struct BDRVExtlockState {
     uint32_t lease_ms;          /* requested; 0 = coordinator's default */
     ExtlockClientOptions cache_opts;
     ExtlockClient *client;
+    ExtlockStack stack;         /* what is below, see extlock-stack.h */
 } BDRVExtlockState;
 
 extern BlockDriver bdrv_extlock;

@@ -107,6 +107,7 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
 
     info->counters = g_new0(ExtentLockCounters, 1);
     extlock_get_counters(c, info->counters);
+    info->stack = extlock_stack_info(&s->stack);
     return info;
 }
 

@@ -325,11 +325,22 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
         return ret;
     }
     bdrv_graph_rdlock_main_loop();
+    if (!extlock_stack_check(bs->file->bs,
+                             !o->has_allocation_check || o->allocation_check,
+                             &s->stack, errp)) {
+        bdrv_graph_rdunlock_main_loop();
+        return -EINVAL;
+    }
     bs->supported_write_flags = BDRV_REQ_WRITE_UNCHANGED |
         (BDRV_REQ_FUA & bs->file->bs->supported_write_flags);
     bs->supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED |
         ((BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK) &
          bs->file->bs->supported_zero_flags);
+    if (s->stack.metadata_frozen) {
+        /* Zeroes are written as data: never unmapped, never fast */
+        bs->supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED |
+            (BDRV_REQ_FUA & bs->file->bs->supported_write_flags);
+    }
 
     s->lock_space = g_strdup(o->lock_space);
     if (o->client_id) {
@@ -442,6 +453,12 @@ extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
                                    flags | BDRV_REQ_WRITE_COMPRESSED);
         break;
     case EXTLOCK_IO_ZERO:
+        if (s->stack.metadata_frozen) {
+            s->stack.zero_writes_as_data++;
+            ret = extlock_stack_co_zero_as_data(bs->file, offset, bytes,
+                                                flags);
+            break;
+        }
         ret = bdrv_co_pwrite_zeroes(bs->file, offset, bytes, flags);
         break;
     case EXTLOCK_IO_DISCARD:
@@ -527,6 +544,12 @@ static int coroutine_fn GRAPH_RDLOCK extlock_co_pwritev_compressed_part(
     BlockDriverState *bs, int64_t offset, int64_t bytes, QEMUIOVector *qiov,
     size_t qiov_offset)
 {
+    BDRVExtlockState *s = bs->opaque;
+
+    if (s->stack.metadata_frozen) {
+        /* A compressed cluster is a new allocation: qcow2 metadata */
+        return -ENOTSUP;
+    }
     return extlock_locked_io(bs, EXTLOCK_IO_WRITE_COMPRESSED,
                              EXTLOCK_MODE_EXCLUSIVE, offset, bytes, qiov,
                              qiov_offset, 0);
@@ -543,6 +566,13 @@ extlock_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
 static int coroutine_fn GRAPH_RDLOCK
 extlock_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
+    BDRVExtlockState *s = bs->opaque;
+
+    if (s->stack.metadata_frozen) {
+        /* qcow2 would free clusters: a discard is only a hint, drop it */
+        s->stack.discards_ignored++;
+        return 0;
+    }
     return extlock_locked_io(bs, EXTLOCK_IO_DISCARD, EXTLOCK_MODE_EXCLUSIVE,
                              offset, bytes, NULL, 0, 0);
 }

@@ -104,7 +104,9 @@ def half_landed_write(procs, workdir, extlockd, lock_space, protected):
     Returns (A, B, host offsets, path); B is a storage daemon over the same
     image exporting it over NBD ("disk")."""
     path = workdir / "frag.qcow2"
-    hosts = fragmented_qcow2(path)
+    # two clusters, both allocated: the extlock node refuses a qcow2 image
+    # that is not fully allocated (docs/qcow2.rst)
+    hosts = fragmented_qcow2(path, size=str(2 * CLUSTER))
 
     def node(client, blkdebug):
         n = qcow2_node(path, blkdebug)
