@@ -243,7 +243,17 @@ static void test_release_session_admin_only(void **state)
  */
 static void test_refusal_log_flood(void **state)
 {
-    Daemon *d = daemon_start(NULL, NULL, NULL);
+    /*
+     * The anonymous connection sends its 20000 requests without hello: on
+     * a loaded machine under ASan that takes longer than the default
+     * --hello-timeout-ms (10 s), and the daemon then closes it with
+     * "bad-state: no hello within ..." - correct, but not what this test
+     * checks.  The longest hello timeout allowed cannot run out here.
+     */
+    g_autofree char *hello_to =
+        g_strdup_printf("--hello-timeout-ms=%d", EXTLOCK_MAX_LEASE_MS);
+    const char *extra[] = { hello_to, NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
     ExtlockConn *victim = client(d->unix_addr, "victim", LONG_LEASE_MS);
     ExtlockConn *anon = conn_open(d->tcp_addr);
     ExtlockConn *mon = conn_open(d->unix_addr);
@@ -458,7 +468,14 @@ static void test_tls_handshake_stall(void **state)
     assert_int_equal(jint(jget(st, "counters"), "connections"), 2);
     json_object_put(st);
     g_test_message("worst renewal %" PRId64 " ms", worst);
-    assert_true(worst < 200);
+    /*
+     * A daemon that waited for a stalled handshake in its event loop would
+     * answer a renewal only once the daemon's own --hello-timeout-ms timer
+     * closed it: at least STALL_HELLO_MS late, however fast the machine.
+     * That, not a guess at the machine's speed (the bound was 200 ms), is
+     * the bound.
+     */
+    assert_true(worst < STALL_HELLO_MS);
     daemon_stop(d);
 }
 
