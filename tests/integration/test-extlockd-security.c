@@ -1032,7 +1032,8 @@ static void test_floods(void **state)
     ExtlockConn *flooder;
     g_autofree char *sv = NULL;
     GArray *fds;
-    int64_t deadline, t_renew;
+    int64_t deadline, t_renew, t_flood;
+    unsigned timed_out;
     Renewer rn;
     long rss, max_rss = 0;
     json_object *st;
@@ -1072,6 +1073,7 @@ static void test_floods(void **state)
     renewer_start(&rn, victim, VICTIM_LEASE_MS, VICTIM_LEASE_MS / 4, t_renew);
 
     /* 1. 2000 idle connections, 100 from each of 20 addresses */
+    t_flood = now_ms();
     for (int i = 0; i < 2000; i++) {
         char ip[32];
         int fd;
@@ -1083,20 +1085,40 @@ static void test_floods(void **state)
             max_rss = MAX(max_rss, rss_kib(d->pid));
         }
     }
-    st = status_get(mon);
-    refused = jint(jget(st, "counters"), "refused-connections");
-    g_test_message("idle flood: %" PRId64 " refused, %" PRId64
-                   " connections, RSS %ld KiB",
-                   refused, jint(jget(st, "counters"), "connections"),
+    /*
+     * Wait until the daemon has dealt with all 2000 (accepted and kept,
+     * refused, or - on a slow machine, where opening them takes longer
+     * than HELLO_TIMEOUT_MS - closed at the hello timeout, which frees a
+     * place for one more): the cap is checked against what it did, not
+     * against a guess that it all happens within the hello timeout.
+     */
+    deadline = now_ms() + HANG_MS;
+    for (;;) {
+        int64_t conns;
+
+        st = status_get(mon);
+        refused = jint(jget(st, "counters"), "refused-connections");
+        conns = jint(jget(st, "counters"), "connections");
+        json_object_put(st);
+        /* At most 256 without hello at any time (+ victim and mon) */
+        assert_true(conns <= EXTLOCKD_TEST_MAX_UNAUTH + 2);
+        timed_out = log_count(d, "no hello within");
+        if (refused + (conns - 2) + timed_out >= 2000) {
+            break;
+        }
+        assert_true(now_ms() < deadline);
+        g_usleep(10 * 1000);
+    }
+    g_test_message("idle flood: %" PRId64 " refused, %u closed at the hello "
+                   "timeout meanwhile, RSS %ld KiB", refused, timed_out,
                    max_rss);
-    /* At most 32 per address and 256 in total were let in */
-    assert_true(refused >= 2000 - EXTLOCKD_TEST_MAX_UNAUTH);
-    assert_true(jint(jget(st, "counters"), "connections") <=
-                EXTLOCKD_TEST_MAX_UNAUTH + 2);
-    json_object_put(st);
+    /* Let in: at most 256, and one more for each closed meanwhile */
+    assert_true(refused >= 2000 - EXTLOCKD_TEST_MAX_UNAUTH -
+                (int64_t)timed_out);
     assert_true(log_count(d, "refusing connection from") >= 1);
     /* The refusals are logged once a second at most, not 1744 times */
-    assert_true(log_count(d, "refusing connection from") <= 10);
+    assert_true(log_count(d, "refusing connection from") <=
+                (now_ms() - t_flood) / 1000 + 2);
 
     /* ... and those let in are closed after the hello timeout */
     deadline = now_ms() + HELLO_TIMEOUT_MS + SLACK_MS * 2;
