@@ -412,13 +412,18 @@ static void fence_round(Daemon *d, const char *evlog, FaultPoint *fp,
     int64_t t_renew_ns, fp_ns;
     unsigned offs_before = fp_count(fp, "off");
 
+    /*
+     * C first: its hello waits for a state file write, which on a loaded
+     * machine can take longer than B's lease - C must be waiting before
+     * B's lease runs out
+     */
+    c = client(d->tcp_addr, cname, LONG_LEASE_MS);
     b = conn_open(d->unix_addr);
     g_free(hello_full(b, plug, "disk", LEASE_MS, NULL));
     gb = lock_now(b, offset, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE);
     t_renew_ns = now_ns();
     renew(b);
     /* B stops renewing now: its lease ends LEASE_MS after that renew */
-    c = client(d->tcp_addr, cname, LONG_LEASE_MS);
     rc = send_lock(c, offset, 4 * KiB, EXTLOCK_MODE_EXCLUSIVE, true);
     {
         ExtlockMsg w;

@@ -310,6 +310,34 @@ static void test_refusal_log_flood(void **state)
 }
 
 /*
+ * A new session's welcome waits until the state file lists it; on a slow
+ * disk that takes longer than the lease the client asked for.  The client
+ * cannot renew before its welcome, and the session holds nothing yet: its
+ * lease starts at the welcome at the latest.  Before the fix, the daemon
+ * expired the session while the welcome waited and closed the connection
+ * ("hello: connection ... closed": test-extlockd-fence test_fence_success
+ * failed that way under ASan on a loaded machine, where the state file's
+ * fsync took longer than LEASE_MS).  Here every state write takes twice
+ * the lease.  The lease still runs out afterwards when not renewed.
+ */
+static void test_slow_welcome_keeps_lease(void **state)
+{
+    g_autofree char *delay =
+        g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", 2 * LEASE_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *c = conn_open(d->unix_addr);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    g_autofree char *sid = hello_full(c, "slow", "disk", LEASE_MS, NULL);
+    json_object *st;
+
+    /* Welcomed (not closed); not renewed, it expires after all */
+    st = wait_session_state(mon, sid, "expired");
+    json_object_put(st);
+    daemon_stop(d);
+}
+
+/*
  * The restart grace period must cover the fence margin the clients of
  * the previous run were told (welcome "fence-margin-ms"): a client's
  * driver lets its in-flight I/O finish until about its last renewal +
@@ -698,6 +726,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_release_session_admin_only,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_refusal_log_flood, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_slow_welcome_keeps_lease, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_restart_smaller_fence_margin,
                                         setup, teardown),
