@@ -27,7 +27,8 @@ if [ "${1:-}" = "--suite" ]; then
     [ "${1:-}" = "--seed" ] && seed=$2
     rc=0
     echo "--- nemesis checker self-tests"
-    "$PY" -m pytest -q -p no:cacheprovider tests/nemesis/test_checker.py || rc=1
+    "$PY" -m pytest -q -p no:cacheprovider tests/nemesis/test_checker.py \
+        tests/nemesis/test_relay.py || rc=1
     echo "--- nemesis run with extlock (seed $seed): must be clean"
     run 400 --seed "$seed" --seconds 90 --op-timeout 60 --expect clean || rc=1
     echo "--- nemesis control without extlock (seed $seed): violations must be found"

@@ -557,6 +557,17 @@ int64_t session_check_leases(ExtlockdServer *server, int64_t now)
         ExtlockdSession *session = l->data;
 
         lnext = l->next;
+        if (session->state != SESSION_EXPIRED && session->conn &&
+            session->conn->awaiting_state && !session->reclaiming &&
+            g_hash_table_size(session->held) == 0) {
+            /*
+             * A new session whose welcome waits for the state file holds
+             * nothing, and its client could not renew yet: its lease
+             * starts again at the welcome (session_state_written).  The
+             * client counts from its hello, earlier: still safe.
+             */
+            continue;
+        }
         if (session->state != SESSION_EXPIRED && now >= session->deadline_us) {
             session_expire(session);
         }
@@ -1113,6 +1124,13 @@ void session_state_written(uint64_t gen, bool ok, const char *error,
         m.has_id = dw->has_id;
         m.id = dw->id;
         if (ok) {
+            if (!dw->reclaim) {
+                /* Its lease starts now at the latest (see the lease timer) */
+                session->deadline_us = MAX(session->deadline_us,
+                                           g_get_monotonic_time() +
+                                           session->lease_ms * 1000LL);
+                server_schedule(server, session->deadline_us);
+            }
             session_send_welcome(conn, &m, session,
                                  dw->reclaim ? WELCOME_RECLAIM
                                              : WELCOME_NEW);

@@ -61,6 +61,27 @@ static gboolean done_in_main(gpointer opaque)
     return G_SOURCE_REMOVE;
 }
 
+/*
+ * With w->lock held: have the done callback run in the main context for
+ * @gen (@error taken over)
+ */
+static void post_done(ExtlockdStateWriter *w, uint64_t gen, bool ok,
+                      char *error)
+{
+    DoneCall *d = g_new0(DoneCall, 1);
+
+    d->w = w;
+    d->gen = gen;
+    d->ok = ok;
+    d->error = error;
+    /* Not idle priority: a busy loop must not starve welcomes */
+    d->source = g_idle_source_new();
+    g_source_set_priority(d->source, G_PRIORITY_DEFAULT);
+    g_source_set_callback(d->source, done_in_main, d, NULL);
+    w->calls = g_list_prepend(w->calls, d);
+    g_source_attach(d->source, NULL);
+}
+
 /* With w->lock held and w->writing set: write @text without the lock */
 static bool write_unlocked(ExtlockdStateWriter *w, const char *text,
                            GError **errp)
@@ -86,7 +107,7 @@ static gpointer writer_thread(gpointer opaque)
         g_autoptr(GError) err = NULL;
         g_autofree char *text = NULL;
         uint64_t gen;
-        DoneCall *d;
+        bool ok;
 
         while ((!w->pending && !w->quit) || w->writing) {
             g_cond_wait(&w->cond, &w->lock);
@@ -98,30 +119,22 @@ static gpointer writer_thread(gpointer opaque)
         gen = w->pending_gen;
         w->pending = NULL;
         if (gen <= w->written_gen) {
-            continue;           /* a synchronous write was newer */
+            /*
+             * A synchronous write was newer: it holds this snapshot's
+             * content, and write_now() reported its generation (which
+             * covers this one) done
+             */
+            continue;
         }
         w->writing = true;
-        d = g_new0(DoneCall, 1);
-        d->w = w;
-        d->gen = gen;
-        d->ok = write_unlocked(w, text, &err);
+        ok = write_unlocked(w, text, &err);
         w->writing = false;
-        if (d->ok) {
+        if (ok) {
             w->written_gen = MAX(w->written_gen, gen);
-        } else {
-            d->error = g_strdup(err->message);
         }
         g_cond_broadcast(&w->cond);
-        if (w->quit) {
-            g_free(d->error);
-            g_free(d);
-        } else {
-            /* Not idle priority: a busy loop must not starve welcomes */
-            d->source = g_idle_source_new();
-            g_source_set_priority(d->source, G_PRIORITY_DEFAULT);
-            g_source_set_callback(d->source, done_in_main, d, NULL);
-            w->calls = g_list_prepend(w->calls, d);
-            g_source_attach(d->source, NULL);
+        if (!w->quit) {
+            post_done(w, gen, ok, ok ? NULL : g_strdup(err->message));
         }
     }
     g_mutex_unlock(&w->lock);
@@ -194,6 +207,13 @@ bool extlockd_state_writer_write_now(ExtlockdStateWriter *w, char *text,
     w->writing = false;
     if (ok) {
         w->written_gen = MAX(w->written_gen, gen);
+        /*
+         * Every generation before @gen is durable too, a snapshot still
+         * queued among them (the writer thread skips it, as older than
+         * what is on disk): report it, or the welcomes that wait for those
+         * generations wait for some later write
+         */
+        post_done(w, gen, true, NULL);
     }
     g_cond_broadcast(&w->cond);
     g_mutex_unlock(&w->lock);

@@ -683,7 +683,7 @@ json_object *status_get(ExtlockConn *c)
 
     extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
     extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
-    if (!extlock_conn_call(c, &req, &reply, RECV_MS, &err)) {
+    if (!extlock_conn_call(c, &req, &reply, HANG_MS, &err)) {
         fail_msg("status: %s", err->message);
     }
     assert_int_equal(reply.type, EXTLOCK_MSG_STATUS_REPLY);

@@ -27,6 +27,12 @@
 #define MARGIN_MS       300     /* fence margin in these tests */
 #define LONG_LEASE_MS   30000   /* for clients that must not expire */
 #define RECV_MS         3000    /* generous wait for an expected message */
+/*
+ * Wait for a reply that must come and whose timing the test does not
+ * check (status): only a hang guard.  A status with thousands of locks
+ * over TLS, under ASan on a loaded machine, takes longer than RECV_MS.
+ */
+#define HANG_MS         60000
 #define QUIET_MS        150     /* how long "nothing arrives" is checked */
 #define SLACK_MS        800     /* allowed lateness of lease actions */
 

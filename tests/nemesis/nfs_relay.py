@@ -232,11 +232,35 @@ class NfsFaultPoint:
         self._wake_w.close()
 
     # ---- the loop ----------------------------------------------------------
+    def _answered_before_reset(self, c):
+        """Replies the server has already sent into our socket (a held
+        path: nobody read them) are evidence that it executed those calls
+        before the reset: log them as "replied-by" (now), not as "reply"
+        (they never reach the host)."""
+        now = mono_ns()
+        for _ in range(64):                 # bounded: at most 16 MiB
+            try:
+                data = c.b.recv(262144, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not data:
+                break
+            c.buf[c.b] += data
+        for _raw, payload in self._records(c, c.b):
+            rep = parse_reply(payload)
+            if rep is not None and rep[0] in c.calls:
+                entry = c.calls[rep[0]]
+                if entry.get("fwd") is not None:
+                    entry["replied-by"] = now
+                    entry["status"] = rep[1]
+
     def _reset(self, c):
         """Close both sides with RST; queued data is dropped (caller locks)."""
         if c not in self._conns:
             return
         self._conns.remove(c)
+        if self.observe:
+            self._answered_before_reset(c)
         dropped = sum(len(v) for v in c.buf.values()) + sum(len(v) for v in c.out.values())
         for s in (c.a, c.b):
             try:
