@@ -1453,13 +1453,6 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx)
     extlock_conn_attach_aio_context(c->conn, ctx);
 }
 
-void extlock_client_set_options(ExtlockClient *c,
-                                const ExtlockClientOptions *opts)
-{
-    c->opts = *opts;
-    extlock_conn_set_stuck_io_exit(c->conn, opts->stuck_io_exit);
-}
-
 void extlock_client_io_start(ExtlockClient *c)
 {
     extlock_conn_io_start(c->conn);
