@@ -38,7 +38,7 @@
  *   extlock_query_extent_locks() and extlock_event_send_fence().  Scalars
  *   keep their has_ flag on both.
  * - include/qapi/qmp/ moved to include/qobject/ (10.0): include
- *   EXTLOCK_QDICT_H.
+ *   EXTLOCK_QDICT_H, EXTLOCK_QBOOL_H, EXTLOCK_QNUM_H, EXTLOCK_QSTRING_H.
  * - qcrypto_tls_session_handshake() returns the handshake status (9.2):
  *   extlock_tls_handshake_step().
  */
@@ -58,6 +58,9 @@
 #include "block/graph-lock.h"
 
 #define EXTLOCK_QDICT_H "qobject/qdict.h"
+#define EXTLOCK_QBOOL_H "qobject/qbool.h"
+#define EXTLOCK_QNUM_H "qobject/qnum.h"
+#define EXTLOCK_QSTRING_H "qobject/qstring.h"
 
 #define EXTLOCK_DRV_GETLENGTH(fn) .bdrv_co_getlength = (fn)
 
@@ -114,6 +117,9 @@ static inline int extlock_tls_handshake_step(QCryptoTLSSession *sess,
 #elif QEMU_VERSION_MAJOR == 7
 
 #define EXTLOCK_QDICT_H "qapi/qmp/qdict.h"
+#define EXTLOCK_QBOOL_H "qapi/qmp/qbool.h"
+#define EXTLOCK_QNUM_H "qapi/qmp/qnum.h"
+#define EXTLOCK_QSTRING_H "qapi/qmp/qstring.h"
 
 #define GRAPH_RDLOCK
 #define GRAPH_UNLOCKED

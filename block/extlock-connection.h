@@ -162,7 +162,5 @@ uint64_t extlock_conn_request(ExtlockConnection *conn, ExtlockMsg *msg,
  */
 void extlock_conn_io_start(ExtlockConnection *conn);
 void extlock_conn_io_done(ExtlockConnection *conn);
-/* on-stuck-io changed (reopen) */
-void extlock_conn_set_stuck_io_exit(ExtlockConnection *conn, bool exit);
 
 #endif /* BLOCK_EXTLOCK_CONNECTION_H */

@@ -41,10 +41,11 @@
 #include "qemu/osdep.h"
 #include <sys/vfs.h>
 #include "qapi/error.h"
-#include "qapi/qmp/qbool.h"
-#include "qapi/qmp/qdict.h"
-#include "qapi/qmp/qnum.h"
-#include "qapi/qmp/qstring.h"
+#include "extlock-compat.h"
+#include EXTLOCK_QBOOL_H
+#include EXTLOCK_QDICT_H
+#include EXTLOCK_QNUM_H
+#include EXTLOCK_QSTRING_H
 #include "qapi/util.h"
 #include "qemu/cutils.h"
 #include "qemu/memalign.h"
