@@ -192,6 +192,10 @@ if [ ! -f "$BUILD/build.ninja" ]; then
     # (7.2's configure takes --python only with its embedded meson)
     pyopt=()
     [ "$QEMU_SERIES" = 10.0 ] && pyopt=(--python=/usr/bin/python3)
+    # 10.0 makes vmdk a feature that --without-default-features turns
+    # off; Debian's QEMU has it, and the tests check that it is refused
+    # below extlock
+    [ "$QEMU_SERIES" = 10.0 ] && pyopt+=(--enable-vmdk)
     (cd "$BUILD" && "$SRC/configure" \
         --cc="$cc" ${pyopt[@]+"${pyopt[@]}"} \
         --target-list=x86_64-softmmu \
@@ -221,6 +225,19 @@ fi
 if ! grep -qE '^#define CONFIG_EXTLOCK( |$)' "$BUILD/config-host.h" 2>/dev/null; then
     log "enabling extlock in $BUILD"
     (cd "$BUILD" && meson configure -Dextlock=enabled)
+fi
+# vmdk in 10.0 trees configured before it was asked for (see above)
+if [ "$QEMU_SERIES" = 10.0 ] && [ ! -f "$BUILD/.extlock-vmdk" ]; then
+    if ! /usr/bin/python3 - "$BUILD/meson-info/intro-buildoptions.json" <<'PY'
+import json, sys
+opts = {o["name"]: o["value"] for o in json.load(open(sys.argv[1]))}
+sys.exit(0 if opts.get("vmdk") == "enabled" else 1)
+PY
+    then
+        log "enabling vmdk in $BUILD"
+        (cd "$BUILD" && meson configure -Dvmdk=enabled)
+    fi
+    touch "$BUILD/.extlock-vmdk"
 fi
 log "building"
 targets=(qemu-img qemu-io storage-daemon/qemu-storage-daemon)
