@@ -20,7 +20,8 @@
 #     incremental, one ccache); scripts/check-graph-lock.py: the driver's
 #     graph-lock annotations under clang -Wthread-safety (one test)
 #  5. pytest tests/qemu against QEMU 10.0 (the whole suite) and against 7.2
-#     (EXTLOCK_QEMU72_TESTS, default: the whole suite too), each counted on
+#     (EXTLOCK_QEMU72_TESTS, default: the safety and block-layer files;
+#     EXTLOCK_QEMU72_TESTS=tests/qemu runs all of it), each counted on
 #     its own: real qemu-io / qemu-img / qemu-storage-daemon /
 #     qemu-system-x86_64 with the extlock driver, a real extlockd and a
 #     real NFS server (nfs-ganesha on 127.0.0.1)
@@ -60,7 +61,7 @@ MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
 HA_TIMEOUT=${EXTLOCK_HA_TIMEOUT:-600}
 MONITORING_TIMEOUT=${EXTLOCK_MONITORING_TIMEOUT:-600}
 # the QEMU 7.2 run: pytest arguments (docs/testing.rst, "What runs where")
-QEMU72_TESTS=${EXTLOCK_QEMU72_TESTS:-tests/qemu}
+QEMU72_TESTS=${EXTLOCK_QEMU72_TESTS:-tests/qemu/test_fault_safety.py tests/qemu/test_inflight_lease_loss.py tests/qemu/test_atomicity.py tests/qemu/test_block_layer.py}
 
 passed=0
 failed=0
