@@ -109,8 +109,8 @@ static bool extlock_stack_opt_nonzero(BlockDriverState *bs, const char *key)
  * Every guest byte of @bs must live in a data cluster of its own: scan
  * qcow2's block status over the whole image.
  */
-static bool extlock_stack_scan(BlockDriverState *bs, ExtlockStack *st,
-                               Error **errp)
+static bool GRAPH_RDLOCK extlock_stack_scan(BlockDriverState *bs,
+                                            ExtlockStack *st, Error **errp)
 {
     int64_t len = bdrv_getlength(bs);
     int64_t start_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
@@ -167,8 +167,8 @@ static bool extlock_stack_scan(BlockDriverState *bs, ExtlockStack *st,
 }
 
 /* The qcow2 node @bs: may its metadata stay frozen while it is shared? */
-static bool extlock_stack_check_qcow2(BlockDriverState *bs, ExtlockStack *st,
-                                      Error **errp)
+static bool GRAPH_RDLOCK
+extlock_stack_check_qcow2(BlockDriverState *bs, ExtlockStack *st, Error **errp)
 {
     const char *name = extlock_stack_name(bs);
     g_autoptr(ImageInfoSpecific) spec = NULL;
@@ -271,8 +271,9 @@ static bool extlock_stack_check_posix(BlockDriverState *bs, Error **errp)
  * Check @bs and what is below it.  *@qcow2_below is set when a qcow2 node
  * is at or below @bs.
  */
-static bool extlock_stack_walk(BlockDriverState *bs, ExtlockStack *st,
-                               bool *qcow2_below, Error **errp)
+static bool GRAPH_RDLOCK
+extlock_stack_walk(BlockDriverState *bs, ExtlockStack *st, bool *qcow2_below,
+                   Error **errp)
 {
     const char *drv = bs->drv->format_name;
     bool below = false;
@@ -334,8 +335,9 @@ static bool extlock_stack_walk(BlockDriverState *bs, ExtlockStack *st,
     return true;
 }
 
-bool extlock_stack_check(BlockDriverState *child, bool allocation_check,
-                         ExtlockStack *st, Error **errp)
+bool GRAPH_RDLOCK extlock_stack_check(BlockDriverState *child,
+                                      bool allocation_check,
+                                      ExtlockStack *st, Error **errp)
 {
     bool qcow2_below = false;
 
@@ -344,9 +346,9 @@ bool extlock_stack_check(BlockDriverState *child, bool allocation_check,
     return extlock_stack_walk(child, st, &qcow2_below, errp);
 }
 
-int coroutine_fn extlock_stack_co_zero_as_data(BdrvChild *child,
-                                               int64_t offset, int64_t bytes,
-                                               BdrvRequestFlags flags)
+int coroutine_fn GRAPH_RDLOCK
+extlock_stack_co_zero_as_data(BdrvChild *child, int64_t offset, int64_t bytes,
+                              BdrvRequestFlags flags)
 {
     BlockDriverState *bs = child->bs;
     int64_t chunk = MIN(bytes, EXTLOCK_ZERO_BUF_MAX);

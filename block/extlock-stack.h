@@ -9,6 +9,7 @@
 #define BLOCK_EXTLOCK_STACK_H
 
 #include "block/block_int.h"
+#include "extlock-compat.h"
 #include "qapi/qapi-types-block-extlock.h"
 
 typedef struct ExtlockStack {
@@ -39,8 +40,9 @@ typedef struct ExtlockStack {
  * with libnfs's readahead or page cache.  Main loop,
  * at open.
  */
-bool extlock_stack_check(BlockDriverState *child, bool allocation_check,
-                         ExtlockStack *st, Error **errp);
+bool GRAPH_RDLOCK extlock_stack_check(BlockDriverState *child,
+                                      bool allocation_check,
+                                      ExtlockStack *st, Error **errp);
 
 /*
  * Write zeroes to [@offset, @offset + @bytes) of @child as ordinary data
@@ -48,9 +50,9 @@ bool extlock_stack_check(BlockDriverState *child, bool allocation_check,
  * write-zeroes would set zero flags in L2 entries.  The caller holds the
  * exclusive lock on the range.  Only BDRV_REQ_FUA of @flags is kept.
  */
-int coroutine_fn extlock_stack_co_zero_as_data(BdrvChild *child,
-                                               int64_t offset, int64_t bytes,
-                                               BdrvRequestFlags flags);
+int coroutine_fn GRAPH_RDLOCK
+extlock_stack_co_zero_as_data(BdrvChild *child, int64_t offset, int64_t bytes,
+                              BdrvRequestFlags flags);
 
 /* For query-extent-locks */
 ExtentLockStackInfo *extlock_stack_info(const ExtlockStack *st);

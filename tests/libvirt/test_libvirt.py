@@ -591,7 +591,7 @@ def test_live_migration(libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
     import shutil
     import tempfile
     import uuid
-    from libvirt_harness import Libvirtd
+    from libvirt_harness import Libvirtd, LibvirtError
 
     kernel, initrd = guest
     image = new_image(nfs, "libvirt-migrate.raw")
@@ -639,9 +639,19 @@ def test_live_migration(libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
             f"{sorted(set(ev['event'] for ev in evs))}")
         wait_for("xla to power off", lambda: a.state() == "shut off",
                  seconds + 300, interval=0.5)
-        wait_for("xlb to power off on the destination",
-                 lambda: "xlb" not in dest.domains() or
-                 dest.state("xlb") == "shut off", seconds + 300, interval=0.5)
+        def xlb_off_on_dest():
+            # A migrated domain is transient on the destination: when it
+            # powers off it is gone, also between domains() and state()
+            try:
+                return "xlb" not in dest.domains() or \
+                    dest.state("xlb") == "shut off"
+            except LibvirtError as e:
+                if "failed to get domain" in str(e):
+                    return True
+                raise
+
+        wait_for("xlb to power off on the destination", xlb_off_on_dest,
+                 seconds + 300, interval=0.5)
     finally:
         dest.stop()
         shutil.rmtree(root2, ignore_errors=True)
