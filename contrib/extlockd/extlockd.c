@@ -182,7 +182,7 @@ int main(int argc, char **argv)
     gint64 max_unauth_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
     gint64 status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
     gint64 long_wait_ms = 0, long_hold_ms = 0;
-    g_autofree char *metrics_listen = NULL;
+    g_autofree char *metrics_listen = NULL, *metrics_tls_dir = NULL;
     g_autoptr(ExtlockdPolicy) policy = NULL;
     unsigned policy_size;
     ExtlockdTlsCreds *tls = NULL;
@@ -295,6 +295,11 @@ int main(int argc, char **argv)
         { "metrics-listen", 0, 0, G_OPTION_ARG_STRING, &metrics_listen,
           "Serve Prometheus metrics at http://ADDR:PORT/metrics (IPv4 or "
           "[IPv6] address)", "ADDR:PORT" },
+        { "metrics-tls-creds-dir", 0, 0, G_OPTION_ARG_FILENAME,
+          &metrics_tls_dir,
+          "Serve the metrics over HTTPS only, with server-cert.pem and "
+          "server-key.pem in DIR; with ca-cert.pem there, only to clients "
+          "with a certificate signed by it", "DIR" },
         { "debug-checks", 0, 0, G_OPTION_ARG_NONE, &debug_checks,
           "Check the lock table invariants after every change (also "
           "EXTLOCKD_DEBUG_CHECKS=1)", NULL },
@@ -410,8 +415,20 @@ int main(int argc, char **argv)
             }
         }
     }
+    if (metrics_tls_dir && !metrics_listen) {
+        fprintf(stderr, "extlockd: --metrics-tls-creds-dir needs "
+                "--metrics-listen\n");
+        return EXIT_USAGE;
+    }
+    if (metrics_tls_dir &&
+        !g_file_test(metrics_tls_dir, G_FILE_TEST_IS_DIR)) {
+        fprintf(stderr, "extlockd: --metrics-tls-creds-dir %s: not a "
+                "directory\n", metrics_tls_dir);
+        return EXIT_USAGE;
+    }
     if (metrics_listen &&
-        !extlockd_metrics_listen_check(metrics_listen, &err)) {
+        !extlockd_metrics_listen_check(metrics_listen, metrics_tls_dir,
+                                       &err)) {
         fprintf(stderr, "extlockd: %s\n", err->message);
         return EXIT_USAGE;
     }
@@ -747,14 +764,17 @@ int main(int argc, char **argv)
         }
     }
     if (metrics_listen) {
-        if (!extlockd_server_metrics_listen(server, metrics_listen, &err)) {
+        if (!extlockd_server_metrics_listen(server, metrics_listen,
+                                            metrics_tls_dir, &err)) {
             bool usage = err->code != G_FILE_ERROR_FAILED;
 
             g_critical("%s", err->message);
             extlockd_server_free(server);
             return usage ? EXIT_USAGE : 1;
         }
-        g_message("metrics at http://%s/metrics", metrics_listen);
+        g_message("metrics at %s://%s/metrics%s",
+                  metrics_tls_dir ? "https" : "http", metrics_listen,
+                  metrics_tls_dir ? " (TLS)" : "");
     }
 
     g_main_loop_run(loop);

@@ -10,6 +10,12 @@
  * loop renders each second (metrics_tick), under text_lock.  Only
  * "GET /metrics" is served; other paths get 404, other methods 405.
  * Without libmicrohttpd at build time, --metrics-listen is refused.
+ *
+ * With --metrics-tls-creds-dir the endpoint speaks HTTPS only (GnuTLS,
+ * through libmicrohttpd) with the server certificate of that directory;
+ * if it also holds ca-cert.pem, every request must come with a client
+ * certificate signed by that CA (checked per request, 403 otherwise), so
+ * that only the monitoring system reads lock-space names and client ids.
  */
 #include <errno.h>
 #include <string.h>
@@ -22,12 +28,18 @@
 
 #ifdef HAVE_MICROHTTPD
 #include <microhttpd.h>
+#include <gnutls/gnutls.h>
 
 #define HTTP_CONN_LIMIT     32
 #define HTTP_CONN_TIMEOUT_S 10
 
 struct ExtlockdHttp {
     struct MHD_Daemon *daemon;
+    /* PEM text given to libmicrohttpd, which keeps the pointers */
+    char *cert;
+    char *key;
+    char *ca;                   /* NULL: no client certificates asked */
+    ExtlockdMetrics *metrics;
 };
 
 static enum MHD_Result http_reply(struct MHD_Connection *conn,
@@ -52,6 +64,22 @@ static enum MHD_Result http_reply(struct MHD_Connection *conn,
     return ret;
 }
 
+/* Did the TLS peer present a certificate that verifies against our CA? */
+static bool http_peer_verified(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci;
+    unsigned status = 0;
+
+    ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+    if (!ci || !ci->tls_session) {
+        return false;
+    }
+    if (gnutls_certificate_verify_peers2(ci->tls_session, &status) < 0) {
+        return false;           /* no certificate, or it could not be read */
+    }
+    return status == 0;
+}
+
 static enum MHD_Result http_handler(void *opaque,
                                     struct MHD_Connection *conn,
                                     const char *url, const char *method,
@@ -59,12 +87,19 @@ static enum MHD_Result http_handler(void *opaque,
                                     const char *upload_data,
                                     size_t *upload_size, void **con_cls)
 {
-    ExtlockdMetrics *m = opaque;
+    ExtlockdHttp *http = opaque;
+    ExtlockdMetrics *m = http->metrics;
     static const char plain[] = "text/plain; charset=utf-8";
+    static const char need_cert[] = "a client certificate signed by the CA "
+        "of --metrics-tls-creds-dir is required\n";
     enum MHD_Result ret;
     char *copy;
     size_t len;
 
+    if (http->ca && !http_peer_verified(conn)) {
+        return http_reply(conn, MHD_HTTP_FORBIDDEN, need_cert,
+                          sizeof(need_cert) - 1, plain, false);
+    }
     if (strcmp(url, "/metrics") != 0) {
         return http_reply(conn, MHD_HTTP_NOT_FOUND, "not found\n", 10, plain,
                           false);
@@ -135,15 +170,95 @@ bad:
     return false;
 }
 
-bool metrics_http_check(const char *addr, GError **errp)
+/* Read DIR/@name into *@text; a missing optional file leaves it NULL */
+static bool http_read_pem(const char *dir, const char *name, bool optional,
+                          char **text, GError **errp)
+{
+    g_autofree char *path = g_build_filename(dir, name, NULL);
+    g_autoptr(GError) err = NULL;
+
+    if (optional && !g_file_test(path, G_FILE_TEST_EXISTS)) {
+        return true;
+    }
+    if (!g_file_get_contents(path, text, NULL, &err)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "--metrics-tls-creds-dir: %s", err->message);
+        return false;
+    }
+    return true;
+}
+
+/*
+ * The credentials of --metrics-tls-creds-dir @dir are there and GnuTLS
+ * takes them: the key matches the certificate, the CA file holds
+ * certificates.  Checked at start-up, before anything else happens.
+ */
+static bool http_check_tls(const char *dir, GError **errp)
+{
+    g_autofree char *cert = NULL, *key = NULL, *ca = NULL;
+    gnutls_certificate_credentials_t x509;
+    gnutls_datum_t c, k, t;
+    int ret;
+
+    if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_NOSYS,
+                    "--metrics-tls-creds-dir: this libmicrohttpd was "
+                    "built without TLS");
+        return false;
+    }
+    if (!http_read_pem(dir, "server-cert.pem", false, &cert, errp) ||
+        !http_read_pem(dir, "server-key.pem", false, &key, errp) ||
+        !http_read_pem(dir, "ca-cert.pem", true, &ca, errp)) {
+        return false;
+    }
+    if (gnutls_certificate_allocate_credentials(&x509) < 0) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_NOMEM,
+                    "--metrics-tls-creds-dir: out of memory");
+        return false;
+    }
+    c = (gnutls_datum_t){ (unsigned char *)cert, strlen(cert) };
+    k = (gnutls_datum_t){ (unsigned char *)key, strlen(key) };
+    ret = gnutls_certificate_set_x509_key_mem(x509, &c, &k,
+                                              GNUTLS_X509_FMT_PEM);
+    if (ret < 0) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "--metrics-tls-creds-dir %s: server-cert.pem and "
+                    "server-key.pem: %s", dir, gnutls_strerror(ret));
+    } else if (ca) {
+        t = (gnutls_datum_t){ (unsigned char *)ca, strlen(ca) };
+        ret = gnutls_certificate_set_x509_trust_mem(x509, &t,
+                                                    GNUTLS_X509_FMT_PEM);
+        if (ret <= 0) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "--metrics-tls-creds-dir %s: ca-cert.pem: %s", dir,
+                        ret < 0 ? gnutls_strerror(ret)
+                                : "no certificate in it");
+            ret = -1;
+        }
+    }
+    gnutls_certificate_free_credentials(x509);
+    return ret >= 0;
+}
+
+bool metrics_http_check(const char *addr, const char *tls_dir,
+                        GError **errp)
 {
     struct sockaddr_storage ss;
 
-    return http_parse_addr(addr, &ss, errp);
+    return http_parse_addr(addr, &ss, errp) &&
+           (!tls_dir || http_check_tls(tls_dir, errp));
+}
+
+static void http_free(ExtlockdHttp *http)
+{
+    g_free(http->cert);
+    g_free(http->key);
+    g_free(http->ca);
+    g_free(http);
 }
 
 ExtlockdHttp *metrics_http_start(ExtlockdMetrics *m, const char *addr,
-                                 GError **errp)
+                                 const char *tls_dir, GError **errp)
 {
     struct sockaddr_storage ss;
     ExtlockdHttp *http;
@@ -156,18 +271,40 @@ ExtlockdHttp *metrics_http_start(ExtlockdMetrics *m, const char *addr,
         flags |= MHD_USE_IPv6;
     }
     http = g_new0(ExtlockdHttp, 1);
-    http->daemon = MHD_start_daemon(flags, 0, NULL, NULL, http_handler, m,
+    http->metrics = m;
+    if (tls_dir) {
+        /* checked by metrics_http_check(); read again as it is now */
+        if (!http_read_pem(tls_dir, "server-cert.pem", false, &http->cert,
+                           errp) ||
+            !http_read_pem(tls_dir, "server-key.pem", false, &http->key,
+                           errp) ||
+            !http_read_pem(tls_dir, "ca-cert.pem", true, &http->ca, errp)) {
+            http_free(http);
+            return NULL;
+        }
+        flags |= MHD_USE_TLS;
+    }
+    http->daemon = MHD_start_daemon(flags, 0, NULL, NULL, http_handler, http,
                                     MHD_OPTION_SOCK_ADDR, &ss,
                                     MHD_OPTION_CONNECTION_LIMIT,
                                     (unsigned)HTTP_CONN_LIMIT,
                                     MHD_OPTION_CONNECTION_TIMEOUT,
                                     (unsigned)HTTP_CONN_TIMEOUT_S,
+                                    http->cert ? MHD_OPTION_HTTPS_MEM_CERT
+                                               : MHD_OPTION_END,
+                                    http->cert,
+                                    MHD_OPTION_HTTPS_MEM_KEY, http->key,
+                                    http->ca ? MHD_OPTION_HTTPS_MEM_TRUST
+                                             : MHD_OPTION_END,
+                                    http->ca,
                                     MHD_OPTION_END);
     if (!http->daemon) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     "--metrics-listen '%s': cannot listen there (address in "
-                    "use or not local?)", addr);
-        g_free(http);
+                    "use or not local?)%s", addr,
+                    tls_dir ? ", or the certificate or key in "
+                    "--metrics-tls-creds-dir is not valid PEM" : "");
+        http_free(http);
         return NULL;
     }
     return http;
@@ -177,13 +314,14 @@ void metrics_http_stop(ExtlockdHttp *http)
 {
     if (http) {
         MHD_stop_daemon(http->daemon);
-        g_free(http);
+        http_free(http);
     }
 }
 
 #else /* !HAVE_MICROHTTPD */
 
-bool metrics_http_check(const char *addr, GError **errp)
+bool metrics_http_check(const char *addr, const char *tls_dir,
+                        GError **errp)
 {
     g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_NOSYS,
                 "--metrics-listen: extlockd was built without libmicrohttpd "
@@ -192,7 +330,7 @@ bool metrics_http_check(const char *addr, GError **errp)
 }
 
 ExtlockdHttp *metrics_http_start(ExtlockdMetrics *m, const char *addr,
-                                 GError **errp)
+                                 const char *tls_dir, GError **errp)
 {
     g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_NOSYS,
                 "--metrics-listen: extlockd was built without libmicrohttpd "

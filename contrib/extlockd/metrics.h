@@ -113,14 +113,20 @@ GString *metrics_render(ExtlockdServer *server);
 void metrics_start(ExtlockdServer *server);
 
 /*
- * metrics-http.c: is @addr a valid --metrics-listen value (and is there
- * libmicrohttpd)?  Checked before anything else happens at start-up.
+ * metrics-http.c: is @addr a valid --metrics-listen value, are the
+ * credentials in @tls_dir (may be NULL) usable, and is there
+ * libmicrohttpd?  Checked before anything else happens at start-up.
  */
-bool metrics_http_check(const char *addr, GError **errp);
+bool metrics_http_check(const char *addr, const char *tls_dir,
+                        GError **errp);
 
-/* metrics-http.c: serve m->text at http://@addr/metrics */
+/*
+ * metrics-http.c: serve m->text at http://@addr/metrics, or with @tls_dir
+ * (server-cert.pem, server-key.pem, optional ca-cert.pem for client
+ * certificates) at https://@addr/metrics
+ */
 ExtlockdHttp *metrics_http_start(ExtlockdMetrics *m, const char *addr,
-                                 GError **errp);
+                                 const char *tls_dir, GError **errp);
 void metrics_http_stop(ExtlockdHttp *http);
 
 #endif /* EXTLOCKD_METRICS_H */

@@ -341,18 +341,19 @@ void extlockd_server_free(ExtlockdServer *server)
     g_free(server);
 }
 
-bool extlockd_metrics_listen_check(const char *addr, GError **errp)
+bool extlockd_metrics_listen_check(const char *addr, const char *tls_dir,
+                                   GError **errp)
 {
-    return metrics_http_check(addr, errp);
+    return metrics_http_check(addr, tls_dir, errp);
 }
 
 bool extlockd_server_metrics_listen(ExtlockdServer *server, const char *addr,
-                                    GError **errp)
+                                    const char *tls_dir, GError **errp)
 {
     ExtlockdMetrics *m = server->metrics;
 
     g_return_val_if_fail(!m->http, false);
-    m->http = metrics_http_start(m, addr, errp);
+    m->http = metrics_http_start(m, addr, tls_dir, errp);
     if (!m->http) {
         return false;
     }

@@ -173,14 +173,19 @@ void extlockd_server_set_tls(ExtlockdServer *server, ExtlockdTlsCreds *creds);
 
 /*
  * Serve Prometheus metrics at http://@addr/metrics (--metrics-listen,
- * "IPv4:PORT" or "[IPv6]:PORT"); false with @errp set if it cannot, also
- * when built without libmicrohttpd
+ * "IPv4:PORT" or "[IPv6]:PORT"), or over HTTPS with the credentials in
+ * @tls_dir (--metrics-tls-creds-dir, may be NULL); false with @errp set if
+ * it cannot, also when built without libmicrohttpd
  */
 bool extlockd_server_metrics_listen(ExtlockdServer *server, const char *addr,
-                                    GError **errp);
+                                    const char *tls_dir, GError **errp);
 
-/* Is @addr valid for extlockd_server_metrics_listen()? (option checking) */
-bool extlockd_metrics_listen_check(const char *addr, GError **errp);
+/*
+ * Are @addr and @tls_dir (may be NULL) valid for
+ * extlockd_server_metrics_listen()? (option checking)
+ */
+bool extlockd_metrics_listen_check(const char *addr, const char *tls_dir,
+                                   GError **errp);
 
 /* Stop accepting new connections (listening sockets are closed) */
 void extlockd_server_stop_listening(ExtlockdServer *server);
