@@ -78,6 +78,8 @@ typedef struct ExtlockRequest {
     int ret;
     uint64_t token;
     int64_t start_ns;           /* QEMU_CLOCK_REALTIME */
+    int64_t child_ns;           /* filter cost: time in the child */
+    bool waited;                /* not a plain cache hit: no cost taken */
     GPtrArray *blocked_by;      /* client ids (char *) from "waiting" */
     QLIST_ENTRY(ExtlockRequest) next;
 } ExtlockRequest;
@@ -134,6 +136,9 @@ typedef struct ExtlockClient {
     uint64_t next_seq;
     GPtrArray *local_waiters;   /* ... waiting for an earlier local one */
     bool grants_grow;           /* the last grant was larger than asked */
+    /* the filter's own time, while trace extlock_filter_cost is on */
+    uint64_t cost_requests;
+    uint64_t cost_ns;
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
 
@@ -169,6 +174,14 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   BlockDriverState *bs, AioContext *ctx,
                                   Error **errp);
 /* Say bye (releases the session's locks at once) and free; no I/O in flight */
+/*
+ * The filter's own time for one request (its whole time minus the
+ * child's), measured while the trace event extlock_filter_cost is on, for
+ * plain cache hits only (a request that waited would count its wait), and
+ * traced as a total when the client is freed.
+ */
+void extlock_client_add_cost(ExtlockClient *c, int64_t ns);
+
 void extlock_client_free(ExtlockClient *c);
 
 /* New tuning options (reopen); used from the next time each is needed */
