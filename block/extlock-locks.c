@@ -410,6 +410,9 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         l->revoke_mode = msg->mode;
         l->revoke_ext = want;
         extlock_cache_idle_del(c, l);
+        c->contended[c->contended_next] = want;
+        c->contended_ns[c->contended_next] = l->revoke_ns;
+        c->contended_next = (c->contended_next + 1) % EXTLOCK_CONTENDED_MAX;
         extlock_trace_handoff(c, "revoke-rx", msg->lock, l->revoke_ns);
     } else {
         if (msg->mode == EXTLOCK_MODE_EXCLUSIVE) {
@@ -438,6 +441,24 @@ static bool extlock_grant_in_flight(ExtlockClient *c, ExtlockMode mode)
         }
     }
     return false;
+}
+
+/* The range a lock request for @ext may grow into */
+static ExtlockExtent extlock_grow_limit(ExtlockClient *c, ExtlockExtent ext)
+{
+    ExtlockExtent recent[EXTLOCK_CONTENDED_MAX];
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    size_t n = 0;
+
+    for (unsigned i = 0; i < EXTLOCK_CONTENDED_MAX; i++) {
+        if (c->contended_ns[i] &&
+            now - c->contended_ns[i] < EXTLOCK_CONTENDED_NS) {
+            recent[n++] = c->contended[i];
+        }
+    }
+    return extlock_cache_grow_limit(ext, extlock_ext(0, MAX(c->opts.grow_limit,
+                                                        ext.end)),
+                                    recent, n);
 }
 
 /* Send the lock request and wait for its final reply */
@@ -470,9 +491,11 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
     msg.mode = req->mode;
     msg.wait = true;
     if (c->opts.cache && c->opts.grow_limit) {
+        ExtlockExtent lim = extlock_grow_limit(c, ext);
+
         msg.has_limit = true;
-        msg.limit_offset = 0;
-        msg.limit_length = MAX(c->opts.grow_limit, ext.end);
+        msg.limit_offset = lim.start;
+        msg.limit_length = lim.end - lim.start;
     }
     sent_ns = extlock_trace_handoff_now();
     req->id = extlock_conn_request(c->conn, &msg, req);

@@ -110,6 +110,15 @@ typedef struct ExtlockClientOptions {
     uint32_t wait_warning_ms;   /* 0: no EXTENT_LOCK_WAIT_TIMEOUT */
 } ExtlockClientOptions;
 
+/*
+ * Lock growth avoids ranges other hosts wanted of this node's locks in
+ * the last EXTLOCK_CONTENDED_NS (the last EXTLOCK_CONTENDED_MAX of them),
+ * so that neighbours split a range once instead of taking it from each
+ * other whenever one of them is between locks.
+ */
+#define EXTLOCK_CONTENDED_MAX 8
+#define EXTLOCK_CONTENDED_NS  (1000 * SCALE_MS)
+
 typedef struct ExtlockClient {
     AioContext *ctx;
     ExtlockConnection *conn;
@@ -139,6 +148,10 @@ typedef struct ExtlockClient {
     /* the filter's own time, while trace extlock_filter_cost is on */
     uint64_t cost_requests;
     uint64_t cost_ns;
+    /* what other hosts recently wanted of our locks: growth stops there */
+    ExtlockExtent contended[EXTLOCK_CONTENDED_MAX];
+    int64_t contended_ns[EXTLOCK_CONTENDED_MAX]; /* 0: slot unused */
+    unsigned contended_next;    /* ring position of the next entry */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
 
