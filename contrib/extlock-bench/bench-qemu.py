@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,36 @@ def filter_cost(image_opts, count, write, workdir, depth):
     return max(0.0, ns / requests - 2 * clock), clock
 
 
+def perf_share(image_opts, count, write, workdir, depth):
+    """
+    Share of the CPU samples of `qemu-img bench` (perf record, user and
+    kernel) in extlock's own functions (extlock_*, the interval tree), or
+    None without a working perf.  No measurement code runs in the filter.
+    """
+    if not shutil.which("perf"):
+        return None
+    data = Path(tempfile.mkstemp(prefix="perf-", dir=workdir)[1])
+    argv = ["perf", "record", "-q", "-F", "4999", "-o", str(data),
+            procs.binary("qemu-img"), "bench", "--image-opts", "-c",
+            str(count), "-d", str(depth), "-s", "4096", "-S", str(STEP)]
+    if write:
+        argv.append("-w")
+    argv.append(image_opts)
+    if subprocess.run(argv, capture_output=True, timeout=600).returncode:
+        return None
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio",
+                          "--sort", "symbol"], capture_output=True,
+                         text=True, timeout=600)
+    total = ours = 0.0
+    for m in re.finditer(r"^\s*([0-9.]+)%\s+\[[.k]\]\s+(\S+)", rep.stdout,
+                         re.M):
+        pct = float(m.group(1))
+        total += pct
+        if re.match(r"(extlock_|itree_)", m.group(2)):
+            ours += pct
+    return ours / total if total else None
+
+
 def opts_str(opts):
     return ",".join(f"{k}={v}" for k, v in opts.items())
 
@@ -147,12 +178,15 @@ def throughput(backends, coordinator, repeat, counts, workdir):
                     a.append(qemu_img_bench(opts_str(cfgs[0][1]),
                                             counts[bname], write, depth))
                 ns = statistics.median(c[0] for c in cost)
+                share = perf_share(opts_str(opts), counts[bname], write,
+                                   workdir, depth)
                 results.append({"backend": bname,
                                 "op": "write" if write else "read",
                                 "config": "c: filter's own CPU",
                                 "depth": depth,
                                 "ns_per_request": round(ns, 1),
                                 "clock_read_ns": cost[0][1],
+                                "perf_share": share,
                                 "ratio": round(ns * statistics.median(a) /
                                                1e9, 4)})
             for name, _ in cfgs:
@@ -513,10 +547,13 @@ def main():
             for r in tp:
                 if "ns_per_request" in r:
                     print("%-8s %-6s QD%-3d %8.1f ns  %8.4f of (a)   "
-                          "(clock read %d ns)" % (
+                          "(clock read %d ns)  perf: %s of (c)'s samples "
+                          "in extlock code" % (
                               r["backend"], r["op"], r["depth"],
                               r["ns_per_request"], r["ratio"],
-                              r["clock_read_ns"]))
+                              r["clock_read_ns"],
+                              "n/a" if r["perf_share"] is None else
+                              "%.3f" % r["perf_share"]))
         if ho:
             print("\nHandoff: two qemu-io processes writing one 4 KiB extent "
                   "in turn (%d writes each)" % ho["writes_per_process"])
