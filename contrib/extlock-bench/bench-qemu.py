@@ -396,7 +396,10 @@ def many_hosts(workdir, group, writers, counts, qemu_img=None):
       neighbours  host i writes the 64 KiB at i * 64 KiB (its own extent;
                   any sharing comes from lock growth),
       overlapping host i writes the 64 KiB at i * 32 KiB (each half is
-                  shared with a neighbour),
+                  shared with a neighbour; the hosts at the ends have one
+                  neighbour, the others two, so their fair shares differ),
+      same        every host writes the same 64 KiB (a fair share is
+                  1 / writers),
     each through extlock (lock-cache on, the defaults) and, as the
     baseline of the same run, straight to the file.  Per host: requests
     / its run time; aggregate: the sum over hosts; fairness: the slowest
@@ -422,7 +425,8 @@ def many_hosts(workdir, group, writers, counts, qemu_img=None):
         for i in range(writers):
             # a raw node's offset/size: the host's 64 KiB window, which
             # qemu-img bench writes 4 KiB after 4 KiB, wrapping around
-            off = i * 65536 if layout == "neighbours" else i * 32768
+            off = {"neighbours": i * 65536, "overlapping": i * 32768,
+                   "same": 0}[layout]
             f = {"driver": "file", "filename": str(img), "locking": "off"}
             if locked:
                 f = {"driver": "extlock",
@@ -449,7 +453,7 @@ def many_hosts(workdir, group, writers, counts, qemu_img=None):
         return writers * count / (time.monotonic() - t0), rates
 
     run_no = 0
-    for layout in ("neighbours", "overlapping"):
+    for layout in ("neighbours", "overlapping", "same"):
         count = counts[layout]
         base, ext = [], []
         for _ in range(2):                  # interleaved, twice
@@ -525,7 +529,8 @@ def main():
             for n in [int(x) for x in args.hosts.split(",") if x]:
                 mh += many_hosts(workdir, group, n, {
                     "neighbours": 5000 if args.quick else 30000,
-                    "overlapping": 500 if args.quick else 3000})
+                    "overlapping": 500 if args.quick else 3000,
+                    "same": 500 if args.quick else 3000})
         if args.only in (None, "handoff"):
             ho = handoff(workdir, group, 150 if args.quick else 1100,
                          args.period_ms)
