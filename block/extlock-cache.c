@@ -75,6 +75,38 @@ ExtlockExtent extlock_cache_revoke_part(ExtlockExtent ext, ExtlockExtent want,
     return ext;
 }
 
+ExtlockExtent extlock_cache_grow_limit(ExtlockExtent want, ExtlockExtent limit,
+                                       const ExtlockExtent *contended,
+                                       size_t n)
+{
+    ExtlockExtent r = {
+        .start = limit.start < want.start ? limit.start : want.start,
+        .end = limit.end > want.end ? limit.end : want.end,
+    };
+
+    for (size_t i = 0; i < n; i++) {
+        ExtlockExtent c = contended[i];
+
+        if (c.start >= c.end) {
+            continue;
+        }
+        if (c.end <= want.start) {
+            r.start = c.end > r.start ? c.end : r.start;
+        } else if (c.start >= want.end) {
+            r.end = c.start < r.end ? c.start : r.end;
+        } else {
+            /* Overlaps @want: no growth past @want on its sides */
+            if (c.start < want.start) {
+                r.start = want.start;
+            }
+            if (c.end > want.end) {
+                r.end = want.end;
+            }
+        }
+    }
+    return r;
+}
+
 typedef struct ExtlockLocalFind {
     const ExtlockLocalReq *req;
     bool found;

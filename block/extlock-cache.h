@@ -49,6 +49,17 @@ ExtlockCacheEntry *extlock_cache_lookup(ExtlockITree *locks, ExtlockExtent ext,
 ExtlockExtent extlock_cache_revoke_part(ExtlockExtent ext, ExtlockExtent want,
                                         ExtlockExtent used);
 
+/*
+ * How far a lock request for @want may grow: @limit (widened to cover
+ * @want), cut at the nearest of the @n @contended extents (ranges other
+ * hosts recently wanted of this node's locks) on each side of @want, so
+ * that the lock grows into no contended range beyond @want itself.  Empty
+ * contended extents are ignored.
+ */
+ExtlockExtent extlock_cache_grow_limit(ExtlockExtent want, ExtlockExtent limit,
+                                       const ExtlockExtent *contended,
+                                       size_t n);
+
 /* A request of the node between lock and unlock, for local order */
 typedef struct ExtlockLocalReq {
     ExtlockITNode node;         /* node.ext: the locked range */

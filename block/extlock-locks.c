@@ -98,6 +98,27 @@ static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
     g_free(l);
 }
 
+/*
+ * Handoff timing for contrib/extlock-bench/bench-qemu.py: one trace event
+ * per step, stamped with QEMU_CLOCK_REALTIME (CLOCK_MONOTONIC, the clock
+ * of extlockd's event log).  The clock is read only while it is enabled.
+ */
+static void extlock_trace_handoff(ExtlockClient *c, const char *step,
+                                  uint64_t id, int64_t now)
+{
+    if (trace_event_get_state_backends(TRACE_EXTLOCK_CLIENT_HANDOFF)) {
+        trace_extlock_client_handoff(c->node_name, step, id, now ? now :
+                                     qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+    }
+}
+
+/* The time to stamp a message about to be sent with, if traced */
+static int64_t extlock_trace_handoff_now(void)
+{
+    return trace_event_get_state_backends(TRACE_EXTLOCK_CLIENT_HANDOFF) ?
+           qemu_clock_get_ns(QEMU_CLOCK_REALTIME) : 0;
+}
+
 /* Send "unlock" for the whole of lock @lock_id */
 static void extlock_send_unlock(ExtlockClient *c, uint64_t lock_id)
 {
@@ -170,6 +191,7 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
 {
     ExtlockExtent ext = l->ce.node.ext;
     bool whole = part.start == ext.start && part.end == ext.end;
+    int64_t sent_ns;
     ExtlockMsg msg;
 
     assert(l->users == 0 && extlock_online(c));
@@ -184,8 +206,10 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
     }
     trace_extlock_client_unlock(c->node_name, l->lock_id, part.start,
                                 part.end - part.start);
+    sent_ns = extlock_trace_handoff_now();
     extlock_conn_send(c->conn, &msg);
     extlock_msg_clear(&msg);
+    extlock_trace_handoff(c, "unlock-tx", l->lock_id, sent_ns);
 
     if (whole) {
         extlock_cache_drop(c, l);
@@ -366,6 +390,7 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
     }
     trace_extlock_client_granted(c->node_name, req->id, msg->lock,
                                  msg->offset, msg->length, msg->token);
+    extlock_trace_handoff(c, "grant-rx", msg->lock, now);
 }
 
 static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
@@ -385,6 +410,10 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         l->revoke_mode = msg->mode;
         l->revoke_ext = want;
         extlock_cache_idle_del(c, l);
+        c->contended[c->contended_next] = want;
+        c->contended_ns[c->contended_next] = l->revoke_ns;
+        c->contended_next = (c->contended_next + 1) % EXTLOCK_CONTENDED_MAX;
+        extlock_trace_handoff(c, "revoke-rx", msg->lock, l->revoke_ns);
     } else {
         if (msg->mode == EXTLOCK_MODE_EXCLUSIVE) {
             l->revoke_mode = EXTLOCK_MODE_EXCLUSIVE;
@@ -414,11 +443,30 @@ static bool extlock_grant_in_flight(ExtlockClient *c, ExtlockMode mode)
     return false;
 }
 
+/* The range a lock request for @ext may grow into */
+static ExtlockExtent extlock_grow_limit(ExtlockClient *c, ExtlockExtent ext)
+{
+    ExtlockExtent recent[EXTLOCK_CONTENDED_MAX];
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    size_t n = 0;
+
+    for (unsigned i = 0; i < EXTLOCK_CONTENDED_MAX; i++) {
+        if (c->contended_ns[i] &&
+            now - c->contended_ns[i] < EXTLOCK_CONTENDED_NS) {
+            recent[n++] = c->contended[i];
+        }
+    }
+    return extlock_cache_grow_limit(ext, extlock_ext(0, MAX(c->opts.grow_limit,
+                                                        ext.end)),
+                                    recent, n);
+}
+
 /* Send the lock request and wait for its final reply */
 static int coroutine_fn extlock_request_send(ExtlockClient *c,
                                              ExtlockRequest *req)
 {
     ExtlockExtent ext = extlock_ext(req->offset, req->length);
+    int64_t sent_ns;
     ExtlockMsg msg;
 
     req->co = qemu_coroutine_self();
@@ -443,14 +491,18 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
     msg.mode = req->mode;
     msg.wait = true;
     if (c->opts.cache && c->opts.grow_limit) {
+        ExtlockExtent lim = extlock_grow_limit(c, ext);
+
         msg.has_limit = true;
-        msg.limit_offset = 0;
-        msg.limit_length = MAX(c->opts.grow_limit, ext.end);
+        msg.limit_offset = lim.start;
+        msg.limit_length = lim.end - lim.start;
     }
+    sent_ns = extlock_trace_handoff_now();
     req->id = extlock_conn_request(c->conn, &msg, req);
     extlock_msg_clear(&msg);
     trace_extlock_client_lock(c->node_name, req->id, req->offset,
                               req->length, extlock_mode_name(req->mode));
+    extlock_trace_handoff(c, "lock-tx", req->id, sent_ns);
     if (!req->id) {
         /* Disconnected meanwhile: ask again */
         req->done = true;
@@ -461,6 +513,9 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
         qemu_coroutine_yield();
     }
     req->co = NULL;
+    if (req->lock) {
+        extlock_trace_handoff(c, "wakeup", req->lock->lock_id, 0);
+    }
     QLIST_REMOVE(req, next);
     g_ptr_array_free(req->blocked_by, true);
     req->blocked_by = NULL;
@@ -536,6 +591,7 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
     req->local.node.ext = extlock_ext(req->offset, req->length);
     extlock_itree_insert(&c->active, &req->local.node);
     while (extlock_local_must_wait(&c->active, &req->local)) {
+        req->waited = true;
         extlock_wait_on(&c->local_waiters);
     }
     ret = extlock_client_lock_cached(c, req);
@@ -587,6 +643,7 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
             extlock_wait_timer_arm(c, start_ns +
                                    (int64_t)c->opts.lease_loss_timeout_ms *
                                    SCALE_MS);
+            req->waited = true;
             extlock_wait_on(&c->usable_waiters);
             continue;
         }
@@ -609,6 +666,7 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
             if (extlock_online(c) && c->grants_grow &&
                 !extlock_req_cut(c, req) &&
                 extlock_grant_in_flight(c, req->mode)) {
+                req->waited = true;
                 extlock_wait_on(&c->grant_waiters);
                 continue;
             }
@@ -619,10 +677,12 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
                 return extlock_req_fail_cut(c, req);
             }
             /* Reconnecting: woken when connected or the lease is lost */
+            req->waited = true;
             extlock_wait_on(&c->usable_waiters);
             continue;
         }
 
+        req->waited = true;
         ret = extlock_request_send(c, req);
         if (ret == -EAGAIN) {
             /* The connection dropped before the grant: ask again */
@@ -1410,12 +1470,44 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
     return c;
 }
 
+void extlock_client_add_cost(ExtlockClient *c, int64_t ns)
+{
+    c->cost_requests++;
+    c->cost_ns += ns;
+}
+
+/* What one clock read costs, for extlock_filter_cost: the median of 9 */
+static uint64_t extlock_clock_read_ns(void)
+{
+    int64_t m[9];
+
+    for (int i = 0; i < 9; i++) {
+        int64_t t0 = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+
+        for (int k = 0; k < 999; k++) {
+            qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+        }
+        m[i] = (qemu_clock_get_ns(QEMU_CLOCK_REALTIME) - t0) / 1000;
+        for (int k = i; k > 0 && m[k - 1] > m[k]; k--) {
+            int64_t t = m[k];
+            m[k] = m[k - 1];
+            m[k - 1] = t;
+        }
+    }
+    return m[4];
+}
+
 void extlock_client_free(ExtlockClient *c)
 {
     ExtlockITNode *n;
 
     if (!c) {
         return;
+    }
+    if (c->cost_requests &&
+        trace_event_get_state_backends(TRACE_EXTLOCK_FILTER_COST)) {
+        trace_extlock_filter_cost(c->node_name, c->cost_requests, c->cost_ns,
+                                  extlock_clock_read_ns());
     }
     c->closing = true;
     extlock_locks_detach(c);

@@ -78,6 +78,8 @@ typedef struct ExtlockRequest {
     int ret;
     uint64_t token;
     int64_t start_ns;           /* QEMU_CLOCK_REALTIME */
+    int64_t child_ns;           /* filter cost: time in the child */
+    bool waited;                /* not a plain cache hit: no cost taken */
     GPtrArray *blocked_by;      /* client ids (char *) from "waiting" */
     QLIST_ENTRY(ExtlockRequest) next;
 } ExtlockRequest;
@@ -108,6 +110,15 @@ typedef struct ExtlockClientOptions {
     uint32_t wait_warning_ms;   /* 0: no EXTENT_LOCK_WAIT_TIMEOUT */
 } ExtlockClientOptions;
 
+/*
+ * Lock growth avoids ranges other hosts wanted of this node's locks in
+ * the last EXTLOCK_CONTENDED_NS (the last EXTLOCK_CONTENDED_MAX of them),
+ * so that neighbours split a range once instead of taking it from each
+ * other whenever one of them is between locks.
+ */
+#define EXTLOCK_CONTENDED_MAX 8
+#define EXTLOCK_CONTENDED_NS  (1000 * SCALE_MS)
+
 typedef struct ExtlockClient {
     AioContext *ctx;
     ExtlockConnection *conn;
@@ -134,6 +145,13 @@ typedef struct ExtlockClient {
     uint64_t next_seq;
     GPtrArray *local_waiters;   /* ... waiting for an earlier local one */
     bool grants_grow;           /* the last grant was larger than asked */
+    /* the filter's own time, while trace extlock_filter_cost is on */
+    uint64_t cost_requests;
+    uint64_t cost_ns;
+    /* what other hosts recently wanted of our locks: growth stops there */
+    ExtlockExtent contended[EXTLOCK_CONTENDED_MAX];
+    int64_t contended_ns[EXTLOCK_CONTENDED_MAX]; /* 0: slot unused */
+    unsigned contended_next;    /* ring position of the next entry */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
 
@@ -169,6 +187,14 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
                                   BlockDriverState *bs, AioContext *ctx,
                                   Error **errp);
 /* Say bye (releases the session's locks at once) and free; no I/O in flight */
+/*
+ * The filter's own time for one request (its whole time minus the
+ * child's), measured while the trace event extlock_filter_cost is on, for
+ * plain cache hits only (a request that waited would count its wait), and
+ * traced as a total when the client is freed.
+ */
+void extlock_client_add_cost(ExtlockClient *c, int64_t ns);
+
 void extlock_client_free(ExtlockClient *c);
 
 /* New tuning options (reopen); used from the next time each is needed */

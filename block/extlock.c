@@ -429,6 +429,8 @@ extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
 {
     BDRVExtlockState *s = bs->opaque;
     uint64_t token = req ? req->lock->token : 0;
+    int64_t child_start = req && req->child_ns < 0 ?
+                          qemu_clock_get_ns(QEMU_CLOCK_REALTIME) : 0;
     int ret;
 
     if (trace_event_get_state_backends(TRACE_EXTLOCK_IO_START)) {
@@ -468,6 +470,9 @@ extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
         ret = bdrv_co_flush(bs->file->bs);
         break;
     }
+    if (child_start) {
+        req->child_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME) - child_start;
+    }
     extlock_client_io_done(s->client);
     if (trace_event_get_state_backends(TRACE_EXTLOCK_IO_DONE)) {
         trace_extlock_io_done(bdrv_get_node_name(bs),
@@ -492,11 +497,17 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
     BDRVExtlockState *s = bs->opaque;
     const char *op = extlock_io_kind_names[kind];
     ExtlockRequest req = {};
+    int64_t cost_start = 0;
     int ret;
 
     if (bytes == 0) {
         return extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
                                flags, NULL);
+    }
+    /* Filter cost (trace extlock_filter_cost): child_ns < 0 asks for it */
+    if (trace_event_get_state_backends(TRACE_EXTLOCK_FILTER_COST)) {
+        cost_start = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+        req.child_ns = -1;
     }
     req.mode = mode;
     req.offset = QEMU_ALIGN_DOWN((uint64_t)offset, s->lock_alignment);
@@ -513,6 +524,11 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
     ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset, flags,
                           &req);
     extlock_client_unlock(s->client, &req);
+    if (req.child_ns > 0 && !req.waited) {
+        extlock_client_add_cost(s->client,
+                                qemu_clock_get_ns(QEMU_CLOCK_REALTIME) -
+                                cost_start - req.child_ns);
+    }
     return ret;
 }
 

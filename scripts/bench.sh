@@ -1,12 +1,20 @@
 #!/bin/bash
-# extlock benchmarks, one command (builds what is missing first):
+# extlock benchmarks, one command (builds what is missing first).  Every
+# figure is printed with its ratio to a baseline measured in the same run,
+# and the load average is printed with it (the machine may be shared):
 #  1. the coordinator alone: extlock-bench, 16 clients over a UNIX socket,
-#     conflict ratio 0 and 0.1 - lock+unlock pairs/s, grant latency;
-#  2. the filter in QEMU: contrib/extlock-bench/bench-qemu.py - qemu-img
-#     bench IOPS of (a) no filter, (b) blkdebug, (c) extlock lock-cache=on,
-#     (d) lock-cache=off on null-co and on loopback NFS, ratios to (a) in
-#     the same run; handoff latency between two qemu-io processes.
-# Options are passed to bench-qemu.py (e.g. --quick, --no-nfs).
+#     conflict ratio 0 (the baseline) and 0.1 - lock+unlock pairs/s and
+#     grant latency;
+#  2. handoff at the protocol level: extlock-handoff, two processes pass
+#     one lock 2000 times; the parts of a handoff (revoke, holder,
+#     give-back, grant, wakeup) against an uncontended lock round trip;
+#  3. the filter in QEMU: contrib/extlock-bench/bench-qemu.py - qemu-img
+#     bench IOPS of (a) no filter (the baseline), (b) blkdebug, (c) extlock
+#     lock-cache=on, (d) lock-cache=off on null-co and on loopback NFS; the
+#     filter's own CPU time per request against a request of (a); handoff
+#     between two qemu-io processes and its parts; 4 and 8 writers with and
+#     without extlock (aggregate IOPS ratio, fairness).
+# Options are passed to bench-qemu.py (e.g. --quick, --no-nfs, --only).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -18,16 +26,36 @@ bash scripts/build-qemu.sh
 work=$(mktemp -d)
 trap 'kill $(cat "$work/pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
 build/contrib/extlockd/extlockd --listen "unix:$work/sock" \
-    --state-file "$work/state" 2>"$work/log" &
+    --state-file "$work/state" --event-log "$work/events" 2>"$work/log" &
 echo $! > "$work/pid"
 for _ in $(seq 50); do [ -S "$work/sock" ] && break; sleep 0.1; done
 
-echo "== coordinator: extlock-bench, 16 clients, UNIX socket =="
+echo "== coordinator: extlock-bench, 16 clients, UNIX socket" \
+     "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
 for ratio in 0 0.1; do
-    echo "-- conflict ratio $ratio"
     build/contrib/extlock-bench/extlock-bench -c "unix:$work/sock" \
-        --clients 16 --window 4 --duration 5 --conflict-ratio "$ratio"
+        --clients 16 --window 4 --duration 5 --conflict-ratio "$ratio" \
+        --lock-space "bench-$ratio" --json > "$work/bench-$ratio.json"
 done
+/usr/bin/python3 - "$work/bench-0.json" "$work/bench-0.1.json" <<'PY'
+import json, sys
+base, other = (json.load(open(p)) for p in sys.argv[1:])
+b = base["grant-latency-us"]
+print("%-15s %10s %7s %8s %8s %8s" % ("conflict ratio", "pairs/s", "ratio",
+                                      "p50 us", "p99 us", "p99/p50(0)"))
+for r in (base, other):
+    lat = r["grant-latency-us"]
+    print("%-15s %10.0f %7.3f %8.1f %8.1f %8.2f" % (
+        r["conflict-ratio"], r["pairs-per-sec"],
+        r["pairs-per-sec"] / base["pairs-per-sec"], lat["p50"], lat["p99"],
+        lat["p99"] / b["p50"]))
+PY
+
+echo
+echo "== handoff between two processes, protocol level: extlock-handoff" \
+     "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
+build/contrib/extlock-bench/extlock-handoff -c "unix:$work/sock" -n 2000 \
+    --event-log "$work/events"
 kill "$(cat "$work/pid")"
 
 echo

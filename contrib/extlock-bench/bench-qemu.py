@@ -22,21 +22,29 @@ a noisy machine:
    loopback NFS export (nfs-ganesha).  Runs are interleaved and repeated;
    the median is reported with its ratio to (a).
 
-2. Handoff latency.  Two qemu-io processes write the same 4 KiB extent in
-   turn (each sleeps between its writes, offset by half a period, so the
-   lock changes hands on almost every write).  qemu-io prints every write's
-   latency; the same workload with one process gives the baseline.  The
-   handoff latency is a write's latency under contention minus the
-   baseline median.  The coordinator's revocation count confirms the
-   handoffs happened.
+2. Handoff latency.  Two qemu-io processes write the same 4 KiB extent of
+   a null-co image in turn (each sleeps between its writes, offset by half
+   a period, so the lock changes hands on almost every write).  qemu-io
+   prints every write's latency; the same workload with one process gives
+   the baseline.  The handoff latency is a write's latency under
+   contention minus the baseline median.  Each handoff is also split into
+   its parts from the driver's extlock_client_handoff trace events in both
+   processes and extlockd's --event-log (all CLOCK_MONOTONIC), with an
+   uncontended lock round trip (lock-cache=off, one process) as baseline.
+
+3. Many hosts.  4 and 8 qemu-img bench writers on one local file,
+   neighbouring and overlapping 64 KiB extents, with extlock and without:
+   aggregate IOPS ratio and fairness between the hosts.
 
 Usage: bench-qemu.py [--quick] [--no-nfs] [--repeat N] [--json FILE]
+                     [--only throughput|handoff|hosts] [--hosts 4,8]
 """
 
 import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,15 +57,13 @@ sys.path.insert(0, str(REPO / "tests" / "qemu"))
 
 from harness import procs                       # noqa: E402
 from harness.ganesha import NfsServer           # noqa: E402
-from harness.coordinator import (CoordinatorClient,  # noqa: E402
-                                 coordinator_status)
 
 STEP = 4096 * 7919          # prime number of blocks: scattered offsets
 
 
-def qemu_img_bench(image_opts, count, write):
+def qemu_img_bench(image_opts, count, write, depth=32):
     argv = [procs.binary("qemu-img"), "bench", "--image-opts",
-            "-c", str(count), "-d", "32", "-s", "4096", "-S", str(STEP)]
+            "-c", str(count), "-d", str(depth), "-s", "4096", "-S", str(STEP)]
     if write:
         argv.append("-w")
     argv.append(image_opts)
@@ -66,6 +72,63 @@ def qemu_img_bench(image_opts, count, write):
     if out.returncode != 0 or not m:
         raise RuntimeError(f"qemu-img bench failed: {out.stdout}{out.stderr}")
     return count / float(m.group(1))
+
+
+COST_RE = re.compile(r"extlock_filter_cost node \S+ (\d+) requests (\d+) ns "
+                     r"clock read (\d+) ns")
+
+
+def filter_cost(image_opts, count, write, workdir, depth):
+    """
+    The filter's own CPU time per request, from its extlock_filter_cost
+    counters: each request's time in extlock minus the time in its child,
+    less the two clock reads that the measurement adds to it.  On null-co
+    the child never waits, so this is CPU time.
+    """
+    trace = Path(tempfile.mkstemp(prefix="cost-", dir=workdir)[1])
+    argv = [procs.binary("qemu-img"), "-T",
+            f"enable=extlock_filter_cost,file={trace}", "bench",
+            "--image-opts", "-c", str(count), "-d", str(depth), "-s", "4096",
+            "-S", str(STEP)]
+    if write:
+        argv.append("-w")
+    argv.append(image_opts)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    m = COST_RE.search(trace.read_text(errors="replace"))
+    if out.returncode != 0 or not m:
+        raise RuntimeError(f"qemu-img bench failed: {out.stdout}{out.stderr}")
+    requests, ns, clock = (int(x) for x in m.groups())
+    return max(0.0, ns / requests - 2 * clock), clock
+
+
+def perf_share(image_opts, count, write, workdir, depth):
+    """
+    Share of the CPU samples of `qemu-img bench` (perf record, user and
+    kernel) in extlock's own functions (extlock_*, the interval tree), or
+    None without a working perf.  No measurement code runs in the filter.
+    """
+    if not shutil.which("perf"):
+        return None
+    data = Path(tempfile.mkstemp(prefix="perf-", dir=workdir)[1])
+    argv = ["perf", "record", "-q", "-F", "4999", "-o", str(data),
+            procs.binary("qemu-img"), "bench", "--image-opts", "-c",
+            str(count), "-d", str(depth), "-s", "4096", "-S", str(STEP)]
+    if write:
+        argv.append("-w")
+    argv.append(image_opts)
+    if subprocess.run(argv, capture_output=True, timeout=600).returncode:
+        return None
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio",
+                          "--sort", "symbol"], capture_output=True,
+                         text=True, timeout=600)
+    total = ours = 0.0
+    for m in re.finditer(r"^\s*([0-9.]+)%\s+\[[.k]\]\s+(\S+)", rep.stdout,
+                         re.M):
+        pct = float(m.group(1))
+        total += pct
+        if re.match(r"(extlock_|itree_)", m.group(2)):
+            ours += pct
+    return ours / total if total else None
 
 
 def opts_str(opts):
@@ -91,7 +154,7 @@ def configs(base, coordinator):
     ]
 
 
-def throughput(backends, coordinator, repeat, counts):
+def throughput(backends, coordinator, repeat, counts, workdir):
     results = []
     for bname, base in backends:
         for write in (False, True):
@@ -105,6 +168,27 @@ def throughput(backends, coordinator, repeat, counts):
                     samples[name].append(
                         qemu_img_bench(opts_str(opts), count, write))
             base_iops = statistics.median(samples[cfgs[0][0]])
+            for depth in (32, 1) if bname == "null-co" else ():
+                # (c)'s own cost per request against (a)'s whole request
+                opts = dict(cfgs)["c: extlock cache=on"]
+                cost, a = [], []
+                for _ in range(repeat):
+                    cost.append(filter_cost(opts_str(opts), counts[bname],
+                                            write, workdir, depth))
+                    a.append(qemu_img_bench(opts_str(cfgs[0][1]),
+                                            counts[bname], write, depth))
+                ns = statistics.median(c[0] for c in cost)
+                share = perf_share(opts_str(opts), counts[bname], write,
+                                   workdir, depth)
+                results.append({"backend": bname,
+                                "op": "write" if write else "read",
+                                "config": "c: filter's own CPU",
+                                "depth": depth,
+                                "ns_per_request": round(ns, 1),
+                                "clock_read_ns": cost[0][1],
+                                "perf_share": share,
+                                "ratio": round(ns * statistics.median(a) /
+                                               1e9, 4)})
             for name, _ in cfgs:
                 iops = statistics.median(samples[name])
                 results.append({"backend": bname,
@@ -122,18 +206,117 @@ def write_latencies(stdout):
     return lat
 
 
-def handoff(workdir, coordinator, writes, period_ms):
-    img = workdir / "handoff.raw"
-    with open(img, "wb") as f:
-        f.truncate(1 << 20)
+TRACE_RE = re.compile(r"extlock_client_handoff node \S+ (\S+) (\d+) ts (\d+)")
 
-    def opts(client):
-        return opts_str({"driver": "extlock", "lock-space": "handoff",
+
+def trace_steps(path):
+    """[(ts_ns, step, id)] from a qemu-io trace file, in time order."""
+    ev = []
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ev
+    for m in TRACE_RE.finditer(text):
+        ev.append((int(m.group(3)), m.group(1), int(m.group(2))))
+    ev.sort()
+    return ev
+
+
+def event_log(path, space):
+    """The coordinator's grant and release lines of lock-space @space."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if space in (None, e.get("lock-space")) and e.get("event") in (
+                "grant", "release"):
+            out.append(e)
+    return out
+
+
+def last_before(events, step, t, lock=None, after=None):
+    """The last (ts, step, id) of @step at or before @t (and >= @after)."""
+    best = None
+    for e in events:
+        if e[0] > t:
+            break
+        if e[1] == step and (lock is None or e[2] == lock) and \
+                (after is None or e[0] >= after):
+            best = e
+    return best
+
+
+HANDOFF_PARTS = ("revoke", "holder", "give-back", "grant", "wakeup",
+                 "resume", "total")
+
+
+def handoff_parts(traces, clients, log):
+    """
+    Split every handoff into its parts (lists of microseconds), from the
+    driver's extlock_client_handoff trace events of both processes
+    (@traces: client-id -> events) and the coordinator's event log:
+      revoke     waiter's lock sent -> holder's driver has the revoke
+      holder     revoke -> holder's unlock sent (it may wait for a user)
+      give-back  unlock sent -> coordinator released the lock
+      grant      release -> coordinator granted the waiter
+      wakeup     grant -> waiter's driver has the "granted" message
+      resume     granted -> the waiting request runs again
+      total      lock sent -> request runs again
+    A grant counts as a handoff when the lock it waited for was released
+    by the other process after the lock request was sent.
+    """
+    parts = {k: [] for k in HANDOFF_PARTS}
+    grants = {e["lock"]: e for e in log if e["event"] == "grant"}
+    releases = sorted((e["ts"], e["client-id"], e["lock"])
+                      for e in log if e["event"] == "release")
+    for w in clients:
+        ev = traces[w]
+        for i, (t5, step, lock) in enumerate(ev):
+            if step != "grant-rx":
+                continue
+            g = grants.get(lock)
+            lk = last_before(ev, "lock-tx", t5)
+            wk = next((e for e in ev[i + 1:] if e[1] == "wakeup" and
+                       e[2] == lock), None)
+            if not g or g.get("client-id") != w or not lk or not wk:
+                continue
+            t4, t0, t6 = g["ts"], lk[0], wk[0]
+            rel = [r for r in releases if r[1] != w and t0 <= r[0] <= t4]
+            if not rel:
+                continue            # nothing was handed over
+            t3, h, hlock = rel[-1]
+            ul = last_before(traces[h], "unlock-tx", t3, hlock)
+            rv = last_before(traces[h], "revoke-rx", t3, hlock, after=t0)
+            if not ul or not rv:
+                continue
+            t1, t2 = rv[0], ul[0]
+            if not t0 <= t1 <= t2 <= t3 <= t4 <= t5 <= t6:
+                continue
+            for k, v in zip(HANDOFF_PARTS, (t1 - t0, t2 - t1, t3 - t2,
+                                            t4 - t3, t5 - t4, t6 - t5,
+                                            t6 - t0)):
+                parts[k].append(v / 1000.0)
+    return parts
+
+
+def handoff(workdir, group, writes, period_ms):
+    # null-co below: a write completes at once, so what is measured is the
+    # handoff, not a thread pool's wakeup on a busy machine
+    evlog = workdir / "handoff-events.log"
+    daemon = group.extlockd(name="extlockd-handoff", debug_checks=False,
+                            extra_args=["--event-log", str(evlog)])
+    coordinator = str(daemon.socket_path)
+
+    def opts(client, space, cache):
+        return opts_str({"driver": "extlock", "lock-space": space,
                          "client-id": client, "min-hold-time": "0",
+                         "lock-cache": cache,
                          "coordinator.type": "unix",
                          "coordinator.path": coordinator,
-                         "file.driver": "file",
-                         "file.filename": str(img)})
+                         "file.driver": "null-co",
+                         "file.size": str(1 << 20)})
 
     def cmds(pattern, delay_first):
         c = []
@@ -143,48 +326,155 @@ def handoff(workdir, coordinator, writes, period_ms):
             c += ["-c", f"write -P {pattern} 0 4k", "-c", f"sleep {period_ms}"]
         return c
 
-    def run(clients):
-        ps = [subprocess.Popen([procs.binary("qemu-io"), "--image-opts",
-                                opts(name)] + cmds(i + 1, i == 1),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-              for i, name in enumerate(clients)]
+    def run(clients, space, cache="on"):
+        ps = []
+        for i, name in enumerate(clients):
+            trace = workdir / f"trace-{space}-{name}"
+            ps.append((name, trace, subprocess.Popen(
+                [procs.binary("qemu-io"), "--trace",
+                 f"enable=extlock_client_handoff,file={trace}",
+                 "--image-opts", opts(name, space, cache)] +
+                cmds(i + 1, i == 1),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         lat = []
-        for p in ps:
-            out, err = p.communicate(timeout=600)
+        traces = {}
+        for name, trace, p in ps:
+            out, err = p.communicate(timeout=900)
             if p.returncode != 0:
                 raise RuntimeError(f"qemu-io failed: {err}")
             lat += write_latencies(out)[1:]     # the first is a cold start
-        return lat
+            traces[name] = trace_steps(trace)
+        return lat, traces
 
-    # An idle session keeps the lock-space, and so its counters, alive
-    with CoordinatorClient(f"unix:{coordinator}") as observer:
-        observer.hello("bench-observer", "handoff")
-        before = revokes(coordinator, "handoff")
-        alone = run(["alone"])
-        mid = revokes(coordinator, "handoff")
-        both = run(["host-a", "host-b"])
-        after = revokes(coordinator, "handoff")
+    alone, tr_alone = run(["alone"], "handoff")
+    both, traces = run(["host-a", "host-b"], "handoff")
+
+    def nrevokes(tr):
+        return sum(1 for ev in tr.values() for e in ev if e[1] == "revoke-rx")
+    # Baseline of the parts: one process, lock-cache=off, so that every
+    # write is one uncontended coordinator round trip
+    _, rt = run(["roundtrip"], "roundtrip", cache="off")
+    roundtrip = []
+    ev = rt["roundtrip"]
+    for i, (t, step, rid) in enumerate(ev):
+        if step == "lock-tx":
+            nxt = next((e for e in ev[i + 1:] if e[1] == "wakeup"), None)
+            if nxt:
+                roundtrip.append((nxt[0] - t) / 1000.0)
+    parts = handoff_parts(traces, ["host-a", "host-b"],
+                          event_log(evlog, "handoff"))
+    daemon.stop()
     base = statistics.median(alone)
     hand = sorted(max(0.0, x - base) for x in both)
+    rt_p50 = statistics.median(roundtrip) if roundtrip else float("nan")
+    table = {}
+    for k in ("uncontended", ) + HANDOFF_PARTS:
+        v = sorted(roundtrip if k == "uncontended" else parts[k])
+        if v:
+            table[k] = {"p50": round(percentile(v, 50), 1),
+                        "p99": round(percentile(v, 99), 1),
+                        "ratio": round(percentile(v, 50) / rt_p50, 2)}
     return {
         "writes_per_process": writes,
         "baseline_write_p50_us": round(base, 1),
         "contended_write_p50_us": round(statistics.median(both), 1),
         "handoff_p50_us": round(percentile(hand, 50), 1),
         "handoff_p99_us": round(percentile(hand, 99), 1),
-        "revocations_alone": mid - before,
-        "revocations_contended": after - mid,
+        "handoff_p50_ratio": round(percentile(hand, 50) / base, 2),
+        "revocations_alone": nrevokes(tr_alone),
+        "revocations_contended": nrevokes(traces),
+        "handoffs_traced": len(parts["total"]),
+        "parts_us": table,
     }
 
 
-def revokes(coordinator, space):
-    st = coordinator_status(f"unix:{coordinator}")
-    total = 0
-    for ls in st.get("lock-spaces", []):
-        if ls.get("name") == space:
-            total += ls.get("counters", {}).get("revokes-sent", 0)
-    return total
+def many_hosts(workdir, group, writers, counts, qemu_img=None):
+    """
+    @writers qemu-img bench processes ("hosts") writing 4 KiB requests
+    (queue depth 1, sequentially, wrapping around in a 64 KiB window: a
+    raw node with offset and size) into one local file:
+      neighbours  host i writes the 64 KiB at i * 64 KiB (its own extent;
+                  any sharing comes from lock growth),
+      overlapping host i writes the 64 KiB at i * 32 KiB (each half is
+                  shared with a neighbour; the hosts at the ends have one
+                  neighbour, the others two, so their fair shares differ),
+      same        every host writes the same 64 KiB (a fair share is
+                  1 / writers),
+    each through extlock (lock-cache on, the defaults) and, as the
+    baseline of the same run, straight to the file.  Per host: requests
+    / its run time; aggregate: the sum over hosts; fairness: the slowest
+    host's rate / the mean rate; grants/host: lock grants the coordinator
+    logged per host and run (few: the hosts split the file once; many: they
+    take ranges from each other).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f"hosts{writers}-", dir=workdir))
+    img = workdir / "hosts.raw"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    evlog = workdir / "events.log"
+    daemon = group.extlockd(name=workdir.name + "/extlockd",
+                            debug_checks=False,
+                            extra_args=["--event-log", str(evlog)])
+    coordinator = str(daemon.socket_path)
+    binary = qemu_img or procs.binary("qemu-img")
+    results = []
+
+    def run(layout, locked, count, run_no):
+        ps = []
+        t0 = time.monotonic()
+        for i in range(writers):
+            # a raw node's offset/size: the host's 64 KiB window, which
+            # qemu-img bench writes 4 KiB after 4 KiB, wrapping around
+            off = {"neighbours": i * 65536, "overlapping": i * 32768,
+                   "same": 0}[layout]
+            f = {"driver": "file", "filename": str(img), "locking": "off"}
+            if locked:
+                f = {"driver": "extlock",
+                     "lock-space": f"hosts-{layout}-{writers}-{run_no}",
+                     "client-id": f"host{i}", "coordinator.type": "unix",
+                     "coordinator.path": coordinator,
+                     "file.driver": "file", "file.filename": str(img),
+                     "file.locking": "off"}
+            o = {"driver": "raw", "offset": str(off), "size": "65536"}
+            for k, v in f.items():
+                o[f"file.{k}"] = v
+            ps.append(subprocess.Popen(
+                [binary, "bench", "--image-opts", "-w", "-c", str(count),
+                 "-d", "1", "-s", "4096", opts_str(o)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        rates = []
+        for p in ps:
+            out, err = p.communicate(timeout=900)
+            m = re.search(r"Run completed in ([0-9.]+) seconds", out)
+            if p.returncode != 0 or not m:
+                raise RuntimeError(f"qemu-img bench failed: {out}{err}")
+            rates.append(count / float(m.group(1)))
+        # aggregate over the wall time of the whole group (starts skew)
+        return writers * count / (time.monotonic() - t0), rates
+
+    run_no = 0
+    for layout in ("neighbours", "overlapping", "same"):
+        count = counts[layout]
+        base, ext = [], []
+        for _ in range(2):                  # interleaved, twice
+            run_no += 1
+            base.append(run(layout, False, count, run_no))
+            ext.append(run(layout, True, count, run_no))
+        b = statistics.median(r[0] for r in base)
+        e = statistics.median(r[0] for r in ext)
+        fair = statistics.median(min(r[1]) / statistics.mean(r[1])
+                                 for r in ext)
+        grants = sum(1 for x in event_log(evlog, None)
+                     if x["event"] == "grant" and
+                     x["lock-space"].startswith(f"hosts-{layout}-"))
+        results.append({
+            "writers": writers, "layout": layout, "requests": count,
+            "unlocked_iops": round(b), "extlock_iops": round(e),
+            "ratio": round(e / b, 3), "fairness": round(fair, 3),
+            "grants_per_host": round(grants / len(ext) / writers, 1),
+        })
+    daemon.stop()
+    return results
 
 
 def percentile(sorted_values, p):
@@ -202,7 +492,11 @@ def main():
     ap.add_argument("--no-nfs", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--only", choices=("throughput", "handoff"),
+    ap.add_argument("--period-ms", type=int, default=4,
+                    help="handoff: each process writes every this often")
+    ap.add_argument("--hosts", default="4,8",
+                    help="many hosts: numbers of writers (empty: skip)")
+    ap.add_argument("--only", choices=("throughput", "handoff", "hosts"),
                     help="run only one of the two parts")
     args = ap.parse_args()
 
@@ -227,10 +521,19 @@ def main():
             counts["nfs raw"] = 10000 if args.quick else 40000
 
         tp = ho = None
-        if args.only != "handoff":
-            tp = throughput(backends, coordinator, args.repeat, counts)
-        if args.only != "throughput":
-            ho = handoff(workdir, coordinator, 100 if args.quick else 400, 4)
+        mh = []
+        if args.only in (None, "throughput"):
+            tp = throughput(backends, coordinator, args.repeat, counts,
+                            workdir)
+        if args.only in (None, "hosts"):
+            for n in [int(x) for x in args.hosts.split(",") if x]:
+                mh += many_hosts(workdir, group, n, {
+                    "neighbours": 5000 if args.quick else 30000,
+                    "overlapping": 500 if args.quick else 3000,
+                    "same": 500 if args.quick else 3000})
+        if args.only in (None, "handoff"):
+            ho = handoff(workdir, group, 150 if args.quick else 1100,
+                         args.period_ms)
 
         if tp:
             print("\nFilter cost (qemu-img bench, 4 KiB, QD32, scattered "
@@ -238,19 +541,53 @@ def main():
             print("%-8s %-6s %-22s %10s %8s" % ("backend", "op", "chain",
                                                 "IOPS", "vs (a)"))
             for r in tp:
+                if "ns_per_request" in r:
+                    continue
                 print("%-8s %-6s %-22s %10d %8.3f" % (
                     r["backend"], r["op"], r["config"], r["iops"],
                     r["ratio"]))
+            print("\nThe filter's own CPU time per request (extlock "
+                  "cache=on, its extlock_filter_cost counters), and as a "
+                  "fraction of a whole request of (a) in the same run")
+            for r in tp:
+                if "ns_per_request" in r:
+                    print("%-8s %-6s QD%-3d %8.1f ns  %8.4f of (a)   "
+                          "(clock read %d ns)  perf: %s of (c)'s samples "
+                          "in extlock code" % (
+                              r["backend"], r["op"], r["depth"],
+                              r["ns_per_request"], r["ratio"],
+                              r["clock_read_ns"],
+                              "n/a" if r["perf_share"] is None else
+                              "%.3f" % r["perf_share"]))
         if ho:
             print("\nHandoff: two qemu-io processes writing one 4 KiB extent "
                   "in turn (%d writes each)" % ho["writes_per_process"])
             for k in ("baseline_write_p50_us", "contended_write_p50_us",
-                      "handoff_p50_us", "handoff_p99_us",
-                      "revocations_alone", "revocations_contended"):
+                      "handoff_p50_us", "handoff_p99_us", "handoff_p50_ratio",
+                      "revocations_alone", "revocations_contended",
+                      "handoffs_traced"):
                 print("  %-24s %s" % (k, ho[k]))
+            print("  %-12s %9s %9s %9s   (us; ratio: p50 / uncontended "
+                  "p50)" % ("part", "p50", "p99", "ratio"))
+            for k, v in ho["parts_us"].items():
+                print("  %-12s %9.1f %9.1f %9.2f" % (k, v["p50"], v["p99"],
+                                                     v["ratio"]))
+        if mh:
+            print("\nMany hosts: qemu-img bench writers, 4 KiB QD1, one "
+                  "local file; ratio: extlock / the same writers unlocked")
+            print("  %-7s %-12s %10s %10s %7s %9s %8s" % (
+                "writers", "layout", "unlocked", "extlock", "ratio",
+                "fairness", "grants/host"))
+            for r in mh:
+                print("  %-7d %-12s %10d %10d %7.3f %9.3f %8.1f" % (
+                    r["writers"], r["layout"], r["unlocked_iops"],
+                    r["extlock_iops"], r["ratio"], r["fairness"],
+                    r["grants_per_host"]))
+        print("\nLoad average during the run: %s" %
+              " ".join(Path("/proc/loadavg").read_text().split()[:3]))
         if args.json:
             Path(args.json).write_text(json.dumps(
-                {"throughput": tp, "handoff": ho}, indent=2))
+                {"throughput": tp, "handoff": ho, "hosts": mh}, indent=2))
     finally:
         group.stop_all()
         if nfs:

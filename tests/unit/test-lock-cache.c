@@ -215,6 +215,53 @@ static void test_revoke_part(void **state)
     }
 }
 
+/* Lock growth stops at ranges other hosts recently wanted of ours */
+static void test_grow_limit(void **state)
+{
+    const uint64_t K = 64 * 1024;
+    static const ExtlockExtent none[1] = { { 0, 0 } };
+    /* neighbours 0 and 2 of a host writing extent 1 took theirs from us */
+    const ExtlockExtent nb[] = { { 0, K }, { 2 * K, 3 * K } };
+    /* one far away on each side, one near, in no particular order */
+    const ExtlockExtent mixed[] = { { 100 * K, 101 * K }, { 1 * K, 2 * K },
+                                    { 40 * K, 41 * K }, { 12 * K, 13 * K } };
+    /* one overlapping the request, sticking out on both sides */
+    const ExtlockExtent over[] = { { 5 * K, 9 * K } };
+    ExtlockExtent r;
+
+    (void)state;
+    /* nothing contended: the whole limit, as before */
+    r = extlock_cache_grow_limit((ExtlockExtent) { K, 2 * K },
+                                 (ExtlockExtent) { 0, 1024 * K }, none, 0);
+    assert_int_equal(r.start, 0);
+    assert_int_equal(r.end, 1024 * K);
+    /* empty contended extents are ignored */
+    r = extlock_cache_grow_limit((ExtlockExtent) { K, 2 * K },
+                                 (ExtlockExtent) { 0, 1024 * K }, none, 1);
+    assert_int_equal(r.start, 0);
+    assert_int_equal(r.end, 1024 * K);
+    /* between two contended neighbours: exactly our extent */
+    r = extlock_cache_grow_limit((ExtlockExtent) { K, 2 * K },
+                                 (ExtlockExtent) { 0, 1024 * K }, nb, 2);
+    assert_int_equal(r.start, K);
+    assert_int_equal(r.end, 2 * K);
+    /* the nearest contended extent on each side wins */
+    r = extlock_cache_grow_limit((ExtlockExtent) { 20 * K, 21 * K },
+                                 (ExtlockExtent) { 0, 1024 * K }, mixed, 4);
+    assert_int_equal(r.start, 13 * K);
+    assert_int_equal(r.end, 40 * K);
+    /* overlapping the request: no growth on either side */
+    r = extlock_cache_grow_limit((ExtlockExtent) { 6 * K, 8 * K },
+                                 (ExtlockExtent) { 0, 1024 * K }, over, 1);
+    assert_int_equal(r.start, 6 * K);
+    assert_int_equal(r.end, 8 * K);
+    /* the result always covers the request, even outside the limit */
+    r = extlock_cache_grow_limit((ExtlockExtent) { 2000 * K, 2001 * K },
+                                 (ExtlockExtent) { 0, 1024 * K }, nb, 2);
+    assert_int_equal(r.start, 2 * K + K);
+    assert_int_equal(r.end, 2001 * K);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -223,6 +270,7 @@ int main(void)
         cmocka_unit_test(test_new_request_racing_revoke),
         cmocka_unit_test(test_local_order),
         cmocka_unit_test(test_revoke_part),
+        cmocka_unit_test(test_grow_limit),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,0 +1,477 @@
+/*
+ * extlock-handoff: where the time of a lock handoff between two hosts goes
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Two processes (forked, each its own session in one lock-space) pass one
+ * exclusive 64 KiB lock back and forth N times.  In every round the
+ * waiter sends "lock" (t0); the coordinator queues it and sends "revoke"
+ * to the holder, which reads it (t1) and sends "unlock" at once (t2); the
+ * coordinator releases the lock (t3) and grants it to the waiter (t4),
+ * which reads "granted" (t5).  The waiter then hands a token through a
+ * pipe to the other process, which becomes the next waiter: rounds never
+ * overlap, and the pipe is outside every measured interval.  Both
+ * processes block in poll() between messages, as an idle QEMU does.
+ *
+ * t0, t1, t2 and t5 are CLOCK_MONOTONIC stamps taken by the two
+ * processes; t3 and t4 come from extlockd's event log (--event-log,
+ * "release" and "grant" lines, the same clock).  Parts printed:
+ *   revoke     t1 - t0   lock message, coordinator queues and revokes,
+ *                        holder wakes up and reads the revoke
+ *   holder     t2 - t1   holder decides to give back (here: nothing)
+ *   give-back  t3 - t2   unlock message, coordinator reads and releases
+ *   grant      t4 - t3   coordinator grants the queued request
+ *   wakeup     t5 - t4   grant message, waiter wakes up and reads it
+ *   total      t5 - t0
+ * Without the event log, give-back + grant + wakeup print as one part.
+ * The baseline, measured first in the same run: an uncontended lock's
+ * round trip (lock sent -> granted read) by one of the two processes.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <json-c/json.h>
+#include "extlock/client-sync.h"
+
+#define EXTENT 65536
+#define RECV_TIMEOUT_MS 10000
+#define LEASE_MS 600000
+
+typedef struct Round {
+    int64_t t_lock_tx;          /* waiter */
+    int64_t t_revoke_rx;        /* holder */
+    int64_t t_unlock_tx;        /* holder */
+    int64_t t_release;          /* coordinator, event log */
+    int64_t t_grant;            /* coordinator, event log */
+    int64_t t_grant_rx;         /* waiter */
+    uint64_t holder_lock;
+    uint64_t waiter_lock;
+    int waiter;
+} Round;
+
+typedef struct Shared {
+    int64_t *baseline;          /* uncontended round trips, ns */
+    Round *rounds;
+} Shared;
+
+static const char *opt_address = "unix:/run/extlock/extlockd.sock";
+static const char *opt_event_log;
+static const char *opt_lock_space = "extlock-handoff";
+static long opt_rounds = 2000;
+static bool opt_json;
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static G_NORETURN void die(int who, const char *what, GError *err)
+{
+    fprintf(stderr, "extlock-handoff: process %d: %s%s%s\n", who, what,
+            err ? ": " : "", err ? err->message : "");
+    exit(1);
+}
+
+/* Send "lock" for [off, +EXTENT) exclusive; returns its id */
+static uint64_t send_lock(ExtlockConn *conn, int who, uint64_t off)
+{
+    g_autoptr(GError) err = NULL;
+    ExtlockMsg m;
+    uint64_t id;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_LOCK);
+    m.has_extent = true;
+    m.offset = off;
+    m.length = EXTENT;
+    m.mode = EXTLOCK_MODE_EXCLUSIVE;
+    m.wait = true;
+    /* A limit marks a caching client, which gets revokes; no growth */
+    m.has_limit = true;
+    m.limit_offset = off;
+    m.limit_length = EXTENT;
+    if (!extlock_conn_send(conn, &m, &err)) {
+        die(who, "send lock", err);
+    }
+    id = m.id;
+    extlock_msg_clear(&m);
+    return id;
+}
+
+static void send_unlock(ExtlockConn *conn, int who, uint64_t lock)
+{
+    g_autoptr(GError) err = NULL;
+    ExtlockMsg m;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_UNLOCK);
+    m.lock = lock;
+    if (!extlock_conn_send(conn, &m, &err)) {
+        die(who, "send unlock", err);
+    }
+    extlock_msg_clear(&m);
+}
+
+/*
+ * Read messages until @type arrives (for request @id if it is not 0);
+ * the others ("waiting", "unlocked") are skipped.  Returns its lock.
+ */
+static uint64_t wait_for(ExtlockConn *conn, int who, ExtlockMsgType type,
+                         uint64_t id, int64_t *t)
+{
+    for (;;) {
+        g_autoptr(GError) err = NULL;
+        ExtlockMsg m;
+        uint64_t lock;
+
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        if (!extlock_conn_recv(conn, &m, RECV_TIMEOUT_MS, &err)) {
+            die(who, "receive", err);
+        }
+        *t = now_ns();
+        if (m.type == EXTLOCK_MSG_ERROR) {
+            die(who, m.message ? m.message : "error from the coordinator",
+                NULL);
+        }
+        lock = m.lock;
+        if (m.type == type && (!id || (m.has_id && m.id == id))) {
+            extlock_msg_clear(&m);
+            return lock;
+        }
+        extlock_msg_clear(&m);
+    }
+}
+
+static void put_byte(int fd, int who)
+{
+    char b = 't';
+
+    while (write(fd, &b, 1) != 1) {
+        if (errno != EINTR) {
+            die(who, "pipe write", NULL);
+        }
+    }
+}
+
+static void get_byte(int fd, int who)
+{
+    char b;
+    ssize_t n;
+
+    while ((n = read(fd, &b, 1)) != 1) {
+        if (n == 0 || errno != EINTR) {
+            die(who, "pipe read", NULL);
+        }
+    }
+}
+
+/*
+ * One of the two processes.  @who 0 starts as the holder.  @in: tokens
+ * for us; @out: tokens for the other; @ready: to the parent.
+ */
+static void run_child(int who, Shared *sh, int in, int out, int ready)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *cid = g_strdup_printf("handoff/%d", who);
+    ExtlockConn *conn = extlock_conn_connect(opt_address, &err);
+    ExtlockMsg welcome;
+    uint64_t held = 0;
+    int64_t t;
+    long k;
+
+    if (!conn) {
+        die(who, "connect", err);
+    }
+    extlock_msg_init(&welcome, EXTLOCK_MSG_INVALID);
+    if (!extlock_conn_hello(conn, cid, opt_lock_space, LEASE_MS, &welcome,
+                            &err)) {
+        die(who, "hello", err);
+    }
+    extlock_msg_clear(&welcome);
+
+    if (who == 0) {
+        /* The baseline: uncontended round trips, on an extent of our own */
+        for (k = 0; k < opt_rounds; k++) {
+            int64_t t0 = now_ns();
+            uint64_t id = send_lock(conn, who, 16 * EXTENT);
+            uint64_t lock = wait_for(conn, who, EXTLOCK_MSG_GRANTED, id, &t);
+
+            sh->baseline[k] = t - t0;
+            send_unlock(conn, who, lock);
+            wait_for(conn, who, EXTLOCK_MSG_UNLOCKED, 0, &t);
+        }
+        held = wait_for(conn, who, EXTLOCK_MSG_GRANTED,
+                        send_lock(conn, who, 0), &t);
+    }
+    put_byte(ready, who);
+
+    for (k = 0; k < opt_rounds; k++) {
+        Round *r = &sh->rounds[k];
+
+        if (held) {
+            /* The holder of round k */
+            r->holder_lock = held;
+            while (wait_for(conn, who, EXTLOCK_MSG_REVOKE, 0,
+                            &r->t_revoke_rx) != held) {
+                /* a revoke of a lock given back already */
+            }
+            send_unlock(conn, who, held);
+            r->t_unlock_tx = now_ns();
+            held = 0;
+        } else {
+            /* The waiter of round k */
+            uint64_t id;
+
+            get_byte(in, who);
+            r->waiter = who;
+            r->t_lock_tx = now_ns();
+            id = send_lock(conn, who, 0);
+            held = wait_for(conn, who, EXTLOCK_MSG_GRANTED, id,
+                            &r->t_grant_rx);
+            r->waiter_lock = held;
+            put_byte(out, who);
+        }
+    }
+    extlock_conn_close(conn);
+    exit(0);
+}
+
+/* t3 and t4 of every round from the event log; false if it had none */
+static bool read_event_log(Round *rounds, long n)
+{
+    g_autoptr(GHashTable) release = g_hash_table_new(g_int64_hash,
+                                                     g_int64_equal);
+    g_autoptr(GHashTable) grant = g_hash_table_new(g_int64_hash,
+                                                   g_int64_equal);
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    g_autoptr(GError) err = NULL;
+    long found = 0, k;
+
+    if (!g_file_get_contents(opt_event_log, &text, NULL, &err)) {
+        fprintf(stderr, "extlock-handoff: %s\n", err->message);
+        return false;
+    }
+    lines = g_strsplit(text, "\n", -1);
+    /*
+     * Keyed by lock id (ids are per lock-space in extlockd).  Timestamps
+     * are kept in a side array indexed by line number.
+     */
+    for (char **l = lines; *l; l++) {
+        json_object *j = json_tokener_parse(*l), *v;
+        const char *ev, *space;
+        int64_t *rec;
+
+        if (!j) {
+            continue;
+        }
+        ev = json_object_object_get_ex(j, "event", &v) ?
+             json_object_get_string(v) : NULL;
+        space = json_object_object_get_ex(j, "lock-space", &v) ?
+                json_object_get_string(v) : NULL;
+        if (!ev || !space || strcmp(space, opt_lock_space) != 0 ||
+            (strcmp(ev, "grant") != 0 && strcmp(ev, "release") != 0) ||
+            !json_object_object_get_ex(j, "lock", &v)) {
+            json_object_put(j);
+            continue;
+        }
+        rec = g_new(int64_t, 2);
+        rec[0] = json_object_get_int64(v);
+        json_object_object_get_ex(j, "ts", &v);
+        rec[1] = json_object_get_int64(v);
+        g_hash_table_replace(ev[0] == 'g' ? grant : release, &rec[0], rec);
+        json_object_put(j);
+    }
+    for (k = 0; k < n; k++) {
+        int64_t hl = rounds[k].holder_lock, wl = rounds[k].waiter_lock;
+        int64_t *rel = g_hash_table_lookup(release, &hl);
+        int64_t *gr = g_hash_table_lookup(grant, &wl);
+
+        if (rel && gr) {
+            rounds[k].t_release = rel[1];
+            rounds[k].t_grant = gr[1];
+            found++;
+        }
+    }
+    /* the records are leaked with the tables' keys: a one-shot tool */
+    return found == n;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+typedef struct Part {
+    const char *name;
+    double p50, p99, max;
+} Part;
+
+static Part part(const char *name, int64_t *v, long n)
+{
+    Part p = { .name = name };
+
+    qsort(v, n, sizeof(*v), cmp_i64);
+    p.p50 = v[(n - 1) / 2] / 1000.0;
+    p.p99 = v[(long)((n - 1) * 0.99)] / 1000.0;
+    p.max = v[n - 1] / 1000.0;
+    return p;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+        "Usage: extlock-handoff [-c ADDR] [-n ROUNDS] [--event-log FILE] "
+        "[--json]\n"
+        "\n"
+        "Two processes pass one exclusive lock back and forth ROUNDS times\n"
+        "(default 2000) and print where a handoff's time goes.  FILE is\n"
+        "the coordinator's --event-log: with it the coordinator's part is\n"
+        "split out.  The baseline is an uncontended lock round trip.\n");
+}
+
+int main(int argc, char **argv)
+{
+    Shared sh;
+    int tok[2][2], ready[2];
+    pid_t pid[2];
+    long n, k;
+    bool have_log = false;
+    int64_t *v;
+    Part parts[8], base;
+    int np = 0, i;
+
+    for (i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(argv[i], "--json")) {
+            opt_json = true;
+        } else if (i + 1 < argc && !strcmp(argv[i], "-c")) {
+            opt_address = argv[++i];
+        } else if (i + 1 < argc && !strcmp(argv[i], "--event-log")) {
+            opt_event_log = argv[++i];
+        } else if (i + 1 < argc && !strcmp(argv[i], "--lock-space")) {
+            opt_lock_space = argv[++i];
+        } else if (i + 1 < argc && !strcmp(argv[i], "-n")) {
+            gint64 v;
+
+            if (!g_ascii_string_to_signed(argv[++i], 10, 1, 10000000, &v,
+                                          NULL)) {
+                fprintf(stderr, "extlock-handoff: bad number of rounds "
+                        "'%s'\n", argv[i]);
+                return 2;
+            }
+            opt_rounds = v;
+        } else {
+            usage(stderr);
+            return 2;
+        }
+    }
+    n = opt_rounds;
+
+    sh.baseline = mmap(NULL, n * sizeof(int64_t), PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    sh.rounds = mmap(NULL, n * sizeof(Round), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh.baseline == MAP_FAILED || sh.rounds == MAP_FAILED ||
+        pipe(tok[0]) || pipe(tok[1]) || pipe(ready)) {
+        perror("extlock-handoff");
+        return 1;
+    }
+    for (i = 0; i < 2; i++) {
+        pid[i] = fork();
+        if (pid[i] < 0) {
+            perror("extlock-handoff: fork");
+            return 1;
+        }
+        if (pid[i] == 0) {
+            run_child(i, &sh, tok[i][0], tok[!i][1], ready[1]);
+        }
+    }
+    get_byte(ready[0], -1);
+    get_byte(ready[0], -1);
+    put_byte(tok[1][1], -1);        /* process 1 is the first waiter */
+    for (i = 0; i < 2; i++) {
+        int status;
+
+        if (waitpid(pid[i], &status, 0) < 0 || !WIFEXITED(status) ||
+            WEXITSTATUS(status) != 0) {
+            fprintf(stderr, "extlock-handoff: process %d failed\n", i);
+            return 1;
+        }
+    }
+    if (opt_event_log) {
+        have_log = read_event_log(sh.rounds, n);
+        if (!have_log) {
+            fprintf(stderr, "extlock-handoff: the event log lacks some "
+                    "rounds' grant or release: coordinator part not "
+                    "split\n");
+        }
+    }
+
+    v = g_new(int64_t, n);
+    base = part("uncontended", sh.baseline, n);
+#define PART(name, expr) do { \
+        for (k = 0; k < n; k++) { \
+            Round *r = &sh.rounds[k]; \
+            v[k] = (expr); \
+        } \
+        parts[np++] = part(name, v, n); \
+    } while (0)
+    PART("revoke", r->t_revoke_rx - r->t_lock_tx);
+    PART("holder", r->t_unlock_tx - r->t_revoke_rx);
+    if (have_log) {
+        PART("give-back", r->t_release - r->t_unlock_tx);
+        PART("grant", r->t_grant - r->t_release);
+        PART("wakeup", r->t_grant_rx - r->t_grant);
+    } else {
+        PART("give-back+grant+wakeup", r->t_grant_rx - r->t_unlock_tx);
+    }
+    PART("total", r->t_grant_rx - r->t_lock_tx);
+#undef PART
+
+    if (opt_json) {
+        json_object *j = json_object_new_object();
+        json_object *jp = json_object_new_object();
+
+        json_object_object_add(j, "handoffs", json_object_new_int64(n));
+        for (i = -1; i < np; i++) {
+            Part *p = i < 0 ? &base : &parts[i];
+            json_object *o = json_object_new_object();
+
+            json_object_object_add(o, "p50-us", json_object_new_double(p->p50));
+            json_object_object_add(o, "p99-us", json_object_new_double(p->p99));
+            json_object_object_add(o, "max-us", json_object_new_double(p->max));
+            json_object_object_add(jp, p->name, o);
+        }
+        json_object_object_add(j, "parts", jp);
+        printf("%s\n", json_object_to_json_string_ext(
+                   j, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED));
+        json_object_put(j);
+    } else {
+        printf("extlock-handoff: %ld handoffs between two processes, %s\n",
+               n, opt_address);
+        printf("%-24s %9s %9s %9s %9s\n", "part (us)", "p50", "p99", "max",
+               "p50/base");
+        for (i = -1; i < np; i++) {
+            Part *p = i < 0 ? &base : &parts[i];
+
+            printf("%-24s %9.1f %9.1f %9.1f %9.2f\n", p->name, p->p50,
+                   p->p99, p->max, base.p50 > 0 ? p->p50 / base.p50 : 0);
+        }
+    }
+    g_free(v);
+    return 0;
+}
