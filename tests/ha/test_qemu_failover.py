@@ -26,8 +26,8 @@ from T with generous slack for a loaded 2-core machine.
 import pytest
 
 from conftest import HA_TTL_MS, wait_for
-from qemuhosts import (MiB, KiB, ProcessGroup, Writer, binary, check_image,
-                       current, make_image, start_host)
+from qemuhosts import (MiB, KiB, NbdClient, ProcessGroup, Writer, binary,
+                       check_image, current, ha_node, make_image, start_host)
 
 TTL_S = HA_TTL_MS / 1000
 # dead leader's etcd lease + election + reconnect round + reclaim, slack x4
@@ -157,7 +157,6 @@ def test_whole_list_dead_waits_and_reconnects(ha, procs, image):
                    lease_time=LEASE_MS, lock_cache=False,
                    on_lease_loss="queue", lease_loss_timeout=600000)
     wait_for(lambda: on_leader(q.qmp, leader), 10, "on the leader")
-    from qemuhosts import NbdClient
     with NbdClient(q.nbd_path, "disk", timeout=120) as n:
         err, _ = n.wait(n.send_write(0, b"\x11" * EXT), timeout=20)
         assert err == 0
@@ -180,3 +179,27 @@ def test_whole_list_dead_waits_and_reconnects(ha, procs, image):
     with open(image, "rb") as f:
         f.seek(16 * MiB)
         assert f.read(EXT) == b"\x22" * EXT
+
+
+def test_reopen_keeps_the_list(ha, procs, image):
+    """blockdev-reopen of a node with `coordinators`: the same list with a
+    changed tuning option is accepted; another list, or the single
+    `coordinator` instead, is refused naming the option, and the node
+    keeps its session and its list."""
+    leader = ha.start(3)
+    addrs = ha.addresses()
+    opts = ha_node(image, addrs, "ls-reopen", "host-r")
+    q = procs.storage_daemon(name="host-r", blockdevs=[opts],
+                             exports=[("disk", "xl0", True)])
+    before = wait_for(lambda: on_leader(q.qmp, leader), 10, "on the leader")
+    q.qmp.execute("blockdev-reopen", {"options": [
+        dict(opts, **{"lock-cache-size": 10})]})
+    changed = [dict(opts, coordinators=list(reversed(opts["coordinators"])))]
+    single = {k: v for k, v in opts.items() if k != "coordinators"}
+    single["coordinator"] = opts["coordinators"][0]
+    for new in (changed, [single]):
+        e = q.qmp.execute_error("blockdev-reopen", {"options": new})
+        assert "coordinator" in e.desc, e.desc
+    after = current(q.qmp)
+    assert after["session"] == before["session"], after
+    assert after["coordinators"] == addrs and after["state"] == "active"
