@@ -56,7 +56,6 @@
 static const char *const extlock_strong_runtime_opts[] = {
     "lock-space",
     "coordinator.",
-    "coordinators",
     "coordinators.",
     NULL
 };
@@ -816,7 +815,8 @@ static void extlock_cancel_in_flight(BlockDriverState *bs)
  * Everything else stays, and the generic code refuses a change ("Cannot
  * change the option") because prepare leaves those options in
  * reopen_state->options for it to compare:
- * - lock-space and coordinator name the data (strong options);
+ * - lock-space and coordinator (or coordinators) name the data (strong
+ *   options);
  * - client-id, lease-time, tls-creds and tls-hostname belong to the
  *   coordinator session: changing them means a new session, which drops
  *   every lock the node holds (blockdev-del and blockdev-add do that);
