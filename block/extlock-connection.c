@@ -39,14 +39,23 @@
 /* Reconnection backoff */
 #define EXTLOCK_RECONNECT_MIN_MS  50
 #define EXTLOCK_RECONNECT_MAX_MS  2000
+/*
+ * ... after a round over several addresses (HA replicas): an election
+ * takes about one etcd lease TTL, so look again often
+ */
+#define EXTLOCK_RECONNECT_HA_MAX_MS 500
+/* "not-leader" answers followed in one round, beyond one per address */
+#define EXTLOCK_LEADER_HOPS       2
 
 struct ExtlockConnection {
     AioContext *ctx;
     BlockDriverState *bs;       /* counts the reconnection in flight */
     const ExtlockConnOps *ops;
     void *opaque;
-    SocketAddress *addr;
-    char *address;              /* socket_uri(), for messages and QMP */
+    SocketAddressList *addrs;   /* configured, in order */
+    char **addresses;           /* socket_uri() of each, for QMP */
+    SocketAddress *addr;        /* in use, or last used: tried first */
+    char *address;              /* socket_uri(@addr), for messages and QMP */
     char *client_id;
     char *lock_space;
     char *node_name;            /* for events and messages */
@@ -193,6 +202,7 @@ bool extlock_conn_lease_valid_at(ExtlockConnection *c, int64_t now)
 void extlock_conn_get_info(ExtlockConnection *c, ExtlockConnInfo *info)
 {
     info->address = c->address;
+    info->addresses = (const char *const *)c->addresses;
     info->connected = c->fd >= 0;
     info->state = c->state;
     info->session = c->session;
@@ -449,7 +459,8 @@ static void extlock_conn_set_handlers(ExtlockConnection *c)
 
 typedef struct ExtlockConnJob {
     /* in */
-    SocketAddress *addr;
+    SocketAddressList *addrs;   /* the configured list */
+    SocketAddress *first;       /* the last leader: tried first */
     char *client_id;
     char *lock_space;
     char *old_session;          /* resume or reclaim this session */
@@ -461,6 +472,8 @@ typedef struct ExtlockConnJob {
     char *tls_hostname;
 
     /* out */
+    SocketAddress *addr;        /* the coordinator that welcomed us */
+    char *leader;               /* a follower's "not-leader": the leader */
     QIOChannelSocket *sioc;
     QIOChannel *ioc;            /* TLS over @sioc, or @sioc */
     bool got_bytes;             /* anything read from the coordinator */
@@ -489,7 +502,8 @@ static ExtlockConnJob *extlock_job_new(ExtlockConnection *c)
 {
     ExtlockConnJob *job = g_new0(ExtlockConnJob, 1);
 
-    job->addr = QAPI_CLONE(SocketAddress, c->addr);
+    job->addrs = QAPI_CLONE(SocketAddressList, c->addrs);
+    job->first = QAPI_CLONE(SocketAddress, c->addr);
     job->client_id = g_strdup(c->client_id);
     job->lock_space = g_strdup(c->lock_space);
     job->lease_ms = c->lease_ms_wanted;
@@ -504,9 +518,40 @@ static ExtlockConnJob *extlock_job_new(ExtlockConnection *c)
     return job;
 }
 
+/* Forget what a failed attempt left, before trying the next address */
+static void extlock_job_reset(ExtlockConnJob *job)
+{
+    if (job->ioc) {
+        object_unref(OBJECT(job->ioc));
+        job->ioc = NULL;
+    }
+    if (job->sioc) {
+        object_unref(OBJECT(job->sioc));
+        job->sioc = NULL;
+    }
+    job->got_bytes = false;
+    extlock_linebuf_destroy(&job->in);
+    extlock_linebuf_init_max(&job->in, EXTLOCK_MAX_REPLY_LINE);
+    g_free(job->session);
+    job->session = NULL;
+    g_free(job->resume_secret);
+    job->resume_secret = NULL;
+    if (job->server_locks) {
+        g_array_unref(job->server_locks);
+        job->server_locks = NULL;
+    }
+    job->resumed = job->reclaim = false;
+    job->refused = EXTLOCK_ERR_NONE;
+    g_free(job->leader);
+    job->leader = NULL;
+}
+
 static void extlock_job_free(ExtlockConnJob *job)
 {
+    qapi_free_SocketAddressList(job->addrs);
+    qapi_free_SocketAddress(job->first);
     qapi_free_SocketAddress(job->addr);
+    g_free(job->leader);
     g_free(job->client_id);
     g_free(job->lock_space);
     g_free(job->old_session);
@@ -680,6 +725,9 @@ static bool extlock_job_hello(ExtlockConnJob *job, Error **errp)
     }
     if (reply.type == EXTLOCK_MSG_ERROR) {
         job->refused = reply.error;
+        if (reply.error == EXTLOCK_ERR_NOT_LEADER && reply.leader) {
+            job->leader = g_strdup(reply.leader);
+        }
         error_setg(errp, "coordinator refused the session: %s (%s)",
                    reply.message ? reply.message : "",
                    extlock_error_code_name(reply.error));
@@ -759,7 +807,8 @@ out:
  * answers.  Driven here rather than by qio_channel_tls_handshake(), which
  * would wait for a slow coordinator in a GMainContext watch.
  */
-static bool extlock_job_tls(ExtlockConnJob *job, Error **errp)
+static bool extlock_job_tls(ExtlockConnJob *job, const char *hostname,
+                            Error **errp)
 {
     ERRP_GUARD();
     int64_t deadline = g_get_monotonic_time() +
@@ -767,7 +816,7 @@ static bool extlock_job_tls(ExtlockConnJob *job, Error **errp)
     QIOChannelTLS *tioc;
 
     tioc = qio_channel_tls_new_client(QIO_CHANNEL(job->sioc), job->tls_creds,
-                                      job->tls_hostname, errp);
+                                      hostname, errp);
     if (!tioc) {
         error_prepend(errp, "TLS: ");
         return false;
@@ -802,20 +851,20 @@ static bool extlock_job_tls(ExtlockConnJob *job, Error **errp)
     return true;
 }
 
-static int extlock_job_run(void *opaque)
+/* Connect to @addr, say hello (and reclaim): 0, or -1 with @errp set */
+static int extlock_job_try(ExtlockConnJob *job, SocketAddress *addr,
+                           Error **errp)
 {
-    ExtlockConnJob *job = opaque;
-    g_autofree char *address = socket_uri(job->addr);
-    Error **errp = &job->err;
+    g_autofree char *address = socket_uri(addr);
 
     job->sioc = qio_channel_socket_new();
     qio_channel_set_name(QIO_CHANNEL(job->sioc), "extlock-coordinator");
-    if (qio_channel_socket_connect_sync(job->sioc, job->addr, errp) < 0) {
+    if (qio_channel_socket_connect_sync(job->sioc, addr, errp) < 0) {
         error_prepend(errp, "Failed to connect to extlock coordinator at "
                       "%s: ", address);
         return -1;
     }
-    if (job->addr->type == SOCKET_ADDRESS_TYPE_INET) {
+    if (addr->type == SOCKET_ADDRESS_TYPE_INET) {
         socket_set_nodelay(job->sioc->fd);
     }
     if (qio_channel_set_blocking(QIO_CHANNEL(job->sioc), false, errp) < 0) {
@@ -823,15 +872,23 @@ static int extlock_job_run(void *opaque)
     }
     job->ioc = QIO_CHANNEL(job->sioc);
     object_ref(OBJECT(job->ioc));
-    if (job->tls_creds && !extlock_job_tls(job, errp)) {
-        error_prepend(errp, "extlock coordinator at %s: ", address);
-        return -1;
+    if (job->tls_creds) {
+        /* No name given: each inet address's own host, as nbd */
+        const char *hostname = job->tls_hostname;
+
+        if (!hostname && addr->type == SOCKET_ADDRESS_TYPE_INET) {
+            hostname = addr->u.inet.host;
+        }
+        if (!extlock_job_tls(job, hostname, errp)) {
+            error_prepend(errp, "extlock coordinator at %s: ", address);
+            return -1;
+        }
     }
     if (!extlock_job_hello(job, errp) && job->old_session &&
         job->refused == EXTLOCK_ERR_NOT_FOUND) {
         /* The old session is gone for good: start a new one */
-        error_free(job->err);
-        job->err = NULL;
+        error_free(*errp);
+        *errp = NULL;
         g_free(job->old_session);
         job->old_session = NULL;
         g_free(job->old_secret);
@@ -839,11 +896,95 @@ static int extlock_job_run(void *opaque)
         job->refused = EXTLOCK_ERR_NONE;
         extlock_job_hello(job, errp);
     }
-    if (job->err || (job->reclaim && !extlock_job_reclaim(job, errp))) {
+    if (*errp || (job->reclaim && !extlock_job_reclaim(job, errp))) {
         error_prepend(errp, "extlock coordinator at %s: ", address);
         return -1;
     }
     return 0;
+}
+
+/* Did the coordinator refuse the session for a reason of ours? */
+static bool extlock_job_refused(ExtlockConnJob *job)
+{
+    return job->refused != EXTLOCK_ERR_NONE &&
+           job->refused != EXTLOCK_ERR_NOT_LEADER &&
+           job->refused != EXTLOCK_ERR_INTERNAL;
+}
+
+static bool extlock_addr_listed(GPtrArray *order, const char *uri)
+{
+    for (guint i = 0; i < order->len; i++) {
+        g_autofree char *u = socket_uri(g_ptr_array_index(order, i));
+
+        if (!strcmp(u, uri)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
+ * One round: the last leader, then every configured address in order,
+ * each at most once; a follower's "not-leader" answer naming the leader
+ * puts the leader next (a bounded number of times).  A dead member costs
+ * a refused connect (or the answer timeout if it hangs).
+ */
+static int extlock_job_run(void *opaque)
+{
+    ExtlockConnJob *job = opaque;
+    g_autoptr(GPtrArray) order =
+        g_ptr_array_new_with_free_func((GDestroyNotify)
+                                       qapi_free_SocketAddress);
+    g_autoptr(GString) tried = g_string_new(NULL);
+    unsigned hops = 0;
+    guint n_listed;
+
+    g_ptr_array_add(order, QAPI_CLONE(SocketAddress, job->first));
+    for (SocketAddressList *l = job->addrs; l; l = l->next) {
+        g_autofree char *uri = socket_uri(l->value);
+
+        if (!extlock_addr_listed(order, uri)) {
+            g_ptr_array_add(order, QAPI_CLONE(SocketAddress, l->value));
+        }
+    }
+    n_listed = order->len;
+    for (guint i = 0; i < order->len; i++) {
+        SocketAddress *addr = g_ptr_array_index(order, i);
+        g_autofree char *uri = socket_uri(addr);
+        SocketAddress *leader = NULL;
+
+        if (job->err) {
+            /* The previous attempt's, for the message if all fail */
+            error_free(job->err);
+            job->err = NULL;
+        }
+        extlock_job_reset(job);
+        if (extlock_job_try(job, addr, &job->err) == 0) {
+            job->addr = QAPI_CLONE(SocketAddress, addr);
+            return 0;
+        }
+        g_string_append_printf(tried, "%s%s", tried->len ? ", " : "", uri);
+        trace_extlock_client_connect_failed(uri,
+                                            error_get_pretty(job->err));
+        if (extlock_job_refused(job)) {
+            /* The coordinator said no: another replica would too */
+            return -1;
+        }
+        if (job->leader && strcmp(job->leader, uri) &&
+            hops < n_listed + EXTLOCK_LEADER_HOPS) {
+            leader = socket_parse(job->leader, NULL);
+        }
+        if (leader) {
+            hops++;
+            trace_extlock_client_follow_leader(uri, job->leader);
+            g_ptr_array_insert(order, i + 1, leader);
+        }
+    }
+    if (order->len > 1) {
+        error_append_hint(&job->err, "No leader among the extlock "
+                          "coordinators tried: %s\n", tried->str);
+    }
+    return -1;
 }
 
 /*
@@ -979,6 +1120,12 @@ static void extlock_conn_adopt(ExtlockConnection *c, ExtlockConnJob *job)
     bool same_session = c->session && !strcmp(c->session, job->session);
     uint64_t reclaimed = 0, lost = 0;
 
+    if (job->addr) {
+        qapi_free_SocketAddress(c->addr);
+        c->addr = g_steal_pointer(&job->addr);
+        g_free(c->address);
+        c->address = socket_uri(c->addr);
+    }
     c->sioc = job->sioc;
     job->sioc = NULL;
     c->ioc = job->ioc;
@@ -1157,6 +1304,8 @@ static void coroutine_fn extlock_reconnect_co(void *opaque)
                                   backoff_ms * SCALE_MS);
         backoff_ms = extlock_backoff_next_ms(backoff_ms,
                                              EXTLOCK_RECONNECT_MIN_MS,
+                                             c->addrs->next ?
+                                             EXTLOCK_RECONNECT_HA_MAX_MS :
                                              EXTLOCK_RECONNECT_MAX_MS);
     }
     c->reconnect_co = NULL;
@@ -1215,6 +1364,10 @@ ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
     ExtlockConnection *c = g_new0(ExtlockConnection, 1);
     ExtlockConnJob *job;
     struct sigaction sa;
+    size_t i = 0;
+    int64_t open_deadline = g_get_monotonic_time() +
+                            EXTLOCK_ANSWER_TIMEOUT_MS * 1000LL;
+    int64_t backoff_ms = EXTLOCK_RECONNECT_MIN_MS;
 
     /*
      * A write to a connection the coordinator closed must fail with EPIPE,
@@ -1227,7 +1380,16 @@ ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
 
     c->ops = ops;
     c->opaque = opaque;
-    c->addr = QAPI_CLONE(SocketAddress, cfg->addr);
+    c->addrs = QAPI_CLONE(SocketAddressList, cfg->addrs);
+    for (SocketAddressList *l = c->addrs; l; l = l->next) {
+        i++;
+    }
+    c->addresses = g_new0(char *, i + 1);
+    i = 0;
+    for (SocketAddressList *l = c->addrs; l; l = l->next) {
+        c->addresses[i++] = socket_uri(l->value);
+    }
+    c->addr = QAPI_CLONE(SocketAddress, c->addrs->value);
     c->address = socket_uri(c->addr);
     c->client_id = g_strdup(cfg->client_id);
     c->lock_space = g_strdup(cfg->lock_space);
@@ -1248,7 +1410,21 @@ ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
     extlock_linebuf_init_max(&c->in, EXTLOCK_MAX_REPLY_LINE);
 
     job = extlock_job_new(c);
-    if (extlock_job_run(job) < 0) {
+    while (extlock_job_run(job) < 0) {
+        /*
+         * HA replicas in an election (none leads yet, or the leader
+         * stepped down under us): look again for a bounded time
+         */
+        if (c->addrs->next && !extlock_job_refused(job) &&
+            g_get_monotonic_time() < open_deadline) {
+            extlock_job_free(job);
+            g_usleep(backoff_ms * 1000);
+            backoff_ms = extlock_backoff_next_ms(backoff_ms,
+                                                 EXTLOCK_RECONNECT_MIN_MS,
+                                                 EXTLOCK_RECONNECT_HA_MAX_MS);
+            job = extlock_job_new(c);
+            continue;
+        }
         error_propagate(errp, job->err);
         job->err = NULL;
         extlock_job_free(job);
@@ -1322,6 +1498,8 @@ void extlock_conn_free(ExtlockConnection *c)
     g_string_free(c->out, true);
     g_hash_table_destroy(c->pending);
     qapi_free_SocketAddress(c->addr);
+    qapi_free_SocketAddressList(c->addrs);
+    g_strfreev(c->addresses);
     g_free(c->session);
     g_free(c->resume_secret);
     g_free(c->address);

@@ -88,13 +88,19 @@ typedef struct ExtlockConnOps {
     uint64_t (*session_new)(void *opaque);
 } ExtlockConnOps;
 
+/*
+ * Several addresses are the replicas of an HA coordinator: connecting
+ * tries the last leader first, then the list in order; a follower's
+ * "not-leader" answer naming the leader is followed at once.
+ */
 typedef struct ExtlockConnConfig {
-    const SocketAddress *addr;
+    const SocketAddressList *addrs;     /* at least one */
     const char *client_id;
     const char *lock_space;
     uint32_t lease_ms;          /* 0: the coordinator's default */
     QCryptoTLSCreds *tls_creds; /* NULL: plain; else referenced */
-    const char *tls_hostname;   /* name to verify; NULL: CA only */
+    /* name to verify; NULL: an inet address's host, else CA only */
+    const char *tls_hostname;
     const char *node_name;      /* for events and messages */
     bool stuck_io_exit;         /* on-stuck-io=exit (else report) */
     BlockDriverState *bs;       /* counts the reconnection in flight */
@@ -102,7 +108,9 @@ typedef struct ExtlockConnConfig {
 
 /* What QMP shows of the connection */
 typedef struct ExtlockConnInfo {
-    const char *address;        /* socket_uri() of the coordinator */
+    /* socket_uri() of the coordinator in use (or last used) */
+    const char *address;
+    const char *const *addresses; /* socket_uri() of each configured one */
     bool connected;
     ExtlockConnState state;
     const char *session;        /* NULL until the first welcome */

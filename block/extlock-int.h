@@ -14,7 +14,7 @@
 #include "extlock-stack.h"
 
 typedef struct BDRVExtlockState {
-    SocketAddress *coordinator;
+    SocketAddressList *coordinators; /* in the order to try */
     char *lock_space;
     char *client_id;
     uint32_t granularity;       /* the option */

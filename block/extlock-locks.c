@@ -1423,7 +1423,7 @@ static void extlock_locks_detach(ExtlockClient *c)
     c->ctx = NULL;
 }
 
-ExtlockClient *extlock_client_new(const SocketAddress *addr,
+ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
                                   const char *client_id,
                                   const char *lock_space, uint32_t lease_ms,
                                   const ExtlockClientOptions *opts,
@@ -1435,7 +1435,7 @@ ExtlockClient *extlock_client_new(const SocketAddress *addr,
 {
     ExtlockClient *c = g_new0(ExtlockClient, 1);
     ExtlockConnConfig cfg = {
-        .addr = addr,
+        .addrs = addrs,
         .client_id = client_id,
         .lock_space = lock_space,
         .lease_ms = lease_ms,

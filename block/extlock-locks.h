@@ -170,14 +170,16 @@ typedef struct ExtlockClient {
 } ExtlockClient;
 
 /*
- * Connect to @addr, say hello and start the session (extlock_conn_new():
- * blocks, bounded, at open only), with an empty lock cache.  @lease_ms ==
+ * Connect to the leader among @addrs (tried in order, "not-leader" answers
+ * followed), say hello and start the session (extlock_conn_new(): blocks,
+ * bounded, at open only), with an empty lock cache.  @lease_ms ==
  * 0 asks for the coordinator's default lease.  With @tls_creds (client
  * endpoint; referenced) every connection is TLS, the coordinator's
- * certificate checked against @tls_hostname if not NULL.  @bs counts the
+ * certificate checked against @tls_hostname if not NULL, else against
+ * the host of an inet address.  @bs counts the
  * reconnection in flight.
  */
-ExtlockClient *extlock_client_new(const SocketAddress *addr,
+ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
                                   const char *client_id,
                                   const char *lock_space, uint32_t lease_ms,
                                   const ExtlockClientOptions *opts,

@@ -72,6 +72,7 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     ExtentLockNodeInfo *info = g_new0(ExtentLockNodeInfo, 1);
     ExtentLockHeldList **held_tail = &info->held;
     ExtentLockWaiterList **wait_tail = &info->waiting;
+    strList **addr_tail = &info->coordinators;
     ExtlockConnInfo conn;
 
     extlock_conn_get_info(extlock_client_conn(c), &conn);
@@ -79,6 +80,9 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     info->lock_space = g_strdup(s->lock_space);
     info->client_id = g_strdup(s->client_id);
     info->coordinator = g_strdup(conn.address);
+    for (size_t i = 0; conn.addresses[i]; i++) {
+        QAPI_LIST_APPEND(addr_tail, g_strdup(conn.addresses[i]));
+    }
     info->connected = conn.connected;
     switch (conn.state) {
     case EXTLOCK_CONN_ACTIVE:

@@ -56,6 +56,7 @@
 static const char *const extlock_strong_runtime_opts[] = {
     "lock-space",
     "coordinator.",
+    "coordinators.",
     NULL
 };
 
@@ -76,33 +77,83 @@ static const char *const extlock_mutable_opts[] = {
     NULL
 };
 
-/*
- * The visitor names a bad member of a union inside a struct without its
- * path ("Parameter 'type' ..."): say which option it is
- */
-static bool extlock_check_coordinator(QDict *options, Error **errp)
+/* Check one coordinator address, the members of @addr */
+static bool extlock_check_address(QDict *addr, const char *what,
+                                  Error **errp)
 {
-    g_autoptr(QDict) copy = qdict_clone_shallow(options);
-    g_autoptr(QDict) addr = NULL;
     SocketAddress *saddr = NULL;
     Visitor *v;
     bool ok;
 
-    qdict_extract_subqdict(copy, &addr, "coordinator.");
-    if (!qdict_size(addr)) {
-        return true;    /* missing: the schema says so */
-    }
     v = qobject_input_visitor_new_flat_confused(addr, errp);
     if (!v) {
         return false;
     }
     ok = visit_type_SocketAddress(v, NULL, &saddr, errp);
     if (!ok) {
-        error_prepend(errp, "Invalid coordinator address: ");
+        error_prepend(errp, "Invalid %s address: ", what);
     }
     visit_free(v);
     qapi_free_SocketAddress(saddr);
     return ok;
+}
+
+/*
+ * @coordinator or @coordinators, exactly one, and a non-empty list.  The
+ * visitor names a bad member of a union inside a struct without its path
+ * ("Parameter 'type' ..."): check each address first, to say which one.
+ */
+static bool extlock_check_coordinator(QDict *options, Error **errp)
+{
+    g_autoptr(QDict) copy = qdict_clone_shallow(options);
+    g_autoptr(QDict) addr = NULL;
+    g_autoptr(QDict) list = NULL;
+    QObject *whole = qdict_get(options, "coordinators");
+    bool has_list;
+    unsigned i;
+
+    qdict_extract_subqdict(copy, &addr, "coordinator.");
+    qdict_extract_subqdict(copy, &list, "coordinators.");
+    has_list = whole || qdict_size(list);
+    if (qdict_size(addr) && has_list) {
+        error_setg(errp, "'coordinator' and 'coordinators' are mutually "
+                   "exclusive");
+        return false;
+    }
+    if (qdict_size(addr)) {
+        return extlock_check_address(addr, "coordinator", errp);
+    }
+    if (!has_list) {
+        error_setg(errp, "Either 'coordinator' or 'coordinators' is "
+                   "required");
+        return false;
+    }
+    if (whole) {
+        /* The options are flattened: only an empty list stays a list */
+        if (qobject_type(whole) != QTYPE_QLIST) {
+            error_setg(errp, "Invalid parameter type for 'coordinators', "
+                       "expected: array");
+            return false;
+        }
+        error_setg(errp, "'coordinators' must not be empty");
+        return false;
+    }
+    for (i = 0; qdict_size(list); i++) {
+        g_autoptr(QDict) one = NULL;
+        g_autofree char *prefix = g_strdup_printf("%u.", i);
+        g_autofree char *what = g_strdup_printf("coordinators[%u]", i);
+
+        qdict_extract_subqdict(list, &one, prefix);
+        if (!qdict_size(one)) {
+            error_setg(errp, "Invalid 'coordinators': no element %u, but "
+                       "a later one", i);
+            return false;
+        }
+        if (!extlock_check_address(one, what, errp)) {
+            return false;
+        }
+    }
+    return true;
 }
 
 /*
@@ -279,6 +330,16 @@ static QCryptoTLSCreds *extlock_get_tls_creds(const char *id, Error **errp)
     return creds;
 }
 
+static bool extlock_all_inet(SocketAddressList *list)
+{
+    for (; list; list = list->next) {
+        if (list->value->type != SOCKET_ADDRESS_TYPE_INET) {
+            return false;
+        }
+    }
+    return true;
+}
+
 static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
                         Error **errp)
 {
@@ -286,6 +347,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     g_autoptr(BlockdevOptions) full_opts = NULL;
     BlockdevOptionsExtlock *o;
     QCryptoTLSCreds *tls_creds = NULL;
+    g_autoptr(SocketAddressList) coordinators = NULL;
     const char *tls_hostname;
     int64_t len;
     int ret;
@@ -300,6 +362,12 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
         return -EINVAL;
     }
     extlock_consume_options(options);
+    if (o->coordinators) {
+        coordinators = QAPI_CLONE(SocketAddressList, o->coordinators);
+    } else {
+        QAPI_LIST_PREPEND(coordinators,
+                          QAPI_CLONE(SocketAddress, o->coordinator));
+    }
 
     tls_hostname = o->tls_hostname;
     if (o->tls_creds) {
@@ -307,13 +375,14 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
         if (!tls_creds) {
             return -EINVAL;
         }
-        /* As nbd: an inet coordinator's host is the name to verify */
-        if (!tls_hostname && o->coordinator->type == SOCKET_ADDRESS_TYPE_INET) {
-            tls_hostname = o->coordinator->u.inet.host;
-        }
-        /* QEMU's x509 client checks the name; say so now, not at connect */
-        if (!tls_hostname && object_dynamic_cast(OBJECT(tls_creds),
-                                                 TYPE_QCRYPTO_TLS_CREDS_X509)) {
+        /*
+         * As nbd: an inet coordinator's host is the name to verify (the
+         * connection takes each address's own host).  QEMU's x509 client
+         * checks the name; say so now, not at connect.
+         */
+        if (!tls_hostname && !extlock_all_inet(coordinators) &&
+            object_dynamic_cast(OBJECT(tls_creds),
+                                TYPE_QCRYPTO_TLS_CREDS_X509)) {
             error_setg(errp, "x509 credentials need '" EXTLOCK_OPT_TLS_HOST
                        "' with a coordinator that is not inet");
             return -EINVAL;
@@ -365,8 +434,8 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     }
     s->cache_opts.grow_limit = QEMU_ALIGN_UP((uint64_t)len, s->granularity);
 
-    s->coordinator = QAPI_CLONE(SocketAddress, o->coordinator);
-    s->client = extlock_client_new(s->coordinator, s->client_id,
+    s->coordinators = g_steal_pointer(&coordinators);
+    s->client = extlock_client_new(s->coordinators, s->client_id,
                                    s->lock_space, s->lease_ms,
                                    &s->cache_opts, tls_creds, tls_hostname,
                                    bdrv_get_node_name(bs), bs,
@@ -380,8 +449,8 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     return 0;
 
 fail:
-    qapi_free_SocketAddress(s->coordinator);
-    s->coordinator = NULL;
+    qapi_free_SocketAddressList(s->coordinators);
+    s->coordinators = NULL;
     g_free(s->lock_space);
     g_free(s->client_id);
     s->lock_space = s->client_id = NULL;
@@ -394,7 +463,7 @@ static void extlock_close(BlockDriverState *bs)
 
     extlock_client_free(s->client);
     s->client = NULL;
-    qapi_free_SocketAddress(s->coordinator);
+    qapi_free_SocketAddressList(s->coordinators);
     g_free(s->lock_space);
     g_free(s->client_id);
 }
@@ -762,7 +831,8 @@ static void extlock_cancel_in_flight(BlockDriverState *bs)
  * Everything else stays, and the generic code refuses a change ("Cannot
  * change the option") because prepare leaves those options in
  * reopen_state->options for it to compare:
- * - lock-space and coordinator name the data (strong options);
+ * - lock-space and coordinator (or coordinators) name the data (strong
+ *   options);
  * - client-id, lease-time, tls-creds and tls-hostname belong to the
  *   coordinator session: changing them means a new session, which drops
  *   every lock the node holds (blockdev-del and blockdev-add do that);

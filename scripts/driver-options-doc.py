@@ -57,7 +57,9 @@ def options():
         elif line.strip() == "#":
             cur = None
     result = []
-    for name, typ in re.findall(r"'(\*?[a-z-]+)': '([A-Za-z0-9]+)'", body):
+    for name, typ in re.findall(r"'(\*?[a-z-]+)': (\[?'[A-Za-z0-9]+'\]?)",
+                                body):
+        typ = typ.replace("'", "")          # ['T'] -> [T], a list of T
         required = not name.startswith("*")
         name = name.lstrip("*")
         m = re.search(r"\(default: ([^)]*)\)", docs.get(name, ""))

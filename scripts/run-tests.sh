@@ -15,7 +15,9 @@
 #     (build-fuzz/, tests/fuzz/run-fuzz.sh)
 #  3d. pytest tests/ha: the HA coordinator on a real 3-member etcd cluster
 #     (3 extlockd replicas; kill -9, partition from etcd, etcd member and
-#     quorum loss, rolling restart, bad configuration)
+#     quorum loss, rolling restart, bad configuration); its QEMU file
+#     (test_qemu_failover.py: the driver's coordinator list, kill -9 of
+#     the leader under stamped writes) runs after step 5 on QEMU 10.0
 #  4. scripts/build-qemu.sh --qemu 10.0 and --qemu 7.2 (patched QEMUs,
 #     incremental, one ccache); scripts/check-graph-lock.py: the driver's
 #     graph-lock annotations under clang -Wthread-safety (one test)
@@ -202,7 +204,9 @@ fi
 rm -f "$fz_out"
 
 step "HA coordinator on etcd (pytest tests/ha: 3 etcd members, 3 replicas)"
-run_pytest "pytest tests/ha" build/pytest-ha.out "$HA_TIMEOUT" 120 -- tests/ha
+# (test_qemu_failover.py needs QEMU: it runs after the QEMU builds)
+run_pytest "pytest tests/ha" build/pytest-ha.out "$HA_TIMEOUT" 120 -- tests/ha \
+    --ignore=tests/ha/test_qemu_failover.py
 
 if [ "$WITH_QEMU" = 1 ]; then
     step "building QEMU 10.0 with the extlock driver"
@@ -233,6 +237,10 @@ if [ "$WITH_QEMU" = 1 ]; then
         run_pytest "pytest tests/qemu on QEMU 10.0" build/pytest-qemu-10.0.out \
             "$PYTEST_SUITE_TIMEOUT" "$PYTEST_TEST_TIMEOUT" \
             env EXTLOCK_QEMU_BUILD="$REPO/build/qemu-10.0" -- tests/qemu
+        step "QEMU driver on the HA coordinator (pytest tests/ha/test_qemu_failover.py, QEMU 10.0)"
+        run_pytest "pytest tests/ha/test_qemu_failover.py" build/pytest-ha-qemu.out \
+            "$HA_TIMEOUT" 300 \
+            env EXTLOCK_QEMU_BUILD="$REPO/build/qemu-10.0" -- tests/ha/test_qemu_failover.py
     fi
     if [ "$qemu72" = 1 ]; then
         step "QEMU-level tests on QEMU 7.2 (pytest $QEMU72_TESTS, build/qemu)"

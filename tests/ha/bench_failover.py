@@ -4,17 +4,25 @@
 
 One run, on loopback: a 3-member etcd cluster (heartbeat 25 ms, election
 250 ms), 3 extlockd replicas (etcd lease TTL 1 s), 3 clients doing lock
-traffic (tests/ha/haclient.py: reconnect, follow not-leader, reclaim).
+traffic (tests/ha/haclient.py: reconnect, follow not-leader, reclaim),
+and (unless --no-qemu) 2 qemu-storage-daemon hosts whose extlock node has
+the replicas as `coordinators` (lock-cache=off, so that every write needs
+a lock from the coordinator; on-lease-loss=queue) with stamped writers on
+shared and own extents (tests/ha/qemuhosts.py).
 
 1. --failovers N times: kill -9 the leader, measure (CLOCK_MONOTONIC)
    - kill -> first grant by the new leader (its event log), and
    - kill -> every client has a lock again ("I/O resumes": the latest of
      the clients' first grants after the kill),
+   - kill -> QEMU I/O resumed: for each host, the completion of its first
+     write sent after the kill (the writers are synchronous, so this is
+     the moment I/O flows again plus one write), the later of the two,
    then restart the killed replica as a follower.
 2. extlock-bench for --seconds against a single-mode extlockd (state file)
    and against the HA leader (through the replicas' address list), same
    options: pairs/s and the ratio.
-Prints a JSON summary on the last line.
+Prints a JSON summary on the last line; afterwards the image is checked:
+no torn or mixed extent, and no QEMU write failed.
 """
 import argparse
 import json
@@ -30,6 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import BUILD, EXTLOCKD, Etcd, HaCluster, wait_for  # noqa: E402
 from haclient import Worker, overlaps  # noqa: E402
+
+KiB = 1024
+MiB = 1024 * KiB
+QEXT = 256 * KiB
 
 BENCH = BUILD / "contrib/extlock-bench/extlock-bench"
 
@@ -55,7 +67,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ttl-ms", type=int, default=1000,
                     help="etcd lease TTL of the replicas (default 1000)")
+    ap.add_argument("--no-qemu", action="store_true",
+                    help="no qemu-storage-daemon hosts (no QEMU build)")
     o = ap.parse_args()
+    if not o.no_qemu:
+        import qemuhosts
 
     tmp = Path(tempfile.mkdtemp(prefix="bha-"))
     etcd = Etcd(tmp / "etcd", ttl_ms=o.ttl_ms)
@@ -63,6 +79,8 @@ def main():
     ha = HaCluster(etcd, tmp, "bench")
     single = None
     ws = []
+    qws = []
+    procs = None
     try:
         etcd.start_all()
         ha.start(3)
@@ -71,10 +89,33 @@ def main():
         for w in ws:
             w.start()
         wait_for(lambda: all(w.grants for w in ws), 20, "traffic")
-        first_grant, resumed = [], []
+        if not o.no_qemu:
+            image = tmp / "shared.raw"
+            qemuhosts.make_image(image, 64 * MiB)
+            procs = qemuhosts.ProcessGroup(tmp / "qemu")
+            shared = [32 * MiB + i * QEXT for i in range(8)]
+            qoffs = list(shared)
+            for i in range(2):
+                q = qemuhosts.start_host(procs, "qhost%d" % i, image,
+                                         ha.addresses(), "ls-qemu",
+                                         lock_cache=False,
+                                         on_lease_loss="queue",
+                                         lease_loss_timeout=600000)
+                own = [i * 16 * MiB + k * QEXT for k in range(8)]
+                qoffs += own
+                qws.append(qemuhosts.Writer(
+                    q, 0x10 + 0x80 * i,
+                    [x for pair in zip(shared, own) for x in pair], QEXT))
+            for w in qws:
+                w.start()
+        first_grant, resumed, qemu_resumed = [], [], []
         for n in range(o.failovers):
             leader = ha.wait_leader(timeout=30)
             wait_for(lambda: all(w.grants for w in ws), 30, "traffic")
+            qdone = [w.done() for w in qws]
+            wait_for(lambda: all(w.done() > d + 4
+                                 for w, d in zip(qws, qdone)), 30,
+                     "QEMU writes")
             old_epoch = leader.status()["epoch"]
             t0 = leader.kill9()
             others = [r for r in ha.replicas if r is not leader]
@@ -95,15 +136,33 @@ def main():
             r = max(resumed_at(w) for w in ws)
             first_grant.append((g - t0) / 1e6)
             resumed.append((r - t0) / 1e6)
+            qtxt = ""
+            if qws:
+                wait_for(lambda: all(w.first_sent_after(t0) for w in qws),
+                         60, "QEMU I/O resumed")
+                qr = max(w.first_sent_after(t0) for w in qws)
+                qemu_resumed.append((qr - t0) / 1e6)
+                qtxt = ", QEMU I/O resumed %.0f ms" % qemu_resumed[-1]
             print("failover %d: first new grant %.0f ms, all clients "
-                  "resumed %.0f ms" % (n + 1, first_grant[-1], resumed[-1]),
-                  flush=True)
+                  "resumed %.0f ms%s" % (n + 1, first_grant[-1], resumed[-1],
+                                         qtxt), flush=True)
             leader.start()
         for w in ws:
             w.stop()
         bad = overlaps(ws)
         errors = [e for w in ws for e in w.errors]
         ws = []
+        qemu_problems = []
+        if qws:
+            for w in qws:
+                if not w.stop():
+                    errors.append("QEMU writer hung")
+                errors += ["QEMU: " + e for e in w.errors]
+            qemu_problems = qemuhosts.check_image(image, qws, qoffs, QEXT)
+            qemu_writes = sum(w.done() for w in qws)
+            qws = []
+            procs.stop_all()
+            procs = None
 
         # throughput: single mode against HA, same options (no event log,
         # no debug checks), interleaved rounds, on a fresh HA cluster
@@ -136,6 +195,11 @@ def main():
                                "min": min(first_grant)},
             "clients-resumed-ms": {"median": statistics.median(resumed),
                                    "max": max(resumed)},
+            "qemu-io-resumed-ms": ({"median":
+                                    statistics.median(qemu_resumed),
+                                    "max": max(qemu_resumed),
+                                    "min": min(qemu_resumed)}
+                                   if qemu_resumed else None),
             "single-pairs-per-sec": single_rate,
             "ha-pairs-per-sec": ha_rate,
             "ha-over-single": (statistics.median(ha_rate) /
@@ -144,12 +208,18 @@ def main():
                 r.log().count("stepping down") for r in ha.replicas),
             "overlapping-holds": len(bad),
             "client-errors": errors,
+            "qemu-writes": None if o.no_qemu else qemu_writes,
+            "qemu-torn-or-mixed-extents": qemu_problems,
         }
         print(json.dumps(summary))
-        return 0 if not bad and not errors else 1
+        return 0 if not bad and not errors and not qemu_problems else 1
     finally:
         for w in ws:
             w.stop(5)
+        for w in qws:
+            w.stop(5)
+        if procs:
+            procs.stop_all()
         if single:
             single.terminate()
             single.wait()

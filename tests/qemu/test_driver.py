@@ -273,7 +273,23 @@ BAD_OPTIONS = [
     ("lease-zero", {"lease-time": 0}, "lease-time must be between 100 and 3600000"),
     ("lease-big", {"lease-time": 3600001},
      "lease-time must be between 100 and 3600000"),
-    ("no-coordinator", {"coordinator": None}, "Parameter 'coordinator' is missing"),
+    ("no-coordinator", {"coordinator": None},
+     "Either 'coordinator' or 'coordinators' is required"),
+    # the list form (HA coordinators): exclusive with the single one,
+    # not empty (qemu-io's dotted options cannot say an empty list: it is
+    # no list at all there), each address checked and named
+    ("coordinator-and-list", {"coordinators": ["valid"]},
+     "'coordinator' and 'coordinators' are mutually exclusive"),
+    ("coordinators-empty", {"coordinator": None, "coordinators": []},
+     ("Either 'coordinator' or 'coordinators' is required",
+      "'coordinators' must not be empty")),
+    ("coordinators-bad-member",
+     {"coordinator": None, "coordinators": ["valid", {"type": "carrier-pigeon"}]},
+     ("Invalid coordinators[1] address: Parameter 'type' does not accept value "
+      "'carrier-pigeon'", "does not accept value 'carrier-pigeon'")),
+    ("coordinators-all-unreachable",
+     {"coordinator": None, "coordinators": ["missing-socket", "closed-port"]},
+     "Failed to connect to extlock coordinator"),
     ("coordinator-no-socket", {"coordinator": "missing-socket"},
      "Failed to connect to extlock coordinator"),
     ("coordinator-closed-port", {"coordinator": "closed-port"},
@@ -324,11 +340,20 @@ def expected(message, interface):
 def _bad_node(image, extlockd, lock_space, change, workdir):
     node = extlock_node(image.child, extlockd.coordinator(), lock_space,
                         node_name="bad0")
+    def address(value):
+        if value == "missing-socket":
+            return hp.unix_coordinator(workdir / "no-such.sock")
+        if value == "closed-port":
+            return hp.inet_coordinator(hp.free_tcp_port())
+        if value == "valid":
+            return extlockd.coordinator()
+        return value
+
     for key, value in change.items():
-        if key == "coordinator" and value == "missing-socket":
-            value = hp.unix_coordinator(workdir / "no-such.sock")
-        elif key == "coordinator" and value == "closed-port":
-            value = hp.inet_coordinator(hp.free_tcp_port())
+        if key == "coordinator":
+            value = address(value)
+        elif key == "coordinators":
+            value = [address(v) for v in value]
         if value is None:
             node.pop(key)
         else:

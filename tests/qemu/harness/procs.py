@@ -174,6 +174,10 @@ def dotted(opts, prefix=""):
         if isinstance(value, dict):
             parts.append(dotted(value, name + "."))
             continue
+        if isinstance(value, list):     # name.0.x=...,name.1.x=...
+            parts.append(dotted({str(i): v for i, v in enumerate(value)},
+                                name + "."))
+            continue
         if isinstance(value, bool):
             value = "on" if value else "off"
         parts.append(f"{name}={str(value).replace(',', ',,')}")
