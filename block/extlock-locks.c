@@ -89,9 +89,19 @@ static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
     }
 }
 
+/* The lock stops being ours: count how long it was held */
+static void extlock_lock_count_hold(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+
+    extlock_hist_add(&c->stats.hold_hist,
+                     now > l->granted_ns ? (now - l->granted_ns) / 1000 : 0);
+}
+
 static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
 {
     assert(!l->ce.stale);
+    extlock_lock_count_hold(c, l);
     extlock_cache_idle_del(c, l);
     extlock_itree_remove(&c->locks, &l->ce.node);
     g_hash_table_remove(c->lock_ids, &l->lock_id);
@@ -119,6 +129,7 @@ static void extlock_lock_make_stale(ExtlockClient *c, ExtlockCachedLock *l,
                                     bool give_back)
 {
     assert(l->users > 0 && !l->ce.stale);
+    extlock_lock_count_hold(c, l);
     extlock_cache_idle_del(c, l);
     extlock_itree_remove(&c->locks, &l->ce.node);
     g_hash_table_remove(c->lock_ids, &l->lock_id);
@@ -361,6 +372,8 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
     req->token = msg->token;
     c->grants_grow = msg->length > req->length;
     c->stats.grants++;
+    extlock_hist_add(&c->stats.wait_hist,
+                     now > req->start_ns ? (now - req->start_ns) / 1000 : 0);
     if (req->queued) {
         c->stats.total_wait_us += (now - req->start_ns) / 1000;
     }
@@ -913,6 +926,9 @@ static void extlock_locks_fence_status(void *opaque, ExtlockMsg *msg)
                              msg->message);
 }
 
+/* At most one EXTENT_LOCK_WAIT_TIMEOUT a second per node */
+#define EXTLOCK_WAIT_EVENT_INTERVAL_NS NANOSECONDS_PER_SECOND
+
 /* EXTENT_LOCK_WAIT_TIMEOUT for slow requests; arm for the next one */
 static void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
 {
@@ -929,6 +945,15 @@ static void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
             strList *blockers = NULL, **tail = &blockers;
 
             req->warned = true;
+            /*
+             * Rate-limited, as QEMU throttles events that can flood: a
+             * stuck holder makes every request behind it cross the limit
+             */
+            if (c->wait_event_ns &&
+                now - c->wait_event_ns < EXTLOCK_WAIT_EVENT_INTERVAL_NS) {
+                c->wait_events_left_out++;
+                continue;
+            }
             for (guint i = 0; i < req->blocked_by->len; i++) {
                 QAPI_LIST_APPEND(tail,
                     g_strdup(g_ptr_array_index(req->blocked_by, i)));
@@ -937,8 +962,11 @@ static void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
                 c->node_name, req->offset, req->length,
                 req->mode == EXTLOCK_MODE_EXCLUSIVE ?
                     EXTENT_LOCK_MODE_EXCLUSIVE : EXTENT_LOCK_MODE_SHARED,
-                (now - req->start_ns) / SCALE_MS, blockers);
+                (now - req->start_ns) / SCALE_MS, blockers,
+                c->wait_events_left_out > 0, c->wait_events_left_out);
             qapi_free_strList(blockers);
+            c->wait_event_ns = now;
+            c->wait_events_left_out = 0;
         }
     }
 }

@@ -94,6 +94,8 @@ typedef struct ExtlockClientStats {
     uint64_t revocation_max_us;
     uint64_t downgrades;
     uint64_t cache_evictions;   /* idle locks dropped for age or space */
+    ExtlockHist wait_hist;      /* lock request sent -> granted */
+    ExtlockHist hold_hist;      /* granted -> given back or lost */
 } ExtlockClientStats;
 
 typedef struct ExtlockClientOptions {
@@ -136,6 +138,8 @@ typedef struct ExtlockClient {
     bool grants_grow;           /* the last grant was larger than asked */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
+    int64_t wait_event_ns;      /* last EXTENT_LOCK_WAIT_TIMEOUT sent */
+    uint64_t wait_events_left_out; /* since then: rate-limited */
 
     /* locks */
     uint64_t session_gen;       /* bumped whenever a new session starts */
