@@ -397,7 +397,13 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         l->revoke_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
         l->revoke_mode = msg->mode;
         l->revoke_ext = want;
+        l->revoke_token = msg->token;
+        l->hold_warned = false;
         extlock_cache_idle_del(c, l);
+        if (c->opts.wait_warning_ms) {
+            extlock_wait_timer_arm(c, l->revoke_ns +
+                                   (int64_t)c->opts.wait_warning_ms * SCALE_MS);
+        }
     } else {
         if (msg->mode == EXTLOCK_MODE_EXCLUSIVE) {
             l->revoke_mode = EXTLOCK_MODE_EXCLUSIVE;
@@ -984,10 +990,56 @@ static void extlock_wait_timer_arm(ExtlockClient *c, int64_t when)
  * One-shot, at the earliest wait warning or lease-loss timeout due: the
  * waiters look again, and those still waiting arm it for their own time.
  */
+/*
+ * EXTENT_LOCK_LONG_HOLD for locks the coordinator asked back longer than
+ * wait-warning-time ago: another client has waited that long for this
+ * node (its requests still run under the lock, or it is kept for
+ * min-hold-time or until reconnected).  Rate-limited like the waits.
+ */
+static void extlock_locks_check_holders(ExtlockClient *c, int64_t now)
+{
+    int64_t limit = (int64_t)c->opts.wait_warning_ms * SCALE_MS;
+    GHashTableIter it;
+    gpointer value;
+
+    if (!c->opts.wait_warning_ms) {
+        return;
+    }
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        ExtlockCachedLock *l = value;
+
+        if (!l->ce.revoking || l->hold_warned) {
+            continue;
+        }
+        if (now - l->revoke_ns < limit) {
+            extlock_wait_timer_arm(c, l->revoke_ns + limit);
+            continue;
+        }
+        l->hold_warned = true;
+        if (c->hold_event_ns &&
+            now - c->hold_event_ns < EXTLOCK_WAIT_EVENT_INTERVAL_NS) {
+            c->hold_events_left_out++;
+            continue;
+        }
+        qapi_event_send_extent_lock_long_hold(
+            c->node_name, l->ce.node.ext.start,
+            l->ce.node.ext.end - l->ce.node.ext.start,
+            l->ce.mode == EXTLOCK_MODE_EXCLUSIVE ?
+                EXTENT_LOCK_MODE_EXCLUSIVE : EXTENT_LOCK_MODE_SHARED,
+            l->token, (now - l->granted_ns) / SCALE_MS,
+            (now - l->revoke_ns) / SCALE_MS, l->revoke_token, l->users,
+            c->hold_events_left_out > 0, c->hold_events_left_out);
+        c->hold_event_ns = now;
+        c->hold_events_left_out = 0;
+    }
+}
+
 static void extlock_wait_timer_cb(void *opaque)
 {
     ExtlockClient *c = opaque;
 
+    extlock_locks_check_holders(c, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
     extlock_locks_check_waiters(c, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
     extlock_wake_all(&c->usable_waiters);
 }

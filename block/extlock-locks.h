@@ -49,6 +49,8 @@ typedef struct ExtlockCachedLock {
     ExtlockMode revoke_mode;    /* mode the other request wants */
     ExtlockExtent revoke_ext;   /* extent the other request wants */
     int64_t revoke_ns;          /* when the first revoke arrived */
+    uint64_t revoke_token;      /* token of the request that waits for it */
+    bool hold_warned;           /* EXTENT_LOCK_LONG_HOLD sent (or left out) */
     ExtlockExtent used;         /* span requests used; empty if start==end */
     int64_t granted_ns;
     int64_t last_used_ns;
@@ -140,6 +142,8 @@ typedef struct ExtlockClient {
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
     int64_t wait_event_ns;      /* last EXTENT_LOCK_WAIT_TIMEOUT sent */
     uint64_t wait_events_left_out; /* since then: rate-limited */
+    int64_t hold_event_ns;      /* last EXTENT_LOCK_LONG_HOLD sent */
+    uint64_t hold_events_left_out;
 
     /* locks */
     uint64_t session_gen;       /* bumped whenever a new session starts */

@@ -65,3 +65,48 @@ def test_wait_timeout_events_rate_limited(local_image, extlockd, lock_space,
             err, _ = n.wait(h, timeout=10)
             assert err == 0
     assert events_named(q.qmp, WAIT_TIMEOUT, timeout=0.3) == []
+
+
+def test_long_hold_event(local_image, extlockd, lock_space, procs, binaries):
+    """The node keeps a lock the coordinator asked back (min-hold-time 3 s)
+    longer than wait-warning-time (300 ms): EXTENT_LOCK_LONG_HOLD names the
+    held extent, its token, how long it was held and asked back, and the
+    waiting request's token; the waiter is granted once the node lets go."""
+    binaries("qemu-storage-daemon")
+    q = procs.storage_daemon(
+        name="qsd",
+        blockdevs=[extlock_node(local_image.child, extlockd.coordinator(),
+                                lock_space, node_name="xl",
+                                client_id="host-a", wait_warning_time=300,
+                                min_hold_time=3000000)],
+        exports=[("disk", "xl", True)])
+    with CoordinatorClient(extlockd.address) as other, \
+            NbdClient(q.nbd_path, "disk") as n:
+        other.hello("other", lock_space)
+        n.write(0, b"\x01" * 4096, timeout=10)
+        held = q.qmp.execute("query-extent-locks")[0]["held"]
+        assert len(held) == 1 and held[0]["mode"] == "exclusive", held
+        q.qmp.poll_events(0)
+        q.qmp.events.clear()
+        t0 = time.monotonic()
+        rid = other.request({"type": "lock", "offset": 0, "length": 4096,
+                             "mode": "exclusive", "wait": True})
+        waiting = other.reply(rid, accept_waiting=True)
+        assert waiting["type"] == "waiting", waiting
+        ev = q.qmp.wait_event("EXTENT_LOCK_LONG_HOLD", timeout=10)
+        check_event(ev, "EXTENT_LOCK_LONG_HOLD", node_name="xl",
+                    offset=held[0]["offset"], length=held[0]["length"],
+                    mode="exclusive", token=held[0]["token"], in_flight=0)
+        assert "left-out" not in ev["data"]
+        assert ev["data"]["revoked-ms"] >= 300
+        assert ev["data"]["held-ms"] >= ev["data"]["revoked-ms"]
+        assert ev["data"]["waiter-token"] > held[0]["token"]
+        if "token" in waiting:
+            assert ev["data"]["waiter-token"] == waiting["token"]
+        g = other.reply(rid, timeout=15)
+        assert g["type"] == "granted"
+        # min-hold-time (3 s from the node's grant) passed first
+        assert time.monotonic() - t0 < 15
+        assert ev["data"]["waiter-token"] == g["token"]
+    # once per revocation
+    assert events_named(q.qmp, "EXTENT_LOCK_LONG_HOLD", timeout=0.3) == []
