@@ -414,9 +414,12 @@ ExtentLockCut *coroutine_fn qmp_extent_lock_freeze(const char *node_name,
     cut->token = f->token;
     cut->epoch = f->token >> 40;
     {
+        /* ISO 8601 by hand: QEMU 7.2 allows no glib newer than 2.56 */
         g_autoptr(GDateTime) t = g_date_time_new_now_utc();
+        g_autofree char *secs = g_date_time_format(t, "%Y-%m-%dT%H:%M:%S");
 
-        cut->time = g_date_time_format_iso8601(t);
+        cut->time = g_strdup_printf("%s.%06dZ", secs,
+                                    g_date_time_get_microsecond(t));
     }
     cut->waited_ms = (f->granted_ns - f->start_ns) / SCALE_MS;
     info_report("extlock: node '%s': lock-space %s frozen: cut token %"
