@@ -134,3 +134,45 @@ bool extlock_local_must_wait(ExtlockITree *active, const ExtlockLocalReq *req)
                                   extlock_local_conflict_cb, &f);
     return f.found;
 }
+
+unsigned extlock_hist_bucket(uint64_t us)
+{
+    unsigned b = 0;
+
+    while (us && b < EXTLOCK_HIST_BUCKETS - 1) {
+        us >>= 1;
+        b++;
+    }
+    return b;
+}
+
+void extlock_hist_add(ExtlockHist *h, uint64_t us)
+{
+    h->buckets[extlock_hist_bucket(us)]++;
+    h->count++;
+    h->sum_us += us;
+    if (us > h->max_us) {
+        h->max_us = us;
+    }
+}
+
+uint64_t extlock_hist_quantile_bound(const ExtlockHist *h, double q)
+{
+    uint64_t want, seen = 0;
+
+    if (!h->count) {
+        return 0;
+    }
+    want = (uint64_t)(q * (double)h->count);
+    if (want < 1) {
+        want = 1;
+    }
+    for (unsigned b = 0; b < EXTLOCK_HIST_BUCKETS; b++) {
+        seen += h->buckets[b];
+        if (seen >= want) {
+            return b == EXTLOCK_HIST_BUCKETS - 1 ? UINT64_MAX
+                                                 : (uint64_t)1 << b;
+        }
+    }
+    return UINT64_MAX;
+}

@@ -73,4 +73,32 @@ typedef struct ExtlockLocalReq {
  */
 bool extlock_local_must_wait(ExtlockITree *active, const ExtlockLocalReq *req);
 
+/*
+ * A log2 histogram of durations in microseconds, kept by the driver on
+ * its I/O path (plain increments: everything of a node runs in its
+ * AioContext).  Bucket 0 counts durations below 1 us, bucket i (1 <= i <
+ * EXTLOCK_HIST_BUCKETS - 1) those in [2^(i-1), 2^i) us, and the last
+ * bucket everything from 2^(EXTLOCK_HIST_BUCKETS - 2) us (about 36 min).
+ */
+#define EXTLOCK_HIST_BUCKETS 33
+
+typedef struct ExtlockHist {
+    uint64_t buckets[EXTLOCK_HIST_BUCKETS];
+    uint64_t count;
+    uint64_t sum_us;
+    uint64_t max_us;
+} ExtlockHist;
+
+/* The bucket of a duration of @us microseconds */
+unsigned extlock_hist_bucket(uint64_t us);
+
+/* Count a duration of @us microseconds */
+void extlock_hist_add(ExtlockHist *h, uint64_t us);
+
+/*
+ * Upper bound (exclusive, in us) of the bucket in which the @q-th quantile
+ * (0 < @q <= 1) lies; 0 if @h is empty, UINT64_MAX for the last bucket
+ */
+uint64_t extlock_hist_quantile_bound(const ExtlockHist *h, double q);
+
 #endif /* BLOCK_EXTLOCK_CACHE_H */

@@ -14,6 +14,46 @@
 #include "monitor/hmp.h"
 #include "monitor/monitor.h"
 
+/* Upper bound in us of the bucket holding the @q-th quantile of @h */
+static uint64_t extlock_hmp_quantile(const ExtentLockHistogram *h, double q)
+{
+    uint64_t want = MAX((uint64_t)(q * (double)h->count), 1), seen = 0;
+    const uint64List *b;
+    unsigned i = 0;
+
+    for (b = h->buckets; b; b = b->next, i++) {
+        seen += b->value;
+        if (seen >= want) {
+            return b->next ? (uint64_t)1 << i : UINT64_MAX;
+        }
+    }
+    return UINT64_MAX;
+}
+
+/* "  wait times: 12, p50 < 128 us, p99 < 4096 us, max 3900 us" */
+static void extlock_hmp_histogram(Monitor *mon, const char *what,
+                                  const ExtentLockHistogram *h)
+{
+    monitor_printf(mon, "  %s times: %" PRIu64, what, h->count);
+    if (h->count) {
+        double q[] = { 0.5, 0.99 };
+
+        for (unsigned i = 0; i < ARRAY_SIZE(q); i++) {
+            uint64_t bound = extlock_hmp_quantile(h, q[i]);
+
+            if (bound == UINT64_MAX) {
+                monitor_printf(mon, ", p%.0f >= 2^31 us", q[i] * 100);
+            } else {
+                monitor_printf(mon, ", p%.0f < %" PRIu64 " us", q[i] * 100,
+                               bound);
+            }
+        }
+        monitor_printf(mon, ", max %" PRIu64 " us, mean %" PRIu64 " us",
+                       h->max_us, h->sum_us / h->count);
+    }
+    monitor_printf(mon, "\n");
+}
+
 void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
 {
     const char *node = qdict_get_try_str(qdict, "node");
@@ -63,6 +103,8 @@ void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
         monitor_printf(mon, "  reconnects %" PRIu64 ", lease losses %"
                        PRIu64 "\n", n->counters->reconnects,
                        n->counters->lease_losses);
+        extlock_hmp_histogram(mon, "wait", n->wait_histogram);
+        extlock_hmp_histogram(mon, "hold", n->hold_histogram);
         for (h = n->held; h; h = h->next) {
             monitor_printf(mon, "  %-8s %-9s [%" PRIu64 ", +%" PRIu64
                            ") token 0x%" PRIx64 " for %" PRId64 " ms, %"

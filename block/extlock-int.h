@@ -24,6 +24,8 @@ typedef struct BDRVExtlockState {
     ExtlockClientOptions cache_opts;
     ExtlockClient *client;
     ExtlockStack stack;         /* what is below, see extlock-stack.h */
+    char *tls_creds_id;         /* for extent-lock-freeze's own session */
+    char *tls_hostname;
 } BDRVExtlockState;
 
 extern BlockDriver bdrv_extlock;

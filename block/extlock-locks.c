@@ -89,9 +89,19 @@ static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
     }
 }
 
+/* The lock stops being ours: count how long it was held */
+static void extlock_lock_count_hold(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+
+    extlock_hist_add(&c->stats.hold_hist,
+                     now > l->granted_ns ? (now - l->granted_ns) / 1000 : 0);
+}
+
 static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
 {
     assert(!l->ce.stale);
+    extlock_lock_count_hold(c, l);
     extlock_cache_idle_del(c, l);
     extlock_itree_remove(&c->locks, &l->ce.node);
     g_hash_table_remove(c->lock_ids, &l->lock_id);
@@ -140,6 +150,7 @@ static void extlock_lock_make_stale(ExtlockClient *c, ExtlockCachedLock *l,
                                     bool give_back)
 {
     assert(l->users > 0 && !l->ce.stale);
+    extlock_lock_count_hold(c, l);
     extlock_cache_idle_del(c, l);
     extlock_itree_remove(&c->locks, &l->ce.node);
     g_hash_table_remove(c->lock_ids, &l->lock_id);
@@ -385,6 +396,8 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
     req->token = msg->token;
     c->grants_grow = msg->length > req->length;
     c->stats.grants++;
+    extlock_hist_add(&c->stats.wait_hist,
+                     now > req->start_ns ? (now - req->start_ns) / 1000 : 0);
     if (req->queued) {
         c->stats.total_wait_us += (now - req->start_ns) / 1000;
     }
@@ -409,11 +422,17 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         l->revoke_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
         l->revoke_mode = msg->mode;
         l->revoke_ext = want;
+        l->revoke_token = msg->token;
+        l->hold_warned = false;
         extlock_cache_idle_del(c, l);
         c->contended[c->contended_next] = want;
         c->contended_ns[c->contended_next] = l->revoke_ns;
         c->contended_next = (c->contended_next + 1) % EXTLOCK_CONTENDED_MAX;
         extlock_trace_handoff(c, "revoke-rx", msg->lock, l->revoke_ns);
+        if (c->opts.wait_warning_ms) {
+            extlock_wait_timer_arm(c, l->revoke_ns +
+                                   (int64_t)c->opts.wait_warning_ms * SCALE_MS);
+        }
     } else {
         if (msg->mode == EXTLOCK_MODE_EXCLUSIVE) {
             l->revoke_mode = EXTLOCK_MODE_EXCLUSIVE;
@@ -973,6 +992,9 @@ static void extlock_locks_fence_status(void *opaque, ExtlockMsg *msg)
                              msg->message);
 }
 
+/* At most one EXTENT_LOCK_WAIT_TIMEOUT a second per node */
+#define EXTLOCK_WAIT_EVENT_INTERVAL_NS NANOSECONDS_PER_SECOND
+
 /* EXTENT_LOCK_WAIT_TIMEOUT for slow requests; arm for the next one */
 static void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
 {
@@ -989,6 +1011,15 @@ static void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
             strList *blockers = NULL, **tail = &blockers;
 
             req->warned = true;
+            /*
+             * Rate-limited, as QEMU throttles events that can flood: a
+             * stuck holder makes every request behind it cross the limit
+             */
+            if (c->wait_event_ns &&
+                now - c->wait_event_ns < EXTLOCK_WAIT_EVENT_INTERVAL_NS) {
+                c->wait_events_left_out++;
+                continue;
+            }
             for (guint i = 0; i < req->blocked_by->len; i++) {
                 QAPI_LIST_APPEND(tail,
                     g_strdup(g_ptr_array_index(req->blocked_by, i)));
@@ -997,8 +1028,11 @@ static void extlock_locks_check_waiters(ExtlockClient *c, int64_t now)
                 c->node_name, req->offset, req->length,
                 req->mode == EXTLOCK_MODE_EXCLUSIVE ?
                     EXTENT_LOCK_MODE_EXCLUSIVE : EXTENT_LOCK_MODE_SHARED,
-                (now - req->start_ns) / SCALE_MS, blockers);
+                (now - req->start_ns) / SCALE_MS, blockers,
+                c->wait_events_left_out > 0, c->wait_events_left_out);
             qapi_free_strList(blockers);
+            c->wait_event_ns = now;
+            c->wait_events_left_out = 0;
         }
     }
 }
@@ -1016,10 +1050,56 @@ static void extlock_wait_timer_arm(ExtlockClient *c, int64_t when)
  * One-shot, at the earliest wait warning or lease-loss timeout due: the
  * waiters look again, and those still waiting arm it for their own time.
  */
+/*
+ * EXTENT_LOCK_LONG_HOLD for locks the coordinator asked back longer than
+ * wait-warning-time ago: another client has waited that long for this
+ * node (its requests still run under the lock, or it is kept for
+ * min-hold-time or until reconnected).  Rate-limited like the waits.
+ */
+static void extlock_locks_check_holders(ExtlockClient *c, int64_t now)
+{
+    int64_t limit = (int64_t)c->opts.wait_warning_ms * SCALE_MS;
+    GHashTableIter it;
+    gpointer value;
+
+    if (!c->opts.wait_warning_ms) {
+        return;
+    }
+    g_hash_table_iter_init(&it, c->lock_ids);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        ExtlockCachedLock *l = value;
+
+        if (!l->ce.revoking || l->hold_warned) {
+            continue;
+        }
+        if (now - l->revoke_ns < limit) {
+            extlock_wait_timer_arm(c, l->revoke_ns + limit);
+            continue;
+        }
+        l->hold_warned = true;
+        if (c->hold_event_ns &&
+            now - c->hold_event_ns < EXTLOCK_WAIT_EVENT_INTERVAL_NS) {
+            c->hold_events_left_out++;
+            continue;
+        }
+        qapi_event_send_extent_lock_long_hold(
+            c->node_name, l->ce.node.ext.start,
+            l->ce.node.ext.end - l->ce.node.ext.start,
+            l->ce.mode == EXTLOCK_MODE_EXCLUSIVE ?
+                EXTENT_LOCK_MODE_EXCLUSIVE : EXTENT_LOCK_MODE_SHARED,
+            l->token, (now - l->granted_ns) / SCALE_MS,
+            (now - l->revoke_ns) / SCALE_MS, l->revoke_token, l->users,
+            c->hold_events_left_out > 0, c->hold_events_left_out);
+        c->hold_event_ns = now;
+        c->hold_events_left_out = 0;
+    }
+}
+
 static void extlock_wait_timer_cb(void *opaque)
 {
     ExtlockClient *c = opaque;
 
+    extlock_locks_check_holders(c, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
     extlock_locks_check_waiters(c, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
     extlock_wake_all(&c->usable_waiters);
 }

@@ -49,6 +49,8 @@ typedef struct ExtlockCachedLock {
     ExtlockMode revoke_mode;    /* mode the other request wants */
     ExtlockExtent revoke_ext;   /* extent the other request wants */
     int64_t revoke_ns;          /* when the first revoke arrived */
+    uint64_t revoke_token;      /* token of the request that waits for it */
+    bool hold_warned;           /* EXTENT_LOCK_LONG_HOLD sent (or left out) */
     ExtlockExtent used;         /* span requests used; empty if start==end */
     int64_t granted_ns;
     int64_t last_used_ns;
@@ -96,6 +98,8 @@ typedef struct ExtlockClientStats {
     uint64_t revocation_max_us;
     uint64_t downgrades;
     uint64_t cache_evictions;   /* idle locks dropped for age or space */
+    ExtlockHist wait_hist;      /* lock request sent -> granted */
+    ExtlockHist hold_hist;      /* granted -> given back or lost */
 } ExtlockClientStats;
 
 typedef struct ExtlockClientOptions {
@@ -154,6 +158,10 @@ typedef struct ExtlockClient {
     unsigned contended_next;    /* ring position of the next entry */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
+    int64_t wait_event_ns;      /* last EXTENT_LOCK_WAIT_TIMEOUT sent */
+    uint64_t wait_events_left_out; /* since then: rate-limited */
+    int64_t hold_event_ns;      /* last EXTENT_LOCK_LONG_HOLD sent */
+    uint64_t hold_events_left_out;
 
     /* locks */
     uint64_t session_gen;       /* bumped whenever a new session starts */

@@ -64,6 +64,20 @@ static void extlock_waiter_info(const ExtlockWaiterInfo *req, void *opaque)
     QAPI_LIST_APPEND(*tail, w);
 }
 
+static ExtentLockHistogram *extlock_qapi_hist(const ExtlockHist *h)
+{
+    ExtentLockHistogram *out = g_new0(ExtentLockHistogram, 1);
+    uint64List **tail = &out->buckets;
+
+    for (unsigned i = 0; i < EXTLOCK_HIST_BUCKETS; i++) {
+        QAPI_LIST_APPEND(tail, h->buckets[i]);
+    }
+    out->count = h->count;
+    out->sum_us = h->sum_us;
+    out->max_us = h->max_us;
+    return out;
+}
+
 /* Runs in the node's AioContext (7.2: with it acquired) */
 static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
 {
@@ -112,6 +126,10 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     info->counters = g_new0(ExtentLockCounters, 1);
     extlock_get_counters(c, info->counters);
     info->stack = extlock_stack_info(&s->stack);
+    info->wait_histogram =
+        extlock_qapi_hist(&extlock_client_stats(c)->wait_hist);
+    info->hold_histogram =
+        extlock_qapi_hist(&extlock_client_stats(c)->hold_hist);
     return info;
 }
 

@@ -444,6 +444,8 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
         ret = -EIO;
         goto fail;
     }
+    s->tls_creds_id = g_strdup(o->tls_creds);
+    s->tls_hostname = g_strdup(tls_hostname);
     trace_extlock_open(bdrv_get_node_name(bs), s->lock_space, s->client_id,
                        s->granularity);
     return 0;
@@ -466,6 +468,8 @@ static void extlock_close(BlockDriverState *bs)
     qapi_free_SocketAddressList(s->coordinators);
     g_free(s->lock_space);
     g_free(s->client_id);
+    g_free(s->tls_creds_id);
+    g_free(s->tls_hostname);
 }
 
 typedef enum ExtlockIoKind {

@@ -14,6 +14,8 @@ PKGS=(
     # extlockd --metrics-listen (optional), and promtool/prometheus for
     # tests/monitoring
     libmicrohttpd-dev prometheus
+    # extlockctl freeze --guest-agent: a real qemu-ga for tests/monitoring
+    qemu-guest-agent
     # QEMU 7.2 build dependencies (x86_64-softmmu + tools + libnfs)
     dpkg-dev libpixman-1-dev libslirp-dev flex bison libfdt-dev zlib1g-dev
     python3 python3-venv python3-pytest python3-pytest-timeout

@@ -25,6 +25,19 @@
  * extlockctl itself dies, COMMAND gets SIGKILL (PR_SET_PDEATHSIG) and the
  * coordinator releases the lock when the session's lease runs out.
  *
+ * --guest-agent SOCKET[,SOCKET]... pairs the cut with the guests' own
+ * filesystem freeze: before the freeze lock is asked for, every guest
+ * agent (the unix socket of the host side of its channel) is sent
+ * guest-fsfreeze-freeze (guest-fsfreeze-freeze-list of --guest-fs
+ * MOUNTPOINT[,MOUNTPOINT]... if given: each guest freezes those it has,
+ * at least one), which flushes the guests' filesystems and holds their
+ * writes; after COMMAND, and on every error
+ * or timeout once any of them was sent, every agent is sent
+ * guest-fsfreeze-thaw.  If a guest cannot be frozen, those frozen are
+ * thawed and COMMAND does not run.  COMMAND then sees
+ * EXTLOCK_CUT_CONSISTENCY=filesystem (else crash) and
+ * EXTLOCK_CUT_GUEST_FILESYSTEMS (how many were frozen).
+ *
  * Exit status: 0 COMMAND succeeded; 1 an error (coordinator, permission,
  * unknown lock-space, COMMAND failed or was killed, session lost);
  * 2 bad usage; 124 the timeout.
@@ -44,6 +57,7 @@
 #include <json-c/json.h>
 #include "extlock/client-sync.h"
 #include "freeze.h"
+#include "guest-agent.h"
 
 /* How long to look for a leader among several coordinators */
 #define FREEZE_CONNECT_MS 10000
@@ -51,6 +65,7 @@
 #define FREEZE_CALL_TIMEOUT_MS  (10 * 1000)
 #define FREEZE_KILL_GRACE_MS    5000
 #define FREEZE_EXIT_TIMEOUT     124
+#define FREEZE_GA_TIMEOUT_MS    (60 * 1000)
 #define WHOLE_SPACE             ((uint64_t)1 << 63)
 
 typedef struct Freeze {
@@ -66,6 +81,10 @@ typedef struct Freeze {
     int pidfd;
     int status;                  /* of the child, once it exited */
     bool exited;
+    char **agents;               /* --guest-agent sockets */
+    char **guest_fs;             /* --guest-fs mountpoints */
+    bool agents_frozen;          /* a freeze was sent: thaw them all */
+    int64_t guest_filesystems;   /* frozen, in all guests */
 } Freeze;
 
 static int freeze_usage(const char *fmt, const char *arg)
@@ -74,7 +93,8 @@ static int freeze_usage(const char *fmt, const char *arg)
     fprintf(stderr, fmt, arg);
     fprintf(stderr, "\nUsage: extlockctl [-c ADDR] freeze LOCK-SPACE "
             "[--timeout S] [--client-id ID] [--lease-ms MS] [--offset N "
-            "--length N] [--allow-unused] -- COMMAND [ARG]...\n");
+            "--length N] [--allow-unused] [--guest-agent SOCKET[,SOCKET]... "
+            "[--guest-fs MOUNTPOINT[,MOUNTPOINT]...]] -- COMMAND [ARG]...\n");
     return 2;
 }
 
@@ -225,6 +245,14 @@ static pid_t freeze_spawn(Freeze *f, char **argv, const char *cut_time)
         setenv("EXTLOCK_CUT_EPOCH", epoch, 1);
         setenv("EXTLOCK_CUT_TIME", cut_time, 1);
         setenv("EXTLOCK_CUT_LOCK_SPACE", f->space, 1);
+        setenv("EXTLOCK_CUT_CONSISTENCY", f->agents ? "filesystem" : "crash",
+               1);
+        if (f->agents) {
+            g_autofree char *n = g_strdup_printf("%" PRId64,
+                                                 f->guest_filesystems);
+
+            setenv("EXTLOCK_CUT_GUEST_FILESYSTEMS", n, 1);
+        }
         execvp(argv[0], argv);
         fprintf(stderr, "extlockctl freeze: cannot run %s: %s\n", argv[0],
                 g_strerror(errno));
@@ -239,6 +267,87 @@ static pid_t freeze_spawn(Freeze *f, char **argv, const char *cut_time)
 #endif
     }
     return pid;
+}
+
+/* Per guest-agent call: what is left of the freeze's time, within bounds */
+static int freeze_ga_timeout(int64_t deadline)
+{
+    int64_t left = deadline ? deadline - now_ms() : FREEZE_GA_TIMEOUT_MS;
+
+    return (int)CLAMP(left, 1, FREEZE_GA_TIMEOUT_MS);
+}
+
+/* guest-fsfreeze-freeze on every agent; false (all thawed) on a failure */
+static bool freeze_guests(Freeze *f, int64_t deadline)
+{
+    for (char **a = f->agents; a && *a; a++) {
+        g_autofree char *err = NULL;
+        int64_t n = 0;
+
+        f->agents_frozen = true;
+        if (!guest_agent_freeze(*a, f->guest_fs, freeze_ga_timeout(deadline),
+                                &n, &err)) {
+            fprintf(stderr, "extlockctl freeze: lock-space %s: cannot freeze "
+                    "the guest's filesystems: %s\n", f->space, err);
+            return false;
+        }
+        f->guest_filesystems += n;
+        fprintf(stderr, "extlockctl freeze: lock-space %s: guest agent %s: "
+                "%" PRId64 " filesystem(s) frozen\n", f->space, *a, n);
+        if (f->guest_fs && n < 1) {
+            /* The agent skips the mountpoints its guest does not have */
+            fprintf(stderr, "extlockctl freeze: lock-space %s: guest agent "
+                    "%s froze none of the filesystems of --guest-fs\n",
+                    f->space, *a);
+            return false;
+        }
+    }
+    return true;
+}
+
+/*
+ * guest-fsfreeze-thaw on every agent (also those whose freeze failed or
+ * was not sent: thawing a thawed guest is harmless); false if one failed
+ */
+static bool freeze_thaw_guests(Freeze *f)
+{
+    bool ok = true;
+
+    if (!f->agents_frozen) {
+        return true;
+    }
+    f->agents_frozen = false;
+    for (char **a = f->agents; *a; a++) {
+        g_autofree char *err = NULL;
+        int64_t n = 0;
+
+        if (guest_agent_thaw(*a, FREEZE_GA_TIMEOUT_MS, &n, &err)) {
+            fprintf(stderr, "extlockctl freeze: lock-space %s: guest agent "
+                    "%s: %" PRId64 " filesystem(s) thawed\n", f->space, *a,
+                    n);
+        } else {
+            fprintf(stderr, "extlockctl freeze: lock-space %s: THAW FAILED: "
+                    "%s; the guest's filesystems may still be frozen "
+                    "(guest-fsfreeze-thaw through its agent)\n", f->space,
+                    err);
+            ok = false;
+        }
+    }
+    return ok;
+}
+
+/* "A,B" appended to @list (NULL-terminated); false on an empty item */
+static bool freeze_split_list(GPtrArray *list, const char *arg)
+{
+    g_auto(GStrv) items = g_strsplit(arg, ",", -1);
+
+    for (char **i = items; *i; i++) {
+        if (!**i) {
+            return false;
+        }
+        g_ptr_array_add(list, g_strdup(*i));
+    }
+    return items[0] != NULL;
 }
 
 /*
@@ -287,6 +396,8 @@ int freeze_main(const char *address, const ExtlockTlsOptions *tls,
     g_autofree char *cmdline = NULL;
     g_autoptr(GError) err = NULL;
     char **cmd = NULL;
+    g_autoptr(GPtrArray) agents = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) guest_fs = g_ptr_array_new_with_free_func(g_free);
     int64_t start, deadline = 0, next_renew, renew_every;
     ExtlockMsg welcome, req;
     int ret = 1, i;
@@ -300,6 +411,17 @@ int freeze_main(const char *address, const ExtlockTlsOptions *tls,
             break;
         } else if (g_str_equal(a, "--allow-unused")) {
             allow_unused = true;
+            continue;
+        } else if (g_str_equal(a, "--guest-agent") ||
+                   g_str_equal(a, "--guest-fs")) {
+            if (i + 1 >= argc) {
+                return freeze_usage("option '%s' needs a value", a);
+            }
+            if (!freeze_split_list(g_str_equal(a, "--guest-fs") ? guest_fs
+                                                                : agents,
+                                   argv[++i])) {
+                return freeze_usage("option '%s': empty item", a);
+            }
             continue;
         } else if (g_str_equal(a, "--client-id")) {
             if (i + 1 >= argc) {
@@ -349,6 +471,17 @@ int freeze_main(const char *address, const ExtlockTlsOptions *tls,
     if (length > WHOLE_SPACE - offset) {
         return freeze_usage("%s", "--offset + --length is beyond 2^63");
     }
+    if (guest_fs->len && !agents->len) {
+        return freeze_usage("%s", "--guest-fs needs --guest-agent");
+    }
+    if (agents->len) {
+        g_ptr_array_add(agents, NULL);
+        f.agents = (char **)agents->pdata;
+    }
+    if (guest_fs->len) {
+        g_ptr_array_add(guest_fs, NULL);
+        f.guest_fs = (char **)guest_fs->pdata;
+    }
     if (!client_id) {
         default_id = g_strdup_printf("freeze/%s/%d", g_get_host_name(),
                                      (int)getpid());
@@ -380,6 +513,15 @@ int freeze_main(const char *address, const ExtlockTlsOptions *tls,
     deadline = timeout_s ? start + (int64_t)timeout_s * 1000 : 0;
     renew_every = MAX(lease_ms / 3, 1);
     next_renew = start + renew_every;
+    /*
+     * The guests first: their filesystems flush (writes that complete
+     * before the cut) and then write nothing until thawed
+     */
+    if (f.agents && !freeze_guests(&f, deadline)) {
+        fprintf(stderr, "extlockctl freeze: lock-space %s: COMMAND not run\n",
+                f.space);
+        goto bye;
+    }
     extlock_msg_init(&req, EXTLOCK_MSG_LOCK);
     req.has_extent = true;
     req.offset = offset;
@@ -509,6 +651,9 @@ int freeze_main(const char *address, const ExtlockTlsOptions *tls,
     }
 
 release:
+    if (!freeze_thaw_guests(&f)) {
+        ret = ret ? ret : 1;
+    }
     {
         ExtlockMsg u, reply;
 
@@ -537,6 +682,9 @@ lost:
     ret = 1;
 
 bye:
+    if (!freeze_thaw_guests(&f)) {
+        ret = ret ? ret : 1;
+    }
     if (!f.lost) {
         ExtlockMsg b, reply;
 

@@ -148,3 +148,307 @@ def test_backup_without_freeze_lock_is_caught(image, extlockd,
                                 workdir, ["--offset", str(1 << 40),
                                           "--length", str(BLK)])
     assert any("sent after the cut" in x for x in problems), problems
+
+
+# ---------------------------------------------------------------------------
+# extent-lock-freeze / extent-lock-thaw: the freeze as a QMP command
+
+class TrackedWriter(Writer):
+    """A Writer that also shows the write in flight: (seq, t_sent)."""
+
+    def __init__(self, nbd_path, wid, seed):
+        super().__init__(nbd_path, wid, seed)
+        self.inflight = None
+
+    def run(self):
+        import random
+        rnd = random.Random(self.seed)
+        try:
+            with NbdClient(self.nbd_path, "disk") as c:
+                for seq in range(1, 100000):            # bounded
+                    if self.stop.is_set():
+                        break
+                    b = rnd.randrange(NBLK)
+                    data = struct.pack("<QQ", self.wid, seq) * (BLK // 16)
+                    t0 = time.monotonic()
+                    self.inflight = (seq, t0)
+                    c.write(b * BLK, data, timeout=120)
+                    self.done.append((self.wid, seq, b, t0, time.monotonic()))
+                    self.inflight = None
+        except Exception as e:                          # the test reports it
+            self.error = e
+
+
+def two_hosts(image, extlockd, lock_space, procs, lease_time=None):
+    daemons = [procs.storage_daemon(
+        name=f"qsd{i}",
+        blockdevs=[extlock_node(image.child, extlockd.coordinator(),
+                                lock_space, node_name="xl",
+                                client_id=f"host-{i}", lease_time=lease_time)],
+        exports=[("disk", "xl", True)]) for i in range(2)]
+    writers = [TrackedWriter(d.nbd_path, i + 1, i)
+               for i, d in enumerate(daemons)]
+    for w in writers:
+        w.start()
+    wait_until(lambda: sum(len(w.done) for w in writers) >= 40, timeout=60,
+               what="40 writes")
+    return daemons, writers
+
+
+def stop_writers(writers):
+    for w in writers:
+        w.stop.set()
+    for w in writers:
+        w.join(120)
+        assert not w.is_alive()
+        assert w.error is None, w.error
+
+
+def copy_image(image, workdir):
+    backup = workdir / "backup.raw"
+    subprocess.run([hp.binary("qemu-img"), "convert", "-U", "-f", "raw",
+                    "-O", "raw", str(image.path), str(backup)], check=True,
+                   timeout=120)
+    return backup.read_bytes()[:NBLK * BLK]
+
+
+def waiting(daemon):
+    """The extlock node of @daemon has a request waiting for its lock."""
+    return daemon.qmp.execute("query-extent-locks",
+                              {"node-name": "xl"})[0]["waiting"] != []
+
+
+def test_qmp_freeze_backup_is_a_consistent_cut(image, extlockd, lock_space,
+                                               procs, workdir, binaries):
+    """extent-lock-freeze on one host while both write: once it returns,
+    writes of both hosts wait; the copy taken then is a consistent cut;
+    after extent-lock-thaw they go on.  The node's histograms count the
+    waits and the holds the freeze ended."""
+    binaries("qemu-storage-daemon", "qemu-img")
+    daemons, writers = two_hosts(image, extlockd, lock_space, procs)
+    qmp = daemons[0].qmp
+    t_freeze = time.monotonic()
+    cut = qmp.execute("extent-lock-freeze",
+                      {"node-name": "xl", "timeout": 120}, timeout=130)
+    t_cmd = time.monotonic()
+    assert cut["node-name"] == "xl" and cut["lock-space"] == lock_space
+    assert cut["client-id"] == "host-0/freeze"
+    assert cut["epoch"] == cut["token"] >> 40 and cut["waited-ms"] >= 0
+    assert cut["time"].endswith("Z") or "+00" in cut["time"]
+    # the writers of both hosts are stopped by the freeze: a write of
+    # each waits for its lock (observed, not slept on)
+    wait_until(lambda: all(waiting(d) for d in daemons), timeout=60,
+               what="a write of each host waiting behind the freeze")
+    data = copy_image(image, workdir)
+    n = sum(len(w.done) for w in writers)
+    thawed = qmp.execute("extent-lock-thaw", {"node-name": "xl"})
+    assert thawed["token"] == cut["token"] and thawed["frozen-ms"] >= 0
+    wait_until(lambda: sum(len(w.done) for w in writers) >= n + 40,
+               timeout=60, what="40 writes after the thaw")
+    stop_writers(writers)
+    writes = [x for w in writers for x in w.done]
+    for wid in (1, 2):
+        assert any(x[0] == wid and x[3] > t_cmd for x in writes)
+    assert check_backup(data, writes, t_freeze, t_cmd) == []
+    e = qmp.execute_error("extent-lock-thaw", {"node-name": "xl"})
+    assert "Node 'xl' is not frozen" in e.desc
+
+    # histograms: log2 buckets, consistent with their counts
+    for d in daemons:
+        info = d.qmp.execute("query-extent-locks")[0]
+        for name in ("wait-histogram", "hold-histogram"):
+            h = info[name]
+            assert len(h["buckets"]) == 33, name
+            assert sum(h["buckets"]) == h["count"] > 0, (name, h)
+            assert h["max-us"] < 2 ** len(h["buckets"])
+            assert h["sum-us"] >= h["max-us"]
+        assert info["wait-histogram"]["count"] >= \
+            info["counters"]["grants"]
+
+
+def test_copy_without_freeze_is_caught(local_image, extlockd, lock_space,
+                                       procs, workdir, binaries):
+    """Control: the same copy without extent-lock-freeze.  Writes sent
+    after the would-be cut complete before the copy reads their blocks,
+    and the checker finds them."""
+    binaries("qemu-storage-daemon", "qemu-img")
+    daemons, writers = two_hosts(local_image, extlockd, lock_space, procs)
+    t_freeze = t_cmd = time.monotonic()
+    n = {w: len(w.done) for w in writers}
+    # more writes than blocks after the would-be cut, from each host
+    wait_until(lambda: all(len(w.done) >= n[w] + 2 * NBLK for w in writers),
+               timeout=60, what="writes after the would-be cut")
+    data = copy_image(local_image, workdir)
+    stop_writers(writers)
+    writes = [x for w in writers for x in w.done]
+    problems = check_backup(data, writes, t_freeze, t_cmd)
+    assert any("sent after the cut" in x for x in problems), problems
+
+
+def test_qmp_freeze_timeout_thaws(local_image, extlockd, lock_space, procs,
+                                  binaries):
+    """A freeze that outlives its timeout ends by itself: the event says
+    so, and the writers go on."""
+    binaries("qemu-storage-daemon")
+    daemons, writers = two_hosts(local_image, extlockd, lock_space, procs)
+    qmp = daemons[1].qmp
+    t0 = time.monotonic()
+    cut = qmp.execute("extent-lock-freeze", {"node-name": "xl", "timeout": 2})
+    ev = qmp.wait_event("EXTENT_LOCK_THAWED", timeout=30)
+    assert time.monotonic() - t0 >= 2
+    assert ev["data"]["reason"] == "timeout"
+    assert ev["data"]["token"] == cut["token"]
+    assert ev["data"]["node-name"] == "xl"
+    assert ev["data"]["lock-space"] == lock_space
+    n = sum(len(w.done) for w in writers)
+    wait_until(lambda: sum(len(w.done) for w in writers) >= n + 20,
+               timeout=60, what="writes after the timeout")
+    e = qmp.execute_error("extent-lock-thaw", {"node-name": "xl"})
+    assert "is not frozen" in e.desc
+    stop_writers(writers)
+
+
+def test_qmp_freeze_timeout_while_waiting(local_image, extlockd, lock_space,
+                                          procs, binaries):
+    """Another client holds an exclusive lock: the freeze is not granted
+    within its timeout, fails with a clear error and leaves nothing in the
+    coordinator."""
+    from harness.coordinator import CoordinatorClient
+    binaries("qemu-storage-daemon")
+    d = procs.storage_daemon(
+        name="qsd",
+        blockdevs=[extlock_node(local_image.child, extlockd.coordinator(),
+                                lock_space, node_name="xl",
+                                client_id="host-0")])
+    with CoordinatorClient(extlockd.address) as h:
+        h.hello("stubborn", lock_space)
+        h.lock(0, BLK, "exclusive")
+        t0 = time.monotonic()
+        e = d.qmp.execute_error("extent-lock-freeze",
+                                {"node-name": "xl", "timeout": 1})
+        assert time.monotonic() - t0 >= 1
+        assert "not granted within 1 s; request cancelled" in e.desc, e.desc
+
+        def freeze_gone():
+            st = h.status()
+            sp = [s for s in st["lock-spaces"] if s["name"] == lock_space]
+            held = sp[0]["held"] if sp else []
+            waiting = sp[0]["waiting"] if sp else []
+            return waiting == [] and \
+                [x["client-id"] for x in held] == ["stubborn"]
+        wait_until(freeze_gone, timeout=10, what="the freeze request gone")
+        e = d.qmp.execute_error("extent-lock-thaw", {"node-name": "xl"})
+        assert "is not frozen" in e.desc
+
+
+def test_qmp_freeze_host_killed(local_image, extlockd, lock_space, procs,
+                                binaries):
+    """The host that froze is killed (SIGKILL) during the freeze: the
+    coordinator releases the freeze lock when its session's lease runs
+    out, and the other host's writes go on."""
+    binaries("qemu-storage-daemon")
+    lease = 2000
+    daemons, writers = two_hosts(local_image, extlockd, lock_space, procs,
+                                 lease_time=lease)
+    daemons[0].qmp.execute("extent-lock-freeze",
+                           {"node-name": "xl", "timeout": 600})
+    wait_until(lambda: waiting(daemons[1]), timeout=30,
+               what="host 1's writer waiting behind the freeze")
+    writers[0].stop.set()
+    daemons[0].kill()
+    n = len(writers[1].done)
+    # lease (2 s) + the coordinator's margins, with ample slack
+    wait_until(lambda: len(writers[1].done) >= n + 20, timeout=60,
+               what="host 1's writes after the freezing host died")
+    writers[1].stop.set()
+    writers[1].join(120)
+    assert writers[1].error is None, writers[1].error
+
+
+def test_qmp_freeze_bad_arguments(local_image, extlockd, lock_space, procs,
+                                  binaries):
+    """Bad arguments give clear errors and change nothing: no freeze, no
+    session in the coordinator, writes go on."""
+    from harness.coordinator import coordinator_status
+    binaries("qemu-storage-daemon")
+    d = procs.storage_daemon(
+        name="qsd",
+        blockdevs=[{"driver": "null-co", "node-name": "plain"},
+                   extlock_node(local_image.child, extlockd.coordinator(),
+                                lock_space, node_name="xl",
+                                client_id="host-0")])
+
+    def sessions():
+        st = coordinator_status(extlockd.address)
+        return sorted(c["client-id"] for c in st.get("sessions", []))
+    before = sessions()
+    for args, msg in [
+        ({"node-name": "nope", "timeout": 10}, "Cannot find node 'nope'"),
+        ({"node-name": "plain", "timeout": 10},
+         "Node 'plain' is not an extlock node"),
+        ({"node-name": "xl", "timeout": -1},
+         "Parameter 'timeout' must be between 1 and 604800 seconds, not -1"),
+        ({"node-name": "xl", "timeout": 0}, "not 0"),
+        ({"node-name": "xl", "timeout": 10 ** 9}, "must be between"),
+        ({"node-name": "xl"}, "timeout"),
+        ({"timeout": 10}, "node-name"),
+    ]:
+        e = d.qmp.execute_error("extent-lock-freeze", args)
+        assert msg in e.desc, (args, e.desc)
+    e = d.qmp.execute_error("extent-lock-thaw", {"node-name": "nope"})
+    assert "Node 'nope' is not frozen" in e.desc
+    assert sessions() == before
+    # the node still works, and a good freeze still can be taken
+    cut = d.qmp.execute("extent-lock-freeze",
+                        {"node-name": "xl", "timeout": 30})
+    e = d.qmp.execute_error("extent-lock-freeze",
+                            {"node-name": "xl", "timeout": 30})
+    assert f"Node 'xl' is frozen already (token {cut['token']})" in e.desc
+    assert d.qmp.execute("extent-lock-thaw",
+                         {"node-name": "xl"})["token"] == cut["token"]
+
+
+def test_qmp_freeze_in_qemu_system_and_hmp_histograms(local_image, extlockd,
+                                                      lock_space, procs,
+                                                      binaries):
+    """The freeze from qemu-system-x86_64 on its own node (lock cache off:
+    every lock is released after its request, so each write is one wait
+    and one hold): a write during the freeze waits, goes on after the
+    thaw, and HMP info extent-locks shows both histograms."""
+    binaries("qemu-system-x86_64")
+    # a -drive: HMP qemu-io on a bare node would use a temporary
+    # BlockBackend, whose removal drains (and cancels) the aio_write
+    drive = hp.dotted(extlock_node(local_image.child, extlockd.coordinator(),
+                                   lock_space, node_name="xl",
+                                   client_id="vm-a", lock_cache=False))
+    vm = procs.qemu_system(extra_args=["-drive", f"if=none,id=drv0,{drive}"])
+
+    def info():
+        return vm.qmp.execute("query-extent-locks")[0]
+    out = vm.qmp.hmp('qemu-io drv0 "write -P 0x11 0 4k"')
+    assert "error" not in out.lower(), out
+    assert info()["wait-histogram"]["count"] == 1
+    wait_until(lambda: info()["hold-histogram"]["count"] == 1, timeout=15,
+               what="the write's lock to be released")
+    cut = vm.qmp.execute("extent-lock-freeze",
+                         {"node-name": "xl", "timeout": 60})
+    assert cut["client-id"] == "vm-a/freeze"
+    # a write now waits behind the freeze (HMP qemu-io's aio_write does
+    # not block the monitor)
+    out = vm.qmp.hmp('qemu-io drv0 "aio_write -P 0x22 0 4k"')
+    assert "error" not in out.lower(), out
+    wait_until(lambda: info()["waiting"], timeout=15,
+               what="the write to wait behind the freeze")
+    thawed = vm.qmp.execute("extent-lock-thaw", {"node-name": "xl"})
+    wait_until(lambda: info()["hold-histogram"]["count"] == 2, timeout=15,
+               what="the write to go on after the thaw")
+    i = info()
+    assert i["wait-histogram"]["count"] == 2
+    assert sum(i["wait-histogram"]["buckets"]) == 2
+    # the second wait lasted at least from the write to the thaw
+    assert i["wait-histogram"]["max-us"] >= 1000 * min(thawed["frozen-ms"],
+                                                       1)
+    text = vm.qmp.hmp("info extent-locks")
+    assert "  wait times: 2, p50 < " in text, text
+    assert "  hold times: 2, p50 < " in text, text
+    assert "p99 < " in text and "max " in text, text

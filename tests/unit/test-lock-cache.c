@@ -262,6 +262,40 @@ static void test_grow_limit(void **state)
     assert_int_equal(r.end, 2001 * K);
 }
 
+/* log2 buckets: 0 us, [1, 2), [2, 4), ... and an open last bucket */
+static void test_histogram(void **state)
+{
+    ExtlockHist h = { 0 };
+
+    (void)state;
+    assert_int_equal(extlock_hist_bucket(0), 0);
+    assert_int_equal(extlock_hist_bucket(1), 1);
+    assert_int_equal(extlock_hist_bucket(2), 2);
+    assert_int_equal(extlock_hist_bucket(3), 2);
+    assert_int_equal(extlock_hist_bucket(4), 3);
+    assert_int_equal(extlock_hist_bucket(1023), 10);
+    assert_int_equal(extlock_hist_bucket(1024), 11);
+    assert_int_equal(extlock_hist_bucket((1ULL << 31) - 1), 31);
+    assert_int_equal(extlock_hist_bucket(1ULL << 31), 32);
+    assert_int_equal(extlock_hist_bucket(UINT64_MAX), EXTLOCK_HIST_BUCKETS - 1);
+
+    assert_int_equal(extlock_hist_quantile_bound(&h, 0.5), 0);
+    for (int i = 0; i < 99; i++) {
+        extlock_hist_add(&h, 100);          /* bucket 7: [64, 128) */
+    }
+    extlock_hist_add(&h, 5000000);          /* bucket 23 */
+    assert_int_equal(h.count, 100);
+    assert_int_equal(h.sum_us, 99 * 100 + 5000000);
+    assert_int_equal(h.max_us, 5000000);
+    assert_int_equal(h.buckets[7], 99);
+    assert_int_equal(h.buckets[23], 1);
+    assert_int_equal(extlock_hist_quantile_bound(&h, 0.5), 128);
+    assert_int_equal(extlock_hist_quantile_bound(&h, 0.99), 128);
+    assert_int_equal(extlock_hist_quantile_bound(&h, 1.0), 1 << 23);
+    extlock_hist_add(&h, UINT64_MAX / 2);
+    assert_true(extlock_hist_quantile_bound(&h, 1.0) == UINT64_MAX);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -271,6 +305,7 @@ int main(void)
         cmocka_unit_test(test_local_order),
         cmocka_unit_test(test_revoke_part),
         cmocka_unit_test(test_grow_limit),
+        cmocka_unit_test(test_histogram),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -27,6 +27,7 @@ extlockd use for leases.
 
 import ast
 import os
+import re
 import select
 import signal
 import socket
@@ -56,7 +57,10 @@ def _schema_exprs(path=SCHEMA):
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                exprs.append(ast.literal_eval(text[start:i + 1]))
+                # JSON's true/false (e.g. 'coroutine': true) as Python's
+                expr = re.sub(r"\btrue\b", "True", text[start:i + 1])
+                expr = re.sub(r"\bfalse\b", "False", expr)
+                exprs.append(ast.literal_eval(expr))
     return exprs
 
 

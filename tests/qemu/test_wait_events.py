@@ -1,0 +1,112 @@
+"""EXTENT_LOCK_WAIT_TIMEOUT is rate-limited per node.
+
+SPDX-License-Identifier: GPL-2.0-or-later
+Copyright (c) 2026 The extlock authors
+
+A stuck holder makes every request behind it cross the node's
+wait-warning-time; the node sends at most one event a second and the next
+one counts those it left out (``left-out``).
+"""
+
+import time
+
+from harness.coordinator import CoordinatorClient
+from harness.faults import NbdClient, check_event, events_named
+from harness.procs import extlock_node, wait_until
+
+KiB = 1024
+MiB = 1024 * KiB
+WAIT_TIMEOUT = "EXTENT_LOCK_WAIT_TIMEOUT"
+INTERVAL = 1.0          # the driver's EXTLOCK_WAIT_EVENT_INTERVAL_NS
+
+
+def test_wait_timeout_events_rate_limited(local_image, extlockd, lock_space,
+                                          procs, binaries):
+    binaries("qemu-storage-daemon")
+    q = procs.storage_daemon(
+        name="qsd",
+        blockdevs=[extlock_node(local_image.child, extlockd.coordinator(),
+                                lock_space, node_name="xl",
+                                client_id="host-a", lock_cache=False,
+                                wait_warning_time=200)],
+        exports=[("disk", "xl", True)])
+    q.qmp.poll_events(0)
+    q.qmp.events.clear()
+    with CoordinatorClient(extlockd.address) as holder, \
+            NbdClient(q.nbd_path, "disk") as n:
+        holder.hello("stuck-holder", lock_space)
+        g = holder.lock(0, MiB, "exclusive")
+        # three writes behind the stuck holder cross the limit together
+        handles = [n.send_write(i * 64 * KiB, bytes([i + 1]) * 4096)
+                   for i in range(3)]
+        wait_until(lambda: len(q.qmp.execute(
+            "query-extent-locks")[0]["waiting"]) == 3, timeout=10,
+            what="three writes waiting")
+        first = q.qmp.wait_event(WAIT_TIMEOUT, timeout=10)
+        t_first = time.monotonic()
+        check_event(first, WAIT_TIMEOUT, node_name="xl", mode="exclusive",
+                    blocked_by=["stuck-holder"])
+        assert "left-out" not in first["data"]
+        # the other two are left out (they crossed within the interval)
+        assert events_named(q.qmp, WAIT_TIMEOUT, timeout=0.5) == []
+        # a fourth write, sent once the interval has passed, is reported
+        # and says how many were left out before it
+        wait_until(lambda: time.monotonic() > t_first + INTERVAL,
+                   timeout=INTERVAL + 1, interval=0.02,
+                   what="the rate-limit interval to pass")
+        handles.append(n.send_write(4 * 64 * KiB, b"\x04" * 4096))
+        ev = q.qmp.wait_event(WAIT_TIMEOUT, timeout=10)
+        check_event(ev, WAIT_TIMEOUT, node_name="xl", offset=4 * 64 * KiB,
+                    length=4096, mode="exclusive",
+                    blocked_by=["stuck-holder"])
+        assert ev["data"]["left-out"] == 2, ev
+        holder.unlock(g["lock"])
+        for h in handles:
+            err, _ = n.wait(h, timeout=10)
+            assert err == 0
+    assert events_named(q.qmp, WAIT_TIMEOUT, timeout=0.3) == []
+
+
+def test_long_hold_event(local_image, extlockd, lock_space, procs, binaries):
+    """The node keeps a lock the coordinator asked back (min-hold-time 3 s)
+    longer than wait-warning-time (300 ms): EXTENT_LOCK_LONG_HOLD names the
+    held extent, its token, how long it was held and asked back, and the
+    waiting request's token; the waiter is granted once the node lets go."""
+    binaries("qemu-storage-daemon")
+    q = procs.storage_daemon(
+        name="qsd",
+        blockdevs=[extlock_node(local_image.child, extlockd.coordinator(),
+                                lock_space, node_name="xl",
+                                client_id="host-a", wait_warning_time=300,
+                                min_hold_time=3000000)],
+        exports=[("disk", "xl", True)])
+    with CoordinatorClient(extlockd.address) as other, \
+            NbdClient(q.nbd_path, "disk") as n:
+        other.hello("other", lock_space)
+        n.write(0, b"\x01" * 4096, timeout=10)
+        held = q.qmp.execute("query-extent-locks")[0]["held"]
+        assert len(held) == 1 and held[0]["mode"] == "exclusive", held
+        q.qmp.poll_events(0)
+        q.qmp.events.clear()
+        t0 = time.monotonic()
+        rid = other.request({"type": "lock", "offset": 0, "length": 4096,
+                             "mode": "exclusive", "wait": True})
+        waiting = other.reply(rid, accept_waiting=True)
+        assert waiting["type"] == "waiting", waiting
+        ev = q.qmp.wait_event("EXTENT_LOCK_LONG_HOLD", timeout=10)
+        check_event(ev, "EXTENT_LOCK_LONG_HOLD", node_name="xl",
+                    offset=held[0]["offset"], length=held[0]["length"],
+                    mode="exclusive", token=held[0]["token"], in_flight=0)
+        assert "left-out" not in ev["data"]
+        assert ev["data"]["revoked-ms"] >= 300
+        assert ev["data"]["held-ms"] >= ev["data"]["revoked-ms"]
+        assert ev["data"]["waiter-token"] > held[0]["token"]
+        if "token" in waiting:
+            assert ev["data"]["waiter-token"] == waiting["token"]
+        g = other.reply(rid, timeout=15)
+        assert g["type"] == "granted"
+        # min-hold-time (3 s from the node's grant) passed first
+        assert time.monotonic() - t0 < 15
+        assert ev["data"]["waiter-token"] == g["token"]
+    # once per revocation
+    assert events_named(q.qmp, "EXTENT_LOCK_LONG_HOLD", timeout=0.3) == []
