@@ -1204,26 +1204,29 @@ static void test_floods(void **state)
 
 /*
  * A hello storm on a slow disk (every state file write takes
- * STATE_DELAY_MS): STORM new sessions at once.  The writes are coalesced
- * off the event loop, so the victim's renewals are not delayed, every
- * welcome arrives, and the state file lists every session.
+ * STORM_STATE_DELAY_MS): STORM new sessions at once.  The writes are
+ * coalesced off the event loop, so the victim's renewals are not delayed,
+ * every welcome arrives, and the state file lists every session.
  */
 #define STATE_DELAY_MS 50
 #define STORM 200
+#define STORM_STATE_DELAY_MS 400
 /*
- * The storm victim's lease: half of what the STORM writes would cost one
- * by one on the event loop (10 s), so that such a daemon holds a renewal
- * past the lease (the renewal sent a quarter lease into the storm waits
- * for most of the writes) - and a daemon that coalesces has 3/4 of 5 s to
- * answer on a loaded machine (under ASan, one CPU shared with three busy
- * loops: up to 1.6 s seen, with a 2 s lease that was late)
+ * The storm victim's lease: a quarter of what the STORM writes would cost
+ * one by one on the event loop (80 s), so that such a daemon holds a
+ * renewal far past the lease (the renewal sent into the storm waits for
+ * most of the writes) - and a daemon that coalesces has 3/4 of 20 s to
+ * answer on a loaded machine.  Seen with 50 ms writes and a 5 s lease
+ * under ASan at load average 15-28 on 2 CPUs: 200 welcomes took 9.8 s of
+ * CPU-starved event loop and a renewal 3.8 s, twice in a row, which was
+ * counted late although no renewal waited for a write.
  */
-#define STORM_VICTIM_LEASE_MS (STORM * STATE_DELAY_MS / 2)
+#define STORM_VICTIM_LEASE_MS (STORM * STORM_STATE_DELAY_MS / 4)
 
 static void test_hello_storm(void **state)
 {
     g_autofree char *delay = g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d",
-                                             STATE_DELAY_MS);
+                                             STORM_STATE_DELAY_MS);
     const char *env[] = { delay, NULL };
     Daemon *d = daemon_start(NULL, NULL, env);
     ExtlockConn *victim = conn_open(d->unix_addr);
@@ -1276,11 +1279,11 @@ static void test_hello_storm(void **state)
         extlock_msg_clear(&w);
     }
     g_test_message("hello storm: %d welcomes in %" PRId64 " ms (a write "
-                   "takes %d ms)", STORM, now_ms() - t0, STATE_DELAY_MS);
+                   "takes %d ms)", STORM, now_ms() - t0, STORM_STATE_DELAY_MS);
     /*
      * Written one by one on the event loop, the STORM writes would hold a
-     * renewal for up to STORM * STATE_DELAY_MS = 10 s, past the victim's
-     * 5 s lease: the renewer would count it late.
+     * renewal for up to STORM * STORM_STATE_DELAY_MS = 80 s, past the
+     * victim's 20 s lease: the renewer would count it late.
      */
     renewer_stop(&rn, "victim during the hello storm");
     /* Every session is in the file (it was, before its welcome) */
