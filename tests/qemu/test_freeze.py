@@ -87,7 +87,12 @@ def check_backup(data, writes, t_freeze, t_cmd):
 
 
 def freeze_backup(image, extlockd, lock_space, procs, workdir,
-                  freeze_args):
+                  freeze_args, control=False):
+    """Two hosts write; extlockctl freeze copies the image.  With
+    @control, the command waits (bounded) until each host has answered
+    2 * NBLK writes sent after the cut before it copies, so that a freeze
+    which stops nothing leaves such writes in the copy whatever the load;
+    else it copies after 0.5 s."""
     daemons = [procs.storage_daemon(
         name=f"qsd{i}",
         blockdevs=[extlock_node(image.child, extlockd.coordinator(),
@@ -97,28 +102,51 @@ def freeze_backup(image, extlockd, lock_space, procs, workdir,
     writers = [Writer(d.nbd_path, i + 1, i) for i, d in enumerate(daemons)]
     for w in writers:
         w.start()
-    total = lambda: sum(len(w.done) for w in writers)      # noqa: E731
-    wait_until(lambda: total() >= 40, timeout=60, what="40 writes")
+    # each host has written before the cut (observed, whatever the load)
+    wait_until(lambda: all(len(w.done) >= 20 for w in writers), timeout=60,
+               what="20 writes of each host")
     backup = workdir / "backup.raw"
     tcmd = workdir / "t_cmd"
+    go = workdir / "go"
+    if control:
+        hold = (f"{sys.executable} -c 'import os, time, sys; "
+                f"d = time.monotonic() + 60\n"
+                f"while not os.path.exists(\"{go}\") and "
+                f"time.monotonic() < d: time.sleep(0.02)'")
+    else:
+        hold = f"{sys.executable} -c 'import time; time.sleep(0.5)'"
     script = (f"{sys.executable} -c 'import time; print(time.monotonic())' "
-              f"> {tcmd} && {sys.executable} -c 'import time; time.sleep(0.5)'"
+              f"> {tcmd}.new && mv {tcmd}.new {tcmd} && {hold}"
               f" && {hp.binary('qemu-img')} convert -U -f raw -O raw "
               f"{image.path} {backup}")
     t_freeze = time.monotonic()
-    p = subprocess.run([hp.binary("extlockctl"), "-c", extlockd.address,
-                        "freeze", lock_space, "--timeout", "60", *freeze_args,
-                        "--", "sh", "-c", script],
-                       capture_output=True, text=True, timeout=120)
-    n = total()
-    wait_until(lambda: total() >= n + 40, timeout=60, what="40 more writes")
+    proc = subprocess.Popen([hp.binary("extlockctl"), "-c", extlockd.address,
+                             "freeze", lock_space, "--timeout", "60",
+                             *freeze_args, "--", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    if control:
+        wait_until(lambda: tcmd.exists() or proc.poll() is not None,
+                   timeout=60, what="the freeze command to start")
+        if tcmd.exists():
+            t = float(tcmd.read_text())
+            wait_until(lambda: all(sum(1 for x in list(w.done) if x[3] > t)
+                                   >= 2 * NBLK for w in writers),
+                       timeout=60, what="writes of each host after the cut")
+        go.touch()
+    out, err = proc.communicate(timeout=120)
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    t_cmd = float(tcmd.read_text())
+    # each host writes after the cut too (the freeze has ended)
+    wait_until(lambda: all(sum(1 for x in list(w.done) if x[3] > t_cmd)
+                           >= 20 for w in writers),
+               timeout=60, what="20 writes of each host after the cut")
     for w in writers:
         w.stop.set()
     for w in writers:
         w.join(60)
         assert w.error is None, w.error
     assert p.returncode == 0, p.stderr
-    t_cmd = float(tcmd.read_text())
     writes = [x for w in writers for x in w.done]
     # writes from both hosts were sent before and after the cut
     for wid in (1, 2):
@@ -146,7 +174,8 @@ def test_backup_without_freeze_lock_is_caught(image, extlockd,
     binaries("qemu-storage-daemon", "qemu-img", "extlockctl")
     _, problems = freeze_backup(image, extlockd, lock_space, procs,
                                 workdir, ["--offset", str(1 << 40),
-                                          "--length", str(BLK)])
+                                          "--length", str(BLK)],
+                                control=True)
     assert any("sent after the cut" in x for x in problems), problems
 
 
@@ -190,8 +219,8 @@ def two_hosts(image, extlockd, lock_space, procs, lease_time=None):
                for i, d in enumerate(daemons)]
     for w in writers:
         w.start()
-    wait_until(lambda: sum(len(w.done) for w in writers) >= 40, timeout=60,
-               what="40 writes")
+    wait_until(lambda: all(len(w.done) >= 20 for w in writers), timeout=60,
+               what="20 writes of each host")
     return daemons, writers
 
 
