@@ -724,6 +724,11 @@ int main(int argc, char **argv)
                   "of the lock-spaces the policy allows \"anonymous\"");
     }
     extlockd_server_restore(server, sessions);
+    if (!extlockd_server_load_reservations(server, cfg.state_file, &err)) {
+        g_critical("%s", err->message);
+        extlockd_server_free(server);
+        return 1;
+    }
     if (!extlockd_server_save_state(server, &err)) {
         g_critical("%s", err->message);
         extlockd_server_free(server);
