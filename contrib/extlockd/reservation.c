@@ -424,6 +424,7 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
     json_tokener *tok = json_tokener_new();
     json_object *obj = json_tokener_parse_ex(tok, data, (int)len);
     json_object *arr;
+    g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
     bool ok = false;
 
     json_tokener_free(tok);
@@ -452,8 +453,7 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
         if (!json_object_is_type(e, json_type_object) ||
             !json_object_object_get_ex(e, "lock-space", &name) ||
             !json_object_is_type(name, json_type_string) ||
-            g_hash_table_contains(server->pr->spaces,
-                                  json_object_get_string(name))) {
+            !g_hash_table_add(seen, (char *)json_object_get_string(name))) {
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                         "state: reservation %zu has no or a duplicate "
                         "\"lock-space\"", i);
@@ -469,6 +469,7 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
                         json_object_get_string(name), err.message);
             goto out;
         }
+        /* what a former term of this leader left is replaced */
         pr = pr_get(server, json_object_get_string(name));
         extlock_pr_destroy(&pr->state);
         pr->state = *m.pr;

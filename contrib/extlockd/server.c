@@ -240,6 +240,14 @@ bool extlockd_server_load_reservations(ExtlockdServer *server,
     return reservation_load(server, data, len, errp);
 }
 
+bool extlockd_server_load_reservations_json(ExtlockdServer *server,
+                                            const char *json, GError **errp)
+{
+    g_autofree char *obj = g_strdup_printf("{\"reservations\":%s}", json);
+
+    return reservation_load(server, obj, strlen(obj), errp);
+}
+
 bool extlockd_server_save_state(ExtlockdServer *server, GError **errp)
 {
     return server_save_state(server, server->epoch, errp);

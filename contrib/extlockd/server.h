@@ -155,6 +155,9 @@ bool extlockd_server_save_state(ExtlockdServer *server, GError **errp);
  */
 bool extlockd_server_load_reservations(ExtlockdServer *server,
                                        const char *path, GError **errp);
+/* The same from the JSON text of the "reservations" member (HA) */
+bool extlockd_server_load_reservations_json(ExtlockdServer *server,
+                                            const char *json, GError **errp);
 
 /*
  * Start listening on @address ("unix:PATH", "tcp:HOST:PORT" or an
