@@ -18,6 +18,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <glib.h>
 
 #include "extlockd-harness.h"
@@ -110,6 +111,21 @@ static uint64_t change(ExtlockConn *from, ExtlockConn **others, int n,
     return seq;
 }
 
+/* extlockctl -c ADDR ARGS...: its stdout (g_free), exit status 0 checked */
+static char *ctl(const char *addr, const char *a1, const char *a2)
+{
+    const char *argv[] = { extlockctl_bin, "-c", addr, a1, a2, NULL };
+    g_autoptr(GError) err = NULL;
+    char *out = NULL;
+    int status;
+
+    assert_true(g_spawn_sync(NULL, (char **)argv, NULL,
+                             G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &out,
+                             NULL, &status, &err));
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return out;
+}
+
 static void test_pr_push_and_ack(void **state)
 {
     Daemon *d = daemon_start(NULL, NULL, NULL);
@@ -169,6 +185,16 @@ static void test_pr_push_and_ack(void **state)
         assert_int_equal(jint(r, "pr-type"), 5);
         assert_string_equal(jstr(r, "holder"), "A");
         json_object_put(st);
+    }
+    /* ... and extlockctl */
+    {
+        g_autofree char *out = ctl(d->unix_addr, "reservations", NULL);
+
+        assert_non_null(strstr(out, "Persistent reservations"));
+        assert_non_null(strstr(out, "A=0xaaaa B=0xbbbbbbbbbbbbbbbb"));
+        g_free(out);
+        out = ctl(d->unix_addr, "--json", "reservations");
+        assert_non_null(strstr(out, "\"holder\": \"A\""));
     }
     daemon_stop(d);
 }
