@@ -150,3 +150,38 @@ def test_live_node_applies_pushed_state(pr_env, procs, nfs_image, extlockd,
     assert a.out([b], "release", key=0xa, pr_type=1)["result"] == "ok"
     r = run_qemu_io(nbd, ["write -P 0x22 0 4k", "read -P 0x22 0 4k"])
     assert "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_ack_waits_for_write_in_flight(pr_env, procs, nfs_image, extlockd,
+                                       lock_space):
+    """A node that loses write access acknowledges the change only once its
+    writes in flight completed: a write of host-c suspended below its
+    extlock node (blkdebug) keeps host-a's RESERVE from completing until
+    it is resumed; host-c's next write conflicts."""
+    from harness import procs as hp
+
+    node, a, b = pr_env
+    assert a.out([b], "register", sa_key=0xa)["result"] == "ok"
+    c = procs.qemu_io(extlock_node(hp.blkdebug_child(nfs_image.child),
+                                   extlockd.coordinator(), lock_space,
+                                   node_name="xlc", client_id="host-c",
+                                   lock_cache=False), name="host-c")
+    assert c.cmd("break write_aio hold").strip() == ""
+    c.cmd("aio_write -P 0x5a 0 4k")
+    c.cmd("wait_break hold", timeout=20)
+
+    rid = a.c.request({"type": "pr-out", "action": "reserve", "key": "a",
+                       "pr-type": 1})
+    upd = b.next_update()
+    b.c.call({"type": "pr-ack", "seq": upd["seq"]})
+    # host-c has applied the state but still has the write in flight
+    with pytest.raises(TimeoutError):
+        a.c.reply(rid, timeout=1.5)
+    c.cmd("resume hold")
+    r = a.c.reply(rid, timeout=20)
+    assert r["type"] == "pr-result" and r["result"] == "ok", r
+    out = c.cmd("aio_flush")
+    assert "failed" not in out, out
+    out = c.cmd("write -P 0x5b 0 4k")
+    assert f"write failed: {EBADE}" in out, out
+    c.quit()
