@@ -348,6 +348,17 @@ static void extlock_conn_handle(ExtlockConnection *c, ExtlockMsg *msg)
             c->ops->fence_status(c->opaque, msg);
         }
         return;
+    case EXTLOCK_MSG_PR_UPDATE:
+        c->ops->pr_update(c->opaque, msg);
+        return;
+    case EXTLOCK_MSG_PR_RESULT:
+    case EXTLOCK_MSG_PR_STATUS:
+    case EXTLOCK_MSG_PR_ACKED:
+        if (!c->ops->reply(c->opaque, msg)) {
+            trace_extlock_client_unexpected(c->node_name,
+                                            extlock_msg_type_name(msg->type));
+        }
+        return;
     default:
         trace_extlock_client_unexpected(c->node_name,
                                         extlock_msg_type_name(msg->type));

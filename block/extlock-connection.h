@@ -86,6 +86,8 @@ typedef struct ExtlockConnOps {
     void (*session_reclaimed)(void *opaque, GArray *reclaims);
     /* Reconnected with a new session: every lock is gone; how many */
     uint64_t (*session_new)(void *opaque);
+    /* The persistent reservation state changed (extlock-pr.h) */
+    void (*pr_update)(void *opaque, ExtlockMsg *msg);
 } ExtlockConnOps;
 
 /*

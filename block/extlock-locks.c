@@ -16,6 +16,7 @@
 #include "qapi/error.h"
 #include "qemu/sockets.h"
 #include "extlock-locks.h"
+#include "extlock-pr.h"
 #include "extlock-compat.h"
 #include "trace.h"
 
@@ -950,6 +951,8 @@ static void extlock_locks_state_changed(void *opaque)
         /* A new connection: no reply comes to the old one's cancels */
         g_hash_table_remove_all(c->cancel_ids);
     }
+    extlock_pr_conn_changed(c->pr,
+                            extlock_conn_state(c->conn) == EXTLOCK_CONN_ACTIVE);
     extlock_locks_wake_usable(c);
 }
 
@@ -1107,6 +1110,10 @@ static void extlock_wait_timer_cb(void *opaque)
 static bool extlock_locks_reply(void *opaque, ExtlockMsg *msg)
 {
     ExtlockClient *c = opaque;
+
+    if (extlock_pr_reply(c->pr, msg)) {
+        return true;
+    }
 
     /*
      * "cancelled", or "not-found" when the grant crossed the cancel (the
@@ -1448,6 +1455,13 @@ static uint64_t extlock_locks_forget_all(void *opaque)
     return all->len;
 }
 
+static void extlock_locks_pr_update(void *opaque, ExtlockMsg *msg)
+{
+    ExtlockClient *c = opaque;
+
+    extlock_pr_update(c->pr, msg);
+}
+
 static const ExtlockConnOps extlock_conn_ops = {
     .request_reply      = extlock_locks_request_reply,
     .request_lost       = extlock_locks_request_lost,
@@ -1462,6 +1476,7 @@ static const ExtlockConnOps extlock_conn_ops = {
     .session_resumed    = extlock_locks_resumed,
     .session_reclaimed  = extlock_locks_reclaimed,
     .session_new        = extlock_locks_forget_all,
+    .pr_update          = extlock_locks_pr_update,
 };
 
 /*
@@ -1547,6 +1562,8 @@ ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
         extlock_client_free(c);
         return NULL;
     }
+    c->pr = extlock_pr_new(c->conn, client_id);
+    extlock_pr_subscribe(c->pr);
     return c;
 }
 
@@ -1593,6 +1610,7 @@ void extlock_client_free(ExtlockClient *c)
     extlock_locks_detach(c);
     /* Says bye: the coordinator drops our locks */
     extlock_conn_free(c->conn);
+    extlock_pr_free(c->pr);
     assert(QLIST_EMPTY(&c->waiting));
     while ((n = extlock_itree_first(&c->locks))) {
         ExtlockCachedLock *l = container_of(n, ExtlockCachedLock, ce.node);

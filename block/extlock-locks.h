@@ -175,6 +175,7 @@ typedef struct ExtlockClient {
     int64_t last_now_ns;
 
     ExtlockClientStats stats;
+    struct ExtlockPr *pr;       /* persistent reservations (extlock-pr.h) */
 } ExtlockClient;
 
 /*

@@ -30,6 +30,7 @@
 #include "block/block_int.h"
 #include "crypto/tlscredsx509.h"
 #include "extlock-int.h"
+#include "extlock-pr.h"
 #include "trace.h"
 
 /* Option names the code needs by name: the schema holds the rest */
@@ -594,9 +595,19 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
                                      bytes, ret);
         return ret;
     }
+    /*
+     * A persistent reservation that excludes this node (extlock-pr.h).
+     * Checked under the lock: its grant came after the reservation state
+     * on the same connection, so the state is the current one.
+     */
+    if (!extlock_pr_io_start(s->client->pr, kind != EXTLOCK_IO_READ)) {
+        extlock_client_unlock(s->client, &req);
+        return -EBADE;
+    }
     ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset, flags,
                           &req);
     extlock_client_unlock(s->client, &req);
+    extlock_pr_io_done(s->client->pr, kind != EXTLOCK_IO_READ);
     if (req.child_ns > 0 && !req.waited) {
         extlock_client_add_cost(s->client,
                                 qemu_clock_get_ns(QEMU_CLOCK_REALTIME) -
@@ -770,6 +781,7 @@ extlock_refresh_limits(BlockDriverState *bs, Error **errp)
     bs->bl.max_pwrite_zeroes = 0;
     bs->bl.pdiscard_alignment = 0;
     bs->bl.max_pdiscard = 0;
+    bs->bl.pr_cap = 1;          /* persistent reservations: extlock-pr.c */
     trace_extlock_refresh_limits(bdrv_get_node_name(bs), s->lock_alignment);
 }
 
@@ -925,6 +937,80 @@ static BlockStatsSpecific *extlock_get_specific_stats(BlockDriverState *bs)
     return stats;
 }
 
+/*
+ * Persistent reservations: scsi-hd's PERSISTENT RESERVE IN/OUT (see
+ * extlock-pr.h; the node's I_T nexus is its client-id)
+ */
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pr_read_keys(BlockDriverState *bs, uint32_t *generation,
+                        uint32_t num_keys, uint64_t *keys)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    return extlock_pr_read_keys(s->client->pr, generation, num_keys, keys);
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pr_read_reservation(BlockDriverState *bs, uint32_t *generation,
+                               uint64_t *key, BlockPrType *type)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    return extlock_pr_read_reservation(s->client->pr, generation, key, type);
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pr_register(BlockDriverState *bs, uint64_t old_key,
+                       uint64_t new_key, BlockPrType type, bool ptpl,
+                       bool ignore_key)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    return extlock_pr_co_out(s->client->pr,
+                             ignore_key ? EXTLOCK_PR_REGISTER_AND_IGNORE
+                                        : EXTLOCK_PR_REGISTER,
+                             type, old_key, new_key, ptpl);
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pr_reserve(BlockDriverState *bs, uint64_t key, BlockPrType type)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    return extlock_pr_co_out(s->client->pr, EXTLOCK_PR_RESERVE, type, key, 0,
+                             false);
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pr_release(BlockDriverState *bs, uint64_t key, BlockPrType type)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    return extlock_pr_co_out(s->client->pr, EXTLOCK_PR_RELEASE, type, key, 0,
+                             false);
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pr_clear(BlockDriverState *bs, uint64_t key)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    return extlock_pr_co_out(s->client->pr, EXTLOCK_PR_CLEAR, 0, key, 0,
+                             false);
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+extlock_co_pr_preempt(BlockDriverState *bs, uint64_t old_key,
+                      uint64_t new_key, BlockPrType type, bool abort)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    return extlock_pr_co_out(s->client->pr,
+                             abort ? EXTLOCK_PR_PREEMPT_AND_ABORT
+                                   : EXTLOCK_PR_PREEMPT,
+                             type, old_key, new_key, false);
+}
+
 BlockDriver bdrv_extlock = {
     .format_name                = "extlock",
     .instance_size              = sizeof(BDRVExtlockState),
@@ -943,6 +1029,13 @@ BlockDriver bdrv_extlock = {
     .bdrv_co_pwritev_compressed_part = extlock_co_pwritev_compressed_part,
     .bdrv_co_pwrite_zeroes      = extlock_co_pwrite_zeroes,
     .bdrv_co_pdiscard           = extlock_co_pdiscard,
+    .bdrv_co_pr_read_keys       = extlock_co_pr_read_keys,
+    .bdrv_co_pr_read_reservation = extlock_co_pr_read_reservation,
+    .bdrv_co_pr_register        = extlock_co_pr_register,
+    .bdrv_co_pr_reserve         = extlock_co_pr_reserve,
+    .bdrv_co_pr_release         = extlock_co_pr_release,
+    .bdrv_co_pr_clear           = extlock_co_pr_clear,
+    .bdrv_co_pr_preempt         = extlock_co_pr_preempt,
     .bdrv_co_flush              = extlock_co_flush,
     .bdrv_co_block_status       = extlock_co_block_status,
 

@@ -168,13 +168,17 @@ done
 # files since removed or renamed in block/ must not linger in the tree
 for f in "$SRC"/block/extlock/*; do
     case "$(basename "$f")" in
-        extent.c|interval-tree.c|protocol.c) ;;
+        extent.c|interval-tree.c|protocol.c|reservation.c) ;;
         *) [ -e "$REPO/block/$(basename "$f")" ] || rm -f "$f" ;;
     esac
 done
 install_file "$REPO/util/extent.c" "$SRC/block/extlock/extent.c"
 install_file "$REPO/util/interval-tree.c" "$SRC/block/extlock/interval-tree.c"
 install_file "$REPO/util/extlock-protocol.c" "$SRC/block/extlock/protocol.c"
+install_file "$REPO/util/extlock-reservation.c" "$SRC/block/extlock/reservation.c"
+# persistent reservations of scsi-hd (built by the patch's hw/scsi hunk)
+install_file "$REPO/hw/scsi/scsi-disk-pr.c" "$SRC/hw/scsi/scsi-disk-pr.c"
+install_file "$REPO/hw/scsi/scsi-disk-pr.h" "$SRC/include/hw/scsi/scsi-disk-pr.h"
 for f in "$REPO"/include/extlock/*.h; do
     install_file "$f" "$SRC/include/extlock/$(basename "$f")"
 done

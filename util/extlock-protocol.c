@@ -18,6 +18,7 @@
 #include "qemu/osdep.h"   /* first, as every QEMU file (block/meson.build) */
 #endif
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -79,6 +80,13 @@ static const char *const msg_type_names[EXTLOCK_MSG__MAX] = {
     [EXTLOCK_MSG_RELEASE_SESSION] = "release-session",
     [EXTLOCK_MSG_SESSION_RELEASED] = "session-released",
     [EXTLOCK_MSG_FENCE_STATUS] = "fence-status",
+    [EXTLOCK_MSG_PR_OUT] = "pr-out",
+    [EXTLOCK_MSG_PR_RESULT] = "pr-result",
+    [EXTLOCK_MSG_PR_IN] = "pr-in",
+    [EXTLOCK_MSG_PR_STATUS] = "pr-status",
+    [EXTLOCK_MSG_PR_UPDATE] = "pr-update",
+    [EXTLOCK_MSG_PR_ACK] = "pr-ack",
+    [EXTLOCK_MSG_PR_ACKED] = "pr-acked",
 };
 
 static const char *const fence_result_names[EXTLOCK_FENCE__MAX] = {
@@ -166,7 +174,8 @@ static bool msg_type_is_notification(ExtlockMsgType type)
 {
     return type == EXTLOCK_MSG_REVOKE ||
            type == EXTLOCK_MSG_SESSION_EXPIRED ||
-           type == EXTLOCK_MSG_FENCE_STATUS;
+           type == EXTLOCK_MSG_FENCE_STATUS ||
+           type == EXTLOCK_MSG_PR_UPDATE;
 }
 
 /* Copying a constant compiles to a few vector stores, unlike memset */
@@ -210,6 +219,10 @@ void extlock_msg_clear(ExtlockMsg *msg)
     }
     if (msg->body) {
         json_object_put(msg->body);
+    }
+    if (msg->pr) {
+        extlock_pr_destroy(msg->pr);
+        g_free(msg->pr);
     }
     extlock_msg_init(msg, EXTLOCK_MSG_INVALID);
 }
@@ -771,6 +784,159 @@ static bool get_fence_margin(json_object *obj, ExtlockMsg *msg,
     return get_u32(obj, "fence-margin-ms", &msg->fence_margin_ms, err);
 }
 
+/* A reservation key: a string of 1..16 lowercase hex digits */
+static bool get_pr_key(json_object *obj, const char *key, bool required,
+                       uint64_t *out, ExtlockProtoError *err)
+{
+    json_object *v = member(obj, key);
+    const char *s;
+    size_t len;
+    uint64_t val = 0;
+
+    if (!v) {
+        *out = 0;
+        return !required ||
+               set_error(err, EXTLOCK_ERR_INVALID, "missing member \"%s\"",
+                         key);
+    }
+    if (!json_object_is_type(v, json_type_string)) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "\"%s\" must be a string", key);
+    }
+    s = json_object_get_string(v);
+    len = json_object_get_string_len(v);
+    if (len == 0 || len > 16) {
+        goto bad;
+    }
+    for (size_t i = 0; i < len; i++) {
+        int d = g_ascii_xdigit_value(s[i]);
+
+        if (d < 0 || g_ascii_isupper(s[i])) {
+            goto bad;
+        }
+        val = val << 4 | (uint64_t)d;
+    }
+    *out = val;
+    return true;
+bad:
+    return set_error(err, EXTLOCK_ERR_INVALID,
+                     "\"%s\" must be 1..16 lowercase hex digits", key);
+}
+
+static bool get_pr_action(json_object *obj, ExtlockMsg *msg,
+                          ExtlockProtoError *err)
+{
+    json_object *v = member(obj, "action");
+
+    if (!v || !json_object_is_type(v, json_type_string) ||
+        !extlock_pr_action_parse(json_object_get_string(v),
+                                 &msg->pr_action)) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "\"action\" must be a PERSISTENT RESERVE OUT "
+                         "service action name");
+    }
+    return true;
+}
+
+static bool get_pr_result(json_object *obj, ExtlockMsg *msg,
+                          ExtlockProtoError *err)
+{
+    json_object *v = member(obj, "result");
+
+    if (!v || !json_object_is_type(v, json_type_string) ||
+        !extlock_pr_status_parse(json_object_get_string(v),
+                                 &msg->pr_result)) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "\"result\" must be a reservation result name");
+    }
+    return true;
+}
+
+/* "pr-type": 0..15 (the 4-bit TYPE field of the CDB) */
+static bool get_pr_type(json_object *obj, uint32_t *out,
+                        ExtlockProtoError *err)
+{
+    if (!member(obj, "pr-type")) {
+        *out = 0;
+        return true;
+    }
+    if (!get_u32(obj, "pr-type", out, err)) {
+        return false;
+    }
+    if (*out > 15) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "\"pr-type\" must be an integer in 0..15");
+    }
+    return true;
+}
+
+/* pr-update, pr-status: the whole reservation state of the lock-space */
+static bool parse_pr_state(json_object *obj, ExtlockMsg *msg,
+                           ExtlockProtoError *err)
+{
+    json_object *arr;
+    uint32_t type;
+    bool ok;
+
+    msg->pr = g_new0(ExtlockPrState, 1);
+    extlock_pr_init(msg->pr);
+    if (!get_u63(obj, "seq", true, &msg->pr_seq, err) ||
+        !get_u32(obj, "generation", &msg->pr->generation, err) ||
+        !get_pr_type(obj, &type, err) ||
+        !get_name(obj, "holder", false, &msg->pr->holder, err) ||
+        !get_bool(obj, "aptpl", false, &msg->pr->aptpl, err)) {
+        return false;
+    }
+    if (type != EXTLOCK_PR_TYPE_NONE && !extlock_pr_type_valid(type)) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "\"pr-type\" %u is not a reservation type", type);
+    }
+    msg->pr->type = type;
+    if ((type != EXTLOCK_PR_TYPE_NONE &&
+         !extlock_pr_type_all_registrants(type)) != !!msg->pr->holder) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "\"holder\" must be given exactly for a "
+                         "reservation of one holder");
+    }
+    arr = get_array(obj, "registrants", true, &ok, err);
+    if (!ok) {
+        return false;
+    }
+    if (json_object_array_length(arr) > EXTLOCK_PR_MAX_REGISTRANTS) {
+        return set_error(err, EXTLOCK_ERR_INVALID,
+                         "more than %d \"registrants\"",
+                         EXTLOCK_PR_MAX_REGISTRANTS);
+    }
+    for (size_t i = 0; i < json_object_array_length(arr); i++) {
+        json_object *e = array_object(arr, i, "registrants", err);
+        ExtlockPrRegistrant *r;
+
+        if (!e) {
+            return false;
+        }
+        r = g_new0(ExtlockPrRegistrant, 1);
+        g_ptr_array_add(msg->pr->registrants, r);
+        if (!get_name(e, "client-id", true, &r->nexus, err) ||
+            !get_pr_key(e, "key", true, &r->key, err)) {
+            return false;
+        }
+        if (r->key == 0) {
+            return set_error(err, EXTLOCK_ERR_INVALID,
+                             "a registered \"key\" is never 0");
+        }
+        for (size_t j = 0; j < i; j++) {
+            ExtlockPrRegistrant *o = g_ptr_array_index(msg->pr->registrants,
+                                                       j);
+
+            if (strcmp(o->nexus, r->nexus) == 0) {
+                return set_error(err, EXTLOCK_ERR_INVALID,
+                                 "\"registrants\" lists %s twice", r->nexus);
+            }
+        }
+    }
+    return true;
+}
+
 /* Validate and decode the members that @msg->type requires */
 static bool parse_members(json_object *obj, ExtlockMsg *msg,
                           ExtlockProtoError *err)
@@ -886,6 +1052,24 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_name(obj, "session", false, &msg->session, err) &&
                get_fence_result(obj, &msg->fence_result, err) &&
                get_text(obj, "message", &msg->message, err);
+    case EXTLOCK_MSG_PR_OUT:
+        return get_pr_action(obj, msg, err) &&
+               get_pr_type(obj, &msg->pr_type, err) &&
+               get_pr_key(obj, "key", false, &msg->pr_key, err) &&
+               get_pr_key(obj, "sa-key", false, &msg->pr_sa_key, err) &&
+               get_bool(obj, "aptpl", false, &msg->aptpl, err);
+    case EXTLOCK_MSG_PR_RESULT:
+        return get_pr_result(obj, msg, err) &&
+               get_u32(obj, "generation", &msg->pr_generation, err) &&
+               get_u63(obj, "seq", true, &msg->pr_seq, err);
+    case EXTLOCK_MSG_PR_IN:
+        return true;
+    case EXTLOCK_MSG_PR_STATUS:
+    case EXTLOCK_MSG_PR_UPDATE:
+        return parse_pr_state(obj, msg, err);
+    case EXTLOCK_MSG_PR_ACK:
+    case EXTLOCK_MSG_PR_ACKED:
+        return get_u63(obj, "seq", true, &msg->pr_seq, err);
     default:
         return set_error(err, EXTLOCK_ERR_INTERNAL, "unhandled type");
     }
@@ -1595,6 +1779,36 @@ static void put_json(GString *out, json_object *obj)
     out_append(out, s, len);
 }
 
+static void put_pr_key(GString *out, const char *key_lit, uint64_t key)
+{
+    g_string_append(out, key_lit);
+    g_string_append_printf(out, "\"%" PRIx64 "\"", key);
+}
+
+static void put_pr_state(GString *out, uint64_t seq, const ExtlockPrState *pr)
+{
+    PUT_U64(out, ",\"seq\":", seq);
+    PUT_U64(out, ",\"generation\":", pr->generation);
+    PUT_U64(out, ",\"pr-type\":", pr->type);
+    if (pr->holder) {
+        PUT_STR(out, ",\"holder\":", pr->holder);
+    }
+    APPEND_LIT(out, ",\"aptpl\":");
+    put_bool(out, pr->aptpl);
+    APPEND_LIT(out, ",\"registrants\":[");
+    for (guint i = 0; i < pr->registrants->len; i++) {
+        const ExtlockPrRegistrant *r = g_ptr_array_index(pr->registrants, i);
+
+        if (i) {
+            out_putc(out, ',');
+        }
+        PUT_STR(out, "{\"client-id\":", r->nexus);
+        put_pr_key(out, ",\"key\":", r->key);
+        out_putc(out, '}');
+    }
+    out_putc(out, ']');
+}
+
 void extlock_msg_format(const ExtlockMsg *msg, GString *out)
 {
     APPEND_LIT(out, "{\"type\":\"");
@@ -1755,6 +1969,31 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         if (msg->message) {
             PUT_STR(out, ",\"message\":", msg->message);
         }
+        break;
+    case EXTLOCK_MSG_PR_OUT:
+        APPEND_LIT(out, ",\"action\":\"");
+        g_string_append(out, extlock_pr_action_name(msg->pr_action));
+        out_putc(out, '"');
+        PUT_U64(out, ",\"pr-type\":", msg->pr_type);
+        put_pr_key(out, ",\"key\":", msg->pr_key);
+        put_pr_key(out, ",\"sa-key\":", msg->pr_sa_key);
+        APPEND_LIT(out, ",\"aptpl\":");
+        put_bool(out, msg->aptpl);
+        break;
+    case EXTLOCK_MSG_PR_RESULT:
+        APPEND_LIT(out, ",\"result\":\"");
+        g_string_append(out, extlock_pr_status_name(msg->pr_result));
+        out_putc(out, '"');
+        PUT_U64(out, ",\"generation\":", msg->pr_generation);
+        PUT_U64(out, ",\"seq\":", msg->pr_seq);
+        break;
+    case EXTLOCK_MSG_PR_STATUS:
+    case EXTLOCK_MSG_PR_UPDATE:
+        put_pr_state(out, msg->pr_seq, msg->pr);
+        break;
+    case EXTLOCK_MSG_PR_ACK:
+    case EXTLOCK_MSG_PR_ACKED:
+        PUT_U64(out, ",\"seq\":", msg->pr_seq);
         break;
     default:
         break;

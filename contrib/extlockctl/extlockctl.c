@@ -289,6 +289,63 @@ static void print_spaces(json_object *st)
     table_free(t);
 }
 
+/* Persistent reservations (docs/guest-clusters.rst) of the lock-spaces */
+static void print_reservations(json_object *st)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "GENERATION", "TYPE", "HOLDER", "APTPL",
+        "REGISTRANTS",
+    };
+    Table *t = table_new(hdr, "lrrlll");
+    size_t i, j, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        json_object *r = get(sp, "reservation");
+        GString *regs = g_string_new(NULL);
+        json_object *v;
+
+        if (!r) {
+            g_string_free(regs, true);
+            continue;
+        }
+        for (j = 0; j < array_len(r, "registrants"); j++) {
+            json_object *reg = array_at(r, "registrants", j);
+            g_autofree char *cid = fmt_str(reg, "client-id");
+            g_autofree char *key = fmt_str(reg, "key");
+
+            g_string_append_printf(regs, "%s%s=0x%s", j ? " " : "", cid,
+                                   key);
+        }
+        v = get(r, "aptpl");
+        table_add(t, fmt_str(sp, "name"), fmt_int(r, "generation"),
+                  fmt_int(r, "pr-type"), fmt_str(r, "holder"),
+                  g_strdup(v && json_object_get_boolean(v) ? "yes" : "no"),
+                  regs->len ? g_string_free(regs, false)
+                            : (g_string_free(regs, true), g_strdup("-")));
+    }
+    table_print(t, "Persistent reservations");
+    table_free(t);
+}
+
+static json_object *json_reservations(json_object *st)
+{
+    json_object *out = json_object_new_object();
+    size_t i, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        json_object *r = get(sp, "reservation");
+        json_object *name = get(sp, "name");
+
+        if (r && name) {
+            json_object_object_add(out, json_object_get_string(name),
+                                   json_object_get(r));
+        }
+    }
+    return out;
+}
+
 static void print_locks(json_object *st)
 {
     static const char *const hdr[] = {
@@ -871,6 +928,8 @@ static void print_json(json_object *st, const char *command)
         out = json_object_get(get(st, "metrics"));
     } else if (g_str_equal(command, "blockers")) {
         out = json_blockers(st);
+    } else if (g_str_equal(command, "reservations")) {
+        out = json_reservations(st);
     } else {
         out = json_counters(st);
     }
@@ -910,6 +969,8 @@ static void print_text(json_object *st, const char *command)
         print_metrics(st);
     } else if (g_str_equal(command, "blockers")) {
         print_blockers(st);
+    } else if (g_str_equal(command, "reservations")) {
+        print_reservations(st);
     } else {
         print_counters(st);
     }
@@ -918,7 +979,7 @@ static void print_text(json_object *st, const char *command)
 static const char *const commands[] = {
     "status", "spaces", "sessions", "locks", "waiters", "counters",
     "cluster",
-    "metrics", "blockers", "top", NULL,
+    "metrics", "blockers", "top", "reservations", NULL,
 };
 
 static const char usage_text[] =
@@ -938,6 +999,7 @@ static const char usage_text[] =
     "             counts, lease expiries, fence runs (admins)\n"
     "  blockers   the longest holders and waiters, and who blocks whom\n"
     "             as chains (waiter -> blocker -> ... -> holder)\n"
+    "  reservations  SCSI persistent reservations of the lock-spaces\n"
     "  top [--interval S] [--iterations N]\n"
     "             live view, refreshed every S seconds (default 1): lock-\n"
     "             spaces with rates, holders, waiters, chains; N frames\n"

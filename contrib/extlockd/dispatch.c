@@ -14,7 +14,8 @@
  * Who may send what (docs/protocol.rst, docs/extlockd.rst):
  *   DISPATCH_ANYONE           hello, bye
  *   DISPATCH_SESSION          lock, unlock, cancel, renew, downgrade,
- *                             reclaim, reclaim-done: after hello only
+ *                             reclaim, reclaim-done, pr-out, pr-in,
+ *                             pr-ack: after hello only
  *   DISPATCH_SESSION_OR_ADMIN status: after hello, or an admin identity
  *                             (extlockctl on the UNIX socket) without one
  *   DISPATCH_ADMIN            release-session
@@ -58,6 +59,9 @@ static const DispatchEntry dispatch_table[EXTLOCK_MSG__MAX] = {
     [EXTLOCK_MSG_RECLAIM] = { lockspace_handle_reclaim, DISPATCH_SESSION },
     [EXTLOCK_MSG_RECLAIM_DONE] = { lockspace_handle_reclaim_done,
                                    DISPATCH_SESSION },
+    [EXTLOCK_MSG_PR_OUT] = { reservation_handle_out, DISPATCH_SESSION },
+    [EXTLOCK_MSG_PR_IN] = { reservation_handle_in, DISPATCH_SESSION },
+    [EXTLOCK_MSG_PR_ACK] = { reservation_handle_ack, DISPATCH_SESSION },
 };
 
 /*

@@ -119,9 +119,11 @@ typedef struct HaCtx {
     int64_t grace_ms;            /* --grace-ms, or -1 */
 } HaCtx;
 
-static void on_elected(uint64_t epoch, GPtrArray *sessions, void *opaque)
+static void on_elected(uint64_t epoch, GPtrArray *sessions,
+                       const char *reservations, void *opaque)
 {
     HaCtx *h = opaque;
+    g_autoptr(GError) err = NULL;
     int64_t cover = (int64_t)h->lease_ms + h->fence_ms;
 
     for (guint i = 0; i < sessions->len; i++) {
@@ -134,6 +136,13 @@ static void on_elected(uint64_t epoch, GPtrArray *sessions, void *opaque)
     cover = MAX(cover, h->grace_ms);
     g_message("elected: epoch %" PRIu64 ", %u session(s) of earlier leaders "
               "may reclaim for %" PRId64 " ms", epoch, sessions->len, cover);
+    if (reservations &&
+        !extlockd_server_load_reservations_json(h->server, reservations,
+                                                &err)) {
+        /* etcd holds what a leader wrote: corrupt means a bug */
+        g_critical("%s", err->message);
+        exit(1);
+    }
     extlockd_server_lead(h->server, epoch, sessions, cover);
     g_ptr_array_unref(sessions);
 }
@@ -741,6 +750,11 @@ int main(int argc, char **argv)
                   "of the lock-spaces the policy allows \"anonymous\"");
     }
     extlockd_server_restore(server, sessions);
+    if (!extlockd_server_load_reservations(server, cfg.state_file, &err)) {
+        g_critical("%s", err->message);
+        extlockd_server_free(server);
+        return 1;
+    }
     if (!extlockd_server_save_state(server, &err)) {
         g_critical("%s", err->message);
         extlockd_server_free(server);

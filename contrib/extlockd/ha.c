@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <json-c/json.h>
 
 #include "etcd-client.h"
 #include "event-log.h"
@@ -81,6 +82,7 @@ typedef struct Elected {
     ExtlockdHa *ha;
     uint64_t epoch;
     GPtrArray *sessions;
+    char *reservations;          /* JSON text, or NULL */
 } Elected;
 
 static void ha_event(ExtlockdHa *ha, const char *event, const char *msg)
@@ -439,11 +441,30 @@ static void ha_set_leader(ExtlockdHa *ha, const char *id)
     g_mutex_unlock(&ha->lock);
 }
 
+/* The "reservations" member of a state object as JSON text, or NULL */
+static char *ha_reservations_member(const char *state, size_t len)
+{
+    json_tokener *tok = json_tokener_new();
+    json_object *obj = json_tokener_parse_ex(tok, state, (int)len);
+    json_object *r;
+    char *text = NULL;
+
+    json_tokener_free(tok);
+    if (obj && json_object_object_get_ex(obj, "reservations", &r)) {
+        text = g_strdup(json_object_to_json_string_ext(
+            r, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+    }
+    json_object_put(obj);
+    return text;
+}
+
 static gboolean elected_in_main(gpointer opaque)
 {
     Elected *e = opaque;
 
-    e->ha->elected(e->epoch, e->sessions, e->ha->elected_opaque);
+    e->ha->elected(e->epoch, e->sessions, e->reservations,
+                   e->ha->elected_opaque);
+    g_free(e->reservations);
     g_free(e);
     return G_SOURCE_REMOVE;
 }
@@ -466,6 +487,7 @@ static void ha_take_office(ExtlockdHa *ha, int64_t rev)
     int64_t new_rev;
     bool ok;
     Elected *e;
+    g_autofree char *reservations = NULL;
 
     if (!etcd_get(ha->etcd, ha->state_key, &kv, deadline, &err) || !kv) {
         why = g_strdup_printf("elected, but cannot read %s: %s",
@@ -488,6 +510,16 @@ static void ha_take_office(ExtlockdHa *ha, int64_t rev)
     if (!text) {
         g_critical("%s", err->message);
         _exit(1);
+    }
+    /* The persistent reservations stay with the new epoch */
+    reservations = ha_reservations_member(kv->value, kv->value_len);
+    if (reservations) {
+        char *with = g_strdup_printf("%.*s,\"reservations\":%s}\n",
+                                     (int)strlen(text) - 2, text,
+                                     reservations);
+
+        g_free(text);
+        text = with;
     }
     etcd_txn_cmp_rev(t, ha->state_key, ETCD_CMP_MOD, kv->mod_revision);
     etcd_txn_cmp_rev(t, ha->leader_key, ETCD_CMP_CREATE, rev);
@@ -516,6 +548,7 @@ static void ha_take_office(ExtlockdHa *ha, int64_t rev)
     e->ha = ha;
     e->epoch = epoch;
     e->sessions = g_steal_pointer(&sessions);
+    e->reservations = g_steal_pointer(&reservations);
     g_idle_add_full(G_PRIORITY_HIGH, elected_in_main, e, NULL);
 }
 

@@ -174,6 +174,9 @@ struct ExtlockdSession {
     char *owner;
     char secret_sha256[65];
     char secret[EXTLOCK_SECRET_LEN + 1];    /* "" after a restart */
+    /* Persistent reservations (reservation.c) */
+    bool pr_subscribed;          /* gets pr-update, pr-outs wait for it */
+    uint64_t pr_acked;           /* last reservation seq it applied */
 };
 
 struct ExtlockdConn {
@@ -262,6 +265,7 @@ struct ExtlockdServer {
     unsigned refusal_lines;
     uint64_t refusals_unlogged;
     ExtlockdMetrics *metrics;    /* metrics.h */
+    struct ExtlockdPrTable *pr;  /* persistent reservations (reservation.c) */
 };
 
 /* ------------------------------------------------------------------ */
@@ -836,5 +840,42 @@ int64_t lockspace_check_grace(ExtlockdServer *server, int64_t now);
  */
 void status_handle(ExtlockdConn *conn, ExtlockdSession *session,
                    ExtlockMsg *m);
+
+/* ------------------------------------------------------------------ */
+/* reservation.c: SCSI-3 persistent reservations per lock-space       */
+
+void reservation_init(ExtlockdServer *server);
+void reservation_fini(ExtlockdServer *server);
+/* Requests pr-out, pr-in, pr-ack */
+void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
+                            ExtlockMsg *m);
+void reservation_handle_in(ExtlockdConn *conn, ExtlockdSession *session,
+                           ExtlockMsg *m);
+void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
+                            ExtlockMsg *m);
+/* A welcome went out: a subscribed session gets the current state */
+void reservation_welcomed(ExtlockdSession *session);
+/* Sessions expired or ended, or the state file was written: answer the
+ * pr-outs that waited for them */
+void reservation_check_all(ExtlockdServer *server);
+void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok);
+/* The state file's "reservations" member: write (appended to @out, which
+ * holds the members of the state object so far), and read */
+void reservation_append_state(ExtlockdServer *server, GString *out);
+bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
+                      GError **errp);
+/* status: the "reservation" member of a lock-space, if it has one */
+void reservation_status(ExtlockdServer *server, const char *space,
+                        struct json_object *into);
+
+/**
+ * session_abort:
+ * @session: a session of a client preempted by PREEMPT AND ABORT
+ * @why: the reason, for the log and the session-expired notification
+ *
+ * End @session now: its connection gets session-expired and is closed,
+ * its waiting requests are cancelled and its locks released.
+ */
+void session_abort(ExtlockdSession *session, const char *why);
 
 #endif /* EXTLOCKD_SERVER_INT_H */

@@ -138,6 +138,7 @@ static char *server_state_snapshot(ExtlockdServer *server, uint64_t epoch,
     g_autoptr(GArray) list = g_array_sized_new(FALSE, FALSE,
                                                sizeof(ExtlockdStateSession),
                                                server->session_list.length);
+    char *text;
 
     for (GList *l = server->session_list.head; l; l = l->next) {
         ExtlockdSession *session = l->data;
@@ -154,8 +155,19 @@ static char *server_state_snapshot(ExtlockdServer *server, uint64_t epoch,
 
         g_array_append_val(list, ss);
     }
-    return extlockd_state_format(epoch, (ExtlockdStateSession *)list->data,
+    text = extlockd_state_format(epoch, (ExtlockdStateSession *)list->data,
                                  list->len, errp);
+    if (text && server->pr) {
+        /* "...}\n": the reservations go before the closing brace */
+        GString *out = g_string_new(text);
+
+        g_free(text);
+        g_string_truncate(out, out->len - 2);
+        reservation_append_state(server, out);
+        g_string_append(out, "}\n");
+        text = g_string_free(out, FALSE);
+    }
+    return text;
 }
 
 /* Write @epoch and every session to the state file, now */
@@ -211,6 +223,31 @@ void extlockd_server_set_fencer(ExtlockdServer *server, ExtlockdFencer *fencer)
     server->fencer = fencer;
 }
 
+bool extlockd_server_load_reservations(ExtlockdServer *server,
+                                       const char *path, GError **errp)
+{
+    g_autofree char *data = NULL;
+    g_autoptr(GError) local_err = NULL;
+    gsize len;
+
+    if (!g_file_get_contents(path, &data, &len, &local_err)) {
+        if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+            return true;
+        }
+        g_propagate_error(errp, g_steal_pointer(&local_err));
+        return false;
+    }
+    return reservation_load(server, data, len, errp);
+}
+
+bool extlockd_server_load_reservations_json(ExtlockdServer *server,
+                                            const char *json, GError **errp)
+{
+    g_autofree char *obj = g_strdup_printf("{\"reservations\":%s}", json);
+
+    return reservation_load(server, obj, strlen(obj), errp);
+}
+
 bool extlockd_server_save_state(ExtlockdServer *server, GError **errp)
 {
     return server_save_state(server, server->epoch, errp);
@@ -255,6 +292,7 @@ ExtlockdServer *extlockd_server_new(const ExtlockdConfig *cfg, uint64_t epoch)
         extlockd_state_writer_new(server->cfg.state_file,
                                   session_state_written, server);
     g_queue_init(&server->welcomes);
+    reservation_init(server);
     g_queue_init(&server->unauth);
     server->unauth_per_peer = g_hash_table_new_full(g_str_hash, g_str_equal,
                                                     g_free, NULL);
@@ -337,6 +375,7 @@ void extlockd_server_free(ExtlockdServer *server)
     extlockd_tls_creds_free(server->tls);
     extlockd_state_writer_free(server->writer);
     g_queue_clear_full(&server->welcomes, g_free);
+    reservation_fini(server);
     g_hash_table_destroy(server->unauth_per_peer);
     g_free(server);
 }

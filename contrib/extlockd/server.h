@@ -150,6 +150,16 @@ void extlockd_server_lead(ExtlockdServer *server, uint64_t epoch,
 bool extlockd_server_save_state(ExtlockdServer *server, GError **errp);
 
 /*
+ * Read the persistent reservations ("reservations") from the state file
+ * @path; a missing file or member means none.  Fails on a corrupt one.
+ */
+bool extlockd_server_load_reservations(ExtlockdServer *server,
+                                       const char *path, GError **errp);
+/* The same from the JSON text of the "reservations" member (HA) */
+bool extlockd_server_load_reservations_json(ExtlockdServer *server,
+                                            const char *json, GError **errp);
+
+/*
  * Start listening on @address ("unix:PATH", "tcp:HOST:PORT" or an
  * absolute path).  A stale UNIX socket file nobody listens on is removed
  * first; a live one is an error.

@@ -301,6 +301,7 @@ void session_destroy_nosave(ExtlockdSession *session)
     g_queue_unlink(&server->session_list, &session->link);
     lockspace_unref(session->space);
     session_free(session);
+    reservation_check_all(server);
 }
 
 static void session_destroy(ExtlockdSession *session)
@@ -529,6 +530,8 @@ void session_expire(ExtlockdSession *session)
     if (server->fencer && g_hash_table_size(session->held) > 0) {
         session_fence_start(session);
     }
+    /* pr-outs waiting for its acknowledgement go on */
+    reservation_check_all(server);
 }
 
 /* The fence margin after the deadline has passed: let the locks go */
@@ -707,6 +710,7 @@ static void session_send_welcome(ExtlockdConn *conn, ExtlockMsg *m,
         r.locks = server->locks;
     }
     conn_send_msg(conn, &r);
+    reservation_welcomed(session);
 }
 
 /*
@@ -1098,6 +1102,32 @@ void session_handle_release(ExtlockdConn *conn, ExtlockdSession *attached,
     conn_send_msg(conn, &r);
 }
 
+void session_abort(ExtlockdSession *session, const char *why)
+{
+    ExtlockdConn *conn = session->conn;
+    unsigned n;
+
+    if (conn) {
+        ExtlockMsg r;
+
+        extlock_msg_init(&r, EXTLOCK_MSG_SESSION_EXPIRED);
+        r.session = session->id;
+        r.message = (char *)why;
+        conn_send_msg(conn, &r);
+        conn->session = NULL;
+        session->conn = NULL;
+        conn_close_after_flush(conn);
+    }
+    session->state = SESSION_EXPIRED;
+    session_log_event(session, "abort", why);
+    extlockd_fence_cancel(session->fence);
+    session->fence = NULL;
+    n = session_release(session, true);
+    g_warning("session %s (%s, lock-space %s) ended: %s; released %u locks",
+              session->id, session->client_id, session->space->name, why, n);
+    session_destroy(session);
+}
+
 /* The writer is done with generation @gen: send the waiting welcomes */
 void session_state_written(uint64_t gen, bool ok, const char *error,
                            void *opaque)
@@ -1162,5 +1192,6 @@ void session_state_written(uint64_t gen, bool ok, const char *error,
         /* Requests that arrived after hello */
         conn_process_lines(conn);
     }
+    reservation_state_written(server, gen, ok);
     conn_flush_all(server);
 }

@@ -154,6 +154,7 @@ static json_object *status_lockspace(ExtlockdLockSpace *space, int64_t now,
     json_object_object_add(o, "counters", counters);
     status_add_int(o, "grace-remaining-ms", lockspace_grace_remaining_ms(space,
                                                                          now));
+    reservation_status(space->server, space->name, o);
     extlock_table_foreach(space->table, status_lock_cb, &ctx);
     for (GList *l = space->deferred.head; l; l = l->next) {
         status_lock_cb(&((DeferredReq *)l->data)->lock, &ctx);

@@ -19,6 +19,7 @@
 
 #include <glib.h>
 #include "extlock/extent.h"
+#include "extlock/reservation.h"
 
 /*
  * Version 2: "welcome" hands out a "resume-secret" that "hello" must
@@ -68,6 +69,14 @@ typedef enum ExtlockMsgType {
     EXTLOCK_MSG_RELEASE_SESSION,    /* admin request: force release */
     EXTLOCK_MSG_SESSION_RELEASED,   /* its reply */
     EXTLOCK_MSG_FENCE_STATUS,       /* notification to waiters */
+    /* persistent reservations (docs/protocol.rst, "Persistent reservations") */
+    EXTLOCK_MSG_PR_OUT,             /* request: a PERSISTENT RESERVE OUT */
+    EXTLOCK_MSG_PR_RESULT,          /* its reply */
+    EXTLOCK_MSG_PR_IN,              /* request: the reservation state */
+    EXTLOCK_MSG_PR_STATUS,          /* its reply */
+    EXTLOCK_MSG_PR_UPDATE,          /* notification: the state changed */
+    EXTLOCK_MSG_PR_ACK,             /* request: update applied */
+    EXTLOCK_MSG_PR_ACKED,           /* its reply */
     EXTLOCK_MSG__MAX,
 } ExtlockMsgType;
 
@@ -206,6 +215,23 @@ typedef struct ExtlockMsg {
 
     /* error "not-leader": the leader's client address, optional */
     char *leader;
+
+    /*
+     * Persistent reservations.  pr-out: "action" (pr_action), "pr-type"
+     * (the CDB's TYPE field, 0..15), "key", "sa-key" (16 hex digits at
+     * most), "aptpl".  pr-result: "result" (pr_result), "generation",
+     * "seq".  pr-update, pr-status: "seq" and the state in *pr (owned).
+     * pr-ack, pr-acked: "seq".
+     */
+    ExtlockPrAction pr_action;
+    uint32_t pr_type;
+    uint64_t pr_key;
+    uint64_t pr_sa_key;
+    bool aptpl;
+    ExtlockPrStatus pr_result;
+    uint32_t pr_generation;
+    uint64_t pr_seq;
+    ExtlockPrState *pr;
 } ExtlockMsg;
 
 /* A lock listed in "welcome" when a session is resumed */

@@ -425,3 +425,35 @@ def _try_connect(c):
         return True
     except Exception:
         return False
+
+
+def test_reservations_survive_failover(ha):
+    """Persistent reservations (docs/protocol.rst) are in the state in etcd:
+    a new leader after kill -9 of the old one serves the same registrations
+    and reservation, and its epoch bump keeps them."""
+    leader = ha.start(3)
+    c = HaClient(ha.addresses(), "node-a", "pr-disk")
+    c.connect(timeout=10)
+    assert c.call({"type": "pr-in"})["type"] == "pr-status"
+    for msg in ({"action": "register", "sa-key": "a1"},
+                {"action": "reserve", "key": "a1", "pr-type": 5}):
+        r = c.call(dict(msg, type="pr-out"))
+        assert r["type"] == "pr-result" and r["result"] == "ok", r
+    c.close()
+    leader.kill9()
+    new = ha.wait_leader(timeout=10, not_=leader)
+    # and once more, so that a second epoch bump must carry them too
+    new.kill9()
+    third = ha.wait_leader(timeout=10, not_=new)
+    d = HaClient([third.address], "node-b", "pr-disk")
+    d.connect(timeout=30)
+    st = d.call({"type": "pr-in"})
+    assert st["type"] == "pr-status", st
+    assert st["generation"] == 1 and st["pr-type"] == 5, st
+    assert st["holder"] == "node-a", st
+    assert st["registrants"] == [{"client-id": "node-a", "key": "a1"}], st
+    # node-b is not registered: its RESERVE conflicts
+    r = d.call({"type": "pr-out", "action": "reserve", "key": "b",
+                "pr-type": 5})
+    assert r["result"] == "reservation-conflict", r
+    d.close()

@@ -137,6 +137,24 @@ static const char *const canonical[] = {
     "\"client-id\":\"hostB/d0\",\"session-client\":\"hostB/d0\","
     "\"session\":\"0123456789abcdef0123456789abcdef\","
     "\"result\":\"failed\",\"message\":\"agent exited with status 1\"}",
+    /* persistent reservations */
+    "{\"type\":\"pr-out\",\"id\":13,\"action\":\"preempt-and-abort\","
+    "\"pr-type\":5,\"key\":\"a\",\"sa-key\":\"fedcba9876543210\","
+    "\"aptpl\":false}",
+    "{\"type\":\"pr-result\",\"id\":13,\"result\":\"reservation-conflict\","
+    "\"generation\":4,\"seq\":7}",
+    "{\"type\":\"pr-in\",\"id\":14}",
+    "{\"type\":\"pr-status\",\"id\":14,\"seq\":7,\"generation\":4,"
+    "\"pr-type\":5,\"holder\":\"hostA/d0\",\"aptpl\":true,"
+    "\"registrants\":[{\"client-id\":\"hostA/d0\",\"key\":\"a\"},"
+    "{\"client-id\":\"hostB/d0\",\"key\":\"ffffffffffffffff\"}]}",
+    "{\"type\":\"pr-update\",\"seq\":0,\"generation\":0,\"pr-type\":0,"
+    "\"aptpl\":false,\"registrants\":[]}",
+    "{\"type\":\"pr-update\",\"seq\":9,\"generation\":2,\"pr-type\":8,"
+    "\"aptpl\":false,\"registrants\":[{\"client-id\":\"x\","
+    "\"key\":\"1\"}]}",
+    "{\"type\":\"pr-ack\",\"id\":15,\"seq\":7}",
+    "{\"type\":\"pr-acked\",\"id\":15,\"seq\":7}",
 };
 
 static void test_roundtrip_all_types(void **state)
@@ -388,6 +406,41 @@ typedef struct BadCase {
 #define HELLO_PFX "{\"type\":\"hello\",\"id\":1,\"version\":1,"
 
 static const BadCase bad_cases[] = {
+    /* persistent reservations: bad keys, actions, types, states */
+    { "{\"type\":\"pr-out\",\"id\":1,\"action\":\"register-and-move\"}",
+      EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-out\",\"id\":1}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-out\",\"id\":1,\"action\":\"reserve\","
+      "\"key\":\"AB\"}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-out\",\"id\":1,\"action\":\"reserve\","
+      "\"key\":\"\"}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-out\",\"id\":1,\"action\":\"reserve\","
+      "\"key\":\"10000000000000000\"}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-out\",\"id\":1,\"action\":\"reserve\","
+      "\"key\":12}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-out\",\"id\":1,\"action\":\"reserve\","
+      "\"pr-type\":16}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-out\",\"id\":1,\"action\":\"register\","
+      "\"aptpl\":1}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-ack\",\"id\":1}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-result\",\"id\":1,\"result\":\"bad\","
+      "\"generation\":1,\"seq\":1}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-status\",\"id\":1,\"seq\":1,\"generation\":1,"
+      "\"pr-type\":2,\"registrants\":[]}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-status\",\"id\":1,\"seq\":1,\"generation\":1,"
+      "\"pr-type\":1,\"registrants\":[]}", EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-status\",\"id\":1,\"seq\":1,\"generation\":1,"
+      "\"pr-type\":7,\"holder\":\"a\",\"registrants\":[]}",
+      EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-status\",\"id\":1,\"seq\":1,\"generation\":1,"
+      "\"registrants\":[{\"client-id\":\"a\",\"key\":\"1\"},"
+      "{\"client-id\":\"a\",\"key\":\"2\"}]}", EXTLOCK_ERR_INVALID,
+      true, 1 },
+    { "{\"type\":\"pr-status\",\"id\":1,\"seq\":1,\"generation\":1,"
+      "\"registrants\":[{\"client-id\":\"a\",\"key\":\"0\"}]}",
+      EXTLOCK_ERR_INVALID, true, 1 },
+    { "{\"type\":\"pr-status\",\"id\":1,\"seq\":1,\"generation\":1}",
+      EXTLOCK_ERR_INVALID, true, 1 },
     /* resume-secret: 64 lowercase hex digits */
     { "{\"type\":\"hello\",\"id\":1,\"version\":2,\"client-id\":\"a\","
       "\"lock-space\":\"s\",\"session\":\"0123456789abcdef0123456789abcdef\","
@@ -689,6 +742,7 @@ static void test_bad_input(void **state)
         assert_null(msg.pieces);
         assert_null(msg.locks);
         assert_null(msg.body);
+        assert_null(msg.pr);
     }
 }
 

@@ -1,0 +1,507 @@
+/*
+ * extlockd: SCSI-3 persistent reservations, one state per lock-space
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The coordinator is the "shared database" of the reservations of every
+ * lock-space (one emulated logical unit).  The state machine itself is
+ * util/extlock-reservation.c; this file runs it on "pr-out", answers
+ * "pr-in", and distributes the result (docs/protocol.rst, "Persistent
+ * reservations"):
+ *
+ *  - The I_T nexus is the session's client-id, so registrations outlive
+ *    sessions (a QEMU restart or migration keeps its registration).
+ *  - A session *subscribes* with its first pr-in, pr-out or pr-ack.  Every
+ *    change is pushed ("pr-update", with a sequence number "seq") to every
+ *    subscribed session of the lock-space.
+ *  - A pr-out that changed the state is answered only once (a) the state
+ *    file (or etcd) holds the new state and (b) every subscribed session of
+ *    the lock-space has acknowledged it ("pr-ack" with that seq) or lost
+ *    its lease (it stops I/O before the coordinator notices the lapse,
+ *    docs/design.rst).  A disconnected session is waited for until it comes
+ *    back (and gets the state with its welcome) or its lease lapses.
+ *  - PREEMPT AND ABORT also ends every session of the preempted client-ids
+ *    in the lock-space once they acknowledged: their locks go (like
+ *    release-session), and they get "session-expired".
+ *
+ * The state is kept while the lock-space has no sessions, and is saved in
+ * the state file's "reservations" member with the epoch.
+ */
+#include <inttypes.h>
+#include <string.h>
+#include <glib.h>
+#include <json-c/json.h>
+
+#include "server-int.h"
+
+/* A pr-out whose state change waits for the state file and the acks */
+typedef struct PrOp {
+    char session[33];            /* who sent it */
+    uint64_t conn_serial;        /* ... on this connection */
+    bool has_id;
+    uint64_t id;
+    uint32_t generation;
+    uint64_t seq;
+    uint64_t state_gen;          /* state writer generation holding it */
+    bool written;
+    GPtrArray *abort;            /* PREEMPT AND ABORT: preempted client-ids */
+} PrOp;
+
+/* server->pr */
+struct ExtlockdPrTable {
+    GHashTable *spaces;          /* lock-space name -> ExtlockdPr */
+    bool checking;               /* in reservation_check_all() */
+    bool again;                  /* ... and asked to check again */
+};
+
+typedef struct ExtlockdPr {
+    char *space;                 /* lock-space name */
+    ExtlockPrState state;
+    uint64_t seq;                /* bumped by every change */
+    GQueue ops;                  /* PrOp, in seq order */
+} ExtlockdPr;
+
+static void pr_op_free(PrOp *op)
+{
+    if (op->abort) {
+        g_ptr_array_unref(op->abort);
+    }
+    g_free(op);
+}
+
+static void pr_free(gpointer p)
+{
+    ExtlockdPr *pr = p;
+    PrOp *op;
+
+    while ((op = g_queue_pop_head(&pr->ops))) {
+        pr_op_free(op);
+    }
+    extlock_pr_destroy(&pr->state);
+    g_free(pr->space);
+    g_free(pr);
+}
+
+void reservation_init(ExtlockdServer *server)
+{
+    server->pr = g_new0(struct ExtlockdPrTable, 1);
+    server->pr->spaces = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                               NULL, pr_free);
+}
+
+void reservation_fini(ExtlockdServer *server)
+{
+    if (server->pr) {
+        g_hash_table_destroy(server->pr->spaces);
+        g_clear_pointer(&server->pr, g_free);
+    }
+}
+
+static ExtlockdPr *pr_get(ExtlockdServer *server, const char *space)
+{
+    ExtlockdPr *pr = g_hash_table_lookup(server->pr->spaces, space);
+
+    if (!pr) {
+        pr = g_new0(ExtlockdPr, 1);
+        pr->space = g_strdup(space);
+        extlock_pr_init(&pr->state);
+        g_queue_init(&pr->ops);
+        g_hash_table_insert(server->pr->spaces, pr->space, pr);
+    }
+    return pr;
+}
+
+static void pr_fill_msg(ExtlockMsg *r, ExtlockdPr *pr)
+{
+    r->pr_seq = pr->seq;
+    r->pr = &pr->state;
+}
+
+static void pr_send_update(ExtlockdSession *session, ExtlockdPr *pr)
+{
+    ExtlockMsg r;
+
+    extlock_msg_init(&r, EXTLOCK_MSG_PR_UPDATE);
+    pr_fill_msg(&r, pr);
+    conn_send_msg(session->conn, &r);
+}
+
+static void pr_subscribe(ExtlockdSession *session)
+{
+    session->pr_subscribed = true;
+}
+
+/* Does the change with @seq still wait for @session? */
+static bool pr_waits_for(ExtlockdSession *session, ExtlockdPr *pr,
+                         uint64_t seq)
+{
+    return session->pr_subscribed && session->state != SESSION_EXPIRED &&
+           session->pr_acked < seq &&
+           strcmp(session->space->name, pr->space) == 0;
+}
+
+/* End every session of @client_id in @pr's lock-space (PREEMPT AND ABORT) */
+static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
+                            const char *client_id)
+{
+    g_autoptr(GPtrArray) ids = g_ptr_array_new_with_free_func(g_free);
+
+    for (GList *l = server->session_list.head; l; l = l->next) {
+        ExtlockdSession *session = l->data;
+
+        if (strcmp(session->client_id, client_id) == 0 &&
+            strcmp(session->space->name, pr->space) == 0 &&
+            !session->grace_fenced) {
+            g_ptr_array_add(ids, g_strdup(session->id));
+        }
+    }
+    for (guint i = 0; i < ids->len; i++) {
+        ExtlockdSession *session = g_hash_table_lookup(server->sessions,
+                                                       ids->pdata[i]);
+
+        if (session) {
+            session_abort(session, "preempted by PERSISTENT RESERVE OUT "
+                          "PREEMPT AND ABORT");
+        }
+    }
+}
+
+/* Answer the pr-outs of @pr whose change every session has applied */
+static void pr_check(ExtlockdServer *server, ExtlockdPr *pr)
+{
+    PrOp *op;
+
+    while ((op = g_queue_peek_head(&pr->ops)) && op->written) {
+        ExtlockdSession *from;
+        ExtlockMsg r;
+
+        for (GList *l = server->session_list.head; l; l = l->next) {
+            if (pr_waits_for(l->data, pr, op->seq)) {
+                return;
+            }
+        }
+        g_queue_pop_head(&pr->ops);
+        for (guint i = 0; op->abort && i < op->abort->len; i++) {
+            pr_abort_client(server, pr, op->abort->pdata[i]);
+        }
+        from = g_hash_table_lookup(server->sessions, op->session);
+        if (from && from->conn && from->conn->serial == op->conn_serial) {
+            extlock_msg_init(&r, EXTLOCK_MSG_PR_RESULT);
+            r.has_id = op->has_id;
+            r.id = op->id;
+            r.pr_result = EXTLOCK_PR_OK;
+            r.pr_generation = op->generation;
+            r.pr_seq = op->seq;
+            conn_send_msg(from->conn, &r);
+        }
+        pr_op_free(op);
+    }
+}
+
+/*
+ * Answering a pr-out may end sessions (PREEMPT AND ABORT), which checks
+ * again: such nested checks are done by the outermost call, in a loop.
+ */
+void reservation_check_all(ExtlockdServer *server)
+{
+    GHashTableIter iter;
+    gpointer value;
+
+    if (!server->pr || server->shutting_down) {
+        return;
+    }
+    if (server->pr->checking) {
+        server->pr->again = true;
+        return;
+    }
+    server->pr->checking = true;
+    do {
+        server->pr->again = false;
+        g_hash_table_iter_init(&iter, server->pr->spaces);
+        while (g_hash_table_iter_next(&iter, NULL, &value)) {
+            pr_check(server, value);
+        }
+    } while (server->pr->again);
+    server->pr->checking = false;
+}
+
+void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok)
+{
+    GHashTableIter iter;
+    gpointer value;
+
+    if (!ok) {
+        /* Retried with the next write; the pr-outs keep waiting */
+        return;
+    }
+    g_hash_table_iter_init(&iter, server->pr->spaces);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        ExtlockdPr *pr = value;
+
+        for (GList *l = pr->ops.head; l; l = l->next) {
+            PrOp *op = l->data;
+
+            if (op->state_gen && op->state_gen <= gen) {
+                op->written = true;
+            }
+        }
+    }
+    reservation_check_all(server);
+}
+
+void reservation_welcomed(ExtlockdSession *session)
+{
+    ExtlockdPr *pr = g_hash_table_lookup(session->server->pr->spaces,
+                                         session->space->name);
+
+    /* A session that comes back gets the state before anything else */
+    if (session->pr_subscribed && pr && session->conn) {
+        pr_send_update(session, pr);
+    }
+}
+
+void reservation_handle_in(ExtlockdConn *conn, ExtlockdSession *session,
+                           ExtlockMsg *m)
+{
+    ExtlockdPr *pr = pr_get(conn->server, session->space->name);
+    ExtlockMsg r;
+
+    pr_subscribe(session);
+    /* The reply carries the state: as good as an acknowledged update */
+    session->pr_acked = MAX(session->pr_acked, pr->seq);
+    extlock_msg_init(&r, EXTLOCK_MSG_PR_STATUS);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    pr_fill_msg(&r, pr);
+    conn_send_msg(conn, &r);
+    reservation_check_all(conn->server);
+}
+
+void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
+                            ExtlockMsg *m)
+{
+    ExtlockdPr *pr = pr_get(conn->server, session->space->name);
+    ExtlockMsg r;
+
+    if (m->pr_seq > pr->seq) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INVALID,
+                        "pr-ack of seq %" PRIu64 ", but the reservation "
+                        "state of %s is at %" PRIu64, m->pr_seq, pr->space,
+                        pr->seq);
+        return;
+    }
+    pr_subscribe(session);
+    session->pr_acked = MAX(session->pr_acked, m->pr_seq);
+    extlock_msg_init(&r, EXTLOCK_MSG_PR_ACKED);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.pr_seq = m->pr_seq;
+    conn_send_msg(conn, &r);
+    reservation_check_all(conn->server);
+}
+
+void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
+                            ExtlockMsg *m)
+{
+    ExtlockdServer *server = conn->server;
+    ExtlockdPr *pr = pr_get(server, session->space->name);
+    g_autoptr(GPtrArray) preempted = g_ptr_array_new_with_free_func(g_free);
+    ExtlockPrOut req = {
+        .action = m->pr_action,
+        .type = m->pr_type,
+        .key = m->pr_key,
+        .sa_key = m->pr_sa_key,
+        .aptpl = m->aptpl,
+    };
+    ExtlockPrStatus st;
+    PrOp *op;
+
+    pr_subscribe(session);
+    st = extlock_pr_out(&pr->state, session->client_id, &req, preempted);
+    g_message("lock-space %s: %s %s by %s: %s (generation %u)", pr->space,
+              extlock_pr_action_name(req.action),
+              req.type ? extlock_pr_type_name(req.type) : "",
+              session->client_id, extlock_pr_status_name(st),
+              pr->state.generation);
+    if (st != EXTLOCK_PR_OK) {
+        ExtlockMsg r;
+
+        extlock_msg_init(&r, EXTLOCK_MSG_PR_RESULT);
+        r.has_id = m->has_id;
+        r.id = m->id;
+        r.pr_result = st;
+        r.pr_generation = pr->state.generation;
+        r.pr_seq = pr->seq;
+        conn_send_msg(conn, &r);
+        return;
+    }
+
+    /* Push the new state to every subscriber, save it, wait for both */
+    pr->seq++;
+    session->pr_acked = pr->seq;     /* the reply tells the sender */
+    for (GList *l = server->session_list.head; l; l = l->next) {
+        ExtlockdSession *s = l->data;
+
+        if (s != session && s->pr_subscribed && s->conn &&
+            s->state == SESSION_ACTIVE &&
+            strcmp(s->space->name, pr->space) == 0) {
+            pr_send_update(s, pr);
+        }
+    }
+    /* The sender gets the update too: its driver applies it like others */
+    pr_send_update(session, pr);
+
+    op = g_new0(PrOp, 1);
+    memcpy(op->session, session->id, sizeof(op->session));
+    op->conn_serial = conn->serial;
+    op->has_id = m->has_id;
+    op->id = m->id;
+    op->generation = pr->state.generation;
+    op->seq = pr->seq;
+    if (req.action == EXTLOCK_PR_PREEMPT_AND_ABORT && preempted->len) {
+        op->abort = g_steal_pointer(&preempted);
+    }
+    g_queue_push_tail(&pr->ops, op);
+    op->state_gen = server_save_state_async(server);
+    if (!op->state_gen) {
+        /* not even formatted: answered after the next successful write */
+        g_warning("lock-space %s: the reservation change waits for the "
+                  "state file", pr->space);
+    }
+}
+
+/*
+ * State file: "reservations":[{"lock-space":S, <the members of a
+ * pr-status>}, ...], lock-spaces that never had a registration left out
+ */
+void reservation_append_state(ExtlockdServer *server, GString *out)
+{
+    GHashTableIter iter;
+    gpointer value;
+    bool first = true;
+
+    if (!server->pr->spaces) {
+        return;
+    }
+    g_hash_table_iter_init(&iter, server->pr->spaces);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        ExtlockdPr *pr = value;
+        g_autoptr(GString) line = g_string_new(NULL);
+        ExtlockMsg r;
+        const char *body;
+
+        if (pr->seq == 0) {
+            continue;
+        }
+        extlock_msg_init(&r, EXTLOCK_MSG_PR_UPDATE);
+        pr_fill_msg(&r, pr);
+        extlock_msg_format(&r, line);
+        /* {"type":"pr-update",<members>}\n -> {"lock-space":S,<members>} */
+        body = strchr(line->str, ',');
+        g_string_append(out, first ? ",\"reservations\":[" : ",");
+        first = false;
+        g_string_append(out, "{\"lock-space\":");
+        {
+            json_object *name = json_object_new_string(pr->space);
+
+            g_string_append(out, json_object_to_json_string_ext(
+                                name, JSON_C_TO_STRING_PLAIN |
+                                JSON_C_TO_STRING_NOSLASHESCAPE));
+            json_object_put(name);
+        }
+        g_string_append_len(out, body, strlen(body) - 1);   /* no '\n' */
+    }
+    if (!first) {
+        g_string_append_c(out, ']');
+    }
+}
+
+bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
+                      GError **errp)
+{
+    json_tokener *tok = json_tokener_new();
+    json_object *obj = json_tokener_parse_ex(tok, data, (int)len);
+    json_object *arr;
+    g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
+    bool ok = false;
+
+    json_tokener_free(tok);
+    if (!obj || !json_object_is_type(obj, json_type_object)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "state: not a JSON object");
+        goto out;
+    }
+    if (!json_object_object_get_ex(obj, "reservations", &arr)) {
+        ok = true;
+        goto out;
+    }
+    if (!json_object_is_type(arr, json_type_array)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "state: \"reservations\" is not an array");
+        goto out;
+    }
+    for (size_t i = 0; i < json_object_array_length(arr); i++) {
+        json_object *e = json_object_array_get_idx(arr, i);
+        json_object *name;
+        const char *text;
+        ExtlockProtoError err;
+        ExtlockMsg m;
+        ExtlockdPr *pr;
+
+        if (!json_object_is_type(e, json_type_object) ||
+            !json_object_object_get_ex(e, "lock-space", &name) ||
+            !json_object_is_type(name, json_type_string) ||
+            !g_hash_table_add(seen, (char *)json_object_get_string(name))) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "state: reservation %zu has no or a duplicate "
+                        "\"lock-space\"", i);
+            goto out;
+        }
+        /* Validated by the codec, as a pr-update */
+        json_object_object_add(e, "type",
+                               json_object_new_string("pr-update"));
+        text = json_object_to_json_string_ext(e, JSON_C_TO_STRING_PLAIN);
+        if (!extlock_msg_parse(text, strlen(text), &m, &err)) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "state: reservation of %s: %s",
+                        json_object_get_string(name), err.message);
+            goto out;
+        }
+        /* what a former term of this leader left is replaced */
+        pr = pr_get(server, json_object_get_string(name));
+        extlock_pr_destroy(&pr->state);
+        pr->state = *m.pr;
+        g_free(m.pr);
+        m.pr = NULL;
+        pr->seq = m.pr_seq;
+        extlock_msg_clear(&m);
+    }
+    ok = true;
+out:
+    json_object_put(obj);
+    return ok;
+}
+
+void reservation_status(ExtlockdServer *server, const char *space,
+                        json_object *into)
+{
+    ExtlockdPr *pr = g_hash_table_lookup(server->pr->spaces, space);
+    g_autoptr(GString) line = NULL;
+    ExtlockMsg r;
+    json_object *obj;
+
+    if (!pr || pr->seq == 0) {
+        return;
+    }
+    line = g_string_new(NULL);
+    extlock_msg_init(&r, EXTLOCK_MSG_PR_UPDATE);
+    pr_fill_msg(&r, pr);
+    extlock_msg_format(&r, line);
+    obj = json_tokener_parse(line->str);
+    if (obj) {
+        json_object_object_del(obj, "type");
+        json_object_object_add(into, "reservation", obj);
+    }
+}

@@ -1,0 +1,440 @@
+/*
+ * Integration tests: persistent reservations in the real extlockd
+ * (contrib/extlockd/reservation.c, docs/protocol.rst "Persistent
+ * reservations"): every service action over the wire, the SPC-4 error
+ * results, bad messages, the push to every subscribed session and the
+ * acknowledgements a pr-out waits for, PREEMPT AND ABORT ending the
+ * preempted session, and the state surviving a coordinator restart.
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <glib.h>
+
+#include "extlockd-harness.h"
+
+static uint64_t pr_out(ExtlockConn *c, ExtlockPrAction action, unsigned type,
+                       uint64_t key, uint64_t sa_key)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
+    m.pr_action = action;
+    m.pr_type = type;
+    m.pr_key = key;
+    m.pr_sa_key = sa_key;
+    send_msg(c, &m);
+    return m.id;
+}
+
+/* The next message on @c is a pr-update; its seq */
+static uint64_t expect_update(ExtlockConn *c, ExtlockMsg *m)
+{
+    recv_msg(c, m, RECV_MS);
+    if (m->type != EXTLOCK_MSG_PR_UPDATE) {
+        fail_msg("expected pr-update, got %s", extlock_msg_type_name(m->type));
+    }
+    assert_non_null(m->pr);
+    return m->pr_seq;
+}
+
+static void ack(ExtlockConn *c, uint64_t seq)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
+    m.pr_seq = seq;
+    send_msg(c, &m);
+    id = m.id;
+    expect_msg(c, &m, EXTLOCK_MSG_PR_ACKED, id);
+    assert_int_equal(m.pr_seq, seq);
+    extlock_msg_clear(&m);
+}
+
+static void expect_result(ExtlockConn *c, uint64_t id, ExtlockPrStatus want,
+                          uint32_t generation)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+    if (m.pr_result != want) {
+        fail_msg("pr-out %" PRIu64 ": %s, expected %s", id,
+                 extlock_pr_status_name(m.pr_result),
+                 extlock_pr_status_name(want));
+    }
+    assert_int_equal(m.pr_generation, generation);
+    extlock_msg_clear(&m);
+}
+
+/* pr-in: subscribe and get the state (the caller clears @m) */
+static void pr_in(ExtlockConn *c, ExtlockMsg *m)
+{
+    uint64_t id = send_simple(c, EXTLOCK_MSG_PR_IN);
+
+    expect_msg(c, m, EXTLOCK_MSG_PR_STATUS, id);
+    assert_non_null(m->pr);
+}
+
+/*
+ * A change by @from that every one of @others must acknowledge: the
+ * reply comes only after the last ack.  Returns the new seq.
+ */
+static uint64_t change(ExtlockConn *from, ExtlockConn **others, int n,
+                       ExtlockPrAction action, unsigned type, uint64_t key,
+                       uint64_t sa_key, uint32_t generation)
+{
+    uint64_t id = pr_out(from, action, type, key, sa_key);
+    uint64_t seq;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    seq = expect_update(from, &m);
+    extlock_msg_clear(&m);
+    for (int i = 0; i < n; i++) {
+        assert_int_equal(expect_update(others[i], &m), seq);
+        extlock_msg_clear(&m);
+        /* Not answered while somebody has not applied it */
+        expect_quiet(from, QUIET_MS);
+        ack(others[i], seq);
+    }
+    expect_result(from, id, EXTLOCK_PR_OK, generation);
+    return seq;
+}
+
+/* extlockctl -c ADDR ARGS...: its stdout (g_free), exit status 0 checked */
+static char *ctl(const char *addr, const char *a1, const char *a2)
+{
+    const char *argv[] = { extlockctl_bin, "-c", addr, a1, a2, NULL };
+    g_autoptr(GError) err = NULL;
+    char *out = NULL;
+    int status;
+
+    assert_true(g_spawn_sync(NULL, (char **)argv, NULL,
+                             G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &out,
+                             NULL, &status, &err));
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return out;
+}
+
+static void test_pr_push_and_ack(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
+    ExtlockConn *c = client(d->tcp_addr, "C", LONG_LEASE_MS);
+    ExtlockConn *bc[] = { b, c };
+    ExtlockConn *ac[] = { a, c };
+    ExtlockConn *other = client(d->unix_addr, "not-subscribed",
+                                LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t seq;
+
+    pr_in(a, &m);
+    assert_int_equal(m.pr_seq, 0);
+    assert_int_equal(m.pr->generation, 0);
+    assert_int_equal(m.pr->type, EXTLOCK_PR_TYPE_NONE);
+    assert_int_equal(m.pr->registrants->len, 0);
+    extlock_msg_clear(&m);
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    pr_in(c, &m);
+    extlock_msg_clear(&m);
+
+    seq = change(a, bc, 2, EXTLOCK_PR_REGISTER, 0, 0, 0xaaaa, 1);
+    assert_int_equal(seq, 1);
+    change(b, ac, 2, EXTLOCK_PR_REGISTER_AND_IGNORE, 0, 0x1234,
+           0xbbbbbbbbbbbbbbbbULL, 2);
+    change(a, bc, 2, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE_RO, 0xaaaa, 0,
+           2);
+    /* A session that never subscribed gets nothing and is not waited for */
+    expect_quiet(other, QUIET_MS);
+
+    /* Everybody reads the same state */
+    for (int i = 0; i < 3; i++) {
+        ExtlockConn *x = i == 0 ? a : bc[i - 1];
+
+        pr_in(x, &m);
+        assert_int_equal(m.pr_seq, 3);
+        assert_int_equal(m.pr->generation, 2);
+        assert_int_equal(m.pr->type, EXTLOCK_PR_TYPE_WE_RO);
+        assert_string_equal(m.pr->holder, "A");
+        assert_int_equal(m.pr->registrants->len, 2);
+        assert_int_equal(extlock_pr_find(m.pr, "A")->key, 0xaaaa);
+        assert_int_equal(extlock_pr_find(m.pr, "B")->key,
+                         0xbbbbbbbbbbbbbbbbULL);
+        assert_true(extlock_pr_allows(m.pr, "B", true));
+        assert_false(extlock_pr_allows(m.pr, "C", true));
+        extlock_msg_clear(&m);
+    }
+    /* The status shows it */
+    {
+        json_object *st = status_get(other);
+        json_object *r = jget(first_space(st), "reservation");
+
+        assert_int_equal(jint(r, "generation"), 2);
+        assert_int_equal(jint(r, "pr-type"), 5);
+        assert_string_equal(jstr(r, "holder"), "A");
+        json_object_put(st);
+    }
+    /* ... and extlockctl */
+    {
+        g_autofree char *out = ctl(d->unix_addr, "reservations", NULL);
+
+        assert_non_null(strstr(out, "Persistent reservations"));
+        assert_non_null(strstr(out, "A=0xaaaa B=0xbbbbbbbbbbbbbbbb"));
+        g_free(out);
+        out = ctl(d->unix_addr, "--json", "reservations");
+        assert_non_null(strstr(out, "\"holder\": \"A\""));
+    }
+    daemon_stop(d);
+}
+
+static void test_pr_errors(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
+    ExtlockConn *ba[] = { b };
+    ExtlockConn *ab[] = { a };
+    ExtlockConn *pre = conn_open(d->unix_addr);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id;
+
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    change(a, ba, 1, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 1);
+    change(a, ba, 1, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA, 0xa, 0, 1);
+
+    /* SPC-4 errors: answered at once, nothing pushed, nothing changes */
+    id = pr_out(b, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA, 0xb, 0);
+    expect_result(b, id, EXTLOCK_PR_CONFLICT, 1);           /* unregistered */
+    id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0xbad, 0xc);
+    expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);           /* wrong key */
+    id = pr_out(a, EXTLOCK_PR_RESERVE, 2, 0xa, 0);
+    expect_result(a, id, EXTLOCK_PR_INVALID_FIELD_CDB, 1);  /* bad type */
+    id = pr_out(a, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE, 0xa, 0);
+    expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);           /* other type */
+    id = pr_out(a, EXTLOCK_PR_RELEASE, EXTLOCK_PR_TYPE_WE, 0xa, 0);
+    expect_result(a, id, EXTLOCK_PR_INVALID_RELEASE, 1);    /* wrong type */
+    id = pr_out(a, EXTLOCK_PR_PREEMPT, EXTLOCK_PR_TYPE_EA, 0xa, 0);
+    expect_result(a, id, EXTLOCK_PR_INVALID_FIELD_PARAM, 1); /* SARK 0 */
+    expect_quiet(b, QUIET_MS);
+
+    /* RELEASE by a registered non-holder: GOOD, the reservation stays */
+    change(b, ab, 1, EXTLOCK_PR_REGISTER, 0, 0, 0xb, 2);
+    pr_out(b, EXTLOCK_PR_RELEASE, EXTLOCK_PR_TYPE_EA, 0xb, 0);
+    /* (it still pushes and waits: "seq" counts every successful pr-out) */
+    {
+        uint64_t seq = expect_update(b, &m);
+
+        extlock_msg_clear(&m);
+        assert_int_equal(expect_update(a, &m), seq);
+        assert_int_equal(m.pr->type, EXTLOCK_PR_TYPE_EA);
+        assert_string_equal(m.pr->holder, "A");
+        extlock_msg_clear(&m);
+        ack(a, seq);
+        recv_msg(b, &m, RECV_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+
+    /* Bad messages: protocol errors, no state change */
+    send_raw(a, "{\"type\":\"pr-out\",\"id\":50,\"action\":"
+                "\"register-and-move\",\"key\":\"a\"}\n");
+    expect_error(a, true, 50, EXTLOCK_ERR_INVALID);
+    send_raw(a, "{\"type\":\"pr-out\",\"id\":51,\"action\":\"register\","
+                "\"key\":\"A\",\"sa-key\":\"1\"}\n");
+    expect_error(a, true, 51, EXTLOCK_ERR_INVALID);
+    send_raw(a, "{\"type\":\"pr-out\",\"id\":52,\"action\":\"register\","
+                "\"key\":\"a\",\"sa-key\":\"11112222333344445\"}\n");
+    expect_error(a, true, 52, EXTLOCK_ERR_INVALID);
+    send_raw(a, "{\"type\":\"pr-out\",\"id\":53,\"action\":\"reserve\","
+                "\"key\":\"a\",\"pr-type\":16}\n");
+    expect_error(a, true, 53, EXTLOCK_ERR_INVALID);
+    send_raw(a, "{\"type\":\"pr-out\",\"id\":54,\"action\":\"reserve\","
+                "\"key\":10}\n");
+    expect_error(a, true, 54, EXTLOCK_ERR_INVALID);
+    send_raw(a, "{\"type\":\"pr-ack\",\"id\":55,\"seq\":1000}\n");
+    expect_error(a, true, 55, EXTLOCK_ERR_INVALID);
+    send_raw(pre, "{\"type\":\"pr-out\",\"id\":56,\"action\":\"register\","
+                  "\"sa-key\":\"1\"}\n");
+    expect_error(pre, true, 56, EXTLOCK_ERR_STATE);
+    send_raw(pre, "{\"type\":\"pr-in\",\"id\":57}\n");
+    expect_error(pre, true, 57, EXTLOCK_ERR_STATE);
+    pr_in(b, &m);
+    assert_int_equal(m.pr->generation, 2);
+    assert_int_equal(m.pr->registrants->len, 2);
+    assert_int_equal(m.pr->type, EXTLOCK_PR_TYPE_EA);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
+/* A subscriber that never acknowledges holds a pr-out until its lease ends */
+static void test_pr_waits_for_lease(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *silent = client(d->unix_addr, "S", LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id;
+
+    pr_in(silent, &m);
+    extlock_msg_clear(&m);
+    id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa);
+    expect_update(a, &m);
+    extlock_msg_clear(&m);
+    /* S neither acks nor renews: the reply waits for its lease to lapse */
+    expect_quiet(a, QUIET_MS);
+    recv_msg(a, &m, LEASE_MS + SLACK_MS + RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+    assert_int_equal(m.id, id);
+    assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+    extlock_msg_clear(&m);
+    /* by then S has been told that its session expired */
+    recv_msg(silent, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+    recv_msg(silent, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
+static void test_pr_preempt_and_abort(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
+    ExtlockConn *ab[2] = { a, b };
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id, seq, lid;
+    Grant g;
+
+    pr_in(a, &m);
+    extlock_msg_clear(&m);
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    change(a, &ab[1], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 1);
+    change(b, &ab[0], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xb, 2);
+    change(a, &ab[1], 1, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE_RO, 0xa, 0,
+           2);
+    /* A holds an exclusive lock that B waits for */
+    g = lock_now(a, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    (void)g;
+    lid = lock_waits(b, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, &m);
+    extlock_msg_clear(&m);
+
+    id = pr_out(b, EXTLOCK_PR_PREEMPT_AND_ABORT, EXTLOCK_PR_TYPE_EA_RO, 0xb,
+                0xa);
+    /* A may get a revoke for its lock first */
+    do {
+        recv_msg(a, &m, RECV_MS);
+        if (m.type == EXTLOCK_MSG_PR_UPDATE) {
+            break;
+        }
+        assert_int_equal(m.type, EXTLOCK_MSG_REVOKE);
+        extlock_msg_clear(&m);
+    } while (true);
+    seq = m.pr_seq;
+    assert_null(extlock_pr_find(m.pr, "A"));
+    assert_string_equal(m.pr->holder, "B");
+    extlock_msg_clear(&m);
+    /* B: its update, then nothing until A applied it */
+    assert_int_equal(expect_update(b, &m), seq);
+    extlock_msg_clear(&m);
+    expect_quiet(b, QUIET_MS);
+    ack(a, seq);
+    /* A's session ends, its lock goes to B, then B's pr-out is answered */
+    recv_msg(a, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
+    extlock_msg_clear(&m);
+    expect_eof(a);
+    expect_granted(b, lid, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    expect_result(b, id, EXTLOCK_PR_OK, 3);
+    daemon_stop(d);
+}
+
+static void test_pr_restart(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    g_autofree char *state_file = g_strdup(d->state);
+    ExtlockConn *a = client(d->unix_addr, "host\"A", LONG_LEASE_MS);
+    g_autofree char *text = NULL;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    change(a, NULL, 0, EXTLOCK_PR_REGISTER, 0, 0, 0xfedcba9876543210ULL, 1);
+    change(a, NULL, 0, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA,
+           0xfedcba9876543210ULL, 0, 1);
+    bye(a);
+    daemon_stop(d);
+    assert_true(g_file_get_contents(state_file, &text, NULL, NULL));
+    assert_non_null(strstr(text, "\"reservations\":[{\"lock-space\":\"disk\""));
+
+    d = daemon_start(state_file, NULL, NULL);
+    a = client(d->unix_addr, "other", LONG_LEASE_MS);
+    pr_in(a, &m);
+    assert_int_equal(m.pr_seq, 2);
+    assert_int_equal(m.pr->generation, 1);
+    assert_int_equal(m.pr->type, EXTLOCK_PR_TYPE_EA);
+    assert_string_equal(m.pr->holder, "host\"A");
+    assert_int_equal(extlock_pr_find(m.pr, "host\"A")->key,
+                     0xfedcba9876543210ULL);
+    extlock_msg_clear(&m);
+    /* The holder is gone, its reservation stays until preempted */
+    change(a, NULL, 0, EXTLOCK_PR_REGISTER, 0, 0, 0x1, 2);
+    change(a, NULL, 0, EXTLOCK_PR_PREEMPT, EXTLOCK_PR_TYPE_WE, 0x1,
+           0xfedcba9876543210ULL, 3);
+    pr_in(a, &m);
+    assert_string_equal(m.pr->holder, "other");
+    assert_int_equal(m.pr->type, EXTLOCK_PR_TYPE_WE);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+
+    /* A corrupt reservation keeps the daemon from starting */
+    {
+        g_autofree char *bad = g_strdup(
+            "{\"version\":1,\"epoch\":3,\"reservations\":[{\"lock-space\":"
+            "\"disk\",\"seq\":1,\"generation\":1,\"pr-type\":5,"
+            "\"registrants\":[]}]}\n");
+
+        assert_true(g_file_set_contents(state_file, bad, -1, NULL));
+        daemon_refused(state_file, NULL, 1, "reservation of disk");
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_pr_push_and_ack, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_waits_for_lease, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_preempt_and_abort, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_restart, setup, teardown),
+    };
+
+    extlockd_bin = g_getenv("EXTLOCKD");
+    extlockctl_bin = g_getenv("EXTLOCKCTL");
+    if (!extlockd_bin || !extlockctl_bin) {
+        fprintf(stderr, "EXTLOCKD and EXTLOCKCTL must name extlockd and "
+                "extlockctl\n");
+        return 1;
+    }
+    if (g_getenv("EXTLOCKD_TEST_FILTER")) {
+        cmocka_set_test_filter(g_getenv("EXTLOCKD_TEST_FILTER"));
+    }
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
