@@ -41,6 +41,9 @@
  *   EXTLOCK_QDICT_H, EXTLOCK_QBOOL_H, EXTLOCK_QNUM_H, EXTLOCK_QSTRING_H.
  * - qcrypto_tls_session_handshake() returns the handshake status (9.2):
  *   extlock_tls_handshake_step().
+ * - refresh_total_sectors() became bdrv_co_refresh_total_sectors() (8.0):
+ *   extlock_co_refresh_total_sectors().  bdrv_invalidate_cache() calls the
+ *   driver directly in a coroutine on both.
  */
 
 #ifndef BLOCK_EXTLOCK_COMPAT_H
@@ -95,6 +98,27 @@ static inline void extlock_run_in_aio_context(AioContext *ctx,
     } else {
         aio_wait_bh_oneshot(ctx, fn, opaque);
     }
+}
+
+/*
+ * Maintenance (extlock-maint.c): a node's total length after its driver
+ * reread its metadata; @hint is used by drivers that cannot tell (nfs)
+ */
+static inline int coroutine_fn GRAPH_RDLOCK
+extlock_co_refresh_total_sectors(BlockDriverState *bs, int64_t hint)
+{
+    return bdrv_co_refresh_total_sectors(bs, hint);
+}
+
+/* The graph lock of a coroutine the driver started itself */
+static inline void coroutine_fn extlock_graph_co_rdlock(void)
+{
+    bdrv_graph_co_rdlock();
+}
+
+static inline void coroutine_fn extlock_graph_co_rdunlock(void)
+{
+    bdrv_graph_co_rdunlock();
 }
 
 #define EXTLOCK_QAPI_OPT_PARAM(type, name) type name
@@ -159,6 +183,20 @@ static inline void extlock_run_in_aio_context(AioContext *ctx,
     aio_context_acquire(ctx);
     fn(opaque);
     aio_context_release(ctx);
+}
+
+static inline int coroutine_fn
+extlock_co_refresh_total_sectors(BlockDriverState *bs, int64_t hint)
+{
+    return refresh_total_sectors(bs, hint);
+}
+
+static inline void coroutine_fn extlock_graph_co_rdlock(void)
+{
+}
+
+static inline void coroutine_fn extlock_graph_co_rdunlock(void)
+{
 }
 
 #define EXTLOCK_QAPI_OPT_PARAM(type, name) bool has_##name, type name

@@ -289,6 +289,9 @@ static void extlock_conn_handle(ExtlockConnection *c, ExtlockMsg *msg)
             trace_extlock_client_renewed(c->node_name,
                                          extlock_conn_lease_remaining_ms(c));
         }
+        if (c->ops->renewed) {
+            c->ops->renewed(c->opaque, msg);
+        }
         return;
     case EXTLOCK_MSG_UNLOCKED:
     case EXTLOCK_MSG_DOWNGRADED:

@@ -86,6 +86,8 @@ typedef struct ExtlockConnOps {
     void (*session_reclaimed)(void *opaque, GArray *reclaims);
     /* Reconnected with a new session: every lock is gone; how many */
     uint64_t (*session_new)(void *opaque);
+    /* A renewal reply: it says how many maintenances the lock-space had */
+    void (*renewed)(void *opaque, ExtlockMsg *msg);
 } ExtlockConnOps;
 
 typedef struct ExtlockConnConfig {

@@ -12,6 +12,7 @@
 #include "qapi/qapi-types-block-core.h"
 #include "extlock-locks.h"
 #include "extlock-stack.h"
+#include "extlock-maint.h"
 
 typedef struct BDRVExtlockState {
     SocketAddress *coordinator;
@@ -24,6 +25,7 @@ typedef struct BDRVExtlockState {
     ExtlockClientOptions cache_opts;
     ExtlockClient *client;
     ExtlockStack stack;         /* what is below, see extlock-stack.h */
+    ExtlockMaint maint;         /* cluster-wide resize, extlock-maint.h */
 } BDRVExtlockState;
 
 extern BlockDriver bdrv_extlock;

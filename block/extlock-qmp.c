@@ -108,6 +108,15 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
     info->counters = g_new0(ExtentLockCounters, 1);
     extlock_get_counters(c, info->counters);
     info->stack = extlock_stack_info(&s->stack);
+    info->maintenance = g_new0(ExtentLockMaintenanceInfo, 1);
+    info->maintenance->generation = c->maint_gen;
+    info->maintenance->running = s->maint.owner;
+    info->maintenance->owned = s->maint.owned;
+    info->maintenance->reloads = s->maint.reloads;
+    if (c->has_maint_size) {
+        info->maintenance->has_announced_size = true;
+        info->maintenance->announced_size = c->maint_size;
+    }
     return info;
 }
 

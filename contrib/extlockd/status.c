@@ -152,6 +152,13 @@ static json_object *status_lockspace(ExtlockdLockSpace *space, int64_t now,
     status_add_int(counters, "downgrades", st->downgrades);
     status_add_int(counters, "reclaims", space->reclaims);
     json_object_object_add(o, "counters", counters);
+    if (space->maint_gen) {
+        json_object *maint = json_object_new_object();
+
+        status_add_int(maint, "generation", space->maint_gen);
+        status_add_int(maint, "size", space->maint_size);
+        json_object_object_add(o, "maintenance", maint);
+    }
     status_add_int(o, "grace-remaining-ms", lockspace_grace_remaining_ms(space,
                                                                          now));
     extlock_table_foreach(space->table, status_lock_cb, &ctx);
