@@ -59,7 +59,7 @@ static void coroutine_fn extlock_maint_unbusy(ExtlockMaint *m)
 static int coroutine_fn GRAPH_RDLOCK
 extlock_maint_reload_node(BlockDriverState *bs, uint64_t size, Error **errp)
 {
-    int64_t hint = bs->total_sectors;
+    int64_t hint;
     int ret;
 
     if (bs->file) {
@@ -67,14 +67,17 @@ extlock_maint_reload_node(BlockDriverState *bs, uint64_t size, Error **errp)
         if (ret < 0) {
             return ret;
         }
-    } else {
-        hint = MAX(hint, (int64_t)DIV_ROUND_UP(size, BDRV_SECTOR_SIZE));
     }
     ret = bdrv_invalidate_cache(bs, errp);
     if (ret < 0) {
         error_prepend(errp, "extlock: rereading node '%s' after a "
                       "maintenance: ", bdrv_get_node_name(bs));
         return ret;
+    }
+    /* What the reread found (qcow2 sets it from its header) */
+    hint = bs->total_sectors;
+    if (!bs->file) {
+        hint = MAX(hint, (int64_t)DIV_ROUND_UP(size, BDRV_SECTOR_SIZE));
     }
     ret = extlock_co_refresh_total_sectors(bs, hint);
     if (ret < 0) {

@@ -79,7 +79,9 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
         status_add_str(o, "client-id", session->client_id);
     }
     status_add_int(o, "offset", lock->node.ext.start);
-    status_add_int(o, "length", lock->node.ext.end - lock->node.ext.start);
+    /* 2^63 for a maintenance lock (the whole range) */
+    json_object_object_add(o, "length", json_object_new_uint64(
+                               lock->node.ext.end - lock->node.ext.start));
     status_add_str(o, "mode", extlock_mode_name(lock->mode));
     status_add_int(o, "token", lock->token);
     if (lockspace_lock_is_deferred(lock)) {
