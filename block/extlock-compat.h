@@ -110,17 +110,6 @@ extlock_co_refresh_total_sectors(BlockDriverState *bs, int64_t hint)
     return bdrv_co_refresh_total_sectors(bs, hint);
 }
 
-/* The graph lock of a coroutine the driver started itself */
-static inline void coroutine_fn extlock_graph_co_rdlock(void)
-{
-    bdrv_graph_co_rdlock();
-}
-
-static inline void coroutine_fn extlock_graph_co_rdunlock(void)
-{
-    bdrv_graph_co_rdunlock();
-}
-
 #define EXTLOCK_QAPI_OPT_PARAM(type, name) type name
 #define extlock_query_extent_locks(node_name, errp) \
     qmp_query_extent_locks(node_name, errp)
@@ -191,11 +180,11 @@ extlock_co_refresh_total_sectors(BlockDriverState *bs, int64_t hint)
     return refresh_total_sectors(bs, hint);
 }
 
-static inline void coroutine_fn extlock_graph_co_rdlock(void)
+static inline void coroutine_fn bdrv_graph_co_rdlock(void)
 {
 }
 
-static inline void coroutine_fn extlock_graph_co_rdunlock(void)
+static inline void coroutine_fn bdrv_graph_co_rdunlock(void)
 {
 }
 

@@ -271,11 +271,11 @@ static void coroutine_fn extlock_maint_kick_entry(void *opaque)
     };
 
     if (extlock_client_lock(m->client, &req) == 0) {
-        extlock_graph_co_rdlock();
+        bdrv_graph_co_rdlock();
         if (extlock_maint_enter(m) == 0) {
             extlock_maint_exit(m);
         }
-        extlock_graph_co_rdunlock();
+        bdrv_graph_co_rdunlock();
         extlock_client_unlock(m->client, &req);
     }
     m->kicked = false;
