@@ -56,7 +56,7 @@ static void coroutine_fn extlock_maint_unbusy(ExtlockMaint *m)
  * protocol: nfs, file) gets @size as its length if its driver cannot ask
  * the storage (libnfs keeps the length it saw at open).
  */
-static int coroutine_fn GRAPH_RDLOCK
+static int GRAPH_RDLOCK
 extlock_maint_reload_node(BlockDriverState *bs, uint64_t size, Error **errp)
 {
     int64_t hint;
@@ -79,7 +79,7 @@ extlock_maint_reload_node(BlockDriverState *bs, uint64_t size, Error **errp)
     if (!bs->file) {
         hint = MAX(hint, (int64_t)DIV_ROUND_UP(size, BDRV_SECTOR_SIZE));
     }
-    ret = extlock_co_refresh_total_sectors(bs, hint);
+    ret = extlock_refresh_total_sectors(bs, hint);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "extlock: node '%s': could not refresh "
                          "its length after a maintenance",
@@ -89,41 +89,45 @@ extlock_maint_reload_node(BlockDriverState *bs, uint64_t size, Error **errp)
     return 0;
 }
 
-/*
- * A maintenance ran elsewhere (a grant showed a new count): with nothing
- * in flight, reread the child's metadata, refresh the node's length, and
- * tell the parents if it changed.
- */
-static int coroutine_fn GRAPH_RDLOCK
-extlock_maint_reload(ExtlockMaint *m, Error **errp)
-{
-    BlockDriverState *bs = m->bs;
-    ExtlockClient *c = m->client;
-    int64_t old = bs->total_sectors;
-    BdrvChild *parent;
+typedef struct ExtlockMaintReload {
+    ExtlockMaint *m;
+    Coroutine *co;
+    Error *err;
     int ret;
+} ExtlockMaintReload;
 
-    assert(m->busy && !m->in_flight);
-    c->maint_reload = false;
-    ret = extlock_maint_reload_node(bs->file->bs,
-                                    c->has_maint_size ? c->maint_size : 0,
-                                    errp);
-    if (ret < 0) {
-        return ret;
+/*
+ * In the main loop, synchronously, as a migration target activates its
+ * images: a coroutine that yielded in the middle would let the monitor
+ * look at a qcow2 node that is closed and not yet reopened (query-block
+ * aborts on it).  Reread the child's metadata, refresh the node's length,
+ * and tell the parents if it changed.
+ */
+static void extlock_maint_reload_bh(void *opaque)
+{
+    ExtlockMaintReload *r = opaque;
+    ExtlockMaint *m = r->m;
+    BlockDriverState *bs = m->bs;
+    AioContext *ctx = bdrv_get_aio_context(bs);
+    ExtlockClient *c = m->client;
+    int64_t old;
+    BdrvChild *parent;
+
+    extlock_aio_context_acquire(ctx);
+    bdrv_graph_rdlock_main_loop();
+    old = bs->total_sectors;
+    r->ret = extlock_maint_reload_node(bs->file->bs,
+                                       c->has_maint_size ? c->maint_size : 0,
+                                       &r->err);
+    if (r->ret == 0) {
+        r->ret = extlock_refresh_total_sectors(bs, old);
+        if (r->ret < 0) {
+            error_setg_errno(&r->err, -r->ret, "extlock: node '%s': could "
+                             "not refresh its length after a maintenance",
+                             bdrv_get_node_name(bs));
+        }
     }
-    ret = extlock_co_refresh_total_sectors(bs, old);
-    if (ret < 0) {
-        error_setg_errno(errp, -ret, "extlock: node '%s': could not refresh "
-                         "its length after a maintenance",
-                         bdrv_get_node_name(bs));
-        return ret;
-    }
-    m->reloads++;
-    m->last_size = bs->total_sectors * BDRV_SECTOR_SIZE;
-    c->opts.grow_limit = MAX(c->opts.grow_limit, (uint64_t)m->last_size);
-    trace_extlock_maint_reloaded(extlock_maint_name(m), c->maint_gen,
-                                 old * BDRV_SECTOR_SIZE, m->last_size);
-    if (bs->total_sectors != old) {
+    if (r->ret == 0 && bs->total_sectors != old) {
         /* The guest device learns the new size, as after block_resize */
         QLIST_FOREACH(parent, &bs->parents, next_parent) {
             if (parent->klass->resize) {
@@ -131,6 +135,35 @@ extlock_maint_reload(ExtlockMaint *m, Error **errp)
             }
         }
     }
+    trace_extlock_maint_reloaded(bdrv_get_node_name(bs), c->maint_gen,
+                                 old * BDRV_SECTOR_SIZE,
+                                 bs->total_sectors * BDRV_SECTOR_SIZE);
+    bdrv_graph_rdunlock_main_loop();
+    extlock_aio_context_release(ctx);
+    aio_co_wake(r->co);
+}
+
+/*
+ * A maintenance ran elsewhere (a grant showed a new count): with nothing
+ * in flight, reread the metadata
+ */
+static int coroutine_fn extlock_maint_reload(ExtlockMaint *m, Error **errp)
+{
+    ExtlockMaintReload r = { .m = m, .co = qemu_coroutine_self() };
+    ExtlockClient *c = m->client;
+
+    assert(m->busy && !m->in_flight);
+    c->maint_reload = false;
+    aio_bh_schedule_oneshot(qemu_get_aio_context(), extlock_maint_reload_bh,
+                            &r);
+    qemu_coroutine_yield();
+    if (r.ret < 0) {
+        error_propagate(errp, r.err);
+        return r.ret;
+    }
+    m->reloads++;
+    m->last_size = m->bs->total_sectors * BDRV_SECTOR_SIZE;
+    c->opts.grow_limit = MAX(c->opts.grow_limit, (uint64_t)m->last_size);
     return 0;
 }
 

@@ -29,6 +29,7 @@ the stamped atomicity checker of the qcow2 tests:
   until its lease lapses, then reread the metadata and go on.
 """
 
+import json
 import random
 import time
 import uuid
@@ -100,6 +101,15 @@ def maintenance_waiting(extlockd, lock_space):
     sp = space_status(extlockd, lock_space)
     return sp is not None and any(w["offset"] == 0 and w["length"] == MAINT_LENGTH
                                   for w in sp["waiting"])
+
+
+def ctl_maintenance(extlockd, lock_space):
+    """extlockctl --json maintenance: the entry of `lock_space`."""
+    r = extlockd.ctl("--json", "maintenance")
+    assert r.returncode == 0, r.stdout + r.stderr
+    entries = [e for e in json.loads(r.stdout) if e["lock-space"] == lock_space]
+    assert len(entries) == 1, r.stdout
+    return entries[0]
 
 
 def qmp_send(qsd, command, args):
@@ -221,6 +231,9 @@ def test_resize_during_io(kind, nfs, extlockd, lock_space, procs, workdir, binar
         assert m2["reloads"] >= 1 and m2["generation"] != 0, (m1, m2)
         sp = space_status(extlockd, lock_space)
         assert sp["maintenance"]["generation"] == 1, sp
+        assert ctl_maintenance(extlockd, lock_space) == {
+            "lock-space": lock_space, "generation": 1,
+            "size": sp["maintenance"]["size"]}
         for n in (1, 2):
             hosts[n - 1].qmp.execute("block-export-add", args={
                 "type": "nbd", "id": "big", "node-name": "xl0", "name": "big",
@@ -297,6 +310,9 @@ def test_resize_goes_on_after_killed_host(nfs, extlockd, lock_space, procs, bina
     msg_id = qmp_send(h1, "block_resize", {"node-name": "xm", "size": NEW})
     wait_until(lambda: maintenance_waiting(extlockd, lock_space), 10,
                what="the maintenance to wait for host 2")
+    assert ctl_maintenance(extlockd, lock_space) == {
+        "lock-space": lock_space, "generation": 0, "state": "waiting",
+        "client-id": "host-1-maint"}
     killed = time.monotonic()
     h2.kill()
     bound = (LEASE_MS + 1000) / 1000 + 15       # lease + default fence margin + slack
