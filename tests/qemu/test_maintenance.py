@@ -25,8 +25,12 @@ the stamped atomicity checker of the qcow2 tests:
   its lease and fence margin have passed;
 * a host that keeps a lock while a maintenance waits (alive, renewing) is
   expired after its lease;
-* the owner killed while it holds the maintenance lock: the others wait
-  until its lease lapses, then reread the metadata and go on.
+* the owner killed while it holds the maintenance lock (a protocol client:
+  a QEMU owner holds it only for the duration of the truncate, too short
+  to hit from outside reliably): the others wait until its lease lapses,
+  then reread the metadata and go on;
+* the QEMU owner killed -9 while it waits for the maintenance lock: the
+  others go on, nothing changed.
 """
 
 import json
@@ -411,4 +415,46 @@ def test_owner_killed_holding_maintenance(nfs, extlockd, lock_space, procs, bina
     assert m["generation"] != gen_before and m["reloads"] == 1, m
     assert h2.stop() == 0, h2.stderr()
     check_clean(path)
+    path.unlink()
+
+
+def test_owner_killed_waiting_for_maintenance(nfs, extlockd, lock_space, procs, binaries):
+    """The QEMU owner killed -9 while its block_resize waits for the
+    maintenance lock (a protocol client holds a lock, within its lease),
+    with host 2's write queued behind it: once the holder lets go, host 2's
+    write completes within host 1's lease and fence margin, no maintenance
+    is counted, nothing changed (size, data, qemu-img check)."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    h1 = start_host(procs, child, extlockd, lock_space, 1, maint=True)
+    h2 = start_host(procs, child, extlockd, lock_space, 2)
+    with NbdClient(h2.nbd_path, "disk") as nb:
+        nb.write(3 * MiB, b"\x33" * MiB)
+    holder = CoordinatorClient(extlockd.address)
+    holder.hello("holder", lock_space, lease_ms=60000)
+    lock = holder.lock(0, 4096, mode="shared")
+    qmp_send(h1, "block_resize", {"node-name": "xm", "size": NEW})
+    wait_until(lambda: maintenance_waiting(extlockd, lock_space), 10,
+               what="the maintenance to wait for the holder")
+    nb = NbdClient(h2.nbd_path, "disk")
+    try:
+        h = nb.send_write(4 * MiB, b"\x44" * MiB)
+        wait_until(lambda: any(w["client-id"] == "host-2" for w in
+                               space_status(extlockd, lock_space)["waiting"]), 10,
+                   what="host 2's write to wait behind the maintenance")
+        h1.kill()
+        holder.unlock(lock["lock"])
+        holder.close()
+        err, _ = nb.wait(h, timeout=(LEASE_MS + 1000) / 1000 + 15)
+        assert err == 0
+        assert nb.read(3 * MiB, MiB) == b"\x33" * MiB
+        assert nb.read(4 * MiB, MiB) == b"\x44" * MiB
+    finally:
+        nb.close()
+    assert "maintenance" not in space_status(extlockd, lock_space)
+    assert node_size(h2) == OLD and maint_info(h2)["reloads"] == 0
+    assert h2.stop() == 0, h2.stderr()
+    check_clean(path)
+    info = qemu_img("info", "--output=json", str(path))
+    assert f'"virtual-size": {OLD}' in info, info
     path.unlink()
