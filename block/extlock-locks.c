@@ -344,11 +344,13 @@ static void extlock_lock_use(ExtlockClient *c, ExtlockCachedLock *l,
 /*
  * A grant or a renewal says how many maintenances the lock-space had
  * (none without "maint-gen"): has one run since the node last looked?
- * The first answer is where the node starts from.
+ * Before the first answer the node cannot tell whether one ran between
+ * its open and now: if the lock-space ever had one, it rereads once.
  */
 static bool extlock_note_maint(ExtlockClient *c, ExtlockMsg *msg)
 {
-    bool changed = c->maint_gen_known && msg->maint_gen != c->maint_gen;
+    bool changed = c->maint_gen_known ? msg->maint_gen != c->maint_gen
+                                      : msg->maint_gen != 0;
 
     if (changed) {
         c->maint_reload = true;
