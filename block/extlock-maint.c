@@ -167,7 +167,8 @@ static int coroutine_fn extlock_maint_reload(ExtlockMaint *m, Error **errp)
     return 0;
 }
 
-int coroutine_fn GRAPH_RDLOCK extlock_maint_enter(ExtlockMaint *m)
+int coroutine_fn GRAPH_RDLOCK extlock_maint_enter(ExtlockMaint *m,
+                                                  bool locked)
 {
     Error *err = NULL;
     int ret;
@@ -177,7 +178,12 @@ int coroutine_fn GRAPH_RDLOCK extlock_maint_enter(ExtlockMaint *m)
             qemu_co_queue_wait(&m->waiters, NULL);
             continue;
         }
-        if (!m->client->maint_reload) {
+        /*
+         * Reread only under a lock: without one a maintenance may be
+         * running right now.  A request without a lock (flush, zero
+         * length) reads no metadata that a maintenance changes.
+         */
+        if (!m->client->maint_reload || !locked) {
             m->in_flight++;
             return 0;
         }
@@ -305,7 +311,7 @@ static void coroutine_fn extlock_maint_kick_entry(void *opaque)
 
     if (extlock_client_lock(m->client, &req) == 0) {
         bdrv_graph_co_rdlock();
-        if (extlock_maint_enter(m) == 0) {
+        if (extlock_maint_enter(m, true) == 0) {
             extlock_maint_exit(m);
         }
         bdrv_graph_co_rdunlock();

@@ -49,13 +49,14 @@ void extlock_maint_init(ExtlockMaint *m, BlockDriverState *bs,
                         ExtlockClient *c);
 
 /*
- * Admit a request (after its lock is granted, before it is forwarded):
- * wait while the node rereads the metadata or runs a maintenance, and
- * reread it if a grant showed a maintenance.  0, after which
- * extlock_maint_exit() must follow, or -EIO (the metadata could not be
- * reread; reported).
+ * Admit a request (after its lock is granted, before it is forwarded;
+ * @locked: it holds one): wait while the node rereads the metadata or
+ * runs a maintenance, and, under a lock, reread it if a grant or renewal
+ * showed a maintenance.  0, after which extlock_maint_exit() must follow,
+ * or -EIO (the metadata could not be reread; reported).
  */
-int coroutine_fn GRAPH_RDLOCK extlock_maint_enter(ExtlockMaint *m);
+int coroutine_fn GRAPH_RDLOCK extlock_maint_enter(ExtlockMaint *m,
+                                                  bool locked);
 void extlock_maint_exit(ExtlockMaint *m);
 
 /*

@@ -497,7 +497,7 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
 
     if (bytes == 0) {
         /* Not while the metadata is reread (extlock-maint.h) */
-        ret = extlock_maint_enter(&s->maint);
+        ret = extlock_maint_enter(&s->maint, false);
         if (ret < 0) {
             return ret;
         }
@@ -519,7 +519,7 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
         return ret;
     }
     /* After the grant: it may show a maintenance (extlock-maint.h) */
-    ret = extlock_maint_enter(&s->maint);
+    ret = extlock_maint_enter(&s->maint, true);
     if (ret == 0) {
         ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
                               flags, &req);
@@ -634,8 +634,8 @@ extlock_co_flush(BlockDriverState *bs)
     BDRVExtlockState *s = bs->opaque;
     int ret;
 
-    /* A flush orders nothing between hosts: no lock, only the gate */
-    ret = extlock_maint_enter(&s->maint);
+    /* A flush orders nothing between hosts: no lock; not in a reread */
+    ret = extlock_maint_enter(&s->maint, false);
     if (ret < 0) {
         return ret;
     }
