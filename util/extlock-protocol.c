@@ -942,7 +942,8 @@ typedef enum FastKey {
     FK_LIMIT,
     FK_LIMIT_OFFSET,            /* members of "limit" */
     FK_LIMIT_LENGTH,
-    FK_MAINT,                   /* "maint-size", "maint-gen" */
+    FK_MAINT_GEN,
+    FK_MAINT_SIZE,
     FK__MAX,
     FK_UNKNOWN = FK__MAX,
 } FastKey;
@@ -973,8 +974,8 @@ static FastKey fast_key(const char *p, size_t n)
                KEY_IS(p, n, "lease-ms") ? FK_LEASE : FK_UNKNOWN;
     case 'm':
         return KEY_IS(p, n, "mode") ? FK_MODE :
-               KEY_IS(p, n, "maint-size") ? FK_MAINT :
-               KEY_IS(p, n, "maint-gen") ? FK_MAINT : FK_UNKNOWN;
+               KEY_IS(p, n, "maint-size") ? FK_MAINT_SIZE :
+               KEY_IS(p, n, "maint-gen") ? FK_MAINT_GEN : FK_UNKNOWN;
     case 'w':
         return KEY_IS(p, n, "wait") ? FK_WAIT : FK_UNKNOWN;
     case 'r':
@@ -1154,6 +1155,24 @@ static inline bool fast_u63(const FastVal *v, uint64_t *out)
     return true;
 }
 
+/* The optional "maint-gen" and "maint-size" of unlock, granted, renewed */
+static bool fast_maint(const FastVal *vals, ExtlockMsg *msg)
+{
+    if (vals[FK_MAINT_GEN].kind) {
+        if (!fast_u63(&vals[FK_MAINT_GEN], &msg->maint_gen)) {
+            return false;
+        }
+        msg->has_maint_gen = true;
+    }
+    if (vals[FK_MAINT_SIZE].kind) {
+        if (!fast_u63(&vals[FK_MAINT_SIZE], &msg->maint_size)) {
+            return false;
+        }
+        msg->has_maint_size = true;
+    }
+    return true;
+}
+
 static bool fast_extent(const FastVal *vals, ExtlockMsg *msg)
 {
     return fast_u63(&vals[FK_OFFSET], &msg->offset) &&
@@ -1229,13 +1248,9 @@ static bool fast_parse(const char *line, size_t len, ExtlockMsg *msg)
         msg->type = EXTLOCK_MSG_RECLAIM_COMPLETE;
         return true;
     }
-    if (vals[FK_MAINT].kind) {
-        /* Rare (maintenance): the reference parser does it */
-        return false;
-    }
     if (KEY_IS(t->str, t->len, "unlock")) {
         msg->type = EXTLOCK_MSG_UNLOCK;
-        if (!fast_u63(&vals[FK_LOCK], &msg->lock)) {
+        if (!fast_u63(&vals[FK_LOCK], &msg->lock) || !fast_maint(vals, msg)) {
             return false;
         }
         if (!vals[FK_OFFSET].kind && !vals[FK_LENGTH].kind) {
@@ -1250,7 +1265,8 @@ static bool fast_parse(const char *line, size_t len, ExtlockMsg *msg)
         return fast_u63(&vals[FK_LOCK], &msg->lock) &&
                fast_u63(&vals[FK_TOKEN], &msg->token) &&
                fast_extent(vals, msg) &&
-               fast_mode(&vals[FK_MODE], &msg->mode);
+               fast_mode(&vals[FK_MODE], &msg->mode) &&
+               fast_maint(vals, msg);
     }
     if (KEY_IS(t->str, t->len, "unlocked")) {
         msg->type = EXTLOCK_MSG_UNLOCKED;
@@ -1277,7 +1293,7 @@ static bool fast_parse(const char *line, size_t len, ExtlockMsg *msg)
             return false;
         }
         msg->lease_ms = lease;
-        return true;
+        return fast_maint(vals, msg);
     }
     if (KEY_IS(t->str, t->len, "renew")) {
         msg->type = EXTLOCK_MSG_RENEW;

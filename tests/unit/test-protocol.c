@@ -108,6 +108,7 @@ static const char *const canonical[] = {
     "{\"type\":\"granted\",\"id\":2,\"lock\":17,\"token\":3298534883331,"
     "\"offset\":0,\"length\":9223372036854775808,\"mode\":\"exclusive\","
     "\"maint-gen\":3,\"maint-size\":1073741824}",
+    "{\"type\":\"renewed\",\"id\":5,\"lease-ms\":1000,\"maint-gen\":7}",
     "{\"type\":\"unlocked\",\"id\":3,\"lock\":17,\"pieces\":[]}",
     "{\"type\":\"unlocked\",\"id\":3,\"lock\":17,\"pieces\":[{\"lock\":17,"
     "\"offset\":0,\"length\":4096},{\"lock\":18,\"offset\":8192,"
@@ -783,6 +784,12 @@ static const char *const diff_cases[] = {
     "{\"type\":\"unlock\",\"id\":3,\"lock\":17,\"limit\":{\"offset\":0,"
     "\"length\":1}}",
     "{\"type\":\"unlock\",\"id\":3,\"lock\":17,\"maint-size\":5}",
+    "{\"type\":\"unlock\",\"id\":3,\"lock\":17,\"maint-size\":-5}",
+    "{\"type\":\"renewed\",\"id\":5,\"lease-ms\":1000,"
+    "\"maint-gen\":4294967297}",
+    "{\"type\":\"renewed\",\"id\":5,\"lease-ms\":1000,\"maint-gen\":true}",
+    "{\"type\":\"lock\",\"id\":2,\"offset\":8,\"length\":8,"
+    "\"mode\":\"shared\",\"maint-gen\":3}",
     "{\"type\":\"granted\",\"id\":2,\"lock\":1,\"token\":2,\"offset\":0,"
     "\"length\":1,\"mode\":\"shared\",\"maint-gen\":1,\"maint-size\":7}",
     "{\"type\":\"granted\",\"id\":2,\"lock\":1,\"token\":2,\"offset\":0,"
