@@ -41,6 +41,10 @@
  *   EXTLOCK_QDICT_H, EXTLOCK_QBOOL_H, EXTLOCK_QNUM_H, EXTLOCK_QSTRING_H.
  * - qcrypto_tls_session_handshake() returns the handshake status (9.2):
  *   extlock_tls_handshake_step().
+ * - refresh_total_sectors() became bdrv_refresh_total_sectors() (8.0):
+ *   extlock_refresh_total_sectors(); the main loop holds the node's
+ *   AioContext lock around them on 7.2 only
+ *   (extlock_aio_context_acquire()).
  */
 
 #ifndef BLOCK_EXTLOCK_COMPAT_H
@@ -95,6 +99,25 @@ static inline void extlock_run_in_aio_context(AioContext *ctx,
     } else {
         aio_wait_bh_oneshot(ctx, fn, opaque);
     }
+}
+
+/*
+ * Maintenance (extlock-maint.c), in the main loop: a node's total length
+ * after its driver reread its metadata; @hint is used by drivers that
+ * cannot tell (nfs).  No AioContext lock to take around the reread.
+ */
+static inline int GRAPH_RDLOCK
+extlock_refresh_total_sectors(BlockDriverState *bs, int64_t hint)
+{
+    return bdrv_refresh_total_sectors(bs, hint);
+}
+
+static inline void extlock_aio_context_acquire(AioContext *ctx)
+{
+}
+
+static inline void extlock_aio_context_release(AioContext *ctx)
+{
 }
 
 #define EXTLOCK_QAPI_OPT_PARAM(type, name) type name
@@ -159,6 +182,30 @@ static inline void extlock_run_in_aio_context(AioContext *ctx,
     aio_context_acquire(ctx);
     fn(opaque);
     aio_context_release(ctx);
+}
+
+static inline int
+extlock_refresh_total_sectors(BlockDriverState *bs, int64_t hint)
+{
+    return refresh_total_sectors(bs, hint);
+}
+
+static inline void extlock_aio_context_acquire(AioContext *ctx)
+{
+    aio_context_acquire(ctx);
+}
+
+static inline void extlock_aio_context_release(AioContext *ctx)
+{
+    aio_context_release(ctx);
+}
+
+static inline void coroutine_fn bdrv_graph_co_rdlock(void)
+{
+}
+
+static inline void coroutine_fn bdrv_graph_co_rdunlock(void)
+{
 }
 
 #define EXTLOCK_QAPI_OPT_PARAM(type, name) bool has_##name, type name

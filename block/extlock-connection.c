@@ -299,6 +299,9 @@ static void extlock_conn_handle(ExtlockConnection *c, ExtlockMsg *msg)
             trace_extlock_client_renewed(c->node_name,
                                          extlock_conn_lease_remaining_ms(c));
         }
+        if (c->ops->renewed) {
+            c->ops->renewed(c->opaque, msg);
+        }
         return;
     case EXTLOCK_MSG_UNLOCKED:
     case EXTLOCK_MSG_DOWNGRADED:

@@ -88,6 +88,8 @@ typedef struct ExtlockConnOps {
     uint64_t (*session_new)(void *opaque);
     /* The persistent reservation state changed (extlock-pr.h) */
     void (*pr_update)(void *opaque, ExtlockMsg *msg);
+    /* A renewal reply: it says how many maintenances the lock-space had */
+    void (*renewed)(void *opaque, ExtlockMsg *msg);
 } ExtlockConnOps;
 
 /*

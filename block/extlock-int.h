@@ -12,6 +12,7 @@
 #include "qapi/qapi-types-block-core.h"
 #include "extlock-locks.h"
 #include "extlock-stack.h"
+#include "extlock-maint.h"
 
 typedef struct BDRVExtlockState {
     SocketAddressList *coordinators; /* in the order to try */
@@ -26,6 +27,7 @@ typedef struct BDRVExtlockState {
     ExtlockStack stack;         /* what is below, see extlock-stack.h */
     char *tls_creds_id;         /* for extent-lock-freeze's own session */
     char *tls_hostname;
+    ExtlockMaint maint;         /* cluster-wide resize, extlock-maint.h */
 } BDRVExtlockState;
 
 extern BlockDriver bdrv_extlock;

@@ -377,6 +377,29 @@ static void extlock_lock_use(ExtlockClient *c, ExtlockCachedLock *l,
     }
 }
 
+/*
+ * A grant or a renewal says how many maintenances the lock-space had
+ * (none without "maint-gen"): has one run since the node last looked?
+ * Before the first answer the node cannot tell whether one ran between
+ * its open and now: if the lock-space ever had one, it rereads once.
+ */
+static bool extlock_note_maint(ExtlockClient *c, ExtlockMsg *msg)
+{
+    bool changed = c->maint_gen_known ? msg->maint_gen != c->maint_gen
+                                      : msg->maint_gen != 0;
+
+    if (changed) {
+        c->maint_reload = true;
+    }
+    c->maint_gen_known = true;
+    c->maint_gen = msg->maint_gen;
+    if (msg->type == EXTLOCK_MSG_GRANTED) {
+        c->has_maint_size = msg->has_maint_size;
+        c->maint_size = msg->maint_size;
+    }
+    return changed;
+}
+
 static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
                                    ExtlockMsg *msg)
 {
@@ -395,10 +418,15 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
 
     req->lock = l;
     req->token = msg->token;
-    c->grants_grow = msg->length > req->length;
-    c->stats.grants++;
-    extlock_hist_add(&c->stats.wait_hist,
-                     now > req->start_ns ? (now - req->start_ns) / 1000 : 0);
+    /* Before any request uses the lock: extlock_maint_enter() */
+    extlock_note_maint(c, msg);
+    if (!req->maint) {
+        c->grants_grow = msg->length > req->length;
+        c->stats.grants++;
+        extlock_hist_add(&c->stats.wait_hist,
+                         now > req->start_ns ? (now - req->start_ns) / 1000
+                                             : 0);
+    }
     if (req->queued) {
         c->stats.total_wait_us += (now - req->start_ns) / 1000;
     }
@@ -495,7 +523,6 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
     req->token = 0;
     req->blocked_by = g_ptr_array_new_with_free_func(g_free);
     req->cancel_sent = false;
-    c->stats.requests++;
     QLIST_INSERT_HEAD(&c->waiting, req, next);
     if (c->opts.wait_warning_ms) {
         extlock_wait_timer_arm(c, req->start_ns +
@@ -510,12 +537,20 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
     msg.length = req->length;
     msg.mode = req->mode;
     msg.wait = true;
-    if (c->opts.cache && c->opts.grow_limit) {
+    if (req->maint) {
+        /* No growth */
+        msg.has_limit = true;
+        msg.limit_offset = ext.start;
+        msg.limit_length = ext.end - ext.start;
+    } else if (c->opts.cache && c->opts.grow_limit) {
         ExtlockExtent lim = extlock_grow_limit(c, ext);
 
         msg.has_limit = true;
         msg.limit_offset = lim.start;
         msg.limit_length = lim.end - lim.start;
+    }
+    if (!req->maint) {
+        c->stats.requests++;
     }
     sent_ns = extlock_trace_handoff_now();
     req->id = extlock_conn_request(c->conn, &msg, req);
@@ -566,7 +601,8 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
  */
 static bool extlock_req_cut(ExtlockClient *c, ExtlockRequest *req)
 {
-    return c->drain_cut || req->cancel_gen != c->cancel_gen;
+    return (c->drain_cut && !req->no_drain_cut) ||
+           req->cancel_gen != c->cancel_gen;
 }
 
 /*
@@ -731,6 +767,8 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
     }
     if (l->ce.stale) {
         extlock_stale_done(c, l);
+    } else if (req->maint && extlock_online(c)) {
+        extlock_lock_give_back(c, l, l->ce.node.ext);
     } else if (!c->opts.cache) {
         /*
          * No caching: give it back now, or right after reconnecting
@@ -749,6 +787,33 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
         extlock_cache_arm_timer(c, l->last_used_ns +
                                 (int64_t)c->opts.cache_idle_ms * SCALE_MS);
     }
+}
+
+void extlock_client_unlock_announce(ExtlockClient *c, ExtlockRequest *req,
+                                    uint64_t size)
+{
+    ExtlockCachedLock *l = req->lock;
+    ExtlockMsg msg;
+
+    assert(req->maint && l && l->users == 1);
+    if (l->ce.stale || !extlock_online(c)) {
+        /* Lost meanwhile: nothing to announce through */
+        extlock_client_unlock(c, req);
+        return;
+    }
+    req->lock = NULL;
+    extlock_local_done(c, req);
+    l->users--;
+    extlock_msg_init(&msg, EXTLOCK_MSG_UNLOCK);
+    msg.lock = l->lock_id;
+    msg.has_maint_size = true;
+    msg.maint_size = size;
+    trace_extlock_client_unlock(c->node_name, l->lock_id,
+                                l->ce.node.ext.start,
+                                l->ce.node.ext.end - l->ce.node.ext.start);
+    extlock_conn_send(c->conn, &msg);
+    extlock_msg_clear(&msg);
+    extlock_cache_drop(c, l);
 }
 
 static void extlock_lock_info(ExtlockClient *c, ExtlockCachedLock *l,
@@ -1150,12 +1215,20 @@ static void extlock_pause_reconnect(ExtlockClient *c)
 /* The drain's grace is over: cut every wait, stop reconnecting */
 static void extlock_drain_cut(ExtlockClient *c)
 {
+    ExtlockRequest *req;
+
     if (!c->drained || c->drain_cut) {
         return;
     }
     trace_extlock_client_drain_cut(c->node_name);
     c->drain_cut = true;
-    extlock_client_cancel_waits(c);
+    /* As extlock_client_cancel_waits(), but a maintenance keeps waiting */
+    QLIST_FOREACH(req, &c->waiting, next) {
+        if (req->queued && !req->no_drain_cut) {
+            extlock_send_cancel(c, req);
+        }
+    }
+    extlock_locks_wake_usable(c);
     extlock_pause_reconnect(c);
 }
 
@@ -1462,6 +1535,16 @@ static void extlock_locks_pr_update(void *opaque, ExtlockMsg *msg)
     extlock_pr_update(c->pr, msg);
 }
 
+/* An idle node learns of a maintenance from its lease renewals */
+static void extlock_locks_renewed(void *opaque, ExtlockMsg *msg)
+{
+    ExtlockClient *c = opaque;
+
+    if (extlock_note_maint(c, msg) && c->maint_kick) {
+        c->maint_kick(c->maint_opaque);
+    }
+}
+
 static const ExtlockConnOps extlock_conn_ops = {
     .request_reply      = extlock_locks_request_reply,
     .request_lost       = extlock_locks_request_lost,
@@ -1477,6 +1560,7 @@ static const ExtlockConnOps extlock_conn_ops = {
     .session_reclaimed  = extlock_locks_reclaimed,
     .session_new        = extlock_locks_forget_all,
     .pr_update          = extlock_locks_pr_update,
+    .renewed            = extlock_locks_renewed,
 };
 
 /*

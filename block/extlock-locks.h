@@ -65,6 +65,13 @@ typedef struct ExtlockRequest {
     uint64_t offset;
     uint64_t length;
     ExtlockMode mode;
+    /*
+     * A maintenance lock (extlock-maint.c): asked for without growth and
+     * given back at unlock, never cached
+     */
+    bool maint;
+    /* A drain does not cut its wait (the caller bounds it) */
+    bool no_drain_cut;
 
     /* set on success: the lock the request runs under */
     ExtlockCachedLock *lock;
@@ -176,6 +183,20 @@ typedef struct ExtlockClient {
 
     ExtlockClientStats stats;
     struct ExtlockPr *pr;       /* persistent reservations (extlock-pr.h) */
+
+    /*
+     * Maintenance (extlock-maint.c), from the grants: how many the
+     * lock-space has had, the image length the last one announced, and
+     * whether one ran since this node last read the metadata
+     */
+    bool maint_gen_known;
+    uint64_t maint_gen;
+    bool has_maint_size;
+    uint64_t maint_size;
+    bool maint_reload;
+    /* A renewal showed a maintenance: reread without waiting for I/O */
+    void (*maint_kick)(void *opaque);
+    void *maint_opaque;
 } ExtlockClient;
 
 /*
@@ -253,6 +274,12 @@ void extlock_client_cancel_waits(ExtlockClient *c);
  */
 int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req);
 void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req);
+/*
+ * Unlock a maintenance lock (req->maint), announcing @size (the image
+ * file's new length) to the hosts that get the maintenance extent next
+ */
+void extlock_client_unlock_announce(ExtlockClient *c, ExtlockRequest *req,
+                                    uint64_t size);
 
 /* Requests forwarded to the child (see extlock_conn_io_start()) */
 void extlock_client_io_start(ExtlockClient *c);

@@ -130,6 +130,15 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
         extlock_qapi_hist(&extlock_client_stats(c)->wait_hist);
     info->hold_histogram =
         extlock_qapi_hist(&extlock_client_stats(c)->hold_hist);
+    info->maintenance = g_new0(ExtentLockMaintenanceInfo, 1);
+    info->maintenance->generation = c->maint_gen;
+    info->maintenance->running = s->maint.owner;
+    info->maintenance->owned = s->maint.owned;
+    info->maintenance->reloads = s->maint.reloads;
+    if (c->has_maint_size) {
+        info->maintenance->has_announced_size = true;
+        info->maintenance->announced_size = c->maint_size;
+    }
     return info;
 }
 

@@ -447,6 +447,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     }
     s->tls_creds_id = g_strdup(o->tls_creds);
     s->tls_hostname = g_strdup(tls_hostname);
+    extlock_maint_init(&s->maint, bs, s->client);
     trace_extlock_open(bdrv_get_node_name(bs), s->lock_space, s->client_id,
                        s->granularity);
     return 0;
@@ -575,8 +576,15 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
     int ret;
 
     if (bytes == 0) {
-        return extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
-                               flags, NULL);
+        /* Not while the metadata is reread (extlock-maint.h) */
+        ret = extlock_maint_enter(&s->maint, false);
+        if (ret < 0) {
+            return ret;
+        }
+        ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
+                              flags, NULL);
+        extlock_maint_exit(&s->maint);
+        return ret;
     }
     /* Filter cost (trace extlock_filter_cost): child_ns < 0 asks for it */
     if (trace_event_get_state_backends(TRACE_EXTLOCK_FILTER_COST)) {
@@ -604,8 +612,13 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
         extlock_client_unlock(s->client, &req);
         return -EBADE;
     }
-    ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset, flags,
-                          &req);
+    /* After the grant: it may show a maintenance (extlock-maint.h) */
+    ret = extlock_maint_enter(&s->maint, true);
+    if (ret == 0) {
+        ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
+                              flags, &req);
+        extlock_maint_exit(&s->maint);
+    }
     extlock_client_unlock(s->client, &req);
     extlock_pr_io_done(s->client->pr, kind != EXTLOCK_IO_READ);
     if (req.child_ns > 0 && !req.waited) {
@@ -718,25 +731,60 @@ extlock_co_block_status(BlockDriverState *bs, bool want_zero, int64_t offset,
 static int coroutine_fn GRAPH_RDLOCK
 extlock_co_flush(BlockDriverState *bs)
 {
-    /* A flush orders nothing between hosts: no lock needed */
-    return extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, 0, NULL);
+    BDRVExtlockState *s = bs->opaque;
+    int ret;
+
+    /* A flush orders nothing between hosts: no lock; not in a reread */
+    ret = extlock_maint_enter(&s->maint, false);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, 0, NULL);
+    extlock_maint_exit(&s->maint);
+    return ret;
 }
 
 /*
- * Other hosts' nodes would keep the old size (nothing tells them), and a
- * shrink would drop data they may hold locks on: refuse, rather than let
- * the generic filter code pass the resize to the image.
+ * block_resize: a cluster-wide maintenance (extlock-maint.h).  Every
+ * other host stops and rereads the metadata, so all of them see the new
+ * size.  Only growing: a shrink would drop data that other hosts may hold
+ * locks on or have cached.
  */
 static int coroutine_fn GRAPH_RDLOCK
 extlock_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
                     PreallocMode prealloc, BdrvRequestFlags flags,
                     Error **errp)
 {
-    error_setg(errp, "extlock: cannot resize the shared image through node "
-               "'%s': the other hosts sharing it would not see the new "
-               "size; stop every host using it, then resize the image",
-               bdrv_get_node_name(bs));
-    return -ENOTSUP;
+    BDRVExtlockState *s = bs->opaque;
+    int64_t len = extlock_co_child_getlength(bs->file->bs);
+
+    if (len < 0) {
+        error_setg_errno(errp, -len, "extlock: could not get the length of "
+                         "node '%s'", bdrv_get_node_name(bs->file->bs));
+        return len;
+    }
+    /* Checked before the maintenance starts: a bad size changes nothing */
+    if (!QEMU_IS_ALIGNED(offset, BDRV_SECTOR_SIZE)) {
+        error_setg(errp, "extlock: node '%s': the new size must be a "
+                   "multiple of 512 bytes", bdrv_get_node_name(bs));
+        return -EINVAL;
+    }
+    if (offset < len) {
+        error_setg(errp, "extlock: node '%s': cannot shrink the shared image "
+                   "from %" PRId64 " to %" PRId64 " bytes (other hosts may "
+                   "use the end); only growing is supported",
+                   bdrv_get_node_name(bs), len, offset);
+        return -ENOTSUP;
+    }
+    if (offset == len) {
+        return 0;
+    }
+    if (s->stack.metadata_frozen && prealloc == PREALLOC_MODE_OFF) {
+        /* Allocate every new cluster now: guest writes never allocate */
+        prealloc = PREALLOC_MODE_METADATA;
+    }
+    return extlock_maint_truncate(&s->maint, offset, exact, prealloc, flags,
+                                  errp);
 }
 
 static int64_t coroutine_fn GRAPH_RDLOCK

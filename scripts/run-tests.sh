@@ -63,7 +63,7 @@ MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
 HA_TIMEOUT=${EXTLOCK_HA_TIMEOUT:-600}
 MONITORING_TIMEOUT=${EXTLOCK_MONITORING_TIMEOUT:-600}
 # the QEMU 7.2 run: pytest arguments (docs/testing.rst, "What runs where")
-QEMU72_TESTS=${EXTLOCK_QEMU72_TESTS:-tests/qemu/test_fault_safety.py tests/qemu/test_inflight_lease_loss.py tests/qemu/test_atomicity.py tests/qemu/test_block_layer.py}
+QEMU72_TESTS=${EXTLOCK_QEMU72_TESTS:-tests/qemu/test_fault_safety.py tests/qemu/test_inflight_lease_loss.py tests/qemu/test_atomicity.py tests/qemu/test_block_layer.py tests/qemu/test_maintenance.py}
 
 passed=0
 failed=0

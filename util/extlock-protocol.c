@@ -937,6 +937,23 @@ static bool parse_pr_state(json_object *obj, ExtlockMsg *msg,
     return true;
 }
 
+/* unlock, granted "maint-size" and granted "maint-gen": optional, < 2^63 */
+static bool get_maint_size(json_object *obj, ExtlockMsg *msg,
+                           ExtlockProtoError *err)
+{
+    if (member(obj, "maint-gen")) {
+        msg->has_maint_gen = true;
+        if (!get_u63(obj, "maint-gen", true, &msg->maint_gen, err)) {
+            return false;
+        }
+    }
+    if (!member(obj, "maint-size")) {
+        return true;
+    }
+    msg->has_maint_size = true;
+    return get_u63(obj, "maint-size", true, &msg->maint_size, err);
+}
+
 /* Validate and decode the members that @msg->type requires */
 static bool parse_members(json_object *obj, ExtlockMsg *msg,
                           ExtlockProtoError *err)
@@ -986,11 +1003,13 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_u63(obj, "token", true, &msg->token, err) &&
                get_extent(obj, true, &present, &msg->offset, &msg->length,
                           err) &&
-               get_mode(obj, "mode", &msg->mode, err);
+               get_mode(obj, "mode", &msg->mode, err) &&
+               get_maint_size(obj, msg, err);
     case EXTLOCK_MSG_UNLOCK:
         return get_u63(obj, "lock", true, &msg->lock, err) &&
                get_extent(obj, false, &msg->has_extent, &msg->offset,
-                          &msg->length, err);
+                          &msg->length, err) &&
+               get_maint_size(obj, msg, err);
     case EXTLOCK_MSG_UNLOCKED:
         return get_u63(obj, "lock", true, &msg->lock, err) &&
                parse_pieces(obj, msg, err);
@@ -998,7 +1017,8 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
     case EXTLOCK_MSG_CANCELLED:
         return get_u63(obj, "request", true, &msg->request, err);
     case EXTLOCK_MSG_RENEWED:
-        return get_lease(obj, true, false, &msg->lease_ms, err);
+        return get_lease(obj, true, false, &msg->lease_ms, err) &&
+               get_maint_size(obj, msg, err);
     case EXTLOCK_MSG_RENEW:
     case EXTLOCK_MSG_BYE:
     case EXTLOCK_MSG_GOODBYE:
@@ -1106,6 +1126,8 @@ typedef enum FastKey {
     FK_LIMIT,
     FK_LIMIT_OFFSET,            /* members of "limit" */
     FK_LIMIT_LENGTH,
+    FK_MAINT_GEN,
+    FK_MAINT_SIZE,
     FK__MAX,
     FK_UNKNOWN = FK__MAX,
 } FastKey;
@@ -1135,7 +1157,9 @@ static FastKey fast_key(const char *p, size_t n)
                KEY_IS(p, n, "limit") ? FK_LIMIT :
                KEY_IS(p, n, "lease-ms") ? FK_LEASE : FK_UNKNOWN;
     case 'm':
-        return KEY_IS(p, n, "mode") ? FK_MODE : FK_UNKNOWN;
+        return KEY_IS(p, n, "mode") ? FK_MODE :
+               KEY_IS(p, n, "maint-size") ? FK_MAINT_SIZE :
+               KEY_IS(p, n, "maint-gen") ? FK_MAINT_GEN : FK_UNKNOWN;
     case 'w':
         return KEY_IS(p, n, "wait") ? FK_WAIT : FK_UNKNOWN;
     case 'r':
@@ -1315,6 +1339,24 @@ static inline bool fast_u63(const FastVal *v, uint64_t *out)
     return true;
 }
 
+/* The optional "maint-gen" and "maint-size" of unlock, granted, renewed */
+static bool fast_maint(const FastVal *vals, ExtlockMsg *msg)
+{
+    if (vals[FK_MAINT_GEN].kind) {
+        if (!fast_u63(&vals[FK_MAINT_GEN], &msg->maint_gen)) {
+            return false;
+        }
+        msg->has_maint_gen = true;
+    }
+    if (vals[FK_MAINT_SIZE].kind) {
+        if (!fast_u63(&vals[FK_MAINT_SIZE], &msg->maint_size)) {
+            return false;
+        }
+        msg->has_maint_size = true;
+    }
+    return true;
+}
+
 static bool fast_extent(const FastVal *vals, ExtlockMsg *msg)
 {
     return fast_u63(&vals[FK_OFFSET], &msg->offset) &&
@@ -1392,7 +1434,7 @@ static bool fast_parse(const char *line, size_t len, ExtlockMsg *msg)
     }
     if (KEY_IS(t->str, t->len, "unlock")) {
         msg->type = EXTLOCK_MSG_UNLOCK;
-        if (!fast_u63(&vals[FK_LOCK], &msg->lock)) {
+        if (!fast_u63(&vals[FK_LOCK], &msg->lock) || !fast_maint(vals, msg)) {
             return false;
         }
         if (!vals[FK_OFFSET].kind && !vals[FK_LENGTH].kind) {
@@ -1407,7 +1449,8 @@ static bool fast_parse(const char *line, size_t len, ExtlockMsg *msg)
         return fast_u63(&vals[FK_LOCK], &msg->lock) &&
                fast_u63(&vals[FK_TOKEN], &msg->token) &&
                fast_extent(vals, msg) &&
-               fast_mode(&vals[FK_MODE], &msg->mode);
+               fast_mode(&vals[FK_MODE], &msg->mode) &&
+               fast_maint(vals, msg);
     }
     if (KEY_IS(t->str, t->len, "unlocked")) {
         msg->type = EXTLOCK_MSG_UNLOCKED;
@@ -1434,7 +1477,7 @@ static bool fast_parse(const char *line, size_t len, ExtlockMsg *msg)
             return false;
         }
         msg->lease_ms = lease;
-        return true;
+        return fast_maint(vals, msg);
     }
     if (KEY_IS(t->str, t->len, "renew")) {
         msg->type = EXTLOCK_MSG_RENEW;
@@ -1896,11 +1939,20 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         PUT_U64(out, ",\"token\":", msg->token);
         put_extent(out, msg->offset, msg->length);
         put_mode(out, msg->mode);
+        if (msg->has_maint_gen) {
+            PUT_U64(out, ",\"maint-gen\":", msg->maint_gen);
+        }
+        if (msg->has_maint_size) {
+            PUT_U64(out, ",\"maint-size\":", msg->maint_size);
+        }
         break;
     case EXTLOCK_MSG_UNLOCK:
         PUT_U64(out, ",\"lock\":", msg->lock);
         if (msg->has_extent) {
             put_extent(out, msg->offset, msg->length);
+        }
+        if (msg->has_maint_size) {
+            PUT_U64(out, ",\"maint-size\":", msg->maint_size);
         }
         break;
     case EXTLOCK_MSG_UNLOCKED:
@@ -1913,6 +1965,9 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         break;
     case EXTLOCK_MSG_RENEWED:
         PUT_U64(out, ",\"lease-ms\":", msg->lease_ms);
+        if (msg->has_maint_gen) {
+            PUT_U64(out, ",\"maint-gen\":", msg->maint_gen);
+        }
         break;
     case EXTLOCK_MSG_STATUS_REPLY:
         APPEND_LIT(out, ",\"status\":");

@@ -907,6 +907,85 @@ static void print_cluster(json_object *st)
     table_free(t);
 }
 
+/*
+ * "maintenance": per lock-space, the maintenance count and the image
+ * length the last one announced (status "maintenance"), and the
+ * maintenance lock held or waited for (exclusive on [0, 2^63))
+ */
+static bool is_maint_lock(json_object *l)
+{
+    json_object *len = get(l, "length");
+
+    return get_int(l, "offset") == 0 && len &&
+           (uint64_t)json_object_get_uint64(len) == (1ULL << 63) &&
+           g_strcmp0(json_object_get_string(get(l, "mode")), "exclusive") == 0;
+}
+
+static json_object *json_maintenance(json_object *st)
+{
+    json_object *out = json_object_new_array();
+    size_t i, j, n = array_len(st, "lock-spaces");
+
+    for (i = 0; i < n; i++) {
+        json_object *sp = array_at(st, "lock-spaces", i);
+        json_object *m = get(sp, "maintenance");
+        json_object *o = json_object_new_object();
+        const char *lists[] = { "held", "waiting" };
+        const char *states[] = { "running", "waiting" };
+
+        json_object_object_add(o, "lock-space",
+                               json_object_get(get(sp, "name")));
+        json_object_object_add(o, "generation", json_object_new_int64(
+                                   m ? get_int(m, "generation") : 0));
+        if (m && get(m, "size")) {
+            json_object_object_add(o, "size",
+                                   json_object_get(get(m, "size")));
+        }
+        for (int k = 0; k < 2; k++) {
+            size_t c = array_len(sp, lists[k]);
+
+            for (j = 0; j < c; j++) {
+                json_object *l = array_at(sp, lists[k], j);
+
+                if (is_maint_lock(l) && !get(o, "state")) {
+                    json_object_object_add(o, "state",
+                                           json_object_new_string(states[k]));
+                    if (get(l, "client-id")) {
+                        json_object_object_add(
+                            o, "client-id",
+                            json_object_get(get(l, "client-id")));
+                    }
+                }
+            }
+        }
+        json_object_array_add(out, o);
+    }
+    return out;
+}
+
+static void print_maintenance(json_object *st)
+{
+    static const char *const hdr[] = {
+        "LOCK-SPACE", "GENERATION", "SIZE", "STATE", "CLIENT-ID",
+    };
+    Table *t = table_new(hdr, "lrrll");
+    json_object *all = json_maintenance(st);
+    size_t i, n = json_object_array_length(all);
+
+    for (i = 0; i < n; i++) {
+        json_object *o = json_object_array_get_idx(all, i);
+
+        table_add(t, fmt_str(o, "lock-space"), fmt_int(o, "generation"),
+                  get(o, "size") ? fmt_int(o, "size") : g_strdup("-"),
+                  get(o, "state") ? fmt_str(o, "state") : g_strdup("-"),
+                  get(o, "client-id") ? fmt_str(o, "client-id")
+                                      : g_strdup("-"));
+    }
+    table_print(t, "Maintenance");
+    table_free(t);
+    json_object_put(all);
+}
+
 static void print_json(json_object *st, const char *command)
 {
     json_object *out;
@@ -930,6 +1009,8 @@ static void print_json(json_object *st, const char *command)
         out = json_blockers(st);
     } else if (g_str_equal(command, "reservations")) {
         out = json_reservations(st);
+    } else if (g_str_equal(command, "maintenance")) {
+        out = json_maintenance(st);
     } else {
         out = json_counters(st);
     }
@@ -971,6 +1052,8 @@ static void print_text(json_object *st, const char *command)
         print_blockers(st);
     } else if (g_str_equal(command, "reservations")) {
         print_reservations(st);
+    } else if (g_str_equal(command, "maintenance")) {
+        print_maintenance(st);
     } else {
         print_counters(st);
     }
@@ -979,7 +1062,7 @@ static void print_text(json_object *st, const char *command)
 static const char *const commands[] = {
     "status", "spaces", "sessions", "locks", "waiters", "counters",
     "cluster",
-    "metrics", "blockers", "top", "reservations", NULL,
+    "metrics", "blockers", "maintenance", "top", "reservations", NULL,
 };
 
 static const char usage_text[] =
@@ -1000,6 +1083,8 @@ static const char usage_text[] =
     "  blockers   the longest holders and waiters, and who blocks whom\n"
     "             as chains (waiter -> blocker -> ... -> holder)\n"
     "  reservations  SCSI persistent reservations of the lock-spaces\n"
+    "  maintenance  per lock-space: maintenances so far, the image length\n"
+    "             the last one announced, and the one running or waiting\n"
     "  top [--interval S] [--iterations N]\n"
     "             live view, refreshed every S seconds (default 1): lock-\n"
     "             spaces with rates, holders, waiters, chains; N frames\n"

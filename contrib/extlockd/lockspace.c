@@ -59,8 +59,16 @@ void lockspace_log_lock(ExtlockdServer *server, const char *event,
     }
 }
 
+bool lockspace_is_maint(const ExtlockLock *lock)
+{
+    return lock->mode == EXTLOCK_MODE_EXCLUSIVE &&
+           lock->node.ext.start == EXTLOCK_MAINT_OFFSET &&
+           lock->node.ext.end - lock->node.ext.start == EXTLOCK_MAINT_LENGTH;
+}
+
 static void lockspace_send_granted(ExtlockdConn *conn, ExtlockLock *lock)
 {
+    ExtlockdLockSpace *space = ((ExtlockdSession *)lock->owner)->space;
     ExtlockMsg r;
 
     extlock_msg_init(&r, EXTLOCK_MSG_GRANTED);
@@ -71,7 +79,117 @@ static void lockspace_send_granted(ExtlockdConn *conn, ExtlockLock *lock)
     r.offset = lock->node.ext.start;
     r.length = lock->node.ext.end - lock->node.ext.start;
     r.mode = lock->mode;
+    if (space->maint_gen) {
+        /* A client that sees it change rereads the image's metadata */
+        r.has_maint_gen = true;
+        r.maint_gen = lockspace_maint_gen(space);
+        r.has_maint_size = space->has_maint_size;
+        r.maint_size = space->maint_size;
+    }
     conn_send_msg(conn, &r);
+}
+
+/*
+ * Maintenance (docs/design.rst, "Metadata changes"): an exclusive lock on
+ * the whole range, so it waits until every other host has given back its
+ * locks, which it does once the requests using them are done (that is
+ * the quiesce); and no later request is granted before it is over.  A
+ * host that keeps a lock longer than its lease while a maintenance waits
+ * cannot be trusted to have stopped: it is expired like a host whose
+ * lease lapsed, so its locks go after the fence agent or its lease plus
+ * fence margin.
+ */
+static void lockspace_maint_holder_cb(ExtlockLock *other, void *opaque)
+{
+    ExtlockLock *maint = opaque;
+    ExtlockdSession *session = other->owner;
+    int64_t deadline;
+
+    if (other->state != EXTLOCK_LOCK_GRANTED ||
+        session->state != SESSION_ACTIVE || session->maint_deadline_us) {
+        return;
+    }
+    deadline = g_get_monotonic_time() + (int64_t)session->lease_ms * 1000;
+    session->maint_deadline_us = deadline;
+    session->maint_token = maint->token;
+    server_schedule(session->server, deadline);
+}
+
+typedef struct MaintWaiters {
+    uint64_t token;             /* the maintenance the deadline was for */
+    bool same;                  /* ... still waits for a lock we hold */
+    ExtlockLock *other;         /* another maintenance waiting for one */
+} MaintWaiters;
+
+static void lockspace_maint_waiter_cb(ExtlockLock *other, void *opaque)
+{
+    MaintWaiters *w = opaque;
+
+    if (other->state == EXTLOCK_LOCK_WAITING && lockspace_is_maint(other)) {
+        if (other->token == w->token) {
+            w->same = true;
+        } else if (!w->other || other->token < w->other->token) {
+            w->other = other;
+        }
+    }
+}
+
+void lockspace_check_maint(ExtlockdSession *session, int64_t now)
+{
+    ExtlockTable *table = session->space->table;
+    MaintWaiters w = { .token = session->maint_token };
+    GHashTableIter it;
+    gpointer key;
+
+    if (!session->maint_deadline_us || now < session->maint_deadline_us) {
+        return;
+    }
+    session->maint_deadline_us = 0;
+    if (session->state != SESSION_ACTIVE) {
+        return;     /* expired already: the lease rule applies */
+    }
+    g_hash_table_iter_init(&it, session->held);
+    while (!w.same && g_hash_table_iter_next(&it, &key, NULL)) {
+        extlock_table_foreach_conflict_state(table, key, EXTLOCK_LOCK_WAITING,
+                                             lockspace_maint_waiter_cb, &w);
+    }
+    if (!w.same) {
+        if (w.other) {
+            /* That maintenance is over; the next one gets its own time */
+            session->maint_deadline_us = now +
+                                         (int64_t)session->lease_ms * 1000;
+            session->maint_token = w.other->token;
+            server_schedule(session->server, session->maint_deadline_us);
+        }
+        return;
+    }
+    g_warning("session %s (%s, lock-space %s) kept its locks for %u ms (its "
+              "lease) while a maintenance waited for them: expiring it",
+              session->id, session->client_id, session->space->name,
+              session->lease_ms);
+    session_log_event(session, "maintenance-timeout", NULL);
+    session_expire(session);
+}
+
+/*
+ * The maintenance count as clients see it: with the epoch, since the count
+ * starts again at 0 when the coordinator does
+ */
+uint64_t lockspace_maint_gen(ExtlockdLockSpace *space)
+{
+    return ((space->server->epoch & 0x7fffffff) << 32) |
+           (space->maint_gen & 0xffffffff);
+}
+
+/* A maintenance lock is gone: every host rereads the metadata */
+void lockspace_maint_done(ExtlockdLockSpace *space, bool has_size,
+                          uint64_t size)
+{
+    space->maint_gen++;
+    if (has_size) {
+        space->has_maint_size = true;
+        space->maint_size = size;
+    }
 }
 
 /*
@@ -315,6 +433,10 @@ static void lockspace_submit(ExtlockdLockSpace *space, ExtlockdSession *session,
         /* Only the holders: not every request waiting for the extent */
         extlock_table_foreach_conflict_state(table, lock, EXTLOCK_LOCK_GRANTED,
                                              lockspace_revoke_holder_cb, lock);
+    }
+    if (lockspace_is_maint(lock)) {
+        extlock_table_foreach_conflict_state(table, lock, EXTLOCK_LOCK_GRANTED,
+                                             lockspace_maint_holder_cb, lock);
     }
 }
 
@@ -712,6 +834,12 @@ void lockspace_handle_unlock(ExtlockdConn *conn, ExtlockdSession *session,
             }
             goto reply;
         }
+    }
+    if (lockspace_is_maint(lock)) {
+        /* Its owner announces the image's new length */
+        lockspace_maint_done(session->space, m->has_maint_size,
+                             m->maint_size);
+        session_log_event(session, "maintenance-done", NULL);
     }
     g_hash_table_remove(session->held, lock);
     lockspace_log_lock(server, "release", lock, NULL);

@@ -114,6 +114,10 @@ struct ExtlockdLockSpace {
     int64_t dispute_until_us;
     guint dispute_timer;         /* holds a reference (nsessions) */
     bool grace_timed_out;        /* the grace end waiting for it timed out */
+    /* Maintenance: the image length its last owner announced, and count */
+    bool has_maint_size;
+    uint64_t maint_size;
+    uint64_t maint_gen;
 };
 
 /*
@@ -144,6 +148,13 @@ struct ExtlockdSession {
      */
     uint32_t fence_margin_ms;
     int64_t deadline_us;         /* last renewal + lease */
+    /*
+     * A maintenance waits for locks it holds: it must give them back
+     * before this, or it is expired like a lapsed lease
+     * (lockspace_check_maint); 0: none
+     */
+    int64_t maint_deadline_us;
+    uint64_t maint_token;        /* ... of that maintenance */
     GHashTable *held;            /* set of granted ExtlockLock * */
     /* set of waiting ExtlockLock *, keyed by their user_tag (request id) */
     GHashTable *waiting;
@@ -777,6 +788,29 @@ void lockspace_resend_revokes(ExtlockdSession *session);
  * reclaim dispute may extend it), in ms, or 0 if it is not in grace.
  */
 int64_t lockspace_grace_remaining_ms(ExtlockdLockSpace *space, int64_t now);
+
+/*
+ * lockspace_check_maint:
+ * @session's maintenance deadline passed: if it still holds its lock on
+ * the maintenance extent while a maintenance waits for it, it did not
+ * quiesce in time, and it is expired (and fenced) like a lapsed lease.
+ */
+void lockspace_check_maint(ExtlockdSession *session, int64_t now);
+
+/* "maint-gen" of grants and renewals; only if space->maint_gen */
+uint64_t lockspace_maint_gen(ExtlockdLockSpace *space);
+
+/* Is @lock a maintenance: exclusive on [0, 2^63)? */
+bool lockspace_is_maint(const ExtlockLock *lock);
+
+/*
+ * lockspace_maint_done:
+ * A maintenance lock was released (by its owner, with the image's new
+ * length if @has_size, or with its expired session): the next grants
+ * carry the new maintenance generation.
+ */
+void lockspace_maint_done(ExtlockdLockSpace *space, bool has_size,
+                          uint64_t size);
 
 /**
  * lockspace_end_grace:

@@ -351,6 +351,10 @@ static unsigned session_release(ExtlockdSession *session, bool held)
     }
     for (guint i = 0; i < locks->len; i++) {
         lockspace_log_lock(session->server, "release", locks->pdata[i], NULL);
+        if (lockspace_is_maint(locks->pdata[i])) {
+            /* Its owner died during it: the others reread what is there */
+            lockspace_maint_done(session->space, false, 0);
+        }
         extlock_table_release(table, locks->pdata[i]);
     }
     session->releasing = false;
@@ -570,6 +574,12 @@ int64_t session_check_leases(ExtlockdServer *server, int64_t now)
              * client counts from its hello, earlier: still safe.
              */
             continue;
+        }
+        if (session->maint_deadline_us) {
+            lockspace_check_maint(session, now);
+            if (session->maint_deadline_us) {
+                next = MIN(next, session->maint_deadline_us);
+            }
         }
         if (session->state != SESSION_EXPIRED && now >= session->deadline_us) {
             session_expire(session);
@@ -1005,6 +1015,11 @@ void session_handle_renew(ExtlockdConn *conn, ExtlockdSession *session,
     r.has_id = m->has_id;
     r.id = m->id;
     r.lease_ms = session->lease_ms;
+    if (session->space->maint_gen) {
+        /* An idle client learns of a maintenance within a renewal */
+        r.has_maint_gen = true;
+        r.maint_gen = lockspace_maint_gen(session->space);
+    }
     conn_send_msg(conn, &r);
 }
 

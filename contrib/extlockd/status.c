@@ -79,7 +79,9 @@ static void status_lock_cb(ExtlockLock *lock, void *opaque)
         status_add_str(o, "client-id", session->client_id);
     }
     status_add_int(o, "offset", lock->node.ext.start);
-    status_add_int(o, "length", lock->node.ext.end - lock->node.ext.start);
+    /* 2^63 for a maintenance lock (the whole range) */
+    json_object_object_add(o, "length", json_object_new_uint64(
+                               lock->node.ext.end - lock->node.ext.start));
     status_add_str(o, "mode", extlock_mode_name(lock->mode));
     status_add_int(o, "token", lock->token);
     if (lockspace_lock_is_deferred(lock)) {
@@ -152,6 +154,13 @@ static json_object *status_lockspace(ExtlockdLockSpace *space, int64_t now,
     status_add_int(counters, "downgrades", st->downgrades);
     status_add_int(counters, "reclaims", space->reclaims);
     json_object_object_add(o, "counters", counters);
+    if (space->maint_gen) {
+        json_object *maint = json_object_new_object();
+
+        status_add_int(maint, "generation", space->maint_gen);
+        status_add_int(maint, "size", space->maint_size);
+        json_object_object_add(o, "maintenance", maint);
+    }
     status_add_int(o, "grace-remaining-ms", lockspace_grace_remaining_ms(space,
                                                                          now));
     reservation_status(space->server, space->name, o);

@@ -37,6 +37,13 @@
 #define EXTLOCK_MAX_LEASE_MS    (3600 * 1000)
 #define EXTLOCK_SECRET_LEN      64          /* resume secret: hex digits */
 
+/*
+ * A maintenance (docs/design.rst, "Metadata changes"): an exclusive lock
+ * on the whole range [0, 2^63), which no data request asks for
+ */
+#define EXTLOCK_MAINT_OFFSET    0
+#define EXTLOCK_MAINT_LENGTH    (1ULL << 63)
+
 typedef enum ExtlockMsgType {
     EXTLOCK_MSG_INVALID = 0,
     /* client -> server requests */
@@ -232,6 +239,17 @@ typedef struct ExtlockMsg {
     uint32_t pr_generation;
     uint64_t pr_seq;
     ExtlockPrState *pr;
+
+    /*
+     * unlock of a maintenance lock: the image file's new length, announced
+     * to the other hosts.  granted, once the lock-space has had a
+     * maintenance: how many it has had, and the length last announced.
+     * Optional.
+     */
+    bool has_maint_size;
+    uint64_t maint_size;
+    bool has_maint_gen;
+    uint64_t maint_gen;
 } ExtlockMsg;
 
 /* A lock listed in "welcome" when a session is resumed */

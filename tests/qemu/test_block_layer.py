@@ -555,18 +555,21 @@ def test_blockdev_del_while_connect_hangs(local_image, extlockd, lock_space, pro
 # ---------------------------------------------------------------------------
 # resize
 
-def test_block_resize_refused(local_image, extlockd, lock_space, procs, binaries):
-    """Other hosts cannot learn of a new size through the coordinator, so a
-    resize through an extlock node must not silently change the image
-    under them: block_resize is refused with a clear error and the image
-    keeps its size."""
+def test_block_resize(local_image, extlockd, lock_space, procs, binaries):
+    """block_resize through an extlock node is a cluster-wide maintenance
+    (tests/qemu/test_maintenance.py): growing works; shrinking, which
+    would cut off data other hosts may hold locks on, is refused with a
+    clear error and the image keeps its size."""
     binaries("qemu-storage-daemon")
     q = procs.storage_daemon(blockdevs=[node_opts(local_image, extlockd, lock_space)])
     with pytest.raises(QMPError) as e:
-        q.qmp.execute("block_resize", {"node-name": "xl0", "size": 2 * IMAGE})
-    assert e.value.desc, e.value
+        q.qmp.execute("block_resize", {"node-name": "xl0", "size": IMAGE // 2})
+    assert "cannot shrink the shared image" in e.value.desc, e.value
     assert local_image.path.stat().st_size == IMAGE
+    q.qmp.execute("block_resize", {"node-name": "xl0", "size": 2 * IMAGE})
+    assert local_image.path.stat().st_size == 2 * IMAGE
     assert node_info(q.qmp, "xl0")["state"] == "active"
+    assert node_info(q.qmp, "xl0")["maintenance"]["owned"] == 1
 
 
 # ---------------------------------------------------------------------------

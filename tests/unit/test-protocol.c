@@ -103,6 +103,12 @@ static const char *const canonical[] = {
     "{\"type\":\"unlock\",\"id\":3,\"lock\":17}",
     "{\"type\":\"unlock\",\"id\":3,\"lock\":17,\"offset\":4096,"
     "\"length\":4096}",
+    "{\"type\":\"unlock\",\"id\":3,\"lock\":17,"
+    "\"maint-size\":1073741824}",
+    "{\"type\":\"granted\",\"id\":2,\"lock\":17,\"token\":3298534883331,"
+    "\"offset\":0,\"length\":9223372036854775808,\"mode\":\"exclusive\","
+    "\"maint-gen\":3,\"maint-size\":1073741824}",
+    "{\"type\":\"renewed\",\"id\":5,\"lease-ms\":1000,\"maint-gen\":7}",
     "{\"type\":\"unlocked\",\"id\":3,\"lock\":17,\"pieces\":[]}",
     "{\"type\":\"unlocked\",\"id\":3,\"lock\":17,\"pieces\":[{\"lock\":17,"
     "\"offset\":0,\"length\":4096},{\"lock\":18,\"offset\":8192,"
@@ -341,6 +347,14 @@ static void test_parse_fields(void **state)
     assert_true(msg.has_extent);
     assert_int_equal(msg.offset, 1);
     assert_int_equal(msg.length, 2);
+    assert_false(msg.has_maint_size);
+    extlock_msg_clear(&msg);
+
+    /* a maintenance's unlock announces the image length */
+    parse_ok("{\"type\":\"unlock\",\"id\":3,\"lock\":17,"
+             "\"maint-size\":0}", &msg);
+    assert_true(msg.has_maint_size);
+    assert_int_equal(msg.maint_size, 0);
     extlock_msg_clear(&msg);
 
     /* status-reply keeps the status object */
@@ -610,6 +624,10 @@ static const BadCase bad_cases[] = {
     { "{\"type\":\"unlock\",\"id\":6,\"lock\":1,\"offset\":0,\"length\":0}",
       EXTLOCK_ERR_RANGE, true, 6 },
     { "{\"type\":\"unlock\",\"id\":6}", EXTLOCK_ERR_INVALID, true, 6 },
+    { "{\"type\":\"unlock\",\"id\":6,\"lock\":1,\"maint-size\":-1}",
+      EXTLOCK_ERR_INVALID, true, 6 },
+    { "{\"type\":\"unlock\",\"id\":6,\"lock\":1,\"maint-size\":\"1\"}",
+      EXTLOCK_ERR_INVALID, true, 6 },
     { "{\"type\":\"unlock\",\"id\":6,\"lock\":-1}", EXTLOCK_ERR_INVALID,
       true, 6 },
     { "{\"type\":\"unlock\",\"id\":6,\"lock\":9223372036854775808}",
@@ -819,6 +837,17 @@ static const char *const diff_cases[] = {
     "\"mode\":\"shared\",\"limit\":null}",
     "{\"type\":\"unlock\",\"id\":3,\"lock\":17,\"limit\":{\"offset\":0,"
     "\"length\":1}}",
+    "{\"type\":\"unlock\",\"id\":3,\"lock\":17,\"maint-size\":5}",
+    "{\"type\":\"unlock\",\"id\":3,\"lock\":17,\"maint-size\":-5}",
+    "{\"type\":\"renewed\",\"id\":5,\"lease-ms\":1000,"
+    "\"maint-gen\":4294967297}",
+    "{\"type\":\"renewed\",\"id\":5,\"lease-ms\":1000,\"maint-gen\":true}",
+    "{\"type\":\"lock\",\"id\":2,\"offset\":8,\"length\":8,"
+    "\"mode\":\"shared\",\"maint-gen\":3}",
+    "{\"type\":\"granted\",\"id\":2,\"lock\":1,\"token\":2,\"offset\":0,"
+    "\"length\":1,\"mode\":\"shared\",\"maint-gen\":1,\"maint-size\":7}",
+    "{\"type\":\"granted\",\"id\":2,\"lock\":1,\"token\":2,\"offset\":0,"
+    "\"length\":1,\"mode\":\"shared\",\"maint-gen\":1}",
     "{\"type\":\"downgrade\",\"id\":3,\"lock\":17}",
     "{\"type\":\"downgrade\",\"id\":3}",
     "{\"type\":\"downgraded\",\"id\":3,\"lock\":17,\"mode\":\"shared\"}",

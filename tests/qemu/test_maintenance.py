@@ -1,0 +1,460 @@
+"""Cluster-wide maintenance: block_resize of a shared image while it is used.
+
+SPDX-License-Identifier: GPL-2.0-or-later
+Copyright (c) 2026 The extlock authors
+
+block_resize on any host's extlock node takes the maintenance lock (an
+exclusive lock on [0, 2^63), granted in timestamp order once every other
+host has given back its locks), resizes the image through that node and
+announces the new length; every other host rereads the metadata when its
+next grant or lease renewal shows the new maintenance count, and its node
+(and the guest device above it) gets the new size (block/extlock-maint.h,
+docs/design.rst "Metadata changes").  These tests run real
+qemu-storage-daemons on the loopback NFS server (QEMU's nfs driver) with
+the stamped atomicity checker of the qcow2 tests:
+
+* a resize while two hosts write and read stamped extents: no torn read,
+  both hosts see the new size, a write of one host in the new area is read
+  back whole by the other, the extents end whole (mixed 0, corrupt 0),
+  qemu-img check is clean and a new host can open the resized image (the
+  new qcow2 clusters were preallocated: the allocation check passes);
+  raw, and qcow2 with preallocation=metadata and full;
+* bad arguments (shrink, unaligned size) fail with a clear error and change
+  nothing (no maintenance counted);
+* kill -9 of a host in the middle of a maintenance: the resize goes on once
+  its lease and fence margin have passed;
+* a host that keeps a lock while a maintenance waits (alive, renewing) is
+  expired after its lease;
+* the owner killed while it holds the maintenance lock (a protocol client:
+  a QEMU owner holds it only for the duration of the truncate, too short
+  to hit from outside reliably): the others wait until its lease lapses,
+  then reread the metadata and go on;
+* the QEMU owner killed -9 while it waits for the maintenance lock: the
+  others go on, nothing changed.
+"""
+
+import json
+import random
+import time
+import uuid
+
+import pytest
+
+from harness import procs as hp
+from harness.coordinator import CoordinatorClient, coordinator_status
+from harness.faults import NbdClient
+from harness.procs import extlock_node, wait_until
+
+from test_qcow2 import (CLUSTER, MiB, check_clean, create_qcow2, load_verify_image,
+                        qemu_img)
+
+LEASE_MS = 2000
+OLD, NEW = 16 * MiB, 32 * MiB
+MAINT_LENGTH = 1 << 63
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+def make_image(nfs, kind, size=OLD):
+    if kind == "raw":
+        path = nfs.export_dir / f"r-{uuid.uuid4().hex[:10]}.raw"
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path, {"driver": "raw", "file": hp.nfs_child(path)}
+    prealloc = kind.split("-", 1)[1]
+    path = nfs.export_dir / f"q-{uuid.uuid4().hex[:10]}.qcow2"
+    create_qcow2(path, size, prealloc)
+    return path, {"driver": "qcow2", "file": hp.nfs_child(path)}
+
+
+def start_host(procs, child, extlockd, lock_space, n, lease=LEASE_MS, maint=False):
+    """A host: node xl0 exported over NBD as "disk".  An NBD export does not
+    let its node be resized (it unshares BLK_PERM_RESIZE), as a guest device
+    does: with `maint`, the host also has node xm on the same image, without
+    export, which runs block_resize (another session of the lock-space)."""
+    nodes = [extlock_node(child, extlockd.coordinator(), lock_space, node_name="xl0",
+                          client_id=f"host-{n}", lease_time=lease)]
+    if maint:
+        nodes.append(extlock_node(child, extlockd.coordinator(), lock_space,
+                                  node_name="xm", client_id=f"host-{n}-maint",
+                                  lease_time=lease))
+    return procs.storage_daemon(name=f"host{n}-{uuid.uuid4().hex[:4]}",
+                                blockdevs=nodes, exports=[("disk", "xl0", True)])
+
+
+def node_size(qsd, node="xl0"):
+    for n in qsd.qmp.execute("query-named-block-nodes"):
+        if n["node-name"] == node:
+            return n["image"]["virtual-size"]
+    raise AssertionError(f"no node {node}")
+
+
+def maint_info(qsd, node="xl0"):
+    return qsd.qmp.execute("query-extent-locks", args={"node-name": node})[0]["maintenance"]
+
+
+def space_status(extlockd, lock_space):
+    for sp in coordinator_status(extlockd.address)["lock-spaces"]:
+        if sp["name"] == lock_space:
+            return sp
+    return None
+
+
+def maintenance_waiting(extlockd, lock_space):
+    sp = space_status(extlockd, lock_space)
+    return sp is not None and any(w["offset"] == 0 and w["length"] == MAINT_LENGTH
+                                  for w in sp["waiting"])
+
+
+def ctl_maintenance(extlockd, lock_space):
+    """extlockctl --json maintenance: the entry of `lock_space`."""
+    r = extlockd.ctl("--json", "maintenance")
+    assert r.returncode == 0, r.stdout + r.stderr
+    entries = [e for e in json.loads(r.stdout) if e["lock-space"] == lock_space]
+    assert len(entries) == 1, r.stdout
+    return entries[0]
+
+
+def qmp_send(qsd, command, args):
+    """Send a QMP command without waiting; return its id."""
+    qsd.qmp._next_id += 1
+    msg_id = qsd.qmp._next_id
+    qsd.qmp.send({"execute": command, "id": msg_id, "arguments": args})
+    return msg_id
+
+
+def qmp_reply(qsd, msg_id, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = qsd.qmp._read_message(max(0.0, deadline - time.monotonic()))
+        if reply.get("id") == msg_id:
+            return reply
+        if "event" in reply:
+            qsd.qmp.events.append(reply)
+
+
+class Stamped:
+    """Stamped extents of the checker over the image's data area; writes and
+    reads through NBD clients, every read checked at once."""
+
+    def __init__(self, extents):
+        self.vi = load_verify_image()
+        self.layout = self.vi.Layout(run_id=0x3a17e, guests=2, extent_size=MiB,
+                                     extents=extents, data_offset=MiB, control_offset=0)
+        self.seq = {1: 0, 2: 0}
+        self.rng = random.Random(1212)
+        self.torn = []
+        self.reads = 0
+        self.written = set()
+
+    def offset(self, e):
+        return MiB + e * MiB
+
+    def data(self, g, e):
+        self.seq[g] += 1
+        return b"".join(self.vi.make_sector(self.layout, g, self.seq[g], e, i)
+                        for i in range(self.layout.nsectors))
+
+    def send_round(self, clients, extents):
+        pending = []
+        for g, nb in clients.items():
+            for e in self.rng.sample(extents, 3):
+                pending.append((nb, nb.send_write(self.offset(e), self.data(g, e)), None))
+                self.written.add(e)
+            for e in self.rng.sample(extents, 3):
+                pending.append((nb, nb.send_read(self.offset(e), MiB), e))
+        return pending
+
+    def finish(self, pending, timeout=60):
+        for nb, h, e in pending:
+            err, data = nb.wait(h, timeout=timeout)
+            assert err == 0, f"request failed with errno {err}"
+            if e is not None:
+                self.reads += 1
+                r = self.vi.check_extent(self.layout, data, e)
+                if r["kind"] not in ("complete", "unwritten"):
+                    self.torn.append(r)
+
+    def cross_check(self, writer, g, reader, e):
+        """A write acknowledged on one host is read back whole on the other."""
+        writer.write(self.offset(e), self.data(g, e))
+        self.written.add(e)
+        r = self.vi.check_extent(self.layout, reader.read(self.offset(e), MiB), e)
+        assert r["kind"] == "complete" and f"{g}:{self.seq[g]}" in \
+            "".join(r["stamps"]), f"extent {e} written by host {g}: {r}"
+
+    def verify(self, raw_path):
+        self.layout.max_seq = dict(self.seq)
+        result = self.vi.verify(raw_path, self.layout)
+        assert result["mixed"] == 0 and result["corrupt"] == 0, result
+        assert result["complete"] == len(self.written), result
+        return result
+
+
+def flat_raw(path, kind, workdir):
+    if kind == "raw":
+        return path
+    raw = workdir / "flat.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(path), str(raw))
+    return raw
+
+
+# ---------------------------------------------------------------------------
+# resize while in use
+
+@pytest.mark.parametrize("kind", ["raw", "qcow2-metadata", "qcow2-full"])
+def test_resize_during_io(kind, nfs, extlockd, lock_space, procs, workdir, binaries):
+    """Two hosts write and read stamped 1 MiB extents; host 1 runs
+    block_resize 16 -> 32 MiB while both have requests in flight."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, kind)
+    old_extents = list(range(12))                  # 1 MiB .. 13 MiB
+    all_extents = list(range(28))                  # 1 MiB .. 29 MiB
+    st = Stamped(len(all_extents))
+    hosts = [start_host(procs, child, extlockd, lock_space, n, maint=n == 1)
+             for n in (1, 2)]
+    clients = {g: NbdClient(h.nbd_path, "disk") for g, h in zip((1, 2), hosts)}
+    try:
+        for _ in range(3):
+            st.finish(st.send_round(clients, old_extents))
+        # the resize while both hosts have requests in flight
+        pending = st.send_round(clients, old_extents)
+        hosts[0].qmp.execute("block_resize", args={"node-name": "xm", "size": NEW},
+                             timeout=60)
+        st.finish(pending)
+        for _ in range(3):
+            st.finish(st.send_round(clients, old_extents))
+        # every node sees the new size
+        assert node_size(hosts[0], "xm") == NEW
+        for h in hosts:
+            wait_until(lambda: node_size(h) == NEW, LEASE_MS / 1000 + 10,
+                       what="the hosts to see the new size")
+        m1, m2 = maint_info(hosts[0], "xm"), maint_info(hosts[1])
+        assert m1["owned"] == 1 and m1["running"] is False, m1
+        assert m2["reloads"] >= 1 and m2["generation"] != 0, (m1, m2)
+        sp = space_status(extlockd, lock_space)
+        assert sp["maintenance"]["generation"] == 1, sp
+        assert ctl_maintenance(extlockd, lock_space) == {
+            "lock-space": lock_space, "generation": 1,
+            "size": sp["maintenance"]["size"]}
+        for n in (1, 2):
+            hosts[n - 1].qmp.execute("block-export-add", args={
+                "type": "nbd", "id": "big", "node-name": "xl0", "name": "big",
+                "writable": True})
+    finally:
+        for nb in clients.values():
+            nb.close()
+    big = {g: NbdClient(h.nbd_path, "big") for g, h in zip((1, 2), hosts)}
+    try:
+        # the new area: one host's write is the other's read
+        st.cross_check(big[1], 1, big[2], 20)
+        st.cross_check(big[2], 2, big[1], 26)
+        for _ in range(4):
+            st.finish(st.send_round(big, all_extents))
+        for nb in big.values():
+            err, _ = nb.wait(nb.send_flush(), timeout=60)
+            assert err == 0
+    finally:
+        for nb in big.values():
+            nb.close()
+    assert not st.torn, f"{len(st.torn)} of {st.reads} reads torn: {st.torn[:3]}"
+    # a third host opens the resized image: for qcow2 the allocation check
+    # passes (the new clusters were preallocated), and it sees the new size
+    third = start_host(procs, child, extlockd, lock_space, 3)
+    assert node_size(third) == NEW
+    for h in hosts + [third]:
+        assert h.stop() == 0, h.stderr()
+    if kind != "raw":
+        check_clean(path)
+    info = qemu_img("info", "--output=json", str(path))
+    assert f'"virtual-size": {NEW}' in info, info
+    st.verify(flat_raw(path, kind, workdir))
+    path.unlink()
+
+
+def test_resize_bad_arguments(nfs, extlockd, lock_space, procs, binaries):
+    """Shrinking and an unaligned size fail with a clear error; nothing
+    changes: same size, no maintenance counted, the image still works."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    h = start_host(procs, child, extlockd, lock_space, 1, maint=True)
+    with NbdClient(h.nbd_path, "disk") as nb:
+        nb.write(MiB, b"\x5a" * CLUSTER)
+    e = h.qmp.execute_error("block_resize", args={"node-name": "xm", "size": 8 * MiB})
+    assert "cannot shrink the shared image" in e.desc and "only growing" in e.desc, e.desc
+    e = h.qmp.execute_error("block_resize", args={"node-name": "xm", "size": OLD + 100})
+    assert "multiple of 512" in e.desc, e.desc
+    assert node_size(h) == OLD and node_size(h, "xm") == OLD
+    assert maint_info(h, "xm")["owned"] == 0
+    assert "maintenance" not in space_status(extlockd, lock_space)
+    with NbdClient(h.nbd_path, "disk") as nb:
+        assert nb.read(MiB, CLUSTER) == b"\x5a" * CLUSTER
+    assert h.stop() == 0, h.stderr()
+    check_clean(path)
+    path.unlink()
+
+
+# ---------------------------------------------------------------------------
+# hosts that do not stop, or die
+
+def test_resize_goes_on_after_killed_host(nfs, extlockd, lock_space, procs, binaries):
+    """Host 2 is stopped (SIGSTOP) with its locks cached, so it cannot give
+    them back; host 1's block_resize waits for it.  kill -9 of host 2: the
+    resize completes once host 2's lease and the fence margin have passed,
+    the image is consistent, and a new host sees the new size."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    h1 = start_host(procs, child, extlockd, lock_space, 1, maint=True)
+    h2 = start_host(procs, child, extlockd, lock_space, 2)
+    for n, h in enumerate((h1, h2)):
+        with NbdClient(h.nbd_path, "disk") as nb:
+            nb.write((n + 1) * MiB, bytes([0x41 + n]) * MiB)
+    h2.proc.send_signal(19)                     # SIGSTOP: holds its locks
+    msg_id = qmp_send(h1, "block_resize", {"node-name": "xm", "size": NEW})
+    wait_until(lambda: maintenance_waiting(extlockd, lock_space), 10,
+               what="the maintenance to wait for host 2")
+    assert ctl_maintenance(extlockd, lock_space) == {
+        "lock-space": lock_space, "generation": 0, "state": "waiting",
+        "client-id": "host-1-maint"}
+    killed = time.monotonic()
+    h2.kill()
+    bound = (LEASE_MS + 1000) / 1000 + 15       # lease + default fence margin + slack
+    reply = qmp_reply(h1, msg_id, bound)
+    assert "error" not in reply, reply
+    assert time.monotonic() - killed < bound
+    assert node_size(h1, "xm") == NEW
+    wait_until(lambda: node_size(h1) == NEW, LEASE_MS / 1000 + 10,
+               what="host 1's disk node to see the new size")
+    with NbdClient(h1.nbd_path, "disk") as nb:
+        assert nb.read(MiB, MiB) == b"\x41" * MiB
+        assert nb.read(2 * MiB, MiB) == b"\x42" * MiB
+    h3 = start_host(procs, child, extlockd, lock_space, 3)
+    assert node_size(h3) == NEW
+    for h in (h1, h3):
+        assert h.stop() == 0, h.stderr()
+    check_clean(path)
+    path.unlink()
+
+
+def test_stuck_host_expired(nfs, extlockd, lock_space, procs, binaries):
+    """A client that keeps its lock while a maintenance waits - alive, its
+    lease renewed - is expired after its lease: the coordinator tells it
+    (session-expired) and the resize goes on after its lease and fence
+    margin.  Without the maintenance deadline the resize would wait for as
+    long as the client lives."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "raw")
+    h1 = start_host(procs, child, extlockd, lock_space, 1, maint=True)
+    stuck = CoordinatorClient(extlockd.address)
+    stuck.hello("stuck", lock_space, lease_ms=1000)
+    stuck.lock(0, 4096, mode="shared")
+    msg_id = qmp_send(h1, "block_resize", {"node-name": "xm", "size": NEW})
+    wait_until(lambda: maintenance_waiting(extlockd, lock_space), 10,
+               what="the maintenance to wait for the stuck client")
+    start = time.monotonic()
+    expired = False
+    try:
+        # renew (bounded), as a live host does, until the coordinator gives up
+        next_renew = 0.0
+        while time.monotonic() - start < 20 and not expired:
+            if time.monotonic() >= next_renew:
+                next_renew = time.monotonic() + 0.2
+                try:
+                    stuck.request({"type": "renew"})
+                except OSError:
+                    pass
+            try:
+                msg = stuck._recv(0.2)
+            except TimeoutError:
+                continue
+            except (ConnectionError, OSError):
+                break
+            expired = msg.get("type") == "session-expired"
+        assert expired, "the stuck client was not expired"
+        elapsed = time.monotonic() - start
+        assert elapsed < 1.0 + 10, elapsed
+        reply = qmp_reply(h1, msg_id, (1000 + 1000) / 1000 + 15)
+        assert "error" not in reply, reply
+    finally:
+        stuck.close()
+    assert node_size(h1, "xm") == NEW
+    assert "while a maintenance waited" in extlockd.stderr()
+    assert h1.stop() == 0, h1.stderr()
+    path.unlink()
+
+
+def test_owner_killed_holding_maintenance(nfs, extlockd, lock_space, procs, binaries):
+    """A maintenance owner that dies holding the lock (a protocol client
+    here, so that it holds it for sure): host 2's request waits until the
+    owner's lease and fence margin have passed, then host 2 rereads the
+    metadata (a new maintenance count) and its data is intact."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    h2 = start_host(procs, child, extlockd, lock_space, 2)
+    with NbdClient(h2.nbd_path, "disk") as nb:
+        nb.write(3 * MiB, b"\x33" * MiB)
+    gen_before = maint_info(h2)["generation"]
+    owner = CoordinatorClient(extlockd.address)
+    owner.hello("owner", lock_space, lease_ms=1000)
+    owner.lock(0, MAINT_LENGTH, mode="exclusive", timeout=30)   # host 2 gave back
+    nb = NbdClient(h2.nbd_path, "disk")
+    try:
+        h = nb.send_write(4 * MiB, b"\x44" * MiB)
+        wait_until(lambda: any(w["client-id"] == "host-2" for w in
+                               space_status(extlockd, lock_space)["waiting"]), 10,
+                   what="host 2's write to wait behind the maintenance")
+        owner.sock.close()                      # dies: no unlock, no bye
+        err, _ = nb.wait(h, timeout=(1000 + 1000) / 1000 + 15)
+        assert err == 0
+        assert nb.read(3 * MiB, MiB) == b"\x33" * MiB
+        assert nb.read(4 * MiB, MiB) == b"\x44" * MiB
+    finally:
+        nb.close()
+    m = maint_info(h2)
+    assert m["generation"] != gen_before and m["reloads"] == 1, m
+    assert h2.stop() == 0, h2.stderr()
+    check_clean(path)
+    path.unlink()
+
+
+def test_owner_killed_waiting_for_maintenance(nfs, extlockd, lock_space, procs, binaries):
+    """The QEMU owner killed -9 while its block_resize waits for the
+    maintenance lock (a protocol client holds a lock, within its lease),
+    with host 2's write queued behind it: once the holder lets go, host 2's
+    write completes within host 1's lease and fence margin, no maintenance
+    is counted, nothing changed (size, data, qemu-img check)."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    h1 = start_host(procs, child, extlockd, lock_space, 1, maint=True)
+    h2 = start_host(procs, child, extlockd, lock_space, 2)
+    with NbdClient(h2.nbd_path, "disk") as nb:
+        nb.write(3 * MiB, b"\x33" * MiB)
+    holder = CoordinatorClient(extlockd.address)
+    holder.hello("holder", lock_space, lease_ms=60000)
+    lock = holder.lock(0, 4096, mode="shared")
+    qmp_send(h1, "block_resize", {"node-name": "xm", "size": NEW})
+    wait_until(lambda: maintenance_waiting(extlockd, lock_space), 10,
+               what="the maintenance to wait for the holder")
+    nb = NbdClient(h2.nbd_path, "disk")
+    try:
+        h = nb.send_write(4 * MiB, b"\x44" * MiB)
+        wait_until(lambda: any(w["client-id"] == "host-2" for w in
+                               space_status(extlockd, lock_space)["waiting"]), 10,
+                   what="host 2's write to wait behind the maintenance")
+        h1.kill()
+        holder.unlock(lock["lock"])
+        holder.close()
+        err, _ = nb.wait(h, timeout=(LEASE_MS + 1000) / 1000 + 15)
+        assert err == 0
+        assert nb.read(3 * MiB, MiB) == b"\x33" * MiB
+        assert nb.read(4 * MiB, MiB) == b"\x44" * MiB
+    finally:
+        nb.close()
+    assert "maintenance" not in space_status(extlockd, lock_space)
+    assert node_size(h2) == OLD and maint_info(h2)["reloads"] == 0
+    assert h2.stop() == 0, h2.stderr()
+    check_clean(path)
+    info = qemu_img("info", "--output=json", str(path))
+    assert f'"virtual-size": {OLD}' in info, info
+    path.unlink()
