@@ -77,7 +77,8 @@ def wait_for(what, cond, timeout, interval=0.2):
 # ---------------------------------------------------------------------------
 # domains
 
-def base_xml(name, kernel, initrd, append, console, disks):
+def base_xml(name, kernel, initrd, append, console, disks,
+             on_reboot="destroy"):
     """An ordinary domain: what an operator has before extlock-virt."""
     fw = "".join(f"<qemu:arg value='-L'/><qemu:arg value='{d}'/>"
                  for d in FIRMWARE_DIRS)
@@ -93,7 +94,7 @@ def base_xml(name, kernel, initrd, append, console, disks):
   </os>
   <features><acpi/><apic/></features>
   <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
+  <on_reboot>{on_reboot}</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>{qemu_binary()}</emulator>
@@ -536,6 +537,130 @@ def test_destroy_crash_restart(libvirtd, extlock_virt, extlockd, nfs, workdir,
 
 
 # ---------------------------------------------------------------------------
+# virsh reboot, virsh reset and virsh shutdown (ACPI in the guest)
+
+def test_reboot_reset_shutdown(libvirtd, extlock_virt, extlockd, nfs, workdir,
+                               guest, clean_domains):
+    """`virsh shutdown` and `virsh reboot` (mode acpi, the default for QEMU
+    without a guest agent) press the ACPI power button; the guest acts on
+    it only if something in it listens: here busybox acpid (xl.acpi=1 in
+    contrib/guest/init), which powers the guest off.
+
+    reboot:   libvirt's "fake reboot": the guest powers off, QEMU stays
+              (same process, same extlock session), libvirt resets and
+              resumes it.  The other domain goes on meanwhile: the locks
+              of the rebooting domain are revoked on demand as always.
+    reset:    a hard reset, QEMU stays: the same.
+    shutdown: the guest powers off, QEMU exits cleanly: its extlock node
+              says bye, its locks are released at once (no session expiry)
+              and the other domain is granted them."""
+    kernel, initrd = guest
+    image = new_image(nfs, "libvirt-reboot.raw")
+    run_id = random.getrandbits(62) | 1
+    lock_space = f"libvirt-reboot-{run_id:x}"
+    doms = []
+    for g, name in ((1, "xlg"), (2, "xlh")):
+        xml = base_xml(name, kernel, initrd,
+                       workload_append(run_id, g, 2, 600) + " xl.acpi=1",
+                       workdir / f"console-{name}.log",
+                       nfs_disk(nfs, image.name), on_reboot="restart")
+        doms.append(define(libvirtd, extlock_virt, workdir, name, xml,
+                           *convert_args(extlockd, lock_space, f"{name}/vdb")))
+    g_dom, h_dom = doms
+    for dom in doms:
+        dom.virsh("start", dom.name)
+    for dom in doms:
+        dom.wait_booted()
+    for dom in doms:
+        wait_for(f"{dom.name}'s workload to start",
+                 lambda: "EXTLOCK-STRESS-START" in dom.console(), BOOT_TIMEOUT)
+
+    def g_holds():
+        return held_by(extlockd, "xlg/vdb", 0)
+
+    def g_sessions(since_ns):
+        return {ev.get("session") for ev in events(extlockd)
+                if ev.get("client-id") == "xlg/vdb" and ev["ts"] >= since_ns}
+
+    def g_expired(since_ns):
+        return [ev for ev in events(extlockd) if ev["event"] == "expire" and
+                ev.get("client-id") == "xlg/vdb" and ev["ts"] >= since_ns]
+
+    def h_granted_what_g_held(held, since_ns):
+        return [ev for ev in events(extlockd) if ev["event"] == "grant" and
+                ev.get("client-id") == "xlh/vdb" and ev["ts"] >= since_ns and
+                any(overlaps(ev, h) for h in held)]
+
+    def power_buttons():
+        return g_dom.console().count("EXTLOCK-GUEST-POWER-BUTTON")
+
+    t_start = 0
+    pid = libvirtd.qemu_pid("xlg")
+    session = g_sessions(t_start) - {None}
+    assert len(session) == 1, session
+
+    # 1. virsh reboot: the guest goes down and up again in the same QEMU
+    held = wait_for("xlg to hold locks", g_holds, 60)
+    t0 = time.monotonic_ns()
+    g_dom.virsh("reboot", "--mode", "acpi", "xlg")
+    wait_for("xlg's guest to act on the power button",
+             lambda: power_buttons() >= 1, 60)
+    g_dom.wait_booted(count=2)
+    assert libvirtd.qemu_pid("xlg") == pid, "reboot started a new QEMU"
+    assert g_dom.state() == "running"
+    assert g_dom.locks()["state"] == "active"
+    wait_for("xlh to be granted extents xlg held before its reboot",
+             lambda: h_granted_what_g_held(held, t0), 90)
+    wait_for("xlg's workload to run again after the reboot",
+             lambda: g_dom.console().count("EXTLOCK-STRESS-START") >= 2,
+             BOOT_TIMEOUT)
+    wait_for("xlg to take locks again", lambda: g_sessions(t0) - {None}, 60)
+    assert g_sessions(t_start) - {None} == session, \
+        "the reboot changed xlg's extlock session"
+    assert not g_expired(t_start)
+
+    # 2. virsh reset: the same, without asking the guest
+    boots = g_dom.console().count("EXTLOCK-GUEST-BOOTED")
+    held = wait_for("xlg to hold locks", g_holds, 60)
+    t1 = time.monotonic_ns()
+    g_dom.virsh("reset", "xlg")
+    g_dom.wait_booted(count=boots + 1)
+    assert libvirtd.qemu_pid("xlg") == pid
+    wait_for("xlh to be granted extents xlg held before the reset",
+             lambda: h_granted_what_g_held(held, t1), 90)
+    assert g_sessions(t_start) - {None} == session
+    assert not g_expired(t_start)
+
+    # 3. virsh shutdown: QEMU exits, the locks go at once (bye, no expiry)
+    wait_for("xlg's workload to run again after the reset",
+             lambda: g_dom.console().count("EXTLOCK-STRESS-START") >= 3,
+             BOOT_TIMEOUT)
+    held = wait_for("xlg to hold locks", g_holds, 60)
+    buttons = power_buttons()
+    t2 = time.monotonic_ns()
+    g_dom.virsh("shutdown", "--mode", "acpi", "xlg")
+    wait_for("xlg's guest to act on the power button",
+             lambda: power_buttons() > buttons, 60)
+    g_dom.wait_shut_off(60)
+    t_off = time.monotonic_ns()
+    wait_for("xlg's locks to be released", lambda: not g_holds(),
+             (LEASE_MS + FENCE_MARGIN_MS + SLACK_MS) / 1000)
+    rel = [ev["ts"] for ev in events(extlockd) if ev["event"] == "release"
+           and ev.get("client-id") == "xlg/vdb" and ev["ts"] >= t2]
+    assert rel, "xlg's locks went without a release"
+    assert not g_expired(t2), "xlg's session expired instead of saying bye"
+    # released by the bye when QEMU closed the node, before any lease ran out
+    assert max(rel) - t_off <= (LEASE_MS * 1_000_000) // 2, \
+        f"release {(max(rel) - t_off) / 1e6:.0f} ms after libvirt saw xlg off"
+    got = wait_for("xlh to be granted extents xlg held",
+                   lambda: h_granted_what_g_held(held, max(rel)), 60)
+    assert h_dom.state() == "running"
+    print(f"\nshutdown: xlg's locks released {(max(rel) - t2) / 1e6:.0f} ms "
+          f"after virsh shutdown, xlh granted them "
+          f"{(got[0]['ts'] - max(rel)) / 1e6:.0f} ms later")
+
+
+# ---------------------------------------------------------------------------
 # virtlockd: the shareable disk is not blocked, other disks stay protected
 
 def test_virtlockd_coexistence(libvirtd, extlock_virt, extlockd, workdir,
@@ -574,6 +699,87 @@ def test_virtlockd_coexistence(libvirtd, extlock_virt, extlockd, workdir,
     f.virsh("start", "--paused", "xlf")
     assert e.state() == "paused" and f.state() == "paused"
     for dom in (e, f):
+        assert dom.locks()["state"] == "active"
+
+
+# ---------------------------------------------------------------------------
+# sanlock: the same, with libvirt's other lock manager
+
+@pytest.fixture
+def sanlock_libvirtd():
+    """A second private libvirtd with lock_manager="sanlock" (and the
+    sanlock daemon, without watchdog): its own prefix, see
+    libvirt_harness.sanlock_prefix()."""
+    import shutil
+    import tempfile
+    from libvirt_harness import Libvirtd, LibvirtError, sanlock_prefix
+    try:
+        prefix = sanlock_prefix()
+    except LibvirtError as e:
+        pytest.fail(f"no sanlock plugin: {e}", pytrace=False)
+    root = Path(tempfile.mkdtemp(prefix="xlv-sanlock-", dir="/tmp"))
+    daemon = Libvirtd(root, lock_manager="sanlock", prefix=prefix)
+    try:
+        daemon.start()
+    except LibvirtError as e:
+        daemon.stop()
+        pytest.fail(f"cannot start libvirtd with sanlock: {e}", pytrace=False)
+    log(f"libvirtd {daemon.version()} with sanlock from {prefix}")
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_sanlock_coexistence(sanlock_libvirtd, extlock_virt, extlockd,
+                             workdir, guest):
+    """With lock_manager="sanlock" (auto_disk_leases, one lease file per
+    disk in disk_lease_dir), a <shareable/> extlock disk gets a shared
+    sanlock lease: two domains use it together; a non-shareable disk gets
+    an exclusive lease: a second domain with it is refused."""
+    lv = sanlock_libvirtd
+    kernel, initrd = guest
+    shared = workdir / "shared.raw"
+    private = workdir / "private.raw"
+    for f in (shared, private):
+        with open(f, "wb") as fh:
+            fh.truncate(16 << 20)
+    doms = []
+    for name in ("xls", "xlt"):
+        disks = file_disk(private, "vda", False) + file_disk(shared, "vdb", True)
+        xml = base_xml(name, kernel, initrd, "quiet", workdir / f"{name}.log", disks)
+        doms.append(define(lv, extlock_virt, workdir, name, xml,
+                           *convert_args(extlockd, "sanlock-test", f"{name}/vdb")))
+    s, t = doms
+    s.virsh("start", "--paused", "xls")
+    res = t.virsh("start", "--paused", "xlt", check=False)
+    log(f"second domain with the private disk: rc {res.returncode} "
+        f"{res.stderr.strip()}")
+    assert res.returncode != 0
+    assert "lock" in res.stderr.lower() or "lease" in res.stderr.lower(), \
+        res.stderr
+    assert t.state() == "shut off"
+    # sanlock holds one exclusive lease (the private disk) and one shared
+    # (the shareable extlock disk) for xls
+    status = subprocess.run([lv.prefix + "/usr/sbin/sanlock", "client",
+                             "status"], capture_output=True, text=True,
+                            env=dict(os.environ, LD_LIBRARY_PATH=lv.prefix +
+                                     "/usr/lib/x86_64-linux-gnu"))
+    log(f"sanlock client status:\n{status.stdout}")
+    resources = [line for line in status.stdout.splitlines()
+                 if line.startswith("r ")]
+    assert len(resources) == 2, status.stdout
+    assert sum(":SH" in line for line in resources) == 1, status.stdout
+    # without the private disk, the second domain starts beside the first
+    t.virsh("undefine", "xlt")
+    xml = base_xml("xlt", kernel, initrd, "quiet", workdir / "xlt.log",
+                   file_disk(shared, "vdb", True))
+    t = define(lv, extlock_virt, workdir, "xlt", xml,
+               *convert_args(extlockd, "sanlock-test", "xlt/vdb"))
+    t.virsh("start", "--paused", "xlt")
+    assert s.state() == "paused" and t.state() == "paused"
+    for dom in (s, t):
         assert dom.locks()["state"] == "active"
 
 
