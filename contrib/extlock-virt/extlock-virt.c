@@ -44,6 +44,12 @@
 #define TLS_PREFIX "xl-tls-"
 /* QEMU's limit for node names and ids (32-byte buffer) */
 #define QEMU_NAME_MAX 31
+/*
+ * The extlock driver's option for a list of coordinators (issue 11), or
+ * NULL while the driver takes one address only ("coordinator"): then more
+ * than one address is refused.
+ */
+#define COORDINATOR_LIST_KEY NULL
 
 typedef struct Options {
     char *disk;
@@ -539,8 +545,18 @@ static json_object *blockdev_json(const Options *o, const char *node_name,
     json_object_object_add(bd, "file", json_object_new_string(file));
     json_object_object_add(bd, "lock-space",
                            json_object_new_string(o->lock_space));
-    json_object_object_add(bd, "coordinator",
-                           coordinator_json(o->coordinators[0]));
+    if (g_strv_length(o->coordinators) > 1) {
+        /* only reached with COORDINATOR_LIST_KEY set (check_options) */
+        json_object *list = json_object_new_array();
+
+        for (char **c = o->coordinators; *c; c++) {
+            json_object_array_add(list, coordinator_json(*c));
+        }
+        json_object_object_add(bd, COORDINATOR_LIST_KEY, list);
+    } else {
+        json_object_object_add(bd, "coordinator",
+                               coordinator_json(o->coordinators[0]));
+    }
     if (o->client_id) {
         json_object_object_add(bd, "client-id",
                                json_object_new_string(o->client_id));
@@ -677,6 +693,31 @@ static void convert(xmlDoc *doc, const char *input, const Options *o)
     xmlNewProp(prop, (const xmlChar *)"value", (const xmlChar *)node_name);
 }
 
+/*
+ * --coordinator a,b,c and --coordinator a -c b -c c are the same list:
+ * split every value at the commas (an address has none).
+ */
+static void flatten_coordinators(GOptionContext *ctx, Options *o)
+{
+    g_autoptr(GPtrArray) all = g_ptr_array_new();
+
+    for (char **c = o->coordinators; *c; c++) {
+        char **parts = g_strsplit(*c, ",", -1);
+
+        for (char **p = parts; *p; p++) {
+            if (!**p) {
+                usage_error(ctx, "--coordinator '%s': an empty address in "
+                            "the list", *c);
+            }
+            g_ptr_array_add(all, *p);
+        }
+        g_free(parts);          /* the strings moved to all */
+    }
+    g_ptr_array_add(all, NULL);
+    g_strfreev(o->coordinators);
+    o->coordinators = (char **)g_ptr_array_steal(all, NULL);
+}
+
 static void check_options(GOptionContext *ctx, Options *o, int argc)
 {
     if (argc > 2) {
@@ -700,6 +741,7 @@ static void check_options(GOptionContext *ctx, Options *o, int argc)
         usage_error(ctx, "--coordinator is required (unix:PATH or "
                     "tcp:HOST:PORT)");
     }
+    flatten_coordinators(ctx, o);
     for (char **c = o->coordinators; *c; c++) {
         json_object *j = coordinator_json(*c);
 
@@ -708,10 +750,16 @@ static void check_options(GOptionContext *ctx, Options *o, int argc)
                         "tcp:HOST:PORT", *c);
         }
         json_object_put(j);
+        for (char **d = o->coordinators; d < c; d++) {
+            if (!strcmp(*c, *d)) {
+                usage_error(ctx, "--coordinator '%s' given twice", *c);
+            }
+        }
     }
-    if (g_strv_length(o->coordinators) > 1) {
-        usage_error(ctx, "--coordinator given %u times: this extlock driver "
-                    "takes one coordinator address",
+    if (g_strv_length(o->coordinators) > 1 && !COORDINATOR_LIST_KEY) {
+        usage_error(ctx, "--coordinator: %u addresses given, but this "
+                    "extlock driver takes one coordinator address (the "
+                    "list form comes with issue 11)",
                     g_strv_length(o->coordinators));
     }
     if (o->tls_hostname && !o->tls_creds_dir) {
@@ -752,7 +800,8 @@ int main(int argc, char **argv)
         { "lock-space", 'l', 0, G_OPTION_ARG_STRING, &o.lock_space,
           "Cluster-wide name of the shared image (required)", "NAME" },
         { "coordinator", 'c', 0, G_OPTION_ARG_STRING_ARRAY, &o.coordinators,
-          "extlockd address: unix:PATH or tcp:HOST:PORT (required)", "ADDR" },
+          "extlockd address: unix:PATH or tcp:HOST:PORT (required; a list: "
+          "ADDR,ADDR,... or repeated)", "ADDR" },
         { "client-id", 0, 0, G_OPTION_ARG_STRING, &o.client_id,
           "The node's client-id (default: the driver's, <host>/<node>)", "ID" },
         { "tls-creds-dir", 0, 0, G_OPTION_ARG_STRING, &o.tls_creds_dir,

@@ -256,8 +256,22 @@ BAD_OPTIONS = {
     "bad port": (["--disk", "vdb", "-l", "x", "-c", "tcp:h:http"],
                  "expected unix:PATH or tcp:HOST:PORT"),
     "two coordinators": (BASE_ARGS + ["-c", "unix:/other"],
-                         "--coordinator given 2 times: this extlock driver "
-                         "takes one coordinator address"),
+                         "--coordinator: 2 addresses given, but this extlock "
+                         "driver takes one coordinator address"),
+    "coordinator list": (["--disk", "vdb", "-l", "x", "-c",
+                          "tcp:a:7890,tcp:b:7890,tcp:c:7890"],
+                         "--coordinator: 3 addresses given, but this extlock "
+                         "driver takes one coordinator address"),
+    "empty in list": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1,,tcp:b:1"],
+                      "--coordinator 'tcp:a:1,,tcp:b:1': an empty address in "
+                      "the list"),
+    "trailing comma": (["--disk", "vdb", "-l", "x", "-c", "unix:/s,"],
+                       "an empty address in the list"),
+    "bad in list": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1,b:2"],
+                    "--coordinator 'b:2': expected unix:PATH or "
+                    "tcp:HOST:PORT"),
+    "duplicate": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1", "-c",
+                   "tcp:b:1,tcp:a:1"], "--coordinator 'tcp:a:1' given twice"),
     "tls-hostname alone": (BASE_ARGS + ["--tls-hostname", "h"],
                            "--tls-hostname needs --tls-creds-dir"),
     "lease-time": (BASE_ARGS + ["--lease-time", "5"],
