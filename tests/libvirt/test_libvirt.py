@@ -732,12 +732,33 @@ def sanlock_libvirtd():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def sanlock_resources(lv):
+    """The resource leases the sanlock daemon holds: (name, shared, pid)."""
+    res = subprocess.run([lv.prefix + "/usr/sbin/sanlock", "client", "status"],
+                         capture_output=True, text=True, timeout=30,
+                         env=dict(os.environ, LD_LIBRARY_PATH=lv.prefix +
+                                  "/usr/lib/x86_64-linux-gnu"))
+    log(f"sanlock client status:\n{res.stdout}")
+    out = []
+    for line in res.stdout.splitlines():
+        # r LOCKSPACE:NAME:PATH:OFFSET[:lver][:SH] p PID
+        words = line.split()
+        if words and words[0] == "r":
+            out.append((words[1].split(":")[1], words[1].endswith(":SH"),
+                        int(words[-1]) if words[-2] == "p" else None))
+    return out
+
+
 def test_sanlock_coexistence(sanlock_libvirtd, extlock_virt, extlockd,
                              workdir, guest):
-    """With lock_manager="sanlock" (auto_disk_leases, one lease file per
-    disk in disk_lease_dir), a <shareable/> extlock disk gets a shared
-    sanlock lease: two domains use it together; a non-shareable disk gets
-    an exclusive lease: a second domain with it is refused."""
+    """With lock_manager="sanlock" (auto_disk_leases: one lease per disk
+    path in disk_lease_dir), a domain holds an exclusive lease on its
+    non-shareable disk and a shared lease on the <shareable/> extlock disk;
+    a second domain with the same shareable disk gets a second shared lease
+    and runs; one with the same non-shareable disk is refused.  libvirt
+    takes the leases when the domain runs (a paused start only registers
+    the process), so the domains are resumed; their guests get no workload
+    and stay in a shell (xl.shell=1) instead of powering off."""
     lv = sanlock_libvirtd
     kernel, initrd = guest
     shared = workdir / "shared.raw"
@@ -745,42 +766,58 @@ def test_sanlock_coexistence(sanlock_libvirtd, extlock_virt, extlockd,
     for f in (shared, private):
         with open(f, "wb") as fh:
             fh.truncate(16 << 20)
-    doms = []
-    for name in ("xls", "xlt"):
-        disks = file_disk(private, "vda", False) + file_disk(shared, "vdb", True)
-        xml = base_xml(name, kernel, initrd, "quiet", workdir / f"{name}.log", disks)
-        doms.append(define(lv, extlock_virt, workdir, name, xml,
-                           *convert_args(extlockd, "sanlock-test", f"{name}/vdb")))
-    s, t = doms
+
+    def domain(name, disks):
+        xml = base_xml(name, kernel, initrd, "quiet xl.shell=1",
+                       workdir / f"{name}.log", disks)
+        return define(lv, extlock_virt, workdir, name, xml,
+                      *convert_args(extlockd, "sanlock-test", f"{name}/vdb"))
+
+    both = file_disk(private, "vda", False) + file_disk(shared, "vdb", True)
+    s = domain("xls", both)
     s.virsh("start", "--paused", "xls")
+    s.virsh("resume", "xls")
+    s_pid = lv.qemu_pid("xls")
+    leases = wait_for("xls's two sanlock leases",
+                      lambda: len(sanlock_resources(lv)) == 2 and
+                      sanlock_resources(lv), 30)
+    assert sorted(sh for _, sh, _ in leases) == [False, True], leases
+    assert {pid for _, _, pid in leases} == {s_pid}, leases
+    shared_lease = [name for name, sh, _ in leases if sh][0]
+
+    t = domain("xlt", both)
     res = t.virsh("start", "--paused", "xlt", check=False)
+    if res.returncode == 0:
+        res = t.virsh("resume", "xlt", check=False)
     log(f"second domain with the private disk: rc {res.returncode} "
         f"{res.stderr.strip()}")
     assert res.returncode != 0
+    # on one host QEMU's own image locking refuses the second writer
+    # before sanlock is asked; across hosts, sanlock's exclusive lease does
     assert "lock" in res.stderr.lower() or "lease" in res.stderr.lower(), \
         res.stderr
-    assert t.state() == "shut off"
-    # sanlock holds one exclusive lease (the private disk) and one shared
-    # (the shareable extlock disk) for xls
-    status = subprocess.run([lv.prefix + "/usr/sbin/sanlock", "client",
-                             "status"], capture_output=True, text=True,
-                            env=dict(os.environ, LD_LIBRARY_PATH=lv.prefix +
-                                     "/usr/lib/x86_64-linux-gnu"))
-    log(f"sanlock client status:\n{status.stdout}")
-    resources = [line for line in status.stdout.splitlines()
-                 if line.startswith("r ")]
-    assert len(resources) == 2, status.stdout
-    assert sum(":SH" in line for line in resources) == 1, status.stdout
-    # without the private disk, the second domain starts beside the first
+    assert str(private) in res.stderr or "sanlock" in res.stderr.lower(), \
+        res.stderr
+    assert t.state() != "running"
+    t.virsh("destroy", "xlt", check=False)
     t.virsh("undefine", "xlt")
-    xml = base_xml("xlt", kernel, initrd, "quiet", workdir / "xlt.log",
-                   file_disk(shared, "vdb", True))
-    t = define(lv, extlock_virt, workdir, "xlt", xml,
-               *convert_args(extlockd, "sanlock-test", "xlt/vdb"))
+
+    # the shareable extlock disk alone: a second shared lease, not blocked
+    t = domain("xlt", file_disk(shared, "vdb", True))
     t.virsh("start", "--paused", "xlt")
-    assert s.state() == "paused" and t.state() == "paused"
+    t.virsh("resume", "xlt")
+    t_pid = lv.qemu_pid("xlt")
+    leases = wait_for("xlt's shared sanlock lease",
+                      lambda: len(sanlock_resources(lv)) == 3 and
+                      sanlock_resources(lv), 30)
+    on_shared = [(sh, pid) for name, sh, pid in leases if name == shared_lease]
+    assert sorted(on_shared) == sorted([(True, s_pid), (True, t_pid)]), leases
+    assert s.state() == "running" and t.state() == "running"
     for dom in (s, t):
         assert dom.locks()["state"] == "active"
+    for dom in (s, t):
+        dom.virsh("destroy", dom.name)
+        dom.virsh("undefine", dom.name)
 
 
 # ---------------------------------------------------------------------------
