@@ -66,6 +66,9 @@ typedef struct Options {
     char *node;
     gboolean preallocated;
     char *output;
+    char *libvirt_version;      /* "MAJOR.MINOR[.MICRO]" */
+    gboolean no_raw_layer;      /* that libvirt opens raw disks without
+                                 * a format node */
 } Options;
 
 static const char *prog = "extlock-virt";
@@ -468,9 +471,18 @@ static void check_disk(xmlNode *disk, const Options *o)
 }
 
 /* The libvirt node name the extlock node goes on, or NULL with *why set */
-static char *libvirt_node_name(xmlNode *devices, xmlNode *disk, char **why)
+/*
+ * The node libvirt attaches the disk's device to: libvirt-N-format, or,
+ * from libvirt 9.10 on (its "effective node" rework; measured: 9.0 makes
+ * the format node, 11.3 does not), libvirt-N-storage for a raw disk, which
+ * then gets no raw format node.
+ */
+static char *libvirt_node_name(xmlNode *devices, xmlNode *disk,
+                               const Options *o, char **why)
 {
     g_autoptr(GPtrArray) disks = disks_in_libvirt_order(devices);
+    xmlNode *drv = child(disk, "driver");
+    g_autofree char *fmt = drv ? attr(drv, "type") : NULL;
     int index = 1;
     guint pos = 0;
 
@@ -491,7 +503,10 @@ static char *libvirt_node_name(xmlNode *devices, xmlNode *disk, char **why)
         }
         index += d->chain;
     }
-    return g_strdup_printf("libvirt-%d-format", index);
+    return g_strdup_printf("libvirt-%d-%s", index,
+                           o->no_raw_layer && fmt && !strcmp(fmt, "raw") &&
+                           !child(disk, "encryption") ?
+                           "storage" : "format");
 }
 
 static xmlNode *new_qemu_elem(xmlNode *parent, xmlNs *ns, const char *name)
@@ -629,7 +644,7 @@ static void convert(xmlDoc *doc, const char *input, const Options *o)
     if (o->node) {
         file = g_strdup(o->node);
     } else {
-        file = libvirt_node_name(devices, disk, &why);
+        file = libvirt_node_name(devices, disk, o, &why);
         if (!file) {
             fail("%s: %s", input, why);
         }
@@ -788,6 +803,21 @@ static void check_options(GOptionContext *ctx, Options *o, int argc)
     if (o->node && (!valid_name(o->node) || strlen(o->node) > QEMU_NAME_MAX)) {
         usage_error(ctx, "--node '%s': not a node name", o->node);
     }
+    if (o->libvirt_version) {
+        unsigned major, minor, micro = 0;
+        char end;
+        int n = sscanf(o->libvirt_version, "%u.%u.%u%c", &major, &minor,
+                       &micro, &end);
+
+        if ((n != 2 && n != 3) ||
+            strspn(o->libvirt_version, "0123456789.") !=
+            strlen(o->libvirt_version)) {
+            usage_error(ctx, "--libvirt-version '%s': expected "
+                        "MAJOR.MINOR[.MICRO] (virsh version)",
+                        o->libvirt_version);
+        }
+        o->no_raw_layer = major > 9 || (major == 9 && minor >= 10);
+    }
 }
 
 #define o opts
@@ -821,6 +851,9 @@ int main(int argc, char **argv)
         { "node", 0, 0, G_OPTION_ARG_STRING, &o.node,
           "libvirt's node the extlock node goes on (default: computed, "
           "libvirt-N-format)", "NAME" },
+        { "libvirt-version", 0, 0, G_OPTION_ARG_STRING, &o.libvirt_version,
+          "The libvirt that runs the domain (default 9.0; from 9.10 on, "
+          "raw disks have no format node)", "VERSION" },
         { "preallocated", 0, 0, G_OPTION_ARG_NONE, &o.preallocated,
           "The non-raw image of the disk is fully preallocated", NULL },
         { "output", 0, 0, G_OPTION_ARG_FILENAME, &o.output,
@@ -894,5 +927,6 @@ int main(int argc, char **argv)
     g_strfreev(o.extra);
     g_free(o.node);
     g_free(o.output);
+    g_free(o.libvirt_version);
     return 0;
 }

@@ -317,6 +317,12 @@ class Libvirtd:
 
     def version(self):
         """The version of the libvirtd that runs ("9.0.0")."""
+        if getattr(self, "_version", None):
+            return self._version
+        self._version = self._binary_version()
+        return self._version
+
+    def _binary_version(self):
         # `virsh version` wants a default emulator, which this machine
         # lacks (the domains name the patched QEMU in <emulator>)
         res = subprocess.run([(self.prefix or "") + LIBVIRTD, "--version"],

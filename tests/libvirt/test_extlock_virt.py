@@ -177,6 +177,21 @@ def test_libvirt_node_name(extlock_virt, case):
     assert blockdevs(root)[0]["file"] == node
 
 
+@pytest.mark.parametrize("version,node", [
+    ("9.0.0", "libvirt-1-format"), ("9.9", "libvirt-1-format"),
+    ("9.10.0", "libvirt-1-storage"), ("11.3.0", "libvirt-1-storage"),
+    ("10.0", "libvirt-1-storage")])
+def test_libvirt_version(extlock_virt, version, node):
+    """libvirt >= 9.10 attaches a raw disk's device to its storage node
+    (no raw format node); a qcow2 disk keeps its format node."""
+    root = converted(extlock_virt, domain(), "--libvirt-version", version)
+    assert blockdevs(root)[0]["file"] == node
+    xml = domain(disks=disk("vdb", fmt="qcow2", inner="<shareable/>"))
+    root = converted(extlock_virt, xml, "--preallocated",
+                     "--libvirt-version", version)
+    assert blockdevs(root)[0]["file"] == "libvirt-1-format"
+
+
 def test_node_option(extlock_virt):
     xml = domain(disks="\n".join([shared(), disk("vdc", fmt="qcow2")]))
     root = converted(extlock_virt, xml, "--node", "libvirt-7-format")
@@ -283,6 +298,10 @@ BAD_OPTIONS = {
     "disk name": (["--disk", "vd b", "-l", "x", "-c", "unix:/s"],
                   "--disk 'vd b': not a disk target name"),
     "unknown option": (BASE_ARGS + ["--frobnicate"], "Unknown option --frobnicate"),
+    "libvirt version": (BASE_ARGS + ["--libvirt-version", "11.3x"],
+                        "--libvirt-version '11.3x': expected MAJOR.MINOR"),
+    "libvirt version major": (BASE_ARGS + ["--libvirt-version", "11"],
+                              "--libvirt-version '11': expected MAJOR.MINOR"),
 }
 
 
