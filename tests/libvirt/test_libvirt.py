@@ -791,6 +791,20 @@ def test_sanlock_coexistence(sanlock_libvirtd, extlock_virt, extlockd,
     assert sorted(sh for _, sh, _ in leases) == [False, True], leases
     assert {pid for _, _, pid in leases} == {s_pid}, leases
     shared_lease = [name for name, sh, _ in leases if sh][0]
+    private_lease = [name for name, sh, _ in leases if not sh][0]
+    # sanlock itself refuses another holder of the exclusive lease (what
+    # stops a domain on another host), and grants one of the shared lease
+    for name, expect_ok in ((private_lease, False), (shared_lease, True)):
+        spec = (f"__LIBVIRT__DISKS__:{name}:/var/lib/libvirt/sanlock/{name}:0"
+                + (":SH" if expect_ok else ""))
+        res = subprocess.run(
+            [lv.prefix + "/usr/sbin/sanlock", "client", "command", "-r", spec,
+             "-c", "/bin/true"], capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, LD_LIBRARY_PATH=lv.prefix +
+                     "/usr/lib/x86_64-linux-gnu"))
+        log(f"sanlock client command -r {spec}: rc {res.returncode} "
+            f"{res.stdout.strip()} {res.stderr.strip()}")
+        assert (res.returncode == 0) == expect_ok, res
 
     t = domain("xlt", both)
     res = t.virsh("start", "--paused", "xlt", check=False)
