@@ -45,11 +45,12 @@
 /* QEMU's limit for node names and ids (32-byte buffer) */
 #define QEMU_NAME_MAX 31
 /*
- * The extlock driver's option for a list of coordinators (issue 11), or
- * NULL while the driver takes one address only ("coordinator"): then more
- * than one address is refused.
+ * The extlock driver's option for a list of coordinators (issue 11: the
+ * replicas of an HA coordinator, BlockdevOptionsExtlock's 'coordinators',
+ * exclusive with 'coordinator').  Set it to NULL for a driver that takes
+ * one address only: then more than one address is refused.
  */
-#define COORDINATOR_LIST_KEY NULL
+#define COORDINATOR_LIST_KEY "coordinators"
 
 typedef struct Options {
     char *disk;
@@ -771,7 +772,7 @@ static void check_options(GOptionContext *ctx, Options *o, int argc)
             }
         }
     }
-    if (g_strv_length(o->coordinators) > 1 && !COORDINATOR_LIST_KEY) {
+    if (g_strv_length(o->coordinators) > 1 && COORDINATOR_LIST_KEY == NULL) {
         usage_error(ctx, "--coordinator: %u addresses given, but this "
                     "extlock driver takes one coordinator address (the "
                     "list form comes with issue 11)",

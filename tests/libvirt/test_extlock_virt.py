@@ -115,6 +115,27 @@ def test_tls_and_tcp(extlock_virt):
     assert bd["tls-hostname"] == "coord.example"
 
 
+def test_coordinator_list(extlock_virt):
+    """Several coordinators (an HA group): a comma list and repeated
+    options make one list, in order, as the driver's 'coordinators'."""
+    res = subprocess.run(
+        [extlock_virt, "-d", "vdb", "-l", "s", "-c", "tcp:a:7890,tcp:[::1]:7891",
+         "--coordinator", "unix:/run/x.sock", "-"],
+        input=domain(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    (bd,) = blockdevs(ET.fromstring(res.stdout))
+    assert "coordinator" not in bd
+    assert bd["coordinators"] == [
+        {"type": "inet", "host": "a", "port": "7890"},
+        {"type": "inet", "host": "::1", "port": "7891"},
+        {"type": "unix", "path": "/run/x.sock"}]
+    # one address stays the plain 'coordinator' (any driver takes it)
+    (bd,) = blockdevs(converted(extlock_virt, domain()))
+    assert "coordinators" not in bd
+    assert bd["coordinator"] == {"type": "unix",
+                                 "path": "/run/extlock/extlockd.sock"}
+
+
 def test_tls_psk(extlock_virt):
     res = subprocess.run(
         [extlock_virt, "-d", "vdb", "-l", "s", "-c", "tcp:coord:7890",
@@ -270,13 +291,6 @@ BAD_OPTIONS = {
                         "tcp:HOST:PORT"),
     "bad port": (["--disk", "vdb", "-l", "x", "-c", "tcp:h:http"],
                  "expected unix:PATH or tcp:HOST:PORT"),
-    "two coordinators": (BASE_ARGS + ["-c", "unix:/other"],
-                         "--coordinator: 2 addresses given, but this extlock "
-                         "driver takes one coordinator address"),
-    "coordinator list": (["--disk", "vdb", "-l", "x", "-c",
-                          "tcp:a:7890,tcp:b:7890,tcp:c:7890"],
-                         "--coordinator: 3 addresses given, but this extlock "
-                         "driver takes one coordinator address"),
     "empty in list": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1,,tcp:b:1"],
                       "--coordinator 'tcp:a:1,,tcp:b:1': an empty address in "
                       "the list"),
