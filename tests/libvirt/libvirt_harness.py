@@ -302,15 +302,17 @@ class Libvirtd:
         return text
 
     def virsh(self, *args, check=True, timeout=120):
-        res = subprocess.run([virsh_binary(self.prefix), "-q", "-c", self.uri, *args],
-                             capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL, env=prefix_env(self.prefix))
+        res = subprocess.run([virsh_binary(self.prefix), "-q", "-c", self.uri,
+                              *args], capture_output=True, text=True,
+                             timeout=timeout, stdin=subprocess.DEVNULL,
+                             env=prefix_env(self.prefix))
         if check and res.returncode != 0:
             raise LibvirtError(f"virsh {' '.join(args)}: {res.stderr.strip()}")
         return res
 
     def virsh_popen(self, *args):
-        return subprocess.Popen([virsh_binary(self.prefix), "-q", "-c", self.uri, *args],
+        return subprocess.Popen([virsh_binary(self.prefix), "-q", "-c",
+                                 self.uri, *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True,
                                 env=prefix_env(self.prefix))
@@ -326,7 +328,8 @@ class Libvirtd:
         # `virsh version` wants a default emulator, which this machine
         # lacks (the domains name the patched QEMU in <emulator>)
         res = subprocess.run([(self.prefix or "") + LIBVIRTD, "--version"],
-                             capture_output=True, text=True, env=prefix_env(self.prefix),
+                             capture_output=True, text=True,
+                             env=prefix_env(self.prefix),
                              stdin=subprocess.DEVNULL, timeout=30)
         if res.returncode != 0:
             raise LibvirtError(f"libvirtd --version: {res.stderr.strip()}")
@@ -360,7 +363,8 @@ class Libvirtd:
         if self.lock_manager == "sanlock":
             # sanlock ignores SIGTERM while it holds a lockspace
             subprocess.run([(self.prefix or "") + SANLOCK, "client", "shutdown",
-                            "-f", "1"], capture_output=True, env=prefix_env(self.prefix),
+                            "-f", "1"], capture_output=True,
+                           env=prefix_env(self.prefix),
                            stdin=subprocess.DEVNULL, timeout=30)
         # libvirtd and virtlockd are the session started above
         try:
