@@ -898,7 +898,9 @@ def test_live_migration(libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
                 return "xlb" not in dest.domains() or \
                     dest.state("xlb") == "shut off"
             except LibvirtError as e:
-                if "failed to get domain" in str(e):
+                # 9.0: "failed to get domain", 11.3: "Domain not found"
+                if "failed to get domain" in str(e) or \
+                        "domain not found" in str(e).lower():
                     return True
                 raise
 
