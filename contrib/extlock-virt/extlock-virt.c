@@ -471,9 +471,9 @@ static void check_disk(xmlNode *disk, const Options *o)
     }
 }
 
-/* The libvirt node name the extlock node goes on, or NULL with *why set */
 /*
- * The node libvirt attaches the disk's device to: libvirt-N-format, or,
+ * The libvirt node name the extlock node goes on, or NULL with *why set.
+ * It is the node libvirt attaches the disk's device to: libvirt-N-format, or,
  * from libvirt 9.10 on (its "effective node" rework; measured: 9.0 makes
  * the format node, 11.3 does not), libvirt-N-storage for a raw disk, which
  * then gets no raw format node.
@@ -720,6 +720,9 @@ static void flatten_coordinators(GOptionContext *ctx, Options *o)
     for (char **c = o->coordinators; *c; c++) {
         char **parts = g_strsplit(*c, ",", -1);
 
+        if (!parts[0]) {
+            usage_error(ctx, "--coordinator '': an empty address");
+        }
         for (char **p = parts; *p; p++) {
             if (!**p) {
                 usage_error(ctx, "--coordinator '%s': an empty address in "

@@ -294,6 +294,8 @@ BAD_OPTIONS = {
     "empty in list": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1,,tcp:b:1"],
                       "--coordinator 'tcp:a:1,,tcp:b:1': an empty address in "
                       "the list"),
+    "empty coordinator": (["--disk", "vdb", "-l", "x", "-c", ""],
+                          "--coordinator '': an empty address"),
     "trailing comma": (["--disk", "vdb", "-l", "x", "-c", "unix:/s,"],
                        "an empty address in the list"),
     "bad in list": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1,b:2"],
