@@ -504,7 +504,12 @@ def test_destroy_crash_restart(libvirtd, extlock_virt, extlockd, nfs, workdir,
     # 2. start it again: a new session, the workload goes on
     c.virsh("start", "xlc")
     c.wait_booted(count=2)
-    wait_for("xlc to hold locks again", c_holds, 90)
+    # ...on data extents, not only the control area (the start barrier at
+    # offset 0): xld touches the control area again only at its final
+    # barrier, so locks held there alone would never be asked for below
+    wait_for("xlc to hold data extents again",
+             lambda: [h for h in c_holds()
+                      if h["offset"] + h["length"] > DATA_OFFSET], 90)
 
     # 3. a host crash: kill -9 of QEMU.  Its locks stay until its lease
     # has lapsed plus the fence margin, and not a moment less; then xld
