@@ -31,7 +31,8 @@
 #     tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
 #     and the same workload without extlock, which must be caught tearing
-#  6a. pytest tests/libvirt: a private libvirtd 9.0 (with virtlockd) runs
+#  6a. pytest tests/libvirt: a private libvirtd 9.0 (with virtlockd; one
+#     with sanlock from fetch-libvirt.sh --machine-sanlock) runs
 #     two domains defined from extlock-virt's XML on one NFS disk, inside
 #     scripts/isolate.sh (own network and mount namespaces)
 #  7. scripts/nemesis.sh --suite: three hosts, randomized faults (partitions,
@@ -56,7 +57,7 @@ WITH_QEMU=1
 PYTEST_TEST_TIMEOUT=${EXTLOCK_PYTEST_TEST_TIMEOUT:-300}
 PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
 E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
-LIBVIRT_TIMEOUT=${EXTLOCK_LIBVIRT_TIMEOUT:-1500}
+LIBVIRT_TIMEOUT=${EXTLOCK_LIBVIRT_TIMEOUT:-2100}
 LIBVIRT_TEST_TIMEOUT=${EXTLOCK_LIBVIRT_TEST_TIMEOUT:-600}
 NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
 MESON_TIMEOUT=${EXTLOCK_MESON_TIMEOUT:-600}
@@ -263,6 +264,10 @@ if [ "$WITH_QEMU" = 1 ]; then
         fi
 
         step "libvirt: domains with extlock disks under a real libvirtd (tests/libvirt)"
+        # the sanlock plugin of the machine's libvirt, unpacked (not
+        # installed) into the cache, here: scripts/isolate.sh has no network
+        bash tests/libvirt/fetch-libvirt.sh --machine-sanlock ||
+            echo "fetch-libvirt.sh --machine-sanlock failed: test_sanlock_coexistence will fail"
         run_pytest "pytest tests/libvirt" build/pytest-libvirt.out \
             "$LIBVIRT_TIMEOUT" "$LIBVIRT_TEST_TIMEOUT" scripts/isolate.sh \
             -- tests/libvirt/test_libvirt.py

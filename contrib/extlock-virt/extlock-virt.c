@@ -44,6 +44,13 @@
 #define TLS_PREFIX "xl-tls-"
 /* QEMU's limit for node names and ids (32-byte buffer) */
 #define QEMU_NAME_MAX 31
+/*
+ * The extlock driver's option for a list of coordinators (issue 11: the
+ * replicas of an HA coordinator, BlockdevOptionsExtlock's 'coordinators',
+ * exclusive with 'coordinator').  Set it to NULL for a driver that takes
+ * one address only: then more than one address is refused.
+ */
+#define COORDINATOR_LIST_KEY "coordinators"
 
 typedef struct Options {
     char *disk;
@@ -60,6 +67,9 @@ typedef struct Options {
     char *node;
     gboolean preallocated;
     char *output;
+    char *libvirt_version;      /* "MAJOR.MINOR[.MICRO]" */
+    gboolean no_raw_layer;      /* that libvirt opens raw disks without
+                                 * a format node */
 } Options;
 
 static const char *prog = "extlock-virt";
@@ -461,10 +471,19 @@ static void check_disk(xmlNode *disk, const Options *o)
     }
 }
 
-/* The libvirt node name the extlock node goes on, or NULL with *why set */
-static char *libvirt_node_name(xmlNode *devices, xmlNode *disk, char **why)
+/*
+ * The libvirt node name the extlock node goes on, or NULL with *why set.
+ * It is the node libvirt attaches the disk's device to: libvirt-N-format, or,
+ * from libvirt 9.10 on (its "effective node" rework; measured: 9.0 makes
+ * the format node, 11.3 does not), libvirt-N-storage for a raw disk, which
+ * then gets no raw format node.
+ */
+static char *libvirt_node_name(xmlNode *devices, xmlNode *disk,
+                               const Options *o, char **why)
 {
     g_autoptr(GPtrArray) disks = disks_in_libvirt_order(devices);
+    xmlNode *drv = child(disk, "driver");
+    g_autofree char *fmt = drv ? attr(drv, "type") : NULL;
     int index = 1;
     guint pos = 0;
 
@@ -485,7 +504,10 @@ static char *libvirt_node_name(xmlNode *devices, xmlNode *disk, char **why)
         }
         index += d->chain;
     }
-    return g_strdup_printf("libvirt-%d-format", index);
+    return g_strdup_printf("libvirt-%d-%s", index,
+                           o->no_raw_layer && fmt && !strcmp(fmt, "raw") &&
+                           !child(disk, "encryption") ?
+                           "storage" : "format");
 }
 
 static xmlNode *new_qemu_elem(xmlNode *parent, xmlNs *ns, const char *name)
@@ -539,8 +561,18 @@ static json_object *blockdev_json(const Options *o, const char *node_name,
     json_object_object_add(bd, "file", json_object_new_string(file));
     json_object_object_add(bd, "lock-space",
                            json_object_new_string(o->lock_space));
-    json_object_object_add(bd, "coordinator",
-                           coordinator_json(o->coordinators[0]));
+    if (g_strv_length(o->coordinators) > 1) {
+        /* only reached with COORDINATOR_LIST_KEY set (check_options) */
+        json_object *list = json_object_new_array();
+
+        for (char **c = o->coordinators; *c; c++) {
+            json_object_array_add(list, coordinator_json(*c));
+        }
+        json_object_object_add(bd, COORDINATOR_LIST_KEY, list);
+    } else {
+        json_object_object_add(bd, "coordinator",
+                               coordinator_json(o->coordinators[0]));
+    }
     if (o->client_id) {
         json_object_object_add(bd, "client-id",
                                json_object_new_string(o->client_id));
@@ -613,7 +645,7 @@ static void convert(xmlDoc *doc, const char *input, const Options *o)
     if (o->node) {
         file = g_strdup(o->node);
     } else {
-        file = libvirt_node_name(devices, disk, &why);
+        file = libvirt_node_name(devices, disk, o, &why);
         if (!file) {
             fail("%s: %s", input, why);
         }
@@ -677,6 +709,34 @@ static void convert(xmlDoc *doc, const char *input, const Options *o)
     xmlNewProp(prop, (const xmlChar *)"value", (const xmlChar *)node_name);
 }
 
+/*
+ * --coordinator a,b,c and --coordinator a -c b -c c are the same list:
+ * split every value at the commas (an address has none).
+ */
+static void flatten_coordinators(GOptionContext *ctx, Options *o)
+{
+    g_autoptr(GPtrArray) all = g_ptr_array_new();
+
+    for (char **c = o->coordinators; *c; c++) {
+        char **parts = g_strsplit(*c, ",", -1);
+
+        if (!parts[0]) {
+            usage_error(ctx, "--coordinator '': an empty address");
+        }
+        for (char **p = parts; *p; p++) {
+            if (!**p) {
+                usage_error(ctx, "--coordinator '%s': an empty address in "
+                            "the list", *c);
+            }
+            g_ptr_array_add(all, *p);
+        }
+        g_free(parts);          /* the strings moved to all */
+    }
+    g_ptr_array_add(all, NULL);
+    g_strfreev(o->coordinators);
+    o->coordinators = (char **)g_ptr_array_steal(all, NULL);
+}
+
 static void check_options(GOptionContext *ctx, Options *o, int argc)
 {
     if (argc > 2) {
@@ -700,6 +760,7 @@ static void check_options(GOptionContext *ctx, Options *o, int argc)
         usage_error(ctx, "--coordinator is required (unix:PATH or "
                     "tcp:HOST:PORT)");
     }
+    flatten_coordinators(ctx, o);
     for (char **c = o->coordinators; *c; c++) {
         json_object *j = coordinator_json(*c);
 
@@ -708,10 +769,16 @@ static void check_options(GOptionContext *ctx, Options *o, int argc)
                         "tcp:HOST:PORT", *c);
         }
         json_object_put(j);
+        for (char **d = o->coordinators; d < c; d++) {
+            if (!strcmp(*c, *d)) {
+                usage_error(ctx, "--coordinator '%s' given twice", *c);
+            }
+        }
     }
-    if (g_strv_length(o->coordinators) > 1) {
-        usage_error(ctx, "--coordinator given %u times: this extlock driver "
-                    "takes one coordinator address",
+    if (g_strv_length(o->coordinators) > 1 && COORDINATOR_LIST_KEY == NULL) {
+        usage_error(ctx, "--coordinator: %u addresses given, but this "
+                    "extlock driver takes one coordinator address (the "
+                    "list form comes with issue 11)",
                     g_strv_length(o->coordinators));
     }
     if (o->tls_hostname && !o->tls_creds_dir) {
@@ -740,6 +807,21 @@ static void check_options(GOptionContext *ctx, Options *o, int argc)
     if (o->node && (!valid_name(o->node) || strlen(o->node) > QEMU_NAME_MAX)) {
         usage_error(ctx, "--node '%s': not a node name", o->node);
     }
+    if (o->libvirt_version) {
+        unsigned major, minor, micro = 0;
+        char end;
+        int n = sscanf(o->libvirt_version, "%u.%u.%u%c", &major, &minor,
+                       &micro, &end);
+
+        if ((n != 2 && n != 3) ||
+            strspn(o->libvirt_version, "0123456789.") !=
+            strlen(o->libvirt_version)) {
+            usage_error(ctx, "--libvirt-version '%s': expected "
+                        "MAJOR.MINOR[.MICRO] (virsh version)",
+                        o->libvirt_version);
+        }
+        o->no_raw_layer = major > 9 || (major == 9 && minor >= 10);
+    }
 }
 
 #define o opts
@@ -752,7 +834,8 @@ int main(int argc, char **argv)
         { "lock-space", 'l', 0, G_OPTION_ARG_STRING, &o.lock_space,
           "Cluster-wide name of the shared image (required)", "NAME" },
         { "coordinator", 'c', 0, G_OPTION_ARG_STRING_ARRAY, &o.coordinators,
-          "extlockd address: unix:PATH or tcp:HOST:PORT (required)", "ADDR" },
+          "extlockd address: unix:PATH or tcp:HOST:PORT (required; a list: "
+          "ADDR,ADDR,... or repeated)", "ADDR" },
         { "client-id", 0, 0, G_OPTION_ARG_STRING, &o.client_id,
           "The node's client-id (default: the driver's, <host>/<node>)", "ID" },
         { "tls-creds-dir", 0, 0, G_OPTION_ARG_STRING, &o.tls_creds_dir,
@@ -772,6 +855,9 @@ int main(int argc, char **argv)
         { "node", 0, 0, G_OPTION_ARG_STRING, &o.node,
           "libvirt's node the extlock node goes on (default: computed, "
           "libvirt-N-format)", "NAME" },
+        { "libvirt-version", 0, 0, G_OPTION_ARG_STRING, &o.libvirt_version,
+          "The libvirt that runs the domain (default 9.0; from 9.10 on, "
+          "raw disks have no format node)", "VERSION" },
         { "preallocated", 0, 0, G_OPTION_ARG_NONE, &o.preallocated,
           "The non-raw image of the disk is fully preallocated", NULL },
         { "output", 0, 0, G_OPTION_ARG_FILENAME, &o.output,
@@ -845,5 +931,6 @@ int main(int argc, char **argv)
     g_strfreev(o.extra);
     g_free(o.node);
     g_free(o.output);
+    g_free(o.libvirt_version);
     return 0;
 }

@@ -40,8 +40,9 @@ FORCE=0
 REFRESH=0
 QUIET=0
 # modules the guest needs to see its virtio-blk disk (their dependencies
-# are added from modules.dep)
-MODULES=(virtio_pci virtio_blk)
+# are added from modules.dep), and the ACPI power button as an input
+# device for init's xl.acpi=1
+MODULES=(virtio_pci virtio_blk button evdev)
 
 usage() {
     sed -n '2,/^# SPDX/p' "$0" | grep -v SPDX | sed 's/^# \{0,1\}//'

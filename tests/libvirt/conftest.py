@@ -4,7 +4,8 @@ SPDX-License-Identifier: GPL-2.0-or-later
 Copyright (c) 2026 The extlock authors
 
   libvirtd   (module) a private libvirtd 9.0 with lock_manager="lockd" and
-             virtlockd, see libvirt_harness.py
+             virtlockd, see libvirt_harness.py; another libvirt with
+             EXTLOCK_LIBVIRT_PREFIX=DIR (tests/libvirt/fetch-libvirt.sh)
   nfs        (module) the loopback NFS export (tests/qemu/harness/ganesha.py)
   guest      (session) the tiny test guest (contrib/guest/build-guest.sh)
   extlock_virt  the path of the extlock-virt binary
@@ -31,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests" / "qemu"))
 
 from harness import procs as procs_mod                 # noqa: E402
 from harness.ganesha import NfsServer, NfsServerError  # noqa: E402
-from libvirt_harness import Libvirtd, LibvirtError, LIBVIRTD  # noqa: E402
+from libvirt_harness import Libvirtd, LibvirtError, LIBVIRTD, PREFIX  # noqa: E402
 
 
 def _terminate_gracefully(signum, frame):
@@ -76,14 +77,17 @@ def libvirtd():
     if os.geteuid() != 0:
         pytest.fail("the libvirt tests run libvirtd in system mode: run as root",
                     pytrace=False)
-    if not os.access(LIBVIRTD, os.X_OK):
+    if not os.access((PREFIX or "") + LIBVIRTD, os.X_OK):
         pytest.fail(f"{LIBVIRTD} missing: scripts/install-deps.sh installs "
                     "libvirt-daemon", pytrace=False)
     root = Path(tempfile.mkdtemp(prefix="xlv-libvirt-", dir="/tmp"))
     daemon = Libvirtd(root)
     try:
         daemon.start()
+        print(f"\n[extlock libvirt tests] libvirtd {daemon.version()}"
+              f"{' from ' + PREFIX if PREFIX else ''}", flush=True)
     except LibvirtError as e:
+        daemon.stop()
         pytest.fail(f"cannot start libvirtd: {e}", pytrace=False)
     try:
         yield daemon

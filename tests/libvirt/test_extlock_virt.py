@@ -115,6 +115,27 @@ def test_tls_and_tcp(extlock_virt):
     assert bd["tls-hostname"] == "coord.example"
 
 
+def test_coordinator_list(extlock_virt):
+    """Several coordinators (an HA group): a comma list and repeated
+    options make one list, in order, as the driver's 'coordinators'."""
+    res = subprocess.run(
+        [extlock_virt, "-d", "vdb", "-l", "s", "-c", "tcp:a:7890,tcp:[::1]:7891",
+         "--coordinator", "unix:/run/x.sock", "-"],
+        input=domain(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    (bd,) = blockdevs(ET.fromstring(res.stdout))
+    assert "coordinator" not in bd
+    assert bd["coordinators"] == [
+        {"type": "inet", "host": "a", "port": "7890"},
+        {"type": "inet", "host": "::1", "port": "7891"},
+        {"type": "unix", "path": "/run/x.sock"}]
+    # one address stays the plain 'coordinator' (any driver takes it)
+    (bd,) = blockdevs(converted(extlock_virt, domain()))
+    assert "coordinators" not in bd
+    assert bd["coordinator"] == {"type": "unix",
+                                 "path": "/run/extlock/extlockd.sock"}
+
+
 def test_tls_psk(extlock_virt):
     res = subprocess.run(
         [extlock_virt, "-d", "vdb", "-l", "s", "-c", "tcp:coord:7890",
@@ -175,6 +196,21 @@ def test_libvirt_node_name(extlock_virt, case):
     disks, node = NODE_CASES[case]
     root = converted(extlock_virt, domain(disks="\n".join(disks)))
     assert blockdevs(root)[0]["file"] == node
+
+
+@pytest.mark.parametrize("version,node", [
+    ("9.0.0", "libvirt-1-format"), ("9.9", "libvirt-1-format"),
+    ("9.10.0", "libvirt-1-storage"), ("11.3.0", "libvirt-1-storage"),
+    ("10.0", "libvirt-1-storage")])
+def test_libvirt_version(extlock_virt, version, node):
+    """libvirt >= 9.10 attaches a raw disk's device to its storage node
+    (no raw format node); a qcow2 disk keeps its format node."""
+    root = converted(extlock_virt, domain(), "--libvirt-version", version)
+    assert blockdevs(root)[0]["file"] == node
+    xml = domain(disks=disk("vdb", fmt="qcow2", inner="<shareable/>"))
+    root = converted(extlock_virt, xml, "--preallocated",
+                     "--libvirt-version", version)
+    assert blockdevs(root)[0]["file"] == "libvirt-1-format"
 
 
 def test_node_option(extlock_virt):
@@ -255,9 +291,18 @@ BAD_OPTIONS = {
                         "tcp:HOST:PORT"),
     "bad port": (["--disk", "vdb", "-l", "x", "-c", "tcp:h:http"],
                  "expected unix:PATH or tcp:HOST:PORT"),
-    "two coordinators": (BASE_ARGS + ["-c", "unix:/other"],
-                         "--coordinator given 2 times: this extlock driver "
-                         "takes one coordinator address"),
+    "empty in list": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1,,tcp:b:1"],
+                      "--coordinator 'tcp:a:1,,tcp:b:1': an empty address in "
+                      "the list"),
+    "empty coordinator": (["--disk", "vdb", "-l", "x", "-c", ""],
+                          "--coordinator '': an empty address"),
+    "trailing comma": (["--disk", "vdb", "-l", "x", "-c", "unix:/s,"],
+                       "an empty address in the list"),
+    "bad in list": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1,b:2"],
+                    "--coordinator 'b:2': expected unix:PATH or "
+                    "tcp:HOST:PORT"),
+    "duplicate": (["--disk", "vdb", "-l", "x", "-c", "tcp:a:1", "-c",
+                   "tcp:b:1,tcp:a:1"], "--coordinator 'tcp:a:1' given twice"),
     "tls-hostname alone": (BASE_ARGS + ["--tls-hostname", "h"],
                            "--tls-hostname needs --tls-creds-dir"),
     "lease-time": (BASE_ARGS + ["--lease-time", "5"],
@@ -269,6 +314,10 @@ BAD_OPTIONS = {
     "disk name": (["--disk", "vd b", "-l", "x", "-c", "unix:/s"],
                   "--disk 'vd b': not a disk target name"),
     "unknown option": (BASE_ARGS + ["--frobnicate"], "Unknown option --frobnicate"),
+    "libvirt version": (BASE_ARGS + ["--libvirt-version", "11.3x"],
+                        "--libvirt-version '11.3x': expected MAJOR.MINOR"),
+    "libvirt version major": (BASE_ARGS + ["--libvirt-version", "11"],
+                              "--libvirt-version '11': expected MAJOR.MINOR"),
 }
 
 
