@@ -511,8 +511,8 @@ def coordinator_unread(pid):
 
 def test_main_loop_write_granted_before_it_waits(local_image, extlockd, lock_space,
                                                  procs, binaries, tmp_path):
-    """The node is in iothread io0 and writes come from the main loop (HMP
-    qemu-io); each is held right after it sent its lock request until the
+    """The node is moved into iothread io0 and a write comes from the main
+    loop (HMP qemu-io), five times; each is held right after it sent its lock request until the
     coordinator has granted it and QEMU has read the grant: each write
     completes (no -EINPROGRESS), QEMU stays up, the data lands."""
     binaries("qemu-system-x86_64")
@@ -526,10 +526,12 @@ def test_main_loop_write_granted_before_it_waits(local_image, extlockd, lock_spa
             blockdevs=[node_opts(local_image, extlockd, lock_space, lock_cache=False)],
             extra_args=["-object", "iothread,id=io0", "-name", "vm,debug-threads=on",
                         "-trace", "extlock_client_lock", "-D", str(fifo)])
-        vm.qmp.execute("x-blockdev-set-iothread",
-                       {"node-name": "xl0", "iothread": "io0"})
         qfd = fd_of(vm.proc.pid, fifo)
         for i in range(TRACE_BLOCKED_WRITES):
+            # HMP qemu-io's BlockBackend, going, takes the node back to
+            # the main context (bdrv_root_unref_child()): move it each time
+            vm.qmp.execute("x-blockdev-set-iothread",
+                           {"node-name": "xl0", "iothread": "io0"})
             drain_fifo(rfd)
             # the page is full: the next trace line waits for the reader
             os.write(wfd, b"#" * 4095 + b"\n")
