@@ -1187,13 +1187,13 @@ static bool extlock_locks_reply(void *opaque, ExtlockMsg *msg)
     return msg->has_id && g_hash_table_remove(c->cancel_ids, &msg->id);
 }
 
-void extlock_client_cancel_waits(ExtlockClient *c)
+static void extlock_drain_kick(ExtlockClient *c);
+
+/* In c->ctx */
+static void extlock_cancel_waits_here(ExtlockClient *c)
 {
     ExtlockRequest *req;
 
-    if (!c) {
-        return;
-    }
     c->cancel_gen++;
     QLIST_FOREACH(req, &c->waiting, next) {
         if (req->queued) {
@@ -1202,6 +1202,16 @@ void extlock_client_cancel_waits(ExtlockClient *c)
     }
     /* Those waiting for the connection, the lease or our grants */
     extlock_locks_wake_usable(c);
+}
+
+void extlock_client_cancel_waits(ExtlockClient *c)
+{
+    if (!c) {
+        return;
+    }
+    /* The drain bottom half cancels in c->ctx (or at once if we run there) */
+    qatomic_set(&c->cancel_asked, true);
+    extlock_drain_kick(c);
 }
 
 static void extlock_pause_reconnect(ExtlockClient *c)
@@ -1237,15 +1247,10 @@ static void extlock_drain_timer_cb(void *opaque)
     extlock_drain_cut(opaque);
 }
 
-void extlock_client_drain_begin(ExtlockClient *c)
+/* The node becomes drained (in c->ctx) */
+static void extlock_drain_start(ExtlockClient *c)
 {
-    if (!c) {
-        return;
-    }
-    trace_extlock_client_drain(c->node_name, true, c->drained);
-    if (c->drained++ > 0) {
-        return;
-    }
+    c->drained = true;
     c->drain_deadline_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME) +
                            EXTLOCK_DRAIN_GRACE_MS * SCALE_MS;
     if (c->drain_timer) {
@@ -1257,16 +1262,10 @@ void extlock_client_drain_begin(ExtlockClient *c)
     }
 }
 
-void extlock_client_drain_end(ExtlockClient *c)
+/* The last drained section ended (in c->ctx) */
+static void extlock_drain_stop(ExtlockClient *c)
 {
-    if (!c) {
-        return;
-    }
-    assert(c->drained > 0);
-    trace_extlock_client_drain(c->node_name, false, c->drained);
-    if (--c->drained > 0) {
-        return;
-    }
+    c->drained = false;
     if (c->drain_timer) {
         timer_del(c->drain_timer);
     }
@@ -1274,6 +1273,80 @@ void extlock_client_drain_end(ExtlockClient *c)
     if (c->conn_paused) {
         c->conn_paused = false;
         extlock_conn_resume(c->conn);
+    }
+}
+
+/*
+ * Act drained or not as the drained sections now ask, and cancel the
+ * waits if extlock_client_cancel_waits() asked.  Idempotent: the
+ * bottom half may run once for several begins and ends, and after the
+ * state it was scheduled for changed back.
+ */
+static void extlock_drain_sync(ExtlockClient *c)
+{
+    bool want = qatomic_read(&c->drain_target) > 0;
+
+    if (want && !c->drained) {
+        extlock_drain_start(c);
+    } else if (!want && c->drained) {
+        extlock_drain_stop(c);
+    }
+    if (qatomic_xchg(&c->cancel_asked, false)) {
+        extlock_cancel_waits_here(c);
+    }
+}
+
+static void extlock_drain_bh(void *opaque)
+{
+    extlock_drain_sync(opaque);
+}
+
+/*
+ * The drained sections changed.  Apply that in the node's AioContext: at
+ * once if we run there (QEMU 7.2, or a node in the main loop), else in
+ * its thread, which a polling drain waits for (a reconnection is counted
+ * in flight).  c->ctx and c->drain_bh change only in that thread while
+ * the main loop waits for it (extlock.c), never under us.  Detached, the
+ * attach applies it.
+ */
+static void extlock_drain_kick(ExtlockClient *c)
+{
+    if (!c->ctx) {
+        return;
+    }
+    if (c->ctx == qemu_get_current_aio_context()) {
+        extlock_drain_sync(c);
+    } else {
+        qemu_bh_schedule(c->drain_bh);
+    }
+}
+
+void extlock_client_drain_begin(ExtlockClient *c)
+{
+    unsigned old;
+
+    if (!c) {
+        return;
+    }
+    old = qatomic_fetch_inc(&c->drain_target);
+    trace_extlock_client_drain(c->node_name, true, old);
+    if (old == 0) {
+        extlock_drain_kick(c);
+    }
+}
+
+void extlock_client_drain_end(ExtlockClient *c)
+{
+    unsigned old;
+
+    if (!c) {
+        return;
+    }
+    old = qatomic_fetch_dec(&c->drain_target);
+    assert(old > 0);
+    trace_extlock_client_drain(c->node_name, false, old);
+    if (old == 1) {
+        extlock_drain_kick(c);
     }
 }
 
@@ -1571,6 +1644,7 @@ static const ExtlockConnOps extlock_conn_ops = {
 static void extlock_locks_attach(ExtlockClient *c, AioContext *ctx)
 {
     c->ctx = ctx;
+    c->drain_bh = aio_bh_new(ctx, extlock_drain_bh, c);
     c->cache_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
                                    extlock_cache_timer_cb, c);
     c->wait_timer = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS,
@@ -1582,6 +1656,8 @@ static void extlock_locks_attach(ExtlockClient *c, AioContext *ctx)
     }
     /* Catch up on revocations and ageing that were due while detached */
     timer_mod(c->cache_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+    /* And on drained sections begun or ended meanwhile */
+    extlock_drain_sync(c);
 }
 
 static void extlock_locks_detach(ExtlockClient *c)
@@ -1589,6 +1665,10 @@ static void extlock_locks_detach(ExtlockClient *c)
     if (!c->ctx) {
         return;
     }
+    /* What the drained sections asked, before the bottom half goes */
+    extlock_drain_sync(c);
+    qemu_bh_delete(c->drain_bh);
+    c->drain_bh = NULL;
     /* Drained: nobody waits for a lock, nobody holds one */
     assert(QLIST_EMPTY(&c->waiting) && !c->active.count);
     assert(!c->usable_waiters->len && !c->local_waiters->len &&

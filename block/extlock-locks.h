@@ -139,7 +139,16 @@ typedef struct ExtlockClient {
     bool closing;
 
     /* drain and cancel: no wait for other hosts, the connection, the lease */
-    unsigned drained;           /* drained sections the node is in */
+    /*
+     * Drained sections asked for (atomic: QEMU 10.0 calls the drain
+     * callbacks in the main loop whatever the node's AioContext), and
+     * whether the node acts drained, which only @ctx's thread changes
+     * (extlock_drain_sync(), run there by @drain_bh).
+     */
+    unsigned drain_target;
+    bool cancel_asked;          /* extlock_client_cancel_waits() (atomic) */
+    QEMUBH *drain_bh;
+    bool drained;
     bool drain_cut;             /* drained, and its grace is over */
     int64_t drain_deadline_ns;  /* end of the grace of this drain */
     QEMUTimer *drain_timer;     /* one-shot, at @drain_deadline_ns */
@@ -261,7 +270,11 @@ void extlock_client_attach_aio_context(ExtlockClient *c, AioContext *ctx);
  */
 void extlock_client_drain_begin(ExtlockClient *c);
 void extlock_client_drain_end(ExtlockClient *c);
-/* Fail every request that waits now (as a drain would), without a drain */
+/*
+ * Fail every request that waits now (as a drain would), without a drain;
+ * called in another thread than the node's (QEMU 10.0's main loop), it
+ * happens there, soon after.
+ */
 void extlock_client_cancel_waits(ExtlockClient *c);
 
 /*

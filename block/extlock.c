@@ -461,10 +461,16 @@ fail:
     return ret;
 }
 
+static void extlock_detach_aio_context(BlockDriverState *bs);
+
 static void extlock_close(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
 
+    /* Drained: out of its AioContext in its thread first, as for a move */
+    if (s->client) {
+        extlock_detach_aio_context(bs);
+    }
     extlock_client_free(s->client);
     s->client = NULL;
     qapi_free_SocketAddressList(s->coordinators);
@@ -565,9 +571,10 @@ extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
  * has no empty locks).
  */
 static int coroutine_fn GRAPH_RDLOCK
-extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
-                  int64_t offset, int64_t bytes, QEMUIOVector *qiov,
-                  size_t qiov_offset, BdrvRequestFlags flags)
+extlock_locked_io_here(BlockDriverState *bs, ExtlockIoKind kind,
+                       ExtlockMode mode, int64_t offset, int64_t bytes,
+                       QEMUIOVector *qiov, size_t qiov_offset,
+                       BdrvRequestFlags flags)
 {
     BDRVExtlockState *s = bs->opaque;
     const char *op = extlock_io_kind_names[kind];
@@ -626,6 +633,51 @@ extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
                                 qemu_clock_get_ns(QEMU_CLOCK_REALTIME) -
                                 cost_start - req.child_ns);
     }
+    return ret;
+}
+
+/*
+ * The node's AioContext.  The lock client and its connection live there:
+ * their fd handler, timers and wait lists are touched by that thread only,
+ * and a reply wakes a request with aio_co_wake(), which enters it at once
+ * in that thread.  QEMU 10.0's block layer runs a request in the
+ * AioContext of the thread that submitted it (the main loop's for HMP
+ * qemu-io or a job, any iothread with multiqueue), not the node's: such
+ * a request moves into the node's AioContext for as long as it uses the
+ * client, and back.  (Left in its own thread, it raced the node's thread
+ * on the client's lists, and a grant read there before the request had
+ * yielded for it was a wake-up it consumed later, in the middle of its
+ * write to the child: that write returned -EINPROGRESS and the thread
+ * pool then woke a finished coroutine.)  In QEMU 7.2 a request always
+ * runs in the node's AioContext and nothing moves.
+ */
+static AioContext *coroutine_fn extlock_co_enter_node(BlockDriverState *bs)
+{
+    if (qemu_get_current_aio_context() == bdrv_get_aio_context(bs)) {
+        return NULL;
+    }
+    return bdrv_co_enter(bs);
+}
+
+static void coroutine_fn extlock_co_leave_node(BlockDriverState *bs,
+                                               AioContext *home)
+{
+    if (home) {
+        bdrv_co_leave(bs, home);
+    }
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+extlock_locked_io(BlockDriverState *bs, ExtlockIoKind kind, ExtlockMode mode,
+                  int64_t offset, int64_t bytes, QEMUIOVector *qiov,
+                  size_t qiov_offset, BdrvRequestFlags flags)
+{
+    AioContext *home = extlock_co_enter_node(bs);
+    int ret;
+
+    ret = extlock_locked_io_here(bs, kind, mode, offset, bytes, qiov,
+                                 qiov_offset, flags);
+    extlock_co_leave_node(bs, home);
     return ret;
 }
 
@@ -732,15 +784,16 @@ static int coroutine_fn GRAPH_RDLOCK
 extlock_co_flush(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
+    AioContext *home = extlock_co_enter_node(bs);
     int ret;
 
     /* A flush orders nothing between hosts: no lock; not in a reread */
     ret = extlock_maint_enter(&s->maint, false);
-    if (ret < 0) {
-        return ret;
+    if (ret == 0) {
+        ret = extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, 0, NULL);
+        extlock_maint_exit(&s->maint);
     }
-    ret = extlock_forward(bs, EXTLOCK_IO_FLUSH, 0, 0, NULL, 0, 0, NULL);
-    extlock_maint_exit(&s->maint);
+    extlock_co_leave_node(bs, home);
     return ret;
 }
 
@@ -757,6 +810,8 @@ extlock_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
 {
     BDRVExtlockState *s = bs->opaque;
     int64_t len = extlock_co_child_getlength(bs->file->bs);
+    AioContext *home;
+    int ret;
 
     if (len < 0) {
         error_setg_errno(errp, -len, "extlock: could not get the length of "
@@ -783,8 +838,12 @@ extlock_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
         /* Allocate every new cluster now: guest writes never allocate */
         prealloc = PREALLOC_MODE_METADATA;
     }
-    return extlock_maint_truncate(&s->maint, offset, exact, prealloc, flags,
-                                  errp);
+    /* Its lock requests run in the node's context, as I/O requests do */
+    home = extlock_co_enter_node(bs);
+    ret = extlock_maint_truncate(&s->maint, offset, exact, prealloc, flags,
+                                 errp);
+    extlock_co_leave_node(bs, home);
+    return ret;
 }
 
 static int64_t coroutine_fn GRAPH_RDLOCK
@@ -849,17 +908,50 @@ extlock_child_perm(BlockDriverState *bs, BdrvChild *c, BdrvChildRole role,
                 BLK_PERM_CONSISTENT_READ;
 }
 
+/*
+ * AioContext changes.  The generic code calls these in the main loop with
+ * the node drained, but a drained node's connection still works in its
+ * AioContext: the lease is renewed, replies and revocations are read.  In
+ * QEMU 10.0 that AioContext runs in its iothread without any lock, so the
+ * fd handler and the timers are taken out and put in from that thread
+ * (extlock_run_in_aio_context()), never while one of them runs there.
+ */
+typedef struct ExtlockCtxJob {
+    ExtlockClient *client;
+    AioContext *ctx;
+} ExtlockCtxJob;
+
+static void extlock_detach_job(void *opaque)
+{
+    ExtlockCtxJob *job = opaque;
+
+    extlock_client_detach_aio_context(job->client);
+}
+
+static void extlock_attach_job(void *opaque)
+{
+    ExtlockCtxJob *job = opaque;
+
+    extlock_client_attach_aio_context(job->client, job->ctx);
+}
+
 static void extlock_detach_aio_context(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
-    extlock_client_detach_aio_context(s->client);
+    ExtlockCtxJob job = { .client = s->client };
+
+    /* Still the old AioContext */
+    extlock_run_in_aio_context(bdrv_get_aio_context(bs), extlock_detach_job,
+                               &job);
 }
 
 static void extlock_attach_aio_context(BlockDriverState *bs,
                                        AioContext *new_context)
 {
     BDRVExtlockState *s = bs->opaque;
-    extlock_client_attach_aio_context(s->client, new_context);
+    ExtlockCtxJob job = { .client = s->client, .ctx = new_context };
+
+    extlock_run_in_aio_context(new_context, extlock_attach_job, &job);
 }
 
 /* Drain: see extlock_client_drain_begin() and docs/qemu-driver.rst */

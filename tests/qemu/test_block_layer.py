@@ -22,6 +22,9 @@ qemu-img) against a real extlockd:
 * requests beyond the end of the image and zero-length requests.
 """
 
+import fcntl
+import os
+import subprocess
 import threading
 import time
 
@@ -427,6 +430,143 @@ def test_move_between_aio_contexts(local_image, extlockd, lock_space, procs, bin
     assert info["counters"]["errors"] == 0 and info["counters"]["lease-losses"] == 0
     data = local_image.path.read_bytes()[:5 * 4096]
     assert data == b"".join(bytes([p]) * 4096 for p in range(1, 6))
+
+
+# QEMU 10.0 runs a request in the AioContext of the thread that submits
+# it: HMP qemu-io's in the main loop even when the node is in an iothread.
+# The node's connection reads the coordinator's replies in the node's
+# iothread.  A grant read there before the main loop's request had
+# yielded for it was a wake-up the request consumed later, in the middle
+# of its write to the child: the write failed with -EINPROGRESS, then the
+# thread pool woke the finished coroutine and QEMU died (CI, load 20).
+# The window (between sending the lock request and waiting for the reply)
+# is held open at will: the request traces extlock_client_lock in it, and
+# the trace goes to a FIFO of one page that the test keeps full, so the
+# thread that runs the request blocks writing the trace line until the
+# test reads the FIFO.  If that is the main loop, the test first waits
+# until the iothread has read the grant (QEMU's coordinator socket has
+# nothing left to read); if it is the node's iothread (the fix), the
+# grant cannot be read before, and the test waits only for the
+# coordinator to have granted.
+TRACE_BLOCKED_WRITES = 5
+F_SETPIPE_SZ = 1031
+SYS_WRITE = 1                   # x86_64
+
+
+def drain_fifo(fd):
+    """Read what @fd holds (non-blocking)."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def fd_of(pid, path):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return int(fd)
+        except OSError:
+            pass
+    raise AssertionError(f"process {pid} has no fd for {path}")
+
+
+def threads_writing(pid, fd):
+    """Names of the threads of @pid blocked in write(@fd)."""
+    names = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return names
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                sc = f.read().split()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if len(sc) > 1 and sc[0] == str(SYS_WRITE) and int(sc[1], 16) == fd:
+            names.append(comm)
+    return names
+
+
+def coordinator_unread(pid):
+    """Bytes waiting in QEMU's connection to the coordinator (its only
+    connected UNIX socket without an address of its own)."""
+    out = subprocess.run(["ss", "-x", "-n", "-p"], capture_output=True,
+                         text=True, check=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        if (len(f) > 5 and f[0] == "u_str" and f[1] == "ESTAB" and
+                f[4] == "*" and f"pid={pid}," in line):
+            return int(f[2])
+    raise AssertionError(f"no coordinator connection of {pid} in:\n{out}")
+
+
+def test_main_loop_write_granted_before_it_waits(local_image, extlockd, lock_space,
+                                                 procs, binaries, tmp_path):
+    """The node is moved into iothread io0 and a write comes from the main
+    loop (HMP qemu-io), five times; each is held right after it sent its lock request until the
+    coordinator has granted it and QEMU has read the grant: each write
+    completes (no -EINPROGRESS), QEMU stays up, the data lands."""
+    binaries("qemu-system-x86_64")
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(rfd, F_SETPIPE_SZ, 4096)
+        vm = procs.qemu_system(
+            blockdevs=[node_opts(local_image, extlockd, lock_space, lock_cache=False)],
+            extra_args=["-object", "iothread,id=io0", "-name", "vm,debug-threads=on",
+                        "-trace", "extlock_client_lock", "-D", str(fifo)])
+        qfd = fd_of(vm.proc.pid, fifo)
+        for i in range(TRACE_BLOCKED_WRITES):
+            # HMP qemu-io's BlockBackend, going, takes the node back to
+            # the main context (bdrv_root_unref_child()): move it each time
+            vm.qmp.execute("x-blockdev-set-iothread",
+                           {"node-name": "xl0", "iothread": "io0"})
+            drain_fifo(rfd)
+            # the page is full: the next trace line waits for the reader
+            os.write(wfd, b"#" * 4095 + b"\n")
+            result = {}
+            t = threading.Thread(target=lambda: result.update(
+                out=vm.qmp.hmp(f'qemu-io xl0 "write -P {i + 1} {i * 4}k 4k"',
+                               timeout=30)))
+            t.start()
+            try:
+                # stop waiting as soon as QEMU died or the write ended
+                def over():
+                    return not vm.alive() or not t.is_alive()
+
+                who = wait_until(lambda: threads_writing(vm.proc.pid, qfd) or over(),
+                                 timeout=10, what="the write to block on its trace line")
+                wait_until(lambda: space(extlockd, lock_space)["held"] or over(),
+                           timeout=10, what="the coordinator to grant the write's lock")
+                if who is not True and "IO io0" not in who:
+                    wait_until(lambda: over() or coordinator_unread(vm.proc.pid) == 0,
+                               timeout=10, what="QEMU to read the grant")
+            finally:
+                drain_fifo(rfd)
+                t.join(timeout=30)
+            assert vm.alive(), f"QEMU died at write {i}:\n{vm.stderr()}"
+            assert "out" in result, f"write {i} got no answer:\n{vm.stderr()}"
+            assert "failed" not in result["out"].lower(), result["out"]
+        assert "Operation now in progress" not in vm.stderr()
+        data = local_image.path.read_bytes()[:TRACE_BLOCKED_WRITES * 4096]
+        assert data == b"".join(bytes([i + 1]) * 4096
+                                for i in range(TRACE_BLOCKED_WRITES))
+        info = node_info(vm.qmp, "xl0")
+        assert info["counters"]["errors"] == 0, info
+    finally:
+        os.close(wfd)
+        os.close(rfd)
 
 
 class SilentCoordinator:
