@@ -310,8 +310,9 @@ def check_locks(storage, events, granularity):
     # A request the server got but whose answer never came back to its
     # host (the host was killed, or its path held and then cut by the
     # fence).  If the relay found the server's answer in its socket when
-    # it cut the path ("replied-by", see nfs_relay.py), the server had
-    # executed it by then: that time is its end.  Otherwise nothing bounds
+    # it cut the path, or got it on the server side it keeps open after
+    # the host's side closed ("replied-by", see nfs_relay.py), the server
+    # had executed it by then: that time is its end.  Otherwise nothing bounds
     # it from the storage side; it is assumed executed like the others,
     # within ten times the slowest answer seen in the run, at least 1 s
     # (an assumption, not evidence: see docs/testing.rst)
@@ -328,6 +329,8 @@ def check_locks(storage, events, granularity):
                 continue        # its data never reached the host: no harm
             t0 = e["fwd"]
             t1 = e.get("reply") or e.get("replied-by") or t0 + unanswered_ns
+            end_by = ("reply" if e.get("reply") else "replied-by" if e.get("replied-by")
+                      else f"assumed: no answer seen, {unanswered_ns / 1e6:.0f} ms window")
             o0, o1 = e["offset"], e["offset"] + e["count"]
             b1 = (t1 if t1 != INF else last) // bucket_ns
             seen = set()
@@ -351,7 +354,9 @@ def check_locks(storage, events, granularity):
                 g, r, off, ln, mode, client = found
                 out.append({"kind": "lock-violation", "host": host,
                             "io": e["event"], "offset": o0, "count": e["count"],
-                            "fwd": t0, "reply": e.get("reply"), "holder": client,
+                            "fwd": t0, "reply": e.get("reply"),
+                            "replied-by": e.get("replied-by"), "end-by": end_by,
+                            "holder": client,
                             "lock": [off, ln, mode], "granted": g, "released": r,
                             "overlap-ms": (min(t1, r or INF) - max(t0, g)) / 1e6})
     return out

@@ -149,6 +149,13 @@ class Host:
     def start(self, attempts=3):
         """Start a new process; a failed start is recorded and retried."""
         for attempt in range(attempts):
+            # the coordinator may have fenced this host's client id after
+            # the old process was killed (e.g. the session of a generation
+            # rebooted earlier expired meanwhile): the old process is gone,
+            # so this is the reboot after the fence - a new process on a
+            # cut path could not even mount the share
+            if self.relay.state == "off" and not self.alive():
+                self.relay.on(by="nemesis-after-reboot")
             try:
                 return self._start()
             except RuntimeError as e:

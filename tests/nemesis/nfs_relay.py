@@ -40,6 +40,15 @@ with its file offset and count, the CLOCK_MONOTONIC time at which its last
 byte was handed to the server (``fwd``) and the time its reply came back
 (``reply``), and every fence command.  The history checker compares these
 storage-side times with host deaths and with the coordinator's lock grants.
+
+When the host side of a connection goes away (the host was killed) while
+calls it sent are at the server unanswered, the relay keeps the server side
+open and reads on (for at most ``DRAIN_S``, and not while held or fenced):
+an answer that comes is logged as ``replied-by`` - the server had executed
+the call by then, although the host never saw it.  Without that the log
+could not say when such a WRITE landed (nemesis seed 7, host2 killed 1 ms
+after its WRITE reached ganesha: reported as a lock-violation on the
+checker's fallback window).
 """
 
 import json
@@ -54,6 +63,7 @@ NFS_PROGRAM = 100003
 NFSPROC3_READ = 6
 NFSPROC3_WRITE = 7
 LAST_FRAGMENT = 0x80000000
+DRAIN_S = 30            # how long a dead host's unanswered calls are awaited
 
 
 def mono_ns():
@@ -114,6 +124,7 @@ class _Conn:
         self.out = {a: b"", b: b""}         # bytes to write to this socket
         self.calls = {}                     # xid -> log entry
         self.closing = False
+        self.drain_until = None             # host gone: wait for answers until
 
     def peer(self, s):
         return self.b if s is self.a else self.a
@@ -359,11 +370,16 @@ class NfsFaultPoint:
             rep = parse_reply(payload)
             if rep is not None and rep[0] in c.calls:
                 entry = c.calls.pop(rep[0])
-                entry["reply"] = now
+                if c.drain_until is not None:
+                    # the host is gone: the server executed it, nobody saw it
+                    entry["replied-by"] = now
+                else:
+                    entry["reply"] = now
                 entry["status"] = rep[1]
                 entry.pop("_pending", None)
                 self._event(entry)
-            c.out[c.a] += raw
+            if c.drain_until is None:
+                c.out[c.a] += raw
 
     def _flush(self, c, s):
         if not c.out[s]:
@@ -376,13 +392,18 @@ class NfsFaultPoint:
             return False
         c.out[s] = c.out[s][n:]
         if s is c.b and n:
-            now = mono_ns()
-            for entry in c.calls.values():
-                if entry.get("_pending") is not None:
-                    entry["_pending"] -= n
-                    if entry["_pending"] <= 0 and entry["fwd"] is None:
-                        entry["fwd"] = now
+            self._sent_to_server(c, n)
         return True
+
+    def _sent_to_server(self, c, n):
+        """n more bytes of c.out[c.b] were handed to the server: the calls
+        whose last byte was among them are forwarded now."""
+        now = mono_ns()
+        for entry in c.calls.values():
+            if entry.get("_pending") is not None:
+                entry["_pending"] -= n
+                if entry["_pending"] <= 0 and entry["fwd"] is None:
+                    entry["fwd"] = now
 
     def _ctl_accept(self):
         try:
@@ -438,8 +459,10 @@ class NfsFaultPoint:
                 wlist = []
                 if self.state == "on":
                     for c in self._conns:
-                        rlist += [c.a, c.b]
-                        wlist += [s for s in (c.a, c.b) if c.out[s]]
+                        # a draining connection has no host side any more
+                        sides = (c.b,) if c.drain_until is not None else (c.a, c.b)
+                        rlist += list(sides)
+                        wlist += [s for s in sides if c.out[s]]
             try:
                 r, w, _ = select.select(rlist, wlist, [], 0.2)
             except (OSError, ValueError):
@@ -465,7 +488,10 @@ class NfsFaultPoint:
                 for c in list(self._conns):
                     if c not in self._conns:
                         continue
-                    ok = True
+                    if c.drain_until is not None:
+                        self._drain(c, c.b in r)
+                        continue
+                    gone = None                 # the side that closed
                     for s in (c.a, c.b):
                         if s in r:
                             try:
@@ -475,18 +501,62 @@ class NfsFaultPoint:
                             except OSError:
                                 data = b""
                             if not data:
-                                ok = False
+                                gone = s
                                 break
                             if s is c.a:
                                 self._from_host(c, data)
                             else:
                                 self._from_server(c, data)
-                    if ok:
+                    if gone is None:
                         for s in (c.a, c.b):
                             if not self._flush(c, s):
-                                ok = False
-                    if not ok:
+                                gone = s
+                                break
+                    if gone is c.a:
+                        self._host_gone(c)
+                    elif gone is not None:
                         self._close_conn(c)
+
+    def _host_gone(self, c):
+        """The host closed its side (it was killed): what it sent is still
+        delivered, and calls at the server without an answer are awaited
+        on the server side (``replied-by``), for at most DRAIN_S."""
+        try:
+            c.a.close()
+        except OSError:
+            pass
+        c.out[c.a] = b""
+        self._event({"event": "disconnect", "conn": c.cid, "ts": mono_ns()})
+        c.drain_until = mono_ns() + DRAIN_S * 10**9
+        self._drain(c, False)
+
+    def _drain(self, c, readable):
+        """One round for a connection whose host is gone (caller locks)."""
+        ok = True
+        if readable:
+            try:
+                data = c.b.recv(262144)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                ok = False
+            elif data:
+                self._from_server(c, data)
+        if ok and not self._flush(c, c.b):
+            ok = False
+        waiting = any(e.get("fwd") is not None or e.get("_pending") is not None
+                      for e in c.calls.values())
+        if ok and waiting and mono_ns() < c.drain_until:
+            return
+        c.b.close()
+        if c in self._conns:
+            self._conns.remove(c)
+        for entry in c.calls.values():
+            entry.pop("_pending", None)
+            if entry.get("fwd") is not None:
+                self._event(entry)          # forwarded, no answer seen
 
     def _close_conn(self, c):
         """One side closed: deliver what is left to the other, then close."""
@@ -496,6 +566,8 @@ class NfsFaultPoint:
                     s.setblocking(True)
                     s.settimeout(1)
                     s.sendall(c.out[s])
+                    if s is c.b:
+                        self._sent_to_server(c, len(c.out[s]))
                 except OSError:
                     pass
         for s in (c.a, c.b):
@@ -507,7 +579,6 @@ class NfsFaultPoint:
             entry.pop("_pending", None)
             if entry.get("fwd") is not None:
                 self._event(entry)          # forwarded, no reply seen
-
 
 def portmap_ports(host="127.0.0.1"):
     """{program name: port} of the TCP services registered with rpcbind."""

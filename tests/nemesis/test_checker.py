@@ -224,3 +224,76 @@ def test_trace_token_partial_release():
                    "offset": 0, "length": 4096, "mode": "shared"})
     got = checker.check_trace({("h1", 1): kept}, events)
     assert [v["kind"] for v in got] == ["trace-token"]
+
+
+def seed7_host2_killed(write):
+    """The nemesis seed-7 CI run (clean clone, load ~15-20 on 2 cores),
+    times in ns as logged: host2 (gen1) held an exclusive lock on
+    [81920, +28672); its 8 KiB WRITE at 83968 was handed to ganesha at
+    `fwd`; the nemesis killed host2 1 ms later, the relay saw the host side
+    close 5.3 ms after `fwd`; the coordinator expired host2's session
+    (25749706977578), fenced it (fence-start 25749711799954, the relay's
+    fence-off 25750392640225, fence-ok 25750465082436), released its
+    locks and granted host1 a shared lock on [69632, +49152) at
+    25750465176363, 2.65 s after the WRITE reached ganesha, released
+    17.6 ms later.  The slowest answer of the run (418.5 ms) makes the
+    checker's window for an unanswered request 4.185 s."""
+    fwd = 25747816227597
+    storage = {
+        "host2": [{"event": "connect", "conn": 2, "port": 2049, "ts": 25746295541413},
+                  {"event": "disconnect", "conn": 2, "ts": 25747821543058},
+                  dict({"event": "write", "conn": 2, "xid": 28761239, "offset": 83968,
+                        "count": 8192, "fwd": fwd, "reply": None}, **write),
+                  {"event": "fence-off", "by": "agent", "ts": 25750392640225}],
+        "host3": [{"event": "write", "conn": 1, "offset": 45568, "count": 8192,
+                   "fwd": 25834376982404, "reply": 25834376982404 + 418511419}]}
+    s2, s1 = "7005e2aa", "f04ee31b"
+    events = [{"ts": 25747700000000, "event": "grant", "client-id": "host2",
+               "session": s2, "lock": 346, "offset": 81920, "length": 28672,
+               "mode": "exclusive"},
+              {"ts": 25749706977578, "event": "expire", "client-id": "host2", "session": s2},
+              {"ts": 25749711799954, "event": "fence-start", "client-id": "host2",
+               "session": s2},
+              {"ts": 25750465082436, "event": "fence-ok", "client-id": "host2",
+               "session": s2},
+              {"ts": 25750465168999, "event": "release", "client-id": "host2",
+               "session": s2, "lock": 346, "offset": 81920, "length": 28672,
+               "mode": "exclusive"},
+              {"ts": 25750465176363, "event": "grant", "client-id": "host1",
+               "session": s1, "lock": 348, "offset": 69632, "length": 49152,
+               "mode": "shared"},
+              {"ts": 25750482799501, "event": "release", "client-id": "host1",
+               "session": s1, "lock": 348, "offset": 69632, "length": 49152,
+               "mode": "shared"}]
+    incarnations = {"host2": [(1, 25746238073781, 25747821441136)]}
+    v = checker.check_all([], [0] * 8, 0, {"host2": [25747821441136]}, storage,
+                          incarnations, events, 4096, late_ns=25 * 10**8)
+    return v
+
+
+def test_seed7_killed_host_write_judged_by_relay_answer():
+    """The case above.  As that run logged it (the relay closed its server
+    side when host2's side closed, so no answer was seen) nothing bounds
+    the WRITE: still reported, marked as resting on the window.  With the
+    answer the relay now awaits after its host is gone ("replied-by"),
+    here ganesha's 15 ms (the slowest answer of the other requests handed
+    to it within 80 ms of this one), the WRITE had landed 2.6 s before
+    host1's grant: clean.  An answer after the grant, or the WRITE handed
+    to ganesha during host1's lock, is reported."""
+    v = seed7_host2_killed({})
+    assert checker.summarize(v) == {"lock-violation": 1}
+    assert v[0]["holder"] == "host1" and v[0]["lock"] == [69632, 49152, "shared"]
+    assert v[0]["end-by"].startswith("assumed")
+    v = seed7_host2_killed({"replied-by": 25747816227597 + 15 * 10**6, "status": 0})
+    assert v == []
+    # answered only after host1's grant: may have landed under its lock
+    v = seed7_host2_killed({"replied-by": 25750470000000, "status": 0})
+    assert checker.summarize(v) == {"lock-violation": 1}
+    assert v[0]["end-by"] == "replied-by"
+    # the same WRITE handed to ganesha (and answered) during host1's lock:
+    # it did reach the storage after the grant (and after host2's death +
+    # lease + fence margin: a stale storage write too)
+    v = seed7_host2_killed({"fwd": 25750470000000, "reply": 25750471000000,
+                               "status": 0})
+    assert checker.summarize(v) == {"lock-violation": 1, "stale-storage-write": 1}
+    assert v[-1]["end-by"] == "reply"
