@@ -4,11 +4,15 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (c) 2026 The extlock authors
 import os
+import json
 import signal
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -126,3 +130,56 @@ def extlockd(tmp_path):
     yield start
     for d in daemons:
         d.stop()
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+class Prometheus:
+    """A real Prometheus (Debian's), scraping every second with the
+    scrape_configs text @scrape (YAML, indented as a list item under
+    scrape_configs); stopped by stop()."""
+
+    def __init__(self, workdir, scrape):
+        self.port = free_port()
+        cfg = workdir / "prometheus.yml"
+        cfg.write_text("global:\n  scrape_interval: 1s\n"
+                       "  scrape_timeout: 1s\nscrape_configs:\n" + scrape)
+        self.log = open(workdir / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={cfg}",
+             f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def query(self, expr, timeout=10):
+        """The query API's result list for @expr (None while it does not
+        answer yet)."""
+        q = urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.port}/api/v1/query?{q}",
+                    timeout=timeout) as r:
+                res = json.load(r)
+        except (urllib.error.URLError, ConnectionError):
+            return None
+        assert res["status"] == "success", (expr, res)
+        return res["data"]["result"]
+
+    def wait_series(self, expr, pred, timeout, what):
+        """Wait (bounded) for a series of @expr for which pred(series)."""
+        def found():
+            for s in self.query(expr) or []:
+                if pred(s):
+                    return s
+            return None
+        return wait_for(found, timeout, what, interval=0.5)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()

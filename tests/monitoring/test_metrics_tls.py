@@ -3,23 +3,18 @@
 # CA signed; a real Prometheus scrapes it with tls_config.
 # SPDX-License-Identifier: GPL-2.0-or-later
 # Copyright (c) 2026 The extlock authors
-import json
 import shutil
-import signal
 import ssl
 import subprocess
 import urllib.error
-import urllib.parse
 import urllib.request
 
 import pytest
 
-from conftest import EXTLOCKD, free_port, wait_for
+from conftest import EXTLOCKD, PROMETHEUS, Prometheus, free_port, wait_for
 
 pytestmark = pytest.mark.skipif(not shutil.which("certtool"),
                                 reason="certtool missing (gnutls-bin)")
-
-PROMETHEUS = shutil.which("prometheus")
 
 # Two CAs: "ca" signs the server and the good client, "other" signs a
 # client the server must refuse.
@@ -129,13 +124,7 @@ def test_real_prometheus_scrapes_over_tls(extlockd, pki, tmp_path):
     the HTTPS endpoint; its query API sees the grants."""
     d = extlockd("METRICS", f"--metrics-tls-creds-dir={pki / 'verify'}")
     take_grants(d, 50)
-    port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(f"""global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: extlockd-tls
+    prom = Prometheus(tmp_path, f"""  - job_name: extlockd-tls
     scheme: https
     tls_config:
       ca_file: {pki / 'ca-cert.pem'}
@@ -144,37 +133,15 @@ scrape_configs:
     static_configs:
       - targets: ['127.0.0.1:{d.metrics_port}']
 """)
-    log = open(tmp_path / "prometheus.log", "w")
-    prom = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
     try:
-        def query():
-            q = urllib.parse.urlencode({"query": "extlock_grants_total"})
-            try:
-                with urllib.request.urlopen(
-                        f"http://127.0.0.1:{port}/api/v1/query?{q}",
-                        timeout=5) as r:
-                    res = json.load(r)
-            except (urllib.error.URLError, ConnectionError):
-                return None
-            for s in res["data"]["result"]:
-                if s["metric"].get("lock_space") == "mon" and \
-                        float(s["value"][1]) >= 50:
-                    return s
-            return None
-
-        s = wait_for(query, 90, "Prometheus to scrape the HTTPS endpoint",
-                     interval=0.5)
+        s = prom.wait_series(
+            "extlock_grants_total",
+            lambda s: s["metric"].get("lock_space") == "mon" and
+            float(s["value"][1]) >= 50,
+            90, "Prometheus to scrape the HTTPS endpoint")
         assert s["metric"]["job"] == "extlockd-tls"
     finally:
-        prom.send_signal(signal.SIGTERM)
-        try:
-            prom.wait(20)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait(10)
+        prom.stop()
 
 
 @pytest.mark.parametrize("setup, extra, message", [

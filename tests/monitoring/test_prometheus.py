@@ -6,19 +6,16 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import urllib.error
-import urllib.parse
-import urllib.request
 
 import pytest
 
-from conftest import BENCH, EXTLOCKD, REPO, free_port, wait_for
+from conftest import (BENCH, EXTLOCKD, PROMETHEUS, REPO, Prometheus,
+                      wait_for)
 
 PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
 
 REQUIRED = {
     "extlock_lock_wait_seconds": "histogram",
@@ -72,41 +69,17 @@ def test_promtool_check_metrics(extlockd):
 def test_real_prometheus_scrapes(extlockd, tmp_path):
     """A real Prometheus scrapes extlockd; its query API sees the grants."""
     d = extlockd("METRICS")
-    port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(f"""global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: extlockd
+    prom = Prometheus(tmp_path, f"""  - job_name: extlockd
     static_configs:
       - targets: ['127.0.0.1:{d.metrics_port}']
 """)
-    log = open(tmp_path / "prometheus.log", "w")
-    prom = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
     try:
         bench(d, pairs=500)
-
-        def query():
-            q = urllib.parse.urlencode({"query": "extlock_grants_total"})
-            try:
-                with urllib.request.urlopen(
-                        f"http://127.0.0.1:{port}/api/v1/query?{q}",
-                        timeout=5) as r:
-                    res = json.load(r)
-            except (urllib.error.URLError, ConnectionError):
-                return None
-            for s in res["data"]["result"]:
-                if s["metric"].get("lock_space") == "mon" and \
-                        float(s["value"][1]) > 0:
-                    return s
-            return None
-
-        s = wait_for(query, 90, "Prometheus to report extlock_grants_total > 0",
-                     interval=0.5)
+        s = prom.wait_series(
+            "extlock_grants_total",
+            lambda s: s["metric"].get("lock_space") == "mon" and
+            float(s["value"][1]) > 0,
+            90, "Prometheus to report extlock_grants_total > 0")
         assert s["metric"]["job"] == "extlockd"
         assert float(s["value"][1]) >= 500
 
@@ -123,17 +96,9 @@ scrape_configs:
                 assert re.sub(r"_(bucket|sum|count)$", "", n) in served, n
             q = (e.replace("$job", ".*").replace("$lock_space", ".*")
                  .replace("$__rate_interval", "1m"))
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/api/v1/query?" +
-                    urllib.parse.urlencode({"query": q}), timeout=10) as r:
-                assert json.load(r)["status"] == "success", q
+            assert prom.query(q) is not None, q
     finally:
-        prom.send_signal(signal.SIGTERM)
-        try:
-            prom.wait(20)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait(10)
+        prom.stop()
 
 
 def raw(port, data, read=True):
