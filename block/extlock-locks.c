@@ -1731,6 +1731,23 @@ ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
     return c;
 }
 
+bool extlock_client_lease_valid_now(ExtlockClient *c)
+{
+    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+
+    if (extlock_conn_lease_valid_at(c->conn, now)) {
+        return true;
+    }
+    if (!c->no_lease_io_reported) {
+        c->no_lease_io_reported = true;
+        error_report("extlock: node '%s': lease lost while a request "
+                     "waited for a metadata reread, failing I/O",
+                     c->node_name);
+    }
+    c->stats.errors++;
+    return false;
+}
+
 void extlock_client_add_cost(ExtlockClient *c, int64_t ns)
 {
     c->cost_requests++;

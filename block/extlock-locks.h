@@ -209,6 +209,13 @@ typedef struct ExtlockClient {
 } ExtlockClient;
 
 /*
+ * Is the node's lease valid now?  For a request that holds its lock and
+ * then waited (a metadata reread): a lapsed lease means other hosts may
+ * own its extent, so it must not reach the image (counted as an error).
+ */
+bool extlock_client_lease_valid_now(ExtlockClient *c);
+
+/*
  * Connect to the leader among @addrs (tried in order, "not-leader" answers
  * followed), say hello and start the session (extlock_conn_new(): blocks,
  * bounded, at open only), with an empty lock cache.  @lease_ms ==

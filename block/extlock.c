@@ -622,8 +622,17 @@ extlock_locked_io_here(BlockDriverState *bs, ExtlockIoKind kind,
     /* After the grant: it may show a maintenance (extlock-maint.h) */
     ret = extlock_maint_enter(&s->maint, true);
     if (ret == 0) {
-        ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
-                              flags, &req);
+        /*
+         * The reread may have taken a while: the lease checked when the
+         * lock was taken must still hold, else other hosts may own the
+         * extent by now
+         */
+        if (extlock_client_lease_valid_now(s->client)) {
+            ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
+                                  flags, &req);
+        } else {
+            ret = -EIO;
+        }
         extlock_maint_exit(&s->maint);
     }
     extlock_client_unlock(s->client, &req);

@@ -247,7 +247,10 @@ static void coroutine_fn scsi_disk_pr_co(void *opaque)
     bdrv_graph_co_rdunlock();
 
     if (r->req.io_canceled) {
-        scsi_req_cancel_complete(&r->req);
+        /*
+         * Already completed: without an aiocb, scsi_req_cancel() and
+         * scsi_req_cancel_async() call scsi_req_cancel_complete() at once
+         */
     } else if (r->req.cmd.buf[0] == PERSISTENT_RESERVE_IN && ret >= 0) {
         r->len = MIN((uint32_t)ret, r->req.cmd.xfer);
         r->data_done = true;
