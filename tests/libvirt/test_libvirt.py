@@ -215,6 +215,39 @@ def convert_args(daemon, lock_space, client_id, *extra):
             "--lease-time", str(LEASE_MS), *extra]
 
 
+def start_shared_pair(lv, extlock_virt, daemon, nfs, workdir, guest,
+                      image_name, tag, names, seconds, extra_append="",
+                      wait_workload=True, **xml_kw):
+    """Define and start two domains NAMES that share a new raw image on the
+    NFS server through extlock, each running the stamped workload for
+    SECONDS; wait until both have booted and (with WAIT_WORKLOAD) both
+    workloads passed their start barrier.  Returns (domains, lock space,
+    image path, run id)."""
+    kernel, initrd = guest
+    image = new_image(nfs, image_name)
+    run_id = random.getrandbits(62) | 1
+    lock_space = f"{tag}-{run_id:x}"
+    doms = []
+    for g, name in enumerate(names, 1):
+        xml = base_xml(name, kernel, initrd,
+                       workload_append(run_id, g, len(names), seconds)
+                       + extra_append,
+                       Path(workdir) / f"console-{name}.log",
+                       nfs_disk(nfs, image.name), **xml_kw)
+        doms.append(define(lv, extlock_virt, workdir, name, xml,
+                           *convert_args(daemon, lock_space, f"{name}/vdb")))
+    for dom in doms:
+        dom.virsh("start", dom.name)
+    for dom in doms:
+        dom.wait_booted()
+    if wait_workload:
+        for dom in doms:
+            wait_for(f"{dom.name}'s workload to start",
+                     lambda: "EXTLOCK-STRESS-START" in dom.console(),
+                     BOOT_TIMEOUT)
+    return doms, lock_space, image, run_id
+
+
 @pytest.fixture
 def extlockd(procs, workdir):
     daemon = procs.extlockd(extra_args=[
@@ -307,26 +340,14 @@ def test_node_names_match_libvirt(libvirtd, extlock_virt, workdir, guest,
 
 def test_two_domains_share_one_disk(libvirtd, extlock_virt, extlockd, nfs,
                                     workdir, guest, clean_domains):
-    kernel, initrd = guest
-    image = new_image(nfs, "libvirt-shared.raw")
-    run_id = random.getrandbits(62) | 1
     # long enough that the status, event and managedsave steps all happen
     # while the workload runs, also on an idle machine (5 s boots)
     seconds = 60
-    lock_space = f"libvirt-{run_id:x}"
-    doms = []
-    for g, name in ((1, "xla"), (2, "xlb")):
-        console = workdir / f"console-{name}.log"
-        xml = base_xml(name, kernel, initrd,
-                       workload_append(run_id, g, 2, seconds), console,
-                       nfs_disk(nfs, image.name))
-        doms.append(define(libvirtd, extlock_virt, workdir, name, xml,
-                           *convert_args(extlockd, lock_space, f"{name}/vdb")))
+    doms, lock_space, image, run_id = start_shared_pair(
+        libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
+        "libvirt-shared.raw", "libvirt", ("xla", "xlb"), seconds,
+        wait_workload=False)
     a, b = doms
-    for d in doms:
-        d.virsh("start", d.name)
-    for d in doms:
-        d.wait_booted()
 
     # the device is on the extlock node, the extlock node on libvirt's disk
     for d in doms:
@@ -462,23 +483,11 @@ def held_by(daemon, client_id, since_ns):
 
 def test_destroy_crash_restart(libvirtd, extlock_virt, extlockd, nfs, workdir,
                                guest, clean_domains):
-    kernel, initrd = guest
-    image = new_image(nfs, "libvirt-crash.raw")
-    run_id = random.getrandbits(62) | 1
-    lock_space = f"libvirt-crash-{run_id:x}"
-    doms = []
-    for g, name in ((1, "xlc"), (2, "xld")):
-        xml = base_xml(name, kernel, initrd,
-                       workload_append(run_id, g, 2, 600),
-                       workdir / f"console-{name}.log",
-                       nfs_disk(nfs, image.name))
-        doms.append(define(libvirtd, extlock_virt, workdir, name, xml,
-                           *convert_args(extlockd, lock_space, f"{name}/vdb")))
+    # both workloads past their start barrier (which waits for the other)
+    doms, lock_space, image, run_id = start_shared_pair(
+        libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
+        "libvirt-crash.raw", "libvirt-crash", ("xlc", "xld"), 600)
     c, d = doms
-    for dom in doms:
-        dom.virsh("start", dom.name)
-    for dom in doms:
-        dom.wait_booted()
 
     def requests(dom):
         counters = dom.locks()["counters"]
@@ -486,11 +495,6 @@ def test_destroy_crash_restart(libvirtd, extlock_virt, extlockd, nfs, workdir,
 
     def c_holds():
         return held_by(extlockd, "xlc/vdb", 0)
-
-    # both workloads past their start barrier (which waits for the other)
-    for dom in doms:
-        wait_for(f"{dom.name}'s workload to start",
-                 lambda: "EXTLOCK-STRESS-START" in dom.console(), BOOT_TIMEOUT)
 
     # 1. virsh destroy: QEMU gets SIGTERM, the node says bye, the locks
     # go at once - at the latest at lease + fence margin
@@ -582,26 +586,11 @@ def test_reboot_shutdown(libvirtd, extlock_virt, extlockd, nfs, workdir,
     shutdown: the guest powers off, QEMU exits cleanly: its extlock node
               says bye, its locks are released at once (no session expiry)
               and the other domain is granted them."""
-    kernel, initrd = guest
-    image = new_image(nfs, "libvirt-reboot.raw")
-    run_id = random.getrandbits(62) | 1
-    lock_space = f"libvirt-reboot-{run_id:x}"
-    doms = []
-    for g, name in ((1, "xlg"), (2, "xlh")):
-        xml = base_xml(name, kernel, initrd,
-                       workload_append(run_id, g, 2, 600) + " xl.acpi=1",
-                       workdir / f"console-{name}.log",
-                       nfs_disk(nfs, image.name), on_reboot="restart")
-        doms.append(define(libvirtd, extlock_virt, workdir, name, xml,
-                           *convert_args(extlockd, lock_space, f"{name}/vdb")))
+    doms, lock_space, image, run_id = start_shared_pair(
+        libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
+        "libvirt-reboot.raw", "libvirt-reboot", ("xlg", "xlh"), 600,
+        extra_append=" xl.acpi=1", on_reboot="restart")
     g_dom, h_dom = doms
-    for dom in doms:
-        dom.virsh("start", dom.name)
-    for dom in doms:
-        dom.wait_booted()
-    for dom in doms:
-        wait_for(f"{dom.name}'s workload to start",
-                 lambda: "EXTLOCK-STRESS-START" in dom.console(), BOOT_TIMEOUT)
 
     def g_holds():
         return held_by(extlockd, "xlg/vdb", 0)
@@ -863,32 +852,15 @@ def test_live_migration(libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
     import uuid
     from libvirt_harness import Libvirtd, LibvirtError
 
-    kernel, initrd = guest
-    image = new_image(nfs, "libvirt-migrate.raw")
-    run_id = random.getrandbits(62) | 1
     seconds = 20
-    lock_space = f"libvirt-mig-{run_id:x}"
     root2 = Path(tempfile.mkdtemp(prefix="xlv-libvirt2-", dir="/tmp"))
     dest = Libvirtd(root2, host_uuid=str(uuid.uuid4()))
     dest.start()
     try:
-        doms = []
-        for g, name in ((1, "xla"), (2, "xlb")):
-            xml = base_xml(name, kernel, initrd,
-                           workload_append(run_id, g, 2, seconds),
-                           workdir / f"console-{name}.log",
-                           nfs_disk(nfs, image.name))
-            doms.append(define(libvirtd, extlock_virt, workdir, name, xml,
-                               *convert_args(extlockd, lock_space,
-                                             f"{name}/vdb")))
+        doms, lock_space, image, run_id = start_shared_pair(
+            libvirtd, extlock_virt, extlockd, nfs, workdir, guest,
+            "libvirt-migrate.raw", "libvirt-mig", ("xla", "xlb"), seconds)
         a, b = doms
-        for d in doms:
-            d.virsh("start", d.name)
-        for d in doms:
-            d.wait_booted()
-        for d in doms:
-            wait_for(f"{d.name}'s workload to start",
-                     lambda: "EXTLOCK-STRESS-START" in d.console(), BOOT_TIMEOUT)
         t_mig = time.monotonic_ns()
         res = libvirtd.virsh("migrate", "--live", "--verbose", "xlb", dest.uri,
                              "--migrateuri", "tcp://127.0.0.1", check=False,
