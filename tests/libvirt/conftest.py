@@ -17,7 +17,6 @@ test_extlock_virt.py alone needs neither root nor libvirtd.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,24 +30,15 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests" / "qemu"))
 
 from harness import procs as procs_mod                 # noqa: E402
-from harness.ganesha import NfsServer, NfsServerError  # noqa: E402
+from harness.pytest_common import (  # noqa: E402,F401
+    install_sigterm_teardown, kept_workdir, pytest_runtest_makereport,
+    started_nfs)
 from libvirt_harness import Libvirtd, LibvirtError, LIBVIRTD, PREFIX  # noqa: E402
-
-
-def _terminate_gracefully(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_configure(config):
     # fixture teardowns (libvirtd, NFS server) also on SIGTERM from timeout(1)
-    signal.signal(signal.SIGTERM, _terminate_gracefully)
-
-
-@pytest.hookimpl(tryfirst=True, hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, "rep_" + rep.when, rep)
+    install_sigterm_teardown()
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +53,7 @@ def extlock_virt():
 
 @pytest.fixture
 def workdir(request):
-    path = Path(tempfile.mkdtemp(prefix="xlv-", dir="/tmp"))
-    yield path
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(f"\n[extlock libvirt tests] logs kept in {path}")
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    yield from kept_workdir(request, "xlv-", "extlock libvirt tests")
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +82,7 @@ def libvirtd():
 
 @pytest.fixture(scope="module")
 def nfs():
-    srv = NfsServer(max_io=64 * 1024)
-    try:
-        srv.start()
-    except NfsServerError as e:
-        srv.cleanup()
-        pytest.fail(f"cannot start the loopback NFS server: {e}", pytrace=False)
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+    yield from started_nfs(max_io=64 * 1024)
 
 
 @pytest.fixture(scope="session")

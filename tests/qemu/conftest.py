@@ -18,10 +18,7 @@ The builds must exist (build/ for extlockd, build/qemu-10.0 for QEMU, or
 EXTLOCK_QEMU_BUILD=build/qemu for QEMU 7.2); see docs/testing.rst.
 """
 
-import shutil
-import signal
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -30,28 +27,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import procs as procs_mod            # noqa: E402
-from harness.ganesha import NfsServer, NfsServerError  # noqa: E402
+from harness.pytest_common import (  # noqa: E402,F401
+    install_sigterm_teardown, kept_workdir, pytest_runtest_makereport,
+    started_nfs)
 
 IMAGE_SIZE = 64 * 1024 * 1024
 
 
-def _terminate_gracefully(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def pytest_configure(config):
-    """pytest runs fixture teardowns on Ctrl-C (KeyboardInterrupt) but not
-    on SIGTERM (e.g. from `timeout`): treat SIGTERM like Ctrl-C so that the
-    NFS server and every other process a test started are still stopped."""
-    signal.signal(signal.SIGTERM, _terminate_gracefully)
-
-
-@pytest.hookimpl(tryfirst=True, hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Remember each phase's report on the item (for workdir cleanup)."""
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, "rep_" + rep.when, rep)
+    install_sigterm_teardown()
 
 
 # The export's largest READ/WRITE (ganesha's MaxRead/MaxWrite; its default
@@ -65,27 +49,12 @@ NFS_MAX_IO = 256 * 1024
 @pytest.fixture(scope="session")
 def nfs():
     """The loopback NFS export, started once per test session."""
-    srv = NfsServer(max_io=NFS_MAX_IO)
-    try:
-        srv.start()
-    except NfsServerError as e:
-        srv.cleanup()
-        pytest.fail(f"cannot start the loopback NFS server: {e}", pytrace=False)
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+    yield from started_nfs(max_io=NFS_MAX_IO)
 
 
 @pytest.fixture
 def workdir(request):
-    path = Path(tempfile.mkdtemp(prefix="xlq-", dir="/tmp"))
-    yield path
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(f"\n[extlock tests] logs kept in {path}")
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    yield from kept_workdir(request, "xlq-", "extlock tests")
 
 
 @pytest.fixture
