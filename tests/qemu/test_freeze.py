@@ -663,8 +663,17 @@ def test_block_resize_under_freeze_refused_node_in_iothread(
                                                "force": True})
     hmp = Hmp(hmp_path)
 
+    def info():
+        return vm.qmp.execute("query-extent-locks", {"node-name": "xl"})[0]
+
+    # the node (in io0) caches an exclusive lock, which the freeze revokes
+    out = vm.qmp.hmp('qemu-io drv0 "write -P 0x11 0 4k"')
+    assert "error" not in out.lower(), out
+    assert [h["mode"] for h in info()["held"]] == ["exclusive"], info()
     # held: refused at once (not after the freeze's 120 s)
     cut = vm.qmp.execute("extent-lock-freeze", {"node-name": "xl", "timeout": 120})
+    c = info()["counters"]
+    assert c["revocations"] >= 1 and c["downgrades"] >= 1, c
     try:
         vm.qmp.execute("block_resize", {"node-name": "xl", "size": 2 * size},
                        timeout=60)
@@ -674,7 +683,21 @@ def test_block_resize_under_freeze_refused_node_in_iothread(
                 f"node 'xl' (token {cut['token']})") in e.desc, e.desc
         assert "extent-lock-thaw it first" in e.desc, e.desc
     assert local_image.path.stat().st_size == size
+    # (after the refusal: block_resize drains the node, which fails a
+    # request that waits longer than the drain's grace; docs/monitoring.rst)
+    # a write waits behind the freeze, in io0; HMP shows the node's state
+    out = vm.qmp.hmp('qemu-io drv0 "aio_write -P 0x22 0 4k"')
+    assert "error" not in out.lower(), out
+    wait_until(lambda: info()["waiting"], timeout=30,
+               what="the write to wait behind the freeze")
+    text = hmp.cmd("info extent-locks xl")
+    waits = [x for x in text.splitlines() if "exclusive [0, +4096) for" in x]
+    assert len(waits) == 1 and "vm-a/freeze" in waits[0].split("blocked by")[1], text
     assert vm.qmp.execute("extent-lock-thaw", {"node-name": "xl"})["token"] == cut["token"]
+    wait_until(lambda: not info()["waiting"], timeout=30,
+               what="the write to go on after the thaw")
+    wait_until(lambda: local_image.path.read_bytes()[:BLK] == b"\x22" * BLK,
+               timeout=30, what="the write after the thaw to land")
 
     # pending: the freeze waits for another client's lock
     with CoordinatorClient(extlockd.address) as h:
