@@ -853,6 +853,14 @@ def test_request_waiting_for_reread_never_lands_after_regrant(
     from harness.faults import TcpPartition, check_coordinator, start_coordinator
     from harness.coordinator import release_after_fresh_renewal
     binaries("extlockd", "qemu-storage-daemon")
+    version = subprocess.run([hp.binary("qemu-storage-daemon"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    if "version 7." in version:
+        # 7.2's main loop holds the node's AioContext lock across the
+        # reread (extlock_aio_context_acquire()): io0 stands still with it,
+        # no session can change meanwhile, and the recheck sees the lapsed
+        # lease itself
+        pytest.skip("QEMU 7.2: the node's iothread stops during the reread")
     d = start_coordinator(procs, fence_margin_ms=REREAD_FENCE)
     link = TcpPartition(d.tcp_port)
     fifo = tmp_path / "trace.fifo"
