@@ -1227,6 +1227,18 @@ static void *extlock_job_thread(void *opaque)
     job->wait_co = NULL;
     qemu_mutex_unlock(&job->lock);
     if (abandoned) {
+        if (ret == 0 && !job->old_session) {
+            /*
+             * A new session nobody wants (it holds nothing): end it now,
+             * not at its lease.  A resumed or reclaimed one is left to
+             * the next attempt, which resumes it again.
+             */
+            ExtlockMsg bye;
+
+            extlock_msg_init(&bye, EXTLOCK_MSG_BYE);
+            extlock_job_send(job, &bye, NULL);
+            extlock_msg_clear(&bye);
+        }
         extlock_job_free(job);
     } else if (co) {
         aio_co_wake(co);
@@ -1371,17 +1383,14 @@ static void extlock_conn_reconnect_cut(ExtlockConnection *c)
  * Life cycle
  */
 
-ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
-                                    const ExtlockConnOps *ops, void *opaque,
-                                    AioContext *ctx, Error **errp)
+/* A connection that is not connected yet */
+static ExtlockConnection *extlock_conn_alloc(const ExtlockConnConfig *cfg,
+                                             const ExtlockConnOps *ops,
+                                             void *opaque)
 {
     ExtlockConnection *c = g_new0(ExtlockConnection, 1);
-    ExtlockConnJob *job;
     struct sigaction sa;
     size_t i = 0;
-    int64_t open_deadline = g_get_monotonic_time() +
-                            EXTLOCK_ANSWER_TIMEOUT_MS * 1000LL;
-    int64_t backoff_ms = EXTLOCK_RECONNECT_MIN_MS;
 
     /*
      * A write to a connection the coordinator closed must fail with EPIPE,
@@ -1422,6 +1431,18 @@ ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
     c->pending = g_hash_table_new_full(g_int64_hash, g_int64_equal,
                                        g_free, NULL);
     extlock_linebuf_init_max(&c->in, EXTLOCK_MAX_REPLY_LINE);
+    return c;
+}
+
+ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
+                                    const ExtlockConnOps *ops, void *opaque,
+                                    AioContext *ctx, Error **errp)
+{
+    ExtlockConnection *c = extlock_conn_alloc(cfg, ops, opaque);
+    ExtlockConnJob *job;
+    int64_t open_deadline = g_get_monotonic_time() +
+                            EXTLOCK_ANSWER_TIMEOUT_MS * 1000LL;
+    int64_t backoff_ms = EXTLOCK_RECONNECT_MIN_MS;
 
     job = extlock_job_new(c);
     while (extlock_job_run(job) < 0) {
@@ -1439,6 +1460,57 @@ ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
             job = extlock_job_new(c);
             continue;
         }
+        error_propagate(errp, job->err);
+        job->err = NULL;
+        extlock_job_free(job);
+        extlock_conn_free(c);
+        return NULL;
+    }
+    extlock_conn_adopt(c, job);
+    extlock_job_free(job);
+    extlock_conn_attach_aio_context(c, ctx);
+    return c;
+}
+
+/* The connect deadline of extlock_conn_new_co(): stop waiting for the job */
+static void extlock_conn_connect_deadline_cb(void *opaque)
+{
+    ExtlockConnJob *job = opaque;
+    Coroutine *co;
+
+    qemu_mutex_lock(&job->lock);
+    co = job->wait_co;
+    job->wait_co = NULL;
+    qemu_mutex_unlock(&job->lock);
+    if (co) {
+        aio_co_wake(co);
+    }
+}
+
+ExtlockConnection *coroutine_fn
+extlock_conn_new_co(const ExtlockConnConfig *cfg, const ExtlockConnOps *ops,
+                    void *opaque, AioContext *ctx, int64_t deadline_ns,
+                    Error **errp)
+{
+    ExtlockConnection *c = extlock_conn_alloc(cfg, ops, opaque);
+    ExtlockConnJob *job = extlock_job_new(c);
+    QEMUTimer *timer;
+    int ret;
+
+    /* In the waiting coroutine's context: the callback only wakes it */
+    timer = aio_timer_new(qemu_get_current_aio_context(), QEMU_CLOCK_REALTIME,
+                          SCALE_NS, extlock_conn_connect_deadline_cb, job);
+    timer_mod(timer, deadline_ns);
+    ret = extlock_job_run_co(c, job);
+    timer_free(timer);
+    if (ret == -ECANCELED) {
+        /* The job belongs to its thread now, which frees it */
+        error_setg(errp, "extlock coordinator at %s did not start a session "
+                   "in time", c->address);
+        extlock_conn_free(c);
+        return NULL;
+    }
+    if (ret < 0) {
         error_propagate(errp, job->err);
         job->err = NULL;
         extlock_job_free(job);

@@ -132,6 +132,17 @@ typedef struct ExtlockConnInfo {
 ExtlockConnection *extlock_conn_new(const ExtlockConnConfig *cfg,
                                     const ExtlockConnOps *ops, void *opaque,
                                     AioContext *ctx, Error **errp);
+/*
+ * The same from a coroutine, without blocking its thread: the connect
+ * runs in a detached thread (one round over the addresses, each step
+ * bounded by the answer timeout) while the coroutine yields.  At
+ * @deadline_ns (QEMU_CLOCK_REALTIME) it stops waiting and fails (the
+ * thread finishes alone and closes what it opened).
+ */
+ExtlockConnection *coroutine_fn
+extlock_conn_new_co(const ExtlockConnConfig *cfg, const ExtlockConnOps *ops,
+                    void *opaque, AioContext *ctx, int64_t deadline_ns,
+                    Error **errp);
 /* Say bye (releases the session's locks at once) and free */
 void extlock_conn_free(ExtlockConnection *conn);
 

@@ -12,10 +12,18 @@
  *
  * Everything runs in the main loop: the freeze's connection is served by
  * the main AioContext whatever the node's is, extent-lock-freeze is a
- * coroutine command that yields until the grant (so the guests and the
- * node's own I/O go on meanwhile), and the freeze's timer ends it at its
- * timeout.  A connection is never freed from inside its own callbacks:
- * a bottom half does that.
+ * coroutine command that yields while its session is set up (the connect
+ * runs in a thread: extlock_conn_new_co()) and until the grant, so the
+ * main loop (guests, the node's own I/O, HMP) goes on meanwhile, and the
+ * freeze's timer ends it at its timeout.  The freeze reads only the
+ * node's options, which are fixed after its open, never the lock client
+ * that lives in the node's AioContext.  A connection is never freed from
+ * inside its own callbacks: a bottom half does that.
+ *
+ * While a node's freeze is pending or held, block_resize on a node of
+ * the same lock-space in this process is refused at once
+ * (extlock_freeze_check_resize()): its maintenance lock would wait
+ * behind the freeze, and extent-lock-thaw could not run meanwhile.
  */
 
 #include "qemu/osdep.h"
@@ -29,6 +37,7 @@
 #include "crypto/tlscreds.h"
 #include "extlock-int.h"
 #include "extlock-compat.h"
+#include "trace.h"
 
 #define EXTLOCK_FREEZE_MAX_TIMEOUT_S (7 * 24 * 3600)
 #define EXTLOCK_FREEZE_WHOLE_SPACE   ((uint64_t)1 << 63)
@@ -53,15 +62,33 @@ typedef struct ExtlockFreeze {
     int64_t granted_ns;
 } ExtlockFreeze;
 
-/* node-name -> ExtlockFreeze, in the main loop only */
+/*
+ * node-name -> ExtlockFreeze.  Changed in the main loop only, under
+ * extlock_freezes_lock, which extlock_freeze_check_resize() also takes:
+ * it runs in the resized node's AioContext, an iothread's maybe.
+ */
 static GHashTable *extlock_freezes;
+static QemuMutex extlock_freezes_lock;
+static bool extlock_freezes_ready;      /* the two above are set up */
+
+static void extlock_freezes_init(void)
+{
+    if (!extlock_freezes) {
+        qemu_mutex_init(&extlock_freezes_lock);
+        extlock_freezes = g_hash_table_new(g_str_hash, g_str_equal);
+        /* See extlock_freeze_check_resize(), in any thread */
+        qatomic_store_release(&extlock_freezes_ready, true);
+    }
+}
 
 static void extlock_freeze_free_bh(void *opaque)
 {
     ExtlockFreeze *f = opaque;
 
     extlock_conn_free(f->conn);
-    timer_free(f->timer);
+    if (f->timer) {
+        timer_free(f->timer);
+    }
     g_free(f->node_name);
     g_free(f->lock_space);
     g_free(f->client_id);
@@ -78,8 +105,12 @@ static void extlock_freeze_end(ExtlockFreeze *f, bool now)
 {
     assert(!f->ended);
     f->ended = true;
-    timer_del(f->timer);
+    if (f->timer) {
+        timer_del(f->timer);
+    }
+    qemu_mutex_lock(&extlock_freezes_lock);
     g_hash_table_remove(extlock_freezes, f->node_name);
+    qemu_mutex_unlock(&extlock_freezes_lock);
     if (now) {
         extlock_freeze_free_bh(f);
     } else {
@@ -296,9 +327,7 @@ ExtentLockCut *coroutine_fn qmp_extent_lock_freeze(const char *node_name,
     if (!bs) {
         return NULL;
     }
-    if (!extlock_freezes) {
-        extlock_freezes = g_hash_table_new(g_str_hash, g_str_equal);
-    }
+    extlock_freezes_init();
     f = g_hash_table_lookup(extlock_freezes, node_name);
     if (f) {
         if (f->granted) {
@@ -339,19 +368,29 @@ ExtentLockCut *coroutine_fn qmp_extent_lock_freeze(const char *node_name,
         .stuck_io_exit = false,
         .bs = NULL,
     };
-    /* Connecting blocks (bounded), as at the node's open */
-    f->conn = extlock_conn_new(&cfg, &extlock_freeze_conn_ops, f,
-                               qemu_get_aio_context(), errp);
+    /* Pending from now on: a second freeze of the node is refused */
+    qemu_mutex_lock(&extlock_freezes_lock);
+    g_hash_table_insert(extlock_freezes, f->node_name, f);
+    qemu_mutex_unlock(&extlock_freezes_lock);
+    /*
+     * Connect in a thread while this coroutine yields, within the
+     * freeze's timeout: a coordinator that does not answer never stalls
+     * the main loop
+     */
+    trace_extlock_freeze_connect(node_name, f->lock_space, timeout);
+    f->conn = extlock_conn_new_co(&cfg, &extlock_freeze_conn_ops, f,
+                                  qemu_get_aio_context(),
+                                  f->start_ns +
+                                  timeout * NANOSECONDS_PER_SECOND, errp);
     if (!f->conn) {
-        error_prepend(errp, "Cannot freeze node '%s': ", node_name);
-        f->ended = true;
-        extlock_freeze_free_bh(f);
+        error_prepend(errp, "Cannot freeze node '%s' (lock-space %s) within "
+                      "%" PRId64 " s: ", node_name, f->lock_space, timeout);
+        extlock_freeze_end(f, true);
         return NULL;
     }
     f->timer = aio_timer_new(qemu_get_aio_context(), QEMU_CLOCK_REALTIME,
                              SCALE_NS, extlock_freeze_timer_cb, f);
     timer_mod(f->timer, f->start_ns + timeout * NANOSECONDS_PER_SECOND);
-    g_hash_table_insert(extlock_freezes, f->node_name, f);
 
     extlock_msg_init(&msg, EXTLOCK_MSG_LOCK);
     msg.has_extent = true;
@@ -448,4 +487,41 @@ ExtentLockThawInfo *qmp_extent_lock_thaw(const char *node_name, Error **errp)
     /* Released before the command returns: bye to the coordinator */
     extlock_freeze_end(f, true);
     return info;
+}
+
+bool extlock_freeze_check_resize(const char *node_name, const char *lock_space,
+                                 Error **errp)
+{
+    GHashTableIter it;
+    gpointer value;
+    bool ok = true;
+
+    if (!qatomic_load_acquire(&extlock_freezes_ready)) {
+        return true;
+    }
+    qemu_mutex_lock(&extlock_freezes_lock);
+    g_hash_table_iter_init(&it, extlock_freezes);
+    while (ok && g_hash_table_iter_next(&it, NULL, &value)) {
+        ExtlockFreeze *f = value;
+
+        if (strcmp(f->node_name, node_name) &&
+            strcmp(f->lock_space, lock_space)) {
+            continue;
+        }
+        ok = false;
+        if (f->granted) {
+            error_setg(errp, "extlock: node '%s': lock-space %s is frozen by "
+                       "extent-lock-freeze on node '%s' (token %" PRIu64
+                       "); a resize would wait for the freeze to end: "
+                       "extent-lock-thaw it first", node_name, lock_space,
+                       f->node_name, f->token);
+        } else {
+            error_setg(errp, "extlock: node '%s': extent-lock-freeze of "
+                       "lock-space %s on node '%s' is pending; a resize "
+                       "would wait for it: retry after the freeze",
+                       node_name, lock_space, f->node_name);
+        }
+    }
+    qemu_mutex_unlock(&extlock_freezes_lock);
+    return ok;
 }

@@ -35,4 +35,12 @@ extern BlockDriver bdrv_extlock;
 /* @c's counters, for query-blockstats and query-extent-locks */
 void extlock_get_counters(ExtlockClient *c, ExtentLockCounters *out);
 
+/*
+ * block_resize of @node_name (lock-space @lock_space): false with @errp
+ * set if this process has a freeze (extent-lock-freeze) of the node or
+ * of the lock-space pending or held.  Any thread.
+ */
+bool extlock_freeze_check_resize(const char *node_name, const char *lock_space,
+                                 Error **errp);
+
 #endif /* BLOCK_EXTLOCK_INT_H */

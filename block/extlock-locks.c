@@ -1731,17 +1731,27 @@ ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
     return c;
 }
 
-bool extlock_client_lease_valid_now(ExtlockClient *c)
+bool extlock_client_lock_valid_now(ExtlockClient *c, ExtlockRequest *req)
 {
+    ExtlockCachedLock *l = req->lock;
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
 
-    if (extlock_conn_lease_valid_at(c->conn, now)) {
+    /*
+     * The lease must hold now, and the lock must still belong to this
+     * session: a stale lock was kept by the coordinator only if the
+     * session was resumed or reclaimed with it (give_back in the current
+     * session generation).  After a new session the lease is valid again,
+     * but the old session's locks are gone and others may hold them.
+     */
+    if (extlock_conn_lease_valid_at(c->conn, now) &&
+        (!l->ce.stale ||
+         (l->give_back && l->session_gen == c->session_gen))) {
         return true;
     }
     if (!c->no_lease_io_reported) {
         c->no_lease_io_reported = true;
-        error_report("extlock: node '%s': lease lost while a request "
-                     "waited for a metadata reread, failing I/O",
+        error_report("extlock: node '%s': lease or lock lost while a "
+                     "request waited for a metadata reread, failing I/O",
                      c->node_name);
     }
     c->stats.errors++;

@@ -209,11 +209,13 @@ typedef struct ExtlockClient {
 } ExtlockClient;
 
 /*
- * Is the node's lease valid now?  For a request that holds its lock and
- * then waited (a metadata reread): a lapsed lease means other hosts may
- * own its extent, so it must not reach the image (counted as an error).
+ * May @req, which holds its lock and then waited (a metadata reread),
+ * still use it?  A lapsed lease, or a lock lost with the old session
+ * (even if a new session has a valid lease by now), means other hosts
+ * may own its extent, so it must not reach the image (counted as an
+ * error).
  */
-bool extlock_client_lease_valid_now(ExtlockClient *c);
+bool extlock_client_lock_valid_now(ExtlockClient *c, ExtlockRequest *req);
 
 /*
  * Connect to the leader among @addrs (tried in order, "not-leader" answers

@@ -624,10 +624,10 @@ extlock_locked_io_here(BlockDriverState *bs, ExtlockIoKind kind,
     if (ret == 0) {
         /*
          * The reread may have taken a while: the lease checked when the
-         * lock was taken must still hold, else other hosts may own the
-         * extent by now
+         * lock was taken must still hold and the lock must still be this
+         * session's, else other hosts may own the extent by now
          */
-        if (extlock_client_lease_valid_now(s->client)) {
+        if (extlock_client_lock_valid_now(s->client, &req)) {
             ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
                                   flags, &req);
         } else {
@@ -842,6 +842,11 @@ extlock_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
     }
     if (offset == len) {
         return 0;
+    }
+    /* Its maintenance lock would wait behind the freeze (to its timeout) */
+    if (!extlock_freeze_check_resize(bdrv_get_node_name(bs), s->lock_space,
+                                     errp)) {
+        return -EBUSY;
     }
     if (s->stack.metadata_frozen && prealloc == PREALLOC_MODE_OFF) {
         /* Allocate every new cluster now: guest writes never allocate */

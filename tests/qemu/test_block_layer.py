@@ -826,3 +826,126 @@ def test_zero_length_request(cmd, local_image, extlockd, lock_space, procs, bina
     assert info["counters"]["requests"] == before, info["counters"]
     assert info["counters"]["errors"] == 0
     assert vm.alive()
+
+
+# ---------------------------------------------------------------------------
+# a request that has its lock and waits for this host's metadata reread
+
+REREAD_LEASE, REREAD_FENCE = 2000, 1000
+
+
+def test_request_waiting_for_reread_never_lands_after_regrant(
+        local_image, lock_space, procs, binaries, tmp_path):
+    """Host A (qemu-storage-daemon, node in iothread io0, NBD export in
+    io0) learns of host B's block_resize from a lease renewal and rereads
+    its metadata; that reread runs in the main loop, which is held there
+    (its trace line extlock_maint_reloaded goes to a full FIFO).  A write
+    comes in over NBD (served in io0): it gets its lock, then waits in
+    extlock_maint_enter() for the reread.  A's link to the coordinator is
+    cut past its lease plus the fence margin; host C is granted the
+    extent and writes it; the link heals and A starts a new session (in
+    io0, while the main loop is still held).  Then the reread ends.
+
+    Safety: the held write must not reach the image: C holds the extent.
+    It fails with EIO (its lock went stale with the old session).  Without
+    any recheck, or with a recheck of the lease alone (valid again in
+    A's new session), it lands on C's data."""
+    from harness.faults import TcpPartition, check_coordinator, start_coordinator
+    from harness.coordinator import release_after_fresh_renewal
+    binaries("extlockd", "qemu-storage-daemon")
+    version = subprocess.run([hp.binary("qemu-storage-daemon"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    if "version 7." in version:
+        # 7.2's main loop holds the node's AioContext lock across the
+        # reread (extlock_aio_context_acquire()): io0 stands still with it,
+        # no session can change meanwhile, and the recheck sees the lapsed
+        # lease itself
+        pytest.skip("QEMU 7.2: the node's iothread stops during the reread")
+    d = start_coordinator(procs, fence_margin_ms=REREAD_FENCE)
+    link = TcpPartition(d.tcp_port)
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    nbd_path = tmp_path / "a-nbd.sock"
+    off = 1 * MiB
+    try:
+        fcntl.fcntl(rfd, F_SETPIPE_SZ, 4096)
+        a = procs.storage_daemon(
+            name="a", objects=["iothread,id=io0"],
+            # no file lock: A's NBD export does not share "resize", which
+            # would keep B from resizing (on NFS no such lock crosses hosts)
+            blockdevs=[extlock_node(dict(local_image.child, locking="off"),
+                                    link.coordinator(), lock_space,
+                                    node_name="xla", client_id="host-a",
+                                    lease_time=REREAD_LEASE, lock_cache=False)],
+            extra_args=["--nbd-server", f"addr.type=unix,addr.path={nbd_path}",
+                        "--export", "type=nbd,id=disk,node-name=xla,name=disk,"
+                        "writable=on,iothread=io0",
+                        "--trace", f"enable=extlock_maint_reloaded,file={fifo}"])
+        wait_until(nbd_path.exists, timeout=20, what="A's NBD server")
+        b = procs.storage_daemon(
+            name="b", blockdevs=[extlock_node(local_image.child, d.coordinator(),
+                                              lock_space, node_name="xlb",
+                                              client_id="host-b")])
+        qfd = fd_of(a.proc.pid, fifo)
+        with NbdClient(nbd_path, "disk") as n:
+            n.write(off, b"\x11" * 4096)        # A works; its lock is given back
+            wait_until(lambda: not space(d, lock_space)["held"], timeout=15,
+                       what="A's lock given back (lock-cache off)")
+            drain_fifo(rfd)
+            # the page is full: the reread's trace line waits for the reader
+            os.write(wfd, b"#" * 4095 + b"\n")
+            b.qmp.execute("block_resize", {"node-name": "xlb", "size": 2 * IMAGE})
+            # A's next renewal shows B's maintenance: A rereads, held
+            wait_until(lambda: threads_writing(a.proc.pid, qfd), timeout=30,
+                       what="A's reread to block on its trace line")
+            h = n.send_write(off, b"\xaa" * 4096)
+
+            def a_holds():
+                return [x for x in space(d, lock_space)["held"]
+                        if x["client-id"] == "host-a" and x["offset"] <= off
+                        and x["offset"] + x["length"] >= off + 4096
+                        and x["mode"] == "exclusive"]
+            wait_until(a_holds, timeout=15, what="A's write to get its lock")
+            assert not n.replied(h), "the write went on while the reread was held"
+            release = release_after_fresh_renewal(d.address, "host-a", REREAD_LEASE)
+            link.cut()
+            with CoordinatorClient(d.address,
+                                   timeout=(REREAD_LEASE + REREAD_FENCE) / 1000 + 15) as c:
+                c.hello("host-c", lock_space, lease_ms=60000)
+                g = c.lock(off, 4096, "exclusive")      # waits for A's expiry
+                t_grant = time.monotonic()
+                assert t_grant >= release, \
+                    f"C was granted {release - t_grant:.3f} s before A's lease + margin"
+                with open(local_image.path, "r+b") as f:
+                    f.seek(off)
+                    f.write(b"\xcc" * 4096)
+                link.heal()
+                # A starts a new session in io0 (its main loop is still
+                # held) and has a valid lease again: it says so once it has
+                # taken the session over
+                wait_until(lambda: "node 'xla': reconnected to coordinator" in a.stderr(),
+                           timeout=30, what="A's new session after the heal")
+                assert threads_writing(a.proc.pid, qfd), "the reread was not held"
+                assert not n.replied(h)
+                # the reread ends
+                drain_fifo(rfd)
+                fcntl.fcntl(rfd, F_SETPIPE_SZ, 1024 * 1024)
+                drain_fifo(rfd)
+                err, _ = n.wait(h, timeout=30)
+                with open(local_image.path, "rb") as f:
+                    f.seek(off)
+                    data = f.read(4096)
+                assert data == b"\xcc" * 4096, \
+                    "A's held write landed on the extent C was granted"
+                assert err != 0, "A's held write succeeded after C's grant"
+                c.unlock(g["lock"])
+                c.bye()
+            assert a.alive(), a.stderr()
+            assert "waited for a metadata reread" in a.stderr(), a.stderr()
+    finally:
+        os.close(wfd)
+        os.close(rfd)
+        link.close()
+    check_coordinator(d)

@@ -27,6 +27,7 @@ import time
 from harness import procs as hp
 from harness.faults import NbdClient
 from harness.procs import extlock_node, wait_until
+from test_tls import pki, tls_extlockd  # noqa: F401 (fixtures)
 
 BLK = 4096
 NBLK = 16
@@ -481,3 +482,250 @@ def test_qmp_freeze_in_qemu_system_and_hmp_histograms(local_image, extlockd,
     assert "  wait times: 2, p50 < " in text, text
     assert "  hold times: 2, p50 < " in text, text
     assert "p99 < " in text and "max " in text, text
+
+
+# ---------------------------------------------------------------------------
+# the freeze's own session: set up without stalling the main loop; TLS
+
+class Hmp:
+    """A plain HMP monitor (-mon mode=readline) on a UNIX socket: served by
+    the main loop itself, not by the QMP dispatcher, so it shows whether
+    the main loop runs."""
+
+    def __init__(self, path, timeout=30):
+        import socket
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        wait_until(lambda: path.exists(), timeout=timeout, what="HMP socket")
+        self.sock.connect(str(path))
+        self.buf = b""
+        self._until_prompt()
+
+    def _until_prompt(self):
+        while not self.buf.endswith(b"(qemu) "):
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise EOFError("HMP closed")
+            self.buf += chunk
+        out, self.buf = self.buf, b""
+        return out.decode(errors="replace")
+
+    def cmd(self, line):
+        self.sock.sendall(line.encode() + b"\n")
+        return self._until_prompt()
+
+    def close(self):
+        self.sock.close()
+
+
+def backlog(path):
+    """Connections waiting to be accepted on the listening UNIX socket
+    @path (ss's Recv-Q of a listener)."""
+    out = subprocess.run(["ss", "-x", "-l", "-n"], capture_output=True,
+                         text=True, check=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) > 4 and f[1] == "LISTEN" and f[4] == str(path):
+            return int(f[2])
+    raise AssertionError(f"{path} is not listening:\n{out}")
+
+
+def test_qmp_freeze_hung_coordinator_does_not_stall_main_loop(
+        local_image, extlockd, lock_space, procs, binaries, tmp_path):
+    """The coordinator accepts connections but never answers (SIGSTOPped;
+    the node's own session has a 60 s lease, so it is not affected).
+    extent-lock-freeze with a 2 s timeout: while it waits for its session,
+    the main loop runs - an HMP monitor answers "info status" before the
+    freeze's reply comes; the freeze then fails at its own timeout (not at
+    the connection's 10 s answer timeout) with a clear error, QMP answers
+    query-status, and once the coordinator runs again a freeze works and
+    nothing of the failed one is left at the coordinator."""
+    from harness.coordinator import coordinator_status
+    from harness.faults import Resumer, resume, suspend
+    binaries("qemu-system-x86_64")
+    hmp_path = tmp_path / "hmp.sock"
+    drive = hp.dotted(extlock_node(local_image.child, extlockd.coordinator(),
+                                   lock_space, node_name="xl",
+                                   client_id="vm-a", lease_time=60000))
+    vm = procs.qemu_system(extra_args=[
+        "-drive", f"if=none,id=drv0,{drive}",
+        "-chardev", f"socket,id=hmp0,path={hmp_path},server=on,wait=off",
+        "-mon", "chardev=hmp0,mode=readline"])
+    hmp = Hmp(hmp_path)
+    result = {}
+    with Resumer(extlockd):
+        suspend(extlockd)
+
+        def freeze():
+            t0 = time.monotonic()
+            try:
+                result["ret"] = vm.qmp.execute(
+                    "extent-lock-freeze", {"node-name": "xl", "timeout": 2},
+                    timeout=60)
+            except Exception as e:              # the test looks at it
+                result["error"] = e
+            result["took"] = time.monotonic() - t0
+        t = threading.Thread(target=freeze)
+        t.start()
+        try:
+            wait_until(lambda: backlog(extlockd.socket_path) > 0, timeout=30,
+                       what="the freeze's connection to the stopped coordinator")
+            out = hmp.cmd("info status")
+            pending = t.is_alive()
+            assert "VM status" in out, out
+            assert pending, ("the main loop answered HMP only after the freeze "
+                             f"returned: {result}")
+        finally:
+            t.join(60)
+        assert not t.is_alive()
+        e = result.get("error")
+        assert e is not None, result
+        assert "Cannot freeze node 'xl'" in e.desc and "within 2 s" in e.desc, e.desc
+        assert "did not start a session in time" in e.desc, e.desc
+        # at its own timeout, not at the 10 s answer timeout of a connect step
+        assert 2 <= result["took"] < 10, result
+        assert "status" in vm.qmp.execute("query-status")
+        resume(extlockd)
+    # the coordinator runs again: the node still freezes and thaws
+    cut = vm.qmp.execute("extent-lock-freeze", {"node-name": "xl", "timeout": 30})
+    vm.qmp.execute("extent-lock-thaw", {"node-name": "xl"})
+    assert cut["client-id"] == "vm-a/freeze"
+
+    def freeze_sessions():
+        return [s["client-id"] for s in coordinator_status(extlockd.address)["sessions"]
+                if s["client-id"] == "vm-a/freeze"]
+    # the abandoned connect says bye when it gets its answer after all
+    wait_until(lambda: freeze_sessions() == [], timeout=30,
+               what="no freeze session left at the coordinator")
+    hmp.close()
+
+
+def test_qmp_freeze_over_tls(local_image, lock_space, procs, binaries, pki,
+                             tls_extlockd):
+    """A node that reaches its coordinator over TLS (tls-creds-x509): the
+    freeze's own session uses the node's tls-creds too (the coordinator
+    sees the client certificate's identity on it), the cut is taken, and
+    the thaw ends that session."""
+    from harness.coordinator import coordinator_status
+    from test_tls import tls_node, x509_object
+    binaries("qemu-storage-daemon")
+    d = procs.storage_daemon(
+        name="qsd", objects=[x509_object(pki)],
+        blockdevs=[tls_node(local_image, tls_extlockd, lock_space, "host-a",
+                            node_name="xl")],
+        exports=[("disk", "xl", True)])
+    with NbdClient(d.nbd_path, "disk") as c:
+        c.write(0, b"\x5a" * BLK)
+
+    def sessions():
+        return sorted((s["client-id"], s["owner"])
+                      for s in coordinator_status(tls_extlockd.address)["sessions"]
+                      if s["lock-space"] == lock_space)
+    cut = d.qmp.execute("extent-lock-freeze", {"node-name": "xl", "timeout": 30})
+    assert cut["client-id"] == "host-a/freeze"
+    assert sessions() == [("host-a", "x509:host-a"),
+                          ("host-a/freeze", "x509:host-a")], sessions()
+    # writes wait behind the freeze, over TLS as well
+    with NbdClient(d.nbd_path, "disk") as c:
+        h = c.send_write(0, b"\x6b" * BLK)
+        wait_until(lambda: waiting(d), timeout=30,
+                   what="the write to wait behind the freeze")
+        d.qmp.execute("extent-lock-thaw", {"node-name": "xl"})
+        assert c.wait(h, timeout=60)[0] == 0
+    wait_until(lambda: sessions() == [("host-a", "x509:host-a")], timeout=30,
+               what="the freeze session to end at the thaw")
+
+
+def test_block_resize_under_freeze_refused_node_in_iothread(
+        local_image, extlockd, lock_space, procs, binaries, tmp_path):
+    """The node is in iothread io0.  While this process freezes its
+    lock-space, block_resize is refused at once with an error naming the
+    freeze - held (QMP) and pending (HMP, while the QMP freeze waits for a
+    holder) - instead of waiting behind the freeze for its timeout; the
+    check runs in io0 (block_resize runs the truncate in the node's
+    context).  After the thaw the resize works."""
+    from harness.coordinator import CoordinatorClient, coordinator_status
+    from harness.qmp import QMPError
+    binaries("qemu-system-x86_64")
+    size = local_image.path.stat().st_size
+    hmp_path = tmp_path / "hmp.sock"
+    # a -drive: HMP block_resize takes a device name
+    drive = hp.dotted(extlock_node(local_image.child, extlockd.coordinator(),
+                                   lock_space, node_name="xl",
+                                   client_id="vm-a"))
+    vm = procs.qemu_system(
+        extra_args=["-drive", f"if=none,id=drv0,{drive}",
+                    "-object", "iothread,id=io0",
+                    "-chardev", f"socket,id=hmp0,path={hmp_path},server=on,wait=off",
+                    "-mon", "chardev=hmp0,mode=readline"])
+    # no device uses drv0: moving it is safe
+    vm.qmp.execute("x-blockdev-set-iothread", {"node-name": "xl", "iothread": "io0",
+                                               "force": True})
+    hmp = Hmp(hmp_path)
+
+    def info():
+        return vm.qmp.execute("query-extent-locks", {"node-name": "xl"})[0]
+
+    # the node (in io0) caches an exclusive lock, which the freeze revokes
+    out = vm.qmp.hmp('qemu-io drv0 "write -P 0x11 0 4k"')
+    assert "error" not in out.lower(), out
+    assert [h["mode"] for h in info()["held"]] == ["exclusive"], info()
+    # held: refused at once (not after the freeze's 120 s)
+    cut = vm.qmp.execute("extent-lock-freeze", {"node-name": "xl", "timeout": 120})
+    c = info()["counters"]
+    assert c["revocations"] >= 1 and c["downgrades"] >= 1, c
+    try:
+        vm.qmp.execute("block_resize", {"node-name": "xl", "size": 2 * size},
+                       timeout=60)
+        raise AssertionError("block_resize went through a freeze")
+    except QMPError as e:
+        assert (f"lock-space {lock_space} is frozen by extent-lock-freeze on "
+                f"node 'xl' (token {cut['token']})") in e.desc, e.desc
+        assert "extent-lock-thaw it first" in e.desc, e.desc
+    assert local_image.path.stat().st_size == size
+    # (after the refusal: block_resize drains the node, which fails a
+    # request that waits longer than the drain's grace; docs/monitoring.rst)
+    # a write waits behind the freeze, in io0; HMP shows the node's state
+    out = vm.qmp.hmp('qemu-io drv0 "aio_write -P 0x22 0 4k"')
+    assert "error" not in out.lower(), out
+    wait_until(lambda: info()["waiting"], timeout=30,
+               what="the write to wait behind the freeze")
+    text = hmp.cmd("info extent-locks xl")
+    waits = [x for x in text.splitlines() if "exclusive [0, +4096) for" in x]
+    assert len(waits) == 1 and "vm-a/freeze" in waits[0].split("blocked by")[1], text
+    assert vm.qmp.execute("extent-lock-thaw", {"node-name": "xl"})["token"] == cut["token"]
+    wait_until(lambda: not info()["waiting"], timeout=30,
+               what="the write to go on after the thaw")
+    wait_until(lambda: local_image.path.read_bytes()[:BLK] == b"\x22" * BLK,
+               timeout=30, what="the write after the thaw to land")
+
+    # pending: the freeze waits for another client's lock
+    with CoordinatorClient(extlockd.address) as h:
+        h.hello("stubborn", lock_space)
+        g = h.lock(0, BLK, "exclusive")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(cut=vm.qmp.execute(
+            "extent-lock-freeze", {"node-name": "xl", "timeout": 120}, timeout=130)))
+        t.start()
+        try:
+            def freeze_waits():
+                for sp in coordinator_status(extlockd.address)["lock-spaces"]:
+                    if sp["name"] == lock_space:
+                        return [w for w in sp["waiting"]
+                                if w["client-id"] == "vm-a/freeze"]
+                return []
+            wait_until(freeze_waits, timeout=30, what="the freeze to wait")
+            out = hmp.cmd(f"block_resize drv0 {2 * size}")
+            assert f"extent-lock-freeze of lock-space {lock_space} on node 'xl' " \
+                "is pending" in out, out
+            assert t.is_alive()
+            h.unlock(g["lock"])
+        finally:
+            t.join(130)
+        h.bye()
+    assert "cut" in result, result
+    vm.qmp.execute("extent-lock-thaw", {"node-name": "xl"})
+    assert local_image.path.stat().st_size == size
+    vm.qmp.execute("block_resize", {"node-name": "xl", "size": 2 * size})
+    assert local_image.path.stat().st_size == 2 * size
+    hmp.close()
