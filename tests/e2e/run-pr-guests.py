@@ -42,14 +42,16 @@ The sequence (guest 1 key 0x1, guest 2 key 0x2, guest 3 never registers):
      it with PREEMPT AND ABORT; then guest 2 holds it and guest 3 still
      cannot write.
 
-The control (--mode control, run by default after the extlock run): two
-guests on the same chain without the extlock node.  scsi-hd then has no
-PR: REGISTER is refused with ILLEGAL REQUEST, INVALID COMMAND OPERATION
-CODE, and the unregistered guest's write succeeds.  The control fails
-unless the checks of step 1, 3 and 4 all report failures there: each of
-those checks is shown able to fail.
+The controls, in the same boots (each guest has a second scsi-hd, on SCSI
+target 1, with the same chain without the extlock node, on its own
+image): first the checks of step 1 (unfence), step 3 (guest 3's write
+conflicts) and step 4 (the four bad CDBs) run against that disk, where
+scsi-hd has no PR (ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE, 20h/00h)
+and the unregistered write lands; at the end extlockd is restarted
+without its state file, and the checks of step 5 run again.  The run
+fails unless all those checks fail there: each is shown able to fail.
 
-    tests/e2e/run-pr-guests.py [--mode both|extlock|control]
+    tests/e2e/run-pr-guests.py [--lease-ms 6000] [--keep]
 
 Exit status: 0 if every run passed, 1 if a check failed, 2 on setup
 errors.  Needs root (the NFS server), the extlock build and the QEMU build
@@ -112,7 +114,8 @@ class PrGuest:
         self.sock = None
         self.buf = b""
         self.seq = 0
-        self.sg = None
+        self.disks = {}                 # "extlock"/"control": (dev, sg)
+        self.dev = self.sg = None       # the disk the commands use
         self.booted_s = None
 
     def alive(self):
@@ -124,8 +127,17 @@ class PrGuest:
         except OSError:
             return ""
 
-    def start(self, qemu, accel, args, kernel, initrd, blockdevs, top):
-        append = "console=ttyS0 quiet panic=-1 8250.nr_uarts=2 xl.serve=ttyS1"
+    def use(self, disk):
+        """Send the following commands to this disk ("extlock" or
+        "control")."""
+        self.dev, self.sg = self.disks[disk]
+
+    def start(self, qemu, accel, args, kernel, initrd, blockdevs, top,
+              control_top):
+        # no_timer_check: on a loaded host, TCG can be too slow for the
+        # kernel's IO-APIC timer check, which then panics
+        append = ("console=ttyS0 quiet panic=-1 no_timer_check "
+                  "8250.nr_uarts=2 xl.serve=ttyS1")
         argv = rg.qemu_base_argv(qemu, accel, args, kernel, initrd, append,
                                  self.serial, qmp_path=self.qmp_path,
                                  name=self.name)
@@ -134,8 +146,13 @@ class PrGuest:
                  "server=on,wait=off", "-serial", "chardev:cmd0"]
         for bd in blockdevs:
             argv += ["-blockdev", json.dumps(bd)]
+        # target 0: the extlock disk; target 1: the control disk (the
+        # same chain without the extlock node, on its own image)
         argv += ["-device", "virtio-scsi-pci,id=scsi0",
-                 "-device", f"scsi-hd,bus=scsi0.0,drive={top},share-rw=on"]
+                 "-device", f"scsi-hd,bus=scsi0.0,scsi-id=0,drive={top},"
+                 "share-rw=on",
+                 "-device", f"scsi-hd,bus=scsi0.0,scsi-id=1,"
+                 f"drive={control_top},share-rw=on"]
         for p in (self.serial, self.qmp_path, self.cmd_path):
             p.unlink(missing_ok=True)
         (self.serial.parent / f"qemu-{self.index}.argv").write_text(
@@ -150,12 +167,26 @@ class PrGuest:
         self.sock.connect(str(self.cmd_path))
 
     def wait_serving(self, deadline):
-        """Wait for init's EXTLOCK-GUEST-SERVING line on the console."""
+        """Wait for init's EXTLOCK-GUEST-SERVING line on the console, then
+        find the disks of SCSI targets 0 and 1 and their sg devices."""
         while True:
-            m = re.search(r"EXTLOCK-GUEST-SERVING .*sg=(\S+)", self.console())
-            if m:
-                self.sg = m.group(1)
+            if "EXTLOCK-GUEST-SERVING" in self.console():
                 self.booted_s = time.monotonic() - self.t0
+                for disk, target in (("extlock", 0), ("control", 1)):
+                    d = f"/sys/bus/scsi/devices/*:0:{target}:0"
+                    rc, out = self.run(
+                        f"n=0; until [ -d {d}/block ] && [ -d "
+                        f"{d}/scsi_generic ]; do n=$((n + 1)); [ $n -le 200 ]"
+                        f" || exit 1; usleep 50000; done; ls {d}/block "
+                        f"{d}/scsi_generic")
+                    names = out.split()
+                    blk = [n for n in names if n.startswith("sd")]
+                    sg = [n for n in names if n.startswith("sg")]
+                    if rc != 0 or len(blk) != 1 or len(sg) != 1:
+                        raise CheckFailed(f"{self.name}: no disk on SCSI "
+                                          f"target {target}: {out}")
+                    self.disks[disk] = (f"/dev/{blk[0]}", f"/dev/{sg[0]}")
+                self.use("extlock")
                 return
             if not self.alive():
                 raise CheckFailed(f"{self.name}: QEMU exited "
@@ -272,7 +303,7 @@ class Checks:
 # the guest-side commands (fence_scsi's, see /usr/sbin/fence_scsi)
 
 def dev(g):
-    return "/dev/sda"
+    return g.dev
 
 
 def read_keys(g):
@@ -333,7 +364,7 @@ def dd_write(g, lba, tag):
     """A direct write through the kernel's block layer (sd)."""
     return g.run(f"yes {tag} | head -c 4096 >/tmp/pg; dd if=/tmp/pg "
                  f"of={dev(g)} bs=4096 seek={lba // 8} count=1 "
-                 f"oflag=direct 2>&1")
+                 f"oflag=direct conv=notrunc 2>&1")
 
 
 def dd_read(g, lba):
@@ -342,7 +373,9 @@ def dd_read(g, lba):
 
 
 def is_conflict(rc, out):
-    return rc != 0 and "reservation conflict" in out.lower()
+    """sg_persist exits with 24 on RESERVATION CONFLICT; sg_raw prints the
+    status (and, for a status other than GOOD, its exit status is not 0)."""
+    return "reservation conflict" in out.lower()
 
 
 def image_has(image, lba, tag, length=4096):
@@ -369,42 +402,62 @@ def check_write_succeeds(g, c, image, lba, what, tag):
         image, lba, tag), f"image at LBA {lba} lacks {tag!r}")
 
 
-def sense_check(g, c, name, cdb_text, data_len, want_key, want_asc):
-    """sg_raw with a bad CDB: CHECK CONDITION with the given sense key and
-    additional sense text (sg3-utils' table, checked with the ASC/ASCQ
-    numbers of the fixed-format sense bytes where it prints them)."""
-    if data_len:
-        cmd = (f"head -c {data_len} /dev/zero >/tmp/par; sg_raw -v -s "
-               f"{data_len} -i /tmp/par {g.sg} {cdb_text}")
+def raw_sense(text):
+    """(sense key, ASC, ASCQ) from the raw fixed-format sense bytes that
+    sg_raw -v prints, or None."""
+    m = re.search(r"Raw sense data \(in hex\)[^\n]*\n((?:\s+[0-9a-f]{2}"
+                  r"(?: +[0-9a-f]{2})*\s*\n?)+)", text)
+    if not m:
+        return None
+    b = [int(x, 16) for x in m.group(1).split()]
+    if len(b) < 14 or (b[0] & 0x7f) not in (0x70, 0x71):
+        return None
+    return b[2] & 0x0f, b[12], b[13]
+
+
+ILLEGAL_REQUEST = 0x05
+
+
+def sense_check(g, c, name, cdb_text, data, want_asc, want_ascq):
+    """sg_raw with a bad CDB (data: bytes of the parameter list as a
+    printf format, or None for a data-in command): CHECK CONDITION,
+    ILLEGAL REQUEST with the given ASC/ASCQ in the sense bytes."""
+    if data is not None:
+        cmd = (f"printf '{data}' >/tmp/par; sg_raw -v -s "
+               f"$(wc -c </tmp/par) -i /tmp/par {g.sg} {cdb_text}")
     else:
         cmd = f"sg_raw -v -r 512 {g.sg} {cdb_text}"
     rc, out = g.run(cmd)
-    low = out.lower()
-    c.check(f"{name}: CHECK CONDITION, {want_key}, {want_asc}",
-            rc != 0 and "check condition" in low and
-            want_key.lower() in low and want_asc.lower() in low, out)
+    sense = raw_sense(out)
+    c.check(f"{name}: CHECK CONDITION, ILLEGAL REQUEST, "
+            f"{want_asc:02X}h/{want_ascq:02X}h",
+            "check condition" in out.lower() and
+            sense == (ILLEGAL_REQUEST, want_asc, want_ascq),
+            f"sense {sense}: {out}")
+
+
+def param_list(key=0, length=24):
+    """A PR OUT parameter list with RESERVATION KEY key, as printf
+    escapes."""
+    b = key.to_bytes(8, "big") + bytes(length - 8)
+    return "".join(f"\\{x:03o}" for x in b)
 
 
 def bad_cdbs(g, c):
+    # INVALID FIELD IN CDB (24h/00h): unknown service actions, a type
+    # that SPC-4 does not define (2, obsolete) in RESERVE by the holder
     sense_check(g, c, "PR IN, service action 1Fh",
-                cdb(0x5e, 0x1f, 0, 0, 0, 0, 0, 0x02, 0, 0), 0,
-                "Illegal Request", "Invalid field in cdb")
+                cdb(0x5e, 0x1f, 0, 0, 0, 0, 0, 0x02, 0, 0), None, 0x24, 0)
     sense_check(g, c, "PR OUT, service action 1Fh",
-                cdb(0x5f, 0x1f, 0x05, 0, 0, 0, 0, 0, 24, 0), 24,
-                "Illegal Request", "Invalid field in cdb")
-    # RESERVE with type 2 (obsolete in SPC-4) by the registered holder
-    # with its key: the key is in the parameter list
-    rc, out = g.run(
-        f"printf '\\000\\000\\000\\000\\000\\000\\000\\{g.key:03o}' "
-        f">/tmp/par; head -c 16 /dev/zero >>/tmp/par; sg_raw -v -s 24 "
-        f"-i /tmp/par {g.sg} {cdb(0x5f, 0x01, 0x02, 0, 0, 0, 0, 0, 24, 0)}")
-    low = out.lower()
-    c.check("PR OUT RESERVE, type 2: CHECK CONDITION, Illegal Request, "
-            "Invalid field in cdb", rc != 0 and "check condition" in low and
-            "illegal request" in low and "invalid field in cdb" in low, out)
+                cdb(0x5f, 0x1f, 0x05, 0, 0, 0, 0, 0, 24, 0),
+                param_list(g.key), 0x24, 0)
+    sense_check(g, c, "PR OUT RESERVE, type 2",
+                cdb(0x5f, 0x01, 0x02, 0, 0, 0, 0, 0, 24, 0),
+                param_list(g.key), 0x24, 0)
+    # PARAMETER LIST LENGTH ERROR (1Ah/00h): PR OUT's list is 24 bytes
     sense_check(g, c, "PR OUT REGISTER, parameter list length 16",
-                cdb(0x5f, 0x00, 0, 0, 0, 0, 0, 0, 16, 0), 16,
-                "Illegal Request", "Parameter list length error")
+                cdb(0x5f, 0x00, 0, 0, 0, 0, 0, 0, 16, 0),
+                param_list(0, 16), 0x1a, 0)
 
 
 def consistent_view(guests, c, what, want_keys, want_holder, want_type):
@@ -462,42 +515,81 @@ def ctl_json(daemon, what):
 # ---------------------------------------------------------------------------
 # the runs
 
-def start_guests(guests, mode, nfs, image, coordinator, qemu, accel, args,
-                 kernel, initrd):
+def start_guests(guests, nfs, image, control_image, coordinator, qemu, accel,
+                 args, kernel, initrd):
     for g in guests:
-        blockdevs, top = rg.disk_blockdevs(
-            "extlock" if mode == "extlock" else "no-extlock", "nfs", image,
-            coordinator, g.index)
-        if mode == "extlock":
-            # the node the guest's scsi-hd uses is named after its guest;
-            # the lock-space is this test's
-            blockdevs[-1]["lock-space"] = LOCK_SPACE
-        g.start(qemu, accel, args, kernel, initrd, blockdevs, top)
+        blockdevs, top = rg.disk_blockdevs("extlock", "nfs", image,
+                                           coordinator, g.index)
+        # the lock-space is this test's
+        blockdevs[-1]["lock-space"] = LOCK_SPACE
+        ctl, control_top = rg.disk_blockdevs("no-extlock", "nfs",
+                                             control_image, None,
+                                             g.index + 100)
+        g.start(qemu, accel, args, kernel, initrd, blockdevs + ctl, top,
+                control_top)
     deadline = time.monotonic() + args.boot_timeout
     for g in guests:
         g.wait_serving(deadline)
-        log(f"  {g.name} serving after {g.booted_s:.1f} s (sg device "
-            f"{g.sg})")
+        log(f"  {g.name} serving after {g.booted_s:.1f} s (extlock disk "
+            f"{g.disks['extlock']}, control disk {g.disks['control']})")
+
+
+def control_disk(g1, g3, c, control_image):
+    """The control: the checks of unfencing, write conflicts and bad CDBs
+    on the disk without the extlock node must fail (each of them can).
+    Returns [(what, failed as it must)]."""
+    expected = []
+    log("control: the same checks on the disk without the extlock node")
+    g1.use("control")
+    g3.use("control")
+    try:
+        before = len(c.failed())
+        unfence(g1, c)
+        expected.append(("unfence", len(c.failed()) > before))
+        rc, out = g1.run(f"sg_persist -n -o -I -S 0x1 -d {dev(g1)}")
+        c.check("control: REGISTER gets INVALID COMMAND OPERATION CODE",
+                "invalid opcode" in out.lower() or
+                "not supported" in out.lower(), out)
+        before = len(c.failed())
+        check_write_conflicts(g3, c, 2048, "control, unregistered")
+        expected.append(("write conflict", len(c.failed()) - before == 2))
+        c.check("control: guest3's write is in the control image",
+                image_has(control_image, 2048, "guest3-dd"), "")
+        before = len(c.failed())
+        bad_cdbs(g1, c)
+        expected.append(("bad CDB sense", len(c.failed()) - before == 4))
+    finally:
+        g1.use("extlock")
+        g3.use("extlock")
+    return expected
 
 
 def run_extlock(nfs, qemu, accel, args, kernel, initrd, workdir):
+    """The whole sequence; returns (checks, control expectations)."""
     mdir = Path(workdir) / "extlock"
     mdir.mkdir(parents=True, exist_ok=True)
     image = nfs.export_dir / "pr.raw"
-    with open(image, "wb") as f:
-        f.truncate(args.image_size)
+    control_image = nfs.export_dir / "pr-control.raw"
+    for path in (image, control_image):
+        with open(path, "wb") as f:
+            f.truncate(args.image_size)
     pg = procs.ProcessGroup(mdir)
     c = Checks()
+    expected = []
     g1, g2, g3 = guests = [PrGuest(1, mdir, 0x1), PrGuest(2, mdir, 0x2),
                            PrGuest(3, mdir, None)]
     t0 = time.monotonic()
     try:
         daemon = pg.extlockd(lease_ms=args.lease_ms)
-        log(f"[extlock] 3 guests ({accel}), image {nfs.url(image.name)}, "
-            f"lease {args.lease_ms} ms")
-        start_guests(guests, "extlock", nfs, image, daemon.coordinator(),
+        log(f"3 guests ({accel}), image {nfs.url(image.name)}, control "
+            f"image {nfs.url(control_image.name)}, lease {args.lease_ms} ms")
+        start_guests(guests, nfs, image, control_image, daemon.coordinator(),
                      qemu, accel, args, kernel, initrd)
         t_booted = time.monotonic()
+
+        # the control first (in the same boots)
+        controls = Checks()
+        expected += control_disk(g1, g3, controls, control_image)
 
         log("step 1: unfence guest 1 and guest 2 (fence_scsi on)")
         unfence(g1, c)
@@ -524,15 +616,11 @@ def run_extlock(nfs, qemu, accel, args, kernel, initrd, workdir):
         log("step 5: restart the coordinator")
         daemon.restart()
         wait_for("every extlock node to reconnect",
-                 lambda: nodes_connected(guests), args.lease_ms / 1000 + 30)
-        res = ctl_json(daemon, "reservations").get(LOCK_SPACE) or {}
-        regs = {r.get("client-id"): int(r.get("key", "0"), 16)
-                for r in res.get("registrants", [])}
-        c.check("after the restart extlockctl shows both registrations",
-                regs == {"guest1": 1, "guest2": 2}, res)
-        c.check("after the restart extlockctl shows guest1 holding type 5",
-                res.get("holder") == "guest1" and res.get("pr-type") == 5,
-                res)
+                 lambda: nodes_connected(guests) and {
+                     s.get("client-id") for s in ctl_json(daemon, "sessions")
+                 } >= {g.name for g in guests}, args.lease_ms / 1000 + 30)
+        check_coordinator_state(daemon, c, "after the restart",
+                                {"guest1": 1, "guest2": 2}, "guest1")
         view_after = consistent_view(guests, c, "after the restart", [1, 2],
                                      1, WE_RO)
         c.check("the restart kept the generation", view_after[0] ==
@@ -565,6 +653,8 @@ def run_extlock(nfs, qemu, accel, args, kernel, initrd, workdir):
             f"after the kill")
         consistent_view(survivors, c, "guest1's lease lapsed", [1, 2], 1,
                         WE_RO)
+        check_coordinator_state(daemon, c, "guest1's lease lapsed",
+                                {"guest1": 1, "guest2": 2}, "guest1")
         check_write_conflicts(g3, c, 2096, "holder dead, unregistered")
         fence(g2, g1, c)
         consistent_view(survivors, c, "guest2 preempted guest1", [2], 2,
@@ -573,67 +663,64 @@ def run_extlock(nfs, qemu, accel, args, kernel, initrd, workdir):
         check_write_succeeds(g2, c, image, 2112, "guest2 holds",
                              "PR-GUEST2-C")
         log(f"sequence took {time.monotonic() - t_booted:.1f} s after boot")
+
+        # the control of step 5: a coordinator restarted without its state
+        # file has no registrations, and the same checks see that
+        log("control: extlockd restarted without its state file")
+        daemon.stop()
+        daemon.state_file.unlink()
+        daemon.start()
+        wait_for("the extlock nodes to reconnect",
+                 lambda: nodes_connected(survivors) and {
+                     s.get("client-id") for s in ctl_json(daemon, "sessions")
+                 } >= {"guest2", "guest3"}, args.lease_ms / 1000 + 30)
+        before = set(controls.failed())
+        what = "control: state file removed"
+        check_coordinator_state(daemon, controls, what, {"guest2": 2},
+                                "guest2")
+        consistent_view(survivors, controls, what, [2], 2, WE_RO)
+        new = set(controls.failed()) - before
+        expected.append((
+            "restart", f"{what}: extlockctl shows the registrations "
+            f"{{'guest2': 2}}" in new))
+        if f"{what}: keys ['0x2']" not in new:
+            # Known problem (docs/guest-clusters.rst): a node ignores the
+            # state of a coordinator that lost its state file (its
+            # sequence number starts again below the node's), so the
+            # guests keep reading, and the nodes keep enforcing, the old
+            # registrations.  Reported, not counted.
+            log("  NOTE: the guests still read the old keys from a "
+                "coordinator without state (known problem)")
         for g in survivors:
             g.exit()
-        c.check("extlockd still running", daemon.alive(), daemon.stderr()[-500:])
+        c.check("extlockd still running", daemon.alive(),
+                daemon.stderr()[-500:])
     except CheckFailed as e:
         c.check("the sequence ran to its end", False, str(e))
     finally:
         for g in guests:
             g.stop()
         pg.stop_all()
-    log(f"[extlock] {len(c.results) - len(c.failed())} of {len(c.results)} "
-        f"checks passed in {time.monotonic() - t0:.1f} s")
-    return c
-
-
-def run_control(nfs, qemu, accel, args, kernel, initrd, workdir):
-    """The same checks without the extlock node: they must fail."""
-    mdir = Path(workdir) / "control"
-    mdir.mkdir(parents=True, exist_ok=True)
-    image = nfs.export_dir / "pr-control.raw"
-    with open(image, "wb") as f:
-        f.truncate(args.image_size)
-    c = Checks()
-    g1, g2 = guests = [PrGuest(1, mdir, 0x1), PrGuest(2, mdir, None)]
-    t0 = time.monotonic()
-    expected = []
-    try:
-        log("[control] 2 guests without the extlock node")
-        start_guests(guests, "control", nfs, image, None, qemu, accel, args,
-                     kernel, initrd)
-        n = len(c.results)
-        unfence(g1, c)
-        expected.append(("unfence", len(c.failed()) > 0))
-        rc, out = g1.run(f"sg_persist -n -o -I -S 0x1 -d {dev(g1)}")
-        c.check("control: REGISTER is INVALID COMMAND OPERATION CODE",
-                "invalid command operation code" in out.lower(), out)
-        before = len(c.failed())
-        check_write_conflicts(g2, c, 2048, "control, unregistered")
-        expected.append(("write conflict", len(c.failed()) > before))
-        before = len(c.failed())
-        bad_cdbs(g1, c)
-        expected.append(("bad CDB senses",
-                         len(c.failed()) - before == 4))
-        del n
-        for g in guests:
-            g.exit()
-    except CheckFailed as e:
-        expected.append(("the control ran to its end", False))
-        log(f"  control: {e}")
-    finally:
-        for g in guests:
-            g.stop()
-    log(f"[control] took {time.monotonic() - t0:.1f} s")
+    log(f"{len(c.results) - len(c.failed())} of {len(c.results)} checks "
+        f"passed in {time.monotonic() - t0:.1f} s")
     return c, expected
+
+
+def check_coordinator_state(daemon, c, what, registrants, holder):
+    """What extlockd itself (extlockctl) says of the reservation."""
+    res = ctl_json(daemon, "reservations").get(LOCK_SPACE) or {}
+    regs = {r.get("client-id"): int(r.get("key", "0"), 16)
+            for r in res.get("registrants", [])}
+    c.check(f"{what}: extlockctl shows the registrations {registrants}",
+            regs == registrants, res)
+    c.check(f"{what}: extlockctl shows {holder} holding type 5",
+            res.get("holder") == holder and res.get("pr-type") == 5, res)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Guests send SCSI persistent reservations through "
                     "extlock (docs/guest-clusters.rst).")
-    p.add_argument("--mode", choices=("both", "extlock", "control"),
-                   default="both")
     p.add_argument("--lease-ms", type=int, default=6000,
                    help="extlockd --lease-ms (default 6000)")
     p.add_argument("--image-size", type=rg.size_arg, default=16 << 20)
@@ -641,11 +728,12 @@ def main(argv=None):
     p.add_argument("--cpu", default=None)
     p.add_argument("--smp", type=int, default=1)
     p.add_argument("--memory", type=int, default=192)
-    p.add_argument("--boot-timeout", type=float, default=180.0)
+    p.add_argument("--boot-timeout", type=float, default=420.0)
     p.add_argument("--kvm-probe-timeout", type=float, default=20.0)
     p.add_argument("--qemu", help="qemu-system-x86_64 to use")
     p.add_argument("--extlockd", help="extlockd to use")
-    p.add_argument("--keep", action="store_true")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (kept anyway on failure)")
     args = p.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="xlpr-"))
@@ -662,23 +750,20 @@ def main(argv=None):
         log(f"accelerator: {accel} ({why})")
         nfs = NfsServer(workdir=workdir / "nfs")
         nfs.start()
-        ok = True
-        if args.mode in ("both", "extlock"):
-            c = run_extlock(nfs, qemu, accel, args, kernel, initrd, workdir)
-            if c.failed() or not c.results:
-                ok = False
-                for n in c.failed():
-                    log(f"FAILED: {n}")
-        if args.mode in ("both", "control"):
-            c, expected = run_control(nfs, qemu, accel, args, kernel, initrd,
-                                      workdir)
-            for what, failed_there in expected:
-                log(f"control: the {what} checks "
-                    f"{'fail without extlock, as they must' if failed_there else 'did NOT fail without extlock'}")
-                if not failed_there:
-                    ok = False
-            if not expected:
-                ok = False
+        c, expected = run_extlock(nfs, qemu, accel, args, kernel, initrd,
+                                  workdir)
+        ok = bool(c.results) and not c.failed()
+        for n in c.failed():
+            log(f"FAILED: {n}")
+        for what, failed_there in expected:
+            log(f"control: the {what} checks "
+                + ("fail without the protection, as they must"
+                   if failed_there else
+                   "did NOT fail without the protection"))
+            ok = ok and failed_there
+        if len(expected) != 4:
+            log(f"control: {len(expected)} of 4 controls ran")
+            ok = False
     except (rg.SetupError, NfsServerError, procs.MissingBinary,
             RuntimeError) as e:
         log(f"error: {e}")
