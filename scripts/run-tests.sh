@@ -31,6 +31,9 @@
 #     tests/e2e/run-guests.py: two tiny Debian guests write and read one
 #     raw image on NFS through extlock (checker: no torn or mixed extents),
 #     and the same workload without extlock, which must be caught tearing
+#     Then tests/e2e/run-pr-guests.py: three guests send SCSI persistent
+#     reservations (sg_persist, fence_scsi's commands) through scsi-hd and
+#     extlock; the control without extlock must fail the same checks
 #  6a. pytest tests/libvirt: a private libvirtd 9.0 (with virtlockd; one
 #     with sanlock from fetch-libvirt.sh --machine-sanlock) runs
 #     two domains defined from extlock-virt's XML on one NFS disk, inside
@@ -57,6 +60,7 @@ WITH_QEMU=1
 PYTEST_TEST_TIMEOUT=${EXTLOCK_PYTEST_TEST_TIMEOUT:-300}
 PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
 E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
+E2E_PR_TIMEOUT=${EXTLOCK_E2E_PR_TIMEOUT:-900}
 LIBVIRT_TIMEOUT=${EXTLOCK_LIBVIRT_TIMEOUT:-2100}
 LIBVIRT_TEST_TIMEOUT=${EXTLOCK_LIBVIRT_TEST_TIMEOUT:-600}
 NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
@@ -260,6 +264,16 @@ if [ "$WITH_QEMU" = 1 ]; then
             passed=$((passed + 1))
         else
             echo "end-to-end run FAILED (exit status $rc)"
+            failed=$((failed + 1))
+        fi
+
+        step "end-to-end: guests send SCSI persistent reservations (sg_persist, QEMU 10.0)"
+        timeout -k 30 "$E2E_PR_TIMEOUT" /usr/bin/python3 tests/e2e/run-pr-guests.py
+        rc=$?
+        if [ "$rc" -eq 0 ]; then
+            passed=$((passed + 1))
+        else
+            echo "persistent-reservation guest run FAILED (exit status $rc)"
             failed=$((failed + 1))
         fi
 

@@ -15,6 +15,13 @@
 # on the host, depmod and cpio.  extlock-stress.c is compiled with
 # "gcc -static".
 #
+# For the persistent-reservation test (tests/e2e/run-pr-guests.py,
+# docs/guest-clusters.rst) the guest also gets the modules virtio_scsi,
+# sd_mod and sg (scsi_mod comes in as their dependency) and sg_persist,
+# sg_raw, sg_turs and sg_inq from Debian's sg3-utils and libsgutils2
+# (dynamically linked: the dynamic loader and libc are copied from the
+# host, a Debian 12 like the guest's packages; see add_sg3_utils below).
+#
 # Cache: ${EXTLOCK_CACHE:-$HOME/.cache/extlock}/guest/
 #   debs/                    the downloaded packages
 #   vmlinuz, initrd.img      the guest
@@ -43,6 +50,9 @@ QUIET=0
 # are added from modules.dep), and the ACPI power button as an input
 # device for init's xl.acpi=1
 MODULES=(virtio_pci virtio_blk button evdev)
+# the virtio-scsi disk of the persistent-reservation test, and the SCSI
+# generic driver sg_persist/sg_raw use (init's xl.serve=1)
+MODULES+=(virtio_scsi sd_mod sg)
 
 usage() {
     sed -n '2,/^# SPDX/p' "$0" | grep -v SPDX | sed 's/^# \{0,1\}//'
@@ -136,12 +146,25 @@ bdeb=$(get_deb busybox-static)
 
 kver_pkg=$(dpkg-deb -f "$kdeb" Version)
 bver_pkg=$(dpkg-deb -f "$bdeb" Version)
+# sg3-utils for the persistent-reservation test; its library package is
+# named after the soname (libsgutils2-1.46-2 in bookworm): the one
+# sg3-utils depends on
+sgdeb=$(get_deb sg3-utils)
+sglibpkg=$(dpkg-deb -f "$sgdeb" Depends | tr ',' '\n' |
+           sed -n 's/^ *\(libsgutils2-[^ ]*\).*/\1/p' | head -n 1)
+[ -n "$sglibpkg" ] || die "cannot find libsgutils2 in $sgdeb's Depends"
+sglibdeb=$(get_deb "$sglibpkg")
+sgver_pkg=$(dpkg-deb -f "$sgdeb" Version)
 
 # --- cache check ----------------------------------------------------------
 
 inputs_hash=$(cat "$HERE/init" "$HERE/extlock-stress.c" "$0" |
               sha256sum | cut -d' ' -f1)
 stamp="kernel=$kpkg/$kver_pkg busybox=$bver_pkg inputs=$inputs_hash"
+# sg3-utils and the host's loader and libc that run it in the guest
+libc_hash=$(cat /lib64/ld-linux-x86-64.so.2 /lib/x86_64-linux-gnu/libc.so.6 |
+            sha256sum | cut -c1-16)
+stamp="$stamp sg3-utils=$sgver_pkg/$sglibpkg libc=$libc_hash"
 
 if [ "$FORCE" = 0 ] && [ -f "$CACHE/guest.env" ] && [ -f "$CACHE/initrd.img" ] &&
    [ -f "$CACHE/vmlinuz" ] && grep -qxF "STAMP='$stamp'" "$CACHE/guest.env"; then
@@ -176,6 +199,33 @@ log "generating modules.dep for $KVER"
 "$BUSYBOX" depmod -b "$KDIR" "$KVER"
 
 # --- initramfs ------------------------------------------------------------
+
+# sg3-utils' tools for the persistent-reservation test: unpacked from the
+# two packages, with the libraries they need (ld.so --list on the host,
+# which is Debian 12 as they are) copied to the same paths in the guest.
+# sg_turs, sg_persist and sg_raw are what fence_scsi runs; sg_inq helps
+# when debugging by hand (xl.shell=1).
+add_sg3_utils() {
+    local root=$1 sgdir=$WORK/sg3 tool lib libs=()
+    dpkg-deb -x "$sgdeb" "$sgdir"
+    dpkg-deb -x "$sglibdeb" "$sgdir"
+    mkdir -p "$root/usr/bin" "$root/lib64" "$root/lib/x86_64-linux-gnu"
+    for tool in sg_persist sg_raw sg_turs sg_inq; do
+        [ -x "$sgdir/usr/bin/$tool" ] || die "no $tool in $sgdeb"
+        cp "$sgdir/usr/bin/$tool" "$root/usr/bin/$tool"
+        while read -r lib; do
+            libs+=("$lib")
+        done < <(LD_LIBRARY_PATH=$sgdir/usr/lib/x86_64-linux-gnu \
+                 /lib64/ld-linux-x86-64.so.2 --list "$sgdir/usr/bin/$tool" |
+                 sed -n 's/.*=> \(\/[^ ]*\) (.*/\1/p')
+    done
+    for lib in "${libs[@]}"; do
+        # the library under its soname, at the path the loader searches
+        cp -L "$lib" "$root/lib/x86_64-linux-gnu/${lib##*/}"
+    done
+    cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/ld-linux-x86-64.so.2"
+    log "  sg3-utils $sgver_pkg: $(cd "$root/lib/x86_64-linux-gnu" && echo *)"
+}
 
 log "building the initramfs ($KVER, busybox $bver_pkg)"
 ROOT=$WORK/root
@@ -220,6 +270,8 @@ for applet in sh mount mkdir; do
 done
 install -m 0755 "$HERE/init" "$ROOT/init"
 echo "$KVER" >"$ROOT/etc/kernel-version"
+
+add_sg3_utils "$ROOT"
 
 log "compiling extlock-stress (static)"
 gcc -static -O2 -Wall -Wextra -Werror -pthread -o "$ROOT/bin/extlock-stress" \
