@@ -66,11 +66,23 @@ ExtlockExtent extlock_cache_revoke_part(ExtlockExtent ext, ExtlockExtent want,
     if (want.start >= want.end || used.start >= used.end) {
         return ext;
     }
+    /*
+     * Everything on the wanted side of the used span, not only from the
+     * wanted part on: a neighbour writing sequentially into the part this
+     * lock grew over would otherwise take it back piece by piece, one
+     * revoke per request of its own (bench-qemu.py, many hosts).
+     */
     if (used.end <= want.start && want.start > ext.start) {
-        return (ExtlockExtent) { .start = want.start, .end = ext.end };
+        return (ExtlockExtent) {
+            .start = used.end > ext.start ? used.end : ext.start,
+            .end = ext.end,
+        };
     }
     if (used.start >= want.end && want.end < ext.end) {
-        return (ExtlockExtent) { .start = ext.start, .end = want.end };
+        return (ExtlockExtent) {
+            .start = ext.start,
+            .end = used.start < ext.end ? used.start : ext.end,
+        };
     }
     return ext;
 }

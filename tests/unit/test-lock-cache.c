@@ -324,12 +324,20 @@ static void test_revoke_part(void **state)
     static const struct {
         ExtlockExtent lock, want, used, part;
     } cases[] = {
-        /* used on the left of the wanted part: give back want.start.. */
+        /* used on the left of the wanted part: give back used.end.. */
         { { 0, 64 * MiB }, { 32 * MiB, 33 * MiB }, { 0, 1 * MiB },
-          { 32 * MiB, 64 * MiB } },
-        /* used on the right: give back ..want.end */
+          { 1 * MiB, 64 * MiB } },
+        /* used on the right: give back ..used.start */
         { { 0, 64 * MiB }, { 1 * MiB, 2 * MiB }, { 40 * MiB, 41 * MiB },
-          { 0, 2 * MiB } },
+          { 0, 40 * MiB } },
+        /*
+         * a neighbour writing sequentially into the head this lock grew
+         * over gets all of the head at once, not 4 KiB per revoke
+         */
+        { { 4 * KiB, 128 * KiB }, { 4 * KiB, 8 * KiB },
+          { 64 * KiB, 68 * KiB }, { 4 * KiB, 64 * KiB } },
+        { { 0, 128 * KiB }, { 120 * KiB, 124 * KiB }, { 0, 64 * KiB },
+          { 64 * KiB, 128 * KiB } },
         /* used touches the wanted part: all of it */
         { { 0, 64 * MiB }, { 1 * MiB, 2 * MiB }, { 1 * MiB, 3 * MiB },
           { 0, 64 * MiB } },
@@ -341,10 +349,10 @@ static void test_revoke_part(void **state)
           { 0, 64 * MiB } },
         /* wanted part reaches beyond the lock: clipped */
         { { 4 * MiB, 8 * MiB }, { 6 * MiB, 12 * MiB }, { 4 * MiB, 5 * MiB },
-          { 6 * MiB, 8 * MiB } },
+          { 5 * MiB, 8 * MiB } },
         /* wanted part starts at the lock's start: no head to keep */
         { { 4 * MiB, 8 * MiB }, { 0, 5 * MiB }, { 7 * MiB, 8 * MiB },
-          { 4 * MiB, 5 * MiB } },
+          { 4 * MiB, 7 * MiB } },
         /* wanted part outside the lock (stale revoke): all of it */
         { { 4 * MiB, 8 * MiB }, { 9 * MiB, 10 * MiB }, { 4 * MiB, 5 * MiB },
           { 4 * MiB, 8 * MiB } },
