@@ -67,21 +67,22 @@ ExtlockExtent extlock_cache_revoke_part(ExtlockExtent ext, ExtlockExtent want,
         return ext;
     }
     /*
-     * Everything on the wanted side of the used span, not only from the
-     * wanted part on: a neighbour writing sequentially into the part this
-     * lock grew over would otherwise take it back piece by piece, one
-     * revoke per request of its own (bench-qemu.py, many hosts).
+     * If the wanted part reaches the unused end of the lock already, the
+     * waiter comes from that end: up to the used span.  A neighbour
+     * writing sequentially into the part this lock grew over would
+     * otherwise take it back piece by piece, one revoke per request of
+     * its own (bench-qemu.py, many hosts).
      */
     if (used.end <= want.start && want.start > ext.start) {
         return (ExtlockExtent) {
-            .start = used.end > ext.start ? used.end : ext.start,
+            .start = want.end < ext.end ? want.start : used.end,
             .end = ext.end,
         };
     }
     if (used.start >= want.end && want.end < ext.end) {
         return (ExtlockExtent) {
             .start = ext.start,
-            .end = used.start < ext.end ? used.start : ext.end,
+            .end = want.start > ext.start ? want.end : used.start,
         };
     }
     return ext;

@@ -42,8 +42,9 @@ ExtlockCacheEntry *extlock_cache_lookup(ExtlockITree *locks, ExtlockExtent ext,
 /*
  * Which part of a revoked lock @ext to give back: the part @want the
  * waiting request wants, widened to the end of the lock on the side the
- * node has not used and, on the other side, up to the used span (@used:
- * the span its requests used since the grant, empty if start >= end).
+ * node has not used or, if it reaches that end already, to the used span
+ * (@used: the span its requests used since the grant, empty if
+ * start >= end).
  * The whole lock if the used span touches the wanted part or lies on both
  * sides of it.  Always a head, a tail or all of @ext.
  */

@@ -240,10 +240,10 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
 /*
  * Which part of a revoked lock to give back: the part the waiting request
  * wants, widened to the end of the lock on the side this node has not used
- * since the lock was granted, and on the other side up to the span it
- * used.  So two hosts working on disjoint ranges split a grown lock
- * between them once and then stop talking.  If the
- * used span touches the wanted part or lies on both sides, the whole lock.
+ * since the lock was granted (if the wanted part reaches that end, up to
+ * the span it used).  So two hosts working on disjoint ranges split a
+ * grown lock between them once and then stop talking.  If the used span
+ * touches the wanted part or lies on both sides, the whole lock.
  */
 static ExtlockExtent extlock_revoke_part(ExtlockCachedLock *l)
 {

@@ -324,19 +324,20 @@ static void test_revoke_part(void **state)
     static const struct {
         ExtlockExtent lock, want, used, part;
     } cases[] = {
-        /* used on the left of the wanted part: give back used.end.. */
+        /* used on the left of the wanted part: give back want.start.. */
         { { 0, 64 * MiB }, { 32 * MiB, 33 * MiB }, { 0, 1 * MiB },
-          { 1 * MiB, 64 * MiB } },
-        /* used on the right: give back ..used.start */
+          { 32 * MiB, 64 * MiB } },
+        /* used on the right: give back ..want.end */
         { { 0, 64 * MiB }, { 1 * MiB, 2 * MiB }, { 40 * MiB, 41 * MiB },
-          { 0, 40 * MiB } },
+          { 0, 2 * MiB } },
         /*
-         * a neighbour writing sequentially into the head this lock grew
-         * over gets all of the head at once, not 4 KiB per revoke
+         * the wanted part reaches the unused end: a neighbour writing
+         * sequentially into the head this lock grew over gets all of the
+         * head up to the used span at once, not 4 KiB per revoke
          */
         { { 4 * KiB, 128 * KiB }, { 4 * KiB, 8 * KiB },
           { 64 * KiB, 68 * KiB }, { 4 * KiB, 64 * KiB } },
-        { { 0, 128 * KiB }, { 120 * KiB, 124 * KiB }, { 0, 64 * KiB },
+        { { 0, 128 * KiB }, { 124 * KiB, 128 * KiB }, { 0, 64 * KiB },
           { 64 * KiB, 128 * KiB } },
         /* used touches the wanted part: all of it */
         { { 0, 64 * MiB }, { 1 * MiB, 2 * MiB }, { 1 * MiB, 3 * MiB },
@@ -347,10 +348,10 @@ static void test_revoke_part(void **state)
         /* nothing used: all of it */
         { { 0, 64 * MiB }, { 8 * MiB, 9 * MiB }, { 0, 0 },
           { 0, 64 * MiB } },
-        /* wanted part reaches beyond the lock: clipped */
+        /* wanted part reaches beyond the lock: clipped, up to the used */
         { { 4 * MiB, 8 * MiB }, { 6 * MiB, 12 * MiB }, { 4 * MiB, 5 * MiB },
           { 5 * MiB, 8 * MiB } },
-        /* wanted part starts at the lock's start: no head to keep */
+        /* wanted part starts at the lock's start: up to the used span */
         { { 4 * MiB, 8 * MiB }, { 0, 5 * MiB }, { 7 * MiB, 8 * MiB },
           { 4 * MiB, 7 * MiB } },
         /* wanted part outside the lock (stale revoke): all of it */
