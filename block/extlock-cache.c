@@ -142,6 +142,7 @@ static bool extlock_local_conflict_cb(ExtlockITNode *node, void *opaque)
 void extlock_local_init(ExtlockLocalSet *set)
 {
     set->count = 0;
+    set->nexcl = 0;
     set->in_tree = false;
     set->tree = (ExtlockITree)EXTLOCK_ITREE_INIT;
 }
@@ -167,10 +168,12 @@ void extlock_local_insert(ExtlockLocalSet *set, ExtlockLocalReq *req)
         req->slot = set->count;
     }
     set->count++;
+    set->nexcl += req->mode == EXTLOCK_MODE_EXCLUSIVE;
 }
 
 void extlock_local_remove(ExtlockLocalSet *set, ExtlockLocalReq *req)
 {
+    set->nexcl -= req->mode == EXTLOCK_MODE_EXCLUSIVE;
     if (set->in_tree) {
         extlock_itree_remove(&set->tree, &req->node);
         if (--set->count == 0) {
@@ -190,6 +193,10 @@ bool extlock_local_must_wait(ExtlockLocalSet *active,
 {
     ExtlockLocalFind f = { .req = req };
 
+    if (active->count <= 1 ||
+        (req->mode == EXTLOCK_MODE_SHARED && active->nexcl == 0)) {
+        return false;
+    }
     if (!active->in_tree) {
         ExtlockExtent ext = req->node.ext;
 

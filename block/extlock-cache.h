@@ -92,6 +92,7 @@ typedef struct ExtlockLocalSlot {
 
 typedef struct ExtlockLocalSet {
     size_t count;
+    size_t nexcl;               /* how many of them are exclusive */
     bool in_tree;               /* the requests are in @tree, not @flat */
     ExtlockITree tree;
     ExtlockLocalSlot flat[EXTLOCK_LOCAL_FLAT_MAX];
@@ -112,8 +113,9 @@ static inline size_t extlock_local_count(const ExtlockLocalSet *set)
 }
 
 /*
- * Must @req wait for an earlier request of the node in @active that
- * overlaps it in a conflicting mode?
+ * Must @req (which is in @active) wait for an earlier request of the node
+ * in @active that overlaps it in a conflicting mode?  No search when it
+ * is alone, or a reader while no writer is active.
  */
 bool extlock_local_must_wait(ExtlockLocalSet *active,
                              const ExtlockLocalReq *req);

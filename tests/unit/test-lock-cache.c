@@ -171,6 +171,42 @@ static void test_local_order(void **state)
     assert_int_equal(extlock_local_count(&active), 0);
 }
 
+/*
+ * The shortcuts of the check: a request alone never waits, nor does a
+ * reader while no writer is active; but a reader behind the one active
+ * writer does, and a writer behind readers.
+ */
+static void test_local_shortcuts(void **state)
+{
+    ExtlockLocalSet set = { 0 };
+    ExtlockLocalReq r0 = { .node.ext = ext(0, 8 * KiB), .seq = 1,
+                           .mode = EXTLOCK_MODE_SHARED };
+    ExtlockLocalReq w = { .node.ext = ext(0, 8 * KiB), .seq = 2,
+                          .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq r1 = { .node.ext = ext(4 * KiB, 12 * KiB), .seq = 3,
+                           .mode = EXTLOCK_MODE_SHARED };
+
+    (void)state;
+    extlock_local_insert(&set, &w);
+    assert_false(extlock_local_must_wait(&set, &w));     /* alone */
+    extlock_local_insert(&set, &r1);
+    assert_int_equal(set.nexcl, 1);
+    assert_true(extlock_local_must_wait(&set, &r1));     /* behind w */
+    extlock_local_remove(&set, &w);
+    assert_int_equal(set.nexcl, 0);
+    assert_false(extlock_local_must_wait(&set, &r1));
+    extlock_local_insert(&set, &r0);     /* an earlier reader, for the test */
+    assert_false(extlock_local_must_wait(&set, &r1));    /* readers only */
+    extlock_local_insert(&set, &w);
+    assert_true(extlock_local_must_wait(&set, &w));      /* behind r0 */
+    assert_false(extlock_local_must_wait(&set, &r0));
+    extlock_local_remove(&set, &r0);
+    extlock_local_remove(&set, &r1);
+    extlock_local_remove(&set, &w);
+    assert_int_equal(extlock_local_count(&set), 0);
+    assert_int_equal(set.nexcl, 0);
+}
+
 /* The answer of extlock_local_must_wait(), by brute force */
 static bool oracle_must_wait(ExtlockLocalReq **reqs, size_t n,
                              const ExtlockLocalReq *req)
@@ -189,6 +225,12 @@ static bool oracle_must_wait(ExtlockLocalReq **reqs, size_t n,
 
 static void check_all(ExtlockLocalSet *set, ExtlockLocalReq **reqs, size_t n)
 {
+    size_t nexcl = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        nexcl += reqs[i]->mode == EXTLOCK_MODE_EXCLUSIVE;
+    }
+    assert_int_equal(set->nexcl, nexcl);
     assert_int_equal(extlock_local_count(set), n);
     for (size_t i = 0; i < n; i++) {
         assert_int_equal(extlock_local_must_wait(set, reqs[i]),
@@ -241,8 +283,9 @@ static void test_local_set_vs_oracle(void **state)
             r->node.ext = ext(start, start +
                               g_rand_int_range(rng, 1, 5) * 4 * KiB);
             r->seq = seq++;
-            r->mode = g_rand_boolean(rng) ? EXTLOCK_MODE_EXCLUSIVE
-                                          : EXTLOCK_MODE_SHARED;
+            /* rounds 0 and 4 mostly readers: writers come and go alone */
+            r->mode = g_rand_int_range(rng, 0, round % 4 ? 2 : 16) == 0
+                      ? EXTLOCK_MODE_EXCLUSIVE : EXTLOCK_MODE_SHARED;
             extlock_local_insert(&set, r);
             act[n++] = r;
             saw_tree |= set.in_tree;
@@ -462,6 +505,7 @@ int main(void)
         cmocka_unit_test(test_lookup_skips_stale),
         cmocka_unit_test(test_new_request_racing_revoke),
         cmocka_unit_test(test_local_order),
+        cmocka_unit_test(test_local_shortcuts),
         cmocka_unit_test(test_local_set_vs_oracle),
         cmocka_unit_test(test_local_set_edges),
         cmocka_unit_test(test_revoke_part),
