@@ -221,8 +221,9 @@ static void run_child(int who, Shared *sh, int in, int out, int ready)
                             &r->t_revoke_rx) != held) {
                 /* a revoke of a lock given back already */
             }
-            send_unlock(conn, who, held);
+            /* before the send: the coordinator may release it first */
             r->t_unlock_tx = now_ns();
+            send_unlock(conn, who, held);
             held = 0;
         } else {
             /* The waiter of round k */
