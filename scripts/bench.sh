@@ -19,6 +19,8 @@
 # --before DIR (a directory with the qemu-img and extlockd of another
 # build, e.g. main's) runs the filter cost and the many-hosts part with
 # both builds, interleaved, and prints both: a before/after in one run.
+# The handoff between two guests is contrib/extlock-bench/bench-guests.py
+# (not run here: two TCG guests take minutes).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
