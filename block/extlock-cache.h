@@ -42,9 +42,11 @@ ExtlockCacheEntry *extlock_cache_lookup(ExtlockITree *locks, ExtlockExtent ext,
 /*
  * Which part of a revoked lock @ext to give back: the part @want the
  * waiting request wants, widened to the end of the lock on the side the
- * node has not used (@used: the span its requests used, empty if
- * start >= end).  The whole lock if the used span touches the wanted part
- * or lies on both sides of it.  Always a head, a tail or all of @ext.
+ * node has not used or, if it reaches that end already, to the used span
+ * (@used: the span its requests used since the grant, empty if
+ * start >= end).
+ * The whole lock if the used span touches the wanted part or lies on both
+ * sides of it.  Always a head, a tail or all of @ext.
  */
 ExtlockExtent extlock_cache_revoke_part(ExtlockExtent ext, ExtlockExtent want,
                                         ExtlockExtent used);
@@ -65,13 +67,58 @@ typedef struct ExtlockLocalReq {
     ExtlockITNode node;         /* node.ext: the locked range */
     uint64_t seq;               /* arrival order in the node */
     ExtlockMode mode;
+    size_t slot;                /* private: index in ExtlockLocalSet.flat */
 } ExtlockLocalReq;
 
 /*
- * Must @req wait for an earlier request of the node in @active (a tree of
- * ExtlockLocalReq.node) that overlaps it in a conflicting mode?
+ * The node's active requests (ExtlockLocalReq), for local order.  Up to
+ * EXTLOCK_LOCAL_FLAT_MAX of them live in a flat array of copies of their
+ * extents, seqs and modes: insert and remove are O(1) (append, move the
+ * last entry into the hole) and the conflict check is a linear scan over
+ * contiguous memory, which at the usual queue depths is much cheaper than
+ * rebalancing an interval tree whose nodes sit in the stacks of as many
+ * coroutines.  When a request finds the array full, the set moves all of
+ * them into an interval tree (O(log n) insert/remove, O(log n + k)
+ * check) and stays there until it is empty again.  No allocation.
  */
-bool extlock_local_must_wait(ExtlockITree *active, const ExtlockLocalReq *req);
+#define EXTLOCK_LOCAL_FLAT_MAX 64
+
+typedef struct ExtlockLocalSlot {
+    ExtlockExtent ext;
+    uint64_t seq;
+    ExtlockMode mode;
+    ExtlockLocalReq *req;
+} ExtlockLocalSlot;
+
+typedef struct ExtlockLocalSet {
+    size_t count;
+    size_t nexcl;               /* how many of them are exclusive */
+    bool in_tree;               /* the requests are in @tree, not @flat */
+    ExtlockITree tree;
+    ExtlockLocalSlot flat[EXTLOCK_LOCAL_FLAT_MAX];
+} ExtlockLocalSet;
+
+/* An empty set (a zero-filled one is empty too) */
+void extlock_local_init(ExtlockLocalSet *set);
+
+/* Add @req, whose node.ext, seq and mode are set; they must not change */
+void extlock_local_insert(ExtlockLocalSet *set, ExtlockLocalReq *req);
+
+/* Remove @req, which is in @set */
+void extlock_local_remove(ExtlockLocalSet *set, ExtlockLocalReq *req);
+
+static inline size_t extlock_local_count(const ExtlockLocalSet *set)
+{
+    return set->count;
+}
+
+/*
+ * Must @req (which is in @active) wait for an earlier request of the node
+ * in @active that overlaps it in a conflicting mode?  No search when it
+ * is alone, or a reader while no writer is active.
+ */
+bool extlock_local_must_wait(ExtlockLocalSet *active,
+                             const ExtlockLocalReq *req);
 
 /*
  * A log2 histogram of durations in microseconds, kept by the driver on

@@ -240,9 +240,10 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
 /*
  * Which part of a revoked lock to give back: the part the waiting request
  * wants, widened to the end of the lock on the side this node has not used
- * since the lock was granted.  So two hosts working on disjoint ranges
- * split a grown lock between them once and then stop talking.  If the
- * used span touches the wanted part or lies on both sides, the whole lock.
+ * since the lock was granted (if the wanted part reaches that end, up to
+ * the span it used).  So two hosts working on disjoint ranges split a
+ * grown lock between them once and then stop talking.  If the used span
+ * touches the wanted part or lies on both sides, the whole lock.
  */
 static ExtlockExtent extlock_revoke_part(ExtlockCachedLock *l)
 {
@@ -588,7 +589,7 @@ static int coroutine_fn extlock_request_send(ExtlockClient *c,
  */
 static void extlock_local_done(ExtlockClient *c, ExtlockRequest *req)
 {
-    extlock_itree_remove(&c->active, &req->local.node);
+    extlock_local_remove(&c->active, &req->local);
     extlock_wake_all(&c->local_waiters);
 }
 
@@ -645,7 +646,7 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
     req->local.seq = c->next_seq++;
     req->local.mode = req->mode;
     req->local.node.ext = extlock_ext(req->offset, req->length);
-    extlock_itree_insert(&c->active, &req->local.node);
+    extlock_local_insert(&c->active, &req->local);
     while (extlock_local_must_wait(&c->active, &req->local)) {
         req->waited = true;
         extlock_wait_on(&c->local_waiters);
@@ -1670,7 +1671,7 @@ static void extlock_locks_detach(ExtlockClient *c)
     qemu_bh_delete(c->drain_bh);
     c->drain_bh = NULL;
     /* Drained: nobody waits for a lock, nobody holds one */
-    assert(QLIST_EMPTY(&c->waiting) && !c->active.count);
+    assert(QLIST_EMPTY(&c->waiting) && !extlock_local_count(&c->active));
     assert(!c->usable_waiters->len && !c->local_waiters->len &&
            !c->grant_waiters->len && !c->wake->len);
     timer_free(c->wait_timer);
@@ -1814,7 +1815,7 @@ void extlock_client_free(ExtlockClient *c)
     assert(!c->grant_waiters->len && !c->usable_waiters->len);
     g_ptr_array_free(c->grant_waiters, true);
     g_ptr_array_free(c->usable_waiters, true);
-    assert(!c->local_waiters->len && !c->active.count);
+    assert(!c->local_waiters->len && !extlock_local_count(&c->active));
     g_ptr_array_free(c->local_waiters, true);
     g_ptr_array_free(c->wake, true);
     g_free(c->node_name);

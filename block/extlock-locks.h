@@ -161,7 +161,7 @@ typedef struct ExtlockClient {
     GPtrArray *wake;            /* requests a read completed */
     bool no_lease_io_reported;  /* "failing I/O" said since the lease loss */
     GPtrArray *grant_waiters;   /* coroutines waiting for our own grants */
-    ExtlockITree active;        /* requests between lock and unlock */
+    ExtlockLocalSet active;     /* requests between lock and unlock */
     uint64_t next_seq;
     GPtrArray *local_waiters;   /* ... waiting for an earlier local one */
     bool grants_grow;           /* the last grant was larger than asked */

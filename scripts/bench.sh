@@ -13,8 +13,14 @@
 #     lock-cache=on, (d) lock-cache=off on null-co and on loopback NFS; the
 #     filter's own CPU time per request against a request of (a); handoff
 #     between two qemu-io processes and its parts; 4 and 8 writers with and
-#     without extlock (aggregate IOPS ratio, fairness).
+#     without extlock (aggregate IOPS ratio, fairness: each host's rate
+#     against the mean rate of its run, the hosts started together).
 # Options are passed to bench-qemu.py (e.g. --quick, --no-nfs, --only).
+# --before DIR (a directory with the qemu-img and extlockd of another
+# build, e.g. main's) runs the filter cost and the many-hosts part with
+# both builds, interleaved, and prints both: a before/after in one run.
+# The handoff between two guests is contrib/extlock-bench/bench-guests.py
+# (not run here: two TCG guests take minutes).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"

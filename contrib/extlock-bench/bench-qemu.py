@@ -36,8 +36,17 @@ a noisy machine:
    neighbouring and overlapping 64 KiB extents, with extlock and without:
    aggregate IOPS ratio and fairness between the hosts.
 
+   The hosts start together (a gate lock held until every host's first
+   write waits); a host's rate runs from the gate to its last coordinator
+   event.
+
+With --before DIR (a directory with another build's qemu-img and,
+optionally, extlockd) the filter cost and the many-hosts runs are made
+with both builds, interleaved, and printed side by side.
+
 Usage: bench-qemu.py [--quick] [--no-nfs] [--repeat N] [--json FILE]
-                     [--only throughput|handoff|hosts] [--hosts 4,8]
+                     [--only throughput|cost|handoff|hosts] [--hosts 4,8]
+                     [--before DIR]
 """
 
 import argparse
@@ -57,6 +66,7 @@ sys.path.insert(0, str(REPO / "tests" / "qemu"))
 
 from harness import procs                       # noqa: E402
 from harness.ganesha import NfsServer           # noqa: E402
+from harness.coordinator import CoordinatorClient  # noqa: E402
 
 STEP = 4096 * 7919          # prime number of blocks: scattered offsets
 
@@ -78,7 +88,7 @@ COST_RE = re.compile(r"extlock_filter_cost node \S+ (\d+) requests (\d+) ns "
                      r"clock read (\d+) ns")
 
 
-def filter_cost(image_opts, count, write, workdir, depth):
+def filter_cost(image_opts, count, write, workdir, depth, binary=None):
     """
     The filter's own CPU time per request, from its extlock_filter_cost
     counters: each request's time in extlock minus the time in its child,
@@ -86,7 +96,7 @@ def filter_cost(image_opts, count, write, workdir, depth):
     the child never waits, so this is CPU time.
     """
     trace = Path(tempfile.mkstemp(prefix="cost-", dir=workdir)[1])
-    argv = [procs.binary("qemu-img"), "-T",
+    argv = [binary or procs.binary("qemu-img"), "-T",
             f"enable=extlock_filter_cost,file={trace}", "bench",
             "--image-opts", "-c", str(count), "-d", str(depth), "-s", "4096",
             "-S", str(STEP)]
@@ -101,7 +111,7 @@ def filter_cost(image_opts, count, write, workdir, depth):
     return max(0.0, ns / requests - 2 * clock), clock
 
 
-def perf_share(image_opts, count, write, workdir, depth):
+def perf_share(image_opts, count, write, workdir, depth, binary=None):
     """
     Share of the CPU samples of `qemu-img bench` (perf record, user and
     kernel) in extlock's own functions (extlock_*, the interval tree), or
@@ -111,8 +121,9 @@ def perf_share(image_opts, count, write, workdir, depth):
         return None
     data = Path(tempfile.mkstemp(prefix="perf-", dir=workdir)[1])
     argv = ["perf", "record", "-q", "-F", "4999", "-o", str(data),
-            procs.binary("qemu-img"), "bench", "--image-opts", "-c",
-            str(count), "-d", str(depth), "-s", "4096", "-S", str(STEP)]
+            binary or procs.binary("qemu-img"), "bench", "--image-opts",
+            "-c", str(count), "-d", str(depth), "-s", "4096", "-S",
+            str(STEP)]
     if write:
         argv.append("-w")
     argv.append(image_opts)
@@ -154,42 +165,54 @@ def configs(base, coordinator):
     ]
 
 
-def throughput(backends, coordinator, repeat, counts, workdir):
+def throughput(backends, coordinator, repeat, counts, workdir, builds,
+               cost_only=False):
     results = []
     for bname, base in backends:
         for write in (False, True):
             cfgs = configs(base, coordinator)
             samples = {name: [] for name, _ in cfgs}
-            for _ in range(repeat):
+            for _ in range(0 if cost_only else repeat):
                 for name, opts in cfgs:
                     count = counts[bname]
                     if "cache=off" in name:
                         count = max(2000, count // 10)
                     samples[name].append(
                         qemu_img_bench(opts_str(opts), count, write))
-            base_iops = statistics.median(samples[cfgs[0][0]])
             for depth in (32, 1) if bname == "null-co" else ():
-                # (c)'s own cost per request against (a)'s whole request
+                # (c)'s own cost per request against (a)'s whole request,
+                # with every build (interleaved)
                 opts = dict(cfgs)["c: extlock cache=on"]
-                cost, a = [], []
+                cost = {label: [] for label, _, _ in builds}
+                a = []
                 for _ in range(repeat):
-                    cost.append(filter_cost(opts_str(opts), counts[bname],
-                                            write, workdir, depth))
+                    for label, binary, _ in builds:
+                        cost[label].append(filter_cost(
+                            opts_str(opts), counts[bname], write, workdir,
+                            depth, binary))
                     a.append(qemu_img_bench(opts_str(cfgs[0][1]),
                                             counts[bname], write, depth))
-                ns = statistics.median(c[0] for c in cost)
-                share = perf_share(opts_str(opts), counts[bname], write,
-                                   workdir, depth)
-                results.append({"backend": bname,
-                                "op": "write" if write else "read",
-                                "config": "c: filter's own CPU",
-                                "depth": depth,
-                                "ns_per_request": round(ns, 1),
-                                "clock_read_ns": cost[0][1],
-                                "perf_share": share,
-                                "ratio": round(ns * statistics.median(a) /
-                                               1e9, 4)})
-            for name, _ in cfgs:
+                first_ns = None
+                for label, binary, _ in builds:
+                    ns = statistics.median(c[0] for c in cost[label])
+                    first_ns = ns if first_ns is None else first_ns
+                    share = perf_share(opts_str(opts), counts[bname], write,
+                                       workdir, depth, binary)
+                    results.append({"backend": bname,
+                                    "op": "write" if write else "read",
+                                    "config": "c: filter's own CPU",
+                                    "build": label,
+                                    "depth": depth,
+                                    "ns_per_request": round(ns, 1),
+                                    "vs_first_build": round(
+                                        ns / first_ns, 3) if first_ns else
+                                    None,
+                                    "clock_read_ns": cost[label][0][1],
+                                    "perf_share": share,
+                                    "ratio": round(ns * statistics.median(a)
+                                                   / 1e9, 4)})
+            for name, _ in () if cost_only else cfgs:
+                base_iops = statistics.median(samples[cfgs[0][0]])
                 iops = statistics.median(samples[name])
                 results.append({"backend": bname,
                                 "op": "write" if write else "read",
@@ -388,7 +411,18 @@ def handoff(workdir, group, writes, period_ms):
     }
 
 
-def many_hosts(workdir, group, writers, counts, qemu_img=None):
+def gate_wait(cl, space, n, timeout=60.0):
+    """Wait (bounded) until @n requests wait in lock-space @space."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for sp in cl.status().get("lock-spaces", []):
+            if sp.get("name") == space and len(sp.get("waiting", [])) >= n:
+                return
+        time.sleep(0.01)
+    raise RuntimeError(f"{n} hosts did not queue in {space} in {timeout} s")
+
+
+def many_hosts(workdir, group, writers, counts, builds):
     """
     @writers qemu-img bench processes ("hosts") writing 4 KiB requests
     (queue depth 1, sequentially, wrapping around in a 64 KiB window: a
@@ -401,26 +435,50 @@ def many_hosts(workdir, group, writers, counts, qemu_img=None):
       same        every host writes the same 64 KiB (a fair share is
                   1 / writers),
     each through extlock (lock-cache on, the defaults) and, as the
-    baseline of the same run, straight to the file.  Per host: requests
-    / its run time; aggregate: the sum over hosts; fairness: the slowest
-    host's rate / the mean rate; grants/host: lock grants the coordinator
-    logged per host and run (few: the hosts split the file once; many: they
-    take ranges from each other).
+    baseline of the same run, straight to the file.  @builds: [(label,
+    qemu-img)], the extlock runs are made with each (interleaved).
+
+    Start: with extlock, a gate client holds the whole file until every
+    host's first write waits at the coordinator, then lets go (T0): so the
+    hosts start together instead of hundreds of ms apart, and a host's
+    rate is its requests / (its last coordinator event - T0), from the
+    event log (CLOCK_MONOTONIC).  Unlocked: requests / its own run time.
+    Aggregate: all requests / the group's wall time; fairness: the slowest
+    host's rate / the mean rate; grants/host: grants logged per host and
+    run (few: the hosts split the file once; many: they take ranges from
+    each other).
     """
     workdir = Path(tempfile.mkdtemp(prefix=f"hosts{writers}-", dir=workdir))
     img = workdir / "hosts.raw"
     with open(img, "wb") as f:
         f.truncate(64 << 20)
     evlog = workdir / "events.log"
-    daemon = group.extlockd(name=workdir.name + "/extlockd",
-                            debug_checks=False,
-                            extra_args=["--event-log", str(evlog)])
-    coordinator = str(daemon.socket_path)
-    binary = qemu_img or procs.binary("qemu-img")
+    daemons = {}
+    for label, _, extlockd_dir in builds:
+        # each build with its own coordinator (its extlockd if it has one)
+        old = os.environ.get("EXTLOCK_BUILD")
+        if extlockd_dir:
+            os.environ["EXTLOCK_BUILD"] = extlockd_dir
+        try:
+            daemons[label] = group.extlockd(
+                name=f"{workdir.name}/extlockd-{label}", debug_checks=False,
+                extra_args=["--event-log", str(evlog)])
+        finally:
+            if old is None:
+                os.environ.pop("EXTLOCK_BUILD", None)
+            else:
+                os.environ["EXTLOCK_BUILD"] = old
     results = []
 
-    def run(layout, locked, count, run_no):
+    def run(layout, label, binary, count, run_no):
         ps = []
+        space = f"hosts-{layout}-{writers}-{run_no}-{label}"
+        coordinator = str(daemons[label].socket_path) if label else None
+        gate = None
+        if binary:
+            gate = CoordinatorClient(f"unix:{coordinator}")
+            gate.hello("gate", space)
+            gate_lock = gate.lock(0, 64 << 20)["lock"]
         t0 = time.monotonic()
         for i in range(writers):
             # a raw node's offset/size: the host's 64 KiB window, which
@@ -428,9 +486,8 @@ def many_hosts(workdir, group, writers, counts, qemu_img=None):
             off = {"neighbours": i * 65536, "overlapping": i * 32768,
                    "same": 0}[layout]
             f = {"driver": "file", "filename": str(img), "locking": "off"}
-            if locked:
-                f = {"driver": "extlock",
-                     "lock-space": f"hosts-{layout}-{writers}-{run_no}",
+            if binary:
+                f = {"driver": "extlock", "lock-space": space,
                      "client-id": f"host{i}", "coordinator.type": "unix",
                      "coordinator.path": coordinator,
                      "file.driver": "file", "file.filename": str(img),
@@ -439,9 +496,17 @@ def many_hosts(workdir, group, writers, counts, qemu_img=None):
             for k, v in f.items():
                 o[f"file.{k}"] = v
             ps.append(subprocess.Popen(
-                [binary, "bench", "--image-opts", "-w", "-c", str(count),
-                 "-d", "1", "-s", "4096", opts_str(o)],
+                [binary or builds[-1][1], "bench", "--image-opts",
+                 "-w", "-c", str(count), "-d", "1", "-s", "4096",
+                 opts_str(o)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if gate:
+            try:
+                gate_wait(gate, space, writers)
+                t0 = time.monotonic()
+                gate.unlock(gate_lock)
+            finally:
+                gate.close()
         rates = []
         for p in ps:
             out, err = p.communicate(timeout=900)
@@ -449,31 +514,48 @@ def many_hosts(workdir, group, writers, counts, qemu_img=None):
             if p.returncode != 0 or not m:
                 raise RuntimeError(f"qemu-img bench failed: {out}{err}")
             rates.append(count / float(m.group(1)))
-        # aggregate over the wall time of the whole group (starts skew)
-        return writers * count / (time.monotonic() - t0), rates
+        wall = time.monotonic() - t0
+        grants = [0] * writers
+        if gate:
+            last = [0] * writers
+            for e in event_log(evlog, space):
+                if e["client-id"].startswith("host"):
+                    i = int(e["client-id"][4:])
+                    last[i] = max(last[i], e["ts"])
+                    grants[i] += e["event"] == "grant"
+            rates = [count / max(1e-6, (t / 1e9 - t0)) for t in last]
+        # aggregate over the wall time of the whole group
+        return writers * count / wall, rates, grants
 
     run_no = 0
     for layout in ("neighbours", "overlapping", "same"):
         count = counts[layout]
-        base, ext = [], []
+        base = []
+        ext = {label: [] for label, _, _ in builds}
         for _ in range(2):                  # interleaved, twice
             run_no += 1
-            base.append(run(layout, False, count, run_no))
-            ext.append(run(layout, True, count, run_no))
+            base.append(run(layout, None, None, count, run_no))
+            for label, binary, _ in builds:
+                ext[label].append(run(layout, label, binary, count, run_no))
         b = statistics.median(r[0] for r in base)
-        e = statistics.median(r[0] for r in ext)
-        fair = statistics.median(min(r[1]) / statistics.mean(r[1])
-                                 for r in ext)
-        grants = sum(1 for x in event_log(evlog, None)
-                     if x["event"] == "grant" and
-                     x["lock-space"].startswith(f"hosts-{layout}-"))
-        results.append({
-            "writers": writers, "layout": layout, "requests": count,
-            "unlocked_iops": round(b), "extlock_iops": round(e),
-            "ratio": round(e / b, 3), "fairness": round(fair, 3),
-            "grants_per_host": round(grants / len(ext) / writers, 1),
-        })
-    daemon.stop()
+        for label, _, _ in builds:
+            e = statistics.median(r[0] for r in ext[label])
+            fairs = [min(r[1]) / statistics.mean(r[1]) for r in ext[label]]
+            grants = sum(sum(r[2]) for r in ext[label])
+            results.append({
+                "writers": writers, "layout": layout, "requests": count,
+                "build": label,
+                "unlocked_iops": round(b), "extlock_iops": round(e),
+                "ratio": round(e / b, 3),
+                "fairness": round(statistics.median(fairs), 3),
+                "fairness_runs": [round(x, 3) for x in fairs],
+                "host_rates": [[round(x) for x in r[1]] for r in ext[label]],
+                "host_grants": [r[2] for r in ext[label]],
+                "grants_per_host": round(grants / len(ext[label]) / writers,
+                                         1),
+            })
+    for d in daemons.values():
+        d.stop()
     return results
 
 
@@ -496,8 +578,14 @@ def main():
                     help="handoff: each process writes every this often")
     ap.add_argument("--hosts", default="4,8",
                     help="many hosts: numbers of writers (empty: skip)")
-    ap.add_argument("--only", choices=("throughput", "handoff", "hosts"),
-                    help="run only one of the two parts")
+    ap.add_argument("--only", choices=("throughput", "cost", "handoff",
+                                       "hosts"),
+                    help="run only one of the parts")
+    ap.add_argument("--before", metavar="DIR",
+                    help="a directory with the qemu-img (and, if there, "
+                    "the extlockd) of the build to compare with: the "
+                    "filter cost and many hosts run with both, "
+                    "interleaved, and print both")
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="extlock-bench-"))
@@ -522,15 +610,21 @@ def main():
 
         tp = ho = None
         mh = []
-        if args.only in (None, "throughput"):
+        builds = [("this", procs.binary("qemu-img"), None)]
+        if args.before:
+            bdir = Path(args.before).resolve()
+            builds.insert(0, ("before", str(bdir / "qemu-img"),
+                              str(bdir) if (bdir / "extlockd").exists()
+                              else None))
+        if args.only in (None, "throughput", "cost"):
             tp = throughput(backends, coordinator, args.repeat, counts,
-                            workdir)
+                            workdir, builds, args.only == "cost")
         if args.only in (None, "hosts"):
             for n in [int(x) for x in args.hosts.split(",") if x]:
                 mh += many_hosts(workdir, group, n, {
                     "neighbours": 5000 if args.quick else 30000,
                     "overlapping": 500 if args.quick else 3000,
-                    "same": 500 if args.quick else 3000})
+                    "same": 500 if args.quick else 3000}, builds)
         if args.only in (None, "handoff"):
             ho = handoff(workdir, group, 150 if args.quick else 1100,
                          args.period_ms)
@@ -547,15 +641,17 @@ def main():
                     r["backend"], r["op"], r["config"], r["iops"],
                     r["ratio"]))
             print("\nThe filter's own CPU time per request (extlock "
-                  "cache=on, its extlock_filter_cost counters), and as a "
-                  "fraction of a whole request of (a) in the same run")
+                  "cache=on, its extlock_filter_cost counters), as a "
+                  "fraction of a whole request of (a) in the same run, and "
+                  "against the first build")
             for r in tp:
                 if "ns_per_request" in r:
-                    print("%-8s %-6s QD%-3d %8.1f ns  %8.4f of (a)   "
-                          "(clock read %d ns)  perf: %s of (c)'s samples "
-                          "in extlock code" % (
-                              r["backend"], r["op"], r["depth"],
+                    print("%-8s %-6s QD%-3d %-6s %8.1f ns  %8.4f of (a)  "
+                          "%6.3f of first  (clock read %d ns)  perf: %s of "
+                          "(c)'s samples in extlock code" % (
+                              r["backend"], r["op"], r["depth"], r["build"],
                               r["ns_per_request"], r["ratio"],
+                              r["vs_first_build"],
                               r["clock_read_ns"],
                               "n/a" if r["perf_share"] is None else
                               "%.3f" % r["perf_share"]))
@@ -575,14 +671,23 @@ def main():
         if mh:
             print("\nMany hosts: qemu-img bench writers, 4 KiB QD1, one "
                   "local file; ratio: extlock / the same writers unlocked")
-            print("  %-7s %-12s %10s %10s %7s %9s %8s" % (
-                "writers", "layout", "unlocked", "extlock", "ratio",
-                "fairness", "grants/host"))
+            print("  %-7s %-12s %-7s %10s %10s %7s %9s %8s" % (
+                "writers", "layout", "build", "unlocked", "extlock",
+                "ratio", "fairness", "grants/host"))
             for r in mh:
-                print("  %-7d %-12s %10d %10d %7.3f %9.3f %8.1f" % (
-                    r["writers"], r["layout"], r["unlocked_iops"],
-                    r["extlock_iops"], r["ratio"], r["fairness"],
-                    r["grants_per_host"]))
+                print("  %-7d %-12s %-7s %10d %10d %7.3f %9.3f %8.1f" % (
+                    r["writers"], r["layout"], r["build"],
+                    r["unlocked_iops"], r["extlock_iops"], r["ratio"],
+                    r["fairness"], r["grants_per_host"]))
+            print("  per host and run: its rate / the mean rate of the run; "
+                  "its grants")
+            for r in mh:
+                for rates, grants in zip(r["host_rates"], r["host_grants"]):
+                    mean = statistics.mean(rates)
+                    print("  %d %-11s %-6s %s; %s" % (
+                        r["writers"], r["layout"], r["build"],
+                        " ".join("%.2f" % (x / mean) for x in rates),
+                        " ".join(str(x) for x in grants)))
         print("\nLoad average during the run: %s" %
               " ".join(Path("/proc/loadavg").read_text().split()[:3]))
         if args.json:

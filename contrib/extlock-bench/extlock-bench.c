@@ -32,6 +32,7 @@
 #include <sys/socket.h>
 #include <json-c/json.h>
 #include "extlock/client-sync.h"
+#include "bench-util.h"
 
 #define DEFAULT_ADDRESS "unix:/run/extlock/extlockd.sock"
 #define SLOT_BITS 10
@@ -203,14 +204,6 @@ struct Worker {
     uint64_t reads;
     uint64_t writes;
 };
-
-static inline int64_t now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 /* xorshift64*: cheap per-worker pseudo random numbers */
 static inline uint64_t rng_next(uint64_t *s)

@@ -40,6 +40,7 @@
 #include <sys/wait.h>
 #include <json-c/json.h>
 #include "extlock/client-sync.h"
+#include "bench-util.h"
 
 #define EXTENT 65536
 #define RECV_TIMEOUT_MS 10000
@@ -68,14 +69,6 @@ static const char *opt_lock_space = "extlock-handoff";
 static long opt_rounds = 2000;
 static bool opt_json;
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static G_NORETURN void die(int who, const char *what, GError *err)
 {
     fprintf(stderr, "extlock-handoff: process %d: %s%s%s\n", who, what,
@@ -83,12 +76,25 @@ static G_NORETURN void die(int who, const char *what, GError *err)
     exit(1);
 }
 
+/* Send @m (and clear it), or end the process; returns its id */
+static uint64_t send_or_die(ExtlockConn *conn, int who, ExtlockMsg *m,
+                            const char *what)
+{
+    g_autoptr(GError) err = NULL;
+    uint64_t id;
+
+    if (!extlock_conn_send(conn, m, &err)) {
+        die(who, what, err);
+    }
+    id = m->id;
+    extlock_msg_clear(m);
+    return id;
+}
+
 /* Send "lock" for [off, +EXTENT) exclusive; returns its id */
 static uint64_t send_lock(ExtlockConn *conn, int who, uint64_t off)
 {
-    g_autoptr(GError) err = NULL;
     ExtlockMsg m;
-    uint64_t id;
 
     extlock_msg_init(&m, EXTLOCK_MSG_LOCK);
     m.has_extent = true;
@@ -100,25 +106,16 @@ static uint64_t send_lock(ExtlockConn *conn, int who, uint64_t off)
     m.has_limit = true;
     m.limit_offset = off;
     m.limit_length = EXTENT;
-    if (!extlock_conn_send(conn, &m, &err)) {
-        die(who, "send lock", err);
-    }
-    id = m.id;
-    extlock_msg_clear(&m);
-    return id;
+    return send_or_die(conn, who, &m, "send lock");
 }
 
 static void send_unlock(ExtlockConn *conn, int who, uint64_t lock)
 {
-    g_autoptr(GError) err = NULL;
     ExtlockMsg m;
 
     extlock_msg_init(&m, EXTLOCK_MSG_UNLOCK);
     m.lock = lock;
-    if (!extlock_conn_send(conn, &m, &err)) {
-        die(who, "send unlock", err);
-    }
-    extlock_msg_clear(&m);
+    send_or_die(conn, who, &m, "send unlock");
 }
 
 /*
@@ -224,8 +221,9 @@ static void run_child(int who, Shared *sh, int in, int out, int ready)
                             &r->t_revoke_rx) != held) {
                 /* a revoke of a lock given back already */
             }
-            send_unlock(conn, who, held);
+            /* before the send: the coordinator may release it first */
             r->t_unlock_tx = now_ns();
+            send_unlock(conn, who, held);
             held = 0;
         } else {
             /* The waiter of round k */

@@ -107,12 +107,41 @@ static void conn_kick_tls(ExtlockdConn *conn)
     }
 }
 
+/*
+ * The peer closed its end (a write failed with EPIPE or ECONNRESET), but
+ * what it sent before closing may still wait unread in the socket: the
+ * unlocks and the "bye" of a client that exits while the coordinator
+ * sends it a revoke.  Destroying the connection now would drop them and
+ * keep its locks until its lease ran out, and the clients waiting for
+ * them with it.  So drop the output from now on, and let the read side
+ * take the rest; it destroys the connection at the end of input.
+ */
+static void conn_peer_gone(ExtlockdConn *conn)
+{
+    VERBOSE(conn->server, "%s: peer closed; reading what it sent",
+            conn->peer);
+    conn->peer_gone = true;
+    g_string_truncate(conn->out, 0);
+    conn->out_pos = 0;
+    /* poll() reports the unread input and the end of it */
+    conn_set_events(conn, G_IO_IN);
+}
+
 /* Returns false if the connection was destroyed */
 static bool conn_flush(ExtlockdConn *conn)
 {
     size_t pending;
     GIOCondition events;
 
+    if (conn->peer_gone) {
+        g_string_truncate(conn->out, 0);
+        conn->out_pos = 0;
+        if (conn->closing) {
+            conn_destroy(conn);
+            return false;
+        }
+        return true;
+    }
     while (conn->out_pos < conn->out->len) {
         ssize_t n = conn_sys_send(conn, conn->out->str + conn->out_pos,
                                   conn->out->len - conn->out_pos);
@@ -125,6 +154,11 @@ static bool conn_flush(ExtlockdConn *conn)
         }
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             break;
+        }
+        if (n < 0 && !conn->tls && !conn->closing &&
+            (errno == EPIPE || errno == ECONNRESET)) {
+            conn_peer_gone(conn);
+            return true;
         }
         VERBOSE(conn->server, "%s: write failed: %s", conn->peer,
                 n < 0 ? (conn->tls ? extlockd_tls_error(conn->tls) :

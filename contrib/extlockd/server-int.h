@@ -207,6 +207,7 @@ struct ExtlockdConn {
     size_t out_allowance;        /* big replies in out (status) */
     ExtlockdSession *session;
     bool closing;                /* close once out is flushed */
+    bool peer_gone;              /* a write failed: read what is left */
     int64_t closing_since_us;
     /* Who it is (policy.h); NULL during the TLS handshake */
     char *identity;

@@ -102,7 +102,8 @@ static void test_lookup_skips_stale(void **state)
  */
 static void test_new_request_racing_revoke(void **state)
 {
-    ExtlockITree locks = { 0 }, active = { 0 };
+    ExtlockITree locks = { 0 };
+    ExtlockLocalSet active = { 0 };
     ExtlockCacheEntry *l = entry(&locks, 0, 64 * MiB, EXTLOCK_MODE_EXCLUSIVE);
     ExtlockLocalReq a = { .node.ext = ext(0, 64 * KiB), .seq = 1,
                           .mode = EXTLOCK_MODE_EXCLUSIVE };
@@ -113,35 +114,35 @@ static void test_new_request_racing_revoke(void **state)
 
     (void)state;
     /* A is served by the cached lock */
-    extlock_itree_insert(&active, &a.node);
+    extlock_local_insert(&active, &a);
     assert_false(extlock_local_must_wait(&active, &a));
     assert_ptr_equal(extlock_cache_lookup(&locks, a.node.ext, a.mode), l);
 
     /* C (no overlap with A) is served before the revoke arrives */
-    extlock_itree_insert(&active, &c.node);
+    extlock_local_insert(&active, &c);
     assert_false(extlock_local_must_wait(&active, &c));
     assert_ptr_equal(extlock_cache_lookup(&locks, c.node.ext, c.mode), l);
 
     /* the revoke arrives; then B */
     l->revoking = true;
-    extlock_itree_insert(&active, &b.node);
+    extlock_local_insert(&active, &b);
     assert_true(extlock_local_must_wait(&active, &b));
     assert_null(extlock_cache_lookup(&locks, b.node.ext, b.mode));
 
     /* A is done: B no longer waits locally, but still asks the coordinator */
-    extlock_itree_remove(&active, &a.node);
+    extlock_local_remove(&active, &a);
     assert_false(extlock_local_must_wait(&active, &b));
     assert_null(extlock_cache_lookup(&locks, b.node.ext, b.mode));
     assert_null(extlock_cache_lookup(&locks, c.node.ext, c.mode));
 
-    extlock_itree_remove(&active, &b.node);
-    extlock_itree_remove(&active, &c.node);
+    extlock_local_remove(&active, &b);
+    extlock_local_remove(&active, &c);
     free_tree(&locks);
 }
 
 static void test_local_order(void **state)
 {
-    ExtlockITree active = { 0 };
+    ExtlockLocalSet active = { 0 };
     ExtlockLocalReq r1 = { .node.ext = ext(0, 8 * KiB), .seq = 10,
                            .mode = EXTLOCK_MODE_SHARED };
     ExtlockLocalReq r2 = { .node.ext = ext(4 * KiB, 12 * KiB), .seq = 11,
@@ -152,21 +153,213 @@ static void test_local_order(void **state)
                            .mode = EXTLOCK_MODE_EXCLUSIVE };
 
     (void)state;
-    extlock_itree_insert(&active, &r1.node);
-    extlock_itree_insert(&active, &r2.node);
-    extlock_itree_insert(&active, &w3.node);
-    extlock_itree_insert(&active, &w4.node);
+    extlock_local_insert(&active, &r1);
+    extlock_local_insert(&active, &r2);
+    extlock_local_insert(&active, &w3);
+    extlock_local_insert(&active, &w4);
     assert_false(extlock_local_must_wait(&active, &r1));
     assert_false(extlock_local_must_wait(&active, &r2));  /* readers share */
     assert_true(extlock_local_must_wait(&active, &w3));   /* behind r2 */
     assert_false(extlock_local_must_wait(&active, &w4));  /* adjacent only */
-    extlock_itree_remove(&active, &r2.node);
+    extlock_local_remove(&active, &r2);
     assert_false(extlock_local_must_wait(&active, &w3));
     /* a later request never holds up an earlier one */
     assert_false(extlock_local_must_wait(&active, &r1));
-    extlock_itree_remove(&active, &r1.node);
-    extlock_itree_remove(&active, &w3.node);
-    extlock_itree_remove(&active, &w4.node);
+    extlock_local_remove(&active, &r1);
+    extlock_local_remove(&active, &w3);
+    extlock_local_remove(&active, &w4);
+    assert_int_equal(extlock_local_count(&active), 0);
+}
+
+/*
+ * The shortcuts of the check: a request alone never waits, nor does a
+ * reader while no writer is active; but a reader behind the one active
+ * writer does, and a writer behind readers.
+ */
+static void test_local_shortcuts(void **state)
+{
+    ExtlockLocalSet set = { 0 };
+    ExtlockLocalReq r0 = { .node.ext = ext(0, 8 * KiB), .seq = 1,
+                           .mode = EXTLOCK_MODE_SHARED };
+    ExtlockLocalReq w = { .node.ext = ext(0, 8 * KiB), .seq = 2,
+                          .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq r1 = { .node.ext = ext(4 * KiB, 12 * KiB), .seq = 3,
+                           .mode = EXTLOCK_MODE_SHARED };
+
+    (void)state;
+    extlock_local_insert(&set, &w);
+    assert_false(extlock_local_must_wait(&set, &w));     /* alone */
+    extlock_local_insert(&set, &r1);
+    assert_int_equal(set.nexcl, 1);
+    assert_true(extlock_local_must_wait(&set, &r1));     /* behind w */
+    extlock_local_remove(&set, &w);
+    assert_int_equal(set.nexcl, 0);
+    assert_false(extlock_local_must_wait(&set, &r1));
+    extlock_local_insert(&set, &r0);     /* an earlier reader, for the test */
+    assert_false(extlock_local_must_wait(&set, &r1));    /* readers only */
+    extlock_local_insert(&set, &w);
+    assert_true(extlock_local_must_wait(&set, &w));      /* behind r0 */
+    assert_false(extlock_local_must_wait(&set, &r0));
+    extlock_local_remove(&set, &r0);
+    extlock_local_remove(&set, &r1);
+    extlock_local_remove(&set, &w);
+    assert_int_equal(extlock_local_count(&set), 0);
+    assert_int_equal(set.nexcl, 0);
+}
+
+/* The answer of extlock_local_must_wait(), by brute force */
+static bool oracle_must_wait(ExtlockLocalReq **reqs, size_t n,
+                             const ExtlockLocalReq *req)
+{
+    for (size_t i = 0; i < n; i++) {
+        const ExtlockLocalReq *o = reqs[i];
+
+        if (o->seq < req->seq &&
+            extlock_extents_overlap(o->node.ext, req->node.ext) &&
+            extlock_modes_conflict(o->mode, req->mode)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void check_all(ExtlockLocalSet *set, ExtlockLocalReq **reqs, size_t n)
+{
+    size_t nexcl = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        nexcl += reqs[i]->mode == EXTLOCK_MODE_EXCLUSIVE;
+    }
+    assert_int_equal(set->nexcl, nexcl);
+    assert_int_equal(extlock_local_count(set), n);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(extlock_local_must_wait(set, reqs[i]),
+                         oracle_must_wait(reqs, n, reqs[i]));
+    }
+}
+
+/*
+ * The local set against brute force: random requests (small extents in a
+ * small range, so that they overlap often; both modes) come and go in
+ * random order, the queue depth sweeping from empty to beyond the flat
+ * array (the set moves into its tree) and back to empty (the set returns
+ * to the array), several times.  After every step every active request
+ * gets the oracle's answer.
+ */
+static void test_local_set_vs_oracle(void **state)
+{
+    enum { MAXQ = 3 * EXTLOCK_LOCAL_FLAT_MAX };
+    ExtlockLocalSet set;
+    ExtlockLocalReq pool[MAXQ];
+    ExtlockLocalReq *act[MAXQ];
+    size_t n = 0;
+    uint64_t seq = 1;
+    bool saw_tree = false, back_to_flat = false;
+    GRand *rng = g_rand_new_with_seed(16);
+
+    (void)state;
+    extlock_local_init(&set);
+    for (int round = 0; round < 6; round++) {
+        /* up to a depth below, at or above the flat array's size */
+        size_t top = (size_t[]){ 8, EXTLOCK_LOCAL_FLAT_MAX,
+                                 EXTLOCK_LOCAL_FLAT_MAX + 1, MAXQ,
+                                 EXTLOCK_LOCAL_FLAT_MAX / 2, MAXQ }[round];
+
+        while (n < top) {
+            ExtlockLocalReq *r = NULL;
+            uint64_t start = g_rand_int_range(rng, 0, 256) * 4 * KiB;
+
+            /* a free slot of the pool */
+            for (size_t i = 0; i < MAXQ && !r; i++) {
+                bool used = false;
+
+                for (size_t j = 0; j < n && !used; j++) {
+                    used = act[j] == &pool[i];
+                }
+                r = used ? NULL : &pool[i];
+            }
+            assert_non_null(r);
+            memset(r, 0, sizeof(*r));
+            r->node.ext = ext(start, start +
+                              g_rand_int_range(rng, 1, 5) * 4 * KiB);
+            r->seq = seq++;
+            /* rounds 0 and 4 mostly readers: writers come and go alone */
+            r->mode = g_rand_int_range(rng, 0, round % 4 ? 2 : 16) == 0
+                      ? EXTLOCK_MODE_EXCLUSIVE : EXTLOCK_MODE_SHARED;
+            extlock_local_insert(&set, r);
+            act[n++] = r;
+            saw_tree |= set.in_tree;
+            check_all(&set, act, n);
+        }
+        assert_int_equal(set.in_tree, n > EXTLOCK_LOCAL_FLAT_MAX);
+        /* remove in random order down to nothing */
+        while (n > 0) {
+            size_t k = g_rand_int_range(rng, 0, n);
+
+            extlock_local_remove(&set, act[k]);
+            act[k] = act[--n];
+            check_all(&set, act, n);
+        }
+        /* the tree is empty and the set works from its array again */
+        back_to_flat |= saw_tree && !set.in_tree;
+        assert_false(set.in_tree);
+        assert_null(set.tree.root);
+    }
+    assert_true(saw_tree);
+    assert_true(back_to_flat);
+    g_rand_free(rng);
+}
+
+/*
+ * Moving into the tree keeps every request's answer, and removing a
+ * request from the middle of the flat array moves the last one into its
+ * slot without losing it.
+ */
+static void test_local_set_edges(void **state)
+{
+    ExtlockLocalSet set = { 0 };
+    ExtlockLocalReq r[EXTLOCK_LOCAL_FLAT_MAX + 1];
+    ExtlockLocalReq late = { .node.ext = ext(0, 4 * KiB), .seq = 1000,
+                             .mode = EXTLOCK_MODE_SHARED };
+
+    (void)state;
+    /* disjoint readers; the last one overlaps the first */
+    for (size_t i = 0; i < EXTLOCK_LOCAL_FLAT_MAX; i++) {
+        r[i] = (ExtlockLocalReq) { .node.ext = ext(i * 8 * KiB,
+                                                   i * 8 * KiB + 4 * KiB),
+                                   .seq = i + 1,
+                                   .mode = EXTLOCK_MODE_SHARED };
+        extlock_local_insert(&set, &r[i]);
+    }
+    r[0].mode = EXTLOCK_MODE_SHARED;
+    /* a writer over the last reader waits; the middle one is removed */
+    extlock_local_remove(&set, &r[1]);
+    assert_int_equal(extlock_local_count(&set), EXTLOCK_LOCAL_FLAT_MAX - 1);
+    assert_ptr_equal(set.flat[1].req, &r[EXTLOCK_LOCAL_FLAT_MAX - 1]);
+    extlock_local_insert(&set, &r[1]);          /* back, full again */
+    assert_false(set.in_tree);
+    r[EXTLOCK_LOCAL_FLAT_MAX] = (ExtlockLocalReq) {
+        .node.ext = ext((EXTLOCK_LOCAL_FLAT_MAX - 1) * 8 * KiB,
+                        (EXTLOCK_LOCAL_FLAT_MAX - 1) * 8 * KiB + 4 * KiB),
+        .seq = EXTLOCK_LOCAL_FLAT_MAX + 1, .mode = EXTLOCK_MODE_EXCLUSIVE };
+    assert_false(set.in_tree);
+    extlock_local_insert(&set, &r[EXTLOCK_LOCAL_FLAT_MAX]);
+    assert_true(set.in_tree);
+    assert_int_equal(set.tree.count, EXTLOCK_LOCAL_FLAT_MAX + 1);
+    assert_true(extlock_local_must_wait(&set, &r[EXTLOCK_LOCAL_FLAT_MAX]));
+    /* a reader arriving late over r[0] does not wait for readers */
+    extlock_local_insert(&set, &late);
+    assert_false(extlock_local_must_wait(&set, &late));
+    extlock_local_remove(&set, &late);
+    extlock_local_remove(&set, &r[EXTLOCK_LOCAL_FLAT_MAX - 1]);
+    assert_false(extlock_local_must_wait(&set, &r[EXTLOCK_LOCAL_FLAT_MAX]));
+    for (size_t i = 0; i <= EXTLOCK_LOCAL_FLAT_MAX; i++) {
+        if (i != EXTLOCK_LOCAL_FLAT_MAX - 1) {
+            extlock_local_remove(&set, &r[i]);
+        }
+    }
+    assert_int_equal(extlock_local_count(&set), 0);
+    assert_false(set.in_tree);
 }
 
 static void test_revoke_part(void **state)
@@ -180,6 +373,15 @@ static void test_revoke_part(void **state)
         /* used on the right: give back ..want.end */
         { { 0, 64 * MiB }, { 1 * MiB, 2 * MiB }, { 40 * MiB, 41 * MiB },
           { 0, 2 * MiB } },
+        /*
+         * the wanted part reaches the unused end: a neighbour writing
+         * sequentially into the head this lock grew over gets all of the
+         * head up to the used span at once, not 4 KiB per revoke
+         */
+        { { 4 * KiB, 128 * KiB }, { 4 * KiB, 8 * KiB },
+          { 64 * KiB, 68 * KiB }, { 4 * KiB, 64 * KiB } },
+        { { 0, 128 * KiB }, { 124 * KiB, 128 * KiB }, { 0, 64 * KiB },
+          { 64 * KiB, 128 * KiB } },
         /* used touches the wanted part: all of it */
         { { 0, 64 * MiB }, { 1 * MiB, 2 * MiB }, { 1 * MiB, 3 * MiB },
           { 0, 64 * MiB } },
@@ -189,12 +391,12 @@ static void test_revoke_part(void **state)
         /* nothing used: all of it */
         { { 0, 64 * MiB }, { 8 * MiB, 9 * MiB }, { 0, 0 },
           { 0, 64 * MiB } },
-        /* wanted part reaches beyond the lock: clipped */
+        /* wanted part reaches beyond the lock: clipped, up to the used */
         { { 4 * MiB, 8 * MiB }, { 6 * MiB, 12 * MiB }, { 4 * MiB, 5 * MiB },
-          { 6 * MiB, 8 * MiB } },
-        /* wanted part starts at the lock's start: no head to keep */
+          { 5 * MiB, 8 * MiB } },
+        /* wanted part starts at the lock's start: up to the used span */
         { { 4 * MiB, 8 * MiB }, { 0, 5 * MiB }, { 7 * MiB, 8 * MiB },
-          { 4 * MiB, 5 * MiB } },
+          { 4 * MiB, 7 * MiB } },
         /* wanted part outside the lock (stale revoke): all of it */
         { { 4 * MiB, 8 * MiB }, { 9 * MiB, 10 * MiB }, { 4 * MiB, 5 * MiB },
           { 4 * MiB, 8 * MiB } },
@@ -303,6 +505,9 @@ int main(void)
         cmocka_unit_test(test_lookup_skips_stale),
         cmocka_unit_test(test_new_request_racing_revoke),
         cmocka_unit_test(test_local_order),
+        cmocka_unit_test(test_local_shortcuts),
+        cmocka_unit_test(test_local_set_vs_oracle),
+        cmocka_unit_test(test_local_set_edges),
         cmocka_unit_test(test_revoke_part),
         cmocka_unit_test(test_grow_limit),
         cmocka_unit_test(test_histogram),

@@ -1,0 +1,148 @@
+#!/usr/bin/python3
+"""Handoff between two guests: where the time of a lock handoff goes.
+
+SPDX-License-Identifier: GPL-2.0-or-later
+Copyright (c) 2026 The extlock authors
+
+Runs tests/e2e/run-guests.py (two tiny Linux guests whose virtio-blk disks
+are extlock nodes over one image, each running extlock-stress on the same
+extents) with extlock only, through two wrappers made for the run: one
+starts qemu-system-x86_64 with the driver's extlock_client_handoff trace
+events on (one trace file per guest, named after its client-id), the other
+starts extlockd with --event-log.  Afterwards every handoff is split into
+its parts as bench-qemu.py does for two qemu-io processes (revoke, holder,
+give-back, grant, wakeup, resume; all CLOCK_MONOTONIC), and printed with
+its ratio to the baseline of the same run: the lock round trip (lock sent
+-> granted read, in the driver) of the requests no other guest had to
+give anything back for.
+
+Not run by the test suite or CI (two TCG guests take minutes).  Needs what
+run-guests.py needs (the guest kernel and initrd of
+contrib/guest/build-guest.sh, root); with --storage nfs run it inside
+scripts/isolate.sh.
+
+    contrib/extlock-bench/bench-guests.py [--seconds 20] [--storage file]
+"""
+
+import argparse
+import importlib.util
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location(
+    "bench_qemu", REPO / "contrib" / "extlock-bench" / "bench-qemu.py")
+bq = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bq)
+
+QEMU_WRAPPER = """#!%(python)s
+# qemu-system-x86_64 with the handoff trace events on, one file per guest
+import os, re, sys
+args = sys.argv[1:]
+m = re.search(r'client-id["=:\\s]+"?([A-Za-z0-9_.-]+)', " ".join(args))
+name = (m.group(1) if m else "none") + "-%%d" %% os.getpid()
+os.execv(%(qemu)r, [%(qemu)r, "-trace",
+         "enable=extlock_client_handoff,file=%(tdir)s/" + name] + args)
+"""
+
+
+def uncontended_round_trips(traces, log):
+    """lock-tx -> grant-rx of the grants no other client released for."""
+    grants = {e["lock"]: e for e in log if e["event"] == "grant"}
+    releases = sorted((e["ts"], e["client-id"])
+                      for e in log if e["event"] == "release")
+    out = []
+    for cid, ev in traces.items():
+        for t5, step, lock in ev:
+            if step != "grant-rx":
+                continue
+            g = grants.get(lock)
+            lk = bq.last_before(ev, "lock-tx", t5)
+            if not g or g.get("client-id") != cid or not lk:
+                continue
+            if any(c != cid and lk[0] <= t <= g["ts"] for t, c in releases):
+                continue
+            out.append((t5 - lk[0]) / 1000.0)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--storage", choices=("file", "nfs"), default="file")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-guests-"))
+    tdir = work / "traces"
+    tdir.mkdir()
+    evlog = work / "events.log"
+    qemu = bq.procs.binary("qemu-system-x86_64")
+    extlockd = bq.procs.binary("extlockd")
+    wq = work / "qemu-system-x86_64"
+    wq.write_text(QEMU_WRAPPER % {"python": sys.executable, "qemu": qemu,
+                                  "tdir": tdir})
+    (work / "xd").mkdir()
+    wx = work / "xd" / "extlockd"
+    wx.write_text('#!/bin/sh\nexec %s --event-log %s "$@"\n' %
+                  (extlockd, evlog))
+    for w in (wq, wx):
+        w.chmod(0o755)
+
+    load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "e2e" / "run-guests.py"),
+         "--extlock-only", "--guests", "2", "--seconds", str(args.seconds),
+         "--storage", args.storage, "--qemu", str(wq), "--extlockd",
+         str(wx), "--json", str(work / "run-guests.json")],
+        capture_output=True, text=True, timeout=1800)
+    load1 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    if run.returncode != 0:
+        sys.stderr.write(run.stdout + run.stderr)
+        sys.exit(f"run-guests.py failed (exit {run.returncode}); kept {work}")
+
+    traces = {}
+    for f in sorted(tdir.iterdir()):
+        cid = re.sub(r"-\d+$", "", f.name)
+        if cid != "none":
+            traces.setdefault(cid, []).extend(bq.trace_steps(f))
+    for ev in traces.values():
+        ev.sort()
+    log = bq.event_log(evlog, None)
+    parts = bq.handoff_parts(traces, list(traces), log)
+    base = sorted(uncontended_round_trips(traces, log))
+    if len(traces) < 2 or not parts["total"] or not base:
+        sys.exit(f"no handoffs or no baseline in the traces; kept {work}")
+    b50 = statistics.median(base)
+    res = {"guests": sorted(traces), "seconds": args.seconds,
+           "storage": args.storage, "load_start": load0, "load_end": load1,
+           "handoffs": len(parts["total"]), "uncontended": len(base),
+           "grants": sum(1 for e in log if e["event"] == "grant"),
+           "parts_us": {}}
+    rows = [("uncontended", base)] + [(k, sorted(v))
+                                      for k, v in parts.items()]
+    print("Handoff between two guests (run-guests.py, %d s, %s storage): "
+          "%d handoffs, %d uncontended lock round trips, %d grants" % (
+              args.seconds, args.storage, res["handoffs"], len(base),
+              res["grants"]))
+    print("load average: %s at the start, %s at the end" % (load0, load1))
+    print("  %-12s %9s %9s %9s   (us; ratio: p50 / uncontended p50)" % (
+        "part", "p50", "p99", "ratio"))
+    for k, v in rows:
+        p50 = statistics.median(v)
+        p99 = bq.percentile(v, 99)
+        res["parts_us"][k] = {"p50": round(p50, 1), "p99": round(p99, 1),
+                              "ratio": round(p50 / b50, 2)}
+        print("  %-12s %9.1f %9.1f %9.2f" % (k, p50, p99, p50 / b50))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    print("work directory: %s" % work)
+
+
+if __name__ == "__main__":
+    main()
