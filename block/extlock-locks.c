@@ -1016,8 +1016,7 @@ static void extlock_locks_state_changed(void *opaque)
         /* A new connection: no reply comes to the old one's cancels */
         g_hash_table_remove_all(c->cancel_ids);
     }
-    extlock_pr_conn_changed(c->pr,
-                            extlock_conn_state(c->conn) == EXTLOCK_CONN_ACTIVE);
+    extlock_pr_conn_changed(c->pr, extlock_conn_state(c->conn));
     extlock_locks_wake_usable(c);
 }
 
@@ -1239,6 +1238,7 @@ static void extlock_drain_cut(ExtlockClient *c)
         }
     }
     extlock_locks_wake_usable(c);
+    extlock_pr_drain_cut(c->pr);
     extlock_pause_reconnect(c);
 }
 
@@ -1270,6 +1270,9 @@ static void extlock_drain_stop(ExtlockClient *c)
         timer_del(c->drain_timer);
     }
     c->drain_cut = false;
+    if (c->pr) {
+        c->pr->drain_cut = false;
+    }
     if (c->conn_paused) {
         c->conn_paused = false;
         extlock_conn_resume(c->conn);
@@ -1726,7 +1729,7 @@ ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
         extlock_client_free(c);
         return NULL;
     }
-    c->pr = extlock_pr_new(c->conn, client_id);
+    c->pr = extlock_pr_new(c->conn, client_id, c->node_name);
     extlock_pr_subscribe(c->pr);
     return c;
 }
