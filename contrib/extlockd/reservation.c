@@ -406,6 +406,29 @@ void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
 }
 
 /*
+ * Every client-id that ever sent a numbered pr-out has an entry: past
+ * PR_REQUESTS_MAX, those of client-ids not registered now go (their
+ * retry would be applied again)
+ */
+#define PR_REQUESTS_MAX     1024
+
+static gboolean pr_request_unregistered(gpointer key, gpointer value,
+                                        gpointer opaque)
+{
+    ExtlockdPr *pr = opaque;
+
+    return !extlock_pr_find(&pr->state, key);
+}
+
+static void pr_requests_trim(ExtlockdPr *pr)
+{
+    if (g_hash_table_size(pr->requests) >= PR_REQUESTS_MAX) {
+        g_hash_table_foreach_remove(pr->requests, pr_request_unregistered,
+                                    pr);
+    }
+}
+
+/*
  * @m repeats the last numbered pr-out of its client-id: if that one still
  * waits, its reply goes to @conn now; if it was answered, answer again.
  * Returns false if @m is a new request.
@@ -478,6 +501,7 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
     if (m->pr_request) {
         last = g_hash_table_lookup(pr->requests, session->client_id);
         if (!last) {
+            pr_requests_trim(pr);
             last = g_new0(PrRequest, 1);
             g_hash_table_insert(pr->requests, g_strdup(session->client_id),
                                 last);
