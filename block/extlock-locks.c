@@ -1017,8 +1017,7 @@ static void extlock_locks_state_changed(void *opaque)
         /* A new connection: no reply comes to the old one's cancels */
         g_hash_table_remove_all(c->cancel_ids);
     }
-    extlock_pr_conn_changed(c->pr,
-                            extlock_conn_state(c->conn) == EXTLOCK_CONN_ACTIVE);
+    extlock_pr_conn_changed(c->pr, extlock_conn_state(c->conn));
     extlock_locks_wake_usable(c);
 }
 
@@ -1240,6 +1239,7 @@ static void extlock_drain_cut(ExtlockClient *c)
         }
     }
     extlock_locks_wake_usable(c);
+    extlock_pr_drain_cut(c->pr);
     extlock_pause_reconnect(c);
 }
 
@@ -1271,6 +1271,9 @@ static void extlock_drain_stop(ExtlockClient *c)
         timer_del(c->drain_timer);
     }
     c->drain_cut = false;
+    if (c->pr) {
+        c->pr->drain_cut = false;
+    }
     if (c->conn_paused) {
         c->conn_paused = false;
         extlock_conn_resume(c->conn);
@@ -1727,7 +1730,7 @@ ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
         extlock_client_free(c);
         return NULL;
     }
-    c->pr = extlock_pr_new(c->conn, client_id);
+    c->pr = extlock_pr_new(c->conn, client_id, c->node_name);
     extlock_pr_subscribe(c->pr);
     return c;
 }

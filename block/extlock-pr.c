@@ -10,30 +10,45 @@
  * after every node of the lock-space applied the change; PERSISTENT
  * RESERVE IN is answered from the cached state, which is the state of
  * the last change that completed (or newer).
+ *
+ * Every state the node takes (pushed, or the reply to its pr-in after a
+ * reconnection) is acknowledged with pr-ack, and only once the writes in
+ * flight it forbids have drained.  A pr-out carries a request number, and
+ * is sent again with it when the connection comes back: the coordinator
+ * answers a retry instead of applying it twice.
  */
 #include "qemu/osdep.h"
 #include "qemu/coroutine.h"
 #include "block/aio.h"
+#include "qapi/qapi-events-block-extlock.h"
 #include "extlock-pr.h"
 #include "extlock-compat.h"
 
 typedef struct ExtlockPrWait {
-    uint64_t id;
+    uint64_t id;                /* message id on this connection, or 0 */
     Coroutine *co;
     bool done;
     int ret;
+    ExtlockMsg msg;             /* the pr-out, to send again */
+    QTAILQ_ENTRY(ExtlockPrWait) next;
 } ExtlockPrWait;
 
-ExtlockPr *extlock_pr_new(ExtlockConnection *conn, const char *client_id)
+ExtlockPr *extlock_pr_new(ExtlockConnection *conn, const char *client_id,
+                          const char *node_name)
 {
     ExtlockPr *pr = g_new0(ExtlockPr, 1);
 
     pr->conn = conn;
     pr->client_id = g_strdup(client_id);
+    pr->node_name = g_strdup(node_name);
     extlock_pr_init(&pr->state);
     pr->may_read = true;
     pr->may_write = true;
     pr->waits = g_hash_table_new(g_int64_hash, g_int64_equal);
+    QTAILQ_INIT(&pr->pending);
+    /* unique across restarts of this client-id (coordinator memory) */
+    pr->next_request = ((uint64_t)g_random_int() << 31 ^ g_random_int()) &
+                       ((1ULL << 62) - 1);
     return pr;
 }
 
@@ -43,9 +58,11 @@ void extlock_pr_free(ExtlockPr *pr)
         return;
     }
     assert(g_hash_table_size(pr->waits) == 0);
+    assert(QTAILQ_EMPTY(&pr->pending));
     g_hash_table_destroy(pr->waits);
     extlock_pr_destroy(&pr->state);
     g_free(pr->client_id);
+    g_free(pr->node_name);
     g_free(pr);
 }
 
@@ -61,19 +78,56 @@ void extlock_pr_subscribe(ExtlockPr *pr)
     pr->subscribe_id = extlock_conn_send(pr->conn, &m);
 }
 
+ExtentLockReservationInfo *extlock_pr_info(ExtlockPr *pr)
+{
+    ExtentLockReservationInfo *info;
+    const ExtlockPrRegistrant *me;
+
+    if (!pr || !pr->subscribed) {
+        return NULL;
+    }
+    info = g_new0(ExtentLockReservationInfo, 1);
+    info->seq = pr->seq;
+    info->generation = pr->state.generation;
+    info->type = pr->state.type;
+    if (pr->state.holder) {
+        EXTLOCK_QAPI_SET_HAS(info, holder);
+        info->holder = g_strdup(pr->state.holder);
+    }
+    info->registered_keys = pr->state.registrants->len;
+    me = extlock_pr_find(&pr->state, pr->client_id);
+    if (me) {
+        info->has_key = true;
+        info->key = me->key;
+    }
+    info->may_read = pr->may_read;
+    info->may_write = pr->may_write;
+    info->conflicts = pr->io_conflicts;
+    return info;
+}
+
 static void extlock_pr_send_ack(ExtlockPr *pr, uint64_t seq)
 {
     ExtlockMsg m;
 
+    if (extlock_conn_state(pr->conn) != EXTLOCK_CONN_ACTIVE) {
+        return;     /* acknowledged after the pr-in of the next connection */
+    }
     extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
     m.pr_seq = seq;
     extlock_conn_send(pr->conn, &m);
 }
 
-/* Take @st (seq @seq) as the state; true if write access went away */
+/*
+ * Take @st (seq @seq) as the state; true if write access or this node's
+ * registration went away (PREEMPT AND ABORT ends its session once it
+ * acknowledged: its writes in flight must be done by then)
+ */
 static bool extlock_pr_apply(ExtlockPr *pr, ExtlockPrState *st, uint64_t seq)
 {
     bool could_write = pr->may_write;
+    bool was_registered = extlock_pr_find(&pr->state, pr->client_id);
+    bool changed = !pr->subscribed || seq > pr->seq;
 
     if (seq < pr->seq) {
         return false;           /* older than what we have */
@@ -85,26 +139,40 @@ static bool extlock_pr_apply(ExtlockPr *pr, ExtlockPrState *st, uint64_t seq)
     pr->subscribed = true;
     pr->may_read = extlock_pr_allows(&pr->state, pr->client_id, false);
     pr->may_write = extlock_pr_allows(&pr->state, pr->client_id, true);
-    return could_write && !pr->may_write;
+    if (changed) {
+        ExtentLockReservationInfo *info = extlock_pr_info(pr);
+
+        qapi_event_send_extent_lock_reservation_changed(pr->node_name, info);
+        qapi_free_ExtentLockReservationInfo(info);
+    }
+    return (could_write && !pr->may_write) ||
+           (was_registered && !extlock_pr_find(&pr->state, pr->client_id));
+}
+
+/*
+ * Take a state (pushed, or the reply to our pr-in) and acknowledge it, at
+ * once or, if it forbids writes still in flight (or an earlier one did),
+ * once they drained: after a reconnection too
+ */
+static void extlock_pr_take(ExtlockPr *pr, ExtlockPrState *st, uint64_t seq)
+{
+    bool lost = extlock_pr_apply(pr, st, seq);
+
+    if ((lost || pr->ack_after_drain) && pr->writes_in_flight) {
+        /* Acknowledged once the writes that started before are done */
+        pr->ack_after_drain = pr->seq;
+        return;
+    }
+    pr->ack_after_drain = 0;
+    extlock_pr_send_ack(pr, pr->seq);
 }
 
 void extlock_pr_update(ExtlockPr *pr, ExtlockMsg *msg)
 {
-    uint64_t seq = msg->pr_seq;
-
     if (!pr || !msg->pr) {
         return;
     }
-    if (extlock_pr_apply(pr, msg->pr, seq) && pr->writes_in_flight) {
-        /* Acknowledged once the writes that started before are done */
-        pr->ack_after_drain = seq;
-        return;
-    }
-    if (pr->ack_after_drain && pr->writes_in_flight) {
-        pr->ack_after_drain = seq;
-        return;
-    }
-    extlock_pr_send_ack(pr, seq);
+    extlock_pr_take(pr, msg->pr, msg->pr_seq);
 }
 
 void extlock_pr_io_done(ExtlockPr *pr, bool write)
@@ -155,7 +223,7 @@ bool extlock_pr_reply(ExtlockPr *pr, ExtlockMsg *msg)
     if (msg->id == pr->subscribe_id) {
         pr->subscribe_id = 0;
         if (msg->type == EXTLOCK_MSG_PR_STATUS && msg->pr) {
-            extlock_pr_apply(pr, msg->pr, msg->pr_seq);
+            extlock_pr_take(pr, msg->pr, msg->pr_seq);
         } else if (msg->type == EXTLOCK_MSG_ERROR &&
                    msg->error == EXTLOCK_ERR_UNKNOWN_TYPE) {
             pr->unsupported = true;
@@ -170,6 +238,7 @@ bool extlock_pr_reply(ExtlockPr *pr, ExtlockMsg *msg)
         return msg->type == EXTLOCK_MSG_PR_RESULT;
     }
     g_hash_table_remove(pr->waits, &msg->id);
+    QTAILQ_REMOVE(&pr->pending, w, next);
     if (msg->type == EXTLOCK_MSG_PR_RESULT) {
         extlock_pr_wake(w, extlock_pr_errno(msg->pr_result));
     } else if (msg->type == EXTLOCK_MSG_ERROR &&
@@ -182,22 +251,73 @@ bool extlock_pr_reply(ExtlockPr *pr, ExtlockMsg *msg)
     return true;
 }
 
-/* The connection broke or came back: no reply comes to the old one */
-void extlock_pr_conn_changed(ExtlockPr *pr, bool active)
+/*
+ * @w fails without an answer: it may have been applied.  If the guest
+ * sends the same command again, it goes with the same request number, so
+ * that the coordinator answers it instead of applying it twice.
+ */
+static void extlock_pr_interrupted(ExtlockPr *pr, ExtlockPrWait *w)
 {
-    GHashTableIter it;
-    gpointer value;
+    pr->interrupted = w->msg;
+    pr->has_interrupted = true;
+}
+
+/* Send @w's pr-out on the current connection (its id: 0 if none) */
+static void extlock_pr_send_out(ExtlockPr *pr, ExtlockPrWait *w)
+{
+    w->msg.has_id = false;
+    w->id = extlock_conn_send(pr->conn, &w->msg);
+    if (w->id) {
+        g_hash_table_insert(pr->waits, &w->id, w);
+    }
+}
+
+/*
+ * The lease was lost, or a new connection is up (@state is ACTIVE only
+ * then; a broken connection itself is not reported): no reply comes to
+ * the old one.  While the node reconnects (the session may resume), the
+ * pr-outs wait, and are sent again with their request numbers on the new
+ * connection; once the lease is lost they fail.
+ */
+void extlock_pr_conn_changed(ExtlockPr *pr, ExtlockConnState state)
+{
+    ExtlockPrWait *w, *wn;
+
+    if (!pr || state == EXTLOCK_CONN_RECONNECTING) {
+        return;
+    }
+    g_hash_table_remove_all(pr->waits);
+    QTAILQ_FOREACH_SAFE(w, &pr->pending, next, wn) {
+        w->id = 0;
+        if (state == EXTLOCK_CONN_LEASE_LOST) {
+            QTAILQ_REMOVE(&pr->pending, w, next);
+            extlock_pr_interrupted(pr, w);
+            extlock_pr_wake(w, -EIO);
+        }
+    }
+    if (state == EXTLOCK_CONN_ACTIVE) {
+        extlock_pr_subscribe(pr);
+        QTAILQ_FOREACH(w, &pr->pending, next) {
+            extlock_pr_send_out(pr, w);
+        }
+    }
+}
+
+void extlock_pr_drain_cut(ExtlockPr *pr)
+{
+    ExtlockPrWait *w, *wn;
 
     if (!pr) {
         return;
     }
-    g_hash_table_iter_init(&it, pr->waits);
-    while (g_hash_table_iter_next(&it, NULL, &value)) {
-        g_hash_table_iter_remove(&it);
-        extlock_pr_wake(value, -EIO);
-    }
-    if (active) {
-        extlock_pr_subscribe(pr);
+    pr->drain_cut = true;
+    QTAILQ_FOREACH_SAFE(w, &pr->pending, next, wn) {
+        QTAILQ_REMOVE(&pr->pending, w, next);
+        if (w->id) {
+            g_hash_table_remove(pr->waits, &w->id);
+        }
+        extlock_pr_interrupted(pr, w);
+        extlock_pr_wake(w, -EBUSY);
     }
 }
 
@@ -229,25 +349,41 @@ int coroutine_fn extlock_pr_co_out(ExtlockPr *pr, ExtlockPrAction action,
                                    uint64_t sa_key,
                                    bool aptpl)
 {
-    ExtlockPrWait w = { .co = qemu_coroutine_self() };
-    ExtlockMsg m;
+    g_autofree ExtlockPrWait *w = NULL;
+    ExtlockMsg *m;
 
     if (pr->unsupported) {
         return -ENOTSUP;
     }
-    extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
-    m.pr_action = action;
-    m.pr_type = type & 0x0f;
-    m.pr_key = key;
-    m.pr_sa_key = sa_key;
-    m.aptpl = aptpl;
-    w.id = extlock_conn_send(pr->conn, &m);
-    if (!w.id) {
-        return -EIO;            /* not connected */
+    if (pr->drain_cut) {
+        return -EBUSY;          /* nothing may wait in a drained section */
     }
-    g_hash_table_insert(pr->waits, &w.id, &w);
-    while (!w.done) {
+    if (extlock_conn_state(pr->conn) == EXTLOCK_CONN_LEASE_LOST) {
+        return -EIO;            /* no session */
+    }
+    w = g_new0(ExtlockPrWait, 1);
+    w->co = qemu_coroutine_self();
+    m = &w->msg;
+    extlock_msg_init(m, EXTLOCK_MSG_PR_OUT);
+    m->pr_action = action;
+    m->pr_type = type & 0x0f;
+    m->pr_key = key;
+    m->pr_sa_key = sa_key;
+    m->aptpl = aptpl;
+    if (pr->has_interrupted && pr->interrupted.pr_action == action &&
+        pr->interrupted.pr_type == m->pr_type &&
+        pr->interrupted.pr_key == key && pr->interrupted.pr_sa_key == sa_key &&
+        pr->interrupted.aptpl == aptpl) {
+        m->pr_request = pr->interrupted.pr_request;     /* a retry */
+    } else {
+        m->pr_request = ++pr->next_request;
+    }
+    pr->has_interrupted = false;
+    /* not sent while reconnecting: it goes on the new connection */
+    extlock_pr_send_out(pr, w);
+    QTAILQ_INSERT_TAIL(&pr->pending, w, next);
+    while (!w->done) {
         qemu_coroutine_yield();
     }
-    return w.ret;
+    return w->ret;
 }

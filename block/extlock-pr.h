@@ -20,11 +20,13 @@
 #define BLOCK_EXTLOCK_PR_H
 
 #include "block/block_int.h"
+#include "qapi/qapi-types-block-extlock.h"
 #include "extlock-connection.h"
 
 typedef struct ExtlockPr {
     ExtlockConnection *conn;
     char *client_id;
+    char *node_name;            /* for events */
     bool subscribed;            /* a pr-status arrived */
     bool unsupported;           /* the coordinator knows no pr-in */
     uint64_t subscribe_id;      /* the pr-in in flight, or 0 */
@@ -36,17 +38,33 @@ typedef struct ExtlockPr {
     uint64_t writes_in_flight;
     uint64_t ack_after_drain;   /* seq to ack once writes drained, or 0 */
     GHashTable *waits;          /* pr-out id -> ExtlockPrWait */
+    /* the pr-outs waiting for their results, sent again on reconnection */
+    QTAILQ_HEAD(, ExtlockPrWait) pending;
+    uint64_t next_request;      /* pr-out "request" numbers */
+    /* the last pr-out that failed unanswered, retried with its number */
+    ExtlockMsg interrupted;
+    bool has_interrupted;
+    bool drain_cut;             /* until the drain ends: -EBUSY */
     uint64_t io_conflicts;      /* requests refused */
 } ExtlockPr;
 
-ExtlockPr *extlock_pr_new(ExtlockConnection *conn, const char *client_id);
+ExtlockPr *extlock_pr_new(ExtlockConnection *conn, const char *client_id,
+                          const char *node_name);
 void extlock_pr_free(ExtlockPr *pr);
+/* For query-extent-locks: NULL until the node got the state */
+ExtentLockReservationInfo *extlock_pr_info(ExtlockPr *pr);
 
 /* Connection events (extlock-locks.c forwards them) */
 void extlock_pr_subscribe(ExtlockPr *pr);
 bool extlock_pr_reply(ExtlockPr *pr, ExtlockMsg *msg);
 void extlock_pr_update(ExtlockPr *pr, ExtlockMsg *msg);
-void extlock_pr_conn_changed(ExtlockPr *pr, bool active);
+void extlock_pr_conn_changed(ExtlockPr *pr, ExtlockConnState state);
+/*
+ * A drain's grace ran out: the pr-outs waiting for the coordinator fail
+ * with -EBUSY (BUSY to the guest, which retries: the same command goes
+ * with the same request number, not applied twice)
+ */
+void extlock_pr_drain_cut(ExtlockPr *pr);
 
 /*
  * I/O path: may a read (write=false) or write start?  If so, and it is a

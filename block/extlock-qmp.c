@@ -10,6 +10,7 @@
 #include "qapi/error.h"
 #include "qapi/qapi-commands-block-extlock.h"
 #include "extlock-int.h"
+#include "extlock-pr.h"
 #include "extlock-compat.h"
 
 static ExtentLockMode extlock_qapi_mode(ExtlockMode mode)
@@ -130,6 +131,10 @@ static ExtentLockNodeInfo *extlock_node_info(BlockDriverState *bs)
         extlock_qapi_hist(&extlock_client_stats(c)->wait_hist);
     info->hold_histogram =
         extlock_qapi_hist(&extlock_client_stats(c)->hold_hist);
+    info->reservation = extlock_pr_info(c->pr);
+    if (info->reservation) {
+        EXTLOCK_QAPI_SET_HAS(info, reservation);
+    }
     info->maintenance = g_new0(ExtentLockMaintenanceInfo, 1);
     info->maintenance->generation = c->maint_gen;
     info->maintenance->running = s->maint.owner;

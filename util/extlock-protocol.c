@@ -1077,7 +1077,8 @@ static bool parse_members(json_object *obj, ExtlockMsg *msg,
                get_pr_type(obj, &msg->pr_type, err) &&
                get_pr_key(obj, "key", false, &msg->pr_key, err) &&
                get_pr_key(obj, "sa-key", false, &msg->pr_sa_key, err) &&
-               get_bool(obj, "aptpl", false, &msg->aptpl, err);
+               get_bool(obj, "aptpl", false, &msg->aptpl, err) &&
+               get_u63(obj, "request", false, &msg->pr_request, err);
     case EXTLOCK_MSG_PR_RESULT:
         return get_pr_result(obj, msg, err) &&
                get_u32(obj, "generation", &msg->pr_generation, err) &&
@@ -2034,6 +2035,9 @@ void extlock_msg_format(const ExtlockMsg *msg, GString *out)
         put_pr_key(out, ",\"sa-key\":", msg->pr_sa_key);
         APPEND_LIT(out, ",\"aptpl\":");
         put_bool(out, msg->aptpl);
+        if (msg->pr_request) {
+            PUT_U64(out, ",\"request\":", msg->pr_request);
+        }
         break;
     case EXTLOCK_MSG_PR_RESULT:
         APPEND_LIT(out, ",\"result\":\"");

@@ -191,6 +191,7 @@ int main(int argc, char **argv)
     gint64 max_unauth_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
     gint64 status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
     gint64 long_wait_ms = 0, long_hold_ms = 0;
+    gint64 pr_ack_timeout_ms = EXTLOCKD_DEFAULT_PR_ACK_TIMEOUT_MS;
     g_autofree char *metrics_listen = NULL, *metrics_tls_dir = NULL;
     g_autoptr(ExtlockdPolicy) policy = NULL;
     unsigned policy_size;
@@ -301,6 +302,9 @@ int main(int argc, char **argv)
         { "long-hold-ms", 0, 0, G_OPTION_ARG_INT64, &long_hold_ms,
           "Log (and event-log) locks held longer than MS (default 0: off)",
           "MS" },
+        { "pr-ack-timeout-ms", 0, 0, G_OPTION_ARG_INT64, &pr_ack_timeout_ms,
+          "Expire a session that has not acknowledged a persistent "
+          "reservation change after MS (default 30000)", "MS" },
         { "metrics-listen", 0, 0, G_OPTION_ARG_STRING, &metrics_listen,
           "Serve Prometheus metrics at http://ADDR:PORT/metrics (IPv4 or "
           "[IPv6] address)", "ADDR:PORT" },
@@ -370,7 +374,9 @@ int main(int argc, char **argv)
                      1000000) ||
         !check_range("--status-rate", status_rate, 1, 1000000) ||
         !check_range("--long-wait-ms", long_wait_ms, 0, 24 * 3600 * 1000) ||
-        !check_range("--long-hold-ms", long_hold_ms, 0, 24 * 3600 * 1000)) {
+        !check_range("--long-hold-ms", long_hold_ms, 0, 24 * 3600 * 1000) ||
+        !check_range("--pr-ack-timeout-ms", pr_ack_timeout_ms, 100,
+                     EXTLOCK_MAX_LEASE_MS)) {
         return EXIT_USAGE;
     }
     if (tls_verify && strcmp(tls_verify, "yes") != 0 &&
@@ -508,6 +514,7 @@ int main(int argc, char **argv)
     cfg.status_rate = status_rate;
     cfg.long_wait_ms = long_wait_ms;
     cfg.long_hold_ms = long_hold_ms;
+    cfg.pr_ack_timeout_ms = pr_ack_timeout_ms;
     first_counter = g_getenv("EXTLOCKD_TEST_FIRST_COUNTER");
     if (first_counter) {
         guint64 v;

@@ -15,13 +15,22 @@
  *    sessions (a QEMU restart or migration keeps its registration).
  *  - A session *subscribes* with its first pr-in, pr-out or pr-ack.  Every
  *    change is pushed ("pr-update", with a sequence number "seq") to every
- *    subscribed session of the lock-space.
+ *    subscribed session of the lock-space.  Only "pr-ack" acknowledges a
+ *    state: the reply to a pr-in does not (a node that reconnects while
+ *    its writes in flight keep it from acknowledging asks for the state
+ *    again, and must still drain them first).
  *  - A pr-out that changed the state is answered only once (a) the state
  *    file (or etcd) holds the new state and (b) every subscribed session of
  *    the lock-space has acknowledged it ("pr-ack" with that seq) or lost
  *    its lease (it stops I/O before the coordinator notices the lapse,
  *    docs/design.rst).  A disconnected session is waited for until it comes
  *    back (and gets the state with its welcome) or its lease lapses.
+ *  - A session that has not acknowledged within --pr-ack-timeout-ms is
+ *    expired, like a lapsed lease; the change still waits until the lease
+ *    it had ends (by then its client has stopped I/O on its own).
+ *  - A pr-out with a "request" number is remembered per client-id: the
+ *    same request again (a client retrying after its connection dropped)
+ *    is answered with the first result instead of being applied twice.
  *  - PREEMPT AND ABORT also ends every session of the preempted client-ids
  *    in the lock-space once they acknowledged: their locks go (like
  *    release-session), and they get "session-expired".
@@ -46,6 +55,9 @@ typedef struct PrOp {
     uint64_t seq;
     uint64_t state_gen;          /* state writer generation holding it */
     bool written;
+    int64_t start_us;            /* pushed at (for the ack timeout) */
+    char *client_id;             /* of the sender */
+    uint64_t request;            /* the sender's request number, or 0 */
     GPtrArray *abort;            /* PREEMPT AND ABORT: preempted client-ids */
 } PrOp;
 
@@ -61,13 +73,23 @@ typedef struct ExtlockdPr {
     ExtlockPrState state;
     uint64_t seq;                /* bumped by every change */
     GQueue ops;                  /* PrOp, in seq order */
+    GHashTable *requests;        /* client-id -> PrRequest, its last one */
 } ExtlockdPr;
+
+/* The last numbered pr-out of a client-id and its result */
+typedef struct PrRequest {
+    uint64_t request;
+    ExtlockPrStatus result;
+    uint32_t generation;
+    uint64_t seq;
+} PrRequest;
 
 static void pr_op_free(PrOp *op)
 {
     if (op->abort) {
         g_ptr_array_unref(op->abort);
     }
+    g_free(op->client_id);
     g_free(op);
 }
 
@@ -80,6 +102,7 @@ static void pr_free(gpointer p)
         pr_op_free(op);
     }
     extlock_pr_destroy(&pr->state);
+    g_hash_table_destroy(pr->requests);
     g_free(pr->space);
     g_free(pr);
 }
@@ -108,6 +131,8 @@ static ExtlockdPr *pr_get(ExtlockdServer *server, const char *space)
         pr->space = g_strdup(space);
         extlock_pr_init(&pr->state);
         g_queue_init(&pr->ops);
+        pr->requests = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                             g_free, g_free);
         g_hash_table_insert(server->pr->spaces, pr->space, pr);
     }
     return pr;
@@ -133,12 +158,17 @@ static void pr_subscribe(ExtlockdSession *session)
     session->pr_subscribed = true;
 }
 
-/* Does the change with @seq still wait for @session? */
+/*
+ * Does the change with @seq still wait for @session?  Until it acknowledged
+ * it, or its lease ended: an expired session (lapsed lease, ack timeout)
+ * is waited for until the lease it had would have ended
+ */
 static bool pr_waits_for(ExtlockdSession *session, ExtlockdPr *pr,
-                         uint64_t seq)
+                         uint64_t seq, int64_t now)
 {
-    return session->pr_subscribed && session->state != SESSION_EXPIRED &&
-           session->pr_acked < seq &&
+    return session->pr_subscribed && session->pr_acked < seq &&
+           (session->state != SESSION_EXPIRED ||
+            now < session->deadline_us) &&
            strcmp(session->space->name, pr->space) == 0;
 }
 
@@ -171,6 +201,7 @@ static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
 /* Answer the pr-outs of @pr whose change every session has applied */
 static void pr_check(ExtlockdServer *server, ExtlockdPr *pr)
 {
+    int64_t now = g_get_monotonic_time();
     PrOp *op;
 
     while ((op = g_queue_peek_head(&pr->ops)) && op->written) {
@@ -178,7 +209,12 @@ static void pr_check(ExtlockdServer *server, ExtlockdPr *pr)
         ExtlockMsg r;
 
         for (GList *l = server->session_list.head; l; l = l->next) {
-            if (pr_waits_for(l->data, pr, op->seq)) {
+            ExtlockdSession *s = l->data;
+
+            if (pr_waits_for(s, pr, op->seq, now)) {
+                if (s->state == SESSION_EXPIRED) {
+                    server_schedule(server, s->deadline_us);
+                }
                 return;
             }
         }
@@ -251,6 +287,71 @@ void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok)
     reservation_check_all(server);
 }
 
+/* The ack timeout of the server */
+static int64_t pr_ack_timeout_us(ExtlockdServer *server)
+{
+    uint32_t ms = server->cfg.pr_ack_timeout_ms;
+
+    return (int64_t)(ms ? ms : EXTLOCKD_DEFAULT_PR_ACK_TIMEOUT_MS) * 1000;
+}
+
+/*
+ * Expire the sessions that did not acknowledge a change within the ack
+ * timeout; returns the next time to look again (INT64_MAX: none)
+ */
+int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now)
+{
+    g_autoptr(GPtrArray) late = g_ptr_array_new_with_free_func(g_free);
+    int64_t timeout_us = pr_ack_timeout_us(server);
+    int64_t next = INT64_MAX;
+    GHashTableIter iter;
+    gpointer value;
+
+    if (!server->pr || server->shutting_down) {
+        return INT64_MAX;
+    }
+    g_hash_table_iter_init(&iter, server->pr->spaces);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        ExtlockdPr *pr = value;
+
+        for (GList *o = pr->ops.head; o; o = o->next) {
+            PrOp *op = o->data;
+
+            if (now < op->start_us + timeout_us) {
+                next = MIN(next, op->start_us + timeout_us);
+                continue;
+            }
+            for (GList *l = server->session_list.head; l; l = l->next) {
+                ExtlockdSession *s = l->data;
+
+                if (s->state != SESSION_EXPIRED &&
+                    pr_waits_for(s, pr, op->seq, now)) {
+                    g_ptr_array_add(late, g_strdup(s->id));
+                }
+            }
+        }
+    }
+    /* Expiring checks the pr-outs again: not while walking them */
+    for (guint i = 0; i < late->len; i++) {
+        ExtlockdSession *s = g_hash_table_lookup(server->sessions,
+                                                 late->pdata[i]);
+
+        if (!s || s->state == SESSION_EXPIRED) {
+            continue;           /* listed twice */
+        }
+        g_warning("session %s (%s, lock-space %s) did not acknowledge a "
+                  "persistent reservation change within %" PRId64 " ms: "
+                  "expiring it; the change completes when its lease ends",
+                  s->id, s->client_id, s->space->name, timeout_us / 1000);
+        session_log_event(s, "pr-ack-timeout", NULL);
+        session_expire_because(s, "no acknowledgement of a persistent "
+                               "reservation change within "
+                               "--pr-ack-timeout-ms");
+        next = MIN(next, s->deadline_us);
+    }
+    return next;
+}
+
 void reservation_welcomed(ExtlockdSession *session)
 {
     ExtlockdPr *pr = g_hash_table_lookup(session->server->pr->spaces,
@@ -269,8 +370,10 @@ void reservation_handle_in(ExtlockdConn *conn, ExtlockdSession *session,
     ExtlockMsg r;
 
     pr_subscribe(session);
-    /* The reply carries the state: as good as an acknowledged update */
-    session->pr_acked = MAX(session->pr_acked, pr->seq);
+    /*
+     * Not an acknowledgement: the client applies the state and drains the
+     * writes it forbids, then sends pr-ack (a pr-out may wait for it)
+     */
     extlock_msg_init(&r, EXTLOCK_MSG_PR_STATUS);
     r.has_id = m->has_id;
     r.id = m->id;
@@ -302,6 +405,71 @@ void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
     reservation_check_all(conn->server);
 }
 
+/*
+ * Every client-id that ever sent a numbered pr-out has an entry: past
+ * PR_REQUESTS_MAX, those of client-ids not registered now go (their
+ * retry would be applied again)
+ */
+#define PR_REQUESTS_MAX     1024
+
+static gboolean pr_request_unregistered(gpointer key, gpointer value,
+                                        gpointer opaque)
+{
+    ExtlockdPr *pr = opaque;
+
+    return !extlock_pr_find(&pr->state, key);
+}
+
+static void pr_requests_trim(ExtlockdPr *pr)
+{
+    if (g_hash_table_size(pr->requests) >= PR_REQUESTS_MAX) {
+        g_hash_table_foreach_remove(pr->requests, pr_request_unregistered,
+                                    pr);
+    }
+}
+
+/*
+ * @m repeats the last numbered pr-out of its client-id: if that one still
+ * waits, its reply goes to @conn now; if it was answered, answer again.
+ * Returns false if @m is a new request.
+ */
+static bool pr_retried(ExtlockdServer *server, ExtlockdPr *pr,
+                       ExtlockdConn *conn, ExtlockdSession *session,
+                       ExtlockMsg *m)
+{
+    PrRequest *last = g_hash_table_lookup(pr->requests, session->client_id);
+    ExtlockMsg r;
+
+    if (!last || last->request != m->pr_request) {
+        return false;
+    }
+    g_message("lock-space %s: %s retried request %" PRIu64 " (%s, "
+              "not applied again)", pr->space, session->client_id,
+              m->pr_request, extlock_pr_status_name(last->result));
+    for (GList *l = pr->ops.head; l; l = l->next) {
+        PrOp *op = l->data;
+
+        if (op->request == m->pr_request &&
+            strcmp(op->client_id, session->client_id) == 0) {
+            memcpy(op->session, session->id, sizeof(op->session));
+            op->conn_serial = conn->serial;
+            op->has_id = m->has_id;
+            op->id = m->id;
+            session->pr_acked = MAX(session->pr_acked, op->seq);
+            reservation_check_all(server);
+            return true;
+        }
+    }
+    extlock_msg_init(&r, EXTLOCK_MSG_PR_RESULT);
+    r.has_id = m->has_id;
+    r.id = m->id;
+    r.pr_result = last->result;
+    r.pr_generation = last->generation;
+    r.pr_seq = last->seq;
+    conn_send_msg(conn, &r);
+    return true;
+}
+
 void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
                             ExtlockMsg *m)
 {
@@ -316,15 +484,33 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         .aptpl = m->aptpl,
     };
     ExtlockPrStatus st;
+    PrRequest *last;
     PrOp *op;
 
     pr_subscribe(session);
+    if (m->pr_request &&
+        pr_retried(server, pr, conn, session, m)) {
+        return;
+    }
     st = extlock_pr_out(&pr->state, session->client_id, &req, preempted);
     g_message("lock-space %s: %s %s by %s: %s (generation %u)", pr->space,
               extlock_pr_action_name(req.action),
               req.type ? extlock_pr_type_name(req.type) : "",
               session->client_id, extlock_pr_status_name(st),
               pr->state.generation);
+    if (m->pr_request) {
+        last = g_hash_table_lookup(pr->requests, session->client_id);
+        if (!last) {
+            pr_requests_trim(pr);
+            last = g_new0(PrRequest, 1);
+            g_hash_table_insert(pr->requests, g_strdup(session->client_id),
+                                last);
+        }
+        last->request = m->pr_request;
+        last->result = st;
+        last->generation = pr->state.generation;
+        last->seq = pr->seq + (st == EXTLOCK_PR_OK);
+    }
     if (st != EXTLOCK_PR_OK) {
         ExtlockMsg r;
 
@@ -360,6 +546,10 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
     op->id = m->id;
     op->generation = pr->state.generation;
     op->seq = pr->seq;
+    op->start_us = g_get_monotonic_time();
+    op->client_id = g_strdup(session->client_id);
+    op->request = m->pr_request;
+    server_schedule(server, op->start_us + pr_ack_timeout_us(server));
     if (req.action == EXTLOCK_PR_PREEMPT_AND_ABORT && preempted->len) {
         op->abort = g_steal_pointer(&preempted);
     }

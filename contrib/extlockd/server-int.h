@@ -589,6 +589,8 @@ void session_detach(ExtlockdSession *session);
  * succeed).
  */
 void session_expire(ExtlockdSession *session);
+/* The same, telling the client @why (session_expire: the lease lapsed) */
+void session_expire_because(ExtlockdSession *session, const char *why);
 
 /**
  * session_fence_start:
@@ -893,6 +895,8 @@ void reservation_welcomed(ExtlockdSession *session);
 /* Sessions expired or ended, or the state file was written: answer the
  * pr-outs that waited for them */
 void reservation_check_all(ExtlockdServer *server);
+/* Ack timeouts: expire late sessions; the next deadline (INT64_MAX: none) */
+int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now);
 void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok);
 /* The state file's "reservations" member: write (appended to @out, which
  * holds the members of the state object so far), and read */

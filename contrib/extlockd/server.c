@@ -98,6 +98,8 @@ void server_check_deadlines(ExtlockdServer *server)
     next = lockspace_check_grace(server, now);
     next = MIN(next, session_check_leases(server, now));
     next = MIN(next, conn_check_timeouts(server, now));
+    next = MIN(next, reservation_check_deadlines(server, now));
+    reservation_check_all(server);
     if (next != INT64_MAX) {
         server_schedule(server, next);
     }

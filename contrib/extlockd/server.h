@@ -30,6 +30,7 @@
 #define EXTLOCKD_DEFAULT_STATE_FILE "/var/lib/extlock/extlockd.state"
 #define EXTLOCKD_DEFAULT_LEASE_MS   10000
 #define EXTLOCKD_DEFAULT_FENCE_MS   1000
+#define EXTLOCKD_DEFAULT_PR_ACK_TIMEOUT_MS  30000
 #define EXTLOCKD_MIN_FENCE_MS       100
 #define EXTLOCKD_DEFAULT_MAX_LOCKS  16384
 #define EXTLOCKD_DEFAULT_MAX_SESS   4096
@@ -97,6 +98,11 @@ typedef struct ExtlockdConfig {
     /* Log waits and holds longer than these (ms; 0: off), metrics.h */
     uint32_t long_wait_ms;
     uint32_t long_hold_ms;
+    /*
+     * A session that has not acknowledged a reservation change after this
+     * (ms) is expired (reservation.c); 0 means the default
+     */
+    uint32_t pr_ack_timeout_ms;
 } ExtlockdConfig;
 
 typedef struct ExtlockdServer ExtlockdServer;

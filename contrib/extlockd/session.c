@@ -503,21 +503,26 @@ void session_fence_start(ExtlockdSession *session)
 /* The lease lapsed (now >= deadline) */
 void session_expire(ExtlockdSession *session)
 {
+    session_expire_because(session, "lease expired without renewal");
+}
+
+void session_expire_because(ExtlockdSession *session, const char *why)
+{
     ExtlockdServer *server = session->server;
     ExtlockdConn *conn = session->conn;
 
     if (session->state == SESSION_ACTIVE) {
         ExtlockMsg r;
 
-        g_warning("session %s (%s, lock-space %s) expired: no renewal "
-                  "within %u ms; its %u locks are released after the "
+        g_warning("session %s (%s, lock-space %s) expired (%s, lease "
+                  "%u ms); its %u locks are released after the "
                   "%u ms fence margin", session->id, session->client_id,
-                  session->space->name, session->lease_ms,
+                  session->space->name, why, session->lease_ms,
                   g_hash_table_size(session->held),
                   server->cfg.fence_margin_ms);
         extlock_msg_init(&r, EXTLOCK_MSG_SESSION_EXPIRED);
         r.session = session->id;
-        r.message = (char *)"lease expired without renewal";
+        r.message = (char *)why;
         conn_send_msg(conn, &r);
         session_release(session, false);
         conn->session = NULL;

@@ -195,6 +195,10 @@ static json_object *status_session(ExtlockdSession *session, int64_t now)
     status_add_int(o, "requests-waiting", g_hash_table_size(session->waiting));
     json_object_object_add(o, "reclaiming",
                            json_object_new_boolean(session->reclaiming));
+    if (session->pr_subscribed) {
+        /* the last persistent reservation change it acknowledged */
+        status_add_int(o, "pr-acked", session->pr_acked);
+    }
     if (session->fence) {
         static const char *const names[] = {
             [EXTLOCKD_FENCE_RUNNING] = "running",

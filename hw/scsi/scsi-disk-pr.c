@@ -12,14 +12,16 @@
  * PERSISTENT RESERVE IN (5Eh) and OUT (5Fh) here when the node below it
  * (or a filter's child, recursively) implements them.
  *
- * This file decodes the CDB and parameter list (SPC-4 6.15, 6.16) and
- * encodes the replies; the node keeps the state.  Its callbacks return 0
+ * This file runs the CDB and parameter list checks and codecs of
+ * include/extlock/scsi-pr.h (pure C, unit-tested in our tree) and passes
+ * the commands to the node, which keeps the state.  Its callbacks return 0
  * or a negative errno, which becomes (scsi_disk_pr_complete()):
  *   -EBADE    RESERVATION CONFLICT status
  *   -EINVAL   ILLEGAL REQUEST, INVALID FIELD IN CDB
  *   -ERANGE   ILLEGAL REQUEST, INVALID FIELD IN PARAMETER LIST
  *   -EPERM    ILLEGAL REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION
  *   -ENOSPC   ILLEGAL REQUEST, INSUFFICIENT REGISTRATION RESOURCES
+ *   -EBUSY    BUSY status (a drain interrupted the wait for the others)
  *   other     as scsi_sense_from_errno()
  * One target port, no SPEC_I_PT, ALL_TG_PT, REGISTER AND MOVE or READ
  * FULL STATUS (INVALID FIELD); every reservation persists (PTPL_A set).
@@ -32,6 +34,7 @@
 #include "scsi/constants.h"
 #include "scsi/utils.h"
 #include "block/block_int.h"
+#include "extlock/scsi-pr.h"
 #if QEMU_VERSION_MAJOR >= 10
 #include "system/block-backend.h"
 #else
@@ -46,19 +49,6 @@ static inline void coroutine_fn bdrv_graph_co_rdunlock(void)
 }
 #endif
 
-#define PR_IN_READ_KEYS                 0x00
-#define PR_IN_READ_RESERVATION          0x01
-#define PR_IN_REPORT_CAPABILITIES       0x02
-
-#define PR_OUT_REGISTER                 0x00
-#define PR_OUT_RESERVE                  0x01
-#define PR_OUT_RELEASE                  0x02
-#define PR_OUT_CLEAR                    0x03
-#define PR_OUT_PREEMPT                  0x04
-#define PR_OUT_PREEMPT_AND_ABORT        0x05
-#define PR_OUT_REGISTER_AND_IGNORE      0x06
-
-#define PR_OUT_PARAM_LEN                24
 #define PR_IN_MAX_KEYS                  64
 #define PR_IN_BUF_SIZE                  (8 + 8 * PR_IN_MAX_KEYS)
 
@@ -112,6 +102,10 @@ static void scsi_disk_pr_complete(SCSIPrReq *r, int ret)
     case -EBADE:
         scsi_req_complete(&r->req, RESERVATION_CONFLICT);
         return;
+    case -EBUSY:
+        /* a drain interrupted it: the guest retries */
+        scsi_req_complete(&r->req, BUSY);
+        return;
     case -EINVAL:
         sense = SENSE_CODE(INVALID_FIELD);
         break;
@@ -149,20 +143,17 @@ static int coroutine_fn scsi_disk_pr_in(SCSIPrReq *r, BlockDriverState *bs)
     int n;
 
     switch (r->req.cmd.buf[1] & 0x1f) {
-    case PR_IN_READ_KEYS:
+    case EXTLOCK_SCSI_PR_IN_READ_KEYS:
+        /* returns the number of keys registered, @keys gets the first */
         n = bs->drv->bdrv_co_pr_read_keys(bs, &generation, PR_IN_MAX_KEYS,
                                           keys);
         if (n < 0) {
             return n;
         }
-        n = MIN(n, PR_IN_MAX_KEYS);
-        stl_be_p(p, generation);
-        stl_be_p(p + 4, 8 * n);
-        for (int i = 0; i < n; i++) {
-            stq_be_p(p + 8 + 8 * i, keys[i]);
-        }
-        return 8 + 8 * n;
-    case PR_IN_READ_RESERVATION:
+        return extlock_scsi_pr_read_keys(p, sizeof(r->buf), sizeof(r->buf),
+                                         generation, keys,
+                                         MIN(n, PR_IN_MAX_KEYS), n);
+    case EXTLOCK_SCSI_PR_IN_READ_RESERVATION:
         n = bs->drv->bdrv_co_pr_read_reservation(bs, &generation, &key,
                                                  &type);
         if (n < 0) {
@@ -177,7 +168,7 @@ static int coroutine_fn scsi_disk_pr_in(SCSIPrReq *r, BlockDriverState *bs)
         stq_be_p(p + 8, key);
         p[21] = type & 0x0f;        /* scope 0: LU_SCOPE */
         return 24;
-    case PR_IN_REPORT_CAPABILITIES:
+    case EXTLOCK_SCSI_PR_IN_REPORT_CAPABILITIES:
         memset(p, 0, 8);
         stw_be_p(p, 8);
         p[2] = 0x01;                /* PTPL_C */
@@ -193,36 +184,30 @@ static int coroutine_fn scsi_disk_pr_in(SCSIPrReq *r, BlockDriverState *bs)
 /* PERSISTENT RESERVE OUT with its 24-byte parameter list in r->buf */
 static int coroutine_fn scsi_disk_pr_out(SCSIPrReq *r, BlockDriverState *bs)
 {
-    const uint8_t *cdb = r->req.cmd.buf;
-    uint8_t sa = cdb[1] & 0x1f;
-    uint8_t type = cdb[2] & 0x0f;
-    uint64_t key = ldq_be_p(r->buf);
-    uint64_t sa_key = ldq_be_p(r->buf + 8);
-    uint8_t flags = r->buf[20];
+    ExtlockScsiPrOut o;
 
-    if (flags & 0x0c) {             /* SPEC_I_PT, ALL_TG_PT */
+    /* the CDB was checked by scsi_disk_pr_send_command() */
+    if (extlock_scsi_pr_out_decode(r->req.cmd.buf, r->buf, &o) !=
+        EXTLOCK_SCSI_PR_CHECK_OK) {
         return -ERANGE;
     }
-    if ((cdb[2] >> 4) != 0 && sa != PR_OUT_REGISTER &&
-        sa != PR_OUT_REGISTER_AND_IGNORE && sa != PR_OUT_CLEAR) {
-        return -EINVAL;             /* only LU_SCOPE */
-    }
-    switch (sa) {
-    case PR_OUT_REGISTER:
-    case PR_OUT_REGISTER_AND_IGNORE:
-        return bs->drv->bdrv_co_pr_register(bs, key, sa_key, type,
-                                            flags & 0x01,
-                                            sa == PR_OUT_REGISTER_AND_IGNORE);
-    case PR_OUT_RESERVE:
-        return bs->drv->bdrv_co_pr_reserve(bs, key, type);
-    case PR_OUT_RELEASE:
-        return bs->drv->bdrv_co_pr_release(bs, key, type);
-    case PR_OUT_CLEAR:
-        return bs->drv->bdrv_co_pr_clear(bs, key);
-    case PR_OUT_PREEMPT:
-    case PR_OUT_PREEMPT_AND_ABORT:
-        return bs->drv->bdrv_co_pr_preempt(bs, key, sa_key, type,
-                                           sa == PR_OUT_PREEMPT_AND_ABORT);
+    switch (o.service_action) {
+    case EXTLOCK_SCSI_PR_OUT_REGISTER:
+    case EXTLOCK_SCSI_PR_OUT_REGISTER_AND_IGNORE:
+        return bs->drv->bdrv_co_pr_register(
+            bs, o.key, o.sa_key, o.type, o.aptpl,
+            o.service_action == EXTLOCK_SCSI_PR_OUT_REGISTER_AND_IGNORE);
+    case EXTLOCK_SCSI_PR_OUT_RESERVE:
+        return bs->drv->bdrv_co_pr_reserve(bs, o.key, o.type);
+    case EXTLOCK_SCSI_PR_OUT_RELEASE:
+        return bs->drv->bdrv_co_pr_release(bs, o.key, o.type);
+    case EXTLOCK_SCSI_PR_OUT_CLEAR:
+        return bs->drv->bdrv_co_pr_clear(bs, o.key);
+    case EXTLOCK_SCSI_PR_OUT_PREEMPT:
+    case EXTLOCK_SCSI_PR_OUT_PREEMPT_AND_ABORT:
+        return bs->drv->bdrv_co_pr_preempt(
+            bs, o.key, o.sa_key, o.type,
+            o.service_action == EXTLOCK_SCSI_PR_OUT_PREEMPT_AND_ABORT);
     default:
         return -EINVAL;
     }
@@ -272,24 +257,52 @@ static void scsi_disk_pr_start(SCSIPrReq *r)
     aio_co_enter(blk_get_aio_context(blk), co);
 }
 
+/* Complete @req with the sense data of @check, if it is an error */
+static bool scsi_disk_pr_check_failed(SCSIRequest *req,
+                                      ExtlockScsiPrCheck check)
+{
+    SCSISense sense;
+
+    switch (check) {
+    case EXTLOCK_SCSI_PR_CHECK_OK:
+        return false;
+    case EXTLOCK_SCSI_PR_CHECK_INVALID_FIELD_CDB:
+        sense = SENSE_CODE(INVALID_FIELD);
+        break;
+    case EXTLOCK_SCSI_PR_CHECK_INVALID_FIELD_PARAM:
+        sense = SENSE_CODE(INVALID_PARAM);
+        break;
+    case EXTLOCK_SCSI_PR_CHECK_PARAM_LIST_LENGTH:
+    default:
+        sense = SENSE_CODE(INVALID_PARAM_LEN);
+        break;
+    }
+    scsi_req_build_sense(req, sense);
+    scsi_req_complete(req, CHECK_CONDITION);
+    return true;
+}
+
 static int32_t scsi_disk_pr_send_command(SCSIRequest *req, uint8_t *buf)
 {
     SCSIPrReq *r = DO_UPCAST(SCSIPrReq, req, req);
 
     if (buf[0] == PERSISTENT_RESERVE_IN) {
+        if (scsi_disk_pr_check_failed(req, extlock_scsi_pr_in_check(buf))) {
+            return 0;
+        }
         if (req->cmd.xfer == 0) {
             scsi_req_complete(req, GOOD);
             return 0;
         }
         return MIN(req->cmd.xfer, PR_IN_BUF_SIZE);
     }
-    if (req->cmd.xfer != PR_OUT_PARAM_LEN) {
-        scsi_req_build_sense(req, SENSE_CODE(INVALID_PARAM_LEN));
-        scsi_req_complete(req, CHECK_CONDITION);
+    if (scsi_disk_pr_check_failed(req,
+                                  extlock_scsi_pr_out_check(buf,
+                                                            req->cmd.xfer))) {
         return 0;
     }
-    r->len = PR_OUT_PARAM_LEN;
-    return -PR_OUT_PARAM_LEN;
+    r->len = EXTLOCK_SCSI_PR_OUT_PARAM_LEN;
+    return -EXTLOCK_SCSI_PR_OUT_PARAM_LEN;
 }
 
 static void scsi_disk_pr_read_data(SCSIRequest *req)

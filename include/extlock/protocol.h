@@ -226,8 +226,9 @@ typedef struct ExtlockMsg {
     /*
      * Persistent reservations.  pr-out: "action" (pr_action), "pr-type"
      * (the CDB's TYPE field, 0..15), "key", "sa-key" (16 hex digits at
-     * most), "aptpl".  pr-result: "result" (pr_result), "generation",
-     * "seq".  pr-update, pr-status: "seq" and the state in *pr (owned).
+     * most), "aptpl", "request" (pr_request, optional, 0: none; a
+     * retry with the same one is answered, not applied again).
+     * pr-result: "result" (pr_result), "generation", "seq".  pr-update, pr-status: "seq" and the state in *pr (owned).
      * pr-ack, pr-acked: "seq".
      */
     ExtlockPrAction pr_action;
@@ -235,6 +236,7 @@ typedef struct ExtlockMsg {
     uint64_t pr_key;
     uint64_t pr_sa_key;
     bool aptpl;
+    uint64_t pr_request;
     ExtlockPrStatus pr_result;
     uint32_t pr_generation;
     uint64_t pr_seq;

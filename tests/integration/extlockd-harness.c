@@ -905,3 +905,117 @@ json_object *event_wait(const char *path, const char *event,
         g_usleep(5000);
     }
 }
+
+/* ------------------------------------------------------------------ */
+/* Persistent reservations (test-extlockd-pr.c)                        */
+
+uint64_t pr_out_request(ExtlockConn *c, ExtlockPrAction action,
+                        unsigned type, uint64_t key, uint64_t sa_key,
+                        uint64_t request)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
+    m.pr_action = action;
+    m.pr_type = type;
+    m.pr_key = key;
+    m.pr_sa_key = sa_key;
+    m.pr_request = request;
+    send_msg(c, &m);
+    return m.id;
+}
+
+uint64_t pr_out(ExtlockConn *c, ExtlockPrAction action, unsigned type,
+                uint64_t key, uint64_t sa_key)
+{
+    return pr_out_request(c, action, type, key, sa_key, 0);
+}
+
+/* The next message on @c is a pr-update; its seq */
+uint64_t pr_expect_update(ExtlockConn *c, ExtlockMsg *m)
+{
+    recv_msg(c, m, RECV_MS);
+    if (m->type != EXTLOCK_MSG_PR_UPDATE) {
+        fail_msg("expected pr-update, got %s", extlock_msg_type_name(m->type));
+    }
+    assert_non_null(m->pr);
+    return m->pr_seq;
+}
+
+void pr_ack(ExtlockConn *c, uint64_t seq)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
+    m.pr_seq = seq;
+    send_msg(c, &m);
+    id = m.id;
+    expect_msg(c, &m, EXTLOCK_MSG_PR_ACKED, id);
+    assert_int_equal(m.pr_seq, seq);
+    extlock_msg_clear(&m);
+}
+
+void pr_expect_result(ExtlockConn *c, uint64_t id, ExtlockPrStatus want,
+                      uint32_t generation)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+    if (m.pr_result != want) {
+        fail_msg("pr-out %" PRIu64 ": %s, expected %s", id,
+                 extlock_pr_status_name(m.pr_result),
+                 extlock_pr_status_name(want));
+    }
+    assert_int_equal(m.pr_generation, generation);
+    extlock_msg_clear(&m);
+}
+
+/* pr-in: subscribe and get the state (the caller clears @m) */
+void pr_in(ExtlockConn *c, ExtlockMsg *m)
+{
+    uint64_t id = send_simple(c, EXTLOCK_MSG_PR_IN);
+
+    expect_msg(c, m, EXTLOCK_MSG_PR_STATUS, id);
+    assert_non_null(m->pr);
+}
+
+/*
+ * A change by @from that every one of @others must acknowledge: the
+ * reply comes only after the last ack.  Returns the new seq.
+ */
+uint64_t pr_change(ExtlockConn *from, ExtlockConn **others, int n,
+                   ExtlockPrAction action, unsigned type, uint64_t key,
+                   uint64_t sa_key, uint32_t generation)
+{
+    uint64_t id = pr_out(from, action, type, key, sa_key);
+    uint64_t seq;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    seq = pr_expect_update(from, &m);
+    extlock_msg_clear(&m);
+    for (int i = 0; i < n; i++) {
+        assert_int_equal(pr_expect_update(others[i], &m), seq);
+        extlock_msg_clear(&m);
+        /* Not answered while somebody has not applied it */
+        expect_quiet(from, QUIET_MS);
+        pr_ack(others[i], seq);
+    }
+    pr_expect_result(from, id, EXTLOCK_PR_OK, generation);
+    return seq;
+}
+
+/* extlockctl -c ADDR ARGS...: its stdout (g_free), exit status 0 checked */
+char *ctl_output(const char *addr, const char *a1, const char *a2)
+{
+    const char *argv[] = { extlockctl_bin, "-c", addr, a1, a2, NULL };
+    g_autoptr(GError) err = NULL;
+    char *out = NULL;
+    int status;
+
+    assert_true(g_spawn_sync(NULL, (char **)argv, NULL,
+                             G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &out,
+                             NULL, &status, &err));
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return out;
+}

@@ -180,4 +180,30 @@ json_object *event_wait(const char *path, const char *event,
                         const char *client_id, int64_t token, int ms,
                         json_object **all);
 
+/* Persistent reservations */
+/* Send a pr-out (with a "request" number, 0: none); its id */
+uint64_t pr_out_request(ExtlockConn *c, ExtlockPrAction action,
+                        unsigned type, uint64_t key, uint64_t sa_key,
+                        uint64_t request);
+uint64_t pr_out(ExtlockConn *c, ExtlockPrAction action, unsigned type,
+                uint64_t key, uint64_t sa_key);
+/* The next message on @c is a pr-update (in @m, cleared by the caller) */
+uint64_t pr_expect_update(ExtlockConn *c, ExtlockMsg *m);
+/* pr-ack @seq, and its pr-acked */
+void pr_ack(ExtlockConn *c, uint64_t seq);
+/* The next message on @c is the pr-result of @id: @want, @generation */
+void pr_expect_result(ExtlockConn *c, uint64_t id, ExtlockPrStatus want,
+                      uint32_t generation);
+/* pr-in: subscribe and get the state (the caller clears @m) */
+void pr_in(ExtlockConn *c, ExtlockMsg *m);
+/*
+ * A change by @from that every one of @others must acknowledge: the
+ * reply comes only after the last ack.  Returns the new seq.
+ */
+uint64_t pr_change(ExtlockConn *from, ExtlockConn **others, int n,
+                   ExtlockPrAction action, unsigned type, uint64_t key,
+                   uint64_t sa_key, uint32_t generation);
+/* extlockctl -c ADDR A1 A2: its stdout (g_free), exit status 0 checked */
+char *ctl_output(const char *addr, const char *a1, const char *a2);
+
 #endif /* EXTLOCKD_HARNESS_H */

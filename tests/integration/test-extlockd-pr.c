@@ -23,109 +23,6 @@
 
 #include "extlockd-harness.h"
 
-static uint64_t pr_out(ExtlockConn *c, ExtlockPrAction action, unsigned type,
-                       uint64_t key, uint64_t sa_key)
-{
-    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
-
-    extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
-    m.pr_action = action;
-    m.pr_type = type;
-    m.pr_key = key;
-    m.pr_sa_key = sa_key;
-    send_msg(c, &m);
-    return m.id;
-}
-
-/* The next message on @c is a pr-update; its seq */
-static uint64_t expect_update(ExtlockConn *c, ExtlockMsg *m)
-{
-    recv_msg(c, m, RECV_MS);
-    if (m->type != EXTLOCK_MSG_PR_UPDATE) {
-        fail_msg("expected pr-update, got %s", extlock_msg_type_name(m->type));
-    }
-    assert_non_null(m->pr);
-    return m->pr_seq;
-}
-
-static void ack(ExtlockConn *c, uint64_t seq)
-{
-    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
-    uint64_t id;
-
-    extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
-    m.pr_seq = seq;
-    send_msg(c, &m);
-    id = m.id;
-    expect_msg(c, &m, EXTLOCK_MSG_PR_ACKED, id);
-    assert_int_equal(m.pr_seq, seq);
-    extlock_msg_clear(&m);
-}
-
-static void expect_result(ExtlockConn *c, uint64_t id, ExtlockPrStatus want,
-                          uint32_t generation)
-{
-    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
-
-    expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
-    if (m.pr_result != want) {
-        fail_msg("pr-out %" PRIu64 ": %s, expected %s", id,
-                 extlock_pr_status_name(m.pr_result),
-                 extlock_pr_status_name(want));
-    }
-    assert_int_equal(m.pr_generation, generation);
-    extlock_msg_clear(&m);
-}
-
-/* pr-in: subscribe and get the state (the caller clears @m) */
-static void pr_in(ExtlockConn *c, ExtlockMsg *m)
-{
-    uint64_t id = send_simple(c, EXTLOCK_MSG_PR_IN);
-
-    expect_msg(c, m, EXTLOCK_MSG_PR_STATUS, id);
-    assert_non_null(m->pr);
-}
-
-/*
- * A change by @from that every one of @others must acknowledge: the
- * reply comes only after the last ack.  Returns the new seq.
- */
-static uint64_t change(ExtlockConn *from, ExtlockConn **others, int n,
-                       ExtlockPrAction action, unsigned type, uint64_t key,
-                       uint64_t sa_key, uint32_t generation)
-{
-    uint64_t id = pr_out(from, action, type, key, sa_key);
-    uint64_t seq;
-    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
-
-    seq = expect_update(from, &m);
-    extlock_msg_clear(&m);
-    for (int i = 0; i < n; i++) {
-        assert_int_equal(expect_update(others[i], &m), seq);
-        extlock_msg_clear(&m);
-        /* Not answered while somebody has not applied it */
-        expect_quiet(from, QUIET_MS);
-        ack(others[i], seq);
-    }
-    expect_result(from, id, EXTLOCK_PR_OK, generation);
-    return seq;
-}
-
-/* extlockctl -c ADDR ARGS...: its stdout (g_free), exit status 0 checked */
-static char *ctl(const char *addr, const char *a1, const char *a2)
-{
-    const char *argv[] = { extlockctl_bin, "-c", addr, a1, a2, NULL };
-    g_autoptr(GError) err = NULL;
-    char *out = NULL;
-    int status;
-
-    assert_true(g_spawn_sync(NULL, (char **)argv, NULL,
-                             G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, &out,
-                             NULL, &status, &err));
-    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    return out;
-}
-
 static void test_pr_push_and_ack(void **state)
 {
     Daemon *d = daemon_start(NULL, NULL, NULL);
@@ -150,11 +47,11 @@ static void test_pr_push_and_ack(void **state)
     pr_in(c, &m);
     extlock_msg_clear(&m);
 
-    seq = change(a, bc, 2, EXTLOCK_PR_REGISTER, 0, 0, 0xaaaa, 1);
+    seq = pr_change(a, bc, 2, EXTLOCK_PR_REGISTER, 0, 0, 0xaaaa, 1);
     assert_int_equal(seq, 1);
-    change(b, ac, 2, EXTLOCK_PR_REGISTER_AND_IGNORE, 0, 0x1234,
+    pr_change(b, ac, 2, EXTLOCK_PR_REGISTER_AND_IGNORE, 0, 0x1234,
            0xbbbbbbbbbbbbbbbbULL, 2);
-    change(a, bc, 2, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE_RO, 0xaaaa, 0,
+    pr_change(a, bc, 2, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE_RO, 0xaaaa, 0,
            2);
     /* A session that never subscribed gets nothing and is not waited for */
     expect_quiet(other, QUIET_MS);
@@ -188,12 +85,12 @@ static void test_pr_push_and_ack(void **state)
     }
     /* ... and extlockctl */
     {
-        g_autofree char *out = ctl(d->unix_addr, "reservations", NULL);
+        g_autofree char *out = ctl_output(d->unix_addr, "reservations", NULL);
 
         assert_non_null(strstr(out, "Persistent reservations"));
         assert_non_null(strstr(out, "A=0xaaaa B=0xbbbbbbbbbbbbbbbb"));
         g_free(out);
-        out = ctl(d->unix_addr, "--json", "reservations");
+        out = ctl_output(d->unix_addr, "--json", "reservations");
         assert_non_null(strstr(out, "\"holder\": \"A\""));
     }
     daemon_stop(d);
@@ -212,37 +109,37 @@ static void test_pr_errors(void **state)
 
     pr_in(b, &m);
     extlock_msg_clear(&m);
-    change(a, ba, 1, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 1);
-    change(a, ba, 1, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA, 0xa, 0, 1);
+    pr_change(a, ba, 1, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 1);
+    pr_change(a, ba, 1, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA, 0xa, 0, 1);
 
     /* SPC-4 errors: answered at once, nothing pushed, nothing changes */
     id = pr_out(b, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA, 0xb, 0);
-    expect_result(b, id, EXTLOCK_PR_CONFLICT, 1);           /* unregistered */
+    pr_expect_result(b, id, EXTLOCK_PR_CONFLICT, 1);           /* unregistered */
     id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0xbad, 0xc);
-    expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);           /* wrong key */
+    pr_expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);           /* wrong key */
     id = pr_out(a, EXTLOCK_PR_RESERVE, 2, 0xa, 0);
-    expect_result(a, id, EXTLOCK_PR_INVALID_FIELD_CDB, 1);  /* bad type */
+    pr_expect_result(a, id, EXTLOCK_PR_INVALID_FIELD_CDB, 1);  /* bad type */
     id = pr_out(a, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE, 0xa, 0);
-    expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);           /* other type */
+    pr_expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);           /* other type */
     id = pr_out(a, EXTLOCK_PR_RELEASE, EXTLOCK_PR_TYPE_WE, 0xa, 0);
-    expect_result(a, id, EXTLOCK_PR_INVALID_RELEASE, 1);    /* wrong type */
+    pr_expect_result(a, id, EXTLOCK_PR_INVALID_RELEASE, 1);    /* wrong type */
     id = pr_out(a, EXTLOCK_PR_PREEMPT, EXTLOCK_PR_TYPE_EA, 0xa, 0);
-    expect_result(a, id, EXTLOCK_PR_INVALID_FIELD_PARAM, 1); /* SARK 0 */
+    pr_expect_result(a, id, EXTLOCK_PR_INVALID_FIELD_PARAM, 1); /* SARK 0 */
     expect_quiet(b, QUIET_MS);
 
     /* RELEASE by a registered non-holder: GOOD, the reservation stays */
-    change(b, ab, 1, EXTLOCK_PR_REGISTER, 0, 0, 0xb, 2);
+    pr_change(b, ab, 1, EXTLOCK_PR_REGISTER, 0, 0, 0xb, 2);
     pr_out(b, EXTLOCK_PR_RELEASE, EXTLOCK_PR_TYPE_EA, 0xb, 0);
     /* (it still pushes and waits: "seq" counts every successful pr-out) */
     {
-        uint64_t seq = expect_update(b, &m);
+        uint64_t seq = pr_expect_update(b, &m);
 
         extlock_msg_clear(&m);
-        assert_int_equal(expect_update(a, &m), seq);
+        assert_int_equal(pr_expect_update(a, &m), seq);
         assert_int_equal(m.pr->type, EXTLOCK_PR_TYPE_EA);
         assert_string_equal(m.pr->holder, "A");
         extlock_msg_clear(&m);
-        ack(a, seq);
+        pr_ack(a, seq);
         recv_msg(b, &m, RECV_MS);
         assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
         assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
@@ -292,7 +189,7 @@ static void test_pr_waits_for_lease(void **state)
     pr_in(silent, &m);
     extlock_msg_clear(&m);
     id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa);
-    expect_update(a, &m);
+    pr_expect_update(a, &m);
     extlock_msg_clear(&m);
     /* S neither acks nor renews: the reply waits for its lease to lapse */
     expect_quiet(a, QUIET_MS);
@@ -325,9 +222,9 @@ static void test_pr_preempt_and_abort(void **state)
     extlock_msg_clear(&m);
     pr_in(b, &m);
     extlock_msg_clear(&m);
-    change(a, &ab[1], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 1);
-    change(b, &ab[0], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xb, 2);
-    change(a, &ab[1], 1, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE_RO, 0xa, 0,
+    pr_change(a, &ab[1], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 1);
+    pr_change(b, &ab[0], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xb, 2);
+    pr_change(a, &ab[1], 1, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE_RO, 0xa, 0,
            2);
     /* A holds an exclusive lock that B waits for */
     g = lock_now(a, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
@@ -351,17 +248,17 @@ static void test_pr_preempt_and_abort(void **state)
     assert_string_equal(m.pr->holder, "B");
     extlock_msg_clear(&m);
     /* B: its update, then nothing until A applied it */
-    assert_int_equal(expect_update(b, &m), seq);
+    assert_int_equal(pr_expect_update(b, &m), seq);
     extlock_msg_clear(&m);
     expect_quiet(b, QUIET_MS);
-    ack(a, seq);
+    pr_ack(a, seq);
     /* A's session ends, its lock goes to B, then B's pr-out is answered */
     recv_msg(a, &m, RECV_MS);
     assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
     extlock_msg_clear(&m);
     expect_eof(a);
     expect_granted(b, lid, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
-    expect_result(b, id, EXTLOCK_PR_OK, 3);
+    pr_expect_result(b, id, EXTLOCK_PR_OK, 3);
     daemon_stop(d);
 }
 
@@ -373,8 +270,8 @@ static void test_pr_restart(void **state)
     g_autofree char *text = NULL;
     ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
 
-    change(a, NULL, 0, EXTLOCK_PR_REGISTER, 0, 0, 0xfedcba9876543210ULL, 1);
-    change(a, NULL, 0, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA,
+    pr_change(a, NULL, 0, EXTLOCK_PR_REGISTER, 0, 0, 0xfedcba9876543210ULL, 1);
+    pr_change(a, NULL, 0, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA,
            0xfedcba9876543210ULL, 0, 1);
     bye(a);
     daemon_stop(d);
@@ -392,8 +289,8 @@ static void test_pr_restart(void **state)
                      0xfedcba9876543210ULL);
     extlock_msg_clear(&m);
     /* The holder is gone, its reservation stays until preempted */
-    change(a, NULL, 0, EXTLOCK_PR_REGISTER, 0, 0, 0x1, 2);
-    change(a, NULL, 0, EXTLOCK_PR_PREEMPT, EXTLOCK_PR_TYPE_WE, 0x1,
+    pr_change(a, NULL, 0, EXTLOCK_PR_REGISTER, 0, 0, 0x1, 2);
+    pr_change(a, NULL, 0, EXTLOCK_PR_PREEMPT, EXTLOCK_PR_TYPE_WE, 0x1,
            0xfedcba9876543210ULL, 3);
     pr_in(a, &m);
     assert_string_equal(m.pr->holder, "other");
@@ -413,6 +310,196 @@ static void test_pr_restart(void **state)
     }
 }
 
+/* Resume @session of @client_id on a new connection to @addr */
+static ExtlockConn *resume(const char *addr, const char *client_id,
+                           const char *session)
+{
+    ExtlockConn *c = conn_open(addr);
+    ExtlockMsg m, w = { .type = EXTLOCK_MSG_INVALID };
+
+    extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+    m.client_id = (char *)client_id;
+    m.lock_space = (char *)"disk";
+    m.session = (char *)session;
+    m.resume_secret = secret_of(session);
+    m.lease_ms = LONG_LEASE_MS;
+    send_msg(c, &m);
+    expect_msg(c, &w, EXTLOCK_MSG_WELCOME, m.id);
+    assert_string_equal(w.session, session);
+    extlock_msg_clear(&w);
+    return c;
+}
+
+/*
+ * Only pr-ack acknowledges: a session that reconnects before it acked (its
+ * client still drains writes the change forbids) and asks for the state
+ * with pr-in is still waited for.  Before the fix the pr-status counted as
+ * the acknowledgement and A's pr-out completed at B's pr-in.
+ */
+static void test_pr_reconnect_needs_ack(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = conn_open(d->unix_addr);
+    g_autofree char *sb = hello_full(b, "B", "disk", LONG_LEASE_MS, NULL);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id, seq;
+
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa);
+    seq = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    assert_int_equal(pr_expect_update(b, &m), seq);
+    extlock_msg_clear(&m);
+
+    /* B's connection drops before it acknowledged; it resumes */
+    conn_drop(b);
+    b = resume(d->unix_addr, "B", sb);
+    /* the state comes right after the welcome, and on pr-in */
+    assert_int_equal(pr_expect_update(b, &m), seq);
+    extlock_msg_clear(&m);
+    pr_in(b, &m);
+    assert_int_equal(m.pr_seq, seq);
+    extlock_msg_clear(&m);
+    expect_quiet(a, QUIET_MS);
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    expect_quiet(a, QUIET_MS);
+    /* an older acknowledgement is not this one */
+    pr_ack(b, seq - 1);
+    expect_quiet(a, QUIET_MS);
+    pr_ack(b, seq);
+    pr_expect_result(a, id, EXTLOCK_PR_OK, 1);
+    daemon_stop(d);
+}
+
+#define ACK_TIMEOUT_MS  500
+#define S_LEASE_MS      2000
+
+/*
+ * A session that renews its lease but never acknowledges is expired after
+ * --pr-ack-timeout-ms, and the change completes when the lease it had
+ * ends (not before: its client may write until then).  Before the fix,
+ * A's pr-out waited for as long as S renewed.
+ */
+static void test_pr_ack_timeout(void **state)
+{
+    const char *extra[] = { "--pr-ack-timeout-ms=" G_STRINGIFY(ACK_TIMEOUT_MS),
+                            NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *s = client(d->unix_addr, "S", S_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    int64_t t_out, t_renewed = 0, t_expired = 0, t_result;
+    bool updated = false;
+    uint64_t id;
+
+    pr_in(s, &m);
+    extlock_msg_clear(&m);
+    id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa);
+    t_out = now_ms();
+    pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    /*
+     * S renews whenever it got nothing for 100 ms and never acks; A gets
+     * nothing meanwhile
+     */
+    for (int i = 0; i < 200 && !t_expired; i++) {
+        g_autoptr(GError) err = NULL;
+
+        if (!extlock_conn_recv(s, &m, 100, &err)) {
+            expect_quiet(a, 10);
+            extlock_msg_init(&m, EXTLOCK_MSG_RENEW);
+            /* may find the connection closed: the expiry is read next */
+            g_clear_error(&err);
+            extlock_conn_send(s, &m, &err);
+            continue;
+        }
+        if (m.type == EXTLOCK_MSG_PR_UPDATE) {
+            assert_false(updated);
+            updated = true;
+        } else if (m.type == EXTLOCK_MSG_SESSION_EXPIRED) {
+            t_expired = now_ms();
+            assert_non_null(strstr(m.message, "reservation"));
+        } else {
+            assert_int_equal(m.type, EXTLOCK_MSG_RENEWED);
+            t_renewed = now_ms();
+        }
+        extlock_msg_clear(&m);
+    }
+    assert_true(updated);
+    assert_true(t_expired);
+    assert_true(t_expired - t_out >= ACK_TIMEOUT_MS);
+    assert_true(t_expired - t_out <= ACK_TIMEOUT_MS + SLACK_MS);
+    /* the result: once the lease S had ends, not before */
+    recv_msg(a, &m, S_LEASE_MS + SLACK_MS + RECV_MS);
+    t_result = now_ms();
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+    assert_int_equal(m.id, id);
+    assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+    extlock_msg_clear(&m);
+    assert_true(t_renewed > 0);
+    assert_true(t_result >= t_renewed + S_LEASE_MS - 50);
+    assert_true(t_result <= t_renewed + S_LEASE_MS + SLACK_MS);
+    daemon_stop(d);
+
+    /* bad values are refused */
+    {
+        const char *zero[] = { "--pr-ack-timeout-ms=0", NULL };
+        const char *big[] = { "--pr-ack-timeout-ms=3600001", NULL };
+
+        daemon_refused(NULL, zero, 2, "--pr-ack-timeout-ms must be in");
+        daemon_refused(NULL, big, 2, "--pr-ack-timeout-ms must be in");
+    }
+}
+
+/*
+ * A pr-out with a request number is applied once: the client retrying it
+ * (its connection dropped before the result; here from a new session of
+ * the same client-id) gets the result of the first, while it waits and
+ * after.  Before the fix the retried REGISTER got RESERVATION CONFLICT.
+ */
+static void test_pr_retry_idempotent(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id, seq;
+
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    seq = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    assert_int_equal(pr_expect_update(b, &m), seq);
+    extlock_msg_clear(&m);
+    /* A's connection drops before the result; A retries */
+    conn_drop(a);
+    a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    id = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    expect_quiet(a, QUIET_MS);          /* B has not acknowledged yet */
+    expect_quiet(b, QUIET_MS);          /* ... and gets no second change */
+    pr_ack(b, seq);
+    pr_expect_result(a, id, EXTLOCK_PR_OK, 1);
+    /* after the result: the same answer at once, nothing changes */
+    id = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    pr_expect_result(a, id, EXTLOCK_PR_OK, 1);
+    expect_quiet(b, QUIET_MS);
+    /* a new request number is a new command: A is registered now */
+    id = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 78);
+    pr_expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);
+    /* ... and so is a numbered request of another client-id */
+    id = pr_out_request(b, EXTLOCK_PR_REGISTER, 0, 0xb, 0xb, 77);
+    pr_expect_result(b, id, EXTLOCK_PR_CONFLICT, 1);
+    pr_in(b, &m);
+    assert_int_equal(m.pr_seq, seq);
+    assert_int_equal(m.pr->registrants->len, 1);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -424,6 +511,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pr_preempt_and_abort, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_restart, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_reconnect_needs_ack, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_ack_timeout, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_retry_idempotent, setup,
+                                        teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");

@@ -13,10 +13,14 @@ the QEMU patch; the guest side is not tested here).  A live node gets
 every change pushed and acknowledges it before the pr-out is answered.
 """
 
+import socket
+
 import pytest
 
-from harness.coordinator import CoordinatorClient
-from harness.procs import extlock_node, run_qemu_io
+from harness import procs as hp
+from harness.coordinator import CoordinatorClient, coordinator_status
+from harness.faults import TcpPartition
+from harness.procs import extlock_node, run_qemu_io, wait_until
 
 EBADE = "Invalid exchange"
 
@@ -58,6 +62,37 @@ class Initiator:
 
     def close(self):
         self.c.close()
+
+
+def register_as(address, lock_space, client_id, key, others):
+    """Register `key` for the I_T nexus `client_id` from a session of its
+    own, which then ends (the registration stays)."""
+    x = Initiator(address, client_id, lock_space)
+    assert x.out(others, "register", sa_key=key)["result"] == "ok"
+    x.c.bye()
+    x.close()
+
+
+class ResettingRelay(TcpPartition):
+    """A TCP relay to the coordinator whose connections can be broken (both
+    ends see them closed): the node behind it reconnects."""
+
+    def reset(self):
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+def session_of(extlockd, lock_space, client_id):
+    for s in coordinator_status(extlockd.address)["sessions"]:
+        if s["lock-space"] == lock_space and s["client-id"] == client_id:
+            return s
+    return None
 
 
 def io(node, client_id, commands):
@@ -185,3 +220,129 @@ def test_ack_waits_for_write_in_flight(pr_env, procs, nfs_image, extlockd,
     out = c.cmd("write -P 0x5b 0 4k")
     assert f"write failed: {EBADE}" in out, out
     c.quit()
+
+
+def test_ack_after_reconnect_waits_for_write(pr_env, procs, nfs_image,
+                                             extlockd, lock_space):
+    """PREEMPT AND ABORT of host-c while a write of host-c is suspended
+    below its extlock node (blkdebug): host-c's connection to the
+    coordinator breaks and it resumes its session.  Asking for the state
+    again (pr-in) is not an acknowledgement: host-a's command does not
+    complete until the write was resumed and drained; then host-c's
+    session is ended and its writes conflict.  (Before the fix the
+    coordinator took host-c's pr-in after the reconnection as its
+    acknowledgement, and the preemption completed with the write still
+    in flight.)"""
+    node, a, b = pr_env
+    assert a.out([b], "register", sa_key=0xa)["result"] == "ok"
+    assert b.out([a], "register", sa_key=0xb)["result"] == "ok"
+    register_as(extlockd.address, lock_space, "host-c", 0xc, [a, b])
+    assert a.out([b], "reserve", key=0xa, pr_type=5)["result"] == "ok"
+
+    relay = ResettingRelay(extlockd.tcp_port)
+    try:
+        c = procs.qemu_io(extlock_node(hp.blkdebug_child(nfs_image.child),
+                                       relay.coordinator(), lock_space,
+                                       node_name="xlc", client_id="host-c",
+                                       lock_cache=False), name="host-c")
+        # registered under Write Exclusive - Registrants Only: it writes
+        out = c.cmd("write -P 0x11 0 4k")
+        assert "failed" not in out, out
+        assert c.cmd("break write_aio hold").strip() == ""
+        c.cmd("aio_write -P 0x5a 0 4k")
+        c.cmd("wait_break hold", timeout=20)
+
+        rid = a.c.request({"type": "pr-out", "action": "preempt-and-abort",
+                           "key": "a", "sa-key": "c", "pr-type": 5})
+        upd = b.next_update()
+        b.c.call({"type": "pr-ack", "seq": upd["seq"]})
+        seq = upd["seq"]
+        # host-c applied it but holds its ack back: the write is in flight
+        with pytest.raises(TimeoutError):
+            a.c.reply(rid, timeout=1.0)
+
+        before = relay.connections
+        relay.reset()
+        wait_until(lambda: relay.connections > before, timeout=20,
+                   what="host-c to reconnect")
+        wait_until(lambda: (session_of(extlockd, lock_space, "host-c") or
+                            {}).get("state") == "active",
+                   timeout=20, what="host-c's session to resume")
+        # it got the state again (welcome push, pr-in) and still has the
+        # write in flight: no acknowledgement, no result
+        with pytest.raises(TimeoutError):
+            a.c.reply(rid, timeout=2.0)
+        assert session_of(extlockd, lock_space, "host-c")["pr-acked"] < seq
+
+        c.cmd("resume hold")
+        r = a.c.reply(rid, timeout=20)
+        assert r["type"] == "pr-result" and r["result"] == "ok", r
+        out = c.cmd("aio_flush")
+        assert "failed" not in out, out
+        # preempted: no longer registered, its writes conflict
+        out = c.cmd("write -P 0x5b 0 4k")
+        assert "write failed" in out, out
+        c.quit()
+    finally:
+        relay.close()
+
+
+def test_qmp_reservation_view_and_events(pr_env, procs, extlockd,
+                                         lock_space, binaries):
+    """query-extent-locks shows the reservation the node applied, and
+    every change it applies is an EXTENT_LOCK_RESERVATION_CHANGED event."""
+    node, a, b = pr_env
+    binaries("qemu-storage-daemon")
+    qsd = procs.storage_daemon(
+        blockdevs=[dict(node, **{"client-id": "host-c"})],
+        exports=[("disk", "xl0", True)])
+
+    def view():
+        return qsd.qmp.execute("query-extent-locks",
+                               {"node-name": "xl0"})[0]["reservation"]
+
+    def event(seq):
+        ev = qsd.qmp.wait_event(
+            "EXTENT_LOCK_RESERVATION_CHANGED", timeout=20,
+            match=lambda e: e["data"]["reservation"]["seq"] == seq)
+        assert ev["data"]["node-name"] == "xl0"
+        return ev["data"]["reservation"]
+
+    r = wait_until(lambda: (lambda v: v if v else None)(
+        qsd.qmp.execute("query-extent-locks",
+                        {"node-name": "xl0"})[0].get("reservation")),
+        timeout=10, what="the node to get the reservation state")
+    assert r == {"seq": 0, "generation": 0, "type": 0,
+                 "registered-keys": 0, "may-read": True, "may-write": True,
+                 "conflicts": 0}, r
+
+    seq = a.out([b], "register", sa_key=0xa)["seq"]
+    r = event(seq)
+    assert r["generation"] == 1 and r["registered-keys"] == 1, r
+    assert "key" not in r and "holder" not in r, r
+
+    seq = a.out([b], "reserve", key=0xa, pr_type=1)["seq"]
+    r = event(seq)
+    assert (r["type"], r["holder"], r["may-read"], r["may-write"]) == \
+        (1, "host-a", True, False), r
+    assert view() == r
+
+    # the node's own registration shows its key
+    register_as(extlockd.address, lock_space, "host-c", 0xfedcba9876543210,
+                [a, b])
+    r = wait_until(lambda: (lambda v: v if "key" in v else None)(view()),
+                   timeout=10, what="host-c's key in the view")
+    assert r["key"] == 0xfedcba9876543210 and r["registered-keys"] == 2, r
+    assert r["may-write"] is False, r       # Write Exclusive: holder only
+
+    # a refused write is counted
+    nbd = qsd.nbd_opts("disk")
+    out = run_qemu_io(nbd, ["write -P 0x22 0 4k"])
+    assert "write failed" in out.stdout + out.stderr
+    assert view()["conflicts"] >= 1
+
+    seq = a.out([b], "clear", key=0xa)["seq"]
+    r = event(seq)
+    assert (r["type"], r["registered-keys"], r["may-write"]) == \
+        (0, 0, True), r
+    assert "key" not in r and "holder" not in r, r

@@ -2,7 +2,9 @@
  * Unit tests for the persistent reservation state machine
  * (util/extlock-reservation.c): every PERSISTENT RESERVE OUT service
  * action with its SPC-4 error cases, the PR generation, and the access
- * rules of the six reservation types.
+ * rules of the six reservation types; and the CDB checks and codecs that
+ * scsi-hd uses (include/extlock/scsi-pr.h): the sense code of every bad
+ * CDB, and READ KEYS' ADDITIONAL LENGTH.
  *
  * Copyright (c) 2026 The extlock authors
  *
@@ -16,6 +18,7 @@
 #include <stdio.h>
 #include <string.h>
 #include "extlock/reservation.h"
+#include "extlock/scsi-pr.h"
 
 #define A "hostA/disk0"
 #define B "hostB/disk0"
@@ -499,6 +502,144 @@ static void test_names(void **state)
     }
 }
 
+/* A PERSISTENT RESERVE IN/OUT CDB (10 bytes) */
+static void cdb(uint8_t *c, uint8_t op, uint8_t sa, uint8_t scope_type,
+                uint32_t len)
+{
+    memset(c, 0, 10);
+    c[0] = op;
+    c[1] = sa;
+    c[2] = scope_type;
+    extlock_scsi_st32(c + 5, len);
+}
+
+static void test_scsi_pr_in_cdb(void **state)
+{
+    uint8_t c[10];
+
+    for (uint8_t sa = 0; sa < 0x20; sa++) {
+        cdb(c, EXTLOCK_SCSI_PR_IN, sa, 0, 100);
+        /* READ FULL STATUS (3) and everything else: INVALID FIELD */
+        assert_int_equal(extlock_scsi_pr_in_check(c),
+                         sa <= 2 ? EXTLOCK_SCSI_PR_CHECK_OK :
+                         EXTLOCK_SCSI_PR_CHECK_INVALID_FIELD_CDB);
+    }
+    /* the upper bits of byte 1 are not the service action */
+    cdb(c, EXTLOCK_SCSI_PR_IN, 0xe0 | 1, 0, 100);
+    assert_int_equal(extlock_scsi_pr_in_check(c), EXTLOCK_SCSI_PR_CHECK_OK);
+}
+
+static void test_scsi_pr_out_cdb(void **state)
+{
+    uint8_t c[10];
+
+    for (uint8_t sa = 0; sa < 0x20; sa++) {
+        cdb(c, EXTLOCK_SCSI_PR_OUT, sa, 0x05, 24);
+        /* REGISTER AND MOVE (7), REPLACE LOST RESERVATION (8), others */
+        assert_int_equal(extlock_scsi_pr_out_check(c, 24),
+                         sa <= 6 ? EXTLOCK_SCSI_PR_CHECK_OK :
+                         EXTLOCK_SCSI_PR_CHECK_INVALID_FIELD_CDB);
+    }
+    /* a scope other than LU_SCOPE where it matters: INVALID FIELD IN CDB */
+    for (uint8_t sa = 0; sa <= 6; sa++) {
+        bool ignored = sa == EXTLOCK_SCSI_PR_OUT_REGISTER ||
+                       sa == EXTLOCK_SCSI_PR_OUT_REGISTER_AND_IGNORE ||
+                       sa == EXTLOCK_SCSI_PR_OUT_CLEAR;
+
+        cdb(c, EXTLOCK_SCSI_PR_OUT, sa, 0x25, 24);    /* ELEMENT_SCOPE */
+        assert_int_equal(extlock_scsi_pr_out_check(c, 24),
+                         ignored ? EXTLOCK_SCSI_PR_CHECK_OK :
+                         EXTLOCK_SCSI_PR_CHECK_INVALID_FIELD_CDB);
+    }
+    /* PARAMETER LIST LENGTH other than 24: PARAMETER LIST LENGTH ERROR */
+    {
+        static const uint32_t lens[] = { 0, 8, 23, 25, 32, 4096 };
+
+        for (size_t i = 0; i < G_N_ELEMENTS(lens); i++) {
+            cdb(c, EXTLOCK_SCSI_PR_OUT, EXTLOCK_SCSI_PR_OUT_REGISTER, 0,
+                lens[i]);
+            assert_int_equal(extlock_scsi_pr_out_check(c, lens[i]),
+                             EXTLOCK_SCSI_PR_CHECK_PARAM_LIST_LENGTH);
+        }
+    }
+    /* a bad service action is reported before a bad length */
+    cdb(c, EXTLOCK_SCSI_PR_OUT, 7, 0, 30);
+    assert_int_equal(extlock_scsi_pr_out_check(c, 30),
+                     EXTLOCK_SCSI_PR_CHECK_INVALID_FIELD_CDB);
+}
+
+static void test_scsi_pr_out_param(void **state)
+{
+    uint8_t c[10], p[24];
+    ExtlockScsiPrOut o;
+
+    memset(p, 0, sizeof(p));
+    extlock_scsi_st64(p, 0x0123456789abcdefULL);
+    extlock_scsi_st64(p + 8, 0xfedcba9876543210ULL);
+    p[20] = 0x01;                                   /* APTPL */
+    cdb(c, EXTLOCK_SCSI_PR_OUT, EXTLOCK_SCSI_PR_OUT_PREEMPT_AND_ABORT, 0x06,
+        24);
+    assert_int_equal(extlock_scsi_pr_out_decode(c, p, &o),
+                     EXTLOCK_SCSI_PR_CHECK_OK);
+    assert_int_equal(o.service_action, EXTLOCK_SCSI_PR_OUT_PREEMPT_AND_ABORT);
+    assert_int_equal(o.type, 6);
+    assert_int_equal(o.key, 0x0123456789abcdefULL);
+    assert_int_equal(o.sa_key, 0xfedcba9876543210ULL);
+    assert_true(o.aptpl);
+    /* SPEC_I_PT, ALL_TG_PT: INVALID FIELD IN PARAMETER LIST */
+    p[20] = 0x08;
+    assert_int_equal(extlock_scsi_pr_out_decode(c, p, &o),
+                     EXTLOCK_SCSI_PR_CHECK_INVALID_FIELD_PARAM);
+    p[20] = 0x04;
+    assert_int_equal(extlock_scsi_pr_out_decode(c, p, &o),
+                     EXTLOCK_SCSI_PR_CHECK_INVALID_FIELD_PARAM);
+}
+
+static uint32_t be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3];
+}
+
+/*
+ * READ KEYS: ADDITIONAL LENGTH is the length of all keys, whatever the
+ * buffer and the ALLOCATION LENGTH let through (SPC-4 6.15.2).  Before the
+ * fix it counted only the keys returned, at most 64.
+ */
+static void test_scsi_pr_read_keys(void **state)
+{
+    uint64_t keys[100];
+    uint8_t buf[8 + 8 * 64];
+    uint32_t len;
+
+    for (int i = 0; i < 100; i++) {
+        keys[i] = 0x1000 + i;
+    }
+    /* three keys, room for all */
+    len = extlock_scsi_pr_read_keys(buf, sizeof(buf), 1000, 7, keys, 3, 3);
+    assert_int_equal(len, 32);
+    assert_int_equal(be32(buf), 7);
+    assert_int_equal(be32(buf + 4), 24);
+    assert_int_equal(extlock_scsi_ld64(buf + 8), 0x1000);
+    assert_int_equal(extlock_scsi_ld64(buf + 24), 0x1002);
+    /* ALLOCATION LENGTH 8: the header only, with the true length */
+    len = extlock_scsi_pr_read_keys(buf, sizeof(buf), 8, 7, keys, 3, 3);
+    assert_int_equal(len, 8);
+    assert_int_equal(be32(buf + 4), 24);
+    /* ... 20: truncated in the middle of a key */
+    len = extlock_scsi_pr_read_keys(buf, sizeof(buf), 20, 7, keys, 3, 3);
+    assert_int_equal(len, 20);
+    /* 100 keys registered, 64 fit: all 800 bytes announced */
+    len = extlock_scsi_pr_read_keys(buf, sizeof(buf), 0xffff, 9, keys, 64,
+                                    100);
+    assert_int_equal(len, 8 + 8 * 64);
+    assert_int_equal(be32(buf + 4), 800);
+    assert_int_equal(extlock_scsi_ld64(buf + 8 + 8 * 63), 0x1000 + 63);
+    /* no keys */
+    len = extlock_scsi_pr_read_keys(buf, sizeof(buf), 0xffff, 1, keys, 0, 0);
+    assert_int_equal(len, 8);
+    assert_int_equal(be32(buf + 4), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -516,6 +657,10 @@ int main(void)
         cmocka_unit_test(test_unsupported),
         cmocka_unit_test(test_access),
         cmocka_unit_test(test_names),
+        cmocka_unit_test(test_scsi_pr_in_cdb),
+        cmocka_unit_test(test_scsi_pr_out_cdb),
+        cmocka_unit_test(test_scsi_pr_out_param),
+        cmocka_unit_test(test_scsi_pr_read_keys),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
