@@ -121,15 +121,19 @@ static void extlock_pr_send_ack(ExtlockPr *pr, uint64_t seq)
 /*
  * Take @st (seq @seq) as the state; true if write access or this node's
  * registration went away (PREEMPT AND ABORT ends its session once it
- * acknowledged: its writes in flight must be done by then)
+ * acknowledged: its writes in flight must be done by then).  A pushed
+ * state older than ours is ignored; the answer to our subscription
+ * (@current) is the coordinator's state now and replaces ours whatever its
+ * seq: a coordinator that lost its state starts the seq again.
  */
-static bool extlock_pr_apply(ExtlockPr *pr, ExtlockPrState *st, uint64_t seq)
+static bool extlock_pr_apply(ExtlockPr *pr, ExtlockPrState *st, uint64_t seq,
+                             bool current)
 {
     bool could_write = pr->may_write;
     bool was_registered = extlock_pr_find(&pr->state, pr->client_id);
-    bool changed = !pr->subscribed || seq > pr->seq;
+    bool changed = !pr->subscribed || seq != pr->seq;
 
-    if (seq < pr->seq) {
+    if (seq < pr->seq && !current) {
         return false;           /* older than what we have */
     }
     extlock_pr_destroy(&pr->state);
@@ -154,9 +158,10 @@ static bool extlock_pr_apply(ExtlockPr *pr, ExtlockPrState *st, uint64_t seq)
  * once or, if it forbids writes still in flight (or an earlier one did),
  * once they drained: after a reconnection too
  */
-static void extlock_pr_take(ExtlockPr *pr, ExtlockPrState *st, uint64_t seq)
+static void extlock_pr_take(ExtlockPr *pr, ExtlockPrState *st, uint64_t seq,
+                            bool current)
 {
-    bool lost = extlock_pr_apply(pr, st, seq);
+    bool lost = extlock_pr_apply(pr, st, seq, current);
 
     if ((lost || pr->ack_after_drain) && pr->writes_in_flight) {
         /* Acknowledged once the writes that started before are done */
@@ -172,7 +177,7 @@ void extlock_pr_update(ExtlockPr *pr, ExtlockMsg *msg)
     if (!pr || !msg->pr) {
         return;
     }
-    extlock_pr_take(pr, msg->pr, msg->pr_seq);
+    extlock_pr_take(pr, msg->pr, msg->pr_seq, false);
 }
 
 void extlock_pr_io_done(ExtlockPr *pr, bool write)
@@ -223,7 +228,7 @@ bool extlock_pr_reply(ExtlockPr *pr, ExtlockMsg *msg)
     if (msg->id == pr->subscribe_id) {
         pr->subscribe_id = 0;
         if (msg->type == EXTLOCK_MSG_PR_STATUS && msg->pr) {
-            extlock_pr_take(pr, msg->pr, msg->pr_seq);
+            extlock_pr_take(pr, msg->pr, msg->pr_seq, true);
         } else if (msg->type == EXTLOCK_MSG_ERROR &&
                    msg->error == EXTLOCK_ERR_UNKNOWN_TYPE) {
             pr->unsupported = true;

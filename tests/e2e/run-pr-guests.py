@@ -683,14 +683,11 @@ def run_extlock(nfs, qemu, accel, args, kernel, initrd, workdir):
         expected.append((
             "restart", f"{what}: extlockctl shows the registrations "
             f"{{'guest2': 2}}" in new))
-        if f"{what}: keys ['0x2']" not in new:
-            # Known problem (docs/guest-clusters.rst): a node ignores the
-            # state of a coordinator that lost its state file (its
-            # sequence number starts again below the node's), so the
-            # guests keep reading, and the nodes keep enforcing, the old
-            # registrations.  Reported, not counted.
-            log("  NOTE: the guests still read the old keys from a "
-                "coordinator without state (known problem)")
+        # the nodes take the state of the coordinator they subscribe to,
+        # also when its seq started again below theirs: the guests no
+        # longer read (and the nodes no longer enforce) the old keys
+        expected.append((
+            "restart guest view", f"{what}: keys ['0x2']" in new))
         for g in survivors:
             g.exit()
         c.check("extlockd still running", daemon.alive(),
@@ -761,8 +758,8 @@ def main(argv=None):
                    if failed_there else
                    "did NOT fail without the protection"))
             ok = ok and failed_there
-        if len(expected) != 4:
-            log(f"control: {len(expected)} of 4 controls ran")
+        if len(expected) != 5:
+            log(f"control: {len(expected)} of 5 controls ran")
             ok = False
     except (rg.SetupError, NfsServerError, procs.MissingBinary,
             RuntimeError) as e:
