@@ -458,3 +458,140 @@ def test_owner_killed_waiting_for_maintenance(nfs, extlockd, lock_space, procs, 
     info = qemu_img("info", "--output=json", str(path))
     assert f'"virtual-size": {OLD}' in info, info
     path.unlink()
+
+
+# ---------------------------------------------------------------------------
+# internal snapshots as a cut; what is refused
+
+def node_snapshots(qsd, node="xl0"):
+    for n in qsd.qmp.execute("query-named-block-nodes"):
+        if n["node-name"] == node:
+            return [s["name"] for s in n["image"].get("snapshots", [])]
+    raise AssertionError(f"no node {node}")
+
+
+def test_internal_snapshot_during_io(nfs, extlockd, lock_space, procs, workdir, binaries):
+    """Two hosts write and read stamped 1 MiB extents; host 1 takes an
+    internal snapshot (blockdev-snapshot-internal-sync on its extlock node)
+    while both have requests in flight.  Every host sees the snapshot, the
+    hosts go on writing in place (the image was copied out of the snapshot:
+    a third host's allocation check accepts it), the snapshot holds every
+    extent whole and no write made after the snapshot returned (a cut),
+    qemu-img check is clean; deleting the snapshot through extlock is seen
+    by every host too."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    extents = list(range(12))
+    st = Stamped(len(extents))
+    hosts = [start_host(procs, child, extlockd, lock_space, n, maint=n == 1)
+             for n in (1, 2)]
+    clients = {g: NbdClient(h.nbd_path, "disk") for g, h in zip((1, 2), hosts)}
+    try:
+        for _ in range(3):
+            st.finish(st.send_round(clients, extents))
+        written_before = set(st.written)
+        pending = st.send_round(clients, extents)
+        at_snapshot = dict(st.seq)
+        # QMP's transaction drains every node of the host first: the NBD
+        # replies must be read meanwhile
+        msg_id = qmp_send(hosts[0], "blockdev-snapshot-internal-sync",
+                          {"device": "xm", "name": "cut1"})
+        st.finish(pending)
+        reply = qmp_reply(hosts[0], msg_id, 120)
+        assert "error" not in reply, reply
+        for _ in range(4):
+            st.finish(st.send_round(clients, extents))
+        assert node_snapshots(hosts[0], "xm") == ["cut1"]
+        for h in hosts:
+            wait_until(lambda: node_snapshots(h) == ["cut1"], LEASE_MS / 1000 + 10,
+                       what="the hosts to see the snapshot")
+        m1, m2 = maint_info(hosts[0], "xm"), maint_info(hosts[1])
+        assert m1["owned"] == 1 and m1["running"] is False, m1
+        assert m2["reloads"] >= 1, m2
+        assert space_status(extlockd, lock_space)["maintenance"]["generation"] == 1
+        # a new host: nothing shared with the snapshot, so it is accepted
+        third = start_host(procs, child, extlockd, lock_space, 3)
+        assert node_snapshots(third) == ["cut1"]
+        with NbdClient(third.nbd_path, "disk") as nb:
+            st.cross_check(nb, 1, clients[2], 5)
+        for _ in range(2):
+            st.finish(st.send_round(clients, extents))
+    finally:
+        for nb in clients.values():
+            nb.close()
+    assert not st.torn, f"{len(st.torn)} of {st.reads} reads torn: {st.torn[:3]}"
+    assert third.stop() == 0, third.stderr()
+    # the snapshot is a cut: every extent whole, every one written before
+    # it there, no write made after it returned
+    snap = workdir / "cut.raw"
+    qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", "-l", "snapshot.name=cut1",
+             str(path), str(snap))
+    st.layout.max_seq = at_snapshot
+    r = st.vi.verify(snap, st.layout)
+    assert r["mixed"] == 0 and r["corrupt"] == 0, r
+    assert r["complete"] >= len(written_before), (r, len(written_before))
+    # deleting it is a maintenance too, seen by the other host
+    hosts[0].qmp.execute("blockdev-snapshot-delete-internal-sync",
+                         args={"device": "xm", "name": "cut1"}, timeout=120)
+    with NbdClient(hosts[1].nbd_path, "disk") as nb:
+        nb.read(MiB, MiB)
+    wait_until(lambda: node_snapshots(hosts[1]) == [], LEASE_MS / 1000 + 10,
+               what="host 2 to see the snapshot deleted")
+    assert space_status(extlockd, lock_space)["maintenance"]["generation"] == 2
+    for h in hosts:
+        assert h.stop() == 0, h.stderr()
+    check_clean(path)
+    assert "cut1" not in qemu_img("snapshot", "-l", str(path))
+    st.verify(flat_raw(path, "qcow2-metadata", workdir))
+    path.unlink()
+
+
+def test_snapshot_refusals(nfs, extlockd, lock_space, procs, workdir, binaries):
+    """What a shared node refuses, with a clear error, changing nothing:
+    external snapshots (blockdev-snapshot-sync, and blockdev-add of an
+    overlay + blockdev-snapshot), persistent dirty bitmaps; an image whose
+    clusters are shared with a snapshot taken outside extlock (qemu-img
+    snapshot -c) is refused at open."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    h = start_host(procs, child, extlockd, lock_space, 1, maint=True)
+    with NbdClient(h.nbd_path, "disk") as nb:
+        nb.write(MiB, b"\x5a" * CLUSTER)
+    overlay = workdir / "overlay.qcow2"
+    e = h.qmp.execute_error("blockdev-snapshot-sync", args={
+        "node-name": "xm", "snapshot-file": str(overlay), "snapshot-node-name": "ov0",
+        "format": "qcow2"})
+    assert "is a shared image: an external snapshot" in e.desc, e.desc
+    overlay = workdir / "overlay2.qcow2"
+    create_qcow2(overlay, OLD)
+    h.qmp.execute("blockdev-add", args={
+        "driver": "qcow2", "node-name": "ov", "backing": None,
+        "file": {"driver": "file", "filename": str(overlay)}})
+    e = h.qmp.execute_error("blockdev-snapshot", args={"node": "xm", "overlay": "ov"})
+    assert "is a shared image: an external snapshot" in e.desc, e.desc
+    # nor between the extlock node and its qcow2 node
+    below = [n["node-name"] for n in h.qmp.execute("query-named-block-nodes")
+             if n["drv"] == "qcow2" and n["node-name"] != "ov"]
+    assert len(below) == 2, below
+    e = h.qmp.execute_error("blockdev-snapshot", args={"node": below[0], "overlay": "ov"})
+    assert "is a shared image: an external snapshot" in e.desc, e.desc
+    h.qmp.execute("blockdev-del", args={"node-name": "ov"})
+    e = h.qmp.execute_error("block-dirty-bitmap-add", args={
+        "node": "xm", "name": "b0", "persistent": True})
+    assert "persistent dirty bitmaps" in e.desc and "persistent=false" in e.desc, e.desc
+    # a bitmap that stays in memory is fine
+    h.qmp.execute("block-dirty-bitmap-add", args={"node": "xm", "name": "b1"})
+    assert maint_info(h, "xm")["owned"] == 0
+    assert "maintenance" not in space_status(extlockd, lock_space)
+    with NbdClient(h.nbd_path, "disk") as nb:
+        assert nb.read(MiB, CLUSTER) == b"\x5a" * CLUSTER
+    assert h.stop() == 0, h.stderr()
+    check_clean(path)
+    assert qemu_img("snapshot", "-l", str(path)).strip() == ""
+    # a snapshot taken behind extlock's back shares every cluster: refused
+    qemu_img("snapshot", "-c", "outside", str(path))
+    r = hp.run_qemu_io(extlock_node(child, extlockd.coordinator(), lock_space),
+                       ["read 0 512"])
+    assert r.returncode != 0 and "has 1 internal snapshot(s) that share the cluster " \
+        "at guest offset 0" in r.stdout + r.stderr, r.stdout + r.stderr
+    path.unlink()
