@@ -595,3 +595,84 @@ def test_snapshot_refusals(nfs, extlockd, lock_space, procs, workdir, binaries):
     assert r.returncode != 0 and "has 1 internal snapshot(s) that share the cluster " \
         "at guest offset 0" in r.stdout + r.stderr, r.stdout + r.stderr
     path.unlink()
+
+
+# ---------------------------------------------------------------------------
+# the maintenance count across a coordinator restart
+
+def protocol_maintenance(extlockd, lock_space, size, finish=True):
+    """A maintenance by a protocol client that changes nothing; with
+    `finish`, announces `size` and leaves; else returns the client, which
+    holds the maintenance lock."""
+    owner = CoordinatorClient(extlockd.address)
+    owner.hello(f"owner-{uuid.uuid4().hex[:6]}", lock_space, lease_ms=1000)
+    g = owner.lock(0, MAINT_LENGTH, mode="exclusive", timeout=30)
+    if not finish:
+        return owner
+    owner.call({"type": "unlock", "lock": g["lock"], "maint-size": size})
+    owner.bye()
+    owner.close()
+    return None
+
+
+def fresh_grant_io(extlockd, lock_space, h, offset, byte):
+    """A write and read on host `h` under a lock the restarted coordinator
+    grants: a protocol client takes (and gives back) the extent first, so
+    the host's cached lock on it is revoked."""
+    with CoordinatorClient(extlockd.address) as rev:
+        # its lease outlasts a restart's grace period (lease + fence margin)
+        rev.hello(f"rev-{uuid.uuid4().hex[:6]}", lock_space, lease_ms=30000)
+        g = rev.lock(0, NEW, mode="exclusive", timeout=30)
+        rev.unlock(g["lock"])
+        rev.bye()
+    with NbdClient(h.nbd_path, "disk") as nb:
+        nb.write(offset, bytes([byte]) * MiB)
+        assert nb.read(offset, MiB) == bytes([byte]) * MiB
+
+
+def test_maint_count_survives_restart(nfs, extlockd, lock_space, procs, binaries):
+    """The maintenance count is in extlockd's state file: after a restart
+    the coordinator sends the same maint-gen, so a host that has reread
+    once does not reread again (it did before the count was kept).  A
+    coordinator killed while a maintenance lock is held counts that
+    maintenance when it starts again ("pending" in the state file), in its
+    new epoch: the host rereads."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    h = start_host(procs, child, extlockd, lock_space, 1)
+    with NbdClient(h.nbd_path, "disk") as nb:
+        nb.write(MiB, b"\x11" * MiB)
+    size = path.stat().st_size
+    protocol_maintenance(extlockd, lock_space, size)
+    fresh_grant_io(extlockd, lock_space, h, 2 * MiB, 0x22)
+    m = maint_info(h)
+    assert m["reloads"] == 1 and m["generation"] != 0, m
+    gen = m["generation"]
+    saved = json.loads(extlockd.state_file.read_text())["maintenance"]
+    assert saved == [{"lock-space": lock_space, "count": 1, "epoch": gen >> 32,
+                      "size": size}], saved
+
+    extlockd.restart()
+    fresh_grant_io(extlockd, lock_space, h, 3 * MiB, 0x33)
+    m = maint_info(h)
+    assert m["generation"] == gen and m["reloads"] == 1, (gen, m)
+    assert space_status(extlockd, lock_space)["maintenance"]["generation"] == 1
+
+    # killed while a maintenance lock is held: counted at the next start
+    owner = protocol_maintenance(extlockd, lock_space, size, finish=False)
+    saved = json.loads(extlockd.state_file.read_text())["maintenance"]
+    assert saved[0]["pending"] is True, saved
+    extlockd.kill()
+    owner.close()
+    extlockd.start()
+    assert "a maintenance may have been running" in extlockd.stderr()
+    fresh_grant_io(extlockd, lock_space, h, 4 * MiB, 0x44)
+    m = maint_info(h)
+    assert m["generation"] not in (0, gen) and m["reloads"] == 2, (gen, m)
+    assert space_status(extlockd, lock_space)["maintenance"]["generation"] == 2
+    with NbdClient(h.nbd_path, "disk") as nb:
+        for n in (1, 2, 3, 4):
+            assert nb.read(n * MiB, MiB) == bytes([0x11 * n]) * MiB
+    assert h.stop() == 0, h.stderr()
+    check_clean(path)
+    path.unlink()
