@@ -164,9 +164,12 @@ static int coroutine_fn extlock_maint_reload(ExtlockMaint *m, Error **errp)
 
     assert(m->busy && !m->in_flight);
     c->maint_reload = false;
+    /* The reopen reads the child: I/O in flight for on-stuck-io */
+    extlock_client_io_start(c);
     aio_bh_schedule_oneshot(qemu_get_aio_context(), extlock_maint_reload_bh,
                             &r);
     qemu_coroutine_yield();
+    extlock_client_io_done(c);
     if (r.ret < 0) {
         error_propagate(errp, r.err);
         return r.ret;
@@ -257,7 +260,14 @@ extlock_maint_run(ExtlockMaint *m, const char *what, ExtlockMaintOp *op,
         ret = extlock_maint_reload(m, errp);
     }
     if (ret == 0) {
+        /*
+         * It writes the child under the maintenance lock: I/O in flight,
+         * so that a host that loses its lease while the storage holds a
+         * metadata write is fenced by on-stuck-io like for a data write
+         */
+        extlock_client_io_start(m->client);
         ret = op(m, opaque, errp);
+        extlock_client_io_done(m->client);
     }
 
     for (leaf = bs->file->bs; leaf->file; leaf = leaf->file->bs) {

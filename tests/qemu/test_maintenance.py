@@ -41,8 +41,9 @@ import uuid
 import pytest
 
 from harness import procs as hp
-from harness.coordinator import CoordinatorClient, coordinator_status
-from harness.faults import NbdClient
+from harness.coordinator import (CoordinatorClient, coordinator_status,
+                                 release_after_fresh_renewal)
+from harness.faults import NbdClient, TcpPartition, check_coordinator, start_coordinator
 from harness.procs import extlock_node, wait_until
 
 from test_qcow2 import (CLUSTER, MiB, check_clean, create_qcow2, load_verify_image,
@@ -680,9 +681,9 @@ def test_maint_count_survives_restart(nfs, extlockd, lock_space, procs, binaries
 
 def test_qemu_owner_killed_mid_truncate(nfs, extlockd, lock_space, procs, binaries):
     """A QEMU owner (qemu-io, truncate through its extlock node) held by a
-    blkdebug breakpoint in the middle of qcow2's preallocating truncate -
-    before it writes an L2 table, after it allocated clusters - and killed
-    -9 there.  Host 2's write queued behind the maintenance waits at least
+    blkdebug breakpoint on qcow2's L2 table writes in the middle of its
+    preallocating truncate (after it allocated clusters) and killed -9
+    there.  Host 2's write queued behind the maintenance waits at least
     the fence margin after the kill (the owner's lock is released only
     after its lease and fence margin), then host 2 rereads the metadata
     (the dead owner's maintenance is counted) before it uses it; its data
@@ -703,8 +704,9 @@ def test_qemu_owner_killed_mid_truncate(nfs, extlockd, lock_space, procs, binari
                          extra_args=["--trace", "qcow2_cache_entry_flush"])
     assert owner.cmd("break l2_update hold").strip() == ""
     # truncate does not return while held: no prompt to wait for.  qcow2
-    # traces the L2 table write it is about to make, then the breakpoint
-    # holds it (blkdebug's own message goes to a buffered stdout)
+    # traces its L2 table writes, and the breakpoint holds one (blkdebug's
+    # own message goes to a buffered stdout); the test only needs the
+    # owner to be inside its truncate, holding the maintenance lock
     owner.proc.stdin.write(f"truncate {NEW}\n".encode())
     owner.proc.stdin.flush()
     wait_until(lambda: "is_l2_cache 1" in owner.stderr(), 30,
@@ -733,4 +735,47 @@ def test_qemu_owner_killed_mid_truncate(nfs, extlockd, lock_space, procs, binari
     assert h2.stop() == 0, h2.stderr()
     r = hp.run_qemu_img("check", "-f", "qcow2", str(path))
     assert r.returncode in (0, 3) and "ERROR" not in r.stdout, r.stdout + r.stderr
+    path.unlink()
+
+
+def test_stuck_maintenance_io_is_fenced(nfs, procs, lock_space, binaries):
+    """The owner's truncate is I/O in flight for on-stuck-io: a QEMU owner
+    (qemu-io, on-stuck-io=exit) whose truncate the storage holds (a
+    blkdebug breakpoint on its L2 table writes) loses its coordinator
+    (the link cut right after a renewal).  It exits before the coordinator
+    gives the maintenance lock's range to anybody else (after its lease
+    and fence margin), so the held metadata write can never land after
+    another host was let in."""
+    binaries("qemu-img", "qemu-io", "extlockd")
+    d = start_coordinator(procs, fence_margin_ms=1000)
+    link = TcpPartition(d.tcp_port)
+    try:
+        path, child = make_image(nfs, "qcow2-metadata")
+        owner_child = {"driver": "qcow2",
+                       "file": {"driver": "blkdebug", "image": hp.nfs_child(path)}}
+        owner = procs.qemu_io(extlock_node(owner_child, link.coordinator(), lock_space,
+                                           node_name="xo", client_id="owner",
+                                           lease_time=1000, on_stuck_io="exit"),
+                              name="owner", extra_args=["--trace", "qcow2_cache_entry_flush"])
+        assert owner.cmd("break l2_update hold").strip() == ""
+        owner.proc.stdin.write(f"truncate {NEW}\n".encode())
+        owner.proc.stdin.flush()
+        wait_until(lambda: "is_l2_cache 1" in owner.stderr(), 30,
+                   what="the owner's truncate to reach its L2 table write")
+        release = release_after_fresh_renewal(d.address, "owner", 1000)
+        link.cut()
+        with CoordinatorClient(d.address, timeout=(1000 + 1000) / 1000 + 15) as b:
+            b.hello("host-b", lock_space, lease_ms=60000)
+            g = b.lock(0, MiB, "exclusive")     # after the owner's expiry
+            t_grant = time.monotonic()
+            owner_gone = not owner.alive()
+            assert t_grant >= release, f"granted {release - t_grant:.3f} s early"
+            assert owner_gone, "the owner still ran when host-b was let in:\n" + \
+                owner.stderr()
+            assert "on-stuck-io=exit" in owner.stderr(), owner.stderr()
+            b.unlock(g["lock"])
+            b.bye()
+    finally:
+        link.close()
+    check_coordinator(d)
     path.unlink()
