@@ -565,6 +565,14 @@ static void extlock_maint_kick(void *opaque)
     if (m->kicked) {
         return;
     }
+    if (qatomic_read(&m->client->drain_target) > 0) {
+        /*
+         * Drained: a close or an AioContext move may come next, and no
+         * new work may start in the node now.  The reread is left to the
+         * next request (c->maint_reload stays set).
+         */
+        return;
+    }
     m->kicked = true;
     /* A drain waits for it (and cuts its wait for the lock) */
     bdrv_inc_in_flight(m->bs);

@@ -779,3 +779,70 @@ def test_stuck_maintenance_io_is_fenced(nfs, procs, lock_space, binaries):
         link.close()
     check_coordinator(d)
     path.unlink()
+
+
+def test_maintenance_in_iothread(nfs, extlockd, lock_space, procs, workdir, binaries):
+    """Maintenances with the nodes in an iothread (x-blockdev-set-iothread
+    io0): host 1's node xm, in the iothread, runs block_resize and then an
+    internal snapshot while both hosts' exported nodes (main loop) have
+    stamped requests in flight; host 2's second node xr, idle in its
+    iothread, rereads after each (a renewal kicks the reread there).  No
+    torn read, every node sees the new size and the snapshot, the
+    snapshot and the image verify (mixed 0, corrupt 0), qemu-img check
+    clean."""
+    binaries("qemu-img", "qemu-storage-daemon")
+    path, child = make_image(nfs, "qcow2-metadata")
+    extents = list(range(12))
+    st = Stamped(len(extents))
+    hosts = []
+    for n, extra in ((1, "xm"), (2, "xr")):
+        nodes = [extlock_node(child, extlockd.coordinator(), lock_space, node_name=name,
+                              client_id=f"host-{n}-{name}", lease_time=LEASE_MS)
+                 for name in ("xl0", extra)]
+        h = procs.storage_daemon(name=f"io{n}-{uuid.uuid4().hex[:4]}", blockdevs=nodes,
+                                 exports=[("disk", "xl0", True)],
+                                 objects=["iothread,id=io0"])
+        h.qmp.execute("x-blockdev-set-iothread", args={"node-name": extra,
+                                                        "iothread": "io0"})
+        hosts.append(h)
+    clients = {g: NbdClient(h.nbd_path, "disk") for g, h in zip((1, 2), hosts)}
+    try:
+        for _ in range(2):
+            st.finish(st.send_round(clients, extents))
+        pending = st.send_round(clients, extents)
+        hosts[0].qmp.execute("block_resize", args={"node-name": "xm", "size": NEW},
+                             timeout=60)
+        st.finish(pending)
+        wait_until(lambda: node_size(hosts[1], "xr") == NEW, LEASE_MS / 1000 + 10,
+                   what="host 2's idle node in the iothread to see the new size")
+        pending = st.send_round(clients, extents)
+        at_snapshot = dict(st.seq)
+        msg_id = qmp_send(hosts[0], "blockdev-snapshot-internal-sync",
+                          {"device": "xm", "name": "io-cut"})
+        st.finish(pending)
+        reply = qmp_reply(hosts[0], msg_id, 120)
+        assert "error" not in reply, reply
+        for _ in range(2):
+            st.finish(st.send_round(clients, extents))
+        wait_until(lambda: node_snapshots(hosts[1], "xr") == ["io-cut"],
+                   LEASE_MS / 1000 + 10, what="host 2's xr to see the snapshot")
+        for h in hosts:
+            wait_until(lambda: node_size(h) == NEW, LEASE_MS / 1000 + 10,
+                       what="the exported nodes to see the new size")
+        assert maint_info(hosts[1], "xr")["reloads"] >= 2
+        assert maint_info(hosts[0], "xm")["owned"] == 2
+    finally:
+        for nb in clients.values():
+            nb.close()
+    assert not st.torn, f"{len(st.torn)} of {st.reads} reads torn: {st.torn[:3]}"
+    for h in hosts:
+        assert h.stop() == 0, h.stderr()
+    check_clean(path)
+    snap = workdir / "io-cut.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", "-l", "snapshot.name=io-cut",
+             str(path), str(snap))
+    st.layout.max_seq = at_snapshot
+    r = st.vi.verify(snap, st.layout)
+    assert r["mixed"] == 0 and r["corrupt"] == 0, r
+    st.verify(flat_raw(path, "qcow2-metadata", workdir))
+    path.unlink()
