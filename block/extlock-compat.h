@@ -67,6 +67,7 @@
 #define EXTLOCK_QSTRING_H "qobject/qstring.h"
 
 #define EXTLOCK_DRV_GETLENGTH(fn) .bdrv_co_getlength = (fn)
+#define EXTLOCK_DRV_SAVE_VMSTATE(fn) .bdrv_co_save_vmstate = (fn)
 
 #define EXTLOCK_DRAIN_FN
 #define EXTLOCK_DRV_DRAIN_BEGIN(fn) .bdrv_drain_begin = (fn)
@@ -156,6 +157,7 @@ static inline void bdrv_graph_rdunlock_main_loop(void)
 }
 
 #define EXTLOCK_DRV_GETLENGTH(fn) .bdrv_getlength = (fn)
+#define EXTLOCK_DRV_SAVE_VMSTATE(fn) .bdrv_save_vmstate = (fn)
 
 #define EXTLOCK_DRAIN_FN coroutine_fn
 #define EXTLOCK_DRV_DRAIN_BEGIN(fn) .bdrv_co_drain_begin = (fn)

@@ -1,5 +1,5 @@
 /*
- * extlock: cluster-wide maintenance of a shared image (resize)
+ * extlock: cluster-wide maintenance of a shared image (resize, snapshots)
  *
  * Copyright (c) 2026 The extlock authors
  *
@@ -27,6 +27,7 @@
 
 #include "qemu/coroutine.h"
 #include "block/block_int.h"
+#include "block/snapshot.h"
 #include "extlock-locks.h"
 
 typedef struct ExtlockMaint {
@@ -37,6 +38,10 @@ typedef struct ExtlockMaint {
     Coroutine *idle_co;         /* waits for in_flight == 0 */
     CoQueue waiters;            /* requests waiting while busy */
     bool kicked;                /* a reread after a renewal is on its way */
+    bool unshare;               /* metadata frozen: copy out of a snapshot */
+    bool copying;               /* ... now: the child needs BLK_PERM_WRITE */
+    Error *blocker;             /* refuses external snapshots ... */
+    BlockDriverState *blocked_child;    /* ... of this child (a ref) */
 
     /* For query-extent-locks */
     bool owner;                 /* this node runs a maintenance now */
@@ -45,8 +50,22 @@ typedef struct ExtlockMaint {
     int64_t last_size;          /* the image length after the last one */
 } ExtlockMaint;
 
+/*
+ * @unshare: the child is a qcow2 in metadata-frozen mode, whose clusters
+ * must not stay shared with a new internal snapshot.  Blocks external
+ * snapshots of @bs's child until extlock_maint_cleanup().
+ */
 void extlock_maint_init(ExtlockMaint *m, BlockDriverState *bs,
-                        ExtlockClient *c);
+                        ExtlockClient *c, bool unshare);
+void extlock_maint_cleanup(ExtlockMaint *m);
+
+/*
+ * The node's permission check: -EPERM if it is (about to be) the backing
+ * file of another node, as an external snapshot of it would make it (an
+ * op blocker on the node itself could not be taken away before the node
+ * is deleted).
+ */
+int GRAPH_RDLOCK extlock_maint_refuse_backing(ExtlockMaint *m, Error **errp);
 
 /*
  * Admit a request (after its lock is granted, before it is forwarded;
@@ -68,5 +87,18 @@ int coroutine_fn GRAPH_RDLOCK
 extlock_maint_truncate(ExtlockMaint *m, int64_t offset, bool exact,
                        PreallocMode prealloc, BdrvRequestFlags flags,
                        Error **errp);
+
+/*
+ * Create the internal snapshot @sn (or, with @sn NULL, delete the one
+ * named by @id and/or @name) in the node below, cluster-wide: under the
+ * maintenance lock, so that it is a cut through every host's writes in
+ * lock order and every other host rereads the snapshot table.  A new
+ * snapshot is followed by a copy of the image out of it (extlock-maint.c)
+ * when @unshare was given.  In the main loop, outside coroutines (the
+ * monitor's snapshot commands), with the node drained.
+ */
+int GRAPH_RDLOCK
+extlock_maint_snapshot(ExtlockMaint *m, QEMUSnapshotInfo *sn, const char *id,
+                       const char *name, Error **errp);
 
 #endif /* BLOCK_EXTLOCK_MAINT_H */

@@ -16,7 +16,9 @@
  * mode, in which no guest request can change qcow2 metadata:
  *
  * - every cluster of the image is allocated, uncompressed, without the
- *   zero flag and not shared with an internal snapshot (refcount 1), so a
+ *   zero flag and not shared with an internal snapshot (refcount 1: the
+ *   COPIED flag of its L1 and L2 entries, checked when the image has
+ *   snapshots), so a
  *   write to any guest offset is an overwrite of its data cluster in
  *   place (qcow2's handle_copied() path: no L2 or refcount update);
  * - write-zeroes becomes data writes of zeroes (qcow2 would set zero
@@ -103,6 +105,117 @@ static bool extlock_stack_opt_nonzero(BlockDriverState *bs, const char *key)
     str = qobject_to(QString, obj);
     return !str || qemu_strtou64(qstring_get_str(str), NULL, 0, &val) ||
            val != 0;
+}
+
+/* qcow2's on-disk format (docs/interop/qcow2.txt in QEMU) */
+#define EXTLOCK_QCOW2_COPIED        (1ULL << 63)
+#define EXTLOCK_QCOW2_COMPRESSED    (1ULL << 62)
+#define EXTLOCK_QCOW2_OFFSET_MASK   0x00fffffffffffe00ULL
+#define EXTLOCK_QCOW2_EXTENDED_L2   (1ULL << 4)     /* incompatible bit */
+#define EXTLOCK_QCOW2_MAX_L1_BYTES  (32 * MiB)      /* as qcow2 limits it */
+
+/*
+ * An image with internal snapshots can be shared if none of its clusters
+ * is shared with a snapshot: every L1 entry and every allocated L2 entry
+ * has the COPIED flag (reference count 1), as after a snapshot taken
+ * through extlock (extlock-maint.c copies the image out of it).  Read
+ * from the file: the header, the L1 table and each L2 table once (as much
+ * as the allocation scan reads).
+ */
+static bool GRAPH_RDLOCK
+extlock_stack_check_unshared(BlockDriverState *bs, int nb_sn, Error **errp)
+{
+    const char *name = extlock_stack_name(bs);
+    BdrvChild *file = bs->file;
+    g_autofree uint64_t *l1 = NULL;
+    uint8_t hdr[80] = { 0 };
+    uint8_t *l2 = NULL;
+    uint32_t cluster_bits, l1_size, i, j, per_l2;
+    uint64_t l1_offset, incompat = 0, cluster_size;
+    unsigned entry;
+    bool ok = false;
+    int ret;
+
+    ret = bdrv_pread(file, 0, sizeof(hdr), hdr, 0);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "qcow2 image '%s': could not read its "
+                         "header", name);
+        return false;
+    }
+    cluster_bits = ldl_be_p(hdr + 20);
+    l1_size = ldl_be_p(hdr + 36);
+    l1_offset = ldq_be_p(hdr + 40);
+    if (ldl_be_p(hdr + 4) >= 3) {
+        incompat = ldq_be_p(hdr + 72);
+    }
+    if (cluster_bits < 9 || cluster_bits > 21 ||
+        (uint64_t)l1_size * 8 > EXTLOCK_QCOW2_MAX_L1_BYTES) {
+        error_setg(errp, "qcow2 image '%s': unexpected header", name);
+        return false;
+    }
+    cluster_size = 1ULL << cluster_bits;
+    entry = incompat & EXTLOCK_QCOW2_EXTENDED_L2 ? 16 : 8;
+    per_l2 = cluster_size / entry;
+    l1 = g_try_malloc((size_t)l1_size * 8 + 1);
+    l2 = qemu_try_blockalign(file->bs, cluster_size);
+    if (!l1 || !l2) {
+        error_setg(errp, "qcow2 image '%s': out of memory for its L1 and L2 "
+                   "tables", name);
+        goto out;
+    }
+    ret = bdrv_pread(file, l1_offset, (int64_t)l1_size * 8, l1, 0);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "qcow2 image '%s': could not read its "
+                         "L1 table", name);
+        goto out;
+    }
+    for (i = 0; i < l1_size; i++) {
+        uint64_t l1e = be64_to_cpu(l1[i]);
+        uint64_t guest = 0;
+        bool shared = false;
+
+        if (!(l1e & EXTLOCK_QCOW2_OFFSET_MASK)) {
+            continue;
+        }
+        if (!(l1e & EXTLOCK_QCOW2_COPIED)) {
+            guest = (uint64_t)i * per_l2 << cluster_bits;
+            shared = true;
+        } else {
+            ret = bdrv_pread(file, l1e & EXTLOCK_QCOW2_OFFSET_MASK,
+                             cluster_size, l2, 0);
+            if (ret < 0) {
+                error_setg_errno(errp, -ret, "qcow2 image '%s': could not "
+                                 "read an L2 table", name);
+                goto out;
+            }
+            for (j = 0; j < per_l2 && !shared; j++) {
+                uint64_t l2e = ldq_be_p(l2 + j * entry);
+
+                if ((l2e & EXTLOCK_QCOW2_COMPRESSED) ||
+                    !(l2e & EXTLOCK_QCOW2_OFFSET_MASK)) {
+                    continue;   /* the allocation scan refuses these */
+                }
+                if (!(l2e & EXTLOCK_QCOW2_COPIED)) {
+                    guest = ((uint64_t)i * per_l2 + j) << cluster_bits;
+                    shared = true;
+                }
+            }
+        }
+        if (shared) {
+            error_setg(errp, "qcow2 image '%s' has %d internal snapshot(s) "
+                       "that share the cluster at guest offset %" PRIu64
+                       " with the image: writing it would copy it (an "
+                       "allocation); take snapshots of a shared image "
+                       "through extlock (blockdev-snapshot-internal-sync on "
+                       "the extlock node), or delete them ('qemu-img "
+                       "snapshot -d') before sharing it", name, nb_sn, guest);
+            goto out;
+        }
+    }
+    ok = true;
+out:
+    qemu_vfree(l2);
+    return ok;
 }
 
 /*
@@ -222,11 +335,8 @@ extlock_stack_check_qcow2(BlockDriverState *bs, ExtlockStack *st, Error **errp)
     }
     nb_sn = bdrv_snapshot_list(bs, &sn);
     g_free(sn);
-    if (nb_sn > 0) {
-        error_setg(errp, "qcow2 image '%s' has %d internal snapshot(s): "
-                   "writing a cluster they share copies it (an allocation); "
-                   "delete them ('qemu-img snapshot -d') before sharing it",
-                   name, nb_sn);
+    if (nb_sn > 0 && st->allocation_check &&
+        !extlock_stack_check_unshared(bs, nb_sn, errp)) {
         return false;
     }
     if (st->allocation_check && !extlock_stack_scan(bs, st, errp)) {

@@ -26,6 +26,7 @@
 #include "qapi/qapi-visit-block-core.h"
 #include "qapi/qapi-visit-sockets.h"
 #include "qemu/cutils.h"
+#include "qemu/error-report.h"
 #include "qemu/module.h"
 #include "block/block_int.h"
 #include "crypto/tlscredsx509.h"
@@ -447,7 +448,7 @@ static int extlock_open(BlockDriverState *bs, QDict *options, int flags,
     }
     s->tls_creds_id = g_strdup(o->tls_creds);
     s->tls_hostname = g_strdup(tls_hostname);
-    extlock_maint_init(&s->maint, bs, s->client);
+    extlock_maint_init(&s->maint, bs, s->client, s->stack.metadata_frozen);
     trace_extlock_open(bdrv_get_node_name(bs), s->lock_space, s->client_id,
                        s->granularity);
     return 0;
@@ -463,6 +464,19 @@ fail:
 
 static void extlock_detach_aio_context(BlockDriverState *bs);
 
+/* Not the backing file of another node (an external snapshot) */
+static int GRAPH_RDLOCK
+extlock_check_perm(BlockDriverState *bs, uint64_t perm, uint64_t shared,
+                   Error **errp)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    if (!s->maint.blocker) {
+        return 0;               /* still opening */
+    }
+    return extlock_maint_refuse_backing(&s->maint, errp);
+}
+
 static void extlock_close(BlockDriverState *bs)
 {
     BDRVExtlockState *s = bs->opaque;
@@ -473,6 +487,7 @@ static void extlock_close(BlockDriverState *bs)
     }
     extlock_client_free(s->client);
     s->client = NULL;
+    extlock_maint_cleanup(&s->maint);
     qapi_free_SocketAddressList(s->coordinators);
     g_free(s->lock_space);
     g_free(s->client_id);
@@ -860,6 +875,87 @@ extlock_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
     return ret;
 }
 
+/*
+ * Internal snapshots (blockdev-snapshot-internal-sync and -delete- on this
+ * node): cluster-wide maintenances, extlock-maint.h.  These callbacks have
+ * no Error to return, so the reason of a failure is reported here.
+ */
+static int GRAPH_RDLOCK
+extlock_snapshot_create(BlockDriverState *bs, QEMUSnapshotInfo *sn)
+{
+    BDRVExtlockState *s = bs->opaque;
+    Error *err = NULL;
+    int ret;
+
+    if (sn->vm_state_size) {
+        /* Not reached: extlock_save_vmstate() refuses the state first */
+        error_report("extlock: node '%s': a snapshot with VM state cannot "
+                     "be stored in a shared image", bdrv_get_node_name(bs));
+        return -ENOTSUP;
+    }
+    if (!bdrv_can_snapshot(bs->file->bs)) {
+        return -ENOTSUP;
+    }
+    ret = extlock_maint_snapshot(&s->maint, sn, NULL, NULL, &err);
+    if (ret < 0) {
+        error_report_err(err);
+    }
+    return ret;
+}
+
+static int GRAPH_RDLOCK
+extlock_snapshot_delete(BlockDriverState *bs, const char *snapshot_id,
+                        const char *name, Error **errp)
+{
+    BDRVExtlockState *s = bs->opaque;
+
+    return extlock_maint_snapshot(&s->maint, NULL, snapshot_id, name, errp);
+}
+
+/*
+ * Going back to a snapshot would replace every host's disk under its
+ * running guest, and share every cluster with the snapshot again
+ */
+static int GRAPH_UNLOCKED
+extlock_snapshot_goto(BlockDriverState *bs, const char *snapshot_id)
+{
+    error_report("extlock: node '%s' is a shared image: going back to "
+                 "snapshot '%s' under running guests is not supported; stop "
+                 "every host and use 'qemu-img snapshot -a'",
+                 bdrv_get_node_name(bs), snapshot_id);
+    return -ENOTSUP;
+}
+
+/*
+ * savevm/snapshot-save would write the VM state into the image (qcow2
+ * allocates clusters for it) outside a maintenance
+ */
+static int coroutine_fn GRAPH_RDLOCK
+extlock_save_vmstate(BlockDriverState *bs, QEMUIOVector *qiov, int64_t pos)
+{
+    error_report("extlock: node '%s' is a shared image: it cannot hold VM "
+                 "state; take a disk-only snapshot with "
+                 "blockdev-snapshot-internal-sync, or store the VM state on "
+                 "another node (snapshot-save's vmstate)",
+                 bdrv_get_node_name(bs));
+    return -ENOTSUP;
+}
+
+/*
+ * A persistent dirty bitmap is stored in qcow2's metadata when the image
+ * closes, by each host on its own: refused
+ */
+static bool coroutine_fn GRAPH_RDLOCK
+extlock_co_can_store_new_dirty_bitmap(BlockDriverState *bs, const char *name,
+                                      uint32_t granularity, Error **errp)
+{
+    error_setg(errp, "extlock: node '%s' is a shared image: persistent dirty "
+               "bitmaps are stored in its metadata by every host on its own "
+               "and are not supported; add bitmap '%s' with "
+               "persistent=false", bdrv_get_node_name(bs), name);
+    return false;
+}
+
 static int64_t coroutine_fn GRAPH_RDLOCK
 extlock_co_getlength(BlockDriverState *bs)
 {
@@ -920,6 +1016,10 @@ extlock_child_perm(BlockDriverState *bs, BdrvChild *c, BdrvChildRole role,
      */
     *nshared |= BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED |
                 BLK_PERM_CONSISTENT_READ;
+    if (((BDRVExtlockState *)bs->opaque)->maint.copying) {
+        /* A snapshot's copy writes through the child (extlock-maint.c) */
+        *nperm |= BLK_PERM_WRITE;
+    }
 }
 
 /*
@@ -1173,6 +1273,7 @@ BlockDriver bdrv_extlock = {
     .bdrv_open                  = extlock_open,
     .bdrv_close                 = extlock_close,
     .bdrv_child_perm            = extlock_child_perm,
+    .bdrv_check_perm            = extlock_check_perm,
 
     EXTLOCK_DRV_GETLENGTH(extlock_co_getlength),
     .bdrv_co_truncate           = extlock_co_truncate,
@@ -1204,6 +1305,12 @@ BlockDriver bdrv_extlock = {
     .bdrv_reopen_abort          = extlock_reopen_abort,
 
     .bdrv_get_specific_stats    = extlock_get_specific_stats,
+
+    .bdrv_snapshot_create       = extlock_snapshot_create,
+    .bdrv_snapshot_delete       = extlock_snapshot_delete,
+    .bdrv_snapshot_goto         = extlock_snapshot_goto,
+    EXTLOCK_DRV_SAVE_VMSTATE(extlock_save_vmstate),
+    .bdrv_co_can_store_new_dirty_bitmap = extlock_co_can_store_new_dirty_bitmap,
 
     .strong_runtime_opts        = extlock_strong_runtime_opts,
     .mutable_opts               = extlock_mutable_opts,

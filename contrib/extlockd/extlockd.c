@@ -757,7 +757,8 @@ int main(int argc, char **argv)
                   "of the lock-spaces the policy allows \"anonymous\"");
     }
     extlockd_server_restore(server, sessions);
-    if (!extlockd_server_load_reservations(server, cfg.state_file, &err)) {
+    if (!extlockd_server_load_reservations(server, cfg.state_file, &err) ||
+        !extlockd_server_load_maintenance(server, cfg.state_file, &err)) {
         g_critical("%s", err->message);
         extlockd_server_free(server);
         return 1;

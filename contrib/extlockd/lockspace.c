@@ -28,6 +28,7 @@
 #include <inttypes.h>
 #include <string.h>
 #include <glib.h>
+#include <json-c/json.h>
 
 #include "server-int.h"
 #include "state-file.h"
@@ -172,13 +173,37 @@ void lockspace_check_maint(ExtlockdSession *session, int64_t now)
 }
 
 /*
- * The maintenance count as clients see it: with the epoch, since the count
- * starts again at 0 when the coordinator does
+ * The maintenance count as clients see it: with the epoch in which it was
+ * last counted.  The count and that epoch are kept in the state file, so
+ * that a restart changes neither and no host rereads for nothing; a
+ * maintenance that may have been running when the coordinator stopped is
+ * counted at the next start, in the new epoch (lockspace_maint_load), a
+ * value no host has seen.
  */
 uint64_t lockspace_maint_gen(ExtlockdLockSpace *space)
 {
-    return ((space->server->epoch & 0x7fffffff) << 32) |
+    return ((space->maint_epoch & 0x7fffffff) << 32) |
            (space->maint_gen & 0xffffffff);
+}
+
+/*
+ * A maintenance lock was granted: its owner may change the metadata from
+ * now on.  The state file says so before the grant is sent, so that a
+ * restart before the count is written counts it anyway.  A write that
+ * fails is logged: lockspace_handle_lock() has just written the file for
+ * the same request, so only a disk that fails in between gets here.
+ */
+static void lockspace_maint_granted(ExtlockdLockSpace *space)
+{
+    g_autoptr(GError) err = NULL;
+
+    space->maint_pending = true;
+    if (!server_save_state(space->server, space->server->epoch, &err)) {
+        g_warning("lock-space %s: a maintenance is granted but the state "
+                   "file cannot record it (%s): if extlockd restarts before "
+                   "it is written, hosts may not reread the metadata",
+                   space->name, err->message);
+    }
 }
 
 /* A maintenance lock is gone: every host rereads the metadata */
@@ -186,10 +211,202 @@ void lockspace_maint_done(ExtlockdLockSpace *space, bool has_size,
                           uint64_t size)
 {
     space->maint_gen++;
+    space->maint_epoch = space->server->epoch;
+    space->maint_pending = false;
     if (has_size) {
         space->has_maint_size = true;
         space->maint_size = size;
     }
+    server_save_state_async(space->server);
+}
+
+/* A lock-space's maintenance count from the state file */
+typedef struct ExtlockdMaintSaved {
+    uint64_t gen;
+    uint64_t epoch;
+    bool has_size;
+    uint64_t size;
+} ExtlockdMaintSaved;
+
+static void lockspace_maint_append_one(GString *out, bool *first,
+                                       const char *name, uint64_t gen,
+                                       uint64_t epoch, bool has_size,
+                                       uint64_t size, bool pending)
+{
+    json_object *jname = json_object_new_string(name);
+
+    g_string_append(out, *first ? ",\"maintenance\":[" : ",");
+    *first = false;
+    g_string_append_printf(out, "{\"lock-space\":%s,\"count\":%" PRIu64
+                           ",\"epoch\":%" PRIu64,
+                           json_object_to_json_string_ext(
+                               jname, JSON_C_TO_STRING_PLAIN |
+                               JSON_C_TO_STRING_NOSLASHESCAPE),
+                           gen, epoch);
+    json_object_put(jname);
+    if (has_size) {
+        g_string_append_printf(out, ",\"size\":%" PRIu64, size);
+    }
+    if (pending) {
+        g_string_append(out, ",\"pending\":true");
+    }
+    g_string_append_c(out, '}');
+}
+
+void lockspace_maint_append_state(ExtlockdServer *server, GString *out)
+{
+    GHashTableIter iter;
+    gpointer key, value;
+    bool first = true;
+
+    g_hash_table_iter_init(&iter, server->spaces);
+    while (g_hash_table_iter_next(&iter, &key, &value)) {
+        ExtlockdLockSpace *space = value;
+
+        if (space->maint_gen || space->maint_pending) {
+            lockspace_maint_append_one(out, &first, space->name,
+                                       space->maint_gen, space->maint_epoch,
+                                       space->has_maint_size,
+                                       space->maint_size,
+                                       space->maint_pending);
+        }
+    }
+    if (server->maint_saved) {
+        g_hash_table_iter_init(&iter, server->maint_saved);
+        while (g_hash_table_iter_next(&iter, &key, &value)) {
+            ExtlockdMaintSaved *ms = value;
+
+            lockspace_maint_append_one(out, &first, key, ms->gen, ms->epoch,
+                                       ms->has_size, ms->size, false);
+        }
+    }
+    if (!first) {
+        g_string_append_c(out, ']');
+    }
+}
+
+/* A non-negative integer member @key of @obj into *@val; false if bad */
+static bool lockspace_maint_uint(json_object *obj, const char *key,
+                                 bool required, uint64_t *val)
+{
+    json_object *v;
+    int64_t i;
+
+    if (!json_object_object_get_ex(obj, key, &v)) {
+        return !required;
+    }
+    if (!json_object_is_type(v, json_type_int)) {
+        return false;
+    }
+    i = json_object_get_int64(v);
+    if (i < 0) {
+        return false;
+    }
+    *val = (uint64_t)i;
+    return true;
+}
+
+/* Restore @space's count */
+static void lockspace_maint_restore(ExtlockdLockSpace *space,
+                                    const ExtlockdMaintSaved *ms)
+{
+    space->maint_gen = ms->gen;
+    space->maint_epoch = ms->epoch;
+    space->has_maint_size = ms->has_size;
+    space->maint_size = ms->size;
+}
+
+bool lockspace_maint_load(ExtlockdServer *server, const char *data,
+                          size_t len, GError **errp)
+{
+    json_tokener *tok = json_tokener_new();
+    json_object *obj = json_tokener_parse_ex(tok, data, (int)len);
+    g_autoptr(GHashTable) saved =
+        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+    GHashTableIter iter;
+    gpointer key, value;
+    json_object *arr;
+    bool ok = false;
+
+    json_tokener_free(tok);
+    if (!obj || !json_object_is_type(obj, json_type_object)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "state: not a JSON object");
+        goto out;
+    }
+    if (!json_object_object_get_ex(obj, "maintenance", &arr)) {
+        ok = true;
+        goto out;
+    }
+    if (!json_object_is_type(arr, json_type_array)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "state: \"maintenance\" is not an array");
+        goto out;
+    }
+    for (size_t i = 0; i < json_object_array_length(arr); i++) {
+        json_object *e = json_object_array_get_idx(arr, i);
+        ExtlockdMaintSaved ms = { 0 };
+        json_object *name, *pending;
+        const char *n;
+
+        if (!json_object_is_type(e, json_type_object) ||
+            !json_object_object_get_ex(e, "lock-space", &name) ||
+            !json_object_is_type(name, json_type_string) ||
+            g_hash_table_contains(saved, json_object_get_string(name))) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "state: maintenance %zu has no or a duplicate "
+                        "\"lock-space\"", i);
+            goto out;
+        }
+        n = json_object_get_string(name);
+        ms.has_size = json_object_object_get_ex(e, "size", NULL);
+        if (!lockspace_maint_uint(e, "count", true, &ms.gen) ||
+            ms.gen >= UINT32_MAX ||
+            !lockspace_maint_uint(e, "epoch", true, &ms.epoch) ||
+            ms.epoch >= EXTLOCKD_EPOCH_LIMIT ||
+            !lockspace_maint_uint(e, "size", false, &ms.size)) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "state: maintenance of lock-space %s: \"count\", "
+                        "\"epoch\" and \"size\" must be integers in range",
+                        n);
+            goto out;
+        }
+        if (json_object_object_get_ex(e, "pending", &pending)) {
+            if (!json_object_is_type(pending, json_type_boolean)) {
+                g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                            "state: maintenance of lock-space %s: "
+                            "\"pending\" must be a boolean", n);
+                goto out;
+            }
+            if (json_object_get_boolean(pending)) {
+                /* It may have changed the image: a count nobody has seen */
+                ms.gen++;
+                ms.epoch = server->epoch;
+                g_message("lock-space %s: a maintenance may have been "
+                          "running when extlockd stopped: counted, every "
+                          "host rereads the metadata", n);
+            }
+        }
+        g_hash_table_insert(saved, g_strdup(n), g_memdup2(&ms, sizeof(ms)));
+    }
+    /* Lock-spaces restored with their sessions take theirs now */
+    g_hash_table_iter_init(&iter, saved);
+    while (g_hash_table_iter_next(&iter, &key, &value)) {
+        ExtlockdLockSpace *space = g_hash_table_lookup(server->spaces, key);
+
+        if (space) {
+            lockspace_maint_restore(space, value);
+            g_hash_table_iter_remove(&iter);
+        }
+    }
+    if (server->maint_saved) {
+        g_hash_table_destroy(server->maint_saved);
+    }
+    server->maint_saved = g_steal_pointer(&saved);
+    ok = true;
+out:
+    json_object_put(obj);
+    return ok;
 }
 
 /*
@@ -282,6 +499,9 @@ static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     g_hash_table_remove(session->waiting, lock);
     g_hash_table_add(session->held, lock);
     lockspace_log_lock(session->server, "grant", lock, NULL);
+    if (lockspace_is_maint(lock)) {
+        lockspace_maint_granted(session->space);
+    }
     if (session->conn) {
         lockspace_send_granted(session->conn, lock);
         lockspace_revoke_new_lock(table, lock);
@@ -299,6 +519,14 @@ ExtlockdLockSpace *lockspace_get(ExtlockdServer *server, const char *name)
         space->table = extlock_table_new(name, lockspace_grant_cb, space);
         extlock_table_set_debug_checks(space->table, server->cfg.debug_checks);
         g_hash_table_insert(server->spaces, space->name, space);
+        if (server->maint_saved &&
+            g_hash_table_contains(server->maint_saved, name)) {
+            /* Its maintenance count from the state file */
+            lockspace_maint_restore(space,
+                                    g_hash_table_lookup(server->maint_saved,
+                                                        name));
+            g_hash_table_remove(server->maint_saved, name);
+        }
         VERBOSE(server, "lock-space %s created", name);
     }
     return space;
@@ -729,6 +957,18 @@ void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
         return;
     }
     req.mode = m->mode;
+    req.node.ext = req.requested;
+    if (lockspace_is_maint(&req)) {
+        g_autoptr(GError) err = NULL;
+
+        /* Its grant must be recorded (lockspace_maint_granted): can it? */
+        if (!server_save_state(server, server->epoch, &err)) {
+            conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
+                            "cannot record a maintenance in the state "
+                            "file: %s", err->message);
+            return;
+        }
+    }
     req.token = token;
     req.user_tag = m->id;
 
@@ -764,6 +1004,9 @@ void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
     }
     g_hash_table_add(session->held, lock);
     lockspace_log_lock(server, "grant", lock, NULL);
+    if (lockspace_is_maint(lock)) {
+        lockspace_maint_granted(space);
+    }
     lockspace_send_granted(conn, lock);
 }
 

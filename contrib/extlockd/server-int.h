@@ -118,6 +118,12 @@ struct ExtlockdLockSpace {
     bool has_maint_size;
     uint64_t maint_size;
     uint64_t maint_gen;
+    uint64_t maint_epoch;        /* the server epoch of the last count */
+    /*
+     * A maintenance was asked for and may run (the state file says so,
+     * and a restart counts one more: lockspace_maint_load)
+     */
+    bool maint_pending;
 };
 
 /*
@@ -278,6 +284,11 @@ struct ExtlockdServer {
     uint64_t refusals_unlogged;
     ExtlockdMetrics *metrics;    /* metrics.h */
     struct ExtlockdPrTable *pr;  /* persistent reservations (reservation.c) */
+    /*
+     * Maintenance counts read from the state file for lock-spaces that
+     * do not exist yet: name -> ExtlockdMaintSaved (lockspace.c)
+     */
+    GHashTable *maint_saved;
 };
 
 /* ------------------------------------------------------------------ */
@@ -802,6 +813,21 @@ void lockspace_check_maint(ExtlockdSession *session, int64_t now);
 
 /* "maint-gen" of grants and renewals; only if space->maint_gen */
 uint64_t lockspace_maint_gen(ExtlockdLockSpace *space);
+
+/*
+ * The maintenance counts for the state file: ',"maintenance":[...]'
+ * appended to @out, or nothing if no lock-space has had one
+ */
+void lockspace_maint_append_state(ExtlockdServer *server, GString *out);
+
+/*
+ * Read "maintenance" of the state text @data (@len bytes; a missing
+ * member means none).  A lock-space whose maintenance may have been
+ * running when the state was written counts one more, in the current
+ * epoch, so that every host rereads.  Fails on a malformed member.
+ */
+bool lockspace_maint_load(ExtlockdServer *server, const char *data,
+                          size_t len, GError **errp);
 
 /* Is @lock a maintenance: exclusive on [0, 2^63)? */
 bool lockspace_is_maint(const ExtlockLock *lock);

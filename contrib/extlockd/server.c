@@ -159,6 +159,16 @@ static char *server_state_snapshot(ExtlockdServer *server, uint64_t epoch,
     }
     text = extlockd_state_format(epoch, (ExtlockdStateSession *)list->data,
                                  list->len, errp);
+    if (text) {
+        /* "...}\n": the maintenance counts go before the closing brace */
+        GString *out = g_string_new(text);
+
+        g_free(text);
+        g_string_truncate(out, out->len - 2);
+        lockspace_maint_append_state(server, out);
+        g_string_append(out, "}\n");
+        text = g_string_free(out, FALSE);
+    }
     if (text && server->pr) {
         /* "...}\n": the reservations go before the closing brace */
         GString *out = g_string_new(text);
@@ -240,6 +250,23 @@ bool extlockd_server_load_reservations(ExtlockdServer *server,
         return false;
     }
     return reservation_load(server, data, len, errp);
+}
+
+bool extlockd_server_load_maintenance(ExtlockdServer *server,
+                                      const char *path, GError **errp)
+{
+    g_autofree char *data = NULL;
+    g_autoptr(GError) local_err = NULL;
+    gsize len;
+
+    if (!g_file_get_contents(path, &data, &len, &local_err)) {
+        if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+            return true;
+        }
+        g_propagate_error(errp, g_steal_pointer(&local_err));
+        return false;
+    }
+    return lockspace_maint_load(server, data, len, errp);
 }
 
 bool extlockd_server_load_reservations_json(ExtlockdServer *server,
@@ -361,6 +388,9 @@ void extlockd_server_free(ExtlockdServer *server)
         lockspace_free(value);
     }
     g_hash_table_destroy(server->spaces);
+    if (server->maint_saved) {
+        g_hash_table_destroy(server->maint_saved);
+    }
     g_hash_table_destroy(server->sessions);
     g_hash_table_destroy(server->identity_sessions);
     if (server->timer) {

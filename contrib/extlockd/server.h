@@ -161,6 +161,13 @@ bool extlockd_server_save_state(ExtlockdServer *server, GError **errp);
  */
 bool extlockd_server_load_reservations(ExtlockdServer *server,
                                        const char *path, GError **errp);
+/*
+ * Read the maintenance counts ("maintenance") from the state file @path;
+ * a missing file or member means none.  Fails on a corrupt one.  After
+ * extlockd_server_restore() and before the state is written again.
+ */
+bool extlockd_server_load_maintenance(ExtlockdServer *server,
+                                      const char *path, GError **errp);
 /* The same from the JSON text of the "reservations" member (HA) */
 bool extlockd_server_load_reservations_json(ExtlockdServer *server,
                                             const char *json, GError **errp);
