@@ -36,6 +36,14 @@
 
 #include "server-int.h"
 
+/*
+ * pr-outs of one session that may wait for their answer at once: each
+ * queues a change and pushes a pr-update to every subscribed session, so
+ * a client sending them without waiting must not pile them up in front of
+ * the others (docs/extlockd.rst, "Limits")
+ */
+#define PR_MAX_PENDING_PER_SESSION 16
+
 /* A pr-out whose state change waits for the state file and the acks */
 typedef struct PrOp {
     char session[33];            /* who sent it */
@@ -316,18 +324,30 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         .aptpl = m->aptpl,
     };
     ExtlockPrStatus st;
+    unsigned pending = 0;
     PrOp *op;
 
+    for (GList *l = pr->ops.head; l; l = l->next) {
+        pending += strcmp(((PrOp *)l->data)->session, session->id) == 0;
+    }
+    if (pending >= PR_MAX_PENDING_PER_SESSION) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                        "session has %u pr-out requests waiting for their "
+                        "answer (limit %u): wait for one", pending,
+                        PR_MAX_PENDING_PER_SESSION);
+        return;
+    }
     pr_subscribe(session);
     st = extlock_pr_out(&pr->state, session->client_id, &req, preempted);
-    g_message("lock-space %s: %s %s by %s: %s (generation %u)", pr->space,
-              extlock_pr_action_name(req.action),
-              req.type ? extlock_pr_type_name(req.type) : "",
-              session->client_id, extlock_pr_status_name(st),
-              pr->state.generation);
     if (st != EXTLOCK_PR_OK) {
         ExtlockMsg r;
 
+        /* Changes nothing: a flood of them must not flood the log */
+        VERBOSE(server, "lock-space %s: %s %s by %s: %s (generation %u)",
+                pr->space, extlock_pr_action_name(req.action),
+                req.type ? extlock_pr_type_name(req.type) : "",
+                session->client_id, extlock_pr_status_name(st),
+                pr->state.generation);
         extlock_msg_init(&r, EXTLOCK_MSG_PR_RESULT);
         r.has_id = m->has_id;
         r.id = m->id;
@@ -338,6 +358,11 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         return;
     }
 
+    g_message("lock-space %s: %s %s by %s: %s (generation %u)", pr->space,
+              extlock_pr_action_name(req.action),
+              req.type ? extlock_pr_type_name(req.type) : "",
+              session->client_id, extlock_pr_status_name(st),
+              pr->state.generation);
     /* Push the new state to every subscriber, save it, wait for both */
     pr->seq++;
     session->pr_acked = pr->seq;     /* the reply tells the sender */

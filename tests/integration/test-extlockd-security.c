@@ -1469,6 +1469,108 @@ static void test_bad_security_options(void **state)
     }
 }
 
+/*
+ * Persistent reservations: every successful pr-out is pushed as a
+ * pr-update to every subscribed session of the lock-space and waits
+ * there for their pr-acks.  One session that sends pr-outs without
+ * waiting for their results must not pile up updates (and queued
+ * changes) without bound in front of a session that is slow to read and
+ * acknowledge: at most EXTLOCKD_TEST_MAX_PR_PENDING pr-outs of a session
+ * wait, more get limit-exceeded and change nothing.
+ */
+#define EXTLOCKD_TEST_MAX_PR_PENDING 16
+#define PR_FLOOD 2000
+
+static void test_pr_out_flood(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", LONG_LEASE_MS);
+    ExtlockConn *attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
+    unsigned updates = 0, limited = 0, results = 0, others = 0;
+    uint64_t last_seq = 0, renew_id, ack_id, in_id;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    /* The victim subscribes, then reads nothing while the flood comes */
+    in_id = send_simple(victim, EXTLOCK_MSG_PR_IN);
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_STATUS, in_id);
+    extlock_msg_clear(&m);
+
+    for (unsigned i = 0; i < PR_FLOOD; i++) {
+        extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
+        m.pr_action = EXTLOCK_PR_REGISTER_AND_IGNORE;
+        m.pr_sa_key = 1 + i % 2;
+        send_msg(attacker, &m);
+    }
+    /* Its renew is answered once every pr-out before it was handled */
+    renew_id = send_simple(attacker, EXTLOCK_MSG_RENEW);
+    for (unsigned n = 0; n < 3 * PR_FLOOD + 10; n++) {
+        recv_msg(attacker, &m, RECV_MS);
+        if (m.type == EXTLOCK_MSG_RENEWED && m.id == renew_id) {
+            extlock_msg_clear(&m);
+            break;
+        }
+        if (m.type == EXTLOCK_MSG_ERROR && m.error == EXTLOCK_ERR_LIMIT) {
+            limited++;
+        } else if (m.type == EXTLOCK_MSG_PR_RESULT) {
+            results++;
+        } else if (m.type != EXTLOCK_MSG_PR_UPDATE) {
+            others++;
+        }
+        extlock_msg_clear(&m);
+    }
+    assert_int_equal(others, 0);
+    /* Nobody acknowledged: no pr-out was answered yet */
+    assert_int_equal(results, 0);
+
+    /* What piled up for the victim, up to its renew's reply */
+    renew_id = send_simple(victim, EXTLOCK_MSG_RENEW);
+    for (unsigned n = 0; n < PR_FLOOD + 10; n++) {
+        recv_msg(victim, &m, RECV_MS);
+        if (m.type == EXTLOCK_MSG_RENEWED && m.id == renew_id) {
+            extlock_msg_clear(&m);
+            break;
+        }
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+        assert_true(m.pr_seq > last_seq);
+        last_seq = m.pr_seq;
+        updates++;
+        extlock_msg_clear(&m);
+    }
+    if (updates > EXTLOCKD_TEST_MAX_PR_PENDING) {
+        fail_msg("one session's %u pr-outs without waiting queued %u "
+                 "pr-updates for another session (limit-exceeded: %u)",
+                 PR_FLOOD, updates, limited);
+    }
+    assert_int_equal(updates, EXTLOCKD_TEST_MAX_PR_PENDING);
+    assert_int_equal(limited, PR_FLOOD - EXTLOCKD_TEST_MAX_PR_PENDING);
+
+    /* The victim acknowledges: the waiting pr-outs are answered */
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
+    m.pr_seq = last_seq;
+    send_msg(victim, &m);
+    ack_id = m.id;
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_ACKED, ack_id);
+    extlock_msg_clear(&m);
+    for (unsigned i = 0; i < EXTLOCKD_TEST_MAX_PR_PENDING; i++) {
+        recv_msg(attacker, &m, RECV_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    /* ... and the attacker may send again */
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
+    m.pr_action = EXTLOCK_PR_REGISTER_AND_IGNORE;
+    m.pr_sa_key = 7;
+    send_msg(attacker, &m);
+    recv_msg(attacker, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+    recv_msg(victim, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1487,6 +1589,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_reclaim_storm, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_security_options, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_pr_out_flood, setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
