@@ -150,9 +150,17 @@ static bool pr_waits_for(ExtlockdSession *session, ExtlockdPr *pr,
            strcmp(session->space->name, pr->space) == 0;
 }
 
-/* End every session of @client_id in @pr's lock-space (PREEMPT AND ABORT) */
+/*
+ * End every session of @client_id in @pr's lock-space (PREEMPT AND ABORT
+ * of change @seq).  Only a session that acknowledged @seq is known to have
+ * drained its writes: its locks go at once.  One whose lease lapsed
+ * instead (the change waited for that) may still have writes in flight:
+ * its locks go by the lease rule, at its deadline plus the fence margin
+ * and after the fence agent, like any lapsed session's.  A connected one
+ * that never subscribed is expired the same way.
+ */
 static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
-                            const char *client_id)
+                            const char *client_id, uint64_t seq)
 {
     g_autoptr(GPtrArray) ids = g_ptr_array_new_with_free_func(g_free);
 
@@ -169,9 +177,18 @@ static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
         ExtlockdSession *session = g_hash_table_lookup(server->sessions,
                                                        ids->pdata[i]);
 
-        if (session) {
+        if (!session) {
+            continue;
+        }
+        if (session->pr_acked >= seq) {
             session_abort(session, "preempted by PERSISTENT RESERVE OUT "
                           "PREEMPT AND ABORT");
+        } else if (session->state == SESSION_ACTIVE) {
+            g_warning("session %s (%s, lock-space %s) preempted by "
+                      "PERSISTENT RESERVE OUT PREEMPT AND ABORT without "
+                      "having applied it: expiring it", session->id,
+                      session->client_id, pr->space);
+            session_expire(session);
         }
     }
 }
@@ -192,7 +209,7 @@ static void pr_check(ExtlockdServer *server, ExtlockdPr *pr)
         }
         g_queue_pop_head(&pr->ops);
         for (guint i = 0; op->abort && i < op->abort->len; i++) {
-            pr_abort_client(server, pr, op->abort->pdata[i]);
+            pr_abort_client(server, pr, op->abort->pdata[i], op->seq);
         }
         from = g_hash_table_lookup(server->sessions, op->session);
         if (from && from->conn && from->conn->serial == op->conn_serial) {

@@ -1571,6 +1571,136 @@ static void test_pr_out_flood(void **state)
     daemon_stop(d);
 }
 
+/* Send a pr-out (the reply is the caller's to read); its request id */
+static uint64_t send_pr_out(ExtlockConn *c, ExtlockPrAction action,
+                            unsigned type, uint64_t key, uint64_t sa_key)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
+    m.pr_action = action;
+    m.pr_type = type;
+    m.pr_key = key;
+    m.pr_sa_key = sa_key;
+    send_msg(c, &m);
+    return m.id;
+}
+
+/*
+ * Read from @c until the pr-result of @id (pr-updates before it are
+ * acknowledged if @ack); fails on anything else
+ */
+static void pr_wait_result(ExtlockConn *c, uint64_t id, bool ack)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    for (int n = 0; n < 16; n++) {
+        recv_msg(c, &m, RECV_MS);
+        if (m.type == EXTLOCK_MSG_PR_RESULT && m.id == id) {
+            assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+            extlock_msg_clear(&m);
+            return;
+        }
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+        if (ack) {
+            uint64_t seq = m.pr_seq, ack_id;
+
+            extlock_msg_clear(&m);
+            extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
+            m.pr_seq = seq;
+            send_msg(c, &m);
+            ack_id = m.id;
+            expect_msg(c, &m, EXTLOCK_MSG_PR_ACKED, ack_id);
+        }
+        extlock_msg_clear(&m);
+    }
+    fail_msg("no pr-result for pr-out %" PRIu64, id);
+}
+
+/* Acknowledge the next pr-update on @c */
+static void pr_ack_next(ExtlockConn *c)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t seq, id;
+
+    recv_msg(c, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    seq = m.pr_seq;
+    extlock_msg_clear(&m);
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
+    m.pr_seq = seq;
+    send_msg(c, &m);
+    id = m.id;
+    expect_msg(c, &m, EXTLOCK_MSG_PR_ACKED, id);
+    extlock_msg_clear(&m);
+}
+
+/*
+ * PREEMPT AND ABORT of a client whose connection is gone (partitioned,
+ * still writing until its own lease deadline and then for up to the
+ * fence margin with writes in flight).  The pr-out waits for its lease
+ * to lapse; the victim's locks must then go by the lease rule - at its
+ * deadline plus the fence margin, after the fence agent if there is one -
+ * not at the deadline itself: a lock of the preempter granted earlier
+ * overlaps the victim's writes in flight.
+ */
+static void test_preempt_abort_keeps_fence_margin(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", LEASE_MS);
+    ExtlockConn *attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t in_id, out_id, lock_id;
+    int64_t t_renew, t_grant = 0;
+    bool result = false;
+
+    in_id = send_simple(victim, EXTLOCK_MSG_PR_IN);
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_STATUS, in_id);
+    extlock_msg_clear(&m);
+    pr_wait_result(victim, send_pr_out(victim, EXTLOCK_PR_REGISTER, 0, 0,
+                                       0xa), true);
+    lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    out_id = send_pr_out(attacker, EXTLOCK_PR_REGISTER, 0, 0, 0xb);
+    pr_ack_next(victim);
+    pr_wait_result(attacker, out_id, false);
+
+    /* The victim's last renewal, then its network goes */
+    t_renew = now_ms();
+    renew(victim);
+    conn_drop(victim);
+
+    out_id = send_pr_out(attacker, EXTLOCK_PR_PREEMPT_AND_ABORT, 0, 0xb,
+                         0xa);
+    lock_id = send_lock(attacker, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, true);
+    for (int n = 0; n < 16 && !t_grant; n++) {
+        recv_msg(attacker, &m, LEASE_MS + MARGIN_MS + RECV_MS);
+        if (m.type == EXTLOCK_MSG_GRANTED && m.id == lock_id) {
+            t_grant = now_ms();
+        } else if (m.type == EXTLOCK_MSG_PR_RESULT && m.id == out_id) {
+            assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+            result = true;
+        } else if (m.type != EXTLOCK_MSG_PR_UPDATE &&
+                   m.type != EXTLOCK_MSG_WAITING) {
+            fail_msg("unexpected %s", extlock_msg_type_name(m.type));
+        }
+        extlock_msg_clear(&m);
+    }
+    assert_true(t_grant != 0);
+    if (t_grant - t_renew < LEASE_MS + MARGIN_MS) {
+        fail_msg("the preempted client's lock was granted to another %"
+                 PRId64 " ms after its last renewal: before its lease (%d "
+                 "ms) plus the fence margin (%d ms) had passed",
+                 t_grant - t_renew, LEASE_MS, MARGIN_MS);
+    }
+    if (!result) {
+        recv_msg(attacker, &m, RECV_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1590,6 +1720,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_bad_security_options, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_out_flood, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_preempt_abort_keeps_fence_margin,
+                                        setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
