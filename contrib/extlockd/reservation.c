@@ -62,6 +62,7 @@ struct ExtlockdPrTable {
     GHashTable *spaces;          /* lock-space name -> ExtlockdPr */
     bool checking;               /* in reservation_check_all() */
     bool again;                  /* ... and asked to check again */
+    guint later;                 /* reservation_check_later()'s source */
 };
 
 typedef struct ExtlockdPr {
@@ -102,6 +103,7 @@ void reservation_init(ExtlockdServer *server)
 void reservation_fini(ExtlockdServer *server)
 {
     if (server->pr) {
+        g_clear_handle_id(&server->pr->later, g_source_remove);
         g_hash_table_destroy(server->pr->spaces);
         g_clear_pointer(&server->pr, g_free);
     }
@@ -250,6 +252,30 @@ void reservation_check_all(ExtlockdServer *server)
         }
     } while (server->pr->again);
     server->pr->checking = false;
+}
+
+static gboolean reservation_later_cb(gpointer opaque)
+{
+    ExtlockdServer *server = opaque;
+
+    server->pr->later = 0;
+    reservation_check_all(server);
+    return G_SOURCE_REMOVE;
+}
+
+/*
+ * Answering a pr-out may end sessions (PREEMPT AND ABORT): a caller that
+ * walks the sessions (the lease timer) must not have the next one freed
+ * under it, so sessions that expire or go away check from the main loop,
+ * as soon as it gets back there
+ */
+void reservation_check_later(ExtlockdServer *server)
+{
+    if (server->pr && !server->pr->later && !server->shutting_down) {
+        server->pr->later = g_idle_add_full(G_PRIORITY_DEFAULT,
+                                            reservation_later_cb, server,
+                                            NULL);
+    }
 }
 
 void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok)

@@ -892,6 +892,8 @@ void reservation_welcomed(ExtlockdSession *session);
 /* Sessions expired or ended, or the state file was written: answer the
  * pr-outs that waited for them */
 void reservation_check_all(ExtlockdServer *server);
+/* The same from the main loop (for callers that walk the sessions) */
+void reservation_check_later(ExtlockdServer *server);
 void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok);
 /* The state file's "reservations" member: write (appended to @out, which
  * holds the members of the state object so far), and read */

@@ -332,6 +332,26 @@ sessions = {
         '2:{"type":"unlock","id":5,"lock":3,"maint-size":1}',
         '2:{"type":"status","id":6}',
     ],
+    # PREEMPT AND ABORT answered from the lease timer: the session whose
+    # lease lapses comes before the preempted one in the timer's walk
+    'preempt-during-lease-check': [
+        '0:' + hello('hostA/disk0', 'disk', ',"lease-ms":2000'),
+        '1:' + hello('hostB/disk0', 'disk', ',"lease-ms":5000'),
+        '2:' + hello('hostC/disk0', 'disk', ',"lease-ms":5000'),
+        '0:{"type":"pr-in","id":2}',
+        '1:{"type":"pr-in","id":2}',
+        '1:{"type":"pr-out","id":3,"action":"register","sa-key":"b2"}',
+        '0:{"type":"pr-ack","id":3,"seq":1}',
+        '2:{"type":"pr-out","id":2,"action":"register","sa-key":"c3"}',
+        '0:{"type":"pr-ack","id":4,"seq":2}',
+        '1:{"type":"pr-ack","id":4,"seq":2}',
+        '2:{"type":"pr-out","id":3,"action":"preempt-and-abort",'
+        '"key":"c3","sa-key":"b2"}',
+        '1:{"type":"pr-ack","id":5,"seq":3}',
+        '0!',
+        'T2500',
+        '2:{"type":"status","id":4}',
+    ],
 }
 for name, cmds in sessions.items():
     write('fuzz-dispatch', name, '\n'.join(cmds) + '\n')

@@ -1701,6 +1701,62 @@ static void test_preempt_abort_keeps_fence_margin(void **state)
     daemon_stop(d);
 }
 
+/*
+ * A PREEMPT AND ABORT waits for a session that lost its connection; when
+ * that session's lease lapses (the lease timer walks the sessions), the
+ * pr-out is answered and the preempted session - next in the timer's
+ * walk - is ended.  That used to free it under the walk: extlockd died
+ * with SIGSEGV (use after free), taking every lock-space down.
+ */
+static void test_preempt_abort_during_lease_check(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    /* In this order: the timer reaches "slow" first, then "victim" */
+    ExtlockConn *slow = client(d->unix_addr, "slow/0", LEASE_MS);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", LONG_LEASE_MS);
+    ExtlockConn *attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id;
+
+    id = send_simple(slow, EXTLOCK_MSG_PR_IN);
+    expect_msg(slow, &m, EXTLOCK_MSG_PR_STATUS, id);
+    extlock_msg_clear(&m);
+    id = send_simple(victim, EXTLOCK_MSG_PR_IN);
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_STATUS, id);
+    extlock_msg_clear(&m);
+    id = send_pr_out(victim, EXTLOCK_PR_REGISTER, 0, 0, 0xb2);
+    pr_ack_next(slow);
+    pr_wait_result(victim, id, false);
+    id = send_pr_out(attacker, EXTLOCK_PR_REGISTER, 0, 0, 0xc3);
+    pr_ack_next(slow);
+    pr_ack_next(victim);
+    pr_wait_result(attacker, id, false);
+
+    /* Victim acknowledges the preemption, "slow" is gone */
+    id = send_pr_out(attacker, EXTLOCK_PR_PREEMPT_AND_ABORT, 0, 0xc3, 0xb2);
+    pr_ack_next(victim);
+    conn_drop(slow);
+
+    /* Answered once slow's lease lapsed: the victim's session is ended */
+    recv_msg(attacker, &m, LEASE_MS + MARGIN_MS + RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+    recv_msg(attacker, &m, LEASE_MS + MARGIN_MS + RECV_MS);
+    if (m.type != EXTLOCK_MSG_PR_RESULT) {
+        dump_log(d);
+        fail_msg("no pr-result but %s (extlockd alive: %d)",
+                 extlock_msg_type_name(m.type), !daemon_reap(d, false));
+    }
+    assert_int_equal(m.id, id);
+    assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+    extlock_msg_clear(&m);
+    recv_msg(victim, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
+    extlock_msg_clear(&m);
+    renew(attacker);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1721,6 +1777,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_out_flood, setup, teardown),
         cmocka_unit_test_setup_teardown(test_preempt_abort_keeps_fence_margin,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_preempt_abort_during_lease_check,
                                         setup, teardown),
     };
 
