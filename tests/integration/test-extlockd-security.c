@@ -1757,6 +1757,63 @@ static void test_preempt_abort_during_lease_check(void **state)
     daemon_stop(d);
 }
 
+/*
+ * After a coordinator restart, a session listed in the state file whose
+ * client has not come back yet (it may still be writing until its own
+ * lease deadline) is preempted with PREEMPT AND ABORT by a new session.
+ * Ending that session used to end its lock-space's grace period at once
+ * (it was the only one to wait for), so the preempter was granted the
+ * victim's extent right after the restart.
+ */
+static void test_preempt_abort_of_absent_reclaimer(void **state)
+{
+    const uint32_t lease = 2000;
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", lease);
+    ExtlockConn *attacker;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id, lock_id;
+    int64_t t_renew, t_grant = 0;
+
+    id = send_simple(victim, EXTLOCK_MSG_PR_IN);
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_STATUS, id);
+    extlock_msg_clear(&m);
+    pr_wait_result(victim, send_pr_out(victim, EXTLOCK_PR_REGISTER, 0, 0,
+                                       0xa), true);
+    lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    t_renew = now_ms();
+    renew(victim);
+
+    /* The coordinator crashes and comes back; the victim does not (yet) */
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+    d = daemon_start(d->state, NULL, NULL);
+    attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
+    pr_wait_result(attacker, send_pr_out(attacker, EXTLOCK_PR_REGISTER, 0, 0,
+                                         0xb), false);
+    id = send_pr_out(attacker, EXTLOCK_PR_PREEMPT_AND_ABORT, 0, 0xb, 0xa);
+    pr_wait_result(attacker, id, false);
+    lock_id = send_lock(attacker, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, true);
+    for (int n = 0; n < 8 && !t_grant; n++) {
+        recv_msg(attacker, &m, lease + MARGIN_MS + RECV_MS);
+        if (m.type == EXTLOCK_MSG_GRANTED && m.id == lock_id) {
+            t_grant = now_ms();
+        } else if (m.type != EXTLOCK_MSG_WAITING &&
+                   m.type != EXTLOCK_MSG_PR_UPDATE) {
+            fail_msg("unexpected %s", extlock_msg_type_name(m.type));
+        }
+        extlock_msg_clear(&m);
+    }
+    assert_true(t_grant != 0);
+    if (t_grant - t_renew < (int64_t)lease + MARGIN_MS) {
+        fail_msg("the absent victim's extent was granted %" PRId64 " ms "
+                 "after its last renewal, before its lease (%u ms) plus "
+                 "the fence margin (%d ms) had passed", t_grant - t_renew,
+                 lease, MARGIN_MS);
+    }
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1779,6 +1836,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_preempt_abort_keeps_fence_margin,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_preempt_abort_during_lease_check,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_preempt_abort_of_absent_reclaimer,
                                         setup, teardown),
     };
 
