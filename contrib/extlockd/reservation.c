@@ -317,6 +317,7 @@ void reservation_handle_in(ExtlockdConn *conn, ExtlockdSession *session,
                            ExtlockMsg *m)
 {
     ExtlockdPr *pr = pr_get(conn->server, session->space->name);
+    uint64_t acked = session->pr_acked;
     ExtlockMsg r;
 
     pr_subscribe(session);
@@ -327,13 +328,17 @@ void reservation_handle_in(ExtlockdConn *conn, ExtlockdSession *session,
     r.id = m->id;
     pr_fill_msg(&r, pr);
     conn_send_msg(conn, &r);
-    reservation_check_all(conn->server);
+    if (session->pr_acked != acked) {
+        /* Only then can a pr-out be answered (a flood costs nothing) */
+        reservation_check_all(conn->server);
+    }
 }
 
 void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
                             ExtlockMsg *m)
 {
     ExtlockdPr *pr = pr_get(conn->server, session->space->name);
+    uint64_t acked = session->pr_acked;
     ExtlockMsg r;
 
     if (m->pr_seq > pr->seq) {
@@ -350,7 +355,10 @@ void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
     r.id = m->id;
     r.pr_seq = m->pr_seq;
     conn_send_msg(conn, &r);
-    reservation_check_all(conn->server);
+    if (session->pr_acked != acked) {
+        /* Only then can a pr-out be answered (a flood costs nothing) */
+        reservation_check_all(conn->server);
+    }
 }
 
 void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,

@@ -1814,6 +1814,112 @@ static void test_preempt_abort_of_absent_reclaimer(void **state)
     daemon_stop(d);
 }
 
+/*
+ * A pr-ack flood: one client sends pr-acks of an old seq while a pr-out of
+ * its lock-space waits for a subscriber that never acknowledges, with
+ * ACK_IDLE sessions elsewhere.  Each such pr-ack used to look at every
+ * pending pr-out, going through every session (O(sessions) per line);
+ * now only an ack that acknowledges something new does.  Checked here:
+ * every pr-ack is answered and a victim in another lock-space keeps its
+ * lease throughout (the event loop serves connections in turn, so the
+ * victim was not late before that change either: what it saved is the
+ * daemon's CPU time, see the commit message).
+ */
+#define ACK_IDLE 1000
+#define ACK_FLOOD 50000
+
+typedef struct Flood {
+    int fd;
+    GString *text;
+} Flood;
+
+/* Write all of @f->text to @f->fd (non-blocking: poll for room) */
+static gpointer flood_main(gpointer opaque)
+{
+    Flood *f = opaque;
+    size_t off = 0;
+
+    while (off < f->text->len) {
+        struct pollfd pfd = { .fd = f->fd, .events = POLLOUT };
+        ssize_t n = write(f->fd, f->text->str + off, f->text->len - off);
+
+        if (n > 0) {
+            off += n;
+        } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            break;
+        } else if (poll(&pfd, 1, HANG_MS) <= 0) {
+            break;
+        }
+    }
+    return NULL;
+}
+
+static void test_pr_ack_flood(void **state)
+{
+    const char *const extra[] = { "--max-sessions-per-identity", "4096",
+                                  NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", VICTIM_LEASE_MS);
+    ExtlockConn *a1, *a2;
+    g_autofree ExtlockConn **idle = g_new0(ExtlockConn *, ACK_IDLE);
+    g_autofree uint64_t *ids = g_new0(uint64_t, ACK_IDLE);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    Flood f;
+    GThread *thread;
+    int64_t t_renew;
+    uint64_t id;
+    Renewer rn;
+
+    t_renew = now_ms();
+    renew(victim);
+    renewer_start(&rn, victim, VICTIM_LEASE_MS, VICTIM_LEASE_MS / 4, t_renew);
+
+    a1 = client(d->unix_addr, "a1/0", LONG_LEASE_MS);
+    for (int i = 0; i < ACK_IDLE; i++) {
+        g_autofree char *cid = g_strdup_printf("idle/%d", i);
+
+        idle[i] = conn_open(d->unix_addr);
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = cid;
+        m.lock_space = (char *)"idle";
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(idle[i], &m);
+        ids[i] = m.id;
+    }
+    for (int i = 0; i < ACK_IDLE; i++) {
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        recv_msg(idle[i], &m, HANG_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_WELCOME);
+        extlock_msg_clear(&m);
+    }
+    /* a2 subscribes last and never acknowledges: a1's pr-out waits */
+    a2 = client(d->unix_addr, "a2/0", LONG_LEASE_MS);
+    id = send_simple(a2, EXTLOCK_MSG_PR_IN);
+    expect_msg(a2, &m, EXTLOCK_MSG_PR_STATUS, id);
+    extlock_msg_clear(&m);
+    send_pr_out(a1, EXTLOCK_PR_REGISTER, 0, 0, 1);
+    recv_msg(a1, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+
+    f.fd = extlock_conn_fd(a1);
+    f.text = g_string_new(NULL);
+    for (int i = 0; i < ACK_FLOOD; i++) {
+        g_string_append_printf(f.text, "{\"type\":\"pr-ack\",\"id\":%d,"
+                               "\"seq\":0}\n", 1000000 + i);
+    }
+    thread = g_thread_new("flood", flood_main, &f);
+    for (int i = 0; i < ACK_FLOOD; i++) {
+        recv_msg(a1, &m, HANG_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_ACKED);
+        extlock_msg_clear(&m);
+    }
+    g_thread_join(thread);
+    g_string_free(f.text, true);
+    renewer_stop(&rn, "victim during a pr-ack flood");
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1839,6 +1945,7 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_preempt_abort_of_absent_reclaimer,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_ack_flood, setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
