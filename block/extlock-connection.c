@@ -938,6 +938,31 @@ static bool extlock_addr_listed(GPtrArray *order, const char *uri)
 }
 
 /*
+ * The leader named by the follower at @follower, or NULL if it is not an
+ * address of the same kind (an inet follower names an inet leader, a UNIX
+ * one a UNIX leader).  The name comes from the coordinator, which is not
+ * trusted with more than locks: "fd:N" would make socket_connect() take
+ * over (or close, if it is no socket) whatever file descriptor N of this
+ * process is, and "vsock:" reaches another kind of peer altogether.
+ */
+static SocketAddress *extlock_leader_parse(SocketAddress *follower,
+                                           const char *name)
+{
+    SocketAddress *leader = socket_parse(name, NULL);
+
+    if (leader && (leader->type != follower->type ||
+                   (leader->type != SOCKET_ADDRESS_TYPE_INET &&
+                    leader->type != SOCKET_ADDRESS_TYPE_UNIX))) {
+        g_autofree char *uri = socket_uri(follower);
+
+        trace_extlock_client_leader_refused(uri, name);
+        qapi_free_SocketAddress(leader);
+        leader = NULL;
+    }
+    return leader;
+}
+
+/*
  * One round: the last leader, then every configured address in order,
  * each at most once; a follower's "not-leader" answer naming the leader
  * puts the leader next (a bounded number of times).  A dead member costs
@@ -986,7 +1011,7 @@ static int extlock_job_run(void *opaque)
         }
         if (job->leader && strcmp(job->leader, uri) &&
             hops < n_listed + EXTLOCK_LEADER_HOPS) {
-            leader = socket_parse(job->leader, NULL);
+            leader = extlock_leader_parse(addr, job->leader);
         }
         if (leader) {
             hops++;

@@ -31,6 +31,12 @@
 #include <gnutls/gnutls.h>
 
 #define HTTP_CONN_LIMIT     32
+/*
+ * ... of which one address may hold this many: a client that opens
+ * connections and sends nothing (or a byte now and then) cannot take
+ * every slot and keep the monitoring system out (docs/extlockd.rst)
+ */
+#define HTTP_CONN_LIMIT_PER_ADDR 8
 #define HTTP_CONN_TIMEOUT_S 10
 
 struct ExtlockdHttp {
@@ -290,6 +296,8 @@ ExtlockdHttp *metrics_http_start(ExtlockdMetrics *m, const char *addr,
                                     (unsigned)HTTP_CONN_LIMIT,
                                     MHD_OPTION_CONNECTION_TIMEOUT,
                                     (unsigned)HTTP_CONN_TIMEOUT_S,
+                                    MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+                                    (unsigned)HTTP_CONN_LIMIT_PER_ADDR,
                                     http->cert ? MHD_OPTION_HTTPS_MEM_CERT
                                                : MHD_OPTION_END,
                                     http->cert,

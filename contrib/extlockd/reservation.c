@@ -45,6 +45,14 @@
 
 #include "server-int.h"
 
+/*
+ * pr-outs of one session that may wait for their answer at once: each
+ * queues a change and pushes a pr-update to every subscribed session, so
+ * a client sending them without waiting must not pile them up in front of
+ * the others (docs/extlockd.rst, "Limits")
+ */
+#define PR_MAX_PENDING_PER_SESSION 16
+
 /* A pr-out whose state change waits for the state file and the acks */
 typedef struct PrOp {
     char session[33];            /* who sent it */
@@ -66,6 +74,7 @@ struct ExtlockdPrTable {
     GHashTable *spaces;          /* lock-space name -> ExtlockdPr */
     bool checking;               /* in reservation_check_all() */
     bool again;                  /* ... and asked to check again */
+    guint later;                 /* reservation_check_later()'s source */
 };
 
 typedef struct ExtlockdPr {
@@ -117,6 +126,7 @@ void reservation_init(ExtlockdServer *server)
 void reservation_fini(ExtlockdServer *server)
 {
     if (server->pr) {
+        g_clear_handle_id(&server->pr->later, g_source_remove);
         g_hash_table_destroy(server->pr->spaces);
         g_clear_pointer(&server->pr, g_free);
     }
@@ -172,9 +182,17 @@ static bool pr_waits_for(ExtlockdSession *session, ExtlockdPr *pr,
            strcmp(session->space->name, pr->space) == 0;
 }
 
-/* End every session of @client_id in @pr's lock-space (PREEMPT AND ABORT) */
+/*
+ * End every session of @client_id in @pr's lock-space (PREEMPT AND ABORT
+ * of change @seq).  Only a session that acknowledged @seq is known to have
+ * drained its writes: its locks go at once.  One whose lease lapsed
+ * instead (the change waited for that) may still have writes in flight:
+ * its locks go by the lease rule, at its deadline plus the fence margin
+ * and after the fence agent, like any lapsed session's.  A connected one
+ * that never subscribed is expired the same way.
+ */
 static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
-                            const char *client_id)
+                            const char *client_id, uint64_t seq)
 {
     g_autoptr(GPtrArray) ids = g_ptr_array_new_with_free_func(g_free);
 
@@ -191,9 +209,18 @@ static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
         ExtlockdSession *session = g_hash_table_lookup(server->sessions,
                                                        ids->pdata[i]);
 
-        if (session) {
+        if (!session) {
+            continue;
+        }
+        if (session->pr_acked >= seq) {
             session_abort(session, "preempted by PERSISTENT RESERVE OUT "
                           "PREEMPT AND ABORT");
+        } else if (session->state == SESSION_ACTIVE) {
+            g_warning("session %s (%s, lock-space %s) preempted by "
+                      "PERSISTENT RESERVE OUT PREEMPT AND ABORT without "
+                      "having applied it: expiring it", session->id,
+                      session->client_id, pr->space);
+            session_expire(session);
         }
     }
 }
@@ -220,7 +247,7 @@ static void pr_check(ExtlockdServer *server, ExtlockdPr *pr)
         }
         g_queue_pop_head(&pr->ops);
         for (guint i = 0; op->abort && i < op->abort->len; i++) {
-            pr_abort_client(server, pr, op->abort->pdata[i]);
+            pr_abort_client(server, pr, op->abort->pdata[i], op->seq);
         }
         from = g_hash_table_lookup(server->sessions, op->session);
         if (from && from->conn && from->conn->serial == op->conn_serial) {
@@ -261,6 +288,30 @@ void reservation_check_all(ExtlockdServer *server)
         }
     } while (server->pr->again);
     server->pr->checking = false;
+}
+
+static gboolean reservation_later_cb(gpointer opaque)
+{
+    ExtlockdServer *server = opaque;
+
+    server->pr->later = 0;
+    reservation_check_all(server);
+    return G_SOURCE_REMOVE;
+}
+
+/*
+ * Answering a pr-out may end sessions (PREEMPT AND ABORT): a caller that
+ * walks the sessions (the lease timer) must not have the next one freed
+ * under it, so sessions that expire or go away check from the main loop,
+ * as soon as it gets back there
+ */
+void reservation_check_later(ExtlockdServer *server)
+{
+    if (server->pr && !server->pr->later && !server->shutting_down) {
+        server->pr->later = g_idle_add_full(G_PRIORITY_DEFAULT,
+                                            reservation_later_cb, server,
+                                            NULL);
+    }
 }
 
 void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok)
@@ -367,6 +418,7 @@ void reservation_handle_in(ExtlockdConn *conn, ExtlockdSession *session,
                            ExtlockMsg *m)
 {
     ExtlockdPr *pr = pr_get(conn->server, session->space->name);
+    uint64_t acked = session->pr_acked;
     ExtlockMsg r;
 
     pr_subscribe(session);
@@ -379,13 +431,17 @@ void reservation_handle_in(ExtlockdConn *conn, ExtlockdSession *session,
     r.id = m->id;
     pr_fill_msg(&r, pr);
     conn_send_msg(conn, &r);
-    reservation_check_all(conn->server);
+    if (session->pr_acked != acked) {
+        /* Only then can a pr-out be answered (a flood costs nothing) */
+        reservation_check_all(conn->server);
+    }
 }
 
 void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
                             ExtlockMsg *m)
 {
     ExtlockdPr *pr = pr_get(conn->server, session->space->name);
+    uint64_t acked = session->pr_acked;
     ExtlockMsg r;
 
     if (m->pr_seq > pr->seq) {
@@ -402,7 +458,10 @@ void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
     r.id = m->id;
     r.pr_seq = m->pr_seq;
     conn_send_msg(conn, &r);
-    reservation_check_all(conn->server);
+    if (session->pr_acked != acked) {
+        /* Only then can a pr-out be answered (a flood costs nothing) */
+        reservation_check_all(conn->server);
+    }
 }
 
 /*
@@ -485,19 +544,25 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
     };
     ExtlockPrStatus st;
     PrRequest *last;
+    unsigned pending = 0;
     PrOp *op;
 
+    for (GList *l = pr->ops.head; l; l = l->next) {
+        pending += strcmp(((PrOp *)l->data)->session, session->id) == 0;
+    }
+    if (pending >= PR_MAX_PENDING_PER_SESSION) {
+        conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_LIMIT,
+                        "session has %u pr-out requests waiting for their "
+                        "answer (limit %u): wait for one", pending,
+                        PR_MAX_PENDING_PER_SESSION);
+        return;
+    }
     pr_subscribe(session);
     if (m->pr_request &&
         pr_retried(server, pr, conn, session, m)) {
         return;
     }
     st = extlock_pr_out(&pr->state, session->client_id, &req, preempted);
-    g_message("lock-space %s: %s %s by %s: %s (generation %u)", pr->space,
-              extlock_pr_action_name(req.action),
-              req.type ? extlock_pr_type_name(req.type) : "",
-              session->client_id, extlock_pr_status_name(st),
-              pr->state.generation);
     if (m->pr_request) {
         last = g_hash_table_lookup(pr->requests, session->client_id);
         if (!last) {
@@ -514,6 +579,12 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
     if (st != EXTLOCK_PR_OK) {
         ExtlockMsg r;
 
+        /* Changes nothing: a flood of them must not flood the log */
+        VERBOSE(server, "lock-space %s: %s %s by %s: %s (generation %u)",
+                pr->space, extlock_pr_action_name(req.action),
+                req.type ? extlock_pr_type_name(req.type) : "",
+                session->client_id, extlock_pr_status_name(st),
+                pr->state.generation);
         extlock_msg_init(&r, EXTLOCK_MSG_PR_RESULT);
         r.has_id = m->has_id;
         r.id = m->id;
@@ -524,6 +595,11 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         return;
     }
 
+    g_message("lock-space %s: %s %s by %s: %s (generation %u)", pr->space,
+              extlock_pr_action_name(req.action),
+              req.type ? extlock_pr_type_name(req.type) : "",
+              session->client_id, extlock_pr_status_name(st),
+              pr->state.generation);
     /* Push the new state to every subscriber, save it, wait for both */
     pr->seq++;
     session->pr_acked = pr->seq;     /* the reply tells the sender */

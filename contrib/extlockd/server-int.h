@@ -921,6 +921,8 @@ void reservation_welcomed(ExtlockdSession *session);
 /* Sessions expired or ended, or the state file was written: answer the
  * pr-outs that waited for them */
 void reservation_check_all(ExtlockdServer *server);
+/* The same from the main loop (for callers that walk the sessions) */
+void reservation_check_later(ExtlockdServer *server);
 /* Ack timeouts: expire late sessions; the next deadline (INT64_MAX: none) */
 int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now);
 void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok);

@@ -301,7 +301,7 @@ void session_destroy_nosave(ExtlockdSession *session)
     g_queue_unlink(&server->session_list, &session->link);
     lockspace_unref(session->space);
     session_free(session);
-    reservation_check_all(server);
+    reservation_check_later(server);
 }
 
 static void session_destroy(ExtlockdSession *session)
@@ -540,7 +540,7 @@ void session_expire_because(ExtlockdSession *session, const char *why)
         session_fence_start(session);
     }
     /* pr-outs waiting for its acknowledgement go on */
-    reservation_check_all(server);
+    reservation_check_later(server);
 }
 
 /* The fence margin after the deadline has passed: let the locks go */

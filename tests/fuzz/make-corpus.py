@@ -59,6 +59,20 @@ extra = [
     '{"type":"renewed","id":1,"lease-ms":100}',
     '{"type":"cancel","id":1,"request":"2"}',
     'not json at all\n{"type":"bye","id":1}\n',
+    '{"type":"pr-out","id":2,"action":"preempt-and-abort","pr-type":5,'
+    '"key":"ffffffffffffffff","sa-key":"1","aptpl":true}',
+    '{"type":"pr-update","seq":3,"generation":7,"pr-type":5,'
+    '"holder":"hostA/disk0","aptpl":false,"registrants":[{"client-id":'
+    '"hostA/disk0","key":"a1"},{"client-id":"hostB/disk0","key":"b2"}]}',
+    '{"type":"pr-status","id":4,"seq":0,"generation":0,"pr-type":0,'
+    '"aptpl":false,"registrants":[]}',
+    '{"type":"pr-result","id":5,"result":"reservation-conflict",'
+    '"generation":2,"seq":1}',
+    '{"type":"pr-ack","id":6,"seq":9223372036854775807}',
+    '{"type":"unlock","id":7,"lock":1,"maint-size":1073741824}',
+    '{"type":"granted","id":8,"lock":1,"token":1099511627777,"offset":0,'
+    '"length":4096,"mode":"shared","maint-gen":4294967297,'
+    '"maint-size":4096}',
 ]
 for i, line in enumerate(extra):
     write('fuzz-protocol', 'extra-%02d' % i, line)
@@ -265,6 +279,78 @@ sessions = {
         '3:' + hello('a', 'disk', ',"session":"@S"'),
         '3:{"type":"renew","id":2}',
         '2:{"type":"renew","id":4}',
+    ],
+    # Persistent reservations: register, reserve, preempt and abort the
+    # other client, an update that is acked late, a session that resumes
+    # and gets the state, bad actions and keys
+    'reservations': [
+        '0:' + hello('hostA/disk0', 'disk', ',"lease-ms":2000'),
+        '1:' + hello('hostB/disk0', 'disk', ',"lease-ms":2000'),
+        '1:{"type":"pr-in","id":2}',
+        '0:{"type":"pr-out","id":2,"action":"register","sa-key":"a1"}',
+        '1:{"type":"pr-ack","id":3,"seq":1}',
+        '1:{"type":"pr-out","id":4,"action":"register","sa-key":"b2"}',
+        '0:{"type":"pr-ack","id":3,"seq":2}',
+        '0:{"type":"pr-out","id":4,"action":"reserve","pr-type":5,'
+        '"key":"a1"}',
+        '1:' + lock(5, 0, 4096, 'exclusive'),
+        '1:{"type":"pr-ack","id":6,"seq":3}',
+        '0:{"type":"pr-out","id":5,"action":"preempt-and-abort",'
+        '"pr-type":1,"key":"a1","sa-key":"b2","aptpl":true}',
+        '1:{"type":"pr-ack","id":7,"seq":4}',
+        '0:{"type":"pr-out","id":6,"action":"register-and-move"}',
+        '0:{"type":"pr-out","id":7,"action":"reserve","pr-type":16}',
+        '0:{"type":"pr-out","id":8,"action":"register","key":"00112233445566778"}',
+        '0:{"type":"pr-ack","id":9,"seq":99}',
+        '0!',
+        'T500',
+        '2:' + hello('hostA/disk0', 'disk', ',"session":"@S"'),
+        '2:{"type":"pr-out","id":2,"action":"clear","key":"a1"}',
+        '2:{"type":"pr-in","id":3}',
+        '2:{"type":"status","id":4}',
+        'T3000',
+    ],
+    # Maintenance: the whole-space exclusive lock waits for a holder that
+    # keeps its lock beyond its lease; its unlock announces a new size
+    'maintenance': [
+        '0:' + hello('hostA/disk0', 'disk', ',"lease-ms":1000'),
+        '0:' + lock(2, 0, 4096, 'shared',
+                    ',"limit":{"offset":0,"length":1048576}'),
+        '1:' + hello('hostB/disk0'),
+        '1:' + lock(2, 0, 9223372036854775808, 'exclusive'),
+        '0:{"type":"renew","id":3}',
+        'T600',
+        '0:{"type":"renew","id":4}',
+        'T600',
+        '1:{"type":"renew","id":3}',
+        'T1500',
+        '1:{"type":"unlock","id":4,"lock":2,"maint-size":1073741824}',
+        '2:' + hello('hostC/disk0'),
+        '2:' + lock(2, 4096, 4096, 'exclusive'),
+        '2:' + lock(3, 0, 9223372036854775808, 'exclusive'),
+        '2:{"type":"downgrade","id":4,"lock":2}',
+        '2:{"type":"unlock","id":5,"lock":3,"maint-size":1}',
+        '2:{"type":"status","id":6}',
+    ],
+    # PREEMPT AND ABORT answered from the lease timer: the session whose
+    # lease lapses comes before the preempted one in the timer's walk
+    'preempt-during-lease-check': [
+        '0:' + hello('hostA/disk0', 'disk', ',"lease-ms":2000'),
+        '1:' + hello('hostB/disk0', 'disk', ',"lease-ms":5000'),
+        '2:' + hello('hostC/disk0', 'disk', ',"lease-ms":5000'),
+        '0:{"type":"pr-in","id":2}',
+        '1:{"type":"pr-in","id":2}',
+        '1:{"type":"pr-out","id":3,"action":"register","sa-key":"b2"}',
+        '0:{"type":"pr-ack","id":3,"seq":1}',
+        '2:{"type":"pr-out","id":2,"action":"register","sa-key":"c3"}',
+        '0:{"type":"pr-ack","id":4,"seq":2}',
+        '1:{"type":"pr-ack","id":4,"seq":2}',
+        '2:{"type":"pr-out","id":3,"action":"preempt-and-abort",'
+        '"key":"c3","sa-key":"b2"}',
+        '1:{"type":"pr-ack","id":5,"seq":3}',
+        '0!',
+        'T2500',
+        '2:{"type":"status","id":4}',
     ],
 }
 for name, cmds in sessions.items():

@@ -1469,6 +1469,457 @@ static void test_bad_security_options(void **state)
     }
 }
 
+/*
+ * Persistent reservations: every successful pr-out is pushed as a
+ * pr-update to every subscribed session of the lock-space and waits
+ * there for their pr-acks.  One session that sends pr-outs without
+ * waiting for their results must not pile up updates (and queued
+ * changes) without bound in front of a session that is slow to read and
+ * acknowledge: at most EXTLOCKD_TEST_MAX_PR_PENDING pr-outs of a session
+ * wait, more get limit-exceeded and change nothing.
+ */
+#define EXTLOCKD_TEST_MAX_PR_PENDING 16
+#define PR_FLOOD 2000
+
+static void test_pr_out_flood(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", LONG_LEASE_MS);
+    ExtlockConn *attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
+    unsigned updates = 0, limited = 0, results = 0, others = 0;
+    uint64_t last_seq = 0, renew_id, ack_id, in_id;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    /* The victim subscribes, then reads nothing while the flood comes */
+    in_id = send_simple(victim, EXTLOCK_MSG_PR_IN);
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_STATUS, in_id);
+    extlock_msg_clear(&m);
+
+    for (unsigned i = 0; i < PR_FLOOD; i++) {
+        extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
+        m.pr_action = EXTLOCK_PR_REGISTER_AND_IGNORE;
+        m.pr_sa_key = 1 + i % 2;
+        send_msg(attacker, &m);
+    }
+    /* Its renew is answered once every pr-out before it was handled */
+    renew_id = send_simple(attacker, EXTLOCK_MSG_RENEW);
+    for (unsigned n = 0; n < 3 * PR_FLOOD + 10; n++) {
+        recv_msg(attacker, &m, RECV_MS);
+        if (m.type == EXTLOCK_MSG_RENEWED && m.id == renew_id) {
+            extlock_msg_clear(&m);
+            break;
+        }
+        if (m.type == EXTLOCK_MSG_ERROR && m.error == EXTLOCK_ERR_LIMIT) {
+            limited++;
+        } else if (m.type == EXTLOCK_MSG_PR_RESULT) {
+            results++;
+        } else if (m.type != EXTLOCK_MSG_PR_UPDATE) {
+            others++;
+        }
+        extlock_msg_clear(&m);
+    }
+    assert_int_equal(others, 0);
+    /* Nobody acknowledged: no pr-out was answered yet */
+    assert_int_equal(results, 0);
+
+    /* What piled up for the victim, up to its renew's reply */
+    renew_id = send_simple(victim, EXTLOCK_MSG_RENEW);
+    for (unsigned n = 0; n < PR_FLOOD + 10; n++) {
+        recv_msg(victim, &m, RECV_MS);
+        if (m.type == EXTLOCK_MSG_RENEWED && m.id == renew_id) {
+            extlock_msg_clear(&m);
+            break;
+        }
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+        assert_true(m.pr_seq > last_seq);
+        last_seq = m.pr_seq;
+        updates++;
+        extlock_msg_clear(&m);
+    }
+    if (updates > EXTLOCKD_TEST_MAX_PR_PENDING) {
+        fail_msg("one session's %u pr-outs without waiting queued %u "
+                 "pr-updates for another session (limit-exceeded: %u)",
+                 PR_FLOOD, updates, limited);
+    }
+    assert_int_equal(updates, EXTLOCKD_TEST_MAX_PR_PENDING);
+    assert_int_equal(limited, PR_FLOOD - EXTLOCKD_TEST_MAX_PR_PENDING);
+
+    /* The victim acknowledges: the waiting pr-outs are answered */
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
+    m.pr_seq = last_seq;
+    send_msg(victim, &m);
+    ack_id = m.id;
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_ACKED, ack_id);
+    extlock_msg_clear(&m);
+    for (unsigned i = 0; i < EXTLOCKD_TEST_MAX_PR_PENDING; i++) {
+        recv_msg(attacker, &m, RECV_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    /* ... and the attacker may send again */
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
+    m.pr_action = EXTLOCK_PR_REGISTER_AND_IGNORE;
+    m.pr_sa_key = 7;
+    send_msg(attacker, &m);
+    recv_msg(attacker, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+    recv_msg(victim, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
+/* Send a pr-out (the reply is the caller's to read); its request id */
+static uint64_t send_pr_out(ExtlockConn *c, ExtlockPrAction action,
+                            unsigned type, uint64_t key, uint64_t sa_key)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_OUT);
+    m.pr_action = action;
+    m.pr_type = type;
+    m.pr_key = key;
+    m.pr_sa_key = sa_key;
+    send_msg(c, &m);
+    return m.id;
+}
+
+/*
+ * Read from @c until the pr-result of @id (pr-updates before it are
+ * acknowledged if @ack); fails on anything else
+ */
+static void pr_wait_result(ExtlockConn *c, uint64_t id, bool ack)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+    for (int n = 0; n < 16; n++) {
+        recv_msg(c, &m, RECV_MS);
+        if (m.type == EXTLOCK_MSG_PR_RESULT && m.id == id) {
+            assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+            extlock_msg_clear(&m);
+            return;
+        }
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+        if (ack) {
+            uint64_t seq = m.pr_seq, ack_id;
+
+            extlock_msg_clear(&m);
+            extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
+            m.pr_seq = seq;
+            send_msg(c, &m);
+            ack_id = m.id;
+            expect_msg(c, &m, EXTLOCK_MSG_PR_ACKED, ack_id);
+        }
+        extlock_msg_clear(&m);
+    }
+    fail_msg("no pr-result for pr-out %" PRIu64, id);
+}
+
+/* Acknowledge the next pr-update on @c */
+static void pr_ack_next(ExtlockConn *c)
+{
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t seq, id;
+
+    recv_msg(c, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    seq = m.pr_seq;
+    extlock_msg_clear(&m);
+    extlock_msg_init(&m, EXTLOCK_MSG_PR_ACK);
+    m.pr_seq = seq;
+    send_msg(c, &m);
+    id = m.id;
+    expect_msg(c, &m, EXTLOCK_MSG_PR_ACKED, id);
+    extlock_msg_clear(&m);
+}
+
+/*
+ * PREEMPT AND ABORT of a client whose connection is gone (partitioned,
+ * still writing until its own lease deadline and then for up to the
+ * fence margin with writes in flight).  The pr-out waits for its lease
+ * to lapse; the victim's locks must then go by the lease rule - at its
+ * deadline plus the fence margin, after the fence agent if there is one -
+ * not at the deadline itself: a lock of the preempter granted earlier
+ * overlaps the victim's writes in flight.
+ */
+static void test_preempt_abort_keeps_fence_margin(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", LEASE_MS);
+    ExtlockConn *attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t in_id, out_id, lock_id;
+    int64_t t_renew, t_grant = 0;
+    bool result = false;
+
+    in_id = send_simple(victim, EXTLOCK_MSG_PR_IN);
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_STATUS, in_id);
+    extlock_msg_clear(&m);
+    pr_wait_result(victim, send_pr_out(victim, EXTLOCK_PR_REGISTER, 0, 0,
+                                       0xa), true);
+    lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    out_id = send_pr_out(attacker, EXTLOCK_PR_REGISTER, 0, 0, 0xb);
+    pr_ack_next(victim);
+    pr_wait_result(attacker, out_id, false);
+
+    /* The victim's last renewal, then its network goes */
+    t_renew = now_ms();
+    renew(victim);
+    conn_drop(victim);
+
+    out_id = send_pr_out(attacker, EXTLOCK_PR_PREEMPT_AND_ABORT, 0, 0xb,
+                         0xa);
+    lock_id = send_lock(attacker, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, true);
+    for (int n = 0; n < 16 && !t_grant; n++) {
+        recv_msg(attacker, &m, LEASE_MS + MARGIN_MS + RECV_MS);
+        if (m.type == EXTLOCK_MSG_GRANTED && m.id == lock_id) {
+            t_grant = now_ms();
+        } else if (m.type == EXTLOCK_MSG_PR_RESULT && m.id == out_id) {
+            assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+            result = true;
+        } else if (m.type != EXTLOCK_MSG_PR_UPDATE &&
+                   m.type != EXTLOCK_MSG_WAITING) {
+            fail_msg("unexpected %s", extlock_msg_type_name(m.type));
+        }
+        extlock_msg_clear(&m);
+    }
+    assert_true(t_grant != 0);
+    if (t_grant - t_renew < LEASE_MS + MARGIN_MS) {
+        fail_msg("the preempted client's lock was granted to another %"
+                 PRId64 " ms after its last renewal: before its lease (%d "
+                 "ms) plus the fence margin (%d ms) had passed",
+                 t_grant - t_renew, LEASE_MS, MARGIN_MS);
+    }
+    if (!result) {
+        recv_msg(attacker, &m, RECV_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    daemon_stop(d);
+}
+
+/*
+ * A PREEMPT AND ABORT waits for a session that lost its connection; when
+ * that session's lease lapses (the lease timer walks the sessions), the
+ * pr-out is answered and the preempted session - next in the timer's
+ * walk - is ended.  That used to free it under the walk: extlockd died
+ * with SIGSEGV (use after free), taking every lock-space down.
+ */
+static void test_preempt_abort_during_lease_check(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    /* In this order: the timer reaches "slow" first, then "victim" */
+    ExtlockConn *slow = client(d->unix_addr, "slow/0", LEASE_MS);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", LONG_LEASE_MS);
+    ExtlockConn *attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id;
+
+    id = send_simple(slow, EXTLOCK_MSG_PR_IN);
+    expect_msg(slow, &m, EXTLOCK_MSG_PR_STATUS, id);
+    extlock_msg_clear(&m);
+    id = send_simple(victim, EXTLOCK_MSG_PR_IN);
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_STATUS, id);
+    extlock_msg_clear(&m);
+    id = send_pr_out(victim, EXTLOCK_PR_REGISTER, 0, 0, 0xb2);
+    pr_ack_next(slow);
+    pr_wait_result(victim, id, false);
+    id = send_pr_out(attacker, EXTLOCK_PR_REGISTER, 0, 0, 0xc3);
+    pr_ack_next(slow);
+    pr_ack_next(victim);
+    pr_wait_result(attacker, id, false);
+
+    /* Victim acknowledges the preemption, "slow" is gone */
+    id = send_pr_out(attacker, EXTLOCK_PR_PREEMPT_AND_ABORT, 0, 0xc3, 0xb2);
+    pr_ack_next(victim);
+    conn_drop(slow);
+
+    /* Answered once slow's lease lapsed: the victim's session is ended */
+    recv_msg(attacker, &m, LEASE_MS + MARGIN_MS + RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+    recv_msg(attacker, &m, LEASE_MS + MARGIN_MS + RECV_MS);
+    if (m.type != EXTLOCK_MSG_PR_RESULT) {
+        dump_log(d);
+        fail_msg("no pr-result but %s (extlockd alive: %d)",
+                 extlock_msg_type_name(m.type), !daemon_reap(d, false));
+    }
+    assert_int_equal(m.id, id);
+    assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+    extlock_msg_clear(&m);
+    recv_msg(victim, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
+    extlock_msg_clear(&m);
+    renew(attacker);
+    daemon_stop(d);
+}
+
+/*
+ * After a coordinator restart, a session listed in the state file whose
+ * client has not come back yet (it may still be writing until its own
+ * lease deadline) is preempted with PREEMPT AND ABORT by a new session.
+ * Ending that session used to end its lock-space's grace period at once
+ * (it was the only one to wait for), so the preempter was granted the
+ * victim's extent right after the restart.
+ */
+static void test_preempt_abort_of_absent_reclaimer(void **state)
+{
+    const uint32_t lease = 2000;
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", lease);
+    ExtlockConn *attacker;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id, lock_id;
+    int64_t t_renew, t_grant = 0;
+
+    id = send_simple(victim, EXTLOCK_MSG_PR_IN);
+    expect_msg(victim, &m, EXTLOCK_MSG_PR_STATUS, id);
+    extlock_msg_clear(&m);
+    pr_wait_result(victim, send_pr_out(victim, EXTLOCK_PR_REGISTER, 0, 0,
+                                       0xa), true);
+    lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    t_renew = now_ms();
+    renew(victim);
+
+    /* The coordinator crashes and comes back; the victim does not (yet) */
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+    d = daemon_start(d->state, NULL, NULL);
+    attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
+    pr_wait_result(attacker, send_pr_out(attacker, EXTLOCK_PR_REGISTER, 0, 0,
+                                         0xb), false);
+    id = send_pr_out(attacker, EXTLOCK_PR_PREEMPT_AND_ABORT, 0, 0xb, 0xa);
+    pr_wait_result(attacker, id, false);
+    lock_id = send_lock(attacker, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, true);
+    for (int n = 0; n < 8 && !t_grant; n++) {
+        recv_msg(attacker, &m, lease + MARGIN_MS + RECV_MS);
+        if (m.type == EXTLOCK_MSG_GRANTED && m.id == lock_id) {
+            t_grant = now_ms();
+        } else if (m.type != EXTLOCK_MSG_WAITING &&
+                   m.type != EXTLOCK_MSG_PR_UPDATE) {
+            fail_msg("unexpected %s", extlock_msg_type_name(m.type));
+        }
+        extlock_msg_clear(&m);
+    }
+    assert_true(t_grant != 0);
+    if (t_grant - t_renew < (int64_t)lease + MARGIN_MS) {
+        fail_msg("the absent victim's extent was granted %" PRId64 " ms "
+                 "after its last renewal, before its lease (%u ms) plus "
+                 "the fence margin (%d ms) had passed", t_grant - t_renew,
+                 lease, MARGIN_MS);
+    }
+    daemon_stop(d);
+}
+
+/*
+ * A pr-ack flood: one client sends pr-acks of an old seq while a pr-out of
+ * its lock-space waits for a subscriber that never acknowledges, with
+ * ACK_IDLE sessions elsewhere.  Each such pr-ack used to look at every
+ * pending pr-out, going through every session (O(sessions) per line);
+ * now only an ack that acknowledges something new does.  Checked here:
+ * every pr-ack is answered and a victim in another lock-space keeps its
+ * lease throughout (the event loop serves connections in turn, so the
+ * victim was not late before that change either: what it saved is the
+ * daemon's CPU time, see the commit message).
+ */
+#define ACK_IDLE 1000
+#define ACK_FLOOD 50000
+
+typedef struct Flood {
+    int fd;
+    GString *text;
+} Flood;
+
+/* Write all of @f->text to @f->fd (non-blocking: poll for room) */
+static gpointer flood_main(gpointer opaque)
+{
+    Flood *f = opaque;
+    size_t off = 0;
+
+    while (off < f->text->len) {
+        struct pollfd pfd = { .fd = f->fd, .events = POLLOUT };
+        ssize_t n = write(f->fd, f->text->str + off, f->text->len - off);
+
+        if (n > 0) {
+            off += n;
+        } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            break;
+        } else if (poll(&pfd, 1, HANG_MS) <= 0) {
+            break;
+        }
+    }
+    return NULL;
+}
+
+static void test_pr_ack_flood(void **state)
+{
+    const char *const extra[] = { "--max-sessions-per-identity", "4096",
+                                  NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
+    ExtlockConn *victim = client(d->unix_addr, "victim/0", VICTIM_LEASE_MS);
+    ExtlockConn *a1, *a2;
+    g_autofree ExtlockConn **idle = g_new0(ExtlockConn *, ACK_IDLE);
+    g_autofree uint64_t *ids = g_new0(uint64_t, ACK_IDLE);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    Flood f;
+    GThread *thread;
+    int64_t t_renew;
+    uint64_t id;
+    Renewer rn;
+
+    t_renew = now_ms();
+    renew(victim);
+    renewer_start(&rn, victim, VICTIM_LEASE_MS, VICTIM_LEASE_MS / 4, t_renew);
+
+    a1 = client(d->unix_addr, "a1/0", LONG_LEASE_MS);
+    for (int i = 0; i < ACK_IDLE; i++) {
+        g_autofree char *cid = g_strdup_printf("idle/%d", i);
+
+        idle[i] = conn_open(d->unix_addr);
+        extlock_msg_init(&m, EXTLOCK_MSG_HELLO);
+        m.client_id = cid;
+        m.lock_space = (char *)"idle";
+        m.lease_ms = LONG_LEASE_MS;
+        send_msg(idle[i], &m);
+        ids[i] = m.id;
+    }
+    for (int i = 0; i < ACK_IDLE; i++) {
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        recv_msg(idle[i], &m, HANG_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_WELCOME);
+        extlock_msg_clear(&m);
+    }
+    /* a2 subscribes last and never acknowledges: a1's pr-out waits */
+    a2 = client(d->unix_addr, "a2/0", LONG_LEASE_MS);
+    id = send_simple(a2, EXTLOCK_MSG_PR_IN);
+    expect_msg(a2, &m, EXTLOCK_MSG_PR_STATUS, id);
+    extlock_msg_clear(&m);
+    send_pr_out(a1, EXTLOCK_PR_REGISTER, 0, 0, 1);
+    recv_msg(a1, &m, RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
+    extlock_msg_clear(&m);
+
+    f.fd = extlock_conn_fd(a1);
+    f.text = g_string_new(NULL);
+    for (int i = 0; i < ACK_FLOOD; i++) {
+        g_string_append_printf(f.text, "{\"type\":\"pr-ack\",\"id\":%d,"
+                               "\"seq\":0}\n", 1000000 + i);
+    }
+    thread = g_thread_new("flood", flood_main, &f);
+    for (int i = 0; i < ACK_FLOOD; i++) {
+        recv_msg(a1, &m, HANG_MS);
+        assert_int_equal(m.type, EXTLOCK_MSG_PR_ACKED);
+        extlock_msg_clear(&m);
+    }
+    g_thread_join(thread);
+    g_string_free(f.text, true);
+    renewer_stop(&rn, "victim during a pr-ack flood");
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1487,6 +1938,14 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_reclaim_storm, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_security_options, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_pr_out_flood, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_preempt_abort_keeps_fence_margin,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_preempt_abort_during_lease_check,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_preempt_abort_of_absent_reclaimer,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_ack_flood, setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
