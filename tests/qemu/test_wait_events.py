@@ -124,13 +124,13 @@ def _long_hold_node(local_image, extlockd, lock_space, procs, **opts):
         exports=[("disk", "xl", True)])
 
 
-def _ask_back(q, extlockd, lock_space):
+def _ask_back(q, extlockd, lock_space, other_id="other"):
     """Write once through @q, then make another client wait for that
     lock; return (held lock, seconds until the other client got it,
     events seen meanwhile)."""
     with CoordinatorClient(extlockd.address) as other, \
             NbdClient(q.nbd_path, "disk") as n:
-        other.hello("other", lock_space)
+        other.hello(other_id, lock_space)
         n.write(0, b"\x01" * 4096, timeout=10)
         held = q.qmp.execute("query-extent-locks")[0]["held"]
         assert len(held) == 1 and held[0]["mode"] == "exclusive", held
@@ -143,6 +143,7 @@ def _ask_back(q, extlockd, lock_space):
         g = other.reply(rid, timeout=15)
         assert g["type"] == "granted"
         waited = time.monotonic() - t0
+        other.unlock(g["lock"])
     q.qmp.poll_events(0)
     return held[0], waited, list(q.qmp.events)
 
@@ -196,7 +197,7 @@ def test_long_hold_time_defaults_to_wait_warning_time(local_image, extlockd,
                         min_hold_time=3000000, wait_warning_time=300,
                         long_hold_time=0)
     q.qmp.execute("blockdev-reopen", {"options": [node]})
-    _, waited, events = _ask_back(q, extlockd, lock_space)
+    _, waited, events = _ask_back(q, extlockd, lock_space, "other-2")
     assert waited >= 1.0, waited
     assert [e for e in events
             if e["event"] == "EXTENT_LOCK_LONG_HOLD"] == [], events
