@@ -45,7 +45,7 @@ between the start and the end of the freeze.  Afterwards the guests must
 have finished without I/O errors, torn reads or mixed extents, and the
 final image must verify (nothing lost after the failed freezes).
 
-    tests/e2e/run-backup.py [--seconds 45] [--keep] [--json FILE]
+    tests/e2e/run-backup.py [--seconds 60] [--keep] [--json FILE]
 
 Exit status: 0 pass, 1 fail, 2 setup error.  Needs root (the NFS server):
 run it inside scripts/isolate.sh unless the machine is yours.
@@ -414,9 +414,17 @@ def wait_progress(guests, n, timeout, what):
 
 
 def freeze_held(daemon, space):
-    """The coordinator's view: a freeze session or lock still there."""
-    res = daemon.ctl("status", timeout=10.0)
-    return "freeze/" in res.stdout
+    """The coordinator's view: a lock of a freeze (client id freeze/...)
+    still held or waiting in @space."""
+    from harness.coordinator import coordinator_status
+    st = coordinator_status(daemon.address)
+    for sp in st.get("lock-spaces", []):
+        if sp.get("name") != space:
+            continue
+        for x in sp.get("held", []) + sp.get("waiting", []):
+            if str(x.get("client-id", "")).startswith("freeze/"):
+                return True
+    return False
 
 
 def iso_time(text):
@@ -740,15 +748,15 @@ def main(argv=None):
     if argv == ["--self-test"]:
         return 0 if self_test() else 1
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=int, default=45,
-                   help="workload time in each guest (default 45)")
+    p.add_argument("--seconds", type=int, default=60,
+                   help="workload time in each guest (default 60)")
     p.add_argument("--extent-size", type=rg.size_arg, default=256 * 1024)
     p.add_argument("--extents", type=int, default=16)
     p.add_argument("--data-offset", type=rg.size_arg, default=1 << 20)
     p.add_argument("--image-size", type=rg.size_arg, default=64 << 20)
     p.add_argument("--pause-ms", type=float, default=2.0,
                    help="pause of the slow copy after each 4 KiB (2)")
-    p.add_argument("--boot-timeout", type=float, default=120.0)
+    p.add_argument("--boot-timeout", type=float, default=300.0)
     p.add_argument("--finish-timeout", type=float, default=120.0)
     p.add_argument("--no-agent", dest="agent", action="store_false",
                    help="no guest agent (skip the file-system-consistent "
