@@ -45,7 +45,7 @@ between the start and the end of the freeze.  Afterwards the guests must
 have finished without I/O errors, torn reads or mixed extents, and the
 final image must verify (nothing lost after the failed freezes).
 
-    tests/e2e/run-backup.py [--seconds 60] [--keep] [--json FILE]
+    tests/e2e/run-backup.py [--seconds 40] [--keep] [--json FILE]
 
 Exit status: 0 pass, 1 fail, 2 setup error.  Needs root (the NFS server):
 run it inside scripts/isolate.sh unless the machine is yours.
@@ -748,8 +748,8 @@ def main(argv=None):
     if argv == ["--self-test"]:
         return 0 if self_test() else 1
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=int, default=60,
-                   help="workload time in each guest (default 60)")
+    p.add_argument("--seconds", type=int, default=40,
+                   help="workload time in each guest (default 40)")
     p.add_argument("--extent-size", type=rg.size_arg, default=256 * 1024)
     p.add_argument("--extents", type=int, default=16)
     p.add_argument("--data-offset", type=rg.size_arg, default=1 << 20)
