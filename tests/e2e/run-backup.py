@@ -436,6 +436,11 @@ def run(args, workdir, report, cleanup):
     rg.find_extlockd(args.extlockd)
     extlockctl = procs.binary("extlockctl")
     qemu_img = procs.binary("qemu-img")
+    if args.agent and not (shutil.which("qemu-ga") and
+                           shutil.which("mkfs.ext4")):
+        raise rg.SetupError("the guest agent steps need qemu-ga "
+                            "(qemu-guest-agent, copied into the guest) and "
+                            "mkfs.ext4 (e2fsprogs); --no-agent skips them")
     kernel, initrd = rg.build_guest()
     if not self_test():
         raise rg.SetupError("the cut checker fails its self-test")
