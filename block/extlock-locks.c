@@ -459,9 +459,9 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         c->contended_ns[c->contended_next] = l->revoke_ns;
         c->contended_next = (c->contended_next + 1) % EXTLOCK_CONTENDED_MAX;
         extlock_trace_handoff(c, "revoke-rx", msg->lock, l->revoke_ns);
-        if (c->opts.wait_warning_ms) {
+        if (c->opts.long_hold_ms) {
             extlock_wait_timer_arm(c, l->revoke_ns +
-                                   (int64_t)c->opts.wait_warning_ms * SCALE_MS);
+                                   (int64_t)c->opts.long_hold_ms * SCALE_MS);
         }
     } else {
         if (msg->mode == EXTLOCK_MODE_EXCLUSIVE) {
@@ -1120,17 +1120,17 @@ static void extlock_wait_timer_arm(ExtlockClient *c, int64_t when)
  */
 /*
  * EXTENT_LOCK_LONG_HOLD for locks the coordinator asked back longer than
- * wait-warning-time ago: another client has waited that long for this
+ * long-hold-time ago: another client has waited that long for this
  * node (its requests still run under the lock, or it is kept for
  * min-hold-time or until reconnected).  Rate-limited like the waits.
  */
 static void extlock_locks_check_holders(ExtlockClient *c, int64_t now)
 {
-    int64_t limit = (int64_t)c->opts.wait_warning_ms * SCALE_MS;
+    int64_t limit = (int64_t)c->opts.long_hold_ms * SCALE_MS;
     GHashTableIter it;
     gpointer value;
 
-    if (!c->opts.wait_warning_ms) {
+    if (!c->opts.long_hold_ms) {
         return;
     }
     g_hash_table_iter_init(&it, c->lock_ids);

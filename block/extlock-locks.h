@@ -119,6 +119,7 @@ typedef struct ExtlockClientOptions {
     bool stuck_io_exit;         /* on-stuck-io=exit (else report) */
     uint32_t lease_loss_timeout_ms;
     uint32_t wait_warning_ms;   /* 0: no EXTENT_LOCK_WAIT_TIMEOUT */
+    uint32_t long_hold_ms;      /* 0: no EXTENT_LOCK_LONG_HOLD */
 } ExtlockClientOptions;
 
 /*

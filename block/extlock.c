@@ -43,6 +43,7 @@
 #define EXTLOCK_GRANULARITY_MAX     (1U << 30)
 #define EXTLOCK_CACHE_SIZE_MAX      1000000
 #define EXTLOCK_MIN_HOLD_MAX        (10 * 1000 * 1000)
+#define EXTLOCK_LONG_HOLD_MAX       (24 * 3600 * 1000)
 
 /* Defaults, as documented in BlockdevOptionsExtlock */
 #define EXTLOCK_GRANULARITY_DEFAULT 4096
@@ -75,6 +76,7 @@ static const char *const extlock_mutable_opts[] = {
     "on-lease-loss",
     "lease-loss-timeout",
     "wait-warning-time",
+    "long-hold-time",
     "on-stuck-io",
     NULL
 };
@@ -259,7 +261,10 @@ static bool extlock_check_options(BlockdevOptionsExtlock *o, Error **errp)
                               errp)) ||
         (o->has_min_hold_time &&
          !extlock_check_range("min-hold-time", o->min_hold_time, 0,
-                              EXTLOCK_MIN_HOLD_MAX, " us", errp))) {
+                              EXTLOCK_MIN_HOLD_MAX, " us", errp)) ||
+        (o->has_long_hold_time &&
+         !extlock_check_range("long-hold-time", o->long_hold_time, 0,
+                              EXTLOCK_LONG_HOLD_MAX, " ms", errp))) {
         return false;
     }
     if (o->tls_hostname && !o->tls_creds) {
@@ -286,6 +291,9 @@ static void extlock_tuning_options(BlockdevOptionsExtlock *o,
                                 : EXTLOCK_LOSS_TIME_DEFAULT;
     co->wait_warning_ms = o->has_wait_warning_time ? o->wait_warning_time
                                                    : EXTLOCK_WAIT_WARN_DEFAULT;
+    /* by default, a long hold is one a waiter would warn about */
+    co->long_hold_ms = o->has_long_hold_time ? o->long_hold_time
+                                             : co->wait_warning_ms;
     co->stuck_io_exit = !o->has_on_stuck_io ||
         o->on_stuck_io == EXTENT_LOCK_STUCK_IO_POLICY_EXIT;
 }

@@ -34,6 +34,10 @@
 #     Then tests/e2e/run-pr-guests.py: three guests send SCSI persistent
 #     reservations (sg_persist, fence_scsi's commands) through scsi-hd and
 #     extlock; the control without extlock must fail the same checks
+#  6b. tests/e2e/run-backup.py: extlockctl freeze backups of two running
+#     guests checked as consistent cuts (control: the copy without the
+#     freeze, caught), freeze timeout and failure, the guest agent inside
+#     the guests (frozen during the cut, always thawed)
 #  6a. pytest tests/libvirt: a private libvirtd 9.0 (with virtlockd; one
 #     with sanlock from fetch-libvirt.sh --machine-sanlock) runs
 #     two domains defined from extlock-virt's XML on one NFS disk, inside
@@ -61,6 +65,7 @@ PYTEST_TEST_TIMEOUT=${EXTLOCK_PYTEST_TEST_TIMEOUT:-300}
 PYTEST_SUITE_TIMEOUT=${EXTLOCK_PYTEST_SUITE_TIMEOUT:-1800}
 E2E_TIMEOUT=${EXTLOCK_E2E_TIMEOUT:-600}
 E2E_PR_TIMEOUT=${EXTLOCK_E2E_PR_TIMEOUT:-900}
+BACKUP_TIMEOUT=${EXTLOCK_BACKUP_TIMEOUT:-600}
 LIBVIRT_TIMEOUT=${EXTLOCK_LIBVIRT_TIMEOUT:-2100}
 LIBVIRT_TEST_TIMEOUT=${EXTLOCK_LIBVIRT_TEST_TIMEOUT:-600}
 NEMESIS_TIMEOUT=${EXTLOCK_NEMESIS_TIMEOUT:-900}
@@ -274,6 +279,16 @@ if [ "$WITH_QEMU" = 1 ]; then
             passed=$((passed + 1))
         else
             echo "persistent-reservation guest run FAILED (exit status $rc)"
+            failed=$((failed + 1))
+        fi
+
+        step "end-to-end backup: freeze backups of two running guests (QEMU 10.0)"
+        timeout -k 30 "$BACKUP_TIMEOUT" /usr/bin/python3 tests/e2e/run-backup.py
+        rc=$?
+        if [ "$rc" -eq 0 ]; then
+            passed=$((passed + 1))
+        else
+            echo "end-to-end backup run FAILED (exit status $rc)"
             failed=$((failed + 1))
         fi
 

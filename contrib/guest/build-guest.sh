@@ -166,6 +166,9 @@ libc_hash=$(cat /lib64/ld-linux-x86-64.so.2 /lib/x86_64-linux-gnu/libc.so.6 |
             sha256sum | cut -c1-16)
 stamp="$stamp sg3-utils=$sgver_pkg/$sglibpkg libc=$libc_hash"
 
+# the guest agent is the host's (Debian's qemu-guest-agent): its version
+QEMU_GA=$(command -v qemu-ga || true)
+stamp="$stamp qemu-ga=$( { [ -z "$QEMU_GA" ] || sha256sum <"$QEMU_GA"; } | cut -c1-16)"
 if [ "$FORCE" = 0 ] && [ -f "$CACHE/guest.env" ] && [ -f "$CACHE/initrd.img" ] &&
    [ -f "$CACHE/vmlinuz" ] && grep -qxF "STAMP='$stamp'" "$CACHE/guest.env"; then
     log "cached guest is up to date ($kpkg $kver_pkg)"
@@ -255,6 +258,13 @@ resolve() {
 for m in "${MODULES[@]}"; do
     resolve "$m"
 done
+# the guest agent's channel (virtio-serial) and the file system it
+# freezes (ext4 on a second disk; crc32c is a soft dependency of ext4)
+if [ -n "$QEMU_GA" ]; then
+    for m in virtio_console ext4 crc32c_generic; do
+        resolve "$m"
+    done
+fi
 for path in "${!want[@]}"; do
     mkdir -p "$ROOT/lib/modules/$KVER/$(dirname "$path")"
     cp "$MODDIR/$path" "$ROOT/lib/modules/$KVER/$path"
@@ -277,6 +287,19 @@ log "compiling extlock-stress (static)"
 gcc -static -O2 -Wall -Wextra -Werror -pthread -o "$ROOT/bin/extlock-stress" \
     "$HERE/extlock-stress.c"
 
+# The guest agent (init starts it with xl.ga=1): Debian's dynamically
+# linked qemu-ga from the host's qemu-guest-agent package, with the
+# libraries ldd names and the loader, at the same paths.
+if [ -n "$QEMU_GA" ]; then
+    log "adding the guest agent $QEMU_GA and its libraries"
+    install -D -m 0755 "$QEMU_GA" "$ROOT/bin/qemu-ga"
+    for lib in $(ldd "$QEMU_GA" | grep -o '/[^ ]*'); do
+        install -D -m 0755 "$(readlink -f "$lib")" "$ROOT$lib"
+    done
+else
+    log "no qemu-ga on the host (qemu-guest-agent): the guest has no agent"
+fi
+
 # busybox cpio: paths relative to the root, newc format, owned by root
 (cd "$ROOT" && find . -mindepth 1 | sort |
      "$BUSYBOX" cpio -o -H newc 2>/dev/null) | gzip -9 >"$WORK/initrd.img"
@@ -292,6 +315,7 @@ KERNEL_PACKAGE='$kpkg $kver_pkg'
 BUSYBOX_PACKAGE='busybox-static $bver_pkg'
 STAMP='$stamp'
 EOF
+echo "GUEST_AGENT='${QEMU_GA:+1}'" >>"$CACHE/guest.env"
 log "guest ready: $CACHE/vmlinuz ($(du -h "$CACHE/vmlinuz" | cut -f1)), \
 $CACHE/initrd.img ($(du -h "$CACHE/initrd.img" | cut -f1))"
 echo "KERNEL=$CACHE/vmlinuz"

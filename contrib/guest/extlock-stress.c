@@ -38,6 +38,17 @@
  *
  *   EXTLOCK-STRESS-RESULT guest=1 writes=... reads=... torn_reads=... ...
  *
+ * With --op-log 1 every thread also keeps a log of its completed
+ * operations, printed before the result (the backup test,
+ * tests/e2e/run-backup.py, checks a backup taken during the run with it):
+ *
+ *   EXTLOCK-STRESS-OPW seq extent t_start_us t_end_us        a write
+ *   EXTLOCK-STRESS-OPR extent guest seq t_start_us t_end_us  a whole read
+ *                                                            (guest 0: unwritten)
+ *
+ * The times are this guest's CLOCK_MONOTONIC in microseconds, taken right
+ * before the pwrite/pread and right after it returned.
+ *
  * Exit status: 0 when the workload ran (whatever it counted), 1 on I/O
  * errors or a failed barrier, 2 on bad usage.
  */
@@ -106,6 +117,7 @@ typedef struct Config {
     uint64_t seed;
     bool final_round;
     bool final_check;
+    bool op_log;
 } Config;
 
 typedef enum ExtentKind {
@@ -140,8 +152,22 @@ typedef struct Counters {
     uint64_t bytes;
 } Counters;
 
+/* One completed operation of --op-log */
+typedef struct OpRecord {
+    uint64_t seq;           /* the write's, or the stamp a read saw */
+    uint64_t t0_us, t1_us;
+    uint32_t extent;
+    uint32_t guest;         /* reads: the stamp's guest, 0: unwritten */
+    bool write;
+} OpRecord;
+
+#define OP_LOG_MAX 200000   /* records per thread; more are counted only */
+
 typedef struct Worker {
     pthread_t thread;
+    OpRecord *ops;
+    size_t nops;
+    uint64_t ops_dropped;
     unsigned index;
     bool writer;
     uint64_t rng;
@@ -166,6 +192,7 @@ static Config cfg = {
     .seed = 1,
     .final_round = true,
     .final_check = true,
+    .op_log = false,
 };
 
 static int disk_fd = -1;
@@ -204,6 +231,38 @@ static uint64_t now_ms(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void op_log(Worker *w, bool write, uint32_t extent, uint32_t guest,
+                   uint64_t seq, uint64_t t0, uint64_t t1)
+{
+    OpRecord *r;
+
+    if (!cfg.op_log) {
+        return;
+    }
+    if (!w->ops) {
+        w->ops = calloc(OP_LOG_MAX, sizeof(*w->ops));
+    }
+    if (!w->ops || w->nops >= OP_LOG_MAX) {
+        w->ops_dropped++;
+        return;
+    }
+    r = &w->ops[w->nops++];
+    r->write = write;
+    r->extent = extent;
+    r->guest = guest;
+    r->seq = seq;
+    r->t0_us = t0;
+    r->t1_us = t1;
 }
 
 static uint64_t splitmix64(uint64_t z)
@@ -397,9 +456,12 @@ static bool io_full(bool write_op, uint8_t *buf, size_t len, off_t off)
 static void write_extent(Worker *w, uint32_t extent)
 {
     uint64_t seq = __atomic_add_fetch(&next_seq, 1, __ATOMIC_SEQ_CST);
+    uint64_t t0;
 
     fill_extent(w->buf, extent, seq);
+    t0 = now_us();
     if (io_full(true, w->buf, cfg.extent_size, extent_offset(extent))) {
+        op_log(w, true, extent, cfg.guest, seq, t0, now_us());
         w->c.writes++;
         w->c.bytes += cfg.extent_size;
     } else {
@@ -416,19 +478,23 @@ static void do_read(Worker *w)
 {
     uint32_t extent = rng_next(&w->rng) % cfg.extents;
     ExtentCheck r;
+    uint64_t t0 = now_us(), t1;
 
     if (!io_full(false, w->buf, cfg.extent_size, extent_offset(extent))) {
         w->c.read_errors++;
         return;
     }
+    t1 = now_us();
     w->c.reads++;
     w->c.bytes += cfg.extent_size;
     check_extent(w->buf, extent, &r);
     switch (r.kind) {
     case EXTENT_UNWRITTEN:
         w->c.unwritten_reads++;
+        op_log(w, false, extent, 0, 0, t0, t1);
         break;
     case EXTENT_WHOLE:
+        op_log(w, false, extent, r.guest, r.seq, t0, t1);
         if (r.guest != cfg.guest) {
             w->c.foreign_reads++;
         }
@@ -677,7 +743,8 @@ static void usage(FILE *f)
         "  --barrier-timeout N    seconds to wait for the others (120)\n"
         "  --seed N               random seed (1)\n"
         "  --final-round 0|1      all writers write all extents at the end (1)\n"
-        "  --final-check 0|1      read all extents at the end (1)\n");
+        "  --final-check 0|1      read all extents at the end (1)\n"
+        "  --op-log 0|1           print every completed operation (0)\n");
 }
 
 static void parse_args(int argc, char **argv)
@@ -699,6 +766,7 @@ static void parse_args(int argc, char **argv)
         { "seed", required_argument, NULL, 'S' },
         { "final-round", required_argument, NULL, 'F' },
         { "final-check", required_argument, NULL, 'f' },
+        { "op-log", required_argument, NULL, 'L' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -760,6 +828,9 @@ static void parse_args(int argc, char **argv)
             break;
         case 'f':
             cfg.final_check = parse_size(name, optarg) != 0;
+            break;
+        case 'L':
+            cfg.op_log = parse_size(name, optarg) != 0;
             break;
         case 'h':
             usage(stdout);
@@ -913,6 +984,29 @@ int main(int argc, char **argv)
         sum.foreign_reads += c->foreign_reads;
         sum.bytes += c->bytes;
         free(workers[i].buf);
+    }
+    if (cfg.op_log) {
+        uint64_t dropped = 0;
+
+        for (unsigned i = 0; i < nworkers; i++) {
+            Worker *w = &workers[i];
+
+            for (size_t k = 0; k < w->nops; k++) {
+                OpRecord *r = &w->ops[k];
+
+                if (r->write) {
+                    out("EXTLOCK-STRESS-OPW %" PRIu64 " %" PRIu32 " %" PRIu64
+                        " %" PRIu64, r->seq, r->extent, r->t0_us, r->t1_us);
+                } else {
+                    out("EXTLOCK-STRESS-OPR %" PRIu32 " %" PRIu32 " %" PRIu64
+                        " %" PRIu64 " %" PRIu64, r->extent, r->guest, r->seq,
+                        r->t0_us, r->t1_us);
+                }
+            }
+            dropped += w->ops_dropped;
+            free(w->ops);
+        }
+        out("EXTLOCK-STRESS-OPLOG-END dropped=%" PRIu64, dropped);
     }
 
     if (cfg.final_check) {

@@ -28,34 +28,15 @@ from harness import procs as hp
 from harness.faults import NbdClient
 from harness.procs import extlock_node, wait_until
 from test_tls import pki, tls_extlockd  # noqa: F401 (fixtures)
+from harness.writers import StampWriter
 
 BLK = 4096
 NBLK = 16
 
 
-class Writer(threading.Thread):
-    def __init__(self, nbd_path, wid, seed):
-        super().__init__(daemon=True)
-        self.nbd_path, self.wid, self.seed = nbd_path, wid, seed
-        self.done = []              # (wid, seq, block, t_sent, t_answered)
-        self.stop = threading.Event()
-        self.error = None
-
-    def run(self):
-        import random
-        rnd = random.Random(self.seed)
-        try:
-            with NbdClient(self.nbd_path, "disk") as c:
-                for seq in range(1, 100000):            # bounded
-                    if self.stop.is_set():
-                        break
-                    b = rnd.randrange(NBLK)
-                    data = struct.pack("<QQ", self.wid, seq) * (BLK // 16)
-                    t0 = time.monotonic()
-                    c.write(b * BLK, data, timeout=60)
-                    self.done.append((self.wid, seq, b, t0, time.monotonic()))
-        except Exception as e:                          # the test reports it
-            self.error = e
+def Writer(nbd_path, wid, seed):
+    """A stamped-block writer over the first NBLK blocks."""
+    return StampWriter(nbd_path, wid, seed, NBLK, timeout=60)
 
 
 def check_backup(data, writes, t_freeze, t_cmd):
@@ -183,30 +164,10 @@ def test_backup_without_freeze_lock_is_caught(image, extlockd,
 # ---------------------------------------------------------------------------
 # extent-lock-freeze / extent-lock-thaw: the freeze as a QMP command
 
-class TrackedWriter(Writer):
-    """A Writer that also shows the write in flight: (seq, t_sent)."""
-
-    def __init__(self, nbd_path, wid, seed):
-        super().__init__(nbd_path, wid, seed)
-        self.inflight = None
-
-    def run(self):
-        import random
-        rnd = random.Random(self.seed)
-        try:
-            with NbdClient(self.nbd_path, "disk") as c:
-                for seq in range(1, 100000):            # bounded
-                    if self.stop.is_set():
-                        break
-                    b = rnd.randrange(NBLK)
-                    data = struct.pack("<QQ", self.wid, seq) * (BLK // 16)
-                    t0 = time.monotonic()
-                    self.inflight = (seq, t0)
-                    c.write(b * BLK, data, timeout=120)
-                    self.done.append((self.wid, seq, b, t0, time.monotonic()))
-                    self.inflight = None
-        except Exception as e:                          # the test reports it
-            self.error = e
+def TrackedWriter(nbd_path, wid, seed):
+    """A Writer that waits longer for a write held by a freeze (its
+    ``inflight`` shows the write in flight)."""
+    return StampWriter(nbd_path, wid, seed, NBLK, timeout=120)
 
 
 def two_hosts(image, extlockd, lock_space, procs, lease_time=None):

@@ -110,3 +110,129 @@ def test_long_hold_event(local_image, extlockd, lock_space, procs, binaries):
         assert ev["data"]["waiter-token"] == g["token"]
     # once per revocation
     assert events_named(q.qmp, "EXTENT_LOCK_LONG_HOLD", timeout=0.3) == []
+
+
+def _long_hold_node(local_image, extlockd, lock_space, procs, **opts):
+    """A node over @local_image exported over NBD, with its first write's
+    lock kept 3 s (min-hold-time) so that a second client waits for it."""
+    return procs.storage_daemon(
+        name="qsd",
+        blockdevs=[extlock_node(local_image.child, extlockd.coordinator(),
+                                lock_space, node_name="xl",
+                                client_id="host-a", min_hold_time=3000000,
+                                **opts)],
+        exports=[("disk", "xl", True)])
+
+
+def _ask_back(q, extlockd, lock_space, other_id="other"):
+    """Write once through @q, then make another client wait for that
+    lock; return (held lock, seconds until the other client got it,
+    events seen meanwhile)."""
+    with CoordinatorClient(extlockd.address) as other, \
+            NbdClient(q.nbd_path, "disk") as n:
+        other.hello(other_id, lock_space)
+        n.write(0, b"\x01" * 4096, timeout=10)
+        held = q.qmp.execute("query-extent-locks")[0]["held"]
+        assert len(held) == 1 and held[0]["mode"] == "exclusive", held
+        q.qmp.poll_events(0)
+        q.qmp.events.clear()
+        t0 = time.monotonic()
+        rid = other.request({"type": "lock", "offset": 0, "length": 4096,
+                             "mode": "exclusive", "wait": True})
+        assert other.reply(rid, accept_waiting=True)["type"] == "waiting"
+        g = other.reply(rid, timeout=15)
+        assert g["type"] == "granted"
+        waited = time.monotonic() - t0
+        other.unlock(g["lock"])
+    q.qmp.poll_events(0)
+    return held[0], waited, list(q.qmp.events)
+
+
+def test_long_hold_time_own_threshold(local_image, extlockd, lock_space,
+                                      procs, binaries):
+    """long-hold-time is the threshold of EXTENT_LOCK_LONG_HOLD, apart from
+    wait-warning-time: with the wait events off (wait-warning-time=0) the
+    long hold is still reported after 300 ms."""
+    binaries("qemu-storage-daemon")
+    q = _long_hold_node(local_image, extlockd, lock_space, procs,
+                        wait_warning_time=0, long_hold_time=300)
+    held, waited, events = _ask_back(q, extlockd, lock_space)
+    holds = [e for e in events if e["event"] == "EXTENT_LOCK_LONG_HOLD"]
+    assert len(holds) == 1, events
+    check_event(holds[0], "EXTENT_LOCK_LONG_HOLD", node_name="xl",
+                offset=held["offset"], length=held["length"],
+                mode="exclusive", token=held["token"], in_flight=0)
+    assert 300 <= holds[0]["data"]["revoked-ms"] < waited * 1000
+    assert [e for e in events if e["event"] == WAIT_TIMEOUT] == []
+
+
+def test_long_hold_time_zero_turns_it_off(local_image, extlockd, lock_space,
+                                          procs, binaries):
+    """long-hold-time=0: no EXTENT_LOCK_LONG_HOLD although the lock is kept
+    3 s after it was asked back and wait-warning-time (200 ms) would have
+    reported it before the option existed."""
+    binaries("qemu-storage-daemon")
+    q = _long_hold_node(local_image, extlockd, lock_space, procs,
+                        wait_warning_time=200, long_hold_time=0)
+    _, waited, events = _ask_back(q, extlockd, lock_space)
+    assert waited >= 1.0, waited        # the hold was long (min-hold-time)
+    assert [e for e in events
+            if e["event"] == "EXTENT_LOCK_LONG_HOLD"] == [], events
+
+
+def test_long_hold_time_defaults_to_wait_warning_time(local_image, extlockd,
+                                                      lock_space, procs,
+                                                      binaries):
+    """Without long-hold-time the threshold stays wait-warning-time, as
+    before the option (test_long_hold_event covers the event's members);
+    blockdev-reopen changes it like the other tuning options."""
+    binaries("qemu-storage-daemon")
+    q = _long_hold_node(local_image, extlockd, lock_space, procs,
+                        wait_warning_time=300)
+    _, _, events = _ask_back(q, extlockd, lock_space)
+    assert len([e for e in events
+                if e["event"] == "EXTENT_LOCK_LONG_HOLD"]) == 1, events
+    node = extlock_node(local_image.child, extlockd.coordinator(), lock_space,
+                        node_name="xl", client_id="host-a",
+                        min_hold_time=3000000, wait_warning_time=300,
+                        long_hold_time=0)
+    q.qmp.execute("blockdev-reopen", {"options": [node]})
+    _, waited, events = _ask_back(q, extlockd, lock_space, "other-2")
+    assert waited >= 1.0, waited
+    assert [e for e in events
+            if e["event"] == "EXTENT_LOCK_LONG_HOLD"] == [], events
+
+
+def test_long_hold_time_bad_values(local_image, extlockd, lock_space, procs,
+                                   binaries):
+    """Bad values are refused at open (and at reopen) with a clear error,
+    and leave no node (and no coordinator session) behind."""
+    from harness.coordinator import coordinator_status
+    binaries("qemu-storage-daemon")
+    q = procs.storage_daemon(name="qsd", blockdevs=[])
+
+    def sessions():
+        st = coordinator_status(extlockd.address)
+        return sorted(c["client-id"] for c in st.get("sessions", []))
+    before = sessions()
+    for value, msg in [
+            (86400001, "long-hold-time must be at most 86400000 ms"),
+            (-1, "long-hold-time"),
+            (1 << 32, "long-hold-time"),
+            ("soon", "long-hold-time")]:
+        node = extlock_node(local_image.child, extlockd.coordinator(),
+                            lock_space, node_name="bad0",
+                            long_hold_time=value)
+        e = q.qmp.execute_error("blockdev-add", node)
+        assert msg in e.desc, (value, e.desc)
+        assert [n["node-name"] for n in q.qmp.execute(
+            "query-named-block-nodes", {"flat": True})
+            if n["node-name"] == "bad0"] == []
+    assert sessions() == before
+    # the largest value is fine; a bad one at reopen changes nothing
+    node = extlock_node(local_image.child, extlockd.coordinator(), lock_space,
+                        node_name="ok0", long_hold_time=86400000)
+    q.qmp.execute("blockdev-add", node)
+    node["long-hold-time"] = 86400001
+    e = q.qmp.execute_error("blockdev-reopen", {"options": [node]})
+    assert "long-hold-time must be at most 86400000 ms" in e.desc, e.desc
