@@ -33,7 +33,8 @@
  *    is answered with the first result instead of being applied twice.
  *  - PREEMPT AND ABORT also ends every session of the preempted client-ids
  *    in the lock-space once they acknowledged: their locks go (like
- *    release-session), and they get "session-expired".
+ *    release-session), and they get "session-expired".  An expired one
+ *    (no acknowledgement) keeps its locks until the fence margin.
  *
  * The state is kept while the lock-space has no sessions, and is saved in
  * the state file's "reservations" member with the epoch.
@@ -172,7 +173,12 @@ static bool pr_waits_for(ExtlockdSession *session, ExtlockdPr *pr,
            strcmp(session->space->name, pr->space) == 0;
 }
 
-/* End every session of @client_id in @pr's lock-space (PREEMPT AND ABORT) */
+/*
+ * End every session of @client_id in @pr's lock-space (PREEMPT AND ABORT).
+ * Not an expired one (lapsed lease, ack timeout): it did not acknowledge,
+ * so its writes may still be in flight, and its locks go only after the
+ * fence margin (and the fence agent) like those of any expired session.
+ */
 static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
                             const char *client_id)
 {
@@ -183,6 +189,7 @@ static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
 
         if (strcmp(session->client_id, client_id) == 0 &&
             strcmp(session->space->name, pr->space) == 0 &&
+            session->state != SESSION_EXPIRED &&
             !session->grace_fenced) {
             g_ptr_array_add(ids, g_strdup(session->id));
         }

@@ -500,6 +500,60 @@ static void test_pr_retry_idempotent(void **state)
     daemon_stop(d);
 }
 
+/*
+ * PREEMPT AND ABORT of a session that never acknowledged (here its lease
+ * lapses; the ack timeout expires it the same way) completes when its
+ * lease ends, but its locks stay until the fence margin after that, as
+ * for any expired session: its writes may still be in flight.  Before the
+ * fix the abort released them at once, at the lease deadline, and C was
+ * granted B's extent at the time A got its result.
+ */
+static void test_pr_abort_expired_keeps_locks(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", S_LEASE_MS);
+    ExtlockConn *c = client(d->unix_addr, "C", LONG_LEASE_MS);
+    ExtlockConn *ab[2] = { a, b };
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    int64_t t_result, t_grant;
+    uint64_t id, seq, lid;
+
+    pr_in(a, &m);
+    extlock_msg_clear(&m);
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    pr_change(a, &ab[1], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 1);
+    pr_change(b, &ab[0], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xb, 2);
+    pr_change(b, &ab[0], 1, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE_RO, 0xb, 0,
+              2);
+    /* B writes under an exclusive lock, then goes silent */
+    lock_now(b, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    renew(b);
+
+    id = pr_out(a, EXTLOCK_PR_PREEMPT_AND_ABORT, EXTLOCK_PR_TYPE_EA_RO, 0xa,
+                0xb);
+    seq = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    assert_int_equal(pr_expect_update(b, &m), seq);
+    extlock_msg_clear(&m);
+    /* B never acknowledges: the result comes when its lease has ended */
+    recv_msg(a, &m, S_LEASE_MS + SLACK_MS + RECV_MS);
+    t_result = now_ms();
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+    assert_int_equal(m.id, id);
+    assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+    extlock_msg_clear(&m);
+    /* B's lock is still held: C waits for it until the fence margin ends */
+    lid = lock_waits(c, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, &m);
+    assert_non_null(find_blocker(&m, "B"));
+    extlock_msg_clear(&m);
+    expect_granted(c, lid, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    t_grant = now_ms();
+    assert_true(t_grant - t_result <= MARGIN_MS + SLACK_MS);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -517,6 +571,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_retry_idempotent, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_pr_abort_expired_keeps_locks,
+                                        setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
