@@ -28,9 +28,10 @@
  *  - A session that has not acknowledged within --pr-ack-timeout-ms is
  *    expired, like a lapsed lease; the change still waits until the lease
  *    it had ends (by then its client has stopped I/O on its own).
- *  - A pr-out with a "request" number is remembered per client-id: the
- *    same request again (a client retrying after its connection dropped)
- *    is answered with the first result instead of being applied twice.
+ *  - A pr-out with a "request" number is remembered per client-id (its
+ *    last PR_REQUESTS_KEPT ones): the same request again (a client
+ *    retrying after its connection dropped) is answered with the first
+ *    result instead of being applied twice.
  *  - PREEMPT AND ABORT also ends every session of the preempted client-ids
  *    in the lock-space once they acknowledged: their locks go (like
  *    release-session), and they get "session-expired".  An expired one
@@ -74,16 +75,27 @@ typedef struct ExtlockdPr {
     ExtlockPrState state;
     uint64_t seq;                /* bumped by every change */
     GQueue ops;                  /* PrOp, in seq order */
-    GHashTable *requests;        /* client-id -> PrRequest, its last one */
+    GHashTable *requests;        /* client-id -> PrRequests, its last ones */
 } ExtlockdPr;
 
-/* The last numbered pr-out of a client-id and its result */
+/* A numbered pr-out of a client-id and its result */
 typedef struct PrRequest {
-    uint64_t request;
+    uint64_t request;            /* 0: unused */
     ExtlockPrStatus result;
     uint32_t generation;
     uint64_t seq;
 } PrRequest;
+
+/*
+ * The last PR_REQUESTS_KEPT numbered pr-outs of a client-id: a guest may
+ * have several in flight when the connection drops, and each is retried
+ */
+#define PR_REQUESTS_KEPT    8
+
+typedef struct PrRequests {
+    PrRequest r[PR_REQUESTS_KEPT];
+    unsigned next;               /* the slot the next one takes */
+} PrRequests;
 
 static void pr_op_free(PrOp *op)
 {
@@ -436,7 +448,8 @@ static void pr_requests_trim(ExtlockdPr *pr)
 }
 
 /*
- * @m repeats the last numbered pr-out of its client-id: if that one still
+ * @m repeats one of the last numbered pr-outs of its client-id (up to
+ * PR_REQUESTS_KEPT of them): if that one still
  * waits, its reply goes to @conn now; if it was answered, answer again.
  * Returns false if @m is a new request.
  */
@@ -444,10 +457,16 @@ static bool pr_retried(ExtlockdServer *server, ExtlockdPr *pr,
                        ExtlockdConn *conn, ExtlockdSession *session,
                        ExtlockMsg *m)
 {
-    PrRequest *last = g_hash_table_lookup(pr->requests, session->client_id);
+    PrRequests *reqs = g_hash_table_lookup(pr->requests, session->client_id);
+    PrRequest *last = NULL;
     ExtlockMsg r;
 
-    if (!last || last->request != m->pr_request) {
+    for (unsigned i = 0; reqs && i < PR_REQUESTS_KEPT; i++) {
+        if (reqs->r[i].request == m->pr_request) {
+            last = &reqs->r[i];
+        }
+    }
+    if (!last) {
         return false;
     }
     g_message("lock-space %s: %s retried request %" PRIu64 " (%s, "
@@ -491,6 +510,7 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         .aptpl = m->aptpl,
     };
     ExtlockPrStatus st;
+    PrRequests *reqs;
     PrRequest *last;
     PrOp *op;
 
@@ -506,13 +526,14 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
               session->client_id, extlock_pr_status_name(st),
               pr->state.generation);
     if (m->pr_request) {
-        last = g_hash_table_lookup(pr->requests, session->client_id);
-        if (!last) {
+        reqs = g_hash_table_lookup(pr->requests, session->client_id);
+        if (!reqs) {
             pr_requests_trim(pr);
-            last = g_new0(PrRequest, 1);
+            reqs = g_new0(PrRequests, 1);
             g_hash_table_insert(pr->requests, g_strdup(session->client_id),
-                                last);
+                                reqs);
         }
+        last = &reqs->r[reqs->next++ % PR_REQUESTS_KEPT];
         last->request = m->pr_request;
         last->result = st;
         last->generation = pr->state.generation;

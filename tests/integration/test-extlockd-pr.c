@@ -501,6 +501,56 @@ static void test_pr_retry_idempotent(void **state)
 }
 
 /*
+ * Two numbered pr-outs of A in flight when its connection drops: each
+ * retry gets its own first result.  Before the fix only the last request
+ * number of a client-id was remembered: the retry of the first REGISTER
+ * was applied again and got RESERVATION CONFLICT (A is registered).
+ */
+static void test_pr_retry_two_in_flight(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id1, id2, seq1, seq2;
+
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    pr_out_request(a, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE, 0xa, 0, 78);
+    seq1 = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    seq2 = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    assert_int_equal(seq2, seq1 + 1);
+    assert_int_equal(pr_expect_update(b, &m), seq1);
+    extlock_msg_clear(&m);
+    assert_int_equal(pr_expect_update(b, &m), seq2);
+    extlock_msg_clear(&m);
+    /* A's connection drops before the results; A retries both */
+    conn_drop(a);
+    a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    id1 = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    id2 = pr_out_request(a, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE, 0xa, 0,
+                         78);
+    expect_quiet(a, QUIET_MS);          /* B has not acknowledged yet */
+    expect_quiet(b, QUIET_MS);          /* ... and gets no third change */
+    pr_ack(b, seq2);
+    pr_expect_result(a, id1, EXTLOCK_PR_OK, 1);
+    pr_expect_result(a, id2, EXTLOCK_PR_OK, 1);
+    /* after the results: the first one again, the same answer */
+    id1 = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    pr_expect_result(a, id1, EXTLOCK_PR_OK, 1);
+    expect_quiet(b, QUIET_MS);
+    pr_in(b, &m);
+    assert_int_equal(m.pr_seq, seq2);
+    assert_int_equal(m.pr->registrants->len, 1);
+    assert_string_equal(m.pr->holder, "A");
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
+/*
  * PREEMPT AND ABORT of a session that never acknowledged (here its lease
  * lapses; the ack timeout expires it the same way) completes when its
  * lease ends, but its locks stay until the fence margin after that, as
@@ -570,6 +620,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pr_ack_timeout, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_retry_idempotent, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_retry_two_in_flight, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_abort_expired_keeps_locks,
                                         setup, teardown),
