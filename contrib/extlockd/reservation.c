@@ -168,7 +168,10 @@ static void pr_send_update(ExtlockdSession *session, ExtlockdPr *pr)
 
 static void pr_subscribe(ExtlockdSession *session)
 {
-    session->pr_subscribed = true;
+    if (!session->pr_subscribed) {
+        session->pr_subscribed = true;
+        session->pr_since_us = g_get_monotonic_time();
+    }
 }
 
 /*
@@ -316,7 +319,9 @@ static int64_t pr_ack_timeout_us(ExtlockdServer *server)
 
 /*
  * Expire the sessions that did not acknowledge a change within the ack
- * timeout; returns the next time to look again (INT64_MAX: none)
+ * timeout, counted from the push or, for a session that subscribed later
+ * (and got the state in the reply to its pr-in), from its subscription;
+ * returns the next time to look again (INT64_MAX: none)
  */
 int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now)
 {
@@ -342,9 +347,15 @@ int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now)
             }
             for (GList *l = server->session_list.head; l; l = l->next) {
                 ExtlockdSession *s = l->data;
+                int64_t due = MAX(op->start_us, s->pr_since_us) + timeout_us;
 
-                if (s->state != SESSION_EXPIRED &&
-                    pr_waits_for(s, pr, op->seq, now)) {
+                if (s->state == SESSION_EXPIRED ||
+                    !pr_waits_for(s, pr, op->seq, now)) {
+                    continue;
+                }
+                if (now < due) {
+                    next = MIN(next, due);
+                } else {
                     g_ptr_array_add(late, g_strdup(s->id));
                 }
             }

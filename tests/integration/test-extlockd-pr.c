@@ -455,6 +455,60 @@ static void test_pr_ack_timeout(void **state)
 }
 
 /*
+ * A session that subscribes while a change is pending, after that
+ * change's ack timeout passed, gets the whole timeout from its
+ * subscription to acknowledge the state of its pr-in.  Before the fix it
+ * was expired at the next deadline check (here T's lease lapsing 400 ms
+ * after N subscribed), a healthy host losing its lease for nothing.
+ */
+static void test_pr_ack_timeout_late_subscriber(void **state)
+{
+    const char *extra[] = { "--pr-ack-timeout-ms=" G_STRINGIFY(ACK_TIMEOUT_MS),
+                            NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *s = client(d->unix_addr, "S", S_LEASE_MS);
+    ExtlockConn *n, *t;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    int64_t t_sub, t_expired;
+    uint64_t id;
+
+    pr_in(s, &m);
+    extlock_msg_clear(&m);
+    id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa);
+    pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    pr_expect_update(s, &m);
+    extlock_msg_clear(&m);
+    /* S never acknowledges: expired after the timeout, A still waits */
+    recv_msg(s, &m, ACK_TIMEOUT_MS + SLACK_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
+    extlock_msg_clear(&m);
+    expect_quiet(a, 10);
+    /* N subscribes now and takes its time; T's lease lapses meanwhile */
+    n = client(d->unix_addr, "N", S_LEASE_MS);
+    pr_in(n, &m);
+    t_sub = now_ms();
+    assert_int_equal(m.pr->registrants->len, 1);
+    extlock_msg_clear(&m);
+    t = client(d->unix_addr, "T", LEASE_MS);
+    (void)t;
+    recv_msg(n, &m, ACK_TIMEOUT_MS + SLACK_MS);
+    t_expired = now_ms();
+    assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
+    assert_non_null(strstr(m.message, "reservation"));
+    extlock_msg_clear(&m);
+    assert_true(t_expired - t_sub >= ACK_TIMEOUT_MS - 50);
+    /* the change completes when the leases of S and N end */
+    recv_msg(a, &m, S_LEASE_MS + SLACK_MS + RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+    assert_int_equal(m.id, id);
+    assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
+/*
  * A pr-out with a request number is applied once: the client retrying it
  * (its connection dropped before the result; here from a new session of
  * the same client-id) gets the result of the first, while it waits and
@@ -619,6 +673,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_ack_timeout, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_pr_ack_timeout_late_subscriber,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_retry_idempotent, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_retry_two_in_flight, setup,
