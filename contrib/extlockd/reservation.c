@@ -28,12 +28,14 @@
  *  - A session that has not acknowledged within --pr-ack-timeout-ms is
  *    expired, like a lapsed lease; the change still waits until the lease
  *    it had ends (by then its client has stopped I/O on its own).
- *  - A pr-out with a "request" number is remembered per client-id: the
- *    same request again (a client retrying after its connection dropped)
- *    is answered with the first result instead of being applied twice.
+ *  - A pr-out with a "request" number is remembered per client-id (its
+ *    last PR_REQUESTS_KEPT ones): the same request again (a client
+ *    retrying after its connection dropped) is answered with the first
+ *    result instead of being applied twice.
  *  - PREEMPT AND ABORT also ends every session of the preempted client-ids
  *    in the lock-space once they acknowledged: their locks go (like
- *    release-session), and they get "session-expired".
+ *    release-session), and they get "session-expired".  An expired one
+ *    (no acknowledgement) keeps its locks until the fence margin.
  *
  * The state is kept while the lock-space has no sessions, and is saved in
  * the state file's "reservations" member with the epoch.
@@ -82,16 +84,27 @@ typedef struct ExtlockdPr {
     ExtlockPrState state;
     uint64_t seq;                /* bumped by every change */
     GQueue ops;                  /* PrOp, in seq order */
-    GHashTable *requests;        /* client-id -> PrRequest, its last one */
+    GHashTable *requests;        /* client-id -> PrRequests, its last ones */
 } ExtlockdPr;
 
-/* The last numbered pr-out of a client-id and its result */
+/* A numbered pr-out of a client-id and its result */
 typedef struct PrRequest {
-    uint64_t request;
+    uint64_t request;            /* 0: unused */
     ExtlockPrStatus result;
     uint32_t generation;
     uint64_t seq;
 } PrRequest;
+
+/*
+ * The last PR_REQUESTS_KEPT numbered pr-outs of a client-id: a guest may
+ * have several in flight when the connection drops, and each is retried
+ */
+#define PR_REQUESTS_KEPT    8
+
+typedef struct PrRequests {
+    PrRequest r[PR_REQUESTS_KEPT];
+    unsigned next;               /* the slot the next one takes */
+} PrRequests;
 
 static void pr_op_free(PrOp *op)
 {
@@ -165,7 +178,10 @@ static void pr_send_update(ExtlockdSession *session, ExtlockdPr *pr)
 
 static void pr_subscribe(ExtlockdSession *session)
 {
-    session->pr_subscribed = true;
+    if (!session->pr_subscribed) {
+        session->pr_subscribed = true;
+        session->pr_since_us = g_get_monotonic_time();
+    }
 }
 
 /*
@@ -201,6 +217,7 @@ static void pr_abort_client(ExtlockdServer *server, ExtlockdPr *pr,
 
         if (strcmp(session->client_id, client_id) == 0 &&
             strcmp(session->space->name, pr->space) == 0 &&
+            session->state != SESSION_EXPIRED &&
             !session->grace_fenced) {
             g_ptr_array_add(ids, g_strdup(session->id));
         }
@@ -348,7 +365,9 @@ static int64_t pr_ack_timeout_us(ExtlockdServer *server)
 
 /*
  * Expire the sessions that did not acknowledge a change within the ack
- * timeout; returns the next time to look again (INT64_MAX: none)
+ * timeout, counted from the push or, for a session that subscribed later
+ * (and got the state in the reply to its pr-in), from its subscription;
+ * returns the next time to look again (INT64_MAX: none)
  */
 int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now)
 {
@@ -374,9 +393,15 @@ int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now)
             }
             for (GList *l = server->session_list.head; l; l = l->next) {
                 ExtlockdSession *s = l->data;
+                int64_t due = MAX(op->start_us, s->pr_since_us) + timeout_us;
 
-                if (s->state != SESSION_EXPIRED &&
-                    pr_waits_for(s, pr, op->seq, now)) {
+                if (s->state == SESSION_EXPIRED ||
+                    !pr_waits_for(s, pr, op->seq, now)) {
+                    continue;
+                }
+                if (now < due) {
+                    next = MIN(next, due);
+                } else {
                     g_ptr_array_add(late, g_strdup(s->id));
                 }
             }
@@ -488,7 +513,8 @@ static void pr_requests_trim(ExtlockdPr *pr)
 }
 
 /*
- * @m repeats the last numbered pr-out of its client-id: if that one still
+ * @m repeats one of the last numbered pr-outs of its client-id (up to
+ * PR_REQUESTS_KEPT of them): if that one still
  * waits, its reply goes to @conn now; if it was answered, answer again.
  * Returns false if @m is a new request.
  */
@@ -496,10 +522,16 @@ static bool pr_retried(ExtlockdServer *server, ExtlockdPr *pr,
                        ExtlockdConn *conn, ExtlockdSession *session,
                        ExtlockMsg *m)
 {
-    PrRequest *last = g_hash_table_lookup(pr->requests, session->client_id);
+    PrRequests *reqs = g_hash_table_lookup(pr->requests, session->client_id);
+    PrRequest *last = NULL;
     ExtlockMsg r;
 
-    if (!last || last->request != m->pr_request) {
+    for (unsigned i = 0; reqs && i < PR_REQUESTS_KEPT; i++) {
+        if (reqs->r[i].request == m->pr_request) {
+            last = &reqs->r[i];
+        }
+    }
+    if (!last) {
         return false;
     }
     g_message("lock-space %s: %s retried request %" PRIu64 " (%s, "
@@ -543,6 +575,7 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         .aptpl = m->aptpl,
     };
     ExtlockPrStatus st;
+    PrRequests *reqs;
     PrRequest *last;
     unsigned pending = 0;
     PrOp *op;
@@ -564,13 +597,14 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
     }
     st = extlock_pr_out(&pr->state, session->client_id, &req, preempted);
     if (m->pr_request) {
-        last = g_hash_table_lookup(pr->requests, session->client_id);
-        if (!last) {
+        reqs = g_hash_table_lookup(pr->requests, session->client_id);
+        if (!reqs) {
             pr_requests_trim(pr);
-            last = g_new0(PrRequest, 1);
+            reqs = g_new0(PrRequests, 1);
             g_hash_table_insert(pr->requests, g_strdup(session->client_id),
-                                last);
+                                reqs);
         }
+        last = &reqs->r[reqs->next++ % PR_REQUESTS_KEPT];
         last->request = m->pr_request;
         last->result = st;
         last->generation = pr->state.generation;

@@ -194,6 +194,8 @@ struct ExtlockdSession {
     /* Persistent reservations (reservation.c) */
     bool pr_subscribed;          /* gets pr-update, pr-outs wait for it */
     uint64_t pr_acked;           /* last reservation seq it applied */
+    int64_t pr_since_us;         /* subscribed at (ack timeouts count
+                                    from then at the earliest) */
 };
 
 struct ExtlockdConn {

@@ -455,6 +455,60 @@ static void test_pr_ack_timeout(void **state)
 }
 
 /*
+ * A session that subscribes while a change is pending, after that
+ * change's ack timeout passed, gets the whole timeout from its
+ * subscription to acknowledge the state of its pr-in.  Before the fix it
+ * was expired at the next deadline check (here T's lease lapsing 400 ms
+ * after N subscribed), a healthy host losing its lease for nothing.
+ */
+static void test_pr_ack_timeout_late_subscriber(void **state)
+{
+    const char *extra[] = { "--pr-ack-timeout-ms=" G_STRINGIFY(ACK_TIMEOUT_MS),
+                            NULL };
+    Daemon *d = daemon_start(NULL, extra, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *s = client(d->unix_addr, "S", S_LEASE_MS);
+    ExtlockConn *n, *t;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    int64_t t_sub, t_expired;
+    uint64_t id;
+
+    pr_in(s, &m);
+    extlock_msg_clear(&m);
+    id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa);
+    pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    pr_expect_update(s, &m);
+    extlock_msg_clear(&m);
+    /* S never acknowledges: expired after the timeout, A still waits */
+    recv_msg(s, &m, ACK_TIMEOUT_MS + SLACK_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
+    extlock_msg_clear(&m);
+    expect_quiet(a, 10);
+    /* N subscribes now and takes its time; T's lease lapses meanwhile */
+    n = client(d->unix_addr, "N", S_LEASE_MS);
+    pr_in(n, &m);
+    t_sub = now_ms();
+    assert_int_equal(m.pr->registrants->len, 1);
+    extlock_msg_clear(&m);
+    t = client(d->unix_addr, "T", LEASE_MS);
+    (void)t;
+    recv_msg(n, &m, ACK_TIMEOUT_MS + SLACK_MS);
+    t_expired = now_ms();
+    assert_int_equal(m.type, EXTLOCK_MSG_SESSION_EXPIRED);
+    assert_non_null(strstr(m.message, "reservation"));
+    extlock_msg_clear(&m);
+    assert_true(t_expired - t_sub >= ACK_TIMEOUT_MS - 50);
+    /* the change completes when the leases of S and N end */
+    recv_msg(a, &m, S_LEASE_MS + SLACK_MS + RECV_MS);
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+    assert_int_equal(m.id, id);
+    assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
+/*
  * A pr-out with a request number is applied once: the client retrying it
  * (its connection dropped before the result; here from a new session of
  * the same client-id) gets the result of the first, while it waits and
@@ -500,6 +554,110 @@ static void test_pr_retry_idempotent(void **state)
     daemon_stop(d);
 }
 
+/*
+ * Two numbered pr-outs of A in flight when its connection drops: each
+ * retry gets its own first result.  Before the fix only the last request
+ * number of a client-id was remembered: the retry of the first REGISTER
+ * was applied again and got RESERVATION CONFLICT (A is registered).
+ */
+static void test_pr_retry_two_in_flight(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id1, id2, seq1, seq2;
+
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    pr_out_request(a, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE, 0xa, 0, 78);
+    seq1 = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    seq2 = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    assert_int_equal(seq2, seq1 + 1);
+    assert_int_equal(pr_expect_update(b, &m), seq1);
+    extlock_msg_clear(&m);
+    assert_int_equal(pr_expect_update(b, &m), seq2);
+    extlock_msg_clear(&m);
+    /* A's connection drops before the results; A retries both */
+    conn_drop(a);
+    a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    id1 = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    id2 = pr_out_request(a, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE, 0xa, 0,
+                         78);
+    expect_quiet(a, QUIET_MS);          /* B has not acknowledged yet */
+    expect_quiet(b, QUIET_MS);          /* ... and gets no third change */
+    pr_ack(b, seq2);
+    pr_expect_result(a, id1, EXTLOCK_PR_OK, 1);
+    pr_expect_result(a, id2, EXTLOCK_PR_OK, 1);
+    /* after the results: the first one again, the same answer */
+    id1 = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    pr_expect_result(a, id1, EXTLOCK_PR_OK, 1);
+    expect_quiet(b, QUIET_MS);
+    pr_in(b, &m);
+    assert_int_equal(m.pr_seq, seq2);
+    assert_int_equal(m.pr->registrants->len, 1);
+    assert_string_equal(m.pr->holder, "A");
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+}
+
+/*
+ * PREEMPT AND ABORT of a session that never acknowledged (here its lease
+ * lapses; the ack timeout expires it the same way) completes when its
+ * lease ends, but its locks stay until the fence margin after that, as
+ * for any expired session: its writes may still be in flight.  Before the
+ * fix the abort released them at once, at the lease deadline, and C was
+ * granted B's extent at the time A got its result.
+ */
+static void test_pr_abort_expired_keeps_locks(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", S_LEASE_MS);
+    ExtlockConn *c = client(d->unix_addr, "C", LONG_LEASE_MS);
+    ExtlockConn *ab[2] = { a, b };
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    int64_t t_result, t_grant;
+    uint64_t id, seq, lid;
+
+    pr_in(a, &m);
+    extlock_msg_clear(&m);
+    pr_in(b, &m);
+    extlock_msg_clear(&m);
+    pr_change(a, &ab[1], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 1);
+    pr_change(b, &ab[0], 1, EXTLOCK_PR_REGISTER, 0, 0, 0xb, 2);
+    pr_change(b, &ab[0], 1, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_WE_RO, 0xb, 0,
+              2);
+    /* B writes under an exclusive lock, then goes silent */
+    lock_now(b, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    renew(b);
+
+    id = pr_out(a, EXTLOCK_PR_PREEMPT_AND_ABORT, EXTLOCK_PR_TYPE_EA_RO, 0xa,
+                0xb);
+    seq = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    assert_int_equal(pr_expect_update(b, &m), seq);
+    extlock_msg_clear(&m);
+    /* B never acknowledges: the result comes when its lease has ended */
+    recv_msg(a, &m, S_LEASE_MS + SLACK_MS + RECV_MS);
+    t_result = now_ms();
+    assert_int_equal(m.type, EXTLOCK_MSG_PR_RESULT);
+    assert_int_equal(m.id, id);
+    assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+    extlock_msg_clear(&m);
+    /* B's lock is still held: C waits for it until the fence margin ends */
+    lid = lock_waits(c, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, &m);
+    assert_non_null(find_blocker(&m, "B"));
+    extlock_msg_clear(&m);
+    expect_granted(c, lid, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    t_grant = now_ms();
+    assert_true(t_grant - t_result <= MARGIN_MS + SLACK_MS);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -515,8 +673,14 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_ack_timeout, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_pr_ack_timeout_late_subscriber,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_retry_idempotent, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_pr_retry_two_in_flight, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_abort_expired_keeps_locks,
+                                        setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
