@@ -834,8 +834,9 @@ def test_zero_length_request(cmd, local_image, extlockd, lock_space, procs, bina
 REREAD_LEASE, REREAD_FENCE = 2000, 1000
 
 
+@pytest.mark.parametrize("stuck_io", ["report", "exit"])
 def test_request_waiting_for_reread_never_lands_after_regrant(
-        local_image, lock_space, procs, binaries, tmp_path):
+        local_image, lock_space, procs, binaries, tmp_path, stuck_io):
     """Host A (qemu-storage-daemon, node in iothread io0, NBD export in
     io0) learns of host B's block_resize from a lease renewal and rereads
     its metadata; that reread runs in the main loop, which is held there
@@ -849,7 +850,12 @@ def test_request_waiting_for_reread_never_lands_after_regrant(
     Safety: the held write must not reach the image: C holds the extent.
     It fails with EIO (its lock went stale with the old session).  Without
     any recheck, or with a recheck of the lease alone (valid again in
-    A's new session), it lands on C's data."""
+    A's new session), it lands on C's data.
+
+    The reread counts as I/O in flight: with on-stuck-io=exit (the
+    default) A exits before the coordinator may re-grant (it fenced
+    itself, and the write never lands); with on-stuck-io=report A stays
+    and the lock recheck is what keeps the write off C's extent."""
     from harness.faults import TcpPartition, check_coordinator, start_coordinator
     from harness.coordinator import release_after_fresh_renewal
     binaries("extlockd", "qemu-storage-daemon")
@@ -878,7 +884,8 @@ def test_request_waiting_for_reread_never_lands_after_regrant(
             blockdevs=[extlock_node(dict(local_image.child, locking="off"),
                                     link.coordinator(), lock_space,
                                     node_name="xla", client_id="host-a",
-                                    lease_time=REREAD_LEASE, lock_cache=False)],
+                                    lease_time=REREAD_LEASE, lock_cache=False,
+                                    on_stuck_io=stuck_io)],
             extra_args=["--nbd-server", f"addr.type=unix,addr.path={nbd_path}",
                         "--export", "type=nbd,id=disk,node-name=xla,name=disk,"
                         "writable=on,iothread=io0",
@@ -922,6 +929,17 @@ def test_request_waiting_for_reread_never_lands_after_regrant(
                     f.seek(off)
                     f.write(b"\xcc" * 4096)
                 link.heal()
+                if stuck_io == "exit":
+                    # A fenced itself before C's grant: nothing of A's lands
+                    wait_until(lambda: not a.alive(), timeout=30,
+                               what="A to exit (on-stuck-io=exit)")
+                    assert "exiting (on-stuck-io=exit)" in a.stderr(), a.stderr()
+                    with open(local_image.path, "rb") as f:
+                        f.seek(off)
+                        assert f.read(4096) == b"\xcc" * 4096
+                    c.unlock(g["lock"])
+                    c.bye()
+                    return
                 # A starts a new session in io0 (its main loop is still
                 # held) and has a valid lease again: it says so once it has
                 # taken the session over

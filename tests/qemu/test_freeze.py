@@ -13,8 +13,9 @@ times it was sent and answered.  ``extlockctl freeze`` runs a COMMAND that
 notes the time, waits 0.5 s (writes keep coming, from both sides) and
 copies the image with ``qemu-img convert``.  In the copy every block must
 be one whole write, no write sent after the COMMAND started may be there,
-and no block may be older than the last write answered before the freeze
-was started.  The control moves the freeze lock off the written blocks:
+and no block may hold a write that was answered before another write of
+that block was sent which was itself answered before the freeze started
+(that one landed later and must be in the copy).  The control moves the freeze lock off the written blocks:
 the same checker must then find writes from after the cut.
 """
 
@@ -62,9 +63,16 @@ def check_backup(data, writes, t_freeze, t_cmd):
         _, t0, t1 = by_stamp[stamp]
         if t0 > t_cmd:
             problems.append(f"block {b}: {stamp} was sent after the cut")
-        if last and t1 < last[4]:
-            problems.append(f"block {b}: {stamp} is older than {last[:2]}, "
-                            "answered before the freeze")
+        # a write answered before the freeze, and sent after the one in
+        # the copy was answered, landed after it: the copy misses it.
+        # (Answer times alone do not order two writes: a client may read
+        # its answer late; a write sent after another was answered is
+        # ordered after it.)
+        newer = [x for x in answered_before if x[3] > t1]
+        if newer:
+            problems.append(f"block {b}: {stamp} was answered before "
+                            f"{newer[0][:2]} was sent, which was answered "
+                            "before the freeze")
     return problems
 
 
@@ -690,3 +698,21 @@ def test_block_resize_under_freeze_refused_node_in_iothread(
     vm.qmp.execute("block_resize", {"node-name": "xl", "size": 2 * size})
     assert local_image.path.stat().st_size == 2 * size
     hmp.close()
+
+
+def test_check_backup_missing_write_rule():
+    """The checker itself: a copy that holds a write answered before
+    another write of the block was sent (answered before the freeze) is
+    flagged; two overlapping writes whose answers came in the other order
+    than their landing are not."""
+    def image(stamps):
+        return b"".join(struct.pack("<QQ", *st) * (BLK // 16) for st in stamps)
+    others = [(9, s, b, 0.1, 0.2) for s, b in enumerate(range(1, NBLK), 1)]
+    stamps = [(1, 1)] + [(9, s) for s in range(1, NBLK)]
+    # (1, 1) answered at 1.0; (2, 1) sent at 2.0, answered 3.0; freeze at 4
+    missing = [(1, 1, 0, 0.5, 1.0), (2, 1, 0, 2.0, 3.0)] + others
+    problems = check_backup(image(stamps), missing, 4.0, 4.5)
+    assert problems and "was answered before (2, 1) was sent" in problems[0]
+    # (2, 1) sent before (1, 1) was answered: either may land last
+    overlapping = [(1, 1, 0, 0.5, 1.0), (2, 1, 0, 0.9, 3.0)] + others
+    assert check_backup(image(stamps), overlapping, 4.0, 4.5) == []
