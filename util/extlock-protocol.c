@@ -1218,8 +1218,11 @@ static const char *fast_object(const char *p, const char *end,
         FastKey key;
         FastVal v = { 0 };
 
-        if (p == end || *p != '"' || !(p = fast_str(p, end, &k, &kn)) ||
-            kn == 0) {
+        if (p == end || *p != '"') {
+            return NULL;
+        }
+        p = fast_str(p, end, &k, &kn);
+        if (!p || kn == 0) {
             return NULL;
         }
         key = fast_key(k, kn);

@@ -208,8 +208,10 @@ typedef struct ExtlockMsg {
     char *session_client;
     ExtlockFenceResult fence_result;
 
-    /* release-session: "session" (and optional "message" as the reason);
-     * session-released: "session" and "released" (locks released) */
+    /*
+     * release-session: "session" (and optional "message" as the reason);
+     * session-released: "session" and "released" (locks released)
+     */
     uint64_t released;
 
     /*
@@ -228,7 +230,8 @@ typedef struct ExtlockMsg {
      * (the CDB's TYPE field, 0..15), "key", "sa-key" (16 hex digits at
      * most), "aptpl", "request" (pr_request, optional, 0: none; a
      * retry with the same one is answered, not applied again).
-     * pr-result: "result" (pr_result), "generation", "seq".  pr-update, pr-status: "seq" and the state in *pr (owned).
+     * pr-result: "result" (pr_result), "generation", "seq".
+     * pr-update, pr-status: "seq" and the state in *pr (owned).
      * pr-ack, pr-acked: "seq".
      */
     ExtlockPrAction pr_action;
