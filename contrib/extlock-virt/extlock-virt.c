@@ -68,14 +68,16 @@ typedef struct Options {
     gboolean preallocated;
     char *output;
     char *libvirt_version;      /* "MAJOR.MINOR[.MICRO]" */
-    gboolean no_raw_layer;      /* that libvirt opens raw disks without
-                                 * a format node */
+    /* that libvirt opens raw disks without a format node */
+    gboolean no_raw_layer;
 } Options;
 
 static const char *prog = "extlock-virt";
 
-/* the options and the document live until exit (also on the error paths,
- * which exit from where they are) */
+/*
+ * the options and the document live until exit (also on the error paths,
+ * which exit from where they are)
+ */
 static Options opts;
 static xmlDoc *doc;
 
@@ -152,7 +154,7 @@ typedef struct Disk {
     xmlNode *node;
     char *dev;                  /* target dev */
     char *bus;
-    int chain;                  /* storage sources; -1: not known from the XML */
+    int chain;                  /* storage sources; -1: unknown from XML */
 } Disk;
 
 static void disk_free(gpointer p)
@@ -167,7 +169,9 @@ static void disk_free(gpointer p)
 /* libvirt's virDiskNameToIndex: vda -> 0, vdz -> 25, vdaa -> 26 */
 static int disk_name_index(const char *dev)
 {
-    static const char *const prefixes[] = { "fd", "hd", "vd", "sd", "xvd", "ubd" };
+    static const char *const prefixes[] = {
+        "fd", "hd", "vd", "sd", "xvd", "ubd"
+    };
     const char *p = NULL;
     int idx = 0;
 
@@ -213,9 +217,9 @@ static gboolean has_source(xmlNode *n)
 
 /*
  * How many storage sources libvirt opens for this disk: the disk itself
- * and the levels of its backing chain.  A disk without media counts one (libvirt
- * gives it a number too).  -1 if libvirt would probe the chain at start
- * (a format other than raw without an explicit <backingStore>).
+ * and the levels of its backing chain.  A disk without media counts one
+ * (libvirt gives it a number too).  -1 if libvirt would probe the chain at
+ * start (a format other than raw without an explicit <backingStore>).
  */
 static int disk_chain(xmlNode *n)
 {
@@ -243,9 +247,11 @@ static int disk_chain(xmlNode *n)
     }
 }
 
-/* The disks in libvirt's order (virDomainDiskInsert: a disk goes before
+/*
+ * The disks in libvirt's order (virDomainDiskInsert: a disk goes before
  * the first disk of its bus with a higher target index, or after the last
- * one of its bus; a disk of a new bus goes last) */
+ * one of its bus; a disk of a new bus goes last)
+ */
 static GPtrArray *disks_in_libvirt_order(xmlNode *devices)
 {
     GPtrArray *disks = g_ptr_array_new_with_free_func(disk_free);
@@ -348,7 +354,8 @@ static json_object *coordinator_json(const char *addr)
         if (host && *host) {
             json_object_object_add(o, "type", json_object_new_string("inet"));
             json_object_object_add(o, "host", json_object_new_string(host));
-            json_object_object_add(o, "port", json_object_new_string(colon + 1));
+            json_object_object_add(o, "port",
+                                   json_object_new_string(colon + 1));
             return o;
         }
     }
@@ -623,7 +630,8 @@ static void convert(xmlDoc *doc, const char *input, const Options *o)
              "<domain>)", input, root ? (const char *)root->name : "nothing");
     }
     domtype = attr(root, "type");
-    if (!domtype || (strcmp(domtype, "qemu") != 0 && strcmp(domtype, "kvm") != 0)) {
+    if (!domtype ||
+        (strcmp(domtype, "qemu") != 0 && strcmp(domtype, "kvm") != 0)) {
         fail("%s: domain type '%s': extlock needs a QEMU domain (type='kvm' "
              "or 'qemu')", input, domtype ? domtype : "(none)");
     }
@@ -684,7 +692,8 @@ static void convert(xmlDoc *doc, const char *input, const Options *o)
         }
         add_arg(cmdline, ns, "-object");
         add_arg(cmdline, ns, json_object_to_json_string_ext(
-                    obj, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+                    obj,
+                    JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
         json_object_put(obj);
     }
     {
@@ -692,7 +701,8 @@ static void convert(xmlDoc *doc, const char *input, const Options *o)
 
         add_arg(cmdline, ns, "-blockdev");
         add_arg(cmdline, ns, json_object_to_json_string_ext(
-                    bd, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+                    bd,
+                    JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
         json_object_put(bd);
     }
 

@@ -877,8 +877,8 @@ static void print_cluster(json_object *st)
            !get(cl, "quorum") ? "unknown yet" :
            json_object_get_boolean(get(cl, "quorum")) ? "yes" :
            "NO: no leader can be elected, the leader steps down");
-    t = table_new((const char *const[]){ "MEMBER", "ADDRESS", "ROLE",
-                                          NULL }, "lll");
+    t = table_new((const char *const[]) { "MEMBER", "ADDRESS", "ROLE",
+                                           NULL }, "lll");
     for (size_t i = 0; i < array_len(cl, "members"); i++) {
         json_object *m = array_at(cl, "members", i);
         const char *id = json_object_get_string(get(m, "member-id"));
@@ -890,8 +890,8 @@ static void print_cluster(json_object *st)
     table_print(t, "Members");
     table_free(t);
     printf("\n");
-    t = table_new((const char *const[]){ "ENDPOINT", "HEALTHY", "VERSION",
-                                          "LEADER", "TERM", "ERROR", NULL },
+    t = table_new((const char *const[]) { "ENDPOINT", "HEALTHY", "VERSION",
+                                           "LEADER", "TERM", "ERROR", NULL },
                   "llllrl");
     for (size_t i = 0; i < array_len(cl, "endpoints"); i++) {
         json_object *e = array_at(cl, "endpoints", i);
@@ -1176,12 +1176,15 @@ static bool follow_leader(ExtlockConn **conn, const ExtlockTlsOptions *tls)
     extlock_msg_init(&req, EXTLOCK_MSG_STATUS);
     extlock_msg_init(&reply, EXTLOCK_MSG_INVALID);
     if (extlock_conn_call(*conn, &req, &reply, STATUS_TIMEOUT_MS, NULL) &&
-        reply.type == EXTLOCK_MSG_STATUS_REPLY && reply.body &&
-        (cl = get(reply.body, "cluster")) &&
-        g_strcmp0(json_object_get_string(get(cl, "role")), "leader") != 0 &&
-        get(cl, "leader-address")) {
-        addr = json_object_get_string(get(cl, "leader-address"));
-        leader = extlock_conn_connect_tls(addr, tls, NULL);
+        reply.type == EXTLOCK_MSG_STATUS_REPLY && reply.body) {
+        cl = get(reply.body, "cluster");
+        if (cl &&
+            g_strcmp0(json_object_get_string(get(cl, "role")),
+                      "leader") != 0 &&
+            get(cl, "leader-address")) {
+            addr = json_object_get_string(get(cl, "leader-address"));
+            leader = extlock_conn_connect_tls(addr, tls, NULL);
+        }
     }
     extlock_msg_clear(&reply);
     if (!leader) {

@@ -25,7 +25,16 @@ struct EtcdClient {
     GString *answer;
 };
 
-G_DEFINE_QUARK(extlockd-etcd-error-quark, extlockd_etcd_error)
+/* G_DEFINE_QUARK(extlockd-etcd-error-quark, extlockd_etcd_error), spelt out */
+GQuark extlockd_etcd_error_quark(void)
+{
+    static GQuark q;
+
+    if (G_UNLIKELY(q == 0)) {
+        q = g_quark_from_static_string("extlockd-etcd-error-quark");
+    }
+    return q;
+}
 
 void etcd_global_init(void)
 {

@@ -268,7 +268,8 @@ bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
     /* Wait for etcd: a cluster that is starting may need a moment */
     while (!etcd_get(ha->etcd, ha->state_key, &kv, deadline, &err)) {
         if (g_get_monotonic_time() + 100000 >= deadline) {
-            g_set_error(errp, EXTLOCKD_ETCD_ERROR, EXTLOCKD_ETCD_ERROR_TRANSPORT,
+            g_set_error(errp, EXTLOCKD_ETCD_ERROR,
+                        EXTLOCKD_ETCD_ERROR_TRANSPORT,
                         "etcd (%s) did not answer within %u ms: %s",
                         endpoints, timeout_ms, err->message);
             return false;
@@ -589,7 +590,8 @@ static gpointer ha_thread(gpointer opaque)
     /* The lease was just granted: it lives at least this long */
     atomic_store(&ha->deadline_us, g_get_monotonic_time() +
                  (int64_t)(ha->ttl_ms - ha->margin_ms) * 1000);
-    next_ka = g_get_monotonic_time() + ha->ttl_ms * 1000LL / HA_KEEPALIVE_DIVISOR;
+    next_ka = g_get_monotonic_time() +
+              ha->ttl_ms * 1000LL / HA_KEEPALIVE_DIVISOR;
     while (!ha_quit(ha)) {
         int64_t now = g_get_monotonic_time();
         int64_t wake;
@@ -626,7 +628,8 @@ static gpointer ha_thread(gpointer opaque)
                     if (!ha_join(ha)) {
                         break;
                     }
-                    next_ka = g_get_monotonic_time() + ha->ttl_ms * 1000LL / HA_KEEPALIVE_DIVISOR;
+                    next_ka = g_get_monotonic_time() +
+                              ha->ttl_ms * 1000LL / HA_KEEPALIVE_DIVISOR;
                 }
             } else {
                 if (!warned) {

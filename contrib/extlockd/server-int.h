@@ -194,8 +194,8 @@ struct ExtlockdSession {
     /* Persistent reservations (reservation.c) */
     bool pr_subscribed;          /* gets pr-update, pr-outs wait for it */
     uint64_t pr_acked;           /* last reservation seq it applied */
-    int64_t pr_since_us;         /* subscribed at (ack timeouts count
-                                    from then at the earliest) */
+    /* subscribed at (ack timeouts count from then at the earliest) */
+    int64_t pr_since_us;
 };
 
 struct ExtlockdConn {
@@ -920,16 +920,20 @@ void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
                             ExtlockMsg *m);
 /* A welcome went out: a subscribed session gets the current state */
 void reservation_welcomed(ExtlockdSession *session);
-/* Sessions expired or ended, or the state file was written: answer the
- * pr-outs that waited for them */
+/*
+ * Sessions expired or ended, or the state file was written: answer the
+ * pr-outs that waited for them
+ */
 void reservation_check_all(ExtlockdServer *server);
 /* The same from the main loop (for callers that walk the sessions) */
 void reservation_check_later(ExtlockdServer *server);
 /* Ack timeouts: expire late sessions; the next deadline (INT64_MAX: none) */
 int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now);
 void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok);
-/* The state file's "reservations" member: write (appended to @out, which
- * holds the members of the state object so far), and read */
+/*
+ * The state file's "reservations" member: write (appended to @out, which
+ * holds the members of the state object so far), and read
+ */
 void reservation_append_state(ExtlockdServer *server, GString *out);
 bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
                       GError **errp);

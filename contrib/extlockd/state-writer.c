@@ -34,8 +34,8 @@ struct ExtlockdStateWriter {
 
 typedef struct DoneCall {
     ExtlockdStateWriter *w;
-    GSource *source;             /* our reference: freeing the writer
-                                    destroys sources not dispatched yet */
+    /* our reference: freeing the writer destroys sources not dispatched yet */
+    GSource *source;
     uint64_t gen;
     bool ok;
     char *error;

@@ -44,7 +44,8 @@
  *
  *   EXTLOCK-STRESS-OPW seq extent t_start_us t_end_us        a write
  *   EXTLOCK-STRESS-OPR extent guest seq t_start_us t_end_us  a whole read
- *                                                            (guest 0: unwritten)
+ *
+ * (guest 0 in an OPR line: the extent was unwritten.)
  *
  * The times are this guest's CLOCK_MONOTONIC in microseconds, taken right
  * before the pwrite/pread and right after it returned.
@@ -196,6 +197,7 @@ static Config cfg = {
 };
 
 static int disk_fd = -1;
+/* main sets it to stop the workers; accessed with the __atomic builtins */
 static volatile int stop_flag;
 static uint64_t next_seq;           /* atomic */
 static unsigned torn_reports;       /* atomic */

@@ -30,8 +30,8 @@ ExtlockConn *extlock_conn_connect(const char *address, GError **errp);
 typedef struct ExtlockTlsOptions {
     const char *creds_dir;
     const char *psk_username;   /* NULL: x509 */
-    const char *hostname;       /* checked in the server's certificate;
-                                 * NULL: the host of the address */
+    /* checked in the server's certificate; NULL: the host of the address */
+    const char *hostname;
     bool no_verify_peer;        /* do not verify the server (testing) */
 } ExtlockTlsOptions;
 

@@ -47,7 +47,9 @@ void extlock_itree_foreach_overlap(ExtlockITree *tree, ExtlockExtent ext,
 ExtlockITNode *extlock_itree_first(ExtlockITree *tree);
 ExtlockITNode *extlock_itree_next(ExtlockITNode *node);
 
-/* Debug: verify red-black and augmentation invariants; returns false if broken */
+/*
+ * Debug: verify red-black and augmentation invariants; returns false if broken
+ */
 bool extlock_itree_check(ExtlockITree *tree);
 
 #endif /* EXTLOCK_INTERVAL_TREE_H */

@@ -83,8 +83,8 @@ typedef struct ExtlockTableStats {
     uint64_t total_wait_us;      /* sum of queued->granted for waiters */
     uint64_t held;               /* current number of granted locks */
     uint64_t waiting;            /* current number of waiting requests */
-    uint64_t grown_grants;       /* grants (immediate or deferred) whose
-                                  * extent grew beyond the request */
+    /* grants (immediate or deferred) whose extent grew beyond the request */
+    uint64_t grown_grants;
     uint64_t downgrades;         /* exclusive locks downgraded to shared */
 } ExtlockTableStats;
 
