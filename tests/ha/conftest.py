@@ -301,9 +301,13 @@ class Replica:
     def events(self, kind=None):
         out = []
         try:
-            lines = self.event_log.read_text().splitlines()
+            text = self.event_log.read_text()
         except OSError:
             return out
+        # the daemon may be writing a line right now: only whole lines count
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
         for ln in lines:
             if not ln.strip():
                 continue
