@@ -76,14 +76,17 @@ def test_election_and_not_leader(ha):
     h = c.lock(0, 4096, "exclusive")
     assert h["token"] >> 40 == c.epoch
     c.bye()
-    # extlockctl cluster through a follower shows the cluster
-    out = subprocess.run([str(EXTLOCKCTL), "-c", followers[1].address,
-                          "cluster"], capture_output=True, text=True,
-                         timeout=10)
-    assert out.returncode == 0, out.stderr
+    # extlockctl cluster through a follower shows the cluster; each member
+    # is listed once its own membership key reached etcd, which under
+    # load can come after the roles above were settled
+    def cluster_out():
+        out = subprocess.run([str(EXTLOCKCTL), "-c", followers[1].address,
+                              "cluster"], capture_output=True, text=True,
+                             timeout=10)
+        assert out.returncode == 0, out.stderr
+        return out if all(r.name in out.stdout for r in ha.replicas) else None
+    out = wait_for(cluster_out, 2 * TTL_S + 5, "every member in the list")
     assert "Leader       %s at %s" % (leader.name, leader.address) in out.stdout
-    for r in ha.replicas:
-        assert r.name in out.stdout
     st = json.loads(subprocess.run(
         [str(EXTLOCKCTL), "-c", followers[1].address, "--json", "cluster"],
         capture_output=True, text=True, timeout=10).stdout)
