@@ -158,8 +158,7 @@ def test_freeze_timeout_kills_command_and_releases(extlockd, tmp_path):
     assert p.returncode == 124, p.stderr
     assert "timeout (1 s): COMMAND still running; killing it" in p.stderr
     pid = int(pidfile.read_text())
-    assert not Path(f"/proc/{pid}").exists() or \
-        Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    assert gone(pid)
     assert space_locks(d, "fz") == ([], [])
     g = h.lock(0, BLK, "exclusive", timeout=10)     # nothing left behind
     assert g["type"] == "granted"
@@ -237,6 +236,16 @@ def test_freeze_bad_usage(extlockd):
         assert msg in p.stderr, (args, p.stderr)
 
 
+def gone(pid):
+    """The process is gone or a zombie (reading /proc races with its
+    exit: ENOENT or ESRCH)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def test_freeze_killed_releases_with_the_lease(extlockd, tmp_path):
     """extlockctl killed during the freeze (its host dies): COMMAND dies
     with it, and the coordinator releases the freeze lock when the lease
@@ -256,13 +265,6 @@ def test_freeze_killed_releases_with_the_lease(extlockd, tmp_path):
     assert [x["mode"] for x in held] == ["shared"]
     p.send_signal(signal.SIGKILL)
     p.wait(10)
-
-    def gone(pid):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except FileNotFoundError:
-            return True
-        return stat.rsplit(")", 1)[1].split()[0] == "Z"
     wait_for(lambda: gone(cmd_pid), 10, "COMMAND to die with extlockctl")
     # lease 1000 ms + fence margin 100 ms, with slack
     wait_for(lambda: space_locks(d, "fz")[0] == [], 10,
