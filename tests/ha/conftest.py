@@ -376,18 +376,33 @@ class HaCluster:
             r.close()
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
+def _etcd_cluster(tmp_path_factory, ttl_ms=None):
     if not shutil.which("etcd"):
         pytest.skip("etcd is not installed (scripts/install-deps.sh)")
-    e = Etcd(tmp_path_factory.mktemp("etcd"))
+    e = Etcd(tmp_path_factory.mktemp("etcd"), ttl_ms=ttl_ms)
     e.start_all()
+    return e
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    e = _etcd_cluster(tmp_path_factory)
     yield e
     e.stop_all()
 
 
-@pytest.fixture
-def ha(etcd, tmp_path, request):
+@pytest.fixture(scope="module")
+def etcd_long(tmp_path_factory):
+    """etcd and replica leases 3 x HA_TTL_MS, for the tests whose claim is
+    that etcd's own election fits in the replicas' lease slack: etcd's
+    timeouts scale with the TTL, the CPU starvation of a loaded machine
+    does not."""
+    e = _etcd_cluster(tmp_path_factory, 3 * HA_TTL_MS)
+    yield e
+    e.stop_all()
+
+
+def _ha_cluster(etcd, request):
     # a short dir: UNIX socket paths must stay below 108 bytes
     d = Path(os.environ.get("TMPDIR", "/tmp")) / ("ha-%d-%s" % (
         os.getpid(), request.node.name[:20].replace("[", "_")))
@@ -403,6 +418,16 @@ def ha(etcd, tmp_path, request):
         shutil.rmtree(d, ignore_errors=True)
     else:
         print("kept", d)
+
+
+@pytest.fixture
+def ha(etcd, request):
+    yield from _ha_cluster(etcd, request)
+
+
+@pytest.fixture
+def ha_long(etcd_long, request):
+    yield from _ha_cluster(etcd_long, request)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
