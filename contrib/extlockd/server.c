@@ -359,6 +359,7 @@ void extlockd_server_free(ExtlockdServer *server)
     GList *l;
 
     server->shutting_down = true;
+    lockspace_maint_unrecorded_free(server);
     metrics_free(server->metrics);
     server->metrics = NULL;
     extlockd_server_stop_listening(server);
