@@ -99,7 +99,7 @@ typedef struct PrRequest {
  * The last PR_REQUESTS_KEPT numbered pr-outs of a client-id: a guest may
  * have several in flight when the connection drops, and each is retried
  */
-#define PR_REQUESTS_KEPT    8
+#define PR_REQUESTS_KEPT    16
 
 typedef struct PrRequests {
     PrRequest r[PR_REQUESTS_KEPT];
