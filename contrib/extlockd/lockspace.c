@@ -406,28 +406,20 @@ static void lockspace_maint_restore(ExtlockdLockSpace *space,
 bool lockspace_maint_load(ExtlockdServer *server, const char *data,
                           size_t len, GError **errp)
 {
-    json_tokener *tok = json_tokener_new();
-    json_object *obj = json_tokener_parse_ex(tok, data, (int)len);
     g_autoptr(GHashTable) saved =
         g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
     GHashTableIter iter;
     gpointer key, value;
     json_object *arr;
+    json_object *obj = extlockd_state_member_array(data, len, "maintenance",
+                                                   &arr, errp);
     bool ok = false;
 
-    json_tokener_free(tok);
-    if (!obj || !json_object_is_type(obj, json_type_object)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "state: not a JSON object");
-        goto out;
+    if (!obj) {
+        return false;
     }
-    if (!json_object_object_get_ex(obj, "maintenance", &arr)) {
+    if (!arr) {
         ok = true;
-        goto out;
-    }
-    if (!json_object_is_type(arr, json_type_array)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "state: \"maintenance\" is not an array");
         goto out;
     }
     for (size_t i = 0; i < json_object_array_length(arr); i++) {
