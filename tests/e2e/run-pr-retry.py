@@ -209,16 +209,9 @@ def run(args, qemu, accel, kernel, initrd, workdir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lease-ms", type=int, default=3000)
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
-    p.add_argument("--cpu", default=None)
-    p.add_argument("--smp", type=int, default=1)
-    p.add_argument("--memory", type=int, default=192)
-    p.add_argument("--boot-timeout", type=float, default=420.0)
-    p.add_argument("--kvm-probe-timeout", type=float, default=20.0)
-    p.add_argument("--qemu", help="qemu-system-x86_64 to use")
-    p.add_argument("--extlockd", help="extlockd to use")
-    p.add_argument("--keep", action="store_true")
+    p.add_argument("--lease-ms", type=int, default=3000,
+                   help="extlockd --lease-ms (default 3000)")
+    rpg.add_guest_options(p)
     args = p.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="xlprr-"))
