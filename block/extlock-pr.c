@@ -273,7 +273,11 @@ static void extlock_pr_interrupted(ExtlockPr *pr, ExtlockPrWait *w)
 
 /*
  * The request number of @m: that of the oldest interrupted pr-out with the
- * same command (a retry, which is no longer interrupted then), or a new one
+ * same command (a retry, which is no longer interrupted then), or a new
+ * one.  A new command ends the retries: the interrupted pr-outs are
+ * forgotten, so that the same command sent again much later, meant as a
+ * new one, is applied (a guest retries a failed command before it goes
+ * on, the kernel its BUSY ones at once).
  */
 static uint64_t extlock_pr_request_number(ExtlockPr *pr, const ExtlockMsg *m)
 {
@@ -289,6 +293,7 @@ static uint64_t extlock_pr_request_number(ExtlockPr *pr, const ExtlockMsg *m)
             return request;
         }
     }
+    pr->n_interrupted = 0;
     return ++pr->next_request;
 }
 
