@@ -263,8 +263,38 @@ bool extlock_pr_reply(ExtlockPr *pr, ExtlockMsg *msg)
  */
 static void extlock_pr_interrupted(ExtlockPr *pr, ExtlockPrWait *w)
 {
-    pr->interrupted = w->msg;
-    pr->has_interrupted = true;
+    if (pr->n_interrupted == EXTLOCK_PR_MAX_INTERRUPTED) {
+        /* the oldest goes: more never wait at once */
+        memmove(&pr->interrupted[0], &pr->interrupted[1],
+                sizeof(pr->interrupted[0]) * --pr->n_interrupted);
+    }
+    pr->interrupted[pr->n_interrupted++] = w->msg;
+}
+
+/*
+ * The request number of @m: that of the oldest interrupted pr-out with the
+ * same command (a retry, which is no longer interrupted then), or a new
+ * one.  A new command ends the retries: the interrupted pr-outs are
+ * forgotten, so that the same command sent again much later, meant as a
+ * new one, is applied (a guest retries a failed command before it goes
+ * on, the kernel its BUSY ones at once).
+ */
+static uint64_t extlock_pr_request_number(ExtlockPr *pr, const ExtlockMsg *m)
+{
+    for (unsigned i = 0; i < pr->n_interrupted; i++) {
+        const ExtlockMsg *old = &pr->interrupted[i];
+        uint64_t request = old->pr_request;
+
+        if (old->pr_action == m->pr_action && old->pr_type == m->pr_type &&
+            old->pr_key == m->pr_key && old->pr_sa_key == m->pr_sa_key &&
+            old->aptpl == m->aptpl) {
+            memmove(&pr->interrupted[i], &pr->interrupted[i + 1],
+                    sizeof(pr->interrupted[0]) * (--pr->n_interrupted - i));
+            return request;
+        }
+    }
+    pr->n_interrupted = 0;
+    return ++pr->next_request;
 }
 
 /* Send @w's pr-out on the current connection (its id: 0 if none) */
@@ -375,15 +405,7 @@ int coroutine_fn extlock_pr_co_out(ExtlockPr *pr, ExtlockPrAction action,
     m->pr_key = key;
     m->pr_sa_key = sa_key;
     m->aptpl = aptpl;
-    if (pr->has_interrupted && pr->interrupted.pr_action == action &&
-        pr->interrupted.pr_type == m->pr_type &&
-        pr->interrupted.pr_key == key && pr->interrupted.pr_sa_key == sa_key &&
-        pr->interrupted.aptpl == aptpl) {
-        m->pr_request = pr->interrupted.pr_request;     /* a retry */
-    } else {
-        m->pr_request = ++pr->next_request;
-    }
-    pr->has_interrupted = false;
+    m->pr_request = extlock_pr_request_number(pr, m);
     /* not sent while reconnecting: it goes on the new connection */
     extlock_pr_send_out(pr, w);
     QTAILQ_INSERT_TAIL(&pr->pending, w, next);

@@ -23,6 +23,12 @@
 #include "qapi/qapi-types-block-extlock.h"
 #include "extlock-connection.h"
 
+/*
+ * Interrupted pr-outs remembered for a retry: as many as may wait at once
+ * (the coordinator's limit per session, docs/protocol.rst "pr-out")
+ */
+#define EXTLOCK_PR_MAX_INTERRUPTED 16
+
 typedef struct ExtlockPr {
     ExtlockConnection *conn;
     char *client_id;
@@ -41,9 +47,12 @@ typedef struct ExtlockPr {
     /* the pr-outs waiting for their results, sent again on reconnection */
     QTAILQ_HEAD(, ExtlockPrWait) pending;
     uint64_t next_request;      /* pr-out "request" numbers */
-    /* the last pr-out that failed unanswered, retried with its number */
-    ExtlockMsg interrupted;
-    bool has_interrupted;
+    /*
+     * The pr-outs that failed unanswered (oldest first), each retried with
+     * its number when the guest sends the same command again
+     */
+    ExtlockMsg interrupted[EXTLOCK_PR_MAX_INTERRUPTED];
+    unsigned n_interrupted;
     bool drain_cut;             /* until the drain ends: -EBUSY */
     uint64_t io_conflicts;      /* requests refused */
 } ExtlockPr;

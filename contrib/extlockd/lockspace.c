@@ -187,23 +187,110 @@ uint64_t lockspace_maint_gen(ExtlockdLockSpace *space)
 }
 
 /*
- * A maintenance lock was granted: its owner may change the metadata from
- * now on.  The state file says so before the grant is sent, so that a
- * restart before the count is written counts it anyway.  A write that
- * fails is logged: lockspace_handle_lock() has just written the file for
- * the same request, so only a disk that fails in between gets here.
+ * A maintenance lock is about to be granted: its owner may change the
+ * metadata from then on.  The state file must say so before the grant is
+ * sent, so that a restart before the count is written counts it anyway
+ * (lockspace_maint_load).  False, with nothing changed, if the state file
+ * cannot record it (disk full, I/O error): the lock must not be granted.
  */
-static void lockspace_maint_granted(ExtlockdLockSpace *space)
+static bool lockspace_maint_record(ExtlockdLockSpace *space, GError **errp)
 {
-    g_autoptr(GError) err = NULL;
+    bool was_pending = space->maint_pending;
 
     space->maint_pending = true;
-    if (!server_save_state(space->server, space->server->epoch, &err)) {
-        g_warning("lock-space %s: a maintenance is granted but the state "
-                   "file cannot record it (%s): if extlockd restarts before "
-                   "it is written, hosts may not reread the metadata",
-                   space->name, err->message);
+    if (!server_save_state(space->server, space->server->epoch, errp)) {
+        space->maint_pending = was_pending;
+        return false;
     }
+    return true;
+}
+
+static void lockspace_maint_refuse(ExtlockdConn *conn, uint64_t id,
+                                   const char *space, const GError *err)
+{
+    conn_send_error(conn, true, id, EXTLOCK_ERR_INTERNAL,
+                    "lock-space %s: cannot record the maintenance in the "
+                    "state file (%s): not granted", space, err->message);
+}
+
+typedef struct MaintUnrecorded {
+    char *space;
+    uint64_t lock;
+    char *error;
+} MaintUnrecorded;
+
+static void maint_unrecorded_free(MaintUnrecorded *u)
+{
+    g_free(u->space);
+    g_free(u->error);
+    g_free(u);
+}
+
+/*
+ * Release the maintenance locks granted by the table that the state file
+ * could not record, and tell their owners (no longer held: it was never
+ * announced)
+ */
+static gboolean lockspace_maint_unrecorded_cb(gpointer opaque)
+{
+    ExtlockdServer *server = opaque;
+    MaintUnrecorded *u;
+
+    server->maint_unrecorded_src = 0;
+    while ((u = g_queue_pop_head(&server->maint_unrecorded)) != NULL) {
+        ExtlockdLockSpace *space = g_hash_table_lookup(server->spaces,
+                                                       u->space);
+        ExtlockLock *lock = space ? extlock_table_lookup(space->table,
+                                                         u->lock) : NULL;
+
+        if (lock && lock->state == EXTLOCK_LOCK_GRANTED &&
+            lockspace_is_maint(lock)) {
+            ExtlockdSession *session = lock->owner;
+
+            if (session->conn) {
+                conn_send_error(session->conn, true, lock->user_tag,
+                                EXTLOCK_ERR_INTERNAL,
+                                "lock-space %s: cannot record the "
+                                "maintenance in the state file (%s): not "
+                                "granted", space->name, u->error);
+            }
+            g_hash_table_remove(session->held, lock);
+            lockspace_log_lock(server, "release", lock, NULL);
+            extlock_table_release(space->table, lock);
+        }
+        maint_unrecorded_free(u);
+    }
+    conn_flush_all(server);     /* the end of a main loop callback */
+    return G_SOURCE_REMOVE;
+}
+
+/* The table granted a maintenance lock that cannot be recorded: undo it */
+static void lockspace_maint_unrecorded(ExtlockdLockSpace *space,
+                                       ExtlockLock *lock, const GError *err)
+{
+    ExtlockdServer *server = space->server;
+    MaintUnrecorded *u = g_new0(MaintUnrecorded, 1);
+
+    g_warning("lock-space %s: a maintenance lock cannot be recorded in the "
+              "state file (%s): not granted", space->name, err->message);
+    u->space = g_strdup(space->name);
+    u->lock = lock->id;
+    u->error = g_strdup(err->message);
+    g_queue_push_tail(&server->maint_unrecorded, u);
+    if (!server->maint_unrecorded_src) {
+        server->maint_unrecorded_src =
+            g_idle_add(lockspace_maint_unrecorded_cb, server);
+    }
+}
+
+void lockspace_maint_unrecorded_free(ExtlockdServer *server)
+{
+    if (server->maint_unrecorded_src) {
+        g_source_remove(server->maint_unrecorded_src);
+        server->maint_unrecorded_src = 0;
+    }
+    g_queue_clear_full(&server->maint_unrecorded,
+                       (GDestroyNotify)maint_unrecorded_free);
 }
 
 /* A maintenance lock is gone: every host rereads the metadata */
@@ -319,28 +406,20 @@ static void lockspace_maint_restore(ExtlockdLockSpace *space,
 bool lockspace_maint_load(ExtlockdServer *server, const char *data,
                           size_t len, GError **errp)
 {
-    json_tokener *tok = json_tokener_new();
-    json_object *obj = json_tokener_parse_ex(tok, data, (int)len);
     g_autoptr(GHashTable) saved =
         g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
     GHashTableIter iter;
     gpointer key, value;
     json_object *arr;
+    json_object *obj = extlockd_state_member_array(data, len, "maintenance",
+                                                   &arr, errp);
     bool ok = false;
 
-    json_tokener_free(tok);
-    if (!obj || !json_object_is_type(obj, json_type_object)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "state: not a JSON object");
-        goto out;
+    if (!obj) {
+        return false;
     }
-    if (!json_object_object_get_ex(obj, "maintenance", &arr)) {
+    if (!arr) {
         ok = true;
-        goto out;
-    }
-    if (!json_object_is_type(arr, json_type_array)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "state: \"maintenance\" is not an array");
         goto out;
     }
     for (size_t i = 0; i < json_object_array_length(arr); i++) {
@@ -500,7 +579,13 @@ static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     g_hash_table_add(session->held, lock);
     lockspace_log_lock(session->server, "grant", lock, NULL);
     if (lockspace_is_maint(lock)) {
-        lockspace_maint_granted(session->space);
+        g_autoptr(GError) err = NULL;
+
+        if (!lockspace_maint_record(session->space, &err)) {
+            /* Not sent; released outside the table's grant loop */
+            lockspace_maint_unrecorded(session->space, lock, err);
+            return;
+        }
     }
     if (session->conn) {
         lockspace_send_granted(session->conn, lock);
@@ -637,6 +722,19 @@ static void lockspace_submit(ExtlockdLockSpace *space, ExtlockdSession *session,
                                       req->mode, req->token, session,
                                       req->user_tag);
     if (lock->state == EXTLOCK_LOCK_GRANTED) {
+        if (lockspace_is_maint(lock)) {
+            g_autoptr(GError) err = NULL;
+
+            if (!lockspace_maint_record(space, &err)) {
+                /* Granted at once: nothing waits behind it yet */
+                extlock_table_release(table, lock);
+                if (conn) {
+                    lockspace_maint_refuse(conn, req->user_tag, space->name,
+                                           err);
+                }
+                return;
+            }
+        }
         g_hash_table_add(session->held, lock);
         lockspace_log_lock(server, "grant", lock, NULL);
         if (conn) {
@@ -998,15 +1096,22 @@ void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
                         extlock_mode_name(m->mode));
         return;
     }
+    if (lockspace_is_maint(lock)) {
+        g_autoptr(GError) err = NULL;
+
+        if (!lockspace_maint_record(space, &err)) {
+            /* Nothing conflicted with it: nothing waits behind it */
+            extlock_table_release(space->table, lock);
+            lockspace_maint_refuse(conn, m->id, space->name, err);
+            return;
+        }
+    }
     space->nowait_grants++;
     if (m->has_limit) {
         session_set_revocable(session);
     }
     g_hash_table_add(session->held, lock);
     lockspace_log_lock(server, "grant", lock, NULL);
-    if (lockspace_is_maint(lock)) {
-        lockspace_maint_granted(space);
-    }
     lockspace_send_granted(conn, lock);
 }
 

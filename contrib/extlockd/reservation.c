@@ -46,6 +46,7 @@
 #include <json-c/json.h>
 
 #include "server-int.h"
+#include "state-file.h"
 
 /*
  * pr-outs of one session that may wait for their answer at once: each
@@ -99,7 +100,7 @@ typedef struct PrRequest {
  * The last PR_REQUESTS_KEPT numbered pr-outs of a client-id: a guest may
  * have several in flight when the connection drops, and each is retried
  */
-#define PR_REQUESTS_KEPT    8
+#define PR_REQUESTS_KEPT    16
 
 typedef struct PrRequests {
     PrRequest r[PR_REQUESTS_KEPT];
@@ -721,25 +722,17 @@ void reservation_append_state(ExtlockdServer *server, GString *out)
 bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
                       GError **errp)
 {
-    json_tokener *tok = json_tokener_new();
-    json_object *obj = json_tokener_parse_ex(tok, data, (int)len);
     json_object *arr;
+    json_object *obj = extlockd_state_member_array(data, len, "reservations",
+                                                   &arr, errp);
     g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
     bool ok = false;
 
-    json_tokener_free(tok);
-    if (!obj || !json_object_is_type(obj, json_type_object)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "state: not a JSON object");
-        goto out;
+    if (!obj) {
+        return false;
     }
-    if (!json_object_object_get_ex(obj, "reservations", &arr)) {
+    if (!arr) {
         ok = true;
-        goto out;
-    }
-    if (!json_object_is_type(arr, json_type_array)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "state: \"reservations\" is not an array");
         goto out;
     }
     for (size_t i = 0; i < json_object_array_length(arr); i++) {

@@ -280,6 +280,13 @@ struct ExtlockdServer {
     /* State file writes (state-writer.h) and the welcomes waiting on them */
     ExtlockdStateWriter *writer;
     GQueue welcomes;             /* DeferredWelcome, in generation order */
+    /*
+     * Maintenance locks the table granted while the state file could not
+     * record them: released (with an error to their owner) from an idle
+     * callback, outside the table's grant loop (MaintUnrecorded)
+     */
+    GQueue maint_unrecorded;
+    guint maint_unrecorded_src;
     /* server_log_refusal(): lines in the current second, and those left out */
     int64_t refusal_window_us;
     unsigned refusal_lines;
@@ -833,6 +840,8 @@ bool lockspace_maint_load(ExtlockdServer *server, const char *data,
 
 /* Is @lock a maintenance: exclusive on [0, 2^63)? */
 bool lockspace_is_maint(const ExtlockLock *lock);
+/* Drop the maintenance grants still to be undone (the server goes) */
+void lockspace_maint_unrecorded_free(ExtlockdServer *server);
 
 /*
  * lockspace_maint_done:

@@ -235,38 +235,32 @@ void extlockd_server_set_fencer(ExtlockdServer *server, ExtlockdFencer *fencer)
     server->fencer = fencer;
 }
 
+/* Load one member of the state file @path with @load (none: nothing) */
+static bool server_load_member(ExtlockdServer *server, const char *path,
+                               bool (*load)(ExtlockdServer *server,
+                                            const char *data, size_t len,
+                                            GError **errp),
+                               GError **errp)
+{
+    g_autofree char *data = NULL;
+    size_t len;
+
+    if (!extlockd_state_read(path, &data, &len, errp)) {
+        return false;
+    }
+    return !data || load(server, data, len, errp);
+}
+
 bool extlockd_server_load_reservations(ExtlockdServer *server,
                                        const char *path, GError **errp)
 {
-    g_autofree char *data = NULL;
-    g_autoptr(GError) local_err = NULL;
-    gsize len;
-
-    if (!g_file_get_contents(path, &data, &len, &local_err)) {
-        if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
-            return true;
-        }
-        g_propagate_error(errp, g_steal_pointer(&local_err));
-        return false;
-    }
-    return reservation_load(server, data, len, errp);
+    return server_load_member(server, path, reservation_load, errp);
 }
 
 bool extlockd_server_load_maintenance(ExtlockdServer *server,
                                       const char *path, GError **errp)
 {
-    g_autofree char *data = NULL;
-    g_autoptr(GError) local_err = NULL;
-    gsize len;
-
-    if (!g_file_get_contents(path, &data, &len, &local_err)) {
-        if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
-            return true;
-        }
-        g_propagate_error(errp, g_steal_pointer(&local_err));
-        return false;
-    }
-    return lockspace_maint_load(server, data, len, errp);
+    return server_load_member(server, path, lockspace_maint_load, errp);
 }
 
 bool extlockd_server_load_reservations_json(ExtlockdServer *server,
@@ -359,6 +353,7 @@ void extlockd_server_free(ExtlockdServer *server)
     GList *l;
 
     server->shutting_down = true;
+    lockspace_maint_unrecorded_free(server);
     metrics_free(server->metrics);
     server->metrics = NULL;
     extlockd_server_stop_listening(server);

@@ -352,23 +352,68 @@ out:
     return ok;
 }
 
+bool extlockd_state_read(const char *path, char **data, size_t *len,
+                         GError **errp)
+{
+    g_autoptr(GError) local_err = NULL;
+    gsize n;
+
+    *data = NULL;
+    *len = 0;
+    if (!g_file_get_contents(path, data, &n, &local_err)) {
+        if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+            return true;
+        }
+        g_propagate_error(errp, g_steal_pointer(&local_err));
+        return false;
+    }
+    *len = n;
+    return true;
+}
+
+json_object *extlockd_state_member_array(const char *data, size_t len,
+                                         const char *name, json_object **arr,
+                                         GError **errp)
+{
+    json_tokener *tok = json_tokener_new();
+    json_object *obj = json_tokener_parse_ex(tok, data, (int)len);
+
+    json_tokener_free(tok);
+    *arr = NULL;
+    if (!obj || !json_object_is_type(obj, json_type_object)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "state: not a JSON object");
+        json_object_put(obj);
+        return NULL;
+    }
+    if (json_object_object_get_ex(obj, name, arr) &&
+        !json_object_is_type(*arr, json_type_array)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "state: \"%s\" is not an array", name);
+        json_object_put(obj);
+        *arr = NULL;
+        return NULL;
+    }
+    return obj;
+}
+
 bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
                                   GPtrArray **sessions, GError **errp)
 {
     g_autofree char *data = NULL;
     g_autoptr(GError) local_err = NULL;
-    gsize len;
+    size_t len;
 
-    if (!g_file_get_contents(path, &data, &len, &local_err)) {
-        if (g_error_matches(local_err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
-            *epoch = 0;
-            *sessions = g_ptr_array_new_with_free_func(
-                extlockd_state_session_free);
-            return true;
-        }
-        g_set_error(errp, G_FILE_ERROR, local_err->code,
-                    "cannot read state file: %s", local_err->message);
+    if (!extlockd_state_read(path, &data, &len, &local_err)) {
+        g_propagate_prefixed_error(errp, g_steal_pointer(&local_err),
+                                   "cannot read state file: ");
         return false;
+    }
+    if (!data) {
+        *epoch = 0;
+        *sessions = g_ptr_array_new_with_free_func(
+            extlockd_state_session_free);
+        return true;
     }
     return extlockd_state_parse(path, data, len, epoch, sessions, errp);
 }

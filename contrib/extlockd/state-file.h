@@ -94,6 +94,27 @@ bool extlockd_state_load_sessions(const char *path, uint64_t *epoch,
                                   GPtrArray **sessions, GError **errp);
 
 /*
+ * Read the whole state file @path: its text in *@data (g_free() it) and
+ * *@len, or *@data NULL if the file does not exist.  False with @errp set
+ * on any other error.
+ */
+bool extlockd_state_read(const char *path, char **data, size_t *len,
+                         GError **errp);
+
+/*
+ * Parse @data (@len bytes) as a state object and find its member @name,
+ * an array: for the loaders of one member each (maintenance counts,
+ * reservations).  Returns the object (json_object_put() it), with *@arr
+ * the member or NULL if there is none; NULL with @errp set if @data is
+ * not a JSON object or the member is not an array.
+ */
+struct json_object;
+struct json_object *extlockd_state_member_array(const char *data, size_t len,
+                                                const char *name,
+                                                struct json_object **arr,
+                                                GError **errp);
+
+/*
  * The same on the text @data (@len bytes) of a state object; @path names
  * it in error messages (the HA coordinator keeps the text in etcd)
  */

@@ -714,13 +714,8 @@ def check_coordinator_state(daemon, c, what, registrants, holder):
             res.get("holder") == holder and res.get("pr-type") == 5, res)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Guests send SCSI persistent reservations through "
-                    "extlock (docs/guest-clusters.rst).")
-    p.add_argument("--lease-ms", type=int, default=6000,
-                   help="extlockd --lease-ms (default 6000)")
-    p.add_argument("--image-size", type=rg.size_arg, default=16 << 20)
+def add_guest_options(p):
+    """The options of the guests' QEMU (also tests/e2e/run-pr-retry.py)."""
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--cpu", default=None)
     p.add_argument("--smp", type=int, default=1)
@@ -731,6 +726,16 @@ def main(argv=None):
     p.add_argument("--extlockd", help="extlockd to use")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (kept anyway on failure)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Guests send SCSI persistent reservations through "
+                    "extlock (docs/guest-clusters.rst).")
+    p.add_argument("--lease-ms", type=int, default=6000,
+                   help="extlockd --lease-ms (default 6000)")
+    p.add_argument("--image-size", type=rg.size_arg, default=16 << 20)
+    add_guest_options(p)
     args = p.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="xlpr-"))

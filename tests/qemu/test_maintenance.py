@@ -33,15 +33,17 @@ the stamped atomicity checker of the qcow2 tests:
   others go on, nothing changed.
 """
 
+import errno
 import json
 import random
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from harness import procs as hp
-from harness.coordinator import (CoordinatorClient, coordinator_status,
+from harness.coordinator import (CoordinatorClient, CoordinatorError, coordinator_status,
                                  release_after_fresh_renewal)
 from harness.faults import NbdClient, TcpPartition, check_coordinator, start_coordinator
 from harness.procs import extlock_node, wait_until
@@ -850,3 +852,89 @@ def test_maintenance_in_iothread(nfs, extlockd, lock_space, procs, workdir, bina
     assert r["mixed"] == 0 and r["corrupt"] == 0, r
     st.verify(flat_raw(path, "qcow2-metadata", workdir))
     path.unlink()
+
+
+class TmpfsStateExtlockd(hp.Extlockd):
+    """An extlockd whose state file is on a tiny tmpfs of its own (its own
+    mount namespace): the test fills that file system from outside
+    (/proc/PID/root) to make the coordinator's state writes fail."""
+
+    def __init__(self, workdir, **kwargs):
+        super().__init__(workdir, **kwargs)
+        self.state_dir = self.workdir / "state"
+        self.state_dir.mkdir(exist_ok=True)
+        self.state_file = self.state_dir / "extlockd.state"
+
+    def argv(self):
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f"mount -t tmpfs -o size=64k extlockd-state {self.state_dir}"
+                ' && exec "$@"', "sh"] + super().argv()
+
+    def in_ns(self, path):
+        """`path` (in the state directory) as the daemon sees it."""
+        return Path(f"/proc/{self.proc.pid}/root") / Path(path).relative_to("/")
+
+    def fill(self):
+        """Take every free block of the tmpfs."""
+        with open(self.in_ns(self.state_dir / "fill"), "wb",
+                  buffering=0) as f:
+            try:
+                for _ in range(1024):           # 64 KiB at most
+                    f.write(b"\xff" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                return
+        raise AssertionError("the state tmpfs did not fill up")
+
+    def unfill(self):
+        self.in_ns(self.state_dir / "fill").unlink()
+
+    def saved(self):
+        return json.loads(self.in_ns(self.state_file).read_text())
+
+
+def test_maintenance_not_granted_unless_recorded(procs, lock_space, binaries):
+    """A maintenance lock that waited is granted only if the state file
+    records it first (the count a restart must take up): when the state
+    file system is full at the moment of the grant, the owner gets an
+    error instead of the grant, the lock is not held (another request gets
+    the range), the maintenance count and the state file are unchanged;
+    once there is room again, the maintenance is granted and counted.
+    Before the fix the coordinator logged a warning and granted it."""
+    binaries("extlockd")
+    daemon = procs.add(TmpfsStateExtlockd(procs.workdir / "extlockd-tmpfs"))
+    daemon.start()
+    holder = CoordinatorClient(daemon.address)
+    holder.hello("holder", lock_space, lease_ms=30000)
+    held = holder.lock(0, 4096)
+    owner = CoordinatorClient(daemon.address)
+    owner.hello("maint-owner", lock_space, lease_ms=30000)
+    rid = owner.request({"type": "lock", "offset": 0, "length": MAINT_LENGTH,
+                         "mode": "exclusive", "wait": True})
+    assert owner.reply(rid, timeout=10, accept_waiting=True)["type"] == \
+        "waiting"
+    before = daemon.saved()
+    gen_before = space_status(daemon, lock_space).get("maintenance")
+
+    daemon.fill()
+    holder.unlock(held["lock"])
+    with pytest.raises(CoordinatorError) as e:
+        owner.reply(rid, timeout=10)
+    assert "cannot record the maintenance" in str(e.value), e.value
+    # not held: the range is free for anyone; nothing counted or saved
+    other = holder.lock(0, 4096, wait=False)
+    holder.unlock(other["lock"])
+    sp = space_status(daemon, lock_space)
+    assert sp.get("maintenance") == gen_before, sp
+    assert daemon.saved() == before
+    assert "not granted" in daemon.stderr()
+
+    daemon.unfill()
+    g = owner.lock(0, MAINT_LENGTH, timeout=10)
+    assert daemon.saved()["maintenance"][0]["pending"] is True
+    owner.call({"type": "unlock", "lock": g["lock"], "maint-size": OLD})
+    assert space_status(daemon, lock_space)["maintenance"]["generation"] == 1
+    owner.close()
+    holder.close()
+    assert daemon.alive(), daemon.stderr()
+    assert daemon.stop() == 0, daemon.stderr()
