@@ -34,6 +34,8 @@
 #     Then tests/e2e/run-pr-guests.py: three guests send SCSI persistent
 #     reservations (sg_persist, fence_scsi's commands) through scsi-hd and
 #     extlock; the control without extlock must fail the same checks
+#     Then tests/e2e/run-pr-retry.py: one guest's PR OUTs are interrupted
+#     by a lease loss and retried; each must be applied once
 #  6b. tests/e2e/run-backup.py: extlockctl freeze backups of two running
 #     guests checked as consistent cuts (control: the copy without the
 #     freeze, caught), freeze timeout and failure, the guest agent inside
@@ -279,6 +281,16 @@ if [ "$WITH_QEMU" = 1 ]; then
             passed=$((passed + 1))
         else
             echo "persistent-reservation guest run FAILED (exit status $rc)"
+            failed=$((failed + 1))
+        fi
+
+        step "end-to-end: interrupted PR OUTs of a guest are retried once each (QEMU 10.0)"
+        timeout -k 30 "$E2E_PR_TIMEOUT" /usr/bin/python3 tests/e2e/run-pr-retry.py
+        rc=$?
+        if [ "$rc" -eq 0 ]; then
+            passed=$((passed + 1))
+        else
+            echo "PR retry guest run FAILED (exit status $rc)"
             failed=$((failed + 1))
         fi
 
