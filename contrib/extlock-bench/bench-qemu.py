@@ -38,7 +38,10 @@ a noisy machine:
 
    The hosts start together (a gate lock held until every host's first
    write waits); a host's rate runs from the gate to its last coordinator
-   event.
+   event.  Fairness is printed against the mean rate and against each
+   host's max-min fair share of the layout's conflict graph, and per host
+   the event log's figures: grants, waits, wait per grant, waits over
+   1 ms, grants out of timestamp order, partial releases, granted size.
 
 With --before DIR (a directory with another build's qemu-img and,
 optionally, extlockd) the filter cost and the many-hosts runs are made
@@ -443,9 +446,10 @@ def maxmin_shares(windows):
     shared write costs one handoff and a private one PRIVATE_COST of a
     handoff (a write under a cached lock; the value matters only when
     hosts with and without shared segments mix, and does not change the
-    shares of the three layouts here, which all come out equal).  Progressive filling: raise all rates
-    together, freeze the hosts of a segment that fills up or that reach
-    their own limit.  Returns the shares normalised to a mean of 1.
+    shares of the three layouts here, which all come out equal).
+    Progressive filling: raise all rates together, freeze the hosts of a
+    segment that fills up or that reach their own limit.  Returns the
+    shares normalised to a mean of 1.
     """
     cuts = sorted({x for w in windows for x in w})
     segs = []
@@ -485,15 +489,20 @@ def maxmin_shares(windows):
     return [r / mean if mean else 1.0 for r in rate]
 
 
-def host_figures(path, space, writers):
+STALL_NS = 1000000
+
+
+def host_figures(path, space, writers, t0_ns=0):
     """
     Per host, from the coordinator's event log of lock-space @space:
     grants; how many of them waited ("wait" event first) and the mean
-    wait per grant (us, over all its grants); grants out of timestamp
+    wait per grant (us, over all its grants); stalls: waits longer than
+    STALL_NS (a handoff normally takes 0.1-0.3 ms); grants out of timestamp
     order (granted while an earlier-token request of another host for an
     overlapping extent was still waiting: must be 0); partial releases
     (a lock given back in pieces); the mean granted length (KiB) and the
-    requested lengths seen.
+    requested lengths seen.  A wait counts from @t0_ns at the earliest
+    (the gate's release: the first request of every host waits for it).
     """
     ev = []
     for line in Path(path).read_text().splitlines():
@@ -506,7 +515,8 @@ def host_figures(path, space, writers):
                 e.get("event") in ("wait", "grant", "release"):
             ev.append(e)
     ev.sort(key=lambda e: e["ts"])
-    f = [{"grants": 0, "waited": 0, "wait_us": 0.0, "out_of_order": 0,
+    f = [{"grants": 0, "waited": 0, "wait_us": 0.0, "stalls": 0,
+          "out_of_order": 0,
           "partial_releases": 0, "granted_kib": 0.0, "requested": set()}
          for _ in range(writers)]
     waiting = {}            # lock -> (token, start, end, host, ts)
@@ -515,7 +525,7 @@ def host_figures(path, space, writers):
         i = int(e["client-id"][4:])
         a, b = e["offset"], e["offset"] + e["length"]
         if e["event"] == "wait":
-            waiting[e["lock"]] = (e["token"], a, b, i, e["ts"])
+            waiting[e["lock"]] = (e["token"], a, b, i, max(e["ts"], t0_ns))
             f[i]["requested"].add(e["length"])
         elif e["event"] == "grant":
             w = waiting.pop(e["lock"], None)
@@ -524,6 +534,7 @@ def host_figures(path, space, writers):
             if w:
                 f[i]["waited"] += 1
                 f[i]["wait_us"] += (e["ts"] - w[4]) / 1000
+                f[i]["stalls"] += e["ts"] - w[4] > STALL_NS
             for tok, wa, wb, h, _ in waiting.values():
                 if h != i and tok < e["token"] and wa < b and a < wb:
                     f[i]["out_of_order"] += 1
@@ -569,7 +580,8 @@ def many_hosts(workdir, group, writers, counts, builds, layouts=None):
     Aggregate: all requests / the group's wall time; fairness: the slowest
     host's rate / the mean rate; grants/host: grants logged per host and
     run (few: the hosts split the file once; many: they take ranges from
-    each other).
+    each other); max-min: fairness against maxmin_shares() of the layout;
+    per host: host_figures().  @layouts: a subset of the three.
     """
     workdir = Path(tempfile.mkdtemp(prefix=f"hosts{writers}-", dir=workdir))
     img = workdir / "hosts.raw"
@@ -640,7 +652,7 @@ def many_hosts(workdir, group, writers, counts, builds, layouts=None):
         grants = [0] * writers
         figs = None
         if gate:
-            figs = host_figures(evlog, space, writers)
+            figs = host_figures(evlog, space, writers, int(t0 * 1e9))
             last = [0] * writers
             for e in event_log(evlog, space):
                 if e["client-id"].startswith("host"):
@@ -831,17 +843,18 @@ def main():
                         " ".join("%.2f" % (x / mean) for x in rates),
                         " ".join(str(x) for x in grants)))
             print("  per host and run (event log): grants, waited, mean "
-                  "wait us per grant, out of timestamp order, partial "
-                  "releases, mean granted KiB")
+                  "wait us per grant, waits > 1 ms, out of timestamp order, "
+                  "partial releases, mean granted KiB")
             for r in mh:
                 print("  %d %-11s %-6s max-min shares %s" % (
                     r["writers"], r["layout"], r["build"],
                     " ".join("%.2f" % x for x in r["maxmin_shares"])))
                 for figs in r["host_figures"]:
                     print("    " + " | ".join(
-                        "%d %d %.0f %d %d %.0f" % (
+                        "%d %d %.0f %d %d %d %.0f" % (
                             x["grants"], x["waited"], x["wait_us"],
-                            x["out_of_order"], x["partial_releases"],
+                            x["stalls"], x["out_of_order"],
+                            x["partial_releases"],
                             x["granted_kib"]) for x in figs))
         print("\nLoad average during the run: %s" %
               " ".join(Path("/proc/loadavg").read_text().split()[:3]))
