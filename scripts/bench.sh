@@ -14,7 +14,10 @@
 #     filter's own CPU time per request against a request of (a); handoff
 #     between two qemu-io processes and its parts; 4 and 8 writers with and
 #     without extlock (aggregate IOPS ratio, fairness: each host's rate
-#     against the mean rate of its run, the hosts started together).
+#     against the mean rate of its run, the hosts started together, and
+#     against its max-min fair share of the layout; per host from the
+#     event log: grants, waits, wait per grant, waits > 1 ms, grants out
+#     of timestamp order, partial releases, granted size).
 # Options are passed to bench-qemu.py (e.g. --quick, --no-nfs, --only).
 # --before DIR (a directory with the qemu-img and extlockd of another
 # build, e.g. main's) runs the filter cost and the many-hosts part with

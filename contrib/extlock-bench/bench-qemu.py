@@ -38,7 +38,10 @@ a noisy machine:
 
    The hosts start together (a gate lock held until every host's first
    write waits); a host's rate runs from the gate to its last coordinator
-   event.
+   event.  Fairness is printed against the mean rate and against each
+   host's max-min fair share of the layout's conflict graph, and per host
+   the event log's figures: grants, waits, wait per grant, waits over
+   1 ms, grants out of timestamp order, partial releases, granted size.
 
 With --before DIR (a directory with another build's qemu-img and,
 optionally, extlockd) the filter cost and the many-hosts runs are made
@@ -422,7 +425,138 @@ def gate_wait(cl, space, n, timeout=60.0):
     raise RuntimeError(f"{n} hosts did not queue in {space} in {timeout} s")
 
 
-def many_hosts(workdir, group, writers, counts, builds):
+def window_of(layout, i):
+    """Host @i's 64 KiB window in @layout: [start, end) in bytes."""
+    off = {"neighbours": i * 65536, "overlapping": i * 32768,
+           "same": 0}[layout]
+    return off, off + 65536
+
+
+PRIVATE_COST = 0.05
+
+
+def maxmin_shares(windows):
+    """
+    Max-min fair shares of writers on @windows ([(start, end)], each host
+    writing its window sequentially, so a fraction |seg| / |window| of its
+    writes falls into each segment between window boundaries).  Model: a
+    segment written by two or more hosts is a resource of capacity 1
+    (handoff-limited writes per unit of time); a host is serial (queue
+    depth 1), so its own limit is 1 / its mean cost per write, where a
+    shared write costs one handoff and a private one PRIVATE_COST of a
+    handoff (a write under a cached lock; the value matters only when
+    hosts with and without shared segments mix, and does not change the
+    shares of the three layouts here, which all come out equal).
+    Progressive filling: raise all rates together, freeze the hosts of a
+    segment that fills up or that reach their own limit.  Returns the
+    shares normalised to a mean of 1.
+    """
+    cuts = sorted({x for w in windows for x in w})
+    segs = []
+    for a, b in zip(cuts, cuts[1:]):
+        users = [i for i, (s, e) in enumerate(windows) if s <= a and b <= e]
+        if len(users) > 1:
+            segs.append([(i, (b - a) / (windows[i][1] - windows[i][0]))
+                         for i in users])
+    n = len(windows)
+    cap = []
+    for i in range(n):
+        shared = sum(f for seg in segs for j, f in seg if j == i)
+        cap.append(1.0 / (shared + PRIVATE_COST * (1.0 - shared)))
+    rate = [0.0] * n
+    frozen = [False] * n
+    for _ in range(n + len(segs) + 1):      # each round freezes someone
+        if all(frozen):
+            break
+        # the largest common step before a segment fills or a host caps
+        step = min(cap[i] - rate[i] for i in range(n) if not frozen[i])
+        for seg in segs:
+            free = sum(f for i, f in seg if not frozen[i])
+            if free > 0:
+                used = sum(f * rate[i] for i, f in seg)
+                step = min(step, (1.0 - used) / free)
+        for i in range(n):
+            if not frozen[i]:
+                rate[i] += step
+        for i in range(n):
+            if not frozen[i] and rate[i] >= cap[i] - 1e-12:
+                frozen[i] = True
+        for seg in segs:
+            if sum(f * rate[i] for i, f in seg) >= 1.0 - 1e-12:
+                for i, _ in seg:
+                    frozen[i] = True
+    mean = statistics.mean(rate) if any(rate) else 1.0
+    return [r / mean if mean else 1.0 for r in rate]
+
+
+STALL_NS = 1000000
+
+
+def host_figures(path, space, writers, t0_ns=0):
+    """
+    Per host, from the coordinator's event log of lock-space @space:
+    grants; how many of them waited ("wait" event first) and the mean
+    wait per grant (us, over all its grants); stalls: waits longer than
+    STALL_NS (a handoff normally takes 0.1-0.3 ms); grants out of timestamp
+    order (granted while an earlier-token request of another host for an
+    overlapping extent was still waiting: must be 0); partial releases
+    (a lock given back in pieces); the mean granted length (KiB) and the
+    requested lengths seen.  A wait counts from @t0_ns at the earliest
+    (the gate's release: the first request of every host waits for it).
+    """
+    ev = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("lock-space") == space and \
+                e.get("client-id", "").startswith("host") and \
+                e.get("event") in ("wait", "grant", "release"):
+            ev.append(e)
+    ev.sort(key=lambda e: e["ts"])
+    f = [{"grants": 0, "waited": 0, "wait_us": 0.0, "stalls": 0,
+          "out_of_order": 0,
+          "partial_releases": 0, "granted_kib": 0.0, "requested": set()}
+         for _ in range(writers)]
+    waiting = {}            # lock -> (token, start, end, host, ts)
+    extent = {}             # lock -> (start, end) held
+    for e in ev:
+        i = int(e["client-id"][4:])
+        a, b = e["offset"], e["offset"] + e["length"]
+        if e["event"] == "wait":
+            waiting[e["lock"]] = (e["token"], a, b, i, max(e["ts"], t0_ns))
+            f[i]["requested"].add(e["length"])
+        elif e["event"] == "grant":
+            w = waiting.pop(e["lock"], None)
+            f[i]["grants"] += 1
+            f[i]["granted_kib"] += e["length"] / 1024
+            if w:
+                f[i]["waited"] += 1
+                f[i]["wait_us"] += (e["ts"] - w[4]) / 1000
+                f[i]["stalls"] += e["ts"] - w[4] > STALL_NS
+            for tok, wa, wb, h, _ in waiting.values():
+                if h != i and tok < e["token"] and wa < b and a < wb:
+                    f[i]["out_of_order"] += 1
+                    break
+            extent[e["lock"]] = (a, b)
+        elif e["event"] == "release":
+            held = extent.get(e["lock"])
+            if held and held != (a, b):
+                f[i]["partial_releases"] += 1
+                extent[e["lock"]] = (b, held[1]) if a == held[0] \
+                    else (held[0], a)
+            else:
+                extent.pop(e["lock"], None)
+    for x in f:
+        n = max(1, x["grants"])
+        x["wait_us"] = round(x["wait_us"] / n, 1)
+        x["granted_kib"] = round(x["granted_kib"] / n, 1)
+        x["requested"] = sorted(x["requested"])
+    return f
+
+
+def many_hosts(workdir, group, writers, counts, builds, layouts=None):
     """
     @writers qemu-img bench processes ("hosts") writing 4 KiB requests
     (queue depth 1, sequentially, wrapping around in a 64 KiB window: a
@@ -446,7 +580,8 @@ def many_hosts(workdir, group, writers, counts, builds):
     Aggregate: all requests / the group's wall time; fairness: the slowest
     host's rate / the mean rate; grants/host: grants logged per host and
     run (few: the hosts split the file once; many: they take ranges from
-    each other).
+    each other); max-min: fairness against maxmin_shares() of the layout;
+    per host: host_figures().  @layouts: a subset of the three.
     """
     workdir = Path(tempfile.mkdtemp(prefix=f"hosts{writers}-", dir=workdir))
     img = workdir / "hosts.raw"
@@ -483,8 +618,7 @@ def many_hosts(workdir, group, writers, counts, builds):
         for i in range(writers):
             # a raw node's offset/size: the host's 64 KiB window, which
             # qemu-img bench writes 4 KiB after 4 KiB, wrapping around
-            off = {"neighbours": i * 65536, "overlapping": i * 32768,
-                   "same": 0}[layout]
+            off = window_of(layout, i)[0]
             f = {"driver": "file", "filename": str(img), "locking": "off"}
             if binary:
                 f = {"driver": "extlock", "lock-space": space,
@@ -516,7 +650,9 @@ def many_hosts(workdir, group, writers, counts, builds):
             rates.append(count / float(m.group(1)))
         wall = time.monotonic() - t0
         grants = [0] * writers
+        figs = None
         if gate:
+            figs = host_figures(evlog, space, writers, int(t0 * 1e9))
             last = [0] * writers
             for e in event_log(evlog, space):
                 if e["client-id"].startswith("host"):
@@ -525,10 +661,12 @@ def many_hosts(workdir, group, writers, counts, builds):
                     grants[i] += e["event"] == "grant"
             rates = [count / max(1e-6, (t / 1e9 - t0)) for t in last]
         # aggregate over the wall time of the whole group
-        return writers * count / wall, rates, grants
+        return writers * count / wall, rates, grants, figs
 
     run_no = 0
-    for layout in ("neighbours", "overlapping", "same"):
+    for layout in layouts or ("neighbours", "overlapping", "same"):
+        shares = maxmin_shares([window_of(layout, i)
+                                for i in range(writers)])
         count = counts[layout]
         base = []
         ext = {label: [] for label, _, _ in builds}
@@ -541,6 +679,11 @@ def many_hosts(workdir, group, writers, counts, builds):
         for label, _, _ in builds:
             e = statistics.median(r[0] for r in ext[label])
             fairs = [min(r[1]) / statistics.mean(r[1]) for r in ext[label]]
+            # each host's rate against its max-min fair share
+            mm = []
+            for r in ext[label]:
+                rel = [x / s for x, s in zip(r[1], shares)]
+                mm.append(min(rel) / statistics.mean(rel))
             grants = sum(sum(r[2]) for r in ext[label])
             results.append({
                 "writers": writers, "layout": layout, "requests": count,
@@ -549,6 +692,9 @@ def many_hosts(workdir, group, writers, counts, builds):
                 "ratio": round(e / b, 3),
                 "fairness": round(statistics.median(fairs), 3),
                 "fairness_runs": [round(x, 3) for x in fairs],
+                "maxmin_shares": [round(x, 3) for x in shares],
+                "fairness_maxmin": round(statistics.median(mm), 3),
+                "host_figures": [r[3] for r in ext[label]],
                 "host_rates": [[round(x) for x in r[1]] for r in ext[label]],
                 "host_grants": [r[2] for r in ext[label]],
                 "grants_per_host": round(grants / len(ext[label]) / writers,
@@ -578,6 +724,9 @@ def main():
                     help="handoff: each process writes every this often")
     ap.add_argument("--hosts", default="4,8",
                     help="many hosts: numbers of writers (empty: skip)")
+    ap.add_argument("--layouts", metavar="L1,L2",
+                    help="many hosts: only these layouts (neighbours, "
+                    "overlapping, same)")
     ap.add_argument("--only", choices=("throughput", "cost", "handoff",
                                        "hosts"),
                     help="run only one of the parts")
@@ -624,7 +773,8 @@ def main():
                 mh += many_hosts(workdir, group, n, {
                     "neighbours": 5000 if args.quick else 30000,
                     "overlapping": 500 if args.quick else 3000,
-                    "same": 500 if args.quick else 3000}, builds)
+                    "same": 500 if args.quick else 3000}, builds,
+                    args.layouts.split(",") if args.layouts else None)
         if args.only in (None, "handoff"):
             ho = handoff(workdir, group, 150 if args.quick else 1100,
                          args.period_ms)
@@ -671,14 +821,18 @@ def main():
         if mh:
             print("\nMany hosts: qemu-img bench writers, 4 KiB QD1, one "
                   "local file; ratio: extlock / the same writers unlocked")
-            print("  %-7s %-12s %-7s %10s %10s %7s %9s %8s" % (
+            print("  %-7s %-12s %-7s %10s %10s %7s %9s %7s %8s" % (
                 "writers", "layout", "build", "unlocked", "extlock",
-                "ratio", "fairness", "grants/host"))
+                "ratio", "fairness", "max-min", "grants/host"))
             for r in mh:
-                print("  %-7d %-12s %-7s %10d %10d %7.3f %9.3f %8.1f" % (
+                print("  %-7d %-12s %-7s %10d %10d %7.3f %9.3f %7.3f %8.1f" % (
                     r["writers"], r["layout"], r["build"],
                     r["unlocked_iops"], r["extlock_iops"], r["ratio"],
-                    r["fairness"], r["grants_per_host"]))
+                    r["fairness"], r["fairness_maxmin"],
+                    r["grants_per_host"]))
+            print("  fairness: slowest host's rate / the mean rate; max-min: "
+                  "the same of each host's rate / its max-min fair share "
+                  "(shares of the layout's conflict graph below)")
             print("  per host and run: its rate / the mean rate of the run; "
                   "its grants")
             for r in mh:
@@ -688,6 +842,20 @@ def main():
                         r["writers"], r["layout"], r["build"],
                         " ".join("%.2f" % (x / mean) for x in rates),
                         " ".join(str(x) for x in grants)))
+            print("  per host and run (event log): grants, waited, mean "
+                  "wait us per grant, waits > 1 ms, out of timestamp order, "
+                  "partial releases, mean granted KiB")
+            for r in mh:
+                print("  %d %-11s %-6s max-min shares %s" % (
+                    r["writers"], r["layout"], r["build"],
+                    " ".join("%.2f" % x for x in r["maxmin_shares"])))
+                for figs in r["host_figures"]:
+                    print("    " + " | ".join(
+                        "%d %d %.0f %d %d %d %.0f" % (
+                            x["grants"], x["waited"], x["wait_us"],
+                            x["stalls"], x["out_of_order"],
+                            x["partial_releases"],
+                            x["granted_kib"]) for x in figs))
         print("\nLoad average during the run: %s" %
               " ".join(Path("/proc/loadavg").read_text().split()[:3]))
         if args.json:

@@ -16,7 +16,7 @@
  *    "session":ID,"lock":L,"token":T,"offset":O,"length":N,"mode":M,
  *    "message":TEXT}
  *
- * E is one of grant, release, downgrade, reclaim (a lock), expire,
+ * E is one of wait, grant, release, downgrade, reclaim (a lock), expire,
  * fence-start, fence-ok, fence-failed (a session); members that do not
  * apply are left out.  docs/extlockd.rst describes when each is written.
  */

@@ -743,6 +743,8 @@ static void lockspace_submit(ExtlockdLockSpace *space, ExtlockdSession *session,
         return;
     }
     g_hash_table_add(session->waiting, lock);
+    /* The requested extent and the token: when and what it asked for */
+    lockspace_log_lock(server, "wait", lock, NULL);
     if (say_waiting) {
         metrics_wait(server, lock);
     }

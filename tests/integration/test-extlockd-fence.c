@@ -1008,8 +1008,9 @@ static void test_fence_options(void **state)
 }
 
 /*
- * The event log: grant, partial release (the released part), downgrade,
- * waiter granted, bye releases; every line complete, times increasing
+ * The event log: grant, partial release (the released part), a request
+ * that waits (its requested extent and token), downgrade, waiter granted,
+ * bye releases; every line complete, times increasing
  */
 static void test_event_log(void **state)
 {
@@ -1026,6 +1027,7 @@ static void test_event_log(void **state)
     static const char *const expect[][3] = {
         { "grant", "A", "exclusive" },
         { "release", "A", "exclusive" },
+        { "wait", "C", "shared" },
         { "downgrade", "A", "shared" },
         { "grant", "C", "shared" },
         { "release", "A", "shared" },
@@ -1074,7 +1076,14 @@ static void test_event_log(void **state)
     assert_int_equal(jint(ev, "offset"), 0);
     assert_int_equal(jint(ev, "length"), 4 * KiB);
     assert_int_equal(jint(ev, "token"), ga.token);
-    ev = json_object_array_get_idx(events, 4);
+    /* the wait names the request as asked, and the lock it is granted as */
+    ev = json_object_array_get_idx(events, 2);
+    assert_int_equal(jint(ev, "offset"), 4 * KiB);
+    assert_int_equal(jint(ev, "length"), 1);
+    assert_int_equal(jint(ev, "token"), gc.token);
+    assert_int_equal(jint(ev, "lock"),
+                     jint(json_object_array_get_idx(events, 4), "lock"));
+    ev = json_object_array_get_idx(events, 5);
     assert_int_equal(jint(ev, "offset"), 4 * KiB);
     assert_int_equal(jint(ev, "length"), 4 * KiB);
     json_object_put(events);
