@@ -30,7 +30,8 @@
  *   and .bdrv_drain_end (EXTLOCK_DRV_DRAIN_BEGIN/END); the driver's do
  *   not yield, so one function serves both, coroutine_fn on 7.2 only
  *   (EXTLOCK_DRAIN_FN).
- * - aio_set_fd_handler() lost is_external (8.1): extlock_set_fd_handler().
+ * - aio_set_fd_handler() lost is_external (8.1): extlock_set_fd_handler(),
+ *   extlock_set_fd_handler_poll().
  * - QAPI dropped the has_ flag of optional pointer members (8.0); absent
  *   means NULL on both.  Test such members by their pointer; declare and
  *   set them with EXTLOCK_QAPI_OPT_PARAM() and EXTLOCK_QAPI_SET_HAS();
@@ -85,6 +86,18 @@ static inline void extlock_set_fd_handler(AioContext *ctx, int fd,
                                           void *opaque)
 {
     aio_set_fd_handler(ctx, fd, io_read, io_write, NULL, NULL, opaque);
+}
+
+/* The same with an io_poll check for an AioContext that polls */
+static inline void extlock_set_fd_handler_poll(AioContext *ctx, int fd,
+                                               IOHandler *io_read,
+                                               IOHandler *io_write,
+                                               AioPollFn *io_poll,
+                                               IOHandler *io_poll_ready,
+                                               void *opaque)
+{
+    aio_set_fd_handler(ctx, fd, io_read, io_write, io_poll, io_poll_ready,
+                       opaque);
 }
 
 /*
@@ -175,6 +188,17 @@ static inline void extlock_set_fd_handler(AioContext *ctx, int fd,
 {
     aio_set_fd_handler(ctx, fd, false, io_read, io_write, NULL, NULL,
                        opaque);
+}
+
+static inline void extlock_set_fd_handler_poll(AioContext *ctx, int fd,
+                                               IOHandler *io_read,
+                                               IOHandler *io_write,
+                                               AioPollFn *io_poll,
+                                               IOHandler *io_poll_ready,
+                                               void *opaque)
+{
+    aio_set_fd_handler(ctx, fd, false, io_read, io_write, io_poll,
+                       io_poll_ready, opaque);
 }
 
 static inline void extlock_run_in_aio_context(AioContext *ctx,

@@ -83,6 +83,18 @@ struct ExtlockConnection {
     ExtlockLineBuf in;
     GString *out;
     size_t out_done;            /* bytes of @out already written */
+    /*
+     * What the fd handler registered in @ctx asks for; re-registered
+     * only when that changes, not for every message sent
+     */
+    bool handlers_set;
+    bool handlers_write;
+    /*
+     * > 0 while extlock_conn_read() runs: messages sent meanwhile (the
+     * unlocks of revoked locks, the requests it wakes) are written
+     * together in one write at its end
+     */
+    unsigned batch;
     uint64_t next_id;
     GHashTable *pending;        /* id -> lock request awaiting its reply */
 
@@ -247,7 +259,9 @@ static void extlock_conn_write_msg(ExtlockConnection *c, const ExtlockMsg *msg)
         return;
     }
     extlock_msg_format(msg, c->out);
-    extlock_conn_flush(c);
+    if (!c->batch) {
+        extlock_conn_flush(c);
+    }
 }
 
 uint64_t extlock_conn_send(ExtlockConnection *c, ExtlockMsg *msg)
@@ -417,6 +431,7 @@ static void extlock_conn_read(void *opaque)
     ExtlockConnection *c = opaque;
     char buf[16384];
 
+    c->batch++;
     /*
      * Lines may be buffered already (read during the handshake).  With TLS,
      * GnuTLS hands out one record per read and may hold more records than
@@ -445,10 +460,22 @@ static void extlock_conn_read(void *opaque)
     }
 
     /*
+     * What handling the messages sent (the unlocks of revoked idle locks,
+     * which other hosts wait for) leaves now, in one write, before the
+     * woken requests run.
+     */
+    if (c->batch == 1) {
+        extlock_conn_flush(c);
+    }
+    /*
      * Requests are woken only now, so that what they do (send, unlock,
-     * even lose the connection) cannot disturb the parsing above.
+     * even lose the connection) cannot disturb the parsing above.  What
+     * they send leaves in one write at the end.
      */
     c->ops->read_done(c->opaque);
+    if (--c->batch == 0) {
+        extlock_conn_flush(c);
+    }
 }
 
 static void extlock_conn_write(void *opaque)
@@ -456,14 +483,63 @@ static void extlock_conn_write(void *opaque)
     extlock_conn_flush(opaque);
 }
 
+/*
+ * io_poll: has the coordinator sent something?  Called over and over by
+ * an AioContext that polls before it sleeps (an IOThread's poll-max-ns),
+ * so it must be cheap: one non-blocking MSG_PEEK recv(), no state
+ * changed.  An error or EOF counts as input so that extlock_conn_read()
+ * sees it.  With TLS the socket's bytes may be a partial record that
+ * extlock_conn_read() cannot consume, which would keep this true and the
+ * AioContext spinning: there the fd handler alone reports input.
+ *
+ * Registering it matters even when nobody polls for the coordinator: a
+ * fd handler without io_poll disables polling for its whole AioContext
+ * (poll_disable_cnt), so an extlock node would turn off the polling of
+ * the IOThread it runs in, for its virtqueues too.
+ */
+static bool extlock_conn_poll(void *opaque)
+{
+    ExtlockConnection *c = opaque;
+    char byte;
+    ssize_t n;
+
+    if (c->fd < 0 || c->tls_creds) {
+        return false;
+    }
+    n = recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK &&
+                      errno != EINTR);
+}
+
+static void extlock_conn_poll_ready(void *opaque)
+{
+    ExtlockConnection *c = opaque;
+
+    trace_extlock_client_poll_ready(c->fd);
+    extlock_conn_read(c);
+}
+
 static void extlock_conn_set_handlers(ExtlockConnection *c)
 {
+    bool want_write = c->out->len > c->out_done;
+
     if (c->fd < 0 || !c->ctx) {
         return;
     }
-    extlock_set_fd_handler(c->ctx, c->fd, extlock_conn_read,
-                           c->out->len > c->out_done ?
-                           extlock_conn_write : NULL, c);
+    /*
+     * aio_set_fd_handler() replaces the handler node (allocation, epoll
+     * update, RCU free): not for every message when nothing changes
+     */
+    if (c->handlers_set && c->handlers_write == want_write) {
+        return;
+    }
+    c->handlers_set = true;
+    c->handlers_write = want_write;
+    extlock_set_fd_handler_poll(c->ctx, c->fd, extlock_conn_read,
+                                c->out->len > c->out_done ?
+                                extlock_conn_write : NULL,
+                                extlock_conn_poll, extlock_conn_poll_ready,
+                                c);
 }
 
 /*
@@ -1129,6 +1205,7 @@ static void extlock_conn_disconnect(ExtlockConnection *c, const char *why)
     if (c->ctx) {
         extlock_set_fd_handler(c->ctx, c->fd, NULL, NULL, NULL);
     }
+    c->handlers_set = false;
     c->fd = -1;
     qio_channel_close(c->ioc, NULL);
     object_unref(OBJECT(c->ioc));
@@ -1635,6 +1712,7 @@ void extlock_conn_detach_aio_context(ExtlockConnection *c)
     if (c->fd >= 0) {
         extlock_set_fd_handler(c->ctx, c->fd, NULL, NULL, NULL);
     }
+    c->handlers_set = false;
     timer_free(c->renew_timer);
     c->renew_timer = NULL;
     timer_free(c->lease_timer);

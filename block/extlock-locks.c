@@ -436,6 +436,16 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
     extlock_trace_handoff(c, "grant-rx", msg->lock, now);
 }
 
+/*
+ * A revoke, handled right in the fd handler (or its io_poll_ready): no
+ * coroutine hop, no timer unless min-hold-time or long-hold-ms asks for
+ * one.  Safe because the handler runs in the node's AioContext thread,
+ * where the requests' coroutines run only between their yields: a
+ * request either holds a reference (users > 0, and the lock goes back
+ * when the last one is done) or has not found the lock yet, and then
+ * never will (a revoking lock serves nobody): it asks the coordinator and
+ * queues behind the request that caused the revoke.
+ */
 static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
 {
     ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &msg->lock);

@@ -7,7 +7,10 @@
 #     grant latency;
 #  2. handoff at the protocol level: extlock-handoff, two processes pass
 #     one lock 2000 times; the parts of a handoff (revoke, holder,
-#     give-back, grant, wakeup) against an uncontended lock round trip;
+#     give-back, grant, wakeup) against an uncontended lock round trip
+#     and against the floor (a plain ping-pong of the same four messages
+#     between three processes, same run); with extlockd --poll-us 0 and
+#     50, interleaved, twice;
 #  3. the filter in QEMU: contrib/extlock-bench/bench-qemu.py - qemu-img
 #     bench IOPS of (a) no filter (the baseline), (b) blkdebug, (c) extlock
 #     lock-cache=on, (d) lock-cache=off on null-co and on loopback NFS; the
@@ -60,12 +63,30 @@ for r in (base, other):
         lat["p99"] / b["p50"]))
 PY
 
-echo
-echo "== handoff between two processes, protocol level: extlock-handoff" \
-     "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
-build/contrib/extlock-bench/extlock-handoff -c "unix:$work/sock" -n 2000 \
-    --event-log "$work/events"
 kill "$(cat "$work/pid")"
+
+# The handoff runs against a coordinator that sleeps in poll() (the
+# default) and one that polls for 50 us first (--poll-us 50), twice each,
+# interleaved; each run prints the floor (a plain ping-pong of the same
+# four messages) measured in the same run.
+for round in 1 2; do
+    for poll in 0 50; do
+        rm -f "$work/hsock" "$work/hevents" "$work/hstate"
+        build/contrib/extlockd/extlockd --listen "unix:$work/hsock" \
+            --state-file "$work/hstate" --event-log "$work/hevents" \
+            --poll-us "$poll" 2>"$work/hlog" &
+        echo $! > "$work/pid"
+        for _ in $(seq 50); do [ -S "$work/hsock" ] && break; sleep 0.1; done
+        echo
+        echo "== handoff between two processes, protocol level:" \
+             "extlock-handoff, extlockd --poll-us $poll, round $round" \
+             "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
+        build/contrib/extlock-bench/extlock-handoff -c "unix:$work/hsock" \
+            -n 2000 --event-log "$work/hevents"
+        kill "$(cat "$work/pid")"
+        wait "$(cat "$work/pid")" 2>/dev/null || true
+    done
+done
 
 echo
 echo "== the filter in QEMU =="

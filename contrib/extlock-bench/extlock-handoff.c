@@ -28,6 +28,20 @@
  * Without the event log, give-back + grant + wakeup print as one part.
  * The baseline, measured first in the same run: an uncontended lock's
  * round trip (lock sent -> granted read) by one of the two processes.
+ *
+ * The floor, measured in the same run (half before the handoffs, half
+ * after): what the machine's wake-ups cost right now.  Three plain
+ * processes pass a message of a handoff message's size around over
+ * UNIX stream sockets, each blocking in poll() between messages: A ->
+ * relay -> B -> relay -> A, the four messages and four wake-ups of a
+ * handoff (lock, revoke, unlock, granted) with a relay that does nothing
+ * in place of the coordinator.  Every handoff part is printed with its
+ * ratio to the floor's matching hops (revoke: A -> relay -> B; give-back:
+ * B -> relay; wakeup: relay -> A; total: all four).
+ *
+ * --poll-us N: both processes check the socket without sleeping for up
+ * to N us before they block in poll() (the floor does not: it stays the
+ * cost of plain wake-ups).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -35,8 +49,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <poll.h>
 #include <unistd.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <json-c/json.h>
 #include "extlock/client-sync.h"
@@ -58,15 +74,26 @@ typedef struct Round {
     int waiter;
 } Round;
 
+/* One round of the floor: stamps of the four hops A -> R -> B -> R -> A */
+typedef struct FloorRound {
+    int64_t a_tx;               /* A sends ("lock") */
+    int64_t r_rx1;              /* relay has read it, sends to B */
+    int64_t b_rx;               /* B has read it ("revoke"), answers */
+    int64_t r_rx2;              /* relay has read B's answer, sends to A */
+    int64_t a_rx;               /* A has read it ("granted") */
+} FloorRound;
+
 typedef struct Shared {
     int64_t *baseline;          /* uncontended round trips, ns */
     Round *rounds;
+    FloorRound *floor;
 } Shared;
 
 static const char *opt_address = "unix:/run/extlock/extlockd.sock";
 static const char *opt_event_log;
 static const char *opt_lock_space = "extlock-handoff";
 static long opt_rounds = 2000;
+static long opt_poll_us;
 static bool opt_json;
 
 static G_NORETURN void die(int who, const char *what, GError *err)
@@ -119,6 +146,22 @@ static void send_unlock(ExtlockConn *conn, int who, uint64_t lock)
 }
 
 /*
+ * --poll-us: check for input without sleeping for up to opt_poll_us
+ * before the caller blocks in poll(); returns early once input is there
+ */
+static void spin_for_input(ExtlockConn *conn)
+{
+    struct pollfd pfd = { .fd = extlock_conn_fd(conn), .events = POLLIN };
+    int64_t end = now_ns() + opt_poll_us * 1000;
+
+    do {
+        if (extlock_conn_has_buffered(conn) || poll(&pfd, 1, 0) != 0) {
+            return;
+        }
+    } while (now_ns() < end);
+}
+
+/*
  * Read messages until @type arrives (for request @id if it is not 0);
  * the others ("waiting", "unlocked") are skipped.  Returns its lock.
  */
@@ -131,6 +174,9 @@ static uint64_t wait_for(ExtlockConn *conn, int who, ExtlockMsgType type,
         uint64_t lock;
 
         extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        if (opt_poll_us) {
+            spin_for_input(conn);
+        }
         if (!extlock_conn_recv(conn, &m, RECV_TIMEOUT_MS, &err)) {
             die(who, "receive", err);
         }
@@ -243,6 +289,125 @@ static void run_child(int who, Shared *sh, int in, int out, int ready)
     exit(0);
 }
 
+/* The floor's message: the size of a typical handoff message */
+#define FLOOR_MSG 96
+
+static void floor_io(int fd, bool out, int who)
+{
+    char buf[FLOOR_MSG];
+    size_t done = 0;
+
+    memset(buf, 'x', sizeof(buf));
+    while (done < sizeof(buf)) {
+        ssize_t n = out ? write(fd, buf + done, sizeof(buf) - done)
+                        : read(fd, buf + done, sizeof(buf) - done);
+
+        if (n > 0) {
+            done += n;
+        } else if (n == 0 || errno != EINTR) {
+            die(who, out ? "floor write" : "floor read", NULL);
+        }
+    }
+}
+
+/* Block in poll() on @fd, as the handoff processes do, then read */
+static int64_t floor_recv(int fd, int who)
+{
+    struct pollfd pfd = { .fd = fd, .events = POLLIN };
+
+    while (poll(&pfd, 1, RECV_TIMEOUT_MS) != 1) {
+        if (errno != EINTR) {
+            die(who, "floor poll", NULL);
+        }
+    }
+    floor_io(fd, false, who);
+    return now_ns();
+}
+
+/*
+ * Floor rounds [@from, @to): three processes (A, relay, B) pass one
+ * message around A -> relay -> B -> relay -> A.  The relay polls both
+ * of its sockets, as extlockd's main loop polls its connections.
+ */
+static void run_floor(Shared *sh, long from, long to)
+{
+    int ar[2], br[2];
+    pid_t pid[2];
+    long k;
+    int i;
+
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, ar) ||
+        socketpair(AF_UNIX, SOCK_STREAM, 0, br)) {
+        die(-1, "socketpair", NULL);
+    }
+    for (i = 0; i < 2; i++) {
+        pid[i] = fork();
+        if (pid[i] < 0) {
+            die(-1, "fork", NULL);
+        }
+        if (pid[i] == 0 && i == 0) {
+            /* the relay */
+            close(ar[0]);
+            close(br[0]);
+            for (k = from; k < to; k++) {
+                FloorRound *f = &sh->floor[k];
+                struct pollfd p[2] = { { .fd = ar[1], .events = POLLIN },
+                                       { .fd = br[1], .events = POLLIN } };
+
+                for (int step = 0; step < 2; step++) {
+                    int other;
+
+                    while (poll(p, 2, RECV_TIMEOUT_MS) < 1) {
+                        if (errno != EINTR) {
+                            die(2, "floor poll", NULL);
+                        }
+                    }
+                    other = (p[0].revents & POLLIN) ? 0 : 1;
+                    floor_io(p[other].fd, false, 2);
+                    if (other == 0) {
+                        f->r_rx1 = now_ns();
+                    } else {
+                        f->r_rx2 = now_ns();
+                    }
+                    floor_io(p[!other].fd, true, 2);
+                }
+            }
+            exit(0);
+        }
+        if (pid[i] == 0) {
+            /* B */
+            close(ar[0]);
+            close(ar[1]);
+            close(br[1]);
+            for (k = from; k < to; k++) {
+                sh->floor[k].b_rx = floor_recv(br[0], 1);
+                floor_io(br[0], true, 1);
+            }
+            exit(0);
+        }
+    }
+    /* A */
+    close(ar[1]);
+    close(br[0]);
+    close(br[1]);
+    for (k = from; k < to; k++) {
+        FloorRound *f = &sh->floor[k];
+
+        f->a_tx = now_ns();
+        floor_io(ar[0], true, 0);
+        f->a_rx = floor_recv(ar[0], 0);
+    }
+    close(ar[0]);
+    for (i = 0; i < 2; i++) {
+        int status;
+
+        if (waitpid(pid[i], &status, 0) < 0 || !WIFEXITED(status) ||
+            WEXITSTATUS(status) != 0) {
+            die(-1, "a floor process failed", NULL);
+        }
+    }
+}
+
 /* t3 and t4 of every round from the event log; false if it had none */
 static bool read_event_log(Round *rounds, long n)
 {
@@ -314,6 +479,7 @@ static int cmp_i64(const void *a, const void *b)
 typedef struct Part {
     const char *name;
     double p50, p99, max;
+    double floor_p50;           /* the floor's matching hops; 0: none */
 } Part;
 
 static Part part(const char *name, int64_t *v, long n)
@@ -331,12 +497,16 @@ static void usage(FILE *f)
 {
     fprintf(f,
         "Usage: extlock-handoff [-c ADDR] [-n ROUNDS] [--event-log FILE] "
-        "[--json]\n"
+        "[--poll-us N] [--json]\n"
         "\n"
         "Two processes pass one exclusive lock back and forth ROUNDS times\n"
         "(default 2000) and print where a handoff's time goes.  FILE is\n"
         "the coordinator's --event-log: with it the coordinator's part is\n"
-        "split out.  The baseline is an uncontended lock round trip.\n");
+        "split out.  The baseline is an uncontended lock round trip; the\n"
+        "floor is a plain ping-pong of four messages between three\n"
+        "processes (the messages and wake-ups of a handoff), measured in\n"
+        "the same run.  --poll-us N: check the socket without sleeping\n"
+        "for up to N us (0-1000000, default 0) before blocking.\n");
 }
 
 int main(int argc, char **argv)
@@ -347,8 +517,8 @@ int main(int argc, char **argv)
     long n, k;
     bool have_log = false;
     int64_t *v;
-    Part parts[8], base;
-    int np = 0, i;
+    Part parts[8], floors[5], base;
+    int np = 0, nf = 0, i;
 
     for (i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
@@ -372,6 +542,16 @@ int main(int argc, char **argv)
                 return 2;
             }
             opt_rounds = v;
+        } else if (i + 1 < argc && !strcmp(argv[i], "--poll-us")) {
+            gint64 v;
+
+            if (!g_ascii_string_to_signed(argv[++i], 10, 0, 1000000, &v,
+                                          NULL)) {
+                fprintf(stderr, "extlock-handoff: bad --poll-us '%s' "
+                        "(0-1000000)\n", argv[i]);
+                return 2;
+            }
+            opt_poll_us = v;
         } else {
             usage(stderr);
             return 2;
@@ -383,11 +563,16 @@ int main(int argc, char **argv)
                        MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     sh.rounds = mmap(NULL, n * sizeof(Round), PROT_READ | PROT_WRITE,
                      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    sh.floor = mmap(NULL, n * sizeof(FloorRound), PROT_READ | PROT_WRITE,
+                    MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (sh.baseline == MAP_FAILED || sh.rounds == MAP_FAILED ||
+        sh.floor == MAP_FAILED ||
         pipe(tok[0]) || pipe(tok[1]) || pipe(ready)) {
         perror("extlock-handoff");
         return 1;
     }
+    /* first half of the floor before the handoffs, the rest after */
+    run_floor(&sh, 0, n / 2);
     for (i = 0; i < 2; i++) {
         pid[i] = fork();
         if (pid[i] < 0) {
@@ -410,6 +595,7 @@ int main(int argc, char **argv)
             return 1;
         }
     }
+    run_floor(&sh, n / 2, n);
     if (opt_event_log) {
         have_log = read_event_log(sh.rounds, n);
         if (!have_log) {
@@ -421,6 +607,19 @@ int main(int argc, char **argv)
 
     v = g_new(int64_t, n);
     base = part("uncontended", sh.baseline, n);
+#define FLOOR(name, expr) do { \
+        for (k = 0; k < n; k++) { \
+            FloorRound *f = &sh.floor[k]; \
+            v[k] = (expr); \
+        } \
+        floors[nf++] = part(name, v, n); \
+    } while (0)
+    FLOOR("floor A->relay->B", f->b_rx - f->a_tx);
+    FLOOR("floor B->relay", f->r_rx2 - f->b_rx);
+    FLOOR("floor relay->A", f->a_rx - f->r_rx2);
+    FLOOR("floor B->relay->A", f->a_rx - f->b_rx);
+    FLOOR("floor total", f->a_rx - f->a_tx);
+#undef FLOOR
 #define PART(name, expr) do { \
         for (k = 0; k < n; k++) { \
             Round *r = &sh.rounds[k]; \
@@ -429,15 +628,20 @@ int main(int argc, char **argv)
         parts[np++] = part(name, v, n); \
     } while (0)
     PART("revoke", r->t_revoke_rx - r->t_lock_tx);
+    parts[np - 1].floor_p50 = floors[0].p50;
     PART("holder", r->t_unlock_tx - r->t_revoke_rx);
     if (have_log) {
         PART("give-back", r->t_release - r->t_unlock_tx);
+        parts[np - 1].floor_p50 = floors[1].p50;
         PART("grant", r->t_grant - r->t_release);
         PART("wakeup", r->t_grant_rx - r->t_grant);
+        parts[np - 1].floor_p50 = floors[2].p50;
     } else {
         PART("give-back+grant+wakeup", r->t_grant_rx - r->t_unlock_tx);
+        parts[np - 1].floor_p50 = floors[3].p50;
     }
     PART("total", r->t_grant_rx - r->t_lock_tx);
+    parts[np - 1].floor_p50 = floors[4].p50;
 #undef PART
 
     if (opt_json) {
@@ -445,13 +649,18 @@ int main(int argc, char **argv)
         json_object *jp = json_object_new_object();
 
         json_object_object_add(j, "handoffs", json_object_new_int64(n));
-        for (i = -1; i < np; i++) {
-            Part *p = i < 0 ? &base : &parts[i];
+        json_object_object_add(j, "poll-us", json_object_new_int64(opt_poll_us));
+        for (i = -1; i < np + nf; i++) {
+            Part *p = i < 0 ? &base : i < np ? &parts[i] : &floors[i - np];
             json_object *o = json_object_new_object();
 
             json_object_object_add(o, "p50-us", json_object_new_double(p->p50));
             json_object_object_add(o, "p99-us", json_object_new_double(p->p99));
             json_object_object_add(o, "max-us", json_object_new_double(p->max));
+            if (p->floor_p50 > 0) {
+                json_object_object_add(o, "p50-per-floor",
+                    json_object_new_double(p->p50 / p->floor_p50));
+            }
             json_object_object_add(jp, p->name, o);
         }
         json_object_object_add(j, "parts", jp);
@@ -459,15 +668,24 @@ int main(int argc, char **argv)
                    j, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED));
         json_object_put(j);
     } else {
-        printf("extlock-handoff: %ld handoffs between two processes, %s\n",
-               n, opt_address);
-        printf("%-24s %9s %9s %9s %9s\n", "part (us)", "p50", "p99", "max",
-               "p50/base");
-        for (i = -1; i < np; i++) {
-            Part *p = i < 0 ? &base : &parts[i];
+        printf("extlock-handoff: %ld handoffs between two processes, %s, "
+               "poll-us %ld\n", n, opt_address, opt_poll_us);
+        printf("%-24s %9s %9s %9s %9s %9s\n", "part (us)", "p50", "p99",
+               "max", "p50/base", "p50/floor");
+        for (i = -1; i < np + nf; i++) {
+            Part *p = i < 0 ? &base : i < np ? &parts[i] : &floors[i - np];
 
-            printf("%-24s %9.1f %9.1f %9.1f %9.2f\n", p->name, p->p50,
+            if (i == np) {
+                printf("floor: plain ping-pong, 4 messages, 3 processes, "
+                       "same run\n");
+            }
+            printf("%-24s %9.1f %9.1f %9.1f %9.2f ", p->name, p->p50,
                    p->p99, p->max, base.p50 > 0 ? p->p50 / base.p50 : 0);
+            if (p->floor_p50 > 0) {
+                printf("%9.2f\n", p->p50 / p->floor_p50);
+            } else {
+                printf("%9s\n", "-");
+            }
         }
     }
     g_free(v);

@@ -42,6 +42,16 @@ GString *conn_out(ExtlockdConn *conn)
     return conn->out;
 }
 
+void conn_urgent(ExtlockdConn *conn)
+{
+    GQueue *dirty = &conn->server->dirty;
+
+    if (conn->dirty && dirty->head != &conn->dirty_link) {
+        g_queue_unlink(dirty, &conn->dirty_link);
+        g_queue_push_head_link(dirty, &conn->dirty_link);
+    }
+}
+
 void conn_send_msg(ExtlockdConn *conn, const ExtlockMsg *msg)
 {
     /* HA: nothing leaves a leader that cannot prove its etcd lease */

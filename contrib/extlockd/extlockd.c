@@ -29,6 +29,9 @@
 
 static bool opt_verbose;
 
+/* Upper bound of --poll-us: a longer spin only burns a core */
+#define EXTLOCKD_MAX_POLL_US 100000
+
 static const char *level_name(GLogLevelFlags level)
 {
     if (level & G_LOG_LEVEL_ERROR) {
@@ -147,6 +150,42 @@ static void on_elected(uint64_t epoch, GPtrArray *sessions,
     g_ptr_array_unref(sessions);
 }
 
+/* --poll-us: how long the main loop checks its fds before it sleeps */
+static gint64 opt_poll_us;
+
+/*
+ * The main loop's poll function with --poll-us: check the fds without
+ * sleeping for up to opt_poll_us (never longer than the loop's own
+ * timeout), then block as usual.  A message that arrives meanwhile is
+ * handled without the wake-up of a sleeping process; the price is a
+ * core spent spinning for opt_poll_us after every turn of the loop that
+ * found nothing to do.
+ */
+static gint spin_poll(GPollFD *fds, guint nfds, gint timeout)
+{
+    gint64 start = g_get_monotonic_time();
+    gint64 spin = opt_poll_us;
+    gint r;
+
+    if (timeout >= 0 && (gint64)timeout * 1000 < spin) {
+        spin = (gint64)timeout * 1000;
+    }
+    if (spin > 0) {
+        do {
+            r = g_poll(fds, nfds, 0);
+            if (r != 0) {
+                return r;
+            }
+        } while (g_get_monotonic_time() - start < spin);
+        if (timeout > 0) {
+            /* what is left of the timeout, rounded up */
+            timeout -= (g_get_monotonic_time() - start) / 1000;
+            timeout = MAX(timeout, 0);
+        }
+    }
+    return g_poll(fds, nfds, timeout);
+}
+
 static bool check_range(const char *name, int64_t value, int64_t min,
                         int64_t max)
 {
@@ -191,6 +230,7 @@ int main(int argc, char **argv)
     gint64 max_unauth_peer = EXTLOCKD_DEFAULT_MAX_UNAUTH_PEER;
     gint64 status_rate = EXTLOCKD_DEFAULT_STATUS_RATE;
     gint64 long_wait_ms = 0, long_hold_ms = 0;
+    gint64 poll_us = 0;
     gint64 pr_ack_timeout_ms = EXTLOCKD_DEFAULT_PR_ACK_TIMEOUT_MS;
     g_autofree char *metrics_listen = NULL, *metrics_tls_dir = NULL;
     g_autoptr(ExtlockdPolicy) policy = NULL;
@@ -305,6 +345,9 @@ int main(int argc, char **argv)
         { "pr-ack-timeout-ms", 0, 0, G_OPTION_ARG_INT64, &pr_ack_timeout_ms,
           "Expire a session that has not acknowledged a persistent "
           "reservation change after MS (default 30000)", "MS" },
+        { "poll-us", 0, 0, G_OPTION_ARG_INT64, &poll_us,
+          "Check the sockets without sleeping for up to US microseconds "
+          "before the main loop blocks (default 0: off; costs CPU)", "US" },
         { "metrics-listen", 0, 0, G_OPTION_ARG_STRING, &metrics_listen,
           "Serve Prometheus metrics at http://ADDR:PORT/metrics (IPv4 or "
           "[IPv6] address)", "ADDR:PORT" },
@@ -375,6 +418,7 @@ int main(int argc, char **argv)
         !check_range("--status-rate", status_rate, 1, 1000000) ||
         !check_range("--long-wait-ms", long_wait_ms, 0, 24 * 3600 * 1000) ||
         !check_range("--long-hold-ms", long_hold_ms, 0, 24 * 3600 * 1000) ||
+        !check_range("--poll-us", poll_us, 0, EXTLOCKD_MAX_POLL_US) ||
         !check_range("--pr-ack-timeout-ms", pr_ack_timeout_ms, 100,
                      EXTLOCK_MAX_LEASE_MS)) {
         return EXIT_USAGE;
@@ -534,6 +578,10 @@ int main(int argc, char **argv)
      * sockets are still cleaned up.
      */
     loop = g_main_loop_new(NULL, FALSE);
+    if (poll_us > 0) {
+        opt_poll_us = poll_us;
+        g_main_context_set_poll_func(g_main_context_default(), spin_poll);
+    }
     g_unix_signal_add(SIGTERM, on_signal, loop);
     g_unix_signal_add(SIGINT, on_signal, loop);
 

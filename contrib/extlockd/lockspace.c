@@ -513,6 +513,7 @@ static void lockspace_send_revoke(ExtlockLock *held, ExtlockLock *waiter)
     r.mode = waiter->mode;
     r.token = waiter->token;
     conn_send_msg(session->conn, &r);
+    conn_urgent(session->conn);
     session->space->revokes_sent++;
     metrics_revoke(session->server, held);
 }
@@ -589,6 +590,7 @@ static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     }
     if (session->conn) {
         lockspace_send_granted(session->conn, lock);
+        conn_urgent(session->conn);
         lockspace_revoke_new_lock(table, lock);
     }
 }

@@ -488,6 +488,19 @@ GString *conn_out(ExtlockdConn *conn);
 void conn_send_msg(ExtlockdConn *conn, const ExtlockMsg *msg);
 
 /**
+ * conn_urgent:
+ * @conn: a connection with output queued
+ *
+ * Write the output of @conn first at the end of this main loop callback,
+ * before the other connections': a revoke to a holder or a grant to a
+ * waiter, which another host waits for, goes out before replies that
+ * nobody waits for (the waiter's "waiting", the holder's "unlocked"), so
+ * that the process that matters is woken first.  The order of the
+ * messages on each connection does not change.
+ */
+void conn_urgent(ExtlockdConn *conn);
+
+/**
  * conn_send_error:
  * @conn: the connection
  * @has_id: whether the error answers a request with an id

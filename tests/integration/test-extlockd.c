@@ -469,9 +469,9 @@ static void test_bye_releases(void **state)
 }
 
 /* A connected session that does not renew is expired and fenced */
-static void test_lease_expiry(void **state)
+static void lease_expiry(const char *const *extra)
 {
-    Daemon *d = daemon_start(NULL, NULL, NULL);
+    Daemon *d = daemon_start(NULL, extra, NULL);
     ExtlockConn *a = conn_open(d->unix_addr);
     ExtlockConn *b = client(d->tcp_addr, "B", LONG_LEASE_MS);
     ExtlockConn *mon = conn_open(d->unix_addr);
@@ -515,6 +515,43 @@ static void test_lease_expiry(void **state)
     assert_true(t_granted - t_hello <= lease + MARGIN_MS + SLACK_MS);
     extlock_msg_clear(&m);
     daemon_stop(d);
+}
+
+static void test_lease_expiry(void **state)
+{
+    lease_expiry(NULL);
+}
+
+/*
+ * --poll-us: the main loop checks its sockets for a while before it
+ * sleeps.  Requests are still granted in timestamp order, and the loop's
+ * timers still fire on time (the spin never outlasts the loop's
+ * timeout): the lease expiry above, with the same bounds.
+ */
+static void test_poll_us(void **state)
+{
+    static const char *const poll[] = { "--poll-us=1000", NULL };
+    Daemon *d = daemon_start(NULL, poll, NULL);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
+    ExtlockConn *c = client(d->tcp_addr, "C", LONG_LEASE_MS);
+    ExtlockMsg w;
+    uint64_t rb, rc;
+    Grant ga, gb;
+
+    extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+    ga = lock_now(a, 0, 1000, EXTLOCK_MODE_EXCLUSIVE);
+    rb = lock_waits(b, 500, 1000, EXTLOCK_MODE_EXCLUSIVE, &w);
+    rc = lock_waits(c, 0, 2000, EXTLOCK_MODE_SHARED, &w);
+    extlock_msg_clear(&w);
+    unlock_all(a, ga.lock);
+    gb = expect_granted(b, rb, 500, 1000, EXTLOCK_MODE_EXCLUSIVE);
+    expect_quiet(c, QUIET_MS);
+    unlock_all(b, gb.lock);
+    expect_granted(c, rc, 0, 2000, EXTLOCK_MODE_SHARED);
+    daemon_stop(d);
+
+    lease_expiry(poll);
 }
 
 static void send_resume(ExtlockConn *c, const char *client_id,
@@ -795,6 +832,8 @@ static void test_bad_options(void **state)
     static const char *const o4[] = { "--max-sessions=abc", NULL };
     static const char *const o5[] = { "--fence-margin-ms=-1", NULL };
     static const char *const o6[] = { "extra-argument", NULL };
+    static const char *const o7[] = { "--poll-us=-1", NULL };
+    static const char *const o8[] = { "--poll-us=100001", NULL };
 
     expect_refusal(NULL, o1, 2, "--lease-ms");
     expect_refusal(NULL, o2, 2, "bogus");
@@ -802,6 +841,8 @@ static void test_bad_options(void **state)
     expect_refusal(NULL, o4, 2, "abc");
     expect_refusal(NULL, o5, 2, "--fence-margin-ms");
     expect_refusal(NULL, o6, 2, "extra-argument");
+    expect_refusal(NULL, o7, 2, "--poll-us");
+    expect_refusal(NULL, o8, 2, "--poll-us");
 }
 
 static void test_sockets_and_state_lock(void **state)
@@ -1314,6 +1355,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_lease_expiry, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_poll_us, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resume, setup, teardown),
         cmocka_unit_test_setup_teardown(test_epoch_restart, setup,
                                         teardown),

@@ -396,6 +396,47 @@ def test_iothread_under_contention(local_image, extlockd, lock_space, procs, bin
     assert data == b"\x31" * 4096 + b"\x32" * 4096
 
 
+def test_iothread_polling_finds_revoke(local_image, extlockd, lock_space, procs, binaries,
+                                       tmp_path):
+    """The node runs in an iothread that polls (poll-max-ns): the
+    coordinator connection has an io_poll check, so the iothread's
+    polling stays enabled and finds a revoke without sleeping
+    (extlock_client_poll_ready); the revoke is honoured as from the fd
+    handler (the holder gets the range, no error, the data is right).
+    Without the io_poll check the fd handler disables the iothread's
+    polling (poll_disable_cnt) and the trace event never fires.  An NBD
+    export fixed in the iothread (no client connects) keeps the node
+    there: without it, removing HMP qemu-io's temporary BlockBackend
+    moves the node back to the main loop (bdrv_root_unref_child)."""
+    binaries("qemu-system-x86_64")
+    vm = procs.qemu_system(
+        blockdevs=[node_opts(local_image, extlockd, lock_space, lock_cache=True)],
+        extra_args=["-object", "iothread,id=io0,poll-max-ns=200000000,poll-grow=1000",
+                    "-trace", "extlock_client_poll_ready"])
+    vm.qmp.execute("nbd-server-start", {"addr": {"type": "unix",
+                                                 "data": {"path": str(tmp_path / "nbd.sock")}}})
+    vm.qmp.execute("block-export-add", {"type": "nbd", "id": "e0", "name": "e0",
+                                        "node-name": "xl0", "writable": True,
+                                        "iothread": "io0", "fixed-iothread": True})
+    found = False
+    with CoordinatorClient(extlockd.address) as holder:
+        holder.hello("py-holder", lock_space, lease_ms=60000)
+        # adaptive polling grows its window with every message that comes
+        # soon enough: bounded rounds until a revoke is found by polling
+        for i in range(40):
+            hmp_io(vm, "xl0", f"write -P {0x40 + i} {MiB} 4k")
+            g = holder.lock(MiB, 4096, "exclusive", timeout=15)
+            holder.unlock(g["lock"])
+            if "extlock_client_poll_ready" in vm.stderr():
+                found = True
+                break
+        holder.bye()
+    assert found, "the iothread never found the coordinator's input by polling"
+    c = node_info(vm.qmp, "xl0")["counters"]
+    assert c["revocations"] >= i + 1 and c["errors"] == 0, c
+    assert local_image.path.read_bytes()[MiB:MiB + 4096] == bytes([0x40 + i]) * 4096
+
+
 def test_move_between_aio_contexts(local_image, extlockd, lock_space, procs, binaries):
     """x-blockdev-set-iothread moves the node into an iothread and back
     (once while its coordinator is down and the node reconnecting); the
