@@ -1943,6 +1943,325 @@ static void test_pr_ack_flood(void **state)
     daemon_stop(d);
 }
 
+
+
+/*
+ * Key purpose (extended key usage) of the certificates, made here by
+ * certtool and signed by the one CA: a certificate for TLS servers
+ * (serverAuth) is no client certificate, and a client certificate
+ * (clientAuth) that names this host is no coordinator certificate.
+ * Before, both passed: a client's certificate let its holder pose as the
+ * coordinator to extlockctl and the client library.
+ */
+static void test_tls_key_purpose(void **state)
+{
+    static const char script[] =
+        "cd pki\n"
+        "mk() { # NAME KIND TEMPLATE\n"
+        "  mkdir -p $1; cp ca-cert.pem $1/\n"
+        "  certtool --generate-privkey --key-type=ecdsa "
+        "    --outfile $1/$2-key.pem 2>/dev/null\n"
+        "  printf \"$3\" > $1.info\n"
+        "  certtool --generate-certificate --load-ca-certificate ca-cert.pem "
+        "    --load-ca-privkey ca-key.pem --load-privkey $1/$2-key.pem "
+        "    --template $1.info --outfile $1/$2-cert.pem 2>/dev/null; }\n"
+        "mk impostor server 'cn = localhost\\nip_address = 127.0.0.1\\n"
+        "dns_name = localhost\\ntls_www_client\\nsigning_key\\n"
+        "expiration_days = 2\\n'\n"
+        "mk server-as-client client 'cn = host-a\\ntls_www_server\\n"
+        "signing_key\\nexpiration_days = 2\\n'\n"
+        "certtool -i --infile impostor/server-cert.pem | "
+        "  grep -q 'TLS WWW Client'\n"
+        "certtool -i --infile server-as-client/client-cert.pem | "
+        "  grep -q 'TLS WWW Server'\n";
+    Pki p = { 0 };
+    g_autofree char *impostor = NULL, *server_as_client = NULL;
+    g_autofree char *out = NULL, *errs = NULL;
+    Daemon *d, *fake;
+    ExtlockConn *c;
+    GError *err = NULL;
+    ExtlockMsg r;
+    unsigned n;
+
+    make_pki(&p);
+    run_sh(script);
+    impostor = g_build_filename(fx.dir, "pki", "impostor", NULL);
+    server_as_client = g_build_filename(fx.dir, "pki", "server-as-client",
+                                        NULL);
+    d = tls_daemon(&p, NULL, true);
+
+    /* A server certificate as a client's: refused by the daemon */
+    n = log_count(d, "connection refused");
+    c = tls_try(d->tcp_addr, server_as_client, NULL, &err);
+    if (c) {
+        /* TLS 1.3: the server's verdict arrives after the handshake */
+        extlock_msg_init(&r, EXTLOCK_MSG_HELLO);
+        r.client_id = g_strdup("host-a/d0");
+        r.lock_space = g_strdup("space-a");
+        assert_false(extlock_conn_call(c, &r, &r, RECV_MS, &err));
+        extlock_msg_clear(&r);
+    }
+    assert_non_null(err);
+    g_clear_error(&err);
+    wait_log(d, "connection refused", n);
+    wait_log(d, "intended purpose", 0);
+    /* The right one of the same CA still gets in */
+    c = tls_open(d->tcp_addr, p.host_a);
+    g_free(hello_ok(c, "host-a/d0", "space-a", "x509:host-a"));
+
+    /* A coordinator with a client certificate: the clients refuse it */
+    {
+        const char *extra[] = { "--tls-creds-dir", impostor, NULL };
+        ExtlockTlsOptions o = { .creds_dir = p.host_a };
+        const char *args[] = { NULL, "-c", NULL, "--tls-creds-dir",
+                               p.admin, "sessions", NULL };
+
+        fake = daemon_start(NULL, extra, NULL);
+        c = extlock_conn_connect_tls(fake->tcp_addr, &o, &err);
+        if (c) {
+            extlock_conn_close(c);
+            fail_msg("a coordinator with a client certificate passed");
+        }
+        g_test_message("impostor: %s", err->message);
+        assert_non_null(strstr(err->message, "server certificate rejected"));
+        assert_non_null(strstr(err->message, "intended purpose"));
+        g_clear_error(&err);
+        args[2] = fake->tcp_addr;
+        assert_int_not_equal(run_ctl(args + 1, &out, &errs), 0);
+        assert_non_null(strstr(errs, "intended purpose"));
+        daemon_stop(fake);
+    }
+    daemon_stop(d);
+    pki_free(&p);
+}
+
+/*
+ * A pr-out REGISTER by @c (sa_key @key): its status.  A change comes
+ * with a pr-update first (nobody else is subscribed in these tests).
+ */
+static ExtlockPrStatus pr_register(ExtlockConn *c, uint64_t key)
+{
+    uint64_t id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0, key);
+    ExtlockPrStatus st;
+    ExtlockMsg m;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+    recv_msg(c, &m, RECV_MS);
+    if (m.type == EXTLOCK_MSG_PR_UPDATE) {
+        extlock_msg_clear(&m);
+        recv_msg(c, &m, RECV_MS);
+    }
+    if (m.type != EXTLOCK_MSG_PR_RESULT || m.id != id) {
+        fail_msg("expected the pr-result of %" PRIu64 ", got %s", id,
+                 extlock_msg_type_name(m.type));
+    }
+    st = m.pr_result;
+    extlock_msg_clear(&m);
+    return st;
+}
+
+static void bye_drop(ExtlockConn *c)
+{
+    bye(c);
+    conn_drop(c);
+}
+
+/*
+ * SCSI-3 registration slots: one identity with a client-ids wildcard
+ * registers as many client-ids as it can and leaves.  Its identity may
+ * hold max-registrations of them in the lock-space (3 here); an
+ * initiator of another identity can still register afterwards.  Before
+ * the limit, the attacker got all 64 slots and the victim
+ * insufficient-registration-resources.
+ */
+static void test_pr_registration_limit(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    const char *extra[] = { "--policy", policy, NULL };
+    unsigned registered = 0;
+    Daemon *d;
+    ExtlockConn *v;
+
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "max-registrations=3\n", -1, NULL));
+    d = daemon_start(NULL, extra, NULL);
+    for (unsigned i = 0; i < EXTLOCK_PR_MAX_REGISTRANTS; i++) {
+        g_autofree char *id = g_strdup_printf("attacker/%u", i);
+        ExtlockConn *c = conn_open(d->tcp_addr);
+        ExtlockPrStatus st;
+
+        g_free(hello_ok(c, id, "disk", "anonymous"));
+        st = pr_register(c, 0x1000 + i);
+        bye_drop(c);
+        if (st != EXTLOCK_PR_OK) {
+            assert_int_equal(st, EXTLOCK_PR_NO_RESOURCES);
+            break;
+        }
+        registered++;
+    }
+    assert_int_equal(registered, 3);
+    wait_log(d, "identity anonymous already has 3 registrations there "
+             "(its max-registrations is 3)", 0);
+
+    /* The owner may still change its own: a new key, then unregister */
+    v = conn_open(d->tcp_addr);
+    g_free(hello_ok(v, "attacker/0", "disk", "anonymous"));
+    {
+        uint64_t id = pr_out(v, EXTLOCK_PR_REGISTER_AND_IGNORE, 0, 0, 0x77);
+        ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+        pr_expect_update(v, &m);
+        extlock_msg_clear(&m);
+        expect_msg(v, &m, EXTLOCK_MSG_PR_RESULT, id);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    bye_drop(v);
+
+    /* Another identity (the daemon's uid on the UNIX socket) registers */
+    v = conn_open(d->unix_addr);
+    g_free(hello_ok(v, "victim/d0", "disk", NULL));
+    assert_int_equal(pr_register(v, 0x999), EXTLOCK_PR_OK);
+    bye_drop(v);
+    daemon_stop(d);
+}
+
+/*
+ * Reservation state of lock-spaces that are used and dropped: 300
+ * lock-spaces, each with a pr-in, a registration and its removal, then
+ * bye.  Every such empty state is forgotten (status counter
+ * "reservation-states" back to the one lock-space that keeps a
+ * registration; the state file does not name the others).  Before, each
+ * stayed in memory and in every state file write.
+ */
+#define PR_SPACES 300
+
+static void test_pr_state_freed(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *k = conn_open(d->unix_addr);
+    g_autofree char *text = NULL;
+    int64_t deadline, n = -1;
+
+    g_free(hello_ok(k, "keeper/d0", "kept", NULL));
+    assert_int_equal(pr_register(k, 0x42), EXTLOCK_PR_OK);
+    bye_drop(k);
+    for (unsigned i = 0; i < PR_SPACES; i++) {
+        g_autofree char *space = g_strdup_printf("scratch-%u", i);
+        ExtlockConn *c = conn_open(d->unix_addr);
+        ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+        g_free(hello_ok(c, "churn/d0", space, NULL));
+        pr_in(c, &m);
+        extlock_msg_clear(&m);
+        assert_int_equal(pr_register(c, 0x100 + i), EXTLOCK_PR_OK);
+        /* unregister: REGISTER with the key and sa_key 0 */
+        {
+            uint64_t id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0x100 + i, 0);
+
+            extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+            pr_expect_update(c, &m);
+            extlock_msg_clear(&m);
+            expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+            assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+            extlock_msg_clear(&m);
+        }
+        bye_drop(c);
+    }
+    /* Forgotten from the main loop, soon after the last session went */
+    deadline = now_ms() + RECV_MS;
+    while (now_ms() < deadline) {
+        json_object *st = status_get(mon);
+
+        n = jint(jget(st, "counters"), "reservation-states");
+        json_object_put(st);
+        if (n == 1) {
+            break;
+        }
+        g_usleep(20 * 1000);
+    }
+    assert_int_equal(n, 1);
+    /* The next state file write leaves them out; the kept one stays */
+    k = conn_open(d->unix_addr);
+    g_free(hello_ok(k, "keeper/d1", "kept", NULL));
+    assert_true(g_file_get_contents(d->state, &text, NULL, NULL));
+    assert_null(strstr(text, "scratch-"));
+    assert_non_null(strstr(text, "\"kept\""));
+    bye_drop(k);
+    daemon_stop(d);
+}
+
+/*
+ * Per-action permissions: "allow=read" lets an identity take shared
+ * locks and follow reservations (pr-in), nothing else: exclusive locks,
+ * the maintenance lock, a freeze and pr-out get permission-denied and
+ * change nothing.  A reload with an unknown action is refused and the
+ * old policy stays; a good one applies to the open session.  Before,
+ * every member could do everything.
+ */
+static void test_policy_actions(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    const char *extra[] = { "--policy", policy, NULL };
+    Daemon *d;
+    ExtlockConn *c, *w;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id;
+    unsigned n;
+
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "allow=read\n", -1, NULL));
+    d = daemon_start(NULL, extra, NULL);
+    c = conn_open(d->tcp_addr);
+    g_free(hello_ok(c, "reader/d0", "disk", "anonymous"));
+    lock_now(c, 0, 4096, EXTLOCK_MODE_SHARED);
+    id = send_lock(c, 4096, 4096, EXTLOCK_MODE_EXCLUSIVE, false);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    id = send_lock(c, EXTLOCK_MAINT_OFFSET, EXTLOCK_MAINT_LENGTH,
+                   EXTLOCK_MODE_EXCLUSIVE, true);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    id = send_lock(c, EXTLOCK_MAINT_OFFSET, EXTLOCK_MAINT_LENGTH,
+                   EXTLOCK_MODE_SHARED, true);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0, 0x5);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    pr_in(c, &m);
+    assert_int_equal(m.pr->registrants->len, 0);
+    extlock_msg_clear(&m);
+    wait_log(d, "may not take exclusive locks (write)", 0);
+
+    /* Nothing was taken: a writer of the daemon's uid gets 4096.. */
+    w = conn_open(d->unix_addr);
+    g_free(hello_ok(w, "writer/d0", "disk", NULL));
+    lock_now(w, 4096, 4096, EXTLOCK_MODE_EXCLUSIVE);
+
+    /* An unknown action: refused, the old policy stays */
+    n = log_count(d, "policy not reloaded");
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "allow=read;bogus\n", -1, NULL));
+    assert_int_equal(kill(d->pid, SIGHUP), 0);
+    wait_log(d, "policy not reloaded", n);
+    wait_log(d, "unknown action \"bogus\"", 0);
+    id = send_lock(c, 1 << 20, 4096, EXTLOCK_MODE_EXCLUSIVE, false);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+
+    /* write added: applies to the open session */
+    n = log_count(d, "policy reloaded");
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "allow=read;write\n", -1, NULL));
+    assert_int_equal(kill(d->pid, SIGHUP), 0);
+    wait_log(d, "policy reloaded", n);
+    lock_now(c, 1 << 20, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0, 0x5);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1969,6 +2288,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_preempt_abort_of_absent_reclaimer,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_ack_flood, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_registration_limit, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_state_freed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_policy_actions, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_key_purpose, setup,
+                                        teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
