@@ -281,6 +281,11 @@ static void pr_check(ExtlockdServer *server, ExtlockdPr *pr)
             }
         }
         g_queue_pop_head(&pr->ops);
+        if (g_queue_is_empty(&pr->ops) &&
+            !g_hash_table_contains(server->spaces, pr->space)) {
+            /* Its sessions went while it waited: forget it if empty */
+            reservation_check_later(server);
+        }
         for (guint i = 0; op->abort && i < op->abort->len; i++) {
             pr_abort_client(server, pr, op->abort->pdata[i], op->seq);
         }

@@ -992,8 +992,11 @@ static int raw_tcp(const char *src_ip, int port)
     inet_pton(AF_INET, src_ip, &src.sin_addr);
     inet_pton(AF_INET, "127.0.0.1", &dst.sin_addr);
     dst.sin_port = htons(port);
-    assert_int_equal(bind(fd, (struct sockaddr *)&src, sizeof(src)), 0);
-    assert_int_equal(connect(fd, (struct sockaddr *)&dst, sizeof(dst)), 0);
+    if (bind(fd, (struct sockaddr *)&src, sizeof(src)) < 0 ||
+        connect(fd, (struct sockaddr *)&dst, sizeof(dst)) < 0) {
+        fail_msg("TCP from %s to port %d: %s", src_ip, port,
+                 g_strerror(errno));
+    }
     return fd;
 }
 
