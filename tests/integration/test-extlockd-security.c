@@ -1449,10 +1449,23 @@ static void test_bad_security_options(void **state)
         { { "--policy", "/nonexistent/policy.conf", NULL }, 1,
           "policy file" },
         { { "--policy", "POLICY", NULL }, 1, "unknown group" },
+        { { "--policy", "ACTIONS", NULL }, 1,
+          "allow: unknown action \"write-all\" (expected read, write, "
+          "reserve, freeze, maintain)" },
+        { { "--policy", "MAXREG", NULL }, 1,
+          "max-registrations must be a number from 0 to 64, not \"65\"" },
     };
+    g_autofree char *actions = g_build_filename(fx.dir, "actions.conf", NULL);
+    g_autofree char *maxreg = g_build_filename(fx.dir, "maxreg.conf", NULL);
 
     assert_true(g_file_set_contents(policy, "[somebody]\nadmin=true\n", -1,
                                     NULL));
+    assert_true(g_file_set_contents(actions, "[identity uid:5]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "allow=read;write-all\n", -1, NULL));
+    assert_true(g_file_set_contents(maxreg, "[identity uid:5]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "max-registrations=65\n", -1, NULL));
     assert_int_equal(g_mkdir_with_parents(empty, 0700), 0);
     for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
         const char *args[4];
@@ -1462,7 +1475,9 @@ static void test_bad_security_options(void **state)
             const char *a = cases[i].args[j];
 
             args[j] = a && strcmp(a, "EMPTY") == 0 ? empty :
-                      a && strcmp(a, "POLICY") == 0 ? policy : a;
+                      a && strcmp(a, "POLICY") == 0 ? policy :
+                      a && strcmp(a, "ACTIONS") == 0 ? actions :
+                      a && strcmp(a, "MAXREG") == 0 ? maxreg : a;
         }
         assert_int_equal(run_daemon(args, &err_text), cases[i].status);
         if (!strstr(err_text, cases[i].says)) {
