@@ -22,6 +22,7 @@
 #include <sys/un.h>
 #include <gio/gio.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 #include "extlock/client-sync.h"
 
 /* Longest reply line accepted from the server */
@@ -692,8 +693,22 @@ static bool tls_setup(ExtlockConn *conn, const ExtlockTlsOptions *o,
             goto fail;
         }
         if (!o->no_verify_peer) {
-            /* The handshake fails unless the chain and name verify */
-            gnutls_session_set_verify_cert(conn->tls, hostname, 0);
+            /*
+             * The handshake fails unless the chain, the name and the key
+             * purpose verify: the coordinator's certificate must be meant
+             * for a TLS server (extended key usage serverAuth, if it has
+             * an extended key usage at all), so that a client's
+             * certificate of the same CA does not pass for it
+             */
+            gnutls_typed_vdata_st vdata[2] = {
+                { .type = GNUTLS_DT_KEY_PURPOSE_OID,
+                  .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER },
+                { .type = GNUTLS_DT_DNS_HOSTNAME,
+                  .data = (unsigned char *)hostname },
+            };
+
+            gnutls_session_set_verify_cert2(conn->tls, vdata,
+                                            hostname ? 2 : 1, 0);
         }
         if (hostname && !g_hostname_is_ip_address(hostname)) {
             gnutls_server_name_set(conn->tls, GNUTLS_NAME_DNS, hostname,

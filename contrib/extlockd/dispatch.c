@@ -123,6 +123,45 @@ static bool dispatch_allowed(ExtlockdConn *conn, const ExtlockMsg *m,
     g_assert_not_reached();
 }
 
+/*
+ * Does the policy let @conn's identity do what @m asks ("allow",
+ * policy.h)?  Only lock, reclaim and pr-out need more than a session;
+ * the policy now in force is asked, so a reload that takes an action
+ * away applies to open sessions too.
+ */
+static bool dispatch_permitted(ExtlockdConn *conn, const ExtlockMsg *m)
+{
+    ExtlockdServer *server = conn->server;
+    g_autofree char *why = NULL;
+    ExtlockdAction action;
+    bool whole;
+
+    switch (m->type) {
+    case EXTLOCK_MSG_LOCK:
+    case EXTLOCK_MSG_RECLAIM:
+        whole = m->offset == EXTLOCK_MAINT_OFFSET &&
+                m->length == EXTLOCK_MAINT_LENGTH;
+        if (m->mode == EXTLOCK_MODE_EXCLUSIVE) {
+            action = whole ? EXTLOCKD_ACTION_MAINTAIN : EXTLOCKD_ACTION_WRITE;
+        } else {
+            action = whole ? EXTLOCKD_ACTION_FREEZE : EXTLOCKD_ACTION_READ;
+        }
+        break;
+    case EXTLOCK_MSG_PR_OUT:
+        action = EXTLOCKD_ACTION_RESERVE;
+        break;
+    default:
+        return true;
+    }
+    if (extlockd_policy_may(server->policy, conn->identity, action, &why)) {
+        return true;
+    }
+    server_log_refusal(server, "%s: %s refused: %s", conn->peer,
+                       extlock_msg_type_name(m->type), why);
+    conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_DENIED, "%s", why);
+    return false;
+}
+
 void dispatch_line(ExtlockdConn *conn, const char *line, size_t len)
 {
     ExtlockdServer *server = conn->server;
@@ -145,7 +184,8 @@ void dispatch_line(ExtlockdConn *conn, const char *line, size_t len)
         conn_send_error(conn, m.has_id, m.id, EXTLOCK_ERR_UNKNOWN_TYPE,
                         "\"%s\" is not a request",
                         extlock_msg_type_name(m.type));
-    } else if (dispatch_allowed(conn, &m, entry->access)) {
+    } else if (dispatch_allowed(conn, &m, entry->access) &&
+               dispatch_permitted(conn, &m)) {
         entry->handler(conn, conn->session, &m);
     }
     extlock_msg_clear(&m);

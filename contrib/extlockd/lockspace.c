@@ -649,6 +649,7 @@ void lockspace_unref(ExtlockdLockSpace *space)
         g_assert(st->held == 0 && st->waiting == 0);
         g_assert(space->deferred.length == 0 && !space->in_grace);
         VERBOSE(server, "lock-space %s is unused, freeing it", space->name);
+        reservation_space_unused(server, space->name);
         g_hash_table_remove(server->spaces, space->name);
         lockspace_free(space);
     }

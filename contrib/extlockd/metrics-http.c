@@ -29,6 +29,7 @@
 #ifdef HAVE_MICROHTTPD
 #include <microhttpd.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 
 #define HTTP_CONN_LIMIT     32
 /*
@@ -70,6 +71,11 @@ static enum MHD_Result http_reply(struct MHD_Connection *conn,
     return ret;
 }
 
+static gnutls_typed_vdata_st client_purpose[] = {
+    { .type = GNUTLS_DT_KEY_PURPOSE_OID,
+      .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT },
+};
+
 /* Did the TLS peer present a certificate that verifies against our CA? */
 static bool http_peer_verified(struct MHD_Connection *conn)
 {
@@ -80,7 +86,10 @@ static bool http_peer_verified(struct MHD_Connection *conn)
     if (!ci || !ci->tls_session) {
         return false;
     }
-    if (gnutls_certificate_verify_peers2(ci->tls_session, &status) < 0) {
+    /* ... and is meant for a TLS client (not the coordinator's own) */
+    if (gnutls_certificate_verify_peers(ci->tls_session, client_purpose,
+                                        G_N_ELEMENTS(client_purpose),
+                                        &status) < 0) {
         return false;           /* no certificate, or it could not be read */
     }
     return status == 0;

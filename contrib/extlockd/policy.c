@@ -17,7 +17,56 @@ typedef struct PolicyEntry {
     char **lock_spaces;          /* glob patterns */
     char **client_ids;
     bool admin;
+    unsigned actions;            /* EXTLOCKD_ACTION_* bits */
+    unsigned max_registrations;
 } PolicyEntry;
+
+static const char *const action_names[EXTLOCKD_ACTION__COUNT] = {
+    [EXTLOCKD_ACTION_READ] = "read",
+    [EXTLOCKD_ACTION_WRITE] = "write",
+    [EXTLOCKD_ACTION_RESERVE] = "reserve",
+    [EXTLOCKD_ACTION_FREEZE] = "freeze",
+    [EXTLOCKD_ACTION_MAINTAIN] = "maintain",
+};
+
+const char *extlockd_action_name(ExtlockdAction a)
+{
+    return (unsigned)a < EXTLOCKD_ACTION__COUNT ? action_names[a] : "?";
+}
+
+static bool parse_actions(GKeyFile *kf, const char *group, const char *path,
+                          unsigned *actions, GError **errp)
+{
+    g_autoptr(GError) err = NULL;
+    g_auto(GStrv) list = g_key_file_get_string_list(kf, group, "allow", NULL,
+                                                    &err);
+
+    *actions = 0;
+    if (!list) {
+        g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE,
+                    "%s: [%s] allow: %s", path, group, err->message);
+        return false;
+    }
+    for (char **a = list; *a; a++) {
+        unsigned i;
+
+        for (i = 0; i < EXTLOCKD_ACTION__COUNT; i++) {
+            if (strcmp(*a, action_names[i]) == 0) {
+                break;
+            }
+        }
+        if (i == EXTLOCKD_ACTION__COUNT) {
+            g_set_error(errp, G_KEY_FILE_ERROR,
+                        G_KEY_FILE_ERROR_INVALID_VALUE,
+                        "%s: [%s] allow: unknown action \"%s\" (expected "
+                        "read, write, reserve, freeze, maintain)", path,
+                        group, *a);
+            return false;
+        }
+        *actions |= 1u << i;
+    }
+    return true;
+}
 
 struct ExtlockdPolicy {
     char *path;                  /* NULL: default policy */
@@ -76,15 +125,19 @@ static bool parse_group(ExtlockdPolicy *p, GKeyFile *kf, const char *group,
     keys = g_key_file_get_keys(kf, group, NULL, NULL);
     for (char **k = keys; k && *k; k++) {
         if (strcmp(*k, "lock-spaces") != 0 && strcmp(*k, "client-ids") != 0 &&
-            strcmp(*k, "admin") != 0) {
+            strcmp(*k, "admin") != 0 && strcmp(*k, "allow") != 0 &&
+            strcmp(*k, "max-registrations") != 0) {
             g_set_error(errp, G_KEY_FILE_ERROR,
                         G_KEY_FILE_ERROR_KEY_NOT_FOUND,
                         "%s: [%s]: unknown key \"%s\" (expected lock-spaces, "
-                        "client-ids, admin)", p->path, group, *k);
+                        "client-ids, admin, allow, max-registrations)",
+                        p->path, group, *k);
             return false;
         }
     }
     e = g_new0(PolicyEntry, 1);
+    e->actions = EXTLOCKD_ACTIONS_ALL;
+    e->max_registrations = EXTLOCKD_DEFAULT_MAX_REGISTRATIONS;
     g_hash_table_insert(p->entries, g_strdup(identity), e);
     e->lock_spaces = get_patterns(kf, group, "lock-spaces", p->path, errp);
     if (!e->lock_spaces) {
@@ -105,6 +158,27 @@ static bool parse_group(ExtlockdPolicy *p, GKeyFile *kf, const char *group,
                         group);
             return false;
         }
+    }
+    if (g_key_file_has_key(kf, group, "allow", NULL) &&
+        !parse_actions(kf, group, p->path, &e->actions, errp)) {
+        return false;
+    }
+    if (g_key_file_has_key(kf, group, "max-registrations", NULL)) {
+        g_autofree char *v = g_key_file_get_value(kf, group,
+                                                  "max-registrations", NULL);
+        guint64 n;
+
+        if (!v || !g_ascii_string_to_unsigned(v, 10, 0,
+                                              EXTLOCKD_MAX_REGISTRATIONS_CAP,
+                                              &n, NULL)) {
+            g_set_error(errp, G_KEY_FILE_ERROR,
+                        G_KEY_FILE_ERROR_INVALID_VALUE,
+                        "%s: [%s] max-registrations must be a number from "
+                        "0 to %u, not \"%s\"", p->path, group,
+                        EXTLOCKD_MAX_REGISTRATIONS_CAP, v ? v : "");
+            return false;
+        }
+        e->max_registrations = n;
     }
     return true;
 }
@@ -209,4 +283,60 @@ bool extlockd_policy_allows(const ExtlockdPolicy *p, const char *identity,
         return false;
     }
     return true;
+}
+
+/* The built-in ones: root and the daemon's uid, without a group */
+static bool is_builtin(const ExtlockdPolicy *p, const char *identity)
+{
+    return strcmp(identity, "uid:0") == 0 ||
+           strcmp(identity, p->self_uid) == 0;
+}
+
+bool extlockd_policy_may(const ExtlockdPolicy *p, const char *identity,
+                         ExtlockdAction action, char **why)
+{
+    PolicyEntry *e;
+
+    if (!p->path || !identity) {
+        return true;
+    }
+    e = g_hash_table_lookup(p->entries, identity);
+    if (!e) {
+        if (is_builtin(p, identity)) {
+            return true;
+        }
+        /* Removed from the file by a reload: nothing new */
+        *why = g_strdup_printf("identity %s is not in the policy", identity);
+        return false;
+    }
+    if (!(e->actions & (1u << action))) {
+        *why = g_strdup_printf("identity %s may not %s (policy: allow)",
+                               identity,
+                               action == EXTLOCKD_ACTION_READ ?
+                               "take shared locks (read)" :
+                               action == EXTLOCKD_ACTION_WRITE ?
+                               "take exclusive locks (write)" :
+                               action == EXTLOCKD_ACTION_RESERVE ?
+                               "change persistent reservations (reserve)" :
+                               action == EXTLOCKD_ACTION_FREEZE ?
+                               "freeze the lock-space (freeze)" :
+                               "take the maintenance lock (maintain)");
+        return false;
+    }
+    return true;
+}
+
+unsigned extlockd_policy_max_registrations(const ExtlockdPolicy *p,
+                                           const char *identity)
+{
+    PolicyEntry *e;
+
+    if (!p->path || !identity) {
+        return EXTLOCKD_MAX_REGISTRATIONS_CAP;
+    }
+    e = g_hash_table_lookup(p->entries, identity);
+    if (!e) {
+        return is_builtin(p, identity) ? EXTLOCKD_MAX_REGISTRATIONS_CAP : 0;
+    }
+    return e->max_registrations;
 }

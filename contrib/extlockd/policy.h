@@ -24,7 +24,11 @@
  *
  * "lock-spaces" and "client-ids" are lists of glob patterns (* and ?) that
  * the identity may use in "hello"; "admin" (default false) lets it see
- * every client's details in "status" and send "status" before "hello".
+ * every client's details in "status" and send "status" before "hello";
+ * "allow" (default: all of them) lists what its sessions may do (read,
+ * write, reserve, freeze, maintain: ExtlockdAction below);
+ * "max-registrations" (default 8) bounds its SCSI-3 registrations per
+ * lock-space.
  * An identity without a group may not say hello.
  *
  * Without a policy file every identity may use every lock-space and
@@ -67,6 +71,47 @@ bool extlockd_policy_is_admin(const ExtlockdPolicy *p, const char *identity);
  * May @identity open a session as @client_id in @lock_space?  If not,
  * returns false and sets *@why to a text for the error reply (free it).
  */
+/*
+ * What a session may do in its lock-space ("allow" in the policy file;
+ * default: everything).  A lock request on the whole lock-space
+ * [0, 2^63) is a freeze (shared) or the maintenance lock (exclusive);
+ * any other is read (shared) or write (exclusive); reserve is pr-out
+ * (pr-in and pr-ack, which only follow the state, are always allowed).
+ */
+typedef enum ExtlockdAction {
+    EXTLOCKD_ACTION_READ,
+    EXTLOCKD_ACTION_WRITE,
+    EXTLOCKD_ACTION_RESERVE,
+    EXTLOCKD_ACTION_FREEZE,
+    EXTLOCKD_ACTION_MAINTAIN,
+    EXTLOCKD_ACTION__COUNT
+} ExtlockdAction;
+
+#define EXTLOCKD_ACTIONS_ALL    ((1u << EXTLOCKD_ACTION__COUNT) - 1)
+
+/*
+ * Registrations (SCSI-3 PR) whose client-ids an identity's sessions
+ * registered in one lock-space: "max-registrations" (default
+ * EXTLOCKD_DEFAULT_MAX_REGISTRATIONS, at most the lock-space's 64).
+ * Without a policy file, and for root and the daemon's uid without a
+ * group, only the lock-space's limit applies.
+ */
+#define EXTLOCKD_DEFAULT_MAX_REGISTRATIONS  8
+#define EXTLOCKD_MAX_REGISTRATIONS_CAP      64
+
+const char *extlockd_action_name(ExtlockdAction a);
+
+/*
+ * May @identity do @action?  If not, returns false and sets *@why to a
+ * text for the error reply (free it).
+ */
+bool extlockd_policy_may(const ExtlockdPolicy *p, const char *identity,
+                         ExtlockdAction action, char **why);
+
+/* How many registrations @identity may hold in one lock-space */
+unsigned extlockd_policy_max_registrations(const ExtlockdPolicy *p,
+                                           const char *identity);
+
 bool extlockd_policy_allows(const ExtlockdPolicy *p, const char *identity,
                             const char *lock_space, const char *client_id,
                             char **why);

@@ -38,7 +38,18 @@
  *    (no acknowledgement) keeps its locks until the fence margin.
  *
  * The state is kept while the lock-space has no sessions, and is saved in
- * the state file's "reservations" member with the epoch.
+ * the state file's "reservations" member with the epoch.  A lock-space
+ * whose state is empty (no registration, no reservation, no pr-out
+ * waiting) and that has no session any more is forgotten (its memory
+ * freed, left out of the state file, which means the same: no
+ * registration); the seq of a later state there goes on from the highest
+ * one forgotten, so that no client sees it go back.
+ *
+ * Registrations are counted per identity (the one whose session made the
+ * client-id's registration): a new registration beyond the identity's
+ * "max-registrations" in the lock-space (policy.h) is refused with
+ * insufficient-registration-resources, like one beyond the lock-space's
+ * EXTLOCK_PR_MAX_REGISTRANTS, so one identity cannot take every slot.
  */
 #include <inttypes.h>
 #include <string.h>
@@ -75,6 +86,7 @@ typedef struct PrOp {
 /* server->pr */
 struct ExtlockdPrTable {
     GHashTable *spaces;          /* lock-space name -> ExtlockdPr */
+    uint64_t seq_floor;          /* highest seq of a forgotten state */
     bool checking;               /* in reservation_check_all() */
     bool again;                  /* ... and asked to check again */
     guint later;                 /* reservation_check_later()'s source */
@@ -84,6 +96,8 @@ typedef struct ExtlockdPr {
     char *space;                 /* lock-space name */
     ExtlockPrState state;
     uint64_t seq;                /* bumped by every change */
+    uint64_t seq_base;           /* seq when created: no change since */
+    GHashTable *owners;          /* registered client-id -> identity */
     GQueue ops;                  /* PrOp, in seq order */
     GHashTable *requests;        /* client-id -> PrRequests, its last ones */
 } ExtlockdPr;
@@ -126,6 +140,7 @@ static void pr_free(gpointer p)
     }
     extlock_pr_destroy(&pr->state);
     g_hash_table_destroy(pr->requests);
+    g_hash_table_destroy(pr->owners);
     g_free(pr->space);
     g_free(pr);
 }
@@ -157,6 +172,9 @@ static ExtlockdPr *pr_get(ExtlockdServer *server, const char *space)
         g_queue_init(&pr->ops);
         pr->requests = g_hash_table_new_full(g_str_hash, g_str_equal,
                                              g_free, g_free);
+        pr->owners = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                           g_free, g_free);
+        pr->seq = pr->seq_base = server->pr->seq_floor;
         g_hash_table_insert(server->pr->spaces, pr->space, pr);
     }
     return pr;
@@ -264,6 +282,11 @@ static void pr_check(ExtlockdServer *server, ExtlockdPr *pr)
             }
         }
         g_queue_pop_head(&pr->ops);
+        if (g_queue_is_empty(&pr->ops) &&
+            !g_hash_table_contains(server->spaces, pr->space)) {
+            /* Its sessions went while it waited: forget it if empty */
+            reservation_check_later(server);
+        }
         for (guint i = 0; op->abort && i < op->abort->len; i++) {
             pr_abort_client(server, pr, op->abort->pdata[i], op->seq);
         }
@@ -308,13 +331,58 @@ void reservation_check_all(ExtlockdServer *server)
     server->pr->checking = false;
 }
 
+static bool pr_state_empty(const ExtlockdPr *pr)
+{
+    return pr->state.registrants->len == 0 &&
+           pr->state.type == EXTLOCK_PR_TYPE_NONE && !pr->state.holder;
+}
+
+/*
+ * Forget the lock-spaces whose reservation state is empty and that have
+ * no session (none can wait for a seq there, nor retry a pr-out by its
+ * session); only from the main loop, never while walking the table
+ */
+static void reservation_sweep(ExtlockdServer *server)
+{
+    GHashTableIter iter;
+    gpointer value;
+
+    g_hash_table_iter_init(&iter, server->pr->spaces);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        ExtlockdPr *pr = value;
+
+        if (pr_state_empty(pr) && g_queue_is_empty(&pr->ops) &&
+            !g_hash_table_contains(server->spaces, pr->space)) {
+            server->pr->seq_floor = MAX(server->pr->seq_floor, pr->seq);
+            VERBOSE(server, "lock-space %s: empty reservation state "
+                    "forgotten (seq %" PRIu64 ")", pr->space, pr->seq);
+            g_hash_table_iter_remove(&iter);
+        }
+    }
+}
+
+unsigned reservation_count(ExtlockdServer *server)
+{
+    return server->pr ? g_hash_table_size(server->pr->spaces) : 0;
+}
+
 static gboolean reservation_later_cb(gpointer opaque)
 {
     ExtlockdServer *server = opaque;
 
     server->pr->later = 0;
     reservation_check_all(server);
+    if (!server->pr->checking) {
+        reservation_sweep(server);
+    }
     return G_SOURCE_REMOVE;
+}
+
+void reservation_space_unused(ExtlockdServer *server, const char *space)
+{
+    if (server->pr && g_hash_table_contains(server->pr->spaces, space)) {
+        reservation_check_later(server);
+    }
 }
 
 /*
@@ -562,6 +630,68 @@ static bool pr_retried(ExtlockdServer *server, ExtlockdPr *pr,
     return true;
 }
 
+/*
+ * Would @req register @session's client-id anew beyond the limit of its
+ * identity in @pr's lock-space?  Then it is refused like a full
+ * lock-space (insufficient-registration-resources) and the log says why.
+ */
+static bool pr_over_limit(ExtlockdServer *server, ExtlockdPr *pr,
+                          ExtlockdConn *conn, ExtlockdSession *session,
+                          const ExtlockPrOut *req)
+{
+    const char *identity = conn->identity ? conn->identity : "";
+    unsigned limit, count = 0;
+
+    if ((req->action != EXTLOCK_PR_REGISTER &&
+         req->action != EXTLOCK_PR_REGISTER_AND_IGNORE) ||
+        req->sa_key == 0 ||
+        (req->action == EXTLOCK_PR_REGISTER && req->key != 0) ||
+        extlock_pr_find(&pr->state, session->client_id)) {
+        return false;           /* not a new registration */
+    }
+    limit = extlockd_policy_max_registrations(server->policy, identity);
+    if (limit >= EXTLOCK_PR_MAX_REGISTRANTS) {
+        return false;           /* only the lock-space's own limit */
+    }
+    for (guint i = 0; i < pr->state.registrants->len; i++) {
+        const ExtlockPrRegistrant *r = pr->state.registrants->pdata[i];
+        const char *owner = g_hash_table_lookup(pr->owners, r->nexus);
+
+        count += owner && strcmp(owner, identity) == 0;
+    }
+    if (count < limit) {
+        return false;
+    }
+    server_log_refusal(server, "%s: lock-space %s: registration of %s "
+                       "refused: identity %s already has %u registrations "
+                       "there (its max-registrations is %u)", conn->peer,
+                       pr->space, session->client_id, identity, count,
+                       limit);
+    return true;
+}
+
+/*
+ * After a change: @client_id's registration (if any) belongs to
+ * @identity, and client-ids no longer registered have no owner
+ */
+static gboolean pr_owner_unregistered(gpointer key, gpointer value,
+                                      gpointer opaque)
+{
+    ExtlockdPr *pr = opaque;
+
+    return !extlock_pr_find(&pr->state, key);
+}
+
+static void pr_note_owner(ExtlockdPr *pr, const char *client_id,
+                          const char *identity)
+{
+    if (extlock_pr_find(&pr->state, client_id)) {
+        g_hash_table_insert(pr->owners, g_strdup(client_id),
+                            g_strdup(identity ? identity : ""));
+    }
+    g_hash_table_foreach_remove(pr->owners, pr_owner_unregistered, pr);
+}
+
 void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
                             ExtlockMsg *m)
 {
@@ -596,7 +726,14 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         pr_retried(server, pr, conn, session, m)) {
         return;
     }
-    st = extlock_pr_out(&pr->state, session->client_id, &req, preempted);
+    if (pr_over_limit(server, pr, conn, session, &req)) {
+        st = EXTLOCK_PR_NO_RESOURCES;
+    } else {
+        st = extlock_pr_out(&pr->state, session->client_id, &req, preempted);
+    }
+    if (st == EXTLOCK_PR_OK) {
+        pr_note_owner(pr, session->client_id, conn->identity);
+    }
     if (m->pr_request) {
         reqs = g_hash_table_lookup(pr->requests, session->client_id);
         if (!reqs) {
@@ -693,8 +830,8 @@ void reservation_append_state(ExtlockdServer *server, GString *out)
         ExtlockMsg r;
         const char *body;
 
-        if (pr->seq == 0) {
-            continue;
+        if (pr->seq == pr->seq_base) {
+            continue;           /* no change: same as no entry */
         }
         extlock_msg_init(&r, EXTLOCK_MSG_PR_UPDATE);
         pr_fill_msg(&r, pr);
@@ -769,7 +906,26 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
         g_free(m.pr);
         m.pr = NULL;
         pr->seq = m.pr_seq;
+        pr->seq_base = 0;
+        g_hash_table_remove_all(pr->owners);
         extlock_msg_clear(&m);
+    }
+    /* No entry in the state is no registration: a former term's goes */
+    {
+        GHashTableIter iter;
+        gpointer value;
+
+        g_hash_table_iter_init(&iter, server->pr->spaces);
+        while (g_hash_table_iter_next(&iter, NULL, &value)) {
+            ExtlockdPr *pr = value;
+
+            if (!g_hash_table_contains(seen, pr->space) &&
+                !pr_state_empty(pr)) {
+                extlock_pr_destroy(&pr->state);
+                extlock_pr_init(&pr->state);
+                g_hash_table_remove_all(pr->owners);
+            }
+        }
     }
     ok = true;
 out:
@@ -785,7 +941,7 @@ void reservation_status(ExtlockdServer *server, const char *space,
     ExtlockMsg r;
     json_object *obj;
 
-    if (!pr || pr->seq == 0) {
+    if (!pr || pr->seq == pr->seq_base) {
         return;
     }
     line = g_string_new(NULL);

@@ -949,6 +949,13 @@ void reservation_welcomed(ExtlockdSession *session);
 void reservation_check_all(ExtlockdServer *server);
 /* The same from the main loop (for callers that walk the sessions) */
 void reservation_check_later(ExtlockdServer *server);
+/*
+ * The last session of lock-space @space went away: its reservation state
+ * is forgotten soon (from the main loop) if it is empty
+ */
+void reservation_space_unused(ExtlockdServer *server, const char *space);
+/* Lock-spaces with a reservation state in memory (status) */
+unsigned reservation_count(ExtlockdServer *server);
 /* Ack timeouts: expire late sessions; the next deadline (INT64_MAX: none) */
 int64_t reservation_check_deadlines(ExtlockdServer *server, int64_t now);
 void reservation_state_written(ExtlockdServer *server, uint64_t gen, bool ok);

@@ -257,6 +257,8 @@ static json_object *status_server(ExtlockdServer *server, ExtlockdConn *viewer,
     status_add_int(counters, "messages", server->nmessages);
     status_add_int(counters, "errors", server->nerrors);
     status_add_int(counters, "refused-connections", server->refused);
+    status_add_int(counters, "lock-spaces", g_hash_table_size(server->spaces));
+    status_add_int(counters, "reservation-states", reservation_count(server));
     json_object_object_add(root, "counters", counters);
     if (server->ha) {
         json_object_object_add(root, "cluster", extlockd_ha_status(server->ha));

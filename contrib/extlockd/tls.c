@@ -184,6 +184,16 @@ const char *extlockd_tls_creds_kinds(const ExtlockdTlsCreds *c)
     return c->x509 && c->psk ? "x509+psk" : c->x509 ? "x509" : "psk";
 }
 
+/*
+ * A client certificate must be meant for TLS clients: its extended key
+ * usage (if it has one) must include clientAuth, so that a coordinator's
+ * certificate signed by the same CA does not pass as a client's
+ */
+static gnutls_typed_vdata_st client_purpose[] = {
+    { .type = GNUTLS_DT_KEY_PURPOSE_OID,
+      .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT },
+};
+
 ExtlockdTls *extlockd_tls_new(ExtlockdTlsCreds *creds, int fd,
                               GError **errp)
 {
@@ -205,7 +215,8 @@ ExtlockdTls *extlockd_tls_new(ExtlockdTlsCreds *creds, int fd,
             /* The handshake fails unless the client's chain verifies */
             gnutls_certificate_server_set_request(t->session,
                                                   GNUTLS_CERT_REQUIRE);
-            gnutls_session_set_verify_cert(t->session, NULL, 0);
+            gnutls_session_set_verify_cert2(t->session, client_purpose,
+                                            G_N_ELEMENTS(client_purpose), 0);
         } else {
             gnutls_certificate_server_set_request(t->session,
                                                   GNUTLS_CERT_IGNORE);
@@ -252,7 +263,9 @@ static char *x509_identity(ExtlockdTls *t, GError **errp)
     g_autofree char *name = NULL;
     int ret;
 
-    ret = gnutls_certificate_verify_peers2(t->session, &status);
+    ret = gnutls_certificate_verify_peers(t->session, client_purpose,
+                                          G_N_ELEMENTS(client_purpose),
+                                          &status);
     certs = gnutls_certificate_get_peers(t->session, &ncerts);
     if (ret < 0 || status != 0 || !certs || ncerts == 0) {
         gnutls_datum_t text = { 0 };

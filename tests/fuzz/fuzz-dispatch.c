@@ -25,7 +25,11 @@
  * sessions in the state file (ids 0123456789abcdef0123456789abcdef and
  * fedcba9876543210fedcba9876543210, clients hostA/disk0 and hostB/disk0,
  * lock-space "disk") in their grace period; 'W' starts the token counter
- * just below its 40-bit limit, so that the epoch changes.
+ * just below its 40-bit limit, so that the epoch changes; 'P' loads a
+ * policy file that gives the clients' identity ("uid:0") only the actions
+ * read, write and reserve and at most 2 registrations per lock-space, so
+ * that freezes, the maintenance lock and registrations beyond it are
+ * refused.
  *
  * After every command the main context runs until it is idle, every reply
  * is read and must decode (extlock_msg_parse) as a server-to-client
@@ -51,6 +55,7 @@
 #include <glib/gstdio.h>
 
 #include "extlock/protocol.h"
+#include "policy.h"
 #include "server.h"
 #include "state-file.h"
 
@@ -77,6 +82,7 @@ typedef struct Client {
 
 static gint64 fake_now_us;
 static char *state_path;
+static char *policy_path;
 static Client clients[NCLIENTS];
 static char last_session[33];
 
@@ -109,6 +115,13 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         FAIL("cannot create a directory in %s: %s", base, g_strerror(errno));
     }
     state_path = g_build_filename(dir, "extlockd.state", NULL);
+    policy_path = g_build_filename(dir, "policy.conf", NULL);
+    if (!g_file_set_contents(policy_path, "[identity uid:0]\n"
+                             "lock-spaces=*\nclient-ids=*\n"
+                             "allow=read;write;reserve\n"
+                             "max-registrations=2\n", -1, NULL)) {
+        FAIL("cannot write %s", policy_path);
+    }
     g_free(dir);
     g_log_set_writer_func(quiet_writer, NULL, NULL);
     for (int i = 0; i < NCLIENTS; i++) {
@@ -305,7 +318,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     const char *p = (const char *)data, *end = p + size;
-    bool restart = false, wrap = false;
+    bool restart = false, wrap = false, policy = false;
     ExtlockdServer *s;
     unsigned nsessions;
 
@@ -318,9 +331,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
         restart = memchr(p, 'R', oe - p) != NULL;
         wrap = memchr(p, 'W', oe - p) != NULL;
+        policy = memchr(p, 'P', oe - p) != NULL;
         p = nl ? nl + 1 : end;
     }
     s = server_start(restart, wrap);
+    if (policy) {
+        g_autoptr(GError) err = NULL;
+        ExtlockdPolicy *pol = extlockd_policy_load(policy_path, &err);
+
+        if (!pol) {
+            FAIL("policy: %s", err->message);
+        }
+        extlockd_server_set_policy(s, pol);
+    }
 
     while (p < end) {
         const char *nl = memchr(p, '\n', end - p);

@@ -352,6 +352,43 @@ sessions = {
         'T2500',
         '2:{"type":"status","id":4}',
     ],
+    # '#P': the policy allows read, write, reserve and 2 registrations
+    # per lock-space: freeze, maintenance and a third registration refused
+    'policy-actions': [
+        '#P',
+        '0:' + hello('hostA/disk0'),
+        '0:' + lock(2, 0, 4096, 'shared'),
+        '0:' + lock(3, 4096, 4096, 'exclusive'),
+        '0:' + lock(4, 0, 9223372036854775808, 'shared'),
+        '0:' + lock(5, 0, 9223372036854775808, 'exclusive'),
+        '0:{"type":"pr-out","id":6,"action":"register","sa-key":"a1"}',
+        '1:' + hello('hostB/disk0'),
+        '1:{"type":"pr-out","id":2,"action":"register","sa-key":"b2"}',
+        '0:{"type":"pr-ack","id":7,"seq":2}',
+        '2:' + hello('hostC/disk0'),
+        '2:{"type":"pr-out","id":2,"action":"register-and-ignore",'
+        '"sa-key":"c3"}',
+        '1:{"type":"pr-out","id":3,"action":"register","key":"b2",'
+        '"sa-key":"0"}',
+        '0:{"type":"pr-ack","id":8,"seq":3}',
+        '2:{"type":"pr-out","id":3,"action":"register","sa-key":"c3"}',
+        '0:{"type":"status","id":9}',
+    ],
+    # An emptied reservation state is forgotten once the lock-space has
+    # no session; its seq goes on when the lock-space is used again
+    'pr-state-forgotten': [
+        '0:' + hello('hostA/disk0', 'scratch'),
+        '0:{"type":"pr-in","id":2}',
+        '0:{"type":"pr-out","id":3,"action":"register","sa-key":"a1"}',
+        '0:{"type":"pr-out","id":4,"action":"register","key":"a1",'
+        '"sa-key":"0"}',
+        '0:{"type":"bye","id":5}',
+        '0!',
+        '1:' + hello('hostB/disk0', 'scratch'),
+        '1:{"type":"pr-in","id":2}',
+        '1:{"type":"pr-out","id":3,"action":"register","sa-key":"b1"}',
+        '1:{"type":"status","id":4}',
+    ],
 }
 for name, cmds in sessions.items():
     write('fuzz-dispatch', name, '\n'.join(cmds) + '\n')

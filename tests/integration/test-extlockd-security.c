@@ -992,8 +992,11 @@ static int raw_tcp(const char *src_ip, int port)
     inet_pton(AF_INET, src_ip, &src.sin_addr);
     inet_pton(AF_INET, "127.0.0.1", &dst.sin_addr);
     dst.sin_port = htons(port);
-    assert_int_equal(bind(fd, (struct sockaddr *)&src, sizeof(src)), 0);
-    assert_int_equal(connect(fd, (struct sockaddr *)&dst, sizeof(dst)), 0);
+    if (bind(fd, (struct sockaddr *)&src, sizeof(src)) < 0 ||
+        connect(fd, (struct sockaddr *)&dst, sizeof(dst)) < 0) {
+        fail_msg("TCP from %s to port %d: %s", src_ip, port,
+                 g_strerror(errno));
+    }
     return fd;
 }
 
@@ -1446,10 +1449,23 @@ static void test_bad_security_options(void **state)
         { { "--policy", "/nonexistent/policy.conf", NULL }, 1,
           "policy file" },
         { { "--policy", "POLICY", NULL }, 1, "unknown group" },
+        { { "--policy", "ACTIONS", NULL }, 1,
+          "allow: unknown action \"write-all\" (expected read, write, "
+          "reserve, freeze, maintain)" },
+        { { "--policy", "MAXREG", NULL }, 1,
+          "max-registrations must be a number from 0 to 64, not \"65\"" },
     };
+    g_autofree char *actions = g_build_filename(fx.dir, "actions.conf", NULL);
+    g_autofree char *maxreg = g_build_filename(fx.dir, "maxreg.conf", NULL);
 
     assert_true(g_file_set_contents(policy, "[somebody]\nadmin=true\n", -1,
                                     NULL));
+    assert_true(g_file_set_contents(actions, "[identity uid:5]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "allow=read;write-all\n", -1, NULL));
+    assert_true(g_file_set_contents(maxreg, "[identity uid:5]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "max-registrations=65\n", -1, NULL));
     assert_int_equal(g_mkdir_with_parents(empty, 0700), 0);
     for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
         const char *args[4];
@@ -1459,7 +1475,9 @@ static void test_bad_security_options(void **state)
             const char *a = cases[i].args[j];
 
             args[j] = a && strcmp(a, "EMPTY") == 0 ? empty :
-                      a && strcmp(a, "POLICY") == 0 ? policy : a;
+                      a && strcmp(a, "POLICY") == 0 ? policy :
+                      a && strcmp(a, "ACTIONS") == 0 ? actions :
+                      a && strcmp(a, "MAXREG") == 0 ? maxreg : a;
         }
         assert_int_equal(run_daemon(args, &err_text), cases[i].status);
         if (!strstr(err_text, cases[i].says)) {
@@ -1943,6 +1961,460 @@ static void test_pr_ack_flood(void **state)
     daemon_stop(d);
 }
 
+
+
+/*
+ * Key purpose (extended key usage) of the certificates, made here by
+ * certtool and signed by the one CA: a certificate for TLS servers
+ * (serverAuth) is no client certificate, and a client certificate
+ * (clientAuth) that names this host is no coordinator certificate.
+ * Before, both passed: a client's certificate let its holder pose as the
+ * coordinator to extlockctl and the client library.
+ */
+static void test_tls_key_purpose(void **state)
+{
+    static const char script[] =
+        "cd pki\n"
+        "mk() { # NAME KIND TEMPLATE\n"
+        "  mkdir -p $1; cp ca-cert.pem $1/\n"
+        "  certtool --generate-privkey --key-type=ecdsa "
+        "    --outfile $1/$2-key.pem 2>/dev/null\n"
+        "  printf \"$3\" > $1.info\n"
+        "  certtool --generate-certificate --load-ca-certificate ca-cert.pem "
+        "    --load-ca-privkey ca-key.pem --load-privkey $1/$2-key.pem "
+        "    --template $1.info --outfile $1/$2-cert.pem 2>/dev/null; }\n"
+        "mk impostor server 'cn = localhost\\nip_address = 127.0.0.1\\n"
+        "dns_name = localhost\\ntls_www_client\\nsigning_key\\n"
+        "expiration_days = 2\\n'\n"
+        "mk server-as-client client 'cn = host-a\\ntls_www_server\\n"
+        "signing_key\\nexpiration_days = 2\\n'\n"
+        "certtool -i --infile impostor/server-cert.pem | "
+        "  grep -q 'TLS WWW Client'\n"
+        "certtool -i --infile server-as-client/client-cert.pem | "
+        "  grep -q 'TLS WWW Server'\n";
+    Pki p = { 0 };
+    g_autofree char *impostor = NULL, *server_as_client = NULL;
+    g_autofree char *out = NULL, *errs = NULL;
+    Daemon *d, *fake;
+    ExtlockConn *c;
+    GError *err = NULL;
+    ExtlockMsg r;
+    unsigned n;
+
+    make_pki(&p);
+    run_sh(script);
+    impostor = g_build_filename(fx.dir, "pki", "impostor", NULL);
+    server_as_client = g_build_filename(fx.dir, "pki", "server-as-client",
+                                        NULL);
+    d = tls_daemon(&p, NULL, true);
+
+    /* A server certificate as a client's: refused by the daemon */
+    n = log_count(d, "connection refused");
+    c = tls_try(d->tcp_addr, server_as_client, NULL, &err);
+    if (c) {
+        /* TLS 1.3: the server's verdict arrives after the handshake */
+        extlock_msg_init(&r, EXTLOCK_MSG_HELLO);
+        r.client_id = g_strdup("host-a/d0");
+        r.lock_space = g_strdup("space-a");
+        assert_false(extlock_conn_call(c, &r, &r, RECV_MS, &err));
+        extlock_msg_clear(&r);
+    }
+    assert_non_null(err);
+    g_clear_error(&err);
+    wait_log(d, "connection refused", n);
+    wait_log(d, "intended purpose", 0);
+    /* The right one of the same CA still gets in */
+    c = tls_open(d->tcp_addr, p.host_a);
+    g_free(hello_ok(c, "host-a/d0", "space-a", "x509:host-a"));
+
+    /* A coordinator with a client certificate: the clients refuse it */
+    {
+        const char *extra[] = { "--tls-creds-dir", impostor, NULL };
+        ExtlockTlsOptions o = { .creds_dir = p.host_a };
+        const char *args[] = { NULL, "-c", NULL, "--tls-creds-dir",
+                               p.admin, "sessions", NULL };
+
+        fake = daemon_start(NULL, extra, NULL);
+        c = extlock_conn_connect_tls(fake->tcp_addr, &o, &err);
+        if (c) {
+            extlock_conn_close(c);
+            fail_msg("a coordinator with a client certificate passed");
+        }
+        g_test_message("impostor: %s", err->message);
+        assert_non_null(strstr(err->message, "server certificate rejected"));
+        assert_non_null(strstr(err->message, "intended purpose"));
+        g_clear_error(&err);
+        args[2] = fake->tcp_addr;
+        assert_int_not_equal(run_ctl(args + 1, &out, &errs), 0);
+        assert_non_null(strstr(errs, "intended purpose"));
+        daemon_stop(fake);
+    }
+    daemon_stop(d);
+    pki_free(&p);
+}
+
+
+/* Sockets the daemon has open (/proc/PID/fd) */
+static unsigned socket_count(pid_t pid)
+{
+    g_autofree char *path = g_strdup_printf("/proc/%d/fd", (int)pid);
+    g_autoptr(GDir) dir = g_dir_open(path, 0, NULL);
+    const char *name;
+    unsigned n = 0;
+
+    assert_non_null(dir);
+    while ((name = g_dir_read_name(dir))) {
+        g_autofree char *fd = g_build_filename(path, name, NULL);
+        g_autofree char *target = g_file_read_link(fd, NULL);
+
+        n += target && g_str_has_prefix(target, "socket:");
+    }
+    return n;
+}
+
+/* GET /metrics from @src: true if a 200 came within @ms */
+static bool scrape(const char *src, int port, int ms)
+{
+    static const char get[] = "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
+    int fd = raw_tcp(src, port);
+    int64_t deadline = now_ms() + ms;
+    g_autoptr(GString) got = g_string_new(NULL);
+    char buf[4096];
+
+    assert_int_equal(write(fd, get, sizeof(get) - 1), sizeof(get) - 1);
+    while (now_ms() < deadline) {
+        struct pollfd p = { .fd = fd, .events = POLLIN };
+        ssize_t n;
+
+        if (poll(&p, 1, (int)MAX(1, deadline - now_ms())) <= 0) {
+            continue;
+        }
+        n = read(fd, buf, sizeof(buf));
+        if (n <= 0) {
+            break;
+        }
+        g_string_append_len(got, buf, n);
+    }
+    close(fd);
+    return g_str_has_prefix(got->str, "HTTP/1.") &&
+           strstr(got->str, " 200 ") && strstr(got->str, "extlock_");
+}
+
+/*
+ * The metrics endpoint (its own thread, libmicrohttpd) against scrapers
+ * and crowds: 300 scrapes back to back, then 256 half-sent requests from
+ * 16 addresses.  The daemon never holds more than the endpoint's 32
+ * connections (counted in /proc/PID/fd), and the lock service goes on:
+ * a victim's renewals are all answered within its lease, a new client's
+ * hello is answered.  (Scrapes from a fifth address may be kept out by
+ * such a crowd: docs/extlockd.rst, "Known limitations".)
+ */
+#define METRICS_HTTP_LIMIT 32
+
+static void test_metrics_crowd(void **state)
+{
+    g_autofree char *listen = NULL;
+    const char *extra[] = { "--metrics-listen", NULL, NULL };
+    Daemon *d;
+    ExtlockConn *victim, *c;
+    g_autofree char *sv = NULL;
+    GArray *fds = g_array_new(FALSE, FALSE, sizeof(int));
+    int base, most = 0;
+    unsigned ok = 0;
+    int64_t deadline, t_renew;
+    int port = free_tcp_port();
+    Renewer rn;
+
+    if (g_getenv("EXTLOCK_UNDER_SANITIZER")) {
+        skip();     /* timing of the victim's renewals: normal build */
+    }
+    listen = g_strdup_printf("127.0.0.1:%d", port);
+    extra[1] = listen;
+    d = daemon_start(NULL, extra, NULL);
+    assert_true(scrape("127.0.0.1", port, HANG_MS));
+    victim = conn_open(d->unix_addr);
+    {
+        ExtlockMsg w;
+        GError *err = NULL;
+
+        extlock_msg_init(&w, EXTLOCK_MSG_INVALID);
+        assert_true(extlock_conn_hello(victim, "victim/d0", "disk",
+                                       VICTIM_LEASE_MS, &w, &err));
+        sv = g_strdup(w.session);
+        extlock_msg_clear(&w);
+    }
+    lock_now(victim, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    t_renew = now_ms();
+    renew(victim);
+    renewer_start(&rn, victim, VICTIM_LEASE_MS, VICTIM_LEASE_MS / 4, t_renew);
+
+    /* 1. Scrapes back to back */
+    for (int i = 0; i < 300; i++) {
+        ok += scrape("127.0.0.5", port, RECV_MS);
+    }
+    g_test_message("%u of 300 scrapes answered", ok);
+    assert_true(ok >= 290);
+    c = conn_open(d->tcp_addr);
+    g_free(hello_ok(c, "newcomer/d0", "disk", NULL));
+
+    /* 2. A crowd of half-sent requests from 16 addresses */
+    base = socket_count(d->pid);
+    for (int i = 0; i < 256; i++) {
+        char ip[32];
+        int fd;
+
+        g_snprintf(ip, sizeof(ip), "127.0.1.%d", 10 + i / 16);
+        fd = raw_tcp(ip, port);
+        assert_int_equal(write(fd, "GET /met", 8), 8);
+        g_array_append_val(fds, fd);
+        most = MAX(most, (int)socket_count(d->pid) - (int)base);
+    }
+    /* The daemon deals with them all (bounded); count what it holds */
+    deadline = now_ms() + RECV_MS;
+    while (now_ms() < deadline) {
+        most = MAX(most, (int)socket_count(d->pid) - (int)base);
+        g_usleep(20 * 1000);
+    }
+    g_test_message("metrics crowd: at most %d sockets held", most);
+    assert_true(most <= METRICS_HTTP_LIMIT);
+    assert_true(most >= 8);         /* it did serve the crowd */
+    c = conn_open(d->tcp_addr);
+    g_free(hello_ok(c, "newcomer/d1", "disk", NULL));
+    renewer_stop(&rn, "victim during the metrics crowd");
+    for (guint i = 0; i < fds->len; i++) {
+        close(g_array_index(fds, int, i));
+    }
+    g_array_free(fds, TRUE);
+    daemon_stop(d);
+}
+
+/*
+ * A pr-out REGISTER by @c (sa_key @key): its status.  A change comes
+ * with a pr-update first (nobody else is subscribed in these tests).
+ */
+static ExtlockPrStatus pr_register(ExtlockConn *c, uint64_t key)
+{
+    uint64_t id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0, key);
+    ExtlockPrStatus st;
+    ExtlockMsg m;
+
+    extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+    recv_msg(c, &m, RECV_MS);
+    if (m.type == EXTLOCK_MSG_PR_UPDATE) {
+        extlock_msg_clear(&m);
+        recv_msg(c, &m, RECV_MS);
+    }
+    if (m.type != EXTLOCK_MSG_PR_RESULT || m.id != id) {
+        fail_msg("expected the pr-result of %" PRIu64 ", got %s", id,
+                 extlock_msg_type_name(m.type));
+    }
+    st = m.pr_result;
+    extlock_msg_clear(&m);
+    return st;
+}
+
+static void bye_drop(ExtlockConn *c)
+{
+    bye(c);
+    conn_drop(c);
+}
+
+/*
+ * SCSI-3 registration slots: one identity with a client-ids wildcard
+ * registers as many client-ids as it can and leaves.  Its identity may
+ * hold max-registrations of them in the lock-space (3 here); an
+ * initiator of another identity can still register afterwards.  Before
+ * the limit, the attacker got all 64 slots and the victim
+ * insufficient-registration-resources.
+ */
+static void test_pr_registration_limit(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    const char *extra[] = { "--policy", policy, NULL };
+    unsigned registered = 0;
+    Daemon *d;
+    ExtlockConn *v;
+
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "max-registrations=3\n", -1, NULL));
+    d = daemon_start(NULL, extra, NULL);
+    for (unsigned i = 0; i < EXTLOCK_PR_MAX_REGISTRANTS; i++) {
+        g_autofree char *id = g_strdup_printf("attacker/%u", i);
+        ExtlockConn *c = conn_open(d->tcp_addr);
+        ExtlockPrStatus st;
+
+        g_free(hello_ok(c, id, "disk", "anonymous"));
+        st = pr_register(c, 0x1000 + i);
+        bye_drop(c);
+        if (st != EXTLOCK_PR_OK) {
+            assert_int_equal(st, EXTLOCK_PR_NO_RESOURCES);
+            break;
+        }
+        registered++;
+    }
+    assert_int_equal(registered, 3);
+    wait_log(d, "identity anonymous already has 3 registrations there "
+             "(its max-registrations is 3)", 0);
+
+    /* The owner may still change its own: a new key, then unregister */
+    v = conn_open(d->tcp_addr);
+    g_free(hello_ok(v, "attacker/0", "disk", "anonymous"));
+    {
+        uint64_t id = pr_out(v, EXTLOCK_PR_REGISTER_AND_IGNORE, 0, 0, 0x77);
+        ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+        pr_expect_update(v, &m);
+        extlock_msg_clear(&m);
+        expect_msg(v, &m, EXTLOCK_MSG_PR_RESULT, id);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    bye_drop(v);
+
+    /* Another identity (the daemon's uid on the UNIX socket) registers */
+    v = conn_open(d->unix_addr);
+    g_free(hello_ok(v, "victim/d0", "disk", NULL));
+    assert_int_equal(pr_register(v, 0x999), EXTLOCK_PR_OK);
+    bye_drop(v);
+    daemon_stop(d);
+}
+
+/*
+ * Reservation state of lock-spaces that are used and dropped: 300
+ * lock-spaces, each with a pr-in, a registration and its removal, then
+ * bye.  Every such empty state is forgotten (status counter
+ * "reservation-states" back to the one lock-space that keeps a
+ * registration; the state file does not name the others).  Before, each
+ * stayed in memory and in every state file write.
+ */
+#define PR_SPACES 300
+
+static void test_pr_state_freed(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *k = conn_open(d->unix_addr);
+    g_autofree char *text = NULL;
+    int64_t deadline, n = -1;
+
+    g_free(hello_ok(k, "keeper/d0", "kept", NULL));
+    assert_int_equal(pr_register(k, 0x42), EXTLOCK_PR_OK);
+    bye_drop(k);
+    for (unsigned i = 0; i < PR_SPACES; i++) {
+        g_autofree char *space = g_strdup_printf("scratch-%u", i);
+        ExtlockConn *c = conn_open(d->unix_addr);
+        ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+
+        g_free(hello_ok(c, "churn/d0", space, NULL));
+        pr_in(c, &m);
+        extlock_msg_clear(&m);
+        assert_int_equal(pr_register(c, 0x100 + i), EXTLOCK_PR_OK);
+        /* unregister: REGISTER with the key and sa_key 0 */
+        {
+            uint64_t id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0x100 + i, 0);
+
+            extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+            pr_expect_update(c, &m);
+            extlock_msg_clear(&m);
+            expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+            assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+            extlock_msg_clear(&m);
+        }
+        bye_drop(c);
+    }
+    /* Forgotten from the main loop, soon after the last session went */
+    deadline = now_ms() + RECV_MS;
+    while (now_ms() < deadline) {
+        json_object *st = status_get(mon);
+
+        n = jint(jget(st, "counters"), "reservation-states");
+        json_object_put(st);
+        if (n == 1) {
+            break;
+        }
+        g_usleep(20 * 1000);
+    }
+    assert_int_equal(n, 1);
+    /* The next state file write leaves them out; the kept one stays */
+    k = conn_open(d->unix_addr);
+    g_free(hello_ok(k, "keeper/d1", "kept", NULL));
+    assert_true(g_file_get_contents(d->state, &text, NULL, NULL));
+    assert_null(strstr(text, "scratch-"));
+    assert_non_null(strstr(text, "\"kept\""));
+    bye_drop(k);
+    daemon_stop(d);
+}
+
+/*
+ * Per-action permissions: "allow=read" lets an identity take shared
+ * locks and follow reservations (pr-in), nothing else: exclusive locks,
+ * the maintenance lock, a freeze and pr-out get permission-denied and
+ * change nothing.  A reload with an unknown action is refused and the
+ * old policy stays; a good one applies to the open session.  Before,
+ * every member could do everything.
+ */
+static void test_policy_actions(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    const char *extra[] = { "--policy", policy, NULL };
+    Daemon *d;
+    ExtlockConn *c, *w;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id;
+    unsigned n;
+
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "allow=read\n", -1, NULL));
+    d = daemon_start(NULL, extra, NULL);
+    c = conn_open(d->tcp_addr);
+    g_free(hello_ok(c, "reader/d0", "disk", "anonymous"));
+    lock_now(c, 0, 4096, EXTLOCK_MODE_SHARED);
+    id = send_lock(c, 4096, 4096, EXTLOCK_MODE_EXCLUSIVE, false);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    id = send_lock(c, EXTLOCK_MAINT_OFFSET, EXTLOCK_MAINT_LENGTH,
+                   EXTLOCK_MODE_EXCLUSIVE, true);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    id = send_lock(c, EXTLOCK_MAINT_OFFSET, EXTLOCK_MAINT_LENGTH,
+                   EXTLOCK_MODE_SHARED, true);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0, 0x5);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    pr_in(c, &m);
+    assert_int_equal(m.pr->registrants->len, 0);
+    extlock_msg_clear(&m);
+    wait_log(d, "may not take exclusive locks (write)", 0);
+
+    /* Nothing was taken: a writer of the daemon's uid gets 4096.. */
+    w = conn_open(d->unix_addr);
+    g_free(hello_ok(w, "writer/d0", "disk", NULL));
+    lock_now(w, 4096, 4096, EXTLOCK_MODE_EXCLUSIVE);
+
+    /* An unknown action: refused, the old policy stays */
+    n = log_count(d, "policy not reloaded");
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "allow=read;bogus\n", -1, NULL));
+    assert_int_equal(kill(d->pid, SIGHUP), 0);
+    wait_log(d, "policy not reloaded", n);
+    wait_log(d, "unknown action \"bogus\"", 0);
+    id = send_lock(c, 1 << 20, 4096, EXTLOCK_MODE_EXCLUSIVE, false);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+
+    /* write added: applies to the open session */
+    n = log_count(d, "policy reloaded");
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "allow=read;write\n", -1, NULL));
+    assert_int_equal(kill(d->pid, SIGHUP), 0);
+    wait_log(d, "policy reloaded", n);
+    lock_now(c, 1 << 20, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0, 0x5);
+    expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1969,6 +2441,13 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_preempt_abort_of_absent_reclaimer,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_ack_flood, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_registration_limit, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_state_freed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_policy_actions, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_key_purpose, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_metrics_crowd, setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");

@@ -82,7 +82,8 @@ def take_grants(d, n=20):
 
 def test_client_certificate_required(extlockd, pki):
     """With ca-cert.pem: a client with a certificate of that CA gets the
-    metrics; no certificate, or one of another CA, gets 403 and no metric;
+    metrics; no certificate, one of another CA, or one of that CA for TLS
+    servers only (key purpose), gets 403 and no metric;
     plain HTTP gets nothing."""
     d = extlockd("METRICS", f"--metrics-tls-creds-dir={pki / 'verify'}")
     take_grants(d)
@@ -94,7 +95,9 @@ def test_client_certificate_required(extlockd, pki):
     assert status == 200, body
     assert "# TYPE extlock_grants_total counter" in body
 
-    for cert in (None, "stranger"):
+    # "server" is of the right CA but meant for TLS servers only
+    # (extended key usage serverAuth): not a client certificate
+    for cert in (None, "stranger", "server"):
         status, body = https_get(d.metrics_port, pki, cert)
         assert status in (403, None), (cert, status, body)
         assert "extlock_" not in body, (cert, body)
