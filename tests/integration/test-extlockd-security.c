@@ -1720,6 +1720,13 @@ static void test_preempt_abort_keeps_fence_margin(void **state)
 }
 
 /*
+ * "slow" never renews: its lease must outlast the setup below (about ten
+ * round trips; at 400 ms it lapsed during the setup once, in a parallel
+ * meson run under load) and lapse after conn_drop().
+ */
+#define SLOW_LEASE_MS 3000
+
+/*
  * A PREEMPT AND ABORT waits for a session that lost its connection; when
  * that session's lease lapses (the lease timer walks the sessions), the
  * pr-out is answered and the preempted session - next in the timer's
@@ -1730,7 +1737,7 @@ static void test_preempt_abort_during_lease_check(void **state)
 {
     Daemon *d = daemon_start(NULL, NULL, NULL);
     /* In this order: the timer reaches "slow" first, then "victim" */
-    ExtlockConn *slow = client(d->unix_addr, "slow/0", LEASE_MS);
+    ExtlockConn *slow = client(d->unix_addr, "slow/0", SLOW_LEASE_MS);
     ExtlockConn *victim = client(d->unix_addr, "victim/0", LONG_LEASE_MS);
     ExtlockConn *attacker = client(d->unix_addr, "attacker/0", LONG_LEASE_MS);
     ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
@@ -1756,10 +1763,10 @@ static void test_preempt_abort_during_lease_check(void **state)
     conn_drop(slow);
 
     /* Answered once slow's lease lapsed: the victim's session is ended */
-    recv_msg(attacker, &m, LEASE_MS + MARGIN_MS + RECV_MS);
+    recv_msg(attacker, &m, SLOW_LEASE_MS + MARGIN_MS + RECV_MS);
     assert_int_equal(m.type, EXTLOCK_MSG_PR_UPDATE);
     extlock_msg_clear(&m);
-    recv_msg(attacker, &m, LEASE_MS + MARGIN_MS + RECV_MS);
+    recv_msg(attacker, &m, SLOW_LEASE_MS + MARGIN_MS + RECV_MS);
     if (m.type != EXTLOCK_MSG_PR_RESULT) {
         dump_log(d);
         fail_msg("no pr-result but %s (extlockd alive: %d)",
