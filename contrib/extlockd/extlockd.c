@@ -123,7 +123,8 @@ typedef struct HaCtx {
 } HaCtx;
 
 static void on_elected(uint64_t epoch, GPtrArray *sessions,
-                       const char *reservations, void *opaque)
+                       const char *reservations, const char *maintenance,
+                       void *opaque)
 {
     HaCtx *h = opaque;
     g_autoptr(GError) err = NULL;
@@ -148,6 +149,17 @@ static void on_elected(uint64_t epoch, GPtrArray *sessions,
     }
     extlockd_server_lead(h->server, epoch, sessions, cover);
     g_ptr_array_unref(sessions);
+    /*
+     * The maintenance counts of the previous leaders: the same maint-gen
+     * as before, or (one may have been running) a higher one in this epoch
+     */
+    if (maintenance) {
+        if (!extlockd_server_load_maintenance_json(h->server, maintenance,
+                                                   &err)) {
+            g_critical("%s", err->message);
+            exit(1);
+        }
+    }
 }
 
 /* --poll-us: how long the main loop checks its fds before it sleeps */

@@ -83,6 +83,7 @@ typedef struct Elected {
     uint64_t epoch;
     GPtrArray *sessions;
     char *reservations;          /* JSON text, or NULL */
+    char *maintenance;           /* JSON text, or NULL */
 } Elected;
 
 static void ha_event(ExtlockdHa *ha, const char *event, const char *msg)
@@ -442,8 +443,8 @@ static void ha_set_leader(ExtlockdHa *ha, const char *id)
     g_mutex_unlock(&ha->lock);
 }
 
-/* The "reservations" member of a state object as JSON text, or NULL */
-static char *ha_reservations_member(const char *state, size_t len)
+/* The member @key of a state object as JSON text, or NULL */
+static char *ha_state_member(const char *state, size_t len, const char *key)
 {
     json_tokener *tok = json_tokener_new();
     json_object *obj = json_tokener_parse_ex(tok, state, (int)len);
@@ -451,7 +452,7 @@ static char *ha_reservations_member(const char *state, size_t len)
     char *text = NULL;
 
     json_tokener_free(tok);
-    if (obj && json_object_object_get_ex(obj, "reservations", &r)) {
+    if (obj && json_object_object_get_ex(obj, key, &r)) {
         text = g_strdup(json_object_to_json_string_ext(
             r, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
     }
@@ -463,9 +464,10 @@ static gboolean elected_in_main(gpointer opaque)
 {
     Elected *e = opaque;
 
-    e->ha->elected(e->epoch, e->sessions, e->reservations,
+    e->ha->elected(e->epoch, e->sessions, e->reservations, e->maintenance,
                    e->ha->elected_opaque);
     g_free(e->reservations);
+    g_free(e->maintenance);
     g_free(e);
     return G_SOURCE_REMOVE;
 }
@@ -489,6 +491,7 @@ static void ha_take_office(ExtlockdHa *ha, int64_t rev)
     bool ok;
     Elected *e;
     g_autofree char *reservations = NULL;
+    g_autofree char *maintenance = NULL;
 
     if (!etcd_get(ha->etcd, ha->state_key, &kv, deadline, &err) || !kv) {
         why = g_strdup_printf("elected, but cannot read %s: %s",
@@ -512,8 +515,23 @@ static void ha_take_office(ExtlockdHa *ha, int64_t rev)
         g_critical("%s", err->message);
         _exit(1);
     }
-    /* The persistent reservations stay with the new epoch */
-    reservations = ha_reservations_member(kv->value, kv->value_len);
+    /*
+     * The maintenance counts (a new leader must send the maint-gen the
+     * old one sent, or a higher one: docs/protocol.rst "Maintenance") and
+     * the persistent reservations stay with the new epoch, as they were:
+     * the new leader loads them in elected_in_main(), so a leader that
+     * dies before it writes the state again loses nothing either
+     */
+    maintenance = ha_state_member(kv->value, kv->value_len, "maintenance");
+    if (maintenance) {
+        char *with = g_strdup_printf("%.*s,\"maintenance\":%s}\n",
+                                     (int)strlen(text) - 2, text,
+                                     maintenance);
+
+        g_free(text);
+        text = with;
+    }
+    reservations = ha_state_member(kv->value, kv->value_len, "reservations");
     if (reservations) {
         char *with = g_strdup_printf("%.*s,\"reservations\":%s}\n",
                                      (int)strlen(text) - 2, text,
@@ -550,6 +568,7 @@ static void ha_take_office(ExtlockdHa *ha, int64_t rev)
     e->epoch = epoch;
     e->sessions = g_steal_pointer(&sessions);
     e->reservations = g_steal_pointer(&reservations);
+    e->maintenance = g_steal_pointer(&maintenance);
     g_idle_add_full(G_PRIORITY_HIGH, elected_in_main, e, NULL);
 }
 

@@ -58,10 +58,12 @@ typedef struct ExtlockdHaConfig {
  * Elected (in the main context): @epoch is durable in etcd, @sessions
  * (ExtlockdStateSession, taken over) are those of the previous leaders,
  * @reservations the JSON text of the state's "reservations" member (the
- * persistent reservations, docs/protocol.rst) or NULL
+ * persistent reservations, docs/protocol.rst) or NULL, @maintenance that
+ * of its "maintenance" member (the maintenance counts) or NULL
  */
 typedef void ExtlockdHaElected(uint64_t epoch, GPtrArray *sessions,
-                               const char *reservations, void *opaque);
+                               const char *reservations,
+                               const char *maintenance, void *opaque);
 
 /* Check the configuration; NULL with @errp set if it is bad */
 ExtlockdHa *extlockd_ha_new(const ExtlockdHaConfig *cfg, GError **errp);

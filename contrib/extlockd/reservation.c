@@ -30,7 +30,8 @@
  *    it had ends (by then its client has stopped I/O on its own).
  *  - A pr-out with a "request" number is remembered per client-id (its
  *    last PR_REQUESTS_KEPT ones): the same request again (a client
- *    retrying after its connection dropped) is answered with the first
+ *    retrying after its connection dropped, or after a restart: they are
+ *    in the state file, pr_append_requests()) is answered with the first
  *    result instead of being applied twice.
  *  - PREEMPT AND ABORT also ends every session of the preempted client-ids
  *    in the lock-space once they acknowledged: their locks go (like
@@ -814,6 +815,48 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
  * State file: "reservations":[{"lock-space":S, <the members of a
  * pr-status>}, ...], lock-spaces that never had a registration left out
  */
+/*
+ * The numbered pr-outs of @pr's client-ids as a "requests" member, each
+ * client-id's oldest first: a coordinator restarted (or a new HA leader)
+ * answers a retry of one of them with its first result instead of
+ * applying it again.  They are written with the change they made (the
+ * state is written before a change is answered).
+ */
+static void pr_append_requests(ExtlockdPr *pr, GString *out)
+{
+    GHashTableIter iter;
+    gpointer key, value;
+    bool first = true;
+
+    g_hash_table_iter_init(&iter, pr->requests);
+    while (g_hash_table_iter_next(&iter, &key, &value)) {
+        PrRequests *reqs = value;
+        json_object *cid = json_object_new_string(key);
+        const char *cid_text = json_object_to_json_string_ext(
+            cid, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
+
+        for (unsigned i = 0; i < PR_REQUESTS_KEPT; i++) {
+            PrRequest *r = &reqs->r[(reqs->next + i) % PR_REQUESTS_KEPT];
+
+            if (!r->request) {
+                continue;
+            }
+            g_string_append(out, first ? ",\"requests\":[" : ",");
+            first = false;
+            g_string_append_printf(out, "{\"client-id\":%s,\"request\":%"
+                                   PRIu64 ",\"result\":\"%s\","
+                                   "\"generation\":%u,\"seq\":%" PRIu64 "}",
+                                   cid_text, r->request,
+                                   extlock_pr_status_name(r->result),
+                                   r->generation, r->seq);
+        }
+        json_object_put(cid);
+    }
+    if (!first) {
+        g_string_append_c(out, ']');
+    }
+}
+
 void reservation_append_state(ExtlockdServer *server, GString *out)
 {
     GHashTableIter iter;
@@ -849,11 +892,74 @@ void reservation_append_state(ExtlockdServer *server, GString *out)
                                 JSON_C_TO_STRING_NOSLASHESCAPE));
             json_object_put(name);
         }
-        g_string_append_len(out, body, strlen(body) - 1);   /* no '\n' */
+        g_string_append_len(out, body, strlen(body) - 2);   /* no "}\n" */
+        pr_append_requests(pr, out);
+        g_string_append_c(out, '}');
     }
     if (!first) {
         g_string_append_c(out, ']');
     }
+}
+
+/*
+ * Load the "requests" member of a reservation entry into @pr (replacing
+ * what it had), oldest first as pr_append_requests() wrote them
+ */
+static bool pr_load_requests(ExtlockdPr *pr, json_object *arr, GError **errp)
+{
+    g_hash_table_remove_all(pr->requests);
+    if (!arr) {
+        return true;
+    }
+    if (!json_object_is_type(arr, json_type_array)) {
+        goto bad;
+    }
+    for (size_t i = 0; i < json_object_array_length(arr); i++) {
+        json_object *e = json_object_array_get_idx(arr, i);
+        json_object *cid, *res, *v;
+        int64_t request, generation, seq;
+        ExtlockPrStatus result;
+        PrRequests *reqs;
+        PrRequest *r;
+
+        if (!json_object_is_type(e, json_type_object) ||
+            !json_object_object_get_ex(e, "client-id", &cid) ||
+            !json_object_is_type(cid, json_type_string) ||
+            json_object_get_string_len(cid) == 0 ||
+            !json_object_object_get_ex(e, "result", &res) ||
+            !json_object_is_type(res, json_type_string) ||
+            !extlock_pr_status_parse(json_object_get_string(res), &result) ||
+            !json_object_object_get_ex(e, "request", &v) ||
+            !json_object_is_type(v, json_type_int) ||
+            (request = json_object_get_int64(v)) <= 0 ||
+            !json_object_object_get_ex(e, "generation", &v) ||
+            !json_object_is_type(v, json_type_int) ||
+            (generation = json_object_get_int64(v)) < 0 ||
+            generation > UINT32_MAX ||
+            !json_object_object_get_ex(e, "seq", &v) ||
+            !json_object_is_type(v, json_type_int) ||
+            (seq = json_object_get_int64(v)) < 0) {
+            goto bad;
+        }
+        reqs = g_hash_table_lookup(pr->requests, json_object_get_string(cid));
+        if (!reqs) {
+            reqs = g_new0(PrRequests, 1);
+            g_hash_table_insert(pr->requests,
+                                g_strdup(json_object_get_string(cid)), reqs);
+        }
+        r = &reqs->r[reqs->next++ % PR_REQUESTS_KEPT];
+        r->request = (uint64_t)request;
+        r->result = result;
+        r->generation = (uint32_t)generation;
+        r->seq = (uint64_t)seq;
+    }
+    return true;
+bad:
+    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                "state: reservation of %s: \"requests\" must be an array of "
+                "{\"client-id\",\"request\",\"result\",\"generation\","
+                "\"seq\"}", pr->space);
+    return false;
 }
 
 bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
@@ -874,7 +980,7 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
     }
     for (size_t i = 0; i < json_object_array_length(arr); i++) {
         json_object *e = json_object_array_get_idx(arr, i);
-        json_object *name;
+        json_object *name, *requests = NULL;
         const char *text;
         ExtlockProtoError err;
         ExtlockMsg m;
@@ -889,6 +995,11 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
                         "\"lock-space\"", i);
             goto out;
         }
+        /* The numbered pr-outs are not part of a pr-update */
+        if (json_object_object_get_ex(e, "requests", &requests)) {
+            json_object_get(requests);
+            json_object_object_del(e, "requests");
+        }
         /* Validated by the codec, as a pr-update */
         json_object_object_add(e, "type",
                                json_object_new_string("pr-update"));
@@ -897,6 +1008,7 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                         "state: reservation of %s: %s",
                         json_object_get_string(name), err.message);
+            json_object_put(requests);
             goto out;
         }
         /* what a former term of this leader left is replaced */
@@ -909,6 +1021,11 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
         pr->seq_base = 0;
         g_hash_table_remove_all(pr->owners);
         extlock_msg_clear(&m);
+        if (!pr_load_requests(pr, requests, errp)) {
+            json_object_put(requests);
+            goto out;
+        }
+        json_object_put(requests);
     }
     /* No entry in the state is no registration: a former term's goes */
     {

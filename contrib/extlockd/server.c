@@ -271,6 +271,23 @@ bool extlockd_server_load_reservations_json(ExtlockdServer *server,
     return reservation_load(server, obj, strlen(obj), errp);
 }
 
+bool extlockd_server_load_maintenance_json(ExtlockdServer *server,
+                                           const char *json, GError **errp)
+{
+    g_autofree char *obj = g_strdup_printf("{\"maintenance\":%s}", json);
+
+    if (!lockspace_maint_load(server, obj, strlen(obj), errp)) {
+        return false;
+    }
+    /*
+     * A pending one was counted in this epoch: written in the background
+     * (if this leader dies first, the next one counts it in its epoch, a
+     * maint-gen no client has seen either)
+     */
+    server_save_state_async(server);
+    return true;
+}
+
 bool extlockd_server_save_state(ExtlockdServer *server, GError **errp)
 {
     return server_save_state(server, server->epoch, errp);

@@ -171,6 +171,14 @@ bool extlockd_server_load_maintenance(ExtlockdServer *server,
 /* The same from the JSON text of the "reservations" member (HA) */
 bool extlockd_server_load_reservations_json(ExtlockdServer *server,
                                             const char *json, GError **errp);
+/*
+ * The same for the JSON text of the "maintenance" member (HA): after
+ * extlockd_server_lead(), so that a maintenance that may have been running
+ * when the previous leader stopped is counted in the new epoch; queues a
+ * state write
+ */
+bool extlockd_server_load_maintenance_json(ExtlockdServer *server,
+                                           const char *json, GError **errp);
 
 /*
  * Start listening on @address ("unix:PATH", "tcp:HOST:PORT" or an

@@ -9,13 +9,15 @@ keep-alive + 0.9 T), client leases 2 s, fence margin 200 ms.
 Every wait is bounded and derived from these; see docs/design.rst "High
 availability" for the argument and docs/testing.rst for the list.
 """
+import base64
 import json
 import subprocess
 import time
 
 import pytest
 
-from conftest import BUILD, EXTLOCKD, EXTLOCKCTL, HA_TTL_MS, wait_for
+from conftest import (BUILD, EXTLOCKD, EXTLOCKCTL, HA_TTL_MS, etcd_post,
+                      wait_for)
 from haclient import HaClient, Worker, overlaps
 
 TTL_S = HA_TTL_MS / 1000
@@ -473,3 +475,101 @@ def test_reservations_survive_failover(ha):
                 "pr-type": 5})
     assert r["result"] == "reservation-conflict", r
     d.close()
+
+
+MAINT = {"offset": 0, "length": 1 << 63}
+
+
+def etcd_state(ha):
+    """The cluster's state object as etcd has it (any member answers)."""
+    key = base64.b64encode(("/extlock/%s/state" % ha.name).encode()).decode()
+    r = etcd_post(ha.etcd.url(0), "/v3/kv/range", {"key": key}, 2.0)
+    return json.loads(base64.b64decode(r["kvs"][0]["value"]))
+
+
+def maint_record(ha, space):
+    for m in etcd_state(ha).get("maintenance", []):
+        if m["lock-space"] == space:
+            return m
+    return None
+
+
+def test_maintenance_count_survives_failover(ha):
+    """The maintenance count (maint-gen, docs/protocol.rst "Maintenance")
+    is in the state in etcd: a host whose first grant comes from a new
+    leader after kill -9 of the old one still learns that a maintenance
+    ran (it gets the same maint-gen and maint-size), and a maintenance
+    that may have been running when the leader died is counted by the new
+    leader in its epoch, a maint-gen no host has seen."""
+    leader = ha.start(3)
+    space = "maint-ls"
+    # host b opened the image before the maintenance, holds no lock yet
+    b = HaClient(ha.addresses(), "host-b", space)
+    b.connect(timeout=10)
+    a = HaClient(ha.addresses(), "host-a", space)
+    a.connect(timeout=10)
+    g = a.call(dict(MAINT, type="lock", mode="exclusive", limit=MAINT))
+    assert g["type"] == "granted" and g["length"] == 1 << 63, g
+    u = a.call({"type": "unlock", "lock": g["lock"], "maint-size": 65536})
+    assert u["type"] != "error", u
+    g = a.call({"type": "lock", "offset": 0, "length": 4096,
+                "mode": "shared"})
+    assert g["type"] == "granted" and g.get("maint-gen"), g
+    gen1 = g["maint-gen"]
+    assert gen1 & 0xffffffff == 1, g
+    a.bye()
+    # the release is written to etcd after the unlock is answered
+    wait_for(lambda: (lambda m: m and m["count"] == 1 and
+                      not m.get("pending"))(maint_record(ha, space)),
+             10, "the maintenance count in etcd's state")
+    leader.kill9()
+    new = ha.wait_leader(timeout=10, not_=leader)
+    b.connect(timeout=30)
+    g = b.call({"type": "lock", "offset": 0, "length": 4096,
+                "mode": "exclusive"}, timeout=30)
+    assert g["type"] == "granted", g
+    # the same count: b rereads (it never saw one), nobody else needs to
+    assert g.get("maint-gen") == gen1, g
+    assert g.get("maint-size") == 65536, g
+    st = [s for s in new.status()["lock-spaces"] if s["name"] == space]
+    assert st and st[0]["maintenance"]["generation"] == 1, st
+    # the new leader's epoch bump kept the record
+    assert maint_record(ha, space)["count"] == 1
+
+    # a maintenance granted (after waiting for b's lock), then the leader
+    # and the maintenance's owner die
+    c = HaClient([new.address], "host-c", space)
+    c.connect(timeout=10)
+    rid = c._send(dict(MAINT, type="lock", mode="exclusive", limit=MAINT))
+    r = c._recv(10)
+    assert r.get("id") == rid and r["type"] == "waiting", r
+    assert b.unlock(g["lock"])["type"] != "error"
+    r = c._recv(10)
+    assert r.get("id") == rid and r["type"] == "granted", r
+    # recorded before the grant is sent
+    assert maint_record(ha, space).get("pending") is True, etcd_state(ha)
+    c.close()
+    new.kill9()
+    third = ha.wait_leader(timeout=10, not_=new)
+    epoch3 = third.status()["epoch"]
+    b.connect(timeout=30)
+
+    # c does not come back: b renews until the grace period is over
+    def grace_over():
+        assert b.renew()["type"] == "renewed"
+        return all(s["grace-remaining-ms"] == 0
+                   for s in third.status()["lock-spaces"]
+                   if s["name"] == space)
+    wait_for(grace_over, 30, "the end of the grace period", interval=0.3)
+    g = b.call({"type": "lock", "offset": 0, "length": 4096,
+                "mode": "exclusive"}, timeout=30)
+    assert g["type"] == "granted", g
+    gen2 = g.get("maint-gen")
+    # counted in the third leader's epoch: every host rereads
+    assert gen2 == ((epoch3 & 0x7fffffff) << 32) | 2, (g, epoch3)
+    assert gen2 > gen1
+    wait_for(lambda: (lambda m: m and m["count"] == 2 and
+                      m["epoch"] == epoch3 and not m.get("pending"))(
+                          maint_record(ha, space)),
+             10, "the counted maintenance in etcd's state")
+    b.bye()

@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <cmocka.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -561,6 +562,60 @@ static void test_pr_retry_idempotent(void **state)
 }
 
 /*
+ * A numbered REGISTER answered, then the coordinator restarts (SIGKILL:
+ * no orderly shutdown) before the guest saw the answer; the guest
+ * retries the same request.  It must get the first answer again, not
+ * have the command applied a second time (REGISTER with a service key 0
+ * of an already registered I_T nexus is a RESERVATION CONFLICT).  Before
+ * the request numbers were in the state file, the retry got
+ * RESERVATION CONFLICT.
+ */
+static void test_pr_retry_after_restart(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    g_autofree char *state_file = g_strdup(d->state);
+    ExtlockConn *a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    uint64_t id, seq;
+
+    pr_in(a, &m);
+    extlock_msg_clear(&m);
+    id = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    seq = pr_expect_update(a, &m);
+    extlock_msg_clear(&m);
+    pr_ack(a, seq);
+    pr_expect_result(a, id, EXTLOCK_PR_OK, 1);
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+
+    d = daemon_start(state_file, NULL, NULL);
+    a = client(d->unix_addr, "A", LONG_LEASE_MS);
+    id = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 77);
+    pr_expect_result(a, id, EXTLOCK_PR_OK, 1);
+    /* a new number is a new command: A is registered */
+    id = pr_out_request(a, EXTLOCK_PR_REGISTER, 0, 0, 0xa, 78);
+    pr_expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);
+    pr_in(a, &m);
+    assert_int_equal(m.pr_seq, seq);
+    assert_int_equal(m.pr->registrants->len, 1);
+    extlock_msg_clear(&m);
+    daemon_stop(d);
+
+    /* A bad request record keeps the daemon from starting */
+    {
+        g_autofree char *bad = g_strdup(
+            "{\"version\":1,\"epoch\":3,\"reservations\":[{\"lock-space\":"
+            "\"disk\",\"seq\":1,\"generation\":1,\"registrants\":[],"
+            "\"requests\":[{\"client-id\":\"A\",\"request\":77,"
+            "\"result\":\"no-such-result\",\"generation\":1,"
+            "\"seq\":1}]}]}\n");
+
+        assert_true(g_file_set_contents(state_file, bad, -1, NULL));
+        daemon_refused(state_file, NULL, 1, "\"requests\" must be");
+    }
+}
+
+/*
  * Two numbered pr-outs of A in flight when its connection drops: each
  * retry gets its own first result.  Before the fix only the last request
  * number of a client-id was remembered: the retry of the first REGISTER
@@ -684,6 +739,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pr_retry_idempotent, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_retry_two_in_flight, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_retry_after_restart, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_abort_expired_keeps_locks,
                                         setup, teardown),
