@@ -22,6 +22,13 @@ a noisy machine:
    loopback NFS export (nfs-ganesha).  Runs are interleaved and repeated;
    the median is reported with its ratio to (a).
 
+   The filter's own cost, measured so that the event loop does not count
+   (--only fair, also part of --only cost): instructions per request
+   (valgrind's callgrind, two request counts so that start-up cancels) of
+   (a), (b), (c) and of extlock's own functions in (c), against the rest
+   of (c)'s request; converted to ns with (c)'s CPU time per request, and
+   perf's share of (c)'s samples in extlock's functions, also in ns.
+
 2. Handoff latency.  Two qemu-io processes write the same 4 KiB extent of
    a null-co image in turn (each sleeps between its writes, offset by half
    a period, so the lock changes hands on almost every write).  qemu-io
@@ -45,7 +52,8 @@ optionally, extlockd) the filter cost and the many-hosts runs are made
 with both builds, interleaved, and printed side by side.
 
 Usage: bench-qemu.py [--quick] [--no-nfs] [--repeat N] [--json FILE]
-                     [--only throughput|cost|handoff|hosts] [--hosts 4,8]
+                     [--only throughput|cost|fair|handoff|hosts]
+                     [--hosts 4,8]
                      [--before DIR]
 """
 
