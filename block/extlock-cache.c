@@ -8,23 +8,12 @@
  * No QEMU headers: this file is also built into tests/unit.
  */
 #include <stddef.h>
+#include <string.h>
 #include "extlock-cache.h"
 
 #define EXTLOCK_CACHE_CONTAINER(ptr, type, member) \
     ((type *)((char *)(ptr) - offsetof(type, member)))
 
-static bool extlock_cache_contains(ExtlockExtent outer, ExtlockExtent inner)
-{
-    return outer.start <= inner.start && inner.end <= outer.end;
-}
-
-bool extlock_cache_entry_serves(const ExtlockCacheEntry *e, ExtlockExtent ext,
-                                ExtlockMode mode)
-{
-    return !e->revoking && !e->stale &&
-           extlock_cache_contains(e->node.ext, ext) &&
-           (e->mode == EXTLOCK_MODE_EXCLUSIVE || mode == EXTLOCK_MODE_SHARED);
-}
 
 typedef struct ExtlockCacheFind {
     ExtlockExtent ext;
@@ -139,10 +128,58 @@ static bool extlock_local_conflict_cb(ExtlockITNode *node, void *opaque)
     return true;
 }
 
+/*
+ * Count @ext in the filter of @set (@delta +1) or stop counting it (-1).
+ * Returns whether it is wide (in every bucket).
+ */
+static bool extlock_local_filter(ExtlockLocalSet *set, ExtlockExtent ext,
+                                 int delta)
+{
+    uint64_t first = ext.start >> EXTLOCK_LOCAL_BLOCK_SHIFT;
+    uint64_t last = (ext.end - 1) >> EXTLOCK_LOCAL_BLOCK_SHIFT;
+
+    if (last - first >= EXTLOCK_LOCAL_BUCKETS - 1) {
+        set->nwide += delta;
+        return true;
+    }
+    for (uint64_t b = first; b <= last; b++) {
+        set->buckets[b % EXTLOCK_LOCAL_BUCKETS] += delta;
+    }
+    return false;
+}
+
+/*
+ * May another request of @set than @req (which is in it) touch one of
+ * @req's blocks?  False means that none overlaps @req.
+ */
+static bool extlock_local_maybe_shared(const ExtlockLocalSet *set,
+                                       const ExtlockLocalReq *req)
+{
+    ExtlockExtent ext = req->node.ext;
+    uint64_t first = ext.start >> EXTLOCK_LOCAL_BLOCK_SHIFT;
+    uint64_t last = (ext.end - 1) >> EXTLOCK_LOCAL_BLOCK_SHIFT;
+
+    if (last - first >= EXTLOCK_LOCAL_BUCKETS - 1) {
+        return true;            /* wide itself: it touches every bucket */
+    }
+    if (set->nwide) {
+        return true;
+    }
+    /* @req's blocks are in distinct buckets, each counting @req once */
+    for (uint64_t b = first; b <= last; b++) {
+        if (set->buckets[b % EXTLOCK_LOCAL_BUCKETS] > 1) {
+            return true;
+        }
+    }
+    return false;
+}
+
 void extlock_local_init(ExtlockLocalSet *set)
 {
     set->count = 0;
     set->nexcl = 0;
+    set->nwide = 0;
+    memset(set->buckets, 0, sizeof(set->buckets));
     set->in_tree = false;
     set->tree = (ExtlockITree)EXTLOCK_ITREE_INIT;
 }
@@ -169,11 +206,13 @@ void extlock_local_insert(ExtlockLocalSet *set, ExtlockLocalReq *req)
     }
     set->count++;
     set->nexcl += req->mode == EXTLOCK_MODE_EXCLUSIVE;
+    extlock_local_filter(set, req->node.ext, 1);
 }
 
 void extlock_local_remove(ExtlockLocalSet *set, ExtlockLocalReq *req)
 {
     set->nexcl -= req->mode == EXTLOCK_MODE_EXCLUSIVE;
+    extlock_local_filter(set, req->node.ext, -1);
     if (set->in_tree) {
         extlock_itree_remove(&set->tree, &req->node);
         if (--set->count == 0) {
@@ -194,7 +233,8 @@ bool extlock_local_must_wait(ExtlockLocalSet *active,
     ExtlockLocalFind f = { .req = req };
 
     if (active->count <= 1 ||
-        (req->mode == EXTLOCK_MODE_SHARED && active->nexcl == 0)) {
+        (req->mode == EXTLOCK_MODE_SHARED && active->nexcl == 0) ||
+        !extlock_local_maybe_shared(active, req)) {
         return false;
     }
     if (!active->in_tree) {

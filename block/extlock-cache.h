@@ -28,8 +28,14 @@ typedef struct ExtlockCacheEntry {
 } ExtlockCacheEntry;
 
 /* May @e serve a new request for @ext in @mode? */
-bool extlock_cache_entry_serves(const ExtlockCacheEntry *e, ExtlockExtent ext,
-                                ExtlockMode mode);
+static inline bool extlock_cache_entry_serves(const ExtlockCacheEntry *e,
+                                              ExtlockExtent ext,
+                                              ExtlockMode mode)
+{
+    return !e->revoking && !e->stale &&
+           e->node.ext.start <= ext.start && ext.end <= e->node.ext.end &&
+           (e->mode == EXTLOCK_MODE_EXCLUSIVE || mode == EXTLOCK_MODE_SHARED);
+}
 
 /*
  * A lock in @locks (a tree of ExtlockCacheEntry.node) that serves a new
@@ -90,9 +96,25 @@ typedef struct ExtlockLocalSlot {
     ExtlockLocalReq *req;
 } ExtlockLocalSlot;
 
+/*
+ * A counting filter in front of the conflict check: the image is cut into
+ * 64 KiB blocks, block b falls into bucket b % EXTLOCK_LOCAL_BUCKETS, and
+ * each bucket counts the requests of the set that touch one of its
+ * blocks; a request that touches EXTLOCK_LOCAL_BUCKETS blocks or more is
+ * counted once in @nwide instead (it is in every bucket).  Two requests
+ * that overlap share a block, so a request whose buckets hold nobody but
+ * itself and with no wide request but itself overlaps nobody: the check
+ * says "no" without a search.  At queue depth 32 with scattered writes
+ * the search then runs for about one request in ten.
+ */
+#define EXTLOCK_LOCAL_BLOCK_SHIFT 16
+#define EXTLOCK_LOCAL_BUCKETS 256
+
 typedef struct ExtlockLocalSet {
     size_t count;
     size_t nexcl;               /* how many of them are exclusive */
+    size_t nwide;               /* how many are in every bucket */
+    uint32_t buckets[EXTLOCK_LOCAL_BUCKETS];
     bool in_tree;               /* the requests are in @tree, not @flat */
     ExtlockITree tree;
     ExtlockLocalSlot flat[EXTLOCK_LOCAL_FLAT_MAX];
@@ -115,7 +137,8 @@ static inline size_t extlock_local_count(const ExtlockLocalSet *set)
 /*
  * Must @req (which is in @active) wait for an earlier request of the node
  * in @active that overlaps it in a conflicting mode?  No search when it
- * is alone, or a reader while no writer is active.
+ * is alone, a reader while no writer is active, or when the filter of
+ * @active says that nobody else touches its blocks.
  */
 bool extlock_local_must_wait(ExtlockLocalSet *active,
                              const ExtlockLocalReq *req);

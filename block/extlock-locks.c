@@ -90,6 +90,14 @@ static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
     }
 }
 
+/* @l leaves c->locks (or changes its extent): no longer the last hit */
+static void extlock_cache_forget_hit(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    if (c->last_hit == l) {
+        c->last_hit = NULL;
+    }
+}
+
 /* The lock stops being ours: count how long it was held */
 static void extlock_lock_count_hold(ExtlockClient *c, ExtlockCachedLock *l)
 {
@@ -104,6 +112,7 @@ static void extlock_cache_drop(ExtlockClient *c, ExtlockCachedLock *l)
     assert(!l->ce.stale);
     extlock_lock_count_hold(c, l);
     extlock_cache_idle_del(c, l);
+    extlock_cache_forget_hit(c, l);
     extlock_itree_remove(&c->locks, &l->ce.node);
     g_hash_table_remove(c->lock_ids, &l->lock_id);
     g_free(l);
@@ -153,6 +162,7 @@ static void extlock_lock_make_stale(ExtlockClient *c, ExtlockCachedLock *l,
     assert(l->users > 0 && !l->ce.stale);
     extlock_lock_count_hold(c, l);
     extlock_cache_idle_del(c, l);
+    extlock_cache_forget_hit(c, l);
     extlock_itree_remove(&c->locks, &l->ce.node);
     g_hash_table_remove(c->lock_ids, &l->lock_id);
     l->ce.stale = true;
@@ -227,6 +237,7 @@ static bool extlock_lock_give_back(ExtlockClient *c, ExtlockCachedLock *l,
         extlock_cache_drop(c, l);
         return false;
     }
+    extlock_cache_forget_hit(c, l);
     extlock_itree_remove(&c->locks, &l->ce.node);
     if (part.start == ext.start) {
         l->ce.node.ext.start = part.end;
@@ -355,14 +366,28 @@ static void extlock_cache_timer_cb(void *opaque)
     }
 }
 
-/* A cached lock that serves @ext in @mode (never a revoked or stale one) */
+/*
+ * A cached lock that serves @ext in @mode (never a revoked or stale one).
+ * The last one that served is tried first, without a search: any lock
+ * that serves will do (each is valid and covers @ext in a mode that
+ * allows @mode), the tree's first is not preferred.
+ */
 static ExtlockCachedLock *extlock_cache_find(ExtlockClient *c,
                                              ExtlockExtent ext,
                                              ExtlockMode mode)
 {
-    ExtlockCacheEntry *e = extlock_cache_lookup(&c->locks, ext, mode);
+    ExtlockCacheEntry *e;
 
-    return e ? container_of(e, ExtlockCachedLock, ce) : NULL;
+    if (c->last_hit &&
+        extlock_cache_entry_serves(&c->last_hit->ce, ext, mode)) {
+        return c->last_hit;
+    }
+    e = extlock_cache_lookup(&c->locks, ext, mode);
+    if (!e) {
+        return NULL;
+    }
+    c->last_hit = container_of(e, ExtlockCachedLock, ce);
+    return c->last_hit;
 }
 
 static void extlock_lock_use(ExtlockClient *c, ExtlockCachedLock *l,

@@ -183,6 +183,12 @@ typedef struct ExtlockClient {
     /* locks */
     uint64_t session_gen;       /* bumped whenever a new session starts */
     ExtlockITree locks;         /* ExtlockCachedLock by extent */
+    /*
+     * The lock that served the last cache hit, tried before the tree
+     * (NULL once it leaves @locks): sequential and repeated requests, and
+     * a lone process whose first lock grew over the image, hit it.
+     */
+    struct ExtlockCachedLock *last_hit;
     GHashTable *lock_ids;       /* lock id -> ExtlockCachedLock */
     QLIST_HEAD(, ExtlockCachedLock) stale; /* stale locks still in use */
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */

@@ -603,6 +603,7 @@ extlock_locked_io_here(BlockDriverState *bs, ExtlockIoKind kind,
     const char *op = extlock_io_kind_names[kind];
     ExtlockRequest req = {};
     int64_t cost_start = 0;
+    bool recheck;
     int ret;
 
     if (bytes == 0) {
@@ -642,7 +643,14 @@ extlock_locked_io_here(BlockDriverState *bs, ExtlockIoKind kind,
         extlock_client_unlock(s->client, &req);
         return -EBADE;
     }
-    /* After the grant: it may show a maintenance (extlock-maint.h) */
+    /*
+     * After the grant: it may show a maintenance (extlock-maint.h).  A
+     * plain cache hit with no maintenance busy or due does not yield
+     * between extlock_client_lock(), which checked the lease and found
+     * the lock valid, and the child: nothing can have changed, so the
+     * check below (and its clock read) is left out.
+     */
+    recheck = req.waited || s->maint.busy || s->client->maint_reload;
     ret = extlock_maint_enter(&s->maint, true);
     if (ret == 0) {
         /*
@@ -650,7 +658,7 @@ extlock_locked_io_here(BlockDriverState *bs, ExtlockIoKind kind,
          * lock was taken must still hold and the lock must still be this
          * session's, else other hosts may own the extent by now
          */
-        if (extlock_client_lock_valid_now(s->client, &req)) {
+        if (!recheck || extlock_client_lock_valid_now(s->client, &req)) {
             ret = extlock_forward(bs, kind, offset, bytes, qiov, qiov_offset,
                                   flags, &req);
         } else {

@@ -22,6 +22,13 @@ a noisy machine:
    loopback NFS export (nfs-ganesha).  Runs are interleaved and repeated;
    the median is reported with its ratio to (a).
 
+   The filter's own cost, measured so that the event loop does not count
+   (--only fair, also part of --only cost): instructions per request
+   (valgrind's callgrind, two request counts so that start-up cancels) of
+   (a), (b), (c) and of extlock's own functions in (c), against the rest
+   of (c)'s request; converted to ns with (c)'s CPU time per request, and
+   perf's share of (c)'s samples in extlock's functions, also in ns.
+
 2. Handoff latency.  Two qemu-io processes write the same 4 KiB extent of
    a null-co image in turn (each sleeps between its writes, offset by half
    a period, so the lock changes hands on almost every write).  qemu-io
@@ -48,7 +55,8 @@ optionally, extlockd) the filter cost and the many-hosts runs are made
 with both builds, interleaved, and printed side by side.
 
 Usage: bench-qemu.py [--quick] [--no-nfs] [--repeat N] [--json FILE]
-                     [--only throughput|cost|handoff|hosts] [--hosts 4,8]
+                     [--only throughput|cost|fair|handoff|hosts]
+                     [--hosts 4,8]
                      [--before DIR]
 """
 
@@ -143,6 +151,134 @@ def perf_share(image_opts, count, write, workdir, depth, binary=None):
         if re.match(r"(extlock_|itree_)", m.group(2)):
             ours += pct
     return ours / total if total else None
+
+
+OWN_SYMBOL = re.compile(r"(extlock_|itree_)")
+
+
+def bench_argv(binary, image_opts, count, write, depth):
+    argv = [binary or procs.binary("qemu-img"), "bench", "--image-opts",
+            "-c", str(count), "-d", str(depth), "-s", "4096", "-S",
+            str(STEP)]
+    if write:
+        argv.append("-w")
+    argv.append(image_opts)
+    return argv
+
+
+def callgrind_counts(argv, workdir):
+    """
+    (instructions of the whole process, instructions in extlock's own
+    functions) of one run of @argv under valgrind's callgrind: counted,
+    not sampled, so they do not depend on the load of the machine.
+    """
+    out = Path(tempfile.mkstemp(prefix="cg-", dir=workdir)[1])
+    r = subprocess.run(["valgrind", "--tool=callgrind",
+                        f"--callgrind-out-file={out}"] + argv,
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode:
+        raise RuntimeError(f"callgrind failed: {r.stdout}{r.stderr}")
+    ann = subprocess.run(["callgrind_annotate", "--threshold=100",
+                          "--inclusive=no", "--auto=no", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    total = own = 0
+    # "  1,234 ( 0.56%)  file:function [object]", one line per function
+    for m in re.finditer(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$",
+                         ann.stdout, re.M):
+        n = int(m.group(1).replace(",", ""))
+        what = m.group(2)
+        if what.startswith("PROGRAM TOTALS"):
+            total = n
+        elif OWN_SYMBOL.match(what.split(" ")[0].rsplit(":", 1)[-1]):
+            own += n
+    out.unlink()
+    return total, own
+
+
+def instructions_per_request(image_opts, counts, write, workdir, depth,
+                             binary=None):
+    """
+    Instructions per request of one chain: callgrind runs with two request
+    counts, so start-up and exit cancel out: (whole process, extlock's own
+    functions) per request.
+    """
+    lo, hi = counts
+    t0, o0 = callgrind_counts(bench_argv(binary, image_opts, lo, write,
+                                         depth), workdir)
+    t1, o1 = callgrind_counts(bench_argv(binary, image_opts, hi, write,
+                                         depth), workdir)
+    return (t1 - t0) / (hi - lo), (o1 - o0) / (hi - lo)
+
+
+def cpu_ns_per_request(image_opts, count, write, depth, binary=None):
+    """
+    CPU time (user + system, from the kernel's accounting of the child)
+    per request, start-up subtracted with a run of count / 20 requests.
+    CPU time, not wall time: waiting for a core under load is not in it.
+    """
+    def cpu(n):
+        p = subprocess.Popen(bench_argv(binary, image_opts, n, write, depth),
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode:
+            raise RuntimeError("qemu-img bench failed")
+        return ru.ru_utime + ru.ru_stime
+    small = max(1, count // 20)
+    return (cpu(count) - cpu(small)) * 1e9 / (count - small)
+
+
+def fair_cost(cfgs, bname, counts, cg_counts, write, workdir, depth,
+              builds, repeat):
+    """
+    The filter's cost measured so that the event loop does not matter:
+    instructions (callgrind) per request of chains (a), (b), (c) and the
+    instructions in extlock's own functions per request, the CPU time per
+    request of (c) and its perf profile's share in extlock's functions.
+    Every figure is printed as a ratio to the baseline of the same run.
+    """
+    opts = {name: opts_str(o) for name, o in cfgs}
+    a, b, c = (opts["a: no filter"], opts["b: blkdebug"],
+               opts["c: extlock cache=on"])
+    rows = []
+    ir_a, _ = instructions_per_request(a, cg_counts, write, workdir, depth)
+    ir_b, _ = instructions_per_request(b, cg_counts, write, workdir, depth,
+                                       builds[-1][1])
+    cpu = {label: [] for label, _, _ in builds}
+    share = {label: [] for label, _, _ in builds}
+    ir = {}
+    for label, binary, _ in builds:
+        ir[label] = instructions_per_request(c, cg_counts, write, workdir,
+                                             depth, binary)
+    for _ in range(repeat):
+        for label, binary, _ in builds:
+            cpu[label].append(cpu_ns_per_request(c, counts[bname], write,
+                                                 depth, binary))
+            s = perf_share(c, counts[bname], write, workdir, depth, binary)
+            if s is not None:
+                share[label].append(s)
+    for label, _, _ in builds:
+        ir_c, own = ir[label]
+        ns = statistics.median(cpu[label])
+        ps = statistics.median(share[label]) if share[label] else None
+        rows.append({
+            "backend": bname, "op": "write" if write else "read",
+            "depth": depth, "build": label,
+            "instr_a": round(ir_a), "instr_b": round(ir_b),
+            "instr_c": round(ir_c), "instr_own": round(own),
+            # the rest of (c)'s request: same process, same event loop
+            "own_vs_rest_of_c": round(own / (ir_c - own), 4),
+            "own_vs_a": round(own / ir_a, 4),
+            "b_vs_a": round(ir_b / ir_a, 3),
+            "c_vs_a": round(ir_c / ir_a, 3),
+            "cpu_ns_c": round(ns, 1),
+            # CPU time of (c) in proportion to its instructions
+            "own_ns_by_instr": round(ns * own / ir_c, 1),
+            "perf_share": None if ps is None else round(ps, 4),
+            "own_ns_by_perf": None if ps is None else round(ns * ps, 1),
+        })
+    return rows
 
 
 def opts_str(opts):
@@ -727,8 +863,8 @@ def main():
     ap.add_argument("--layouts", metavar="L1,L2",
                     help="many hosts: only these layouts (neighbours, "
                     "overlapping, same)")
-    ap.add_argument("--only", choices=("throughput", "cost", "handoff",
-                                       "hosts"),
+    ap.add_argument("--only", choices=("throughput", "cost", "fair",
+                                       "handoff", "hosts"),
                     help="run only one of the parts")
     ap.add_argument("--before", metavar="DIR",
                     help="a directory with the qemu-img (and, if there, "
@@ -737,6 +873,7 @@ def main():
                     "interleaved, and print both")
     args = ap.parse_args()
 
+    load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     workdir = Path(tempfile.mkdtemp(prefix="extlock-bench-"))
     group = procs.ProcessGroup(workdir)
     nfs = None
@@ -759,6 +896,7 @@ def main():
 
         tp = ho = None
         mh = []
+        fair = []
         builds = [("this", procs.binary("qemu-img"), None)]
         if args.before:
             bdir = Path(args.before).resolve()
@@ -768,6 +906,13 @@ def main():
         if args.only in (None, "throughput", "cost"):
             tp = throughput(backends, coordinator, args.repeat, counts,
                             workdir, builds, args.only == "cost")
+        if args.only in (None, "cost", "fair"):
+            cg = (2000, 12000) if args.quick else (5000, 25000)
+            cfgs = configs(backends[0][1], coordinator)
+            for depth in (32, 1):
+                for write in (False, True):
+                    fair += fair_cost(cfgs, "null-co", counts, cg, write,
+                                      workdir, depth, builds, args.repeat)
         if args.only in (None, "hosts"):
             for n in [int(x) for x in args.hosts.split(",") if x]:
                 mh += many_hosts(workdir, group, n, {
@@ -805,6 +950,42 @@ def main():
                               r["clock_read_ns"],
                               "n/a" if r["perf_share"] is None else
                               "%.3f" % r["perf_share"]))
+        if fair:
+            print("\nThe filter's own cost, event loop left out (null-co, "
+                  "4 KiB; instructions counted by callgrind; CPU time per "
+                  "request of (c) from the kernel's accounting, median of "
+                  "%d)" % args.repeat)
+            print("  instr/request: a (no filter), b (blkdebug) and c "
+                  "(extlock cache=on) with ratios to a; own: in extlock's "
+                  "functions, as a ratio to the rest of (c)'s request "
+                  "(same process, same event loop) and to a; own ns: (c)'s "
+                  "CPU ns/request x own's share of its instructions, and "
+                  "x perf's share of its samples")
+            print("  %-5s QD %-6s %7s %7s %5s %7s %5s %6s %6s %6s %7s %7s "
+                  "%7s %6s" % (
+                      "op", "build", "a", "b", "b/a", "c", "c/a", "own",
+                      "/rest", "/a", "cpu ns", "own ns", "perf", "ns"))
+            for r in fair:
+                print("  %-5s %2d %-6s %7d %7d %5.2f %7d %5.2f %6d %6.3f "
+                      "%6.3f %7.0f %7.1f %7s %6s" % (
+                          r["op"], r["depth"], r["build"], r["instr_a"],
+                          r["instr_b"], r["b_vs_a"], r["instr_c"],
+                          r["c_vs_a"], r["instr_own"],
+                          r["own_vs_rest_of_c"], r["own_vs_a"],
+                          r["cpu_ns_c"], r["own_ns_by_instr"],
+                          "n/a" if r["perf_share"] is None else
+                          "%.3f" % r["perf_share"],
+                          "n/a" if r["own_ns_by_perf"] is None else
+                          "%.0f" % r["own_ns_by_perf"]))
+            if len(builds) > 1:
+                print("  %s -> %s, extlock's own instructions per request:"
+                      % (builds[0][0], builds[-1][0]))
+                for i in range(0, len(fair), len(builds)):
+                    r0, r1 = fair[i], fair[i + len(builds) - 1]
+                    print("  %-5s QD%-2d %6d -> %6d  (%.3f)" % (
+                        r0["op"], r0["depth"], r0["instr_own"],
+                        r1["instr_own"], r1["instr_own"] /
+                        max(1, r0["instr_own"])))
         if ho:
             print("\nHandoff: two qemu-io processes writing one 4 KiB extent "
                   "in turn (%d writes each)" % ho["writes_per_process"])
@@ -856,11 +1037,13 @@ def main():
                             x["stalls"], x["out_of_order"],
                             x["partial_releases"],
                             x["granted_kib"]) for x in figs))
-        print("\nLoad average during the run: %s" %
+        print("\nLoad average at the start: %s" % load0)
+        print("Load average during the run: %s" %
               " ".join(Path("/proc/loadavg").read_text().split()[:3]))
         if args.json:
             Path(args.json).write_text(json.dumps(
-                {"throughput": tp, "handoff": ho, "hosts": mh}, indent=2))
+                {"throughput": tp, "fair_cost": fair, "handoff": ho,
+                 "hosts": mh}, indent=2))
     finally:
         group.stop_all()
         if nfs:

@@ -311,6 +311,120 @@ static void test_local_set_vs_oracle(void **state)
 }
 
 /*
+ * The filter in front of the conflict check (EXTLOCK_LOCAL_BUCKETS
+ * buckets of 64 KiB blocks).  Each case is one the filter must not
+ * answer "nobody else" for, or one where it must still search:
+ *  - two writes 16 MiB apart fall into the same bucket but share no
+ *    block: the search runs and finds no conflict;
+ *  - an earlier write over 32 MiB is in every bucket (nwide): a later
+ *    write inside it must wait, though its own bucket counts only itself;
+ *  - a write over two blocks whose second block is shared with an
+ *    earlier write must wait (every block of a request is looked at);
+ *  - the counts return to zero when the set is empty.
+ */
+static void test_local_filter(void **state)
+{
+    const uint64_t span = EXTLOCK_LOCAL_BUCKETS *
+                          (1ULL << EXTLOCK_LOCAL_BLOCK_SHIFT);
+    ExtlockLocalSet set;
+    ExtlockLocalReq a = { .node.ext = ext(0, 4 * KiB), .seq = 1,
+                          .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq b = { .node.ext = ext(span, span + 4 * KiB), .seq = 2,
+                          .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq wide = { .node.ext = ext(64 * MiB, 96 * MiB), .seq = 3,
+                             .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq in = { .node.ext = ext(81 * MiB + 4 * KiB,
+                                           81 * MiB + 8 * KiB), .seq = 4,
+                           .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq two = { .node.ext = ext(60 * KiB, 68 * KiB), .seq = 5,
+                            .mode = EXTLOCK_MODE_EXCLUSIVE };
+    ExtlockLocalReq next = { .node.ext = ext(64 * KiB, 72 * KiB), .seq = 0,
+                             .mode = EXTLOCK_MODE_EXCLUSIVE };
+
+    (void)state;
+    extlock_local_init(&set);
+    extlock_local_insert(&set, &a);
+    extlock_local_insert(&set, &b);
+    assert_int_equal(set.buckets[0], 2);    /* same bucket ... */
+    assert_false(extlock_local_must_wait(&set, &b));  /* ... no overlap */
+
+    extlock_local_insert(&set, &wide);
+    assert_int_equal(set.nwide, 1);
+    extlock_local_insert(&set, &in);
+    /* @in's own bucket holds only @in: the wide write is what it waits for */
+    assert_int_equal(set.buckets[(81 * MiB >> EXTLOCK_LOCAL_BLOCK_SHIFT) %
+                                 EXTLOCK_LOCAL_BUCKETS], 1);
+    assert_true(extlock_local_must_wait(&set, &in));
+    extlock_local_remove(&set, &wide);
+    assert_false(extlock_local_must_wait(&set, &in));
+
+    /* @next (earlier, seq 0) shares only @two's second block */
+    extlock_local_remove(&set, &a);
+    extlock_local_remove(&set, &b);
+    extlock_local_insert(&set, &next);
+    extlock_local_insert(&set, &two);
+    assert_true(extlock_local_must_wait(&set, &two));
+
+    extlock_local_remove(&set, &in);
+    extlock_local_remove(&set, &two);
+    extlock_local_remove(&set, &next);
+    assert_int_equal(set.nwide, 0);
+    for (size_t i = 0; i < EXTLOCK_LOCAL_BUCKETS; i++) {
+        assert_int_equal(set.buckets[i], 0);
+    }
+}
+
+/*
+ * The filter against brute force: requests scattered over 64 MiB (so
+ * that blocks share buckets), some of them wide (over 16-24 MiB), both
+ * modes, coming and going in random order up to beyond the flat array.
+ */
+static void test_local_filter_vs_oracle(void **state)
+{
+    enum { MAXQ = 2 * EXTLOCK_LOCAL_FLAT_MAX };
+    ExtlockLocalSet set;
+    ExtlockLocalReq pool[MAXQ];
+    ExtlockLocalReq *act[MAXQ];
+    ExtlockLocalReq *free_list[MAXQ];
+    size_t n = 0, nfree = MAXQ;
+    uint64_t seq = 1;
+    GRand *rng = g_rand_new_with_seed(1603);
+
+    (void)state;
+    extlock_local_init(&set);
+    for (size_t i = 0; i < MAXQ; i++) {
+        free_list[i] = &pool[i];
+    }
+    for (int step = 0; step < 4000; step++) {
+        bool add = n == 0 || (n < MAXQ && g_rand_int_range(rng, 0, 2));
+
+        if (add) {
+            ExtlockLocalReq *r = free_list[--nfree];
+            uint64_t start = g_rand_int_range(rng, 0, 16384) * 4 * KiB;
+            uint64_t len = g_rand_int_range(rng, 0, 20) == 0
+                           ? g_rand_int_range(rng, 16, 25) * MiB
+                           : g_rand_int_range(rng, 1, 33) * 4 * KiB;
+
+            memset(r, 0, sizeof(*r));
+            r->node.ext = ext(start, start + len);
+            r->seq = seq++;
+            r->mode = g_rand_int_range(rng, 0, 3) == 0
+                      ? EXTLOCK_MODE_SHARED : EXTLOCK_MODE_EXCLUSIVE;
+            extlock_local_insert(&set, r);
+            act[n++] = r;
+        } else {
+            size_t k = g_rand_int_range(rng, 0, n);
+
+            extlock_local_remove(&set, act[k]);
+            free_list[nfree++] = act[k];
+            act[k] = act[--n];
+        }
+        check_all(&set, act, n);
+    }
+    g_rand_free(rng);
+}
+
+/*
  * Moving into the tree keeps every request's answer, and removing a
  * request from the middle of the flat array moves the last one into its
  * slot without losing it.
@@ -508,6 +622,8 @@ int main(void)
         cmocka_unit_test(test_local_shortcuts),
         cmocka_unit_test(test_local_set_vs_oracle),
         cmocka_unit_test(test_local_set_edges),
+        cmocka_unit_test(test_local_filter),
+        cmocka_unit_test(test_local_filter_vs_oracle),
         cmocka_unit_test(test_revoke_part),
         cmocka_unit_test(test_grow_limit),
         cmocka_unit_test(test_histogram),
