@@ -85,6 +85,15 @@ class QMPClient:
                 time.sleep(0.05)
         self.sock = s
         self.greeting = self._read_message(self.connect_timeout)
+        # QEMU's QMP monitor sends events to a client that connected but
+        # whose CHR_EVENT_OPENED has not been handled yet (the monitor's
+        # command table is still unset then, not the negotiation one), so
+        # an event emitted at that moment - extlock emits one when its
+        # node learns the reservation state - can come before the
+        # greeting.  Keep such events; the greeting must still come.
+        while "event" in self.greeting and "QMP" not in self.greeting:
+            self.events.append(self.greeting)
+            self.greeting = self._read_message(self.connect_timeout)
         if "QMP" not in self.greeting:
             raise QMPConnectionError(f"unexpected QMP greeting: {self.greeting}")
         self.execute("qmp_capabilities")
