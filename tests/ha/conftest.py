@@ -231,8 +231,12 @@ class Relay:
 
 
 class Replica:
-    def __init__(self, cluster, name, extra_args=(), env=None, lean=False):
+    def __init__(self, cluster, name, extra_args=(), env=None, lean=False,
+                 ttl_ms=None):
         self.lean = lean            # no event log, no debug checks
+        # the replica's etcd lease TTL (default: the etcd cluster's, from
+        # which etcd's own election timeout is derived)
+        self.ttl_ms = ttl_ms or cluster.etcd.ttl_ms
         self.cl = cluster
         self.name = name
         self.sock = str(cluster.dir / ("%s.sock" % name))
@@ -251,7 +255,7 @@ class Replica:
         a = [str(EXTLOCKD), "--etcd-endpoints=" + self.endpoints(),
              "--cluster", self.cl.name, "--member-id", self.name,
              "--listen", self.address,
-             "--etcd-lease-ttl-ms", str(self.cl.etcd.ttl_ms),
+             "--etcd-lease-ttl-ms", str(self.ttl_ms),
              "--fence-margin-ms", "200"]
         if not self.lean:
             a += ["--event-log", str(self.event_log), "--debug-checks"]

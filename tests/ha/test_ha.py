@@ -195,8 +195,17 @@ def test_etcd_member_loss_changes_nothing(ha, etcd, member):
     within 1-2 election timeouts of TTL/4) or a follower.  The
     coordinator's leader keeps its lease proven throughout (keep-alives
     every TTL/6 leave 0.73 TTL of slack), so nothing changes for the
-    clients."""
-    leader = ha.start(3)
+    clients.
+
+    The replicas' TTL here is twice etcd's (whose election timeout is
+    derived from its own TTL): with 2 s, the slack of 1.47 s left 0.47 s
+    beside etcd's 2 election timeouts, and under a load of 25 a
+    re-election plus the keep-alive moving to another member once took
+    longer (runA: the leader stepped down).  The claim holds for any TTL
+    whose slack covers etcd's re-election; 2 x the etcd TTL makes that
+    2.9 s against 1 s."""
+    ttl_ms = 2 * etcd.ttl_ms
+    leader = ha.start(3, ttl_ms=ttl_ms)
     ws = run_workers(ha.addresses(), "ls", n=2)
     wait_progress(ws, 10)
     epoch0 = leader.status()["epoch"]
@@ -208,7 +217,7 @@ def test_etcd_member_loss_changes_nothing(ha, etcd, member):
         # lock traffic goes on for several lease TTLs
         wait_for(lambda: all(len([g for g in w.grants if g[0] > t]) > 50
                              for w in ws), 10, "traffic without the member")
-        time.sleep(3 * TTL_S)
+        time.sleep(3 * ttl_ms / 1000)
         st = leader.status()
         assert st["cluster"]["role"] == "leader" and st["epoch"] == epoch0
         assert not [e for r in ha.replicas for e in r.events("step-down")]
