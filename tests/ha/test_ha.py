@@ -197,14 +197,16 @@ def test_etcd_member_loss_changes_nothing(ha, etcd, member):
     every TTL/6 leave 0.73 TTL of slack), so nothing changes for the
     clients.
 
-    The replicas' TTL here is twice etcd's (whose election timeout is
-    derived from its own TTL): with 2 s, the slack of 1.47 s left 0.47 s
-    beside etcd's 2 election timeouts, and under a load of 25 a
-    re-election plus the keep-alive moving to another member once took
-    longer (runA: the leader stepped down).  The claim holds for any TTL
-    whose slack covers etcd's re-election; 2 x the etcd TTL makes that
-    2.9 s against 1 s."""
-    ttl_ms = 2 * etcd.ttl_ms
+    The replicas' TTL here is three times etcd's (whose election timeout
+    is derived from its own TTL).  With 2 s, the slack of 1.47 s left
+    0.47 s beside etcd's 2 election timeouts; under a load of 25-30 the
+    keep-alive, which a surviving member holds until etcd has a leader
+    again, came back too late in runA and in 2 of the 3 clean-clone runs
+    h1-h3 of 4cfcb03 (the leader logged no keep-alive failure, only the
+    step-down at its deadline).  The claim holds for any TTL whose slack
+    covers etcd's re-election; 3 x the etcd TTL makes that 4.4 s against
+    1 s of election timeouts.  Traffic is then watched for 2 TTLs."""
+    ttl_ms = 3 * etcd.ttl_ms
     leader = ha.start(3, ttl_ms=ttl_ms)
     ws = run_workers(ha.addresses(), "ls", n=2)
     wait_progress(ws, 10)
@@ -217,7 +219,7 @@ def test_etcd_member_loss_changes_nothing(ha, etcd, member):
         # lock traffic goes on for several lease TTLs
         wait_for(lambda: all(len([g for g in w.grants if g[0] > t]) > 50
                              for w in ws), 10, "traffic without the member")
-        time.sleep(3 * ttl_ms / 1000)
+        time.sleep(2 * ttl_ms / 1000)
         st = leader.status()
         assert st["cluster"]["role"] == "leader" and st["epoch"] == epoch0
         assert not [e for r in ha.replicas for e in r.events("step-down")]
