@@ -569,7 +569,10 @@ def test_stopped_beyond_lease_fences_itself(policy, local_image, coord, lock_spa
     queue it waits.  Once the coordinator answers, A gets a new session
     (COORDINATOR_RESTORED, LEASE_RESTORED); a queued write then takes the
     lock in turn from B and lands after B's."""
-    lease, fence = 2000, 1000
+    # 4 s (it was 2 s): the new session after the fault must keep its
+    # lease while the held write takes its lock back from B; at a load of
+    # 30 a 2 s lease was lost once more there (QEMU's renewal acked late)
+    lease, fence = 4000, 1000
     d = coord(fence_margin_ms=fence)
     a = qsd(procs, "a", local_image.child, d.coordinator(), lock_space, "host-a",
             node="xla", lease_time=lease, on_lease_loss=policy)
@@ -631,6 +634,15 @@ def test_stopped_beyond_lease_fences_itself(policy, local_image, coord, lock_spa
             assert r["session"] != old_session, ev
             ev = a.qmp.wait_event(LEASE_RESTORED, timeout=5)
             check_event(ev, LEASE_RESTORED, node_name="xla", session=r["session"])
+            # the fault cost one lease and one reconnection (both counted
+            # before the events are sent).  Counted here, not at the end:
+            # the new session's lease can still be lost once more on a
+            # starved machine while the held write gets its lock (seen at
+            # a load of 30 with a 2 s lease: 'no lease renewal
+            # acknowledged in time', then resumed), which is not this
+            # test's fault
+            c = node_info(a.qmp)["counters"]
+            assert c["lease-losses"] == 1 and c["reconnects"] == 1, c
             if policy == "error":
                 na.write(0, pattern(0xa3, 64 * KiB), timeout=15)
                 expect = 0xa3
@@ -644,7 +656,6 @@ def test_stopped_beyond_lease_fences_itself(policy, local_image, coord, lock_spa
     info = node_info(a.qmp)
     assert info["state"] == "active" and info["session"] == r["session"]
     c = info["counters"]
-    assert c["lease-losses"] == 1 and c["reconnects"] == 1, c
     assert (c["errors"] >= 1) if policy == "error" else (c["errors"] == 0), c
     assert counters(b.qmp)["revocations"] >= 1     # A took the range back from B
 
