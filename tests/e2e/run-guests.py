@@ -50,6 +50,7 @@ import random
 import re
 import shutil
 import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -853,5 +854,14 @@ def main(argv=None):
     return 0 if ok else 1
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    # timeout(1) in scripts/run-tests.sh ends a hung run with SIGTERM:
+    # unwind like Ctrl-C, so the finally blocks stop the NFS server (its
+    # own session: the signal to the process group misses it), extlockd
+    # and the guests, and the next step finds 127.0.0.1:2049 free
+    signal.signal(signal.SIGTERM, _sigterm)
     sys.exit(main())

@@ -231,8 +231,12 @@ class Relay:
 
 
 class Replica:
-    def __init__(self, cluster, name, extra_args=(), env=None, lean=False):
+    def __init__(self, cluster, name, extra_args=(), env=None, lean=False,
+                 ttl_ms=None):
         self.lean = lean            # no event log, no debug checks
+        # the replica's etcd lease TTL (default: the etcd cluster's, from
+        # which etcd's own election timeout is derived)
+        self.ttl_ms = ttl_ms or cluster.etcd.ttl_ms
         self.cl = cluster
         self.name = name
         self.sock = str(cluster.dir / ("%s.sock" % name))
@@ -251,7 +255,7 @@ class Replica:
         a = [str(EXTLOCKD), "--etcd-endpoints=" + self.endpoints(),
              "--cluster", self.cl.name, "--member-id", self.name,
              "--listen", self.address,
-             "--etcd-lease-ttl-ms", str(self.cl.etcd.ttl_ms),
+             "--etcd-lease-ttl-ms", str(self.ttl_ms),
              "--fence-margin-ms", "200"]
         if not self.lean:
             a += ["--event-log", str(self.event_log), "--debug-checks"]
@@ -391,17 +395,6 @@ def etcd(tmp_path_factory):
     e.stop_all()
 
 
-@pytest.fixture(scope="module")
-def etcd_long(tmp_path_factory):
-    """etcd and replica leases 3 x HA_TTL_MS, for the tests whose claim is
-    that etcd's own election fits in the replicas' lease slack: etcd's
-    timeouts scale with the TTL, the CPU starvation of a loaded machine
-    does not."""
-    e = _etcd_cluster(tmp_path_factory, 3 * HA_TTL_MS)
-    yield e
-    e.stop_all()
-
-
 def _ha_cluster(etcd, request):
     # a short dir: UNIX socket paths must stay below 108 bytes
     d = Path(os.environ.get("TMPDIR", "/tmp")) / ("ha-%d-%s" % (
@@ -423,11 +416,6 @@ def _ha_cluster(etcd, request):
 @pytest.fixture
 def ha(etcd, request):
     yield from _ha_cluster(etcd, request)
-
-
-@pytest.fixture
-def ha_long(etcd_long, request):
-    yield from _ha_cluster(etcd_long, request)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -192,20 +192,24 @@ def test_partition_leader_from_etcd(ha, protected):
 
 
 @pytest.mark.parametrize("member", ["follower", "leader"])
-def test_etcd_member_loss_changes_nothing(ha_long, etcd_long, member):
+def test_etcd_member_loss_changes_nothing(ha, etcd, member):
     """One etcd member of three dies: etcd's leader (etcd elects another,
     within 1-2 election timeouts of TTL/4) or a follower.  The
     coordinator's leader keeps its lease proven throughout (keep-alives
     every TTL/6 leave 0.73 TTL of slack), so nothing changes for the
     clients.
 
-    The claim holds when etcd's election fits in that slack.  With a 2 s
-    TTL it did not once at load 29 (etcd leaderless for longer than
-    1.46 s): this test runs on its own etcd with 3 x HA_TTL_MS, where
-    etcd's timeouts and the slack scale together."""
-    ha, etcd = ha_long, etcd_long
-    ttl_s = etcd.ttl_ms / 1000
-    leader = ha.start(3)
+    The replicas' TTL here is three times etcd's (whose election timeout
+    is derived from its own TTL).  With 2 s, the slack of 1.47 s left
+    0.47 s beside etcd's 2 election timeouts; under a load of 25-30 the
+    keep-alive, which a surviving member holds until etcd has a leader
+    again, came back too late in runA and in 2 of the 3 clean-clone runs
+    h1-h3 of 4cfcb03 (the leader logged no keep-alive failure, only the
+    step-down at its deadline).  The claim holds for any TTL whose slack
+    covers etcd's re-election; 3 x the etcd TTL makes that 4.4 s against
+    1 s of election timeouts.  Traffic is then watched for 2 TTLs."""
+    ttl_ms = 3 * etcd.ttl_ms
+    leader = ha.start(3, ttl_ms=ttl_ms)
     ws = run_workers(ha.addresses(), "ls", n=2)
     wait_progress(ws, 10)
     epoch0 = leader.status()["epoch"]
@@ -214,18 +218,17 @@ def test_etcd_member_loss_changes_nothing(ha_long, etcd_long, member):
     t = time.monotonic_ns()
     etcd.kill(lost)
     try:
-        wait_for(lambda: etcd.leader_index() is not None, 10 * ttl_s,
-                 "etcd has a leader again")
+        wait_for(lambda: etcd.leader_index() is not None,
+                 10 * ttl_ms / 1000, "etcd has a leader again")
         leaderless_ms = (time.monotonic_ns() - t) / 1e6
         # lock traffic goes on for several lease TTLs
         wait_for(lambda: all(len([g for g in w.grants if g[0] > t]) > 50
                              for w in ws), 10, "traffic without the member")
-        time.sleep(3 * ttl_s)
+        time.sleep(2 * ttl_ms / 1000)
         st = leader.status()
         assert st["cluster"]["role"] == "leader" and st["epoch"] == epoch0, \
             "leader changed; etcd had a leader again %.0f ms after the " \
-            "kill (replica slack %.0f ms)" % (leaderless_ms,
-                                              0.73 * etcd.ttl_ms)
+            "kill (replica slack %.0f ms)" % (leaderless_ms, 0.73 * ttl_ms)
         assert not [e for r in ha.replicas for e in r.events("step-down")]
         for w in ws:
             assert not w.outages, "%s lost its connection" % w.c.client_id

@@ -651,9 +651,16 @@ def test_maint_count_survives_restart(nfs, extlockd, lock_space, procs, binaries
     m = maint_info(h)
     assert m["reloads"] == 1 and m["generation"] != 0, m
     gen = m["generation"]
-    saved = json.loads(extlockd.state_file.read_text())["maintenance"]
-    assert saved == [{"lock-space": lock_space, "count": 1, "epoch": gen >> 32,
-                      "size": size}], saved
+    # the end of a maintenance is written to the state file in the
+    # background (lockspace_maint_done: server_save_state_async), so the
+    # file may still be the one written at the grant: wait, bounded
+    expect = [{"lock-space": lock_space, "count": 1, "epoch": gen >> 32,
+               "size": size}]
+    saved = wait_until(
+        lambda: (lambda v: v if v == expect else None)(
+            json.loads(extlockd.state_file.read_text()).get("maintenance")),
+        timeout=10, what="the finished maintenance in the state file")
+    assert saved == expect, saved
 
     extlockd.restart()
     fresh_grant_io(extlockd, lock_space, h, 3 * MiB, 0x33)

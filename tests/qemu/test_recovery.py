@@ -569,7 +569,10 @@ def test_stopped_beyond_lease_fences_itself(policy, local_image, coord, lock_spa
     queue it waits.  Once the coordinator answers, A gets a new session
     (COORDINATOR_RESTORED, LEASE_RESTORED); a queued write then takes the
     lock in turn from B and lands after B's."""
-    lease, fence = 2000, 1000
+    # 4 s (it was 2 s): the new session after the fault must keep its
+    # lease while the held write takes its lock back from B; at a load of
+    # 30 a 2 s lease was lost once more there (QEMU's renewal acked late)
+    lease, fence = 4000, 1000
     d = coord(fence_margin_ms=fence)
     a = qsd(procs, "a", local_image.child, d.coordinator(), lock_space, "host-a",
             node="xla", lease_time=lease, on_lease_loss=policy)
@@ -631,6 +634,15 @@ def test_stopped_beyond_lease_fences_itself(policy, local_image, coord, lock_spa
             assert r["session"] != old_session, ev
             ev = a.qmp.wait_event(LEASE_RESTORED, timeout=5)
             check_event(ev, LEASE_RESTORED, node_name="xla", session=r["session"])
+            # the fault cost one lease and one reconnection (both counted
+            # before the events are sent).  Counted here, not at the end:
+            # the new session's lease can still be lost once more on a
+            # starved machine while the held write gets its lock (seen at
+            # a load of 30 with a 2 s lease: 'no lease renewal
+            # acknowledged in time', then resumed), which is not this
+            # test's fault
+            c = node_info(a.qmp)["counters"]
+            assert c["lease-losses"] == 1 and c["reconnects"] == 1, c
             if policy == "error":
                 na.write(0, pattern(0xa3, 64 * KiB), timeout=15)
                 expect = 0xa3
@@ -644,7 +656,6 @@ def test_stopped_beyond_lease_fences_itself(policy, local_image, coord, lock_spa
     info = node_info(a.qmp)
     assert info["state"] == "active" and info["session"] == r["session"]
     c = info["counters"]
-    assert c["lease-losses"] == 1 and c["reconnects"] == 1, c
     assert (c["errors"] >= 1) if policy == "error" else (c["errors"] == 0), c
     assert counters(b.qmp)["revocations"] >= 1     # A took the range back from B
 
@@ -719,7 +730,11 @@ def test_partition_beyond_lease_fences_before_regrant(local_image, coord, lock_s
     to B no earlier than D + m + M.  After the link heals, A starts a new
     session and its writes work again."""
     binaries("qemu-storage-daemon")
-    lease, fence = 2000, 1000
+    # 4 s (it was 2 s): after the heal, the new session must keep its
+    # lease through the next write (on-lease-loss=error fails it
+    # otherwise); test_stopped_beyond_lease_fences_itself lost a 2 s
+    # lease a second time there at a load of 30
+    lease, fence = 4000, 1000
     d = coord(fence_margin_ms=fence)
     link = TcpPartition(d.tcp_port)
     try:
@@ -781,13 +796,14 @@ def test_partition_beyond_lease_fences_before_regrant(local_image, coord, lock_s
             assert r["session"] != old_session
             ev = a.qmp.wait_event(LEASE_RESTORED, timeout=5)
             check_event(ev, LEASE_RESTORED, node_name="xla", session=r["session"])
+            # the fault's own counts (the node counts before the events)
+            c = counters(a.qmp)
+            assert c["lease-losses"] == 1 and c["errors"] >= 1 and c["reconnects"] == 1, c
             na.write(0, pattern(0xa3, 64 * KiB), timeout=15)
         finally:
             na.close()
             nb.close()
         assert local_image.path.read_bytes()[:64 * KiB] == pattern(0xa3, 64 * KiB)
-        c = counters(a.qmp)
-        assert c["lease-losses"] == 1 and c["errors"] >= 1 and c["reconnects"] >= 1, c
         print(f"\nA fenced itself {t_lost - t_cut:.3f} s after the cut; B granted "
               f"{t_b - t_lost:.3f} s after that (m + M = {m + fence / 1000:.1f} s)")
     finally:
@@ -825,18 +841,35 @@ def test_wait_timeout_event(local_image, coord, lock_space, procs, binaries):
         err, _ = n.wait(h, timeout=10)
         assert err == 0
 
-        # a short wait: no event
-        g = holder.lock(2 * MiB, 64 * KiB, "exclusive")
-        h = n.send_write(2 * MiB, pattern(0x78, 4096))
-        wait_until(lambda: queued(q.qmp), timeout=5, what="the write to be queued")
-        # the fault itself: a wait well below the 300 ms warning
-        time.sleep(0.1)
-        holder.unlock(g["lock"])
-        err, _ = n.wait(h, timeout=10)
-        assert err == 0
-        assert events_named(q.qmp, WAIT_TIMEOUT, timeout=0.5) == []
+        # a short wait: no event.  The write waits (it is queued at the
+        # coordinator, seen in query-extent-locks) and the holder lets go
+        # at once.  Its wait lies between its send and its answer: an
+        # answer within 300 ms of the send proves it waited less than the
+        # warning time, so no event may come.  Under load the round trips
+        # alone can take longer than that (it was a fixed 0.1 s hold, which
+        # a starved coordinator could stretch past 300 ms): such an attempt
+        # proves nothing either way (an event it gets must say >= 300 ms)
+        # and the next one is made, at most 10
+        short = None
+        for attempt in range(10):
+            off = 2 * MiB + attempt * 64 * KiB
+            g = holder.lock(off, 64 * KiB, "exclusive")
+            t_send = time.monotonic()
+            h = n.send_write(off, pattern(0x78, 4096))
+            wait_until(lambda: queued(q.qmp), timeout=5, what="the write to be queued")
+            holder.unlock(g["lock"])
+            err, _ = n.wait(h, timeout=10)
+            took = time.monotonic() - t_send
+            assert err == 0
+            evs = events_named(q.qmp, WAIT_TIMEOUT, timeout=0.5)
+            if took < 0.3:
+                assert evs == [], (took, evs)
+                short = off
+                break
+            assert all(e["data"]["waited-ms"] >= 300 for e in evs), evs
+        assert short is not None, "no write waited less than 300 ms in 10 attempts"
     c = counters(q.qmp)
-    assert c["waits"] == 2 and c["errors"] == 0, c
+    assert c["waits"] == 2 + attempt and c["errors"] == 0, c
     data = local_image.path.read_bytes()
     assert data[MiB + 4196:MiB + 4196 + 8000] == pattern(0x77, 8000)
-    assert data[2 * MiB:2 * MiB + 4096] == pattern(0x78, 4096)
+    assert data[short:short + 4096] == pattern(0x78, 4096)

@@ -84,18 +84,21 @@ class QMPClient:
                         f"cannot connect to QMP socket {self.path}: {e}") from e
                 time.sleep(0.05)
         self.sock = s
-        self.greeting = self._read_message(self.connect_timeout)
-        # QEMU's QMP monitor sends events to a client that connected but
-        # whose CHR_EVENT_OPENED has not been handled yet (the monitor's
-        # command table is still unset then, not the negotiation one), so
-        # an event emitted at that moment - extlock emits one when its
-        # node learns the reservation state - can come before the
-        # greeting.  Keep such events; the greeting must still come.
-        while "event" in self.greeting and "QMP" not in self.greeting:
-            self.events.append(self.greeting)
-            self.greeting = self._read_message(self.connect_timeout)
-        if "QMP" not in self.greeting:
-            raise QMPConnectionError(f"unexpected QMP greeting: {self.greeting}")
+        # QEMU can send an event before the greeting: a monitor whose
+        # client has connected but whose "opened" handler (which sends the
+        # greeting and starts capabilities negotiation) has not run yet is
+        # not yet marked as negotiating, so monitor_qapi_event_emit()
+        # writes events to it (seen: EXTENT_LOCK_RESERVATION_CHANGED of a
+        # node subscribing at start, under load).  Keep such events.
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            msg = self._read_message(max(0.0, deadline - time.monotonic()))
+            if "QMP" in msg:
+                self.greeting = msg
+                break
+            if "event" not in msg:
+                raise QMPConnectionError(f"unexpected QMP greeting: {msg}")
+            self.events.append(msg)
         self.execute("qmp_capabilities")
         return self
 
