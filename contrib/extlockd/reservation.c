@@ -28,10 +28,11 @@
  *  - A session that has not acknowledged within --pr-ack-timeout-ms is
  *    expired, like a lapsed lease; the change still waits until the lease
  *    it had ends (by then its client has stopped I/O on its own).
- *  - A pr-out with a "request" number is remembered per client-id (its
- *    last PR_REQUESTS_KEPT ones): the same request again (a client
- *    retrying after its connection dropped) is answered with the first
- *    result instead of being applied twice.
+ *  - A pr-out with a "request" number is remembered per client-id and
+ *    lock-space (its last PR_REQUESTS_KEPT ones, in a table of the server
+ *    that outlives a forgotten empty state): the same request again (a
+ *    client retrying after its connection dropped) is answered with the
+ *    first result instead of being applied twice.
  *  - PREEMPT AND ABORT also ends every session of the preempted client-ids
  *    in the lock-space once they acknowledged: their locks go (like
  *    release-session), and they get "session-expired".  An expired one
@@ -90,6 +91,12 @@ struct ExtlockdPrTable {
     bool checking;               /* in reservation_check_all() */
     bool again;                  /* ... and asked to check again */
     guint later;                 /* reservation_check_later()'s source */
+    /*
+     * lock-space + client-id -> PrRequests: kept apart from the states,
+     * so that a retry is recognised after an empty state was forgotten
+     */
+    GHashTable *requests;
+    uint64_t requests_clock;     /* stamps PrRequests.used */
 };
 
 typedef struct ExtlockdPr {
@@ -99,7 +106,6 @@ typedef struct ExtlockdPr {
     uint64_t seq_base;           /* seq when created: no change since */
     GHashTable *owners;          /* registered client-id -> identity */
     GQueue ops;                  /* PrOp, in seq order */
-    GHashTable *requests;        /* client-id -> PrRequests, its last ones */
 } ExtlockdPr;
 
 /* A numbered pr-out of a client-id and its result */
@@ -119,6 +125,7 @@ typedef struct PrRequest {
 typedef struct PrRequests {
     PrRequest r[PR_REQUESTS_KEPT];
     unsigned next;               /* the slot the next one takes */
+    uint64_t used;               /* last new request (ExtlockdPrTable) */
 } PrRequests;
 
 static void pr_op_free(PrOp *op)
@@ -139,7 +146,6 @@ static void pr_free(gpointer p)
         pr_op_free(op);
     }
     extlock_pr_destroy(&pr->state);
-    g_hash_table_destroy(pr->requests);
     g_hash_table_destroy(pr->owners);
     g_free(pr->space);
     g_free(pr);
@@ -150,6 +156,8 @@ void reservation_init(ExtlockdServer *server)
     server->pr = g_new0(struct ExtlockdPrTable, 1);
     server->pr->spaces = g_hash_table_new_full(g_str_hash, g_str_equal,
                                                NULL, pr_free);
+    server->pr->requests = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                                 g_free, g_free);
 }
 
 void reservation_fini(ExtlockdServer *server)
@@ -157,6 +165,7 @@ void reservation_fini(ExtlockdServer *server)
     if (server->pr) {
         g_clear_handle_id(&server->pr->later, g_source_remove);
         g_hash_table_destroy(server->pr->spaces);
+        g_hash_table_destroy(server->pr->requests);
         g_clear_pointer(&server->pr, g_free);
     }
 }
@@ -170,8 +179,6 @@ static ExtlockdPr *pr_get(ExtlockdServer *server, const char *space)
         pr->space = g_strdup(space);
         extlock_pr_init(&pr->state);
         g_queue_init(&pr->ops);
-        pr->requests = g_hash_table_new_full(g_str_hash, g_str_equal,
-                                             g_free, g_free);
         pr->owners = g_hash_table_new_full(g_str_hash, g_str_equal,
                                            g_free, g_free);
         pr->seq = pr->seq_base = server->pr->seq_floor;
@@ -559,26 +566,53 @@ void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
 }
 
 /*
- * Every client-id that ever sent a numbered pr-out has an entry: past
- * PR_REQUESTS_MAX, those of client-ids not registered now go (their
- * retry would be applied again)
+ * Every client-id that ever sent a numbered pr-out has an entry per
+ * lock-space, kept when its empty reservation state is forgotten (its
+ * retry must still not be applied again).  Past PR_REQUESTS_MAX of them
+ * in the server, the one whose last new request is the oldest goes.
  */
-#define PR_REQUESTS_MAX     1024
+#define PR_REQUESTS_MAX     4096
 
-static gboolean pr_request_unregistered(gpointer key, gpointer value,
-                                        gpointer opaque)
+static char *pr_requests_key(const char *space, const char *client_id)
 {
-    ExtlockdPr *pr = opaque;
-
-    return !extlock_pr_find(&pr->state, key);
+    /* lock-space names and client-ids are printable: no newline */
+    return g_strdup_printf("%s\n%s", space, client_id);
 }
 
-static void pr_requests_trim(ExtlockdPr *pr)
+static PrRequests *pr_requests_find(ExtlockdServer *server,
+                                    const char *space, const char *client_id)
 {
-    if (g_hash_table_size(pr->requests) >= PR_REQUESTS_MAX) {
-        g_hash_table_foreach_remove(pr->requests, pr_request_unregistered,
-                                    pr);
+    g_autofree char *key = pr_requests_key(space, client_id);
+
+    return g_hash_table_lookup(server->pr->requests, key);
+}
+
+static PrRequests *pr_requests_get(ExtlockdServer *server,
+                                   const char *space, const char *client_id)
+{
+    GHashTable *t = server->pr->requests;
+    PrRequests *reqs = pr_requests_find(server, space, client_id);
+
+    if (!reqs) {
+        if (g_hash_table_size(t) >= PR_REQUESTS_MAX) {
+            GHashTableIter iter;
+            gpointer key, value, oldest = NULL;
+            uint64_t used = UINT64_MAX;
+
+            g_hash_table_iter_init(&iter, t);
+            while (g_hash_table_iter_next(&iter, &key, &value)) {
+                if (((PrRequests *)value)->used < used) {
+                    used = ((PrRequests *)value)->used;
+                    oldest = key;
+                }
+            }
+            g_hash_table_remove(t, oldest);
+        }
+        reqs = g_new0(PrRequests, 1);
+        g_hash_table_insert(t, pr_requests_key(space, client_id), reqs);
     }
+    reqs->used = ++server->pr->requests_clock;
+    return reqs;
 }
 
 /*
@@ -591,7 +625,8 @@ static bool pr_retried(ExtlockdServer *server, ExtlockdPr *pr,
                        ExtlockdConn *conn, ExtlockdSession *session,
                        ExtlockMsg *m)
 {
-    PrRequests *reqs = g_hash_table_lookup(pr->requests, session->client_id);
+    PrRequests *reqs = pr_requests_find(server, pr->space,
+                                        session->client_id);
     PrRequest *last = NULL;
     ExtlockMsg r;
 
@@ -735,13 +770,7 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         pr_note_owner(pr, session->client_id, conn->identity);
     }
     if (m->pr_request) {
-        reqs = g_hash_table_lookup(pr->requests, session->client_id);
-        if (!reqs) {
-            pr_requests_trim(pr);
-            reqs = g_new0(PrRequests, 1);
-            g_hash_table_insert(pr->requests, g_strdup(session->client_id),
-                                reqs);
-        }
+        reqs = pr_requests_get(server, pr->space, session->client_id);
         last = &reqs->r[reqs->next++ % PR_REQUESTS_KEPT];
         last->request = m->pr_request;
         last->result = st;

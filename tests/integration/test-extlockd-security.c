@@ -2354,6 +2354,70 @@ static void test_pr_state_freed(void **state)
 }
 
 /*
+ * A pr-out with a request number and its retry */
+static ExtlockPrStatus pr_out_numbered(ExtlockConn *c, uint64_t key,
+                                       uint64_t sa_key, uint64_t request,
+                                       bool update)
+{
+    uint64_t id = pr_out_request(c, EXTLOCK_PR_REGISTER, 0, key, sa_key,
+                                 request);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    ExtlockPrStatus st;
+
+    if (update) {
+        pr_expect_update(c, &m);
+        extlock_msg_clear(&m);
+    }
+    expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+    st = m.pr_result;
+    extlock_msg_clear(&m);
+    return st;
+}
+
+/*
+ * A retried pr-out is recognised after the empty reservation state of its
+ * lock-space was forgotten: register (request 1), unregister (request 2),
+ * bye; once "reservation-states" is 0, a new session of the same
+ * client-id retries request 2 and gets its first result (ok), not
+ * reservation-conflict from applying it again.  Before, the remembered
+ * requests went with the state.
+ */
+static void test_pr_retry_after_state_freed(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *c = conn_open(d->unix_addr);
+    int64_t deadline, n = -1;
+
+    g_free(hello_ok(c, "retry/d0", "gone", NULL));
+    assert_int_equal(pr_out_numbered(c, 0, 0x51, 1, true), EXTLOCK_PR_OK);
+    assert_int_equal(pr_out_numbered(c, 0x51, 0, 2, true), EXTLOCK_PR_OK);
+    /* a retry in the same session is recognised */
+    assert_int_equal(pr_out_numbered(c, 0x51, 0, 2, false), EXTLOCK_PR_OK);
+    bye_drop(c);
+    deadline = now_ms() + RECV_MS;
+    while (now_ms() < deadline) {
+        json_object *st = status_get(mon);
+
+        n = jint(jget(st, "counters"), "reservation-states");
+        json_object_put(st);
+        if (n == 0) {
+            break;
+        }
+        g_usleep(20 * 1000);
+    }
+    assert_int_equal(n, 0);
+    c = conn_open(d->unix_addr);
+    g_free(hello_ok(c, "retry/d0", "gone", NULL));
+    assert_int_equal(pr_out_numbered(c, 0x51, 0, 2, false), EXTLOCK_PR_OK);
+    /* a new request is applied: nothing to unregister */
+    assert_int_equal(pr_out_numbered(c, 0x51, 0, 3, false),
+                     EXTLOCK_PR_CONFLICT);
+    bye_drop(c);
+    daemon_stop(d);
+}
+
+/*
  * Per-action permissions: "allow=read" lets an identity take shared
  * locks and follow reservations (pr-in), nothing else: exclusive locks,
  * the maintenance lock, a freeze and pr-out get permission-denied and
@@ -2451,6 +2515,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pr_registration_limit, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_state_freed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_retry_after_state_freed,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_policy_actions, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_purpose, setup,
                                         teardown),
