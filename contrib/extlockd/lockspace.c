@@ -60,11 +60,16 @@ void lockspace_log_lock(ExtlockdServer *server, const char *event,
     }
 }
 
+/*
+ * What was asked for, as dispatch_permitted() classifies it: a lock that
+ * grew into the whole space (its limit allowed it) is no maintenance
+ */
 bool lockspace_is_maint(const ExtlockLock *lock)
 {
     return lock->mode == EXTLOCK_MODE_EXCLUSIVE &&
-           lock->node.ext.start == EXTLOCK_MAINT_OFFSET &&
-           lock->node.ext.end - lock->node.ext.start == EXTLOCK_MAINT_LENGTH;
+           lock->requested.start == EXTLOCK_MAINT_OFFSET &&
+           lock->requested.end - lock->requested.start ==
+           EXTLOCK_MAINT_LENGTH;
 }
 
 static void lockspace_send_granted(ExtlockdConn *conn, ExtlockLock *lock)

@@ -2483,6 +2483,41 @@ static void test_policy_actions(void **state)
     lock_now(c, 1 << 20, 4096, EXTLOCK_MODE_EXCLUSIVE);
     id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0, 0x5);
     expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+
+    /*
+     * grown: a write lock whose limit is the whole space is granted grown
+     * to it, and is still no maintenance (write is not maintain): its
+     * unlock with maint-size counts none and announces no size.  Before,
+     * the granted extent was tested: generation 1, size 12345.
+     */
+    {
+        ExtlockConn *g = conn_open(d->tcp_addr), *mon;
+        json_object *st;
+        const char *text;
+        Grant gr;
+
+        g_free(hello_ok(g, "grower/d0", "grown", "anonymous"));
+        gr.id = send_lock_limit(g, 0, 4096, EXTLOCK_MODE_EXCLUSIVE,
+                                EXTLOCK_MAINT_OFFSET, EXTLOCK_MAINT_LENGTH);
+        gr = expect_granted(g, gr.id, 0, EXTLOCK_MAINT_LENGTH,
+                            EXTLOCK_MODE_EXCLUSIVE);
+        extlock_msg_init(&m, EXTLOCK_MSG_UNLOCK);
+        m.lock = gr.lock;
+        m.has_maint_size = true;
+        m.maint_size = 12345;
+        send_msg(g, &m);
+        id = m.id;
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        expect_msg(g, &m, EXTLOCK_MSG_UNLOCKED, id);
+        extlock_msg_clear(&m);
+        mon = conn_open(d->unix_addr);
+        st = status_get(mon);
+        text = json_object_to_json_string(st);
+        assert_null(strstr(text, "\"maintenance\""));
+        json_object_put(st);
+        conn_drop(mon);
+        bye_drop(g);
+    }
     daemon_stop(d);
 }
 
