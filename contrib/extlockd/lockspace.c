@@ -234,14 +234,15 @@ static void maint_unrecorded_free(MaintUnrecorded *u)
 /*
  * Release the maintenance locks granted by the table that the state file
  * could not record, and tell their owners (no longer held: it was never
- * announced)
+ * announced).  Called after each request
+ * (dispatch_line), so the table never shows such a lock to the next one,
+ * and from a high-priority idle source for grants made by timers.
  */
-static gboolean lockspace_maint_unrecorded_cb(gpointer opaque)
+void lockspace_maint_undo(ExtlockdServer *server)
 {
-    ExtlockdServer *server = opaque;
     MaintUnrecorded *u;
 
-    server->maint_unrecorded_src = 0;
+    g_clear_handle_id(&server->maint_unrecorded_src, g_source_remove);
     while ((u = g_queue_pop_head(&server->maint_unrecorded)) != NULL) {
         ExtlockdLockSpace *space = g_hash_table_lookup(server->spaces,
                                                        u->space);
@@ -265,6 +266,14 @@ static gboolean lockspace_maint_unrecorded_cb(gpointer opaque)
         }
         maint_unrecorded_free(u);
     }
+}
+
+static gboolean lockspace_maint_unrecorded_cb(gpointer opaque)
+{
+    ExtlockdServer *server = opaque;
+
+    server->maint_unrecorded_src = 0;
+    lockspace_maint_undo(server);
     conn_flush_all(server);     /* the end of a main loop callback */
     return G_SOURCE_REMOVE;
 }
@@ -283,8 +292,10 @@ static void lockspace_maint_unrecorded(ExtlockdLockSpace *space,
     u->error = g_strdup(err->message);
     g_queue_push_tail(&server->maint_unrecorded, u);
     if (!server->maint_unrecorded_src) {
+        /* Before any socket is served again (not starved by them) */
         server->maint_unrecorded_src =
-            g_idle_add(lockspace_maint_unrecorded_cb, server);
+            g_idle_add_full(G_PRIORITY_HIGH, lockspace_maint_unrecorded_cb,
+                            server, NULL);
     }
 }
 
