@@ -234,7 +234,7 @@ static void maint_unrecorded_free(MaintUnrecorded *u)
 /*
  * Release the maintenance locks granted by the table that the state file
  * could not record, and tell their owners (no longer held: it was never
- * announced).  Called after each request
+ * announced, nor logged as granted).  Called after each request
  * (dispatch_line), so the table never shows such a lock to the next one,
  * and from a high-priority idle source for grants made by timers.
  */
@@ -261,7 +261,6 @@ void lockspace_maint_undo(ExtlockdServer *server)
                                 "granted", space->name, u->error);
             }
             g_hash_table_remove(session->held, lock);
-            lockspace_log_lock(server, "release", lock, NULL);
             extlock_table_release(space->table, lock);
         }
         maint_unrecorded_free(u);
@@ -594,7 +593,6 @@ static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     }
     g_hash_table_remove(session->waiting, lock);
     g_hash_table_add(session->held, lock);
-    lockspace_log_lock(session->server, "grant", lock, NULL);
     if (lockspace_is_maint(lock)) {
         g_autoptr(GError) err = NULL;
 
@@ -604,6 +602,8 @@ static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
             return;
         }
     }
+    /* Logged only once it is granted for good (a maintenance recorded) */
+    lockspace_log_lock(session->server, "grant", lock, NULL);
     if (session->conn) {
         lockspace_send_granted(session->conn, lock);
         conn_urgent(session->conn);

@@ -988,3 +988,29 @@ def test_unrecorded_maintenance_undone_before_next_request(procs, lock_space,
     assert daemon.alive(), daemon.stderr()
     assert daemon.stop() == 0, daemon.stderr()
 
+
+def test_unrecorded_maintenance_not_in_event_log(procs, lock_space, binaries):
+    """The event log shows no grant (and so no release) of a maintenance
+    lock that was refused because the state file could not record it
+    (docs/protocol.rst, Maintenance: the lock is not held).  Before, the
+    grant was logged before the state write was tried, then a release."""
+    events = procs.workdir / "events.jsonl"
+    daemon, holder, held, owner, rid = _unrecorded_maintenance_setup(
+        procs, lock_space, binaries,
+        extra_args=["--event-log", str(events)])
+    holder.unlock(held["lock"])
+    with pytest.raises(CoordinatorError) as e:
+        owner.reply(rid, timeout=10)
+    assert "cannot record the maintenance" in str(e.value), e.value
+    # the range is free again (so the undo is done and logged, if at all)
+    other = holder.lock(0, 4096, wait=False)
+    holder.unlock(other["lock"])
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    mine = [ev["event"] for ev in log if ev.get("client-id") == "maint-owner"]
+    assert "wait" in mine, log
+    assert "grant" not in mine and "release" not in mine, mine
+    owner.close()
+    holder.close()
+    assert daemon.alive(), daemon.stderr()
+    assert daemon.stop() == 0, daemon.stderr()
+
