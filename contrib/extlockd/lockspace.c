@@ -1083,7 +1083,7 @@ void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
         /* Its grant must be recorded (lockspace_maint_granted): can it? */
         if (!server_save_state(server, server->epoch, &err)) {
             conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                            "cannot record a maintenance in the state "
+                            "cannot record the maintenance in the state "
                             "file: %s", err->message);
             return;
         }

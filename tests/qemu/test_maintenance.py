@@ -1014,3 +1014,36 @@ def test_unrecorded_maintenance_not_in_event_log(procs, lock_space, binaries):
     assert daemon.alive(), daemon.stderr()
     assert daemon.stop() == 0, daemon.stderr()
 
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_maintenance_refused_at_once_unless_recorded(procs, lock_space,
+                                                     binaries, wait):
+    """A maintenance request that nothing blocks is granted at once only if
+    the state file records it: with the state file system full, a lock of
+    the whole space (wait false or true) fails with 'cannot record the
+    maintenance', the range stays free, the count and the state file are
+    unchanged.  The waited path is test_maintenance_not_granted_unless_recorded."""
+    binaries("extlockd")
+    daemon = procs.add(TmpfsStateExtlockd(procs.workdir / "extlockd-tmpfs"))
+    daemon.start()
+    owner = CoordinatorClient(daemon.address)
+    owner.hello("maint-owner", lock_space, lease_ms=30000)
+    other = CoordinatorClient(daemon.address)
+    other.hello("other", lock_space, lease_ms=30000)
+    before = daemon.saved()
+    gen_before = space_status(daemon, lock_space).get("maintenance")
+    daemon.fill()
+    with pytest.raises(CoordinatorError) as e:
+        owner.lock(0, MAINT_LENGTH, wait=wait, timeout=10)
+    assert "cannot record the maintenance" in str(e.value), e.value
+    sp = space_status(daemon, lock_space)
+    assert sp["held"] == [] and sp["waiting"] == [], sp
+    assert sp.get("maintenance") == gen_before, sp
+    g = other.lock(0, 4096, wait=False)
+    other.unlock(g["lock"])
+    daemon.unfill()
+    assert daemon.saved() == before
+    owner.close()
+    other.close()
+    assert daemon.alive(), daemon.stderr()
+    assert daemon.stop() == 0, daemon.stderr()
