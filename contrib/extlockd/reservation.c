@@ -962,6 +962,28 @@ out:
     return ok;
 }
 
+/*
+ * The owners are not in the state file: after a restart (or an HA
+ * takeover), each loaded registration belongs to the "owner" of a saved
+ * session of its client-id in its lock-space (@sessions:
+ * ExtlockdStateSession), so that its identity's max-registrations still
+ * counts it.  One without such a session stays without owner.
+ */
+void reservation_restore_owners(ExtlockdServer *server, GPtrArray *sessions)
+{
+    for (guint i = 0; sessions && i < sessions->len; i++) {
+        const ExtlockdStateSession *ss = sessions->pdata[i];
+        ExtlockdPr *pr = g_hash_table_lookup(server->pr->spaces,
+                                             ss->lock_space);
+
+        if (pr && ss->owner && extlock_pr_find(&pr->state, ss->client_id) &&
+            !g_hash_table_contains(pr->owners, ss->client_id)) {
+            g_hash_table_insert(pr->owners, g_strdup(ss->client_id),
+                                g_strdup(ss->owner));
+        }
+    }
+}
+
 void reservation_status(ExtlockdServer *server, const char *space,
                         json_object *into)
 {

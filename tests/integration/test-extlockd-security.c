@@ -2288,6 +2288,54 @@ static void test_pr_registration_limit(void **state)
 }
 
 /*
+ * max-registrations survives a restart: an identity registers 3 client-ids
+ * (its limit), the coordinator is killed and started again from its state
+ * file; a 4th client-id of that identity is still refused (the loaded
+ * registrations belong to the owner of their client-id's saved session),
+ * while another identity registers.  Before, loaded registrations belonged
+ * to nobody and the identity got 3 more.
+ */
+static void test_pr_registration_limit_restart(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    g_autofree char *state_file = g_build_filename(fx.dir, "limit.state",
+                                                   NULL);
+    const char *extra[] = { "--policy", policy, NULL };
+    Daemon *d;
+    ExtlockConn *c, *a[3];
+
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "max-registrations=3\n", -1, NULL));
+    d = daemon_start(state_file, extra, NULL);
+    for (unsigned i = 0; i < 3; i++) {
+        g_autofree char *id = g_strdup_printf("attacker/%u", i);
+
+        a[i] = conn_open(d->tcp_addr);
+        g_free(hello_ok(a[i], id, "disk", "anonymous"));
+        /* the earlier ones acknowledge it */
+        pr_change(a[i], a, i, EXTLOCK_PR_REGISTER, 0, 0, 0x1000 + i, i + 1);
+    }
+    /* killed: the sessions stay in the state file */
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+    for (unsigned i = 0; i < 3; i++) {
+        conn_drop(a[i]);
+    }
+
+    d = daemon_start(state_file, extra, NULL);
+    c = conn_open(d->tcp_addr);
+    g_free(hello_ok(c, "attacker/3", "disk", "anonymous"));
+    assert_int_equal(pr_register(c, 0x1003), EXTLOCK_PR_NO_RESOURCES);
+    bye_drop(c);
+    c = conn_open(d->unix_addr);
+    g_free(hello_ok(c, "victim/d0", "disk", NULL));
+    assert_int_equal(pr_register(c, 0x999), EXTLOCK_PR_OK);
+    bye_drop(c);
+    daemon_stop(d);
+}
+
+/*
  * Reservation state of lock-spaces that are used and dropped: 300
  * lock-spaces, each with a pr-in, a registration and its removal, then
  * bye.  Every such empty state is forgotten (status counter
@@ -2549,6 +2597,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pr_ack_flood, setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_registration_limit, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_pr_registration_limit_restart,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_state_freed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_retry_after_state_freed,
                                         setup, teardown),
