@@ -188,5 +188,9 @@ void dispatch_line(ExtlockdConn *conn, const char *line, size_t len)
                dispatch_permitted(conn, &m)) {
         entry->handler(conn, conn->session, &m);
     }
+    if (server->maint_unrecorded.length) {
+        /* Its grants that cannot be recorded go before the next request */
+        lockspace_maint_undo(server);
+    }
     extlock_msg_clear(&m);
 }

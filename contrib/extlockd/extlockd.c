@@ -147,6 +147,7 @@ static void on_elected(uint64_t epoch, GPtrArray *sessions,
         g_critical("%s", err->message);
         exit(1);
     }
+    reservation_restore_owners(h->server, sessions);
     extlockd_server_lead(h->server, epoch, sessions, cover);
     g_ptr_array_unref(sessions);
     /*
@@ -823,6 +824,7 @@ int main(int argc, char **argv)
         extlockd_server_free(server);
         return 1;
     }
+    reservation_restore_owners(server, sessions);
     if (!extlockd_server_save_state(server, &err)) {
         g_critical("%s", err->message);
         extlockd_server_free(server);

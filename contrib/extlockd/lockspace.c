@@ -60,11 +60,16 @@ void lockspace_log_lock(ExtlockdServer *server, const char *event,
     }
 }
 
+/*
+ * What was asked for, as dispatch_permitted() classifies it: a lock that
+ * grew into the whole space (its limit allowed it) is no maintenance
+ */
 bool lockspace_is_maint(const ExtlockLock *lock)
 {
     return lock->mode == EXTLOCK_MODE_EXCLUSIVE &&
-           lock->node.ext.start == EXTLOCK_MAINT_OFFSET &&
-           lock->node.ext.end - lock->node.ext.start == EXTLOCK_MAINT_LENGTH;
+           lock->requested.start == EXTLOCK_MAINT_OFFSET &&
+           lock->requested.end - lock->requested.start ==
+           EXTLOCK_MAINT_LENGTH;
 }
 
 static void lockspace_send_granted(ExtlockdConn *conn, ExtlockLock *lock)
@@ -229,14 +234,15 @@ static void maint_unrecorded_free(MaintUnrecorded *u)
 /*
  * Release the maintenance locks granted by the table that the state file
  * could not record, and tell their owners (no longer held: it was never
- * announced)
+ * announced, nor logged as granted).  Called after each request
+ * (dispatch_line), so the table never shows such a lock to the next one,
+ * and from a high-priority idle source for grants made by timers.
  */
-static gboolean lockspace_maint_unrecorded_cb(gpointer opaque)
+void lockspace_maint_undo(ExtlockdServer *server)
 {
-    ExtlockdServer *server = opaque;
     MaintUnrecorded *u;
 
-    server->maint_unrecorded_src = 0;
+    g_clear_handle_id(&server->maint_unrecorded_src, g_source_remove);
     while ((u = g_queue_pop_head(&server->maint_unrecorded)) != NULL) {
         ExtlockdLockSpace *space = g_hash_table_lookup(server->spaces,
                                                        u->space);
@@ -255,11 +261,18 @@ static gboolean lockspace_maint_unrecorded_cb(gpointer opaque)
                                 "granted", space->name, u->error);
             }
             g_hash_table_remove(session->held, lock);
-            lockspace_log_lock(server, "release", lock, NULL);
             extlock_table_release(space->table, lock);
         }
         maint_unrecorded_free(u);
     }
+}
+
+static gboolean lockspace_maint_unrecorded_cb(gpointer opaque)
+{
+    ExtlockdServer *server = opaque;
+
+    server->maint_unrecorded_src = 0;
+    lockspace_maint_undo(server);
     conn_flush_all(server);     /* the end of a main loop callback */
     return G_SOURCE_REMOVE;
 }
@@ -278,8 +291,10 @@ static void lockspace_maint_unrecorded(ExtlockdLockSpace *space,
     u->error = g_strdup(err->message);
     g_queue_push_tail(&server->maint_unrecorded, u);
     if (!server->maint_unrecorded_src) {
+        /* Before any socket is served again (not starved by them) */
         server->maint_unrecorded_src =
-            g_idle_add(lockspace_maint_unrecorded_cb, server);
+            g_idle_add_full(G_PRIORITY_HIGH, lockspace_maint_unrecorded_cb,
+                            server, NULL);
     }
 }
 
@@ -578,7 +593,6 @@ static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
     }
     g_hash_table_remove(session->waiting, lock);
     g_hash_table_add(session->held, lock);
-    lockspace_log_lock(session->server, "grant", lock, NULL);
     if (lockspace_is_maint(lock)) {
         g_autoptr(GError) err = NULL;
 
@@ -588,6 +602,8 @@ static void lockspace_grant_cb(ExtlockTable *table, ExtlockLock *lock,
             return;
         }
     }
+    /* Logged only once it is granted for good (a maintenance recorded) */
+    lockspace_log_lock(session->server, "grant", lock, NULL);
     if (session->conn) {
         lockspace_send_granted(session->conn, lock);
         conn_urgent(session->conn);
@@ -1067,7 +1083,7 @@ void lockspace_handle_lock(ExtlockdConn *conn, ExtlockdSession *session,
         /* Its grant must be recorded (lockspace_maint_granted): can it? */
         if (!server_save_state(server, server->epoch, &err)) {
             conn_send_error(conn, m->has_id, m->id, EXTLOCK_ERR_INTERNAL,
-                            "cannot record a maintenance in the state "
+                            "cannot record the maintenance in the state "
                             "file: %s", err->message);
             return;
         }

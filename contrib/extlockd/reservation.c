@@ -28,11 +28,13 @@
  *  - A session that has not acknowledged within --pr-ack-timeout-ms is
  *    expired, like a lapsed lease; the change still waits until the lease
  *    it had ends (by then its client has stopped I/O on its own).
- *  - A pr-out with a "request" number is remembered per client-id (its
- *    last PR_REQUESTS_KEPT ones): the same request again (a client
- *    retrying after its connection dropped, or after a restart: they are
- *    in the state file, pr_append_requests()) is answered with the first
- *    result instead of being applied twice.
+ *  - A pr-out with a "request" number is remembered per client-id and
+ *    lock-space (its last PR_REQUESTS_KEPT ones, in a table of the server
+ *    that outlives a forgotten empty state, and in the state file with the
+ *    lock-space's reservation entry, pr_append_requests()): the same
+ *    request again (a client retrying after its connection dropped, or
+ *    after a restart) is answered with the first result instead of being
+ *    applied twice.
  *  - PREEMPT AND ABORT also ends every session of the preempted client-ids
  *    in the lock-space once they acknowledged: their locks go (like
  *    release-session), and they get "session-expired".  An expired one
@@ -91,6 +93,12 @@ struct ExtlockdPrTable {
     bool checking;               /* in reservation_check_all() */
     bool again;                  /* ... and asked to check again */
     guint later;                 /* reservation_check_later()'s source */
+    /*
+     * lock-space + client-id -> PrRequests: kept apart from the states,
+     * so that a retry is recognised after an empty state was forgotten
+     */
+    GHashTable *requests;
+    uint64_t requests_clock;     /* stamps PrRequests.used */
 };
 
 typedef struct ExtlockdPr {
@@ -100,7 +108,6 @@ typedef struct ExtlockdPr {
     uint64_t seq_base;           /* seq when created: no change since */
     GHashTable *owners;          /* registered client-id -> identity */
     GQueue ops;                  /* PrOp, in seq order */
-    GHashTable *requests;        /* client-id -> PrRequests, its last ones */
 } ExtlockdPr;
 
 /* A numbered pr-out of a client-id and its result */
@@ -120,6 +127,7 @@ typedef struct PrRequest {
 typedef struct PrRequests {
     PrRequest r[PR_REQUESTS_KEPT];
     unsigned next;               /* the slot the next one takes */
+    uint64_t used;               /* last new request (ExtlockdPrTable) */
 } PrRequests;
 
 static void pr_op_free(PrOp *op)
@@ -140,7 +148,6 @@ static void pr_free(gpointer p)
         pr_op_free(op);
     }
     extlock_pr_destroy(&pr->state);
-    g_hash_table_destroy(pr->requests);
     g_hash_table_destroy(pr->owners);
     g_free(pr->space);
     g_free(pr);
@@ -151,6 +158,8 @@ void reservation_init(ExtlockdServer *server)
     server->pr = g_new0(struct ExtlockdPrTable, 1);
     server->pr->spaces = g_hash_table_new_full(g_str_hash, g_str_equal,
                                                NULL, pr_free);
+    server->pr->requests = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                                 g_free, g_free);
 }
 
 void reservation_fini(ExtlockdServer *server)
@@ -158,6 +167,7 @@ void reservation_fini(ExtlockdServer *server)
     if (server->pr) {
         g_clear_handle_id(&server->pr->later, g_source_remove);
         g_hash_table_destroy(server->pr->spaces);
+        g_hash_table_destroy(server->pr->requests);
         g_clear_pointer(&server->pr, g_free);
     }
 }
@@ -171,8 +181,6 @@ static ExtlockdPr *pr_get(ExtlockdServer *server, const char *space)
         pr->space = g_strdup(space);
         extlock_pr_init(&pr->state);
         g_queue_init(&pr->ops);
-        pr->requests = g_hash_table_new_full(g_str_hash, g_str_equal,
-                                             g_free, g_free);
         pr->owners = g_hash_table_new_full(g_str_hash, g_str_equal,
                                            g_free, g_free);
         pr->seq = pr->seq_base = server->pr->seq_floor;
@@ -560,26 +568,53 @@ void reservation_handle_ack(ExtlockdConn *conn, ExtlockdSession *session,
 }
 
 /*
- * Every client-id that ever sent a numbered pr-out has an entry: past
- * PR_REQUESTS_MAX, those of client-ids not registered now go (their
- * retry would be applied again)
+ * Every client-id that ever sent a numbered pr-out has an entry per
+ * lock-space, kept when its empty reservation state is forgotten (its
+ * retry must still not be applied again).  Past PR_REQUESTS_MAX of them
+ * in the server, the one whose last new request is the oldest goes.
  */
-#define PR_REQUESTS_MAX     1024
+#define PR_REQUESTS_MAX     4096
 
-static gboolean pr_request_unregistered(gpointer key, gpointer value,
-                                        gpointer opaque)
+static char *pr_requests_key(const char *space, const char *client_id)
 {
-    ExtlockdPr *pr = opaque;
-
-    return !extlock_pr_find(&pr->state, key);
+    /* lock-space names and client-ids are printable: no newline */
+    return g_strdup_printf("%s\n%s", space, client_id);
 }
 
-static void pr_requests_trim(ExtlockdPr *pr)
+static PrRequests *pr_requests_find(ExtlockdServer *server,
+                                    const char *space, const char *client_id)
 {
-    if (g_hash_table_size(pr->requests) >= PR_REQUESTS_MAX) {
-        g_hash_table_foreach_remove(pr->requests, pr_request_unregistered,
-                                    pr);
+    g_autofree char *key = pr_requests_key(space, client_id);
+
+    return g_hash_table_lookup(server->pr->requests, key);
+}
+
+static PrRequests *pr_requests_get(ExtlockdServer *server,
+                                   const char *space, const char *client_id)
+{
+    GHashTable *t = server->pr->requests;
+    PrRequests *reqs = pr_requests_find(server, space, client_id);
+
+    if (!reqs) {
+        if (g_hash_table_size(t) >= PR_REQUESTS_MAX) {
+            GHashTableIter iter;
+            gpointer key, value, oldest = NULL;
+            uint64_t used = UINT64_MAX;
+
+            g_hash_table_iter_init(&iter, t);
+            while (g_hash_table_iter_next(&iter, &key, &value)) {
+                if (((PrRequests *)value)->used < used) {
+                    used = ((PrRequests *)value)->used;
+                    oldest = key;
+                }
+            }
+            g_hash_table_remove(t, oldest);
+        }
+        reqs = g_new0(PrRequests, 1);
+        g_hash_table_insert(t, pr_requests_key(space, client_id), reqs);
     }
+    reqs->used = ++server->pr->requests_clock;
+    return reqs;
 }
 
 /*
@@ -592,7 +627,8 @@ static bool pr_retried(ExtlockdServer *server, ExtlockdPr *pr,
                        ExtlockdConn *conn, ExtlockdSession *session,
                        ExtlockMsg *m)
 {
-    PrRequests *reqs = g_hash_table_lookup(pr->requests, session->client_id);
+    PrRequests *reqs = pr_requests_find(server, pr->space,
+                                        session->client_id);
     PrRequest *last = NULL;
     ExtlockMsg r;
 
@@ -736,13 +772,7 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         pr_note_owner(pr, session->client_id, conn->identity);
     }
     if (m->pr_request) {
-        reqs = g_hash_table_lookup(pr->requests, session->client_id);
-        if (!reqs) {
-            pr_requests_trim(pr);
-            reqs = g_new0(PrRequests, 1);
-            g_hash_table_insert(pr->requests, g_strdup(session->client_id),
-                                reqs);
-        }
+        reqs = pr_requests_get(server, pr->space, session->client_id);
         last = &reqs->r[reqs->next++ % PR_REQUESTS_KEPT];
         last->request = m->pr_request;
         last->result = st;
@@ -822,19 +852,27 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
  * applying it again.  They are written with the change they made (the
  * state is written before a change is answered).
  */
-static void pr_append_requests(ExtlockdPr *pr, GString *out)
+static void pr_append_requests(ExtlockdServer *server, ExtlockdPr *pr,
+                               GString *out)
 {
+    g_autofree char *prefix = pr_requests_key(pr->space, "");
+    size_t prefix_len = strlen(prefix);
     GHashTableIter iter;
     gpointer key, value;
     bool first = true;
 
-    g_hash_table_iter_init(&iter, pr->requests);
+    g_hash_table_iter_init(&iter, server->pr->requests);
     while (g_hash_table_iter_next(&iter, &key, &value)) {
         PrRequests *reqs = value;
-        json_object *cid = json_object_new_string(key);
-        const char *cid_text = json_object_to_json_string_ext(
-            cid, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
+        json_object *cid;
+        const char *cid_text;
 
+        if (strncmp(key, prefix, prefix_len) != 0) {
+            continue;           /* another lock-space's */
+        }
+        cid = json_object_new_string((const char *)key + prefix_len);
+        cid_text = json_object_to_json_string_ext(
+            cid, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
         for (unsigned i = 0; i < PR_REQUESTS_KEPT; i++) {
             PrRequest *r = &reqs->r[(reqs->next + i) % PR_REQUESTS_KEPT];
 
@@ -893,7 +931,7 @@ void reservation_append_state(ExtlockdServer *server, GString *out)
             json_object_put(name);
         }
         g_string_append_len(out, body, strlen(body) - 2);   /* no "}\n" */
-        pr_append_requests(pr, out);
+        pr_append_requests(server, pr, out);
         g_string_append_c(out, '}');
     }
     if (!first) {
@@ -905,9 +943,20 @@ void reservation_append_state(ExtlockdServer *server, GString *out)
  * Load the "requests" member of a reservation entry into @pr (replacing
  * what it had), oldest first as pr_append_requests() wrote them
  */
-static bool pr_load_requests(ExtlockdPr *pr, json_object *arr, GError **errp)
+static bool pr_load_requests(ExtlockdServer *server, ExtlockdPr *pr,
+                             json_object *arr, GError **errp)
 {
-    g_hash_table_remove_all(pr->requests);
+    g_autofree char *prefix = pr_requests_key(pr->space, "");
+    size_t prefix_len = strlen(prefix);
+    GHashTableIter iter;
+    gpointer key;
+
+    g_hash_table_iter_init(&iter, server->pr->requests);
+    while (g_hash_table_iter_next(&iter, &key, NULL)) {
+        if (strncmp(key, prefix, prefix_len) == 0) {
+            g_hash_table_iter_remove(&iter);
+        }
+    }
     if (!arr) {
         return true;
     }
@@ -941,12 +990,7 @@ static bool pr_load_requests(ExtlockdPr *pr, json_object *arr, GError **errp)
             (seq = json_object_get_int64(v)) < 0) {
             goto bad;
         }
-        reqs = g_hash_table_lookup(pr->requests, json_object_get_string(cid));
-        if (!reqs) {
-            reqs = g_new0(PrRequests, 1);
-            g_hash_table_insert(pr->requests,
-                                g_strdup(json_object_get_string(cid)), reqs);
-        }
+        reqs = pr_requests_get(server, pr->space, json_object_get_string(cid));
         r = &reqs->r[reqs->next++ % PR_REQUESTS_KEPT];
         r->request = (uint64_t)request;
         r->result = result;
@@ -1021,7 +1065,7 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
         pr->seq_base = 0;
         g_hash_table_remove_all(pr->owners);
         extlock_msg_clear(&m);
-        if (!pr_load_requests(pr, requests, errp)) {
+        if (!pr_load_requests(server, pr, requests, errp)) {
             json_object_put(requests);
             goto out;
         }
@@ -1048,6 +1092,28 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
 out:
     json_object_put(obj);
     return ok;
+}
+
+/*
+ * The owners are not in the state file: after a restart (or an HA
+ * takeover), each loaded registration belongs to the "owner" of a saved
+ * session of its client-id in its lock-space (@sessions:
+ * ExtlockdStateSession), so that its identity's max-registrations still
+ * counts it.  One without such a session stays without owner.
+ */
+void reservation_restore_owners(ExtlockdServer *server, GPtrArray *sessions)
+{
+    for (guint i = 0; sessions && i < sessions->len; i++) {
+        const ExtlockdStateSession *ss = sessions->pdata[i];
+        ExtlockdPr *pr = g_hash_table_lookup(server->pr->spaces,
+                                             ss->lock_space);
+
+        if (pr && ss->owner && extlock_pr_find(&pr->state, ss->client_id) &&
+            !g_hash_table_contains(pr->owners, ss->client_id)) {
+            g_hash_table_insert(pr->owners, g_strdup(ss->client_id),
+                                g_strdup(ss->owner));
+        }
+    }
 }
 
 void reservation_status(ExtlockdServer *server, const char *space,

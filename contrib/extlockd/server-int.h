@@ -857,6 +857,7 @@ bool lockspace_maint_load(ExtlockdServer *server, const char *data,
 bool lockspace_is_maint(const ExtlockLock *lock);
 /* Drop the maintenance grants still to be undone (the server goes) */
 void lockspace_maint_unrecorded_free(ExtlockdServer *server);
+void lockspace_maint_undo(ExtlockdServer *server);
 
 /*
  * lockspace_maint_done:

@@ -179,6 +179,12 @@ bool extlockd_server_load_reservations_json(ExtlockdServer *server,
  */
 bool extlockd_server_load_maintenance_json(ExtlockdServer *server,
                                            const char *json, GError **errp);
+/*
+ * After loading the reservations: each registration belongs to the
+ * "owner" of a saved session (@sessions of ExtlockdStateSession) of its
+ * client-id in its lock-space (max-registrations)
+ */
+void reservation_restore_owners(ExtlockdServer *server, GPtrArray *sessions);
 
 /*
  * Start listening on @address ("unix:PATH", "tcp:HOST:PORT" or an

@@ -2288,6 +2288,54 @@ static void test_pr_registration_limit(void **state)
 }
 
 /*
+ * max-registrations survives a restart: an identity registers 3 client-ids
+ * (its limit), the coordinator is killed and started again from its state
+ * file; a 4th client-id of that identity is still refused (the loaded
+ * registrations belong to the owner of their client-id's saved session),
+ * while another identity registers.  Before, loaded registrations belonged
+ * to nobody and the identity got 3 more.
+ */
+static void test_pr_registration_limit_restart(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    g_autofree char *state_file = g_build_filename(fx.dir, "limit.state",
+                                                   NULL);
+    const char *extra[] = { "--policy", policy, NULL };
+    Daemon *d;
+    ExtlockConn *c, *a[3];
+
+    assert_true(g_file_set_contents(policy, "[identity anonymous]\n"
+                                    "lock-spaces=*\nclient-ids=*\n"
+                                    "max-registrations=3\n", -1, NULL));
+    d = daemon_start(state_file, extra, NULL);
+    for (unsigned i = 0; i < 3; i++) {
+        g_autofree char *id = g_strdup_printf("attacker/%u", i);
+
+        a[i] = conn_open(d->tcp_addr);
+        g_free(hello_ok(a[i], id, "disk", "anonymous"));
+        /* the earlier ones acknowledge it */
+        pr_change(a[i], a, i, EXTLOCK_PR_REGISTER, 0, 0, 0x1000 + i, i + 1);
+    }
+    /* killed: the sessions stay in the state file */
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+    for (unsigned i = 0; i < 3; i++) {
+        conn_drop(a[i]);
+    }
+
+    d = daemon_start(state_file, extra, NULL);
+    c = conn_open(d->tcp_addr);
+    g_free(hello_ok(c, "attacker/3", "disk", "anonymous"));
+    assert_int_equal(pr_register(c, 0x1003), EXTLOCK_PR_NO_RESOURCES);
+    bye_drop(c);
+    c = conn_open(d->unix_addr);
+    g_free(hello_ok(c, "victim/d0", "disk", NULL));
+    assert_int_equal(pr_register(c, 0x999), EXTLOCK_PR_OK);
+    bye_drop(c);
+    daemon_stop(d);
+}
+
+/*
  * Reservation state of lock-spaces that are used and dropped: 300
  * lock-spaces, each with a pr-in, a registration and its removal, then
  * bye.  Every such empty state is forgotten (status counter
@@ -2350,6 +2398,70 @@ static void test_pr_state_freed(void **state)
     assert_null(strstr(text, "scratch-"));
     assert_non_null(strstr(text, "\"kept\""));
     bye_drop(k);
+    daemon_stop(d);
+}
+
+/*
+ * A pr-out with a request number and its retry */
+static ExtlockPrStatus pr_out_numbered(ExtlockConn *c, uint64_t key,
+                                       uint64_t sa_key, uint64_t request,
+                                       bool update)
+{
+    uint64_t id = pr_out_request(c, EXTLOCK_PR_REGISTER, 0, key, sa_key,
+                                 request);
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    ExtlockPrStatus st;
+
+    if (update) {
+        pr_expect_update(c, &m);
+        extlock_msg_clear(&m);
+    }
+    expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+    st = m.pr_result;
+    extlock_msg_clear(&m);
+    return st;
+}
+
+/*
+ * A retried pr-out is recognised after the empty reservation state of its
+ * lock-space was forgotten: register (request 1), unregister (request 2),
+ * bye; once "reservation-states" is 0, a new session of the same
+ * client-id retries request 2 and gets its first result (ok), not
+ * reservation-conflict from applying it again.  Before, the remembered
+ * requests went with the state.
+ */
+static void test_pr_retry_after_state_freed(void **state)
+{
+    Daemon *d = daemon_start(NULL, NULL, NULL);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *c = conn_open(d->unix_addr);
+    int64_t deadline, n = -1;
+
+    g_free(hello_ok(c, "retry/d0", "gone", NULL));
+    assert_int_equal(pr_out_numbered(c, 0, 0x51, 1, true), EXTLOCK_PR_OK);
+    assert_int_equal(pr_out_numbered(c, 0x51, 0, 2, true), EXTLOCK_PR_OK);
+    /* a retry in the same session is recognised */
+    assert_int_equal(pr_out_numbered(c, 0x51, 0, 2, false), EXTLOCK_PR_OK);
+    bye_drop(c);
+    deadline = now_ms() + RECV_MS;
+    while (now_ms() < deadline) {
+        json_object *st = status_get(mon);
+
+        n = jint(jget(st, "counters"), "reservation-states");
+        json_object_put(st);
+        if (n == 0) {
+            break;
+        }
+        g_usleep(20 * 1000);
+    }
+    assert_int_equal(n, 0);
+    c = conn_open(d->unix_addr);
+    g_free(hello_ok(c, "retry/d0", "gone", NULL));
+    assert_int_equal(pr_out_numbered(c, 0x51, 0, 2, false), EXTLOCK_PR_OK);
+    /* a new request is applied: nothing to unregister */
+    assert_int_equal(pr_out_numbered(c, 0x51, 0, 3, false),
+                     EXTLOCK_PR_CONFLICT);
+    bye_drop(c);
     daemon_stop(d);
 }
 
@@ -2419,6 +2531,41 @@ static void test_policy_actions(void **state)
     lock_now(c, 1 << 20, 4096, EXTLOCK_MODE_EXCLUSIVE);
     id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0, 0x5);
     expect_error(c, true, id, EXTLOCK_ERR_DENIED);
+
+    /*
+     * grown: a write lock whose limit is the whole space is granted grown
+     * to it, and is still no maintenance (write is not maintain): its
+     * unlock with maint-size counts none and announces no size.  Before,
+     * the granted extent was tested: generation 1, size 12345.
+     */
+    {
+        ExtlockConn *g = conn_open(d->tcp_addr), *mon;
+        json_object *st;
+        const char *text;
+        Grant gr;
+
+        g_free(hello_ok(g, "grower/d0", "grown", "anonymous"));
+        gr.id = send_lock_limit(g, 0, 4096, EXTLOCK_MODE_EXCLUSIVE,
+                                EXTLOCK_MAINT_OFFSET, EXTLOCK_MAINT_LENGTH);
+        gr = expect_granted(g, gr.id, 0, EXTLOCK_MAINT_LENGTH,
+                            EXTLOCK_MODE_EXCLUSIVE);
+        extlock_msg_init(&m, EXTLOCK_MSG_UNLOCK);
+        m.lock = gr.lock;
+        m.has_maint_size = true;
+        m.maint_size = 12345;
+        send_msg(g, &m);
+        id = m.id;
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        expect_msg(g, &m, EXTLOCK_MSG_UNLOCKED, id);
+        extlock_msg_clear(&m);
+        mon = conn_open(d->unix_addr);
+        st = status_get(mon);
+        text = json_object_to_json_string(st);
+        assert_null(strstr(text, "\"maintenance\""));
+        json_object_put(st);
+        conn_drop(mon);
+        bye_drop(g);
+    }
     daemon_stop(d);
 }
 
@@ -2450,7 +2597,11 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pr_ack_flood, setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_registration_limit, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_pr_registration_limit_restart,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_state_freed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_retry_after_state_freed,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(test_policy_actions, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_purpose, setup,
                                         teardown),

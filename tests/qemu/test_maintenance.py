@@ -945,3 +945,112 @@ def test_maintenance_not_granted_unless_recorded(procs, lock_space, binaries):
     holder.close()
     assert daemon.alive(), daemon.stderr()
     assert daemon.stop() == 0, daemon.stderr()
+
+
+def _unrecorded_maintenance_setup(procs, lock_space, binaries, **kwargs):
+    """A coordinator whose state tmpfs is full when a waiting maintenance
+    request's turn comes: (daemon, holder, its lock, owner, request id)."""
+    binaries("extlockd")
+    daemon = procs.add(TmpfsStateExtlockd(procs.workdir / "extlockd-tmpfs",
+                                          **kwargs))
+    daemon.start()
+    holder = CoordinatorClient(daemon.address)
+    holder.hello("holder", lock_space, lease_ms=30000)
+    held = holder.lock(0, 4096)
+    owner = CoordinatorClient(daemon.address)
+    owner.hello("maint-owner", lock_space, lease_ms=30000)
+    rid = owner.request({"type": "lock", "offset": 0, "length": MAINT_LENGTH,
+                         "mode": "exclusive", "wait": True})
+    assert owner.reply(rid, timeout=10, accept_waiting=True)["type"] == \
+        "waiting"
+    daemon.fill()
+    return daemon, holder, held, owner, rid
+
+
+def test_unrecorded_maintenance_undone_before_next_request(procs, lock_space,
+                                                           binaries):
+    """A waited maintenance grant that the state file cannot record is
+    undone before the coordinator serves the next request: a status sent
+    in the same write as the unlock that let the table grant it shows the
+    range free.  Before, it was undone from a default-idle source, which
+    busy sockets starve: meanwhile the table held an exclusive lock over
+    the whole space."""
+    daemon, holder, held, owner, rid = _unrecorded_maintenance_setup(
+        procs, lock_space, binaries)
+    # one write: the unlock and a status, served in one read
+    holder.sock.sendall(
+        json.dumps({"type": "unlock", "lock": held["lock"],
+                    "id": 1001}).encode() + b"\n" +
+        json.dumps({"type": "status", "id": 1002}).encode() + b"\n")
+    assert holder.reply(1001)["type"] == "unlocked"
+    st = holder.reply(1002)["status"]
+    sp = [s for s in st["lock-spaces"] if s["name"] == lock_space]
+    held_now = sp[0]["held"] if sp else []
+    assert not [h for h in held_now if h["length"] == MAINT_LENGTH], held_now
+    with pytest.raises(CoordinatorError) as e:
+        owner.reply(rid, timeout=10)
+    assert "cannot record the maintenance" in str(e.value), e.value
+    owner.close()
+    holder.close()
+    assert daemon.alive(), daemon.stderr()
+    assert daemon.stop() == 0, daemon.stderr()
+
+
+def test_unrecorded_maintenance_not_in_event_log(procs, lock_space, binaries):
+    """The event log shows no grant (and so no release) of a maintenance
+    lock that was refused because the state file could not record it
+    (docs/protocol.rst, Maintenance: the lock is not held).  Before, the
+    grant was logged before the state write was tried, then a release."""
+    events = procs.workdir / "events.jsonl"
+    daemon, holder, held, owner, rid = _unrecorded_maintenance_setup(
+        procs, lock_space, binaries,
+        extra_args=["--event-log", str(events)])
+    holder.unlock(held["lock"])
+    with pytest.raises(CoordinatorError) as e:
+        owner.reply(rid, timeout=10)
+    assert "cannot record the maintenance" in str(e.value), e.value
+    # the range is free again (so the undo is done and logged, if at all)
+    other = holder.lock(0, 4096, wait=False)
+    holder.unlock(other["lock"])
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    mine = [ev["event"] for ev in log if ev.get("client-id") == "maint-owner"]
+    assert "wait" in mine, log
+    assert "grant" not in mine and "release" not in mine, mine
+    owner.close()
+    holder.close()
+    assert daemon.alive(), daemon.stderr()
+    assert daemon.stop() == 0, daemon.stderr()
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_maintenance_refused_at_once_unless_recorded(procs, lock_space,
+                                                     binaries, wait):
+    """A maintenance request that nothing blocks is granted at once only if
+    the state file records it: with the state file system full, a lock of
+    the whole space (wait false or true) fails with 'cannot record the
+    maintenance', the range stays free, the count and the state file are
+    unchanged.  The waited path is test_maintenance_not_granted_unless_recorded."""
+    binaries("extlockd")
+    daemon = procs.add(TmpfsStateExtlockd(procs.workdir / "extlockd-tmpfs"))
+    daemon.start()
+    owner = CoordinatorClient(daemon.address)
+    owner.hello("maint-owner", lock_space, lease_ms=30000)
+    other = CoordinatorClient(daemon.address)
+    other.hello("other", lock_space, lease_ms=30000)
+    before = daemon.saved()
+    gen_before = space_status(daemon, lock_space).get("maintenance")
+    daemon.fill()
+    with pytest.raises(CoordinatorError) as e:
+        owner.lock(0, MAINT_LENGTH, wait=wait, timeout=10)
+    assert "cannot record the maintenance" in str(e.value), e.value
+    sp = space_status(daemon, lock_space)
+    assert sp["held"] == [] and sp["waiting"] == [], sp
+    assert sp.get("maintenance") == gen_before, sp
+    g = other.lock(0, 4096, wait=False)
+    other.unlock(g["lock"])
+    daemon.unfill()
+    assert daemon.saved() == before
+    owner.close()
+    other.close()
+    assert daemon.alive(), daemon.stderr()
+    assert daemon.stop() == 0, daemon.stderr()
