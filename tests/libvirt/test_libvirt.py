@@ -468,17 +468,35 @@ def test_two_domains_share_one_disk(libvirtd, extlock_virt, extlockd, nfs,
 # destroy, crash (kill -9) and restart: the other domain gets the extents
 
 def held_by(daemon, client_id, since_ns):
-    """Locks of client_id granted and not released, from the event log."""
+    """Locks of client_id granted and not released, from the event log.
+
+    A "downgrade" makes a lock shared; a "release" of a part (a lock given
+    back in part logs the part) leaves the rest held, so each lock is a
+    list of pieces."""
     held = {}
     for ev in events(daemon):
         if ev.get("client-id") != client_id:
             continue
         key = (ev.get("session"), ev.get("lock"))
         if ev["event"] in ("grant", "reclaim"):
-            held[key] = ev
+            held[key] = [dict(ev)]
+        elif ev["event"] == "downgrade" and key in held:
+            held[key] = [dict(p, mode="shared") for p in held[key]]
         elif ev["event"] == "release" and key in held:
-            del held[key]
-    return list(held.values())
+            start, end = ev["offset"], ev["offset"] + ev["length"]
+            rest = []
+            for p in held[key]:
+                p_end = p["offset"] + p["length"]
+                if p["offset"] < start:
+                    rest.append(dict(p, length=min(p_end, start) - p["offset"]))
+                if p_end > end:
+                    lo = max(p["offset"], end)
+                    rest.append(dict(p, offset=lo, length=p_end - lo))
+            if rest:
+                held[key] = rest
+            else:
+                del held[key]
+    return [p for pieces in held.values() for p in pieces]
 
 
 def test_destroy_crash_restart(libvirtd, extlock_virt, extlockd, nfs, workdir,
