@@ -405,6 +405,8 @@ static bool extlock_conn_parse(ExtlockConnection *c)
             return true;
         }
         if (r == EXTLOCK_LINE_TOO_LONG) {
+            /* what the lines before queued (unlocks) leaves first */
+            extlock_conn_flush(c);
             extlock_conn_disconnect(c, "oversized message from "
                                       "coordinator");
             return false;
@@ -415,6 +417,7 @@ static bool extlock_conn_parse(ExtlockConnection *c)
                 g_strdup_printf("bad message from coordinator: %s",
                                 err.message);
             extlock_msg_clear(&msg);
+            extlock_conn_flush(c);
             extlock_conn_disconnect(c, why);
             return false;
         }
@@ -462,11 +465,10 @@ static void extlock_conn_read(void *opaque)
     /*
      * What handling the messages sent (the unlocks of revoked idle locks,
      * which other hosts wait for) leaves now, in one write, before the
-     * woken requests run.
+     * woken requests run; also in a nested read (a woken request's
+     * aio_poll), whose outer read may not come back soon.
      */
-    if (c->batch == 1) {
-        extlock_conn_flush(c);
-    }
+    extlock_conn_flush(c);
     /*
      * Requests are woken only now, so that what they do (send, unlock,
      * even lose the connection) cannot disturb the parsing above.  What
