@@ -97,6 +97,13 @@ struct ExtlockConnection {
     unsigned batch;
     uint64_t next_id;
     GHashTable *pending;        /* id -> lock request awaiting its reply */
+    /*
+     * Plain messages (extlock_conn_send()) sent minus replies without a
+     * pending request that came: 0 when none is due (an estimate, for
+     * io_poll only)
+     */
+    uint64_t replies_due;
+    int64_t poll_peek_ns;       /* get_clock() of io_poll's last recv() */
 
     /* one-shot timers */
     QEMUTimer *renew_timer;
@@ -271,6 +278,7 @@ uint64_t extlock_conn_send(ExtlockConnection *c, ExtlockMsg *msg)
     }
     msg->has_id = true;
     msg->id = extlock_conn_new_id(c);
+    c->replies_due++;
     extlock_conn_write_msg(c, msg);
     return msg->id;
 }
@@ -302,6 +310,9 @@ static void extlock_conn_handle(ExtlockConnection *c, ExtlockMsg *msg)
 
     if (msg->has_id) {
         req = g_hash_table_lookup(c->pending, &msg->id);
+        if (!req && msg->id != c->renew_id && c->replies_due) {
+            c->replies_due--;
+        }
     }
 
     switch (msg->type) {
@@ -488,26 +499,48 @@ static void extlock_conn_write(void *opaque)
 /*
  * io_poll: has the coordinator sent something?  Called over and over by
  * an AioContext that polls before it sleeps (an IOThread's poll-max-ns),
- * so it must be cheap: one non-blocking MSG_PEEK recv(), no state
- * changed.  An error or EOF counts as input so that extlock_conn_read()
- * sees it.  With TLS the socket's bytes may be a partial record that
- * extlock_conn_read() cannot consume, which would keep this true and the
- * AioContext spinning: there the fd handler alone reports input.
+ * with its virtqueues' checks, so it must be cheap.  An error or EOF
+ * counts as input so that extlock_conn_read() sees it.  With TLS the
+ * socket's bytes may be a partial record that extlock_conn_read() cannot
+ * consume, which would keep this true and the AioContext spinning: there
+ * the fd handler alone reports input.
  *
  * Registering it matters even when nobody polls for the coordinator: a
  * fd handler without io_poll disables polling for its whole AioContext
  * (poll_disable_cnt), so an extlock node would turn off the polling of
  * the IOThread it runs in, for its virtqueues too.
+ *
+ * The recv(MSG_PEEK) is a syscall (1-2 us), and with epoll the handler
+ * stays in the poll list for good: it peeks only when input is expected,
+ * and at most once per EXTLOCK_POLL_PEEK_NS.  A revoke can arrive
+ * whenever the node holds a lock (cached, or stale and given back
+ * later); a grant, "waiting" or another answer only while a request,
+ * renewal or plain message awaits its reply.  Anything else (a pr-update,
+ * a fence status of another client) is rare and found by the fd handler.
  */
+#define EXTLOCK_POLL_PEEK_NS 2000
+
+static bool extlock_conn_expects_input(ExtlockConnection *c)
+{
+    return g_hash_table_size(c->pending) || c->renew_id || c->replies_due ||
+           !c->ops->holds_locks || c->ops->holds_locks(c->opaque);
+}
+
 static bool extlock_conn_poll(void *opaque)
 {
     ExtlockConnection *c = opaque;
+    int64_t now;
     char byte;
     ssize_t n;
 
-    if (c->fd < 0 || c->tls_creds) {
+    if (c->fd < 0 || c->tls_creds || !extlock_conn_expects_input(c)) {
         return false;
     }
+    now = get_clock();          /* vDSO clock_gettime(), no syscall */
+    if (now - c->poll_peek_ns < EXTLOCK_POLL_PEEK_NS) {
+        return false;
+    }
+    c->poll_peek_ns = now;
     n = recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     return n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK &&
                       errno != EINTR);
@@ -517,7 +550,7 @@ static void extlock_conn_poll_ready(void *opaque)
 {
     ExtlockConnection *c = opaque;
 
-    trace_extlock_client_poll_ready(c->fd);
+    trace_extlock_client_poll_ready(c->node_name, c->fd);
     extlock_conn_read(c);
 }
 
@@ -1222,6 +1255,7 @@ static void extlock_conn_disconnect(ExtlockConnection *c, const char *why)
         timer_del(c->renew_timer);
     }
     c->renew_id = 0;
+    c->replies_due = 0;
     if (c->state != EXTLOCK_CONN_LEASE_LOST) {
         c->state = EXTLOCK_CONN_RECONNECTING;
     }

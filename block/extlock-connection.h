@@ -80,6 +80,11 @@ typedef struct ExtlockConnOps {
     void (*state_changed)(void *opaque);
     /* Reconnecting: the locks the node holds (GArray of ExtlockReclaim) */
     GArray *(*held_locks)(void *opaque);
+    /*
+     * Optional, cheap (called while an IOThread polls): true if the node
+     * holds a lock that may be revoked.  NULL: as if always true.
+     */
+    bool (*holds_locks)(void *opaque);
     /* Reconnected to the same session, which still lists @server_locks */
     void (*session_resumed)(void *opaque, GArray *server_locks);
     /* Reconnected to a restarted coordinator: @reclaims says what is kept */

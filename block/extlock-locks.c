@@ -1389,6 +1389,14 @@ void extlock_client_drain_end(ExtlockClient *c)
     }
 }
 
+/* May a revoke come?  (io_poll of the connection) */
+static bool extlock_locks_holds_locks(void *opaque)
+{
+    ExtlockClient *c = opaque;
+
+    return g_hash_table_size(c->lock_ids) || !QLIST_EMPTY(&c->stale);
+}
+
 /* Reconnecting: what the node holds, to resume or reclaim */
 static GArray *extlock_locks_held(void *opaque)
 {
@@ -1668,6 +1676,7 @@ static const ExtlockConnOps extlock_conn_ops = {
     .lease_lost         = extlock_locks_lease_lost,
     .state_changed      = extlock_locks_state_changed,
     .held_locks         = extlock_locks_held,
+    .holds_locks        = extlock_locks_holds_locks,
     .session_resumed    = extlock_locks_resumed,
     .session_reclaimed  = extlock_locks_reclaimed,
     .session_new        = extlock_locks_forget_all,
