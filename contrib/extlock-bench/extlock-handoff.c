@@ -649,7 +649,8 @@ int main(int argc, char **argv)
         json_object *jp = json_object_new_object();
 
         json_object_object_add(j, "handoffs", json_object_new_int64(n));
-        json_object_object_add(j, "poll-us", json_object_new_int64(opt_poll_us));
+        json_object_object_add(j, "poll-us",
+                               json_object_new_int64(opt_poll_us));
         for (i = -1; i < np + nf; i++) {
             Part *p = i < 0 ? &base : i < np ? &parts[i] : &floors[i - np];
             json_object *o = json_object_new_object();

@@ -939,6 +939,19 @@ void reservation_append_state(ExtlockdServer *server, GString *out)
     }
 }
 
+/* Integer member @name of the state object @obj */
+static bool pr_state_int(json_object *obj, const char *name, int64_t *value)
+{
+    json_object *v;
+
+    if (!json_object_object_get_ex(obj, name, &v) ||
+        !json_object_is_type(v, json_type_int)) {
+        return false;
+    }
+    *value = json_object_get_int64(v);
+    return true;
+}
+
 /*
  * Load the "requests" member of a reservation entry into @pr (replacing
  * what it had), oldest first as pr_append_requests() wrote them
@@ -965,7 +978,7 @@ static bool pr_load_requests(ExtlockdServer *server, ExtlockdPr *pr,
     }
     for (size_t i = 0; i < json_object_array_length(arr); i++) {
         json_object *e = json_object_array_get_idx(arr, i);
-        json_object *cid, *res, *v;
+        json_object *cid, *res;
         int64_t request, generation, seq;
         ExtlockPrStatus result;
         PrRequests *reqs;
@@ -978,16 +991,10 @@ static bool pr_load_requests(ExtlockdServer *server, ExtlockdPr *pr,
             !json_object_object_get_ex(e, "result", &res) ||
             !json_object_is_type(res, json_type_string) ||
             !extlock_pr_status_parse(json_object_get_string(res), &result) ||
-            !json_object_object_get_ex(e, "request", &v) ||
-            !json_object_is_type(v, json_type_int) ||
-            (request = json_object_get_int64(v)) <= 0 ||
-            !json_object_object_get_ex(e, "generation", &v) ||
-            !json_object_is_type(v, json_type_int) ||
-            (generation = json_object_get_int64(v)) < 0 ||
+            !pr_state_int(e, "request", &request) || request <= 0 ||
+            !pr_state_int(e, "generation", &generation) || generation < 0 ||
             generation > UINT32_MAX ||
-            !json_object_object_get_ex(e, "seq", &v) ||
-            !json_object_is_type(v, json_type_int) ||
-            (seq = json_object_get_int64(v)) < 0) {
+            !pr_state_int(e, "seq", &seq) || seq < 0) {
             goto bad;
         }
         reqs = pr_requests_get(server, pr->space, json_object_get_string(cid));

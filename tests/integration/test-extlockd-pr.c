@@ -115,7 +115,7 @@ static void test_pr_errors(void **state)
 
     /* SPC-4 errors: answered at once, nothing pushed, nothing changes */
     id = pr_out(b, EXTLOCK_PR_RESERVE, EXTLOCK_PR_TYPE_EA, 0xb, 0);
-    pr_expect_result(b, id, EXTLOCK_PR_CONFLICT, 1);           /* unregistered */
+    pr_expect_result(b, id, EXTLOCK_PR_CONFLICT, 1);    /* unregistered */
     id = pr_out(a, EXTLOCK_PR_REGISTER, 0, 0xbad, 0xc);
     pr_expect_result(a, id, EXTLOCK_PR_CONFLICT, 1);           /* wrong key */
     id = pr_out(a, EXTLOCK_PR_RESERVE, 2, 0xa, 0);

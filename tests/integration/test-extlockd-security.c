@@ -2408,7 +2408,8 @@ static void test_pr_state_freed(void **state)
 }
 
 /*
- * A pr-out with a request number and its retry */
+ * A pr-out with a request number and its retry
+ */
 static ExtlockPrStatus pr_out_numbered(ExtlockConn *c, uint64_t key,
                                        uint64_t sa_key, uint64_t request,
                                        bool update)
