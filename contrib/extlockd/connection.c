@@ -82,14 +82,6 @@ conn_send_error(ExtlockdConn *conn, bool has_id, uint64_t id,
 
 void conn_set_events(ExtlockdConn *conn, GIOCondition events)
 {
-    if (conn->input_ended) {
-        /* Not polled any more: input wanted again means "process the rest" */
-        conn->events = events;
-        if (events & G_IO_IN) {
-            g_source_set_ready_time(conn->source, 0);
-        }
-        return;
-    }
     if (conn->events != events) {
         conn->events = events;
         g_source_modify_unix_fd(conn->source, conn->tag, events);
@@ -343,69 +335,15 @@ static bool conn_tls_handshake(ExtlockdConn *conn)
     return true;
 }
 
-/*
- * The peer hung up while its input was paused (a hello waiting for the
- * state file, or back-pressure): what it sent before - unlocks, a bye -
- * must not be lost, or its locks stay until its lease runs out.  Read all
- * of it now (the peer is gone, so it is at most a socket buffer) and stop
- * polling the socket, which would report the hangup on every loop turn;
- * conn_input_end() processes the lines once input is no longer paused.
- */
-static void conn_hangup_paused(ExtlockdConn *conn)
-{
-    ExtlockdServer *server = conn->server;
-
-    for (;;) {
-        ssize_t n = conn_sys_recv(conn, server->rbuf, READ_CHUNK);
-
-        if (n > 0) {
-            extlock_linebuf_append(&conn->lb, server->rbuf, n);
-        } else if (!(n < 0 && errno == EINTR)) {
-            break;
-        }
-    }
-    VERBOSE(server, "%s: hung up while its input was paused; processing "
-            "what it sent", conn->peer);
-    g_source_remove_unix_fd(conn->source, conn->tag);
-    conn->tag = NULL;
-    conn->input_ended = true;
-}
-
-/* Input of a hung-up connection: process it unless paused, then close */
-static void conn_input_end(ExtlockdConn *conn)
-{
-    ExtlockdServer *server = conn->server;
-
-    conn_process_lines(conn);
-    if (conn->awaiting_state) {
-        return;                 /* the welcome sets G_IO_IN again */
-    }
-    /* Try to deliver what is pending, as at the end of input */
-    if (conn->dirty) {
-        g_queue_unlink(&server->dirty, &conn->dirty_link);
-        conn->dirty = false;
-        if (!conn_flush(conn)) {
-            return;
-        }
-    }
-    conn_destroy(conn);
-}
-
 static gboolean conn_source_dispatch(GSource *source, GSourceFunc cb,
                                      gpointer data)
 {
     ConnSource *cs = (ConnSource *)source;
     ExtlockdConn *conn = cs->conn;
     ExtlockdServer *server = conn->server;
-    GIOCondition rev;
+    GIOCondition rev = g_source_query_unix_fd(source, conn->tag);
 
     g_source_set_ready_time(source, -1);
-    if (conn->input_ended) {
-        conn_input_end(conn);
-        conn_flush_all(server);
-        return G_SOURCE_CONTINUE;
-    }
-    rev = g_source_query_unix_fd(source, conn->tag);
     if (conn->handshaking) {
         if (!conn_tls_handshake(conn)) {
             conn_flush_all(server);
@@ -421,12 +359,7 @@ static gboolean conn_source_dispatch(GSource *source, GSourceFunc cb,
     if ((rev & (G_IO_IN | G_IO_HUP | G_IO_ERR)) && (conn->events & G_IO_IN)) {
         conn_read(conn);
     } else if ((rev & (G_IO_HUP | G_IO_ERR)) && !(rev & G_IO_OUT)) {
-        if (conn->closing || conn->handshaking) {
-            conn_destroy(conn);
-        } else {
-            conn_hangup_paused(conn);
-            conn_input_end(conn);
-        }
+        conn_destroy(conn);
     }
     conn_flush_all(server);
     return G_SOURCE_CONTINUE;

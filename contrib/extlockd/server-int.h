@@ -216,8 +216,6 @@ struct ExtlockdConn {
     ExtlockdSession *session;
     bool closing;                /* close once out is flushed */
     bool peer_gone;              /* a write failed: read what is left */
-    /* hung up while input was paused: its input is in lb, fd not polled */
-    bool input_ended;
     int64_t closing_since_us;
     /* Who it is (policy.h); NULL during the TLS handshake */
     char *identity;
