@@ -608,7 +608,10 @@ def test_fence_status_event(agent_ok, local_image, coord, lock_space, procs, wor
     d = coord(fence_margin_ms=200,
               extra_args=["--fence-agent", str(agent), "--fence-timeout-ms", "5000"])
     holder = CoordinatorClient(d.address)
-    holder.hello("python-holder", lock_space, lease_ms=1000)
+    # the holder never renews: its lease must outlast B's start and queued
+    # write (at 1 s it lapsed before B's request reached the coordinator
+    # once under load, and B saw only "failed"), then end after close()
+    holder.hello("python-holder", lock_space, lease_ms=5000)
     holder.lock(0, 64 * KiB, "exclusive")
     b = qsd(procs, "b", local_image.child, d.coordinator(), lock_space, "host-b")
     with NbdClient(b.nbd_path, "disk") as nb:
