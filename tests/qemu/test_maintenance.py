@@ -908,18 +908,8 @@ def test_maintenance_not_granted_unless_recorded(procs, lock_space, binaries):
     the range), the maintenance count and the state file are unchanged;
     once there is room again, the maintenance is granted and counted.
     Before the fix the coordinator logged a warning and granted it."""
-    binaries("extlockd")
-    daemon = procs.add(TmpfsStateExtlockd(procs.workdir / "extlockd-tmpfs"))
-    daemon.start()
-    holder = CoordinatorClient(daemon.address)
-    holder.hello("holder", lock_space, lease_ms=30000)
-    held = holder.lock(0, 4096)
-    owner = CoordinatorClient(daemon.address)
-    owner.hello("maint-owner", lock_space, lease_ms=30000)
-    rid = owner.request({"type": "lock", "offset": 0, "length": MAINT_LENGTH,
-                         "mode": "exclusive", "wait": True})
-    assert owner.reply(rid, timeout=10, accept_waiting=True)["type"] == \
-        "waiting"
+    daemon, holder, held, owner, rid = _unrecorded_maintenance_setup(
+        procs, lock_space, binaries, fill=False)
     before = daemon.saved()
     gen_before = space_status(daemon, lock_space).get("maintenance")
 
@@ -947,9 +937,11 @@ def test_maintenance_not_granted_unless_recorded(procs, lock_space, binaries):
     assert daemon.stop() == 0, daemon.stderr()
 
 
-def _unrecorded_maintenance_setup(procs, lock_space, binaries, **kwargs):
-    """A coordinator whose state tmpfs is full when a waiting maintenance
-    request's turn comes: (daemon, holder, its lock, owner, request id)."""
+def _unrecorded_maintenance_setup(procs, lock_space, binaries, fill=True,
+                                  **kwargs):
+    """A coordinator whose state tmpfs is full (unless not @fill) when a
+    waiting maintenance request's turn comes: (daemon, holder, its lock,
+    owner, request id)."""
     binaries("extlockd")
     daemon = procs.add(TmpfsStateExtlockd(procs.workdir / "extlockd-tmpfs",
                                           **kwargs))
@@ -963,7 +955,8 @@ def _unrecorded_maintenance_setup(procs, lock_space, binaries, **kwargs):
                          "mode": "exclusive", "wait": True})
     assert owner.reply(rid, timeout=10, accept_waiting=True)["type"] == \
         "waiting"
-    daemon.fill()
+    if fill:
+        daemon.fill()
     return daemon, holder, held, owner, rid
 
 
