@@ -26,6 +26,8 @@
 #define READ_ROUNDS         4           /* reads per callback at most */
 #define BACKPRESSURE_OUTPUT (1024 * 1024) /* stop reading above this */
 #define CLOSE_TIMEOUT_US    (5 * G_USEC_PER_SEC)
+/* What is read of a connection that hung up while its input was paused */
+#define GONE_READ_MAX       (1024 * 1024)
 
 /* The main loop source of a connection */
 typedef struct ConnSource {
@@ -118,6 +120,27 @@ static void conn_kick_tls(ExtlockdConn *conn)
 }
 
 /*
+ * The peer of @conn is gone: nothing is sent to it any more, its input is
+ * no longer paused (neither the state file write of its hello nor its
+ * unread output is a reason to wait for anybody), its session's waiting
+ * requests are cancelled, and of the lines it sent only those that give
+ * something up are applied (dispatch_line()).  So a hung-up client can
+ * neither be granted a lock nobody will use nor keep its session alive:
+ * the session is detached when the connection is destroyed, at the end of
+ * those lines, and its lease runs as after any disconnect.
+ */
+static void conn_mark_gone(ExtlockdConn *conn)
+{
+    conn->peer_gone = true;
+    conn->awaiting_state = false;
+    g_string_truncate(conn->out, 0);
+    conn->out_pos = 0;
+    if (conn->session) {
+        session_peer_gone(conn->session);
+    }
+}
+
+/*
  * The peer closed its end (a write failed with EPIPE or ECONNRESET), but
  * what it sent before closing may still wait unread in the socket: the
  * unlocks and the "bye" of a client that exits while the coordinator
@@ -130,9 +153,7 @@ static void conn_peer_gone(ExtlockdConn *conn)
 {
     VERBOSE(conn->server, "%s: peer closed; reading what it sent",
             conn->peer);
-    conn->peer_gone = true;
-    g_string_truncate(conn->out, 0);
-    conn->out_pos = 0;
+    conn_mark_gone(conn);
     /* poll() reports the unread input and the end of it */
     conn_set_events(conn, G_IO_IN);
 }
@@ -335,6 +356,47 @@ static bool conn_tls_handshake(ExtlockdConn *conn)
     return true;
 }
 
+/*
+ * The peer hung up while the input of @conn was paused (its hello waits
+ * for the state file, or back-pressure) and nothing was being written.
+ * What it sent after the pause began is still in the socket: a "bye" or
+ * unlocks among it must not wait for its lease to run out.  Its session
+ * must not stay either, however long the pause would have lasted.  So the
+ * pause ends now: read what is left, once (the peer is gone, so it is at
+ * most a socket buffer; GONE_READ_MAX bounds it anyway), apply the lines
+ * that release something (conn_mark_gone()), and destroy the connection,
+ * which detaches its session, all in this callback.
+ */
+static void conn_hangup_paused(ExtlockdConn *conn)
+{
+    ExtlockdServer *server = conn->server;
+    ExtlockdSession *session = conn->session;
+    size_t total = 0;
+
+    conn_mark_gone(conn);
+    if (session && g_get_monotonic_time() >= session->deadline_us) {
+        /* Too late, as in conn_read(): its lease lapsed before */
+        session_expire(session);
+        conn_destroy(conn);
+        return;
+    }
+    while (total < GONE_READ_MAX) {
+        ssize_t n = conn_sys_recv(conn, server->rbuf,
+                                  MIN(READ_CHUNK, GONE_READ_MAX - total));
+
+        if (n > 0) {
+            extlock_linebuf_append(&conn->lb, server->rbuf, n);
+            total += n;
+        } else if (!(n < 0 && errno == EINTR)) {
+            break;
+        }
+    }
+    VERBOSE(server, "%s: hung up while its input was paused; %zu bytes "
+            "left to read", conn->peer, total);
+    conn_process_lines(conn);
+    conn_destroy(conn);
+}
+
 static gboolean conn_source_dispatch(GSource *source, GSourceFunc cb,
                                      gpointer data)
 {
@@ -359,7 +421,11 @@ static gboolean conn_source_dispatch(GSource *source, GSourceFunc cb,
     if ((rev & (G_IO_IN | G_IO_HUP | G_IO_ERR)) && (conn->events & G_IO_IN)) {
         conn_read(conn);
     } else if ((rev & (G_IO_HUP | G_IO_ERR)) && !(rev & G_IO_OUT)) {
-        conn_destroy(conn);
+        if (conn->closing || conn->handshaking || conn->peer_gone) {
+            conn_destroy(conn);
+        } else {
+            conn_hangup_paused(conn);
+        }
     }
     conn_flush_all(server);
     return G_SOURCE_CONTINUE;
@@ -483,6 +549,12 @@ void conn_destroy(ExtlockdConn *conn)
     ExtlockdServer *server = conn->server;
 
     VERBOSE(server, "connection %s closed", conn->peer);
+    if (conn->gone_applied || conn->gone_dropped) {
+        g_message("%s: gone: of the requests it sent last, %u applied "
+                  "and %u dropped (once a client is gone, only those that "
+                  "release something are applied)", conn->peer,
+                  conn->gone_applied, conn->gone_dropped);
+    }
     conn_unauth_done(conn);
     if (conn->session) {
         if (server->shutting_down) {

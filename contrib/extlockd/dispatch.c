@@ -19,6 +19,11 @@
  *   DISPATCH_SESSION_OR_ADMIN status: after hello, or an admin identity
  *                             (extlockctl on the UNIX socket) without one
  *   DISPATCH_ADMIN            release-session
+ *
+ * Once the peer of a connection is gone (it hung up while its input was
+ * paused, or a write to it failed), what it sent last is still read, but
+ * only the requests that give something up are applied:
+ * dispatch_after_gone().
  */
 #include <inttypes.h>
 #include <glib.h>
@@ -162,6 +167,34 @@ static bool dispatch_permitted(ExtlockdConn *conn, const ExtlockMsg *m)
     return false;
 }
 
+/*
+ * Is @m, from a connection whose peer is gone, still applied?  Only if it
+ * gives up what its session has or waits for: unlock, bye, downgrade,
+ * cancel, reclaim-done (the grace period need not wait for it), and the
+ * pr-ack of a session already subscribed (a pr-out need not wait for its
+ * lease).  Nothing else is: a grant (lock, reclaim) would be held for
+ * nobody until the lease ran out, a renew would keep a session alive
+ * that nobody renews, a hello could take over a session that its client
+ * has meanwhile resumed elsewhere, and a pr-out, a pr-ack that would
+ * subscribe, status and release-session are for a requester that waits
+ * for the answer, which can no longer be sent.
+ */
+static bool dispatch_after_gone(ExtlockdConn *conn, const ExtlockMsg *m)
+{
+    switch (m->type) {
+    case EXTLOCK_MSG_UNLOCK:
+    case EXTLOCK_MSG_BYE:
+    case EXTLOCK_MSG_DOWNGRADE:
+    case EXTLOCK_MSG_CANCEL:
+    case EXTLOCK_MSG_RECLAIM_DONE:
+        return true;
+    case EXTLOCK_MSG_PR_ACK:
+        return conn->session && conn->session->pr_subscribed;
+    default:
+        return false;
+    }
+}
+
 void dispatch_line(ExtlockdConn *conn, const char *line, size_t len)
 {
     ExtlockdServer *server = conn->server;
@@ -171,8 +204,25 @@ void dispatch_line(ExtlockdConn *conn, const char *line, size_t len)
 
     extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
     if (!extlock_msg_parse(line, len, &m, &err)) {
+        if (conn->peer_gone) {
+            conn->gone_dropped++;
+            server->gone_dropped++;
+            return;
+        }
         conn_send_error(conn, m.has_id, m.id, err.code, "%s", err.message);
         return;
+    }
+    if (conn->peer_gone) {
+        if (!dispatch_after_gone(conn, &m)) {
+            VERBOSE(server, "%s: %s request %" PRIu64 " dropped: the peer "
+                    "is gone", conn->peer, extlock_msg_type_name(m.type),
+                    m.id);
+            conn->gone_dropped++;
+            server->gone_dropped++;
+            extlock_msg_clear(&m);
+            return;
+        }
+        conn->gone_applied++;
     }
     VERBOSE(server, "%s: %s request %" PRIu64, conn->peer,
             extlock_msg_type_name(m.type), m.id);

@@ -215,7 +215,14 @@ struct ExtlockdConn {
     size_t out_allowance;        /* big replies in out (status) */
     ExtlockdSession *session;
     bool closing;                /* close once out is flushed */
-    bool peer_gone;              /* a write failed: read what is left */
+    /*
+     * The peer is gone (a write failed, or it hung up while input was
+     * paused): only the releasing lines of what is left are applied
+     * (dispatch_line()), and no output is sent
+     */
+    bool peer_gone;
+    unsigned gone_applied;       /* ... lines applied since */
+    unsigned gone_dropped;       /* ... lines dropped since */
     int64_t closing_since_us;
     /* Who it is (policy.h); NULL during the TLS handshake */
     char *identity;
@@ -253,6 +260,8 @@ struct ExtlockdServer {
     uint64_t next_serial;
     uint64_t nmessages;
     uint64_t nerrors;
+    /* lines a client sent before it was gone, not applied (peer_gone) */
+    uint64_t gone_dropped;
     bool shutting_down;
     char *rbuf;
     ExtlockdEventLog *event_log;  /* --event-log, or NULL */
@@ -571,7 +580,10 @@ int64_t conn_check_timeouts(ExtlockdServer *server, int64_t now);
  *
  * Parse one request line, check that @conn may send it (dispatch_table
  * in dispatch.c), and call its handler.  Bad lines and refused requests
- * get an error reply and change nothing.
+ * get an error reply and change nothing.  Once the peer of @conn is gone
+ * (conn->peer_gone), only requests that give something up are applied
+ * (dispatch_after_gone() in dispatch.c); the others are dropped and
+ * counted.
  */
 void dispatch_line(ExtlockdConn *conn, const char *line, size_t len);
 
@@ -610,6 +622,16 @@ void session_handle_release(ExtlockdConn *conn, ExtlockdSession *attached,
  * unless it is resumed before.
  */
 void session_detach(ExtlockdSession *session);
+
+/**
+ * session_peer_gone:
+ * @session: an active session
+ *
+ * The peer of its connection is gone, and only the releasing lines it
+ * sent are still applied (dispatch_line()): cancel its waiting requests,
+ * so that none of them can be granted to nobody.
+ */
+void session_peer_gone(ExtlockdSession *session);
 
 /**
  * session_expire:

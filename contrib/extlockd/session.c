@@ -361,6 +361,18 @@ static unsigned session_release(ExtlockdSession *session, bool held)
     return locks->len;
 }
 
+/*
+ * The peer of the session's connection is gone (a hangup while its input
+ * was paused, or a write that failed): its waiting requests are cancelled
+ * now, before the lines it sent last are applied, so that a release among
+ * them cannot grant one of them to nobody.  It is detached when the
+ * connection is destroyed, at the end of those lines.
+ */
+void session_peer_gone(ExtlockdSession *session)
+{
+    session_release(session, false);
+}
+
 /* The session's connection dropped without "bye" */
 void session_detach(ExtlockdSession *session)
 {

@@ -259,6 +259,7 @@ static json_object *status_server(ExtlockdServer *server, ExtlockdConn *viewer,
     status_add_int(counters, "refused-connections", server->refused);
     status_add_int(counters, "lock-spaces", g_hash_table_size(server->spaces));
     status_add_int(counters, "reservation-states", reservation_count(server));
+    status_add_int(counters, "dropped-after-hangup", server->gone_dropped);
     json_object_object_add(root, "counters", counters);
     if (server->ha) {
         json_object_object_add(root, "cluster", extlockd_ha_status(server->ha));

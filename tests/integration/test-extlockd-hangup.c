@@ -1,0 +1,261 @@
+/*
+ * extlockd: what a client sent before it hung up is processed, even when
+ * the coordinator had paused reading its input at that moment.
+ *
+ * Copyright (c) 2026 The extlock authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The coordinator pauses reading a connection while a new session waits
+ * for the state file (hello: the welcome goes out once the session is on
+ * disk).  EXTLOCKD_TEST_STATE_DELAY_MS makes that wait long enough for a
+ * client to send more and hang up inside it, deterministically.
+ *
+ * The rule (docs/extlockd.rst, "Clients that hang up"): at the hangup the
+ * pause ends, what is left in the socket is read once, the requests that
+ * release something (bye, unlock, ...) are applied and the others
+ * dropped, and the session is detached: its lease runs as after any
+ * disconnect, however long the pause would have lasted.
+ */
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <setjmp.h>
+#include <cmocka.h>
+#include <glib.h>
+#include <json-c/json.h>
+
+#include "extlockd-harness.h"
+
+#define DELAY_MS 1000
+/*
+ * A state write that outlasts the lease, the fence margin and the slack
+ * of a session: its pause does not end before the session must be gone
+ */
+#define PAUSE_MS (LEASE_MS + MARGIN_MS + SLACK_MS + 500)
+
+/* The sessions of @client_id in @mon's status */
+static int sessions_of(ExtlockConn *mon, const char *client_id)
+{
+    json_object *st = status_get(mon);
+    json_object *sessions = jget(st, "sessions");
+    int n = 0;
+
+    for (size_t i = 0; i < json_object_array_length(sessions); i++) {
+        json_object *s = json_object_array_get_idx(sessions, i);
+
+        if (strcmp(jstr(s, "client-id"), client_id) == 0) {
+            n++;
+        }
+    }
+    json_object_put(st);
+    return n;
+}
+
+/* The status counter of requests dropped because their client was gone */
+static int64_t dropped_after_hangup(ExtlockConn *mon)
+{
+    json_object *st = status_get(mon);
+    int64_t n = jint(jget(st, "counters"), "dropped-after-hangup");
+
+    json_object_put(st);
+    return n;
+}
+
+/* The status entry of the session of @client_id in @st, or NULL */
+static json_object *session_of(json_object *st, const char *client_id)
+{
+    json_object *sessions = jget(st, "sessions");
+
+    for (size_t i = 0; i < json_object_array_length(sessions); i++) {
+        json_object *s = json_object_array_get_idx(sessions, i);
+
+        if (strcmp(jstr(s, "client-id"), client_id) == 0) {
+            return s;
+        }
+    }
+    return NULL;
+}
+
+/* Send @text on a new connection, wait until its session is listed */
+static ExtlockConn *send_until_session(Daemon *d, ExtlockConn *mon,
+                                       const char *client_id,
+                                       const char *text)
+{
+    ExtlockConn *h = conn_open(d->unix_addr);
+    int64_t deadline;
+
+    send_raw(h, text);
+    /* The session exists (paused, its welcome waits for the state file) */
+    deadline = now_ms() + RECV_MS;
+    while (sessions_of(mon, client_id) == 0) {
+        if (now_ms() > deadline) {
+            dump_log(d);
+            fail_msg("the session of the hello never appeared");
+        }
+        g_usleep(5000);
+    }
+    return h;
+}
+
+/*
+ * A client sends hello, a lock request and bye in one go and closes its
+ * socket while the coordinator waits for the state write of the hello
+ * (input paused).  The bye must still be applied: the session ends at
+ * once and the extent is free.  Before the fix the hangup destroyed the
+ * connection with the two requests unread: the session stayed until its
+ * lease (LONG_LEASE_MS) ran out.
+ */
+static void test_hangup_while_paused_keeps_input(void **state)
+{
+    g_autofree char *delay =
+        g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", DELAY_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *h;
+    g_autofree char *text = g_strdup_printf(
+        "{\"type\":\"hello\",\"id\":1,\"version\":%d,\"client-id\":\"hup\","
+        "\"lock-space\":\"disk\",\"lease-ms\":%d}\n"
+        "{\"type\":\"lock\",\"id\":2,\"offset\":0,\"length\":4096,"
+        "\"mode\":\"exclusive\"}\n"
+        "{\"type\":\"bye\",\"id\":3}\n",
+        EXTLOCK_PROTOCOL_VERSION, LONG_LEASE_MS);
+    ExtlockConn *w;
+    int64_t deadline;
+
+    h = send_until_session(d, mon, "hup", text);
+    conn_drop(h);
+    /*
+     * The bye ends the session at the hangup (at the latest when the
+     * hello's write is done, as the first fix had it: DELAY_MS per write,
+     * two writes at most); its lease is LONG_LEASE_MS, so only the bye
+     * can end it this soon
+     */
+    deadline = now_ms() + 2 * DELAY_MS + SLACK_MS + RECV_MS;
+    while (sessions_of(mon, "hup") != 0) {
+        if (now_ms() > deadline) {
+            dump_log(d);
+            fail_msg("the session that said bye before hanging up is still "
+                     "there: its input was dropped");
+        }
+        g_usleep(5000);
+    }
+    /* The lock request was dropped (its client was gone), the bye not */
+    assert_int_equal(dropped_after_hangup(mon), 1);
+    /* Its lock went with it: another client gets the extent at once */
+    w = client(d->unix_addr, "w", LONG_LEASE_MS);
+    lock_now(w, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    bye(w);
+    daemon_stop(d);
+}
+
+/*
+ * The same hangup without bye: hello and an exclusive lock request.  The
+ * lock request is dropped (its client is gone: a grant would be held for
+ * nobody until its lease ran out), the session is detached at the hangup
+ * holding nothing, and another client gets the extent at once.  Control:
+ * with the reverted first fix (171fbb2), which applied every line once
+ * the hello's write was done, the lock was granted to the gone client and
+ * the other client waited for its lease.
+ */
+static void test_hangup_drops_lock_request(void **state)
+{
+    g_autofree char *delay =
+        g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", DELAY_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    g_autofree char *text = g_strdup_printf(
+        "{\"type\":\"hello\",\"id\":1,\"version\":%d,\"client-id\":\"hup\","
+        "\"lock-space\":\"disk\",\"lease-ms\":%d}\n"
+        "{\"type\":\"lock\",\"id\":2,\"offset\":0,\"length\":4096,"
+        "\"mode\":\"exclusive\"}\n",
+        EXTLOCK_PROTOCOL_VERSION, LONG_LEASE_MS);
+    ExtlockConn *w;
+    json_object *st, *s;
+
+    conn_drop(send_until_session(d, mon, "hup", text));
+    /* Its welcome is after the hung-up hello's write: that one is done */
+    w = client(d->unix_addr, "w", LONG_LEASE_MS);
+    lock_now(w, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    /* The gone client's session is detached, holds nothing, waits */
+    st = status_get(mon);
+    s = session_of(st, "hup");
+    if (!s) {
+        fail_msg("the session of the gone client ended early");
+    }
+    assert_string_equal(jstr(s, "state"), "disconnected");
+    assert_int_equal(jint(s, "locks-held"), 0);
+    json_object_put(st);
+    assert_int_equal(dropped_after_hangup(mon), 1);
+    bye(w);
+    daemon_stop(d);
+}
+
+/*
+ * The pause outlasts the lease: the state write of the hello takes
+ * PAUSE_MS, longer than lease + fence margin + slack.  A client sends
+ * hello (lease LEASE_MS) and a lock request and hangs up inside that
+ * write.  Its session must be gone within LEASE_MS + MARGIN_MS of the
+ * hangup (SLACK_MS allowed for the timer), before the write is done: a
+ * hung-up connection must not keep its session longer than a plain
+ * disconnect would.  Control: with the reverted first fix (171fbb2) the
+ * connection stayed, paused, until the write was done, and its session
+ * with it (the lease of a session whose welcome waits starts again at
+ * the welcome): the fuzz seed epoch-wrap left it for ever.
+ */
+static void test_hangup_pause_outlasts_lease(void **state)
+{
+    g_autofree char *delay =
+        g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", PAUSE_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    g_autofree char *text = g_strdup_printf(
+        "{\"type\":\"hello\",\"id\":1,\"version\":%d,\"client-id\":\"late\","
+        "\"lock-space\":\"disk\",\"lease-ms\":%d}\n"
+        "{\"type\":\"lock\",\"id\":2,\"offset\":0,\"length\":4096,"
+        "\"mode\":\"exclusive\"}\n",
+        EXTLOCK_PROTOCOL_VERSION, LEASE_MS);
+    int64_t sent = now_ms(), hangup, deadline;
+
+    conn_drop(send_until_session(d, mon, "late", text));
+    hangup = now_ms();
+    deadline = hangup + LEASE_MS + MARGIN_MS + SLACK_MS;
+    assert_true(deadline < sent + PAUSE_MS);
+    while (sessions_of(mon, "late") != 0) {
+        if (now_ms() > deadline) {
+            dump_log(d);
+            fail_msg("the session of a client that hung up %" PRId64 " ms "
+                     "ago is still there (lease %d ms, fence margin %d "
+                     "ms): its paused connection kept it",
+                     now_ms() - hangup, LEASE_MS, MARGIN_MS);
+        }
+        g_usleep(5000);
+    }
+    daemon_stop(d);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_hangup_while_paused_keeps_input,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hangup_drops_lock_request,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hangup_pause_outlasts_lease,
+                                        setup, teardown),
+    };
+
+    extlockd_bin = g_getenv("EXTLOCKD");
+    extlockctl_bin = g_getenv("EXTLOCKCTL");
+    if (!extlockd_bin || !extlockctl_bin) {
+        fprintf(stderr, "set EXTLOCKD and EXTLOCKCTL\n");
+        return 1;
+    }
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
