@@ -193,6 +193,29 @@ sessions = {
         '0:' + lock(5, 3, 1, 'exclusive'),
         '0:{"type":"status","id":6}',
     ],
+    # Clients that hang up with requests unread, maybe while their input
+    # is paused (a hello waiting for the state file): only unlock, bye,
+    # downgrade, cancel, reclaim-done and a subscribed pr-ack are applied
+    'hangup-while-paused': [
+        '0:' + hello('hostA/disk0', 'disk', ',"lease-ms":1000'),
+        '0:' + lock(2, 0, 4096, 'exclusive'),
+        '1:' + hello('hostB/disk0'),
+        '1:' + lock(2, 0, 4096, 'exclusive'),
+        '2:' + hello('hostC/disk0'),
+        '2:' + lock(2, 0, 4096, 'shared'),
+        '2:{"type":"renew","id":3}',
+        '2:{"type":"pr-ack","id":4,"seq":0}',
+        '2:{"type":"bye","id":5}',
+        '2!',
+        '3:' + hello('hostD/disk0'),
+        '3:' + lock(2, 8192, 4096, 'shared'),
+        '3:' + hello('hostA/disk0', 'disk', ',"session":"@S"'),
+        '3!',
+        '0:{"type":"downgrade","id":3,"lock":1}',
+        '0:{"type":"unlock","id":4,"lock":1}',
+        '0!',
+        'T1500',
+    ],
     # Malformed input, requests in the wrong state, partial lines
     'malformed': [
         '0:{"type":"status","id":1}',
