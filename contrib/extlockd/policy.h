@@ -28,7 +28,7 @@
  * "allow" (default: all of them) lists what its sessions may do (read,
  * write, reserve, freeze, maintain: ExtlockdAction below);
  * "max-registrations" (default 8) bounds its SCSI-3 registrations per
- * lock-space, "max-lock-spaces" (default 16) the lock-spaces in which it
+ * lock-space, "max-lock-spaces" (default 64) the lock-spaces in which it
  * holds any.
  * An identity without a group may not say hello.
  *
@@ -110,7 +110,7 @@ typedef enum ExtlockdAction {
  * Without a policy file, and for root and the daemon's uid without a
  * group, there is no such bound.
  */
-#define EXTLOCKD_DEFAULT_MAX_LOCK_SPACES    16
+#define EXTLOCKD_DEFAULT_MAX_LOCK_SPACES    64
 #define EXTLOCKD_MAX_LOCK_SPACES_CAP        4096
 
 const char *extlockd_action_name(ExtlockdAction a);

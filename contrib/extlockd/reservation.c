@@ -775,8 +775,12 @@ static bool pr_over_limit(ExtlockdServer *server, ExtlockdPr *pr,
 }
 
 /*
- * After a change: @client_id's registration (if any) belongs to
- * @identity, and client-ids no longer registered have no owner
+ * After a change: @client_id's registration (if any) belongs to the
+ * identity that made it, or to @identity if it had no owner (one loaded
+ * from an older state file); client-ids no longer registered have no
+ * owner.  A session of another identity that may use the same client-id
+ * does not take the registration over: it would escape that identity's
+ * limits.
  */
 static gboolean pr_owner_unregistered(gpointer key, gpointer value,
                                       gpointer opaque)
@@ -789,7 +793,8 @@ static gboolean pr_owner_unregistered(gpointer key, gpointer value,
 static void pr_note_owner(ExtlockdPr *pr, const char *client_id,
                           const char *identity)
 {
-    if (extlock_pr_find(&pr->state, client_id)) {
+    if (extlock_pr_find(&pr->state, client_id) &&
+        !g_hash_table_contains(pr->owners, client_id)) {
         g_hash_table_insert(pr->owners, g_strdup(client_id),
                             g_strdup(identity ? identity : ""));
     }

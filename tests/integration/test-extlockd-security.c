@@ -2644,8 +2644,9 @@ static void reload_policy(Daemon *d, const char *policy, const char *keys,
  * registrant).  It may still change its own registrations, and dropping
  * one frees a lock-space.  Another identity registers in lock-spaces of
  * its own bound.  Bad max-lock-spaces values are refused at reload (the
- * old bound stays) and at start-up.  Before, the identity registered in
- * every lock-space it named.
+ * old bound stays) and at start-up.  A session of another identity that
+ * uses one of its client-ids does not take a registration (and the count)
+ * over.  Before, the identity registered in every lock-space it named.
  */
 static void test_pr_lock_space_limit(void **state)
 {
@@ -2739,6 +2740,28 @@ static void test_pr_lock_space_limit(void **state)
     reload_policy(d, policy, "max-lock-spaces=4", "policy reloaded");
     assert_int_equal(anon_register(d, "attacker/5", "scratch-5", 0x1005),
                      EXTLOCK_PR_OK);
+
+    /*
+     * A registration stays with the identity that made it: a session of
+     * another identity using the same client-id changes its key, and the
+     * maker still holds 4 lock-spaces (scratch-6 refused).  Before,
+     * ownership moved with every pr-out.
+     */
+    c = conn_open(d->unix_addr);
+    g_free(hello_ok(c, "attacker/1", "scratch-1", NULL));
+    {
+        ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+        uint64_t id = pr_out(c, EXTLOCK_PR_REGISTER_AND_IGNORE, 0, 0, 0x78);
+
+        pr_expect_update(c, &m);
+        extlock_msg_clear(&m);
+        expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    bye_drop(c);
+    assert_int_equal(anon_register(d, "attacker/6", "scratch-6", 0x1006),
+                     EXTLOCK_PR_NO_RESOURCES);
     conn_drop(mon);
     daemon_stop(d);
 
