@@ -49,10 +49,14 @@
  * one forgotten, so that no client sees it go back.
  *
  * Registrations are counted per identity (the one whose session made the
- * client-id's registration): a new registration beyond the identity's
- * "max-registrations" in the lock-space (policy.h) is refused with
- * insufficient-registration-resources, like one beyond the lock-space's
- * EXTLOCK_PR_MAX_REGISTRANTS, so one identity cannot take every slot.
+ * client-id's registration, its "owner"): a new registration beyond the
+ * identity's "max-registrations" in the lock-space, or in a lock-space
+ * beyond its "max-lock-spaces" with registrations (policy.h), is refused
+ * with insufficient-registration-resources, like one beyond the
+ * lock-space's EXTLOCK_PR_MAX_REGISTRANTS, so one identity cannot take
+ * every slot nor leave state in ever more lock-spaces.  The owners are
+ * saved with the state ("owners"), so the limits hold after a restart or
+ * an HA takeover.
  */
 #include <inttypes.h>
 #include <limits.h>
@@ -916,7 +920,8 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
 
 /*
  * State file: "reservations":[{"lock-space":S, <the members of a
- * pr-status>}, ...], lock-spaces that never had a registration left out
+ * pr-status>, "requests":[...], "owners":[...]}, ...], lock-spaces that
+ * never had a registration left out
  */
 /*
  * The numbered pr-outs of @pr's client-ids as a "requests" member, each

@@ -2825,8 +2825,9 @@ static void test_pr_owner_restart(void **state)
  * A state file without owners (written by an older extlockd) still
  * loads: its registrations are there and belong to nobody, as before, so
  * they count for no identity (max-lock-spaces=1 and a registration from
- * the file: a new lock-space is granted).  A malformed "owners" (a
- * client-id that is not registered) keeps the daemon from starting.
+ * the file: a new lock-space is granted).  A malformed "owners" (not an
+ * array, no or an empty identity, a client-id twice or one that is not
+ * registered) keeps the daemon from starting.
  */
 static void test_pr_owners_old_state(void **state)
 {
@@ -2834,6 +2835,15 @@ static void test_pr_owners_old_state(void **state)
     g_autofree char *state_file = g_build_filename(fx.dir, "old.state",
                                                    NULL);
     const char *extra[] = { "--policy", policy, NULL };
+    static const char *const bad_owners[] = {
+        "\"anonymous\"",
+        "[{\"client-id\":\"old/0\"}]",
+        "[{\"client-id\":\"old/0\",\"identity\":\"\"}]",
+        "[{\"client-id\":\"old/0\",\"identity\":7}]",
+        "[{\"client-id\":\"old/0\",\"identity\":\"a\"},"
+        "{\"client-id\":\"old/0\",\"identity\":\"b\"}]",
+        "[{\"client-id\":\"nobody/0\",\"identity\":\"anonymous\"}]",
+    };
     json_object *obj, *res, *entry = NULL;
     ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
     ExtlockConn *c;
@@ -2853,6 +2863,7 @@ static void test_pr_owners_old_state(void **state)
     assert_non_null(jget(entry, "owners"));
     json_object_object_del(entry, "owners");
     assert_int_equal(json_object_to_file(state_file, obj), 0);
+    json_object_put(obj);
 
     d = daemon_start(state_file, extra, NULL);
     c = conn_open(d->unix_addr);
@@ -2867,27 +2878,34 @@ static void test_pr_owners_old_state(void **state)
                      EXTLOCK_PR_NO_RESOURCES);
     daemon_stop(d);
 
-    /* An owner of a client-id that is not registered: corrupt */
-    json_object_put(obj);
-    obj = json_object_from_file(state_file);
-    assert_non_null(obj);
-    res = jget(obj, "reservations");
-    entry = NULL;
-    for (size_t i = 0; i < json_object_array_length(res); i++) {
-        json_object *e = json_object_array_get_idx(res, i);
+    /* Malformed owners keep the daemon from starting */
+    for (unsigned i = 0; i < G_N_ELEMENTS(bad_owners); i++) {
+        g_autofree char *saved = NULL;
 
-        if (strcmp(jstr(e, "lock-space"), "old") == 0) {
-            entry = e;
+        assert_true(g_file_get_contents(state_file, &saved, NULL, NULL));
+        obj = json_tokener_parse(saved);
+        assert_non_null(obj);
+        res = jget(obj, "reservations");
+        entry = NULL;
+        for (size_t j = 0; j < json_object_array_length(res); j++) {
+            json_object *e = json_object_array_get_idx(res, j);
+
+            if (strcmp(jstr(e, "lock-space"), "old") == 0) {
+                entry = e;
+            }
         }
+        assert_non_null(entry);
+        /* nobody owns the one of the older file */
+        assert_false(json_object_object_get_ex(entry, "owners", NULL));
+        json_object_object_add(entry, "owners",
+                               json_tokener_parse(bad_owners[i]));
+        assert_int_equal(json_object_to_file(state_file, obj), 0);
+        json_object_put(obj);
+        daemon_refused(state_file, extra, 1, "state: reservation of old: "
+                       "\"owners\" must be an array of {\"client-id\","
+                       "\"identity\"}");
+        assert_true(g_file_set_contents(state_file, saved, -1, NULL));
     }
-    assert_non_null(entry);
-    assert_false(json_object_object_get_ex(entry, "owners", NULL));
-    json_object_object_add(entry, "owners", json_tokener_parse(
-        "[{\"client-id\":\"nobody/0\",\"identity\":\"anonymous\"}]"));
-    assert_int_equal(json_object_to_file(state_file, obj), 0);
-    json_object_put(obj);
-    daemon_refused(state_file, extra, 1, "state: reservation of old: "
-                   "\"owners\" must be an array");
 }
 
 int main(void)
