@@ -2840,8 +2840,8 @@ static void test_pr_owners_old_state(void **state)
         "[{\"client-id\":\"old/0\"}]",
         "[{\"client-id\":\"old/0\",\"identity\":\"\"}]",
         "[{\"client-id\":\"old/0\",\"identity\":7}]",
-        "[{\"client-id\":\"old/0\",\"identity\":\"a\"},"
-        "{\"client-id\":\"old/0\",\"identity\":\"b\"}]",
+        ("[{\"client-id\":\"old/0\",\"identity\":\"a\"},"
+         "{\"client-id\":\"old/0\",\"identity\":\"b\"}]"),
         "[{\"client-id\":\"nobody/0\",\"identity\":\"anonymous\"}]",
     };
     json_object *obj, *res, *entry = NULL;
