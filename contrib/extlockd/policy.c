@@ -5,6 +5,7 @@
  *
  * SPDX-License-Identifier: GPL-2.0-or-later
  */
+#include <limits.h>
 #include <string.h>
 #include <unistd.h>
 #include <glib.h>
@@ -19,6 +20,7 @@ typedef struct PolicyEntry {
     bool admin;
     unsigned actions;            /* EXTLOCKD_ACTION_* bits */
     unsigned max_registrations;
+    unsigned max_lock_spaces;
 } PolicyEntry;
 
 static const char *const action_names[EXTLOCKD_ACTION__COUNT] = {
@@ -108,6 +110,28 @@ static char **get_patterns(GKeyFile *kf, const char *group, const char *key,
     return list;
 }
 
+/* The number @key of @group, from 0 to @cap, into *@value if it is there */
+static bool parse_count(GKeyFile *kf, const char *group, const char *key,
+                        const char *path, unsigned cap, unsigned *value,
+                        GError **errp)
+{
+    g_autofree char *v = NULL;
+    guint64 n;
+
+    if (!g_key_file_has_key(kf, group, key, NULL)) {
+        return true;
+    }
+    v = g_key_file_get_value(kf, group, key, NULL);
+    if (!v || !g_ascii_string_to_unsigned(v, 10, 0, cap, &n, NULL)) {
+        g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE,
+                    "%s: [%s] %s must be a number from 0 to %u, not \"%s\"",
+                    path, group, key, cap, v ? v : "");
+        return false;
+    }
+    *value = n;
+    return true;
+}
+
 static bool parse_group(ExtlockdPolicy *p, GKeyFile *kf, const char *group,
                         GError **errp)
 {
@@ -126,18 +150,20 @@ static bool parse_group(ExtlockdPolicy *p, GKeyFile *kf, const char *group,
     for (char **k = keys; k && *k; k++) {
         if (strcmp(*k, "lock-spaces") != 0 && strcmp(*k, "client-ids") != 0 &&
             strcmp(*k, "admin") != 0 && strcmp(*k, "allow") != 0 &&
-            strcmp(*k, "max-registrations") != 0) {
+            strcmp(*k, "max-registrations") != 0 &&
+            strcmp(*k, "max-lock-spaces") != 0) {
             g_set_error(errp, G_KEY_FILE_ERROR,
                         G_KEY_FILE_ERROR_KEY_NOT_FOUND,
                         "%s: [%s]: unknown key \"%s\" (expected lock-spaces, "
-                        "client-ids, admin, allow, max-registrations)",
-                        p->path, group, *k);
+                        "client-ids, admin, allow, max-registrations, "
+                        "max-lock-spaces)", p->path, group, *k);
             return false;
         }
     }
     e = g_new0(PolicyEntry, 1);
     e->actions = EXTLOCKD_ACTIONS_ALL;
     e->max_registrations = EXTLOCKD_DEFAULT_MAX_REGISTRATIONS;
+    e->max_lock_spaces = EXTLOCKD_DEFAULT_MAX_LOCK_SPACES;
     g_hash_table_insert(p->entries, g_strdup(identity), e);
     e->lock_spaces = get_patterns(kf, group, "lock-spaces", p->path, errp);
     if (!e->lock_spaces) {
@@ -163,22 +189,13 @@ static bool parse_group(ExtlockdPolicy *p, GKeyFile *kf, const char *group,
         !parse_actions(kf, group, p->path, &e->actions, errp)) {
         return false;
     }
-    if (g_key_file_has_key(kf, group, "max-registrations", NULL)) {
-        g_autofree char *v = g_key_file_get_value(kf, group,
-                                                  "max-registrations", NULL);
-        guint64 n;
-
-        if (!v || !g_ascii_string_to_unsigned(v, 10, 0,
-                                              EXTLOCKD_MAX_REGISTRATIONS_CAP,
-                                              &n, NULL)) {
-            g_set_error(errp, G_KEY_FILE_ERROR,
-                        G_KEY_FILE_ERROR_INVALID_VALUE,
-                        "%s: [%s] max-registrations must be a number from "
-                        "0 to %u, not \"%s\"", p->path, group,
-                        EXTLOCKD_MAX_REGISTRATIONS_CAP, v ? v : "");
-            return false;
-        }
-        e->max_registrations = n;
+    if (!parse_count(kf, group, "max-registrations", p->path,
+                     EXTLOCKD_MAX_REGISTRATIONS_CAP, &e->max_registrations,
+                     errp) ||
+        !parse_count(kf, group, "max-lock-spaces", p->path,
+                     EXTLOCKD_MAX_LOCK_SPACES_CAP, &e->max_lock_spaces,
+                     errp)) {
+        return false;
     }
     return true;
 }
@@ -339,4 +356,19 @@ unsigned extlockd_policy_max_registrations(const ExtlockdPolicy *p,
         return is_builtin(p, identity) ? EXTLOCKD_MAX_REGISTRATIONS_CAP : 0;
     }
     return e->max_registrations;
+}
+
+unsigned extlockd_policy_max_lock_spaces(const ExtlockdPolicy *p,
+                                         const char *identity)
+{
+    PolicyEntry *e;
+
+    if (!p->path || !identity) {
+        return UINT_MAX;
+    }
+    e = g_hash_table_lookup(p->entries, identity);
+    if (!e) {
+        return is_builtin(p, identity) ? UINT_MAX : 0;
+    }
+    return e->max_lock_spaces;
 }

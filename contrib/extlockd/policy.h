@@ -28,7 +28,8 @@
  * "allow" (default: all of them) lists what its sessions may do (read,
  * write, reserve, freeze, maintain: ExtlockdAction below);
  * "max-registrations" (default 8) bounds its SCSI-3 registrations per
- * lock-space.
+ * lock-space, "max-lock-spaces" (default 64) the lock-spaces in which it
+ * holds any.
  * An identity without a group may not say hello.
  *
  * Without a policy file every identity may use every lock-space and
@@ -54,7 +55,8 @@ typedef struct ExtlockdPolicy ExtlockdPolicy;
  * Parse @path (NULL: the built-in default policy described above).
  * Returns NULL with @errp set on any error: unreadable file, syntax, an
  * unknown group or key, a group without lock-spaces or client-ids, an
- * admin value that is not a boolean.
+ * admin value that is not a boolean, an unknown action in allow,
+ * max-registrations or max-lock-spaces out of range.
  */
 ExtlockdPolicy *extlockd_policy_load(const char *path, GError **errp);
 void extlockd_policy_free(ExtlockdPolicy *p);
@@ -99,6 +101,18 @@ typedef enum ExtlockdAction {
 #define EXTLOCKD_DEFAULT_MAX_REGISTRATIONS  8
 #define EXTLOCKD_MAX_REGISTRATIONS_CAP      64
 
+/*
+ * Lock-spaces in which an identity holds registrations (registrations
+ * outlive sessions, so without this bound an identity allowed "scratch-*"
+ * could leave reservation state in ever more lock-spaces, each kept in
+ * memory and in every state file write): "max-lock-spaces" (default
+ * EXTLOCKD_DEFAULT_MAX_LOCK_SPACES, at most EXTLOCKD_MAX_LOCK_SPACES_CAP).
+ * Without a policy file, and for root and the daemon's uid without a
+ * group, there is no such bound.
+ */
+#define EXTLOCKD_DEFAULT_MAX_LOCK_SPACES    64
+#define EXTLOCKD_MAX_LOCK_SPACES_CAP        4096
+
 const char *extlockd_action_name(ExtlockdAction a);
 
 /*
@@ -111,6 +125,13 @@ bool extlockd_policy_may(const ExtlockdPolicy *p, const char *identity,
 /* How many registrations @identity may hold in one lock-space */
 unsigned extlockd_policy_max_registrations(const ExtlockdPolicy *p,
                                            const char *identity);
+
+/*
+ * In how many lock-spaces @identity may hold registrations (UINT_MAX: no
+ * bound)
+ */
+unsigned extlockd_policy_max_lock_spaces(const ExtlockdPolicy *p,
+                                         const char *identity);
 
 bool extlockd_policy_allows(const ExtlockdPolicy *p, const char *identity,
                             const char *lock_space, const char *client_id,

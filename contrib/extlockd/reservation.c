@@ -49,12 +49,17 @@
  * one forgotten, so that no client sees it go back.
  *
  * Registrations are counted per identity (the one whose session made the
- * client-id's registration): a new registration beyond the identity's
- * "max-registrations" in the lock-space (policy.h) is refused with
- * insufficient-registration-resources, like one beyond the lock-space's
- * EXTLOCK_PR_MAX_REGISTRANTS, so one identity cannot take every slot.
+ * client-id's registration, its "owner"): a new registration beyond the
+ * identity's "max-registrations" in the lock-space, or in a lock-space
+ * beyond its "max-lock-spaces" with registrations (policy.h), is refused
+ * with insufficient-registration-resources, like one beyond the
+ * lock-space's EXTLOCK_PR_MAX_REGISTRANTS, so one identity cannot take
+ * every slot nor leave state in ever more lock-spaces.  The owners are
+ * saved with the state ("owners"), so the limits hold after a restart or
+ * an HA takeover.
  */
 #include <inttypes.h>
+#include <limits.h>
 #include <string.h>
 #include <glib.h>
 #include <json-c/json.h>
@@ -668,6 +673,76 @@ static bool pr_retried(ExtlockdServer *server, ExtlockdPr *pr,
 }
 
 /*
+ * Would @req register @client_id anew in @pr's lock-space (@pr NULL: a
+ * lock-space without reservation state)?  Only a REGISTER (from key 0) or
+ * REGISTER AND IGNORE EXISTING KEY with a non-zero service action key of a
+ * client-id that is not registered yet adds a registration.
+ */
+static bool pr_new_registration(ExtlockdPr *pr, const char *client_id,
+                                const ExtlockPrOut *req)
+{
+    return (req->action == EXTLOCK_PR_REGISTER ||
+            req->action == EXTLOCK_PR_REGISTER_AND_IGNORE) &&
+           req->sa_key != 0 &&
+           (req->action != EXTLOCK_PR_REGISTER || req->key == 0) &&
+           !(pr && extlock_pr_find(&pr->state, client_id));
+}
+
+/* Does @identity own a registration in @pr? */
+static bool pr_owned_by(ExtlockdPr *pr, const char *identity)
+{
+    GHashTableIter iter;
+    gpointer value;
+
+    g_hash_table_iter_init(&iter, pr->owners);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        if (strcmp(value, identity) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
+ * Would @req register @session's client-id in a lock-space where its
+ * identity has no registration yet, beyond the lock-spaces its
+ * "max-lock-spaces" allows (policy.h)?  Then it is refused like a full
+ * lock-space (insufficient-registration-resources: what the guest's SCSI
+ * stack understands) and the log names the limit.  Registrations without
+ * owner (a state file of an older extlockd) count for nobody.
+ */
+static bool pr_over_space_limit(ExtlockdServer *server, ExtlockdPr *pr,
+                                ExtlockdConn *conn, ExtlockdSession *session,
+                                const ExtlockPrOut *req)
+{
+    const char *identity = conn->identity ? conn->identity : "";
+    unsigned limit = extlockd_policy_max_lock_spaces(server->policy,
+                                                     identity);
+    unsigned count = 0;
+    GHashTableIter iter;
+    gpointer value;
+
+    if (limit == UINT_MAX ||
+        !pr_new_registration(pr, session->client_id, req) ||
+        (pr && pr_owned_by(pr, identity))) {
+        return false;
+    }
+    g_hash_table_iter_init(&iter, server->pr->spaces);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        count += pr_owned_by(value, identity);
+    }
+    if (count < limit) {
+        return false;
+    }
+    server_log_refusal(server, "%s: lock-space %s: registration of %s "
+                       "refused: identity %s already has registrations in %u "
+                       "lock-spaces (its max-lock-spaces is %u)", conn->peer,
+                       session->space->name, session->client_id, identity,
+                       count, limit);
+    return true;
+}
+
+/*
  * Would @req register @session's client-id anew beyond the limit of its
  * identity in @pr's lock-space?  Then it is refused like a full
  * lock-space (insufficient-registration-resources) and the log says why.
@@ -679,12 +754,8 @@ static bool pr_over_limit(ExtlockdServer *server, ExtlockdPr *pr,
     const char *identity = conn->identity ? conn->identity : "";
     unsigned limit, count = 0;
 
-    if ((req->action != EXTLOCK_PR_REGISTER &&
-         req->action != EXTLOCK_PR_REGISTER_AND_IGNORE) ||
-        req->sa_key == 0 ||
-        (req->action == EXTLOCK_PR_REGISTER && req->key != 0) ||
-        extlock_pr_find(&pr->state, session->client_id)) {
-        return false;           /* not a new registration */
+    if (!pr_new_registration(pr, session->client_id, req)) {
+        return false;
     }
     limit = extlockd_policy_max_registrations(server->policy, identity);
     if (limit >= EXTLOCK_PR_MAX_REGISTRANTS) {
@@ -708,8 +779,12 @@ static bool pr_over_limit(ExtlockdServer *server, ExtlockdPr *pr,
 }
 
 /*
- * After a change: @client_id's registration (if any) belongs to
- * @identity, and client-ids no longer registered have no owner
+ * After a change: @client_id's registration (if any) belongs to the
+ * identity that made it, or to @identity if it had no owner (one loaded
+ * from an older state file); client-ids no longer registered have no
+ * owner.  A session of another identity that may use the same client-id
+ * does not take the registration over: it would escape that identity's
+ * limits.
  */
 static gboolean pr_owner_unregistered(gpointer key, gpointer value,
                                       gpointer opaque)
@@ -722,7 +797,8 @@ static gboolean pr_owner_unregistered(gpointer key, gpointer value,
 static void pr_note_owner(ExtlockdPr *pr, const char *client_id,
                           const char *identity)
 {
-    if (extlock_pr_find(&pr->state, client_id)) {
+    if (extlock_pr_find(&pr->state, client_id) &&
+        !g_hash_table_contains(pr->owners, client_id)) {
         g_hash_table_insert(pr->owners, g_strdup(client_id),
                             g_strdup(identity ? identity : ""));
     }
@@ -763,7 +839,8 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
         pr_retried(server, pr, conn, session, m)) {
         return;
     }
-    if (pr_over_limit(server, pr, conn, session, &req)) {
+    if (pr_over_limit(server, pr, conn, session, &req) ||
+        pr_over_space_limit(server, pr, conn, session, &req)) {
         st = EXTLOCK_PR_NO_RESOURCES;
     } else {
         st = extlock_pr_out(&pr->state, session->client_id, &req, preempted);
@@ -843,7 +920,8 @@ void reservation_handle_out(ExtlockdConn *conn, ExtlockdSession *session,
 
 /*
  * State file: "reservations":[{"lock-space":S, <the members of a
- * pr-status>}, ...], lock-spaces that never had a registration left out
+ * pr-status>, "requests":[...], "owners":[...]}, ...], lock-spaces that
+ * never had a registration left out
  */
 /*
  * The numbered pr-outs of @pr's client-ids as a "requests" member, each
@@ -895,6 +973,47 @@ static void pr_append_requests(ExtlockdServer *server, ExtlockdPr *pr,
     }
 }
 
+/* A JSON string of @text, appended to @out */
+static void pr_append_string(GString *out, const char *text)
+{
+    json_object *str = json_object_new_string(text);
+
+    g_string_append(out, json_object_to_json_string_ext(
+                        str, JSON_C_TO_STRING_PLAIN |
+                        JSON_C_TO_STRING_NOSLASHESCAPE));
+    json_object_put(str);
+}
+
+/*
+ * The identity that owns each registration of @pr, as an "owners" member
+ * in registration order: a coordinator restarted (or a new HA leader)
+ * still counts it against that identity's max-registrations and
+ * max-lock-spaces.  Registrations without owner are left out.
+ */
+static void pr_append_owners(ExtlockdPr *pr, GString *out)
+{
+    bool first = true;
+
+    for (guint i = 0; i < pr->state.registrants->len; i++) {
+        const ExtlockPrRegistrant *r = pr->state.registrants->pdata[i];
+        const char *owner = g_hash_table_lookup(pr->owners, r->nexus);
+
+        if (!owner || !owner[0]) {
+            continue;
+        }
+        g_string_append(out, first ? ",\"owners\":[" : ",");
+        first = false;
+        g_string_append(out, "{\"client-id\":");
+        pr_append_string(out, r->nexus);
+        g_string_append(out, ",\"identity\":");
+        pr_append_string(out, owner);
+        g_string_append_c(out, '}');
+    }
+    if (!first) {
+        g_string_append_c(out, ']');
+    }
+}
+
 void reservation_append_state(ExtlockdServer *server, GString *out)
 {
     GHashTableIter iter;
@@ -932,6 +1051,7 @@ void reservation_append_state(ExtlockdServer *server, GString *out)
         }
         g_string_append_len(out, body, strlen(body) - 2);   /* no "}\n" */
         pr_append_requests(server, pr, out);
+        pr_append_owners(pr, out);
         g_string_append_c(out, '}');
     }
     if (!first) {
@@ -1013,6 +1133,49 @@ bad:
     return false;
 }
 
+/*
+ * Load the "owners" member of a reservation entry into @pr (replacing
+ * what it had): each registered client-id at most once, with a non-empty
+ * identity.  Without it (a file of an older extlockd) the registrations
+ * have no owner until reservation_restore_owners().
+ */
+static bool pr_load_owners(ExtlockdPr *pr, json_object *arr, GError **errp)
+{
+    g_hash_table_remove_all(pr->owners);
+    if (!arr) {
+        return true;
+    }
+    if (!json_object_is_type(arr, json_type_array)) {
+        goto bad;
+    }
+    for (size_t i = 0; i < json_object_array_length(arr); i++) {
+        json_object *e = json_object_array_get_idx(arr, i);
+        json_object *cid, *identity;
+
+        if (!json_object_is_type(e, json_type_object) ||
+            !json_object_object_get_ex(e, "client-id", &cid) ||
+            !json_object_is_type(cid, json_type_string) ||
+            !json_object_object_get_ex(e, "identity", &identity) ||
+            !json_object_is_type(identity, json_type_string) ||
+            json_object_get_string_len(identity) == 0 ||
+            !extlock_pr_find(&pr->state, json_object_get_string(cid)) ||
+            g_hash_table_contains(pr->owners, json_object_get_string(cid))) {
+            goto bad;
+        }
+        g_hash_table_insert(pr->owners,
+                            g_strdup(json_object_get_string(cid)),
+                            g_strdup(json_object_get_string(identity)));
+    }
+    return true;
+bad:
+    g_hash_table_remove_all(pr->owners);
+    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                "state: reservation of %s: \"owners\" must be an array of "
+                "{\"client-id\",\"identity\"}, one per registered client-id "
+                "at most", pr->space);
+    return false;
+}
+
 bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
                       GError **errp)
 {
@@ -1031,7 +1194,7 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
     }
     for (size_t i = 0; i < json_object_array_length(arr); i++) {
         json_object *e = json_object_array_get_idx(arr, i);
-        json_object *name, *requests = NULL;
+        json_object *name, *requests = NULL, *owners = NULL;
         const char *text;
         ExtlockProtoError err;
         ExtlockMsg m;
@@ -1046,10 +1209,14 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
                         "\"lock-space\"", i);
             goto out;
         }
-        /* The numbered pr-outs are not part of a pr-update */
+        /* The numbered pr-outs and the owners are not part of a pr-update */
         if (json_object_object_get_ex(e, "requests", &requests)) {
             json_object_get(requests);
             json_object_object_del(e, "requests");
+        }
+        if (json_object_object_get_ex(e, "owners", &owners)) {
+            json_object_get(owners);
+            json_object_object_del(e, "owners");
         }
         /* Validated by the codec, as a pr-update */
         json_object_object_add(e, "type",
@@ -1060,6 +1227,7 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
                         "state: reservation of %s: %s",
                         json_object_get_string(name), err.message);
             json_object_put(requests);
+            json_object_put(owners);
             goto out;
         }
         /* what a former term of this leader left is replaced */
@@ -1070,13 +1238,14 @@ bool reservation_load(ExtlockdServer *server, const char *data, size_t len,
         m.pr = NULL;
         pr->seq = m.pr_seq;
         pr->seq_base = 0;
-        g_hash_table_remove_all(pr->owners);
         extlock_msg_clear(&m);
-        if (!pr_load_requests(server, pr, requests, errp)) {
-            json_object_put(requests);
+        ok = pr_load_owners(pr, owners, errp) &&
+             pr_load_requests(server, pr, requests, errp);
+        json_object_put(owners);
+        json_object_put(requests);
+        if (!ok) {
             goto out;
         }
-        json_object_put(requests);
     }
     /* No entry in the state is no registration: a former term's goes */
     {
@@ -1102,11 +1271,11 @@ out:
 }
 
 /*
- * The owners are not in the state file: after a restart (or an HA
- * takeover), each loaded registration belongs to the "owner" of a saved
- * session of its client-id in its lock-space (@sessions:
- * ExtlockdStateSession), so that its identity's max-registrations still
- * counts it.  One without such a session stays without owner.
+ * A state file of an older extlockd has no "owners": after a restart (or
+ * an HA takeover), each loaded registration without a saved owner belongs
+ * to the "owner" of a saved session of its client-id in its lock-space
+ * (@sessions: ExtlockdStateSession), so that its identity's limits still
+ * count it.  One without either stays without owner.
  */
 void reservation_restore_owners(ExtlockdServer *server, GPtrArray *sessions)
 {

@@ -27,9 +27,9 @@
  * lock-space "disk") in their grace period; 'W' starts the token counter
  * just below its 40-bit limit, so that the epoch changes; 'P' loads a
  * policy file that gives the clients' identity ("uid:0") only the actions
- * read, write and reserve and at most 2 registrations per lock-space, so
- * that freezes, the maintenance lock and registrations beyond it are
- * refused.
+ * read, write and reserve and at most 2 registrations per lock-space, in
+ * at most 2 lock-spaces, so that freezes, the maintenance lock and
+ * registrations beyond them are refused.
  *
  * After every command the main context runs until it is idle, every reply
  * is read and must decode (extlock_msg_parse) as a server-to-client
@@ -119,7 +119,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     if (!g_file_set_contents(policy_path, "[identity uid:0]\n"
                              "lock-spaces=*\nclient-ids=*\n"
                              "allow=read;write;reserve\n"
-                             "max-registrations=2\n", -1, NULL)) {
+                             "max-registrations=2\n"
+                             "max-lock-spaces=2\n", -1, NULL)) {
         FAIL("cannot write %s", policy_path);
     }
     g_free(dir);

@@ -451,7 +451,8 @@ def _try_connect(c):
 def test_reservations_survive_failover(ha):
     """Persistent reservations (docs/protocol.rst) are in the state in etcd:
     a new leader after kill -9 of the old one serves the same registrations
-    and reservation, and its epoch bump keeps them."""
+    and reservation, and its epoch bump keeps them, with the identity that
+    owns each registration."""
     leader = ha.start(3)
     c = HaClient(ha.addresses(), "node-a", "pr-disk")
     c.connect(timeout=10)
@@ -460,7 +461,14 @@ def test_reservations_survive_failover(ha):
                 {"action": "reserve", "key": "a1", "pr-type": 5}):
         r = c.call(dict(msg, type="pr-out"))
         assert r["type"] == "pr-result" and r["result"] == "ok", r
-    c.close()
+    c.bye()
+    # Its session gone from the state in etcd, only the saved owner says
+    # whose the registration is (not a session of its client-id)
+    deadline = time.monotonic() + 10
+    while any(s["client-id"] == "node-a"
+              for s in etcd_state(ha).get("sessions", [])):
+        assert time.monotonic() < deadline, etcd_state(ha)
+        time.sleep(0.05)
     leader.kill9()
     new = ha.wait_leader(timeout=10, not_=leader)
     # and once more, so that a second epoch bump must carry them too
@@ -473,6 +481,14 @@ def test_reservations_survive_failover(ha):
     assert st["generation"] == 1 and st["pr-type"] == 5, st
     assert st["holder"] == "node-a", st
     assert st["registrants"] == [{"client-id": "node-a", "key": "a1"}], st
+    # The owner identity of the registration (docs/extlockd.rst "Policy")
+    # came along too: the third leader wrote it back (node-b's hello)
+    entry = [r for r in etcd_state(ha)["reservations"]
+             if r["lock-space"] == "pr-disk"]
+    assert len(entry) == 1, entry
+    owners = entry[0].get("owners")
+    assert owners and [o["client-id"] for o in owners] == ["node-a"], entry
+    assert owners[0]["identity"], entry
     # node-b is not registered: its RESERVE conflicts
     r = d.call({"type": "pr-out", "action": "reserve", "key": "b",
                 "pr-type": 5})

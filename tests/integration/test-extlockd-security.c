@@ -2576,6 +2576,338 @@ static void test_policy_actions(void **state)
     daemon_stop(d);
 }
 
+/*
+ * A policy for the registration limits: "anonymous" (plain TCP) with
+ * @anon_keys, and the test's uid (the UNIX socket) in a group of its own
+ * with max-lock-spaces=3
+ */
+static void write_limit_policy(const char *path, const char *anon_keys)
+{
+    g_autofree char *text = g_strdup_printf(
+        "[identity anonymous]\nlock-spaces=*\nclient-ids=*\n%s\n"
+        "[identity uid:%u]\nlock-spaces=*\nclient-ids=*\n"
+        "max-lock-spaces=3\n", anon_keys, (unsigned)getuid());
+
+    assert_true(g_file_set_contents(path, text, -1, NULL));
+}
+
+/* A session of "anonymous" as @client_id in @space registers @key */
+static ExtlockPrStatus anon_register(Daemon *d, const char *client_id,
+                                     const char *space, uint64_t key)
+{
+    ExtlockConn *c = conn_open(d->tcp_addr);
+    ExtlockPrStatus st;
+
+    g_free(hello_ok(c, client_id, space, "anonymous"));
+    st = pr_register(c, key);
+    bye_drop(c);
+    return st;
+}
+
+/* Does lock-space @space (it has a session) have a reservation state? */
+static bool space_has_reservation(ExtlockConn *mon, const char *space)
+{
+    json_object *st = status_get(mon);
+    json_object *spaces = jget(st, "lock-spaces");
+    bool found = false, has = false;
+
+    for (size_t i = 0; i < json_object_array_length(spaces); i++) {
+        json_object *sp = json_object_array_get_idx(spaces, i);
+
+        if (strcmp(jstr(sp, "name"), space) == 0) {
+            found = true;
+            has = json_object_object_get_ex(sp, "reservation", NULL);
+        }
+    }
+    json_object_put(st);
+    assert_true(found);
+    return has;
+}
+
+/* SIGHUP with the policy @keys for anonymous; expect @log_needle */
+static void reload_policy(Daemon *d, const char *policy, const char *keys,
+                          const char *log_needle)
+{
+    unsigned n = log_count(d, log_needle);
+
+    write_limit_policy(policy, keys);
+    assert_int_equal(kill(d->pid, SIGHUP), 0);
+    wait_log(d, log_needle, n);
+}
+
+/*
+ * Lock-spaces with registrations: an identity whose lock-spaces pattern
+ * is "*" registers in scratch-0, scratch-1, ... and leaves each time.
+ * Its max-lock-spaces (3) stops it at the 4th lock-space with
+ * insufficient-registration-resources and a log line naming the limit;
+ * the refusal changes nothing (state file and status as before, no
+ * registrant).  It may still change its own registrations, and dropping
+ * one frees a lock-space.  Another identity registers in lock-spaces of
+ * its own bound.  Bad max-lock-spaces values are refused at reload (the
+ * old bound stays) and at start-up.  A session of another identity that
+ * uses one of its client-ids does not take a registration (and the count)
+ * over.  Before, the identity registered in every lock-space it named.
+ */
+static void test_pr_lock_space_limit(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    const char *extra[] = { "--policy", policy, NULL };
+    const char *bad[] = { "max-lock-spaces=-1", "max-lock-spaces=4097",
+                          "max-lock-spaces=many" };
+    unsigned registered = 0;
+    ExtlockConn *mon, *c;
+    Daemon *d;
+
+    write_limit_policy(policy, "max-lock-spaces=3");
+    d = daemon_start(NULL, extra, NULL);
+    mon = conn_open(d->unix_addr);
+    for (unsigned i = 0; i < 8; i++) {
+        g_autofree char *space = g_strdup_printf("scratch-%u", i);
+        g_autofree char *id = g_strdup_printf("attacker/%u", i);
+        g_autofree char *before = NULL, *after = NULL;
+        ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+        ExtlockPrStatus st;
+
+        c = conn_open(d->tcp_addr);
+        g_free(hello_ok(c, id, space, "anonymous"));
+        /* written before the welcome: what a refusal must leave alone */
+        assert_true(g_file_get_contents(d->state, &before, NULL, NULL));
+        st = pr_register(c, 0x1000 + i);
+        if (st == EXTLOCK_PR_OK) {
+            registered++;
+            bye_drop(c);
+            continue;
+        }
+        assert_int_equal(st, EXTLOCK_PR_NO_RESOURCES);
+        assert_true(g_file_get_contents(d->state, &after, NULL, NULL));
+        assert_string_equal(before, after);
+        assert_false(space_has_reservation(mon, space));
+        pr_in(c, &m);
+        assert_int_equal(m.pr->registrants->len, 0);
+        extlock_msg_clear(&m);
+        bye_drop(c);
+        break;
+    }
+    assert_int_equal(registered, 3);
+    wait_log(d, "identity anonymous already has registrations in 3 "
+             "lock-spaces (its max-lock-spaces is 3)", 0);
+
+    /* Its own: a new key in scratch-0, then unregister (frees one) */
+    c = conn_open(d->tcp_addr);
+    g_free(hello_ok(c, "attacker/0", "scratch-0", "anonymous"));
+    {
+        ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+        uint64_t id = pr_out(c, EXTLOCK_PR_REGISTER_AND_IGNORE, 0, 0, 0x77);
+
+        pr_expect_update(c, &m);
+        extlock_msg_clear(&m);
+        expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+        id = pr_out(c, EXTLOCK_PR_REGISTER, 0, 0x77, 0);
+        pr_expect_update(c, &m);
+        extlock_msg_clear(&m);
+        expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    bye_drop(c);
+    assert_int_equal(anon_register(d, "attacker/3", "scratch-3", 0x1003),
+                     EXTLOCK_PR_OK);
+    assert_int_equal(anon_register(d, "attacker/4", "scratch-4", 0x1004),
+                     EXTLOCK_PR_NO_RESOURCES);
+
+    /* Another identity, bound on its own: the same lock-spaces and more */
+    for (unsigned i = 0; i < 3; i++) {
+        g_autofree char *space = g_strdup_printf("scratch-%u", i + 1);
+        g_autofree char *id = g_strdup_printf("victim/%u", i);
+
+        c = conn_open(d->unix_addr);
+        g_free(hello_ok(c, id, space, NULL));
+        assert_int_equal(pr_register(c, 0x900 + i), EXTLOCK_PR_OK);
+        bye_drop(c);
+    }
+
+    /* Bad values: refused, the old bound stays in force */
+    for (unsigned i = 0; i < G_N_ELEMENTS(bad); i++) {
+        reload_policy(d, policy, bad[i], "policy not reloaded");
+    }
+    wait_log(d, "max-lock-spaces must be a number from 0 to 4096, not "
+             "\"many\"", 0);
+    assert_int_equal(anon_register(d, "attacker/5", "scratch-5", 0x1005),
+                     EXTLOCK_PR_NO_RESOURCES);
+    /* A good one raises it */
+    reload_policy(d, policy, "max-lock-spaces=4", "policy reloaded");
+    assert_int_equal(anon_register(d, "attacker/5", "scratch-5", 0x1005),
+                     EXTLOCK_PR_OK);
+
+    /*
+     * A registration stays with the identity that made it: a session of
+     * another identity using the same client-id changes its key, and the
+     * maker still holds 4 lock-spaces (scratch-6 refused).  Before,
+     * ownership moved with every pr-out.
+     */
+    c = conn_open(d->unix_addr);
+    g_free(hello_ok(c, "attacker/1", "scratch-1", NULL));
+    {
+        ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+        uint64_t id = pr_out(c, EXTLOCK_PR_REGISTER_AND_IGNORE, 0, 0, 0x78);
+
+        pr_expect_update(c, &m);
+        extlock_msg_clear(&m);
+        expect_msg(c, &m, EXTLOCK_MSG_PR_RESULT, id);
+        assert_int_equal(m.pr_result, EXTLOCK_PR_OK);
+        extlock_msg_clear(&m);
+    }
+    bye_drop(c);
+    assert_int_equal(anon_register(d, "attacker/6", "scratch-6", 0x1006),
+                     EXTLOCK_PR_NO_RESOURCES);
+    conn_drop(mon);
+    daemon_stop(d);
+
+    /* ... and at start-up, it keeps the daemon from starting */
+    write_limit_policy(policy, "max-lock-spaces=4097");
+    daemon_refused(NULL, extra, 1, "max-lock-spaces must be a number from "
+                   "0 to 4096, not \"4097\"");
+}
+
+/*
+ * The owner of a registration survives a restart without its session:
+ * "anonymous" registers two client-ids in "disk" (its max-registrations)
+ * and one in "other" (its max-lock-spaces is 2), ends every session and
+ * the coordinator restarts from its state file.  A third client-id in
+ * "disk" and a registration in a third lock-space are still refused;
+ * another identity registers.  Before, the loaded registrations belonged
+ * to nobody (the owner was not saved, and no saved session named it) and
+ * both were granted.
+ */
+static void test_pr_owner_restart(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    g_autofree char *state_file = g_build_filename(fx.dir, "owner.state",
+                                                   NULL);
+    g_autofree char *text = NULL;
+    const char *extra[] = { "--policy", policy, NULL };
+    ExtlockConn *c;
+    Daemon *d;
+
+    write_limit_policy(policy, "max-registrations=2\nmax-lock-spaces=2");
+    d = daemon_start(state_file, extra, NULL);
+    assert_int_equal(anon_register(d, "attacker/0", "disk", 0x1000),
+                     EXTLOCK_PR_OK);
+    assert_int_equal(anon_register(d, "attacker/1", "disk", 0x1001),
+                     EXTLOCK_PR_OK);
+    assert_int_equal(anon_register(d, "attacker/2", "other", 0x1002),
+                     EXTLOCK_PR_OK);
+    daemon_stop(d);
+    assert_true(g_file_get_contents(state_file, &text, NULL, NULL));
+    assert_null(strstr(text, "\"sessions\""));
+    assert_non_null(strstr(text, "{\"client-id\":\"attacker/2\","
+                           "\"identity\":\"anonymous\"}"));
+
+    d = daemon_start(state_file, extra, NULL);
+    assert_int_equal(anon_register(d, "attacker/3", "disk", 0x1003),
+                     EXTLOCK_PR_NO_RESOURCES);
+    wait_log(d, "identity anonymous already has 2 registrations there "
+             "(its max-registrations is 2)", 0);
+    assert_int_equal(anon_register(d, "attacker/4", "third", 0x1004),
+                     EXTLOCK_PR_NO_RESOURCES);
+    wait_log(d, "identity anonymous already has registrations in 2 "
+             "lock-spaces (its max-lock-spaces is 2)", 0);
+    c = conn_open(d->unix_addr);
+    g_free(hello_ok(c, "victim/0", "disk", NULL));
+    assert_int_equal(pr_register(c, 0x999), EXTLOCK_PR_OK);
+    bye_drop(c);
+    daemon_stop(d);
+}
+
+/*
+ * A state file without owners (written by an older extlockd) still
+ * loads: its registrations are there and belong to nobody, as before, so
+ * they count for no identity (max-lock-spaces=1 and a registration from
+ * the file: a new lock-space is granted).  A malformed "owners" (not an
+ * array, no or an empty identity, a client-id twice or one that is not
+ * registered) keeps the daemon from starting.
+ */
+static void test_pr_owners_old_state(void **state)
+{
+    g_autofree char *policy = g_build_filename(fx.dir, "policy.conf", NULL);
+    g_autofree char *state_file = g_build_filename(fx.dir, "old.state",
+                                                   NULL);
+    const char *extra[] = { "--policy", policy, NULL };
+    static const char *const bad_owners[] = {
+        "\"anonymous\"",
+        "[{\"client-id\":\"old/0\"}]",
+        "[{\"client-id\":\"old/0\",\"identity\":\"\"}]",
+        "[{\"client-id\":\"old/0\",\"identity\":7}]",
+        ("[{\"client-id\":\"old/0\",\"identity\":\"a\"},"
+         "{\"client-id\":\"old/0\",\"identity\":\"b\"}]"),
+        "[{\"client-id\":\"nobody/0\",\"identity\":\"anonymous\"}]",
+    };
+    json_object *obj, *res, *entry = NULL;
+    ExtlockMsg m = { .type = EXTLOCK_MSG_INVALID };
+    ExtlockConn *c;
+    Daemon *d;
+
+    write_limit_policy(policy, "max-lock-spaces=1");
+    d = daemon_start(state_file, extra, NULL);
+    assert_int_equal(anon_register(d, "old/0", "old", 0x51), EXTLOCK_PR_OK);
+    daemon_stop(d);
+
+    /* What an older extlockd wrote: no "owners" */
+    obj = json_object_from_file(state_file);
+    assert_non_null(obj);
+    res = jget(obj, "reservations");
+    assert_int_equal(json_object_array_length(res), 1);
+    entry = json_object_array_get_idx(res, 0);
+    assert_non_null(jget(entry, "owners"));
+    json_object_object_del(entry, "owners");
+    assert_int_equal(json_object_to_file(state_file, obj), 0);
+    json_object_put(obj);
+
+    d = daemon_start(state_file, extra, NULL);
+    c = conn_open(d->unix_addr);
+    g_free(hello_ok(c, "check/0", "old", NULL));
+    pr_in(c, &m);
+    assert_int_equal(m.pr->registrants->len, 1);
+    extlock_msg_clear(&m);
+    bye_drop(c);
+    assert_int_equal(anon_register(d, "new/0", "new", 0x52), EXTLOCK_PR_OK);
+    /* now it owns one: the next lock-space is refused */
+    assert_int_equal(anon_register(d, "new/1", "newer", 0x53),
+                     EXTLOCK_PR_NO_RESOURCES);
+    daemon_stop(d);
+
+    /* Malformed owners keep the daemon from starting */
+    for (unsigned i = 0; i < G_N_ELEMENTS(bad_owners); i++) {
+        g_autofree char *saved = NULL;
+
+        assert_true(g_file_get_contents(state_file, &saved, NULL, NULL));
+        obj = json_tokener_parse(saved);
+        assert_non_null(obj);
+        res = jget(obj, "reservations");
+        entry = NULL;
+        for (size_t j = 0; j < json_object_array_length(res); j++) {
+            json_object *e = json_object_array_get_idx(res, j);
+
+            if (strcmp(jstr(e, "lock-space"), "old") == 0) {
+                entry = e;
+            }
+        }
+        assert_non_null(entry);
+        /* nobody owns the one of the older file */
+        assert_false(json_object_object_get_ex(entry, "owners", NULL));
+        json_object_object_add(entry, "owners",
+                               json_tokener_parse(bad_owners[i]));
+        assert_int_equal(json_object_to_file(state_file, obj), 0);
+        json_object_put(obj);
+        daemon_refused(state_file, extra, 1, "state: reservation of old: "
+                       "\"owners\" must be an array of {\"client-id\","
+                       "\"identity\"}");
+        assert_true(g_file_set_contents(state_file, saved, -1, NULL));
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2606,6 +2938,12 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_pr_registration_limit_restart,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pr_lock_space_limit, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_owner_restart, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_pr_owners_old_state, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_pr_state_freed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_pr_retry_after_state_freed,
                                         setup, teardown),
