@@ -653,6 +653,40 @@ void lockspace_free(ExtlockdLockSpace *space)
     g_free(space);
 }
 
+/*
+ * @space is about to be freed: keep its maintenance count with those of
+ * the state file, for the lock-space of that name created later.  Without
+ * it, that lock-space would count from 0 again in the same epoch, and a
+ * host whose node stayed open (its session lapsed meanwhile) could be
+ * told a maint-gen it has seen before, after a maintenance it has not:
+ * it would not reread the metadata.
+ */
+static void lockspace_maint_keep(ExtlockdLockSpace *space)
+{
+    ExtlockdServer *server = space->server;
+    ExtlockdMaintSaved ms = {
+        .gen = space->maint_gen,
+        .epoch = space->maint_epoch,
+        .has_size = space->has_maint_size,
+        .size = space->maint_size,
+    };
+
+    if (!space->maint_gen && !space->maint_pending) {
+        return;
+    }
+    if (space->maint_pending) {
+        /* As at a start with "pending": a count nobody has seen */
+        ms.gen++;
+        ms.epoch = server->epoch;
+    }
+    if (!server->maint_saved) {
+        server->maint_saved = g_hash_table_new_full(g_str_hash, g_str_equal,
+                                                    g_free, g_free);
+    }
+    g_hash_table_replace(server->maint_saved, g_strdup(space->name),
+                         g_memdup2(&ms, sizeof(ms)));
+}
+
 void lockspace_unref(ExtlockdLockSpace *space)
 {
     ExtlockdServer *server = space->server;
@@ -665,6 +699,7 @@ void lockspace_unref(ExtlockdLockSpace *space)
         g_assert(st->held == 0 && st->waiting == 0);
         g_assert(space->deferred.length == 0 && !space->in_grace);
         VERBOSE(server, "lock-space %s is unused, freeing it", space->name);
+        lockspace_maint_keep(space);
         reservation_space_unused(server, space->name);
         g_hash_table_remove(server->spaces, space->name);
         lockspace_free(space);

@@ -688,6 +688,43 @@ def test_maint_count_survives_restart(nfs, extlockd, lock_space, procs, binaries
     path.unlink()
 
 
+def test_maint_count_survives_unused_lock_space(extlockd, lock_space):
+    """The maintenance count outlives the lock-space in memory: when the
+    last session of a lock-space goes, extlockd frees it, and the one
+    created for the next hello must go on from the same count.  Before,
+    it started from 0 again in the same epoch: the first maintenance after
+    that got the maint-gen of the first one before, so a host whose node
+    stayed open through both (its session lapsed meanwhile) would have
+    taken the new maintenance for the one it had reread after."""
+    protocol_maintenance(extlockd, lock_space, OLD)
+    # the owner was the lock-space's only session: it is freed
+    wait_until(lambda: space_status(extlockd, lock_space) is None,
+               timeout=10, what="the unused lock-space to be freed")
+
+    def grant_gen():
+        with CoordinatorClient(extlockd.address) as c:
+            c.hello(f"probe-{uuid.uuid4().hex[:6]}", lock_space,
+                    lease_ms=LEASE_MS)
+            g = c.lock(0, MiB, mode="shared", timeout=30)
+            st = space_status(extlockd, lock_space)
+            c.unlock(g["lock"])
+            c.bye()
+        return g, st
+    g, st = grant_gen()
+    gen1 = g.get("maint-gen")
+    assert gen1 and g.get("maint-size") == OLD, \
+        "a lock-space created again forgot its maintenance count: %r" % g
+    assert st["maintenance"]["generation"] == 1, st
+    wait_until(lambda: space_status(extlockd, lock_space) is None,
+               timeout=10, what="the unused lock-space to be freed again")
+    # the next maintenance is one no host has seen
+    protocol_maintenance(extlockd, lock_space, NEW)
+    g, st = grant_gen()
+    assert g.get("maint-gen") not in (None, gen1), (gen1, g)
+    assert g.get("maint-size") == NEW, g
+    assert st["maintenance"]["generation"] == 2, st
+
+
 def test_qemu_owner_killed_mid_truncate(nfs, extlockd, lock_space, procs, binaries):
     """A QEMU owner (qemu-io, truncate through its extlock node) held by a
     blkdebug breakpoint on qcow2's L2 table writes in the middle of its
