@@ -116,8 +116,15 @@ def wait_for_waiter(qmp, reader, what):
             raise AssertionError(
                 f"{what}: the request completed (exit {reader.returncode}) "
                 f"although the range is locked by another client")
-        return [n for n in qmp.execute("query-extent-locks") if n["waiting"]]
+        return [n for n in qmp.execute("query-extent-locks") if blocked(n)]
     return wait_until(check, timeout=15, what=what)[0]
+
+
+def blocked(node):
+    """A node's request waits, and the coordinator's "waiting" answer
+    (which names the blockers) has come: a request is listed as waiting
+    from when it is sent, with "blocked-by" empty until then."""
+    return bool(node["waiting"]) and bool(node["waiting"][0]["blocked-by"])
 
 
 def test_waiter_visible_storage_daemon(image, extlockd, lock_space, procs,
@@ -219,7 +226,7 @@ def test_waiter_visible_qemu_system_hmp(local_image, extlockd, lock_space, procs
     out = vm.qmp.hmp('qemu-io drvb "aio_read -P 0xaa 0 64k"')
     assert "error" not in out.lower(), out
     info = wait_until(lambda: [n for n in vm.qmp.execute("query-extent-locks")
-                               if n["waiting"]],
+                               if blocked(n)],
                       timeout=15, what="B's aio_read to wait")[0]
     check_waiter(info)
     text = vm.qmp.hmp("info extent-locks")
