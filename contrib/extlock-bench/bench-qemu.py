@@ -28,6 +28,11 @@ a noisy machine:
    (a), (b), (c) and of extlock's own functions in (c), against the rest
    of (c)'s request; converted to ns with (c)'s CPU time per request, and
    perf's share of (c)'s samples in extlock's functions, also in ns.
+   Also per request: what extlock's functions call in QEMU and libc
+   (clock reads, timer calls), the block layer's cost of one more node
+   (b - a less blkdebug's functions), and both against a null-co request
+   as it runs in (c)'s event loop (c less all of that); and extlock's
+   functions one by one.
 
 2. Handoff latency.  Two qemu-io processes write the same 4 KiB extent of
    a null-co image in turn (each sleeps between its writes, offset by half
@@ -225,6 +230,9 @@ def callgrind_parse(path):
     return total, selfc, calls_out
 
 
+BLKDEBUG_SYMBOL = re.compile(r"blkdebug_")
+
+
 def callgrind_counts(argv, workdir):
     """
     (instructions of the whole process, instructions in extlock's own
@@ -242,7 +250,11 @@ def callgrind_counts(argv, workdir):
     total, selfc, calls_out = callgrind_parse(out)
     out.unlink()
     own_fns = {k: v for k, v in selfc.items() if OWN_SYMBOL.match(k)}
-    return total, sum(own_fns.values()), own_fns, calls_out
+    # blkdebug's own functions, in chain (b): see fair_cost()
+    own_fns["(blkdebug)"] = sum(v for k, v in selfc.items()
+                                if BLKDEBUG_SYMBOL.match(k))
+    return (total, sum(v for k, v in own_fns.items() if k != "(blkdebug)"),
+            own_fns, calls_out)
 
 
 def instructions_per_request(image_opts, counts, write, workdir, depth,
@@ -262,8 +274,13 @@ def instructions_per_request(image_opts, counts, write, workdir, depth,
     def per_request(d1, d0):
         return {k: (d1.get(k, 0) - d0.get(k, 0)) / (hi - lo)
                 for k in set(d0) | set(d1)}
-    return ((t1 - t0) / (hi - lo), (o1 - o0) / (hi - lo),
-            per_request(f1, f0), per_request(k1, k0))
+    fns = per_request(f1, f0)
+    # Calls of functions that run per request only: a slower run under
+    # callgrind renews its lease (or even reconnects) more often, which
+    # is a cost per second, not per request
+    calls = {k: v for k, v in per_request(k1, k0).items()
+             if fns.get(k, 0) >= 0.5}
+    return (t1 - t0) / (hi - lo), (o1 - o0) / (hi - lo), fns, calls
 
 
 def cpu_ns_per_request(image_opts, count, write, depth, binary=None):
@@ -299,8 +316,13 @@ def fair_cost(cfgs, bname, counts, cg_counts, write, workdir, depth,
                opts["c: extlock cache=on"])
     rows = []
     ir_a = instructions_per_request(a, cg_counts, write, workdir, depth)[0]
-    ir_b = instructions_per_request(b, cg_counts, write, workdir, depth,
-                                    builds[-1][1])[0]
+    ir_b, _, b_fns, _ = instructions_per_request(b, cg_counts, write,
+                                                 workdir, depth,
+                                                 builds[-1][1])
+    # What the block layer spends on one more node in the graph, whatever
+    # the node's driver does: (b) - (a) less blkdebug's own functions.
+    # (a) and (b) run the same event-loop code (no fd handler in either).
+    node = ir_b - ir_a - b_fns.get("(blkdebug)", 0)
     cpu = {label: [] for label, _, _ in builds}
     share = {label: [] for label, _, _ in builds}
     ir = {}
@@ -316,7 +338,11 @@ def fair_cost(cfgs, bname, counts, cg_counts, write, workdir, depth,
                 share[label].append(s)
     for label, _, _ in builds:
         ir_c, own, own_fns, calls_out = ir[label]
+        own_fns.pop("(blkdebug)", None)
         called = sum(calls_out.values())
+        # a null-co request as it runs in (c)'s event loop, without the
+        # extlock node: (c) less extlock's work and the node's cost
+        null_c = ir_c - own - called - node
         ns = statistics.median(cpu[label])
         ps = statistics.median(share[label]) if share[label] else None
         rows.append({
@@ -333,6 +359,13 @@ def fair_cost(cfgs, bname, counts, cg_counts, write, workdir, depth,
             "instr_called": round(called),
             "own_called_vs_rest_of_c": round(
                 (own + called) / (ir_c - own - called), 4),
+            # the block layer's cost of one more node (from b - a)
+            "instr_node": round(node),
+            "instr_null_in_c": round(null_c),
+            # extlock's work against a null-co request in the same event
+            # loop; and with the node's cost: the whole price of the filter
+            "own_called_vs_null": round((own + called) / null_c, 4),
+            "filter_vs_null": round((own + called + node) / null_c, 4),
             "own_fns": {k: round(v, 1) for k, v in sorted(
                 own_fns.items(), key=lambda kv: -kv[1]) if v >= 0.5},
             "called_by_fn": {k: round(v, 1) for k, v in sorted(
@@ -1050,10 +1083,19 @@ def main():
                   "own+called as a ratio to the rest of (c)'s request; "
                   "then extlock's functions, self instructions per request "
                   "[+ what they call]")
+            print("  node: the block layer's instructions for one more "
+                  "node (b - a less blkdebug's functions); null: a null-co "
+                  "request in (c)'s event loop (c - own - called - node); "
+                  "(own+called)/null: extlock's work against it; "
+                  "filter/null: with the node's cost, the whole filter")
             for r in fair:
-                print("  %-5s %2d %-6s called %5d  (own+called)/rest %.3f" % (
-                    r["op"], r["depth"], r["build"], r["instr_called"],
-                    r["own_called_vs_rest_of_c"]))
+                print("  %-5s %2d %-6s called %5d  (own+called)/rest %.3f  "
+                      "node %5d  null %5d  (own+called)/null %.3f  "
+                      "filter/null %.3f" % (
+                          r["op"], r["depth"], r["build"], r["instr_called"],
+                          r["own_called_vs_rest_of_c"], r["instr_node"],
+                          r["instr_null_in_c"], r["own_called_vs_null"],
+                          r["filter_vs_null"]))
                 fns = sorted(set(r["own_fns"]) | set(r["called_by_fn"]),
                              key=lambda k: -(r["own_fns"].get(k, 0) +
                                              r["called_by_fn"].get(k, 0)))
