@@ -128,24 +128,19 @@ static bool extlock_local_conflict_cb(ExtlockITNode *node, void *opaque)
     return true;
 }
 
-/*
- * Count @ext in the filter of @set (@delta +1) or stop counting it (-1).
- * Returns whether it is wide (in every bucket).
- */
-static bool extlock_local_filter(ExtlockLocalSet *set, ExtlockExtent ext,
-                                 int delta)
+void extlock_local_filter_span(ExtlockLocalSet *set, ExtlockExtent ext,
+                               int delta)
 {
     uint64_t first = ext.start >> EXTLOCK_LOCAL_BLOCK_SHIFT;
     uint64_t last = (ext.end - 1) >> EXTLOCK_LOCAL_BLOCK_SHIFT;
 
     if (last - first >= EXTLOCK_LOCAL_BUCKETS - 1) {
         set->nwide += delta;
-        return true;
+        return;
     }
     for (uint64_t b = first; b <= last; b++) {
         set->buckets[b % EXTLOCK_LOCAL_BUCKETS] += delta;
     }
-    return false;
 }
 
 /*
@@ -184,51 +179,32 @@ void extlock_local_init(ExtlockLocalSet *set)
     set->tree = (ExtlockITree)EXTLOCK_ITREE_INIT;
 }
 
-void extlock_local_insert(ExtlockLocalSet *set, ExtlockLocalReq *req)
+void extlock_local_insert_slow(ExtlockLocalSet *set, ExtlockLocalReq *req)
 {
-    if (!set->in_tree && set->count == EXTLOCK_LOCAL_FLAT_MAX) {
+    if (!set->in_tree) {
         /* Full: from now on (until empty) everything is in the tree */
         for (size_t i = 0; i < set->count; i++) {
             extlock_itree_insert(&set->tree, &set->flat[i].req->node);
         }
         set->in_tree = true;
     }
-    if (set->in_tree) {
-        extlock_itree_insert(&set->tree, &req->node);
-    } else {
-        ExtlockLocalSlot *s = &set->flat[set->count];
-
-        s->ext = req->node.ext;
-        s->seq = req->seq;
-        s->mode = req->mode;
-        s->req = req;
-        req->slot = set->count;
-    }
+    extlock_itree_insert(&set->tree, &req->node);
     set->count++;
     set->nexcl += req->mode == EXTLOCK_MODE_EXCLUSIVE;
     extlock_local_filter(set, req->node.ext, 1);
 }
 
-void extlock_local_remove(ExtlockLocalSet *set, ExtlockLocalReq *req)
+void extlock_local_remove_slow(ExtlockLocalSet *set, ExtlockLocalReq *req)
 {
     set->nexcl -= req->mode == EXTLOCK_MODE_EXCLUSIVE;
     extlock_local_filter(set, req->node.ext, -1);
-    if (set->in_tree) {
-        extlock_itree_remove(&set->tree, &req->node);
-        if (--set->count == 0) {
-            set->in_tree = false;
-        }
-        return;
-    }
-    set->count--;
-    if (req->slot != set->count) {
-        set->flat[req->slot] = set->flat[set->count];
-        set->flat[req->slot].req->slot = req->slot;
+    extlock_itree_remove(&set->tree, &req->node);
+    if (--set->count == 0) {
+        set->in_tree = false;
     }
 }
 
-bool extlock_local_must_wait(ExtlockLocalSet *active,
-                             const ExtlockLocalReq *req)
+bool extlock_local_search(ExtlockLocalSet *active, const ExtlockLocalReq *req)
 {
     ExtlockLocalFind f = { .req = req };
 

@@ -123,11 +123,70 @@ typedef struct ExtlockLocalSet {
 /* An empty set (a zero-filled one is empty too) */
 void extlock_local_init(ExtlockLocalSet *set);
 
+/*
+ * Insert, remove and the check run for every request of the node, so
+ * their common cases (the flat array; a request within one 64 KiB block;
+ * no search needed) are inline below, and the rest is in extlock-cache.c:
+ */
+/* Insert or remove @req while the set is in its tree (or moves there) */
+void extlock_local_insert_slow(ExtlockLocalSet *set, ExtlockLocalReq *req);
+void extlock_local_remove_slow(ExtlockLocalSet *set, ExtlockLocalReq *req);
+/* The filter for @ext over several blocks or wide (see ExtlockLocalSet) */
+void extlock_local_filter_span(ExtlockLocalSet *set, ExtlockExtent ext,
+                               int delta);
+/* extlock_local_must_wait() once the inline shortcuts did not answer */
+bool extlock_local_search(ExtlockLocalSet *active, const ExtlockLocalReq *req);
+
+/* Count @ext in the filter of @set (@delta +1) or stop counting it (-1) */
+static inline void extlock_local_filter(ExtlockLocalSet *set,
+                                        ExtlockExtent ext, int delta)
+{
+    uint64_t first = ext.start >> EXTLOCK_LOCAL_BLOCK_SHIFT;
+
+    if ((ext.end - 1) >> EXTLOCK_LOCAL_BLOCK_SHIFT == first) {
+        set->buckets[first % EXTLOCK_LOCAL_BUCKETS] += delta;
+    } else {
+        extlock_local_filter_span(set, ext, delta);
+    }
+}
+
 /* Add @req, whose node.ext, seq and mode are set; they must not change */
-void extlock_local_insert(ExtlockLocalSet *set, ExtlockLocalReq *req);
+static inline void extlock_local_insert(ExtlockLocalSet *set,
+                                        ExtlockLocalReq *req)
+{
+    ExtlockLocalSlot *s;
+
+    if (set->in_tree || set->count == EXTLOCK_LOCAL_FLAT_MAX) {
+        extlock_local_insert_slow(set, req);
+        return;
+    }
+    s = &set->flat[set->count];
+    s->ext = req->node.ext;
+    s->seq = req->seq;
+    s->mode = req->mode;
+    s->req = req;
+    req->slot = set->count;
+    set->count++;
+    set->nexcl += req->mode == EXTLOCK_MODE_EXCLUSIVE;
+    extlock_local_filter(set, req->node.ext, 1);
+}
 
 /* Remove @req, which is in @set */
-void extlock_local_remove(ExtlockLocalSet *set, ExtlockLocalReq *req);
+static inline void extlock_local_remove(ExtlockLocalSet *set,
+                                        ExtlockLocalReq *req)
+{
+    if (set->in_tree) {
+        extlock_local_remove_slow(set, req);
+        return;
+    }
+    set->nexcl -= req->mode == EXTLOCK_MODE_EXCLUSIVE;
+    extlock_local_filter(set, req->node.ext, -1);
+    set->count--;
+    if (req->slot != set->count) {
+        set->flat[req->slot] = set->flat[set->count];
+        set->flat[req->slot].req->slot = req->slot;
+    }
+}
 
 static inline size_t extlock_local_count(const ExtlockLocalSet *set)
 {
@@ -140,8 +199,23 @@ static inline size_t extlock_local_count(const ExtlockLocalSet *set)
  * is alone, a reader while no writer is active, or when the filter of
  * @active says that nobody else touches its blocks.
  */
-bool extlock_local_must_wait(ExtlockLocalSet *active,
-                             const ExtlockLocalReq *req);
+static inline bool extlock_local_must_wait(ExtlockLocalSet *active,
+                                           const ExtlockLocalReq *req)
+{
+    uint64_t first = req->node.ext.start >> EXTLOCK_LOCAL_BLOCK_SHIFT;
+
+    if (active->count <= 1 ||
+        (req->mode == EXTLOCK_MODE_SHARED && active->nexcl == 0)) {
+        return false;
+    }
+    /* Within one block, which no other request of @active touches */
+    if (!active->nwide &&
+        (req->node.ext.end - 1) >> EXTLOCK_LOCAL_BLOCK_SHIFT == first &&
+        active->buckets[first % EXTLOCK_LOCAL_BUCKETS] <= 1) {
+        return false;
+    }
+    return extlock_local_search(active, req);
+}
 
 /*
  * A log2 histogram of durations in microseconds, kept by the driver on

@@ -40,18 +40,23 @@ static void coroutine_fn extlock_wait_on(GPtrArray **list)
     qemu_coroutine_yield();
 }
 
-static void extlock_wake_all(GPtrArray **list)
+static void extlock_wake_all_of(GPtrArray **list)
 {
     GPtrArray *woken = *list;
 
-    if (!woken->len) {
-        return;
-    }
     *list = g_ptr_array_new();
     for (guint i = 0; i < woken->len; i++) {
         aio_co_wake(g_ptr_array_index(woken, i));
     }
     g_ptr_array_free(woken, true);
+}
+
+/* Inline: every request wakes the (mostly empty) local waiters */
+static inline void extlock_wake_all(GPtrArray **list)
+{
+    if ((*list)->len) {
+        extlock_wake_all_of(list);
+    }
 }
 
 /*
@@ -261,11 +266,11 @@ static ExtlockExtent extlock_revoke_part(ExtlockCachedLock *l)
     return extlock_cache_revoke_part(l->ce.node.ext, l->revoke_ext, l->used);
 }
 
+/* Make the cache timer fire at @when at the latest */
 static void extlock_cache_arm_timer(ExtlockClient *c, int64_t when)
 {
-    if (c->cache_timer &&
-        (!timer_pending(c->cache_timer) ||
-         timer_expire_time_ns(c->cache_timer) > when)) {
+    if (c->cache_timer && c->cache_timer_at > when) {
+        c->cache_timer_at = when;
         timer_mod(c->cache_timer, when);
     }
 }
@@ -324,7 +329,7 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
 
 static void extlock_cache_evict(ExtlockClient *c)
 {
-    while (extlock_online(c) && c->n_idle > c->opts.cache_size) {
+    while (c->n_idle > c->opts.cache_size && extlock_online(c)) {
         ExtlockCachedLock *l = QTAILQ_FIRST(&c->idle);
         c->stats.cache_evictions++;
         extlock_cache_idle_del(c, l);
@@ -339,6 +344,8 @@ static void extlock_cache_timer_cb(void *opaque)
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     int64_t idle_ns = (int64_t)c->opts.cache_idle_ms * SCALE_MS;
     g_autoptr(GPtrArray) revoking = g_ptr_array_new();
+
+    c->cache_timer_at = INT64_MAX;      /* fired: no longer pending */
     GHashTableIter it;
     gpointer value;
     ExtlockCachedLock *l;
@@ -1703,7 +1710,8 @@ static void extlock_locks_attach(ExtlockClient *c, AioContext *ctx)
         timer_mod(c->drain_timer, c->drain_deadline_ns);
     }
     /* Catch up on revocations and ageing that were due while detached */
-    timer_mod(c->cache_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
+    c->cache_timer_at = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    timer_mod(c->cache_timer, c->cache_timer_at);
     /* And on drained sections begun or ended meanwhile */
     extlock_drain_sync(c);
 }
@@ -1727,6 +1735,7 @@ static void extlock_locks_detach(ExtlockClient *c)
     c->drain_timer = NULL;
     timer_free(c->cache_timer);
     c->cache_timer = NULL;
+    c->cache_timer_at = INT64_MAX;
     c->ctx = NULL;
 }
 

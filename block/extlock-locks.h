@@ -194,6 +194,12 @@ typedef struct ExtlockClient {
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
     unsigned n_idle;
     QEMUTimer *cache_timer;     /* one-shot: min hold time, idle ageing */
+    /*
+     * When @cache_timer is due, INT64_MAX while it is not pending: a copy
+     * kept where the timer is set, so that an unlock need not ask the
+     * timer list (two calls) whether it must move the timer
+     */
+    int64_t cache_timer_at;
     /* clock at the last request: one clock read per cache hit is enough */
     int64_t last_now_ns;
 

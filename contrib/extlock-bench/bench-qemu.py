@@ -28,6 +28,11 @@ a noisy machine:
    (a), (b), (c) and of extlock's own functions in (c), against the rest
    of (c)'s request; converted to ns with (c)'s CPU time per request, and
    perf's share of (c)'s samples in extlock's functions, also in ns.
+   Also per request: what extlock's functions call in QEMU and libc
+   (clock reads, timer calls), the block layer's cost of one more node
+   (b - a less blkdebug's functions), and both against a null-co request
+   as it runs in (c)'s event loop (c less all of that); and extlock's
+   functions one by one.
 
 2. Handoff latency.  Two qemu-io processes write the same 4 KiB extent of
    a null-co image in turn (each sleeps between its writes, offset by half
@@ -166,10 +171,74 @@ def bench_argv(binary, image_opts, count, write, depth):
     return argv
 
 
+# Callees of extlock's functions that are not extlock's cost: the child's
+# I/O, and entering another coroutine (callgrind follows the switch, so
+# such a call "includes" whatever that coroutine runs next: after the first
+# grant, the rest of the whole benchmark)
+NOT_CALLED_COST = re.compile(
+    r"(bdrv_co_(preadv|pwritev|pwrite_zeroes|pdiscard|flush)|aio_co_|"
+    r"qemu_coroutine_|qemu_aio_coroutine_|qemu_co_)")
+
+
+def callgrind_parse(path):
+    """
+    From a callgrind output file (one event, Ir): (total instructions,
+    {function: self instructions}, {function: instructions in what
+    extlock's function calls outside extlock, the child's I/O left out}).
+    The second dict holds, for every function of extlock that calls a
+    QEMU or libc function (qemu_clock_get_ns, timer_mod, aio_co_wake...),
+    the inclusive cost of those calls: work done on extlock's behalf that
+    the self cost of its functions does not show.
+    """
+    names = {}
+    selfc = {}
+    calls_out = {}
+    total = 0
+    fn = cfn = None
+    pending_call = False
+
+    def name(spec):
+        m = re.match(r"\((\d+)\)(?: (.*))?$", spec)
+        if not m:
+            return re.sub(r"'\d+$", "", spec)
+        if m.group(2) is not None:
+            names[m.group(1)] = re.sub(r"'\d+$", "", m.group(2))
+        return names[m.group(1)]
+
+    with open(path, errors="replace") as f:
+        for line in f:
+            c = line[:1]
+            if c.isdigit() or c in "+-*":
+                parts = line.split()
+                n = int(parts[1]) if len(parts) > 1 else 0
+                if pending_call:
+                    pending_call = False
+                    if (OWN_SYMBOL.match(fn) and
+                            not OWN_SYMBOL.match(cfn) and
+                            not NOT_CALLED_COST.match(cfn)):
+                        calls_out[fn] = calls_out.get(fn, 0) + n
+                else:
+                    selfc[fn] = selfc.get(fn, 0) + n
+            elif line.startswith("fn="):
+                fn = name(line[3:].strip())
+            elif line.startswith("cfn="):
+                cfn = name(line[4:].strip())
+            elif line.startswith("calls="):
+                pending_call = True
+            elif line.startswith(("totals:", "summary:")):
+                total = int(line.split()[1])
+    return total, selfc, calls_out
+
+
+BLKDEBUG_SYMBOL = re.compile(r"blkdebug_")
+
+
 def callgrind_counts(argv, workdir):
     """
     (instructions of the whole process, instructions in extlock's own
-    functions) of one run of @argv under valgrind's callgrind: counted,
+    functions, {own function: self instructions}, {own function:
+    instructions of the QEMU/libc functions it calls, the child's I/O
+    left out}) of one run of @argv under valgrind's callgrind: counted,
     not sampled, so they do not depend on the load of the machine.
     """
     out = Path(tempfile.mkstemp(prefix="cg-", dir=workdir)[1])
@@ -178,21 +247,14 @@ def callgrind_counts(argv, workdir):
                        capture_output=True, text=True, timeout=1800)
     if r.returncode:
         raise RuntimeError(f"callgrind failed: {r.stdout}{r.stderr}")
-    ann = subprocess.run(["callgrind_annotate", "--threshold=100",
-                          "--inclusive=no", "--auto=no", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    total = own = 0
-    # "  1,234 ( 0.56%)  file:function [object]", one line per function
-    for m in re.finditer(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$",
-                         ann.stdout, re.M):
-        n = int(m.group(1).replace(",", ""))
-        what = m.group(2)
-        if what.startswith("PROGRAM TOTALS"):
-            total = n
-        elif OWN_SYMBOL.match(what.split(" ")[0].rsplit(":", 1)[-1]):
-            own += n
+    total, selfc, calls_out = callgrind_parse(out)
     out.unlink()
-    return total, own
+    own_fns = {k: v for k, v in selfc.items() if OWN_SYMBOL.match(k)}
+    # blkdebug's own functions, in chain (b): see fair_cost()
+    own_fns["(blkdebug)"] = sum(v for k, v in selfc.items()
+                                if BLKDEBUG_SYMBOL.match(k))
+    return (total, sum(v for k, v in own_fns.items() if k != "(blkdebug)"),
+            own_fns, calls_out)
 
 
 def instructions_per_request(image_opts, counts, write, workdir, depth,
@@ -200,14 +262,25 @@ def instructions_per_request(image_opts, counts, write, workdir, depth,
     """
     Instructions per request of one chain: callgrind runs with two request
     counts, so start-up and exit cancel out: (whole process, extlock's own
-    functions) per request.
+    functions, {own function: self}, {own function: its calls into QEMU
+    and libc}) per request.
     """
     lo, hi = counts
-    t0, o0 = callgrind_counts(bench_argv(binary, image_opts, lo, write,
-                                         depth), workdir)
-    t1, o1 = callgrind_counts(bench_argv(binary, image_opts, hi, write,
-                                         depth), workdir)
-    return (t1 - t0) / (hi - lo), (o1 - o0) / (hi - lo)
+    t0, o0, f0, k0 = callgrind_counts(bench_argv(binary, image_opts, lo,
+                                                 write, depth), workdir)
+    t1, o1, f1, k1 = callgrind_counts(bench_argv(binary, image_opts, hi,
+                                                 write, depth), workdir)
+
+    def per_request(d1, d0):
+        return {k: (d1.get(k, 0) - d0.get(k, 0)) / (hi - lo)
+                for k in set(d0) | set(d1)}
+    fns = per_request(f1, f0)
+    # Calls of functions that run per request only: a slower run under
+    # callgrind renews its lease (or even reconnects) more often, which
+    # is a cost per second, not per request
+    calls = {k: v for k, v in per_request(k1, k0).items()
+             if fns.get(k, 0) >= 0.5}
+    return (t1 - t0) / (hi - lo), (o1 - o0) / (hi - lo), fns, calls
 
 
 def cpu_ns_per_request(image_opts, count, write, depth, binary=None):
@@ -242,9 +315,14 @@ def fair_cost(cfgs, bname, counts, cg_counts, write, workdir, depth,
     a, b, c = (opts["a: no filter"], opts["b: blkdebug"],
                opts["c: extlock cache=on"])
     rows = []
-    ir_a, _ = instructions_per_request(a, cg_counts, write, workdir, depth)
-    ir_b, _ = instructions_per_request(b, cg_counts, write, workdir, depth,
-                                       builds[-1][1])
+    ir_a = instructions_per_request(a, cg_counts, write, workdir, depth)[0]
+    ir_b, _, b_fns, _ = instructions_per_request(b, cg_counts, write,
+                                                 workdir, depth,
+                                                 builds[-1][1])
+    # What the block layer spends on one more node in the graph, whatever
+    # the node's driver does: (b) - (a) less blkdebug's own functions.
+    # (a) and (b) run the same event-loop code (no fd handler in either).
+    node = ir_b - ir_a - b_fns.get("(blkdebug)", 0)
     cpu = {label: [] for label, _, _ in builds}
     share = {label: [] for label, _, _ in builds}
     ir = {}
@@ -259,7 +337,12 @@ def fair_cost(cfgs, bname, counts, cg_counts, write, workdir, depth,
             if s is not None:
                 share[label].append(s)
     for label, _, _ in builds:
-        ir_c, own = ir[label]
+        ir_c, own, own_fns, calls_out = ir[label]
+        own_fns.pop("(blkdebug)", None)
+        called = sum(calls_out.values())
+        # a null-co request as it runs in (c)'s event loop, without the
+        # extlock node: (c) less extlock's work and the node's cost
+        null_c = ir_c - own - called - node
         ns = statistics.median(cpu[label])
         ps = statistics.median(share[label]) if share[label] else None
         rows.append({
@@ -270,6 +353,23 @@ def fair_cost(cfgs, bname, counts, cg_counts, write, workdir, depth,
             # the rest of (c)'s request: same process, same event loop
             "own_vs_rest_of_c": round(own / (ir_c - own), 4),
             "own_vs_a": round(own / ir_a, 4),
+            # what extlock's functions call outside extlock per request
+            # (clock reads, timers, wake-ups; not the child's I/O): its
+            # cost too, though not in its own functions
+            "instr_called": round(called),
+            "own_called_vs_rest_of_c": round(
+                (own + called) / (ir_c - own - called), 4),
+            # the block layer's cost of one more node (from b - a)
+            "instr_node": round(node),
+            "instr_null_in_c": round(null_c),
+            # extlock's work against a null-co request in the same event
+            # loop; and with the node's cost: the whole price of the filter
+            "own_called_vs_null": round((own + called) / null_c, 4),
+            "filter_vs_null": round((own + called + node) / null_c, 4),
+            "own_fns": {k: round(v, 1) for k, v in sorted(
+                own_fns.items(), key=lambda kv: -kv[1]) if v >= 0.5},
+            "called_by_fn": {k: round(v, 1) for k, v in sorted(
+                calls_out.items(), key=lambda kv: -kv[1]) if v >= 0.5},
             "b_vs_a": round(ir_b / ir_a, 3),
             "c_vs_a": round(ir_c / ir_a, 3),
             "cpu_ns_c": round(ns, 1),
@@ -977,6 +1077,33 @@ def main():
                           "%.3f" % r["perf_share"],
                           "n/a" if r["own_ns_by_perf"] is None else
                           "%.0f" % r["own_ns_by_perf"]))
+            print("  called: instructions per request in the QEMU and "
+                  "libc functions that extlock's functions call (clock "
+                  "reads, timers, wake-ups; not the child's I/O); "
+                  "own+called as a ratio to the rest of (c)'s request; "
+                  "then extlock's functions, self instructions per request "
+                  "[+ what they call]")
+            print("  node: the block layer's instructions for one more "
+                  "node (b - a less blkdebug's functions); null: a null-co "
+                  "request in (c)'s event loop (c - own - called - node); "
+                  "(own+called)/null: extlock's work against it; "
+                  "filter/null: with the node's cost, the whole filter")
+            for r in fair:
+                print("  %-5s %2d %-6s called %5d  (own+called)/rest %.3f  "
+                      "node %5d  null %5d  (own+called)/null %.3f  "
+                      "filter/null %.3f" % (
+                          r["op"], r["depth"], r["build"], r["instr_called"],
+                          r["own_called_vs_rest_of_c"], r["instr_node"],
+                          r["instr_null_in_c"], r["own_called_vs_null"],
+                          r["filter_vs_null"]))
+                fns = sorted(set(r["own_fns"]) | set(r["called_by_fn"]),
+                             key=lambda k: -(r["own_fns"].get(k, 0) +
+                                             r["called_by_fn"].get(k, 0)))
+                print("    " + ", ".join(
+                    "%s %.0f%s" % (k, r["own_fns"].get(k, 0),
+                                   " [+%.0f]" % r["called_by_fn"][k]
+                                   if k in r["called_by_fn"] else "")
+                    for k in fns))
             if len(builds) > 1:
                 print("  %s -> %s, extlock's own instructions per request:"
                       % (builds[0][0], builds[-1][0]))
