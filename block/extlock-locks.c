@@ -344,12 +344,11 @@ static void extlock_cache_timer_cb(void *opaque)
     int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     int64_t idle_ns = (int64_t)c->opts.cache_idle_ms * SCALE_MS;
     g_autoptr(GPtrArray) revoking = g_ptr_array_new();
-
-    c->cache_timer_at = INT64_MAX;      /* fired: no longer pending */
     GHashTableIter it;
     gpointer value;
     ExtlockCachedLock *l;
 
+    c->cache_timer_at = INT64_MAX;      /* fired: no longer pending */
     g_hash_table_iter_init(&it, c->lock_ids);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
         l = value;
