@@ -18,12 +18,14 @@
  * disconnect, however long the pause would have lasted.
  */
 #include <inttypes.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <setjmp.h>
+#include <unistd.h>
 #include <cmocka.h>
 #include <glib.h>
 #include <json-c/json.h>
@@ -240,6 +242,76 @@ static void test_hangup_pause_outlasts_lease(void **state)
     daemon_stop(d);
 }
 
+/*
+ * After a restart, a listed session comes back: its reclaim hello waits for
+ * the state file (input paused), and behind it the client has sent, in the
+ * same write, the reclaim of the extent it held exclusively and
+ * reclaim-done, and hangs up.  The reclaim is dropped (a grant to nobody),
+ * so the reclaim-done behind it must be dropped too: applied, it would tell
+ * the coordinator that the session holds nothing, end the grace period at
+ * once and let another client have the extent, while the gone client,
+ * which had it before the restart and meant to keep it, may still be
+ * writing under it within its lease (only a bye promises that it stopped).
+ * The other client must wait (grace period, LONG_LEASE_MS at least).
+ * Control: with reclaim-done always applied after a hangup (h-hup7,
+ * 2d6426a) the extent was granted at once.
+ */
+static void test_hangup_reclaim_done_after_dropped_reclaim(void **state)
+{
+    g_autofree char *path = g_build_filename(fx.dir, "state", NULL);
+    g_autofree char *delay =
+        g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", DELAY_MS);
+    const char *env[] = { delay, NULL };
+    g_autofree char *sa = NULL, *secret = NULL, *text = NULL;
+    ExtlockConn *a, *h, *mon, *w;
+    ExtlockMsg r;
+    uint64_t id;
+    Daemon *d;
+    Grant ga;
+
+    d = daemon_start(path, NULL, NULL);
+    a = conn_open(d->unix_addr);
+    sa = hello_full(a, "A", "disk", LONG_LEASE_MS, NULL);
+    ga = lock_now(a, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+
+    d = daemon_start(path, NULL, env);
+    mon = conn_open(d->unix_addr);
+    secret = secret_of(sa);
+    assert_non_null(secret);
+    text = g_strdup_printf(
+        "{\"type\":\"hello\",\"id\":1,\"version\":%d,\"client-id\":\"A\","
+        "\"lock-space\":\"disk\",\"lease-ms\":%d,\"session\":\"%s\","
+        "\"resume-secret\":\"%s\"}\n"
+        "{\"type\":\"reclaim\",\"id\":2,\"offset\":0,\"length\":4096,"
+        "\"mode\":\"exclusive\",\"token\":%" PRIu64 "}\n"
+        "{\"type\":\"reclaim-done\",\"id\":3}\n",
+        EXTLOCK_PROTOCOL_VERSION, LONG_LEASE_MS, sa, secret, ga.token);
+    h = conn_open(d->unix_addr);
+    send_raw(h, text);
+    /* Attached: its reclaim hello waits for the state file */
+    json_object_put(wait_session_state(mon, sa, "active"));
+    conn_drop(h);
+    json_object_put(wait_session_state(mon, sa, "disconnected"));
+
+    /* The grace period goes on: the extent is not granted to another */
+    w = client(d->unix_addr, "w", LONG_LEASE_MS);
+    id = send_lock(w, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, true);
+    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+    recv_msg(w, &r, RECV_MS);
+    assert_true(r.has_id && r.id == id);
+    if (r.type == EXTLOCK_MSG_GRANTED) {
+        dump_log(d);
+        fail_msg("the extent A reclaimed before it hung up was granted to "
+                 "another client at once: its reclaim-done ended the grace "
+                 "period although its reclaim had been dropped");
+    }
+    assert_int_equal(r.type, EXTLOCK_MSG_WAITING);
+    extlock_msg_clear(&r);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -249,6 +321,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_hangup_pause_outlasts_lease,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(
+            test_hangup_reclaim_done_after_dropped_reclaim, setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
