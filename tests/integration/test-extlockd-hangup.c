@@ -82,12 +82,15 @@ static json_object *session_of(json_object *st, const char *client_id)
     return NULL;
 }
 
-/* Send @text on a new connection, wait until its session is listed */
-static ExtlockConn *send_until_session(Daemon *d, ExtlockConn *mon,
-                                       const char *client_id,
-                                       const char *text)
+/*
+ * Send @text on a new connection (TCP if @tcp, else UNIX), wait until its
+ * session is listed
+ */
+static ExtlockConn *send_until_session_on(Daemon *d, ExtlockConn *mon,
+                                          const char *client_id,
+                                          const char *text, bool tcp)
 {
-    ExtlockConn *h = conn_open(d->unix_addr);
+    ExtlockConn *h = conn_open(tcp ? d->tcp_addr : d->unix_addr);
     int64_t deadline;
 
     send_raw(h, text);
@@ -101,6 +104,13 @@ static ExtlockConn *send_until_session(Daemon *d, ExtlockConn *mon,
         g_usleep(5000);
     }
     return h;
+}
+
+static ExtlockConn *send_until_session(Daemon *d, ExtlockConn *mon,
+                                       const char *client_id,
+                                       const char *text)
+{
+    return send_until_session_on(d, mon, client_id, text, false);
 }
 
 /*
@@ -164,7 +174,7 @@ static void test_hangup_while_paused_keeps_input(void **state)
  * the hello's write was done, the lock was granted to the gone client and
  * the other client waited for its lease.
  */
-static void test_hangup_drops_lock_request(void **state)
+static void hangup_drops_lock_request(bool tcp)
 {
     g_autofree char *delay =
         g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", DELAY_MS);
@@ -180,7 +190,7 @@ static void test_hangup_drops_lock_request(void **state)
     ExtlockConn *w;
     json_object *st, *s;
 
-    conn_drop(send_until_session(d, mon, "hup", text));
+    conn_drop(send_until_session_on(d, mon, "hup", text, tcp));
     /* Its welcome is after the hung-up hello's write: that one is done */
     w = client(d->unix_addr, "w", LONG_LEASE_MS);
     lock_now(w, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
@@ -198,6 +208,23 @@ static void test_hangup_drops_lock_request(void **state)
     daemon_stop(d);
 }
 
+static void test_hangup_drops_lock_request(void **state)
+{
+    hangup_drops_lock_request(false);
+}
+
+/*
+ * The same over TCP.  poll() reports no POLLHUP when a TCP peer closes (only
+ * POLLRDHUP, and POLLIN, which a paused connection does not ask for), so
+ * the hangup went unnoticed until the hello's write was done; then the lock
+ * was granted to the gone client and the other client waited for its
+ * lease ("expected granted for request 2, got waiting", h-hup7 2d6426a).
+ */
+static void test_hangup_tcp_drops_lock_request(void **state)
+{
+    hangup_drops_lock_request(true);
+}
+
 /*
  * The pause outlasts the lease: the state write of the hello takes
  * PAUSE_MS, longer than lease + fence margin + slack.  A client sends
@@ -210,7 +237,7 @@ static void test_hangup_drops_lock_request(void **state)
  * with it (the lease of a session whose welcome waits starts again at
  * the welcome): the fuzz seed epoch-wrap left it for ever.
  */
-static void test_hangup_pause_outlasts_lease(void **state)
+static void hangup_pause_outlasts_lease(bool tcp)
 {
     g_autofree char *delay =
         g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", PAUSE_MS);
@@ -225,7 +252,7 @@ static void test_hangup_pause_outlasts_lease(void **state)
         EXTLOCK_PROTOCOL_VERSION, LEASE_MS);
     int64_t sent = now_ms(), hangup, deadline;
 
-    conn_drop(send_until_session(d, mon, "late", text));
+    conn_drop(send_until_session_on(d, mon, "late", text, tcp));
     hangup = now_ms();
     deadline = hangup + LEASE_MS + MARGIN_MS + SLACK_MS;
     assert_true(deadline < sent + PAUSE_MS);
@@ -240,6 +267,21 @@ static void test_hangup_pause_outlasts_lease(void **state)
         g_usleep(5000);
     }
     daemon_stop(d);
+}
+
+static void test_hangup_pause_outlasts_lease(void **state)
+{
+    hangup_pause_outlasts_lease(false);
+}
+
+/*
+ * The same over TCP: the session stayed for the whole write and then got a
+ * new lease with its welcome ("... hung up 1506 ms ago is still there",
+ * h-hup7 2d6426a)
+ */
+static void test_hangup_tcp_pause_outlasts_lease(void **state)
+{
+    hangup_pause_outlasts_lease(true);
 }
 
 /*
@@ -323,6 +365,10 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(
             test_hangup_reclaim_done_after_dropped_reclaim, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hangup_tcp_drops_lock_request,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hangup_tcp_pause_outlasts_lease,
+                                        setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
