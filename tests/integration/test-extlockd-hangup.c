@@ -354,6 +354,51 @@ static void test_hangup_reclaim_done_after_dropped_reclaim(void **state)
     daemon_stop(d);
 }
 
+/*
+ * The bye is still in the socket at the hangup: hello and a lock request
+ * in one write, then, once the session is listed (its hello waits for the
+ * state file, so input is paused and nothing more is read), bye in a
+ * second write, and the hangup; over TCP, whose hangup is only a
+ * POLLRDHUP.  The bye must be read at the hangup and end the session at
+ * once (lease LONG_LEASE_MS).  Control: without the read in
+ * conn_hangup_paused() the bye was lost ("... still there").
+ */
+static void test_hangup_tcp_bye_in_socket(void **state)
+{
+    g_autofree char *delay =
+        g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", DELAY_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *h, *w;
+    g_autofree char *text = g_strdup_printf(
+        "{\"type\":\"hello\",\"id\":1,\"version\":%d,\"client-id\":\"hup\","
+        "\"lock-space\":\"disk\",\"lease-ms\":%d}\n"
+        "{\"type\":\"lock\",\"id\":2,\"offset\":0,\"length\":4096,"
+        "\"mode\":\"exclusive\"}\n",
+        EXTLOCK_PROTOCOL_VERSION, LONG_LEASE_MS);
+    int64_t deadline;
+
+    h = send_until_session_on(d, mon, "hup", text, true);
+    send_raw(h, "{\"type\":\"bye\",\"id\":3}\n");
+    conn_drop(h);
+    /* Within the hello's write at the latest, long before the lease */
+    deadline = now_ms() + DELAY_MS + SLACK_MS + RECV_MS;
+    while (sessions_of(mon, "hup") != 0) {
+        if (now_ms() > deadline) {
+            dump_log(d);
+            fail_msg("the session that said bye before hanging up is still "
+                     "there: the bye in the socket was not read");
+        }
+        g_usleep(5000);
+    }
+    assert_int_equal(dropped_after_hangup(mon), 1);
+    w = client(d->unix_addr, "w", LONG_LEASE_MS);
+    lock_now(w, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    bye(w);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -368,6 +413,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_hangup_tcp_drops_lock_request,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_hangup_tcp_pause_outlasts_lease,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hangup_tcp_bye_in_socket,
                                         setup, teardown),
     };
 
