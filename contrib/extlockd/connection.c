@@ -14,6 +14,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -82,8 +83,23 @@ conn_send_error(ExtlockdConn *conn, bool has_id, uint64_t id,
     extlock_format_error(conn_out(conn), has_id, id, code, "%s", text);
 }
 
+/*
+ * While a connection waits with neither input nor output wanted (its
+ * hello waits for the state file), poll() would not tell that the peer
+ * closed a TCP socket: POLLHUP comes only when both directions are shut,
+ * that is once something was sent to a closed peer and it answered with a
+ * reset, and here nothing is sent.  POLLRDHUP (Linux) says that the peer
+ * will send no more; such a connection is handled as one whose peer is
+ * gone (conn_hangup_paused()).  Only when nothing else is wanted: it stays
+ * reported, and a connection that writes would see it on every loop turn.
+ */
+#define CONN_RDHUP ((GIOCondition)POLLRDHUP)
+
 void conn_set_events(ExtlockdConn *conn, GIOCondition events)
 {
+    if (events == 0 && !conn->closing && !conn->handshaking) {
+        events = CONN_RDHUP;
+    }
     if (conn->events != events) {
         conn->events = events;
         g_source_modify_unix_fd(conn->source, conn->tag, events);
@@ -420,7 +436,8 @@ static gboolean conn_source_dispatch(GSource *source, GSourceFunc cb,
     }
     if ((rev & (G_IO_IN | G_IO_HUP | G_IO_ERR)) && (conn->events & G_IO_IN)) {
         conn_read(conn);
-    } else if ((rev & (G_IO_HUP | G_IO_ERR)) && !(rev & G_IO_OUT)) {
+    } else if ((rev & (G_IO_HUP | G_IO_ERR | CONN_RDHUP)) &&
+               !(rev & G_IO_OUT)) {
         if (conn->closing || conn->handshaking || conn->peer_gone) {
             conn_destroy(conn);
         } else {

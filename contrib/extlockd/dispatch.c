@@ -170,7 +170,8 @@ static bool dispatch_permitted(ExtlockdConn *conn, const ExtlockMsg *m)
 /*
  * Is @m, from a connection whose peer is gone, still applied?  Only if it
  * gives up what its session has or waits for: unlock, bye, downgrade,
- * cancel, reclaim-done (the grace period need not wait for it), and the
+ * cancel, reclaim-done (the grace period need not wait for it, unless a
+ * reclaim before it was dropped), and the
  * pr-ack of a session already subscribed (a pr-out need not wait for its
  * lease).  Nothing else is: a grant (lock, reclaim) would be held for
  * nobody until the lease ran out, a renew would keep a session alive
@@ -186,8 +187,15 @@ static bool dispatch_after_gone(ExtlockdConn *conn, const ExtlockMsg *m)
     case EXTLOCK_MSG_BYE:
     case EXTLOCK_MSG_DOWNGRADE:
     case EXTLOCK_MSG_CANCEL:
-    case EXTLOCK_MSG_RECLAIM_DONE:
         return true;
+    case EXTLOCK_MSG_RECLAIM_DONE:
+        /*
+         * It says that the session has reclaimed all it holds: false once
+         * one of its reclaims was dropped here, and the grace period must
+         * not end on it (the client may still write under that extent
+         * within the lease it had)
+         */
+        return !conn->gone_dropped_reclaim;
     case EXTLOCK_MSG_PR_ACK:
         return conn->session && conn->session->pr_subscribed;
     default:
@@ -219,6 +227,9 @@ void dispatch_line(ExtlockdConn *conn, const char *line, size_t len)
                     m.id);
             conn->gone_dropped++;
             server->gone_dropped++;
+            if (m.type == EXTLOCK_MSG_RECLAIM) {
+                conn->gone_dropped_reclaim = true;
+            }
             extlock_msg_clear(&m);
             return;
         }

@@ -223,6 +223,7 @@ struct ExtlockdConn {
     bool peer_gone;
     unsigned gone_applied;       /* ... lines applied since */
     unsigned gone_dropped;       /* ... lines dropped since */
+    bool gone_dropped_reclaim;   /* ... a reclaim among them */
     int64_t closing_since_us;
     /* Who it is (policy.h); NULL during the TLS handshake */
     char *identity;

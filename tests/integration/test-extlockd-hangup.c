@@ -18,12 +18,14 @@
  * disconnect, however long the pause would have lasted.
  */
 #include <inttypes.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <setjmp.h>
+#include <unistd.h>
 #include <cmocka.h>
 #include <glib.h>
 #include <json-c/json.h>
@@ -80,12 +82,15 @@ static json_object *session_of(json_object *st, const char *client_id)
     return NULL;
 }
 
-/* Send @text on a new connection, wait until its session is listed */
-static ExtlockConn *send_until_session(Daemon *d, ExtlockConn *mon,
-                                       const char *client_id,
-                                       const char *text)
+/*
+ * Send @text on a new connection (TCP if @tcp, else UNIX), wait until its
+ * session is listed
+ */
+static ExtlockConn *send_until_session_on(Daemon *d, ExtlockConn *mon,
+                                          const char *client_id,
+                                          const char *text, bool tcp)
 {
-    ExtlockConn *h = conn_open(d->unix_addr);
+    ExtlockConn *h = conn_open(tcp ? d->tcp_addr : d->unix_addr);
     int64_t deadline;
 
     send_raw(h, text);
@@ -99,6 +104,13 @@ static ExtlockConn *send_until_session(Daemon *d, ExtlockConn *mon,
         g_usleep(5000);
     }
     return h;
+}
+
+static ExtlockConn *send_until_session(Daemon *d, ExtlockConn *mon,
+                                       const char *client_id,
+                                       const char *text)
+{
+    return send_until_session_on(d, mon, client_id, text, false);
 }
 
 /*
@@ -162,7 +174,7 @@ static void test_hangup_while_paused_keeps_input(void **state)
  * the hello's write was done, the lock was granted to the gone client and
  * the other client waited for its lease.
  */
-static void test_hangup_drops_lock_request(void **state)
+static void hangup_drops_lock_request(bool tcp)
 {
     g_autofree char *delay =
         g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", DELAY_MS);
@@ -178,7 +190,7 @@ static void test_hangup_drops_lock_request(void **state)
     ExtlockConn *w;
     json_object *st, *s;
 
-    conn_drop(send_until_session(d, mon, "hup", text));
+    conn_drop(send_until_session_on(d, mon, "hup", text, tcp));
     /* Its welcome is after the hung-up hello's write: that one is done */
     w = client(d->unix_addr, "w", LONG_LEASE_MS);
     lock_now(w, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
@@ -196,6 +208,23 @@ static void test_hangup_drops_lock_request(void **state)
     daemon_stop(d);
 }
 
+static void test_hangup_drops_lock_request(void **state)
+{
+    hangup_drops_lock_request(false);
+}
+
+/*
+ * The same over TCP.  poll() reports no POLLHUP when a TCP peer closes (only
+ * POLLRDHUP, and POLLIN, which a paused connection does not ask for), so
+ * the hangup went unnoticed until the hello's write was done; then the lock
+ * was granted to the gone client and the other client waited for its
+ * lease ("expected granted for request 2, got waiting", h-hup7 2d6426a).
+ */
+static void test_hangup_tcp_drops_lock_request(void **state)
+{
+    hangup_drops_lock_request(true);
+}
+
 /*
  * The pause outlasts the lease: the state write of the hello takes
  * PAUSE_MS, longer than lease + fence margin + slack.  A client sends
@@ -208,7 +237,7 @@ static void test_hangup_drops_lock_request(void **state)
  * with it (the lease of a session whose welcome waits starts again at
  * the welcome): the fuzz seed epoch-wrap left it for ever.
  */
-static void test_hangup_pause_outlasts_lease(void **state)
+static void hangup_pause_outlasts_lease(bool tcp)
 {
     g_autofree char *delay =
         g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", PAUSE_MS);
@@ -223,7 +252,7 @@ static void test_hangup_pause_outlasts_lease(void **state)
         EXTLOCK_PROTOCOL_VERSION, LEASE_MS);
     int64_t sent = now_ms(), hangup, deadline;
 
-    conn_drop(send_until_session(d, mon, "late", text));
+    conn_drop(send_until_session_on(d, mon, "late", text, tcp));
     hangup = now_ms();
     deadline = hangup + LEASE_MS + MARGIN_MS + SLACK_MS;
     assert_true(deadline < sent + PAUSE_MS);
@@ -240,6 +269,136 @@ static void test_hangup_pause_outlasts_lease(void **state)
     daemon_stop(d);
 }
 
+static void test_hangup_pause_outlasts_lease(void **state)
+{
+    hangup_pause_outlasts_lease(false);
+}
+
+/*
+ * The same over TCP: the session stayed for the whole write and then got a
+ * new lease with its welcome ("... hung up 1506 ms ago is still there",
+ * h-hup7 2d6426a)
+ */
+static void test_hangup_tcp_pause_outlasts_lease(void **state)
+{
+    hangup_pause_outlasts_lease(true);
+}
+
+/*
+ * After a restart, a listed session comes back: its reclaim hello waits for
+ * the state file (input paused), and behind it the client has sent, in the
+ * same write, the reclaim of the extent it held exclusively and
+ * reclaim-done, and hangs up.  The reclaim is dropped (a grant to nobody),
+ * so the reclaim-done behind it must be dropped too: applied, it would tell
+ * the coordinator that the session holds nothing, end the grace period at
+ * once and let another client have the extent, while the gone client,
+ * which had it before the restart and meant to keep it, may still be
+ * writing under it within its lease (only a bye promises that it stopped).
+ * The other client must wait (grace period, LONG_LEASE_MS at least).
+ * Control: with reclaim-done always applied after a hangup (h-hup7,
+ * 2d6426a) the extent was granted at once.
+ */
+static void test_hangup_reclaim_done_after_dropped_reclaim(void **state)
+{
+    g_autofree char *path = g_build_filename(fx.dir, "state", NULL);
+    g_autofree char *delay =
+        g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", DELAY_MS);
+    const char *env[] = { delay, NULL };
+    g_autofree char *sa = NULL, *secret = NULL, *text = NULL;
+    ExtlockConn *a, *h, *mon, *w;
+    ExtlockMsg r;
+    uint64_t id;
+    Daemon *d;
+    Grant ga;
+
+    d = daemon_start(path, NULL, NULL);
+    a = conn_open(d->unix_addr);
+    sa = hello_full(a, "A", "disk", LONG_LEASE_MS, NULL);
+    ga = lock_now(a, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_true(daemon_wait_exit(d, 5000));
+
+    d = daemon_start(path, NULL, env);
+    mon = conn_open(d->unix_addr);
+    secret = secret_of(sa);
+    assert_non_null(secret);
+    text = g_strdup_printf(
+        "{\"type\":\"hello\",\"id\":1,\"version\":%d,\"client-id\":\"A\","
+        "\"lock-space\":\"disk\",\"lease-ms\":%d,\"session\":\"%s\","
+        "\"resume-secret\":\"%s\"}\n"
+        "{\"type\":\"reclaim\",\"id\":2,\"offset\":0,\"length\":4096,"
+        "\"mode\":\"exclusive\",\"token\":%" PRIu64 "}\n"
+        "{\"type\":\"reclaim-done\",\"id\":3}\n",
+        EXTLOCK_PROTOCOL_VERSION, LONG_LEASE_MS, sa, secret, ga.token);
+    h = conn_open(d->unix_addr);
+    send_raw(h, text);
+    /* Attached: its reclaim hello waits for the state file */
+    json_object_put(wait_session_state(mon, sa, "active"));
+    conn_drop(h);
+    json_object_put(wait_session_state(mon, sa, "disconnected"));
+
+    /* The grace period goes on: the extent is not granted to another */
+    w = client(d->unix_addr, "w", LONG_LEASE_MS);
+    id = send_lock(w, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, true);
+    extlock_msg_init(&r, EXTLOCK_MSG_INVALID);
+    recv_msg(w, &r, RECV_MS);
+    assert_true(r.has_id && r.id == id);
+    if (r.type == EXTLOCK_MSG_GRANTED) {
+        dump_log(d);
+        fail_msg("the extent A reclaimed before it hung up was granted to "
+                 "another client at once: its reclaim-done ended the grace "
+                 "period although its reclaim had been dropped");
+    }
+    assert_int_equal(r.type, EXTLOCK_MSG_WAITING);
+    extlock_msg_clear(&r);
+    daemon_stop(d);
+}
+
+/*
+ * The bye is still in the socket at the hangup: hello and a lock request
+ * in one write, then, once the session is listed (its hello waits for the
+ * state file, so input is paused and nothing more is read), bye in a
+ * second write, and the hangup; over TCP, whose hangup is only a
+ * POLLRDHUP.  The bye must be read at the hangup and end the session at
+ * once (lease LONG_LEASE_MS).  Control: without the read in
+ * conn_hangup_paused() the bye was lost ("... still there").
+ */
+static void test_hangup_tcp_bye_in_socket(void **state)
+{
+    g_autofree char *delay =
+        g_strdup_printf("EXTLOCKD_TEST_STATE_DELAY_MS=%d", DELAY_MS);
+    const char *env[] = { delay, NULL };
+    Daemon *d = daemon_start(NULL, NULL, env);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *h, *w;
+    g_autofree char *text = g_strdup_printf(
+        "{\"type\":\"hello\",\"id\":1,\"version\":%d,\"client-id\":\"hup\","
+        "\"lock-space\":\"disk\",\"lease-ms\":%d}\n"
+        "{\"type\":\"lock\",\"id\":2,\"offset\":0,\"length\":4096,"
+        "\"mode\":\"exclusive\"}\n",
+        EXTLOCK_PROTOCOL_VERSION, LONG_LEASE_MS);
+    int64_t deadline;
+
+    h = send_until_session_on(d, mon, "hup", text, true);
+    send_raw(h, "{\"type\":\"bye\",\"id\":3}\n");
+    conn_drop(h);
+    /* Within the hello's write at the latest, long before the lease */
+    deadline = now_ms() + DELAY_MS + SLACK_MS + RECV_MS;
+    while (sessions_of(mon, "hup") != 0) {
+        if (now_ms() > deadline) {
+            dump_log(d);
+            fail_msg("the session that said bye before hanging up is still "
+                     "there: the bye in the socket was not read");
+        }
+        g_usleep(5000);
+    }
+    assert_int_equal(dropped_after_hangup(mon), 1);
+    w = client(d->unix_addr, "w", LONG_LEASE_MS);
+    lock_now(w, 0, 4096, EXTLOCK_MODE_EXCLUSIVE);
+    bye(w);
+    daemon_stop(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -248,6 +407,14 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_hangup_drops_lock_request,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_hangup_pause_outlasts_lease,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(
+            test_hangup_reclaim_done_after_dropped_reclaim, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hangup_tcp_drops_lock_request,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hangup_tcp_pause_outlasts_lease,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hangup_tcp_bye_in_socket,
                                         setup, teardown),
     };
 
