@@ -1177,8 +1177,18 @@ void session_state_written(uint64_t gen, bool ok, const char *error,
         ExtlockMsg m;
 
         g_queue_pop_head(&server->welcomes);
-        if (!conn || conn->serial != dw->conn_serial) {
-            g_free(dw);         /* gone meanwhile: it never learnt of it */
+        if (!conn || conn->serial != dw->conn_serial || conn->peer_gone) {
+            /*
+             * Gone meanwhile (or its peer is: no new lease for a client
+             * that cannot use it): it never learnt of it.  A reclaim whose
+             * new secret was not saved keeps the old one, which is.
+             */
+            if (session && !ok && dw->reclaim) {
+                memcpy(session->secret_sha256, dw->old_sha256,
+                       sizeof(session->secret_sha256));
+                session->secret[0] = '\0';
+            }
+            g_free(dw);
             continue;
         }
         conn->awaiting_state = false;

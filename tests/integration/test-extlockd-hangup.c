@@ -35,9 +35,11 @@
 #define DELAY_MS 1000
 /*
  * A state write that outlasts the lease, the fence margin and the slack
- * of a session: its pause does not end before the session must be gone
+ * of a session: its pause does not end before the session must be gone,
+ * even if the client takes up to 4 s (a loaded machine, the sanitizers)
+ * from its hello to its hangup
  */
-#define PAUSE_MS (LEASE_MS + MARGIN_MS + SLACK_MS + 500)
+#define PAUSE_MS (LEASE_MS + MARGIN_MS + SLACK_MS + 4000)
 
 /* The sessions of @client_id in @mon's status */
 static int sessions_of(ExtlockConn *mon, const char *client_id)
