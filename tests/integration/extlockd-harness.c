@@ -234,12 +234,12 @@ Daemon *daemon_start(const char *state, const char *const *extra,
     return d;
 }
 
-/* The daemon must exit with status 0 and remove its socket */
-void daemon_stop_with(Daemon *d, int sig)
+/* The daemon must exit with status 0 within @ms and remove its socket */
+void daemon_stop_within(Daemon *d, int sig, int ms)
 {
     assert_int_not_equal(d->pid, 0);
     assert_int_equal(kill(d->pid, sig), 0);
-    if (!daemon_wait_exit(d, 5000)) {
+    if (!daemon_wait_exit(d, ms)) {
         dump_log(d);
         fail_msg("extlockd did not exit after signal %d", sig);
     }
@@ -249,6 +249,11 @@ void daemon_stop_with(Daemon *d, int sig)
                  sig);
     }
     assert_false(g_file_test(d->sock, G_FILE_TEST_EXISTS));
+}
+
+void daemon_stop_with(Daemon *d, int sig)
+{
+    daemon_stop_within(d, sig, 5000);
 }
 
 void daemon_stop(Daemon *d)

@@ -84,6 +84,7 @@ void daemon_wait_address(Daemon *d, const char *address);
 Daemon *daemon_start(const char *state, const char *const *extra,
                      const char *const *env);
 void daemon_stop_with(Daemon *d, int sig);
+void daemon_stop_within(Daemon *d, int sig, int ms);
 void daemon_stop(Daemon *d);
 void daemon_free(gpointer p);
 /* cmocka setup/teardown: a fresh directory, everything killed after */

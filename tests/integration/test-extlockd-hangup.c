@@ -36,10 +36,10 @@
 /*
  * A state write that outlasts the lease, the fence margin and the slack
  * of a session: its pause does not end before the session must be gone,
- * even if the client takes up to 4 s (a loaded machine, the sanitizers)
+ * even if the client takes up to 2.5 s (a loaded machine, the sanitizers)
  * from its hello to its hangup
  */
-#define PAUSE_MS (LEASE_MS + MARGIN_MS + SLACK_MS + 4000)
+#define PAUSE_MS (LEASE_MS + MARGIN_MS + SLACK_MS + 2500)
 
 /* The sessions of @client_id in @mon's status */
 static int sessions_of(ExtlockConn *mon, const char *client_id)
@@ -268,7 +268,8 @@ static void hangup_pause_outlasts_lease(bool tcp)
         }
         g_usleep(5000);
     }
-    daemon_stop(d);
+    /* Its last state write takes PAUSE_MS too: more than daemon_stop()'s */
+    daemon_stop_within(d, SIGTERM, PAUSE_MS + 5000);
 }
 
 static void test_hangup_pause_outlasts_lease(void **state)
