@@ -1302,6 +1302,15 @@ void lockspace_handle_downgrade(ExtlockdConn *conn, ExtlockdSession *session,
         return;
     }
     session_set_revocable(session);
+    if (lockspace_is_maint(lock)) {
+        /*
+         * The maintenance ends here: the shared requests it lets in must
+         * see a count they have not seen, and the shared lock left is no
+         * maintenance lock, so its unlock counts nothing
+         */
+        lockspace_maint_done(session->space, false, 0);
+        session_log_event(session, "maintenance-done", NULL);
+    }
     if (lock->mode == EXTLOCK_MODE_EXCLUSIVE) {
         ExtlockLock shared = *lock;
 
