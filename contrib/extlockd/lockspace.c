@@ -1503,6 +1503,21 @@ void lockspace_handle_reclaim(ExtlockdConn *conn, ExtlockdSession *session,
                         extlock_mode_name(m->mode));
         return;
     }
+    if (lockspace_is_maint(lock)) {
+        g_autoptr(GError) err = NULL;
+
+        /*
+         * The maintenance goes on: "pending" again in the state file, as
+         * before its grant, so that a restart before its release counts
+         * it (its owner may not come back to reclaim it again)
+         */
+        if (!lockspace_maint_record(space, &err)) {
+            /* Nothing waits behind it during the grace period */
+            extlock_table_release(space->table, lock);
+            lockspace_maint_refuse(conn, m->id, space->name, err);
+            return;
+        }
+    }
     session_set_revocable(session);
     space->reclaims++;
     g_hash_table_add(session->held, lock);
