@@ -725,6 +725,90 @@ def test_maint_count_survives_unused_lock_space(extlockd, lock_space):
     assert st["maintenance"]["generation"] == 2, st
 
 
+def generation_seen_by(client, lock_space):
+    for sp in client.status().get("lock-spaces", []):
+        if sp.get("name") == lock_space:
+            return sp.get("maintenance", {}).get("generation", 0)
+    return None
+
+
+def test_downgraded_maintenance_is_counted(extlockd, lock_space):
+    """A maintenance lock downgraded to shared ends the maintenance: the
+    shared requests it lets in (a reader of the metadata the owner may
+    have changed) must get a maint-gen they have not seen.  Before, a
+    downgrade was no release of a maintenance lock: the readers were
+    granted with no maint-gen, and the shared lock left behind was no
+    maintenance lock any more, so its unlock counted nothing either."""
+    owner = CoordinatorClient(extlockd.address)
+    owner.hello(f"owner-{uuid.uuid4().hex[:6]}", lock_space, lease_ms=LEASE_MS)
+    g = owner.lock(0, MAINT_LENGTH, mode="exclusive", timeout=10)
+    reader = CoordinatorClient(extlockd.address)
+    reader.hello(f"reader-{uuid.uuid4().hex[:6]}", lock_space,
+                 lease_ms=LEASE_MS)
+    rid = reader.request({"type": "lock", "offset": 0, "length": MiB,
+                          "mode": "shared", "wait": True})
+    w = reader.reply(rid, timeout=10, accept_waiting=True)
+    assert w["type"] == "waiting", w
+    owner.call({"type": "downgrade", "lock": g["lock"]})
+    granted = reader.reply(rid, timeout=10)
+    assert granted["type"] == "granted", granted
+    assert granted.get("maint-gen"), \
+        "a reader let in by a downgraded maintenance lock was not told " \
+        "of the maintenance: %r" % granted
+    reader.unlock(granted["lock"])
+    owner.unlock(g["lock"])
+    assert generation_seen_by(reader, lock_space) == 1
+    reader.bye()
+    owner.bye()
+    reader.close()
+    owner.close()
+
+
+def maint_entry(d, lock_space):
+    state = json.loads(d.state_file.read_text())
+    for e in state.get("maintenance", []):
+        if e["lock-space"] == lock_space:
+            return e
+    return None
+
+
+def test_reclaimed_maintenance_lock_stays_pending(extlockd, lock_space):
+    """A maintenance lock reclaimed after a restart is a maintenance that
+    goes on: the state file must say "pending" again, as it did before
+    the grant.  Else a second restart, after which its owner does not
+    come back, releases the lock without counting what the owner changed
+    since the first: the maint-gen stays the one the first restart
+    counted, which the hosts have seen (and reread for) already."""
+    d = extlockd
+    cid = f"owner-{uuid.uuid4().hex[:6]}"
+    owner = CoordinatorClient(d.address)
+    w = owner.hello(cid, lock_space, lease_ms=LEASE_MS)
+    g = owner.lock(0, MAINT_LENGTH, mode="exclusive", timeout=10)
+    assert maint_entry(d, lock_space).get("pending") is True
+    owner.close()
+    d.kill()
+    d.start()
+    e1 = maint_entry(d, lock_space)
+    assert e1 and e1["count"] == 1 and not e1.get("pending"), e1
+    with CoordinatorClient(d.address) as owner:
+        w2 = owner.call({"type": "hello", "version": 2, "client-id": cid,
+                         "lock-space": lock_space, "lease-ms": LEASE_MS,
+                         "session": w["session"],
+                         "resume-secret": w["resume-secret"]})
+        assert w2.get("reclaim") is True, w2
+        owner.call({"type": "reclaim", "offset": 0, "length": MAINT_LENGTH,
+                    "mode": "exclusive", "token": g["token"]})
+        owner.call({"type": "reclaim-done"})
+        # the reclaim is applied; the state it leads to is written
+        owner.status()
+        wait_until(lambda: maint_entry(d, lock_space).get("pending") is True,
+                   timeout=5,
+                   what="the reclaimed maintenance to be written as pending")
+        e2 = maint_entry(d, lock_space)
+        assert e2["count"] == 1, e2
+        owner.bye()
+
+
 def test_qemu_owner_killed_mid_truncate(nfs, extlockd, lock_space, procs, binaries):
     """A QEMU owner (qemu-io, truncate through its extlock node) held by a
     blkdebug breakpoint on qcow2's L2 table writes in the middle of its
