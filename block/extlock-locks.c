@@ -366,8 +366,14 @@ static void extlock_cache_timer_cb(void *opaque)
         extlock_cache_idle_del(c, l);
         extlock_lock_give_back(c, l, l->ce.node.ext);
     }
+    /*
+     * Offline, the head cannot be given back, and its time may be past: a
+     * timer armed in the past would run again at once, for ever
+     * (timerlist_run_timers() reads the clock once).  The timer is armed
+     * again when the session comes back (extlock_locks_retry_revokes()).
+     */
     l = QTAILQ_FIRST(&c->idle);
-    if (l) {
+    if (l && extlock_online(c)) {
         extlock_cache_arm_timer(c, l->last_used_ns + idle_ns);
     }
 }
@@ -1512,6 +1518,8 @@ static void extlock_locks_retry_revokes(ExtlockClient *c)
         ExtlockCachedLock *l = g_ptr_array_index(release, i);
         extlock_lock_give_back(c, l, l->ce.node.ext);
     }
+    /* Idle locks that aged while the connection was down */
+    extlock_cache_arm_timer(c, qemu_clock_get_ns(QEMU_CLOCK_REALTIME));
 }
 
 /* Resumed session: keep what the coordinator still lists, drop the rest */

@@ -524,11 +524,9 @@ static const char *const extlock_io_kind_names[] = {
 /*
  * Forward one request to the child: under @req's lock, or with @req NULL
  * under none (flush, zero-length requests).  Counted for the in-flight
- * bound and traced with the token it runs under.
- */
-/*
- * Inlined into its two callers: on a cached request its call and the
- * spilling of eight arguments were a tenth of the filter's instructions.
+ * bound and traced with the token it runs under.  Always inlined into its
+ * callers: on a cached request its call and the spilling of eight
+ * arguments were a tenth of the filter's instructions.
  */
 static inline int coroutine_fn GRAPH_RDLOCK QEMU_ALWAYS_INLINE
 extlock_forward(BlockDriverState *bs, ExtlockIoKind kind, int64_t offset,
