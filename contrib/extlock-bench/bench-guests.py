@@ -46,6 +46,12 @@ import os, re, sys
 args = sys.argv[1:]
 m = re.search(r'client-id["=:\\s]+"?([A-Za-z0-9_.-]+)', " ".join(args))
 name = (m.group(1) if m else "none") + "-%%d" %% os.getpid()
+iothread = %(iothread)r
+if iothread is not None:
+    # the disk (and so its extlock node) in an IOThread of its own
+    args = [a + ",iothread=extlock-io" if a.startswith("virtio-blk-pci,")
+            else a for a in args]
+    args += ["-object", "iothread,id=extlock-io" + iothread]
 os.execv(%(qemu)r, [%(qemu)r, "-trace",
          "enable=extlock_client_handoff,file=%(tdir)s/" + name] + args)
 """
@@ -76,7 +82,22 @@ def main():
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--storage", choices=("file", "nfs"), default="file")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--iothread", action="store_true",
+                    help="each guest's disk in an IOThread (not the main "
+                         "loop, which shares the BQL with the vCPU's I/O "
+                         "emulation)")
+    ap.add_argument("--poll-max-ns", type=int, default=None,
+                    help="with --iothread: its poll-max-ns (QEMU's "
+                         "default: 32768)")
+    ap.add_argument("--extlockd-poll-us", type=int, default=0,
+                    help="extlockd --poll-us")
     args = ap.parse_args()
+    if args.poll_max_ns is not None and not args.iothread:
+        ap.error("--poll-max-ns needs --iothread")
+    iothread = None
+    if args.iothread:
+        iothread = ("" if args.poll_max_ns is None
+                    else ",poll-max-ns=%d" % args.poll_max_ns)
 
     work = Path(tempfile.mkdtemp(prefix="bench-guests-"))
     tdir = work / "traces"
@@ -86,11 +107,11 @@ def main():
     extlockd = bq.procs.binary("extlockd")
     wq = work / "qemu-system-x86_64"
     wq.write_text(QEMU_WRAPPER % {"python": sys.executable, "qemu": qemu,
-                                  "tdir": tdir})
+                                  "tdir": tdir, "iothread": iothread})
     (work / "xd").mkdir()
     wx = work / "xd" / "extlockd"
-    wx.write_text('#!/bin/sh\nexec %s --event-log %s "$@"\n' %
-                  (extlockd, evlog))
+    wx.write_text('#!/bin/sh\nexec %s --event-log %s --poll-us %d "$@"\n' %
+                  (extlockd, evlog, args.extlockd_poll_us))
     for w in (wq, wx):
         w.chmod(0o755)
 
@@ -120,7 +141,8 @@ def main():
         sys.exit(f"no handoffs or no baseline in the traces; kept {work}")
     b50 = statistics.median(base)
     res = {"guests": sorted(traces), "seconds": args.seconds,
-           "storage": args.storage, "load_start": load0, "load_end": load1,
+           "storage": args.storage, "iothread": iothread,
+           "extlockd_poll_us": args.extlockd_poll_us, "load_start": load0, "load_end": load1,
            "handoffs": len(parts["total"]), "uncontended": len(base),
            "grants": sum(1 for e in log if e["event"] == "grant"),
            "parts_us": {}}
@@ -130,6 +152,9 @@ def main():
           "%d handoffs, %d uncontended lock round trips, %d grants" % (
               args.seconds, args.storage, res["handoffs"], len(base),
               res["grants"]))
+    print("disk in an IOThread: %s; extlockd --poll-us %d" % (
+        "no" if iothread is None else "yes" + iothread,
+        args.extlockd_poll_us))
     print("load average: %s at the start, %s at the end" % (load0, load1))
     print("  %-12s %9s %9s %9s   (us; ratio: p50 / uncontended p50)" % (
         "part", "p50", "p99", "ratio"))

@@ -626,6 +626,7 @@ def handoff(workdir, group, writes, period_ms):
     parts = handoff_parts(traces, ["host-a", "host-b"],
                           event_log(evlog, "handoff"))
     daemon.stop()
+    floor = cold_floor(period_ms * 1000 // 2, writes)
     base = statistics.median(alone)
     hand = sorted(max(0.0, x - base) for x in both)
     rt_p50 = statistics.median(roundtrip) if roundtrip else float("nan")
@@ -636,6 +637,11 @@ def handoff(workdir, group, writes, period_ms):
             table[k] = {"p50": round(percentile(v, 50), 1),
                         "p99": round(percentile(v, 99), 1),
                         "ratio": round(percentile(v, 50) / rt_p50, 2)}
+            hop = FLOOR_HOPS.get(k)
+            if hop and floor.get(hop):
+                table[k]["floor_p50"] = floor[hop]["p50-us"]
+                table[k]["per_floor"] = round(
+                    percentile(v, 50) / floor[hop]["p50-us"], 2)
     return {
         "writes_per_process": writes,
         "baseline_write_p50_us": round(base, 1),
@@ -647,7 +653,36 @@ def handoff(workdir, group, writes, period_ms):
         "revocations_contended": nrevokes(traces),
         "handoffs_traced": len(parts["total"]),
         "parts_us": table,
+        "floor_gap_us": period_ms * 1000 // 2,
+        "floor_us": floor,
     }
+
+
+# A handoff's parts and the floor's hops that carry the same messages
+FLOOR_HOPS = {"revoke": "floor A->relay->B", "give-back": "floor B->relay",
+              "wakeup": "floor relay->A", "total": "floor total"}
+
+
+def cold_floor(gap_us, rounds):
+    """
+    The floor of the handoff as qemu-io runs it: extlock-handoff
+    --floor-only, three plain processes passing the four messages of a
+    handoff around, each round @gap_us after the one before (the two
+    qemu-io processes write half a period apart and sleep in between, so
+    every message of theirs wakes a process that slept: on a VM that
+    costs more than back-to-back rounds).  {hop: {"p50-us", "p99-us"}};
+    empty if extlock-handoff is not built.
+    """
+    try:
+        binary = procs.binary("extlock-handoff")
+    except procs.MissingBinary:
+        return {}
+    out = subprocess.run([binary, "--floor-only", "--gap-us", str(gap_us),
+                          "-n", str(rounds), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"extlock-handoff failed: {out.stderr}")
+    return json.loads(out.stdout)["parts"]
 
 
 def gate_wait(cl, space, n, timeout=60.0):
@@ -1121,11 +1156,21 @@ def main():
                       "revocations_alone", "revocations_contended",
                       "handoffs_traced"):
                 print("  %-24s %s" % (k, ho[k]))
-            print("  %-12s %9s %9s %9s   (us; ratio: p50 / uncontended "
-                  "p50)" % ("part", "p50", "p99", "ratio"))
+            print("  %-12s %9s %9s %9s %9s   (us; ratio: p50 / uncontended "
+                  "p50; /floor: p50 / the floor's p50)" % (
+                      "part", "p50", "p99", "ratio", "/floor"))
             for k, v in ho["parts_us"].items():
-                print("  %-12s %9.1f %9.1f %9.2f" % (k, v["p50"], v["p99"],
-                                                     v["ratio"]))
+                print("  %-12s %9.1f %9.1f %9.2f %9s" % (
+                    k, v["p50"], v["p99"], v["ratio"],
+                    "%.2f" % v["per_floor"] if "per_floor" in v else "-"))
+            if ho.get("floor_us"):
+                print("  floor: the same four messages between three plain "
+                      "processes, every round %d us after the last "
+                      "(extlock-handoff --floor-only --gap-us %d)" % (
+                          ho["floor_gap_us"], ho["floor_gap_us"]))
+                for k, v in ho["floor_us"].items():
+                    print("  %-22s %9.1f %9.1f" % (k, v["p50-us"],
+                                                   v["p99-us"]))
         if mh:
             print("\nMany hosts: qemu-img bench writers, 4 KiB QD1, one "
                   "local file; ratio: extlock / the same writers unlocked")

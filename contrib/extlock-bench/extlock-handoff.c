@@ -42,6 +42,14 @@
  * --poll-us N: both processes check the socket without sleeping for up
  * to N us before they block in poll() (the floor does not: it stays the
  * cost of plain wake-ups).
+ *
+ * --gap-us N: every round (baseline, handoff and floor) starts N us after
+ * the one before, with every process asleep in between, as two hosts
+ * whose writes are apart: then each message wakes a process that slept
+ * for N us, which on a VM costs more than back-to-back rounds (an idle
+ * vCPU has halted).  bench-qemu.py's two qemu-io processes write 2 ms
+ * apart: --gap-us 2000 is their floor.  --floor-only measures only the
+ * floor (no coordinator needed).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -94,6 +102,8 @@ static const char *opt_event_log;
 static const char *opt_lock_space = "extlock-handoff";
 static long opt_rounds = 2000;
 static long opt_poll_us;
+static long opt_gap_us;
+static bool opt_floor_only;
 static bool opt_json;
 
 static G_NORETURN void die(int who, const char *what, GError *err)
@@ -194,6 +204,19 @@ static uint64_t wait_for(ExtlockConn *conn, int who, ExtlockMsgType type,
     }
 }
 
+/* --gap-us: sleep before a round starts (the other processes sleep too) */
+static void gap(void)
+{
+    if (opt_gap_us) {
+        struct timespec ts = { .tv_sec = opt_gap_us / 1000000,
+                               .tv_nsec = opt_gap_us % 1000000 * 1000 };
+
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+            /* the rest of it */
+        }
+    }
+}
+
 static void put_byte(int fd, int who)
 {
     char b = 't';
@@ -244,9 +267,13 @@ static void run_child(int who, Shared *sh, int in, int out, int ready)
     if (who == 0) {
         /* The baseline: uncontended round trips, on an extent of our own */
         for (k = 0; k < opt_rounds; k++) {
-            int64_t t0 = now_ns();
-            uint64_t id = send_lock(conn, who, 16 * EXTENT);
-            uint64_t lock = wait_for(conn, who, EXTLOCK_MSG_GRANTED, id, &t);
+            int64_t t0;
+            uint64_t id, lock;
+
+            gap();
+            t0 = now_ns();
+            id = send_lock(conn, who, 16 * EXTENT);
+            lock = wait_for(conn, who, EXTLOCK_MSG_GRANTED, id, &t);
 
             sh->baseline[k] = t - t0;
             send_unlock(conn, who, lock);
@@ -276,6 +303,7 @@ static void run_child(int who, Shared *sh, int in, int out, int ready)
             uint64_t id;
 
             get_byte(in, who);
+            gap();
             r->waiter = who;
             r->t_lock_tx = now_ns();
             id = send_lock(conn, who, 0);
@@ -393,6 +421,7 @@ static void run_floor(Shared *sh, long from, long to)
     for (k = from; k < to; k++) {
         FloorRound *f = &sh->floor[k];
 
+        gap();
         f->a_tx = now_ns();
         floor_io(ar[0], true, 0);
         f->a_rx = floor_recv(ar[0], 0);
@@ -493,11 +522,74 @@ static Part part(const char *name, int64_t *v, long n)
     return p;
 }
 
+/* The floor's hops, in @floors[5]; returns 5 */
+static int floor_parts(Shared *sh, long n, Part *floors)
+{
+    g_autofree int64_t *v = g_new(int64_t, n);
+    int nf = 0;
+    long k;
+
+#define FLOOR(name, expr) do { \
+        for (k = 0; k < n; k++) { \
+            FloorRound *f = &sh->floor[k]; \
+            v[k] = (expr); \
+        } \
+        floors[nf++] = part(name, v, n); \
+    } while (0)
+    FLOOR("floor A->relay->B", f->b_rx - f->a_tx);
+    FLOOR("floor B->relay", f->r_rx2 - f->b_rx);
+    FLOOR("floor relay->A", f->a_rx - f->r_rx2);
+    FLOOR("floor B->relay->A", f->a_rx - f->b_rx);
+    FLOOR("floor total", f->a_rx - f->a_tx);
+#undef FLOOR
+    return nf;
+}
+
+/* --floor-only: the floor's hops, as text or JSON */
+static int print_floor_only(Shared *sh, long n)
+{
+    Part floors[5];
+    int nf = floor_parts(sh, n, floors), i;
+
+    if (opt_json) {
+        json_object *j = json_object_new_object();
+        json_object *jp = json_object_new_object();
+
+        json_object_object_add(j, "rounds", json_object_new_int64(n));
+        json_object_object_add(j, "gap-us", json_object_new_int64(opt_gap_us));
+        for (i = 0; i < nf; i++) {
+            json_object *o = json_object_new_object();
+
+            json_object_object_add(o, "p50-us",
+                                   json_object_new_double(floors[i].p50));
+            json_object_object_add(o, "p99-us",
+                                   json_object_new_double(floors[i].p99));
+            json_object_object_add(o, "max-us",
+                                   json_object_new_double(floors[i].max));
+            json_object_object_add(jp, floors[i].name, o);
+        }
+        json_object_object_add(j, "parts", jp);
+        printf("%s\n", json_object_to_json_string_ext(
+                   j, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED));
+        json_object_put(j);
+        return 0;
+    }
+    printf("extlock-handoff: floor only, %ld rounds, gap-us %ld\n", n,
+           opt_gap_us);
+    printf("%-24s %9s %9s %9s\n", "part (us)", "p50", "p99", "max");
+    for (i = 0; i < nf; i++) {
+        printf("%-24s %9.1f %9.1f %9.1f\n", floors[i].name, floors[i].p50,
+               floors[i].p99, floors[i].max);
+    }
+    return 0;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f,
         "Usage: extlock-handoff [-c ADDR] [-n ROUNDS] [--event-log FILE] "
-        "[--poll-us N] [--json]\n"
+        "[--poll-us N] [--gap-us N]\n"
+        "                       [--floor-only] [--json]\n"
         "\n"
         "Two processes pass one exclusive lock back and forth ROUNDS times\n"
         "(default 2000) and print where a handoff's time goes.  FILE is\n"
@@ -506,7 +598,10 @@ static void usage(FILE *f)
         "floor is a plain ping-pong of four messages between three\n"
         "processes (the messages and wake-ups of a handoff), measured in\n"
         "the same run.  --poll-us N: check the socket without sleeping\n"
-        "for up to N us (0-1000000, default 0) before blocking.\n");
+        "for up to N us (0-1000000, default 0) before blocking.\n"
+        "--gap-us N: start every round N us (0-1000000, default 0) after\n"
+        "the one before, every process asleep in between (hosts whose\n"
+        "writes are apart).  --floor-only: measure only the floor.\n");
 }
 
 int main(int argc, char **argv)
@@ -552,6 +647,18 @@ int main(int argc, char **argv)
                 return 2;
             }
             opt_poll_us = v;
+        } else if (i + 1 < argc && !strcmp(argv[i], "--gap-us")) {
+            gint64 v;
+
+            if (!g_ascii_string_to_signed(argv[++i], 10, 0, 1000000, &v,
+                                          NULL)) {
+                fprintf(stderr, "extlock-handoff: bad --gap-us '%s' "
+                        "(0-1000000)\n", argv[i]);
+                return 2;
+            }
+            opt_gap_us = v;
+        } else if (!strcmp(argv[i], "--floor-only")) {
+            opt_floor_only = true;
         } else {
             usage(stderr);
             return 2;
@@ -570,6 +677,10 @@ int main(int argc, char **argv)
         pipe(tok[0]) || pipe(tok[1]) || pipe(ready)) {
         perror("extlock-handoff");
         return 1;
+    }
+    if (opt_floor_only) {
+        run_floor(&sh, 0, n);
+        return print_floor_only(&sh, n);
     }
     /* first half of the floor before the handoffs, the rest after */
     run_floor(&sh, 0, n / 2);
@@ -607,19 +718,7 @@ int main(int argc, char **argv)
 
     v = g_new(int64_t, n);
     base = part("uncontended", sh.baseline, n);
-#define FLOOR(name, expr) do { \
-        for (k = 0; k < n; k++) { \
-            FloorRound *f = &sh.floor[k]; \
-            v[k] = (expr); \
-        } \
-        floors[nf++] = part(name, v, n); \
-    } while (0)
-    FLOOR("floor A->relay->B", f->b_rx - f->a_tx);
-    FLOOR("floor B->relay", f->r_rx2 - f->b_rx);
-    FLOOR("floor relay->A", f->a_rx - f->r_rx2);
-    FLOOR("floor B->relay->A", f->a_rx - f->b_rx);
-    FLOOR("floor total", f->a_rx - f->a_tx);
-#undef FLOOR
+    nf = floor_parts(&sh, n, floors);
 #define PART(name, expr) do { \
         for (k = 0; k < n; k++) { \
             Round *r = &sh.rounds[k]; \
@@ -651,6 +750,8 @@ int main(int argc, char **argv)
         json_object_object_add(j, "handoffs", json_object_new_int64(n));
         json_object_object_add(j, "poll-us",
                                json_object_new_int64(opt_poll_us));
+        json_object_object_add(j, "gap-us",
+                               json_object_new_int64(opt_gap_us));
         for (i = -1; i < np + nf; i++) {
             Part *p = i < 0 ? &base : i < np ? &parts[i] : &floors[i - np];
             json_object *o = json_object_new_object();
@@ -670,7 +771,8 @@ int main(int argc, char **argv)
         json_object_put(j);
     } else {
         printf("extlock-handoff: %ld handoffs between two processes, %s, "
-               "poll-us %ld\n", n, opt_address, opt_poll_us);
+               "poll-us %ld, gap-us %ld\n", n, opt_address, opt_poll_us,
+               opt_gap_us);
         printf("%-24s %9s %9s %9s %9s %9s\n", "part (us)", "p50", "p99",
                "max", "p50/base", "p50/floor");
         for (i = -1; i < np + nf; i++) {

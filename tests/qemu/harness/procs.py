@@ -49,6 +49,8 @@ def qemu_build_dir():
 _BINARIES = {
     "extlockd": (build_dir, ["contrib/extlockd/extlockd", "extlockd"]),
     "extlockctl": (build_dir, ["contrib/extlockctl/extlockctl", "extlockctl"]),
+    "extlock-handoff": (build_dir, ["contrib/extlock-bench/extlock-handoff",
+                                    "extlock-handoff"]),
     "qemu-img": (qemu_build_dir, ["qemu-img"]),
     "qemu-io": (qemu_build_dir, ["qemu-io"]),
     "qemu-storage-daemon": (qemu_build_dir, ["storage-daemon/qemu-storage-daemon",
