@@ -705,76 +705,16 @@ int coroutine_fn extlock_client_lock(ExtlockClient *c, ExtlockRequest *req)
     return ret;
 }
 
-/* A coarse clock of a coarser resolution than this is not used */
-#define EXTLOCK_COARSE_MAX_RES_NS (10 * SCALE_MS)
-/* How late a tick may be before the coarse clock could mislead */
-#define EXTLOCK_COARSE_SLACK_NS (50 * SCALE_MS)
-
-/*
- * A cache hit's clock.  CLOCK_MONOTONIC_COARSE is the monotonic clock as
- * of its last tick: it reads several times faster than CLOCK_MONOTONIC
- * (7 against 33 ns on the VM of docs/benchmarks.rst, where this clock
- * read was a third of the filter's own time per request) and lags it by
- * less than its resolution, so coarse + resolution is an upper bound of
- * QEMU_CLOCK_REALTIME now.  Returns the resolution; 0 if there is no such
- * clock, or if QEMU_CLOCK_REALTIME is not CLOCK_MONOTONIC.
- */
-static int64_t extlock_coarse_clock_res(void)
-{
-#ifdef CLOCK_MONOTONIC_COARSE
-    struct timespec res, ts;
-
-    if (use_rt_clock && !clock_getres(CLOCK_MONOTONIC_COARSE, &res) &&
-        !clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) &&
-        res.tv_sec == 0 && res.tv_nsec > 0 &&
-        res.tv_nsec <= EXTLOCK_COARSE_MAX_RES_NS) {
-        return res.tv_nsec;
-    }
-#endif
-    return 0;
-}
-
-/*
- * Is the lease valid now, by the coarse clock?  Only where that cannot be
- * wrong: at least EXTLOCK_COARSE_SLACK_NS beyond coarse + resolution must
- * remain, so that a tick delayed by that much still gives the right
- * answer (and the lease's client margin, a tenth of it, lies behind the
- * deadline too).  False sends the caller to the precise clock.  Sets
- * *@now to the upper bound read.
- */
-static bool extlock_lease_valid_coarse(ExtlockClient *c, int64_t *now)
-{
-#ifdef CLOCK_MONOTONIC_COARSE
-    struct timespec ts;
-
-    if (c->coarse_res_ns &&
-        !clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)) {
-        *now = ts.tv_sec * NANOSECONDS_PER_SECOND + ts.tv_nsec +
-               c->coarse_res_ns;
-        return extlock_conn_lease_valid_at(c->conn,
-                                           *now + EXTLOCK_COARSE_SLACK_NS);
-    }
-#endif
-    return false;
-}
-
 static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
                                                    ExtlockRequest *req)
 {
     ExtlockExtent ext = extlock_ext(req->offset, req->length);
-    /*
-     * The common case, a cache hit while the lease holds, is decided on
-     * the coarse clock; its reading (ahead of the monotonic clock by up to
-     * a tick) serves as the time of the lock's last use, for idle ageing.
-     * A request that goes on to wait or ask is timed on the precise clock.
-     */
-    int64_t now;
-    bool coarse = extlock_lease_valid_coarse(c, &now);
-    int64_t start_ns = coarse ? now : qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int64_t start_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    int64_t now = start_ns;
     int ret;
 
     req->lock = NULL;
-    req->start_ns = now = start_ns;
+    req->start_ns = start_ns;
     for (;; now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME)) {
         ExtlockCachedLock *l;
 
@@ -788,7 +728,7 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
          * Fencing: without a valid lease other hosts may own our extents,
          * so we touch nothing; queue or fail as the policy says.
          */
-        if (!coarse && !extlock_conn_lease_valid_at(c->conn, now)) {
+        if (!extlock_conn_lease_valid_at(c->conn, now)) {
             if (c->opts.lease_loss_error ||
                 now - start_ns >=
                 (int64_t)c->opts.lease_loss_timeout_ms * SCALE_MS) {
@@ -820,15 +760,6 @@ static int coroutine_fn extlock_client_lock_cached(ExtlockClient *c,
                 req->lock = l;
                 return 0;
             }
-        }
-        if (coarse) {
-            /* Not a hit: from here on the precise clock, waits included */
-            coarse = false;
-            req->start_ns = start_ns = now =
-                qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-            c->last_now_ns = now;
-        }
-        if (c->opts.cache) {
             /*
              * A grant on its way will probably have grown over our range:
              * wait for it rather than queueing behind it at the
@@ -1841,7 +1772,6 @@ ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
     c->node_name = g_strdup(node_name);
     c->lock_space = g_strdup(lock_space);
     c->opts = *opts;
-    c->coarse_res_ns = extlock_coarse_clock_res();
     c->cancel_ids = g_hash_table_new_full(g_int64_hash, g_int64_equal,
                                           g_free, NULL);
     c->lock_ids = g_hash_table_new(g_int64_hash, g_int64_equal);

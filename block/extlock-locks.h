@@ -202,8 +202,6 @@ typedef struct ExtlockClient {
     int64_t cache_timer_at;
     /* clock at the last request: one clock read per cache hit is enough */
     int64_t last_now_ns;
-    /* CLOCK_MONOTONIC_COARSE's resolution; 0: no coarse clock for hits */
-    int64_t coarse_res_ns;
 
     ExtlockClientStats stats;
     struct ExtlockPr *pr;       /* persistent reservations (extlock-pr.h) */
