@@ -840,13 +840,10 @@ int main(int argc, char **argv)
               event_log_path ? ", event log " : "",
               event_log_path ? event_log_path : "");
 
-    for (int i = 0; addrs[i]; i++) {
-        if (!extlockd_server_listen(server, addrs[i], &err)) {
-            g_critical("%s", err->message);
-            extlockd_server_free(server);
-            return 1;
-        }
-    }
+    /*
+     * The metrics endpoint first: once the coordinator's sockets accept,
+     * everything is up (tests and service managers wait for the socket)
+     */
     if (metrics_listen) {
         if (!extlockd_server_metrics_listen(server, metrics_listen,
                                             metrics_tls_dir, &err)) {
@@ -859,6 +856,14 @@ int main(int argc, char **argv)
         g_message("metrics at %s://%s/metrics%s",
                   metrics_tls_dir ? "https" : "http", metrics_listen,
                   metrics_tls_dir ? " (TLS)" : "");
+    }
+
+    for (int i = 0; addrs[i]; i++) {
+        if (!extlockd_server_listen(server, addrs[i], &err)) {
+            g_critical("%s", err->message);
+            extlockd_server_free(server);
+            return 1;
+        }
     }
 
     g_main_loop_run(loop);
