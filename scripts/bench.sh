@@ -10,7 +10,9 @@
 #     give-back, grant, wakeup) against an uncontended lock round trip
 #     and against the floor (a plain ping-pong of the same four messages
 #     between three processes, same run); with extlockd --poll-us 0 and
-#     50, interleaved, twice;
+#     50, interleaved, twice; then cold (--gap-us 2000: every round 2 ms
+#     after the last, all processes asleep in between, as two hosts whose
+#     writes are apart; the floor likewise), twice;
 #  3. the filter in QEMU: contrib/extlock-bench/bench-qemu.py - qemu-img
 #     bench IOPS of (a) no filter (the baseline), (b) blkdebug, (c) extlock
 #     lock-cache=on, (d) lock-cache=off on null-co and on loopback NFS; the
@@ -86,6 +88,25 @@ for round in 1 2; do
         kill "$(cat "$work/pid")"
         wait "$(cat "$work/pid")" 2>/dev/null || true
     done
+done
+
+# Cold: the processes sleep 2 ms between rounds, as the two qemu-io
+# processes of bench-qemu.py's handoff do; on a VM a process woken after
+# a sleep costs more than one woken back to back
+for round in 1 2; do
+    rm -f "$work/hsock" "$work/hevents" "$work/hstate"
+    build/contrib/extlockd/extlockd --listen "unix:$work/hsock" \
+        --state-file "$work/hstate" --event-log "$work/hevents" 2>"$work/hlog" &
+    echo $! > "$work/pid"
+    for _ in $(seq 50); do [ -S "$work/hsock" ] && break; sleep 0.1; done
+    echo
+    echo "== handoff between two processes, protocol level, cold:" \
+         "extlock-handoff --gap-us 2000, round $round" \
+         "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
+    build/contrib/extlock-bench/extlock-handoff -c "unix:$work/hsock" \
+        -n 1000 --gap-us 2000 --event-log "$work/hevents"
+    kill "$(cat "$work/pid")"
+    wait "$(cat "$work/pid")" 2>/dev/null || true
 done
 
 echo

@@ -142,7 +142,8 @@ def main():
     b50 = statistics.median(base)
     res = {"guests": sorted(traces), "seconds": args.seconds,
            "storage": args.storage, "iothread": iothread,
-           "extlockd_poll_us": args.extlockd_poll_us, "load_start": load0, "load_end": load1,
+           "extlockd_poll_us": args.extlockd_poll_us,
+           "load_start": load0, "load_end": load1,
            "handoffs": len(parts["total"]), "uncontended": len(base),
            "grants": sum(1 for e in log if e["event"] == "grant"),
            "parts_us": {}}
