@@ -25,6 +25,7 @@ scripts/isolate.sh.
 """
 
 import argparse
+import bisect
 import importlib.util
 import json
 import re
@@ -62,6 +63,7 @@ def uncontended_round_trips(traces, log):
     grants = {e["lock"]: e for e in log if e["event"] == "grant"}
     releases = sorted((e["ts"], e["client-id"])
                       for e in log if e["event"] == "release")
+    rel_ts = [t for t, _ in releases]
     out = []
     for cid, ev in traces.items():
         for t5, step, lock in ev:
@@ -71,7 +73,9 @@ def uncontended_round_trips(traces, log):
             lk = bq.last_before(ev, "lock-tx", t5)
             if not g or g.get("client-id") != cid or not lk:
                 continue
-            if any(c != cid and lk[0] <= t <= g["ts"] for t, c in releases):
+            lo = bisect.bisect_left(rel_ts, lk[0])
+            hi = bisect.bisect_right(rel_ts, g["ts"])
+            if any(c != cid for _, c in releases[lo:hi]):
                 continue
             out.append((t5 - lk[0]) / 1000.0)
     return out

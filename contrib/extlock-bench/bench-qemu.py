@@ -69,6 +69,7 @@ Usage: bench-qemu.py [--quick] [--no-nfs] [--repeat N] [--json FILE]
 """
 
 import argparse
+import bisect
 import json
 import os
 import re
@@ -501,16 +502,30 @@ def event_log(path, space):
     return out
 
 
+_STEP_INDEX = {}
+
+
+def _step_index(events, step):
+    """(times, events) of @step in @events (time-sorted), built once."""
+    key = (id(events), step)
+    idx = _STEP_INDEX.get(key)
+    if idx is None or idx[0] is not events:
+        sel = [e for e in events if e[1] == step]
+        idx = (events, [e[0] for e in sel], sel)
+        _STEP_INDEX[key] = idx
+    return idx[1], idx[2]
+
+
 def last_before(events, step, t, lock=None, after=None):
     """The last (ts, step, id) of @step at or before @t (and >= @after)."""
-    best = None
-    for e in events:
-        if e[0] > t:
-            break
-        if e[1] == step and (lock is None or e[2] == lock) and \
-                (after is None or e[0] >= after):
-            best = e
-    return best
+    times, sel = _step_index(events, step)
+    for k in range(bisect.bisect_right(times, t) - 1, -1, -1):
+        e = sel[k]
+        if after is not None and e[0] < after:
+            return None
+        if lock is None or e[2] == lock:
+            return e
+    return None
 
 
 HANDOFF_PARTS = ("revoke", "holder", "give-back", "grant", "wakeup",
@@ -536,6 +551,7 @@ def handoff_parts(traces, clients, log):
     grants = {e["lock"]: e for e in log if e["event"] == "grant"}
     releases = sorted((e["ts"], e["client-id"], e["lock"])
                       for e in log if e["event"] == "release")
+    rel_ts = [r[0] for r in releases]
     for w in clients:
         ev = traces[w]
         for i, (t5, step, lock) in enumerate(ev):
@@ -548,7 +564,9 @@ def handoff_parts(traces, clients, log):
             if not g or g.get("client-id") != w or not lk or not wk:
                 continue
             t4, t0, t6 = g["ts"], lk[0], wk[0]
-            rel = [r for r in releases if r[1] != w and t0 <= r[0] <= t4]
+            rel = [r for r in releases[bisect.bisect_left(rel_ts, t0):
+                                       bisect.bisect_right(rel_ts, t4)]
+                   if r[1] != w]
             if not rel:
                 continue            # nothing was handed over
             t3, h, hlock = rel[-1]
