@@ -66,6 +66,51 @@ for r in (base, other):
 PY
 
 kill "$(cat "$work/pid")"
+wait "$(cat "$work/pid")" 2>/dev/null || true
+
+# --before DIR with an extlockd in it: the coordinator of both builds,
+# interleaved, three rounds (no event log: what a plain coordinator does)
+before_dir=""
+prev=""
+for arg in "$@"; do
+    [ "$prev" = --before ] && before_dir=$arg
+    prev=$arg
+done
+if [ -n "$before_dir" ] && [ -x "$before_dir/extlockd" ]; then
+    echo
+    echo "== coordinator, this build against $before_dir/extlockd:" \
+         "extlock-bench, 16 clients, conflict ratio 0, 3 rounds interleaved" \
+         "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
+    for round in 1 2 3; do
+        for which in before this; do
+            bin=build/contrib/extlockd/extlockd
+            [ "$which" = before ] && bin=$before_dir/extlockd
+            rm -f "$work/csock" "$work/cstate"
+            "$bin" --listen "unix:$work/csock" --state-file "$work/cstate" \
+                2>/dev/null &
+            echo $! > "$work/pid"
+            for _ in $(seq 50); do [ -S "$work/csock" ] && break; sleep 0.1; done
+            build/contrib/extlock-bench/extlock-bench -c "unix:$work/csock" \
+                --clients 16 --window 4 --duration 4 --conflict-ratio 0 \
+                --lock-space bench --json > "$work/c-$which-$round.json"
+            kill "$(cat "$work/pid")"
+            wait "$(cat "$work/pid")" 2>/dev/null || true
+        done
+    done
+    /usr/bin/python3 - "$work" <<'PY'
+import json, sys
+w = sys.argv[1]
+print("%-6s %12s %12s %7s %10s %10s" % ("round", "before p/s", "this p/s",
+                                        "ratio", "before p50", "this p50"))
+for k in (1, 2, 3):
+    b, t = (json.load(open("%s/c-%s-%d.json" % (w, x, k)))
+            for x in ("before", "this"))
+    print("%-6d %12.0f %12.0f %7.3f %10.1f %10.1f" % (
+        k, b["pairs-per-sec"], t["pairs-per-sec"],
+        t["pairs-per-sec"] / b["pairs-per-sec"],
+        b["grant-latency-us"]["p50"], t["grant-latency-us"]["p50"]))
+PY
+fi
 
 # The handoff runs against a coordinator that sleeps in poll() (the
 # default) and one that polls for 50 us first (--poll-us 50), twice each,
