@@ -105,6 +105,28 @@ static gboolean on_sighup(gpointer opaque)
     return G_SOURCE_CONTINUE;
 }
 
+/*
+ * --metrics-listen: serve the metrics (in HA mode as well).  Returns 0,
+ * or the exit status after a message: EXIT_USAGE for a bad address or
+ * credentials, 1 if the port cannot be bound.
+ */
+static int start_metrics(ExtlockdServer *server, const char *listen,
+                         const char *tls_dir)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (!listen) {
+        return 0;
+    }
+    if (!extlockd_server_metrics_listen(server, listen, tls_dir, &err)) {
+        g_critical("%s", err->message);
+        return err->code != G_FILE_ERROR_FAILED ? EXIT_USAGE : 1;
+    }
+    g_message("metrics at %s://%s/metrics%s", tls_dir ? "https" : "http",
+              listen, tls_dir ? " (TLS)" : "");
+    return 0;
+}
+
 static gboolean on_signal(gpointer opaque)
 {
     GMainLoop *loop = opaque;
@@ -219,6 +241,7 @@ static bool env_flag(const char *name)
 
 int main(int argc, char **argv)
 {
+    int ret;
     g_auto(GStrv) listen_addrs = NULL;
     g_autofree char *state_file = NULL;
     gint64 lease_ms = EXTLOCKD_DEFAULT_LEASE_MS;
@@ -693,6 +716,12 @@ int main(int argc, char **argv)
         reload.server = server;
         reload.policy_file = policy_file;
         g_unix_signal_add(SIGHUP, on_sighup, &reload);
+        ret = start_metrics(server, metrics_listen, metrics_tls_dir);
+        if (ret) {
+            extlockd_server_free(server);
+            extlockd_ha_free(ha);
+            return ret;
+        }
         for (int i = 0; addrs[i]; i++) {
             if (!extlockd_server_listen(server, addrs[i], &err)) {
                 g_critical("%s", err->message);
@@ -844,18 +873,10 @@ int main(int argc, char **argv)
      * The metrics endpoint first: once the coordinator's sockets accept,
      * everything is up (tests and service managers wait for the socket)
      */
-    if (metrics_listen) {
-        if (!extlockd_server_metrics_listen(server, metrics_listen,
-                                            metrics_tls_dir, &err)) {
-            bool usage = err->code != G_FILE_ERROR_FAILED;
-
-            g_critical("%s", err->message);
-            extlockd_server_free(server);
-            return usage ? EXIT_USAGE : 1;
-        }
-        g_message("metrics at %s://%s/metrics%s",
-                  metrics_tls_dir ? "https" : "http", metrics_listen,
-                  metrics_tls_dir ? " (TLS)" : "");
+    ret = start_metrics(server, metrics_listen, metrics_tls_dir);
+    if (ret) {
+        extlockd_server_free(server);
+        return ret;
     }
 
     for (int i = 0; addrs[i]; i++) {

@@ -603,3 +603,21 @@ def test_maintenance_count_survives_failover(ha):
                           maint_record(ha, space)),
              10, "the counted maintenance in etcd's state")
     b.bye()
+
+
+def test_metrics_in_ha_mode(ha):
+    """--metrics-listen serves the metrics in HA mode too (it was ignored
+    there: a replica started without error and nothing listened), and the
+    endpoint is up once the replica's coordinator socket accepts."""
+    import urllib.request
+    from conftest import free_ports
+    port, = free_ports(1)
+    r = ha.add("x0", extra_args=["--create-cluster", "--metrics-listen",
+                                 "127.0.0.1:%d" % port])
+    r.start()
+    ha.wait_leader()
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port,
+                                timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    assert "extlock_" in text, text[:500]
