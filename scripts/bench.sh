@@ -39,15 +39,29 @@ bash scripts/build-qemu.sh
 
 work=$(mktemp -d)
 trap 'kill $(cat "$work/pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
-build/contrib/extlockd/extlockd --listen "unix:$work/sock" \
-    --state-file "$work/state" --event-log "$work/events" 2>"$work/log" &
-echo $! > "$work/pid"
-for _ in $(seq 50); do [ -S "$work/sock" ] && break; sleep 0.1; done
+
+# xd_start NAME BINARY [OPTION...]: a fresh extlockd on $work/NAME.sock
+# (state NAME.state, stderr NAME.log), its pid in $work/pid; xd_stop
+xd_start() {
+    local name=$1 bin=$2
+    shift 2
+    rm -f "$work/$name.sock" "$work/$name.state" "$work/$name.events"
+    "$bin" --listen "unix:$work/$name.sock" --state-file "$work/$name.state" \
+        "$@" 2>"$work/$name.log" &
+    echo $! > "$work/pid"
+    for _ in $(seq 50); do [ -S "$work/$name.sock" ] && break; sleep 0.1; done
+}
+xd_stop() {
+    kill "$(cat "$work/pid")"
+    wait "$(cat "$work/pid")" 2>/dev/null || true
+}
+
+xd_start c build/contrib/extlockd/extlockd --event-log "$work/c.events"
 
 echo "== coordinator: extlock-bench, 16 clients, UNIX socket" \
      "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
 for ratio in 0 0.1; do
-    build/contrib/extlock-bench/extlock-bench -c "unix:$work/sock" \
+    build/contrib/extlock-bench/extlock-bench -c "unix:$work/c.sock" \
         --clients 16 --window 4 --duration 5 --conflict-ratio "$ratio" \
         --lock-space "bench-$ratio" --json > "$work/bench-$ratio.json"
 done
@@ -64,9 +78,7 @@ for r in (base, other):
         r["pairs-per-sec"] / base["pairs-per-sec"], lat["p50"], lat["p99"],
         lat["p99"] / b["p50"]))
 PY
-
-kill "$(cat "$work/pid")"
-wait "$(cat "$work/pid")" 2>/dev/null || true
+xd_stop
 
 # --before DIR with an extlockd in it: the coordinator of both builds,
 # interleaved, three rounds (no event log: what a plain coordinator does)
@@ -85,16 +97,11 @@ if [ -n "$before_dir" ] && [ -x "$before_dir/extlockd" ]; then
         for which in before this; do
             bin=build/contrib/extlockd/extlockd
             [ "$which" = before ] && bin=$before_dir/extlockd
-            rm -f "$work/csock" "$work/cstate"
-            "$bin" --listen "unix:$work/csock" --state-file "$work/cstate" \
-                2>/dev/null &
-            echo $! > "$work/pid"
-            for _ in $(seq 50); do [ -S "$work/csock" ] && break; sleep 0.1; done
-            build/contrib/extlock-bench/extlock-bench -c "unix:$work/csock" \
+            xd_start b "$bin"
+            build/contrib/extlock-bench/extlock-bench -c "unix:$work/b.sock" \
                 --clients 16 --window 4 --duration 4 --conflict-ratio 0 \
                 --lock-space bench --json > "$work/c-$which-$round.json"
-            kill "$(cat "$work/pid")"
-            wait "$(cat "$work/pid")" 2>/dev/null || true
+            xd_stop
         done
     done
     /usr/bin/python3 - "$work" <<'PY'
@@ -118,20 +125,15 @@ fi
 # four messages) measured in the same run.
 for round in 1 2; do
     for poll in 0 50; do
-        rm -f "$work/hsock" "$work/hevents" "$work/hstate"
-        build/contrib/extlockd/extlockd --listen "unix:$work/hsock" \
-            --state-file "$work/hstate" --event-log "$work/hevents" \
-            --poll-us "$poll" 2>"$work/hlog" &
-        echo $! > "$work/pid"
-        for _ in $(seq 50); do [ -S "$work/hsock" ] && break; sleep 0.1; done
+        xd_start h build/contrib/extlockd/extlockd \
+            --event-log "$work/h.events" --poll-us "$poll"
         echo
         echo "== handoff between two processes, protocol level:" \
              "extlock-handoff, extlockd --poll-us $poll, round $round" \
              "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
-        build/contrib/extlock-bench/extlock-handoff -c "unix:$work/hsock" \
-            -n 2000 --event-log "$work/hevents"
-        kill "$(cat "$work/pid")"
-        wait "$(cat "$work/pid")" 2>/dev/null || true
+        build/contrib/extlock-bench/extlock-handoff -c "unix:$work/h.sock" \
+            -n 2000 --event-log "$work/h.events"
+        xd_stop
     done
 done
 
@@ -139,19 +141,14 @@ done
 # processes of bench-qemu.py's handoff do; on a VM a process woken after
 # a sleep costs more than one woken back to back
 for round in 1 2; do
-    rm -f "$work/hsock" "$work/hevents" "$work/hstate"
-    build/contrib/extlockd/extlockd --listen "unix:$work/hsock" \
-        --state-file "$work/hstate" --event-log "$work/hevents" 2>"$work/hlog" &
-    echo $! > "$work/pid"
-    for _ in $(seq 50); do [ -S "$work/hsock" ] && break; sleep 0.1; done
+    xd_start h build/contrib/extlockd/extlockd --event-log "$work/h.events"
     echo
     echo "== handoff between two processes, protocol level, cold:" \
          "extlock-handoff --gap-us 2000, round $round" \
          "(load average $(cut -d' ' -f1-3 /proc/loadavg)) =="
-    build/contrib/extlock-bench/extlock-handoff -c "unix:$work/hsock" \
-        -n 1000 --gap-us 2000 --event-log "$work/hevents"
-    kill "$(cat "$work/pid")"
-    wait "$(cat "$work/pid")" 2>/dev/null || true
+    build/contrib/extlock-bench/extlock-handoff -c "unix:$work/h.sock" \
+        -n 1000 --gap-us 2000 --event-log "$work/h.events"
+    xd_stop
 done
 
 echo

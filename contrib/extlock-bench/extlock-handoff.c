@@ -584,6 +584,21 @@ static int print_floor_only(Shared *sh, long n)
     return 0;
 }
 
+/* @text as a number in [@min, @max] into *@out, or false after a message */
+static bool number_arg(const char *opt, const char *text, long min,
+                       long max, long *out)
+{
+    gint64 v;
+
+    if (!g_ascii_string_to_signed(text, 10, min, max, &v, NULL)) {
+        fprintf(stderr, "extlock-handoff: bad %s '%s' (%ld-%ld)\n", opt,
+                text, min, max);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f,
@@ -628,35 +643,19 @@ int main(int argc, char **argv)
         } else if (i + 1 < argc && !strcmp(argv[i], "--lock-space")) {
             opt_lock_space = argv[++i];
         } else if (i + 1 < argc && !strcmp(argv[i], "-n")) {
-            gint64 v;
-
-            if (!g_ascii_string_to_signed(argv[++i], 10, 1, 10000000, &v,
-                                          NULL)) {
-                fprintf(stderr, "extlock-handoff: bad number of rounds "
-                        "'%s'\n", argv[i]);
+            if (!number_arg("-n", argv[++i], 1, 10000000, &opt_rounds)) {
                 return 2;
             }
-            opt_rounds = v;
         } else if (i + 1 < argc && !strcmp(argv[i], "--poll-us")) {
-            gint64 v;
-
-            if (!g_ascii_string_to_signed(argv[++i], 10, 0, 1000000, &v,
-                                          NULL)) {
-                fprintf(stderr, "extlock-handoff: bad --poll-us '%s' "
-                        "(0-1000000)\n", argv[i]);
+            if (!number_arg("--poll-us", argv[++i], 0, 1000000,
+                            &opt_poll_us)) {
                 return 2;
             }
-            opt_poll_us = v;
         } else if (i + 1 < argc && !strcmp(argv[i], "--gap-us")) {
-            gint64 v;
-
-            if (!g_ascii_string_to_signed(argv[++i], 10, 0, 1000000, &v,
-                                          NULL)) {
-                fprintf(stderr, "extlock-handoff: bad --gap-us '%s' "
-                        "(0-1000000)\n", argv[i]);
+            if (!number_arg("--gap-us", argv[++i], 0, 1000000,
+                            &opt_gap_us)) {
                 return 2;
             }
-            opt_gap_us = v;
         } else if (!strcmp(argv[i], "--floor-only")) {
             opt_floor_only = true;
         } else {
