@@ -239,6 +239,54 @@ static bool env_flag(const char *name)
     return v && *v && strcmp(v, "0") != 0;
 }
 
+/* The check server of create_from_read() writes nothing anywhere */
+static bool create_from_no_write(const char *text, void *opaque,
+                                 GError **errp)
+{
+    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
+                "no state is written while --create-cluster-from checks");
+    return false;
+}
+
+/*
+ * --create-cluster-from: the text of the state file @path in *@data
+ * (*@len bytes; g_free() it), once its persistent reservations and
+ * maintenance counts have loaded, with the loaders a single coordinator
+ * starts with, into a check server (@cfg's settings) that never listens
+ * and writes nothing.  A missing file or a corrupt member stops the move
+ * before anything is written to etcd: the cluster would start without
+ * the reservations (a fenced guest could write again) or count
+ * maintenances from 0 (a host could skip rereading the metadata).
+ */
+static bool create_from_read(const ExtlockdConfig *cfg, const char *path,
+                             char **data, size_t *len, GError **errp)
+{
+    ExtlockdConfig check = *cfg;
+    ExtlockdServer *server;
+    bool ok;
+
+    if (!extlockd_state_read(path, data, len, errp)) {
+        return false;
+    }
+    if (!*data) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_NOENT,
+                    "state file %s does not exist", path);
+        return false;
+    }
+    check.state_file = (char *)"(--create-cluster-from check)";
+    check.state_write = create_from_no_write;
+    check.state_write_opaque = NULL;
+    server = extlockd_server_new(&check, 0);
+    ok = extlockd_server_load_reservations(server, path, errp) &&
+         extlockd_server_load_maintenance(server, path, errp);
+    extlockd_server_free(server);
+    if (!ok) {
+        g_prefix_error(errp, "state file %s: ", path);
+        g_clear_pointer(data, g_free);
+    }
+    return ok;
+}
+
 int main(int argc, char **argv)
 {
     int ret;
@@ -657,6 +705,8 @@ int main(int argc, char **argv)
         bool restarted = env_flag(EXTLOCKD_HA_RESTART_ENV);
         g_autoptr(GPtrArray) old_sessions = NULL;
         uint64_t old_epoch = 0;
+        g_autofree char *old_state = NULL;
+        size_t old_state_len = 0;
 
         if (etcd_ttl_ms < 0 || etcd_ttl_ms > G_MAXUINT32) {
             hc.ttl_ms = 1;
@@ -674,11 +724,22 @@ int main(int argc, char **argv)
          */
         g_unsetenv(EXTLOCKD_HA_RESTART_ENV);
         if (create_from && !restarted) {
-            /* The single coordinator must be stopped: take its lock */
+            /*
+             * The single coordinator must be stopped: take its lock (not
+             * for a mistyped path: that would create its directory)
+             */
+            if (!g_file_test(create_from, G_FILE_TEST_EXISTS)) {
+                g_critical("--create-cluster-from: state file %s does not "
+                           "exist", create_from);
+                extlockd_ha_free(ha);
+                return 1;
+            }
             lock_fd = extlockd_state_lock(create_from, &err);
             if (lock_fd < 0 ||
                 !extlockd_state_load_sessions(create_from, &old_epoch,
-                                              &old_sessions, &err)) {
+                                              &old_sessions, &err) ||
+                !create_from_read(&cfg, create_from, &old_state,
+                                  &old_state_len, &err)) {
                 g_critical("--create-cluster-from: %s", err->message);
                 extlockd_ha_free(ha);
                 return 1;
@@ -687,7 +748,8 @@ int main(int argc, char **argv)
         }
         if (!restarted &&
             !extlockd_ha_check(ha, create_cluster || create_from, old_epoch,
-                               old_sessions, etcd_wait_ms, &err)) {
+                               old_sessions, old_state, old_state_len,
+                               etcd_wait_ms, &err)) {
             g_critical("%s", err->message);
             extlockd_ha_free(ha);
             return 1;

@@ -255,8 +255,58 @@ ExtlockdHa *extlockd_ha_new(const ExtlockdHaConfig *cfg, GError **errp)
     return ha;
 }
 
+/* The member @key of a state object as JSON text, or NULL */
+static char *ha_state_member(const char *state, size_t len, const char *key)
+{
+    json_tokener *tok = json_tokener_new();
+    json_object *obj = json_tokener_parse_ex(tok, state, (int)len);
+    json_object *r;
+    char *text = NULL;
+
+    json_tokener_free(tok);
+    if (obj && json_object_object_get_ex(obj, key, &r)) {
+        text = g_strdup(json_object_to_json_string_ext(
+            r, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+    }
+    json_object_put(obj);
+    return text;
+}
+
+/*
+ * @text (a state object from extlockd_state_format(), g_free()d) with the
+ * "maintenance" and "reservations" members of the state object @state
+ * (@len bytes) appended as they are; their JSON texts (or NULL if absent)
+ * in *@maintenance and *@reservations if these are not NULL
+ */
+static char *ha_state_carry(char *text, const char *state, size_t len,
+                            char **maintenance, char **reservations)
+{
+    static const char *const keys[] = { "maintenance", "reservations" };
+    char **out[] = { maintenance, reservations };
+
+    for (size_t i = 0; i < G_N_ELEMENTS(keys); i++) {
+        char *member = ha_state_member(state, len, keys[i]);
+
+        if (member) {
+            char *with = g_strdup_printf("%.*s,\"%s\":%s}\n",
+                                         (int)strlen(text) - 2, text,
+                                         keys[i], member);
+
+            g_free(text);
+            text = with;
+        }
+        if (out[i]) {
+            *out[i] = member;
+        } else {
+            g_free(member);
+        }
+    }
+    return text;
+}
+
 bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
-                       GPtrArray *create_sessions, unsigned timeout_ms,
+                       GPtrArray *create_sessions, const char *create_state,
+                       size_t create_state_len, unsigned timeout_ms,
                        GError **errp)
 {
     int64_t deadline = g_get_monotonic_time() + timeout_ms * 1000LL;
@@ -295,6 +345,11 @@ bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
 
         if (!text) {
             return false;
+        }
+        if (create_state) {
+            /* As a new leader carries them into its epoch bump */
+            text = ha_state_carry(g_steal_pointer(&text), create_state,
+                                  create_state_len, NULL, NULL);
         }
         etcd_txn_cmp_rev(t, ha->state_key, ETCD_CMP_CREATE, 0);
         etcd_txn_put(t, ha->state_key, text, 0);
@@ -443,23 +498,6 @@ static void ha_set_leader(ExtlockdHa *ha, const char *id)
     g_mutex_unlock(&ha->lock);
 }
 
-/* The member @key of a state object as JSON text, or NULL */
-static char *ha_state_member(const char *state, size_t len, const char *key)
-{
-    json_tokener *tok = json_tokener_new();
-    json_object *obj = json_tokener_parse_ex(tok, state, (int)len);
-    json_object *r;
-    char *text = NULL;
-
-    json_tokener_free(tok);
-    if (obj && json_object_object_get_ex(obj, key, &r)) {
-        text = g_strdup(json_object_to_json_string_ext(
-            r, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
-    }
-    json_object_put(obj);
-    return text;
-}
-
 static gboolean elected_in_main(gpointer opaque)
 {
     Elected *e = opaque;
@@ -522,24 +560,8 @@ static void ha_take_office(ExtlockdHa *ha, int64_t rev)
      * the new leader loads them in elected_in_main(), so a leader that
      * dies before it writes the state again loses nothing either
      */
-    maintenance = ha_state_member(kv->value, kv->value_len, "maintenance");
-    if (maintenance) {
-        char *with = g_strdup_printf("%.*s,\"maintenance\":%s}\n",
-                                     (int)strlen(text) - 2, text,
-                                     maintenance);
-
-        g_free(text);
-        text = with;
-    }
-    reservations = ha_state_member(kv->value, kv->value_len, "reservations");
-    if (reservations) {
-        char *with = g_strdup_printf("%.*s,\"reservations\":%s}\n",
-                                     (int)strlen(text) - 2, text,
-                                     reservations);
-
-        g_free(text);
-        text = with;
-    }
+    text = ha_state_carry(g_steal_pointer(&text), kv->value, kv->value_len,
+                          &maintenance, &reservations);
     etcd_txn_cmp_rev(t, ha->state_key, ETCD_CMP_MOD, kv->mod_revision);
     etcd_txn_cmp_rev(t, ha->leader_key, ETCD_CMP_CREATE, rev);
     etcd_txn_put(t, ha->state_key, text, 0);

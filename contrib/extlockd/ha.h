@@ -71,11 +71,16 @@ ExtlockdHa *extlockd_ha_new(const ExtlockdHaConfig *cfg, GError **errp);
 /*
  * At start: wait at most @timeout_ms for etcd to answer and check that the
  * cluster exists (create it with epoch @create_epoch and the
- * ExtlockdStateSession list @create_sessions, may be NULL, if @create).  Fails
- * with a message that says what is wrong.
+ * ExtlockdStateSession list @create_sessions, may be NULL, if @create).
+ * @create_state (@create_state_len bytes, may be NULL) is the text of the
+ * single coordinator's state file (--create-cluster-from), already
+ * checked: its "maintenance" and "reservations" members go into the
+ * created state as they are.  Fails with a message that says what is
+ * wrong.
  */
 bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
-                       GPtrArray *create_sessions, unsigned timeout_ms,
+                       GPtrArray *create_sessions, const char *create_state,
+                       size_t create_state_len, unsigned timeout_ms,
                        GError **errp);
 
 /* Start the HA threads; @elected runs in the main context */

@@ -350,6 +350,136 @@ def test_create_cluster_from_state_file(ha, tmp_path):
     c.bye()
 
 
+def test_create_cluster_from_keeps_reservations_and_maintenance(ha,
+                                                               tmp_path):
+    """--create-cluster-from carries a single coordinator's persistent
+    reservations and maintenance counts into etcd, not only its epoch and
+    sessions: after the move a guest cluster's reservation still holds (a
+    preempted node stays fenced off) and a host that did not see the
+    maintenance gets the same maint-gen (it rereads the metadata), as a
+    restarted single coordinator would send."""
+    state = tmp_path / "single.state"
+    sock = ha.dir / "single.sock"
+    log = open(ha.dir / "single.log", "w")
+    p = subprocess.Popen([str(EXTLOCKD), "--state-file", str(state),
+                          "--listen", "unix:" + str(sock),
+                          "--fence-margin-ms", "200"],
+                         stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sock.exists() or p.poll() is not None, 10,
+                 "the single coordinator listening")
+        assert p.poll() is None, (ha.dir / "single.log").read_text()
+        c = HaClient(["unix:" + str(sock)], "node-a", "pr-disk")
+        c.connect(timeout=10)
+        assert c.call({"type": "pr-in"})["type"] == "pr-status"
+        for msg in ({"action": "register", "sa-key": "a1", "request": 7},
+                    {"action": "reserve", "key": "a1", "pr-type": 5,
+                     "request": 8}):
+            r = c.call(dict(msg, type="pr-out"))
+            assert r["type"] == "pr-result" and r["result"] == "ok", r
+        c.bye()
+        a = HaClient(["unix:" + str(sock)], "host-a", "maint-ls")
+        a.connect(timeout=10)
+        g = a.call(dict(MAINT, type="lock", mode="exclusive", limit=MAINT))
+        assert g["type"] == "granted" and g["length"] == 1 << 63, g
+        u = a.call({"type": "unlock", "lock": g["lock"],
+                    "maint-size": 65536})
+        assert u["type"] != "error", u
+        g = a.lock(0, 4096, "shared")
+        g = a.call({"type": "renew"})
+        gen1 = g.get("maint-gen")
+        assert gen1 == (1 << 32) | 1, g
+        a.bye()
+    finally:
+        p.terminate()
+        p.wait(10)
+        log.close()
+    # what the single coordinator left, as the move finds it
+    saved = json.loads(state.read_text())
+    assert saved["epoch"] == 1, saved
+    assert [m["count"] for m in saved["maintenance"]] == [1], saved
+    assert [e["lock-space"] for e in saved["reservations"]] == \
+        ["pr-disk"], saved
+
+    r = ha.add("x0", extra_args=["--create-cluster-from", str(state)])
+    r.start()
+    leader = ha.wait_leader()
+    assert leader.status()["epoch"] == 2
+    # the reservation holds: node-b is not registered, its RESERVE
+    # conflicts, and node-a's numbered RESERVE is answered, not applied
+    d = HaClient([r.address], "node-b", "pr-disk")
+    d.connect(timeout=10)
+    st = d.call({"type": "pr-in"})
+    assert st["type"] == "pr-status", st
+    assert st["generation"] == 1 and st["pr-type"] == 5, st
+    assert st["holder"] == "node-a", st
+    assert st["registrants"] == [{"client-id": "node-a", "key": "a1"}], st
+    r2 = d.call({"type": "pr-out", "action": "reserve", "key": "b",
+                 "pr-type": 5})
+    assert r2["result"] == "reservation-conflict", r2
+    d.close()
+    # the maintenance count: a host gets the maint-gen of before (so one
+    # that never saw it rereads), the next maintenance a higher one
+    b = HaClient([r.address], "host-b", "maint-ls")
+    b.connect(timeout=10)
+    g = b.lock(0, 4096, "exclusive")
+    assert b.call({"type": "renew"}).get("maint-gen") == gen1
+    spaces = [s for s in leader.status()["lock-spaces"]
+              if s["name"] == "maint-ls"]
+    assert spaces and spaces[0]["maintenance"]["generation"] == 1, spaces
+    assert b.unlock(g["lock"])["type"] != "error"
+    g = b.call(dict(MAINT, type="lock", mode="exclusive", limit=MAINT))
+    assert g["type"] == "granted", g
+    assert b.call({"type": "unlock", "lock": g["lock"]})["type"] != "error"
+    gen2 = b.call({"type": "renew"}).get("maint-gen")
+    assert gen2 == (2 << 32) | 2 and gen2 > gen1, gen2
+    b.bye()
+    # the release is written to etcd after the unlock is answered
+    wait_for(lambda: (lambda m: m and (m["count"], m["epoch"]) == (2, 2)
+                      and not m.get("pending"))(
+                          maint_record(ha, "maint-ls")),
+             10, "the second maintenance in etcd's state")
+    entry = etcd_state(ha)["reservations"]
+    assert [e["lock-space"] for e in entry] == ["pr-disk"], st
+    # node-a's numbered pr-outs and its registration's owner came along
+    assert sorted(q["request"] for q in entry[0]["requests"]
+                  if q["client-id"] == "node-a") == [7, 8], entry
+    assert [o["client-id"] for o in entry[0]["owners"]] == ["node-a"], entry
+
+
+@pytest.mark.parametrize("case,member", [
+    ("res-object", '"reservations":{"lock-space":"x"}'),
+    ("res-type", '"reservations":[{"lock-space":"x","seq":1,'
+     '"generation":1,"pr-type":99}]'),
+    ("maint-count", '"maintenance":[{"lock-space":"x","count":-1,'
+     '"epoch":1}]'),
+    ("missing", None),
+])
+def test_create_cluster_from_bad_state_file(ha, etcd, tmp_path, case,
+                                            member):
+    """A state file whose reservations or maintenance counts are corrupt,
+    or that does not exist (a typo would start the cluster's tokens from
+    epoch 1 again), is refused with a clear error before anything is
+    written to etcd."""
+    state = tmp_path / "sub" / "bad.state"
+    if member:
+        state.parent.mkdir()
+        state.write_text('{"version":1,"epoch":5,%s}\n' % member)
+    name = "%s-%s" % (ha.name[:60], case)
+    r, _ = run_bad("--etcd-endpoints=" + ",".join(etcd.urls), "--cluster",
+                   name, "--create-cluster-from", str(state), "--listen",
+                   "unix:" + str(ha.dir / "bad.sock"))
+    assert r.returncode == 1, r.stderr
+    assert "--create-cluster-from" in r.stderr and str(state) in r.stderr, \
+        r.stderr
+    key = base64.b64encode(("/extlock/%s/state" % name).encode()).decode()
+    got = etcd_post(etcd.url(0), "/v3/kv/range", {"key": key}, 2.0)
+    assert not got.get("kvs"), got
+    if not member:
+        # a mistyped path leaves nothing behind (no directory, no lock)
+        assert not state.parent.exists()
+
+
 def test_etcd_client_against_real_etcd(etcd):
     """contrib/extlockd/etcd-client.c on its own (cmocka, C): put/get with
     bytes that need base64, txn create-if-absent and CAS on mod_revision
