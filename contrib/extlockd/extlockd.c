@@ -459,7 +459,7 @@ int main(int argc, char **argv)
     const char *const *addrs;
     const char *first_counter;
     uint64_t epoch;
-    int lock_fd;
+    int lock_fd = -1;
 
     signal(SIGPIPE, SIG_IGN);
 
@@ -707,6 +707,8 @@ int main(int argc, char **argv)
         uint64_t old_epoch = 0;
         g_autofree char *old_state = NULL;
         size_t old_state_len = 0;
+        g_autofree char *moved = NULL;
+        bool created = false;
 
         if (etcd_ttl_ms < 0 || etcd_ttl_ms > G_MAXUINT32) {
             hc.ttl_ms = 1;
@@ -735,24 +737,76 @@ int main(int argc, char **argv)
                 return 1;
             }
             lock_fd = extlockd_state_lock(create_from, &err);
+            if (lock_fd >= 0 &&
+                extlockd_state_read(create_from, &old_state, &old_state_len,
+                                    &err) && old_state) {
+                moved = extlockd_state_moved_to(old_state, old_state_len);
+            }
+            g_clear_pointer(&old_state, g_free);
+            if (moved && strcmp(moved, cluster) != 0) {
+                g_critical("--create-cluster-from: state file %s was moved "
+                           "to the HA cluster '%s', not '%s'", create_from,
+                           moved, cluster);
+                extlockd_ha_free(ha);
+                return 1;
+            }
+            /*
+             * Moved into this cluster before: a replica started again
+             * with its first command line, which joins the cluster
+             */
             if (lock_fd < 0 ||
-                !extlockd_state_load_sessions(create_from, &old_epoch,
-                                              &old_sessions, &err) ||
-                !create_from_read(&cfg, create_from, &old_state,
-                                  &old_state_len, &err)) {
+                (!moved &&
+                 (!extlockd_state_load_sessions(create_from, &old_epoch,
+                                                &old_sessions, &err) ||
+                  !create_from_read(&cfg, create_from, &old_state,
+                                    &old_state_len, &err)))) {
                 g_critical("--create-cluster-from: %s", err->message);
                 extlockd_ha_free(ha);
                 return 1;
             }
-            close(lock_fd);
         }
         if (!restarted &&
-            !extlockd_ha_check(ha, create_cluster || create_from, old_epoch,
-                               old_sessions, old_state, old_state_len,
-                               etcd_wait_ms, &err)) {
+            !extlockd_ha_check(ha, create_cluster || (create_from && !moved),
+                               old_epoch, old_sessions, old_state,
+                               old_state_len, etcd_wait_ms, &created,
+                               &err)) {
             g_critical("%s", err->message);
             extlockd_ha_free(ha);
             return 1;
+        }
+        if (old_state && !created) {
+            /*
+             * The cluster was there already: the file was not copied
+             * into it, and marking it would hide its state for good
+             */
+            g_critical("--create-cluster-from: the HA cluster '%s' exists "
+                       "in etcd already, so state file %s was not copied "
+                       "into it; start with --cluster alone to join it",
+                       cluster, create_from);
+            extlockd_ha_free(ha);
+            return 1;
+        }
+        if (old_state) {
+            g_autofree char *text =
+                extlockd_state_mark_moved(create_from, old_state,
+                                          old_state_len, cluster, &err);
+
+            /* Under the lock: no single coordinator starts meanwhile */
+            if (!text || !extlockd_state_write_text(create_from, text,
+                                                    &err)) {
+                g_critical("--create-cluster-from: the cluster was created, "
+                           "but state file %s could not be marked as moved "
+                           "(%s): never start a single coordinator on it",
+                           create_from, err->message);
+                g_clear_error(&err);
+            } else {
+                g_message("state file %s marked as moved to the HA cluster "
+                          "'%s'", create_from, cluster);
+            }
+        }
+        if (lock_fd >= 0) {
+            close(lock_fd);
+            lock_fd = -1;
         }
         if (event_log_path) {
             event_log = extlockd_event_log_open(event_log_path, &err);

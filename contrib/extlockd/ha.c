@@ -307,7 +307,7 @@ static char *ha_state_carry(char *text, const char *state, size_t len,
 bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
                        GPtrArray *create_sessions, const char *create_state,
                        size_t create_state_len, unsigned timeout_ms,
-                       GError **errp)
+                       bool *created, GError **errp)
 {
     int64_t deadline = g_get_monotonic_time() + timeout_ms * 1000LL;
     g_autoptr(GError) err = NULL;
@@ -316,6 +316,9 @@ bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
     EtcdKv *kv = NULL;
     uint64_t epoch;
 
+    if (created) {
+        *created = false;
+    }
     /* Wait for etcd: a cluster that is starting may need a moment */
     while (!etcd_get(ha->etcd, ha->state_key, &kv, deadline, &err)) {
         if (g_get_monotonic_time() + 100000 >= deadline) {
@@ -359,6 +362,9 @@ bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
         g_message("cluster %s %s in etcd (%s) with epoch %" PRIu64,
                   ha->cluster, ok ? "created" : "was created meanwhile",
                   endpoints, create_epoch);
+        if (created) {
+            *created = ok;
+        }
         if (!etcd_get(ha->etcd, ha->state_key, &kv, deadline, errp)) {
             return false;
         }

@@ -75,13 +75,14 @@ ExtlockdHa *extlockd_ha_new(const ExtlockdHaConfig *cfg, GError **errp);
  * @create_state (@create_state_len bytes, may be NULL) is the text of the
  * single coordinator's state file (--create-cluster-from), already
  * checked: its "maintenance" and "reservations" members go into the
- * created state as they are.  Fails with a message that says what is
+ * created state as they are.  *@created (may be NULL) tells whether this
+ * call created the cluster.  Fails with a message that says what is
  * wrong.
  */
 bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
                        GPtrArray *create_sessions, const char *create_state,
                        size_t create_state_len, unsigned timeout_ms,
-                       GError **errp);
+                       bool *created, GError **errp);
 
 /* Start the HA threads; @elected runs in the main context */
 void extlockd_ha_start(ExtlockdHa *ha, ExtlockdHaElected *elected,

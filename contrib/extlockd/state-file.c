@@ -286,6 +286,7 @@ bool extlockd_state_parse(const char *path, const char *data, size_t len,
     const char *why;
     size_t used;
     int64_t version, value;
+    json_object *member;
     bool ok = false;
 
     if (len == 0) {
@@ -328,6 +329,18 @@ bool extlockd_state_parse(const char *path, const char *data, size_t len,
                     "state file %s has unsupported version %" PRId64
                     " (this extlockd understands version %d); refusing "
                     "to start", path, version, EXTLOCKD_STATE_VERSION);
+        goto out;
+    }
+    if (json_object_object_get_ex(obj, EXTLOCKD_STATE_MOVED_MEMBER,
+                                  &member)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "state file %s was moved to the HA cluster '%s' "
+                    "(--create-cluster-from): that cluster holds its "
+                    "sessions, locks and reservations now, and a second "
+                    "coordinator for them would grant the same extents "
+                    "twice; refusing to start", path,
+                    json_object_is_type(member, json_type_string) ?
+                    json_object_get_string(member) : "?");
         goto out;
     }
     if (!get_int_member(obj, "epoch", &value)) {
@@ -531,6 +544,60 @@ bool extlockd_state_save_sessions(const char *path, uint64_t epoch,
     g_autofree char *text = extlockd_state_format(epoch, sessions, n, errp);
 
     return text && extlockd_state_write_text(path, text, errp);
+}
+
+/* @data as a JSON object, or NULL */
+static json_object *state_object(const char *data, size_t len)
+{
+    json_tokener *tok;
+    json_object *obj;
+
+    if (len == 0 || len > STATE_FILE_MAX_SIZE) {
+        return NULL;
+    }
+    tok = json_tokener_new();
+    json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
+    obj = json_tokener_parse_ex(tok, data, (int)len);
+    json_tokener_free(tok);
+    if (obj && !json_object_is_type(obj, json_type_object)) {
+        json_object_put(obj);
+        obj = NULL;
+    }
+    return obj;
+}
+
+char *extlockd_state_moved_to(const char *data, size_t len)
+{
+    json_object *obj = state_object(data, len);
+    json_object *member;
+    char *name = NULL;
+
+    if (obj && json_object_object_get_ex(obj, EXTLOCKD_STATE_MOVED_MEMBER,
+                                         &member)) {
+        name = g_strdup(json_object_is_type(member, json_type_string) ?
+                        json_object_get_string(member) : "");
+    }
+    json_object_put(obj);
+    return name;
+}
+
+char *extlockd_state_mark_moved(const char *path, const char *data,
+                                size_t len, const char *cluster,
+                                GError **errp)
+{
+    json_object *obj = state_object(data, len);
+    char *text;
+
+    if (!obj) {
+        corrupt(errp, path, "not a JSON object");
+        return NULL;
+    }
+    json_object_object_add(obj, EXTLOCKD_STATE_MOVED_MEMBER,
+                           json_object_new_string(cluster));
+    text = g_strdup_printf("%s\n", json_object_to_json_string_ext(
+                               obj, JSON_C_TO_STRING_PLAIN));
+    json_object_put(obj);
+    return text;
 }
 
 bool extlockd_state_write_text(const char *path, const char *text,

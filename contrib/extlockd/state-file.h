@@ -146,4 +146,21 @@ char *extlockd_state_format(uint64_t epoch,
 bool extlockd_state_write_text(const char *path, const char *text,
                                GError **errp);
 
+/*
+ * A state file that --create-cluster-from moved into an HA cluster keeps
+ * its content and gains "moved-to-cluster": the cluster's name.  A
+ * single coordinator refuses to start on it (extlockd_state_parse()
+ * fails): the cluster holds its sessions, locks and reservations now,
+ * and two coordinators granting the same extents would break every
+ * guarantee.  extlockd_state_moved_to() returns the name (g_free() it),
+ * or NULL for a file that was not moved or is not a JSON object;
+ * extlockd_state_mark_moved() returns @data with the member added, or
+ * NULL with @errp set.
+ */
+#define EXTLOCKD_STATE_MOVED_MEMBER "moved-to-cluster"
+char *extlockd_state_moved_to(const char *data, size_t len);
+char *extlockd_state_mark_moved(const char *path, const char *data,
+                                size_t len, const char *cluster,
+                                GError **errp);
+
 #endif /* EXTLOCKD_STATE_FILE_H */

@@ -751,3 +751,48 @@ def test_metrics_in_ha_mode(ha):
         assert resp.status == 200
         text = resp.read().decode()
     assert "extlock_" in text, text[:500]
+
+
+def test_create_cluster_from_marks_the_state_file(ha, etcd, tmp_path):
+    """After --create-cluster-from the single coordinator's state file is
+    marked as moved: a single extlockd started on it again (a unit left
+    enabled on the old host) refuses, instead of granting the extents the
+    cluster grants; the replica started again with its first command line
+    joins the cluster; a file not moved is not copied into a cluster that
+    exists already (refused, the file left as it was)."""
+    state = tmp_path / "single.state"
+    state.write_text('{"version":1,"epoch":7}\n')
+    r = ha.add("x0", extra_args=["--create-cluster-from", str(state)])
+    r.start()
+    leader = ha.wait_leader()
+    assert leader.status()["epoch"] == 8
+    assert json.loads(state.read_text()).get("moved-to-cluster") == ha.name
+
+    # the old single coordinator on the moved file
+    p, _ = run_bad("--state-file", str(state), "--listen",
+                   "unix:" + str(ha.dir / "single.sock"))
+    assert p.returncode == 1, p.stderr
+    assert "moved to the HA cluster '%s'" % ha.name in p.stderr, p.stderr
+
+    # the same replica, its first command line again: joins
+    r.stop()
+    r.start()
+    assert ha.wait_leader() is r
+    assert r.status()["epoch"] > 8
+
+    # another cluster's name on the moved file: refused
+    p, _ = run_bad("--etcd-endpoints=" + ",".join(etcd.urls), "--cluster",
+                   ha.name[:60] + "-other", "--create-cluster-from",
+                   str(state), "--listen", "unix:" + str(ha.dir / "o.sock"))
+    assert p.returncode == 1 and "not '%s-other'" % ha.name[:60] in p.stderr, \
+        p.stderr
+
+    # a file not moved, into the existing cluster: refused, left alone
+    other = tmp_path / "other.state"
+    other.write_text('{"version":1,"epoch":3}\n')
+    p, _ = run_bad("--etcd-endpoints=" + ",".join(etcd.urls), "--cluster",
+                   ha.name, "--create-cluster-from", str(other), "--listen",
+                   "unix:" + str(ha.dir / "o.sock"))
+    assert p.returncode == 1 and "exists in etcd already" in p.stderr, \
+        p.stderr
+    assert other.read_text() == '{"version":1,"epoch":3}\n'
