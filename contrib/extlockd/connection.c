@@ -164,6 +164,15 @@ static void conn_mark_gone(ExtlockdConn *conn)
  * keep its locks until its lease ran out, and the clients waiting for
  * them with it.  So drop the output from now on, and let the read side
  * take the rest; it destroys the connection at the end of input.
+ *
+ * The same with TLS: GnuTLS reports the failed send() as
+ * GNUTLS_E_PUSH_ERROR (EPIPE) or GNUTLS_E_PREMATURE_TERMINATION
+ * (ECONNRESET), and extlockd_tls_send() leaves that send()'s errno.  In
+ * GnuTLS (3.7, its record layer) such an error only forbids further
+ * writes on the session; its read side stays usable, so the records the
+ * peer sent before it closed are still decrypted (and a record cut short
+ * by the peer's end fails the read, which ends the connection like any
+ * end of input).  test-extlockd-hangup.c checks both.
  */
 static void conn_peer_gone(ExtlockdConn *conn)
 {
@@ -202,7 +211,7 @@ static bool conn_flush(ExtlockdConn *conn)
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             break;
         }
-        if (n < 0 && !conn->tls && !conn->closing &&
+        if (n < 0 && !conn->closing &&
             (errno == EPIPE || errno == ECONNRESET)) {
             conn_peer_gone(conn);
             return true;

@@ -394,7 +394,17 @@ const char *extlockd_tls_identity(ExtlockdTls *t)
     return t->identity;
 }
 
-static ssize_t map_error(ExtlockdTls *t, ssize_t ret)
+/*
+ * @ret as errno.  When the send() or recv() of the socket failed, errno
+ * is that call's, @sys_errno, so that the caller can tell a peer that
+ * closed (EPIPE, ECONNRESET) from other failures, as on a plain socket;
+ * ECONNRESET if GnuTLS left none, or one that would read as "try again"
+ * (GnuTLS turns those into GNUTLS_E_AGAIN/INTERRUPTED itself).  GnuTLS
+ * reports such a failure as GNUTLS_E_PUSH_ERROR or GNUTLS_E_PULL_ERROR,
+ * except ECONNRESET, which it reports as GNUTLS_E_PREMATURE_TERMINATION
+ * (GnuTLS 3.7: a send() to a peer that reset the connection).
+ */
+static ssize_t map_error(ExtlockdTls *t, ssize_t ret, int sys_errno)
 {
     if (ret == GNUTLS_E_AGAIN) {
         errno = EAGAIN;
@@ -403,29 +413,41 @@ static ssize_t map_error(ExtlockdTls *t, ssize_t ret)
     } else {
         g_free(t->error);
         t->error = g_strdup(gnutls_strerror(ret));
-        errno = ret == GNUTLS_E_PUSH_ERROR || ret == GNUTLS_E_PULL_ERROR ?
-                ECONNRESET : EPROTO;
+        if (ret == GNUTLS_E_PUSH_ERROR || ret == GNUTLS_E_PULL_ERROR ||
+            ret == GNUTLS_E_PREMATURE_TERMINATION) {
+            errno = sys_errno == 0 || sys_errno == EAGAIN ||
+                    sys_errno == EWOULDBLOCK || sys_errno == EINTR ?
+                    ECONNRESET : sys_errno;
+        } else {
+            errno = EPROTO;
+        }
     }
     return -1;
 }
 
 ssize_t extlockd_tls_recv(ExtlockdTls *t, void *buf, size_t len)
 {
-    ssize_t ret = gnutls_record_recv(t->session, buf, len);
+    ssize_t ret;
+    int sys_errno;
 
+    errno = 0;
+    ret = gnutls_record_recv(t->session, buf, len);
+    sys_errno = errno;
     if (ret >= 0) {
         return ret;
     }
     if (ret == GNUTLS_E_PREMATURE_TERMINATION) {
         return 0;               /* the peer closed without close_notify */
     }
-    return map_error(t, ret);
+    return map_error(t, ret, sys_errno);
 }
 
 ssize_t extlockd_tls_send(ExtlockdTls *t, const void *buf, size_t len)
 {
     ssize_t ret;
+    int sys_errno;
 
+    errno = 0;
     if (t->send_again) {
         /* The record was encrypted before: GnuTLS only flushes it */
         g_assert(len >= t->send_again_len);
@@ -433,6 +455,7 @@ ssize_t extlockd_tls_send(ExtlockdTls *t, const void *buf, size_t len)
     } else {
         ret = gnutls_record_send(t->session, buf, len);
     }
+    sys_errno = errno;
     if (ret >= 0) {
         t->send_again = false;
         return ret;
@@ -443,7 +466,7 @@ ssize_t extlockd_tls_send(ExtlockdTls *t, const void *buf, size_t len)
             t->send_again_len = len;
         }
     }
-    return map_error(t, ret);
+    return map_error(t, ret, sys_errno);
 }
 
 bool extlockd_tls_pending(ExtlockdTls *t)

@@ -50,10 +50,12 @@ const char *extlockd_tls_identity(ExtlockdTls *t);
 
 /*
  * Like recv()/send() on a non-blocking socket: > 0 bytes, 0 end of
- * stream (recv), -1 with errno EAGAIN/EINTR, or EPROTO/ECONNRESET with
- * extlockd_tls_error() saying why.  After send() returned EAGAIN, the
- * next send() must pass at least the same bytes again (the record is
- * already encrypted; GnuTLS finishes sending it).
+ * stream (recv), -1 with errno EAGAIN/EINTR, EPROTO (a TLS error), or
+ * the errno of the socket's failed send()/recv() (EPIPE, ECONNRESET, ...),
+ * with extlockd_tls_error() saying why.  After a failed send() the session
+ * still receives what the peer sent before.  After send() returned
+ * EAGAIN, the next send() must pass at least the same bytes again (the
+ * record is already encrypted; GnuTLS finishes sending it).
  */
 ssize_t extlockd_tls_recv(ExtlockdTls *t, void *buf, size_t len);
 ssize_t extlockd_tls_send(ExtlockdTls *t, const void *buf, size_t len);

@@ -11,6 +11,10 @@
  * disk).  EXTLOCKD_TEST_STATE_DELAY_MS makes that wait long enough for a
  * client to send more and hang up inside it, deterministically.
  *
+ * The same rule holds when the coordinator learns of the hangup because a
+ * write to the client fails, on plain TCP and with TLS (the tests of a
+ * revoked client that is gone, at the end).
+ *
  * The rule (docs/extlockd.rst, "Clients that hang up"): at the hangup the
  * pause ends, what is left in the socket is read once, the requests that
  * release something (bye, unlock, ...) are applied and the others
@@ -25,7 +29,10 @@
 #include <stdio.h>
 #include <string.h>
 #include <setjmp.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
+#include <linux/sockios.h>
 #include <cmocka.h>
 #include <glib.h>
 #include <json-c/json.h>
@@ -402,6 +409,220 @@ static void test_hangup_tcp_bye_in_socket(void **state)
     daemon_stop(d);
 }
 
+/* A PSK credential directory (keys.psk) for a TLS daemon and its clients */
+#define PSK_USER "alice"
+
+static char *psk_dir(void)
+{
+    char *dir = g_build_filename(fx.dir, "psk", NULL);
+    g_autofree char *keys = g_build_filename(dir, "keys.psk", NULL);
+
+    assert_int_equal(g_mkdir_with_parents(dir, 0700), 0);
+    assert_true(g_file_set_contents(keys, PSK_USER ":"
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+        -1, NULL));
+    return dir;
+}
+
+/*
+ * Close the TCP connection @c with a reset, as a client that exits with
+ * replies unread does: the daemon's next write to it fails at once (after
+ * a plain close the first write would succeed and only draw the reset).
+ * What @c sent is acknowledged first: a reset drops what is unsent.
+ */
+static void conn_abort(ExtlockConn *c)
+{
+    int fd = extlock_conn_fd(c);
+    struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+    int64_t deadline = now_ms() + RECV_MS;
+    int unacked;
+
+    for (;;) {
+        assert_int_equal(ioctl(fd, SIOCOUTQ, &unacked), 0);
+        if (unacked == 0) {
+            break;
+        }
+        if (now_ms() > deadline) {
+            fail_msg("%d bytes sent to the daemon never acknowledged",
+                     unacked);
+        }
+        g_usleep(1000);
+    }
+    assert_int_equal(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)),
+                     0);
+    conn_drop(c);
+}
+
+/*
+ * SIGSTOP @d and wait (bounded) until it is stopped: kill() returns before
+ * the signal is acted on, and a daemon still running would read what is
+ * sent next at once
+ */
+static void daemon_pause(Daemon *d)
+{
+    g_autofree char *path = g_strdup_printf("/proc/%d/stat", (int)d->pid);
+    int64_t deadline = now_ms() + RECV_MS;
+
+    assert_int_equal(kill(d->pid, SIGSTOP), 0);
+    for (;;) {
+        g_autofree char *text = NULL;
+        const char *p;
+
+        assert_true(g_file_get_contents(path, &text, NULL, NULL));
+        p = strrchr(text, ')');
+        if (p && p[1] == ' ' && p[2] == 'T') {
+            return;
+        }
+        if (now_ms() > deadline) {
+            fail_msg("extlockd did not stop on SIGSTOP");
+        }
+        g_usleep(1000);
+    }
+}
+
+/* Wait (bounded) until the log of @d contains @needle */
+static void wait_log_line(Daemon *d, const char *needle)
+{
+    int64_t deadline = now_ms() + RECV_MS;
+
+    for (;;) {
+        g_autofree char *text = NULL;
+
+        if (g_file_get_contents(d->log, &text, NULL, NULL) &&
+            strstr(text, needle)) {
+            return;
+        }
+        if (now_ms() > deadline) {
+            dump_log(d);
+            fail_msg("no log line \"%s\"", needle);
+        }
+        g_usleep(5000);
+    }
+}
+
+/*
+ * Host A (a caching client: its lock has a limit, so it gets revokes)
+ * holds a lock over TCP, with TLS if @tls.  While the daemon is stopped
+ * (so that everything below is in its sockets when it runs again), A
+ * sends "unlock" of that lock (and "bye" if @say_bye) and aborts its
+ * connection without reading (a reset); then host B, connected earlier
+ * (its source comes first in the main loop), asks for the extent.  The
+ * daemon handles B first, sends A a revoke, and the write fails because A
+ * is gone.  What A sent before must still be read and applied: B is
+ * granted at once, long before A's lease (LONG_LEASE_MS) could run out,
+ * and A's session holds nothing (is gone after a bye).  Control: with TLS
+ * the daemon destroyed the connection at the failed write, A's unlock and
+ * bye unread, and B waited for A's lease ("B not granted 3016 ms after A
+ * unlocked and hung up"); also when only the TLS exclusion was removed,
+ * since GnuTLS 3.7 reports the reset as GNUTLS_E_PREMATURE_TERMINATION,
+ * not as a push error ("write failed: The TLS connection was
+ * non-properly terminated").
+ */
+static void revoked_client_gone(bool tls, bool say_bye)
+{
+    g_autofree char *dir = tls ? psk_dir() : NULL;
+    const char *extra[] = { "--tls-creds-dir", dir, NULL };
+    Daemon *d = daemon_start(NULL, tls ? extra : NULL, NULL);
+    ExtlockConn *mon = conn_open(d->unix_addr);
+    ExtlockConn *b = client(d->unix_addr, "B", LONG_LEASE_MS);
+    g_autofree char *sa = NULL, *line = NULL;
+    ExtlockConn *a;
+    ExtlockMsg m;
+    Grant ga;
+    uint64_t id;
+    int64_t start, deadline;
+    bool granted = false;
+
+    if (tls) {
+        ExtlockTlsOptions o = {
+            .creds_dir = dir,
+            .psk_username = PSK_USER,
+        };
+        GError *err = NULL;
+
+        a = extlock_conn_connect_tls(d->tcp_addr, &o, &err);
+        if (!a) {
+            fail_msg("TLS connect %s: %s", d->tcp_addr, err->message);
+        }
+        g_ptr_array_add(fx.conns, a);
+    } else {
+        a = conn_open(d->tcp_addr);
+    }
+    sa = hello_full(a, "A", "disk", LONG_LEASE_MS, NULL);
+    id = send_lock_limit(a, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, 0, 65536);
+    ga = expect_granted(a, id, 0, 65536, EXTLOCK_MODE_EXCLUSIVE);
+
+    daemon_pause(d);
+    extlock_msg_init(&m, EXTLOCK_MSG_UNLOCK);
+    m.lock = ga.lock;
+    send_msg(a, &m);
+    if (say_bye) {
+        send_simple(a, EXTLOCK_MSG_BYE);
+    }
+    conn_abort(a);
+    id = send_lock(b, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, true);
+    start = now_ms();
+    assert_int_equal(kill(d->pid, SIGCONT), 0);
+
+    /*
+     * "waiting" (A holds the extent when B's request is handled), then
+     * "granted", long before A's lease could run out
+     */
+    for (int i = 0; i < 2 && !granted; i++) {
+        extlock_msg_init(&m, EXTLOCK_MSG_INVALID);
+        if (!extlock_conn_recv(b, &m, RECV_MS, NULL)) {
+            dump_log(d);
+            fail_msg("B not granted %" PRId64 " ms after A unlocked and "
+                     "hung up (A's lease is %d ms): A's unlock was not "
+                     "read", now_ms() - start, LONG_LEASE_MS);
+        }
+        assert_true(m.has_id && m.id == id);
+        assert_true(m.type == EXTLOCK_MSG_WAITING ||
+                    m.type == EXTLOCK_MSG_GRANTED);
+        granted = m.type == EXTLOCK_MSG_GRANTED;
+        extlock_msg_clear(&m);
+    }
+    assert_true(granted);
+
+    /* The write to A failed and what A sent was applied after it */
+    line = g_strdup_printf("gone: of the requests it sent last, %d applied "
+                           "and 0 dropped", say_bye ? 2 : 1);
+    wait_log_line(d, line);
+    assert_int_equal(dropped_after_hangup(mon), 0);
+    if (say_bye) {
+        deadline = now_ms() + RECV_MS;
+        while (sessions_of(mon, "A") != 0) {
+            if (now_ms() > deadline) {
+                dump_log(d);
+                fail_msg("the session of A, which said bye, is still there");
+            }
+            g_usleep(5000);
+        }
+    } else {
+        json_object *st = wait_session_state(mon, sa, "disconnected");
+
+        assert_int_equal(jint(find_session(st, sa), "locks-held"), 0);
+        json_object_put(st);
+    }
+    daemon_stop(d);
+}
+
+static void test_revoked_tls_client_gone_unlock(void **state)
+{
+    revoked_client_gone(true, false);
+}
+
+static void test_revoked_tls_client_gone_bye(void **state)
+{
+    revoked_client_gone(true, true);
+}
+
+/* The same on plain TCP (the write fails with ECONNRESET) */
+static void test_revoked_tcp_client_gone_unlock(void **state)
+{
+    revoked_client_gone(false, false);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -419,6 +640,12 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_hangup_tcp_bye_in_socket,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_revoked_tls_client_gone_unlock,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_revoked_tls_client_gone_bye,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_revoked_tcp_client_gone_unlock,
+                                        setup, teardown),
     };
 
     extlockd_bin = g_getenv("EXTLOCKD");
@@ -427,5 +654,6 @@ int main(void)
         fprintf(stderr, "set EXTLOCKD and EXTLOCKCTL\n");
         return 1;
     }
+    signal(SIGPIPE, SIG_IGN);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
