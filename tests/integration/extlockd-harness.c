@@ -218,6 +218,33 @@ void daemon_wait_address(Daemon *d, const char *address)
     }
 }
 
+/*
+ * SIGSTOP @d and wait (bounded) until it is stopped: kill() returns before
+ * the signal is acted on, and a daemon still running would read what is
+ * sent next at once
+ */
+void daemon_pause(Daemon *d)
+{
+    g_autofree char *path = g_strdup_printf("/proc/%d/stat", (int)d->pid);
+    int64_t deadline = now_ms() + RECV_MS;
+
+    assert_int_equal(kill(d->pid, SIGSTOP), 0);
+    for (;;) {
+        g_autofree char *text = NULL;
+        const char *p;
+
+        assert_true(g_file_get_contents(path, &text, NULL, NULL));
+        p = strrchr(text, ')');
+        if (p && p[1] == ' ' && p[2] == 'T') {
+            return;
+        }
+        if (now_ms() > deadline) {
+            fail_msg("extlockd did not stop on SIGSTOP");
+        }
+        g_usleep(1000);
+    }
+}
+
 /* Spawn and wait until the daemon accepts connections everywhere */
 Daemon *daemon_start(const char *state, const char *const *extra,
                      const char *const *env)

@@ -81,6 +81,11 @@ bool daemon_wait_exit(Daemon *d, int ms);
 Daemon *daemon_spawn(const char *state, const char *const *extra,
                      const char *const *env);
 void daemon_wait_address(Daemon *d, const char *address);
+/*
+ * SIGSTOP @d and wait (bounded) until it has stopped: what is sent to it
+ * next waits in its sockets until SIGCONT
+ */
+void daemon_pause(Daemon *d);
 Daemon *daemon_start(const char *state, const char *const *extra,
                      const char *const *env);
 void daemon_stop_with(Daemon *d, int sig);

@@ -73,7 +73,7 @@ static void test_bye_while_revoked_releases_at_once(void **state)
     id = send_lock_limit(a, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, 0, 65536);
     expect_granted(a, id, 0, 65536, EXTLOCK_MODE_EXCLUSIVE);
 
-    assert_int_equal(kill(d->pid, SIGSTOP), 0);
+    daemon_pause(d);
     send_simple(a, EXTLOCK_MSG_BYE);
     conn_drop(a);
     id = send_lock(b, 0, 4096, EXTLOCK_MODE_EXCLUSIVE, true);
