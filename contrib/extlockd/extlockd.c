@@ -287,6 +287,22 @@ static bool create_from_read(const ExtlockdConfig *cfg, const char *path,
     return ok;
 }
 
+/*
+ * --create-cluster-from did not create the cluster: the state file
+ * @path gets its text @state back, without the mark
+ */
+static void create_from_unmark(const char *path, const char *state)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (!extlockd_state_write_text(path, state, &err)) {
+        g_critical("--create-cluster-from: state file %s stays marked as "
+                   "moved (%s): remove its \"" EXTLOCKD_STATE_MOVED_MEMBER
+                   "\" member to start a single coordinator on it", path,
+                   err->message);
+    }
+}
+
 int main(int argc, char **argv)
 {
     int ret;
@@ -765,44 +781,69 @@ int main(int argc, char **argv)
                 return 1;
             }
         }
+        if (old_state) {
+            /*
+             * Marked before the cluster is created, under the lock: from
+             * now on a single coordinator refuses the file, however this
+             * process ends.  Marked after, a crash or an etcd error
+             * between the two would leave a cluster in etcd and a file a
+             * single coordinator starts on, both granting its extents.
+             */
+            g_autofree char *text =
+                extlockd_state_mark_moved(create_from, old_state,
+                                          old_state_len, cluster, &err);
+
+            if (!text || !extlockd_state_write_text(create_from, text,
+                                                    &err)) {
+                g_critical("--create-cluster-from: state file %s could "
+                           "not be marked as moved (%s); nothing was "
+                           "written to etcd", create_from, err->message);
+                extlockd_ha_free(ha);
+                return 1;
+            }
+        }
         if (!restarted &&
             !extlockd_ha_check(ha, create_cluster || (create_from && !moved),
                                old_epoch, old_sessions, old_state,
                                old_state_len, etcd_wait_ms, &created,
                                &err)) {
             g_critical("%s", err->message);
+            if (old_state && created) {
+                g_critical("--create-cluster-from: the cluster may have "
+                           "been created in etcd, so state file %s stays "
+                           "marked as moved to it: if it does not exist, "
+                           "remove the \"" EXTLOCKD_STATE_MOVED_MEMBER "\" "
+                           "member to start from the file again",
+                           create_from);
+            } else if (old_state) {
+                create_from_unmark(create_from, old_state);
+            } else if (moved) {
+                g_critical("--create-cluster-from: state file %s is marked "
+                           "as moved to '%s': if that cluster does not "
+                           "exist in etcd, an earlier move ended before it "
+                           "was created; remove the \""
+                           EXTLOCKD_STATE_MOVED_MEMBER "\" member to move "
+                           "it again", create_from, cluster);
+            }
             extlockd_ha_free(ha);
             return 1;
         }
         if (old_state && !created) {
             /*
              * The cluster was there already: the file was not copied
-             * into it, and marking it would hide its state for good
+             * into it, and the mark would hide its state for good
              */
             g_critical("--create-cluster-from: the HA cluster '%s' exists "
                        "in etcd already, so state file %s was not copied "
                        "into it; start with --cluster alone to join it",
                        cluster, create_from);
+            create_from_unmark(create_from, old_state);
             extlockd_ha_free(ha);
             return 1;
         }
         if (old_state) {
-            g_autofree char *text =
-                extlockd_state_mark_moved(create_from, old_state,
-                                          old_state_len, cluster, &err);
-
-            /* Under the lock: no single coordinator starts meanwhile */
-            if (!text || !extlockd_state_write_text(create_from, text,
-                                                    &err)) {
-                g_critical("--create-cluster-from: the cluster was created, "
-                           "but state file %s could not be marked as moved "
-                           "(%s): never start a single coordinator on it",
-                           create_from, err->message);
-                g_clear_error(&err);
-            } else {
-                g_message("state file %s marked as moved to the HA cluster "
-                          "'%s'", create_from, cluster);
-            }
+            g_message("state file %s marked as moved to the HA cluster "
+                      "'%s'", create_from, cluster);
         }
         if (lock_fd >= 0) {
             close(lock_fd);

@@ -356,6 +356,9 @@ bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,
         }
         etcd_txn_cmp_rev(t, ha->state_key, ETCD_CMP_CREATE, 0);
         etcd_txn_put(t, ha->state_key, text, 0);
+        if (created) {
+            *created = true;    /* if the commit fails: it may have */
+        }
         if (!etcd_txn_commit(ha->etcd, t, &ok, NULL, NULL, deadline, errp)) {
             return false;
         }

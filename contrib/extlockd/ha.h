@@ -76,7 +76,8 @@ ExtlockdHa *extlockd_ha_new(const ExtlockdHaConfig *cfg, GError **errp);
  * single coordinator's state file (--create-cluster-from), already
  * checked: its "maintenance" and "reservations" members go into the
  * created state as they are.  *@created (may be NULL) tells whether this
- * call created the cluster.  Fails with a message that says what is
+ * call created the cluster; after a failure, whether it may have (it
+ * sent the create to etcd).  Fails with a message that says what is
  * wrong.
  */
 bool extlockd_ha_check(ExtlockdHa *ha, bool create, uint64_t create_epoch,

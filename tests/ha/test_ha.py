@@ -796,3 +796,59 @@ def test_create_cluster_from_marks_the_state_file(ha, etcd, tmp_path):
     assert p.returncode == 1 and "exists in etcd already" in p.stderr, \
         p.stderr
     assert other.read_text() == '{"version":1,"epoch":3}\n'
+
+
+def test_create_cluster_from_dies_before_the_mark(ha, etcd, tmp_path):
+    """--create-cluster-from that dies before its state file is marked
+    (here: RLIMIT_FSIZE 0 kills it with SIGXFSZ at its first write to a
+    regular file, which is the mark) never leaves a cluster in etcd next
+    to a state file a single coordinator accepts: the two would grant the
+    same extents with different epochs.  The file is marked before the
+    cluster is created, so the replica dies before it wrote anything to
+    etcd, and its first command line then does the move."""
+    import resource
+    import signal
+
+    state = tmp_path / "single.state"
+    state.write_text('{"version":1,"epoch":7}\n')
+
+    def no_file_writes():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    r = subprocess.run([str(EXTLOCKD), "--etcd-endpoints=" +
+                        ",".join(etcd.urls), "--cluster", ha.name,
+                        "--create-cluster-from", str(state), "--listen",
+                        "unix:" + str(ha.dir / "dying.sock")],
+                       capture_output=True, text=True, timeout=15,
+                       preexec_fn=no_file_writes)
+    assert r.returncode == -signal.SIGXFSZ, (r.returncode, r.stderr)
+    key = base64.b64encode(("/extlock/%s/state" % ha.name).encode()).decode()
+    in_etcd = bool(etcd_post(etcd.url(0), "/v3/kv/range", {"key": key},
+                             2.0).get("kvs"))
+
+    # a single coordinator on the file, as an operator would restart it
+    sock = ha.dir / "single.sock"
+    log = open(ha.dir / "single.log", "w")
+    p = subprocess.Popen([str(EXTLOCKD), "--state-file", str(state),
+                          "--listen", "unix:" + str(sock)],
+                         stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sock.exists() or p.poll() is not None, 10,
+                 "the single coordinator listening or refusing")
+        accepted = p.poll() is None
+    finally:
+        p.terminate()
+        p.wait(10)
+        log.close()
+    assert not (in_etcd and accepted), \
+        "cluster %s in etcd and the single coordinator runs on %s: %s" % (
+            ha.name, state, state.read_text())
+    assert not in_etcd
+
+    # the same command line again completes the move
+    x = ha.add("x0", extra_args=["--create-cluster-from", str(state)])
+    x.start()
+    assert ha.wait_leader() is x
+    assert x.status()["epoch"] > 7
+    assert json.loads(state.read_text()).get("moved-to-cluster") == ha.name
