@@ -753,9 +753,14 @@ int main(int argc, char **argv)
                 return 1;
             }
             lock_fd = extlockd_state_lock(create_from, &err);
-            if (lock_fd >= 0 &&
-                extlockd_state_read(create_from, &old_state, &old_state_len,
-                                    &err) && old_state) {
+            if (lock_fd < 0 ||
+                !extlockd_state_read(create_from, &old_state, &old_state_len,
+                                     &err)) {
+                g_critical("--create-cluster-from: %s", err->message);
+                extlockd_ha_free(ha);
+                return 1;
+            }
+            if (old_state) {
                 moved = extlockd_state_moved_to(old_state, old_state_len);
             }
             g_clear_pointer(&old_state, g_free);
@@ -770,12 +775,11 @@ int main(int argc, char **argv)
              * Moved into this cluster before: a replica started again
              * with its first command line, which joins the cluster
              */
-            if (lock_fd < 0 ||
-                (!moved &&
-                 (!extlockd_state_load_sessions(create_from, &old_epoch,
-                                                &old_sessions, &err) ||
-                  !create_from_read(&cfg, create_from, &old_state,
-                                    &old_state_len, &err)))) {
+            if (!moved &&
+                (!extlockd_state_load_sessions(create_from, &old_epoch,
+                                               &old_sessions, &err) ||
+                 !create_from_read(&cfg, create_from, &old_state,
+                                   &old_state_len, &err))) {
                 g_critical("--create-cluster-from: %s", err->message);
                 extlockd_ha_free(ha);
                 return 1;

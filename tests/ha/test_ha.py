@@ -852,3 +852,20 @@ def test_create_cluster_from_dies_before_the_mark(ha, etcd, tmp_path):
     assert ha.wait_leader() is x
     assert x.status()["epoch"] > 7
     assert json.loads(state.read_text()).get("moved-to-cluster") == ha.name
+
+
+def test_create_cluster_from_unreadable_state_file(ha, etcd, tmp_path):
+    """--create-cluster-from a path that exists but cannot be read (a
+    directory): one clear error, exit 1, nothing in etcd."""
+    state = tmp_path / "dir.state"
+    state.mkdir()
+    r, _ = run_bad("--etcd-endpoints=" + ",".join(etcd.urls), "--cluster",
+                   ha.name, "--create-cluster-from", str(state), "--listen",
+                   "unix:" + str(ha.dir / "bad.sock"))
+    assert r.returncode == 1, r.stderr
+    assert "--create-cluster-from" in r.stderr and str(state) in r.stderr, \
+        r.stderr
+    assert "GError set over the top" not in r.stderr, r.stderr
+    key = base64.b64encode(("/extlock/%s/state" % ha.name).encode()).decode()
+    got = etcd_post(etcd.url(0), "/v3/kv/range", {"key": key}, 2.0)
+    assert not got.get("kvs"), got
