@@ -398,8 +398,9 @@ const char *extlockd_tls_identity(ExtlockdTls *t)
  * @ret as errno.  When the send() or recv() of the socket failed, errno
  * is that call's, @sys_errno, so that the caller can tell a peer that
  * closed (EPIPE, ECONNRESET) from other failures, as on a plain socket;
- * ECONNRESET if GnuTLS left none, or one that would read as "try again"
- * (GnuTLS turns those into GNUTLS_E_AGAIN/INTERRUPTED itself).  GnuTLS
+ * EIO (the connection is closed, not read on as a peer's that is gone)
+ * if GnuTLS left none, or one that would read as "try again" (GnuTLS
+ * turns those into GNUTLS_E_AGAIN/INTERRUPTED itself).  GnuTLS
  * reports such a failure as GNUTLS_E_PUSH_ERROR or GNUTLS_E_PULL_ERROR,
  * except ECONNRESET, which it reports as GNUTLS_E_PREMATURE_TERMINATION
  * (GnuTLS 3.7: a send() to a peer that reset the connection).
@@ -417,7 +418,7 @@ static ssize_t map_error(ExtlockdTls *t, ssize_t ret, int sys_errno)
             ret == GNUTLS_E_PREMATURE_TERMINATION) {
             errno = sys_errno == 0 || sys_errno == EAGAIN ||
                     sys_errno == EWOULDBLOCK || sys_errno == EINTR ?
-                    ECONNRESET : sys_errno;
+                    EIO : sys_errno;
         } else {
             errno = EPROTO;
         }
