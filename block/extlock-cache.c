@@ -109,6 +109,22 @@ ExtlockExtent extlock_cache_grow_limit(ExtlockExtent want, ExtlockExtent limit,
     return r;
 }
 
+bool extlock_cache_contended(ExtlockExtent ext, ExtlockMode mode,
+                             const ExtlockExtent *contended,
+                             const ExtlockMode *contended_modes, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        ExtlockExtent c = contended[i];
+
+        if (c.start < c.end && c.start < ext.end && ext.start < c.end &&
+            (mode == EXTLOCK_MODE_EXCLUSIVE ||
+             contended_modes[i] == EXTLOCK_MODE_EXCLUSIVE)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 typedef struct ExtlockLocalFind {
     const ExtlockLocalReq *req;
     bool found;

@@ -68,6 +68,17 @@ ExtlockExtent extlock_cache_grow_limit(ExtlockExtent want, ExtlockExtent limit,
                                        const ExtlockExtent *contended,
                                        size_t n);
 
+/*
+ * Is a lock over @ext in @mode contended: does it overlap one of the @n
+ * @contended extents (ranges other hosts recently wanted of this node's
+ * locks, in @contended_modes) in a conflicting mode?  Such a lock is
+ * given back after use instead of being cached.  Empty contended extents
+ * are ignored.
+ */
+bool extlock_cache_contended(ExtlockExtent ext, ExtlockMode mode,
+                             const ExtlockExtent *contended,
+                             const ExtlockMode *contended_modes, size_t n);
+
 /* A request of the node between lock and unlock, for local order */
 typedef struct ExtlockLocalReq {
     ExtlockITNode node;         /* node.ext: the locked range */

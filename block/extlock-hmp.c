@@ -94,12 +94,14 @@ void hmp_info_extent_locks(Monitor *mon, const QDict *qdict)
                        n->counters->total_wait_us, n->counters->errors);
         monitor_printf(mon, "  revocations %" PRIu64 " (%" PRIu64
                        " us total, %" PRIu64 " us max), downgrades %" PRIu64
-                       ", evictions %" PRIu64 "\n",
+                       ", evictions %" PRIu64 ", contended releases %"
+                       PRIu64 "\n",
                        n->counters->revocations,
                        n->counters->revocation_wait_us,
                        n->counters->revocation_max_us,
                        n->counters->downgrades,
-                       n->counters->cache_evictions);
+                       n->counters->cache_evictions,
+                       n->counters->contended_releases);
         monitor_printf(mon, "  reconnects %" PRIu64 ", lease losses %"
                        PRIu64 "\n", n->counters->reconnects,
                        n->counters->lease_losses);

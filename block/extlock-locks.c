@@ -504,7 +504,9 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         extlock_cache_idle_del(c, l);
         c->contended[c->contended_next] = want;
         c->contended_ns[c->contended_next] = l->revoke_ns;
+        c->contended_mode[c->contended_next] = msg->mode;
         c->contended_next = (c->contended_next + 1) % EXTLOCK_CONTENDED_MAX;
+        c->contended_until_ns = l->revoke_ns + EXTLOCK_CONTENDED_NS;
         extlock_trace_handoff(c, "revoke-rx", msg->lock, l->revoke_ns);
         if (c->opts.long_hold_ms) {
             extlock_wait_timer_arm(c, l->revoke_ns +
@@ -539,22 +541,68 @@ static bool extlock_grant_in_flight(ExtlockClient *c, ExtlockMode mode)
     return false;
 }
 
-/* The range a lock request for @ext may grow into */
-static ExtlockExtent extlock_grow_limit(ExtlockClient *c, ExtlockExtent ext)
+/*
+ * The ranges other hosts wanted of our locks in the last
+ * EXTLOCK_CONTENDED_NS before @now, into @recent and @modes (room for
+ * EXTLOCK_CONTENDED_MAX); returns how many
+ */
+static size_t extlock_recent_contended(ExtlockClient *c, int64_t now,
+                                       ExtlockExtent *recent,
+                                       ExtlockMode *modes)
 {
-    ExtlockExtent recent[EXTLOCK_CONTENDED_MAX];
-    int64_t now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
     size_t n = 0;
 
     for (unsigned i = 0; i < EXTLOCK_CONTENDED_MAX; i++) {
         if (c->contended_ns[i] &&
             now - c->contended_ns[i] < EXTLOCK_CONTENDED_NS) {
+            modes[n] = c->contended_mode[i];
             recent[n++] = c->contended[i];
         }
     }
+    return n;
+}
+
+/* The range a lock request for @ext may grow into */
+static ExtlockExtent extlock_grow_limit(ExtlockClient *c, ExtlockExtent ext)
+{
+    ExtlockExtent recent[EXTLOCK_CONTENDED_MAX];
+    ExtlockMode modes[EXTLOCK_CONTENDED_MAX];
+    size_t n;
+
+    n = extlock_recent_contended(c, qemu_clock_get_ns(QEMU_CLOCK_REALTIME),
+                                 recent, modes);
     return extlock_cache_grow_limit(ext, extlock_ext(0, MAX(c->opts.grow_limit,
                                                         ext.end)),
                                     recent, n);
+}
+
+/*
+ * Should the idle lock @l go back now rather than into the cache: another
+ * host wanted part of it, in a conflicting mode, less than
+ * EXTLOCK_CONTENDED_NS before @now (as Lustre does for contended
+ * resources).  Then the host that asks next is granted at once instead of
+ * waiting for a revocation to reach us and for our answer.  A host
+ * working alone again caches again once the contention is that old.  Not
+ * before min-hold-time has passed since the grant.
+ */
+static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l)
+{
+    ExtlockExtent recent[EXTLOCK_CONTENDED_MAX];
+    ExtlockMode modes[EXTLOCK_CONTENDED_MAX];
+    int64_t now;
+    size_t n;
+
+    /* The usual case, a cheap test: the last request started after it */
+    if (c->opts.cache_contended || c->last_now_ns >= c->contended_until_ns) {
+        return false;
+    }
+    now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
+    if (now < l->granted_ns + (int64_t)c->opts.min_hold_us * 1000) {
+        return false;   /* kept as asked; a revocation waits for it */
+    }
+    n = extlock_recent_contended(c, now, recent, modes);
+    return extlock_cache_contended(l->ce.node.ext, l->ce.mode, recent, modes,
+                                   n);
 }
 
 /* Send the lock request and wait for its final reply */
@@ -829,6 +877,11 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
         }
     } else if (l->ce.revoking) {
         extlock_lock_try_revoke(c, l);
+    } else if (extlock_online(c) &&
+               extlock_lock_contended(c, l)) {
+        trace_extlock_client_release_contended(c->node_name, l->lock_id);
+        c->stats.contended_releases++;
+        extlock_lock_give_back(c, l, l->ce.node.ext);
     } else {
         extlock_cache_idle_add(c, l);
         extlock_cache_evict(c);

@@ -105,12 +105,14 @@ typedef struct ExtlockClientStats {
     uint64_t revocation_max_us;
     uint64_t downgrades;
     uint64_t cache_evictions;   /* idle locks dropped for age or space */
+    uint64_t contended_releases; /* given back after use, not cached */
     ExtlockHist wait_hist;      /* lock request sent -> granted */
     ExtlockHist hold_hist;      /* granted -> given back or lost */
 } ExtlockClientStats;
 
 typedef struct ExtlockClientOptions {
     bool cache;                 /* keep locks after requests complete */
+    bool cache_contended;       /* ... even over recently contended ranges */
     uint32_t cache_size;        /* max idle cached locks */
     uint32_t cache_idle_ms;     /* drop idle locks unused this long */
     uint32_t min_hold_us;       /* keep a new lock at least this long */
@@ -126,7 +128,10 @@ typedef struct ExtlockClientOptions {
  * Lock growth avoids ranges other hosts wanted of this node's locks in
  * the last EXTLOCK_CONTENDED_NS (the last EXTLOCK_CONTENDED_MAX of them),
  * so that neighbours split a range once instead of taking it from each
- * other whenever one of them is between locks.
+ * other whenever one of them is between locks.  And unless
+ * lock-cache-contended is set, a lock over such a range in a conflicting
+ * mode is given back as soon as its last request is done, so that the
+ * host that wants it next needs no revocation.
  */
 #define EXTLOCK_CONTENDED_MAX 8
 #define EXTLOCK_CONTENDED_NS  (1000 * SCALE_MS)
@@ -172,6 +177,8 @@ typedef struct ExtlockClient {
     /* what other hosts recently wanted of our locks: growth stops there */
     ExtlockExtent contended[EXTLOCK_CONTENDED_MAX];
     int64_t contended_ns[EXTLOCK_CONTENDED_MAX]; /* 0: slot unused */
+    ExtlockMode contended_mode[EXTLOCK_CONTENDED_MAX]; /* what they wanted */
+    int64_t contended_until_ns; /* no entry is recent from then on */
     unsigned contended_next;    /* ring position of the next entry */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */

@@ -72,6 +72,7 @@ static const char *const extlock_strong_runtime_opts[] = {
 static const char *const extlock_mutable_opts[] = {
     "lock-cache-size",
     "lock-cache-idle-time",
+    "lock-cache-contended",
     "min-hold-time",
     "on-lease-loss",
     "lease-loss-timeout",
@@ -283,6 +284,8 @@ static void extlock_tuning_options(BlockdevOptionsExtlock *o,
                                             : EXTLOCK_CACHE_SIZE_DEFAULT;
     co->cache_idle_ms = o->has_lock_cache_idle_time
                         ? o->lock_cache_idle_time : EXTLOCK_CACHE_IDLE_DEFAULT;
+    co->cache_contended = o->has_lock_cache_contended &&
+                          o->lock_cache_contended;
     co->min_hold_us = o->has_min_hold_time ? o->min_hold_time : 0;
     co->lease_loss_error = o->has_on_lease_loss &&
         o->on_lease_loss == EXTENT_LOCK_LEASE_LOSS_POLICY_ERROR;
@@ -1199,6 +1202,7 @@ void extlock_get_counters(ExtlockClient *c, ExtentLockCounters *out)
         .revocation_max_us = st->revocation_max_us,
         .downgrades = st->downgrades,
         .cache_evictions = st->cache_evictions,
+        .contended_releases = st->contended_releases,
         .reconnects = conn.reconnects,
         .lease_losses = conn.lease_losses,
     };

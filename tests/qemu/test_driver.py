@@ -318,6 +318,9 @@ BAD_OPTIONS = [
     ("lock-cache-not-bool", {"lock-cache": "maybe"},
      ("Parameter 'lock-cache' expects 'on' or 'off'",
       "Invalid parameter type for 'lock-cache', expected: boolean")),
+    ("lock-cache-contended-not-bool", {"lock-cache-contended": "maybe"},
+     ("Parameter 'lock-cache-contended' expects 'on' or 'off'",
+      "Invalid parameter type for 'lock-cache-contended', expected: boolean")),
     ("unknown-option", {"lock-spaces": "typo"},
      "Parameter 'lock-spaces' is unexpected"),
     # (QMP checks the address before the driver sees it, and names the

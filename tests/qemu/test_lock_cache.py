@@ -15,8 +15,11 @@ starved by or served stale data because of a cached lock.
 
 import time
 
+import pytest
+
 from harness import procs as hp
 from harness.coordinator import coordinator_status
+from harness.faults import NbdClient
 from harness.procs import extlock_node, wait_until
 
 KiB = 1024
@@ -113,3 +116,96 @@ def test_cached_lock_revoked_for_another_process(nfs_image, extlockd, lock_space
     for q in (a, b):
         c = q.qmp.execute("query-extent-locks")[0]["counters"]
         assert c["errors"] == 0 and c["lease-losses"] == 0, c
+
+
+def held_over(q, start, end):
+    """The node's locks that overlap [start, end)"""
+    return [h for h in q.qmp.execute("query-extent-locks")[0]["held"]
+            if h["offset"] < end and start < h["offset"] + h["length"]]
+
+
+def counters(q):
+    return q.qmp.execute("query-extent-locks")[0]["counters"]
+
+
+def ping_pong(na, nb, tries=10):
+    """B takes [0, 4k) from A, then A takes it back, until A's write ended
+    within 0.9 s of the start of B's (A's revocation came after that
+    start, so A's range is contended for the driver's whole second).
+    Returns the seconds of the last round."""
+    for _ in range(tries):
+        t0 = time.monotonic()
+        nb.write(0, b"\xbb" * (4 * KiB))
+        na.write(0, b"\xaa" * (4 * KiB))
+        took = time.monotonic() - t0
+        if took < 0.9:
+            return took
+    raise AssertionError(f"no ping-pong round within 0.9 s in {tries} tries "
+                         f"(last {took:.2f} s)")
+
+
+def test_contended_lock_given_back_after_use(nfs_image, extlockd, lock_space,
+                                             procs, binaries):
+    """A lock over a range another host took from the node in the last
+    second goes back as soon as the node's write on it is done, instead of
+    into the cache (lock-cache-contended=off, the default): the other
+    host's next write is granted without a revocation.  A second after the
+    contention the node caches again."""
+    binaries("qemu-storage-daemon")
+    a = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-a", "a")
+    b = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    with NbdClient(a.nbd_path, "disk") as na, NbdClient(b.nbd_path, "disk") as nb:
+        na.write(0, b"\xaa" * (4 * KiB))
+        assert [h["state"] for h in held_over(a, 0, 4 * KiB)] == ["cached"]
+        assert counters(a)["contended-releases"] == 0
+
+        ping_pong(na, nb)
+        ca = counters(a)
+        assert ca["contended-releases"] >= 1, ca
+        assert held_over(a, 0, 4 * KiB) == [], held_over(a, 0, 4 * KiB)
+        assert not [h for h in held_in_coordinator(extlockd, lock_space, "host-a")
+                    if h["offset"] < 4 * KiB], "the coordinator still has A's lock"
+        # B's next write finds the range free: A is not asked for it
+        nb.write(0, b"\xbb" * (4 * KiB))
+        assert counters(a)["revocations"] == ca["revocations"], counters(a)
+
+        time.sleep(1.2)                  # the contention is a second old
+        na.write(0, b"\xcc" * (4 * KiB))
+        assert [h["state"] for h in held_over(a, 0, 4 * KiB)] == ["cached"], \
+            held_over(a, 0, 4 * KiB)
+        assert nb.read(0, 4 * KiB) == b"\xcc" * (4 * KiB)
+    for q in (a, b):
+        c = counters(q)
+        assert c["errors"] == 0 and c["lease-losses"] == 0, c
+
+
+@pytest.mark.parametrize("how", ["option", "reopen"])
+def test_contended_lock_cached_with_lock_cache_contended(how, nfs_image, extlockd,
+                                                         lock_space, procs,
+                                                         binaries):
+    """The control of the test above: with lock-cache-contended=on (at
+    start, or set by blockdev-reopen on a live node) A keeps its lock
+    after the same ping-pong, and B's next write revokes it again."""
+    binaries("qemu-storage-daemon")
+    extra = {"lock_cache_contended": True} if how == "option" else {}
+    a = procs.storage_daemon(
+        name="a",
+        blockdevs=[extlock_node(nfs_image.child, extlockd.coordinator(), lock_space,
+                                node_name="xl0", client_id="host-a", **extra)],
+        exports=[("disk", "xl0", True)])
+    b = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    if how == "reopen":
+        opts = extlock_node(nfs_image.child, extlockd.coordinator(), lock_space,
+                            node_name="xl0", client_id="host-a",
+                            lock_cache_contended=True)
+        a.qmp.execute("blockdev-reopen", {"options": [opts]})
+    with NbdClient(a.nbd_path, "disk") as na, NbdClient(b.nbd_path, "disk") as nb:
+        na.write(0, b"\xaa" * (4 * KiB))
+        ping_pong(na, nb)
+        ca = counters(a)
+        assert ca["contended-releases"] == 0, ca
+        assert [h["state"] for h in held_over(a, 0, 4 * KiB)] == ["cached"], \
+            held_over(a, 0, 4 * KiB)
+        nb.write(0, b"\xbb" * (4 * KiB))
+        assert counters(a)["revocations"] == ca["revocations"] + 1, counters(a)
+        assert na.read(0, 4 * KiB) == b"\xbb" * (4 * KiB)

@@ -578,6 +578,39 @@ static void test_grow_limit(void **state)
     assert_int_equal(r.end, 2001 * K);
 }
 
+/* A lock over a range another host recently wanted goes back after use */
+static void test_contended(void **state)
+{
+    const uint64_t K = 64 * 1024;
+    const ExtlockMode X = EXTLOCK_MODE_EXCLUSIVE, S = EXTLOCK_MODE_SHARED;
+    /* a writer took [K, 2K) from us, a reader [4K, 5K); one slot unused */
+    const ExtlockExtent c[] = { { K, 2 * K }, { 4 * K, 5 * K }, { 0, 0 } };
+    const ExtlockMode m[] = { X, S, X };
+
+    (void)state;
+    /* nothing recent: cache it */
+    assert_false(extlock_cache_contended((ExtlockExtent) { 0, 8 * K }, X,
+                                         c, m, 0));
+    /* overlapping the writer's range, in either mode */
+    assert_true(extlock_cache_contended((ExtlockExtent) { 0, K + 1 }, X,
+                                        c, m, 3));
+    assert_true(extlock_cache_contended((ExtlockExtent) { 2 * K - 1, 3 * K },
+                                        S, c, m, 3));
+    /* touching is not overlapping (extents are half-open) */
+    assert_false(extlock_cache_contended((ExtlockExtent) { 0, K }, X,
+                                         c, m, 3));
+    assert_false(extlock_cache_contended((ExtlockExtent) { 2 * K, 4 * K }, X,
+                                         c, m, 3));
+    /* the reader's range: only an exclusive lock conflicts with it */
+    assert_true(extlock_cache_contended((ExtlockExtent) { 4 * K, 5 * K }, X,
+                                        c, m, 3));
+    assert_false(extlock_cache_contended((ExtlockExtent) { 4 * K, 5 * K }, S,
+                                         c, m, 3));
+    /* the empty slot matches nothing, even with an exclusive mode */
+    assert_false(extlock_cache_contended((ExtlockExtent) { 0, K }, X,
+                                         c + 2, m + 2, 1));
+}
+
 /* log2 buckets: 0 us, [1, 2), [2, 4), ... and an open last bucket */
 static void test_histogram(void **state)
 {
@@ -626,6 +659,7 @@ int main(void)
         cmocka_unit_test(test_local_filter_vs_oracle),
         cmocka_unit_test(test_revoke_part),
         cmocka_unit_test(test_grow_limit),
+        cmocka_unit_test(test_contended),
         cmocka_unit_test(test_histogram),
     };
 
