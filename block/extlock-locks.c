@@ -483,6 +483,24 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
  * never will (a revoking lock serves nobody): it asks the coordinator and
  * queues behind the request that caused the revoke.
  */
+/*
+ * Does the request with token @token, for which the coordinator revokes a
+ * lock of ours, belong to this node (an upgrade from shared to exclusive,
+ * or a request over a lock under revocation)?  Its "waiting" reply, which
+ * carries the token, came before the revoke on the same connection.
+ */
+static bool extlock_token_is_ours(ExtlockClient *c, uint64_t token)
+{
+    ExtlockRequest *r;
+
+    QLIST_FOREACH(r, &c->waiting, next) {
+        if (r->queued && r->token == token) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
 {
     ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &msg->lock);
@@ -502,11 +520,7 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         l->revoke_token = msg->token;
         l->hold_warned = false;
         extlock_cache_idle_del(c, l);
-        c->contended[c->contended_next] = want;
-        c->contended_ns[c->contended_next] = l->revoke_ns;
-        c->contended_mode[c->contended_next] = msg->mode;
-        c->contended_next = (c->contended_next + 1) % EXTLOCK_CONTENDED_MAX;
-        c->contended_until_ns = l->revoke_ns + EXTLOCK_CONTENDED_NS;
+        l->revoke_by_other = false;
         extlock_trace_handoff(c, "revoke-rx", msg->lock, l->revoke_ns);
         if (c->opts.long_hold_ms) {
             extlock_wait_timer_arm(c, l->revoke_ns +
@@ -518,6 +532,15 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         }
         l->revoke_ext.start = MIN(l->revoke_ext.start, want.start);
         l->revoke_ext.end = MAX(l->revoke_ext.end, want.end);
+    }
+    /* Contention is another host's want, not our own upgrade */
+    if (!l->revoke_by_other && !extlock_token_is_ours(c, msg->token)) {
+        l->revoke_by_other = true;
+        c->contended[c->contended_next] = want;
+        c->contended_ns[c->contended_next] = l->revoke_ns;
+        c->contended_mode[c->contended_next] = msg->mode;
+        c->contended_next = (c->contended_next + 1) % EXTLOCK_CONTENDED_MAX;
+        c->contended_until_ns = l->revoke_ns + EXTLOCK_CONTENDED_NS;
     }
     extlock_lock_try_revoke(c, l);
 }

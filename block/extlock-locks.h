@@ -50,6 +50,7 @@ typedef struct ExtlockCachedLock {
     ExtlockExtent revoke_ext;   /* extent the other request wants */
     int64_t revoke_ns;          /* when the first revoke arrived */
     uint64_t revoke_token;      /* token of the request that waits for it */
+    bool revoke_by_other;       /* ... another host's: contention */
     bool hold_warned;           /* EXTENT_LOCK_LONG_HOLD sent (or left out) */
     ExtlockExtent used;         /* span requests used; empty if start==end */
     int64_t granted_ns;

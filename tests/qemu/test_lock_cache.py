@@ -209,3 +209,26 @@ def test_contended_lock_cached_with_lock_cache_contended(how, nfs_image, extlock
         nb.write(0, b"\xbb" * (4 * KiB))
         assert counters(a)["revocations"] == ca["revocations"] + 1, counters(a)
         assert na.read(0, 4 * KiB) == b"\xbb" * (4 * KiB)
+
+
+def test_own_upgrade_is_not_contention(nfs_image, extlockd, lock_space, procs,
+                                       binaries):
+    """A host working alone that reads a range and then writes it asks the
+    coordinator for an exclusive lock, which revokes its own shared lock.
+    That is not contention: its write lock stays cached (no
+    contended-releases), and its next write is a cache hit."""
+    binaries("qemu-storage-daemon")
+    a = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-a", "a")
+    with NbdClient(a.nbd_path, "disk") as na:
+        na.read(0, 4 * KiB)
+        assert [h["mode"] for h in held_over(a, 0, 4 * KiB)] == ["shared"]
+        na.write(0, b"\xaa" * (4 * KiB))
+        c = counters(a)
+        assert c["revocations"] >= 1, c          # its own shared lock
+        assert c["contended-releases"] == 0, c
+        assert [(h["mode"], h["state"]) for h in held_over(a, 0, 4 * KiB)] == \
+            [("exclusive", "cached")], held_over(a, 0, 4 * KiB)
+        na.write(0, b"\xab" * (4 * KiB))
+        c2 = counters(a)
+        assert c2["cache-hits"] == c["cache-hits"] + 1, (c, c2)
+        assert c2["requests"] == c["requests"], (c, c2)
