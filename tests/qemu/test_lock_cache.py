@@ -128,18 +128,28 @@ def counters(q):
     return q.qmp.execute("query-extent-locks")[0]["counters"]
 
 
-def ping_pong(na, nb, tries=10):
-    """B takes [0, 4k) from A, then A takes it back, until A's write ended
-    within 0.9 s of the start of B's (A's revocation came after that
-    start, so A's range is contended for the driver's whole second).
-    Returns the seconds of the last round."""
+def ping_pong(na, nb, a, tries=10):
+    """B takes [0, 4k) from A (node of qsd `a`), then A takes it back,
+    until a round in which A's lock was revoked ended within 0.9 s of the
+    start of B's write (A's revocation came after that start, so A's range
+    is contended for the driver's whole second).  A round in which B found
+    the range free (A had given its lock back in the round before, whose
+    contention may be nearly a second old by now) does not count: before
+    the next round A writes until it caches its lock again.  Returns the
+    seconds of the last round."""
     for _ in range(tries):
+        revocations = counters(a)["revocations"]
         t0 = time.monotonic()
         nb.write(0, b"\xbb" * (4 * KiB))
         na.write(0, b"\xaa" * (4 * KiB))
         took = time.monotonic() - t0
-        if took < 0.9:
+        if took < 0.9 and counters(a)["revocations"] > revocations:
             return took
+
+        def a_caches():
+            na.write(0, b"\xaa" * (4 * KiB))
+            return [h["state"] for h in held_over(a, 0, 4 * KiB)] == ["cached"]
+        wait_until(a_caches, timeout=5, what="A to cache its lock again")
     raise AssertionError(f"no ping-pong round within 0.9 s in {tries} tries "
                          f"(last {took:.2f} s)")
 
@@ -159,7 +169,7 @@ def test_contended_lock_given_back_after_use(nfs_image, extlockd, lock_space,
         assert [h["state"] for h in held_over(a, 0, 4 * KiB)] == ["cached"]
         assert counters(a)["contended-releases"] == 0
 
-        ping_pong(na, nb)
+        ping_pong(na, nb, a)
         ca = counters(a)
         assert ca["contended-releases"] >= 1, ca
         assert held_over(a, 0, 4 * KiB) == [], held_over(a, 0, 4 * KiB)
@@ -201,7 +211,7 @@ def test_contended_lock_cached_with_lock_cache_contended(how, nfs_image, extlock
         a.qmp.execute("blockdev-reopen", {"options": [opts]})
     with NbdClient(a.nbd_path, "disk") as na, NbdClient(b.nbd_path, "disk") as nb:
         na.write(0, b"\xaa" * (4 * KiB))
-        ping_pong(na, nb)
+        ping_pong(na, nb, a)
         ca = counters(a)
         assert ca["contended-releases"] == 0, ca
         assert [h["state"] for h in held_over(a, 0, 4 * KiB)] == ["cached"], \
