@@ -227,10 +227,10 @@ def test_hot_writer_not_stormed_by_rare_contention(contended, nfs_image, extlock
                                                    lock_space, procs, binaries):
     """A writes [0, 4k) back to back (queue depth 1, like a journal); B
     writes the same 4k only every 0.3 s.  Each of B's writes should cost A
-    about one lock request (the revocation of its cached lock), whatever
-    lock-cache-contended says: A must not turn into one coordinator round
-    trip (lock + unlock) per write for as long as B keeps writing now and
-    then.  Bounded: A stops after B's 6 writes or 20 s.
+    about one lock request (the revocation of its cached lock), a few at
+    most, whatever lock-cache-contended says: A must not turn into one
+    coordinator round trip (lock + unlock) per write for as long as B
+    keeps writing now and then.  Bounded: A stops after B's 6 writes or 20 s.
 
     Fails with the defaults at e722334 (review h-rev9): one revocation
     makes A give its lock back after every write for a second, and each
@@ -277,10 +277,11 @@ def test_hot_writer_not_stormed_by_rare_contention(contended, nfs_image, extlock
     requests = after["requests"] - before["requests"]
     print(f"A: {a_writes} writes in {took:.2f} s, {requests} requests, "
           f"{after['revocations'] - before['revocations']} revocations")
-    # B's writes revoke A's lock at most once each; 2 per write of B plus
-    # a few for slack (grant growth, a handoff split in two)
-    assert a_writes > 4 * b_writes, f"A wrote only {a_writes} times"
-    assert requests <= 2 * b_writes + 4, (
+    # However the driver decides when to give a lock back early, a write
+    # of B may cost A a few lock requests, not one per write of A
+    bound = 10 * b_writes + 4
+    assert a_writes > 3 * bound, f"A wrote only {a_writes} times: too slow to tell"
+    assert requests <= bound, (
         f"A asked the coordinator {requests} times for {a_writes} writes "
         f"while B wrote {b_writes} times; contended-releases "
         f"{after['contended-releases'] - before['contended-releases']}")
