@@ -403,9 +403,14 @@ def test_reader_downgrades_cached_exclusive(local_image, coord, lock_space, proc
     by B makes A downgrade it to shared (same lock, same token): B reads
     A's data, and A keeps reading from its cache.  A's next write needs
     the exclusive lock back: B's shared lock is revoked and B then reads
-    A's new data (a second downgrade)."""
+    A's new data (a second downgrade).  A keeps locks over ranges B took
+    from it (lock-cache-contended=on): by default it would give its new
+    exclusive lock back after the write, B having read there less than a
+    second before, and B's read would need no downgrade (that give-back is
+    test_lock_cache.py's test_contended_lock_given_back_after_use)."""
     d = coord()
-    a = qsd(procs, "a", local_image.child, d.coordinator(), lock_space, "host-a")
+    a = qsd(procs, "a", local_image.child, d.coordinator(), lock_space, "host-a",
+            lock_cache_contended=True)
     b = qsd(procs, "b", local_image.child, d.coordinator(), lock_space, "host-b")
     with NbdClient(a.nbd_path, "disk") as na, NbdClient(b.nbd_path, "disk") as nb:
         na.write(0, b"\x61" * MiB)
