@@ -222,9 +222,11 @@ def test_contended_lock_cached_with_lock_cache_contended(how, nfs_image, extlock
         assert na.read(0, 4 * KiB) == b"\xbb" * (4 * KiB)
 
 
+@pytest.mark.parametrize("a_op", ["write", "read"])
 @pytest.mark.parametrize("contended", [False, True])
-def test_hot_writer_not_stormed_by_rare_contention(contended, nfs_image, extlockd,
-                                                   lock_space, procs, binaries):
+def test_hot_writer_not_stormed_by_rare_contention(contended, a_op, nfs_image,
+                                                   extlockd, lock_space, procs,
+                                                   binaries):
     """A writes [0, 4k) back to back (queue depth 1, like a journal); B
     writes the same 4k only every 0.3 s.  Each of B's writes should cost A
     about one lock request (the revocation of its cached lock), a few at
@@ -263,26 +265,29 @@ def test_hot_writer_not_stormed_by_rare_contention(contended, nfs_image, extlock
         before = counters(a)
         t = threading.Thread(target=writer_b)
         t.start()
-        a_writes = 0
+        a_ops = 0
         t0 = time.monotonic()
         deadline = t0 + 20
         while not b_done.is_set() and time.monotonic() < deadline:
-            na.write(0, b"\xaa" * (4 * KiB))
-            a_writes += 1
+            if a_op == "write":
+                na.write(0, b"\xaa" * (4 * KiB))
+            else:
+                na.read(0, 4 * KiB)
+            a_ops += 1
         took = time.monotonic() - t0
         b_done.set()
         t.join(30)
         assert not t.is_alive() and not b_error, b_error
         after = counters(a)
     requests = after["requests"] - before["requests"]
-    print(f"A: {a_writes} writes in {took:.2f} s, {requests} requests, "
+    print(f"A: {a_ops} {a_op}s in {took:.2f} s, {requests} requests, "
           f"{after['revocations'] - before['revocations']} revocations")
     # However the driver decides when to give a lock back early, a write
     # of B may cost A a few lock requests, not one per write of A
     bound = 10 * b_writes + 4
-    assert a_writes > 3 * bound, f"A wrote only {a_writes} times: too slow to tell"
+    assert a_ops > 3 * bound, f"A did only {a_ops} {a_op}s: too slow to tell"
     assert requests <= bound, (
-        f"A asked the coordinator {requests} times for {a_writes} writes "
+        f"A asked the coordinator {requests} times for {a_ops} {a_op}s "
         f"while B wrote {b_writes} times; contended-releases "
         f"{after['contended-releases'] - before['contended-releases']}")
 
