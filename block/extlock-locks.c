@@ -541,6 +541,7 @@ static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
         c->contended_mode[c->contended_next] = msg->mode;
         c->contended_next = (c->contended_next + 1) % EXTLOCK_CONTENDED_MAX;
         c->contended_until_ns = l->revoke_ns + EXTLOCK_CONTENDED_NS;
+        c->contended_budget = EXTLOCK_CONTENDED_RELEASES;
     }
     extlock_lock_try_revoke(c, l);
 }
@@ -605,8 +606,9 @@ static ExtlockExtent extlock_grow_limit(ExtlockClient *c, ExtlockExtent ext)
  * EXTLOCK_CONTENDED_NS before @now (as Lustre does for contended
  * resources).  Then the host that asks next is granted at once instead of
  * waiting for a revocation to reach us and for our answer.  A host
- * working alone again caches again once the contention is that old.  Not
- * before min-hold-time has passed since the grant.
+ * working alone again caches again once the contention is that old, and a
+ * busy host after EXTLOCK_CONTENDED_RELEASES such give-backs (until the
+ * next revocation).  Not before min-hold-time has passed since the grant.
  */
 static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l)
 {
@@ -616,7 +618,8 @@ static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l)
     size_t n;
 
     /* The usual case, a cheap test: the last request started after it */
-    if (c->opts.cache_contended || c->last_now_ns >= c->contended_until_ns) {
+    if (c->opts.cache_contended || c->last_now_ns >= c->contended_until_ns ||
+        !c->contended_budget) {
         return false;
     }
     now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
@@ -904,6 +907,7 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
                extlock_lock_contended(c, l)) {
         trace_extlock_client_release_contended(c->node_name, l->lock_id);
         c->stats.contended_releases++;
+        c->contended_budget--;
         extlock_lock_give_back(c, l, l->ce.node.ext);
     } else {
         extlock_cache_idle_add(c, l);

@@ -136,6 +136,13 @@ typedef struct ExtlockClientOptions {
  */
 #define EXTLOCK_CONTENDED_MAX 8
 #define EXTLOCK_CONTENDED_NS  (1000 * SCALE_MS)
+/*
+ * ... but at most this many locks after each revocation by another host,
+ * so that a host writing a range now and then does not turn every request
+ * of a busy host there into a coordinator round trip: a revocation costs
+ * the busy host at most this many more requests, then it caches again.
+ */
+#define EXTLOCK_CONTENDED_RELEASES 8
 
 typedef struct ExtlockClient {
     AioContext *ctx;
@@ -180,6 +187,7 @@ typedef struct ExtlockClient {
     int64_t contended_ns[EXTLOCK_CONTENDED_MAX]; /* 0: slot unused */
     ExtlockMode contended_mode[EXTLOCK_CONTENDED_MAX]; /* what they wanted */
     int64_t contended_until_ns; /* no entry is recent from then on */
+    unsigned contended_budget;  /* early give-backs left */
     unsigned contended_next;    /* ring position of the next entry */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
