@@ -93,6 +93,10 @@ static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
         l->in_lru = false;
         c->n_idle--;
     }
+    if (l->in_linger) {
+        QTAILQ_REMOVE(&c->lingering, l, linger);
+        l->in_linger = false;
+    }
 }
 
 /* @l leaves c->locks (or changes its extent): no longer the last hit */
@@ -337,7 +341,22 @@ static void extlock_cache_evict(ExtlockClient *c)
     }
 }
 
-/* Timer: minimum hold times that ran out, idle locks that aged out */
+/* Give back the contended lock @l, idle and out of the cache lists */
+static void extlock_lock_release_contended(ExtlockClient *c,
+                                           ExtlockCachedLock *l)
+{
+    trace_extlock_client_release_contended(c->node_name, l->lock_id);
+    c->stats.contended_releases++;
+    if (c->contended_budget) {
+        c->contended_budget--;
+    }
+    extlock_lock_give_back(c, l, l->ce.node.ext);
+}
+
+/*
+ * Timer: minimum hold times that ran out, contended locks idle for their
+ * linger, idle locks that aged out
+ */
 static void extlock_cache_timer_cb(void *opaque)
 {
     ExtlockClient *c = opaque;
@@ -360,6 +379,11 @@ static void extlock_cache_timer_cb(void *opaque)
         extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
     }
 
+    while (extlock_online(c) && (l = QTAILQ_FIRST(&c->lingering)) &&
+           l->last_used_ns + EXTLOCK_CONTENDED_LINGER_NS <= now) {
+        extlock_cache_idle_del(c, l);
+        extlock_lock_release_contended(c, l);
+    }
     while (extlock_online(c) && (l = QTAILQ_FIRST(&c->idle)) &&
            l->last_used_ns + idle_ns <= now) {
         c->stats.cache_evictions++;
@@ -375,6 +399,11 @@ static void extlock_cache_timer_cb(void *opaque)
     l = QTAILQ_FIRST(&c->idle);
     if (l && extlock_online(c)) {
         extlock_cache_arm_timer(c, l->last_used_ns + idle_ns);
+    }
+    l = QTAILQ_FIRST(&c->lingering);
+    if (l && extlock_online(c)) {
+        extlock_cache_arm_timer(c, l->last_used_ns +
+                                EXTLOCK_CONTENDED_LINGER_NS);
     }
 }
 
@@ -601,11 +630,12 @@ static ExtlockExtent extlock_grow_limit(ExtlockClient *c, ExtlockExtent ext)
 }
 
 /*
- * Should the idle lock @l go back now rather than into the cache: another
- * host wanted part of it, in a conflicting mode, less than
- * EXTLOCK_CONTENDED_NS before @now (as Lustre does for contended
- * resources).  Then the host that asks next is granted at once instead of
- * waiting for a revocation to reach us and for our answer.  A host
+ * Should the idle lock @l go back soon rather than stay in the cache:
+ * another host wanted part of it, in a conflicting mode, in the last
+ * EXTLOCK_CONTENDED_NS (as Lustre does for contended resources).  Then it
+ * goes back once idle for EXTLOCK_CONTENDED_LINGER_NS, and the host that
+ * asks next is granted at once instead of waiting for a revocation to
+ * reach us and for our answer.  A host
  * working alone again caches again once the contention is that old, and a
  * busy host after EXTLOCK_CONTENDED_RELEASES such give-backs (until the
  * next revocation).  Not before min-hold-time has passed since the grant.
@@ -903,12 +933,14 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
         }
     } else if (l->ce.revoking) {
         extlock_lock_try_revoke(c, l);
-    } else if (extlock_online(c) &&
-               extlock_lock_contended(c, l)) {
-        trace_extlock_client_release_contended(c->node_name, l->lock_id);
-        c->stats.contended_releases++;
-        c->contended_budget--;
-        extlock_lock_give_back(c, l, l->ce.node.ext);
+    } else if (extlock_online(c) && extlock_lock_contended(c, l)) {
+        /* Cached a little longer, for the rest of a burst */
+        extlock_cache_idle_add(c, l);
+        QTAILQ_INSERT_TAIL(&c->lingering, l, linger);
+        l->in_linger = true;
+        extlock_cache_evict(c);
+        extlock_cache_arm_timer(c, l->last_used_ns +
+                                EXTLOCK_CONTENDED_LINGER_NS);
     } else {
         extlock_cache_idle_add(c, l);
         extlock_cache_evict(c);
@@ -1857,6 +1889,7 @@ ExtlockClient *extlock_client_new(const SocketAddressList *addrs,
     c->lock_ids = g_hash_table_new(g_int64_hash, g_int64_equal);
     QLIST_INIT(&c->waiting);
     QTAILQ_INIT(&c->idle);
+    QTAILQ_INIT(&c->lingering);
     QLIST_INIT(&c->stale);
     c->wake = g_ptr_array_new();
     c->grant_waiters = g_ptr_array_new();

@@ -57,6 +57,8 @@ typedef struct ExtlockCachedLock {
     int64_t last_used_ns;
     QTAILQ_ENTRY(ExtlockCachedLock) lru; /* idle locks, oldest first */
     bool in_lru;
+    QTAILQ_ENTRY(ExtlockCachedLock) linger; /* idle, contended: going back */
+    bool in_linger;
 } ExtlockCachedLock;
 
 typedef struct ExtlockRequest {
@@ -131,11 +133,16 @@ typedef struct ExtlockClientOptions {
  * so that neighbours split a range once instead of taking it from each
  * other whenever one of them is between locks.  And unless
  * lock-cache-contended is set, a lock over such a range in a conflicting
- * mode is given back as soon as its last request is done, so that the
+ * mode is given back soon after its last request is done, so that the
  * host that wants it next needs no revocation.
  */
 #define EXTLOCK_CONTENDED_MAX 8
 #define EXTLOCK_CONTENDED_NS  (1000 * SCALE_MS)
+/*
+ * Such a lock goes back once it has been idle this long, so that the
+ * requests of a burst (a sequential pass, a journal) share it.
+ */
+#define EXTLOCK_CONTENDED_LINGER_NS (1 * SCALE_MS)
 /*
  * ... but at most this many locks after each revocation by another host,
  * so that a host writing a range now and then does not turn every request
@@ -208,6 +215,8 @@ typedef struct ExtlockClient {
     GHashTable *lock_ids;       /* lock id -> ExtlockCachedLock */
     QLIST_HEAD(, ExtlockCachedLock) stale; /* stale locks still in use */
     QTAILQ_HEAD(, ExtlockCachedLock) idle; /* LRU of unused locks */
+    /* the contended ones among them, to give back after their linger */
+    QTAILQ_HEAD(, ExtlockCachedLock) lingering;
     unsigned n_idle;
     QEMUTimer *cache_timer;     /* one-shot: min hold time, idle ageing */
     /*

@@ -43,8 +43,16 @@ _spec.loader.exec_module(bq)
 
 QEMU_WRAPPER = """#!%(python)s
 # qemu-system-x86_64 with the handoff trace events on, one file per guest
-import os, re, sys
+import json, os, re, sys
 args = sys.argv[1:]
+if %(contended)r:
+    # every extlock node with lock-cache-contended=on
+    for i in range(1, len(args)):
+        if args[i - 1] == "-blockdev" and args[i].startswith("{"):
+            bd = json.loads(args[i])
+            if bd.get("driver") == "extlock":
+                bd["lock-cache-contended"] = True
+                args[i] = json.dumps(bd)
 m = re.search(r'client-id["=:\\s]+"?([A-Za-z0-9_.-]+)', " ".join(args))
 name = (m.group(1) if m else "none") + "-%%d" %% os.getpid()
 iothread = %(iothread)r
@@ -81,6 +89,18 @@ def uncontended_round_trips(traces, log):
     return out
 
 
+def lock_waits(traces):
+    """lock-tx -> grant-rx of every lock request, in us"""
+    out = []
+    for ev in traces.values():
+        for t5, step, lock in ev:
+            if step == "grant-rx":
+                lk = bq.last_before(ev, "lock-tx", t5)
+                if lk:
+                    out.append((t5 - lk[0]) / 1000.0)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=20)
@@ -95,6 +115,13 @@ def main():
                          "default: 32768)")
     ap.add_argument("--extlockd-poll-us", type=int, default=0,
                     help="extlockd --poll-us")
+    ap.add_argument("--lock-cache-contended", action="store_true",
+                    help="the guests' extlock nodes with "
+                         "lock-cache-contended=on (every handoff a "
+                         "revocation)")
+    ap.add_argument("--compare-contended", action="store_true",
+                    help="run twice, with the defaults and with "
+                         "lock-cache-contended=on, and print the ratios")
     args = ap.parse_args()
     if args.poll_max_ns is not None and not args.iothread:
         ap.error("--poll-max-ns needs --iothread")
@@ -102,7 +129,22 @@ def main():
     if args.iothread:
         iothread = ("" if args.poll_max_ns is None
                     else ",poll-max-ns=%d" % args.poll_max_ns)
+    runs = [False, True] if args.compare_contended else \
+        [args.lock_cache_contended]
+    results = [one_run(args, iothread, contended) for contended in runs]
+    if len(results) == 2:
+        a, b = results
+        print("\nSame invocation, defaults against lock-cache-contended=on "
+              "(ratio: defaults / on):")
+        for k in ("ops_per_s", "lock_wait_p50_us", "lock_wait_p99_us"):
+            print("  %-18s %10.1f %10.1f   %.2f" % (
+                k, a[k], b[k], a[k] / b[k] if b[k] else float("nan")))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            results if len(results) > 1 else results[0], indent=2))
 
+
+def one_run(args, iothread, contended):
     work = Path(tempfile.mkdtemp(prefix="bench-guests-"))
     tdir = work / "traces"
     tdir.mkdir()
@@ -111,7 +153,8 @@ def main():
     extlockd = bq.procs.binary("extlockd")
     wq = work / "qemu-system-x86_64"
     wq.write_text(QEMU_WRAPPER % {"python": sys.executable, "qemu": qemu,
-                                  "tdir": tdir, "iothread": iothread})
+                                  "tdir": tdir, "iothread": iothread,
+                                  "contended": contended})
     (work / "xd").mkdir()
     wx = work / "xd" / "extlockd"
     wx.write_text('#!/bin/sh\nexec %s --event-log %s --poll-us %d "$@"\n' %
@@ -144,8 +187,18 @@ def main():
     if len(traces) < 2 or not parts["total"] or not base:
         sys.exit(f"no handoffs or no baseline in the traces; kept {work}")
     b50 = statistics.median(base)
+    # every lock request of both guests: sent -> granted, whatever it waited for
+    waits = sorted(lock_waits(traces))
+    reports = json.loads((work / "run-guests.json").read_text())
+    rep = reports[0] if isinstance(reports, list) else reports
+    ops = rep["totals"]["writes"] + rep["totals"]["reads"]
     res = {"guests": sorted(traces), "seconds": args.seconds,
            "storage": args.storage, "iothread": iothread,
+           "lock_cache_contended": contended,
+           "ops_per_s": round(ops / args.seconds, 1),
+           "lock_requests": len(waits),
+           "lock_wait_p50_us": round(statistics.median(waits), 1),
+           "lock_wait_p99_us": round(bq.percentile(waits, 99), 1),
            "extlockd_poll_us": args.extlockd_poll_us,
            "load_start": load0, "load_end": load1,
            "handoffs": len(parts["total"]), "uncontended": len(base),
@@ -157,9 +210,14 @@ def main():
           "%d handoffs, %d uncontended lock round trips, %d grants" % (
               args.seconds, args.storage, res["handoffs"], len(base),
               res["grants"]))
-    print("disk in an IOThread: %s; extlockd --poll-us %d" % (
-        "no" if iothread is None else "yes" + iothread,
-        args.extlockd_poll_us))
+    print("disk in an IOThread: %s; extlockd --poll-us %d; "
+          "lock-cache-contended=%s" % (
+              "no" if iothread is None else "yes" + iothread,
+              args.extlockd_poll_us, "on" if contended else "off"))
+    print("guest reads+writes: %.1f/s; lock requests: %d, sent -> granted "
+          "p50 %.1f us, p99 %.1f us" % (
+              res["ops_per_s"], res["lock_requests"],
+              res["lock_wait_p50_us"], res["lock_wait_p99_us"]))
     print("load average: %s at the start, %s at the end" % (load0, load1))
     print("  %-12s %9s %9s %9s   (us; ratio: p50 / uncontended p50)" % (
         "part", "p50", "p99", "ratio"))
@@ -169,9 +227,8 @@ def main():
         res["parts_us"][k] = {"p50": round(p50, 1), "p99": round(p99, 1),
                               "ratio": round(p50 / b50, 2)}
         print("  %-12s %9.1f %9.1f %9.2f" % (k, p50, p99, p50 / b50))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
     print("work directory: %s" % work)
+    return res
 
 
 if __name__ == "__main__":

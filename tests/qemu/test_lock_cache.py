@@ -24,6 +24,10 @@ from harness.faults import NbdClient
 from harness.procs import extlock_node, wait_until
 
 KiB = 1024
+# well past the 1 ms a lock over a contended range stays after its last
+# request (EXTLOCK_CONTENDED_LINGER_NS): the time policy itself, no state
+# to wait on
+LINGER_PAST = 0.05
 
 
 def qsd_with_node(procs, image, extlockd, lock_space, client_id, name, **kw):
@@ -149,6 +153,8 @@ def ping_pong(na, nb, a, tries=10):
 
         def a_caches():
             na.write(0, b"\xaa" * (4 * KiB))
+            # a lock over a contended range stays 1 ms (its linger)
+            time.sleep(LINGER_PAST)
             return [h["state"] for h in held_over(a, 0, 4 * KiB)] == ["cached"]
         wait_until(a_caches, timeout=5, what="A to cache its lock again")
     raise AssertionError(f"no ping-pong round within 0.9 s in {tries} tries "
@@ -171,9 +177,12 @@ def test_contended_lock_given_back_after_use(nfs_image, extlockd, lock_space,
         assert counters(a)["contended-releases"] == 0
 
         ping_pong(na, nb, a)
+        # given back once idle for its linger (1 ms), well inside the
+        # second of contention
+        wait_until(lambda: held_over(a, 0, 4 * KiB) == [], timeout=5,
+                   what="A to give back its lock over the contended range")
         ca = counters(a)
         assert ca["contended-releases"] >= 1, ca
-        assert held_over(a, 0, 4 * KiB) == [], held_over(a, 0, 4 * KiB)
         assert not [h for h in held_in_coordinator(extlockd, lock_space, "host-a")
                     if h["offset"] < 4 * KiB], "the coordinator still has A's lock"
         # B's next write finds the range free: A is not asked for it
@@ -182,6 +191,7 @@ def test_contended_lock_given_back_after_use(nfs_image, extlockd, lock_space,
 
         time.sleep(1.2)                  # the contention is a second old
         na.write(0, b"\xcc" * (4 * KiB))
+        time.sleep(LINGER_PAST)          # not just lingering: cached
         assert [h["state"] for h in held_over(a, 0, 4 * KiB)] == ["cached"], \
             held_over(a, 0, 4 * KiB)
         assert nb.read(0, 4 * KiB) == b"\xcc" * (4 * KiB)
