@@ -208,32 +208,34 @@ def test_close_right_after_contended_writes(nfs_image, extlockd, lock_space,
 
 def test_slow_requests_share_a_lingering_lock(nfs_image, extlockd, lock_space,
                                               procs, binaries):
-    """A sequential pass of large writes (each longer than the 1 ms
-    linger) over a range B just took from A: the header promises that the
-    requests of a burst share the lock, which goes back once *idle* for
-    1 ms.  The idle time is counted from the start of the node's last
-    request (c->last_now_ns), not from the unlock, so each write of more
-    than 1 ms finds its lock's linger over at its unlock and gives it back
-    at once: every write of the pass asks the coordinator again (up to
-    the budget of 8)."""
+    """A burst of slow requests (4 MiB write-zeroes, 10-20 ms each on the
+    test NFS, back to back: about 0.3 ms between one's reply and the
+    next) over a range B just took from A.  The lock lingers 1 ms once
+    *idle* (extlock-locks.h), so the burst shares it: one coordinator
+    request.
+
+    Fails at d6b4d3f: the linger was counted from c->last_now_ns (when
+    the node's last request started), so a request longer than 1 ms found
+    its lock's linger over at its unlock and the lock went back at once:
+    6 requests and 6 contended-releases for 6 write-zeroes."""
     binaries("qemu-storage-daemon")
     a = qsd(procs, nfs_image, extlockd, lock_space, "host-a", "a")
     b = qsd(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    ops = 6
     with NbdClient(a.nbd_path, "disk") as na, NbdClient(b.nbd_path, "disk") as nb:
-        na.write(0, b"\xaa" * MiB)
+        na.write(0, b"\xaa" * (4 * KiB))
         nb.write(0, b"\xbb" * (4 * KiB))         # revokes A's: contended
         before = counters(a)
         t0 = time.monotonic()
-        writes = 6
-        for _ in range(writes):
-            na.write(0, b"\xaa" * MiB)
+        for _ in range(ops):
+            na.wait(na.send_write_zeroes(0, 4 * MiB))
         took = time.monotonic() - t0
         after = counters(a)
     releases = after["contended-releases"] - before["contended-releases"]
     requests = after["requests"] - before["requests"]
-    print(f"{writes} writes of 1 MiB in {took * 1000:.1f} ms: {requests} "
+    print(f"{ops} write-zeroes of 4 MiB in {took * 1000:.1f} ms: {requests} "
           f"requests, {releases} contended-releases")
-    # the pass itself is the burst: one request for its first write, and
-    # the lock goes back once, after the last
     assert took < 1.0, "too slow to be inside the second of contention"
-    assert requests <= 2, (requests, releases)
+    # one request for the first; a gap between two of them longer than
+    # the linger (a busy machine) may cost one more
+    assert requests <= 3, (requests, releases)
