@@ -934,7 +934,12 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
     } else if (l->ce.revoking) {
         extlock_lock_try_revoke(c, l);
     } else if (extlock_online(c) && extlock_lock_contended(c, l)) {
-        /* Cached a little longer, for the rest of a burst */
+        /*
+         * Cached a little longer, for the rest of a burst.  Idle from
+         * now: c->last_now_ns is when the last request started, and a
+         * request that took longer than the linger would find it over.
+         */
+        l->last_used_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
         extlock_cache_idle_add(c, l);
         QTAILQ_INSERT_TAIL(&c->lingering, l, linger);
         l->in_linger = true;

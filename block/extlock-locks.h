@@ -148,6 +148,8 @@ typedef struct ExtlockClientOptions {
  * so that a host writing a range now and then does not turn every request
  * of a busy host there into a coordinator round trip: a revocation costs
  * the busy host at most this many more requests, then it caches again.
+ * Counted as the locks go back: those already lingering when it runs out
+ * still go.
  */
 #define EXTLOCK_CONTENDED_RELEASES 8
 
@@ -218,7 +220,7 @@ typedef struct ExtlockClient {
     /* the contended ones among them, to give back after their linger */
     QTAILQ_HEAD(, ExtlockCachedLock) lingering;
     unsigned n_idle;
-    QEMUTimer *cache_timer;     /* one-shot: min hold time, idle ageing */
+    QEMUTimer *cache_timer;     /* one-shot: min hold, linger, idle ageing */
     /*
      * When @cache_timer is due, INT64_MAX while it is not pending: a copy
      * kept where the timer is set, so that an unlock need not ask the
