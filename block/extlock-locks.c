@@ -96,6 +96,7 @@ static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
     if (l->in_linger) {
         QTAILQ_REMOVE(&c->lingering, l, linger);
         l->in_linger = false;
+        c->n_lingering--;
     }
 }
 
@@ -649,7 +650,7 @@ static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l)
 
     /* The usual case, a cheap test: the last request started after it */
     if (c->opts.cache_contended || c->last_now_ns >= c->contended_until_ns ||
-        !c->contended_budget) {
+        c->contended_budget <= c->n_lingering) {
         return false;
     }
     now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
@@ -943,6 +944,7 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
         extlock_cache_idle_add(c, l);
         QTAILQ_INSERT_TAIL(&c->lingering, l, linger);
         l->in_linger = true;
+        c->n_lingering++;
         extlock_cache_evict(c);
         extlock_cache_arm_timer(c, l->last_used_ns +
                                 EXTLOCK_CONTENDED_LINGER_NS);

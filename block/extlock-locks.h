@@ -148,8 +148,7 @@ typedef struct ExtlockClientOptions {
  * so that a host writing a range now and then does not turn every request
  * of a busy host there into a coordinator round trip: a revocation costs
  * the busy host at most this many more requests, then it caches again.
- * Counted as the locks go back: those already lingering when it runs out
- * still go.
+ * A lingering lock holds one of them until it goes back or is used again.
  */
 #define EXTLOCK_CONTENDED_RELEASES 8
 
@@ -197,6 +196,7 @@ typedef struct ExtlockClient {
     ExtlockMode contended_mode[EXTLOCK_CONTENDED_MAX]; /* what they wanted */
     int64_t contended_until_ns; /* no entry is recent from then on */
     unsigned contended_budget;  /* early give-backs left */
+    unsigned n_lingering;       /* locks on @lingering (each may use one) */
     unsigned contended_next;    /* ring position of the next entry */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
