@@ -96,6 +96,7 @@ static void extlock_cache_idle_del(ExtlockClient *c, ExtlockCachedLock *l)
     if (l->in_linger) {
         QTAILQ_REMOVE(&c->lingering, l, linger);
         l->in_linger = false;
+        c->n_lingering--;
     }
 }
 
@@ -649,7 +650,7 @@ static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l)
 
     /* The usual case, a cheap test: the last request started after it */
     if (c->opts.cache_contended || c->last_now_ns >= c->contended_until_ns ||
-        !c->contended_budget) {
+        c->contended_budget <= c->n_lingering) {
         return false;
     }
     now = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
@@ -934,10 +935,16 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
     } else if (l->ce.revoking) {
         extlock_lock_try_revoke(c, l);
     } else if (extlock_online(c) && extlock_lock_contended(c, l)) {
-        /* Cached a little longer, for the rest of a burst */
+        /*
+         * Cached a little longer, for the rest of a burst.  Idle from
+         * now: c->last_now_ns is when the last request started, and a
+         * request that took longer than the linger would find it over.
+         */
+        l->last_used_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
         extlock_cache_idle_add(c, l);
         QTAILQ_INSERT_TAIL(&c->lingering, l, linger);
         l->in_linger = true;
+        c->n_lingering++;
         extlock_cache_evict(c);
         extlock_cache_arm_timer(c, l->last_used_ns +
                                 EXTLOCK_CONTENDED_LINGER_NS);

@@ -148,6 +148,7 @@ typedef struct ExtlockClientOptions {
  * so that a host writing a range now and then does not turn every request
  * of a busy host there into a coordinator round trip: a revocation costs
  * the busy host at most this many more requests, then it caches again.
+ * A lingering lock holds one of them until it goes back or is used again.
  */
 #define EXTLOCK_CONTENDED_RELEASES 8
 
@@ -195,6 +196,7 @@ typedef struct ExtlockClient {
     ExtlockMode contended_mode[EXTLOCK_CONTENDED_MAX]; /* what they wanted */
     int64_t contended_until_ns; /* no entry is recent from then on */
     unsigned contended_budget;  /* early give-backs left */
+    unsigned n_lingering;       /* locks on @lingering (each may use one) */
     unsigned contended_next;    /* ring position of the next entry */
     GPtrArray *usable_waiters;  /* ... waiting for lease or connection */
     QEMUTimer *wait_timer;      /* one-shot: wait warning, loss timeout */
@@ -218,7 +220,7 @@ typedef struct ExtlockClient {
     /* the contended ones among them, to give back after their linger */
     QTAILQ_HEAD(, ExtlockCachedLock) lingering;
     unsigned n_idle;
-    QEMUTimer *cache_timer;     /* one-shot: min hold time, idle ageing */
+    QEMUTimer *cache_timer;     /* one-shot: min hold, linger, idle ageing */
     /*
      * When @cache_timer is due, INT64_MAX while it is not pending: a copy
      * kept where the timer is set, so that an unlock need not ask the
