@@ -295,9 +295,11 @@ static void extlock_lock_try_revoke(ExtlockClient *c, ExtlockCachedLock *l)
     assert(!l->ce.stale);
     if (!extlock_online(c)) {
         /* Give it back once reconnected (the revoke is re-sent then) */
+        c->revokes_deferred = true;
         return;
     }
     if (now < hold_until) {
+        c->revokes_deferred = true;
         extlock_cache_arm_timer(c, hold_until);
         return;
     }
@@ -369,15 +371,25 @@ static void extlock_cache_timer_cb(void *opaque)
     ExtlockCachedLock *l;
 
     c->cache_timer_at = INT64_MAX;      /* fired: no longer pending */
-    g_hash_table_iter_init(&it, c->lock_ids);
-    while (g_hash_table_iter_next(&it, NULL, &value)) {
-        l = value;
-        if (l->ce.revoking && l->users == 0) {
-            g_ptr_array_add(revoking, l);
+    /*
+     * Revoked idle locks that waited for their minimum hold time or the
+     * connection: only if one did (the timer fires every millisecond
+     * while contended locks linger, and there may be many locks).
+     * extlock_lock_try_revoke() sets the flag again for those that must
+     * wait on.
+     */
+    if (c->revokes_deferred) {
+        c->revokes_deferred = false;
+        g_hash_table_iter_init(&it, c->lock_ids);
+        while (g_hash_table_iter_next(&it, NULL, &value)) {
+            l = value;
+            if (l->ce.revoking && l->users == 0) {
+                g_ptr_array_add(revoking, l);
+            }
         }
-    }
-    for (guint i = 0; i < revoking->len; i++) {
-        extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
+        for (guint i = 0; i < revoking->len; i++) {
+            extlock_lock_try_revoke(c, g_ptr_array_index(revoking, i));
+        }
     }
 
     while (extlock_online(c) && (l = QTAILQ_FIRST(&c->lingering)) &&

@@ -221,6 +221,7 @@ typedef struct ExtlockClient {
     QTAILQ_HEAD(, ExtlockCachedLock) lingering;
     unsigned n_idle;
     QEMUTimer *cache_timer;     /* one-shot: min hold, linger, idle ageing */
+    bool revokes_deferred;      /* a revoked idle lock waits: the timer scans */
     /*
      * When @cache_timer is due, INT64_MAX while it is not pending: a copy
      * kept where the timer is set, so that an unlock need not ask the
