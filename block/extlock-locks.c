@@ -516,16 +516,6 @@ static void extlock_handle_granted(ExtlockClient *c, ExtlockRequest *req,
 }
 
 /*
- * A revoke, handled right in the fd handler (or its io_poll_ready): no
- * coroutine hop, no timer unless min-hold-time or long-hold-ms asks for
- * one.  Safe because the handler runs in the node's AioContext thread,
- * where the requests' coroutines run only between their yields: a
- * request either holds a reference (users > 0, and the lock goes back
- * when the last one is done) or has not found the lock yet, and then
- * never will (a revoking lock serves nobody): it asks the coordinator and
- * queues behind the request that caused the revoke.
- */
-/*
  * Does the request with token @token, for which the coordinator revokes a
  * lock of ours, belong to this node (an upgrade from shared to exclusive,
  * or a request over a lock under revocation)?  Its "waiting" reply, which
@@ -543,6 +533,16 @@ static bool extlock_token_is_ours(ExtlockClient *c, uint64_t token)
     return false;
 }
 
+/*
+ * A revoke, handled right in the fd handler (or its io_poll_ready): no
+ * coroutine hop, no timer unless min-hold-time or long-hold-ms asks for
+ * one.  Safe because the handler runs in the node's AioContext thread,
+ * where the requests' coroutines run only between their yields: a
+ * request either holds a reference (users > 0, and the lock goes back
+ * when the last one is done) or has not found the lock yet, and then
+ * never will (a revoking lock serves nobody): it asks the coordinator and
+ * queues behind the request that caused the revoke.
+ */
 static void extlock_handle_revoke(ExtlockClient *c, ExtlockMsg *msg)
 {
     ExtlockCachedLock *l = g_hash_table_lookup(c->lock_ids, &msg->lock);
@@ -648,10 +648,10 @@ static ExtlockExtent extlock_grow_limit(ExtlockClient *c, ExtlockExtent ext)
  * EXTLOCK_CONTENDED_NS (as Lustre does for contended resources).  Then it
  * goes back once idle for EXTLOCK_CONTENDED_LINGER_NS, and the host that
  * asks next is granted at once instead of waiting for a revocation to
- * reach us and for our answer.  A host
- * working alone again caches again once the contention is that old, and a
- * busy host after EXTLOCK_CONTENDED_RELEASES such give-backs (until the
- * next revocation).  Not before min-hold-time has passed since the grant.
+ * reach us and for our answer.  A host working alone again caches again
+ * once the contention is that old, and a busy host after
+ * EXTLOCK_CONTENDED_RELEASES such give-backs (until the next revocation).
+ * Not before min-hold-time has passed since the grant.
  */
 static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l)
 {
