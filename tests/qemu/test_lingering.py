@@ -22,19 +22,11 @@ import threading
 import time
 
 from harness.faults import NbdClient
-from harness.procs import extlock_node, wait_until
-from test_lock_cache import counters, held_in_coordinator
+from harness.procs import wait_until
+from test_lock_cache import counters, held_in_coordinator, qsd_with_node
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def qsd(procs, image, extlockd, lock_space, client_id, name, **kw):
-    return procs.storage_daemon(
-        name=name,
-        blockdevs=[extlock_node(image.child, extlockd.coordinator(), lock_space,
-                                node_name="xl0", client_id=client_id, **kw)],
-        exports=[("disk", "xl0", True)])
 
 
 def node_held(q):
@@ -109,8 +101,8 @@ def test_lingering_locks_revoked_by_the_other_host(nfs_image, extlockd,
     requests and are revoked while they linger, reused while they linger,
     and given back by the timer."""
     binaries("qemu-storage-daemon")
-    a = qsd(procs, nfs_image, extlockd, lock_space, "host-a", "a")
-    b = qsd(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    a = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-a", "a")
+    b = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-b", "b")
     run_for(2.0, (a.nbd_path, [0, 64 * KiB, 1 * MiB], 0xaa),
             (b.nbd_path, [0, 64 * KiB, 2 * MiB], 0xbb))
     ca, cb = counters(a), counters(b)
@@ -133,9 +125,9 @@ def test_lingering_lock_evicted_by_lock_cache_size(nfs_image, extlockd,
     the contended block is the oldest idle lock and is evicted (or the
     other way round), while B keeps the block contended."""
     binaries("qemu-storage-daemon")
-    a = qsd(procs, nfs_image, extlockd, lock_space, "host-a", "a",
+    a = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-a", "a",
             lock_cache_size=1)
-    b = qsd(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    b = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-b", "b")
     run_for(2.0, (a.nbd_path, [0, 4 * MiB, 8 * MiB], 0xaa),
             (b.nbd_path, [0], 0xbb))
     ca = counters(a)
@@ -157,8 +149,8 @@ def test_lingering_locks_across_coordinator_restart(nfs_image, extlockd,
     connection dropped are reclaimed under new ids and then given back
     by the timer with those ids."""
     binaries("qemu-storage-daemon")
-    a = qsd(procs, nfs_image, extlockd, lock_space, "host-a", "a")
-    b = qsd(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    a = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-a", "a")
+    b = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-b", "b")
     stop = threading.Event()
     errors = []
     ts = [threading.Thread(target=hammer,
@@ -192,9 +184,9 @@ def test_close_right_after_contended_writes(nfs_image, extlockd, lock_space,
     contended block completes, so its lock may still linger: it exits
     cleanly and the coordinator holds nothing for it."""
     binaries("qemu-storage-daemon")
-    b = qsd(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    b = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-b", "b")
     for i in range(4):
-        a = qsd(procs, nfs_image, extlockd, lock_space, f"host-a{i}", f"a{i}")
+        a = qsd_with_node(procs, nfs_image, extlockd, lock_space, f"host-a{i}", f"a{i}")
         with NbdClient(a.nbd_path, "disk") as na, \
                 NbdClient(b.nbd_path, "disk") as nb:
             na.write(0, b"\xaa" * (4 * KiB))
@@ -221,8 +213,8 @@ def test_slow_requests_share_a_lingering_lock(nfs_image, extlockd, lock_space,
     its lock's linger over at its unlock and the lock went back at once:
     6 requests and 6 contended-releases for 6 write-zeroes."""
     binaries("qemu-storage-daemon")
-    a = qsd(procs, nfs_image, extlockd, lock_space, "host-a", "a")
-    b = qsd(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    a = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-a", "a")
+    b = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-b", "b")
     ops = 6
     with NbdClient(a.nbd_path, "disk") as na, NbdClient(b.nbd_path, "disk") as nb:
         na.write(0, b"\xaa" * (4 * KiB))
@@ -257,8 +249,8 @@ def test_one_revocation_gives_back_at_most_the_budget(nfs_image, extlockd,
     lock that went idle before the first give-back lingered and went:
     12 contended-releases (22 once the linger counts from the unlock)."""
     binaries("qemu-storage-daemon")
-    a = qsd(procs, nfs_image, extlockd, lock_space, "host-a", "a")
-    b = qsd(procs, nfs_image, extlockd, lock_space, "host-b", "b")
+    a = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-a", "a")
+    b = qsd_with_node(procs, nfs_image, extlockd, lock_space, "host-b", "b")
     with NbdClient(a.nbd_path, "disk") as na, NbdClient(b.nbd_path, "disk") as nb:
         na.write(0, b"\xaa" * (4 * KiB))
         nb.write(0, b"\xbb" * (2 * MiB))         # revokes A's: contended
