@@ -651,9 +651,11 @@ static ExtlockExtent extlock_grow_limit(ExtlockClient *c, ExtlockExtent ext)
  * reach us and for our answer.  A host working alone again caches again
  * once the contention is that old, and a busy host after
  * EXTLOCK_CONTENDED_RELEASES such give-backs (until the next revocation).
- * Not before min-hold-time has passed since the grant.
+ * Not before min-hold-time has passed since the grant.  Sets *@now_out to
+ * the time it decided on (when it read the clock).
  */
-static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l)
+static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l,
+                                   int64_t *now_out)
 {
     ExtlockExtent recent[EXTLOCK_CONTENDED_MAX];
     ExtlockMode modes[EXTLOCK_CONTENDED_MAX];
@@ -670,6 +672,7 @@ static bool extlock_lock_contended(ExtlockClient *c, ExtlockCachedLock *l)
         return false;   /* kept as asked; a revocation waits for it */
     }
     n = extlock_recent_contended(c, now, recent, modes);
+    *now_out = now;
     return extlock_cache_contended(l->ce.node.ext, l->ce.mode, recent, modes,
                                    n);
 }
@@ -946,25 +949,27 @@ void extlock_client_unlock(ExtlockClient *c, ExtlockRequest *req)
         }
     } else if (l->ce.revoking) {
         extlock_lock_try_revoke(c, l);
-    } else if (extlock_online(c) && extlock_lock_contended(c, l)) {
-        /*
-         * Cached a little longer, for the rest of a burst.  Idle from
-         * now: c->last_now_ns is when the last request started, and a
-         * request that took longer than the linger would find it over.
-         */
-        l->last_used_ns = qemu_clock_get_ns(QEMU_CLOCK_REALTIME);
-        extlock_cache_idle_add(c, l);
-        QTAILQ_INSERT_TAIL(&c->lingering, l, linger);
-        l->in_linger = true;
-        c->n_lingering++;
-        extlock_cache_evict(c);
-        extlock_cache_arm_timer(c, l->last_used_ns +
-                                EXTLOCK_CONTENDED_LINGER_NS);
     } else {
+        int64_t now, deadline;
+
+        if (extlock_online(c) && extlock_lock_contended(c, l, &now)) {
+            /*
+             * Cached a little longer, for the rest of a burst.  Idle from
+             * now: c->last_now_ns is when the last request started, and a
+             * request that took longer than the linger would find it over.
+             */
+            l->last_used_ns = now;
+            QTAILQ_INSERT_TAIL(&c->lingering, l, linger);
+            l->in_linger = true;
+            c->n_lingering++;
+            deadline = now + EXTLOCK_CONTENDED_LINGER_NS;
+        } else {
+            deadline = l->last_used_ns +
+                       (int64_t)c->opts.cache_idle_ms * SCALE_MS;
+        }
         extlock_cache_idle_add(c, l);
         extlock_cache_evict(c);
-        extlock_cache_arm_timer(c, l->last_used_ns +
-                                (int64_t)c->opts.cache_idle_ms * SCALE_MS);
+        extlock_cache_arm_timer(c, deadline);
     }
 }
 
